@@ -1,0 +1,432 @@
+"""PvtV2Config: the model's hyper-parameters, the named presets, validation, and ``config.json`` in and out.
+
+The field names and defaults are those of the model documentation (and of transformers' ``PvtV2Config``), so a
+published ``config.json`` reads as it is, and one written here loads in transformers. Two fields are extra:
+the LayerNorm epsilons of the patch embeddings and of the spatial reduction. The original PVTv2 code and timm
+use PyTorch's default (1e-5) there, transformers uses ``layer_norm_eps`` (1e-6) everywhere; carrying both
+keeps a checkpoint's outputs identical to those of the code it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PvtV2Config", "PRESETS", "list_presets", "SUPPORTED_ACTIVATIONS"]
+
+logger = logging.getLogger(__name__)
+
+# Activation names accepted for ``hidden_act`` (the Mix-FFN activation), as transformers spells them.
+SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "selu", "silu", "swish")
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+_STAGE_LISTS = ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios")
+
+# The published variants (paper Table 1 and the authors' classification/pvt_v2.py). Only what differs from the
+# defaults is listed; every variant classifies ImageNet-1k. ``drop_path_rate`` is the authors' training value.
+_WIDE = [64, 128, 320, 512]
+PRESETS: dict[str, dict[str, Any]] = {
+    "pvt_v2_b0": dict(depths=[2, 2, 2, 2], hidden_sizes=[32, 64, 160, 256], drop_path_rate=0.1),
+    "pvt_v2_b1": dict(depths=[2, 2, 2, 2], hidden_sizes=_WIDE, drop_path_rate=0.1),
+    "pvt_v2_b2": dict(depths=[3, 4, 6, 3], hidden_sizes=_WIDE, drop_path_rate=0.1),
+    "pvt_v2_b2_li": dict(depths=[3, 4, 6, 3], hidden_sizes=_WIDE, linear_attention=True, drop_path_rate=0.1),
+    "pvt_v2_b3": dict(depths=[3, 4, 18, 3], hidden_sizes=_WIDE, drop_path_rate=0.3),
+    "pvt_v2_b4": dict(depths=[3, 8, 27, 3], hidden_sizes=_WIDE, drop_path_rate=0.3),
+    "pvt_v2_b5": dict(depths=[3, 6, 40, 3], hidden_sizes=_WIDE, mlp_ratios=[4, 4, 4, 4], drop_path_rate=0.3),
+}
+
+
+def list_presets() -> list[str]:
+    """Names accepted by :meth:`PvtV2Config.from_preset`."""
+    return list(PRESETS)
+
+
+class PvtV2Config:
+    """Configuration of a PVTv2 model.
+
+    Args mirror transformers' ``PvtV2Config``; see the model documentation for each. Beyond them:
+
+    - ``patch_embed_layer_norm_eps``: epsilon of the LayerNorm after each overlapping patch embedding
+      (``None``: ``layer_norm_eps``; the original code and timm: 1e-5).
+    - ``reduction_layer_norm_eps``: epsilon of the LayerNorm after the spatial reduction in attention
+      (``None``: ``layer_norm_eps``; the original code and timm: 1e-5).
+    - ``num_labels`` / ``id2label`` / ``label2id`` / ``problem_type``: the classification head and its loss.
+
+    Unknown keyword arguments are kept as attributes and written back by :meth:`to_dict`.
+    """
+
+    model_type = "pvt_v2"
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 224,
+        num_channels: int = 3,
+        num_encoder_blocks: int = 4,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        sr_ratios: Sequence[int] = (8, 4, 2, 1),
+        hidden_sizes: Sequence[int] = (32, 64, 160, 256),
+        patch_sizes: Sequence[int] = (7, 3, 3, 3),
+        strides: Sequence[int] = (4, 2, 2, 2),
+        num_attention_heads: Sequence[int] = (1, 2, 5, 8),
+        mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+        hidden_act: str | Callable = "gelu",
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        initializer_range: float = 0.02,
+        drop_path_rate: float = 0.0,
+        layer_norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+        linear_attention: bool = False,
+        out_features: Sequence[str] | None = None,
+        out_indices: Sequence[int] | None = None,
+        patch_embed_layer_norm_eps: float | None = None,
+        reduction_layer_norm_eps: float | None = None,
+        num_labels: int | None = None,
+        id2label: dict[int | str, str] | None = None,
+        label2id: dict[str, int] | None = None,
+        problem_type: str | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.image_size = _as_size(image_size)
+        self.num_channels = num_channels
+        self.num_encoder_blocks = num_encoder_blocks
+        self.depths = list(depths)
+        self.sr_ratios = list(sr_ratios)
+        self.hidden_sizes = list(hidden_sizes)
+        self.patch_sizes = list(patch_sizes)
+        self.strides = list(strides)
+        self.num_attention_heads = list(num_attention_heads)
+        self.mlp_ratios = list(mlp_ratios)
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.initializer_range = initializer_range
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_eps = layer_norm_eps
+        self.qkv_bias = qkv_bias
+        self.linear_attention = linear_attention
+        self.patch_embed_layer_norm_eps = patch_embed_layer_norm_eps
+        self.reduction_layer_norm_eps = reduction_layer_norm_eps
+        self.problem_type = problem_type
+        self.output_attentions = output_attentions
+        self.output_hidden_states = output_hidden_states
+        self.return_dict = return_dict
+        # transformers writes these for information only; they are derived here.
+        for derived in ("stage_names", "transformers_version", "model_type"):
+            kwargs.pop(derived, None)
+        self._extra: dict[str, Any] = dict(kwargs)
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+        self._set_labels(num_labels, id2label, label2id)
+        self._validate_stages()
+        self.out_features, self.out_indices = self._resolve_out_features(out_features, out_indices)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def stage_names(self) -> list[str]:
+        return [f"stage{i}" for i in range(1, self.num_encoder_blocks + 1)]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:
+        self._set_labels(value, None, None)
+
+    @property
+    def patch_norm_eps(self) -> float:
+        """Epsilon of the patch-embedding LayerNorms."""
+        return self.layer_norm_eps if self.patch_embed_layer_norm_eps is None else self.patch_embed_layer_norm_eps
+
+    @property
+    def reduction_norm_eps(self) -> float:
+        """Epsilon of the spatial-reduction LayerNorms."""
+        return self.layer_norm_eps if self.reduction_layer_norm_eps is None else self.reduction_layer_norm_eps
+
+    @property
+    def stage_strides(self) -> list[int]:
+        """Total stride of each stage's output with respect to the input image."""
+        out, total = [], 1
+        for stride in self.strides:
+            total *= stride
+            out.append(total)
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def _set_labels(self, num_labels: int | None, id2label: dict | None, label2id: dict | None) -> None:
+        if id2label is not None:
+            try:
+                id2label = {int(k): str(v) for k, v in id2label.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise ValueError(f"id2label must map class indices to names, got {id2label!r}") from None
+            if sorted(id2label) != list(range(len(id2label))):
+                raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)[:10]}...")
+            if num_labels is not None and num_labels != len(id2label):
+                raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries")
+        else:
+            if num_labels is None:
+                num_labels = 2  # transformers' default
+            if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 0:
+                raise ValueError(f"num_labels must be a non-negative integer, got {num_labels!r}")
+            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        self.id2label: dict[int, str] = id2label
+        if label2id is not None and {str(k): int(v) for k, v in label2id.items()} != {v: k for k, v in id2label.items()}:
+            if len(set(id2label.values())) == len(id2label):
+                raise ValueError("label2id does not invert id2label")
+        self.label2id: dict[str, int] = {v: k for k, v in id2label.items()}
+
+    def _validate_stages(self) -> None:
+        n = self.num_encoder_blocks
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_encoder_blocks must be a positive integer, got {n!r}")
+        for name in _STAGE_LISTS:
+            values = getattr(self, name)
+            if len(values) != n:
+                raise ValueError(
+                    f"{name} has {len(values)} entries but num_encoder_blocks is {n}: every per-stage list needs one "
+                    f"entry per stage ({name}={values})"
+                )
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                    raise ValueError(f"{name} must hold positive numbers, got {values}")
+                if name != "mlp_ratios" and int(v) != v:
+                    raise ValueError(f"{name} must hold integers, got {values}")
+        for i, (size, heads) in enumerate(zip(self.hidden_sizes, self.num_attention_heads)):
+            if size % heads:
+                raise ValueError(
+                    f"num_attention_heads[{i}]={heads} does not divide hidden_sizes[{i}]={size}: each head needs "
+                    f"an equal share of the channels"
+                )
+        for i, ratio in enumerate(self.mlp_ratios):
+            if int(self.hidden_sizes[i] * ratio) < 1:
+                raise ValueError(f"mlp_ratios[{i}]={ratio} gives an empty Mix-FFN for hidden size {self.hidden_sizes[i]}")
+        if not isinstance(self.num_channels, int) or isinstance(self.num_channels, bool) or self.num_channels < 1:
+            raise ValueError(f"num_channels must be a positive integer, got {self.num_channels!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            rate = getattr(self, name)
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
+            raise ValueError(f"initializer_range must be non-negative, got {self.initializer_range!r}")
+        for name in ("layer_norm_eps", "patch_embed_layer_norm_eps", "reduction_layer_norm_eps"):
+            eps = getattr(self, name)
+            if eps is None and name != "layer_norm_eps":
+                continue
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+                raise ValueError(f"{name} must be a positive number, got {eps!r}")
+        if isinstance(self.hidden_act, str):
+            if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+                raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
+        elif not callable(self.hidden_act):
+            raise ValueError(f"hidden_act must be an activation name or a callable, got {self.hidden_act!r}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type={self.problem_type!r} is not one of {PROBLEM_TYPES}")
+
+    def _resolve_out_features(
+        self, out_features: Sequence[str] | None, out_indices: Sequence[int] | None
+    ) -> tuple[list[str], list[int]]:
+        """Align the backbone's ``out_features`` and ``out_indices`` (the last stage when neither is given)."""
+        names = self.stage_names
+        if out_features is not None:
+            if isinstance(out_features, str) or not all(isinstance(f, str) for f in out_features):
+                raise ValueError(f"out_features must be a list of stage names, got {out_features!r}")
+            unknown = [f for f in out_features if f not in names]
+            if unknown:
+                hint = " (PVTv2 has no stem: the first patch embedding belongs to stage1)" if "stem" in unknown else ""
+                raise ValueError(f"out_features has unknown stage names {unknown}; choose from {names}{hint}")
+            if len(set(out_features)) != len(out_features):
+                raise ValueError(f"out_features has duplicates: {list(out_features)}")
+            if list(out_features) != sorted(out_features, key=names.index):
+                raise ValueError(f"out_features must follow the stage order {names}, got {list(out_features)}")
+        if out_indices is not None:
+            if isinstance(out_indices, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in out_indices):
+                raise ValueError(f"out_indices must be a list of integers, got {out_indices!r}")
+            bad = [i for i in out_indices if not -len(names) <= i < len(names)]
+            if bad:
+                raise ValueError(f"out_indices {bad} out of range for {len(names)} stages (valid: 0..{len(names) - 1})")
+            positive = [i % len(names) for i in out_indices]
+            if len(set(positive)) != len(positive) or positive != sorted(positive):
+                raise ValueError(f"out_indices must be increasing without duplicates, got {list(out_indices)}")
+        if out_features is None and out_indices is None:
+            return [names[-1]], [len(names) - 1]
+        if out_features is None:
+            return [names[i] for i in out_indices], list(out_indices)
+        if out_indices is None:
+            return list(out_features), [names.index(f) for f in out_features]
+        if [names[i] for i in out_indices] != list(out_features):
+            raise ValueError(f"out_features {list(out_features)} and out_indices {list(out_indices)} name different stages")
+        return list(out_features), list(out_indices)
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> PvtV2Config:
+        """The configuration of a published variant (``pvt_v2_b0`` ... ``pvt_v2_b5``, ``pvt_v2_b2_li``).
+
+        Presets classify the 1000 ImageNet classes, with their names attached; any field can be overridden.
+        """
+        key = name.replace("-", "_").lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {list_presets()}")
+        args: dict[str, Any] = copy.deepcopy(PRESETS[key])
+        if not {"num_labels", "id2label"} & overrides.keys():
+            from .labels import imagenet_id2label
+
+            args["id2label"] = imagenet_id2label()
+        args.update(overrides)
+        return cls(**args)
+
+    def replace(self, **changes: Any) -> PvtV2Config:
+        """A copy with some fields changed (validated anew)."""
+        data = self.to_dict()
+        if "num_labels" in changes and "id2label" not in changes:
+            data.pop("id2label", None)
+            data.pop("label2id", None)
+        if ("out_features" in changes) != ("out_indices" in changes):
+            data.pop("out_features", None)
+            data.pop("out_indices", None)
+        data.update(changes)
+        if callable(self.hidden_act) and "hidden_act" not in changes:
+            data["hidden_act"] = self.hidden_act
+        return type(self).from_dict(data)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, in the layout of a published ``config.json``."""
+        data: dict[str, Any] = {
+            "model_type": self.model_type,
+            "image_size": list(self.image_size),
+            "num_channels": self.num_channels,
+            "num_encoder_blocks": self.num_encoder_blocks,
+            "depths": list(self.depths),
+            "sr_ratios": list(self.sr_ratios),
+            "hidden_sizes": list(self.hidden_sizes),
+            "patch_sizes": list(self.patch_sizes),
+            "strides": list(self.strides),
+            "num_attention_heads": list(self.num_attention_heads),
+            "mlp_ratios": list(self.mlp_ratios),
+            "hidden_act": self.hidden_act,
+            "hidden_dropout_prob": self.hidden_dropout_prob,
+            "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
+            "initializer_range": self.initializer_range,
+            "drop_path_rate": self.drop_path_rate,
+            "layer_norm_eps": self.layer_norm_eps,
+            "qkv_bias": self.qkv_bias,
+            "linear_attention": self.linear_attention,
+            "out_features": list(self.out_features),
+            "out_indices": list(self.out_indices),
+            "stage_names": self.stage_names,
+            "id2label": {str(k): v for k, v in self.id2label.items()},
+            "label2id": dict(self.label2id),
+        }
+        if self.patch_embed_layer_norm_eps is not None:
+            data["patch_embed_layer_norm_eps"] = self.patch_embed_layer_norm_eps
+        if self.reduction_layer_norm_eps is not None:
+            data["reduction_layer_norm_eps"] = self.reduction_layer_norm_eps
+        if self.problem_type is not None:
+            data["problem_type"] = self.problem_type
+        for flag, default in (("output_attentions", False), ("output_hidden_states", False), ("return_dict", True)):
+            if getattr(self, flag) != default:
+                data[flag] = getattr(self, flag)
+        for key in self._extra:
+            data[key] = getattr(self, key)
+        return data
+
+    def to_json_string(self) -> str:
+        data = self.to_dict()
+        if callable(data["hidden_act"]):
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is a callable and cannot be written to JSON; use one of "
+                f"{SUPPORTED_ACTIVATIONS}"
+            )
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> PvtV2Config:
+        if not isinstance(data, dict):
+            raise ValueError(f"a PVTv2 config must be a JSON object, got {type(data).__name__}")
+        model_type = data.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"config has model_type={model_type!r}, expected {cls.model_type!r}")
+        args = dict(data)
+        if "num_labels" in overrides and "id2label" not in overrides:
+            if overrides["num_labels"] != len(args.get("id2label") or {}):
+                args.pop("id2label", None)
+                args.pop("label2id", None)
+        if ("out_features" in overrides) != ("out_indices" in overrides):
+            args.pop("out_features", None)
+            args.pop("out_indices", None)
+        args.update(overrides)
+        # transformers' own config may carry these private spellings.
+        for private in ("_out_features", "_out_indices"):
+            if private in args:
+                args.setdefault(private[1:], args.pop(private))
+        return cls(**args)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``config.json`` into ``folder`` (created if needed); returns its path."""
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        target = path / "config.json"
+        _atomic_write_text(target, self.to_json_string())
+        return target
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> PvtV2Config:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {err}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 text file") from None
+        return cls.from_dict(data, **overrides)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, **overrides: Any) -> PvtV2Config:
+        """Read ``config.json`` from a folder, a JSON file, a hub id, or a preset name."""
+        from .hub import resolve_file
+
+        text = os.fspath(source)
+        if os.path.isfile(text):
+            return cls.from_json_file(text, **overrides)
+        if not os.path.exists(text) and text.replace("-", "_").lower() in PRESETS:
+            return cls.from_preset(text, **overrides)
+        return cls.from_json_file(resolve_file(text, "config.json"), **overrides)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PvtV2Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        data = self.to_dict()
+        for key in ("id2label", "label2id"):
+            if len(data[key]) > 4:
+                data[key] = f"<{len(data[key])} labels>"
+        return f"PvtV2Config({json.dumps(data, sort_keys=True, default=repr)})"
+
+
+def _as_size(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, dict) and {"height", "width"} <= value.keys():
+        return (int(value["height"]), int(value["width"]))
+    try:
+        height, width = value  # type: ignore[misc]
+        return (int(height), int(width))
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size must be an int or a (height, width) pair, got {value!r}") from None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

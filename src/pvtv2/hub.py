@@ -1,0 +1,90 @@
+"""Resolving what a user names (a folder, a file, a hub id) to local files.
+
+The hub is only ever asked through ``huggingface_hub``, which keeps its own cache; when the hub cannot be
+reached, files already in that cache are used, and a missing file becomes an error that says how to get it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+__all__ = ["HubFileNotFound", "looks_like_hub_id", "resolve_file"]
+
+# A hub id is "name" or "owner/name" with the characters the hub allows.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class HubFileNotFound(FileNotFoundError):
+    """A file of a hub repository is neither in the local cache nor downloadable."""
+
+
+def looks_like_hub_id(source: str | os.PathLike) -> bool:
+    """True when ``source`` names no local path and has the shape of a hub id (``owner/name``)."""
+    text = os.fspath(source)
+    return not os.path.exists(text) and "/" in text and bool(_HUB_ID.match(text))
+
+
+def resolve_file(
+    source: str | os.PathLike,
+    filename: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    required: bool = True,
+) -> Path | None:
+    """Return the local path of ``filename`` inside ``source``.
+
+    ``source`` is a local folder or a hub id. For a hub id the file comes from the Hugging Face cache, or is
+    downloaded into it. When it is absent and ``required`` is False, ``None`` is returned; when it is absent and
+    required, :class:`HubFileNotFound` explains where it was looked for and how to get it.
+    """
+    text = os.fspath(source)
+    if os.path.isdir(text):
+        path = Path(text) / filename
+        if path.is_file():
+            return path
+        if required:
+            raise FileNotFoundError(f"{filename!r} not found in folder {text!r}")
+        return None
+    if not looks_like_hub_id(text):
+        raise FileNotFoundError(
+            f"{text!r} is neither an existing file or folder nor a hub id of the form 'owner/name'"
+        )
+    return _hub_download(text, filename, revision=revision, cache_dir=cache_dir, required=required)
+
+
+def _hub_download(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    required: bool,
+) -> Path | None:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+    except EntryNotFoundError:
+        # The hub answered: the repository has no such file.
+        if required:
+            raise HubFileNotFound(f"the hub repository {repo_id!r} has no file {filename!r}") from None
+        return None
+    except RepositoryNotFoundError:
+        raise HubFileNotFound(
+            f"{repo_id!r} is not a hub repository this machine can see (nor a local file or folder)"
+        ) from None
+    except LocalEntryNotFoundError:
+        # No connection (or offline mode) and nothing in the cache.
+        if not required:
+            return None
+        cache = cache_dir or constants.HF_HUB_CACHE
+        raise HubFileNotFound(
+            f"{filename!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and the hub could not be "
+            f"reached{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}. On a machine with network "
+            f"access run `hf download {repo_id}` (or `huggingface-cli download {repo_id}`) and copy the cache "
+            f"folder here, or pass a local folder or checkpoint file instead."
+        ) from None

@@ -1,0 +1,63 @@
+"""Model outputs: readable by attribute (``out.logits``), by key (``out["logits"]``) and as a tuple (``out[0]``).
+
+As in transformers, the tuple view holds only the fields that are set, in declaration order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+__all__ = ["ModelOutput", "BaseModelOutput", "ImageClassifierOutput", "BackboneOutput"]
+
+
+@dataclass
+class ModelOutput:
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self) -> int:
+        return len(self.to_tuple())
+
+
+@dataclass
+class BaseModelOutput(ModelOutput):
+    """``last_hidden_state``: (B, C, H, W) of the last stage; ``hidden_states``: each stage's (B, C_i, H_i, W_i);
+    ``attentions``: per stage (as transformers groups them), a tuple of its blocks' (B, heads, N, N')
+    attention probabilities."""
+
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class ImageClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class BackboneOutput(ModelOutput):
+    """``feature_maps``: one (B, C, H, W) map per requested stage."""
+
+    feature_maps: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None

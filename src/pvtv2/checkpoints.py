@@ -8,6 +8,12 @@ Three layouts of the same weights are in circulation:
   ``head.weight``;
 - ``original``: the authors' release files (``pvt_v2_b0.pth``): ``patch_embed{n}``, ``block{n}.{j}``, ``norm{n}``.
 
+Two more are read (not written): the Mix Transformer encoders of transformers' SegFormer and GLPN, with their heads
+(``segformer``: ``segformer.encoder.block.{i}.{j}.attention.self.query`` ... ``decode_head.linear_c.{i}`` ...;
+``glpn``: ``glpn.encoder...``, ``decoder.stages...``, ``head.head...``), also in transformers 5's in-memory
+spelling (``segformer.stages.{i}.blocks.{j}.attention.q_proj`` ...). Their heads keep their names in
+``pvtv2.dense``, so only the encoder keys are renamed.
+
 Every conversion goes through one canonical form, transformers' keys without the task prefix. Pickled files are
 opened with ``torch.load(weights_only=True)`` only: no code in a checkpoint ever runs.
 """
@@ -44,6 +50,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("transformers", "timm", "original")
+# Layouts that are read only: transformers' SegFormer and GLPN (see the module docstring).
+DENSE_LAYOUTS = ("segformer", "glpn")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # The original code and timm use PyTorch's default LayerNorm epsilon in the patch embeddings and the reduction.
 _TORCH_DEFAULT_EPS = 1e-5
@@ -182,6 +190,38 @@ _PARSERS: dict[str, list[tuple[re.Pattern[str], str]]] = {
 
 # Prefixes transformers puts before the encoder keys, by model class.
 _TASK_PREFIXES = ("pvt_v2.",)
+# Top-level names of the heads a checkpoint may carry: classification, SegFormer's decode head, GLPN's decoder + head.
+_HEAD_PREFIXES = ("classifier.", "decode_head.", "decoder.", "head.")
+
+# SegFormer / GLPN -> canonical, applied in order to each key (first transformers 5's in-memory names back to the
+# published ones, then the published ones to ours). The encoders have the same structure as PVTv2's; their
+# LayerNorm epsilons and MLP ratios differ and travel in the config (see ``dense_config_from_dict``).
+_MIT_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), r) for p, r in [
+        (r"^(segformer|glpn)\.", ""),
+        (r"^stages\.(\d+)\.patch_embeddings\.", r"encoder.patch_embeddings.\1."),
+        (r"^stages\.(\d+)\.blocks\.", r"encoder.block.\1."),
+        (r"^stages\.(\d+)\.layer_norm\.", r"encoder.layer_norm.\1."),
+        (r"\.layernorm_before\.", ".layer_norm_1."),
+        (r"\.layernorm_after\.", ".layer_norm_2."),
+        (r"\.attention\.q_proj\.", ".attention.self.query."),
+        (r"\.attention\.k_proj\.", ".attention.self.key."),
+        (r"\.attention\.v_proj\.", ".attention.self.value."),
+        (r"\.attention\.o_proj\.", ".attention.output.dense."),
+        (r"\.attention\.sequence_reduction\.sequence_reduction\.", ".attention.self.sr."),
+        (r"\.attention\.sequence_reduction\.layer_norm\.", ".attention.self.layer_norm."),
+        (r"\.mlp\.fc1\.", ".mlp.dense1."),
+        (r"\.mlp\.fc2\.", ".mlp.dense2."),
+        (r"^decode_head\.linear_projections\.", "decode_head.linear_c."),
+        # published names -> canonical
+        (r"^encoder\.patch_embeddings\.(\d+)\.", r"encoder.layers.\1.patch_embedding."),
+        (r"^encoder\.block\.(\d+)\.(\d+)\.", r"encoder.layers.\1.blocks.\2."),
+        (r"^encoder\.layer_norm\.(\d+)\.", r"encoder.layers.\1.layer_norm."),
+        (r"\.attention\.self\.sr\.", ".attention.spatial_reduction."),
+        (r"\.attention\.self\.", ".attention."),
+        (r"\.attention\.output\.dense\.", ".attention.proj."),
+    ]
+]
 
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
@@ -193,12 +233,15 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
         return "timm"
     if "patch_embed1.proj.weight" in state and any(k.startswith("block1.") for k in keys):
         return "original"
+    if any(k.startswith("glpn.") for k in keys) or (
+        any(k.startswith("decoder.stages.") for k in keys) and any(k.startswith("head.head.") for k in keys)
+    ):
+        return "glpn"
+    if any(re.match(r"^(segformer\.)?(encoder\.(block|patch_embeddings)\.|stages\.\d+\.blocks\.)", k) for k in keys):
+        return "segformer"
     sample = ", ".join(keys[:8])
-    hint = ""
-    if any(k.startswith(("segformer.", "glpn.")) for k in keys):
-        hint = " It looks like a SegFormer or GLPN checkpoint: load it with the matching dense-prediction class."
     raise CheckpointError(
-        f"not a PVTv2 checkpoint in a known layout ({', '.join(LAYOUTS)}); its first keys are: {sample}.{hint}"
+        f"not a PVTv2 checkpoint in a known layout ({', '.join(LAYOUTS + DENSE_LAYOUTS)}); its first keys are: {sample}."
     )
 
 
@@ -218,6 +261,8 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
     Keys that no rule knows are kept unchanged, so that the strict load names them.
     """
     layout = layout or detect_layout(state)
+    if layout in DENSE_LAYOUTS:
+        return _mit_to_canonical(state)
     if layout == "transformers":
         out = {}
         for key, value in state.items():
@@ -242,10 +287,25 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
             out[f"classifier.{param}"] = value
         elif local == "attn.kv":
             half = value.shape[0] // 2
-            out[f"encoder.layers.{i}.blocks.{j}.attention.key.{param}"] = value[:half]
-            out[f"encoder.layers.{i}.blocks.{j}.attention.value.{param}"] = value[half:]
+            out[f"encoder.layers.{i}.blocks.{j}.attention.key.{param}"] = value[:half].clone()
+            out[f"encoder.layers.{i}.blocks.{j}.attention.value.{param}"] = value[half:].clone()
         elif local in block_names:
             out[f"encoder.layers.{i}.blocks.{j}.{block_names[local]}.{param}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _mit_to_canonical(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SegFormer / GLPN keys renamed by ``_MIT_RULES``; a fused ``key_value`` (as some conversions write it) split."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for pattern, replacement in _MIT_RULES:
+            key = pattern.sub(replacement, key)
+        if ".attention.key_value." in key:
+            half = value.shape[0] // 2
+            out[key.replace(".key_value.", ".key.")] = value[:half].clone()
+            out[key.replace(".key_value.", ".value.")] = value[half:].clone()
         else:
             out[key] = value
     return out
@@ -341,6 +401,13 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
     if layout in ("timm", "original"):
         args["patch_embed_layer_norm_eps"] = _TORCH_DEFAULT_EPS
         args["reduction_layer_norm_eps"] = _TORCH_DEFAULT_EPS
+    if layout in DENSE_LAYOUTS:
+        args["layer_norm_eps"] = _TORCH_DEFAULT_EPS  # every LayerNorm of SegFormer / GLPN has PyTorch's default
+    if "decode_head.classifier.weight" in canonical:
+        args["num_labels"] = int(canonical["decode_head.classifier.weight"].shape[0])
+        args["decoder_hidden_size"] = int(canonical["decode_head.classifier.weight"].shape[1])
+    if "head.head.0.weight" in canonical:
+        args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
     preset = _matching_preset(args)
     if preset:
         args["drop_path_rate"] = PRESETS[preset]["drop_path_rate"]
@@ -369,6 +436,8 @@ def _model_prefix(model_cls: type) -> str:
     """Where the encoder sits in the target class's state dict."""
     from .modeling import PvtV2ForImageClassification
 
+    if hasattr(model_cls, "encoder_prefix"):
+        return model_cls.encoder_prefix
     return "pvt_v2." if issubclass(model_cls, PvtV2ForImageClassification) else ""
 
 
@@ -411,14 +480,64 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     layout = detect_layout(state)
     canonical = to_canonical(state, layout)
     if config_path is not None:
-        config = PvtV2Config.from_json_file(config_path, **overrides)
+        config = read_config(config_path, **overrides)
     else:
         config = infer_config(canonical, layout, **overrides)
     _attach_imagenet_labels(config, canonical)
-    model = model_cls(config)
+    # Built without memory or random initialisation: the checkpoint's tensors become the parameters.
+    with torch.device("meta"):
+        model = model_cls(config)
     load_canonical(model, canonical, origin=os.fspath(weights_path))
     logger.info("loaded %s weights (%s layout) from %s", model_cls.__name__, layout, os.fspath(weights_path))
     return model
+
+
+def read_config(path: str | os.PathLike, **overrides: Any) -> PvtV2Config:
+    """A ``config.json`` of PVTv2 (``model_type`` ``pvt_v2``) or of transformers' SegFormer / GLPN, as a PvtV2Config."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a valid JSON config: {err}") from None
+    if isinstance(data, dict) and data.get("model_type") in DENSE_LAYOUTS:
+        return dense_config_from_dict(data, **overrides)
+    return PvtV2Config.from_dict(data, **overrides)
+
+
+# Fields of SegformerConfig / GLPNConfig that PvtV2Config carries under the same name.
+_DENSE_CONFIG_FIELDS = (
+    "num_channels", "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides",
+    "num_attention_heads", "mlp_ratios", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "initializer_range", "drop_path_rate", "decoder_hidden_size", "id2label", "label2id", "problem_type",
+    "classifier_dropout_prob", "semantic_loss_ignore_index", "reshape_last_stage", "max_depth", "head_in_index",
+)
+
+
+def dense_config_from_dict(data: Mapping[str, Any], **overrides: Any) -> PvtV2Config:
+    """The PvtV2Config of a transformers ``SegformerConfig`` / ``GLPNConfig`` dict.
+
+    Their encoders differ from PVTv2's defaults only in values the config carries: MLP ratio 4 in every stage, and
+    LayerNorms built with PyTorch's default epsilon (1e-5) everywhere -- their own ``layer_norm_eps`` (1e-6) is
+    read by no layer, so it is not carried over.
+    """
+    args = {k: data[k] for k in _DENSE_CONFIG_FIELDS if k in data}
+    args.setdefault("mlp_ratios", [4] * int(args.get("num_encoder_blocks", 4)))
+    args["layer_norm_eps"] = _TORCH_DEFAULT_EPS
+    if data.get("model_type") == "segformer":
+        args.setdefault("decoder_hidden_size", 256)
+        args.setdefault("classifier_dropout_prob", 0.1)
+        args.setdefault("semantic_loss_ignore_index", 255)
+        args.setdefault("reshape_last_stage", True)
+    else:
+        args.setdefault("decoder_hidden_size", 64)
+        args.setdefault("max_depth", 10)
+        args.setdefault("head_in_index", -1)
+    if "max_depth" in args and isinstance(args["max_depth"], int):
+        args["max_depth"] = float(args["max_depth"])
+    if "num_labels" in overrides and "id2label" not in overrides and overrides["num_labels"] != len(args.get("id2label") or {}):
+        args.pop("id2label", None)
+        args.pop("label2id", None)
+    args.update(overrides)
+    return PvtV2Config(**args)
 
 
 def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.Tensor]) -> None:
@@ -431,28 +550,41 @@ def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.T
 
 
 def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor], origin: str = "checkpoint") -> None:
-    """Load canonical-layout weights into ``model``: every key and shape must fit, except a classifier head that is
-    absent from the checkpoint or sized for another number of classes (then newly initialised, and logged)."""
+    """Load canonical-layout weights into ``model``: every key and shape must fit, except a head that is absent from
+    the checkpoint or a classifier sized for another number of classes (then newly initialised, and logged).
+
+    A model class names its head(s) in ``head_prefixes`` and its last, class-sized layer in ``classifier_prefix``
+    (classification: ``classifier.``; ``pvtv2.dense``: ``decode_head.`` ..., ``decode_head.classifier.``). Heads in
+    the checkpoint that the model does not have (a classifier's, when building a segmentation model) are dropped.
+    """
     prefix = _model_prefix(type(model))
     expected = model.state_dict()
+    model_heads = tuple(getattr(type(model), "head_prefixes", ("classifier.",)))
+    classifier = getattr(type(model), "classifier_prefix", "classifier.")
     target: dict[str, torch.Tensor] = {}
+    dropped: set[str] = set()
     for key, value in canonical.items():
-        if key.startswith("classifier."):
-            if "classifier.weight" not in expected and not any(k.startswith("classifier.") for k in expected):
-                continue  # an encoder-only model takes the encoder of a classifier
+        head = next((h for h in _HEAD_PREFIXES if key.startswith(h)), None)
+        if head is not None:
+            if not any(k.startswith(head) for k in expected):
+                dropped.add(head.rstrip("."))  # e.g. an encoder-only model takes the encoder of a classifier
+                continue
             target[key] = value
         else:
             target[prefix + key if key.startswith("encoder.") else key] = value
+    if dropped:
+        logger.info("%s has no %s: the checkpoint's are not used", type(model).__name__, ", ".join(sorted(dropped)))
 
-    head_keys = {k for k in expected if k.startswith("classifier.")}
-    if head_keys and "classifier.weight" in target and target["classifier.weight"].shape != expected["classifier.weight"].shape:
+    head_keys = {k for k in expected if k.startswith(model_heads)}
+    weight = f"{classifier}weight"
+    if weight in expected and weight in target and target[weight].shape != expected[weight].shape:
         logger.warning(
             "replacing the classifier head: the checkpoint classifies %d classes, the model %d; the new head is "
             "randomly initialised and needs fine-tuning",
-            target["classifier.weight"].shape[0], expected["classifier.weight"].shape[0],
+            target[weight].shape[0], expected[weight].shape[0],
         )
-        for key in head_keys:
-            target.pop(key, None)
+        for key in [k for k in target if k.startswith(classifier)]:
+            target.pop(key)
 
     missing = sorted(set(expected) - set(target))
     unexpected = sorted(set(target) - set(expected))
@@ -475,8 +607,13 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
                 parts.append(f"{len(items)} {title} keys:\n    {shown}")
         raise CheckpointError("\n  ".join(parts))
     if head_missing:
-        logger.warning("the checkpoint has no classifier head: %s is newly initialised", ", ".join(missing))
+        logger.warning("the checkpoint has no weights for %s: newly initialised", _summarise_keys(missing))
     model.load_state_dict(target, strict=not head_missing)
+
+
+def _summarise_keys(keys: list[str]) -> str:
+    modules = sorted({k.rsplit(".", 1)[0] for k in keys})
+    return ", ".join(modules[:6]) + (f" and {len(modules) - 6} more modules" if len(modules) > 6 else "")
 
 
 def _describe(model: torch.nn.Module) -> str:

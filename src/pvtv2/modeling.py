@@ -24,6 +24,7 @@ __all__ = [
     "PvtV2ForImageClassification",
     "PvtV2Backbone",
     "check_pixel_values",
+    "check_input_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,18 @@ def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
         )
     if pixel_values.shape[0] == 0 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
         raise ValueError(f"pixel_values is empty: shape {tuple(pixel_values.shape)}")
+
+
+def check_input_size(height: int, width: int, config: PvtV2Config) -> None:
+    """Raise a clear error when a spatial-reduction convolution would be larger than its stage's token grid."""
+    for i, (patch, stride, sr) in enumerate(zip(config.patch_sizes, config.strides, config.sr_ratios)):
+        height = (height + 2 * (patch // 2) - patch) // stride + 1
+        width = (width + 2 * (patch // 2) - patch) // stride + 1
+        if height < 1 or width < 1 or (not config.linear_attention and sr > 1 and min(height, width) < sr):
+            raise ValueError(
+                f"the input is too small for this model: stage {i + 1} would see a {max(height, 0)}x{max(width, 0)} "
+                f"token grid, smaller than its spatial-reduction ratio {sr}; use larger images"
+            )
 
 
 class PvtV2PreTrainedModel(nn.Module):
@@ -122,7 +135,7 @@ class PvtV2Encoder(nn.Module):
     def __init__(self, config: PvtV2Config) -> None:
         super().__init__()
         # Stochastic depth grows linearly from 0 to drop_path_rate over all blocks of all stages.
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         start = 0
         for i, depth in enumerate(config.depths):
@@ -194,6 +207,7 @@ class PvtV2Model(PvtV2PreTrainedModel):
             self.config, output_attentions, output_hidden_states, return_dict
         )
         check_pixel_values(pixel_values, self.config.num_channels)
+        check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
         out = self.encoder(pixel_values, output_attentions, output_hidden_states)
         return out if return_dict else out.to_tuple()
 
@@ -316,6 +330,7 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
             self.config, output_attentions, output_hidden_states, return_dict
         )
         check_pixel_values(pixel_values, self.config.num_channels)
+        check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
         out = self.encoder(pixel_values, output_attentions, output_hidden_states=True)
         maps = tuple(out.hidden_states[i] for i in self.out_indices)
         result = BackboneOutput(

@@ -1,0 +1,61 @@
+"""Shared helpers: tiny configurations, weight perturbation, relative error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    """max |expected - actual| / max |expected|: the measure every parity test bounds."""
+    expected = expected.detach().double()
+    actual = actual.detach().double()
+    assert expected.shape == actual.shape, (expected.shape, actual.shape)
+    return ((expected - actual).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter (LayerNorm weights and biases included) away from its initial value, so that a model
+    that ignores a parameter, or treats it differently, gives different numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.named_parameters()):
+        p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+@torch.no_grad()
+def shrink_patch_embeddings_(model: torch.nn.Module, factor: float = 1e-3) -> torch.nn.Module:
+    """Scale the patch-embedding convolutions down so the LayerNorms after them see variances near their epsilon:
+    a model with the wrong epsilon then gives visibly different outputs."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and ("patch_embed" in name or "downsample" in name):
+            module.weight.mul_(factor)
+            module.bias.mul_(factor)
+    return model
+
+
+@torch.no_grad()
+def random_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every parameter with fresh random values (no reliance on any library's initialisation): matrices with
+    std 1/sqrt(fan_in), norm scales around one, biases and shifts around zero. Works on models built on meta."""
+    gen = torch.Generator().manual_seed(seed)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device="cpu")
+    for name, p in sorted(model.named_parameters()):
+        noise = torch.randn(p.shape, generator=gen)
+        if p.ndim > 1:
+            p.copy_(noise * (p[0].numel() ** -0.5))
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(1.0 + 0.1 * noise)
+        else:
+            p.copy_(0.1 * noise)
+    return model
+
+
+TINY = dict(depths=[1, 2, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4], mlp_ratios=[2, 2, 2, 2])
+
+
+@pytest.fixture
+def tiny_kwargs() -> dict:
+    return dict(TINY)

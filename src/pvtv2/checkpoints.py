@@ -98,10 +98,17 @@ def _read_torch(path: Path) -> Any:
     try:
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        detail = str(err)
+        if "GLOBAL" not in detail and "global" not in detail:
+            # Not a forbidden object: bytes that are no pickle at all.
+            raise CheckpointError(
+                f"{os.fspath(path)!r} is not a readable PyTorch checkpoint (corrupt, truncated or another format)"
+            ) from None
+        blocked = next((line.strip() for line in detail.splitlines() if "GLOBAL" in line or "global" in line), "")
         raise CheckpointError(
             f"refusing to load {os.fspath(path)!r}: it holds pickled Python objects other than tensors and plain "
             f"containers, and loading them could run code. Only weights are read (torch.load(weights_only=True)); "
-            f"convert it to safetensors where you trust its origin. Detail: {str(err).splitlines()[0]}"
+            f"convert it to safetensors where you trust its origin. Detail: {blocked}"
         ) from None
     except (EOFError, RuntimeError, OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
         raise CheckpointError(
@@ -577,7 +584,7 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
 
     head_keys = {k for k in expected if k.startswith(model_heads)}
     weight = f"{classifier}weight"
-    if weight in expected and weight in target and target[weight].shape != expected[weight].shape:
+    if weight in expected and weight in target and target[weight].shape[0] != expected[weight].shape[0]:
         logger.warning(
             "replacing the classifier head: the checkpoint classifies %d classes, the model %d; the new head is "
             "randomly initialised and needs fine-tuning",
@@ -608,7 +615,23 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
         raise CheckpointError("\n  ".join(parts))
     if head_missing:
         logger.warning("the checkpoint has no weights for %s: newly initialised", _summarise_keys(missing))
-    model.load_state_dict(target, strict=not head_missing)
+    target = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in target.items()}
+    model.load_state_dict(target, strict=not head_missing, assign=True)
+    _materialize_and_init(model)
+
+
+def _materialize_and_init(model: torch.nn.Module) -> None:
+    """Give the modules left on the meta device (a new head) real memory and the library's initialisation."""
+    from .layers import init_weights
+
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    for module in model.modules():
+        if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+            module.to_empty(device=device, recurse=False)
+            # A model may initialise its own heads differently (pvtv2.dense: as transformers' SegFormer / GLPN).
+            getattr(model, "init_new_module", lambda m: init_weights(m, model.config.initializer_range))(module)
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
 
 
 def _summarise_keys(keys: list[str]) -> str:

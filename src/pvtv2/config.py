@@ -24,7 +24,16 @@ logger = logging.getLogger(__name__)
 # Activation names accepted for ``hidden_act`` (the Mix-FFN activation), as transformers spells them.
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "selu", "silu", "swish")
 
+# Keys of a config.json that describe the file rather than the model; kept, but not part of equality.
+_METADATA_KEYS = ("architectures", "torch_dtype", "dtype", "transformers_version", "pvtv2_version")
+
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# Fields of the dense-prediction heads (pvtv2.dense), written to config.json only when set.
+_DENSE_FIELDS = (
+    "decoder_hidden_size", "classifier_dropout_prob", "semantic_loss_ignore_index", "reshape_last_stage", "max_depth",
+    "head_in_index",
+)
 
 _STAGE_LISTS = ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios")
 
@@ -58,6 +67,18 @@ class PvtV2Config:
       (``None``: ``layer_norm_eps``; the original code and timm: 1e-5).
     - ``num_labels`` / ``id2label`` / ``label2id`` / ``problem_type``: the classification head and its loss.
 
+    Dense-prediction heads (``pvtv2.dense``; SegFormer's and GLPN's fields, same names). ``None`` means the task's
+    default, which the model fills in when it is built, so a saved model's ``config.json`` holds explicit values;
+    a field left ``None`` is not written:
+
+    - ``decoder_hidden_size``: width of the decode head (SegFormer: 256 for b0/b1, 768 for b2+; GLPN: 64).
+    - ``classifier_dropout_prob``: dropout before SegFormer's per-pixel classifier (default 0.1).
+    - ``semantic_loss_ignore_index``: label value the segmentation loss skips (default 255).
+    - ``reshape_last_stage``: SegFormer's flag; ``False`` returns the last stage's hidden state as tokens
+      ``(B, N, C)`` (the logits are the same either way; default ``True``).
+    - ``max_depth``: GLPN's depth range: predictions are ``sigmoid(x) * max_depth`` (default 10).
+    - ``head_in_index``: which decoder output GLPN's depth head reads (default -1, the full-resolution one).
+
     Unknown keyword arguments are kept as attributes and written back by :meth:`to_dict`.
     """
 
@@ -87,6 +108,12 @@ class PvtV2Config:
         out_indices: Sequence[int] | None = None,
         patch_embed_layer_norm_eps: float | None = None,
         reduction_layer_norm_eps: float | None = None,
+        decoder_hidden_size: int | None = None,
+        classifier_dropout_prob: float | None = None,
+        semantic_loss_ignore_index: int | None = None,
+        reshape_last_stage: bool | None = None,
+        max_depth: float | None = None,
+        head_in_index: int | None = None,
         num_labels: int | None = None,
         id2label: dict[int | str, str] | None = None,
         label2id: dict[str, int] | None = None,
@@ -116,6 +143,12 @@ class PvtV2Config:
         self.linear_attention = linear_attention
         self.patch_embed_layer_norm_eps = patch_embed_layer_norm_eps
         self.reduction_layer_norm_eps = reduction_layer_norm_eps
+        self.decoder_hidden_size = decoder_hidden_size
+        self.classifier_dropout_prob = classifier_dropout_prob
+        self.semantic_loss_ignore_index = semantic_loss_ignore_index
+        self.reshape_last_stage = reshape_last_stage
+        self.max_depth = max_depth
+        self.head_in_index = head_in_index
         self.problem_type = problem_type
         self.output_attentions = output_attentions
         self.output_hidden_states = output_hidden_states
@@ -230,8 +263,32 @@ class PvtV2Config:
                 raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
         elif not callable(self.hidden_act):
             raise ValueError(f"hidden_act must be an activation name or a callable, got {self.hidden_act!r}")
+        self._validate_dense_heads()
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type={self.problem_type!r} is not one of {PROBLEM_TYPES}")
+
+    def _validate_dense_heads(self) -> None:
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.decoder_hidden_size is not None and (not is_int(self.decoder_hidden_size) or self.decoder_hidden_size < 1):
+            raise ValueError(f"decoder_hidden_size must be a positive integer, got {self.decoder_hidden_size!r}")
+        rate = self.classifier_dropout_prob
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0):
+            raise ValueError(f"classifier_dropout_prob must be a probability in [0, 1), got {rate!r}")
+        if self.semantic_loss_ignore_index is not None and not is_int(self.semantic_loss_ignore_index):
+            raise ValueError(f"semantic_loss_ignore_index must be an integer, got {self.semantic_loss_ignore_index!r}")
+        if self.reshape_last_stage is not None and not isinstance(self.reshape_last_stage, bool):
+            raise ValueError(f"reshape_last_stage must be true or false, got {self.reshape_last_stage!r}")
+        depth = self.max_depth
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float)) or depth <= 0):
+            raise ValueError(f"max_depth must be a positive number, got {depth!r}")
+        if self.head_in_index is not None and (
+            not is_int(self.head_in_index) or not -self.num_encoder_blocks <= self.head_in_index < self.num_encoder_blocks
+        ):
+            raise ValueError(
+                f"head_in_index must index one of the {self.num_encoder_blocks} decoder outputs, got {self.head_in_index!r}"
+            )
 
     def _resolve_out_features(
         self, out_features: Sequence[str] | None, out_indices: Sequence[int] | None
@@ -335,6 +392,9 @@ class PvtV2Config:
             data["reduction_layer_norm_eps"] = self.reduction_layer_norm_eps
         if self.problem_type is not None:
             data["problem_type"] = self.problem_type
+        for name in _DENSE_FIELDS:
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
         for flag, default in (("output_attentions", False), ("output_hidden_states", False), ("return_dict", True)):
             if getattr(self, flag) != default:
                 data[flag] = getattr(self, flag)
@@ -404,7 +464,14 @@ class PvtV2Config:
         return cls.from_json_file(resolve_file(text, "config.json"), **overrides)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PvtV2Config) and self.to_dict() == other.to_dict()
+        """Equal when every field is; bookkeeping that travels in config.json (``architectures``...) aside."""
+        if not isinstance(other, PvtV2Config):
+            return False
+        mine, theirs = self.to_dict(), other.to_dict()
+        for key in _METADATA_KEYS:
+            mine.pop(key, None)
+            theirs.pop(key, None)
+        return mine == theirs
 
     def __repr__(self) -> str:
         data = self.to_dict()

@@ -66,8 +66,30 @@ def _hub_download(
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    # The cache first: a file already there needs no network (and no retries on a machine without one).
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    except EntryNotFoundError:
+        # The cache records that the repository has no such file.
+        if required:
+            raise HubFileNotFound(f"the hub repository {repo_id!r} has no file {filename!r}") from None
+        return None
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+    except LocalEntryNotFoundError:
+        # No connection (or offline mode) and nothing in the cache. (A subclass of EntryNotFoundError: first.)
+        # An optional file counts as absent only in offline mode; a failed connection says nothing about it.
+        if not required and constants.HF_HUB_OFFLINE:
+            return None
+        cache = cache_dir or constants.HF_HUB_CACHE
+        raise HubFileNotFound(
+            f"{filename!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and the hub could not be "
+            f"reached{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}. On a machine with network "
+            f"access run `hf download {repo_id}` (or `huggingface-cli download {repo_id}`) and copy the cache "
+            f"folder here (or point HF_HUB_CACHE at it), or pass a local folder or checkpoint file instead."
+        ) from None
     except EntryNotFoundError:
         # The hub answered: the repository has no such file.
         if required:
@@ -76,15 +98,4 @@ def _hub_download(
     except RepositoryNotFoundError:
         raise HubFileNotFound(
             f"{repo_id!r} is not a hub repository this machine can see (nor a local file or folder)"
-        ) from None
-    except LocalEntryNotFoundError:
-        # No connection (or offline mode) and nothing in the cache.
-        if not required:
-            return None
-        cache = cache_dir or constants.HF_HUB_CACHE
-        raise HubFileNotFound(
-            f"{filename!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and the hub could not be "
-            f"reached{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}. On a machine with network "
-            f"access run `hf download {repo_id}` (or `huggingface-cli download {repo_id}`) and copy the cache "
-            f"folder here, or pass a local folder or checkpoint file instead."
         ) from None

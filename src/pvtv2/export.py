@@ -1,0 +1,340 @@
+"""ONNX export with dynamic batch, height and width, checked against PyTorch; checkpoint conversion between layouts.
+
+What makes PVTv2 hard to export with free input sizes, and what is done about it:
+
+- The spatial reduction reshapes tokens ``(B, N, C)`` back to ``(B, C, H, W)`` with the ``H, W`` of the patch
+  embedding's output. Both exporters record these as shape computations, so the reshape follows the input size.
+- Linear attention pools keys and values with ``AdaptiveAvgPool2d(7)``. Neither exporter writes that as a size-free
+  ONNX graph: the TorchScript-based exporter refuses it ("input size not accessible") and the dynamo exporter writes
+  an ``AveragePool`` whose kernel and stride are those of the example input, which gives wrong results (or a failing
+  reshape) at any other size. Before exporting, every ``AdaptiveAvgPool2d`` of a copy of the model is therefore
+  replaced by :class:`ExportableAdaptiveAvgPool2d`, the same average written as two small matrix products whose
+  matrices are built from the input size at run time. It reproduces PyTorch's windows exactly (start
+  ``floor(i*H/7)``, end ``ceil((i+1)*H/7)``), for every size, including sizes not divisible by 7 and sizes below 7.
+
+Every export is run in onnxruntime at several input sizes and compared with PyTorch before the file is moved into
+place; a file that does not match is never written.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_CHECK_SIZES",
+    "EXPORTERS",
+    "ExportableAdaptiveAvgPool2d",
+    "ExportCheck",
+    "ExportResult",
+    "ExportError",
+    "make_exportable",
+    "export_onnx",
+    "check_onnx",
+    "convert_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+# (batch, height, width): the square training size, a non-square batch of two, and odd sizes divisible by nothing.
+DEFAULT_CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 224, 224), (2, 160, 192), (1, 97, 131))
+EXPORTERS = ("auto", "torchscript", "dynamo")
+
+
+class ExportError(ValueError):
+    """The export failed, or its result does not agree with PyTorch."""
+
+
+def _pool_matrix(size: torch.Tensor | int, out: int, like: torch.Tensor) -> torch.Tensor:
+    """(out, size) averaging matrix: row i averages positions floor(i*size/out) .. ceil((i+1)*size/out) - 1."""
+    i = torch.arange(out, device=like.device)
+    start = torch.div(i * size, out, rounding_mode="floor")
+    end = torch.div((i + 1) * size + out - 1, out, rounding_mode="floor")
+    pos = torch.arange(size, device=like.device)
+    inside = ((pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])).to(like.dtype)  # (out, size)
+    return inside / inside.sum(dim=1, keepdim=True)
+
+
+class ExportableAdaptiveAvgPool2d(nn.Module):
+    """``AdaptiveAvgPool2d(output_size)`` as ``P_h @ x @ P_w^T``, with the pooling matrices computed from the input's
+    size inside the graph, so an exported model pools correctly at every input size."""
+
+    def __init__(self, output_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        rows = _pool_matrix(height, self.output_size[0], x)  # (oh, H)
+        cols = _pool_matrix(width, self.output_size[1], x)  # (ow, W)
+        return rows @ x @ cols.transpose(0, 1)  # (B, C, oh, ow)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+def make_exportable(model: nn.Module) -> tuple[nn.Module, int]:
+    """A deep copy of ``model`` in eval mode with every ``AdaptiveAvgPool2d`` replaced (and how many were)."""
+    model = copy.deepcopy(model).eval()
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.AdaptiveAvgPool2d):
+                size = child.output_size
+                if isinstance(size, (tuple, list)) and None in size:
+                    raise ExportError(f"cannot export AdaptiveAvgPool2d with output size {size}")
+                setattr(parent, name, ExportableAdaptiveAvgPool2d(size))
+                replaced += 1
+    return model, replaced
+
+
+class _Logits(nn.Module):
+    """The classifier as a function from pixel values to logits (or the encoder to its last feature map)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values, return_dict=True)
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@dataclass
+class ExportCheck:
+    """One onnxruntime-versus-PyTorch comparison."""
+
+    shape: tuple[int, int, int, int]
+    max_abs_diff: float | None
+    tolerance: float | None
+    ok: bool
+    error: str | None = None
+
+
+@dataclass
+class ExportResult:
+    path: Path | None
+    exporter: str
+    opset: int
+    output_name: str
+    pools_replaced: int
+    seconds: float
+    checks: list[ExportCheck] = field(default_factory=list)
+    attempts: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": os.fspath(self.path) if self.path else None,
+            "exporter": self.exporter,
+            "opset": self.opset,
+            "output": self.output_name,
+            "adaptive_pools_replaced": self.pools_replaced,
+            "export_seconds": round(self.seconds, 2),
+            "checks": [
+                {"shape": list(c.shape), "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance, "ok": c.ok,
+                 **({"error": c.error} if c.error else {})}
+                for c in self.checks
+            ],
+            "attempts": self.attempts,
+        }
+
+
+def _export_once(wrapper: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int, output_name: str) -> None:
+    # The exporters are chatty: deprecation and tracer warnings, and one INFO line per graph rewrite.
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(
+                wrapper, (example,), os.fspath(path), dynamo=False, opset_version=opset,
+                input_names=["pixel_values"], output_names=[output_name],
+                dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"}, output_name: {0: "batch"}},
+            )
+        else:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            height = torch.export.Dim("height", min=1, max=16384)
+            width = torch.export.Dim("width", min=1, max=16384)
+            torch.onnx.export(
+                wrapper, (example,), os.fspath(path), dynamo=True, opset_version=opset,
+                input_names=["pixel_values"], output_names=[output_name],
+                dynamic_shapes={"pixel_values": {0: batch, 2: height, 3: width}}, external_data=False,
+            )
+
+
+def check_onnx(
+    path: str | os.PathLike,
+    model: nn.Module,
+    sizes: Sequence[tuple[int, int, int]] = DEFAULT_CHECK_SIZES,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    seed: int = 0,
+) -> list[ExportCheck]:
+    """Run the ONNX file in onnxruntime on random inputs of each ``(batch, height, width)`` and compare with ``model``.
+
+    A size passes when ``max |onnx - torch| <= atol + rtol * max |torch|``.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError(
+            "checking the export needs onnxruntime: pip install 'pvtv2[onnx]' (or skip the check with --no-check)"
+        ) from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    wrapper = _Logits(model).eval()
+    gen = torch.Generator().manual_seed(seed)
+    channels = getattr(getattr(model, "config", None), "num_channels", 3)
+    checks = []
+    for batch, height, width in sizes:
+        shape = (batch, channels, height, width)
+        x = torch.randn(shape, generator=gen)
+        with torch.no_grad():
+            expected = wrapper(x).float()
+        try:
+            (got,) = session.run(None, {input_name: x.numpy()})[:1]
+        except Exception as err:  # onnxruntime raises its own exception types
+            checks.append(ExportCheck(shape, None, None, False, str(err).splitlines()[0][:300]))
+            continue
+        got_t = torch.from_numpy(got)
+        if got_t.shape != expected.shape:
+            checks.append(ExportCheck(shape, None, None, False, f"output shape {tuple(got_t.shape)} != {tuple(expected.shape)}"))
+            continue
+        diff = float((got_t - expected).abs().max())
+        tol = atol + rtol * float(expected.abs().max())
+        checks.append(ExportCheck(shape, diff, tol, diff <= tol))
+    return checks
+
+
+def export_onnx(
+    model: nn.Module,
+    output: str | os.PathLike,
+    *,
+    opset: int = 18,
+    exporter: str = "auto",
+    check_sizes: Sequence[tuple[int, int, int]] | None = DEFAULT_CHECK_SIZES,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> ExportResult:
+    """Export a PVTv2 classifier (logits) or encoder (last feature map) to ONNX with dynamic batch, height and width.
+
+    ``exporter``: ``torchscript`` (``torch.onnx.export(dynamo=False)``, fast), ``dynamo`` (``torch.export`` based,
+    slower), or ``auto``: TorchScript first, then dynamo if that fails to export or to match. The file is written
+    next to ``output`` under a temporary name, checked with onnxruntime at ``check_sizes`` (``None``: not checked),
+    and moved into place only when every size matches; otherwise :class:`ExportError` lists the differences.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; choose from {EXPORTERS}")
+    output = Path(output)
+    if output.is_dir():
+        raise ValueError(f"--output must be a file path, but {os.fspath(output)!r} is a folder")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    exportable, replaced = make_exportable(model)
+    exportable = exportable.float()
+    wrapper = _Logits(exportable).eval()
+    output_name = "logits" if hasattr(exportable, "classifier") else "last_hidden_state"
+    config = getattr(model, "config", None)
+    height, width = getattr(config, "image_size", (224, 224))
+    # A batch of two: an example batch of one lets the dynamo exporter specialise the batch dimension to 1.
+    example = torch.randn(2, getattr(config, "num_channels", 3), height, width, generator=torch.Generator().manual_seed(0))
+    order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+    tmp = output.with_name(f".{output.name}.tmp")
+    attempts: list[str] = []
+    last_failure = ""
+    try:
+        for name in order:
+            start = time.perf_counter()
+            try:
+                _export_once(wrapper, example, tmp, name, opset, output_name)
+            except Exception as err:  # exporters raise many kinds of errors
+                last_failure = f"{name} exporter failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                attempts.append(last_failure)
+                logger.warning("%s", last_failure)
+                continue
+            seconds = time.perf_counter() - start
+            result = ExportResult(None, name, opset, output_name, replaced, seconds, attempts=attempts)
+            if check_sizes:
+                result.checks = check_onnx(tmp, exportable, check_sizes, rtol, atol)
+            if result.ok:
+                os.replace(tmp, output)
+                result.path = output
+                attempts.append(f"{name}: ok")
+                return result
+            last_failure = f"{name} export does not match PyTorch: " + "; ".join(_describe_check(c) for c in result.checks if not c.ok)
+            attempts.append(last_failure)
+            logger.warning("%s", last_failure)
+        raise ExportError("ONNX export failed; nothing was written.\n  " + "\n  ".join(attempts))
+    finally:
+        tmp.unlink(missing_ok=True)
+        for extra in output.parent.glob(f".{output.name}.tmp*"):
+            extra.unlink(missing_ok=True)
+
+
+def _describe_check(check: ExportCheck) -> str:
+    size = "x".join(str(s) for s in check.shape)
+    if check.error:
+        return f"{size}: {check.error}"
+    return f"{size}: max abs diff {check.max_abs_diff:.3g} > tolerance {check.tolerance:.3g}"
+
+
+def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, layout: str | None = None) -> dict[str, Any]:
+    """Convert any supported checkpoint (file in any layout, folder, hub id) to a ``save_pretrained`` folder
+    (``layout=None``), or to a single weights file in ``layout`` (``transformers``, ``timm`` or ``original``).
+
+    A checkpoint without a classifier head becomes a ``PvtV2Model`` (no random head is invented). A folder's
+    ``preprocessor_config.json`` is copied along.
+    """
+    from .checkpoints import LAYOUTS, _locate, convert_state_dict, read_state_dict, save_state_dict, to_canonical
+    from .hub import resolve_file
+    from .modeling import PvtV2ForImageClassification, PvtV2Model
+    from .processing import PREPROCESSOR_CONFIG_NAME
+
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    _, weights = _locate(source, None, None)
+    has_head = "classifier.weight" in to_canonical(read_state_dict(weights))
+    cls = PvtV2ForImageClassification if has_head else PvtV2Model
+    model = cls.from_pretrained(source)
+    out = Path(output)
+    info: dict[str, Any] = {"source": os.fspath(source), "model": cls.__name__, "parameters": model.num_parameters()}
+    if layout is None:
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{os.fspath(out)!r} is a file; a save_pretrained folder needs a folder path")
+        model.save_pretrained(out)
+        text = os.fspath(source)
+        pre = None
+        if os.path.isdir(text):
+            pre = resolve_file(text, PREPROCESSOR_CONFIG_NAME, required=False)
+        if pre is not None:
+            (out / PREPROCESSOR_CONFIG_NAME).write_text(Path(pre).read_text(encoding="utf-8"), encoding="utf-8")
+        info.update(output=os.fspath(out), layout="transformers (save_pretrained folder)")
+        return info
+    if out.is_dir():
+        raise IsADirectoryError(f"--layout {layout} writes one file, but {os.fspath(out)!r} is a folder")
+    config = model.config
+    if layout in ("timm", "original") and (config.patch_norm_eps != 1e-5 or config.reduction_norm_eps != 1e-5):
+        logger.warning(
+            "the %s code uses LayerNorm epsilon 1e-5 in the patch embeddings and the spatial reduction; this model "
+            "uses %g / %g there, so outputs there will differ slightly", layout, config.patch_norm_eps,
+            config.reduction_norm_eps,
+        )
+    state = convert_state_dict(model.state_dict(), layout)
+    save_state_dict(state, out)
+    info.update(output=os.fspath(out), layout=layout, tensors=len(state))
+    return info

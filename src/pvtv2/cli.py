@@ -44,6 +44,563 @@ def _register(fn):
     return fn
 
 
+# ---------------------------------------------------------------------------------------------- benchmark
+@_register
+def _add_benchmark(subparsers) -> None:
+    p = subparsers.add_parser(
+        "benchmark", help="images/s, latency and peak memory of a model on this machine",
+        description="Time a model on random images: inference (or a training step with --train) after warm-up. "
+                    "A preset name gives random weights, which time the same as trained ones.",
+    )
+    p.add_argument("--model", required=True, help="preset name (e.g. pvt_v2_b2), folder, checkpoint file or hub id")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call (default: 1)")
+    p.add_argument("--image-size", type=int, default=224, help="square input side in pixels (default: 224)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast (default: fp32)")
+    p.add_argument("--compile", action="store_true", help="run through torch.compile")
+    p.add_argument("--train", action="store_true", help="time a training step (forward, backward, AdamW)")
+    p.add_argument("--backbone", action="store_true", help="time the multi-scale backbone instead of the classifier")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls after warm-up (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_cmd_benchmark)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from .benchmark import benchmark_model, build_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = build_model(args.model, backbone=args.backbone)
+    result = benchmark_model(
+        model, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype, compile=args.compile,
+        train=args.train, warmup=args.warmup, repeats=args.repeats, name=args.model,
+    )
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(
+            f"{result.model} {result.mode} batch {result.batch_size} {result.image_size}x{result.image_size} "
+            f"{result.dtype}{' compiled' if result.compiled else ''}, {result.threads} threads: "
+            f"{result.images_per_s:.2f} images/s, {result.latency_ms:.1f} ms per batch (best "
+            f"{result.best_latency_ms:.1f}), peak RSS {result.peak_rss_mb:.0f} MiB"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- train
+@_register
+def _add_train(subparsers) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train or fine-tune a classifier on an image folder (single process or under torchrun)",
+        description="Train from scratch (--model a preset name such as pvt_v2_b0, or a config.json) or fine-tune "
+        "(--model a folder, checkpoint file or hub id) on DIR/train/<class>/* and DIR/val/<class>/*. Defaults are the "
+        "PVTv2 paper's recipe. Writes OUT/last and OUT/best (from_pretrained folders), OUT/metrics.jsonl and "
+        "OUT/curves.png. Run under `torchrun --nproc_per_node N` for DistributedDataParallel.",
+    )
+    p.add_argument("--data", help="dataset folder with train/<class>/ and val/<class>/ sub-folders")
+    p.add_argument("--model", help=f"preset name, config.json, folder, checkpoint file or hub id (default {d.model})")
+    p.add_argument("--output", required=True, help="run folder for checkpoints, metrics and curves")
+    p.add_argument("--image-size", type=int, help=f"training and evaluation resolution (default {d.image_size})")
+    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=int, help=f"images per process per forward pass (default {d.batch_size})")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 x global batch / 512)")
+    p.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine (default {d.min_lr})")
+    p.add_argument("--warmup-epochs", type=float, help=f"linear warmup length (default {d.warmup_epochs:g})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay, not on norms and biases (default {d.weight_decay})")
+    p.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
+    p.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's or the checkpoint's)")
+    p.add_argument("--grad-accum", type=int, help="forward passes per optimizer step (default 1)")
+    p.add_argument("--crop-scale", type=float, help=f"smallest area fraction of random resized crops (default {d.crop_scale})")
+    p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d.hflip})")
+    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
+    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--replace-head", action="store_true", default=None,
+                   help="fine-tuning: train a new head when the dataset's classes are not the checkpoint's")
+    p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .train import TrainConfig, train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    cfg = TrainConfig(**given, progress=not args.no_progress)
+    if not cfg.resume and not cfg.data:
+        raise ValueError("--data is required (unless --resume continues a run)")
+    result = train(cfg)
+    if result["rank"] == 0:
+        final = result["final"] or {}
+        print(f"trained {final.get('epoch', 0)} epochs: val top-1 {final.get('val_top1', float('nan')):.2f}% "
+              f"(best {result['best_top1'] or 0:.2f}% at epoch {result['best_epoch']})")
+        print(f"checkpoints: {result['last']} and {result['best']}")
+        print(f"metrics: {result['metrics']}; curves: {result['curves']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- demo
+@_register
+def _add_demo(subparsers) -> None:
+    from .demo import DEMO_DEFAULTS
+
+    p = subparsers.add_parser(
+        "demo",
+        help="offline demo: train PVTv2-B0 on the bundled handwritten digits, evaluate and predict",
+        description="Writes scikit-learn's handwritten digits (bundled) as an image folder, trains PVTv2-B0 from "
+        "scratch on them, evaluates on held-out digits, predicts a few, and draws the training curves and an "
+        "attention map. Needs no network.",
+    )
+    p.add_argument("--output", default="pvtv2-demo", help="folder for the dataset, the run and the pictures")
+    p.add_argument("--epochs", type=int, default=DEMO_DEFAULTS["epochs"], help="default %(default)s")
+    p.add_argument("--image-size", type=int, default=DEMO_DEFAULTS["image_size"], help="default %(default)s")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(
+        args.output, epochs=args.epochs, image_size=args.image_size, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"held-out accuracy: top-1 {result['val_top1']:.2f}%, top-5 {result['val_top5']:.2f}% "
+          f"on {result['num_val']} digits after {result['epochs']} epochs ({result['seconds']:.0f} s)")
+    print("predictions on held-out digits:")
+    for item in result["predictions"]:
+        print(f"  {item['image']}: true {item['true']}, predicted {item['label']} (p={item['probability']:.3f})")
+    print(f"dataset:    {result['data']}")
+    print(f"checkpoint: {result['best']}  (pvtv2 predict --model {result['best']} IMAGE)")
+    print(f"metrics:    {result['metrics']}")
+    print(f"curves:     {result['curves']}")
+    if result.get("attention"):
+        print(f"attention:  {result['attention']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+def _size_pair(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 160x192, got {text!r}") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 224 or 160x192, got {text!r}")
+    return values[0], values[1]
+
+
+def _check_size(text: str) -> tuple[int, int, int]:
+    """BxHxW, HxW or S (batch 1)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 224, 160x192 or 2x160x192, got {text!r}") from None
+    if len(values) == 1:
+        values = [1, values[0], values[0]]
+    elif len(values) == 2:
+        values = [1, *values]
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size like 224, 160x192 or 2x160x192, got {text!r}")
+    return values[0], values[1], values[2]
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True,
+                   help="trained weights: a save_pretrained folder, a checkpoint file (transformers, timm or original "
+                        "layout) or a hub id such as OpenGVLab/pvt_v2_b0")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@_register
+def _add_predict(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", help="top-k classes of images",
+        description="Top-k classes and probabilities of image files (folders are searched recursively). Unreadable "
+                    "images are reported one by one and skipped; the exit status is then 2.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    _add_model_flags(p)
+    p.add_argument("--top-k", "-k", type=int, default=5, help="classes per image (default: 5)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import find_images, load_classifier, load_processor, predict
+
+    paths = find_images(args.images)
+    model = load_classifier(args.model, args.device)
+    processor = load_processor(args.model, model.config.image_size)
+    results = predict(model, processor, paths, args.top_k, args.batch_size, progress=_progress(args))
+    failed = [r for r in results if r.error is not None]
+    if args.json:
+        _print_json([r.to_dict() for r in results])
+    else:
+        for r in results:
+            if r.error is not None:
+                continue
+            print(r.image)
+            for label, score in zip(r.labels, r.scores):
+                print(f"  {score:7.2%}  {label}")
+    for r in failed:
+        print(f"pvtv2 predict: error: {r.error}", file=sys.stderr)
+    if failed:
+        print(f"pvtv2 predict: {len(failed)} of {len(results)} image(s) could not be read", file=sys.stderr)
+        return 2
+    return 0
+
+
+@_register
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="accuracy on an image-folder dataset",
+        description="Top-1/top-5 accuracy, mean cross-entropy and images per second on DIR/<class>/*.jpg (or "
+                    "DIR/val/<class>/...). Class folder names must be the model's label names; a model with generic "
+                    "LABEL_i labels takes the sorted folder names as classes 0, 1, ...",
+    )
+    _add_model_flags(p)
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
+    p.set_defaults(func=_cmd_eval, batch_size=32)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .inference import evaluate, load_classifier, load_processor
+
+    model = load_classifier(args.model, args.device)
+    processor = load_processor(args.model, model.config.image_size)
+    result = evaluate(model, processor, args.data, args.batch_size, progress=_progress(args))
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['dataset']}: {result['images']} images, {result['classes']} classes")
+        print(f"  top-1 accuracy  {result['top1']:.2%}")
+        print(f"  top-{result['top5_k']} accuracy  {result['top5']:.2%}")
+        print(f"  mean loss       {result['loss']:.4f}")
+        print(f"  images/s        {result['images_per_second']:.1f} end to end, "
+              f"{result['model_images_per_second']:.1f} model only")
+    return 0
+
+
+@_register
+def _add_export(subparsers) -> None:
+    from .export import DEFAULT_CHECK_SIZES, EXPORTERS
+
+    default_sizes = " ".join("x".join(map(str, s)) for s in DEFAULT_CHECK_SIZES)
+    p = subparsers.add_parser(
+        "export", help="export to ONNX (dynamic batch and image size), checked with onnxruntime",
+        description="Export to ONNX with dynamic batch, height and width, then compare onnxruntime with PyTorch at "
+                    "several input sizes; the file is written only when all match.",
+    )
+    p.add_argument("--model", "-m", required=True, help="folder, checkpoint file, hub id, or a preset name (random weights)")
+    p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
+                   help="torchscript (dynamo=False, fast), dynamo, or auto: torchscript then dynamo (default)")
+    p.add_argument("--check-sizes", nargs="+", type=_check_size, metavar="BxHxW", default=list(DEFAULT_CHECK_SIZES),
+                   help=f"input sizes to check (default: {default_sizes})")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_cmd_export)
+
+
+def _load_any(source: str):
+    """A classifier from weights, or an untrained one from a preset name."""
+    from .config import PvtV2Config
+    from .inference import is_preset_name
+    from .modeling import PvtV2ForImageClassification
+
+    if is_preset_name(source):
+        logger.warning("%s is a preset: using random weights", source)
+        return PvtV2ForImageClassification(PvtV2Config.from_preset(source)).eval()
+    return PvtV2ForImageClassification.from_pretrained(source)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    model = _load_any(args.model)
+    result = export_onnx(model, args.output, opset=args.opset, exporter=args.exporter,
+                         check_sizes=None if args.no_check else args.check_sizes)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    print(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset}, output {result.output_name!r}, "
+          f"dynamic batch/height/width)")
+    if result.pools_replaced:
+        print(f"  {result.pools_replaced} AdaptiveAvgPool2d layer(s) of linear attention exported as size-independent "
+              f"matrix products: every input size is supported")
+    for c in result.checks:
+        print(f"  checked {'x'.join(map(str, c.shape))}: max abs diff {c.max_abs_diff:.2e} (tolerance {c.tolerance:.1e})")
+    if not result.checks:
+        print("  not checked against PyTorch (--no-check)")
+    return 0
+
+
+@_register
+def _add_info(subparsers) -> None:
+    p = subparsers.add_parser(
+        "info", help="architecture, parameters and multiply-adds",
+        description="Per-stage architecture, output sizes, parameter count and compute. Compute is counted in "
+                    "multiply-adds (GMACs), the unit the PVTv2 paper reports as GFLOPs.",
+    )
+    p.add_argument("model", metavar="MODEL", help="preset name (e.g. pvt_v2_b0), folder, checkpoint file or hub id")
+    p.add_argument("--image-size", type=_size_pair, default=(224, 224), metavar="S|HxW",
+                   help="input size for output shapes and compute (default: 224)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import PvtV2Config
+    from .flops import format_summary, model_summary
+    from .inference import is_preset_name
+    from .modeling import PvtV2ForImageClassification
+
+    if is_preset_name(args.model):
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = PvtV2ForImageClassification(PvtV2Config.from_preset(args.model))
+    else:
+        model = PvtV2ForImageClassification.from_pretrained(args.model)
+    summary = model_summary(model, args.image_size, name=args.model)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+@_register
+def _add_convert(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert a checkpoint to a save_pretrained folder or another layout",
+        description="Read a checkpoint in any supported layout (file, folder or hub id) and write a save_pretrained "
+                    "folder (loads in transformers), or with --layout a single file in that layout.",
+    )
+    p.add_argument("source", metavar="SRC", help="checkpoint file, folder or hub id")
+    p.add_argument("output", metavar="OUT", help="output folder (or file with --layout)")
+    p.add_argument("--layout", choices=("transformers", "timm", "original"),
+                   help="write one weights file in this layout instead of a folder (.safetensors or .pth by suffix)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .export import convert_checkpoint
+
+    info = convert_checkpoint(args.source, args.output, args.layout)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"wrote {info['output']} ({info['layout']}; {info['model']}, {info['parameters']:,} parameters)")
+    return 0
+
+
+@_register
+def _add_visualize(subparsers) -> None:
+    p = subparsers.add_parser(
+        "visualize", help="attention maps of each stage over an image",
+        description="Draw the image beside one heat map per stage: how much attention each key position receives "
+                    "in the stage's last block, averaged over heads and queries.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="image file")
+    p.add_argument("--model", "-m", required=True, help="folder, checkpoint file, hub id, or a preset name (random weights)")
+    p.add_argument("--output", "-o", required=True, help="PNG file to write")
+    p.add_argument("--panel-size", type=int, default=224, help="pixels per panel (default: 224)")
+    p.set_defaults(func=_cmd_visualize)
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    import os
+
+    from .inference import is_preset_name, load_processor
+    from .processing import load_image
+    from .visualize import attention_figure
+
+    image = load_image(args.image)
+    model = _load_any(args.model)
+    processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
+    figure = attention_figure(model, image, processor, panel_size=args.panel_size)
+    tmp = f"{args.output}.tmp.png"
+    figure.save(tmp, format="PNG")
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output} ({figure.width}x{figure.height})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- dense prediction
+def _save_png(picture, path: str) -> None:
+    import os
+
+    tmp = f"{path}.tmp.png"
+    picture.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _size_flag(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace("x", ",").split(",")
+    try:
+        sizes = [int(v) for v in parts if v]
+    except ValueError:
+        raise ValueError(f"--size must be N or HxW, got {value!r}") from None
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise ValueError(f"--size must be N or HxW with positive numbers, got {value!r}")
+    return (sizes[0], sizes[-1])
+
+
+@_register
+def _add_segment(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segment", help="semantic segmentation of an image (SegFormer head)",
+        description="Predict a class for every pixel and write the image with the coloured label map blended over "
+                    "it, and a legend of the classes found (names from the model's id2label).",
+    )
+    p.add_argument("image", metavar="IMAGE", help="image file")
+    p.add_argument("--model", "-m", required=True, help="segmentation model: folder, checkpoint file or hub id "
+                   "(pvtv2 or transformers' SegFormer layout)")
+    p.add_argument("--output", "-o", required=True, help="PNG file to write")
+    p.add_argument("--size", help="model input size, N or HxW (default: the config's image_size)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the label colours (default: 0.5)")
+    p.set_defaults(func=_cmd_segment)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .dense import PvtV2ForSemanticSegmentation, predict_segmentation, segmentation_picture
+    from .processing import load_image
+
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    image = load_image(args.image).convert("RGB")
+    model = PvtV2ForSemanticSegmentation.from_pretrained(args.model)
+    label_map = predict_segmentation(model, image, _size_flag(args.size))
+    _save_png(segmentation_picture(image, label_map, model.config.id2label, args.alpha), args.output)
+    counts = {model.config.id2label.get(int(c), str(c)): int((label_map == c).sum()) for c in set(label_map.flat)}
+    print(f"wrote {args.output}; pixels per class: {json.dumps(counts)}")
+    return 0
+
+
+@_register
+def _add_depth(subparsers) -> None:
+    p = subparsers.add_parser(
+        "depth", help="monocular depth of an image (GLPN head)",
+        description="Predict a depth map and write it, colour-mapped (viridis, near to far: purple to yellow), "
+                    "beside the image.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="image file")
+    p.add_argument("--model", "-m", required=True, help="depth model: folder, checkpoint file or hub id "
+                   "(pvtv2 or transformers' GLPN layout)")
+    p.add_argument("--output", "-o", required=True, help="PNG file to write")
+    p.add_argument("--size", help="model input size, N or HxW, multiples of 32 (default: the image's, rounded down)")
+    p.set_defaults(func=_cmd_depth)
+
+
+def _cmd_depth(args: argparse.Namespace) -> int:
+    from .dense import PvtV2ForDepthEstimation, depth_picture, predict_depth
+    from .processing import load_image
+
+    image = load_image(args.image).convert("RGB")
+    model = PvtV2ForDepthEstimation.from_pretrained(args.model)
+    depth = predict_depth(model, image, _size_flag(args.size))
+    _save_png(depth_picture(image, depth), args.output)
+    print(f"wrote {args.output}; depth from {depth.min():.3f} to {depth.max():.3f} (max_depth {model.config.max_depth})")
+    return 0
+
+
+@_register
+def _add_train_seg(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-seg", help="fine-tune a segmentation model on image / mask folders",
+        description="Train PvtV2ForSemanticSegmentation on DIR/train/{images,masks} and evaluate mean IoU and pixel "
+                    "accuracy on DIR/val each epoch; writes OUTPUT/best, OUTPUT/last (resumable) and metrics.jsonl.",
+    )
+    p.add_argument("data", metavar="DIR", help="folder with train/ and val/ (images/*.png|jpg, masks/*.png)")
+    p.add_argument("--output", "-o", required=True, help="run folder")
+    p.add_argument("--model", "-m", default="tiny", help="'tiny' (default), a preset name (random weights), or a "
+                   "classification / segmentation checkpoint whose encoder to fine-tune")
+    p.add_argument("--image-size", type=int, default=64, help="training resolution (default: 64)")
+    p.add_argument("--epochs", type=int, default=10, help="default: 10")
+    p.add_argument("--batch-size", type=int, default=8, help="default: 8")
+    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (default: 4e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train_seg)
+
+
+def _cmd_train_seg(args: argparse.Namespace) -> int:
+    from .dense_train import SegTrainConfig, train_segmentation
+
+    result = train_segmentation(SegTrainConfig(
+        data=args.data, output=args.output, model=args.model, image_size=args.image_size, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume, progress=not args.no_progress,
+    ))
+    best = result["best"]
+    print(f"best epoch {best['epoch']}: mean IoU {best['mean_iou']:.4f}, pixel accuracy {best['pixel_accuracy']:.4f}; "
+          f"model in {result['best_model']}")
+    return 0
+
+
+@_register
+def _add_demo_seg(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo-seg", help="make the synthetic shapes segmentation data (and optionally train on it)",
+        description="Write circles, squares and triangles on textured backgrounds with exact masks into "
+                    "OUTPUT/data; with --epochs > 0 also train the tiny model on it into OUTPUT/run.",
+    )
+    p.add_argument("--output", "-o", required=True, help="folder to create")
+    p.add_argument("--train", type=int, default=400, help="training images (default: 400)")
+    p.add_argument("--val", type=int, default=100, help="validation images (default: 100)")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels (default: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=0, help="train for this many epochs afterwards (default: 0, data only)")
+    p.set_defaults(func=_cmd_demo_seg)
+
+
+def _cmd_demo_seg(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .dense_data import make_segmentation_example
+
+    data = make_segmentation_example(Path(args.output) / "data", args.train, args.val, args.size, args.seed)
+    print(f"wrote the example to {data}")
+    if args.epochs > 0:
+        from .dense_train import SegTrainConfig, train_segmentation
+
+        result = train_segmentation(SegTrainConfig(data=str(data), output=str(Path(args.output) / "run"),
+                                                   image_size=args.size, epochs=args.epochs, seed=args.seed))
+        best = result["best"]
+        print(f"best epoch {best['epoch']}: mean IoU {best['mean_iou']:.4f}, pixel accuracy {best['pixel_accuracy']:.4f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -126,13 +126,13 @@ class PvtV2Config:
         self.image_size = _as_size(image_size)
         self.num_channels = num_channels
         self.num_encoder_blocks = num_encoder_blocks
-        self.depths = list(depths)
-        self.sr_ratios = list(sr_ratios)
-        self.hidden_sizes = list(hidden_sizes)
-        self.patch_sizes = list(patch_sizes)
-        self.strides = list(strides)
-        self.num_attention_heads = list(num_attention_heads)
-        self.mlp_ratios = list(mlp_ratios)
+        self.depths = _as_list("depths", depths)
+        self.sr_ratios = _as_list("sr_ratios", sr_ratios)
+        self.hidden_sizes = _as_list("hidden_sizes", hidden_sizes)
+        self.patch_sizes = _as_list("patch_sizes", patch_sizes)
+        self.strides = _as_list("strides", strides)
+        self.num_attention_heads = _as_list("num_attention_heads", num_attention_heads)
+        self.mlp_ratios = _as_list("mlp_ratios", mlp_ratios)
         self.hidden_act = hidden_act
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
@@ -264,6 +264,9 @@ class PvtV2Config:
         elif not callable(self.hidden_act):
             raise ValueError(f"hidden_act must be an activation name or a callable, got {self.hidden_act!r}")
         self._validate_dense_heads()
+        for name in ("qkv_bias", "linear_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type={self.problem_type!r} is not one of {PROBLEM_TYPES}")
 
@@ -479,6 +482,12 @@ class PvtV2Config:
             if len(data[key]) > 4:
                 data[key] = f"<{len(data[key])} labels>"
         return f"PvtV2Config({json.dumps(data, sort_keys=True, default=repr)})"
+
+
+def _as_list(name: str, value: Any) -> list:
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list with one number per stage, got {value!r}")
+    return list(value)
 
 
 def _as_size(value: int | Sequence[int]) -> tuple[int, int]:

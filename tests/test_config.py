@@ -59,6 +59,10 @@ def test_out_features_resolution_matches_transformers(kwargs):
         (dict(problem_type="ranking"), "problem_type"),
         (dict(strides=[4, 2, 0, 2]), "strides"),
         (dict(num_encoder_blocks=3), "num_encoder_blocks"),
+        (dict(depths=2), "depths"),
+        (dict(hidden_sizes="32,64"), "hidden_sizes"),
+        (dict(linear_attention="yes"), "linear_attention"),
+        (dict(image_size="large"), "image_size"),
     ],
 )
 def test_contradictions_raise_value_error_naming_the_field(kwargs, field):

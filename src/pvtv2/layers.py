@@ -1,13 +1,30 @@
 """The building blocks of PVTv2: overlapping patch embedding, spatial-reduction attention, Mix-FFN, block, stage.
 
 Layers take explicit scalars, never the config. Tokens travel as ``(B, N, C)`` with the spatial size ``(H, W)``
-passed alongside; a stage returns an image-shaped ``(B, C, H, W)`` map. Sub-module names follow the published
+passed alongside; a stage returns an image-shaped ``(B, C, H, W)`` map.
+
+Memory layout (why the code permutes rather than transposes): tokens ``(B, N, C)`` are stored row-major, which is the
+same memory as ``(B, H, W, C)``. The image view every convolution needs is taken as
+``x.view(B, H, W, C).permute(0, 3, 1, 2)``, a channels-last ``(B, C, H, W)`` tensor that shares that memory; the
+convolutions then run on oneDNN's channels-last kernels (the 3x3 depthwise one several times faster than on NCHW) and
+return channels-last results whose token view is again free. No activation is copied between the two views.
+
+Fast inference path: with autograd off (``torch.no_grad()`` / ``inference_mode``), on CPU, outside ``torch.compile``,
+the linear layers run through oneDNN with weights prepacked once into its blocked layout (keys and values as one
+GEMM, the activation or the residual add fused into the GEMM), and the depthwise convolution with its GELU fused.
+The packed weights are a run-time cache, never in ``state_dict()``; they are rebuilt whenever a weight changes
+(``load_state_dict``, an optimizer step: any in-place write bumps the tensor's version) and dropped by ``.train()``.
+These are private oneDNN ops, so they sit behind a capability check (``fast_path_available``) that runs them once
+against the public ops; ``set_fast_path(False)`` turns them off. Training and ``torch.compile`` use public ops only.
+
+Sub-module names follow the published
 transformers checkpoints (``query``, ``key``, ``value``, ``spatial_reduction``, ``dense1`` ...), so that
 ``state_dict()`` loads there strictly.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -25,7 +42,145 @@ __all__ = [
     "PvtV2Block",
     "PvtV2Stage",
     "init_weights",
+    "fast_path_available",
+    "set_fast_path",
+    "clear_fast_cache",
 ]
+
+logger = logging.getLogger(__name__)
+
+_FAST_PATH_ENABLED = True
+_CAPABILITY: dict[torch.dtype, bool] = {}
+
+
+def _probe(dtype: torch.dtype) -> bool:
+    """Run the private oneDNN ops once on small tensors and compare with the public ops they replace."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(37, 24, generator=gen)
+        w = torch.randn(40, 24, generator=gen) * 0.2
+        b = torch.randn(40, generator=gen)
+        r = torch.randn(37, 40, generator=gen)
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype))
+        xd, bd, rd = x.to(dtype), b.to(dtype), r.to(dtype)
+        ref = F.linear(x, w, b)
+        checks = [
+            (torch.ops.mkldnn._linear_pointwise(xd, packed, bd, "none", [], ""), ref),
+            (torch.ops.mkldnn._linear_pointwise(xd, packed, bd, "relu", [], ""), ref.relu()),
+            (torch.ops.mkldnn._linear_pointwise.binary(xd, rd, packed, bd, "add"), ref + r),
+        ]
+        img = torch.randn(2, 5, 6, 8, generator=gen).permute(0, 3, 1, 2)  # channels-last (2, 8, 5, 6)
+        cw = torch.randn(8, 1, 3, 3, generator=gen)
+        cb = torch.randn(8, generator=gen)
+        conv_ref = F.gelu(F.conv2d(img, cw, cb, 1, 1, 1, 8))
+        conv = torch.ops.mkldnn._convolution_pointwise(
+            img.to(dtype), cw.to(dtype), cb.to(dtype), [1, 1], [1, 1], [1, 1], 8, "gelu", [], "none"
+        )
+        checks.append((conv, conv_ref))
+        for got, want in checks:
+            if got.shape != want.shape or ((got.float() - want).abs().max() / want.abs().max()).item() > tol:
+                return False
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError) as err:
+        logger.debug("oneDNN fast path unavailable for %s: %s", dtype, err)
+        return False
+
+
+def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build and CPU run the oneDNN prepacked linear and fused convolution for ``dtype``."""
+    if dtype not in _CAPABILITY:
+        ok = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
+        _CAPABILITY[dtype] = ok
+        logger.debug("oneDNN fast path for %s: %s", dtype, ok)
+    return _CAPABILITY[dtype]
+
+
+def set_fast_path(enabled: bool) -> bool:
+    """Turn the oneDNN inference path on or off (for comparisons and tests); returns the previous setting."""
+    global _FAST_PATH_ENABLED
+    previous, _FAST_PATH_ENABLED = _FAST_PATH_ENABLED, bool(enabled)
+    return previous
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+def _use_fast(x: torch.Tensor) -> bool:
+    """The oneDNN path runs only where nothing needs autograd and nothing traces the graph."""
+    return (
+        _FAST_PATH_ENABLED
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and fast_path_available(_compute_dtype(x))
+    )
+
+
+class _FastCache:
+    """Prepacked weights of one module, keyed by the identity and version of the parameters they were built from."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
+
+    def linear(self, name: str, layers: list[nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        key = (dtype,) + tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
+        entry = self.entries.get(name)
+        if entry is None or entry[0] != key:
+            weight = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype))
+            bias = None
+            if layers[0].bias is not None:
+                bias = torch.cat([layer.bias for layer in layers]) if len(layers) > 1 else layers[0].bias
+                bias = bias.detach().to(dtype)
+            entry = (key, packed, bias)
+            self.entries[name] = entry
+        return entry[1], entry[2]
+
+
+def clear_fast_cache(module: nn.Module) -> None:
+    """Drop every prepacked weight under ``module`` (they are rebuilt on the next no-grad forward)."""
+    for m in module.modules():
+        cache = m.__dict__.get("_fast_cache")
+        if cache is not None:
+            cache.entries.clear()
+
+
+class _Cached(nn.Module):
+    """A module with a run-time cache of prepacked weights, outside ``state_dict()``, dropped by ``.train()``."""
+
+    def _cache(self) -> _FastCache:
+        cache = self.__dict__.get("_fast_cache")
+        if cache is None:
+            cache = self.__dict__["_fast_cache"] = _FastCache()
+        return cache
+
+    def train(self, mode: bool = True):
+        cache = self.__dict__.get("_fast_cache")
+        if cache is not None and mode:
+            cache.entries.clear()
+        return super().train(mode)
+
+    def _linear(
+        self, name: str, layers: list[nn.Linear], x: torch.Tensor, attr: str = "none", residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``layers`` (concatenated along outputs) applied to ``x`` with oneDNN, with an optional fused ReLU or
+        residual add. Under autocast the packed weights and the result take the autocast dtype, as F.linear would."""
+        dtype = _compute_dtype(x)
+        weight, bias = self._cache().linear(name, layers, dtype)
+        x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (B * N, C), a view for the token layout
+        if residual is not None and residual.dtype == dtype:
+            res2d = residual.reshape(x2d.shape[0], -1)
+            out = torch.ops.mkldnn._linear_pointwise.binary(x2d, res2d, weight, bias, "add")
+            return out.view(residual.shape)
+        out = torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, attr, [], "")
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        # A residual stream in higher precision than the GEMM (bf16 autocast) stays so, as with autocast's F.linear.
+        return out if residual is None else residual + out
 
 
 class _Formula(nn.Module):
@@ -102,13 +257,13 @@ class OverlapPatchEmbed(nn.Module):
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.proj(x)  # (B, C, H, W)
-        _, _, height, width = x.shape
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W), channels-last
+        batch, channels, height, width = x.shape
+        x = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
         return self.layer_norm(x), height, width
 
 
-class SpatialReductionAttention(nn.Module):
+class SpatialReductionAttention(_Cached):
     """Multi-head attention whose keys and values come from a spatially reduced copy of the tokens.
 
     The reduction is chosen once, at construction:
@@ -159,19 +314,36 @@ class SpatialReductionAttention(nn.Module):
         batch, tokens, _ = x.shape
         return x.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
 
+    def _reduce(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The tokens keys and values come from: (B, N', C)."""
+        if not self.reduces:
+            return x
+        batch, _, channels = x.shape
+        kv = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
+        kv = self.spatial_reduction(self.pool(kv))  # (B, C, H', W'), channels-last
+        kv = kv.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C), a view
+        return self.act(self.layer_norm(kv))
+
     def forward(
-        self, x: torch.Tensor, height: int, width: int, output_attentions: bool = False
+        self,
+        x: torch.Tensor,
+        height: int,
+        width: int,
+        output_attentions: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention output (plus ``residual`` when given: the fast path fuses that add into the projection)."""
         batch, tokens, channels = x.shape
-        q = self._split_heads(self.query(x))
-        if self.reduces:
-            kv = x.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
-            kv = self.spatial_reduction(self.pool(kv))  # (B, C, H', W')
-            kv = self.act(self.layer_norm(kv.flatten(2).transpose(1, 2)))  # (B, N', C)
+        kv_in = self._reduce(x, height, width)
+        fast = _use_fast(x) and not self.training
+        if fast:
+            q = self._split_heads(self._linear("q", [self.query], x))
+            kv = self._linear("kv", [self.key, self.value], kv_in)  # (B, N', 2C): one GEMM
+            k, v = self._split_heads(kv[..., :channels]), self._split_heads(kv[..., channels:])
         else:
-            kv = x
-        k = self._split_heads(self.key(kv))
-        v = self._split_heads(self.value(kv))
+            q = self._split_heads(self.query(x))
+            k = self._split_heads(self.key(kv_in))
+            v = self._split_heads(self.value(kv_in))
 
         dropout = self.attn_drop if self.training else 0.0
         probs = None
@@ -181,7 +353,10 @@ class SpatialReductionAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, tokens, channels)  # (B, N, C)
-        return self.proj_drop(self.proj(out)), probs
+        if fast:
+            return self._linear("proj", [self.proj], out, residual=residual), probs
+        out = self.proj_drop(self.proj(out))
+        return (out if residual is None else residual + out), probs
 
 
 class _DepthwiseConv(nn.Module):
@@ -191,13 +366,22 @@ class _DepthwiseConv(nn.Module):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int, fused_gelu: str | None = None) -> torch.Tensor:
+        """The convolution; with ``fused_gelu`` ("none" for exact, "tanh") oneDNN applies GELU in the same pass."""
         batch, _, channels = x.shape
-        x = x.transpose(1, 2).view(batch, channels, height, width)  # (B, C, H, W)
-        return self.dwconv(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
+        if fused_gelu is None:
+            x = self.dwconv(x)  # (B, C, H, W), channels-last
+        else:
+            dtype = _compute_dtype(x)
+            w, b = self.dwconv.weight.to(dtype), self.dwconv.bias.to(dtype)
+            x = torch.ops.mkldnn._convolution_pointwise(
+                x.to(dtype), w, b, [1, 1], [1, 1], [1, 1], channels, "gelu", [], fused_gelu
+            )
+        return x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
 
 
-class MixFFN(nn.Module):
+class MixFFN(_Cached):
     """Linear, (ReLU with linear attention), depthwise 3x3 conv, activation, linear."""
 
     def __init__(self, dim: int, hidden_dim: int, act: nn.Module, drop: float = 0.0, extra_relu: bool = False) -> None:
@@ -208,11 +392,26 @@ class MixFFN(nn.Module):
         self.act = act
         self.dense2 = nn.Linear(hidden_dim, dim)
         self.dropout = nn.Dropout(drop)
+        # GELU that oneDNN can fuse into the depthwise convolution: its algorithm name, else None.
+        self._gelu_algorithm = (
+            {"none": "none", "tanh": "tanh"}.get(act.approximate) if type(act) is nn.GELU else None
+        )
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The feed-forward output (plus ``residual`` when given: the fast path fuses that add into ``dense2``)."""
+        if _use_fast(x) and not self.training:
+            x = self._linear("dense1", [self.dense1], x, attr="relu" if isinstance(self.relu, nn.ReLU) else "none")
+            if self._gelu_algorithm is not None:
+                x = self.dwconv(x, height, width, fused_gelu=self._gelu_algorithm)
+            else:
+                x = self.act(self.dwconv(x, height, width))
+            return self._linear("dense2", [self.dense2], x, residual=residual)
         x = self.relu(self.dense1(x))
         x = self.dropout(self.act(self.dwconv(x, height, width)))
-        return self.dropout(self.dense2(x))
+        x = self.dropout(self.dense2(x))
+        return x if residual is None else residual + x
 
 
 class PvtV2Block(nn.Module):
@@ -245,6 +444,10 @@ class PvtV2Block(nn.Module):
     def forward(
         self, x: torch.Tensor, height: int, width: int, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(self.drop_path, nn.Identity) or not self.training:
+            # No stochastic depth: the residual adds go inside the branches, where oneDNN fuses them.
+            x, probs = self.attention(self.layer_norm_1(x), height, width, output_attentions, residual=x)
+            return self.mlp(self.layer_norm_2(x), height, width, residual=x), probs
         attn, probs = self.attention(self.layer_norm_1(x), height, width, output_attentions)
         x = x + self.drop_path(attn)
         x = x + self.drop_path(self.mlp(self.layer_norm_2(x), height, width))
@@ -300,7 +503,7 @@ class PvtV2Stage(nn.Module):
                 attentions.append(probs)
         x = self.layer_norm(x)
         batch, _, channels = x.shape
-        x = x.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
+        x = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), a channels-last view
         return x, attentions
 
 

@@ -1,0 +1,346 @@
+"""Compare pvtv2 with transformers and timm on this machine: same weights, interleaved repeats, ratios.
+
+    python benchmarks/bench.py                                  # B0 and B2, batch 1 and 16, 224, fp32 eager inference
+    python benchmarks/bench.py --train                          # + a training step (forward, backward, AdamW), B2 batch 16
+    python benchmarks/bench.py --highres 512 1024               # + backbone at high resolution, batch 1 (speed and memory)
+    python benchmarks/bench.py --dtype fp32 bf16 --compile      # + bf16 autocast and torch.compile variants
+
+Speed: in one process the three implementations get the same weights (transformers' random weights loaded into
+ours; timm's through ``pvtv2.checkpoints.convert_state_dict(sd, "timm")``) and are timed in turn, repeat after repeat,
+so that a slow moment of a shared machine hits all three alike; the median per implementation gives images/s and the
+ratios. Memory: each (implementation, configuration) runs once more in a fresh subprocess, which reports its peak
+resident set size (``ru_maxrss``, whole run) and, for a second forward pass after a first one has loaded libraries,
+JIT kernels and packed weights, its high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the
+resident size just before it: what the forward pass itself needs (activations, workspaces). Linux only.
+The first pass runs on a 64x64 image, so that its freed memory does not linger in the heap for the measured one.
+
+Throughput: ratios use each implementation's best repeat (on a shared machine the best is the least disturbed);
+the JSON also keeps every time and the medians.
+
+Writes ``benchmarks/results.json`` and ``benchmarks/results.png`` (override with ``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMPLS = ("pvtv2", "transformers", "timm")
+
+
+# ---------------------------------------------------------------------------------------------- models
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def build_models(preset: str, impls=IMPLS, backbone: bool = False, seed: int = 0) -> dict[str, nn.Module]:
+    """The requested implementations of ``preset``, all with the same random weights."""
+    import transformers
+
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+    from pvtv2.checkpoints import convert_state_dict
+
+    config = PvtV2Config.from_preset(preset)
+    data = config.to_dict()
+    data.pop("stage_names", None)
+    torch.manual_seed(seed)
+    hf = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**data)).eval()
+    with torch.no_grad():  # away from the init so that a mis-loaded parameter would show
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    sd = hf.state_dict()
+    models: dict[str, nn.Module] = {}
+    if "pvtv2" in impls:
+        ours = PvtV2ForImageClassification(config)
+        ours.load_state_dict(sd, strict=True)
+        models["pvtv2"] = ours.pvt_v2 if backbone else ours
+    if "transformers" in impls:
+        models["transformers"] = hf.pvt_v2 if backbone else hf
+    if "timm" in impls:
+        import timm
+
+        tm = timm.create_model(preset, pretrained=False)
+        tm.load_state_dict(convert_state_dict(sd, "timm"), strict=True)
+        models["timm"] = _TimmFeatures(tm) if backbone else tm
+    else:
+        del hf
+    return {k: v.eval() for k, v in models.items()}
+
+
+class _TimmFeatures(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_features(x)
+
+
+def _output(out):
+    from pvtv2.benchmark import _first_tensor
+
+    return _first_tensor(out)
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, dtype: str, train: bool, compile: bool):
+    run = torch.compile(model) if compile else model
+    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
+    if not train:
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), cast():
+                _output(run(x))
+
+        return step
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    labels = torch.randint(0, 1000, (x.shape[0],))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with cast():
+            loss = nn.functional.cross_entropy(_output(run(x)).float(), labels)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------- speed
+def measure_speed(case: dict, impls, repeats: int, warmup: int) -> dict:
+    models = build_models(case["model"], impls, backbone=case["backbone"])
+    x = torch.randn(case["batch"], 3, case["size"], case["size"])
+    steps = {k: _step_fn(m, x, case["dtype"], case["train"], case["compile"]) for k, m in models.items()}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    result = {}
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        result[name] = {
+            "images_per_s": case["batch"] / min(ts),
+            "latency_ms": min(ts) * 1e3,
+            "median_images_per_s": case["batch"] / median,
+            "median_latency_ms": median * 1e3,
+            "times_s": ts,
+        }
+    return result
+
+
+def _agreement(case: dict) -> dict:
+    """fp32 against bf16 autocast of our model, and ours against transformers in fp32: the numbers behind the speed."""
+    models = build_models(case["model"], ("pvtv2", "transformers"), backbone=case["backbone"])
+    x = torch.randn(max(case["batch"], 8), 3, case["size"], case["size"])
+    with torch.inference_mode():
+        ours = _output(models["pvtv2"](x)).float()
+        theirs = _output(models["transformers"](x)).float()
+        out = {"rel_error_vs_transformers": ((ours - theirs).abs().max() / theirs.abs().max()).item()}
+        if case["dtype"] == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = _output(models["pvtv2"](x)).float()
+            out["bf16_rel_error"] = ((low - ours).abs().max() / ours.abs().max()).item()
+            if ours.ndim == 2:
+                out["bf16_top1_agreement"] = (low.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _memory_worker(args: argparse.Namespace) -> None:
+    impl, preset, batch, size, dtype, backbone = args.memory_worker
+    models = build_models(preset, (impl,), backbone=backbone == "1")
+    model = models[impl]
+    x = torch.randn(int(batch), 3, int(size), int(size))
+    import resource
+
+    def forward():
+        nonlocal x
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+        with torch.inference_mode(), cast:
+            _output(model(x))
+
+    # Libraries' one-time buffers, JIT kernels, our packed weights: loaded by a small forward pass first. (A first pass
+    # at full size would leave its freed memory in the heap for the second to reuse, hiding what it needs.)
+    full, x = x, torch.randn(1, 3, 64, 64)
+    forward()
+    x = full
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark (VmHWM) to the current RSS
+        f.write("5")
+    before = _current_rss_mb()
+    forward()
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": peak, "forward_mb": hwm - before}))
+
+
+def measure_memory(case: dict, impl: str) -> dict:
+    cmd = [sys.executable, __file__, "--memory-worker", impl, case["model"], str(case["batch"]), str(case["size"]),
+           case["dtype"], "1" if case["backbone"] else "0", "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _case_name(c: dict) -> str:
+    parts = [c["model"].replace("pvt_v2_", ""), "backbone" if c["backbone"] else "cls", f"b{c['batch']}",
+             str(c["size"]), c["dtype"], "train" if c["train"] else "infer"]
+    if c["compile"]:
+        parts.append("compile")
+    return " ".join(parts)
+
+
+def format_table(rows: list[dict], impls) -> str:
+    head = f"{'case':40s} " + " ".join(f"{i + ' img/s':>18s}" for i in impls)
+    head += f" {'x timm':>7s} {'x hf':>7s} " + " ".join(f"{i[:6] + ' MiB':>11s}" for i in impls)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        speed = r["speed"]
+        line = f"{_case_name(r['case']):40s} " + " ".join(
+            f"{speed[i]['images_per_s']:18.2f}" if i in speed else f"{'-':>18s}" for i in impls
+        )
+        ours = speed.get("pvtv2", {}).get("images_per_s")
+        for other in ("timm", "transformers"):
+            line += f" {ours / speed[other]['images_per_s']:7.2f}" if ours and other in speed else f" {'-':>7s}"
+        mem = r.get("memory", {})
+        line += " " + " ".join(f"{mem[i]['forward_mb']:11.0f}" if i in mem else f"{'-':>11s}" for i in impls)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def draw_chart(rows: list[dict], impls, path: Path) -> None:
+    """Grouped bars: throughput relative to timm per case (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    colors = {"pvtv2": (31, 119, 180), "transformers": (255, 127, 14), "timm": (120, 120, 120)}
+    bar_h, gap, left, width = 14, 12, 320, 560
+    height = 60 + len(rows) * (len(impls) * bar_h + gap)
+    img = Image.new("RGB", (left + width + 80, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), "throughput relative to timm (same weights, interleaved repeats, best of each)", fill="black")
+    top = max(
+        (r["speed"][i]["images_per_s"] / r["speed"]["timm"]["images_per_s"] for r in rows for i in impls
+         if i in r["speed"] and "timm" in r["speed"]), default=1.0,
+    )
+    scale = width / max(top, 1.0)
+    y = 40
+    for i, name in enumerate(impls):
+        d.rectangle((left + i * 130, 24, left + i * 130 + 10, 34), fill=colors.get(name, (0, 0, 0)))
+        d.text((left + i * 130 + 14, 23), name, fill="black")
+    for r in rows:
+        d.text((10, y + bar_h // 2), _case_name(r["case"]), fill="black")
+        for name in impls:
+            if name in r["speed"] and "timm" in r["speed"]:
+                ratio = r["speed"][name]["images_per_s"] / r["speed"]["timm"]["images_per_s"]
+                d.rectangle((left, y, left + int(ratio * scale), y + bar_h - 2), fill=colors.get(name, (0, 0, 0)))
+                d.text((left + int(ratio * scale) + 4, y), f"x{ratio:.2f}", fill="black")
+            y += bar_h
+        y += gap
+    d.line((left + scale, 38, left + scale, height - 5), fill=(200, 0, 0))
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["pvt_v2_b0", "pvt_v2_b2"], help="presets (default: b0 b2)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (all three implementations)")
+    p.add_argument("--train", action="store_true", help="also time a training step at --train-batch")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--train-models", nargs="+", default=["pvt_v2_b2"])
+    p.add_argument("--highres", nargs="*", type=int, default=[], help="backbone sizes at batch 1, e.g. 512 1024")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
+    p.add_argument("--output", type=Path, default=Path(__file__).with_name("results.json"))
+    p.add_argument("--memory-worker", nargs=6, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        _memory_worker(args)
+        return 0
+
+    cases = []
+    for dtype in args.dtype:
+        for compile_ in [False, True] if args.compile else [False]:
+            for model in args.models:
+                for batch in args.batch_sizes:
+                    cases.append(dict(model=model, batch=batch, size=args.image_size, dtype=dtype, train=False,
+                                      compile=compile_, backbone=False))
+            for size in args.highres:
+                for model in args.models:
+                    cases.append(dict(model=model, batch=1, size=size, dtype=dtype, train=False, compile=compile_,
+                                      backbone=True))
+            if args.train:
+                for model in args.train_models:
+                    cases.append(dict(model=model, batch=args.train_batch, size=args.image_size, dtype=dtype,
+                                      train=True, compile=compile_, backbone=False))
+    rows = []
+    from tqdm import tqdm
+
+    for case in tqdm(cases, desc="cases", file=sys.stderr, disable=not sys.stderr.isatty()):
+        row = {"case": case, "speed": measure_speed(case, args.impls, args.repeats, args.warmup)}
+        if not case["train"]:
+            row["check"] = _agreement(case)
+            if not args.no_memory and not case["compile"]:
+                row["memory"] = {i: measure_memory(case, i) for i in args.impls}
+        rows.append(row)
+        print(format_table([row], args.impls).splitlines()[-1], file=sys.stderr, flush=True)
+
+    import timm
+    import transformers
+
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": _cpu_name(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    args.output.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    draw_chart(rows, args.impls, args.output.with_suffix(".png"))
+    print(json.dumps(meta))
+    print(format_table(rows, args.impls))
+    for r in rows:
+        if "check" in r:
+            print(_case_name(r["case"]), r["check"])
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -508,13 +508,13 @@ class PvtV2Stage(nn.Module):
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, initializer_range: float = 0.02) -> None:
+def init_weights(module: nn.Module, initializer_range: float = 0.02, recurse: bool = True) -> None:
     """The initialisation of the original code, timm and transformers, applied once to a whole model.
 
     Linear: truncated normal (std ``initializer_range``), zero bias. Conv: normal with std sqrt(2 / fan_out)
     (fan_out divided by groups). LayerNorm / BatchNorm: one and zero.
     """
-    for m in module.modules():
+    for m in module.modules() if recurse else [module]:
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=initializer_range)
             if m.bias is not None:

@@ -77,7 +77,14 @@ class PvtV2PreTrainedModel(nn.Module):
         self.config = config
 
     def post_init(self) -> None:
-        init_weights(self, self.config.initializer_range)
+        """Initialise every module once: those of a PVTv2 model nested inside this one initialised themselves."""
+        done: set[int] = set()
+        for sub in self.modules():
+            if sub is not self and isinstance(sub, PvtV2PreTrainedModel):
+                done.update(id(m) for m in sub.modules())
+        for module in self.modules():
+            if id(module) not in done:
+                init_weights(module, self.config.initializer_range, recurse=False)
 
     # ------------------------------------------------------------------ weights in and out
     @classmethod

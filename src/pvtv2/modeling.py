@@ -170,12 +170,17 @@ class PvtV2Encoder(nn.Module):
             start += depth
 
     def forward(
-        self, pixel_values: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        num_stages: int | None = None,
     ) -> BaseModelOutput:
+        """Run the first ``num_stages`` stages (all by default)."""
         hidden_states = []
         attentions = []
         x = pixel_values
-        for stage in self.layers:
+        for stage in self.layers[:num_stages]:
             x, probs = stage(x, output_attentions)  # (B, C_i, H_i, W_i)
             if output_hidden_states:
                 hidden_states.append(x)
@@ -338,7 +343,9 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
         )
         check_pixel_values(pixel_values, self.config.num_channels)
         check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
-        out = self.encoder(pixel_values, output_attentions, output_hidden_states=True)
+        # Stages after the last requested one are skipped unless every stage's output is asked for.
+        needed = None if output_hidden_states else max(self.out_indices) + 1
+        out = self.encoder(pixel_values, output_attentions, output_hidden_states=True, num_stages=needed)
         maps = tuple(out.hidden_states[i] for i in self.out_indices)
         result = BackboneOutput(
             feature_maps=maps,

@@ -4,6 +4,10 @@ synthetic example trained above a mean-IoU floor."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -11,9 +15,12 @@ import pytest
 import torch
 
 from pvtv2 import PvtV2Config
+from pvtv2.checkpoints import read_state_dict
 from pvtv2.cli import main
 from pvtv2.dense import LEGEND_WIDTH, PvtV2ForDepthEstimation, PvtV2ForSemanticSegmentation, viridis_lut
 from pvtv2.dense_data import EXAMPLE_CLASSES, SegmentationFolder, make_segmentation_example
+from pvtv2.dense_train import evaluate_segmentation, segmentation_metrics
+from pvtv2.train import KILL_ENV
 
 TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4], decoder_hidden_size=32)
 
@@ -72,19 +79,77 @@ def test_example_data_is_exact_and_reproducible(tmp_path):
     assert set(mask.unique().tolist()) <= {0, 1, 2, 3} and len(mask.unique()) >= 2
 
 
-def test_example_trains_above_mean_iou_floor_and_resumes(tmp_path, capsys):
-    """A few epochs on the shapes example beat the all-background prediction's mean IoU (about 0.22) clearly."""
-    assert main(["demo-seg", "-o", str(tmp_path), "--train", "160", "--val", "40", "--seed", "1"]) == 0
-    data, run = tmp_path / "data", tmp_path / "run"
-    args = ["train-seg", str(data), "-o", str(run), "--epochs", "3", "--batch-size", "8", "--no-progress"]
-    assert main(args) == 0
-    assert main(args[:-3] + ["4", "--batch-size", "8", "--no-progress", "--resume"]) == 0
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_example_trains_above_mean_iou_floor(tmp_path):
+    """Four short epochs on the shapes example beat the all-background prediction's mean IoU (0.21 here) clearly.
+
+    Measured (2 CPU cores, about 35 s): 0.3305, 0.3459, 0.3515 with demo-seg --seed 1, 2, 3 (data and training seed); the full example reaches 0.82."""
+    assert main(["demo-seg", "-o", str(tmp_path), "--train", str(FLOOR_TRAIN), "--val", "60", "--seed", "1"]) == 0
+    masks = np.stack([np.asarray(PIL.Image.open(p)) for p in sorted((tmp_path / "data" / "val" / "masks").iterdir())])
+    trivial = (masks == 0).mean() / 4  # mean IoU of "background everywhere": IoU 0 for the 3 shape classes
+    run = tmp_path / "run"
+    assert main(["train-seg", str(tmp_path / "data"), "-o", str(run), "--epochs", "4", "--no-progress"]) == 0
+    records = _records(run)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
-    best = max(r["mean_iou"] for r in records)
-    assert best > MEAN_IOU_FLOOR, records
+    assert trivial < 0.25 and records[-1]["mean_iou"] > MEAN_IOU_FLOOR, (trivial, records)
     model = PvtV2ForSemanticSegmentation.from_pretrained(run / "best")
     assert model.config.id2label == dict(enumerate(EXAMPLE_CLASSES)) and model.config.image_size == (64, 64)
 
 
-MEAN_IOU_FLOOR = 0.3
+def test_segmentation_resume_after_kill_equals_uninterrupted(tmp_path):
+    """`pvtv2 train --task segmentation` killed mid-epoch, then --resume: the same final weights as one run."""
+    make_segmentation_example(tmp_path / "data", 24, 8, 32, seed=3)
+    args = ["train", "--task", "segmentation", "--data", str(tmp_path / "data"), "--model", "tiny", "--image-size", "32",
+            "--epochs", "3", "--batch-size", "8", "--lr", "2e-3", "--warmup-epochs", "1", "--no-progress"]
+    assert main(args + ["--output", str(tmp_path / "full")]) == 0
+    env = {**os.environ, KILL_ENV: "5"}  # step 5 is the 2nd batch of epoch 2: killed after epoch 1's checkpoint
+    killed = subprocess.run([sys.executable, "-m", "pvtv2.cli", *args, "--output", str(tmp_path / "cut")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [r["epoch"] for r in _records(tmp_path / "cut")] == [1]
+    assert main(["train", "--output", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+    full, cut = _records(tmp_path / "full"), _records(tmp_path / "cut")
+    assert [r["epoch"] for r in cut] == [1, 2, 3]
+    for a, b in zip(full, cut):
+        assert a["train_loss"] == b["train_loss"] and a["mean_iou"] == b["mean_iou"]
+    one = read_state_dict(tmp_path / "full" / "last" / "model.safetensors")
+    two = read_state_dict(tmp_path / "cut" / "last" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_segmentation_metrics_against_hand_count():
+    confusion = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])  # class 2 never occurs: left out of the mean
+    m = segmentation_metrics(confusion)
+    assert m["per_class_iou"][:2] == [5 / 8, 3 / 6] and m["per_class_iou"][2] is None
+    assert m["mean_iou"] == pytest.approx((5 / 8 + 3 / 6) / 2) and m["pixel_accuracy"] == pytest.approx(8 / 11)
+
+
+FLOOR_TRAIN = 1000
+MEAN_IOU_FLOOR = 0.28
+
+
+def test_torchrun_two_processes_segmentation(tmp_path):
+    """Two CPU processes (gloo): one writer, and the logged metrics are those of the whole val split (the confusion
+    matrices of both shards summed), as a single-process evaluation of the saved model finds."""
+    make_segmentation_example(tmp_path / "data", 20, 7, 32, seed=4)  # 7 val images: shards of 4 and 3
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pvtv2",
+               "train", "--task", "segmentation", "--data", str(tmp_path / "data"), "--model", "tiny", "--output",
+               str(out), "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained 1 epochs") == 1
+    records = _records(out)
+    assert [r["epoch"] for r in records] == [1]
+    model = PvtV2ForSemanticSegmentation.from_pretrained(out / "last")
+    loader = torch.utils.data.DataLoader(SegmentationFolder(tmp_path / "data", "val", 32), batch_size=3)
+    metrics = evaluate_segmentation(model, loader)
+    assert metrics["mean_iou"] == pytest.approx(records[0]["mean_iou"], abs=1e-9)
+    assert metrics["pixel_accuracy"] == pytest.approx(records[0]["pixel_accuracy"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(records[0]["val_loss"], rel=1e-5)
+    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2

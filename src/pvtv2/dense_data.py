@@ -81,17 +81,27 @@ def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | 
 
 class SegmentationFolder(torch.utils.data.Dataset):
     """Images resized (bilinear) and masks resized (nearest) to ``size``, images normalised with ImageNet's mean and
-    std; with ``augment``, a random horizontal flip. Items: ``(pixel_values (3, H, W), labels (H, W) int64)``."""
+    std. Items: ``(pixel_values (3, H, W), labels (H, W) int64)``.
+
+    With ``hflip`` > 0, image and mask are flipped together with that probability. The draw for sample ``i`` in
+    epoch ``e`` comes from a generator seeded with ``(seed, e, i)`` (:meth:`set_epoch`), not from global state, so
+    a resumed run and any number of loader workers see the same flips.
+    """
 
     def __init__(
-        self, root: str | os.PathLike, split: str, size: int | tuple[int, int], augment: bool = False,
+        self, root: str | os.PathLike, split: str, size: int | tuple[int, int], hflip: float = 0.0, seed: int = 0,
         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         self.pairs = scan_segmentation_split(root, split)
         self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.augment = augment
+        self.hflip = hflip
+        self.seed = seed
+        self.epoch = 0
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -106,7 +116,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         mask = mask.resize((width, height), PIL.Image.NEAREST)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
         labels = torch.from_numpy(np.asarray(mask).astype(np.int64))  # (H, W)
-        if self.augment and torch.rand(()) < 0.5:
+        if self.hflip > 0 and np.random.default_rng([self.seed, self.epoch, index]).random() < self.hflip:
             pixels, labels = pixels.flip(-1), labels.flip(-1)
         return (pixels - self.mean) / self.std, labels
 
@@ -125,6 +135,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return image
 
 
+# radius factors giving a square (2 r^2) and a triangle (1.3 r^2) a circle's area (pi r^2)
+_AREA_SCALE = {1: 1.0, 2: float(np.sqrt(np.pi / 2)), 3: float(np.sqrt(np.pi / (3 * np.sqrt(3) / 4)))}
+
+
 def _shape_polygon(kind: int, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]] | None:
     if kind == 2:  # square, tilted a little
         corners = [angle + np.pi / 4 + k * np.pi / 2 for k in range(4)]
@@ -139,10 +153,16 @@ def _example(rng: np.random.Generator, size: int) -> tuple[PIL.Image.Image, PIL.
     image = PIL.Image.fromarray(np.clip(_background(rng, size), 0, 255).astype(np.uint8))
     mask = PIL.Image.new("L", (size, size), 0)
     draw_image, draw_mask = PIL.ImageDraw.Draw(image), PIL.ImageDraw.Draw(mask)
-    for _ in range(rng.integers(1, 3)):
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(int(rng.integers(1, 4))):  # 1 to 3 shapes that do not overlap
         kind = int(rng.integers(1, len(EXAMPLE_CLASSES)))
-        r = rng.uniform(0.14, 0.26) * size
-        cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+        # Radii scaled per kind so every class covers about the same area (a circle of radius r): the classes stay
+        # balanced, and every shape spans several pixels of the model's 1/4-resolution output.
+        r = rng.uniform(0.13, 0.22) * size * _AREA_SCALE[kind]
+        cx, cy = rng.uniform(0.7 * r, size - 0.7 * r), rng.uniform(0.7 * r, size - 0.7 * r)
+        if any(np.hypot(cx - x, cy - y) < r + q for x, y, q in placed):
+            continue  # would overlap an earlier shape: skip it
+        placed.append((cx, cy, r))
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         polygon = _shape_polygon(kind, cx, cy, r, rng.uniform(-0.3, 0.3) - (np.pi / 2 if kind == 3 else 0.0))
         for draw, fill in ((draw_image, colour), (draw_mask, kind)):

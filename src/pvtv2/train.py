@@ -68,6 +68,7 @@ CURVES_FILE = "curves.png"
 # Test-only fault injection: the process SIGKILLs itself when it reaches this global batch number (counted from 1
 # over the whole run), to check that ``--resume`` recovers from a crash in the middle of an epoch.
 KILL_ENV = "PVTV2_TEST_KILL_AT_STEP"
+TASKS = ("classification", "segmentation")
 # What --overwrite removes from the output folder: only what a run writes there.
 _RUN_ENTRIES = ("last", "best", ".last.tmp", ".last.old", ".best.tmp", ".best.old", RUN_FILE, METRICS_FILE, CURVES_FILE)
 
@@ -96,6 +97,7 @@ class TrainConfig:
     bf16: bool = False
     seed: int = 0
     replace_head: bool = False
+    task: str = "classification"  # or "segmentation": DIR/{train,val}/{images,masks}, pvtv2.dense_train
     # execution only
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on GPU
     device: str | None = None
@@ -128,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"hflip must be a probability, got {self.hflip}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pass one of them")
         if not self.output:
@@ -445,8 +449,14 @@ def _write_metrics(output: Path, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, output / METRICS_FILE)
 
 
-def draw_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Loss (train, val) and accuracy (val top-1, top-5) against the epoch, two panels, drawn with Pillow."""
+_ACCURACY_PANEL = ("val accuracy (%)", [("val_top1", (44, 160, 44)), ("val_top5", (214, 39, 40))], (0.0, 100.0))
+
+
+def draw_curves(
+    records: Sequence[dict[str, Any]], path: str | os.PathLike, score_panel: tuple | None = None
+) -> None:
+    """Loss (train, val) and a score panel (default: val top-1 and top-5 accuracy; ``score_panel`` is
+    ``(title, [(key, rgb), ...], (low, high) or None)``) against the epoch, drawn with Pillow."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height, margin = 460, 320, 48
@@ -456,7 +466,7 @@ def draw_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> N
     epochs = [r["epoch"] for r in records]
     panels = [
         ("loss", [("train_loss", (31, 119, 180)), ("val_loss", (255, 127, 14))], None),
-        ("val accuracy (%)", [("val_top1", (44, 160, 44)), ("val_top5", (214, 39, 40))], (0.0, 100.0)),
+        score_panel or _ACCURACY_PANEL,
     ]
     for p, (title, series, fixed) in enumerate(panels):
         x0 = p * width
@@ -533,6 +543,10 @@ def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any
         cfg, state = _prepare_output(cfg)
     cfg, state = _broadcast((cfg, state), info)
     cfg.validate()
+    if cfg.task == "segmentation":  # the same run folder, resume and distributed machinery; another model and loop
+        from .dense_train import train_segmentation_run
+
+        return train_segmentation_run(cfg, state, info, device)
     if not cfg.data:
         raise ValueError("a dataset folder is needed (--data DIR with DIR/train/<class>/ and DIR/val/<class>/)")
 

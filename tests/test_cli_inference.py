@@ -272,3 +272,93 @@ def test_attention_figure_maps_are_key_distributions():
         assert [m["keys"] for m in maps] == expected
         for m in maps:  # the average over heads and queries of softmax rows is a distribution over the keys
             assert m["map"].shape == m["keys"] and abs(m["map"].sum() - 1) < 1e-5 and (m["map"] >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- --runtime onnxruntime
+def predict_json(capsys, model: Path, images: Path, *extra: str) -> list[dict]:
+    result = run_here(capsys, "predict", "--no-progress", "--model", str(model), str(images), "--json", "--top-k", "3",
+                      "--batch-size", "2", *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def assert_same_predictions(got: list[dict], expected: list[dict]) -> None:
+    assert [r["image"] for r in got] == [r["image"] for r in expected]
+    for g, e in zip(got, expected):
+        assert [p["label"] for p in g["predictions"]] == [p["label"] for p in e["predictions"]]
+        assert [p["index"] for p in g["predictions"]] == [p["index"] for p in e["predictions"]]
+        scores_g = np.array([p["score"] for p in g["predictions"]])
+        scores_e = np.array([p["score"] for p in e["predictions"]])
+        np.testing.assert_allclose(scores_g, scores_e, rtol=0, atol=1e-4)
+
+
+def test_predict_onnxruntime_exported_on_the_fly_matches_torch(workspace, tmp_path, capsys):
+    """Linear attention here (its pooling is the hard part of exporting); the spatial-reduction model of the
+    workspace goes through onnxruntime from an exported file in the next test."""
+    import tempfile
+
+    pytest.importorskip("onnxruntime")
+    root, _, _ = workspace
+    tiny_model(tmp_path / "linear", linear=True, seed=5)
+    expected = predict_json(capsys, tmp_path / "linear", root / "images")
+    temporary = set(Path(tempfile.gettempdir()).glob("pvtv2-onnx-*"))
+    got = predict_json(capsys, tmp_path / "linear", root / "images", "--runtime", "onnxruntime")
+    assert_same_predictions(got, expected)
+    assert set(Path(tempfile.gettempdir()).glob("pvtv2-onnx-*")) == temporary  # the temporary export is gone
+
+
+def test_predict_and_eval_with_onnx_file(workspace, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    root, model, _ = workspace
+    onnx_file = tmp_path / "model.onnx"
+    exported = run_here(capsys, "export", "--model", str(root / "model"), "--output", str(onnx_file), "--check-sizes", "64")
+    assert exported.returncode == 0, exported.stderr
+    expected = predict_json(capsys, root / "model", root / "images")
+    got = predict_json(capsys, root / "model", root / "images", "--runtime", "onnxruntime", "--onnx", str(onnx_file))
+    assert_same_predictions(got, expected)
+
+    make_dataset(tmp_path / "ds")
+    results = {}
+    for runtime in ("torch", "onnxruntime"):
+        extra = ["--onnx", str(onnx_file)] if runtime == "onnxruntime" else []
+        out = run_here(capsys, "eval", "--no-progress", "--model", str(root / "model"), "--data", str(tmp_path / "ds"),
+                       "--json", "--batch-size", "3", "--runtime", runtime, *extra)
+        assert out.returncode == 0, out.stderr
+        results[runtime] = json.loads(out.stdout)
+        assert results[runtime]["runtime"] == runtime
+    torch_result, ort_result = results["torch"], results["onnxruntime"]
+    assert ort_result["images"] == torch_result["images"] == 7
+    assert ort_result["top1"] == torch_result["top1"] and ort_result["top5"] == torch_result["top5"]
+    assert ort_result["loss"] == pytest.approx(torch_result["loss"], rel=1e-4)
+
+
+def test_onnx_file_of_another_model_is_refused(workspace, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from pvtv2 import PvtV2Model
+    from pvtv2.export import export_onnx
+
+    root, _, images = workspace
+    two_classes = tiny_model(tmp_path / "two", id2label={0: "yes", 1: "no"}, seed=7)
+    export_onnx(two_classes, tmp_path / "two.onnx", check_sizes=None)
+    result = run_here(capsys, "predict", "--model", str(root / "model"), str(images[0]), "--runtime", "onnxruntime",
+                      "--onnx", str(tmp_path / "two.onnx"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "two.onnx" in result.stderr and str(root / "model") in result.stderr
+    assert "outputs 2 classes" in result.stderr and "has 3" in result.stderr
+
+    torch.manual_seed(0)
+    encoder = PvtV2Model(PvtV2Config(**TINY, image_size=64)).eval()
+    export_onnx(encoder, tmp_path / "encoder.onnx", check_sizes=None)
+    result = run_here(capsys, "eval", "--model", str(root / "model"), "--data", str(root / "images"), "--runtime",
+                      "onnxruntime", "--onnx", str(tmp_path / "encoder.onnx"))
+    assert result.returncode == 2
+    assert "encoder.onnx" in result.stderr and "['last_hidden_state']" in result.stderr and "'logits'" in result.stderr
+
+
+def test_onnxruntime_missing_says_how_to_install(workspace, capsys, monkeypatch):
+    root, _, images = workspace
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    result = run_here(capsys, "predict", "--model", str(root / "model"), str(images[0]), "--runtime", "onnxruntime")
+    assert result.returncode == 2 and "pip install 'pvtv2[onnx]'" in result.stderr and "Traceback" not in result.stderr
+    wrong = run_here(capsys, "predict", "--model", str(root / "model"), str(images[0]), "--onnx", "model.onnx")
+    assert wrong.returncode == 2 and "--runtime onnxruntime" in wrong.stderr

@@ -51,7 +51,7 @@ def test_equal_to_timm_imagenet_info():
 
 
 def test_package_file_is_the_source_and_results_are_independent_copies():
-    path = Path(__file__).parents[1] / "src" / "pvtv2" / "data" / "imagenet_classes.json"
+    path = Path(__file__).parents[1] / "src" / "pvtv2" / "assets" / "imagenet_classes.json"
     assert json.loads(path.read_text(encoding="utf-8")) == list(imagenet_id2label().values())
     first = imagenet_id2label()
     first[0] = "changed"

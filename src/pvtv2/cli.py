@@ -104,6 +104,9 @@ def _add_train(subparsers) -> None:
         "PVTv2 paper's recipe. Writes OUT/last and OUT/best (from_pretrained folders), OUT/metrics.jsonl and "
         "OUT/curves.png. Run under `torchrun --nproc_per_node N` for DistributedDataParallel.",
     )
+    p.add_argument("--task", choices=("classification", "segmentation"),
+                   help="classification (default; DIR/train/<class>/*) or segmentation (DIR/train/images/*, "
+                   "DIR/train/masks/*.png, the same under val/; reports mean IoU and pixel accuracy)")
     p.add_argument("--data", help="dataset folder with train/<class>/ and val/<class>/ sub-folders")
     p.add_argument("--model", help=f"preset name, config.json, folder, checkpoint file or hub id (default {d.model})")
     p.add_argument("--output", required=True, help="run folder for checkpoints, metrics and curves")
@@ -143,7 +146,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not cfg.resume and not cfg.data:
         raise ValueError("--data is required (unless --resume continues a run)")
     result = train(cfg)
-    if result["rank"] == 0:
+    if result["rank"] == 0 and result.get("task") == "segmentation":
+        _print_segmentation_result(result)
+    elif result["rank"] == 0:
         final = result["final"] or {}
         print(f"trained {final.get('epoch', 0)} epochs: val top-1 {final.get('val_top1', float('nan')):.2f}% "
               f"(best {result['best_top1'] or 0:.2f}% at epoch {result['best_epoch']})")
@@ -237,6 +242,15 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="what computes the logits: torch (default), or onnxruntime on the CPU (faster there; needs "
+                        "pip install 'pvtv2[onnx]'). Labels and preprocessing still come from --model")
+    p.add_argument("--onnx", metavar="FILE",
+                   help="with --runtime onnxruntime: the model's export (pvtv2 export); default: export --model into "
+                        "a temporary file, checked against PyTorch")
+
+
 @_register
 def _add_predict(subparsers) -> None:
     p = subparsers.add_parser(
@@ -247,16 +261,18 @@ def _add_predict(subparsers) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     _add_model_flags(p)
     p.add_argument("--top-k", "-k", type=int, default=5, help="classes per image (default: 5)")
+    _add_runtime_flags(p)
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import find_images, load_classifier, load_processor, predict
+    from .inference import find_images, load_classifier, load_processor, load_runtime, predict
 
     paths = find_images(args.images)
     model = load_classifier(args.model, args.device)
     processor = load_processor(args.model, model.config.image_size)
-    results = predict(model, processor, paths, args.top_k, args.batch_size, progress=_progress(args))
+    runtime = load_runtime(model, args.runtime, args.onnx, model_source=args.model)
+    results = predict(model, processor, paths, args.top_k, args.batch_size, progress=_progress(args), runtime=runtime)
     failed = [r for r in results if r.error is not None]
     if args.json:
         _print_json([r.to_dict() for r in results])
@@ -285,15 +301,18 @@ def _add_eval(subparsers) -> None:
     )
     _add_model_flags(p)
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
+    _add_runtime_flags(p)
     p.set_defaults(func=_cmd_eval, batch_size=32)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .inference import evaluate, load_classifier, load_processor
+    from .inference import evaluate, load_classifier, load_processor, load_runtime
 
     model = load_classifier(args.model, args.device)
     processor = load_processor(args.model, model.config.image_size)
-    result = evaluate(model, processor, args.data, args.batch_size, progress=_progress(args))
+    runtime = load_runtime(model, args.runtime, args.onnx, model_source=args.model)
+    result = {**evaluate(model, processor, args.data, args.batch_size, progress=_progress(args), runtime=runtime),
+              "runtime": args.runtime}
     if args.json:
         _print_json(result)
     else:
@@ -534,37 +553,52 @@ def _cmd_depth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_segmentation_result(result: dict) -> None:
+    final, best = result["final"] or {}, result["best_record"] or {}
+    print(f"trained {final.get('epoch', 0)} epochs: val mean IoU {final.get('mean_iou', float('nan')):.4f}, pixel "
+          f"accuracy {final.get('pixel_accuracy', float('nan')):.4f} (best mean IoU {best.get('mean_iou', 0):.4f} at "
+          f"epoch {result['best_epoch']})")
+    print(f"checkpoints: {result['last']} and {result['best']}")
+    print(f"metrics: {result['metrics']}; curves: {result['curves']}")
+
+
 @_register
 def _add_train_seg(subparsers) -> None:
+    from .dense_train import EXAMPLE_RECIPE as d
+
     p = subparsers.add_parser(
-        "train-seg", help="fine-tune a segmentation model on image / mask folders",
-        description="Train PvtV2ForSemanticSegmentation on DIR/train/{images,masks} and evaluate mean IoU and pixel "
-                    "accuracy on DIR/val each epoch; writes OUTPUT/best, OUTPUT/last (resumable) and metrics.jsonl.",
+        "train-seg", help="train a segmentation model on image / mask folders (pvtv2 train --task segmentation, "
+        "with defaults for small data)",
+        description="`pvtv2 train --task segmentation --data DIR` with the shapes example's defaults (a tiny model, "
+        "64 px, 8 epochs): evaluates mean IoU and pixel accuracy on DIR/val each epoch; writes OUTPUT/best, "
+        "OUTPUT/last (resumable), metrics.jsonl and curves.png. Runs under torchrun like `pvtv2 train`.",
     )
     p.add_argument("data", metavar="DIR", help="folder with train/ and val/ (images/*.png|jpg, masks/*.png)")
     p.add_argument("--output", "-o", required=True, help="run folder")
-    p.add_argument("--model", "-m", default="tiny", help="'tiny' (default), a preset name (random weights), or a "
-                   "classification / segmentation checkpoint whose encoder to fine-tune")
-    p.add_argument("--image-size", type=int, default=64, help="training resolution (default: 64)")
-    p.add_argument("--epochs", type=int, default=10, help="default: 10")
-    p.add_argument("--batch-size", type=int, default=8, help="default: 8")
-    p.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (default: 4e-3)")
+    p.add_argument("--model", "-m", default=d["model"], help="'tiny' (default), a preset name (random weights), a "
+                   "config.json, or a classification / segmentation checkpoint whose encoder to fine-tune")
+    p.add_argument("--image-size", type=int, default=d["image_size"], help=f"training resolution (default: {d['image_size']})")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help=f"default: {d['epochs']}")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"per process (default: {d['batch_size']})")
+    p.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default: {d['lr']})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in OUTPUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in OUTPUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train_seg)
 
 
 def _cmd_train_seg(args: argparse.Namespace) -> int:
-    from .dense_train import SegTrainConfig, train_segmentation
+    from .dense_train import segmentation_config, train_segmentation
 
-    result = train_segmentation(SegTrainConfig(
+    result = train_segmentation(segmentation_config(
         data=args.data, output=args.output, model=args.model, image_size=args.image_size, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume, progress=not args.no_progress,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, resume=args.resume,
+        overwrite=args.overwrite, progress=not args.no_progress,
     ))
-    best = result["best"]
-    print(f"best epoch {best['epoch']}: mean IoU {best['mean_iou']:.4f}, pixel accuracy {best['pixel_accuracy']:.4f}; "
-          f"model in {result['best_model']}")
+    if result["rank"] == 0:
+        _print_segmentation_result(result)
     return 0
 
 
@@ -576,11 +610,12 @@ def _add_demo_seg(subparsers) -> None:
                     "OUTPUT/data; with --epochs > 0 also train the tiny model on it into OUTPUT/run.",
     )
     p.add_argument("--output", "-o", required=True, help="folder to create")
-    p.add_argument("--train", type=int, default=400, help="training images (default: 400)")
-    p.add_argument("--val", type=int, default=100, help="validation images (default: 100)")
+    p.add_argument("--train", type=int, default=2000, help="training images (default: 2000)")
+    p.add_argument("--val", type=int, default=200, help="validation images (default: 200)")
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default: 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=0, help="train for this many epochs afterwards (default: 0, data only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo_seg)
 
 
@@ -592,12 +627,13 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     data = make_segmentation_example(Path(args.output) / "data", args.train, args.val, args.size, args.seed)
     print(f"wrote the example to {data}")
     if args.epochs > 0:
-        from .dense_train import SegTrainConfig, train_segmentation
+        from .dense_train import segmentation_config, train_segmentation
 
-        result = train_segmentation(SegTrainConfig(data=str(data), output=str(Path(args.output) / "run"),
-                                                   image_size=args.size, epochs=args.epochs, seed=args.seed))
-        best = result["best"]
-        print(f"best epoch {best['epoch']}: mean IoU {best['mean_iou']:.4f}, pixel accuracy {best['pixel_accuracy']:.4f}")
+        result = train_segmentation(segmentation_config(
+            data=str(data), output=str(Path(args.output) / "run"), image_size=args.size, epochs=args.epochs,
+            seed=args.seed, progress=not args.no_progress,
+        ))
+        _print_segmentation_result(result)
     return 0
 
 

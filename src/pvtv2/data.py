@@ -218,7 +218,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
     Returns ``images`` uint8 (1797, 8, 8) in 0..255 (the original 0..16 scaled and rounded) and ``targets`` (1797,).
     """
-    path = Path(__file__).parent / "data" / "digits.npz"
+    path = Path(__file__).parent / "assets" / "digits.npz"
     with np.load(path) as data:
         return data["images"], data["targets"].astype(np.int64)
 

@@ -1,6 +1,6 @@
 """The offline demo: PVTv2-B0 learns scikit-learn's handwritten digits from scratch in a couple of CPU minutes.
 
-The 1797 digits (8x8, bundled in ``pvtv2/data/digits.npz``) are written as an image folder of upscaled RGB PNGs,
+The 1797 digits (8x8, bundled in ``pvtv2/assets/digits.npz``) are written as an image folder of upscaled RGB PNGs,
 split 80/20 per class with a fixed seed; ``pvtv2 train``'s code trains on it with settings suited to tiny images
 (no horizontal flips: a mirrored 2 is no digit; mild crops; no stochastic depth); then the best checkpoint predicts
 a few held-out digits, and the training curves and one digit's attention maps (``pvtv2.visualize``) are drawn.

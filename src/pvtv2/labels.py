@@ -1,6 +1,6 @@
 """ImageNet-1k class names shipped with the package.
 
-``data/imagenet_classes.json`` holds the 1000 names in class-index order, as the WordNet lemmas of the ImageNet-1k
+``assets/imagenet_classes.json`` holds the 1000 names in class-index order, as the WordNet lemmas of the ImageNet-1k
 synsets (the list timm's ``ImageNetInfo`` builds and the published ``OpenGVLab/pvt_v2_*`` configs use as
 ``id2label``): index 0 is ``"tench, Tinca tinca"``, index 281 ``"tabby, tabby cat"``. Two classes share a name:
 134 (the bird) and 517 (the machine) are both ``"crane"``, so the list has 999 distinct strings.
@@ -21,7 +21,7 @@ _LABELS_FILE = "imagenet_classes.json"
 
 @cache
 def _imagenet_labels() -> tuple[str, ...]:
-    text = resources.files(__package__).joinpath("data", _LABELS_FILE).read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("assets", _LABELS_FILE).read_text(encoding="utf-8")
     labels = json.loads(text)
     if (
         not isinstance(labels, list)
@@ -29,7 +29,7 @@ def _imagenet_labels() -> tuple[str, ...]:
         or not all(isinstance(label, str) for label in labels)
     ):
         raise ValueError(
-            f"package file data/{_LABELS_FILE} must hold a JSON list of {IMAGENET_NUM_CLASSES} strings, "
+            f"package file assets/{_LABELS_FILE} must hold a JSON list of {IMAGENET_NUM_CLASSES} strings, "
             f"got {type(labels).__name__} of length {len(labels) if isinstance(labels, list) else 'n/a'}"
         )
     return tuple(labels)

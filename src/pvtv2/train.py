@@ -49,6 +49,8 @@ from .processing import PvtV2ImageProcessor
 
 __all__ = [
     "TrainConfig",
+    "Task",
+    "ClassificationTask",
     "train",
     "evaluate",
     "cosine_warmup_factor",
@@ -536,46 +538,137 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+class Task:
+    """What a task adds to the run driver :func:`_run`, which owns the rest (run folder, resume, seeding, sharding,
+    DDP, gradient accumulation, bf16, schedule, checkpoints, metrics, curves), so every task resumes, shards and
+    checkpoints the same way. Subclasses read their data in ``__init__`` (setting ``train_set``, ``val_set``,
+    ``classes``) and fill in the rest."""
+
+    model_class: type[nn.Module]
+    best_metric: str  # the record field whose maximum picks ``best/``
+    best_state_key: str  # its best value's name in training_state.pt
+    intro: str  # the start of the first log line, with a %d for the training images
+    score_panel: tuple | None = None  # draw_curves' second panel; None: accuracy
+    train_set: Any
+    val_set: Any
+    classes: list[str]
+
+    def new_model(self) -> nn.Module:
+        """The model of a run that starts (not a resumed one)."""
+        raise NotImplementedError
+
+    def default_lr(self, global_batch: int) -> float:
+        raise NotImplementedError
+
+    def criterion(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The training loss of (float32 logits, labels)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, bf16: bool, info: _Dist) -> list[float]:
+        """This process's validation sums; summed over the processes, :meth:`metrics` turns them into the record."""
+        raise NotImplementedError
+
+    def metrics(self, sums: list[float]) -> dict[str, Any]:
+        """The record's validation fields (``val_loss`` first) from the summed :meth:`evaluate` values."""
+        raise NotImplementedError
+
+    def epoch_summary(self, record: dict[str, Any]) -> str:
+        """The end of an epoch's log line, after the losses."""
+        raise NotImplementedError
+
+    def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
+        """The task's fields of :func:`train`'s summary."""
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    """Image folders ``DIR/{train,val}/<class>/``, cross-entropy with label smoothing, top-1 / top-5 accuracy."""
+
+    model_class = PvtV2ForImageClassification
+    best_metric = "val_top1"
+    best_state_key = "best_top1"
+    intro = "training on %d images"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        if not cfg.data:
+            raise ValueError("a dataset folder is needed (--data DIR with DIR/train/<class>/ and DIR/val/<class>/)")
+        classes, train_samples = scan_split(cfg.data, "train")
+        val_classes, val_samples = scan_split(cfg.data, "val")
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(classes))
+            raise ValueError(f"the train and val splits have different classes: only in train {only_train}, only in val {only_val}")
+        if len(classes) < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, {cfg.data!r} has {classes}")
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.train_set = ImageFolder(
+            train_samples, TrainTransform(cfg.image_size, scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip), seed=cfg.seed
+        )
+        self.val_set = ImageFolder(val_samples, EvalTransform(cfg.image_size), seed=cfg.seed)
+
+    def new_model(self) -> nn.Module:
+        return build_model(self.cfg, self.classes)
+
+    def default_lr(self, global_batch: int) -> float:
+        return 5e-4 * global_batch / 512
+
+    def criterion(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, bf16: bool, info: _Dist) -> list[float]:
+        return list(evaluate(model, loader, device, bf16))
+
+    def metrics(self, sums: list[float]) -> dict[str, Any]:
+        v_loss, v_top1, v_top5, v_count = sums
+        return {
+            "val_loss": v_loss / max(v_count, 1),
+            "val_top1": 100.0 * v_top1 / max(v_count, 1),
+            "val_top5": 100.0 * v_top5 / max(v_count, 1),
+        }
+
+    def epoch_summary(self, record: dict[str, Any]) -> str:
+        return "top-1 %.2f%%, top-5 %.2f%%, %.1f s, %.0f images/s" % (
+            record["val_top1"], record["val_top5"], record["seconds"], record["images_per_second"]
+        )
+
+    def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
+        return {"best_top1": max((r["val_top1"] for r in records), default=None)}
+
+
 def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any]:
-    out = Path(cfg.output)
     state: dict[str, Any] | None = None
     if info.main:
         cfg, state = _prepare_output(cfg)
     cfg, state = _broadcast((cfg, state), info)
     cfg.validate()
-    if cfg.task == "segmentation":  # the same run folder, resume and distributed machinery; another model and loop
-        from .dense_train import train_segmentation_run
-
-        return train_segmentation_run(cfg, state, info, device)
-    if not cfg.data:
-        raise ValueError("a dataset folder is needed (--data DIR with DIR/train/<class>/ and DIR/val/<class>/)")
-
     # Data. Every process scans (they need the file lists); only rank 0 reports the bad files.
     if not info.main:
         logging.getLogger("pvtv2").setLevel(logging.ERROR)
-    classes, train_samples = scan_split(cfg.data, "train")
-    val_classes, val_samples = scan_split(cfg.data, "val")
-    if val_classes != classes:
-        only_train = sorted(set(classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(classes))
-        raise ValueError(f"the train and val splits have different classes: only in train {only_train}, only in val {only_val}")
-    if len(classes) < 2:
-        raise ValueError(f"a classifier needs at least 2 classes, {cfg.data!r} has {classes}")
-    train_set = ImageFolder(
-        train_samples, TrainTransform(cfg.image_size, scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip), seed=cfg.seed
-    )
-    val_set = ImageFolder(val_samples, EvalTransform(cfg.image_size), seed=cfg.seed)
+    if cfg.task == "segmentation":
+        from .dense_train import SegmentationTask
+
+        task: Task = SegmentationTask(cfg)
+    else:
+        task = ClassificationTask(cfg)
+    return _run(task, cfg, state, info, device)
+
+
+def _run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, info: _Dist, device: torch.device) -> dict[str, Any]:
+    """The epochs of a run of any task, from the first or from where ``state`` (the last completed epoch's) stopped."""
+    out = Path(cfg.output)
+    train_set, val_set = task.train_set, task.val_set
     workers = cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
 
     # Model: the same initial weights in every process (seeded), and DDP broadcasts rank 0's anyway.
     _seed_everything(cfg.seed, 2**31 - 1, 0)  # a stream of its own, apart from the epochs'
     last = out / "last"
     if state is not None and (last / "config.json").is_file():
-        model = PvtV2ForImageClassification.from_pretrained(last)
+        model = task.model_class.from_pretrained(last)
     elif state is not None:
-        model = PvtV2ForImageClassification(PvtV2Config.from_dict(state["model_config"]))
+        model = task.model_class(PvtV2Config.from_dict(state["model_config"]))
     else:
-        model = build_model(cfg, classes)
+        model = task.new_model()
     if info.main and state is None:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(cfg.run_fields(), indent=2) + "\n", encoding="utf-8")
@@ -594,7 +687,7 @@ def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any
 
     # Optimisation.
     global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    peak_lr = cfg.lr if cfg.lr is not None else 5e-4 * global_batch / 512
+    peak_lr = cfg.lr if cfg.lr is not None else task.default_lr(global_batch)
     shard = len(epoch_indices(len(train_set), seed=cfg.seed, epoch=0, shuffle=False, rank=info.rank, world_size=info.world_size))
     batches_per_epoch = math.ceil(shard / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -606,14 +699,14 @@ def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any
         optimizer,
         lambda step: cosine_warmup_factor(step, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_ratio),
     )
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = task.criterion(model)
 
-    start_epoch, best_top1, best_epoch = 0, -1.0, -1
+    start_epoch, best_score, best_epoch = 0, -1.0, -1
     records: list[dict[str, Any]] = []
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_top1, best_epoch = state["epoch"], state["best_top1"], state["best_epoch"]
+        start_epoch, best_score, best_epoch = state["epoch"], state[task.best_state_key], state["best_epoch"]
         rng = state["rng"]
         if len(rng) == info.world_size:
             _set_rng_state(rng[info.rank])
@@ -622,8 +715,8 @@ def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any
             logger.info("resuming %s after epoch %d of %d", out, start_epoch, cfg.epochs)
     elif info.main:
         logger.info(
-            "training on %d images of %d classes (val %d), %d process(es) on %s; global batch %d, peak lr %.3g, "
-            "%d steps (%d warmup)", len(train_set), len(classes), len(val_set), info.world_size, device,
+            "%s of %d classes (val %d), %d process(es) on %s; global batch %d, peak lr %.3g, %d steps (%d warmup)",
+            task.intro % len(train_set), len(task.classes), len(val_set), info.world_size, device,
             global_batch, peak_lr, total_steps, warmup_steps,
         )
 
@@ -662,9 +755,11 @@ def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}")
-            loss_sum += loss.item() * labels.numel()
-            seen += labels.numel()
+                raise FloatingPointError(
+                    f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; lower the learning rate"
+                )
+            loss_sum += loss.item() * images.shape[0]
+            seen += images.shape[0]
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         train_seconds = time.perf_counter() - began
@@ -673,23 +768,21 @@ def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any
             len(val_set), seed=cfg.seed, epoch=epoch, shuffle=False, rank=info.rank, world_size=info.world_size, pad=False
         )
         val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, sampler=val_order, num_workers=workers)
-        val = evaluate(model, val_loader, device, bf16)
+        val = task.evaluate(model, val_loader, device, bf16, info)
         model.train()
         total = _all_reduce([loss_sum, seen, *val], info, device)
-        loss_sum, seen, v_loss, v_top1, v_top5, v_count = total
+        loss_sum, seen = total[:2]
         record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
-            "val_loss": v_loss / max(v_count, 1),
-            "val_top1": 100.0 * v_top1 / max(v_count, 1),
-            "val_top5": 100.0 * v_top5 / max(v_count, 1),
+            **task.metrics(total[2:]),
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - began,
             "images_per_second": seen / max(train_seconds, 1e-9),
         }
-        improved = record["val_top1"] > best_top1
+        improved = record[task.best_metric] > best_score
         if improved:
-            best_top1, best_epoch = record["val_top1"], epoch + 1
+            best_score, best_epoch = record[task.best_metric], epoch + 1
         rng_states = [_rng_state()]
         if info.enabled:
             gathered: list[Any] = [None] * info.world_size
@@ -701,7 +794,7 @@ def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any
             training_state = {
                 "epoch": epoch + 1,
                 "epochs": cfg.epochs,
-                "best_top1": best_top1,
+                task.best_state_key: best_score,
                 "best_epoch": best_epoch,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -713,11 +806,10 @@ def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any
             if improved:
                 _save_checkpoint(out / "best", model, cfg.image_size)
             _save_checkpoint(last, model, cfg.image_size, training_state)
-            draw_curves(records, out / CURVES_FILE)
+            draw_curves(records, out / CURVES_FILE, score_panel=task.score_panel)
             logger.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, %.1f s, %.0f images/s",
-                epoch + 1, cfg.epochs, record["train_loss"], record["val_loss"], record["val_top1"],
-                record["val_top5"], record["seconds"], record["images_per_second"],
+                "epoch %d/%d: train loss %.4f, val loss %.4f, %s",
+                epoch + 1, cfg.epochs, record["train_loss"], record["val_loss"], task.epoch_summary(record),
             )
     if info.enabled:
         dist.barrier()
@@ -728,10 +820,10 @@ def _train(cfg: TrainConfig, info: _Dist, device: torch.device) -> dict[str, Any
         "best": str(out / "best"),
         "metrics": str(out / METRICS_FILE),
         "curves": str(out / CURVES_FILE),
-        "best_top1": max((r["val_top1"] for r in records), default=None),
+        **task.result(records, best_epoch),
         "best_epoch": best_epoch,
         "final": records[-1] if records else None,
-        "classes": list(classes),
+        "classes": list(task.classes),
         "rank": info.rank,
     }
 

@@ -256,7 +256,7 @@ def test_visualize_writes_png_of_expected_size(workspace, tmp_path):
     assert result.returncode == 0, result.stderr
     with PIL.Image.open(out) as image:
         assert image.format == "PNG"
-        assert image.size == (5 * 96, 96 + 18)  # the input and four stages, under a caption strip
+        assert image.size == (5 * 96, 96 + 2 * 18)  # the input and four stages, under a two-line caption strip
 
 
 def test_attention_figure_maps_are_key_distributions():

@@ -97,7 +97,8 @@ def attention_figure(
     alpha: float = 0.6,
 ) -> PIL.Image.Image:
     """The image beside one heat-map panel per stage (see the module docstring), each labelled with its stage, token
-    grid and key grid. Returns an RGB image of ``(1 + stages) * panel_size`` x ``panel_size + caption`` pixels."""
+    grid and key grid. Returns an RGB image of ``(1 + stages) * panel_size`` x ``panel_size + caption`` pixels, the
+    caption being two lines of ``max(18, panel_size // 10)`` pixels."""
     if not isinstance(image, PIL.Image.Image):
         image = load_image(image)
     image = image.convert("RGB")
@@ -111,8 +112,9 @@ def attention_figure(
 
     base = image.resize((panel_size, panel_size), PIL.Image.Resampling.BILINEAR)
     base_arr = np.asarray(base, dtype=np.float64)
-    caption = max(18, panel_size // 10)
-    font = _font(max(10, caption - 6))
+    line = max(18, panel_size // 10)
+    caption = 2 * line  # two lines: the stage, then its grids (one line overflows narrow panels)
+    font = _font(max(10, line - 6))
     figure = PIL.Image.new("RGB", ((1 + len(maps)) * panel_size, panel_size + caption), "white")
     draw = PIL.ImageDraw.Draw(figure)
     figure.paste(base, (0, caption))
@@ -127,7 +129,6 @@ def attention_figure(
         blended = ((1 - alpha) * base_arr + alpha * colors).round().clip(0, 255).astype(np.uint8)
         figure.paste(PIL.Image.fromarray(blended), (n * panel_size, caption))
         (rows, cols), (th, tw) = entry["keys"], entry["tokens"]
-        draw.text(
-            (n * panel_size + 4, 2), f"stage {entry['stage']}: keys {rows}x{cols} (tokens {th}x{tw})", fill="black", font=font
-        )
+        draw.text((n * panel_size + 4, 2), f"stage {entry['stage']}", fill="black", font=font)
+        draw.text((n * panel_size + 4, line + 2), f"tokens {th}x{tw}, keys {rows}x{cols}", fill="black", font=font)
     return figure

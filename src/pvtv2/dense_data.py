@@ -23,6 +23,8 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from .processing import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "EXAMPLE_CLASSES",
@@ -36,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 EXAMPLE_CLASSES = ("background", "circle", "square", "triangle")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def scan_segmentation_split(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PRESETS
+from .data import IMAGE_EXTENSIONS
 from .modeling import PvtV2ForImageClassification
 from .processing import PREPROCESSOR_CONFIG_NAME, PvtV2ImageProcessor, load_image
 
@@ -49,7 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 RUNTIMES = ("torch", "onnxruntime")
 
 # pixel values (B, C, H, W), a torch tensor or a numpy array -> float32 logits (B, num_labels) as a torch tensor

@@ -185,3 +185,81 @@ def test_benchmark_model_figures_are_consistent():
     json.dumps(train.to_dict())
     with pytest.raises(ValueError, match="dtype"):
         benchmark_model(model, dtype="fp8")
+
+
+@pytest.mark.skipif(not FAST, reason="oneDNN prepacked linear not available in this build")
+@pytest.mark.parametrize("linear,act", [(False, "gelu"), (True, "gelu"), (False, "relu")])
+@pytest.mark.parametrize("piece_rows", [None, 3, 5])
+def test_ffn_pieces_match_transformers(monkeypatch, linear, act, piece_rows):
+    """The Mix-FFN in groups of images (piece_rows None: a piece holds one or two images) or in bands of rows
+    (piece_rows: a piece is that many rows of one image), against transformers and against one piece."""
+    config = PvtV2Config(**TINY, linear_attention=linear, hidden_act=act, num_labels=6)
+    ours, theirs = hf_pair(config, seed=7)
+    x = torch.randn(5, 3, 75, 61)  # stage 1 is 19 x 16 tokens: bands end with a short one
+    with torch.no_grad():
+        expected = theirs(x, output_hidden_states=True)
+        whole = ours(x).logits
+        first = ours.pvt_v2.encoder.layers[0].blocks[0].mlp
+        row_bytes = 16 * first.dense1.out_features * 4
+        image_bytes = 19 * row_bytes
+        pieces = row_bytes * (piece_rows + 2) if piece_rows else 2 * image_bytes
+        calls = []
+        original = layers.MixFFN._fast_hidden
+
+        def counting(self, h, height, width):
+            calls.append((h.shape[0], height))
+            return original(self, h, height, width)
+
+        monkeypatch.setattr(layers, "_FFN_PIECE_BYTES", pieces)
+        monkeypatch.setattr(layers.MixFFN, "_fast_hidden", counting)
+        got = ours(x, output_hidden_states=True)
+    for ref, mine in zip(expected.hidden_states, got.hidden_states):
+        assert relative_error(ref, mine) < TOL
+    assert relative_error(expected.logits, got.logits) < TOL
+    assert relative_error(whole, got.logits) < 1e-6
+    if piece_rows:  # bands: one image, piece_rows rows plus the rows above and below
+        assert (1, piece_rows + 1) in calls and (1, piece_rows + 2) in calls
+    else:  # groups of two images, then the fifth alone
+        assert (2, 19) in calls and (1, 19) in calls
+
+
+@pytest.mark.skipif(not FAST, reason="oneDNN prepacked linear not available in this build")
+def test_ffn_pieces_without_residual_and_under_autocast(monkeypatch):
+    """The Mix-FFN called on its own (no residual to fuse), in bands, in fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    ffn = layers.MixFFN(8, 32, torch.nn.GELU()).eval()
+    x = torch.randn(2, 13 * 11, 8)
+    with torch.no_grad():
+        monkeypatch.setattr(layers, "_FFN_PIECE_BYTES", 0)
+        whole = ffn(x, 13, 11)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            whole_bf16 = ffn(x, 13, 11)
+        previous = layers.set_fast_path(False)
+        reference = ffn(x, 13, 11)
+        layers.set_fast_path(previous)
+        monkeypatch.setattr(layers, "_FFN_PIECE_BYTES", 11 * 32 * 4 * 6)  # bands of 4 rows
+        banded = ffn(x, 13, 11)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            banded_bf16 = ffn(x, 13, 11)
+    assert relative_error(reference, whole) < TOL
+    assert relative_error(reference, banded) < TOL
+    assert banded_bf16.dtype == whole_bf16.dtype
+    assert relative_error(whole_bf16.float(), banded_bf16.float()) < 1e-2
+    assert relative_error(reference, banded_bf16.float()) < 5e-2
+
+
+@pytest.mark.skipif(not FAST, reason="oneDNN prepacked linear not available in this build")
+def test_prepacked_convolutions_follow_weight_edits():
+    """Patch embeddings and spatial reductions run with prepacked weights; editing a weight in place rebuilds them."""
+    config = PvtV2Config(**TINY, num_labels=4)
+    ours, theirs = hf_pair(config, seed=8)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        ours(x)
+        stage = ours.pvt_v2.encoder.layers[0]
+        assert "proj" in stage.patch_embedding.__dict__["_fast_cache"].entries
+        assert "reduction" in stage.blocks[0].attention.__dict__["_fast_cache"].entries
+        for model in (ours, theirs):  # the same module names (the published layout)
+            model.get_submodule("pvt_v2.encoder.layers.0.patch_embedding.proj").weight.mul_(-0.5)
+            model.get_submodule("pvt_v2.encoder.layers.1.blocks.0.attention.spatial_reduction").weight.mul_(2.0)
+        assert relative_error(theirs(x).logits, ours(x).logits) < TOL

@@ -128,6 +128,9 @@ def test_head_replacement_for_fine_tuning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pvtv2"):
         model = PvtV2ForImageClassification.from_pretrained(path, num_labels=10)
     assert "replacing the classifier head" in caplog.text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # one message for one replaced head
+    caplog.clear()
     assert model.classifier.weight.shape == (10, 256) and model.config.num_labels == 10
     assert not model.classifier.weight.is_meta and abs(model.classifier.weight.std().item() - 0.02) < 0.003
     assert torch.equal(model.classifier.bias, torch.zeros(10))

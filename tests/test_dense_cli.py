@@ -77,6 +77,12 @@ def test_example_data_is_exact_and_reproducible(tmp_path):
     pixels, mask = SegmentationFolder(tmp_path / "a", "train", 48)[0]
     assert pixels.shape == (3, 48, 48) and mask.shape == (48, 48)
     assert set(mask.unique().tolist()) <= {0, 1, 2, 3} and len(mask.unique()) >= 2
+    # Images in the other formats classification reads (here WebP, lossless) pair with their masks too.
+    first = tmp_path / "a" / "train" / "images" / "00000.png"
+    PIL.Image.open(first).save(first.with_suffix(".webp"), lossless=True)
+    first.unlink()
+    again, same_mask = SegmentationFolder(tmp_path / "a", "train", 48)[0]
+    assert torch.equal(again, pixels) and torch.equal(same_mask, mask)
 
 
 def _records(run):

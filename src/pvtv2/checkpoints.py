@@ -42,6 +42,7 @@ __all__ = [
     "from_canonical",
     "convert_state_dict",
     "infer_config",
+    "locate_checkpoint",
     "load_pretrained",
     "save_pretrained",
     "save_state_dict",
@@ -448,8 +449,8 @@ def _model_prefix(model_cls: type) -> str:
     return "pvt_v2." if issubclass(model_cls, PvtV2ForImageClassification) else ""
 
 
-def _locate(source: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None) -> tuple[Path | None, Path]:
-    """(config.json or None, weights file) for a folder, a file or a hub id."""
+def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None) -> tuple[Path | None, Path]:
+    """(config.json or None, weights file) for a folder, a checkpoint file or a hub id (cache first)."""
     from .hub import looks_like_hub_id, resolve_file
 
     text = os.fspath(source)
@@ -482,7 +483,7 @@ def _locate(source: str | os.PathLike, revision: str | None, cache_dir: str | os
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, **overrides: Any):
     """Build ``model_cls`` and load the weights named by ``source`` into it, strictly."""
-    config_path, weights_path = _locate(source, revision, cache_dir)
+    config_path, weights_path = locate_checkpoint(source, revision, cache_dir)
     state = read_state_dict(weights_path)
     layout = detect_layout(state)
     canonical = to_canonical(state, layout)
@@ -584,7 +585,8 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
 
     head_keys = {k for k in expected if k.startswith(model_heads)}
     weight = f"{classifier}weight"
-    if weight in expected and weight in target and target[weight].shape[0] != expected[weight].shape[0]:
+    replaced = weight in expected and weight in target and target[weight].shape[0] != expected[weight].shape[0]
+    if replaced:
         logger.warning(
             "replacing the classifier head: the checkpoint classifies %d classes, the model %d; the new head is "
             "randomly initialised and needs fine-tuning",
@@ -613,7 +615,7 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
                 shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
                 parts.append(f"{len(items)} {title} keys:\n    {shown}")
         raise CheckpointError("\n  ".join(parts))
-    if head_missing:
+    if head_missing and not replaced:  # a replaced head was announced above
         logger.warning("the checkpoint has no weights for %s: newly initialised", _summarise_keys(missing))
     target = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in target.items()}
     model.load_state_dict(target, strict=not head_missing, assign=True)

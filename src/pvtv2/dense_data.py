@@ -2,7 +2,7 @@
 
 Folder layout (the one ``pvtv2 train-seg`` reads)::
 
-    DIR/train/images/NAME.png|jpg    DIR/train/masks/NAME.png   (same stem; one class index per pixel, 255 = ignore)
+    DIR/train/images/NAME.jpg|png|... DIR/train/masks/NAME.png   (same stem; one class index per pixel, 255 = ignore)
     DIR/val/images/...               DIR/val/masks/...
     DIR/labels.json                  optional: {"0": "background", "1": "circle", ...}
 
@@ -23,10 +23,10 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from .data import IMAGE_EXTENSIONS
 from .processing import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "EXAMPLE_CLASSES",
     "scan_segmentation_split",
     "read_id2label",
@@ -36,7 +36,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 EXAMPLE_CLASSES = ("background", "circle", "square", "triangle")
 
 
@@ -49,7 +48,7 @@ def scan_segmentation_split(root: str | os.PathLike, split: str) -> list[tuple[P
             raise FileNotFoundError(f"segmentation data needs the folder {os.fspath(folder)!r} (layout: DIR/{split}/images, DIR/{split}/masks)")
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
-        raise FileNotFoundError(f"no images (.png/.jpg) in {os.fspath(images_dir)!r}")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {os.fspath(images_dir)!r}")
     pairs = []
     for image in images:
         mask = masks_dir / f"{image.stem}.png"

@@ -300,14 +300,14 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     A checkpoint without a classifier head becomes a ``PvtV2Model`` (no random head is invented). A folder's
     ``preprocessor_config.json`` is copied along.
     """
-    from .checkpoints import LAYOUTS, _locate, convert_state_dict, read_state_dict, save_state_dict, to_canonical
+    from .checkpoints import LAYOUTS, convert_state_dict, locate_checkpoint, read_state_dict, save_state_dict, to_canonical
     from .hub import resolve_file
     from .modeling import PvtV2ForImageClassification, PvtV2Model
     from .processing import PREPROCESSOR_CONFIG_NAME
 
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    _, weights = _locate(source, None, None)
+    _, weights = locate_checkpoint(source, None, None)
     has_head = "classifier.weight" in to_canonical(read_state_dict(weights))
     cls = PvtV2ForImageClassification if has_head else PvtV2Model
     model = cls.from_pretrained(source)

@@ -14,8 +14,9 @@ JIT kernels and packed weights, its high-water mark (``VmHWM``, reset through ``
 resident size just before it: what the forward pass itself needs (activations, workspaces). Linux only.
 The first pass runs on a 64x64 image, so that its freed memory does not linger in the heap for the measured one.
 
-Throughput: ratios use each implementation's best repeat (on a shared machine the best is the least disturbed);
-the JSON also keeps every time and the medians.
+Throughput: "x timm" / "x hf" divide each implementation's best repeat (on a shared machine the best is the least
+disturbed); the "paired" columns are the median over rounds of the ratio within a round (timm, then transformers),
+which a slow period of a shared machine moves least. The JSON also keeps every time and the medians.
 
 Writes ``benchmarks/results.json`` and ``benchmarks/results.png`` (override with ``--output``).
 """
@@ -142,6 +143,12 @@ def measure_speed(case: dict, impls, repeats: int, warmup: int) -> dict:
             "median_latency_ms": median * 1e3,
             "times_s": ts,
         }
+    # Paired ratios: in each round the implementations ran back to back, so their ratio in that round is untouched by
+    # a slow period of the machine that spans the round; the median over rounds is the steadiest figure we have.
+    if "pvtv2" in times:
+        for name, ts in times.items():
+            if name != "pvtv2":
+                result["pvtv2"][f"paired_ratio_{name}"] = statistics.median(t / o for t, o in zip(ts, times["pvtv2"]))
     return result
 
 
@@ -209,7 +216,7 @@ def _case_name(c: dict) -> str:
 
 def format_table(rows: list[dict], impls) -> str:
     head = f"{'case':40s} " + " ".join(f"{i + ' img/s':>18s}" for i in impls)
-    head += f" {'x timm':>7s} {'x hf':>7s} " + " ".join(f"{i[:6] + ' MiB':>11s}" for i in impls)
+    head += f" {'x timm':>7s} {'x hf':>7s} {'pair tm':>7s} {'pair hf':>7s} " + " ".join(f"{i[:6] + ' MiB':>11s}" for i in impls)
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = r["speed"]
@@ -219,6 +226,9 @@ def format_table(rows: list[dict], impls) -> str:
         ours = speed.get("pvtv2", {}).get("images_per_s")
         for other in ("timm", "transformers"):
             line += f" {ours / speed[other]['images_per_s']:7.2f}" if ours and other in speed else f" {'-':>7s}"
+        for other in ("timm", "transformers"):
+            paired = speed.get("pvtv2", {}).get(f"paired_ratio_{other}")
+            line += f" {paired:7.2f}" if paired else f" {'-':>7s}"
         mem = r.get("memory", {})
         line += " " + " ".join(f"{mem[i]['forward_mb']:11.0f}" if i in mem else f"{'-':>11s}" for i in impls)
         lines.append(line)

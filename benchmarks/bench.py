@@ -270,7 +270,7 @@ def draw_chart(rows: list[dict], impls, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["pvt_v2_b0", "pvt_v2_b2"], help="presets (default: b0 b2)")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 16], help="classifier batch sizes (none: skip)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
     p.add_argument("--compile", action="store_true", help="also time torch.compile (all three implementations)")

@@ -283,10 +283,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="time with pvtv2.runtime.tune_malloc() in effect (all implementations; memory runs untuned)")
     p.add_argument("--output", type=Path, default=Path(__file__).with_name("results.json"))
     p.add_argument("--memory-worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.tune_malloc and not args.memory_worker:
+        from pvtv2.runtime import tune_malloc
+
+        if not tune_malloc():
+            p.error("--tune-malloc needs glibc (Linux)")
     if args.memory_worker:
         _memory_worker(args)
         return 0
@@ -325,6 +332,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpu": _cpu_name(),
         "threads": args.threads,
+        "tune_malloc": args.tune_malloc,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "timm": timm.__version__,

@@ -257,9 +257,26 @@ def test_prepacked_convolutions_follow_weight_edits():
     with torch.no_grad():
         ours(x)
         stage = ours.pvt_v2.encoder.layers[0]
-        assert "proj" in stage.patch_embedding.__dict__["_fast_cache"].entries
-        assert "reduction" in stage.blocks[0].attention.__dict__["_fast_cache"].entries
+        assert ("proj", (2, 3, 64, 80)) in stage.patch_embedding.__dict__["_fast_cache"].entries
+        assert ("reduction", (2, 16, 16, 20)) in stage.blocks[0].attention.__dict__["_fast_cache"].entries
         for model in (ours, theirs):  # the same module names (the published layout)
             model.get_submodule("pvt_v2.encoder.layers.0.patch_embedding.proj").weight.mul_(-0.5)
             model.get_submodule("pvt_v2.encoder.layers.1.blocks.0.attention.spatial_reduction").weight.mul_(2.0)
         assert relative_error(theirs(x).logits, ours(x).logits) < TOL
+
+
+@pytest.mark.skipif(not FAST, reason="oneDNN prepacked linear not available in this build")
+def test_convolutions_packed_per_input_shape():
+    """oneDNN picks a convolution weight layout for the input size; one packed for another size is 10-100x slower. So
+    each input shape has its own packing (the last four are kept), and every size gives transformers' numbers."""
+    config = PvtV2Config(**TINY, num_labels=4)
+    ours, theirs = hf_pair(config, seed=9)
+    shapes = [(1, 3, 64, 64), (2, 3, 32, 48), (1, 3, 96, 64), (3, 3, 64, 64), (1, 3, 40, 40), (1, 3, 64, 64)]
+    with torch.no_grad():
+        for shape in shapes:
+            x = torch.randn(shape)
+            assert relative_error(theirs(x).logits, ours(x).logits) < TOL, shape
+    entries = ours.pvt_v2.encoder.layers[0].patch_embedding.__dict__["_fast_cache"].entries
+    # The four most recently used shapes, oldest first: (1, 3, 64, 64) was dropped as the oldest when (1, 3, 40, 40)
+    # came, then packed again on its return, which dropped (2, 3, 32, 48).
+    assert [k[1] for k in entries] == [(1, 3, 96, 64), (3, 3, 64, 64), (1, 3, 40, 40), (1, 3, 64, 64)]

@@ -645,6 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from .runtime import _tune_from_environment
+
+    _tune_from_environment()  # this process only; PVTV2_TUNE_MALLOC=0 leaves malloc as it is
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError) as err:

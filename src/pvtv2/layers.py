@@ -399,8 +399,12 @@ class SpatialReductionAttention(_Cached):
             k, v = self._split_heads(kv[..., :channels]), self._split_heads(kv[..., channels:])
         else:
             q = self._split_heads(self.query(x))
-            k = self._split_heads(self.key(kv_in))
-            v = self._split_heads(self.value(kv_in))
+            # Keys and values as one GEMM here too (the weights are concatenated on the fly; gradients flow back to
+            # both layers), so training runs one larger matrix product forward and two backward instead of twice that.
+            weight = torch.cat([self.key.weight, self.value.weight])
+            bias = None if self.key.bias is None else torch.cat([self.key.bias, self.value.bias])
+            kv = F.linear(kv_in, weight, bias)
+            k, v = self._split_heads(kv[..., :channels]), self._split_heads(kv[..., channels:])
 
         dropout = self.attn_drop if self.training else 0.0
         probs = None

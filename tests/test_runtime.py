@@ -39,8 +39,10 @@ def _faults(mode: str, **env: str) -> float:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_tune_malloc_stops_page_faults_from_freed_blocks():
-    # 48 MiB of fresh pages per round is 12,288 faults of 4 KiB; kept in the heap, the pages are reused.
-    default = _faults("default")
+    # 48 MiB of fresh pages per round is 12,288 faults of 4 KiB; kept in the heap, the pages are reused. Untuned
+    # glibc sometimes keeps them too (it adapts its thresholds to what was freed, and whether the heap top can be
+    # trimmed depends on the layout), in about one process in eight here: the worst of three shows the faults.
+    default = max(_faults("default") for _ in range(3))
     tuned = _faults("tuned")
     assert default > 0.5 * 12288, default
     assert tuned < 0.01 * 12288, tuned
@@ -67,3 +69,22 @@ def test_command_tunes_malloc_unless_told_not_to():
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                              env={**os.environ, "PVTV2_TUNE_MALLOC": value})
         assert f"calls {expected}" in out.stderr, out.stderr
+
+
+def test_parse_device_names_the_problem(capsys):
+    import torch
+
+    from pvtv2.cli import main
+    from pvtv2.runtime import parse_device
+
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        parse_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            parse_device("cuda:0")
+        assert main(["benchmark", "--model", "pvt_v2_b0", "--device", "cuda", "--repeats", "1"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    else:
+        with pytest.raises(ValueError, match="GPU"):
+            parse_device(f"cuda:{torch.cuda.device_count()}")

@@ -44,6 +44,8 @@ class BenchmarkResult:
     peak_rss_mb: float
     threads: int
     repeats: int
+    device: str = "cpu"
+    peak_gpu_mb: float | None = None  # CUDA: torch.cuda.max_memory_allocated over the timed calls
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +138,8 @@ def benchmark_model(
     for _ in range(warmup):
         step()
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -157,6 +161,8 @@ def benchmark_model(
         peak_rss_mb=peak_rss_mb(),
         threads=torch.get_num_threads(),
         repeats=repeats,
+        device=str(device),
+        peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     )
 
 

@@ -60,6 +60,7 @@ def _add_benchmark(subparsers) -> None:
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, AdamW)")
     p.add_argument("--backbone", action="store_true", help="time the multi-scale backbone instead of the classifier")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls after warm-up (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -70,10 +71,12 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     import torch
 
     from .benchmark import benchmark_model, build_model
+    from .runtime import parse_device
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = build_model(args.model, backbone=args.backbone)
+    device = parse_device(args.device)
+    model = build_model(args.model, backbone=args.backbone).to(device)
     result = benchmark_model(
         model, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype, compile=args.compile,
         train=args.train, warmup=args.warmup, repeats=args.repeats, name=args.model,
@@ -86,6 +89,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             f"{result.dtype}{' compiled' if result.compiled else ''}, {result.threads} threads: "
             f"{result.images_per_s:.2f} images/s, {result.latency_ms:.1f} ms per batch (best "
             f"{result.best_latency_ms:.1f}), peak RSS {result.peak_rss_mb:.0f} MiB"
+            + (f", peak GPU memory {result.peak_gpu_mb:.0f} MiB" if result.peak_gpu_mb is not None else "")
         )
     return 0
 

@@ -6,7 +6,8 @@ twice ours. Counted, with forward hooks during one forward pass at the chosen si
 
 - ``Conv2d``: output elements x (input channels / groups) x kernel area (the patch embeddings, the spatial
   reductions, the depthwise convolutions of the Mix-FFN);
-- ``Linear``: output elements x input features (query, key, value, projection, Mix-FFN, classifier);
+- ``Linear``: output elements x input features (query, key, value, projection, Mix-FFN, classifier), counted on the
+  public-op path (the packed inference path is switched off while counting);
 - attention: ``Q K^T`` and ``A V``, each ``B x N x N' x C`` for ``N`` queries and ``N'`` keys.
 
 Normalisation, activations, softmax, pooling and additions are not counted, as in the paper's figures.
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import PvtV2Config
-from .layers import PvtV2Stage, SpatialReductionAttention
+from .layers import PvtV2Stage, SpatialReductionAttention, set_fast_path
 
 __all__ = ["PAPER_GMACS", "count_macs", "model_summary", "format_summary"]
 
@@ -86,6 +87,8 @@ def count_macs(model: nn.Module, image_size: int | Sequence[int] = 224, batch_si
         batch, tokens, dim = x.shape
         keys = _kv_tokens(module, tokens, int(height), int(width))
         add(module, "attention", 2 * batch * tokens * keys * dim)  # Q K^T and A V
+        # Keys and values: one F.linear with the two weights concatenated, so no Linear hook sees them.
+        add(module, "linear", 2 * batch * keys * dim * module.key.in_features)
 
     def stage_hook(module: PvtV2Stage, inputs: tuple, output: Any) -> None:
         shapes[stages.index(module)] = tuple(output[0].shape)
@@ -102,6 +105,8 @@ def count_macs(model: nn.Module, image_size: int | Sequence[int] = 224, batch_si
             handles.append(m.register_forward_hook(stage_hook))
     was_training = model.training
     model.eval()
+    # The public-op path calls the Conv2d and Linear modules that the hooks watch; the packed inference path does not.
+    fast = set_fast_path(False)
     try:
         param = next(model.parameters())
         x = torch.zeros(batch_size, channels, height, width, device=param.device, dtype=param.dtype)
@@ -109,6 +114,7 @@ def count_macs(model: nn.Module, image_size: int | Sequence[int] = 224, batch_si
     finally:
         for h in handles:
             h.remove()
+        set_fast_path(fast)
         model.train(was_training)
     total = sum(by_kind.values())
     return {

@@ -29,6 +29,7 @@ from .config import PRESETS
 from .data import IMAGE_EXTENSIONS
 from .modeling import PvtV2ForImageClassification
 from .processing import PREPROCESSOR_CONFIG_NAME, PvtV2ImageProcessor, load_image
+from .runtime import parse_device
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -76,6 +77,7 @@ def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu
             f"random. Pass trained weights: a save_pretrained folder, a checkpoint file (.safetensors/.pth) or a hub "
             f"id such as 'OpenGVLab/{name}'"
         )
+    device = parse_device(device)
     model = PvtV2ForImageClassification.from_pretrained(source)
     return model.to(device).eval()
 

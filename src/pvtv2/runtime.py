@@ -18,7 +18,9 @@ import logging
 import os
 import sys
 
-__all__ = ["tune_malloc", "TUNE_MALLOC_ENV"]
+import torch
+
+__all__ = ["tune_malloc", "TUNE_MALLOC_ENV", "parse_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +66,22 @@ def _tune_from_environment() -> bool:
     if os.environ.get(TUNE_MALLOC_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return tune_malloc()
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    """``name`` as a torch device that this machine has: a ValueError naming the problem otherwise (instead of the
+    driver error that a later ``.to(device)`` would raise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {str(name)!r}: use cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(name)!r} asked for, but torch sees no CUDA device on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(name)!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu" and device.type != "meta":
+        backend = getattr(torch, device.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"device {str(name)!r} is not available on this machine")
+    return device

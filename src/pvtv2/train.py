@@ -46,6 +46,7 @@ from .data import EvalTransform, ImageFolder, TrainTransform, epoch_indices, sca
 from .layers import init_weights
 from .modeling import PvtV2ForImageClassification
 from .processing import PvtV2ImageProcessor
+from .runtime import parse_device
 
 __all__ = [
     "TrainConfig",
@@ -186,10 +187,8 @@ def _init_distributed(device_name: str | None) -> tuple[_Dist, torch.device]:
     info = _Dist(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
     if device_name is None:
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = parse_device(device_name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device_name} asked for, but torch sees no CUDA device")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         if device.index is None:
             device = torch.device("cuda", info.local_rank)

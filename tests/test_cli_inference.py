@@ -155,6 +155,30 @@ def test_eval_matches_independent_computation(workspace, tmp_path):
     assert got["images_per_second"] > 0
 
 
+def test_predict_bf16_autocast_against_fp32_reference(workspace, capsys):
+    """--bf16: the torch runtime under bfloat16 autocast. Its probabilities stay within bf16's precision of the fp32
+    model's, and the top class agrees wherever fp32 has a clear winner."""
+    root, model, images = workspace
+    got = run_here(capsys, "predict", *map(str, images), "--model", str(root / "model"), "--json", "-k", "3", "--bf16")
+    assert got.returncode == 0, got.stderr
+    processor = PvtV2ImageProcessor(size=64)
+    largest = 0.0
+    for item, path in zip(json.loads(got.stdout), images):
+        with torch.no_grad():
+            probs = model(processor(PIL.Image.open(path).convert("RGB"))["pixel_values"]).logits[0].softmax(-1)
+        scores = {p["index"]: p["score"] for p in item["predictions"]}
+        for index, score in scores.items():
+            largest = max(largest, abs(score - probs[index].item()))
+            assert abs(score - probs[index].item()) < 0.03, (path, index)
+        best, second = probs.topk(2).values.tolist()
+        if best - second > 0.05:
+            assert item["predictions"][0]["index"] == probs.argmax().item()
+    assert largest > 1e-5  # bf16 did run: fp32 would match to about 1e-7
+    wrong = run_here(capsys, "predict", str(images[0]), "--model", str(root / "model"), "--bf16",
+                     "--runtime", "onnxruntime")
+    assert wrong.returncode == 2 and "--runtime torch" in wrong.stderr
+
+
 def test_eval_generic_labels_map_sorted_folders(tmp_path, capsys):
     model = tiny_model(tmp_path / "generic", id2label={0: "LABEL_0", 1: "LABEL_1"}, seed=3)
     data = make_dataset(tmp_path / "ds")

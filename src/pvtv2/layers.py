@@ -171,9 +171,10 @@ class _FastCache:
             )
             bias = None if conv.bias is None else conv.bias.detach().to(dtype)
             entry = (key, packed, bias)
-            same_conv = [k for k in self.entries if isinstance(k, tuple) and k[0] == name]
+            # list() first and pop(..., None): other threads may use the same model at the same time.
+            same_conv = [k for k in list(self.entries) if isinstance(k, tuple) and k[0] == name]
             for old in same_conv[: max(0, len(same_conv) - _CONV_SHAPES + 1)]:
-                del self.entries[old]
+                self.entries.pop(old, None)
         self.entries[slot] = entry
         return entry[1], entry[2]
 

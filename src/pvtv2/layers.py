@@ -131,6 +131,12 @@ def _use_fast(x: torch.Tensor) -> bool:
     )
 
 
+def _params_key(dtype: torch.dtype, params: list[torch.Tensor | None]) -> tuple:
+    """What packed weights were built from: the dtype and each parameter's storage, version and shape (an in-place
+    write bumps the version, so the key changes whenever a weight does)."""
+    return (dtype,) + tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params if p is not None)
+
+
 class _FastCache:
     """Prepacked weights of one module, keyed by the identity and version of the parameters they were built from."""
 
@@ -139,8 +145,7 @@ class _FastCache:
         self.entries: dict[str | tuple, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
 
     def linear(self, name: str, layers: list[nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        params = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-        key = (dtype,) + tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
+        key = _params_key(dtype, [p for layer in layers for p in (layer.weight, layer.bias)])
         entry = self.entries.get(name)
         if entry is None or entry[0] != key:
             weight = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else layers[0].weight
@@ -160,8 +165,7 @@ class _FastCache:
         100 times slower (measured: 15 ms instead of 0.1 ms for a 4x4 map with a weight packed for 14x14). So each
         input shape gets its own packing, and the last ``_CONV_SHAPES`` shapes per convolution are kept.
         """
-        params = [p for p in (conv.weight, conv.bias) if p is not None]
-        key = (dtype,) + tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in params)
+        key = _params_key(dtype, [conv.weight, conv.bias])
         slot = (name, tuple(input_shape))
         entry = self.entries.pop(slot, None)  # re-inserted below: the dict's order is the order of last use
         if entry is None or entry[0] != key:
@@ -195,6 +199,10 @@ def clear_fast_cache(module: nn.Module) -> None:
 class _Cached(nn.Module):
     """A module with a run-time cache of prepacked weights, outside ``state_dict()``, dropped by ``.train()``."""
 
+    def _fast(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the packed path: eval mode, and :func:`_use_fast` for ``x``."""
+        return not self.training and _use_fast(x)
+
     def _cache(self) -> _FastCache:
         cache = self.__dict__.get("_fast_cache")
         if cache is None:
@@ -223,7 +231,6 @@ class _Cached(nn.Module):
         out = out.view(*x.shape[:-1], out.shape[-1])
         # A residual stream in higher precision than the GEMM (bf16 autocast) stays so, as with autocast's F.linear.
         return out if residual is None else residual + out
-
 
     def _conv(self, name: str, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         """``conv`` applied to the channels-last ``x`` with its weight prepacked: the same numbers as ``conv(x)``
@@ -311,7 +318,7 @@ class OverlapPatchEmbed(_Cached):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = x.contiguous(memory_format=torch.channels_last)
-        x = self._conv("proj", self.proj, x) if _use_fast(x) and not self.training else self.proj(x)  # channels-last
+        x = self._conv("proj", self.proj, x) if self._fast(x) else self.proj(x)  # channels-last
         batch, channels, height, width = x.shape
         x = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
         return self.layer_norm(x), height, width
@@ -375,7 +382,7 @@ class SpatialReductionAttention(_Cached):
         batch, _, channels = x.shape
         kv = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
         kv = self.pool(kv)
-        if _use_fast(kv) and not self.training:
+        if self._fast(kv):
             kv = self._conv("reduction", self.spatial_reduction, kv)  # (B, C, H', W'), channels-last
         else:
             kv = self.spatial_reduction(kv)
@@ -393,11 +400,10 @@ class SpatialReductionAttention(_Cached):
         """Attention output (plus ``residual`` when given: the fast path fuses that add into the projection)."""
         batch, tokens, channels = x.shape
         kv_in = self._reduce(x, height, width)
-        fast = _use_fast(x) and not self.training
+        fast = self._fast(x)
         if fast:
             q = self._split_heads(self._linear("q", [self.query], x))
             kv = self._linear("kv", [self.key, self.value], kv_in)  # (B, N', 2C): one GEMM
-            k, v = self._split_heads(kv[..., :channels]), self._split_heads(kv[..., channels:])
         else:
             q = self._split_heads(self.query(x))
             # Keys and values as one GEMM here too (the weights are concatenated on the fly; gradients flow back to
@@ -405,7 +411,7 @@ class SpatialReductionAttention(_Cached):
             weight = torch.cat([self.key.weight, self.value.weight])
             bias = None if self.key.bias is None else torch.cat([self.key.bias, self.value.bias])
             kv = F.linear(kv_in, weight, bias)
-            k, v = self._split_heads(kv[..., :channels]), self._split_heads(kv[..., channels:])
+        k, v = self._split_heads(kv[..., :channels]), self._split_heads(kv[..., channels:])
 
         dropout = self.attn_drop if self.training else 0.0
         probs = None
@@ -463,7 +469,7 @@ class MixFFN(_Cached):
         self, x: torch.Tensor, height: int, width: int, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The feed-forward output (plus ``residual`` when given: the fast path fuses that add into ``dense2``)."""
-        if _use_fast(x) and not self.training:
+        if self._fast(x):
             return self._fast_forward(x, height, width, residual)
         x = self.relu(self.dense1(x))
         x = self.dropout(self.act(self.dwconv(x, height, width)))

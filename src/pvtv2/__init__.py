@@ -1,13 +1,15 @@
 """pvtv2: faithful, fast PVTv2 (Pyramid Vision Transformer v2) models for PyTorch."""
 
-from .checkpoints import CheckpointError, convert_state_dict, detect_layout, read_state_dict
-from .config import PvtV2Config, list_presets
-from .dense import PvtV2ForDepthEstimation, PvtV2ForSemanticSegmentation
-from .hub import HubFileNotFound
-from .labels import imagenet_id2label
-from .modeling import PvtV2Backbone, PvtV2ForImageClassification, PvtV2Model, PvtV2PreTrainedModel
-from .outputs import BackboneOutput, BaseModelOutput, ImageClassifierOutput
-from .processing import IMAGENET_MEAN, IMAGENET_STD, PvtV2ImageProcessor, load_image
+from .data.processing import IMAGENET_MEAN, IMAGENET_STD, PvtV2ImageProcessor, load_image
+from .models.config import PvtV2Config, list_presets
+from .models.depth import PvtV2ForDepthEstimation
+from .models.labels import imagenet_id2label
+from .models.modeling import PvtV2Backbone, PvtV2ForImageClassification, PvtV2Model, PvtV2PreTrainedModel
+from .models.outputs import BackboneOutput, BaseModelOutput, ImageClassifierOutput
+from .models.segmentation import PvtV2ForSemanticSegmentation
+from .weights.files import CheckpointError, read_state_dict
+from .weights.hub import HubFileNotFound
+from .weights.layouts import convert_state_dict, detect_layout
 
 __version__ = "0.1.0"
 

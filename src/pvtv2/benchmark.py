@@ -59,8 +59,8 @@ def peak_rss_mb() -> float:
 
 def build_model(source: str, *, backbone: bool = False, num_labels: int | None = None) -> nn.Module:
     """A preset name (random weights, fine for timing) or anything ``from_pretrained`` accepts."""
-    from .config import PvtV2Config, list_presets
-    from .modeling import PvtV2Backbone, PvtV2ForImageClassification
+    from .models.config import PvtV2Config, list_presets
+    from .models.modeling import PvtV2Backbone, PvtV2ForImageClassification
 
     cls = PvtV2Backbone if backbone else PvtV2ForImageClassification
     if source in list_presets():

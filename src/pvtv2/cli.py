@@ -97,7 +97,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- train
 @_register
 def _add_train(subparsers) -> None:
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -142,7 +142,7 @@ def _add_train(subparsers) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -355,9 +355,8 @@ def _add_export(subparsers) -> None:
 
 def _load_any(source: str):
     """A classifier from weights, or an untrained one from a preset name."""
-    from .config import PvtV2Config
-    from .inference import is_preset_name
-    from .modeling import PvtV2ForImageClassification
+    from .models.config import PvtV2Config, is_preset_name
+    from .models.modeling import PvtV2ForImageClassification
 
     if is_preset_name(source):
         logger.warning("%s is a preset: using random weights", source)
@@ -403,10 +402,9 @@ def _add_info(subparsers) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import PvtV2Config
     from .flops import format_summary, model_summary
-    from .inference import is_preset_name
-    from .modeling import PvtV2ForImageClassification
+    from .models.config import PvtV2Config, is_preset_name
+    from .models.modeling import PvtV2ForImageClassification
 
     if is_preset_name(args.model):
         with torch.device("meta"):  # shapes only: no memory, no initialisation
@@ -464,8 +462,9 @@ def _add_visualize(subparsers) -> None:
 def _cmd_visualize(args: argparse.Namespace) -> int:
     import os
 
-    from .inference import is_preset_name, load_processor
-    from .processing import load_image
+    from .data.processing import load_image
+    from .inference import load_processor
+    from .models.config import is_preset_name
     from .visualize import attention_figure
 
     image = load_image(args.image)
@@ -518,8 +517,10 @@ def _add_segment(subparsers) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .dense import PvtV2ForSemanticSegmentation, predict_segmentation, segmentation_picture
-    from .processing import load_image
+    from .data.processing import load_image
+    from .inference import predict_segmentation
+    from .models.segmentation import PvtV2ForSemanticSegmentation
+    from .visualize import segmentation_picture
 
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
@@ -548,8 +549,10 @@ def _add_depth(subparsers) -> None:
 
 
 def _cmd_depth(args: argparse.Namespace) -> int:
-    from .dense import PvtV2ForDepthEstimation, depth_picture, predict_depth
-    from .processing import load_image
+    from .data.processing import load_image
+    from .inference import predict_depth
+    from .models.depth import PvtV2ForDepthEstimation
+    from .visualize import depth_picture
 
     image = load_image(args.image).convert("RGB")
     model = PvtV2ForDepthEstimation.from_pretrained(args.model)
@@ -570,7 +573,7 @@ def _print_segmentation_result(result: dict) -> None:
 
 @_register
 def _add_train_seg(subparsers) -> None:
-    from .dense_train import EXAMPLE_RECIPE as d
+    from .training.segmentation import EXAMPLE_RECIPE as d
 
     p = subparsers.add_parser(
         "train-seg", help="train a segmentation model on image / mask folders (pvtv2 train --task segmentation, "
@@ -596,9 +599,10 @@ def _add_train_seg(subparsers) -> None:
 
 
 def _cmd_train_seg(args: argparse.Namespace) -> int:
-    from .dense_train import segmentation_config, train_segmentation
+    from .training import train
+    from .training.segmentation import example_config
 
-    result = train_segmentation(segmentation_config(
+    result = train(example_config(
         data=args.data, output=args.output, model=args.model, image_size=args.image_size, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, resume=args.resume,
         overwrite=args.overwrite, progress=not args.no_progress,
@@ -628,14 +632,15 @@ def _add_demo_seg(subparsers) -> None:
 def _cmd_demo_seg(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .dense_data import make_segmentation_example
+    from .data.shapes import make_segmentation_example
 
     data = make_segmentation_example(Path(args.output) / "data", args.train, args.val, args.size, args.seed)
     print(f"wrote the example to {data}")
     if args.epochs > 0:
-        from .dense_train import segmentation_config, train_segmentation
+        from .training import train
+        from .training.segmentation import example_config
 
-        result = train_segmentation(segmentation_config(
+        result = train(example_config(
             data=str(data), output=str(Path(args.output) / "run"), image_size=args.size, epochs=args.epochs,
             seed=args.seed, progress=not args.no_progress,
         ))
@@ -651,9 +656,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from .runtime import _tune_from_environment
+    from .runtime import tune_from_environment
 
-    _tune_from_environment()  # this process only; PVTV2_TUNE_MALLOC=0 leaves malloc as it is
+    tune_from_environment()  # this process only; PVTV2_TUNE_MALLOC=0 leaves malloc as it is
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError) as err:

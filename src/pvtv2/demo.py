@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-from .data import scan_split, write_digits_folder
-from .modeling import PvtV2ForImageClassification
-from .processing import PvtV2ImageProcessor, load_image
-from .train import TrainConfig, read_metrics, train
+from .data.digits import write_digits_folder
+from .data.folders import scan_split
+from .data.processing import PvtV2ImageProcessor, load_image
+from .models.modeling import PvtV2ForImageClassification
+from .training import TrainConfig, train
+from .training.curves import read_metrics
 
 __all__ = ["DEMO_DEFAULTS", "run_demo"]
 

@@ -300,10 +300,12 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     A checkpoint without a classifier head becomes a ``PvtV2Model`` (no random head is invented). A folder's
     ``preprocessor_config.json`` is copied along.
     """
-    from .checkpoints import LAYOUTS, convert_state_dict, locate_checkpoint, read_state_dict, save_state_dict, to_canonical
-    from .hub import resolve_file
-    from .modeling import PvtV2ForImageClassification, PvtV2Model
-    from .processing import PREPROCESSOR_CONFIG_NAME
+    from .data.processing import PREPROCESSOR_CONFIG_NAME
+    from .models.modeling import PvtV2ForImageClassification, PvtV2Model
+    from .weights.files import read_state_dict, save_state_dict
+    from .weights.hub import resolve_file
+    from .weights.layouts import LAYOUTS, convert_state_dict, to_canonical
+    from .weights.loading import locate_checkpoint
 
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PvtV2Config
-from .layers import PvtV2Stage, SpatialReductionAttention, set_fast_path
+from .models.config import PvtV2Config, preset_key
+from .models.layers import PvtV2Stage, SpatialReductionAttention, set_fast_path
 
 __all__ = ["PAPER_GMACS", "count_macs", "model_summary", "format_summary"]
 
@@ -152,7 +152,7 @@ def model_summary(model: nn.Module, image_size: int | Sequence[int] = 224, name:
                 "gmacs": counted["per_stage_macs"][i] / 1e9,
             }
         )
-    key = (name or "").replace("-", "_").lower()
+    key = preset_key(name or "")
     summary = {
         "model": name,
         "class": type(model).__name__,

@@ -25,11 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import PRESETS
-from .data import IMAGE_EXTENSIONS
-from .modeling import PvtV2ForImageClassification
-from .processing import PREPROCESSOR_CONFIG_NAME, PvtV2ImageProcessor, load_image
+from .data.folders import scan_split
+from .data.processing import IMAGE_EXTENSIONS, PREPROCESSOR_CONFIG_NAME, PvtV2ImageProcessor, load_image
+from .models.config import is_preset_name, preset_key
+from .models.depth import PvtV2ForDepthEstimation
+from .models.labels import has_generic_labels
+from .models.modeling import PvtV2ForImageClassification
+from .models.segmentation import PvtV2ForSemanticSegmentation
 from .runtime import parse_device
+from .weights.hub import looks_like_hub_id, resolve_file
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -37,7 +41,6 @@ __all__ = [
     "Runtime",
     "OnnxRuntimeMissingError",
     "Prediction",
-    "is_preset_name",
     "load_classifier",
     "load_processor",
     "find_images",
@@ -47,6 +50,8 @@ __all__ = [
     "torch_runtime",
     "onnx_runtime",
     "load_runtime",
+    "predict_segmentation",
+    "predict_depth",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,17 +66,11 @@ class OnnxRuntimeMissingError(ImportError, ValueError):
     """onnxruntime is not installed. Also a ``ValueError``, so that the command prints it as one line."""
 
 
-def is_preset_name(source: str | os.PathLike) -> bool:
-    """True when ``source`` is a preset name and no file or folder of that name exists."""
-    text = os.fspath(source)
-    return not os.path.exists(text) and text.replace("-", "_").lower() in PRESETS
-
-
 def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForImageClassification:
     """A trained classifier from anything ``from_pretrained`` takes; a bare preset name is refused, because an
     untrained model's predictions are noise."""
     if is_preset_name(source):
-        name = os.fspath(source).replace("-", "_").lower()
+        name = preset_key(source)
         raise ValueError(
             f"{os.fspath(source)!r} is a preset (an architecture without trained weights): its predictions would be "
             f"random. Pass trained weights: a save_pretrained folder, a checkpoint file (.safetensors/.pth) or a hub "
@@ -85,8 +84,6 @@ def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu
 def load_processor(source: str | os.PathLike, image_size: Sequence[int]) -> PvtV2ImageProcessor:
     """The model's own preprocessing when its folder (or hub repository) has a ``preprocessor_config.json``; else the
     defaults (bilinear resize, ImageNet statistics) at the model's ``image_size``."""
-    from .hub import looks_like_hub_id, resolve_file
-
     text = os.fspath(source)
     path = None
     if os.path.isdir(text):
@@ -327,8 +324,7 @@ def class_mapping(folder_names: Sequence[str], id2label: dict[int, str]) -> dict
     Folder names must be names of the model's labels. A model whose labels are the generic ``LABEL_0`` ... (as
     written when none were given) takes the folders in sorted order as classes 0, 1, ...
     """
-    generic = all(name == f"LABEL_{i}" for i, name in id2label.items())
-    if generic:
+    if has_generic_labels(id2label):
         names = sorted(folder_names)
         if len(names) > len(id2label):
             raise ValueError(
@@ -364,8 +360,6 @@ def evaluate(
     the forward passes only (the ``runtime``'s calls; default: the PyTorch model, see :func:`load_runtime`).
     """
     from tqdm.auto import tqdm
-
-    from .data import scan_split
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
@@ -407,3 +401,32 @@ def evaluate(
         "model_images_per_second": n / model_seconds if model_seconds > 0 else float("inf"),
         "seconds": seconds,
     }
+
+
+@torch.no_grad()
+def predict_segmentation(model: PvtV2ForSemanticSegmentation, image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W) class indices for a PIL image, at the image's own resolution.
+
+    The image is resized to ``size`` (default: ``config.image_size``) and normalised with ImageNet's statistics,
+    as SegFormer's processor does; the logits are upsampled (bilinear) back to the image before the argmax.
+    """
+    size = tuple(size or model.config.image_size)
+    pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})(image)["pixel_values"]
+    logits = model.eval()(pixels.to(model.device, model.dtype)).logits
+    logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0].cpu().numpy()
+
+
+@torch.no_grad()
+def predict_depth(model: PvtV2ForDepthEstimation, image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W) depth for a PIL image, at the image's own resolution.
+
+    As GLPN's processor: the image is resized to ``size`` (default: its own size rounded down to multiples of 32)
+    and rescaled to [0, 1], not normalised; the prediction is resized back (bilinear).
+    """
+    if size is None:
+        size = (max(32, image.height // 32 * 32), max(32, image.width // 32 * 32))
+    pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]}, do_normalize=False)(image)["pixel_values"]
+    depth = model.eval()(pixels.to(model.device, model.dtype)).predicted_depth  # (1, h, w)
+    depth = F.interpolate(depth[:, None].float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
+    return depth[0, 0].cpu().numpy()

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-__all__ = ["tune_malloc", "TUNE_MALLOC_ENV", "parse_device"]
+__all__ = ["tune_malloc", "tune_from_environment", "TUNE_MALLOC_ENV", "parse_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def tune_malloc(mmap_threshold: int = _MAX_MMAP_THRESHOLD, trim_threshold: int =
     return ok
 
 
-def _tune_from_environment() -> bool:
+def tune_from_environment() -> bool:
     """What the ``pvtv2`` command does at start: :func:`tune_malloc` unless ``PVTV2_TUNE_MALLOC=0``."""
     if os.environ.get(TUNE_MALLOC_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False

@@ -1,4 +1,4 @@
-"""Attention maps: where each stage's queries look, drawn over the image with Pillow.
+"""Pictures: where each stage's queries look (attention maps), segmentation overlays and colour-mapped depth.
 
 For each stage, the last block's attention probabilities ``(B, heads, N, N')`` are averaged over heads and over all
 queries: the result says how much attention each *key* position receives. Keys live on the reduced grid, ``H/sr x
@@ -19,9 +19,20 @@ import PIL.ImageFont
 import torch
 from torch import nn
 
-from .processing import PvtV2ImageProcessor, load_image
+from .data.processing import PvtV2ImageProcessor, load_image
+from .models.layers import PvtV2Stage
 
-__all__ = ["attention_maps", "attention_figure", "heatmap_colors"]
+__all__ = [
+    "attention_maps",
+    "attention_figure",
+    "heatmap_colors",
+    "viridis_lut",
+    "colorize_depth",
+    "palette",
+    "segmentation_picture",
+    "depth_picture",
+    "LEGEND_WIDTH",
+]
 
 # A perceptually ordered dark-to-bright ramp (close to matplotlib's "inferno").
 _RAMP = np.array(
@@ -54,8 +65,6 @@ def _key_grid(attention: nn.Module, height: int, width: int, keys: int) -> tuple
 def attention_maps(model: nn.Module, pixel_values: torch.Tensor) -> list[dict[str, Any]]:
     """Per stage: the attention each key position receives in the last block, averaged over heads and queries
     (a ``(rows, cols)`` array summing to 1), with the stage's token grid and key grid."""
-    from .layers import PvtV2Stage
-
     was_training = model.training
     model.eval()
     try:
@@ -132,3 +141,89 @@ def attention_figure(
         draw.text((n * panel_size + 4, 2), f"stage {entry['stage']}", fill="black", font=font)
         draw.text((n * panel_size + 4, line + 2), f"tokens {th}x{tw}, keys {rows}x{cols}", fill="black", font=font)
     return figure
+
+
+# ---------------------------------------------------------------------------------------------- dense pictures
+# Viridis, sampled at 17 evenly spaced points (matplotlib's table); interpolated to 256 entries below.
+_VIRIDIS_ANCHORS = (
+    (68, 1, 84), (72, 24, 106), (71, 45, 123), (66, 64, 134), (59, 82, 139), (51, 99, 141),
+    (44, 114, 142), (38, 130, 142), (33, 145, 140), (31, 159, 136), (39, 173, 129), (61, 188, 116),
+    (92, 200, 99), (129, 211, 77), (170, 220, 50), (213, 226, 26), (253, 231, 37),
+)
+# Distinct colours for the first classes (background first); further ones are spread around the hue circle.
+_PALETTE = (
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
+)
+
+
+def viridis_lut() -> np.ndarray:
+    """A (256, 3) uint8 lookup table of the viridis colour map (no matplotlib needed)."""
+    anchors = np.asarray(_VIRIDIS_ANCHORS, dtype=np.float64)
+    positions = np.linspace(0, 255, len(anchors))
+    table = np.stack([np.interp(np.arange(256), positions, anchors[:, c]) for c in range(3)], axis=1)
+    return np.round(table).astype(np.uint8)
+
+
+def colorize_depth(depth: np.ndarray) -> np.ndarray:
+    """(H, W) depth -> (H, W, 3) uint8 viridis picture, stretched between the map's own minimum and maximum."""
+    depth = np.asarray(depth, dtype=np.float64)
+    low, high = float(np.nanmin(depth)), float(np.nanmax(depth))
+    scaled = (depth - low) / (high - low) if high > low else np.zeros_like(depth)
+    return viridis_lut()[np.clip(np.round(scaled * 255), 0, 255).astype(np.int64)]
+
+
+def palette(num_labels: int) -> np.ndarray:
+    """(num_labels, 3) uint8 class colours: a fixed table, then hues spaced by the golden angle."""
+    import colorsys
+
+    colours = list(_PALETTE[:num_labels])
+    for i in range(len(colours), num_labels):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95)
+        colours.append((int(r * 255), int(g * 255), int(b * 255)))
+    return np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
+
+
+LEGEND_WIDTH = 180
+
+
+def segmentation_picture(image, label_map, id2label: dict[int, str], alpha: float = 0.5):
+    """The image with its label map blended over it (``alpha``), and a legend of the classes present to its right.
+
+    Returns a PIL image ``LEGEND_WIDTH`` wider than ``image``, as tall as the taller of the two.
+    """
+    import PIL.Image
+    import PIL.ImageDraw
+
+    label_map = np.asarray(label_map)
+    if label_map.shape != (image.height, image.width):
+        raise ValueError(f"label map of shape {label_map.shape} does not match the image's {(image.height, image.width)}")
+    colours = palette(max(len(id2label), int(label_map.max()) + 1))
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blended = (1 - alpha) * rgb + alpha * colours[label_map].astype(np.float32)
+    present = [int(c) for c in np.unique(label_map)]
+    row = 20
+    height = max(image.height, row * len(present) + 10)
+    canvas = PIL.Image.new("RGB", (image.width + LEGEND_WIDTH, height), (255, 255, 255))
+    canvas.paste(PIL.Image.fromarray(np.round(blended).astype(np.uint8)), (0, 0))
+    draw = PIL.ImageDraw.Draw(canvas)
+    for i, c in enumerate(present):
+        top = 5 + i * row
+        draw.rectangle([image.width + 6, top, image.width + 20, top + 14], fill=tuple(int(v) for v in colours[c]),
+                       outline=(0, 0, 0))
+        draw.text((image.width + 26, top + 1), id2label.get(c, f"class_{c}")[:24], fill=(0, 0, 0))
+    return canvas
+
+
+def depth_picture(image, depth):
+    """The image and its viridis-coloured depth map side by side (twice the image's width)."""
+    import PIL.Image
+
+    depth = np.asarray(depth)
+    if depth.shape != (image.height, image.width):
+        raise ValueError(f"depth map of shape {depth.shape} does not match the image's {(image.height, image.width)}")
+    canvas = PIL.Image.new("RGB", (image.width * 2, image.height))
+    canvas.paste(image.convert("RGB"), (0, 0))
+    canvas.paste(PIL.Image.fromarray(colorize_depth(depth)), (image.width, 0))
+    return canvas

@@ -1,0 +1,206 @@
+"""Image-folder datasets for classification, deterministic augmentation and sharding.
+
+A dataset is a folder ``root/<split>/<class>/<image>``; classes are the sub-folder names in sorted order, as
+torchvision's ``ImageFolder`` orders them. Unreadable files are found when the folder is scanned (PIL ``verify``),
+named in a warning and skipped, so a bad file fails no run half-way through an epoch.
+
+Randomness never comes from global state here: the crop and flip of sample ``i`` in epoch ``e`` come from a generator
+seeded with ``(seed, e, i)``, and the order of an epoch from one seeded with ``(seed, e)``. An interrupted run that
+resumes at epoch ``e`` therefore sees exactly the images, crops and batches an uninterrupted run would have seen,
+whatever the number of data-loading workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, PvtV2ImageProcessor, load_image
+
+__all__ = [
+    "ImageFolder",
+    "TrainTransform",
+    "EvalTransform",
+    "scan_split",
+    "sample_rng",
+    "epoch_indices",
+]
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------- scanning
+def scan_split(root: str | os.PathLike, split: str, verify: bool = True) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes and ``(path, label)`` samples of ``root/split``.
+
+    Raises ``FileNotFoundError`` for a missing split and ``ValueError`` for a split without class folders or with an
+    empty class folder (a class with no images cannot be learnt, and silently renumbering the others would be worse).
+    Files that PIL cannot open are skipped with one warning that lists their paths.
+    """
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"dataset split {split!r} not found: expected a folder {str(folder)!r} with one sub-folder per class "
+            f"(layout DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg)"
+        )
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{str(folder)!r} has no class folders: put each class's images in {str(folder)}/<class>/")
+    samples: list[tuple[str, int]] = []
+    bad: list[str] = []
+    empty: list[str] = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            p for p in (folder / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        good = 0
+        for path in files:
+            if verify and not _readable(path):
+                bad.append(str(path))
+                continue
+            samples.append((str(path), label))
+            good += 1
+        if good == 0:
+            empty.append(name)
+    if bad:
+        logger.warning("skipping %d unreadable image(s) in %s: %s", len(bad), folder, ", ".join(bad))
+    if empty:
+        raise ValueError(
+            f"class folder(s) {empty} in {str(folder)!r} contain no readable images (extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+        )
+    return classes, samples
+
+
+def _readable(path: Path) -> bool:
+    """PIL can identify and fully decode the file (``verify`` alone misses some truncated files)."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.verify()
+        with PIL.Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:  # PIL raises many kinds for corrupt data: OSError, SyntaxError, ValueError, struct.error...
+        return False
+
+
+# --------------------------------------------------------------------------------------------- randomness
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The augmentation generator of one sample in one epoch: a pure function of its arguments."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def epoch_indices(
+    num_samples: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1, pad: bool = True
+) -> list[int]:
+    """The sample order of one process in one epoch.
+
+    Shuffles with a generator seeded by ``seed + epoch`` (as ``DistributedSampler`` does) and deals the result to the
+    processes round-robin. With ``pad`` the list is first extended by wrapping around so that every process gets
+    the same number of samples (DistributedDataParallel needs equal step counts); without it, shards may differ by
+    one and every sample is seen exactly once (for evaluation).
+    """
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(num_samples, generator=generator).tolist()
+    else:
+        order = list(range(num_samples))
+    if pad and world_size > 1:
+        total = math.ceil(num_samples / world_size) * world_size
+        order = (order * math.ceil(total / max(num_samples, 1)))[:total]
+    return order[rank::world_size]
+
+
+# --------------------------------------------------------------------------------------------- transforms
+def _to_tensor(image: PIL.Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
+
+
+@dataclass
+class TrainTransform:
+    """Random resized crop, horizontal flip and normalisation, the augmentation of the PVTv2 paper (without its
+    RandAugment, mixup, cutmix and random erasing).
+
+    The crop follows torchvision's ``RandomResizedCrop``: up to ten tries at an area fraction in ``scale`` and a
+    log-uniform aspect ratio in ``ratio``, else a centre crop clamped to ``ratio``; then a bilinear resize.
+    """
+
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(left, top, crop width, crop height)."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * rng.uniform(self.scale[0], self.scale[1])
+            aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                return left, top, w, h
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        return (width - w) // 2, (height - h) // 2, w, h
+
+    def __call__(self, image: PIL.Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        left, top, w, h = self.crop_box(image.width, image.height, rng)
+        image = image.resize((self.size, self.size), PIL.Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        if rng.uniform() < self.hflip:
+            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        return _to_tensor(image, self.mean, self.std)
+
+
+class EvalTransform:
+    """Resize to ``size`` x ``size`` and normalise: exactly what ``PvtV2ImageProcessor(size=size)`` does, so that a
+    saved checkpoint with its ``preprocessor_config.json`` predicts as it was evaluated."""
+
+    def __init__(self, size: int) -> None:
+        self.processor = PvtV2ImageProcessor(size={"height": size, "width": size})
+
+    def __call__(self, image: PIL.Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        return self.processor(image, return_tensors="pt")["pixel_values"][0]
+
+
+# --------------------------------------------------------------------------------------------- dataset
+class ImageFolder(torch.utils.data.Dataset):
+    """``(pixel_values, label)`` pairs from scanned samples; the transform gets a per-sample, per-epoch generator."""
+
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], transform: TrainTransform | EvalTransform, seed: int = 0
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        image = load_image(path)
+        return self.transform(image, sample_rng(self.seed, self.epoch, index)), label

@@ -1,0 +1,111 @@
+"""Segmentation data: a folder of images and label-map PNGs.
+
+Folder layout (the one ``pvtv2 train --task segmentation`` reads)::
+
+    DIR/train/images/NAME.jpg|png|... DIR/train/masks/NAME.png   (same stem; one class index per pixel, 255 = ignore)
+    DIR/val/images/...               DIR/val/masks/...
+    DIR/labels.json                  optional: {"0": "background", "1": "circle", ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "scan_segmentation_split",
+    "read_id2label",
+    "SegmentationFolder",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def scan_segmentation_split(root: str | os.PathLike, split: str) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs of ``root/split``, sorted by name; every image needs a mask with the same stem."""
+    base = Path(root) / split
+    images_dir, masks_dir = base / "images", base / "masks"
+    for folder in (images_dir, masks_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"segmentation data needs the folder {os.fspath(folder)!r} (layout: DIR/{split}/images, DIR/{split}/masks)")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {os.fspath(images_dir)!r}")
+    pairs = []
+    for image in images:
+        mask = masks_dir / f"{image.stem}.png"
+        if not mask.is_file():
+            raise FileNotFoundError(f"image {image.name!r} has no mask {os.fspath(mask)!r} (masks are PNGs with the same stem)")
+        pairs.append((image, mask))
+    return pairs
+
+
+def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | None = None) -> dict[int, str]:
+    """Class names from ``root/labels.json``; without it, ``class_0`` ... up to the largest index in the masks."""
+    path = Path(root) / "labels.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return {int(k): str(v) for k, v in data.items()}
+        except (json.JSONDecodeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{os.fspath(path)!r} must map class indices to names: {err}") from None
+    if pairs is None:
+        pairs = scan_segmentation_split(root, "train")
+    top = 0
+    for _, mask in pairs:
+        values = np.unique(np.asarray(PIL.Image.open(mask)))
+        values = values[values != 255]
+        if values.size:
+            top = max(top, int(values.max()))
+    return {i: f"class_{i}" for i in range(top + 1)}
+
+
+class SegmentationFolder(torch.utils.data.Dataset):
+    """Images resized (bilinear) and masks resized (nearest) to ``size``, images normalised with ImageNet's mean and
+    std. Items: ``(pixel_values (3, H, W), labels (H, W) int64)``.
+
+    With ``hflip`` > 0, image and mask are flipped together with that probability. The draw for sample ``i`` in
+    epoch ``e`` comes from a generator seeded with ``(seed, e, i)`` (:meth:`set_epoch`), not from global state, so
+    a resumed run and any number of loader workers see the same flips.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, split: str, size: int | tuple[int, int], hflip: float = 0.0, seed: int = 0,
+        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.pairs = scan_segmentation_split(root, split)
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.hflip = hflip
+        self.seed = seed
+        self.epoch = 0
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, mask_path = self.pairs[index]
+        height, width = self.size
+        image = PIL.Image.open(image_path).convert("RGB").resize((width, height), PIL.Image.BILINEAR)
+        mask = PIL.Image.open(mask_path)
+        if mask.mode not in ("L", "P", "I", "I;16"):
+            raise ValueError(f"mask {os.fspath(mask_path)!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
+        mask = mask.resize((width, height), PIL.Image.NEAREST)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+        labels = torch.from_numpy(np.asarray(mask).astype(np.int64))  # (H, W)
+        if self.hflip > 0 and np.random.default_rng([self.seed, self.epoch, index]).random() < self.hflip:
+            pixels, labels = pixels.flip(-1), labels.flip(-1)
+        return (pixels - self.mean) / self.std, labels

@@ -1,0 +1,524 @@
+"""Image loading and preprocessing for PVTv2 classifiers.
+
+:class:`PvtV2ImageProcessor` reproduces, to float32 rounding, the slow PIL-based image processor of transformers
+(``PvtImageProcessorPil`` in transformers 5, ``PvtImageProcessor`` in 4.x) called with ``do_convert_rgb=True``.
+``AutoImageProcessor`` in transformers 5 picks the torchvision ("fast") ``PvtImageProcessor`` instead, whose
+tensor resize rounds some pixels one uint8 step away from PIL's (up to 0.0175 after normalisation); we follow the
+PIL one. Per image:
+
+1. Inputs become RGB, channels first. A path is opened with PIL, EXIF-rotated and ``convert("RGB")``-ed, as
+   transformers' ``load_image`` does: an alpha band is dropped, but a palette or colour-key transparency survives
+   in ``info`` and its pixels are then made white. An in-memory PIL image or array with an alpha channel is
+   composited onto white, one with one channel is repeated to three, as transformers' ``convert_to_rgb`` does.
+2. Resize with PIL (``Image.resize``, default bilinear, no ``reducing_gap``) on a uint8 image. Non-uint8 arrays get
+   there as transformers takes them: values that are all whole numbers in [0, 255] are cast to uint8; otherwise
+   values in [0, 1] are multiplied by 255 (float64, then float32) and *truncated* to uint8, and the resized result is
+   divided back into [0, 1]; anything else is an error.
+3. Rescale: ``float32(float64(x) * rescale_factor)``. Like transformers, floats are rescaled too: pass
+   ``do_rescale=False`` for images already in [0, 1].
+4. Normalise in float32: ``(x - mean) / std`` per channel.
+
+Note that transformers 5 changed the class default ``resample`` of ``PvtImageProcessor`` to bicubic; the published
+``OpenGVLab/pvt_v2_*`` configs (and transformers 4.x) say bilinear (``"resample": 2``), which is our default and is
+always written to the saved config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+
+from ..fileio import atomic_write_text
+from ..weights.hub import resolve_file
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "PREPROCESSOR_CONFIG_NAME",
+    "ImageInput",
+    "ProcessorOutput",
+    "PvtV2ImageProcessor",
+    "load_image",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+
+# File extensions read as images wherever folders are searched (datasets, predict).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# The class name transformers writes, and reads back through AutoImageProcessor.
+_TRANSFORMERS_TYPE = "PvtImageProcessor"
+
+# What one image may be; `__call__` also takes a list of these or a (B, C, H, W) / (B, H, W, C) array.
+ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
+
+_CHANNEL_COUNTS = (1, 3, 4)
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Read an image file as an upright RGB PIL image, as transformers' ``load_image`` does.
+
+    The EXIF orientation is applied and an alpha band dropped; a palette or colour-key transparency stays in
+    ``image.info["transparency"]``, which :class:`PvtV2ImageProcessor` then paints white.
+
+    Raises ``FileNotFoundError`` when nothing is at ``path`` and ``ValueError`` naming the path and PIL's reason when
+    the file is not a readable image (unknown format, corrupt or truncated data, a folder).
+    """
+    text = os.fspath(path)
+    if not os.path.exists(text):
+        raise FileNotFoundError(f"image file not found: {text!r}")
+    if os.path.isdir(text):
+        raise ValueError(f"cannot read image {text!r}: it is a folder, not an image file")
+    try:
+        with PIL.Image.open(text) as image:
+            image.load()  # decode now, so a truncated file fails here and the file can be closed
+            upright = PIL.ImageOps.exif_transpose(image)
+            return upright.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
+        reason = str(error) or type(error).__name__
+        raise ValueError(f"cannot read image {text!r}: {reason}") from error
+
+
+class ProcessorOutput(dict[str, Any]):
+    """What :class:`PvtV2ImageProcessor` returns: a dict with attribute access (``out.pixel_values``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}; it has {sorted(self)}") from None
+
+    @property
+    def pixel_values(self) -> torch.Tensor | np.ndarray:
+        """The preprocessed batch, (B, 3, H, W) float32."""
+        return self["pixel_values"]
+
+    def to(self, *args: Any, **kwargs: Any) -> ProcessorOutput:
+        """Move (or cast) the tensors, as ``torch.Tensor.to``; arrays are left alone."""
+        return ProcessorOutput(
+            {key: _move(value, *args, **kwargs) for key, value in self.items()},
+        )
+
+
+def _move(value: Any, *args: Any, **kwargs: Any) -> Any:
+    return value.to(*args, **kwargs) if isinstance(value, torch.Tensor) else value
+
+
+class PvtV2ImageProcessor:
+    """Resize, rescale and normalise images for a PVTv2 model (see the module docstring for the exact steps).
+
+    Keyword arguments and the saved ``preprocessor_config.json`` use transformers' names, so
+    ``transformers.AutoImageProcessor.from_pretrained`` reads what :meth:`save_pretrained` writes and vice versa.
+
+    Args:
+        do_resize: resize every image to ``size``.
+        size: ``{"height": h, "width": w}``, an int for a square, or an ``(h, w)`` pair.
+        resample: PIL resampling filter (``PIL.Image.Resampling`` or its int, e.g. 2 = bilinear, 3 = bicubic).
+        do_rescale: multiply pixel values by ``rescale_factor``.
+        rescale_factor: 1/255 maps uint8 values to [0, 1].
+        do_normalize: subtract ``image_mean`` and divide by ``image_std`` per channel.
+        image_mean: a float or one per RGB channel; ImageNet's by default.
+        image_std: a float or one per RGB channel; ImageNet's by default.
+    """
+
+    model_input_names = ("pixel_values",)
+
+    def __init__(
+        self,
+        *,
+        do_resize: bool = True,
+        size: Mapping[str, int] | int | Sequence[int] | None = None,
+        resample: PIL.Image.Resampling | int | str = PIL.Image.Resampling.BILINEAR,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+    ) -> None:
+        self.do_resize = _check_bool("do_resize", do_resize)
+        self.size = _check_size({"height": 224, "width": 224} if size is None else size)
+        self.resample = _check_resample(resample)
+        self.do_rescale = _check_bool("do_rescale", do_rescale)
+        self.rescale_factor = _check_number("rescale_factor", rescale_factor)
+        self.do_normalize = _check_bool("do_normalize", do_normalize)
+        self.image_mean = _check_channel_values("image_mean", IMAGENET_MEAN if image_mean is None else image_mean)
+        self.image_std = _check_channel_values("image_std", IMAGENET_STD if image_std is None else image_std)
+        if any(value == 0 for value in _per_channel(self.image_std)):
+            raise ValueError(f"image_std must not contain 0 (it divides), got {self.image_std}")
+        # Keys of a loaded config that this class does not use; written back unchanged by save_pretrained.
+        self.extra: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------- configuration
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as transformers writes them for ``PvtImageProcessor``, plus any unknown loaded keys."""
+        config = dict(self.extra)
+        config.update(
+            {
+                "do_normalize": self.do_normalize,
+                "do_rescale": self.do_rescale,
+                "do_resize": self.do_resize,
+                "image_mean": _json_channel_values(self.image_mean),
+                "image_processor_type": _TRANSFORMERS_TYPE,
+                "image_std": _json_channel_values(self.image_std),
+                "resample": self.resample,
+                "rescale_factor": self.rescale_factor,
+                "size": dict(self.size),
+            }
+        )
+        return config
+
+    def to_json_string(self) -> str:
+        """``to_dict`` as transformers formats it: sorted keys, two-space indent, final newline."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> PvtV2ImageProcessor:
+        """Build from a ``preprocessor_config.json`` dict; unknown keys are kept in ``extra`` for the round trip."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"a preprocessor config must be a JSON object (dict), got {type(config).__name__}")
+        known = {"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize"}
+        kwargs = {key: value for key, value in config.items() if key in known}
+        for key in ("image_mean", "image_std"):
+            if config.get(key) is not None:
+                kwargs[key] = config[key]
+        processor = cls(**kwargs)
+        extra = {
+            key: value
+            for key, value in config.items()
+            if key not in known and key not in ("image_mean", "image_std", "image_processor_type")
+        }
+        kind = config.get("image_processor_type")
+        if kind is not None and kind not in (_TRANSFORMERS_TYPE, "PvtImageProcessorPil", "PvtImageProcessorFast"):
+            logger.info("preprocessor config names %r; reading it as %s", kind, _TRANSFORMERS_TYPE)
+        unused = {key for key, value in extra.items() if value not in (None, False)} - {"processor_class"}
+        if unused:
+            logger.info("preprocessor config keys not used by %s (kept when saving): %s", cls.__name__, sorted(unused))
+        processor.extra = extra
+        return processor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> PvtV2ImageProcessor:
+        """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``.
+
+        A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics).
+        """
+        text = os.fspath(source)
+        if os.path.isfile(text):
+            path: Path | None = Path(text)
+        elif text.endswith(".json"):
+            raise FileNotFoundError(f"preprocessor config file not found: {text!r}")
+        else:
+            path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir, required=False)
+        if path is None:
+            logger.info("no %s in %r; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text)
+            return cls()
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read preprocessor config {str(path)!r}: not valid JSON ({error})") from error
+        try:
+            return cls.from_dict(config)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"in preprocessor config {str(path)!r}: {error}") from error
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``preprocessor_config.json`` into ``folder`` (created if needed) and return its path."""
+        directory = Path(folder)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"save_pretrained needs a folder, but {str(directory)!r} is a file")
+        directory.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(directory / PREPROCESSOR_CONFIG_NAME, self.to_json_string())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PvtV2ImageProcessor):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    # ----------------------------------------------------------------------------------------- processing
+
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        return_tensors: Literal["pt", "np"] = "pt",
+    ) -> ProcessorOutput:
+        """Preprocess one image or a batch into ``pixel_values`` of shape (B, 3, H, W), float32.
+
+        ``images`` is a PIL image, a NumPy array or torch tensor ((H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4;
+        or a 4-d batch of those), a file path, or a list of any of these. The channel axis of a 3-d array is the
+        first one when its size is 1, 3 or 4, else the last, as in transformers.
+        """
+        if return_tensors not in ("pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        items = _as_image_list(images)
+        warned = False
+        processed = []
+        for index, item in enumerate(items):
+            image = _to_rgb_chw(item, index)
+            if self.do_rescale and not warned and _looks_scaled(image):
+                logger.warning(
+                    "image %d is a float array already in [0, 1] and will be multiplied by rescale_factor=%g again; "
+                    "pass do_rescale=False for such inputs",
+                    index,
+                    self.rescale_factor,
+                )
+                warned = True
+            processed.append(self._preprocess(image))
+        shapes = {array.shape for array in processed}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"images of different sizes cannot be batched without resizing, got shapes {sorted(shapes)}; "
+                f"use do_resize=True or pass them one at a time"
+            )
+        batch = np.stack(processed).astype(np.float32, copy=False)  # (B, 3, H, W)
+        pixel_values = torch.from_numpy(batch) if return_tensors == "pt" else batch
+        return ProcessorOutput(pixel_values=pixel_values)
+
+    def _preprocess(self, image: np.ndarray) -> np.ndarray:
+        """One RGB (3, H, W) array through resize, rescale and normalise, with transformers' arithmetic."""
+        if self.do_resize:
+            image = _pil_resize(image, self.size["height"], self.size["width"], self.resample)
+        if self.do_rescale:
+            image = (image.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            if not np.issubdtype(image.dtype, np.floating):
+                image = image.astype(np.float32)
+            mean = np.array(_per_channel(self.image_mean), dtype=image.dtype)[:, None, None]
+            std = np.array(_per_channel(self.image_std), dtype=image.dtype)[:, None, None]
+            image = (image - mean) / std
+        return image
+
+
+# --------------------------------------------------------------------------------------------- input handling
+
+
+def _as_image_list(images: Any) -> list[Any]:
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("got an empty list of images; pass at least one image")
+        for index, item in enumerate(images):
+            if isinstance(item, (list, tuple)):
+                raise TypeError(f"image {index} is a {type(item).__name__}; pass a flat list of images")
+        return list(images)
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        if images.shape[0] == 0:
+            raise ValueError(f"got an empty batch of images, shape {tuple(images.shape)}")
+        return list(images)
+    return [images]
+
+
+def _to_rgb_chw(item: Any, index: int) -> np.ndarray:
+    """Any one input as an RGB array (3, H, W), following transformers' process_image with do_convert_rgb=True."""
+    if isinstance(item, (str, os.PathLike)):
+        # As in transformers, the loaded RGB image still goes through convert_to_rgb: a palette or colour-key
+        # transparency survives convert("RGB") in `info` and then sends those pixels to white.
+        return np.moveaxis(np.asarray(_pil_to_rgb(load_image(item))), -1, 0)
+    if isinstance(item, PIL.Image.Image):
+        return np.moveaxis(np.asarray(_pil_to_rgb(item)), -1, 0)
+    if isinstance(item, torch.Tensor):
+        item = _tensor_to_numpy(item, index)
+    if not isinstance(item, np.ndarray):
+        raise TypeError(
+            f"image {index} is a {type(item).__name__}; expected a PIL image, a NumPy array, a torch tensor "
+            f"or a file path"
+        )
+    return _array_to_rgb_chw(item, index)
+
+
+def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    # transformers' convert_to_rgb: any transparency (alpha band or a palette/tRNS transparency) goes onto white.
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _tensor_to_numpy(tensor: torch.Tensor, index: int) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"image {index} has dtype {tensor.dtype}; expected an integer or floating point tensor")
+    if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _array_to_rgb_chw(array: np.ndarray, index: int) -> np.ndarray:
+    if array.dtype.kind not in "uif":
+        raise TypeError(
+            f"image {index} has dtype {array.dtype}; expected an unsigned/signed integer or floating point array"
+        )
+    if array.ndim == 2:
+        array = array[None]  # (1, H, W): one grey channel
+    elif array.ndim == 3:
+        first, last = array.shape[0], array.shape[-1]
+        if first in _CHANNEL_COUNTS:
+            if last in _CHANNEL_COUNTS:
+                logger.warning(
+                    "image %d of shape %s could be (C, H, W) or (H, W, C); taking channels first, as transformers does",
+                    index,
+                    tuple(array.shape),
+                )
+        elif last in _CHANNEL_COUNTS:
+            array = np.moveaxis(array, -1, 0)
+        else:
+            raise ValueError(
+                f"image {index} has shape {tuple(array.shape)}: cannot find a channel axis of size 1, 3 or 4 "
+                f"first (C, H, W) or last (H, W, C)"
+            )
+    else:
+        raise ValueError(
+            f"image {index} has shape {tuple(array.shape)}: expected (H, W), (H, W, C) or (C, H, W) for one image, "
+            f"or a 4-d batch"
+        )
+    if array.shape[1] == 0 or array.shape[2] == 0:
+        raise ValueError(f"image {index} is empty: its (C, H, W) shape is {tuple(array.shape)}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"image {index} contains NaN or infinite values")
+
+    channels = array.shape[0]
+    if channels == 1:
+        return np.repeat(array, 3, axis=0)
+    if channels == 4:
+        # transformers' convert_to_rgb for arrays: blend onto white; integers are rounded back to their dtype.
+        if array.dtype.kind == "f" and (array.min() < 0.0 or array.max() > 1.0):
+            raise ValueError(
+                f"image {index} is a 4-channel float array with values in [{array.min()}, {array.max()}]; "
+                f"alpha compositing needs floats in [0, 1]"
+            )
+        white = 255 if array.dtype.kind in "ui" else 1.0
+        alpha = array[3:4] / white
+        composite = alpha * array[:3] + (1 - alpha) * white
+        return np.round(composite).astype(array.dtype) if white == 255 else composite.astype(array.dtype)
+    return array
+
+
+def _looks_scaled(image: np.ndarray) -> bool:
+    return image.dtype.kind == "f" and bool(image.min() >= 0) and bool(image.max() <= 1)
+
+
+def _pil_resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """Resize (3, H, W) with PIL as transformers' ``resize`` does, returning (3, height, width)."""
+    rescaled = _needs_rescale_for_pil(image)
+    hwc = np.moveaxis(image, 0, -1)
+    if rescaled:
+        hwc = (hwc.astype(np.float64) * 255).astype(np.float32)  # transformers' rescale(image, 255)
+    pil_image = PIL.Image.fromarray(hwc.astype(np.uint8))  # truncates, as transformers does
+    resized = np.moveaxis(np.asarray(pil_image.resize((width, height), resample=resample)), -1, 0)
+    if rescaled:
+        resized = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return resized
+
+
+def _needs_rescale_for_pil(image: np.ndarray) -> bool:
+    # transformers' _rescale_for_pil_conversion: whole numbers in [0, 255] go to uint8 as they are, other values in
+    # [0, 1] are scaled by 255 first; the rest cannot become a PIL image.
+    if image.dtype == np.uint8:
+        return False
+    with np.errstate(invalid="ignore"):  # huge floats overflow the int cast; they then fail the range check
+        whole = np.allclose(image, image.astype(int))
+    if whole:
+        if np.all(image >= 0) and np.all(image <= 255):
+            return False
+        raise ValueError(
+            f"an image of whole numbers must have values in [0, 255] to be resized, got [{image.min()}, {image.max()}]"
+        )
+    if np.all(image >= 0) and np.all(image <= 1):
+        return True
+    raise ValueError(
+        f"a float image must hold whole numbers in [0, 255] or values in [0, 1] to be resized, "
+        f"got [{image.min()}, {image.max()}]"
+    )
+
+
+# --------------------------------------------------------------------------------------------- argument checks
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_size(size: Any) -> dict[str, int]:
+    if isinstance(size, Mapping):
+        if set(size) != {"height", "width"}:
+            raise ValueError(f"size must have exactly the keys 'height' and 'width', got {dict(size)!r}")
+        height, width = size["height"], size["width"]
+    elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        height = width = size
+    elif isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
+        height, width = size
+    else:
+        raise ValueError(f"size must be {{'height': h, 'width': w}}, an int or an (h, w) pair, got {size!r}")
+    for value in (height, width):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"size must hold positive integers, got {size!r}")
+    return {"height": int(height), "width": int(width)}
+
+
+def _check_resample(resample: Any) -> int:
+    if isinstance(resample, str):
+        try:
+            return int(PIL.Image.Resampling[resample.upper()])
+        except KeyError:
+            names = [member.name.lower() for member in PIL.Image.Resampling]
+            raise ValueError(f"resample must be one of {names} or their ints, got {resample!r}") from None
+    if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)):
+        raise TypeError(f"resample must be a PIL.Image.Resampling, an int or a name, got {resample!r}")
+    try:
+        return int(PIL.Image.Resampling(int(resample)))
+    except ValueError:
+        valid = {member.name.lower(): int(member) for member in PIL.Image.Resampling}
+        raise ValueError(f"resample must be one of {valid}, got {resample!r}") from None
+
+
+def _check_channel_values(name: str, values: Any) -> float | tuple[float, float, float]:
+    if isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
+        return _check_number(name, values)
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a number or 3 numbers (one per RGB channel), got {values!r}")
+    if len(values) != 3:
+        raise ValueError(f"{name} must have 3 values (one per RGB channel), got {len(values)}: {list(values)!r}")
+    return tuple(_check_number(name, value) for value in values)  # type: ignore[return-value]
+
+
+def _per_channel(values: float | tuple[float, ...]) -> tuple[float, ...]:
+    return values if isinstance(values, tuple) else (values,) * 3
+
+
+def _json_channel_values(values: float | tuple[float, ...]) -> float | list[float]:
+    return list(values) if isinstance(values, tuple) else values

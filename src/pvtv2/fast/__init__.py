@@ -1,0 +1,1 @@
+"""The fast inference paths, apart from the reference model they must equal."""

@@ -1,0 +1,128 @@
+"""Writing files and folders atomically: a reader (or a run killed at any moment) sees the old file or the new one,
+never half of one.
+
+Every write goes to a hidden temporary sibling (``.NAME.tmp``) that is renamed over the target once it is complete.
+When the write fails (a full disk, a read-only folder, a permission), the temporary file is removed and the error is
+raised again as :class:`WriteError` (an ``OSError``), naming the target and the system's reason, not the temporary
+file; the previous target is left as it was.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "WriteError",
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "write_folder_atomically",
+    "recover_folder",
+    "temporary_path",
+]
+
+
+class WriteError(OSError):
+    """A file or folder could not be written; ``filename`` is the target, ``errno`` the system's reason."""
+
+    def __init__(self, target: os.PathLike | str, err: OSError) -> None:
+        code = err.errno if err.errno is not None else errno_codes.EIO
+        reason = err.strerror or str(err) or type(err).__name__
+        super().__init__(code, f"cannot write {os.fspath(target)!r}: {reason} [{errno_codes.errorcode.get(code, code)}]")
+        self.filename = os.fspath(target)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def temporary_path(target: Path) -> Path:
+    """The hidden sibling a write of ``target`` goes to first."""
+    return target.with_name(f".{target.name}.tmp")
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file, then rename it to ``path`` (parents are created)."""
+    target = Path(path)
+    tmp = temporary_path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, target)
+    except OSError as err:
+        _remove(tmp)
+        if isinstance(err, WriteError):
+            raise
+        raise WriteError(target, err) from err
+    except BaseException:
+        _remove(tmp)
+        raise
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
+    """Write ``data`` as JSON (two-space indent and a final newline unless ``dumps`` says otherwise) atomically."""
+    options = {"indent": 2, **dumps}
+    return atomic_write_text(path, json.dumps(data, **options) + "\n")
+
+
+def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling folder with ``write(tmp)``, then swap it in with renames.
+
+    :func:`recover_folder` repairs the one window (between the two renames) in which only the ``.old`` copy exists.
+    On failure the temporary folder is removed and the previous ``target`` is left as it was.
+    """
+    target = Path(target)
+    tmp = temporary_path(target)
+    old = target.with_name(f".{target.name}.old")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old.exists():
+            shutil.rmtree(old)
+    except OSError as err:
+        _remove(tmp)
+        recover_folder(target)
+        if isinstance(err, WriteError):
+            raise
+        raise WriteError(target, err) from err
+    except BaseException:
+        _remove(tmp)
+        recover_folder(target)
+        raise
+    return target
+
+
+def recover_folder(target: str | os.PathLike) -> None:
+    """Put back ``target`` from its ``.old`` copy when a swap was interrupted between its two renames."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.exists():
+        os.replace(old, target)

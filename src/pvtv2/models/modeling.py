@@ -1,0 +1,369 @@
+"""PVTv2 models: the encoder, ``PvtV2Model``, ``PvtV2ForImageClassification`` and ``PvtV2Backbone``.
+
+Only these top-level classes read the config; the layers below them take plain numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PvtV2Config
+from .layers import PvtV2Stage, init_weights
+from .outputs import BackboneOutput, BaseModelOutput, ImageClassifierOutput
+
+__all__ = [
+    "PvtV2PreTrainedModel",
+    "PvtV2Encoder",
+    "PvtV2Model",
+    "PvtV2ForImageClassification",
+    "PvtV2Backbone",
+    "check_pixel_values",
+    "check_input_size",
+    "classification_loss",
+    "resolve_output_flags",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
+    """Raise a clear error unless ``pixel_values`` is a float tensor of shape (B, num_channels, H, W)."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must have 4 dimensions (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; preprocess images with "
+            f"PvtV2ImageProcessor (rescale and normalise)"
+        )
+    if pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}) but the model "
+            f"expects {num_channels}"
+        )
+    if pixel_values.shape[0] == 0 or pixel_values.shape[2] == 0 or pixel_values.shape[3] == 0:
+        raise ValueError(f"pixel_values is empty: shape {tuple(pixel_values.shape)}")
+
+
+def check_input_size(height: int, width: int, config: PvtV2Config) -> None:
+    """Raise a clear error when a spatial-reduction convolution would be larger than its stage's token grid."""
+    for i, (patch, stride, sr) in enumerate(zip(config.patch_sizes, config.strides, config.sr_ratios)):
+        height = (height + 2 * (patch // 2) - patch) // stride + 1
+        width = (width + 2 * (patch // 2) - patch) // stride + 1
+        if height < 1 or width < 1 or (not config.linear_attention and sr > 1 and min(height, width) < sr):
+            raise ValueError(
+                f"the input is too small for this model: stage {i + 1} would see a {max(height, 0)}x{max(width, 0)} "
+                f"token grid, smaller than its spatial-reduction ratio {sr}; use larger images"
+            )
+
+
+class PvtV2PreTrainedModel(nn.Module):
+    """Common ground of the PVTv2 models: construction from a config, weights in and out, gradient checkpointing."""
+
+    config_class = PvtV2Config
+    main_input_name = "pixel_values"
+    # What loading a checkpoint needs to know about the class (pvtv2.weights.loading reads these):
+    encoder_prefix: str = ""  # where the encoder's ``encoder.`` keys sit in state_dict() ("pvt_v2." inside task models)
+    head_prefixes: tuple[str, ...] = ()  # the top-level names of the task head(s), which a checkpoint may lack
+    classifier_prefix: str | None = None  # the head's class-sized last layer, replaced when num_labels differs
+
+    def __init__(self, config: PvtV2Config) -> None:
+        super().__init__()
+        if not isinstance(config, PvtV2Config):
+            raise TypeError(f"config must be a PvtV2Config, got {type(config).__name__}")
+        self.config = config
+
+    def post_init(self) -> None:
+        """Initialise every module once: those of a PVTv2 model nested inside this one initialised themselves."""
+        done: set[int] = set()
+        for sub in self.modules():
+            if sub is not self and isinstance(sub, PvtV2PreTrainedModel):
+                done.update(id(m) for m in sub.modules())
+        for module in self.modules():
+            if id(module) not in done:
+                init_weights(module, self.config.initializer_range, recurse=False)
+
+    # ------------------------------------------------------------------ weights in and out
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **config_overrides: Any,
+    ):
+        """Load weights from a ``save_pretrained`` folder, a checkpoint file (transformers, timm or the original
+        authors' layout) or a hub id; keyword arguments override config fields (``num_labels`` replaces the head)."""
+        from ..weights.loading import load_pretrained
+
+        model = load_pretrained(cls, source, revision=revision, cache_dir=cache_dir, **config_overrides)
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (transformers' layout) into ``folder``."""
+        from ..weights.loading import save_pretrained
+
+        save_pretrained(self, folder)
+
+    def init_new_module(self, module: nn.Module) -> None:
+        """Initialise a module that a checkpoint did not provide (a new head); called by ``from_pretrained``."""
+        init_weights(module, self.config.initializer_range)
+
+    # ------------------------------------------------------------------ conveniences
+    def gradient_checkpointing_enable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, PvtV2Stage):
+                module.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, PvtV2Stage):
+                module.gradient_checkpointing = False
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class PvtV2Encoder(nn.Module):
+    """The pyramid of stages (the "Mix Transformer" of the literature)."""
+
+    def __init__(self, config: PvtV2Config) -> None:
+        super().__init__()
+        # Stochastic depth grows linearly from 0 to drop_path_rate over all blocks of all stages.
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
+        self.layers = nn.ModuleList()
+        start = 0
+        for i, depth in enumerate(config.depths):
+            self.layers.append(
+                PvtV2Stage(
+                    in_channels=config.num_channels if i == 0 else config.hidden_sizes[i - 1],
+                    dim=config.hidden_sizes[i],
+                    depth=depth,
+                    patch_size=config.patch_sizes[i],
+                    stride=config.strides[i],
+                    num_heads=config.num_attention_heads[i],
+                    mlp_ratio=config.mlp_ratios[i],
+                    sr_ratio=config.sr_ratios[i],
+                    linear=config.linear_attention,
+                    qkv_bias=config.qkv_bias,
+                    act=config.hidden_act,
+                    drop=config.hidden_dropout_prob,
+                    attn_drop=config.attention_probs_dropout_prob,
+                    drop_path=rates[start : start + depth],
+                    norm_eps=config.layer_norm_eps,
+                    patch_norm_eps=config.patch_norm_eps,
+                    reduction_norm_eps=config.reduction_norm_eps,
+                )
+            )
+            start += depth
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        num_stages: int | None = None,
+    ) -> BaseModelOutput:
+        """Run the first ``num_stages`` stages (all by default)."""
+        hidden_states = []
+        attentions = []
+        x = pixel_values
+        for stage in self.layers[:num_stages]:
+            x, probs = stage(x, output_attentions)  # (B, C_i, H_i, W_i)
+            if output_hidden_states:
+                hidden_states.append(x)
+            attentions.append(tuple(probs))
+        return BaseModelOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+
+def resolve_output_flags(config: PvtV2Config, output_attentions, output_hidden_states, return_dict) -> tuple[bool, bool, bool]:
+    return (
+        config.output_attentions if output_attentions is None else output_attentions,
+        config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+        config.return_dict if return_dict is None else return_dict,
+    )
+
+
+class PvtV2Model(PvtV2PreTrainedModel):
+    """The bare encoder: ``last_hidden_state`` is the last stage's (B, C, H, W) map."""
+
+    def __init__(self, config: PvtV2Config) -> None:
+        super().__init__(config)
+        self.encoder = PvtV2Encoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutput | tuple:
+        output_attentions, output_hidden_states, return_dict = resolve_output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        check_pixel_values(pixel_values, self.config.num_channels)
+        check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
+        out = self.encoder(pixel_values, output_attentions, output_hidden_states)
+        return out if return_dict else out.to_tuple()
+
+
+class PvtV2ForImageClassification(PvtV2PreTrainedModel):
+    """The encoder, global average pooling of the last stage, and a linear classifier."""
+
+    encoder_prefix = "pvt_v2."
+    head_prefixes = ("classifier.",)
+    classifier_prefix = "classifier."
+
+    def __init__(self, config: PvtV2Config) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.pvt_v2 = PvtV2Model(config)
+        self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutput | tuple:
+        output_attentions, output_hidden_states, return_dict = resolve_output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        out = self.pvt_v2(pixel_values, output_attentions, output_hidden_states, return_dict=True)
+        pooled = out.last_hidden_state.mean(dim=(-2, -1))  # (B, C)
+        logits = self.classifier(pooled)  # (B, num_labels)
+        loss = classification_loss(logits, labels, self.config) if labels is not None else None
+        result = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return result if return_dict else result.to_tuple()
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV2Config) -> torch.Tensor:
+    """Cross-entropy, BCE-with-logits or MSE, by ``config.problem_type`` (inferred as transformers does when unset)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    num_labels = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if problem == "regression":
+        if labels.numel() != logits.numel():
+            raise ValueError(f"regression labels have {labels.numel()} values for logits of shape {tuple(logits.shape)}")
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels.reshape(logits.shape).to(logits.dtype))
+    if problem == "single_label_classification":
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"single-label classification needs integer class indices, got labels of dtype {labels.dtype}")
+        labels = labels.reshape(-1)
+        if labels.numel() != logits.shape[0]:
+            raise ValueError(f"got {labels.numel()} labels for a batch of {logits.shape[0]} images")
+        valid = labels[labels != -100]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
+            bad = valid[(valid < 0) | (valid >= num_labels)].unique().tolist()
+            raise ValueError(f"labels {bad} are out of range for {num_labels} classes (valid: 0..{num_labels - 1}, or -100 to ignore)")
+        return F.cross_entropy(logits.view(-1, num_labels), labels.long())
+    if labels.shape != logits.shape:
+        raise ValueError(f"multi-label targets must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class PvtV2Backbone(PvtV2PreTrainedModel):
+    """Multi-scale feature maps for dense prediction: the stages named by ``config.out_features`` / ``out_indices``.
+
+    ``channels`` and ``strides`` give each output's channel count and its stride with respect to the input.
+    """
+
+    def __init__(self, config: PvtV2Config) -> None:
+        super().__init__(config)
+        self.encoder = PvtV2Encoder(config)
+        self.post_init()
+
+    @property
+    def out_features(self) -> list[str]:
+        return list(self.config.out_features)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return [i % self.config.num_encoder_blocks for i in self.config.out_indices]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return self.config.stage_names
+
+    @property
+    def num_features(self) -> list[int]:
+        return list(self.config.hidden_sizes)
+
+    @property
+    def channels(self) -> list[int]:
+        return [self.config.hidden_sizes[i] for i in self.out_indices]
+
+    @property
+    def strides(self) -> list[int]:
+        return [self.config.stage_strides[i] for i in self.out_indices]
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm-style description of each output: channels, reduction (stride) and name."""
+        return [
+            dict(num_chs=c, reduction=s, module=n) for c, s, n in zip(self.channels, self.strides, self.out_features)
+        ]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BackboneOutput | tuple:
+        output_attentions, output_hidden_states, return_dict = resolve_output_flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
+        check_pixel_values(pixel_values, self.config.num_channels)
+        check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
+        # Stages after the last requested one are skipped unless every stage's output is asked for.
+        needed = None if output_hidden_states else max(self.out_indices) + 1
+        out = self.encoder(pixel_values, output_attentions, output_hidden_states=True, num_stages=needed)
+        maps = tuple(out.hidden_states[i] for i in self.out_indices)
+        result = BackboneOutput(
+            feature_maps=maps,
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            attentions=out.attentions,
+        )
+        return result if return_dict else result.to_tuple()

@@ -1,0 +1,164 @@
+"""The classification task: image folders ``DIR/{train,val}/<class>/``, cross-entropy with label smoothing, top-1 /
+top-5 accuracy; and the model a run starts from (from scratch, or fine-tuning a checkpoint)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.folders import EvalTransform, ImageFolder, TrainTransform, scan_split
+from ..models.config import PvtV2Config, is_preset_name
+from ..models.labels import has_generic_labels
+from ..models.layers import init_weights
+from ..models.modeling import PvtV2ForImageClassification
+from .config import TrainConfig
+from .distributed import DistInfo, autocast
+from .engine import Task
+
+__all__ = ["ClassificationTask", "build_classifier", "evaluate_classifier"]
+
+logger = logging.getLogger(__name__)
+
+
+def _label_map(classes: Sequence[str]) -> dict[int, str]:
+    return dict(enumerate(classes))
+
+
+def build_classifier(cfg: TrainConfig, classes: Sequence[str]) -> PvtV2ForImageClassification:
+    """From scratch for a preset name or a ``config.json`` path; otherwise fine-tune ``from_pretrained``.
+
+    Fine-tuning on a dataset whose classes are not the checkpoint's: another number of classes replaces the head (and
+    says so); the same names in another order permute the head's rows; the same number under other names is an
+    error unless ``replace_head`` (a silent relabelling would keep a head that means something else).
+    """
+    id2label = _label_map(classes)
+    overrides: dict[str, Any] = {}
+    if cfg.drop_path is not None:
+        overrides["drop_path_rate"] = cfg.drop_path
+    name = cfg.model
+    if is_preset_name(name):
+        config = PvtV2Config.from_preset(name, id2label=id2label, image_size=cfg.image_size, **overrides)
+        logger.info("training %s from scratch (drop path %.2f)", name, config.drop_path_rate)
+        return PvtV2ForImageClassification(config)
+    if name.endswith(".json") and os.path.isfile(name):
+        config = PvtV2Config.from_json_file(name, id2label=id2label, image_size=cfg.image_size, **overrides)
+        logger.info("training the architecture of %s from scratch", name)
+        return PvtV2ForImageClassification(config)
+
+    model = PvtV2ForImageClassification.from_pretrained(name, **overrides)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if names == list(classes):
+        return model
+    if len(names) != len(classes):
+        logger.info(
+            "replacing the classifier head: %s classifies %d classes, the dataset has %d", name, len(names), len(classes)
+        )
+        label2id = {label: i for i, label in id2label.items()}
+        return PvtV2ForImageClassification.from_pretrained(
+            name, num_labels=len(classes), id2label=id2label, label2id=label2id, **overrides
+        )
+    generic = has_generic_labels(dict(enumerate(names)))
+    if set(names) == set(classes):
+        order = torch.tensor([names.index(c) for c in classes])
+        with torch.no_grad():
+            model.classifier.weight.copy_(model.classifier.weight[order])
+            model.classifier.bias.copy_(model.classifier.bias[order])
+        logger.info("the dataset lists the checkpoint's classes in another order: head rows permuted to match")
+    elif cfg.replace_head:
+        init_weights(model.classifier, model.config.initializer_range)
+        logger.info("--replace-head: a new classifier head for the dataset's classes %s", list(classes)[:10])
+    elif generic:
+        logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
+    else:
+        differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
+        raise ValueError(
+            f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
+            f"{differ}. Pass --replace-head to train a new head for the dataset's classes."
+        )
+    config = model.config.replace(id2label=id2label, label2id={label: i for i, label in id2label.items()})
+    model.config = config
+    model.pvt_v2.config = config
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, loader: Any, device: torch.device, bf16: bool = False
+) -> tuple[float, float, float, float]:
+    """Sums over ``loader``: (cross-entropy, top-1 correct, top-5 correct, count)."""
+    model.eval()
+    loss_sum = top1 = top5 = count = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with autocast(device, bf16):
+            logits = model(images).logits
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        k = min(5, logits.shape[1])
+        best = logits.topk(k, dim=1).indices  # (B, k)
+        hits = best == labels[:, None]
+        top1 += hits[:, 0].sum().item()
+        top5 += hits.any(dim=1).sum().item()
+        count += labels.numel()
+    return loss_sum, top1, top5, count
+
+
+class ClassificationTask(Task):
+    """Image folders ``DIR/{train,val}/<class>/``, cross-entropy with label smoothing, top-1 / top-5 accuracy."""
+
+    model_class = PvtV2ForImageClassification
+    best_metric = "val_top1"
+    best_state_key = "best_top1"
+    intro = "training on %d images"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        if not cfg.data:
+            raise ValueError("a dataset folder is needed (--data DIR with DIR/train/<class>/ and DIR/val/<class>/)")
+        classes, train_samples = scan_split(cfg.data, "train")
+        val_classes, val_samples = scan_split(cfg.data, "val")
+        if val_classes != classes:
+            only_train = sorted(set(classes) - set(val_classes))
+            only_val = sorted(set(val_classes) - set(classes))
+            raise ValueError(f"the train and val splits have different classes: only in train {only_train}, only in val {only_val}")
+        if len(classes) < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, {cfg.data!r} has {classes}")
+        self.cfg = cfg
+        self.classes = list(classes)
+        self.train_set = ImageFolder(
+            train_samples, TrainTransform(cfg.image_size, scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip), seed=cfg.seed
+        )
+        self.val_set = ImageFolder(val_samples, EvalTransform(cfg.image_size), seed=cfg.seed)
+
+    def new_model(self) -> nn.Module:
+        return build_classifier(self.cfg, self.classes)
+
+    def default_lr(self, global_batch: int) -> float:
+        return 5e-4 * global_batch / 512
+
+    def criterion(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, bf16: bool, info: DistInfo) -> list[float]:
+        return list(evaluate_classifier(model, loader, device, bf16))
+
+    def metrics(self, sums: list[float]) -> dict[str, Any]:
+        v_loss, v_top1, v_top5, v_count = sums
+        return {
+            "val_loss": v_loss / max(v_count, 1),
+            "val_top1": 100.0 * v_top1 / max(v_count, 1),
+            "val_top5": 100.0 * v_top5 / max(v_count, 1),
+        }
+
+    def epoch_summary(self, record: dict[str, Any]) -> str:
+        return "top-1 %.2f%%, top-5 %.2f%%, %.1f s, %.0f images/s" % (
+            record["val_top1"], record["val_top5"], record["seconds"], record["images_per_second"]
+        )
+
+    def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
+        return {"best_top1": max((r["val_top1"] for r in records), default=None)}

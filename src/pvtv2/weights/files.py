@@ -1,0 +1,140 @@
+"""Reading and writing weight files safely: safetensors, PyTorch pickles (tensors only), sharded indexes.
+
+Pickled files are opened with ``torch.load(weights_only=True)`` only: no code in a checkpoint ever runs. Training
+checkpoints (``{"model": ...}``, ``{"state_dict": ...}``, ``module.`` prefixes) are unwrapped to their state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..fileio import atomic_write
+
+__all__ = ["CheckpointError", "read_state_dict", "save_state_dict"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors``, sharded-safetensors index, or PyTorch (``.pth``/``.bin``/``.pt``) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)!r}")
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} is empty (0 bytes)")
+    with path.open("rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
+        state = _read_safetensors(path)
+    else:
+        state = _read_torch(path)
+    return _unwrap(state, path)
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.fspath(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{os.fspath(path)!r} is not a readable safetensors file (corrupt or truncated?): {err}") from None
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err)
+        if "GLOBAL" not in detail and "global" not in detail:
+            # Not a forbidden object: bytes that are no pickle at all.
+            raise CheckpointError(
+                f"{os.fspath(path)!r} is not a readable PyTorch checkpoint (corrupt, truncated or another format)"
+            ) from None
+        blocked = next((line.strip() for line in detail.splitlines() if "GLOBAL" in line or "global" in line), "")
+        raise CheckpointError(
+            f"refusing to load {os.fspath(path)!r}: it holds pickled Python objects other than tensors and plain "
+            f"containers, and loading them could run code. Only weights are read (torch.load(weights_only=True)); "
+            f"convert it to safetensors where you trust its origin. Detail: {blocked}"
+        ) from None
+    except (EOFError, RuntimeError, OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is not a readable PyTorch checkpoint (corrupt, truncated or another format): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        shards = sorted(set(index["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{os.fspath(index_path)!r} is not a valid sharded-checkpoint index: {err}") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(read_state_dict(index_path.parent / shard))
+    return state
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a training checkpoint (``{"model": ...}``, ``{"state_dict": ...}``), prefixes removed."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            for key in ("model", "state_dict", "model_state_dict", "module", "model_ema"):
+                if isinstance(obj.get(key), Mapping):
+                    obj = obj[key]
+                    break
+            else:
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{os.fspath(path)!r} does not hold a state dict (a mapping from names to tensors)")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{os.fspath(path)!r} has a non-string key {key!r}: not a state dict")
+        if not isinstance(value, torch.Tensor):
+            continue  # e.g. a stray counter next to the weights
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        state[key] = value
+    if not state:
+        raise CheckpointError(f"{os.fspath(path)!r} holds no tensors")
+    return state
+
+
+def _contiguous_copies(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or strided storage; clone what needs it.
+    return {k: v.detach().contiguous().clone() if not v.is_contiguous() else v.detach() for k, v in state.items()}
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors to ``path`` atomically: safetensors for ``.safetensors``, a plain tensor dict otherwise."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.cpu() for k, v in _contiguous_copies(state).items()}
+
+    def write(tmp: Path) -> None:
+        if path.suffix == ".safetensors":
+            save_file(tensors, os.fspath(tmp), metadata={"format": "pt", **(metadata or {})})
+        else:
+            torch.save(tensors, tmp)
+
+    return atomic_write(path, write)

@@ -1,0 +1,244 @@
+"""The key layouts of PVTv2 weights in circulation, and the rename rules between them.
+
+Three layouts of the same weights are read and written:
+
+- ``transformers``: the hub's (``OpenGVLab/pvt_v2_b0``), and this library's own ``state_dict()``:
+  ``pvt_v2.encoder.layers.{i}.blocks.{j}.attention.query.weight`` ... ``classifier.weight``;
+- ``timm``: ``patch_embed.proj.weight``, ``stages.{i}.downsample``, ``stages.{i}.blocks.{j}.attn.kv.weight`` ...
+  ``head.weight``;
+- ``original``: the authors' release files (``pvt_v2_b0.pth``): ``patch_embed{n}``, ``block{n}.{j}``, ``norm{n}``.
+
+Two more are read (not written): the Mix Transformer encoders of transformers' SegFormer and GLPN, with their heads
+(``segformer``: ``segformer.encoder.block.{i}.{j}.attention.self.query`` ... ``decode_head.linear_c.{i}`` ...;
+``glpn``: ``glpn.encoder...``, ``decoder.stages...``, ``head.head...``), also in transformers 5's in-memory
+spelling (``segformer.stages.{i}.blocks.{j}.attention.q_proj`` ...). Their heads keep their names in
+``pvtv2.models.segmentation`` / ``pvtv2.models.depth``, so only the encoder keys are renamed.
+
+Every conversion goes through one canonical form, transformers' keys without the task prefix. These are pure
+functions of state dicts: nothing here builds a model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from .files import CheckpointError
+
+__all__ = [
+    "LAYOUTS",
+    "DENSE_LAYOUTS",
+    "HEAD_PREFIXES",
+    "detect_layout",
+    "to_canonical",
+    "from_canonical",
+    "convert_state_dict",
+]
+
+LAYOUTS = ("transformers", "timm", "original")
+# Layouts that are read only: transformers' SegFormer and GLPN (see the module docstring).
+DENSE_LAYOUTS = ("segformer", "glpn")
+# ---------------------------------------------------------------------------------------------- layouts
+# Names inside a block: timm / original spelling -> transformers spelling. "attn.kv" is one fused matrix,
+# split into key and value (its first half is the keys, as the reference code's reshape to (2, heads, dim) reads it).
+_BLOCK_NAMES = {
+    "norm1": "layer_norm_1",
+    "norm2": "layer_norm_2",
+    "attn.q": "attention.query",
+    "attn.proj": "attention.proj",
+    "attn.sr": "attention.spatial_reduction",
+    "attn.norm": "attention.layer_norm",
+    "mlp.fc1": "mlp.dense1",
+    "mlp.fc2": "mlp.dense2",
+}
+_DWCONV = {"timm": "mlp.dwconv", "original": "mlp.dwconv.dwconv"}
+_PATCH_NAMES = {"proj": "proj", "norm": "layer_norm"}
+
+# Each layout: regexes giving (scope, stage, block, local name, parameter) for its keys.
+_PARSERS: dict[str, list[tuple[re.Pattern[str], str]]] = {
+    "transformers": [
+        (re.compile(r"^encoder\.layers\.(?P<i>\d+)\.patch_embedding\.(?P<local>proj|layer_norm)\.(?P<p>\w+)$"), "patch"),
+        (re.compile(r"^encoder\.layers\.(?P<i>\d+)\.blocks\.(?P<j>\d+)\.(?P<local>.+)\.(?P<p>\w+)$"), "block"),
+        (re.compile(r"^encoder\.layers\.(?P<i>\d+)\.layer_norm\.(?P<p>\w+)$"), "norm"),
+        (re.compile(r"^classifier\.(?P<p>\w+)$"), "head"),
+    ],
+    "timm": [
+        (re.compile(r"^patch_embed\.(?P<local>proj|norm)\.(?P<p>\w+)$"), "patch0"),
+        (re.compile(r"^stages\.(?P<i>\d+)\.downsample\.(?P<local>proj|norm)\.(?P<p>\w+)$"), "patch"),
+        (re.compile(r"^stages\.(?P<i>\d+)\.blocks\.(?P<j>\d+)\.(?P<local>.+)\.(?P<p>\w+)$"), "block"),
+        (re.compile(r"^stages\.(?P<i>\d+)\.norm\.(?P<p>\w+)$"), "norm"),
+        (re.compile(r"^head\.(?P<p>\w+)$"), "head"),
+    ],
+    "original": [
+        (re.compile(r"^patch_embed(?P<n>\d+)\.(?P<local>proj|norm)\.(?P<p>\w+)$"), "patch"),
+        (re.compile(r"^block(?P<n>\d+)\.(?P<j>\d+)\.(?P<local>.+)\.(?P<p>\w+)$"), "block"),
+        (re.compile(r"^norm(?P<n>\d+)\.(?P<p>\w+)$"), "norm"),
+        (re.compile(r"^head\.(?P<p>\w+)$"), "head"),
+    ],
+}
+
+# Prefixes transformers puts before the encoder keys, by model class.
+_TASK_PREFIXES = ("pvt_v2.",)
+# Top-level names of the heads a checkpoint may carry: classification, SegFormer's decode head, GLPN's decoder + head.
+HEAD_PREFIXES = ("classifier.", "decode_head.", "decoder.", "head.")
+
+# SegFormer / GLPN -> canonical, applied in order to each key (first transformers 5's in-memory names back to the
+# published ones, then the published ones to ours). The encoders have the same structure as PVTv2's; their
+# LayerNorm epsilons and MLP ratios differ and travel in the config (see ``dense_config_from_dict``).
+_MIT_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), r) for p, r in [
+        (r"^(segformer|glpn)\.", ""),
+        (r"^stages\.(\d+)\.patch_embeddings\.", r"encoder.patch_embeddings.\1."),
+        (r"^stages\.(\d+)\.blocks\.", r"encoder.block.\1."),
+        (r"^stages\.(\d+)\.layer_norm\.", r"encoder.layer_norm.\1."),
+        (r"\.layernorm_before\.", ".layer_norm_1."),
+        (r"\.layernorm_after\.", ".layer_norm_2."),
+        (r"\.attention\.q_proj\.", ".attention.self.query."),
+        (r"\.attention\.k_proj\.", ".attention.self.key."),
+        (r"\.attention\.v_proj\.", ".attention.self.value."),
+        (r"\.attention\.o_proj\.", ".attention.output.dense."),
+        (r"\.attention\.sequence_reduction\.sequence_reduction\.", ".attention.self.sr."),
+        (r"\.attention\.sequence_reduction\.layer_norm\.", ".attention.self.layer_norm."),
+        (r"\.mlp\.fc1\.", ".mlp.dense1."),
+        (r"\.mlp\.fc2\.", ".mlp.dense2."),
+        (r"^decode_head\.linear_projections\.", "decode_head.linear_c."),
+        # published names -> canonical
+        (r"^encoder\.patch_embeddings\.(\d+)\.", r"encoder.layers.\1.patch_embedding."),
+        (r"^encoder\.block\.(\d+)\.(\d+)\.", r"encoder.layers.\1.blocks.\2."),
+        (r"^encoder\.layer_norm\.(\d+)\.", r"encoder.layers.\1.layer_norm."),
+        (r"\.attention\.self\.sr\.", ".attention.spatial_reduction."),
+        (r"\.attention\.self\.", ".attention."),
+        (r"\.attention\.output\.dense\.", ".attention.proj."),
+    ]
+]
+
+
+def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """``transformers``, ``timm`` or ``original``, from the key names; :class:`CheckpointError` otherwise."""
+    keys = list(state)
+    if any(k.startswith(("encoder.layers.", "pvt_v2.encoder.layers.")) for k in keys):
+        return "transformers"
+    if any(k.startswith("stages.") for k in keys) and "patch_embed.proj.weight" in state:
+        return "timm"
+    if "patch_embed1.proj.weight" in state and any(k.startswith("block1.") for k in keys):
+        return "original"
+    if any(k.startswith("glpn.") for k in keys) or (
+        any(k.startswith("decoder.stages.") for k in keys) and any(k.startswith("head.head.") for k in keys)
+    ):
+        return "glpn"
+    if any(re.match(r"^(segformer\.)?(encoder\.(block|patch_embeddings)\.|stages\.\d+\.blocks\.)", k) for k in keys):
+        return "segformer"
+    sample = ", ".join(keys[:8])
+    raise CheckpointError(
+        f"not a PVTv2 checkpoint in a known layout ({', '.join(LAYOUTS + DENSE_LAYOUTS)}); its first keys are: {sample}."
+    )
+
+
+def _parse(key: str, layout: str) -> tuple[str, int, int, str, str] | None:
+    for pattern, scope in _PARSERS[layout]:
+        m = pattern.match(key)
+        if m:
+            g = m.groupdict()
+            stage = int(g["n"]) - 1 if g.get("n") else int(g.get("i") or 0)
+            return scope.rstrip("0"), stage, int(g.get("j") or 0), g.get("local") or "", g["p"]
+    return None
+
+
+def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -> dict[str, torch.Tensor]:
+    """Keys of any layout renamed to transformers' (without the ``pvt_v2.`` prefix); fused ``kv`` split.
+
+    Keys that no rule knows are kept unchanged, so that the strict load names them.
+    """
+    layout = layout or detect_layout(state)
+    if layout in DENSE_LAYOUTS:
+        return _mit_to_canonical(state)
+    if layout == "transformers":
+        out = {}
+        for key, value in state.items():
+            for prefix in _TASK_PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix) :]
+            out[key] = value
+        return out
+    block_names = dict(_BLOCK_NAMES, **{_DWCONV[layout]: "mlp.dwconv.dwconv"})
+    out = {}
+    for key, value in state.items():
+        parsed = _parse(key, layout)
+        if parsed is None:
+            out[key] = value
+            continue
+        scope, i, j, local, param = parsed
+        if scope == "patch":
+            out[f"encoder.layers.{i}.patch_embedding.{_PATCH_NAMES[local]}.{param}"] = value
+        elif scope == "norm":
+            out[f"encoder.layers.{i}.layer_norm.{param}"] = value
+        elif scope == "head":
+            out[f"classifier.{param}"] = value
+        elif local == "attn.kv":
+            half = value.shape[0] // 2
+            out[f"encoder.layers.{i}.blocks.{j}.attention.key.{param}"] = value[:half].clone()
+            out[f"encoder.layers.{i}.blocks.{j}.attention.value.{param}"] = value[half:].clone()
+        elif local in block_names:
+            out[f"encoder.layers.{i}.blocks.{j}.{block_names[local]}.{param}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _mit_to_canonical(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SegFormer / GLPN keys renamed by ``_MIT_RULES``; a fused ``key_value`` (as some conversions write it) split."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for pattern, replacement in _MIT_RULES:
+            key = pattern.sub(replacement, key)
+        if ".attention.key_value." in key:
+            half = value.shape[0] // 2
+            out[key.replace(".key_value.", ".key.")] = value[:half].clone()
+            out[key.replace(".key_value.", ".value.")] = value[half:].clone()
+        else:
+            out[key] = value
+    return out
+
+
+def from_canonical(state: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """The canonical keys written in ``layout`` (``transformers`` adds the classification prefix when a head is present)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    if layout == "transformers":
+        has_head = any(k.startswith("classifier.") for k in state)
+        return {(f"pvt_v2.{k}" if has_head and k.startswith("encoder.") else k): v for k, v in state.items()}
+    inverse = {v: k for k, v in _BLOCK_NAMES.items()}
+    inverse["mlp.dwconv.dwconv"] = _DWCONV[layout]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parsed = _parse(key, "transformers")
+        if parsed is None:
+            raise ValueError(f"key {key!r} has no equivalent in the {layout} layout")
+        scope, i, j, local, param = parsed
+        if scope == "patch":
+            name = "norm" if local == "layer_norm" else "proj"
+            prefix = f"patch_embed{i + 1}" if layout == "original" else ("patch_embed" if i == 0 else f"stages.{i}.downsample")
+            out[f"{prefix}.{name}.{param}"] = value
+        elif scope == "norm":
+            out[f"norm{i + 1}.{param}" if layout == "original" else f"stages.{i}.norm.{param}"] = value
+        elif scope == "head":
+            out[f"head.{param}"] = value
+        else:
+            prefix = f"block{i + 1}.{j}" if layout == "original" else f"stages.{i}.blocks.{j}"
+            if local == "attention.key":
+                value = torch.cat([value, state[key.replace("attention.key.", "attention.value.")]], dim=0)
+                out[f"{prefix}.attn.kv.{param}"] = value
+            elif local == "attention.value":
+                continue
+            elif local in inverse:
+                out[f"{prefix}.{inverse[local]}.{param}"] = value
+            else:
+                raise ValueError(f"key {key!r} has no equivalent in the {layout} layout")
+    return out
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor], to: str, source: str | None = None) -> dict[str, torch.Tensor]:
+    """Convert a PVTv2 state dict from its layout (detected unless ``source`` is given) to layout ``to``."""
+    return from_canonical(to_canonical(state, source), to)

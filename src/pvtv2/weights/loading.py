@@ -1,0 +1,324 @@
+"""Loading weights into a model and saving them: the configuration of a checkpoint, strict loading, folders.
+
+``load_pretrained`` resolves what the user names (folder, file, hub id), reads the tensors (``files``), renames them
+to the canonical layout (``layouts``), finds the configuration (``config.json``, or read off the tensor shapes),
+builds the model without memory and loads the tensors strictly: a checkpoint that does not fit raises
+:class:`CheckpointError` listing missing, unexpected and mis-shaped keys with both shapes.
+
+What loading needs to know about a model class it reads from class attributes (``PvtV2PreTrainedModel``):
+``base_model_prefix`` (where the encoder sits), ``head_prefixes`` (the task head's top-level names),
+``classifier_prefix`` (its class-sized last layer) and the method ``init_new_module`` (for a head the checkpoint
+lacks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..fileio import atomic_write_json
+from ..models.config import DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config
+from ..models.labels import has_generic_labels, imagenet_id2label
+from .files import CheckpointError, read_state_dict, save_state_dict
+from .hub import looks_like_hub_id, resolve_file
+from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, detect_layout, to_canonical
+
+__all__ = [
+    "WEIGHT_FILES",
+    "infer_config",
+    "read_config",
+    "locate_checkpoint",
+    "load_canonical",
+    "load_pretrained",
+    "save_pretrained",
+]
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# The original code and timm use PyTorch's default LayerNorm epsilon in the patch embeddings and the reduction.
+_TORCH_DEFAULT_EPS = 1e-5
+# ---------------------------------------------------------------------------------------------- config from shapes
+def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides: Any) -> PvtV2Config:
+    """A config that fits a checkpoint that came without one, read off its tensor shapes.
+
+    What shapes cannot tell is taken from the published models: strides 4, 2, 2, 2; heads of
+    ``hidden_sizes[i] / hidden_sizes[0]`` (1, 2, 5, 8 for every published variant); the spatial-reduction
+    ratios 8, 4, 2, 1 for linear attention, where they are unused.
+    """
+    stages = sorted({int(m.group(1)) for k in canonical if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+    if not stages or stages != list(range(len(stages))):
+        raise CheckpointError(f"cannot find the stages of a PVTv2 encoder in this checkpoint (stages found: {stages})")
+    hidden, patches, depths, srs, mlps = [], [], [], [], []
+    linear = False
+    try:
+        first = canonical["encoder.layers.0.patch_embedding.proj.weight"]
+        channels = int(first.shape[1])
+        for i in stages:
+            proj = canonical[f"encoder.layers.{i}.patch_embedding.proj.weight"]
+            hidden.append(int(proj.shape[0]))
+            patches.append(int(proj.shape[-1]))
+            blocks = {int(m.group(1)) for k in canonical if (m := re.match(rf"encoder\.layers\.{i}\.blocks\.(\d+)\.", k))}
+            depths.append(len(blocks))
+            sr = canonical.get(f"encoder.layers.{i}.blocks.0.attention.spatial_reduction.weight")
+            srs.append(int(sr.shape[-1]) if sr is not None else 1)
+            if sr is not None and sr.shape[-1] == 1:
+                linear = True
+            mlps.append(canonical[f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"].shape[0] / hidden[-1])
+        qkv_bias = "encoder.layers.0.blocks.0.attention.query.bias" in canonical
+    except KeyError as err:
+        raise CheckpointError(f"the checkpoint lacks {err.args[0]!r}, needed to infer its configuration") from None
+    args: dict[str, Any] = dict(
+        num_channels=channels,
+        num_encoder_blocks=len(stages),
+        depths=depths,
+        hidden_sizes=hidden,
+        patch_sizes=patches,
+        strides=[4] + [2] * (len(stages) - 1),
+        sr_ratios=([8, 4, 2, 1] if len(stages) == 4 else [1] * len(stages)) if linear else srs,
+        num_attention_heads=[h // hidden[0] if h % hidden[0] == 0 else 1 for h in hidden],
+        mlp_ratios=[int(r) if float(r).is_integer() else r for r in mlps],
+        qkv_bias=qkv_bias,
+        linear_attention=linear,
+    )
+    if "classifier.weight" in canonical:
+        args["num_labels"] = int(canonical["classifier.weight"].shape[0])
+    if layout in ("timm", "original"):
+        args["patch_embed_layer_norm_eps"] = _TORCH_DEFAULT_EPS
+        args["reduction_layer_norm_eps"] = _TORCH_DEFAULT_EPS
+    if layout in DENSE_LAYOUTS:
+        args["layer_norm_eps"] = _TORCH_DEFAULT_EPS  # every LayerNorm of SegFormer / GLPN has PyTorch's default
+    if "decode_head.classifier.weight" in canonical:
+        args["num_labels"] = int(canonical["decode_head.classifier.weight"].shape[0])
+        args["decoder_hidden_size"] = int(canonical["decode_head.classifier.weight"].shape[1])
+    if "head.head.0.weight" in canonical:
+        args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
+    preset = _matching_preset(args)
+    if preset:
+        args["drop_path_rate"] = PRESETS[preset]["drop_path_rate"]
+    logger.info("configuration inferred from the %s checkpoint's shapes%s", layout, f" (matches {preset})" if preset else "")
+    if "num_labels" in overrides or "id2label" in overrides:
+        args.pop("num_labels", None)
+    args.update(overrides)
+    return PvtV2Config(**args)
+
+
+def _matching_preset(args: Mapping[str, Any]) -> str | None:
+    for name, preset in PRESETS.items():
+        full = PvtV2Config(**preset)
+        if (
+            full.depths == args["depths"]
+            and full.hidden_sizes == args["hidden_sizes"]
+            and full.mlp_ratios == args["mlp_ratios"]
+            and full.linear_attention == args["linear_attention"]
+        ):
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- loading a model
+def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None) -> tuple[Path | None, Path]:
+    """(config.json or None, weights file) for a folder, a checkpoint file or a hub id (cache first)."""
+    text = os.fspath(source)
+    if os.path.isfile(text):
+        return None, Path(text)
+    if os.path.isdir(text):
+        folder = Path(text)
+        weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+        if weights is None:
+            found = sorted(p.name for p in folder.iterdir())[:10]
+            raise FileNotFoundError(f"no weights in folder {text!r}: expected one of {list(WEIGHT_FILES)}, found {found}")
+        config = folder / "config.json"
+        return (config if config.is_file() else None), weights
+    if text.replace("-", "_").lower() in PRESETS:
+        raise FileNotFoundError(
+            f"{text!r} is a preset (an architecture), not weights: build it untrained with "
+            f"PvtV2ForImageClassification(PvtV2Config.from_preset({text!r})), or pass a folder, a checkpoint file "
+            f"or a hub id such as 'OpenGVLab/{text.replace('-', '_').lower()}'"
+        )
+    if not looks_like_hub_id(text):
+        raise FileNotFoundError(f"{text!r} is not an existing file or folder, a preset name, nor a hub id 'owner/name'")
+    config = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, required=False)
+    for name in WEIGHT_FILES:
+        weights = resolve_file(text, name, revision=revision, cache_dir=cache_dir, required=False)
+        if weights is not None:
+            return config, weights
+    return config, resolve_file(text, WEIGHT_FILES[0], revision=revision, cache_dir=cache_dir)  # raises, explaining
+
+
+def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None, **overrides: Any):
+    """Build ``model_cls`` and load the weights named by ``source`` into it, strictly."""
+    config_path, weights_path = locate_checkpoint(source, revision, cache_dir)
+    state = read_state_dict(weights_path)
+    layout = detect_layout(state)
+    canonical = to_canonical(state, layout)
+    if config_path is not None:
+        config = read_config(config_path, **overrides)
+    else:
+        config = infer_config(canonical, layout, **overrides)
+    config = _attach_imagenet_labels(config, canonical)
+    # Built without memory or random initialisation: the checkpoint's tensors become the parameters.
+    with torch.device("meta"):
+        model = model_cls(config)
+    load_canonical(model, canonical, origin=os.fspath(weights_path))
+    logger.info("loaded %s weights (%s layout) from %s", model_cls.__name__, layout, os.fspath(weights_path))
+    return model
+
+
+def read_config(path: str | os.PathLike, **overrides: Any) -> PvtV2Config:
+    """A ``config.json`` of PVTv2 (``model_type`` ``pvt_v2``) or of transformers' SegFormer / GLPN, as a PvtV2Config."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a valid JSON config: {err}") from None
+    if isinstance(data, dict) and data.get("model_type") in DENSE_LAYOUTS:
+        return dense_config_from_dict(data, **overrides)
+    return PvtV2Config.from_dict(data, **overrides)
+
+
+# Fields of SegformerConfig / GLPNConfig that PvtV2Config carries under the same name.
+_DENSE_CONFIG_FIELDS = (
+    "num_channels", "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides",
+    "num_attention_heads", "mlp_ratios", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "initializer_range", "drop_path_rate", "decoder_hidden_size", "id2label", "label2id", "problem_type",
+    "classifier_dropout_prob", "semantic_loss_ignore_index", "reshape_last_stage", "max_depth", "head_in_index",
+)
+
+
+def dense_config_from_dict(data: Mapping[str, Any], **overrides: Any) -> PvtV2Config:
+    """The PvtV2Config of a transformers ``SegformerConfig`` / ``GLPNConfig`` dict.
+
+    Their encoders differ from PVTv2's defaults only in values the config carries: MLP ratio 4 in every stage, and
+    LayerNorms built with PyTorch's default epsilon (1e-5) everywhere -- their own ``layer_norm_eps`` (1e-6) is
+    read by no layer, so it is not carried over.
+    """
+    args = {k: data[k] for k in _DENSE_CONFIG_FIELDS if k in data}
+    args.setdefault("mlp_ratios", [4] * int(args.get("num_encoder_blocks", 4)))
+    args["layer_norm_eps"] = _TORCH_DEFAULT_EPS
+    for key, value in (SEGMENTATION_DEFAULTS if data.get("model_type") == "segformer" else DEPTH_DEFAULTS).items():
+        args.setdefault(key, value)
+    if "max_depth" in args and isinstance(args["max_depth"], int):
+        args["max_depth"] = float(args["max_depth"])
+    if "num_labels" in overrides and "id2label" not in overrides and overrides["num_labels"] != len(args.get("id2label") or {}):
+        args.pop("id2label", None)
+        args.pop("label2id", None)
+    args.update(overrides)
+    return PvtV2Config(**args)
+
+
+def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.Tensor]) -> PvtV2Config:
+    """``config`` with ImageNet's class names when the checkpoint classifies 1000 classes that have no names."""
+    head = canonical.get("classifier.weight")
+    if head is not None and head.shape[0] == 1000 and config.num_labels == 1000 and has_generic_labels(config.id2label):
+        return config.replace(id2label=imagenet_id2label())
+    return config
+
+
+def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor], origin: str = "checkpoint") -> None:
+    """Load canonical-layout weights into ``model``: every key and shape must fit, except a head that is absent from
+    the checkpoint or a classifier sized for another number of classes (then newly initialised, and logged).
+
+    The model class says where its encoder sits (``encoder_prefix``), names its head(s) in ``head_prefixes`` and its
+    last, class-sized layer in ``classifier_prefix`` (classification: ``classifier.``; segmentation:
+    ``decode_head.classifier.``). Heads in the checkpoint that the model does not have (a classifier's, when building
+    a segmentation model) are dropped.
+    """
+    prefix = model.encoder_prefix
+    expected = model.state_dict()
+    model_heads = tuple(model.head_prefixes)
+    classifier = model.classifier_prefix
+    target: dict[str, torch.Tensor] = {}
+    dropped: set[str] = set()
+    for key, value in canonical.items():
+        head = next((h for h in HEAD_PREFIXES if key.startswith(h)), None)
+        if head is not None:
+            if not any(k.startswith(head) for k in expected):
+                dropped.add(head.rstrip("."))  # e.g. an encoder-only model takes the encoder of a classifier
+                continue
+            target[key] = value
+        else:
+            target[prefix + key if key.startswith("encoder.") else key] = value
+    if dropped:
+        logger.info("%s has no %s: the checkpoint's are not used", type(model).__name__, ", ".join(sorted(dropped)))
+
+    head_keys = {k for k in expected if k.startswith(model_heads)}
+    weight = f"{classifier}weight"
+    replaced = classifier is not None and weight in expected and weight in target and target[weight].shape[0] != expected[weight].shape[0]
+    if replaced:
+        logger.warning(
+            "replacing the classifier head: the checkpoint classifies %d classes, the model %d; the new head is "
+            "randomly initialised and needs fine-tuning",
+            target[weight].shape[0], expected[weight].shape[0],
+        )
+        for key in [k for k in target if k.startswith(classifier)]:
+            target.pop(key)
+
+    missing = sorted(set(expected) - set(target))
+    unexpected = sorted(set(target) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(target[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(target) & set(expected)
+        if target[k].shape != expected[k].shape
+    )
+    bad_dtype = sorted(
+        f"{k}: {target[k].dtype}" for k in set(target) & set(expected)
+        if expected[k].is_floating_point() and not target[k].is_floating_point()
+    )
+    head_missing = missing and set(missing) <= head_keys
+    if (missing and not head_missing) or unexpected or misshaped or bad_dtype:
+        parts = [f"the weights in {origin} do not fit {type(model).__name__} ({_describe(model)})"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                             ("non-float tensors for float parameters", bad_dtype)):
+            if items:
+                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+                parts.append(f"{len(items)} {title} keys:\n    {shown}")
+        raise CheckpointError("\n  ".join(parts))
+    if head_missing and not replaced:  # a replaced head was announced above
+        logger.warning("the checkpoint has no weights for %s: newly initialised", _summarise_keys(missing))
+    target = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in target.items()}
+    model.load_state_dict(target, strict=not head_missing, assign=True)
+    _materialize_and_init(model)
+
+
+def _materialize_and_init(model: torch.nn.Module) -> None:
+    """Give the modules left on the meta device (a new head) real memory and the library's initialisation."""
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    for module in model.modules():
+        if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+            module.to_empty(device=device, recurse=False)
+            # A model may initialise its own heads differently (segmentation, depth: as transformers' SegFormer / GLPN).
+            model.init_new_module(module)
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+
+
+def _summarise_keys(keys: list[str]) -> str:
+    modules = sorted({k.rsplit(".", 1)[0] for k in keys})
+    return ", ".join(modules[:6]) + (f" and {len(modules) - 6} more modules" if len(modules) > 6 else "")
+
+
+def _describe(model: torch.nn.Module) -> str:
+    c = model.config
+    return f"hidden_sizes={c.hidden_sizes}, depths={c.depths}, linear_attention={c.linear_attention}, num_labels={c.num_labels}"
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """``config.json`` (with the class in ``architectures``) and ``model.safetensors`` in transformers' layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config: PvtV2Config = model.config
+    data = config.to_dict()
+    data["architectures"] = [type(model).__name__]
+    save_state_dict(model.state_dict(), folder / "model.safetensors")
+    if callable(config.hidden_act):
+        config.to_json_string()  # raises with the explanation
+    atomic_write_json(folder / "config.json", data, sort_keys=True)

@@ -53,7 +53,13 @@ def random_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+# The tiny configurations the tests build on: fast on two cores, with every architectural feature present (several
+# heads, spatial reduction in the first stages, two blocks in a stage).
 TINY = dict(depths=[1, 2, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4], mlp_ratios=[2, 2, 2, 2])
+# One block per stage: for tests that run the command line, export or train.
+TINY_SHALLOW = dict(TINY, depths=[1, 1, 1, 1])
+# For 16-64 px training images: spatial reductions no larger than each stage's token grid.
+TINY_SMALL_IMAGES = dict(TINY_SHALLOW, sr_ratios=[4, 2, 1, 1])
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from pvtv2 import PvtV2Config, PvtV2ForImageClassification
 from pvtv2.flops import PAPER_GMACS, count_macs
 from pvtv2.models.layers import set_fast_path
 from pvtv2.data.processing import PvtV2ImageProcessor
+from conftest import TINY_SHALLOW
 
-TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4], mlp_ratios=[2, 2, 2, 2])
 LABELS = {0: "cat", 1: "dog", 2: "fish"}
 
 
@@ -42,7 +42,7 @@ def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
 
 def tiny_model(folder: Path, linear: bool = False, id2label=LABELS, image_size: int = 64, seed: int = 0) -> PvtV2ForImageClassification:
     torch.manual_seed(seed)
-    model = PvtV2ForImageClassification(PvtV2Config(**TINY, linear_attention=linear, id2label=id2label, image_size=image_size))
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SHALLOW, linear_attention=linear, id2label=id2label, image_size=image_size))
     with torch.no_grad():  # move every weight off its initial value so that no parameter can be ignored unnoticed
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.2)
@@ -69,6 +69,7 @@ def workspace(tmp_path_factory):
     return root, model, sorted(images)
 
 
+@pytest.mark.slow
 def test_predict_json_matches_library_and_transformers(workspace):
     import transformers
 
@@ -94,6 +95,7 @@ def test_predict_json_matches_library_and_transformers(workspace):
         torch.testing.assert_close(scores, p_hf[indices].double(), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_predict_uses_the_folders_preprocessor_config(workspace, tmp_path):
     root, model, images = workspace
     folder = tmp_path / "with_processor"
@@ -108,6 +110,7 @@ def test_predict_uses_the_folders_preprocessor_config(workspace, tmp_path):
     assert abs(score - float(expected)) < 1e-6
 
 
+@pytest.mark.slow
 def test_predict_bad_inputs_exit_2(workspace, tmp_path, capsys):
     root, _, images = workspace
     missing = run_here(capsys, "predict", "--model", str(root / "model"), str(tmp_path / "nope.jpg"))
@@ -130,6 +133,7 @@ def make_dataset(root: Path) -> dict[str, list[Path]]:
     return {name: write_images(root / "val" / name, 3 + i, seed=10 + i) for i, name in enumerate(["dog", "cat"])}
 
 
+@pytest.mark.slow
 def test_eval_matches_independent_computation(workspace, tmp_path):
     root, model, _ = workspace
     data = make_dataset(tmp_path / "ds")
@@ -203,6 +207,7 @@ def test_eval_mismatched_classes_exit_2(workspace, tmp_path, capsys):
     assert "zebra" in result.stderr and "not labels of the model" in result.stderr and "'fish'" in result.stderr
 
 
+@pytest.mark.slow
 def test_info_parameters_and_macs_against_flop_counter(workspace):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -250,6 +255,7 @@ def test_info_preset_text_and_json(capsys):
     assert "multiply-adds" in text and "3,666,760" in text
 
 
+@pytest.mark.slow
 def test_convert_timm_file_to_folder_loads_in_transformers(tmp_path):
     import timm
     import transformers
@@ -283,6 +289,7 @@ def test_convert_timm_file_to_folder_loads_in_transformers(tmp_path):
         torch.testing.assert_close(ref(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_visualize_writes_png_of_expected_size(workspace, tmp_path):
     root, _, images = workspace
     out = tmp_path / "attn.png"
@@ -298,7 +305,7 @@ def test_attention_figure_maps_are_key_distributions():
 
     for linear, keys in ((False, [(8, 8), (4, 4), (2, 2), (2, 2)]), (True, [(7, 7)] * 4)):
         torch.manual_seed(0)
-        model = PvtV2ForImageClassification(PvtV2Config(**TINY, linear_attention=linear, num_labels=2)).eval()
+        model = PvtV2ForImageClassification(PvtV2Config(**TINY_SHALLOW, linear_attention=linear, num_labels=2)).eval()
         maps = attention_maps(model, torch.randn(1, 3, 256, 256))
         # tokens 64x64, 32x32, 16x16, 8x8; sr ratios 8, 4, 2, 1 -> keys 8x8, 8x8, 8x8, 8x8 ... except as computed:
         assert [m["tokens"] for m in maps] == [(64, 64), (32, 32), (16, 16), (8, 8)]
@@ -381,7 +388,7 @@ def test_onnx_file_of_another_model_is_refused(workspace, tmp_path, capsys):
     assert "outputs 2 classes" in result.stderr and "has 3" in result.stderr
 
     torch.manual_seed(0)
-    encoder = PvtV2Model(PvtV2Config(**TINY, image_size=64)).eval()
+    encoder = PvtV2Model(PvtV2Config(**TINY_SHALLOW, image_size=64)).eval()
     export_onnx(encoder, tmp_path / "encoder.onnx", check_sizes=None)
     result = run_here(capsys, "eval", "--model", str(root / "model"), "--data", str(root / "images"), "--runtime",
                       "onnxruntime", "--onnx", str(tmp_path / "encoder.onnx"))

@@ -14,10 +14,10 @@ from torch import nn
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification
 from pvtv2.export import ExportableAdaptiveAvgPool2d, ExportError, export_onnx
+from conftest import TINY_SHALLOW
 
 ort = pytest.importorskip("onnxruntime")
 
-TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4], mlp_ratios=[2, 2, 2, 2])
 
 
 @pytest.mark.parametrize("size", [(56, 56), (25, 33), (3, 4), (1, 1), (7, 7), (13, 9), (100, 3), (8, 15)])
@@ -28,7 +28,7 @@ def test_exportable_pool_equals_adaptive_avg_pool(size):
 
 def tiny(linear: bool) -> PvtV2ForImageClassification:
     torch.manual_seed(0)
-    model = PvtV2ForImageClassification(PvtV2Config(**TINY, linear_attention=linear, num_labels=3, image_size=64))
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SHALLOW, linear_attention=linear, num_labels=3, image_size=64))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape) * 0.1)
@@ -68,6 +68,7 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_export_reports_checks(tmp_path):
     tiny(True).save_pretrained(tmp_path / "model")
     env = dict(os.environ, PYTHONWARNINGS="ignore")

@@ -1,4 +1,4 @@
-"""pvtv2.runtime.tune_malloc: its effect on page faults, measured in fresh processes (the setting is process-wide)."""
+"""pvtv2.runtime: tune_malloc (checked in fresh processes: the setting is process-wide) and parse_device."""
 
 from __future__ import annotations
 
@@ -37,14 +37,13 @@ def _faults(mode: str, **env: str) -> float:
     return float(out.stdout.strip())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_tune_malloc_stops_page_faults_from_freed_blocks():
-    # 48 MiB of fresh pages per round is 12,288 faults of 4 KiB; kept in the heap, the pages are reused. Untuned
-    # glibc sometimes keeps them too (it adapts its thresholds to what was freed, and whether the heap top can be
-    # trimmed depends on the layout), in about one process in eight here: the worst of three shows the faults.
-    default = max(_faults("default") for _ in range(3))
+def test_tune_malloc_keeps_freed_blocks_for_reuse():
+    # 48 MiB of fresh pages per round would be 12,288 faults of 4 KiB; kept in the heap, the pages are reused and
+    # hardly fault. (Untuned glibc faults on them in most processes, but not all: it adapts its thresholds to what
+    # was freed. That comparison is a measurement, in benchmarks/page_faults.py.)
     tuned = _faults("tuned")
-    assert default > 0.5 * 12288, default
     assert tuned < 0.01 * 12288, tuned
 
 
@@ -55,6 +54,7 @@ def test_tune_malloc_rejects_thresholds_glibc_would_ignore():
         tune_malloc(trim_threshold=0)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_command_tunes_malloc_unless_told_not_to():
     script = (

@@ -23,8 +23,9 @@ from pvtv2.data.masks import SegmentationFolder
 from pvtv2.data.shapes import EXAMPLE_CLASSES, make_segmentation_example
 from pvtv2.training.segmentation import evaluate_segmentation, segmentation_metrics
 from pvtv2.training.engine import KILL_ENV
+from conftest import TINY_SHALLOW
 
-TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4], decoder_hidden_size=32)
+SEGMENTER = dict(TINY_SHALLOW, decoder_hidden_size=32)
 
 
 def _image(path, height=50, width=70):
@@ -35,7 +36,7 @@ def _image(path, height=50, width=70):
 
 def test_segment_writes_blend_and_legend(tmp_path, capsys):
     torch.manual_seed(0)
-    PvtV2ForSemanticSegmentation(PvtV2Config(**TINY, id2label={0: "sky", 1: "road", 2: "car"})).save_pretrained(tmp_path / "m")
+    PvtV2ForSemanticSegmentation(PvtV2Config(**SEGMENTER, id2label={0: "sky", 1: "road", 2: "car"})).save_pretrained(tmp_path / "m")
     pixels = _image(tmp_path / "in.png")
     out = tmp_path / "out.png"
     assert main(["segment", str(tmp_path / "in.png"), "--model", str(tmp_path / "m"), "-o", str(out), "--size", "64"]) == 0
@@ -53,7 +54,7 @@ def test_segment_writes_blend_and_legend(tmp_path, capsys):
 
 def test_depth_writes_image_and_colour_map(tmp_path):
     torch.manual_seed(0)
-    PvtV2ForDepthEstimation(PvtV2Config(**TINY)).save_pretrained(tmp_path / "m")
+    PvtV2ForDepthEstimation(PvtV2Config(**SEGMENTER)).save_pretrained(tmp_path / "m")
     pixels = _image(tmp_path / "in.png", 64, 96)
     out = tmp_path / "out.png"
     assert main(["depth", str(tmp_path / "in.png"), "--model", str(tmp_path / "m"), "-o", str(out)]) == 0
@@ -91,6 +92,7 @@ def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_example_trains_above_mean_iou_floor(tmp_path):
     """Four short epochs on the shapes example beat the all-background prediction's mean IoU (0.21 here) clearly.
 
@@ -107,6 +109,7 @@ def test_example_trains_above_mean_iou_floor(tmp_path):
     assert model.config.id2label == dict(enumerate(EXAMPLE_CLASSES)) and model.config.image_size == (64, 64)
 
 
+@pytest.mark.slow
 def test_segmentation_resume_after_kill_equals_uninterrupted(tmp_path):
     """`pvtv2 train --task segmentation` killed mid-epoch, then --resume: the same final weights as one run."""
     make_segmentation_example(tmp_path / "data", 24, 8, 32, seed=3)
@@ -139,6 +142,7 @@ FLOOR_TRAIN = 1000
 MEAN_IOU_FLOOR = 0.28
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_segmentation(tmp_path):
     """Two CPU processes (gloo): one writer, and the logged metrics are those of the whole val split (the confusion
     matrices of both shards summed), as a single-process evaluation of the saved model finds."""

@@ -26,9 +26,9 @@ from pvtv2.data.processing import PvtV2ImageProcessor
 from pvtv2.training import TrainConfig
 from pvtv2.training.classification import build_classifier
 from pvtv2.training.engine import KILL_ENV, cosine_warmup_factor, parameter_groups
+from conftest import TINY_SMALL_IMAGES
 
 # A tiny PVTv2 that can see 16x16 images (spatial reduction no larger than each stage's grid).
-TINY = {"depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 48, 64], "num_attention_heads": [1, 2, 3, 4], "sr_ratios": [4, 2, 1, 1]}
 SIZE = 16
 # One thread: the runs are tiny, and a busy 2-core machine makes multi-threaded kernels crawl.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -43,7 +43,7 @@ def _run(args: list[str], env: dict[str, str] | None = None, timeout: int = 300)
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("arch") / "tiny.json"
-    path.write_text(json.dumps(TINY))
+    path.write_text(json.dumps(TINY_SMALL_IMAGES))
     return str(path)
 
 
@@ -92,13 +92,22 @@ def test_cosine_warmup_matches_its_closed_form():
     assert f(warmup) == pytest.approx(1.0)
     assert f(55) == pytest.approx(floor + (1 - floor) / 2)  # half-way through the cosine
     assert f(total) == pytest.approx(floor)
-    for s in (12, 37, 80, 99):
-        assert f(s) == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (s - 10) / 90)))
+    # Against PyTorch's own schedulers: LinearLR for the warmup, then CosineAnnealingLR, stepped once per step.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=floor)
+    schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup])
+    reference = []
+    for _ in range(total):
+        reference.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert [f(s) for s in range(total)] == pytest.approx(reference, abs=1e-9)
     assert cosine_warmup_factor(3, total_steps=10, warmup_steps=0) == pytest.approx(0.5 * (1 + math.cos(0.3 * math.pi)))
 
 
 def test_weight_decay_spares_norms_and_biases():
-    model = PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=3))
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, num_labels=3))
     decay, no_decay = parameter_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -110,7 +119,7 @@ def test_weight_decay_spares_norms_and_biases():
 
 def _checkpoint(tmp_path: Path, labels: list[str]) -> tuple[str, PvtV2ForImageClassification]:
     torch.manual_seed(0)
-    model = PvtV2ForImageClassification(PvtV2Config(**TINY, id2label=dict(enumerate(labels)))).eval()
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, id2label=dict(enumerate(labels)))).eval()
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
     return str(folder), model
@@ -145,6 +154,7 @@ def test_finetuning_refuses_other_class_names_unless_told(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_train_command_learns_the_digits(digits, tiny_config, tmp_path):
     out = tmp_path / "run"
     result = _run(_common(digits, tiny_config, out, epochs=6))
@@ -179,6 +189,7 @@ def uninterrupted(few_digits, tiny_config, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [3, 12])  # 8 batches per epoch: in the first epoch, and in the second
 def test_a_killed_run_resumes_to_the_same_weights(few_digits, tiny_config, uninterrupted, tmp_path, kill_at):
     out = tmp_path / "run"
@@ -205,6 +216,7 @@ def test_a_killed_run_resumes_to_the_same_weights(few_digits, tiny_config, unint
         assert (a["epoch"], a["train_loss"], a["val_top1"]) == (b["epoch"], b["train_loss"], b["val_top1"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(digits, tiny_config, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -289,6 +301,7 @@ def test_unreadable_images_are_named_and_skipped(few_digits, tiny_config, tmp_pa
     assert np.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["train_loss"])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_larger_batch(few_digits, tiny_config, tmp_path):
     """Two accumulated batches of 8 make the step of one batch of 16 (same images, same order; no stochastic
     depth): the weights after an epoch agree to float rounding."""
@@ -306,6 +319,7 @@ def test_gradient_accumulation_equals_the_larger_batch(few_digits, tiny_config, 
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_demo_command_trains_b0_on_the_bundled_digits(tmp_path):
     """One epoch of the offline demo (the full demo runs 8): B0 from scratch already beats chance many times over."""
     out = tmp_path / "demo"

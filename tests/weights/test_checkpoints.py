@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import zipfile
 
 import pytest
 import timm
@@ -14,7 +13,7 @@ import transformers
 from timm.models.pvt_v2 import checkpoint_filter_fn
 
 from pvtv2 import CheckpointError, PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, PvtV2Model
-from pvtv2.weights.files import read_state_dict, save_state_dict
+from pvtv2.weights.files import save_state_dict
 from pvtv2.weights.layouts import convert_state_dict, detect_layout
 
 from conftest import TINY, random_weights_, relative_error, shrink_patch_embeddings_
@@ -160,61 +159,82 @@ def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
         PvtV2ForImageClassification.from_pretrained(path, depths=[2, 2, 1, 2])
 
 
-def test_hostile_and_broken_files(tmp_path):
-    good = save_state_dict(timm_model("pvt_v2_b0").state_dict(), tmp_path / "good.safetensors")
-    data = good.read_bytes()
+class _Exploit:
+    """A pickle that would run ``touch MARKER`` when unpickled."""
 
-    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
-        PvtV2ForImageClassification.from_pretrained(tmp_path / "truncated.safetensors")
+    def __init__(self, marker):
+        self.marker = marker
 
-    (tmp_path / "garbage.pth").write_bytes(os.urandom(4096))
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
-        read_state_dict(tmp_path / "garbage.pth")
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
-    (tmp_path / "empty.bin").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty"):
-        read_state_dict(tmp_path / "empty.bin")
 
+def _truncated_safetensors(tmp_path):
+    data = save_state_dict(timm_model("pvt_v2_b0").state_dict(), tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "bad.safetensors").write_bytes(data[: len(data) // 2])
+    return tmp_path / "bad.safetensors"
+
+
+def _cut_pickle(tmp_path):
     torch.save(timm_model("pvt_v2_b0").state_dict(), tmp_path / "whole.pth")
     whole = (tmp_path / "whole.pth").read_bytes()
-    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 3])
-    with pytest.raises(CheckpointError, match="corrupt|truncated"):
-        read_state_dict(tmp_path / "cut.pth")
+    (tmp_path / "bad.pth").write_bytes(whole[: len(whole) // 3])
+    return tmp_path / "bad.pth"
 
-    # A pickle that would run code when unpickled is refused, and the code never runs.
-    marker = tmp_path / "pwned"
 
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
+def _write(name, data):
+    def make(tmp_path):
+        (tmp_path / name).write_bytes(data() if callable(data) else data)
+        return tmp_path / name
 
-    torch.save({"weight": torch.zeros(1), "payload": Exploit()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match="refusing to load"):
-        PvtV2ForImageClassification.from_pretrained(tmp_path / "evil.pth")
-    assert not marker.exists()
+    return make
+
+
+def _saved(name, obj):
+    def make(tmp_path):
+        torch.save(obj(tmp_path), tmp_path / name)
+        return tmp_path / name
+
+    return make
+
+
+def _code_pickle(tmp_path):
     with open(tmp_path / "evil_plain.pkl", "wb") as f:
-        pickle.dump(Exploit(), f)
-    with pytest.raises(CheckpointError):
-        read_state_dict(tmp_path / "evil_plain.pkl")
-    assert not marker.exists()
+        pickle.dump(_Exploit(tmp_path / "pwned"), f)
+    return tmp_path / "evil_plain.pkl"
 
-    # A foreign model's weights.
-    save_state_dict({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, tmp_path / "resnet.safetensors")
-    with pytest.raises(CheckpointError, match="not a PVTv2 checkpoint"):
-        PvtV2ForImageClassification.from_pretrained(tmp_path / "resnet.safetensors")
 
-    # Integer tensors where weights belong.
-    state = {k: v.to(torch.int32) if k.endswith("proj.weight") else v for k, v in timm_model("pvt_v2_b0").state_dict().items()}
-    save_state_dict(state, tmp_path / "ints.safetensors")
-    with pytest.raises(CheckpointError, match="non-float"):
-        PvtV2ForImageClassification.from_pretrained(tmp_path / "ints.safetensors")
+def _foreign(tmp_path):
+    state = {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}
+    return save_state_dict(state, tmp_path / "resnet.safetensors")
 
-    # Not a state dict at all.
-    torch.save([torch.zeros(3)], tmp_path / "list.pth")
-    with pytest.raises(CheckpointError, match="does not hold a state dict"):
-        read_state_dict(tmp_path / "list.pth")
-    assert zipfile.is_zipfile(tmp_path / "list.pth")
+
+def _integer_weights(tmp_path):
+    state = timm_model("pvt_v2_b0").state_dict()
+    state = {k: v.to(torch.int32) if k.endswith("proj.weight") else v for k, v in state.items()}
+    return save_state_dict(state, tmp_path / "ints.safetensors")
+
+
+HOSTILE_FILES = {
+    "truncated safetensors": (_truncated_safetensors, "not a readable safetensors"),
+    "random bytes": (_write("garbage.pth", lambda: os.urandom(4096)), "not a readable PyTorch checkpoint"),
+    "empty file": (_write("empty.bin", b""), "empty"),
+    "truncated pickle": (_cut_pickle, "corrupt|truncated"),
+    "code in a torch.save file": (_saved("evil.pth", lambda d: {"weight": torch.zeros(1), "payload": _Exploit(d / "pwned")}), "refusing to load"),
+    "code in a plain pickle": (_code_pickle, "refusing to load|not a readable"),
+    "a foreign model": (_foreign, "not a PVTv2 checkpoint"),
+    "integer weights": (_integer_weights, "non-float"),
+    "a list, not a state dict": (_saved("list.pth", lambda d: [torch.zeros(3)]), "does not hold a state dict"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_FILES))
+def test_hostile_and_broken_files(tmp_path, case):
+    make, message = HOSTILE_FILES[case]
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        PvtV2ForImageClassification.from_pretrained(path)
+    assert not (tmp_path / "pwned").exists()  # no code in the file ran
 
 
 def test_missing_sources_are_clear_errors(tmp_path):

@@ -35,6 +35,7 @@ def run(code: str, cache, offline: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offline", [True, False])
 def test_hub_id_loads_from_the_cache(tmp_path, offline):
     reference = random_weights_(transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**TINY, num_labels=3)))
@@ -60,6 +61,7 @@ def test_hub_id_loads_from_the_cache(tmp_path, offline):
         assert relative_error(reference.eval()(x).logits, torch.load(tmp_path / "y.pt")) < 1e-5
 
 
+@pytest.mark.slow
 def test_uncached_hub_id_says_how_to_get_the_weights(tmp_path):
     (tmp_path / "cache").mkdir()
     result = run("import pvtv2\npvtv2.PvtV2ForImageClassification.from_pretrained('OpenGVLab/pvt_v2_b0')", tmp_path / "cache")
@@ -68,6 +70,7 @@ def test_uncached_hub_id_says_how_to_get_the_weights(tmp_path):
     assert "not in the Hugging Face cache" in result.stderr and "hf download OpenGVLab/pvt_v2_b0" in result.stderr
 
 
+@pytest.mark.slow
 def test_cached_config_without_weights_is_a_clear_error(tmp_path):
     make_cache(tmp_path / "cache", "OpenGVLab/pvt_v2_b0", {"config.json": json.dumps({"model_type": "pvt_v2"}).encode()})
     result = run("import pvtv2\npvtv2.PvtV2ForImageClassification.from_pretrained('OpenGVLab/pvt_v2_b0')", tmp_path / "cache")

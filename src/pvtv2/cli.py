@@ -204,7 +204,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- inference
 def _progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+    return not getattr(args, "no_progress", False)
 
 
 def _size_pair(text: str) -> tuple[int, int]:

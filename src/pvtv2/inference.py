@@ -32,6 +32,7 @@ from .models.depth import PvtV2ForDepthEstimation
 from .models.labels import has_generic_labels
 from .models.modeling import PvtV2ForImageClassification
 from .models.segmentation import PvtV2ForSemanticSegmentation
+from .progress import progress_bar
 from .runtime import parse_device
 from .weights.hub import looks_like_hub_id, resolve_file
 
@@ -277,8 +278,6 @@ def predict(
     """Softmax probabilities of the ``top_k`` most likely classes of each image file, in batches.
 
     ``runtime`` computes the logits (default: the PyTorch model; see :func:`load_runtime`)."""
-    from tqdm.auto import tqdm
-
     if top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}")
     if batch_size < 1:
@@ -287,7 +286,7 @@ def predict(
     id2label = model.config.id2label
     forward = runtime if runtime is not None else torch_runtime(model)
     results: list[Prediction] = []
-    bar = tqdm(total=len(images), unit="img", disable=not progress, desc="predict")
+    bar = progress_bar(total=len(images), unit="img", enabled=progress, desc="predict")
     for chunk in _batches(list(images), batch_size):
         loaded, names = [], []
         for path in chunk:
@@ -359,8 +358,6 @@ def evaluate(
     ``images_per_second`` is end to end (reading, preprocessing and the model); ``model_images_per_second`` counts
     the forward passes only (the ``runtime``'s calls; default: the PyTorch model, see :func:`load_runtime`).
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     root, split = _dataset_root(data)
@@ -373,7 +370,7 @@ def evaluate(
     loss_sum = 0.0
     model_seconds = 0.0
     start = time.perf_counter()
-    bar = tqdm(total=len(samples), unit="img", disable=not progress, desc="eval")
+    bar = progress_bar(total=len(samples), unit="img", enabled=progress, desc="eval")
     for chunk in _batches(samples, batch_size):
         images = [load_image(path) for path, _ in chunk]  # an unreadable file stops the evaluation, naming it
         pixel_values = processor(images, return_tensors="pt")["pixel_values"]

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from torch import nn
 from ..data.folders import epoch_indices
 from ..fileio import atomic_write_json
 from ..models.config import PvtV2Config
+from ..progress import progress_bar
 from .config import TrainConfig
 from .curves import draw_curves, read_metrics, write_metrics
 from .distributed import DistInfo, all_reduce, autocast, rng_state, seed_everything, set_rng_state
@@ -197,7 +197,7 @@ def run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, info: DistIn
         loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=order, num_workers=workers)
         net.train()
         loss_sum = seen = 0.0
-        bar = _progress(loader, cfg.progress and info.main, f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = progress_bar(loader, enabled=cfg.progress and info.main, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for i, (images, labels) in enumerate(bar):
             step_now = epoch * batches_per_epoch + i + 1
             if kill_at and step_now == kill_at:
@@ -291,10 +291,3 @@ def run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, info: DistIn
         "rank": info.rank,
     }
 
-
-def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)

@@ -46,15 +46,16 @@ def _current_rss_mb() -> float:
 
 
 def build_models(
-    preset: str, impls=IMPLS, backbone: bool = False, seed: int = 0, train: bool = False
+    preset, impls=IMPLS, backbone: bool = False, seed: int = 0, train: bool = False, freeze: bool | None = None
 ) -> dict[str, nn.Module]:
-    """The requested implementations of ``preset``, all with the same random weights."""
+    """The requested implementations of ``preset`` (a preset name or a ``PvtV2Config``), all with the same random
+    weights. pvtv2's weights are packed for the fast CPU path (``freeze``) unless ``train`` or ``freeze=False``."""
     import transformers
 
     from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
     from pvtv2.weights.layouts import convert_state_dict
 
-    config = PvtV2Config.from_preset(preset)
+    config = PvtV2Config.from_preset(preset) if isinstance(preset, str) else preset
     data = config.to_dict()
     data.pop("stage_names", None)
     torch.manual_seed(seed)
@@ -67,7 +68,7 @@ def build_models(
     if "pvtv2" in impls:
         ours = PvtV2ForImageClassification(config)
         ours.load_state_dict(sd, strict=True)
-        if not train:
+        if (not train) if freeze is None else freeze:
             fast.freeze(ours)  # weights packed once, as the pvtv2 command serves a model
         models["pvtv2"] = ours.pvt_v2 if backbone else ours
     if "transformers" in impls:
@@ -75,7 +76,17 @@ def build_models(
     if "timm" in impls:
         import timm
 
-        tm = timm.create_model(preset, pretrained=False)
+        if isinstance(preset, str):
+            tm = timm.create_model(preset, pretrained=False)
+        else:  # the same architecture built from the config (a tiny one in dry runs)
+            from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+            tm = PyramidVisionTransformerV2(
+                depths=tuple(config.depths), embed_dims=tuple(config.hidden_sizes),
+                num_heads=tuple(config.num_attention_heads), sr_ratios=tuple(config.sr_ratios),
+                mlp_ratios=tuple(config.mlp_ratios), qkv_bias=config.qkv_bias, linear=config.linear_attention,
+                num_classes=config.num_labels,
+            )
         tm.load_state_dict(convert_state_dict(sd, "timm"), strict=True)
         models["timm"] = _TimmFeatures(tm) if backbone else tm
     else:

@@ -468,7 +468,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = PvtV2ForImageClassification(PvtV2Config.from_preset(args.model))
     else:
-        model = PvtV2ForImageClassification.from_pretrained(args.model)
+        # Counted on the meta device too: the count needs shapes, not values, so any --image-size costs no memory.
+        model = PvtV2ForImageClassification.from_pretrained(args.model).to("meta")
     summary = model_summary(model, args.image_size, name=args.model)
     if args.json:
         _print_json(summary)

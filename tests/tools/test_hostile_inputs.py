@@ -352,3 +352,13 @@ def test_attention_picture_shows_a_small_input_as_sharp_blocks(ws, tmp_path, cap
     assert picture.shape == (224 + caption, 5 * 224, 3)
     pixels = np.asarray(PIL.Image.open(ws / "img16.png").convert("RGB"))
     assert np.array_equal(picture[caption:, :224], pixels.repeat(14, axis=0).repeat(14, axis=1))  # 224 = 14 x 16
+
+
+def test_info_of_weights_at_a_huge_size_counts_on_the_meta_device(ws, capsys):
+    result = run_here(capsys, "info", str(ws / "classifier"), "--image-size", "16384", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    # overlapping patch embeddings: floor((n + 2 * (k // 2) - k) / s) + 1 with (k, s) = (7, 4), then (3, 2) thrice
+    assert [s["output"] for s in info["stages"]] == [[4096, 4096], [2048, 2048], [1024, 1024], [512, 512]]
+    model = PvtV2ForImageClassification.from_pretrained(ws / "classifier")
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())

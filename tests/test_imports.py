@@ -21,7 +21,7 @@ ALLOWED = {
     "training": {"models", "weights", "data", "fast"},
 }
 # Top-level modules every package may use: they import nothing of the packages above them.
-HELPERS = {"fileio", "runtime"}
+HELPERS = {"fileio", "progress", "runtime"}
 
 
 def _module_name(path: Path) -> str:

@@ -240,7 +240,8 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "label2id": dict(id2label={0: "cat", 1: "dog"}),
 }
 
-# Every field away from its default at once (three stages, so that num_encoder_blocks differs too).
+# Every field away from its default at once (three stages, so that num_encoder_blocks differs too). Whole numbers
+# for mlp_ratios and max_depth: transformers 5 types them int and refuses floats.
 EVERYTHING: dict[str, Any] = dict(
     image_size=[256, 320], num_channels=1, num_encoder_blocks=3, depths=[1, 2, 1], sr_ratios=[4, 2, 2],
     hidden_sizes=[16, 32, 48], patch_sizes=[5, 3, 3], strides=[2, 2, 2], num_attention_heads=[2, 4, 3],
@@ -285,6 +286,27 @@ def test_positional_arguments_follow_the_table():
         PvtV2Config(*range(len(TABLE) + 1))
     with pytest.raises(TypeError, match="image_size"):
         PvtV2Config(224, image_size=256)
+
+
+# The keys of config.json, in to_dict's order (recorded): the layout of transformers' file, then what is set.
+ALWAYS_WRITTEN = [
+    "model_type", "image_size", "num_channels", "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes",
+    "patch_sizes", "strides", "num_attention_heads", "mlp_ratios", "hidden_act", "hidden_dropout_prob",
+    "attention_probs_dropout_prob", "initializer_range", "drop_path_rate", "layer_norm_eps", "qkv_bias",
+    "linear_attention", "out_features", "out_indices", "stage_names", "id2label", "label2id",
+]
+WRITTEN_WHEN_SET = [
+    "patch_embed_layer_norm_eps", "reduction_layer_norm_eps", "decoder_hidden_size", "classifier_dropout_prob",
+    "semantic_loss_ignore_index", "reshape_last_stage", "max_depth", "head_in_index", "problem_type",
+    "output_attentions", "output_hidden_states", "return_dict",
+]
+
+
+def test_to_dict_writes_the_recorded_keys_in_order():
+    assert list(PvtV2Config().to_dict()) == ALWAYS_WRITTEN
+    assert list(PvtV2Config(**EVERYTHING, my_field=1).to_dict()) == ALWAYS_WRITTEN + WRITTEN_WHEN_SET + ["my_field"]
+    # a field set back to its default is not written (output flags), or written when set (explicit heads)
+    assert list(PvtV2Config(return_dict=True, max_depth=10.0).to_dict()) == ALWAYS_WRITTEN + ["max_depth"]
 
 
 @pytest.mark.parametrize("name", TABLE)

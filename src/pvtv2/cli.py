@@ -70,6 +70,7 @@ def _add_benchmark(subparsers) -> None:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     import torch
 
+    from . import fast
     from .benchmark import benchmark_model, build_model
     from .runtime import parse_device
 
@@ -77,6 +78,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = parse_device(args.device)
     model = build_model(args.model, backbone=args.backbone).to(device)
+    if not args.train:
+        fast.freeze(model)  # as predict and eval do: the weights packed once for the fast CPU path
     result = benchmark_model(
         model, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype, compile=args.compile,
         train=args.train, warmup=args.warmup, repeats=args.repeats, name=args.model,

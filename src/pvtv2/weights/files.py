@@ -126,15 +126,22 @@ def _contiguous_copies(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write tensors to ``path`` atomically: safetensors for ``.safetensors``, a plain tensor dict otherwise."""
-    from safetensors.torch import save_file
+    import io
+
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {k: v.cpu() for k, v in _contiguous_copies(state).items()}
 
     def write(tmp: Path) -> None:
+        # Serialised in memory and written by Python, so that a full disk is an OSError (ENOSPC) that atomic_write
+        # reports; safetensors' and torch's own file writers raise other kinds for it.
         if path.suffix == ".safetensors":
-            save_file(tensors, os.fspath(tmp), metadata={"format": "pt", **(metadata or {})})
+            data = save(tensors, metadata={"format": "pt", **(metadata or {})})
         else:
-            torch.save(tensors, tmp)
+            buffer = io.BytesIO()
+            torch.save(tensors, buffer)
+            data = buffer.getbuffer()
+        tmp.write_bytes(data)
 
     return atomic_write(path, write)

@@ -6,7 +6,7 @@
     python benchmarks/bench.py --dtype fp32 bf16 --compile      # + bf16 autocast and torch.compile variants
 
 Speed: in one process the three implementations get the same weights (transformers' random weights loaded into
-ours; timm's through ``pvtv2.checkpoints.convert_state_dict(sd, "timm")``) and are timed in turn, repeat after repeat,
+ours; timm's through ``pvtv2.weights.layouts.convert_state_dict(sd, "timm")``) and are timed in turn, repeat after repeat,
 so that a slow moment of a shared machine hits all three alike; the median per implementation gives images/s and the
 ratios. Memory: each (implementation, configuration) runs once more in a fresh subprocess, which reports its peak
 resident set size (``ru_maxrss``, whole run) and, for a second forward pass after a first one has loaded libraries,
@@ -45,12 +45,14 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def build_models(preset: str, impls=IMPLS, backbone: bool = False, seed: int = 0) -> dict[str, nn.Module]:
+def build_models(
+    preset: str, impls=IMPLS, backbone: bool = False, seed: int = 0, train: bool = False
+) -> dict[str, nn.Module]:
     """The requested implementations of ``preset``, all with the same random weights."""
     import transformers
 
-    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
-    from pvtv2.checkpoints import convert_state_dict
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
+    from pvtv2.weights.layouts import convert_state_dict
 
     config = PvtV2Config.from_preset(preset)
     data = config.to_dict()
@@ -65,6 +67,8 @@ def build_models(preset: str, impls=IMPLS, backbone: bool = False, seed: int = 0
     if "pvtv2" in impls:
         ours = PvtV2ForImageClassification(config)
         ours.load_state_dict(sd, strict=True)
+        if not train:
+            fast.freeze(ours)  # weights packed once, as the pvtv2 command serves a model
         models["pvtv2"] = ours.pvt_v2 if backbone else ours
     if "transformers" in impls:
         models["transformers"] = hf.pvt_v2 if backbone else hf
@@ -121,7 +125,7 @@ def _step_fn(model: nn.Module, x: torch.Tensor, dtype: str, train: bool, compile
 
 # ---------------------------------------------------------------------------------------------- speed
 def measure_speed(case: dict, impls, repeats: int, warmup: int) -> dict:
-    models = build_models(case["model"], impls, backbone=case["backbone"])
+    models = build_models(case["model"], impls, backbone=case["backbone"], train=case["train"])
     x = torch.randn(case["batch"], 3, case["size"], case["size"])
     steps = {k: _step_fn(m, x, case["dtype"], case["train"], case["compile"]) for k, m in models.items()}
     for _ in range(warmup):

@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     for mode in ("default", "tuned"):
         counts = [faults(mode) for _ in range(args.processes)]
-        print(f"{mode:8s} faults per round: " + ", ".join(f"{c:.0f}" for c in counts) + f" (of 12288 fresh pages)")
+        print(f"{mode:8s} faults per round: " + ", ".join(f"{c:.0f}" for c in counts) + " (of 12288 fresh pages)")
 
 
 if __name__ == "__main__":

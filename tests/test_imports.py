@@ -21,7 +21,7 @@ ALLOWED = {
     "training": {"models", "weights", "data", "fast"},
 }
 # Top-level modules every package may use: they import nothing of the packages above them.
-HELPERS = {"fileio", "runtime"}
+HELPERS = {"fileio", "runtime", "progress"}
 
 
 def _module_name(path: Path) -> str:
@@ -104,14 +104,22 @@ def test_packages_import_only_downwards():
         if len(parts) < 3 or parts[1] not in ALLOWED:  # top-level tools may import anything
             continue
         own = parts[1]
-        for target, _ in _imports(path):
-            tparts = target.split(".")
-            if len(tparts) < 2 or tparts[1] == own or tparts[1] in HELPERS:
-                continue
-            dotted = ".".join(tparts[1:])
-            if not any(dotted == a or dotted.startswith(a + ".") for a in ALLOWED[own]):
-                offenders.append(f"{name} imports {target}")
+        for module, names in _imports(path):
+            # ``from pvtv2 import fast`` imports the package pvtv2.fast
+            targets = [f"{module}.{n}" for n in names] if module == "pvtv2" else [module]
+            for target in targets:
+                offenders.extend(_upward(name, own, target))
     assert not offenders, "\n".join(offenders)
+
+
+def _upward(name: str, own: str, target: str) -> list[str]:
+    tparts = target.split(".")
+    if len(tparts) < 2 or tparts[1] == own or tparts[1] in HELPERS:
+        return []
+    dotted = ".".join(tparts[1:])
+    if not any(dotted == a or dotted.startswith(a + ".") for a in ALLOWED[own]):
+        return [f"{name} imports {target}"]
+    return []
 
 
 def test_the_graph_sees_the_imports():
@@ -120,3 +128,4 @@ def test_the_graph_sees_the_imports():
     assert "pvtv2.models.config" in graph["pvtv2.models.modeling"]
     assert "pvtv2.weights.loading" in graph["pvtv2.models.modeling"]  # inside from_pretrained
     assert "pvtv2.training.engine" in graph["pvtv2.training.classification"]
+    assert "pvtv2.fast" in graph["pvtv2.models.layers"]  # ``from .. import fast``

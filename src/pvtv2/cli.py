@@ -110,6 +110,7 @@ def _add_benchmark(subparsers) -> None:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     import torch
 
+    from . import fast
     from .benchmark import benchmark_model, build_model
     from .runtime import parse_device
 
@@ -124,6 +125,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = build_model(args.model, backbone=args.backbone).to(device)
+    if not args.train:
+        fast.freeze(model)  # as predict and eval do: the weights packed once for the fast CPU path
     result = benchmark_model(
         model, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype, compile=args.compile,
         train=args.train, warmup=args.warmup, repeats=args.repeats, name=args.model,
@@ -142,11 +145,46 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- train
-@_register
-def _add_train(subparsers) -> None:
+def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
+    """The flags of a training run, shared by `train` and `train-seg`. Every default is None, so that the command
+    knows which flags were given (``--resume`` warns about each one the stored run overrides); ``recipe`` (over
+    TrainConfig's defaults) supplies the rest and the defaults shown in the help."""
     from .training import TrainConfig
 
-    d = TrainConfig()
+    d = {**TrainConfig().run_fields(), **recipe}
+    lr_default = (f"default {d['lr']:g}" if d["lr"] is not None else
+                  "default: 5e-4 x global batch / 512 for classification, 6e-5 x global batch / 16 for segmentation")
+    p.add_argument("--model", "-m", help=f"preset name, config.json, folder, checkpoint file or hub id (default {d['model']})")
+    p.add_argument("--output", "-o", required=True, help="run folder for checkpoints, metrics and curves")
+    p.add_argument("--image-size", type=int, help=f"training and evaluation resolution (default {d['image_size']})")
+    p.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
+    p.add_argument("--batch-size", type=int, help=f"images per process per forward pass (default {d['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate ({lr_default})")
+    p.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine (default {d['min_lr']:g})")
+    p.add_argument("--warmup-epochs", type=float, help=f"linear warmup length (default {d['warmup_epochs']:g})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay, not on norms and biases (default {d['weight_decay']:g})")
+    p.add_argument("--label-smoothing", type=float, help=f"classification (default {d['label_smoothing']:g})")
+    p.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's or the checkpoint's)")
+    p.add_argument("--grad-accum", type=int, help=f"forward passes per optimizer step (default {d['grad_accum']})")
+    p.add_argument("--crop-scale", type=float,
+                   help=f"classification: smallest area fraction of random resized crops (default {d['crop_scale']:g})")
+    p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d['hflip']:g})")
+    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
+    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
+    p.add_argument("--seed", type=int, help=f"default {d['seed']}")
+    p.add_argument("--replace-head", action="store_true", default=None,
+                   help="fine-tuning: train a new head when the dataset's classes are not the checkpoint's")
+    p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output (its settings are "
+                   "the stored ones: other values given are ignored, with a warning)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train, recipe=recipe)
+
+
+@_register
+def _add_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train or fine-tune a classifier on an image folder (single process or under torchrun)",
@@ -159,44 +197,21 @@ def _add_train(subparsers) -> None:
                    help="classification (default; DIR/train/<class>/*) or segmentation (DIR/train/images/*, "
                    "DIR/train/masks/*.png, the same under val/; reports mean IoU and pixel accuracy)")
     p.add_argument("--data", help="dataset folder with train/<class>/ and val/<class>/ sub-folders")
-    p.add_argument("--model", help=f"preset name, config.json, folder, checkpoint file or hub id (default {d.model})")
-    p.add_argument("--output", required=True, help="run folder for checkpoints, metrics and curves")
-    p.add_argument("--image-size", type=int, help=f"training and evaluation resolution (default {d.image_size})")
-    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"images per process per forward pass (default {d.batch_size})")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 x global batch / 512)")
-    p.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine (default {d.min_lr})")
-    p.add_argument("--warmup-epochs", type=float, help=f"linear warmup length (default {d.warmup_epochs:g})")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay, not on norms and biases (default {d.weight_decay})")
-    p.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
-    p.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's or the checkpoint's)")
-    p.add_argument("--grad-accum", type=int, help="forward passes per optimizer step (default 1)")
-    p.add_argument("--crop-scale", type=float, help=f"smallest area fraction of random resized crops (default {d.crop_scale})")
-    p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d.hflip})")
-    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
-    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--replace-head", action="store_true", default=None,
-                   help="fine-tuning: train a new head when the dataset's classes are not the checkpoint's")
-    p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_train)
+    _add_training_flags(p, {})
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """`train` and its alias `train-seg`, which differ only in ``args.recipe``: the defaults of the flags not given."""
     import dataclasses
 
     from .training import TrainConfig, train
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    cfg = TrainConfig(**given, progress=not args.no_progress)
+    cfg = TrainConfig(**{**args.recipe, **given, "progress": not args.no_progress})
     if not cfg.resume and not cfg.data:
         raise ValueError("--data is required (unless --resume continues a run)")
-    result = train(cfg)
+    result = train(cfg, explicit={k for k, v in given.items() if v is not False})  # store_true flags left out: False
     if result["rank"] == 0 and result.get("task") == "segmentation":
         _print_segmentation_result(result)
     elif result["rank"] == 0:
@@ -641,43 +656,20 @@ def _print_segmentation_result(result: dict) -> None:
 
 @_register
 def _add_train_seg(subparsers) -> None:
-    from .training.segmentation import EXAMPLE_RECIPE as d
+    from .training.segmentation import EXAMPLE_RECIPE
 
     p = subparsers.add_parser(
-        "train-seg", help="train a segmentation model on image / mask folders (pvtv2 train --task segmentation, "
-        "with defaults for small data)",
-        description="`pvtv2 train --task segmentation --data DIR` with the shapes example's defaults (a tiny model, "
-        "64 px, 8 epochs): evaluates mean IoU and pixel accuracy on DIR/val each epoch; writes OUTPUT/best, "
-        "OUTPUT/last (resumable), metrics.jsonl and curves.png. Runs under torchrun like `pvtv2 train`.",
+        "train-seg", help="train a segmentation model on image / mask folders (an alias of pvtv2 train --task "
+        "segmentation, with defaults for small data)",
+        description="An alias: `pvtv2 train-seg DIR ...` runs `pvtv2 train --task segmentation --data DIR ...` (the "
+        "same code and flags), with the shapes example's defaults for the flags not given (a tiny model, 64 px, 8 "
+        "epochs, batch 8, lr 2e-3) instead of the ImageNet recipe's. Evaluates mean IoU and pixel accuracy on DIR/val "
+        "each epoch; writes OUTPUT/best, OUTPUT/last (resumable), metrics.jsonl and curves.png. Runs under torchrun "
+        "like `pvtv2 train`.",
     )
     p.add_argument("data", metavar="DIR", help="folder with train/ and val/ (images/*.png|jpg, masks/*.png)")
-    p.add_argument("--output", "-o", required=True, help="run folder")
-    p.add_argument("--model", "-m", default=d["model"], help="'tiny' (default), a preset name (random weights), a "
-                   "config.json, or a classification / segmentation checkpoint whose encoder to fine-tune")
-    p.add_argument("--image-size", type=int, default=d["image_size"], help=f"training resolution (default: {d['image_size']})")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help=f"default: {d['epochs']}")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"per process (default: {d['batch_size']})")
-    p.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default: {d['lr']})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in OUTPUT")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in OUTPUT")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_train_seg)
-
-
-def _cmd_train_seg(args: argparse.Namespace) -> int:
-    from .training import train
-    from .training.segmentation import example_config
-
-    result = train(example_config(
-        data=args.data, output=args.output, model=args.model, image_size=args.image_size, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, resume=args.resume,
-        overwrite=args.overwrite, progress=not args.no_progress,
-    ))
-    if result["rank"] == 0:
-        _print_segmentation_result(result)
-    return 0
+    _add_training_flags(p, EXAMPLE_RECIPE)
+    p.set_defaults(task="segmentation")  # implied by the command: --resume warns if the stored run is another task
 
 
 @_register
@@ -701,18 +693,20 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data.shapes import make_segmentation_example
+    from .training import check_config, train
+    from .training.segmentation import example_config
 
-    data = make_segmentation_example(Path(args.output) / "data", args.train, args.val, args.size, args.seed)
+    if args.epochs < 0:
+        raise ValueError(f"--epochs must be 0 (the data only) or more, got {args.epochs}")
+    out = Path(args.output)
+    cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
+                         seed=args.seed, progress=not args.no_progress)
+    if args.epochs > 0:
+        check_config(cfg)  # before the data is written
+    data = make_segmentation_example(out / "data", args.train, args.val, args.size, args.seed)
     print(f"wrote the example to {data}")
     if args.epochs > 0:
-        from .training import train
-        from .training.segmentation import example_config
-
-        result = train(example_config(
-            data=str(data), output=str(Path(args.output) / "run"), image_size=args.size, epochs=args.epochs,
-            seed=args.seed, progress=not args.no_progress,
-        ))
-        _print_segmentation_result(result)
+        _print_segmentation_result(train(cfg))
     return 0
 
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .models.config import PvtV2Config, preset_key
-from .models.layers import PvtV2Stage, SpatialReductionAttention, set_fast_path
+from .fast import fast_path
+from .models.layers import PvtV2Stage, SpatialReductionAttention
 
 __all__ = ["PAPER_GMACS", "count_macs", "model_summary", "format_summary"]
 
@@ -105,16 +106,15 @@ def count_macs(model: nn.Module, image_size: int | Sequence[int] = 224, batch_si
             handles.append(m.register_forward_hook(stage_hook))
     was_training = model.training
     model.eval()
-    # The public-op path calls the Conv2d and Linear modules that the hooks watch; the packed inference path does not.
-    fast = set_fast_path(False)
+    # The reference path calls the Conv2d and Linear modules that the hooks watch; the fast path does not.
     try:
         param = next(model.parameters())
         x = torch.zeros(batch_size, channels, height, width, device=param.device, dtype=param.dtype)
-        model(x)
+        with fast_path(False):
+            model(x)
     finally:
         for h in handles:
             h.remove()
-        set_fast_path(fast)
         model.train(was_training)
     total = sum(by_kind.values())
     return {

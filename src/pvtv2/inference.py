@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .data.folders import find_image_files, scan_split
 from .data.processing import IMAGE_EXTENSIONS, PREPROCESSOR_CONFIG_NAME, PvtV2ImageProcessor, load_image
+from . import fast
 from .fileio import path_kind
 from .models.config import is_preset_name, preset_key
 from .models.depth import PvtV2ForDepthEstimation
@@ -168,8 +169,10 @@ def torch_runtime(model: PvtV2ForImageClassification, bf16: bool = False) -> Run
     """The PyTorch model as a runtime: inputs are moved to the model's device and dtype, logits come back as float32
     (on the model's device; a CUDA model is synchronised so that timing the call measures the forward pass). With
     ``bf16`` the forward pass runs under bfloat16 autocast (fast on GPUs and on CPUs with AVX512-BF16 or AMX; slow
-    elsewhere)."""
+    elsewhere). The runtime owns the model from then on: its weights are packed for the fast CPU path once
+    (:func:`pvtv2.fast.freeze`)."""
     device, dtype = model.device, model.dtype
+    fast.freeze(model)
 
     @torch.no_grad()
     def run(pixel_values: Any) -> torch.Tensor:

@@ -1,22 +1,34 @@
-"""The fast inference path (oneDNN prepacked linears, fused kv / GELU / residual adds, channels-last views) against
-transformers, against the model's own public-op path, under bf16 autocast, and its weight cache's invalidation."""
+"""The fast CPU inference path (pvtv2.fast) held to its contract: the reference model's numbers (and transformers')
+for the weights the model holds at call time, however they were written; models that copy, pickle and save after
+inference; the explicit packing step; thread safety. Which operators ran is observed with PyTorch's profiler."""
 
 from __future__ import annotations
 
+import copy
+import gc
+import io
 import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from unittest import mock
 
 import pytest
 import torch
 import transformers
+from torch.optim.swa_utils import AveragedModel
 
-import pvtv2.models.layers as layers
-from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+import pvtv2.fast.cpu as cpu
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
 from pvtv2.benchmark import benchmark_model
 
 from conftest import TINY, random_weights_, relative_error
 
 TOL = 1e-5
-FAST = layers.fast_path_available(torch.float32)
+FAST = fast.fast_path_available(torch.float32)
+needs_fast = pytest.mark.skipif(not FAST, reason="the oneDNN operators of the fast path are not available here")
 
 
 def hf_pair(config: PvtV2Config, seed: int = 0):
@@ -30,88 +42,204 @@ def hf_pair(config: PvtV2Config, seed: int = 0):
     return ours.eval(), theirs
 
 
-@pytest.fixture
-def public_ops_only():
-    previous = layers.set_fast_path(False)
-    yield
-    layers.set_fast_path(previous)
+def ops_run(fn) -> dict[str, int]:
+    """How often each operator ran during ``fn()``, as PyTorch's profiler records it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        counts[event.name] = counts.get(event.name, 0) + 1
+    return counts
 
 
-def packed_entries(model: torch.nn.Module) -> int:
-    return sum(len(m.__dict__["_fast_cache"].entries) for m in model.modules() if "_fast_cache" in m.__dict__)
+def reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own reference path (public ops) on the weights it holds now."""
+    with torch.no_grad(), fast.fast_path(False):
+        return model(x).logits
 
 
-@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("mode", ["reference", "fast", "frozen"])
 @pytest.mark.parametrize("linear,act", [(False, "gelu"), (True, "gelu"), (False, "gelu_pytorch_tanh"), (False, "relu")])
-def test_both_paths_match_transformers_and_attentions_path(fast, linear, act):
-    if fast and not FAST:
-        pytest.skip("oneDNN prepacked linear not available in this build")
+def test_every_path_matches_transformers(mode, linear, act):
+    if mode != "reference" and not FAST:
+        pytest.skip("the oneDNN operators of the fast path are not available here")
     config = PvtV2Config(**TINY, linear_attention=linear, hidden_act=act, num_labels=7)
     ours, theirs = hf_pair(config, seed=3)
+    if mode == "frozen":
+        fast.freeze(ours)
     x = torch.randn(3, 3, 75, 61)
-    previous = layers.set_fast_path(fast)
-    try:
-        with torch.no_grad():
-            expected = theirs(x, output_hidden_states=True).logits
-            default = ours(x, output_hidden_states=True)
-            with_probs = ours(x, output_attentions=True).logits
-    finally:
-        layers.set_fast_path(previous)
-    assert relative_error(expected, default.logits) < TOL
-    assert relative_error(with_probs, default.logits) < TOL
-    # The private ops ran (prepacked weights cached) exactly when asked for.
-    assert (packed_entries(ours) > 0) == fast
+    with torch.no_grad(), fast.fast_path(mode != "reference"):
+        expected = theirs(x, output_hidden_states=True)
+        counts = ops_run(lambda: ours(x, output_hidden_states=True))
+        got = ours(x, output_hidden_states=True)
+        with_probs = ours(x, output_attentions=True).logits  # attention maps: always the reference path
+    assert relative_error(expected.logits, got.logits) < TOL
+    for ref, mine in zip(expected.hidden_states, got.hidden_states):
+        assert relative_error(ref, mine) < TOL
+    assert relative_error(expected.logits, with_probs) < TOL
+    # The oneDNN operators ran exactly when the fast path was on; weights were packed only when frozen.
+    assert (counts.get("mkldnn::_linear_pointwise", 0) > 0) == (mode != "reference")
+    assert (counts.get("mkldnn::_reorder_linear_weight", 0) > 0) == (mode == "frozen")
 
 
-def test_fast_path_state_dict_unchanged():
-    config = PvtV2Config(**TINY, num_labels=4)
-    ours, theirs = hf_pair(config)
-    before = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+@needs_fast
+def test_frozen_weights_are_packed_once_per_shape():
+    ours, theirs = hf_pair(PvtV2Config(**TINY, num_labels=4), seed=8)
+    fast.freeze(ours)
+    assert fast.is_frozen(ours) and not fast.is_frozen(theirs)
+    a, b = torch.randn(2, 3, 64, 80), torch.randn(1, 3, 48, 48)
     with torch.no_grad():
-        ours(torch.randn(1, 3, 64, 64))
-    after = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    assert after == before == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
-
-
-@pytest.mark.skipif(not FAST, reason="oneDNN prepacked linear not available in this build")
-def test_cache_follows_weight_changes():
-    config = PvtV2Config(**TINY, num_labels=4)
-    ours, _ = hf_pair(config, seed=0)
-    _, other = hf_pair(config, seed=1)
-    x = torch.randn(2, 3, 64, 64)
-
-    def reference(model):
-        previous = layers.set_fast_path(False)
-        try:
-            with torch.no_grad():
-                return model(x).logits
-        finally:
-            layers.set_fast_path(previous)
-
+        first = ops_run(lambda: ours(a))
+        again = ops_run(lambda: ours(a))
+        other_shape = ops_run(lambda: ours(b))
+        assert relative_error(theirs(b).logits, ours(b).logits) < TOL
+    assert first.get("mkldnn::_reorder_linear_weight", 0) > 0 and first.get("mkldnn::_reorder_convolution_weight", 0) > 0
+    assert "mkldnn::_reorder_linear_weight" not in again and "mkldnn::_reorder_convolution_weight" not in again
+    # Convolution weights are packed for the input size (a weight packed for another size is 10-100x slower).
+    assert "mkldnn::_reorder_linear_weight" not in other_shape and other_shape.get("mkldnn::_reorder_convolution_weight", 0) > 0
+    fast.unfreeze(ours)
+    assert not fast.is_frozen(ours)
+    assert all(type(p) is torch.nn.Parameter for p in ours.parameters())
     with torch.no_grad():
-        ours(x)  # fills the cache
-    # load_state_dict copies in place.
-    ours.load_state_dict(other.state_dict())
-    with torch.no_grad():
-        assert relative_error(other(x).logits, ours(x).logits) < TOL
-    # An optimizer step changes the weights in place.
-    ours.train()
-    assert packed_entries(ours) == 0  # .train() drops the packed weights
-    opt = torch.optim.SGD(ours.parameters(), lr=0.5)
-    ours(x).logits.square().mean().backward()
+        assert "mkldnn::_reorder_linear_weight" not in ops_run(lambda: ours(a))
+
+
+def _other_weights(model):
+    return {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
+def _optimizer_step(model):
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.randn(2, 3, 64, 64)).logits.square().mean().backward()
     opt.step()
-    ours.eval()
+    model.eval()
+
+
+def _load_state_dict(model):
+    model.load_state_dict(_other_weights(model))
+
+
+def _data_copy(model):  # the classic EMA / weight-copy idiom: writes through .data bypass the version counter
+    for p, q in zip(model.parameters(), _other_weights(model).values()):
+        p.data.copy_(q)
+
+
+def _data_mul_one(model):
+    model.pvt_v2.encoder.layers[1].blocks[0].attention.value.weight.data.mul_(-1)
+
+
+def _data_assign(model):
+    w = model.pvt_v2.encoder.layers[2].blocks[0].mlp.dense1.weight
+    w.data = w.detach() * 1.5
+
+
+def _detach_write(model):
+    model.pvt_v2.encoder.layers[0].patch_embedding.proj.weight.detach().mul_(-0.5)
+
+
+def _new_parameter(model):
+    layer = model.pvt_v2.encoder.layers[1].blocks[1].mlp.dense2
+    layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight) * 0.2)
+
+
+def _new_parameter_at_the_old_address(model):
+    # The old weight is freed first, so the allocator is free to hand its memory to the new one, which is then written
+    # as often as the old one was: address and version counter alike.
+    layer = model.pvt_v2.encoder.layers[2].blocks[0].attention.proj
+    shape, writes = layer.weight.shape, layer.weight._version
+    layer.weight = None
+    weight = torch.empty(shape)  # one allocation, no temporary
     with torch.no_grad():
-        ours(x)
-    ref = reference(ours)
+        weight.normal_(0.0, 0.2)
+        while weight._version < writes:
+            weight.add_(0.0)
+    layer.weight = torch.nn.Parameter(weight)
+
+
+def _vector_to_parameters(model):
+    vector = torch.nn.utils.parameters_to_vector(model.parameters())
+    torch.nn.utils.vector_to_parameters(vector * 0.9 + 0.01, model.parameters())
+
+
+def _no_grad_inplace(model):
     with torch.no_grad():
-        got = ours(x).logits
-    assert relative_error(other(x).logits.detach(), got) > 1e-3  # the step did change the model
-    assert relative_error(ref, got) < TOL
-    # An in-place edit of one weight, outside any optimizer.
+        model.pvt_v2.encoder.layers[1].blocks[0].attention.spatial_reduction.weight.mul_(2.0)
+
+
+def _averaged(model):
+    averaged = AveragedModel(model)  # a deep copy, made after inference
+    averaged.update_parameters(PvtV2ForImageClassification(model.config).eval())
+    return averaged.module
+
+
+WRITES = {
+    "optimizer step": _optimizer_step,
+    "load_state_dict": _load_state_dict,
+    "p.data.copy_ of every weight": _data_copy,
+    "p.data.mul_ of one weight": _data_mul_one,
+    "p.data = ...": _data_assign,
+    "p.detach().mul_": _detach_write,
+    "a new Parameter": _new_parameter,
+    "a new Parameter where the old one was": _new_parameter_at_the_old_address,
+    "vector_to_parameters": _vector_to_parameters,
+    "no_grad in-place op": _no_grad_inplace,
+    "swa_utils averaging of a copy": _averaged,
+}
+
+
+@needs_fast
+@pytest.mark.parametrize("frozen", [False, True], ids=["unfrozen", "frozen"])
+@pytest.mark.parametrize("write", list(WRITES))
+def test_outputs_follow_every_kind_of_weight_write(write, frozen):
+    torch.manual_seed(0)
+    model, theirs = hf_pair(PvtV2Config(**TINY, num_labels=5), seed=11)
+    del theirs  # it shares the weights' storage: the model's parameters must be the only owners
+    gc.collect()
+    if frozen:
+        fast.freeze(model)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ours.pvt_v2.encoder.layers[1].blocks[0].attention.value.weight.mul_(-1)
-        assert relative_error(reference(ours), ours(x).logits) < TOL
+        before = model(x).logits  # packs the weights when frozen
+    changed = WRITES[write](model) or model
+    with torch.no_grad():
+        after = changed(x).logits
+    assert relative_error(before, after) > 1e-4, "the write did not change the model: the test would prove nothing"
+    assert relative_error(reference(changed, x), after) < TOL
+    # And against a fresh model that never ran: the weights as a state dict, loaded anew.
+    fresh = PvtV2ForImageClassification(changed.config).eval()
+    fresh.load_state_dict(changed.state_dict())
+    with torch.no_grad():
+        assert relative_error(fresh(x).logits, after) < TOL
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["unfrozen", "frozen"])
+def test_model_copies_pickles_and_saves_after_inference(frozen, tmp_path):
+    model, theirs = hf_pair(PvtV2Config(**TINY, num_labels=4), seed=12)
+    if frozen and FAST:
+        fast.freeze(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x).logits
+    keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert keys == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}  # nothing packed in state_dict()
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies.append(torch.load(buffer, weights_only=False))
+    averaged = AveragedModel(model)
+    copies.append(averaged.module)
+    model.save_pretrained(tmp_path / "saved")
+    copies.append(PvtV2ForImageClassification.from_pretrained(tmp_path / "saved"))
+    for other in copies:
+        assert not fast.is_frozen(other)  # a copy of a frozen model is an unfrozen one
+        with torch.no_grad():
+            assert relative_error(expected, other(x).logits) < TOL
+    # The copies are independent: changing one leaves the original's outputs alone.
+    with torch.no_grad():
+        copies[0].classifier.weight.mul_(3)
+        assert relative_error(expected, model(x).logits) < TOL
 
 
 def test_training_gradients_match_transformers():
@@ -132,19 +260,22 @@ def test_training_gradients_match_transformers():
 
 
 def test_eval_with_autograd_uses_public_ops_and_gives_gradients():
-    config = PvtV2Config(**TINY, num_labels=3)
-    ours, theirs = hf_pair(config, seed=4)
+    ours, theirs = hf_pair(PvtV2Config(**TINY, num_labels=3), seed=4)
+    fast.freeze(ours)
     x = torch.randn(1, 3, 64, 64, requires_grad=True)
-    ours(x).logits.sum().backward()
+    counts = ops_run(lambda: ours(x).logits.sum().backward())
     x_ref = x.detach().clone().requires_grad_(True)
     theirs(x_ref).logits.sum().backward()
     assert relative_error(x_ref.grad, x.grad) < 1e-4
-    assert packed_entries(ours) == 0
+    assert "mkldnn::_linear_pointwise" not in counts
 
 
-def test_bf16_autocast_close_to_fp32_reference():
-    config = PvtV2Config(**TINY, num_labels=10)
-    ours, theirs = hf_pair(config, seed=5)
+@needs_fast
+@pytest.mark.parametrize("frozen", [False, True], ids=["unfrozen", "frozen"])
+def test_bf16_autocast_close_to_fp32_reference(frozen):
+    ours, theirs = hf_pair(PvtV2Config(**TINY, num_labels=10), seed=5)
+    if frozen:
+        fast.freeze(ours)
     # Logits with a clear winner per image, so top-1 is a fair test at bf16 precision.
     with torch.no_grad():
         ours.classifier.weight.mul_(8.0)
@@ -162,8 +293,7 @@ def test_bf16_autocast_close_to_fp32_reference():
 
 
 def test_channels_last_hidden_states_have_transformers_values_and_usual_ops():
-    config = PvtV2Config(**TINY)
-    ours, theirs = hf_pair(config, seed=6)
+    ours, theirs = hf_pair(PvtV2Config(**TINY), seed=6)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         a = ours(x, output_hidden_states=True).hidden_states
@@ -188,7 +318,7 @@ def test_benchmark_model_figures_are_consistent():
         benchmark_model(model, dtype="fp8")
 
 
-@pytest.mark.skipif(not FAST, reason="oneDNN prepacked linear not available in this build")
+@needs_fast
 @pytest.mark.parametrize("linear,act", [(False, "gelu"), (True, "gelu"), (False, "relu")])
 @pytest.mark.parametrize("piece_rows", [None, 3, 5])
 def test_ffn_pieces_match_transformers(monkeypatch, linear, act, piece_rows):
@@ -203,81 +333,59 @@ def test_ffn_pieces_match_transformers(monkeypatch, linear, act, piece_rows):
         first = ours.pvt_v2.encoder.layers[0].blocks[0].mlp
         row_bytes = 16 * first.dense1.out_features * 4
         image_bytes = 19 * row_bytes
-        pieces = row_bytes * (piece_rows + 2) if piece_rows else 2 * image_bytes
-        calls = []
-        original = layers.MixFFN._fast_hidden
-
-        def counting(self, h, height, width):
-            calls.append((h.shape[0], height))
-            return original(self, h, height, width)
-
-        monkeypatch.setattr(layers, "_FFN_PIECE_BYTES", pieces)
-        monkeypatch.setattr(layers.MixFFN, "_fast_hidden", counting)
-        got = ours(x, output_hidden_states=True)
+        monkeypatch.setattr(cpu, "FFN_PIECE_BYTES", row_bytes * (piece_rows + 2) if piece_rows else 2 * image_bytes)
+        with mock.patch.object(cpu, "_ffn_hidden", wraps=cpu._ffn_hidden) as hidden:
+            got = ours(x, output_hidden_states=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_bf16 = ours(x).logits
+    calls = [(c.args[2].shape[0], c.args[3]) for c in hidden.call_args_list]
     for ref, mine in zip(expected.hidden_states, got.hidden_states):
         assert relative_error(ref, mine) < TOL
     assert relative_error(expected.logits, got.logits) < TOL
     assert relative_error(whole, got.logits) < 1e-6
+    assert relative_error(expected.logits, got_bf16.float()) < 5e-2
     if piece_rows:  # bands: one image, piece_rows rows plus the rows above and below
         assert (1, piece_rows + 1) in calls and (1, piece_rows + 2) in calls
     else:  # groups of two images, then the fifth alone
         assert (2, 19) in calls and (1, 19) in calls
 
 
-@pytest.mark.skipif(not FAST, reason="oneDNN prepacked linear not available in this build")
-def test_ffn_pieces_without_residual_and_under_autocast(monkeypatch):
-    """The Mix-FFN called on its own (no residual to fuse), in bands, in fp32 and under bf16 autocast."""
-    torch.manual_seed(0)
-    ffn = layers.MixFFN(8, 32, torch.nn.GELU()).eval()
-    x = torch.randn(2, 13 * 11, 8)
-    with torch.no_grad():
-        monkeypatch.setattr(layers, "_FFN_PIECE_BYTES", 0)
-        whole = ffn(x, 13, 11)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            whole_bf16 = ffn(x, 13, 11)
-        previous = layers.set_fast_path(False)
-        reference = ffn(x, 13, 11)
-        layers.set_fast_path(previous)
-        monkeypatch.setattr(layers, "_FFN_PIECE_BYTES", 11 * 32 * 4 * 6)  # bands of 4 rows
-        banded = ffn(x, 13, 11)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            banded_bf16 = ffn(x, 13, 11)
-    assert relative_error(reference, whole) < TOL
-    assert relative_error(reference, banded) < TOL
-    assert banded_bf16.dtype == whole_bf16.dtype
-    assert relative_error(whole_bf16.float(), banded_bf16.float()) < 1e-2
-    assert relative_error(reference, banded_bf16.float()) < 5e-2
-
-
-@pytest.mark.skipif(not FAST, reason="oneDNN prepacked linear not available in this build")
-def test_prepacked_convolutions_follow_weight_edits():
-    """Patch embeddings and spatial reductions run with prepacked weights; editing a weight in place rebuilds them."""
-    config = PvtV2Config(**TINY, num_labels=4)
-    ours, theirs = hf_pair(config, seed=8)
-    x = torch.randn(2, 3, 64, 80)
-    with torch.no_grad():
-        ours(x)
-        stage = ours.pvt_v2.encoder.layers[0]
-        assert ("proj", (2, 3, 64, 80)) in stage.patch_embedding.__dict__["_fast_cache"].entries
-        assert ("reduction", (2, 16, 16, 20)) in stage.blocks[0].attention.__dict__["_fast_cache"].entries
-        for model in (ours, theirs):  # the same module names (the published layout)
-            model.get_submodule("pvt_v2.encoder.layers.0.patch_embedding.proj").weight.mul_(-0.5)
-            model.get_submodule("pvt_v2.encoder.layers.1.blocks.0.attention.spatial_reduction").weight.mul_(2.0)
-        assert relative_error(theirs(x).logits, ours(x).logits) < TOL
-
-
-@pytest.mark.skipif(not FAST, reason="oneDNN prepacked linear not available in this build")
-def test_convolutions_packed_per_input_shape():
-    """oneDNN picks a convolution weight layout for the input size; one packed for another size is 10-100x slower. So
-    each input shape has its own packing (the last four are kept), and every size gives transformers' numbers."""
-    config = PvtV2Config(**TINY, num_labels=4)
-    ours, theirs = hf_pair(config, seed=9)
+@needs_fast
+def test_frozen_model_at_several_sizes_and_from_several_threads():
+    ours, theirs = hf_pair(PvtV2Config(**TINY, num_labels=4), seed=9)
+    fast.freeze(ours)
     shapes = [(1, 3, 64, 64), (2, 3, 32, 48), (1, 3, 96, 64), (3, 3, 64, 64), (1, 3, 40, 40), (1, 3, 64, 64)]
+    inputs = [torch.randn(shape) for shape in shapes]
     with torch.no_grad():
-        for shape in shapes:
-            x = torch.randn(shape)
-            assert relative_error(theirs(x).logits, ours(x).logits) < TOL, shape
-    entries = ours.pvt_v2.encoder.layers[0].patch_embedding.__dict__["_fast_cache"].entries
-    # The four most recently used shapes, oldest first: (1, 3, 64, 64) was dropped as the oldest when (1, 3, 40, 40)
-    # came, then packed again on its return, which dropped (2, 3, 32, 48).
-    assert [k[1] for k in entries] == [(1, 3, 96, 64), (3, 3, 64, 64), (1, 3, 40, 40), (1, 3, 64, 64)]
+        expected = [theirs(x).logits for x in inputs]
+    failures = []
+
+    def run(offset: int) -> None:
+        with torch.no_grad():
+            for k in range(len(inputs)):
+                i = (k + offset) % len(inputs)
+                if relative_error(expected[i], ours(inputs[i]).logits) >= TOL:
+                    failures.append(shapes[i])
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+@pytest.mark.slow
+def test_environment_variable_turns_the_fast_path_off_for_a_program():
+    script = (
+        "import torch\n"
+        "from pvtv2 import PvtV2Config, PvtV2ForImageClassification\n"
+        f"model = PvtV2ForImageClassification(PvtV2Config(**{TINY!r})).eval()\n"
+        "with torch.profiler.profile() as prof, torch.no_grad():\n"
+        "    model(torch.randn(1, 3, 64, 64))\n"
+        "print(any(e.name == 'mkldnn::_linear_pointwise' for e in prof.events()))\n"
+    )
+    for value, expected in (("0", "False"), ("1", str(FAST))):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PVTV2_FAST_PATH": value})
+        assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)

@@ -19,7 +19,7 @@ import torch
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification
 from pvtv2.flops import PAPER_GMACS, count_macs
-from pvtv2.models.layers import set_fast_path
+from pvtv2.fast import fast_path
 from pvtv2.data.processing import PvtV2ImageProcessor
 from conftest import TINY_SHALLOW
 
@@ -217,13 +217,9 @@ def test_info_parameters_and_macs_against_flop_counter(workspace):
     info = json.loads(result.stdout)
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     # FlopCounterMode counts 2 FLOPs per multiply-add; with output_attentions the attention runs as counted matmuls.
-    # It sees ATen's matmuls and convolutions, not the packed oneDNN ops of the fast path: count the public-op path.
-    previous = set_fast_path(False)
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.zeros(1, 3, 97, 131), output_attentions=True)
-    finally:
-        set_fast_path(previous)
+    # It sees ATen's matmuls and convolutions, not the oneDNN ops of the fast path: count the reference path.
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), fast_path(False):
+        model(torch.zeros(1, 3, 97, 131), output_attentions=True)
     assert counter.get_total_flops() > 5e6  # the whole model was counted (B0-like widths at 97x131)
     assert info["gmacs"] * 1e9 == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
     assert info["gflops"] == pytest.approx(2 * info["gmacs"])

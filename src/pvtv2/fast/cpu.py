@@ -1,0 +1,417 @@
+"""The fast CPU inference path: a PVTv2 stage computed with oneDNN's fused operations.
+
+What it does differently from the reference stage (``pvtv2.models.layers.PvtV2Stage``), never what it computes:
+
+- the linear layers run as oneDNN GEMMs with their activation (ReLU) or the block's residual add fused in, keys and
+  values as one GEMM;
+- the depthwise 3x3 convolution of the Mix-FFN runs with its GELU fused;
+- the Mix-FFN runs in cache-sized pieces (groups of images, or bands of rows with one halo row above and below),
+  so its wide hidden activation stays in the CPU cache between its three steps instead of streaming through memory;
+- activations stay in one channels-last layout, so the token and image views never copy.
+
+These are private oneDNN operators, so a capability probe runs each of them once on small tensors against the
+public operators it replaces; where the probe fails (another CPU, another build), the reference path runs.
+
+**The contract** (tests/fast holds this module to it):
+
+1. Same numbers as the reference stage, to 1e-5 relative, for the weights the modules hold at call time.
+2. Without :func:`freeze` there is no state at all: every call reads the modules' current weights, however they were
+   written. Nothing is ever added to ``state_dict()`` or to anything a module references, so a model deep-copies,
+   pickles and saves at any time.
+3. :func:`freeze` (an explicit step, like ``torch.jit.freeze``; the ``pvtv2`` command takes it) packs the weights
+   once into oneDNN's blocked layout, which saves the per-call reordering of every weight (measured in
+   docs/benchmarks.md). The packed copies live in a side table keyed weakly by module, invisible to ``deepcopy``,
+   ``pickle`` and ``state_dict`` (a copy of a frozen model is an unfrozen model). Every weight change PyTorch can
+   see repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
+   ``load_state_dict``, swa_utils), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned:
+   the frozen parameters report it). Writes that PyTorch cannot see, through a NumPy view or through a tensor taken
+   from ``.data`` before freezing, are not: call :func:`freeze` again after those, or :func:`unfreeze`.
+4. Thread-safe: several threads may run one model, frozen or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "FAST_PATH_ENV",
+    "FFN_PIECE_BYTES",
+    "fast_path",
+    "fast_path_enabled",
+    "fast_path_available",
+    "applies",
+    "stage_forward",
+    "freeze",
+    "unfreeze",
+    "is_frozen",
+]
+
+logger = logging.getLogger(__name__)
+
+# PVTV2_FAST_PATH=0 turns the fast path off for a whole program (read once, at import).
+FAST_PATH_ENV = "PVTV2_FAST_PATH"
+_ENABLED: ContextVar[bool] = ContextVar(
+    "pvtv2_fast_path", default=os.environ.get(FAST_PATH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+)
+# The Mix-FFN's hidden activation per piece, near the best measured on a CPU with 1 MiB of L2 per core and a shared
+# L3; 0 runs the whole batch at once.
+FFN_PIECE_BYTES = 8 << 20
+# Input shapes per frozen convolution whose packed weights are kept (an evaluation loop sees one or two: its batch
+# size and a smaller last batch).
+CONV_SHAPES = 4
+
+_CAPABILITY: dict[torch.dtype, bool] = {}
+
+
+# ---------------------------------------------------------------------------------------------- switch and probe
+@contextlib.contextmanager
+def fast_path(enabled: bool = True) -> Iterator[None]:
+    """Within the block, use (or, with ``enabled=False``, do not use) the fast path; for this thread only."""
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def fast_path_enabled() -> bool:
+    """Whether the fast path may run here (the context's setting, by default from ``PVTV2_FAST_PATH``)."""
+    return _ENABLED.get()
+
+
+def _probe(dtype: torch.dtype) -> bool:
+    """Run each private oneDNN operator once, with plain and with packed weights, against the public ops."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(37, 24, generator=gen)
+        w = torch.randn(40, 24, generator=gen) * 0.2
+        b = torch.randn(40, generator=gen)
+        r = torch.randn(37, 40, generator=gen)
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        xd, bd, rd = x.to(dtype), b.to(dtype), r.to(dtype)
+        ref = F.linear(x, w, b)
+        checks = []
+        for weight in (w.to(dtype), torch.ops.mkldnn._reorder_linear_weight(w.to(dtype))):
+            checks += [
+                (torch.ops.mkldnn._linear_pointwise(xd, weight, bd, "none", [], ""), ref),
+                (torch.ops.mkldnn._linear_pointwise(xd, weight, bd, "relu", [], ""), ref.relu()),
+                (torch.ops.mkldnn._linear_pointwise.binary(xd, rd, weight, bd, "add"), ref + r),
+            ]
+        img = torch.randn(2, 5, 6, 8, generator=gen).permute(0, 3, 1, 2)  # channels-last (2, 8, 5, 6)
+        cw = torch.randn(8, 1, 3, 3, generator=gen)
+        cb = torch.randn(8, generator=gen)
+        conv = torch.ops.mkldnn._convolution_pointwise(
+            img.to(dtype), cw.to(dtype), cb.to(dtype), [1, 1], [1, 1], [1, 1], 8, "gelu", [], "none"
+        )
+        checks.append((conv, F.gelu(F.conv2d(img, cw, cb, 1, 1, 1, 8))))
+        sw = torch.randn(6, 8, 2, 2, generator=gen)
+        packed = torch.ops.mkldnn._reorder_convolution_weight(sw.to(dtype), [0, 0], [2, 2], [1, 1], 1, [2, 8, 5, 6])
+        for weight in (sw.to(dtype), packed):
+            strided = torch.ops.mkldnn._convolution_pointwise(
+                img.to(dtype), weight, cb[:6].to(dtype), [0, 0], [2, 2], [1, 1], 1, "none", [], ""
+            )
+            checks.append((strided, F.conv2d(img, sw, cb[:6], stride=2)))
+        for got, want in checks:
+            if got.shape != want.shape or ((got.float() - want).abs().max() / want.abs().max()).item() > tol:
+                return False
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError) as err:
+        logger.debug("oneDNN fast path unavailable for %s: %s", dtype, err)
+        return False
+
+
+def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this PyTorch build and CPU run the fast path's oneDNN operators correctly for ``dtype``."""
+    if dtype not in _CAPABILITY:
+        ok = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
+        _CAPABILITY[dtype] = ok
+        logger.debug("oneDNN fast path for %s: %s", dtype, ok)
+    return _CAPABILITY[dtype]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether a stage in eval mode, called on ``x`` without attention maps, hands over to :func:`stage_forward`:
+    on CPU, with autograd off, outside ``torch.compile``, where the probe passed for the compute dtype."""
+    return (
+        _ENABLED.get()
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and fast_path_available(_compute_dtype(x))
+    )
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
+    return [p for m in modules for p in (m.weight, m.bias) if p is not None]
+
+
+class _PlainWeights:
+    """The modules' weights as they are, read at every call (no state)."""
+
+    def linear(self, layers: list[nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = torch.cat([m.weight for m in layers]) if len(layers) > 1 else layers[0].weight
+        bias = None
+        if layers[0].bias is not None:
+            bias = torch.cat([m.bias for m in layers]) if len(layers) > 1 else layers[0].bias
+            bias = bias.detach().to(dtype)
+        return weight.detach().to(dtype), bias
+
+    def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
+
+
+class _WatchedParameter(nn.Parameter):
+    """A parameter of a frozen model: counts uses of ``.data``, through which writes bypass the version counter."""
+
+    @property
+    def data(self) -> torch.Tensor:
+        self._pvtv2_data_uses = getattr(self, "_pvtv2_data_uses", 0) + 1
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        self._pvtv2_data_uses = getattr(self, "_pvtv2_data_uses", 0) + 1
+        torch._C.TensorBase.data.__set__(self, value)
+
+
+def _watch(params: list[torch.Tensor]) -> None:
+    for p in params:
+        if type(p) is nn.Parameter:
+            p.__class__ = _WatchedParameter
+            p._pvtv2_data_uses = 0
+
+
+def _params_key(dtype: torch.dtype, params: list[torch.Tensor]) -> tuple:
+    """What packed weights were built from: the dtype and each parameter's storage address, version counter and
+    ``.data`` uses. The entry keeps the storages alive, so no new tensor can take over an address while it lives."""
+    return (dtype,) + tuple((p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0)) for p in params)
+
+
+class _PackedWeights:
+    """The weights of one frozen stage, packed for oneDNN, repacked when their key changes."""
+
+    def __init__(self) -> None:
+        # (module ids) or (module id, input shape) -> (key, packed weight, bias, the storages kept alive)
+        self.entries: dict[tuple, tuple] = {}
+        self.lock = threading.Lock()
+
+    def _entry(self, slot: tuple, modules: list[nn.Module], dtype: torch.dtype, pack) -> tuple:
+        params = _params(modules)
+        key = _params_key(dtype, params)
+        entry = self.entries.get(slot)
+        if entry is None or entry[0] != key:
+            _watch(params)  # new Parameter objects are watched from now on
+            key = _params_key(dtype, params)
+            weight, bias = pack()
+            entry = (key, weight, bias, tuple(p.detach() for p in params))
+            with self.lock:
+                self.entries[slot] = entry
+        return entry
+
+    def linear(self, layers: list[nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def pack() -> tuple[torch.Tensor, torch.Tensor | None]:
+            weight, bias = _PlainWeights().linear(layers, dtype)
+            return torch.ops.mkldnn._reorder_linear_weight(weight), bias
+
+        entry = self._entry(tuple(id(m) for m in layers), layers, dtype, pack)
+        return entry[1], entry[2]
+
+    def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight in the oneDNN layout chosen for inputs of ``input_shape``: the layout depends on the input's
+        size, and a weight packed for another size gives the right numbers 10 to 100 times slower (measured: 15 ms
+        instead of 0.1 ms for a 4x4 map with a weight packed for 14x14). So each input shape has its own packing,
+        and the last ``CONV_SHAPES`` per convolution are kept."""
+
+        def pack() -> tuple[torch.Tensor, torch.Tensor | None]:
+            weight = torch.ops.mkldnn._reorder_convolution_weight(
+                conv.weight.detach().to(dtype), list(conv.padding), list(conv.stride), list(conv.dilation),
+                conv.groups, list(input_shape),
+            )
+            return weight, None if conv.bias is None else conv.bias.detach().to(dtype)
+
+        slot = (id(conv), input_shape)
+        fresh = slot not in self.entries
+        entry = self._entry(slot, [conv], dtype, pack)
+        if fresh:
+            with self.lock:
+                shapes = [k for k in self.entries if len(k) == 2 and k[0] == id(conv) and isinstance(k[1], tuple)]
+                for old in shapes[: max(0, len(shapes) - CONV_SHAPES)]:
+                    self.entries.pop(old, None)
+        return entry[1], entry[2]
+
+
+_PLAIN = _PlainWeights()
+# Frozen stages -> their packed weights. Weak keys: the table never keeps a model alive, and a copy of a model is not
+# in it.
+_FROZEN: weakref.WeakKeyDictionary[nn.Module, _PackedWeights] = weakref.WeakKeyDictionary()
+_FROZEN_LOCK = threading.Lock()
+
+
+def _stages(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "patch_embedding") and hasattr(m, "blocks")]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Pack ``model``'s stage weights for the fast path (see the module's contract); returns ``model``.
+
+    For a model that serves inference and whose weights change only through PyTorch. Packing happens on the first
+    call of each stage (per input shape for the convolutions); calling ``freeze`` again repacks everything.
+    """
+    with _FROZEN_LOCK:
+        for stage in _stages(model):
+            _watch([p for p in stage.parameters()])
+            _FROZEN[stage] = _PackedWeights()
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Drop ``model``'s packed weights (its parameters become plain ``nn.Parameter`` again); returns ``model``."""
+    with _FROZEN_LOCK:
+        for stage in _stages(model):
+            _FROZEN.pop(stage, None)
+            for p in stage.parameters():
+                if type(p) is _WatchedParameter:
+                    p.__class__ = nn.Parameter
+    return model
+
+
+def is_frozen(model: nn.Module) -> bool:
+    """Whether every stage of ``model`` runs with packed weights."""
+    stages = _stages(model)
+    return bool(stages) and all(stage in _FROZEN for stage in stages)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def _linear(
+    weights, layers: list[nn.Linear], x: torch.Tensor, dtype: torch.dtype, attr: str = "none",
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``layers`` (concatenated along their outputs) applied to ``x``, with a fused ReLU or residual add. Under
+    autocast the weights and the result take the autocast dtype, as F.linear's would."""
+    weight, bias = weights.linear(layers, dtype)
+    x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (B * N, C), a view for the token layout
+    if residual is not None and residual.dtype == dtype:
+        out = torch.ops.mkldnn._linear_pointwise.binary(x2d, residual.reshape(x2d.shape[0], -1), weight, bias, "add")
+        return out.view(residual.shape)
+    out = torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, attr, [], "")
+    out = out.view(*x.shape[:-1], out.shape[-1])
+    # A residual stream in higher precision than the GEMM (bf16 autocast) stays so, as with autocast's F.linear.
+    return out if residual is None else residual + out
+
+
+def _conv(weights, conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``conv`` on the channels-last ``x``; returns channels-last."""
+    weight, bias = weights.conv(conv, dtype, tuple(x.shape))
+    return torch.ops.mkldnn._convolution_pointwise(
+        x.to(dtype), weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "none", [], ""
+    )
+
+
+def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: int, dtype: torch.dtype,
+               residual: torch.Tensor) -> torch.Tensor:
+    """``residual + proj(attention(x))`` of a ``SpatialReductionAttention``."""
+    batch, tokens, channels = x.shape
+    kv_in = x
+    if attn.reduces:
+        kv_in = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
+        kv_in = _conv(weights, attn.spatial_reduction, attn.pool(kv_in), dtype)  # (B, C, H', W')
+        kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C), a view
+        kv_in = attn.act(attn.layer_norm(kv_in))
+    q = attn.split_heads(_linear(weights, [attn.query], x, dtype))  # (B, heads, N, head_dim)
+    kv = _linear(weights, [attn.key, attn.value], kv_in, dtype)  # (B, N', 2C): one GEMM
+    k, v = attn.split_heads(kv[..., :channels]), attn.split_heads(kv[..., channels:])
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    out = out.transpose(1, 2).reshape(batch, tokens, channels)  # (B, N, C)
+    return _linear(weights, [attn.proj], out, dtype, residual=residual)
+
+
+def _fusable_gelu(act: nn.Module) -> str | None:
+    """The oneDNN algorithm of a GELU that can be fused into the depthwise convolution, else None."""
+    return {"none": "none", "tanh": "tanh"}.get(act.approximate) if type(act) is nn.GELU else None
+
+
+def _ffn_hidden(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """dense1, (ReLU), depthwise conv and activation of a piece ``(B, height * width, C)``."""
+    x = _linear(weights, [mlp.dense1], x, dtype, attr="relu" if isinstance(mlp.relu, nn.ReLU) else "none")
+    batch, _, channels = x.shape
+    image = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, hidden, H, W), channels-last view
+    conv = mlp.dwconv.dwconv
+    gelu = _fusable_gelu(mlp.act)
+    if gelu is not None:
+        image = torch.ops.mkldnn._convolution_pointwise(
+            image.to(dtype), conv.weight.detach().to(dtype), conv.bias.detach().to(dtype), [1, 1], [1, 1], [1, 1],
+            channels, "gelu", [], gelu,
+        )
+    else:
+        image = mlp.act(conv(image))
+    return image.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, hidden), a view
+
+
+def _mix_ffn(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: int, dtype: torch.dtype,
+             residual: torch.Tensor) -> torch.Tensor:
+    """``residual + mlp(x)`` in cache-sized pieces.
+
+    The hidden activation is ``mlp_ratio`` times wider than the tokens. Over a whole batch it is far larger than the
+    CPU caches, and the expanding GEMM, the depthwise convolution and the contracting GEMM would each stream it through
+    main memory. Run in pieces whose hidden activation is about ``FFN_PIECE_BYTES``, it stays in cache from one step
+    to the next: groups of whole images or, where one image is larger, bands of rows. A band computes one extra row
+    above and below for the 3x3 convolution and drops them. Each token's result is the same as in one piece.
+    """
+    batch, tokens, channels = x.shape
+    row_bytes = width * mlp.dense1.out_features * 4
+    image_bytes = row_bytes * height
+
+    def piece(x_piece: torch.Tensor, h: int, res: torch.Tensor) -> torch.Tensor:
+        return _linear(weights, [mlp.dense2], _ffn_hidden(weights, mlp, x_piece, h, width, dtype), dtype, residual=res)
+
+    if FFN_PIECE_BYTES <= 0 or batch * image_bytes <= FFN_PIECE_BYTES:
+        return piece(x, height, residual)
+    if image_bytes <= FFN_PIECE_BYTES or height <= 8:  # groups of whole images
+        step = max(1, FFN_PIECE_BYTES // image_bytes)
+        return torch.cat([piece(x[i : i + step], height, residual[i : i + step]) for i in range(0, batch, step)])
+    band = max(4, FFN_PIECE_BYTES // row_bytes - 2)  # rows per band, one image at a time
+    grid = x.view(batch, height, width, channels)
+    res_grid = residual.view(batch, height, width, channels)
+    out = None
+    for i in range(batch):
+        for top in range(0, height, band):
+            bottom = min(height, top + band)
+            lo, hi = max(0, top - 1), min(height, bottom + 1)  # with the rows the convolution reads
+            hidden = _ffn_hidden(weights, mlp, grid[i, lo:hi].reshape(1, -1, channels), hi - lo, width, dtype)
+            hidden = hidden.view(hi - lo, width, -1)[top - lo : bottom - lo].reshape(1, -1, hidden.shape[-1])
+            res = res_grid[i, top:bottom].reshape(1, -1, channels)
+            result = _linear(weights, [mlp.dense2], hidden, dtype, residual=res)
+            if out is None:
+                out = result.new_empty(batch, height, width, channels)
+            out[i, top:bottom] = result.view(bottom - top, width, channels)
+    return out.view(batch, tokens, channels)
+
+
+def stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ``PvtV2Stage`` on ``x`` (B, C_in, H, W) in eval mode: its (B, C, H', W') output, channels-last."""
+    weights = _FROZEN.get(stage, _PLAIN)
+    dtype = _compute_dtype(x)
+    embed = stage.patch_embedding
+    x = _conv(weights, embed.proj, x.contiguous(memory_format=torch.channels_last), dtype)  # (B, C, H, W)
+    batch, channels, height, width = x.shape
+    x = embed.layer_norm(x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))  # (B, N, C)
+    for block in stage.blocks:
+        x = _attention(weights, block.attention, block.layer_norm_1(x), height, width, dtype, residual=x)
+        x = _mix_ffn(weights, block.mlp, block.layer_norm_2(x), height, width, dtype, residual=x)
+    x = stage.layer_norm(x)
+    return x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), a channels-last view

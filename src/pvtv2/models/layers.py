@@ -10,9 +10,9 @@ same memory as ``(B, H, W, C)``. The image view every convolution needs is taken
 convolutions then run on channels-last kernels and return channels-last results whose token view is again free. No
 activation is copied between the two views.
 
-The fast CPU paths (:mod:`pvtv2.fast`) take over whole stages at one point, at the top of
-:meth:`PvtV2Stage.forward`, when they apply (CPU, no attention maps requested; inference: eval mode, autograd off;
-training: training mode, autograd on, fp32); they compute the same numbers to 1e-5 (and the same gradients). Sub-module names follow the published transformers checkpoints (``query``, ``key``,
+The fast CPU inference path (:mod:`pvtv2.fast`) takes over whole stages at one point, at the top of
+:meth:`PvtV2Stage.forward`, when it applies (eval mode, autograd off, CPU, no attention maps requested); it computes
+the same numbers to 1e-5. Sub-module names follow the published transformers checkpoints (``query``, ``key``,
 ``value``, ``spatial_reduction``, ``dense1`` ...), so that ``state_dict()`` loads there strictly.
 """
 
@@ -256,9 +256,8 @@ class PvtV2Stage(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        # The one hand-over point to the fast CPU paths (pvtv2.fast), for inference and for training: the same
-        # numbers and gradients, computed faster.
-        if not output_attentions and fast.applies(x, self):
+        # The one hand-over point to the fast CPU inference path (pvtv2.fast): same numbers, computed faster.
+        if not self.training and not output_attentions and fast.applies(x):
             return fast.stage_forward(self, x), []
         x, height, width = self.patch_embedding(x)  # (B, N, C)
         attentions = []

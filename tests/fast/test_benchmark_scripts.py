@@ -80,3 +80,78 @@ def test_gpu_script_plan_fits_the_budget_order():
     first_fp32 = next(i for i, c in enumerate(cases) if c["dtype"] == "fp32")
     assert all(c["dtype"] == "bf16" for c in cases[:first_fp32])
     assert cases.index(train[0]) < first_fp32
+
+
+def test_cpu_script_refuses_thread_clock_with_two_threads(capsys):
+    script = load_script("bench")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--clock", "thread", "--threads", "2", "--output", "unused.json"])
+    assert exit_info.value.code == 2
+    assert "--threads 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cpu_script_thread_clock_peak_share_and_bf16_checks(tmp_path):
+    """A tiny run of benchmarks/bench.py with the options for a busy machine: every figure it writes follows from
+    the times it recorded, the multiply-adds pvtv2.flops counts and the GEMM peak it measured."""
+    import torch
+
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+    from pvtv2.flops import count_macs
+
+    script = load_script("bench")
+    out = tmp_path / "cpu.json"
+    threads = torch.get_num_threads()  # the script sets its own count
+    try:
+        assert script.main(["--models", "pvt_v2_b0", "--batch-sizes", "1", "--image-size", "64", "--dtype", "fp32",
+                            "bf16", "--repeats", "2", "--warmup", "0", "--threads", "1", "--clock", "thread",
+                            "--no-memory", "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    meta = result["meta"]
+    assert meta["clock"] == "thread" and meta["threads"] == 1
+    assert meta["cpu_features"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(meta["gemm_peak_gflops"]) == {"fp32", "bf16"} and min(meta["gemm_peak_gflops"].values()) > 0
+    macs = count_macs(PvtV2ForImageClassification(PvtV2Config.from_preset("pvt_v2_b0")), 64)["macs"]
+    for row in result["rows"]:
+        case, speed = row["case"], row["speed"]
+        peak = meta["gemm_peak_gflops"][case["dtype"]] * 1e9
+        for s in speed.values():
+            assert s["images_per_s"] == pytest.approx(case["batch"] / min(s["times_s"]))
+            assert s["share_of_peak"] == pytest.approx(2 * macs * s["images_per_s"] / peak)
+        if case["dtype"] == "bf16":
+            fastest = max(speed[n]["images_per_s"] for n in ("timm", "transformers"))
+            assert speed["pvtv2"]["ratio_fastest_other"] == pytest.approx(speed["pvtv2"]["images_per_s"] / fastest)
+            for suffix in ("", "_timm", "_transformers"):  # each implementation against its own fp32 output
+                assert 0 < row["check"][f"bf16_rel_error{suffix}"] < 5e-2
+        assert row["check"]["rel_error_vs_transformers"] < 1e-4
+
+
+@pytest.mark.slow
+def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes():
+    """benchmarks/op_profile.py: the categories (operators and what lies outside them) add up to the step's time, and
+    a GEMM's floating-point operations are 2 m k n from its operands (the closed form)."""
+    import argparse
+
+    import torch
+
+    script = load_script("op_profile")
+    a, b = torch.randn(6, 5), torch.randn(5, 7)
+    assert script._gemm_flops("mm", (a, b)) == 2 * 6 * 5 * 7
+    assert script._gemm_flops("addmm", (torch.randn(7), a, b)) == 2 * 6 * 5 * 7
+    assert script._gemm_flops("linear", (torch.randn(3, 4, 5), torch.randn(7, 5))) == 2 * 12 * 5 * 7
+    assert script._gemm_flops("gelu", (a,)) == 0
+    threads = torch.get_num_threads()
+    try:
+        args = argparse.Namespace(model="pvt_v2_b0", batch=1, size=64, train=False, impls=["pvtv2", "timm"],
+                                  by="op", rounds=2, warmup=1)
+        result = script.profile(args)
+    finally:
+        torch.set_num_threads(threads)
+    for name, info in result["impls"].items():
+        assert sum(info["categories_ms"].values()) == pytest.approx(info["step_ms"])
+        assert info["operators_ms"] == pytest.approx(sum(o["ms"] for o in info["operators"]))
+        assert info["operator_calls"] > 0 and info["categories_ms"]["gemm"] > 0, name
+        gemms = [o for o in info["operators"] if script.category(o["op"]) == "gemm" and o["gflops"]]
+        assert gemms, name

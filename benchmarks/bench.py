@@ -17,6 +17,17 @@ The first pass runs on a 64x64 image, so that its freed memory does not linger i
 Throughput: "x timm" / "x hf" divide each implementation's best repeat (on a shared machine the best is the least
 disturbed); the "paired" columns are the median over rounds of the ratio within a round (timm, then transformers),
 which a slow period of a shared machine moves least. The JSON also keeps every time and the medians.
+"% peak" is pvtv2's share of the machine's GEMM peak (a square matmul up to 2048^3 at the same thread count,
+measured first, in fp32 or bf16 as the case): the model's multiply-adds (``pvtv2.flops``) times two times images/s over that peak.
+
+On a shared, busy machine, ``--threads 1 --clock thread`` times each call by this thread's CPU time, which other jobs
+disturb far less than the wall time (and with two threads, an OpenMP region waits whenever the other thread is
+descheduled: a 256^3 matmul was measured 25x slower with two threads than with one on a loaded 2-core VM).
+
+bf16: ``--dtype bf16`` times all three under the same ``torch.autocast("cpu", dtype=torch.bfloat16)``, reports
+pvtv2 against the faster of the other two, and checks every implementation against its own fp32 output (relative
+error, top-1 agreement). ``meta.cpu_features`` says whether the CPU has native bf16 (AVX512-BF16 or AMX); without
+it, bf16 runs through slow fallbacks in all three and the figures say nothing about bf16 hardware.
 
 Writes ``benchmarks/results.json`` and ``benchmarks/results.png`` (override with ``--output``).
 """
@@ -46,15 +57,16 @@ def _current_rss_mb() -> float:
 
 
 def build_models(
-    preset: str, impls=IMPLS, backbone: bool = False, seed: int = 0, train: bool = False
+    preset, impls=IMPLS, backbone: bool = False, seed: int = 0, train: bool = False, freeze: bool | None = None
 ) -> dict[str, nn.Module]:
-    """The requested implementations of ``preset``, all with the same random weights."""
+    """The requested implementations of ``preset`` (a preset name or a ``PvtV2Config``), all with the same random
+    weights. pvtv2's weights are packed for the fast CPU path (``freeze``) unless ``train`` or ``freeze=False``."""
     import transformers
 
     from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
     from pvtv2.weights.layouts import convert_state_dict
 
-    config = PvtV2Config.from_preset(preset)
+    config = PvtV2Config.from_preset(preset) if isinstance(preset, str) else preset
     data = config.to_dict()
     data.pop("stage_names", None)
     torch.manual_seed(seed)
@@ -67,7 +79,7 @@ def build_models(
     if "pvtv2" in impls:
         ours = PvtV2ForImageClassification(config)
         ours.load_state_dict(sd, strict=True)
-        if not train:
+        if (not train) if freeze is None else freeze:
             fast.freeze(ours)  # weights packed once, as the pvtv2 command serves a model
         models["pvtv2"] = ours.pvt_v2 if backbone else ours
     if "transformers" in impls:
@@ -75,7 +87,17 @@ def build_models(
     if "timm" in impls:
         import timm
 
-        tm = timm.create_model(preset, pretrained=False)
+        if isinstance(preset, str):
+            tm = timm.create_model(preset, pretrained=False)
+        else:  # the same architecture built from the config (a tiny one in dry runs)
+            from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+            tm = PyramidVisionTransformerV2(
+                depths=tuple(config.depths), embed_dims=tuple(config.hidden_sizes),
+                num_heads=tuple(config.num_attention_heads), sr_ratios=tuple(config.sr_ratios),
+                mlp_ratios=tuple(config.mlp_ratios), qkv_bias=config.qkv_bias, linear=config.linear_attention,
+                num_classes=config.num_labels,
+            )
         tm.load_state_dict(convert_state_dict(sd, "timm"), strict=True)
         models["timm"] = _TimmFeatures(tm) if backbone else tm
     else:
@@ -124,7 +146,10 @@ def _step_fn(model: nn.Module, x: torch.Tensor, dtype: str, train: bool, compile
 
 
 # ---------------------------------------------------------------------------------------------- speed
-def measure_speed(case: dict, impls, repeats: int, warmup: int) -> dict:
+def measure_speed(case: dict, impls, repeats: int, warmup: int, clock=time.perf_counter) -> dict:
+    """Images/s of each implementation, timed in turn repeat after repeat with ``clock`` (wall time by default;
+    ``time.thread_time`` with one thread: the CPU time of this thread, which other jobs on a shared machine disturb
+    far less than the wall time)."""
     models = build_models(case["model"], impls, backbone=case["backbone"], train=case["train"])
     x = torch.randn(case["batch"], 3, case["size"], case["size"])
     steps = {k: _step_fn(m, x, case["dtype"], case["train"], case["compile"]) for k, m in models.items()}
@@ -134,9 +159,9 @@ def measure_speed(case: dict, impls, repeats: int, warmup: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     result = {}
     for name, ts in times.items():
         median = statistics.median(ts)
@@ -156,21 +181,70 @@ def measure_speed(case: dict, impls, repeats: int, warmup: int) -> dict:
     return result
 
 
-def _agreement(case: dict) -> dict:
-    """fp32 against bf16 autocast of our model, and ours against transformers in fp32: the numbers behind the speed."""
-    models = build_models(case["model"], ("pvtv2", "transformers"), backbone=case["backbone"])
+def _agreement(case: dict, impls=IMPLS) -> dict:
+    """Ours against transformers in fp32, and under bf16 autocast every implementation against its own fp32 output
+    (the relative error and, for classifiers, top-1 agreement): the numbers behind the speed."""
+    models = build_models(case["model"], tuple(set(impls) | {"pvtv2", "transformers"}), backbone=case["backbone"])
     x = torch.randn(max(case["batch"], 8), 3, case["size"], case["size"])
+    out = {}
     with torch.inference_mode():
-        ours = _output(models["pvtv2"](x)).float()
-        theirs = _output(models["transformers"](x)).float()
-        out = {"rel_error_vs_transformers": ((ours - theirs).abs().max() / theirs.abs().max()).item()}
+        full = {name: _output(m(x)).float() for name, m in models.items()}
+        theirs = full["transformers"]
+        out["rel_error_vs_transformers"] = ((full["pvtv2"] - theirs).abs().max() / theirs.abs().max()).item()
         if case["dtype"] == "bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                low = _output(models["pvtv2"](x)).float()
-            out["bf16_rel_error"] = ((low - ours).abs().max() / ours.abs().max()).item()
-            if ours.ndim == 2:
-                out["bf16_top1_agreement"] = (low.argmax(-1) == ours.argmax(-1)).float().mean().item()
+            for name, model in models.items():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    low = _output(model(x)).float()
+                ref = full[name]
+                suffix = "" if name == "pvtv2" else f"_{name}"
+                out[f"bf16_rel_error{suffix}"] = ((low - ref).abs().max() / ref.abs().max()).item()
+                if ref.ndim == 2:
+                    out[f"bf16_top1_agreement{suffix}"] = (low.argmax(-1) == ref.argmax(-1)).float().mean().item()
     return out
+
+
+def cpu_features() -> dict:
+    """What decides whether bf16 runs natively here: PyTorch's CPU capability and the CPU's bf16 instructions."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    native = {"avx512_bf16", "amx_bf16"} & flags
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16_instructions": sorted(native),
+            "native_bf16": bool(native)}
+
+
+def gemm_peak(clock=time.perf_counter, dtypes=("fp32",), repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a square matmul at the current thread count, per dtype: the ceiling each case's share is taken of.
+    The size doubles from 256 while one call takes under 0.2 s, up to 2048 (bf16 without native instructions runs
+    through a fallback two orders of magnitude slower). Best of ``repeats``, as the cases' "images/s" are."""
+    out = {}
+    for name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        size = 256
+        while True:
+            a = torch.randn(size, size, dtype=dtype)
+            a @ a
+            start = clock()
+            a @ a
+            if size >= 2048 or clock() - start > 0.2:
+                break
+            size *= 2
+        best = float("inf")
+        for _ in range(repeats):
+            start = clock()
+            a @ a
+            best = min(best, clock() - start)
+        out[name] = 2 * size**3 / best / 1e9
+    return out
+
+
+def case_macs(case: dict) -> int:
+    """Multiply-adds of one image of ``case``, counted by pvtv2.flops on the reference path."""
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+    from pvtv2.flops import count_macs
+
+    model = PvtV2ForImageClassification(PvtV2Config.from_preset(case["model"]))
+    return count_macs(model.pvt_v2 if case["backbone"] else model, case["size"])["macs"]
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -220,7 +294,8 @@ def _case_name(c: dict) -> str:
 
 def format_table(rows: list[dict], impls) -> str:
     head = f"{'case':40s} " + " ".join(f"{i + ' img/s':>18s}" for i in impls)
-    head += f" {'x timm':>7s} {'x hf':>7s} {'pair tm':>7s} {'pair hf':>7s} " + " ".join(f"{i[:6] + ' MiB':>11s}" for i in impls)
+    head += f" {'x timm':>7s} {'x hf':>7s} {'pair tm':>7s} {'pair hf':>7s} {'% peak':>6s} "
+    head += " ".join(f"{i[:6] + ' MiB':>11s}" for i in impls)
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = r["speed"]
@@ -233,6 +308,8 @@ def format_table(rows: list[dict], impls) -> str:
         for other in ("timm", "transformers"):
             paired = speed.get("pvtv2", {}).get(f"paired_ratio_{other}")
             line += f" {paired:7.2f}" if paired else f" {'-':>7s}"
+        share = speed.get("pvtv2", {}).get("share_of_peak")
+        line += f" {100 * share:6.1f}" if share else f" {'-':>6s}"
         mem = r.get("memory", {})
         line += " " + " ".join(f"{mem[i]['forward_mb']:11.0f}" if i in mem else f"{'-':>11s}" for i in impls)
         lines.append(line)
@@ -286,13 +363,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="thread: this thread's CPU time (needs --threads 1), for A/B runs on a shared, busy machine")
     p.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory subprocesses")
     p.add_argument("--tune-malloc", action="store_true",
                    help="time with pvtv2.runtime.tune_malloc() in effect (all implementations; memory runs untuned)")
     p.add_argument("--output", type=Path, default=Path(__file__).with_name("results.json"))
     p.add_argument("--memory-worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.clock == "thread" and args.threads != 1:
+        p.error("--clock thread measures one thread's CPU time: use it with --threads 1")
     torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     if args.tune_malloc and not args.memory_worker:
         from pvtv2.runtime import tune_malloc
 
@@ -320,10 +402,22 @@ def main(argv=None) -> int:
     rows = []
     from tqdm import tqdm
 
+    peak = gemm_peak(clock, tuple(args.dtype))
+    macs: dict[tuple, int] = {}
     for case in tqdm(cases, desc="cases", file=sys.stderr, disable=not sys.stderr.isatty()):
-        row = {"case": case, "speed": measure_speed(case, args.impls, args.repeats, args.warmup)}
+        row = {"case": case, "speed": measure_speed(case, args.impls, args.repeats, args.warmup, clock)}
+        key = (case["model"], case["backbone"], case["size"])
+        macs[key] = macs.get(key) or case_macs(case)
+        # Share of the machine's GEMM peak: the model's multiply-adds (a training step: about three forward passes).
+        flops = 2 * macs[key] * (3 if case["train"] else 1)
+        for speed in row["speed"].values():
+            speed["share_of_peak"] = flops * speed["images_per_s"] / (peak[case["dtype"]] * 1e9)
+        if case["dtype"] == "bf16" and "pvtv2" in row["speed"]:  # the bf16 goal is against the faster of the others
+            others = [row["speed"][i]["images_per_s"] for i in row["speed"] if i != "pvtv2"]
+            if others:
+                row["speed"]["pvtv2"]["ratio_fastest_other"] = row["speed"]["pvtv2"]["images_per_s"] / max(others)
         if not case["train"]:
-            row["check"] = _agreement(case)
+            row["check"] = _agreement(case, args.impls)
             if not args.no_memory and not case["compile"]:
                 row["memory"] = {i: measure_memory(case, i) for i in args.impls}
         rows.append(row)
@@ -336,6 +430,9 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpu": _cpu_name(),
         "threads": args.threads,
+        "clock": args.clock,
+        "cpu_features": cpu_features(),
+        "gemm_peak_gflops": peak,
         "tune_malloc": args.tune_malloc,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -297,6 +297,9 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
+    # The class range is checked on labels that arrive on the CPU, before they move: on a GPU the check would stall
+    # every step (three host syncs), and cross_entropy's own device-side check stops bad labels there.
+    host = labels if labels.device.type == "cpu" else None
     labels = labels.to(logits.device)
     if problem == "regression":
         if labels.numel() != logits.numel():
@@ -310,10 +313,11 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV
         labels = labels.reshape(-1)
         if labels.numel() != logits.shape[0]:
             raise ValueError(f"got {labels.numel()} labels for a batch of {logits.shape[0]} images")
-        valid = labels[labels != -100]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
-            bad = valid[(valid < 0) | (valid >= num_labels)].unique().tolist()
-            raise ValueError(f"labels {bad} are out of range for {num_labels} classes (valid: 0..{num_labels - 1}, or -100 to ignore)")
+        if host is not None:
+            valid = host.reshape(-1)[host.reshape(-1) != -100]
+            if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
+                bad = valid[(valid < 0) | (valid >= num_labels)].unique().tolist()
+                raise ValueError(f"labels {bad} are out of range for {num_labels} classes (valid: 0..{num_labels - 1}, or -100 to ignore)")
         return F.cross_entropy(logits.view(-1, num_labels), labels.long())
     if labels.shape != logits.shape:
         raise ValueError(f"multi-label targets must have the logits' shape {tuple(logits.shape)}, got {tuple(labels.shape)}")

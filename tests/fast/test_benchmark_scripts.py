@@ -1,0 +1,157 @@
+"""The comparison scripts in benchmarks/ run here as they will on a quiet machine or a GPU, at tiny sizes: the GPU
+script's dry run covers every kind of case, and the figures it writes agree with the times it recorded and with
+transformers' outputs (the same weights in all three implementations)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_covers_every_case_with_consistent_figures(tmp_path):
+    script = load_script("bench_gpu")
+    out = tmp_path / "gpu"
+    assert script.main(["--dry-run", "--output", str(out), "--budget-s", "900"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    with Image.open(out / "results.png") as chart:
+        assert chart.width > 300 and chart.height > 100
+    rows = result["rows"]
+    assert not result["skipped"]
+    kinds = {(r["case"]["dtype"], bool(r["case"]["compile"]), r["case"]["train"], r["case"]["backbone"]) for r in rows}
+    assert kinds >= {("bf16", False, False, False), ("bf16", True, False, False), ("bf16", False, True, False),
+                     ("fp32", False, False, False), ("tf32", False, False, False), ("bf16", False, False, True),
+                     ("fp32", False, False, True)}
+    assert set(result["meta"]["matmul_peak_tflops"]) == {"fp32", "tf32", "bf16"}
+    for row in rows:
+        case, speed, check = row["case"], row["speed"], row["check"]
+        assert set(speed) == {"pvtv2", "transformers", "timm"}
+        for name, s in speed.items():
+            assert len(s["times_s"]) == 2
+            assert s["images_per_s"] == pytest.approx(case["batch"] / min(s["times_s"]))
+            assert s["share_of_peak"] > 0
+        for other in ("timm", "transformers"):  # pvtv2's ratios, from the times themselves
+            paired = statistics.median(o / t for t, o in zip(speed["pvtv2"]["times_s"], speed[other]["times_s"]))
+            assert speed["pvtv2"][f"paired_ratio_{other}"] == pytest.approx(paired)
+        if case["train"]:  # same weights, same images and labels: the same first loss
+            losses = [check[f"first_loss_{n}"] for n in ("pvtv2", "transformers", "timm")]
+            assert max(losses) - min(losses) < 0.02 * abs(losses[0])
+            continue
+        # Against transformers in fp32: the three implementations give its numbers (bf16: to bf16's precision).
+        tol = 5e-2 if case["dtype"] == "bf16" else 1e-4
+        for name in ("pvtv2", "transformers", "timm"):
+            assert check[f"rel_error_{name}"] < tol, (case, name, check)
+    # Sanity of the reference itself: bf16 really ran in lower precision than fp32.
+    assert max(r["check"]["rel_error_pvtv2"] for r in rows if r["case"]["dtype"] == "bf16" and not r["case"]["train"]) > 1e-4
+
+
+def test_gpu_script_refuses_to_run_without_a_gpu_unless_dry(monkeypatch):
+    script = load_script("bench_gpu")
+    monkeypatch.setattr(script.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device here"):
+        script.main(["--output", "unused"])
+
+
+def test_gpu_script_plan_fits_the_budget_order():
+    """The real plan: the figures asked for first (bf16 inference, compile, the training step) come first."""
+    script = load_script("bench_gpu")
+    cases = script.plan(script.argparse.Namespace(dry_run=False))
+    names = [(c["model"], c["batch"], c["size"], c["dtype"], c["compile"], c["train"], c["backbone"]) for c in cases]
+    assert len(names) == len(set(names))
+    assert {c["model"] for c in cases} == {"pvt_v2_b0", "pvt_v2_b2", "pvt_v2_b5"}
+    assert {c["batch"] for c in cases if not c["train"] and not c["backbone"]} == {1, 64, 256}
+    assert {c["size"] for c in cases if c["backbone"]} == {512, 1024}
+    train = [c for c in cases if c["train"]]
+    assert train == [dict(model="pvt_v2_b2", batch=64, size=224, dtype="bf16", train=True, compile=False, backbone=False)]
+    first_fp32 = next(i for i, c in enumerate(cases) if c["dtype"] == "fp32")
+    assert all(c["dtype"] == "bf16" for c in cases[:first_fp32])
+    assert cases.index(train[0]) < first_fp32
+
+
+def test_cpu_script_refuses_thread_clock_with_two_threads(capsys):
+    script = load_script("bench")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--clock", "thread", "--threads", "2", "--output", "unused.json"])
+    assert exit_info.value.code == 2
+    assert "--threads 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cpu_script_thread_clock_peak_share_and_bf16_checks(tmp_path):
+    """A tiny run of benchmarks/bench.py with the options for a busy machine: every figure it writes follows from
+    the times it recorded, the multiply-adds pvtv2.flops counts and the GEMM peak it measured."""
+    import torch
+
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+    from pvtv2.flops import count_macs
+
+    script = load_script("bench")
+    out = tmp_path / "cpu.json"
+    threads = torch.get_num_threads()  # the script sets its own count
+    try:
+        assert script.main(["--models", "pvt_v2_b0", "--batch-sizes", "1", "--image-size", "64", "--dtype", "fp32",
+                            "bf16", "--repeats", "2", "--warmup", "0", "--threads", "1", "--clock", "thread",
+                            "--no-memory", "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    meta = result["meta"]
+    assert meta["clock"] == "thread" and meta["threads"] == 1
+    assert meta["cpu_features"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(meta["gemm_peak_gflops"]) == {"fp32", "bf16"} and min(meta["gemm_peak_gflops"].values()) > 0
+    macs = count_macs(PvtV2ForImageClassification(PvtV2Config.from_preset("pvt_v2_b0")), 64)["macs"]
+    for row in result["rows"]:
+        case, speed = row["case"], row["speed"]
+        peak = meta["gemm_peak_gflops"][case["dtype"]] * 1e9
+        for s in speed.values():
+            assert s["images_per_s"] == pytest.approx(case["batch"] / min(s["times_s"]))
+            assert s["share_of_peak"] == pytest.approx(2 * macs * s["images_per_s"] / peak)
+        if case["dtype"] == "bf16":
+            fastest = max(speed[n]["images_per_s"] for n in ("timm", "transformers"))
+            assert speed["pvtv2"]["ratio_fastest_other"] == pytest.approx(speed["pvtv2"]["images_per_s"] / fastest)
+            for suffix in ("", "_timm", "_transformers"):  # each implementation against its own fp32 output
+                assert 0 < row["check"][f"bf16_rel_error{suffix}"] < 5e-2
+        assert row["check"]["rel_error_vs_transformers"] < 1e-4
+
+
+@pytest.mark.slow
+def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes():
+    """benchmarks/op_profile.py: the categories (operators and what lies outside them) add up to the step's time, and
+    a GEMM's floating-point operations are 2 m k n from its operands (the closed form)."""
+    import argparse
+
+    import torch
+
+    script = load_script("op_profile")
+    a, b = torch.randn(6, 5), torch.randn(5, 7)
+    assert script._gemm_flops("mm", (a, b)) == 2 * 6 * 5 * 7
+    assert script._gemm_flops("addmm", (torch.randn(7), a, b)) == 2 * 6 * 5 * 7
+    assert script._gemm_flops("linear", (torch.randn(3, 4, 5), torch.randn(7, 5))) == 2 * 12 * 5 * 7
+    assert script._gemm_flops("gelu", (a,)) == 0
+    threads = torch.get_num_threads()
+    try:
+        args = argparse.Namespace(model="pvt_v2_b0", batch=1, size=64, train=False, impls=["pvtv2", "timm"],
+                                  by="op", rounds=2, warmup=1)
+        result = script.profile(args)
+    finally:
+        torch.set_num_threads(threads)
+    for name, info in result["impls"].items():
+        assert sum(info["categories_ms"].values()) == pytest.approx(info["step_ms"])
+        assert info["operators_ms"] == pytest.approx(sum(o["ms"] for o in info["operators"]))
+        assert info["operator_calls"] > 0 and info["categories_ms"]["gemm"] > 0, name
+        gemms = [o for o in info["operators"] if script.category(o["op"]) == "gemm" and o["gflops"]]
+        assert gemms, name

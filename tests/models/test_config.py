@@ -142,3 +142,13 @@ def test_preset_overrides_and_unknown_preset():
     assert config.linear_attention and config.num_labels == 10 and config.depths == [3, 4, 6, 3]
     with pytest.raises(ValueError, match="unknown preset"):
         PvtV2Config.from_preset("pvt_v2_b9")
+
+
+def test_new_class_names_replace_the_old_label2id(tmp_path):
+    """``from_pretrained(folder, id2label=...)`` (a new head) and ``replace(id2label=...)``: the file's label2id belonged
+    to the old names and must not be checked against the new ones."""
+    config = PvtV2Config(num_labels=5)
+    config.save_pretrained(tmp_path)
+    names = {0: "background", 1: "cat"}
+    for new in (PvtV2Config.from_pretrained(tmp_path / "config.json", id2label=names), config.replace(id2label=names)):
+        assert new.id2label == names and new.label2id == {"background": 0, "cat": 1}

@@ -375,6 +375,8 @@ class PvtV2Config:
         if "num_labels" in changes and "id2label" not in changes:
             data.pop("id2label", None)
             data.pop("label2id", None)
+        if "id2label" in changes and "label2id" not in changes:
+            data.pop("label2id", None)  # derived from the new id2label
         if ("out_features" in changes) != ("out_indices" in changes):
             data.pop("out_features", None)
             data.pop("out_indices", None)
@@ -449,6 +451,8 @@ class PvtV2Config:
             if overrides["num_labels"] != len(args.get("id2label") or {}):
                 args.pop("id2label", None)
                 args.pop("label2id", None)
+        if "id2label" in overrides and "label2id" not in overrides:
+            args.pop("label2id", None)  # derived from the new id2label
         if ("out_features" in overrides) != ("out_indices" in overrides):
             args.pop("out_features", None)
             args.pop("out_indices", None)

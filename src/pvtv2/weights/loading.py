@@ -210,6 +210,8 @@ def dense_config_from_dict(data: Mapping[str, Any], **overrides: Any) -> PvtV2Co
     if "num_labels" in overrides and "id2label" not in overrides and overrides["num_labels"] != len(args.get("id2label") or {}):
         args.pop("id2label", None)
         args.pop("label2id", None)
+    if "id2label" in overrides and "label2id" not in overrides:
+        args.pop("label2id", None)  # derived from the new id2label
     args.update(overrides)
     return PvtV2Config(**args)
 

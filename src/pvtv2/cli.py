@@ -310,13 +310,19 @@ def _add_eval(subparsers) -> None:
     )
     _add_model_flags(p)
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
+    p.add_argument("--task", choices=("classification", "detection"), default="classification",
+                   help="classification (default), or detection: COCO box AP (and mask AP) of a detector on "
+                        "DIR/annotations/instances_val.json + DIR/val/ (batch size 2 unless given)")
     _add_runtime_flags(p)
-    p.set_defaults(func=_cmd_eval, batch_size=32)
+    p.set_defaults(func=_cmd_eval, batch_size=None)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .inference import evaluate, load_classifier, load_processor, load_runtime
 
+    if args.task == "detection":
+        return _cmd_eval_detection(args)
+    args.batch_size = 32 if args.batch_size is None else args.batch_size
     model = load_classifier(args.model, args.device)
     processor = load_processor(args.model, model.config.image_size)
     runtime = load_runtime(model, args.runtime, args.onnx, model_source=args.model, bf16=args.bf16)
@@ -648,6 +654,145 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
             seed=args.seed, progress=not args.no_progress,
         ))
         _print_segmentation_result(result)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- object detection
+def _detection_size(image_size: int | None) -> dict:
+    """``--image-size S``: the shorter side S, the longer capped in the original's proportion (800 / 1333)."""
+    if image_size is None:
+        return {}
+    if image_size < 32:
+        raise ValueError(f"--image-size must be at least 32 pixels, got {image_size}")
+    return {"min_size": image_size, "max_size": round(image_size * 1333 / 800)}
+
+
+@_register
+def _add_detect(subparsers) -> None:
+    p = subparsers.add_parser(
+        "detect", help="objects in images: boxes, labels, scores (and masks) drawn or as JSON",
+        description="Run a detector (a pvtv2 train --task detection run's best/ or last/, or any save_pretrained "
+                    "detector folder) on image files (folders are searched recursively). Boxes are in the pixels of "
+                    "the original image. Unreadable images are reported one by one and skipped; the exit status is "
+                    "then 2.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--model", "-m", required=True, help="a trained detector: save_pretrained folder or hub id")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="smallest score shown (default: 0.3)")
+    p.add_argument("--output", "-o", help="PNG file to draw the detections of one image into")
+    p.add_argument("--output-dir", help="folder to draw every image's detections into (NAME.png each)")
+    p.add_argument("--image-size", type=int, help="shorter side the detector resizes to (default: the model's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: 2)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_detect)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data.processing import load_image
+    from .inference import detect_objects, find_images, load_detector
+    from .visualize import detection_picture
+
+    if args.output and args.output_dir:
+        raise ValueError("--output (one image) and --output-dir (every image) exclude each other: pass one")
+    paths = find_images(args.images)
+    if args.output and len(paths) > 1:
+        raise ValueError(f"--output draws one image, but {len(paths)} were given: use --output-dir DIR")
+    model = load_detector(args.model, args.device, **_detection_size(args.image_size))
+    results = detect_objects(model, paths, args.score_threshold, args.batch_size, progress=_progress(args), bf16=args.bf16)
+    failed = [r for r in results if r.error is not None]
+    targets: dict[str, str] = {}
+    if args.output:
+        targets = {results[0].image: args.output} if not failed else {}
+    elif args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+        for r in results:
+            if r.error is None:
+                stem, n = Path(r.image).stem, 1
+                name = f"{stem}.png"
+                while name in used:  # two images of the same name from different folders
+                    n += 1
+                    name = f"{stem}-{n}.png"
+                used.add(name)
+                targets[r.image] = str(Path(args.output_dir) / name)
+    for r in results:
+        if r.image in targets:
+            picture = detection_picture(load_image(r.image), r.boxes, r.labels, r.scores, model.config.id2label, r.masks)
+            _save_png(picture, targets[r.image])
+    if args.json:
+        _print_json([dict(r.to_dict(), **({"picture": targets[r.image]} if r.image in targets else {})) for r in results])
+    else:
+        for r in results:
+            if r.error is not None:
+                continue
+            drawn = f" -> {targets[r.image]}" if r.image in targets else ""
+            print(f"{r.image}: {len(r.boxes)} object(s) with score >= {args.score_threshold:g}{drawn}")
+            for name, score, box in zip(r.names, r.scores, r.boxes):
+                print(f"  {score:6.3f}  {name:<20} [{', '.join(f'{v:.1f}' for v in box)}]")
+    for r in failed:
+        print(f"pvtv2 detect: error: {r.error}", file=sys.stderr)
+    if failed:
+        print(f"pvtv2 detect: {len(failed)} of {len(results)} image(s) could not be read", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_eval_detection(args: argparse.Namespace) -> int:
+    from .inference import evaluate_detector, load_detector
+
+    if args.runtime != "torch" or args.onnx:
+        raise ValueError("--runtime onnxruntime and --onnx serve classifiers; a detector runs in PyTorch")
+    model = load_detector(args.model, args.device)
+    batch_size = 2 if args.batch_size is None else args.batch_size
+    result = evaluate_detector(model, args.data, batch_size=batch_size, progress=_progress(args), bf16=args.bf16)
+    if args.json:
+        _print_json({k: v for k, v in result.items() if k != "summary"})
+        return 0
+    print(f"{result['dataset']}: {result['images']} images, {result['annotations']} annotations, "
+          f"{result['categories']} categories; {result['detections']} detections")
+    for kind in ("box", "mask"):
+        if kind in result:
+            m = result[kind]
+            print(f"  {kind} AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}  "
+                  f"APs {m['APs']:.4f}  APm {m['APm']:.4f}  APl {m['APl']:.4f}")
+    print(f"  images/s  {result['images_per_second']:.2f} end to end, {result['model_images_per_second']:.2f} model only")
+    if args.verbose:
+        for iou_type, text in result["summary"].items():
+            print(f"COCOeval ({iou_type}):\n{text}")
+    return 0
+
+
+@_register
+def _add_demo_det(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo-det", help="make the offline detection example (handwritten digits on photographs, COCO format)",
+        description="Write handwritten digits pasted on photographs (scikit-learn's sample photos when it is "
+                    "installed, synthetic textures otherwise) with exact boxes and masks, as a COCO-format dataset "
+                    "in OUTPUT/data.",
+    )
+    p.add_argument("--output", "-o", required=True, help="folder to create")
+    p.add_argument("--train", type=int, default=600, help="training images (default: 600)")
+    p.add_argument("--val", type=int, default=150, help="validation images (default: 150)")
+    p.add_argument("--size", type=int, default=128, help="image size in pixels (default: 128)")
+    p.add_argument("--backgrounds", choices=("auto", "photos", "synthetic"), default="auto",
+                   help="photos (needs scikit-learn), synthetic, or auto: photos when available (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo_det)
+
+
+def _cmd_demo_det(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data.digit_scenes import make_detection_example
+
+    data = make_detection_example(Path(args.output) / "data", args.train, args.val, args.size, args.seed,
+                                  backgrounds=args.backgrounds)
+    print(f"wrote the example to {data}")
     return 0
 
 

@@ -9,11 +9,12 @@ file; the previous target is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_codes
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,22 +57,31 @@ def _remove(path: Path) -> None:
         pass
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` to fill a temporary file, then rename it to ``path`` (parents are created)."""
-    target = Path(path)
-    tmp = temporary_path(target)
+@contextlib.contextmanager
+def _cleaned_up(target: Path, tmp: Path, undo: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """On any failure inside the block: remove ``tmp``, call ``undo``, and raise OS errors as :class:`WriteError`."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, target)
+        yield
     except OSError as err:
         _remove(tmp)
+        undo()
         if isinstance(err, WriteError):
             raise
         raise WriteError(target, err) from err
     except BaseException:
         _remove(tmp)
+        undo()
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file, then rename it to ``path`` (parents are created)."""
+    target = Path(path)
+    tmp = temporary_path(target)
+    with _cleaned_up(target, tmp):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, target)
     return target
 
 
@@ -95,7 +105,7 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
     target = Path(target)
     tmp = temporary_path(target)
     old = target.with_name(f".{target.name}.old")
-    try:
+    with _cleaned_up(target, tmp, undo=lambda: recover_folder(target)):
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -107,16 +117,6 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
         os.replace(tmp, target)
         if old.exists():
             shutil.rmtree(old)
-    except OSError as err:
-        _remove(tmp)
-        recover_folder(target)
-        if isinstance(err, WriteError):
-            raise
-        raise WriteError(target, err) from err
-    except BaseException:
-        _remove(tmp)
-        recover_folder(target)
-        raise
     return target
 
 

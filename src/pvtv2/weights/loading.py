@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..fileio import atomic_write_json
-from ..models.config import DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config
+from ..models.config import DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config, merge_changes
 from ..models.labels import has_generic_labels, imagenet_id2label
 from .files import CheckpointError, read_state_dict, save_state_dict
 from .hub import looks_like_hub_id, resolve_file
@@ -104,10 +104,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
     if preset:
         args["drop_path_rate"] = PRESETS[preset]["drop_path_rate"]
     logger.info("configuration inferred from the %s checkpoint's shapes%s", layout, f" (matches {preset})" if preset else "")
-    if "num_labels" in overrides or "id2label" in overrides:
-        args.pop("num_labels", None)
-    args.update(overrides)
-    return PvtV2Config(**args)
+    return PvtV2Config(**merge_changes(args, overrides))
 
 
 def _matching_preset(args: Mapping[str, Any]) -> str | None:
@@ -211,13 +208,7 @@ def dense_config_from_dict(data: Mapping[str, Any], **overrides: Any) -> PvtV2Co
         args.setdefault(key, value)
     if "max_depth" in args and isinstance(args["max_depth"], int):
         args["max_depth"] = float(args["max_depth"])
-    if "num_labels" in overrides and "id2label" not in overrides and overrides["num_labels"] != len(args.get("id2label") or {}):
-        args.pop("id2label", None)
-        args.pop("label2id", None)
-    if "id2label" in overrides and "label2id" not in overrides:
-        args.pop("label2id", None)  # derived from the new id2label
-    args.update(overrides)
-    return PvtV2Config(**args)
+    return PvtV2Config(**merge_changes(args, overrides))
 
 
 def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.Tensor]) -> PvtV2Config:

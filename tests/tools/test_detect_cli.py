@@ -223,3 +223,21 @@ def test_detect_runs_as_a_command(workspace):
                           "--json", "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)[0]["image"] == str(images[0])
+
+
+def test_detection_picture_draws_class_coloured_boxes_and_blends_masks():
+    from pvtv2.visualize import detection_picture, palette
+
+    image = PIL.Image.fromarray(np.full((60, 80, 3), 100, dtype=np.uint8))
+    mask = np.zeros((1, 60, 80), dtype=bool)
+    mask[0, 30:50, 40:70] = True
+    picture = np.asarray(detection_picture(image, [[40, 30, 70, 50]], [2], [0.9], LABELS, masks=mask, alpha=0.5,
+                                           line_width=1))
+    colour = palette(11)[3]  # class 2's colour: the palette without its first (background) entry
+    assert picture.shape == (60, 80, 3)
+    assert (picture[50, 55] == colour).all() and (picture[40, 70] == colour).all()  # bottom and right edges
+    inside = np.round(0.5 * 100 + 0.5 * colour.astype(np.float64)).astype(np.uint8)
+    assert (picture[40, 55] == inside).all()  # the mask, blended
+    assert (picture[5, 5] == 100).all() and (picture[55, 10] == 100).all()  # untouched outside
+    with pytest.raises(ValueError, match="one each per detection"):
+        detection_picture(image, [[1, 1, 5, 5]], [0, 1], [0.5], LABELS)

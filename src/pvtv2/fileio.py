@@ -14,6 +14,7 @@ import errno as errno_codes
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "write_folder_atomically",
     "recover_folder",
     "temporary_path",
+    "path_kind",
 ]
 
 
@@ -126,3 +128,24 @@ def recover_folder(target: str | os.PathLike) -> None:
     old = target.with_name(f".{target.name}.old")
     if not target.exists() and old.exists():
         os.replace(old, target)
+
+
+def path_kind(path: str | os.PathLike) -> str:
+    """What is at ``path``, in words for an error message: ``"file"``, ``"folder"``, ``"FIFO (named pipe)"``,
+    ``"socket"``, ``"character device"``, ``"block device"``, ``"symlink loop"``, ``"dangling symlink"`` or
+    ``"nothing"``. Only ``stat`` is called: a FIFO is never opened (opening one blocks until a writer comes)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno_codes.ELOOP:
+            return "symlink loop"
+        if os.path.islink(path):
+            return "dangling symlink"
+        return "nothing"
+    except ValueError:  # an embedded NUL byte
+        return "nothing"
+    for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"

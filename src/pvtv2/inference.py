@@ -548,7 +548,13 @@ def load_detector(source: str | os.PathLike, device: str | torch.device = "cpu",
             f"random. Pass a trained detector: a save_pretrained folder (pvtv2 train --task detection writes OUT/best)"
         )
     device = parse_device(device)
-    model = PvtV2ForObjectDetection.from_pretrained(source, **overrides).to(device).eval()
+    model = PvtV2ForObjectDetection.from_pretrained(source, **overrides)
+    _refuse_random_weights(
+        model, source, "detector",
+        f"Train one on your data first: pvtv2 train --task detection --model {os.fspath(source)} --data DIR "
+        f"--output RUN (COCO format), then use RUN/best",
+    )
+    model = model.to(device).eval()
     fast.freeze(model)
     return model
 

@@ -207,12 +207,25 @@ def test_eval_detection_text_and_bad_input(workspace, example, capsys):
 
 def test_demo_det_writes_the_example(tmp_path, capsys):
     out = run_here(capsys, "demo-det", "--output", str(tmp_path), "--train", "3", "--val", "2", "--size", "64",
-                   "--backgrounds", "synthetic")
+                   "--backgrounds", "synthetic", "--epochs", "0")
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "data" / "annotations" / "instances_train.json").read_text())
     assert len(data["images"]) == 3 and len(list((tmp_path / "data" / "val").iterdir())) == 2
-    out = run_here(capsys, "demo-det", "--output", str(tmp_path), "--size", "16")
-    assert out.returncode == 2 and "at least 48 pixels" in out.stderr
+    out = run_here(capsys, "demo-det", "--output", str(tmp_path / "small"), "--size", "16")
+    assert out.returncode == 2 and "--size must be between 48 and 4096, got 16" in out.stderr
+    assert not (tmp_path / "small").exists()  # refused before anything is written
+
+
+def test_detect_refuses_a_checkpoint_without_a_trained_detector(tmp_path, capsys):
+    """A classifier's folder gives a detector whose FPN and heads are random: refused, naming them."""
+    from pvtv2 import PvtV2ForImageClassification
+
+    PvtV2ForImageClassification(PvtV2Config(**TINY_SHALLOW, id2label=LABELS)).save_pretrained(tmp_path / "classifier")
+    image = tmp_path / "x.png"
+    PIL.Image.new("RGB", (64, 64)).save(image)
+    out = run_here(capsys, "detect", "--model", str(tmp_path / "classifier"), str(image), "--no-progress")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "has no trained detector" in out.stderr and "detector." in out.stderr
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from .data.processing import IMAGENET_MEAN, IMAGENET_STD, PvtV2ImageProcessor, load_image
 from .models.config import PvtV2Config, list_presets
 from .models.depth import PvtV2ForDepthEstimation
+from .models.detection import PvtV2ForObjectDetection
 from .models.labels import imagenet_id2label
 from .models.modeling import PvtV2Backbone, PvtV2ForImageClassification, PvtV2Model, PvtV2PreTrainedModel
 from .models.outputs import BackboneOutput, BaseModelOutput, ImageClassifierOutput
@@ -21,6 +22,7 @@ __all__ = [
     "PvtV2Backbone",
     "PvtV2ForSemanticSegmentation",
     "PvtV2ForDepthEstimation",
+    "PvtV2ForObjectDetection",
     "PvtV2PreTrainedModel",
     "PvtV2ImageProcessor",
     "load_image",

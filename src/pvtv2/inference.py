@@ -57,6 +57,11 @@ __all__ = [
     "load_runtime",
     "predict_segmentation",
     "predict_depth",
+    "DetectionResult",
+    "load_detector",
+    "detect_objects",
+    "detection_label_map",
+    "evaluate_detector",
 ]
 
 logger = logging.getLogger(__name__)
@@ -503,3 +508,184 @@ def predict_depth(model: PvtV2ForDepthEstimation, image, size: tuple[int, int] |
     depth = model.eval()(pixels.to(model.device, model.dtype)).predicted_depth  # (1, h, w)
     depth = F.interpolate(depth[:, None].float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
     return depth[0, 0].cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- object detection
+@dataclass
+class DetectionResult:
+    """The objects found in one image (boxes x1 y1 x2 y2 in its pixels), or the reason it could not be read."""
+
+    image: str
+    boxes: list[list[float]]
+    labels: list[int]
+    names: list[str]
+    scores: list[float]
+    masks: np.ndarray | None = None  # (N, H, W) bool, mask_rcnn only
+    size: tuple[int, int] | None = None  # (width, height)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
+        objects = [
+            {"label": name, "index": label, "score": score, "box": box}
+            for box, label, name, score in zip(self.boxes, self.labels, self.names, self.scores)
+        ]
+        if self.masks is not None:
+            for entry, mask in zip(objects, self.masks):
+                entry["mask_pixels"] = int(mask.sum())
+        return {"image": self.image, "width": self.size[0], "height": self.size[1], "detections": objects}
+
+
+def load_detector(source: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any):
+    """A trained detector from a ``save_pretrained`` folder (or anything ``from_pretrained`` takes), in eval mode, its
+    encoder's weights packed for the fast CPU path; a bare preset name is refused (random boxes)."""
+    from .models.detection import PvtV2ForObjectDetection
+
+    if is_preset_name(source):
+        raise ValueError(
+            f"{os.fspath(source)!r} is a preset (an architecture without trained weights): its detections would be "
+            f"random. Pass a trained detector: a save_pretrained folder (pvtv2 train --task detection writes OUT/best)"
+        )
+    device = parse_device(device)
+    model = PvtV2ForObjectDetection.from_pretrained(source, **overrides)
+    _refuse_random_weights(
+        model, source, "detector",
+        f"Train one on your data first: pvtv2 train --task detection --model {os.fspath(source)} --data DIR "
+        f"--output RUN (COCO format), then use RUN/best",
+    )
+    model = model.to(device).eval()
+    fast.freeze(model)
+    return model
+
+
+@torch.no_grad()
+def detect_objects(
+    model: Any,
+    images: Sequence[str | os.PathLike],
+    score_threshold: float = 0.3,
+    batch_size: int = 4,
+    progress: bool = False,
+    bf16: bool = False,
+) -> list[DetectionResult]:
+    """The objects the detector finds in each image file, with scores of at least ``score_threshold``, in batches;
+    boxes in the original image's pixels. Unreadable images give a result with an ``error``."""
+    from .data.coco import image_to_tensor
+
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"--score-threshold must be between 0 and 1, got {score_threshold}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    id2label = model.config.id2label
+    device = next(model.parameters()).device
+    model.eval()
+    results: list[DetectionResult] = []
+    bar = progress_bar(total=len(images), unit="img", enabled=progress, desc="detect")
+    for chunk in _batches(list(images), batch_size):
+        loaded, names = [], []
+        for path in chunk:
+            try:
+                loaded.append(load_image(path))
+                names.append(os.fspath(path))
+            except (OSError, ValueError) as err:
+                logger.debug("skipping: %s", err)
+                results.append(DetectionResult(os.fspath(path), [], [], [], [], error=str(err)))
+        if loaded:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                outputs = model([image_to_tensor(p).to(device) for p in loaded])
+            for name, picture, out in zip(names, loaded, outputs):
+                keep = out["scores"] >= score_threshold
+                labels = out["labels"][keep].tolist()
+                masks = out.get("masks")
+                results.append(DetectionResult(
+                    name,
+                    boxes=[[round(v, 2) for v in box] for box in out["boxes"][keep].float().tolist()],
+                    labels=labels,
+                    names=[id2label[i] for i in labels],
+                    scores=[round(s, 4) for s in out["scores"][keep].float().tolist()],
+                    masks=(masks[keep][:, 0] >= 0.5).cpu().numpy() if masks is not None else None,
+                    size=(picture.width, picture.height),
+                ))
+        bar.update(len(chunk))
+    bar.close()
+    order = {os.fspath(p): n for n, p in enumerate(images)}
+    return sorted(results, key=lambda r: order[r.image])
+
+
+def detection_label_map(id2label: dict[int, str], annotations: Any) -> dict[int, int]:
+    """Model label -> category id of a COCO annotation file (:class:`pvtv2.data.coco.CocoAnnotations`).
+
+    Labels map by name; a model with the generic ``LABEL_0`` ... names and as many classes as the file has categories
+    takes them in id order. Model classes the file does not have are left out (their detections are not scored).
+    """
+    if has_generic_labels(id2label) and len(id2label) == len(annotations.category_ids):
+        return dict(enumerate(annotations.category_ids))
+    by_name: dict[str, int] = {}
+    for label, category in enumerate(annotations.category_ids):
+        by_name.setdefault(annotations.id2label[label], category)
+    mapping = {label: by_name[name] for label, name in id2label.items() if name in by_name}
+    if not mapping:
+        raise ValueError(
+            f"none of the model's classes ({', '.join(list(id2label.values())[:10])} ...) is a category of "
+            f"{os.fspath(annotations.path)!r} ({', '.join(list(annotations.id2label.values())[:10])} ...)"
+        )
+    unused = [name for label, name in id2label.items() if label not in mapping]
+    if unused:
+        logger.warning("%d of the model's classes are not categories of the data and are not scored: %s",
+                       len(unused), ", ".join(unused[:10]))
+    return mapping
+
+
+@torch.no_grad()
+def evaluate_detector(
+    model: Any,
+    data: str | os.PathLike,
+    split: str = "val",
+    batch_size: int = 4,
+    progress: bool = False,
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """COCO box AP (and mask AP for ``mask_rcnn``) of the detector on ``DIR/annotations/instances_{split}.json``,
+    computed by pycocotools' COCOeval: its twelve numbers per IoU type, and the text it prints."""
+    from .data.coco import CocoDetection, coco_evaluate, detections_to_coco
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    dataset = CocoDetection(data, split)
+    mapping = detection_label_map(model.config.id2label, dataset.annotations)
+    device = next(model.parameters()).device
+    iou_types = ["bbox"]
+    if model.config.detector == "mask_rcnn":
+        if all(a.get("segmentation") for a in dataset.annotations.dataset["annotations"]):
+            iou_types.append("segm")
+        else:
+            logger.warning("some annotations of %s have no mask: mask AP is not computed", dataset.annotations.path.name)
+    model.eval()
+    results: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    model_seconds = 0.0
+    bar = progress_bar(total=len(dataset), unit="img", enabled=progress, desc="eval")
+    for chunk in _batches(range(len(dataset)), batch_size):
+        items = [dataset[i] for i in chunk]  # an unreadable image stops the evaluation, naming it
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = model([image.to(device) for image, _ in items])
+        model_seconds += time.perf_counter() - t0
+        results.extend(detections_to_coco(outputs, [t["image_id"] for _, t in items], mapping))
+        bar.update(len(chunk))
+    bar.close()
+    seconds = time.perf_counter() - start
+    metrics = coco_evaluate(dataset.annotations, results, iou_types)
+    n = len(dataset)
+    return {
+        "dataset": os.fspath(dataset.annotations.path),
+        "images": n,
+        "annotations": len(dataset.annotations.dataset["annotations"]),
+        "categories": len(dataset.annotations.category_ids),
+        "detections": len(results),
+        **{("box" if t == "bbox" else "mask"): metrics[t] for t in iou_types},
+        "summary": metrics["summary"],
+        "images_per_second": n / seconds if seconds > 0 else float("inf"),
+        "model_images_per_second": n / model_seconds if model_seconds > 0 else float("inf"),
+        "seconds": seconds,
+    }

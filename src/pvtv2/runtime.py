@@ -14,13 +14,17 @@ jemalloc or tcmalloc; this call needs no extra library.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import sys
+from types import ModuleType
 
 import torch
 
-__all__ = ["tune_malloc", "tune_from_environment", "TUNE_MALLOC_ENV", "parse_device"]
+__all__ = [
+    "tune_malloc", "tune_from_environment", "TUNE_MALLOC_ENV", "parse_device", "MissingDependencyError", "import_optional",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +89,16 @@ def parse_device(name: str | torch.device) -> torch.device:
         if backend is None or not getattr(backend, "is_available", lambda: False)():
             raise ValueError(f"device {str(name)!r} is not available on this machine")
     return device
+
+
+class MissingDependencyError(ImportError, ValueError):
+    """An optional dependency is not installed. Also a ``ValueError``, so that the command prints it as one line."""
+
+
+def import_optional(module: str, extra: str, purpose: str) -> ModuleType:
+    """``module``, imported where it is needed (the library's own import never needs it), or a
+    :class:`MissingDependencyError` saying what needs it and which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(f"{purpose} needs {module.split('.')[0]}: pip install 'pvtv2[{extra}]'") from None

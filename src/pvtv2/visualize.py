@@ -1,4 +1,5 @@
-"""Pictures: where each stage's queries look (attention maps), segmentation overlays and colour-mapped depth.
+"""Pictures: where each stage's queries look (attention maps), segmentation overlays, colour-mapped depth and
+detected objects.
 
 For each stage, the last block's attention probabilities ``(B, heads, N, N')`` are averaged over heads and over all
 queries: the result says how much attention each *key* position receives. Keys live on the reduced grid, ``H/sr x
@@ -32,6 +33,7 @@ __all__ = [
     "palette",
     "segmentation_picture",
     "depth_picture",
+    "detection_picture",
     "LEGEND_WIDTH",
     "MIN_PICTURE_SIDE",
     "PANEL_SIZES",
@@ -281,4 +283,48 @@ def depth_picture(image, depth, min_side: int = MIN_PICTURE_SIDE):
     canvas = PIL.Image.new("RGB", (image.width * 2, image.height))
     canvas.paste(image, (0, 0))
     canvas.paste(PIL.Image.fromarray(colorize_depth(depth)), (image.width, 0))
+    return canvas
+
+
+def detection_picture(
+    image, boxes, labels, scores, id2label: dict[int, str], masks=None, alpha: float = 0.45, line_width: int | None = None,
+):
+    """The image with each detection drawn: its mask blended in (``alpha``, when given), its box, and a caption
+    "name score" on a band of the box's colour. Colours follow the class (:func:`palette`, background colour
+    skipped). ``boxes``: (N, 4) x1 y1 x2 y2 in the image's pixels; ``masks``: (N, H, W) booleans or None.
+
+    Returns a new RGB PIL image of the image's size.
+    """
+    import PIL.Image
+    import PIL.ImageDraw
+
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    labels = [int(v) for v in np.asarray(labels).reshape(-1)]
+    scores = [float(v) for v in np.asarray(scores).reshape(-1)]
+    if not len(labels) == len(scores) == len(boxes):
+        raise ValueError(f"got {len(boxes)} boxes, {len(labels)} labels and {len(scores)} scores: one each per detection")
+    colours = palette(max([len(id2label), *[label + 1 for label in labels]]) + 1)[1:]  # entry 0 is the background's black
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    if masks is not None:
+        masks = np.asarray(masks, dtype=bool)
+        if masks.shape != (len(boxes), image.height, image.width):
+            raise ValueError(f"masks of shape {masks.shape} do not match {len(boxes)} detections on a {image.width}x{image.height} image")
+        for mask, label in zip(masks, labels):
+            rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colours[label].astype(np.float32)
+    canvas = PIL.Image.fromarray(np.round(rgb).astype(np.uint8))
+    draw = PIL.ImageDraw.Draw(canvas)
+    width = line_width or max(1, round(min(image.width, image.height) / 200))
+    font = _font(max(10, min(image.width, image.height) // 40))
+    # Lowest scores first, so that the most confident boxes and captions end up on top.
+    for n in np.argsort(scores, kind="stable"):
+        x1, y1, x2, y2 = boxes[n]
+        colour = tuple(int(v) for v in colours[labels[n]])
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        caption = f"{id2label.get(labels[n], f'class_{labels[n]}')} {scores[n]:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+        tw, th = right - left + 4, bottom - top + 4
+        ty = y1 - th if y1 - th >= 0 else y1  # above the box, or inside it at the top edge
+        draw.rectangle([x1, ty, x1 + tw, ty + th], fill=colour)
+        text = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+        draw.text((x1 + 2 - left, ty + 2 - top), caption, fill=text, font=font)
     return canvas

@@ -14,7 +14,9 @@ from typing import Any
 
 __all__ = ["TASKS", "TrainConfig", "flag"]
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
+# pvtv2.models.detection.DETECTORS (not imported: reading a config needs no model code)
+DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn", "fcos")
 
 
 def flag(name: str) -> str:
@@ -36,6 +38,7 @@ class TrainConfig:
     lr: float | None = None  # peak; None: 5e-4 * batch_size * grad_accum * world_size / 512
     min_lr: float = 1e-5
     warmup_epochs: float = 5.0
+    warmup_steps: int | None = None  # optimizer steps; overrides warmup_epochs when set
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     drop_path: float | None = None  # None: the preset's (from scratch) or the checkpoint's (fine-tuning)
@@ -46,7 +49,9 @@ class TrainConfig:
     bf16: bool = False
     seed: int = 0
     replace_head: bool = False
-    task: str = "classification"  # or "segmentation": DIR/{train,val}/{images,masks}, pvtv2.dense_train
+    detector: str = "retinanet"  # detection: retinanet, faster_rcnn, mask_rcnn or fcos
+    multiscale: bool = False  # detection: the 3x recipe's random shorter side in training (480 ... 800, scaled)
+    task: str = "classification"  # or "segmentation": DIR/{train,val}/{images,masks}; or "detection": COCO format
     # execution only
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on GPU
     device: str | None = None
@@ -76,6 +81,8 @@ class TrainConfig:
         if self.lr is not None and self.min_lr > self.lr:
             raise ValueError(f"--min-lr ({self.min_lr:g}) must not exceed --lr ({self.lr:g}): the cosine decays to it")
         _number("warmup_epochs", self.warmup_epochs, low=0.0)
+        if self.warmup_steps is not None:
+            _integer("warmup_steps", self.warmup_steps, minimum=0)
         _number("weight_decay", self.weight_decay, low=0.0)
         _number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
         if self.drop_path is not None:
@@ -85,7 +92,7 @@ class TrainConfig:
         if self.clip_grad is not None:
             # 0 or a negative norm would zero or reverse every step (gradient ascent): leave the flag out instead.
             _number("clip_grad", self.clip_grad, low=0.0, low_open=True, hint="leave it out for no clipping")
-        for name in ("bf16", "replace_head", "progress", "resume", "overwrite"):
+        for name in ("bf16", "replace_head", "multiscale", "progress", "resume", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         for name in ("data", "model", "output"):
@@ -95,6 +102,8 @@ class TrainConfig:
             raise ValueError("--model must name a preset, a config.json or a checkpoint")
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pass one of them")
         if not self.output:

@@ -164,6 +164,11 @@ class Task:
     def default_lr(self, global_batch: int) -> float:
         raise NotImplementedError
 
+    def lr_factor(self, schedule: Schedule) -> Callable[[int], float]:
+        """The learning rate of each optimizer step (0-based) as a fraction of the peak; by default a linear
+        warmup, then a half cosine (:meth:`Schedule.factor`)."""
+        return schedule.factor
+
     def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
         """The mean loss of a batch (already on the device) as a float32 scalar: forward pass under
         ``ctx.autocast()``, loss outside it. ``model`` may be wrapped in DistributedDataParallel."""
@@ -258,7 +263,8 @@ class Schedule:
         batches_per_epoch = math.ceil(shard / cfg.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
         total_steps = steps_per_epoch * cfg.epochs
-        warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
+        warmup_steps = min(total_steps, warmup)
         return cls(batches_per_epoch, steps_per_epoch, total_steps, warmup_steps, peak_lr, min(1.0, cfg.min_lr / peak_lr))
 
     def factor(self, step: int) -> float:
@@ -345,7 +351,8 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     schedule = Schedule.plan(cfg, task, ctx.dist)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=schedule.peak_lr)
     # A lambda, not a bound method: LambdaLR saves no state for plain functions, so training_state.pt stays tensors.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
+    factor = task.lr_factor(schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))
     training = Training(model, net, optimizer, scheduler, schedule)
     if state is not None:
         _restore(task, cfg, training, state, ctx)

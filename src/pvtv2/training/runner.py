@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from .classification import ClassificationTask
 from .config import TrainConfig
+from .detection import DetectionTask
 from .distributed import DistInfo, init_distributed, on_main, set_deterministic
 from .engine import RunContext, Task, check_image_size, run
 from .rundir import RunLock, check_resumed_classes, prepare_output
@@ -27,7 +28,9 @@ __all__ = ["TASK_CLASSES", "check_config", "train"]
 logger = logging.getLogger(__name__)
 
 # ``TrainConfig.task`` -> the task that supplies its data, model, loss and metrics.
-TASK_CLASSES: dict[str, type[Task]] = {"classification": ClassificationTask, "segmentation": SegmentationTask}
+TASK_CLASSES: dict[str, type[Task]] = {
+    "classification": ClassificationTask, "segmentation": SegmentationTask, "detection": DetectionTask,
+}
 
 
 def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[str, Any]:

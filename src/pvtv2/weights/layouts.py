@@ -8,6 +8,11 @@ Three layouts of the same weights are read and written:
   ``head.weight``;
 - ``original``: the authors' release files (``pvt_v2_b0.pth``): ``patch_embed{n}``, ``block{n}.{j}``, ``norm{n}``.
 
+The original repository's detection and segmentation checkpoints (mmdetection / mmsegmentation files, ``mmdet``) are
+read for their backbone: ``backbone.`` + the original layout; their necks and heads (``neck.``, ``bbox_head.``,
+``rpn_head.``, ``roi_head.``, ``decode_head.``, ``auxiliary_head.``) are mmdetection's and mmsegmentation's modules,
+which no pvtv2 model has, and are left out of the conversion.
+
 Two more are read (not written): the Mix Transformer encoders of transformers' SegFormer and GLPN, with their heads
 (``segformer``: ``segformer.encoder.block.{i}.{j}.attention.self.query`` ... ``decode_head.linear_c.{i}`` ...;
 ``glpn``: ``glpn.encoder...``, ``decoder.stages...``, ``head.head...``), also in transformers 5's in-memory
@@ -30,16 +35,23 @@ from .files import CheckpointError
 __all__ = [
     "LAYOUTS",
     "DENSE_LAYOUTS",
+    "MMDET_LAYOUT",
     "HEAD_PREFIXES",
     "detect_layout",
     "to_canonical",
     "from_canonical",
     "convert_state_dict",
+    "mmdet_backbone",
 ]
 
 LAYOUTS = ("transformers", "timm", "original")
 # Layouts that are read only: transformers' SegFormer and GLPN (see the module docstring).
 DENSE_LAYOUTS = ("segformer", "glpn")
+# The original repository's mmdetection / mmsegmentation checkpoints: read only, for their backbone.
+MMDET_LAYOUT = "mmdet"
+# Where mmdetection / mmsegmentation keep the backbone, and the top-level names of their other modules.
+_MMDET_BACKBONE = "backbone."
+_MMDET_OTHERS = ("neck.", "bbox_head.", "rpn_head.", "roi_head.", "mask_head.", "decode_head.", "auxiliary_head.")
 # ---------------------------------------------------------------------------------------------- layouts
 # Names inside a block: timm / original spelling -> transformers spelling. "attn.kv" is one fused matrix,
 # split into key and value (its first half is the keys, as the reference code's reshape to (2, heads, dim) reads it).
@@ -81,8 +93,9 @@ _PARSERS: dict[str, list[tuple[re.Pattern[str], str]]] = {
 
 # Prefixes transformers puts before the encoder keys, by model class.
 _TASK_PREFIXES = ("pvt_v2.",)
-# Top-level names of the heads a checkpoint may carry: classification, SegFormer's decode head, GLPN's decoder + head.
-HEAD_PREFIXES = ("classifier.", "decode_head.", "decoder.", "head.")
+# Top-level names of the heads a checkpoint may carry: classification, SegFormer's decode head, GLPN's decoder + head,
+# and the torchvision detector (FPN and heads) of pvtv2.models.detection.
+HEAD_PREFIXES = ("classifier.", "decode_head.", "decoder.", "head.", "detector.")
 
 # SegFormer / GLPN -> canonical, applied in order to each key (first transformers 5's in-memory names back to the
 # published ones, then the published ones to ours). The encoders have the same structure as PVTv2's; their
@@ -124,6 +137,8 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
         return "timm"
     if "patch_embed1.proj.weight" in state and any(k.startswith("block1.") for k in keys):
         return "original"
+    if "backbone.patch_embed1.proj.weight" in state and any(k.startswith("backbone.block1.") for k in keys):
+        return MMDET_LAYOUT
     if any(k.startswith("glpn.") for k in keys) or (
         any(k.startswith("decoder.stages.") for k in keys) and any(k.startswith("head.head.") for k in keys)
     ):
@@ -132,7 +147,8 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
         return "segformer"
     sample = ", ".join(keys[:8])
     raise CheckpointError(
-        f"not a PVTv2 checkpoint in a known layout ({', '.join(LAYOUTS + DENSE_LAYOUTS)}); its first keys are: {sample}."
+        f"not a PVTv2 checkpoint in a known layout ({', '.join(LAYOUTS + DENSE_LAYOUTS + (MMDET_LAYOUT,))}); its first "
+        f"keys are: {sample}."
     )
 
 
@@ -154,6 +170,8 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
     layout = layout or detect_layout(state)
     if layout in DENSE_LAYOUTS:
         return _mit_to_canonical(state)
+    if layout == MMDET_LAYOUT:
+        return to_canonical(mmdet_backbone(state), "original")
     if layout == "transformers":
         out = {}
         for key, value in state.items():
@@ -183,6 +201,21 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
         elif local in block_names:
             out[f"encoder.layers.{i}.blocks.{j}.{block_names[local]}.{param}"] = value
         else:
+            out[key] = value
+    return out
+
+
+def mmdet_backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone of an mmdetection / mmsegmentation state dict, ``backbone.`` removed; its neck and heads left out.
+
+    Keys outside the backbone that are not one of mmdetection's / mmsegmentation's modules are kept, so that the
+    strict load names them.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(_MMDET_BACKBONE):
+            out[key[len(_MMDET_BACKBONE) :]] = value
+        elif not key.startswith(_MMDET_OTHERS):
             out[key] = value
     return out
 

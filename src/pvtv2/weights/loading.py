@@ -28,7 +28,7 @@ from ..models.config import DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV
 from ..models.labels import has_generic_labels, imagenet_id2label
 from .files import CheckpointError, read_state_dict, save_state_dict
 from .hub import looks_like_hub_id, resolve_file
-from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, detect_layout, to_canonical
+from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, MMDET_LAYOUT, detect_layout, to_canonical
 
 __all__ = [
     "WEIGHT_FILES",
@@ -90,7 +90,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
     )
     if "classifier.weight" in canonical:
         args["num_labels"] = int(canonical["classifier.weight"].shape[0])
-    if layout in ("timm", "original"):
+    if layout in ("timm", "original", MMDET_LAYOUT):  # mmdetection's files hold the original code's backbone
         args["patch_embed_layer_norm_eps"] = _TORCH_DEFAULT_EPS
         args["reduction_layer_norm_eps"] = _TORCH_DEFAULT_EPS
     if layout in DENSE_LAYOUTS:
@@ -177,6 +177,10 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     state = read_state_dict(weights_path)
     layout = detect_layout(state)
     canonical = to_canonical(state, layout)
+    if layout == MMDET_LAYOUT:
+        others = sorted({k.split(".", 1)[0] for k in state if not k.startswith("backbone.")})
+        logger.info("an mmdetection / mmsegmentation checkpoint: its backbone is used%s",
+                    f"; its {', '.join(others)} are not (another library's modules)" if others else "")
     if config_path is not None:
         config = read_config(config_path, **overrides)
     else:
@@ -268,15 +272,21 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
         logger.info("%s has no %s: the checkpoint's are not used", type(model).__name__, ", ".join(sorted(dropped)))
 
     head_keys = {k for k in expected if k.startswith(model_heads)}
-    weight = f"{classifier}weight"
-    replaced = classifier is not None and weight in expected and weight in target and target[weight].shape[0] != expected[weight].shape[0]
+    # One class-sized layer (classification, segmentation) or several (a detector's class scores, box deltas, masks).
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    resized = [
+        p for p in classifiers
+        if f"{p}weight" in expected and f"{p}weight" in target and target[f"{p}weight"].shape[0] != expected[f"{p}weight"].shape[0]
+    ]
+    replaced = bool(resized)
     if replaced:
+        weight = f"{resized[0]}weight"
         logger.warning(
-            "replacing the classifier head: the checkpoint classifies %d classes, the model %d; the new head is "
-            "randomly initialised and needs fine-tuning",
-            target[weight].shape[0], expected[weight].shape[0],
+            "replacing the classifier head: the checkpoint's %s has %d outputs, the model's %d; the new layer(s) are "
+            "randomly initialised and need fine-tuning",
+            resized[0].rstrip("."), target[weight].shape[0], expected[weight].shape[0],
         )
-        for key in [k for k in target if k.startswith(classifier)]:
+        for key in [k for k in target if k.startswith(tuple(resized))]:
             target.pop(key)
 
     missing = sorted(set(expected) - set(target))

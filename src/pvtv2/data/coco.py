@@ -1,0 +1,477 @@
+"""COCO-format detection data: annotation files read and checked, images with boxes, labels and masks, aspect-ratio
+grouped batches, and COCO's own metrics (pycocotools' ``COCOeval``).
+
+Folder layout (what ``pvtv2 train --task detection`` and ``pvtv2 eval --task detection`` read)::
+
+    DIR/annotations/instances_train.json   DIR/train/<file_name>
+    DIR/annotations/instances_val.json     DIR/val/<file_name>
+
+COCO 2017's own names (``instances_train2017.json`` and ``train2017/``) are accepted too.
+
+Checks. An annotation file that is not COCO (bad JSON, missing lists, an annotation naming an unknown image or
+category, duplicate ids, a malformed box or mask) is a ``ValueError`` naming the file and the entry; a listed image
+that is missing is a ``FileNotFoundError`` naming it. Boxes are clipped to their image; a box with no area, before or
+after clipping, is left out of training with a count in the log (COCO itself has a few), as are crowd regions
+(``iscrowd=1``, which COCOeval uses as "ignore" regions). Images without annotations are kept as negatives.
+
+Labels. The categories, sorted by id, become the contiguous labels ``0 .. K-1`` of the model's ``id2label``; any ids
+work (COCO's run from 1 to 90 with gaps). :attr:`CocoAnnotations.category_ids` maps labels back for evaluation.
+
+pycocotools is an optional dependency (``pip install 'pvtv2[detection]'``), imported where it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..runtime import import_optional
+from .processing import load_image
+
+__all__ = [
+    "BOX_METRICS",
+    "CocoAnnotations",
+    "CocoDetection",
+    "find_coco_split",
+    "read_coco_annotations",
+    "collate_detection",
+    "image_to_tensor",
+    "grouped_batches",
+    "detections_to_coco",
+    "coco_evaluate",
+    "import_pycocotools",
+]
+
+logger = logging.getLogger(__name__)
+
+# COCOeval's twelve summary numbers, in the order it prints them.
+BOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def import_pycocotools() -> Any:
+    """pycocotools' ``mask`` module (importing the package), or a clear error naming the extra that installs it."""
+    import_optional("pycocotools", "detection", "COCO data and metrics")
+    return import_optional("pycocotools.mask", "detection", "COCO data and metrics")
+
+
+# ---------------------------------------------------------------------------------------------- files
+def find_coco_split(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of ``split`` under ``root``: ``annotations/instances_{split}.json`` and
+    ``{split}/``, or COCO 2017's ``instances_{split}2017.json`` and ``{split}2017/``."""
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {os.fspath(base)!r}")
+    for name in (split, f"{split}2017"):
+        annotations, images = base / "annotations" / f"instances_{name}.json", base / name
+        if annotations.is_file() and images.is_dir():
+            return annotations, images
+    raise FileNotFoundError(
+        f"no COCO-format {split} split in {os.fspath(base)!r}: expected annotations/instances_{split}.json and a "
+        f"{split}/ image folder (or COCO 2017's instances_{split}2017.json and {split}2017/)"
+    )
+
+
+@dataclass
+class CocoAnnotations:
+    """The checked content of a COCO annotation file.
+
+    ``images``: ``{id, file_name, width, height}`` per image, in file order. ``category_ids`` / ``id2label``: the
+    categories sorted by id, as labels ``0 .. K-1``. ``objects``: per image id, the annotations training uses
+    (``bbox`` clipped, in x1 y1 x2 y2, ``label``, ``segmentation``, ``id``). ``skipped``: why others were left out.
+    ``dataset``: the file's content with COCO's optional fields filled in, for ``COCOeval``.
+    """
+
+    path: Path
+    images: list[dict[str, Any]]
+    category_ids: list[int]
+    id2label: dict[int, str]
+    objects: dict[int, list[dict[str, Any]]]
+    skipped: Counter = field(default_factory=Counter)
+    dataset: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def category_to_label(self) -> dict[int, int]:
+        return {c: i for i, c in enumerate(self.category_ids)}
+
+    def coco(self) -> Any:
+        """A pycocotools ``COCO`` of :attr:`dataset` (the ground truth of ``COCOeval``), built without printing."""
+        import_pycocotools()
+        from pycocotools.coco import COCO
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO()
+            gt.dataset = self.dataset
+            gt.createIndex()
+        return gt
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
+    """Read and check a COCO annotation file (see the module docstring for what is an error and what is skipped)."""
+    path = Path(path)
+    where = os.fspath(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where!r} is not valid JSON: {err}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{where!r} is not a UTF-8 text file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where!r} must hold a JSON object with 'images', 'annotations' and 'categories', got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{where!r} has no {key!r} list: not a COCO instances file")
+    if not data["categories"]:
+        raise ValueError(f"{where!r} lists no categories")
+
+    images: list[dict[str, Any]] = []
+    by_id: dict[int, dict[str, Any]] = {}
+    for n, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or not _is_int(image.get("id")):
+            raise ValueError(f"{where!r}: images[{n}] needs an integer 'id'")
+        name = image.get("file_name")
+        if not isinstance(name, str) or not name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise ValueError(f"{where!r}: image {image['id']} needs a 'file_name' relative to the image folder, got {name!r}")
+        width, height = image.get("width"), image.get("height")
+        if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
+            raise ValueError(f"{where!r}: image {image['id']} needs positive integer 'width' and 'height', got {width!r} x {height!r}")
+        if image["id"] in by_id:
+            raise ValueError(f"{where!r}: image id {image['id']} appears twice")
+        entry = {"id": image["id"], "file_name": name, "width": width, "height": height}
+        by_id[image["id"]] = entry
+        images.append(entry)
+
+    names: dict[int, str] = {}
+    for n, category in enumerate(data["categories"]):
+        if not isinstance(category, dict) or not _is_int(category.get("id")) or not isinstance(category.get("name"), str):
+            raise ValueError(f"{where!r}: categories[{n}] needs an integer 'id' and a string 'name', got {category!r}")
+        if category["id"] in names:
+            raise ValueError(f"{where!r}: category id {category['id']} appears twice")
+        names[category["id"]] = category["name"]
+    category_ids = sorted(names)
+    label_of = {c: i for i, c in enumerate(category_ids)}
+
+    objects: dict[int, list[dict[str, Any]]] = {image["id"]: [] for image in images}
+    skipped: Counter = Counter()
+    examples: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    eval_annotations = []
+    for n, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+            raise ValueError(f"{where!r}: annotations[{n}] needs an integer 'id'")
+        ident = ann["id"]
+        if ident in seen:
+            raise ValueError(f"{where!r}: annotation id {ident} appears twice")
+        seen.add(ident)
+        if ann.get("image_id") not in by_id:
+            raise ValueError(f"{where!r}: annotation {ident} refers to image {ann.get('image_id')!r}, which 'images' does not list")
+        if ann.get("category_id") not in names:
+            raise ValueError(
+                f"{where!r}: annotation {ident} has category {ann.get('category_id')!r}, which 'categories' does not "
+                f"list (known: {category_ids[:20]})"
+            )
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise ValueError(f"{where!r}: annotation {ident} needs 'bbox' [x, y, width, height] of 4 finite numbers, got {bbox!r}")
+        crowd = ann.get("iscrowd", 0)
+        if crowd not in (0, 1) or isinstance(crowd, float):
+            raise ValueError(f"{where!r}: annotation {ident} has 'iscrowd' {crowd!r}; expected 0 or 1")
+        image = by_id[ann["image_id"]]
+        segmentation = ann.get("segmentation")
+        if segmentation is not None and segmentation != []:
+            _check_segmentation(segmentation, image, f"{where!r}: annotation {ident}")
+        area = ann.get("area")
+        if area is not None and not _is_number(area):
+            raise ValueError(f"{where!r}: annotation {ident} has a non-numeric 'area' {area!r}")
+        eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area if area is not None else bbox[2] * bbox[3])})
+
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            reason = "zero area"
+        else:
+            x1, y1 = min(max(x, 0.0), image["width"]), min(max(y, 0.0), image["height"])
+            x2, y2 = min(max(x + w, 0.0), image["width"]), min(max(y + h, 0.0), image["height"])
+            reason = "outside its image" if x2 <= x1 or y2 <= y1 else ("crowd region" if crowd else "")
+        if reason:
+            skipped[reason] += 1
+            examples.setdefault(reason, []).append(ident)
+            continue
+        objects[image["id"]].append({
+            "id": ident, "bbox": [x1, y1, x2, y2], "label": label_of[ann["category_id"]], "segmentation": segmentation,
+        })
+    for reason, count in skipped.items():
+        shown = ", ".join(map(str, examples[reason][:5])) + (" ..." if count > 5 else "")
+        level = logging.INFO if reason == "crowd region" else logging.WARNING
+        logger.log(level, "%s: %d annotation(s) left out of training: %s (ids %s)", path.name, count, reason, shown)
+
+    dataset = {
+        "info": data.get("info", {}) if isinstance(data.get("info"), dict) else {},
+        "images": [dict(image) for image in images],
+        "categories": [{"id": c, "name": names[c]} for c in category_ids],
+        "annotations": eval_annotations,
+    }
+    return CocoAnnotations(
+        path=path, images=images, category_ids=category_ids, id2label={i: names[c] for i, c in enumerate(category_ids)},
+        objects=objects, skipped=skipped, dataset=dataset,
+    )
+
+
+def _check_segmentation(segmentation: Any, image: dict[str, Any], what: str) -> None:
+    """Polygons: a list of lists of x, y pairs (at least three points each); RLE: ``{"size": [h, w], "counts": ...}``
+    with the image's size."""
+    if isinstance(segmentation, list):
+        for polygon in segmentation:
+            if (
+                not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2
+                or not all(_is_number(v) for v in polygon)
+            ):
+                raise ValueError(f"{what}: a polygon must be a list of at least 3 (x, y) pairs of numbers, got {str(polygon)[:80]}")
+        return
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if size != [image["height"], image["width"]]:
+            raise ValueError(f"{what}: RLE size {size!r} is not the image's [height, width] {[image['height'], image['width']]}")
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != size[0] * size[1]:
+                raise ValueError(f"{what}: uncompressed RLE counts must be non-negative integers summing to height x width")
+            return
+        if isinstance(counts, str) and counts and counts.isascii():
+            return
+        raise ValueError(f"{what}: RLE 'counts' must be a list of integers or a compressed (ASCII) string, got {type(counts).__name__}")
+    raise ValueError(f"{what}: 'segmentation' must be polygons (a list) or RLE (a dict), got {type(segmentation).__name__}")
+
+
+def _decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """(height, width) uint8 mask of a polygon list or an RLE (pycocotools)."""
+    mask_utils = import_pycocotools()
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- the dataset
+def image_to_tensor(picture: Any) -> torch.Tensor:
+    """An RGB PIL image as the detectors take it: (3, H, W) float32 in [0, 1] (they resize and normalise)."""
+    return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """The images of a COCO-format split with their targets, as torchvision's detectors take them.
+
+    Items: ``(image, target)``: ``image`` (3, H, W) float32 in [0, 1] at the file's resolution (the detector resizes
+    and normalises); ``target``: ``boxes`` (N, 4) float32 x1 y1 x2 y2 in pixels, ``labels`` (N,) int64,
+    ``image_id`` (int), and with ``masks=True`` ``masks`` (N, H, W) uint8 (annotations without a mask are then left
+    out, counted in the log). With ``hflip`` > 0 an image and its targets are flipped together with that
+    probability; the draw for sample ``i`` in epoch ``e`` comes from a generator seeded with ``(seed, e, i)``
+    (:meth:`set_epoch`), so resumed runs and any number of workers see the same flips.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, split: str, *, masks: bool = False, hflip: float = 0.0, seed: int = 0,
+        annotations: CocoAnnotations | None = None, check_files: bool = True,
+    ) -> None:
+        path, self.image_dir = find_coco_split(root, split)
+        self.annotations = annotations if annotations is not None else read_coco_annotations(path)
+        if not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"hflip must be a probability, got {hflip}")
+        self.masks, self.hflip, self.seed, self.epoch = masks, hflip, seed, 0
+        self.images = self.annotations.images
+        if not self.images:
+            raise ValueError(f"{os.fspath(self.annotations.path)!r} lists no images")
+        if check_files:
+            missing = [im["file_name"] for im in self.images if not (self.image_dir / im["file_name"]).is_file()]
+            if missing:
+                shown = ", ".join(repr(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise FileNotFoundError(
+                    f"{len(missing)} image(s) listed in {os.fspath(self.annotations.path)!r} are missing from "
+                    f"{os.fspath(self.image_dir)!r}: {shown}"
+                )
+        if masks:
+            unmasked = sum(1 for objs in self.annotations.objects.values() for o in objs if not o["segmentation"])
+            if unmasked:
+                logger.warning("%s: %d annotation(s) have no mask and are left out of mask training",
+                               self.annotations.path.name, unmasked)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.annotations.id2label
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def aspect_ratios(self) -> list[float]:
+        """Width / height of every image, from the annotation file (no image is opened)."""
+        return [im["width"] / im["height"] for im in self.images]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        info = self.images[index]
+        path = self.image_dir / info["file_name"]
+        picture = load_image(path)  # RGB, EXIF orientation applied
+        if picture.size != (info["width"], info["height"]):
+            raise ValueError(
+                f"image {os.fspath(path)!r} is {picture.width}x{picture.height} but "
+                f"{self.annotations.path.name} says {info['width']}x{info['height']}: its boxes would not fit"
+            )
+        image = image_to_tensor(picture)  # (3, H, W)
+        objects = self.annotations.objects[info["id"]]
+        if self.masks:
+            objects = [o for o in objects if o["segmentation"]]
+        boxes = torch.tensor([o["bbox"] for o in objects], dtype=torch.float32).reshape(-1, 4)  # (N, 4)
+        target: dict[str, Any] = {
+            "boxes": boxes,
+            "labels": torch.tensor([o["label"] for o in objects], dtype=torch.int64),
+            "image_id": info["id"],
+        }
+        if self.masks:
+            height, width = info["height"], info["width"]
+            stack = [_decode_mask(o["segmentation"], height, width) for o in objects]
+            target["masks"] = torch.from_numpy(np.stack(stack)) if stack else torch.zeros(0, height, width, dtype=torch.uint8)
+        if self.hflip > 0 and np.random.default_rng([self.seed, self.epoch, index]).random() < self.hflip:
+            image = image.flip(-1)
+            width = image.shape[-1]
+            target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+            if self.masks:
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+
+def collate_detection(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """A batch as the detectors take it: a list of images (sizes differ) and a list of targets."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+def grouped_batches(
+    aspect_ratios: Sequence[float], batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
+    rank: int = 0, world_size: int = 1,
+) -> list[list[int]]:
+    """This process's batches of one epoch, each of images on the same side of square (wide or tall), so that
+    padding a batch to its largest image wastes little (torchvision's ``GroupedBatchSampler``).
+
+    The order is a permutation seeded by ``seed + epoch`` (as :func:`pvtv2.data.folders.epoch_indices`); images are
+    taken in that order into their group's open batch, which is emitted when full; what is left over at the end is
+    batched regardless of group. The batches are dealt to the processes round-robin, wrapping around so that each
+    gets the same number (DistributedDataParallel needs equal step counts).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    n = len(aspect_ratios)
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = list(range(n))
+    open_batches: dict[bool, list[int]] = {True: [], False: []}
+    batches: list[list[int]] = []
+    for index in order:
+        group = open_batches[aspect_ratios[index] >= 1.0]
+        group.append(index)
+        if len(group) == batch_size:
+            batches.append(list(group))
+            group.clear()
+    leftover = sorted(open_batches[True] + open_batches[False], key=order.index)
+    batches.extend(leftover[i : i + batch_size] for i in range(0, len(leftover), batch_size))
+    if world_size > 1 and batches:
+        total = math.ceil(len(batches) / world_size) * world_size
+        batches = (batches * math.ceil(total / len(batches)))[:total]
+    return batches[rank::world_size]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def detections_to_coco(
+    outputs: Iterable[dict[str, torch.Tensor]], image_ids: Iterable[int],
+    label_to_category: Sequence[int] | Mapping[int, int], mask_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """Detector outputs (``boxes`` x1 y1 x2 y2 in the image's pixels, ``labels`` 0..K-1, ``scores``, optional
+    ``masks`` (N, 1, H, W) probabilities) as COCO result entries: ``bbox`` [x, y, w, h], ``category_id`` (the label
+    mapped back through ``label_to_category``, e.g. :attr:`CocoAnnotations.category_ids`; detections of a label that
+    a mapping lacks are left out), ``score`` and, with masks, ``segmentation`` (compressed RLE of
+    ``mask >= mask_threshold``)."""
+    results: list[dict[str, Any]] = []
+    mask_utils = None
+    for output, image_id in zip(outputs, image_ids):
+        boxes = output["boxes"].detach().float().cpu()
+        scores = output["scores"].detach().float().cpu().tolist()
+        labels = output["labels"].detach().cpu().tolist()
+        masks = output.get("masks")
+        if masks is not None:
+            mask_utils = mask_utils or import_pycocotools()
+            binary = (masks.detach()[:, 0] >= mask_threshold).cpu().numpy().astype(np.uint8)  # (N, H, W)
+        for n, (box, score, label) in enumerate(zip(boxes.tolist(), scores, labels)):
+            if isinstance(label_to_category, Mapping) and label not in label_to_category:
+                continue
+            x1, y1, x2, y2 = box
+            entry = {
+                "image_id": int(image_id), "category_id": int(label_to_category[label]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score),
+            }
+            if masks is not None:
+                rle = mask_utils.encode(np.asfortranarray(binary[n]))
+                entry["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            results.append(entry)
+    return results
+
+
+def coco_evaluate(
+    ground_truth: CocoAnnotations | Any, results: list[dict[str, Any]], iou_types: Sequence[str] = ("bbox",),
+) -> dict[str, Any]:
+    """COCOeval's summary for each IoU type (``"bbox"``, ``"segm"``): ``{"bbox": {"AP": ..., "AP50": ..., ...},
+    "summary": {"bbox": "<the text COCOeval prints>"}}``, the twelve numbers of :data:`BOX_METRICS` in COCOeval's
+    own order and value (-1 where a size range has no ground truth), on the images of ``ground_truth`` (a
+    :class:`CocoAnnotations` or a pycocotools ``COCO``)."""
+    import_pycocotools()
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = ground_truth.coco() if isinstance(ground_truth, CocoAnnotations) else ground_truth
+    known = set(gt.getImgIds())
+    stray = {r["image_id"] for r in results} - known
+    if stray:
+        raise ValueError(f"detections for image ids {sorted(stray)[:10]} that the ground truth does not list")
+    out: dict[str, Any] = {"summary": {}}
+    for iou_type in iou_types:
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"unknown IoU type {iou_type!r}; use 'bbox' or 'segm'")
+        if iou_type == "segm" and any("segmentation" not in r for r in results):
+            raise ValueError("mask metrics need a 'segmentation' in every detection (a mask_rcnn model's)")
+        if iou_type == "segm" and any(not a.get("segmentation") for a in gt.dataset["annotations"]):
+            raise ValueError("mask metrics need a 'segmentation' in every ground-truth annotation")
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            if results:
+                dt = gt.loadRes([dict(r) for r in results])  # loadRes adds fields to its entries: copies
+            else:  # loadRes refuses an empty list; an empty result set scores 0 (or -1 where there is no ground truth)
+                dt = COCO()
+                dt.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]), "annotations": []}
+                dt.createIndex()
+            evaluator = COCOeval(gt, dt, iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        out[iou_type] = {name: float(value) for name, value in zip(BOX_METRICS, evaluator.stats)}
+        out["summary"][iou_type] = text.getvalue()
+    return out

@@ -1,0 +1,222 @@
+"""Training ``PvtV2ForObjectDetection`` on COCO-format data, scored by COCO box AP (and mask AP for ``mask_rcnn``).
+
+This is the ``task="detection"`` task of :func:`pvtv2.training.train` (``pvtv2 train --task detection --detector
+...``): the run folder, ``--resume``, checkpoints, seeding, sharding, DDP, bf16 and accumulation are the engine's
+(:mod:`pvtv2.training.engine`). :class:`DetectionTask` supplies the data (:class:`pvtv2.data.coco.CocoDetection`:
+lists of images at their own sizes and per-image target dicts), the model, the loss of a batch (the sum of the
+detector's losses, as torchvision's and mmdetection's training scripts take it) and the evaluation (pycocotools'
+COCOeval on the whole validation split, the processes' detections gathered first). ``best/`` is the epoch with
+the highest box AP.
+
+The defaults (:data:`DETECTION_RECIPE`) are the original repository's 1x recipe: AdamW at 1e-4 for a global batch
+of 16 (scaled linearly to other batches, as the other tasks' rates are), weight decay 1e-4, 12 epochs with the
+rate x0.1 after epochs 8 and 11 (scaled to ``--epochs``: after 24 and 33 for the 3x recipe's 36), mmdetection's
+linear warmup from 0.001 of the rate over the first 500 optimizer steps (at most a fifth of a short run), shorter
+side 800 (``--image-size``), longer at most 1333 in proportion, horizontal flips. ``--multiscale`` draws the
+shorter side of each training image from the 3x recipe's 480 ... 800 (step 32), scaled to ``--image-size``.
+
+Differences from mmdetection, on purpose: weight decay skips biases and norm scales (as every pvtv2 task's does);
+the sample order is the engine's seeded shuffle, not batches grouped by aspect ratio (an efficiency matter on
+padded batches, not a result one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.coco import CocoDetection, coco_evaluate, collate_detection, detections_to_coco
+from ..models.config import PvtV2Config, is_preset_name, preset_key
+from ..models.detection import PvtV2ForObjectDetection
+from .config import TrainConfig
+from .engine import RunContext, Schedule, Task
+
+__all__ = [
+    "DETECTION_RECIPE",
+    "EXAMPLE_RECIPE",
+    "example_config",
+    "TINY_DETECTION",
+    "DetectionTask",
+    "build_detector",
+    "detection_sizes",
+    "step_schedule",
+]
+
+logger = logging.getLogger(__name__)
+
+# The 1x recipe of the original repository's detection configs (see the module docstring).
+DETECTION_RECIPE: dict[str, Any] = dict(
+    image_size=800, epochs=12, batch_size=2, lr=None, min_lr=0.0, warmup_steps=500, weight_decay=1e-4, hflip=0.5,
+)
+
+# ``--model tiny``: a small encoder and a 64-channel FPN that train on two CPU cores in minutes (the example's).
+TINY_DETECTION: dict[str, Any] = dict(
+    depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 160], num_attention_heads=[1, 2, 4, 5], mlp_ratios=[4, 4, 4, 4],
+    sr_ratios=[4, 2, 1, 1], drop_path_rate=0.0, fpn_channels=64,
+)
+
+# The offline example's settings (``pvtv2 demo-det``): a small RetinaNet from scratch on 128 px digits; the 1x
+# recipe's rate and warmup are for pretrained encoders and batch 16, far too gentle for a random one.
+EXAMPLE_RECIPE: dict[str, Any] = dict(
+    model="tiny", detector="retinanet", image_size=128, epochs=12, batch_size=8, lr=1e-3, min_lr=0.0, warmup_steps=50,
+    weight_decay=1e-4, hflip=0.5,
+)
+
+_WARMUP_RATIO = 0.001  # mmdetection's warmup_ratio: the first step's rate as a fraction of the peak
+_MILESTONES_1X = (8, 11)  # the rate is multiplied by 0.1 after these epochs of 12
+
+_SCORE_PANEL = ("validation", [("box_ap", (44, 160, 44)), ("box_ap50", (214, 39, 40))], (0.0, 1.0))
+
+
+def detection_sizes(image_size: int, multiscale: bool = False) -> dict[str, Any]:
+    """The detector's resize settings for ``--image-size S``: shorter side S, longer at most S x 1333 / 800; with
+    ``multiscale`` the shorter side of each training image is drawn from the 3x recipe's 480 ... 800 (step 32)
+    scaled to S (evaluation uses S, the list's last)."""
+    max_size = round(image_size * 1333 / 800)
+    if not multiscale:
+        return {"min_size": image_size, "max_size": max_size}
+    sizes = sorted({max(1, round(image_size * s / 800)) for s in range(480, 801, 32)})
+    return {"min_size": sizes, "max_size": max_size}
+
+
+def step_schedule(schedule: Schedule, epochs: int) -> Callable[[int], float]:
+    """The learning rate of each optimizer step as a fraction of the peak: mmdetection's linear warmup (from
+    0.001) over ``schedule.warmup_steps`` (at most a fifth of the run), then x0.1 after epochs 8 and 11 of 12,
+    scaled to ``epochs``."""
+    warmup = min(schedule.warmup_steps, schedule.total_steps // 5)
+    if warmup < schedule.warmup_steps:
+        logger.info("warmup shortened from %d to %d steps (a fifth of this %d-step run)", schedule.warmup_steps, warmup,
+                    schedule.total_steps)
+    milestones = [round(m * epochs / 12) * schedule.steps_per_epoch for m in _MILESTONES_1X]
+
+    def factor(step: int) -> float:
+        decay = 0.1 ** sum(step >= m for m in milestones)
+        if step < warmup:
+            return decay * (1.0 - (1.0 - step / warmup) * (1.0 - _WARMUP_RATIO))
+        return decay
+
+    return factor
+
+
+def example_config(**changes: Any) -> TrainConfig:
+    """A :class:`TrainConfig` for the detection example: :data:`EXAMPLE_RECIPE`, overridden by ``changes``."""
+    return TrainConfig(**{**EXAMPLE_RECIPE, **changes, "task": "detection"})
+
+
+def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObjectDetection:
+    """``tiny``, a preset name or a config.json: a new detector (random encoder); anything else: a checkpoint whose
+    encoder (any classification layout, an mmdetection backbone) or whole detector (same classes) to fine-tune."""
+    settings: dict[str, Any] = {
+        "detector": cfg.detector, "id2label": id2label, **detection_sizes(cfg.image_size, cfg.multiscale),
+    }
+    if cfg.drop_path is not None:
+        settings["drop_path_rate"] = cfg.drop_path
+    if _is_tiny(cfg.model):
+        return PvtV2ForObjectDetection(PvtV2Config(**{**TINY_DETECTION, **settings}))
+    if is_preset_name(cfg.model):
+        return PvtV2ForObjectDetection(PvtV2Config.from_preset(preset_key(cfg.model), **settings))
+    if cfg.model.endswith(".json") and os.path.isfile(cfg.model):
+        config = PvtV2Config.from_dict(json.loads(Path(cfg.model).read_text(encoding="utf-8"))).replace(**settings)
+        return PvtV2ForObjectDetection(config)
+    return PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
+
+
+class DetectionTask(Task):
+    """COCO-format data ``DIR/annotations/instances_{train,val}.json`` + ``DIR/{train,val}/``, the detector's summed
+    losses, COCOeval's box AP (and mask AP); ``best/`` is the epoch with the highest box AP."""
+
+    model_class = PvtV2ForObjectDetection
+    best_metric = "box_ap"
+    best_state_key = "best_box_ap"
+    intro = "detection: %d training images"
+    score_panel = _SCORE_PANEL
+    collate = staticmethod(collate_detection)
+
+    def architecture(self) -> PvtV2Config | None:
+        if _is_tiny(self.cfg.model):
+            return PvtV2Config(**{**TINY_DETECTION, "image_size": self.cfg.image_size})
+        return super().architecture()
+
+    def load_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.data:
+            raise ValueError("a dataset folder is needed (--data DIR with DIR/annotations/instances_{train,val}.json)")
+        masks = cfg.detector == "mask_rcnn"
+        self.train_set = CocoDetection(cfg.data, "train", masks=masks, hflip=cfg.hflip, seed=cfg.seed)
+        self.val_set = CocoDetection(cfg.data, "val")
+        train, val = self.train_set.annotations, self.val_set.annotations
+        if (train.category_ids, train.id2label) != (val.category_ids, val.id2label):
+            raise ValueError(
+                f"the categories of {os.fspath(val.path)!r} are not those of {os.fspath(train.path)!r} (the same ids "
+                f"and names are needed): {dict(zip(val.category_ids, val.id2label.values()))} against "
+                f"{dict(zip(train.category_ids, train.id2label.values()))}"
+            )
+        self.id2label = dict(train.id2label)
+        self.classes = [self.id2label[i] for i in sorted(self.id2label)]
+        self.iou_types = ["bbox"]
+        if masks:
+            if all(a.get("segmentation") for a in val.dataset["annotations"]):
+                self.iou_types.append("segm")
+            else:
+                logger.warning("some annotations of %s have no mask: mask AP is not computed", val.path.name)
+
+    def new_model(self) -> nn.Module:
+        return build_detector(self.cfg, self.id2label)
+
+    def default_lr(self, global_batch: int) -> float:
+        return 1e-4 * global_batch / 16  # the 1x recipe: 1e-4 at 8 GPUs x 2 images
+
+    def lr_factor(self, schedule: Schedule) -> Callable[[int], float]:
+        return step_schedule(schedule, self.cfg.epochs)
+
+    def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
+        images, targets = batch
+        with ctx.autocast():
+            losses = model(images, targets)
+        # torchvision's detectors return each loss already averaged (over anchors, proposals or images): the
+        # batch's loss is their sum, as torchvision's reference scripts and mmdetection take it.
+        return sum(value.float() for value in losses.values())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, ctx: RunContext) -> dict[str, Any]:
+        model.eval()
+        category_ids = self.val_set.annotations.category_ids
+        results: list[dict[str, Any]] = []
+        for images, targets in loader:
+            with ctx.autocast():
+                outputs = model([image.to(ctx.device) for image in images])
+            results.extend(detections_to_coco(outputs, [t["image_id"] for t in targets], category_ids))
+        # COCO's AP is no sum over shards: every process scores all the detections (the same numbers everywhere).
+        everything = [entry for part in ctx.gather(results) for entry in part]
+        metrics = coco_evaluate(self.val_set.annotations, everything, self.iou_types)
+        record: dict[str, Any] = {}
+        for iou_type, prefix in (("bbox", "box"), ("segm", "mask")):
+            if iou_type in metrics:
+                for name, value in metrics[iou_type].items():
+                    record[f"{prefix}_{name.lower()}"] = value
+        record["detections"] = len(everything)
+        return record
+
+    def count(self, batch: Any) -> int:
+        return len(batch[0])
+
+    def epoch_summary(self, record: dict[str, Any]) -> str:
+        text = f"box AP {record['box_ap']:.4f}, AP50 {record['box_ap50']:.4f}"
+        if "mask_ap" in record:
+            text += f", mask AP {record['mask_ap']:.4f}"
+        return f"{text}, {record['seconds']:.1f} s"
+
+    def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
+        best = next((r for r in records if r["epoch"] == best_epoch), None)
+        return {"task": "detection", "best_box_ap": best["box_ap"] if best else None, "best_record": best}
+
+
+def _is_tiny(model: str) -> bool:
+    return model.lower() == "tiny" and not os.path.exists(model)

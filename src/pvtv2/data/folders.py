@@ -23,6 +23,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .augment import PaperRandAugment, random_erasing, seeded
 from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, PvtV2ImageProcessor, load_image
 
 __all__ = [
@@ -127,11 +128,15 @@ def _to_tensor(image: PIL.Image.Image, mean: Sequence[float], std: Sequence[floa
 
 @dataclass
 class TrainTransform:
-    """Random resized crop, horizontal flip and normalisation, the augmentation of the PVTv2 paper (without its
-    RandAugment, mixup, cutmix and random erasing).
+    """Random resized crop, horizontal flip, optionally RandAugment, normalisation, optionally random erasing: the
+    per-image augmentation of the PVTv2 paper (DeiT's recipe; MixUp and CutMix act on batches,
+    :class:`~pvtv2.data.augment.MixUpCutMix`), in timm's order.
 
     The crop follows torchvision's ``RandomResizedCrop``: up to ten tries at an area fraction in ``scale`` and a
-    log-uniform aspect ratio in ``ratio``, else a centre crop clamped to ``ratio``; then a bilinear resize.
+    log-uniform aspect ratio in ``ratio``, else a centre crop clamped to ``ratio``; then a resize with
+    ``interpolation`` (the recipe: bicubic). The crop and flip come from the sample's NumPy generator; RandAugment
+    and erasing from torch's generator seeded by the next draw of it, so they too are a function of
+    ``(seed, epoch, index)``, and with both off the generator is used exactly as before they existed.
     """
 
     size: int
@@ -140,6 +145,14 @@ class TrainTransform:
     hflip: float = 0.5
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    randaugment: PaperRandAugment | None = None
+    erasing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+        self._eraser = random_erasing(self.erasing) if self.erasing != 0 else None
 
     def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """(left, top, crop width, crop height)."""
@@ -165,18 +178,28 @@ class TrainTransform:
 
     def __call__(self, image: PIL.Image.Image, rng: np.random.Generator) -> torch.Tensor:
         left, top, w, h = self.crop_box(image.width, image.height, rng)
-        image = image.resize((self.size, self.size), PIL.Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        resample = _RESAMPLE[self.interpolation]
+        image = image.resize((self.size, self.size), resample, box=(left, top, left + w, top + h))
         if rng.uniform() < self.hflip:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return _to_tensor(image, self.mean, self.std)
+        if self.randaugment is None and self._eraser is None:
+            return _to_tensor(image, self.mean, self.std)
+        with seeded(int(rng.integers(2**63))):
+            if self.randaugment is not None:
+                image = self.randaugment(image)
+            tensor = _to_tensor(image, self.mean, self.std)
+            return self._eraser(tensor) if self._eraser is not None else tensor
+
+
+_RESAMPLE = {"bilinear": PIL.Image.Resampling.BILINEAR, "bicubic": PIL.Image.Resampling.BICUBIC}
 
 
 class EvalTransform:
-    """Resize to ``size`` x ``size`` and normalise: exactly what ``PvtV2ImageProcessor(size=size)`` does, so that a
-    saved checkpoint with its ``preprocessor_config.json`` predicts as it was evaluated."""
+    """What ``processor`` does (by default ``PvtV2ImageProcessor(size=size)``: resize to ``size`` x ``size`` and
+    normalise), so that a saved checkpoint with its ``preprocessor_config.json`` predicts as it was evaluated."""
 
-    def __init__(self, size: int) -> None:
-        self.processor = PvtV2ImageProcessor(size={"height": size, "width": size})
+    def __init__(self, size: int, processor: PvtV2ImageProcessor | None = None) -> None:
+        self.processor = processor if processor is not None else PvtV2ImageProcessor(size={"height": size, "width": size})
 
     def __call__(self, image: PIL.Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         return self.processor(image, return_tensors="pt")["pixel_values"][0]
@@ -184,7 +207,11 @@ class EvalTransform:
 
 # --------------------------------------------------------------------------------------------- dataset
 class ImageFolder(torch.utils.data.Dataset):
-    """``(pixel_values, label)`` pairs from scanned samples; the transform gets a per-sample, per-epoch generator."""
+    """``(pixel_values, label)`` pairs from scanned samples; the transform gets a per-sample, per-epoch generator.
+
+    An index past the end is a repeated draw (:func:`~pvtv2.data.augment.repeated_epoch_indices`): it reads sample
+    ``index % len(self)`` and seeds the augmentation with the whole index, so every copy is augmented differently.
+    """
 
     def __init__(
         self, samples: Sequence[tuple[str, int]], transform: TrainTransform | EvalTransform, seed: int = 0
@@ -201,6 +228,6 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
+        path, label = self.samples[index % len(self.samples)]
         image = load_image(path)
         return self.transform(image, sample_rng(self.seed, self.epoch, index)), label

@@ -7,6 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
+from pvtv2.data.processing import PvtV2ImageProcessor
 from pvtv2.data.depth import DepthFolder, read_depth_png, scan_depth_split, write_depth_png
 from pvtv2.data.scenes import EXAMPLE_MAX_DEPTH, camera_rays, make_depth_example, render_scene
 
@@ -65,6 +66,10 @@ def test_depth_folder_reads_metres_and_keeps_invalid_zeros(tmp_path):
     assert (target[:8] == 0).all() and (target[8:] > 0.9).all()
     # PIL's nearest neighbour takes source column floor((63 + 0.5) * 80 / 64) = 79 for the last one
     assert target[20, 0] == 1.0 and target[20, -1] == np.float32(stored[-1, 79]) == np.float32(8.0)
+    # The images as GLPN's processor (and predict_depth) prepares them: resized, rescaled to [0, 1], not normalised.
+    image = PIL.Image.open(tmp_path / "train" / "images" / "a.jpg")
+    expected = PvtV2ImageProcessor(size=(32, 64), do_normalize=False)(image).pixel_values[0]
+    assert (pixels - expected).abs().max() <= 1e-6
     flipped = DepthFolder(tmp_path, "train", (32, 64), hflip=1.0)[0]
     assert torch.equal(flipped[1], target.flip(-1)) and torch.equal(flipped[0], pixels.flip(-1))
 

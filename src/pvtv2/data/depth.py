@@ -22,7 +22,7 @@ import PIL.Image
 import torch
 
 from .augment import derive_seed
-from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
+from .processing import IMAGE_EXTENSIONS
 
 __all__ = ["DepthFolder", "read_depth_png", "scan_depth_split", "write_depth_png"]
 
@@ -107,10 +107,12 @@ def write_depth_png(path: str | os.PathLike, depth: np.ndarray, depth_scale: flo
 
 
 class DepthFolder(torch.utils.data.Dataset):
-    """Images and depth maps, resized to ``size``. Items: ``(pixel_values (3, H, W), depth (H, W) float32 metres)``.
+    """Images and depth maps, resized to ``size``. Items: ``(pixel_values (3, H, W) in [0, 1], depth (H, W) float32
+    metres)``.
 
-    Images are resized bilinearly and normalised with ``mean`` / ``std``; depth maps are resized nearest-neighbour
-    (so that invalid zeros are never blended into valid depth). GLPN's decoder needs ``size`` in multiples of 32.
+    Images are resized bilinearly and rescaled to [0, 1], not normalised, as GLPN's image processor (and
+    :func:`pvtv2.inference.predict_depth`) prepares them; depth maps are resized nearest-neighbour (so that invalid
+    zeros are never blended into valid depth). GLPN's decoder needs ``size`` in multiples of 32.
     With ``hflip`` > 0 both are flipped together, drawn from ``(seed, epoch, index)`` (:meth:`set_epoch`).
     """
 
@@ -123,8 +125,6 @@ class DepthFolder(torch.utils.data.Dataset):
         depth_scale: float = DEFAULT_DEPTH_SCALE,
         hflip: float = 0.0,
         seed: int = 0,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         self.pairs = scan_depth_split(root, split)
         self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -136,8 +136,6 @@ class DepthFolder(torch.utils.data.Dataset):
         self.hflip = hflip
         self.seed = seed
         self.epoch = 0
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -162,4 +160,4 @@ class DepthFolder(torch.utils.data.Dataset):
         target = torch.from_numpy(np.array(depth, dtype=np.float32))  # (H, W), a writable copy
         if self.hflip > 0 and np.random.default_rng(derive_seed(self.seed, self.epoch, index)).random() < self.hflip:
             pixels, target = pixels.flip(-1), target.flip(-1)
-        return (pixels - self.mean) / self.std, target
+        return pixels, target

@@ -54,6 +54,10 @@ __all__ = [
     "load_runtime",
     "predict_segmentation",
     "predict_depth",
+    "SEGMENTATION_MODES",
+    "segmentation_logits",
+    "segmentation_probabilities",
+    "window_starts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -403,18 +407,142 @@ def evaluate(
     }
 
 
+SEGMENTATION_MODES = ("whole", "slide")
+
+
+def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
+        raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Where the windows of one axis start, as mmsegmentation's ``slide_inference`` places them: every ``stride``
+    pixels, the last one moved back to end at the border; one window when ``crop`` covers ``length``."""
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, length) - crop, 0) for i in range(count)]
+
+
 @torch.no_grad()
-def predict_segmentation(model: PvtV2ForSemanticSegmentation, image, size: tuple[int, int] | None = None) -> np.ndarray:
+def segmentation_logits(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    mode: str = "whole",
+    crop: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+) -> torch.Tensor:
+    """(B, K, H, W) logits at the input's resolution (the head's 1/4-resolution logits upsampled, bilinear).
+
+    ``mode="whole"``: one forward pass over the whole input. ``mode="slide"``: mmsegmentation's sliding window:
+    ``crop``-sized windows every ``stride`` pixels (the last ones moved back inside the image), each upsampled to its
+    window, the overlaps averaged. A window never exceeds the image, so an input no larger than ``crop`` is one
+    window, the same as ``"whole"``.
+    """
+    if mode not in SEGMENTATION_MODES:
+        raise ValueError(f"mode must be one of {list(SEGMENTATION_MODES)}, got {mode!r}")
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be (batch, 3, height, width), got shape {tuple(pixel_values.shape)}")
+    height, width = pixel_values.shape[-2:]
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        logits = model(pixels).logits.float()  # (B, K, h/4, w/4)
+        return F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+
+    if mode == "whole":
+        return forward(pixel_values)
+    crop_h, crop_w = _pair("crop", crop)
+    stride_h, stride_w = _pair("stride", stride)
+    if (stride_h > crop_h and height > crop_h) or (stride_w > crop_w and width > crop_w):
+        raise ValueError(
+            f"stride {(stride_h, stride_w)} must not exceed crop {(crop_h, crop_w)} on a {height}x{width} input: "
+            f"the windows would leave gaps"
+        )
+    total: torch.Tensor | None = None
+    count = torch.zeros(1, 1, height, width, device=pixel_values.device)
+    for top in window_starts(height, crop_h, stride_h):
+        for left in window_starts(width, crop_w, stride_w):
+            bottom, right = min(top + crop_h, height), min(left + crop_w, width)
+            logits = forward(pixel_values[:, :, top:bottom, left:right])  # (B, K, window h, window w)
+            if total is None:
+                total = logits.new_zeros(logits.shape[0], logits.shape[1], height, width)
+            total[:, :, top:bottom, left:right] += logits
+            count[:, :, top:bottom, left:right] += 1
+    return total / count  # type: ignore[operator]
+
+
+@torch.no_grad()
+def segmentation_probabilities(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    mode: str = "whole",
+    crop: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+    output_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """(B, K, H, W) class probabilities at ``output_size`` (default: the input's), averaged over test-time
+    augmentations as mmsegmentation's ``aug_test`` does: the input resized by each of ``scales`` (bilinear), and with
+    ``flip`` also mirrored; for each, :func:`segmentation_logits` (``mode``, ``crop``, ``stride``), resized to
+    ``output_size``, softmax (sigmoid for a one-class model), mirrored back; then the mean."""
+    if isinstance(scales, (int, float)) or len(scales) == 0 or any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 16 for s in scales
+    ):
+        raise ValueError(f"scales must be a non-empty list of positive factors (at most 16), got {scales!r}")
+    height, width = pixel_values.shape[-2:]
+    output_size = (height, width) if output_size is None else tuple(output_size)
+    total: torch.Tensor | None = None
+    views = 0
+    for scale in scales:
+        size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+        scaled = pixel_values if size == (height, width) else F.interpolate(
+            pixel_values, size=size, mode="bilinear", align_corners=False
+        )
+        for mirrored in (False, True) if flip else (False,):
+            view = scaled.flip(-1) if mirrored else scaled
+            logits = segmentation_logits(model, view, mode=mode, crop=crop, stride=stride)
+            logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
+            probs = probs.flip(-1) if mirrored else probs
+            total = probs if total is None else total + probs
+            views += 1
+    return total / views  # type: ignore[operator]
+
+
+@torch.no_grad()
+def predict_segmentation(
+    model: PvtV2ForSemanticSegmentation,
+    image,
+    size: tuple[int, int] | None = None,
+    *,
+    mode: str = "whole",
+    crop: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> np.ndarray:
     """(H, W) class indices for a PIL image, at the image's own resolution.
 
-    The image is resized to ``size`` (default: ``config.image_size``) and normalised with ImageNet's statistics,
-    as SegFormer's processor does; the logits are upsampled (bilinear) back to the image before the argmax.
+    The image is resized to ``size`` and normalised with ImageNet's statistics, as SegFormer's processor does; the
+    prediction is upsampled (bilinear) back to the image before the argmax. ``size`` defaults to
+    ``config.image_size`` for ``mode="whole"`` and to the image's own size for ``mode="slide"`` (windows of ``crop``
+    every ``stride`` pixels). ``scales`` and ``flip``: multi-scale and flip testing
+    (:func:`segmentation_probabilities`).
     """
-    size = tuple(size or model.config.image_size)
+    if size is None:
+        size = tuple(model.config.image_size) if mode == "whole" else (image.height, image.width)
     pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})(image)["pixel_values"]
-    logits = model.eval()(pixels.to(model.device, model.dtype)).logits
-    logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0].cpu().numpy()
+    model = model.eval()
+    probs = segmentation_probabilities(
+        model, pixels.to(model.device, model.dtype), scales=scales, flip=flip, mode=mode, crop=crop, stride=stride,
+        output_size=(image.height, image.width),
+    )
+    if probs.shape[1] == 1:
+        return (probs[0, 0] > 0.5).long().cpu().numpy()
+    return probs.argmax(1)[0].cpu().numpy()
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -33,6 +34,7 @@ __all__ = [
     "scan_split",
     "sample_rng",
     "epoch_indices",
+    "split_samples",
 ]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,36 @@ def _readable(path: Path) -> bool:
         return True
     except Exception:  # PIL raises many kinds for corrupt data: OSError, SyntaxError, ValueError, struct.error...
         return False
+
+
+def split_samples(
+    samples: Sequence[tuple[Any, int | None]], fraction: float, seed: int
+) -> tuple[list[tuple[Any, int | None]], list[tuple[Any, int | None]]]:
+    """A validation split carved from training samples: ``(train, val)``, each in the original order.
+
+    Per class (the second item of each sample; all together when it is None), ``round(fraction * n)`` samples, at
+    least one and never all, go to validation, chosen by a generator seeded with ``(seed, class)``: the same seed
+    gives the same split, whatever else changes. A class with a single sample stays in training (and is named).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"the validation split must be a fraction in (0, 1), e.g. 0.1, got {fraction!r}")
+    by_class: dict[int | None, list[int]] = {}
+    for index, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(index)
+    chosen: set[int] = set()
+    alone = []
+    for label, members in sorted(by_class.items(), key=lambda item: -1 if item[0] is None else item[0]):
+        if len(members) < 2:
+            alone.append(label)
+            continue
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        rng = np.random.default_rng([seed, 0 if label is None else int(label) + 1])
+        chosen.update(members[i] for i in rng.permutation(len(members))[:count])
+    if alone:
+        logger.warning("class(es) %s have a single training sample: kept in training, none in the validation split", alone)
+    train = [s for i, s in enumerate(samples) if i not in chosen]
+    val = [s for i, s in enumerate(samples) if i in chosen]
+    return train, val
 
 
 # --------------------------------------------------------------------------------------------- randomness

@@ -20,6 +20,46 @@ def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
 
+def _check_range(flag: str, value: float | None, low: float, high: float | None = None) -> None:
+    """Refuse a flag's value outside [low, high] with a one-line error, before anything is loaded or written."""
+    if value is None:
+        return
+    if not (value >= low and (high is None or value <= high)):  # also refuses NaN
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{flag} must be {bounds}, got {value}")
+
+
+def _check_output_file(path: str) -> None:
+    """Refuse, before any work, an --output that cannot become a file: an existing folder, or a path under a
+    file or under a folder this user may not write. (Missing parent folders are created.)"""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"--output {path!r} is a folder; give a file name such as {os.path.join(path, 'out.png')!r}")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path!r}: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path!r}: the folder {str(parent)!r} is not writable")
+
+
+def _save_png(picture, path: str) -> None:
+    """Write a PIL picture as PNG atomically: an error names ``path`` (never a temporary file) and leaves nothing."""
+    from .fileio import atomic_write
+
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def _enlarged_note(scale: int, height: int, width: int) -> str:
+    if scale == 1:
+        return ""
+    return f" (the {width}x{height} input enlarged {scale}x, nearest neighbour, to be legible)"
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -52,14 +92,14 @@ def _add_benchmark(subparsers) -> None:
         description="Time a model on random images: inference (or a training step with --train) after warm-up. "
                     "A preset name gives random weights, which time the same as trained ones.",
     )
-    p.add_argument("--model", required=True, help="preset name (e.g. pvt_v2_b2), folder, checkpoint file or hub id")
-    p.add_argument("--batch-size", type=int, default=1, help="images per call (default: 1)")
-    p.add_argument("--image-size", type=int, default=224, help="square input side in pixels (default: 224)")
+    p.add_argument("--model", "-m", required=True, help="preset name (e.g. pvt_v2_b2), folder, checkpoint file or hub id")
+    p.add_argument("--batch-size", type=int, default=1, help="images per call, 1 to 1024 (default: 1)")
+    p.add_argument("--image-size", type=int, default=224, help="square input side in pixels, 32 to 4096 (default: 224)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast (default: fp32)")
     p.add_argument("--compile", action="store_true", help="run through torch.compile")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, AdamW)")
     p.add_argument("--backbone", action="store_true", help="time the multi-scale backbone instead of the classifier")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads, 1 to 1024 (default: PyTorch's choice)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls after warm-up (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
@@ -74,9 +114,16 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import benchmark_model, build_model
     from .runtime import parse_device
 
+    _check_range("--threads", args.threads, 1, 1024)
+    _check_range("--batch-size", args.batch_size, 1, 1024)
+    _check_range("--image-size", args.image_size, 32, 4096)
+    _check_range("--repeats", args.repeats, 1, 100_000)
+    _check_range("--warmup", args.warmup, 0, 100_000)
+    device = parse_device(args.device)
+    if device.type == "meta":
+        raise ValueError("--device meta holds shapes without data: nothing can be timed there; use cpu or cuda")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = parse_device(args.device)
     model = build_model(args.model, backbone=args.backbone).to(device)
     if not args.train:
         fast.freeze(model)  # as predict and eval do: the weights packed once for the fast CPU path
@@ -98,11 +145,46 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- train
-@_register
-def _add_train(subparsers) -> None:
+def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
+    """The flags of a training run, shared by `train` and `train-seg`. Every default is None, so that the command
+    knows which flags were given (``--resume`` warns about each one the stored run overrides); ``recipe`` (over
+    TrainConfig's defaults) supplies the rest and the defaults shown in the help."""
     from .training import TrainConfig
 
-    d = TrainConfig()
+    d = {**TrainConfig().run_fields(), **recipe}
+    lr_default = (f"default {d['lr']:g}" if d["lr"] is not None else
+                  "default: 5e-4 x global batch / 512 for classification, 6e-5 x global batch / 16 for segmentation")
+    p.add_argument("--model", "-m", help=f"preset name, config.json, folder, checkpoint file or hub id (default {d['model']})")
+    p.add_argument("--output", "-o", required=True, help="run folder for checkpoints, metrics and curves")
+    p.add_argument("--image-size", type=int, help=f"training and evaluation resolution (default {d['image_size']})")
+    p.add_argument("--epochs", type=int, help=f"default {d['epochs']}")
+    p.add_argument("--batch-size", type=int, help=f"images per process per forward pass (default {d['batch_size']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate ({lr_default})")
+    p.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine (default {d['min_lr']:g})")
+    p.add_argument("--warmup-epochs", type=float, help=f"linear warmup length (default {d['warmup_epochs']:g})")
+    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay, not on norms and biases (default {d['weight_decay']:g})")
+    p.add_argument("--label-smoothing", type=float, help=f"classification (default {d['label_smoothing']:g})")
+    p.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's or the checkpoint's)")
+    p.add_argument("--grad-accum", type=int, help=f"forward passes per optimizer step (default {d['grad_accum']})")
+    p.add_argument("--crop-scale", type=float,
+                   help=f"classification: smallest area fraction of random resized crops (default {d['crop_scale']:g})")
+    p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d['hflip']:g})")
+    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
+    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
+    p.add_argument("--seed", type=int, help=f"default {d['seed']}")
+    p.add_argument("--replace-head", action="store_true", default=None,
+                   help="fine-tuning: train a new head when the dataset's classes are not the checkpoint's")
+    p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output (its settings are "
+                   "the stored ones: other values given are ignored, with a warning)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train, recipe=recipe)
+
+
+@_register
+def _add_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="train or fine-tune a classifier on an image folder (single process or under torchrun)",
@@ -115,44 +197,21 @@ def _add_train(subparsers) -> None:
                    help="classification (default; DIR/train/<class>/*) or segmentation (DIR/train/images/*, "
                    "DIR/train/masks/*.png, the same under val/; reports mean IoU and pixel accuracy)")
     p.add_argument("--data", help="dataset folder with train/<class>/ and val/<class>/ sub-folders")
-    p.add_argument("--model", help=f"preset name, config.json, folder, checkpoint file or hub id (default {d.model})")
-    p.add_argument("--output", required=True, help="run folder for checkpoints, metrics and curves")
-    p.add_argument("--image-size", type=int, help=f"training and evaluation resolution (default {d.image_size})")
-    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=int, help=f"images per process per forward pass (default {d.batch_size})")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 x global batch / 512)")
-    p.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine (default {d.min_lr})")
-    p.add_argument("--warmup-epochs", type=float, help=f"linear warmup length (default {d.warmup_epochs:g})")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay, not on norms and biases (default {d.weight_decay})")
-    p.add_argument("--label-smoothing", type=float, help=f"default {d.label_smoothing}")
-    p.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the preset's or the checkpoint's)")
-    p.add_argument("--grad-accum", type=int, help="forward passes per optimizer step (default 1)")
-    p.add_argument("--crop-scale", type=float, help=f"smallest area fraction of random resized crops (default {d.crop_scale})")
-    p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d.hflip})")
-    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
-    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--replace-head", action="store_true", default=None,
-                   help="fine-tuning: train a new head when the dataset's classes are not the checkpoint's")
-    p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_train)
+    _add_training_flags(p, {})
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """`train` and its alias `train-seg`, which differ only in ``args.recipe``: the defaults of the flags not given."""
     import dataclasses
 
     from .training import TrainConfig, train
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    cfg = TrainConfig(**given, progress=not args.no_progress)
+    cfg = TrainConfig(**{**args.recipe, **given, "progress": not args.no_progress})
     if not cfg.resume and not cfg.data:
         raise ValueError("--data is required (unless --resume continues a run)")
-    result = train(cfg)
+    result = train(cfg, explicit={k for k, v in given.items() if v is not False})  # store_true flags left out: False
     if result["rank"] == 0 and result.get("task") == "segmentation":
         _print_segmentation_result(result)
     elif result["rank"] == 0:
@@ -244,7 +303,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="trained weights: a save_pretrained folder, a checkpoint file (transformers, timm or original "
                         "layout) or a hub id such as OpenGVLab/pvt_v2_b0")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass, 1 to 1024 (default: 16)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -269,7 +328,8 @@ def _add_predict(subparsers) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     _add_model_flags(p)
-    p.add_argument("--top-k", "-k", type=int, default=5, help="classes per image (default: 5)")
+    p.add_argument("--top-k", "-k", type=int, default=5,
+                   help="classes per image, 1 to 1000, at most the model's classes (default: 5)")
     _add_runtime_flags(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -277,6 +337,8 @@ def _add_predict(subparsers) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference import find_images, load_classifier, load_processor, load_runtime, predict
 
+    _check_range("--top-k", args.top_k, 1, 1000)
+    _check_range("--batch-size", args.batch_size, 1, 1024)
     paths = find_images(args.images)
     model = load_classifier(args.model, args.device)
     processor = load_processor(args.model, model.config.image_size)
@@ -317,6 +379,7 @@ def _add_eval(subparsers) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .inference import evaluate, load_classifier, load_processor, load_runtime
 
+    _check_range("--batch-size", args.batch_size, 1, 1024)
     model = load_classifier(args.model, args.device)
     processor = load_processor(args.model, model.config.image_size)
     runtime = load_runtime(model, args.runtime, args.onnx, model_source=args.model, bf16=args.bf16)
@@ -344,13 +407,15 @@ def _add_export(subparsers) -> None:
         description="Export to ONNX with dynamic batch, height and width, then compare onnxruntime with PyTorch at "
                     "several input sizes; the file is written only when all match.",
     )
-    p.add_argument("--model", "-m", required=True, help="folder, checkpoint file, hub id, or a preset name (random weights)")
+    p.add_argument("--model", "-m", required=True,
+                   help="folder, checkpoint file, hub id, or a preset name (random weights); weights without a "
+                        "classifier export the encoder (output last_hidden_state)")
     p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torchscript (dynamo=False, fast), dynamo, or auto: torchscript then dynamo (default)")
     p.add_argument("--check-sizes", nargs="+", type=_check_size, metavar="BxHxW", default=list(DEFAULT_CHECK_SIZES),
-                   help=f"input sizes to check (default: {default_sizes})")
+                   help=f"input sizes to check, batch up to 64, sides up to 4096 (default: {default_sizes})")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_export)
@@ -368,9 +433,14 @@ def _load_any(source: str):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from .export import export_onnx, load_checkpoint_model
+    from .models.config import is_preset_name
 
-    model = _load_any(args.model)
+    for size in args.check_sizes:
+        _check_range("--check-sizes batch", size[0], 1, 64)
+        _check_range("--check-sizes height and width", max(size[1:]), 1, 4096)
+    # From weights: what the checkpoint holds (a head-less one exports its encoder), never a random head.
+    model = _load_any(args.model) if is_preset_name(args.model) else load_checkpoint_model(args.model)
     result = export_onnx(model, args.output, opset=args.opset, exporter=args.exporter,
                          check_sizes=None if args.no_check else args.check_sizes)
     if args.json:
@@ -413,7 +483,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = PvtV2ForImageClassification(PvtV2Config.from_preset(args.model))
     else:
-        model = PvtV2ForImageClassification.from_pretrained(args.model)
+        # Counted on the meta device too: the count needs shapes, not values, so any --image-size costs no memory.
+        model = PvtV2ForImageClassification.from_pretrained(args.model).to("meta")
     summary = model_summary(model, args.image_size, name=args.model)
     if args.json:
         _print_json(summary)
@@ -430,7 +501,8 @@ def _add_convert(subparsers) -> None:
                     "folder (loads in transformers), or with --layout a single file in that layout.",
     )
     p.add_argument("source", metavar="SRC", help="checkpoint file, folder or hub id")
-    p.add_argument("output", metavar="OUT", help="output folder (or file with --layout)")
+    p.add_argument("output", metavar="OUT", help="output folder (or *.safetensors / *.pth file with --layout); an "
+                   "existing one is replaced only if it is a checkpoint")
     p.add_argument("--layout", choices=("transformers", "timm", "original"),
                    help="write one weights file in this layout instead of a folder (.safetensors or .pth by suffix)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -458,36 +530,33 @@ def _add_visualize(subparsers) -> None:
     p.add_argument("image", metavar="IMAGE", help="image file")
     p.add_argument("--model", "-m", required=True, help="folder, checkpoint file, hub id, or a preset name (random weights)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
-    p.add_argument("--panel-size", type=int, default=224, help="pixels per panel (default: 224)")
+    p.add_argument("--panel-size", type=int, default=224, help="pixels per panel, 32 to 1024 (default: 224)")
     p.set_defaults(func=_cmd_visualize)
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    import os
-
     from .data.processing import load_image
     from .inference import load_processor
     from .models.config import is_preset_name
-    from .visualize import attention_figure
+    from .visualize import PANEL_SIZES, attention_figure
 
+    _check_range("--panel-size", args.panel_size, *PANEL_SIZES)
+    _check_output_file(args.output)
     image = load_image(args.image)
-    model = _load_any(args.model)
+    model = _load_any(args.model)  # the attention maps do not use the head: any weights will do
     processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
     figure = attention_figure(model, image, processor, panel_size=args.panel_size)
-    tmp = f"{args.output}.tmp.png"
-    figure.save(tmp, format="PNG")
-    os.replace(tmp, args.output)
-    print(f"wrote {args.output} ({figure.width}x{figure.height})")
+    _save_png(figure, args.output)
+    small = image.width < args.panel_size and image.height < args.panel_size
+    note = f" (the {image.width}x{image.height} input enlarged, nearest neighbour, to be legible)" if small else ""
+    print(f"wrote {args.output} ({figure.width}x{figure.height}){note}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- dense prediction
-def _save_png(picture, path: str) -> None:
-    import os
-
-    tmp = f"{path}.tmp.png"
-    picture.save(tmp, format="PNG")
-    os.replace(tmp, path)
+# --size of segment and depth: the model's input, in pixels per side. Above the bound the first stage's attention
+# alone needs gigabytes; below, no PVTv2 stage has a token grid left.
+_DENSE_SIZES = (32, 2048)
 
 
 def _size_flag(value: str | None) -> tuple[int, int] | None:
@@ -500,6 +569,9 @@ def _size_flag(value: str | None) -> tuple[int, int] | None:
         raise ValueError(f"--size must be N or HxW, got {value!r}") from None
     if len(sizes) not in (1, 2) or min(sizes) < 1:
         raise ValueError(f"--size must be N or HxW with positive numbers, got {value!r}")
+    low, high = _DENSE_SIZES
+    if min(sizes) < low or max(sizes) > high:
+        raise ValueError(f"--size must be between {low} and {high} pixels per side, got {value!r}")
     return (sizes[0], sizes[-1])
 
 
@@ -508,31 +580,34 @@ def _add_segment(subparsers) -> None:
     p = subparsers.add_parser(
         "segment", help="semantic segmentation of an image (SegFormer head)",
         description="Predict a class for every pixel and write the image with the coloured label map blended over "
-                    "it, and a legend of the classes found (names from the model's id2label).",
+                    "it, and a legend of the classes found (names from the model's id2label). An image with a side "
+                    "under 256 px is drawn enlarged by a whole factor (nearest neighbour). A model without a trained "
+                    "segmentation head (a classification or depth checkpoint) is refused.",
     )
     p.add_argument("image", metavar="IMAGE", help="image file")
     p.add_argument("--model", "-m", required=True, help="segmentation model: folder, checkpoint file or hub id "
                    "(pvtv2 or transformers' SegFormer layout)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
-    p.add_argument("--size", help="model input size, N or HxW (default: the config's image_size)")
-    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the label colours (default: 0.5)")
+    p.add_argument("--size", help="model input size, N or HxW, 32 to 2048 (default: the config's image_size)")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the label colours, 0 to 1 (default: 0.5)")
     p.set_defaults(func=_cmd_segment)
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .data.processing import load_image
-    from .inference import predict_segmentation
-    from .models.segmentation import PvtV2ForSemanticSegmentation
-    from .visualize import segmentation_picture
+    from .inference import load_segmenter, predict_segmentation
+    from .visualize import display_scale, segmentation_picture
 
-    if not 0.0 <= args.alpha <= 1.0:
-        raise ValueError(f"--alpha must be between 0 and 1, got {args.alpha}")
+    _check_range("--alpha", args.alpha, 0.0, 1.0)
+    size = _size_flag(args.size)
+    _check_output_file(args.output)
     image = load_image(args.image).convert("RGB")
-    model = PvtV2ForSemanticSegmentation.from_pretrained(args.model)
-    label_map = predict_segmentation(model, image, _size_flag(args.size))
+    model = load_segmenter(args.model)
+    label_map = predict_segmentation(model, image, size)
     _save_png(segmentation_picture(image, label_map, model.config.id2label, args.alpha), args.output)
     counts = {model.config.id2label.get(int(c), str(c)): int((label_map == c).sum()) for c in set(label_map.flat)}
-    print(f"wrote {args.output}; pixels per class: {json.dumps(counts)}")
+    note = _enlarged_note(display_scale(image.height, image.width), image.height, image.width)
+    print(f"wrote {args.output}{note}; pixels per class: {json.dumps(counts)}")
     return 0
 
 
@@ -541,27 +616,32 @@ def _add_depth(subparsers) -> None:
     p = subparsers.add_parser(
         "depth", help="monocular depth of an image (GLPN head)",
         description="Predict a depth map and write it, colour-mapped (viridis, near to far: purple to yellow), "
-                    "beside the image.",
+                    "beside the image. An image with a side under 256 px is drawn enlarged by a whole factor "
+                    "(nearest neighbour). A model without a trained depth head is refused.",
     )
     p.add_argument("image", metavar="IMAGE", help="image file")
     p.add_argument("--model", "-m", required=True, help="depth model: folder, checkpoint file or hub id "
                    "(pvtv2 or transformers' GLPN layout)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
-    p.add_argument("--size", help="model input size, N or HxW, multiples of 32 (default: the image's, rounded down)")
+    p.add_argument("--size", help="model input size, N or HxW, multiples of 32 from 32 to 2048 (default: the image's, "
+                   "rounded down)")
     p.set_defaults(func=_cmd_depth)
 
 
 def _cmd_depth(args: argparse.Namespace) -> int:
     from .data.processing import load_image
-    from .inference import predict_depth
-    from .models.depth import PvtV2ForDepthEstimation
-    from .visualize import depth_picture
+    from .inference import load_depth_estimator, predict_depth
+    from .visualize import depth_picture, display_scale
 
+    size = _size_flag(args.size)
+    _check_output_file(args.output)
     image = load_image(args.image).convert("RGB")
-    model = PvtV2ForDepthEstimation.from_pretrained(args.model)
-    depth = predict_depth(model, image, _size_flag(args.size))
+    model = load_depth_estimator(args.model)
+    depth = predict_depth(model, image, size)
     _save_png(depth_picture(image, depth), args.output)
-    print(f"wrote {args.output}; depth from {depth.min():.3f} to {depth.max():.3f} (max_depth {model.config.max_depth})")
+    note = _enlarged_note(display_scale(image.height, image.width), image.height, image.width)
+    print(f"wrote {args.output}{note}; depth from {depth.min():.3f} to {depth.max():.3f} "
+          f"(max_depth {model.config.max_depth})")
     return 0
 
 
@@ -576,43 +656,20 @@ def _print_segmentation_result(result: dict) -> None:
 
 @_register
 def _add_train_seg(subparsers) -> None:
-    from .training.segmentation import EXAMPLE_RECIPE as d
+    from .training.segmentation import EXAMPLE_RECIPE
 
     p = subparsers.add_parser(
-        "train-seg", help="train a segmentation model on image / mask folders (pvtv2 train --task segmentation, "
-        "with defaults for small data)",
-        description="`pvtv2 train --task segmentation --data DIR` with the shapes example's defaults (a tiny model, "
-        "64 px, 8 epochs): evaluates mean IoU and pixel accuracy on DIR/val each epoch; writes OUTPUT/best, "
-        "OUTPUT/last (resumable), metrics.jsonl and curves.png. Runs under torchrun like `pvtv2 train`.",
+        "train-seg", help="train a segmentation model on image / mask folders (an alias of pvtv2 train --task "
+        "segmentation, with defaults for small data)",
+        description="An alias: `pvtv2 train-seg DIR ...` runs `pvtv2 train --task segmentation --data DIR ...` (the "
+        "same code and flags), with the shapes example's defaults for the flags not given (a tiny model, 64 px, 8 "
+        "epochs, batch 8, lr 2e-3) instead of the ImageNet recipe's. Evaluates mean IoU and pixel accuracy on DIR/val "
+        "each epoch; writes OUTPUT/best, OUTPUT/last (resumable), metrics.jsonl and curves.png. Runs under torchrun "
+        "like `pvtv2 train`.",
     )
     p.add_argument("data", metavar="DIR", help="folder with train/ and val/ (images/*.png|jpg, masks/*.png)")
-    p.add_argument("--output", "-o", required=True, help="run folder")
-    p.add_argument("--model", "-m", default=d["model"], help="'tiny' (default), a preset name (random weights), a "
-                   "config.json, or a classification / segmentation checkpoint whose encoder to fine-tune")
-    p.add_argument("--image-size", type=int, default=d["image_size"], help=f"training resolution (default: {d['image_size']})")
-    p.add_argument("--epochs", type=int, default=d["epochs"], help=f"default: {d['epochs']}")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"per process (default: {d['batch_size']})")
-    p.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default: {d['lr']})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in OUTPUT")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in OUTPUT")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_train_seg)
-
-
-def _cmd_train_seg(args: argparse.Namespace) -> int:
-    from .training import train
-    from .training.segmentation import example_config
-
-    result = train(example_config(
-        data=args.data, output=args.output, model=args.model, image_size=args.image_size, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, resume=args.resume,
-        overwrite=args.overwrite, progress=not args.no_progress,
-    ))
-    if result["rank"] == 0:
-        _print_segmentation_result(result)
-    return 0
+    _add_training_flags(p, EXAMPLE_RECIPE)
+    p.set_defaults(task="segmentation")  # implied by the command: --resume warns if the stored run is another task
 
 
 @_register
@@ -636,18 +693,20 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data.shapes import make_segmentation_example
+    from .training import check_config, train
+    from .training.segmentation import example_config
 
-    data = make_segmentation_example(Path(args.output) / "data", args.train, args.val, args.size, args.seed)
+    if args.epochs < 0:
+        raise ValueError(f"--epochs must be 0 (the data only) or more, got {args.epochs}")
+    out = Path(args.output)
+    cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
+                         seed=args.seed, progress=not args.no_progress)
+    if args.epochs > 0:
+        check_config(cfg)  # before the data is written
+    data = make_segmentation_example(out / "data", args.train, args.val, args.size, args.seed)
     print(f"wrote the example to {data}")
     if args.epochs > 0:
-        from .training import train
-        from .training.segmentation import example_config
-
-        result = train(example_config(
-            data=str(data), output=str(Path(args.output) / "run"), image_size=args.size, epochs=args.epochs,
-            seed=args.seed, progress=not args.no_progress,
-        ))
-        _print_segmentation_result(result)
+        _print_segmentation_result(train(cfg))
     return 0
 
 

@@ -21,7 +21,7 @@ from .data.digits import write_digits_folder
 from .data.folders import scan_split
 from .data.processing import PvtV2ImageProcessor, load_image
 from .models.modeling import PvtV2ForImageClassification
-from .training import TrainConfig, train
+from .training import TrainConfig, check_config, train
 from .training.curves import read_metrics
 
 __all__ = ["DEMO_DEFAULTS", "run_demo"]
@@ -58,18 +58,18 @@ def run_demo(
     began = time.perf_counter()
     out = Path(output)
     data, run = out / "digits", out / "run"
+    settings = {k: v for k, v in DEMO_DEFAULTS.items() if k not in ("epochs", "image_size")}
+    cfg = TrainConfig(
+        data=str(data), model="pvt_v2_b0", output=str(run), epochs=epochs, image_size=image_size, seed=seed,
+        workers=0, device="cpu", overwrite=overwrite, progress=progress, **settings,
+    )
+    check_config(cfg)  # a bad --epochs or --image-size is refused before the digits are written
     if run.exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} already holds a demo run; pass --overwrite to replace it")
     if data.exists():
         shutil.rmtree(data)  # the demo's own copy of the digits, rewritten identically
     n_train, n_val = write_digits_folder(data, size=image_size, seed=seed)
     logger.info("wrote %d training and %d held-out digits (%d px) to %s", n_train, n_val, image_size, data)
-
-    settings = {k: v for k, v in DEMO_DEFAULTS.items() if k not in ("epochs", "image_size")}
-    cfg = TrainConfig(
-        data=str(data), model="pvt_v2_b0", output=str(run), epochs=epochs, image_size=image_size, seed=seed,
-        workers=0, device="cpu", overwrite=overwrite, progress=progress, **settings,
-    )
     result = train(cfg)
 
     best = Path(result["best"])

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fileio import WriteError, atomic_write_text, write_folder_atomically
+
 __all__ = [
     "DEFAULT_CHECK_SIZES",
     "EXPORTERS",
@@ -42,6 +44,7 @@ __all__ = [
     "export_onnx",
     "check_onnx",
     "convert_checkpoint",
+    "load_checkpoint_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -293,42 +296,134 @@ def _describe_check(check: ExportCheck) -> str:
     return f"{size}: max abs diff {check.max_abs_diff:.3g} > tolerance {check.tolerance:.3g}"
 
 
+def load_checkpoint_model(source: str | os.PathLike) -> nn.Module:
+    """The model a checkpoint holds, with nothing invented: a ``PvtV2ForImageClassification`` when it has a
+    classifier head, else the encoder alone (``PvtV2Model``).
+
+    A classifier that ``from_pretrained`` would have to replace by a random one (weights sized for another number of
+    classes than the checkpoint's ``config.json`` says) is refused with ``ValueError``: exporting or converting it
+    would hand noise on under real-looking labels.
+    """
+    from .models.modeling import PvtV2ForImageClassification, PvtV2Model
+    from .weights.files import read_state_dict
+    from .weights.layouts import to_canonical
+    from .weights.loading import locate_checkpoint
+
+    _, weights = locate_checkpoint(source, None, None)
+    has_head = "classifier.weight" in to_canonical(read_state_dict(weights))
+    model = (PvtV2ForImageClassification if has_head else PvtV2Model).from_pretrained(source)
+    new = getattr(model, "newly_initialized_keys", ())
+    if new:
+        raise ValueError(
+            f"the classifier in {os.fspath(source)!r} does not fit its config (num_labels={model.config.num_labels}): "
+            f"{', '.join(new)} would be initialised at random. Fix num_labels / id2label in its config.json, or "
+            f"fine-tune: pvtv2 train --model {os.fspath(source)} --data DIR --output RUN"
+        )
+    return model
+
+
+# What `convert` writes into a folder (and what a save_pretrained folder it may replace holds): anything else in an
+# existing output folder is someone's data, which swapping in the new folder would delete.
+_FOLDER_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                           "preprocessor_config.json"})
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _is_weights_file(path: Path) -> bool:
+    """The file starts as a safetensors file or a PyTorch checkpoint (a zip archive with a ``data.pkl``, or a
+    legacy pickle) does: only the first bytes and, for a zip, its directory are read."""
+    import zipfile
+
+    with path.open("rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return True  # safetensors: an 8-byte little-endian header length, then the JSON header
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            return False
+    return head.startswith(b"\x80")  # a pickle (protocol 2 or later): torch.save's legacy format
+
+
+def _check_convert_output(out: Path, layout: str | None) -> None:
+    """Refuse an output that convert must not replace: anything but a weights file or a checkpoint folder."""
+    text = os.fspath(out)
+    if layout is None:
+        if not out.exists():
+            return
+        if not out.is_dir():
+            raise FileExistsError(f"{text!r} is a file; a save_pretrained folder needs a folder path")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _FOLDER_FILES)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise FileExistsError(
+                f"{text!r} already holds files that are not a checkpoint's ({shown}): refusing to replace the folder; "
+                f"choose a new or empty folder"
+            )
+        return
+    if out.suffix.lower() not in _WEIGHT_SUFFIXES:
+        raise ValueError(
+            f"--layout {layout} writes one weights file, named *.safetensors (safetensors) or *.pth (PyTorch), got "
+            f"{text!r}"
+        )
+    if out.is_dir():
+        raise IsADirectoryError(f"--layout {layout} writes one file, but {text!r} is a folder")
+    if out.exists() and not _is_weights_file(out):
+        raise FileExistsError(
+            f"{text!r} exists and is not a weights file (safetensors or PyTorch checkpoint): refusing to overwrite "
+            f"it; choose another path"
+        )
+
+
+def _target_error(target: Path, err: OSError) -> WriteError:
+    """``err`` as a WriteError naming ``target`` (not an inner temporary file) and the system's reason."""
+    while isinstance(err, WriteError) and isinstance(err.__cause__, OSError):
+        err = err.__cause__
+    return WriteError(target, err)
+
+
 def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, layout: str | None = None) -> dict[str, Any]:
     """Convert any supported checkpoint (file in any layout, folder, hub id) to a ``save_pretrained`` folder
     (``layout=None``), or to a single weights file in ``layout`` (``transformers``, ``timm`` or ``original``).
 
-    A checkpoint without a classifier head becomes a ``PvtV2Model`` (no random head is invented). A folder's
-    ``preprocessor_config.json`` is copied along.
+    A checkpoint without a classifier head becomes a ``PvtV2Model`` (no random head is invented); one whose head
+    does not fit its config is refused (:func:`load_checkpoint_model`). A folder's ``preprocessor_config.json`` is
+    copied along. An existing ``output`` is replaced only when it is a weights file (``layout``) or a folder holding
+    nothing but a checkpoint's files; anything else raises ``FileExistsError`` before any work. The output is written
+    atomically: a failed write (a full disk) raises :class:`pvtv2.fileio.WriteError` naming ``output`` and leaves no
+    temporary file, and the previous output as it was.
     """
     from .data.processing import PREPROCESSOR_CONFIG_NAME
-    from .models.modeling import PvtV2ForImageClassification, PvtV2Model
-    from .weights.files import read_state_dict, save_state_dict
+    from .weights.files import save_state_dict
     from .weights.hub import resolve_file
-    from .weights.layouts import LAYOUTS, convert_state_dict, to_canonical
-    from .weights.loading import locate_checkpoint
+    from .weights.layouts import LAYOUTS, convert_state_dict
 
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
-    _, weights = locate_checkpoint(source, None, None)
-    has_head = "classifier.weight" in to_canonical(read_state_dict(weights))
-    cls = PvtV2ForImageClassification if has_head else PvtV2Model
-    model = cls.from_pretrained(source)
     out = Path(output)
-    info: dict[str, Any] = {"source": os.fspath(source), "model": cls.__name__, "parameters": model.num_parameters()}
+    _check_convert_output(out, layout)
+    model = load_checkpoint_model(source)
+    info: dict[str, Any] = {"source": os.fspath(source), "model": type(model).__name__,
+                            "parameters": model.num_parameters()}
     if layout is None:
-        if out.exists() and not out.is_dir():
-            raise FileExistsError(f"{os.fspath(out)!r} is a file; a save_pretrained folder needs a folder path")
-        model.save_pretrained(out)
         text = os.fspath(source)
-        pre = None
-        if os.path.isdir(text):
-            pre = resolve_file(text, PREPROCESSOR_CONFIG_NAME, required=False)
-        if pre is not None:
-            (out / PREPROCESSOR_CONFIG_NAME).write_text(Path(pre).read_text(encoding="utf-8"), encoding="utf-8")
+        pre = resolve_file(text, PREPROCESSOR_CONFIG_NAME, required=False) if os.path.isdir(text) else None
+        # Read before writing: the output may be the source folder itself.
+        pre_text = Path(pre).read_text(encoding="utf-8") if pre is not None else None
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder)
+            if pre_text is not None:
+                atomic_write_text(folder / PREPROCESSOR_CONFIG_NAME, pre_text)
+
+        try:
+            write_folder_atomically(out, write)
+        except OSError as err:
+            raise _target_error(out, err) from err
         info.update(output=os.fspath(out), layout="transformers (save_pretrained folder)")
         return info
-    if out.is_dir():
-        raise IsADirectoryError(f"--layout {layout} writes one file, but {os.fspath(out)!r} is a folder")
     config = model.config
     if layout in ("timm", "original") and (config.patch_norm_eps != 1e-5 or config.reduction_norm_eps != 1e-5):
         logger.warning(
@@ -337,6 +432,9 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
             config.reduction_norm_eps,
         )
     state = convert_state_dict(model.state_dict(), layout)
-    save_state_dict(state, out)
+    try:
+        save_state_dict(state, out)
+    except OSError as err:
+        raise _target_error(out, err) from err
     info.update(output=os.fspath(out), layout=layout, tensors=len(state))
     return info

@@ -9,11 +9,13 @@ file; the previous target is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_codes
 import json
 import os
 import shutil
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "write_folder_atomically",
     "recover_folder",
     "temporary_path",
+    "path_kind",
 ]
 
 
@@ -56,22 +59,31 @@ def _remove(path: Path) -> None:
         pass
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` to fill a temporary file, then rename it to ``path`` (parents are created)."""
-    target = Path(path)
-    tmp = temporary_path(target)
+@contextlib.contextmanager
+def _cleaned_up(target: Path, tmp: Path, undo: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """On any failure inside the block: remove ``tmp``, call ``undo``, and raise OS errors as :class:`WriteError`."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, target)
+        yield
     except OSError as err:
         _remove(tmp)
+        undo()
         if isinstance(err, WriteError):
             raise
         raise WriteError(target, err) from err
     except BaseException:
         _remove(tmp)
+        undo()
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file, then rename it to ``path`` (parents are created)."""
+    target = Path(path)
+    tmp = temporary_path(target)
+    with _cleaned_up(target, tmp):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, target)
     return target
 
 
@@ -95,7 +107,7 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
     target = Path(target)
     tmp = temporary_path(target)
     old = target.with_name(f".{target.name}.old")
-    try:
+    with _cleaned_up(target, tmp, undo=lambda: recover_folder(target)):
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -107,16 +119,6 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
         os.replace(tmp, target)
         if old.exists():
             shutil.rmtree(old)
-    except OSError as err:
-        _remove(tmp)
-        recover_folder(target)
-        if isinstance(err, WriteError):
-            raise
-        raise WriteError(target, err) from err
-    except BaseException:
-        _remove(tmp)
-        recover_folder(target)
-        raise
     return target
 
 
@@ -126,3 +128,24 @@ def recover_folder(target: str | os.PathLike) -> None:
     old = target.with_name(f".{target.name}.old")
     if not target.exists() and old.exists():
         os.replace(old, target)
+
+
+def path_kind(path: str | os.PathLike) -> str:
+    """What is at ``path``, in words for an error message: ``"file"``, ``"folder"``, ``"FIFO (named pipe)"``,
+    ``"socket"``, ``"character device"``, ``"block device"``, ``"symlink loop"``, ``"dangling symlink"`` or
+    ``"nothing"``. Only ``stat`` is called: a FIFO is never opened (opening one blocks until a writer comes)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno_codes.ELOOP:
+            return "symlink loop"
+        if os.path.islink(path):
+            return "dangling symlink"
+        return "nothing"
+    except ValueError:  # an embedded NUL byte
+        return "nothing"
+    for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.folders import scan_split
+from .data.folders import find_image_files, scan_split
 from .data.processing import IMAGE_EXTENSIONS, PREPROCESSOR_CONFIG_NAME, PvtV2ImageProcessor, load_image
 from . import fast
+from .fileio import path_kind
 from .models.config import is_preset_name, preset_key
 from .models.depth import PvtV2ForDepthEstimation
 from .models.labels import has_generic_labels
@@ -44,6 +45,8 @@ __all__ = [
     "OnnxRuntimeMissingError",
     "Prediction",
     "load_classifier",
+    "load_segmenter",
+    "load_depth_estimator",
     "load_processor",
     "find_images",
     "predict",
@@ -72,9 +75,36 @@ class OnnxRuntimeMissingError(ImportError, ValueError):
     """onnxruntime is not installed. Also a ``ValueError``, so that the command prints it as one line."""
 
 
+def _inference_device(device: str | torch.device) -> torch.device:
+    device = parse_device(device)
+    if device.type == "meta":
+        raise ValueError(
+            "device 'meta' holds shapes without data: a model there cannot compute anything; use cpu, cuda or cuda:N"
+        )
+    return device
+
+
+def _refuse_random_weights(model: torch.nn.Module, source: str | os.PathLike, what: str, remedy: str) -> None:
+    """Raise when ``from_pretrained`` had to initialise part of ``model`` at random (it records which keys in
+    ``model.newly_initialized_keys``): a random head gives noise under real-looking labels."""
+    new = getattr(model, "newly_initialized_keys", ())
+    if not new:
+        return
+    modules = sorted({key.rsplit(".", 1)[0] for key in new})
+    shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+    raise ValueError(
+        f"{os.fspath(source)!r} has no trained {what}: the checkpoint has no weights for {shown} (or they do not fit "
+        f"its config), so they would be random and the output noise. {remedy}"
+    )
+
+
 def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForImageClassification:
-    """A trained classifier from anything ``from_pretrained`` takes; a bare preset name is refused, because an
-    untrained model's predictions are noise."""
+    """A trained classifier from anything ``from_pretrained`` takes.
+
+    Refused with ``ValueError``, because an untrained head's predictions are noise: a bare preset name, a checkpoint
+    without a classifier (backbone weights), and one whose classifier does not fit its config (a ``config.json``
+    that claims another number of labels than the weights have).
+    """
     if is_preset_name(source):
         name = preset_key(source)
         raise ValueError(
@@ -82,8 +112,41 @@ def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu
             f"random. Pass trained weights: a save_pretrained folder, a checkpoint file (.safetensors/.pth) or a hub "
             f"id such as 'OpenGVLab/{name}'"
         )
-    device = parse_device(device)
+    device = _inference_device(device)
     model = PvtV2ForImageClassification.from_pretrained(source)
+    _refuse_random_weights(
+        model, source, "classifier",
+        f"Fine-tune one on your classes first: pvtv2 train --model {os.fspath(source)} --data DIR --output RUN "
+        f"(DIR/train/<class>/*, DIR/val/<class>/*), then use RUN/best",
+    )
+    return model.to(device).eval()
+
+
+def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForSemanticSegmentation:
+    """A trained segmentation model (pvtv2 folder, SegFormer checkpoint, hub id); a classification or depth
+    checkpoint, which has no trained decode head, is refused with ``ValueError`` saying how to train one."""
+    device = _inference_device(device)
+    model = PvtV2ForSemanticSegmentation.from_pretrained(source)
+    _refuse_random_weights(
+        model, source, "segmentation head (SegFormer decode head)",
+        f"Fine-tune one first: pvtv2 train --task segmentation --model {os.fspath(source)} --data DIR --output RUN "
+        f"(DIR/train/images/*, DIR/train/masks/*.png, the same under DIR/val), then use RUN/best",
+    )
+    return model.to(device).eval()
+
+
+def load_depth_estimator(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForDepthEstimation:
+    """A trained depth model (pvtv2 folder, GLPN checkpoint, hub id); a classification or segmentation checkpoint,
+    which has no trained depth decoder, is refused with ``ValueError``."""
+    device = _inference_device(device)
+    model = PvtV2ForDepthEstimation.from_pretrained(source)
+    _refuse_random_weights(
+        model, source, "depth head (GLPN decoder and head)",
+        "Pass a depth model (a transformers GLPN checkpoint or a PvtV2ForDepthEstimation save_pretrained folder). "
+        "The pvtv2 command does not train depth; in Python, fine-tune "
+        f"PvtV2ForDepthEstimation.from_pretrained({os.fspath(source)!r}) on depth maps (out.loss for labels) and "
+        "save_pretrained it",
+    )
     return model.to(device).eval()
 
 
@@ -228,15 +291,25 @@ def load_runtime(
 def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Files named directly (any extension), and image files inside named folders (recursively, sorted).
 
-    A path that does not exist, or a folder without image files, raises ``FileNotFoundError``.
+    A path that does not exist (or is a symlink loop or a dangling symlink), or a folder without image files, raises
+    ``FileNotFoundError``; a path that is neither a regular file nor a folder (a FIFO, a device, a socket, which
+    would block or never end) raises ``ValueError`` naming it. Sub-folders that cannot be listed are named in a
+    warning.
     """
-    missing = [os.fspath(p) for p in paths if not os.path.exists(p)]
+    kinds = {os.fspath(p): path_kind(p) for p in paths}
+    missing = [f"{p!r}" + (f" (a {k})" if k != "nothing" else "") for p, k in kinds.items()
+               if k in ("nothing", "symlink loop", "dangling symlink")]
     if missing:
-        raise FileNotFoundError(f"image path(s) not found: {', '.join(repr(m) for m in missing)}")
+        raise FileNotFoundError(f"image path(s) not found: {', '.join(missing)}")
+    special = [f"{p!r} is a {k}" for p, k in kinds.items() if k not in ("file", "folder")]
+    if special:
+        raise ValueError(f"not an image file or folder: {'; '.join(special)}")
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            files, unlisted = find_image_files(p)
+            if unlisted:
+                logger.warning("cannot list %d folder(s), their images are left out: %s", len(unlisted), ", ".join(unlisted))
             if not files:
                 raise FileNotFoundError(f"folder {os.fspath(p)!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             found.extend(files)

@@ -9,6 +9,7 @@ maps are then just less meaningful).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -32,6 +33,9 @@ __all__ = [
     "segmentation_picture",
     "depth_picture",
     "LEGEND_WIDTH",
+    "MIN_PICTURE_SIDE",
+    "PANEL_SIZES",
+    "display_scale",
 ]
 
 # A perceptually ordered dark-to-bright ramp (close to matplotlib's "inferno").
@@ -91,6 +95,38 @@ def attention_maps(model: nn.Module, pixel_values: torch.Tensor) -> list[dict[st
     return maps
 
 
+# A picture of a small input (the segmentation example's 64 px images) is enlarged to at least this shorter side,
+# by a whole factor (nearest neighbour: each pixel becomes a block, no value is invented), so it can be read.
+MIN_PICTURE_SIDE = 256
+# ... but never beyond this longer side (an image of 1 x 5000 pixels must not become 256 x 1,280,000).
+_MAX_ENLARGED_SIDE = 4096
+# The panel sizes attention_figure accepts: below, captions do not fit; above, the figure's memory grows without use.
+PANEL_SIZES = (32, 1024)
+
+
+def display_scale(height: int, width: int, min_side: int = MIN_PICTURE_SIDE) -> int:
+    """The whole factor by which a picture of a ``height x width`` image is enlarged (nearest neighbour) so that its
+    shorter side is at least ``min_side``; 1 for images that are large enough. The enlarged longer side stays within
+    4096 pixels (the factor is then smaller, at least 1)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    scale = max(1, math.ceil(min_side / min(height, width)))
+    return max(1, min(scale, _MAX_ENLARGED_SIDE // max(height, width)))
+
+
+def _enlarge(image: PIL.Image.Image, array: np.ndarray, scale: int) -> tuple[PIL.Image.Image, np.ndarray]:
+    """``image`` and a per-pixel ``array`` of its size, each pixel repeated ``scale`` times in both directions."""
+    if scale == 1:
+        return image, array
+    image = image.resize((image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST)
+    return image, np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:  # also False for NaN
+        raise ValueError(f"alpha (the colours' opacity) must be between 0 and 1, got {alpha}")
+
+
 def _font(size: int) -> PIL.ImageFont.ImageFont:
     try:
         return PIL.ImageFont.load_default(size=size)
@@ -107,7 +143,14 @@ def attention_figure(
 ) -> PIL.Image.Image:
     """The image beside one heat-map panel per stage (see the module docstring), each labelled with its stage, token
     grid and key grid. Returns an RGB image of ``(1 + stages) * panel_size`` x ``panel_size + caption`` pixels, the
-    caption being two lines of ``max(18, panel_size // 10)`` pixels."""
+    caption being two lines of ``max(18, panel_size // 10)`` pixels. ``panel_size`` is bounded by ``PANEL_SIZES``.
+
+    An input smaller than the panel in both directions is enlarged with nearest-neighbour sampling, so that its
+    pixels show as sharp blocks instead of a blur; larger inputs are resized bilinearly."""
+    low, high = PANEL_SIZES
+    if not low <= panel_size <= high:
+        raise ValueError(f"panel_size must be between {low} and {high} pixels, got {panel_size}")
+    _check_alpha(alpha)
     if not isinstance(image, PIL.Image.Image):
         image = load_image(image)
     image = image.convert("RGB")
@@ -119,7 +162,9 @@ def attention_figure(
     pixel_values = processor(image, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
     maps = attention_maps(model, pixel_values)
 
-    base = image.resize((panel_size, panel_size), PIL.Image.Resampling.BILINEAR)
+    small = image.width < panel_size and image.height < panel_size
+    resample = PIL.Image.Resampling.NEAREST if small else PIL.Image.Resampling.BILINEAR
+    base = image.resize((panel_size, panel_size), resample)
     base_arr = np.asarray(base, dtype=np.float64)
     line = max(18, panel_size // 10)
     caption = 2 * line  # two lines: the stage, then its grids (one line overflows narrow panels)
@@ -188,19 +233,25 @@ def palette(num_labels: int) -> np.ndarray:
 LEGEND_WIDTH = 180
 
 
-def segmentation_picture(image, label_map, id2label: dict[int, str], alpha: float = 0.5):
+def segmentation_picture(image, label_map, id2label: dict[int, str], alpha: float = 0.5,
+                         min_side: int = MIN_PICTURE_SIDE):
     """The image with its label map blended over it (``alpha``), and a legend of the classes present to its right.
 
-    Returns a PIL image ``LEGEND_WIDTH`` wider than ``image``, as tall as the taller of the two.
+    An image whose shorter side is below ``min_side`` is first enlarged by the whole factor
+    ``display_scale(height, width, min_side)`` (nearest neighbour, image and label map alike: each pixel becomes a
+    block, no label is invented). Returns a PIL image ``LEGEND_WIDTH`` wider than the (enlarged) image, as tall as
+    the taller of the two.
     """
     import PIL.Image
     import PIL.ImageDraw
 
+    _check_alpha(alpha)
     label_map = np.asarray(label_map)
     if label_map.shape != (image.height, image.width):
         raise ValueError(f"label map of shape {label_map.shape} does not match the image's {(image.height, image.width)}")
+    image, label_map = _enlarge(image.convert("RGB"), label_map, display_scale(image.height, image.width, min_side))
     colours = palette(max(len(id2label), int(label_map.max()) + 1))
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    rgb = np.asarray(image, dtype=np.float32)
     blended = (1 - alpha) * rgb + alpha * colours[label_map].astype(np.float32)
     present = [int(c) for c in np.unique(label_map)]
     row = 20
@@ -216,14 +267,18 @@ def segmentation_picture(image, label_map, id2label: dict[int, str], alpha: floa
     return canvas
 
 
-def depth_picture(image, depth):
-    """The image and its viridis-coloured depth map side by side (twice the image's width)."""
+def depth_picture(image, depth, min_side: int = MIN_PICTURE_SIDE):
+    """The image and its viridis-coloured depth map side by side (twice the image's width).
+
+    An image whose shorter side is below ``min_side`` is first enlarged, with its depth map, by the whole factor
+    ``display_scale(height, width, min_side)`` (nearest neighbour)."""
     import PIL.Image
 
     depth = np.asarray(depth)
     if depth.shape != (image.height, image.width):
         raise ValueError(f"depth map of shape {depth.shape} does not match the image's {(image.height, image.width)}")
+    image, depth = _enlarge(image.convert("RGB"), depth, display_scale(image.height, image.width, min_side))
     canvas = PIL.Image.new("RGB", (image.width * 2, image.height))
-    canvas.paste(image.convert("RGB"), (0, 0))
+    canvas.paste(image, (0, 0))
     canvas.paste(PIL.Image.fromarray(colorize_depth(depth)), (image.width, 0))
     return canvas

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
+from typing import Any
 
 import pytest
 import torch
 import transformers
 
 import pvtv2
-from pvtv2 import PvtV2Config
+from pvtv2 import PvtV2Config, imagenet_id2label
+from pvtv2.models.config import FIELDS, PRESETS, merge_changes
+from pvtv2.weights.loading import dense_config_from_dict, infer_config
+
+from conftest import TINY
 
 DOCUMENTED_FIELDS = [
     "image_size", "num_channels", "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes", "patch_sizes",
@@ -142,3 +149,293 @@ def test_preset_overrides_and_unknown_preset():
     assert config.linear_attention and config.num_labels == 10 and config.depths == [3, 4, 6, 3]
     with pytest.raises(ValueError, match="unknown preset"):
         PvtV2Config.from_preset("pvt_v2_b9")
+
+
+# ---------------------------------------------------------------------------------------------- the table of fields
+# Tests derived from PvtV2Fields: a field added to the table without a check, without its way into config.json,
+# or unknown to transformers where transformers has it, fails one of them. Each new field needs an entry in
+# BAD_VALUES and GOOD_VALUES (the first tests say so).
+
+# For every field, values that must be refused with a ValueError naming the field.
+BAD_VALUES: dict[str, list] = {
+    "image_size": ["large", 0, [224, -1], [1, 2, 3], 224.5, True],
+    "num_channels": [0, "3", True, 2.0],
+    "num_encoder_blocks": [0, 3, True, 4.0],
+    "depths": [2, "2222", [2, 2, 2], [2, 0, 2, 2], [2, 2.5, 2, 2], [2, True, 2, 2], {1, 2, 3, 4}],
+    "sr_ratios": [[8, 4, 2, 0], [8, 4, 2]],
+    "hidden_sizes": [[32, 64, 160], [32, 64, 160, "256"], "32,64"],
+    "patch_sizes": [[7, 3, 3, -3], {"a": 1}],
+    "strides": [[4, 2, 0, 2], [4, 2, 2, float("inf")]],
+    "num_attention_heads": [[1, 3, 5, 8], [1, 2, 5]],
+    "mlp_ratios": [[8, 8, 4, 0], [0.001, 8, 4, 4], [8, 8, 4, float("nan")]],
+    "hidden_act": ["gelu_unknown", 3],
+    "hidden_dropout_prob": [-0.1, 1.0, "0.1", True],
+    "attention_probs_dropout_prob": [-1, 1.5],
+    "initializer_range": [-0.02, "x"],
+    "drop_path_rate": [1.5, -0.1],
+    "layer_norm_eps": [0.0, -1e-6, "1e-6", float("inf")],
+    "qkv_bias": ["yes", 1],
+    "linear_attention": ["yes", 0],
+    "out_features": [["stem"], ["stage7"], "stage1", ["stage2", "stage1"], ["stage2", "stage2"]],
+    "out_indices": [[4], [1, 0], 1, [True], [0, 0]],
+    "patch_embed_layer_norm_eps": [0, -1e-5, "x"],
+    "reduction_layer_norm_eps": [0, -1e-5, "x"],
+    "decoder_hidden_size": [0, 2.5, True],
+    "classifier_dropout_prob": [1.0, -0.1],
+    "semantic_loss_ignore_index": [2.5, "255", True],
+    "reshape_last_stage": ["no", 1],
+    "max_depth": [0, -10.0, "10"],
+    "head_in_index": [4, -5, 1.0],
+    "num_labels": [-3, "3", 2.0, True],
+    "id2label": [{1: "a"}, [1], {0.5: "a"}, {0: "a", "0": "b"}],
+    "label2id": [5, {"a": "zero"}, {"x": 0}],
+    "problem_type": ["ranking"],
+    "output_attentions": ["yes", 1, None],
+    "output_hidden_states": ["yes"],
+    "return_dict": [None, "true"],
+}
+
+# For every field, a valid value other than its default, and how the config holds it.
+GOOD_VALUES: dict[str, tuple[Any, Any]] = {
+    "image_size": ([256, 320], (256, 320)),
+    "num_channels": (1, 1),
+    "num_encoder_blocks": (2, 2),  # with two-stage lists, below
+    "depths": ((3, 4, 6, 3), [3, 4, 6, 3]),
+    "sr_ratios": ([4, 2, 1, 1], [4, 2, 1, 1]),
+    "hidden_sizes": ([64, 128, 320, 512], [64, 128, 320, 512]),
+    "patch_sizes": ([5, 3, 3, 3], [5, 3, 3, 3]),
+    "strides": ([2, 2, 2, 2], [2, 2, 2, 2]),
+    "num_attention_heads": ([2, 4, 5, 8], [2, 4, 5, 8]),
+    "mlp_ratios": ([4, 4, 2.5, 4], [4, 4, 2.5, 4]),
+    "hidden_act": ("relu", "relu"),
+    "hidden_dropout_prob": (0.1, 0.1),
+    "attention_probs_dropout_prob": (0.2, 0.2),
+    "initializer_range": (0.01, 0.01),
+    "drop_path_rate": (0.3, 0.3),
+    "layer_norm_eps": (1e-5, 1e-5),
+    "qkv_bias": (False, False),
+    "linear_attention": (True, True),
+    "out_features": (["stage2", "stage3"], ["stage2", "stage3"]),
+    "out_indices": ([0, 2], [0, 2]),
+    "patch_embed_layer_norm_eps": (1e-5, 1e-5),
+    "reduction_layer_norm_eps": (1e-4, 1e-4),
+    "decoder_hidden_size": (128, 128),
+    "classifier_dropout_prob": (0.2, 0.2),
+    "semantic_loss_ignore_index": (-1, -1),
+    "reshape_last_stage": (False, False),
+    "max_depth": (80.0, 80.0),
+    "head_in_index": (-2, -2),
+    "num_labels": (5, 5),
+    "id2label": ({"0": "cat", "1": "dog", "2": "bird"}, {0: "cat", 1: "dog", 2: "bird"}),
+    "label2id": ({"cat": 0, "dog": 1}, {"cat": 0, "dog": 1}),  # with id2label, below
+    "problem_type": ("multi_label_classification", "multi_label_classification"),
+    "output_attentions": (True, True),
+    "output_hidden_states": (True, True),
+    "return_dict": (False, False),
+}
+# What a field's good value needs besides itself.
+COMPANIONS: dict[str, dict[str, Any]] = {
+    "num_encoder_blocks": dict(depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], patch_sizes=[3, 3], strides=[2, 2],
+                               num_attention_heads=[1, 2], mlp_ratios=[2, 2]),
+    "label2id": dict(id2label={0: "cat", 1: "dog"}),
+}
+
+# Every field away from its default at once (three stages, so that num_encoder_blocks differs too). Whole numbers
+# for mlp_ratios and max_depth: transformers 5 types them int and refuses floats.
+EVERYTHING: dict[str, Any] = dict(
+    image_size=[256, 320], num_channels=1, num_encoder_blocks=3, depths=[1, 2, 1], sr_ratios=[4, 2, 2],
+    hidden_sizes=[16, 32, 48], patch_sizes=[5, 3, 3], strides=[2, 2, 2], num_attention_heads=[2, 4, 3],
+    mlp_ratios=[2, 3, 4], hidden_act="relu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.2,
+    initializer_range=0.01, drop_path_rate=0.3, layer_norm_eps=1e-5, qkv_bias=False, linear_attention=True,
+    out_features=["stage1", "stage3"], out_indices=[0, 2], patch_embed_layer_norm_eps=1e-5,
+    reduction_layer_norm_eps=1e-4, decoder_hidden_size=128, classifier_dropout_prob=0.2, semantic_loss_ignore_index=-1,
+    reshape_last_stage=False, max_depth=80, head_in_index=-2, num_labels=3, id2label={0: "cat", 1: "dog", 2: "bird"},
+    label2id={"cat": 0, "dog": 1, "bird": 2}, problem_type="multi_label_classification", output_attentions=True,
+    output_hidden_states=True, return_dict=False,
+)
+
+TABLE = [f.name for f in FIELDS]
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def test_the_tables_of_these_tests_cover_every_field():
+    assert list(BAD_VALUES) == TABLE, "a field was added to or removed from PvtV2Fields: update BAD_VALUES"
+    assert list(GOOD_VALUES) == TABLE, "a field was added to or removed from PvtV2Fields: update GOOD_VALUES"
+    assert sorted(EVERYTHING) == sorted(TABLE)
+
+
+def test_signature_is_the_table_and_agrees_with_transformers():
+    ours = inspect.signature(PvtV2Config).parameters
+    assert list(ours) == [*TABLE, "kwargs"] and ours["kwargs"].kind is inspect.Parameter.VAR_KEYWORD
+    assert [p.default for p in list(ours.values())[:-1]] == [f.default for f in FIELDS]
+    # transformers' own defaults, read from its signature (its private spellings of out_features / out_indices)
+    theirs = {name.lstrip("_"): p.default for name, p in inspect.signature(transformers.PvtV2Config).parameters.items()}
+    shared = [name for name in TABLE if name in theirs]
+    assert set(DOCUMENTED_FIELDS) <= set(shared)
+    for name in shared:
+        assert _plain(ours[name].default) == _plain(theirs[name]), name
+
+
+def test_positional_arguments_follow_the_table():
+    config = PvtV2Config(224, 3, 4, [1, 1, 1, 1])
+    assert config.depths == [1, 1, 1, 1]
+    with pytest.raises(TypeError):
+        PvtV2Config(*range(len(TABLE) + 1))
+    with pytest.raises(TypeError, match="image_size"):
+        PvtV2Config(224, image_size=256)
+
+
+# The keys of config.json, in to_dict's order (recorded): the layout of transformers' file, then what is set.
+ALWAYS_WRITTEN = [
+    "model_type", "image_size", "num_channels", "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes",
+    "patch_sizes", "strides", "num_attention_heads", "mlp_ratios", "hidden_act", "hidden_dropout_prob",
+    "attention_probs_dropout_prob", "initializer_range", "drop_path_rate", "layer_norm_eps", "qkv_bias",
+    "linear_attention", "out_features", "out_indices", "stage_names", "id2label", "label2id",
+]
+WRITTEN_WHEN_SET = [
+    "patch_embed_layer_norm_eps", "reduction_layer_norm_eps", "decoder_hidden_size", "classifier_dropout_prob",
+    "semantic_loss_ignore_index", "reshape_last_stage", "max_depth", "head_in_index", "problem_type",
+    "output_attentions", "output_hidden_states", "return_dict",
+]
+
+
+def test_to_dict_writes_the_recorded_keys_in_order():
+    assert list(PvtV2Config().to_dict()) == ALWAYS_WRITTEN
+    assert list(PvtV2Config(**EVERYTHING, my_field=1).to_dict()) == ALWAYS_WRITTEN + WRITTEN_WHEN_SET + ["my_field"]
+    # a field set back to its default is not written (output flags), or written when set (explicit heads)
+    assert list(PvtV2Config(return_dict=True, max_depth=10.0).to_dict()) == ALWAYS_WRITTEN + ["max_depth"]
+
+
+@pytest.mark.parametrize("name", TABLE)
+def test_every_field_refuses_bad_values_naming_the_field(name):
+    assert BAD_VALUES.get(name), f"no bad values listed for the field {name!r}"
+    for value in BAD_VALUES[name]:
+        with pytest.raises(ValueError, match=rf"\b{re.escape(name)}\b"):
+            PvtV2Config(**{name: value})
+
+
+@pytest.mark.parametrize("name", TABLE)
+def test_every_field_survives_to_dict_and_from_dict(name):
+    value, held = GOOD_VALUES[name]
+    config = PvtV2Config(**COMPANIONS.get(name, {}), **{name: value})
+    default = PvtV2Config()
+    assert getattr(config, name) == held != getattr(default, name)
+    through_dict = PvtV2Config.from_dict(config.to_dict())
+    through_json = PvtV2Config.from_dict(json.loads(config.to_json_string()))
+    for back in (through_dict, through_json):
+        assert getattr(back, name) == held
+        assert back == config
+    assert through_dict != default
+
+
+def test_everything_config_moves_every_field():
+    ours, default = PvtV2Config(**EVERYTHING), PvtV2Config()
+    assert [name for name in TABLE if getattr(ours, name) == getattr(default, name)] == []
+
+
+@pytest.mark.parametrize("reference", ["PvtV2Config", "SegformerConfig", "GLPNConfig"])
+def test_transformers_reads_every_field_it_defines_with_our_value(reference):
+    cls = getattr(transformers, reference)
+    ours = PvtV2Config(**EVERYTHING)
+    theirs = cls(**ours.to_dict())
+    shared = [name for name in TABLE if hasattr(cls(), name)]
+    expected = {
+        "PvtV2Config": set(DOCUMENTED_FIELDS) | {"num_labels", "id2label", "label2id", "problem_type"},
+        "SegformerConfig": {"hidden_sizes", "decoder_hidden_size", "classifier_dropout_prob", "semantic_loss_ignore_index",
+                            "reshape_last_stage", "num_labels", "id2label"},
+        "GLPNConfig": {"hidden_sizes", "decoder_hidden_size", "max_depth", "head_in_index"},
+    }[reference]
+    assert expected <= set(shared)
+    for name in shared:
+        assert _plain(getattr(theirs, name)) == _plain(getattr(ours, name)), name
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
+def test_transformers_config_of_a_preset_reads_back_equal(name):
+    theirs = transformers.PvtV2Config(**PRESETS[name], id2label=imagenet_id2label())
+    assert PvtV2Config(**theirs.to_dict()) == PvtV2Config.from_preset(name)
+    assert PvtV2Config.from_dict(json.loads(theirs.to_json_string(use_diff=False))) == PvtV2Config.from_preset(name)
+
+
+def test_unknown_keys_may_not_hide_the_configs_own_names():
+    assert PvtV2Config(my_field=1).to_dict()["my_field"] == 1
+    for name in ("to_dict", "patch_norm_eps", "stage_strides"):
+        with pytest.raises(ValueError, match=name):
+            PvtV2Config(**{name: 1})
+
+
+# ---------------------------------------------------------------------------------------------- labels, once
+NAMES = {0: "a", 1: "b", 2: "c"}
+# changes -> the id2label every path must give, starting from three named classes
+LABEL_CHANGES = [
+    (dict(num_labels=3), NAMES),  # the count does not change: the names stay
+    (dict(num_labels=4), {i: f"LABEL_{i}" for i in range(4)}),  # it changes: generic names
+    (dict(id2label={0: "x", 1: "y"}), {0: "x", 1: "y"}),  # new names replace the old ones and their label2id
+    (dict(id2label={0: "x"}, label2id={"x": 0}, num_labels=1), {0: "x"}),
+]
+
+
+def _canonical_classifier(num_labels: int) -> dict[str, torch.Tensor]:
+    """A classifier checkpoint of TINY in the canonical layout (on meta: infer_config reads shapes only)."""
+    with torch.device("meta"):
+        model = pvtv2.PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=num_labels))
+    return {k.removeprefix(model.encoder_prefix): v for k, v in model.state_dict().items()}
+
+
+LABEL_PATHS = {
+    "replace": lambda **c: PvtV2Config(**TINY, id2label=NAMES).replace(**c),
+    "from_dict": lambda **c: PvtV2Config.from_dict(PvtV2Config(**TINY, id2label=NAMES).to_dict(), **c),
+    "from_pretrained": lambda **c: PvtV2Config.from_pretrained(
+        PvtV2Config(**TINY, id2label=NAMES).save_pretrained(c.pop("tmp_path")), **c
+    ),
+    "segformer config.json": lambda **c: dense_config_from_dict(
+        {"model_type": "segformer", "id2label": {str(k): v for k, v in NAMES.items()},
+         "label2id": {v: k for k, v in NAMES.items()}}, **c
+    ),
+}
+
+
+@pytest.mark.parametrize("path", sorted(LABEL_PATHS))
+@pytest.mark.parametrize("changes, expected", LABEL_CHANGES)
+def test_label_changes_follow_one_rule_everywhere(path, changes, expected, tmp_path):
+    extra = {"tmp_path": tmp_path} if path == "from_pretrained" else {}
+    config = LABEL_PATHS[path](**changes, **extra)
+    assert config.id2label == expected
+    assert config.label2id == {v: k for k, v in expected.items()}
+    assert merge_changes({"id2label": NAMES, "label2id": {}}, changes).get("id2label") == changes.get(
+        "id2label", NAMES if changes.get("num_labels") == 3 else None
+    )
+
+
+def test_labels_of_a_checkpoint_without_config():
+    canonical = _canonical_classifier(3)
+    assert infer_config(canonical, "transformers").id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert infer_config(canonical, "transformers", id2label={0: "x", 1: "y"}).num_labels == 2
+    assert infer_config(canonical, "transformers", num_labels=5).num_labels == 5
+
+
+def test_num_labels_setter_keeps_names_when_the_count_stays():
+    config = PvtV2Config(id2label=NAMES)
+    config.num_labels = 3
+    assert config.id2label == NAMES
+    config.num_labels = 2
+    assert config.id2label == {0: "LABEL_0", 1: "LABEL_1"} and config.label2id == {"LABEL_0": 0, "LABEL_1": 1}
+    with pytest.raises(ValueError, match="num_labels"):
+        config.num_labels = -1
+
+
+def test_imagenet_names_survive_a_same_count_change():
+    config = PvtV2Config.from_preset("pvt_v2_b0", num_labels=1000)
+    assert config.id2label == imagenet_id2label()
+    assert config.replace(num_labels=1000).id2label == imagenet_id2label()
+    assert config.replace(num_labels=10).id2label == {i: f"LABEL_{i}" for i in range(10)}
+
+
+def test_out_features_or_indices_alone_replaces_both():
+    config = PvtV2Config(out_features=["stage2", "stage4"])
+    assert config.replace(out_indices=[0]).out_features == ["stage1"]
+    assert PvtV2Config.from_dict(config.to_dict(), out_features=["stage3"]).out_indices == [2]
+    assert PvtV2Config.from_dict({"_out_features": ["stage1", "stage2"]}).out_indices == [0, 1]

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pvtv2.runtime import tune_malloc
 
-# Allocate and free six 8 MiB tensors, 20 times, and print the minor page faults per round.
-_SCRIPT = """
-import resource, sys, torch
-from pvtv2.runtime import tune_malloc
-if sys.argv[1] == "tuned":
-    assert tune_malloc()
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    blocks = [torch.ones(2 << 20) for _ in range(6)]
-    del blocks
-start = faults()
-for _ in range(20):
-    blocks = [torch.ones(2 << 20) for _ in range(6)]
-    del blocks
-print((faults() - start) / 20)
-"""
+# The measuring script of benchmarks/page_faults.py: allocate and free six 8 MiB tensors, 20 times, and print the
+# minor page faults per round.
+_SPEC = importlib.util.spec_from_file_location(
+    "page_faults", Path(__file__).resolve().parents[2] / "benchmarks" / "page_faults.py"
+)
+_page_faults = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(_page_faults)
+_SCRIPT = _page_faults.SCRIPT
 
 
 def _faults(mode: str, **env: str) -> float:

@@ -43,13 +43,14 @@ def test_segment_writes_blend_and_legend(tmp_path, capsys):
     picture = np.asarray(PIL.Image.open(out))
     counts = json.loads(capsys.readouterr().out.split("pixels per class: ")[1])
     assert sum(counts.values()) == 50 * 70 and set(counts) <= {"sky", "road", "car"}
-    assert picture.shape == (max(50, 10 + 20 * len(counts)), 70 + LEGEND_WIDTH, 3)  # legend: one row per class found
-    # with alpha 0 the image is untouched; the legend area is white apart from swatches and names
+    k = 6  # the 50 px side enlarged to at least 256 px: 256 / 50 rounded up
+    assert picture.shape == (max(50 * k, 10 + 20 * len(counts)), 70 * k + LEGEND_WIDTH, 3)  # legend: a row per class
+    # with alpha 0 the image is untouched (each pixel a k x k block); the legend area is white apart from swatches
     assert main(["segment", str(tmp_path / "in.png"), "-m", str(tmp_path / "m"), "-o", str(out), "--size", "64",
                  "--alpha", "0"]) == 0
     picture = np.asarray(PIL.Image.open(out))
-    assert np.array_equal(picture[:50, :70], pixels)
-    assert (picture[:, 70:] == 255).mean() > 0.8
+    assert np.array_equal(picture[: 50 * k, : 70 * k], pixels.repeat(k, axis=0).repeat(k, axis=1))
+    assert (picture[:, 70 * k :] == 255).mean() > 0.8
 
 
 def test_depth_writes_image_and_colour_map(tmp_path):
@@ -59,10 +60,11 @@ def test_depth_writes_image_and_colour_map(tmp_path):
     out = tmp_path / "out.png"
     assert main(["depth", str(tmp_path / "in.png"), "--model", str(tmp_path / "m"), "-o", str(out)]) == 0
     picture = np.asarray(PIL.Image.open(out))
-    assert picture.shape == (64, 192, 3)
-    assert np.array_equal(picture[:, :96], pixels)
+    k = 4  # the 64 px side enlarged to 256 px
+    assert picture.shape == (64 * k, 192 * k, 3)
+    assert np.array_equal(picture[:, : 96 * k], pixels.repeat(k, axis=0).repeat(k, axis=1))
     lut = {tuple(c) for c in viridis_lut()}
-    right = picture[:, 96:].reshape(-1, 3)
+    right = picture[:, 96 * k :].reshape(-1, 3)
     assert all(tuple(c) in lut for c in right[::37])
     assert tuple(right.min(0)) != tuple(right.max(0))  # stretched over the map's range, not one colour
 

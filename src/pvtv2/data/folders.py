@@ -31,6 +31,7 @@ __all__ = [
     "ImageFolder",
     "TrainTransform",
     "EvalTransform",
+    "find_image_files",
     "scan_split",
     "sample_rng",
     "epoch_indices",
@@ -40,12 +41,36 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------- scanning
+def find_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """Image files (by extension) under ``folder``, recursively and sorted, and the sub-folders that could not be
+    listed, each with the system's reason (e.g. ``"DIR/sub (Permission denied)"``).
+
+    Symlinked folders are not followed (as ``Path.rglob`` does not), so a link loop cannot recurse forever. Only
+    regular files count (a FIFO named ``x.png`` would block the first read). ``Path.rglob`` skips a folder it may
+    not list without a word; here the caller gets it, to warn or refuse.
+    """
+    files: list[Path] = []
+    unlisted: list[str] = []
+
+    def note(err: OSError) -> None:
+        unlisted.append(f"{err.filename} ({err.strerror or err})")
+
+    for dirpath, _, filenames in os.walk(folder, onerror=note):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                files.append(path)
+    return sorted(files), sorted(unlisted)
+
+
 def scan_split(root: str | os.PathLike, split: str, verify: bool = True) -> tuple[list[str], list[tuple[str, int]]]:
     """Classes and ``(path, label)`` samples of ``root/split``.
 
     Raises ``FileNotFoundError`` for a missing split and ``ValueError`` for a split without class folders or with an
     empty class folder (a class with no images cannot be learnt, and silently renumbering the others would be worse).
-    Files that PIL cannot open are skipped with one warning that lists their paths.
+    With ``verify``, files that PIL cannot open (corrupt, truncated, not readable by this user) are skipped with one
+    warning that lists their paths and reasons. Folders that cannot be listed (no read permission) are named in a
+    warning whatever ``verify`` says: their images are not in the samples.
     """
     folder = Path(root) / split
     if not folder.is_dir():
@@ -58,20 +83,26 @@ def scan_split(root: str | os.PathLike, split: str, verify: bool = True) -> tupl
         raise ValueError(f"{str(folder)!r} has no class folders: put each class's images in {str(folder)}/<class>/")
     samples: list[tuple[str, int]] = []
     bad: list[str] = []
+    unlisted: list[str] = []
     empty: list[str] = []
     for label, name in enumerate(classes):
-        files = sorted(
-            p for p in (folder / name).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files, skipped = find_image_files(folder / name)
+        unlisted.extend(skipped)
         good = 0
         for path in files:
-            if verify and not _readable(path):
-                bad.append(str(path))
+            reason = _unreadable_reason(path) if verify else None
+            if reason is not None:
+                bad.append(f"{path} ({reason})")
                 continue
             samples.append((str(path), label))
             good += 1
         if good == 0:
             empty.append(name)
+    if unlisted:
+        logger.warning(
+            "skipping %d folder(s) in %s that cannot be listed (their images are left out): %s",
+            len(unlisted), folder, ", ".join(unlisted),
+        )
     if bad:
         logger.warning("skipping %d unreadable image(s) in %s: %s", len(bad), folder, ", ".join(bad))
     if empty:
@@ -82,16 +113,18 @@ def scan_split(root: str | os.PathLike, split: str, verify: bool = True) -> tupl
     return classes, samples
 
 
-def _readable(path: Path) -> bool:
-    """PIL can identify and fully decode the file (``verify`` alone misses some truncated files)."""
+def _unreadable_reason(path: Path) -> str | None:
+    """Why PIL cannot identify and fully decode the file (``verify`` alone misses some truncated files), or None."""
     try:
         with PIL.Image.open(path) as image:
             image.verify()
         with PIL.Image.open(path) as image:
             image.load()
-        return True
-    except Exception:  # PIL raises many kinds for corrupt data: OSError, SyntaxError, ValueError, struct.error...
-        return False
+        return None
+    except OSError as err:  # a permission or I/O error, or PIL's "cannot identify image file"
+        return err.strerror or str(err) or type(err).__name__
+    except Exception as err:  # PIL raises many kinds for corrupt data: SyntaxError, ValueError, struct.error...
+        return str(err) or type(err).__name__
 
 
 def split_samples(

@@ -57,7 +57,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, path_kind
 from ..weights.hub import resolve_file
 
 __all__ = [
@@ -109,14 +109,19 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     The EXIF orientation is applied and an alpha band dropped; a palette or colour-key transparency stays in
     ``image.info["transparency"]``, which :class:`PvtV2ImageProcessor` then paints white.
 
-    Raises ``FileNotFoundError`` when nothing is at ``path`` and ``ValueError`` naming the path and PIL's reason when
-    the file is not a readable image (unknown format, corrupt or truncated data, a folder).
+    Raises ``FileNotFoundError`` when nothing is at ``path`` (a symlink loop or a dangling symlink is named as such)
+    and ``ValueError`` naming the path and the reason when it is not a readable image: unknown format, corrupt or
+    truncated data, a folder, or anything else that is not a regular file (a FIFO, a device, a socket: opening one
+    could block forever or read without end).
     """
     text = os.fspath(path)
-    if not os.path.exists(text):
+    kind = path_kind(text)
+    if kind == "nothing":
         raise FileNotFoundError(f"image file not found: {text!r}")
-    if os.path.isdir(text):
-        raise ValueError(f"cannot read image {text!r}: it is a folder, not an image file")
+    if kind in ("symlink loop", "dangling symlink"):
+        raise FileNotFoundError(f"image file not found: {text!r} is a {kind}")
+    if kind != "file":
+        raise ValueError(f"cannot read image {text!r}: it is a {kind}, not an image file")
     try:
         with PIL.Image.open(text) as image:
             image.load()  # decode now, so a truncated file fails here and the file can be closed

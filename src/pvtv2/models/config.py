@@ -10,10 +10,13 @@ keeps a checkpoint's outputs identical to those of the code it came from.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +24,13 @@ from ..fileio import atomic_write_text
 from .activations import ACTIVATIONS
 from .labels import generic_id2label, imagenet_id2label
 
-__all__ = ["PvtV2Config", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS", "list_presets", "preset_key", "is_preset_name"]
+__all__ = [
+    "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
+    "list_presets", "preset_key", "is_preset_name",
+]
 
 logger = logging.getLogger(__name__)
 
-
-# Keys of a config.json that describe the file rather than the model; kept, but not part of equality.
-_METADATA_KEYS = ("architectures", "torch_dtype", "dtype", "transformers_version", "pvtv2_version")
-
-PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
-
-# Fields of the dense-prediction heads (pvtv2.dense), written to config.json only when set.
-_DENSE_FIELDS = (
-    "decoder_hidden_size", "classifier_dropout_prob", "semantic_loss_ignore_index", "reshape_last_stage", "max_depth",
-    "head_in_index",
-)
 
 # The head defaults of transformers' SegformerConfig and GLPNConfig, filled in by the segmentation and depth models
 # (and by a SegFormer / GLPN config.json read without them).
@@ -43,8 +38,6 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = dict(
     decoder_hidden_size=256, classifier_dropout_prob=0.1, semantic_loss_ignore_index=255, reshape_last_stage=True
 )
 DEPTH_DEFAULTS: dict[str, Any] = dict(decoder_hidden_size=64, max_depth=10.0, head_in_index=-1)
-
-_STAGE_LISTS = ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios")
 
 # The published variants (paper Table 1 and the authors' classification/pvt_v2.py). Only what differs from the
 # defaults is listed; every variant classifies ImageNet-1k. ``drop_path_rate`` is the authors' training value.
@@ -76,118 +69,381 @@ def is_preset_name(source: str | os.PathLike) -> bool:
     return preset_key(source) is not None and not os.path.exists(os.fspath(source))
 
 
+
+# ---------------------------------------------------------------------------------------------- field checks
+# Each check takes a field's name and the value given, and returns the value as the config stores it, or raises a
+# ValueError that names the field and the value. Checks that involve several fields come after the table.
+Check = Callable[[str, Any], Any]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int to Python, never a number to a person; inf and nan are never meant
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _scalar(what: str, test: Callable[[Any], bool]) -> Check:
+    """A check that ``test`` passes, whose error says the value must be ``what``."""
+
+    def check(name: str, value: Any) -> Any:
+        if not test(value):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+        return value
+
+    return check
+
+
+_positive_int = _scalar("a positive integer", lambda v: _is_int(v) and v >= 1)
+_non_negative_int = _scalar("a non-negative integer", lambda v: _is_int(v) and v >= 0)
+_integer = _scalar("an integer", _is_int)
+_positive_number = _scalar("a positive number", lambda v: _is_number(v) and v > 0)
+_non_negative_number = _scalar("non-negative", lambda v: _is_number(v) and v >= 0)
+_probability = _scalar("a probability in [0, 1)", lambda v: _is_number(v) and 0.0 <= v < 1.0)
+_boolean = _scalar("True or False", lambda v: isinstance(v, bool))
+
+
+def _optional(check: Check) -> Check:
+    """``check``, with None (unset) allowed."""
+
+    def optional(name: str, value: Any) -> Any:
+        return None if value is None else check(name, value)
+
+    return optional
+
+
+def _one_of(choices: Sequence[str]) -> Check:
+    def one_of(name: str, value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}")
+        return value
+
+    return one_of
+
+
+def _list(name: str, value: Any, what: str) -> list:
+    # an ordered collection; a string, a mapping or a set would be read element by element, silently wrong
+    if isinstance(value, (str, bytes, Mapping, set, frozenset)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list {what}, got {value!r}")
+    return list(value)
+
+
+def _per_stage(kind: type) -> Check:
+    """A list with one positive number per stage; ``int``: whole numbers (2.0 is stored as 2)."""
+
+    def per_stage(name: str, value: Any) -> list:
+        values = _list(name, value, "with one number per stage")
+        for v in values:
+            if not _is_number(v) or v <= 0:
+                raise ValueError(f"{name} must hold positive numbers, got {values}")
+            if kind is int and not float(v).is_integer():
+                raise ValueError(f"{name} must hold integers, got {values}")
+        return [int(v) for v in values] if kind is int else values
+
+    return per_stage
+
+
+def _image_size(name: str, value: Any) -> tuple[int, int]:
+    if _is_int(value):
+        pair = [value, value]
+    elif isinstance(value, Mapping) and {"height", "width"} <= value.keys():  # transformers' processor spelling
+        pair = [value["height"], value["width"]]
+    elif isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping, set, frozenset)):
+        pair = list(value)
+    else:
+        pair = []
+    if len(pair) != 2 or not all(_is_number(v) and float(v).is_integer() and v > 0 for v in pair):
+        raise ValueError(f"{name} must be an int or a (height, width) pair of positive integers, got {value!r}")
+    return (int(pair[0]), int(pair[1]))
+
+
+def _activation(name: str, value: Any) -> str | Callable:
+    if isinstance(value, str):
+        if value not in ACTIVATIONS:
+            raise ValueError(f"{name}={value!r} is not supported; use one of {list(ACTIVATIONS)}")
+    elif not callable(value):
+        raise ValueError(f"{name} must be an activation name or a callable, got {value!r}")
+    return value
+
+
+def _stage_names(name: str, value: Any) -> list[str]:
+    names = _list(name, value, "of stage names")
+    if not all(isinstance(f, str) for f in names):
+        raise ValueError(f"{name} must be a list of stage names, got {value!r}")
+    return names
+
+
+def _stage_indices(name: str, value: Any) -> list[int]:
+    indices = _list(name, value, "of integers")
+    if not all(_is_int(i) for i in indices):
+        raise ValueError(f"{name} must be a list of integers, got {value!r}")
+    return indices
+
+
+def _id2label(name: str, value: Any) -> dict[int, str]:
+    try:
+        # JSON keys are strings: "0" is class 0; a float key would be truncated, so it is refused
+        labels = {(k if _is_int(k) else int(k.strip())): str(v) for k, v in value.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError(f"{name} must map class indices to names, got {value!r}") from None
+    if sorted(labels) != list(range(len(labels))) or len(labels) != len(value):
+        raise ValueError(f"{name} keys must be 0..{len(value) - 1}, got {sorted(value, key=str)[:10]}...")
+    return labels
+
+
+def _label2id(name: str, value: Any) -> dict[str, int]:
+    try:
+        labels = {str(k): v for k, v in value.items()}
+    except (TypeError, AttributeError):
+        raise ValueError(f"{name} must map class names to indices, got {value!r}") from None
+    if not all(_is_int(v) for v in labels.values()):
+        raise ValueError(f"{name} must map class names to indices, got {value!r}")
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------- the table
+# How a field is written to config.json: always; only when set (not None); only when it differs from its default;
+# or not at all, because another field says it (num_labels is len(id2label)).
+ALWAYS, WHEN_SET, WHEN_CHANGED, DERIVED = "always", "when set", "when changed", "derived"
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def _field(default: Any, check: Check, write: str = ALWAYS) -> Any:
+    return dataclasses.field(default=default, metadata={"check": check, "write": write})
+
+
+@dataclasses.dataclass(frozen=True)
+class PvtV2Fields:
+    """The fields of :class:`PvtV2Config`: name, type, default, check and how ``config.json`` holds them.
+
+    The constructor's signature, its validation and :meth:`PvtV2Config.to_dict` are all read from this table, in
+    this order. The first twenty are transformers' ``PvtV2Config`` arguments, with its defaults (those of PVTv2-B0).
+    A table, not a config: nothing checks an instance of it; build a :class:`PvtV2Config`.
+    """
+
+    # --- the encoder (transformers' PvtV2Config; the per-stage lists have one entry per stage)
+    image_size: int | Sequence[int] = _field(224, _image_size)  # the training resolution; any input size works
+    num_channels: int = _field(3, _positive_int)  # channels of the input image
+    num_encoder_blocks: int = _field(4, _positive_int)  # number of stages
+    depths: Sequence[int] = _field((2, 2, 2, 2), _per_stage(int))  # transformer blocks per stage
+    sr_ratios: Sequence[int] = _field((8, 4, 2, 1), _per_stage(int))  # spatial-reduction ratio of the keys/values
+    hidden_sizes: Sequence[int] = _field((32, 64, 160, 256), _per_stage(int))  # channels per stage
+    patch_sizes: Sequence[int] = _field((7, 3, 3, 3), _per_stage(int))  # kernel of the overlapping patch embedding
+    strides: Sequence[int] = _field((4, 2, 2, 2), _per_stage(int))  # stride of the patch embedding
+    num_attention_heads: Sequence[int] = _field((1, 2, 5, 8), _per_stage(int))  # heads; each divides hidden_sizes
+    mlp_ratios: Sequence[float] = _field((8, 8, 4, 4), _per_stage(float))  # Mix-FFN width / hidden size
+    hidden_act: str | Callable = _field("gelu", _activation)  # Mix-FFN activation: a name of ACTIVATIONS or a callable
+    hidden_dropout_prob: float = _field(0.0, _probability)  # dropout after the attention and Mix-FFN projections
+    attention_probs_dropout_prob: float = _field(0.0, _probability)  # dropout on the attention weights
+    initializer_range: float = _field(0.02, _non_negative_number)  # std of the truncated-normal weight init
+    drop_path_rate: float = _field(0.0, _probability)  # stochastic depth of the last block, linear from 0
+    layer_norm_eps: float = _field(1e-6, _positive_number)  # epsilon of the blocks' and stages' LayerNorms
+    qkv_bias: bool = _field(True, _boolean)  # biases in the query, key and value projections
+    linear_attention: bool = _field(False, _boolean)  # Linear SRA (pooling to 7x7) instead of strided-conv SRA
+    out_features: Sequence[str] | None = _field(None, _optional(_stage_names))  # backbone outputs by name...
+    out_indices: Sequence[int] | None = _field(None, _optional(_stage_indices))  # ...or index (None: the last stage)
+    # --- the LayerNorm epsilons where the original code and timm use PyTorch's default, 1e-5 (None: layer_norm_eps)
+    patch_embed_layer_norm_eps: float | None = _field(None, _optional(_positive_number), WHEN_SET)  # patch embeddings
+    reduction_layer_norm_eps: float | None = _field(None, _optional(_positive_number), WHEN_SET)  # spatial reduction
+    # --- the dense heads (SegFormer's and GLPN's fields, same names; None: the task's default, filled in by the model)
+    decoder_hidden_size: int | None = _field(None, _optional(_positive_int), WHEN_SET)  # decode head width
+    classifier_dropout_prob: float | None = _field(None, _optional(_probability), WHEN_SET)  # before SegFormer's classifier
+    semantic_loss_ignore_index: int | None = _field(None, _optional(_integer), WHEN_SET)  # label the loss skips (255)
+    reshape_last_stage: bool | None = _field(None, _optional(_boolean), WHEN_SET)  # False: last stage as (B, N, C)
+    max_depth: float | None = _field(None, _optional(_positive_number), WHEN_SET)  # GLPN: sigmoid(x) * max_depth
+    head_in_index: int | None = _field(None, _optional(_integer), WHEN_SET)  # GLPN: the decoder output the head reads
+    # --- the classification head and its loss (None: two classes named LABEL_0, LABEL_1, as in transformers)
+    num_labels: int | None = _field(None, _optional(_non_negative_int), DERIVED)  # number of classes: len(id2label)
+    id2label: Mapping[int, str] | None = _field(None, _optional(_id2label))  # class names, keys 0..num_labels-1
+    label2id: Mapping[str, int] | None = _field(None, _optional(_label2id))  # its inverse (derived when not given)
+    problem_type: str | None = _field(None, _optional(_one_of(PROBLEM_TYPES)), WHEN_SET)  # which loss; None: by labels
+    # --- what forward returns when its call does not say (transformers' PretrainedConfig flags)
+    output_attentions: bool = _field(False, _boolean, WHEN_CHANGED)  # the attention weights of every block
+    output_hidden_states: bool = _field(False, _boolean, WHEN_CHANGED)  # every stage's output
+    return_dict: bool = _field(True, _boolean, WHEN_CHANGED)  # an output object rather than a tuple
+
+
+FIELDS: tuple[dataclasses.Field, ...] = dataclasses.fields(PvtV2Fields)
+# The constructor's: the table's fields (positional in table order, as before) and any unknown keyword.
+_SIGNATURE = inspect.signature(PvtV2Fields).replace(return_annotation=None)
+_SIGNATURE = _SIGNATURE.replace(
+    parameters=[*_SIGNATURE.parameters.values(), inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+)
+# The per-stage lists: the fields whose default is a tuple, one entry per stage.
+_STAGE_LISTS = tuple(f.name for f in FIELDS if isinstance(f.default, tuple))
+
+# Keys of a config.json that describe the file rather than the model; kept, but not part of equality. Besides our
+# own, transformers' PretrainedConfig.to_dict writes a few generic ones that no PVTv2 field reads.
+_METADATA_KEYS = (
+    "architectures", "torch_dtype", "dtype", "transformers_version", "pvtv2_version", "_name_or_path",
+    "chunk_size_feed_forward", "is_encoder_decoder",
+)
+# Keys transformers writes for information only; derived here, so ignored on input.
+_IGNORED_KEYS = ("stage_names", "transformers_version", "model_type")
+
+
+# ---------------------------------------------------------------------------------------------- rules across fields
+def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dict | None) -> tuple[dict, dict]:
+    """(id2label, label2id) from the label fields as given (each already checked on its own)."""
+    if id2label is None:
+        id2label = generic_id2label(2 if num_labels is None else num_labels)  # 2: transformers' default
+    elif num_labels is not None and num_labels != len(id2label):
+        raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries")
+    inverse = {name: index for index, name in id2label.items()}
+    # Names may repeat (ImageNet has two "crane"s); then no label2id inverts id2label and the given one goes unchecked.
+    if label2id is not None and label2id != inverse and len(inverse) == len(id2label):
+        raise ValueError(f"label2id does not invert id2label (id2label has {len(id2label)} classes)")
+    return id2label, inverse
+
+
+def _check_stages(v: Mapping[str, Any]) -> None:
+    """Every per-stage list has one entry per stage; the heads divide the channels; no Mix-FFN is empty; GLPN's
+    head reads a decoder output that exists."""
+    n = v["num_encoder_blocks"]
+    for name in _STAGE_LISTS:
+        if len(v[name]) != n:
+            raise ValueError(
+                f"{name} has {len(v[name])} entries but num_encoder_blocks is {n}: every per-stage list needs one "
+                f"entry per stage ({name}={v[name]})"
+            )
+    for i, (size, heads) in enumerate(zip(v["hidden_sizes"], v["num_attention_heads"])):
+        if size % heads:
+            raise ValueError(
+                f"num_attention_heads[{i}]={heads} does not divide hidden_sizes[{i}]={size}: each head needs "
+                f"an equal share of the channels"
+            )
+    for i, (size, ratio) in enumerate(zip(v["hidden_sizes"], v["mlp_ratios"])):
+        if int(size * ratio) < 1:
+            raise ValueError(f"mlp_ratios[{i}]={ratio} gives an empty Mix-FFN for hidden size {size}")
+    head = v["head_in_index"]
+    if head is not None and not -n <= head < n:
+        raise ValueError(f"head_in_index must index one of the {n} decoder outputs, got {head!r}")
+
+
+def _resolve_outputs(
+    names: list[str], out_features: list[str] | None, out_indices: list[int] | None
+) -> tuple[list[str], list[int]]:
+    """Align the backbone's ``out_features`` and ``out_indices`` (the last stage when neither is given)."""
+    if out_features is not None:
+        unknown = [f for f in out_features if f not in names]
+        if unknown:
+            hint = " (PVTv2 has no stem: the first patch embedding belongs to stage1)" if "stem" in unknown else ""
+            raise ValueError(f"out_features has unknown stage names {unknown}; choose from {names}{hint}")
+        if len(set(out_features)) != len(out_features):
+            raise ValueError(f"out_features has duplicates: {out_features}")
+        if out_features != sorted(out_features, key=names.index):
+            raise ValueError(f"out_features must follow the stage order {names}, got {out_features}")
+    if out_indices is not None:
+        bad = [i for i in out_indices if not -len(names) <= i < len(names)]
+        if bad:
+            raise ValueError(f"out_indices {bad} out of range for {len(names)} stages (valid: 0..{len(names) - 1})")
+        positive = [i % len(names) for i in out_indices]
+        if len(set(positive)) != len(positive) or positive != sorted(positive):
+            raise ValueError(f"out_indices must be increasing without duplicates, got {out_indices}")
+    if out_features is None and out_indices is None:
+        return [names[-1]], [len(names) - 1]
+    if out_features is None:
+        return [names[i] for i in out_indices], out_indices
+    if out_indices is None:
+        return out_features, [names.index(f) for f in out_features]
+    if [names[i] for i in out_indices] != out_features:
+        raise ValueError(f"out_features {out_features} and out_indices {out_indices} name different stages")
+    return out_features, out_indices
+
+
+def merge_changes(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Config arguments ``base`` updated with ``changes``, less what the changes make stale.
+
+    - Labels: a new ``id2label`` replaces the old labels whole (``num_labels``, ``label2id``); a ``num_labels`` alone
+      keeps the old names when the count stays the same (as transformers' setter does) and drops them otherwise.
+    - Backbone outputs: ``out_features`` or ``out_indices`` alone drops the other, so that the new one decides.
+
+    Every path that overrides fields of a stored config goes through here: :meth:`PvtV2Config.replace`,
+    :meth:`PvtV2Config.from_dict` (and so ``from_pretrained``), :meth:`PvtV2Config.from_preset`, and the weight
+    loader's configs of SegFormer / GLPN files and of checkpoints without a config.
+    """
+    args = dict(base)
+    names = args.get("id2label")
+    if "id2label" in changes:
+        args.pop("num_labels", None)
+        args.pop("label2id", None)
+    elif "num_labels" in changes and not (isinstance(names, Mapping) and len(names) == changes["num_labels"]):
+        args.pop("id2label", None)
+        args.pop("label2id", None)
+    if ("out_features" in changes) != ("out_indices" in changes):
+        args.pop("out_features", None)
+        args.pop("out_indices", None)
+    args.update(changes)
+    return args
+
+
+def _public_spellings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers' own config may carry ``_out_features`` / ``_out_indices``; the public spelling wins."""
+    args = dict(data)
+    for private in ("_out_features", "_out_indices"):
+        if private in args:
+            args.setdefault(private[1:], args.pop(private))
+    return args
+
+
+def _json_value(value: Any) -> Any:
+    """A field's value as config.json holds it: sequences as lists, mapping keys as strings (JSON's only keys)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- the config
 class PvtV2Config:
-    """Configuration of a PVTv2 model.
+    """Configuration of a PVTv2 model: the fields of :class:`PvtV2Fields` (one table: names, defaults, checks).
 
-    Args mirror transformers' ``PvtV2Config``; see the model documentation for each. Beyond them:
-
-    - ``patch_embed_layer_norm_eps``: epsilon of the LayerNorm after each overlapping patch embedding
-      (``None``: ``layer_norm_eps``; the original code and timm: 1e-5).
-    - ``reduction_layer_norm_eps``: epsilon of the LayerNorm after the spatial reduction in attention
-      (``None``: ``layer_norm_eps``; the original code and timm: 1e-5).
-    - ``num_labels`` / ``id2label`` / ``label2id`` / ``problem_type``: the classification head and its loss.
-
-    Dense-prediction heads (``pvtv2.dense``; SegFormer's and GLPN's fields, same names). ``None`` means the task's
-    default, which the model fills in when it is built, so a saved model's ``config.json`` holds explicit values;
-    a field left ``None`` is not written:
-
-    - ``decoder_hidden_size``: width of the decode head (SegFormer: 256 for b0/b1, 768 for b2+; GLPN: 64).
-    - ``classifier_dropout_prob``: dropout before SegFormer's per-pixel classifier (default 0.1).
-    - ``semantic_loss_ignore_index``: label value the segmentation loss skips (default 255).
-    - ``reshape_last_stage``: SegFormer's flag; ``False`` returns the last stage's hidden state as tokens
-      ``(B, N, C)`` (the logits are the same either way; default ``True``).
-    - ``max_depth``: GLPN's depth range: predictions are ``sigmoid(x) * max_depth`` (default 10).
-    - ``head_in_index``: which decoder output GLPN's depth head reads (default -1, the full-resolution one).
+    The arguments mirror transformers' ``PvtV2Config`` (see the model documentation), plus the two LayerNorm
+    epsilons of the original code, the dense heads' fields (``None`` means the task's default, which the
+    segmentation or depth model fills in when it is built, so a saved model's ``config.json`` holds explicit
+    values) and the classification labels. Every argument is checked here; a bad one raises a ``ValueError`` that names it.
 
     Unknown keyword arguments are kept as attributes and written back by :meth:`to_dict`.
     """
 
     model_type = "pvt_v2"
 
-    def __init__(
-        self,
-        image_size: int | Sequence[int] = 224,
-        num_channels: int = 3,
-        num_encoder_blocks: int = 4,
-        depths: Sequence[int] = (2, 2, 2, 2),
-        sr_ratios: Sequence[int] = (8, 4, 2, 1),
-        hidden_sizes: Sequence[int] = (32, 64, 160, 256),
-        patch_sizes: Sequence[int] = (7, 3, 3, 3),
-        strides: Sequence[int] = (4, 2, 2, 2),
-        num_attention_heads: Sequence[int] = (1, 2, 5, 8),
-        mlp_ratios: Sequence[float] = (8, 8, 4, 4),
-        hidden_act: str | Callable = "gelu",
-        hidden_dropout_prob: float = 0.0,
-        attention_probs_dropout_prob: float = 0.0,
-        initializer_range: float = 0.02,
-        drop_path_rate: float = 0.0,
-        layer_norm_eps: float = 1e-6,
-        qkv_bias: bool = True,
-        linear_attention: bool = False,
-        out_features: Sequence[str] | None = None,
-        out_indices: Sequence[int] | None = None,
-        patch_embed_layer_norm_eps: float | None = None,
-        reduction_layer_norm_eps: float | None = None,
-        decoder_hidden_size: int | None = None,
-        classifier_dropout_prob: float | None = None,
-        semantic_loss_ignore_index: int | None = None,
-        reshape_last_stage: bool | None = None,
-        max_depth: float | None = None,
-        head_in_index: int | None = None,
-        num_labels: int | None = None,
-        id2label: dict[int | str, str] | None = None,
-        label2id: dict[str, int] | None = None,
-        problem_type: str | None = None,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        self.image_size = _as_size(image_size)
-        self.num_channels = num_channels
-        self.num_encoder_blocks = num_encoder_blocks
-        self.depths = _as_list("depths", depths)
-        self.sr_ratios = _as_list("sr_ratios", sr_ratios)
-        self.hidden_sizes = _as_list("hidden_sizes", hidden_sizes)
-        self.patch_sizes = _as_list("patch_sizes", patch_sizes)
-        self.strides = _as_list("strides", strides)
-        self.num_attention_heads = _as_list("num_attention_heads", num_attention_heads)
-        self.mlp_ratios = _as_list("mlp_ratios", mlp_ratios)
-        self.hidden_act = hidden_act
-        self.hidden_dropout_prob = hidden_dropout_prob
-        self.attention_probs_dropout_prob = attention_probs_dropout_prob
-        self.initializer_range = initializer_range
-        self.drop_path_rate = drop_path_rate
-        self.layer_norm_eps = layer_norm_eps
-        self.qkv_bias = qkv_bias
-        self.linear_attention = linear_attention
-        self.patch_embed_layer_norm_eps = patch_embed_layer_norm_eps
-        self.reduction_layer_norm_eps = reduction_layer_norm_eps
-        self.decoder_hidden_size = decoder_hidden_size
-        self.classifier_dropout_prob = classifier_dropout_prob
-        self.semantic_loss_ignore_index = semantic_loss_ignore_index
-        self.reshape_last_stage = reshape_last_stage
-        self.max_depth = max_depth
-        self.head_in_index = head_in_index
-        self.problem_type = problem_type
-        self.output_attentions = output_attentions
-        self.output_hidden_states = output_hidden_states
-        self.return_dict = return_dict
-        # transformers writes these for information only; they are derived here.
-        for derived in ("stage_names", "transformers_version", "model_type"):
-            kwargs.pop(derived, None)
-        self._extra: dict[str, Any] = dict(kwargs)
-        for key, value in kwargs.items():
-            setattr(self, key, value)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        bound = _SIGNATURE.bind(*args, **kwargs)  # a TypeError for extra positional arguments, as any signature
+        bound.apply_defaults()
+        given = dict(bound.arguments)
+        extra: dict[str, Any] = given.pop("kwargs")
+        values = {f.name: f.metadata["check"](f.name, given[f.name]) for f in FIELDS}
+        values["id2label"], values["label2id"] = _resolve_labels(
+            values.pop("num_labels"), values["id2label"], values["label2id"]
+        )
+        _check_stages(values)
+        values["out_features"], values["out_indices"] = _resolve_outputs(
+            _stage_names_of(values["num_encoder_blocks"]), values["out_features"], values["out_indices"]
+        )
+        for name, value in values.items():
+            setattr(self, name, value)
 
-        self._set_labels(num_labels, id2label, label2id)
-        self._validate_stages()
-        self.out_features, self.out_indices = self._resolve_out_features(out_features, out_indices)
+        for key in _IGNORED_KEYS:
+            extra.pop(key, None)
+        for key, value in extra.items():
+            if key == "_extra" or hasattr(type(self), key):
+                raise ValueError(f"{key!r} is not a config field, and cannot be one: it names PvtV2Config.{key}")
+            setattr(self, key, value)
+        self._extra = tuple(extra)  # written back by to_dict, with their current values
+
+    __init__.__signature__ = _SIGNATURE.replace(  # type: ignore[attr-defined]  # help() shows the table's arguments
+        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *_SIGNATURE.parameters.values()]
+    )
 
     # ------------------------------------------------------------------ derived values
     @property
     def stage_names(self) -> list[str]:
-        return [f"stage{i}" for i in range(1, self.num_encoder_blocks + 1)]
+        return _stage_names_of(self.num_encoder_blocks)
 
     @property
     def num_labels(self) -> int:
@@ -195,7 +451,10 @@ class PvtV2Config:
 
     @num_labels.setter
     def num_labels(self, value: int) -> None:
-        self._set_labels(value, None, None)
+        """New generic names when the number changes; the names stay when it does not (as in transformers)."""
+        value = _non_negative_int("num_labels", value)
+        if value != len(self.id2label):
+            self.id2label, self.label2id = _resolve_labels(value, None, None)
 
     @property
     def patch_norm_eps(self) -> float:
@@ -216,138 +475,6 @@ class PvtV2Config:
             out.append(total)
         return out
 
-    # ------------------------------------------------------------------ validation
-    def _set_labels(self, num_labels: int | None, id2label: dict | None, label2id: dict | None) -> None:
-        if id2label is not None:
-            try:
-                id2label = {int(k): str(v) for k, v in id2label.items()}
-            except (TypeError, ValueError, AttributeError):
-                raise ValueError(f"id2label must map class indices to names, got {id2label!r}") from None
-            if sorted(id2label) != list(range(len(id2label))):
-                raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)[:10]}...")
-            if num_labels is not None and num_labels != len(id2label):
-                raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries")
-        else:
-            if num_labels is None:
-                num_labels = 2  # transformers' default
-            if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 0:
-                raise ValueError(f"num_labels must be a non-negative integer, got {num_labels!r}")
-            id2label = generic_id2label(num_labels)
-        self.id2label: dict[int, str] = id2label
-        if label2id is not None and {str(k): int(v) for k, v in label2id.items()} != {v: k for k, v in id2label.items()}:
-            if len(set(id2label.values())) == len(id2label):
-                raise ValueError("label2id does not invert id2label")
-        self.label2id: dict[str, int] = {v: k for k, v in id2label.items()}
-
-    def _validate_stages(self) -> None:
-        n = self.num_encoder_blocks
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"num_encoder_blocks must be a positive integer, got {n!r}")
-        for name in _STAGE_LISTS:
-            values = getattr(self, name)
-            if len(values) != n:
-                raise ValueError(
-                    f"{name} has {len(values)} entries but num_encoder_blocks is {n}: every per-stage list needs one "
-                    f"entry per stage ({name}={values})"
-                )
-            for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                    raise ValueError(f"{name} must hold positive numbers, got {values}")
-                if name != "mlp_ratios" and int(v) != v:
-                    raise ValueError(f"{name} must hold integers, got {values}")
-        for i, (size, heads) in enumerate(zip(self.hidden_sizes, self.num_attention_heads)):
-            if size % heads:
-                raise ValueError(
-                    f"num_attention_heads[{i}]={heads} does not divide hidden_sizes[{i}]={size}: each head needs "
-                    f"an equal share of the channels"
-                )
-        for i, ratio in enumerate(self.mlp_ratios):
-            if int(self.hidden_sizes[i] * ratio) < 1:
-                raise ValueError(f"mlp_ratios[{i}]={ratio} gives an empty Mix-FFN for hidden size {self.hidden_sizes[i]}")
-        if not isinstance(self.num_channels, int) or isinstance(self.num_channels, bool) or self.num_channels < 1:
-            raise ValueError(f"num_channels must be a positive integer, got {self.num_channels!r}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
-            rate = getattr(self, name)
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1), got {rate!r}")
-        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
-            raise ValueError(f"initializer_range must be non-negative, got {self.initializer_range!r}")
-        for name in ("layer_norm_eps", "patch_embed_layer_norm_eps", "reduction_layer_norm_eps"):
-            eps = getattr(self, name)
-            if eps is None and name != "layer_norm_eps":
-                continue
-            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-                raise ValueError(f"{name} must be a positive number, got {eps!r}")
-        if isinstance(self.hidden_act, str):
-            if self.hidden_act not in list(ACTIVATIONS):
-                raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {list(ACTIVATIONS)}")
-        elif not callable(self.hidden_act):
-            raise ValueError(f"hidden_act must be an activation name or a callable, got {self.hidden_act!r}")
-        self._validate_dense_heads()
-        for name in ("qkv_bias", "linear_attention"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"problem_type={self.problem_type!r} is not one of {PROBLEM_TYPES}")
-
-    def _validate_dense_heads(self) -> None:
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if self.decoder_hidden_size is not None and (not is_int(self.decoder_hidden_size) or self.decoder_hidden_size < 1):
-            raise ValueError(f"decoder_hidden_size must be a positive integer, got {self.decoder_hidden_size!r}")
-        rate = self.classifier_dropout_prob
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0):
-            raise ValueError(f"classifier_dropout_prob must be a probability in [0, 1), got {rate!r}")
-        if self.semantic_loss_ignore_index is not None and not is_int(self.semantic_loss_ignore_index):
-            raise ValueError(f"semantic_loss_ignore_index must be an integer, got {self.semantic_loss_ignore_index!r}")
-        if self.reshape_last_stage is not None and not isinstance(self.reshape_last_stage, bool):
-            raise ValueError(f"reshape_last_stage must be true or false, got {self.reshape_last_stage!r}")
-        depth = self.max_depth
-        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float)) or depth <= 0):
-            raise ValueError(f"max_depth must be a positive number, got {depth!r}")
-        if self.head_in_index is not None and (
-            not is_int(self.head_in_index) or not -self.num_encoder_blocks <= self.head_in_index < self.num_encoder_blocks
-        ):
-            raise ValueError(
-                f"head_in_index must index one of the {self.num_encoder_blocks} decoder outputs, got {self.head_in_index!r}"
-            )
-
-    def _resolve_out_features(
-        self, out_features: Sequence[str] | None, out_indices: Sequence[int] | None
-    ) -> tuple[list[str], list[int]]:
-        """Align the backbone's ``out_features`` and ``out_indices`` (the last stage when neither is given)."""
-        names = self.stage_names
-        if out_features is not None:
-            if isinstance(out_features, str) or not all(isinstance(f, str) for f in out_features):
-                raise ValueError(f"out_features must be a list of stage names, got {out_features!r}")
-            unknown = [f for f in out_features if f not in names]
-            if unknown:
-                hint = " (PVTv2 has no stem: the first patch embedding belongs to stage1)" if "stem" in unknown else ""
-                raise ValueError(f"out_features has unknown stage names {unknown}; choose from {names}{hint}")
-            if len(set(out_features)) != len(out_features):
-                raise ValueError(f"out_features has duplicates: {list(out_features)}")
-            if list(out_features) != sorted(out_features, key=names.index):
-                raise ValueError(f"out_features must follow the stage order {names}, got {list(out_features)}")
-        if out_indices is not None:
-            if isinstance(out_indices, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in out_indices):
-                raise ValueError(f"out_indices must be a list of integers, got {out_indices!r}")
-            bad = [i for i in out_indices if not -len(names) <= i < len(names)]
-            if bad:
-                raise ValueError(f"out_indices {bad} out of range for {len(names)} stages (valid: 0..{len(names) - 1})")
-            positive = [i % len(names) for i in out_indices]
-            if len(set(positive)) != len(positive) or positive != sorted(positive):
-                raise ValueError(f"out_indices must be increasing without duplicates, got {list(out_indices)}")
-        if out_features is None and out_indices is None:
-            return [names[-1]], [len(names) - 1]
-        if out_features is None:
-            return [names[i] for i in out_indices], list(out_indices)
-        if out_indices is None:
-            return list(out_features), [names.index(f) for f in out_features]
-        if [names[i] for i in out_indices] != list(out_features):
-            raise ValueError(f"out_features {list(out_features)} and out_indices {list(out_indices)} name different stages")
-        return list(out_features), list(out_indices)
-
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> PvtV2Config:
@@ -358,11 +485,8 @@ class PvtV2Config:
         key = preset_key(name)
         if key is None:
             raise ValueError(f"unknown preset {name!r}; choose from {list_presets()}")
-        args: dict[str, Any] = copy.deepcopy(PRESETS[key])
-        if not {"num_labels", "id2label"} & overrides.keys():
-            args["id2label"] = imagenet_id2label()
-        args.update(overrides)
-        return cls(**args)
+        args: dict[str, Any] = dict(copy.deepcopy(PRESETS[key]), id2label=imagenet_id2label())
+        return cls(**merge_changes(args, overrides))
 
     def with_defaults(self, **defaults: Any) -> PvtV2Config:
         """A copy in which the fields that are unset (``None``) take the given values; ``self`` when none is unset."""
@@ -370,60 +494,24 @@ class PvtV2Config:
         return self.replace(**missing) if missing else self
 
     def replace(self, **changes: Any) -> PvtV2Config:
-        """A copy with some fields changed (validated anew)."""
-        data = self.to_dict()
-        if "num_labels" in changes and "id2label" not in changes:
-            data.pop("id2label", None)
-            data.pop("label2id", None)
-        if ("out_features" in changes) != ("out_indices" in changes):
-            data.pop("out_features", None)
-            data.pop("out_indices", None)
-        data.update(changes)
-        if callable(self.hidden_act) and "hidden_act" not in changes:
-            data["hidden_act"] = self.hidden_act
-        return type(self).from_dict(data)
+        """A copy with some fields changed (validated anew; see :func:`merge_changes` for the labels)."""
+        return type(self).from_dict(self.to_dict(), **changes)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """All fields, in the layout of a published ``config.json``."""
-        data: dict[str, Any] = {
-            "model_type": self.model_type,
-            "image_size": list(self.image_size),
-            "num_channels": self.num_channels,
-            "num_encoder_blocks": self.num_encoder_blocks,
-            "depths": list(self.depths),
-            "sr_ratios": list(self.sr_ratios),
-            "hidden_sizes": list(self.hidden_sizes),
-            "patch_sizes": list(self.patch_sizes),
-            "strides": list(self.strides),
-            "num_attention_heads": list(self.num_attention_heads),
-            "mlp_ratios": list(self.mlp_ratios),
-            "hidden_act": self.hidden_act,
-            "hidden_dropout_prob": self.hidden_dropout_prob,
-            "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
-            "initializer_range": self.initializer_range,
-            "drop_path_rate": self.drop_path_rate,
-            "layer_norm_eps": self.layer_norm_eps,
-            "qkv_bias": self.qkv_bias,
-            "linear_attention": self.linear_attention,
-            "out_features": list(self.out_features),
-            "out_indices": list(self.out_indices),
-            "stage_names": self.stage_names,
-            "id2label": {str(k): v for k, v in self.id2label.items()},
-            "label2id": dict(self.label2id),
-        }
-        if self.patch_embed_layer_norm_eps is not None:
-            data["patch_embed_layer_norm_eps"] = self.patch_embed_layer_norm_eps
-        if self.reduction_layer_norm_eps is not None:
-            data["reduction_layer_norm_eps"] = self.reduction_layer_norm_eps
-        if self.problem_type is not None:
-            data["problem_type"] = self.problem_type
-        for name in _DENSE_FIELDS:
-            if getattr(self, name) is not None:
-                data[name] = getattr(self, name)
-        for flag, default in (("output_attentions", False), ("output_hidden_states", False), ("return_dict", True)):
-            if getattr(self, flag) != default:
-                data[flag] = getattr(self, flag)
+        """All fields, in the layout of a published ``config.json``: the fields written always, in table order,
+        then those set, then those changed from their default, then the unknown keys."""
+        data: dict[str, Any] = {"model_type": self.model_type}
+        for write in (ALWAYS, WHEN_SET, WHEN_CHANGED):
+            for f in FIELDS:
+                value = getattr(self, f.name)
+                if f.metadata["write"] != write or (write == WHEN_SET and value is None) or (
+                    write == WHEN_CHANGED and value == f.default
+                ):
+                    continue
+                if f.name == "id2label":
+                    data["stage_names"] = self.stage_names  # transformers writes the derived names, before the labels
+                data[f.name] = _json_value(value)
         for key in self._extra:
             data[key] = getattr(self, key)
         return data
@@ -438,26 +526,14 @@ class PvtV2Config:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> PvtV2Config:
-        if not isinstance(data, dict):
+    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> PvtV2Config:
+        """A config from a ``config.json``'s contents; ``overrides`` change fields (see :func:`merge_changes`)."""
+        if not isinstance(data, Mapping):
             raise ValueError(f"a PVTv2 config must be a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(f"config has model_type={model_type!r}, expected {cls.model_type!r}")
-        args = dict(data)
-        if "num_labels" in overrides and "id2label" not in overrides:
-            if overrides["num_labels"] != len(args.get("id2label") or {}):
-                args.pop("id2label", None)
-                args.pop("label2id", None)
-        if ("out_features" in overrides) != ("out_indices" in overrides):
-            args.pop("out_features", None)
-            args.pop("out_indices", None)
-        args.update(overrides)
-        # transformers' own config may carry these private spellings.
-        for private in ("_out_features", "_out_indices"):
-            if private in args:
-                args.setdefault(private[1:], args.pop(private))
-        return cls(**args)
+        return cls(**merge_changes(_public_spellings(data), _public_spellings(overrides)))
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``config.json`` into ``folder`` (created if needed); returns its path."""
@@ -507,20 +583,5 @@ class PvtV2Config:
         return f"PvtV2Config({json.dumps(data, sort_keys=True, default=repr)})"
 
 
-def _as_list(name: str, value: Any) -> list:
-    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"{name} must be a list with one number per stage, got {value!r}")
-    return list(value)
-
-
-def _as_size(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, dict) and {"height", "width"} <= value.keys():
-        return (int(value["height"]), int(value["width"]))
-    try:
-        height, width = value  # type: ignore[misc]
-        return (int(height), int(width))
-    except (TypeError, ValueError):
-        raise ValueError(f"image_size must be an int or a (height, width) pair, got {value!r}") from None
-
+def _stage_names_of(num_encoder_blocks: int) -> list[str]:
+    return [f"stage{i}" for i in range(1, num_encoder_blocks + 1)]

@@ -32,8 +32,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
-    """Raise a clear error unless ``pixel_values`` is a float tensor of shape (B, num_channels, H, W)."""
+def check_pixel_values(pixel_values: Any, num_channels: int, dtype: torch.dtype | None = None) -> None:
+    """Raise a clear error unless ``pixel_values`` is a float tensor of shape (B, num_channels, H, W) and, when
+    ``dtype`` (the weights' dtype) is given, of that dtype.
+
+    A dtype other than the weights' fails deep inside (a convolution or matmul error that names neither the input
+    nor the fix), so it is caught here: float64 from NumPy, float16 into a float32 model, integers from an image.
+    Under autocast for the input's device the mixed dtypes are autocast's to reconcile, and are let through.
+    """
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
     if pixel_values.ndim != 4:
@@ -41,9 +47,19 @@ def check_pixel_values(pixel_values: Any, num_channels: int) -> None:
             f"pixel_values must have 4 dimensions (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
         )
     if not pixel_values.is_floating_point():
+        weights = f" of the model's dtype {dtype}" if dtype is not None else ""
         raise TypeError(
-            f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}; preprocess images with "
+            f"pixel_values must be a floating-point tensor{weights}, got {pixel_values.dtype}; preprocess images with "
             f"PvtV2ImageProcessor (rescale and normalise)"
+        )
+    if (
+        dtype is not None
+        and pixel_values.dtype != dtype
+        and not torch.is_autocast_enabled(pixel_values.device.type)
+    ):
+        raise TypeError(
+            f"pixel_values is {pixel_values.dtype} but the model's weights are {dtype}: cast the input with "
+            f"pixel_values.to({dtype}) (or the model with model.to({pixel_values.dtype}), or run under torch.autocast)"
         )
     if pixel_values.shape[1] != num_channels:
         raise ValueError(
@@ -228,7 +244,8 @@ class PvtV2Model(PvtV2PreTrainedModel):
         output_attentions, output_hidden_states, return_dict = resolve_output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )
-        check_pixel_values(pixel_values, self.config.num_channels)
+        # The dtype the input meets first: the first patch embedding's convolution.
+        check_pixel_values(pixel_values, self.config.num_channels, self.encoder.layers[0].patch_embedding.proj.weight.dtype)
         check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
         out = self.encoder(pixel_values, output_attentions, output_hidden_states)
         return out if return_dict else out.to_tuple()
@@ -355,7 +372,8 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
         output_attentions, output_hidden_states, return_dict = resolve_output_flags(
             self.config, output_attentions, output_hidden_states, return_dict
         )
-        check_pixel_values(pixel_values, self.config.num_channels)
+        # The dtype the input meets first: the first patch embedding's convolution.
+        check_pixel_values(pixel_values, self.config.num_channels, self.encoder.layers[0].patch_embedding.proj.weight.dtype)
         check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
         # Stages after the last requested one are skipped unless every stage's output is asked for.
         needed = None if output_hidden_states else max(self.out_indices) + 1

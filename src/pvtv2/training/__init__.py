@@ -2,6 +2,6 @@
 module per task that plugs into it (``classification``, ``segmentation``)."""
 
 from .config import TrainConfig
-from .runner import train
+from .runner import check_config, train
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "check_config", "train"]

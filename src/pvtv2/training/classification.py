@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,8 +17,8 @@ from ..models.labels import has_generic_labels
 from ..models.layers import init_weights
 from ..models.modeling import PvtV2ForImageClassification
 from .config import TrainConfig
-from .distributed import DistInfo, autocast
-from .engine import Task
+from .distributed import autocast
+from .engine import RunContext, Task
 
 __all__ = ["ClassificationTask", "build_classifier", "evaluate_classifier"]
 
@@ -117,7 +117,8 @@ class ClassificationTask(Task):
     best_state_key = "best_top1"
     intro = "training on %d images"
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def load_data(self) -> None:
+        cfg = self.cfg
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/train/<class>/ and DIR/val/<class>/)")
         classes, train_samples = scan_split(cfg.data, "train")
@@ -128,7 +129,6 @@ class ClassificationTask(Task):
             raise ValueError(f"the train and val splits have different classes: only in train {only_train}, only in val {only_val}")
         if len(classes) < 2:
             raise ValueError(f"a classifier needs at least 2 classes, {cfg.data!r} has {classes}")
-        self.cfg = cfg
         self.classes = list(classes)
         self.train_set = ImageFolder(
             train_samples, TrainTransform(cfg.image_size, scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip), seed=cfg.seed
@@ -141,23 +141,23 @@ class ClassificationTask(Task):
     def default_lr(self, global_batch: int) -> float:
         return 5e-4 * global_batch / 512
 
-    def criterion(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        return nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+    def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
+        images, labels = batch
+        with ctx.autocast():
+            logits = model(images).logits
+        return nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
 
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, bf16: bool, info: DistInfo) -> list[float]:
-        return list(evaluate_classifier(model, loader, device, bf16))
-
-    def metrics(self, sums: list[float]) -> dict[str, Any]:
-        v_loss, v_top1, v_top5, v_count = sums
+    def evaluate(self, model: nn.Module, loader: Any, ctx: RunContext) -> dict[str, Any]:
+        loss, top1, top5, count = ctx.sum(evaluate_classifier(model, loader, ctx.device, ctx.bf16))
         return {
-            "val_loss": v_loss / max(v_count, 1),
-            "val_top1": 100.0 * v_top1 / max(v_count, 1),
-            "val_top5": 100.0 * v_top5 / max(v_count, 1),
+            "val_loss": loss / max(count, 1),
+            "val_top1": 100.0 * top1 / max(count, 1),
+            "val_top5": 100.0 * top5 / max(count, 1),
         }
 
     def epoch_summary(self, record: dict[str, Any]) -> str:
-        return "top-1 %.2f%%, top-5 %.2f%%, %.1f s, %.0f images/s" % (
-            record["val_top1"], record["val_top5"], record["seconds"], record["images_per_second"]
+        return "val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, %.1f s, %.0f images/s" % (
+            record["val_loss"], record["val_top1"], record["val_top5"], record["seconds"], record["images_per_second"]
         )
 
     def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:

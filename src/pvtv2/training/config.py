@@ -9,17 +9,23 @@ rate, random resized crops and horizontal flips. The peak learning rate follows 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
-__all__ = ["TASKS", "TrainConfig"]
+__all__ = ["TASKS", "TrainConfig", "flag"]
 
 TASKS = ("classification", "segmentation")
 
 
+def flag(name: str) -> str:
+    """The command-line spelling of a field: ``clip_grad`` -> ``--clip-grad`` (errors name what the user typed)."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """What a training run is. The fields up to ``replace_head`` define the result and are stored with the run
-    (``resume`` reuses them); the rest only say how to execute it."""
+    """What a training run is. The fields up to ``task`` define the result and are stored with the run (``resume``
+    reuses them); the rest only say how to execute it."""
 
     data: str = ""
     model: str = "pvt_v2_b0"
@@ -36,7 +42,7 @@ class TrainConfig:
     grad_accum: int = 1
     crop_scale: float = 0.08  # smallest area fraction of a random resized crop
     hflip: float = 0.5
-    clip_grad: float | None = None
+    clip_grad: float | None = None  # None: no clipping
     bf16: bool = False
     seed: int = 0
     replace_head: bool = False
@@ -54,28 +60,64 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._EXECUTION}
 
     def validate(self) -> None:
+        """Raise ``ValueError`` / ``TypeError`` naming the first bad field (as its flag) and its value.
+
+        Every number is checked for type, finiteness and range here, before anything reads the data or writes the
+        run folder: a NaN compares False with every bound, so each check below asks for the good case.
+        """
         for name in ("image_size", "epochs", "batch_size", "grad_accum"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("warmup_epochs", "weight_decay", "min_lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.drop_path is not None and not 0 <= self.drop_path < 1:
-            raise ValueError(f"drop-path must be in [0, 1), got {self.drop_path}")
-        if not 0 < self.crop_scale <= 1:
-            raise ValueError(f"crop-scale must be in (0, 1], got {self.crop_scale}")
-        if not 0 <= self.hflip <= 1:
-            raise ValueError(f"hflip must be a probability, got {self.hflip}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            _integer(name, getattr(self, name), minimum=1)
+        _integer("seed", self.seed, minimum=0)
+        if self.workers is not None:
+            _integer("workers", self.workers, minimum=0)
+        if self.lr is not None:
+            _number("lr", self.lr, low=0.0, low_open=True)
+        _number("min_lr", self.min_lr, low=0.0)
+        if self.lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"--min-lr ({self.min_lr:g}) must not exceed --lr ({self.lr:g}): the cosine decays to it")
+        _number("warmup_epochs", self.warmup_epochs, low=0.0)
+        _number("weight_decay", self.weight_decay, low=0.0)
+        _number("label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_open=True)
+        if self.drop_path is not None:
+            _number("drop_path", self.drop_path, low=0.0, high=1.0, high_open=True)
+        _number("crop_scale", self.crop_scale, low=0.0, low_open=True, high=1.0)
+        _number("hflip", self.hflip, low=0.0, high=1.0)
+        if self.clip_grad is not None:
+            # 0 or a negative norm would zero or reverse every step (gradient ascent): leave the flag out instead.
+            _number("clip_grad", self.clip_grad, low=0.0, low_open=True, hint="leave it out for no clipping")
+        for name in ("bf16", "replace_head", "progress", "resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
+        for name in ("data", "model", "output"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
+        if not self.model:
+            raise ValueError("--model must name a preset, a config.json or a checkpoint")
         if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pass one of them")
         if not self.output:
             raise ValueError("an output folder is needed (--output)")
+
+
+def _integer(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{flag(name)} must be an integer, got {value!r}")
+    if value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{flag(name)} must be {what}, got {value}")
+
+
+def _number(
+    name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+    hint: str = "",
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{flag(name)} must be a number, got {value!r}")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (math.isfinite(value) and above and below):
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+        wanted = f"> {low:g}" if high == math.inf and low_open else f">= {low:g}" if high == math.inf else f"in {lo}, {hi}"
+        raise ValueError(f"{flag(name)} must be a finite number {wanted}, got {value}" + (f" ({hint})" if hint else ""))

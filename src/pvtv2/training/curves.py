@@ -17,10 +17,20 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(output: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``output/metrics.jsonl`` (none when it is absent); a damaged file is an error naming it."""
     path = Path(output) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in records):
+            raise ValueError("a line is not a JSON record with its epoch")
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(
+            f"{str(path)!r} is damaged ({err}); remove it to resume without the earlier epochs' records, or pass "
+            f"--overwrite to start again"
+        ) from None
+    return records
 
 
 def write_metrics(output: Path, records: list[dict[str, Any]]) -> None:

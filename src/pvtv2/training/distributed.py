@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ __all__ = [
     "init_distributed",
     "all_reduce",
     "broadcast",
+    "on_main",
     "rng_state",
     "set_rng_state",
     "seed_everything",
@@ -81,6 +82,29 @@ def broadcast(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any], info: DistInfo, *, share: bool = False) -> Any:
+    """Call ``fn`` in rank 0 only (the run folder's reads and writes); with ``share``, every process gets its result.
+
+    When ``fn`` fails, rank 0 raises its error and every other process a ``ValueError`` that quotes it, so that no
+    process is left waiting for rank 0 in a collective (a failed checkpoint write under torchrun stops all of them).
+    """
+    result, error = None, None
+    if info.main:
+        try:
+            result = fn()
+        except BaseException as err:  # KeyboardInterrupt too: the others must not wait for a process that left
+            error = err
+    if info.enabled:
+        failed = None if error is None else (str(error) or type(error).__name__)
+        failed, shared = broadcast((failed, result if share else None), info)
+        if error is None and failed is not None:
+            raise ValueError(f"stopped because process 0 failed: {failed}")
+        result = shared if share else result
+    if error is not None:
+        raise error
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- RNG state

@@ -1,19 +1,25 @@
 """The training engine: one epoch loop for every task, in one process or under ``torchrun``.
 
-The defaults are the PVTv2 paper's ImageNet recipe (itself DeiT's): AdamW, a cosine learning-rate schedule after a
-linear warmup, weight decay 0.05 except on norms and biases, label smoothing 0.1, stochastic depth at the variant's
-rate, random resized crops and horizontal flips. The peak learning rate follows the authors' linear scaling rule,
-``5e-4 * global batch / 512``, unless given.
+A :class:`Task` says what is learnt: its data (datasets, collation), the model a run starts from, the loss of a
+batch (forward pass included) and the evaluation. The engine does the rest, the same way for every task: seeding,
+sharding, DistributedDataParallel, bf16 autocast, the optimizer step (gradient accumulation, clipping), the learning
+rate schedule, the run folder's checkpoints, metrics and curves, and resumption. :func:`run` reads as its parts:
 
-Every epoch writes ``OUT/last`` (and ``OUT/best`` when validation top-1 improves): folders that ``from_pretrained``
-loads, written to a temporary folder and renamed into place, so a run killed at any moment leaves the previous
-complete checkpoint. ``OUT/last/training_state.pt`` holds what ``resume`` needs to continue exactly where the run
-stopped; with the same seed, a resumed run ends with the same weights, bit for bit, as an uninterrupted one (on the
-same hardware and software), because no randomness comes from global state that a restart would lose:
+- :func:`_build`: the model, optimizer and schedule of a new run, or of a resumed one;
+- :func:`_train_epoch`: one pass over this process's shard, with :func:`_optimizer_step` at each accumulation
+  boundary and :func:`_stop_if_diverged` after each backward pass;
+- :func:`_validate`: the task's evaluation of this process's validation shard, combined over the processes;
+- :func:`_end_epoch`: the epoch's record, ``best/``, ``last/`` (with the training state), metrics and curves.
+
+Every epoch writes ``OUT/last`` (and ``OUT/best`` when the task's score improves), whole or not at all (see
+:mod:`pvtv2.training.rundir`). With the same seed, a resumed run ends with the same weights, bit for bit, as an
+uninterrupted one (on the same hardware and software), because no randomness comes from global state that a
+restart would lose:
 
 - the sample order of epoch ``e`` comes from a generator seeded with ``seed + e``;
-- the crop and flip of sample ``i`` in epoch ``e`` from one seeded with ``(seed, e, i)``;
-- the global torch generator (stochastic depth, dropout) is reseeded from ``(seed, e, rank)`` at each epoch start;
+- the augmentation of sample ``i`` in epoch ``e`` from one seeded with ``(seed, e, i)``;
+- the global torch generator (stochastic depth, dropout, and whatever a task draws from it, such as a MixUp
+  coefficient) is reseeded from ``(seed, e, rank)`` at each epoch start;
 - ``torch.use_deterministic_algorithms(True)`` (warn-only for operations without a deterministic kernel),
   cuDNN autotuning off, ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` on GPUs.
 """
@@ -21,13 +27,14 @@ same hardware and software), because no randomness comes from global state that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +43,37 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.folders import epoch_indices
-from ..fileio import atomic_write_json
-from ..models.config import PvtV2Config
+from ..models.config import PvtV2Config, is_preset_name
+from ..models.modeling import check_input_size
 from ..progress import progress_bar
 from .config import TrainConfig
 from .curves import draw_curves, read_metrics, write_metrics
-from .distributed import DistInfo, all_reduce, autocast, rng_state, seed_everything, set_rng_state
-from .rundir import CURVES_FILE, METRICS_FILE, RUN_FILE, save_checkpoint
+from .distributed import DistInfo, all_reduce, autocast, on_main, rng_state, seed_everything, set_rng_state
+from .rundir import CURVES_FILE, METRICS_FILE, TRAINING_STATE_NAME, save_checkpoint, start_run
 
-__all__ = ["Task", "run", "cosine_warmup_factor", "parameter_groups", "KILL_ENV"]
+__all__ = [
+    "Task",
+    "RunContext",
+    "TrainingDiverged",
+    "run",
+    "to_device",
+    "known_architecture",
+    "check_image_size",
+    "cosine_warmup_factor",
+    "parameter_groups",
+    "KILL_ENV",
+]
 
 logger = logging.getLogger(__name__)
 
 # Test-only fault injection: the process SIGKILLs itself when it reaches this global batch number (counted from 1
 # over the whole run), to check that ``--resume`` recovers from a crash in the middle of an epoch.
 KILL_ENV = "PVTV2_TEST_KILL_AT_STEP"
+
+
+class TrainingDiverged(ValueError):
+    """The training loss stopped being a finite number."""
+
 
 # ---------------------------------------------------------------------------------------------- schedule
 def cosine_warmup_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -75,20 +98,64 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class Task:
-    """What a task adds to the run driver :func:`_run`, which owns the rest (run folder, resume, seeding, sharding,
-    DDP, gradient accumulation, bf16, schedule, checkpoints, metrics, curves), so every task resumes, shards and
-    checkpoints the same way. Subclasses read their data in ``__init__`` (setting ``train_set``, ``val_set``,
-    ``classes``) and fill in the rest."""
+# ---------------------------------------------------------------------------------------------- the task interface
+@dataclasses.dataclass
+class RunContext:
+    """Where and how a run computes: what a task's hooks need from the engine."""
 
-    model_class: type[nn.Module]
+    device: torch.device
+    bf16: bool  # autocast to bfloat16 (already turned off where the device lacks it)
+    dist: DistInfo
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context of a forward pass (bf16 autocast, or nothing); compute losses in float32 outside it."""
+        return autocast(self.device, self.bf16)
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed over the processes (themselves in one process)."""
+        return all_reduce(values, self.dist, self.device)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` (picklable), in rank order: for evaluations that are no sums (COCO's AP)."""
+        if not self.dist.enabled:
+            return [obj]
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+
+class Task:
+    """What is learnt; the engine (:func:`run`) owns how. Subclasses set the class attributes and fill in the
+    methods; ``__init__`` only keeps the settings (cheap), :meth:`load_data` reads the data.
+
+    Batches are whatever the datasets and :attr:`collate` make of them: a tuple ``(images, labels)`` for
+    classification, ``(images, label maps)`` for segmentation; a detection task would collate lists of images and
+    per-image target dicts. The engine moves a batch to the device (:func:`to_device`: nested lists, tuples and
+    dicts of tensors) and hands it to :meth:`training_loss`, which owns the forward pass and the loss (so soft
+    targets from MixUp, or a model that returns a dict of losses, need nothing from the engine).
+    """
+
+    model_class: type[nn.Module]  # what ``last/`` is loaded with on --resume
     best_metric: str  # the record field whose maximum picks ``best/``
     best_state_key: str  # its best value's name in training_state.pt
-    intro: str  # the start of the first log line, with a %d for the training images
+    intro: str  # the start of the first log line, with a %d for the training samples
     score_panel: tuple | None = None  # draw_curves' second panel; None: accuracy
-    train_set: Any
+    collate: Callable[[list[Any]], Any] | None = None  # the DataLoader's collate_fn; None: PyTorch's default
+    train_set: Any  # set by load_data: datasets with __len__, __getitem__ (and set_epoch for augmentation)
     val_set: Any
-    classes: list[str]
+    classes: list[str]  # the names of the model's outputs; --resume refuses data whose classes differ
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def architecture(self) -> PvtV2Config | None:
+        """The model's configuration when it is known without data or weights (checked against --image-size
+        before anything is read or written); None: checked once the model is built."""
+        return known_architecture(self.cfg.model, image_size=self.cfg.image_size)
+
+    def load_data(self) -> None:
+        """Read the data: set ``train_set``, ``val_set`` and ``classes``; raise on a bad dataset."""
+        raise NotImplementedError
 
     def new_model(self) -> nn.Module:
         """The model of a run that starts (not a resumed one)."""
@@ -97,197 +164,345 @@ class Task:
     def default_lr(self, global_batch: int) -> float:
         raise NotImplementedError
 
-    def criterion(self, model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The training loss of (float32 logits, labels)."""
+    def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
+        """The mean loss of a batch (already on the device) as a float32 scalar: forward pass under
+        ``ctx.autocast()``, loss outside it. ``model`` may be wrapped in DistributedDataParallel."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, bf16: bool, info: DistInfo) -> list[float]:
-        """This process's validation sums; summed over the processes, :meth:`metrics` turns them into the record."""
-        raise NotImplementedError
+    def count(self, batch: Any) -> int:
+        """The number of samples in a batch: the weight of its loss in the epoch's mean training loss."""
+        return len(batch[0])
 
-    def metrics(self, sums: list[float]) -> dict[str, Any]:
-        """The record's validation fields (``val_loss`` first) from the summed :meth:`evaluate` values."""
+    def evaluate(self, model: nn.Module, loader: Any, ctx: RunContext) -> dict[str, Any]:
+        """The record's validation fields over the whole validation split. ``loader`` yields this process's shard;
+        combine the processes' results with ``ctx.sum`` or ``ctx.gather`` (every process must call them)."""
         raise NotImplementedError
 
     def epoch_summary(self, record: dict[str, Any]) -> str:
-        """The end of an epoch's log line, after the losses."""
+        """The end of an epoch's log line, after the training loss."""
         raise NotImplementedError
 
     def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
-        """The task's fields of :func:`train`'s summary."""
+        """The task's fields of :func:`pvtv2.training.train`'s summary."""
         raise NotImplementedError
 
 
-def run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, info: DistInfo, device: torch.device) -> dict[str, Any]:
-    """The epochs of a run of any task, from the first or from where ``state`` (the last completed epoch's) stopped."""
-    out = Path(cfg.output)
-    train_set, val_set = task.train_set, task.val_set
-    workers = cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (in nested lists, tuples, named tuples and dicts) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(value, device) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
 
-    # Model: the same initial weights in every process (seeded), and DDP broadcasts rank 0's anyway.
-    seed_everything(cfg.seed, 2**31 - 1, 0)  # a stream of its own, apart from the epochs'
-    last = out / "last"
+
+def known_architecture(model: str, **overrides: Any) -> PvtV2Config | None:
+    """The configuration named by ``--model`` when reading it needs no weights: a preset name, a config.json, or a
+    folder with a PVTv2 config.json; None otherwise (a checkpoint file, a hub id, another model type's folder)."""
+    if is_preset_name(model):
+        return PvtV2Config.from_preset(model, **overrides)
+    if model.endswith(".json") and os.path.isfile(model):
+        return PvtV2Config.from_json_file(model, **overrides)
+    config_file = Path(model) / "config.json"
+    if config_file.is_file():
+        try:
+            return PvtV2Config.from_json_file(config_file, **overrides)
+        except ValueError:
+            return None  # e.g. transformers' SegFormer layout: loading the checkpoint tells
+    return None
+
+
+def check_image_size(config: PvtV2Config, image_size: int, model: str) -> None:
+    """Refuse an ``--image-size`` that a stage's spatial reduction does not fit, naming the smallest that does."""
+
+    def problem(size: int) -> str | None:
+        try:
+            check_input_size(size, size, config)
+        except ValueError as err:
+            return str(err).removeprefix("the input is too small for this model: ").removesuffix("; use larger images")
+        return None
+
+    reason = problem(image_size)
+    if reason is None:
+        return
+    # Every stage's token grid grows with the input, so the first size that fits is the smallest of all that do.
+    smallest = next((s for s in range(image_size + 1, 4097) if problem(s) is None), None)
+    advice = f"; use --image-size {smallest} or more" if smallest else ""
+    raise ValueError(f"--image-size {image_size} is too small for the model {model!r}: {reason}{advice}")
+
+
+# ---------------------------------------------------------------------------------------------- a run
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How many batches and optimizer steps the run makes, and its learning rates."""
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    min_ratio: float  # min_lr / peak_lr
+
+    @classmethod
+    def plan(cls, cfg: TrainConfig, task: Task, info: DistInfo) -> Schedule:
+        global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
+        peak_lr = cfg.lr if cfg.lr is not None else task.default_lr(global_batch)
+        if cfg.min_lr > peak_lr and info.main:
+            logger.warning("--min-lr %.3g is above the default peak lr %.3g: the lr stays at the peak", cfg.min_lr, peak_lr)
+        shard = len(epoch_indices(len(task.train_set), seed=cfg.seed, epoch=0, shuffle=False, rank=info.rank,
+                                  world_size=info.world_size))
+        batches_per_epoch = math.ceil(shard / cfg.batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+        total_steps = steps_per_epoch * cfg.epochs
+        warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+        return cls(batches_per_epoch, steps_per_epoch, total_steps, warmup_steps, peak_lr, min(1.0, cfg.min_lr / peak_lr))
+
+    def factor(self, step: int) -> float:
+        return cosine_warmup_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                                    min_ratio=self.min_ratio)
+
+
+@dataclasses.dataclass
+class Training:
+    """What the epochs work on, and where the run stands."""
+
+    model: nn.Module  # the weights that are evaluated and saved
+    net: nn.Module  # what forward passes go through: the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: Schedule
+    start_epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # rank 0's metrics.jsonl
+
+
+def run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunContext) -> dict[str, Any]:
+    """The epochs of a run of any task, from the first or from where ``state`` (the last completed epoch's) stopped.
+
+    The task's data is loaded and every check has passed; the caller holds the run folder's lock (rank 0).
+    """
+    out, info = Path(cfg.output), ctx.dist
+    training = _build(task, cfg, state, ctx)
+    if state is None:
+        on_main(lambda: start_run(cfg, task.classes), info)  # the run's first writes: every check has passed
+    _log_start(task, cfg, training, state, ctx)
+    for epoch in range(training.start_epoch, cfg.epochs):
+        began = time.perf_counter()
+        loss_sum, seen = _train_epoch(task, cfg, training, epoch, ctx)
+        train_seconds = time.perf_counter() - began
+        fields = _validate(task, cfg, training, epoch, ctx)
+        loss_sum, seen = ctx.sum([loss_sum, seen])
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            **fields,
+            "lr": training.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - began,
+            "images_per_second": seen / max(train_seconds, 1e-9),
+        }
+        _end_epoch(task, cfg, training, record, ctx)
+    if info.enabled:
+        dist.barrier()
+    records = read_metrics(out) if info.main else training.records
+    return {
+        "output": str(out),
+        "last": str(out / "last"),
+        "best": str(out / "best"),
+        "metrics": str(out / METRICS_FILE),
+        "curves": str(out / CURVES_FILE),
+        **task.result(records, training.best_epoch),
+        "best_epoch": training.best_epoch,
+        "final": records[-1] if records else None,
+        "classes": list(task.classes),
+        "rank": info.rank,
+    }
+
+
+def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunContext) -> Training:
+    """The model (new, or ``last/``'s), DistributedDataParallel, AdamW and the schedule; a resumed run's optimizer,
+    scheduler, progress and random generators restored from ``state``."""
+    # The same initial weights in every process (seeded; DDP broadcasts rank 0's anyway), from a stream of its own.
+    seed_everything(cfg.seed, 2**31 - 1, 0)
+    last = Path(cfg.output) / "last"
     if state is not None and (last / "config.json").is_file():
         model = task.model_class.from_pretrained(last)
     elif state is not None:
         model = task.model_class(PvtV2Config.from_dict(state["model_config"]))
     else:
         model = task.new_model()
-    if info.main and state is None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / RUN_FILE, cfg.run_fields())
-        write_metrics(out, [])
-    model.to(device).train()
+    check_image_size(model.config, cfg.image_size, cfg.model)
+    model.to(ctx.device).train()
     net: nn.Module = model
-    if info.enabled:
+    if ctx.dist.enabled:
         # Depthwise kernels (C, 1, 3, 3) have an ambiguous stride on their size-1 axis: harmless, but DDP warns.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    bf16 = cfg.bf16
-    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        logger.warning("--bf16: %s does not support bfloat16; training in float32", torch.cuda.get_device_name(device))
-        bf16 = False
-
-    # Optimisation.
-    global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-    peak_lr = cfg.lr if cfg.lr is not None else task.default_lr(global_batch)
-    shard = len(epoch_indices(len(train_set), seed=cfg.seed, epoch=0, shuffle=False, rank=info.rank, world_size=info.world_size))
-    batches_per_epoch = math.ceil(shard / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
-    min_ratio = min(1.0, cfg.min_lr / peak_lr)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=peak_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: cosine_warmup_factor(step, total_steps=total_steps, warmup_steps=warmup_steps, min_ratio=min_ratio),
-    )
-    criterion = task.criterion(model)
-
-    start_epoch, best_score, best_epoch = 0, -1.0, -1
-    records: list[dict[str, Any]] = []
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    schedule = Schedule.plan(cfg, task, ctx.dist)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=schedule.peak_lr)
+    # A lambda, not a bound method: LambdaLR saves no state for plain functions, so training_state.pt stays tensors.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
+    training = Training(model, net, optimizer, scheduler, schedule)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_score, best_epoch = state["epoch"], state[task.best_state_key], state["best_epoch"]
-        rng = state["rng"]
-        if len(rng) == info.world_size:
-            set_rng_state(rng[info.rank])
-        if info.main:
-            records = [r for r in read_metrics(out) if r["epoch"] <= start_epoch]  # epochs count from 1
-            logger.info("resuming %s after epoch %d of %d", out, start_epoch, cfg.epochs)
-    elif info.main:
+        _restore(task, cfg, training, state, ctx)
+    return training
+
+
+def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, Any], ctx: RunContext) -> None:
+    source = Path(cfg.output) / "last" / TRAINING_STATE_NAME
+    if task.best_state_key not in state:
+        raise ValueError(f"{str(source)!r} is not the training state of a {cfg.task} run (no {task.best_state_key!r})")
+    try:
+        training.optimizer.load_state_dict(state["optimizer"])
+        training.scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ValueError(f"{str(source)!r} does not fit the model in {str(source.parent)!r}: {err}") from None
+    training.start_epoch, training.best_epoch = state["epoch"], state["best_epoch"]
+    training.best_score = state[task.best_state_key]
+    rng = state["rng"]
+    if len(rng) == ctx.dist.world_size:
+        set_rng_state(rng[ctx.dist.rank])
+    elif ctx.dist.main:
+        logger.warning(
+            "the run was trained by %d process(es), this one by %d: the samples are dealt differently, and the result "
+            "will differ from an uninterrupted run", len(rng), ctx.dist.world_size,
+        )
+    if ctx.dist.main:
+        training.records = [r for r in read_metrics(cfg.output) if r["epoch"] <= training.start_epoch]  # epochs from 1
+
+
+def _log_start(task: Task, cfg: TrainConfig, training: Training, state: dict[str, Any] | None, ctx: RunContext) -> None:
+    if not ctx.dist.main:
+        return
+    s = training.schedule
+    if state is not None:
+        logger.info("resuming %s after epoch %d of %d", cfg.output, training.start_epoch, cfg.epochs)
+    else:
         logger.info(
             "%s of %d classes (val %d), %d process(es) on %s; global batch %d, peak lr %.3g, %d steps (%d warmup)",
-            task.intro % len(train_set), len(task.classes), len(val_set), info.world_size, device,
-            global_batch, peak_lr, total_steps, warmup_steps,
+            task.intro % len(task.train_set), len(task.classes), len(task.val_set), ctx.dist.world_size, ctx.device,
+            cfg.batch_size * cfg.grad_accum * ctx.dist.world_size, s.peak_lr, s.total_steps, s.warmup_steps,
         )
+    if training.start_epoch >= cfg.epochs:
+        logger.info("the run in %s is already finished (%d epochs); nothing to do", cfg.output, cfg.epochs)
 
-    if info.main and start_epoch >= cfg.epochs:
-        logger.info("the run in %s is already finished (%d epochs); nothing to do", out, cfg.epochs)
-    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
-    for epoch in range(start_epoch, cfg.epochs):
-        began = time.perf_counter()
-        seed_everything(cfg.seed, epoch, info.rank)
-        train_set.set_epoch(epoch)
-        order = epoch_indices(
-            len(train_set), seed=cfg.seed, epoch=epoch, shuffle=True, rank=info.rank, world_size=info.world_size
-        )
-        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=order, num_workers=workers)
-        net.train()
-        loss_sum = seen = 0.0
-        bar = progress_bar(loader, enabled=cfg.progress and info.main, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        for i, (images, labels) in enumerate(bar):
-            step_now = epoch * batches_per_epoch + i + 1
-            if kill_at and step_now == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == batches_per_epoch
-            sync = contextlib.nullcontext() if boundary or not info.enabled else net.no_sync()
-            with sync:
-                with autocast(device, bf16):
-                    logits = net(images).logits
-                loss = criterion(logits.float(), labels)
-                # Each micro-batch weighs by its share of the accumulated group.
-                group = min(cfg.grad_accum, batches_per_epoch - (i // cfg.grad_accum) * cfg.grad_accum)
-                (loss / group).backward()
-            if boundary:
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"the training loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; lower the learning rate"
-                )
-            loss_sum += loss.item() * images.shape[0]
-            seen += images.shape[0]
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        train_seconds = time.perf_counter() - began
 
-        val_order = epoch_indices(
-            len(val_set), seed=cfg.seed, epoch=epoch, shuffle=False, rank=info.rank, world_size=info.world_size, pad=False
-        )
-        val_loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, sampler=val_order, num_workers=workers)
-        val = task.evaluate(model, val_loader, device, bf16, info)
-        model.train()
-        total = all_reduce([loss_sum, seen, *val], info, device)
-        loss_sum, seen = total[:2]
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            **task.metrics(total[2:]),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - began,
-            "images_per_second": seen / max(train_seconds, 1e-9),
+def _workers(cfg: TrainConfig, device: torch.device) -> int:
+    return cfg.workers if cfg.workers is not None else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------------------------- an epoch
+def _train_epoch(task: Task, cfg: TrainConfig, training: Training, epoch: int, ctx: RunContext) -> tuple[float, float]:
+    """One pass over this process's shard of the training set; returns (summed loss, samples)."""
+    info, batches = ctx.dist, training.schedule.batches_per_epoch
+    seed_everything(cfg.seed, epoch, info.rank)
+    if hasattr(task.train_set, "set_epoch"):
+        task.train_set.set_epoch(epoch)
+    order = epoch_indices(len(task.train_set), seed=cfg.seed, epoch=epoch, shuffle=True, rank=info.rank,
+                          world_size=info.world_size)
+    loader = torch.utils.data.DataLoader(task.train_set, batch_size=cfg.batch_size, sampler=order,
+                                         num_workers=_workers(cfg, ctx.device), collate_fn=task.collate)
+    training.net.train()
+    loss_sum = seen = 0.0
+    bar = progress_bar(loader, enabled=cfg.progress and info.main, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+    for i, batch in enumerate(bar):
+        _crash_for_test(epoch * batches + i + 1)
+        batch = to_device(batch, ctx.device)
+        boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == batches
+        # Between boundaries the processes accumulate their own gradients; DDP averages them at the boundary.
+        with contextlib.nullcontext() if boundary or not info.enabled else training.net.no_sync():
+            loss = task.training_loss(training.net, batch, ctx)
+            # Each micro-batch weighs by its share of its accumulation group (the last group may be shorter).
+            group = min(cfg.grad_accum, batches - (i // cfg.grad_accum) * cfg.grad_accum)
+            (loss / group).backward()
+        value = loss.item()
+        _stop_if_diverged(value, epoch, i, cfg, training, ctx)
+        if boundary:
+            _optimizer_step(cfg, training)
+        count = task.count(batch)
+        loss_sum += value * count
+        seen += count
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{training.optimizer.param_groups[0]['lr']:.2e}")
+    return loss_sum, seen
+
+
+def _crash_for_test(step: int) -> None:
+    """Test-only: SIGKILL this process at global batch ``step`` when PVTV2_TEST_KILL_AT_STEP names it."""
+    if os.environ.get(KILL_ENV) and int(os.environ[KILL_ENV]) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _optimizer_step(cfg: TrainConfig, training: Training) -> None:
+    if cfg.clip_grad is not None:
+        nn.utils.clip_grad_norm_(training.model.parameters(), cfg.clip_grad)
+    training.optimizer.step()
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scheduler.step()
+
+
+def _stop_if_diverged(value: float, epoch: int, index: int, cfg: TrainConfig, training: Training, ctx: RunContext) -> None:
+    """Stop before a non-finite loss reaches the weights. Under torchrun the processes decide together (one tiny
+    all-reduce per batch), so all stop at the same batch and none waits for another in a collective."""
+    bad = not math.isfinite(value)
+    if ctx.dist.enabled:
+        bad = ctx.sum([float(bad)])[0] > 0
+    if not bad:
+        return
+    saved = (f"the checkpoint of epoch {epoch} in {str(Path(cfg.output) / 'last')!r} is intact" if epoch
+             else "no epoch was completed, so nothing was saved")
+    what = f"became {value}" if not math.isfinite(value) else "stopped being finite in another process"
+    raise TrainingDiverged(
+        f"the training loss {what} at epoch {epoch + 1}, step {index + 1} of {training.schedule.batches_per_epoch}; "
+        f"training stopped ({saved}). Start again (--overwrite) with a lower --lr, with --clip-grad (e.g. 1.0)"
+        + (", or without --bf16" if ctx.bf16 else "")
+    )
+
+
+def _validate(task: Task, cfg: TrainConfig, training: Training, epoch: int, ctx: RunContext) -> dict[str, Any]:
+    """The task's validation fields; this process evaluates its shard (not padded: every sample counts once)."""
+    info = ctx.dist
+    order = epoch_indices(len(task.val_set), seed=cfg.seed, epoch=epoch, shuffle=False, rank=info.rank,
+                          world_size=info.world_size, pad=False)
+    loader = torch.utils.data.DataLoader(task.val_set, batch_size=cfg.batch_size, sampler=order,
+                                         num_workers=_workers(cfg, ctx.device), collate_fn=task.collate)
+    fields = task.evaluate(training.model, loader, ctx)
+    training.model.train()
+    return fields
+
+
+def _end_epoch(task: Task, cfg: TrainConfig, training: Training, record: dict[str, Any], ctx: RunContext) -> None:
+    """Keep the record, pick ``best/``, and (rank 0) write metrics, checkpoints and curves."""
+    epoch = record["epoch"]
+    improved = record[task.best_metric] > training.best_score
+    if improved:
+        training.best_score, training.best_epoch = record[task.best_metric], epoch
+    rng_states = ctx.gather(rng_state())  # every process's generators: each resumes its own stream
+    out = Path(cfg.output)
+
+    def write() -> None:
+        training.records.append(record)
+        write_metrics(out, training.records)
+        training_state = {
+            "epoch": epoch,
+            "epochs": cfg.epochs,
+            task.best_state_key: training.best_score,
+            "best_epoch": training.best_epoch,
+            "optimizer": training.optimizer.state_dict(),
+            "scheduler": training.scheduler.state_dict(),
+            "rng": rng_states,
+            "world_size": ctx.dist.world_size,
+            "run": cfg.run_fields(),
+            "model_config": training.model.config.to_dict(),
         }
-        improved = record[task.best_metric] > best_score
         if improved:
-            best_score, best_epoch = record[task.best_metric], epoch + 1
-        rng_states = [rng_state()]
-        if info.enabled:
-            gathered: list[Any] = [None] * info.world_size
-            dist.all_gather_object(gathered, rng_states[0])
-            rng_states = gathered
-        if info.main:
-            records.append(record)
-            write_metrics(out, records)
-            training_state = {
-                "epoch": epoch + 1,
-                "epochs": cfg.epochs,
-                task.best_state_key: best_score,
-                "best_epoch": best_epoch,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_states,
-                "world_size": info.world_size,
-                "run": cfg.run_fields(),
-                "model_config": model.config.to_dict(),
-            }
-            if improved:
-                save_checkpoint(out / "best", model, cfg.image_size)
-            save_checkpoint(last, model, cfg.image_size, training_state)
-            draw_curves(records, out / CURVES_FILE, score_panel=task.score_panel)
-            logger.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, %s",
-                epoch + 1, cfg.epochs, record["train_loss"], record["val_loss"], task.epoch_summary(record),
-            )
-    if info.enabled:
-        dist.barrier()
-    records = read_metrics(out) if info.main else records
-    return {
-        "output": str(out),
-        "last": str(last),
-        "best": str(out / "best"),
-        "metrics": str(out / METRICS_FILE),
-        "curves": str(out / CURVES_FILE),
-        **task.result(records, best_epoch),
-        "best_epoch": best_epoch,
-        "final": records[-1] if records else None,
-        "classes": list(task.classes),
-        "rank": info.rank,
-    }
+            save_checkpoint(out / "best", training.model, cfg.image_size)
+        save_checkpoint(out / "last", training.model, cfg.image_size, training_state)
+        draw_curves(training.records, out / CURVES_FILE, score_panel=task.score_panel)
+        logger.info("epoch %d/%d: train loss %.4f, %s", epoch, cfg.epochs, record["train_loss"], task.epoch_summary(record))
 
+    on_main(write, ctx.dist)  # a failed write stops every process, not only rank 0

@@ -1,17 +1,31 @@
-"""The run folder: its files, the checks of ``--resume`` / ``--overwrite``, and the atomic checkpoints.
+"""The run folder: its files, its lock, the checks of ``--resume`` / ``--overwrite``, and the atomic checkpoints.
 
 Every epoch writes ``OUT/last`` (and ``OUT/best`` when the task's score improves): folders that ``from_pretrained``
 loads, written to a temporary folder and renamed into place, so a run killed at any moment leaves the previous
 complete checkpoint. ``OUT/last/training_state.pt`` holds what ``--resume`` needs to continue exactly where the run
-stopped. ``OUT/run.json`` holds the run's settings, ``OUT/metrics.jsonl`` one record per epoch.
+stopped. ``OUT/run.json`` holds the run's settings and classes, ``OUT/metrics.jsonl`` one record per epoch.
+
+``OUT/run.lock`` names the process (pid, host) that is using the folder, for as long as it does: a second run on
+the same folder is refused, so two processes never interleave their checkpoints. A lock whose process is gone (a
+run that was killed) is taken over with a warning.
+
+Nothing here writes into the folder before :func:`start_run`: the checks of a new, resumed or overwritten run only
+read, so a refused command leaves the folder as it was (the lock, taken first, is removed again, and so is the
+folder when the lock created it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import errno
+import io
 import json
 import logging
+import os
 import shutil
+import socket
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +33,22 @@ import torch
 from torch import nn
 
 from ..data.processing import PvtV2ImageProcessor
-from ..fileio import recover_folder, write_folder_atomically
-from .config import TrainConfig
+from ..fileio import WriteError, atomic_write_json, recover_folder, write_folder_atomically
+from .config import TrainConfig, flag
+from .curves import METRICS_FILE, read_metrics, write_metrics
 
 __all__ = [
     "TRAINING_STATE_NAME",
     "RUN_FILE",
     "METRICS_FILE",
     "CURVES_FILE",
+    "LOCK_FILE",
+    "RunLock",
+    "RunFolderBusy",
     "prepare_output",
+    "check_resumed_classes",
+    "start_run",
+    "read_run_file",
     "load_training_state",
     "save_checkpoint",
 ]
@@ -36,84 +57,337 @@ logger = logging.getLogger(__name__)
 
 TRAINING_STATE_NAME = "training_state.pt"
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
-# What --overwrite removes from the output folder: only what a run writes there.
+LOCK_FILE = "run.lock"
+# What --overwrite removes from the output folder: only what a run writes there (not the lock: this run holds it).
 _RUN_ENTRIES = ("last", "best", ".last.tmp", ".last.old", ".best.tmp", ".best.old", RUN_FILE, METRICS_FILE, CURVES_FILE)
+# The settings a run.json must hold to be resumed; the others, added to TrainConfig later, take their defaults.
+_REQUIRED_RUN_FIELDS = ("data", "model", "image_size", "epochs", "batch_size")
+# What every training_state.pt holds (the task adds its best score under its own key).
+_STATE_KEYS = ("epoch", "best_epoch", "optimizer", "scheduler", "rng", "model_config")
 
-def load_training_state(folder: Path) -> dict[str, Any]:
-    path = folder / TRAINING_STATE_NAME
+
+# ---------------------------------------------------------------------------------------------- the lock
+class RunFolderBusy(FileExistsError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive claim on a run folder: ``OUT/run.lock`` holds the holder's pid, host and start time.
+
+    Created with ``O_EXCL``, so of two processes that try at once exactly one gets it. A lock left by a process that
+    no longer runs on this host (compared by pid and, where the system says it, the process's start time, so a
+    recycled pid is not mistaken for the holder) is taken over with a warning; a lock from another host cannot be
+    checked and is refused, naming the file to remove. :meth:`release` removes the lock, and the folder too when
+    :meth:`acquire` created it and nothing was written into it since.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.held = False
+        self._created: list[Path] = []  # the folders acquire() made, deepest first
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"--output {str(self.folder)!r} is a file, not a folder")
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WriteError(self.folder, err) from err
+        self._created = missing
+        try:
+            if not self._create():
+                holder = self._holder()
+                if _alive(holder) is not False:
+                    raise RunFolderBusy(self._busy_message(holder))
+                logger.warning(
+                    "taking over %s: process %s on this host that held it is gone (a run that was killed?)",
+                    self.path, holder.get("pid"),
+                )
+                self.path.unlink(missing_ok=True)
+                if not self._create():
+                    raise RunFolderBusy(self._busy_message(self._holder()))
+        except BaseException:
+            self._remove_created()
+            raise
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                if self._holder().get("pid") == os.getpid():
+                    self.path.unlink(missing_ok=True)
+            except (OSError, ValueError):
+                pass  # a lock we cannot read or remove is reported by the next run that finds it
+        self._remove_created()
+
+    def _create(self) -> bool:
+        """Write the lock file if there is none; False if there is one."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid()),
+              "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as err:
+            raise WriteError(self.path, err) from err
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(json.dumps(me) + "\n")
+        except OSError as err:
+            self.path.unlink(missing_ok=True)
+            raise WriteError(self.path, err) from err
+        return True
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            holder = None
+        pid = holder.get("pid") if isinstance(holder, dict) else None
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise RunFolderBusy(
+                f"{str(self.path)!r} is not a lock file that pvtv2 can read; if no training run is using "
+                f"{str(self.folder)!r}, remove it"
+            )
+        return holder  # type: ignore[return-value]
+
+    def _busy_message(self, holder: dict[str, Any]) -> str:
+        where = "this host" if holder.get("host") == socket.gethostname() else f"host {holder.get('host')!r}"
+        since = f" since {holder['since']}" if holder.get("since") else ""
+        return (
+            f"{str(self.folder)!r} is in use by process {holder.get('pid')} on {where}{since} (lock file "
+            f"{str(self.path)!r}); wait for that run to end, or, if no run is using the folder any more, remove the "
+            f"lock file"
+        )
+
+    def _remove_created(self) -> None:
+        # Only folders this lock made, and only while empty: a refused command leaves no trace.
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
+
+
+def _alive(holder: dict[str, Any]) -> bool | None:
+    """Whether the lock's process still runs: None when it cannot be known (another host)."""
+    if not holder:
+        return False  # removed between our attempt and this look: try again
+    if holder.get("host") != socket.gethostname():
+        return None
+    pid = holder["pid"]
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read the training state {str(path)!r}: {err}") from err
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive
+    except (OverflowError, ValueError):
+        return False
+    started = _process_start(pid)
+    return not (started and holder.get("started") and started != holder["started"])
 
 
-def prepare_output(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """Check the output folder against --resume / --overwrite; return the run's settings and, when resuming from a
-    completed epoch, its training state."""
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a recycled pid from the holder."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- reading a run
+def read_run_file(folder: str | os.PathLike) -> dict[str, Any]:
+    """``folder/run.json``: the settings of a run, checked to be a JSON object that holds them."""
+    path = Path(folder) / RUN_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is damaged ({err}); it cannot be resumed: pass --overwrite to start again") from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{str(path)!r} holds a JSON {type(data).__name__}, not the settings of a training run; it cannot be "
+            f"resumed: pass --overwrite to start again"
+        )
+    missing = [k for k in _REQUIRED_RUN_FIELDS if k not in data]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks the run settings {missing}; it cannot be resumed: pass --overwrite to start again")
+    return data
+
+
+def load_training_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """``folder/training_state.pt`` (tensors and plain containers only: no pickled code is run)."""
+    path = Path(folder) / TRAINING_STATE_NAME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many kinds for a damaged file; the first line says which
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"cannot read the training state {str(path)!r} ({reason}); the run cannot be resumed from it: pass "
+            f"--overwrite to start again"
+        ) from err
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else list(_STATE_KEYS)
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a training state of pvtv2 (it lacks {missing}); pass --overwrite to start again")
+    return state
+
+
+def prepare_output(
+    cfg: TrainConfig, explicit: Collection[str] | None = None
+) -> tuple[TrainConfig, dict[str, Any] | None, list[str] | None]:
+    """Check the output folder against --resume / --overwrite, reading only (call it holding the folder's lock).
+
+    Returns the run's settings (on --resume: the stored run's, with this invocation's execution settings), the
+    training state of the last completed epoch when resuming from one, and the classes the run was trained on
+    (``None`` for a new run).
+    """
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {str(out)!r} is a file, not a folder")
-    recover_folder(out / "last")
+    recover_folder(out / "last")  # a checkpoint swap interrupted between its two renames
     recover_folder(out / "best")
-    run_file = out / RUN_FILE
-    state_file = out / "last" / TRAINING_STATE_NAME
-    has_run = run_file.is_file()
+    has_run = (out / RUN_FILE).is_file()
+    state_dir = out / "last"
+    has_state = (state_dir / TRAINING_STATE_NAME).is_file()
     if cfg.overwrite:
-        for name in _RUN_ENTRIES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        return cfg, None
+        return cfg, None, None
     if cfg.resume:
         if not has_run:
             raise FileNotFoundError(f"nothing to resume in {str(out)!r}: it holds no {RUN_FILE} of a training run")
-        stored = json.loads(run_file.read_text(encoding="utf-8"))
-        merged = _merge_resumed(cfg, stored)
-        state = load_training_state(out / "last") if state_file.is_file() else None
-        return merged, state
+        stored = read_run_file(out)
+        merged = _merge_resumed(cfg, stored, explicit)
+        try:
+            merged.validate()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{str(out / RUN_FILE)!r}: {err}") from None
+        state = load_training_state(state_dir) if has_state else None
+        read_metrics(out)  # readable: the resumed run keeps its records (read here, under the lock, by rank 0)
+        return merged, state, _run_classes(stored, state)
     if has_run:
-        state = load_training_state(out / "last") if state_file.is_file() else None
-        stored = json.loads(run_file.read_text(encoding="utf-8"))
-        if state is not None and state["epoch"] >= stored["epochs"]:
+        try:
+            stored = read_run_file(out)
+            done = load_training_state(state_dir)["epoch"] if has_state else 0
+        except ValueError as err:
+            raise FileExistsError(f"{str(out)!r} holds a training run whose files are damaged: {err}") from None
+        if isinstance(stored["epochs"], int) and done >= stored["epochs"]:
             raise FileExistsError(
                 f"{str(out)!r} holds a finished training run ({stored['epochs']} epochs); pass --overwrite to replace "
                 f"it, or choose another --output"
             )
-        done = 0 if state is None else state["epoch"]
         raise FileExistsError(
             f"{str(out)!r} holds an unfinished training run ({done} of {stored['epochs']} epochs done); pass --resume "
             f"to continue it or --overwrite to start again"
         )
-    if out.is_dir() and any(out.iterdir()):
+    if any(entry.name != LOCK_FILE for entry in out.iterdir()):
         raise FileExistsError(
             f"--output {str(out)!r} is not empty and holds no training run; choose an empty or new folder"
         )
-    return cfg, None
+    return cfg, None, None
 
 
-def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any]) -> TrainConfig:
-    """The stored run's settings, with this invocation's execution settings; differing run settings are ignored
-    (changing them mid-run would break the equality with an uninterrupted run) and said so."""
+def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collection[str] | None) -> TrainConfig:
+    """The stored run's settings, with this invocation's execution settings. Run settings given again are ignored
+    (changing them mid-run would break the equality with an uninterrupted run), each with a warning when it differs
+    from the stored value. ``explicit`` names the fields the user gave; without it (a library call), a value that
+    equals the default counts as not given."""
+    run_fields = cfg.run_fields()
     defaults = TrainConfig()
-    for key, value in stored.items():
-        given = getattr(cfg, key, None)
-        if given not in (value, getattr(defaults, key, None), "") and key in cfg.run_fields():
-            logger.warning("--resume: ignoring %s=%r; the run continues with %s=%r", key, given, key, value)
-    fields = {k: v for k, v in stored.items() if k in cfg.run_fields()}
-    return dataclasses.replace(cfg, **fields)
+    for key, given in run_fields.items():
+        if key not in stored or given == stored[key]:
+            continue
+        was_given = key in explicit if explicit is not None else given not in (getattr(defaults, key), "")
+        if was_given:
+            logger.warning(
+                "--resume: ignoring %s %s; the run continues with its own %s", flag(key), _show(given), _show(stored[key])
+            )
+    return dataclasses.replace(cfg, **{k: v for k, v in stored.items() if k in run_fields})
+
+
+def _show(value: Any) -> str:
+    return "(not set)" if value is None else str(value)
+
+
+def _run_classes(stored: dict[str, Any], state: dict[str, Any] | None) -> list[str] | None:
+    """The classes a run was trained on: its weights' id2label when an epoch was completed, else run.json's."""
+    if state is not None:
+        id2label = state["model_config"].get("id2label") or {}
+        return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    classes = stored.get("classes")
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+def check_resumed_classes(run_classes: Sequence[str] | None, data_classes: Sequence[str], cfg: TrainConfig) -> None:
+    """Refuse to resume on data whose classes are not the run's: renamed, added, removed or reordered classes would
+    shift the labels under the trained head, or index past it."""
+    if run_classes is None or list(run_classes) == list(data_classes):
+        return
+    run, data = list(run_classes), list(data_classes)
+    if set(run) == set(data):
+        i = next(i for i, (a, b) in enumerate(zip(run, data)) if a != b)
+        change = f"the same classes in another order (class {i} was {run[i]!r}, is now {data[i]!r})"
+    else:
+        change = f"only in the run: {sorted(set(run) - set(data))[:10]}; only in the data: {sorted(set(data) - set(run))[:10]}"
+    raise ValueError(
+        f"--resume: the classes of {cfg.data!r} are not those of the run in {cfg.output!r}: the run has "
+        f"{len(run)} {_some(run)}, the data {len(data)} {_some(data)}; {change}. Restore the data, or start a new run"
+    )
+
+
+def _some(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def start_run(cfg: TrainConfig, classes: Sequence[str]) -> None:
+    """The first writes of a new run, once every check has passed: --overwrite's removal of the old run, then
+    ``run.json`` (the settings and the classes, which --resume compares with the data) and an empty metrics file."""
+    out = Path(cfg.output)
+    if cfg.overwrite:
+        for name in _RUN_ENTRIES:
+            path = out / name
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            except OSError as err:
+                raise WriteError(path, err) from err
+    atomic_write_json(out / RUN_FILE, {**cfg.run_fields(), "classes": list(classes)})
+    write_metrics(out, [])
 
 
 def save_checkpoint(
     folder: Path, model: nn.Module, image_size: int, state: dict[str, Any] | None = None
 ) -> None:
+    """``from_pretrained`` weights, the preprocessing and (for ``last``) the training state, swapped in whole."""
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         PvtV2ImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(tmp)
         if state is not None:
-            torch.save(state, tmp / TRAINING_STATE_NAME)
+            # Serialised in memory, then written by Python: a full disk then raises OSError (ENOSPC), where
+            # torch.save into the file reports only a RuntimeError about a position in its zip writer.
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            (tmp / TRAINING_STATE_NAME).write_bytes(buffer.getbuffer())
 
-    write_folder_atomically(folder, write)
+    try:
+        write_folder_atomically(folder, write)
+    except OSError as err:
+        # Name the checkpoint, not the file inside its (removed) temporary folder that failed.
+        code = err.errno or errno.EIO
+        raise WriteError(folder, OSError(code, os.strerror(code))) from err

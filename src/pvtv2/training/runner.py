@@ -1,8 +1,15 @@
-"""``train``: the entry point of a training run, whatever its task."""
+"""``train``: the entry point of a training run, whatever its task.
+
+The order is what makes a refused run leave no trace: first every check that reads nothing (the settings, and the
+model's architecture against the image size where it is known without weights), then, holding the run folder's
+lock, the checks that read (the folder, the stored run on --resume, the data, the model), and only then the
+run's first write (:func:`pvtv2.training.rundir.start_run`).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -10,20 +17,27 @@ import torch.distributed as dist
 
 from .classification import ClassificationTask
 from .config import TrainConfig
-from .distributed import DistInfo, broadcast, init_distributed, set_deterministic
-from .engine import Task, run
-from .rundir import prepare_output
+from .distributed import DistInfo, init_distributed, on_main, set_deterministic
+from .engine import RunContext, Task, check_image_size, run
+from .rundir import RunLock, check_resumed_classes, prepare_output
 from .segmentation import SegmentationTask
 
-__all__ = ["TASK_CLASSES", "train"]
+__all__ = ["TASK_CLASSES", "check_config", "train"]
+
+logger = logging.getLogger(__name__)
 
 # ``TrainConfig.task`` -> the task that supplies its data, model, loss and metrics.
 TASK_CLASSES: dict[str, type[Task]] = {"classification": ClassificationTask, "segmentation": SegmentationTask}
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns a summary: output paths, best and last epoch metrics."""
-    cfg.validate()
+def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary: output paths, best and last epoch metrics.
+
+    ``explicit`` names the fields the caller set on purpose (the command passes the flags given on its command
+    line): on --resume, each of them that the stored run overrides gets a warning, even when its value is the
+    default. Without it, fields equal to their defaults count as not given.
+    """
+    check_config(cfg)
     info, device = init_distributed(cfg.device)
     # Deterministic kernels for the run only: a caller's process gets its settings back.
     saved = (
@@ -32,24 +46,47 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.backends.cudnn.benchmark,
         torch.backends.cudnn.deterministic,
     )
+    lock = RunLock(cfg.output) if info.main else None  # rank 0 holds it for all the processes
     try:
         set_deterministic()
-        return _train(cfg, info, device)
+        return _train(cfg, info, device, lock, explicit)
     finally:
+        if lock is not None:
+            lock.release()
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] | None = None
-    if info.main:
-        cfg, state = prepare_output(cfg)
-    cfg, state = broadcast((cfg, state), info)
+def check_config(cfg: TrainConfig) -> None:
+    """The checks of a run's settings that read neither data nor the run folder: every flag's type and range, and
+    the model's architecture against the image size where it is known without weights. Callers that prepare
+    something before :func:`train` (the demo writes its dataset) call it first."""
     cfg.validate()
+    if not cfg.resume:  # a resumed run's settings are the stored ones, checked once read
+        architecture = TASK_CLASSES[cfg.task](cfg).architecture()
+        if architecture is not None:
+            check_image_size(architecture, cfg.image_size, cfg.model)
+
+
+def _train(
+    cfg: TrainConfig, info: DistInfo, device: torch.device, lock: RunLock | None, explicit: Collection[str] | None
+) -> dict[str, Any]:
+    def look() -> tuple[TrainConfig, dict[str, Any] | None, list[str] | None]:
+        assert lock is not None
+        lock.acquire()
+        return prepare_output(cfg, explicit)
+
+    cfg, state, run_classes = on_main(look, info, share=True)
     # Data. Every process scans (they need the file lists); only rank 0 reports the bad files.
     if not info.main:
         logging.getLogger("pvtv2").setLevel(logging.ERROR)
     task = TASK_CLASSES[cfg.task](cfg)
-    return run(task, cfg, state, info, device)
+    task.load_data()
+    check_resumed_classes(run_classes, task.classes, cfg)
+    bf16 = cfg.bf16
+    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        logger.warning("--bf16: %s does not support bfloat16; training in float32", torch.cuda.get_device_name(device))
+        bf16 = False
+    return run(task, cfg, state, RunContext(device, bf16, info))

@@ -15,10 +15,8 @@ at the all-background 0.20 for 8 epochs, against 0.3 and rising with the default
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,8 @@ from ..data.masks import SegmentationFolder, read_id2label, scan_segmentation_sp
 from ..models.config import PvtV2Config, is_preset_name, preset_key
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
 from .config import TrainConfig
-from .distributed import DistInfo, autocast
-from .engine import Task
+from .distributed import autocast
+from .engine import RunContext, Task
 
 __all__ = [
     "TINY_SEGMENTATION",
@@ -128,7 +126,7 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
     overrides: dict[str, Any] = {"id2label": id2label, "image_size": size}
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
-    tiny = cfg.model.lower() == "tiny" and not os.path.exists(cfg.model)
+    tiny = _is_tiny(cfg.model)
     if tiny or is_preset_name(cfg.model) or cfg.model.endswith(".json"):
         if tiny:
             config = PvtV2Config(**{**TINY_SEGMENTATION, **overrides})
@@ -152,10 +150,15 @@ class SegmentationTask(Task):
     intro = "segmentation: %d training images"
     score_panel = _SCORE_PANEL
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def architecture(self) -> PvtV2Config | None:
+        if _is_tiny(self.cfg.model):
+            return PvtV2Config(**{**TINY_SEGMENTATION, "image_size": self.cfg.image_size})
+        return super().architecture()
+
+    def load_data(self) -> None:
+        cfg = self.cfg
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/{train,val}/images and DIR/{train,val}/masks)")
-        self.cfg = cfg
         self.id2label = read_id2label(cfg.data, scan_segmentation_split(cfg.data, "train"))
         self.classes = [self.id2label[i] for i in sorted(self.id2label)]
         self.train_set = SegmentationFolder(cfg.data, "train", cfg.image_size, hflip=cfg.hflip, seed=cfg.seed)
@@ -170,33 +173,44 @@ class SegmentationTask(Task):
     def default_lr(self, global_batch: int) -> float:
         return 6e-5 * global_batch / 16  # SegFormer's recipe: 6e-5 at batch 16
 
-    def criterion(self, model: nn.Module) -> Any:
-        return functools.partial(semantic_segmentation_loss, ignore_index=model.config.semantic_loss_ignore_index)
+    def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
+        pixels, labels = batch
+        with ctx.autocast():
+            logits = model(pixels).logits
+        ignore = _unwrap(model).config.semantic_loss_ignore_index
+        return semantic_segmentation_loss(logits.float(), labels, ignore_index=ignore)
 
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device, bf16: bool, info: DistInfo) -> list[float]:
+    def evaluate(self, model: nn.Module, loader: Any, ctx: RunContext) -> dict[str, Any]:
         # The decode head's BatchNorm keeps per-process batch statistics (no SyncBatchNorm), as a 1-process run does.
-        if info.enabled:
+        if ctx.dist.enabled:
             # BatchNorm's running statistics: each process updated its own copy in its last forward pass. Evaluate
             # every shard with rank 0's, the ones that are saved, so the metrics are those of the saved model.
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-        v_loss, v_count, confusion = _evaluate_sums(model, loader, device, bf16)
-        return [v_loss, v_count, *confusion.reshape(-1).tolist()]
-
-    def metrics(self, sums: list[float]) -> dict[str, Any]:
-        v_loss, v_count = sums[:2]
-        k = math.isqrt(len(sums) - 2)
+        v_loss, v_count, confusion = _evaluate_sums(model, loader, ctx.device, ctx.bf16)
+        sums = ctx.sum([v_loss, v_count, *confusion.reshape(-1).tolist()])
+        k = confusion.shape[0]
         metrics = segmentation_metrics(np.asarray(sums[2:]).reshape(k, k))
         return {
-            "val_loss": v_loss / max(v_count, 1),
+            "val_loss": sums[0] / max(sums[1], 1),
             "mean_iou": metrics["mean_iou"],
             "pixel_accuracy": metrics["pixel_accuracy"],
             "per_class_iou": metrics["per_class_iou"],
         }
 
     def epoch_summary(self, record: dict[str, Any]) -> str:
-        return f"mean IoU {record['mean_iou']:.4f}, pixel accuracy {record['pixel_accuracy']:.4f}, {record['seconds']:.1f} s"
+        return (f"val loss {record['val_loss']:.4f}, mean IoU {record['mean_iou']:.4f}, pixel accuracy "
+                f"{record['pixel_accuracy']:.4f}, {record['seconds']:.1f} s")
 
     def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
         best = next((r for r in records if r["epoch"] == best_epoch), None)
         return {"task": "segmentation", "best_mean_iou": best["mean_iou"] if best else None, "best_record": best}
+
+
+def _is_tiny(model: str) -> bool:
+    return model.lower() == "tiny" and not os.path.exists(model)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (its config)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -6,6 +6,7 @@ checkpoints (``{"model": ...}``, ``{"state_dict": ...}``, ``module.`` prefixes) 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -125,16 +126,19 @@ def _contiguous_copies(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors to ``path`` atomically: safetensors for ``.safetensors``, a plain tensor dict otherwise."""
-    from safetensors.torch import save_file
+    """Write tensors to ``path`` atomically: safetensors for ``.safetensors``, a plain tensor dict otherwise.
+
+    The file is serialised in memory and written with Python's own I/O, because both serialisers report a full
+    disk as their own error (``SafetensorError``, a ``RuntimeError`` "unexpected pos") instead of an ``OSError``:
+    this way a failed write is a :class:`pvtv2.fileio.WriteError` naming ``path`` and the errno."""
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {k: v.cpu() for k, v in _contiguous_copies(state).items()}
-
-    def write(tmp: Path) -> None:
-        if path.suffix == ".safetensors":
-            save_file(tensors, os.fspath(tmp), metadata={"format": "pt", **(metadata or {})})
-        else:
-            torch.save(tensors, tmp)
-
-    return atomic_write(path, write)
+    if path.suffix == ".safetensors":
+        data = save(tensors, metadata={"format": "pt", **(metadata or {})})
+    else:
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        data = buffer.getvalue()
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))

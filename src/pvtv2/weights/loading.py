@@ -8,7 +8,7 @@ builds the model without memory and loads the tensors strictly: a checkpoint tha
 What loading needs to know about a model class it reads from class attributes (``PvtV2PreTrainedModel``):
 ``base_model_prefix`` (where the encoder sits), ``head_prefixes`` (the task head's top-level names),
 ``classifier_prefix`` (its class-sized last layer) and the method ``init_new_module`` (for a head the checkpoint
-lacks).
+lacks). A model whose head was initialised at random says so in ``model.newly_initialized_keys``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write_json
-from ..models.config import DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config
+from ..fileio import atomic_write_json, path_kind
+from ..models.config import DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config, merge_changes
 from ..models.labels import has_generic_labels, imagenet_id2label
 from .files import CheckpointError, read_state_dict, save_state_dict
 from .hub import looks_like_hub_id, resolve_file
@@ -104,10 +104,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
     if preset:
         args["drop_path_rate"] = PRESETS[preset]["drop_path_rate"]
     logger.info("configuration inferred from the %s checkpoint's shapes%s", layout, f" (matches {preset})" if preset else "")
-    if "num_labels" in overrides or "id2label" in overrides:
-        args.pop("num_labels", None)
-    args.update(overrides)
-    return PvtV2Config(**args)
+    return PvtV2Config(**merge_changes(args, overrides))
 
 
 def _matching_preset(args: Mapping[str, Any]) -> str | None:
@@ -125,8 +122,14 @@ def _matching_preset(args: Mapping[str, Any]) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- loading a model
 def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None) -> tuple[Path | None, Path]:
-    """(config.json or None, weights file) for a folder, a checkpoint file or a hub id (cache first)."""
+    """(config.json or None, weights file) for a folder, a checkpoint file or a hub id (cache first).
+
+    A local path that exists but is neither a regular file nor a folder (a FIFO, a device, a socket), a symlink loop
+    and a dangling symlink are refused by name: reading a FIFO would block forever, and calling the others a missing
+    hub repository would send the user looking in the wrong place.
+    """
     text = os.fspath(source)
+    _check_local_path(text)
     if os.path.isfile(text):
         return None, Path(text)
     if os.path.isdir(text):
@@ -151,6 +154,20 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
         if weights is not None:
             return config, weights
     return config, resolve_file(text, WEIGHT_FILES[0], revision=revision, cache_dir=cache_dir)  # raises, explaining
+
+
+def _check_local_path(text: str) -> None:
+    """Raise for a path that names something on disk that cannot hold weights (see :func:`locate_checkpoint`)."""
+    kind = path_kind(text)
+    if kind == "symlink loop":
+        raise FileNotFoundError(f"{text!r} is a symlink loop (it points, through links, back at itself)")
+    if kind == "dangling symlink":
+        raise FileNotFoundError(f"{text!r} is a symlink to {os.readlink(text)!r}, which does not exist")
+    if kind not in ("file", "folder", "nothing"):
+        raise ValueError(
+            f"{text!r} is a {kind}, not a checkpoint file or folder: pass a .safetensors/.pth file, a "
+            f"save_pretrained folder or a hub id"
+        )
 
 
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
@@ -207,11 +224,7 @@ def dense_config_from_dict(data: Mapping[str, Any], **overrides: Any) -> PvtV2Co
         args.setdefault(key, value)
     if "max_depth" in args and isinstance(args["max_depth"], int):
         args["max_depth"] = float(args["max_depth"])
-    if "num_labels" in overrides and "id2label" not in overrides and overrides["num_labels"] != len(args.get("id2label") or {}):
-        args.pop("id2label", None)
-        args.pop("label2id", None)
-    args.update(overrides)
-    return PvtV2Config(**args)
+    return PvtV2Config(**merge_changes(args, overrides))
 
 
 def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.Tensor]) -> PvtV2Config:
@@ -230,6 +243,11 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
     last, class-sized layer in ``classifier_prefix`` (classification: ``classifier.``; segmentation:
     ``decode_head.classifier.``). Heads in the checkpoint that the model does not have (a classifier's, when building
     a segmentation model) are dropped.
+
+    What was initialised at random is recorded on the model as ``model.newly_initialized_keys``: a sorted tuple of
+    ``state_dict()`` keys, empty when every tensor came from the checkpoint. It is a plain attribute, not part of
+    ``state_dict()``. Fine-tuning wants such heads; inference must refuse them (``pvtv2.inference`` checks it), since
+    a random head predicts noise with confident-looking labels.
     """
     prefix = model.encoder_prefix
     expected = model.state_dict()
@@ -286,6 +304,7 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
     target = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in target.items()}
     model.load_state_dict(target, strict=not head_missing, assign=True)
     _materialize_and_init(model)
+    model.newly_initialized_keys = tuple(missing)
 
 
 def _materialize_and_init(model: torch.nn.Module) -> None:

@@ -1,0 +1,460 @@
+"""`pvtv2 train` used as a hostile user would: bad flags, a diverging loss, data changed under --resume, two
+processes on one run folder, a full disk, damaged run files. Each is refused with one line and exit status 2, writes
+nothing it should not, and leaves the run resumable to the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pvtv2 import PvtV2ForImageClassification
+from pvtv2.cli import main
+from pvtv2.data.digits import write_digits_folder
+from pvtv2.data.shapes import make_segmentation_example
+from pvtv2.training.classification import ClassificationTask
+from pvtv2.training.rundir import LOCK_FILE
+from pvtv2.training.segmentation import SegmentationTask
+from conftest import TINY_SMALL_IMAGES
+
+SIZE = 16
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("arch") / "tiny.json"
+    path.write_text(json.dumps(TINY_SMALL_IMAGES))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def few_digits(tmp_path_factory) -> Path:
+    """120 training and 40 held-out digits at 16 px: 8 batches of 16 per epoch."""
+    root = tmp_path_factory.mktemp("few")
+    write_digits_folder(root, size=SIZE, limit_per_class=16, val_fraction=0.25, seed=2)
+    return root
+
+
+def _common(data: Path, model: str, out: Path, epochs: int = 2) -> list[str]:
+    return ["--data", str(data), "--model", model, "--output", str(out), "--epochs", str(epochs),
+            "--image-size", str(SIZE), "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1",
+            "--crop-scale", "0.7", "--hflip", "0", "--drop-path", "0.1", "--no-progress"]
+
+
+def _main(args: list[str], capsys, command: str = "train") -> tuple[int, str]:
+    code = main([command, *args])
+    return code, capsys.readouterr().err
+
+
+def _one_line(err: str, command: str = "train") -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pvtv2 {command}: error: "), err
+    return lines[0]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    one, two = _weights(a), _weights(b)
+    return one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.fixture(scope="module")
+def reference(few_digits, tiny_config, tmp_path_factory) -> Path:
+    """An uninterrupted two-epoch run in this process (the in-process runs below are compared with it)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(["train", *_common(few_digits, tiny_config, out)]) == 0
+    return out
+
+
+def _interrupt(task_class, monkeypatch, at_call: int) -> None:
+    """Ctrl-C in the middle of training: the ``at_call``-th batch's loss raises KeyboardInterrupt."""
+    original, calls = task_class.training_loss, []
+
+    def interrupted(self, model, batch, ctx):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return original(self, model, batch, ctx)
+
+    monkeypatch.setattr(task_class, "training_loss", interrupted)
+
+
+@pytest.fixture
+def interrupted(few_digits, tiny_config, tmp_path, monkeypatch, capsys) -> tuple[Path, Path]:
+    """(data, run folder) of a run stopped by Ctrl-C in its second epoch, on a copy of the digits it may change."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(few_digits, data)
+    with monkeypatch.context() as patch:
+        _interrupt(ClassificationTask, patch, at_call=9)  # 8 batches per epoch: the first of epoch 2
+        code, err = _main(_common(data, tiny_config, out), capsys)
+    assert code == 130 and "interrupted" in err
+    assert not (out / LOCK_FILE).exists()  # released on KeyboardInterrupt too
+    assert torch.load(out / "last" / "training_state.pt", weights_only=True)["epoch"] == 1
+    return data, out
+
+
+# ------------------------------------------------------------------------------------------------ 1. bad flags
+BAD_FLAGS = [
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--clip-grad", "nan"], "--clip-grad"),
+    (["--clip-grad", "-1"], "--clip-grad"),
+    (["--clip-grad", "0"], "--clip-grad"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr"),
+    (["--min-lr", "inf"], "--min-lr"),
+    (["--workers", "-1"], "--workers"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--label-smoothing", "nan"], "--label-smoothing"),
+    (["--drop-path", "-0.5"], "--drop-path"),
+    (["--drop-path", "inf"], "--drop-path"),
+    (["--hflip", "1.5"], "--hflip"),
+    (["--hflip", "nan"], "--hflip"),
+    (["--crop-scale", "0"], "--crop-scale"),
+    (["--crop-scale", "2"], "--crop-scale"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--seed", "-1"], "--seed"),
+    # The tiny model reduces stage 1's keys 4x: its 1/4-resolution grid, (S - 1) // 4 + 1, needs S >= 13.
+    (["--image-size", "8"], "--image-size 13 or more"),
+    # B0 reduces them 8x: (S - 1) // 4 + 1 >= 8 needs S >= 29, so 16 px cannot train it.
+    (["--model", "pvt_v2_b0"], "--image-size 29 or more"),
+]
+
+
+@pytest.mark.parametrize(("extra", "named"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_are_refused_before_anything_is_written(few_digits, tiny_config, tmp_path, capsys, extra, named):
+    out = tmp_path / "run"
+    code, err = _main([*_common(few_digits, tiny_config, out), *extra], capsys)
+    assert code == 2
+    assert named in _one_line(err)
+    assert not out.exists()
+
+
+def test_the_alias_and_the_demo_refuse_bad_flags_before_writing(tmp_path, capsys):
+    out = tmp_path / "seg"
+    code, err = _main([str(tmp_path / "data"), "-o", str(out), "--clip-grad", "-1"], capsys, "train-seg")
+    assert code == 2 and "--clip-grad" in _one_line(err, "train-seg") and not out.exists()
+    demo = tmp_path / "demo"
+    code, err = _main(["--output", str(demo), "--epochs", "0"], capsys, "demo")
+    assert code == 2 and "--epochs" in _one_line(err, "demo") and not demo.exists()  # no digits written either
+    shapes = tmp_path / "shapes"
+    code, err = _main(["-o", str(shapes), "--epochs", "2", "--seed", "-1"], capsys, "demo-seg")
+    assert code == 2 and "--seed" in _one_line(err, "demo-seg") and not shapes.exists()
+
+
+def test_a_refused_command_can_be_corrected(few_digits, tiny_config, tmp_path, capsys):
+    """--workers -1 used to fail in the DataLoader after run.json existed; the corrected command was then refused
+    as an unfinished run."""
+    out = tmp_path / "run"
+    code, _ = _main([*_common(few_digits, tiny_config, out, epochs=1), "--workers", "-1"], capsys)
+    assert code == 2 and not out.exists()
+    code, err = _main([*_common(few_digits, tiny_config, out, epochs=1), "--workers", "0"], capsys)
+    assert code == 0, err
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+# ------------------------------------------------------------------------------------------------ 2. divergence
+def test_a_diverging_loss_stops_with_one_line(few_digits, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = _main([*_common(few_digits, tiny_config, out), "--lr", "1e3"], capsys)
+    assert code == 2
+    line = _one_line(err)
+    assert re.search(r"training loss became (nan|inf|-inf) at epoch 1, step \d of 8", line), line
+    assert "--lr" in line and "--clip-grad" in line
+    assert not (out / "last").exists() and not (out / LOCK_FILE).exists()
+
+
+def test_divergence_keeps_the_last_checkpoint_resumable(few_digits, tiny_config, reference, tmp_path, capsys, monkeypatch):
+    """A NaN in epoch 2 stops the run before it reaches the weights; epoch 1's checkpoint resumes to the
+    uninterrupted run's weights, bit for bit."""
+    out = tmp_path / "run"
+    original, calls = ClassificationTask.training_loss, []
+
+    def poisoned(self, model, batch, ctx):
+        calls.append(1)
+        loss = original(self, model, batch, ctx)
+        return loss * float("nan") if len(calls) == 11 else loss  # epoch 2, batch 3
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassificationTask, "training_loss", poisoned)
+        code, err = _main(_common(few_digits, tiny_config, out), capsys)
+    assert code == 2
+    line = _one_line(err)
+    assert "became nan at epoch 2, step 3 of 8" in line and "epoch 1" in line and str(out / "last") in line
+    assert torch.load(out / "last" / "training_state.pt", weights_only=True)["epoch"] == 1
+    code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert _same_weights(out / "last", reference / "last") and _same_weights(out / "best", reference / "best")
+
+
+# `pvtv2 train` in which process 1's loss becomes NaN at its 3rd batch, and process 0's stays finite.
+POISON_RANK_1 = """
+import os, sys
+from pvtv2.cli import main
+from pvtv2.training.classification import ClassificationTask
+original, calls = ClassificationTask.training_loss, []
+def poisoned(self, model, batch, ctx):
+    calls.append(1)
+    loss = original(self, model, batch, ctx)
+    return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 3 else loss
+ClassificationTask.training_loss = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_distributed_divergence_stops_every_process(few_digits, tiny_config, tmp_path):
+    """One process's loss turns NaN: both processes of the group stop at that batch, each by itself. They are started
+    without torchrun, which would kill a straggler once the other exits: a process left waiting for the other in a
+    collective would hang here (or fail with a broken connection)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", POISON_RANK_1, "train", *_common(few_digits, tiny_config, out)]
+    ranks = [
+        subprocess.Popen(command, env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    try:
+        errors = [rank.communicate(timeout=300)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    assert [rank.returncode for rank in ranks] == [2, 2], [err[-2000:] for err in errors]
+    lines = [err.strip().splitlines()[-1] for err in errors]
+    # 60 samples per process, batches of 16: 4 batches each.
+    assert "stopped being finite in another process at epoch 1, step 3 of 4" in lines[0], lines
+    assert "became nan at epoch 1, step 3 of 4" in lines[1], lines
+    assert not (out / "last").exists() and not (out / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------------ 3. resume checks
+def _rename(folder: Path, new: str) -> None:
+    folder.rename(folder.with_name(new))
+
+
+@pytest.mark.parametrize("change", ["renamed", "added"])
+def test_resume_refuses_data_whose_classes_changed(interrupted, capsys, change):
+    data, out = interrupted
+    before = (out / "last" / "model.safetensors").read_bytes()
+    for split in ("train", "val"):
+        if change == "renamed":  # the old code kept id2label's '3' for the images now labelled 'three'
+            _rename(data / split / "3", "three")
+        else:  # the old code ended in an IndexError: an 11th label for a 10-way head
+            shutil.copytree(data / split / "0", data / split / "x")
+    code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 2
+    line = _one_line(err)
+    assert "'0', '1', '2', '3'" in line  # the run's classes
+    if change == "renamed":
+        assert "only in the run: ['3']; only in the data: ['three']" in line
+    else:
+        assert "the data 11" in line and "only in the data: ['x']" in line
+    assert (out / "last" / "model.safetensors").read_bytes() == before and not (out / LOCK_FILE).exists()
+
+
+def test_segmentation_resume_refuses_renamed_labels(tmp_path, capsys, monkeypatch, caplog):
+    data, out = tmp_path / "data", tmp_path / "run"
+    make_segmentation_example(data, 16, 4, 32, seed=3)
+    args = [str(data), "-o", str(out), "--image-size", "32", "--epochs", "2", "--no-progress"]
+    with monkeypatch.context() as patch:
+        _interrupt(SegmentationTask, patch, at_call=3)  # 2 batches of 8 per epoch: the first of epoch 2
+        assert _main(args, capsys, "train-seg")[0] == 130
+    labels = json.loads((data / "labels.json").read_text())
+    (data / "labels.json").write_text(json.dumps({**labels, "1": "disc"}))
+    code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 2
+    assert f"only in the run: [{labels['1']!r}]; only in the data: ['disc']" in _one_line(err)
+    # Restored, the run resumes through the alias; its default --epochs 8, given explicitly, is overridden, with a
+    # warning, by the run's 2.
+    (data / "labels.json").write_text(json.dumps(labels))
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        assert main(["train-seg", *args[:3], "--resume", "--epochs", "8", "--no-progress"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("ignoring --epochs 8; the run continues with its own 2" in w for w in warnings), warnings
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_warns_about_every_flag_it_overrides(interrupted, capsys, caplog):
+    """Flags equal to their defaults (--epochs 300, --hflip 0.5) were dropped silently before: the command could not
+    tell them from flags left out."""
+    _, out = interrupted
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        code, err = _main(["--output", str(out), "--resume", "--no-progress", "--epochs", "300", "--hflip", "0.5",
+                           "--batch-size", "16", "--seed", "0"], capsys)
+    assert code == 0, err
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert warnings == [
+        "--resume: ignoring --epochs 300; the run continues with its own 2",
+        "--resume: ignoring --hflip 0.5; the run continues with its own 0.0",
+    ]  # --batch-size 16 and --seed 0 are the run's own: nothing to say
+
+
+# ------------------------------------------------------------------------------------------------ 4. the lock
+@pytest.mark.parametrize("holder", ["live", "other host", "unreadable"])
+def test_a_locked_run_folder_is_refused(interrupted, capsys, holder):
+    _, out = interrupted
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        content = {
+            "live": json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}),
+            "other host": json.dumps({"pid": sleeper.pid, "host": "elsewhere.example"}),
+            "unreadable": "{half a lock",
+        }[holder]
+        (out / LOCK_FILE).write_text(content)
+        before = (out / "last" / "training_state.pt").read_bytes()
+        code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+        assert code == 2
+        line = _one_line(err)
+        assert str(out / LOCK_FILE) in line
+        if holder == "unreadable":
+            assert "remove it" in line
+        else:
+            assert f"in use by process {sleeper.pid} on " in line
+            assert ("this host" if holder == "live" else "'elsewhere.example'") in line
+        assert (out / LOCK_FILE).read_text() == content  # the holder's lock is left alone
+        assert (out / "last" / "training_state.pt").read_bytes() == before
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_stale_lock_is_taken_over(interrupted, reference, capsys, caplog):
+    """The lock of a process that is gone (killed: its pid no longer runs here) is taken over with a warning."""
+    _, out = interrupted
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert any(f"process {gone.pid} on this host that held it is gone" in r.getMessage() for r in caplog.records)
+    assert not (out / LOCK_FILE).exists()
+    assert _same_weights(out / "last", reference / "last")
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_run_folder(few_digits, tiny_config, tmp_path, capsys, monkeypatch):
+    """While one `--resume` runs, a second is refused, naming it (both used to finish, interleaving their
+    checkpoints into weights that no single run gives); the first ends normally, as the only writer."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _interrupt(ClassificationTask, patch, at_call=9)
+        assert _main(_common(few_digits, tiny_config, out, epochs=6), capsys)[0] == 130
+    first = subprocess.Popen([sys.executable, "-m", "pvtv2", "train", "--output", str(out), "--resume", "--no-progress"],
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_FILE).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == first.pid
+        code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+        assert code == 2 and f"in use by process {first.pid} on this host" in _one_line(err)
+        _, first_err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0, first_err[-3000:]
+    assert not (out / LOCK_FILE).exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------------------------------------ 5. full disk
+def _disk_full(monkeypatch, out: Path, name: str) -> None:
+    """Writes of ``name`` (and its temporary siblings) fail with ENOSPC once epoch 1's checkpoint exists; checkpoint
+    files fail only inside ``last``'s temporary folder."""
+
+    def failing(write):
+        def attempt(self, *args, **kwargs):
+            path = Path(self if isinstance(self, (str, os.PathLike)) else args[0])
+            inside_last = name not in ("model.safetensors", "training_state.pt") or ".last.tmp" in str(path)
+            if name in path.name and inside_last and (out / "last").is_dir():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write(self, *args, **kwargs)
+
+        return attempt
+
+    monkeypatch.setattr(Path, "write_bytes", failing(Path.write_bytes))
+    monkeypatch.setattr(Path, "write_text", failing(Path.write_text))
+    monkeypatch.setattr(PIL.Image.Image, "save", failing(PIL.Image.Image.save))
+
+
+@pytest.mark.parametrize(("name", "target"), [
+    ("model.safetensors", "last"), ("training_state.pt", "last"), ("metrics.jsonl", "metrics.jsonl"),
+    ("curves.png", "curves.png"),
+])
+def test_a_full_disk_is_one_line_and_leaves_a_resumable_run(
+    few_digits, tiny_config, reference, tmp_path, capsys, monkeypatch, name, target
+):
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _disk_full(patch, out, name)
+        code, err = _main(_common(few_digits, tiny_config, out), capsys)
+    assert code == 2
+    line = _one_line(err)
+    assert f"cannot write {str(out / target)!r}: {os.strerror(errno.ENOSPC)} [ENOSPC]" in line, line
+    leftovers = [p.name for p in out.rglob("*") if p.name.endswith((".tmp", ".old"))]
+    assert not leftovers and not (out / LOCK_FILE).exists()
+    assert torch.load(out / "last" / "training_state.pt", weights_only=True)["epoch"] == 1  # whole, and loads
+    PvtV2ForImageClassification.from_pretrained(out / "last")
+    code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert _same_weights(out / "last", reference / "last")
+
+
+# ------------------------------------------------------------------------------------------------ 6. damaged files
+DAMAGE = {
+    "run.json holds a list": ("run.json", b"[1, 2, 3]\n", "holds a JSON list"),
+    "run.json is not JSON": ("run.json", b"{\"epochs\": 2,", "is damaged"),
+    "run.json lacks settings": ("run.json", b"{}\n", "lacks the run settings"),
+    "training_state.pt is garbage": ("last/training_state.pt", b"not a zip file", "cannot read the training state"),
+    "training_state.pt holds a list": ("last/training_state.pt", None, "is not a training state"),
+    "metrics.jsonl is not JSON lines": ("metrics.jsonl", b"{\"epoch\": 1}\n{\"epo", "is damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_run_files_are_named(reference, few_digits, tiny_config, tmp_path, capsys, damage):
+    name, content, says = DAMAGE[damage]
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "run.json").write_text(json.dumps({**json.loads((out / "run.json").read_text()), "epochs": 3}))
+    if content is None:
+        torch.save([1, 2], out / name)
+    else:
+        (out / name).write_bytes(content)
+    code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 2
+    line = _one_line(err)
+    assert str(out / name) in line and says in line and "--overwrite" in line
+    # Without --resume the folder is still recognised as a run, and refused as such.
+    code, err = _main(_common(few_digits, tiny_config, out), capsys)
+    assert code == 2 and f"{str(out)!r} holds a" in _one_line(err) and "training run" in err

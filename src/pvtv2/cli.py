@@ -308,6 +308,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_preprocess_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preprocess", choices=("transformers", "timm", "original"),
+        help="evaluation preprocessing: transformers (resize to the square, bilinear), timm (shorter side to "
+             "size/0.9, bicubic, centre crop) or original (size/0.875, bicubic, centre crop: the paper's ImageNet "
+             "table). Default: the checkpoint's preprocessor_config.json, else its origin's protocol (a timm or "
+             "original file), else transformers",
+    )
+
+
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                    help="what computes the logits: torch (default), or onnxruntime on the CPU (faster there; needs "
@@ -330,6 +340,7 @@ def _add_predict(subparsers) -> None:
     _add_model_flags(p)
     p.add_argument("--top-k", "-k", type=int, default=5,
                    help="classes per image, 1 to 1000, at most the model's classes (default: 5)")
+    _add_preprocess_flag(p)
     _add_runtime_flags(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -341,7 +352,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _check_range("--batch-size", args.batch_size, 1, 1024)
     paths = find_images(args.images)
     model = load_classifier(args.model, args.device)
-    processor = load_processor(args.model, model.config.image_size)
+    processor = load_processor(
+        args.model, model.config.image_size, args.preprocess, getattr(model, "checkpoint_layout", None)
+    )
     runtime = load_runtime(model, args.runtime, args.onnx, model_source=args.model, bf16=args.bf16)
     results = predict(model, processor, paths, args.top_k, args.batch_size, progress=_progress(args), runtime=runtime)
     failed = [r for r in results if r.error is not None]
@@ -372,6 +385,7 @@ def _add_eval(subparsers) -> None:
     )
     _add_model_flags(p)
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
+    _add_preprocess_flag(p)
     _add_runtime_flags(p)
     p.set_defaults(func=_cmd_eval, batch_size=32)
 
@@ -381,14 +395,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     _check_range("--batch-size", args.batch_size, 1, 1024)
     model = load_classifier(args.model, args.device)
-    processor = load_processor(args.model, model.config.image_size)
+    processor = load_processor(
+        args.model, model.config.image_size, args.preprocess, getattr(model, "checkpoint_layout", None)
+    )
     runtime = load_runtime(model, args.runtime, args.onnx, model_source=args.model, bf16=args.bf16)
     result = {**evaluate(model, processor, args.data, args.batch_size, progress=_progress(args), runtime=runtime),
               "runtime": args.runtime, "bf16": args.bf16}
     if args.json:
         _print_json(result)
     else:
-        print(f"{result['dataset']}: {result['images']} images, {result['classes']} classes")
+        print(f"{result['dataset']}: {result['images']} images, {result['classes']} classes, "
+              f"{result['preprocess']} preprocessing")
         print(f"  top-1 accuracy  {result['top1']:.2%}")
         print(f"  top-{result['top5_k']} accuracy  {result['top5']:.2%}")
         print(f"  mean loss       {result['loss']:.4f}")

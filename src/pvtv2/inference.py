@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from .data.folders import find_image_files, scan_split
-from .data.processing import IMAGE_EXTENSIONS, PREPROCESSOR_CONFIG_NAME, PvtV2ImageProcessor, load_image
+from .data.processing import (
+    IMAGE_EXTENSIONS,
+    PREPROCESS_PROTOCOLS,
+    PREPROCESSOR_CONFIG_NAME,
+    PvtV2ImageProcessor,
+    load_image,
+)
 from . import fast
 from .fileio import path_kind
 from .models.config import is_preset_name, preset_key
@@ -150,9 +156,26 @@ def load_depth_estimator(source: str | os.PathLike, device: str | torch.device =
     return model.to(device).eval()
 
 
-def load_processor(source: str | os.PathLike, image_size: Sequence[int]) -> PvtV2ImageProcessor:
-    """The model's own preprocessing when its folder (or hub repository) has a ``preprocessor_config.json``; else the
-    defaults (bilinear resize, ImageNet statistics) at the model's ``image_size``."""
+def load_processor(
+    source: str | os.PathLike,
+    image_size: Sequence[int],
+    protocol: str | None = None,
+    origin: str | None = None,
+) -> PvtV2ImageProcessor:
+    """The preprocessing for the model read from ``source`` whose inputs are ``image_size`` (height, width).
+
+    In this order: ``protocol`` when given (``"transformers"``, ``"timm"`` or ``"original"``, see
+    :data:`~pvtv2.data.processing.PREPROCESS_PROTOCOLS`); else the checkpoint's own ``preprocessor_config.json``
+    (its folder or hub repository); else the protocol of the checkpoint's ``origin`` (the layout its weights were
+    read from, ``model.checkpoint_layout``: a timm file is evaluated as timm does, an original file as the authors
+    did), which is logged; else transformers' (bilinear resize to ``image_size``, ImageNet statistics).
+    """
+    if protocol is not None and protocol not in PREPROCESS_PROTOCOLS:
+        raise ValueError(f"unknown preprocessing protocol {protocol!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
+    height, width = (int(side) for side in image_size)
+    if protocol is not None:
+        logger.info("preprocessing: the %s protocol", protocol)
+        return _protocol_processor(protocol, height, width)
     text = os.fspath(source)
     path = None
     if os.path.isdir(text):
@@ -165,8 +188,24 @@ def load_processor(source: str | os.PathLike, image_size: Sequence[int]) -> PvtV
     if path is not None:
         logger.info("preprocessing from %s", path)
         return PvtV2ImageProcessor.from_pretrained(path)
-    height, width = image_size
-    return PvtV2ImageProcessor(size={"height": int(height), "width": int(width)})
+    if origin in ("timm", "original") and height == width:
+        logger.info(
+            "preprocessing: the %s protocol, as the checkpoint is a %s file (--preprocess transformers for a plain "
+            "resize)", origin, origin,
+        )
+        return _protocol_processor(origin, height, width)
+    return PvtV2ImageProcessor(size={"height": height, "width": width})
+
+
+def _protocol_processor(protocol: str, height: int, width: int) -> PvtV2ImageProcessor:
+    if protocol == "transformers":
+        return PvtV2ImageProcessor(size={"height": height, "width": width})
+    if height != width:
+        raise ValueError(
+            f"the {protocol} protocol crops a square from the resized image, but the model's inputs are "
+            f"{height}x{width}; use the transformers protocol (a plain resize) for non-square inputs"
+        )
+    return PvtV2ImageProcessor.from_protocol(protocol, height)
 
 
 def torch_runtime(model: PvtV2ForImageClassification, bf16: bool = False) -> Runtime:
@@ -474,6 +513,7 @@ def evaluate(
         "top5": correct5 / n,
         "top5_k": k,
         "loss": loss_sum / n,
+        "preprocess": processor.protocol or "custom",  # which evaluation protocol the numbers belong to
         "images_per_second": n / seconds if seconds > 0 else float("inf"),
         "model_images_per_second": n / model_seconds if model_seconds > 0 else float("inf"),
         "seconds": seconds,

@@ -174,6 +174,24 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     p.add_argument("--seed", type=int, help=f"default {d['seed']}")
     p.add_argument("--replace-head", action="store_true", default=None,
                    help="fine-tuning: train a new head when the dataset's classes are not the checkpoint's")
+    p.add_argument("--randaugment", action="store_true", default=None,
+                   help="classification: RandAugment as the paper's rand-m9-mstd0.5-inc1 (torchvision's ops)")
+    p.add_argument("--mixup", type=float, help="classification: MixUp's alpha, the paper's 0.8 (default 0: off)")
+    p.add_argument("--cutmix", type=float, help="classification: CutMix's alpha, the paper's 1.0 (default 0: off)")
+    p.add_argument("--reprob", type=float, help="classification: random-erasing probability, the paper's 0.25 "
+                   "(default 0)")
+    p.add_argument("--repeated-aug", type=int, help="classification: copies of each image per epoch, each augmented "
+                   "its own way; the paper's 3 under torchrun (default 1)")
+    p.add_argument("--train-interpolation", help="classification: bilinear (default) or bicubic (the paper's) for the "
+                   "random resized crop")
+    p.add_argument("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights "
+                   "(e.g. 0.9998), evaluated each epoch and saved as OUT/ema (default: off)")
+    p.add_argument("--val-split", type=float, metavar="FRACTION", help="classification without DIR/val: hold out this "
+                   "fraction of each class of DIR/train (seeded by --seed), e.g. 0.1")
+    p.add_argument("--freeze-stages", type=int, metavar="K", help="fine-tuning: keep the first K encoder stages fixed "
+                   "(default 0)")
+    p.add_argument("--layer-decay", type=float, help="fine-tuning: layer-wise learning-rate decay, e.g. 0.75: each "
+                   "block below the head learns at this factor of the one above (default: off)")
     p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output (its settings are "

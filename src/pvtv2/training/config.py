@@ -15,6 +15,8 @@ from typing import Any
 __all__ = ["TASKS", "TrainConfig", "flag"]
 
 TASKS = ("classification", "segmentation")
+# The resampling filters of the training crop.
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 def flag(name: str) -> str:
@@ -46,6 +48,17 @@ class TrainConfig:
     bf16: bool = False
     seed: int = 0
     replace_head: bool = False
+    # The paper's (DeiT's) augmentation and the fine-tuning aids, all off by default (docs/training.md).
+    randaugment: bool = False  # timm's rand-m9-mstd0.5-inc1 on torchvision's ops (data/augment.py)
+    mixup: float = 0.0  # MixUp's Beta alpha (the recipe: 0.8); 0: off
+    cutmix: float = 0.0  # CutMix's Beta alpha (the recipe: 1.0); 0: off; with both on, one of them per batch
+    reprob: float = 0.0  # random-erasing probability (the recipe: 0.25)
+    repeated_aug: int = 1  # copies of each image per epoch, each augmented differently (the recipe: 3 under DDP)
+    train_interpolation: str = "bilinear"  # of the random resized crop (the recipe: bicubic)
+    ema: float | None = None  # decay of an EMA of the weights, evaluated and saved as OUT/ema; None: off
+    val_split: float | None = None  # a seeded, stratified validation split carved from train/ when there is no val/
+    freeze_stages: int = 0  # fine-tuning: the first k encoder stages fixed
+    layer_decay: float | None = None  # fine-tuning: layer-wise learning-rate decay over the encoder's blocks
     task: str = "classification"  # or "segmentation": DIR/{train,val}/{images,masks}, pvtv2.dense_train
     # execution only
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on GPU
@@ -95,10 +108,39 @@ class TrainConfig:
             raise ValueError("--model must name a preset, a config.json or a checkpoint")
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        self._validate_recipe()
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pass one of them")
         if not self.output:
             raise ValueError("an output folder is needed (--output)")
+
+    def _validate_recipe(self) -> None:
+        if not isinstance(self.randaugment, bool):
+            raise TypeError(f"--randaugment must be true or false, got {self.randaugment!r}")
+        _number("mixup", self.mixup, low=0.0, hint="the Beta distribution's alpha, e.g. 0.8; 0 turns it off")
+        _number("cutmix", self.cutmix, low=0.0, hint="the Beta distribution's alpha, e.g. 1.0; 0 turns it off")
+        _number("reprob", self.reprob, low=0.0, high=1.0)
+        _integer("repeated_aug", self.repeated_aug, minimum=1)
+        if self.train_interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"--train-interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.train_interpolation!r}"
+            )
+        if self.ema is not None:
+            _number("ema", self.ema, low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.9998")
+        if self.val_split is not None:
+            _number("val_split", self.val_split, low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.1")
+        _integer("freeze_stages", self.freeze_stages, minimum=0)
+        if self.layer_decay is not None:
+            _number("layer_decay", self.layer_decay, low=0.0, high=1.0, low_open=True, hint="e.g. 0.75")
+        if self.task != "classification":
+            for name in ("randaugment", "mixup", "cutmix", "reprob"):
+                if getattr(self, name):
+                    raise ValueError(f"{flag(name)} is a classification augmentation; --task {self.task} has its own")
+            changed = [name for name, off in (("repeated_aug", 1), ("train_interpolation", "bilinear"),
+                                              ("val_split", None)) if getattr(self, name) != off]
+            if changed:
+                name = changed[0]
+                raise ValueError(f"{flag(name)} applies to classification only, not --task {self.task}")
 
 
 def _integer(name: str, value: Any, *, minimum: int) -> None:

@@ -192,6 +192,9 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
                    "(default 0)")
     p.add_argument("--layer-decay", type=float, help="fine-tuning: layer-wise learning-rate decay, e.g. 0.75: each "
                    "block below the head learns at this factor of the one above (default: off)")
+    p.add_argument("--depth-scale", type=float, help="depth: PNG units per metre (default 1000: millimetres)")
+    p.add_argument("--nyu-crop", action="store_true", default=None,
+                   help="depth: evaluate inside Eigen's NYU Depth v2 crop only")
     p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output (its settings are "
@@ -211,9 +214,11 @@ def _add_train(subparsers) -> None:
         "PVTv2 paper's recipe. Writes OUT/last and OUT/best (from_pretrained folders), OUT/metrics.jsonl and "
         "OUT/curves.png. Run under `torchrun --nproc_per_node N` for DistributedDataParallel.",
     )
-    p.add_argument("--task", choices=("classification", "segmentation"),
-                   help="classification (default; DIR/train/<class>/*) or segmentation (DIR/train/images/*, "
-                   "DIR/train/masks/*.png, the same under val/; reports mean IoU and pixel accuracy)")
+    p.add_argument("--task", choices=("classification", "segmentation", "depth"),
+                   help="classification (default; DIR/train/<class>/*), segmentation (DIR/train/images/*, "
+                   "DIR/train/masks/*.png, the same under val/; reports mean IoU and pixel accuracy) or depth "
+                   "(DIR/train/images/*, DIR/train/depth/*.png 16-bit, the same under val/; GLPN head, AbsRel, RMSE, "
+                   "delta metrics)")
     p.add_argument("--data", help="dataset folder with train/<class>/ and val/<class>/ sub-folders")
     _add_training_flags(p, {})
 
@@ -232,6 +237,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, explicit={k for k, v in given.items() if v is not False})  # store_true flags left out: False
     if result["rank"] == 0 and result.get("task") == "segmentation":
         _print_segmentation_result(result)
+    elif result["rank"] == 0 and result.get("task") == "depth":
+        final, best = result["final"] or {}, result["best_record"] or {}
+        print(f"trained {final.get('epoch', 0)} epochs: val AbsRel {final.get('abs_rel', float('nan')):.4f}, RMSE "
+              f"{final.get('rmse', float('nan')):.4f}, delta1 {final.get('delta1', float('nan')):.4f} (best delta1 "
+              f"{best.get('delta1', 0):.4f} at epoch {result['best_epoch']})")
+        print(f"checkpoints: {result['last']} and {result['best']}")
+        print(f"metrics: {result['metrics']}; curves: {result['curves']}")
     elif result["rank"] == 0:
         final = result["final"] or {}
         print(f"trained {final.get('epoch', 0)} epochs: val top-1 {final.get('val_top1', float('nan')):.2f}% "

@@ -148,10 +148,9 @@ def load_depth_estimator(source: str | os.PathLike, device: str | torch.device =
     model = PvtV2ForDepthEstimation.from_pretrained(source)
     _refuse_random_weights(
         model, source, "depth head (GLPN decoder and head)",
-        "Pass a depth model (a transformers GLPN checkpoint or a PvtV2ForDepthEstimation save_pretrained folder). "
-        "The pvtv2 command does not train depth; in Python, fine-tune "
-        f"PvtV2ForDepthEstimation.from_pretrained({os.fspath(source)!r}) on depth maps (out.loss for labels) and "
-        "save_pretrained it",
+        "Pass a depth model (a transformers GLPN checkpoint or a PvtV2ForDepthEstimation save_pretrained folder), "
+        f"or train one: pvtv2 train --task depth --model {os.fspath(source)} --data DIR --output RUN "
+        "(DIR/train/images/*, DIR/train/depth/*.png as 16-bit millimetres, the same under DIR/val), then use RUN/best",
     )
     return model.to(device).eval()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["TASKS", "TrainConfig", "flag"]
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "depth")
 # The resampling filters of the training crop.
 INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -59,6 +59,8 @@ class TrainConfig:
     val_split: float | None = None  # a seeded, stratified validation split carved from train/ when there is no val/
     freeze_stages: int = 0  # fine-tuning: the first k encoder stages fixed
     layer_decay: float | None = None  # fine-tuning: layer-wise learning-rate decay over the encoder's blocks
+    depth_scale: float = 1000.0  # depth: PNG units per metre (1000: millimetres, NYU's)
+    nyu_crop: bool = False  # depth: evaluate inside Eigen's NYU crop only
     task: str = "classification"  # or "segmentation": DIR/{train,val}/{images,masks}, pvtv2.dense_train
     # execution only
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on GPU
@@ -132,6 +134,12 @@ class TrainConfig:
         _integer("freeze_stages", self.freeze_stages, minimum=0)
         if self.layer_decay is not None:
             _number("layer_decay", self.layer_decay, low=0.0, high=1.0, low_open=True, hint="e.g. 0.75")
+        _number("depth_scale", self.depth_scale, low=0.0, low_open=True, hint="PNG units per metre, e.g. 1000")
+        if not isinstance(self.nyu_crop, bool):
+            raise TypeError(f"--nyu-crop must be true or false, got {self.nyu_crop!r}")
+        if self.task != "depth" and (self.nyu_crop or self.depth_scale != 1000.0):
+            name = "nyu_crop" if self.nyu_crop else "depth_scale"
+            raise ValueError(f"{flag(name)} applies to --task depth only, not --task {self.task}")
         if self.task != "classification":
             for name in ("randaugment", "mixup", "cutmix", "reprob"):
                 if getattr(self, name):

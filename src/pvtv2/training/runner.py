@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, init_distributed, on_main, set_deterministic
 from .engine import RunContext, Task, check_image_size, run
 from .rundir import RunLock, check_resumed_classes, prepare_output
+from .depth_task import DepthTask
 from .segmentation import SegmentationTask
 
 __all__ = ["TASK_CLASSES", "check_config", "train"]
@@ -27,7 +28,9 @@ __all__ = ["TASK_CLASSES", "check_config", "train"]
 logger = logging.getLogger(__name__)
 
 # ``TrainConfig.task`` -> the task that supplies its data, model, loss and metrics.
-TASK_CLASSES: dict[str, type[Task]] = {"classification": ClassificationTask, "segmentation": SegmentationTask}
+TASK_CLASSES: dict[str, type[Task]] = {
+    "classification": ClassificationTask, "segmentation": SegmentationTask, "depth": DepthTask,
+}
 
 
 def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[str, Any]:

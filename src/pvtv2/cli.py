@@ -192,6 +192,13 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
                    "(default 0)")
     p.add_argument("--layer-decay", type=float, help="fine-tuning: layer-wise learning-rate decay, e.g. 0.75: each "
                    "block below the head learns at this factor of the one above (default: off)")
+    p.add_argument("--reduce-labels", action="store_true", default=None,
+                   help="segmentation: ADE20K-style masks, 0 = no label and class k + 1 -> k")
+    p.add_argument("--seg-augment", action="store_true", default=None,
+                   help="segmentation: SegFormer's pipeline: random rescale 0.5-2x, random --image-size crop (at most "
+                   "75%% one class), flip, photometric distortion")
+    p.add_argument("--head-lr-mult", type=float, help="learning-rate factor of the head (SegFormer: 10; default 1)")
+    p.add_argument("--schedule", help="cosine (default) or poly (mmsegmentation's, power 0.9) after the warmup")
     p.add_argument("--depth-scale", type=float, help="depth: PNG units per metre (default 1000: millimetres)")
     p.add_argument("--nyu-crop", action="store_true", default=None,
                    help="depth: evaluate inside Eigen's NYU Depth v2 crop only")
@@ -637,7 +644,32 @@ def _add_segment(subparsers) -> None:
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     p.add_argument("--size", help="model input size, N or HxW, 32 to 2048 (default: the config's image_size)")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the label colours, 0 to 1 (default: 0.5)")
+    _add_segmentation_inference_flags(p)
     p.set_defaults(func=_cmd_segment)
+
+
+def _add_segmentation_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("whole", "slide"), default="whole",
+                   help="whole (default): the image resized to --size in one pass; slide: --crop windows every "
+                        "--stride pixels over the image at --size (default: its own size), logits averaged")
+    p.add_argument("--crop", type=int, default=512, help="slide: window side, 32 to 2048 (default 512)")
+    p.add_argument("--stride", type=int, default=341, help="slide: step between windows, 1 to --crop (default 341)")
+    p.add_argument("--scales", default="1.0", help="multi-scale testing: comma-separated factors of the input, each "
+                   "in (0, 4], e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)")
+    p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
+
+
+def _segmentation_inference_flags(args: argparse.Namespace) -> dict:
+    """The keyword arguments of predict_segmentation, checked before any work."""
+    _check_range("--crop", args.crop, *_DENSE_SIZES)
+    _check_range("--stride", args.stride, 1, args.crop)
+    try:
+        scales = tuple(float(v) for v in args.scales.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
+    if not scales or not all(0 < v <= 4 for v in scales):  # also refuses NaN
+        raise ValueError(f"--scales must be numbers in (0, 4], got {args.scales!r}")
+    return {"mode": args.mode, "crop": args.crop, "stride": args.stride, "scales": scales, "flip": args.flip}
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -647,10 +679,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     _check_range("--alpha", args.alpha, 0.0, 1.0)
     size = _size_flag(args.size)
+    options = _segmentation_inference_flags(args)
     _check_output_file(args.output)
     image = load_image(args.image).convert("RGB")
     model = load_segmenter(args.model)
-    label_map = predict_segmentation(model, image, size)
+    label_map = predict_segmentation(model, image, size, **options)
     _save_png(segmentation_picture(image, label_map, model.config.id2label, args.alpha), args.output)
     counts = {model.config.id2label.get(int(c), str(c)): int((label_map == c).sum()) for c in set(label_map.flat)}
     note = _enlarged_note(display_scale(image.height, image.width), image.height, image.width)

@@ -15,6 +15,8 @@ from typing import Any
 __all__ = ["TASKS", "TrainConfig", "flag"]
 
 TASKS = ("classification", "segmentation", "depth")
+# The learning-rate schedules after the warmup.
+SCHEDULES = ("cosine", "poly")
 # The resampling filters of the training crop.
 INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -59,6 +61,11 @@ class TrainConfig:
     val_split: float | None = None  # a seeded, stratified validation split carved from train/ when there is no val/
     freeze_stages: int = 0  # fine-tuning: the first k encoder stages fixed
     layer_decay: float | None = None  # fine-tuning: layer-wise learning-rate decay over the encoder's blocks
+    # Segmentation (SegFormer's recipe): ADE20K-style maps, the rescale/crop/flip/photometric pipeline, the head's lr.
+    reduce_labels: bool = False  # 0 = no label, class k + 1 -> k
+    seg_augment: bool = False  # random rescale (0.5-2x), crop --image-size (at most 75% one class), flip, photometric
+    head_lr_mult: float = 1.0  # the learning rate of everything outside the encoder (SegFormer: 10)
+    schedule: str = "cosine"  # or "poly" (mmsegmentation's, power 0.9), after the warmup
     depth_scale: float = 1000.0  # depth: PNG units per metre (1000: millimetres, NYU's)
     nyu_crop: bool = False  # depth: evaluate inside Eigen's NYU crop only
     task: str = "classification"  # or "segmentation": DIR/{train,val}/{images,masks}, pvtv2.dense_train
@@ -134,6 +141,14 @@ class TrainConfig:
         _integer("freeze_stages", self.freeze_stages, minimum=0)
         if self.layer_decay is not None:
             _number("layer_decay", self.layer_decay, low=0.0, high=1.0, low_open=True, hint="e.g. 0.75")
+        for name in ("reduce_labels", "seg_augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
+            if getattr(self, name) and self.task != "segmentation":
+                raise ValueError(f"{flag(name)} applies to --task segmentation only, not --task {self.task}")
+        _number("head_lr_mult", self.head_lr_mult, low=0.0, low_open=True, hint="e.g. 10 for SegFormer's head")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _number("depth_scale", self.depth_scale, low=0.0, low_open=True, hint="PNG units per metre, e.g. 1000")
         if not isinstance(self.nyu_crop, bool):
             raise TypeError(f"--nyu-crop must be true or false, got {self.nyu_crop!r}")

@@ -49,7 +49,7 @@ from ..progress import progress_bar
 from .config import TrainConfig
 from .curves import draw_curves, read_metrics, write_metrics
 from .distributed import DistInfo, all_reduce, autocast, on_main, rng_state, seed_everything, set_rng_state
-from .recipes import WeightEma, capped_warmup_steps, freeze_stages
+from .recipes import WeightEma, capped_warmup_steps, freeze_stages, poly_factor
 from .recipes import parameter_groups as decayed_parameter_groups
 from .rundir import CURVES_FILE, METRICS_FILE, TRAINING_STATE_NAME, save_checkpoint, start_run
 
@@ -254,6 +254,7 @@ class Schedule:
     warmup_steps: int
     peak_lr: float
     min_ratio: float  # min_lr / peak_lr
+    kind: str = "cosine"  # or "poly"
 
     @classmethod
     def plan(cls, cfg: TrainConfig, task: Task, info: DistInfo) -> Schedule:
@@ -268,9 +269,13 @@ class Schedule:
         total_steps = steps_per_epoch * cfg.epochs
         # A warmup longer than a quarter of a short run is cut (logged), so that the run reaches its peak lr.
         warmup_steps = capped_warmup_steps(cfg.warmup_epochs, steps_per_epoch, total_steps)
-        return cls(batches_per_epoch, steps_per_epoch, total_steps, warmup_steps, peak_lr, min(1.0, cfg.min_lr / peak_lr))
+        return cls(batches_per_epoch, steps_per_epoch, total_steps, warmup_steps, peak_lr,
+                   min(1.0, cfg.min_lr / peak_lr), cfg.schedule)
 
     def factor(self, step: int) -> float:
+        if self.kind == "poly":
+            return poly_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                               min_ratio=self.min_ratio)
         return cosine_warmup_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                                     min_ratio=self.min_ratio)
 
@@ -356,9 +361,9 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     schedule = Schedule.plan(cfg, task, ctx.dist)
-    if cfg.layer_decay is not None:
+    if cfg.layer_decay is not None or cfg.head_lr_mult != 1:
         groups = decayed_parameter_groups(model, lr=schedule.peak_lr, weight_decay=cfg.weight_decay,
-                                          layer_decay=cfg.layer_decay)
+                                          layer_decay=cfg.layer_decay, head_lr_mult=cfg.head_lr_mult)
     else:
         groups = parameter_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr)

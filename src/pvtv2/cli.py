@@ -171,6 +171,8 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d['hflip']:g})")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
+    p.add_argument("--amp", help="mixed precision: bf16 (the same as --bf16) or fp16 (float16 autocast with a "
+                   "gradient scaler, for CUDA GPUs without bfloat16; refused on CPUs)")
     p.add_argument("--seed", type=int, help=f"default {d['seed']}")
     p.add_argument("--replace-head", action="store_true", default=None,
                    help="fine-tuning: train a new head when the dataset's classes are not the checkpoint's")
@@ -238,6 +240,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.amp is not None:
+        if args.amp not in ("bf16", "fp16"):
+            raise ValueError(f"--amp must be bf16 or fp16, got {args.amp!r}")
+        given["bf16" if args.amp == "bf16" else "fp16"] = True
     cfg = TrainConfig(**{**args.recipe, **given, "progress": not args.no_progress})
     if not cfg.resume and not cfg.data:
         raise ValueError("--data is required (unless --resume continues a run)")

@@ -169,3 +169,31 @@ def test_val_split_freeze_and_layer_decay(few_digits, tmp_path, caplog):
     ratios = sorted({round(group["lr"] / record["lr"], 6) for group in state["optimizer"]["param_groups"]})
     # Four stages of one block each, stage 1 frozen: depths 2, 3, 4 and the head (5) learn at 0.5^3, 0.5^2, 0.5, 1.
     assert ratios == [0.125, 0.25, 0.5, 1.0]
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
+    (["--amp", "fp32"], "--amp must be bf16 or fp16"),
+    (["--amp", "fp16", "--bf16"], "contradict each other"),
+])
+def test_fp16_is_refused_on_a_cpu_before_anything_is_written(few_digits, tiny_config, tmp_path, capsys, extra, named):
+    out = tmp_path / "run"
+    code = main(["train", *_common(few_digits, tiny_config, out), "--device", "cpu", *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and named in lines[0], lines
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_gradient_scaler_steps_and_is_saved(few_digits, tiny_config, tmp_path, monkeypatch):
+    # The fp16 path itself (autocast to float16, scaled backward, unscale before clipping, scaler.step / update),
+    # run on the CPU with the CUDA-only refusal lifted: 8 steps without an overflow grow the tracker to 8.
+    import pvtv2.training.runner as runner
+
+    monkeypatch.setattr(runner, "_check_fp16", lambda cfg, device: None)
+    out = tmp_path / "run"
+    assert main(["train", *_common(few_digits, tiny_config, out, epochs=1), "--amp", "fp16", "--clip-grad", "1"]) == 0
+    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 65536.0 and state["scaler"]["_growth_tracker"] == 8
+    assert _top1(out / "last", few_digits) == pytest.approx(
+        json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"], abs=1e-6)

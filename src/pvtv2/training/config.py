@@ -47,7 +47,8 @@ class TrainConfig:
     crop_scale: float = 0.08  # smallest area fraction of a random resized crop
     hflip: float = 0.5
     clip_grad: float | None = None  # None: no clipping
-    bf16: bool = False
+    bf16: bool = False  # bfloat16 autocast (--amp bf16, or --bf16)
+    fp16: bool = False  # float16 autocast with a gradient scaler, CUDA only (--amp fp16)
     seed: int = 0
     replace_head: bool = False
     # The paper's (DeiT's) augmentation and the fine-tuning aids, all off by default (docs/training.md).
@@ -107,7 +108,9 @@ class TrainConfig:
         if self.clip_grad is not None:
             # 0 or a negative norm would zero or reverse every step (gradient ascent): leave the flag out instead.
             _number("clip_grad", self.clip_grad, low=0.0, low_open=True, hint="leave it out for no clipping")
-        for name in ("bf16", "replace_head", "progress", "resume", "overwrite"):
+        if self.bf16 and self.fp16:
+            raise ValueError("--amp fp16 and --bf16 (--amp bf16) contradict each other: pass one of them")
+        for name in ("bf16", "fp16", "replace_head", "progress", "resume", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         for name in ("data", "model", "output"):

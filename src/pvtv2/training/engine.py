@@ -108,9 +108,12 @@ class RunContext:
     device: torch.device
     bf16: bool  # autocast to bfloat16 (already turned off where the device lacks it)
     dist: DistInfo
+    fp16: bool = False  # autocast to float16 (CUDA), with the engine's gradient scaler
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The context of a forward pass (bf16 autocast, or nothing); compute losses in float32 outside it."""
+        """The context of a forward pass (bf16 or fp16 autocast, or nothing); compute losses in float32 outside it."""
+        if self.fp16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
         return autocast(self.device, self.bf16)
 
     def sum(self, values: Sequence[float]) -> list[float]:
@@ -290,6 +293,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     schedule: Schedule
     ema: WeightEma | None = None  # the weights' moving average (--ema): evaluated and saved beside them
+    scaler: torch.amp.GradScaler | None = None  # --amp fp16: the loss scale that keeps float16 gradients finite
     start_epoch: int = 0
     best_score: float = -1.0
     best_epoch: int = -1
@@ -369,7 +373,8 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr)
     # A lambda, not a bound method: LambdaLR saves no state for plain functions, so training_state.pt stays tensors.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
-    training = Training(model, net, optimizer, scheduler, schedule, ema)
+    scaler = torch.amp.GradScaler(ctx.device.type) if ctx.fp16 else None
+    training = Training(model, net, optimizer, scheduler, schedule, ema, scaler)
     if state is not None:
         _restore(task, cfg, training, state, ctx)
     return training
@@ -386,6 +391,8 @@ def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, 
             if "ema" not in state:
                 raise ValueError("it holds no weight average (--ema), which this run keeps")
             training.ema.load_state_dict(state["ema"])
+        if training.scaler is not None and "scaler" in state:
+            training.scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"{str(source)!r} does not fit the model in {str(source.parent)!r}: {err}") from None
     training.start_epoch, training.best_epoch = state["epoch"], state["best_epoch"]
@@ -444,7 +451,8 @@ def _train_epoch(task: Task, cfg: TrainConfig, training: Training, epoch: int, c
             loss = task.training_loss(training.net, batch, ctx)
             # Each micro-batch weighs by its share of its accumulation group (the last group may be shorter).
             group = min(cfg.grad_accum, batches - (i // cfg.grad_accum) * cfg.grad_accum)
-            (loss / group).backward()
+            scaled = loss / group
+            (training.scaler.scale(scaled) if training.scaler is not None else scaled).backward()
         value = loss.item()
         _stop_if_diverged(value, epoch, i, cfg, training, ctx)
         if boundary:
@@ -464,9 +472,16 @@ def _crash_for_test(step: int) -> None:
 
 
 def _optimizer_step(cfg: TrainConfig, training: Training) -> None:
+    scaler = training.scaler
+    if scaler is not None and cfg.clip_grad is not None:
+        scaler.unscale_(training.optimizer)  # clip the true gradients, not the scaled ones
     if cfg.clip_grad is not None:
         nn.utils.clip_grad_norm_(training.model.parameters(), cfg.clip_grad)
-    training.optimizer.step()
+    if scaler is not None:
+        scaler.step(training.optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+        scaler.update()
+    else:
+        training.optimizer.step()
     training.optimizer.zero_grad(set_to_none=True)
     training.scheduler.step()
     if training.ema is not None:
@@ -529,6 +544,8 @@ def _end_epoch(task: Task, cfg: TrainConfig, training: Training, record: dict[st
             "run": cfg.run_fields(),
             "model_config": training.model.config.to_dict(),
         }
+        if training.scaler is not None:
+            training_state["scaler"] = training.scaler.state_dict()
         if training.ema is not None:
             training_state["ema"] = training.ema.state_dict()
             save_checkpoint(out / "ema", training.ema.module, cfg.image_size)

@@ -428,8 +428,18 @@ def _add_eval(subparsers) -> None:
     )
     _add_model_flags(p)
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="classification (default) or segmentation: mean IoU, pixel accuracy and per-class IoU on "
+                        "DIR/SPLIT/images/* with DIR/SPLIT/masks/*.png, at each mask's resolution")
     _add_preprocess_flag(p)
     _add_runtime_flags(p)
+    seg = p.add_argument_group("segmentation")
+    seg.add_argument("--split", default="val", help="segmentation: the sub-folder of DIR (default: val)")
+    seg.add_argument("--size", help="segmentation: model input size, N or HxW, 32 to 2048 (default: the config's "
+                     "image_size for --mode whole, each image's own size for --mode slide)")
+    seg.add_argument("--reduce-labels", action="store_true",
+                     help="segmentation: ADE20K-style masks, 0 = no label and class k + 1 -> k")
+    _add_segmentation_inference_flags(seg)
     p.set_defaults(func=_cmd_eval, batch_size=32)
 
 
@@ -437,6 +447,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .inference import evaluate, load_classifier, load_processor, load_runtime
 
     _check_range("--batch-size", args.batch_size, 1, 1024)
+    if args.task == "segmentation":
+        return _eval_segmentation(args)
+    seg_only = [name for name, used in (("--size", args.size is not None), ("--reduce-labels", args.reduce_labels),
+                                        ("--mode slide", args.mode != "whole"), ("--scales", args.scales != "1.0"),
+                                        ("--flip", args.flip), ("--split", args.split != "val")) if used]
+    if seg_only:
+        raise ValueError(f"{', '.join(seg_only)} apply to --task segmentation only")
     model = load_classifier(args.model, args.device)
     processor = load_processor(
         args.model, model.config.image_size, args.preprocess, getattr(model, "checkpoint_layout", None)
@@ -454,6 +471,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"  mean loss       {result['loss']:.4f}")
         print(f"  images/s        {result['images_per_second']:.1f} end to end, "
               f"{result['model_images_per_second']:.1f} model only")
+    return 0
+
+
+def _eval_segmentation(args: argparse.Namespace) -> int:
+    from .inference import evaluate_segmenter, load_segmenter
+
+    unused = [name for name, used in (("--preprocess", args.preprocess is not None), ("--bf16", args.bf16),
+                                      ("--runtime onnxruntime", args.runtime != "torch"), ("--onnx", args.onnx))
+              if used]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} apply to --task classification only")
+    size = _size_flag(args.size)
+    options = _segmentation_inference_flags(args)
+    model = load_segmenter(args.model, args.device)
+    result = evaluate_segmenter(model, args.data, args.split, size, reduce_labels=args.reduce_labels,
+                                progress=_progress(args), **options)
+    result = {**result, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['dataset']}: {result['images']} images, {args.mode} inference"
+              + (f", scales {','.join(map(str, options['scales']))}" if options["scales"] != (1.0,) else "")
+              + (", flip" if args.flip else ""))
+        print(f"  mean IoU        {result['mean_iou']:.4f}")
+        print(f"  pixel accuracy  {result['pixel_accuracy']:.4f}")
     return 0
 
 

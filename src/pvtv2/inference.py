@@ -62,6 +62,7 @@ __all__ = [
     "onnx_runtime",
     "load_runtime",
     "predict_segmentation",
+    "evaluate_segmenter",
     "predict_depth",
     "SEGMENTATION_MODES",
     "segmentation_logits",
@@ -670,3 +671,61 @@ def predict_depth(model: PvtV2ForDepthEstimation, image, size: tuple[int, int] |
     depth = model.eval()(pixels.to(model.device, model.dtype)).predicted_depth  # (1, h, w)
     depth = F.interpolate(depth[:, None].float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
     return depth[0, 0].cpu().numpy()
+
+
+def evaluate_segmenter(
+    model: PvtV2ForSemanticSegmentation,
+    data: str | os.PathLike,
+    split: str = "val",
+    size: tuple[int, int] | None = None,
+    *,
+    reduce_labels: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``data/split/{images,masks}``, each image predicted
+    by :func:`predict_segmentation` (``size`` and ``options``: mode, crop, stride, scales, flip) at its mask's
+    resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label)."""
+    from .data.masks import reduce_labels as reduce
+    from .data.masks import scan_segmentation_split
+    from .training.segmentation import segmentation_metrics
+
+    pairs = scan_segmentation_split(data, split)
+    k = max(2, model.config.num_labels)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    began = time.perf_counter()
+    for image_path, mask_path in progress_bar(pairs, enabled=progress, desc="segment"):
+        image = load_image(image_path).convert("RGB")
+        labels = np.asarray(_load_mask(mask_path), dtype=np.int64)
+        if reduce_labels:
+            labels = reduce(labels).astype(np.int64)
+        if labels.shape != (image.height, image.width):
+            raise ValueError(f"mask {os.fspath(mask_path)!r} is {labels.shape[1]}x{labels.shape[0]} but its image is "
+                             f"{image.width}x{image.height}")
+        predicted = predict_segmentation(model, image, size, **options)
+        keep = labels != 255
+        if (labels[keep] >= k).any():
+            raise ValueError(f"mask {os.fspath(mask_path)!r} has class {int(labels[keep].max())} but the model has "
+                             f"{model.config.num_labels} classes" + ("" if reduce_labels else
+                             " (ADE20K-style masks, 0 = no label: pass --reduce-labels)"))
+        confusion += np.bincount(labels[keep] * k + predicted[keep], minlength=k * k).reshape(k, k)
+    metrics = segmentation_metrics(confusion)
+    names = model.config.id2label
+    return {
+        "dataset": os.fspath(Path(data) / split),
+        "images": len(pairs),
+        "mean_iou": metrics["mean_iou"],
+        "pixel_accuracy": metrics["pixel_accuracy"],
+        "per_class_iou": {names.get(i, str(i)): v for i, v in enumerate(metrics["per_class_iou"])},
+        "seconds": time.perf_counter() - began,
+    }
+
+
+def _load_mask(path: str | os.PathLike) -> Any:
+    """A label map PNG as a PIL image (single channel: modes L, P, I, I;16), refused otherwise."""
+    import PIL.Image
+
+    mask = PIL.Image.open(path)
+    if mask.mode not in ("L", "P", "I", "I;16"):
+        raise ValueError(f"mask {os.fspath(path)!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
+    return mask

@@ -138,3 +138,90 @@ def test_segment_refuses_bad_inference_flags(segmenter, tmp_path, capsys, extra,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("pvtv2 segment: error: ") and named in err[0]
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def shapes_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes_model")
+    torch.manual_seed(1)
+    labels = dict(enumerate(["background", "circle", "square", "triangle"]))
+    model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY_SHALLOW, decoder_hidden_size=32, id2label=labels,
+                                                     image_size=SIZE))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _iou_by_hand(model_dir: Path, data: Path) -> tuple[float, float]:
+    """Whole-image inference written out: resize to the config's size, normalise, forward, upsample, argmax; then
+    IoU per class over all images (classes absent from labels and predictions left out)."""
+    model = PvtV2ForSemanticSegmentation.from_pretrained(model_dir).eval()
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    inter, union, correct, total = np.zeros(4), np.zeros(4), 0, 0
+    for image_path in sorted((data / "val" / "images").iterdir()):
+        image = PIL.Image.open(image_path).convert("RGB")
+        resized = np.asarray(image.resize((SIZE, SIZE), PIL.Image.Resampling.BILINEAR), np.float64) / 255.0
+        pixels = torch.from_numpy(((resized - mean) / std).transpose(2, 0, 1)[None].astype(np.float32))
+        with torch.no_grad():
+            logits = model(pixels).logits
+        logits = torch.nn.functional.interpolate(logits, size=(image.height, image.width), mode="bilinear",
+                                                 align_corners=False)
+        pred = logits.argmax(1)[0].numpy()
+        truth = np.asarray(PIL.Image.open(data / "val" / "masks" / f"{image_path.stem}.png")).astype(np.int64)
+        for c in range(4):
+            inter[c] += ((pred == c) & (truth == c)).sum()
+            union[c] += ((pred == c) | (truth == c)).sum()
+        correct += (pred == truth).sum()
+        total += truth.size
+    present = union > 0
+    return float(np.mean(inter[present] / union[present])), correct / total
+
+
+def test_eval_segmentation_matches_a_computation_by_hand(shapes, shifted, shapes_model, capsys):
+    assert main(["eval", "--task", "segmentation", "-m", str(shapes_model), "--data", str(shapes), "--json",
+                 "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    mean_iou, accuracy = _iou_by_hand(shapes_model, shapes)
+    assert got["images"] == 8
+    assert got["mean_iou"] == pytest.approx(mean_iou, abs=1e-9)
+    assert got["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    # ADE20K-style masks, reduced, give the same numbers.
+    assert main(["eval", "--task", "segmentation", "-m", str(shapes_model), "--data", str(shifted), "--json",
+                 "--reduce-labels", "--no-progress"]) == 0
+    reduced = json.loads(capsys.readouterr().out)
+    assert (reduced["mean_iou"], reduced["pixel_accuracy"]) == (got["mean_iou"], got["pixel_accuracy"])
+    # Unreduced, the shifted masks hold a class the model does not have: named, with the remedy.
+    assert main(["eval", "--task", "segmentation", "-m", str(shapes_model), "--data", str(shifted)]) == 2
+    assert "pass --reduce-labels" in capsys.readouterr().err
+
+
+def test_eval_segmentation_takes_the_inference_flags(shapes, shapes_model, capsys):
+    assert main(["eval", "--task", "segmentation", "-m", str(shapes_model), "--data", str(shapes), "--json",
+                 "--mode", "slide", "--crop", "32", "--stride", "16", "--size", "48", "--scales", "0.75,1", "--flip",
+                 "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    model = PvtV2ForSemanticSegmentation.from_pretrained(shapes_model)
+    confusion = np.zeros((4, 4), dtype=np.int64)
+    for image_path in sorted((shapes / "val" / "images").iterdir()):
+        image = PIL.Image.open(image_path).convert("RGB")
+        pred = predict_segmentation(model, image, (48, 48), mode="slide", crop=32, stride=16, scales=(0.75, 1.0),
+                                    flip=True)
+        truth = np.asarray(PIL.Image.open(shapes / "val" / "masks" / f"{image_path.stem}.png")).astype(np.int64)
+        np.add.at(confusion, (truth.ravel(), pred.ravel()), 1)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    assert got["mean_iou"] == pytest.approx(np.mean(inter[union > 0] / union[union > 0]), abs=1e-9)
+    assert (got["mode"], got["crop"], got["stride"], got["scales"], got["flip"]) == ("slide", 32, 16, [0.75, 1.0], True)
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--task", "segmentation", "--preprocess", "timm"], "--preprocess apply to --task classification only"),
+    (["--mode", "slide"], "--mode slide apply to --task segmentation only"),
+    (["--task", "segmentation", "--scales", "-1"], "--scales"),
+])
+def test_eval_refuses_flags_of_the_other_task(shapes, shapes_model, capsys, extra, named):
+    assert main(["eval", "-m", str(shapes_model), "--data", str(shapes), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err

@@ -173,9 +173,39 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d['hflip']:g})")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
+    p.add_argument("--amp", help="mixed precision: bf16 (the same as --bf16) or fp16 (float16 autocast with a "
+                   "gradient scaler, for CUDA GPUs without bfloat16; refused on CPUs)")
     p.add_argument("--seed", type=int, help=f"default {d['seed']}")
     p.add_argument("--replace-head", action="store_true", default=None,
                    help="fine-tuning: train a new head when the dataset's classes are not the checkpoint's")
+    p.add_argument("--randaugment", action="store_true", default=None,
+                   help="classification: RandAugment as the paper's rand-m9-mstd0.5-inc1 (torchvision's ops)")
+    p.add_argument("--mixup", type=float, help="classification: MixUp's alpha, the paper's 0.8 (default 0: off)")
+    p.add_argument("--cutmix", type=float, help="classification: CutMix's alpha, the paper's 1.0 (default 0: off)")
+    p.add_argument("--reprob", type=float, help="classification: random-erasing probability, the paper's 0.25 "
+                   "(default 0)")
+    p.add_argument("--repeated-aug", type=int, help="classification: copies of each image per epoch, each augmented "
+                   "its own way; the paper's 3 under torchrun (default 1)")
+    p.add_argument("--train-interpolation", help="classification: bilinear (default) or bicubic (the paper's) for the "
+                   "random resized crop")
+    p.add_argument("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights "
+                   "(e.g. 0.9998), evaluated each epoch and saved as OUT/ema (default: off)")
+    p.add_argument("--val-split", type=float, metavar="FRACTION", help="classification without DIR/val: hold out this "
+                   "fraction of each class of DIR/train (seeded by --seed), e.g. 0.1")
+    p.add_argument("--freeze-stages", type=int, metavar="K", help="fine-tuning: keep the first K encoder stages fixed "
+                   "(default 0)")
+    p.add_argument("--layer-decay", type=float, help="fine-tuning: layer-wise learning-rate decay, e.g. 0.75: each "
+                   "block below the head learns at this factor of the one above (default: off)")
+    p.add_argument("--reduce-labels", action="store_true", default=None,
+                   help="segmentation: ADE20K-style masks, 0 = no label and class k + 1 -> k")
+    p.add_argument("--seg-augment", action="store_true", default=None,
+                   help="segmentation: SegFormer's pipeline: random rescale 0.5-2x, random --image-size crop (at most "
+                   "75%% one class), flip, photometric distortion")
+    p.add_argument("--head-lr-mult", type=float, help="learning-rate factor of the head (SegFormer: 10; default 1)")
+    p.add_argument("--schedule", help="cosine (default) or poly (mmsegmentation's, power 0.9) after the warmup")
+    p.add_argument("--depth-scale", type=float, help="depth: PNG units per metre (default 1000: millimetres)")
+    p.add_argument("--nyu-crop", action="store_true", default=None,
+                   help="depth: evaluate inside Eigen's NYU Depth v2 crop only")
     p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output (its settings are "
@@ -195,13 +225,14 @@ def _add_train(subparsers) -> None:
         "PVTv2 paper's recipe. Writes OUT/last and OUT/best (from_pretrained folders), OUT/metrics.jsonl and "
         "OUT/curves.png. Run under `torchrun --nproc_per_node N` for DistributedDataParallel.",
     )
-    p.add_argument("--task", choices=("classification", "segmentation", "detection"),
+    p.add_argument("--task", choices=("classification", "segmentation", "detection", "depth"),
                    help="classification (default; DIR/train/<class>/*), segmentation (DIR/train/images/*, "
-                   "DIR/train/masks/*.png, the same under val/; reports mean IoU and pixel accuracy) or detection "
+                   "DIR/train/masks/*.png, the same under val/; reports mean IoU and pixel accuracy), detection "
                    "(COCO format: DIR/annotations/instances_{train,val}.json, DIR/train/, DIR/val/; reports COCO box "
                    "AP; defaults are the original 1x recipe: --image-size 800 (the shorter side), 12 epochs with the "
                    "rate x0.1 after epochs 8 and 11, batch 2, lr 1e-4 x global batch / 16, weight decay 1e-4, 500 "
-                   "warmup steps)")
+                   "warmup steps) or depth (DIR/train/images/*, DIR/train/depth/*.png 16-bit, the same under val/; "
+                   "GLPN head, AbsRel, RMSE, delta metrics)")
     p.add_argument("--data", help="dataset folder with train/<class>/ and val/<class>/ sub-folders")
     p.add_argument("--detector", choices=("retinanet", "faster_rcnn", "mask_rcnn", "fcos"),
                    help="detection: the torchvision detector on the PVTv2 encoder (default retinanet)")
@@ -219,6 +250,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.amp is not None:
+        if args.amp not in ("bf16", "fp16"):
+            raise ValueError(f"--amp must be bf16 or fp16, got {args.amp!r}")
+        given["bf16" if args.amp == "bf16" else "fp16"] = True
     recipe = args.recipe
     if given.get("task") == "detection":
         from .training.detection import DETECTION_RECIPE
@@ -234,6 +269,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _print_segmentation_result(result)
     elif result["rank"] == 0 and result.get("task") == "detection":
         _print_detection_result(result)
+    elif result["rank"] == 0 and result.get("task") == "depth":
+        final, best = result["final"] or {}, result["best_record"] or {}
+        print(f"trained {final.get('epoch', 0)} epochs: val AbsRel {final.get('abs_rel', float('nan')):.4f}, RMSE "
+              f"{final.get('rmse', float('nan')):.4f}, delta1 {final.get('delta1', float('nan')):.4f} (best delta1 "
+              f"{best.get('delta1', 0):.4f} at epoch {result['best_epoch']})")
+        print(f"checkpoints: {result['last']} and {result['best']}")
+        print(f"metrics: {result['metrics']}; curves: {result['curves']}")
     elif result["rank"] == 0:
         final = result["final"] or {}
         print(f"trained {final.get('epoch', 0)} epochs: val top-1 {final.get('val_top1', float('nan')):.2f}% "
@@ -328,6 +370,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_preprocess_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preprocess", choices=("transformers", "timm", "original"),
+        help="evaluation preprocessing: transformers (resize to the square, bilinear), timm (shorter side to "
+             "size/0.9, bicubic, centre crop) or original (size/0.875, bicubic, centre crop: the paper's ImageNet "
+             "table). Default: the checkpoint's preprocessor_config.json, else its origin's protocol (a timm or "
+             "original file), else transformers",
+    )
+
+
 def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                    help="what computes the logits: torch (default), or onnxruntime on the CPU (faster there; needs "
@@ -350,6 +402,7 @@ def _add_predict(subparsers) -> None:
     _add_model_flags(p)
     p.add_argument("--top-k", "-k", type=int, default=5,
                    help="classes per image, 1 to 1000, at most the model's classes (default: 5)")
+    _add_preprocess_flag(p)
     _add_runtime_flags(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -361,7 +414,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _check_range("--batch-size", args.batch_size, 1, 1024)
     paths = find_images(args.images)
     model = load_classifier(args.model, args.device)
-    processor = load_processor(args.model, model.config.image_size)
+    processor = load_processor(
+        args.model, model.config.image_size, args.preprocess, getattr(model, "checkpoint_layout", None)
+    )
     runtime = load_runtime(model, args.runtime, args.onnx, model_source=args.model, bf16=args.bf16)
     results = predict(model, processor, paths, args.top_k, args.batch_size, progress=_progress(args), runtime=runtime)
     failed = [r for r in results if r.error is not None]
@@ -392,34 +447,82 @@ def _add_eval(subparsers) -> None:
     )
     _add_model_flags(p)
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
-    p.add_argument("--task", choices=("classification", "detection"), default="classification",
-                   help="classification (default), or detection: COCO box AP (and mask AP) of a detector on "
-                        "DIR/annotations/instances_val.json + DIR/val/ (batch size 2 unless given)")
+    p.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification",
+                   help="classification (default); segmentation: mean IoU, pixel accuracy and per-class IoU on "
+                        "DIR/SPLIT/images/* with DIR/SPLIT/masks/*.png, at each mask's resolution; detection: COCO "
+                        "box AP (and mask AP) of a detector on DIR/annotations/instances_val.json + DIR/val/ (batch "
+                        "size 2 unless given)")
+    _add_preprocess_flag(p)
     _add_runtime_flags(p)
+    seg = p.add_argument_group("segmentation")
+    seg.add_argument("--split", default="val", help="segmentation: the sub-folder of DIR (default: val)")
+    seg.add_argument("--size", help="segmentation: model input size, N or HxW, 32 to 2048 (default: the config's "
+                     "image_size for --mode whole, each image's own size for --mode slide)")
+    seg.add_argument("--reduce-labels", action="store_true",
+                     help="segmentation: ADE20K-style masks, 0 = no label and class k + 1 -> k")
+    _add_segmentation_inference_flags(seg)
     p.set_defaults(func=_cmd_eval, batch_size=None)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .inference import evaluate, load_classifier, load_processor, load_runtime
 
+    if args.task != "segmentation":
+        seg_only = [name for name, used in (("--size", args.size is not None), ("--reduce-labels", args.reduce_labels),
+                                            ("--mode slide", args.mode != "whole"), ("--scales", args.scales != "1.0"),
+                                            ("--flip", args.flip), ("--split", args.split != "val")) if used]
+        if seg_only:
+            raise ValueError(f"{', '.join(seg_only)} apply to --task segmentation only")
     if args.task == "detection":
+        if args.preprocess is not None:
+            raise ValueError("--preprocess applies to classification only (a detector resizes and normalises its images)")
         return _cmd_eval_detection(args)
     args.batch_size = 32 if args.batch_size is None else args.batch_size
     _check_range("--batch-size", args.batch_size, 1, 1024)
+    if args.task == "segmentation":
+        return _eval_segmentation(args)
     model = load_classifier(args.model, args.device)
-    processor = load_processor(args.model, model.config.image_size)
+    processor = load_processor(
+        args.model, model.config.image_size, args.preprocess, getattr(model, "checkpoint_layout", None)
+    )
     runtime = load_runtime(model, args.runtime, args.onnx, model_source=args.model, bf16=args.bf16)
     result = {**evaluate(model, processor, args.data, args.batch_size, progress=_progress(args), runtime=runtime),
               "runtime": args.runtime, "bf16": args.bf16}
     if args.json:
         _print_json(result)
     else:
-        print(f"{result['dataset']}: {result['images']} images, {result['classes']} classes")
+        print(f"{result['dataset']}: {result['images']} images, {result['classes']} classes, "
+              f"{result['preprocess']} preprocessing")
         print(f"  top-1 accuracy  {result['top1']:.2%}")
         print(f"  top-{result['top5_k']} accuracy  {result['top5']:.2%}")
         print(f"  mean loss       {result['loss']:.4f}")
         print(f"  images/s        {result['images_per_second']:.1f} end to end, "
               f"{result['model_images_per_second']:.1f} model only")
+    return 0
+
+
+def _eval_segmentation(args: argparse.Namespace) -> int:
+    from .inference import evaluate_segmenter, load_segmenter
+
+    unused = [name for name, used in (("--preprocess", args.preprocess is not None), ("--bf16", args.bf16),
+                                      ("--runtime onnxruntime", args.runtime != "torch"), ("--onnx", args.onnx))
+              if used]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} apply to --task classification only")
+    size = _size_flag(args.size)
+    options = _segmentation_inference_flags(args)
+    model = load_segmenter(args.model, args.device)
+    result = evaluate_segmenter(model, args.data, args.split, size, reduce_labels=args.reduce_labels,
+                                progress=_progress(args), **options)
+    result = {**result, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"{result['dataset']}: {result['images']} images, {args.mode} inference"
+              + (f", scales {','.join(map(str, options['scales']))}" if options["scales"] != (1.0,) else "")
+              + (", flip" if args.flip else ""))
+        print(f"  mean IoU        {result['mean_iou']:.4f}")
+        print(f"  pixel accuracy  {result['pixel_accuracy']:.4f}")
     return 0
 
 
@@ -616,7 +719,32 @@ def _add_segment(subparsers) -> None:
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     p.add_argument("--size", help="model input size, N or HxW, 32 to 2048 (default: the config's image_size)")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the label colours, 0 to 1 (default: 0.5)")
+    _add_segmentation_inference_flags(p)
     p.set_defaults(func=_cmd_segment)
+
+
+def _add_segmentation_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("whole", "slide"), default="whole",
+                   help="whole (default): the image resized to --size in one pass; slide: --crop windows every "
+                        "--stride pixels over the image at --size (default: its own size), logits averaged")
+    p.add_argument("--crop", type=int, default=512, help="slide: window side, 32 to 2048 (default 512)")
+    p.add_argument("--stride", type=int, default=341, help="slide: step between windows, 1 to --crop (default 341)")
+    p.add_argument("--scales", default="1.0", help="multi-scale testing: comma-separated factors of the input, each "
+                   "in (0, 4], e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)")
+    p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
+
+
+def _segmentation_inference_flags(args: argparse.Namespace) -> dict:
+    """The keyword arguments of predict_segmentation, checked before any work."""
+    _check_range("--crop", args.crop, *_DENSE_SIZES)
+    _check_range("--stride", args.stride, 1, args.crop)
+    try:
+        scales = tuple(float(v) for v in args.scales.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
+    if not scales or not all(0 < v <= 4 for v in scales):  # also refuses NaN
+        raise ValueError(f"--scales must be numbers in (0, 4], got {args.scales!r}")
+    return {"mode": args.mode, "crop": args.crop, "stride": args.stride, "scales": scales, "flip": args.flip}
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
@@ -626,10 +754,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     _check_range("--alpha", args.alpha, 0.0, 1.0)
     size = _size_flag(args.size)
+    options = _segmentation_inference_flags(args)
     _check_output_file(args.output)
     image = load_image(args.image).convert("RGB")
     model = load_segmenter(args.model)
-    label_map = predict_segmentation(model, image, size)
+    label_map = predict_segmentation(model, image, size, **options)
     _save_png(segmentation_picture(image, label_map, model.config.id2label, args.alpha), args.output)
     counts = {model.config.id2label.get(int(c), str(c)): int((label_map == c).sum()) for c in set(label_map.flat)}
     note = _enlarged_note(display_scale(image.height, image.width), image.height, image.width)

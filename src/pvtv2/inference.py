@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from .data.folders import find_image_files, scan_split
-from .data.processing import IMAGE_EXTENSIONS, PREPROCESSOR_CONFIG_NAME, PvtV2ImageProcessor, load_image
+from .data.processing import (
+    IMAGE_EXTENSIONS,
+    PREPROCESS_PROTOCOLS,
+    PREPROCESSOR_CONFIG_NAME,
+    PvtV2ImageProcessor,
+    load_image,
+)
 from . import fast
 from .fileio import path_kind
 from .models.config import is_preset_name, preset_key
@@ -56,12 +62,17 @@ __all__ = [
     "onnx_runtime",
     "load_runtime",
     "predict_segmentation",
+    "evaluate_segmenter",
     "predict_depth",
     "DetectionResult",
     "load_detector",
     "detect_objects",
     "detection_label_map",
     "evaluate_detector",
+    "SEGMENTATION_MODES",
+    "segmentation_logits",
+    "segmentation_probabilities",
+    "window_starts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,17 +154,33 @@ def load_depth_estimator(source: str | os.PathLike, device: str | torch.device =
     model = PvtV2ForDepthEstimation.from_pretrained(source)
     _refuse_random_weights(
         model, source, "depth head (GLPN decoder and head)",
-        "Pass a depth model (a transformers GLPN checkpoint or a PvtV2ForDepthEstimation save_pretrained folder). "
-        "The pvtv2 command does not train depth; in Python, fine-tune "
-        f"PvtV2ForDepthEstimation.from_pretrained({os.fspath(source)!r}) on depth maps (out.loss for labels) and "
-        "save_pretrained it",
+        "Pass a depth model (a transformers GLPN checkpoint or a PvtV2ForDepthEstimation save_pretrained folder), "
+        f"or train one: pvtv2 train --task depth --model {os.fspath(source)} --data DIR --output RUN "
+        "(DIR/train/images/*, DIR/train/depth/*.png as 16-bit millimetres, the same under DIR/val), then use RUN/best",
     )
     return model.to(device).eval()
 
 
-def load_processor(source: str | os.PathLike, image_size: Sequence[int]) -> PvtV2ImageProcessor:
-    """The model's own preprocessing when its folder (or hub repository) has a ``preprocessor_config.json``; else the
-    defaults (bilinear resize, ImageNet statistics) at the model's ``image_size``."""
+def load_processor(
+    source: str | os.PathLike,
+    image_size: Sequence[int],
+    protocol: str | None = None,
+    origin: str | None = None,
+) -> PvtV2ImageProcessor:
+    """The preprocessing for the model read from ``source`` whose inputs are ``image_size`` (height, width).
+
+    In this order: ``protocol`` when given (``"transformers"``, ``"timm"`` or ``"original"``, see
+    :data:`~pvtv2.data.processing.PREPROCESS_PROTOCOLS`); else the checkpoint's own ``preprocessor_config.json``
+    (its folder or hub repository); else the protocol of the checkpoint's ``origin`` (the layout its weights were
+    read from, ``model.checkpoint_layout``: a timm file is evaluated as timm does, an original file as the authors
+    did), which is logged; else transformers' (bilinear resize to ``image_size``, ImageNet statistics).
+    """
+    if protocol is not None and protocol not in PREPROCESS_PROTOCOLS:
+        raise ValueError(f"unknown preprocessing protocol {protocol!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
+    height, width = (int(side) for side in image_size)
+    if protocol is not None:
+        logger.info("preprocessing: the %s protocol", protocol)
+        return _protocol_processor(protocol, height, width)
     text = os.fspath(source)
     path = None
     if os.path.isdir(text):
@@ -166,8 +193,24 @@ def load_processor(source: str | os.PathLike, image_size: Sequence[int]) -> PvtV
     if path is not None:
         logger.info("preprocessing from %s", path)
         return PvtV2ImageProcessor.from_pretrained(path)
-    height, width = image_size
-    return PvtV2ImageProcessor(size={"height": int(height), "width": int(width)})
+    if origin in ("timm", "original") and height == width:
+        logger.info(
+            "preprocessing: the %s protocol, as the checkpoint is a %s file (--preprocess transformers for a plain "
+            "resize)", origin, origin,
+        )
+        return _protocol_processor(origin, height, width)
+    return PvtV2ImageProcessor(size={"height": height, "width": width})
+
+
+def _protocol_processor(protocol: str, height: int, width: int) -> PvtV2ImageProcessor:
+    if protocol == "transformers":
+        return PvtV2ImageProcessor(size={"height": height, "width": width})
+    if height != width:
+        raise ValueError(
+            f"the {protocol} protocol crops a square from the resized image, but the model's inputs are "
+            f"{height}x{width}; use the transformers protocol (a plain resize) for non-square inputs"
+        )
+    return PvtV2ImageProcessor.from_protocol(protocol, height)
 
 
 def torch_runtime(model: PvtV2ForImageClassification, bf16: bool = False) -> Runtime:
@@ -475,24 +518,149 @@ def evaluate(
         "top5": correct5 / n,
         "top5_k": k,
         "loss": loss_sum / n,
+        "preprocess": processor.protocol or "custom",  # which evaluation protocol the numbers belong to
         "images_per_second": n / seconds if seconds > 0 else float("inf"),
         "model_images_per_second": n / model_seconds if model_seconds > 0 else float("inf"),
         "seconds": seconds,
     }
 
 
+SEGMENTATION_MODES = ("whole", "slide")
+
+
+def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
+        raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Where the windows of one axis start, as mmsegmentation's ``slide_inference`` places them: every ``stride``
+    pixels, the last one moved back to end at the border; one window when ``crop`` covers ``length``."""
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, length) - crop, 0) for i in range(count)]
+
+
 @torch.no_grad()
-def predict_segmentation(model: PvtV2ForSemanticSegmentation, image, size: tuple[int, int] | None = None) -> np.ndarray:
+def segmentation_logits(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    mode: str = "whole",
+    crop: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+) -> torch.Tensor:
+    """(B, K, H, W) logits at the input's resolution (the head's 1/4-resolution logits upsampled, bilinear).
+
+    ``mode="whole"``: one forward pass over the whole input. ``mode="slide"``: mmsegmentation's sliding window:
+    ``crop``-sized windows every ``stride`` pixels (the last ones moved back inside the image), each upsampled to its
+    window, the overlaps averaged. A window never exceeds the image, so an input no larger than ``crop`` is one
+    window, the same as ``"whole"``.
+    """
+    if mode not in SEGMENTATION_MODES:
+        raise ValueError(f"mode must be one of {list(SEGMENTATION_MODES)}, got {mode!r}")
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be (batch, 3, height, width), got shape {tuple(pixel_values.shape)}")
+    height, width = pixel_values.shape[-2:]
+
+    def forward(pixels: torch.Tensor) -> torch.Tensor:
+        logits = model(pixels).logits.float()  # (B, K, h/4, w/4)
+        return F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+
+    if mode == "whole":
+        return forward(pixel_values)
+    crop_h, crop_w = _pair("crop", crop)
+    stride_h, stride_w = _pair("stride", stride)
+    if (stride_h > crop_h and height > crop_h) or (stride_w > crop_w and width > crop_w):
+        raise ValueError(
+            f"stride {(stride_h, stride_w)} must not exceed crop {(crop_h, crop_w)} on a {height}x{width} input: "
+            f"the windows would leave gaps"
+        )
+    total: torch.Tensor | None = None
+    count = torch.zeros(1, 1, height, width, device=pixel_values.device)
+    for top in window_starts(height, crop_h, stride_h):
+        for left in window_starts(width, crop_w, stride_w):
+            bottom, right = min(top + crop_h, height), min(left + crop_w, width)
+            logits = forward(pixel_values[:, :, top:bottom, left:right])  # (B, K, window h, window w)
+            if total is None:
+                total = logits.new_zeros(logits.shape[0], logits.shape[1], height, width)
+            total[:, :, top:bottom, left:right] += logits
+            count[:, :, top:bottom, left:right] += 1
+    return total / count  # type: ignore[operator]
+
+
+@torch.no_grad()
+def segmentation_probabilities(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    mode: str = "whole",
+    crop: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+    output_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """(B, K, H, W) class probabilities at ``output_size`` (default: the input's), averaged over test-time
+    augmentations as mmsegmentation's ``aug_test`` does: the input resized by each of ``scales`` (bilinear), and with
+    ``flip`` also mirrored; for each, :func:`segmentation_logits` (``mode``, ``crop``, ``stride``), resized to
+    ``output_size``, softmax (sigmoid for a one-class model), mirrored back; then the mean."""
+    if isinstance(scales, (int, float)) or len(scales) == 0 or any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 16 for s in scales
+    ):
+        raise ValueError(f"scales must be a non-empty list of positive factors (at most 16), got {scales!r}")
+    height, width = pixel_values.shape[-2:]
+    output_size = (height, width) if output_size is None else tuple(output_size)
+    total: torch.Tensor | None = None
+    views = 0
+    for scale in scales:
+        size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+        scaled = pixel_values if size == (height, width) else F.interpolate(
+            pixel_values, size=size, mode="bilinear", align_corners=False
+        )
+        for mirrored in (False, True) if flip else (False,):
+            view = scaled.flip(-1) if mirrored else scaled
+            logits = segmentation_logits(model, view, mode=mode, crop=crop, stride=stride)
+            logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(1)
+            probs = probs.flip(-1) if mirrored else probs
+            total = probs if total is None else total + probs
+            views += 1
+    return total / views  # type: ignore[operator]
+
+
+@torch.no_grad()
+def predict_segmentation(
+    model: PvtV2ForSemanticSegmentation,
+    image,
+    size: tuple[int, int] | None = None,
+    *,
+    mode: str = "whole",
+    crop: int | Sequence[int] = 512,
+    stride: int | Sequence[int] = 341,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> np.ndarray:
     """(H, W) class indices for a PIL image, at the image's own resolution.
 
-    The image is resized to ``size`` (default: ``config.image_size``) and normalised with ImageNet's statistics,
-    as SegFormer's processor does; the logits are upsampled (bilinear) back to the image before the argmax.
+    The image is resized to ``size`` and normalised with ImageNet's statistics, as SegFormer's processor does; the
+    prediction is upsampled (bilinear) back to the image before the argmax. ``size`` defaults to
+    ``config.image_size`` for ``mode="whole"`` and to the image's own size for ``mode="slide"`` (windows of ``crop``
+    every ``stride`` pixels). ``scales`` and ``flip``: multi-scale and flip testing
+    (:func:`segmentation_probabilities`).
     """
-    size = tuple(size or model.config.image_size)
+    if size is None:
+        size = tuple(model.config.image_size) if mode == "whole" else (image.height, image.width)
     pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})(image)["pixel_values"]
-    logits = model.eval()(pixels.to(model.device, model.dtype)).logits
-    logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0].cpu().numpy()
+    model = model.eval()
+    probs = segmentation_probabilities(
+        model, pixels.to(model.device, model.dtype), scales=scales, flip=flip, mode=mode, crop=crop, stride=stride,
+        output_size=(image.height, image.width),
+    )
+    if probs.shape[1] == 1:
+        return (probs[0, 0] > 0.5).long().cpu().numpy()
+    return probs.argmax(1)[0].cpu().numpy()
 
 
 @torch.no_grad()
@@ -689,3 +857,61 @@ def evaluate_detector(
         "model_images_per_second": n / model_seconds if model_seconds > 0 else float("inf"),
         "seconds": seconds,
     }
+
+
+def evaluate_segmenter(
+    model: PvtV2ForSemanticSegmentation,
+    data: str | os.PathLike,
+    split: str = "val",
+    size: tuple[int, int] | None = None,
+    *,
+    reduce_labels: bool = False,
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``data/split/{images,masks}``, each image predicted
+    by :func:`predict_segmentation` (``size`` and ``options``: mode, crop, stride, scales, flip) at its mask's
+    resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label)."""
+    from .data.masks import reduce_labels as reduce
+    from .data.masks import scan_segmentation_split
+    from .training.segmentation import segmentation_metrics
+
+    pairs = scan_segmentation_split(data, split)
+    k = max(2, model.config.num_labels)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    began = time.perf_counter()
+    for image_path, mask_path in progress_bar(pairs, enabled=progress, desc="segment"):
+        image = load_image(image_path).convert("RGB")
+        labels = np.asarray(_load_mask(mask_path), dtype=np.int64)
+        if reduce_labels:
+            labels = reduce(labels).astype(np.int64)
+        if labels.shape != (image.height, image.width):
+            raise ValueError(f"mask {os.fspath(mask_path)!r} is {labels.shape[1]}x{labels.shape[0]} but its image is "
+                             f"{image.width}x{image.height}")
+        predicted = predict_segmentation(model, image, size, **options)
+        keep = labels != 255
+        if (labels[keep] >= k).any():
+            raise ValueError(f"mask {os.fspath(mask_path)!r} has class {int(labels[keep].max())} but the model has "
+                             f"{model.config.num_labels} classes" + ("" if reduce_labels else
+                             " (ADE20K-style masks, 0 = no label: pass --reduce-labels)"))
+        confusion += np.bincount(labels[keep] * k + predicted[keep], minlength=k * k).reshape(k, k)
+    metrics = segmentation_metrics(confusion)
+    names = model.config.id2label
+    return {
+        "dataset": os.fspath(Path(data) / split),
+        "images": len(pairs),
+        "mean_iou": metrics["mean_iou"],
+        "pixel_accuracy": metrics["pixel_accuracy"],
+        "per_class_iou": {names.get(i, str(i)): v for i, v in enumerate(metrics["per_class_iou"])},
+        "seconds": time.perf_counter() - began,
+    }
+
+
+def _load_mask(path: str | os.PathLike) -> Any:
+    """A label map PNG as a PIL image (single channel: modes L, P, I, I;16), refused otherwise."""
+    import PIL.Image
+
+    mask = PIL.Image.open(path)
+    if mask.mode not in ("L", "P", "I", "I;16"):
+        raise ValueError(f"mask {os.fspath(path)!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
+    return mask

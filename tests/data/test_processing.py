@@ -436,3 +436,177 @@ def test_bad_values_and_inputs_raise():
 def test_bad_settings_raise(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         PvtV2ImageProcessor(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- protocols
+# The centre-crop protocols against the code that defines them, on real photographs (scikit-learn's two sample
+# images, 427x640), whole and cut so that every kind of crop margin occurs: even, odd with the half rounded down,
+# odd with the half rounded up (where torchvision's and transformers' crop positions differ).
+
+
+def _sample_photos() -> list[PIL.Image.Image]:
+    datasets = pytest.importorskip("sklearn.datasets")
+    photos = []
+    for array in datasets.load_sample_images().images:  # china.jpg, flower.jpg: (427, 640, 3) uint8
+        photos += [
+            PIL.Image.fromarray(array),
+            PIL.Image.fromarray(np.ascontiguousarray(array.transpose(1, 0, 2))),  # portrait, 640x427
+            PIL.Image.fromarray(array[:, :639]),
+            PIL.Image.fromarray(array[:425, 7:]),
+            PIL.Image.fromarray(array[31:332, 100:597]),
+        ]
+    return photos
+
+
+def _deit_eval_transform(size: int):
+    """The original repository's build_transform(is_train=False) (classification/datasets.py), written out with
+    torchvision as it is there."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    return transforms.Compose(
+        [
+            transforms.Resize(int((256 / 224) * size), interpolation=3),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def test_timm_protocol_matches_timms_eval_transform_for_pvt_v2_b0():
+    timm = pytest.importorskip("timm")
+    from timm.data import create_transform, resolve_data_config
+
+    data_config = resolve_data_config({}, model=timm.create_model("pvt_v2_b0", pretrained=False))
+    assert (data_config["crop_pct"], data_config["interpolation"]) == (0.9, "bicubic")
+    reference = create_transform(**data_config)
+    processor = PvtV2ImageProcessor.from_protocol("timm")
+    for photo in _sample_photos():
+        ours = processor(photo).pixel_values
+        _assert_matches(ours, reference(photo)[None])
+
+
+@pytest.mark.parametrize("image_size", [224, 160])
+def test_original_protocol_matches_the_authors_build_transform(image_size):
+    reference = _deit_eval_transform(image_size)
+    processor = PvtV2ImageProcessor.from_protocol("original", image_size)
+    for photo in _sample_photos():
+        ours = processor(photo).pixel_values
+        assert ours.shape == (1, 3, image_size, image_size)
+        _assert_matches(ours, reference(photo)[None])
+
+
+def test_timm_protocol_at_another_size_matches_timm():
+    pytest.importorskip("timm")
+    from timm.data import create_transform
+
+    reference = create_transform(input_size=192, crop_pct=0.9, interpolation="bicubic")
+    processor = PvtV2ImageProcessor.from_protocol("timm", 192)
+    assert processor.size == {"shortest_edge": 213}  # floor(192 / 0.9)
+    for photo in _sample_photos()[:5]:
+        _assert_matches(processor(photo).pixel_values, reference(photo)[None])
+
+
+def test_transformers_protocol_is_the_published_default():
+    assert PvtV2ImageProcessor.from_protocol("transformers") == PvtV2ImageProcessor()
+    assert PvtV2ImageProcessor().protocol == "transformers"
+    for name in ("timm", "original"):
+        assert PvtV2ImageProcessor.from_protocol(name, 288).protocol == name
+    assert PvtV2ImageProcessor(resample=3).protocol is None
+
+
+def test_resize_then_crop_matches_torchvision():
+    transforms = pytest.importorskip("torchvision.transforms")
+    reference = transforms.Compose(
+        [
+            transforms.Resize((256, 240), interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop((224, 201)),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    processor = PvtV2ImageProcessor(size={"height": 256, "width": 240}, do_center_crop=True, crop_size=(224, 201))
+    for photo in _sample_photos()[:3]:
+        _assert_matches(processor(photo).pixel_values, reference(photo)[None])
+
+
+def test_protocol_config_round_trips_and_transformers_reads_it(tmp_path):
+    processor = PvtV2ImageProcessor.from_protocol("timm")
+    path = processor.save_pretrained(tmp_path)
+    saved = json.loads(path.read_text())
+    assert saved["size"] == {"shortest_edge": 248}
+    assert (saved["do_center_crop"], saved["crop_size"], saved["crop_pct"]) == (True, {"height": 224, "width": 224}, 0.9)
+    assert PvtV2ImageProcessor.from_pretrained(tmp_path) == processor
+    assert PvtV2ImageProcessor.from_pretrained(tmp_path).protocol == "timm"
+
+    # transformers writes the same settings byte for byte ...
+    PvtImageProcessorPil(
+        size={"shortest_edge": 248}, do_center_crop=True, crop_size={"height": 224, "width": 224}, crop_pct=0.9,
+        resample=3,
+    ).save_pretrained(tmp_path / "theirs")
+    assert path.read_text() == (tmp_path / "theirs" / "preprocessor_config.json").read_text()
+    # ... and reads ours without error, resizing the shorter side and cropping as we do.
+    theirs = PvtImageProcessorPil.from_pretrained(tmp_path)
+    auto = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    for loaded in (theirs, auto):
+        assert loaded.size.shortest_edge == 248 and loaded.do_center_crop
+        assert (loaded.crop_size.height, loaded.crop_size.width) == (224, 224)
+    shifted = 0
+    for photo in _sample_photos():
+        ours = processor(photo).pixel_values
+        expected = theirs(photo, return_tensors="pt").pixel_values
+        # Margins whose half torchvision rounds up put transformers' crop one pixel to the left or the top.
+        resized = (248, int(248 * photo.width / photo.height)) if photo.width > photo.height else (
+            int(248 * photo.height / photo.width), 248)
+        top, left = ((m - 224) / 2 for m in resized)
+        dy, dx = round(top) - int(top), round(left) - int(left)
+        shifted += dy + dx
+        _assert_matches(ours[..., : 224 - dy, : 224 - dx], expected[..., dy:, dx:])
+    assert shifted >= 2  # the comparison covered crops at both positions
+
+
+def test_shortest_edge_config_written_by_transformers_loads_here(tmp_path):
+    PvtImageProcessorPil(
+        size={"shortest_edge": 256}, do_center_crop=True, crop_size={"height": 224, "width": 224}, resample=3
+    ).save_pretrained(tmp_path)
+    processor = PvtV2ImageProcessor.from_pretrained(tmp_path)
+    assert processor.protocol is None and processor.crop_pct is None  # no crop_pct in the file
+    assert processor.output_size == (224, 224)
+    photo = _sample_photos()[3]  # 425x633 -> 256x381: margins 32 and 157, whose half rounds down (the same crop)
+    reference = _deit_eval_transform(224)(photo)[None]
+    _assert_matches(PvtImageProcessorPil.from_pretrained(tmp_path)(photo, return_tensors="pt").pixel_values, reference)
+    _assert_matches(processor(photo).pixel_values, reference)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        ({"crop_pct": 0.0}, ValueError, r"crop_pct must be in \(0, 1\]"),
+        ({"crop_pct": 1.5}, ValueError, r"crop_pct must be in \(0, 1\]"),
+        ({"crop_pct": "0.9"}, TypeError, "crop_pct must be a number"),
+        ({"crop_pct": 0.9, "size": (224, 160)}, ValueError, "square size"),
+        ({"crop_pct": 0.9, "do_center_crop": False}, ValueError, "do_center_crop is False"),
+        ({"do_center_crop": True}, ValueError, "needs a crop_size"),
+        ({"do_center_crop": "yes", "crop_size": 8}, TypeError, "do_center_crop"),
+        ({"size": {"shortest_edge": 200}, "do_center_crop": True, "crop_size": 224}, ValueError, "does not fit"),
+        ({"size": 200, "do_center_crop": True, "crop_size": 224}, ValueError, "larger than the resized"),
+        ({"size": {"shortest_edge": 256}, "crop_size": 224, "crop_pct": 0.9}, ValueError, "does not match"),
+        ({"size": {"shortest_edge": 0}, "do_center_crop": True, "crop_size": 8}, ValueError, "shortest_edge"),
+        ({"size": {"shortest_edge": 248}}, ValueError, "do_center_crop=True"),
+        ({"crop_size": {"h": 3}, "do_center_crop": True}, ValueError, "crop_size must have"),
+    ],
+)
+def test_bad_crop_settings_raise(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        PvtV2ImageProcessor(**kwargs)
+
+
+def test_bad_protocol_and_crop_inputs_raise(tmp_path):
+    with pytest.raises(ValueError, match="unknown preprocessing protocol 'deit'.*original"):
+        PvtV2ImageProcessor.from_protocol("deit")
+    with pytest.raises(ValueError, match="image_size must be a positive integer"):
+        PvtV2ImageProcessor.from_protocol("timm", 0)
+    with pytest.raises(ValueError, match="cannot centre-crop 32x32 from an image of 20x40"):
+        PvtV2ImageProcessor(do_resize=False, do_center_crop=True, crop_size=32)(_photo(20, 40))
+    (tmp_path / "c.json").write_text(json.dumps(dict(PUBLISHED_CONFIG, do_center_crop=True)))
+    with pytest.raises(ValueError, match="c.json.*crop_size"):
+        PvtV2ImageProcessor.from_pretrained(tmp_path / "c.json")

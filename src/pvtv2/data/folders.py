@@ -18,11 +18,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 
+from .augment import PaperRandAugment, random_erasing, seeded
 from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, PvtV2ImageProcessor, load_image
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "scan_split",
     "sample_rng",
     "epoch_indices",
+    "split_samples",
 ]
 
 logger = logging.getLogger(__name__)
@@ -124,6 +127,36 @@ def _unreadable_reason(path: Path) -> str | None:
         return str(err) or type(err).__name__
 
 
+def split_samples(
+    samples: Sequence[tuple[Any, int | None]], fraction: float, seed: int
+) -> tuple[list[tuple[Any, int | None]], list[tuple[Any, int | None]]]:
+    """A validation split carved from training samples: ``(train, val)``, each in the original order.
+
+    Per class (the second item of each sample; all together when it is None), ``round(fraction * n)`` samples, at
+    least one and never all, go to validation, chosen by a generator seeded with ``(seed, class)``: the same seed
+    gives the same split, whatever else changes. A class with a single sample stays in training (and is named).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"the validation split must be a fraction in (0, 1), e.g. 0.1, got {fraction!r}")
+    by_class: dict[int | None, list[int]] = {}
+    for index, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(index)
+    chosen: set[int] = set()
+    alone = []
+    for label, members in sorted(by_class.items(), key=lambda item: -1 if item[0] is None else item[0]):
+        if len(members) < 2:
+            alone.append(label)
+            continue
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        rng = np.random.default_rng([seed, 0 if label is None else int(label) + 1])
+        chosen.update(members[i] for i in rng.permutation(len(members))[:count])
+    if alone:
+        logger.warning("class(es) %s have a single training sample: kept in training, none in the validation split", alone)
+    train = [s for i, s in enumerate(samples) if i not in chosen]
+    val = [s for i, s in enumerate(samples) if i in chosen]
+    return train, val
+
+
 # --------------------------------------------------------------------------------------------- randomness
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The augmentation generator of one sample in one epoch: a pure function of its arguments."""
@@ -160,11 +193,15 @@ def _to_tensor(image: PIL.Image.Image, mean: Sequence[float], std: Sequence[floa
 
 @dataclass
 class TrainTransform:
-    """Random resized crop, horizontal flip and normalisation, the augmentation of the PVTv2 paper (without its
-    RandAugment, mixup, cutmix and random erasing).
+    """Random resized crop, horizontal flip, optionally RandAugment, normalisation, optionally random erasing: the
+    per-image augmentation of the PVTv2 paper (DeiT's recipe; MixUp and CutMix act on batches,
+    :class:`~pvtv2.data.augment.MixUpCutMix`), in timm's order.
 
     The crop follows torchvision's ``RandomResizedCrop``: up to ten tries at an area fraction in ``scale`` and a
-    log-uniform aspect ratio in ``ratio``, else a centre crop clamped to ``ratio``; then a bilinear resize.
+    log-uniform aspect ratio in ``ratio``, else a centre crop clamped to ``ratio``; then a resize with
+    ``interpolation`` (the recipe: bicubic). The crop and flip come from the sample's NumPy generator; RandAugment
+    and erasing from torch's generator seeded by the next draw of it, so they too are a function of
+    ``(seed, epoch, index)``, and with both off the generator is used exactly as before they existed.
     """
 
     size: int
@@ -173,6 +210,14 @@ class TrainTransform:
     hflip: float = 0.5
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    randaugment: PaperRandAugment | None = None
+    erasing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+        self._eraser = random_erasing(self.erasing) if self.erasing != 0 else None
 
     def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """(left, top, crop width, crop height)."""
@@ -198,18 +243,28 @@ class TrainTransform:
 
     def __call__(self, image: PIL.Image.Image, rng: np.random.Generator) -> torch.Tensor:
         left, top, w, h = self.crop_box(image.width, image.height, rng)
-        image = image.resize((self.size, self.size), PIL.Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+        resample = _RESAMPLE[self.interpolation]
+        image = image.resize((self.size, self.size), resample, box=(left, top, left + w, top + h))
         if rng.uniform() < self.hflip:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return _to_tensor(image, self.mean, self.std)
+        if self.randaugment is None and self._eraser is None:
+            return _to_tensor(image, self.mean, self.std)
+        with seeded(int(rng.integers(2**63))):
+            if self.randaugment is not None:
+                image = self.randaugment(image)
+            tensor = _to_tensor(image, self.mean, self.std)
+            return self._eraser(tensor) if self._eraser is not None else tensor
+
+
+_RESAMPLE = {"bilinear": PIL.Image.Resampling.BILINEAR, "bicubic": PIL.Image.Resampling.BICUBIC}
 
 
 class EvalTransform:
-    """Resize to ``size`` x ``size`` and normalise: exactly what ``PvtV2ImageProcessor(size=size)`` does, so that a
-    saved checkpoint with its ``preprocessor_config.json`` predicts as it was evaluated."""
+    """What ``processor`` does (by default ``PvtV2ImageProcessor(size=size)``: resize to ``size`` x ``size`` and
+    normalise), so that a saved checkpoint with its ``preprocessor_config.json`` predicts as it was evaluated."""
 
-    def __init__(self, size: int) -> None:
-        self.processor = PvtV2ImageProcessor(size={"height": size, "width": size})
+    def __init__(self, size: int, processor: PvtV2ImageProcessor | None = None) -> None:
+        self.processor = processor if processor is not None else PvtV2ImageProcessor(size={"height": size, "width": size})
 
     def __call__(self, image: PIL.Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         return self.processor(image, return_tensors="pt")["pixel_values"][0]
@@ -217,7 +272,11 @@ class EvalTransform:
 
 # --------------------------------------------------------------------------------------------- dataset
 class ImageFolder(torch.utils.data.Dataset):
-    """``(pixel_values, label)`` pairs from scanned samples; the transform gets a per-sample, per-epoch generator."""
+    """``(pixel_values, label)`` pairs from scanned samples; the transform gets a per-sample, per-epoch generator.
+
+    An index past the end is a repeated draw (:func:`~pvtv2.data.augment.repeated_epoch_indices`): it reads sample
+    ``index % len(self)`` and seeds the augmentation with the whole index, so every copy is augmented differently.
+    """
 
     def __init__(
         self, samples: Sequence[tuple[str, int]], transform: TrainTransform | EvalTransform, seed: int = 0
@@ -234,6 +293,6 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
+        path, label = self.samples[index % len(self.samples)]
         image = load_image(path)
         return self.transform(image, sample_rng(self.seed, self.epoch, index)), label

@@ -19,11 +19,13 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .augment import SegmentationTrainTransform, derive_seed
 from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "scan_segmentation_split",
     "read_id2label",
+    "reduce_labels",
     "SegmentationFolder",
 ]
 
@@ -49,6 +51,27 @@ def scan_segmentation_split(root: str | os.PathLike, split: str) -> list[tuple[P
     return pairs
 
 
+def reduce_labels(labels: np.ndarray | torch.Tensor, ignore_index: int = 255) -> np.ndarray | torch.Tensor:
+    """ADE20K-style label maps, where 0 means "no label" and classes start at 1: 0 becomes ``ignore_index``, every
+    other value goes down by one, and ``ignore_index`` stays itself (transformers' ``do_reduce_labels``,
+    mmsegmentation's ``reduce_zero_label``). Returns a new array or tensor of the same type and shape (int64 for
+    tensors; NumPy arrays keep an unsigned 8-bit type when they have one)."""
+    if isinstance(labels, torch.Tensor):
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"label maps must hold integer class indices, got dtype {labels.dtype}")
+        labels = labels.long()
+        reduced = labels - 1
+        reduced[(labels == 0) | (labels == ignore_index)] = ignore_index
+        return reduced
+    array = np.asarray(labels)
+    if array.dtype.kind not in "ui":
+        raise TypeError(f"label maps must hold integer class indices, got dtype {array.dtype}")
+    wide = array.astype(np.int64)
+    reduced = wide - 1
+    reduced[(wide == 0) | (wide == ignore_index)] = ignore_index
+    return reduced.astype(array.dtype) if array.dtype == np.uint8 else reduced
+
+
 def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | None = None) -> dict[int, str]:
     """Class names from ``root/labels.json``; without it, ``class_0`` ... up to the largest index in the masks."""
     path = Path(root) / "labels.json"
@@ -70,17 +93,22 @@ def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | 
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
-    """Images resized (bilinear) and masks resized (nearest) to ``size``, images normalised with ImageNet's mean and
-    std. Items: ``(pixel_values (3, H, W), labels (H, W) int64)``.
+    """Images and their label maps. Items: ``(pixel_values (3, H, W), labels (H, W) int64)``.
 
-    With ``hflip`` > 0, image and mask are flipped together with that probability. The draw for sample ``i`` in
-    epoch ``e`` comes from a generator seeded with ``(seed, e, i)`` (:meth:`set_epoch`), not from global state, so
-    a resumed run and any number of loader workers see the same flips.
+    Without ``transform``: images resized (bilinear) and masks resized (nearest) to ``size``, images normalised with
+    ``mean`` and ``std``; with ``hflip`` > 0, image and mask are flipped together with that probability. With a
+    ``transform`` (:class:`~pvtv2.data.augment.SegmentationTrainTransform`: the rescale / crop / flip / photometric
+    recipe), it does all of that instead and ``size`` is unused. ``reduce_labels`` reads ADE20K-style maps
+    (:func:`reduce_labels`: 0 is "no label", classes from 1).
+
+    The random draws for sample ``i`` in epoch ``e`` come from ``(seed, e, i)`` (:meth:`set_epoch`), not from global
+    state, so a resumed run and any number of loader workers see the same augmentations.
     """
 
     def __init__(
         self, root: str | os.PathLike, split: str, size: int | tuple[int, int], hflip: float = 0.0, seed: int = 0,
-        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
+        reduce_labels: bool = False, transform: SegmentationTrainTransform | None = None,
     ) -> None:
         self.pairs = scan_segmentation_split(root, split)
         self.size = (size, size) if isinstance(size, int) else tuple(size)
@@ -89,6 +117,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self.epoch = 0
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        self.reduce_labels = reduce_labels
+        self.transform = transform
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -98,14 +128,22 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        height, width = self.size
-        image = PIL.Image.open(image_path).convert("RGB").resize((width, height), PIL.Image.BILINEAR)
+        image = PIL.Image.open(image_path).convert("RGB")
         mask = PIL.Image.open(mask_path)
         if mask.mode not in ("L", "P", "I", "I;16"):
             raise ValueError(f"mask {os.fspath(mask_path)!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
+        if self.transform is not None:
+            labels = np.asarray(mask)
+            if self.reduce_labels:
+                labels = reduce_labels(labels)
+            return self.transform(image, labels, derive_seed(self.seed, self.epoch, index))
+        height, width = self.size
+        image = image.resize((width, height), PIL.Image.BILINEAR)
         mask = mask.resize((width, height), PIL.Image.NEAREST)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
         labels = torch.from_numpy(np.asarray(mask).astype(np.int64))  # (H, W)
+        if self.reduce_labels:  # a pointwise map: the same before or after a nearest-neighbour resize
+            labels = reduce_labels(labels)
         if self.hflip > 0 and np.random.default_rng([self.seed, self.epoch, index]).random() < self.hflip:
             pixels, labels = pixels.flip(-1), labels.flip(-1)
         return (pixels - self.mean) / self.std, labels

@@ -10,10 +10,16 @@ PIL one. Per image:
    transformers' ``load_image`` does: an alpha band is dropped, but a palette or colour-key transparency survives
    in ``info`` and its pixels are then made white. An in-memory PIL image or array with an alpha channel is
    composited onto white, one with one channel is repeated to three, as transformers' ``convert_to_rgb`` does.
-2. Resize with PIL (``Image.resize``, default bilinear, no ``reducing_gap``) on a uint8 image. Non-uint8 arrays get
-   there as transformers takes them: values that are all whole numbers in [0, 255] are cast to uint8; otherwise
-   values in [0, 1] are multiplied by 255 (float64, then float32) and *truncated* to uint8, and the resized result is
-   divided back into [0, 1]; anything else is an error.
+2. Resize with PIL (``Image.resize``, default bilinear, no ``reducing_gap``) on a uint8 image: to ``size``'s height
+   and width, or, with ``size={"shortest_edge": s}``, the shorter side to ``s`` and the longer one to
+   ``int(s * long / short)`` (torchvision's and transformers' rule). Non-uint8 arrays get there as transformers takes
+   them: values that are all whole numbers in [0, 255] are cast to uint8; otherwise values in [0, 1] are multiplied by
+   255 (float64, then float32) and *truncated* to uint8, and the resized result is divided back into [0, 1]; anything
+   else is an error.
+   With ``do_center_crop``, the centred ``crop_size`` window of the resized image is kept; its top-left corner is
+   ``int(round((H - h) / 2))``, ``int(round((W - w) / 2))`` as torchvision's ``CenterCrop`` puts it (Python's round:
+   halves to even), so the pixels are those of timm's eval transform. transformers' ``center_crop`` floors instead;
+   where the two differ (an odd margin whose half rounds up) transformers' crop sits one pixel to the top or left.
 3. Rescale: ``float32(float64(x) * rescale_factor)``. Like transformers, floats are rescaled too: pass
    ``do_rescale=False`` for images already in [0, 1].
 4. Normalise in float32: ``(x - mean) / std`` per channel.
@@ -21,6 +27,19 @@ PIL one. Per image:
 Note that transformers 5 changed the class default ``resample`` of ``PvtImageProcessor`` to bicubic; the published
 ``OpenGVLab/pvt_v2_*`` configs (and transformers 4.x) say bilinear (``"resample": 2``), which is our default and is
 always written to the saved config.
+
+Evaluation protocols (:data:`PREPROCESS_PROTOCOLS`, :meth:`PvtV2ImageProcessor.from_protocol`): the published
+checkpoints were scored with different preprocessing, and top-1 moves with it.
+
+- ``transformers``: resize straight to 224x224, bilinear (the published ``preprocessor_config.json``).
+- ``timm``: shorter side to ``floor(224 / 0.9) = 248``, bicubic, centre 224 crop (timm's ``pvt_v2_*`` pretrained
+  configs: ``crop_pct=0.9``, ``interpolation="bicubic"``, the eval transform of ``timm.data.create_transform``).
+- ``original``: shorter side to ``int(256 / 224 * 224) = 256``, bicubic, centre 224 crop: the authors'
+  ``build_transform(is_train=False)`` (DeiT's), with which the paper's ImageNet table was measured.
+
+A centre-crop processor is written as transformers writes one (``"size": {"shortest_edge": 248}``,
+``"do_center_crop": true``, ``"crop_size": {...}``) plus ``"crop_pct"``, which transformers keeps and ignores, so
+transformers' ``PvtImageProcessor`` reads the file and crops (to the pixel offset noted above).
 """
 
 from __future__ import annotations
@@ -46,6 +65,7 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "PREPROCESSOR_CONFIG_NAME",
+    "PREPROCESS_PROTOCOLS",
     "ImageInput",
     "ProcessorOutput",
     "PvtV2ImageProcessor",
@@ -64,6 +84,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 
 # The class name transformers writes, and reads back through AutoImageProcessor.
 _TRANSFORMERS_TYPE = "PvtImageProcessor"
+
+# The evaluation protocols by name: the settings each adds to the defaults (ImageNet statistics, rescale by 1/255).
+# A protocol's image size is the crop (or the square) the model sees; ``crop_pct`` sets the resize before the crop.
+PREPROCESS_PROTOCOLS: dict[str, dict[str, Any]] = {
+    # transformers' published preprocessor_config.json: a straight resize, bilinear.
+    "transformers": {"resample": int(PIL.Image.Resampling.BILINEAR)},
+    # timm's pvt_v2_* pretrained configs (crop_pct 0.9, bicubic) through timm's eval transform.
+    "timm": {"resample": int(PIL.Image.Resampling.BICUBIC), "crop_pct": 0.9},
+    # The authors' classification/datasets.py build_transform(is_train=False): Resize(int(256 / 224 * size),
+    # interpolation=3) and CenterCrop(size); floor(size / 0.875) is the same number for every size up to 10000.
+    "original": {"resample": int(PIL.Image.Resampling.BICUBIC), "crop_pct": 0.875},
+}
 
 # What one image may be; `__call__` also takes a list of these or a (B, C, H, W) / (B, H, W, C) array.
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
@@ -126,15 +158,24 @@ def _move(value: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 class PvtV2ImageProcessor:
-    """Resize, rescale and normalise images for a PVTv2 model (see the module docstring for the exact steps).
+    """Resize, centre-crop (optionally), rescale and normalise images for a PVTv2 model (see the module docstring
+    for the exact steps).
 
     Keyword arguments and the saved ``preprocessor_config.json`` use transformers' names, so
     ``transformers.AutoImageProcessor.from_pretrained`` reads what :meth:`save_pretrained` writes and vice versa.
 
     Args:
-        do_resize: resize every image to ``size``.
-        size: ``{"height": h, "width": w}``, an int for a square, or an ``(h, w)`` pair.
+        do_resize: resize every image.
+        size: ``{"height": h, "width": w}``, an int for a square, or an ``(h, w)`` pair: the size images are resized
+            to. ``{"shortest_edge": s}`` resizes the shorter side to ``s`` keeping the aspect ratio (centre-crop mode
+            only). With ``crop_pct``, ``size`` is the crop the model sees instead (see there).
         resample: PIL resampling filter (``PIL.Image.Resampling`` or its int, e.g. 2 = bilinear, 3 = bicubic).
+        do_center_crop: keep the centred ``crop_size`` window of the resized image.
+        crop_size: ``{"height": h, "width": w}`` (or an int, or a pair) of the centre crop.
+        crop_pct: timm's way to say the same: the fraction of the resized image's shorter side the crop keeps. With
+            ``crop_pct`` and no ``crop_size``, ``size`` (square) is the crop and the shorter side is resized to
+            ``floor(size / crop_pct)``: ``crop_pct=0.9`` with ``size=224`` resizes to 248 and crops 224, as timm.
+            In (0, 1].
         do_rescale: multiply pixel values by ``rescale_factor``.
         rescale_factor: 1/255 maps uint8 values to [0, 1].
         do_normalize: subtract ``image_mean`` and divide by ``image_std`` per channel.
@@ -150,6 +191,9 @@ class PvtV2ImageProcessor:
         do_resize: bool = True,
         size: Mapping[str, int] | int | Sequence[int] | None = None,
         resample: PIL.Image.Resampling | int | str = PIL.Image.Resampling.BILINEAR,
+        do_center_crop: bool | None = None,
+        crop_size: Mapping[str, int] | int | Sequence[int] | None = None,
+        crop_pct: float | None = None,
         do_rescale: bool = True,
         rescale_factor: float = 1 / 255,
         do_normalize: bool = True,
@@ -157,8 +201,27 @@ class PvtV2ImageProcessor:
         image_std: float | Sequence[float] | None = None,
     ) -> None:
         self.do_resize = _check_bool("do_resize", do_resize)
-        self.size = _check_size({"height": 224, "width": 224} if size is None else size)
         self.resample = _check_resample(resample)
+        self.crop_pct = None if crop_pct is None else _check_crop_pct(crop_pct)
+        if do_center_crop is not None:
+            _check_bool("do_center_crop", do_center_crop)
+        if self.crop_pct is not None and do_center_crop is False:
+            raise ValueError(f"crop_pct={crop_pct!r} sets a centre crop, but do_center_crop is False; drop one of them")
+        self.do_center_crop = bool(do_center_crop) or self.crop_pct is not None
+        size = {"height": 224, "width": 224} if size is None else size
+        if self.crop_pct is not None and crop_size is None:
+            # timm's form: `size` is the crop; the shorter side is resized to floor(size / crop_pct) first.
+            crop = _check_size(size)
+            if crop["height"] != crop["width"]:
+                raise ValueError(
+                    f"crop_pct needs a square size (timm resizes the shorter side to size / crop_pct), got {crop}; "
+                    f"pass size={{'shortest_edge': s}} and crop_size for other shapes"
+                )
+            crop_size = crop
+            size = {"shortest_edge": math.floor(crop["height"] / self.crop_pct)}
+        self.size = _check_size(size, shortest_edge=True)
+        self.crop_size = _check_size(crop_size, name="crop_size") if crop_size is not None else None
+        self._check_crop_settings()
         self.do_rescale = _check_bool("do_rescale", do_rescale)
         self.rescale_factor = _check_number("rescale_factor", rescale_factor)
         self.do_normalize = _check_bool("do_normalize", do_normalize)
@@ -168,6 +231,72 @@ class PvtV2ImageProcessor:
             raise ValueError(f"image_std must not contain 0 (it divides), got {self.image_std}")
         # Keys of a loaded config that this class does not use; written back unchanged by save_pretrained.
         self.extra: dict[str, Any] = {}
+
+    def _check_crop_settings(self) -> None:
+        """The resize and the crop must fit together: a crop never larger than what the resize gives."""
+        shortest = self.size.get("shortest_edge")
+        if not self.do_center_crop:
+            if shortest is not None:
+                raise ValueError(
+                    f"size={self.size} (a shortest_edge resize) gives images of varying shape; it needs "
+                    f"do_center_crop=True and a crop_size (or pass size as {{'height': h, 'width': w}})"
+                )
+            if self.crop_size is not None:
+                logger.debug("crop_size %s is unused without do_center_crop", self.crop_size)
+            return
+        if self.crop_size is None:
+            raise ValueError("do_center_crop=True needs a crop_size ({'height': h, 'width': w}) or a crop_pct")
+        crop_h, crop_w = self.crop_size["height"], self.crop_size["width"]
+        if shortest is not None and self.do_resize and shortest < max(crop_h, crop_w):
+            raise ValueError(
+                f"crop_size {self.crop_size} does not fit in images resized to a shorter side of {shortest} "
+                f"(size={self.size}); the shorter side must be at least the crop"
+            )
+        if shortest is None and self.do_resize and (self.size["height"] < crop_h or self.size["width"] < crop_w):
+            raise ValueError(f"crop_size {self.crop_size} is larger than the resized images (size={self.size})")
+        if self.crop_pct is not None and (
+            shortest is None or crop_h != crop_w or shortest != math.floor(crop_h / self.crop_pct)
+        ):
+            raise ValueError(
+                f"crop_pct={self.crop_pct} does not match size={self.size} and crop_size={self.crop_size}: a "
+                f"crop of {crop_h} with crop_pct {self.crop_pct} resizes the shorter side to "
+                f"{math.floor(crop_h / self.crop_pct)}"
+            )
+
+    @classmethod
+    def from_protocol(cls, name: str, image_size: int = 224, **overrides: Any) -> PvtV2ImageProcessor:
+        """The processor of a named evaluation protocol (:data:`PREPROCESS_PROTOCOLS`) for ``image_size``-pixel
+        model inputs: ``"transformers"`` (resize to the square, bilinear), ``"timm"`` (crop_pct 0.9, bicubic) or
+        ``"original"`` (crop_pct 0.875, bicubic). Keyword arguments override the protocol's settings."""
+        if not isinstance(name, str) or name not in PREPROCESS_PROTOCOLS:
+            raise ValueError(f"unknown preprocessing protocol {name!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
+        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        settings: dict[str, Any] = dict(PREPROCESS_PROTOCOLS[name], size=int(image_size))
+        settings.update(overrides)
+        return cls(**settings)
+
+    @property
+    def protocol(self) -> str | None:
+        """The name of the protocol these settings are (at their output size), or None for other settings."""
+        output = self.output_size
+        if output is None or output[0] != output[1]:
+            return None
+        for name in PREPROCESS_PROTOCOLS:
+            candidate = self.from_protocol(name, output[0])
+            candidate.extra = self.extra
+            if candidate.to_dict() == self.to_dict():
+                return name
+        return None
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(height, width) of every processed image, or None when it depends on the input (no resize, no crop)."""
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]  # type: ignore[index]
+        if self.do_resize:
+            return self.size["height"], self.size["width"]
+        return None
 
     # ----------------------------------------------------------------------------------------- configuration
 
@@ -187,6 +316,13 @@ class PvtV2ImageProcessor:
                 "size": dict(self.size),
             }
         )
+        # transformers writes no crop keys for PvtImageProcessor; they appear only when a crop is on, so a plain
+        # resize still writes the published file byte for byte.
+        if self.do_center_crop:
+            config["do_center_crop"] = True
+            config["crop_size"] = dict(self.crop_size)  # type: ignore[arg-type]
+            if self.crop_pct is not None:
+                config["crop_pct"] = self.crop_pct
         return config
 
     def to_json_string(self) -> str:
@@ -200,6 +336,11 @@ class PvtV2ImageProcessor:
             raise TypeError(f"a preprocessor config must be a JSON object (dict), got {type(config).__name__}")
         known = {"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize"}
         kwargs = {key: value for key, value in config.items() if key in known}
+        if config.get("do_center_crop"):
+            known |= {"do_center_crop", "crop_size", "crop_pct"}
+            kwargs.update(do_center_crop=True, crop_size=config.get("crop_size"), crop_pct=config.get("crop_pct"))
+            if kwargs["crop_size"] is None:
+                raise ValueError("do_center_crop is true but the config has no crop_size")
         for key in ("image_mean", "image_std"):
             if config.get(key) is not None:
                 kwargs[key] = config[key]
@@ -305,9 +446,13 @@ class PvtV2ImageProcessor:
         return ProcessorOutput(pixel_values=pixel_values)
 
     def _preprocess(self, image: np.ndarray) -> np.ndarray:
-        """One RGB (3, H, W) array through resize, rescale and normalise, with transformers' arithmetic."""
+        """One RGB (3, H, W) array through resize, centre crop, rescale and normalise, with transformers'
+        arithmetic (and torchvision's crop position)."""
         if self.do_resize:
-            image = _pil_resize(image, self.size["height"], self.size["width"], self.resample)
+            height, width = _resized_size(image.shape[1], image.shape[2], self.size)
+            image = _pil_resize(image, height, width, self.resample)
+        if self.do_center_crop:
+            image = _center_crop(image, self.crop_size["height"], self.crop_size["width"])  # type: ignore[index]
         if self.do_rescale:
             image = (image.astype(np.float64) * self.rescale_factor).astype(np.float32)
         if self.do_normalize:
@@ -440,6 +585,31 @@ def _pil_resize(image: np.ndarray, height: int, width: int, resample: int) -> np
     return resized
 
 
+def _resized_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int, int]:
+    """The (height, width) a resize to ``size`` gives: fixed, or the shorter side to ``shortest_edge`` and the longer
+    one to ``int(shortest_edge * long / short)`` (torchvision's ``Resize(int)`` and transformers' rule)."""
+    shortest = size.get("shortest_edge")
+    if shortest is None:
+        return size["height"], size["width"]
+    if width <= height:
+        return int(shortest * height / width), shortest
+    return shortest, int(shortest * width / height)
+
+
+def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The centred (height, width) window of (C, H, W), placed as torchvision's ``CenterCrop`` places it."""
+    _, full_height, full_width = image.shape
+    if full_height < height or full_width < width:
+        raise ValueError(
+            f"cannot centre-crop {height}x{width} from an image of {full_height}x{full_width}; resize first "
+            f"(do_resize=True) or choose a smaller crop_size"
+        )
+    # torchvision: int(round((H - h) / 2.0)), Python's round (halves to even); transformers floors.
+    top = round((full_height - height) / 2.0)
+    left = round((full_width - width) / 2.0)
+    return image[:, top : top + height, left : left + width]
+
+
 def _needs_rescale_for_pil(image: np.ndarray) -> bool:
     # transformers' _rescale_for_pil_conversion: whole numbers in [0, 255] go to uint8 as they are, other values in
     # [0, 1] are scaled by 255 first; the rest cannot become a PIL image.
@@ -478,21 +648,35 @@ def _check_number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_size(size: Any) -> dict[str, int]:
+def _check_size(size: Any, *, name: str = "size", shortest_edge: bool = False) -> dict[str, int]:
+    """``{"height": h, "width": w}`` from a dict, an int or a pair; ``{"shortest_edge": s}`` where allowed."""
+    if isinstance(size, Mapping) and shortest_edge and set(size) == {"shortest_edge"}:
+        value = size["shortest_edge"]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must hold a positive integer shortest_edge, got {dict(size)!r}")
+        return {"shortest_edge": int(value)}
     if isinstance(size, Mapping):
         if set(size) != {"height", "width"}:
-            raise ValueError(f"size must have exactly the keys 'height' and 'width', got {dict(size)!r}")
+            also = " (or only 'shortest_edge')" if shortest_edge else ""
+            raise ValueError(f"{name} must have exactly the keys 'height' and 'width'{also}, got {dict(size)!r}")
         height, width = size["height"], size["width"]
     elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         height = width = size
     elif isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
         height, width = size
     else:
-        raise ValueError(f"size must be {{'height': h, 'width': w}}, an int or an (h, w) pair, got {size!r}")
+        raise ValueError(f"{name} must be {{'height': h, 'width': w}}, an int or an (h, w) pair, got {size!r}")
     for value in (height, width):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"size must hold positive integers, got {size!r}")
+            raise ValueError(f"{name} must hold positive integers, got {size!r}")
     return {"height": int(height), "width": int(width)}
+
+
+def _check_crop_pct(value: Any) -> float:
+    number = _check_number("crop_pct", value)
+    if not 0 < number <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1] (the fraction of the resized image the crop keeps), got {value!r}")
+    return number
 
 
 def _check_resample(resample: Any) -> int:

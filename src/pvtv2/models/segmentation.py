@@ -1,9 +1,17 @@
-"""Semantic segmentation on the PVTv2 (Mix Transformer) encoder: SegFormer's all-MLP decode head.
+"""Semantic segmentation on the PVTv2 (Mix Transformer) encoder: SegFormer's all-MLP decode head, or Semantic FPN.
 
-``PvtV2ForSemanticSegmentation`` puts SegFormer's decode head on the encoder's four stages. It follows transformers'
-``SegformerForSemanticSegmentation`` operation for operation, and the head keeps that class's module names, so a
-SegFormer checkpoint loads by renaming the encoder keys only (``pvtv2.weights.layouts``). The encoder is the
-library's own ``PvtV2Model`` under ``pvt_v2.``, so any PVTv2 classification checkpoint initialises it for fine-tuning.
+``PvtV2ForSemanticSegmentation`` puts SegFormer's decode head on the encoder's four stages (the default). It follows
+transformers' ``SegformerForSemanticSegmentation`` operation for operation, and the head keeps that class's module
+names, so a SegFormer checkpoint loads by renaming the encoder keys only (``pvtv2.weights.layouts``). The encoder is
+the library's own ``PvtV2Model`` under ``pvt_v2.``, so any PVTv2 classification checkpoint initialises it for
+fine-tuning.
+
+``head="fpn"`` (``config.decode_head_type = "fpn"``) puts the head of the PVTv2 paper's ADE20K table instead:
+Semantic FPN (Kirillov et al. 2019) as mmsegmentation builds it in ``fpn_r50.py``, the base of the authors'
+``fpn_pvt_*_ade20k_40k.py`` configs: an FPN neck (1x1 lateral convs to 256 channels, top-down nearest upsampling,
+3x3 output convs) and mmsegmentation's ``FPNHead`` (per level 3x3 conv + BN + ReLU blocks to 128 channels with 2x
+bilinear upsampling down to stride 4, summed; dropout 0.1; a 1x1 classifier). With 150 classes it has the paper's
+parameter counts (7.6M for B0, 17.8M for B1, ...).
 """
 
 from __future__ import annotations
@@ -22,12 +30,17 @@ from .modeling import PvtV2Model, PvtV2PreTrainedModel, resolve_output_flags
 from .outputs import ModelOutput
 
 __all__ = [
-    "SemanticSegmenterOutput",
-    "SegformerDecodeHead",
+    "DECODE_HEAD_TYPES",
     "PvtV2ForSemanticSegmentation",
-    "semantic_segmentation_loss",
+    "SegformerDecodeHead",
+    "SemanticFPNHead",
+    "SemanticSegmenterOutput",
     "segmentation_config",
+    "semantic_segmentation_loss",
 ]
+
+# The decode heads by the name a config gives in ``decode_head_type`` (absent: SegFormer's).
+DECODE_HEAD_TYPES = ("segformer", "fpn")
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +55,15 @@ class SemanticSegmenterOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-def segmentation_config(config: PvtV2Config) -> PvtV2Config:
-    """``config`` with SegFormer's head defaults filled in where unset (256 wide, dropout 0.1, ignore index 255)."""
+def segmentation_config(config: PvtV2Config, head: str | None = None) -> PvtV2Config:
+    """``config`` with the head defaults filled in where unset (256 wide, dropout 0.1, ignore index 255) and, when
+    ``head`` is given, ``decode_head_type`` set to it (``"segformer"`` or ``"fpn"``)."""
+    current = getattr(config, "decode_head_type", None)
+    if head is not None and head != (current or "segformer"):
+        config = config.replace(decode_head_type=head)
+    kind = getattr(config, "decode_head_type", None)
+    if kind is not None and kind not in DECODE_HEAD_TYPES:
+        raise ValueError(f"decode_head_type must be one of {list(DECODE_HEAD_TYPES)}, got {kind!r}")
     return config.with_defaults(**SEGMENTATION_DEFAULTS)
 
 
@@ -85,6 +105,93 @@ class SegformerDecodeHead(nn.Module):
         return self.classifier(x)  # (B, num_labels, H/4, W/4)
 
 
+# ---------------------------------------------------------------------------------------------- Semantic FPN
+class _ConvModule(nn.Sequential):
+    """mmcv's ``ConvModule``: a conv, then (when asked) BatchNorm and ReLU; the conv has a bias only without norm."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
+        if norm:
+            self.bn = nn.BatchNorm2d(out_channels)
+            self.activate = nn.ReLU()
+
+
+class FPNNeck(nn.Module):
+    """The feature pyramid (mmsegmentation's ``FPN`` with ``num_outs`` = the number of stages): lateral 1x1 convs
+    to ``width``, each level plus the nearest-upsampled level above it (from the top down), then a 3x3 conv per level.
+    No norms or activations, as in ``fpn_r50.py``."""
+
+    def __init__(self, in_channels: Sequence[int], width: int) -> None:
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(_ConvModule(c, width, 1, norm=False) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(_ConvModule(width, width, 3, norm=False) for _ in in_channels)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]  # (B, width, H_i, W_i)
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[2:], mode="nearest")
+        return [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
+
+
+class SemanticFPNHead(nn.Module):
+    """Semantic FPN: the FPN neck, then mmsegmentation's ``FPNHead``: for the level of stride ``4 * 2**i``, ``max(1, i)``
+    blocks of 3x3 conv + BatchNorm + ReLU to ``channels``, each followed (below stride 4) by a 2x bilinear upsampling;
+    the levels summed at stride 4, then ``Dropout2d`` and a 1x1 classifier. Logits at 1/4 of the input, like
+    SegFormer's head."""
+
+    def __init__(
+        self, in_channels: Sequence[int], width: int, channels: int, num_labels: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.neck = FPNNeck(in_channels, width)
+        self.scale_heads = nn.ModuleList()
+        for level in range(len(in_channels)):
+            blocks: list[nn.Module] = []
+            for k in range(max(1, level)):
+                blocks.append(_ConvModule(width if k == 0 else channels, channels, 3, norm=True))
+                if level > 0:
+                    blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.scale_heads.append(nn.Sequential(*blocks))
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_labels, kernel_size=1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        pyramid = self.neck(features)
+        x = self.scale_heads[0](pyramid[0])  # (B, channels, H/4, W/4)
+        for level in range(1, len(pyramid)):
+            # mmsegmentation resizes each level to the first one's size (they differ when the input is no multiple
+            # of 32).
+            up = self.scale_heads[level](pyramid[level])
+            x = x + F.interpolate(up, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return self.classifier(self.dropout(x))  # (B, num_labels, H/4, W/4)
+
+
+def init_fpn_weights(head: SemanticFPNHead, only: nn.Module | None = None) -> None:
+    """mmsegmentation's initialisation of Semantic FPN: the neck's convs Xavier-uniform, the head's convs Kaiming
+    (normal, fan-out, ReLU), BatchNorm 1 / 0, the classifier normal(0, 0.01); biases zero. With ``only``, just that
+    module of the head and its children (a head part a checkpoint lacked)."""
+    inside = only is None
+    for name, m in head.named_modules():
+        if only is not None:
+            inside = m is only or any(m is child for child in only.modules())
+        if not inside:
+            continue
+        if isinstance(m, nn.Conv2d):
+            if name.startswith("neck."):
+                nn.init.xavier_uniform_(m.weight)
+            elif name == "classifier":
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+            m.reset_running_stats()
+
+
 def semantic_segmentation_loss(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
 ) -> torch.Tensor:
@@ -123,33 +230,58 @@ def semantic_segmentation_loss(
 
 
 class PvtV2ForSemanticSegmentation(PvtV2PreTrainedModel):
-    """The PVTv2 encoder and SegFormer's decode head: per-pixel class logits at 1/4 of the input resolution.
+    """The PVTv2 encoder and a decode head: per-pixel class logits at 1/4 of the input resolution.
 
-    Loads transformers' ``SegformerForSemanticSegmentation`` checkpoints (and ``SegformerModel`` /
-    ``SegformerForImageClassification`` ones, or any PVTv2 classifier, for the encoder only).
+    ``head`` (or the config's ``decode_head_type``): ``"segformer"`` (the default), SegFormer's all-MLP head, which
+    loads transformers' ``SegformerForSemanticSegmentation`` checkpoints (and ``SegformerModel`` /
+    ``SegformerForImageClassification`` ones, or any PVTv2 classifier, for the encoder only); or ``"fpn"``, Semantic
+    FPN, the PVTv2 paper's ADE20K head (neck ``decoder_hidden_size`` = 256 wide, head half that, 128). Either head
+    sits under ``decode_head.`` with its classifier as ``decode_head.classifier``.
     """
 
     encoder_prefix = "pvt_v2."
     head_prefixes = ("decode_head.",)
     classifier_prefix = "decode_head.classifier."
 
-    def __init__(self, config: PvtV2Config) -> None:
+    def __init__(self, config: PvtV2Config, head: str | None = None) -> None:
         if not isinstance(config, PvtV2Config):
             raise TypeError(f"config must be a PvtV2Config, got {type(config).__name__}")
-        config = segmentation_config(config)
+        if head is not None and head not in DECODE_HEAD_TYPES:
+            raise ValueError(f"head must be one of {list(DECODE_HEAD_TYPES)}, got {head!r}")
+        config = segmentation_config(config, head)
         if config.num_labels < 1:
             raise ValueError(f"a segmentation model needs num_labels >= 1, got {config.num_labels}")
         super().__init__(config)
         self.pvt_v2 = PvtV2Model(config)
-        self.decode_head = SegformerDecodeHead(
-            config.hidden_sizes, config.decoder_hidden_size, config.num_labels, config.classifier_dropout_prob
-        )
+        if self.head_type == "fpn":
+            if config.decoder_hidden_size < 2:
+                raise ValueError(f"Semantic FPN needs decoder_hidden_size >= 2, got {config.decoder_hidden_size}")
+            self.decode_head: nn.Module = SemanticFPNHead(
+                config.hidden_sizes,
+                config.decoder_hidden_size,
+                config.decoder_hidden_size // 2,
+                config.num_labels,
+                config.classifier_dropout_prob,
+            )
+        else:
+            self.decode_head = SegformerDecodeHead(
+                config.hidden_sizes, config.decoder_hidden_size, config.num_labels, config.classifier_dropout_prob
+            )
         self.post_init()
-        init_head_weights(self.decode_head, config.initializer_range)
+        self.init_new_module(self.decode_head)
+
+    @property
+    def head_type(self) -> str:
+        """``"segformer"`` or ``"fpn"``."""
+        return getattr(self.config, "decode_head_type", None) or "segformer"
 
     def init_new_module(self, module: nn.Module) -> None:
-        """A head module the checkpoint did not provide: transformers' initialisation of this head."""
-        init_head_weights(module, self.config.initializer_range)
+        """A head module the checkpoint did not provide: the initialisation of its reference (transformers' for
+        SegFormer's head, mmsegmentation's for Semantic FPN)."""
+        if self.head_type == "fpn" and any(module is m for m in self.decode_head.modules()):
+            init_fpn_weights(self.decode_head, only=None if module is self.decode_head else module)
+        else:
+            init_head_weights(module, self.config.initializer_range)
 
     def forward(
         self,

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.folders import EvalTransform, ImageFolder, TrainTransform, scan_split
+from ..data.augment import MixUpCutMix, PaperRandAugment, repeated_epoch_indices
+from ..data.folders import EvalTransform, ImageFolder, TrainTransform, scan_split, split_samples
 from ..models.config import PvtV2Config, is_preset_name
 from ..models.labels import has_generic_labels
 from ..models.layers import init_weights
 from ..models.modeling import PvtV2ForImageClassification
 from .config import TrainConfig
-from .distributed import autocast
+from .distributed import DistInfo, autocast
 from .engine import RunContext, Task
 
 __all__ = ["ClassificationTask", "build_classifier", "evaluate_classifier"]
@@ -122,7 +123,18 @@ class ClassificationTask(Task):
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/train/<class>/ and DIR/val/<class>/)")
         classes, train_samples = scan_split(cfg.data, "train")
-        val_classes, val_samples = scan_split(cfg.data, "val")
+        if cfg.val_split is not None:
+            if os.path.isdir(os.path.join(cfg.data, "val")):
+                raise ValueError(
+                    f"--val-split carves a validation split from train/, but {cfg.data!r} has its own val/ folder; "
+                    "leave out --val-split to use it"
+                )
+            train_samples, val_samples = split_samples(train_samples, cfg.val_split, cfg.seed)
+            val_classes = classes
+            logger.info("validation split: %d of the %d training images (--val-split %g, seed %d)",
+                        len(val_samples), len(train_samples) + len(val_samples), cfg.val_split, cfg.seed)
+        else:
+            val_classes, val_samples = scan_split(cfg.data, "val")
         if val_classes != classes:
             only_train = sorted(set(classes) - set(val_classes))
             only_val = sorted(set(val_classes) - set(classes))
@@ -130,8 +142,15 @@ class ClassificationTask(Task):
         if len(classes) < 2:
             raise ValueError(f"a classifier needs at least 2 classes, {cfg.data!r} has {classes}")
         self.classes = list(classes)
-        self.train_set = ImageFolder(
-            train_samples, TrainTransform(cfg.image_size, scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip), seed=cfg.seed
+        randaugment = PaperRandAugment(interpolation=cfg.train_interpolation) if cfg.randaugment else None
+        transform = TrainTransform(cfg.image_size, scale=(cfg.crop_scale, 1.0), hflip=cfg.hflip,
+                                   interpolation=cfg.train_interpolation, randaugment=randaugment, erasing=cfg.reprob)
+        self.train_set = ImageFolder(train_samples, transform, seed=cfg.seed)
+        # MixUp / CutMix act on batches, with the label-smoothed soft targets this task's loss takes.
+        self.mixer = (
+            MixUpCutMix(len(classes), mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                        label_smoothing=cfg.label_smoothing)
+            if cfg.mixup > 0 or cfg.cutmix > 0 else None
         )
         self.val_set = ImageFolder(val_samples, EvalTransform(cfg.image_size), seed=cfg.seed)
 
@@ -141,11 +160,26 @@ class ClassificationTask(Task):
     def default_lr(self, global_batch: int) -> float:
         return 5e-4 * global_batch / 512
 
+    def train_order(self, epoch: int, info: DistInfo) -> list[int]:
+        if self.cfg.repeated_aug == 1:
+            return super().train_order(epoch, info)
+        return repeated_epoch_indices(len(self.train_set), repeats=self.cfg.repeated_aug, seed=self.cfg.seed,
+                                      epoch=epoch, rank=info.rank, world_size=info.world_size)
+
     def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
         images, labels = batch
+        if self.mixer is None:
+            with ctx.autocast():
+                logits = model(images).logits
+            return nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+        # The batch's mixing seed comes from the global generator, which the engine reseeds from (seed, epoch,
+        # rank) at each epoch start: a resumed run draws the same seeds.
+        seed = int(torch.randint(0, 2**62, ()))
+        images, targets = self.mixer(images, labels, seed)
         with ctx.autocast():
             logits = model(images).logits
-        return nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+        # Soft-target cross-entropy; the label smoothing is already in the targets.
+        return torch.sum(-targets * nn.functional.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
     def evaluate(self, model: nn.Module, loader: Any, ctx: RunContext) -> dict[str, Any]:
         loss, top1, top5, count = ctx.sum(evaluate_classifier(model, loader, ctx.device, ctx.bf16))
@@ -156,8 +190,10 @@ class ClassificationTask(Task):
         }
 
     def epoch_summary(self, record: dict[str, Any]) -> str:
-        return "val loss %.4f, top-1 %.2f%%, top-5 %.2f%%, %.1f s, %.0f images/s" % (
-            record["val_loss"], record["val_top1"], record["val_top5"], record["seconds"], record["images_per_second"]
+        ema = f", EMA top-1 {record['ema_val_top1']:.2f}%" if "ema_val_top1" in record else ""
+        return "val loss %.4f, top-1 %.2f%%, top-5 %.2f%%%s, %.1f s, %.0f images/s" % (
+            record["val_loss"], record["val_top1"], record["val_top5"], ema, record["seconds"],
+            record["images_per_second"],
         )
 
     def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:

@@ -14,9 +14,13 @@ from typing import Any
 
 __all__ = ["TASKS", "TrainConfig", "flag"]
 
-TASKS = ("classification", "segmentation", "detection")
+TASKS = ("classification", "segmentation", "detection", "depth")
 # pvtv2.models.detection.DETECTORS (not imported: reading a config needs no model code)
 DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn", "fcos")
+# The learning-rate schedules after the warmup.
+SCHEDULES = ("cosine", "poly")
+# The resampling filters of the training crop.
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 def flag(name: str) -> str:
@@ -46,12 +50,31 @@ class TrainConfig:
     crop_scale: float = 0.08  # smallest area fraction of a random resized crop
     hflip: float = 0.5
     clip_grad: float | None = None  # None: no clipping
-    bf16: bool = False
+    bf16: bool = False  # bfloat16 autocast (--amp bf16, or --bf16)
+    fp16: bool = False  # float16 autocast with a gradient scaler, CUDA only (--amp fp16)
     seed: int = 0
     replace_head: bool = False
     detector: str = "retinanet"  # detection: retinanet, faster_rcnn, mask_rcnn or fcos
     multiscale: bool = False  # detection: the 3x recipe's random shorter side in training (480 ... 800, scaled)
-    task: str = "classification"  # or "segmentation": DIR/{train,val}/{images,masks}; or "detection": COCO format
+    # The paper's (DeiT's) augmentation and the fine-tuning aids, all off by default (docs/training.md).
+    randaugment: bool = False  # timm's rand-m9-mstd0.5-inc1 on torchvision's ops (data/augment.py)
+    mixup: float = 0.0  # MixUp's Beta alpha (the recipe: 0.8); 0: off
+    cutmix: float = 0.0  # CutMix's Beta alpha (the recipe: 1.0); 0: off; with both on, one of them per batch
+    reprob: float = 0.0  # random-erasing probability (the recipe: 0.25)
+    repeated_aug: int = 1  # copies of each image per epoch, each augmented differently (the recipe: 3 under DDP)
+    train_interpolation: str = "bilinear"  # of the random resized crop (the recipe: bicubic)
+    ema: float | None = None  # decay of an EMA of the weights, evaluated and saved as OUT/ema; None: off
+    val_split: float | None = None  # a seeded, stratified validation split carved from train/ when there is no val/
+    freeze_stages: int = 0  # fine-tuning: the first k encoder stages fixed
+    layer_decay: float | None = None  # fine-tuning: layer-wise learning-rate decay over the encoder's blocks
+    # Segmentation (SegFormer's recipe): ADE20K-style maps, the rescale/crop/flip/photometric pipeline, the head's lr.
+    reduce_labels: bool = False  # 0 = no label, class k + 1 -> k
+    seg_augment: bool = False  # random rescale (0.5-2x), crop --image-size (at most 75% one class), flip, photometric
+    head_lr_mult: float = 1.0  # the learning rate of everything outside the encoder (SegFormer: 10)
+    schedule: str = "cosine"  # or "poly" (mmsegmentation's, power 0.9), after the warmup
+    depth_scale: float = 1000.0  # depth: PNG units per metre (1000: millimetres, NYU's)
+    nyu_crop: bool = False  # depth: evaluate inside Eigen's NYU crop only
+    task: str = "classification"  # or "segmentation" (DIR/{train,val}/{images,masks}), "detection" (COCO), "depth"
     # execution only
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on GPU
     device: str | None = None
@@ -92,7 +115,9 @@ class TrainConfig:
         if self.clip_grad is not None:
             # 0 or a negative norm would zero or reverse every step (gradient ascent): leave the flag out instead.
             _number("clip_grad", self.clip_grad, low=0.0, low_open=True, hint="leave it out for no clipping")
-        for name in ("bf16", "replace_head", "multiscale", "progress", "resume", "overwrite"):
+        if self.bf16 and self.fp16:
+            raise ValueError("--amp fp16 and --bf16 (--amp bf16) contradict each other: pass one of them")
+        for name in ("bf16", "fp16", "replace_head", "multiscale", "progress", "resume", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         for name in ("data", "model", "output"):
@@ -104,10 +129,53 @@ class TrainConfig:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.detector not in DETECTORS:
             raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
+        self._validate_recipe()
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pass one of them")
         if not self.output:
             raise ValueError("an output folder is needed (--output)")
+
+    def _validate_recipe(self) -> None:
+        if not isinstance(self.randaugment, bool):
+            raise TypeError(f"--randaugment must be true or false, got {self.randaugment!r}")
+        _number("mixup", self.mixup, low=0.0, hint="the Beta distribution's alpha, e.g. 0.8; 0 turns it off")
+        _number("cutmix", self.cutmix, low=0.0, hint="the Beta distribution's alpha, e.g. 1.0; 0 turns it off")
+        _number("reprob", self.reprob, low=0.0, high=1.0)
+        _integer("repeated_aug", self.repeated_aug, minimum=1)
+        if self.train_interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"--train-interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.train_interpolation!r}"
+            )
+        if self.ema is not None:
+            _number("ema", self.ema, low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.9998")
+        if self.val_split is not None:
+            _number("val_split", self.val_split, low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.1")
+        _integer("freeze_stages", self.freeze_stages, minimum=0)
+        if self.layer_decay is not None:
+            _number("layer_decay", self.layer_decay, low=0.0, high=1.0, low_open=True, hint="e.g. 0.75")
+        for name in ("reduce_labels", "seg_augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
+            if getattr(self, name) and self.task != "segmentation":
+                raise ValueError(f"{flag(name)} applies to --task segmentation only, not --task {self.task}")
+        _number("head_lr_mult", self.head_lr_mult, low=0.0, low_open=True, hint="e.g. 10 for SegFormer's head")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        _number("depth_scale", self.depth_scale, low=0.0, low_open=True, hint="PNG units per metre, e.g. 1000")
+        if not isinstance(self.nyu_crop, bool):
+            raise TypeError(f"--nyu-crop must be true or false, got {self.nyu_crop!r}")
+        if self.task != "depth" and (self.nyu_crop or self.depth_scale != 1000.0):
+            name = "nyu_crop" if self.nyu_crop else "depth_scale"
+            raise ValueError(f"{flag(name)} applies to --task depth only, not --task {self.task}")
+        if self.task != "classification":
+            for name in ("randaugment", "mixup", "cutmix", "reprob"):
+                if getattr(self, name):
+                    raise ValueError(f"{flag(name)} is a classification augmentation; --task {self.task} has its own")
+            changed = [name for name, off in (("repeated_aug", 1), ("train_interpolation", "bilinear"),
+                                              ("val_split", None)) if getattr(self, name) != off]
+            if changed:
+                name = changed[0]
+                raise ValueError(f"{flag(name)} applies to classification only, not --task {self.task}")
 
 
 def _integer(name: str, value: Any, *, minimum: int) -> None:

@@ -49,6 +49,8 @@ from ..progress import progress_bar
 from .config import TrainConfig
 from .curves import draw_curves, read_metrics, write_metrics
 from .distributed import DistInfo, all_reduce, autocast, on_main, rng_state, seed_everything, set_rng_state
+from .recipes import WeightEma, capped_warmup_steps, freeze_stages, poly_factor
+from .recipes import parameter_groups as decayed_parameter_groups
 from .rundir import CURVES_FILE, METRICS_FILE, TRAINING_STATE_NAME, save_checkpoint, start_run
 
 __all__ = [
@@ -106,9 +108,12 @@ class RunContext:
     device: torch.device
     bf16: bool  # autocast to bfloat16 (already turned off where the device lacks it)
     dist: DistInfo
+    fp16: bool = False  # autocast to float16 (CUDA), with the engine's gradient scaler
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The context of a forward pass (bf16 autocast, or nothing); compute losses in float32 outside it."""
+        """The context of a forward pass (bf16 or fp16 autocast, or nothing); compute losses in float32 outside it."""
+        if self.fp16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.float16)
         return autocast(self.device, self.bf16)
 
     def sum(self, values: Sequence[float]) -> list[float]:
@@ -166,13 +171,19 @@ class Task:
 
     def lr_factor(self, schedule: Schedule) -> Callable[[int], float]:
         """The learning rate of each optimizer step (0-based) as a fraction of the peak; by default a linear
-        warmup, then a half cosine (:meth:`Schedule.factor`)."""
+        warmup, then the run's schedule (:meth:`Schedule.factor`: a half cosine, or poly)."""
         return schedule.factor
 
     def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
         """The mean loss of a batch (already on the device) as a float32 scalar: forward pass under
         ``ctx.autocast()``, loss outside it. ``model`` may be wrapped in DistributedDataParallel."""
         raise NotImplementedError
+
+    def train_order(self, epoch: int, info: DistInfo) -> list[int]:
+        """The indices of ``train_set`` this process reads in ``epoch`` (a function of the seed and the epoch only,
+        so that a resumed run reads the same); a task with repeated augmentation returns draw indices."""
+        return epoch_indices(len(self.train_set), seed=self.cfg.seed, epoch=epoch, shuffle=True, rank=info.rank,
+                             world_size=info.world_size)
 
     def count(self, batch: Any) -> int:
         """The number of samples in a batch: the weight of its loss in the epoch's mean training loss."""
@@ -251,6 +262,7 @@ class Schedule:
     warmup_steps: int
     peak_lr: float
     min_ratio: float  # min_lr / peak_lr
+    kind: str = "cosine"  # or "poly"
 
     @classmethod
     def plan(cls, cfg: TrainConfig, task: Task, info: DistInfo) -> Schedule:
@@ -263,11 +275,19 @@ class Schedule:
         batches_per_epoch = math.ceil(shard / cfg.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
         total_steps = steps_per_epoch * cfg.epochs
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
-        warmup_steps = min(total_steps, warmup)
-        return cls(batches_per_epoch, steps_per_epoch, total_steps, warmup_steps, peak_lr, min(1.0, cfg.min_lr / peak_lr))
+        # An explicit step count (a task's recipe, e.g. detection's 500) is the task's to shorten; a warmup in epochs
+        # longer than a quarter of a short run is cut (logged), so that the run reaches its peak lr.
+        if cfg.warmup_steps is not None:
+            warmup_steps = min(total_steps, cfg.warmup_steps)
+        else:
+            warmup_steps = capped_warmup_steps(cfg.warmup_epochs, steps_per_epoch, total_steps)
+        return cls(batches_per_epoch, steps_per_epoch, total_steps, warmup_steps, peak_lr,
+                   min(1.0, cfg.min_lr / peak_lr), cfg.schedule)
 
     def factor(self, step: int) -> float:
+        if self.kind == "poly":
+            return poly_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                               min_ratio=self.min_ratio)
         return cosine_warmup_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                                     min_ratio=self.min_ratio)
 
@@ -281,6 +301,8 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     schedule: Schedule
+    ema: WeightEma | None = None  # the weights' moving average (--ema): evaluated and saved beside them
+    scaler: torch.amp.GradScaler | None = None  # --amp fp16: the loss scale that keeps float16 gradients finite
     start_epoch: int = 0
     best_score: float = -1.0
     best_epoch: int = -1
@@ -307,7 +329,7 @@ def run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunCont
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
             **fields,
-            "lr": training.optimizer.param_groups[0]["lr"],
+            "lr": max(group["lr"] for group in training.optimizer.param_groups),  # the peak group's
             "seconds": time.perf_counter() - began,
             "images_per_second": seen / max(train_seconds, 1e-9),
         }
@@ -342,18 +364,27 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     else:
         model = task.new_model()
     check_image_size(model.config, cfg.image_size, cfg.model)
+    if cfg.freeze_stages:
+        freeze_stages(model, cfg.freeze_stages)
     model.to(ctx.device).train()
+    ema = WeightEma(model, cfg.ema) if cfg.ema is not None else None
     net: nn.Module = model
     if ctx.dist.enabled:
         # Depthwise kernels (C, 1, 3, 3) have an ambiguous stride on their size-1 axis: harmless, but DDP warns.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     schedule = Schedule.plan(cfg, task, ctx.dist)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=schedule.peak_lr)
+    if cfg.layer_decay is not None or cfg.head_lr_mult != 1:
+        groups = decayed_parameter_groups(model, lr=schedule.peak_lr, weight_decay=cfg.weight_decay,
+                                          layer_decay=cfg.layer_decay, head_lr_mult=cfg.head_lr_mult)
+    else:
+        groups = parameter_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr)
     # A lambda, not a bound method: LambdaLR saves no state for plain functions, so training_state.pt stays tensors.
     factor = task.lr_factor(schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))
-    training = Training(model, net, optimizer, scheduler, schedule)
+    scaler = torch.amp.GradScaler(ctx.device.type) if ctx.fp16 else None
+    training = Training(model, net, optimizer, scheduler, schedule, ema, scaler)
     if state is not None:
         _restore(task, cfg, training, state, ctx)
     return training
@@ -366,6 +397,12 @@ def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, 
     try:
         training.optimizer.load_state_dict(state["optimizer"])
         training.scheduler.load_state_dict(state["scheduler"])
+        if training.ema is not None:
+            if "ema" not in state:
+                raise ValueError("it holds no weight average (--ema), which this run keeps")
+            training.ema.load_state_dict(state["ema"])
+        if training.scaler is not None and "scaler" in state:
+            training.scaler.load_state_dict(state["scaler"])
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"{str(source)!r} does not fit the model in {str(source.parent)!r}: {err}") from None
     training.start_epoch, training.best_epoch = state["epoch"], state["best_epoch"]
@@ -409,8 +446,7 @@ def _train_epoch(task: Task, cfg: TrainConfig, training: Training, epoch: int, c
     seed_everything(cfg.seed, epoch, info.rank)
     if hasattr(task.train_set, "set_epoch"):
         task.train_set.set_epoch(epoch)
-    order = epoch_indices(len(task.train_set), seed=cfg.seed, epoch=epoch, shuffle=True, rank=info.rank,
-                          world_size=info.world_size)
+    order = task.train_order(epoch, info)
     loader = torch.utils.data.DataLoader(task.train_set, batch_size=cfg.batch_size, sampler=order,
                                          num_workers=_workers(cfg, ctx.device), collate_fn=task.collate)
     training.net.train()
@@ -425,7 +461,8 @@ def _train_epoch(task: Task, cfg: TrainConfig, training: Training, epoch: int, c
             loss = task.training_loss(training.net, batch, ctx)
             # Each micro-batch weighs by its share of its accumulation group (the last group may be shorter).
             group = min(cfg.grad_accum, batches - (i // cfg.grad_accum) * cfg.grad_accum)
-            (loss / group).backward()
+            scaled = loss / group
+            (training.scaler.scale(scaled) if training.scaler is not None else scaled).backward()
         value = loss.item()
         _stop_if_diverged(value, epoch, i, cfg, training, ctx)
         if boundary:
@@ -445,11 +482,20 @@ def _crash_for_test(step: int) -> None:
 
 
 def _optimizer_step(cfg: TrainConfig, training: Training) -> None:
+    scaler = training.scaler
+    if scaler is not None and cfg.clip_grad is not None:
+        scaler.unscale_(training.optimizer)  # clip the true gradients, not the scaled ones
     if cfg.clip_grad is not None:
         nn.utils.clip_grad_norm_(training.model.parameters(), cfg.clip_grad)
-    training.optimizer.step()
+    if scaler is not None:
+        scaler.step(training.optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+        scaler.update()
+    else:
+        training.optimizer.step()
     training.optimizer.zero_grad(set_to_none=True)
     training.scheduler.step()
+    if training.ema is not None:
+        training.ema.update(training.model)
 
 
 def _stop_if_diverged(value: float, epoch: int, index: int, cfg: TrainConfig, training: Training, ctx: RunContext) -> None:
@@ -478,6 +524,8 @@ def _validate(task: Task, cfg: TrainConfig, training: Training, epoch: int, ctx:
     loader = torch.utils.data.DataLoader(task.val_set, batch_size=cfg.batch_size, sampler=order,
                                          num_workers=_workers(cfg, ctx.device), collate_fn=task.collate)
     fields = task.evaluate(training.model, loader, ctx)
+    if training.ema is not None:
+        fields.update({f"ema_{key}": value for key, value in task.evaluate(training.ema.module, loader, ctx).items()})
     training.model.train()
     return fields
 
@@ -506,6 +554,11 @@ def _end_epoch(task: Task, cfg: TrainConfig, training: Training, record: dict[st
             "run": cfg.run_fields(),
             "model_config": training.model.config.to_dict(),
         }
+        if training.scaler is not None:
+            training_state["scaler"] = training.scaler.state_dict()
+        if training.ema is not None:
+            training_state["ema"] = training.ema.state_dict()
+            save_checkpoint(out / "ema", training.ema.module, cfg.image_size)
         if improved:
             save_checkpoint(out / "best", training.model, cfg.image_size)
         save_checkpoint(out / "last", training.model, cfg.image_size, training_state)

@@ -21,6 +21,7 @@ from .detection import DetectionTask
 from .distributed import DistInfo, init_distributed, on_main, set_deterministic
 from .engine import RunContext, Task, check_image_size, run
 from .rundir import RunLock, check_resumed_classes, prepare_output
+from .depth_task import DepthTask
 from .segmentation import SegmentationTask
 
 __all__ = ["TASK_CLASSES", "check_config", "train"]
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 # ``TrainConfig.task`` -> the task that supplies its data, model, loss and metrics.
 TASK_CLASSES: dict[str, type[Task]] = {
     "classification": ClassificationTask, "segmentation": SegmentationTask, "detection": DetectionTask,
+    "depth": DepthTask,
 }
 
 
@@ -42,6 +44,7 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[
     """
     check_config(cfg)
     info, device = init_distributed(cfg.device)
+    _check_fp16(cfg, device)
     # Deterministic kernels for the run only: a caller's process gets its settings back.
     saved = (
         torch.are_deterministic_algorithms_enabled(),
@@ -82,6 +85,7 @@ def _train(
         return prepare_output(cfg, explicit)
 
     cfg, state, run_classes = on_main(look, info, share=True)
+    _check_fp16(cfg, device)  # a resumed run's own setting
     # Data. Every process scans (they need the file lists); only rank 0 reports the bad files.
     if not info.main:
         logging.getLogger("pvtv2").setLevel(logging.ERROR)
@@ -92,4 +96,12 @@ def _train(
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         logger.warning("--bf16: %s does not support bfloat16; training in float32", torch.cuda.get_device_name(device))
         bf16 = False
-    return run(task, cfg, state, RunContext(device, bf16, info))
+    return run(task, cfg, state, RunContext(device, bf16, info, fp16=cfg.fp16))
+
+
+def _check_fp16(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.fp16 and device.type != "cuda":
+        raise ValueError(
+            f"--amp fp16 needs a CUDA GPU (float16 autocast with a gradient scaler), not {device}; on a CPU train in "
+            "float32 (the default) or with --amp bf16"
+        )

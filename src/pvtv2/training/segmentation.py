@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.augment import SegmentationTrainTransform
 from ..data.masks import SegmentationFolder, read_id2label, scan_segmentation_split
 from ..models.config import PvtV2Config, is_preset_name, preset_key
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
@@ -160,9 +161,18 @@ class SegmentationTask(Task):
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/{train,val}/images and DIR/{train,val}/masks)")
         self.id2label = read_id2label(cfg.data, scan_segmentation_split(cfg.data, "train"))
+        if cfg.reduce_labels and not (Path(cfg.data) / "labels.json").is_file():
+            # Names read off the masks count raw values 0..top; reduced, 0 is no label and the classes are 0..top-1.
+            self.id2label = {i: f"class_{i}" for i in range(max(1, len(self.id2label) - 1))}
         self.classes = [self.id2label[i] for i in sorted(self.id2label)]
-        self.train_set = SegmentationFolder(cfg.data, "train", cfg.image_size, hflip=cfg.hflip, seed=cfg.seed)
-        self.val_set = SegmentationFolder(cfg.data, "val", cfg.image_size)
+        transform = None
+        if cfg.seg_augment:
+            # mmsegmentation's ADE20K pipeline at this crop: img_scale (4 x crop, crop), ratio 0.5-2, class cap 0.75.
+            transform = SegmentationTrainTransform(crop_size=cfg.image_size, scale=(4 * cfg.image_size, cfg.image_size),
+                                                   hflip=cfg.hflip)
+        self.train_set = SegmentationFolder(cfg.data, "train", cfg.image_size, hflip=cfg.hflip, seed=cfg.seed,
+                                            reduce_labels=cfg.reduce_labels, transform=transform)
+        self.val_set = SegmentationFolder(cfg.data, "val", cfg.image_size, reduce_labels=cfg.reduce_labels)
 
     def new_model(self) -> nn.Module:
         model = build_segmentation_model(self.cfg, self.id2label)

@@ -190,6 +190,8 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     with torch.device("meta"):
         model = model_cls(config)
     load_canonical(model, canonical, origin=os.fspath(weights_path))
+    # Which ecosystem wrote the file: its evaluation preprocessing follows it (inference.load_processor).
+    model.checkpoint_layout = layout
     logger.info("loaded %s weights (%s layout) from %s", model_cls.__name__, layout, os.fspath(weights_path))
     return model
 

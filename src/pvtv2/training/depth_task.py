@@ -1,0 +1,123 @@
+"""The depth task: folders ``DIR/{train,val}/{images,depth}`` (RGB images and 16-bit depth PNGs, ``--depth-scale``
+units per metre, 0 = no measurement), GLPN's head and scale-invariant log loss, the standard metrics of
+:mod:`pvtv2.training.depth`; ``best/`` is the epoch with the highest validation delta < 1.25."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.depth import DepthFolder
+from ..models.config import PvtV2Config, is_preset_name, preset_key
+from ..models.depth import PvtV2ForDepthEstimation, silog_loss
+from .config import TrainConfig
+from .depth import DEPTH_METRICS, depth_metric_sums, finish_depth_metrics
+from .engine import RunContext, Task
+
+__all__ = ["DepthTask", "build_depth_model"]
+
+logger = logging.getLogger(__name__)
+
+# The same tiny encoder as the segmentation example's, for quick runs (`--model tiny`).
+TINY_DEPTH: dict[str, Any] = dict(
+    depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 128, 160], num_attention_heads=[1, 2, 4, 5], mlp_ratios=[4, 4, 4, 4],
+    sr_ratios=[4, 2, 1, 1], decoder_hidden_size=64, drop_path_rate=0.0,
+)
+# Depths below this are no measurement for the metrics (GLPN's and BTS's evaluation: 1e-3 m).
+MIN_DEPTH = 1e-3
+
+_SCORE_PANEL = ("validation", [("delta1", (44, 160, 44)), ("abs_rel", (214, 39, 40))], (0.0, 1.0))
+
+
+def _is_tiny(model: str) -> bool:
+    return model.lower() == "tiny" and not os.path.exists(model)
+
+
+def build_depth_model(cfg: TrainConfig) -> PvtV2ForDepthEstimation:
+    """``tiny`` or a preset name: a new model; a config.json: that architecture, new; anything else: a checkpoint
+    (classification, depth) whose encoder (and GLPN head, when it has one) to fine-tune."""
+    overrides: dict[str, Any] = {"image_size": cfg.image_size}
+    if cfg.drop_path is not None:
+        overrides["drop_path_rate"] = cfg.drop_path
+    if _is_tiny(cfg.model):
+        return PvtV2ForDepthEstimation(PvtV2Config(**{**TINY_DEPTH, **overrides}))
+    if is_preset_name(cfg.model):
+        return PvtV2ForDepthEstimation(PvtV2Config.from_preset(preset_key(cfg.model), **overrides))
+    if cfg.model.endswith(".json") and os.path.isfile(cfg.model):
+        config = PvtV2Config.from_dict(json.loads(Path(cfg.model).read_text(encoding="utf-8"))).replace(**overrides)
+        return PvtV2ForDepthEstimation(config)
+    return PvtV2ForDepthEstimation.from_pretrained(cfg.model, **overrides)
+
+
+class DepthTask(Task):
+    """Monocular depth: GLPN's scale-invariant log loss on the pixels with depth, AbsRel / SqRel / RMSE / RMSE log /
+    log10 / delta metrics (optionally inside Eigen's NYU crop, ``--nyu-crop``)."""
+
+    model_class = PvtV2ForDepthEstimation
+    best_metric = "delta1"
+    best_state_key = "best_delta1"
+    intro = "depth: %d training images"
+    score_panel = _SCORE_PANEL
+
+    def architecture(self) -> PvtV2Config | None:
+        if _is_tiny(self.cfg.model):
+            return PvtV2Config(**{**TINY_DEPTH, "image_size": self.cfg.image_size})
+        return super().architecture()
+
+    def load_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.data:
+            raise ValueError("a dataset folder is needed (--data DIR with DIR/{train,val}/images and DIR/{train,val}/depth)")
+        if cfg.image_size % 32:
+            raise ValueError(f"--image-size must be a multiple of 32 for depth (GLPN's decoder), got {cfg.image_size}")
+        self.classes = ["depth"]
+        self.train_set = DepthFolder(cfg.data, "train", cfg.image_size, depth_scale=cfg.depth_scale, hflip=cfg.hflip,
+                                     seed=cfg.seed)
+        self.val_set = DepthFolder(cfg.data, "val", cfg.image_size, depth_scale=cfg.depth_scale)
+
+    def new_model(self) -> nn.Module:
+        return build_depth_model(self.cfg)
+
+    def default_lr(self, global_batch: int) -> float:
+        return 1e-4 * global_batch / 16  # GLPN's peak learning rate, scaled linearly from batch 16
+
+    def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
+        pixels, depth = batch
+        with ctx.autocast():
+            predicted = model(pixels).predicted_depth
+        return silog_loss(predicted.float(), depth)
+
+    def evaluate(self, model: nn.Module, loader: Any, ctx: RunContext) -> dict[str, Any]:
+        model.eval()
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        max_depth = float(inner.config.max_depth)
+        loss_sum = count = 0.0
+        sums = [0.0] * (len(DEPTH_METRICS) + 2)
+        with torch.no_grad():
+            for pixels, depth in loader:
+                pixels, depth = pixels.to(ctx.device), depth.to(ctx.device)
+                with ctx.autocast():
+                    predicted = model(pixels).predicted_depth
+                predicted = predicted.float()
+                loss_sum += float(silog_loss(predicted, depth)) * len(depth)
+                count += len(depth)
+                batch = depth_metric_sums(predicted.cpu(), depth.cpu(), min_depth=MIN_DEPTH, max_depth=max_depth,
+                                          nyu_crop=self.cfg.nyu_crop)
+                sums = [a + b for a, b in zip(sums, batch)]
+        totals = ctx.sum([loss_sum, count, *sums])
+        metrics = finish_depth_metrics(totals[2:])
+        return {"val_loss": totals[0] / max(totals[1], 1), **metrics}
+
+    def epoch_summary(self, record: dict[str, Any]) -> str:
+        return (f"val loss {record['val_loss']:.4f}, AbsRel {record['abs_rel']:.4f}, RMSE {record['rmse']:.4f}, "
+                f"delta1 {record['delta1']:.4f}, {record['seconds']:.1f} s")
+
+    def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
+        best = next((r for r in records if r["epoch"] == best_epoch), None)
+        return {"task": "depth", "best_delta1": best["delta1"] if best else None, "best_record": best}

@@ -1,0 +1,199 @@
+"""The paper's recipe in `pvtv2 train`: its flags' refusals, and real runs (slow) that resume exactly after SIGKILL
+with every augmentation and the weight EMA on, save an EMA whose independent evaluation is what the run logged,
+carve a seeded validation split, freeze stages and decay learning rates by layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+from pvtv2.cli import main
+from pvtv2.data.digits import write_digits_folder
+from pvtv2.data.processing import PvtV2ImageProcessor
+from pvtv2.training.engine import KILL_ENV
+from conftest import TINY_SMALL_IMAGES
+
+SIZE = 16
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+RECIPE = ["--randaugment", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--repeated-aug", "3",
+          "--train-interpolation", "bicubic", "--ema", "0.9"]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("arch") / "tiny.json"
+    path.write_text(json.dumps(TINY_SMALL_IMAGES))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def few_digits(tmp_path_factory) -> Path:
+    """120 training and 40 held-out digits at 16 px: 8 batches of 16 per epoch."""
+    root = tmp_path_factory.mktemp("few")
+    write_digits_folder(root, size=SIZE, limit_per_class=16, val_fraction=0.25, seed=2)
+    return root
+
+
+def _common(data: Path, model: str, out: Path, epochs: int = 2) -> list[str]:
+    return ["--data", str(data), "--model", model, "--output", str(out), "--epochs", str(epochs),
+            "--image-size", str(SIZE), "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1",
+            "--crop-scale", "0.7", "--drop-path", "0.1", "--no-progress"]
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pvtv2", "train", *args], env=env or ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+BAD_FLAGS = [
+    (["--mixup", "-0.1"], "--mixup"),
+    (["--mixup", "nan"], "--mixup"),
+    (["--cutmix", "inf"], "--cutmix"),
+    (["--reprob", "1.5"], "--reprob"),
+    (["--repeated-aug", "0"], "--repeated-aug"),
+    (["--train-interpolation", "lanczos"], "--train-interpolation"),
+    (["--ema", "1"], "--ema"),
+    (["--ema", "0"], "--ema"),
+    (["--val-split", "1"], "--val-split"),
+    (["--val-split", "0"], "--val-split"),
+    (["--freeze-stages", "-1"], "--freeze-stages"),
+    (["--freeze-stages", "5"], "freeze_stages must be an integer in [0, 4]"),
+    (["--layer-decay", "0"], "--layer-decay"),
+    (["--layer-decay", "1.5"], "--layer-decay"),
+    (["--val-split", "0.1"], "has its own val/ folder"),
+    (["--task", "segmentation", "--mixup", "0.8"], "--mixup is a classification augmentation"),
+]
+
+
+@pytest.mark.parametrize(("extra", "named"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_recipe_flags_are_refused_before_anything_is_written(few_digits, tiny_config, tmp_path, capsys, extra,
+                                                                 named):
+    out = tmp_path / "run"
+    code = main(["train", *_common(few_digits, tiny_config, out), *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("pvtv2 train: error: ") and named in lines[0], lines
+    assert not out.exists()
+
+
+def _top1(folder: Path, data: Path) -> float:
+    """Top-1 of a saved checkpoint on the val split, with the library's inference path only."""
+    model = PvtV2ForImageClassification.from_pretrained(folder)
+    processor = PvtV2ImageProcessor.from_pretrained(folder)
+    correct = total = 0
+    for label, class_dir in enumerate(sorted((data / "val").iterdir())):
+        paths = sorted(class_dir.iterdir())
+        with torch.no_grad():
+            logits = model(processor([str(p) for p in paths], return_tensors="pt")["pixel_values"]).logits
+        correct += int((logits.argmax(-1) == label).sum())
+        total += len(paths)
+    return 100.0 * correct / total
+
+
+@pytest.fixture(scope="module")
+def recipe_run(few_digits, tiny_config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("recipe") / "run"
+    result = _run([*_common(few_digits, tiny_config, out), *RECIPE])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [3, 12])  # 8 batches per epoch: in the first epoch, and in the second
+def test_a_killed_recipe_run_resumes_to_the_same_weights(few_digits, tiny_config, recipe_run, tmp_path, kill_at):
+    out = tmp_path / "run"
+    args = [*_common(few_digits, tiny_config, out), *RECIPE]
+    killed = _run(args, env={**ENV, KILL_ENV: str(kill_at)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = _run(["--output", str(out), "--resume", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    for folder in ("last", "best", "ema"):
+        expected = load_file(recipe_run / folder / "model.safetensors")
+        got = load_file(out / folder / "model.safetensors")
+        assert expected.keys() == got.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=f"{folder}: {key} differs")
+    expected_metrics = [json.loads(line) for line in (recipe_run / "metrics.jsonl").read_text().splitlines()]
+    got_metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(expected_metrics, got_metrics, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
+        assert (a["val_top1"], a["ema_val_top1"]) == (b["val_top1"], b["ema_val_top1"])
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_mix_and_save_an_ema_that_scores_what_was_logged(recipe_run, few_digits):
+    records = [json.loads(line) for line in (recipe_run / "metrics.jsonl").read_text().splitlines()]
+    assert _top1(recipe_run / "ema", few_digits) == pytest.approx(records[-1]["ema_val_top1"], abs=1e-6)
+    assert _top1(recipe_run / "last", few_digits) == pytest.approx(records[-1]["val_top1"], abs=1e-6)
+    state = torch.load(recipe_run / "last" / "training_state.pt", weights_only=True)
+    # The EMA after epoch 2 of 8 steps each: 16 updates, and it is not the raw weights.
+    assert int(state["ema"]["n_averaged"]) == 16
+    last, ema = load_file(recipe_run / "last" / "model.safetensors"), load_file(recipe_run / "ema" / "model.safetensors")
+    assert any(not torch.equal(last[k], ema[k]) for k in last)
+
+
+@pytest.mark.slow
+def test_val_split_freeze_and_layer_decay(few_digits, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(few_digits / "train", data / "train")
+    start = tmp_path / "start"
+    torch.manual_seed(0)
+    labels = {i: str(i) for i in range(10)}
+    PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, id2label=labels)).save_pretrained(start)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="pvtv2"):
+        code = main(["train", *_common(data, str(start), out, epochs=1), "--val-split", "0.25",
+                     "--freeze-stages", "1", "--layer-decay", "0.5", "--lr", "1e-3"])
+    assert code == 0
+    # 12 training images per class: a quarter of each class (3) held out, 30 of 120.
+    assert "validation split: 30 of the 120 training images" in caplog.text
+    # 90 images in batches of 16: 6 steps; the 1-epoch warmup (6 steps) is cut to a quarter of the run, 1 step.
+    assert "capped at 1 steps" in caplog.text
+    before, after = load_file(start / "model.safetensors"), load_file(out / "last" / "model.safetensors")
+    stage0 = [k for k in before if ".encoder.layers.0." in k]
+    assert stage0 and all(torch.equal(before[k], after[k]) for k in stage0)  # frozen: not one bit moved
+    assert all(not torch.equal(before[k], after[k]) for k in before if ".encoder.layers.1." in k and "weight" in k)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
+    ratios = sorted({round(group["lr"] / record["lr"], 6) for group in state["optimizer"]["param_groups"]})
+    # Four stages of one block each, stage 1 frozen: depths 2, 3, 4 and the head (5) learn at 0.5^3, 0.5^2, 0.5, 1.
+    assert ratios == [0.125, 0.25, 0.5, 1.0]
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--amp", "fp16"], "--amp fp16 needs a CUDA GPU"),
+    (["--amp", "fp32"], "--amp must be bf16 or fp16"),
+    (["--amp", "fp16", "--bf16"], "contradict each other"),
+])
+def test_fp16_is_refused_on_a_cpu_before_anything_is_written(few_digits, tiny_config, tmp_path, capsys, extra, named):
+    out = tmp_path / "run"
+    code = main(["train", *_common(few_digits, tiny_config, out), "--device", "cpu", *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and named in lines[0], lines
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_gradient_scaler_steps_and_is_saved(few_digits, tiny_config, tmp_path, monkeypatch):
+    # The fp16 path itself (autocast to float16, scaled backward, unscale before clipping, scaler.step / update),
+    # run on the CPU with the CUDA-only refusal lifted: 8 steps without an overflow grow the tracker to 8.
+    import pvtv2.training.runner as runner
+
+    monkeypatch.setattr(runner, "_check_fp16", lambda cfg, device: None)
+    out = tmp_path / "run"
+    assert main(["train", *_common(few_digits, tiny_config, out, epochs=1), "--amp", "fp16", "--clip-grad", "1"]) == 0
+    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 65536.0 and state["scaler"]["_growth_tracker"] == 8
+    assert _top1(out / "last", few_digits) == pytest.approx(
+        json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_top1"], abs=1e-6)

@@ -113,10 +113,11 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from . import fast
     from .benchmark import benchmark_model, build_model
     from .runtime import parse_device
+    from .training.config import MAX_IMAGE_SIDE
 
     _check_range("--threads", args.threads, 1, 1024)
     _check_range("--batch-size", args.batch_size, 1, 1024)
-    _check_range("--image-size", args.image_size, 32, 4096)
+    _check_range("--image-size", args.image_size, 32, MAX_IMAGE_SIDE)
     _check_range("--repeats", args.repeats, 1, 100_000)
     _check_range("--warmup", args.warmup, 0, 100_000)
     device = parse_device(args.device)
@@ -461,10 +462,11 @@ def _load_any(source: str):
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx, load_checkpoint_model
     from .models.config import is_preset_name
+    from .training.config import MAX_IMAGE_SIDE
 
     for size in args.check_sizes:
         _check_range("--check-sizes batch", size[0], 1, 64)
-        _check_range("--check-sizes height and width", max(size[1:]), 1, 4096)
+        _check_range("--check-sizes height and width", max(size[1:]), 1, MAX_IMAGE_SIDE)
     # From weights: what the checkpoint holds (a head-less one exports its encoder), never a random head.
     model = _load_any(args.model) if is_preset_name(args.model) else load_checkpoint_model(args.model)
     result = export_onnx(model, args.output, opset=args.opset, exporter=args.exporter,
@@ -493,7 +495,7 @@ def _add_info(subparsers) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="preset name (e.g. pvt_v2_b0), folder, checkpoint file or hub id")
     p.add_argument("--image-size", type=_size_pair, default=(224, 224), metavar="S|HxW",
-                   help="input size for output shapes and compute (default: 224)")
+                   help="input size for output shapes and compute, sides up to 4096 (default: 224)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_info)
 
@@ -504,7 +506,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .flops import format_summary, model_summary
     from .models.config import PvtV2Config, is_preset_name
     from .models.modeling import PvtV2ForImageClassification
+    from .training.config import MAX_IMAGE_SIDE
 
+    _check_range("--image-size height and width", max(args.image_size), 1, MAX_IMAGE_SIDE)
     if is_preset_name(args.model):
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = PvtV2ForImageClassification(PvtV2Config.from_preset(args.model))
@@ -892,11 +896,12 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
 
     from .data.digit_scenes import make_detection_example
     from .training import check_config, train
+    from .training.config import MAX_IMAGE_SIDE
     from .training.detection import example_config
 
     _check_range("--train", args.train, 1, 1_000_000)
     _check_range("--val", args.val, 1, 1_000_000)
-    _check_range("--size", args.size, 48, 4096)
+    _check_range("--size", args.size, 48, MAX_IMAGE_SIDE)
     _check_range("--epochs", args.epochs, 0, 10_000)
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,

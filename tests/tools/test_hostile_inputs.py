@@ -163,6 +163,9 @@ BAD_FLAGS = [
     ("segment {root}/img64.png -m {root}/segmenter -o {out} --size 8", "--size"),
     ("depth {root}/img64.png -m {root}/depth -o {out} --size 64x100000", "--size"),
     ("export -m {root}/classifier -o {out} --check-sizes 1x100000x100000", "--check-sizes"),
+    # info used to print 1513777045 GMACs for 100000: the bound of every other command now holds here too.
+    ("info pvt_v2_b0 --image-size 4097", "--image-size height and width must be between 1 and 4096, got 4097"),
+    ("info {root}/classifier --image-size 64x100000", "--image-size"),
 ]
 
 
@@ -354,11 +357,11 @@ def test_attention_picture_shows_a_small_input_as_sharp_blocks(ws, tmp_path, cap
     assert np.array_equal(picture[caption:, :224], pixels.repeat(14, axis=0).repeat(14, axis=1))  # 224 = 14 x 16
 
 
-def test_info_of_weights_at_a_huge_size_counts_on_the_meta_device(ws, capsys):
-    result = run_here(capsys, "info", str(ws / "classifier"), "--image-size", "16384", "--json")
+def test_info_of_weights_at_the_largest_size_counts_on_the_meta_device(ws, capsys):
+    result = run_here(capsys, "info", str(ws / "classifier"), "--image-size", "4096", "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     # overlapping patch embeddings: floor((n + 2 * (k // 2) - k) / s) + 1 with (k, s) = (7, 4), then (3, 2) thrice
-    assert [s["output"] for s in info["stages"]] == [[4096, 4096], [2048, 2048], [1024, 1024], [512, 512]]
+    assert [s["output"] for s in info["stages"]] == [[1024, 1024], [512, 512], [256, 256], [128, 128]]
     model = PvtV2ForImageClassification.from_pretrained(ws / "classifier")
     assert info["parameters"] == sum(p.numel() for p in model.parameters())

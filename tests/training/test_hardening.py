@@ -137,6 +137,14 @@ BAD_FLAGS = [
     (["--batch-size", "0"], "--batch-size"),
     (["--grad-accum", "0"], "--grad-accum"),
     (["--seed", "-1"], "--seed"),
+    # Used to overflow in the seeding after run.json and metrics.jsonl were written.
+    (["--seed", "99999999999999999999"], "--seed must be an integer in [0, 2**63-1], got 99999999999999999999"),
+    (["--seed", str(2**63)], "--seed must be an integer in [0, 2**63-1]"),
+    # Used to start training on 100000 x 100000 images; 4096 is the bound of every command.
+    (["--image-size", "4097"], "--image-size must be an integer in [1, 4096], got 4097"),
+    # Used to crash in the first step with a traceback, after run.json and metrics.jsonl were written.
+    (["--device", "meta"], "--device meta holds shapes without data"),
+    (["--device", "meta:0"], "--device meta"),
     # The tiny model reduces stage 1's keys 4x: its 1/4-resolution grid, (S - 1) // 4 + 1, needs S >= 13.
     (["--image-size", "8"], "--image-size 13 or more"),
     # B0 reduces them 8x: (S - 1) // 4 + 1 >= 8 needs S >= 29, so 16 px cannot train it.

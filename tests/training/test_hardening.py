@@ -25,6 +25,7 @@ from pvtv2 import PvtV2ForImageClassification
 from pvtv2.cli import main
 from pvtv2.data.digits import write_digits_folder
 from pvtv2.data.shapes import make_segmentation_example
+from pvtv2.fileio import recover_folder
 from pvtv2.training.classification import ClassificationTask
 from pvtv2.training.rundir import LOCK_FILE
 from pvtv2.training.segmentation import SegmentationTask
@@ -352,6 +353,35 @@ def test_a_locked_run_folder_is_refused(interrupted, capsys, holder):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_recover_folder_puts_back_or_removes_the_old_copy(tmp_path):
+    target, old = tmp_path / "last", tmp_path / ".last.old"
+    old.mkdir()
+    (old / "a").write_text("previous")
+    recover_folder(target)  # killed between the two renames: only the old copy exists
+    assert (target / "a").read_text() == "previous" and not old.exists()
+    old.mkdir()
+    (old / "a").write_text("stale")
+    recover_folder(target)  # killed after the second rename: the new one is in place, the old copy is stale
+    assert (target / "a").read_text() == "previous" and not old.exists()
+    recover_folder(target)  # nothing to do
+    assert (target / "a").read_text() == "previous"
+
+
+def test_resume_removes_old_checkpoints_left_by_a_kill(reference, tmp_path, capsys):
+    """kill -9 in the last epoch's checkpoint swap, after its second rename, leaves ``.last.old`` / ``.best.old`` (a
+    whole checkpoint each) beside ``last`` / ``best``; the resumed run has nothing left to train, so no later swap
+    removed them: they used to stay in the run folder forever."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for name in ("last", "best"):  # the folder as the kill leaves it: the previous copy beside the new one
+        shutil.copytree(out / name, out / f".{name}.old")
+        (out / f".{name}.old" / "model.safetensors").write_bytes(b"stale")  # must not be read back
+    code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert _same_weights(out / "last", reference / "last") and _same_weights(out / "best", reference / "best")
 
 
 def test_a_stale_lock_is_taken_over(interrupted, reference, capsys, caplog):

@@ -959,9 +959,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"pvtv2 {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as err:
+        # Out of memory while building or running a model (an absurd config, a batch too large for the device):
+        # one line naming it, not the allocator's traceback. Any other RuntimeError is a bug: let it show.
+        if args.verbose or not _is_out_of_memory(err):
+            raise
+        print(f"pvtv2 {args.command}: error: not enough memory to build or run the model: {_memory_reason(err)}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"pvtv2 {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
+
+
+def _memory_reason(err: BaseException) -> str:
+    """The allocator's own words in one line: CPU "you tried to allocate N bytes", CUDA "Tried to allocate N GiB"."""
+    text = " ".join(str(err).split())
+    for marker in ("can't allocate memory: ", "CUDA out of memory. "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    text = text.split(" Error code ")[0].split(" If reserved ")[0].split(" GPU ")[0]
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -365,3 +365,34 @@ def test_info_of_weights_at_the_largest_size_counts_on_the_meta_device(ws, capsy
     assert [s["output"] for s in info["stages"]] == [[1024, 1024], [512, 512], [256, 256], [128, 128]]
     model = PvtV2ForImageClassification.from_pretrained(ws / "classifier")
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- out of memory
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 256000000000 bytes. Error code 12 (Cannot allocate memory)")
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.00 GiB "
+            "is free. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (RuntimeError(CPU_OOM), "you tried to allocate 256000000000 bytes."),  # the message torch 2.x gives on CPU
+    (torch.OutOfMemoryError(CUDA_OOM), "Tried to allocate 20.00 GiB."),
+    (MemoryError(), "MemoryError"),
+])
+def test_out_of_memory_is_one_line(ws, capsys, monkeypatch, error, reason):
+    def allocate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("pvtv2.flops.model_summary", allocate)
+    result = run_here(capsys, "info", str(ws / "classifier"))
+    line = assert_one_line_error(result, "info", "not enough memory to build or run the model: ")
+    assert line.endswith(f"model: {reason}")
+
+
+def test_other_runtime_errors_still_show_their_traceback(ws, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("pvtv2.flops.model_summary", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info", str(ws / "classifier")])

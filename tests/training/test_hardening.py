@@ -178,6 +178,26 @@ def test_an_absurd_architecture_is_refused_before_it_is_allocated(few_digits, tm
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["symlink loop", "FIFO (named pipe)", "file", "dangling symlink"])
+def test_an_output_that_is_not_a_folder_is_named(few_digits, tiny_config, tmp_path, capsys, kind):
+    """A symlink loop used to give "cannot write 'loop': File exists [EEXIST]", a FIFO "is a file"."""
+    out = tmp_path / "out"
+    if kind == "symlink loop":
+        os.symlink(out, out)
+    elif kind == "dangling symlink":
+        os.symlink(tmp_path / "gone", out)
+    elif kind == "file":
+        out.write_text("x")
+    else:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this system")
+        os.mkfifo(out)
+    code, err = _main(_common(few_digits, tiny_config, out), capsys)
+    assert code == 2
+    assert _one_line(err).endswith(f"error: --output {str(out)!r} is a {kind}, not a folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_the_alias_and_the_demo_refuse_bad_flags_before_writing(tmp_path, capsys):
     out = tmp_path / "seg"
     code, err = _main([str(tmp_path / "data"), "-o", str(out), "--clip-grad", "-1"], capsys, "train-seg")

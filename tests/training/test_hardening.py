@@ -210,6 +210,15 @@ def test_the_alias_and_the_demo_refuse_bad_flags_before_writing(tmp_path, capsys
     assert code == 2 and "--seed" in _one_line(err, "demo-seg") and not shapes.exists()
 
 
+def test_demo_names_an_output_it_cannot_make(tmp_path, capsys):
+    """--output /proc/demo used to print "[Errno 2] No such file or directory: '/proc/demo'"."""
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "demo"
+    code, err = _main(["--output", str(out), "--epochs", "1"], capsys, "demo")
+    assert code == 2
+    assert _one_line(err, "demo").endswith(f"error: cannot write {str(out)!r}: Not a directory [ENOTDIR]")
+
+
 def test_a_refused_command_can_be_corrected(few_digits, tiny_config, tmp_path, capsys):
     """--workers -1 used to fail in the DataLoader after run.json existed; the corrected command was then refused
     as an unfinished run."""

@@ -467,6 +467,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     for size in args.check_sizes:
         _check_range("--check-sizes batch", size[0], 1, 64)
         _check_range("--check-sizes height and width", max(size[1:]), 1, MAX_IMAGE_SIDE)
+    if not args.output.lower().endswith(".onnx"):  # a .txt or .png name would hide an ONNX model behind it
+        raise ValueError(f"--output must be an ONNX file named *.onnx, got {args.output!r}")
     # From weights: what the checkpoint holds (a head-less one exports its encoder), never a random head.
     model = _load_any(args.model) if is_preset_name(args.model) else load_checkpoint_model(args.model)
     result = export_onnx(model, args.output, opset=args.opset, exporter=args.exporter,

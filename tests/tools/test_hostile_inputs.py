@@ -164,6 +164,9 @@ BAD_FLAGS = [
     ("depth {root}/img64.png -m {root}/depth -o {out} --size 64x100000", "--size"),
     ("export -m {root}/classifier -o {out} --check-sizes 1x100000x100000", "--check-sizes"),
     # info used to print 1513777045 GMACs for 100000: the bound of every other command now holds here too.
+    # export used to write an ONNX model named x.txt
+    ("export -m {root}/classifier -o {out}", "--output must be an ONNX file named *.onnx, got '"),
+    ("export -m {root}/classifier -o {root}/x.onnx.txt", "*.onnx"),
     ("info pvt_v2_b0 --image-size 4097", "--image-size height and width must be between 1 and 4096, got 4097"),
     ("info {root}/classifier --image-size 64x100000", "--image-size"),
 ]

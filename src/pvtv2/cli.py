@@ -950,6 +950,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # Offline, huggingface_hub logs each of its retries twice (its own handler and ours): 22 lines before the
+        # one-line error that says the hub could not be reached. -v shows them.
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     from .runtime import tune_from_environment
 
     tune_from_environment()  # this process only; PVTV2_TUNE_MALLOC=0 leaves malloc as it is

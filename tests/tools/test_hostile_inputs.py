@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -399,3 +400,24 @@ def test_other_runtime_errors_still_show_their_traceback(ws, capsys, monkeypatch
     monkeypatch.setattr("pvtv2.flops.model_summary", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["info", str(ws / "classifier")])
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_hub_retry_warnings_are_quiet_unless_verbose(ws, capsys, caplog, monkeypatch, verbose):
+    """Offline, huggingface_hub logged each retry twice: 22 lines before the command's one-line error."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    monkeypatch.setattr(hub_logger, "level", hub_logger.level)  # main() changes it: put it back afterwards
+
+    def unreachable(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ValueError("the hub could not be reached")
+
+    monkeypatch.setattr("pvtv2.flops.model_summary", unreachable)
+    with caplog.at_level(logging.DEBUG):
+        if verbose:
+            with pytest.raises(ValueError, match="could not be reached"):
+                main(["-v", "info", str(ws / "classifier")])
+        else:
+            assert_one_line_error(run_here(capsys, "info", str(ws / "classifier")), "info", "could not be reached")
+    retries = [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]
+    assert retries == (["Retrying in 1s [Retry 1/5]."] if verbose else [])

@@ -952,7 +952,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:
         # Offline, huggingface_hub logs each of its retries twice (its own handler and ours): 22 lines before the
-        # one-line error that says the hub could not be reached. -v shows them.
+        # one-line error that says the hub could not be reached. -v shows them. huggingface_hub sets its logger's
+        # level from HF_HUB_VERBOSITY when it is first imported (a user's own value is kept), so both are set.
+        import os
+
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     from .runtime import tune_from_environment
 

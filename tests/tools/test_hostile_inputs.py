@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -421,3 +422,30 @@ def test_hub_retry_warnings_are_quiet_unless_verbose(ws, capsys, caplog, monkeyp
             assert_one_line_error(run_here(capsys, "info", str(ws / "classifier")), "info", "could not be reached")
     retries = [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]
     assert retries == (["Retrying in 1s [Retry 1/5]."] if verbose else [])
+
+
+HUB_RETRY_SCRIPT = """
+import logging, sys
+import pvtv2.flops
+from pvtv2.cli import main
+
+def unreachable(*args, **kwargs):
+    from huggingface_hub.utils import logging as hub_logging  # first imported here, as by a hub download
+    hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    raise ValueError("the hub could not be reached")
+
+pvtv2.flops.model_summary = unreachable
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_hub_retry_warnings_are_quiet_in_a_fresh_process(ws):
+    """huggingface_hub sets its logger's level when first imported, after the command has started."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_VERBOSITY"}
+    result = subprocess.run([sys.executable, "-c", HUB_RETRY_SCRIPT, "info", str(ws / "classifier")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "pvtv2 info: error: the hub could not be reached"
+    assert not [line for line in lines if "Retry" in line], result.stderr  # the command's own INFO lines may stay

@@ -54,6 +54,7 @@ __all__ = [
     "ProcessorOutput",
     "PvtV2ImageProcessor",
     "load_image",
+    "to_8bit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
         with PIL.Image.open(text) as image:
             image.load()  # decode now, so a truncated file fails here and the file can be closed
             upright = PIL.ImageOps.exif_transpose(image)
-            return _to_8bit(upright).convert("RGB")
+            return to_8bit(upright).convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
         reason = str(error) or type(error).__name__
         raise ValueError(f"cannot read image {text!r}: {reason}") from error
@@ -366,7 +367,7 @@ def _to_rgb_chw(item: Any, index: int) -> np.ndarray:
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
+def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
     """A 16-bit or 32-bit integer greyscale image as 8-bit ``L``; other modes unchanged.
 
     PIL's ``convert("RGB")`` / ``convert("L")`` clip such values at 255 rather than scale them, so a 16-bit picture
@@ -390,7 +391,7 @@ def _to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
 
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     # transformers' convert_to_rgb: any transparency (alpha band or a palette/tRNS transparency) goes onto white.
-    image = _to_8bit(image)  # not in transformers: 16-bit values would be clipped to white (see the module docstring)
+    image = to_8bit(image)  # not in transformers: 16-bit values would be clipped to white (see the module docstring)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))

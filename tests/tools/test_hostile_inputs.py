@@ -449,3 +449,12 @@ def test_hub_retry_warnings_are_quiet_in_a_fresh_process(ws):
     lines = result.stderr.strip().splitlines()
     assert lines[-1] == "pvtv2 info: error: the hub could not be reached"
     assert not [line for line in lines if "Retry" in line], result.stderr  # the command's own INFO lines may stay
+
+
+def test_pictures_of_sixteen_bit_images_are_scaled_not_clipped():
+    # Blending with alpha 0 leaves the image itself: mid grey 32768 must show as 128, not as clipped white 255.
+    from pvtv2.visualize import segmentation_picture
+
+    grey16 = PIL.Image.fromarray(np.full((300, 300), 32768, np.uint16))
+    picture = segmentation_picture(grey16, np.zeros((300, 300), np.int64), {0: "a"}, alpha=0.0)
+    assert np.asarray(picture.convert("RGB"))[150, 150].tolist() == [128, 128, 128]

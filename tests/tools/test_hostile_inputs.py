@@ -93,7 +93,7 @@ REFUSALS = {
     "segment, depth model": ("segment {root}/img64.png -m {m} -o {out}", "depth", "pvtv2 train --task segmentation"),
     "depth, classifier": ("depth {root}/img64.png -m {m} -o {out}", "classifier", "PvtV2ForDepthEstimation"),
     "depth, segmenter": ("depth {root}/img64.png -m {m} -o {out}", "segmenter", "PvtV2ForDepthEstimation"),
-    "export, config claims more labels": ("export -m {m} -o {out} --no-check", "more_labels", "pvtv2 train --model"),
+    "export, config claims more labels": ("export -m {m} -o {out}.onnx --no-check", "more_labels", "pvtv2 train --model"),
     "convert, config claims more labels": ("convert {m} {out}", "more_labels", "pvtv2 train --model"),
 }
 
@@ -407,7 +407,9 @@ def test_other_runtime_errors_still_show_their_traceback(ws, capsys, monkeypatch
 def test_hub_retry_warnings_are_quiet_unless_verbose(ws, capsys, caplog, monkeypatch, verbose):
     """Offline, huggingface_hub logged each retry twice: 22 lines before the command's one-line error."""
     hub_logger = logging.getLogger("huggingface_hub")
-    monkeypatch.setattr(hub_logger, "level", hub_logger.level)  # main() changes it: put it back afterwards
+    # As in a fresh process (an earlier main() in this one may have quieted it); put back afterwards.
+    monkeypatch.setattr(hub_logger, "level", logging.WARNING)
+    monkeypatch.delenv("HF_HUB_VERBOSITY", raising=False)
 
     def unreachable(*args, **kwargs):
         logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")

@@ -113,10 +113,11 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from . import fast
     from .benchmark import benchmark_model, build_model
     from .runtime import parse_device
+    from .training.config import MAX_IMAGE_SIDE
 
     _check_range("--threads", args.threads, 1, 1024)
     _check_range("--batch-size", args.batch_size, 1, 1024)
-    _check_range("--image-size", args.image_size, 32, 4096)
+    _check_range("--image-size", args.image_size, 32, MAX_IMAGE_SIDE)
     _check_range("--repeats", args.repeats, 1, 100_000)
     _check_range("--warmup", args.warmup, 0, 100_000)
     device = parse_device(args.device)
@@ -564,10 +565,13 @@ def _load_any(source: str):
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx, load_checkpoint_model
     from .models.config import is_preset_name
+    from .training.config import MAX_IMAGE_SIDE
 
     for size in args.check_sizes:
         _check_range("--check-sizes batch", size[0], 1, 64)
-        _check_range("--check-sizes height and width", max(size[1:]), 1, 4096)
+        _check_range("--check-sizes height and width", max(size[1:]), 1, MAX_IMAGE_SIDE)
+    if not args.output.lower().endswith(".onnx"):  # a .txt or .png name would hide an ONNX model behind it
+        raise ValueError(f"--output must be an ONNX file named *.onnx, got {args.output!r}")
     # From weights: what the checkpoint holds (a head-less one exports its encoder), never a random head.
     model = _load_any(args.model) if is_preset_name(args.model) else load_checkpoint_model(args.model)
     result = export_onnx(model, args.output, opset=args.opset, exporter=args.exporter,
@@ -596,7 +600,7 @@ def _add_info(subparsers) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="preset name (e.g. pvt_v2_b0), folder, checkpoint file or hub id")
     p.add_argument("--image-size", type=_size_pair, default=(224, 224), metavar="S|HxW",
-                   help="input size for output shapes and compute (default: 224)")
+                   help="input size for output shapes and compute, sides up to 4096 (default: 224)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_info)
 
@@ -607,7 +611,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .flops import format_summary, model_summary
     from .models.config import PvtV2Config, is_preset_name
     from .models.modeling import PvtV2ForImageClassification
+    from .training.config import MAX_IMAGE_SIDE
 
+    _check_range("--image-size height and width", max(args.image_size), 1, MAX_IMAGE_SIDE)
     if is_preset_name(args.model):
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = PvtV2ForImageClassification(PvtV2Config.from_preset(args.model))
@@ -1021,11 +1027,12 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
 
     from .data.digit_scenes import make_detection_example
     from .training import check_config, train
+    from .training.config import MAX_IMAGE_SIDE
     from .training.detection import example_config
 
     _check_range("--train", args.train, 1, 1_000_000)
     _check_range("--val", args.val, 1, 1_000_000)
-    _check_range("--size", args.size, 48, 4096)
+    _check_range("--size", args.size, 48, MAX_IMAGE_SIDE)
     _check_range("--epochs", args.epochs, 0, 10_000)
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
@@ -1072,6 +1079,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # Offline, huggingface_hub logs each of its retries twice (its own handler and ours): 22 lines before the
+        # one-line error that says the hub could not be reached. -v shows them. huggingface_hub sets its logger's
+        # level from HF_HUB_VERBOSITY when it is first imported (a user's own value is kept), so both are set.
+        import os
+
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     from .runtime import tune_from_environment
 
     tune_from_environment()  # this process only; PVTV2_TUNE_MALLOC=0 leaves malloc as it is
@@ -1083,9 +1098,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"pvtv2 {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as err:
+        # Out of memory while building or running a model (an absurd config, a batch too large for the device):
+        # one line naming it, not the allocator's traceback. Any other RuntimeError is a bug: let it show.
+        if args.verbose or not _is_out_of_memory(err):
+            raise
+        print(f"pvtv2 {args.command}: error: not enough memory to build or run the model: {_memory_reason(err)}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"pvtv2 {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
+
+
+def _memory_reason(err: BaseException) -> str:
+    """The allocator's own words in one line: CPU "you tried to allocate N bytes", CUDA "Tried to allocate N GiB"."""
+    text = " ".join(str(err).split())
+    for marker in ("can't allocate memory: ", "CUDA out of memory. "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    text = text.split(" Error code ")[0].split(" If reserved ")[0].split(" GPU ")[0]
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

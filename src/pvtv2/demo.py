@@ -20,6 +20,7 @@ import torch
 from .data.digits import write_digits_folder
 from .data.folders import scan_split
 from .data.processing import PvtV2ImageProcessor, load_image
+from .fileio import WriteError
 from .models.modeling import PvtV2ForImageClassification
 from .training import TrainConfig, check_config, train
 from .training.curves import read_metrics
@@ -66,6 +67,10 @@ def run_demo(
     check_config(cfg)  # a bad --epochs or --image-size is refused before the digits are written
     if run.exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} already holds a demo run; pass --overwrite to replace it")
+    try:  # the usual one-line "cannot write 'OUT': ... [ENOENT]" for an --output that cannot be made
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError(out, err) from err
     if data.exists():
         shutil.rmtree(data)  # the demo's own copy of the digits, rewritten identically
     n_train, n_val = write_digits_folder(data, size=image_size, seed=seed)

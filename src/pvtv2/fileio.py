@@ -123,11 +123,17 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
 
 
 def recover_folder(target: str | os.PathLike) -> None:
-    """Put back ``target`` from its ``.old`` copy when a swap was interrupted between its two renames."""
+    """Put back ``target`` from its ``.old`` copy when a swap was interrupted between its two renames, and remove a
+    ``.old`` copy left beside ``target`` (a swap killed after its second rename): ``target`` is then the newer one,
+    and the stale copy, a whole checkpoint, would otherwise stay forever."""
     target = Path(target)
     old = target.with_name(f".{target.name}.old")
-    if not target.exists() and old.exists():
+    if not old.exists():
+        return
+    if not target.exists():
         os.replace(old, target)
+    else:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 def path_kind(path: str | os.PathLike) -> str:

@@ -162,3 +162,16 @@ def test_unpadded_shards_cover_each_sample_once():
     shards = [epoch_indices(11, seed=0, epoch=0, shuffle=False, rank=r, world_size=3, pad=False) for r in range(3)]
     assert sorted(i for shard in shards for i in shard) == list(range(11))
     assert [len(s) for s in shards] == [4, 4, 3]
+
+
+@pytest.mark.parametrize("transform", [EvalTransform(16), TrainTransform(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)])
+def test_sixteen_bit_images_in_a_folder_are_scaled_not_clipped(tmp_path, transform):
+    # ImageFolder reads through load_image, so 16-bit PNGs are scaled by 257 (convert("RGB") alone clips to white).
+    PIL.Image.fromarray(np.full((20, 20), 32768, np.uint16)).save(tmp_path / "g16.png")
+    PIL.Image.fromarray(np.full((20, 20), 128, np.uint8)).save(tmp_path / "g8.png")
+    assert PIL.Image.open(tmp_path / "g16.png").mode == "I;16"
+    grey16 = ImageFolder([(str(tmp_path / "g16.png"), 0)], transform)[0][0]
+    grey8 = ImageFolder([(str(tmp_path / "g8.png"), 0)], transform)[0][0]
+    expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(grey8[:, 0, 0], expected)
+    assert (grey16 - grey8).abs().max().item() <= 1 / 255 / min(IMAGENET_STD)

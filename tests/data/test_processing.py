@@ -187,7 +187,7 @@ def test_pil_rgb_matches_transformers(height, width):
     assert _compare(_pil(height, width)).shape == (1, 3, 224, 224)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "P-transparent", "CMYK", "1", "I;16"])
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "P-transparent", "CMYK", "1"])
 def test_in_memory_pil_modes_match_transformers(mode):
     image = _pil(61, 45, mode)
     assert image.mode == (mode if mode != "P-transparent" else "P")
@@ -197,7 +197,7 @@ def test_in_memory_pil_modes_match_transformers(mode):
 @pytest.mark.parametrize(
     "mode, suffix",
     [("RGB", ".png"), ("RGB", ".jpg"), ("L", ".png"), ("L", ".jpg"), ("RGBA", ".png"), ("LA", ".png"), ("P", ".png"),
-     ("P-transparent", ".png"), ("I;16", ".png")],
+     ("P-transparent", ".png")],
 )
 def test_image_files_match_transformers(tmp_path, mode, suffix):
     path = tmp_path / f"image{suffix}"
@@ -206,6 +206,55 @@ def test_image_files_match_transformers(tmp_path, mode, suffix):
     ours = _compare(path, str(path))
     assert torch.equal(ours, PvtV2ImageProcessor()(str(path)).pixel_values)
     assert load_image(path).mode == "RGB"
+
+
+def _grey16(values: np.ndarray, mode: str) -> PIL.Image.Image:
+    """A 16-bit greyscale PIL image in ``mode`` (I;16 little-endian, I;16B big-endian, or 32-bit I)."""
+    if mode == "I":
+        return PIL.Image.fromarray(values.astype(np.int32))
+    order = ">u2" if mode == "I;16B" else "<u2"
+    return PIL.Image.frombytes(mode, (values.shape[1], values.shape[0]), values.astype(order).tobytes())
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I"])
+@pytest.mark.parametrize("as_file", [True, False])
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path, mode, as_file):
+    # transformers' convert("RGB") clips 16-bit values at 255: mid grey 32768 would become white. We scale by 257.
+    grey16 = _grey16(np.full((40, 40), 32768), mode)
+    grey8 = PIL.Image.fromarray(np.full((40, 40), 128, np.uint8))
+    if as_file:
+        path = tmp_path / ("g16.png" if mode in ("I;16", "I;16B") else "g16.tif")  # PNG cannot hold I;16L or I
+        grey16.save(path)
+        assert PIL.Image.open(path).mode.startswith("I")
+        grey16 = path
+    processor = PvtV2ImageProcessor(size={"height": 32, "width": 32})
+    ours = processor(grey16, return_tensors="pt").pixel_values
+    reference = processor(grey8, return_tensors="pt").pixel_values
+    one_level = 1 / 255 / min(IMAGENET_STD)
+    assert (ours - reference).abs().max().item() <= one_level
+    white = processor(PIL.Image.fromarray(np.full((40, 40), 255, np.uint8)), return_tensors="pt").pixel_values
+    assert (ours - white).abs().min().item() > 100 * one_level
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_sixteen_bit_gradient_keeps_its_order(tmp_path, mode):
+    ramp = np.tile(np.linspace(0, 65535, 256).round().astype(np.int64), (8, 1))  # (8, 256), left dark, right light
+    path = tmp_path / ("ramp.png" if mode != "I" else "ramp.tif")
+    _grey16(ramp, mode).save(path)
+    loaded = np.asarray(load_image(path))[0, :, 0].astype(np.int64)
+    assert np.array_equal(loaded, (2 * ramp[0] + 257) // 514)  # round(v / 257), halves up, in integers
+    assert loaded[0] == 0 and loaded[-1] == 255 and np.all(np.diff(loaded) >= 0)
+    assert len(np.unique(loaded)) == 256  # 256 evenly spaced 16-bit levels keep 256 distinct 8-bit levels
+
+
+def test_thirty_two_bit_grey_outside_sixteen_bits_is_refused(tmp_path):
+    PIL.Image.fromarray(np.array([[0, 100, 255]], np.int32)).save(tmp_path / "small.tif")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "small.tif"))[0, :, 0], [0, 100, 255])  # 8-bit in 32: kept
+    with pytest.raises(ValueError, match=r"values in \[0, 70000\]"):
+        PvtV2ImageProcessor()(PIL.Image.fromarray(np.array([[0, 70000]], np.int32)))
+    PIL.Image.fromarray(np.array([[-5, 10]], np.int32)).save(tmp_path / "neg.tif")
+    with pytest.raises(ValueError, match=r"cannot read image .*neg.tif.*\[-5, 10\]"):
+        load_image(tmp_path / "neg.tif")
 
 
 def test_exif_orientation_matches_transformers(tmp_path):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +93,7 @@ REFUSALS = {
     "segment, depth model": ("segment {root}/img64.png -m {m} -o {out}", "depth", "pvtv2 train --task segmentation"),
     "depth, classifier": ("depth {root}/img64.png -m {m} -o {out}", "classifier", "PvtV2ForDepthEstimation"),
     "depth, segmenter": ("depth {root}/img64.png -m {m} -o {out}", "segmenter", "PvtV2ForDepthEstimation"),
-    "export, config claims more labels": ("export -m {m} -o {out} --no-check", "more_labels", "pvtv2 train --model"),
+    "export, config claims more labels": ("export -m {m} -o {out}.onnx --no-check", "more_labels", "pvtv2 train --model"),
     "convert, config claims more labels": ("convert {m} {out}", "more_labels", "pvtv2 train --model"),
 }
 
@@ -163,6 +165,12 @@ BAD_FLAGS = [
     ("segment {root}/img64.png -m {root}/segmenter -o {out} --size 8", "--size"),
     ("depth {root}/img64.png -m {root}/depth -o {out} --size 64x100000", "--size"),
     ("export -m {root}/classifier -o {out} --check-sizes 1x100000x100000", "--check-sizes"),
+    # info used to print 1513777045 GMACs for 100000: the bound of every other command now holds here too.
+    # export used to write an ONNX model named x.txt
+    ("export -m {root}/classifier -o {out}", "--output must be an ONNX file named *.onnx, got '"),
+    ("export -m {root}/classifier -o {root}/x.onnx.txt", "*.onnx"),
+    ("info pvt_v2_b0 --image-size 4097", "--image-size height and width must be between 1 and 4096, got 4097"),
+    ("info {root}/classifier --image-size 64x100000", "--image-size"),
 ]
 
 
@@ -354,11 +362,101 @@ def test_attention_picture_shows_a_small_input_as_sharp_blocks(ws, tmp_path, cap
     assert np.array_equal(picture[caption:, :224], pixels.repeat(14, axis=0).repeat(14, axis=1))  # 224 = 14 x 16
 
 
-def test_info_of_weights_at_a_huge_size_counts_on_the_meta_device(ws, capsys):
-    result = run_here(capsys, "info", str(ws / "classifier"), "--image-size", "16384", "--json")
+def test_info_of_weights_at_the_largest_size_counts_on_the_meta_device(ws, capsys):
+    result = run_here(capsys, "info", str(ws / "classifier"), "--image-size", "4096", "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     # overlapping patch embeddings: floor((n + 2 * (k // 2) - k) / s) + 1 with (k, s) = (7, 4), then (3, 2) thrice
-    assert [s["output"] for s in info["stages"]] == [[4096, 4096], [2048, 2048], [1024, 1024], [512, 512]]
+    assert [s["output"] for s in info["stages"]] == [[1024, 1024], [512, 512], [256, 256], [128, 128]]
     model = PvtV2ForImageClassification.from_pretrained(ws / "classifier")
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- out of memory
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 256000000000 bytes. Error code 12 (Cannot allocate memory)")
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.00 GiB "
+            "is free. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (RuntimeError(CPU_OOM), "you tried to allocate 256000000000 bytes."),  # the message torch 2.x gives on CPU
+    (torch.OutOfMemoryError(CUDA_OOM), "Tried to allocate 20.00 GiB."),
+    (MemoryError(), "MemoryError"),
+])
+def test_out_of_memory_is_one_line(ws, capsys, monkeypatch, error, reason):
+    def allocate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("pvtv2.flops.model_summary", allocate)
+    result = run_here(capsys, "info", str(ws / "classifier"))
+    line = assert_one_line_error(result, "info", "not enough memory to build or run the model: ")
+    assert line.endswith(f"model: {reason}")
+
+
+def test_other_runtime_errors_still_show_their_traceback(ws, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("pvtv2.flops.model_summary", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info", str(ws / "classifier")])
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_hub_retry_warnings_are_quiet_unless_verbose(ws, capsys, caplog, monkeypatch, verbose):
+    """Offline, huggingface_hub logged each retry twice: 22 lines before the command's one-line error."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    # As in a fresh process (an earlier main() in this one may have quieted it); put back afterwards.
+    monkeypatch.setattr(hub_logger, "level", logging.WARNING)
+    monkeypatch.delenv("HF_HUB_VERBOSITY", raising=False)
+
+    def unreachable(*args, **kwargs):
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ValueError("the hub could not be reached")
+
+    monkeypatch.setattr("pvtv2.flops.model_summary", unreachable)
+    with caplog.at_level(logging.DEBUG):
+        if verbose:
+            with pytest.raises(ValueError, match="could not be reached"):
+                main(["-v", "info", str(ws / "classifier")])
+        else:
+            assert_one_line_error(run_here(capsys, "info", str(ws / "classifier")), "info", "could not be reached")
+    retries = [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]
+    assert retries == (["Retrying in 1s [Retry 1/5]."] if verbose else [])
+
+
+HUB_RETRY_SCRIPT = """
+import logging, sys
+import pvtv2.flops
+from pvtv2.cli import main
+
+def unreachable(*args, **kwargs):
+    from huggingface_hub.utils import logging as hub_logging  # first imported here, as by a hub download
+    hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    raise ValueError("the hub could not be reached")
+
+pvtv2.flops.model_summary = unreachable
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_hub_retry_warnings_are_quiet_in_a_fresh_process(ws):
+    """huggingface_hub sets its logger's level when first imported, after the command has started."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_VERBOSITY"}
+    result = subprocess.run([sys.executable, "-c", HUB_RETRY_SCRIPT, "info", str(ws / "classifier")],
+                            capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "pvtv2 info: error: the hub could not be reached"
+    assert not [line for line in lines if "Retry" in line], result.stderr  # the command's own INFO lines may stay
+
+
+def test_pictures_of_sixteen_bit_images_are_scaled_not_clipped():
+    # Blending with alpha 0 leaves the image itself: mid grey 32768 must show as 128, not as clipped white 255.
+    from pvtv2.visualize import segmentation_picture
+
+    grey16 = PIL.Image.fromarray(np.full((300, 300), 32768, np.uint16))
+    picture = segmentation_picture(grey16, np.zeros((300, 300), np.int64), {0: "a"}, alpha=0.0)
+    assert np.asarray(picture.convert("RGB"))[150, 150].tolist() == [128, 128, 128]

@@ -90,6 +90,20 @@ def test_example_data_is_exact_and_reproducible(tmp_path):
     assert torch.equal(again, pixels) and torch.equal(same_mask, mask)
 
 
+def test_segmentation_images_in_sixteen_bits_are_scaled_not_clipped(tmp_path):
+    for kind in ("images", "masks"):
+        (tmp_path / "train" / kind).mkdir(parents=True)
+    PIL.Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "train" / "images" / "a.png")  # I;16
+    PIL.Image.fromarray(np.full((8, 8), 128, np.uint8)).save(tmp_path / "train" / "images" / "b.png")
+    for name in ("a", "b"):
+        PIL.Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "train" / "masks" / f"{name}.png")
+    folder = SegmentationFolder(tmp_path, "train", 8)
+    grey16, grey8 = folder[0][0], folder[1][0]
+    expected = (128 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(grey8[:, 0, 0], expected)
+    torch.testing.assert_close(grey16, grey8)  # round(32768 / 257) = 128
+
+
 def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 

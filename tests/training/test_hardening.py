@@ -25,6 +25,7 @@ from pvtv2 import PvtV2ForImageClassification
 from pvtv2.cli import main
 from pvtv2.data.digits import write_digits_folder
 from pvtv2.data.shapes import make_segmentation_example
+from pvtv2.fileio import recover_folder
 from pvtv2.training.classification import ClassificationTask
 from pvtv2.training.rundir import LOCK_FILE
 from pvtv2.training.segmentation import SegmentationTask
@@ -137,6 +138,14 @@ BAD_FLAGS = [
     (["--batch-size", "0"], "--batch-size"),
     (["--grad-accum", "0"], "--grad-accum"),
     (["--seed", "-1"], "--seed"),
+    # Used to overflow in the seeding after run.json and metrics.jsonl were written.
+    (["--seed", "99999999999999999999"], "--seed must be an integer in [0, 2**63-1], got 99999999999999999999"),
+    (["--seed", str(2**63)], "--seed must be an integer in [0, 2**63-1]"),
+    # Used to start training on 100000 x 100000 images; 4096 is the bound of every command.
+    (["--image-size", "4097"], "--image-size must be an integer in [1, 4096], got 4097"),
+    # Used to crash in the first step with a traceback, after run.json and metrics.jsonl were written.
+    (["--device", "meta"], "--device meta holds shapes without data"),
+    (["--device", "meta:0"], "--device meta"),
     # The tiny model reduces stage 1's keys 4x: its 1/4-resolution grid, (S - 1) // 4 + 1, needs S >= 13.
     (["--image-size", "8"], "--image-size 13 or more"),
     # B0 reduces them 8x: (S - 1) // 4 + 1 >= 8 needs S >= 29, so 16 px cannot train it.
@@ -153,6 +162,42 @@ def test_bad_flags_are_refused_before_anything_is_written(few_digits, tiny_confi
     assert not out.exists()
 
 
+def test_an_absurd_architecture_is_refused_before_it_is_allocated(few_digits, tmp_path, capsys):
+    """mlp_ratios [1e9, ...] used to reach the allocator (256 GB for stage 1's FFN): a 58-line traceback."""
+    config = tmp_path / "absurd.json"
+    config.write_text(json.dumps({**TINY_SMALL_IMAGES, "mlp_ratios": [1e9, 2, 2, 2]}))
+    out = tmp_path / "run"
+    code, err = _main(_common(few_digits, str(config), out), capsys)
+    assert code == 2
+    line = _one_line(err)
+    # stage 1's FFN alone: dense1 and dense2 of (dim x dim * 1e9) weights, dense1's bias and the depthwise conv's
+    hidden, dim = int(TINY_SMALL_IMAGES["hidden_sizes"][0] * 1e9), TINY_SMALL_IMAGES["hidden_sizes"][0]
+    ffn = 2 * dim * hidden + hidden + dim + hidden * 9 + hidden
+    count = int(re.search(r"would have ([\d,]+) parameters", line).group(1).replace(",", ""))
+    assert ffn < count < ffn + 10**6 and "more than 10,000,000,000" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink loop", "FIFO (named pipe)", "file", "dangling symlink"])
+def test_an_output_that_is_not_a_folder_is_named(few_digits, tiny_config, tmp_path, capsys, kind):
+    """A symlink loop used to give "cannot write 'loop': File exists [EEXIST]", a FIFO "is a file"."""
+    out = tmp_path / "out"
+    if kind == "symlink loop":
+        os.symlink(out, out)
+    elif kind == "dangling symlink":
+        os.symlink(tmp_path / "gone", out)
+    elif kind == "file":
+        out.write_text("x")
+    else:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this system")
+        os.mkfifo(out)
+    code, err = _main(_common(few_digits, tiny_config, out), capsys)
+    assert code == 2
+    assert _one_line(err).endswith(f"error: --output {str(out)!r} is a {kind}, not a folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_the_alias_and_the_demo_refuse_bad_flags_before_writing(tmp_path, capsys):
     out = tmp_path / "seg"
     code, err = _main([str(tmp_path / "data"), "-o", str(out), "--clip-grad", "-1"], capsys, "train-seg")
@@ -163,6 +208,15 @@ def test_the_alias_and_the_demo_refuse_bad_flags_before_writing(tmp_path, capsys
     shapes = tmp_path / "shapes"
     code, err = _main(["-o", str(shapes), "--epochs", "2", "--seed", "-1"], capsys, "demo-seg")
     assert code == 2 and "--seed" in _one_line(err, "demo-seg") and not shapes.exists()
+
+
+def test_demo_names_an_output_it_cannot_make(tmp_path, capsys):
+    """--output /proc/demo used to print "[Errno 2] No such file or directory: '/proc/demo'"."""
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "demo"
+    code, err = _main(["--output", str(out), "--epochs", "1"], capsys, "demo")
+    assert code == 2
+    assert _one_line(err, "demo").endswith(f"error: cannot write {str(out)!r}: Not a directory [ENOTDIR]")
 
 
 def test_a_refused_command_can_be_corrected(few_digits, tiny_config, tmp_path, capsys):
@@ -344,6 +398,35 @@ def test_a_locked_run_folder_is_refused(interrupted, capsys, holder):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_recover_folder_puts_back_or_removes_the_old_copy(tmp_path):
+    target, old = tmp_path / "last", tmp_path / ".last.old"
+    old.mkdir()
+    (old / "a").write_text("previous")
+    recover_folder(target)  # killed between the two renames: only the old copy exists
+    assert (target / "a").read_text() == "previous" and not old.exists()
+    old.mkdir()
+    (old / "a").write_text("stale")
+    recover_folder(target)  # killed after the second rename: the new one is in place, the old copy is stale
+    assert (target / "a").read_text() == "previous" and not old.exists()
+    recover_folder(target)  # nothing to do
+    assert (target / "a").read_text() == "previous"
+
+
+def test_resume_removes_old_checkpoints_left_by_a_kill(reference, tmp_path, capsys):
+    """kill -9 in the last epoch's checkpoint swap, after its second rename, leaves ``.last.old`` / ``.best.old`` (a
+    whole checkpoint each) beside ``last`` / ``best``; the resumed run has nothing left to train, so no later swap
+    removed them: they used to stay in the run folder forever."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for name in ("last", "best"):  # the folder as the kill leaves it: the previous copy beside the new one
+        shutil.copytree(out / name, out / f".{name}.old")
+        (out / f".{name}.old" / "model.safetensors").write_bytes(b"stale")  # must not be read back
+    code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert _same_weights(out / "last", reference / "last") and _same_weights(out / "best", reference / "best")
 
 
 def test_a_stale_lock_is_taken_over(interrupted, reference, capsys, caplog):

@@ -22,7 +22,7 @@ import PIL.Image
 import torch
 
 from .augment import derive_seed
-from .processing import IMAGE_EXTENSIONS
+from .processing import IMAGE_EXTENSIONS, to_8bit
 
 __all__ = ["DepthFolder", "read_depth_png", "scan_depth_split", "write_depth_png"]
 
@@ -146,7 +146,7 @@ class DepthFolder(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, depth_path = self.pairs[index]
         height, width = self.size
-        image = PIL.Image.open(image_path).convert("RGB")
+        image = to_8bit(PIL.Image.open(image_path)).convert("RGB")  # 16-bit greyscale scaled, not clipped
         depth = read_depth_png(depth_path, self.depth_scale)
         if depth.shape != (image.height, image.width):
             raise ValueError(

@@ -20,7 +20,7 @@ import PIL.Image
 import torch
 
 from .augment import SegmentationTrainTransform, derive_seed
-from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
+from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, to_8bit
 
 __all__ = [
     "scan_segmentation_split",
@@ -128,7 +128,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        image = PIL.Image.open(image_path).convert("RGB")
+        # 16-bit greyscale scaled to 8 bits, as PvtV2ImageProcessor does: convert("RGB") alone clips it to white.
+        image = to_8bit(PIL.Image.open(image_path)).convert("RGB")
         mask = PIL.Image.open(mask_path)
         if mask.mode not in ("L", "P", "I", "I;16"):
             raise ValueError(f"mask {os.fspath(mask_path)!r} must be a single-channel PNG of class indices, got mode {mask.mode}")

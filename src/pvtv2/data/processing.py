@@ -10,6 +10,10 @@ PIL one. Per image:
    transformers' ``load_image`` does: an alpha band is dropped, but a palette or colour-key transparency survives
    in ``info`` and its pixels are then made white. An in-memory PIL image or array with an alpha channel is
    composited onto white, one with one channel is repeated to three, as transformers' ``convert_to_rgb`` does.
+   Here we differ from transformers on purpose: a 16-bit greyscale image (PIL modes ``I;16``, ``I;16B``,
+   ``I;16L``), file or in-memory, is first scaled to 8 bits, ``round(v / 257)``, where ``convert("RGB")`` would
+   clip every value above 255 to white. A 32-bit ``I`` image whose values all lie in [0, 255] is taken as it is,
+   one whose values fit 16 bits is scaled the same way, and anything else (negative or above 65535) is an error.
 2. Resize with PIL (``Image.resize``, default bilinear, no ``reducing_gap``) on a uint8 image: to ``size``'s height
    and width, or, with ``size={"shortest_edge": s}``, the shorter side to ``s`` and the longer one to
    ``int(s * long / short)`` (torchvision's and transformers' rule). Non-uint8 arrays get there as transformers takes
@@ -70,6 +74,7 @@ __all__ = [
     "ProcessorOutput",
     "PvtV2ImageProcessor",
     "load_image",
+    "to_8bit",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,7 +131,7 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
         with PIL.Image.open(text) as image:
             image.load()  # decode now, so a truncated file fails here and the file can be closed
             upright = PIL.ImageOps.exif_transpose(image)
-            return upright.convert("RGB")
+            return to_8bit(upright).convert("RGB")
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
         reason = str(error) or type(error).__name__
         raise ValueError(f"cannot read image {text!r}: {reason}") from error
@@ -181,6 +186,10 @@ class PvtV2ImageProcessor:
         do_normalize: subtract ``image_mean`` and divide by ``image_std`` per channel.
         image_mean: a float or one per RGB channel; ImageNet's by default.
         image_std: a float or one per RGB channel; ImageNet's by default.
+
+    16-bit greyscale images (PIL modes ``I;16``, ``I;16B``, ``I;16L``, files or PIL images) are scaled to 8 bits,
+    ``round(v / 257)``, before anything else; transformers clips them to white instead. A 32-bit ``I`` image is
+    taken as 8-bit when its values fit [0, 255], scaled as 16-bit when they fit [0, 65535], refused otherwise.
     """
 
     model_input_names = ("pixel_values",)
@@ -500,8 +509,34 @@ def _to_rgb_chw(item: Any, index: int) -> np.ndarray:
     return _array_to_rgb_chw(item, index)
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit or 32-bit integer greyscale image as 8-bit ``L``; other modes unchanged.
+
+    PIL's ``convert("RGB")`` / ``convert("L")`` clip such values at 255 rather than scale them, so a 16-bit picture
+    would come out almost all white. 65535 / 257 = 255 exactly: ``round(v / 257)`` maps the 16-bit range onto 8 bits.
+    """
+    if image.mode not in _SIXTEEN_BIT_MODES and image.mode != "I":
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if image.mode == "I" and values.size:
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"a 32-bit greyscale image with values in [{low}, {high}] cannot be shown as 8 bits; expected values "
+                f"in [0, 255] (8-bit) or [0, 65535] (16-bit)"
+            )
+        if high <= 255:  # 8-bit values stored in 32 bits: nothing to scale
+            return PIL.Image.fromarray(values.astype(np.uint8))
+    # Integer round half up of v / 257 (no float rounding questions): (2v + 257) // 514.
+    return PIL.Image.fromarray(((2 * values + 257) // 514).astype(np.uint8))
+
+
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     # transformers' convert_to_rgb: any transparency (alpha band or a palette/tRNS transparency) goes onto white.
+    image = to_8bit(image)  # not in transformers: 16-bit values would be clipped to white (see the module docstring)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))

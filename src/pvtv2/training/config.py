@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import Any
 
-__all__ = ["TASKS", "TrainConfig", "flag"]
+__all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "TASKS", "TrainConfig", "flag"]
 
 TASKS = ("classification", "segmentation", "detection", "depth")
 # pvtv2.models.detection.DETECTORS (not imported: reading a config needs no model code)
@@ -21,6 +21,13 @@ DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn", "fcos")
 SCHEDULES = ("cosine", "poly")
 # The resampling filters of the training crop.
 INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+# The largest input side the commands accept (train, info, benchmark, demo-det...): a larger one is far more likely a
+# typo than a plan, and would otherwise start a run that only fails, or swaps, once the first batch is allocated.
+MAX_IMAGE_SIDE = 4096
+# Seeds go to torch.manual_seed and NumPy as 64-bit integers: a larger one overflows there, after the run has begun.
+MAX_SEED = 2**63 - 1
 
 
 def flag(name: str) -> str:
@@ -95,7 +102,8 @@ class TrainConfig:
         """
         for name in ("image_size", "epochs", "batch_size", "grad_accum"):
             _integer(name, getattr(self, name), minimum=1)
-        _integer("seed", self.seed, minimum=0)
+        _integer("image_size", self.image_size, minimum=1, maximum=MAX_IMAGE_SIDE)
+        _integer("seed", self.seed, minimum=0, maximum=MAX_SEED, maximum_text="2**63-1")
         if self.workers is not None:
             _integer("workers", self.workers, minimum=0)
         if self.lr is not None:
@@ -134,6 +142,10 @@ class TrainConfig:
             raise ValueError("--resume and --overwrite contradict each other: pass one of them")
         if not self.output:
             raise ValueError("an output folder is needed (--output)")
+        if self.device is not None and not isinstance(self.device, str):
+            raise TypeError(f"--device must be a string such as cpu or cuda:0, got {self.device!r}")
+        if self.device is not None and self.device.strip().split(":")[0] == "meta":
+            raise ValueError("--device meta holds shapes without data: nothing can be trained there; use cpu or cuda")
 
     def _validate_recipe(self) -> None:
         if not isinstance(self.randaugment, bool):
@@ -178,9 +190,11 @@ class TrainConfig:
                 raise ValueError(f"{flag(name)} applies to classification only, not --task {self.task}")
 
 
-def _integer(name: str, value: Any, *, minimum: int) -> None:
+def _integer(name: str, value: Any, *, minimum: int, maximum: int | None = None, maximum_text: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{flag(name)} must be an integer, got {value!r}")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{flag(name)} must be an integer in [{minimum}, {maximum_text or maximum}], got {value}")
     if value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{flag(name)} must be {what}, got {value}")

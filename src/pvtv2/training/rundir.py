@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..data.processing import PvtV2ImageProcessor
-from ..fileio import WriteError, atomic_write_json, recover_folder, write_folder_atomically
+from ..fileio import WriteError, atomic_write_json, path_kind, recover_folder, write_folder_atomically
 from .config import TrainConfig, flag
 from .curves import METRICS_FILE, read_metrics, write_metrics
 
@@ -96,8 +96,9 @@ class RunLock:
         self.release()
 
     def acquire(self) -> None:
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"--output {str(self.folder)!r} is a file, not a folder")
+        kind = path_kind(self.folder)  # a symlink loop or a FIFO named as such, not as "a file" or EEXIST
+        if kind not in ("folder", "nothing"):
+            raise ValueError(f"--output {str(self.folder)!r} is a {kind}, not a folder")
         missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..models.config import PvtV2Config
+from ..models.modeling import PvtV2Model
 from .classification import ClassificationTask
 from .config import TrainConfig
 from .detection import DetectionTask
@@ -24,9 +26,13 @@ from .rundir import RunLock, check_resumed_classes, prepare_output
 from .depth_task import DepthTask
 from .segmentation import SegmentationTask
 
-__all__ = ["TASK_CLASSES", "check_config", "train"]
+__all__ = ["MAX_PARAMETERS", "TASK_CLASSES", "check_config", "train"]
 
 logger = logging.getLogger(__name__)
+
+# PVTv2-B5, the largest published variant, has 82 million parameters: ten billion is far beyond any config meant to be
+# trained here, and refusing above it turns a typo (mlp_ratios [1e9, ...]) into one line instead of an allocator error.
+MAX_PARAMETERS = 10**10
 
 # ``TrainConfig.task`` -> the task that supplies its data, model, loss and metrics.
 TASK_CLASSES: dict[str, type[Task]] = {
@@ -74,6 +80,22 @@ def check_config(cfg: TrainConfig) -> None:
         architecture = TASK_CLASSES[cfg.task](cfg).architecture()
         if architecture is not None:
             check_image_size(architecture, cfg.image_size, cfg.model)
+            _check_model_size(architecture, cfg.model)
+
+
+def _check_model_size(config: PvtV2Config, model: str) -> None:
+    """Refuse an encoder of more than :data:`MAX_PARAMETERS` parameters, counted on the meta device (shapes only:
+    no memory, no initialisation), before the real one is allocated."""
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in PvtV2Model(config).parameters())
+    except (RuntimeError, OverflowError) as err:
+        raise ValueError(f"the architecture of {model!r} cannot be built: {err}") from None
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"the architecture of {model!r} would have {count:,} parameters ({count * 4 / 2**30:,.0f} GiB in float32), "
+            f"more than {MAX_PARAMETERS:,}: check its hidden_sizes, depths and mlp_ratios"
+        )
 
 
 def _train(

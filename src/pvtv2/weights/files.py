@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
         state = _read_safetensors(path)
     else:
-        state = _read_torch(path)
+        state = _read_torch(path, head)
     return _unwrap(state, path)
 
 
@@ -58,11 +59,26 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{os.fspath(path)!r} is not a readable safetensors file (corrupt or truncated?): {err}") from None
 
 
-def _read_torch(path: Path) -> Any:
+def _is_plain_pickle(head: bytes) -> bool:
+    """A ``pickle.dump`` file (protocol 2 to 5), not a ``torch.save`` one: that is a zip archive, or in torch's
+    legacy format a pickle whose first object is its magic number, a long (``\\x8a``) right after the header."""
+    return len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2] != 0x8A
+
+
+def _read_torch(path: Path, head: bytes = b"") -> Any:
     try:
-        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns that a plain pickle's protocol is not its own before refusing it: the error says enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = str(err)
+        if "GLOBAL" not in detail and "global" not in detail and _is_plain_pickle(head):
+            raise CheckpointError(
+                f"refusing to load {os.fspath(path)!r}: it is a plain pickle (pickle.dump, not torch.save) and holds "
+                f"pickled Python objects, which are not loaded: loading them could run code. Only weights are read "
+                f"(torch.load(weights_only=True)); save the state dict with torch.save or safetensors instead"
+            ) from None
         if "GLOBAL" not in detail and "global" not in detail:
             # Not a forbidden object: bytes that are no pickle at all.
             raise CheckpointError(

@@ -88,8 +88,7 @@ def count_macs(model: nn.Module, image_size: int | Sequence[int] = 224, batch_si
         batch, tokens, dim = x.shape
         keys = _kv_tokens(module, tokens, int(height), int(width))
         add(module, "attention", 2 * batch * tokens * keys * dim)  # Q K^T and A V
-        # Keys and values: one F.linear with the two weights concatenated, so no Linear hook sees them.
-        add(module, "linear", 2 * batch * keys * dim * module.key.in_features)
+        # Keys and values are counted by their Linear hooks: a key or value layer with a hook is called, not fused.
 
     def stage_hook(module: PvtV2Stage, inputs: tuple, output: Any) -> None:
         shapes[stages.index(module)] = tuple(output[0].shape)

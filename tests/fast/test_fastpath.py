@@ -17,6 +17,8 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 import transformers
 from torch.optim.swa_utils import AveragedModel
 
@@ -389,3 +391,261 @@ def test_environment_variable_turns_the_fast_path_off_for_a_program():
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                              env={**os.environ, "PVTV2_FAST_PATH": value})
         assert out.stdout.strip() == expected, (value, out.stdout, out.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- what the modules do
+# The fused stage reads weights directly. Wherever calling a module would compute something else (hooks, pruning,
+# subclasses, parametrizations, a module in training mode), the stage must run the reference path, which calls them.
+class LoraLinear(torch.nn.Linear):
+    """A Linear with a low-rank extra term, as adapters (peft's LoRA) add one; it shares the base layer's weights."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.weight, self.bias = base.weight, base.bias
+        gen = torch.Generator().manual_seed(1)
+        self.down = torch.nn.Parameter(torch.randn(base.in_features, rank, generator=gen) * 0.5)
+        self.up = torch.nn.Parameter(torch.randn(rank, base.out_features, generator=gen) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x @ self.down @ self.up
+
+    def merged(self) -> torch.nn.Linear:
+        """The same map as one plain Linear: an independent way to compute what this layer computes."""
+        plain = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(self.weight + (self.down @ self.up).T)
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
+
+
+class Doubled(torch.nn.Module):
+    """A parametrization: the layer's weight is twice what it stores."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def _last_block(model):  # stage 4: several keys per query, so no change to the attention cancels out
+    return model.pvt_v2.encoder.layers[3].blocks[0]
+
+
+def _hook_on_query(model):
+    return [_last_block(model).attention.query.register_forward_hook(lambda mod, args, out: out * 3)]
+
+
+def _pre_hook_on_dense1(model):
+    return [_last_block(model).mlp.dense1.register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))]
+
+
+def _hook_on_stage(model):
+    return [model.pvt_v2.encoder.layers[2].register_forward_pre_hook(lambda mod, args: (args[0] * 2,) + args[1:])]
+
+
+def _global_hook(model):
+    def hook(mod, args, out):
+        return out * 1.5 if type(mod) is torch.nn.Linear and mod.out_features == 64 else None
+
+    return [torch.nn.modules.module.register_module_forward_hook(hook)]
+
+
+def _pruned(model):
+    layer = _last_block(model).mlp.dense1
+    torch.nn.utils.prune.l1_unstructured(layer, "weight", 0.5)
+    with torch.no_grad():
+        layer.weight_orig.mul_(3)  # pruning recomputes weight from weight_orig before each call
+    return []
+
+
+def _lora_query(model):
+    attention = _last_block(model).attention
+    attention.query = LoraLinear(attention.query)
+    return []
+
+
+def _parametrized(model):
+    torch.nn.utils.parametrize.register_parametrization(_last_block(model).mlp.dense2, "weight", Doubled())
+    return []
+
+
+def _instance_forward(model):
+    layer = _last_block(model).attention.proj
+    layer.forward = lambda x: torch.nn.functional.linear(x, layer.weight, layer.bias) * 2
+    return []
+
+
+CHANGES = {
+    "forward hook on query": _hook_on_query,
+    "forward pre-hook on dense1": _pre_hook_on_dense1,
+    "forward pre-hook on a stage": _hook_on_stage,
+    "global forward hook": _global_hook,
+    "prune": _pruned,
+    "LoRA-like Linear subclass": _lora_query,
+    "parametrization": _parametrized,
+    "forward set on the instance": _instance_forward,
+}
+
+
+@needs_fast
+@pytest.mark.parametrize("frozen", [False, True], ids=["unfrozen", "frozen"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_module_behaviour_falls_back_to_the_reference_path(change, frozen):
+    model, _ = hf_pair(PvtV2Config(**TINY, num_labels=5), seed=13)
+    if frozen:
+        fast.freeze(model)
+    x = torch.randn(2, 3, 64, 64)
+    fused = "mkldnn::_linear_pointwise"
+    with torch.no_grad():
+        before = model(x).logits
+        all_fast = ops_run(lambda: model(x)).get(fused, 0)
+    handles = CHANGES[change](model)
+    try:
+        with torch.no_grad():
+            counts = ops_run(lambda: model(x))
+            got = model(x).logits
+        expected = reference(model, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert relative_error(before, expected) > 1e-3, "the change did nothing: the test would prove nothing"
+    assert torch.equal(expected, got)  # the same computation: the modules called
+    assert counts.get(fused, 0) < all_fast  # the changed stage (only) ran the reference path
+    if handles:  # hooks removed: the fast path takes over again
+        with torch.no_grad():
+            assert ops_run(lambda: model(x)).get(fused, 0) == all_fast
+            assert relative_error(before, model(x).logits) < TOL
+
+
+@needs_fast
+def test_block_in_training_mode_inside_an_eval_model_runs_its_dropout():
+    model, _ = hf_pair(PvtV2Config(**TINY, num_labels=5, hidden_dropout_prob=0.5), seed=14)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        all_eval = model(x).logits
+        _last_block(model).train()
+        torch.manual_seed(5)
+        got = model(x).logits
+        torch.manual_seed(5)
+        with fast.fast_path(False):
+            expected = model(x).logits  # the same random draws: the same dropout masks
+    assert relative_error(all_eval, expected) > 1e-3, "dropout changed nothing: the test would prove nothing"
+    assert torch.equal(expected, got)
+
+
+def _scaled_value(model, factor: float):
+    """A copy of ``model`` whose value layers compute ``factor`` times their output: what a hook that scales the
+    output computes, without the hook."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for stage in other.pvt_v2.encoder.layers:
+            for block in stage.blocks:
+                block.attention.value.weight.mul_(factor)
+                block.attention.value.bias.mul_(factor)
+    return other
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "eval, reference path"])
+def test_hooks_on_key_and_value_run(mode):
+    model, _ = hf_pair(PvtV2Config(**TINY, num_labels=5), seed=15)
+    expected_model = _scaled_value(model, 3.0)
+    calls = []
+
+    def hook(mod, args, out):
+        calls.append(mod)
+        return out * 3.0
+
+    for stage in model.pvt_v2.encoder.layers:
+        for block in stage.blocks:
+            block.attention.value.register_forward_hook(hook)
+    model.train(mode == "train"), expected_model.train(mode == "train")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.set_grad_enabled(mode == "train"), fast.fast_path(mode == "eval"):
+        got = model(x).logits
+        expected = expected_model(x).logits
+        unhooked = _scaled_value(model, 1.0)  # a copy drops no hooks: remove them by hand
+        for m in unhooked.modules():
+            m._forward_hooks.clear()
+        plain = unhooked(x).logits
+    assert len(calls) == sum(len(stage.blocks) for stage in model.pvt_v2.encoder.layers)
+    assert relative_error(plain, got) > 1e-3
+    assert relative_error(expected, got) < TOL
+
+
+def test_adapter_on_value_trains():
+    model, _ = hf_pair(PvtV2Config(**TINY, num_labels=5), seed=16)
+    attention = _last_block(model).attention
+    attention.value = LoraLinear(attention.value)
+    merged = copy.deepcopy(model)
+    _last_block(merged).attention.value = attention.value.merged()
+    model.train(), merged.train()
+    x, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+    loss = model(x, labels=labels).loss
+    assert relative_error(merged(x, labels=labels).loss, loss) < TOL  # the adapter's term is in the output
+    loss.backward()
+    for p in (attention.value.down, attention.value.up):
+        assert p.grad is not None and p.grad.abs().max() > 0
+
+
+def _inference_model(tmp_path):
+    saved, _ = hf_pair(PvtV2Config(**TINY, num_labels=5), seed=17)
+    saved.save_pretrained(tmp_path / "saved")
+    with torch.inference_mode():
+        model = PvtV2ForImageClassification.from_pretrained(tmp_path / "saved").eval()
+    assert all(p.is_inference() for p in model.parameters()), "not inference tensors: the test would prove nothing"
+    return model
+
+
+def test_freeze_leaves_inference_tensors_unfrozen(tmp_path, caplog):
+    model = _inference_model(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        with caplog.at_level("WARNING", logger="pvtv2.fast.cpu"):
+            fast.freeze(model)
+        assert not fast.is_frozen(model)
+        assert len(caplog.records) == 1 and "inference tensors" in caplog.records[0].getMessage()
+        before = model(x).logits
+        with fast.fast_path(False):
+            assert relative_error(model(x).logits, before) < TOL
+        _last_block(model).attention.value.weight.mul_(-2)  # an in-place write inside inference_mode
+        model.pvt_v2.encoder.layers[0].patch_embedding.proj.weight.add_(0.1)
+        after = model(x).logits
+        with fast.fast_path(False):
+            expected = model(x).logits
+    assert relative_error(before, after) > 1e-3
+    assert relative_error(expected, after) < TOL
+
+
+@needs_fast
+def test_frozen_model_given_inference_tensors_reads_them(tmp_path):
+    model, _ = hf_pair(PvtV2Config(**TINY, num_labels=5), seed=18)
+    fast.freeze(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x).logits  # packs the weights
+    with torch.inference_mode():
+        layer = _last_block(model).mlp.dense1
+        layer.weight = torch.nn.Parameter(layer.weight * -1.5)  # an inference tensor
+        conv = model.pvt_v2.encoder.layers[1].patch_embedding.proj
+        conv.weight = torch.nn.Parameter(conv.weight * 0.5)
+        assert layer.weight.is_inference() and conv.weight.is_inference()
+        got = model(x).logits
+        with fast.fast_path(False):
+            expected = model(x).logits
+    assert relative_error(before, got) > 1e-3
+    assert relative_error(expected, got) < TOL
+
+
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated", "ignore:torch.quantize_per_tensor")
+def test_dynamically_quantized_model():
+    model, _ = hf_pair(PvtV2Config(**TINY, num_labels=5), seed=19)
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    assert type(_last_block(quantized).attention.value) is not torch.nn.Linear
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x).logits
+        got = quantized(x).logits
+        with fast.fast_path(False):
+            reference_path = quantized(x).logits
+    assert relative_error(expected, got) < 0.1  # int8 weights and activations
+    assert relative_error(expected, got) > 0  # the quantized layers did run
+    assert torch.equal(reference_path, got)

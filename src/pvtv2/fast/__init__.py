@@ -17,6 +17,7 @@ from .cpu import (
     fast_path_enabled,
     freeze,
     is_frozen,
+    plain_modules,
     stage_forward,
     unfreeze,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "fast_path_enabled",
     "freeze",
     "is_frozen",
+    "plain_modules",
     "stage_forward",
     "unfreeze",
 ]

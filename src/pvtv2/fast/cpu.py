@@ -14,7 +14,12 @@ public operators it replaces; where the probe fails (another CPU, another build)
 
 **The contract** (tests/fast holds this module to it):
 
-1. Same numbers as the reference stage, to 1e-5 relative, for the weights the modules hold at call time.
+1. Same numbers as the reference stage, to 1e-5 relative, for the weights the modules hold at call time. The fused
+   code reads weights and replaces module forwards, so it runs only where that is what calling the modules computes:
+   :func:`applies` checks, at every call, that every module of the stage is in eval mode, of exactly the type the
+   fused code assumes (no subclass such as a LoRA-style Linear, no ``torch.nn.utils.parametrize``, no quantized
+   stand-in), without forward hooks or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the
+   instance, and that no global module hooks exist. Otherwise the stage runs the reference path, which calls them.
 2. Without :func:`freeze` there is no state at all: every call reads the modules' current weights, however they were
    written. Nothing is ever added to ``state_dict()`` or to anything a module references, so a model deep-copies,
    pickles and saves at any time.
@@ -25,7 +30,9 @@ public operators it replaces; where the probe fails (another CPU, another build)
    see repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
    ``load_state_dict``, swa_utils), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned:
    the frozen parameters report it). Writes that PyTorch cannot see, through a NumPy view or through a tensor taken
-   from ``.data`` before freezing, are not: call :func:`freeze` again after those, or :func:`unfreeze`.
+   from ``.data`` before freezing, are not: call :func:`freeze` again after those, or :func:`unfreeze`. Inference
+   tensors (weights made or loaded inside ``torch.inference_mode()``) have no version counter, so they are never
+   packed: ``freeze`` leaves such stages unfrozen (with a warning) and a frozen stage reads such a weight as it is.
 4. Thread-safe: several threads may run one model, frozen or not.
 """
 
@@ -42,6 +49,7 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_mod
 
 __all__ = [
     "FAST_PATH_ENV",
@@ -50,6 +58,7 @@ __all__ = [
     "fast_path_enabled",
     "fast_path_available",
     "applies",
+    "plain_modules",
     "stage_forward",
     "freeze",
     "unfreeze",
@@ -143,14 +152,77 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
-def applies(x: torch.Tensor) -> bool:
-    """Whether a stage in eval mode, called on ``x`` without attention maps, hands over to :func:`stage_forward`:
-    on CPU, with autograd off, outside ``torch.compile``, where the probe passed for the compute dtype."""
+# The modules the fused stage reads weights from, replaces the forward of or calls, by exact type: a subclass
+# (a LoRA-style Linear, a ``torch.nn.utils.parametrize``d module, a quantized Linear) may compute something else.
+_TORCH_TYPES = frozenset({
+    nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d, nn.ModuleList,
+    nn.ReLU, nn.GELU, nn.SELU, nn.SiLU,
+})
+# pvtv2's own layers, by name: this package may not import the models (they import it). A renamed class only turns
+# the fast path off, which tests/fast notices.
+_OWN_TYPES = frozenset({
+    ("pvtv2.models.layers", "PvtV2Stage"), ("pvtv2.models.layers", "OverlapPatchEmbed"),
+    ("pvtv2.models.layers", "PvtV2Block"), ("pvtv2.models.layers", "SpatialReductionAttention"),
+    ("pvtv2.models.layers", "MixFFN"), ("pvtv2.models.layers", "DepthwiseConv"), ("pvtv2.models.layers", "DropPath"),
+    ("pvtv2.models.activations", "_Formula"),
+})
+_KNOWN_TYPES: dict[type, bool] = {}
+
+
+def _known(cls: type) -> bool:
+    known = _KNOWN_TYPES.get(cls)
+    if known is None:
+        known = cls in _TORCH_TYPES or (cls.__module__, cls.__qualname__) in _OWN_TYPES
+        _KNOWN_TYPES[cls] = known
+    return known
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for every module (``register_module_forward_hook`` ...) exist."""
+    return bool(_module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks)
+
+
+def _plain(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs exactly its class's forward: no forward hooks or pre-hooks (which
+    ``torch.nn.utils.prune`` also uses), no forward set on the instance."""
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def plain_modules(cls: type[nn.Module], *modules: nn.Module) -> bool:
+    """Whether each of ``modules`` is exactly a ``cls`` (no subclass, parametrization or quantized stand-in) that
+    runs only its class's forward (no hooks of its own or global ones): then code that uses their weights directly
+    computes what calling them would."""
+    return not _global_hooks() and all(type(m) is cls and _plain(m) for m in modules)
+
+
+def _fusable(stage: nn.Module) -> bool:
+    """Whether every module of ``stage`` (itself included) is in eval mode, of a type the fused code knows exactly,
+    and runs only its class's forward. Runs at every call: one walk over the modules, a few attribute reads each."""
+    if _global_hooks():
+        return False
+    todo = [stage]
+    while todo:
+        m = todo.pop()
+        if m is None:  # a submodule slot set to None
+            continue
+        if m.training or not _known(type(m)) or not _plain(m):
+            return False
+        todo.extend(m._modules.values())
+    return True
+
+
+def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
+    """Whether a stage, called on ``x`` without attention maps, hands over to :func:`stage_forward`: on CPU, with
+    autograd off, outside ``torch.compile``, where the probe passed for the compute dtype, and, given ``stage``,
+    where its computation is what the fused code assumes: every module in eval mode, of exactly a known type, without
+    hooks (its own or global ones) or an instance forward. Anything else runs the reference path, which calls the
+    modules."""
     return (
         _ENABLED.get()
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        and (stage is None or _fusable(stage))
         and fast_path_available(_compute_dtype(x))
     )
 
@@ -210,8 +282,12 @@ class _PackedWeights:
         self.entries: dict[tuple, tuple] = {}
         self.lock = threading.Lock()
 
-    def _entry(self, slot: tuple, modules: list[nn.Module], dtype: torch.dtype, pack) -> tuple:
+    def _entry(self, slot: tuple, modules: list[nn.Module], dtype: torch.dtype, pack) -> tuple | None:
+        """The packed weights for ``slot``, repacked if they changed; None where a weight is an inference tensor,
+        which has no version counter to watch (then the caller reads the weights as they are)."""
         params = _params(modules)
+        if any(p.is_inference() for p in params):
+            return None
         key = _params_key(dtype, params)
         entry = self.entries.get(slot)
         if entry is None or entry[0] != key:
@@ -229,7 +305,7 @@ class _PackedWeights:
             return torch.ops.mkldnn._reorder_linear_weight(weight), bias
 
         entry = self._entry(tuple(id(m) for m in layers), layers, dtype, pack)
-        return entry[1], entry[2]
+        return _PLAIN.linear(layers, dtype) if entry is None else (entry[1], entry[2])
 
     def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight in the oneDNN layout chosen for inputs of ``input_shape``: the layout depends on the input's
@@ -247,6 +323,8 @@ class _PackedWeights:
         slot = (id(conv), input_shape)
         fresh = slot not in self.entries
         entry = self._entry(slot, [conv], dtype, pack)
+        if entry is None:
+            return _PLAIN.conv(conv, dtype, input_shape)
         if fresh:
             with self.lock:
                 shapes = [k for k in self.entries if len(k) == 2 and k[0] == id(conv) and isinstance(k[1], tuple)]
@@ -272,10 +350,24 @@ def freeze(model: nn.Module) -> nn.Module:
     For a model that serves inference and whose weights change only through PyTorch. Packing happens on the first
     call of each stage (per input shape for the convolutions); calling ``freeze`` again repacks everything.
     """
+    skipped = 0
     with _FROZEN_LOCK:
         for stage in _stages(model):
-            _watch([p for p in stage.parameters()])
+            params = list(stage.parameters())
+            if any(p.is_inference() for p in params):
+                # Inference tensors have no version counter, so a write to them could not be seen: such a stage
+                # stays unfrozen (it reads its weights at every call, exact and stateless).
+                _FROZEN.pop(stage, None)
+                skipped += 1
+                continue
+            _watch(params)
             _FROZEN[stage] = _PackedWeights()
+    if skipped:
+        logger.warning(
+            "freeze: %d of %d stages left unfrozen: their weights are inference tensors (made inside "
+            "torch.inference_mode()), whose changes cannot be tracked; they run unpacked, with the same results",
+            skipped, len(_stages(model)),
+        )
     return model
 
 

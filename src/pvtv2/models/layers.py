@@ -11,9 +11,10 @@ convolutions then run on channels-last kernels and return channels-last results 
 activation is copied between the two views.
 
 The fast CPU inference path (:mod:`pvtv2.fast`) takes over whole stages at one point, at the top of
-:meth:`PvtV2Stage.forward`, when it applies (eval mode, autograd off, CPU, no attention maps requested); it computes
-the same numbers to 1e-5. Sub-module names follow the published transformers checkpoints (``query``, ``key``,
-``value``, ``spatial_reduction``, ``dense1`` ...), so that ``state_dict()`` loads there strictly.
+:meth:`PvtV2Stage.forward`, when it applies (eval mode, autograd off, CPU, no attention maps requested, and every
+module of the stage in eval mode, of exactly its usual type and without hooks); it computes the same numbers to 1e-5.
+Sub-module names follow the published transformers checkpoints (``query``, ``key``, ``value``,
+``spatial_reduction``, ``dense1`` ...), so that ``state_dict()`` loads there strictly.
 """
 
 from __future__ import annotations
@@ -134,12 +135,15 @@ class SpatialReductionAttention(nn.Module):
             kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
             kv_in = self.act(self.layer_norm(kv_in))
         q = self.split_heads(self.query(x))  # (B, heads, N, head_dim)
-        # Keys and values as one GEMM (the weights concatenated on the fly, gradients flow back to both layers): one
-        # larger matrix product forward and two backward instead of twice that, as timm's fused ``kv`` does.
-        weight = torch.cat([self.key.weight, self.value.weight])
-        bias = None if self.key.bias is None else torch.cat([self.key.bias, self.value.bias])
-        kv = F.linear(kv_in, weight, bias)  # (B, N', 2C)
-        k, v = self.split_heads(kv[..., :channels]), self.split_heads(kv[..., channels:])
+        if fast.plain_modules(nn.Linear, self.key, self.value) and (self.key.bias is None) == (self.value.bias is None):
+            # Keys and values as one GEMM (the weights concatenated on the fly, gradients flow back to both layers):
+            # one larger matrix product forward and two backward instead of twice that, as timm's fused ``kv`` does.
+            weight = torch.cat([self.key.weight, self.value.weight])
+            bias = None if self.key.bias is None else torch.cat([self.key.bias, self.value.bias])
+            kv = F.linear(kv_in, weight, bias)  # (B, N', 2C)
+            k, v = self.split_heads(kv[..., :channels]), self.split_heads(kv[..., channels:])
+        else:  # hooks, adapters, subclasses or quantized layers: the modules themselves
+            k, v = self.split_heads(self.key(kv_in)), self.split_heads(self.value(kv_in))
 
         dropout = self.attn_drop if self.training else 0.0
         probs = None
@@ -257,7 +261,7 @@ class PvtV2Stage(nn.Module):
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # The one hand-over point to the fast CPU inference path (pvtv2.fast): same numbers, computed faster.
-        if not self.training and not output_attentions and fast.applies(x):
+        if not self.training and not output_attentions and fast.applies(x, self):
             return fast.stage_forward(self, x), []
         x, height, width = self.patch_embedding(x)  # (B, N, C)
         attentions = []

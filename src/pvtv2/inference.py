@@ -389,6 +389,19 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _open_images(paths: Sequence[str | os.PathLike]) -> tuple[list[Any], list[str], list[tuple[str, str]]]:
+    """The images among ``paths`` that open, their names, and ``(name, reason)`` for each one that does not."""
+    loaded, names, failed = [], [], []
+    for path in paths:
+        try:
+            loaded.append(load_image(path))
+            names.append(os.fspath(path))
+        except (OSError, ValueError) as err:
+            logger.debug("skipping: %s", err)
+            failed.append((os.fspath(path), str(err)))
+    return loaded, names, failed
+
+
 @torch.no_grad()
 def predict(
     model: PvtV2ForImageClassification,
@@ -412,14 +425,8 @@ def predict(
     results: list[Prediction] = []
     bar = progress_bar(total=len(images), unit="img", enabled=progress, desc="predict")
     for chunk in _batches(list(images), batch_size):
-        loaded, names = [], []
-        for path in chunk:
-            try:
-                loaded.append(load_image(path))
-                names.append(os.fspath(path))
-            except (OSError, ValueError) as err:
-                logger.debug("skipping: %s", err)
-                results.append(Prediction(os.fspath(path), [], [], [], error=str(err)))
+        loaded, names, failed = _open_images(chunk)
+        results.extend(Prediction(name, [], [], [], error=why) for name, why in failed)
         if loaded:
             pixel_values = processor(loaded, return_tensors="pt")["pixel_values"]
             probs = forward(pixel_values).float().softmax(dim=-1)  # (B, num_labels)
@@ -750,14 +757,8 @@ def detect_objects(
     results: list[DetectionResult] = []
     bar = progress_bar(total=len(images), unit="img", enabled=progress, desc="detect")
     for chunk in _batches(list(images), batch_size):
-        loaded, names = [], []
-        for path in chunk:
-            try:
-                loaded.append(load_image(path))
-                names.append(os.fspath(path))
-            except (OSError, ValueError) as err:
-                logger.debug("skipping: %s", err)
-                results.append(DetectionResult(os.fspath(path), [], [], [], [], error=str(err)))
+        loaded, names, failed = _open_images(chunk)
+        results.extend(DetectionResult(name, [], [], [], [], error=why) for name, why in failed)
         if loaded:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 outputs = model([image_to_tensor(p).to(device) for p in loaded])

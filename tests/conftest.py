@@ -65,3 +65,13 @@ TINY_SMALL_IMAGES = dict(TINY_SHALLOW, sr_ratios=[4, 2, 1, 1])
 @pytest.fixture
 def tiny_kwargs() -> dict:
     return dict(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Put torch's thread count back after each test: scripts run in-process (benchmarks) set their own, and a later
+    test comparing an in-process training run with a subprocess one would then compare different GEMM reductions."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

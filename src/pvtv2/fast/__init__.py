@@ -1,7 +1,9 @@
 """The fast inference paths, kept apart from the reference model they must equal.
 
 ``pvtv2.models.layers.PvtV2Stage.forward`` hands over to :func:`stage_forward` at one point when :func:`applies`
-says so. The contract, the switch and the explicit packing step are described in :mod:`pvtv2.fast.cpu`:
+says so: on the CPU to :mod:`pvtv2.fast.cpu` (oneDNN's fused operators), on CUDA devices to :mod:`pvtv2.fast.cuda`
+(Triton kernels for the memory-bound passes). The contract, the switch and the explicit packing step are described in
+:mod:`pvtv2.fast.cpu`:
 
 - ``with pvtv2.fast.fast_path(False): ...`` runs the reference path in a block (this thread only);
   ``PVTV2_FAST_PATH=0`` does so for a whole program;
@@ -9,16 +11,21 @@ says so. The contract, the switch and the explicit packing step are described in
   ``pvtv2.fast.unfreeze(model)`` drops them.
 """
 
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import cpu, cuda
 from .cpu import (
     FAST_PATH_ENV,
-    applies,
     fast_path,
     fast_path_available,
     fast_path_enabled,
     freeze,
+    fusable,
     is_frozen,
     plain_modules,
-    stage_forward,
     unfreeze,
 )
 
@@ -29,8 +36,24 @@ __all__ = [
     "fast_path_available",
     "fast_path_enabled",
     "freeze",
+    "fusable",
     "is_frozen",
     "plain_modules",
     "stage_forward",
     "unfreeze",
 ]
+
+
+def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
+    """Whether a stage called on ``x`` (without attention maps) hands over to :func:`stage_forward`: see
+    :func:`pvtv2.fast.cpu.applies` and :func:`pvtv2.fast.cuda.applies`."""
+    if x.device.type == "cuda":
+        return cuda.applies(x, stage)
+    return cpu.applies(x, stage)
+
+
+def stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ``PvtV2Stage`` in eval mode on ``x`` by the fast path of ``x``'s device: its (B, C, H', W') output."""
+    if x.device.type == "cuda":
+        return cuda.stage_forward(stage, x)
+    return cpu.stage_forward(stage, x)

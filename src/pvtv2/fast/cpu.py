@@ -59,6 +59,7 @@ __all__ = [
     "fast_path_available",
     "applies",
     "plain_modules",
+    "fusable",
     "stage_forward",
     "freeze",
     "unfreeze",
@@ -195,7 +196,7 @@ def plain_modules(cls: type[nn.Module], *modules: nn.Module) -> bool:
     return not _global_hooks() and all(type(m) is cls and _plain(m) for m in modules)
 
 
-def _fusable(stage: nn.Module) -> bool:
+def fusable(stage: nn.Module) -> bool:
     """Whether every module of ``stage`` (itself included) is in eval mode, of a type the fused code knows exactly,
     and runs only its class's forward. Runs at every call: one walk over the modules, a few attribute reads each."""
     if _global_hooks():
@@ -222,7 +223,7 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
-        and (stage is None or _fusable(stage))
+        and (stage is None or fusable(stage))
         and fast_path_available(_compute_dtype(x))
     )
 

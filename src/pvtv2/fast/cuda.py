@@ -1,0 +1,138 @@
+"""The fast GPU inference path: a PVTv2 stage with its memory-bound passes fused by Triton kernels.
+
+On a GPU, PVTv2's time at useful batch sizes goes to memory-bound operations, not to its matrix products (measured
+on an H100 in docs/benchmarks.md: B2 at batch 64 under bf16 autocast spends 30% of its device time in PyTorch's
+LayerNorm kernel, which runs far below bandwidth on rows of 64-512 channels, and 17% in the depthwise convolution
+and GELU over the Mix-FFN's wide hidden activation). This path runs the same stage with:
+
+- every LayerNorm of the blocks and the stage as :func:`pvtv2.fast.kernels.layer_norm`, with the residual add
+  before it fused in (the sum is written once, as the residual stream) and, under autocast, its output written
+  directly in the autocast dtype that the next linear layer would cast it to;
+- the Mix-FFN's depthwise convolution, bias and exact GELU as one kernel (:func:`pvtv2.fast.kernels.depthwise_conv_gelu`).
+
+Everything else is the reference code: the patch embedding, the attention module (called, so its keys and values
+take the path the reference takes), the linear layers (called, so autocast casts as it would).
+
+**Same numbers.** In fp32 the results equal the reference path to fp32 rounding (summation order). Under autocast
+the only difference is one rounding fewer: the reference rounds the convolution's output to bf16/fp16 before the
+GELU, this path keeps it in fp32 until the GELU's result is rounded. The contract of :mod:`pvtv2.fast.cpu` holds:
+the path runs only in eval mode, without autograd, outside ``torch.compile``, for stages whose every module is
+exactly of a known type with no hooks (:func:`pvtv2.fast.cpu.fusable`), with the switch on; it keeps no state, so
+every call reads the weights the modules hold. It needs Triton (PyTorch's CUDA builds ship it); without it the
+reference path runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .cpu import fast_path_enabled, fusable
+
+__all__ = ["applies", "stage_forward", "available", "MIN_ELEMENTS"]
+
+logger = logging.getLogger(__name__)
+
+# Below these sizes of a stage's input the GPU finishes the reference path's kernels faster than the host launches
+# them, and the fused path's Triton launches (slower to launch from Python than ATen's) only add host time. Measured
+# on an H100 (docs/benchmarks.md): under bf16 autocast, batch 64 at 224 px (stage 1 input: 9.6M elements) is still
+# host-bound for B0 and B5, batch 256 (38.5M) is not; in fp32/TF32 batch 64 gains for B0, B2 and B5.
+MIN_ELEMENTS = {torch.float32: 4_000_000, torch.bfloat16: 16_000_000, torch.float16: 16_000_000}
+
+_AVAILABLE: bool | None = None
+_kernels = None
+
+
+def available() -> bool:
+    """Whether Triton imports here (checked once)."""
+    global _AVAILABLE, _kernels
+    if _AVAILABLE is None:
+        try:
+            from . import kernels
+
+            _kernels = kernels
+            _AVAILABLE = True
+        except Exception as exc:  # no Triton, or one that does not work with this PyTorch
+            logger.debug("Triton kernels unavailable: %s", exc)
+            _AVAILABLE = False
+    return _AVAILABLE
+
+
+def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
+    """Whether a stage called on ``x`` hands over to :func:`stage_forward`: a CUDA tensor large enough to be bound by
+    memory traffic, autograd off, outside ``torch.compile``, the switch on, Triton present, and (given ``stage``) every
+    module of the stage as the fused code assumes (:func:`pvtv2.fast.cpu.fusable`)."""
+    return (
+        x.device.type == "cuda"
+        and fast_path_enabled()
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and x.numel() >= MIN_ELEMENTS.get(_compute_dtype(x), float("inf"))
+        and available()
+        and (stage is None or fusable(stage))
+    )
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type  # "cuda"; "cpu" where the tests run the kernels through Triton's interpreter
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _exact_gelu(act: nn.Module) -> bool:
+    return type(act) is nn.GELU and act.approximate == "none"
+
+
+def _norm(ln: nn.LayerNorm, x: torch.Tensor, out_dtype: torch.dtype, residual: torch.Tensor | None = None):
+    """The LayerNorm ``ln`` (over the last dimension, with affine weights) of ``x`` (+ ``residual``), fused."""
+    if ln.weight is None or ln.bias is None or len(ln.normalized_shape) != 1:
+        total = x if residual is None else x + residual
+        out = ln(total).to(out_dtype)
+        return out if residual is None else (total, out)
+    return _kernels.layer_norm(x.contiguous(), ln.weight, ln.bias, ln.eps, out_dtype,
+                               None if residual is None else residual.contiguous())
+
+
+def _mix_ffn_hidden(mlp: nn.Module, h: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """dense1, (ReLU), depthwise conv and activation: the last three fused where the activation is the exact GELU."""
+    hidden = mlp.relu(mlp.dense1(h))  # (B, N, hidden), in the autocast dtype under autocast
+    conv = mlp.dwconv.dwconv
+    if not _exact_gelu(mlp.act) or not hidden.is_contiguous():
+        return mlp.act(mlp.dwconv(hidden, height, width))
+    weight, bias = conv.weight, conv.bias
+    if hidden.dtype != weight.dtype:  # as autocast casts the convolution's weights
+        weight, bias = weight.to(hidden.dtype), bias.to(hidden.dtype)
+    return _kernels.depthwise_conv_gelu(hidden, height, width, weight, bias)
+
+
+def stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ``PvtV2Stage`` on the CUDA tensor ``x`` (B, C_in, H, W) in eval mode: its (B, C, H', W') output,
+    channels-last, as the reference stage computes it."""
+    if not available():
+        raise RuntimeError("the fast GPU path needs Triton, which does not import here")
+    dtype = _compute_dtype(x)
+    embed = stage.patch_embedding
+    image = embed.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W), channels-last
+    batch, channels, height, width = image.shape
+    tokens = image.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
+    # The residual stream keeps the dtype the reference's LayerNorm gives it (fp32 under autocast).
+    stream_dtype = torch.promote_types(tokens.dtype, embed.layer_norm.weight.dtype)
+    x = _norm(embed.layer_norm, tokens, stream_dtype)
+    pending = None  # the last branch output, not yet added to the stream
+    for block in stage.blocks:
+        # Under autocast the reference casts LayerNorm's fp32 output for the next linear layer, so the norm writes it
+        # cast. Linear attention average-pools that output first (in its own dtype): there it stays as the reference's.
+        attn_dtype = dtype if isinstance(block.attention.pool, nn.Identity) else stream_dtype
+        if pending is None:
+            h = _norm(block.layer_norm_1, x, attn_dtype)
+        else:
+            x, h = _norm(block.layer_norm_1, x, attn_dtype, residual=pending)
+        attn, _ = block.attention(h, height, width)
+        x, h = _norm(block.layer_norm_2, x, dtype, residual=attn)
+        pending = block.mlp.dense2(_mix_ffn_hidden(block.mlp, h, height, width, dtype))
+    if pending is None:
+        x = _norm(stage.layer_norm, x, stream_dtype)
+    else:
+        _, x = _norm(stage.layer_norm, x, stream_dtype, residual=pending)
+    return x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), a channels-last view

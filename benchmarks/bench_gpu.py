@@ -49,7 +49,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # the CPU comparison script beside this one: model building, table, chart
 
-IMPLS = bench.IMPLS
+# pvtv2_ref: pvtv2's model with its fast path off (the reference path, the same weights), in eager inference cases.
+IMPLS = ("pvtv2", "pvtv2_ref", "transformers", "timm")
 BUDGET_S = 420  # of the 8 minutes: no case starts after this (model building and the peak measurement included)
 COMPILE_RESERVE_S = 150  # what a compiled case may take (three compilations): none starts later than this before the end
 # A tiny architecture for the dry run: every feature of the real ones (several heads, spatial reduction, two blocks).
@@ -143,6 +144,20 @@ def precision(dtype: str, device: Device) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- one case
+class ReferencePath(nn.Module):
+    """A pvtv2 model run with its fast path off: what the fused kernels are measured against."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        from pvtv2 import fast
+
+        with fast.fast_path(False):
+            return self.model(x)
+
+
 def _outputs(run: Callable, x: torch.Tensor) -> torch.Tensor:
     return bench._output(run(x)).float().clone()  # a clone: CUDA graphs overwrite their outputs on the next replay
 
@@ -174,13 +189,22 @@ def run_case(case: dict, models: dict[str, nn.Module], device: Device, args: arg
              reference: dict) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(case["batch"], 3, case["size"], case["size"], generator=gen).to(device.device)
-    picked = {name: (m.pvt_v2 if name != "timm" else bench._TimmFeatures(m)) if case["backbone"] else m
-              for name, m in models.items()}
+    picked = {}
+    for name, m in models.items():
+        if name == "pvtv2_ref" and (case["train"] or case["compile"]):
+            continue  # the fast path is for eager inference: elsewhere both are the reference path
+        if case["compile"] and args.compile_impls and name not in args.compile_impls:
+            continue
+        if case["backbone"] and name == "timm":
+            m = bench._TimmFeatures(m)
+        elif case["backbone"]:
+            m = ReferencePath(m.model.pvt_v2) if name == "pvtv2_ref" else m.pvt_v2
+        picked[name] = m
     runs = {name: device.compile(m, case["compile"]) if case["compile"] else m for name, m in picked.items()}
     labels = torch.randint(0, 10 if args.dry_run else 1000, (case["batch"],), generator=gen).to(device.device)
     row: dict = {"case": case}
     # A training case changes the weights, differently in each implementation: the later cases get them back.
-    saved = {name: copy.deepcopy(m.state_dict()) for name, m in models.items()} if case["train"] else {}
+    saved = {name: copy.deepcopy(models[name].state_dict()) for name in picked} if case["train"] else {}
     if case["train"]:
         with torch.no_grad(), precision(case["dtype"], device):  # the first loss, before any step
             row["check"] = {f"first_loss_{name}": nn.functional.cross_entropy(_outputs(run, x), labels).item()
@@ -189,7 +213,8 @@ def run_case(case: dict, models: dict[str, nn.Module], device: Device, args: arg
         key = (case["model"], case["backbone"], case["batch"], case["size"])
         if key not in reference:  # transformers in fp32 (IEEE), eager: the reference of every precision
             with torch.inference_mode(), precision("fp32", device):
-                reference[key] = _outputs(picked["transformers"].eval(), x)
+                hf = models["transformers"].pvt_v2 if case["backbone"] else models["transformers"]
+                reference[key] = _outputs(hf.eval(), x)
         want = reference[key]
         row["check"] = {}
         for name, run in runs.items():
@@ -261,11 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help=f"stop starting cases after this (default {BUDGET_S})")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 10; dry run 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3; dry run 1)")
+    p.add_argument("--compile-reserve-s", type=float, default=None,
+                   help=f"no compiled case starts later than this before the budget's end (default {COMPILE_RESERVE_S})")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile cases")
+    p.add_argument("--match", action="append", default=[],
+                   help="run only the cases whose name contains this text (repeatable), e.g. 'b2 cls b64 224 bf16'")
+    p.add_argument("--compile-impls", type=lambda v: v.split(","), default=None,
+                   help="compile only these implementations, e.g. pvtv2,timm (default: all)")
+    p.add_argument("--only-compile", action="store_true", help="run only the torch.compile cases")
     args = p.parse_args(argv)
     args.repeats = args.repeats or (2 if args.dry_run else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 3)
     budget = args.budget_s if args.budget_s is not None else (120.0 if args.dry_run else BUDGET_S)
-    reserve = 0.0 if args.dry_run else COMPILE_RESERVE_S
+    reserve = args.compile_reserve_s if args.compile_reserve_s is not None else (0.0 if args.dry_run else COMPILE_RESERVE_S)
     device = Device(args.dry_run)
     start = time.perf_counter()
     if args.dry_run:
@@ -275,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     from pvtv2 import PvtV2Config
 
     cases = plan(args)
+    if args.match:  # e.g. --match "b2 cls b256" --match "bf16 infer compile"
+        cases = [c for c in cases if any(m in bench._case_name(c) for m in args.match)]
+    if args.skip_compile or args.only_compile:
+        cases = [c for c in cases if bool(c["compile"]) == args.only_compile]
     built: dict[str, dict[str, nn.Module]] = {}
     reference: dict = {}
     macs: dict = {}
@@ -287,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if case["model"] not in built:
             preset = PvtV2Config(**DRY_CONFIG) if case["model"] == "tiny" else case["model"]
-            models = bench.build_models(preset, IMPLS, freeze=False)
-            built[case["model"]] = {k: v.to(device.device) for k, v in models.items()}
+            models = {k: v.to(device.device) for k, v in bench.build_models(preset, bench.IMPLS, freeze=False).items()}
+            models["pvtv2_ref"] = ReferencePath(models["pvtv2"])
+            built[case["model"]] = models
         models = built[case["model"]]
         mkey = (case["model"], case["backbone"], case["size"])
         if mkey not in macs:

@@ -521,6 +521,8 @@ DAMAGE = {
     "training_state.pt is garbage": ("last/training_state.pt", b"not a zip file", "cannot read the training state"),
     "training_state.pt holds a list": ("last/training_state.pt", None, "is not a training state"),
     "metrics.jsonl is not JSON lines": ("metrics.jsonl", b"{\"epoch\": 1}\n{\"epo", "is damaged"),
+    "training_state.pt has a negative epoch": ("last/training_state.pt", {"epoch": -5}, "its epoch is -5"),
+    "training_state.pt has a text best epoch": ("last/training_state.pt", {"best_epoch": "1"}, "its best_epoch is '1'"),
 }
 
 
@@ -532,6 +534,8 @@ def test_damaged_run_files_are_named(reference, few_digits, tiny_config, tmp_pat
     (out / "run.json").write_text(json.dumps({**json.loads((out / "run.json").read_text()), "epochs": 3}))
     if content is None:
         torch.save([1, 2], out / name)
+    elif isinstance(content, dict):  # the real state with some values changed
+        torch.save({**torch.load(out / name, weights_only=True), **content}, out / name)
     else:
         (out / name).write_bytes(content)
     code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)

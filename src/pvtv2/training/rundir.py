@@ -245,6 +245,11 @@ def load_training_state(folder: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else list(_STATE_KEYS)
     if missing:
         raise ValueError(f"{str(path)!r} is not a training state of pvtv2 (it lacks {missing}); pass --overwrite to start again")
+    for key in ("epoch", "best_epoch"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{str(path)!r} is damaged: its {key} is {value!r}, not a count of epochs; the run "
+                             f"cannot be resumed from it: pass --overwrite to start again")
     return state
 
 

@@ -1061,12 +1061,20 @@ def _draw_demo_predictions(model_dir: str, images: list, folder) -> list[str]:
     from .inference import detect_objects, load_detector
     from .visualize import detection_picture
 
+    import numpy as np
+    import PIL.Image
+
     model = load_detector(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for r in detect_objects(model, images, score_threshold=0.3, batch_size=4):
         target = str(folder / f"{Path(r.image).stem}.png")
-        _save_png(detection_picture(load_image(r.image), r.boxes, r.labels, r.scores, model.config.id2label, r.masks),
+        image = load_image(r.image)
+        # The example's images are small (96 px): drawn enlarged, so that the captions leave the digits visible.
+        k = max(1, 384 // min(image.size))
+        image = image.resize((image.width * k, image.height * k), PIL.Image.Resampling.NEAREST)
+        masks = None if r.masks is None else np.repeat(np.repeat(r.masks, k, axis=1), k, axis=2)
+        _save_png(detection_picture(image, np.asarray(r.boxes) * k, r.labels, r.scores, model.config.id2label, masks),
                   target)
         written.append(target)
     return written

@@ -64,9 +64,9 @@ TINY_DETECTION: dict[str, Any] = dict(
 )
 
 # The offline example's settings (``pvtv2 demo-det``): a small FCOS from scratch on 96 px digits, about 2250 steps,
-# a few minutes on two CPU cores (docs/detection.md, "Measured"). FCOS, not RetinaNet: from scratch it scored more
-# in the same steps (anchor-free, its positives are the locations inside a digit's centre, not anchors of fixed
-# sizes that few digits match). The 1x recipe's rate and warmup are for pretrained encoders and batch 16, far too
+# a few minutes on two CPU cores (docs/detection.md, "Measured"). FCOS, not RetinaNet: from scratch it scored far more
+# in the same steps (anchor-free: its positives are the locations near a digit's centre, not anchors of fixed sizes
+# that few digits match). The 1x recipe's rate and warmup are for pretrained encoders and batch 16, far too
 # gentle for a random one.
 EXAMPLE_RECIPE: dict[str, Any] = dict(
     model="tiny", detector="fcos", image_size=96, epochs=12, batch_size=8, lr=1e-3, min_lr=0.0, warmup_steps=50,

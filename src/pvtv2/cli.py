@@ -993,22 +993,23 @@ def _print_detection_result(result: dict) -> None:
 
 @_register
 def _add_demo_det(subparsers) -> None:
-    from .training.detection import EXAMPLE_RECIPE
+    from .training.detection import EXAMPLE_DATA, EXAMPLE_RECIPE
 
     p = subparsers.add_parser(
         "demo-det", help="offline detection example: digits on photographs (COCO format), a detector trained on "
         "them, COCO AP and drawn predictions",
         description="Write handwritten digits pasted on photographs (scikit-learn's sample photos when it is "
                     "installed, synthetic textures otherwise) with exact boxes and masks, as a COCO-format dataset "
-                    "in OUTPUT/data; then (unless --epochs 0) train a small RetinaNet from scratch on it into "
-                    "OUTPUT/run (pvtv2 train --task detection --model tiny), report its COCO box AP on the "
+                    "in OUTPUT/data; then (unless --epochs 0) train a small detector (FCOS by default) from scratch on "
+                    "it into OUTPUT/run (pvtv2 train --task detection --model tiny), report its COCO box AP on the "
                     "validation images and draw its detections of a few of them into OUTPUT/predictions/. Needs no "
                     "network.",
     )
     p.add_argument("--output", "-o", required=True, help="folder to create")
-    p.add_argument("--train", type=int, default=600, help="training images (default: 600)")
-    p.add_argument("--val", type=int, default=150, help="validation images (default: 150)")
-    p.add_argument("--size", type=int, default=128, help="image size in pixels, at least 48 (default: 128)")
+    p.add_argument("--train", type=int, default=EXAMPLE_DATA["train"], help="training images (default: %(default)s)")
+    p.add_argument("--val", type=int, default=EXAMPLE_DATA["val"], help="validation images (default: %(default)s)")
+    p.add_argument("--size", type=int, default=EXAMPLE_RECIPE["image_size"],
+                   help="image size in pixels, at least 48 (default: %(default)s)")
     p.add_argument("--backgrounds", choices=("auto", "photos", "synthetic"), default="auto",
                    help="photos (needs scikit-learn), synthetic, or auto: photos when available (default)")
     p.add_argument("--seed", type=int, default=0)
@@ -1060,12 +1061,20 @@ def _draw_demo_predictions(model_dir: str, images: list, folder) -> list[str]:
     from .inference import detect_objects, load_detector
     from .visualize import detection_picture
 
+    import numpy as np
+    import PIL.Image
+
     model = load_detector(model_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for r in detect_objects(model, images, score_threshold=0.3, batch_size=4):
         target = str(folder / f"{Path(r.image).stem}.png")
-        _save_png(detection_picture(load_image(r.image), r.boxes, r.labels, r.scores, model.config.id2label, r.masks),
+        image = load_image(r.image)
+        # The example's images are small (96 px): drawn enlarged, so that the captions leave the digits visible.
+        k = max(1, 384 // min(image.size))
+        image = image.resize((image.width * k, image.height * k), PIL.Image.Resampling.NEAREST)
+        masks = None if r.masks is None else np.repeat(np.repeat(r.masks, k, axis=1), k, axis=2)
+        _save_png(detection_picture(image, np.asarray(r.boxes) * k, r.labels, r.scores, model.config.id2label, masks),
                   target)
         written.append(target)
     return written

@@ -368,10 +368,18 @@ def test_the_detection_example_has_exact_boxes_and_is_reproducible(tmp_path):
     count = 0
     for i in range(len(dataset)):
         _, target = dataset[i]
+        assert 1 <= len(target["boxes"]) <= 6  # two to six drawn; one without a free place may be left out
         for box, mask in zip(target["boxes"].tolist(), target["masks"]):
             ys, xs = np.nonzero(mask.numpy())
             assert box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]  # the mask's tight box, exactly
             count += 1
-    assert count >= 6
+        # No overlaps: no pixel belongs to two digits, and no two boxes intersect.
+        assert int(target["masks"].sum(0).max()) == 1
+        boxes = target["boxes"]
+        for a in range(len(boxes)):
+            for b in range(a):
+                (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = boxes[a].tolist(), boxes[b].tolist()
+                assert min(ax2, bx2) <= max(ax1, bx1) or min(ay2, by2) <= max(ay1, by1)
+    assert count >= 2 * len(dataset)  # dense scenes: at least two digits per image on average
     info = json.loads((first / "annotations" / "instances_val.json").read_text())["info"]
     assert info["backgrounds"] == "synthetic textures"

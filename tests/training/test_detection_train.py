@@ -23,7 +23,8 @@ pytest.importorskip("pycocotools")
 import pvtv2.training  # noqa: E402
 from pvtv2.cli import main  # noqa: E402
 from pvtv2.data.coco import coco_evaluate, read_coco_annotations  # noqa: E402
-from pvtv2.training.detection import DETECTION_RECIPE, detection_sizes, step_schedule  # noqa: E402
+from pvtv2.data.folders import epoch_indices  # noqa: E402
+from pvtv2.training.detection import DETECTION_RECIPE, DetectionTask, detection_sizes, step_schedule  # noqa: E402
 from pvtv2.training.engine import KILL_ENV, Schedule  # noqa: E402
 from pvtv2.weights.files import read_state_dict  # noqa: E402
 
@@ -78,20 +79,23 @@ def test_detection_flags_default_to_the_1x_recipe(captured):
 
 
 def _write_coco(root: Path, split: str, boxes_per_image: list[list[list[int]]], size: int = 64, seed: int = 0,
-                categories=({"id": 3, "name": "square"},)) -> None:
-    """White squares on dark noise, one category (id 3: not 0-based on purpose), with the exact boxes."""
+                categories=({"id": 3, "name": "square"},), sizes: list[tuple[int, int]] | None = None) -> None:
+    """White squares on dark noise, one category (id 3: not 0-based on purpose), with the exact boxes and their
+    polygons; every image ``size`` x ``size``, or ``sizes`` (width, height) one per image."""
     rng = np.random.default_rng([seed, len(split)])
     (root / split).mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
     images, annotations = [], []
     for i, boxes in enumerate(boxes_per_image):
-        pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        width, height = sizes[i] if sizes is not None else (size, size)
+        pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
         for x, y, w, h in boxes:
             pixels[y : y + h, x : x + w] = 255
+            polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": categories[0]["id"],
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "segmentation": [polygon]})
         PIL.Image.fromarray(pixels).save(root / split / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size})
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": width, "height": height})
     data = {"images": images, "annotations": annotations, "categories": list(categories)}
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
 
@@ -179,3 +183,33 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     one = read_state_dict(tmp_path / "full" / "last" / "model.safetensors")
     two = read_state_dict(tmp_path / "cut" / "last" / "model.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.slow
+def test_training_batches_hold_one_orientation_but_the_leftovers(tmp_path, monkeypatch):
+    # 9 wide and 5 tall images in batches of 4: each orientation's full batches (2 wide, 1 tall), then one batch of
+    # the 1 + 1 left over: 4 batches, of which only the last may mix.
+    wide, tall = (64, 48), (48, 64)
+    sizes = [wide if i % 3 else tall for i in range(14)][::-1]
+    assert sizes.count(wide) == 9
+    data = tmp_path / "data"
+    _write_coco(data, "train", _random_boxes(14, 4, size=48), sizes=sizes)
+    _write_coco(data, "val", _random_boxes(2, 5, size=48))
+    seen: list[list[tuple[int, bool]]] = []
+    original = DetectionTask.training_loss
+
+    def spy(self, model, batch, ctx):
+        images, targets = batch
+        # the orientation of what the detector receives (the tensors' shapes), not what the annotation file says
+        seen.append([(t["image_id"], image.shape[-1] >= image.shape[-2]) for image, t in zip(images, targets)])
+        return original(self, model, batch, ctx)
+
+    monkeypatch.setattr(DetectionTask, "training_loss", spy)
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "run"), "--epochs", "1", *TRAIN_ARGS]) == 0
+    assert sorted(image_id for batch in seen for image_id, _ in batch) == list(range(1, 15))  # each image once
+    assert [len(batch) for batch in seen] == [4, 4, 4, 2]
+    assert all(len({is_wide for _, is_wide in batch}) == 1 for batch in seen[:3]), seen
+    # The same epoch in the engine's plain shuffled order (what it trained on before) mixes orientations.
+    flat = epoch_indices(14, seed=0, epoch=0, shuffle=True)
+    mixed = [len({sizes[i] for i in flat[k : k + 4]}) > 1 for k in range(0, 14, 4)]
+    assert sum(mixed) >= 2, mixed

@@ -16,7 +16,8 @@ Every epoch writes ``OUT/last`` (and ``OUT/best`` when the task's score improves
 uninterrupted one (on the same hardware and software), because no randomness comes from global state that a
 restart would lose:
 
-- the sample order of epoch ``e`` comes from a generator seeded with ``seed + e``;
+- the sample order of epoch ``e`` comes from a generator seeded with ``seed + e`` (a task that makes its own
+  batches, :meth:`Task.train_batches`, makes them from the seed and the epoch alone);
 - the augmentation of sample ``i`` in epoch ``e`` from one seeded with ``(seed, e, i)``;
 - the global torch generator (stochastic depth, dropout, and whatever a task draws from it, such as a MixUp
   coefficient) is reseeded from ``(seed, e, rank)`` at each epoch start;

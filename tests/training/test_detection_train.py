@@ -22,10 +22,12 @@ pytest.importorskip("pycocotools")
 
 import pvtv2.training  # noqa: E402
 from pvtv2.cli import main  # noqa: E402
-from pvtv2.data.coco import coco_evaluate, read_coco_annotations  # noqa: E402
-from pvtv2.training.detection import DETECTION_RECIPE, detection_sizes, step_schedule  # noqa: E402
+from pvtv2.data.coco import coco_evaluate, grouped_batches, read_coco_annotations  # noqa: E402
+from pvtv2.data.folders import epoch_indices  # noqa: E402
+from pvtv2.training.detection import DETECTION_RECIPE, DetectionTask, detection_sizes, step_schedule  # noqa: E402
 from pvtv2.training.engine import KILL_ENV, Schedule  # noqa: E402
 from pvtv2.weights.files import read_state_dict  # noqa: E402
+from conftest import TINY_SMALL_IMAGES  # noqa: E402
 
 
 def _schedule(steps_per_epoch: int, epochs: int, warmup: int) -> Schedule:
@@ -78,20 +80,23 @@ def test_detection_flags_default_to_the_1x_recipe(captured):
 
 
 def _write_coco(root: Path, split: str, boxes_per_image: list[list[list[int]]], size: int = 64, seed: int = 0,
-                categories=({"id": 3, "name": "square"},)) -> None:
-    """White squares on dark noise, one category (id 3: not 0-based on purpose), with the exact boxes."""
+                categories=({"id": 3, "name": "square"},), sizes: list[tuple[int, int]] | None = None) -> None:
+    """White squares on dark noise, one category (id 3: not 0-based on purpose), with the exact boxes and their
+    polygons; every image ``size`` x ``size``, or ``sizes`` (width, height) one per image."""
     rng = np.random.default_rng([seed, len(split)])
     (root / split).mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
     images, annotations = [], []
     for i, boxes in enumerate(boxes_per_image):
-        pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        width, height = sizes[i] if sizes is not None else (size, size)
+        pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
         for x, y, w, h in boxes:
             pixels[y : y + h, x : x + w] = 255
+            polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": categories[0]["id"],
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "segmentation": [polygon]})
         PIL.Image.fromarray(pixels).save(root / split / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size})
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": width, "height": height})
     data = {"images": images, "annotations": annotations, "categories": list(categories)}
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
 
@@ -161,9 +166,11 @@ def test_short_run_lowers_the_loss_and_beats_a_trivial_detector(tmp_path, capsys
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     data = tmp_path / "data"
-    _write_coco(data, "train", _random_boxes(12, 2))
+    # 7 wide and 5 tall images: one full batch of 4 of each, then one of the 3 + 1 left over (grouped batches);
+    # accumulated two at a time (the second group of an epoch is one batch)
+    _write_coco(data, "train", _random_boxes(12, 2, size=48), sizes=[(64, 48)] * 7 + [(48, 64)] * 5)
     _write_coco(data, "val", _random_boxes(4, 3))
-    args = ["train", "--data", str(data), "--epochs", "2", *TRAIN_ARGS]
+    args = ["train", "--data", str(data), "--epochs", "2", "--grad-accum", "2", *TRAIN_ARGS]
     assert main(args + ["--output", str(tmp_path / "full")]) == 0
     env = {**os.environ, KILL_ENV: "5"}  # 3 batches per epoch: step 5 is the 2nd batch of epoch 2
     killed = subprocess.run([sys.executable, "-m", "pvtv2.cli", *args, "--output", str(tmp_path / "cut")], env=env,
@@ -179,3 +186,78 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     one = read_state_dict(tmp_path / "full" / "last" / "model.safetensors")
     two = read_state_dict(tmp_path / "cut" / "last" / "model.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.slow
+def test_training_batches_hold_one_orientation_but_the_leftovers(tmp_path, monkeypatch):
+    # 9 wide and 5 tall images in batches of 4: each orientation's full batches (2 wide, 1 tall), then one batch of
+    # the 1 + 1 left over: 4 batches, of which only the last may mix.
+    wide, tall = (64, 48), (48, 64)
+    sizes = [wide if i % 3 else tall for i in range(14)][::-1]
+    assert sizes.count(wide) == 9
+    data = tmp_path / "data"
+    _write_coco(data, "train", _random_boxes(14, 4, size=48), sizes=sizes)
+    _write_coco(data, "val", _random_boxes(2, 5, size=48))
+    seen: list[list[tuple[int, bool]]] = []
+    original = DetectionTask.training_loss
+
+    def spy(self, model, batch, ctx):
+        images, targets = batch
+        # the orientation of what the detector receives (the tensors' shapes), not what the annotation file says
+        seen.append([(t["image_id"], image.shape[-1] >= image.shape[-2]) for image, t in zip(images, targets)])
+        return original(self, model, batch, ctx)
+
+    monkeypatch.setattr(DetectionTask, "training_loss", spy)
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "run"), "--epochs", "1", *TRAIN_ARGS]) == 0
+    assert sorted(image_id for batch in seen for image_id, _ in batch) == list(range(1, 15))  # each image once
+    assert [len(batch) for batch in seen] == [4, 4, 4, 2]
+    assert all(len({is_wide for _, is_wide in batch}) == 1 for batch in seen[:3]), seen
+    # The same epoch in the engine's plain shuffled order (what it trained on before) mixes orientations.
+    flat = epoch_indices(14, seed=0, epoch=0, shuffle=True)
+    mixed = [len({sizes[i] for i in flat[k : k + 4]}) > 1 for k in range(0, 14, 4)]
+    assert sum(mixed) >= 2, mixed
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, capsys):
+    # Mask R-CNN (the detector whose heads could leave parameters without gradients), with images of both
+    # orientations: 6 wide and 4 tall in batches of 2 make 3 + 2 grouped batches, dealt to the 2 processes with one
+    # repeated so that each makes 3 steps. Images 3 and 5 have no box: process 1's first batch has none at all (its
+    # mask head gets no positive RoI) while process 0's has some. 5 validation images: shards of 3 and 2.
+    data = tmp_path / "data"
+    sizes = [(64, 48), (48, 64)] * 4 + [(64, 48)] * 2
+    boxes = [[] if i in (3, 5) else b for i, b in enumerate(_random_boxes(10, 6, size=48))]
+    _write_coco(data, "train", boxes, sizes=sizes)
+    _write_coco(data, "val", _random_boxes(5, 7))
+    ratios = [w / h for w, h in sizes]
+    shards = [grouped_batches(ratios, 2, seed=0, epoch=0, rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [3, 3]
+    assert sorted(shards[1][0]) == [3, 5] and not {3, 5} & set(shards[0][0])
+    config = tmp_path / "tiny.json"
+    # every detection kept (an untrained detector scores few above the usual 0.05): COCOeval then has something to rank
+    config.write_text(json.dumps({**TINY_SMALL_IMAGES, "fpn_channels": 32, "score_threshold": 0.0}))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pvtv2",
+               "train", "--task", "detection", "--detector", "mask_rcnn", "--model", str(config), "--data", str(data),
+               "--output", str(out), "--image-size", "64", "--batch-size", "2", "--epochs", "1", "--lr", "1e-3",
+               "--warmup-steps", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _records(out)
+    assert [r["epoch"] for r in records] == [1]
+    assert result.stdout.count("trained 1 epochs") == 1  # one writer
+    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    # rank 0 made its 3 steps; a process with another count would have left the other waiting in DDP's gradient
+    # all-reduce (a hang, or gloo's error), not exited 0
+    assert state["scheduler"]["last_epoch"] == 3
+    # the logged metrics are COCOeval's over the whole validation split: those `pvtv2 eval` computes on last/
+    capsys.readouterr()
+    assert main(["eval", "--task", "detection", "--model", str(out / "last"), "--data", str(data), "--json",
+                 "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["detections"] == records[-1]["detections"] > 0
+    assert records[-1]["box_ap"] > 0  # measured 0.217: the comparison below is no 0 == 0
+    assert evaluated["box"]["AP"] == pytest.approx(records[-1]["box_ap"], abs=1e-6)
+    assert evaluated["mask"]["AP"] == pytest.approx(records[-1]["mask_ap"], abs=1e-6)

@@ -39,9 +39,15 @@ def test_to_device_moves_every_tensor_of_a_nested_batch():
 
 
 class ListBatchTask(ClassificationTask):
-    """Classification fed the way detection will be: a batch is a dict of a list of images and a list of per-image
-    target dicts, and validation gathers every process's per-image results (as COCO evaluation must) instead of
-    summing counts. Only the task changes; the loss is the same function of the same numbers."""
+    """Classification fed the way detection is: a batch is a dict of a list of images and a list of per-image
+    target dicts, the task makes its epoch's batches itself (detection groups them by aspect ratio; here they are
+    the engine's own, ``batch_size`` consecutive samples of the shuffled order), and validation gathers every
+    process's per-image results (as COCO evaluation must) instead of summing counts. Only the task changes; the loss
+    is the same function of the same numbers."""
+
+    def train_batches(self, epoch, info, batch_size):
+        order = self.train_order(epoch, info)
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
     def collate(self, samples):
         return {"images": [image for image, _ in samples], "targets": [{"label": torch.tensor(label)} for _, label in samples]}
@@ -70,6 +76,12 @@ class ListBatchTask(ClassificationTask):
         return f"top-1 {record['val_top1']:.2f}%"
 
 
+class ShrinkingBatchesTask(ListBatchTask):
+    def train_batches(self, epoch, info, batch_size):
+        batches = super().train_batches(epoch, info, batch_size)
+        return batches[:-1] if epoch else batches  # a batch fewer from the second epoch on
+
+
 def test_a_task_with_other_batches_plugs_in_without_touching_the_engine(tmp_path, monkeypatch):
     data = tmp_path / "digits"
     write_digits_folder(data, size=16, limit_per_class=8, val_fraction=0.25, seed=3)
@@ -88,10 +100,24 @@ def test_a_task_with_other_batches_plugs_in_without_touching_the_engine(tmp_path
     assert [r["train_loss"] for r in lists] == [r["train_loss"] for r in tuples]  # same samples, same weights
     assert [r["val_top1"] for r in lists] == [r["val_top1"] for r in tuples]
     assert "val_top5" not in lists[0] and (tmp_path / "lists" / "curves.png").is_file()
+    assert [r["lr"] for r in lists] == [r["lr"] for r in tuples]  # the same schedule from the task's own batches
     for folder in ("last", "best"):
         one = load_file(tmp_path / "tuples" / folder / "model.safetensors")
         two = load_file(tmp_path / "lists" / folder / "model.safetensors")
         assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_a_task_whose_batch_count_changes_is_stopped(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "digits"
+    write_digits_folder(data, size=16, limit_per_class=4, val_fraction=0.25, seed=3)
+    model = tmp_path / "tiny.json"
+    model.write_text(json.dumps(TINY_SMALL_IMAGES))
+    monkeypatch.setitem(runner.TASK_CLASSES, "classification", ShrinkingBatchesTask)
+    code = main(["train", "--data", str(data), "--model", str(model), "--epochs", "2", "--image-size", "16",
+                 "--batch-size", "8", "--no-progress", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "ShrinkingBatchesTask.train_batches gave 3 batches for epoch 2" in err, err
+    assert "planned for 4 non-empty batches per epoch" in err
 
 
 @pytest.fixture

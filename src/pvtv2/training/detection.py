@@ -15,9 +15,11 @@ linear warmup from 0.001 of the rate over the first 500 optimizer steps (at most
 side 800 (``--image-size``), longer at most 1333 in proportion, horizontal flips. ``--multiscale`` draws the
 shorter side of each training image from the 3x recipe's 480 ... 800 (step 32), scaled to ``--image-size``.
 
-Differences from mmdetection, on purpose: weight decay skips biases and norm scales (as every pvtv2 task's does);
-the sample order is the engine's seeded shuffle, not batches grouped by aspect ratio (an efficiency matter on
-padded batches, not a result one).
+Batches are grouped by aspect ratio, as mmdetection's and torchvision's samplers group them: each training batch
+holds only wide (width >= height) or only tall images, except the epoch's last one or two made of what is left over
+(:func:`pvtv2.data.coco.grouped_batches`, on the sizes the annotation file states), so that padding a batch to its
+largest image wastes little. Difference from mmdetection, on purpose: weight decay skips biases and norm scales (as
+every pvtv2 task's does).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.coco import CocoDetection, coco_evaluate, collate_detection, detections_to_coco
+from ..data.coco import CocoDetection, coco_evaluate, collate_detection, detections_to_coco, grouped_batches
 from ..models.config import PvtV2Config, is_preset_name, preset_key
 from ..models.detection import PvtV2ForObjectDetection
 from .config import TrainConfig
+from .distributed import DistInfo
 from .engine import RunContext, Schedule, Task
 
 __all__ = [
@@ -181,6 +184,12 @@ class DetectionTask(Task):
 
     def lr_factor(self, schedule: Schedule) -> Callable[[int], float]:
         return step_schedule(schedule, self.cfg.epochs)
+
+    def train_batches(self, epoch: int, info: DistInfo, batch_size: int) -> list[list[int]]:
+        # Wide and tall images in separate batches; the batches (not the images) are dealt to the processes, the
+        # same number to each. The count is the same in every epoch: each group's full batches, then the leftovers.
+        return grouped_batches(self.train_set.aspect_ratios(), batch_size, seed=self.cfg.seed, epoch=epoch,
+                               rank=info.rank, world_size=info.world_size)
 
     def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
         images, targets = batch

@@ -16,7 +16,8 @@ Every epoch writes ``OUT/last`` (and ``OUT/best`` when the task's score improves
 uninterrupted one (on the same hardware and software), because no randomness comes from global state that a
 restart would lose:
 
-- the sample order of epoch ``e`` comes from a generator seeded with ``seed + e``;
+- the sample order of epoch ``e`` comes from a generator seeded with ``seed + e`` (a task that makes its own
+  batches, :meth:`Task.train_batches`, makes them from the seed and the epoch alone);
 - the augmentation of sample ``i`` in epoch ``e`` from one seeded with ``(seed, e, i)``;
 - the global torch generator (stochastic depth, dropout, and whatever a task draws from it, such as a MixUp
   coefficient) is reseeded from ``(seed, e, rank)`` at each epoch start;
@@ -185,6 +186,16 @@ class Task:
         return epoch_indices(len(self.train_set), seed=self.cfg.seed, epoch=epoch, shuffle=True, rank=info.rank,
                              world_size=info.world_size)
 
+    def train_batches(self, epoch: int, info: DistInfo, batch_size: int) -> list[list[int]] | None:
+        """This process's batches of ``epoch`` as lists of ``train_set`` indices, for a task that composes its own
+        (detection groups images by aspect ratio); None (the default): ``batch_size`` consecutive indices of
+        :meth:`train_order` at a time.
+
+        Like :meth:`train_order`, a function of the seed and the epoch only (a resumed run reads the same batches).
+        Every epoch must have the same number of batches in every process: the schedule is planned from epoch 0's,
+        and DistributedDataParallel needs equal step counts."""
+        return None
+
     def count(self, batch: Any) -> int:
         """The number of samples in a batch: the weight of its loss in the epoch's mean training loss."""
         return len(batch[0])
@@ -270,9 +281,13 @@ class Schedule:
         peak_lr = cfg.lr if cfg.lr is not None else task.default_lr(global_batch)
         if cfg.min_lr > peak_lr and info.main:
             logger.warning("--min-lr %.3g is above the default peak lr %.3g: the lr stays at the peak", cfg.min_lr, peak_lr)
-        shard = len(epoch_indices(len(task.train_set), seed=cfg.seed, epoch=0, shuffle=False, rank=info.rank,
-                                  world_size=info.world_size))
-        batches_per_epoch = math.ceil(shard / cfg.batch_size)
+        explicit = task.train_batches(0, info, cfg.batch_size)
+        if explicit is not None:
+            batches_per_epoch = len(explicit)
+        else:
+            shard = len(epoch_indices(len(task.train_set), seed=cfg.seed, epoch=0, shuffle=False, rank=info.rank,
+                                      world_size=info.world_size))
+            batches_per_epoch = math.ceil(shard / cfg.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
         total_steps = steps_per_epoch * cfg.epochs
         # An explicit step count (a task's recipe, e.g. detection's 500) is the task's to shorten; a warmup in epochs
@@ -374,6 +389,11 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     schedule = Schedule.plan(cfg, task, ctx.dist)
+    if ctx.dist.enabled:
+        counts = ctx.gather(schedule.batches_per_epoch)
+        if len(set(counts)) > 1:  # a task's own batches (Task.train_batches): DDP would wait forever at the end
+            raise ValueError(f"the processes would train different numbers of batches per epoch ({counts}); "
+                             f"DistributedDataParallel needs the same number in every process")
     if cfg.layer_decay is not None or cfg.head_lr_mult != 1:
         groups = decayed_parameter_groups(model, lr=schedule.peak_lr, weight_decay=cfg.weight_decay,
                                           layer_decay=cfg.layer_decay, head_lr_mult=cfg.head_lr_mult)
@@ -446,9 +466,7 @@ def _train_epoch(task: Task, cfg: TrainConfig, training: Training, epoch: int, c
     seed_everything(cfg.seed, epoch, info.rank)
     if hasattr(task.train_set, "set_epoch"):
         task.train_set.set_epoch(epoch)
-    order = task.train_order(epoch, info)
-    loader = torch.utils.data.DataLoader(task.train_set, batch_size=cfg.batch_size, sampler=order,
-                                         num_workers=_workers(cfg, ctx.device), collate_fn=task.collate)
+    loader = _train_loader(task, cfg, epoch, batches, ctx)
     training.net.train()
     loss_sum = seen = 0.0
     bar = progress_bar(loader, enabled=cfg.progress and info.main, desc=f"epoch {epoch + 1}/{cfg.epochs}")
@@ -473,6 +491,26 @@ def _train_epoch(task: Task, cfg: TrainConfig, training: Training, epoch: int, c
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{training.optimizer.param_groups[0]['lr']:.2e}")
     return loss_sum, seen
+
+
+def _train_loader(task: Task, cfg: TrainConfig, epoch: int, batches: int, ctx: RunContext) -> torch.utils.data.DataLoader:
+    """The DataLoader of this process's epoch: the task's own batches (:meth:`Task.train_batches`), or
+    ``cfg.batch_size`` samples at a time in :meth:`Task.train_order`."""
+    workers = _workers(cfg, ctx.device)
+    explicit = task.train_batches(epoch, ctx.dist, cfg.batch_size)
+    if explicit is None:
+        order = task.train_order(epoch, ctx.dist)
+        return torch.utils.data.DataLoader(task.train_set, batch_size=cfg.batch_size, sampler=order,
+                                           num_workers=workers, collate_fn=task.collate)
+    # The schedule (accumulation boundaries, the learning rate of each step, the crash-test step numbers) and DDP's
+    # equal step counts were planned from epoch 0's batches: another count would silently shift them.
+    if len(explicit) != batches or not all(explicit):
+        raise ValueError(
+            f"{type(task).__name__}.train_batches gave {len(explicit)} batches for epoch {epoch + 1} (empty ones: "
+            f"{sum(1 for b in explicit if not b)}); the run was planned for {batches} non-empty batches per epoch"
+        )
+    return torch.utils.data.DataLoader(task.train_set, batch_sampler=explicit, num_workers=workers,
+                                       collate_fn=task.collate)
 
 
 def _crash_for_test(step: int) -> None:

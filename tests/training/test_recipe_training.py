@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,41 +16,16 @@ from safetensors.torch import load_file
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification
 from pvtv2.cli import main
-from pvtv2.data.digits import write_digits_folder
 from pvtv2.data.processing import PvtV2ImageProcessor
 from pvtv2.training.engine import KILL_ENV
 from conftest import TINY_SMALL_IMAGES
+from training_fixtures import ENV, common_args, run_train
 
-SIZE = 16
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# The fixtures tiny_config, digits and few_digits.
+pytest_plugins = ["training_fixtures"]
+
 RECIPE = ["--randaugment", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--repeated-aug", "3",
           "--train-interpolation", "bicubic", "--ema", "0.9"]
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("arch") / "tiny.json"
-    path.write_text(json.dumps(TINY_SMALL_IMAGES))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def few_digits(tmp_path_factory) -> Path:
-    """120 training and 40 held-out digits at 16 px: 8 batches of 16 per epoch."""
-    root = tmp_path_factory.mktemp("few")
-    write_digits_folder(root, size=SIZE, limit_per_class=16, val_fraction=0.25, seed=2)
-    return root
-
-
-def _common(data: Path, model: str, out: Path, epochs: int = 2) -> list[str]:
-    return ["--data", str(data), "--model", model, "--output", str(out), "--epochs", str(epochs),
-            "--image-size", str(SIZE), "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1",
-            "--crop-scale", "0.7", "--drop-path", "0.1", "--no-progress"]
-
-
-def _run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pvtv2", "train", *args], env=env or ENV, capture_output=True,
-                          text=True, timeout=600)
 
 
 BAD_FLAGS = [
@@ -80,7 +52,7 @@ BAD_FLAGS = [
 def test_bad_recipe_flags_are_refused_before_anything_is_written(few_digits, tiny_config, tmp_path, capsys, extra,
                                                                  named):
     out = tmp_path / "run"
-    code = main(["train", *_common(few_digits, tiny_config, out), *extra])
+    code = main(["train", *common_args(few_digits, tiny_config, out, hflip=None), *extra])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("pvtv2 train: error: ") and named in lines[0], lines
@@ -104,7 +76,7 @@ def _top1(folder: Path, data: Path) -> float:
 @pytest.fixture(scope="module")
 def recipe_run(few_digits, tiny_config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("recipe") / "run"
-    result = _run([*_common(few_digits, tiny_config, out), *RECIPE])
+    result = run_train([*common_args(few_digits, tiny_config, out, hflip=None), *RECIPE])
     assert result.returncode == 0, result.stderr
     return out
 
@@ -113,10 +85,10 @@ def recipe_run(few_digits, tiny_config, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("kill_at", [3, 12])  # 8 batches per epoch: in the first epoch, and in the second
 def test_a_killed_recipe_run_resumes_to_the_same_weights(few_digits, tiny_config, recipe_run, tmp_path, kill_at):
     out = tmp_path / "run"
-    args = [*_common(few_digits, tiny_config, out), *RECIPE]
-    killed = _run(args, env={**ENV, KILL_ENV: str(kill_at)})
+    args = [*common_args(few_digits, tiny_config, out, hflip=None), *RECIPE]
+    killed = run_train(args, env={**ENV, KILL_ENV: str(kill_at)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = _run(["--output", str(out), "--resume", "--no-progress"])
+    resumed = run_train(["--output", str(out), "--resume", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
     for folder in ("last", "best", "ema"):
         expected = load_file(recipe_run / folder / "model.safetensors")
@@ -153,7 +125,7 @@ def test_val_split_freeze_and_layer_decay(few_digits, tmp_path, caplog):
     PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, id2label=labels)).save_pretrained(start)
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="pvtv2"):
-        code = main(["train", *_common(data, str(start), out, epochs=1), "--val-split", "0.25",
+        code = main(["train", *common_args(data, str(start), out, epochs=1, hflip=None), "--val-split", "0.25",
                      "--freeze-stages", "1", "--layer-decay", "0.5", "--lr", "1e-3"])
     assert code == 0
     # 12 training images per class: a quarter of each class (3) held out, 30 of 120.
@@ -178,7 +150,7 @@ def test_val_split_freeze_and_layer_decay(few_digits, tmp_path, caplog):
 ])
 def test_fp16_is_refused_on_a_cpu_before_anything_is_written(few_digits, tiny_config, tmp_path, capsys, extra, named):
     out = tmp_path / "run"
-    code = main(["train", *_common(few_digits, tiny_config, out), "--device", "cpu", *extra])
+    code = main(["train", *common_args(few_digits, tiny_config, out, hflip=None), "--device", "cpu", *extra])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and named in lines[0], lines
     assert not out.exists()
@@ -192,7 +164,7 @@ def test_the_gradient_scaler_steps_and_is_saved(few_digits, tiny_config, tmp_pat
 
     monkeypatch.setattr(runner, "_check_fp16", lambda cfg, device: None)
     out = tmp_path / "run"
-    assert main(["train", *_common(few_digits, tiny_config, out, epochs=1), "--amp", "fp16", "--clip-grad", "1"]) == 0
+    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1, hflip=None), "--amp", "fp16", "--clip-grad", "1"]) == 0
     state = torch.load(out / "last" / "training_state.pt", weights_only=True)
     assert state["scaler"]["scale"] == 65536.0 and state["scaler"]["_growth_tracker"] == 8
     assert _top1(out / "last", few_digits) == pytest.approx(

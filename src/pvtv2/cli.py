@@ -179,20 +179,28 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     p.add_argument("--seed", type=int, help=f"default {d['seed']}")
     p.add_argument("--replace-head", action="store_true", default=None,
                    help="fine-tuning: train a new head when the dataset's classes are not the checkpoint's")
-    p.add_argument("--randaugment", action="store_true", default=None,
-                   help="classification: RandAugment as the paper's rand-m9-mstd0.5-inc1 (torchvision's ops)")
-    p.add_argument("--mixup", type=float, help="classification: MixUp's alpha, the paper's 0.8 (default 0: off)")
-    p.add_argument("--cutmix", type=float, help="classification: CutMix's alpha, the paper's 1.0 (default 0: off)")
-    p.add_argument("--reprob", type=float, help="classification: random-erasing probability, the paper's 0.25 "
-                   "(default 0)")
+    p.add_argument("--recipe", choices=("deit", "none"),
+                   help="classification: the paper's (DeiT's) augmentation, i.e. the five flags below at the paper's "
+                   "values and --repeated-aug 3 under torchrun (deit), or all of it off (none). Default: deit when "
+                   "training a preset from scratch, none when fine-tuning or training a config.json; each flag below "
+                   "overrides it (e.g. --mixup 0)")
+    p.add_argument("--randaugment", action=argparse.BooleanOptionalAction, default=None,
+                   help="classification: RandAugment as the paper's rand-m9-mstd0.5-inc1 (torchvision's ops); "
+                   "default: the recipe's")
+    p.add_argument("--mixup", type=float, help="classification: MixUp's alpha; 0: off (default: the recipe's 0.8, "
+                   "else 0)")
+    p.add_argument("--cutmix", type=float, help="classification: CutMix's alpha; 0: off (default: the recipe's 1.0, "
+                   "else 0)")
+    p.add_argument("--reprob", type=float, help="classification: random-erasing probability (default: the recipe's "
+                   "0.25, else 0)")
     p.add_argument("--repeated-aug", type=int, help="classification: copies of each image per epoch, each augmented "
-                   "its own way; the paper's 3 under torchrun (default 1)")
-    p.add_argument("--train-interpolation", help="classification: bilinear (default) or bicubic (the paper's) for the "
-                   "random resized crop")
+                   "its own way (default: the recipe's 3 under torchrun, else 1)")
+    p.add_argument("--train-interpolation", help="classification: bilinear or bicubic for the random resized crop "
+                   "(default: the recipe's bicubic, else bilinear)")
     p.add_argument("--ema", type=float, metavar="DECAY", help="keep an exponential moving average of the weights "
                    "(e.g. 0.9998), evaluated each epoch and saved as OUT/ema (default: off)")
-    p.add_argument("--val-split", type=float, metavar="FRACTION", help="classification without DIR/val: hold out this "
-                   "fraction of each class of DIR/train (seeded by --seed), e.g. 0.1")
+    p.add_argument("--val-split", type=float, metavar="FRACTION", help="without DIR/val: hold out this fraction of "
+                   "DIR/train (of each class for classification; seeded by --seed), e.g. 0.1; not for detection")
     p.add_argument("--freeze-stages", type=int, metavar="K", help="fine-tuning: keep the first K encoder stages fixed "
                    "(default 0)")
     p.add_argument("--layer-decay", type=float, help="fine-tuning: layer-wise learning-rate decay, e.g. 0.75: each "
@@ -213,7 +221,7 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
                    "the stored ones: other values given are ignored, with a warning)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_train, recipe=recipe)
+    p.set_defaults(func=_cmd_train, command_defaults=recipe)
 
 
 @_register
@@ -244,7 +252,8 @@ def _add_train(subparsers) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """`train` and its alias `train-seg`, which differ only in ``args.recipe``: the defaults of the flags not given."""
+    """`train` and its alias `train-seg`, which differ only in ``args.command_defaults``: the defaults of the flags not
+    given."""
     import dataclasses
 
     from .training import TrainConfig, train
@@ -255,7 +264,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.amp not in ("bf16", "fp16"):
             raise ValueError(f"--amp must be bf16 or fp16, got {args.amp!r}")
         given["bf16" if args.amp == "bf16" else "fp16"] = True
-    recipe = args.recipe
+    recipe = args.command_defaults
     if given.get("task") == "detection":
         from .training.detection import DETECTION_RECIPE
 
@@ -265,7 +274,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{**recipe, **given, "progress": not args.no_progress})
     if not cfg.resume and not cfg.data:
         raise ValueError("--data is required (unless --resume continues a run)")
-    result = train(cfg, explicit={k for k, v in given.items() if v is not False})  # store_true flags left out: False
+    # --resume and --overwrite left out are False, not None: not given.
+    result = train(cfg, explicit={k for k, v in given.items() if not (k in ("resume", "overwrite") and v is False)})
     if result["rank"] == 0 and result.get("task") == "segmentation":
         _print_segmentation_result(result)
     elif result["rank"] == 0 and result.get("task") == "detection":

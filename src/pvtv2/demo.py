@@ -42,6 +42,9 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
     drop_path=0.0,
     crop_scale=0.6,
     hflip=0.0,
+    # The ImageNet recipe's augmentation (on by default for a preset trained from scratch) is for hundreds of epochs
+    # of natural images; eight epochs of 32 px digits learn faster without it.
+    recipe="none",
 )
 
 

@@ -4,6 +4,8 @@ metrics equal the saved checkpoint's, recomputed here with NumPy from the PNG fi
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from pvtv2.cli import main
+from pvtv2.data.processing import PvtV2ImageProcessor
 from pvtv2.data.scenes import make_depth_example
 from pvtv2.models.depth import PvtV2ForDepthEstimation
 
@@ -34,6 +37,7 @@ BAD = [
     (["--depth-scale", "nan"], "--depth-scale"),
     (["--image-size", "48"], "multiple of 32"),
     (["--mixup", "0.8"], "--mixup is a classification augmentation"),
+    (["--val-split", "0.25"], "has its own val/ folder"),
 ]
 
 
@@ -60,6 +64,18 @@ def _numpy_metrics(pred: np.ndarray, target: np.ndarray, max_depth: float) -> di
 
 
 @pytest.mark.slow
+def test_a_depth_run_with_val_split_evaluates_the_held_out_images(rooms, tmp_path, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(rooms / "train", data / "train")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="pvtv2"):
+        assert main([*_args(data, out, "--val-split", "0.25"), "--epochs", "1"]) == 0
+    assert "validation split: 4 of the 16 training images (--val-split 0.25, seed 0)" in caplog.text
+    assert "depth: 12 training images" in caplog.text
+    assert [json.loads(line)["images"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [4]
+
+
+@pytest.mark.slow
 def test_a_short_depth_run_logs_the_metrics_of_its_checkpoint(rooms, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(rooms, out)) == 0
@@ -67,11 +83,13 @@ def test_a_short_depth_run_logs_the_metrics_of_its_checkpoint(rooms, tmp_path, c
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     model = PvtV2ForDepthEstimation.from_pretrained(out / "last").eval()
+    processor = PvtV2ImageProcessor.from_pretrained(out / "last")  # the run's own, saved with the weights
     per_image = []
     for image_path in sorted((rooms / "val" / "images").iterdir()):
         # The depth PNGs are millimetres; the images go in as [0, 1] RGB, unnormalised (GLPN's processor).
         target = np.asarray(PIL.Image.open(rooms / "val" / "depth" / image_path.name), dtype=np.float64) / 1000.0
         pixels = torch.from_numpy(np.asarray(PIL.Image.open(image_path).convert("RGB"), np.float32) / 255.0)
+        torch.testing.assert_close(processor(PIL.Image.open(image_path))["pixel_values"][0], pixels.permute(2, 0, 1))
         with torch.no_grad():
             pred = model(pixels.permute(2, 0, 1)[None]).predicted_depth[0].numpy()
         per_image.append(_numpy_metrics(pred, target, model.config.max_depth))

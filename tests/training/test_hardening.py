@@ -23,37 +23,17 @@ from safetensors.torch import load_file
 
 from pvtv2 import PvtV2ForImageClassification
 from pvtv2.cli import main
-from pvtv2.data.digits import write_digits_folder
 from pvtv2.data.shapes import make_segmentation_example
 from pvtv2.fileio import recover_folder
 from pvtv2.training.classification import ClassificationTask
 from pvtv2.training.rundir import LOCK_FILE
 from pvtv2.training.segmentation import SegmentationTask
 from conftest import TINY_SMALL_IMAGES
+from training_fixtures import ENV, common_args
 
-SIZE = 16
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# The fixtures tiny_config, digits and few_digits.
+pytest_plugins = ["training_fixtures"]
 
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("arch") / "tiny.json"
-    path.write_text(json.dumps(TINY_SMALL_IMAGES))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def few_digits(tmp_path_factory) -> Path:
-    """120 training and 40 held-out digits at 16 px: 8 batches of 16 per epoch."""
-    root = tmp_path_factory.mktemp("few")
-    write_digits_folder(root, size=SIZE, limit_per_class=16, val_fraction=0.25, seed=2)
-    return root
-
-
-def _common(data: Path, model: str, out: Path, epochs: int = 2) -> list[str]:
-    return ["--data", str(data), "--model", model, "--output", str(out), "--epochs", str(epochs),
-            "--image-size", str(SIZE), "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1",
-            "--crop-scale", "0.7", "--hflip", "0", "--drop-path", "0.1", "--no-progress"]
 
 
 def _main(args: list[str], capsys, command: str = "train") -> tuple[int, str]:
@@ -80,7 +60,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 def reference(few_digits, tiny_config, tmp_path_factory) -> Path:
     """An uninterrupted two-epoch run in this process (the in-process runs below are compared with it)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert main(["train", *_common(few_digits, tiny_config, out)]) == 0
+    assert main(["train", *common_args(few_digits, tiny_config, out)]) == 0
     return out
 
 
@@ -104,7 +84,7 @@ def interrupted(few_digits, tiny_config, tmp_path, monkeypatch, capsys) -> tuple
     shutil.copytree(few_digits, data)
     with monkeypatch.context() as patch:
         _interrupt(ClassificationTask, patch, at_call=9)  # 8 batches per epoch: the first of epoch 2
-        code, err = _main(_common(data, tiny_config, out), capsys)
+        code, err = _main(common_args(data, tiny_config, out), capsys)
     assert code == 130 and "interrupted" in err
     assert not (out / LOCK_FILE).exists()  # released on KeyboardInterrupt too
     assert torch.load(out / "last" / "training_state.pt", weights_only=True)["epoch"] == 1
@@ -156,7 +136,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize(("extra", "named"), BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flags_are_refused_before_anything_is_written(few_digits, tiny_config, tmp_path, capsys, extra, named):
     out = tmp_path / "run"
-    code, err = _main([*_common(few_digits, tiny_config, out), *extra], capsys)
+    code, err = _main([*common_args(few_digits, tiny_config, out), *extra], capsys)
     assert code == 2
     assert named in _one_line(err)
     assert not out.exists()
@@ -167,7 +147,7 @@ def test_an_absurd_architecture_is_refused_before_it_is_allocated(few_digits, tm
     config = tmp_path / "absurd.json"
     config.write_text(json.dumps({**TINY_SMALL_IMAGES, "mlp_ratios": [1e9, 2, 2, 2]}))
     out = tmp_path / "run"
-    code, err = _main(_common(few_digits, str(config), out), capsys)
+    code, err = _main(common_args(few_digits, str(config), out), capsys)
     assert code == 2
     line = _one_line(err)
     # stage 1's FFN alone: dense1 and dense2 of (dim x dim * 1e9) weights, dense1's bias and the depthwise conv's
@@ -192,7 +172,7 @@ def test_an_output_that_is_not_a_folder_is_named(few_digits, tiny_config, tmp_pa
         if not hasattr(os, "mkfifo"):
             pytest.skip("no FIFOs on this system")
         os.mkfifo(out)
-    code, err = _main(_common(few_digits, tiny_config, out), capsys)
+    code, err = _main(common_args(few_digits, tiny_config, out), capsys)
     assert code == 2
     assert _one_line(err).endswith(f"error: --output {str(out)!r} is a {kind}, not a folder")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -223,9 +203,9 @@ def test_a_refused_command_can_be_corrected(few_digits, tiny_config, tmp_path, c
     """--workers -1 used to fail in the DataLoader after run.json existed; the corrected command was then refused
     as an unfinished run."""
     out = tmp_path / "run"
-    code, _ = _main([*_common(few_digits, tiny_config, out, epochs=1), "--workers", "-1"], capsys)
+    code, _ = _main([*common_args(few_digits, tiny_config, out, epochs=1), "--workers", "-1"], capsys)
     assert code == 2 and not out.exists()
-    code, err = _main([*_common(few_digits, tiny_config, out, epochs=1), "--workers", "0"], capsys)
+    code, err = _main([*common_args(few_digits, tiny_config, out, epochs=1), "--workers", "0"], capsys)
     assert code == 0, err
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
@@ -233,7 +213,7 @@ def test_a_refused_command_can_be_corrected(few_digits, tiny_config, tmp_path, c
 # ------------------------------------------------------------------------------------------------ 2. divergence
 def test_a_diverging_loss_stops_with_one_line(few_digits, tiny_config, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = _main([*_common(few_digits, tiny_config, out), "--lr", "1e3"], capsys)
+    code, err = _main([*common_args(few_digits, tiny_config, out), "--lr", "1e3"], capsys)
     assert code == 2
     line = _one_line(err)
     assert re.search(r"training loss became (nan|inf|-inf) at epoch 1, step \d of 8", line), line
@@ -254,7 +234,7 @@ def test_divergence_keeps_the_last_checkpoint_resumable(few_digits, tiny_config,
 
     with monkeypatch.context() as patch:
         patch.setattr(ClassificationTask, "training_loss", poisoned)
-        code, err = _main(_common(few_digits, tiny_config, out), capsys)
+        code, err = _main(common_args(few_digits, tiny_config, out), capsys)
     assert code == 2
     line = _one_line(err)
     assert "became nan at epoch 2, step 3 of 8" in line and "epoch 1" in line and str(out / "last") in line
@@ -288,7 +268,7 @@ def test_distributed_divergence_stops_every_process(few_digits, tiny_config, tmp
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "run"
-    command = [sys.executable, "-c", POISON_RANK_1, "train", *_common(few_digits, tiny_config, out)]
+    command = [sys.executable, "-c", POISON_RANK_1, "train", *common_args(few_digits, tiny_config, out)]
     ranks = [
         subprocess.Popen(command, env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
@@ -450,7 +430,7 @@ def test_two_processes_on_one_run_folder(few_digits, tiny_config, tmp_path, caps
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         _interrupt(ClassificationTask, patch, at_call=9)
-        assert _main(_common(few_digits, tiny_config, out, epochs=6), capsys)[0] == 130
+        assert _main(common_args(few_digits, tiny_config, out, epochs=6), capsys)[0] == 130
     first = subprocess.Popen([sys.executable, "-m", "pvtv2", "train", "--output", str(out), "--resume", "--no-progress"],
                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -500,7 +480,7 @@ def test_a_full_disk_is_one_line_and_leaves_a_resumable_run(
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         _disk_full(patch, out, name)
-        code, err = _main(_common(few_digits, tiny_config, out), capsys)
+        code, err = _main(common_args(few_digits, tiny_config, out), capsys)
     assert code == 2
     line = _one_line(err)
     assert f"cannot write {str(out / target)!r}: {os.strerror(errno.ENOSPC)} [ENOSPC]" in line, line
@@ -543,5 +523,5 @@ def test_damaged_run_files_are_named(reference, few_digits, tiny_config, tmp_pat
     line = _one_line(err)
     assert str(out / name) in line and says in line and "--overwrite" in line
     # Without --resume the folder is still recognised as a run, and refused as such.
-    code, err = _main(_common(few_digits, tiny_config, out), capsys)
+    code, err = _main(common_args(few_digits, tiny_config, out), capsys)
     assert code == 2 and f"{str(out)!r} holds a" in _one_line(err) and "training run" in err

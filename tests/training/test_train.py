@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -21,52 +20,16 @@ from safetensors.torch import load_file
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification
 from pvtv2.cli import main
-from pvtv2.data.digits import write_digits_folder
 from pvtv2.data.processing import PvtV2ImageProcessor
 from pvtv2.training import TrainConfig
 from pvtv2.training.classification import build_classifier
 from pvtv2.training.engine import KILL_ENV, cosine_warmup_factor, parameter_groups
 from conftest import TINY_SMALL_IMAGES
+from training_fixtures import ENV, SIZE, common_args, run_train
 
-# A tiny PVTv2 that can see 16x16 images (spatial reduction no larger than each stage's grid).
-SIZE = 16
-# One thread: the runs are tiny, and a busy 2-core machine makes multi-threaded kernels crawl.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# The fixtures tiny_config, digits and few_digits.
+pytest_plugins = ["training_fixtures"]
 
-
-def _run(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pvtv2", "train", *args], env=env or ENV, capture_output=True, text=True, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("arch") / "tiny.json"
-    path.write_text(json.dumps(TINY_SMALL_IMAGES))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """640 training and 160 held-out digits at 16 px."""
-    root = tmp_path_factory.mktemp("digits")
-    write_digits_folder(root, size=SIZE, limit_per_class=80, seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def few_digits(tmp_path_factory) -> Path:
-    """120 training and 40 held-out digits: for runs that check mechanics rather than learning."""
-    root = tmp_path_factory.mktemp("few")
-    write_digits_folder(root, size=SIZE, limit_per_class=16, val_fraction=0.25, seed=2)
-    return root
-
-
-def _common(data: Path, model: str, out: Path, epochs: int) -> list[str]:
-    return ["--data", str(data), "--model", model, "--output", str(out), "--epochs", str(epochs),
-            "--image-size", str(SIZE), "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1",
-            "--crop-scale", "0.7", "--hflip", "0", "--drop-path", "0.1", "--no-progress"]
 
 
 def _accuracy(folder: Path, data: Path) -> float:
@@ -157,7 +120,7 @@ def test_finetuning_refuses_other_class_names_unless_told(tmp_path):
 @pytest.mark.slow
 def test_train_command_learns_the_digits(digits, tiny_config, tmp_path):
     out = tmp_path / "run"
-    result = _run(_common(digits, tiny_config, out, epochs=6))
+    result = run_train(common_args(digits, tiny_config, out, epochs=6))
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -184,7 +147,7 @@ def test_train_command_learns_the_digits(digits, tiny_config, tmp_path):
 @pytest.fixture(scope="module")
 def uninterrupted(few_digits, tiny_config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = _run(_common(few_digits, tiny_config, out, epochs=2))
+    result = run_train(common_args(few_digits, tiny_config, out, epochs=2))
     assert result.returncode == 0, result.stderr
     return out
 
@@ -193,16 +156,16 @@ def uninterrupted(few_digits, tiny_config, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("kill_at", [3, 12])  # 8 batches per epoch: in the first epoch, and in the second
 def test_a_killed_run_resumes_to_the_same_weights(few_digits, tiny_config, uninterrupted, tmp_path, kill_at):
     out = tmp_path / "run"
-    args = _common(few_digits, tiny_config, out, epochs=2)
-    killed = _run(args, env={**ENV, KILL_ENV: str(kill_at)})
+    args = common_args(few_digits, tiny_config, out, epochs=2)
+    killed = run_train(args, env={**ENV, KILL_ENV: str(kill_at)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if kill_at > 8:
         assert torch.load(out / "last" / "training_state.pt", weights_only=True)["epoch"] == 1
     else:
         assert not (out / "last").exists()
-    refused = _run(args)
+    refused = run_train(args)
     assert refused.returncode == 2 and "--resume" in refused.stderr and "unfinished" in refused.stderr
-    resumed = _run(["--output", str(out), "--resume", "--no-progress"])
+    resumed = run_train(["--output", str(out), "--resume", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
     for folder in ("last", "best"):
         expected = load_file(uninterrupted / folder / "model.safetensors")
@@ -220,7 +183,7 @@ def test_a_killed_run_resumes_to_the_same_weights(few_digits, tiny_config, unint
 def test_torchrun_two_processes(digits, tiny_config, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pvtv2", "train", *_common(digits, tiny_config, out, epochs=4)]
+               "-m", "pvtv2", "train", *common_args(digits, tiny_config, out, epochs=4)]
     result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -244,22 +207,22 @@ def test_overwrite_is_needed_to_replace_a_finished_run(few_digits, tiny_config, 
     finished = tmp_path / "finished"
     shutil.copytree(uninterrupted, finished)
     before = (finished / "last" / "model.safetensors").read_bytes()
-    code, err = _main(_common(few_digits, tiny_config, finished, epochs=2), capsys)
+    code, err = _main(common_args(few_digits, tiny_config, finished, epochs=2), capsys)
     assert code == 2 and "finished training run" in err and "--overwrite" in err
     assert (finished / "last" / "model.safetensors").read_bytes() == before
-    code, _ = _main([*_common(few_digits, tiny_config, finished, epochs=1), "--overwrite"], capsys)
+    code, _ = _main([*common_args(few_digits, tiny_config, finished, epochs=1), "--overwrite"], capsys)
     assert code == 0 and len((finished / "metrics.jsonl").read_text().splitlines()) == 1
     other = tmp_path / "occupied"
     other.mkdir()
     (other / "notes.txt").write_text("should stay")
-    code, err = _main(_common(few_digits, tiny_config, other, epochs=1), capsys)
+    code, err = _main(common_args(few_digits, tiny_config, other, epochs=1), capsys)
     assert code == 2 and "not empty" in err
 
 
 def test_class_mismatch_is_an_error_before_training(few_digits, tmp_path, capsys):
     source, _ = _checkpoint(tmp_path, [f"class_{i}" for i in range(10)])
     out = tmp_path / "run"
-    code, err = _main(_common(few_digits, source, out, epochs=1), capsys)
+    code, err = _main(common_args(few_digits, source, out, epochs=1), capsys)
     assert code == 2 and "--replace-head" in err and "('class_0', '0')" in err
     assert not (out / "last").exists()
 
@@ -271,16 +234,16 @@ def test_bad_datasets_are_refused_with_clear_errors(few_digits, tiny_config, tmp
             (empty / split / name).mkdir(parents=True)
             PIL.Image.new("RGB", (SIZE, SIZE)).save(empty / split / name / "x.png")
     (empty / "train" / "c").mkdir()
-    code, err = _main(_common(empty, tiny_config, tmp_path / "r1", epochs=1), capsys)
+    code, err = _main(common_args(empty, tiny_config, tmp_path / "r1", epochs=1), capsys)
     assert code == 2 and "['c']" in err and "no readable images" in err
 
     no_val = tmp_path / "noval"
     (no_val / "train" / "a").mkdir(parents=True)
     PIL.Image.new("RGB", (SIZE, SIZE)).save(no_val / "train" / "a" / "x.png")
-    code, err = _main(_common(no_val, tiny_config, tmp_path / "r2", epochs=1), capsys)
+    code, err = _main(common_args(no_val, tiny_config, tmp_path / "r2", epochs=1), capsys)
     assert code == 2 and "split 'val' not found" in err
 
-    code, err = _main(_common(tmp_path / "missing", tiny_config, tmp_path / "r3", epochs=1), capsys)
+    code, err = _main(common_args(tmp_path / "missing", tiny_config, tmp_path / "r3", epochs=1), capsys)
     assert code == 2 and "not found" in err
 
 
@@ -295,7 +258,7 @@ def test_unreadable_images_are_named_and_skipped(few_digits, tiny_config, tmp_pa
     broken = data / "train" / "1" / "broken.png"
     broken.write_bytes((data / "train" / "1").glob("*.png").__next__().read_bytes()[:40])
     with caplog.at_level(logging.WARNING, logger="pvtv2"):
-        code = main(["train", *_common(data, tiny_config, tmp_path / "run", epochs=1)])
+        code = main(["train", *common_args(data, tiny_config, tmp_path / "run", epochs=1)])
     assert code == 0
     assert any(str(broken) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert np.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["train_loss"])
@@ -307,10 +270,10 @@ def test_gradient_accumulation_equals_the_larger_batch(few_digits, tiny_config, 
     depth): the weights after an epoch agree to float rounding."""
     runs = {}
     for name, batch, accum in (("big", "16", "1"), ("accumulated", "8", "2")):
-        args = _common(few_digits, tiny_config, tmp_path / name, epochs=1)
+        args = common_args(few_digits, tiny_config, tmp_path / name, epochs=1)
         args[args.index("--batch-size") + 1] = batch
         args[args.index("--drop-path") + 1] = "0"
-        result = _run([*args, "--grad-accum", accum])
+        result = run_train([*args, "--grad-accum", accum])
         assert result.returncode == 0, result.stderr
         runs[name] = load_file(tmp_path / name / "last" / "model.safetensors")
     for key, value in runs["big"].items():

@@ -39,6 +39,7 @@ __all__ = [
     "PvtV2Stage",
     "init_weights",
     "init_head_weights",
+    "init_norm",
 ]
 
 
@@ -283,7 +284,7 @@ def init_weights(module: nn.Module, initializer_range: float = 0.02, recurse: bo
     """The initialisation of the original code, timm and transformers, applied once to a whole model.
 
     Linear: truncated normal (std ``initializer_range``), zero bias. Conv: normal with std sqrt(2 / fan_out)
-    (fan_out divided by groups). LayerNorm / BatchNorm: one and zero.
+    (fan_out divided by groups). LayerNorm / BatchNorm: :func:`init_norm`.
     """
     for m in module.modules() if recurse else [module]:
         if isinstance(m, nn.Linear):
@@ -296,10 +297,18 @@ def init_weights(module: nn.Module, initializer_range: float = 0.02, recurse: bo
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-            if m.weight is not None:
-                nn.init.ones_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            init_norm(m)
+
+
+@torch.no_grad()
+def init_norm(m: nn.LayerNorm | nn.BatchNorm2d) -> None:
+    """A norm layer as new, in every model and head: scale one, shift zero and (BatchNorm) running statistics reset."""
+    if m.weight is not None:
+        nn.init.ones_(m.weight)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+    if isinstance(m, nn.BatchNorm2d):
+        m.reset_running_stats()
 
 
 @torch.no_grad()
@@ -315,6 +324,4 @@ def init_head_weights(module: nn.Module, std: float) -> None:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-            m.reset_running_stats()
+            init_norm(m)

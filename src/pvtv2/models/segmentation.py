@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SEGMENTATION_DEFAULTS, PvtV2Config
-from .layers import init_head_weights
+from .layers import init_head_weights, init_norm
 from .modeling import PvtV2Model, PvtV2PreTrainedModel, resolve_output_flags
 from .outputs import ModelOutput
 
@@ -187,9 +187,7 @@ def init_fpn_weights(head: SemanticFPNHead, only: nn.Module | None = None) -> No
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-            m.reset_running_stats()
+            init_norm(m)
 
 
 def semantic_segmentation_loss(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..data.augment import MixUpCutMix, PaperRandAugment, repeated_epoch_indices
@@ -17,7 +18,7 @@ from ..models.config import PvtV2Config, is_preset_name
 from ..models.labels import has_generic_labels
 from ..models.layers import init_weights
 from ..models.modeling import PvtV2ForImageClassification
-from .config import TrainConfig
+from .config import NO_RECIPE, TrainConfig, resolve_recipe
 from .distributed import DistInfo, autocast
 from .engine import RunContext, Task
 
@@ -119,6 +120,10 @@ class ClassificationTask(Task):
     intro = "training on %d images"
 
     def load_data(self) -> None:
+        if any(getattr(self.cfg, name) is None for name in NO_RECIPE):
+            # train() decides the recipe before it builds the task; a task built by hand decides it here, the same way.
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            self.cfg = resolve_recipe(self.cfg, world_size)[0]
         cfg = self.cfg
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/train/<class>/ and DIR/val/<class>/)")

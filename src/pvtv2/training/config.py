@@ -4,6 +4,12 @@ The defaults are the PVTv2 paper's ImageNet recipe (itself DeiT's): AdamW, a cos
 linear warmup, weight decay 0.05 except on norms and biases, label smoothing 0.1, stochastic depth at the variant's
 rate, random resized crops and horizontal flips. The peak learning rate follows the authors' linear scaling rule,
 ``5e-4 * global batch / 512``, unless given.
+
+The recipe's augmentation (:data:`DEIT_RECIPE`: RandAugment, MixUp, CutMix, random erasing, bicubic crops, repeated
+augmentation under DDP) is on by default when a classifier is trained from scratch from a preset, and off otherwise
+(fine-tuning, a config.json architecture, the dense tasks): :func:`resolve_recipe` decides, once, when a run starts.
+Each of its fields is ``None`` until then ("the recipe's value"), so that a value given on purpose, ``mixup=0.0``
+included, always wins over the recipe.
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ import dataclasses
 import math
 from typing import Any
 
-__all__ = ["MAX_IMAGE_SIDE", "MAX_SEED", "TASKS", "TrainConfig", "flag"]
+from ..models.config import is_preset_name
+
+__all__ = ["DEIT_RECIPE", "MAX_IMAGE_SIDE", "MAX_SEED", "NO_RECIPE", "RECIPES", "TASKS", "TrainConfig",
+           "describe_recipe", "flag", "resolve_recipe"]
 
 TASKS = ("classification", "segmentation", "detection", "depth")
 # pvtv2.models.detection.DETECTORS (not imported: reading a config needs no model code)
@@ -21,6 +30,19 @@ DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn", "fcos")
 SCHEDULES = ("cosine", "poly")
 # The resampling filters of the training crop.
 INTERPOLATIONS = ("bilinear", "bicubic")
+# --recipe: "auto" (the default) is "deit" for a classifier trained from scratch from a preset, "none" otherwise.
+RECIPES = ("auto", "deit", "none")
+# The PVTv2 paper's (DeiT's) ImageNet augmentation, as TrainConfig fields. Repeated augmentation is DeiT's only under
+# DDP (its 3 copies of an image land on different processes); in one process it is left at 1.
+DEIT_RECIPE: dict[str, Any] = {
+    "randaugment": True, "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25, "train_interpolation": "bicubic",
+    "repeated_aug": 3,
+}
+# The same fields turned off: fine-tuning's default, and the dense tasks'.
+NO_RECIPE: dict[str, Any] = {
+    "randaugment": False, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "train_interpolation": "bilinear",
+    "repeated_aug": 1,
+}
 
 
 # The largest input side the commands accept (train, info, benchmark, demo-det...): a larger one is far more likely a
@@ -63,15 +85,17 @@ class TrainConfig:
     replace_head: bool = False
     detector: str = "retinanet"  # detection: retinanet, faster_rcnn, mask_rcnn or fcos
     multiscale: bool = False  # detection: the 3x recipe's random shorter side in training (480 ... 800, scaled)
-    # The paper's (DeiT's) augmentation and the fine-tuning aids, all off by default (docs/training.md).
-    randaugment: bool = False  # timm's rand-m9-mstd0.5-inc1 on torchvision's ops (data/augment.py)
-    mixup: float = 0.0  # MixUp's Beta alpha (the recipe: 0.8); 0: off
-    cutmix: float = 0.0  # CutMix's Beta alpha (the recipe: 1.0); 0: off; with both on, one of them per batch
-    reprob: float = 0.0  # random-erasing probability (the recipe: 0.25)
-    repeated_aug: int = 1  # copies of each image per epoch, each augmented differently (the recipe: 3 under DDP)
-    train_interpolation: str = "bilinear"  # of the random resized crop (the recipe: bicubic)
+    # The paper's (DeiT's) augmentation (docs/training.md). None: the recipe's value (DEIT_RECIPE when --recipe is
+    # deit, NO_RECIPE when none; resolve_recipe fills them in when the run starts).
+    recipe: str = "auto"  # "deit" for a preset trained from scratch (classification), else "none"
+    randaugment: bool | None = None  # timm's rand-m9-mstd0.5-inc1 on torchvision's ops (data/augment.py)
+    mixup: float | None = None  # MixUp's Beta alpha (the recipe: 0.8); 0: off
+    cutmix: float | None = None  # CutMix's Beta alpha (the recipe: 1.0); 0: off; with both on, one of them per batch
+    reprob: float | None = None  # random-erasing probability (the recipe: 0.25)
+    repeated_aug: int | None = None  # copies of each image per epoch, each augmented differently (the recipe: 3 under DDP)
+    train_interpolation: str | None = None  # of the random resized crop (the recipe: bicubic; otherwise bilinear)
     ema: float | None = None  # decay of an EMA of the weights, evaluated and saved as OUT/ema; None: off
-    val_split: float | None = None  # a seeded, stratified validation split carved from train/ when there is no val/
+    val_split: float | None = None  # a seeded validation split carved from train/ when there is no val/ (not detection)
     freeze_stages: int = 0  # fine-tuning: the first k encoder stages fixed
     layer_decay: float | None = None  # fine-tuning: layer-wise learning-rate decay over the encoder's blocks
     # Segmentation (SegFormer's recipe): ADE20K-style maps, the rescale/crop/flip/photometric pipeline, the head's lr.
@@ -148,13 +172,21 @@ class TrainConfig:
             raise ValueError("--device meta holds shapes without data: nothing can be trained there; use cpu or cuda")
 
     def _validate_recipe(self) -> None:
-        if not isinstance(self.randaugment, bool):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.recipe == "deit" and self.task != "classification":
+            raise ValueError(f"--recipe deit is the ImageNet classification recipe; --task {self.task} has its own")
+        if self.randaugment is not None and not isinstance(self.randaugment, bool):
             raise TypeError(f"--randaugment must be true or false, got {self.randaugment!r}")
-        _number("mixup", self.mixup, low=0.0, hint="the Beta distribution's alpha, e.g. 0.8; 0 turns it off")
-        _number("cutmix", self.cutmix, low=0.0, hint="the Beta distribution's alpha, e.g. 1.0; 0 turns it off")
-        _number("reprob", self.reprob, low=0.0, high=1.0)
-        _integer("repeated_aug", self.repeated_aug, minimum=1)
-        if self.train_interpolation not in INTERPOLATIONS:
+        if self.mixup is not None:
+            _number("mixup", self.mixup, low=0.0, hint="the Beta distribution's alpha, e.g. 0.8; 0 turns it off")
+        if self.cutmix is not None:
+            _number("cutmix", self.cutmix, low=0.0, hint="the Beta distribution's alpha, e.g. 1.0; 0 turns it off")
+        if self.reprob is not None:
+            _number("reprob", self.reprob, low=0.0, high=1.0)
+        if self.repeated_aug is not None:
+            _integer("repeated_aug", self.repeated_aug, minimum=1)
+        if self.train_interpolation is not None and self.train_interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"--train-interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.train_interpolation!r}"
             )
@@ -162,6 +194,11 @@ class TrainConfig:
             _number("ema", self.ema, low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.9998")
         if self.val_split is not None:
             _number("val_split", self.val_split, low=0.0, high=1.0, low_open=True, high_open=True, hint="e.g. 0.1")
+            if self.task == "detection":
+                raise ValueError(
+                    "--val-split does not apply to --task detection: its validation split is "
+                    "DIR/annotations/instances_val.json with DIR/val/ (make one from the training annotations)"
+                )
         _integer("freeze_stages", self.freeze_stages, minimum=0)
         if self.layer_decay is not None:
             _number("layer_decay", self.layer_decay, low=0.0, high=1.0, low_open=True, hint="e.g. 0.75")
@@ -183,11 +220,46 @@ class TrainConfig:
             for name in ("randaugment", "mixup", "cutmix", "reprob"):
                 if getattr(self, name):
                     raise ValueError(f"{flag(name)} is a classification augmentation; --task {self.task} has its own")
-            changed = [name for name, off in (("repeated_aug", 1), ("train_interpolation", "bilinear"),
-                                              ("val_split", None)) if getattr(self, name) != off]
+            changed = [name for name in ("repeated_aug", "train_interpolation")
+                       if getattr(self, name) not in (None, NO_RECIPE[name])]
             if changed:
                 name = changed[0]
                 raise ValueError(f"{flag(name)} applies to classification only, not --task {self.task}")
+
+
+def resolve_recipe(cfg: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, str]:
+    """The run's settings with the recipe decided: ``recipe`` "deit" or "none" and every recipe field a value (the
+    ones left ``None`` take the recipe's), and the reason for the decision, for the log.
+
+    ``recipe="auto"`` is "deit" for a classifier trained from scratch from a preset name (the paper's setting), and
+    "none" for fine-tuning (a checkpoint folder, file or hub id), for a config.json architecture (small experiments
+    that the ImageNet recipe would only slow down; ``recipe="deit"`` turns it on) and for the other tasks. Repeated
+    augmentation is 3 only when ``world_size`` > 1 (DeiT's, over DDP's processes). Fields given a value keep it.
+    """
+    recipe, reason = cfg.recipe, f"--recipe {cfg.recipe}"
+    if recipe == "auto":
+        if cfg.task != "classification":
+            recipe, reason = "none", f"--task {cfg.task} has its own recipe"
+        elif is_preset_name(cfg.model):
+            recipe, reason = "deit", f"the preset {cfg.model} is trained from scratch"
+        elif cfg.model.endswith(".json"):
+            recipe, reason = "none", "a config.json architecture; --recipe deit turns it on"
+        else:
+            recipe, reason = "none", f"fine-tuning {cfg.model}; --recipe deit turns it on"
+    values = dict(DEIT_RECIPE if recipe == "deit" else NO_RECIPE)
+    if world_size <= 1:
+        values["repeated_aug"] = 1
+    changes = {name: value for name, value in values.items() if getattr(cfg, name) is None}
+    return dataclasses.replace(cfg, recipe=recipe, **changes), reason
+
+
+def describe_recipe(cfg: TrainConfig) -> str:
+    """The augmentation of a decided run in one line, for the log."""
+    return (
+        f"RandAugment {'rand-m9-mstd0.5-inc1' if cfg.randaugment else 'off'}, mixup {cfg.mixup:g}, cutmix "
+        f"{cfg.cutmix:g}, random erasing {cfg.reprob:g}, {cfg.train_interpolation} crops, repeated augmentation "
+        f"x{cfg.repeated_aug}, label smoothing {cfg.label_smoothing:g}"
+    )
 
 
 def _integer(name: str, value: Any, *, minimum: int, maximum: int | None = None, maximum_text: str = "") -> None:

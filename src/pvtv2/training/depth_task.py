@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from ..data.depth import DepthFolder
+from ..data.processing import PvtV2ImageProcessor
 from ..models.config import PvtV2Config, is_preset_name, preset_key
 from ..models.depth import PvtV2ForDepthEstimation, silog_loss
 from .config import TrainConfig
 from .depth import DEPTH_METRICS, depth_metric_sums, finish_depth_metrics
 from .engine import RunContext, Task
+from .segmentation import carve_val_split
 
 __all__ = ["DepthTask", "build_depth_model"]
 
@@ -79,7 +81,18 @@ class DepthTask(Task):
         self.classes = ["depth"]
         self.train_set = DepthFolder(cfg.data, "train", cfg.image_size, depth_scale=cfg.depth_scale, hflip=cfg.hflip,
                                      seed=cfg.seed)
-        self.val_set = DepthFolder(cfg.data, "val", cfg.image_size, depth_scale=cfg.depth_scale)
+        if cfg.val_split is None:
+            self.val_set = DepthFolder(cfg.data, "val", cfg.image_size, depth_scale=cfg.depth_scale)
+            return
+        # Evaluated as a val/ folder would be (resized, not flipped); the images come out of train/.
+        self.val_set = DepthFolder(cfg.data, "train", cfg.image_size, depth_scale=cfg.depth_scale)
+        self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, self.train_set.pairs, cfg.val_split,
+                                                                   cfg.seed)
+
+    def processor(self) -> PvtV2ImageProcessor:
+        # GLPN's preprocessing, as DepthFolder and pvtv2 depth do it: resized and rescaled to [0, 1], not normalised.
+        size = self.cfg.image_size
+        return PvtV2ImageProcessor(size={"height": size, "width": size}, do_normalize=False)
 
     def new_model(self) -> nn.Module:
         return build_depth_model(self.cfg)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..data.coco import CocoDetection, coco_evaluate, collate_detection, detections_to_coco, grouped_batches
+from ..data.processing import PvtV2ImageProcessor
 from ..models.config import PvtV2Config, is_preset_name, preset_key
 from ..models.detection import PvtV2ForObjectDetection
 from .config import TrainConfig
@@ -152,6 +153,10 @@ class DetectionTask(Task):
         if _is_tiny(self.cfg.model):
             return PvtV2Config(**{**TINY_DETECTION, "image_size": self.cfg.image_size})
         return super().architecture()
+
+    def processor(self) -> PvtV2ImageProcessor:
+        # The detector resizes (shorter side min_size) and normalises itself: it takes RGB images in [0, 1].
+        return PvtV2ImageProcessor(do_resize=False, do_normalize=False)
 
     def load_data(self) -> None:
         cfg = self.cfg

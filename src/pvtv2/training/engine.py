@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.folders import epoch_indices
+from ..data.processing import PvtV2ImageProcessor
 from ..models.config import PvtV2Config, is_preset_name
 from ..models.modeling import check_input_size
 from ..progress import progress_bar
@@ -158,6 +159,12 @@ class Task:
         """The model's configuration when it is known without data or weights (checked against --image-size
         before anything is read or written); None: checked once the model is built."""
         return known_architecture(self.cfg.model, image_size=self.cfg.image_size)
+
+    def processor(self) -> PvtV2ImageProcessor:
+        """The preprocessing saved with each checkpoint (``preprocessor_config.json``): what the validation images go
+        through, so that a loaded checkpoint predicts as it was evaluated. By default a resize to --image-size and
+        ImageNet's normalisation."""
+        return PvtV2ImageProcessor(size={"height": self.cfg.image_size, "width": self.cfg.image_size})
 
     def load_data(self) -> None:
         """Read the data: set ``train_set``, ``val_set`` and ``classes``; raise on a bad dataset."""
@@ -576,6 +583,7 @@ def _end_epoch(task: Task, cfg: TrainConfig, training: Training, record: dict[st
         training.best_score, training.best_epoch = record[task.best_metric], epoch
     rng_states = ctx.gather(rng_state())  # every process's generators: each resumes its own stream
     out = Path(cfg.output)
+    processor = task.processor()
 
     def write() -> None:
         training.records.append(record)
@@ -596,10 +604,10 @@ def _end_epoch(task: Task, cfg: TrainConfig, training: Training, record: dict[st
             training_state["scaler"] = training.scaler.state_dict()
         if training.ema is not None:
             training_state["ema"] = training.ema.state_dict()
-            save_checkpoint(out / "ema", training.ema.module, cfg.image_size)
+            save_checkpoint(out / "ema", training.ema.module, cfg.image_size, processor=processor)
         if improved:
-            save_checkpoint(out / "best", training.model, cfg.image_size)
-        save_checkpoint(out / "last", training.model, cfg.image_size, training_state)
+            save_checkpoint(out / "best", training.model, cfg.image_size, processor=processor)
+        save_checkpoint(out / "last", training.model, cfg.image_size, training_state, processor=processor)
         draw_curves(training.records, out / CURVES_FILE, score_panel=task.score_panel)
         logger.info("epoch %d/%d: train loss %.4f, %s", epoch, cfg.epochs, record["train_loss"], task.epoch_summary(record))
 

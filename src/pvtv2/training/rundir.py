@@ -319,7 +319,11 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
             logger.warning(
                 "--resume: ignoring %s %s; the run continues with its own %s", flag(key), _show(given), _show(stored[key])
             )
-    return dataclasses.replace(cfg, **{k: v for k, v in stored.items() if k in run_fields})
+    merged = {k: v for k, v in stored.items() if k in run_fields}
+    if "recipe" not in stored:
+        # A run stored before --recipe existed trained with the recipe's fields as stored, or off where absent.
+        merged["recipe"] = "none"
+    return dataclasses.replace(cfg, **merged)
 
 
 def _show(value: Any) -> str:
@@ -377,13 +381,19 @@ def start_run(cfg: TrainConfig, classes: Sequence[str]) -> None:
 
 
 def save_checkpoint(
-    folder: Path, model: nn.Module, image_size: int, state: dict[str, Any] | None = None
+    folder: Path, model: nn.Module, image_size: int, state: dict[str, Any] | None = None, *,
+    processor: PvtV2ImageProcessor | None = None,
 ) -> None:
-    """``from_pretrained`` weights, the preprocessing and (for ``last``) the training state, swapped in whole."""
+    """``from_pretrained`` weights, the preprocessing and (for ``last``) the training state, swapped in whole.
+
+    ``processor``: the task's (:meth:`pvtv2.training.engine.Task.processor`); by default a resize to ``image_size``
+    and ImageNet's normalisation, the classification task's."""
+    if processor is None:
+        processor = PvtV2ImageProcessor(size={"height": image_size, "width": image_size})
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        PvtV2ImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         if state is not None:
             # Serialised in memory, then written by Python: a full disk then raises OSError (ENOSPC), where
             # torch.save into the file reports only a RuntimeError about a position in its zip writer.

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..models.config import PvtV2Config
 from ..models.modeling import PvtV2Model
 from .classification import ClassificationTask
-from .config import TrainConfig
+from .config import TrainConfig, describe_recipe, resolve_recipe
 from .detection import DetectionTask
 from .distributed import DistInfo, init_distributed, on_main, set_deterministic
 from .engine import RunContext, Task, check_image_size, run
@@ -107,6 +107,10 @@ def _train(
         return prepare_output(cfg, explicit)
 
     cfg, state, run_classes = on_main(look, info, share=True)
+    # Decided once, before run.json is written: a resumed run's stored settings are already decided.
+    cfg, reason = resolve_recipe(cfg, world_size=info.world_size)
+    if cfg.task == "classification" and info.main:
+        logger.info("recipe %s (%s): %s", cfg.recipe, reason, describe_recipe(cfg))
     _check_fp16(cfg, device)  # a resumed run's own setting
     # Data. Every process scans (they need the file lists); only rank 0 reports the bad files.
     if not info.main:

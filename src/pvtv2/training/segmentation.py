@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..data.augment import SegmentationTrainTransform
+from ..data.folders import split_samples
 from ..data.masks import SegmentationFolder, read_id2label, scan_segmentation_split
 from ..models.config import PvtV2Config, is_preset_name, preset_key
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
@@ -41,6 +42,7 @@ __all__ = [
     "evaluate_segmentation",
     "segmentation_metrics",
     "build_segmentation_model",
+    "carve_val_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,7 +162,8 @@ class SegmentationTask(Task):
         cfg = self.cfg
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/{train,val}/images and DIR/{train,val}/masks)")
-        self.id2label = read_id2label(cfg.data, scan_segmentation_split(cfg.data, "train"))
+        pairs = scan_segmentation_split(cfg.data, "train")
+        self.id2label = read_id2label(cfg.data, pairs)
         if cfg.reduce_labels and not (Path(cfg.data) / "labels.json").is_file():
             # Names read off the masks count raw values 0..top; reduced, 0 is no label and the classes are 0..top-1.
             self.id2label = {i: f"class_{i}" for i in range(max(1, len(self.id2label) - 1))}
@@ -172,7 +175,12 @@ class SegmentationTask(Task):
                                                    hflip=cfg.hflip)
         self.train_set = SegmentationFolder(cfg.data, "train", cfg.image_size, hflip=cfg.hflip, seed=cfg.seed,
                                             reduce_labels=cfg.reduce_labels, transform=transform)
-        self.val_set = SegmentationFolder(cfg.data, "val", cfg.image_size, reduce_labels=cfg.reduce_labels)
+        if cfg.val_split is None:
+            self.val_set = SegmentationFolder(cfg.data, "val", cfg.image_size, reduce_labels=cfg.reduce_labels)
+            return
+        # Evaluated as a val/ folder would be (resized, no augmentation); the images come out of train/.
+        self.val_set = SegmentationFolder(cfg.data, "train", cfg.image_size, reduce_labels=cfg.reduce_labels)
+        self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, pairs, cfg.val_split, cfg.seed)
 
     def new_model(self) -> nn.Module:
         model = build_segmentation_model(self.cfg, self.id2label)
@@ -215,6 +223,23 @@ class SegmentationTask(Task):
     def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
         best = next((r for r in records if r["epoch"] == best_epoch), None)
         return {"task": "segmentation", "best_mean_iou": best["mean_iou"] if best else None, "best_record": best}
+
+
+def carve_val_split(data: str, pairs: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """``--val-split`` for folders of image pairs (segmentation, depth) without ``val/``: ``(train, val)``, the
+    validation pairs ``round(fraction * n)`` of ``pairs`` (at least one, never all) drawn by ``seed``
+    (:func:`pvtv2.data.folders.split_samples`), each part in name order."""
+    if os.path.isdir(os.path.join(data, "val")):
+        raise ValueError(
+            f"--val-split carves a validation split from train/, but {data!r} has its own val/ folder; leave out "
+            "--val-split to use it"
+        )
+    if len(pairs) < 2:
+        raise ValueError(f"--val-split needs at least 2 training images to split, {data!r} has {len(pairs)}")
+    train, val = split_samples([(pair, None) for pair in pairs], fraction, seed)
+    logger.info("validation split: %d of the %d training images (--val-split %g, seed %d)",
+                len(val), len(pairs), fraction, seed)
+    return [pair for pair, _ in train], [pair for pair, _ in val]
 
 
 def _is_tiny(model: str) -> bool:

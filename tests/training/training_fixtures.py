@@ -1,0 +1,68 @@
+"""What the classification training tests share: a tiny architecture as a config.json, small folders of digits, the
+flags of a short run and the command run as a subprocess.
+
+A plain module, imported by name as the tests import ``conftest`` (a second ``conftest.py`` here would take the name
+``conftest`` from tests/conftest.py for the modules of this folder): the helpers with ``from training_fixtures import
+...``, the fixtures with ``pytest_plugins = ["training_fixtures"]`` in the test module. A module-scoped fixture is
+still made once per test module. PYTEST_DONT_REWRITE: it holds no assertions, and the test modules import it before
+pytest registers it as a plugin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SMALL_IMAGES
+
+from pvtv2.data.digits import write_digits_folder
+
+__all__ = ["ENV", "SIZE", "common_args", "digits", "few_digits", "run_train", "tiny_config"]
+
+# A tiny PVTv2 that can see 16x16 images (spatial reduction no larger than each stage's grid).
+SIZE = 16
+# One thread: the runs are tiny, and a busy 2-core machine makes multi-threaded kernels crawl.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> str:
+    """TINY_SMALL_IMAGES as a config.json: an architecture trained from scratch (not a preset: no recipe by default)."""
+    path = tmp_path_factory.mktemp("arch") / "tiny.json"
+    path.write_text(json.dumps(TINY_SMALL_IMAGES))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """640 training and 160 held-out digits at 16 px."""
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_folder(root, size=SIZE, limit_per_class=80, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def few_digits(tmp_path_factory) -> Path:
+    """120 training and 40 held-out digits at 16 px (8 batches of 16 per epoch): for runs that check mechanics
+    rather than learning."""
+    root = tmp_path_factory.mktemp("few")
+    write_digits_folder(root, size=SIZE, limit_per_class=16, val_fraction=0.25, seed=2)
+    return root
+
+
+def common_args(data: Path, model: str, out: Path, epochs: int = 2, *, hflip: float | None = 0.0) -> list[str]:
+    """The flags of a short `pvtv2 train` run at 16 px; ``hflip`` None leaves --hflip out (the default, 0.5)."""
+    args = ["--data", str(data), "--model", model, "--output", str(out), "--epochs", str(epochs),
+            "--image-size", str(SIZE), "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1",
+            "--crop-scale", "0.7", "--drop-path", "0.1", "--no-progress"]
+    return args if hflip is None else [*args, "--hflip", f"{hflip:g}"]
+
+
+def run_train(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m pvtv2 train ARGS` in a subprocess, its output captured."""
+    return subprocess.run([sys.executable, "-m", "pvtv2", "train", *args], env=env or ENV, capture_output=True,
+                          text=True, timeout=timeout, check=False)

@@ -181,6 +181,27 @@ def test_fast_path_equals_the_reference_path_on_the_gpu(linear, monkeypatch):
             assert relative_error(exact, fused_low) <= 1.5 * relative_error(exact, reference_low) + 1e-3, dtype
 
 
+def test_fast_path_of_a_bf16_model_under_autocast_keeps_the_references_fp32_stream(monkeypatch):
+    """CUDA autocast runs LayerNorm in fp32 whatever the weights' dtype: a bf16 model's stages return fp32 on the
+    reference path, and so must the fused path (not a bf16 stream rounded at every residual add)."""
+    pytest.importorskip("triton")
+    from pvtv2 import fast
+    from pvtv2.fast import cuda
+
+    monkeypatch.setattr(cuda, "MIN_ELEMENTS", dict.fromkeys(cuda.MIN_ELEMENTS, 0))
+    _, ours = _pair("pvt_v2_b0", seed=5)
+    ours = ours.bfloat16()
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(8)).to(CUDA)
+    stage = ours.pvt_v2.encoder.layers[0]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert cuda.applies(x, stage)
+        fused = cuda.stage_forward(stage, x)
+        with fast.fast_path(False):
+            reference = stage(x)[0]
+    assert fused.dtype == reference.dtype == torch.float32
+    assert relative_error(reference, fused) < 1e-2
+
+
 def test_fast_path_reads_the_weights_of_each_call_on_the_gpu(monkeypatch):
     from pvtv2 import fast
     from pvtv2.fast import cuda

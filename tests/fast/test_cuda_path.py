@@ -60,6 +60,32 @@ SCRIPT = textwrap.dedent(
         out[name + "_bf16_reference"] = relative_error(want, want_bf16)
         out[name + "_bf16_vs_reference"] = relative_error(want_bf16, got_bf16)
         out[name + "_dtype"] = str(got.dtype) + " " + str(got_bf16.dtype) + " " + str(want_bf16.dtype)
+    # Models the fused code must not assume away: norms without affine weights, depthwise convolutions without
+    # bias, a bf16 model whose norms were kept in fp32 (PyTorch's LayerNorm returns its input's dtype then).
+    base = perturb_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=5))).eval()
+    variants = {"no_affine": copy.deepcopy(base), "no_conv_bias": copy.deepcopy(base),
+                "fp32_norms": copy.deepcopy(base).bfloat16()}
+    for m in variants["no_affine"].modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.weight = m.bias = None
+    for m in variants["no_conv_bias"].modules():
+        if isinstance(m, torch.nn.Conv2d) and m.groups > 1:
+            m.bias = None
+    for m in variants["fp32_norms"].modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.float()
+    for name, model in variants.items():
+        x = torch.randn(2, 3, 64, 48).to(next(model.parameters()).dtype)
+        with torch.no_grad():
+            with fast.fast_path(False):
+                want = model.pvt_v2(x).last_hidden_state
+            got = x
+            try:
+                for stage in model.pvt_v2.encoder.layers:
+                    got = cuda.stage_forward(stage, got)
+                out[name] = [relative_error(want.float(), got.float()), str(want.dtype), str(got.dtype)]
+            except Exception as exc:
+                out[name] = [repr(exc)[:300], str(want.dtype), ""]
     print(json.dumps(out))
     """
 )
@@ -100,3 +126,12 @@ def test_fused_stage_equals_the_reference_stage(results, variant):
     # A bf16 model: no further from the fp32 result than the reference path in bf16.
     assert results[variant + "_bf16"] < 2e-2, results
     assert results[variant + "_bf16"] <= 1.5 * results[variant + "_bf16_reference"] + 1e-3, results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["no_affine", "no_conv_bias", "fp32_norms"])
+def test_fused_stage_on_unusual_modules(results, variant):
+    error, want_dtype, got_dtype = results[variant]
+    assert got_dtype == want_dtype, results[variant]
+    # fp32 models: fp32 rounding; the bf16 one: within bf16 rounding of the reference path's own bf16 result.
+    assert error < (3e-2 if want_dtype == "torch.bfloat16" else 1e-5), results[variant]

@@ -80,8 +80,26 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _stream_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the reference's LayerNorm output for an input like ``x``, which the residual stream keeps: under
+    CUDA autocast ``layer_norm`` is one of the ops autocast runs in fp32 (whatever the weights' dtype); otherwise
+    it returns its input's dtype, also for fp32 weights with a bf16/fp16 input (and so does CPU autocast)."""
+    device = x.device.type
+    return torch.float32 if device == "cuda" and torch.is_autocast_enabled(device) else x.dtype
+
+
 def _exact_gelu(act: nn.Module) -> bool:
     return type(act) is nn.GELU and act.approximate == "none"
+
+
+def _fusable_dwconv(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is what the kernel computes: a 3x3 depthwise convolution, stride 1, zero padding 1, with
+    bias (a module of the right type may still have been built or changed otherwise)."""
+    return (
+        conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
+        and conv.groups == conv.in_channels == conv.out_channels and conv.padding_mode == "zeros"
+        and conv.bias is not None
+    )
 
 
 def _norm(ln: nn.LayerNorm, x: torch.Tensor, out_dtype: torch.dtype, residual: torch.Tensor | None = None):
@@ -98,7 +116,7 @@ def _mix_ffn_hidden(mlp: nn.Module, h: torch.Tensor, height: int, width: int, dt
     """dense1, (ReLU), depthwise conv and activation: the last three fused where the activation is the exact GELU."""
     hidden = mlp.relu(mlp.dense1(h))  # (B, N, hidden), in the autocast dtype under autocast
     conv = mlp.dwconv.dwconv
-    if not _exact_gelu(mlp.act) or not hidden.is_contiguous():
+    if not _exact_gelu(mlp.act) or not hidden.is_contiguous() or not _fusable_dwconv(conv):
         return mlp.act(mlp.dwconv(hidden, height, width))
     weight, bias = conv.weight, conv.bias
     if hidden.dtype != weight.dtype:  # as autocast casts the convolution's weights
@@ -116,8 +134,9 @@ def stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     image = embed.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W), channels-last
     batch, channels, height, width = image.shape
     tokens = image.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
-    # The residual stream keeps the dtype the reference's LayerNorm gives it (fp32 under autocast).
-    stream_dtype = torch.promote_types(tokens.dtype, embed.layer_norm.weight.dtype)
+    # The residual stream keeps the dtype the reference's LayerNorm gives it (fp32 under CUDA autocast). Not the
+    # weights' dtype: a bf16 model under autocast still gets an fp32 stream, bf16 weights with fp32 norms a bf16 one.
+    stream_dtype = _stream_dtype(tokens)
     x = _norm(embed.layer_norm, tokens, stream_dtype)
     pending = None  # the last branch output, not yet added to the stream
     for block in stage.blocks:

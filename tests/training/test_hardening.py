@@ -503,6 +503,25 @@ DAMAGE = {
     "metrics.jsonl is not JSON lines": ("metrics.jsonl", b"{\"epoch\": 1}\n{\"epo", "is damaged"),
     "training_state.pt has a negative epoch": ("last/training_state.pt", {"epoch": -5}, "its epoch is -5"),
     "training_state.pt has a text best epoch": ("last/training_state.pt", {"best_epoch": "1"}, "its best_epoch is '1'"),
+    "training_state.pt is past its run's end": ("last/training_state.pt", {"epoch": 99}, "its epoch 99 is not one"),
+    "training_state.pt has a best epoch after its epoch": ("last/training_state.pt", {"best_epoch": 5},
+                                                           "its best_epoch 5 comes after its epoch 2"),
+    "training_state.pt has a number for rng": ("last/training_state.pt", {"rng": 5}, "its rng is not a list"),
+    "training_state.pt has text for rng": ("last/training_state.pt", {"rng": "abc"}, "its rng is not a list"),
+    "training_state.pt has foreign rng states": ("last/training_state.pt", {"rng": [{"x": 1}]},
+                                                 "its rng is not a list"),
+    "training_state.pt has a text scheduler": ("last/training_state.pt", {"scheduler": "x"},
+                                               "its scheduler is a str, not a dict"),
+    "training_state.pt has a text model config": ("last/training_state.pt", {"model_config": "x"},
+                                                  "its model_config is a str, not a dict"),
+    "training_state.pt has a text best score": ("last/training_state.pt", {"best_top1": "high"},
+                                                "its best_top1 is 'high', not a number"),
+    "training_state.pt has text for optimizer state": (
+        "last/training_state.pt", lambda state: {**state, "optimizer": {**state["optimizer"], "state": "x"}},
+        "does not fit the model"),
+    "training_state.pt has a torch generator state of the wrong kind": (
+        "last/training_state.pt", lambda state: {**state, "rng": [{**state["rng"][0], "torch": torch.zeros(3)}]},
+        "its random generator state cannot be restored"),
 }
 
 
@@ -516,6 +535,8 @@ def test_damaged_run_files_are_named(reference, few_digits, tiny_config, tmp_pat
         torch.save([1, 2], out / name)
     elif isinstance(content, dict):  # the real state with some values changed
         torch.save({**torch.load(out / name, weights_only=True), **content}, out / name)
+    elif callable(content):  # the real state changed deeper down
+        torch.save(content(torch.load(out / name, weights_only=True)), out / name)
     else:
         (out / name).write_bytes(content)
     code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)

@@ -430,13 +430,18 @@ def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, 
             training.ema.load_state_dict(state["ema"])
         if training.scaler is not None and "scaler" in state:
             training.scaler.load_state_dict(state["scaler"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise ValueError(f"{str(source)!r} does not fit the model in {str(source.parent)!r}: {err}") from None
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as err:
+        raise ValueError(f"{str(source)!r} does not fit the model in {str(source.parent)!r}: {err}; pass --overwrite "
+                         f"to start again") from None
     training.start_epoch, training.best_epoch = state["epoch"], state["best_epoch"]
     training.best_score = state[task.best_state_key]
     rng = state["rng"]
     if len(rng) == ctx.dist.world_size:
-        set_rng_state(rng[ctx.dist.rank])
+        try:
+            set_rng_state(rng[ctx.dist.rank])
+        except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as err:
+            raise ValueError(f"{str(source)!r} is damaged: its random generator state cannot be restored ({err}); "
+                             f"the run cannot be resumed from it: pass --overwrite to start again") from None
     elif ctx.dist.main:
         logger.warning(
             "the run was trained by %d process(es), this one by %d: the samples are dealt differently, and the result "

@@ -250,7 +250,37 @@ def load_training_state(folder: str | os.PathLike) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{str(path)!r} is damaged: its {key} is {value!r}, not a count of epochs; the run "
                              f"cannot be resumed from it: pass --overwrite to start again")
+    problem = _state_problem(state)
+    if problem:
+        raise ValueError(f"{str(path)!r} is damaged: {problem}; the run cannot be resumed from it: pass --overwrite "
+                         f"to start again")
     return state
+
+
+_RNG_KEYS = ("torch", "numpy_key", "numpy_pos", "python", "python_version")
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What makes a training state whose keys are all there unusable (what ``--resume`` would otherwise trip over
+    with a traceback, or resume from silently): ``None`` when nothing does."""
+    epoch, best_epoch, epochs = state["epoch"], state["best_epoch"], state.get("epochs")
+    if best_epoch > epoch:
+        return f"its best_epoch {best_epoch} comes after its epoch {epoch}"
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epoch > epochs):
+        return f"its epoch {epoch} is not one of its run's epochs ({epochs!r})"
+    for key in ("optimizer", "scheduler", "model_config"):
+        if not isinstance(state[key], dict):
+            return f"its {key} is a {type(state[key]).__name__}, not a dict"
+    rng = state["rng"]
+    # One generator state per process, each as distributed.rng_state writes it.
+    if not isinstance(rng, list) or not rng or not all(isinstance(r, dict) and all(k in r for k in _RNG_KEYS)
+                                                       for r in rng):
+        return "its rng is not a list of random generator states"
+    for key, value in state.items():  # the best value of its metric (best_top1, best_mean_iou, ...)
+        if key.startswith("best_") and key != "best_epoch" and value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"its {key} is {value!r}, not a number"
+    return None
 
 
 def prepare_output(

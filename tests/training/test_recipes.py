@@ -159,3 +159,8 @@ def test_validation_split_is_stratified_and_seeded():
         with pytest.raises(ValueError, match="fraction in"):
             split_samples(samples, bad, seed=0)
     assert math.isclose(len(split_samples(samples, 0.5, seed=0)[1]), 10 + 4)  # round(3.5) = 4
+    # Every class a single sample: nothing to validate on is refused, not an empty split evaluated as 0%.
+    with pytest.raises(ValueError, match="would be empty: none of the 3 class"):
+        split_samples([("a", 0), ("b", 1), ("c", 2)], 0.5, seed=0)
+    with pytest.raises(ValueError, match="would be empty"):
+        split_samples([], 0.5, seed=0)

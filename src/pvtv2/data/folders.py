@@ -150,6 +150,11 @@ def split_samples(
         count = min(len(members) - 1, max(1, round(fraction * len(members))))
         rng = np.random.default_rng([seed, 0 if label is None else int(label) + 1])
         chosen.update(members[i] for i in rng.permutation(len(members))[:count])
+    if not chosen:  # evaluating on nothing would report a loss and accuracy of 0 as if measured
+        raise ValueError(
+            f"a validation split of {fraction:g} would be empty: none of the {len(by_class)} class(es) of the "
+            f"{len(samples)} sample(s) has more than one sample; add samples or a separate validation set"
+        )
     if alone:
         logger.warning("class(es) %s have a single training sample: kept in training, none in the validation split", alone)
     train = [s for i, s in enumerate(samples) if i not in chosen]

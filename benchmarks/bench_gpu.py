@@ -128,9 +128,9 @@ class Device:
 
 
 @contextlib.contextmanager
-def precision(dtype: str, device: Device) -> Iterator[None]:
+def precision(dtype: str, device: Device | torch.device) -> Iterator[None]:
     """fp32: IEEE matmuls and convolutions (cuDNN would use TF32 for convolutions by default); tf32: TF32 in both;
-    bf16: autocast over fp32 weights, IEEE for what stays in fp32."""
+    bf16: autocast over fp32 weights, IEEE for what stays in fp32. Of ``device`` only its ``type`` is read."""
     mode = "tf32" if dtype == "tf32" else "ieee"
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     saved = (matmul.fp32_precision, conv.fp32_precision)

@@ -61,7 +61,7 @@ def profile_case(models: dict[str, nn.Module], batch: int, size: int, train: boo
             torch.cuda.synchronize()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         host_start = time.perf_counter()
-        with profile(activities=activities) as prof, precision("fp32", _Dev(device)):
+        with profile(activities=activities) as prof, precision("fp32", device):
             for _ in range(calls):
                 step()
             if cuda:
@@ -87,11 +87,6 @@ def profile_case(models: dict[str, nn.Module], batch: int, size: int, train: boo
             model.zero_grad(set_to_none=True)
         model.eval()
     return result
-
-
-class _Dev:  # what bench_gpu.precision reads of its device argument
-    def __init__(self, device: torch.device) -> None:
-        self.type = device.type
 
 
 def main(argv: list[str] | None = None) -> int:

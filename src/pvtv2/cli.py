@@ -856,6 +856,7 @@ def _add_demo_seg(subparsers) -> None:
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default: 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=0, help="train for this many epochs afterwards (default: 0, data only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUTPUT/run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo_seg)
 
@@ -865,15 +866,17 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
 
     from .data.shapes import make_segmentation_example
     from .training import check_config, train
+    from .training.rundir import check_output
     from .training.segmentation import example_config
 
     if args.epochs < 0:
         raise ValueError(f"--epochs must be 0 (the data only) or more, got {args.epochs}")
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
-                         seed=args.seed, progress=not args.no_progress)
-    if args.epochs > 0:
-        check_config(cfg)  # before the data is written
+                         seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
+    if args.epochs > 0:  # before the data is written: a run that would be refused must leave OUTPUT as it was
+        check_config(cfg)
+        check_output(cfg)
     data = make_segmentation_example(out / "data", args.train, args.val, args.size, args.seed)
     print(f"wrote the example to {data}")
     if args.epochs > 0:
@@ -1040,6 +1043,7 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
     from .training import check_config, train
     from .training.config import MAX_IMAGE_SIDE
     from .training.detection import example_config
+    from .training.rundir import check_output
 
     _check_range("--train", args.train, 1, 1_000_000)
     _check_range("--val", args.val, 1, 1_000_000)
@@ -1048,8 +1052,9 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, detector=args.detector, overwrite=args.overwrite, progress=not args.no_progress)
-    if args.epochs > 0:
-        check_config(cfg)  # before the data is written
+    if args.epochs > 0:  # before the data is written: a run that would be refused must leave OUTPUT as it was
+        check_config(cfg)
+        check_output(cfg)
     began = time.perf_counter()
     data = make_detection_example(out / "data", args.train, args.val, args.size, args.seed,
                                   backgrounds=args.backgrounds)

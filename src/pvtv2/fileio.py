@@ -28,6 +28,7 @@ __all__ = [
     "recover_folder",
     "temporary_path",
     "path_kind",
+    "existing_folder",
 ]
 
 
@@ -155,3 +156,18 @@ def path_kind(path: str | os.PathLike) -> str:
         if test(mode):
             return name
     return "special file"
+
+
+def existing_folder(path: str | os.PathLike, what: str = "dataset folder") -> Path:
+    """``path`` when it is a folder (or a link to one). Otherwise ``FileNotFoundError`` when nothing is there (a
+    symlink loop or a dangling symlink named as such) and ``ValueError`` naming what is there instead (a file, a
+    FIFO, a device...). Only :func:`path_kind` looks: a FIFO is never opened, so the check cannot block."""
+    text = os.fspath(path)
+    kind = path_kind(text)
+    if kind == "folder":
+        return Path(text)
+    if kind == "nothing":
+        raise FileNotFoundError(f"{what} not found: {text!r}")
+    if kind in ("symlink loop", "dangling symlink"):
+        raise FileNotFoundError(f"{what} not found: {text!r} is a {kind}")
+    raise ValueError(f"{what} {text!r} is a {kind}, not a folder")

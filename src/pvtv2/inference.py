@@ -34,7 +34,7 @@ from .data.processing import (
     load_image,
 )
 from . import fast
-from .fileio import path_kind
+from .fileio import existing_folder, path_kind
 from .models.config import is_preset_name, preset_key
 from .models.depth import PvtV2ForDepthEstimation
 from .models.labels import has_generic_labels
@@ -440,9 +440,7 @@ def predict(
 
 
 def _dataset_root(data: str | os.PathLike) -> tuple[Path, str]:
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {os.fspath(root)!r}")
+    root = existing_folder(data)
     if (root / "val").is_dir():
         return root, "val"
     return root, "."
@@ -877,7 +875,7 @@ def evaluate_segmenter(
     from .data.masks import scan_segmentation_split
     from .training.segmentation import segmentation_metrics
 
-    pairs = scan_segmentation_split(data, split)
+    pairs = scan_segmentation_split(existing_folder(data), split)
     k = max(2, model.config.num_labels)
     confusion = np.zeros((k, k), dtype=np.int64)
     began = time.perf_counter()

@@ -68,6 +68,22 @@ def test_gpu_script_refuses_to_run_without_a_gpu_unless_dry(monkeypatch):
         script.main(["--output", "unused"])
 
 
+def test_precision_takes_a_torch_device_as_gpu_profile_passes_it():
+    """gpu_profile.py hands ``bench_gpu.precision`` a plain ``torch.device``: bf16 turns on autocast for its type,
+    fp32 leaves it off, and both set IEEE matmuls inside and restore the settings after."""
+    import torch
+
+    script = load_script("bench_gpu")
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    for dtype, autocast in (("bf16", True), ("fp32", False)):
+        with script.precision(dtype, torch.device("cpu")):
+            assert torch.is_autocast_enabled("cpu") is autocast
+            assert not autocast or torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert matmul.fp32_precision == "ieee"
+        assert not torch.is_autocast_enabled("cpu") and matmul.fp32_precision == saved
+
+
 def test_gpu_script_plan_fits_the_budget_order():
     """The real plan: the figures asked for first (bf16 inference, compile, the training step) come first."""
     script = load_script("bench_gpu")

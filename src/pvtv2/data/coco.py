@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..fileio import existing_folder
 from ..runtime import import_optional
 from .processing import load_image
 
@@ -70,9 +71,7 @@ def import_pycocotools() -> Any:
 def find_coco_split(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
     """(annotation file, image folder) of ``split`` under ``root``: ``annotations/instances_{split}.json`` and
     ``{split}/``, or COCO 2017's ``instances_{split}2017.json`` and ``{split}2017/``."""
-    base = Path(root)
-    if not base.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {os.fspath(base)!r}")
+    base = existing_folder(root)
     for name in (split, f"{split}2017"):
         annotations, images = base / "annotations" / f"instances_{name}.json", base / name
         if annotations.is_file() and images.is_dir():

@@ -4,10 +4,7 @@ units per metre, 0 = no measurement), GLPN's head and scale-invariant log loss, 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,11 +12,11 @@ from torch import nn
 
 from ..data.depth import DepthFolder
 from ..data.processing import PvtV2ImageProcessor
-from ..models.config import PvtV2Config, is_preset_name, preset_key
+from ..models.config import PvtV2Config
 from ..models.depth import PvtV2ForDepthEstimation, silog_loss
 from .config import TrainConfig
 from .depth import DEPTH_METRICS, depth_metric_sums, finish_depth_metrics
-from .engine import RunContext, Task
+from .engine import RunContext, Task, new_architecture
 from .segmentation import carve_val_split
 
 __all__ = ["DepthTask", "build_depth_model"]
@@ -37,22 +34,14 @@ MIN_DEPTH = 1e-3
 _SCORE_PANEL = ("validation", [("delta1", (44, 160, 44)), ("abs_rel", (214, 39, 40))], (0.0, 1.0))
 
 
-def _is_tiny(model: str) -> bool:
-    return model.lower() == "tiny" and not os.path.exists(model)
-
-
 def build_depth_model(cfg: TrainConfig) -> PvtV2ForDepthEstimation:
     """``tiny`` or a preset name: a new model; a config.json: that architecture, new; anything else: a checkpoint
     (classification, depth) whose encoder (and GLPN head, when it has one) to fine-tune."""
     overrides: dict[str, Any] = {"image_size": cfg.image_size}
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
-    if _is_tiny(cfg.model):
-        return PvtV2ForDepthEstimation(PvtV2Config(**{**TINY_DEPTH, **overrides}))
-    if is_preset_name(cfg.model):
-        return PvtV2ForDepthEstimation(PvtV2Config.from_preset(preset_key(cfg.model), **overrides))
-    if cfg.model.endswith(".json") and os.path.isfile(cfg.model):
-        config = PvtV2Config.from_dict(json.loads(Path(cfg.model).read_text(encoding="utf-8"))).replace(**overrides)
+    config = new_architecture(cfg.model, TINY_DEPTH, **overrides)
+    if config is not None:
         return PvtV2ForDepthEstimation(config)
     return PvtV2ForDepthEstimation.from_pretrained(cfg.model, **overrides)
 
@@ -68,9 +57,8 @@ class DepthTask(Task):
     score_panel = _SCORE_PANEL
 
     def architecture(self) -> PvtV2Config | None:
-        if _is_tiny(self.cfg.model):
-            return PvtV2Config(**{**TINY_DEPTH, "image_size": self.cfg.image_size})
-        return super().architecture()
+        config = new_architecture(self.cfg.model, TINY_DEPTH, image_size=self.cfg.image_size)
+        return config if config is not None else super().architecture()
 
     def load_data(self) -> None:
         cfg = self.cfg

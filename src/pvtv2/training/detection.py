@@ -24,11 +24,9 @@ every pvtv2 task's does).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,11 +34,11 @@ from torch import nn
 
 from ..data.coco import CocoDetection, coco_evaluate, collate_detection, detections_to_coco, grouped_batches
 from ..data.processing import PvtV2ImageProcessor
-from ..models.config import PvtV2Config, is_preset_name, preset_key
+from ..models.config import PvtV2Config
 from ..models.detection import PvtV2ForObjectDetection
 from .config import TrainConfig
 from .distributed import DistInfo
-from .engine import RunContext, Schedule, Task
+from .engine import RunContext, Schedule, Task, new_architecture
 
 __all__ = [
     "DETECTION_RECIPE",
@@ -128,12 +126,8 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
     }
     if cfg.drop_path is not None:
         settings["drop_path_rate"] = cfg.drop_path
-    if _is_tiny(cfg.model):
-        return PvtV2ForObjectDetection(PvtV2Config(**{**TINY_DETECTION, **settings}))
-    if is_preset_name(cfg.model):
-        return PvtV2ForObjectDetection(PvtV2Config.from_preset(preset_key(cfg.model), **settings))
-    if cfg.model.endswith(".json") and os.path.isfile(cfg.model):
-        config = PvtV2Config.from_dict(json.loads(Path(cfg.model).read_text(encoding="utf-8"))).replace(**settings)
+    config = new_architecture(cfg.model, TINY_DETECTION, **settings)
+    if config is not None:
         return PvtV2ForObjectDetection(config)
     return PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
 
@@ -150,9 +144,8 @@ class DetectionTask(Task):
     collate = staticmethod(collate_detection)
 
     def architecture(self) -> PvtV2Config | None:
-        if _is_tiny(self.cfg.model):
-            return PvtV2Config(**{**TINY_DETECTION, "image_size": self.cfg.image_size})
-        return super().architecture()
+        config = new_architecture(self.cfg.model, TINY_DETECTION, image_size=self.cfg.image_size)
+        return config if config is not None else super().architecture()
 
     def processor(self) -> PvtV2ImageProcessor:
         # The detector resizes (shorter side min_size) and normalises itself: it takes RGB images in [0, 1].
@@ -236,7 +229,3 @@ class DetectionTask(Task):
     def result(self, records: list[dict[str, Any]], best_epoch: int) -> dict[str, Any]:
         best = next((r for r in records if r["epoch"] == best_epoch), None)
         return {"task": "detection", "best_box_ap": best["box_ap"] if best else None, "best_record": best}
-
-
-def _is_tiny(model: str) -> bool:
-    return model.lower() == "tiny" and not os.path.exists(model)

@@ -35,7 +35,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from torch import nn
 
 from ..data.folders import epoch_indices
 from ..data.processing import PvtV2ImageProcessor
+from ..fileio import path_kind
 from ..models.config import PvtV2Config, is_preset_name
 from ..models.modeling import check_input_size
 from ..progress import progress_bar
@@ -62,6 +63,7 @@ __all__ = [
     "run",
     "to_device",
     "known_architecture",
+    "new_architecture",
     "check_image_size",
     "cosine_warmup_factor",
     "parameter_groups",
@@ -247,6 +249,26 @@ def known_architecture(model: str, **overrides: Any) -> PvtV2Config | None:
             return PvtV2Config.from_json_file(config_file, **overrides)
         except ValueError:
             return None  # e.g. transformers' SegFormer layout: loading the checkpoint tells
+    return None
+
+
+def new_architecture(model: str, tiny: Mapping[str, Any] | None = None, **overrides: Any) -> PvtV2Config | None:
+    """The configuration of the model a run builds anew from ``--model``, with ``overrides``: ``tiny`` (the task's
+    small model, given as the config arguments ``tiny``; a file or folder of that name wins), a preset name or a
+    config.json file; None: ``model`` names a checkpoint to load (a folder, a weights file, a hub id).
+
+    A name ending in ``.json`` that is not a folder must be an existing file: otherwise loading it as a checkpoint
+    would fail later with a message about hub ids, or after the data was read."""
+    if tiny is not None and model.lower() == "tiny" and not os.path.exists(model):
+        return PvtV2Config(**{**tiny, **overrides})
+    if is_preset_name(model):
+        return PvtV2Config.from_preset(model, **overrides)
+    if model.endswith(".json") and not os.path.isdir(model):
+        if not os.path.exists(model):
+            raise FileNotFoundError(f"config file not found: {model!r} (--model X.json names the architecture to train)")
+        if not os.path.isfile(model):  # a FIFO or a device: never read (opening a FIFO blocks)
+            raise ValueError(f"config file {model!r} is a {path_kind(model)}, not a file")
+        return PvtV2Config.from_json_file(model, **overrides)
     return None
 
 

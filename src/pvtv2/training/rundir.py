@@ -46,6 +46,7 @@ __all__ = [
     "RunLock",
     "RunFolderBusy",
     "prepare_output",
+    "check_output",
     "check_resumed_classes",
     "start_run",
     "read_run_file",
@@ -312,10 +313,26 @@ def prepare_output(
         state = load_training_state(state_dir) if has_state else None
         read_metrics(out)  # readable: the resumed run keeps its records (read here, under the lock, by rank 0)
         return merged, state, _run_classes(stored, state)
-    if has_run:
+    _refuse_taken(out)
+    return cfg, None, None
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """Refuse the output folder of a new run (neither ``resume`` nor ``overwrite``) as :func:`prepare_output` will,
+    reading only, without the lock: for callers that write something before :func:`pvtv2.training.train` (the demos
+    write their data), so that a folder the run would refuse is refused before anything is written."""
+    out = Path(cfg.output)
+    if not (cfg.resume or cfg.overwrite) and out.is_dir():
+        _refuse_taken(out)
+
+
+def _refuse_taken(out: Path) -> None:
+    """Refuse a folder that holds a run, or anything but the lock, for a new run."""
+    if (out / RUN_FILE).is_file():
+        state_dir = out / "last"
         try:
             stored = read_run_file(out)
-            done = load_training_state(state_dir)["epoch"] if has_state else 0
+            done = load_training_state(state_dir)["epoch"] if (state_dir / TRAINING_STATE_NAME).is_file() else 0
         except ValueError as err:
             raise FileExistsError(f"{str(out)!r} holds a training run whose files are damaged: {err}") from None
         if isinstance(stored["epochs"], int) and done >= stored["epochs"]:
@@ -331,7 +348,6 @@ def prepare_output(
         raise FileExistsError(
             f"--output {str(out)!r} is not empty and holds no training run; choose an empty or new folder"
         )
-    return cfg, None, None
 
 
 def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collection[str] | None) -> TrainConfig:

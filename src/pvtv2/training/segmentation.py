@@ -15,7 +15,6 @@ at the all-background 0.20 for 8 epochs, against 0.3 and rising with the default
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -28,11 +27,11 @@ from torch import nn
 from ..data.augment import SegmentationTrainTransform
 from ..data.folders import split_samples
 from ..data.masks import SegmentationFolder, read_id2label, scan_segmentation_split
-from ..models.config import PvtV2Config, is_preset_name, preset_key
+from ..models.config import PvtV2Config
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
 from .config import TrainConfig
 from .distributed import autocast
-from .engine import RunContext, Task
+from .engine import RunContext, Task, new_architecture
 
 __all__ = [
     "TINY_SEGMENTATION",
@@ -129,14 +128,8 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
     overrides: dict[str, Any] = {"id2label": id2label, "image_size": size}
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
-    tiny = _is_tiny(cfg.model)
-    if tiny or is_preset_name(cfg.model) or cfg.model.endswith(".json"):
-        if tiny:
-            config = PvtV2Config(**{**TINY_SEGMENTATION, **overrides})
-        elif is_preset_name(cfg.model):
-            config = PvtV2Config.from_preset(preset_key(cfg.model), **overrides)
-        else:
-            config = PvtV2Config.from_dict(json.loads(Path(cfg.model).read_text(encoding="utf-8"))).replace(**overrides)
+    config = new_architecture(cfg.model, TINY_SEGMENTATION, **overrides)
+    if config is not None:
         model = PvtV2ForSemanticSegmentation(config)
         _reset_head(model)
         return model
@@ -154,9 +147,8 @@ class SegmentationTask(Task):
     score_panel = _SCORE_PANEL
 
     def architecture(self) -> PvtV2Config | None:
-        if _is_tiny(self.cfg.model):
-            return PvtV2Config(**{**TINY_SEGMENTATION, "image_size": self.cfg.image_size})
-        return super().architecture()
+        config = new_architecture(self.cfg.model, TINY_SEGMENTATION, image_size=self.cfg.image_size)
+        return config if config is not None else super().architecture()
 
     def load_data(self) -> None:
         cfg = self.cfg
@@ -240,10 +232,6 @@ def carve_val_split(data: str, pairs: list[Any], fraction: float, seed: int) -> 
     logger.info("validation split: %d of the %d training images (--val-split %g, seed %d)",
                 len(val), len(pairs), fraction, seed)
     return [pair for pair, _ in train], [pair for pair, _ in val]
-
-
-def _is_tiny(model: str) -> bool:
-    return model.lower() == "tiny" and not os.path.exists(model)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

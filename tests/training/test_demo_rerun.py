@@ -1,0 +1,69 @@
+"""The demos run again into a folder that holds a finished run: refused as ``pvtv2 train`` refuses one (docs/training.md:
+"a finished run needs --overwrite"), before anything is written, so the folder is left as it was, byte for byte and
+time for time (demo-det and demo-seg used to rewrite OUTPUT/data before the run refused)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from pvtv2.cli import main
+
+
+def _snapshot(folder: Path) -> dict[str, tuple]:
+    """Every path under ``folder``: its kind, modification time (ns) and, for a file, its size and digest."""
+    seen = {}
+    for path in sorted(folder.rglob("*")):
+        stat = path.stat()
+        if path.is_file():
+            seen[str(path.relative_to(folder))] = ("file", stat.st_mtime_ns, stat.st_size,
+                                                   hashlib.sha256(path.read_bytes()).hexdigest())
+        else:
+            seen[str(path.relative_to(folder))] = ("dir", stat.st_mtime_ns)
+    return seen
+
+
+def _finished(command: str, out: Path) -> str:
+    return (f"pvtv2 {command}: error: {str(out / 'run')!r} holds a finished training run (1 epochs); pass --overwrite "
+            "to replace it, or choose another --output")
+
+
+DEMOS = {
+    "demo-det": ["--train", "2", "--val", "1", "--size", "48", "--backgrounds", "synthetic"],
+    "demo-seg": ["--train", "2", "--val", "1", "--size", "32"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(DEMOS))
+def test_a_dense_demo_into_a_finished_run_changes_nothing(tmp_path, capsys, command):
+    out = tmp_path / "example"
+    args = [command, "--output", str(out), *DEMOS[command], "--epochs", "1", "--no-progress"]
+    assert main(args) == 0
+    assert (out / "data").is_dir() and (out / "run" / "last" / "training_state.pt").is_file()
+    capsys.readouterr()
+    before = _snapshot(out)
+    # Another seed: data that would differ, had it been written.
+    assert main([*args, "--seed", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [_finished(command, out)]
+    assert _snapshot(out) == before
+    # The advice holds: --overwrite is a flag of the command, and it trains again.
+    assert main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert _snapshot(out) != before
+
+
+def test_the_classification_demo_into_an_earlier_run_changes_nothing(tmp_path, capsys):
+    """`pvtv2 demo` refuses any OUTPUT/run (it has no resume): checked here on a stand-in run folder."""
+    out = tmp_path / "demo"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "run.json").write_text("{}\n")
+    (out / "digits" / "train" / "0").mkdir(parents=True)
+    (out / "digits" / "train" / "0" / "0000.png").write_bytes(b"not rewritten")
+    before = _snapshot(out)
+    assert main(["demo", "--output", str(out), "--epochs", "1", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"pvtv2 demo: error: {str(out)!r} already holds a demo run; pass --overwrite to replace it"]
+    assert _snapshot(out) == before

@@ -843,6 +843,14 @@ def _add_train_seg(subparsers) -> None:
     p.set_defaults(task="segmentation")  # implied by the command: --resume warns if the stored run is another task
 
 
+def _demo_resume(run: str) -> str:
+    """How an unfinished demo run is continued: the demos have no --resume (they would write their data again), the
+    training command has, and finds the run's data and settings in its run.json."""
+    import shlex
+
+    return f"continue it with `pvtv2 train --resume --output {shlex.quote(run)}`"
+
+
 @_register
 def _add_demo_seg(subparsers) -> None:
     p = subparsers.add_parser(
@@ -876,7 +884,7 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
                          seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
     if args.epochs > 0:  # before the data is written: a run that would be refused must leave OUTPUT as it was
         check_config(cfg)
-        check_output(cfg)
+        check_output(cfg, continue_with=_demo_resume(cfg.output))
     data = make_segmentation_example(out / "data", args.train, args.val, args.size, args.seed)
     print(f"wrote the example to {data}")
     if args.epochs > 0:
@@ -1054,7 +1062,7 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
                          seed=args.seed, detector=args.detector, overwrite=args.overwrite, progress=not args.no_progress)
     if args.epochs > 0:  # before the data is written: a run that would be refused must leave OUTPUT as it was
         check_config(cfg)
-        check_output(cfg)
+        check_output(cfg, continue_with=_demo_resume(cfg.output))
     began = time.perf_counter()
     data = make_detection_example(out / "data", args.train, args.val, args.size, args.seed,
                                   backgrounds=args.backgrounds)

@@ -1,15 +1,22 @@
 """The demos run again into a folder that holds a finished run: refused as ``pvtv2 train`` refuses one (docs/training.md:
 "a finished run needs --overwrite"), before anything is written, so the folder is left as it was, byte for byte and
-time for time (demo-det and demo-seg used to rewrite OUTPUT/data before the run refused)."""
+time for time (demo-det and demo-seg used to rewrite OUTPUT/data before the run refused). An unfinished one is refused
+naming the command that continues it (the demos have no --resume), and that command finishes the run."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from pvtv2.cli import main
+from pvtv2.training.detection import DetectionTask
+from pvtv2.training.segmentation import SegmentationTask
 
 
 def _snapshot(folder: Path) -> dict[str, tuple]:
@@ -34,6 +41,7 @@ DEMOS = {
     "demo-det": ["--train", "2", "--val", "1", "--size", "48", "--backgrounds", "synthetic"],
     "demo-seg": ["--train", "2", "--val", "1", "--size", "32"],
 }
+TASKS = {"demo-det": DetectionTask, "demo-seg": SegmentationTask}
 
 
 @pytest.mark.slow
@@ -67,3 +75,42 @@ def test_the_classification_demo_into_an_earlier_run_changes_nothing(tmp_path, c
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f"pvtv2 demo: error: {str(out)!r} already holds a demo run; pass --overwrite to replace it"]
     assert _snapshot(out) == before
+
+
+def _epochs_done(run: Path) -> int:
+    return torch.load(run / "last" / "training_state.pt", weights_only=True)["epoch"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(DEMOS))
+def test_a_dense_demo_into_an_unfinished_run_names_the_command_that_finishes_it(tmp_path, capsys, monkeypatch, command):
+    out = tmp_path / "an example"  # a space: the command is quoted for a shell
+    run = out / "run"
+    args = [command, "--output", str(out), *DEMOS[command], "--epochs", "2", "--no-progress"]
+    # Ctrl-C at the first batch after epoch 1's checkpoint: the first batch of epoch 2.
+    task, original = TASKS[command], TASKS[command].training_loss
+
+    def interrupted(self, model, batch, ctx):
+        if (run / "last" / "training_state.pt").is_file():
+            raise KeyboardInterrupt
+        return original(self, model, batch, ctx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(task, "training_loss", interrupted)
+        assert main(args) == 130
+    assert _epochs_done(run) == 1
+    capsys.readouterr()
+    before = _snapshot(out)
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [(
+        f"pvtv2 {command}: error: {str(run)!r} holds an unfinished training run (1 of 2 epochs done); continue it "
+        f"with `pvtv2 train --resume --output {shlex.quote(str(run))}`, or pass --overwrite to start again")], lines
+    assert _snapshot(out) == before
+    # The command named, as written there, finishes the run: epoch 2 trained on the demo's data, nothing repeated.
+    suggested = shlex.split(re.search(r"`pvtv2 (.*?)`", lines[0]).group(1))
+    assert main([*suggested, "--no-progress"]) == 0
+    assert _epochs_done(run) == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert json.loads((run / "run.json").read_text())["data"] == str(out / "data")

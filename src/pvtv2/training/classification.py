@@ -20,7 +20,7 @@ from ..models.layers import init_weights
 from ..models.modeling import PvtV2ForImageClassification
 from .config import NO_RECIPE, TrainConfig, resolve_recipe
 from .distributed import DistInfo, autocast
-from .engine import RunContext, Task
+from .engine import RunContext, Task, new_architecture
 
 __all__ = ["ClassificationTask", "build_classifier", "evaluate_classifier"]
 
@@ -32,7 +32,8 @@ def _label_map(classes: Sequence[str]) -> dict[int, str]:
 
 
 def build_classifier(cfg: TrainConfig, classes: Sequence[str]) -> PvtV2ForImageClassification:
-    """From scratch for a preset name or a ``config.json`` path; otherwise fine-tune ``from_pretrained``.
+    """From scratch for a preset name or a ``config.json`` path (:func:`~pvtv2.training.engine.new_architecture`, as
+    the dense tasks: a missing ``X.json`` is refused naming it); otherwise fine-tune ``from_pretrained``.
 
     Fine-tuning on a dataset whose classes are not the checkpoint's: another number of classes replaces the head (and
     says so); the same names in another order permute the head's rows; the same number under other names is an
@@ -43,13 +44,13 @@ def build_classifier(cfg: TrainConfig, classes: Sequence[str]) -> PvtV2ForImageC
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
     name = cfg.model
-    if is_preset_name(name):
-        config = PvtV2Config.from_preset(name, id2label=id2label, image_size=cfg.image_size, **overrides)
-        logger.info("training %s from scratch (drop path %.2f)", name, config.drop_path_rate)
-        return PvtV2ForImageClassification(config)
-    if name.endswith(".json") and os.path.isfile(name):
-        config = PvtV2Config.from_json_file(name, id2label=id2label, image_size=cfg.image_size, **overrides)
-        logger.info("training the architecture of %s from scratch", name)
+    # The dense tasks' resolver, without their ``tiny``: a --model X.json that is not there is refused naming it.
+    config = new_architecture(name, id2label=id2label, image_size=cfg.image_size, **overrides)
+    if config is not None:
+        if is_preset_name(name):
+            logger.info("training %s from scratch (drop path %.2f)", name, config.drop_path_rate)
+        else:
+            logger.info("training the architecture of %s from scratch", name)
         return PvtV2ForImageClassification(config)
 
     model = PvtV2ForImageClassification.from_pretrained(name, **overrides)
@@ -118,6 +119,11 @@ class ClassificationTask(Task):
     best_metric = "val_top1"
     best_state_key = "best_top1"
     intro = "training on %d images"
+
+    def architecture(self) -> PvtV2Config | None:
+        # new_architecture first: it refuses a missing --model X.json here, before the run folder or the data.
+        config = new_architecture(self.cfg.model, image_size=self.cfg.image_size)
+        return config if config is not None else super().architecture()
 
     def load_data(self) -> None:
         if any(getattr(self.cfg, name) is None for name in NO_RECIPE):

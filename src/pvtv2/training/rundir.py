@@ -317,17 +317,21 @@ def prepare_output(
     return cfg, None, None
 
 
-def check_output(cfg: TrainConfig) -> None:
+def check_output(cfg: TrainConfig, *, continue_with: str | None = None) -> None:
     """Refuse the output folder of a new run (neither ``resume`` nor ``overwrite``) as :func:`prepare_output` will,
     reading only, without the lock: for callers that write something before :func:`pvtv2.training.train` (the demos
-    write their data), so that a folder the run would refuse is refused before anything is written."""
+    write their data), so that a folder the run would refuse is refused before anything is written.
+
+    ``continue_with``: the advice for an unfinished run, for a caller whose users have no ``--resume`` to pass (the
+    demos name the ``pvtv2 train`` command that continues it); None: "pass --resume to continue it"."""
     out = Path(cfg.output)
     if not (cfg.resume or cfg.overwrite) and out.is_dir():
-        _refuse_taken(out)
+        _refuse_taken(out, continue_with)
 
 
-def _refuse_taken(out: Path) -> None:
-    """Refuse a folder that holds a run, or anything but the lock, for a new run."""
+def _refuse_taken(out: Path, continue_with: str | None = None) -> None:
+    """Refuse a folder that holds a run, or anything but the lock, for a new run (``continue_with``: see
+    :func:`check_output`)."""
     if (out / RUN_FILE).is_file():
         state_dir = out / "last"
         try:
@@ -340,9 +344,11 @@ def _refuse_taken(out: Path) -> None:
                 f"{str(out)!r} holds a finished training run ({stored['epochs']} epochs); pass --overwrite to replace "
                 f"it, or choose another --output"
             )
+        advice = "pass --resume to continue it or --overwrite" if continue_with is None else (
+            f"{continue_with}, or pass --overwrite")
         raise FileExistsError(
-            f"{str(out)!r} holds an unfinished training run ({done} of {stored['epochs']} epochs done); pass --resume "
-            f"to continue it or --overwrite to start again"
+            f"{str(out)!r} holds an unfinished training run ({done} of {stored['epochs']} epochs done); {advice} to "
+            "start again"
         )
     if any(entry.name != LOCK_FILE for entry in out.iterdir()):
         raise FileExistsError(

@@ -71,6 +71,28 @@ print(json.dumps({"steps": out, "peak_rss_mib": resource.getrusage(resource.RUSA
 """
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "timm", "pvtv2"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="pvt_v2_b2")
@@ -108,8 +130,8 @@ def main() -> None:
         print(f"  {setting:17s} pvtv2 {row['pvtv2']['images_per_s']:7.2f} img/s ({row['pvtv2']['faults_per_step']:8.0f}"
               f" faults/step)  timm {row['timm']['images_per_s']:7.2f} img/s ({row['timm']['faults_per_step']:8.0f}"
               f" faults/step)  peak RSS {row['peak_rss_mib']:.0f} MiB")
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_model(), "python": platform.python_version(),
+            "versions": _versions(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     args.output.write_text(json.dumps({"meta": meta, "case": case, "summary": summary, "runs": runs}, indent=1))
 
 

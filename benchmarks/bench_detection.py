@@ -33,6 +33,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import bench  # the comparison script beside this one: its CPU name
 import torch
 from torch import nn
 
@@ -153,16 +154,6 @@ def measure_memory(case: str, impl: str, threads: int | None) -> dict[str, float
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="detector:preset (default: %(default)s)")
@@ -199,7 +190,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     result = {
-        "machine": {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpu": bench._cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "repeats": args.repeats,
         "warmup": args.warmup,

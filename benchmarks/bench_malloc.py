@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench  # the comparison script beside this one: its CPU name
+
 SETTINGS = ("default", "small blocks only", "tuned")
 
 WORKER = r"""
@@ -71,16 +73,6 @@ print(json.dumps({"steps": out, "peak_rss_mib": resource.getrusage(resource.RUSA
 """
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -109,7 +101,7 @@ def main() -> None:
             proc = subprocess.run(
                 [sys.executable, "-c", WORKER, setting, args.model, str(args.batch), str(args.steps),
                  "1" if args.train else "0", str(args.threads)],
-                capture_output=True, text=True, env={**os.environ, "PVTV2_TUNE_MALLOC": "0"},
+                capture_output=True, text=True, check=False, env={**os.environ, "PVTV2_TUNE_MALLOC": "0"},
             )
             if proc.returncode:
                 sys.exit(f"worker failed ({setting}):\n{proc.stderr[-2000:]}")
@@ -130,7 +122,7 @@ def main() -> None:
         print(f"  {setting:17s} pvtv2 {row['pvtv2']['images_per_s']:7.2f} img/s ({row['pvtv2']['faults_per_step']:8.0f}"
               f" faults/step)  timm {row['timm']['images_per_s']:7.2f} img/s ({row['timm']['faults_per_step']:8.0f}"
               f" faults/step)  peak RSS {row['peak_rss_mib']:.0f} MiB")
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_model(), "python": platform.python_version(),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": bench._cpu_name(), "python": platform.python_version(),
             "versions": _versions(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     args.output.write_text(json.dumps({"meta": meta, "case": case, "summary": summary, "runs": runs}, indent=1))
 

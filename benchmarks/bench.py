@@ -88,7 +88,8 @@ def build_models(
         import timm
 
         if isinstance(preset, str):
-            tm = timm.create_model(preset, pretrained=False)
+            # The same stochastic depth as ours and transformers' (the preset's), or timm's training step would skip it.
+            tm = timm.create_model(preset, pretrained=False, drop_path_rate=config.drop_path_rate)
         else:  # the same architecture built from the config (a tiny one in dry runs)
             from timm.models.pvt_v2 import PyramidVisionTransformerV2
 
@@ -96,7 +97,7 @@ def build_models(
                 depths=tuple(config.depths), embed_dims=tuple(config.hidden_sizes),
                 num_heads=tuple(config.num_attention_heads), sr_ratios=tuple(config.sr_ratios),
                 mlp_ratios=tuple(config.mlp_ratios), qkv_bias=config.qkv_bias, linear=config.linear_attention,
-                num_classes=config.num_labels,
+                num_classes=config.num_labels, drop_path_rate=config.drop_path_rate,
             )
         tm.load_state_dict(convert_state_dict(sd, "timm"), strict=True)
         models["timm"] = _TimmFeatures(tm) if backbone else tm

@@ -191,3 +191,23 @@ def test_gpu_profile_dry_run_lists_each_implementations_operators(tmp_path):
             assert r["launches_per_call"] >= sum(t["count_per_call"] for t in r["top"]) > 0
     text = (tmp_path / "profile.txt").read_text()
     assert text.count("== B2") == 3 and text.count("-- pvtv2") == 3
+
+
+def test_cpu_script_gives_every_implementation_the_same_stochastic_depth():
+    # A training step with drop path in two implementations and not in the third would not compare like with like:
+    # each block's drop probability, in order, is the same in all three (the config's linear ramp, a closed form).
+    from pvtv2 import PvtV2Config
+
+    bench = load_script("bench")
+    config = PvtV2Config.from_preset("pvt_v2_b0", drop_path_rate=0.2)
+    models = bench.build_models(config, train=True)
+    depth = sum(config.depths)
+    expected = [0.2 * i / (depth - 1) for i in range(depth)]
+
+    def probs(model):
+        return [float(m.drop_prob) for m in model.modules() if type(m).__name__.endswith("DropPath")]
+
+    # Each keeps an Identity where the rate is 0 (the first block); timm has one module per residual branch.
+    assert probs(models["pvtv2"]) == pytest.approx(expected[1:])
+    assert probs(models["transformers"]) == pytest.approx(expected[1:])
+    assert probs(models["timm"]) == pytest.approx([p for p in expected[1:] for _ in range(2)])

@@ -154,9 +154,8 @@ def test_a_config_json_link_that_does_not_resolve_is_named(tmp_path, capsys, tar
     out = tmp_path / "run"
     code = main(["train", "--data", str(tmp_path / "data"), "--model", str(link), "--output", str(out), "--epochs", "1",
                  "--image-size", str(SIZE), "--no-progress"])
-    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
-        f"pvtv2 train: error: config file {str(link)!r} is a symbolic link to {target!r}, which does not resolve to "
-        "a file"]
+    line = f"pvtv2 train: error: config file {str(link)!r} is a symbolic link to {target!r}, which does not resolve to a file"
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
     assert not out.exists()
 
 

@@ -128,8 +128,7 @@ def test_a_demo_into_a_file_names_it_and_writes_nothing(tmp_path, capsys, comman
     taken = tmp_path / "taken"
     taken.write_bytes(b"kept")
     for out, line in ((taken, f"--output {str(taken)!r} is a file, not a folder"),
-                      (taken / "sub", (f"cannot make the folder {str(taken / 'sub')!r}: {str(taken)!r} is a file, "
-                                       "not a folder"))):
+                      (taken / "sub", f"cannot write {str(taken / 'sub')!r}: {str(taken)!r} is a file, not a folder")):
         code = main([command, "--output", str(out), *DEMO_ARGS[command], "--epochs", epochs, "--no-progress"])
         assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"pvtv2 {command}: error: {line}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and taken.read_bytes() == b"kept"

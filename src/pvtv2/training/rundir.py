@@ -344,7 +344,7 @@ def check_output_path(output: str | os.PathLike) -> None:
             return
         if path == out:  # RunLock's words
             raise ValueError(f"--output {str(out)!r} is a {kind}, not a folder")
-        raise ValueError(f"cannot make the folder {str(out)!r}: {str(path)!r} is a {kind}, not a folder")
+        raise ValueError(f"cannot write {str(out)!r}: {str(path)!r} is a {kind}, not a folder")
 
 
 def _refuse_taken(out: Path, continue_with: str | None = None) -> None:

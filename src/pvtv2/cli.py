@@ -874,7 +874,7 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
 
     from .data.shapes import make_segmentation_example
     from .training import check_config, train
-    from .training.rundir import check_output
+    from .training.rundir import check_output, check_output_path
     from .training.segmentation import example_config
 
     if args.epochs < 0:
@@ -882,6 +882,7 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
+    check_output_path(out)  # OUTPUT (or a folder above it) a file: named, also for --epochs 0
     if args.epochs > 0:  # before the data is written: a run that would be refused must leave OUTPUT as it was
         check_config(cfg)
         check_output(cfg, continue_with=_demo_resume(cfg.output))
@@ -1051,7 +1052,7 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
     from .training import check_config, train
     from .training.config import MAX_IMAGE_SIDE
     from .training.detection import example_config
-    from .training.rundir import check_output
+    from .training.rundir import check_output, check_output_path
 
     _check_range("--train", args.train, 1, 1_000_000)
     _check_range("--val", args.val, 1, 1_000_000)
@@ -1060,6 +1061,7 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, detector=args.detector, overwrite=args.overwrite, progress=not args.no_progress)
+    check_output_path(out)  # OUTPUT (or a folder above it) a file: named, also for --epochs 0
     if args.epochs > 0:  # before the data is written: a run that would be refused must leave OUTPUT as it was
         check_config(cfg)
         check_output(cfg, continue_with=_demo_resume(cfg.output))

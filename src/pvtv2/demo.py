@@ -24,6 +24,7 @@ from .fileio import WriteError
 from .models.modeling import PvtV2ForImageClassification
 from .training import TrainConfig, check_config, train
 from .training.curves import read_metrics
+from .training.rundir import check_output_path
 
 __all__ = ["DEMO_DEFAULTS", "run_demo"]
 
@@ -68,6 +69,8 @@ def run_demo(
         workers=0, device="cpu", overwrite=overwrite, progress=progress, **settings,
     )
     check_config(cfg)  # a bad --epochs or --image-size is refused before the digits are written
+    for folder in (out, run):  # OUTPUT or OUTPUT/run a file: named as such, before the digits are written
+        check_output_path(folder)
     if run.exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} already holds a demo run; pass --overwrite to replace it")
     try:  # the usual one-line "cannot write 'OUT': ... [ENOENT]" for an --output that cannot be made

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import logging
+import operator
 import os
 import sys
 from types import ModuleType
@@ -36,8 +37,18 @@ _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 # The largest mmap threshold glibc accepts on 64-bit systems (HEAP_MAX_SIZE / 2).
 _MAX_MMAP_THRESHOLD = 32 << 20
+# glibc's default M_MMAP_MAX (DEFAULT_MMAP_MAX in malloc.c): what large_blocks=False sets back after an earlier call.
+_DEFAULT_MMAP_MAX = 65536
 
 TUNE_MALLOC_ENV = "PVTV2_TUNE_MALLOC"
+
+
+def _whole_bytes(name: str, value: object) -> int:
+    """``value`` as an int (numpy's integers too). A bool or a float would pass the range checks and reach mallopt as
+    another number (a trim threshold of 0.5 bytes became 0)."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(f"{name} must be a whole number of bytes, got {type(value).__name__} {value!r}")
+    return operator.index(value)  # type: ignore[arg-type]
 
 
 def tune_malloc(
@@ -48,13 +59,21 @@ def tune_malloc(
 
     - ``large_blocks`` (default): every block comes from the heap (``M_MMAP_MAX`` 0), however large. Without it,
       blocks above ``mmap_threshold`` bytes (at most glibc's 32 MiB) are mapped fresh for each allocation and
-      unmapped when freed: at batch 16 the Mix-FFN's hidden activations are such blocks.
+      unmapped when freed: at batch 16 the Mix-FFN's hidden activations are such blocks. False sets glibc's
+      default back (``M_MMAP_MAX`` 65536), also after an earlier call with True.
     - ``trim_threshold``: free heap beyond this many bytes at its top goes back to the system; None (default) never
       trims, so a process keeps the memory of its peak until it exits.
 
-    The setting is process-wide and lasts until the process ends. A heap that serves large blocks can fragment: the
-    peak resident memory of a training run was measured up to 5% above glibc's default (docs/benchmarks.md).
+    Each call sets all three, so the last call decides. A bool, a float or a string for a threshold is a TypeError
+    (a trim threshold of 0.5 would reach mallopt as 0). The setting is process-wide and lasts until the process ends.
+    A heap that serves large blocks can fragment: the peak resident memory of a training run was measured up to 5%
+    above glibc's default (docs/benchmarks.md).
     """
+    mmap_threshold = _whole_bytes("mmap_threshold", mmap_threshold)
+    if trim_threshold is not None:
+        trim_threshold = _whole_bytes("trim_threshold", trim_threshold)
+    if not isinstance(large_blocks, bool):
+        raise TypeError(f"large_blocks must be True or False, got {type(large_blocks).__name__} {large_blocks!r}")
     if not 0 < mmap_threshold <= _MAX_MMAP_THRESHOLD:
         raise ValueError(f"mmap_threshold must be in (0, {_MAX_MMAP_THRESHOLD}] bytes (glibc's limit), got {mmap_threshold}")
     if trim_threshold is not None and not 0 < trim_threshold < 2**31:
@@ -70,8 +89,8 @@ def tune_malloc(
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
-    if large_blocks:
-        ok = mallopt(_M_MMAP_MAX, 0) == 1 and ok
+    # Set either way, so that large_blocks=False after an earlier tune_malloc() maps large blocks again.
+    ok = mallopt(_M_MMAP_MAX, 0 if large_blocks else _DEFAULT_MMAP_MAX) == 1 and ok
     # -1 turns trimming off (mallopt(3)).
     ok = mallopt(_M_TRIM_THRESHOLD, -1 if trim_threshold is None else int(trim_threshold)) == 1 and ok
     logger.debug(

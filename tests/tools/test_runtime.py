@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import subprocess
@@ -55,6 +56,50 @@ def test_tune_malloc_rejects_thresholds_glibc_would_ignore():
         tune_malloc(trim_threshold=0)
     with pytest.raises(ValueError, match="trim_threshold"):
         tune_malloc(trim_threshold=4 << 30)  # mallopt takes an int
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"mmap_threshold": True}, "mmap_threshold"),  # a 1-byte threshold, not "on"
+    ({"mmap_threshold": 1.5}, "mmap_threshold"),
+    ({"mmap_threshold": "1000"}, "mmap_threshold"),
+    ({"mmap_threshold": None}, "mmap_threshold"),
+    ({"trim_threshold": 0.5}, "trim_threshold"),  # passed the range check, then reached mallopt as 0
+    ({"trim_threshold": True}, "trim_threshold"),
+    ({"large_blocks": "no"}, "large_blocks"),  # a truthy string served large blocks from the heap
+])
+def test_tune_malloc_rejects_arguments_of_the_wrong_type(kwargs, name):
+    # Refused before mallopt is called, so this process's allocator is left alone.
+    with pytest.raises(TypeError, match=name):
+        tune_malloc(**kwargs)
+
+
+# Whether glibc maps a 64 MiB block (mallinfo2's hblks: the blocks mapped by mmap) after the given calls.
+_MAPPED = r"""
+import ctypes, sys
+from pvtv2.runtime import tune_malloc
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+for large in sys.argv[1:]:
+    assert tune_malloc(large_blocks=large == "1")
+before = libc.mallinfo2().hblks
+block = libc.malloc(64 << 20)
+print(libc.mallinfo2().hblks - before)
+libc.free(block)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                    reason="glibc 2.33+ malloc")
+@pytest.mark.parametrize("calls, mapped", [((), 1), (("1",), 0), (("0",), 1), (("1", "0"), 1), (("0", "1"), 0)])
+def test_the_last_call_decides_whether_large_blocks_are_mapped(calls, mapped):
+    # large_blocks=False after tune_malloc() used to leave glibc's mmap count at 0: large blocks stayed in the heap.
+    out = subprocess.run([sys.executable, "-c", _MAPPED, *calls], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == mapped, (calls, out.stdout)
 
 
 @pytest.mark.slow

@@ -126,6 +126,39 @@ def test_a_missing_config_json_is_refused_in_one_line_naming_it(tmp_path, capsys
         _build(task, TrainConfig(task=task, model=str(missing), image_size=SIZE, output="unused"))
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_a_config_json_in_capitals_is_read_as_one(tmp_path, capsys, task):
+    """ARCH.JSON names the architecture like arch.json (it used to be loaded as a checkpoint: 'not a readable PyTorch
+    checkpoint', or, missing, a message about hub ids)."""
+    json_file = tmp_path / "ARCH.JSON"
+    json_file.write_text(json.dumps({"model_type": "pvt_v2", **TINY_SHALLOW, "drop_path_rate": 0.05}), encoding="utf-8")
+    built = _build(task, TrainConfig(task=task, model=str(json_file), image_size=SIZE, output="unused"))
+    expected = PvtV2Config(**{**TINY_SHALLOW, "drop_path_rate": 0.05, "image_size": SIZE})
+    # The detector records its sizes as min_size / max_size, not image_size.
+    fields = [name for name in ENCODER_FIELDS if not (task == "detection" and name == "image_size")]
+    assert {name: getattr(built.config, name) for name in fields} == {name: getattr(expected, name) for name in fields}
+    missing, out = tmp_path / "missing.JSON", tmp_path / "run"
+    code = main(["train", "--task", task, "--data", str(tmp_path / "data"), "--model", str(missing), "--output",
+                 str(out), "--epochs", "1", "--image-size", str(SIZE), "--no-progress"])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"pvtv2 train: error: config file not found: {str(missing)!r} (--model X.json names the architecture to train)"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["nowhere.json", "loop.json"], ids=["dangling", "loop"])
+def test_a_config_json_link_that_does_not_resolve_is_named(tmp_path, capsys, target):
+    link = tmp_path / "arch.json"
+    link.symlink_to(target)
+    if target == "loop.json":
+        (tmp_path / "loop.json").symlink_to("arch.json")
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(tmp_path / "data"), "--model", str(link), "--output", str(out), "--epochs", "1",
+                 "--image-size", str(SIZE), "--no-progress"])
+    line = f"pvtv2 train: error: config file {str(link)!r} is a symbolic link to {target!r}, which does not resolve to a file"
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
+    assert not out.exists()
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
 def test_a_config_json_that_is_a_fifo_is_named_not_read(tmp_path):
     fifo = tmp_path / "arch.json"

@@ -114,3 +114,35 @@ def test_a_dense_demo_into_an_unfinished_run_names_the_command_that_finishes_it(
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert json.loads((run / "run.json").read_text())["data"] == str(out / "data")
+
+
+DEMO_ARGS = {**DEMOS, "demo": []}
+
+
+# pvtv2 demo has no --epochs 0 (it refuses it).
+@pytest.mark.parametrize("command, epochs", [("demo", "1"), ("demo-det", "0"), ("demo-det", "1"), ("demo-seg", "0"),
+                                             ("demo-seg", "1")])
+def test_a_demo_into_a_file_names_it_and_writes_nothing(tmp_path, capsys, command, epochs):
+    """OUTPUT a file (or a file above it): one line naming it, for --epochs 0 too (demo-det and demo-seg said
+    "[Errno 20] Not a directory: 'OUTPUT/data/...'", pvtv2 demo "File exists [EEXIST]")."""
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"kept")
+    for out, line in ((taken, f"--output {str(taken)!r} is a file, not a folder"),
+                      (taken / "sub", f"cannot write {str(taken / 'sub')!r}: {str(taken)!r} is a file, not a folder")):
+        code = main([command, "--output", str(out), *DEMO_ARGS[command], "--epochs", epochs, "--no-progress"])
+        assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"pvtv2 {command}: error: {line}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and taken.read_bytes() == b"kept"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["", "overwrite"])
+@pytest.mark.parametrize("command", sorted(DEMO_ARGS))
+def test_a_demo_whose_run_folder_is_a_file_is_refused_before_writing(tmp_path, capsys, command, overwrite):
+    """OUTPUT/run a file: refused before the data is written (demo-det and demo-seg wrote OUTPUT/data, then the run
+    refused; pvtv2 demo called the file 'a demo run')."""
+    out = tmp_path / "example"
+    out.mkdir()
+    (out / "run").write_bytes(b"kept")
+    code = main([command, "--output", str(out), *DEMO_ARGS[command], "--epochs", "1", "--no-progress", *overwrite])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"pvtv2 {command}: error: --output {str(out / 'run')!r} is a file, not a folder"]
+    assert [p.name for p in out.iterdir()] == ["run"] and (out / "run").read_bytes() == b"kept"

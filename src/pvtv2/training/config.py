@@ -242,7 +242,7 @@ def resolve_recipe(cfg: TrainConfig, world_size: int = 1) -> tuple[TrainConfig, 
             recipe, reason = "none", f"--task {cfg.task} has its own recipe"
         elif is_preset_name(cfg.model):
             recipe, reason = "deit", f"the preset {cfg.model} is trained from scratch"
-        elif cfg.model.endswith(".json"):
+        elif cfg.model.lower().endswith(".json"):  # ARCH.JSON too, as engine.new_architecture reads it
             recipe, reason = "none", "a config.json architecture; --recipe deit turns it on"
         else:
             recipe, reason = "none", f"fine-tuning {cfg.model}; --recipe deit turns it on"

@@ -62,6 +62,7 @@ __all__ = [
     "TrainingDiverged",
     "run",
     "to_device",
+    "names_json_file",
     "known_architecture",
     "new_architecture",
     "check_image_size",
@@ -236,12 +237,17 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def names_json_file(model: str) -> bool:
+    """Whether ``--model`` names a config.json file by its suffix, in any case (``ARCH.JSON`` too)."""
+    return model.lower().endswith(".json")
+
+
 def known_architecture(model: str, **overrides: Any) -> PvtV2Config | None:
     """The configuration named by ``--model`` when reading it needs no weights: a preset name, a config.json, or a
     folder with a PVTv2 config.json; None otherwise (a checkpoint file, a hub id, another model type's folder)."""
     if is_preset_name(model):
         return PvtV2Config.from_preset(model, **overrides)
-    if model.endswith(".json") and os.path.isfile(model):
+    if names_json_file(model) and os.path.isfile(model):
         return PvtV2Config.from_json_file(model, **overrides)
     config_file = Path(model) / "config.json"
     if config_file.is_file():
@@ -257,13 +263,16 @@ def new_architecture(model: str, tiny: Mapping[str, Any] | None = None, **overri
     small model, given as the config arguments ``tiny``; a file or folder of that name wins), a preset name or a
     config.json file; None: ``model`` names a checkpoint to load (a folder, a weights file, a hub id).
 
-    A name ending in ``.json`` that is not a folder must be an existing file: otherwise loading it as a checkpoint
+    A name ending in ``.json`` (in any case) that is not a folder must be an existing file: otherwise loading it as a checkpoint
     would fail later with a message about hub ids, or after the data was read."""
     if tiny is not None and model.lower() == "tiny" and not os.path.exists(model):
         return PvtV2Config(**{**tiny, **overrides})
     if is_preset_name(model):
         return PvtV2Config.from_preset(model, **overrides)
-    if model.endswith(".json") and not os.path.isdir(model):
+    if names_json_file(model) and not os.path.isdir(model):
+        if os.path.islink(model) and not os.path.exists(model):  # a dangling link or a loop of links
+            raise FileNotFoundError(f"config file {model!r} is a symbolic link to {os.readlink(model)!r}, which does "
+                                    "not resolve to a file")
         if not os.path.exists(model):
             raise FileNotFoundError(f"config file not found: {model!r} (--model X.json names the architecture to train)")
         if not os.path.isfile(model):  # a FIFO or a device: never read (opening a FIFO blocks)

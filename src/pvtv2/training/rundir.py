@@ -47,6 +47,7 @@ __all__ = [
     "RunFolderBusy",
     "prepare_output",
     "check_output",
+    "check_output_path",
     "check_resumed_classes",
     "start_run",
     "read_run_file",
@@ -325,8 +326,25 @@ def check_output(cfg: TrainConfig, *, continue_with: str | None = None) -> None:
     ``continue_with``: the advice for an unfinished run, for a caller whose users have no ``--resume`` to pass (the
     demos name the ``pvtv2 train`` command that continues it); None: "pass --resume to continue it"."""
     out = Path(cfg.output)
+    check_output_path(out)
     if not (cfg.resume or cfg.overwrite) and out.is_dir():
         _refuse_taken(out, continue_with)
+
+
+def check_output_path(output: str | os.PathLike) -> None:
+    """Refuse an output folder that cannot be made, stat only: ``output`` is a file (or a FIFO, a symlink loop...),
+    or the first existing folder above it is not one (``OUT/run`` under a file ``OUT``). Otherwise the demos wrote
+    their data first and were then refused, or answered with ``[Errno 20] Not a directory: 'OUT/data/...'``."""
+    out = Path(output)
+    for path in (out, *out.parents):
+        kind = path_kind(path)
+        if kind == "nothing":
+            continue
+        if kind == "folder":
+            return
+        if path == out:  # RunLock's words
+            raise ValueError(f"--output {str(out)!r} is a {kind}, not a folder")
+        raise ValueError(f"cannot write {str(out)!r}: {str(path)!r} is a {kind}, not a folder")
 
 
 def _refuse_taken(out: Path, continue_with: str | None = None) -> None:

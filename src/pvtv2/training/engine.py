@@ -269,15 +269,17 @@ def new_architecture(model: str, tiny: Mapping[str, Any] | None = None, **overri
         return PvtV2Config(**{**tiny, **overrides})
     if is_preset_name(model):
         return PvtV2Config.from_preset(model, **overrides)
-    if names_json_file(model) and not os.path.isdir(model):
-        if os.path.islink(model) and not os.path.exists(model):  # a dangling link or a loop of links
+    if names_json_file(model):
+        kind = path_kind(model)  # stat only: a FIFO or a device is never opened (opening a FIFO blocks)
+        if kind == "file":
+            return PvtV2Config.from_json_file(model, **overrides)
+        if kind in ("dangling symlink", "symlink loop"):
             raise FileNotFoundError(f"config file {model!r} is a symbolic link to {os.readlink(model)!r}, which does "
                                     "not resolve to a file")
-        if not os.path.exists(model):
+        if kind == "nothing":
             raise FileNotFoundError(f"config file not found: {model!r} (--model X.json names the architecture to train)")
-        if not os.path.isfile(model):  # a FIFO or a device: never read (opening a FIFO blocks)
-            raise ValueError(f"config file {model!r} is a {path_kind(model)}, not a file")
-        return PvtV2Config.from_json_file(model, **overrides)
+        if kind != "folder":  # a folder named x.json is a checkpoint folder
+            raise ValueError(f"config file {model!r} is a {kind}, not a file")
     return None
 
 

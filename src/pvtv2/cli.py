@@ -308,7 +308,8 @@ def _add_demo(subparsers) -> None:
         "scratch on them, evaluates on held-out digits, predicts a few, and draws the training curves and an "
         "attention map. Needs no network.",
     )
-    p.add_argument("--output", default="pvtv2-demo", help="folder for the dataset, the run and the pictures")
+    p.add_argument("--output", "-o", default="pvtv2-demo",
+                   help="folder for the dataset, the run and the pictures (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=DEMO_DEFAULTS["epochs"], help="default %(default)s")
     p.add_argument("--image-size", type=int, default=DEMO_DEFAULTS["image_size"], help="default %(default)s")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")

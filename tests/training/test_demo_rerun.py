@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -118,6 +119,41 @@ def test_a_dense_demo_into_an_unfinished_run_names_the_command_that_finishes_it(
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert json.loads((run / "run.json").read_text())["data"] == str(out / "data")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recorded", ["absolute", "relative"])
+@pytest.mark.parametrize("command", sorted(DEMOS))
+def test_a_demo_run_resumes_from_another_folder(tmp_path, capsys, monkeypatch, command, recorded):
+    """A demo run with a relative --output, interrupted, continued from another folder by `pvtv2 train --resume`: its
+    run.json names the data by absolute path; one that names it relative, as runs written before did, is found above
+    the run folder."""
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    started.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(started)
+    run = started / "example" / "run"
+    task, original = TASKS[command], TASKS[command].training_loss
+
+    def interrupted(self, model, batch, ctx):
+        if (run / "last" / "training_state.pt").is_file():
+            raise KeyboardInterrupt
+        return original(self, model, batch, ctx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(task, "training_loss", interrupted)
+        assert main([command, "-o", "example", *DEMOS[command], "--epochs", "2", "--no-progress"]) == 130
+    stored = json.loads((run / "run.json").read_text())
+    assert stored["data"] == str(started / "example" / "data")
+    if recorded == "relative":
+        (run / "run.json").write_text(json.dumps({**stored, "data": os.path.join("example", "data")}))
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--output", str(run), "--no-progress"]) == 0
+    assert _epochs_done(run) == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert list(elsewhere.iterdir()) == []
 
 
 def _stand_in_run(run: Path, *, epochs: int, done: int | None) -> None:

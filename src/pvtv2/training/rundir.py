@@ -382,7 +382,7 @@ def _refuse_taken(out: Path, continue_with: str | None = None) -> None:
 
 
 def resolve_recorded_data(data: str, run: str | os.PathLike) -> str:
-    """The data folder of the run in ``run`` as an absolute path, from what its ``run.json`` recorded.
+    """The data folder of the run in ``run``, from what its ``run.json`` recorded: an absolute path where it is found.
 
     Runs record it absolute; runs written before did not, and their relative path meant the folder the run was
     started from, which is not recorded. It is looked for, in this order, under the current folder (what the path

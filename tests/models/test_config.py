@@ -360,11 +360,13 @@ def test_transformers_config_of_a_preset_reads_back_equal(name):
     assert PvtV2Config.from_dict(json.loads(theirs.to_json_string(use_diff=False))) == PvtV2Config.from_preset(name)
 
 
-def test_unknown_keys_may_not_hide_the_configs_own_names():
+def test_unknown_keys_may_not_hide_the_configs_own_names(caplog):
     assert PvtV2Config(my_field=1).to_dict()["my_field"] == 1
+    caplog.clear()
     for name in ("to_dict", "patch_norm_eps", "stage_strides"):
         with pytest.raises(ValueError, match=name):
             PvtV2Config(**{name: 1})
+    assert "kept as an attribute" not in caplog.text  # refused, not kept
 
 
 # ---------------------------------------------------------------------------------------------- labels, once

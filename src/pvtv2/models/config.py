@@ -481,12 +481,13 @@ class PvtV2Config:
 
         for key in _IGNORED_KEYS:
             extra.pop(key, None)
+        for key in extra:
+            if key == "_extra" or hasattr(type(self), key):
+                raise ValueError(f"{key!r} is not a config field, and cannot be one: it names PvtV2Config.{key}")
         problem = unknown_fields(k for k in extra if k not in _REPORTED.get())
         if problem:
             logger.warning("PvtV2Config: %s; kept as an attribute, but no part of the model reads it", problem)
         for key, value in extra.items():
-            if key == "_extra" or hasattr(type(self), key):
-                raise ValueError(f"{key!r} is not a config field, and cannot be one: it names PvtV2Config.{key}")
             setattr(self, key, value)
         self._extra = tuple(extra)  # written back by to_dict, with their current values
 

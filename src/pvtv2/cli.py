@@ -308,7 +308,8 @@ def _add_demo(subparsers) -> None:
         "scratch on them, evaluates on held-out digits, predicts a few, and draws the training curves and an "
         "attention map. Needs no network.",
     )
-    p.add_argument("--output", default="pvtv2-demo", help="folder for the dataset, the run and the pictures")
+    p.add_argument("--output", "-o", default="pvtv2-demo",
+                   help="folder for the dataset, the run and the pictures (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=DEMO_DEFAULTS["epochs"], help="default %(default)s")
     p.add_argument("--image-size", type=int, default=DEMO_DEFAULTS["image_size"], help="default %(default)s")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output")
@@ -864,7 +865,8 @@ def _add_demo_seg(subparsers) -> None:
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default: 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=0, help="train for this many epochs afterwards (default: 0, data only)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUTPUT/run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in OUTPUT/run (with --epochs 0: write OUTPUT/data beside it anyway)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo_seg)
 
@@ -882,10 +884,12 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
-    check_output_path(out)  # OUTPUT (or a folder above it) a file: named, also for --epochs 0
-    if args.epochs > 0:  # before the data is written: a run that would be refused must leave OUTPUT as it was
+    check_output_path(out)  # OUTPUT (or a folder above it) a file: named as such
+    if args.epochs > 0:
         check_config(cfg)
-        check_output(cfg, continue_with=_demo_resume(cfg.output))
+    # Before the data is written: a run that would be refused must leave OUTPUT as it was. With --epochs 0 too: the
+    # data of a run in OUTPUT/run, rewritten (another --seed or --size), would no longer be the data it was trained on.
+    check_output(cfg, continue_with=_demo_resume(cfg.output))
     data = make_segmentation_example(out / "data", args.train, args.val, args.size, args.seed)
     print(f"wrote the example to {data}")
     if args.epochs > 0:
@@ -1039,7 +1043,8 @@ def _add_demo_det(subparsers) -> None:
                    help="training epochs; 0: the data only (default: %(default)s)")
     p.add_argument("--detector", choices=("retinanet", "faster_rcnn", "mask_rcnn", "fcos"),
                    default=EXAMPLE_RECIPE["detector"], help="default: %(default)s")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUTPUT/run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in OUTPUT/run (with --epochs 0: write OUTPUT/data beside it anyway)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo_det)
 
@@ -1061,10 +1066,11 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, detector=args.detector, overwrite=args.overwrite, progress=not args.no_progress)
-    check_output_path(out)  # OUTPUT (or a folder above it) a file: named, also for --epochs 0
-    if args.epochs > 0:  # before the data is written: a run that would be refused must leave OUTPUT as it was
+    check_output_path(out)  # OUTPUT (or a folder above it) a file: named as such
+    if args.epochs > 0:
         check_config(cfg)
-        check_output(cfg, continue_with=_demo_resume(cfg.output))
+    # As demo-seg: a run in OUTPUT/run is refused before anything is written, for --epochs 0 (the data alone) too.
+    check_output(cfg, continue_with=_demo_resume(cfg.output))
     began = time.perf_counter()
     data = make_detection_example(out / "data", args.train, args.val, args.size, args.seed,
                                   backgrounds=args.backgrounds)

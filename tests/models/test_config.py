@@ -360,11 +360,13 @@ def test_transformers_config_of_a_preset_reads_back_equal(name):
     assert PvtV2Config.from_dict(json.loads(theirs.to_json_string(use_diff=False))) == PvtV2Config.from_preset(name)
 
 
-def test_unknown_keys_may_not_hide_the_configs_own_names():
+def test_unknown_keys_may_not_hide_the_configs_own_names(caplog):
     assert PvtV2Config(my_field=1).to_dict()["my_field"] == 1
+    caplog.clear()
     for name in ("to_dict", "patch_norm_eps", "stage_strides"):
         with pytest.raises(ValueError, match=name):
             PvtV2Config(**{name: 1})
+    assert "kept as an attribute" not in caplog.text  # refused, not kept
 
 
 # ---------------------------------------------------------------------------------------------- labels, once
@@ -439,3 +441,132 @@ def test_out_features_or_indices_alone_replaces_both():
     assert config.replace(out_indices=[0]).out_features == ["stage1"]
     assert PvtV2Config.from_dict(config.to_dict(), out_features=["stage3"]).out_indices == [2]
     assert PvtV2Config.from_dict({"_out_features": ["stage1", "stage2"]}).out_indices == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- unknown keys
+# A misspelt field ({"depth": ...} for depths) used to build the default architecture without a word. Unknown keys are
+# still kept (hub configs carry many of transformers' own), but one that nothing knows is named, with the field it
+# may mean.
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("pvtv2")]
+
+
+def test_a_misspelt_field_is_named_with_the_field_it_may_mean(caplog):
+    with caplog.at_level("WARNING"):
+        config = PvtV2Config(depth=[1, 1, 1, 1], hiden_sizes=[16, 32, 48, 64], my_custom_field=1)
+    assert _warnings(caplog) == [
+        "PvtV2Config: unknown fields 'depth' (did you mean 'depths'?), 'hiden_sizes' (did you mean 'hidden_sizes'?), "
+        "'my_custom_field'; kept as an attribute, but no part of the model reads it"
+    ]
+    # Kept, as transformers keeps them; the architecture is the default one, which is why it is said.
+    assert config.depth == [1, 1, 1, 1] and config.to_dict()["hiden_sizes"] == [16, 32, 48, 64]
+    assert config.depths == [2, 2, 2, 2] and config.hidden_sizes == [32, 64, 160, 256]
+
+
+def test_copies_do_not_report_the_keys_again(caplog):
+    config = PvtV2Config(my_custom_field=1)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        copy = config.replace(num_labels=3).with_defaults(decoder_hidden_size=64)
+        assert _warnings(caplog) == []
+        assert copy.my_custom_field == 1 and copy.num_labels == 3
+        config.replace(sr_ratio=[8, 4, 2, 1])  # a new one is
+    assert _warnings(caplog) == [
+        "PvtV2Config: unknown field 'sr_ratio' (did you mean 'sr_ratios'?); kept as an attribute, but no part of the "
+        "model reads it"
+    ]
+
+
+def test_strict_json_file_refuses_an_unknown_field(tmp_path, caplog):
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps({"depth": [1, 1, 1, 1], "architectures": ["PvtV2Model"], "torch_dtype": "float32"}))
+    with pytest.raises(ValueError) as err:
+        PvtV2Config.from_json_file(path, strict=True)
+    assert str(err.value) == f"{path}: unknown field 'depth' (did you mean 'depths'?)"
+    with caplog.at_level("WARNING"):
+        config = PvtV2Config.from_json_file(path)
+    assert config.depths == [2, 2, 2, 2] and len(_warnings(caplog)) == 1 and "'depth'" in _warnings(caplog)[0]
+
+
+# What transformers 4.46.3's PretrainedConfig().to_dict() holds (its configuration_utils.py sets these in __init__,
+# the generation settings of _get_global_generation_defaults included): the generic keys of a hub config.json written
+# by transformers 4.x, recorded here because transformers 5 no longer writes them.
+TRANSFORMERS_4_KEYS: dict[str, Any] = dict(
+    return_dict=True, output_hidden_states=False, output_attentions=False, torchscript=False, torch_dtype="float32",
+    use_bfloat16=False, tf_legacy_loss=False, pruned_heads={}, tie_word_embeddings=True, chunk_size_feed_forward=0,
+    is_encoder_decoder=False, is_decoder=False, cross_attention_hidden_size=None, add_cross_attention=False,
+    tie_encoder_decoder=False, max_length=20, min_length=0, do_sample=False, early_stopping=False, num_beams=1,
+    num_beam_groups=1, diversity_penalty=0.0, temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0,
+    repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+    bad_words_ids=None, num_return_sequences=1, output_scores=False, return_dict_in_generate=False,
+    forced_bos_token_id=None, forced_eos_token_id=None, remove_invalid_values=False,
+    exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None,
+    architectures=["PvtV2ForImageClassification"], finetuning_task=None, id2label={"0": "LABEL_0", "1": "LABEL_1"},
+    label2id={"LABEL_0": 0, "LABEL_1": 1}, tokenizer_class=None, prefix=None, bos_token_id=None, pad_token_id=None,
+    eos_token_id=None, sep_token_id=None, decoder_start_token_id=None, task_specific_params=None, problem_type=None,
+    _name_or_path="OpenGVLab/pvt_v2_b0", _attn_implementation_autoset=True, transformers_version="4.46.3",
+    model_type="pvt_v2",
+)
+
+
+def _written_configs(tmp_path) -> dict[str, Any]:
+    """config.json files as transformers and pvtv2 write them: (folder, the config they hold)."""
+    from pvtv2 import PvtV2ForObjectDetection, PvtV2ForSemanticSegmentation
+
+    written = {}
+    hf = transformers.PvtV2Config(**TINY, out_indices=[1, 3])
+    hf.save_pretrained(tmp_path / "transformers")  # its diff against the defaults
+    written["transformers"] = PvtV2Config(**TINY, out_indices=[1, 3])
+    full = tmp_path / "transformers_full"
+    full.mkdir()
+    (full / "config.json").write_text(hf.to_json_string(use_diff=False))  # every key it has
+    written["transformers_full"] = written["transformers"]
+    old = tmp_path / "transformers_4"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({**TRANSFORMERS_4_KEYS, **json.loads(hf.to_json_string())}))
+    written["transformers_4"] = written["transformers"]
+    ours = PvtV2Config(**TINY, num_labels=3, patch_embed_layer_norm_eps=1e-5)
+    ours.save_pretrained(tmp_path / "pvtv2_config")
+    written["pvtv2_config"] = ours
+    pvtv2.PvtV2ForImageClassification(ours).save_pretrained(tmp_path / "pvtv2_model")
+    written["pvtv2_model"] = ours
+    segmenter = PvtV2ForSemanticSegmentation(ours, head="fpn")
+    segmenter.save_pretrained(tmp_path / "pvtv2_fpn")
+    written["pvtv2_fpn"] = segmenter.config
+    for detector in ("retinanet", "mask_rcnn"):
+        model = PvtV2ForObjectDetection(PvtV2Config(**TINY, num_labels=3).replace(detector=detector))
+        model.save_pretrained(tmp_path / f"pvtv2_{detector}")
+        written[f"pvtv2_{detector}"] = model.config
+    return written
+
+
+def test_configs_that_transformers_and_pvtv2_write_load_without_a_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        written = _written_configs(tmp_path)
+        assert _warnings(caplog) == []
+        for name, expected in written.items():
+            # Every field and head setting as written (transformers 4's generic keys come on top, kept)
+            for loaded in (PvtV2Config.from_pretrained(tmp_path / name),
+                           # and as the architecture of a new run (pvtv2 train --model X.json): unknown keys refused
+                           PvtV2Config.from_json_file(tmp_path / name / "config.json", strict=True)):
+                have, want = loaded.to_dict(), expected.to_dict()
+                assert {k: have.get(k) for k in want} == want, name
+    assert _warnings(caplog) == []
+    # The recorded transformers 4 keys are read as transformers reads them, not silently dropped: kept.
+    assert PvtV2Config.from_pretrained(tmp_path / "transformers_4").to_dict()["max_length"] == 20
+
+
+def test_the_known_keys_cover_transformers_and_the_heads():
+    """The lists the warning is decided by, against their sources: what the installed transformers' PretrainedConfig
+    writes and takes, and every setting the detector and the segmentation model keep in the config."""
+    from pvtv2.models import config as module
+    from pvtv2.models.detection import DETECTION_DEFAULTS, DETECTOR_DEFAULTS
+
+    generic = set(transformers.PretrainedConfig().to_dict())
+    generic |= set(inspect.signature(transformers.PretrainedConfig.__init__).parameters) - {"self", "kwargs"}
+    assert generic - module._TRANSFORMERS_KEYS == set()
+    assert set(TRANSFORMERS_4_KEYS) - module._TRANSFORMERS_KEYS == set()
+    heads = {"detector", "decode_head_type", *DETECTION_DEFAULTS, *(k for d in DETECTOR_DEFAULTS.values() for k in d)}
+    assert heads == set(module._HEAD_KEYS)
+    # None of them hides a field: each list is what the table does not hold.
+    assert not ({f.name for f in FIELDS} & module._HEAD_KEYS)

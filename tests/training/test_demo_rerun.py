@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -57,6 +58,10 @@ def test_a_dense_demo_into_a_finished_run_changes_nothing(tmp_path, capsys, comm
     assert main([*args, "--seed", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [_finished(command, out)]
+    assert _snapshot(out) == before
+    # The data alone (--epochs 0) neither: OUTPUT/data is the run's (it used to be rewritten, with the new seed).
+    assert main([*args, "--seed", "1", "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [_finished(command, out)]
     assert _snapshot(out) == before
     # The advice holds: --overwrite is a flag of the command, and it trains again.
     assert main([*args, "--seed", "1", "--overwrite"]) == 0
@@ -114,6 +119,77 @@ def test_a_dense_demo_into_an_unfinished_run_names_the_command_that_finishes_it(
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert json.loads((run / "run.json").read_text())["data"] == str(out / "data")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recorded", ["absolute", "relative"])
+@pytest.mark.parametrize("command", sorted(DEMOS))
+def test_a_demo_run_resumes_from_another_folder(tmp_path, capsys, monkeypatch, command, recorded):
+    """A demo run with a relative --output, interrupted, continued from another folder by `pvtv2 train --resume`: its
+    run.json names the data by absolute path; one that names it relative, as runs written before did, is found above
+    the run folder."""
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    started.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(started)
+    run = started / "example" / "run"
+    task, original = TASKS[command], TASKS[command].training_loss
+
+    def interrupted(self, model, batch, ctx):
+        if (run / "last" / "training_state.pt").is_file():
+            raise KeyboardInterrupt
+        return original(self, model, batch, ctx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(task, "training_loss", interrupted)
+        assert main([command, "-o", "example", *DEMOS[command], "--epochs", "2", "--no-progress"]) == 130
+    stored = json.loads((run / "run.json").read_text())
+    assert stored["data"] == str(started / "example" / "data")
+    if recorded == "relative":
+        (run / "run.json").write_text(json.dumps({**stored, "data": os.path.join("example", "data")}))
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--output", str(run), "--no-progress"]) == 0
+    assert _epochs_done(run) == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert list(elsewhere.iterdir()) == []
+
+
+def _stand_in_run(run: Path, *, epochs: int, done: int | None) -> None:
+    """A run folder as a demo leaves it, without the training: run.json, and (``done`` epochs) last/'s state."""
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"data": "elsewhere", "model": "tiny", "image_size": 32, "epochs": epochs,
+                                              "batch_size": 2}))
+    if done is not None:
+        (run / "last").mkdir()
+        rng = {key: 0 for key in ("torch", "numpy_key", "numpy_pos", "python", "python_version")}
+        torch.save({"epoch": done, "best_epoch": done, "epochs": epochs, "optimizer": {}, "scheduler": {}, "rng": [rng],
+                    "model_config": {}}, run / "last" / "training_state.pt")
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "unfinished"])
+@pytest.mark.parametrize("command", sorted(DEMOS))
+def test_the_data_alone_is_not_rewritten_under_a_run(tmp_path, capsys, command, finished):
+    """--epochs 0 into an OUTPUT whose run was trained on OUTPUT/data: refused as a training run would be (it used to
+    rewrite OUTPUT/data, with whatever --seed and --size, under the run); --overwrite writes the data anyway."""
+    out = tmp_path / "example"
+    _stand_in_run(out / "run", epochs=2, done=2 if finished else None)
+    (out / "data").mkdir()
+    (out / "data" / "kept.txt").write_bytes(b"the run's data")
+    before, run_before = _snapshot(out), _snapshot(out / "run")
+    args = [command, "--output", str(out), *DEMOS[command], "--epochs", "0", "--no-progress"]
+    assert main(args) == 2
+    run = out / "run"
+    expected = (
+        f"pvtv2 {command}: error: {str(run)!r} holds a finished training run (2 epochs); pass --overwrite to replace "
+        "it, or choose another --output" if finished else
+        f"pvtv2 {command}: error: {str(run)!r} holds an unfinished training run (0 of 2 epochs done); continue it with "
+        f"`pvtv2 train --resume --output {shlex.quote(str(run))}`, or pass --overwrite to start again")
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+    assert _snapshot(out) == before
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "data" / "val").is_dir() and _snapshot(out / "run") == run_before  # the run is left as it was
 
 
 DEMO_ARGS = {**DEMOS, "demo": []}

@@ -9,8 +9,10 @@ keeps a checkpoint's outputs identical to those of the code it came from.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
+import difflib
 import inspect
 import json
 import logging
@@ -26,7 +28,7 @@ from .labels import generic_id2label, imagenet_id2label
 
 __all__ = [
     "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
-    "list_presets", "preset_key", "is_preset_name",
+    "list_presets", "preset_key", "is_preset_name", "unknown_fields",
 ]
 
 logger = logging.getLogger(__name__)
@@ -274,6 +276,7 @@ _SIGNATURE = _SIGNATURE.replace(
 )
 # The per-stage lists: the fields whose default is a tuple, one entry per stage.
 _STAGE_LISTS = tuple(f.name for f in FIELDS if isinstance(f.default, tuple))
+_FIELD_NAMES = frozenset(f.name for f in FIELDS)
 
 # Keys of a config.json that describe the file rather than the model; kept, but not part of equality. Besides our
 # own, transformers' PretrainedConfig.to_dict writes a few generic ones that no PVTv2 field reads.
@@ -283,6 +286,54 @@ _METADATA_KEYS = (
 )
 # Keys transformers writes for information only; derived here, so ignored on input.
 _IGNORED_KEYS = ("stage_names", "transformers_version", "model_type")
+# Keys that transformers' PretrainedConfig itself knows (its arguments and what its to_dict writes, in 4.x and 5.x,
+# generation settings of 4.x included): a hub config.json carries many that no PVTv2 field reads. Kept, unreported.
+_TRANSFORMERS_KEYS = frozenset((
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "torch_dtype", "dtype", "use_bfloat16",
+    "tf_legacy_loss", "pruned_heads", "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder",
+    "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "architectures",
+    "finetuning_task", "id2label", "label2id", "num_labels", "tokenizer_class", "prefix", "bos_token_id",
+    "pad_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id", "task_specific_params", "problem_type",
+    "name_or_path", "_name_or_path", "_commit_hash", "attn_implementation", "_attn_implementation",
+    "_attn_implementation_internal", "_attn_implementation_autoset", "experts_implementation", "per_layer_config",
+    "transformers_version", "model_type", "xla_device", "gradient_checkpointing", "quantization_config",
+    "stage_names", "out_features", "out_indices", "_out_features", "_out_indices",
+    # 4.x's generation settings, read from (and once written to) every config
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+))
+# Settings of the task heads that they keep in the config beside the table's fields (the segmentation model's
+# ``decode_head_type``, the detector's in models/detection.py); tests/models/test_config.py checks this list against
+# them. Kept, unreported, and offered as spellings.
+_HEAD_KEYS = frozenset((
+    "decode_head_type", "detector", "min_size", "max_size", "fpn_channels", "frozen_stages", "freeze_layer_norms",
+    "score_threshold", "detections_per_image", "image_mean", "image_std", "fpn_stages", "extra_levels", "nms_threshold",
+))
+# The keys no field reads that are reported (a warning; an error for the command's --model X.json): not ours, not
+# transformers', not a head's, not bookkeeping. A misspelt field ({"depth": ...} for depths) would otherwise build the
+# default architecture without a word.
+_KNOWN_KEYS = _TRANSFORMERS_KEYS | _HEAD_KEYS | frozenset(_METADATA_KEYS) | frozenset(_IGNORED_KEYS)
+# What a misspelt key is compared with: the table's fields and the heads' settings.
+_SPELLINGS = sorted(_FIELD_NAMES | _HEAD_KEYS)
+# Keys the config being rebuilt by PvtV2Config.replace already carried (and reported when it was built).
+_REPORTED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("pvtv2_reported_keys", default=frozenset())
+
+
+def unknown_fields(keys: Iterable[str]) -> str | None:
+    """What is wrong with the keys of a config that no PVTv2 field, head or transformers' ``PretrainedConfig``
+    knows, with the closest field for each where one is close (``"unknown field 'depth' (did you mean
+    'depths'?)"``); None when every key is known."""
+    unknown = [k for k in keys if k not in _FIELD_NAMES and k not in _KNOWN_KEYS]
+    if not unknown:
+        return None
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), _SPELLINGS, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown field{'s' if len(parts) > 1 else ''} {', '.join(parts)}"
 
 
 # ---------------------------------------------------------------------------------------------- rules across fields
@@ -430,9 +481,13 @@ class PvtV2Config:
 
         for key in _IGNORED_KEYS:
             extra.pop(key, None)
-        for key, value in extra.items():
+        for key in extra:
             if key == "_extra" or hasattr(type(self), key):
                 raise ValueError(f"{key!r} is not a config field, and cannot be one: it names PvtV2Config.{key}")
+        problem = unknown_fields(k for k in extra if k not in _REPORTED.get())
+        if problem:
+            logger.warning("PvtV2Config: %s; kept as an attribute, but no part of the model reads it", problem)
+        for key, value in extra.items():
             setattr(self, key, value)
         self._extra = tuple(extra)  # written back by to_dict, with their current values
 
@@ -495,7 +550,12 @@ class PvtV2Config:
 
     def replace(self, **changes: Any) -> PvtV2Config:
         """A copy with some fields changed (validated anew; see :func:`merge_changes` for the labels)."""
-        return type(self).from_dict(self.to_dict(), **changes)
+        # The unknown keys this config carries were reported when it was built: not again for each copy.
+        token = _REPORTED.set(_REPORTED.get() | frozenset(self._extra))
+        try:
+            return type(self).from_dict(self.to_dict(), **changes)
+        finally:
+            _REPORTED.reset(token)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -544,13 +604,18 @@ class PvtV2Config:
         return target
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> PvtV2Config:
+    def from_json_file(cls, path: str | os.PathLike, *, strict: bool = False, **overrides: Any) -> PvtV2Config:
+        """A config from a ``config.json`` file. A key that nothing knows (see :func:`unknown_fields`) is logged and
+        kept; ``strict``: refused with a ``ValueError`` instead (a config written by hand for a new model)."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {err}") from None
         except UnicodeDecodeError:
             raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 text file") from None
+        problem = unknown_fields(data) if strict and isinstance(data, Mapping) else None
+        if problem:
+            raise ValueError(f"{os.fspath(path)}: {problem}")
         return cls.from_dict(data, **overrides)
 
     @classmethod

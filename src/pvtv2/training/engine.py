@@ -248,7 +248,7 @@ def known_architecture(model: str, **overrides: Any) -> PvtV2Config | None:
     if is_preset_name(model):
         return PvtV2Config.from_preset(model, **overrides)
     if names_json_file(model) and os.path.isfile(model):
-        return PvtV2Config.from_json_file(model, **overrides)
+        return PvtV2Config.from_json_file(model, strict=True, **overrides)  # a new architecture: as new_architecture
     config_file = Path(model) / "config.json"
     if config_file.is_file():
         try:
@@ -264,7 +264,8 @@ def new_architecture(model: str, tiny: Mapping[str, Any] | None = None, **overri
     config.json file; None: ``model`` names a checkpoint to load (a folder, a weights file, a hub id).
 
     A name ending in ``.json`` (in any case) that is not a folder must be an existing file: otherwise loading it as a checkpoint
-    would fail later with a message about hub ids, or after the data was read."""
+    would fail later with a message about hub ids, or after the data was read. Its keys must all be known
+    (:func:`pvtv2.models.config.unknown_fields`): a ``ValueError`` names a misspelt one and the field it may mean."""
     if tiny is not None and model.lower() == "tiny" and not os.path.exists(model):
         return PvtV2Config(**{**tiny, **overrides})
     if is_preset_name(model):
@@ -272,7 +273,8 @@ def new_architecture(model: str, tiny: Mapping[str, Any] | None = None, **overri
     if names_json_file(model):
         kind = path_kind(model)  # stat only: a FIFO or a device is never opened (opening a FIFO blocks)
         if kind == "file":
-            return PvtV2Config.from_json_file(model, **overrides)
+            # Written by hand for this run: a misspelt field ({"depth": ...}) would train the default architecture.
+            return PvtV2Config.from_json_file(model, strict=True, **overrides)
         if kind in ("dangling symlink", "symlink loop"):
             raise FileNotFoundError(f"config file {model!r} is a symbolic link to {os.readlink(model)!r}, which does "
                                     "not resolve to a file")

@@ -5,6 +5,10 @@ loads, written to a temporary folder and renamed into place, so a run killed at 
 complete checkpoint. ``OUT/last/training_state.pt`` holds what ``--resume`` needs to continue exactly where the run
 stopped. ``OUT/run.json`` holds the run's settings and classes, ``OUT/metrics.jsonl`` one record per epoch.
 
+``run.json`` records the data folder (and a ``--model`` that is a local file or folder) by its absolute path, so that
+``--resume`` finds them from any working directory. A relative data path, as runs written before recorded it, is
+resolved by :func:`resolve_recorded_data`.
+
 ``OUT/run.lock`` names the process (pid, host) that is using the folder, for as long as it does: a second run on
 the same folder is refused, so two processes never interleave their checkpoints. A lock whose process is gone (a
 run that was killed) is taken over with a warning.
@@ -51,6 +55,7 @@ __all__ = [
     "check_resumed_classes",
     "start_run",
     "read_run_file",
+    "resolve_recorded_data",
     "load_training_state",
     "save_checkpoint",
 ]
@@ -306,6 +311,8 @@ def prepare_output(
         if not has_run:
             raise FileNotFoundError(f"nothing to resume in {str(out)!r}: it holds no {RUN_FILE} of a training run")
         stored = read_run_file(out)
+        if isinstance(stored["data"], str) and stored["data"]:
+            stored = {**stored, "data": resolve_recorded_data(stored["data"], out)}
         merged = _merge_resumed(cfg, stored, explicit)
         try:
             merged.validate()
@@ -374,6 +381,40 @@ def _refuse_taken(out: Path, continue_with: str | None = None) -> None:
         )
 
 
+def resolve_recorded_data(data: str, run: str | os.PathLike) -> str:
+    """The data folder of the run in ``run``, from what its ``run.json`` recorded: an absolute path where it is found.
+
+    Runs record it absolute; runs written before did not, and their relative path meant the folder the run was
+    started from, which is not recorded. It is looked for, in this order, under the current folder (what the path
+    always meant, and where a run is usually continued from), then under the run folder and each folder above it,
+    nearest first: a run started with a relative ``--output`` (the demos' ``OUTPUT/run``) was started from one of
+    them. The first that holds it wins; found above the run folder, the choice is logged. Found nowhere, it is
+    returned as recorded (the data's own check then refuses it), after a warning that says where it was looked for."""
+    if os.path.isabs(data):
+        return data
+    if os.path.exists(data):
+        return os.path.abspath(data)
+    folder = Path(os.path.abspath(run))
+    for base in (folder, *folder.parents):
+        candidate = base / data
+        if candidate.exists():
+            logger.warning("--resume: the run recorded its data as %r, relative to the folder it was started from; "
+                           "using %s", data, candidate)
+            return str(candidate)
+    logger.warning(
+        "--resume: the run in %r recorded its data as %r, relative to the folder it was started from, and neither the "
+        "current folder nor %r or a folder above it holds it; continue the run from the folder it was started from",
+        str(run), data, str(folder),
+    )
+    return data
+
+
+def _recorded_path(model: str) -> str:
+    """``--model`` as run.json records it: a local file or folder by its absolute path; a preset name or hub id (no
+    such path here) as given."""
+    return os.path.abspath(model) if model and os.path.exists(model) else model
+
+
 def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collection[str] | None) -> TrainConfig:
     """The stored run's settings, with this invocation's execution settings. Run settings given again are ignored
     (changing them mid-run would break the equality with an uninterrupted run), each with a warning when it differs
@@ -384,6 +425,8 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
     for key, given in run_fields.items():
         if key not in stored or given == stored[key]:
             continue
+        if key in ("data", "model") and isinstance(given, str) and given and _recorded_path(given) == stored[key]:
+            continue  # the same folder, given relative to this one: run.json records it absolute
         was_given = key in explicit if explicit is not None else given not in (getattr(defaults, key), "")
         if was_given:
             logger.warning(
@@ -446,7 +489,11 @@ def start_run(cfg: TrainConfig, classes: Sequence[str]) -> None:
                     path.unlink()
             except OSError as err:
                 raise WriteError(path, err) from err
-    atomic_write_json(out / RUN_FILE, {**cfg.run_fields(), "classes": list(classes)})
+    fields = cfg.run_fields()
+    # Absolute: `pvtv2 train --resume --output OUT` (the command the demos name) then works from any folder.
+    fields["data"] = os.path.abspath(cfg.data) if cfg.data else cfg.data
+    fields["model"] = _recorded_path(cfg.model)
+    atomic_write_json(out / RUN_FILE, {**fields, "classes": list(classes)})
     write_metrics(out, [])
 
 

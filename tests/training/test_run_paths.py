@@ -1,0 +1,80 @@
+"""The paths a run records in run.json, and how --resume reads them: the data folder (and a local --model) absolute,
+so that `pvtv2 train --resume --output OUT` works from any folder; a relative data path, as older runs recorded it
+(the demos' always), looked for under the current folder, then under the run folder and the folders above it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from pvtv2.cli import main
+from pvtv2.training import TrainConfig
+from pvtv2.training.rundir import RUN_FILE, prepare_output, resolve_recorded_data, start_run
+
+
+def test_a_new_run_records_its_data_and_a_local_model_by_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "arch.json").write_text("{}")
+    for i, (model, recorded) in enumerate((("arch.json", str(tmp_path / "arch.json")), ("pvt_v2_b0", "pvt_v2_b0"),
+                                           ("tiny", "tiny"), ("OpenGVLab/pvt_v2_b0", "OpenGVLab/pvt_v2_b0"))):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        start_run(TrainConfig(data=os.path.join("sets", "shapes"), model=model, output=os.path.relpath(out)), ["a"])
+        stored = json.loads((out / RUN_FILE).read_text())
+        assert stored["data"] == str(tmp_path / "sets" / "shapes") and stored["model"] == recorded
+
+
+def _older_run(tmp_path, data: str) -> str:
+    """A run folder as versions before recorded it: ``tmp/started/example/run`` started from ``tmp/started``, its
+    data ``example/data`` relative to that."""
+    run = tmp_path / "started" / "example" / "run"
+    run.mkdir(parents=True)
+    (tmp_path / "started" / "example" / "data").mkdir()
+    stored = {"data": data, "model": "tiny", "image_size": 32, "epochs": 2, "batch_size": 2, "task": "segmentation"}
+    (run / RUN_FILE).write_text(json.dumps(stored))
+    return str(run)
+
+
+def test_resume_finds_an_older_runs_relative_data_from_another_folder(tmp_path, monkeypatch, caplog):
+    run = _older_run(tmp_path, "example/data")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with caplog.at_level(logging.WARNING):
+        merged, _, _ = prepare_output(TrainConfig(output=run, resume=True))
+    assert merged.data == str(tmp_path / "started" / "example" / "data")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"--resume: the run recorded its data as 'example/data', relative to the folder it was started from; using "
+        f"{tmp_path / 'started' / 'example' / 'data'}"]
+    # --data given again as the same folder, relative to this one: no "ignoring --data" warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare_output(TrainConfig(output=run, resume=True, data=os.path.join("..", "started", "example", "data")),
+                       explicit={"data"})
+    assert not any("ignoring --data" in r.getMessage() for r in caplog.records)
+
+
+def test_the_current_folder_comes_first_as_it_always_did(tmp_path, monkeypatch):
+    run = _older_run(tmp_path, "example/data")
+    (tmp_path / "here" / "example" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    assert resolve_recorded_data("example/data", run) == str(tmp_path / "here" / "example" / "data")
+    monkeypatch.chdir(tmp_path / "started")  # where it was started: its own data
+    merged, _, _ = prepare_output(TrainConfig(output=run, resume=True))
+    assert merged.data == str(tmp_path / "started" / "example" / "data")
+
+
+def test_recorded_data_found_nowhere_is_named(tmp_path, monkeypatch, caplog, capsys):
+    run = _older_run(tmp_path, "gone/data")
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        merged, _, _ = prepare_output(TrainConfig(output=run, resume=True))
+    assert merged.data == "gone/data"  # as recorded: the data's own check refuses it
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"--resume: the run in {run!r} recorded its data as 'gone/data', relative to the folder it was started from, "
+        f"and neither the current folder nor {run!r} or a folder above it holds it; continue the run from the folder "
+        "it was started from"]
+    assert main(["train", "--resume", "--output", run, "--no-progress"]) == 2
+    assert "gone/data" in capsys.readouterr().err.strip().splitlines()[-1]
+    # An absolute path is the run's own: taken as it is (the data check names it if it is gone).
+    assert resolve_recorded_data(str(tmp_path / "gone"), run) == str(tmp_path / "gone")

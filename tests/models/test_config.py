@@ -488,6 +488,33 @@ def test_strict_json_file_refuses_an_unknown_field(tmp_path, caplog):
     assert config.depths == [2, 2, 2, 2] and len(_warnings(caplog)) == 1 and "'depth'" in _warnings(caplog)[0]
 
 
+def test_timms_argument_names_suggest_the_fields_that_rebuild_timms_model(caplog):
+    """A config.json written with timm's constructor arguments: each name that is no field of ours is named with the
+    field it means, and those fields, given timm's values, build timm's architecture (its weights load strictly and
+    give its logits)."""
+    import timm
+    from pvtv2 import PvtV2ForImageClassification
+    from pvtv2.weights.layouts import to_canonical
+    from pvtv2.weights.loading import load_canonical
+
+    timm_args = dict(in_chans=2, num_classes=5, depths=(1, 1, 2, 1), embed_dims=(16, 24, 40, 48),
+                     num_heads=(1, 2, 5, 6), sr_ratios=(8, 4, 2, 1), mlp_ratios=(2, 3, 4, 2), linear=True)
+    torch.manual_seed(0)
+    reference = timm.create_model("pvt_v2_b0", pretrained=False, **timm_args).eval()
+    with caplog.at_level("WARNING"):
+        PvtV2Config(**timm_args)
+    message = _warnings(caplog)[0]
+    suggested = dict(re.findall(r"'(\w+)' \(did you mean '(\w+)'\?\)", message))
+    renamed = {k for k in timm_args if k not in {f.name for f in FIELDS}}
+    assert set(suggested) == renamed == {"in_chans", "num_classes", "embed_dims", "num_heads", "linear"}
+    config = PvtV2Config(**{suggested.get(k, k): v for k, v in timm_args.items()})
+    ours = PvtV2ForImageClassification(config).eval()
+    load_canonical(ours, to_canonical(reference.state_dict()))
+    x = torch.randn(2, 2, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, reference(x), rtol=1e-4, atol=1e-5)
+
+
 # What transformers 4.46.3's PretrainedConfig().to_dict() holds (its configuration_utils.py sets these in __init__,
 # the generation settings of _get_global_generation_defaults included): the generic keys of a hub config.json written
 # by transformers 4.x, recorded here because transformers 5 no longer writes them.

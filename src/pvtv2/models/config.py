@@ -322,6 +322,25 @@ _SPELLINGS = sorted(_FIELD_NAMES | _HEAD_KEYS)
 _REPORTED: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("pvtv2_reported_keys", default=frozenset())
 
 
+# The constructor arguments of timm's and the original authors' PVTv2 that our fields spell otherwise: someone who
+# writes a config.json from those gets the right field suggested (difflib would offer 'num_channels' for 'num_heads').
+_OTHER_NAMES = {
+    "embed_dims": "hidden_sizes",
+    "num_heads": "num_attention_heads",
+    "mlp_ratio": "mlp_ratios",
+    "in_chans": "num_channels",
+    "num_classes": "num_labels",
+    "img_size": "image_size",
+    "num_stages": "num_encoder_blocks",
+    "linear": "linear_attention",
+    "drop_rate": "hidden_dropout_prob",
+    "proj_drop_rate": "hidden_dropout_prob",
+    "attn_drop_rate": "attention_probs_dropout_prob",
+    "depth": "depths",
+    "sr_ratio": "sr_ratios",
+}
+
+
 def unknown_fields(keys: Iterable[str]) -> str | None:
     """What is wrong with the keys of a config that no PVTv2 field, head or transformers' ``PretrainedConfig``
     knows, with the closest field for each where one is close (``"unknown field 'depth' (did you mean
@@ -331,7 +350,7 @@ def unknown_fields(keys: Iterable[str]) -> str | None:
         return None
     parts = []
     for key in unknown:
-        close = difflib.get_close_matches(str(key), _SPELLINGS, n=1)
+        close = [_OTHER_NAMES[key]] if key in _OTHER_NAMES else difflib.get_close_matches(str(key), _SPELLINGS, n=1)
         parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return f"unknown field{'s' if len(parts) > 1 else ''} {', '.join(parts)}"
 

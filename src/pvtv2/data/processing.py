@@ -127,6 +127,8 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
         raise FileNotFoundError(f"image file not found: {text!r} is a {kind}")
     if kind != "file":
         raise ValueError(f"cannot read image {text!r}: it is a {kind}, not an image file")
+    if os.path.getsize(text) == 0:  # Pillow would say only that it "cannot identify" it
+        raise ValueError(f"cannot read image {text!r}: the file is empty (0 bytes)")
     try:
         with PIL.Image.open(text) as image:
             image.load()  # decode now, so a truncated file fails here and the file can be closed

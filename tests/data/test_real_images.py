@@ -120,3 +120,20 @@ def test_hostile_image_files_are_one_clear_error(tmp_path, name):
     with pytest.raises(ValueError, match=f"cannot read image {str(path)!r}: .*{says}"):
         PvtV2ImageProcessor()(str(path))
     assert time.monotonic() - start < 10  # refused, not decoded
+
+
+def test_exif_rotation_applies_to_files_not_to_open_images_as_in_transformers(tmp_path):
+    """transformers rotates by EXIF where it opens the file (``load_image``, which its processors call for a path)
+    and leaves an image the caller opened as it is; so do we. Both against transformers' processor, not only ours."""
+    _odd_files(tmp_path)
+    path = tmp_path / "rotated.jpg"
+    reference = transformers.PvtImageProcessorPil(resample=2, size={"height": 64, "width": 48})
+    ours = PvtV2ImageProcessor(size={"height": 64, "width": 48})
+    with PIL.Image.open(path) as opened:
+        assert opened.size == (80, 60)
+        theirs_open = reference(opened, do_convert_rgb=True, return_tensors="np")["pixel_values"]
+        ours_open = ours(opened, return_tensors="np")["pixel_values"]
+    theirs_path = reference(str(path), do_convert_rgb=True, return_tensors="np")["pixel_values"]
+    ours_path = ours(str(path), return_tensors="np")["pixel_values"]
+    assert np.abs(ours_open - theirs_open).max() < 1e-6 and np.abs(ours_path - theirs_path).max() < 1e-6
+    assert np.abs(ours_path - ours_open).max() > 0.5  # the rotation is there, and only for the path

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 
@@ -238,3 +239,48 @@ def test_a_file_the_cache_never_had_is_still_absent_not_damaged(saved, tmp_path,
     (repo / "snapshots" / COMMIT / "config.json").unlink()
     model = PvtV2ForImageClassification.from_pretrained("owner/tiny", cache_dir=cache)
     assert model.config.hidden_sizes == TINY["hidden_sizes"] and model.config.num_labels == 5
+
+
+# ---------------------------------------------------------------------------------------------- sharded indexes
+def _sharded(saved, tmp_path, weight_map=None):
+    """``saved`` as two shards and a model.safetensors.index.json (``weight_map`` replaces the true one)."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shutil.copy(saved[0] / "config.json", folder)
+    state = saved[1].state_dict()
+    keys = sorted(state)
+    true_map = {k: f"model-0000{1 + (i >= len(keys) // 2)}-of-00002.safetensors" for i, k in enumerate(keys)}
+    for shard in set(true_map.values()):
+        save_state_dict({k: state[k] for k in keys if true_map[k] == shard}, folder / shard)
+    index = {"metadata": {}, "weight_map": true_map if weight_map is None else weight_map(keys)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_a_sharded_checkpoint_loads(saved, tmp_path):
+    model = PvtV2ForImageClassification.from_pretrained(_sharded(saved, tmp_path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(saved[1](x).logits, model(x).logits) < 1e-6
+
+
+SHARD_INDEXES = {
+    # These used to read the files they named, wherever they were.
+    "an absolute shard path": (lambda keys, saved: {k: str(saved[0] / "model.safetensors") for k in keys},
+                               CheckpointError, "which is not a file name in its folder"),
+    "a shard path out of the folder": (lambda keys, saved: {k: "../../saved0/tiny/model.safetensors" for k in keys},
+                                       CheckpointError, "which is not a file name in its folder"),
+    # It used to say "checkpoint file not found: '<the folder>'".
+    "the folder as a shard": (lambda keys, saved: {k: "." for k in keys}, CheckpointError, "'.', which is not a file"),
+    "a missing shard": (lambda keys, saved: {k: "model-00003-of-00002.safetensors" for k in keys}, FileNotFoundError,
+                        "names the shard 'model-00003-of-00002.safetensors', which is not in its folder"),
+    "a list for a weight map": (lambda keys, saved: [1, 2], CheckpointError, "not a valid sharded-checkpoint index"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARD_INDEXES))
+def test_hostile_shard_indexes_are_named(saved, tmp_path, case):
+    weight_map, error, says = SHARD_INDEXES[case]
+    folder = _sharded(saved, tmp_path, lambda keys: weight_map(keys, saved))
+    with pytest.raises(error, match=re.escape(says)):
+        PvtV2ForImageClassification.from_pretrained(folder)

@@ -339,7 +339,7 @@ def _mismatches(
 
 
 def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
-    """``"; the checkpoint is hidden_sizes=[...], depths=[...] (pvt_v2_b2)"`` when its encoder's shapes can be read,
+    """``"; the checkpoint has hidden_sizes=[...], depths=[...] (pvt_v2_b2)"`` when its encoder's shapes can be read,
     so that weights of another variant (B2 weights into a B0 config) are named as such; else ``""``."""
     hidden, depths = [], []
     for i in range(len(canonical)):

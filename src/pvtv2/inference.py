@@ -110,6 +110,19 @@ def _refuse_random_weights(model: torch.nn.Module, source: str | os.PathLike, wh
     )
 
 
+def _refuse_non_finite_weights(model: torch.nn.Module, source: str | os.PathLike) -> None:
+    """Raise when a parameter or buffer holds NaN or infinity: every output that touches it is NaN, and ranking NaN
+    scores gives labels in an arbitrary order (a diverged or damaged checkpoint)."""
+    bad = sorted(name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise ValueError(
+            f"{os.fspath(source)!r} holds NaN or infinite weights in {len(bad)} tensor(s) ({shown}): its outputs would "
+            f"be NaN. The checkpoint is damaged, or was saved after training diverged; use an earlier one"
+        )
+
+
 def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForImageClassification:
     """A trained classifier from anything ``from_pretrained`` takes.
 
@@ -131,6 +144,7 @@ def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu
         f"Fine-tune one on your classes first: pvtv2 train --model {os.fspath(source)} --data DIR --output RUN "
         f"(DIR/train/<class>/*, DIR/val/<class>/*), then use RUN/best",
     )
+    _refuse_non_finite_weights(model, source)
     return model.to(device).eval()
 
 
@@ -144,6 +158,7 @@ def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu"
         f"Fine-tune one first: pvtv2 train --task segmentation --model {os.fspath(source)} --data DIR --output RUN "
         f"(DIR/train/images/*, DIR/train/masks/*.png, the same under DIR/val), then use RUN/best",
     )
+    _refuse_non_finite_weights(model, source)
     return model.to(device).eval()
 
 
@@ -158,6 +173,7 @@ def load_depth_estimator(source: str | os.PathLike, device: str | torch.device =
         f"or train one: pvtv2 train --task depth --model {os.fspath(source)} --data DIR --output RUN "
         "(DIR/train/images/*, DIR/train/depth/*.png as 16-bit millimetres, the same under DIR/val), then use RUN/best",
     )
+    _refuse_non_finite_weights(model, source)
     return model.to(device).eval()
 
 
@@ -727,6 +743,7 @@ def load_detector(source: str | os.PathLike, device: str | torch.device = "cpu",
         f"Train one on your data first: pvtv2 train --task detection --model {os.fspath(source)} --data DIR "
         f"--output RUN (COCO format), then use RUN/best",
     )
+    _refuse_non_finite_weights(model, source)
     model = model.to(device).eval()
     fast.freeze(model)
     return model

@@ -8,8 +8,10 @@ PIL one. Per image:
 
 1. Inputs become RGB, channels first. A path is opened with PIL, EXIF-rotated and ``convert("RGB")``-ed, as
    transformers' ``load_image`` does: an alpha band is dropped, but a palette or colour-key transparency survives
-   in ``info`` and its pixels are then made white. An in-memory PIL image or array with an alpha channel is
-   composited onto white, one with one channel is repeated to three, as transformers' ``convert_to_rgb`` does.
+   in ``info`` and its pixels are then made white. An image already opened by the caller (a PIL image) is not
+   EXIF-rotated, as transformers' processors do not rotate one either: only a path is. An in-memory PIL image or
+   array with an alpha channel is composited onto white, one with one channel is repeated to three, as
+   transformers' ``convert_to_rgb`` does.
    Here we differ from transformers on purpose: a 16-bit greyscale image (PIL modes ``I;16``, ``I;16B``,
    ``I;16L``), file or in-memory, is first scaled to 8 bits, ``round(v / 257)``, where ``convert("RGB")`` would
    clip every value above 255 to white. A 32-bit ``I`` image whose values all lie in [0, 255] is taken as it is,
@@ -127,6 +129,8 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
         raise FileNotFoundError(f"image file not found: {text!r} is a {kind}")
     if kind != "file":
         raise ValueError(f"cannot read image {text!r}: it is a {kind}, not an image file")
+    if os.path.getsize(text) == 0:  # Pillow would say only that it "cannot identify" it
+        raise ValueError(f"cannot read image {text!r}: the file is empty (0 bytes)")
     try:
         with PIL.Image.open(text) as image:
             image.load()  # decode now, so a truncated file fails here and the file can be closed

@@ -414,10 +414,8 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     # The same initial weights in every process (seeded; DDP broadcasts rank 0's anyway), from a stream of its own.
     seed_everything(cfg.seed, 2**31 - 1, 0)
     last = Path(cfg.output) / "last"
-    if state is not None and (last / "config.json").is_file():
-        model = task.model_class.from_pretrained(last)
-    elif state is not None:
-        model = task.model_class(PvtV2Config.from_dict(state["model_config"]))
+    if state is not None:
+        model = _load_last(task, last)
     else:
         model = task.new_model()
     check_image_size(model.config, cfg.image_size, cfg.model)
@@ -450,6 +448,24 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     if state is not None:
         _restore(task, cfg, training, state, ctx)
     return training
+
+
+def _load_last(task: Task, last: Path) -> nn.Module:
+    """The weights of ``last/`` that a resumed run continues from. Anything wrong with them stops the resume by name:
+    its config.json missing used to build a new, randomly initialised model that the restored optimizer state then
+    went on training, without a word; NaN weights would only show up as a diverged loss."""
+    try:
+        config = last / "config.json"
+        if path_kind(config) != "file":
+            raise FileNotFoundError(f"{str(config)!r} is missing")
+        model = task.model_class.from_pretrained(last)
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(f"it holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]})")
+    except (ValueError, TypeError, OSError) as err:
+        raise ValueError(f"the last checkpoint {str(last)!r} cannot be loaded: {err}; the run cannot be resumed from "
+                         f"it: pass --overwrite to start again") from None
+    return model
 
 
 def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, Any], ctx: RunContext) -> None:

@@ -319,6 +319,10 @@ def prepare_output(
         except (ValueError, TypeError) as err:
             raise ValueError(f"{str(out / RUN_FILE)!r}: {err}") from None
         state = load_training_state(state_dir) if has_state else None
+        if state is None and path_kind(state_dir) != "nothing":
+            # Only damage leaves last/ without its state (it is written whole): say that the weights are not used.
+            logger.warning("%r holds no %s: the run cannot continue from it and starts again from its first epoch",
+                           str(state_dir), TRAINING_STATE_NAME)
         read_metrics(out)  # readable: the resumed run keeps its records (read here, under the lock, by rank 0)
         return merged, state, _run_classes(stored, state)
     _refuse_taken(out)

@@ -105,6 +105,14 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{os.fspath(index_path)!r} is not a valid sharded-checkpoint index: {err}") from None
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
+        # A plain file name beside the index, as transformers writes them: "../x" or "/x" would read another
+        # folder's files, and a shard that is missing is named as the index's.
+        if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
+            raise CheckpointError(
+                f"{os.fspath(index_path)!r} names the shard {shard!r}, which is not a file name in its folder"
+            )
+        if not (index_path.parent / shard).is_file():
+            raise FileNotFoundError(f"{os.fspath(index_path)!r} names the shard {shard!r}, which is not in its folder")
         state.update(read_state_dict(index_path.parent / shard))
     return state
 

@@ -80,10 +80,18 @@ def _hub_download(
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         # No connection (or offline mode) and nothing in the cache. (A subclass of EntryNotFoundError: first.)
+        cache = cache_dir or constants.HF_HUB_CACHE
+        broken = _broken_cache_entry(Path(cache), repo_id, filename, revision)
+        if broken:
+            # Not "absent": an optional config.json skipped here would have its configuration guessed from shapes.
+            raise HubFileNotFound(
+                f"the Hugging Face cache of {repo_id!r} is damaged: {broken} (an interrupted download, or a cache "
+                f"cleaned or copied in part). Delete {os.fspath(_repo_folder(Path(cache), repo_id))!r} and download "
+                f"it again (`hf download {repo_id}`), or pass a local folder or checkpoint file instead"
+            ) from None
         # An optional file counts as absent only in offline mode; a failed connection says nothing about it.
         if not required and constants.HF_HUB_OFFLINE:
             return None
-        cache = cache_dir or constants.HF_HUB_CACHE
         raise HubFileNotFound(
             f"{filename!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and the hub could not be "
             f"reached{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}. On a machine with network "
@@ -99,3 +107,38 @@ def _hub_download(
         raise HubFileNotFound(
             f"{repo_id!r} is not a hub repository this machine can see (nor a local file or folder)"
         ) from None
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _repo_folder(cache: Path, repo_id: str) -> Path:
+    return cache / ("models--" + repo_id.replace("/", "--"))
+
+
+def _broken_cache_entry(cache: Path, repo_id: str, filename: str, revision: str | None) -> str | None:
+    """What is wrong with the cache's copy of ``filename`` when huggingface_hub found none, in words; ``None`` when
+    the cache simply does not hold it. The layout is huggingface_hub's: ``refs/<revision>`` holds a commit hash,
+    ``snapshots/<commit>/<filename>`` is a symlink into ``blobs/``."""
+    repo = _repo_folder(cache, repo_id)
+    revision = revision or "main"
+    if _COMMIT.match(revision):
+        commit, named_by = revision, f"revision {revision}"
+    else:
+        ref = repo / "refs" / revision
+        if not ref.is_file():
+            return None
+        try:
+            commit = ref.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            return f"its ref {os.fspath(ref)!r} cannot be read ({err})"
+        if not _COMMIT.match(commit):
+            return f"its ref {os.fspath(ref)!r} holds {commit[:60]!r}, not a commit hash"
+        named_by = f"its ref {os.fspath(ref)!r}"
+    snapshot = repo / "snapshots" / commit
+    if not snapshot.is_dir():
+        return f"{named_by} names commit {commit}, whose snapshot folder {os.fspath(snapshot)!r} is missing"
+    entry = snapshot / filename
+    if entry.is_symlink() and not entry.exists():
+        return f"{os.fspath(entry)!r} links to {os.readlink(entry)!r}, which is missing"
+    return None

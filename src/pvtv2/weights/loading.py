@@ -134,12 +134,12 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
         return None, Path(text)
     if os.path.isdir(text):
         folder = Path(text)
-        weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+        weights = next((folder / name for name in WEIGHT_FILES if _folder_entry(folder / name) == "file"), None)
         if weights is None:
             found = sorted(p.name for p in folder.iterdir())[:10]
             raise FileNotFoundError(f"no weights in folder {text!r}: expected one of {list(WEIGHT_FILES)}, found {found}")
         config = folder / "config.json"
-        return (config if config.is_file() else None), weights
+        return (config if _folder_entry(config) == "file" else None), weights
     if text.replace("-", "_").lower() in PRESETS:
         raise FileNotFoundError(
             f"{text!r} is a preset (an architecture), not weights: build it untrained with "
@@ -154,6 +154,20 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
         if weights is not None:
             return config, weights
     return config, resolve_file(text, WEIGHT_FILES[0], revision=revision, cache_dir=cache_dir)  # raises, explaining
+
+
+def _folder_entry(path: Path) -> str:
+    """``"file"`` or ``"nothing"`` for a file a checkpoint folder may hold; anything else under that name (a folder,
+    a dangling symlink, a FIFO) is refused by name: skipping it would load other weights, or infer a configuration
+    from the tensor shapes, without a word."""
+    kind = path_kind(path)
+    if kind in ("file", "nothing"):
+        return kind
+    if kind == "dangling symlink":
+        raise FileNotFoundError(f"{os.fspath(path)!r} is a symlink to {os.readlink(path)!r}, which does not exist")
+    if kind == "symlink loop":
+        raise FileNotFoundError(f"{os.fspath(path)!r} is a symlink loop (it points, through links, back at itself)")
+    raise ValueError(f"{os.fspath(path)!r} is a {kind}, not a file: a checkpoint folder's {path.name} must be a file")
 
 
 def _check_local_path(text: str) -> None:
@@ -281,42 +295,78 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
         if f"{p}weight" in expected and f"{p}weight" in target and target[f"{p}weight"].shape[0] != expected[f"{p}weight"].shape[0]
     ]
     replaced = bool(resized)
-    if replaced:
+    kept = {k: v for k, v in target.items() if not k.startswith(tuple(resized))} if replaced else target
+    missing, unexpected, misshaped, bad_dtype = _mismatches(kept, expected)
+    head_missing = missing and set(missing) <= head_keys
+    if (missing and not head_missing) or unexpected or misshaped or bad_dtype:
+        # Listed with the classifier kept: when nothing else fits either, its shapes are part of the story.
+        parts = [f"the weights in {origin} do not fit {type(model).__name__} ({_describe(model)}){_shape_of(canonical)}"]
+        for title, items in zip(("missing", "unexpected", "mis-shaped", "non-float tensors for float parameters"),
+                                _mismatches(target, expected)):
+            if items:
+                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+                parts.append(f"{len(items)} {title} keys:\n    {shown}")
+        raise CheckpointError("\n  ".join(parts))
+    if replaced:  # announced once the rest is known to fit
         weight = f"{resized[0]}weight"
         logger.warning(
             "replacing the classifier head: the checkpoint's %s has %d outputs, the model's %d; the new layer(s) are "
             "randomly initialised and need fine-tuning",
             resized[0].rstrip("."), target[weight].shape[0], expected[weight].shape[0],
         )
-        for key in [k for k in target if k.startswith(tuple(resized))]:
-            target.pop(key)
-
-    missing = sorted(set(expected) - set(target))
-    unexpected = sorted(set(target) - set(expected))
-    misshaped = sorted(
-        f"{k}: checkpoint {tuple(target[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(target) & set(expected)
-        if target[k].shape != expected[k].shape
-    )
-    bad_dtype = sorted(
-        f"{k}: {target[k].dtype}" for k in set(target) & set(expected)
-        if expected[k].is_floating_point() and not target[k].is_floating_point()
-    )
-    head_missing = missing and set(missing) <= head_keys
-    if (missing and not head_missing) or unexpected or misshaped or bad_dtype:
-        parts = [f"the weights in {origin} do not fit {type(model).__name__} ({_describe(model)})"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
-                             ("non-float tensors for float parameters", bad_dtype)):
-            if items:
-                shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
-                parts.append(f"{len(items)} {title} keys:\n    {shown}")
-        raise CheckpointError("\n  ".join(parts))
-    if head_missing and not replaced:  # a replaced head was announced above
+    elif head_missing:
         logger.warning("the checkpoint has no weights for %s: newly initialised", _summarise_keys(missing))
-    target = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in target.items()}
+    target = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in kept.items()}
+    _warn_non_finite(target, origin)
     model.load_state_dict(target, strict=not head_missing, assign=True)
     _materialize_and_init(model)
     model.newly_initialized_keys = tuple(missing)
+
+
+def _mismatches(
+    target: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(missing, unexpected, mis-shaped with both shapes, non-float for float) keys of ``target`` against the model."""
+    common = set(target) & set(expected)
+    return (
+        sorted(set(expected) - set(target)),
+        sorted(set(target) - set(expected)),
+        sorted(f"{k}: checkpoint {tuple(target[k].shape)} vs model {tuple(expected[k].shape)}"
+               for k in common if target[k].shape != expected[k].shape),
+        sorted(f"{k}: {target[k].dtype}" for k in common
+               if expected[k].is_floating_point() and not target[k].is_floating_point()),
+    )
+
+
+def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
+    """``"; the checkpoint has hidden_sizes=[...], depths=[...] (pvt_v2_b2)"`` when its encoder's shapes can be read,
+    so that weights of another variant (B2 weights into a B0 config) are named as such; else ``""``."""
+    hidden, depths = [], []
+    for i in range(len(canonical)):
+        proj = canonical.get(f"encoder.layers.{i}.patch_embedding.proj.weight")
+        if proj is None or proj.ndim != 4:
+            break
+        hidden.append(int(proj.shape[0]))
+        depths.append(len({m.group(1) for k in canonical if (m := re.match(rf"encoder\.layers\.{i}\.blocks\.(\d+)\.", k))}))
+    if not hidden:
+        return ""
+    linear = any(k.endswith("attention.spatial_reduction.weight") and v.ndim == 4 and v.shape[-1] == 1
+                 for k, v in canonical.items())
+    preset = next((name for name, args in PRESETS.items()
+                   if (c := PvtV2Config(**args)).hidden_sizes == hidden and c.depths == depths
+                   and c.linear_attention == linear), None)
+    return f"; the checkpoint has hidden_sizes={hidden}, depths={depths}" + (f" ({preset})" if preset else "")
+
+
+def _warn_non_finite(state: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Log the tensors holding NaN or infinity: such weights load, but every output that touches them is NaN (a
+    diverged or damaged training run); inference refuses them (``pvtv2.inference``)."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        logger.warning(
+            "the weights in %s hold NaN or infinite values in %d tensor(s): %s; outputs that depend on them will be "
+            "NaN", origin, len(bad), ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
+        )
 
 
 def _materialize_and_init(model: torch.nn.Module) -> None:

@@ -284,3 +284,45 @@ def test_hostile_shard_indexes_are_named(saved, tmp_path, case):
     folder = _sharded(saved, tmp_path, lambda keys: weight_map(keys, saved))
     with pytest.raises(error, match=re.escape(says)):
         PvtV2ForImageClassification.from_pretrained(folder)
+
+
+def test_a_sharded_hub_checkpoint_fetches_its_shards_from_the_hub(saved, tmp_path, monkeypatch):
+    """A hub id whose weights are sharded: the shards are the repository's files too. They used to be looked for
+    beside the cached index only, so a cache holding the index but not every shard failed with 'not in its folder'
+    where the hub would have given them. Here a stand-in for huggingface_hub's download serves a folder as the hub
+    and caches what it serves; the cache starts with the config and the index only."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    remote = _sharded(saved, tmp_path)
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    for name in ("config.json", "model.safetensors.index.json"):
+        shutil.copy(remote / name, cache)
+    asked = []
+
+    def hub_download(repo_id, filename, *, revision=None, cache_dir=None, local_files_only=False, **_):
+        assert repo_id == "owner/sharded"
+        asked.append((filename, local_files_only))
+        if (cache / filename).is_file():
+            return str(cache / filename)
+        if local_files_only or not (remote / filename).is_file():
+            raise LocalEntryNotFoundError(f"{filename} not cached")
+        shutil.copy(remote / filename, cache / filename)
+        return str(cache / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the stand-in is the only "network"
+    model = PvtV2ForImageClassification.from_pretrained("owner/sharded").eval()
+    shards = sorted({v for v in json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"].values()})
+    assert [name for name, local in asked if not local and name in shards] == shards  # each downloaded once
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(saved[1](x).logits, model(x).logits) < 1e-6
+    # Without the hub, a shard missing from the cache is named as the hub's file, with how to get it.
+    (cache / shards[0]).unlink()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, **kw: hub_download(repo_id, filename, **kw) if filename != shards[0]
+                        else (_ for _ in ()).throw(LocalEntryNotFoundError("offline")))
+    with pytest.raises(HubFileNotFound, match=re.escape(f"{shards[0]!r} of 'owner/sharded' is not in the Hugging Face cache")):
+        PvtV2ForImageClassification.from_pretrained("owner/sharded")

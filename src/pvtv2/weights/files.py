@@ -19,7 +19,7 @@ import torch
 
 from ..fileio import atomic_write
 
-__all__ = ["CheckpointError", "read_state_dict", "save_state_dict"]
+__all__ = ["CheckpointError", "read_state_dict", "save_state_dict", "shard_names"]
 
 
 class CheckpointError(ValueError):
@@ -97,21 +97,27 @@ def _read_torch(path: Path, head: bytes = b"") -> Any:
         ) from None
 
 
-def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def shard_names(index_path: str | os.PathLike) -> list[str]:
+    """The shard files a sharded checkpoint's index (``model.safetensors.index.json``) names, each a plain file name
+    beside the index, as transformers writes them ("../x" or "/x" would read another folder's files)."""
+    index_path = Path(index_path)
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         shards = sorted(set(index["weight_map"].values()))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{os.fspath(index_path)!r} is not a valid sharded-checkpoint index: {err}") from None
-    state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        # A plain file name beside the index, as transformers writes them: "../x" or "/x" would read another
-        # folder's files, and a shard that is missing is named as the index's.
         if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
             raise CheckpointError(
                 f"{os.fspath(index_path)!r} names the shard {shard!r}, which is not a file name in its folder"
             )
-        if not (index_path.parent / shard).is_file():
+    return shards
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for shard in shard_names(index_path):
+        if not (index_path.parent / shard).is_file():  # named as the index's, not as a missing checkpoint
             raise FileNotFoundError(f"{os.fspath(index_path)!r} names the shard {shard!r}, which is not in its folder")
         state.update(read_state_dict(index_path.parent / shard))
     return state

@@ -26,7 +26,7 @@ import torch
 from ..fileio import atomic_write_json, path_kind
 from ..models.config import DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config, merge_changes
 from ..models.labels import has_generic_labels, imagenet_id2label
-from .files import CheckpointError, read_state_dict, save_state_dict
+from .files import CheckpointError, read_state_dict, save_state_dict, shard_names
 from .hub import looks_like_hub_id, resolve_file
 from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, MMDET_LAYOUT, detect_layout, to_canonical
 
@@ -152,6 +152,10 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
     for name in WEIGHT_FILES:
         weights = resolve_file(text, name, revision=revision, cache_dir=cache_dir, required=False)
         if weights is not None:
+            if weights.name.endswith(".index.json"):
+                # The shards are files of the repository too: from the cache, or downloaded beside the index.
+                for shard in shard_names(weights):
+                    resolve_file(text, shard, revision=revision, cache_dir=cache_dir)
             return config, weights
     return config, resolve_file(text, WEIGHT_FILES[0], revision=revision, cache_dir=cache_dir)  # raises, explaining
 

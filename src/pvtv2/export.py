@@ -247,6 +247,13 @@ def export_onnx(
     output = Path(output)
     if output.is_dir():
         raise ValueError(f"--output must be a file path, but {os.fspath(output)!r} is a folder")
+    # A graph of NaN weights exports, but its outputs are NaN and no check can tell it from a broken export.
+    from .weights.loading import non_finite
+
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise ValueError(f"the model holds NaN or infinite weights in {bad}: an exported graph would output NaN. "
+                         f"The checkpoint is damaged, or was saved after training diverged")
     output.parent.mkdir(parents=True, exist_ok=True)
     exportable, replaced = make_exportable(model)
     exportable = exportable.float()

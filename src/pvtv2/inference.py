@@ -113,12 +113,12 @@ def _refuse_random_weights(model: torch.nn.Module, source: str | os.PathLike, wh
 def _refuse_non_finite_weights(model: torch.nn.Module, source: str | os.PathLike) -> None:
     """Raise when a parameter or buffer holds NaN or infinity: every output that touches it is NaN, and ranking NaN
     scores gives labels in an arbitrary order (a diverged or damaged checkpoint)."""
-    bad = sorted(name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+    from .weights.loading import non_finite
+
+    bad = non_finite(model.state_dict())
     if bad:
-        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise ValueError(
-            f"{os.fspath(source)!r} holds NaN or infinite weights in {len(bad)} tensor(s) ({shown}): its outputs would "
+            f"{os.fspath(source)!r} holds NaN or infinite weights in {bad}: its outputs would "
             f"be NaN. The checkpoint is damaged, or was saved after training diverged; use an earlier one"
         )
 

@@ -152,8 +152,14 @@ def test_nan_weights_are_named_on_loading_and_refused_for_inference(saved, tmp_p
     assert len(warned) == 1 and "2 tensor(s)" in warned[0]
     assert "classifier.bias" in warned[0] and "layers.1.blocks.0.mlp.dense1.weight" in warned[0]
     assert not torch.isfinite(loaded(torch.randn(1, 3, 64, 64)).logits).all()  # what the warning is about
-    with pytest.raises(ValueError, match=r"NaN or infinite weights in 2 tensor\(s\) \(classifier\.bias, pvt_v2\."):
+    with pytest.raises(ValueError, match=r"NaN or infinite weights in 2 tensor\(s\): classifier\.bias, pvt_v2\."):
         load_classifier(folder)
+    # Export too: it used to fail its own check with "max abs diff nan > tolerance nan".
+    from pvtv2.export import export_onnx
+
+    with pytest.raises(ValueError, match=r"NaN or infinite weights in 2 tensor\(s\): classifier\.bias, pvt_v2\."):
+        export_onnx(loaded, tmp_path / "nan.onnx")
+    assert not (tmp_path / "nan.onnx").exists() and not list(tmp_path.glob(".nan.onnx*"))
 
 
 def test_finite_weights_give_no_nan_warning(saved, caplog):

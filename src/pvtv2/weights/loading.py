@@ -38,6 +38,7 @@ __all__ = [
     "load_canonical",
     "load_pretrained",
     "save_pretrained",
+    "non_finite",
 ]
 
 logger = logging.getLogger(__name__)
@@ -362,15 +363,22 @@ def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
     return f"; the checkpoint has hidden_sizes={hidden}, depths={depths}" + (f" ({preset})" if preset else "")
 
 
+def non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The names of the floating-point tensors holding NaN or infinity, as one short phrase (``"3 tensor(s):
+    a, b, c"``); None when every value is finite."""
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if not bad:
+        return None
+    return f"{len(bad)} tensor(s): " + ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+
+
 def _warn_non_finite(state: Mapping[str, torch.Tensor], origin: str) -> None:
     """Log the tensors holding NaN or infinity: such weights load, but every output that touches them is NaN (a
-    diverged or damaged training run); inference refuses them (``pvtv2.inference``)."""
-    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    diverged or damaged training run); inference and export refuse them."""
+    bad = non_finite(state)
     if bad:
-        logger.warning(
-            "the weights in %s hold NaN or infinite values in %d tensor(s): %s; outputs that depend on them will be "
-            "NaN", origin, len(bad), ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
-        )
+        logger.warning("the weights in %s hold NaN or infinite values in %s; outputs that depend on them will be NaN",
+                       origin, bad)
 
 
 def _materialize_and_init(model: torch.nn.Module) -> None:

@@ -328,6 +328,8 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
     """Multi-scale feature maps for dense prediction: the stages named by ``config.out_features`` / ``out_indices``.
 
     ``channels`` and ``strides`` give each output's channel count and its stride with respect to the input.
+    ``output_attentions`` gives every stage's attention maps, as ``PvtV2Model`` does (transformers' backbone returns
+    none).
     """
 
     def __init__(self, config: PvtV2Config) -> None:
@@ -379,8 +381,8 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
         # The dtype the input meets first: the first patch embedding's convolution.
         check_pixel_values(pixel_values, self.config.num_channels, self.encoder.layers[0].patch_embedding.proj.weight.dtype)
         check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
-        # Stages after the last requested one are skipped unless every stage's output is asked for.
-        needed = None if output_hidden_states else max(self.out_indices) + 1
+        # Stages after the last requested one are skipped unless every stage's output or attention map is asked for.
+        needed = None if output_hidden_states or output_attentions else max(self.out_indices) + 1
         out = self.encoder(pixel_values, output_attentions, output_hidden_states=True, num_stages=needed)
         maps = tuple(out.hidden_states[i] for i in self.out_indices)
         result = BackboneOutput(

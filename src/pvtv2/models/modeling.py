@@ -91,6 +91,7 @@ class PvtV2PreTrainedModel(nn.Module):
     encoder_prefix: str = ""  # where the encoder's ``encoder.`` keys sit in state_dict() ("pvt_v2." inside task models)
     head_prefixes: tuple[str, ...] = ()  # the top-level names of the task head(s), which a checkpoint may lack
     classifier_prefix: str | None = None  # the head's class-sized last layer, replaced when num_labels differs
+    in_transformers: bool = False  # transformers has this class: save_pretrained warns where it would compute otherwise
 
     def __init__(self, config: PvtV2Config) -> None:
         super().__init__()
@@ -229,6 +230,8 @@ def resolve_output_flags(config: PvtV2Config, output_attentions, output_hidden_s
 class PvtV2Model(PvtV2PreTrainedModel):
     """The bare encoder: ``last_hidden_state`` is the last stage's (B, C, H, W) map."""
 
+    in_transformers = True
+
     def __init__(self, config: PvtV2Config) -> None:
         super().__init__(config)
         self.encoder = PvtV2Encoder(config)
@@ -257,6 +260,7 @@ class PvtV2ForImageClassification(PvtV2PreTrainedModel):
     encoder_prefix = "pvt_v2."
     head_prefixes = ("classifier.",)
     classifier_prefix = "classifier."
+    in_transformers = True
 
     def __init__(self, config: PvtV2Config) -> None:
         super().__init__(config)
@@ -331,6 +335,8 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
     ``output_attentions`` gives every stage's attention maps, as ``PvtV2Model`` does (transformers' backbone returns
     none).
     """
+
+    in_transformers = True
 
     def __init__(self, config: PvtV2Config) -> None:
         super().__init__(config)

@@ -102,9 +102,19 @@ _positive_int = _scalar("a positive integer", lambda v: _is_int(v) and v >= 1)
 _non_negative_int = _scalar("a non-negative integer", lambda v: _is_int(v) and v >= 0)
 _integer = _scalar("an integer", _is_int)
 _positive_number = _scalar("a positive number", lambda v: _is_number(v) and v > 0)
-_non_negative_number = _scalar("non-negative", lambda v: _is_number(v) and v >= 0)
 _probability = _scalar("a probability in [0, 1)", lambda v: _is_number(v) and 0.0 <= v < 1.0)
 _boolean = _scalar("True or False", lambda v: isinstance(v, bool))
+
+
+def _as_float(check: Check) -> Check:
+    """``check``, the value stored as a float: transformers 5 types these fields float and refuses a config.json
+    that holds an int there (``"layer_norm_eps": 1``)."""
+
+    def as_float(name: str, value: Any) -> Any:
+        value = check(name, value)
+        return None if value is None else float(value)
+
+    return as_float
 
 
 def _optional(check: Check) -> Check:
@@ -133,7 +143,7 @@ def _list(name: str, value: Any, what: str) -> list:
 
 
 def _per_stage(kind: type) -> Check:
-    """A list with one positive number per stage; ``int``: whole numbers (2.0 is stored as 2)."""
+    """A list with one positive number per stage, whole numbers stored as int (2.0 as 2); ``int``: only those."""
 
     def per_stage(name: str, value: Any) -> list:
         values = _list(name, value, "with one number per stage")
@@ -142,7 +152,9 @@ def _per_stage(kind: type) -> Check:
                 raise ValueError(f"{name} must hold positive numbers, got {values}")
             if kind is int and not float(v).is_integer():
                 raise ValueError(f"{name} must hold integers, got {values}")
-        return [int(v) for v in values] if kind is int else values
+        # Whole numbers as int for float lists too: transformers 5 types mlp_ratios int and refuses a config.json
+        # holding 8.0 (timm and the original code take either)
+        return [int(v) if kind is int or float(v).is_integer() else v for v in values]
 
     return per_stage
 
@@ -240,16 +252,16 @@ class PvtV2Fields:
     hidden_act: str | Callable = _field("gelu", _activation)  # Mix-FFN activation: a name of ACTIVATIONS or a callable
     hidden_dropout_prob: float = _field(0.0, _probability)  # dropout after the attention and Mix-FFN projections
     attention_probs_dropout_prob: float = _field(0.0, _probability)  # dropout on the attention weights
-    initializer_range: float = _field(0.02, _non_negative_number)  # std of the truncated-normal weight init
+    initializer_range: float = _field(0.02, _as_float(_positive_number))  # std of the truncated-normal weight init
     drop_path_rate: float = _field(0.0, _probability)  # stochastic depth of the last block, linear from 0
-    layer_norm_eps: float = _field(1e-6, _positive_number)  # epsilon of the blocks' and stages' LayerNorms
+    layer_norm_eps: float = _field(1e-6, _as_float(_positive_number))  # epsilon of the blocks' and stages' LayerNorms
     qkv_bias: bool = _field(True, _boolean)  # biases in the query, key and value projections
     linear_attention: bool = _field(False, _boolean)  # Linear SRA (pooling to 7x7) instead of strided-conv SRA
     out_features: Sequence[str] | None = _field(None, _optional(_stage_names))  # backbone outputs by name...
     out_indices: Sequence[int] | None = _field(None, _optional(_stage_indices))  # ...or index (None: the last stage)
     # --- the LayerNorm epsilons where the original code and timm use PyTorch's default, 1e-5 (None: layer_norm_eps)
-    patch_embed_layer_norm_eps: float | None = _field(None, _optional(_positive_number), WHEN_SET)  # patch embeddings
-    reduction_layer_norm_eps: float | None = _field(None, _optional(_positive_number), WHEN_SET)  # spatial reduction
+    patch_embed_layer_norm_eps: float | None = _field(None, _optional(_as_float(_positive_number)), WHEN_SET)  # patch embeddings
+    reduction_layer_norm_eps: float | None = _field(None, _optional(_as_float(_positive_number)), WHEN_SET)  # spatial reduction
     # --- the dense heads (SegFormer's and GLPN's fields, same names; None: the task's default, filled in by the model)
     decoder_hidden_size: int | None = _field(None, _optional(_positive_int), WHEN_SET)  # decode head width
     classifier_dropout_prob: float | None = _field(None, _optional(_probability), WHEN_SET)  # before SegFormer's classifier

@@ -91,6 +91,7 @@ class PvtV2PreTrainedModel(nn.Module):
     encoder_prefix: str = ""  # where the encoder's ``encoder.`` keys sit in state_dict() ("pvt_v2." inside task models)
     head_prefixes: tuple[str, ...] = ()  # the top-level names of the task head(s), which a checkpoint may lack
     classifier_prefix: str | None = None  # the head's class-sized last layer, replaced when num_labels differs
+    in_transformers: bool = False  # transformers has this class: save_pretrained warns where it would compute otherwise
 
     def __init__(self, config: PvtV2Config) -> None:
         super().__init__()
@@ -229,6 +230,8 @@ def resolve_output_flags(config: PvtV2Config, output_attentions, output_hidden_s
 class PvtV2Model(PvtV2PreTrainedModel):
     """The bare encoder: ``last_hidden_state`` is the last stage's (B, C, H, W) map."""
 
+    in_transformers = True
+
     def __init__(self, config: PvtV2Config) -> None:
         super().__init__(config)
         self.encoder = PvtV2Encoder(config)
@@ -257,6 +260,7 @@ class PvtV2ForImageClassification(PvtV2PreTrainedModel):
     encoder_prefix = "pvt_v2."
     head_prefixes = ("classifier.",)
     classifier_prefix = "classifier."
+    in_transformers = True
 
     def __init__(self, config: PvtV2Config) -> None:
         super().__init__(config)
@@ -328,7 +332,11 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
     """Multi-scale feature maps for dense prediction: the stages named by ``config.out_features`` / ``out_indices``.
 
     ``channels`` and ``strides`` give each output's channel count and its stride with respect to the input.
+    ``output_attentions`` gives every stage's attention maps, as ``PvtV2Model`` does (transformers' backbone returns
+    none).
     """
+
+    in_transformers = True
 
     def __init__(self, config: PvtV2Config) -> None:
         super().__init__(config)
@@ -379,8 +387,8 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
         # The dtype the input meets first: the first patch embedding's convolution.
         check_pixel_values(pixel_values, self.config.num_channels, self.encoder.layers[0].patch_embedding.proj.weight.dtype)
         check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
-        # Stages after the last requested one are skipped unless every stage's output is asked for.
-        needed = None if output_hidden_states else max(self.out_indices) + 1
+        # Stages after the last requested one are skipped unless every stage's output or attention map is asked for.
+        needed = None if output_hidden_states or output_attentions else max(self.out_indices) + 1
         out = self.encoder(pixel_values, output_attentions, output_hidden_states=True, num_stages=needed)
         maps = tuple(out.hidden_states[i] for i in self.out_indices)
         result = BackboneOutput(

@@ -7,8 +7,9 @@ builds the model without memory and loads the tensors strictly: a checkpoint tha
 
 What loading needs to know about a model class it reads from class attributes (``PvtV2PreTrainedModel``):
 ``base_model_prefix`` (where the encoder sits), ``head_prefixes`` (the task head's top-level names),
-``classifier_prefix`` (its class-sized last layer) and the method ``init_new_module`` (for a head the checkpoint
-lacks). A model whose head was initialised at random says so in ``model.newly_initialized_keys``.
+``classifier_prefix`` (its class-sized last layer), ``in_transformers`` (whether saving checks what transformers
+would make of the folder) and the method ``init_new_module`` (for a head the checkpoint lacks). A model whose head
+was initialised at random says so in ``model.newly_initialized_keys``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import re
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ __all__ = [
     "load_pretrained",
     "save_pretrained",
     "non_finite",
+    "transformers_differences",
 ]
 
 logger = logging.getLogger(__name__)
@@ -404,11 +407,46 @@ def _describe(model: torch.nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def transformers_differences(config: PvtV2Config) -> list[str]:
+    """What transformers' PvtV2 would make of this config differently from pvtv2 (empty: the same numbers)."""
+    notes = []
+    own = {
+        "patch_embed_layer_norm_eps": config.patch_embed_layer_norm_eps,
+        "reduction_layer_norm_eps": config.reduction_layer_norm_eps,
+    }
+    differing = ", ".join(f"{k}={v:g}" for k, v in own.items() if v is not None and v != config.layer_norm_eps)
+    if differing:
+        notes.append(
+            f"transformers' PvtV2 uses layer_norm_eps={config.layer_norm_eps:g} in every LayerNorm and ignores "
+            f"{differing} (the original code's and timm's epsilon), so loaded there these weights give slightly "
+            f"different outputs; pvtv2 reads the epsilons back"
+        )
+    if any(not float(r).is_integer() for r in config.mlp_ratios):
+        notes.append(
+            f"transformers' PvtV2Config takes whole-number mlp_ratios only and refuses {list(config.mlp_ratios)}, "
+            f"so this config.json loads in pvtv2 (and its weights in timm) but not in transformers"
+        )
+    return notes
+
+
+# Models already warned about: a training run saves the same model at every epoch, and once is enough.
+_WARNED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
 def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """``config.json`` (with the class in ``architectures``) and ``model.safetensors`` in transformers' layout."""
+    """``config.json`` (with the class in ``architectures``) and ``model.safetensors`` in transformers' layout.
+
+    Where transformers would compute otherwise from the folder (see :func:`transformers_differences`) and has the
+    model's class (``in_transformers``: ``PvtV2Model``, ``PvtV2ForImageClassification``, ``PvtV2Backbone``), a
+    warning says so, once per model.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config: PvtV2Config = model.config
+    if getattr(model, "in_transformers", False) and model not in _WARNED:
+        for note in transformers_differences(config):
+            logger.warning("save_pretrained: %s", note)
+        _WARNED.add(model)
     data = config.to_dict()
     data["architectures"] = [type(model).__name__]
     save_state_dict(model.state_dict(), folder / "model.safetensors")

@@ -84,7 +84,12 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     # bool is an int to Python, never a number to a person; inf and nan are never meant
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float ({"layer_norm_eps": 1e400 written out}): not a usable number
+        return False
 
 
 def _scalar(what: str, test: Callable[[Any], bool]) -> Check:
@@ -644,6 +649,8 @@ class PvtV2Config:
             raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {err}") from None
         except UnicodeDecodeError:
             raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 text file") from None
+        except RecursionError:  # objects nested thousands deep: no config, and json's own error is a traceback
+            raise ValueError(f"{os.fspath(path)!r} is not a PVTv2 config: its JSON is nested too deeply") from None
         problem = unknown_fields(data) if strict and isinstance(data, Mapping) else None
         if problem:
             raise ValueError(f"{os.fspath(path)}: {problem}")

@@ -3,13 +3,19 @@ the library, exit status 2 for the command) instead of a traceback."""
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 
 import pytest
+import torch
 
-from pvtv2 import PvtV2Config
+from pvtv2 import CheckpointError, PvtV2Config, PvtV2ForImageClassification
 from pvtv2.cli import main
+from pvtv2.weights.files import save_state_dict
 from pvtv2.weights.loading import read_config
+
+from conftest import TINY, random_weights_
 
 _HUGE = "1" + "0" * 400  # a JSON integer no float holds (float() raises OverflowError)
 
@@ -49,3 +55,56 @@ def test_train_with_a_deeply_nested_architecture_file_is_one_line(tmp_path, caps
     assert code == 2
     assert err[-1].startswith("pvtv2 train: error: ") and "nested too deeply" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+# ---------------------------------------------------------------------------------------------- sharded indexes
+_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier():
+    torch.manual_seed(0)
+    return random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=5))).eval()
+
+
+def _sharded(model, folder, shards, weight_map):
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    for name, state in shards.items():
+        save_state_dict(state, folder / name)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_a_tensor_in_two_shards_is_refused_not_taken_from_the_last(tiny_classifier, tmp_path):
+    """The second shard also holds a stale (zeroed) copy of the first shard's tensors, as a re-save interrupted
+    half-way leaves it; the index maps them to the first. They used to be taken from the second shard, without a
+    word: a model of zeros where the index promised the trained weights."""
+    state = tiny_classifier.state_dict()
+    keys = sorted(state)
+    first, second = keys[: len(keys) // 2], keys[len(keys) // 2:]
+    stale = {k: torch.zeros_like(state[k]) for k in first}
+    folder = _sharded(tiny_classifier, tmp_path / "stale", {
+        _SHARDS[0]: {k: state[k] for k in first},
+        _SHARDS[1]: {**stale, **{k: state[k] for k in second}},
+    }, {k: _SHARDS[k in second] for k in keys})
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"the tensor {first[0]!r} is in two shards, {_SHARDS[0]!r} and {_SHARDS[1]!r} ({len(first)} tensor(s) in "
+            "all), so which one is meant is ambiguous")):
+        PvtV2ForImageClassification.from_pretrained(folder)
+    # The same shards without the stale copy load the model's own weights.
+    folder = _sharded(tiny_classifier, tmp_path / "whole", {
+        _SHARDS[0]: {k: state[k] for k in first}, _SHARDS[1]: {k: state[k] for k in second},
+    }, {k: _SHARDS[k in second] for k in keys})
+    loaded = PvtV2ForImageClassification.from_pretrained(folder).state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in keys)
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    ({}, "names no shards: its weight_map is empty"),
+    ({"a": _SHARDS[0], "b": 3}, "names the shard 3, which is not a file name in its folder"),
+])
+def test_an_index_naming_no_usable_shard_says_so(tiny_classifier, tmp_path, weight_map, message):
+    folder = _sharded(tiny_classifier, tmp_path / "index", {_SHARDS[0]: tiny_classifier.state_dict()}, weight_map)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        PvtV2ForImageClassification.from_pretrained(folder)

@@ -12,6 +12,7 @@ import torch
 
 from pvtv2 import CheckpointError, PvtV2Config, PvtV2ForImageClassification
 from pvtv2.cli import main
+from pvtv2.data.shapes import make_segmentation_example
 from pvtv2.weights.files import save_state_dict
 from pvtv2.weights.loading import read_config
 
@@ -108,3 +109,20 @@ def test_an_index_naming_no_usable_shard_says_so(tiny_classifier, tmp_path, weig
     folder = _sharded(tiny_classifier, tmp_path / "index", {_SHARDS[0]: tiny_classifier.state_dict()}, weight_map)
     with pytest.raises(CheckpointError, match=re.escape(message)):
         PvtV2ForImageClassification.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------- demo-seg again
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_smaller_example_over_a_larger_one_is_the_smaller_one(tmp_path):
+    """`pvtv2 demo-seg --epochs 0` run again with fewer images (or another --size) into the same OUTPUT: the pairs
+    numbered past the new counts used to stay, so OUTPUT/data held 4 training images (two of another size) where the
+    log said 2. The folder now holds what a fresh folder does, byte for byte; files the example never writes stay."""
+    again = tmp_path / "again"
+    make_segmentation_example(again, 4, 3, 48, seed=1)
+    (again / "train" / "images" / "mine.png").write_bytes(b"kept")
+    make_segmentation_example(again, 2, 1, 32, seed=0)
+    fresh = make_segmentation_example(tmp_path / "fresh", 2, 1, 32, seed=0)
+    assert _files(again) == {**_files(fresh), "train/images/mine.png": b"kept"}

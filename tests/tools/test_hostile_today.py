@@ -13,6 +13,7 @@ import torch
 from pvtv2 import CheckpointError, PvtV2Config, PvtV2ForImageClassification
 from pvtv2.cli import main
 from pvtv2.data.shapes import make_segmentation_example
+from pvtv2.training.rundir import resolve_recorded_data
 from pvtv2.weights.files import save_state_dict
 from pvtv2.weights.loading import read_config
 
@@ -126,3 +127,21 @@ def test_a_smaller_example_over_a_larger_one_is_the_smaller_one(tmp_path):
     make_segmentation_example(again, 2, 1, 32, seed=0)
     fresh = make_segmentation_example(tmp_path / "fresh", 2, 1, 32, seed=0)
     assert _files(again) == {**_files(fresh), "train/images/mine.png": b"kept"}
+
+
+# ---------------------------------------------------------------------------------------------- --resume's data
+def test_an_older_runs_relative_data_is_a_folder_not_a_file_of_that_name(tmp_path, monkeypatch):
+    """A run that recorded its data as 'example/data' (relative, as before), continued from a folder that holds a
+    *file* of that name: the file used to win over the run's data folder beside the run, and the run was refused as
+    'needs the folder .../train/images'. The data is a folder; the one beside the run is found."""
+    run = tmp_path / "started" / "example" / "run"
+    run.mkdir(parents=True)
+    (tmp_path / "started" / "example" / "data").mkdir()
+    (tmp_path / "here" / "example").mkdir(parents=True)
+    (tmp_path / "here" / "example" / "data").write_text("not a dataset")
+    monkeypatch.chdir(tmp_path / "here")
+    assert resolve_recorded_data("example/data", run) == str(tmp_path / "started" / "example" / "data")
+    # A folder here still comes first, as it always did.
+    (tmp_path / "here" / "example" / "data").unlink()
+    (tmp_path / "here" / "example" / "data").mkdir()
+    assert resolve_recorded_data("example/data", run) == str(tmp_path / "here" / "example" / "data")

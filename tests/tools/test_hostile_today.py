@@ -23,11 +23,11 @@ _HUGE = "1" + "0" * 400  # a JSON integer no float holds (float() raises Overflo
 
 
 @pytest.mark.parametrize("text", [
-    '{"layer_norm_eps": %s}' % _HUGE,
-    '{"initializer_range": %s}' % _HUGE,
-    '{"patch_embed_layer_norm_eps": %s}' % _HUGE,
-    '{"mlp_ratios": [%s, 8, 4, 4]}' % _HUGE,
-    '{"hidden_dropout_prob": %s}' % _HUGE,
+    f'{{"layer_norm_eps": {_HUGE}}}',
+    f'{{"initializer_range": {_HUGE}}}',
+    f'{{"patch_embed_layer_norm_eps": {_HUGE}}}',
+    f'{{"mlp_ratios": [{_HUGE}, 8, 4, 4]}}',
+    f'{{"hidden_dropout_prob": {_HUGE}}}',
 ])
 def test_an_integer_beyond_any_float_is_refused_by_name(tmp_path, text):
     path = tmp_path / "config.json"
@@ -145,3 +145,43 @@ def test_an_older_runs_relative_data_is_a_folder_not_a_file_of_that_name(tmp_pat
     (tmp_path / "here" / "example" / "data").unlink()
     (tmp_path / "here" / "example" / "data").mkdir()
     assert resolve_recorded_data("example/data", run) == str(tmp_path / "here" / "example" / "data")
+
+
+# ---------------------------------------------------------------------------------------------- return_dict false
+def test_inference_reads_outputs_of_a_config_that_asks_for_tuples(tmp_path):
+    """A config.json with "return_dict": false (transformers honours it, so the field loads): predict, the
+    segmentation and the depth helpers read `.logits` / `.predicted_depth` and failed with "'tuple' object has no
+    attribute 'logits'" (exit status 1 and a traceback from `pvtv2 predict`). They ask for an output object."""
+    import copy
+
+    from PIL import Image
+
+    from pvtv2 import PvtV2ForDepthEstimation, PvtV2ForSemanticSegmentation
+    from pvtv2.inference import predict_depth, segmentation_logits, torch_runtime
+
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 64, 64)
+    for cls in (PvtV2ForImageClassification, PvtV2ForSemanticSegmentation, PvtV2ForDepthEstimation):
+        model = random_weights_(cls(PvtV2Config(**TINY, num_labels=3))).eval()
+        tuples = copy.deepcopy(model)
+        tuples.config.return_dict = False
+        assert isinstance(tuples(pixels), tuple)  # the config is honoured by a plain call
+        with torch.no_grad():
+            if cls is PvtV2ForImageClassification:
+                expected = model(pixels).logits
+                got = torch_runtime(tuples)(pixels)
+            elif cls is PvtV2ForSemanticSegmentation:
+                expected = model(pixels).logits
+                got = segmentation_logits(tuples, pixels)
+                expected = torch.nn.functional.interpolate(expected, size=got.shape[-2:], mode="bilinear",
+                                                           align_corners=False)
+            else:
+                image = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
+                expected = torch.as_tensor(predict_depth(model, image))
+                got = torch.as_tensor(predict_depth(tuples, image))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # The command: the folder of a classifier whose config.json says so predicts (exit status 0).
+    model = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=3, return_dict=False)))
+    model.save_pretrained(tmp_path / "tuples")
+    Image.new("RGB", (40, 40)).save(tmp_path / "image.png")
+    assert main(["predict", "--model", str(tmp_path / "tuples"), str(tmp_path / "image.png")]) == 0

@@ -185,3 +185,41 @@ def test_inference_reads_outputs_of_a_config_that_asks_for_tuples(tmp_path):
     model.save_pretrained(tmp_path / "tuples")
     Image.new("RGB", (40, 40)).save(tmp_path / "image.png")
     assert main(["predict", "--model", str(tmp_path / "tuples"), str(tmp_path / "image.png")]) == 0
+
+
+def test_training_evaluations_read_outputs_of_a_config_that_asks_for_tuples():
+    """The training loops and evaluations of a model built from such a config.json (pvtv2 train --model FOLDER)
+    failed the same way. The sums equal those computed from the model's own logits."""
+    from pvtv2 import PvtV2ForSemanticSegmentation
+    from pvtv2.training.classification import evaluate_classifier
+    from pvtv2.training.segmentation import evaluate_segmentation
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+    model = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=3, return_dict=False)))
+    with torch.no_grad():
+        logits = model.eval()(images)[0]
+    loss, top1, _, count = evaluate_classifier(model, [(images, labels)], torch.device("cpu"))
+    assert count == 2 and top1 == (logits.argmax(1) == labels).sum().item()
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(), rel=1e-5)
+
+    segmenter = random_weights_(PvtV2ForSemanticSegmentation(PvtV2Config(**TINY, num_labels=3, return_dict=False)))
+    masks = torch.randint(0, 3, (2, 64, 64))
+    with torch.no_grad():
+        up = torch.nn.functional.interpolate(segmenter.eval()(images)[0], size=(64, 64), mode="bilinear",
+                                             align_corners=False)
+    accuracy = (up.argmax(1) == masks).float().mean().item()
+    assert evaluate_segmentation(segmenter, [(images, masks)])["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_train_from_a_folder_whose_config_asks_for_tuples(tmp_path, capsys):
+    from pvtv2 import PvtV2ForSemanticSegmentation
+
+    data = make_segmentation_example(tmp_path / "data", 2, 1, 32)
+    model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY, num_labels=4, return_dict=False))
+    model.save_pretrained(tmp_path / "tuples")
+    code = main(["train", "--task", "segmentation", "--model", str(tmp_path / "tuples"), "--data", str(data),
+                 "--output", str(tmp_path / "run"), "--epochs", "1", "--image-size", "32", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "run" / "last" / "training_state.pt").is_file()

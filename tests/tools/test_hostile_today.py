@@ -223,3 +223,14 @@ def test_train_from_a_folder_whose_config_asks_for_tuples(tmp_path, capsys):
                  "--output", str(tmp_path / "run"), "--epochs", "1", "--image-size", "32", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "run" / "last" / "training_state.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- num_labels
+def test_an_absurd_num_labels_is_refused_not_a_hang():
+    """{"num_labels": 10**30} used to build 10**30 generic names (a hang, then out of memory); refused by name now,
+    in the constructor and the setter alike, while a large real one still names its classes."""
+    for build in (lambda n: PvtV2Config(num_labels=n), lambda n: setattr(PvtV2Config(), "num_labels", n)):
+        with pytest.raises(ValueError, match=r"^num_labels=10{30} is more classes than a classifier head can have"):
+            build(10**30)
+    config = PvtV2Config(num_labels=21841)
+    assert len(config.id2label) == 21841 and config.id2label[21840] == "LABEL_21840"

@@ -373,9 +373,17 @@ def unknown_fields(keys: Iterable[str]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- rules across fields
+# The most classes a config names generically (LABEL_0...): far above any dataset's (ImageNet-21k: 21,841), far below
+# what hangs building the names (a config.json saying 10**30).
+_MAX_LABELS = 10**6
+
+
 def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dict | None) -> tuple[dict, dict]:
     """(id2label, label2id) from the label fields as given (each already checked on its own)."""
     if id2label is None:
+        if num_labels is not None and num_labels > _MAX_LABELS:  # a name each: 10**12 of them never finish
+            raise ValueError(f"num_labels={num_labels} is more classes than a classifier head can have here "
+                             f"(at most {_MAX_LABELS:,})")
         id2label = generic_id2label(2 if num_labels is None else num_labels)  # 2: transformers' default
     elif num_labels is not None and num_labels != len(id2label):
         raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries")

@@ -587,7 +587,9 @@ def segmentation_logits(
     height, width = pixel_values.shape[-2:]
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
-        logits = model(pixels, return_dict=True).logits.float()  # (B, K, h/4, w/4); return_dict: as torch_runtime
+        out = model(pixels)
+        # A tuple where the config says "return_dict": false (any module with .logits is taken, so not asked for)
+        logits = (out[0] if isinstance(out, tuple) else out.logits).float()  # (B, K, h/4, w/4)
         return F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
 
     if mode == "whole":

@@ -241,7 +241,8 @@ def torch_runtime(model: PvtV2ForImageClassification, bf16: bool = False) -> Run
     @torch.no_grad()
     def run(pixel_values: Any) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(torch.as_tensor(pixel_values).to(device, dtype)).logits.float()  # (B, num_labels)
+            # return_dict: a config.json may say false (transformers honours it), and a tuple has no .logits
+            logits = model(torch.as_tensor(pixel_values).to(device, dtype), return_dict=True).logits.float()  # (B, K)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return logits
@@ -586,7 +587,9 @@ def segmentation_logits(
     height, width = pixel_values.shape[-2:]
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
-        logits = model(pixels).logits.float()  # (B, K, h/4, w/4)
+        out = model(pixels)
+        # A tuple where the config says "return_dict": false (any module with .logits is taken, so not asked for)
+        logits = (out[0] if isinstance(out, tuple) else out.logits).float()  # (B, K, h/4, w/4)
         return F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
 
     if mode == "whole":
@@ -694,7 +697,7 @@ def predict_depth(model: PvtV2ForDepthEstimation, image, size: tuple[int, int] |
     if size is None:
         size = (max(32, image.height // 32 * 32), max(32, image.width // 32 * 32))
     pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]}, do_normalize=False)(image)["pixel_values"]
-    depth = model.eval()(pixels.to(model.device, model.dtype)).predicted_depth  # (1, h, w)
+    depth = model.eval()(pixels.to(model.device, model.dtype), return_dict=True).predicted_depth  # (1, h, w)
     depth = F.interpolate(depth[:, None].float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
     return depth[0, 0].cpu().numpy()
 

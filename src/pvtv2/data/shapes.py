@@ -96,6 +96,14 @@ def make_segmentation_example(
             image, mask = _example(rng, size)
             image.save(root / split / "images" / f"{i:05d}.png")
             mask.save(root / split / "masks" / f"{i:05d}.png")
+        # An earlier, larger example in the same folder left pairs numbered past `count`: the mask folders are read
+        # whole, so they would be trained on (as another --size's images) under this example's name.
+        stale = [p for kind in ("images", "masks") for p in (root / split / kind).glob("[0-9][0-9][0-9][0-9][0-9].png")
+                 if int(p.stem) >= count]
+        for path in stale:
+            path.unlink()
+        if stale:
+            logger.info("removed %d file(s) of an earlier, larger example from %s", len(stale), root / split)
     (root / "labels.json").write_text(json.dumps({str(i): n for i, n in enumerate(EXAMPLE_CLASSES)}, indent=2) + "\n")
     logger.info("wrote the segmentation example (%d train, %d val, %dx%d) to %s", n_train, n_val, size, size, root)
     return root

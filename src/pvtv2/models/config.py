@@ -84,7 +84,12 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     # bool is an int to Python, never a number to a person; inf and nan are never meant
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float ({"layer_norm_eps": 1e400 written out}): not a usable number
+        return False
 
 
 def _scalar(what: str, test: Callable[[Any], bool]) -> Check:
@@ -368,9 +373,17 @@ def unknown_fields(keys: Iterable[str]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- rules across fields
+# The most classes a config names generically (LABEL_0...): far above any dataset's (ImageNet-21k: 21,841), far below
+# what hangs building the names (a config.json saying 10**30).
+_MAX_LABELS = 10**6
+
+
 def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dict | None) -> tuple[dict, dict]:
     """(id2label, label2id) from the label fields as given (each already checked on its own)."""
     if id2label is None:
+        if num_labels is not None and num_labels > _MAX_LABELS:  # a name each: 10**12 of them never finish
+            raise ValueError(f"num_labels={num_labels} is more classes than a classifier head can have here "
+                             f"(at most {_MAX_LABELS:,})")
         id2label = generic_id2label(2 if num_labels is None else num_labels)  # 2: transformers' default
     elif num_labels is not None and num_labels != len(id2label):
         raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries")
@@ -644,6 +657,8 @@ class PvtV2Config:
             raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {err}") from None
         except UnicodeDecodeError:
             raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 text file") from None
+        except RecursionError:  # objects nested thousands deep: no config, and json's own error is a traceback
+            raise ValueError(f"{os.fspath(path)!r} is not a PVTv2 config: its JSON is nested too deeply") from None
         problem = unknown_fields(data) if strict and isinstance(data, Mapping) else None
         if problem:
             raise ValueError(f"{os.fspath(path)}: {problem}")

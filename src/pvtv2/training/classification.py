@@ -100,7 +100,8 @@ def evaluate_classifier(
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         with autocast(device, bf16):
-            logits = model(images).logits
+            # return_dict: a --model folder's config.json may say false (a tuple has no .logits)
+            logits = model(images, return_dict=True).logits
         logits = logits.float()
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         k = min(5, logits.shape[1])
@@ -181,14 +182,14 @@ class ClassificationTask(Task):
         images, labels = batch
         if self.mixer is None:
             with ctx.autocast():
-                logits = model(images).logits
+                logits = model(images, return_dict=True).logits
             return nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
         # The batch's mixing seed comes from the global generator, which the engine reseeds from (seed, epoch,
         # rank) at each epoch start: a resumed run draws the same seeds.
         seed = int(torch.randint(0, 2**62, ()))
         images, targets = self.mixer(images, labels, seed)
         with ctx.autocast():
-            logits = model(images).logits
+            logits = model(images, return_dict=True).logits
         # Soft-target cross-entropy; the label smoothing is already in the targets.
         return torch.sum(-targets * nn.functional.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 

@@ -91,7 +91,8 @@ class DepthTask(Task):
     def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
         pixels, depth = batch
         with ctx.autocast():
-            predicted = model(pixels).predicted_depth
+            # return_dict: a --model folder's config.json may say false (a tuple has no .logits)
+            predicted = model(pixels, return_dict=True).predicted_depth
         return silog_loss(predicted.float(), depth)
 
     def evaluate(self, model: nn.Module, loader: Any, ctx: RunContext) -> dict[str, Any]:
@@ -104,7 +105,7 @@ class DepthTask(Task):
             for pixels, depth in loader:
                 pixels, depth = pixels.to(ctx.device), depth.to(ctx.device)
                 with ctx.autocast():
-                    predicted = model(pixels).predicted_depth
+                    predicted = model(pixels, return_dict=True).predicted_depth
                 predicted = predicted.float()
                 loss_sum += float(silog_loss(predicted, depth)) * len(depth)
                 count += len(depth)

@@ -396,12 +396,13 @@ def resolve_recorded_data(data: str, run: str | os.PathLike) -> str:
     returned as recorded (the data's own check then refuses it), after a warning that says where it was looked for."""
     if os.path.isabs(data):
         return data
-    if os.path.exists(data):
+    # A folder, not any path: a file of that name here (a download, a note) is not the run's data.
+    if os.path.isdir(data):
         return os.path.abspath(data)
     folder = Path(os.path.abspath(run))
     for base in (folder, *folder.parents):
         candidate = base / data
-        if candidate.exists():
+        if candidate.is_dir():
             logger.warning("--resume: the run recorded its data as %r, relative to the folder it was started from; "
                            "using %s", data, candidate)
             return str(candidate)

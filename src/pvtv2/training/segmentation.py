@@ -96,7 +96,8 @@ def _evaluate_sums(
     for pixels, labels in loader:
         pixels, labels = pixels.to(device), labels.to(device)
         with autocast(device, bf16):
-            logits = model(pixels).logits
+            # return_dict: a --model folder's config.json may say false (a tuple has no .logits)
+            logits = model(pixels, return_dict=True).logits
         logits = logits.float()
         loss_sum += float(semantic_segmentation_loss(logits, labels, ignore)) * pixels.shape[0]
         count += pixels.shape[0]
@@ -186,7 +187,7 @@ class SegmentationTask(Task):
     def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
         pixels, labels = batch
         with ctx.autocast():
-            logits = model(pixels).logits
+            logits = model(pixels, return_dict=True).logits
         ignore = _unwrap(model).config.semantic_loss_ignore_index
         return semantic_segmentation_loss(logits.float(), labels, ignore_index=ignore)
 

@@ -103,23 +103,36 @@ def shard_names(index_path: str | os.PathLike) -> list[str]:
     index_path = Path(index_path)
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-        shards = sorted(set(index["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        shards = set(index["weight_map"].values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{os.fspath(index_path)!r} is not a valid sharded-checkpoint index: {err}") from None
     for shard in shards:
         if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
             raise CheckpointError(
                 f"{os.fspath(index_path)!r} names the shard {shard!r}, which is not a file name in its folder"
             )
-    return shards
+    if not shards:  # else reported as a checkpoint of no known layout, "its first keys are: ."
+        raise CheckpointError(f"{os.fspath(index_path)!r} names no shards: its weight_map is empty")
+    return sorted(shards)
 
 
 def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
+    holder: dict[str, str] = {}  # which shard each tensor came from
     for shard in shard_names(index_path):
         if not (index_path.parent / shard).is_file():  # named as the index's, not as a missing checkpoint
             raise FileNotFoundError(f"{os.fspath(index_path)!r} names the shard {shard!r}, which is not in its folder")
-        state.update(read_state_dict(index_path.parent / shard))
+        part = read_state_dict(index_path.parent / shard)
+        # A tensor in two shards (a stale copy left by an interrupted re-save) would be taken from whichever shard
+        # sorts last, without a word: the checkpoint is ambiguous.
+        twice = sorted(part.keys() & state.keys())
+        if twice:
+            raise CheckpointError(
+                f"{os.fspath(index_path)!r}: the tensor {twice[0]!r} is in two shards, {holder[twice[0]]!r} and "
+                f"{shard!r} ({len(twice)} tensor(s) in all), so which one is meant is ambiguous"
+            )
+        state.update(part)
+        holder.update(dict.fromkeys(part, shard))
     return state
 
 

@@ -224,6 +224,8 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> PvtV2Config:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{os.fspath(path)!r} is not a valid JSON config: {err}") from None
+    except RecursionError:  # nested thousands deep: json's own error is a traceback
+        raise ValueError(f"{os.fspath(path)!r} is not a valid JSON config: it is nested too deeply") from None
     if isinstance(data, dict) and data.get("model_type") in DENSE_LAYOUTS:
         return dense_config_from_dict(data, **overrides)
     return PvtV2Config.from_dict(data, **overrides)

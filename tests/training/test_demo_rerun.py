@@ -86,13 +86,8 @@ def _epochs_done(run: Path) -> int:
     return torch.load(run / "last" / "training_state.pt", weights_only=True)["epoch"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", sorted(DEMOS))
-def test_a_dense_demo_into_an_unfinished_run_names_the_command_that_finishes_it(tmp_path, capsys, monkeypatch, command):
-    out = tmp_path / "an example"  # a space: the command is quoted for a shell
-    run = out / "run"
-    args = [command, "--output", str(out), *DEMOS[command], "--epochs", "2", "--no-progress"]
-    # Ctrl-C at the first batch after epoch 1's checkpoint: the first batch of epoch 2.
+def _interrupted_after_epoch_1(monkeypatch, command: str, run, args: list[str]) -> int:
+    """``main(args)`` with a Ctrl-C at the first batch after epoch 1's checkpoint (the first batch of epoch 2)."""
     task, original = TASKS[command], TASKS[command].training_loss
 
     def interrupted(self, model, batch, ctx):
@@ -102,7 +97,16 @@ def test_a_dense_demo_into_an_unfinished_run_names_the_command_that_finishes_it(
 
     with monkeypatch.context() as patch:
         patch.setattr(task, "training_loss", interrupted)
-        assert main(args) == 130
+        return main(args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", sorted(DEMOS))
+def test_a_dense_demo_into_an_unfinished_run_names_the_command_that_finishes_it(tmp_path, capsys, monkeypatch, command):
+    out = tmp_path / "an example"  # a space: the command is quoted for a shell
+    run = out / "run"
+    args = [command, "--output", str(out), *DEMOS[command], "--epochs", "2", "--no-progress"]
+    assert _interrupted_after_epoch_1(monkeypatch, command, run, args) == 130
     assert _epochs_done(run) == 1
     capsys.readouterr()
     before = _snapshot(out)
@@ -133,16 +137,8 @@ def test_a_demo_run_resumes_from_another_folder(tmp_path, capsys, monkeypatch, c
     elsewhere.mkdir()
     monkeypatch.chdir(started)
     run = started / "example" / "run"
-    task, original = TASKS[command], TASKS[command].training_loss
-
-    def interrupted(self, model, batch, ctx):
-        if (run / "last" / "training_state.pt").is_file():
-            raise KeyboardInterrupt
-        return original(self, model, batch, ctx)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(task, "training_loss", interrupted)
-        assert main([command, "-o", "example", *DEMOS[command], "--epochs", "2", "--no-progress"]) == 130
+    args = [command, "-o", "example", *DEMOS[command], "--epochs", "2", "--no-progress"]
+    assert _interrupted_after_epoch_1(monkeypatch, command, run, args) == 130
     stored = json.loads((run / "run.json").read_text())
     assert stored["data"] == str(started / "example" / "data")
     if recorded == "relative":

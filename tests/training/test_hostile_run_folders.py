@@ -55,7 +55,7 @@ DAMAGE = {
     "model.safetensors truncated": (lambda last: (last / "model.safetensors").write_bytes(
         (last / "model.safetensors").read_bytes()[:4000]), "is not a readable safetensors file"),
     "model.safetensors missing": (lambda last: (last / "model.safetensors").unlink(), "no weights in folder"),
-    "config.json not JSON": (lambda last: (last / "config.json").write_text("{\"depths\": [1,"), "not a valid JSON"),
+    "config.json not JSON": (lambda last: (last / "config.json").write_text("{\"depths\": [1,"), "not valid JSON"),
     # It used to resume, diverge at its first step and call this checkpoint "intact".
     "NaN weights": (_nan_weights, "NaN or infinite weights"),
 }

@@ -28,7 +28,7 @@ from .labels import generic_id2label, imagenet_id2label
 
 __all__ = [
     "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
-    "list_presets", "preset_key", "is_preset_name", "unknown_fields",
+    "list_presets", "preset_key", "is_preset_name", "unknown_fields", "read_json_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -372,6 +372,18 @@ def unknown_fields(keys: Iterable[str]) -> str | None:
     return f"unknown field{'s' if len(parts) > 1 else ''} {', '.join(parts)}"
 
 
+def read_json_config(path: str | os.PathLike) -> Any:
+    """The JSON value in the config file ``path``; a ``ValueError`` naming the file when it is no JSON text."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {err}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 text file") from None
+    except RecursionError:  # objects nested thousands deep: no config, and json's own error is a traceback
+        raise ValueError(f"{os.fspath(path)!r} is not a PVTv2 config: its JSON is nested too deeply") from None
+
+
 # ---------------------------------------------------------------------------------------------- rules across fields
 # The most classes a config names generically (LABEL_0...): far above any dataset's (ImageNet-21k: 21,841), far below
 # what hangs building the names (a config.json saying 10**30).
@@ -651,14 +663,7 @@ class PvtV2Config:
     def from_json_file(cls, path: str | os.PathLike, *, strict: bool = False, **overrides: Any) -> PvtV2Config:
         """A config from a ``config.json`` file. A key that nothing knows (see :func:`unknown_fields`) is logged and
         kept; ``strict``: refused with a ``ValueError`` instead (a config written by hand for a new model)."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {err}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 text file") from None
-        except RecursionError:  # objects nested thousands deep: no config, and json's own error is a traceback
-            raise ValueError(f"{os.fspath(path)!r} is not a PVTv2 config: its JSON is nested too deeply") from None
+        data = read_json_config(path)
         problem = unknown_fields(data) if strict and isinstance(data, Mapping) else None
         if problem:
             raise ValueError(f"{os.fspath(path)}: {problem}")

@@ -49,6 +49,7 @@ from ..fileio import path_kind
 from ..models.config import PvtV2Config, is_preset_name
 from ..models.modeling import check_input_size
 from ..progress import progress_bar
+from ..weights.loading import non_finite
 from .config import TrainConfig
 from .curves import draw_curves, read_metrics, write_metrics
 from .distributed import DistInfo, all_reduce, autocast, on_main, rng_state, seed_everything, set_rng_state
@@ -459,9 +460,9 @@ def _load_last(task: Task, last: Path) -> nn.Module:
         if path_kind(config) != "file":
             raise FileNotFoundError(f"{str(config)!r} is missing")
         model = task.model_class.from_pretrained(last)
-        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad = non_finite(model.state_dict())
         if bad:
-            raise ValueError(f"it holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]})")
+            raise ValueError(f"it holds NaN or infinite weights in {bad}")
     except (ValueError, TypeError, OSError) as err:
         raise ValueError(f"the last checkpoint {str(last)!r} cannot be loaded: {err}; the run cannot be resumed from "
                          f"it: pass --overwrite to start again") from None

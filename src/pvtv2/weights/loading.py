@@ -14,7 +14,6 @@ was initialised at random says so in ``model.newly_initialized_keys``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -26,7 +25,9 @@ from typing import Any
 import torch
 
 from ..fileio import atomic_write_json, path_kind
-from ..models.config import DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config, merge_changes
+from ..models.config import (
+    DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config, merge_changes, read_json_config,
+)
 from ..models.labels import has_generic_labels, imagenet_id2label
 from .files import CheckpointError, read_state_dict, save_state_dict, shard_names
 from .hub import looks_like_hub_id, resolve_file
@@ -220,12 +221,7 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> PvtV2Config:
     """A ``config.json`` of PVTv2 (``model_type`` ``pvt_v2``) or of transformers' SegFormer / GLPN, as a PvtV2Config."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{os.fspath(path)!r} is not a valid JSON config: {err}") from None
-    except RecursionError:  # nested thousands deep: json's own error is a traceback
-        raise ValueError(f"{os.fspath(path)!r} is not a valid JSON config: it is nested too deeply") from None
+    data = read_json_config(path)
     if isinstance(data, dict) and data.get("model_type") in DENSE_LAYOUTS:
         return dense_config_from_dict(data, **overrides)
     return PvtV2Config.from_dict(data, **overrides)

@@ -29,7 +29,7 @@ from pvtv2.training.classification import ClassificationTask
 from pvtv2.training.rundir import LOCK_FILE
 from pvtv2.training.segmentation import SegmentationTask
 from conftest import TINY_SMALL_IMAGES
-from training_fixtures import ENV, common_args
+from training_fixtures import ENV, common_args, same_weights
 
 # The fixtures tiny_config, digits and few_digits.
 pytest_plugins = ["training_fixtures"]
@@ -49,11 +49,6 @@ def _one_line(err: str, command: str = "train") -> str:
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
-
-
-def _same_weights(a: Path, b: Path) -> bool:
-    one, two = _weights(a), _weights(b)
-    return one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +238,7 @@ def test_divergence_keeps_the_last_checkpoint_resumable(few_digits, tiny_config,
     assert torch.load(out / "last" / "training_state.pt", weights_only=True)["epoch"] == 1
     code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
     assert code == 0, err
-    assert _same_weights(out / "last", reference / "last") and _same_weights(out / "best", reference / "best")
+    assert same_weights(out / "last", reference / "last") and same_weights(out / "best", reference / "best")
 
 
 # `pvtv2 train` in which process 1's loss becomes NaN at its 3rd batch, and process 0's stays finite.
@@ -408,7 +403,7 @@ def test_resume_removes_old_checkpoints_left_by_a_kill(reference, tmp_path, caps
     code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
-    assert _same_weights(out / "last", reference / "last") and _same_weights(out / "best", reference / "best")
+    assert same_weights(out / "last", reference / "last") and same_weights(out / "best", reference / "best")
 
 
 def test_a_stale_lock_is_taken_over(interrupted, reference, capsys, caplog):
@@ -422,7 +417,7 @@ def test_a_stale_lock_is_taken_over(interrupted, reference, capsys, caplog):
     assert code == 0, err
     assert any(f"process {gone.pid} on this host that held it is gone" in r.getMessage() for r in caplog.records)
     assert not (out / LOCK_FILE).exists()
-    assert _same_weights(out / "last", reference / "last")
+    assert same_weights(out / "last", reference / "last")
 
 
 @pytest.mark.slow
@@ -492,7 +487,7 @@ def test_a_full_disk_is_one_line_and_leaves_a_resumable_run(
     PvtV2ForImageClassification.from_pretrained(out / "last")
     code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
     assert code == 0, err
-    assert _same_weights(out / "last", reference / "last")
+    assert same_weights(out / "last", reference / "last")
 
 
 # ------------------------------------------------------------------------------------------------ 6. damaged files

@@ -19,14 +19,9 @@ from safetensors.torch import load_file, save_file
 from pvtv2.cli import main
 from pvtv2.training.engine import KILL_ENV
 
-from training_fixtures import ENV, common_args, run_train
+from training_fixtures import ENV, common_args, run_train, same_weights
 
 pytest_plugins = ["training_fixtures"]
-
-
-def _same_weights(a: Path, b: Path) -> bool:
-    one, two = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    return one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +82,7 @@ def test_a_last_folder_without_its_state_starts_again_and_says_so(finished, few_
     said = [r.getMessage() for r in caplog.records if "training_state.pt" in r.getMessage()]
     assert said == [f"{str(out / 'last')!r} holds no training_state.pt: the run cannot continue from it and starts "
                     f"again from its first epoch"]
-    assert _same_weights(out / "last", finished / "last")  # started again, it ends where the first run ended
+    assert same_weights(out / "last", finished / "last")  # started again, it ends where the first run ended
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
@@ -141,5 +136,5 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_last_whole_one(few_d
     assert "resuming" in resumed.stderr and "after epoch 1 of 2" in resumed.stderr
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
     # The same weights as the run that was never interrupted.
-    assert _same_weights(out / "last", uninterrupted / "last")
-    assert _same_weights(out / "best", uninterrupted / "best")
+    assert same_weights(out / "last", uninterrupted / "last")
+    assert same_weights(out / "best", uninterrupted / "best")

@@ -66,3 +66,12 @@ def run_train(args: list[str], env: dict[str, str] | None = None, timeout: int =
     """`python -m pvtv2 train ARGS` in a subprocess, its output captured."""
     return subprocess.run([sys.executable, "-m", "pvtv2", "train", *args], env=env or ENV, capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoint folders hold exactly the same tensors in their model.safetensors."""
+    from safetensors.torch import load_file
+    import torch
+
+    one, two = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -118,6 +118,35 @@ def test_corrupt_config_json_is_a_clear_error(tmp_path):
         PvtV2Config.from_pretrained(tmp_path)
 
 
+def test_a_bad_value_in_a_folders_config_json_names_the_file(tmp_path):
+    """A value of config.json that no config takes: the error names the file, through every reader of it; a value
+    given as an override that is wrong on its own is the override's error, not the file's."""
+    model = pvtv2.PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=3)).eval()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["num_attention_heads"] = [1, 3, 3, 4]  # 3 does not divide 32
+    path.write_text(json.dumps(data))
+    readers = [PvtV2Config.from_pretrained, PvtV2Config.from_json_file, pvtv2.PvtV2Model.from_pretrained,
+               pvtv2.PvtV2ForImageClassification.from_pretrained, pvtv2.PvtV2Backbone.from_pretrained]
+    for read in readers:
+        source = path if read == PvtV2Config.from_json_file else tmp_path
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: num_attention_heads\[1\]=3 does not divide"):
+            read(source)
+    # the same file, fixed by an override: loads; a bad override of a good file: the override's message alone
+    assert PvtV2Config.from_pretrained(tmp_path, num_attention_heads=[1, 2, 3, 4]).num_attention_heads == [1, 2, 3, 4]
+    data["num_attention_heads"] = [1, 2, 3, 4]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"^num_labels must be"):
+        PvtV2Config.from_pretrained(tmp_path, num_labels=-1)
+    # transformers' SegFormer config.json takes the same way
+    segformer = transformers.SegformerConfig(hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 3, 3, 4])
+    (tmp_path / "seg").mkdir()
+    segformer.save_pretrained(tmp_path / "seg")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'seg' / 'config.json'))}: num_attention_heads"):
+        pvtv2.weights.loading.read_config(tmp_path / "seg" / "config.json")
+
+
 # Paper Table: parameters (M) of each variant with the 1000-class head.
 PAPER_PARAMS = {
     "pvt_v2_b0": 3.7, "pvt_v2_b1": 14.0, "pvt_v2_b2_li": 22.6, "pvt_v2_b2": 25.4,
@@ -161,13 +190,13 @@ BAD_VALUES: dict[str, list] = {
     "image_size": ["large", 0, [224, -1], [1, 2, 3], 224.5, True],
     "num_channels": [0, "3", True, 2.0],
     "num_encoder_blocks": [0, 3, True, 4.0],
-    "depths": [2, "2222", [2, 2, 2], [2, 0, 2, 2], [2, 2.5, 2, 2], [2, True, 2, 2], {1, 2, 3, 4}],
+    "depths": [2, "2222", [2, 2, 2], [2, 0, 2, 2], [2, 2.5, 2, 2], [2, True, 2, 2], {1, 2, 3, 4}, [2**31, 2, 2, 2]],
     "sr_ratios": [[8, 4, 2, 0], [8, 4, 2]],
-    "hidden_sizes": [[32, 64, 160], [32, 64, 160, "256"], "32,64"],
+    "hidden_sizes": [[32, 64, 160], [32, 64, 160, "256"], "32,64", [2**40, 64, 160, 256]],
     "patch_sizes": [[7, 3, 3, -3], {"a": 1}],
     "strides": [[4, 2, 0, 2], [4, 2, 2, float("inf")]],
     "num_attention_heads": [[1, 3, 5, 8], [1, 2, 5]],
-    "mlp_ratios": [[8, 8, 4, 0], [0.001, 8, 4, 4], [8, 8, 4, float("nan")]],
+    "mlp_ratios": [[8, 8, 4, 0], [0.001, 8, 4, 4], [8, 8, 4, float("nan")], [1e308, 8, 4, 4], [2**27, 8, 4, 4]],
     "hidden_act": ["gelu_unknown", 3],
     "hidden_dropout_prob": [-0.1, 1.0, "0.1", True],
     "attention_probs_dropout_prob": [-1, 1.5],

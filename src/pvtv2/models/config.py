@@ -384,6 +384,23 @@ def read_json_config(path: str | os.PathLike) -> Any:
         raise ValueError(f"{os.fspath(path)!r} is not a PVTv2 config: its JSON is nested too deeply") from None
 
 
+def config_from_file(path: str | os.PathLike, data: Any, build: Callable[..., Any], **overrides: Any) -> Any:
+    """``build(data, **overrides)``, the config of the file ``path`` holding ``data``. An error in the file's own
+    values names the file (a model folder's config.json is otherwise not mentioned); an error that only the
+    overrides cause is raised as it is."""
+    try:
+        return build(data, **overrides)
+    except (ValueError, TypeError) as err:
+        if overrides:
+            try:
+                build(data)
+            except (ValueError, TypeError):
+                pass
+            else:
+                raise
+        raise type(err)(f"{os.fspath(path)}: {err}") from None
+
+
 # ---------------------------------------------------------------------------------------------- rules across fields
 # The most classes a config names generically (LABEL_0...): far above any dataset's (ImageNet-21k: 21,841), far below
 # what hangs building the names (a config.json saying 10**30).
@@ -406,8 +423,14 @@ def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dic
     return id2label, inverse
 
 
+# The largest per-stage value (a width, a depth, a kernel size...): far above any model that fits in memory, and
+# below where PyTorch fails to build a layer with a multi-line C++ traceback (sizes beyond a 64-bit int).
+_MAX_STAGE_VALUE = 2**31 - 1
+
+
 def _check_stages(v: Mapping[str, Any]) -> None:
-    """Every per-stage list has one entry per stage; the heads divide the channels; no Mix-FFN is empty; GLPN's
+    """Every per-stage list has one entry per stage; the heads divide the channels; no value is absurdly large; no
+    Mix-FFN is empty; GLPN's
     head reads a decoder output that exists."""
     n = v["num_encoder_blocks"]
     for name in _STAGE_LISTS:
@@ -422,8 +445,17 @@ def _check_stages(v: Mapping[str, Any]) -> None:
                 f"num_attention_heads[{i}]={heads} does not divide hidden_sizes[{i}]={size}: each head needs "
                 f"an equal share of the channels"
             )
+    for name in _STAGE_LISTS:
+        if name != "mlp_ratios" and any(value > _MAX_STAGE_VALUE for value in v[name]):
+            raise ValueError(f"{name} must hold numbers up to {_MAX_STAGE_VALUE}, got {v[name]}")
     for i, (size, ratio) in enumerate(zip(v["hidden_sizes"], v["mlp_ratios"])):
-        if int(size * ratio) < 1:
+        width = float(size) * ratio  # inf where the product overflows
+        if width > _MAX_STAGE_VALUE:
+            raise ValueError(
+                f"mlp_ratios[{i}]={ratio:.6g} gives a Mix-FFN {width:.3g} channels wide for hidden size {size}; at most "
+                f"{_MAX_STAGE_VALUE}"
+            )
+        if int(width) < 1:
             raise ValueError(f"mlp_ratios[{i}]={ratio} gives an empty Mix-FFN for hidden size {size}")
     head = v["head_in_index"]
     if head is not None and not -n <= head < n:
@@ -667,7 +699,7 @@ class PvtV2Config:
         problem = unknown_fields(data) if strict and isinstance(data, Mapping) else None
         if problem:
             raise ValueError(f"{os.fspath(path)}: {problem}")
-        return cls.from_dict(data, **overrides)
+        return config_from_file(path, data, cls.from_dict, **overrides)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, **overrides: Any) -> PvtV2Config:

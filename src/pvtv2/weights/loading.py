@@ -26,7 +26,7 @@ import torch
 
 from ..fileio import atomic_write_json, path_kind
 from ..models.config import (
-    DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config, merge_changes, read_json_config,
+    DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config, config_from_file, merge_changes, read_json_config,
 )
 from ..models.labels import has_generic_labels, imagenet_id2label
 from .files import CheckpointError, read_state_dict, save_state_dict, shard_names
@@ -223,8 +223,8 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> PvtV2Config:
     """A ``config.json`` of PVTv2 (``model_type`` ``pvt_v2``) or of transformers' SegFormer / GLPN, as a PvtV2Config."""
     data = read_json_config(path)
     if isinstance(data, dict) and data.get("model_type") in DENSE_LAYOUTS:
-        return dense_config_from_dict(data, **overrides)
-    return PvtV2Config.from_dict(data, **overrides)
+        return config_from_file(path, data, dense_config_from_dict, **overrides)
+    return config_from_file(path, data, PvtV2Config.from_dict, **overrides)
 
 
 # Fields of SegformerConfig / GLPNConfig that PvtV2Config carries under the same name.

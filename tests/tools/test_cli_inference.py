@@ -285,6 +285,54 @@ def test_convert_timm_file_to_folder_loads_in_transformers(tmp_path):
         torch.testing.assert_close(ref(x), expected, rtol=0, atol=0)
 
 
+def test_convert_to_timm_names_each_setting_the_weights_do_not_carry(tmp_path, caplog):
+    """Heads, the block epsilon and the activation travel in no timm or original state dict: converting a model whose
+    values differ from the published variants' warns about each, and timm's model computes the same logits only when
+    built with what the warnings say."""
+    import timm
+    from safetensors.torch import load_file
+
+    from pvtv2.export import convert_checkpoint
+
+    kwargs = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], mlp_ratios=[2, 2, 2, 2], num_labels=3)
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**kwargs, num_attention_heads=[2, 4, 3, 2],
+                                                    layer_norm_eps=1e-5)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.2)
+    model.save_pretrained(tmp_path / "model")
+    with caplog.at_level("WARNING", logger="pvtv2"):
+        convert_checkpoint(tmp_path / "model", tmp_path / "timm.safetensors", "timm")
+    text = caplog.text
+    assert "num_attention_heads=[2, 4, 3, 2]" in text and "num_heads=(2, 4, 3, 2)" in text
+    assert "layer_norm_eps=1e-05" in text and "patch embeddings" not in text  # those are 1e-5 here, as timm's
+    state = load_file(tmp_path / "timm.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model(x).logits
+
+        def timm_logits(**settings):
+            ref = timm.models.pvt_v2.PyramidVisionTransformerV2(
+                depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), mlp_ratios=(2, 2, 2, 2), num_classes=3, **settings)
+            ref.load_state_dict(state, strict=True)
+            return ref.eval()(x)
+
+        published = timm_logits(num_heads=(1, 2, 3, 4))  # timm's defaults for these widths' variants
+        as_told = timm_logits(num_heads=(2, 4, 3, 2),
+                              norm_layer=lambda dim, **kw: timm.layers.LayerNorm(dim, eps=1e-5, **kw))
+    assert (published - ours).abs().max() > 1e-3
+    torch.testing.assert_close(as_told, ours, rtol=1e-5, atol=1e-5)
+    # a model with the published settings converts without a word about them
+    plain = PvtV2ForImageClassification(PvtV2Config(**dict(kwargs, hidden_sizes=[8, 16, 40, 64]),
+                                                    patch_embed_layer_norm_eps=1e-5, reduction_layer_norm_eps=1e-5))
+    plain.save_pretrained(tmp_path / "plain")  # (warns that transformers would read the epsilons otherwise)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pvtv2"):
+        convert_checkpoint(tmp_path / "plain", tmp_path / "plain.safetensors", "original")
+    assert caplog.text == ""
+
+
 @pytest.mark.slow
 def test_visualize_writes_png_of_expected_size(workspace, tmp_path):
     root, _, images = workspace

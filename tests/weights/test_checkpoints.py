@@ -49,6 +49,35 @@ def test_timm_checkpoint_gives_timm_outputs(tmp_path, name, suffix):
         assert relative_error(expected, wrong(x).logits) > 1e-3
 
 
+def test_a_checkpoint_without_config_warns_where_its_heads_are_a_guess(tmp_path, caplog):
+    """Heads are in no tensor's shape. Widths of the published 1:2:5:8 pattern load silently (every published
+    variant has heads 1, 2, 5, 8); other widths load with heads guessed, a warning naming the guess and the way to
+    give them, and give timm's numbers once they are given."""
+    torch.manual_seed(0)
+    custom = timm.models.pvt_v2.PyramidVisionTransformerV2(
+        depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(2, 4, 3, 2), mlp_ratios=(2, 2, 2, 2),
+        num_classes=3)
+    random_weights_(custom, seed=1)
+    custom.eval()
+    path = save_state_dict(custom.state_dict(), tmp_path / "custom.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    with caplog.at_level(logging.WARNING, logger="pvtv2"), torch.no_grad():
+        guessed = PvtV2ForImageClassification.from_pretrained(path)
+        assert "assuming num_attention_heads=[1, 2, 3, 4]" in caplog.text and "[16, 32, 48, 64]" in caplog.text
+        assert relative_error(custom(x), guessed(x).logits) > 1e-3  # the guess is wrong here, as warned
+        caplog.clear()
+        told = PvtV2ForImageClassification.from_pretrained(path, num_attention_heads=[2, 4, 3, 2])
+        assert relative_error(custom(x), told(x).logits) < TOL
+        published = timm.models.pvt_v2.PyramidVisionTransformerV2(
+            depths=(1, 1, 1, 1), embed_dims=(8, 16, 40, 64), num_heads=(1, 2, 5, 8), mlp_ratios=(2, 2, 2, 2),
+            num_classes=3).eval()
+        plain = PvtV2ForImageClassification.from_pretrained(
+            save_state_dict(published.state_dict(), tmp_path / "published.safetensors"))
+        assert plain.config.num_attention_heads == [1, 2, 5, 8]
+        assert relative_error(published(x), plain(x).logits) < TOL
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])
 @pytest.mark.parametrize("wrap", ["plain", "model", "state_dict_module"])
 def test_original_checkpoint_gives_reference_outputs(tmp_path, name, wrap):

@@ -78,7 +78,10 @@ class OperatorTimer(TorchDispatchMode):
 
 
 def _shapes(args) -> str:
-    return " ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+    """Each tensor argument's shape, with its strides where it is not contiguous (a transposed or channels-last
+    operand can cost a kernel a copy or a slower loop)."""
+    return " ".join(str(tuple(a.shape)) + ("" if a.is_contiguous() else f"s{tuple(a.stride())}")
+                    for a in args if isinstance(a, torch.Tensor))
 
 
 def _gemm_flops(name: str, args) -> int:

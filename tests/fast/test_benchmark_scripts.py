@@ -178,8 +178,16 @@ def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes():
 @pytest.mark.slow
 def test_gpu_profile_dry_run_lists_each_implementations_operators(tmp_path):
     script = load_script("gpu_profile")
-    assert script.main(["--dry-run", "--output", str(tmp_path), "--calls", "1", "--top", "5"]) == 0
+    assert script.main(["--dry-run", "--graphs", "--output", str(tmp_path), "--calls", "1", "--top", "5"]) == 0
     report = json.loads((tmp_path / "profile.json").read_text())
+    # --graphs: the ATen operators that torch.compile sees. For the dry-run model (5 blocks) our keys and values are
+    # one GEMM over weights and biases concatenated per call (10 cat, 10 slice); timm unbinds its kv output (5).
+    graph = report.pop("aten graph")
+    blocks = sum(script.DRY_CONFIG["depths"])
+    assert graph["pvtv2"]["aten.cat.default"] == 2 * blocks and graph["pvtv2"]["aten.slice.Tensor"] == 2 * blocks
+    assert graph["timm"]["aten.unbind.int"] == blocks and "aten.cat.default" not in graph["timm"]
+    # the same matrix products: query, keys+values, projection, dense1, dense2 per block, and the head
+    assert graph["pvtv2"]["aten.addmm.default"] == graph["timm"]["aten.addmm.default"] == 5 * blocks + 1
     assert len(report) == 3  # batch 1 and 2 inference, a training step
     for case in report.values():
         assert set(case) == {"pvtv2", "timm"}
@@ -191,6 +199,22 @@ def test_gpu_profile_dry_run_lists_each_implementations_operators(tmp_path):
             assert r["launches_per_call"] >= sum(t["count_per_call"] for t in r["top"]) > 0
     text = (tmp_path / "profile.txt").read_text()
     assert text.count("== B2") == 3 and text.count("-- pvtv2") == 3
+    assert "aten.cat.default" in text and "aten.unbind.int" in text
+
+
+def test_gpu_profile_profiles_compiled_models():
+    """``--compile``: each implementation is profiled under torch.compile (the eager backend in a dry run), its
+    compiled region in the rows."""
+    import torch
+
+    from pvtv2 import PvtV2Config
+
+    script = load_script("gpu_profile")
+    models = script.bench.build_models(PvtV2Config(**script.DRY_CONFIG), script.IMPLS, freeze=False)
+    out = script.profile_case(models, 1, 64, False, torch.device("cpu"), calls=1, top=3, compile_=True, dry_run=True)
+    assert set(out) == {"pvtv2", "timm"}
+    for r in out.values():
+        assert any(t["name"].startswith("Torch-Compiled Region") for t in r["top"]), r["top"]
 
 
 def test_cpu_script_gives_every_implementation_the_same_stochastic_depth():
@@ -211,3 +235,4 @@ def test_cpu_script_gives_every_implementation_the_same_stochastic_depth():
     assert probs(models["pvtv2"]) == pytest.approx(expected[1:])
     assert probs(models["transformers"]) == pytest.approx(expected[1:])
     assert probs(models["timm"]) == pytest.approx([p for p in expected[1:] for _ in range(2)])
+

@@ -221,8 +221,15 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         config = infer_config(canonical, layout, **overrides)
     config = _attach_imagenet_labels(config, canonical)
     # Built without memory or random initialisation: the checkpoint's tensors become the parameters.
-    with torch.device("meta"):
-        model = model_cls(config)
+    try:
+        with torch.device("meta"):
+            model = model_cls(config)
+    except (ValueError, TypeError) as err:
+        # A head's own settings in the config.json (a detector's min_size...) are checked by the model: named with
+        # the file, as the config's fields are. With overrides the cause may be either, so neither is named.
+        if config_path is not None and not overrides:
+            raise type(err)(f"{os.fspath(config_path)}: {err}") from None
+        raise
     load_canonical(model, canonical, origin=os.fspath(weights_path))
     # Which ecosystem wrote the file: its evaluation preprocessing follows it (inference.load_processor).
     model.checkpoint_layout = layout

@@ -55,9 +55,9 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
     """A config that fits a checkpoint that came without one, read off its tensor shapes.
 
     What shapes cannot tell is taken from the published models: strides 4, 2, 2, 2; heads of
-    ``hidden_sizes[i] / hidden_sizes[0]`` (1, 2, 5, 8 for every published variant; for other widths a guess, with
-    a warning, unless ``num_attention_heads`` is given); the spatial-reduction ratios 8, 4, 2, 1 for linear
-    attention, where they are unused.
+    ``hidden_sizes[i] / hidden_sizes[0]``, or 1 where that is no whole number (1, 2, 5, 8 for every published
+    variant; for other widths a guess, with a warning, unless ``num_attention_heads`` is given); the
+    spatial-reduction ratios 8, 4, 2, 1 for linear attention, where they are unused.
     """
     stages = sorted({int(m.group(1)) for k in canonical if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
     if not stages or stages != list(range(len(stages))):
@@ -111,9 +111,10 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         # Every published variant's widths go 1:2:5:8 with heads 1, 2, 5, 8; other widths say nothing of the heads.
         logger.warning(
             "the %s checkpoint's widths %s are not those of a published variant, and no weights record the "
-            "attention heads: assuming num_attention_heads=%s (hidden_sizes[i] / hidden_sizes[0]). If the model "
-            "was built with others its outputs will be wrong: pass num_attention_heads=[...] to from_pretrained, or "
-            "set it in the config.json of a folder holding the weights (`pvtv2 convert` writes one)",
+            "attention heads: assuming num_attention_heads=%s (hidden_sizes[i] / hidden_sizes[0], 1 where that is no "
+            "whole number). If the model was built with others its outputs will be wrong: pass "
+            "num_attention_heads=[...] to from_pretrained, or set it in the config.json of a folder holding the "
+            "weights (`pvtv2 convert` writes one)",
             layout, hidden, args["num_attention_heads"],
         )
     preset = _matching_preset(args)

@@ -179,6 +179,27 @@ def test_a_stage_deeper_than_any_model_is_refused_by_name(tmp_path):
         PvtV2Config.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("field, raw, message", [
+    ("num_encoder_blocks", "NaN", "num_encoder_blocks must be a positive integer, got nan"),
+    ("num_encoder_blocks", "1e400", "num_encoder_blocks must be a positive integer, got inf"),
+    ("num_encoder_blocks", "[4]", "num_encoder_blocks must be a positive integer, got [4]"),
+    ("max_depth", "true", "max_depth must be a positive number, got True"),  # was read as 1.0 metre
+    ("max_depth", "1" + "0" * 400, "max_depth must be a positive number, got 1000"),  # was an OverflowError
+])
+def test_bad_values_of_a_segformer_or_glpn_config_json_are_refused_by_name(tmp_path, field, raw, message):
+    """transformers' SegFormer / GLPN config.json without mlp_ratios (their ratio is 4 in every stage): the count of
+    stages and the depth range are refused by name, with the file, whatever JSON holds there."""
+    config = (transformers.GLPNConfig if field == "max_depth" else transformers.SegformerConfig)(
+        depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4])
+    data = config.to_dict()
+    data.pop("mlp_ratios", None)
+    data[field] = "@@"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data).replace('"@@"', raw))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {re.escape(message)}"):
+        pvtv2.weights.loading.read_config(path)
+
+
 # Paper Table: parameters (M) of each variant with the 1000-class head.
 PAPER_PARAMS = {
     "pvt_v2_b0": 3.7, "pvt_v2_b1": 14.0, "pvt_v2_b2_li": 22.6, "pvt_v2_b2": 25.4,

@@ -263,11 +263,16 @@ def dense_config_from_dict(data: Mapping[str, Any], **overrides: Any) -> PvtV2Co
     read by no layer, so it is not carried over.
     """
     args = {k: data[k] for k in _DENSE_CONFIG_FIELDS if k in data}
-    args.setdefault("mlp_ratios", [4] * int(args.get("num_encoder_blocks", 4)))
+    # One ratio per stage that depths lists, not per num_encoder_blocks: a count that is no count (NaN, 1e400, a
+    # list) or a huge one ([4] * 10**9) is then refused by name by PvtV2Config, not by int() or by memory.
+    depths = args.get("depths")
+    args.setdefault("mlp_ratios", [4] * (len(depths) if isinstance(depths, list) else 4))
     args["layer_norm_eps"] = _TORCH_DEFAULT_EPS
     for key, value in (SEGMENTATION_DEFAULTS if data.get("model_type") == "segformer" else DEPTH_DEFAULTS).items():
         args.setdefault(key, value)
-    if "max_depth" in args and isinstance(args["max_depth"], int):
+    # A whole number of metres as transformers' float; not true (a bool is no depth), nor an int beyond any float
+    # (both are left for PvtV2Config to refuse by name)
+    if type(args.get("max_depth")) is int and abs(args["max_depth"]) < 2**1000:
         args["max_depth"] = float(args["max_depth"])
     return PvtV2Config(**merge_changes(args, overrides))
 

@@ -33,7 +33,7 @@ def test_an_integer_beyond_any_float_is_refused_by_name(tmp_path, text):
     path = tmp_path / "config.json"
     path.write_text(text)
     field = text.split('"')[1]
-    with pytest.raises(ValueError, match=f"^{field} must "):
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {field} must "):  # the file's value: named
         PvtV2Config.from_json_file(path)
 
 

@@ -391,18 +391,31 @@ def _target_error(target: Path, err: OSError) -> WriteError:
     return WriteError(target, err)
 
 
-# What timm's and the original code's PVTv2 models build that a state dict cannot carry (shapes carry the widths,
-# depths, MLP ratios, reduction ratios, linear attention and biases): every published variant uses these.
+# What timm's, the original code's and transformers' PVTv2 models build that a state dict cannot carry (shapes carry
+# the widths, depths, MLP ratios, reduction ratios, linear attention and biases): every published variant uses these.
+# A single transformers-layout file has no config.json either: transformers builds it from a default PvtV2Config,
+# and pvtv2 reads it with these values.
 _PUBLISHED_SETTINGS = {"num_attention_heads": [1, 2, 5, 8], "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+# The name of the heads argument in each layout's code.
+_HEADS_ARGUMENT = {"timm": "num_heads", "original": "num_heads", "transformers": "num_attention_heads"}
 
 
 def _settings_outside_the_weights(config: Any, layout: str) -> list[str]:
-    """Where a model converted to timm's or the original code's layout computes something else there unless that
-    model is built with this config's values (an empty list: the published models' settings)."""
-    if layout not in ("timm", "original"):
+    """Where a model converted to a single file of timm's, the original code's or transformers' layout computes
+    something else there unless that model is built with this config's values (an empty list: the published
+    models' settings)."""
+    if layout not in _HEADS_ARGUMENT:
         return []
     notes = []
-    if config.patch_norm_eps != 1e-5 or config.reduction_norm_eps != 1e-5:
+    if layout == "transformers":
+        # transformers' PvtV2 uses layer_norm_eps in every LayerNorm (the block epsilon's note covers its value)
+        if config.patch_norm_eps != config.layer_norm_eps or config.reduction_norm_eps != config.layer_norm_eps:
+            notes.append(
+                f"the transformers code uses layer_norm_eps ({config.layer_norm_eps:g} here) in the patch embeddings "
+                f"and the spatial reduction too; this model uses {config.patch_norm_eps:g} / "
+                f"{config.reduction_norm_eps:g} there, so outputs there will differ slightly"
+            )
+    elif config.patch_norm_eps != 1e-5 or config.reduction_norm_eps != 1e-5:
         notes.append(
             f"the {layout} code uses LayerNorm epsilon 1e-5 in the patch embeddings and the spatial reduction; this "
             f"model uses {config.patch_norm_eps:g} / {config.reduction_norm_eps:g} there, so outputs there will "
@@ -410,11 +423,11 @@ def _settings_outside_the_weights(config: Any, layout: str) -> list[str]:
         )
     heads = list(config.num_attention_heads)
     published = _PUBLISHED_SETTINGS["num_attention_heads"]
-    if len(heads) != len(published) or heads != published:
+    if heads != published:
         notes.append(
             f"this model has num_attention_heads={heads}, which its weights do not record (the {layout} code's "
-            f"variants use {published}): build the model there with num_heads={tuple(heads)}, or its attention "
-            f"splits the channels otherwise"
+            f"variants use {published}): build the model there with {_HEADS_ARGUMENT[layout]}={tuple(heads)}, or "
+            f"its attention splits the channels otherwise"
         )
     if config.layer_norm_eps != _PUBLISHED_SETTINGS["layer_norm_eps"]:
         notes.append(

@@ -147,6 +147,59 @@ def test_a_bad_value_in_a_folders_config_json_names_the_file(tmp_path):
         pvtv2.weights.loading.read_config(tmp_path / "seg" / "config.json")
 
 
+def test_an_overrides_error_is_not_blamed_on_a_bad_file(tmp_path):
+    """A config.json with a bad value, read with an override that is wrong on its own: the error is the override's,
+    without the file's name (the file does not hold that value); where the override is good, the file's error is
+    named as before."""
+    PvtV2Config(**TINY, layer_norm_eps=0.5).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["layer_norm_eps"] = float("nan")
+    path.write_text(json.dumps(data))  # a bare NaN token, as json writes it
+    assert "NaN" in path.read_text()
+    with pytest.raises(ValueError, match=r"^image_size must be .*got -3$"):
+        PvtV2Config.from_pretrained(tmp_path, image_size=-3)
+    with pytest.raises(ValueError, match=r"^hidden_act='nope' is not supported"):
+        pvtv2.weights.loading.read_config(path, hidden_act="nope")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: layer_norm_eps must be a positive number, got nan"):
+        PvtV2Config.from_pretrained(tmp_path, image_size=64)
+
+
+def test_a_stage_deeper_than_any_model_is_refused_by_name(tmp_path):
+    """Depth costs time, not memory: a config.json with 10**5 blocks in a stage (far below the 2**31 - 1 bound of
+    widths) is refused by name at once instead of building for many minutes; the bound is 25 times the deepest
+    published stage."""
+    deepest = max(max(PvtV2Config.from_preset(name).depths) for name in PRESETS)
+    assert PvtV2Config(**dict(TINY, depths=[1, 25 * deepest, 1, 1])).depths[1] == 25 * deepest
+    data = PvtV2Config(**TINY).to_dict()
+    data["depths"] = [1, 10**5, 1, 1]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'config.json'))}: depths must hold numbers up "
+                                         rf"to {25 * deepest} \(blocks in a stage\), got \[1, 100000, 1, 1\]"):
+        PvtV2Config.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field, raw, message", [
+    ("num_encoder_blocks", "NaN", "num_encoder_blocks must be a positive integer, got nan"),
+    ("num_encoder_blocks", "1e400", "num_encoder_blocks must be a positive integer, got inf"),
+    ("num_encoder_blocks", "[4]", "num_encoder_blocks must be a positive integer, got [4]"),
+    ("max_depth", "true", "max_depth must be a positive number, got True"),  # was read as 1.0 metre
+    ("max_depth", "1" + "0" * 400, "max_depth must be a positive number, got 1000"),  # was an OverflowError
+])
+def test_bad_values_of_a_segformer_or_glpn_config_json_are_refused_by_name(tmp_path, field, raw, message):
+    """transformers' SegFormer / GLPN config.json without mlp_ratios (their ratio is 4 in every stage): the count of
+    stages and the depth range are refused by name, with the file, whatever JSON holds there."""
+    config = (transformers.GLPNConfig if field == "max_depth" else transformers.SegformerConfig)(
+        depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4])
+    data = config.to_dict()
+    data.pop("mlp_ratios", None)
+    data[field] = "@@"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data).replace('"@@"', raw))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {re.escape(message)}"):
+        pvtv2.weights.loading.read_config(path)
+
+
 # Paper Table: parameters (M) of each variant with the 1000-class head.
 PAPER_PARAMS = {
     "pvt_v2_b0": 3.7, "pvt_v2_b1": 14.0, "pvt_v2_b2_li": 22.6, "pvt_v2_b2": 25.4,
@@ -190,7 +243,8 @@ BAD_VALUES: dict[str, list] = {
     "image_size": ["large", 0, [224, -1], [1, 2, 3], 224.5, True],
     "num_channels": [0, "3", True, 2.0],
     "num_encoder_blocks": [0, 3, True, 4.0],
-    "depths": [2, "2222", [2, 2, 2], [2, 0, 2, 2], [2, 2.5, 2, 2], [2, True, 2, 2], {1, 2, 3, 4}, [2**31, 2, 2, 2]],
+    "depths": [2, "2222", [2, 2, 2], [2, 0, 2, 2], [2, 2.5, 2, 2], [2, True, 2, 2], {1, 2, 3, 4}, [2**31, 2, 2, 2],
+               [2, 10**5, 2, 2]],
     "sr_ratios": [[8, 4, 2, 0], [8, 4, 2]],
     "hidden_sizes": [[32, 64, 160], [32, 64, 160, "256"], "32,64", [2**40, 64, 160, 256]],
     "patch_sizes": [[7, 3, 3, -3], {"a": 1}],

@@ -297,6 +297,8 @@ def test_imagenet_labels_are_refused_for_a_detector():
         (dict(nms_threshold=0), "nms_threshold"),
         (dict(image_std=[0.2, 0.0, 0.2]), "image_std"),
         (dict(image_mean=[0.5, 0.5]), "image_mean"),
+        (dict(image_mean=[float("nan"), 0.5, 0.5]), "image_mean must be 3 finite numbers"),  # NaN pixels
+        (dict(image_std=[0.2, float("inf"), 0.2]), "image_std must be 3 finite numbers"),  # zero pixels
         (dict(detector="fcos", fpn_channels=48), "multiple of 32"),
         (dict(id2label=None, num_labels=0), "num_labels >= 1"),
     ],

@@ -333,6 +333,56 @@ def test_convert_to_timm_names_each_setting_the_weights_do_not_carry(tmp_path, c
     assert caplog.text == ""
 
 
+def test_convert_to_a_transformers_file_names_each_setting_the_weights_do_not_carry(tmp_path, caplog):
+    """A single transformers-layout file has no config.json: heads, epsilons and activation are lost as in timm's
+    layout, and both transformers (a default PvtV2Config) and pvtv2 (reading the file) build the published settings.
+    Converting a model with other values warns about each; transformers' model gives its logits only when built with
+    what the warnings say, and pvtv2 reads the file back with other logits. Published settings convert silently."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from pvtv2.export import convert_checkpoint
+
+    kwargs = dict(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 160, 256], mlp_ratios=[2, 2, 2, 2], num_labels=3)
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**kwargs, num_attention_heads=[2, 4, 10, 16], layer_norm_eps=1e-3,
+                                                    hidden_act="relu", patch_embed_layer_norm_eps=1e-5)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.2)
+    model.save_pretrained(tmp_path / "model")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pvtv2"):
+        convert_checkpoint(tmp_path / "model", tmp_path / "model.safetensors", "transformers")
+    text = caplog.text
+    assert "num_attention_heads=[2, 4, 10, 16]" in text and "num_attention_heads=(2, 4, 10, 16)" in text
+    assert "layer_norm_eps=0.001" in text and "'relu'" in text and "this model uses 1e-05 / 0.001 there" in text
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model(x).logits
+
+        def transformers_logits(**settings):
+            config = transformers.PvtV2Config(depths=[1, 1, 1, 1], hidden_sizes=[32, 64, 160, 256],
+                                              mlp_ratios=[2, 2, 2, 2], num_labels=3, **settings)
+            ref = transformers.PvtV2ForImageClassification(config).eval()
+            ref.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+            return ref(x).logits
+
+        as_told = transformers_logits(num_attention_heads=[2, 4, 10, 16], layer_norm_eps=1e-3, hidden_act="relu")
+        reread = PvtV2ForImageClassification.from_pretrained(tmp_path / "model.safetensors").eval()(x).logits
+        published = transformers_logits()
+    assert (published - ours).abs().max() > 1e-2 and (reread - ours).abs().max() > 1e-2
+    # the patch epsilon (1e-5, where transformers uses layer_norm_eps) is the only difference left, as warned
+    assert 0 < (as_told - ours).abs().max() < 1e-3
+    # published settings (transformers' own: one epsilon everywhere) convert without a word
+    plain = PvtV2ForImageClassification(PvtV2Config(**kwargs))
+    plain.save_pretrained(tmp_path / "plain")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pvtv2"):
+        convert_checkpoint(tmp_path / "plain", tmp_path / "plain.safetensors", "transformers")
+    assert caplog.text == ""
+
+
 @pytest.mark.slow
 def test_visualize_writes_png_of_expected_size(workspace, tmp_path):
     root, _, images = workspace

@@ -138,15 +138,16 @@ def test_bad_flags_are_refused_before_anything_is_written(few_digits, tiny_confi
 
 
 def test_an_absurd_architecture_is_refused_before_it_is_allocated(few_digits, tmp_path, capsys):
-    """mlp_ratios [1e9, ...] used to reach the allocator (256 GB for stage 1's FFN): a 58-line traceback."""
+    """mlp_ratios [1e9, ...] used to reach the allocator (256 GB for stage 1's FFN): a 58-line traceback. (1e8 here:
+    1e9 now gives a Mix-FFN wider than 2**31 - 1, which the config itself refuses.)"""
     config = tmp_path / "absurd.json"
-    config.write_text(json.dumps({**TINY_SMALL_IMAGES, "mlp_ratios": [1e9, 2, 2, 2]}))
+    config.write_text(json.dumps({**TINY_SMALL_IMAGES, "mlp_ratios": [1e8, 2, 2, 2]}))
     out = tmp_path / "run"
     code, err = _main(common_args(few_digits, str(config), out), capsys)
     assert code == 2
     line = _one_line(err)
-    # stage 1's FFN alone: dense1 and dense2 of (dim x dim * 1e9) weights, dense1's bias and the depthwise conv's
-    hidden, dim = int(TINY_SMALL_IMAGES["hidden_sizes"][0] * 1e9), TINY_SMALL_IMAGES["hidden_sizes"][0]
+    # stage 1's FFN alone: dense1 and dense2 of (dim x dim * 1e8) weights, dense1's bias and the depthwise conv's
+    hidden, dim = int(TINY_SMALL_IMAGES["hidden_sizes"][0] * 1e8), TINY_SMALL_IMAGES["hidden_sizes"][0]
     ffn = 2 * dim * hidden + hidden + dim + hidden * 9 + hidden
     count = int(re.search(r"would have ([\d,]+) parameters", line).group(1).replace(",", ""))
     assert ffn < count < ffn + 10**6 and "more than 10,000,000,000" in line

@@ -15,7 +15,8 @@ from timm.models.pvt_v2 import checkpoint_filter_fn
 
 from pvtv2 import CheckpointError, PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, PvtV2Model
 from pvtv2.weights.files import save_state_dict
-from pvtv2.weights.layouts import convert_state_dict, detect_layout
+from pvtv2.weights.layouts import convert_state_dict, detect_layout, to_canonical
+from pvtv2.weights.loading import infer_config
 
 from conftest import TINY, random_weights_, relative_error, shrink_patch_embeddings_
 
@@ -76,6 +77,20 @@ def test_a_checkpoint_without_config_warns_where_its_heads_are_a_guess(tmp_path,
         assert plain.config.num_attention_heads == [1, 2, 5, 8]
         assert relative_error(published(x), plain(x).logits) < TOL
     assert caplog.text == ""
+
+
+def test_the_heads_guess_says_how_it_was_made_where_widths_do_not_divide(caplog):
+    """Widths 64, 96, 160, 256: 96 / 64 and 160 / 64 are no whole numbers, so those stages' heads are guessed as 1;
+    the warning says so rather than name a ratio the guess does not follow."""
+    with torch.device("meta"):
+        custom = timm.models.pvt_v2.PyramidVisionTransformerV2(
+            depths=(1, 1, 1, 1), embed_dims=(64, 96, 160, 256), num_heads=(1, 2, 5, 8), mlp_ratios=(2, 2, 2, 2))
+    canonical = to_canonical(custom.state_dict(), "timm")
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        config = infer_config(canonical, "timm")
+    assert config.num_attention_heads == [1, 1, 1, 4]
+    assert ("assuming num_attention_heads=[1, 1, 1, 4] (hidden_sizes[i] / hidden_sizes[0], 1 where that is no whole "
+            "number)") in caplog.text
 
 
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b2_li"])

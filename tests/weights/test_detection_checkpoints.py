@@ -103,3 +103,25 @@ def test_a_detectors_checkpoint_initialises_other_models_encoders(tmp_path, capl
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(detector.pvt_v2(x).last_hidden_state, encoder(x).last_hidden_state)
+
+
+def test_a_bad_detector_setting_in_a_folders_config_json_names_the_file(tmp_path):
+    """The detector's settings are config.json fields the model checks: a bad one names the file, as a bad encoder
+    field does; the same value given as an override is the override's error alone."""
+    import json
+    import re
+
+    config = PvtV2Config(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4],
+                         id2label={0: "a"}, detector="fcos", min_size=64, max_size=64)
+    PvtV2ForObjectDetection(config).eval().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["min_size"] = -1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: min_size must be a positive integer, got -1$"):
+        PvtV2ForObjectDetection.from_pretrained(tmp_path)
+    assert PvtV2ForObjectDetection.from_pretrained(tmp_path, min_size=32).config.min_size == 32
+    data["min_size"] = 64
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"^min_size must be a positive integer, got -5$"):
+        PvtV2ForObjectDetection.from_pretrained(tmp_path, min_size=-5)

@@ -386,8 +386,9 @@ def read_json_config(path: str | os.PathLike) -> Any:
 
 def config_from_file(path: str | os.PathLike, data: Any, build: Callable[..., Any], **overrides: Any) -> Any:
     """``build(data, **overrides)``, the config of the file ``path`` holding ``data``. An error in the file's own
-    values names the file (a model folder's config.json is otherwise not mentioned); an error that only the
-    overrides cause is raised as it is."""
+    values names the file (a model folder's config.json is otherwise not mentioned); an error that the overrides
+    cause is raised as it is, also where the file has another error besides (blaming the file for an override's
+    value sends the user looking for it there)."""
     try:
         return build(data, **overrides)
     except (ValueError, TypeError) as err:
@@ -395,7 +396,11 @@ def config_from_file(path: str | os.PathLike, data: Any, build: Callable[..., An
             try:
                 build(data)
             except (ValueError, TypeError):
-                pass
+                try:  # the file is wrong too: the error is the overrides' where they give it on their own as well
+                    build({}, **overrides)
+                except (ValueError, TypeError) as alone:
+                    if str(alone) == str(err):
+                        raise err from None
             else:
                 raise
         raise type(err)(f"{os.fspath(path)}: {err}") from None
@@ -426,6 +431,10 @@ def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dic
 # The largest per-stage value (a width, a depth, a kernel size...): far above any model that fits in memory, and
 # below where PyTorch fails to build a layer with a multi-line C++ traceback (sizes beyond a 64-bit int).
 _MAX_STAGE_VALUE = 2**31 - 1
+# The most blocks in a stage: 25 times the deepest published stage (B5's 40). Depth costs time, not memory, so the
+# bound above does not catch it: on the meta device, where loading builds a model before comparing it with the
+# checkpoint, a block takes milliseconds to build, so 100,000 of them take many minutes and 2**31 - 1 of them months.
+_MAX_DEPTH = 1000
 
 
 def _check_stages(v: Mapping[str, Any]) -> None:
@@ -448,6 +457,8 @@ def _check_stages(v: Mapping[str, Any]) -> None:
     for name in _STAGE_LISTS:
         if name != "mlp_ratios" and any(value > _MAX_STAGE_VALUE for value in v[name]):
             raise ValueError(f"{name} must hold numbers up to {_MAX_STAGE_VALUE}, got {v[name]}")
+    if any(depth > _MAX_DEPTH for depth in v["depths"]):
+        raise ValueError(f"depths must hold numbers up to {_MAX_DEPTH} (blocks in a stage), got {v['depths']}")
     for i, (size, ratio) in enumerate(zip(v["hidden_sizes"], v["mlp_ratios"])):
         width = float(size) * ratio  # inf where the product overflows
         if width > _MAX_STAGE_VALUE:

@@ -168,9 +168,9 @@ def _check_settings(values: dict[str, Any], config: PvtV2Config) -> None:
             continue
         if (
             isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != config.num_channels
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)
-        ):
-            raise ValueError(f"{name} must be {config.num_channels} numbers (one per channel), got {value!r}")
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)
+        ):  # NaN or infinity (a bare NaN in config.json) would make every pixel NaN or 0: no detections, no error
+            raise ValueError(f"{name} must be {config.num_channels} finite numbers (one per channel), got {value!r}")
         if name == "image_std" and any(v <= 0 for v in value):
             raise ValueError(f"image_std must be positive (it divides), got {value!r}")
         values[name] = [float(v) for v in value]

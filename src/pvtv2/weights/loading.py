@@ -55,9 +55,9 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
     """A config that fits a checkpoint that came without one, read off its tensor shapes.
 
     What shapes cannot tell is taken from the published models: strides 4, 2, 2, 2; heads of
-    ``hidden_sizes[i] / hidden_sizes[0]`` (1, 2, 5, 8 for every published variant; for other widths a guess, with
-    a warning, unless ``num_attention_heads`` is given); the spatial-reduction ratios 8, 4, 2, 1 for linear
-    attention, where they are unused.
+    ``hidden_sizes[i] / hidden_sizes[0]``, or 1 where that is no whole number (1, 2, 5, 8 for every published
+    variant; for other widths a guess, with a warning, unless ``num_attention_heads`` is given); the
+    spatial-reduction ratios 8, 4, 2, 1 for linear attention, where they are unused.
     """
     stages = sorted({int(m.group(1)) for k in canonical if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
     if not stages or stages != list(range(len(stages))):
@@ -111,9 +111,10 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         # Every published variant's widths go 1:2:5:8 with heads 1, 2, 5, 8; other widths say nothing of the heads.
         logger.warning(
             "the %s checkpoint's widths %s are not those of a published variant, and no weights record the "
-            "attention heads: assuming num_attention_heads=%s (hidden_sizes[i] / hidden_sizes[0]). If the model "
-            "was built with others its outputs will be wrong: pass num_attention_heads=[...] to from_pretrained, or "
-            "set it in the config.json of a folder holding the weights (`pvtv2 convert` writes one)",
+            "attention heads: assuming num_attention_heads=%s (hidden_sizes[i] / hidden_sizes[0], 1 where that is no "
+            "whole number). If the model was built with others its outputs will be wrong: pass "
+            "num_attention_heads=[...] to from_pretrained, or set it in the config.json of a folder holding the "
+            "weights (`pvtv2 convert` writes one)",
             layout, hidden, args["num_attention_heads"],
         )
     preset = _matching_preset(args)
@@ -221,8 +222,15 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         config = infer_config(canonical, layout, **overrides)
     config = _attach_imagenet_labels(config, canonical)
     # Built without memory or random initialisation: the checkpoint's tensors become the parameters.
-    with torch.device("meta"):
-        model = model_cls(config)
+    try:
+        with torch.device("meta"):
+            model = model_cls(config)
+    except (ValueError, TypeError) as err:
+        # A head's own settings in the config.json (a detector's min_size...) are checked by the model: named with
+        # the file, as the config's fields are. With overrides the cause may be either, so neither is named.
+        if config_path is not None and not overrides:
+            raise type(err)(f"{os.fspath(config_path)}: {err}") from None
+        raise
     load_canonical(model, canonical, origin=os.fspath(weights_path))
     # Which ecosystem wrote the file: its evaluation preprocessing follows it (inference.load_processor).
     model.checkpoint_layout = layout
@@ -255,11 +263,16 @@ def dense_config_from_dict(data: Mapping[str, Any], **overrides: Any) -> PvtV2Co
     read by no layer, so it is not carried over.
     """
     args = {k: data[k] for k in _DENSE_CONFIG_FIELDS if k in data}
-    args.setdefault("mlp_ratios", [4] * int(args.get("num_encoder_blocks", 4)))
+    # One ratio per stage that depths lists, not per num_encoder_blocks: a count that is no count (NaN, 1e400, a
+    # list) or a huge one ([4] * 10**9) is then refused by name by PvtV2Config, not by int() or by memory.
+    depths = args.get("depths")
+    args.setdefault("mlp_ratios", [4] * (len(depths) if isinstance(depths, list) else 4))
     args["layer_norm_eps"] = _TORCH_DEFAULT_EPS
     for key, value in (SEGMENTATION_DEFAULTS if data.get("model_type") == "segformer" else DEPTH_DEFAULTS).items():
         args.setdefault(key, value)
-    if "max_depth" in args and isinstance(args["max_depth"], int):
+    # A whole number of metres as transformers' float; not true (a bool is no depth), nor an int beyond any float
+    # (both are left for PvtV2Config to refuse by name)
+    if type(args.get("max_depth")) is int and abs(args["max_depth"]) < 2**1000:
         args["max_depth"] = float(args["max_depth"])
     return PvtV2Config(**merge_changes(args, overrides))
 

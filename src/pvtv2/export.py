@@ -391,57 +391,6 @@ def _target_error(target: Path, err: OSError) -> WriteError:
     return WriteError(target, err)
 
 
-# What timm's, the original code's and transformers' PVTv2 models build that a state dict cannot carry (shapes carry
-# the widths, depths, MLP ratios, reduction ratios, linear attention and biases): every published variant uses these.
-# A single transformers-layout file has no config.json either: transformers builds it from a default PvtV2Config,
-# and pvtv2 reads it with these values.
-_PUBLISHED_SETTINGS = {"num_attention_heads": [1, 2, 5, 8], "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
-# The name of the heads argument in each layout's code.
-_HEADS_ARGUMENT = {"timm": "num_heads", "original": "num_heads", "transformers": "num_attention_heads"}
-
-
-def _settings_outside_the_weights(config: Any, layout: str) -> list[str]:
-    """Where a model converted to a single file of timm's, the original code's or transformers' layout computes
-    something else there unless that model is built with this config's values (an empty list: the published
-    models' settings)."""
-    if layout not in _HEADS_ARGUMENT:
-        return []
-    notes = []
-    if layout == "transformers":
-        # transformers' PvtV2 uses layer_norm_eps in every LayerNorm (the block epsilon's note covers its value)
-        if config.patch_norm_eps != config.layer_norm_eps or config.reduction_norm_eps != config.layer_norm_eps:
-            notes.append(
-                f"the transformers code uses layer_norm_eps ({config.layer_norm_eps:g} here) in the patch embeddings "
-                f"and the spatial reduction too; this model uses {config.patch_norm_eps:g} / "
-                f"{config.reduction_norm_eps:g} there, so outputs there will differ slightly"
-            )
-    elif config.patch_norm_eps != 1e-5 or config.reduction_norm_eps != 1e-5:
-        notes.append(
-            f"the {layout} code uses LayerNorm epsilon 1e-5 in the patch embeddings and the spatial reduction; this "
-            f"model uses {config.patch_norm_eps:g} / {config.reduction_norm_eps:g} there, so outputs there will "
-            f"differ slightly"
-        )
-    heads = list(config.num_attention_heads)
-    published = _PUBLISHED_SETTINGS["num_attention_heads"]
-    if heads != published:
-        notes.append(
-            f"this model has num_attention_heads={heads}, which its weights do not record (the {layout} code's "
-            f"variants use {published}): build the model there with {_HEADS_ARGUMENT[layout]}={tuple(heads)}, or "
-            f"its attention splits the channels otherwise"
-        )
-    if config.layer_norm_eps != _PUBLISHED_SETTINGS["layer_norm_eps"]:
-        notes.append(
-            f"this model uses layer_norm_eps={config.layer_norm_eps:g} in its blocks and stage norms; the {layout} "
-            f"code's variants use 1e-6, so outputs there will differ unless built with that epsilon"
-        )
-    if config.hidden_act != _PUBLISHED_SETTINGS["hidden_act"]:
-        notes.append(
-            f"this model's Mix-FFN activation is {config.hidden_act!r}; the {layout} code uses exact GELU, so "
-            f"outputs there will differ"
-        )
-    return notes
-
-
 def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, layout: str | None = None) -> dict[str, Any]:
     """Convert any supported checkpoint (file in any layout, folder, hub id) to a ``save_pretrained`` folder
     (``layout=None``), or to a single weights file in ``layout`` (``transformers``, ``timm`` or ``original``).
@@ -457,6 +406,7 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     from .weights.files import save_state_dict
     from .weights.hub import resolve_file
     from .weights.layouts import LAYOUTS, convert_state_dict
+    from .weights.loading import layout_differences
 
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
@@ -482,7 +432,7 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
             raise _target_error(out, err) from err
         info.update(output=os.fspath(out), layout="transformers (save_pretrained folder)")
         return info
-    for note in _settings_outside_the_weights(model.config, layout):
+    for note in layout_differences(model.config, layout):
         logger.warning("%s", note)
     state = convert_state_dict(model.state_dict(), layout)
     try:

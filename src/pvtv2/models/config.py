@@ -439,8 +439,7 @@ _MAX_DEPTH = 1000
 
 def _check_stages(v: Mapping[str, Any]) -> None:
     """Every per-stage list has one entry per stage; the heads divide the channels; no value is absurdly large; no
-    Mix-FFN is empty; GLPN's
-    head reads a decoder output that exists."""
+    Mix-FFN is empty; GLPN's head reads a decoder output that exists."""
     n = v["num_encoder_blocks"]
     for name in _STAGE_LISTS:
         if len(v[name]) != n:

@@ -42,6 +42,7 @@ __all__ = [
     "load_pretrained",
     "save_pretrained",
     "non_finite",
+    "layout_differences",
     "transformers_differences",
 ]
 
@@ -106,7 +107,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         args["decoder_hidden_size"] = int(canonical["decode_head.classifier.weight"].shape[1])
     if "head.head.0.weight" in canonical:
         args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
-    published_heads = [1, 2, 5, 8]
+    published_heads = _PUBLISHED_SETTINGS["num_attention_heads"]
     if "num_attention_heads" not in overrides and [h / hidden[0] for h in hidden] != published_heads:
         # Every published variant's widths go 1:2:5:8 with heads 1, 2, 5, 8; other widths say nothing of the heads.
         logger.warning(
@@ -447,6 +448,57 @@ def transformers_differences(config: PvtV2Config) -> list[str]:
         notes.append(
             f"transformers' PvtV2Config takes whole-number mlp_ratios only and refuses {list(config.mlp_ratios)}, "
             f"so this config.json loads in pvtv2 (and its weights in timm) but not in transformers"
+        )
+    return notes
+
+
+# What timm's, the original code's and transformers' PVTv2 models build that a state dict cannot carry (shapes carry
+# the widths, depths, MLP ratios, reduction ratios, linear attention and biases): every published variant uses these.
+# A single transformers-layout file has no config.json either: transformers builds it from a default PvtV2Config,
+# and pvtv2 reads it with these values.
+_PUBLISHED_SETTINGS = {"num_attention_heads": [1, 2, 5, 8], "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+# The name of the heads argument in each layout's code.
+_HEADS_ARGUMENT = {"timm": "num_heads", "original": "num_heads", "transformers": "num_attention_heads"}
+
+
+def layout_differences(config: PvtV2Config, layout: str) -> list[str]:
+    """Where a model converted to a single file of timm's, the original code's or transformers' layout computes
+    something else there unless that model is built with this config's values (an empty list: the published
+    models' settings)."""
+    if layout not in _HEADS_ARGUMENT:
+        return []
+    notes = []
+    if layout == "transformers":
+        # transformers' PvtV2 uses layer_norm_eps in every LayerNorm (the block epsilon's note covers its value)
+        if config.patch_norm_eps != config.layer_norm_eps or config.reduction_norm_eps != config.layer_norm_eps:
+            notes.append(
+                f"the transformers code uses layer_norm_eps ({config.layer_norm_eps:g} here) in the patch embeddings "
+                f"and the spatial reduction too; this model uses {config.patch_norm_eps:g} / "
+                f"{config.reduction_norm_eps:g} there, so outputs there will differ slightly"
+            )
+    elif config.patch_norm_eps != 1e-5 or config.reduction_norm_eps != 1e-5:
+        notes.append(
+            f"the {layout} code uses LayerNorm epsilon 1e-5 in the patch embeddings and the spatial reduction; this "
+            f"model uses {config.patch_norm_eps:g} / {config.reduction_norm_eps:g} there, so outputs there will "
+            f"differ slightly"
+        )
+    heads = list(config.num_attention_heads)
+    published = _PUBLISHED_SETTINGS["num_attention_heads"]
+    if heads != published:
+        notes.append(
+            f"this model has num_attention_heads={heads}, which its weights do not record (the {layout} code's "
+            f"variants use {published}): build the model there with {_HEADS_ARGUMENT[layout]}={tuple(heads)}, or "
+            f"its attention splits the channels otherwise"
+        )
+    if config.layer_norm_eps != _PUBLISHED_SETTINGS["layer_norm_eps"]:
+        notes.append(
+            f"this model uses layer_norm_eps={config.layer_norm_eps:g} in its blocks and stage norms; the {layout} "
+            f"code's variants use 1e-6, so outputs there will differ unless built with that epsilon"
+        )
+    if config.hidden_act != _PUBLISHED_SETTINGS["hidden_act"]:
+        notes.append(
+            f"this model's Mix-FFN activation is {config.hidden_act!r}; the {layout} code uses exact GELU, so "
+            f"outputs there will differ"
         )
     return notes
 

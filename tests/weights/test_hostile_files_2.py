@@ -98,12 +98,14 @@ def test_a_training_checkpoint_with_two_copies_and_ddp_prefixes(saved, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- folder entries
-def test_a_config_json_that_is_a_folder_is_named_not_skipped(saved, tmp_path):
-    """It used to be skipped without a word, the configuration guessed from the tensor shapes instead."""
+# config.json as a folder used to be skipped without a word, the configuration guessed from the tensor shapes instead;
+# model.safetensors as a folder used to say "expected model.safetensors ..., found [..., 'model.safetensors']".
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_folder_where_a_checkpoint_file_belongs_is_named(saved, tmp_path, name):
     folder = _copy(saved, tmp_path)
-    (folder / "config.json").unlink()
-    (folder / "config.json").mkdir()
-    with pytest.raises(ValueError, match=r"config\.json' is a folder, not a file"):
+    (folder / name).unlink()
+    (folder / name).mkdir()
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}' is a folder, not a file"):
         PvtV2ForImageClassification.from_pretrained(folder)
 
 
@@ -112,15 +114,6 @@ def test_a_dangling_config_symlink_is_named_not_skipped(saved, tmp_path):
     (folder / "config.json").unlink()
     (folder / "config.json").symlink_to(tmp_path / "gone.json")
     with pytest.raises(FileNotFoundError, match=r"config\.json' is a symlink to .*gone\.json.*which does not exist"):
-        PvtV2ForImageClassification.from_pretrained(folder)
-
-
-def test_a_weights_name_that_is_a_folder_is_named(saved, tmp_path):
-    """It used to say "expected model.safetensors ..., found [..., 'model.safetensors']"."""
-    folder = _copy(saved, tmp_path)
-    (folder / "model.safetensors").unlink()
-    (folder / "model.safetensors").mkdir()
-    with pytest.raises(ValueError, match=r"model\.safetensors' is a folder, not a file"):
         PvtV2ForImageClassification.from_pretrained(folder)
 
 

@@ -186,6 +186,11 @@ class Task:
         warmup, then the run's schedule (:meth:`Schedule.factor`: a half cosine, or poly)."""
         return schedule.factor
 
+    def warmup_steps(self, schedule: Schedule) -> int:
+        """The warmup steps that :meth:`lr_factor` actually uses (the start line reports them): the schedule's, unless
+        the task's own rate shortens it (detection: at most a fifth of the run)."""
+        return schedule.warmup_steps
+
     def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
         """The mean loss of a batch (already on the device) as a float32 scalar: forward pass under
         ``ctx.autocast()``, loss outside it. ``model`` may be wrapped in DistributedDataParallel."""
@@ -513,7 +518,7 @@ def _log_start(task: Task, cfg: TrainConfig, training: Training, state: dict[str
         logger.info(
             "%s of %d classes (val %d), %d process(es) on %s; global batch %d, peak lr %.3g, %d steps (%d warmup)",
             task.intro % len(task.train_set), len(task.classes), len(task.val_set), ctx.dist.world_size, ctx.device,
-            cfg.batch_size * cfg.grad_accum * ctx.dist.world_size, s.peak_lr, s.total_steps, s.warmup_steps,
+            cfg.batch_size * cfg.grad_accum * ctx.dist.world_size, s.peak_lr, s.total_steps, task.warmup_steps(s),
         )
     if training.start_epoch >= cfg.epochs:
         logger.info("the run in %s is already finished (%d epochs); nothing to do", cfg.output, cfg.epochs)

@@ -67,6 +67,7 @@ __all__ = [
     "known_architecture",
     "new_architecture",
     "check_image_size",
+    "check_freeze_stages",
     "cosine_warmup_factor",
     "parameter_groups",
     "KILL_ENV",
@@ -310,6 +311,15 @@ def check_image_size(config: PvtV2Config, image_size: int, model: str) -> None:
     raise ValueError(f"--image-size {image_size} is too small for the model {model!r}: {reason}{advice}")
 
 
+def check_freeze_stages(config: PvtV2Config, freeze_stages: int, model: str) -> None:
+    """Refuse a ``--freeze-stages`` beyond the model's stages by its flag (:func:`freeze_stages` names its own
+    argument, which the user of the command never typed)."""
+    stages = len(config.depths)
+    if freeze_stages > stages:
+        raise ValueError(f"--freeze-stages {freeze_stages} is more than the {stages} stages of the model {model!r}; "
+                         f"use at most {stages}")
+
+
 # ---------------------------------------------------------------------------------------------- a run
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -425,6 +435,7 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     else:
         model = task.new_model()
     check_image_size(model.config, cfg.image_size, cfg.model)
+    check_freeze_stages(model.config, cfg.freeze_stages, cfg.model)
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
     model.to(ctx.device).train()

@@ -454,8 +454,8 @@ def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dic
     """(id2label, label2id) from the label fields as given (each already checked on its own)."""
     if id2label is None:
         if num_labels is not None and num_labels > _MAX_LABELS:  # a name each: 10**12 of them never finish
-            raise ValueError(f"num_labels={short_repr(num_labels)} is more classes than a classifier head can have here "
-                             f"(at most {_MAX_LABELS:,})")
+            raise ValueError(f"num_labels={short_repr(num_labels)} is more classes than a classifier head can have "
+                             f"here (at most {_MAX_LABELS:,})")
         id2label = generic_id2label(2 if num_labels is None else num_labels)  # 2: transformers' default
     elif num_labels is not None and num_labels != len(id2label):
         raise ValueError(f"num_labels={short_repr(num_labels)} but id2label has {len(id2label)} entries")
@@ -492,7 +492,9 @@ def _check_stages(v: Mapping[str, Any]) -> None:
                 f"an equal share of the channels"
             )
     if any(depth > _MAX_DEPTH for depth in v["depths"]):  # first: the tighter bound, whatever the size
-        raise ValueError(f"depths must hold numbers up to {_MAX_DEPTH} (blocks in a stage), got {short_repr(v['depths'])}")
+        raise ValueError(
+            f"depths must hold numbers up to {_MAX_DEPTH} (blocks in a stage), got {short_repr(v['depths'])}"
+        )
     for name in _STAGE_LISTS:
         if name != "mlp_ratios" and any(value > _MAX_STAGE_VALUE for value in v[name]):
             raise ValueError(f"{name} must hold numbers up to {_MAX_STAGE_VALUE}, got {short_repr(v[name])}")

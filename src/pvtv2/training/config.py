@@ -266,7 +266,9 @@ def _integer(name: str, value: Any, *, minimum: int, maximum: int | None = None,
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{flag(name)} must be an integer, got {short_repr(value)}")
     if maximum is not None and not minimum <= value <= maximum:
-        raise ValueError(f"{flag(name)} must be an integer in [{minimum}, {maximum_text or maximum}], got {short_repr(value)}")
+        raise ValueError(
+            f"{flag(name)} must be an integer in [{minimum}, {maximum_text or maximum}], got {short_repr(value)}"
+        )
     if value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{flag(name)} must be {what}, got {short_repr(value)}")
@@ -287,4 +289,6 @@ def _number(
     if not (finite and above and below):
         lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
         wanted = f"> {low:g}" if high == math.inf and low_open else f">= {low:g}" if high == math.inf else f"in {lo}, {hi}"
-        raise ValueError(f"{flag(name)} must be a finite number {wanted}, got {short_repr(value)}" + (f" ({hint})" if hint else ""))
+        raise ValueError(
+            f"{flag(name)} must be a finite number {wanted}, got {short_repr(value)}" + (f" ({hint})" if hint else "")
+        )

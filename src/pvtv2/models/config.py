@@ -86,7 +86,7 @@ class _ShortRepr(reprlib.Repr):
 
 
 _SHORT = _ShortRepr()
-_SHORT.maxlong = 24
+_SHORT.maxlong = 40  # 40 digits in full (10**30 reads as itself); a longer number keeps its ends
 _SHORT.maxlist = _SHORT.maxtuple = 8
 _SHORT.maxstring = _SHORT.maxother = 40
 

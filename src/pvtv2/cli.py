@@ -217,8 +217,8 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
                    help="depth: evaluate inside Eigen's NYU Depth v2 crop only")
     p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output (its settings are "
-                   "the stored ones: other values given are ignored, with a warning)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output with its stored "
+                   "settings (a run setting given with another value, --epochs included, is refused)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train, command_defaults=recipe)

@@ -179,6 +179,48 @@ def test_a_stage_deeper_than_any_model_is_refused_by_name(tmp_path):
         PvtV2Config.from_pretrained(tmp_path)
 
 
+HUGE = 10**400  # a whole, positive number beyond any float
+SHOWN = "100000000000000000...0000000000000000000"  # HUGE in a message: its first and last digits, 40 characters
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    # Too large is the reason, with the same bound as for any value above it (depths: 1000 blocks; widths: 2**31 - 1).
+    (dict(depths=[HUGE, 1, 1, 1]), f"depths must hold numbers up to 1000 (blocks in a stage), got [{SHOWN}, 1, 1, 1]"),
+    (dict(depths=[2000, 1, 1, 1]), "depths must hold numbers up to 1000 (blocks in a stage), got [2000, 1, 1, 1]"),
+    (dict(depths=[1e300, 1, 1, 1]), "depths must hold numbers up to 1000 (blocks in a stage), got "
+                                    "[100000000000000005...6386865459400540160, 1, 1, 1]"),  # int(1e300)
+    # 60 characters of the list, the last three "..."
+    (dict(hidden_sizes=[HUGE] * 4), f"hidden_sizes must hold numbers up to 2147483647, got [{SHOWN}, 10000000000000..."),
+    (dict(mlp_ratios=[HUGE] * 4), f"mlp_ratios must hold numbers up to 2147483647, got [{SHOWN}, 10000000000000..."),
+    # Beyond the 4300 digits Python writes out at all: the message is still written.
+    (dict(depths=[10**5000, 1, 1, 1]), "depths must hold numbers up to 1000 (blocks in a stage), got "
+                                       "[<an integer of 16610 bits>, 1, 1, 1]"),
+    (dict(layer_norm_eps=HUGE), f"layer_norm_eps must be a positive number, got {SHOWN} (too large for any number "
+                                f"this field holds)"),
+    (dict(image_size=HUGE), f"image_size must be an int or a (height, width) pair of positive integers, got {SHOWN} "
+                            f"(too large for any image)"),
+    (dict(num_channels=HUGE), f"num_channels must be at most 2147483647, got {SHOWN}"),  # was torch's TypeError
+    (dict(hidden_act="x" * 500), "hidden_act='xxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxx' is not supported"),
+])
+def test_huge_values_are_shown_short_and_refused_for_their_size(kwargs, message):
+    """A 400-digit number was written out in full in the message, and read "must hold positive numbers"."""
+    with pytest.raises(ValueError) as err:
+        PvtV2Config(**kwargs)
+    assert str(err.value).startswith(message), str(err.value)
+    assert len(str(err.value)) < 250
+
+
+def test_short_repr_keeps_short_values_and_cuts_long_ones():
+    from pvtv2.models.config import short_repr
+
+    assert short_repr([1, 2, 3]) == "[1, 2, 3]" and short_repr(0.5) == "0.5" and short_repr("abc") == "'abc'"
+    assert short_repr(10**30) == "1" + "0" * 30  # 31 digits: in full
+    assert short_repr(10**45) == SHOWN  # 46 digits: the first 18 and the last 19 around "..."
+    assert short_repr(list(range(10**6))) == "[0, 1, 2, 3, 4, 5, 6, 7, ...]"  # eight items, then the ellipsis
+    long = short_repr({str(i): "x" * 30 for i in range(3)})
+    assert len(long) == 60 and long.endswith("...")
+
+
 @pytest.mark.parametrize("field, raw, message", [
     ("num_encoder_blocks", "NaN", "num_encoder_blocks must be a positive integer, got nan"),
     ("num_encoder_blocks", "1e400", "num_encoder_blocks must be a positive integer, got inf"),

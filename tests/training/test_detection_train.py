@@ -54,6 +54,27 @@ def test_step_schedule_is_mmdetections_1x():
     assert h(4) == pytest.approx(1 - 0.5 * 0.999) and h(8) == 1.0
 
 
+def test_start_line_reports_the_warmup_the_schedule_uses(caplog):
+    """The start line printed the recipe's warmup after step_schedule had shortened it ("warmup shortened from 8 to 1
+    steps", then "8 steps (8 warmup)"); the warmup printed is where the rate first reaches its peak."""
+    from pvtv2.training.config import TrainConfig
+    from pvtv2.training.distributed import DistInfo
+    from pvtv2.training.engine import RunContext, Training, _log_start
+
+    cfg = TrainConfig(task="detection", output="OUT", epochs=2, warmup_steps=8)
+    task = DetectionTask(cfg)
+    task.train_set, task.val_set, task.classes = [0] * 8, [0] * 2, ["a", "b"]
+    schedule = _schedule(4, 2, 8)  # 8 steps, 8 warmup steps asked: a fifth of the run is 1
+    factor = task.lr_factor(schedule)
+    used = next(step for step in range(schedule.total_steps) if factor(step) == 1.0)
+    assert used == 1
+    training = Training(None, None, None, None, schedule)
+    ctx = RunContext(torch.device("cpu"), False, DistInfo())
+    with caplog.at_level("INFO", logger="pvtv2"):
+        _log_start(task, cfg, training, None, ctx)
+    assert "8 steps (1 warmup)" in caplog.text, caplog.text
+
+
 def test_image_size_sets_the_shorter_side_and_multiscale_the_3x_range():
     assert detection_sizes(800) == {"min_size": 800, "max_size": 1333}
     assert detection_sizes(800, multiscale=True) == {"min_size": list(range(480, 801, 32)), "max_size": 1333}

@@ -324,29 +324,38 @@ def test_segmentation_resume_refuses_renamed_labels(tmp_path, capsys, monkeypatc
     code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
     assert code == 2
     assert f"only in the run: [{labels['1']!r}]; only in the data: ['disc']" in _one_line(err)
-    # Restored, the run resumes through the alias; its default --epochs 8, given explicitly, is overridden, with a
-    # warning, by the run's 2.
+    # Restored, the run resumes through the alias; its default --epochs 8, given explicitly, is not the run's 2: refused
+    # (it was ignored, with a warning), then resumed without it.
     (data / "labels.json").write_text(json.dumps(labels))
-    with caplog.at_level(logging.WARNING, logger="pvtv2"):
-        assert main(["train-seg", *args[:3], "--resume", "--epochs", "8", "--no-progress"]) == 0
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("ignoring --epochs 8; the run continues with its own 2" in w for w in warnings), warnings
+    code, err = _main([*args[:3], "--resume", "--epochs", "8", "--no-progress"], capsys, "train-seg")
+    assert code == 2 and "it was started with --epochs 2, not 8;" in _one_line(err, "train-seg"), err
+    assert main(["train-seg", *args[:3], "--resume", "--no-progress"]) == 0
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_resume_warns_about_every_flag_it_overrides(interrupted, capsys, caplog):
-    """Flags equal to their defaults (--epochs 300, --hflip 0.5) were dropped silently before: the command could not
-    tell them from flags left out."""
+def test_resume_refuses_every_flag_that_differs_from_the_run(interrupted, reference, capsys):
+    """Run settings given on --resume were ignored, each with a warning in the log, and the run went on as stored
+    (flags equal to their defaults, --epochs 300 and --hflip 0.5, were even dropped silently before that): now every
+    one that differs is named in one refusal, which changes nothing, and the run resumes without them."""
     _, out = interrupted
-    with caplog.at_level(logging.WARNING, logger="pvtv2"):
-        code, err = _main(["--output", str(out), "--resume", "--no-progress", "--epochs", "300", "--hflip", "0.5",
-                           "--batch-size", "16", "--seed", "0"], capsys)
+    before = (out / "metrics.jsonl").read_text()
+    code, err = _main(["--output", str(out), "--resume", "--no-progress", "--epochs", "300", "--hflip", "0.5",
+                       "--batch-size", "16", "--seed", "0"], capsys)
+    assert code == 2
+    assert _one_line(err) == (
+        f"pvtv2 train: error: --resume continues the run in {str(out)!r} with the settings it was started with, and "
+        f"it was started with --epochs 2, not 300; --hflip 0.0, not 0.5; leave these flags out to continue it, or, to "
+        f"train it for more epochs, fine-tune its weights in a new run (--model {str(out / 'last')!r} --epochs N "
+        f"--output ANOTHER)"
+    )  # --batch-size 16 and --seed 0 are the run's own: nothing to say
+    assert (out / "metrics.jsonl").read_text() == before and not (out / LOCK_FILE).exists()
+    code, err = _main(["--output", str(out), "--resume", "--no-progress", "--lr", "1e-3"], capsys)
+    assert code == 2
+    assert ("it was started with --lr 0.003, not 0.001; leave this flag out to continue it, or, to train with other "
+            "settings, start a new run (another --output, or --overwrite)") in _one_line(err)
+    code, err = _main(["--output", str(out), "--resume", "--no-progress", "--batch-size", "16"], capsys)
     assert code == 0, err
-    warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert warnings == [
-        "--resume: ignoring --epochs 300; the run continues with its own 2",
-        "--resume: ignoring --hflip 0.5; the run continues with its own 0.0",
-    ]  # --batch-size 16 and --seed 0 are the run's own: nothing to say
+    assert same_weights(out / "last", reference / "last")  # the run as it was started, to the end
 
 
 # ------------------------------------------------------------------------------------------------ 4. the lock

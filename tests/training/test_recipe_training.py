@@ -45,7 +45,7 @@ BAD_FLAGS = [
     (["--val-split", "1"], "--val-split"),
     (["--val-split", "0"], "--val-split"),
     (["--freeze-stages", "-1"], "--freeze-stages"),
-    (["--freeze-stages", "5"], "freeze_stages must be an integer in [0, 4]"),
+    (["--freeze-stages", "5"], "--freeze-stages 5 is more than the 4 stages of the model"),  # the flag, not the field
     (["--layer-decay", "0"], "--layer-decay"),
     (["--layer-decay", "1.5"], "--layer-decay"),
     (["--val-split", "0.1"], "has its own val/ folder"),
@@ -95,6 +95,24 @@ DECISIONS = [
     (["--model", "pvt_v2_b0.safetensors"], 1, "none", OFF, 1),  # fine-tuning a checkpoint file
     (["--model", "pvt_v2_b0", "--task", "segmentation"], 2, "none", OFF, 1),  # the dense tasks have their own
 ]
+
+
+def test_freeze_stages_beyond_a_checkpoint_files_stages_names_the_flag(few_digits, tmp_path, capsys):
+    """A checkpoint file's architecture is known only once it is loaded (after the data): the refusal still names
+    --freeze-stages, not the library's argument, and the run folder is left as it was."""
+    from pvtv2.weights.files import save_state_dict
+
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, num_labels=10))
+    weights = tmp_path / "start.safetensors"
+    save_state_dict(model.state_dict(), weights)
+    out = tmp_path / "run"
+    code = main(["train", *common_args(few_digits, str(weights), out, hflip=None), "--freeze-stages", "5"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert lines[-1] == (f"pvtv2 train: error: --freeze-stages 5 is more than the 4 stages of the model "
+                         f"{str(weights)!r}; use at most 4"), lines
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("flags", "processes", "recipe", "fields", "repeats"), DECISIONS,

@@ -204,6 +204,48 @@ def test_mismatched_checkpoint_lists_keys_and_shapes(tmp_path):
         PvtV2ForImageClassification.from_pretrained(path, depths=[2, 2, 1, 2])
 
 
+# The fields of TINY that a hand-edited config.json may lack, with TINY's values where the defaults differ.
+SAVED = dict(TINY, sr_ratios=[4, 2, 1, 1], patch_sizes=[5, 3, 3, 3])
+
+
+@pytest.mark.parametrize(("field", "default"), [
+    ("depths", [2, 2, 2, 2]), ("mlp_ratios", [8, 8, 4, 4]), ("sr_ratios", [8, 4, 2, 1]), ("patch_sizes", [7, 3, 3, 3]),
+])
+def test_a_config_json_lacking_a_field_the_weights_contradict_is_named(tmp_path, field, default):
+    """A config.json without "depths" built the default model, and the error listed the checkpoint's keys without a
+    word about the file: now it names the file, the field it lacks and the default used instead."""
+    import json
+
+    PvtV2ForImageClassification(PvtV2Config(**SAVED)).save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    data = json.loads(config.read_text())
+    assert PvtV2Config().to_dict()[field] == default != data.pop(field) == SAVED[field]
+    config.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as err:
+        PvtV2ForImageClassification.from_pretrained(tmp_path)
+    line = str(err.value).splitlines()[1].strip()
+    assert line == (f"the model was built from {config}: it has no {field!r}, so the default {default} was used where "
+                    f"the checkpoint has {SAVED[field]}; correct {config} to fit the weights")
+
+
+def test_a_config_json_whose_value_the_weights_contradict_is_named(tmp_path):
+    import json
+
+    PvtV2ForImageClassification(PvtV2Config(**SAVED)).save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "depths": [1, 1, 1, 1]}))
+    with pytest.raises(CheckpointError) as err:
+        PvtV2ForImageClassification.from_pretrained(tmp_path)
+    assert str(err.value).splitlines()[1].strip() == (
+        f"the model was built from {config}: its depths [1, 1, 1, 1] is not the checkpoint's {TINY['depths']}; "
+        f"correct {config} to fit the weights")
+    # An override is the caller's: the file is named with it, and not blamed for the value.
+    config.write_text(json.dumps({**json.loads(config.read_text()), "depths": TINY["depths"]}))
+    with pytest.raises(CheckpointError) as err:
+        PvtV2ForImageClassification.from_pretrained(tmp_path, depths=[2, 2, 2, 2])
+    assert str(err.value).splitlines()[1].strip() == f"the model was built from {config} with the arguments depths"
+
+
 class _Exploit:
     """A pickle that would run ``touch MARKER`` when unpickled."""
 

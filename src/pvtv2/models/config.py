@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from .labels import generic_id2label, imagenet_id2label
 
 __all__ = [
     "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
-    "list_presets", "preset_key", "is_preset_name", "unknown_fields", "read_json_config",
+    "list_presets", "preset_key", "is_preset_name", "unknown_fields", "read_json_config", "short_repr",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,36 @@ def is_preset_name(source: str | os.PathLike) -> bool:
 
 
 
+# ---------------------------------------------------------------------------------------------- values in messages
+class _ShortRepr(reprlib.Repr):
+    """reprlib's abbreviations (the middle of a long number, the tail of a long list), for any integer: Python
+    refuses to write one of more than 4300 digits at all (``sys.get_int_max_str_digits``)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            return f"<an integer of {x.bit_length()} bits>"
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxlong = 40  # 40 digits in full (10**30 reads as itself); a longer number keeps its ends
+_SHORT.maxlist = _SHORT.maxtuple = 8
+_SHORT.maxstring = _SHORT.maxother = 40
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters: a value of 400 digits (or a list of a
+    million numbers) written out in full buries the message that names it."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _too_large(value: Any) -> bool:
+    """An integer beyond any float (``10**400``): positive and whole, but too large to be used as any number here."""
+    return _is_int(value) and not _is_number(value)
+
+
 # ---------------------------------------------------------------------------------------------- field checks
 # Each check takes a field's name and the value given, and returns the value as the config stores it, or raises a
 # ValueError that names the field and the value. Checks that involve several fields come after the table.
@@ -97,7 +128,8 @@ def _scalar(what: str, test: Callable[[Any], bool]) -> Check:
 
     def check(name: str, value: Any) -> Any:
         if not test(value):
-            raise ValueError(f"{name} must be {what}, got {value!r}")
+            reason = " (too large for any number this field holds)" if _too_large(value) else ""
+            raise ValueError(f"{name} must be {what}, got {short_repr(value)}{reason}")
         return value
 
     return check
@@ -134,7 +166,7 @@ def _optional(check: Check) -> Check:
 def _one_of(choices: Sequence[str]) -> Check:
     def one_of(name: str, value: Any) -> str:
         if value not in choices:
-            raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}")
+            raise ValueError(f"{name}={short_repr(value)} is not one of {tuple(choices)}")
         return value
 
     return one_of
@@ -143,7 +175,7 @@ def _one_of(choices: Sequence[str]) -> Check:
 def _list(name: str, value: Any, what: str) -> list:
     # an ordered collection; a string, a mapping or a set would be read element by element, silently wrong
     if isinstance(value, (str, bytes, Mapping, set, frozenset)) or not isinstance(value, Iterable):
-        raise ValueError(f"{name} must be a list {what}, got {value!r}")
+        raise ValueError(f"{name} must be a list {what}, got {short_repr(value)}")
     return list(value)
 
 
@@ -153,10 +185,13 @@ def _per_stage(kind: type) -> Check:
     def per_stage(name: str, value: Any) -> list:
         values = _list(name, value, "with one number per stage")
         for v in values:
+            if _too_large(v) and v > 0:  # positive and whole: too large is what is wrong with it
+                limit = f"{_MAX_DEPTH} (blocks in a stage)" if name == "depths" else _MAX_STAGE_VALUE
+                raise ValueError(f"{name} must hold numbers up to {limit}, got {short_repr(values)}")
             if not _is_number(v) or v <= 0:
-                raise ValueError(f"{name} must hold positive numbers, got {values}")
+                raise ValueError(f"{name} must hold positive numbers, got {short_repr(values)}")
             if kind is int and not float(v).is_integer():
-                raise ValueError(f"{name} must hold integers, got {values}")
+                raise ValueError(f"{name} must hold integers, got {short_repr(values)}")
         # Whole numbers as int for float lists too: transformers 5 types mlp_ratios int and refuses a config.json
         # holding 8.0 (timm and the original code take either)
         return [int(v) if kind is int or float(v).is_integer() else v for v in values]
@@ -174,30 +209,33 @@ def _image_size(name: str, value: Any) -> tuple[int, int]:
     else:
         pair = []
     if len(pair) != 2 or not all(_is_number(v) and float(v).is_integer() and v > 0 for v in pair):
-        raise ValueError(f"{name} must be an int or a (height, width) pair of positive integers, got {value!r}")
+        reason = " (too large for any image)" if any(_too_large(v) and v > 0 for v in pair) else ""
+        raise ValueError(
+            f"{name} must be an int or a (height, width) pair of positive integers, got {short_repr(value)}{reason}"
+        )
     return (int(pair[0]), int(pair[1]))
 
 
 def _activation(name: str, value: Any) -> str | Callable:
     if isinstance(value, str):
         if value not in ACTIVATIONS:
-            raise ValueError(f"{name}={value!r} is not supported; use one of {list(ACTIVATIONS)}")
+            raise ValueError(f"{name}={short_repr(value)} is not supported; use one of {list(ACTIVATIONS)}")
     elif not callable(value):
-        raise ValueError(f"{name} must be an activation name or a callable, got {value!r}")
+        raise ValueError(f"{name} must be an activation name or a callable, got {short_repr(value)}")
     return value
 
 
 def _stage_names(name: str, value: Any) -> list[str]:
     names = _list(name, value, "of stage names")
     if not all(isinstance(f, str) for f in names):
-        raise ValueError(f"{name} must be a list of stage names, got {value!r}")
+        raise ValueError(f"{name} must be a list of stage names, got {short_repr(value)}")
     return names
 
 
 def _stage_indices(name: str, value: Any) -> list[int]:
     indices = _list(name, value, "of integers")
     if not all(_is_int(i) for i in indices):
-        raise ValueError(f"{name} must be a list of integers, got {value!r}")
+        raise ValueError(f"{name} must be a list of integers, got {short_repr(value)}")
     return indices
 
 
@@ -206,9 +244,9 @@ def _id2label(name: str, value: Any) -> dict[int, str]:
         # JSON keys are strings: "0" is class 0; a float key would be truncated, so it is refused
         labels = {(k if _is_int(k) else int(k.strip())): str(v) for k, v in value.items()}
     except (TypeError, ValueError, AttributeError):
-        raise ValueError(f"{name} must map class indices to names, got {value!r}") from None
+        raise ValueError(f"{name} must map class indices to names, got {short_repr(value)}") from None
     if sorted(labels) != list(range(len(labels))) or len(labels) != len(value):
-        raise ValueError(f"{name} keys must be 0..{len(value) - 1}, got {sorted(value, key=str)[:10]}...")
+        raise ValueError(f"{name} keys must be 0..{len(value) - 1}, got {short_repr(sorted(value, key=str)[:10])}...")
     return labels
 
 
@@ -216,9 +254,9 @@ def _label2id(name: str, value: Any) -> dict[str, int]:
     try:
         labels = {str(k): v for k, v in value.items()}
     except (TypeError, AttributeError):
-        raise ValueError(f"{name} must map class names to indices, got {value!r}") from None
+        raise ValueError(f"{name} must map class names to indices, got {short_repr(value)}") from None
     if not all(_is_int(v) for v in labels.values()):
-        raise ValueError(f"{name} must map class names to indices, got {value!r}")
+        raise ValueError(f"{name} must map class names to indices, got {short_repr(value)}")
     return labels
 
 
@@ -368,7 +406,7 @@ def unknown_fields(keys: Iterable[str]) -> str | None:
     parts = []
     for key in unknown:
         close = [_OTHER_NAMES[key]] if key in _OTHER_NAMES else difflib.get_close_matches(str(key), _SPELLINGS, n=1)
-        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        parts.append(short_repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
     return f"unknown field{'s' if len(parts) > 1 else ''} {', '.join(parts)}"
 
 
@@ -416,11 +454,11 @@ def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dic
     """(id2label, label2id) from the label fields as given (each already checked on its own)."""
     if id2label is None:
         if num_labels is not None and num_labels > _MAX_LABELS:  # a name each: 10**12 of them never finish
-            raise ValueError(f"num_labels={num_labels} is more classes than a classifier head can have here "
-                             f"(at most {_MAX_LABELS:,})")
+            raise ValueError(f"num_labels={short_repr(num_labels)} is more classes than a classifier head can have "
+                             f"here (at most {_MAX_LABELS:,})")
         id2label = generic_id2label(2 if num_labels is None else num_labels)  # 2: transformers' default
     elif num_labels is not None and num_labels != len(id2label):
-        raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries")
+        raise ValueError(f"num_labels={short_repr(num_labels)} but id2label has {len(id2label)} entries")
     inverse = {name: index for index, name in id2label.items()}
     # Names may repeat (ImageNet has two "crane"s); then no label2id inverts id2label and the given one goes unchecked.
     if label2id is not None and label2id != inverse and len(inverse) == len(id2label):
@@ -444,8 +482,8 @@ def _check_stages(v: Mapping[str, Any]) -> None:
     for name in _STAGE_LISTS:
         if len(v[name]) != n:
             raise ValueError(
-                f"{name} has {len(v[name])} entries but num_encoder_blocks is {n}: every per-stage list needs one "
-                f"entry per stage ({name}={v[name]})"
+                f"{name} has {len(v[name])} entries but num_encoder_blocks is {short_repr(n)}: every per-stage list "
+                f"needs one entry per stage ({name}={short_repr(v[name])})"
             )
     for i, (size, heads) in enumerate(zip(v["hidden_sizes"], v["num_attention_heads"])):
         if size % heads:
@@ -453,11 +491,16 @@ def _check_stages(v: Mapping[str, Any]) -> None:
                 f"num_attention_heads[{i}]={heads} does not divide hidden_sizes[{i}]={size}: each head needs "
                 f"an equal share of the channels"
             )
+    if any(depth > _MAX_DEPTH for depth in v["depths"]):  # first: the tighter bound, whatever the size
+        raise ValueError(
+            f"depths must hold numbers up to {_MAX_DEPTH} (blocks in a stage), got {short_repr(v['depths'])}"
+        )
     for name in _STAGE_LISTS:
         if name != "mlp_ratios" and any(value > _MAX_STAGE_VALUE for value in v[name]):
-            raise ValueError(f"{name} must hold numbers up to {_MAX_STAGE_VALUE}, got {v[name]}")
-    if any(depth > _MAX_DEPTH for depth in v["depths"]):
-        raise ValueError(f"depths must hold numbers up to {_MAX_DEPTH} (blocks in a stage), got {v['depths']}")
+            raise ValueError(f"{name} must hold numbers up to {_MAX_STAGE_VALUE}, got {short_repr(v[name])}")
+    for name in ("num_channels", "decoder_hidden_size"):  # widths too, outside the per-stage lists
+        if v[name] is not None and v[name] > _MAX_STAGE_VALUE:
+            raise ValueError(f"{name} must be at most {_MAX_STAGE_VALUE}, got {short_repr(v[name])}")
     for i, (size, ratio) in enumerate(zip(v["hidden_sizes"], v["mlp_ratios"])):
         width = float(size) * ratio  # inf where the product overflows
         if width > _MAX_STAGE_VALUE:
@@ -469,7 +512,7 @@ def _check_stages(v: Mapping[str, Any]) -> None:
             raise ValueError(f"mlp_ratios[{i}]={ratio} gives an empty Mix-FFN for hidden size {size}")
     head = v["head_in_index"]
     if head is not None and not -n <= head < n:
-        raise ValueError(f"head_in_index must index one of the {n} decoder outputs, got {head!r}")
+        raise ValueError(f"head_in_index must index one of the {n} decoder outputs, got {short_repr(head)}")
 
 
 def _resolve_outputs(
@@ -690,7 +733,7 @@ class PvtV2Config:
             raise ValueError(f"a PVTv2 config must be a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:
-            raise ValueError(f"config has model_type={model_type!r}, expected {cls.model_type!r}")
+            raise ValueError(f"config has model_type={short_repr(model_type)}, expected {cls.model_type!r}")
         return cls(**merge_changes(_public_spellings(data), _public_spellings(overrides)))
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..models.config import is_preset_name
+from ..models.config import is_preset_name, short_repr
 
 __all__ = ["DEIT_RECIPE", "MAX_IMAGE_SIDE", "MAX_SEED", "NO_RECIPE", "RECIPES", "TASKS", "TrainConfig",
            "describe_recipe", "flag", "resolve_recipe"]
@@ -264,12 +264,14 @@ def describe_recipe(cfg: TrainConfig) -> str:
 
 def _integer(name: str, value: Any, *, minimum: int, maximum: int | None = None, maximum_text: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{flag(name)} must be an integer, got {value!r}")
+        raise TypeError(f"{flag(name)} must be an integer, got {short_repr(value)}")
     if maximum is not None and not minimum <= value <= maximum:
-        raise ValueError(f"{flag(name)} must be an integer in [{minimum}, {maximum_text or maximum}], got {value}")
+        raise ValueError(
+            f"{flag(name)} must be an integer in [{minimum}, {maximum_text or maximum}], got {short_repr(value)}"
+        )
     if value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{flag(name)} must be {what}, got {value}")
+        raise ValueError(f"{flag(name)} must be {what}, got {short_repr(value)}")
 
 
 def _number(
@@ -277,10 +279,16 @@ def _number(
     hint: str = "",
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{flag(name)} must be a number, got {value!r}")
+        raise TypeError(f"{flag(name)} must be a number, got {short_repr(value)}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int beyond any float (10**400): too large, whatever the bounds
+        finite = False
     above = value > low if low_open else value >= low
     below = value < high if high_open else value <= high
-    if not (math.isfinite(value) and above and below):
+    if not (finite and above and below):
         lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
         wanted = f"> {low:g}" if high == math.inf and low_open else f">= {low:g}" if high == math.inf else f"in {lo}, {hi}"
-        raise ValueError(f"{flag(name)} must be a finite number {wanted}, got {value}" + (f" ({hint})" if hint else ""))
+        raise ValueError(
+            f"{flag(name)} must be a finite number {wanted}, got {short_repr(value)}" + (f" ({hint})" if hint else "")
+        )

@@ -49,6 +49,7 @@ __all__ = [
     "DetectionTask",
     "build_detector",
     "detection_sizes",
+    "detection_warmup",
     "step_schedule",
 ]
 
@@ -94,11 +95,16 @@ def detection_sizes(image_size: int, multiscale: bool = False) -> dict[str, Any]
     return {"min_size": sizes, "max_size": max_size}
 
 
+def detection_warmup(schedule: Schedule) -> int:
+    """The warmup of :func:`step_schedule`: ``schedule.warmup_steps``, but at most a fifth of the run."""
+    return min(schedule.warmup_steps, schedule.total_steps // 5)
+
+
 def step_schedule(schedule: Schedule, epochs: int) -> Callable[[int], float]:
     """The learning rate of each optimizer step as a fraction of the peak: mmdetection's linear warmup (from
-    0.001) over ``schedule.warmup_steps`` (at most a fifth of the run), then x0.1 after epochs 8 and 11 of 12,
-    scaled to ``epochs``."""
-    warmup = min(schedule.warmup_steps, schedule.total_steps // 5)
+    0.001) over ``schedule.warmup_steps`` (at most a fifth of the run: :func:`detection_warmup`), then x0.1 after epochs
+    8 and 11 of 12, scaled to ``epochs``."""
+    warmup = detection_warmup(schedule)
     if warmup < schedule.warmup_steps:
         logger.info("warmup shortened from %d to %d steps (a fifth of this %d-step run)", schedule.warmup_steps, warmup,
                     schedule.total_steps)
@@ -182,6 +188,9 @@ class DetectionTask(Task):
 
     def lr_factor(self, schedule: Schedule) -> Callable[[int], float]:
         return step_schedule(schedule, self.cfg.epochs)
+
+    def warmup_steps(self, schedule: Schedule) -> int:
+        return detection_warmup(schedule)
 
     def train_batches(self, epoch: int, info: DistInfo, batch_size: int) -> list[list[int]]:
         # Wide and tall images in separate batches; the batches (not the images) are dealt to the processes, the

@@ -67,6 +67,7 @@ __all__ = [
     "known_architecture",
     "new_architecture",
     "check_image_size",
+    "check_freeze_stages",
     "cosine_warmup_factor",
     "parameter_groups",
     "KILL_ENV",
@@ -185,6 +186,11 @@ class Task:
         """The learning rate of each optimizer step (0-based) as a fraction of the peak; by default a linear
         warmup, then the run's schedule (:meth:`Schedule.factor`: a half cosine, or poly)."""
         return schedule.factor
+
+    def warmup_steps(self, schedule: Schedule) -> int:
+        """The warmup steps that :meth:`lr_factor` actually uses (the start line reports them): the schedule's, unless
+        the task's own rate shortens it (detection: at most a fifth of the run)."""
+        return schedule.warmup_steps
 
     def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
         """The mean loss of a batch (already on the device) as a float32 scalar: forward pass under
@@ -305,6 +311,15 @@ def check_image_size(config: PvtV2Config, image_size: int, model: str) -> None:
     raise ValueError(f"--image-size {image_size} is too small for the model {model!r}: {reason}{advice}")
 
 
+def check_freeze_stages(config: PvtV2Config, freeze_stages: int, model: str) -> None:
+    """Refuse a ``--freeze-stages`` beyond the model's stages by its flag (:func:`freeze_stages` names its own
+    argument, which the user of the command never typed)."""
+    stages = len(config.depths)
+    if freeze_stages > stages:
+        raise ValueError(f"--freeze-stages {freeze_stages} is more than the {stages} stages of the model {model!r}; "
+                         f"use at most {stages}")
+
+
 # ---------------------------------------------------------------------------------------------- a run
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -420,6 +435,7 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     else:
         model = task.new_model()
     check_image_size(model.config, cfg.image_size, cfg.model)
+    check_freeze_stages(model.config, cfg.freeze_stages, cfg.model)
     if cfg.freeze_stages:
         freeze_stages(model, cfg.freeze_stages)
     model.to(ctx.device).train()
@@ -513,7 +529,7 @@ def _log_start(task: Task, cfg: TrainConfig, training: Training, state: dict[str
         logger.info(
             "%s of %d classes (val %d), %d process(es) on %s; global batch %d, peak lr %.3g, %d steps (%d warmup)",
             task.intro % len(task.train_set), len(task.classes), len(task.val_set), ctx.dist.world_size, ctx.device,
-            cfg.batch_size * cfg.grad_accum * ctx.dist.world_size, s.peak_lr, s.total_steps, s.warmup_steps,
+            cfg.batch_size * cfg.grad_accum * ctx.dist.world_size, s.peak_lr, s.total_steps, task.warmup_steps(s),
         )
     if training.start_epoch >= cfg.epochs:
         logger.info("the run in %s is already finished (%d epochs); nothing to do", cfg.output, cfg.epochs)

@@ -154,7 +154,7 @@ def freeze_stages(model: nn.Module, stages: int) -> int:
     that cannot adapt to it). Returns the number of parameters frozen."""
     config = _unwrap(model).config
     if isinstance(stages, bool) or not isinstance(stages, int) or not 0 <= stages <= len(config.depths):
-        raise ValueError(f"freeze_stages must be an integer in [0, {len(config.depths)}] (the stages), got {stages!r}")
+        raise ValueError(f"stages must be an integer in [0, {len(config.depths)}] (the model's stages), got {stages!r}")
     frozen = 0
     for name, module in _unwrap(model).named_modules():
         match = re.search(r"(?:^|\.)encoder\.layers\.(\d+)$", name)

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..data.processing import PvtV2ImageProcessor
 from ..fileio import WriteError, atomic_write_json, path_kind, recover_folder, write_folder_atomically
+from ..models.config import short_repr
 from .config import TrainConfig, flag
 from .curves import METRICS_FILE, read_metrics, write_metrics
 
@@ -420,23 +421,52 @@ def _recorded_path(model: str) -> str:
     return os.path.abspath(model) if model and os.path.exists(model) else model
 
 
+def _same_path(given: Any, stored: Any) -> bool:
+    """Whether ``given`` names what run.json recorded as ``stored``: the same path, given relative to this folder or
+    through a symbolic link."""
+    if not (isinstance(given, str) and given and isinstance(stored, str) and stored):
+        return False
+    if _recorded_path(given) == stored:
+        return True
+    try:
+        return os.path.samefile(given, stored)
+    except (OSError, ValueError):
+        return False
+
+
 def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collection[str] | None) -> TrainConfig:
-    """The stored run's settings, with this invocation's execution settings. Run settings given again are ignored
-    (changing them mid-run would break the equality with an uninterrupted run), each with a warning when it differs
-    from the stored value. ``explicit`` names the fields the user gave; without it (a library call), a value that
-    equals the default counts as not given."""
+    """The stored run's settings, with this invocation's execution settings.
+
+    A run setting given again with another value is refused, every one of them in one message: the run continues as
+    it was started (its schedule was planned for its epochs, and a resumed run ends with the same weights as an
+    uninterrupted one), and going on while ignoring the value asked for (it used to, with a warning lost in the log)
+    trained something else than the command says. ``explicit`` names the fields the user gave; without it (a library
+    call), a value that equals the default counts as not given."""
     run_fields = cfg.run_fields()
     defaults = TrainConfig()
+    changed = []
     for key, given in run_fields.items():
         if key not in stored or given == stored[key]:
             continue
-        if key in ("data", "model") and isinstance(given, str) and given and _recorded_path(given) == stored[key]:
+        if key in ("data", "model") and _same_path(given, stored[key]):
             continue  # the same folder, given relative to this one: run.json records it absolute
         was_given = key in explicit if explicit is not None else given not in (getattr(defaults, key), "")
         if was_given:
-            logger.warning(
-                "--resume: ignoring %s %s; the run continues with its own %s", flag(key), _show(given), _show(stored[key])
-            )
+            changed.append(key)
+    if changed:
+        out = cfg.output
+        differences = "; ".join(f"{flag(k)} {_show(stored[k])}, not {_show(run_fields[k])}" for k in changed)
+        advice = (
+            f"to train it for more epochs, fine-tune its weights in a new run (--model {str(Path(out) / 'last')!r} "
+            f"--epochs N --output ANOTHER)" if "epochs" in changed else
+            f"to train with other settings, start a new run (another --output, or --overwrite), or fine-tune its "
+            f"weights (--model {str(Path(out) / 'last')!r})"
+        )
+        raise ValueError(
+            f"--resume continues the run in {out!r} with the settings it was started with, and it was started with "
+            f"{differences}; leave {'this flag' if len(changed) == 1 else 'these flags'} out to continue it, or, "
+            f"{advice}"
+        )
     merged = {k: v for k, v in stored.items() if k in run_fields}
     if "recipe" not in stored:
         # A run stored before --recipe existed trained with the recipe's fields as stored, or off where absent.
@@ -445,7 +475,10 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
 
 
 def _show(value: Any) -> str:
-    return "(not set)" if value is None else str(value)
+    """A setting in a message: paths and names quoted in full, numbers short."""
+    if value is None:
+        return "(not set)"
+    return repr(value) if isinstance(value, str) else short_repr(value)
 
 
 def _run_classes(stored: dict[str, Any], state: dict[str, Any] | None) -> list[str] | None:

@@ -21,7 +21,7 @@ from .classification import ClassificationTask
 from .config import TrainConfig, describe_recipe, resolve_recipe
 from .detection import DetectionTask
 from .distributed import DistInfo, init_distributed, on_main, set_deterministic
-from .engine import RunContext, Task, check_image_size, run
+from .engine import RunContext, Task, check_freeze_stages, check_image_size, run
 from .rundir import RunLock, check_resumed_classes, prepare_output
 from .depth_task import DepthTask
 from .segmentation import SegmentationTask
@@ -80,6 +80,7 @@ def check_config(cfg: TrainConfig) -> None:
         architecture = TASK_CLASSES[cfg.task](cfg).architecture()
         if architecture is not None:
             check_image_size(architecture, cfg.image_size, cfg.model)
+            check_freeze_stages(architecture, cfg.freeze_stages, cfg.model)
             _check_model_size(architecture, cfg.model)
 
 

@@ -27,6 +27,7 @@ import torch
 from ..fileio import atomic_write_json, path_kind
 from ..models.config import (
     DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config, config_from_file, merge_changes, read_json_config,
+    short_repr,
 )
 from ..models.labels import has_generic_labels, imagenet_id2label
 from .files import CheckpointError, read_state_dict, save_state_dict, shard_names
@@ -232,7 +233,16 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         if config_path is not None and not overrides:
             raise type(err)(f"{os.fspath(config_path)}: {err}") from None
         raise
-    load_canonical(model, canonical, origin=os.fspath(weights_path))
+    try:
+        load_canonical(model, canonical, origin=os.fspath(weights_path))
+    except CheckpointError as err:
+        if config_path is None:
+            raise
+        # The model was built from the config.json: say so, and which of its fields the tensors contradict (one it
+        # lacks took its default: a hand-edited file without "depths" builds the default [2, 2, 2, 2]).
+        first, _, rest = str(err).partition("\n")
+        note = _config_file_note(config_path, config, canonical, overrides)
+        raise CheckpointError(f"{first}\n  {note}" + (f"\n{rest}" if rest else "")) from None
     # Which ecosystem wrote the file: its evaluation preprocessing follows it (inference.load_processor).
     model.checkpoint_layout = layout
     logger.info("loaded %s weights (%s layout) from %s", model_cls.__name__, layout, os.fspath(weights_path))
@@ -369,9 +379,8 @@ def _mismatches(
     )
 
 
-def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
-    """``"; the checkpoint has hidden_sizes=[...], depths=[...] (pvt_v2_b2)"`` when its encoder's shapes can be read,
-    so that weights of another variant (B2 weights into a B0 config) are named as such; else ``""``."""
+def _encoder_shape(canonical: Mapping[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+    """(hidden_sizes, depths) of the checkpoint's encoder, as far as its tensors show them (empty lists: not at all)."""
     hidden, depths = [], []
     for i in range(len(canonical)):
         proj = canonical.get(f"encoder.layers.{i}.patch_embedding.proj.weight")
@@ -379,6 +388,13 @@ def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
             break
         hidden.append(int(proj.shape[0]))
         depths.append(len({m.group(1) for k in canonical if (m := re.match(rf"encoder\.layers\.{i}\.blocks\.(\d+)\.", k))}))
+    return hidden, depths
+
+
+def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
+    """``"; the checkpoint has hidden_sizes=[...], depths=[...] (pvt_v2_b2)"`` when its encoder's shapes can be read,
+    so that weights of another variant (B2 weights into a B0 config) are named as such; else ``""``."""
+    hidden, depths = _encoder_shape(canonical)
     if not hidden:
         return ""
     linear = any(k.endswith("attention.spatial_reduction.weight") and v.ndim == 4 and v.shape[-1] == 1
@@ -387,6 +403,47 @@ def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
                    if (c := PvtV2Config(**args)).hidden_sizes == hidden and c.depths == depths
                    and c.linear_attention == linear), None)
     return f"; the checkpoint has hidden_sizes={hidden}, depths={depths}" + (f" ({preset})" if preset else "")
+
+
+def _config_file_note(
+    path: str | os.PathLike, config: PvtV2Config, canonical: Mapping[str, torch.Tensor], overrides: Mapping[str, Any]
+) -> str:
+    """The line of a load failure that names the config.json the model was built from, and each of its fields that
+    the checkpoint's shapes contradict: absent from the file (so its default was used) or written with another
+    value. Fields given as overrides are the caller's, not the file's."""
+    where = os.fspath(path)
+    if overrides:  # the caller's arguments changed what the file says
+        where += f" with the arguments {', '.join(sorted(overrides))}"
+    try:
+        data = read_json_config(path)  # read once already: this only looks at which keys it holds
+    except (OSError, ValueError):
+        data = None
+    hidden, depths = _encoder_shape(canonical)
+    if not isinstance(data, dict) or not hidden:
+        return f"the model was built from {where}"
+    found: dict[str, list] = {"hidden_sizes": hidden, "depths": depths}
+    stage = "encoder.layers.{}.".format
+    projections = [canonical[stage(i) + "patch_embedding.proj.weight"] for i in range(len(hidden))]
+    found["patch_sizes"] = [int(p.shape[-1]) for p in projections]
+    dense1 = [canonical.get(stage(i) + "blocks.0.mlp.dense1.weight") for i in range(len(hidden))]
+    if all(t is not None and t.ndim >= 1 for t in dense1):
+        ratios = [t.shape[0] / h for t, h in zip(dense1, hidden)]
+        found["mlp_ratios"] = [int(r) if r.is_integer() else r for r in ratios]  # as the config stores them
+    reductions = [canonical.get(stage(i) + "blocks.0.attention.spatial_reduction.weight") for i in range(len(hidden))]
+    if not config.linear_attention:  # linear attention pools to 7x7: its 1x1 reduction says nothing of sr_ratios
+        found["sr_ratios"] = [int(t.shape[-1]) if t is not None and t.ndim == 4 else 1 for t in reductions]
+    problems = []
+    for name, values in found.items():
+        used = list(getattr(config, name))
+        if name in overrides or used == values or not values:
+            continue
+        if name not in data:
+            problems.append(f"it has no {name!r}, so the default {used} was used where the checkpoint has {values}")
+        else:
+            problems.append(f"its {name} {short_repr(data[name])} is not the checkpoint's {values}")
+    if not problems:
+        return f"the model was built from {where}"
+    return f"the model was built from {where}: {'; '.join(problems)}; correct {os.fspath(path)} to fit the weights"
 
 
 def non_finite(state: Mapping[str, torch.Tensor]) -> str | None:

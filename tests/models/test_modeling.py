@@ -231,13 +231,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     config = PvtV2Config(**TINY, num_labels=3)
     model = PvtV2ForImageClassification(config).train()
     x, labels = torch.randn(2, 3, 40, 40), torch.tensor([0, 2])
+    # Checkpointed blocks run again during backward: count the calls of every block (pre-hooks: the recomputation
+    # stops once it has what backward needs, before forward hooks would fire), or a switch that did nothing would pass
+    # the comparison below.
+    calls = []
+    for block in (b for stage in model.pvt_v2.encoder.layers for b in stage.blocks):
+        block.register_forward_pre_hook(lambda module, args: calls.append(module))
+    blocks = sum(TINY["depths"])
     model(x, labels=labels).loss.backward()
+    assert len(calls) == blocks
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    calls.clear()
     model.gradient_checkpointing_enable()
     model(x, labels=labels).loss.backward()
+    assert len(calls) == 2 * blocks  # forward, and recomputed in backward
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[name], rtol=1e-5, atol=1e-7), name
+    model.gradient_checkpointing_disable()
+    calls.clear()
+    model(x, labels=labels).loss.backward()
+    assert len(calls) == blocks
 
 
 def test_init_follows_the_reference_scheme():

@@ -265,6 +265,12 @@ def test_init_follows_the_reference_scheme():
     conv = model.pvt_v2.encoder.layers[1].patch_embedding.proj
     fan_out = 3 * 3 * conv.out_channels
     assert abs(conv.weight.std().item() - (2.0 / fan_out) ** 0.5) < 0.05 * (2.0 / fan_out) ** 0.5
+    # The Mix-FFN's depthwise conv: fan_out divided by the groups (one per channel), std sqrt(2 / 9), as timm's
+    # _init_weights computes it; the patch embedding above has one group and cannot tell.
+    dwconv = model.pvt_v2.encoder.layers[0].blocks[0].mlp.dwconv.dwconv
+    assert dwconv.groups == dwconv.out_channels == 256
+    assert abs(dwconv.weight.std().item() - (2.0 / 9) ** 0.5) < 0.05 * (2.0 / 9) ** 0.5
+    assert torch.equal(dwconv.bias, torch.zeros_like(dwconv.bias))
     norm = model.pvt_v2.encoder.layers[2].layer_norm
     assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and torch.equal(norm.bias, torch.zeros_like(norm.bias))
     assert torch.equal(model.classifier.bias, torch.zeros_like(model.classifier.bias))

@@ -236,8 +236,11 @@ def test_a_file_the_cache_never_had_is_still_absent_not_damaged(saved, tmp_path,
     cache = tmp_path / "hub"
     repo, _ = _hub_cache(cache, saved[0])
     (repo / "snapshots" / COMMIT / "config.json").unlink()
-    model = PvtV2ForImageClassification.from_pretrained("owner/tiny", cache_dir=cache)
+    model = PvtV2ForImageClassification.from_pretrained("owner/tiny", cache_dir=cache).eval()
     assert model.config.hidden_sizes == TINY["hidden_sizes"] and model.config.num_labels == 5
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # loaded, not just configured: the saved model's numbers
+        assert relative_error(saved[1](x).logits, model(x).logits) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- sharded indexes

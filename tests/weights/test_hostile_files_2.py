@@ -90,11 +90,18 @@ def test_other_float_dtypes_load_as_float32(saved, tmp_path, dtype, suffix):
 def test_a_training_checkpoint_with_two_copies_and_ddp_prefixes(saved, tmp_path):
     _, model = saved
     weights = {f"module.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"model": weights, "state_dict": weights, "optimizer": {"lr": 0.1}, "epoch": 3}, tmp_path / "ckpt.pth")
+    # A DeiT-style checkpoint (the original repository's) also holds an EMA copy, other weights: "model" is the one
+    # loaded, which a checkpoint with two equal copies could not show.
+    ema = {k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()}
+    torch.save({"model_ema": ema, "model": weights, "state_dict": weights, "optimizer": {"lr": 0.1}, "epoch": 3},
+               tmp_path / "ckpt.pth")
     loaded = PvtV2ForImageClassification.from_pretrained(tmp_path / "ckpt.pth", num_labels=5).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert relative_error(model(x).logits, loaded(x).logits) < 1e-6
+        from_ema = PvtV2ForImageClassification.from_pretrained(tmp_path / "ckpt.pth", num_labels=5).eval()
+        from_ema.load_state_dict({k[len("module."):]: v for k, v in ema.items()})
+        assert relative_error(model(x).logits, from_ema(x).logits) > 1e-3  # the EMA copy would have shown
 
 
 # ---------------------------------------------------------------------------------------------- folder entries

@@ -104,6 +104,19 @@ def test_a_training_checkpoint_with_two_copies_and_ddp_prefixes(saved, tmp_path)
         assert relative_error(model(x).logits, from_ema(x).logits) > 1e-3  # the EMA copy would have shown
 
 
+def test_the_state_dict_of_a_compiled_model_loads(saved, tmp_path):
+    """torch.compile wraps a model, and its state dict's keys start with ``_orig_mod.``: they load as the model's."""
+    _, model = saved
+    compiled = torch.compile(model)  # nothing is compiled before a call: only the wrapper's state dict is used
+    state = compiled.state_dict()
+    assert all(k.startswith("_orig_mod.") for k in state)
+    torch.save({"model": state}, tmp_path / "compiled.pth")
+    loaded = PvtV2ForImageClassification.from_pretrained(tmp_path / "compiled.pth", num_labels=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(model(x).logits, loaded(x).logits) < 1e-6
+
+
 # ---------------------------------------------------------------------------------------------- folder entries
 # config.json as a folder used to be skipped without a word, the configuration guessed from the tensor shapes instead;
 # model.safetensors as a folder used to say "expected model.safetensors ..., found [..., 'model.safetensors']".

@@ -313,9 +313,15 @@ def test_benchmark_model_figures_are_consistent():
     assert result.best_latency_ms <= result.latency_ms
     rss_kib = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
     assert result.peak_rss_mb == pytest.approx(rss_kib / 1024, rel=0.05)  # what the kernel reports as the peak
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     train = benchmark_model(model, batch_size=2, image_size=64, repeats=1, warmup=0, train=True, num_labels=3)
     assert train.mode == "train" and not model.training
-    json.dumps(train.to_dict())
+    assert train.images_per_s == pytest.approx(2 / (train.latency_ms / 1e3))
+    assert train.latency_ms == train.best_latency_ms  # one timed step: median and best are that step
+    # A training step was timed, not a forward pass: the one optimizer step moved every weight that has a gradient.
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "classifier.weight" in changed and "pvt_v2.encoder.layers.0.patch_embedding.proj.weight" in changed
+    assert json.loads(json.dumps(train.to_dict())) == train.to_dict()
     with pytest.raises(ValueError, match="dtype"):
         benchmark_model(model, dtype="fp8")
 

@@ -407,7 +407,7 @@ def test_signature_is_the_table_and_agrees_with_transformers():
 def test_positional_arguments_follow_the_table():
     config = PvtV2Config(224, 3, 4, [1, 1, 1, 1])
     assert config.depths == [1, 1, 1, 1]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="too many positional arguments"):
         PvtV2Config(*range(len(TABLE) + 1))
     with pytest.raises(TypeError, match="image_size"):
         PvtV2Config(224, image_size=256)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2Model
 from pvtv2.models.depth import PvtV2ForDepthEstimation, silog_loss
@@ -217,6 +218,26 @@ def test_transformers5_state_dict_file_without_config(tmp_path, segformer_folder
     model = PvtV2ForSemanticSegmentation.from_pretrained(tmp_path / "weights.pth")
     assert model.config.num_labels == 5 and model.config.decoder_hidden_size == 256
     pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _rel(reference(pixels).logits, model(pixels).logits) < RTOL
+
+
+def test_segformer_file_with_fused_key_value_gives_transformers_logits(tmp_path, segformer_folders):
+    """Keys and values fused into one ``key_value`` matrix (keys first, as the original code's ``kv``), as some
+    conversions write SegFormer weights: split back, the logits are transformers' (no other test has such a file)."""
+    reference, folder = segformer_folders["b0"]
+    state = load_file(folder / "model.safetensors")  # the published names (attention.self.key ...)
+    fused = {}
+    for key, value in state.items():
+        if ".attention.self.key." in key:
+            other = state[key.replace(".key.", ".value.")]
+            fused[key.replace(".key.", ".key_value.")] = torch.cat([value, other])
+        elif ".attention.self.value." not in key:
+            fused[key] = value
+    assert any(".key_value." in k for k in fused)
+    torch.save(fused, tmp_path / "fused.pth")
+    model = PvtV2ForSemanticSegmentation.from_pretrained(tmp_path / "fused.pth")
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert _rel(reference(pixels).logits, model(pixels).logits) < RTOL
 

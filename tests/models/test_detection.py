@@ -9,6 +9,7 @@ import math
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -221,10 +222,13 @@ def test_the_fast_path_runs_the_encoder_inside_the_detector(detector):
     with torch.no_grad(), fast.fast_path(False):
         reference = model(x)
     fast.freeze(model)
-    with torch.no_grad():
+    with torch.no_grad(), mock.patch.object(fast, "stage_forward", wraps=fast.stage_forward) as stage_forward:
         ours = model(x)
     for a, b in zip(reference, ours):
         assert_same_detections(a, b)
+    # ... and it did run there: equal detections alone would also hold if the encoder ran the reference path.
+    if fast.fast_path_available(torch.float32):
+        assert stage_forward.call_count == model.config.num_encoder_blocks
 
 
 # ---------------------------------------------------------------------------------------------- weights

@@ -231,13 +231,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     config = PvtV2Config(**TINY, num_labels=3)
     model = PvtV2ForImageClassification(config).train()
     x, labels = torch.randn(2, 3, 40, 40), torch.tensor([0, 2])
+    # Checkpointed blocks run again during backward: count the calls of every block (pre-hooks: the recomputation
+    # stops once it has what backward needs, before forward hooks would fire), or a switch that did nothing would pass
+    # the comparison below.
+    calls = []
+    for block in (b for stage in model.pvt_v2.encoder.layers for b in stage.blocks):
+        block.register_forward_pre_hook(lambda module, args: calls.append(module))
+    blocks = sum(TINY["depths"])
     model(x, labels=labels).loss.backward()
+    assert len(calls) == blocks
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    calls.clear()
     model.gradient_checkpointing_enable()
     model(x, labels=labels).loss.backward()
+    assert len(calls) == 2 * blocks  # forward, and recomputed in backward
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[name], rtol=1e-5, atol=1e-7), name
+    model.gradient_checkpointing_disable()
+    calls.clear()
+    model(x, labels=labels).loss.backward()
+    assert len(calls) == blocks
 
 
 def test_init_follows_the_reference_scheme():
@@ -251,6 +265,12 @@ def test_init_follows_the_reference_scheme():
     conv = model.pvt_v2.encoder.layers[1].patch_embedding.proj
     fan_out = 3 * 3 * conv.out_channels
     assert abs(conv.weight.std().item() - (2.0 / fan_out) ** 0.5) < 0.05 * (2.0 / fan_out) ** 0.5
+    # The Mix-FFN's depthwise conv: fan_out divided by the groups (one per channel), std sqrt(2 / 9), as timm's
+    # _init_weights computes it; the patch embedding above has one group and cannot tell.
+    dwconv = model.pvt_v2.encoder.layers[0].blocks[0].mlp.dwconv.dwconv
+    assert dwconv.groups == dwconv.out_channels == 256
+    assert abs(dwconv.weight.std().item() - (2.0 / 9) ** 0.5) < 0.05 * (2.0 / 9) ** 0.5
+    assert torch.equal(dwconv.bias, torch.zeros_like(dwconv.bias))
     norm = model.pvt_v2.encoder.layers[2].layer_norm
     assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and torch.equal(norm.bias, torch.zeros_like(norm.bias))
     assert torch.equal(model.classifier.bias, torch.zeros_like(model.classifier.bias))

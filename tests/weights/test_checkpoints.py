@@ -337,7 +337,7 @@ def test_missing_sources_are_clear_errors(tmp_path):
         PvtV2ForImageClassification.from_pretrained("pvt_v2_b0")
     with pytest.raises(FileNotFoundError, match="no weights in folder"):
         PvtV2ForImageClassification.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.safetensors' is not an existing file or folder"):
         PvtV2ForImageClassification.from_pretrained(tmp_path / "nothing.safetensors")
 
 

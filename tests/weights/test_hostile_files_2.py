@@ -90,8 +90,28 @@ def test_other_float_dtypes_load_as_float32(saved, tmp_path, dtype, suffix):
 def test_a_training_checkpoint_with_two_copies_and_ddp_prefixes(saved, tmp_path):
     _, model = saved
     weights = {f"module.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"model": weights, "state_dict": weights, "optimizer": {"lr": 0.1}, "epoch": 3}, tmp_path / "ckpt.pth")
+    # A DeiT-style checkpoint (the original repository's) also holds an EMA copy, other weights: "model" is the one
+    # loaded, which a checkpoint with two equal copies could not show.
+    ema = {k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()}
+    torch.save({"model_ema": ema, "model": weights, "state_dict": weights, "optimizer": {"lr": 0.1}, "epoch": 3},
+               tmp_path / "ckpt.pth")
     loaded = PvtV2ForImageClassification.from_pretrained(tmp_path / "ckpt.pth", num_labels=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_error(model(x).logits, loaded(x).logits) < 1e-6
+        from_ema = PvtV2ForImageClassification.from_pretrained(tmp_path / "ckpt.pth", num_labels=5).eval()
+        from_ema.load_state_dict({k[len("module."):]: v for k, v in ema.items()})
+        assert relative_error(model(x).logits, from_ema(x).logits) > 1e-3  # the EMA copy would have shown
+
+
+def test_the_state_dict_of_a_compiled_model_loads(saved, tmp_path):
+    """torch.compile wraps a model, and its state dict's keys start with ``_orig_mod.``: they load as the model's."""
+    _, model = saved
+    compiled = torch.compile(model)  # nothing is compiled before a call: only the wrapper's state dict is used
+    state = compiled.state_dict()
+    assert all(k.startswith("_orig_mod.") for k in state)
+    torch.save({"model": state}, tmp_path / "compiled.pth")
+    loaded = PvtV2ForImageClassification.from_pretrained(tmp_path / "compiled.pth", num_labels=5).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert relative_error(model(x).logits, loaded(x).logits) < 1e-6
@@ -236,8 +256,11 @@ def test_a_file_the_cache_never_had_is_still_absent_not_damaged(saved, tmp_path,
     cache = tmp_path / "hub"
     repo, _ = _hub_cache(cache, saved[0])
     (repo / "snapshots" / COMMIT / "config.json").unlink()
-    model = PvtV2ForImageClassification.from_pretrained("owner/tiny", cache_dir=cache)
+    model = PvtV2ForImageClassification.from_pretrained("owner/tiny", cache_dir=cache).eval()
     assert model.config.hidden_sizes == TINY["hidden_sizes"] and model.config.num_labels == 5
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # loaded, not just configured: the saved model's numbers
+        assert relative_error(saved[1](x).logits, model(x).logits) < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- sharded indexes

@@ -1,0 +1,111 @@
+"""COCO metrics and annotation checks held against pycocotools run directly: mask metrics sized by the mask (as
+mmdetection and torchvision's reference scripts score them), negative box sizes and undecodable compressed RLE."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pycocotools")
+
+import pycocotools.mask as mask_utils  # noqa: E402
+from pycocotools.coco import COCO  # noqa: E402
+from pycocotools.cocoeval import COCOeval  # noqa: E402
+
+from pvtv2.data.coco import BOX_METRICS, coco_evaluate, read_coco_annotations  # noqa: E402
+
+H, W = 100, 100
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [H, W], "counts": rle["counts"].decode("ascii")}
+
+
+def _direct(path: Path, results: list[dict], iou_type: str) -> list[float]:
+    """COCOeval on the file and the result list, nothing of pvtv2's in between."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(path))
+        evaluator = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), iou_type)
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    return [float(v) for v in evaluator.stats]
+
+
+def _write(path: Path, annotations: list[dict]) -> Path:
+    path.write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "a.png", "width": W, "height": H}],
+        "categories": [{"id": 3, "name": "thing"}],
+        "annotations": annotations,
+    }))
+    return path
+
+
+def test_mask_metrics_size_detections_by_their_masks_not_their_boxes(tmp_path):
+    # Ground truth: a small object (a triangle of 450 px in a 22x40 box) and a medium one (35x35 square).
+    triangle = np.zeros((H, W), dtype=np.uint8)
+    for r in range(40):
+        triangle[10 + r, 10 : 10 + int(r * 0.55) + 1] = 1
+    square = np.zeros((H, W), dtype=np.uint8)
+    square[60:95, 60:95] = 1
+    path = _write(tmp_path / "gt.json", [
+        {"id": 1, "image_id": 7, "category_id": 3, "bbox": [10, 10, 22, 40], "area": float(triangle.sum()),
+         "iscrowd": 0, "segmentation": _rle(triangle)},
+        {"id": 2, "image_id": 7, "category_id": 3, "bbox": [60, 60, 35, 35], "area": 1225.0, "iscrowd": 0,
+         "segmentation": _rle(square)},
+    ])
+    # Detections as a Mask R-CNN gives them: a box and a mask each. The top-scoring one matches nothing; its mask is
+    # small (300 px) but its box medium (40x40 = 1600 px).
+    stray = np.zeros((H, W), dtype=np.uint8)
+    stray[0:10, 50:80] = 1
+    results = [
+        {"image_id": 7, "category_id": 3, "bbox": [45, 0, 40, 40], "score": 0.95, "segmentation": _rle(stray)},
+        {"image_id": 7, "category_id": 3, "bbox": [9, 9, 24, 42], "score": 0.9, "segmentation": _rle(triangle)},
+        {"image_id": 7, "category_id": 3, "bbox": [60, 60, 35, 35], "score": 0.5, "segmentation": _rle(square)},
+    ]
+    ours = coco_evaluate(read_coco_annotations(path), results, ("bbox", "segm"))
+    # The reference: results without their boxes, as torchvision's reference scripts write them and mmdetection
+    # evaluates them, so that loadRes takes each detection's area from its mask.
+    by_mask = _direct(path, [{k: v for k, v in r.items() if k != "bbox"} for r in results], "segm")
+    assert [ours["segm"][name] for name in BOX_METRICS] == pytest.approx(by_mask, abs=1e-12)
+    # The stray detection counts against the small objects, not the medium ones (by its box it would be the reverse).
+    assert ours["segm"]["APs"] == pytest.approx(0.5) and ours["segm"]["APm"] == pytest.approx(1.0)
+    assert by_mask != _direct(path, results, "segm")  # the case tells the two ways apart
+    # Box metrics are COCOeval's on the same list, boxes and all.
+    assert [ours["bbox"][name] for name in BOX_METRICS] == pytest.approx(_direct(path, results, "bbox"), abs=1e-12)
+
+
+def test_a_box_with_negative_width_or_height_is_an_error_naming_it(tmp_path):
+    for n, bbox in enumerate(([5, 5, -20, 20], [5, 5, 20, -0.5])):
+        path = _write(tmp_path / f"gt{n}.json", [{"id": 4, "image_id": 7, "category_id": 3, "bbox": bbox, "iscrowd": 0}])
+        with pytest.raises(ValueError, match=r"gt\d.json.*annotation 4 .*negative width or height"):
+            read_coco_annotations(path)
+    # zero width stays a box without area: skipped in training, no error
+    path = _write(tmp_path / "zero.json", [{"id": 4, "image_id": 7, "category_id": 3, "bbox": [5, 5, 0, 20]}])
+    assert read_coco_annotations(path).skipped == {"zero area": 1}
+
+
+@pytest.mark.parametrize("counts", ["!!!!", "0", "PPYo", "1", "abc~"])
+def test_compressed_rle_that_does_not_decode_to_the_image_is_an_error(tmp_path, counts):
+    path = _write(tmp_path / "gt.json", [{"id": 4, "image_id": 7, "category_id": 3, "bbox": [5, 5, 20, 20],
+                                          "segmentation": {"size": [H, W], "counts": counts}}])
+    with pytest.raises(ValueError, match=r"annotation 4: compressed RLE counts .* summing to height x width"):
+        read_coco_annotations(path)
+
+
+def test_compressed_rle_from_pycocotools_is_accepted_and_decodes_to_its_mask(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = [rng.random((H, W)) < 0.3, np.zeros((H, W), bool), np.ones((H, W), bool)]
+    path = _write(tmp_path / "gt.json", [
+        {"id": n + 1, "image_id": 7, "category_id": 3, "bbox": [5, 5, 20, 20], "segmentation": _rle(m)}
+        for n, m in enumerate(masks)
+    ])
+    annotations = read_coco_annotations(path)
+    gt = annotations.coco()
+    for n, mask in enumerate(masks):
+        assert np.array_equal(gt.annToMask(gt.anns[n + 1]), mask)

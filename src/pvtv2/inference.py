@@ -802,14 +802,30 @@ def detect_objects(
 def detection_label_map(id2label: dict[int, str], annotations: Any) -> dict[int, int]:
     """Model label -> category id of a COCO annotation file (:class:`pvtv2.data.coco.CocoAnnotations`).
 
-    Labels map by name; a model with the generic ``LABEL_0`` ... names and as many classes as the file has categories
-    takes them in id order. Model classes the file does not have are left out (their detections are not scored).
+    A model whose classes are the file's category names in id order (one trained on it) takes them in that order, as
+    does a model with the generic ``LABEL_0`` ... names and as many classes; otherwise labels map by name (a name that
+    several categories share is then an error). Model classes the file does not have are left out (their detections
+    are not scored).
     """
-    if has_generic_labels(id2label) and len(id2label) == len(annotations.category_ids):
-        return dict(enumerate(annotations.category_ids))
+    categories = annotations.category_ids
+    file_names = [annotations.id2label[label] for label in range(len(categories))]
+    if [id2label[label] for label in sorted(id2label)] == file_names:
+        # A model trained on these categories: label k is the k-th category, even where two share a name.
+        return dict(enumerate(categories))
+    if has_generic_labels(id2label) and len(id2label) == len(categories):
+        return dict(enumerate(categories))
     by_name: dict[str, int] = {}
-    for label, category in enumerate(annotations.category_ids):
-        by_name.setdefault(annotations.id2label[label], category)
+    shared: dict[str, list[int]] = {}
+    for label, category in enumerate(categories):
+        by_name.setdefault(file_names[label], category)
+        shared.setdefault(file_names[label], []).append(category)
+    ambiguous = {name: ids for name, ids in shared.items() if len(ids) > 1 and name in id2label.values()}
+    if ambiguous:  # the first id of a shared name would take every detection of that class: a wrong AP, no error
+        shown = "; ".join(f"{name!r}: ids {ids}" for name, ids in list(ambiguous.items())[:5])
+        raise ValueError(
+            f"{os.fspath(annotations.path)!r} has several categories with the same name ({shown}): the model's "
+            f"classes cannot be matched to them by name"
+        )
     mapping = {label: by_name[name] for label, name in id2label.items() if name in by_name}
     if not mapping:
         raise ValueError(

@@ -907,6 +907,7 @@ def evaluate_segmenter(
     """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``data/split/{images,masks}``, each image predicted
     by :func:`predict_segmentation` (``size`` and ``options``: mode, crop, stride, scales, flip) at its mask's
     resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label)."""
+    from .data.masks import read_mask
     from .data.masks import reduce_labels as reduce
     from .data.masks import scan_segmentation_split
     from .training.segmentation import segmentation_metrics
@@ -917,7 +918,7 @@ def evaluate_segmenter(
     began = time.perf_counter()
     for image_path, mask_path in progress_bar(pairs, enabled=progress, desc="segment"):
         image = load_image(image_path).convert("RGB")
-        labels = np.asarray(_load_mask(mask_path), dtype=np.int64)
+        labels = np.asarray(read_mask(mask_path), dtype=np.int64)
         if reduce_labels:
             labels = reduce(labels).astype(np.int64)
         if labels.shape != (image.height, image.width):
@@ -942,11 +943,3 @@ def evaluate_segmenter(
     }
 
 
-def _load_mask(path: str | os.PathLike) -> Any:
-    """A label map PNG as a PIL image (single channel: modes L, P, I, I;16), refused otherwise."""
-    import PIL.Image
-
-    mask = PIL.Image.open(path)
-    if mask.mode not in ("L", "P", "I", "I;16"):
-        raise ValueError(f"mask {os.fspath(path)!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
-    return mask

@@ -1,5 +1,7 @@
 """`pvtv2 eval --task detection` on COCO files whose categories share a name: the model's labels reach the right
-category ids (COCOeval run directly on the same detections is the reference), or the ambiguity is an error."""
+category ids (COCOeval run directly on the same detections is the reference), or the ambiguity is an error.
+`pvtv2 eval --task segmentation` against a hand-computed mean IoU for 8-bit, palette and 16-bit masks, and a
+truncated mask named."""
 
 from __future__ import annotations
 
@@ -103,3 +105,79 @@ def test_eval_detection_with_shared_category_names_equals_cocoeval_on_files(tmp_
     names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
     assert [ours["box"][n] for n in names] == pytest.approx([float(v) for v in evaluator.stats], abs=1e-6)
     assert ours["detections"] == len(entries)
+
+
+# ---------------------------------------------------------------------------------------------- segmentation
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    from pvtv2 import PvtV2ForSemanticSegmentation
+
+    folder = tmp_path_factory.mktemp("segmenter")
+    torch.manual_seed(0)
+    model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY_SHALLOW, num_labels=4, decoder_hidden_size=32))
+    perturb_(model, scale=0.05, seed=0).eval().save_pretrained(folder)
+    return folder
+
+
+def _segmentation_data(root: Path, write_mask) -> Path:
+    rng = np.random.default_rng(1)
+    for folder in ("images", "masks"):
+        (root / "val" / folder).mkdir(parents=True)
+    for i in range(2):
+        PIL.Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "val" / "images" / f"{i}.png")
+        labels = rng.integers(0, 3, (40, 56)).astype(np.uint8)  # class 3 in neither labels (nor, likely, predictions)
+        labels[:6] = 255  # ignored
+        write_mask(labels, root / "val" / "masks" / f"{i}.png")
+    return root
+
+
+def _palette(labels, path):
+    image = PIL.Image.fromarray(labels, "P")
+    image.putpalette([v for i in range(256) for v in ((37 * i) % 256, (91 * i) % 256, (11 * i) % 256)])
+    image.save(path)
+
+
+@pytest.mark.parametrize("write_mask", [
+    lambda labels, path: PIL.Image.fromarray(labels).save(path),  # 8-bit greyscale
+    _palette,  # palette PNG: the indices are the classes, whatever the colours
+    lambda labels, path: PIL.Image.fromarray(labels.astype(np.uint16)).save(path),  # 16-bit
+], ids=["L", "P", "I16"])
+def test_eval_segmentation_equals_a_hand_computed_mean_iou(tmp_path, capsys, segmenter, write_mask):
+    from pvtv2.inference import load_segmenter, predict_segmentation
+
+    data = _segmentation_data(tmp_path, write_mask)
+    out = run_here(capsys, "eval", "--task", "segmentation", "--model", str(segmenter), "--data", str(data), "--json",
+                   "--no-progress")
+    assert out.returncode == 0, out.stderr
+    ours = json.loads(out.stdout)
+    model = load_segmenter(segmenter)
+    intersection, union, correct, counted = np.zeros(4), np.zeros(4), 0, 0
+    for i in range(2):
+        raw = np.asarray(PIL.Image.open(data / "val" / "masks" / f"{i}.png")).astype(np.int64)
+        labels = raw if raw.ndim == 2 else raw[..., 0]
+        predicted = predict_segmentation(model, PIL.Image.open(data / "val" / "images" / f"{i}.png").convert("RGB"))
+        keep = labels != 255
+        for c in range(4):
+            intersection[c] += ((labels == c) & (predicted == c) & keep).sum()
+            union[c] += (((labels == c) | (predicted == c)) & keep).sum()
+        correct += ((labels == predicted) & keep).sum()
+        counted += keep.sum()
+    present = union > 0
+    assert ours["mean_iou"] == pytest.approx(float((intersection[present] / union[present]).mean()), abs=1e-12)
+    assert ours["pixel_accuracy"] == pytest.approx(correct / counted, abs=1e-12)
+    for c, name in enumerate(json.loads((segmenter / "config.json").read_text())["id2label"].values()):
+        expected = None if not present[c] else pytest.approx(intersection[c] / union[c], abs=1e-12)
+        assert ours["per_class_iou"][name] == expected
+
+
+def test_eval_segmentation_names_a_truncated_mask(tmp_path, capsys, segmenter):
+    def truncated(labels, path):
+        PIL.Image.fromarray(labels).save(path)
+        path.write_bytes(path.read_bytes()[:60])
+
+    data = _segmentation_data(tmp_path, truncated)
+    out = run_here(capsys, "eval", "--task", "segmentation", "--model", str(segmenter), "--data", str(data),
+                   "--no-progress")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"pvtv2 eval: error: cannot read mask {str(data / 'val' / 'masks' / '0.png')!r}: image file is truncated")

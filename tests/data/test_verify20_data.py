@@ -1,5 +1,6 @@
-"""COCO metrics and annotation checks held against pycocotools run directly: mask metrics sized by the mask (as
-mmdetection and torchvision's reference scripts score them), negative box sizes and undecodable compressed RLE."""
+"""COCO metrics and annotation checks held against pycocotools run directly (mask metrics sized by the mask, as
+mmdetection and torchvision's reference scripts score them), negative box sizes, undecodable compressed RLE, and
+segmentation masks that cannot be decoded."""
 
 from __future__ import annotations
 
@@ -109,3 +110,21 @@ def test_compressed_rle_from_pycocotools_is_accepted_and_decodes_to_its_mask(tmp
     gt = annotations.coco()
     for n, mask in enumerate(masks):
         assert np.array_equal(gt.annToMask(gt.anns[n + 1]), mask)
+
+
+# ---------------------------------------------------------------------------------------------- segmentation masks
+def test_a_truncated_mask_is_an_error_naming_it(tmp_path):
+    import PIL.Image
+
+    from pvtv2.data.masks import SegmentationFolder, read_mask
+
+    for folder in ("images", "masks"):
+        (tmp_path / "val" / folder).mkdir(parents=True)
+    PIL.Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "val" / "images" / "a.png")
+    path = tmp_path / "val" / "masks" / "a.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 3, (32, 32), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"cannot read mask '.*a\.png': image file is truncated"):
+        read_mask(path)
+    with pytest.raises(ValueError, match=r"cannot read mask '.*a\.png'"):
+        SegmentationFolder(tmp_path, "val", 32)[0]

@@ -907,9 +907,8 @@ def evaluate_segmenter(
     """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``data/split/{images,masks}``, each image predicted
     by :func:`predict_segmentation` (``size`` and ``options``: mode, crop, stride, scales, flip) at its mask's
     resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label)."""
-    from .data.masks import read_mask
+    from .data.masks import read_mask, scan_segmentation_split
     from .data.masks import reduce_labels as reduce
-    from .data.masks import scan_segmentation_split
     from .training.segmentation import segmentation_metrics
 
     pairs = scan_segmentation_split(existing_folder(data), split)

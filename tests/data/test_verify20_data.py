@@ -128,3 +128,58 @@ def test_a_truncated_mask_is_an_error_naming_it(tmp_path):
         read_mask(path)
     with pytest.raises(ValueError, match=r"cannot read mask '.*a\.png'"):
         SegmentationFolder(tmp_path, "val", 32)[0]
+
+
+def test_metrics_equal_cocoeval_with_crowds_large_ids_gapped_categories_and_mixed_mask_formats(tmp_path):
+    """Images with no detections and with no annotations, crowd regions, ids beyond 32 bits, category ids 1, 3, 90,
+    polygons beside compressed and uncompressed RLE: our numbers are COCOeval's on the file, for boxes and masks."""
+    rng = np.random.default_rng(3)
+    image_ids = [7, 2**40 + 1, 3, 99]  # 3: no detections; 99: no annotations
+    images = [{"id": i, "file_name": f"{n}.png", "width": W, "height": H} for n, i in enumerate(image_ids)]
+    annotations, results = [], []
+    for image_id in image_ids[:3]:
+        for _ in range(5):
+            w, h = rng.uniform(4, 60, 2)
+            x, y = rng.uniform(0, W - w), rng.uniform(0, H - h)
+            n = len(annotations) + 1
+            box = np.zeros((H, W), dtype=np.uint8)
+            box[int(y) : int(y + h), int(x) : int(x + w)] = 1
+            segmentation = [
+                [[x, y, x + w, y, x + w / 2, y + h]],  # a triangle: its area is half its box's
+                _rle(box),
+                _uncompressed(box),
+            ][n % 3]
+            annotations.append({"id": n, "image_id": image_id, "category_id": int(rng.choice([1, 3, 90])),
+                                "bbox": [x, y, w, h], "area": float(w * h), "iscrowd": int(n % 7 == 0),
+                                "segmentation": segmentation})
+            if image_id == 3:
+                continue
+            for category in (annotations[-1]["category_id"], 3):  # the right class, and often a wrong one
+                noise = rng.normal(0, 2.5, 4)
+                x1, y1 = x + noise[0], y + noise[1]
+                w1, h1 = max(1.0, w + noise[2]), max(1.0, h + noise[3])
+                mask = np.zeros((H, W), dtype=np.uint8)
+                mask[max(0, int(y1)) : int(y1 + h1), max(0, int(x1)) : int(x1 + w1 * 0.7)] = 1
+                results.append({"image_id": image_id, "category_id": category, "bbox": [x1, y1, w1, h1],
+                                "score": float(rng.uniform(0.05, 1)), "segmentation": _rle(mask)})
+    results.append({"image_id": 99, "category_id": 90, "bbox": [10, 10, 40, 10], "score": 0.9,
+                    "segmentation": _rle(np.pad(np.ones((10, 40), np.uint8), ((10, 80), (10, 50))))})
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 90, "name": "c"}, {"id": 1, "name": "a"}, {"id": 3, "name": "b"}]}))
+    ours = coco_evaluate(read_coco_annotations(path), results, ("bbox", "segm"))
+    assert [ours["bbox"][n] for n in BOX_METRICS] == pytest.approx(_direct(path, results, "bbox"), abs=1e-12)
+    without_boxes = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    assert [ours["segm"][n] for n in BOX_METRICS] == pytest.approx(_direct(path, without_boxes, "segm"), abs=1e-12)
+    assert 0 < ours["bbox"]["AP"] < 1 and 0 < ours["segm"]["AP"] < 1
+
+
+def _uncompressed(mask: np.ndarray) -> dict:
+    """Uncompressed RLE written out by hand: column-major runs, zeros first."""
+    flat = mask.flatten(order="F")
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat[0] == 1:
+        counts = [0, *counts]
+    return {"size": [H, W], "counts": [int(c) for c in counts]}

@@ -91,6 +91,18 @@ def test_a_box_with_negative_width_or_height_is_an_error_naming_it(tmp_path):
     assert read_coco_annotations(path).skipped == {"zero area": 1}
 
 
+@pytest.mark.parametrize("area", [-5, -0.5, "12"])
+def test_an_area_that_is_negative_or_not_a_number_is_an_error_naming_it(tmp_path, area):
+    path = _write(tmp_path / "gt.json", [{"id": 4, "image_id": 7, "category_id": 3, "bbox": [5, 5, 20, 20], "area": area,
+                                          "iscrowd": 0}])
+    with pytest.raises(ValueError, match=r"gt.json.*annotation 4 has 'area' .*expected a non-negative number"):
+        read_coco_annotations(path)
+    # COCOeval run on such a file ignores the object in every size range: a perfect detection gains nothing.
+    if not isinstance(area, str):
+        results = [{"image_id": 7, "category_id": 3, "bbox": [5, 5, 20, 20], "score": 0.9}]
+        assert _direct(path, results, "bbox")[0] == -1
+
+
 @pytest.mark.parametrize("counts", ["!!!!", "0", "PPYo", "1", "abc~"])
 def test_compressed_rle_that_does_not_decode_to_the_image_is_an_error(tmp_path, counts):
     path = _write(tmp_path / "gt.json", [{"id": 4, "image_id": 7, "category_id": 3, "bbox": [5, 5, 20, 20],

@@ -204,8 +204,9 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if segmentation is not None and segmentation != []:
             _check_segmentation(segmentation, image, f"{where!r}: annotation {ident}")
         area = ann.get("area")
-        if area is not None and not _is_number(area):
-            raise ValueError(f"{where!r}: annotation {ident} has a non-numeric 'area' {area!r}")
+        if area is not None and not (_is_number(area) and area >= 0):
+            # a negative area puts the object outside every size range: COCOeval would ignore it without a word
+            raise ValueError(f"{where!r}: annotation {ident} has 'area' {area!r}; expected a non-negative number")
         eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area if area is not None else bbox[2] * bbox[3])})
 
         x, y, w, h = (float(v) for v in bbox)

@@ -802,14 +802,30 @@ def detect_objects(
 def detection_label_map(id2label: dict[int, str], annotations: Any) -> dict[int, int]:
     """Model label -> category id of a COCO annotation file (:class:`pvtv2.data.coco.CocoAnnotations`).
 
-    Labels map by name; a model with the generic ``LABEL_0`` ... names and as many classes as the file has categories
-    takes them in id order. Model classes the file does not have are left out (their detections are not scored).
+    A model whose classes are the file's category names in id order (one trained on it) takes them in that order, as
+    does a model with the generic ``LABEL_0`` ... names and as many classes; otherwise labels map by name (a name that
+    several categories share is then an error). Model classes the file does not have are left out (their detections
+    are not scored).
     """
-    if has_generic_labels(id2label) and len(id2label) == len(annotations.category_ids):
-        return dict(enumerate(annotations.category_ids))
+    categories = annotations.category_ids
+    file_names = [annotations.id2label[label] for label in range(len(categories))]
+    if [id2label[label] for label in sorted(id2label)] == file_names:
+        # A model trained on these categories: label k is the k-th category, even where two share a name.
+        return dict(enumerate(categories))
+    if has_generic_labels(id2label) and len(id2label) == len(categories):
+        return dict(enumerate(categories))
     by_name: dict[str, int] = {}
-    for label, category in enumerate(annotations.category_ids):
-        by_name.setdefault(annotations.id2label[label], category)
+    shared: dict[str, list[int]] = {}
+    for label, category in enumerate(categories):
+        by_name.setdefault(file_names[label], category)
+        shared.setdefault(file_names[label], []).append(category)
+    ambiguous = {name: ids for name, ids in shared.items() if len(ids) > 1 and name in id2label.values()}
+    if ambiguous:  # the first id of a shared name would take every detection of that class: a wrong AP, no error
+        shown = "; ".join(f"{name!r}: ids {ids}" for name, ids in list(ambiguous.items())[:5])
+        raise ValueError(
+            f"{os.fspath(annotations.path)!r} has several categories with the same name ({shown}): the model's "
+            f"classes cannot be matched to them by name"
+        )
     mapping = {label: by_name[name] for label, name in id2label.items() if name in by_name}
     if not mapping:
         raise ValueError(
@@ -891,8 +907,8 @@ def evaluate_segmenter(
     """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``data/split/{images,masks}``, each image predicted
     by :func:`predict_segmentation` (``size`` and ``options``: mode, crop, stride, scales, flip) at its mask's
     resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label)."""
+    from .data.masks import read_mask, scan_segmentation_split
     from .data.masks import reduce_labels as reduce
-    from .data.masks import scan_segmentation_split
     from .training.segmentation import segmentation_metrics
 
     pairs = scan_segmentation_split(existing_folder(data), split)
@@ -901,7 +917,7 @@ def evaluate_segmenter(
     began = time.perf_counter()
     for image_path, mask_path in progress_bar(pairs, enabled=progress, desc="segment"):
         image = load_image(image_path).convert("RGB")
-        labels = np.asarray(_load_mask(mask_path), dtype=np.int64)
+        labels = np.asarray(read_mask(mask_path), dtype=np.int64)
         if reduce_labels:
             labels = reduce(labels).astype(np.int64)
         if labels.shape != (image.height, image.width):
@@ -926,11 +942,3 @@ def evaluate_segmenter(
     }
 
 
-def _load_mask(path: str | os.PathLike) -> Any:
-    """A label map PNG as a PIL image (single channel: modes L, P, I, I;16), refused otherwise."""
-    import PIL.Image
-
-    mask = PIL.Image.open(path)
-    if mask.mode not in ("L", "P", "I", "I;16"):
-        raise ValueError(f"mask {os.fspath(path)!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
-    return mask

@@ -191,6 +191,11 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         bbox = ann.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise ValueError(f"{where!r}: annotation {ident} needs 'bbox' [x, y, width, height] of 4 finite numbers, got {bbox!r}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            # Not a box without area (those are skipped below) but a malformed one: COCOeval would take its negative
+            # area as outside every size range and ignore the object without a word.
+            raise ValueError(f"{where!r}: annotation {ident} has 'bbox' {bbox!r} with a negative width or height; "
+                             f"COCO boxes are [x, y, width, height]")
         crowd = ann.get("iscrowd", 0)
         if crowd not in (0, 1) or isinstance(crowd, float):
             raise ValueError(f"{where!r}: annotation {ident} has 'iscrowd' {crowd!r}; expected 0 or 1")
@@ -199,8 +204,9 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if segmentation is not None and segmentation != []:
             _check_segmentation(segmentation, image, f"{where!r}: annotation {ident}")
         area = ann.get("area")
-        if area is not None and not _is_number(area):
-            raise ValueError(f"{where!r}: annotation {ident} has a non-numeric 'area' {area!r}")
+        if area is not None and not (_is_number(area) and area >= 0):
+            # a negative area puts the object outside every size range: COCOeval would ignore it without a word
+            raise ValueError(f"{where!r}: annotation {ident} has 'area' {area!r}; expected a non-negative number")
         eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area if area is not None else bbox[2] * bbox[3])})
 
         x, y, w, h = (float(v) for v in bbox)
@@ -254,9 +260,40 @@ def _check_segmentation(segmentation: Any, image: dict[str, Any], what: str) -> 
                 raise ValueError(f"{what}: uncompressed RLE counts must be non-negative integers summing to height x width")
             return
         if isinstance(counts, str) and counts and counts.isascii():
+            decoded = _compressed_rle_counts(counts)
+            if decoded is None or any(c < 0 for c in decoded) or sum(decoded) != size[0] * size[1]:
+                # pycocotools decodes such a string without a check: garbage masks, or writes past the mask's end
+                raise ValueError(f"{what}: compressed RLE counts {counts[:40]!r} do not decode to non-negative runs "
+                                 f"summing to height x width ({size[0]} x {size[1]})")
             return
         raise ValueError(f"{what}: RLE 'counts' must be a list of integers or a compressed (ASCII) string, got {type(counts).__name__}")
     raise ValueError(f"{what}: 'segmentation' must be polygons (a list) or RLE (a dict), got {type(segmentation).__name__}")
+
+
+def _compressed_rle_counts(text: str) -> list[int] | None:
+    """The run lengths of a compressed RLE string (pycocotools' ``rleFrString``: 5-bit groups in characters from
+    48, a continuation bit, sign extension, each count after the second stored as a difference from the one two
+    before), or None where the string is not such an encoding."""
+    counts: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(text):
+                return None  # a continuation bit on the last character
+            c = ord(text[position]) - 48
+            if not 0 <= c < 64:
+                return None
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            position += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
 
 def _decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -462,7 +499,12 @@ def coco_evaluate(
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
             if results:
-                dt = gt.loadRes([dict(r) for r in results])  # loadRes adds fields to its entries: copies
+                # loadRes adds fields to its entries: copies. For masks without the box: given a 'bbox', loadRes
+                # takes the box's area as the detection's, and COCOeval's small / medium / large mask numbers would
+                # sort unmatched detections by their boxes; mmdetection (the paper's mask AP) and torchvision's
+                # reference scripts score masks by the mask's area.
+                drop = ("bbox",) if iou_type == "segm" else ()
+                dt = gt.loadRes([{k: v for k, v in r.items() if k not in drop} for r in results])
             else:  # loadRes refuses an empty list; an empty result set scores 0 (or -1 where there is no ground truth)
                 dt = COCO()
                 dt.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]), "annotations": []}

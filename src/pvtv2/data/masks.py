@@ -23,6 +23,7 @@ from .augment import SegmentationTrainTransform, derive_seed
 from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, to_8bit
 
 __all__ = [
+    "read_mask",
     "scan_segmentation_split",
     "read_id2label",
     "reduce_labels",
@@ -49,6 +50,24 @@ def scan_segmentation_split(root: str | os.PathLike, split: str) -> list[tuple[P
             raise FileNotFoundError(f"image {image.name!r} has no mask {os.fspath(mask)!r} (masks are PNGs with the same stem)")
         pairs.append((image, mask))
     return pairs
+
+
+_MASK_MODES = ("L", "P", "I", "I;16")
+
+
+def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
+    """A label-map PNG, decoded, as a PIL image of one channel (modes L, P, I, I;16: class indices). A file that cannot
+    be decoded (truncated, not an image) or has colour channels is a ``ValueError`` naming it."""
+    text = os.fspath(path)
+    try:
+        with PIL.Image.open(text) as opened:
+            opened.load()  # decode now: a truncated file fails here, not later without its name
+            mask = opened.copy()
+    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read mask {text!r}: {str(error) or type(error).__name__}") from error
+    if mask.mode not in _MASK_MODES:
+        raise ValueError(f"mask {text!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
+    return mask
 
 
 def reduce_labels(labels: np.ndarray | torch.Tensor, ignore_index: int = 255) -> np.ndarray | torch.Tensor:
@@ -85,7 +104,7 @@ def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | 
         pairs = scan_segmentation_split(root, "train")
     top = 0
     for _, mask in pairs:
-        values = np.unique(np.asarray(PIL.Image.open(mask)))
+        values = np.unique(np.asarray(read_mask(mask)))
         values = values[values != 255]
         if values.size:
             top = max(top, int(values.max()))
@@ -130,9 +149,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         image_path, mask_path = self.pairs[index]
         # 16-bit greyscale scaled to 8 bits, as PvtV2ImageProcessor does: convert("RGB") alone clips it to white.
         image = to_8bit(PIL.Image.open(image_path)).convert("RGB")
-        mask = PIL.Image.open(mask_path)
-        if mask.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"mask {os.fspath(mask_path)!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
+        mask = read_mask(mask_path)
         if self.transform is not None:
             labels = np.asarray(mask)
             if self.reduce_labels:

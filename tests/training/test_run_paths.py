@@ -8,6 +8,8 @@ import json
 import logging
 import os
 
+import pytest
+
 from pvtv2.cli import main
 from pvtv2.training import TrainConfig
 from pvtv2.training.rundir import RUN_FILE, prepare_output, resolve_recorded_data, start_run
@@ -78,3 +80,21 @@ def test_recorded_data_found_nowhere_is_named(tmp_path, monkeypatch, caplog, cap
     assert "gone/data" in capsys.readouterr().err.strip().splitlines()[-1]
     # An absolute path is the run's own: taken as it is (the data check names it if it is gone).
     assert resolve_recorded_data(str(tmp_path / "gone"), run) == str(tmp_path / "gone")
+
+
+def test_resume_takes_a_preset_however_it_is_spelled(tmp_path, monkeypatch):
+    """--model names a preset in any case, with - or _ (``PVT-v2-B0``), and run.json records it as typed: resuming
+    with another spelling of the same preset was refused as a changed run setting, which left the run unfinishable
+    from a command that wrote it differently. Another preset is still refused, and so is a file of that name here."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    start_run(TrainConfig(data=str(tmp_path / "data"), model="PVT-v2-B0", output=str(out)), ["a"])
+    for spelling in ("pvt_v2_b0", "pvt-v2-b0", "PVT-v2-B0"):
+        merged, _, _ = prepare_output(TrainConfig(output=str(out), resume=True, model=spelling), explicit={"model"})
+        assert merged.model == "PVT-v2-B0"  # the run's own
+    with pytest.raises(ValueError, match="it was started with --model 'PVT-v2-B0', not 'pvt_v2_b1'"):
+        prepare_output(TrainConfig(output=str(out), resume=True, model="pvt_v2_b1"), explicit={"model"})
+    (tmp_path / "pvt_v2_b0").mkdir()  # now a folder: a checkpoint, not the preset
+    with pytest.raises(ValueError, match="it was started with --model 'PVT-v2-B0', not 'pvt_v2_b0'"):
+        prepare_output(TrainConfig(output=str(out), resume=True, model="pvt_v2_b0"), explicit={"model"})

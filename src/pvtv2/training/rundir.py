@@ -38,7 +38,7 @@ from torch import nn
 
 from ..data.processing import PvtV2ImageProcessor
 from ..fileio import WriteError, atomic_write_json, path_kind, recover_folder, write_folder_atomically
-from ..models.config import short_repr
+from ..models.config import is_preset_name, preset_key, short_repr
 from .config import TrainConfig, flag
 from .curves import METRICS_FILE, read_metrics, write_metrics
 
@@ -434,6 +434,14 @@ def _same_path(given: Any, stored: Any) -> bool:
         return False
 
 
+def _same_preset(given: Any, stored: Any) -> bool:
+    """Whether ``given`` and ``stored`` name the same preset, however spelled (``PVT-v2-B0``, ``pvt_v2_b0``): both
+    preset names, and no file or folder of the given name here (a path always wins, as when the run started)."""
+    if not (isinstance(given, str) and isinstance(stored, str)):
+        return False
+    return is_preset_name(given) and preset_key(stored) is not None and preset_key(given) == preset_key(stored)
+
+
 def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collection[str] | None) -> TrainConfig:
     """The stored run's settings, with this invocation's execution settings.
 
@@ -450,6 +458,8 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
             continue
         if key in ("data", "model") and _same_path(given, stored[key]):
             continue  # the same folder, given relative to this one: run.json records it absolute
+        if key == "model" and _same_preset(given, stored[key]):
+            continue  # pvt-v2-b0 is pvt_v2_b0: run.json records the name as it was typed
         was_given = key in explicit if explicit is not None else given not in (getattr(defaults, key), "")
         if was_given:
             changed.append(key)

@@ -98,3 +98,28 @@ def test_resume_takes_a_preset_however_it_is_spelled(tmp_path, monkeypatch):
     (tmp_path / "pvt_v2_b0").mkdir()  # now a folder: a checkpoint, not the preset
     with pytest.raises(ValueError, match="it was started with --model 'PVT-v2-B0', not 'pvt_v2_b0'"):
         prepare_output(TrainConfig(output=str(out), resume=True, model="pvt_v2_b0"), explicit={"model"})
+
+
+def test_resume_finds_data_that_moved_with_data(tmp_path, monkeypatch, caplog):
+    """Data moved since the run started (another disk): the recorded folder is gone, and --data NEW was refused as a
+    changed setting while the run without it could not read its data, so the run could not be finished at all. Now
+    the new folder is taken, with a warning; a folder given while the recorded one is still there is refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old").mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    start_run(TrainConfig(data="old", model="pvt_v2_b0", output=str(out)), ["a"])
+    (tmp_path / "new").mkdir()
+    with pytest.raises(ValueError, match=f"it was started with --data {str(tmp_path / 'old')!r}, not 'new'"):
+        prepare_output(TrainConfig(output=str(out), resume=True, data="new"), explicit={"data"})
+    (tmp_path / "old").rmdir()
+    with caplog.at_level(logging.WARNING):
+        merged, _, _ = prepare_output(TrainConfig(output=str(out), resume=True, data="new"), explicit={"data"})
+    assert merged.data == str(tmp_path / "new") and merged.model == "pvt_v2_b0"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"--resume: the run's data {str(tmp_path / 'old')!r} is no longer there; using --data {tmp_path / 'new'}"]
+    # Another run setting given with it is still refused; a --data that does not exist either is the run's own one
+    with pytest.raises(ValueError, match="it was started with --epochs 300, not 3;"):
+        prepare_output(TrainConfig(output=str(out), resume=True, data="new", epochs=3), explicit={"data", "epochs"})
+    with pytest.raises(ValueError, match="not 'elsewhere'"):
+        prepare_output(TrainConfig(output=str(out), resume=True, data="elsewhere"), explicit={"data"})

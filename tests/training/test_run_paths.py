@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import pytest
 
@@ -123,3 +124,26 @@ def test_resume_finds_data_that_moved_with_data(tmp_path, monkeypatch, caplog):
         prepare_output(TrainConfig(output=str(out), resume=True, data="new", epochs=3), explicit={"data", "epochs"})
     with pytest.raises(ValueError, match="not 'elsewhere'"):
         prepare_output(TrainConfig(output=str(out), resume=True, data="elsewhere"), explicit={"data"})
+
+
+def test_resume_of_a_run_older_than_recipe_refuses_turning_its_augmentation_on(tmp_path):
+    """run.json written before --recipe existed has neither "recipe" nor its fields: the run trained with them off.
+    --recipe deit given on --resume was silently ignored, and --mixup 0.8 accepted, changing the run mid-way (its
+    weights then differ from an uninterrupted run's); both are refused now, and the run's own values accepted."""
+    out = tmp_path / "run"
+    out.mkdir()
+    start_run(TrainConfig(data=str(tmp_path), model="pvt_v2_b0", output=str(out), recipe="none", mixup=0.0,
+                          cutmix=0.0, reprob=0.0, randaugment=False, repeated_aug=1, train_interpolation="bilinear"),
+              ["a"])
+    stored = json.loads((out / RUN_FILE).read_text())
+    for key in ("recipe", "randaugment", "mixup", "cutmix", "reprob", "repeated_aug", "train_interpolation"):
+        del stored[key]
+    (out / RUN_FILE).write_text(json.dumps(stored))
+    for given, message in (({"recipe": "deit"}, "--recipe 'none', not 'deit'"), ({"mixup": 0.8}, "--mixup 0.0, not 0.8"),
+                           ({"randaugment": True}, "--randaugment False, not True")):
+        with pytest.raises(ValueError, match=f"it was started with {re.escape(message)};"):
+            prepare_output(TrainConfig(output=str(out), resume=True, **given), explicit=set(given))
+    same = {"recipe": "none", "mixup": 0.0, "repeated_aug": 1, "train_interpolation": "bilinear"}
+    merged, _, _ = prepare_output(TrainConfig(output=str(out), resume=True, **same), explicit=set(same))
+    assert (merged.recipe, merged.mixup, merged.cutmix, merged.reprob, merged.randaugment, merged.repeated_aug,
+            merged.train_interpolation) == ("none", 0.0, 0.0, 0.0, False, 1, "bilinear")

@@ -39,7 +39,7 @@ from torch import nn
 from ..data.processing import PvtV2ImageProcessor
 from ..fileio import WriteError, atomic_write_json, path_kind, recover_folder, write_folder_atomically
 from ..models.config import is_preset_name, preset_key, short_repr
-from .config import TrainConfig, flag
+from .config import NO_RECIPE, TrainConfig, flag
 from .curves import METRICS_FILE, read_metrics, write_metrics
 
 __all__ = [
@@ -458,6 +458,11 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
     call), a value that equals the default counts as not given."""
     run_fields = cfg.run_fields()
     defaults = TrainConfig()
+    if "recipe" not in stored:
+        # A run stored before --recipe existed trained with the recipe's fields as stored, or off where absent: those
+        # are its settings, which a --recipe deit or --mixup 0.8 given now must not change (it was silently ignored,
+        # or the augmentation changed mid-run).
+        stored = {**NO_RECIPE, **stored, "recipe": "none"}
     changed, moved = [], {}
     for key, given in run_fields.items():
         if key not in stored or given == stored[key]:
@@ -491,9 +496,6 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
     if moved:
         logger.warning("--resume: the run's data %r is no longer there; using --data %s", stored["data"], moved["data"])
     merged = {**{k: v for k, v in stored.items() if k in run_fields}, **moved}
-    if "recipe" not in stored:
-        # A run stored before --recipe existed trained with the recipe's fields as stored, or off where absent.
-        merged["recipe"] = "none"
     return dataclasses.replace(cfg, **merged)
 
 

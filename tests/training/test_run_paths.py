@@ -139,7 +139,8 @@ def test_resume_of_a_run_older_than_recipe_refuses_turning_its_augmentation_on(t
     for key in ("recipe", "randaugment", "mixup", "cutmix", "reprob", "repeated_aug", "train_interpolation"):
         del stored[key]
     (out / RUN_FILE).write_text(json.dumps(stored))
-    for given, message in (({"recipe": "deit"}, "--recipe 'none', not 'deit'"), ({"mixup": 0.8}, "--mixup 0.0, not 0.8"),
+    for given, message in (({"recipe": "deit"}, "--recipe 'none', not 'deit'"),
+                           ({"mixup": 0.8}, "--mixup 0.0, not 0.8"),
                            ({"randaugment": True}, "--randaugment False, not True")):
         with pytest.raises(ValueError, match=f"it was started with {re.escape(message)};"):
             prepare_output(TrainConfig(output=str(out), resume=True, **given), explicit=set(given))

@@ -98,7 +98,8 @@ def short_repr(value: Any, limit: int = 60) -> str:
     value's own ``__repr__`` may span lines (a 2-D array or tensor), hold control characters, or fail."""
     try:
         text = _SHORT.repr(value)
-    except Exception:  # a __repr__ that fails in a way reprlib does not catch: the message still names the type
+    except Exception:  # noqa: BLE001
+        # a __repr__ that fails in a way reprlib does not catch: the message still names the type
         text = f"<{type(value).__name__} object>"
     # A line break and the indentation around it (a tensor's rows) become one space; plain spaces stay (inside a
     # string's repr they are part of the value), and other unprintable characters are escaped as repr escapes them.

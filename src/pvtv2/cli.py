@@ -269,6 +269,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .training.detection import DETECTION_RECIPE
 
         recipe = DETECTION_RECIPE
+        if "warmup_epochs" in given and "warmup_steps" not in given:
+            # The recipe's warmup is in steps, which override epochs: --warmup-epochs alone was silently ignored.
+            recipe = {**recipe, "warmup_steps": None}
     elif not given.get("resume") and (given.get("detector") or given.get("multiscale")):
         raise ValueError("--detector and --multiscale are detection settings: add --task detection")
     cfg = TrainConfig(**{**recipe, **given, "progress": not args.no_progress})

@@ -221,6 +221,30 @@ def test_short_repr_keeps_short_values_and_cuts_long_ones():
     assert len(long) == 60 and long.endswith("...")
 
 
+def test_short_repr_is_one_line_and_never_raises():
+    """A 2-D tensor's repr spans lines (its rows, indented), so a config error that showed one broke the one-line
+    message; a __repr__ that raises must not replace the message with its own error."""
+    from pvtv2.models.config import short_repr
+
+    class Raising(int):  # an int subclass takes reprlib's int path, which only guards against huge numbers
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    class Terminal:
+        def __repr__(self) -> str:
+            return "red\n\x1b[31mtext"
+
+    assert short_repr(torch.tensor([[1, 2], [3, 4]])) == "tensor([[1, 2], [3, 4]])"
+    assert short_repr(Terminal()) == "red \\x1b[31mtext"  # the escape shown as repr shows it in a string
+    assert short_repr("  two  spaces ") == "'  two  spaces '"  # spaces inside a value are the value's
+    raising = short_repr(Raising(3))
+    assert "\n" not in raising and raising.startswith("<Raising ")
+    with pytest.raises(ValueError) as err:
+        PvtV2Config(hidden_act=torch.zeros(2, 2))
+    assert str(err.value) == ("hidden_act must be an activation name or a callable, got "
+                              "tensor([[0., 0.], [0., 0.]])")
+
+
 @pytest.mark.parametrize("field, raw, message", [
     ("num_encoder_blocks", "NaN", "num_encoder_blocks must be a positive integer, got nan"),
     ("num_encoder_blocks", "1e400", "num_encoder_blocks must be a positive integer, got inf"),

@@ -75,6 +75,23 @@ def test_start_line_reports_the_warmup_the_schedule_uses(caplog):
     assert "8 steps (1 warmup)" in caplog.text, caplog.text
 
 
+@pytest.mark.parametrize(("flags", "steps", "epochs"), [
+    ([], 500, 5.0),  # the recipe's 500 steps
+    (["--warmup-epochs", "2"], None, 2.0),  # was overridden by the recipe's 500 steps, silently
+    (["--warmup-steps", "20"], 20, 5.0),
+    (["--warmup-epochs", "2", "--warmup-steps", "20"], 20, 2.0),  # both given: the steps, as documented
+])
+def test_warmup_epochs_replaces_the_recipes_warmup_steps(monkeypatch, tmp_path, flags, steps, epochs):
+    """The detection recipe's warmup is 500 steps, and a warmup in steps overrides one in epochs: `--warmup-epochs 2`
+    alone was ignored, the run warming up over min(500, a fifth of the run) steps."""
+    seen = []
+    monkeypatch.setattr(pvtv2.training, "train", lambda cfg, explicit: seen.append(cfg) or {"rank": 1})
+    assert main(["train", "--task", "detection", "--data", str(tmp_path), "--output", str(tmp_path / "run"),
+                 *flags]) == 0
+    assert (seen[0].warmup_steps, seen[0].warmup_epochs) == (steps, epochs)
+    assert DETECTION_RECIPE["warmup_steps"] == 500  # the recipe itself unchanged
+
+
 def test_image_size_sets_the_shorter_side_and_multiscale_the_3x_range():
     assert detection_sizes(800) == {"min_size": 800, "max_size": 1333}
     assert detection_sizes(800, multiscale=True) == {"min_size": list(range(480, 801, 32)), "max_size": 1333}

@@ -115,6 +115,19 @@ def test_freeze_stages_beyond_a_checkpoint_files_stages_names_the_flag(few_digit
     assert not out.exists()
 
 
+def test_freeze_stages_of_any_size_is_refused_by_its_flag(tiny_config):
+    """A whole number of more than 4300 digits (a library caller's) cannot be written out by Python: the refusal
+    became "Exceeds the limit (4300 digits) for integer string conversion", naming no flag."""
+    from pvtv2.training.engine import check_freeze_stages
+
+    config = PvtV2Config(**TINY_SMALL_IMAGES)
+    for value, shown in ((10**30, "1" + "0" * 30), (10**5000, "<an integer of 16610 bits>")):
+        with pytest.raises(ValueError) as err:
+            check_freeze_stages(config, value, tiny_config)
+        assert str(err.value) == (f"--freeze-stages {shown} is more than the 4 stages of the model {tiny_config!r}; "
+                                  "use at most 4")
+
+
 @pytest.mark.parametrize(("flags", "processes", "recipe", "fields", "repeats"), DECISIONS,
                          ids=[f"{' '.join(f)} x{n}" for f, n, *_ in DECISIONS])
 def test_the_recipe_is_on_for_a_preset_from_scratch_and_each_flag_overrides_it(

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+
+import pytest
 
 from pvtv2.cli import main
 from pvtv2.training import TrainConfig
@@ -78,3 +81,70 @@ def test_recorded_data_found_nowhere_is_named(tmp_path, monkeypatch, caplog, cap
     assert "gone/data" in capsys.readouterr().err.strip().splitlines()[-1]
     # An absolute path is the run's own: taken as it is (the data check names it if it is gone).
     assert resolve_recorded_data(str(tmp_path / "gone"), run) == str(tmp_path / "gone")
+
+
+def test_resume_takes_a_preset_however_it_is_spelled(tmp_path, monkeypatch):
+    """--model names a preset in any case, with - or _ (``PVT-v2-B0``), and run.json records it as typed: resuming
+    with another spelling of the same preset was refused as a changed run setting, which left the run unfinishable
+    from a command that wrote it differently. Another preset is still refused, and so is a file of that name here."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    start_run(TrainConfig(data=str(tmp_path / "data"), model="PVT-v2-B0", output=str(out)), ["a"])
+    for spelling in ("pvt_v2_b0", "pvt-v2-b0", "PVT-v2-B0"):
+        merged, _, _ = prepare_output(TrainConfig(output=str(out), resume=True, model=spelling), explicit={"model"})
+        assert merged.model == "PVT-v2-B0"  # the run's own
+    with pytest.raises(ValueError, match="it was started with --model 'PVT-v2-B0', not 'pvt_v2_b1'"):
+        prepare_output(TrainConfig(output=str(out), resume=True, model="pvt_v2_b1"), explicit={"model"})
+    (tmp_path / "pvt_v2_b0").mkdir()  # now a folder: a checkpoint, not the preset
+    with pytest.raises(ValueError, match="it was started with --model 'PVT-v2-B0', not 'pvt_v2_b0'"):
+        prepare_output(TrainConfig(output=str(out), resume=True, model="pvt_v2_b0"), explicit={"model"})
+
+
+def test_resume_finds_data_that_moved_with_data(tmp_path, monkeypatch, caplog):
+    """Data moved since the run started (another disk): the recorded folder is gone, and --data NEW was refused as a
+    changed setting while the run without it could not read its data, so the run could not be finished at all. Now
+    the new folder is taken, with a warning; a folder given while the recorded one is still there is refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old").mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    start_run(TrainConfig(data="old", model="pvt_v2_b0", output=str(out)), ["a"])
+    (tmp_path / "new").mkdir()
+    with pytest.raises(ValueError, match=f"it was started with --data {str(tmp_path / 'old')!r}, not 'new'"):
+        prepare_output(TrainConfig(output=str(out), resume=True, data="new"), explicit={"data"})
+    (tmp_path / "old").rmdir()
+    with caplog.at_level(logging.WARNING):
+        merged, _, _ = prepare_output(TrainConfig(output=str(out), resume=True, data="new"), explicit={"data"})
+    assert merged.data == str(tmp_path / "new") and merged.model == "pvt_v2_b0"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"--resume: the run's data {str(tmp_path / 'old')!r} is no longer there; using --data {tmp_path / 'new'}"]
+    # Another run setting given with it is still refused; a --data that does not exist either is the run's own one
+    with pytest.raises(ValueError, match="it was started with --epochs 300, not 3;"):
+        prepare_output(TrainConfig(output=str(out), resume=True, data="new", epochs=3), explicit={"data", "epochs"})
+    with pytest.raises(ValueError, match="not 'elsewhere'"):
+        prepare_output(TrainConfig(output=str(out), resume=True, data="elsewhere"), explicit={"data"})
+
+
+def test_resume_of_a_run_older_than_recipe_refuses_turning_its_augmentation_on(tmp_path):
+    """run.json written before --recipe existed has neither "recipe" nor its fields: the run trained with them off.
+    --recipe deit given on --resume was silently ignored, and --mixup 0.8 accepted, changing the run mid-way (its
+    weights then differ from an uninterrupted run's); both are refused now, and the run's own values accepted."""
+    out = tmp_path / "run"
+    out.mkdir()
+    start_run(TrainConfig(data=str(tmp_path), model="pvt_v2_b0", output=str(out), recipe="none", mixup=0.0,
+                          cutmix=0.0, reprob=0.0, randaugment=False, repeated_aug=1, train_interpolation="bilinear"),
+              ["a"])
+    stored = json.loads((out / RUN_FILE).read_text())
+    for key in ("recipe", "randaugment", "mixup", "cutmix", "reprob", "repeated_aug", "train_interpolation"):
+        del stored[key]
+    (out / RUN_FILE).write_text(json.dumps(stored))
+    for given, message in (({"recipe": "deit"}, "--recipe 'none', not 'deit'"),
+                           ({"mixup": 0.8}, "--mixup 0.0, not 0.8"),
+                           ({"randaugment": True}, "--randaugment False, not True")):
+        with pytest.raises(ValueError, match=f"it was started with {re.escape(message)};"):
+            prepare_output(TrainConfig(output=str(out), resume=True, **given), explicit=set(given))
+    same = {"recipe": "none", "mixup": 0.0, "repeated_aug": 1, "train_interpolation": "bilinear"}
+    merged, _, _ = prepare_output(TrainConfig(output=str(out), resume=True, **same), explicit=set(same))
+    assert (merged.recipe, merged.mixup, merged.cutmix, merged.reprob, merged.randaugment, merged.repeated_aug,
+            merged.train_interpolation) == ("none", 0.0, 0.0, 0.0, False, 1, "bilinear")

@@ -246,6 +246,23 @@ def test_a_config_json_whose_value_the_weights_contradict_is_named(tmp_path):
     assert str(err.value).splitlines()[1].strip() == f"the model was built from {config} with the arguments depths"
 
 
+@pytest.mark.parametrize("saved_linear", [True, False])
+def test_a_config_json_whose_attention_the_weights_contradict_names_linear_attention(tmp_path, saved_linear):
+    """PVTv2-Li weights under a config.json that says linear_attention false were blamed on sr_ratios ("its sr_ratios
+    [4, 2, 1, 1] is not the checkpoint's [1, 1, 1, 1]": the 1x1 reduction after pooling, read as a ratio of 1), a
+    correction that builds another wrong model; the other way round the file was not blamed at all."""
+    import json
+
+    PvtV2ForImageClassification(PvtV2Config(**SAVED, linear_attention=saved_linear)).save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "linear_attention": not saved_linear}))
+    with pytest.raises(CheckpointError) as err:
+        PvtV2ForImageClassification.from_pretrained(tmp_path)
+    assert str(err.value).splitlines()[1].strip() == (
+        f"the model was built from {config}: its linear_attention {not saved_linear} is not the checkpoint's "
+        f"{saved_linear}; correct {config} to fit the weights")
+
+
 class _Exploit:
     """A pickle that would run ``touch MARKER`` when unpickled."""
 

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import reprlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -93,8 +94,17 @@ _SHORT.maxstring = _SHORT.maxother = 40
 
 def short_repr(value: Any, limit: int = 60) -> str:
     """``repr(value)`` for an error message, at most ``limit`` characters: a value of 400 digits (or a list of a
-    million numbers) written out in full buries the message that names it."""
-    text = _SHORT.repr(value)
+    million numbers) written out in full buries the message that names it. Always one line, and never raises: a
+    value's own ``__repr__`` may span lines (a 2-D array or tensor), hold control characters, or fail."""
+    try:
+        text = _SHORT.repr(value)
+    except Exception:  # noqa: BLE001
+        # a __repr__ that fails in a way reprlib does not catch: the message still names the type
+        text = f"<{type(value).__name__} object>"
+    # A line break and the indentation around it (a tensor's rows) become one space; plain spaces stay (inside a
+    # string's repr they are part of the value), and other unprintable characters are escaped as repr escapes them.
+    text = re.sub(r" *[^\S ]\s*", " ", text)
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -46,7 +46,7 @@ from torch import nn
 from ..data.folders import epoch_indices
 from ..data.processing import PvtV2ImageProcessor
 from ..fileio import path_kind
-from ..models.config import PvtV2Config, is_preset_name
+from ..models.config import PvtV2Config, is_preset_name, short_repr
 from ..models.modeling import check_input_size
 from ..progress import progress_bar
 from ..weights.loading import non_finite
@@ -316,7 +316,7 @@ def check_freeze_stages(config: PvtV2Config, freeze_stages: int, model: str) -> 
     argument, which the user of the command never typed)."""
     stages = len(config.depths)
     if freeze_stages > stages:
-        raise ValueError(f"--freeze-stages {freeze_stages} is more than the {stages} stages of the model {model!r}; "
+        raise ValueError(f"--freeze-stages {short_repr(freeze_stages)} is more than the {stages} stages of the model {model!r}; "
                          f"use at most {stages}")
 
 

@@ -38,8 +38,8 @@ from torch import nn
 
 from ..data.processing import PvtV2ImageProcessor
 from ..fileio import WriteError, atomic_write_json, path_kind, recover_folder, write_folder_atomically
-from ..models.config import short_repr
-from .config import TrainConfig, flag
+from ..models.config import is_preset_name, preset_key, short_repr
+from .config import NO_RECIPE, TrainConfig, flag
 from .curves import METRICS_FILE, read_metrics, write_metrics
 
 __all__ = [
@@ -434,6 +434,20 @@ def _same_path(given: Any, stored: Any) -> bool:
         return False
 
 
+def _data_moved(given: Any, stored: Any) -> bool:
+    """Whether ``--data`` names an existing folder while the one run.json recorded is gone."""
+    return (isinstance(given, str) and bool(given) and isinstance(stored, str) and os.path.isdir(given)
+            and not os.path.isdir(stored))
+
+
+def _same_preset(given: Any, stored: Any) -> bool:
+    """Whether ``given`` and ``stored`` name the same preset, however spelled (``PVT-v2-B0``, ``pvt_v2_b0``): both
+    preset names, and no file or folder of the given name here (a path always wins, as when the run started)."""
+    if not (isinstance(given, str) and isinstance(stored, str)):
+        return False
+    return is_preset_name(given) and preset_key(stored) is not None and preset_key(given) == preset_key(stored)
+
+
 def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collection[str] | None) -> TrainConfig:
     """The stored run's settings, with this invocation's execution settings.
 
@@ -444,12 +458,24 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
     call), a value that equals the default counts as not given."""
     run_fields = cfg.run_fields()
     defaults = TrainConfig()
-    changed = []
+    if "recipe" not in stored:
+        # A run stored before --recipe existed trained with the recipe's fields as stored, or off where absent: those
+        # are its settings, which a --recipe deit or --mixup 0.8 given now must not change (it was silently ignored,
+        # or the augmentation changed mid-run).
+        stored = {**NO_RECIPE, **stored, "recipe": "none"}
+    changed, moved = [], {}
     for key, given in run_fields.items():
         if key not in stored or given == stored[key]:
             continue
         if key in ("data", "model") and _same_path(given, stored[key]):
             continue  # the same folder, given relative to this one: run.json records it absolute
+        if key == "data" and _data_moved(given, stored[key]):
+            # The recorded folder is gone and this one exists: the data moved (another disk, another machine). Refused,
+            # the run could not be finished at all; the classes are still checked against the run's once it is read.
+            moved["data"] = os.path.abspath(given)
+            continue
+        if key == "model" and _same_preset(given, stored[key]):
+            continue  # pvt-v2-b0 is pvt_v2_b0: run.json records the name as it was typed
         was_given = key in explicit if explicit is not None else given not in (getattr(defaults, key), "")
         if was_given:
             changed.append(key)
@@ -467,10 +493,9 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
             f"{differences}; leave {'this flag' if len(changed) == 1 else 'these flags'} out to continue it, or, "
             f"{advice}"
         )
-    merged = {k: v for k, v in stored.items() if k in run_fields}
-    if "recipe" not in stored:
-        # A run stored before --recipe existed trained with the recipe's fields as stored, or off where absent.
-        merged["recipe"] = "none"
+    if moved:
+        logger.warning("--resume: the run's data %r is no longer there; using --data %s", stored["data"], moved["data"])
+    merged = {**{k: v for k, v in stored.items() if k in run_fields}, **moved}
     return dataclasses.replace(cfg, **merged)
 
 

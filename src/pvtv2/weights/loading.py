@@ -391,14 +391,20 @@ def _encoder_shape(canonical: Mapping[str, torch.Tensor]) -> tuple[list[int], li
     return hidden, depths
 
 
+def _linear_attention(canonical: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint's attention is PVTv2-Li's: its reduction is a 1x1 convolution after pooling (the
+    standard attention's is a convolution of the stage's sr_ratio, and absent where that ratio is 1)."""
+    return any(k.endswith("attention.spatial_reduction.weight") and v.ndim == 4 and v.shape[-1] == 1
+               for k, v in canonical.items())
+
+
 def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
     """``"; the checkpoint has hidden_sizes=[...], depths=[...] (pvt_v2_b2)"`` when its encoder's shapes can be read,
     so that weights of another variant (B2 weights into a B0 config) are named as such; else ``""``."""
     hidden, depths = _encoder_shape(canonical)
     if not hidden:
         return ""
-    linear = any(k.endswith("attention.spatial_reduction.weight") and v.ndim == 4 and v.shape[-1] == 1
-                 for k, v in canonical.items())
+    linear = _linear_attention(canonical)
     preset = next((name for name, args in PRESETS.items()
                    if (c := PvtV2Config(**args)).hidden_sizes == hidden and c.depths == depths
                    and c.linear_attention == linear), None)
@@ -430,9 +436,18 @@ def _config_file_note(
         ratios = [t.shape[0] / h for t, h in zip(dense1, hidden)]
         found["mlp_ratios"] = [int(r) if r.is_integer() else r for r in ratios]  # as the config stores them
     reductions = [canonical.get(stage(i) + "blocks.0.attention.spatial_reduction.weight") for i in range(len(hidden))]
-    if not config.linear_attention:  # linear attention pools to 7x7: its 1x1 reduction says nothing of sr_ratios
+    linear = _linear_attention(canonical)
+    if not linear:  # linear attention pools to 7x7: its 1x1 reduction says nothing of sr_ratios
         found["sr_ratios"] = [int(t.shape[-1]) if t is not None and t.ndim == 4 else 1 for t in reductions]
     problems = []
+    if config.linear_attention != linear and "linear_attention" not in overrides:
+        # Before sr_ratios: linear weights read as standard ones look like sr_ratios of 1, which is not the fix.
+        if "linear_attention" not in data:
+            problems.append(f"it has no 'linear_attention', so the default {config.linear_attention} was used where "
+                            f"the checkpoint has {linear}")
+        else:
+            problems.append(f"its linear_attention {short_repr(data['linear_attention'])} is not the checkpoint's "
+                            f"{linear}")
     for name, values in found.items():
         used = list(getattr(config, name))
         if name in overrides or used == values or not values:

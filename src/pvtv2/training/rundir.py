@@ -470,8 +470,8 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
         if key in ("data", "model") and _same_path(given, stored[key]):
             continue  # the same folder, given relative to this one: run.json records it absolute
         if key == "data" and _data_moved(given, stored[key]):
-            # The recorded folder is gone and this one exists: the data moved (another disk, another machine). Refused,
-            # the run could not be finished at all; the classes are still checked against the run's once it is read.
+            # The recorded folder is gone and this one exists: the data moved (another disk, another machine). Refusing
+            # it would leave the run impossible to finish; the classes are still checked against the run's once read.
             moved["data"] = os.path.abspath(given)
             continue
         if key == "model" and _same_preset(given, stored[key]):

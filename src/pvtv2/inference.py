@@ -809,24 +809,21 @@ def detection_label_map(id2label: dict[int, str], annotations: Any) -> dict[int,
     """
     categories = annotations.category_ids
     file_names = [annotations.id2label[label] for label in range(len(categories))]
-    if [id2label[label] for label in sorted(id2label)] == file_names:
-        # A model trained on these categories: label k is the k-th category, even where two share a name.
+    trained_on_these = [id2label[label] for label in sorted(id2label)] == file_names
+    if trained_on_these or (has_generic_labels(id2label) and len(id2label) == len(categories)):
+        # Label k is the k-th category, even where two share a name.
         return dict(enumerate(categories))
-    if has_generic_labels(id2label) and len(id2label) == len(categories):
-        return dict(enumerate(categories))
-    by_name: dict[str, int] = {}
-    shared: dict[str, list[int]] = {}
-    for label, category in enumerate(categories):
-        by_name.setdefault(file_names[label], category)
-        shared.setdefault(file_names[label], []).append(category)
-    ambiguous = {name: ids for name, ids in shared.items() if len(ids) > 1 and name in id2label.values()}
+    ids_of: dict[str, list[int]] = {}
+    for name, category in zip(file_names, categories):
+        ids_of.setdefault(name, []).append(category)
+    ambiguous = {name: ids for name, ids in ids_of.items() if len(ids) > 1 and name in id2label.values()}
     if ambiguous:  # the first id of a shared name would take every detection of that class: a wrong AP, no error
         shown = "; ".join(f"{name!r}: ids {ids}" for name, ids in list(ambiguous.items())[:5])
         raise ValueError(
             f"{os.fspath(annotations.path)!r} has several categories with the same name ({shown}): the model's "
             f"classes cannot be matched to them by name"
         )
-    mapping = {label: by_name[name] for label, name in id2label.items() if name in by_name}
+    mapping = {label: ids_of[name][0] for label, name in id2label.items() if name in ids_of}
     if not mapping:
         raise ValueError(
             f"none of the model's classes ({', '.join(list(id2label.values())[:10])} ...) is a category of "

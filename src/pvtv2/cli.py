@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,7 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _REGISTRY:
         add(subparsers)
+    for command in subparsers.choices.values():
+        for action in command._actions:
+            if action.dest in _PATH_ARGUMENTS and action.type is None:
+                action.type = _user_path
     return parser
+
+
+# The arguments that name files and folders, in every command: each gets ~ and ~user expanded, as the shell does
+# only at the start of a word (so not in --data=~/x). A model may be a preset or hub id: neither starts with ~.
+_PATH_ARGUMENTS = frozenset(("data", "model", "output", "output_dir", "images", "image", "onnx", "source"))
+
+
+def _user_path(text: str) -> str:
+    return os.path.expanduser(text)
 
 
 _REGISTRY: list = []

@@ -480,7 +480,8 @@ def _add_eval(subparsers) -> None:
                    help="classification (default); segmentation: mean IoU, pixel accuracy and per-class IoU on "
                         "DIR/SPLIT/images/* with DIR/SPLIT/masks/*.png, at each mask's resolution; detection: COCO "
                         "box AP (and mask AP) of a detector on DIR/annotations/instances_val.json + DIR/val/ (batch "
-                        "size 2 unless given)")
+                        "size 2 unless given), the mean over every category with objects, those that are not classes "
+                        "of the model included at AP 0 (a warning names them)")
     _add_preprocess_flag(p)
     _add_runtime_flags(p)
     seg = p.add_argument_group("segmentation")

@@ -200,6 +200,43 @@ def test_a_model_labels_map_to_categories_by_name(tmp_path):
     assert result["box"]["AP"] == pytest.approx(1.0)
 
 
+def test_categories_the_model_cannot_predict_count_at_ap_zero_with_one_warning(tmp_path, caplog):
+    """A model without a 'toothbrush' class, on a file whose toothbrushes are objects: COCOeval's mean includes the
+    category at AP 0 (2/3 here, every other object found), which went without a word. One warning names it; a
+    category with crowd regions only (no AP at all) is not named."""
+    categories = [*CATEGORIES, {"id": 5, "name": "kite"}]
+    annotations = default_annotations([{"id": 10 + i, "height": h, "width": w} for i, (h, w) in enumerate(SIZES)])
+    annotations.append({**annotations[-1], "id": 99, "category_id": 5})  # kite: one crowd region only
+    write_dataset(tmp_path, annotations=annotations, categories=categories)
+    answers, dataset = ground_truth_answers(tmp_path, with_masks=False)
+    assert dataset.id2label == {0: "car", 1: "kite", 2: "cat", 3: "toothbrush"}  # the file's labels, by category id
+    model_label = {0: 0, 2: 1}  # car and cat are the model's classes 0 and 1; toothbrush it lacks
+    for answer in answers.values():
+        found = [i for i, v in enumerate(answer["labels"].tolist()) if v in model_label]
+        labels = torch.tensor([model_label[v] for v in answer["labels"][found].tolist()], dtype=torch.int64)
+        answer.update(boxes=answer["boxes"][found], scores=answer["scores"][found], labels=labels)
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        result = evaluate_detector(Oracle(answers, {0: "car", 1: "cat"}, "retinanet"), tmp_path)
+    assert result["box"]["AP"] == pytest.approx(2 / 3)  # (1 + 1 + 0) / 3: kite has no AP, toothbrush 0
+    entries = detections_to_coco([answers[i] for i in range(4)], [10, 11, 12, 13], [3, 17])  # model label -> id
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tmp_path / "annotations" / "instances_val.json"))
+        evaluator = COCOeval(gt, gt.loadRes(entries), "bbox")
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert result["box"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-12)
+    warnings = [r.getMessage() for r in caplog.records if "not classes of the model" in r.getMessage()]
+    assert warnings == ["1 of the 3 categories with objects in instances_val.json are not classes of the model "
+                        "('toothbrush'): each scores AP 0, and the mean AP includes them"]
+
+
+def test_no_warning_when_the_model_predicts_every_category(tmp_path, caplog):
+    write_dataset(tmp_path)
+    answers, dataset = ground_truth_answers(tmp_path, with_masks=False)
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        evaluate_detector(Oracle(answers, dataset.id2label, "retinanet"), tmp_path)
+    assert not [r for r in caplog.records if "not classes of the model" in r.getMessage()]
+
+
 # ---------------------------------------------------------------------------------------------- data
 def test_targets_boxes_masks_crowds_and_negatives(tmp_path):
     write_dataset(tmp_path)

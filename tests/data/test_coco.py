@@ -225,8 +225,8 @@ def test_categories_the_model_cannot_predict_count_at_ap_zero_with_one_warning(t
         evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
     assert result["box"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-12)
     warnings = [r.getMessage() for r in caplog.records if "not classes of the model" in r.getMessage()]
-    assert warnings == ["1 of the 3 categories with objects in instances_val.json are not classes of the model "
-                        "('toothbrush'): each scores AP 0, and the mean AP includes them"]
+    assert warnings == [("1 of the 3 categories with objects in instances_val.json are not classes of the model "
+                         "('toothbrush'): each scores AP 0, and the mean AP includes them")]
 
 
 def test_no_warning_when_the_model_predicts_every_category(tmp_path, caplog):

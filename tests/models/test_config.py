@@ -787,12 +787,12 @@ def test_numpy_numbers_are_taken_and_stored_as_python_numbers(tmp_path):
     (dict(depths=[True, True, True, True]), "depths must hold positive numbers, got [True, True, True, True]"),
     (dict(num_channels=True), "num_channels must be a positive integer, got True"),
     (dict(num_labels=np.bool_(True)), "num_labels must be a non-negative integer, got np.True_"),
-    (dict(depths=[torch.tensor(2)] * 4), "depths must hold positive numbers, got [tensor(2), tensor(2), tensor(2), "
-                                         "tensor(2)] (a tensor or array: pass plain numbers, e.g. its .tolist()"),
+    (dict(depths=[torch.tensor(2)] * 4), ("depths must hold positive numbers, got [tensor(2), tensor(2), tensor(2), "
+                                          "tensor(2)] (a tensor or array: pass plain numbers, e.g. its .tolist()")),
     (dict(depths=torch.tensor([2, 2, 2, 2])), "depths must hold positive numbers, got [tensor(2), "),
     (dict(num_channels=torch.tensor(3)), "num_channels must be a positive integer, got tensor(3) (a tensor or array"),
-    (dict(image_size=torch.tensor(64)), "image_size must be an int or a (height, width) pair of positive integers, "
-                                        "got tensor(64) (a tensor or array"),  # was "iteration over a 0-d tensor"
+    (dict(image_size=torch.tensor(64)), ("image_size must be an int or a (height, width) pair of positive integers, "
+                                         "got tensor(64) (a tensor or array")),  # was "iteration over a 0-d tensor"
 ])
 def test_bools_and_tensors_are_refused_as_numbers(kwargs, message):
     """A bool is a flag, never a count; a tensor is refused with what to do (it may live on a GPU or carry a

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,7 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _REGISTRY:
         add(subparsers)
+    for command in subparsers.choices.values():
+        for action in command._actions:
+            if action.dest in _PATH_ARGUMENTS and action.type is None:
+                action.type = _user_path
     return parser
+
+
+# The arguments that name files and folders, in every command: each gets ~ and ~user expanded, as the shell does
+# only at the start of a word (so not in --data=~/x). A model may be a preset or hub id: neither starts with ~.
+_PATH_ARGUMENTS = frozenset(("data", "model", "output", "output_dir", "images", "image", "onnx", "source"))
+
+
+def _user_path(text: str) -> str:
+    return os.path.expanduser(text)
 
 
 _REGISTRY: list = []
@@ -466,7 +480,8 @@ def _add_eval(subparsers) -> None:
                    help="classification (default); segmentation: mean IoU, pixel accuracy and per-class IoU on "
                         "DIR/SPLIT/images/* with DIR/SPLIT/masks/*.png, at each mask's resolution; detection: COCO "
                         "box AP (and mask AP) of a detector on DIR/annotations/instances_val.json + DIR/val/ (batch "
-                        "size 2 unless given)")
+                        "size 2 unless given), the mean over every category with objects, those that are not classes "
+                        "of the model included at AP 0 (a warning names them)")
     _add_preprocess_flag(p)
     _add_runtime_flags(p)
     seg = p.add_argument_group("segmentation")

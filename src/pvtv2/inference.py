@@ -833,7 +833,24 @@ def detection_label_map(id2label: dict[int, str], annotations: Any) -> dict[int,
     if unused:
         logger.warning("%d of the model's classes are not categories of the data and are not scored: %s",
                        len(unused), ", ".join(unused[:10]))
+    _warn_unpredictable(annotations, set(mapping.values()))
     return mapping
+
+
+def _warn_unpredictable(annotations: Any, predicted: set[int]) -> None:
+    """COCOeval averages over every category with objects to find: one the model has no class for scores AP 0 and
+    lowers the mean. Said once, with its names; categories without objects (or with crowd regions only) have no AP
+    and do not count."""
+    with_objects = {a["category_id"] for a in annotations.dataset["annotations"] if not a.get("iscrowd")}
+    missing = [c for c in annotations.category_ids if c in with_objects and c not in predicted]
+    if not missing:
+        return
+    names = {c: annotations.id2label[label] for label, c in enumerate(annotations.category_ids)}
+    shown = ", ".join(repr(names[c]) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    logger.warning(
+        "%d of the %d categories with objects in %s are not classes of the model (%s): each scores AP 0, and the mean "
+        "AP includes them", len(missing), len(with_objects), annotations.path.name, shown,
+    )
 
 
 @torch.no_grad()

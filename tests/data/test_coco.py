@@ -3,6 +3,8 @@ against COCOeval run directly on files."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -198,6 +200,43 @@ def test_a_model_labels_map_to_categories_by_name(tmp_path):
     assert result["box"]["AP"] == pytest.approx(1.0)
 
 
+def test_categories_the_model_cannot_predict_count_at_ap_zero_with_one_warning(tmp_path, caplog):
+    """A model without a 'toothbrush' class, on a file whose toothbrushes are objects: COCOeval's mean includes the
+    category at AP 0 (2/3 here, every other object found), which went without a word. One warning names it; a
+    category with crowd regions only (no AP at all) is not named."""
+    categories = [*CATEGORIES, {"id": 5, "name": "kite"}]
+    annotations = default_annotations([{"id": 10 + i, "height": h, "width": w} for i, (h, w) in enumerate(SIZES)])
+    annotations.append({**annotations[-1], "id": 99, "category_id": 5})  # kite: one crowd region only
+    write_dataset(tmp_path, annotations=annotations, categories=categories)
+    answers, dataset = ground_truth_answers(tmp_path, with_masks=False)
+    assert dataset.id2label == {0: "car", 1: "kite", 2: "cat", 3: "toothbrush"}  # the file's labels, by category id
+    model_label = {0: 0, 2: 1}  # car and cat are the model's classes 0 and 1; toothbrush it lacks
+    for answer in answers.values():
+        found = [i for i, v in enumerate(answer["labels"].tolist()) if v in model_label]
+        labels = torch.tensor([model_label[v] for v in answer["labels"][found].tolist()], dtype=torch.int64)
+        answer.update(boxes=answer["boxes"][found], scores=answer["scores"][found], labels=labels)
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        result = evaluate_detector(Oracle(answers, {0: "car", 1: "cat"}, "retinanet"), tmp_path)
+    assert result["box"]["AP"] == pytest.approx(2 / 3)  # (1 + 1 + 0) / 3: kite has no AP, toothbrush 0
+    entries = detections_to_coco([answers[i] for i in range(4)], [10, 11, 12, 13], [3, 17])  # model label -> id
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(tmp_path / "annotations" / "instances_val.json"))
+        evaluator = COCOeval(gt, gt.loadRes(entries), "bbox")
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert result["box"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-12)
+    warnings = [r.getMessage() for r in caplog.records if "not classes of the model" in r.getMessage()]
+    assert warnings == [("1 of the 3 categories with objects in instances_val.json are not classes of the model "
+                         "('toothbrush'): each scores AP 0, and the mean AP includes them")]
+
+
+def test_no_warning_when_the_model_predicts_every_category(tmp_path, caplog):
+    write_dataset(tmp_path)
+    answers, dataset = ground_truth_answers(tmp_path, with_masks=False)
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        evaluate_detector(Oracle(answers, dataset.id2label, "retinanet"), tmp_path)
+    assert not [r for r in caplog.records if "not classes of the model" in r.getMessage()]
+
+
 # ---------------------------------------------------------------------------------------------- data
 def test_targets_boxes_masks_crowds_and_negatives(tmp_path):
     write_dataset(tmp_path)
@@ -383,3 +422,62 @@ def test_the_detection_example_has_exact_boxes_and_is_reproducible(tmp_path):
     assert count >= 2 * len(dataset)  # dense scenes: at least two digits per image on average
     info = json.loads((first / "annotations" / "instances_val.json").read_text())["info"]
     assert info["backgrounds"] == "synthetic textures"
+
+
+def test_annotations_without_area_take_their_masks_area_as_coco_defines_it(tmp_path):
+    """A missing 'area' was the box's for every annotation. COCO's area is the mask's where there is one (the
+    official files', pycocotools' annToRLE + area, detectron2's convert_to_coco_dict): a thin diagonal object has a
+    medium-sized box (40 x 40 = 1600 px > 32**2) but a small mask, so APs / APm / APl moved. Each annotation's area
+    and the twelve numbers are checked against COCOeval on the same file with pycocotools' areas written in."""
+    import pycocotools.mask as mask_utils
+
+    size = 100
+    stripe = [10, 10, 14, 10, 50, 46, 50, 50, 46, 50, 10, 14]  # a diagonal band in the box [10, 10, 40, 40]
+    square = np.zeros((size, size), np.uint8, order="F")
+    square[60:90, 55:95] = 1  # 30 x 40 = 1200 px: medium, in a box given larger than it (a loose box)
+    compressed = mask_utils.encode(square)
+    uncompressed_counts, value, run = [], 0, 0  # COCO's RLE: runs of the column-major pixels, zeros first
+    for pixel in square.flatten(order="F").tolist():
+        if pixel != value:
+            uncompressed_counts.append(run)
+            value, run = pixel, 0
+        run += 1
+    uncompressed_counts.append(run)
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 40, 40], "segmentation": [stripe], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 17, "bbox": [50, 55, 48, 40], "iscrowd": 0,
+         "segmentation": {"size": [size, size], "counts": compressed["counts"].decode("ascii")}},
+        {"id": 3, "image_id": 2, "category_id": 17, "bbox": [50, 55, 48, 40], "iscrowd": 0,
+         "segmentation": {"size": [size, size], "counts": uncompressed_counts}},
+        {"id": 4, "image_id": 2, "category_id": 3, "bbox": [5, 5, 20, 30], "iscrowd": 0},  # box only: 600 px
+        {"id": 5, "image_id": 2, "category_id": 3, "bbox": [70, 5, 25, 25], "iscrowd": 0, "segmentation": []},
+    ]
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": size, "height": size} for i in (1, 2)],
+            "categories": CATEGORIES, "annotations": annotations}
+    without = tmp_path / "without_area.json"
+    without.write_text(json.dumps(data))
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = COCO(str(without))  # pycocotools' own areas: annToRLE then area; the box's where there is no mask
+    for ann in reference.dataset["annotations"]:
+        ann["area"] = float(mask_utils.area(reference.annToRLE(ann))) if ann.get("segmentation") else ann["bbox"][2] * ann["bbox"][3]
+    with_area = tmp_path / "with_area.json"
+    with_area.write_text(json.dumps(reference.dataset))
+
+    ours = read_coco_annotations(without)
+    areas = {a["id"]: a["area"] for a in ours.dataset["annotations"]}
+    assert areas == {a["id"]: a["area"] for a in reference.dataset["annotations"]}
+    assert areas[1] < 32**2 < 40 * 40 and areas[2] == areas[3] == 1200 and areas[4] == 600 and areas[5] == 625
+    # detections: the stripe found, one of the squares found, the box-only object missed, a false positive
+    results = [
+        {"image_id": 1, "category_id": 3, "bbox": [10, 10, 40, 40], "score": 0.9},
+        {"image_id": 1, "category_id": 17, "bbox": [50, 55, 48, 40], "score": 0.8},
+        {"image_id": 2, "category_id": 17, "bbox": [0, 60, 30, 30], "score": 0.7},
+        {"image_id": 2, "category_id": 3, "bbox": [70, 5, 25, 25], "score": 0.6},
+    ]
+    got = coco_evaluate(ours, results, ["bbox"])["bbox"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(with_area))
+        evaluator = COCOeval(gt, gt.loadRes([dict(r) for r in results]), "bbox")
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert [got[name] for name in BOX_METRICS] == pytest.approx(list(evaluator.stats), abs=1e-12)
+    assert got["APs"] > 0.0  # the stripe is a small object now (its box made it medium)

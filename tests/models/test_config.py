@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -751,3 +752,52 @@ def test_the_known_keys_cover_transformers_and_the_heads():
     assert heads == set(module._HEAD_KEYS)
     # None of them hides a field: each list is what the table does not hold.
     assert not ({f.name for f in FIELDS} & module._HEAD_KEYS)
+
+
+def test_numpy_numbers_are_taken_and_stored_as_python_numbers(tmp_path):
+    """numpy's ints were refused as "must hold positive numbers". They are taken (timm's and the original code's
+    models take them) and stored as Python's int and float: the config equals, and writes the same config.json as,
+    the one built from plain numbers. transformers 5 refuses a numpy int in these fields, so it reading the file back
+    shows that no numpy type got into it."""
+    i64 = np.int64
+    plain = PvtV2Config(**TINY, drop_path_rate=0.25, hidden_dropout_prob=0.5, num_labels=3, image_size=64,
+                        out_indices=[1, 3], layer_norm_eps=1e-5)
+    from_numpy = PvtV2Config(
+        **{name: [i64(v) for v in values] if isinstance(values, list) else values for name, values in TINY.items()},
+        drop_path_rate=np.float32(0.25),  # exact in float32, so equal to the plain 0.25
+        hidden_dropout_prob=np.float64(0.5), num_labels=np.uint8(3), image_size=np.int32(64),
+        out_indices=np.array([1, 3]), layer_norm_eps=np.float64(1e-5),
+    )
+    assert from_numpy == plain
+    assert from_numpy.to_json_string() == plain.to_json_string()
+    for name, value in from_numpy.to_dict().items():
+        for v in value if isinstance(value, list) else [value]:
+            assert type(v) in (int, float, str, bool, list, dict, type(None)), (name, type(v))
+    from_numpy.save_pretrained(tmp_path)
+    theirs = transformers.PvtV2Config.from_pretrained(tmp_path)
+    assert list(theirs.depths) == TINY["depths"] and theirs.num_labels == 3
+    # id2label keys and label2id values as numpy ints; the mlp ratio as a numpy float
+    named = PvtV2Config(id2label={i64(0): "cat", i64(1): "dog"}, label2id={"cat": i64(0), "dog": i64(1)},
+                        mlp_ratios=[np.float32(8.0), 8, 4, np.float64(4.5)])
+    assert named.id2label == {0: "cat", 1: "dog"} and all(type(k) is int for k in named.id2label)
+    assert named.mlp_ratios == [8, 8, 4, 4.5] and [type(r) for r in named.mlp_ratios] == [int, int, int, float]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(depths=[True, True, True, True]), "depths must hold positive numbers, got [True, True, True, True]"),
+    (dict(num_channels=True), "num_channels must be a positive integer, got True"),
+    (dict(num_labels=np.bool_(True)), "num_labels must be a non-negative integer, got np.True_"),
+    (dict(depths=[torch.tensor(2)] * 4), ("depths must hold positive numbers, got [tensor(2), tensor(2), tensor(2), "
+                                          "tensor(2)] (a tensor or array: pass plain numbers, e.g. its .tolist()")),
+    (dict(depths=torch.tensor([2, 2, 2, 2])), "depths must hold positive numbers, got [tensor(2), "),
+    (dict(num_channels=torch.tensor(3)), "num_channels must be a positive integer, got tensor(3) (a tensor or array"),
+    (dict(image_size=torch.tensor(64)), ("image_size must be an int or a (height, width) pair of positive integers, "
+                                         "got tensor(64) (a tensor or array")),  # was "iteration over a 0-d tensor"
+])
+def test_bools_and_tensors_are_refused_as_numbers(kwargs, message):
+    """A bool is a flag, never a count; a tensor is refused with what to do (it may live on a GPU or carry a
+    gradient: its value is read once, by the caller, as they mean it)."""
+    with pytest.raises(ValueError) as err:
+        PvtV2Config(**kwargs)
+    assert str(err.value).startswith(message), str(err.value)
+    assert ("tensor or array" in str(err.value)) == ("tensor" in message)  # the hint only where it is what helps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import transformers
@@ -286,3 +288,30 @@ def test_torch_compile_full_graph_matches_eager():
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
         got = compiled(x).logits
     assert relative_error(expected, got) < 1e-5
+
+
+@pytest.mark.parametrize("config_flags", [{}, dict(output_hidden_states=True, output_attentions=True)])
+def test_backbone_tuple_is_transformers_for_every_flag(config_flags):
+    """return_dict=False gave (feature_maps, hidden_states, attentions), attentions included when asked; transformers'
+    PvtV2Backbone gives (feature_maps,) and hidden_states after it when asked, never attentions: the same tuple now,
+    entry by entry, for each flag given, left to the config, or set in the config."""
+    config = PvtV2Config(**TINY, out_features=["stage2", "stage4"], **config_flags)
+    ours, theirs = pair(config, PvtV2Backbone, transformers.PvtV2Backbone, seed=5)
+    x = torch.randn(1, 3, 64, 48)
+    for output_hidden_states, output_attentions in itertools.product((None, False, True), repeat=2):
+        flags = {k: v for k, v in (("output_hidden_states", output_hidden_states),
+                                   ("output_attentions", output_attentions)) if v is not None}
+        with torch.no_grad():
+            expected = theirs(x, return_dict=False, **flags)
+            got = ours(x, return_dict=False, **flags)
+        assert isinstance(got, tuple) and len(got) == len(expected), flags
+        for a, b in zip(expected, got, strict=True):  # feature maps, then (maybe) every stage's output
+            assert isinstance(b, tuple) and len(a) == len(b)
+            for x_a, x_b in zip(a, b, strict=True):
+                assert x_a.shape == x_b.shape and relative_error(x_a, x_b) < TOL
+        # the dict form keeps what it gave: attention maps of every stage when asked (transformers' gives none)
+        with torch.no_grad():
+            out = ours(x, **flags)
+        assert len(out.feature_maps) == 2
+        wants_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        assert (out.attentions is not None) == wants_attentions

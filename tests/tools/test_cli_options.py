@@ -51,3 +51,41 @@ def test_demo_takes_o_for_output(tmp_path, capsys):
     taken.write_bytes(b"kept")
     assert main(["demo", "-o", str(taken), "--epochs", "1", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == f"pvtv2 demo: error: --output {str(taken)!r} is a file, not a folder"
+
+
+def _names_a_path(action: argparse.Action) -> bool:
+    """An argument taking free text (not a number, a size...) whose help or metavar speaks of files or folders."""
+    text = f"{action.help or ''} {action.metavar or ''}".lower()
+    words = ("file", "folder", "dir", "image", "checkpoint", ".onnx", ".png")
+    free_text = action.type is None or getattr(action.type, "__name__", "") == "_user_path"
+    return free_text and action.nargs != 0 and action.choices is None and any(w in text for w in words)
+
+
+# Free-text arguments whose help speaks of images or folders without naming one: a sub-folder's name inside --data,
+# a model input size, multi-scale factors.
+NOT_PATHS = {"split", "size", "scales"}
+
+
+def test_every_path_argument_expands_a_tilde_the_shell_left(monkeypatch):
+    """`--data=~/x` reaches the program as '~/x' (the shell expands ~ only at a word's start): every argument that
+    names a file or folder, in every subcommand, expands it as the shell would have, HOME/x."""
+    monkeypatch.setenv("HOME", "/home/someone")
+    parser = build_parser()
+    checked = set()
+    for name, sub in _subcommands().items():
+        argv, expected = [name], {}
+        for action in sub._actions:
+            if not _names_a_path(action) or action.dest in NOT_PATHS:
+                continue
+            typed = f"~/{action.dest}-arg"
+            argv.append(f"{action.option_strings[-1]}={typed}" if action.option_strings else typed)
+            expected[action.dest] = f"/home/someone/{action.dest}-arg"
+        args = vars(parser.parse_args(argv))
+        for dest, path in expected.items():
+            value = args[dest]
+            assert (value[0] if isinstance(value, list) else value) == path, (name, dest, value)
+            checked.add(dest)
+    assert checked == {"data", "model", "output", "output_dir", "images", "image", "onnx", "source"}  # every subcommand's --model, --output, --data, images...
+    # a preset name, a hub id and a plain relative path pass as typed
+    args = parser.parse_args(["export", "--model", "pvt_v2_b0", "--output=out/~x.onnx"])
+    assert (args.model, args.output) == ("pvt_v2_b0", "out/~x.onnx")

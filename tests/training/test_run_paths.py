@@ -139,10 +139,87 @@ def test_resume_of_a_run_older_than_recipe_refuses_turning_its_augmentation_on(t
     (out / RUN_FILE).write_text(json.dumps(stored))
     for given, message in (({"recipe": "deit"}, "--recipe 'none', not 'deit'"),
                            ({"mixup": 0.8}, "--mixup 0.0, not 0.8"),
-                           ({"randaugment": True}, "--randaugment False, not True")):
+                           ({"randaugment": True}, "--randaugment off, not on")):
         with pytest.raises(ValueError, match=f"it was started with {re.escape(message)};"):
             prepare_output(TrainConfig(output=str(out), resume=True, **given), explicit=set(given))
     same = {"recipe": "none", "mixup": 0.0, "repeated_aug": 1, "train_interpolation": "bilinear"}
     merged, _, _ = prepare_output(TrainConfig(output=str(out), resume=True, **same), explicit=set(same))
     assert (merged.recipe, merged.mixup, merged.cutmix, merged.reprob, merged.randaugment, merged.repeated_aug,
             merged.train_interpolation) == ("none", 0.0, 0.0, 0.0, False, 1, "bilinear")
+
+
+def _run_without_lr(tmp_path, **settings) -> str:
+    out = tmp_path / "run"
+    out.mkdir()
+    start_run(TrainConfig(data=str(tmp_path), model="pvt_v2_b0", output=str(out), **settings), ["a"])
+    assert json.loads((out / RUN_FILE).read_text())["lr"] is None
+    return str(out)
+
+
+def _classification_lr(cfg: TrainConfig, world_size: int) -> float:
+    """DeiT's rule, the classification task's default (written out here, not read from the task)."""
+    return 5e-4 * cfg.batch_size * cfg.grad_accum * world_size / 512
+
+
+def test_resume_takes_an_lr_equal_to_the_one_a_run_without_lr_trained_with(tmp_path):
+    """A run started without --lr trains with its task's default (5e-4 x 128 / 512 for batch 128); --lr with that
+    value on --resume was refused as "--lr (not set), not 0.000125". It is taken now; another one is still refused,
+    with the rate the run trained with in the message."""
+    out = _run_without_lr(tmp_path, batch_size=128)
+    resume = {"output": out, "resume": True}
+    merged, _, _ = prepare_output(TrainConfig(**resume, lr=1.25e-4), explicit={"lr"}, default_lr=_classification_lr)
+    assert merged.lr is None and merged.batch_size == 128  # the run as it was: its lr stays the default
+    # two processes: the rate doubles with the global batch (the world size of the run's own epochs decides, below)
+    merged, _, _ = prepare_output(TrainConfig(**resume, lr=2.5e-4), explicit={"lr"}, default_lr=_classification_lr,
+                                  world_size=2)
+    assert merged.lr is None
+    with pytest.raises(ValueError, match=re.escape(
+            "it was started with --lr not set (the default, 0.000125 for this run), not 0.001; leave this flag out")):
+        prepare_output(TrainConfig(**resume, lr=1e-3), explicit={"lr"}, default_lr=_classification_lr)
+    # without a way to know the default (a library caller's prepare_output), as before: refused
+    with pytest.raises(ValueError, match=re.escape("it was started with --lr (not set), not 0.000125;")):
+        prepare_output(TrainConfig(**resume, lr=1.25e-4), explicit={"lr"})
+
+
+def test_resume_reads_the_lr_of_a_run_from_the_processes_that_trained_it(tmp_path, monkeypatch):
+    """The rate of a run with epochs done is that of its own processes (the optimizer state restored on resume keeps
+    it), whatever this invocation's number of processes."""
+    from pvtv2.training import rundir
+
+    out = _run_without_lr(tmp_path, batch_size=64)
+    (tmp_path / "run" / "last").mkdir()
+    (tmp_path / "run" / "last" / rundir.TRAINING_STATE_NAME).write_bytes(b"")
+    state = {"world_size": 4, "model_config": {"id2label": {"0": "a"}}}  # what the test reads of a training state
+    monkeypatch.setattr(rundir, "load_training_state", lambda folder: state)
+    lr_of_4 = 5e-4 * 64 * 4 / 512
+    merged, read, _ = prepare_output(TrainConfig(output=out, resume=True, lr=lr_of_4), explicit={"lr"},
+                                     default_lr=_classification_lr, world_size=1)
+    assert merged.lr is None and read is state
+    with pytest.raises(ValueError, match=re.escape("--lr not set (the default, 0.00025 for this run), not 6.25e-05")):
+        prepare_output(TrainConfig(output=out, resume=True, lr=5e-4 * 64 / 512), explicit={"lr"},
+                       default_lr=_classification_lr, world_size=1)
+
+
+def test_resume_names_a_precision_or_switch_as_the_flag_typed(tmp_path, capsys):
+    """`--amp bf16` on --resume of a float32 run read "--bf16 False, not True"; switches read "False, not True"."""
+    out = _run_without_lr(tmp_path, batch_size=128, randaugment=False)
+    for args, message in (
+        (["--amp", "bf16"], "it was started with float32 (no --amp), not --amp bf16; leave this flag out"),
+        (["--bf16"], "it was started with float32 (no --amp), not --amp bf16; leave this flag out"),
+        (["--randaugment", "--replace-head"], "it was started with --replace-head off, not on; --randaugment off, "
+                                              "not on; leave these flags out"),
+        (["--lr", "0.001"], "it was started with --lr not set (the default, 0.000125 for this run), not 0.001;"),
+    ):
+        assert main(["train", "--output", out, "--resume", "--no-progress", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("pvtv2 train: error: --resume continues"), err
+        assert message in err, err
+    # The run's own rate, typed out, is taken (the command's default rate is the classification task's): the run goes
+    # on, to its data, which this test has not written
+    assert main(["train", "--output", out, "--resume", "--no-progress", "--lr", "0.000125"]) == 2
+    err = capsys.readouterr().err
+    assert "pvtv2 train: error: dataset split 'train' not found" in err and "--resume continues" not in err, err
+    stored = json.loads((tmp_path / "run" / RUN_FILE).read_text())
+    (tmp_path / "run" / RUN_FILE).write_text(json.dumps({**stored, "fp16": True}))
+    assert main(["train", "--output", out, "--resume", "--no-progress", "--amp", "bf16"]) == 2
+    assert "it was started with --amp fp16, not --amp bf16; leave this flag out" in capsys.readouterr().err

@@ -405,3 +405,36 @@ def test_published_weights_reproduce_recorded_logits(name):
     assert torch.allclose(original[0, :3], torch.tensor(RECORDED[name]), atol=5e-2)
     assert logits.argmax() == original.argmax()
     assert "cat" in faithful.config.id2label[int(original.argmax())]
+
+
+@pytest.mark.parametrize("field, saved, written", [
+    ("num_channels", 1, 3), ("num_channels", 4, None),  # None: the key left out, so the default 3 was used
+    ("qkv_bias", False, True), ("qkv_bias", True, False), ("qkv_bias", False, None),
+])
+def test_a_config_json_whose_channels_or_qkv_bias_the_weights_contradict_is_named(tmp_path, field, saved, written):
+    """num_channels and qkv_bias contradicted by the weights got only the generic "built from" line. The checkpoint
+    says them itself: its first patch embedding's weight is (C_out, C_in, k, k), and the query/key/value biases are
+    there or not (read here from the saved tensors, independently of the loader)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    PvtV2ForImageClassification(PvtV2Config(**SAVED, **{field: saved})).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    in_channels = tensors["pvt_v2.encoder.layers.0.patch_embedding.proj.weight"].shape[1]
+    has_biases = any(k.endswith("attention.query.bias") for k in tensors)
+    assert (in_channels if field == "num_channels" else has_biases) == saved
+    config = tmp_path / "config.json"
+    data = json.loads(config.read_text())
+    if written is None:
+        del data[field]
+    else:
+        data[field] = written
+    config.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as err:
+        PvtV2ForImageClassification.from_pretrained(tmp_path)
+    used = getattr(PvtV2Config(), field)  # the default, where the file has none
+    problem = (f"it has no {field!r}, so the default {used} was used where the checkpoint has {saved}" if written is None
+               else f"its {field} {written} is not the checkpoint's {saved}")
+    assert str(err.value).splitlines()[1].strip() == (
+        f"the model was built from {config}: {problem}; correct {config} to fit the weights")

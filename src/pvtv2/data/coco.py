@@ -12,7 +12,9 @@ Checks. An annotation file that is not COCO (bad JSON, missing lists, an annotat
 category, duplicate ids, a malformed box or mask) is a ``ValueError`` naming the file and the entry; a listed image
 that is missing is a ``FileNotFoundError`` naming it. Boxes are clipped to their image; a box with no area, before or
 after clipping, is left out of training with a count in the log (COCO itself has a few), as are crowd regions
-(``iscrowd=1``, which COCOeval uses as "ignore" regions). Images without annotations are kept as negatives.
+(``iscrowd=1``, which COCOeval uses as "ignore" regions). Images without annotations are kept as negatives. An
+annotation without ``area`` gets COCO's: its mask's pixels where it has a mask, else its box's (COCOeval's small /
+medium / large ranges read it).
 
 Labels. The categories, sorted by id, become the contiguous labels ``0 .. K-1`` of the model's ``id2label``; any ids
 work (COCO's run from 1 to 90 with gaps). :attr:`CocoAnnotations.category_ids` maps labels back for evaluation.
@@ -207,7 +209,11 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if area is not None and not (_is_number(area) and area >= 0):
             # a negative area puts the object outside every size range: COCOeval would ignore it without a word
             raise ValueError(f"{where!r}: annotation {ident} has 'area' {area!r}; expected a non-negative number")
-        eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area if area is not None else bbox[2] * bbox[3])})
+        if area is None:
+            # COCO's area is the mask's where there is one (its size ranges, APs / APm / APl, are of masks), else the box's
+            has_mask = segmentation is not None and segmentation != []
+            area = _mask_area(segmentation, image["height"], image["width"]) if has_mask else bbox[2] * bbox[3]
+        eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area)})
 
         x, y, w, h = (float(v) for v in bbox)
         if w <= 0 or h <= 0:
@@ -296,16 +302,25 @@ def _compressed_rle_counts(text: str) -> list[int] | None:
     return counts
 
 
-def _decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """(height, width) uint8 mask of a polygon list or an RLE (pycocotools)."""
+def _compressed_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """The compressed RLE of a polygon list or an RLE, as pycocotools' ``COCO.annToRLE`` makes it."""
     mask_utils = import_pycocotools()
     if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation["counts"], list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
-    return mask_utils.decode(rle).astype(np.uint8)
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):  # uncompressed RLE
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
+
+
+def _decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """(height, width) uint8 mask of a polygon list or an RLE (pycocotools)."""
+    return import_pycocotools().decode(_compressed_rle(segmentation, height, width)).astype(np.uint8)
+
+
+def _mask_area(segmentation: Any, height: int, width: int) -> float:
+    """The pixels of a polygon list or an RLE: COCO's 'area' of an object with a mask (pycocotools' ``area``, as
+    detectron2's ``convert_to_coco_dict`` fills it in)."""
+    return float(import_pycocotools().area(_compressed_rle(segmentation, height, width)))
 
 
 # ---------------------------------------------------------------------------------------------- the dataset

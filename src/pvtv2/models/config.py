@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import reprlib
@@ -119,6 +120,33 @@ def _too_large(value: Any) -> bool:
 Check = Callable[[str, Any], Any]
 
 
+def _plain(value: Any) -> Any:
+    """A number of any numeric type (numpy's ``int64``, ``float32``, an ``IntEnum``...) as Python's own int or float,
+    so that the config and its config.json hold the same values as one built from plain numbers; anything else (bool,
+    a tensor, a string) as given, for the check to judge."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # bool: a flag, never a number here
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _not_plain_hint(values: Iterable[Any]) -> str:
+    """Why a value that prints like a number was refused: a tensor or array element is not one (it may live on a GPU,
+    carry a gradient, or change later); the caller converts it, once, as they mean it."""
+    if any(_array_number(v) for v in values):
+        return " (a tensor or array: pass plain numbers, e.g. its .tolist() or .item())"
+    return ""
+
+
+def _array_number(value: Any) -> bool:
+    if isinstance(value, numbers.Number) or not hasattr(value, "item"):
+        return False
+    try:
+        item = value.item()
+    except Exception:  # noqa: BLE001  # more than one element: an array all the same
+        return True
+    return isinstance(item, numbers.Number) and not isinstance(item, bool)  # numpy's bool is no number either
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -137,8 +165,9 @@ def _scalar(what: str, test: Callable[[Any], bool]) -> Check:
     """A check that ``test`` passes, whose error says the value must be ``what``."""
 
     def check(name: str, value: Any) -> Any:
+        value = _plain(value)
         if not test(value):
-            reason = " (too large for any number this field holds)" if _too_large(value) else ""
+            reason = " (too large for any number this field holds)" if _too_large(value) else _not_plain_hint([value])
             raise ValueError(f"{name} must be {what}, got {short_repr(value)}{reason}")
         return value
 
@@ -193,13 +222,13 @@ def _per_stage(kind: type) -> Check:
     """A list with one positive number per stage, whole numbers stored as int (2.0 as 2); ``int``: only those."""
 
     def per_stage(name: str, value: Any) -> list:
-        values = _list(name, value, "with one number per stage")
+        values = [_plain(v) for v in _list(name, value, "with one number per stage")]
         for v in values:
             if _too_large(v) and v > 0:  # positive and whole: too large is what is wrong with it
                 limit = f"{_MAX_DEPTH} (blocks in a stage)" if name == "depths" else _MAX_STAGE_VALUE
                 raise ValueError(f"{name} must hold numbers up to {limit}, got {short_repr(values)}")
             if not _is_number(v) or v <= 0:
-                raise ValueError(f"{name} must hold positive numbers, got {short_repr(values)}")
+                raise ValueError(f"{name} must hold positive numbers, got {short_repr(values)}{_not_plain_hint(values)}")
             if kind is int and not float(v).is_integer():
                 raise ValueError(f"{name} must hold integers, got {short_repr(values)}")
         # Whole numbers as int for float lists too: transformers 5 types mlp_ratios int and refuses a config.json
@@ -210,16 +239,22 @@ def _per_stage(kind: type) -> Check:
 
 
 def _image_size(name: str, value: Any) -> tuple[int, int]:
+    value = _plain(value)
     if _is_int(value):
         pair = [value, value]
     elif isinstance(value, Mapping) and {"height", "width"} <= value.keys():  # transformers' processor spelling
         pair = [value["height"], value["width"]]
     elif isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping, set, frozenset)):
-        pair = list(value)
+        try:
+            pair = list(value)
+        except TypeError:  # a 0-dim tensor is Iterable to Python but cannot be iterated
+            pair = []
     else:
         pair = []
+    pair = [_plain(v) for v in pair]
     if len(pair) != 2 or not all(_is_number(v) and float(v).is_integer() and v > 0 for v in pair):
-        reason = " (too large for any image)" if any(_too_large(v) and v > 0 for v in pair) else ""
+        too_large = any(_too_large(v) and v > 0 for v in pair)
+        reason = " (too large for any image)" if too_large else _not_plain_hint([value, *pair])
         raise ValueError(
             f"{name} must be an int or a (height, width) pair of positive integers, got {short_repr(value)}{reason}"
         )
@@ -243,16 +278,21 @@ def _stage_names(name: str, value: Any) -> list[str]:
 
 
 def _stage_indices(name: str, value: Any) -> list[int]:
-    indices = _list(name, value, "of integers")
+    indices = [_plain(i) for i in _list(name, value, "of integers")]
     if not all(_is_int(i) for i in indices):
-        raise ValueError(f"{name} must be a list of integers, got {short_repr(value)}")
+        raise ValueError(f"{name} must be a list of integers, got {short_repr(value)}{_not_plain_hint(indices)}")
     return indices
+
+
+def _label_index(key: Any) -> int:
+    key = _plain(key)
+    return key if _is_int(key) else int(key.strip())
 
 
 def _id2label(name: str, value: Any) -> dict[int, str]:
     try:
         # JSON keys are strings: "0" is class 0; a float key would be truncated, so it is refused
-        labels = {(k if _is_int(k) else int(k.strip())): str(v) for k, v in value.items()}
+        labels = {_label_index(k): str(v) for k, v in value.items()}
     except (TypeError, ValueError, AttributeError):
         raise ValueError(f"{name} must map class indices to names, got {short_repr(value)}") from None
     if sorted(labels) != list(range(len(labels))) or len(labels) != len(value):
@@ -262,7 +302,7 @@ def _id2label(name: str, value: Any) -> dict[int, str]:
 
 def _label2id(name: str, value: Any) -> dict[str, int]:
     try:
-        labels = {str(k): v for k, v in value.items()}
+        labels = {str(k): _plain(v) for k, v in value.items()}
     except (TypeError, AttributeError):
         raise ValueError(f"{name} must map class names to indices, got {short_repr(value)}") from None
     if not all(_is_int(v) for v in labels.values()):

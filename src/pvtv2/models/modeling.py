@@ -332,8 +332,9 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
     """Multi-scale feature maps for dense prediction: the stages named by ``config.out_features`` / ``out_indices``.
 
     ``channels`` and ``strides`` give each output's channel count and its stride with respect to the input.
-    ``output_attentions`` gives every stage's attention maps, as ``PvtV2Model`` does (transformers' backbone returns
-    none).
+    ``output_attentions`` gives every stage's attention maps in the :class:`BackboneOutput`, as ``PvtV2Model`` does
+    (transformers' backbone returns none). The tuple form (``return_dict=False``) is transformers': ``(feature_maps,)``
+    and ``hidden_states`` after it when asked, never attention maps, so that code indexing it reads the same entries.
     """
 
     in_transformers = True
@@ -387,13 +388,15 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
         # The dtype the input meets first: the first patch embedding's convolution.
         check_pixel_values(pixel_values, self.config.num_channels, self.encoder.layers[0].patch_embedding.proj.weight.dtype)
         check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
+        output_attentions = output_attentions and return_dict  # the tuple form has no place for them
         # Stages after the last requested one are skipped unless every stage's output or attention map is asked for.
         needed = None if output_hidden_states or output_attentions else max(self.out_indices) + 1
         out = self.encoder(pixel_values, output_attentions, output_hidden_states=True, num_stages=needed)
         maps = tuple(out.hidden_states[i] for i in self.out_indices)
-        result = BackboneOutput(
+        if not return_dict:
+            return (maps, out.hidden_states) if output_hidden_states else (maps,)
+        return BackboneOutput(
             feature_maps=maps,
             hidden_states=out.hidden_states if output_hidden_states else None,
             attentions=out.attentions,
         )
-        return result if return_dict else result.to_tuple()

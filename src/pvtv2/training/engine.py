@@ -59,6 +59,7 @@ from .rundir import CURVES_FILE, METRICS_FILE, TRAINING_STATE_NAME, save_checkpo
 
 __all__ = [
     "Task",
+    "default_peak_lr",
     "RunContext",
     "TrainingDiverged",
     "run",
@@ -321,6 +322,11 @@ def check_freeze_stages(config: PvtV2Config, freeze_stages: int, model: str) -> 
 
 
 # ---------------------------------------------------------------------------------------------- a run
+def default_peak_lr(cfg: TrainConfig, task: Task, world_size: int) -> float:
+    """The peak learning rate of a run without --lr: the task's, for the global batch of ``world_size`` processes."""
+    return task.default_lr(cfg.batch_size * cfg.grad_accum * world_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """How many batches and optimizer steps the run makes, and its learning rates."""
@@ -335,8 +341,7 @@ class Schedule:
 
     @classmethod
     def plan(cls, cfg: TrainConfig, task: Task, info: DistInfo) -> Schedule:
-        global_batch = cfg.batch_size * cfg.grad_accum * info.world_size
-        peak_lr = cfg.lr if cfg.lr is not None else task.default_lr(global_batch)
+        peak_lr = cfg.lr if cfg.lr is not None else default_peak_lr(cfg, task, info.world_size)
         if cfg.min_lr > peak_lr and info.main:
             logger.warning("--min-lr %.3g is above the default peak lr %.3g: the lr stays at the peak", cfg.min_lr, peak_lr)
         explicit = task.train_batches(0, info, cfg.batch_size)

@@ -26,10 +26,11 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import socket
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -292,13 +293,19 @@ def _state_problem(state: dict[str, Any]) -> str | None:
 
 
 def prepare_output(
-    cfg: TrainConfig, explicit: Collection[str] | None = None
+    cfg: TrainConfig, explicit: Collection[str] | None = None, *,
+    default_lr: Callable[[TrainConfig, int], float] | None = None, world_size: int = 1,
 ) -> tuple[TrainConfig, dict[str, Any] | None, list[str] | None]:
     """Check the output folder against --resume / --overwrite, reading only (call it holding the folder's lock).
 
     Returns the run's settings (on --resume: the stored run's, with this invocation's execution settings), the
     training state of the last completed epoch when resuming from one, and the classes the run was trained on
     (``None`` for a new run).
+
+    ``default_lr(run, n)``: the peak learning rate the run's task gives it, trained by ``n`` processes, when --lr is
+    not set; with it, an --lr given on --resume of a run started without one is taken when it equals that rate (the
+    rate the run trained with), and the refusal of another one says the rate. ``world_size``: this invocation's
+    processes (those of a run resumed before its first epoch ended, which starts again).
     """
     out = Path(cfg.output)
     recover_folder(out / "last")  # a checkpoint swap interrupted between its two renames
@@ -314,12 +321,31 @@ def prepare_output(
         stored = read_run_file(out)
         if isinstance(stored["data"], str) and stored["data"]:
             stored = {**stored, "data": resolve_recorded_data(stored["data"], out)}
-        merged = _merge_resumed(cfg, stored, explicit)
+        loaded: list[dict[str, Any] | None] = []  # the training state, read once, when first needed
+
+        def read_state() -> dict[str, Any] | None:
+            if not loaded:
+                loaded.append(load_training_state(state_dir) if has_state else None)
+            return loaded[0]
+
+        def run_lr(run: TrainConfig) -> float | None:
+            if default_lr is None:
+                return None
+            # The processes that trained its last epoch set its rate (the optimizer's state keeps it on resume);
+            # a run with no epoch done starts again, with this invocation's.
+            state = read_state()
+            processes = state.get("world_size", world_size) if state is not None else world_size
+            try:
+                return default_lr(run, processes)
+            except (ValueError, TypeError, KeyError, ZeroDivisionError):  # a damaged run.json: validate() says what
+                return None
+
+        merged = _merge_resumed(cfg, stored, explicit, run_lr)
         try:
             merged.validate()
         except (ValueError, TypeError) as err:
             raise ValueError(f"{str(out / RUN_FILE)!r}: {err}") from None
-        state = load_training_state(state_dir) if has_state else None
+        state = read_state()
         if state is None and path_kind(state_dir) != "nothing":
             # Only damage leaves last/ without its state (it is written whole): say that the weights are not used.
             logger.warning("%r holds no %s: the run cannot continue from it and starts again from its first epoch",
@@ -448,14 +474,18 @@ def _same_preset(given: Any, stored: Any) -> bool:
     return is_preset_name(given) and preset_key(stored) is not None and preset_key(given) == preset_key(stored)
 
 
-def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collection[str] | None) -> TrainConfig:
+def _merge_resumed(
+    cfg: TrainConfig, stored: dict[str, Any], explicit: Collection[str] | None,
+    run_lr: Callable[[TrainConfig], float | None] = lambda run: None,
+) -> TrainConfig:
     """The stored run's settings, with this invocation's execution settings.
 
     A run setting given again with another value is refused, every one of them in one message: the run continues as
     it was started (its schedule was planned for its epochs, and a resumed run ends with the same weights as an
     uninterrupted one), and going on while ignoring the value asked for (it used to, with a warning lost in the log)
     trained something else than the command says. ``explicit`` names the fields the user gave; without it (a library
-    call), a value that equals the default counts as not given."""
+    call), a value that equals the default counts as not given. ``run_lr(run)``: the learning rate a run started
+    without --lr trained with (None: unknown); an --lr equal to it is the run's own."""
     run_fields = cfg.run_fields()
     defaults = TrainConfig()
     if "recipe" not in stored:
@@ -463,10 +493,17 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
         # are its settings, which a --recipe deit or --mixup 0.8 given now must not change (it was silently ignored,
         # or the augmentation changed mid-run).
         stored = {**NO_RECIPE, **stored, "recipe": "none"}
+    merged = {k: v for k, v in stored.items() if k in run_fields}
+    default_lr: float | None = None
+    if stored.get("lr", 0) is None and run_fields["lr"] is not None:
+        default_lr = run_lr(dataclasses.replace(cfg, **merged))
     changed, moved = [], {}
     for key, given in run_fields.items():
         if key not in stored or given == stored[key]:
             continue
+        if key == "lr" and default_lr is not None and isinstance(given, (int, float)) and math.isclose(
+                given, default_lr, rel_tol=1e-9):
+            continue  # the rate the run trained with, typed out (to within the last digit of a float)
         if key in ("data", "model") and _same_path(given, stored[key]):
             continue  # the same folder, given relative to this one: run.json records it absolute
         if key == "data" and _data_moved(given, stored[key]):
@@ -481,7 +518,8 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
             changed.append(key)
     if changed:
         out = cfg.output
-        differences = "; ".join(f"{flag(k)} {_show(stored[k])}, not {_show(run_fields[k])}" for k in changed)
+        changed = list(dict.fromkeys("amp" if k in _PRECISION else k for k in changed))  # bf16, fp16: one flag
+        differences = "; ".join(_difference(k, stored, run_fields, default_lr) for k in changed)
         advice = (
             f"to train it for more epochs, fine-tune its weights in a new run (--model {str(Path(out) / 'last')!r} "
             f"--epochs N --output ANOTHER)" if "epochs" in changed else
@@ -495,14 +533,32 @@ def _merge_resumed(cfg: TrainConfig, stored: dict[str, Any], explicit: Collectio
         )
     if moved:
         logger.warning("--resume: the run's data %r is no longer there; using --data %s", stored["data"], moved["data"])
-    merged = {**{k: v for k, v in stored.items() if k in run_fields}, **moved}
-    return dataclasses.replace(cfg, **merged)
+    return dataclasses.replace(cfg, **{**merged, **moved})
+
+
+# The two fields of --amp (and --bf16): named together, as the flag the user types.
+_PRECISION = ("bf16", "fp16")
+
+
+def _difference(key: str, stored: dict[str, Any], given: dict[str, Any], default_lr: float | None) -> str:
+    """A setting the run was started with and the one given, as a person types them: ``--epochs 2, not 8``,
+    ``--multiscale off, not on``, ``float32 (no --amp), not --amp bf16`` (not ``--bf16 False, not True``);
+    ``default_lr``: the rate a run without --lr trained with."""
+    if key == "amp":
+        run, asked = (next((f"--amp {k}" for k in _PRECISION if f.get(k)), "float32 (no --amp)") for f in (stored, given))
+        return f"{run}, not {asked}"
+    was, now = stored[key], given[key]
+    if key == "lr" and was is None and default_lr is not None:
+        return f"--lr not set (the default, {short_repr(default_lr)} for this run), not {_show(now)}"
+    return f"{flag(key)} {_show(was)}, not {_show(now)}"
 
 
 def _show(value: Any) -> str:
     """A setting in a message: paths and names quoted in full, numbers short."""
     if value is None:
         return "(not set)"
+    if isinstance(value, bool):  # a switch: --multiscale on, not --multiscale True
+        return "on" if value else "off"
     return repr(value) if isinstance(value, str) else short_repr(value)
 
 

@@ -21,7 +21,7 @@ from .classification import ClassificationTask
 from .config import TrainConfig, describe_recipe, resolve_recipe
 from .detection import DetectionTask
 from .distributed import DistInfo, init_distributed, on_main, set_deterministic
-from .engine import RunContext, Task, check_freeze_stages, check_image_size, run
+from .engine import RunContext, Task, check_freeze_stages, check_image_size, default_peak_lr, run
 from .rundir import RunLock, check_resumed_classes, prepare_output
 from .depth_task import DepthTask
 from .segmentation import SegmentationTask
@@ -105,7 +105,7 @@ def _train(
     def look() -> tuple[TrainConfig, dict[str, Any] | None, list[str] | None]:
         assert lock is not None
         lock.acquire()
-        return prepare_output(cfg, explicit)
+        return prepare_output(cfg, explicit, default_lr=_default_lr, world_size=info.world_size)
 
     cfg, state, run_classes = on_main(look, info, share=True)
     # Decided once, before run.json is written: a resumed run's stored settings are already decided.
@@ -124,6 +124,11 @@ def _train(
         logger.warning("--bf16: %s does not support bfloat16; training in float32", torch.cuda.get_device_name(device))
         bf16 = False
     return run(task, cfg, state, RunContext(device, bf16, info, fp16=cfg.fp16))
+
+
+def _default_lr(cfg: TrainConfig, world_size: int) -> float:
+    """The peak learning rate of a run without --lr (Schedule.plan's), trained by ``world_size`` processes."""
+    return default_peak_lr(cfg, TASK_CLASSES[cfg.task](cfg), world_size)
 
 
 def _check_fp16(cfg: TrainConfig, device: torch.device) -> None:

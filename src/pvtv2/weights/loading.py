@@ -448,6 +448,20 @@ def _config_file_note(
         else:
             problems.append(f"its linear_attention {short_repr(data['linear_attention'])} is not the checkpoint's "
                             f"{linear}")
+    # The input channels: the first patch embedding's weight is (C_out, C_in, k, k). The query, key and value biases:
+    # their tensors are there or not (a checkpoint without attention blocks says nothing of them).
+    scalars: dict[str, Any] = {"num_channels": int(projections[0].shape[1])}
+    if any(k.endswith(".attention.query.weight") for k in canonical):
+        scalars["qkv_bias"] = any(k.endswith((".attention.query.bias", ".attention.key.bias", ".attention.value.bias"))
+                                  for k in canonical)
+    for name, value in scalars.items():
+        used = getattr(config, name)
+        if name in overrides or used == value:
+            continue
+        if name not in data:
+            problems.append(f"it has no {name!r}, so the default {used} was used where the checkpoint has {value}")
+        else:
+            problems.append(f"its {name} {short_repr(data[name])} is not the checkpoint's {value}")
     for name, values in found.items():
         used = list(getattr(config, name))
         if name in overrides or used == values or not values:

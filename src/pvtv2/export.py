@@ -250,6 +250,8 @@ def _export_once(wrapper: nn.Module, example: torch.Tensor, path: Path, exporter
 
 
 def _check_sizes(sizes: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    if not sizes:  # an empty list would skip the check as silently as None, which says so
+        raise ValueError("check sizes are empty: give at least one (batch, height, width), or None to skip the check")
     checked = []
     for size in sizes:
         if (len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, int) for v in size)

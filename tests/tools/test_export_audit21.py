@@ -180,9 +180,9 @@ def test_check_sizes_the_model_cannot_run_are_refused_before_exporting(tmp_path,
         export_onnx(build("classifier", "sr"), tmp_path / "a" / "m.onnx", check_sizes=[(1, 64, 64), (1, 28, 64)])
     with pytest.raises(ValueError, match=r"check size 2x96x100: .*multiples of 32"):
         export_onnx(build("depth", "sr"), tmp_path / "a" / "d.onnx", check_sizes=[(2, 96, 100)])
-    for bad in [(0, 64, 64), (1, 64), (1, 64.0, 64)]:
+    for bad in [[(0, 64, 64)], [(1, 64)], [(1, 64.0, 64)], []]:
         with pytest.raises(ValueError, match="check sizes"):
-            export_onnx(build("classifier", "linear"), tmp_path / "a" / "m.onnx", check_sizes=[bad])
+            export_onnx(build("classifier", "linear"), tmp_path / "a" / "m.onnx", check_sizes=bad)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -297,6 +297,17 @@ def test_cli_export_of_a_segmentation_checkpoint_is_the_segmentation_model(tmp_p
         expected = model(x).logits  # (2, 3, 13, 18): the segmentation logits, not the encoder's map
     assert got.shape == tuple(expected.shape)
     assert relative_error(expected, torch.from_numpy(got)) < 1e-4
+
+
+def test_cli_refuses_a_detection_checkpoint_in_one_line(tmp_path, capsys):
+    from pvtv2 import PvtV2ForObjectDetection
+
+    PvtV2ForObjectDetection(PvtV2Config(**TINY_SHALLOW, num_labels=3)).save_pretrained(tmp_path / "det")
+    status, out, err = cli(capsys, "-m", str(tmp_path / "det"), "-o", str(tmp_path / "new" / "d.onnx"))
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("INFO", "WARNING"))]
+    assert status == 2 and out == "" and len(lines) == 1
+    assert lines[0].startswith("pvtv2 export: error: ") and "is a detection checkpoint" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det"]
 
 
 @pytest.mark.slow

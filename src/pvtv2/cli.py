@@ -563,8 +563,9 @@ def _add_export(subparsers) -> None:
                    help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: {DEFAULT_OPSET})")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torchscript (dynamo=False, fast), dynamo, or auto: torchscript then dynamo (default)")
-    p.add_argument("--check-sizes", nargs="+", type=_check_size, metavar="BxHxW", default=list(DEFAULT_CHECK_SIZES),
-                   help=f"input sizes to check, batch up to 64, sides up to 4096 (default: {default_sizes})")
+    p.add_argument("--check-sizes", nargs="+", type=_check_size, metavar="BxHxW", default=DEFAULT_CHECK_SIZES,
+                   help=f"input sizes to check, batch up to 64, sides up to 4096 (default: {default_sizes}; for a "
+                        f"depth model, whose sides must be multiples of 32, 1x96x128 in place of the last)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_export)

@@ -36,6 +36,7 @@ from .fileio import WriteError, atomic_write_text, write_folder_atomically
 __all__ = [
     "DEFAULT_CHECK_SIZES",
     "DEFAULT_OPSET",
+    "DEPTH_CHECK_SIZES",
     "EXPORTERS",
     "MAX_OPSET",
     "MIN_OPSET",
@@ -56,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 # (batch, height, width): the square training size, a non-square batch of two, and odd sizes divisible by nothing.
 DEFAULT_CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 224, 224), (2, 160, 192), (1, 97, 131))
+# The depth decoder runs at multiples of 32 only: its default replaces the odd size by the nearest such one.
+DEPTH_CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 224, 224), (2, 160, 192), (1, 96, 128))
 EXPORTERS = ("auto", "torchscript", "dynamo")
 # Opset 14 is the first the TorchScript exporter writes scaled_dot_product_attention in; 23 the last torch writes.
 MIN_OPSET, DEFAULT_OPSET, MAX_OPSET = 14, 18, 23
@@ -399,7 +402,8 @@ def export_onnx(
     ``exporter``: ``torchscript`` (``torch.onnx.export(dynamo=False)``, fast), ``dynamo`` (``torch.export`` based,
     slower), or ``auto``: TorchScript first, then dynamo if that fails to export or to match. ``opset``: 14 (the first
     with attention's operators) to 23. The file is written next to ``output`` under a temporary name, checked with
-    onnxruntime at ``check_sizes`` (``None``: not checked; every output is compared with the PyTorch model's, in
+    onnxruntime at ``check_sizes`` (by default :data:`DEFAULT_CHECK_SIZES`, :data:`DEPTH_CHECK_SIZES` for a depth
+    model; ``None``: not checked; every output is compared with the PyTorch model's, in
     float32), and moved into place only when every size matches; otherwise :class:`ExportError` lists the
     differences. Arguments and check sizes the model cannot run are refused (``ValueError`` / ``TypeError``) before
     anything is exported. On any failure, interruptions included, nothing is left behind: no temporary file, no
@@ -421,6 +425,8 @@ def export_onnx(
         raise ValueError(f"--output must be a file path, but {os.fspath(output)!r} is a folder")
     if output.exists() and not output.is_file():
         raise ValueError(f"--output {os.fspath(output)!r} exists and is not a regular file (a FIFO or device?)")
+    if check_sizes is DEFAULT_CHECK_SIZES and names == ("predicted_depth",):  # the default, not sizes one chose
+        check_sizes = DEPTH_CHECK_SIZES
     sizes = None if check_sizes is None else _check_sizes(check_sizes)
     # A graph of NaN weights exports, but its outputs are NaN and no check can tell it from a broken export.
     from .weights.loading import non_finite

@@ -109,6 +109,15 @@ def test_every_output_matches_pytorch_at_sizes_unlike_the_example(tmp_path, kind
             assert relative_error(want, torch.from_numpy(got[name])) < 1e-4, (name, batch, height, width)
 
 
+def test_a_depth_model_is_checked_at_multiples_of_32_by_default(tmp_path):
+    from pvtv2.export import DEPTH_CHECK_SIZES
+
+    result = export_onnx(build("depth", "linear"), tmp_path / "d.onnx", exporter="torchscript")
+    assert [c.shape[0:1] + c.shape[2:] for c in result.checks] == list(DEPTH_CHECK_SIZES)
+    assert result.ok and all(c.max_abs_diff < 1e-4 for c in result.checks)
+    assert DEPTH_CHECK_SIZES[2][1] % 32 == 0 and DEPTH_CHECK_SIZES[2][2] % 32 == 0
+
+
 def test_the_check_compares_outputs_after_the_first(tmp_path):
     """A backbone graph whose last feature map is wrong (exported from a model whose last norm differs) fails the
     check by that output's name; the first three maps agree."""

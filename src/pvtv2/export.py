@@ -228,8 +228,28 @@ class ExportResult:
         }
 
 
+def _declare_fixed_sizes(path: Path, names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> None:
+    """Write each output's fixed sizes (a map's channel count) into the graph's output declarations, where the
+    TorchScript exporter's shape inference lost them (it declares ``Transposelast_hidden_state_dim_1``: a symbolic
+    size for what is always, say, 512). Needs the onnx package; without it the declarations stay as written."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    proto = onnx.load(os.fspath(path))
+    dynamic = _dynamic_axes(names, [len(shape) for shape in shapes])
+    for out, shape in zip(proto.graph.output, shapes):
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue
+        for axis, (dim, size) in enumerate(zip(dims, shape)):
+            if axis not in dynamic.get(out.name, {}) and not dim.HasField("dim_value"):
+                dim.dim_value = size  # dim_value and dim_param are one field: this drops the symbolic name
+    onnx.save(proto, os.fspath(path))
+
+
 def _export_once(wrapper: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int,
-                 output_names: Sequence[str], output_ranks: Sequence[int]) -> None:
+                 output_names: Sequence[str], output_shapes: Sequence[tuple[int, ...]]) -> None:
     # The exporters are chatty: deprecation and tracer warnings, and one INFO line per graph rewrite.
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -239,8 +259,9 @@ def _export_once(wrapper: nn.Module, example: torch.Tensor, path: Path, exporter
             torch.onnx.export(
                 wrapper, (example,), os.fspath(path), dynamo=False, opset_version=opset,
                 input_names=["pixel_values"], output_names=list(output_names),
-                dynamic_axes=_dynamic_axes(output_names, output_ranks),
+                dynamic_axes=_dynamic_axes(output_names, [len(shape) for shape in output_shapes]),
             )
+            _declare_fixed_sizes(path, output_names, output_shapes)
         else:
             batch = torch.export.Dim("batch", min=1, max=4096)
             height = torch.export.Dim("height", min=1, max=16384)
@@ -448,7 +469,7 @@ def export_onnx(
     example = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            ranks = [t.dim() for t in wrapper(example)]
+            shapes = [tuple(t.shape) for t in wrapper(example)]
     except (ValueError, RuntimeError) as err:
         raise ValueError(
             f"the model does not run on its own example input, 2x{channels}x{height}x{width} (config.image_size): "
@@ -464,7 +485,7 @@ def export_onnx(
         for name in order:
             start = time.perf_counter()
             try:
-                _export_once(wrapper, example, tmp, name, opset, names, ranks)
+                _export_once(wrapper, example, tmp, name, opset, names, shapes)
             except Exception as err:  # exporters raise many kinds of errors
                 failure = f"{name} exporter failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 attempts.append(failure)

@@ -97,6 +97,14 @@ def test_every_output_matches_pytorch_at_sizes_unlike_the_example(tmp_path, kind
         if len(shape) >= 3:  # every spatial side is symbolic: a number there would be the example's size baked in
             assert all(isinstance(d, str) and d for d in shape[-2:]), (out.name, shape)
 
+    with torch.no_grad():  # the sizes that do not depend on the input are declared as numbers
+        fixed = {name: tuple(t.shape) for name, t in pytorch_outputs(model, torch.randn(1, 3, 64, 64)).items()}
+    for out in proto.graph.output:
+        shape = dims(out)
+        assert shape[1:-2] == list(fixed[out.name][1:-2]) or len(shape) == 3, (out.name, shape)
+        if len(shape) == 2:
+            assert shape == ["batch", fixed[out.name][1]]
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(1)
     for batch, height, width in sizes:
@@ -155,7 +163,7 @@ def test_an_exporter_that_writes_another_opset_is_not_reported_as_the_one_asked(
     asked for."""
     from pvtv2 import export
 
-    def writes_opset_18(wrapper, example, path, exporter, opset, names, ranks):
+    def writes_opset_18(wrapper, example, path, exporter, opset, names, shapes):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=18,
@@ -205,8 +213,8 @@ def test_a_failed_or_interrupted_export_leaves_the_previous_file_and_no_new_fold
     old.write_bytes(b"previous export")
     real = export._export_once
 
-    def export_then(wrapper, example, path, exporter, opset, names, ranks):
-        real(wrapper, example, path, exporter, opset, names, ranks)
+    def export_then(wrapper, example, path, exporter, opset, names, shapes):
+        real(wrapper, example, path, exporter, opset, names, shapes)
         if failure == "interrupt":
             raise KeyboardInterrupt  # Ctrl-C after the temporary file was written
         if failure == "onnxruntime":

@@ -558,7 +558,7 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
 
 @_register
 def _add_export(subparsers) -> None:
-    from .export import DEFAULT_CHECK_SIZES, EXPORTERS
+    from .export import DEFAULT_CHECK_SIZES, DEFAULT_OPSET, EXPORTERS, MAX_OPSET, MIN_OPSET
 
     default_sizes = " ".join("x".join(map(str, s)) for s in DEFAULT_CHECK_SIZES)
     p = subparsers.add_parser(
@@ -567,14 +567,20 @@ def _add_export(subparsers) -> None:
                     "several input sizes; the file is written only when all match.",
     )
     p.add_argument("--model", "-m", required=True,
-                   help="folder, checkpoint file, hub id, or a preset name (random weights); weights without a "
-                        "classifier export the encoder (output last_hidden_state)")
-    p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+                   help="folder, checkpoint file, hub id, or a preset name (random weights): a classifier exports "
+                        "logits, a segmentation model logits (B, K, H/4, W/4), a depth model predicted_depth "
+                        "(input sides multiples of 32); weights without a head export the encoder (output "
+                        "last_hidden_state); detection models are not exported")
+    p.add_argument("--output", "-o", required=True,
+                   help="the .onnx file to write; an existing file is replaced only by an export that passed its "
+                        "checks, and left as it was on any failure")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: {DEFAULT_OPSET})")
     p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torchscript (dynamo=False, fast), dynamo, or auto: torchscript then dynamo (default)")
-    p.add_argument("--check-sizes", nargs="+", type=_check_size, metavar="BxHxW", default=list(DEFAULT_CHECK_SIZES),
-                   help=f"input sizes to check, batch up to 64, sides up to 4096 (default: {default_sizes})")
+    p.add_argument("--check-sizes", nargs="+", type=_check_size, metavar="BxHxW", default=DEFAULT_CHECK_SIZES,
+                   help=f"input sizes to check, batch up to 64, sides up to 4096 (default: {default_sizes}; for a "
+                        f"depth model, whose sides must be multiples of 32, 1x96x128 in place of the last)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_export)
@@ -592,24 +598,30 @@ def _load_any(source: str):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_onnx, load_checkpoint_model
+    from .export import MAX_OPSET, MIN_OPSET, export_onnx, load_export_model
     from .models.config import is_preset_name
     from .training.config import MAX_IMAGE_SIDE
 
     for size in args.check_sizes:
         _check_range("--check-sizes batch", size[0], 1, 64)
         _check_range("--check-sizes height and width", max(size[1:]), 1, MAX_IMAGE_SIDE)
+    _check_range("--opset", args.opset, MIN_OPSET, MAX_OPSET)
     if not args.output.lower().endswith(".onnx"):  # a .txt or .png name would hide an ONNX model behind it
         raise ValueError(f"--output must be an ONNX file named *.onnx, got {args.output!r}")
-    # From weights: what the checkpoint holds (a head-less one exports its encoder), never a random head.
-    model = _load_any(args.model) if is_preset_name(args.model) else load_checkpoint_model(args.model)
+    _check_output_file(args.output)  # before minutes of loading and exporting
+    # From weights: what the checkpoint holds (a classifier, a segmentation or depth model; a head-less one exports
+    # its encoder), never a random head.
+    preset = is_preset_name(args.model)
+    model = _load_any(args.model) if preset else load_export_model(args.model)
     result = export_onnx(model, args.output, opset=args.opset, exporter=args.exporter,
                          check_sizes=None if args.no_check else args.check_sizes)
     if args.json:
-        _print_json(result.to_dict())
+        _print_json(dict(result.to_dict(), random_weights=preset))
         return 0
-    print(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset}, output {result.output_name!r}, "
-          f"dynamic batch/height/width)")
+    outputs = ", ".join(repr(n) for n in result.output_names)
+    print(f"wrote {result.path} ({result.exporter} exporter, opset {result.opset}, output {outputs}, "
+          f"dynamic batch/height/width)" + (f"; RANDOM weights: {args.model} is a preset name, not a checkpoint"
+                                            if preset else ""))
     if result.pools_replaced:
         print(f"  {result.pools_replaced} AdaptiveAvgPool2d layer(s) of linear attention exported as size-independent "
               f"matrix products: every input size is supported")

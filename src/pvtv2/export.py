@@ -35,23 +35,33 @@ from .fileio import WriteError, atomic_write_text, write_folder_atomically
 
 __all__ = [
     "DEFAULT_CHECK_SIZES",
+    "DEFAULT_OPSET",
+    "DEPTH_CHECK_SIZES",
     "EXPORTERS",
-    "ExportableAdaptiveAvgPool2d",
+    "MAX_OPSET",
+    "MIN_OPSET",
     "ExportCheck",
-    "ExportResult",
     "ExportError",
-    "make_exportable",
-    "export_onnx",
+    "ExportResult",
+    "ExportableAdaptiveAvgPool2d",
     "check_onnx",
     "convert_checkpoint",
+    "export_onnx",
+    "graph_outputs",
     "load_checkpoint_model",
+    "load_export_model",
+    "make_exportable",
 ]
 
 logger = logging.getLogger(__name__)
 
 # (batch, height, width): the square training size, a non-square batch of two, and odd sizes divisible by nothing.
 DEFAULT_CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 224, 224), (2, 160, 192), (1, 97, 131))
+# The depth decoder runs at multiples of 32 only: its default replaces the odd size by the nearest such one.
+DEPTH_CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 224, 224), (2, 160, 192), (1, 96, 128))
 EXPORTERS = ("auto", "torchscript", "dynamo")
+# Opset 14 is the first the TorchScript exporter writes scaled_dot_product_attention in; 23 the last torch writes.
+MIN_OPSET, DEFAULT_OPSET, MAX_OPSET = 14, 18, 23
 
 
 class ExportError(ValueError):
@@ -86,9 +96,8 @@ class ExportableAdaptiveAvgPool2d(nn.Module):
         return f"output_size={self.output_size}"
 
 
-def make_exportable(model: nn.Module) -> tuple[nn.Module, int]:
-    """A deep copy of ``model`` in eval mode with every ``AdaptiveAvgPool2d`` replaced (and how many were)."""
-    model = copy.deepcopy(model).eval()
+def _replace_adaptive_pools(model: nn.Module) -> int:
+    """Replace every ``AdaptiveAvgPool2d`` of ``model`` in place; how many were."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -98,30 +107,89 @@ def make_exportable(model: nn.Module) -> tuple[nn.Module, int]:
                     raise ExportError(f"cannot export AdaptiveAvgPool2d with output size {size}")
                 setattr(parent, name, ExportableAdaptiveAvgPool2d(size))
                 replaced += 1
-    return model, replaced
+    return replaced
 
 
-class _Logits(nn.Module):
-    """The classifier as a function from pixel values to logits (or the encoder to its last feature map)."""
+def make_exportable(model: nn.Module) -> tuple[nn.Module, int]:
+    """A deep copy of ``model`` in eval mode with every ``AdaptiveAvgPool2d`` replaced (and how many were)."""
+    model = copy.deepcopy(model).eval()
+    return model, _replace_adaptive_pools(model)
 
-    def __init__(self, model: nn.Module) -> None:
+
+def graph_outputs(model: nn.Module) -> tuple[str, ...]:
+    """The names of the outputs an export of ``model`` has, in order; ``TypeError`` for a model that is not exported.
+
+    ``PvtV2ForImageClassification``: ``logits`` (B, num_labels); ``PvtV2ForSemanticSegmentation``: ``logits``
+    (B, num_labels, H/4, W/4); ``PvtV2ForDepthEstimation``: ``predicted_depth`` (B, H, W); ``PvtV2Model``:
+    ``last_hidden_state`` (B, C, H/32, W/32); ``PvtV2Backbone``: one feature map per ``out_features`` entry, named
+    after it (``stage1`` .. ``stage4``).
+    """
+    from .models.depth import PvtV2ForDepthEstimation
+    from .models.detection import PvtV2ForObjectDetection
+    from .models.modeling import PvtV2Backbone, PvtV2ForImageClassification, PvtV2Model
+    from .models.segmentation import PvtV2ForSemanticSegmentation
+
+    if isinstance(model, (PvtV2ForImageClassification, PvtV2ForSemanticSegmentation)):
+        return ("logits",)
+    if isinstance(model, PvtV2ForDepthEstimation):
+        return ("predicted_depth",)
+    if isinstance(model, PvtV2Model):
+        return ("last_hidden_state",)
+    if isinstance(model, PvtV2Backbone):
+        return tuple(model.out_features)
+    if isinstance(model, PvtV2ForObjectDetection):
+        raise TypeError(
+            "a detection model is not exported to ONNX: its output is a list of boxes per image after torchvision's "
+            "post-processing (score threshold, non-maximum suppression), which has no fixed-shape graph here. Export "
+            "its encoder instead (model.pvt_v2, a PvtV2Model) and run the detection head in PyTorch"
+        )
+    raise TypeError(
+        f"cannot export a {type(model).__name__}: export_onnx takes PvtV2ForImageClassification, PvtV2Model, "
+        f"PvtV2Backbone, PvtV2ForSemanticSegmentation or PvtV2ForDepthEstimation"
+    )
+
+
+class _Outputs(nn.Module):
+    """The model as a function from pixel values to a tuple of its exported outputs (see :func:`graph_outputs`)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         super().__init__()
         self.model = model
+        self.names = tuple(names)
+        self.backbone = hasattr(model, "out_features")
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(pixel_values, return_dict=True)
-        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        if self.backbone:
+            return tuple(out.feature_maps)  # one (B, C_i, H_i, W_i) per out_features entry
+        return tuple(getattr(out, name) for name in self.names)
+
+
+def _dynamic_axes(names: Sequence[str], ranks: Sequence[int]) -> dict[str, dict[int, str]]:
+    """Named dynamic axes of each output: the batch, and the spatial sides of a map (its own names: a map's side is
+    not the input's but a function of it)."""
+    axes: dict[str, dict[int, str]] = {"pixel_values": {0: "batch", 2: "height", 3: "width"}}
+    for name, rank in zip(names, ranks):
+        if rank == 4:
+            axes[name] = {0: "batch", 2: f"{name}_height", 3: f"{name}_width"}
+        elif rank == 3:  # the depth map
+            axes[name] = {0: "batch", 1: f"{name}_height", 2: f"{name}_width"}
+        else:
+            axes[name] = {0: "batch"}
+    return axes
 
 
 @dataclass
 class ExportCheck:
-    """One onnxruntime-versus-PyTorch comparison."""
+    """One onnxruntime-versus-PyTorch comparison at one input shape, over every output of the graph."""
 
     shape: tuple[int, int, int, int]
     max_abs_diff: float | None
     tolerance: float | None
     ok: bool
     error: str | None = None
+    # Per output: name -> (max abs diff, tolerance); the fields above hold the worst ratio of the two.
+    outputs: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,6 +202,7 @@ class ExportResult:
     seconds: float
     checks: list[ExportCheck] = field(default_factory=list)
     attempts: list[str] = field(default_factory=list)
+    output_names: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -145,10 +214,13 @@ class ExportResult:
             "exporter": self.exporter,
             "opset": self.opset,
             "output": self.output_name,
+            "outputs": list(self.output_names or (self.output_name,)),
             "adaptive_pools_replaced": self.pools_replaced,
             "export_seconds": round(self.seconds, 2),
             "checks": [
                 {"shape": list(c.shape), "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance, "ok": c.ok,
+                 **({"outputs": {k: {"max_abs_diff": d, "tolerance": t} for k, (d, t) in c.outputs.items()}}
+                    if len(c.outputs) > 1 else {}),
                  **({"error": c.error} if c.error else {})}
                 for c in self.checks
             ],
@@ -156,7 +228,30 @@ class ExportResult:
         }
 
 
-def _export_once(wrapper: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int, output_name: str) -> None:
+def _declare_fixed_sizes(path: Path, names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> None:
+    """Write each output's fixed sizes (a map's channel count) into the graph's output declarations, where the
+    TorchScript exporter's shape inference lost them (it declares ``Transposelast_hidden_state_dim_1``: a symbolic
+    size for what is always, say, 512). Needs the onnx package; without it the declarations stay as written."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    if path.stat().st_size > 1_800_000_000:  # near protobuf's 2 GB limit, which onnx.save cannot write past
+        return
+    proto = onnx.load(os.fspath(path))
+    dynamic = _dynamic_axes(names, [len(shape) for shape in shapes])
+    for out, shape in zip(proto.graph.output, shapes):
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue
+        for axis, (dim, size) in enumerate(zip(dims, shape)):
+            if axis not in dynamic.get(out.name, {}) and not dim.HasField("dim_value"):
+                dim.dim_value = size  # dim_value and dim_param are one field: this drops the symbolic name
+    onnx.save(proto, os.fspath(path))
+
+
+def _export_once(wrapper: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int,
+                 output_names: Sequence[str], output_shapes: Sequence[tuple[int, ...]]) -> None:
     # The exporters are chatty: deprecation and tracer warnings, and one INFO line per graph rewrite.
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -165,18 +260,113 @@ def _export_once(wrapper: nn.Module, example: torch.Tensor, path: Path, exporter
         if exporter == "torchscript":
             torch.onnx.export(
                 wrapper, (example,), os.fspath(path), dynamo=False, opset_version=opset,
-                input_names=["pixel_values"], output_names=[output_name],
-                dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"}, output_name: {0: "batch"}},
+                input_names=["pixel_values"], output_names=list(output_names),
+                dynamic_axes=_dynamic_axes(output_names, [len(shape) for shape in output_shapes]),
             )
+            _declare_fixed_sizes(path, output_names, output_shapes)
         else:
             batch = torch.export.Dim("batch", min=1, max=4096)
             height = torch.export.Dim("height", min=1, max=16384)
             width = torch.export.Dim("width", min=1, max=16384)
             torch.onnx.export(
                 wrapper, (example,), os.fspath(path), dynamo=True, opset_version=opset,
-                input_names=["pixel_values"], output_names=[output_name],
+                input_names=["pixel_values"], output_names=list(output_names),
                 dynamic_shapes={"pixel_values": {0: batch, 2: height, 3: width}}, external_data=False,
             )
+
+
+def _check_sizes(sizes: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    if not sizes:  # an empty list would skip the check as silently as None, which says so
+        raise ValueError("check sizes are empty: give at least one (batch, height, width), or None to skip the check")
+    checked = []
+    for size in sizes:
+        if (len(size) != 3 or any(isinstance(v, bool) or not isinstance(v, int) for v in size)
+                or min(size) < 1):
+            raise ValueError(f"check sizes are (batch, height, width) of positive integers, got {size!r}")
+        checked.append(tuple(size))
+    return checked
+
+
+def _reference_outputs(
+    model: nn.Module, names: Sequence[str], sizes: Sequence[tuple[int, int, int]], channels: int, seed: int
+) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+    """Random inputs of each size and the float32 PyTorch outputs of ``model`` on them. A size the model itself
+    cannot run (too small for its spatial reduction, not a multiple of 32 for the depth decoder) is a ``ValueError``
+    naming it, raised before anything is exported."""
+    wrapper = _Outputs(model, names).eval()
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for batch, height, width in sizes:
+        x = torch.randn((batch, channels, height, width), generator=gen)
+        try:
+            with torch.no_grad():
+                expected = tuple(t.float() for t in wrapper(x))
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"check size {batch}x{height}x{width}: the PyTorch model itself does not run there: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from None
+        pairs.append((x, expected))
+    return pairs
+
+
+def _open_session(path: str | os.PathLike):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError(
+            "checking the export needs onnxruntime: pip install 'pvtv2[onnx]' (or skip the check with --no-check)"
+        ) from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def _compare(
+    path: str | os.PathLike,
+    names: Sequence[str],
+    references: Sequence[tuple[torch.Tensor, tuple[torch.Tensor, ...]]],
+    rtol: float,
+    atol: float,
+) -> list[ExportCheck]:
+    try:
+        session = _open_session(path)
+    except ExportError:
+        raise
+    except Exception as err:  # onnxruntime raises its own exception types for a graph it cannot load
+        reason = f"onnxruntime cannot load the graph: {str(err).splitlines()[0][:300]}"
+        return [ExportCheck(tuple(x.shape), None, None, False, reason) for x, _ in references]
+    got_names = [o.name for o in session.get_outputs()]
+    if got_names != list(names):
+        reason = f"the graph's outputs are {got_names}, expected {list(names)}"
+        return [ExportCheck(tuple(x.shape), None, None, False, reason) for x, _ in references]
+    input_name = session.get_inputs()[0].name
+    checks = []
+    for x, expected in references:
+        shape = tuple(x.shape)
+        try:
+            got = session.run(None, {input_name: x.numpy()})
+        except Exception as err:  # onnxruntime raises its own exception types
+            checks.append(ExportCheck(shape, None, None, False, str(err).splitlines()[0][:300]))
+            continue
+        per_output: dict[str, tuple[float, float]] = {}
+        error = None
+        for name, want, have in zip(names, expected, got):
+            have_t = torch.from_numpy(have)
+            if have_t.shape != want.shape:
+                error = f"output {name!r} has shape {tuple(have_t.shape)}, PyTorch's is {tuple(want.shape)}"
+                break
+            diff = float((have_t - want).abs().max()) if want.numel() else 0.0
+            tol = atol + rtol * (float(want.abs().max()) if want.numel() else 0.0)
+            per_output[name] = (diff, tol)
+        if error is not None:
+            checks.append(ExportCheck(shape, None, None, False, error))
+            continue
+        # NaN compares false everywhere: a NaN difference fails here.
+        ok = all(diff <= tol for diff, tol in per_output.values())
+        worst = max(per_output.values(), key=lambda dt: dt[0] / dt[1] if dt[1] > 0 and dt[0] == dt[0] else float("inf"))
+        checks.append(ExportCheck(shape, worst[0], worst[1], ok, outputs=per_output))
+    return checks
 
 
 def check_onnx(
@@ -187,66 +377,83 @@ def check_onnx(
     atol: float = 1e-5,
     seed: int = 0,
 ) -> list[ExportCheck]:
-    """Run the ONNX file in onnxruntime on random inputs of each ``(batch, height, width)`` and compare with ``model``.
+    """Run the ONNX file in onnxruntime on random inputs of each ``(batch, height, width)`` and compare every output
+    with ``model``'s (see :func:`graph_outputs`); the graph's output names must be those.
 
-    A size passes when ``max |onnx - torch| <= atol + rtol * max |torch|``.
+    An output passes when ``max |onnx - torch| <= atol + rtol * max |torch|``; a size passes when all its outputs do.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError(
-            "checking the export needs onnxruntime: pip install 'pvtv2[onnx]' (or skip the check with --no-check)"
-        ) from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    wrapper = _Logits(model).eval()
-    gen = torch.Generator().manual_seed(seed)
+    names = graph_outputs(model)
     channels = getattr(getattr(model, "config", None), "num_channels", 3)
-    checks = []
-    for batch, height, width in sizes:
-        shape = (batch, channels, height, width)
-        x = torch.randn(shape, generator=gen)
-        with torch.no_grad():
-            expected = wrapper(x).float()
-        try:
-            (got,) = session.run(None, {input_name: x.numpy()})[:1]
-        except Exception as err:  # onnxruntime raises its own exception types
-            checks.append(ExportCheck(shape, None, None, False, str(err).splitlines()[0][:300]))
-            continue
-        got_t = torch.from_numpy(got)
-        if got_t.shape != expected.shape:
-            checks.append(ExportCheck(shape, None, None, False, f"output shape {tuple(got_t.shape)} != {tuple(expected.shape)}"))
-            continue
-        diff = float((got_t - expected).abs().max())
-        tol = atol + rtol * float(expected.abs().max())
-        checks.append(ExportCheck(shape, diff, tol, diff <= tol))
-    return checks
+    reference = copy.deepcopy(model).float().eval()
+    references = _reference_outputs(reference, names, _check_sizes(sizes), channels, seed)
+    return _compare(path, names, references, rtol, atol)
+
+
+def _file_opset(path: Path) -> int | None:
+    """The default-domain opset the file declares (None when the onnx package is not installed)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable graph: onnxruntime's load, next, says why
+        return None
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``folder``, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
 
 
 def export_onnx(
     model: nn.Module,
     output: str | os.PathLike,
     *,
-    opset: int = 18,
+    opset: int = DEFAULT_OPSET,
     exporter: str = "auto",
     check_sizes: Sequence[tuple[int, int, int]] | None = DEFAULT_CHECK_SIZES,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> ExportResult:
-    """Export a PVTv2 classifier (logits) or encoder (last feature map) to ONNX with dynamic batch, height and width.
+    """Export a PVTv2 model to ONNX with dynamic batch, height and width: a classifier (``logits``), the encoder
+    (``last_hidden_state``), a backbone (one output per feature map), a segmentation model (``logits``) or a depth
+    model (``predicted_depth``); see :func:`graph_outputs`. Detection models are refused with ``TypeError``.
 
     ``exporter``: ``torchscript`` (``torch.onnx.export(dynamo=False)``, fast), ``dynamo`` (``torch.export`` based,
-    slower), or ``auto``: TorchScript first, then dynamo if that fails to export or to match. The file is written
-    next to ``output`` under a temporary name, checked with onnxruntime at ``check_sizes`` (``None``: not checked),
-    and moved into place only when every size matches; otherwise :class:`ExportError` lists the differences.
+    slower), or ``auto``: TorchScript first, then dynamo if that fails to export or to match. ``opset``: 14 (the first
+    with attention's operators) to 23. The file is written next to ``output`` under a temporary name, checked with
+    onnxruntime at ``check_sizes`` (by default :data:`DEFAULT_CHECK_SIZES`, :data:`DEPTH_CHECK_SIZES` for a depth
+    model; ``None``: not checked; every output is compared with the PyTorch model's, in
+    float32), and moved into place only when every size matches; otherwise :class:`ExportError` lists the
+    differences. Arguments and check sizes the model cannot run are refused (``ValueError`` / ``TypeError``) before
+    anything is exported. On any failure, interruptions included, nothing is left behind: no temporary file, no
+    folder created for ``output``, and an existing file at ``output`` as it was. An existing file is replaced only by
+    an export that passed its checks.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; choose from {EXPORTERS}")
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"opset must be an integer, got {opset!r}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(
+            f"opset must be between {MIN_OPSET} (the first with the operators attention needs) and {MAX_OPSET}, "
+            f"got {opset}"
+        )
+    names = graph_outputs(model)
     output = Path(output)
     if output.is_dir():
         raise ValueError(f"--output must be a file path, but {os.fspath(output)!r} is a folder")
+    if output.exists() and not output.is_file():
+        raise ValueError(f"--output {os.fspath(output)!r} exists and is not a regular file (a FIFO or device?)")
+    if check_sizes is DEFAULT_CHECK_SIZES and names == ("predicted_depth",):  # the default, not sizes one chose
+        check_sizes = DEPTH_CHECK_SIZES
+    sizes = None if check_sizes is None else _check_sizes(check_sizes)
     # A graph of NaN weights exports, but its outputs are NaN and no check can tell it from a broken export.
     from .weights.loading import non_finite
 
@@ -254,52 +461,84 @@ def export_onnx(
     if bad:
         raise ValueError(f"the model holds NaN or infinite weights in {bad}: an exported graph would output NaN. "
                          f"The checkpoint is damaged, or was saved after training diverged")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    exportable, replaced = make_exportable(model)
-    exportable = exportable.float()
-    wrapper = _Logits(exportable).eval()
-    output_name = "logits" if hasattr(exportable, "classifier") else "last_hidden_state"
     config = getattr(model, "config", None)
+    channels = getattr(config, "num_channels", 3)
+    # The exported graph is float32 whatever the model's dtype; the checks compare with the model as it is (its
+    # AdaptiveAvgPool2d included), in float32, computed before the pools are replaced.
+    exportable = copy.deepcopy(model).float().eval()
+    references = _reference_outputs(exportable, names, sizes, channels, seed=0) if sizes else []
+    replaced = _replace_adaptive_pools(exportable)
+    wrapper = _Outputs(exportable, names).eval()
     height, width = getattr(config, "image_size", (224, 224))
     # A batch of two: an example batch of one lets the dynamo exporter specialise the batch dimension to 1.
-    example = torch.randn(2, getattr(config, "num_channels", 3), height, width, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            shapes = [tuple(t.shape) for t in wrapper(example)]
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"the model does not run on its own example input, 2x{channels}x{height}x{width} (config.image_size): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     tmp = output.with_name(f".{output.name}.tmp")
+    created = _missing_folders(output.parent)
     attempts: list[str] = []
-    last_failure = ""
+    written = False
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         for name in order:
             start = time.perf_counter()
             try:
-                _export_once(wrapper, example, tmp, name, opset, output_name)
+                _export_once(wrapper, example, tmp, name, opset, names, shapes)
             except Exception as err:  # exporters raise many kinds of errors
-                last_failure = f"{name} exporter failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                attempts.append(last_failure)
-                logger.warning("%s", last_failure)
+                failure = f"{name} exporter failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                attempts.append(failure)
+                logger.warning("%s", failure)
                 continue
             seconds = time.perf_counter() - start
-            result = ExportResult(None, name, opset, output_name, replaced, seconds, attempts=attempts)
-            if check_sizes:
-                result.checks = check_onnx(tmp, exportable, check_sizes, rtol, atol)
+            declared = _file_opset(tmp)
+            if declared is not None and declared != opset:
+                failure = f"{name} exporter wrote opset {declared}, not the {opset} asked for"
+                attempts.append(failure)
+                logger.warning("%s", failure)
+                continue
+            result = ExportResult(None, name, opset, names[0], replaced, seconds, attempts=attempts,
+                                  output_names=names)
+            if sizes:
+                result.checks = _compare(tmp, names, references, rtol, atol)
             if result.ok:
                 os.replace(tmp, output)
+                written = True
                 result.path = output
                 attempts.append(f"{name}: ok")
                 return result
-            last_failure = f"{name} export does not match PyTorch: " + "; ".join(_describe_check(c) for c in result.checks if not c.ok)
-            attempts.append(last_failure)
-            logger.warning("%s", last_failure)
-        raise ExportError("ONNX export failed; nothing was written.\n  " + "\n  ".join(attempts))
+            failure = f"{name} export does not match PyTorch: " + "; ".join(
+                _describe_check(c) for c in result.checks if not c.ok)
+            attempts.append(failure)
+            logger.warning("%s", failure)
+        kept = f" ({os.fspath(output)!r} was left as it was)" if output.exists() else ""
+        raise ExportError(f"ONNX export failed, nothing was written{kept}: " + " | ".join(attempts))
     finally:
         tmp.unlink(missing_ok=True)
-        for extra in output.parent.glob(f".{output.name}.tmp*"):
-            extra.unlink(missing_ok=True)
+        if output.parent.is_dir():
+            for extra in output.parent.glob(f".{output.name}.tmp*"):
+                extra.unlink(missing_ok=True)
+        if not written:  # folders made for this output only; rmdir keeps any that something else filled meanwhile
+            for folder in reversed(created):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def _describe_check(check: ExportCheck) -> str:
     size = "x".join(str(s) for s in check.shape)
     if check.error:
         return f"{size}: {check.error}"
+    if len(check.outputs) > 1:
+        return f"{size}: " + ", ".join(f"{name} max abs diff {d:.3g} > tolerance {t:.3g}"
+                                        for name, (d, t) in check.outputs.items() if not d <= t)
     return f"{size}: max abs diff {check.max_abs_diff:.3g} > tolerance {check.tolerance:.3g}"
 
 
@@ -327,6 +566,41 @@ def load_checkpoint_model(source: str | os.PathLike) -> nn.Module:
             f"fine-tune: pvtv2 train --model {os.fspath(source)} --data DIR --output RUN"
         )
     return model
+
+
+def load_export_model(source: str | os.PathLike) -> nn.Module:
+    """The model ``pvtv2 export`` exports from a checkpoint: a segmentation checkpoint (with a trained decode head)
+    as ``PvtV2ForSemanticSegmentation``, a depth checkpoint (GLPN decoder and head) as ``PvtV2ForDepthEstimation``,
+    anything else as :func:`load_checkpoint_model` reads it (a classifier, or the encoder alone). A detection
+    checkpoint is refused with ``TypeError`` (see :func:`graph_outputs`), a head that would be random with
+    ``ValueError``: exporting the encoder of a dense-prediction checkpoint under its name would drop the head the
+    user trained without a word."""
+    from .models.depth import PvtV2ForDepthEstimation
+    from .models.segmentation import PvtV2ForSemanticSegmentation
+    from .weights.files import read_state_dict
+    from .weights.layouts import to_canonical
+    from .weights.loading import locate_checkpoint
+
+    _, weights = locate_checkpoint(source, None, None)
+    keys = to_canonical(read_state_dict(weights)).keys()
+    if any(k.startswith("detector.") for k in keys):
+        raise TypeError(
+            f"{os.fspath(source)!r} is a detection checkpoint, which is not exported to ONNX: its output is a list of "
+            f"boxes per image after non-maximum suppression. Run it with pvtv2 detect"
+        )
+    heads = {"segmentation": any(k.startswith("decode_head.") for k in keys),
+             "depth": any(k.startswith(("decoder.", "head.")) for k in keys)}
+    if not any(heads.values()):
+        return load_checkpoint_model(source)
+    cls = PvtV2ForSemanticSegmentation if heads["segmentation"] else PvtV2ForDepthEstimation
+    model = cls.from_pretrained(source)
+    new = getattr(model, "newly_initialized_keys", ())
+    if new:
+        raise ValueError(
+            f"the {'segmentation' if heads['segmentation'] else 'depth'} head in {os.fspath(source)!r} is incomplete: "
+            f"{', '.join(list(new)[:5])}{' ...' if len(new) > 5 else ''} would be initialised at random"
+        )
+    return model.eval()
 
 
 # What `convert` writes into a folder (and what a save_pretrained folder it may replace holds): anything else in an

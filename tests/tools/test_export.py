@@ -59,10 +59,10 @@ def test_export_dynamic_shapes_match_pytorch(tmp_path, linear):
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
     import pvtv2.export as export
 
-    def wrong(path, model, sizes, rtol, atol):
+    def wrong(path, names, references, rtol, atol):
         return [export.ExportCheck((1, 3, 64, 64), 1.0, 1e-5, False)]
 
-    monkeypatch.setattr(export, "check_onnx", wrong)
+    monkeypatch.setattr(export, "_compare", wrong)
     with pytest.raises(ExportError, match="does not match PyTorch"):
         export_onnx(tiny(False), tmp_path / "m.onnx", exporter="torchscript")
     assert list(tmp_path.iterdir()) == []

@@ -291,6 +291,13 @@ def onnx_runtime(
             f"{where} has inputs {input_names} and outputs {output_names}, but {against} is a classifier, whose export "
             f"(pvtv2 export) has the input 'pixel_values' and the output 'logits'"
         )
+    rank = len(outputs[0].shape) if outputs[0].shape is not None else None
+    if rank is not None and rank != 2:
+        # a segmentation export also names its output 'logits', but (B, K, H/4, W/4): no class scores per image
+        raise ValueError(
+            f"{where} outputs 'logits' of {rank} dimensions {outputs[0].shape}, not a classifier's (batch, classes): "
+            f"a segmentation or other dense model's export, which {against} (a classifier) cannot run"
+        )
     declared = outputs[0].shape[-1] if outputs[0].shape else None
 
     def wrong_classes(count: Any) -> ValueError:

@@ -489,6 +489,18 @@ def test_onnx_file_of_another_model_is_refused(workspace, tmp_path, capsys):
     assert result.returncode == 2
     assert "encoder.onnx" in result.stderr and "['last_hidden_state']" in result.stderr and "'logits'" in result.stderr
 
+    # a segmentation export names its output 'logits' too, but (B, K, H/4, W/4): refused when loaded, not at the
+    # first batch, even with as many classes as the classifier
+    from pvtv2 import PvtV2ForSemanticSegmentation
+
+    torch.manual_seed(0)
+    segmenter = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY_SHALLOW, image_size=64, id2label=LABELS)).eval()
+    export_onnx(segmenter, tmp_path / "seg.onnx", check_sizes=None)
+    result = run_here(capsys, "predict", "--model", str(root / "model"), str(images[0]), "--runtime", "onnxruntime",
+                      "--onnx", str(tmp_path / "seg.onnx"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "seg.onnx" in result.stderr and "of 4 dimensions" in result.stderr and "classifier" in result.stderr
+
 
 def test_onnxruntime_missing_says_how_to_install(workspace, capsys, monkeypatch):
     root, _, images = workspace

@@ -481,3 +481,28 @@ def test_annotations_without_area_take_their_masks_area_as_coco_defines_it(tmp_p
         evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
     assert [got[name] for name in BOX_METRICS] == pytest.approx(list(evaluator.stats), abs=1e-12)
     assert got["APs"] > 0.0  # the stripe is a small object now (its box made it medium)
+
+
+def test_a_polygon_far_outside_its_image_is_refused_before_pycocotools_rasterises_it(tmp_path):
+    """pycocotools rasterises a polygon along its edges, 5 points a pixel in C ints: a point at 1e30 killed the
+    process with a segmentation fault as the file was read (an annotation without 'area' gets its mask's), 1e9 takes
+    gigabytes. Such a point is refused, naming the annotation; a polygon crossing the image's edges by less than the
+    image's size keeps pycocotools' own area."""
+    import pycocotools.mask as mask_utils
+
+    path = write_dataset(tmp_path)
+    data = json.loads(path.read_text())
+    image = next(i for i in data["images"] if i["id"] == data["annotations"][0]["image_id"])
+    w, h = image["width"], image["height"]
+    for far in ([[0, 0, 1e30, 0, 1e30, 1e30]], [[0, 0, 5, 0, 5, -2.5 * h]]):
+        data["annotations"][0].pop("area", None)
+        data["annotations"][0]["segmentation"] = far
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=r"annotation 1: polygon point \(.*\) lies more than the image's size"):
+            read_coco_annotations(path)
+    crossing = [-w / 2, -h / 2, 1.5 * w, -h / 2, 1.5 * w, 1.5 * h]  # a triangle over the image and beyond two edges
+    data["annotations"][0]["segmentation"] = [crossing]
+    path.write_text(json.dumps(data))
+    area = {a["id"]: a["area"] for a in read_coco_annotations(path).dataset["annotations"]}[1]
+    expected = mask_utils.area(mask_utils.merge(mask_utils.frPyObjects([crossing], h, w)))
+    assert area == float(expected) and 0 < area < w * h

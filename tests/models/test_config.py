@@ -786,7 +786,7 @@ def test_numpy_numbers_are_taken_and_stored_as_python_numbers(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(depths=[True, True, True, True]), "depths must hold positive numbers, got [True, True, True, True]"),
     (dict(num_channels=True), "num_channels must be a positive integer, got True"),
-    (dict(num_labels=np.bool_(True)), "num_labels must be a non-negative integer, got np.True_"),
+    (dict(num_labels=np.bool_(True)), "num_labels must be a non-negative integer, got True"),
     (dict(depths=[torch.tensor(2)] * 4), ("depths must hold positive numbers, got [tensor(2), tensor(2), tensor(2), "
                                           "tensor(2)] (a tensor or array: pass plain numbers, e.g. its .tolist()")),
     (dict(depths=torch.tensor([2, 2, 2, 2])), "depths must hold positive numbers, got [tensor(2), "),
@@ -801,3 +801,25 @@ def test_bools_and_tensors_are_refused_as_numbers(kwargs, message):
         PvtV2Config(**kwargs)
     assert str(err.value).startswith(message), str(err.value)
     assert ("tensor or array" in str(err.value)) == ("tensor" in message)  # the hint only where it is what helps
+
+
+def test_numpy_bools_are_flags_and_numpy_numbers_in_head_settings_are_written_as_numbers(tmp_path):
+    """qkv_bias=np.False_ was refused as "must be True or False, got np.False_"; numpy's numbers in the settings the
+    config keeps without a check (a detector's min_size, score_threshold) stayed numpy's, and writing config.json
+    failed with json's "Object of type int64 is not JSON serializable". Both equal the plain config now; a value JSON
+    cannot hold is named before any file is written."""
+    plain = PvtV2Config(**TINY, qkv_bias=False, linear_attention=True, return_dict=False, min_size=[640, 672],
+                        score_threshold=0.5, image_mean=(0.25, 0.5, 0.5))
+    from_numpy = PvtV2Config(**TINY, qkv_bias=np.False_, linear_attention=np.bool_(True), return_dict=np.False_,
+                             min_size=[np.int64(640), np.int32(672)], score_threshold=np.float32(0.5),
+                             image_mean=(np.float64(0.25), 0.5, np.float32(0.5)))
+    assert from_numpy == plain and from_numpy.to_json_string() == plain.to_json_string()
+    assert from_numpy.qkv_bias is False and type(from_numpy.min_size[0]) is int
+    from_numpy.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["min_size"] == [640, 672]
+    with pytest.raises(ValueError, match="num_channels must be a positive integer, got True"):
+        PvtV2Config(num_channels=np.True_)  # a numpy bool is no number either
+    model = pvtv2.PvtV2Model(PvtV2Config(**TINY, anchors=torch.tensor([1.0, 2.0])))
+    with pytest.raises(ValueError, match="'anchors' cannot be written to JSON"):
+        model.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model" / "model.safetensors").exists()

@@ -249,6 +249,7 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
 def _check_segmentation(segmentation: Any, image: dict[str, Any], what: str) -> None:
     """Polygons: a list of lists of x, y pairs (at least three points each); RLE: ``{"size": [h, w], "counts": ...}``
     with the image's size."""
+    width, height = image["width"], image["height"]
     if isinstance(segmentation, list):
         for polygon in segmentation:
             if (
@@ -256,6 +257,14 @@ def _check_segmentation(segmentation: Any, image: dict[str, Any], what: str) -> 
                 or not all(_is_number(v) for v in polygon)
             ):
                 raise ValueError(f"{what}: a polygon must be a list of at least 3 (x, y) pairs of numbers, got {str(polygon)[:80]}")
+            # pycocotools rasterises a polygon along its edges, 5 points a pixel in int: a point 10**9 pixels away
+            # takes gigabytes, and one beyond 2**31 / 5 a segmentation fault (reading the file would kill the process).
+            # A real polygon lies in its image, give or take a rounding; one image size beyond an edge is far enough.
+            far = next(((x, y) for x, y in zip(polygon[::2], polygon[1::2])
+                        if not (-width <= x <= 2 * width and -height <= y <= 2 * height)), None)
+            if far is not None:
+                raise ValueError(f"{what}: polygon point ({far[0]:g}, {far[1]:g}) lies more than the image's size beyond "
+                                 f"its {width} x {height} area; polygon coordinates are pixels of the image")
         return
     if isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..fileio import atomic_write_text
 from .activations import ACTIVATIONS
 from .labels import generic_id2label, imagenet_id2label
@@ -122,11 +124,24 @@ Check = Callable[[str, Any], Any]
 
 def _plain(value: Any) -> Any:
     """A number of any numeric type (numpy's ``int64``, ``float32``, an ``IntEnum``...) as Python's own int or float,
-    so that the config and its config.json hold the same values as one built from plain numbers; anything else (bool,
-    a tensor, a string) as given, for the check to judge."""
+    and numpy's bool as Python's, so that the config and its config.json hold the same values as one built from plain
+    numbers; anything else (a tensor, a string) as given, for the check to judge."""
+    if isinstance(value, np.bool_):  # a flag for the boolean fields (qkv_bias...); refused as a number, as bool is
+        return bool(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # bool: a flag, never a number here
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _plain_tree(value: Any) -> Any:
+    """:func:`_plain` through lists, tuples and dict values: the settings the config keeps without a check (a head's
+    ``min_size``, ``score_threshold``...) are written to config.json as they are, and json cannot write numpy's
+    numbers."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_tree(v) for v in value) if type(value) in (list, tuple) else value
+    if isinstance(value, dict):
+        return {k: _plain_tree(v) for k, v in value.items()}
+    return _plain(value)
 
 
 def _not_plain_hint(values: Iterable[Any]) -> str:
@@ -679,7 +694,7 @@ class PvtV2Config:
         if problem:
             logger.warning("PvtV2Config: %s; kept as an attribute, but no part of the model reads it", problem)
         for key, value in extra.items():
-            setattr(self, key, value)
+            setattr(self, key, _plain_tree(value))
         self._extra = tuple(extra)  # written back by to_dict, with their current values
 
     __init__.__signature__ = _SIGNATURE.replace(  # type: ignore[attr-defined]  # help() shows the table's arguments
@@ -774,7 +789,12 @@ class PvtV2Config:
                 f"hidden_act={self.hidden_act!r} is a callable and cannot be written to JSON; use one of "
                 f"{list(ACTIVATIONS)}"
             )
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        try:
+            return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        except TypeError as err:  # a setting kept without a check (a head's, an unknown key) that JSON cannot hold
+            bad = [k for k in self._extra if not _writable(data[k])]
+            raise ValueError(f"{', '.join(map(repr, bad)) or 'a value'} cannot be written to JSON ({err}): give "
+                             f"numbers, strings, lists or dicts") from None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> PvtV2Config:
@@ -832,6 +852,14 @@ class PvtV2Config:
             if len(data[key]) > 4:
                 data[key] = f"<{len(data[key])} labels>"
         return f"PvtV2Config({json.dumps(data, sort_keys=True, default=repr)})"
+
+
+def _writable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _stage_names_of(num_encoder_blocks: int) -> list[str]:

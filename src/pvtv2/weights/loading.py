@@ -609,7 +609,8 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
         _WARNED.add(model)
     data = config.to_dict()
     data["architectures"] = [type(model).__name__]
+    # Before the weights are written: raises, naming the value, where config.json cannot hold one (a callable
+    # hidden_act, a setting kept without a check that JSON cannot write)
+    config.to_json_string()
     save_state_dict(model.state_dict(), folder / "model.safetensors")
-    if callable(config.hidden_act):
-        config.to_json_string()  # raises with the explanation
     atomic_write_json(folder / "config.json", data, sort_keys=True)

@@ -855,8 +855,9 @@ def _warn_unpredictable(annotations: Any, predicted: set[int]) -> None:
     names = {c: annotations.id2label[label] for label, c in enumerate(annotations.category_ids)}
     shown = ", ".join(repr(names[c]) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
     logger.warning(
-        "%d of the %d categories with objects in %s are not classes of the model (%s): each scores AP 0, and the mean "
-        "AP includes them", len(missing), len(with_objects), annotations.path.name, shown,
+        "%d of the %d categories with objects in %s %s of the model (%s): each scores AP 0, and the mean AP includes "
+        "%s", len(missing), len(with_objects), annotations.path.name,
+        "is not a class" if len(missing) == 1 else "are not classes", shown, "it" if len(missing) == 1 else "them",
     )
 
 

@@ -550,14 +550,24 @@ def load_checkpoint_model(source: str | os.PathLike) -> nn.Module:
     classes than the checkpoint's ``config.json`` says) is refused with ``ValueError``: exporting or converting it
     would hand noise on under real-looking labels.
     """
-    from .models.modeling import PvtV2ForImageClassification, PvtV2Model
+    return _classifier_or_encoder(source, _canonical_keys(source))
+
+
+def _canonical_keys(source: str | os.PathLike) -> set[str]:
+    """The keys of the checkpoint ``source`` names, in the canonical (transformers) layout."""
     from .weights.files import read_state_dict
     from .weights.layouts import to_canonical
     from .weights.loading import locate_checkpoint
 
     _, weights = locate_checkpoint(source, None, None)
-    has_head = "classifier.weight" in to_canonical(read_state_dict(weights))
-    model = (PvtV2ForImageClassification if has_head else PvtV2Model).from_pretrained(source)
+    return set(to_canonical(read_state_dict(weights)))
+
+
+def _classifier_or_encoder(source: str | os.PathLike, keys: set[str]) -> nn.Module:
+    """:func:`load_checkpoint_model` for a checkpoint whose canonical ``keys`` are already read."""
+    from .models.modeling import PvtV2ForImageClassification, PvtV2Model
+
+    model = (PvtV2ForImageClassification if "classifier.weight" in keys else PvtV2Model).from_pretrained(source)
     new = getattr(model, "newly_initialized_keys", ())
     if new:
         raise ValueError(
@@ -577,12 +587,8 @@ def load_export_model(source: str | os.PathLike) -> nn.Module:
     user trained without a word."""
     from .models.depth import PvtV2ForDepthEstimation
     from .models.segmentation import PvtV2ForSemanticSegmentation
-    from .weights.files import read_state_dict
-    from .weights.layouts import to_canonical
-    from .weights.loading import locate_checkpoint
 
-    _, weights = locate_checkpoint(source, None, None)
-    keys = to_canonical(read_state_dict(weights)).keys()
+    keys = _canonical_keys(source)  # read once: the choice of model and, for a classifier or encoder, its head
     if any(k.startswith("detector.") for k in keys):
         raise TypeError(
             f"{os.fspath(source)!r} is a detection checkpoint, which is not exported to ONNX: its output is a list of "
@@ -591,7 +597,7 @@ def load_export_model(source: str | os.PathLike) -> nn.Module:
     heads = {"segmentation": any(k.startswith("decode_head.") for k in keys),
              "depth": any(k.startswith(("decoder.", "head.")) for k in keys)}
     if not any(heads.values()):
-        return load_checkpoint_model(source)
+        return _classifier_or_encoder(source, keys)
     cls = PvtV2ForSemanticSegmentation if heads["segmentation"] else PvtV2ForDepthEstimation
     model = cls.from_pretrained(source)
     new = getattr(model, "newly_initialized_keys", ())

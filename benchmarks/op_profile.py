@@ -106,11 +106,11 @@ def category(key) -> str:
 
 def profile(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
-    case = {"model": args.model, "batch": args.batch, "size": args.size, "dtype": "fp32", "train": args.train,
+    case = {"model": args.model, "batch": args.batch, "size": args.size, "dtype": args.dtype, "train": args.train,
             "compile": False, "backbone": False}
     models = bench.build_models(args.model, tuple(args.impls), train=args.train)
     x = torch.randn(args.batch, 3, args.size, args.size)
-    steps = {name: bench._step_fn(m, x, "fp32", args.train, False) for name, m in models.items()}
+    steps = {name: bench._step_fn(m, x, args.dtype, args.train, False) for name, m in models.items()}
     for step in steps.values():  # packing, allocator growth, lazy initialisation
         for _ in range(args.warmup):
             step()
@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--train", action="store_true", help="a training step (forward, backward, AdamW) instead of inference")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="run with pvtv2.runtime.tune_malloc() in effect (no fresh pages per allocation; see docs)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: every implementation under torch.autocast('cpu', dtype=torch.bfloat16)")
     p.add_argument("--impls", nargs="+", choices=bench.IMPLS, default=["pvtv2", "timm"])
     p.add_argument("--by", choices=["op", "shape"], default="op")
     p.add_argument("--rounds", type=int, default=5)
@@ -191,12 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=None, help="JSON file (default: print only)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    peak = bench.gemm_peak(time.thread_time)["fp32"]
+    if args.tune_malloc:
+        from pvtv2.runtime import tune_malloc
+
+        if not tune_malloc():
+            p.error("--tune-malloc needs glibc (Linux)")
+    peak = bench.gemm_peak(time.thread_time, (args.dtype,))[args.dtype]
     result = profile(args)
     result["gemm_peak_gflops_one_thread"] = peak
     result["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": bench._cpu_name(), "torch": torch.__version__,
+                      "tune_malloc": args.tune_malloc,
                       "command": "python benchmarks/op_profile.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    print(f"GEMM peak, one thread: {peak:.1f} GFLOP/s")
+    print(f"GEMM peak ({args.dtype}, one thread, the faster of ATen and oneDNN): {peak:.1f} GFLOP/s")
     print(format_profile(result, args.top))
     if args.output:
         args.output.write_text(json.dumps(result, indent=1))

@@ -131,6 +131,8 @@ def test_cpu_script_thread_clock_peak_share_and_bf16_checks(tmp_path):
     assert meta["clock"] == "thread" and meta["threads"] == 1
     assert meta["cpu_features"]["capability"] == torch.backends.cpu.get_cpu_capability()
     assert set(meta["gemm_peak_gflops"]) == {"fp32", "bf16"} and min(meta["gemm_peak_gflops"].values()) > 0
+    for dtype, rates in meta["gemm_peak_gflops_by_library"].items():  # the peak is the faster library's
+        assert meta["gemm_peak_gflops"][dtype] == max(rates.values()) and "aten" in rates
     macs = count_macs(PvtV2ForImageClassification(PvtV2Config.from_preset("pvt_v2_b0")), 64)["macs"]
     for row in result["rows"]:
         case, speed = row["case"], row["speed"]
@@ -163,7 +165,7 @@ def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes():
     threads = torch.get_num_threads()
     try:
         args = argparse.Namespace(model="pvt_v2_b0", batch=1, size=64, train=False, impls=["pvtv2", "timm"],
-                                  by="op", rounds=2, warmup=1)
+                                  by="op", rounds=2, warmup=1, dtype="fp32")
         result = script.profile(args)
     finally:
         torch.set_num_threads(threads)

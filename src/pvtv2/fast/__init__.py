@@ -9,6 +9,10 @@ says so: on the CPU to :mod:`pvtv2.fast.cpu` (oneDNN's fused operators), on CUDA
   ``PVTV2_FAST_PATH=0`` does so for a whole program;
 - ``pvtv2.fast.freeze(model)`` packs the weights for oneDNN once (what the ``pvtv2`` command does for inference);
   ``pvtv2.fast.unfreeze(model)`` drops them.
+
+Training has one fast piece, :mod:`pvtv2.fast.train`: on AMD CPUs with AVX-512 the blocks' linear layers run their
+forward and backward GEMMs through oneDNN (``with pvtv2.fast.train_gemm("aten"): ...`` or ``PVTV2_TRAIN_GEMM=aten``
+keeps ``F.linear``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu, cuda
+from . import cpu, cuda, train
 from .cpu import (
     FAST_PATH_ENV,
     fast_path,
@@ -28,6 +32,7 @@ from .cpu import (
     plain_modules,
     unfreeze,
 )
+from .train import linear, module_linear, train_gemm
 
 __all__ = [
     "FAST_PATH_ENV",
@@ -38,8 +43,11 @@ __all__ = [
     "freeze",
     "fusable",
     "is_frozen",
+    "linear",
+    "module_linear",
     "plain_modules",
     "stage_forward",
+    "train_gemm",
     "unfreeze",
 ]
 

@@ -13,6 +13,9 @@ activation is copied between the two views.
 The fast CPU inference path (:mod:`pvtv2.fast`) takes over whole stages at one point, at the top of
 :meth:`PvtV2Stage.forward`, when it applies (eval mode, autograd off, CPU, no attention maps requested, and every
 module of the stage in eval mode, of exactly its usual type and without hooks); it computes the same numbers to 1e-5.
+While training on an AMD CPU with AVX-512, the linear layers' matrix products run through oneDNN instead of MKL
+(:mod:`pvtv2.fast.train`: ``fast.linear`` / ``fast.module_linear`` are ``F.linear`` / calling the module everywhere
+else), with the same numbers to GEMM rounding.
 Sub-module names follow the published transformers checkpoints (``query``, ``key``, ``value``,
 ``spatial_reduction``, ``dense1`` ...), so that ``state_dict()`` loads there strictly.
 """
@@ -135,13 +138,13 @@ class SpatialReductionAttention(nn.Module):
             kv_in = self.spatial_reduction(self.pool(kv_in))  # (B, C, H', W')
             kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
             kv_in = self.act(self.layer_norm(kv_in))
-        q = self.split_heads(self.query(x))  # (B, heads, N, head_dim)
+        q = self.split_heads(fast.module_linear(self.query, x))  # (B, heads, N, head_dim)
         if fast.plain_modules(nn.Linear, self.key, self.value) and (self.key.bias is None) == (self.value.bias is None):
             # Keys and values as one GEMM (the weights concatenated on the fly, gradients flow back to both layers):
             # one larger matrix product forward and two backward instead of twice that, as timm's fused ``kv`` does.
             weight = torch.cat([self.key.weight, self.value.weight])
             bias = None if self.key.bias is None else torch.cat([self.key.bias, self.value.bias])
-            kv = F.linear(kv_in, weight, bias)  # (B, N', 2C)
+            kv = fast.linear(kv_in, weight, bias)  # (B, N', 2C)
             k, v = self.split_heads(kv[..., :channels]), self.split_heads(kv[..., channels:])
         else:  # hooks, adapters, subclasses or quantized layers: the modules themselves
             k, v = self.split_heads(self.key(kv_in)), self.split_heads(self.value(kv_in))
@@ -154,7 +157,7 @@ class SpatialReductionAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, tokens, channels)  # (B, N, C)
-        return self.proj_drop(self.proj(out)), probs
+        return self.proj_drop(fast.module_linear(self.proj, out)), probs
 
 
 class DepthwiseConv(nn.Module):
@@ -184,9 +187,9 @@ class MixFFN(nn.Module):
         self.dropout = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = self.relu(self.dense1(x))  # (B, N, hidden)
+        x = self.relu(fast.module_linear(self.dense1, x))  # (B, N, hidden)
         x = self.dropout(self.act(self.dwconv(x, height, width)))
-        return self.dropout(self.dense2(x))  # (B, N, C)
+        return self.dropout(fast.module_linear(self.dense2, x))  # (B, N, C)
 
 
 class PvtV2Block(nn.Module):

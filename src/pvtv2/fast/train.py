@@ -1,0 +1,156 @@
+"""Training on the CPU: the blocks' linear layers through oneDNN where its GEMMs beat ATen's.
+
+``F.linear`` on a CPU runs its matrix products (forward, and both products of the backward pass) through ATen,
+which calls MKL. On AMD CPUs MKL runs its AVX2 code even where the CPU has AVX-512: measured on a 2-core AMD EPYC
+(Zen 5, AVX-512) in docs/benchmarks.md, MKL's fp32 GEMM peaks at about 100 GFLOP/s per core and oneDNN's at 235, and
+the GEMMs were two thirds of a B2 training step. There, the linear layers of the blocks (queries, keys and values,
+output projection, the Mix-FFN's two layers) run as :class:`OneDnnLinear`: the same three products, each through
+oneDNN (``torch.ops.mkldnn._linear_pointwise``, which also serves the fast inference path).
+
+**Same numbers.** fp32 in, fp32 out, fp32 accumulation, as ATen's; only the summation order differs (relative
+differences around 1e-7, as between any two GEMM libraries). The function reads the weights it is given at every
+call and keeps nothing, so nothing about a model's state, copying or saving changes. Double backward
+(``create_graph=True``) runs the backward products through differentiable ATen ops.
+
+**When.** :func:`linear` uses oneDNN only where all of these hold; everything else is ``F.linear``:
+
+- the choice (:func:`train_gemm`, or ``PVTV2_TRAIN_GEMM=auto|onednn|aten`` for a whole program) is ``onednn``, or
+  ``auto`` (the default) on an AMD CPU with AVX-512, the case measured;
+- autograd records (``torch.is_grad_enabled()`` and a tensor that needs a gradient: inference has its own path);
+- fp32 tensors on the CPU, without autocast (under bf16 autocast ``F.linear`` already calls oneDNN), outside
+  ``torch.compile`` and torch.func transforms, with the fast path switched on (:func:`pvtv2.fast.fast_path`) and
+  oneDNN's operators passing the capability probe (:func:`pvtv2.fast.fast_path_available`).
+
+Modules are used through :func:`module_linear`, which calls the module itself unless it is exactly an ``nn.Linear``
+without hooks (:func:`pvtv2.fast.plain_modules`), so adapters, hooks and quantized layers keep working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cpu import fast_path_available, fast_path_enabled, plain_modules
+
+__all__ = ["TRAIN_GEMM_ENV", "CHOICES", "OneDnnLinear", "linear", "module_linear", "train_gemm", "uses_onednn"]
+
+TRAIN_GEMM_ENV = "PVTV2_TRAIN_GEMM"
+CHOICES = ("auto", "onednn", "aten")
+
+
+def _from_env() -> str:
+    value = os.environ.get(TRAIN_GEMM_ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{TRAIN_GEMM_ENV}={value!r}: expected one of {', '.join(CHOICES)}")
+    return value
+
+
+_CHOICE: ContextVar[str] = ContextVar("pvtv2_train_gemm", default=_from_env())
+
+
+@contextlib.contextmanager
+def train_gemm(choice: str) -> Iterator[None]:
+    """Within the block (this thread only), run the training GEMMs of the blocks' linear layers through ``choice``:
+    ``"onednn"``, ``"aten"`` (``F.linear``), or ``"auto"`` (oneDNN on AMD CPUs with AVX-512)."""
+    if choice not in CHOICES:
+        raise ValueError(f"train_gemm: {choice!r} is not one of {', '.join(CHOICES)}")
+    token = _CHOICE.set(choice)
+    try:
+        yield
+    finally:
+        _CHOICE.reset(token)
+
+
+@functools.lru_cache(maxsize=1)
+def _amd_avx512() -> bool:
+    """An AMD CPU on which PyTorch runs AVX-512 code: where MKL's AVX2 GEMMs lose to oneDNN's (measured)."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return False
+
+
+def uses_onednn() -> bool:
+    """Whether training GEMMs of fp32 CPU tensors go through oneDNN here (the choice, and the probe)."""
+    choice = _CHOICE.get()
+    if choice == "aten" or not fast_path_enabled() or (choice == "auto" and not _amd_avx512()):
+        return False
+    return fast_path_available(torch.float32)
+
+
+def _mm_weight_t(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``grad @ weight`` through oneDNN, which computes ``input @ w.T`` for a (N, K) ``w``."""
+    return torch.ops.mkldnn._linear_pointwise(grad, weight.t().contiguous(), None, "none", [], "")
+
+
+class OneDnnLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` with its forward and backward GEMMs run by oneDNN (fp32, CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(x2d, weight.contiguous(), bias, "none", [], "")
+        ctx.save_for_backward(x2d, weight)
+        ctx.input_shape = x.shape
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x2d, weight = ctx.saved_tensors
+        g2d = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops, so a second backward works
+            if ctx.needs_input_grad[0]:
+                grad_x = (g2d @ weight).view(ctx.input_shape)
+            if ctx.needs_input_grad[1]:
+                grad_w = g2d.t() @ x2d
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = _mm_weight_t(g2d, weight).view(ctx.input_shape)
+            if ctx.needs_input_grad[1]:
+                # (out, rows) @ (rows, in): oneDNN reads the transposed views in place.
+                grad_w = torch.ops.mkldnn._linear_pointwise(g2d.t(), x2d.t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight))
+        and uses_onednn()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; while training on a CPU where oneDNN is chosen, through :class:`OneDnnLinear`."""
+    if _applies(x, weight, bias):
+        return OneDnnLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def module_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; for exactly an ``nn.Linear`` without hooks, :func:`linear` with its weights."""
+    if torch.is_grad_enabled() and plain_modules(nn.Linear, module):
+        return linear(x, module.weight, module.bias)
+    return module(x)

@@ -264,12 +264,15 @@ def test_training_gradients_match_transformers():
 def test_eval_with_autograd_uses_public_ops_and_gives_gradients():
     ours, theirs = hf_pair(PvtV2Config(**TINY, num_labels=3), seed=4)
     fast.freeze(ours)
-    x = torch.randn(1, 3, 64, 64, requires_grad=True)
-    counts = ops_run(lambda: ours(x).logits.sum().backward())
-    x_ref = x.detach().clone().requires_grad_(True)
+    x_ref = torch.randn(1, 3, 64, 64, requires_grad=True)
     theirs(x_ref).logits.sum().backward()
-    assert relative_error(x_ref.grad, x.grad) < 1e-4
-    assert "mkldnn::_linear_pointwise" not in counts
+    for choice in ("aten", "onednn"):  # the training GEMMs (pvtv2.fast.train): F.linear, or oneDNN unpacked
+        x = x_ref.detach().clone().requires_grad_(True)
+        with fast.train_gemm(choice):
+            counts = ops_run(lambda: ours(x).logits.sum().backward())
+        assert relative_error(x_ref.grad, x.grad) < 1e-4
+        assert "mkldnn::_reorder_linear_weight" not in counts and "mkldnn::_convolution_pointwise" not in counts
+        assert ("mkldnn::_linear_pointwise" in counts) == (choice == "onednn")
 
 
 @needs_fast
@@ -292,6 +295,25 @@ def test_bf16_autocast_close_to_fp32_reference(frozen):
     margin = expected.topk(2).values
     clear = (margin[:, 0] - margin[:, 1]) > 0.1 * expected.abs().max()
     assert torch.equal(low.float().argmax(-1)[clear], expected.argmax(-1)[clear])
+
+
+@pytest.mark.skipif(not fast.fast_path_available(torch.bfloat16), reason="no bf16 fast path on this CPU")
+@pytest.mark.parametrize("linear", [False, True])
+def test_bf16_attention_as_accurate_as_transformers_under_autocast(linear):
+    """Under bf16 autocast the fast path's attention is bf16 GEMMs around an fp32 softmax (not SDPA): every stage's
+    output is as close to the fp32 reference as transformers' own under the same autocast."""
+    config = PvtV2Config(**TINY, linear_attention=linear, num_labels=4)
+    ours, theirs = hf_pair(config, seed=12)
+    x = torch.randn(3, 3, 64, 80)
+    with torch.no_grad():
+        reference = theirs(x, output_hidden_states=True).hidden_states
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hf_low = theirs(x, output_hidden_states=True).hidden_states
+            counts = ops_run(lambda: ours(x, output_hidden_states=True))
+            low = ours(x, output_hidden_states=True).hidden_states
+    assert counts.get("aten::matmul", 0) > 0 and "aten::scaled_dot_product_attention" not in counts
+    for ref, theirs_low, mine in zip(reference, hf_low, low):
+        assert relative_error(ref, mine.float()) < 2 * relative_error(ref, theirs_low.float()) + 2e-3
 
 
 def test_channels_last_hidden_states_have_transformers_values_and_usual_ops():

@@ -240,12 +240,11 @@ class _PlainWeights:
         weight = torch.cat([m.weight for m in layers]) if len(layers) > 1 else layers[0].weight
         bias = None
         if layers[0].bias is not None:
-            bias = torch.cat([m.bias for m in layers]) if len(layers) > 1 else layers[0].bias
-            bias = bias.detach().to(dtype)
-        return weight.detach().to(dtype), bias
+            bias = _cast(torch.cat([m.bias for m in layers]) if len(layers) > 1 else layers[0].bias, dtype)
+        return _cast(weight, dtype), bias
 
     def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
+        return _cast(conv.weight, dtype), None if conv.bias is None else _cast(conv.bias, dtype)
 
 
 class _WatchedParameter(nn.Parameter):
@@ -390,6 +389,21 @@ def is_frozen(model: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+# At batch 1 the Python around the operators is a sixth of the time: the helpers below skip what costs a dispatch
+# and does nothing (a cast to the dtype a tensor has, an Identity module's call, nn.LayerNorm's forward around
+# F.layer_norm). :func:`fusable` has checked that every module is exactly its type, without hooks.
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x if type(module) is nn.Identity else module(x)
+
+
+def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 def _linear(
     weights, layers: list[nn.Linear], x: torch.Tensor, dtype: torch.dtype, attr: str = "none",
     residual: torch.Tensor | None = None,
@@ -397,7 +411,7 @@ def _linear(
     """``layers`` (concatenated along their outputs) applied to ``x``, with a fused ReLU or residual add. Under
     autocast the weights and the result take the autocast dtype, as F.linear's would."""
     weight, bias = weights.linear(layers, dtype)
-    x2d = x.reshape(-1, x.shape[-1]).to(dtype)  # (B * N, C), a view for the token layout
+    x2d = _cast(x.reshape(-1, x.shape[-1]), dtype)  # (B * N, C), a view for the token layout
     if residual is not None and residual.dtype == dtype:
         out = torch.ops.mkldnn._linear_pointwise.binary(x2d, residual.reshape(x2d.shape[0], -1), weight, bias, "add")
         return out.view(residual.shape)
@@ -411,7 +425,8 @@ def _conv(weights, conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> torc
     """``conv`` on the channels-last ``x``; returns channels-last."""
     weight, bias = weights.conv(conv, dtype, tuple(x.shape))
     return torch.ops.mkldnn._convolution_pointwise(
-        x.to(dtype), weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "none", [], ""
+        _cast(x, dtype), weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "none", [],
+        "",
     )
 
 
@@ -422,12 +437,14 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
     kv_in = x
     if attn.reduces:
         kv_in = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
-        kv_in = _conv(weights, attn.spatial_reduction, attn.pool(kv_in), dtype)  # (B, C, H', W')
+        kv_in = _conv(weights, attn.spatial_reduction, _call(attn.pool, kv_in), dtype)  # (B, C, H', W')
         kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C), a view
-        kv_in = attn.act(attn.layer_norm(kv_in))
-    q = attn.split_heads(_linear(weights, [attn.query], x, dtype))  # (B, heads, N, head_dim)
+        kv_in = _call(attn.act, _norm(attn.layer_norm, kv_in))
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q = _linear(weights, [attn.query], x, dtype).view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, h, N, d)
     kv = _linear(weights, [attn.key, attn.value], kv_in, dtype)  # (B, N', 2C): one GEMM
-    k, v = attn.split_heads(kv[..., :channels]), attn.split_heads(kv[..., channels:])
+    kv = kv.view(batch, -1, 2, heads, head_dim)  # keys and values side by side in each row
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, heads, N', head_dim)
     if dtype == torch.bfloat16:
         # bf16 GEMMs (oneDNN) around a softmax in fp32, as transformers' eager attention computes under autocast:
         # twice as fast as SDPA's bf16 CPU kernel on these shapes (few keys), measured in docs/benchmarks.md.
@@ -453,7 +470,7 @@ def _ffn_hidden(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: in
     gelu = _fusable_gelu(mlp.act)
     if gelu is not None:
         image = torch.ops.mkldnn._convolution_pointwise(
-            image.to(dtype), conv.weight.detach().to(dtype), conv.bias.detach().to(dtype), [1, 1], [1, 1], [1, 1],
+            _cast(image, dtype), _cast(conv.weight, dtype), _cast(conv.bias, dtype), [1, 1], [1, 1], [1, 1],
             channels, "gelu", [], gelu,
         )
     else:
@@ -508,9 +525,9 @@ def stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     embed = stage.patch_embedding
     x = _conv(weights, embed.proj, x.contiguous(memory_format=torch.channels_last), dtype)  # (B, C, H, W)
     batch, channels, height, width = x.shape
-    x = embed.layer_norm(x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))  # (B, N, C)
+    x = _norm(embed.layer_norm, x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))  # (B, N, C)
     for block in stage.blocks:
-        x = _attention(weights, block.attention, block.layer_norm_1(x), height, width, dtype, residual=x)
-        x = _mix_ffn(weights, block.mlp, block.layer_norm_2(x), height, width, dtype, residual=x)
-    x = stage.layer_norm(x)
+        x = _attention(weights, block.attention, _norm(block.layer_norm_1, x), height, width, dtype, residual=x)
+        x = _mix_ffn(weights, block.mlp, _norm(block.layer_norm_2, x), height, width, dtype, residual=x)
+    x = _norm(stage.layer_norm, x)
     return x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), a channels-last view

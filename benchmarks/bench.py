@@ -441,6 +441,8 @@ def main(argv=None) -> int:
     import timm
     import transformers
 
+    from pvtv2.fast.train import uses_onednn as train_gemm_uses_onednn
+
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "cpu": _cpu_name(),
@@ -450,6 +452,8 @@ def main(argv=None) -> int:
         "gemm_peak_gflops": peak,
         "gemm_peak_gflops_by_library": peak_detail,
         "tune_malloc": args.tune_malloc,
+        # pvtv2's training GEMMs (pvtv2.fast.train): oneDNN on AMD CPUs with AVX-512, F.linear elsewhere
+        "pvtv2_train_gemm": "onednn" if train_gemm_uses_onednn() else "aten",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "timm": timm.__version__,

@@ -8,8 +8,11 @@ import os
 import subprocess
 import sys
 
+from unittest import mock
+
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from conftest import TINY, random_weights_, relative_error
 
@@ -192,3 +195,42 @@ def test_bad_environment_value_is_named():
     out = subprocess.run([sys.executable, "-c", "import pvtv2.fast.train as t; print(t.uses_onednn())"], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "False"
+
+
+def test_cpu_autocast_training_attention_as_transformers_computes_it(monkeypatch):
+    """Under bf16 autocast on the CPU the reference attention is softmax(QK^T)V (as transformers' eager attention),
+    not SDPA, whose bf16 CPU kernels are slower: gradients as close to the fp32 ones as transformers' own."""
+    from pvtv2.models import layers
+
+    ours, theirs = _pair(CONFIGS["sr"], seed=9)
+    theirs.float()
+    x = torch.randn(2, 3, 48, 64)
+    labels = torch.tensor([1, 3])
+    theirs(x, labels=labels).loss.backward()
+    exact = {n: p.grad.clone() for n, p in theirs.named_parameters()}
+    theirs.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs(x, labels=labels).loss.backward()
+    hf_low = {n: p.grad.clone() for n, p in theirs.named_parameters()}
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        calls = []
+        with mock.patch.object(layers.F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x, labels=labels).loss.backward()
+            calls = sdpa.call_count
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, calls
+
+    low, sdpa_calls = run(ours)
+    assert sdpa_calls == 0
+    scale = max(g.abs().max().item() for g in exact.values())
+    worst_ours = max((exact[n] - g).abs().max().item() for n, g in low.items()) / scale
+    worst_hf = max((exact[n] - g).abs().max().item() for n, g in hf_low.items()) / scale
+    assert worst_ours < 2 * worst_hf + 1e-3, (worst_ours, worst_hf)
+
+    monkeypatch.setattr(layers, "EXPLICIT_ATTENTION_BYTES", 0)  # probabilities too large: SDPA
+    low_sdpa, sdpa_calls = run(ours)
+    assert sdpa_calls == sum(ours.config.depths)
+    worst_sdpa = max((exact[n] - g).abs().max().item() for n, g in low_sdpa.items()) / scale
+    assert worst_sdpa < 2 * worst_hf + 1e-3

@@ -79,6 +79,21 @@ class OverlapPatchEmbed(nn.Module):
         return self.layer_norm(x), height, width
 
 
+# Attention probabilities up to this size (bytes, all heads and images) are computed explicitly under CPU autocast.
+EXPLICIT_ATTENTION_BYTES = 256 << 20
+
+
+def _explicit_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether to compute attention as softmax(QK^T)V rather than SDPA: under bf16/fp16 autocast on the CPU, where
+    SDPA's kernels run the few keys of spatial-reduction attention two to four times slower than the matrix products
+    (forward and backward, measured in docs/benchmarks.md); what transformers' eager attention computes there. Not
+    where the probabilities would be large (no reduction at high resolution), which SDPA never stores."""
+    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return False
+    batch, heads, tokens, _ = q.shape
+    return batch * heads * tokens * k.shape[-2] * 4 <= EXPLICIT_ATTENTION_BYTES
+
+
 class SpatialReductionAttention(nn.Module):
     """Multi-head attention whose keys and values come from a spatially reduced copy of the tokens.
 
@@ -151,9 +166,10 @@ class SpatialReductionAttention(nn.Module):
 
         dropout = self.attn_drop if self.training else 0.0
         probs = None
-        if output_attentions:
+        if output_attentions or _explicit_attention(q, k):
             probs = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, heads, N, N')
             out = F.dropout(probs, dropout, self.training) @ v
+            probs = probs if output_attentions else None
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, tokens, channels)  # (B, N, C)

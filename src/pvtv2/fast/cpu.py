@@ -189,11 +189,25 @@ def _plain(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
+def _backward_hooks(*modules: nn.Module) -> bool:
+    """Whether backward hooks (``register_full_backward_hook``, ``register_full_backward_pre_hook``, or the global
+    ``register_module_full_backward_hook``) would run for ``modules``: only calling the module installs them."""
+    return bool(
+        _module_mod._global_backward_hooks
+        or _module_mod._global_backward_pre_hooks
+        or any(m._backward_hooks or m._backward_pre_hooks for m in modules)
+    )
+
+
 def plain_modules(cls: type[nn.Module], *modules: nn.Module) -> bool:
     """Whether each of ``modules`` is exactly a ``cls`` (no subclass, parametrization or quantized stand-in) that
-    runs only its class's forward (no hooks of its own or global ones): then code that uses their weights directly
-    computes what calling them would."""
-    return not _global_hooks() and all(type(m) is cls and _plain(m) for m in modules)
+    runs only its class's forward (no hooks of its own or global ones, forward or backward): then code that uses
+    their weights directly computes what calling them would, gradients included."""
+    return (
+        not _global_hooks()
+        and not _backward_hooks(*modules)
+        and all(type(m) is cls and _plain(m) for m in modules)
+    )
 
 
 def fusable(stage: nn.Module) -> bool:
@@ -233,6 +247,12 @@ def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
     return [p for m in modules for p in (m.weight, m.bias) if p is not None]
 
 
+def _dense(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bias for oneDNN's operators, which read it as a dense vector whatever its strides (a strided bias, as
+    ``load_state_dict(assign=True)`` of a slice gives, read other memory)."""
+    return bias.detach().to(dtype).contiguous()
+
+
 class _PlainWeights:
     """The modules' weights as they are, read at every call (no state)."""
 
@@ -241,11 +261,11 @@ class _PlainWeights:
         bias = None
         if layers[0].bias is not None:
             bias = torch.cat([m.bias for m in layers]) if len(layers) > 1 else layers[0].bias
-            bias = bias.detach().to(dtype)
+            bias = _dense(bias, dtype)
         return weight.detach().to(dtype), bias
 
     def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return conv.weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype)
+        return conv.weight.detach().to(dtype), None if conv.bias is None else _dense(conv.bias, dtype)
 
 
 class _WatchedParameter(nn.Parameter):
@@ -319,7 +339,7 @@ class _PackedWeights:
                 conv.weight.detach().to(dtype), list(conv.padding), list(conv.stride), list(conv.dilation),
                 conv.groups, list(input_shape),
             )
-            return weight, None if conv.bias is None else conv.bias.detach().to(dtype)
+            return weight, None if conv.bias is None else _dense(conv.bias, dtype)
 
         slot = (id(conv), input_shape)
         fresh = slot not in self.entries
@@ -453,7 +473,7 @@ def _ffn_hidden(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: in
     gelu = _fusable_gelu(mlp.act)
     if gelu is not None:
         image = torch.ops.mkldnn._convolution_pointwise(
-            image.to(dtype), conv.weight.detach().to(dtype), conv.bias.detach().to(dtype), [1, 1], [1, 1], [1, 1],
+            image.to(dtype), conv.weight.detach().to(dtype), _dense(conv.bias, dtype), [1, 1], [1, 1], [1, 1],
             channels, "gelu", [], gelu,
         )
     else:

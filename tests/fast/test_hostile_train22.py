@@ -212,3 +212,33 @@ def test_bad_and_degenerate_shapes_behave_as_f_linear():
         assert empty.shape == (3, 7, 0)
         empty.sum().backward()
         assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("layout", ["overlapping", "expanded_rows", "expanded_cols", "transposed", "every_other_row"])
+def test_linear_with_strided_inputs_and_gradients_closed_form(layout):
+    """Inputs whose rows overlap in memory (``as_strided``), are broadcast (stride 0) or transposed, and output
+    gradients of the same kinds: the float64 products."""
+    gen = torch.Generator().manual_seed(10)
+    make = {
+        "overlapping": lambda rows, cols: torch.randn(rows * 3 + cols, generator=gen).as_strided((rows, cols), (3, 1)),
+        "expanded_rows": lambda rows, cols: torch.randn(cols, generator=gen).expand(rows, cols),
+        "expanded_cols": lambda rows, cols: torch.randn(rows, 1, generator=gen).expand(rows, cols),
+        "transposed": lambda rows, cols: torch.randn(cols, rows, generator=gen).t(),
+        "every_other_row": lambda rows, cols: torch.randn(2 * rows, cols, generator=gen)[::2],
+    }[layout]
+    x = make(21, 24)
+    g = make(21, 40)
+    w = torch.randn(40, 24, generator=gen, requires_grad=True)
+    b = torch.randn(40, generator=gen, requires_grad=True)
+    with fast.train_gemm("onednn"):
+        out = fast.linear(x, w, b)
+        assert type(out.grad_fn).__name__ == "OneDnnLinearBackward"
+        grad_w, grad_b = torch.autograd.grad(out, [w, b], g)
+    x64, g64 = x.double(), g.double()
+    assert relative_error(x64 @ w.detach().double().T + b.detach().double(), out) < 1e-5
+    assert relative_error(g64.T @ x64, grad_w) < 1e-5
+    assert relative_error(g64.sum(0), grad_b) < 1e-5
+    xr = x.clone().requires_grad_(True)  # the input's gradient, with a strided output gradient
+    with fast.train_gemm("onednn"):
+        (grad_x,) = torch.autograd.grad(fast.linear(xr, w, b), [xr], g)
+    assert relative_error(g64 @ w.detach().double(), grad_x) < 1e-5

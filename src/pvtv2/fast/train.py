@@ -98,7 +98,9 @@ class OneDnnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
+        # Dense operands for oneDNN: rows overlapping in memory (as_strided) have no oneDNN memory descriptor. The
+        # blocks' inputs are contiguous already, so this copies nothing there.
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
         # oneDNN reads the bias as a dense vector whatever its strides (a strided one gave other memory's values).
         bias = None if bias is None else bias.contiguous()
         out = torch.ops.mkldnn._linear_pointwise(x2d, weight.contiguous(), bias, "none", [], "")
@@ -110,7 +112,7 @@ class OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x2d, weight = ctx.saved_tensors
-        g2d = grad.reshape(-1, grad.shape[-1])
+        g2d = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_x = grad_w = grad_b = None
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, so a second backward works
             if ctx.needs_input_grad[0]:

@@ -4,6 +4,8 @@ held to transformers' numbers, F.linear's, or a closed form in float64."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -242,3 +244,29 @@ def test_linear_with_strided_inputs_and_gradients_closed_form(layout):
     with fast.train_gemm("onednn"):
         (grad_x,) = torch.autograd.grad(fast.linear(xr, w, b), [xr], g)
     assert relative_error(g64 @ w.detach().double(), grad_x) < 1e-5
+
+
+def test_jit_trace_with_autograd_on_records_f_linear():
+    """``torch.jit.trace`` (deprecated, still what older ONNX and mobile exports run) traces with autograd on by
+    default, so the blocks' linear layers took the training path, whose oneDNN call the tracer cannot record."""
+    config = PvtV2Config(**dict(TINY, depths=[1, 1, 1, 1]), num_labels=3)
+    ours = random_weights_(PvtV2ForImageClassification(config), seed=11).eval()
+    theirs = _hf(ours).eval()
+
+    class Logits(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x).logits
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    with fast.train_gemm("onednn"):
+        traced = torch.jit.trace(Logits(ours), x, check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    with torch.no_grad():
+        assert relative_error(theirs(x).logits, loaded(x)) < 1e-4

@@ -164,6 +164,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's call (and traces with autograd on)
         and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight))
         and not _dual_level()
         and uses_onednn()

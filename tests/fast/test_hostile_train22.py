@@ -264,9 +264,12 @@ def test_jit_trace_with_autograd_on_records_f_linear():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
     with fast.train_gemm("onednn"):
         traced = torch.jit.trace(Logits(ours), x, check_trace=False)
+    with torch.no_grad():  # and without autograd: the reference stage, not the fused one (which crashed the tracer)
+        traced_no_grad = torch.jit.trace(Logits(ours), x)
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
     buffer.seek(0)
     loaded = torch.jit.load(buffer)
     with torch.no_grad():
         assert relative_error(theirs(x).logits, loaded(x)) < 1e-4
+        assert relative_error(theirs(x).logits, traced_no_grad(x)) < 1e-4

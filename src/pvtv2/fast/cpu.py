@@ -228,7 +228,7 @@ def fusable(stage: nn.Module) -> bool:
 
 def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
     """Whether a stage, called on ``x`` without attention maps, hands over to :func:`stage_forward`: on CPU, with
-    autograd off, outside ``torch.compile``, where the probe passed for the compute dtype, and, given ``stage``,
+    autograd off, outside ``torch.compile`` and ``torch.jit.trace``, where the probe passed for the compute dtype, and, given ``stage``,
     where its computation is what the fused code assumes: every module in eval mode, of exactly a known type, without
     hooks (its own or global ones) or an instance forward. Anything else runs the reference path, which calls the
     modules."""
@@ -237,6 +237,7 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's calls: the reference stage traces
         and (stage is None or fusable(stage))
         and fast_path_available(_compute_dtype(x))
     )

@@ -18,11 +18,16 @@ call and keeps nothing, so nothing about a model's state, copying or saving chan
   ``auto`` (the default) on an AMD CPU with AVX-512, the case measured;
 - autograd records (``torch.is_grad_enabled()`` and a tensor that needs a gradient: inference has its own path);
 - fp32 tensors on the CPU, without autocast (under bf16 autocast ``F.linear`` already calls oneDNN), outside
-  ``torch.compile`` and torch.func transforms, with the fast path switched on (:func:`pvtv2.fast.fast_path`) and
-  oneDNN's operators passing the capability probe (:func:`pvtv2.fast.fast_path_available`).
+  ``torch.compile``, ``torch.jit.trace``, torch.func transforms and forward-mode AD, with the fast path switched on
+  (:func:`pvtv2.fast.fast_path`) and oneDNN's operators passing the capability probe
+  (:func:`pvtv2.fast.fast_path_available`);
+- dense (strided) tensors of PyTorch's own types (a tensor subclass, such as a quantized weight, defines its own
+  ``F.linear``), of shapes ``F.linear`` accepts with a 2-D weight of at least one output feature.
 
-Modules are used through :func:`module_linear`, which calls the module itself unless it is exactly an ``nn.Linear``
-without hooks (:func:`pvtv2.fast.plain_modules`), so adapters, hooks and quantized layers keep working.
+Non-contiguous operands (strided biases, transposed weights, overlapping inputs) are made dense before oneDNN reads
+them. Modules are used through :func:`module_linear`, which calls the module itself unless it is exactly an
+``nn.Linear`` without forward or backward hooks (:func:`pvtv2.fast.plain_modules`), so adapters, hooks and quantized
+layers keep working.
 """
 
 from __future__ import annotations

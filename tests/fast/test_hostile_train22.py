@@ -273,3 +273,29 @@ def test_jit_trace_with_autograd_on_records_f_linear():
     with torch.no_grad():
         assert relative_error(theirs(x).logits, loaded(x)) < 1e-4
         assert relative_error(theirs(x).logits, traced_no_grad(x)) < 1e-4
+
+
+@pytest.mark.skipif(not fast.fast_path_available(torch.bfloat16), reason="no bf16 fast path on this CPU")
+def test_bf16_attention_with_many_keys_runs_sdpa_and_matches_transformers():
+    """Under bf16 autocast the fast path's attention is bf16 GEMMs around an fp32 softmax where the keys are few;
+    with many keys (sr_ratio 1, high resolution) that materialises the whole fp32 score matrix, measured 2-4x slower
+    than SDPA's tiled kernel at 1024 px with 640 MB more memory, so SDPA runs there. Both as close to the fp32
+    reference as transformers' own attention under the same autocast."""
+    from test_fastpath import hf_pair, ops_run
+
+    config = PvtV2Config(**dict(TINY, sr_ratios=[1, 1, 1, 1]), num_labels=4)
+    ours, theirs = hf_pair(config, seed=13)
+    x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(14))
+    # Keys per stage: 16x20 = 320 and 8x10 = 80 (many: SDPA), 4x5 = 20 and 2x3 = 6 (few: two matmuls each).
+    many = config.depths[0] + config.depths[1]
+    few = config.depths[2] + config.depths[3]
+    with torch.no_grad():
+        reference = theirs(x, output_hidden_states=True).hidden_states
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hf_low = theirs(x, output_hidden_states=True).hidden_states
+            counts = ops_run(lambda: ours(x, output_hidden_states=True))
+            low = ours(x, output_hidden_states=True).hidden_states
+    assert counts.get("aten::scaled_dot_product_attention", 0) == many
+    assert counts.get("aten::matmul", 0) == 2 * few
+    for ref, theirs_low, mine in zip(reference, hf_low, low):
+        assert relative_error(ref, mine.float()) < 2 * relative_error(ref, theirs_low.float()) + 2e-3

@@ -54,6 +54,7 @@ from torch.nn.modules import module as _module_mod
 __all__ = [
     "FAST_PATH_ENV",
     "FFN_PIECE_BYTES",
+    "BF16_MATMUL_KEYS",
     "fast_path",
     "fast_path_enabled",
     "fast_path_available",
@@ -79,6 +80,13 @@ FFN_PIECE_BYTES = 8 << 20
 # Input shapes per frozen convolution whose packed weights are kept (an evaluation loop sees one or two: its batch
 # size and a smaller last batch).
 CONV_SHAPES = 4
+
+# Under bf16 autocast, attention with at most this many keys runs as two bf16 GEMMs around an fp32 softmax (the
+# 7x7 reduced maps of 224-px inputs, linear attention); with more (higher resolutions, sr_ratio 1), SDPA. Measured
+# on a 2-core AMD EPYC (Zen 5) for a B0 backbone, 1 image at 1024 px (1,024 keys): 1,972 ms against 639 ms with SDPA
+# on one thread, 1,228 against 318 on two, and 640 MB more peak memory (the fp32 scores: 256 MiB per image and head
+# in stage 1); at 512 px (256 keys) 99 against 82 ms.
+BF16_MATMUL_KEYS = 64
 
 _CAPABILITY: dict[torch.dtype, bool] = {}
 
@@ -449,9 +457,10 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
     q = attn.split_heads(_linear(weights, [attn.query], x, dtype))  # (B, heads, N, head_dim)
     kv = _linear(weights, [attn.key, attn.value], kv_in, dtype)  # (B, N', 2C): one GEMM
     k, v = attn.split_heads(kv[..., :channels]), attn.split_heads(kv[..., channels:])
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and k.shape[-2] <= BF16_MATMUL_KEYS:
         # bf16 GEMMs (oneDNN) around a softmax in fp32, as transformers' eager attention computes under autocast:
         # twice as fast as SDPA's bf16 CPU kernel on these shapes (few keys), measured in docs/benchmarks.md.
+        # With many keys this materialises the whole fp32 score matrix, and SDPA's tiled kernel runs instead.
         scores = torch.matmul(q, k.transpose(-2, -1)).float().mul_(attn.scale)  # (B, heads, N, N')
         out = torch.matmul(scores.softmax(-1).to(dtype), v)
     else:

@@ -236,10 +236,10 @@ def fusable(stage: nn.Module) -> bool:
 
 def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
     """Whether a stage, called on ``x`` without attention maps, hands over to :func:`stage_forward`: on CPU, with
-    autograd off, outside ``torch.compile`` and ``torch.jit.trace``, where the probe passed for the compute dtype, and, given ``stage``,
-    where its computation is what the fused code assumes: every module in eval mode, of exactly a known type, without
-    hooks (its own or global ones) or an instance forward. Anything else runs the reference path, which calls the
-    modules."""
+    autograd off, outside ``torch.compile`` and ``torch.jit.trace``, where the probe passed for the compute dtype,
+    and, given ``stage``, where its computation is what the fused code assumes: every module in eval mode, of exactly
+    a known type, without hooks (its own or global ones) or an instance forward. Anything else runs the reference
+    path, which calls the modules."""
     return (
         _ENABLED.get()
         and x.device.type == "cpu"

@@ -299,3 +299,21 @@ def test_bf16_attention_with_many_keys_runs_sdpa_and_matches_transformers():
     assert counts.get("aten::matmul", 0) == 2 * few
     for ref, theirs_low, mine in zip(reference, hf_low, low):
         assert relative_error(ref, mine.float()) < 2 * relative_error(ref, theirs_low.float()) + 2e-3
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["unfrozen", "frozen"])
+def test_layers_without_biases_in_the_fast_path(frozen):
+    """Every Linear and Conv2d without a bias (the Mix-FFN's depthwise convolution included, whose bias the fused
+    GELU convolution read unconditionally): the reference stage's numbers, which are public operators only."""
+    config = PvtV2Config(**TINY, num_labels=3)
+    model = random_weights_(PvtV2ForImageClassification(config), seed=15).eval()
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.register_parameter("bias", None)
+    if frozen:
+        fast.freeze(model)
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        with fast.fast_path(False):
+            want = model(x).logits
+        assert relative_error(want, model(x).logits) < 1e-5

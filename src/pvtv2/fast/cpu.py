@@ -482,9 +482,9 @@ def _ffn_hidden(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: in
     conv = mlp.dwconv.dwconv
     gelu = _fusable_gelu(mlp.act)
     if gelu is not None:
+        bias = None if conv.bias is None else _dense(conv.bias, dtype)
         image = torch.ops.mkldnn._convolution_pointwise(
-            image.to(dtype), conv.weight.detach().to(dtype), _dense(conv.bias, dtype), [1, 1], [1, 1], [1, 1],
-            channels, "gelu", [], gelu,
+            image.to(dtype), conv.weight.detach().to(dtype), bias, [1, 1], [1, 1], [1, 1], channels, "gelu", [], gelu,
         )
     else:
         image = mlp.act(conv(image))

@@ -54,6 +54,7 @@ from torch.nn.modules import module as _module_mod
 __all__ = [
     "FAST_PATH_ENV",
     "FFN_PIECE_BYTES",
+    "BF16_MATMUL_KEYS",
     "fast_path",
     "fast_path_enabled",
     "fast_path_available",
@@ -79,6 +80,13 @@ FFN_PIECE_BYTES = 8 << 20
 # Input shapes per frozen convolution whose packed weights are kept (an evaluation loop sees one or two: its batch
 # size and a smaller last batch).
 CONV_SHAPES = 4
+
+# Under bf16 autocast, attention with at most this many keys runs as two bf16 GEMMs around an fp32 softmax (the
+# 7x7 reduced maps of 224-px inputs, linear attention); with more (higher resolutions, sr_ratio 1), SDPA. Measured
+# on a 2-core AMD EPYC (Zen 5) for a B0 backbone, 1 image at 1024 px (1,024 keys): 1,972 ms against 639 ms with SDPA
+# on one thread, 1,228 against 318 on two, and 640 MB more peak memory (the fp32 scores: 256 MiB per image and head
+# in stage 1); at 512 px (256 keys) 99 against 82 ms.
+BF16_MATMUL_KEYS = 64
 
 _CAPABILITY: dict[torch.dtype, bool] = {}
 
@@ -189,11 +197,25 @@ def _plain(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
+def _backward_hooks(*modules: nn.Module) -> bool:
+    """Whether backward hooks (``register_full_backward_hook``, ``register_full_backward_pre_hook``, or the global
+    ``register_module_full_backward_hook``) would run for ``modules``: only calling the module installs them."""
+    return bool(
+        _module_mod._global_backward_hooks
+        or _module_mod._global_backward_pre_hooks
+        or any(m._backward_hooks or m._backward_pre_hooks for m in modules)
+    )
+
+
 def plain_modules(cls: type[nn.Module], *modules: nn.Module) -> bool:
     """Whether each of ``modules`` is exactly a ``cls`` (no subclass, parametrization or quantized stand-in) that
-    runs only its class's forward (no hooks of its own or global ones): then code that uses their weights directly
-    computes what calling them would."""
-    return not _global_hooks() and all(type(m) is cls and _plain(m) for m in modules)
+    runs only its class's forward (no hooks of its own or global ones, forward or backward): then code that uses
+    their weights directly computes what calling them would, gradients included."""
+    return (
+        not _global_hooks()
+        and not _backward_hooks(*modules)
+        and all(type(m) is cls and _plain(m) for m in modules)
+    )
 
 
 def fusable(stage: nn.Module) -> bool:
@@ -214,15 +236,16 @@ def fusable(stage: nn.Module) -> bool:
 
 def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
     """Whether a stage, called on ``x`` without attention maps, hands over to :func:`stage_forward`: on CPU, with
-    autograd off, outside ``torch.compile``, where the probe passed for the compute dtype, and, given ``stage``,
-    where its computation is what the fused code assumes: every module in eval mode, of exactly a known type, without
-    hooks (its own or global ones) or an instance forward. Anything else runs the reference path, which calls the
-    modules."""
+    autograd off, outside ``torch.compile`` and ``torch.jit.trace``, where the probe passed for the compute dtype,
+    and, given ``stage``, where its computation is what the fused code assumes: every module in eval mode, of exactly
+    a known type, without hooks (its own or global ones) or an instance forward. Anything else runs the reference
+    path, which calls the modules."""
     return (
         _ENABLED.get()
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's calls: the reference stage traces
         and (stage is None or fusable(stage))
         and fast_path_available(_compute_dtype(x))
     )
@@ -233,6 +256,13 @@ def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
     return [p for m in modules for p in (m.weight, m.bias) if p is not None]
 
 
+def _dense(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bias for oneDNN's operators, which read it as a dense vector whatever its strides (a strided bias, as
+    ``load_state_dict(assign=True)`` of a slice gives, read other memory)."""
+    bias = _cast(bias, dtype)
+    return bias if bias.is_contiguous() else bias.contiguous()
+
+
 class _PlainWeights:
     """The modules' weights as they are, read at every call (no state)."""
 
@@ -240,11 +270,11 @@ class _PlainWeights:
         weight = torch.cat([m.weight for m in layers]) if len(layers) > 1 else layers[0].weight
         bias = None
         if layers[0].bias is not None:
-            bias = _cast(torch.cat([m.bias for m in layers]) if len(layers) > 1 else layers[0].bias, dtype)
+            bias = _dense(torch.cat([m.bias for m in layers]) if len(layers) > 1 else layers[0].bias, dtype)
         return _cast(weight, dtype), bias
 
     def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _cast(conv.weight, dtype), None if conv.bias is None else _cast(conv.bias, dtype)
+        return _cast(conv.weight, dtype), None if conv.bias is None else _dense(conv.bias, dtype)
 
 
 class _WatchedParameter(nn.Parameter):
@@ -318,7 +348,7 @@ class _PackedWeights:
                 conv.weight.detach().to(dtype), list(conv.padding), list(conv.stride), list(conv.dilation),
                 conv.groups, list(input_shape),
             )
-            return weight, None if conv.bias is None else conv.bias.detach().to(dtype)
+            return weight, None if conv.bias is None else _dense(conv.bias, dtype)
 
         slot = (id(conv), input_shape)
         fresh = slot not in self.entries
@@ -445,9 +475,10 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
     kv = _linear(weights, [attn.key, attn.value], kv_in, dtype)  # (B, N', 2C): one GEMM
     kv = kv.view(batch, -1, 2, heads, head_dim)  # keys and values side by side in each row
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, heads, N', head_dim)
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and k.shape[-2] <= BF16_MATMUL_KEYS:
         # bf16 GEMMs (oneDNN) around a softmax in fp32, as transformers' eager attention computes under autocast:
         # twice as fast as SDPA's bf16 CPU kernel on these shapes (few keys), measured in docs/benchmarks.md.
+        # With many keys this materialises the whole fp32 score matrix, and SDPA's tiled kernel runs instead.
         scores = torch.matmul(q, k.transpose(-2, -1)).float().mul_(attn.scale)  # (B, heads, N, N')
         out = torch.matmul(scores.softmax(-1).to(dtype), v)
     else:
@@ -469,9 +500,9 @@ def _ffn_hidden(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: in
     conv = mlp.dwconv.dwconv
     gelu = _fusable_gelu(mlp.act)
     if gelu is not None:
+        bias = None if conv.bias is None else _dense(conv.bias, dtype)
         image = torch.ops.mkldnn._convolution_pointwise(
-            _cast(image, dtype), _cast(conv.weight, dtype), _cast(conv.bias, dtype), [1, 1], [1, 1], [1, 1],
-            channels, "gelu", [], gelu,
+            _cast(image, dtype), _cast(conv.weight, dtype), bias, [1, 1], [1, 1], [1, 1], channels, "gelu", [], gelu,
         )
     else:
         image = mlp.act(conv(image))

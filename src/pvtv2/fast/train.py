@@ -18,11 +18,16 @@ call and keeps nothing, so nothing about a model's state, copying or saving chan
   ``auto`` (the default) on an AMD CPU with AVX-512, the case measured;
 - autograd records (``torch.is_grad_enabled()`` and a tensor that needs a gradient: inference has its own path);
 - fp32 tensors on the CPU, without autocast (under bf16 autocast ``F.linear`` already calls oneDNN), outside
-  ``torch.compile`` and torch.func transforms, with the fast path switched on (:func:`pvtv2.fast.fast_path`) and
-  oneDNN's operators passing the capability probe (:func:`pvtv2.fast.fast_path_available`).
+  ``torch.compile``, ``torch.jit.trace``, torch.func transforms and forward-mode AD, with the fast path switched on
+  (:func:`pvtv2.fast.fast_path`) and oneDNN's operators passing the capability probe
+  (:func:`pvtv2.fast.fast_path_available`);
+- dense (strided) tensors of PyTorch's own types (a tensor subclass, such as a quantized weight, defines its own
+  ``F.linear``), of shapes ``F.linear`` accepts with a 2-D weight of at least one output feature.
 
-Modules are used through :func:`module_linear`, which calls the module itself unless it is exactly an ``nn.Linear``
-without hooks (:func:`pvtv2.fast.plain_modules`), so adapters, hooks and quantized layers keep working.
+Non-contiguous operands (strided biases, transposed weights, overlapping inputs) are made dense before oneDNN reads
+them. Modules are used through :func:`module_linear`, which calls the module itself unless it is exactly an
+``nn.Linear`` without forward or backward hooks (:func:`pvtv2.fast.plain_modules`), so adapters, hooks and quantized
+layers keep working.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import fast_path_available, fast_path_enabled, plain_modules
+from .cpu import _WatchedParameter, fast_path_available, fast_path_enabled, plain_modules
 
 __all__ = ["TRAIN_GEMM_ENV", "CHOICES", "OneDnnLinear", "linear", "module_linear", "train_gemm", "uses_onednn"]
 
@@ -98,7 +103,11 @@ class OneDnnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
+        # Dense operands for oneDNN: rows overlapping in memory (as_strided) have no oneDNN memory descriptor. The
+        # blocks' inputs are contiguous already, so this copies nothing there.
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        # oneDNN reads the bias as a dense vector whatever its strides (a strided one gave other memory's values).
+        bias = None if bias is None else bias.contiguous()
         out = torch.ops.mkldnn._linear_pointwise(x2d, weight.contiguous(), bias, "none", [], "")
         ctx.save_for_backward(x2d, weight)
         ctx.input_shape = x.shape
@@ -108,7 +117,7 @@ class OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x2d, weight = ctx.saved_tensors
-        g2d = grad.reshape(-1, grad.shape[-1])
+        g2d = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_x = grad_w = grad_b = None
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, so a second backward works
             if ctx.needs_input_grad[0]:
@@ -126,18 +135,43 @@ class OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+# Tensors whose operators are PyTorch's own. A subclass (a quantized or fake-quantized weight kept in a plain
+# nn.Linear, as tensor-subclass quantization does) defines what F.linear means for it: F.linear it gets.
+_PLAIN_TENSORS = frozenset({torch.Tensor, nn.Parameter, _WatchedParameter})
+
+
+def _plain_tensor(t: torch.Tensor) -> bool:
+    return type(t) in _PLAIN_TENSORS and t.layout == torch.strided and t.device.type == "cpu"
+
+
+def _dual_level() -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on: OneDnnLinear has no tangent rule."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         torch.is_grad_enabled()
-        and x.device.type == "cpu"
+        and _plain_tensor(x)
+        and _plain_tensor(weight)
+        and (bias is None or _plain_tensor(bias))
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
+        # Shapes F.linear takes and oneDNN's inner product does not, or refuses without naming the problem: left
+        # to F.linear (a 1-D weight, no output features, mismatched sizes, with its own error messages).
+        and x.dim() >= 1
+        and weight.dim() == 2
+        and weight.shape[0] > 0
+        and x.shape[-1] == weight.shape[1]
+        and (bias is None or bias.shape == weight.shape[:1])
         and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's call (and traces with autograd on)
         and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight))
+        and not _dual_level()
         and uses_onednn()
     )
 

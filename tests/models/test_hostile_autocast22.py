@@ -5,6 +5,9 @@ transformers' numbers under the same autocast (same seed where dropout draws), o
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,3 +172,17 @@ def test_dense_models_train_under_autocast(kind):
     assert torch.isfinite(loss) and abs(loss.item() - fp32.item()) < 0.02 * abs(fp32.item())
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_declared_torch_floor_has_the_autocast_api_the_models_call():
+    """Every CPU attention call (training included), the fast paths and the input check call
+    ``torch.is_autocast_enabled(device_type)`` and ``torch.get_autocast_dtype(device_type)``, which came with
+    PyTorch 2.4: before, ``is_autocast_enabled()`` took no argument, so every forward pass on a declared-supported
+    torch 2.1-2.3 raised a TypeError."""
+    root = Path(__file__).resolve().parents[2]
+    calls = re.findall(r"torch\.(?:is_autocast_enabled|get_autocast_dtype)\((?!\))", "".join(
+        path.read_text() for path in (root / "src" / "pvtv2").rglob("*.py")
+    ))
+    assert calls  # the code does use the device-argument form
+    floor = re.search(r'"torch>=([0-9]+)\.([0-9]+)', (root / "pyproject.toml").read_text())
+    assert floor is not None and (int(floor.group(1)), int(floor.group(2))) >= (2, 4), floor

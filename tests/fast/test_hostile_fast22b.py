@@ -138,3 +138,18 @@ def test_fast_path_still_runs_for_the_model_as_built(monkeypatch):
             want = _hf(ours)(_input()).logits
         assert len(calls) == 4, changes
         assert relative_error(want, got) < 1e-4, changes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_float64_model_under_autocast_computes_in_float64(dtype):
+    """Autocast leaves float64 tensors alone, so a float64 model under CPU autocast computes in float64 (as
+    transformers' does); the fast path took the autocast dtype as its compute dtype and crashed on the float64
+    LayerNorm weights ("mixed dtype (CPU)")."""
+    ours = _model().double()
+    theirs = _hf(ours).double()
+    x = _input().double()
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        got = ours(x).logits
+        want = theirs(x).logits
+    assert got.dtype == want.dtype == torch.float64
+    assert relative_error(want, got) < 1e-10

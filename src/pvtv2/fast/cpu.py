@@ -158,7 +158,11 @@ def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    """The dtype the reference's GEMMs and convolutions compute ``x`` in: autocast's, except for float64, which
+    autocast leaves alone (a float64 model under autocast computes in float64; the fast path then does not apply)."""
+    if torch.is_autocast_enabled("cpu") and x.dtype != torch.float64:
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
 
 
 # The modules the fused stage reads weights from, replaces the forward of or calls, by exact type: a subclass

@@ -17,8 +17,8 @@ public operators it replaces; where the probe fails (another CPU, another build)
 1. Same numbers as the reference stage, to 1e-5 relative, for the weights the modules hold at call time. The fused
    code reads weights and replaces module forwards, so it runs only where that is what calling the modules computes:
    :func:`applies` checks, at every call, that every module of the stage is in eval mode, of exactly the type the
-   fused code assumes (no subclass such as a LoRA-style Linear, no ``torch.nn.utils.parametrize``, no quantized
-   stand-in), without forward hooks or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the
+   fused code assumes in its slot (no subclass such as a LoRA-style Linear, no ``torch.nn.utils.parametrize``, no
+   quantized stand-in, no ReLU where a dropout is skipped, convolutions padding with zeros), without forward hooks or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the
    instance, and that no global module hooks exist. Otherwise the stage runs the reference path, which calls them.
 2. Without :func:`freeze` there is no state at all: every call reads the modules' current weights, however they were
    written. Nothing is ever added to ``state_dict()`` or to anything a module references, so a model deep-copies,
@@ -158,7 +158,11 @@ def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    """The dtype the reference's GEMMs and convolutions compute ``x`` in: autocast's, except for float64, which
+    autocast leaves alone (a float64 model under autocast computes in float64; the fast path then does not apply)."""
+    if torch.is_autocast_enabled("cpu") and x.dtype != torch.float64:
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
 
 
 # The modules the fused stage reads weights from, replaces the forward of or calls, by exact type: a subclass
@@ -218,9 +222,57 @@ def plain_modules(cls: type[nn.Module], *modules: nn.Module) -> bool:
     )
 
 
+# What each slot of pvtv2's layers may hold for the fused code (by class name; every module is also of a known type):
+# the fused code skips the dropouts and drop path (identities in eval mode), fuses only a ReLU into the Mix-FFN's
+# first GEMM, reads the LayerNorms', Linears' and convolutions' weights, and calls the rest. A known module in another
+# slot (a ReLU as drop path, a SiLU in the ReLU's slot) would compute something else than calling it does.
+_CALLED = frozenset({"Identity", "AdaptiveAvgPool2d", "ReLU", "GELU", "SELU", "SiLU", "_Formula"})
+_SKIPPED = frozenset({"Dropout", "Identity"})
+_SLOTS: dict[str, dict[str, frozenset[str]]] = {
+    "PvtV2Stage": {
+        "patch_embedding": frozenset({"OverlapPatchEmbed"}), "blocks": frozenset({"ModuleList"}),
+        "layer_norm": frozenset({"LayerNorm"}),
+    },
+    "OverlapPatchEmbed": {"proj": frozenset({"Conv2d"}), "layer_norm": frozenset({"LayerNorm"})},
+    "PvtV2Block": {
+        "layer_norm_1": frozenset({"LayerNorm"}), "attention": frozenset({"SpatialReductionAttention"}),
+        "drop_path": frozenset({"DropPath", "Identity"}), "layer_norm_2": frozenset({"LayerNorm"}),
+        "mlp": frozenset({"MixFFN"}),
+    },
+    "SpatialReductionAttention": {
+        "query": frozenset({"Linear"}), "key": frozenset({"Linear"}), "value": frozenset({"Linear"}),
+        "proj": frozenset({"Linear"}), "proj_drop": _SKIPPED, "pool": _CALLED, "act": _CALLED,
+        "spatial_reduction": frozenset({"Conv2d"}), "layer_norm": frozenset({"LayerNorm"}),
+    },
+    "MixFFN": {
+        "dense1": frozenset({"Linear"}), "dense2": frozenset({"Linear"}), "relu": frozenset({"ReLU", "Identity"}),
+        "dwconv": frozenset({"DepthwiseConv"}), "act": _CALLED, "dropout": _SKIPPED,
+    },
+    "DepthwiseConv": {"dwconv": frozenset({"Conv2d"})},
+}
+
+
+def _slots_fit(m: nn.Module) -> bool:
+    """Whether ``m``'s submodules are of the types the fused code assumes in their slots, and a convolution pads
+    as the fused convolutions do (zeros, given as numbers)."""
+    if type(m) is nn.Conv2d:
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    slots = _SLOTS.get(type(m).__qualname__)
+    if slots is None:
+        return type(m) is not nn.ModuleList or all(
+            child is None or type(child).__qualname__ == "PvtV2Block" for child in m._modules.values()
+        )
+    for name, child in m._modules.items():
+        allowed = slots.get(name)
+        if child is not None and allowed is not None and type(child).__qualname__ not in allowed:
+            return False
+    return True
+
+
 def fusable(stage: nn.Module) -> bool:
     """Whether every module of ``stage`` (itself included) is in eval mode, of a type the fused code knows exactly,
-    and runs only its class's forward. Runs at every call: one walk over the modules, a few attribute reads each."""
+    in a slot where the fused code computes what calling it does, and runs only its class's forward. Runs at every
+    call: one walk over the modules, a few attribute reads each."""
     if _global_hooks():
         return False
     todo = [stage]
@@ -228,7 +280,7 @@ def fusable(stage: nn.Module) -> bool:
         m = todo.pop()
         if m is None:  # a submodule slot set to None
             continue
-        if m.training or not _known(type(m)) or not _plain(m):
+        if m.training or not _known(type(m)) or not _plain(m) or not _slots_fit(m):
             return False
         todo.extend(m._modules.values())
     return True
@@ -269,8 +321,10 @@ class _PlainWeights:
     def linear(self, layers: list[nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = torch.cat([m.weight for m in layers]) if len(layers) > 1 else layers[0].weight
         bias = None
-        if layers[0].bias is not None:
-            bias = _dense(torch.cat([m.bias for m in layers]) if len(layers) > 1 else layers[0].bias, dtype)
+        if any(m.bias is not None for m in layers):
+            # One bias for the concatenated layers: a layer without one (a key without bias, a value with) adds zeros.
+            parts = [m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in layers]
+            bias = _dense(torch.cat(parts) if len(parts) > 1 else parts[0], dtype)
         return _cast(weight, dtype), bias
 
     def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -492,6 +546,14 @@ def _fusable_gelu(act: nn.Module) -> str | None:
     return {"none": "none", "tanh": "tanh"}.get(act.approximate) if type(act) is nn.GELU else None
 
 
+def _fusable_dwconv(conv: nn.Conv2d, channels: int) -> bool:
+    """Whether ``conv`` is the 3x3 depthwise convolution (stride, padding and dilation 1) the fused call assumes."""
+    return (
+        conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
+        and conv.groups == conv.in_channels == conv.out_channels == channels
+    )
+
+
 def _ffn_hidden(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """dense1, (ReLU), depthwise conv and activation of a piece ``(B, height * width, C)``."""
     x = _linear(weights, [mlp.dense1], x, dtype, attr="relu" if isinstance(mlp.relu, nn.ReLU) else "none")
@@ -499,7 +561,7 @@ def _ffn_hidden(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: in
     image = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, hidden, H, W), channels-last view
     conv = mlp.dwconv.dwconv
     gelu = _fusable_gelu(mlp.act)
-    if gelu is not None:
+    if gelu is not None and _fusable_dwconv(conv, channels):
         bias = None if conv.bias is None else _dense(conv.bias, dtype)
         image = torch.ops.mkldnn._convolution_pointwise(
             _cast(image, dtype), _cast(conv.weight, dtype), bias, [1, 1], [1, 1], [1, 1], channels, "gelu", [], gelu,

@@ -168,7 +168,9 @@ class SpatialReductionAttention(nn.Module):
         probs = None
         if output_attentions or _explicit_attention(q, k):
             probs = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, heads, N, N')
-            out = F.dropout(probs, dropout, self.training) @ v
+            # The maps returned are the weights the values get, after dropout in training, as transformers returns.
+            probs = F.dropout(probs, dropout, self.training)
+            out = probs @ v
             probs = probs if output_attentions else None
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)

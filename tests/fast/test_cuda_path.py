@@ -135,3 +135,16 @@ def test_fused_stage_on_unusual_modules(results, variant):
     assert got_dtype == want_dtype, results[variant]
     # fp32 models: fp32 rounding; the bf16 one: within bf16 rounding of the reference path's own bf16 result.
     assert error < (3e-2 if want_dtype == "torch.bfloat16" else 1e-5), results[variant]
+
+
+def test_compute_dtype_keeps_float64_under_autocast():
+    """Autocast leaves float64 alone, so a float64 model under autocast computes in float64 (the fused path, sized
+    and cast by this dtype, must not take it for a bf16 one)."""
+    import torch
+
+    from pvtv2.fast import cuda as cuda_path
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cuda_path._compute_dtype(torch.zeros(2, dtype=torch.float64)) == torch.float64
+        assert cuda_path._compute_dtype(torch.zeros(2)) == torch.bfloat16
+    assert cuda_path._compute_dtype(torch.zeros(2, dtype=torch.float16)) == torch.float16

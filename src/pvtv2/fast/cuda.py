@@ -77,7 +77,10 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type  # "cuda"; "cpu" where the tests run the kernels through Triton's interpreter
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    # Autocast leaves float64 alone: a float64 model computes in float64 (and this path does not apply to it).
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def _stream_dtype(x: torch.Tensor) -> torch.dtype:

@@ -18,8 +18,9 @@ public operators it replaces; where the probe fails (another CPU, another build)
    code reads weights and replaces module forwards, so it runs only where that is what calling the modules computes:
    :func:`applies` checks, at every call, that every module of the stage is in eval mode, of exactly the type the
    fused code assumes in its slot (no subclass such as a LoRA-style Linear, no ``torch.nn.utils.parametrize``, no
-   quantized stand-in, no ReLU where a dropout is skipped, convolutions padding with zeros), without forward hooks or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the
-   instance, and that no global module hooks exist. Otherwise the stage runs the reference path, which calls them.
+   quantized stand-in, no ReLU where a dropout is skipped, convolutions padding with zeros), without forward hooks
+   or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the instance, and that no global module
+   hooks exist. Otherwise the stage runs the reference path, which calls them.
 2. Without :func:`freeze` there is no state at all: every call reads the modules' current weights, however they were
    written. Nothing is ever added to ``state_dict()`` or to anything a module references, so a model deep-copies,
    pickles and saves at any time.
@@ -509,8 +510,8 @@ def _conv(weights, conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> torc
     """``conv`` on the channels-last ``x``; returns channels-last."""
     weight, bias = weights.conv(conv, dtype, tuple(x.shape))
     return torch.ops.mkldnn._convolution_pointwise(
-        _cast(x, dtype), weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "none", [],
-        "",
+        _cast(x, dtype), weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        "none", [], "",
     )
 
 

@@ -55,6 +55,7 @@ from torch.nn.modules import module as _module_mod
 __all__ = [
     "FAST_PATH_ENV",
     "FFN_PIECE_BYTES",
+    "PLAIN_TENSOR_TYPES",
     "BF16_MATMUL_KEYS",
     "fast_path",
     "fast_path_enabled",
@@ -344,6 +345,10 @@ class _WatchedParameter(nn.Parameter):
     def data(self, value: torch.Tensor) -> None:
         self._pvtv2_data_uses = getattr(self, "_pvtv2_data_uses", 0) + 1
         torch._C.TensorBase.data.__set__(self, value)
+
+
+# Tensor types whose operators are PyTorch's own: plain tensors and parameters, a frozen model's included.
+PLAIN_TENSOR_TYPES = frozenset({torch.Tensor, nn.Parameter, _WatchedParameter})
 
 
 def _watch(params: list[torch.Tensor]) -> None:

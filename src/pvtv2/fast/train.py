@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import _WatchedParameter, fast_path_available, fast_path_enabled, plain_modules
+from .cpu import PLAIN_TENSOR_TYPES, fast_path_available, fast_path_enabled, plain_modules
 
 __all__ = ["TRAIN_GEMM_ENV", "CHOICES", "OneDnnLinear", "linear", "module_linear", "train_gemm", "uses_onednn"]
 
@@ -135,13 +135,10 @@ class OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-# Tensors whose operators are PyTorch's own. A subclass (a quantized or fake-quantized weight kept in a plain
-# nn.Linear, as tensor-subclass quantization does) defines what F.linear means for it: F.linear it gets.
-_PLAIN_TENSORS = frozenset({torch.Tensor, nn.Parameter, _WatchedParameter})
-
-
 def _plain_tensor(t: torch.Tensor) -> bool:
-    return type(t) in _PLAIN_TENSORS and t.layout == torch.strided and t.device.type == "cpu"
+    """A dense CPU tensor whose operators are PyTorch's own. A subclass (a quantized or fake-quantized weight kept in
+    a plain nn.Linear, as tensor-subclass quantization does) defines what F.linear means for it: F.linear it gets."""
+    return type(t) in PLAIN_TENSOR_TYPES and t.layout == torch.strided and t.device.type == "cpu"
 
 
 def _dual_level() -> bool:

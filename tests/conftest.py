@@ -62,6 +62,25 @@ TINY_SHALLOW = dict(TINY, depths=[1, 1, 1, 1])
 TINY_SMALL_IMAGES = dict(TINY_SHALLOW, sr_ratios=[4, 2, 1, 1])
 
 
+def hf_config(config):
+    """transformers' ``PvtV2Config`` of the same architecture as our ``config`` (``stage_names`` it derives itself)."""
+    import transformers
+
+    data = config.to_dict()
+    data.pop("stage_names")
+    return transformers.PvtV2Config(**data)
+
+
+def hf_twin(ours: torch.nn.Module) -> torch.nn.Module:
+    """transformers' classifier with the config and the weights of our classifier ``ours`` (loaded strictly, made
+    dense first: a strided weight of ours loads as its values), in ``ours``' training mode."""
+    import transformers
+
+    theirs = transformers.PvtV2ForImageClassification(hf_config(ours.config))
+    theirs.load_state_dict({k: v.contiguous() for k, v in ours.state_dict().items()}, strict=True)
+    return theirs.train(ours.training)
+
+
 @pytest.fixture
 def tiny_kwargs() -> dict:
     return dict(TINY)

@@ -26,7 +26,7 @@ import pvtv2.fast.cpu as cpu
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
 from pvtv2.benchmark import benchmark_model
 
-from conftest import TINY, random_weights_, relative_error
+from conftest import TINY, hf_config, random_weights_, relative_error
 
 TOL = 1e-5
 FAST = fast.fast_path_available(torch.float32)
@@ -34,10 +34,8 @@ needs_fast = pytest.mark.skipif(not FAST, reason="the oneDNN operators of the fa
 
 
 def hf_pair(config: PvtV2Config, seed: int = 0):
-    data = config.to_dict()
-    data.pop("stage_names")
     with torch.device("meta"):
-        theirs = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**data))
+        theirs = transformers.PvtV2ForImageClassification(hf_config(config))
         ours = PvtV2ForImageClassification(config)
     random_weights_(theirs, seed=seed).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True, assign=True)
@@ -297,6 +295,20 @@ def test_bf16_autocast_close_to_fp32_reference(frozen):
     assert torch.equal(low.float().argmax(-1)[clear], expected.argmax(-1)[clear])
 
 
+def bf16_stages_as_close_as_transformers(ours, theirs, x: torch.Tensor) -> dict[str, int]:
+    """Assert that every stage output of ``ours`` under bf16 autocast is as close to transformers' fp32 one as
+    transformers' own under the same autocast; returns the operators ours ran (:func:`ops_run`)."""
+    with torch.no_grad():
+        reference = theirs(x, output_hidden_states=True).hidden_states
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hf_low = theirs(x, output_hidden_states=True).hidden_states
+            counts = ops_run(lambda: ours(x, output_hidden_states=True))
+            low = ours(x, output_hidden_states=True).hidden_states
+    for ref, theirs_low, mine in zip(reference, hf_low, low):
+        assert relative_error(ref, mine.float()) < 2 * relative_error(ref, theirs_low.float()) + 2e-3
+    return counts
+
+
 @pytest.mark.skipif(not fast.fast_path_available(torch.bfloat16), reason="no bf16 fast path on this CPU")
 @pytest.mark.parametrize("linear", [False, True])
 def test_bf16_attention_as_accurate_as_transformers_under_autocast(linear):
@@ -305,15 +317,8 @@ def test_bf16_attention_as_accurate_as_transformers_under_autocast(linear):
     config = PvtV2Config(**TINY, linear_attention=linear, num_labels=4)
     ours, theirs = hf_pair(config, seed=12)
     x = torch.randn(3, 3, 64, 80)
-    with torch.no_grad():
-        reference = theirs(x, output_hidden_states=True).hidden_states
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hf_low = theirs(x, output_hidden_states=True).hidden_states
-            counts = ops_run(lambda: ours(x, output_hidden_states=True))
-            low = ours(x, output_hidden_states=True).hidden_states
+    counts = bf16_stages_as_close_as_transformers(ours, theirs, x)
     assert counts.get("aten::matmul", 0) > 0 and "aten::scaled_dot_product_attention" not in counts
-    for ref, theirs_low, mine in zip(reference, hf_low, low):
-        assert relative_error(ref, mine.float()) < 2 * relative_error(ref, theirs_low.float()) + 2e-3
 
 
 def test_channels_last_hidden_states_have_transformers_values_and_usual_ops():

@@ -8,27 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import pvtv2.fast.cpu as fast_cpu
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
 
-from conftest import TINY, random_weights_, relative_error
+from conftest import TINY, hf_twin as _hf, random_weights_, relative_error
 
 pytestmark = pytest.mark.skipif(not fast.fast_path_available(), reason="oneDNN's operators unavailable here")
 
 
 def _model(seed: int = 2, **changes) -> PvtV2ForImageClassification:
     return random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=5, **changes)), seed=seed).eval()
-
-
-def _hf(ours: nn.Module) -> nn.Module:
-    data = ours.config.to_dict()
-    data.pop("stage_names")
-    theirs = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**data))
-    theirs.load_state_dict({k: v.contiguous() for k, v in ours.state_dict().items()}, strict=True)
-    return theirs.eval()
 
 
 def _input() -> torch.Tensor:

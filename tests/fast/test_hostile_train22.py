@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-import transformers
 from torch import nn
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
 
-from conftest import TINY, random_weights_, relative_error
+from conftest import TINY, hf_twin as _hf, random_weights_, relative_error
 
 pytestmark = pytest.mark.skipif(not fast.fast_path_available(), reason="oneDNN's operators unavailable here")
 
@@ -24,14 +23,6 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
     """The values of ``t`` in a non-contiguous tensor (every other element of a buffer twice as long)."""
     buffer = torch.stack([t.detach(), torch.full_like(t, 1e3)], dim=-1)
     return buffer[..., 0]
-
-
-def _hf(ours: nn.Module) -> nn.Module:
-    data = ours.config.to_dict()
-    data.pop("stage_names")
-    theirs = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**data))
-    theirs.load_state_dict({k: v.contiguous() for k, v in ours.state_dict().items()}, strict=True)
-    return theirs
 
 
 def _model_with_strided_operands(seed: int) -> nn.Module:
@@ -281,7 +272,7 @@ def test_bf16_attention_with_many_keys_runs_sdpa_and_matches_transformers():
     with many keys (sr_ratio 1, high resolution) that materialises the whole fp32 score matrix, measured 2-4x slower
     than SDPA's tiled kernel at 1024 px with 640 MB more memory, so SDPA runs there. Both as close to the fp32
     reference as transformers' own attention under the same autocast."""
-    from test_fastpath import hf_pair, ops_run
+    from test_fastpath import bf16_stages_as_close_as_transformers, hf_pair
 
     config = PvtV2Config(**dict(TINY, sr_ratios=[1, 1, 1, 1]), num_labels=4)
     ours, theirs = hf_pair(config, seed=13)
@@ -289,16 +280,9 @@ def test_bf16_attention_with_many_keys_runs_sdpa_and_matches_transformers():
     # Keys per stage: 16x20 = 320 and 8x10 = 80 (many: SDPA), 4x5 = 20 and 2x3 = 6 (few: two matmuls each).
     many = config.depths[0] + config.depths[1]
     few = config.depths[2] + config.depths[3]
-    with torch.no_grad():
-        reference = theirs(x, output_hidden_states=True).hidden_states
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hf_low = theirs(x, output_hidden_states=True).hidden_states
-            counts = ops_run(lambda: ours(x, output_hidden_states=True))
-            low = ours(x, output_hidden_states=True).hidden_states
+    counts = bf16_stages_as_close_as_transformers(ours, theirs, x)
     assert counts.get("aten::scaled_dot_product_attention", 0) == many
     assert counts.get("aten::matmul", 0) == 2 * few
-    for ref, theirs_low, mine in zip(reference, hf_low, low):
-        assert relative_error(ref, mine.float()) < 2 * relative_error(ref, theirs_low.float()) + 2e-3
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["unfrozen", "frozen"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import TINY, random_weights_, relative_error
+from conftest import TINY, hf_config, random_weights_, relative_error
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
 from pvtv2.fast import train as train_gemm_mod
@@ -33,9 +33,7 @@ PER_BLOCK = 5
 def _pair(kwargs: dict, seed: int = 0):
     config = PvtV2Config(num_labels=5, drop_path_rate=0.0, **kwargs)
     ours = random_weights_(PvtV2ForImageClassification(config), seed=seed)
-    data = config.to_dict()
-    data.pop("stage_names")
-    theirs = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**data))
+    theirs = transformers.PvtV2ForImageClassification(hf_config(config))
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours.train(), theirs.double().train()
 

@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 import transformers
-from conftest import TINY, relative_error
+from conftest import TINY, hf_config, relative_error
 from timm.models.pvt_v2 import PyramidVisionTransformerV2, checkpoint_filter_fn
 
 from pvtv2 import (
@@ -51,12 +51,6 @@ def hostile_weights_(model: torch.nn.Module, seed: int = 0, embed_scale: float =
         else:
             p.copy_(2.0 * noise * scale)
     return model
-
-
-def hf_config(config: PvtV2Config) -> transformers.PvtV2Config:
-    data = config.to_dict()
-    data.pop("stage_names")
-    return transformers.PvtV2Config(**data)
 
 
 def hf_pair(config: PvtV2Config, cls=PvtV2ForImageClassification, hf_cls=transformers.PvtV2ForImageClassification,

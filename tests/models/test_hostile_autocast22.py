@@ -11,28 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
-from torch import nn
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification
 from pvtv2.models import layers
 from pvtv2.models.depth import PvtV2ForDepthEstimation
 from pvtv2.models.segmentation import PvtV2ForSemanticSegmentation
 
-from conftest import TINY, TINY_SHALLOW, random_weights_, relative_error
+from conftest import TINY, TINY_SHALLOW, hf_twin as _hf, random_weights_, relative_error
 
 
 def _model(seed: int = 1, **changes) -> PvtV2ForImageClassification:
     config = PvtV2Config(**{**TINY, "num_labels": 5, "drop_path_rate": 0.0, **changes})
     return random_weights_(PvtV2ForImageClassification(config), seed=seed)
-
-
-def _hf(ours: nn.Module) -> nn.Module:
-    data = ours.config.to_dict()
-    data.pop("stage_names")
-    theirs = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**data))
-    theirs.load_state_dict({k: v.contiguous() for k, v in ours.state_dict().items()}, strict=True)
-    return theirs.train(ours.training)
 
 
 def _input(batch: int = 2) -> torch.Tensor:

@@ -11,15 +11,9 @@ import transformers
 from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, PvtV2Model
 from pvtv2.models.layers import DropPath
 
-from conftest import TINY, random_weights_, relative_error, shrink_patch_embeddings_
+from conftest import TINY, hf_config, random_weights_, relative_error, shrink_patch_embeddings_
 
 TOL = 1e-5
-
-
-def hf_config(config: PvtV2Config) -> transformers.PvtV2Config:
-    data = config.to_dict()
-    data.pop("stage_names")
-    return transformers.PvtV2Config(**data)
 
 
 def pair(config: PvtV2Config, cls=PvtV2ForImageClassification, hf_cls=transformers.PvtV2ForImageClassification, seed=0):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu, cuda, train
+from . import cpu, cuda
 from .cpu import (
     FAST_PATH_ENV,
     fast_path,

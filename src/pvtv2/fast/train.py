@@ -149,6 +149,7 @@ def _dual_level() -> bool:
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         torch.is_grad_enabled()
+        and uses_onednn()  # first: where oneDNN is not chosen, F.linear's callers pay for one look-up only
         and _plain_tensor(x)
         and _plain_tensor(weight)
         and (bias is None or _plain_tensor(bias))
@@ -169,7 +170,6 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's call (and traces with autograd on)
         and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight))
         and not _dual_level()
-        and uses_onednn()
     )
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["layer_norm", "depthwise_conv_gelu"]
+__all__ = ["layer_norm", "depthwise_conv_gelu", "layer_norm_forward", "layer_norm_backward"]
 
 # Elements a LayerNorm program holds (rows x padded channels): enough rows per program for narrow rows.
 _LN_ELEMENTS = 4096
@@ -119,3 +119,121 @@ def depthwise_conv_gelu(
         GELU=gelu, BLOCK_P=_DW_PIXELS, BLOCK_C=_DW_CHANNELS, num_warps=4,
     )
     return y
+
+
+# ---------------------------------------------------------------------------------------------- LayerNorm, training
+# The forward above with the row statistics kept for the backward pass (pvtv2.fast.cuda_train), and the backward.
+# Programs of the backward pass at most (each loops over blocks of rows, summing its weight and bias gradients).
+_LN_BWD_PROGRAMS = 1024
+# Elements a backward program holds per block of rows (it keeps more tensors live than the forward).
+_LN_BWD_ELEMENTS = 2048
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    x_ptr, res_ptr, sum_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, rows, cols, eps,
+    HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row = r[:, None]
+    col = tl.arange(0, BLOCK_C)[None, :]
+    mask = (row < rows) & (col < cols)
+    offsets = row * cols + col
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        total = (x + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + offsets, total, mask=mask)
+        x = total.to(tl.float32)
+    mean = tl.sum(x, axis=1) / cols
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + r, mean, mask=r < rows)
+    tl.store(rstd_ptr + r, rstd, mask=r < rows)
+    w = tl.load(w_ptr + col, mask=col < cols, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + col, mask=col < cols, other=0.0).to(tl.float32)
+    y = centred * rstd[:, None] * w + b
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def layer_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype,
+    residual: torch.Tensor | None = None, sum_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x + residual, y, mean, rstd)`` (the sum ``None`` without ``residual``): ``y`` the LayerNorm of ``x`` (+
+    ``residual``) over the last dimension in ``out_dtype``, ``mean`` and ``rstd`` (fp32, one per row) what
+    :func:`layer_norm_backward` needs. ``x`` and ``residual`` must be contiguous; the sum is in ``sum_dtype``."""
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    total = None if residual is None else torch.empty(x.shape, dtype=sum_dtype or x.dtype, device=x.device)
+    block_c = triton.next_power_of_2(cols)
+    block_r = max(1, _LN_ELEMENTS // block_c)
+    _layer_norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
+        x, x if residual is None else residual, y if total is None else total, weight, bias, y, mean, rstd, rows,
+        cols, eps, HAS_RES=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=4 if block_c <= 512 else 8,
+    )
+    return total, y, mean, rstd
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    x_ptr, gy_ptr, gs_ptr, w_ptr, mean_ptr, rstd_ptr, gx_ptr, part_ptr, rows, cols, blocks_per_program, programs,
+    HAS_GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    col = tl.arange(0, BLOCK_C)[None, :]
+    col_ok = col < cols
+    w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+    acc_w = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for i in range(0, blocks_per_program):
+        r = ((pid * blocks_per_program + i) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row = r[:, None]
+        mask = (row < rows) & col_ok
+        offsets = row * cols + col
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        gy = tl.load(gy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row, mask=row < rows, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=row < rows, other=0.0)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wgy = gy * w
+        c1 = tl.sum(xhat * wgy, axis=1)[:, None] / cols
+        c2 = tl.sum(wgy, axis=1)[:, None] / cols
+        gx = (wgy - (xhat * c1 + c2)) * rstd
+        if HAS_GS:
+            gx += tl.load(gs_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gx_ptr + offsets, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        acc_w += gy * xhat
+        acc_b += gy
+    c = tl.arange(0, BLOCK_C)
+    tl.store(part_ptr + pid * cols + c, tl.sum(acc_w, axis=0), mask=c < cols)
+    tl.store(part_ptr + (programs + pid) * cols + c, tl.sum(acc_b, axis=0), mask=c < cols)
+
+
+def layer_norm_backward(
+    x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    grad_dtype: torch.dtype, grad_sum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`layer_norm_forward`: ``(grad_x, grad_weight, grad_bias)``, ``grad_x`` in
+    ``grad_dtype`` (plus ``grad_sum``, the gradient that reaches the residual sum itself, where given), the other two
+    in fp32. ``x`` is the norm's input as the forward read it (the sum, with a residual); all contiguous."""
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    block_c = triton.next_power_of_2(cols)
+    block_r = max(1, _LN_BWD_ELEMENTS // block_c)
+    blocks = triton.cdiv(rows, block_r)
+    per_program = triton.cdiv(blocks, _LN_BWD_PROGRAMS)
+    programs = triton.cdiv(blocks, per_program)
+    grad_x = torch.empty(x.shape, dtype=grad_dtype, device=x.device)
+    partial = torch.empty((2, programs, cols), dtype=torch.float32, device=x.device)
+    _layer_norm_bwd_kernel[(programs,)](
+        x, grad_y, grad_y if grad_sum is None else grad_sum, weight, mean, rstd, grad_x, partial, rows, cols,
+        per_program, programs, HAS_GS=grad_sum is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=4 if block_c <= 512 else 8,
+    )
+    grad_weight, grad_bias = partial.sum(1)
+    return grad_x, grad_weight, grad_bias

@@ -39,8 +39,8 @@ def test_gpu_script_dry_run_covers_every_case_with_consistent_figures(tmp_path):
     assert set(result["meta"]["matmul_peak_tflops"]) == {"fp32", "tf32", "bf16"}
     for row in rows:
         case, speed, check = row["case"], row["speed"], row["check"]
-        # pvtv2_ref (fast path off) in eager cases only: under torch.compile both paths are the reference one.
-        plain = bool(case["compile"])
+        # pvtv2_ref (fast path off) in eager inference only: elsewhere both paths are the reference one.
+        plain = case["train"] or case["compile"]
         assert set(speed) == {"pvtv2", "transformers", "timm"} | (set() if plain else {"pvtv2_ref"})
         for name, s in speed.items():
             assert len(s["times_s"]) == 2
@@ -50,7 +50,7 @@ def test_gpu_script_dry_run_covers_every_case_with_consistent_figures(tmp_path):
             paired = statistics.median(o / t for t, o in zip(speed["pvtv2"]["times_s"], speed[other]["times_s"]))
             assert speed["pvtv2"][f"paired_ratio_{other}"] == pytest.approx(paired)
         if case["train"]:  # same weights, same images and labels: the same first loss
-            losses = [check[f"first_loss_{n}"] for n in ("pvtv2", "pvtv2_ref", "transformers", "timm")]
+            losses = [check[f"first_loss_{n}"] for n in ("pvtv2", "transformers", "timm")]
             assert max(losses) - min(losses) < 0.02 * abs(losses[0])
             continue
         # Against transformers in fp32: the three implementations give its numbers (bf16: to bf16's precision).

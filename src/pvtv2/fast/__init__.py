@@ -12,8 +12,7 @@ says so: on the CPU to :mod:`pvtv2.fast.cpu` (oneDNN's fused operators), on CUDA
 
 Training has one fast piece, :mod:`pvtv2.fast.train`: on AMD CPUs with AVX-512 the blocks' linear layers run their
 forward and backward GEMMs through oneDNN (``with pvtv2.fast.train_gemm("aten"): ...`` or ``PVTV2_TRAIN_GEMM=aten``
-keeps ``F.linear``); on CUDA, :mod:`pvtv2.fast.cuda_train` runs the blocks' LayerNorms (with the residual add
-before the second) as Triton autograd functions.
+keeps ``F.linear``).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu, cuda, cuda_train
+from . import cpu, cuda
 from .cpu import (
     FAST_PATH_ENV,
     fast_path,
@@ -33,12 +32,10 @@ from .cpu import (
     plain_modules,
     unfreeze,
 )
-from .cuda_train import add_norm, norm
 from .train import linear, module_linear, train_gemm
 
 __all__ = [
     "FAST_PATH_ENV",
-    "add_norm",
     "applies",
     "fast_path",
     "fast_path_available",
@@ -48,7 +45,6 @@ __all__ = [
     "is_frozen",
     "linear",
     "module_linear",
-    "norm",
     "plain_modules",
     "stage_forward",
     "train_gemm",

@@ -240,9 +240,9 @@ class PvtV2Block(nn.Module):
     def forward(
         self, x: torch.Tensor, height: int, width: int, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn, probs = self.attention(fast.norm(self.layer_norm_1, x), height, width, output_attentions)
-        x, h = fast.add_norm(self.layer_norm_2, x, self.drop_path(attn))  # x + drop_path(attn), its norm
-        x = x + self.drop_path(self.mlp(h, height, width))
+        attn, probs = self.attention(self.layer_norm_1(x), height, width, output_attentions)
+        x = x + self.drop_path(attn)
+        x = x + self.drop_path(self.mlp(self.layer_norm_2(x), height, width))
         return x, probs
 
 

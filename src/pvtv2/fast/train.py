@@ -149,7 +149,9 @@ def _dual_level() -> bool:
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         torch.is_grad_enabled()
-        and uses_onednn()  # first: where oneDNN is not chosen, F.linear's callers pay for one look-up only
+        # Before the choice: torch.compile cannot trace the CPU capability look-up (a graph break per layer).
+        and not torch.compiler.is_compiling()
+        and uses_onednn()  # then: where oneDNN is not chosen, F.linear's callers pay for one look-up only
         and _plain_tensor(x)
         and _plain_tensor(weight)
         and (bias is None or _plain_tensor(bias))
@@ -166,7 +168,6 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's call (and traces with autograd on)
         and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight))
         and not _dual_level()

@@ -303,7 +303,8 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV
             problem = "multi_label_classification"
     # The class range is checked on labels that arrive on the CPU, before they move: on a GPU the check would stall
     # every step (three host syncs), and cross_entropy's own device-side check stops bad labels there.
-    host = labels if labels.device.type == "cpu" else None
+    # Not under torch.compile either: a data-dependent check splits the graph (cross_entropy checks the range too).
+    host = labels if labels.device.type == "cpu" and not torch.compiler.is_compiling() else None
     labels = labels.to(logits.device)
     if problem == "regression":
         if labels.numel() != logits.numel():

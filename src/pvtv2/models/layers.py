@@ -160,7 +160,10 @@ class SpatialReductionAttention(nn.Module):
             weight = torch.cat([self.key.weight, self.value.weight])
             bias = None if self.key.bias is None else torch.cat([self.key.bias, self.value.bias])
             kv = fast.linear(kv_in, weight, bias)  # (B, N', 2C)
-            k, v = self.split_heads(kv[..., :channels]), self.split_heads(kv[..., channels:])
+            # Split by a view of the whole, then unbind (as timm's fused kv): one gradient kernel backward (a stack),
+            # where two slices of the last dimension take a zero fill and a copy each and their sum.
+            kv = kv.view(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, heads, N', d)
+            k, v = kv.unbind(0)
         else:  # hooks, adapters, subclasses or quantized layers: the modules themselves
             k, v = self.split_heads(self.key(kv_in)), self.split_heads(self.value(kv_in))
 

@@ -295,10 +295,10 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
     a known type, without hooks (its own or global ones) or an instance forward. Anything else runs the reference
     path, which calls the modules."""
     return (
-        _ENABLED.get()
+        not torch.compiler.is_compiling()  # first: PyTorch 2.11's torch.compile cannot trace the switch's ContextVar
+        and _ENABLED.get()
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's calls: the reference stage traces
         and (stage is None or fusable(stage))
         and fast_path_available(_compute_dtype(x))

@@ -65,10 +65,10 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
     memory traffic, autograd off, outside ``torch.compile``, the switch on, Triton present, and (given ``stage``) every
     module of the stage as the fused code assumes (:func:`pvtv2.fast.cpu.fusable`)."""
     return (
-        x.device.type == "cuda"
+        not torch.compiler.is_compiling()  # first: PyTorch 2.11's torch.compile cannot trace the switch's ContextVar
+        and x.device.type == "cuda"
         and fast_path_enabled()
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and x.numel() >= MIN_ELEMENTS.get(_compute_dtype(x), float("inf"))
         and available()
         and (stage is None or fusable(stage))

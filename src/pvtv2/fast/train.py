@@ -149,7 +149,8 @@ def _dual_level() -> bool:
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         torch.is_grad_enabled()
-        # Before the choice: torch.compile cannot trace the CPU capability look-up (a graph break per layer).
+        # Before the choice: torch.compile cannot trace the CPU capability look-up, nor (PyTorch 2.11) the choice's
+        # ContextVar: a graph break at every linear layer.
         and not torch.compiler.is_compiling()
         and uses_onednn()  # then: where oneDNN is not chosen, F.linear's callers pay for one look-up only
         and _plain_tensor(x)

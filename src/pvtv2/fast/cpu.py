@@ -268,6 +268,11 @@ def _slots_fit(m: nn.Module) -> bool:
         allowed = slots.get(name)
         if child is not None and allowed is not None and type(child).__qualname__ not in allowed:
             return False
+    if type(m).__qualname__ == "SpatialReductionAttention":
+        # The fused code splits one key-value product into heads: a key or value layer of another width (replaced by
+        # hand) would be split silently at the wrong place, where the modules themselves fail.
+        width = m.num_heads * m.head_dim
+        return getattr(m.key, "out_features", None) == getattr(m.value, "out_features", None) == width
     return True
 
 

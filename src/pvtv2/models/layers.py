@@ -154,7 +154,13 @@ class SpatialReductionAttention(nn.Module):
             kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
             kv_in = self.act(self.layer_norm(kv_in))
         q = self.split_heads(fast.module_linear(self.query, x))  # (B, heads, N, head_dim)
-        if fast.plain_modules(nn.Linear, self.key, self.value) and (self.key.bias is None) == (self.value.bias is None):
+        if (
+            fast.plain_modules(nn.Linear, self.key, self.value)
+            and (self.key.bias is None) == (self.value.bias is None)
+            # A key or value layer of another width (replaced by hand) would be split silently at the wrong place:
+            # the modules themselves then fail where their outputs meet the heads.
+            and self.key.out_features == self.value.out_features == channels
+        ):
             # Keys and values as one GEMM (the weights concatenated on the fly, gradients flow back to both layers):
             # one larger matrix product forward and two backward instead of twice that, as timm's fused ``kv`` does.
             weight = torch.cat([self.key.weight, self.value.weight])

@@ -217,8 +217,9 @@ def semantic_segmentation_loss(
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise TypeError(f"segmentation labels must be integer class indices, got dtype {labels.dtype}")
     labels = labels.long()
-    valid = labels[labels != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
+    # Not under torch.compile: a data-dependent check splits the graph (cross_entropy checks the range too).
+    valid = None if torch.compiler.is_compiling() else labels[labels != ignore_index]
+    if valid is not None and valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
         bad = valid[(valid < 0) | (valid >= num_labels)].unique()[:10].tolist()
         raise ValueError(
             f"label values {bad} are out of range for {num_labels} classes (valid: 0..{num_labels - 1}, or "

@@ -18,7 +18,7 @@ from torch import nn
 from .config import DEPTH_DEFAULTS, PvtV2Config
 from .layers import init_head_weights
 from .modeling import PvtV2Model, PvtV2PreTrainedModel, resolve_output_flags
-from .outputs import ModelOutput
+from .outputs import ModelOutput, exportable
 
 __all__ = [
     "DepthEstimatorOutput",
@@ -33,6 +33,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+@exportable
 @dataclass
 class DepthEstimatorOutput(ModelOutput):
     """``predicted_depth``: (B, H, W) depth in ``[0, max_depth]`` at the input's resolution."""

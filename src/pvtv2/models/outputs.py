@@ -1,6 +1,8 @@
 """Model outputs: readable by attribute (``out.logits``), by key (``out["logits"]``) and as a tuple (``out[0]``).
 
-As in transformers, the tuple view holds only the fields that are set, in declaration order.
+As in transformers, the tuple view holds only the fields that are set, in declaration order. Each output class is
+registered with ``torch.export`` (as transformers registers its outputs), so that ``torch.export.export`` of a model
+that returns one works.
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["ModelOutput", "BaseModelOutput", "ImageClassifierOutput", "BackboneOutput"]
+__all__ = ["ModelOutput", "BaseModelOutput", "ImageClassifierOutput", "BackboneOutput", "exportable"]
+
+
+def exportable(cls: type) -> type:
+    """Register the output dataclass ``cls`` with torch.export's pytree: an exported model may return it."""
+    torch.export.register_dataclass(cls, serialized_type_name=f"pvtv2.{cls.__name__}")
+    return cls
 
 
 @dataclass
@@ -35,6 +43,7 @@ class ModelOutput:
         return len(self.to_tuple())
 
 
+@exportable
 @dataclass
 class BaseModelOutput(ModelOutput):
     """``last_hidden_state``: (B, C, H, W) of the last stage; ``hidden_states``: each stage's (B, C_i, H_i, W_i);
@@ -46,6 +55,7 @@ class BaseModelOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+@exportable
 @dataclass
 class ImageClassifierOutput(ModelOutput):
     loss: torch.Tensor | None = None
@@ -54,6 +64,7 @@ class ImageClassifierOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
+@exportable
 @dataclass
 class BackboneOutput(ModelOutput):
     """``feature_maps``: one (B, C, H, W) map per requested stage."""

@@ -27,7 +27,7 @@ from torch import nn
 from .config import SEGMENTATION_DEFAULTS, PvtV2Config
 from .layers import init_head_weights, init_norm
 from .modeling import PvtV2Model, PvtV2PreTrainedModel, resolve_output_flags
-from .outputs import ModelOutput
+from .outputs import ModelOutput, exportable
 
 __all__ = [
     "DECODE_HEAD_TYPES",
@@ -45,6 +45,7 @@ DECODE_HEAD_TYPES = ("segformer", "fpn")
 logger = logging.getLogger(__name__)
 
 
+@exportable
 @dataclass
 class SemanticSegmenterOutput(ModelOutput):
     """``logits``: (B, num_labels, H/4, W/4) per-pixel class scores at the first stage's resolution."""

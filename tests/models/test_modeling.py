@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import itertools
@@ -305,6 +306,31 @@ def test_torch_compile_of_a_training_step_is_one_graph_with_eager_gradients():
         if not name.endswith("key.bias"):  # zero up to rounding: softmax ignores a shift shared by all keys
             assert relative_error(p.grad, q.grad) < 1e-4, name
     torch._dynamo.reset()
+
+
+def test_second_derivatives_through_the_math_attention_kernel_equal_transformers():
+    """A gradient penalty (create_graph=True), as docs/training.md says to run it: the forward pass under the math
+    SDPA kernel (the fused kernels have no double backward); the weights' gradients equal transformers', whose
+    attention is explicit products."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from conftest import hf_twin, perturb_
+
+    ours = perturb_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=4))).eval()
+    theirs = hf_twin(ours)
+    x = torch.randn(2, 3, 64, 48)
+    grads = []
+    for model, context in ((ours, sdpa_kernel(SDPBackend.MATH)), (theirs, contextlib.nullcontext())):
+        pixels = x.clone().requires_grad_(True)
+        with context:
+            out = model(pixels).logits
+            (g,) = torch.autograd.grad(out.square().sum(), pixels, create_graph=True)
+            g.square().sum().backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    largest = max(g.abs().max().item() for g in grads[1].values())
+    for name, want in grads[1].items():
+        got = grads[0][name]
+        assert (got - want).abs().max().item() <= 1e-4 * max(want.abs().max().item(), 1e-2 * largest), name
 
 
 @pytest.mark.parametrize("config_flags", [{}, dict(output_hidden_states=True, output_attentions=True)])

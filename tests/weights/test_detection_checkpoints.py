@@ -8,7 +8,6 @@ import logging
 import pytest
 import timm
 import torch
-from timm.models.pvt_v2 import checkpoint_filter_fn
 
 from pvtv2 import CheckpointError, PvtV2Backbone, PvtV2Config, PvtV2ForSemanticSegmentation, PvtV2Model
 from pvtv2.weights.layouts import convert_state_dict, detect_layout

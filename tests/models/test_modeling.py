@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-
 import itertools
 
 import pytest
 import torch
 import transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, PvtV2Model
 from pvtv2.models.layers import DropPath
 
-from conftest import TINY, hf_config, random_weights_, relative_error, shrink_patch_embeddings_
+from conftest import TINY, hf_config, hf_twin, perturb_, random_weights_, relative_error, shrink_patch_embeddings_
 
 TOL = 1e-5
 
@@ -312,10 +312,6 @@ def test_second_derivatives_through_the_math_attention_kernel_equal_transformers
     """A gradient penalty (create_graph=True), as docs/training.md says to run it: the forward pass under the math
     SDPA kernel (the fused kernels have no double backward); the weights' gradients equal transformers', whose
     attention is explicit products."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from conftest import hf_twin, perturb_
-
     ours = perturb_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=4))).eval()
     theirs = hf_twin(ours)
     x = torch.randn(2, 3, 64, 48)

@@ -4,9 +4,12 @@
     python benchmarks/op_profile.py --model pvt_v2_b2 --batch 16 --train        # a training step
     python benchmarks/op_profile.py --model pvt_v2_b0 --batch 1 --by shape      # each operator and input shape
 
-One thread. Each ATen or oneDNN operator call is timed by this thread's CPU time (``time.thread_time_ns``) from a
-``TorchDispatchMode``, so the figures are what the operator itself costs, little disturbed by other jobs on a shared
-machine (unlike the wall time, or the profiler's, which counts the time a busy machine keeps the thread waiting).
+One thread by default. Each ATen or oneDNN operator call is timed by this thread's CPU time (``time.thread_time_ns``)
+from a ``TorchDispatchMode``, so the figures are what the operator itself costs, little disturbed by other jobs on a
+shared machine (unlike the wall time, or the profiler's, which counts the time a busy machine keeps the thread
+waiting). With ``--threads N`` (N > 1) operators run on N threads and are timed by the wall clock
+(``time.perf_counter_ns``): the calling thread's CPU time would miss the other threads' work. Compare such a profile
+with a one-thread one to see which operators gain little from more threads.
 The implementations run in turn, round after round; each operator's figure is its median over the rounds.
 
 Besides the operators: "step" is the CPU time of a whole call without the dispatch mode, and "outside operators"
@@ -51,8 +54,12 @@ VIEWS = frozenset(("view", "reshape", "_unsafe_view", "permute", "transpose", "t
                    "split", "flatten", "expand", "as_strided", "detach", "alias", "unsqueeze", "squeeze"))
 
 
+# The clock of every figure: this thread's CPU time (one thread) or the wall clock (``--threads`` above 1).
+CLOCK = time.thread_time_ns
+
+
 class OperatorTimer(TorchDispatchMode):
-    """This thread's CPU time per operator (and per input shapes with ``shapes=True``), and call counts."""
+    """This thread's CPU time (or, with several threads, the wall time) per operator (and per input shapes with ``shapes=True``), and call counts."""
 
     def __init__(self, shapes: bool = False) -> None:
         super().__init__()
@@ -67,9 +74,9 @@ class OperatorTimer(TorchDispatchMode):
         if name in VIEWS:
             self.views += 1
             return func(*args, **(kwargs or {}))
-        start = time.thread_time_ns()
+        start = CLOCK()
         out = func(*args, **(kwargs or {}))
-        elapsed = time.thread_time_ns() - start
+        elapsed = CLOCK() - start
         key = (name, _shapes(args)) if self.shapes else name
         self.ns[key] += elapsed
         self.calls[key] += 1
@@ -105,9 +112,11 @@ def category(key) -> str:
 
 
 def profile(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(1)
+    global CLOCK
+    CLOCK = time.thread_time_ns if args.threads == 1 else time.perf_counter_ns
+    torch.set_num_threads(args.threads)
     case = {"model": args.model, "batch": args.batch, "size": args.size, "dtype": args.dtype, "train": args.train,
-            "compile": False, "backbone": False}
+            "compile": False, "backbone": False, "threads": args.threads}
     models = bench.build_models(args.model, tuple(args.impls), train=args.train)
     x = torch.randn(args.batch, 3, args.size, args.size)
     steps = {name: bench._step_fn(m, x, args.dtype, args.train, False) for name, m in models.items()}
@@ -118,9 +127,9 @@ def profile(args: argparse.Namespace) -> dict:
     rounds: dict[str, list[OperatorTimer]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            start = time.thread_time_ns()
+            start = CLOCK()
             step()
-            step_ns[name].append(time.thread_time_ns() - start)
+            step_ns[name].append(CLOCK() - start)
             timer = OperatorTimer(shapes=args.by == "shape")
             with timer:
                 step()
@@ -155,7 +164,8 @@ def profile(args: argparse.Namespace) -> dict:
 def format_profile(result: dict, top: int) -> str:
     impls = list(result["impls"])
     lines = [f"{'':44s}" + "".join(f"{n:>16s}" for n in impls)]
-    lines.append(f"{'step (ms, CPU time of one thread)':44s}" + "".join(f"{result['impls'][n]['step_ms']:16.2f}" for n in impls))
+    clock = "CPU time of one thread" if result["case"].get("threads", 1) == 1 else f"wall, {result['case']['threads']} threads"
+    lines.append(f"{'step (ms, ' + clock + ')':44s}" + "".join(f"{result['impls'][n]['step_ms']:16.2f}" for n in impls))
     lines.append(f"{'operator calls (views)':44s}" + "".join(
         f"{result['impls'][n]['operator_calls']:9d} ({result['impls'][n]['view_calls']:4d})" for n in impls))
     cats = sorted({c for n in impls for c in result["impls"][n]["categories_ms"]},
@@ -192,21 +202,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads; above 1, every figure is wall time (default: 1, thread CPU time)")
     p.add_argument("--output", type=Path, default=None, help="JSON file (default: print only)")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads < 1:
+        p.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
     if args.tune_malloc:
         from pvtv2.runtime import tune_malloc
 
         if not tune_malloc():
             p.error("--tune-malloc needs glibc (Linux)")
-    peak = bench.gemm_peak(time.thread_time, (args.dtype,))[args.dtype]
+    peak_clock = time.thread_time if args.threads == 1 else time.perf_counter
+    peak = bench.gemm_peak(peak_clock, (args.dtype,))[args.dtype]
     result = profile(args)
-    result["gemm_peak_gflops_one_thread"] = peak
+    result["gemm_peak_gflops_one_thread" if args.threads == 1 else "gemm_peak_gflops"] = peak
     result["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": bench._cpu_name(), "torch": torch.__version__,
                       "tune_malloc": args.tune_malloc,
                       "command": "python benchmarks/op_profile.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    print(f"GEMM peak ({args.dtype}, one thread, the faster of ATen and oneDNN): {peak:.1f} GFLOP/s")
+    threads = "one thread" if args.threads == 1 else f"{args.threads} threads"
+    print(f"GEMM peak ({args.dtype}, {threads}, the faster of ATen and oneDNN): {peak:.1f} GFLOP/s")
     print(format_profile(result, args.top))
     if args.output:
         args.output.write_text(json.dumps(result, indent=1))

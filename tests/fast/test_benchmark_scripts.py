@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,8 @@ def test_cpu_script_thread_clock_peak_share_and_bf16_checks(tmp_path):
 
 
 @pytest.mark.slow
-def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes(threads):
     """benchmarks/op_profile.py: the categories (operators and what lies outside them) add up to the step's time, and
     a GEMM's floating-point operations are 2 m k n from its operands (the closed form)."""
     import argparse
@@ -165,8 +167,10 @@ def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes():
     threads = torch.get_num_threads()
     try:
         args = argparse.Namespace(model="pvt_v2_b0", batch=1, size=64, train=False, impls=["pvtv2", "timm"],
-                                  by="op", rounds=2, warmup=1, dtype="fp32")
+                                  by="op", rounds=2, warmup=1, dtype="fp32", threads=threads)
         result = script.profile(args)
+        assert script.CLOCK is (time.thread_time_ns if threads == 1 else time.perf_counter_ns)
+        assert torch.get_num_threads() == threads and result["case"]["threads"] == threads
     finally:
         torch.set_num_threads(threads)
     for name, info in result["impls"].items():

@@ -185,6 +185,37 @@ def test_weights_are_read_at_every_call():
     assert relative_error(want, got) < 1e-5
 
 
+@pytest.mark.parametrize("rows,cin,cout", [(53, 8, 40), (53, 40, 8), (53, 16, 16), (3, 5, 130), (130, 1, 2)])
+@pytest.mark.parametrize("weight_layout", ["contiguous", "transposed"])
+def test_weight_gradient_both_orientations_closed_form(rows, cin, cout, weight_layout):
+    """The weight gradient is computed as grad.T @ x or, for an expanding layer, as (x.T @ grad).T: both equal the
+    float64 product, land in ``.grad`` in the weight's own layout (as F.linear's do), and accumulate."""
+    gen = torch.Generator().manual_seed(rows + cin * 7 + cout)
+    x = torch.randn(2, rows, cin, generator=gen, requires_grad=True)
+    if weight_layout == "transposed":
+        w = torch.randn(cin, cout, generator=gen).t().requires_grad_(True)  # a (cout, cin) view with strides (1, cout)
+    else:
+        w = torch.randn(cout, cin, generator=gen, requires_grad=True)
+    b = torch.randn(cout, generator=gen, requires_grad=True)
+    g = torch.randn(2, rows, cout, generator=gen)
+    with fast.train_gemm("onednn"):
+        out = fast.linear(x, w, b)
+        assert type(out.grad_fn).__name__ == "OneDnnLinearBackward"
+        out.backward(g)
+        first = w.grad.clone()
+        fast.linear(x, w, b).backward(2 * g)
+    x64, g64 = x.detach().double().reshape(-1, cin), g.double().reshape(-1, cout)
+    want_w = g64.T @ x64
+    def strides(t):  # a size-1 dimension's stride means nothing
+        return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+
+    assert first.shape == (cout, cin) and strides(first) == strides(w)
+    assert relative_error(want_w, first) < 1e-5
+    assert relative_error(3 * want_w, w.grad) < 1e-5
+    assert relative_error(3 * (g64 @ w.detach().double()), x.grad.reshape(-1, cin)) < 1e-5
+    assert relative_error(3 * g64.sum(0), b.grad) < 1e-5
+
+
 def test_bad_environment_value_is_named():
     env = dict(os.environ, PVTV2_TRAIN_GEMM="fastest")
     out = subprocess.run([sys.executable, "-c", "import pvtv2"], env=env, capture_output=True, text=True)

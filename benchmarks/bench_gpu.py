@@ -11,7 +11,8 @@ so the script ends within 8 minutes on one GPU; the most asked-for figures come 
 3. a B2 training step (forward, cross-entropy, backward, AdamW) at batch 64 under bf16 autocast;
 4. classifier at 224 in fp32 (IEEE: no TF32 in matmuls or convolutions) and with TF32, eager;
 5. the B2 backbone at 512 and 1024, batch 1, bf16 autocast and fp32;
-6. ``torch.compile`` of B0 and B5 (batch 64 and 256, bf16).
+6. ``torch.compile`` of B0 and B5 (batch 64 and 256, bf16);
+7. the B2 training step of a compiled model (default mode, then ``mode="reduce-overhead"``).
 
 Method (as ``benchmarks/bench.py``): the three implementations hold the same weights (transformers' random weights
 loaded into ours and, converted, into timm's) in one process and run in turn, call after call; CUDA events time each
@@ -79,6 +80,11 @@ def plan(args: argparse.Namespace) -> list[dict]:
     cases += [case(m, b, dtype) for dtype in ("fp32", "tf32") for m in models for b in batches]
     cases += [case(b2, 1, dtype, size=s, backbone=True) for s in highres for dtype in ("bf16", "fp32")]
     cases += [case(m, b, "bf16", "default") for m in models if m != b2 for b in big]
+    # The training step of a compiled model (forward and backward graphs through AOTAutograd), last: three
+    # compilations of a forward and a backward graph each.
+    cases += [case(b2, train_batch, "bf16", "default", train=True)]
+    if not args.dry_run:  # with inductor's CUDA graphs (cudagraph trees record the backward too)
+        cases += [case(b2, train_batch, "bf16", "reduce-overhead", train=True)]
     return cases
 
 

@@ -35,6 +35,7 @@ def test_gpu_script_dry_run_covers_every_case_with_consistent_figures(tmp_path):
     assert not result["skipped"]
     kinds = {(r["case"]["dtype"], bool(r["case"]["compile"]), r["case"]["train"], r["case"]["backbone"]) for r in rows}
     assert kinds >= {("bf16", False, False, False), ("bf16", True, False, False), ("bf16", False, True, False),
+                     ("bf16", True, True, False),
                      ("fp32", False, False, False), ("tf32", False, False, False), ("bf16", False, False, True),
                      ("fp32", False, False, True)}
     assert set(result["meta"]["matmul_peak_tflops"]) == {"fp32", "tf32", "bf16"}
@@ -95,10 +96,12 @@ def test_gpu_script_plan_fits_the_budget_order():
     assert {c["batch"] for c in cases if not c["train"] and not c["backbone"]} == {1, 64, 256}
     assert {c["size"] for c in cases if c["backbone"]} == {512, 1024}
     train = [c for c in cases if c["train"]]
-    assert train == [dict(model="pvt_v2_b2", batch=64, size=224, dtype="bf16", train=True, compile=False, backbone=False)]
+    step = dict(model="pvt_v2_b2", batch=64, size=224, dtype="bf16", train=True, backbone=False)
+    assert train == [dict(step, compile=False), dict(step, compile="default"), dict(step, compile="reduce-overhead")]
     first_fp32 = next(i for i, c in enumerate(cases) if c["dtype"] == "fp32")
     assert all(c["dtype"] == "bf16" for c in cases[:first_fp32])
     assert cases.index(train[0]) < first_fp32
+    assert cases[-2:] == train[1:]  # the compiled training steps last: six compilations
 
 
 def test_cpu_script_refuses_thread_clock_with_two_threads(capsys):

@@ -272,3 +272,29 @@ def test_training_on_the_gpu_with_amp_learns_and_resumes(amp, tmp_path):
         assert drift == 0.0, drift
     else:  # non-deterministic kernels (flash attention's backward): the resumed run within the GPU's own spread
         assert drift <= 10 * repeat, (drift, repeat)
+
+
+@pytest.mark.parametrize("head", ["classification", "segmentation"])
+def test_losses_with_labels_on_the_gpu_never_wait_for_the_device(head):
+    """Labels already on the GPU: no host sync in the loss (a training step on a GPU is bound by the host, and a
+    sync stalls it), and the loss equals the one from labels on the CPU, whose range is checked there."""
+    config = PvtV2Config(**TINY_SHALLOW, num_labels=4, decoder_hidden_size=32)
+    cls = PvtV2ForImageClassification if head == "classification" else PvtV2ForSemanticSegmentation
+    model = random_weights_(cls(config), seed=6).to(CUDA)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)).to(CUDA)
+    shape = (2,) if head == "classification" else (2, 64, 64)
+    labels = torch.randint(0, 4, shape, generator=torch.Generator().manual_seed(7))
+    if head == "segmentation":
+        labels[0, :8] = 255  # ignored pixels
+    with ieee_fp32():
+        want = model(x, labels=labels).loss
+        gpu_labels = labels.to(CUDA)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = model(x, labels=gpu_labels).loss
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert relative_error(want, got) < 1e-6
+    with pytest.raises(ValueError, match="out of range"):  # CPU labels: checked, named
+        model(x, labels=torch.full(shape, 9))

@@ -209,6 +209,10 @@ def semantic_segmentation_loss(
     num_labels = logits.shape[1]
     if num_labels < 1:
         raise ValueError(f"the segmentation loss needs at least one label, the model has {num_labels}")
+    # The class range is checked on labels that arrive on the CPU, before they move (as the classifier's loss does):
+    # on a GPU the check would stall every step on the host, and cross_entropy's device-side check stops bad labels
+    # there. Not under torch.compile either: a data-dependent check splits the graph.
+    host = labels if labels.device.type == "cpu" and not torch.compiler.is_compiling() else None
     labels = labels.to(logits.device)
     upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     if num_labels == 1:
@@ -218,8 +222,7 @@ def semantic_segmentation_loss(
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise TypeError(f"segmentation labels must be integer class indices, got dtype {labels.dtype}")
     labels = labels.long()
-    # Not under torch.compile: a data-dependent check splits the graph (cross_entropy checks the range too).
-    valid = None if torch.compiler.is_compiling() else labels[labels != ignore_index]
+    valid = None if host is None else host.long()[host != ignore_index]
     if valid is not None and valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
         bad = valid[(valid < 0) | (valid >= num_labels)].unique()[:10].tolist()
         raise ValueError(

@@ -1,9 +1,16 @@
 """Hostile checks of the training GEMMs through oneDNN (pvtv2.fast.train) after the weight-gradient change of
 2026-11-27 (expanding layers' weight gradients as ``(x.T @ grad).T``, the transposed weight read in place by the
 input-gradient product): overlapping weights, second derivatives through the weight gradient, gradient strides of
-one-input layers, tied weights, hooks and accumulation. Each is held to float64 F.linear or a closed form."""
+one-input layers, tied weights, hooks and accumulation. Each is held to float64 F.linear or a closed form. And the
+GPU checks' shell script (benchmarks/gpu_check.sh) on a machine without a GPU and with odd ``STEPS``."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +21,8 @@ from pvtv2 import fast
 
 from conftest import relative_error
 
-pytestmark = pytest.mark.skipif(not fast.fast_path_available(), reason="oneDNN's operators unavailable here")
+needs_onednn = pytest.mark.skipif(not fast.fast_path_available(), reason="oneDNN's operators unavailable here")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _onednn(x, w, b=None):
@@ -24,6 +32,7 @@ def _onednn(x, w, b=None):
     return out
 
 
+@needs_onednn
 @pytest.mark.parametrize("cin,cout,strides", [(4, 9, (2, 1)), (9, 4, (3, 1)), (4, 9, (1, 1)), (5, 5, (2, 1))])
 def test_overlapping_weight_closed_form(cin, cout, strides):
     """A weight whose rows overlap in memory (``as_strided``): oneDNN has no memory descriptor for it, so the
@@ -43,6 +52,7 @@ def test_overlapping_weight_closed_form(cin, cout, strides):
     assert relative_error(want_base, base.grad) < 1e-5
 
 
+@needs_onednn
 @pytest.mark.parametrize("shape,cout,layout", [((6, 4), 9, "contiguous"), ((6, 9), 4, "contiguous"),
                                                ((2, 3, 4), 9, "contiguous"), ((4, 6), 9, "transposed")])
 def test_second_derivative_through_the_weight_gradient(shape, cout, layout):
@@ -69,6 +79,7 @@ def test_second_derivative_through_the_weight_gradient(shape, cout, layout):
         assert relative_error(want, got) < 1e-5
 
 
+@needs_onednn
 def test_second_derivative_closed_form():
     """The same against a closed form: for out = x @ w.T and L = |d(sum(out * c))/dw|^2 = |c.T @ x|^2,
     dL/dx = 2 c (c.T @ x)."""
@@ -82,6 +93,7 @@ def test_second_derivative_closed_form():
     assert relative_error(2 * c64 @ (c64.T @ x.detach().double()), x.grad) < 1e-5
 
 
+@needs_onednn
 @pytest.mark.parametrize("cin,cout", [(1, 9), (1, 1), (9, 1), (1, 300), (4, 9), (9, 4)])
 def test_weight_gradient_strides_equal_the_parameters(cin, cout):
     """``param.grad.stride() == param.stride()``, size-one dimensions included, as F.linear gives: DDP compares
@@ -99,6 +111,7 @@ def test_weight_gradient_strides_equal_the_parameters(cin, cout):
     assert relative_error(g.double().T @ x.detach().double(), layer.weight.grad) < 1e-5
 
 
+@needs_onednn
 def test_tied_weight_used_expanding_and_contracting_closed_form():
     """One weight used as (9, 4) and, transposed, as (4, 9) in the same graph: both orientations of the weight
     gradient add up in one ``.grad``."""
@@ -115,6 +128,7 @@ def test_tied_weight_used_expanding_and_contracting_closed_form():
     assert relative_error(2 * c64 @ w64.T, y.grad) < 1e-5
 
 
+@needs_onednn
 def test_hooks_retained_graph_and_accumulation_into_a_strided_grad():
     """A weight hook sees the gradient and scales it; the graph is run twice (``retain_graph``); the gradient adds
     into an existing ``.grad`` of other strides, in place, as AccumulateGrad does for F.linear."""
@@ -134,6 +148,7 @@ def test_hooks_retained_graph_and_accumulation_into_a_strided_grad():
     assert relative_error(1 + 4 * want, w.grad) < 1e-5
 
 
+@needs_onednn
 def test_float64_gradcheck_goes_to_f_linear():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -144,3 +159,73 @@ def test_float64_gradcheck_goes_to_f_linear():
         assert torch.autograd.gradcheck(fast.linear, (x, w, b))
         assert torch.autograd.gradgradcheck(fast.linear, (x, w, b))
     assert relative_error(F.linear(x, w, b), x @ w.T + b) < 1e-12
+
+
+def _fake_bin(tmp_path: Path, cuda: bool) -> Path:
+    """A folder of stand-ins: ``nvidia-smi`` that prints a name, and ``python3`` that writes its arguments to a log
+    (and answers the CUDA probe with ``cuda``), so the script's choice of steps shows without a GPU."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'name, driver_version, memory.total'\n")
+    (fake / "python3").write_text(
+        "#!/bin/sh\necho \"$*\" >> \"$FAKE_LOG\"\n"
+        f"case \"$*\" in *cuda.is_available*) exit {0 if cuda else 1};; esac\nexit 0\n")
+    for tool in fake.iterdir():
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    return fake
+
+
+def _gpu_check(tmp_path: Path, path: str, steps: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "STEPS"}
+    env.update(PATH=path, FAKE_LOG=str(tmp_path / "calls.log"))
+    if steps is not None:
+        env["STEPS"] = steps
+    return subprocess.run([shutil.which("bash"), "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_check_without_a_gpu_fails_at_once_and_writes_nothing(tmp_path):
+    """No nvidia-smi: exit 3 with a message naming it, before any step (it ran every step, each failing, and
+    exited 0). nvidia-smi but no CUDA device for PyTorch: the same."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _gpu_check(tmp_path, str(empty), None)
+    assert result.returncode == 3 and "no nvidia-smi" in result.stderr
+    assert not (tmp_path / "out").exists()
+    fake = _fake_bin(tmp_path, cuda=False)
+    result = _gpu_check(tmp_path, f"{fake}:{os.environ['PATH']}", "tests train")
+    assert result.returncode == 3 and "no CUDA device" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "calls.log").read_text().count("\n") == 1  # the probe only
+
+
+@pytest.mark.parametrize("steps,want", [
+    (None, ["tests", "train", "eager", "profile", "compile"]),
+    ("", ["tests", "train", "eager", "profile", "compile"]),
+    ("compile\ntrain", ["train", "compile"]),  # newline-separated: both ran nothing before
+    ("\ttrain_compile  tests\t", ["tests", "train_compile"]),
+    ("train_compile train_compile", ["train_compile"]),
+])
+def test_gpu_check_runs_the_steps_named_whatever_the_whitespace(tmp_path, steps, want):
+    fake = _fake_bin(tmp_path, cuda=True)
+    result = _gpu_check(tmp_path, f"{fake}:{os.environ['PATH']}", steps)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    signature = {"tests": "tests/test_cuda.py", "train": f"--output {out}/train --match",
+                 "eager": f"--output {out}/eager", "profile": "benchmarks/gpu_profile.py",
+                 "compile": "benchmarks/gpu_compile_check.py", "train_compile": f"--output {out}/train_compile"}
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    ran = [step for step, text in signature.items() if any(text in c for c in calls)]
+    assert ran == want
+    assert sum(any(text in c for text in signature.values()) for c in calls) == len(want)  # each step once
+
+
+@pytest.mark.parametrize("steps,message", [("*", "unknown step '*'"), ("tests,train", "unknown step 'tests,train'"),
+                                           (" \n\t", "STEPS names no step")])
+def test_gpu_check_refuses_bad_steps_by_name(tmp_path, steps, message):
+    """STEPS="*" was expanded to the file names of the folder (the error named README.md); whitespace alone ran
+    nothing and exited 0."""
+    fake = _fake_bin(tmp_path, cuda=True)
+    result = _gpu_check(tmp_path, f"{fake}:{os.environ['PATH']}", steps)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "calls.log").exists() and not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ GPU checks' shell script (benchmarks/gpu_check.sh) on a machine without a GPU an
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import stat
@@ -229,3 +230,24 @@ def test_gpu_check_refuses_bad_steps_by_name(tmp_path, steps, message):
     result = _gpu_check(tmp_path, f"{fake}:{os.environ['PATH']}", steps)
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "calls.log").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,message", [(["--threads", "0"], "--threads must be at least 1"),
+                                          (["--threads", "-2"], "--threads must be at least 1"),
+                                          (["--threads", "two"], "invalid int value: 'two'"),
+                                          (["--rounds", "0"], "--rounds must be at least 1"),
+                                          (["--warmup", "-1"], "--warmup must be at least 0"),
+                                          (["--batch", "0"], "--batch must be at least 1")])
+def test_op_profile_refuses_bad_counts_before_measuring(argv, message, capsys, monkeypatch):
+    """Each refused by name, at once: nothing is measured (the GEMM peak's measurement would raise) nor built."""
+    spec = importlib.util.spec_from_file_location("_hostile24_op_profile", ROOT / "benchmarks" / "op_profile.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script.bench, "gemm_peak", lambda *a, **k: pytest.fail("measured before refusing"))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            script.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -251,3 +251,58 @@ def test_op_profile_refuses_bad_counts_before_measuring(argv, message, capsys, m
     finally:
         torch.set_num_threads(threads)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@needs_onednn
+def test_model_with_tied_layers_trains_as_transformers_with_the_same_tie():
+    """Stage two's blocks share their Mix-FFN weights (dense1, expanding 32 -> 64, and dense2, contracting): each
+    shared weight's gradient is the sum over both blocks, through both orientations of the weight-gradient product,
+    accumulated over two steps with ``zero_grad(set_to_none=False)`` and clipped, as transformers' in float64."""
+    import transformers
+
+    from conftest import TINY, hf_config, random_weights_
+
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+
+    config = PvtV2Config(num_labels=5, drop_path_rate=0.0, **TINY)
+    ours = random_weights_(PvtV2ForImageClassification(config), seed=11).train()
+    theirs = transformers.PvtV2ForImageClassification(hf_config(config))
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.double().train()
+    for model in (ours, theirs):
+        first, second = model.pvt_v2.encoder.layers[1].blocks
+        second.mlp.dense1.weight = first.mlp.dense1.weight
+        second.mlp.dense2.weight = first.mlp.dense2.weight
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, 48, 40, generator=gen) for _ in range(2)]
+    labels = [torch.tensor([1, 4]), torch.tensor([0, 3])]
+    for model in (ours, theirs):
+        model.zero_grad(set_to_none=False)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    with fast.train_gemm("onednn"):
+        for x, y in zip(xs, labels):
+            loss = ours(x, labels=y).loss
+            todo, seen, nodes = [loss.grad_fn], set(), 0
+            while todo:
+                node = todo.pop()
+                if node is not None and node not in seen:
+                    seen.add(node)
+                    nodes += type(node).__name__ == "OneDnnLinearBackward"
+                    todo.extend(n for n, _ in node.next_functions)
+            assert nodes == 5 * sum(config.depths)
+            loss.backward()
+    for x, y in zip(xs, labels):
+        theirs(x.double(), labels=y).loss.backward()
+    norm_theirs = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
+    norm_ours = torch.nn.utils.clip_grad_norm_(ours.parameters(), 0.5)
+    assert abs(norm_ours.item() - norm_theirs.item()) < 1e-5 * norm_theirs.item()
+    want = dict(theirs.named_parameters())
+    got = dict(ours.named_parameters())
+    assert set(want) == set(got)
+    scale = max(p.grad.abs().max().item() for p in want.values())
+    tied = "pvt_v2.encoder.layers.1.blocks.0.mlp.dense1.weight"
+    assert want[tied].grad.abs().max().item() > 1e-2 * scale  # a gradient of weight, not noise
+    for name, p in got.items():
+        assert p.grad.stride() == p.stride(), name
+        assert (want[name].grad - p.grad).abs().max().item() < 1e-5 * scale, name

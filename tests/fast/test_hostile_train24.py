@@ -306,3 +306,22 @@ def test_model_with_tied_layers_trains_as_transformers_with_the_same_tie():
     for name, p in got.items():
         assert p.grad.stride() == p.stride(), name
         assert (want[name].grad - p.grad).abs().max().item() < 1e-5 * scale, name
+
+
+def test_gpu_plan_names_every_case_once():
+    """Every case of the GPU plan has its own name (the table's rows, ``--match``, "skipped" lines): the B2
+    training step compiled in the default mode and with "reduce-overhead" were both "b2 cls b64 224 bf16 train
+    compile"."""
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("_hostile24_bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for dry_run in (False, True):
+        names = [script.bench._case_name(c) for c in script.plan(argparse.Namespace(dry_run=dry_run))]
+        assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
+    names = [script.bench._case_name(c) for c in script.plan(argparse.Namespace(dry_run=False))]
+    assert names[-2:] == ["b2 cls b64 224 bf16 train compile", "b2 cls b64 224 bf16 train compile reduce-overhead"]
+    assert "b2 cls b1 224 bf16 infer compile reduce-overhead" in names
+    assert script.bench._case_name(dict(model="pvt_v2_b0", backbone=False, batch=1, size=224, dtype="fp32",
+                                        train=False, compile=True)) == "b0 cls b1 224 fp32 infer compile"

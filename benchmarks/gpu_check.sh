@@ -8,14 +8,31 @@
 #     STEPS="tests train_compile" bash benchmarks/gpu_check.sh /tmp/gpu_out       # a choice of steps
 #
 # Steps (STEPS, in this order; the default, about 8 minutes, leaves out train_compile, about 4 more):
-# tests, train, eager, profile, compile, train_compile.
+# tests, train, eager, profile, compile, train_compile. Exits 2 on a STEPS that names an unknown step or none, and 3
+# where there is no GPU (no nvidia-smi, or PyTorch sees no CUDA device), before writing anything.
 set -u
+set -f  # STEPS is split at whitespace and never expanded as file names (STEPS="*" is an unknown step)
 out=${1:-gpu_out}
-steps=" ${STEPS:-tests train eager profile compile} "
-for s in $steps; do
+# The chosen steps as " a b c ", one space around each, whatever whitespace (tabs, newlines) separated them in STEPS.
+steps=" "
+for s in ${STEPS:-tests train eager profile compile}; do
     case $s in tests|train|eager|profile|compile|train_compile) ;; *) echo "gpu_check.sh: unknown step '$s'" >&2; exit 2;; esac
+    steps+="$s "
 done
+if [[ $steps == " " ]]; then
+    echo "gpu_check.sh: STEPS names no step (tests train eager profile compile train_compile)" >&2
+    exit 2
+fi
 want() { [[ $steps == *" $1 "* ]]; }
+# Fail at once, before writing anything, where there is no GPU: every step would fail on its own, one after another.
+if ! command -v nvidia-smi > /dev/null 2>&1; then
+    echo "gpu_check.sh: no nvidia-smi here: these checks need a CUDA machine (on the CPU: bench_gpu.py --dry-run)" >&2
+    exit 3
+fi
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh: python3's PyTorch sees no CUDA device" >&2
+    exit 3
+fi
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"

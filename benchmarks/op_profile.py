@@ -208,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be at least 1")
+    # Checked here, before the GEMM peak and the models are measured and built: --rounds 0 ended there in
+    # statistics' "no median for empty data".
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must be at least 0")
+    if args.batch < 1:
+        p.error("--batch must be at least 1")
     torch.set_num_threads(args.threads)
     if args.tune_malloc:
         from pvtv2.runtime import tune_malloc

@@ -167,7 +167,7 @@ def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes(thre
     assert script._gemm_flops("addmm", (torch.randn(7), a, b)) == 2 * 6 * 5 * 7
     assert script._gemm_flops("linear", (torch.randn(3, 4, 5), torch.randn(7, 5))) == 2 * 12 * 5 * 7
     assert script._gemm_flops("gelu", (a,)) == 0
-    threads = torch.get_num_threads()
+    saved = torch.get_num_threads()  # the script sets its own count (not `threads`: that is the case's)
     try:
         args = argparse.Namespace(model="pvt_v2_b0", batch=1, size=64, train=False, impls=["pvtv2", "timm"],
                                   by="op", rounds=2, warmup=1, dtype="fp32", threads=threads)
@@ -175,7 +175,7 @@ def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes(thre
         assert script.CLOCK is (time.thread_time_ns if threads == 1 else time.perf_counter_ns)
         assert torch.get_num_threads() == threads and result["case"]["threads"] == threads
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
     for name, info in result["impls"].items():
         assert sum(info["categories_ms"].values()) == pytest.approx(info["step_ms"])
         assert info["operators_ms"] == pytest.approx(sum(o["ms"] for o in info["operators"]))

@@ -94,9 +94,14 @@ def uses_onednn() -> bool:
 
 
 def _mm_weight_t(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``grad @ weight`` through oneDNN, which computes ``input @ w.T`` for a (N, K) ``w`` (the transposed view is
-    read in place: oneDNN reorders an unpacked weight anyway, and a copy first was 5-25% slower)."""
-    return torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
+    """``grad @ weight`` through oneDNN, which computes ``input @ w.T`` for a (N, K) ``w`` (the transposed view of a
+    contiguous or transposed weight is read in place: oneDNN reorders an unpacked weight anyway, and a copy first
+    was 5-25% slower). Any other layout is copied: oneDNN has no memory descriptor for rows overlapping in memory
+    (``as_strided``), and raises."""
+    weight_t = weight.t()
+    if not (weight.is_contiguous() or weight_t.is_contiguous()):
+        weight_t = weight_t.contiguous()
+    return torch.ops.mkldnn._linear_pointwise(grad, weight_t, None, "none", [], "")
 
 
 def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +112,11 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     transposed. Measured for B0's first Mix-FFN (rows 50,176, 32 -> 256, AMD EPYC Zen 5, one thread): 36 ms one way,
     7.4 ms the other, and the same ratio mirrored for the contracting layer (docs/benchmarks.md)."""
     if grad.shape[1] > x.shape[1]:
-        return torch.ops.mkldnn._linear_pointwise(x.t(), grad.t(), None, "none", [], "").t().contiguous()
+        # A contiguous_format copy, not .contiguous(): with one input feature the transposed (out, 1) result counts
+        # as contiguous with strides (1, out), and the gradient would keep them, where the parameter's (and DDP's
+        # bucket views', which compare every stride) are (1, 1).
+        flipped = torch.ops.mkldnn._linear_pointwise(x.t(), grad.t(), None, "none", [], "")
+        return flipped.t().clone(memory_format=torch.contiguous_format)
     return torch.ops.mkldnn._linear_pointwise(grad.t(), x.t(), None, "none", [], "")
 
 
@@ -122,14 +131,18 @@ class OneDnnLinear(torch.autograd.Function):
         # oneDNN reads the bias as a dense vector whatever its strides (a strided one gave other memory's values).
         bias = None if bias is None else bias.contiguous()
         out = torch.ops.mkldnn._linear_pointwise(x2d, weight.contiguous(), bias, "none", [], "")
-        ctx.save_for_backward(x2d, weight)
+        # The input itself, not x2d: x2d is made here without autograd, so a second backward (create_graph=True)
+        # through the weight gradient, which depends on the input, would not reach the input (a wrong gradient).
+        # (As F.linear, which keeps its input too; the blocks' inputs are contiguous and x2d is a view of them.)
+        ctx.save_for_backward(x, weight)
         ctx.input_shape = x.shape
         ctx.has_bias = bias is not None
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x2d, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
+        x2d = x.reshape(-1, x.shape[-1])  # differentiable under create_graph=True
         g2d = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_x = grad_w = grad_b = None
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, so a second backward works
@@ -141,7 +154,7 @@ class OneDnnLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = _mm_weight_t(g2d, weight).view(ctx.input_shape)
             if ctx.needs_input_grad[1]:
-                grad_w = _weight_grad(g2d, x2d)  # (out, in)
+                grad_w = _weight_grad(g2d, x2d.contiguous())  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.sum(0)
         return grad_x, grad_w, grad_b

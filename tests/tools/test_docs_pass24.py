@@ -1,0 +1,22 @@
+"""Defects found by reading README.md and docs/*.md as a new user and running what they say (docs pass 24)."""
+
+from __future__ import annotations
+
+import re
+
+from pvtv2.cli import main
+
+
+def test_info_states_the_papers_figure_relative_to_the_count(capsys):
+    # docs/commands.md: pvt_v2_b2 counts 4.027 GMACs, the paper's Table 1 says 4.0. The line reads "paper 4.0 GMACs
+    # (X% from the count above)", so X is the paper against the count: (4.0 - 4.027) / 4.027 = -0.67%, not +0.7%.
+    assert main(["info", "pvt_v2_b2"]) == 0
+    out = capsys.readouterr().out
+    counted = float(re.search(r"compute at 224x224: ([0-9.]+) GMACs", out).group(1))
+    assert abs(counted - 4.027) < 5e-4
+    line = next(line for line in out.splitlines() if line.startswith("paper (Table 1)"))
+    assert "4.0 GMACs" in line
+    assert "(-0.7% from the count above)" in line
+    # B5: 11.717 counted against the paper's 11.8, so the paper is 0.7% above the count.
+    assert main(["info", "pvt_v2_b5"]) == 0
+    assert "(+0.7% from the count above)" in capsys.readouterr().out

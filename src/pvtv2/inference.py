@@ -13,6 +13,7 @@ top-k and the metrics are the same code for both; the model object still supplie
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import tempfile
 import time
@@ -179,11 +180,12 @@ def load_depth_estimator(source: str | os.PathLike, device: str | torch.device =
 
 def load_processor(
     source: str | os.PathLike,
-    image_size: Sequence[int],
+    image_size: int | Sequence[int],
     protocol: str | None = None,
     origin: str | None = None,
 ) -> PvtV2ImageProcessor:
-    """The preprocessing for the model read from ``source`` whose inputs are ``image_size`` (height, width).
+    """The preprocessing for the model read from ``source`` whose inputs are ``image_size`` (height, width), or
+    ``image_size`` x ``image_size`` for one number.
 
     In this order: ``protocol`` when given (``"transformers"``, ``"timm"`` or ``"original"``, see
     :data:`~pvtv2.data.processing.PREPROCESS_PROTOCOLS`); else the checkpoint's own ``preprocessor_config.json``
@@ -193,7 +195,17 @@ def load_processor(
     """
     if protocol is not None and protocol not in PREPROCESS_PROTOCOLS:
         raise ValueError(f"unknown preprocessing protocol {protocol!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
-    height, width = (int(side) for side in image_size)
+    # One number is a square side, as PvtV2ImageProcessor(size=224) takes it (the README's call passes either).
+    try:
+        if isinstance(image_size, Sequence):
+            sides = tuple(operator.index(side) for side in image_size)
+        else:
+            sides = (operator.index(image_size),) * 2
+    except TypeError:
+        sides = ()
+    if len(sides) != 2 or min(sides) < 1:
+        raise ValueError(f"image_size must be a positive side or a (height, width) pair, got {image_size!r}")
+    height, width = sides
     if protocol is not None:
         logger.info("preprocessing: the %s protocol", protocol)
         return _protocol_processor(protocol, height, width)

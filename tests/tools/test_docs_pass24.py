@@ -20,3 +20,20 @@ def test_info_states_the_papers_figure_relative_to_the_count(capsys):
     # B5: 11.717 counted against the paper's 11.8, so the paper is 0.7% above the count.
     assert main(["info", "pvt_v2_b5"]) == 0
     assert "(+0.7% from the count above)" in capsys.readouterr().out
+
+
+def test_load_processor_takes_one_side_as_the_readme_call_does(tmp_path):
+    # README: load_processor(source, image_size, ...). One number (as PvtV2ImageProcessor(size=224) takes) used to
+    # fail with "'int' object is not iterable"; it is the square side. A folder without preprocessor_config.json
+    # gets the transformers resize to that side.
+    import pytest
+    from pvtv2.inference import load_processor
+
+    (tmp_path / "config.json").write_text("{}")
+    processor = load_processor(tmp_path, 48)
+    assert processor.size == {"height": 48, "width": 48}
+    assert load_processor(tmp_path, (40, 56)).size == {"height": 40, "width": 56}
+    assert load_processor(tmp_path, 64, protocol="timm").size == {"shortest_edge": int(64 / 0.9)}  # timm: floor(size / crop_pct)
+    for bad in (0, (32,), "224", (32, -1)):
+        with pytest.raises(ValueError, match="image_size must be a positive side or a"):
+            load_processor(tmp_path, bad)

@@ -836,6 +836,10 @@ def _cmd_depth(args: argparse.Namespace) -> int:
     from .visualize import depth_picture, display_scale
 
     size = _size_flag(args.size)
+    if size is not None and (size[0] % 32 or size[1] % 32):
+        # Refused before the model is read, in the flag's words (GLPN's decoder would fail only after loading).
+        nearest = "x".join(str(max(32, side // 32 * 32)) for side in size)
+        raise ValueError(f"--size must be multiples of 32 per side (GLPN's decoder), got {args.size!r}; e.g. {nearest}")
     _check_output_file(args.output)
     image = load_image(args.image).convert("RGB")
     model = load_depth_estimator(args.model)

@@ -715,6 +715,8 @@ def predict_depth(model: PvtV2ForDepthEstimation, image, size: tuple[int, int] |
     """
     if size is None:
         size = (max(32, image.height // 32 * 32), max(32, image.width // 32 * 32))
+    if size[0] % 32 or size[1] % 32 or min(size) < 32:
+        raise ValueError(f"size must be multiples of 32 per side (GLPN's decoder), got {size[0]}x{size[1]}")
     pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]}, do_normalize=False)(image)["pixel_values"]
     depth = model.eval()(pixels.to(model.device, model.dtype), return_dict=True).predicted_depth  # (1, h, w)
     depth = F.interpolate(depth[:, None].float(), size=(image.height, image.width), mode="bilinear", align_corners=False)

@@ -37,3 +37,31 @@ def test_load_processor_takes_one_side_as_the_readme_call_does(tmp_path):
     for bad in (0, (32,), "224", (32, -1)):
         with pytest.raises(ValueError, match="image_size must be a positive side or a"):
             load_processor(tmp_path, bad)
+
+
+def test_depth_size_not_a_multiple_of_32_is_refused_by_the_flag(tmp_path, capsys):
+    # docs/dense.md: depth's --size is "multiples of 32 from 32 to 2048". --size 50 used to be read as valid, the
+    # model loaded, and the decoder then failed with "got a (7, 7) stage under a (8, 8) upsampled one". It is now
+    # refused first, in the flag's words (the model path here does not even exist), with the size rounded down.
+    import numpy as np
+    import PIL.Image
+    import pytest
+    import torch
+    from pvtv2 import PvtV2Config, PvtV2ForDepthEstimation
+    from pvtv2.inference import predict_depth
+
+    from conftest import TINY
+
+    image = tmp_path / "room.png"
+    PIL.Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
+    out = tmp_path / "depth.png"
+    code = main(["depth", "--model", str(tmp_path / "no-model"), str(image), "--output", str(out), "--size", "50x100"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert err == ["pvtv2 depth: error: --size must be multiples of 32 per side (GLPN's decoder), got '50x100'; "
+                   "e.g. 32x96"]
+    torch.manual_seed(0)
+    model = PvtV2ForDepthEstimation(PvtV2Config(**TINY))
+    with pytest.raises(ValueError, match="size must be multiples of 32 per side"):
+        predict_depth(model, PIL.Image.open(image), (50, 100))
+    assert predict_depth(model, PIL.Image.open(image), (64, 96)).shape == (64, 96)  # the image's own size

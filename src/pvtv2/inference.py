@@ -43,7 +43,7 @@ from .models.modeling import PvtV2ForImageClassification
 from .models.segmentation import PvtV2ForSemanticSegmentation
 from .progress import progress_bar
 from .runtime import parse_device
-from .weights.hub import looks_like_hub_id, resolve_file
+from .weights.hub import companion_file
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -209,22 +209,14 @@ def load_processor(
     if protocol is not None:
         logger.info("preprocessing: the %s protocol", protocol)
         return _protocol_processor(protocol, height, width)
-    text = os.fspath(source)
-    path = None
-    if os.path.isdir(text):
-        path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, required=False)
-    elif os.path.isfile(text):
-        sibling = Path(text).parent / PREPROCESSOR_CONFIG_NAME
-        path = sibling if sibling.is_file() and (Path(text).parent / "config.json").is_file() else None
-    elif looks_like_hub_id(text):
-        path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, required=False)
+    path = companion_file(source, PREPROCESSOR_CONFIG_NAME)
     if path is not None:
         logger.info("preprocessing from %s", path)
         return PvtV2ImageProcessor.from_pretrained(path)
     if origin in ("timm", "original") and height == width:
         logger.info(
-            "preprocessing: the %s protocol, as the checkpoint is a %s file (--preprocess transformers for a plain "
-            "resize)", origin, origin,
+            "preprocessing: the %s protocol, as the checkpoint is %s %s file (--preprocess transformers for a plain "
+            "resize)", origin, "an" if origin == "original" else "a", origin,
         )
         return _protocol_processor(origin, height, width)
     return PvtV2ImageProcessor(size={"height": height, "width": width})

@@ -65,3 +65,71 @@ def test_depth_size_not_a_multiple_of_32_is_refused_by_the_flag(tmp_path, capsys
     with pytest.raises(ValueError, match="size must be multiples of 32 per side"):
         predict_depth(model, PIL.Image.open(image), (50, 100))
     assert predict_depth(model, PIL.Image.open(image), (64, 96)).shape == (64, 96)  # the image's own size
+
+
+def _trained_folder(tmp_path):
+    """A save_pretrained folder as a run's best/ is: real class names, 32 px, its preprocessing beside it."""
+    import torch
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+
+    from conftest import TINY, random_weights_
+
+    names = {i: name for i, name in enumerate(["cat", "dog", "owl"])}
+    config = PvtV2Config(**TINY, image_size=32, id2label=names, label2id={v: k for k, v in names.items()})
+    model = random_weights_(PvtV2ForImageClassification(config), seed=3)
+    folder = tmp_path / "run" / "best"
+    model.save_pretrained(folder)
+    PvtV2ImageProcessor(size=32).save_pretrained(folder)
+    return folder
+
+
+def _image(tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    path = tmp_path / "photo.png"
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_convert_of_a_runs_weights_file_keeps_its_preprocessing(tmp_path, capsys):
+    # A user converts a run's best/model.safetensors to a folder (docs/commands.md: "any checkpoint layout ->
+    # save_pretrained folder"). predict on the file uses the folder's 32 px preprocessing; the converted folder got
+    # none, so predict on it resized to 224 px: other probabilities, silently. Both now predict the same.
+    import json
+
+    folder = _trained_folder(tmp_path)
+    image = _image(tmp_path)
+    converted = tmp_path / "converted"
+    assert main(["convert", str(folder / "model.safetensors"), str(converted)]) == 0
+    assert json.loads((converted / "preprocessor_config.json").read_text())["size"] == {"height": 32, "width": 32}
+    capsys.readouterr()
+    results = []
+    for model in (folder / "model.safetensors", folder, converted):
+        assert main(["predict", "--model", str(model), str(image), "--json", "--top-k", "3", "--no-progress"]) == 0
+        results.append({p["index"]: p["score"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]})
+    reference = results[1]  # the run's own folder, with its config and preprocessing
+    assert abs(sum(reference.values()) - 1) < 1e-5
+    for other in (results[0], results[2]):
+        assert other.keys() == reference.keys()
+        assert max(abs(other[k] - reference[k]) for k in reference) < 1e-6
+
+
+def test_convert_to_a_single_file_names_what_the_file_cannot_hold(tmp_path, caplog):
+    import logging
+
+    from pvtv2.export import convert_checkpoint
+
+    folder = _trained_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pvtv2.export"):
+        convert_checkpoint(folder, tmp_path / "w.safetensors", layout="timm")
+    lost = [r.getMessage() for r in caplog.records if "holds weights only" in r.getMessage()]
+    assert len(lost) == 1
+    assert "the class names (3 labels)" in lost[0] and "the image size (32x32)" in lost[0]
+    assert "preprocessor_config.json" in lost[0]
+    # A file with nothing of that (generic labels, 224 px, no preprocessing) converts without the warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pvtv2.export"):
+        convert_checkpoint(tmp_path / "w.safetensors", tmp_path / "w.pth", layout="original")
+    assert not [r for r in caplog.records if "holds weights only" in r.getMessage()]

@@ -69,7 +69,6 @@ def test_depth_size_not_a_multiple_of_32_is_refused_by_the_flag(tmp_path, capsys
 
 def _trained_folder(tmp_path):
     """A save_pretrained folder as a run's best/ is: real class names, 32 px, its preprocessing beside it."""
-    import torch
     from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
 
     from conftest import TINY, random_weights_

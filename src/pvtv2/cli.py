@@ -707,20 +707,27 @@ def _add_visualize(subparsers) -> None:
     p.add_argument("--model", "-m", required=True, help="folder, checkpoint file, hub id, or a preset name (random weights)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     p.add_argument("--panel-size", type=int, default=224, help="pixels per panel, 32 to 1024 (default: 224)")
+    p.add_argument("--size", help="model input size, N or HxW, 32 to 2048: the image resized to it (bilinear, "
+                   "ImageNet statistics); small inputs leave a stage a single key and nothing to show (default: the "
+                   "checkpoint's preprocessing, else its image_size)")
     p.set_defaults(func=_cmd_visualize)
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from .data.processing import load_image
+    from .data.processing import PvtV2ImageProcessor, load_image
     from .inference import load_processor
     from .models.config import is_preset_name
     from .visualize import PANEL_SIZES, attention_figure
 
     _check_range("--panel-size", args.panel_size, *PANEL_SIZES)
+    size = _size_flag(args.size)
     _check_output_file(args.output)
     image = load_image(args.image)
     model = _load_any(args.model)  # the attention maps do not use the head: any weights will do
-    processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
+    if size is not None:
+        processor = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})
+    else:
+        processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
     figure = attention_figure(model, image, processor, panel_size=args.panel_size)
     _save_png(figure, args.output)
     small = image.width < args.panel_size and image.height < args.panel_size

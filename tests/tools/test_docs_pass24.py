@@ -132,3 +132,52 @@ def test_convert_to_a_single_file_names_what_the_file_cannot_hold(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="pvtv2.export"):
         convert_checkpoint(tmp_path / "w.safetensors", tmp_path / "w.pth", layout="original")
     assert not [r for r in caplog.records if "holds weights only" in r.getMessage()]
+
+
+def test_attention_figure_names_the_size_the_model_ran_at_and_warns_of_single_keys(tmp_path, caplog):
+    # The demo draws its 32 px digit at 128 px: the picture said "input 32x32" above "tokens 32x32" for stage 1,
+    # whose stride is 4 (a 32 px input has 8x8 tokens). The first panel now says both sizes. At 32 px every stage of
+    # B0's reductions (8, 4, 2, 1) leaves one key: the maps are uniform, and a warning says so.
+    import logging
+
+    import numpy as np
+    import PIL.Image
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+    from pvtv2.visualize import _input_captions, attention_figure, attention_maps
+
+    from conftest import TINY, random_weights_
+
+    config = PvtV2Config(**TINY)
+    model = random_weights_(PvtV2ForImageClassification(config), seed=1).eval()
+    digit = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).convert("RGB")
+    pixels = PvtV2ImageProcessor(size=128)(digit, return_tensors="pt")["pixel_values"]
+    assert _input_captions(digit, pixels) == ("image 32x32", "model input 128x128")
+    maps = attention_maps(model, pixels)
+    assert maps[0]["tokens"] == (128 // config.strides[0],) * 2  # 32x32 tokens: the model's input, not the image's
+    assert [m["keys"] for m in maps] == [(128 // s // r,) * 2 for s, r in zip((4, 8, 16, 32), config.sr_ratios)]
+    with caplog.at_level(logging.WARNING, logger="pvtv2.visualize"):
+        attention_figure(model, digit, PvtV2ImageProcessor(size=128))
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="pvtv2.visualize"):
+        attention_figure(model, digit, PvtV2ImageProcessor(size=32))
+    # 32 px: tokens 8, 4, 2, 1 per side over reductions 8, 4, 2, 1 -> one key in every stage
+    assert [32 // s // r for s, r in zip((4, 8, 16, 32), config.sr_ratios)] == [1, 1, 1, 1]
+    assert len(caplog.records) == 1 and "stage(s) 1, 2, 3, 4 attend over a single key" in caplog.text
+
+
+def test_visualize_size_flag_sets_the_model_input(tmp_path, capsys, caplog):
+    import logging
+
+    folder = _trained_folder(tmp_path)  # 32 px, with its preprocessing
+    image = _image(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pvtv2.visualize"):
+        assert main(["visualize", "--model", str(folder), str(image), "-o", str(tmp_path / "a.png")]) == 0
+    assert "at a 32x32 model input" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pvtv2.visualize"):
+        assert main(["visualize", "--model", str(folder), str(image), "-o", str(tmp_path / "b.png"),
+                     "--size", "128"]) == 0
+    assert "single key" not in caplog.text
+    assert main(["visualize", "--model", str(folder), str(image), "-o", str(tmp_path / "c.png"), "--size", "8"]) == 2
+    assert "--size must be between 32 and 2048" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()

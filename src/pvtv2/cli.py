@@ -1152,9 +1152,31 @@ def _draw_demo_predictions(model_dir: str, images: list, folder) -> list[str]:
     return written
 
 
+def _unknown_flags_message(parser: argparse.ArgumentParser, command: str, extras: list[str]) -> str:
+    """One line for flags the command does not have, each with its nearest real flag (``--topk``: ``--top-k``)."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [option for action in sub._actions for option in action.option_strings if option.startswith("--")]
+    parts = []
+    for extra in extras:
+        name = extra.split("=", 1)[0]
+        words = sorted(name.strip("-").replace("_", "-").split("-"))
+        # The same words in another order first (--lr-min: --min-lr), then the nearest spelling (--topk: --top-k).
+        close = [option for option in known if sorted(option.strip("-").split("-")) == words][:1]
+        close = close or difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.6)
+        parts.append(f"{extra} (did you mean {close[0]}?)" if close and name.startswith("-") else extra)
+    return f"unrecognized arguments: {' '.join(parts)}; see pvtv2 {command} --help"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # argparse would name the top-level parser ("pvtv2: error: unrecognized arguments: --topk") under the
+        # top-level usage; the command's name and the flag it probably meant help more.
+        print(f"pvtv2 {args.command}: error: {_unknown_flags_message(parser, args.command, extras)}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

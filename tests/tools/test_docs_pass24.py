@@ -181,3 +181,19 @@ def test_visualize_size_flag_sets_the_model_input(tmp_path, capsys, caplog):
     assert main(["visualize", "--model", str(folder), str(image), "-o", str(tmp_path / "c.png"), "--size", "8"]) == 2
     assert "--size must be between 32 and 2048" in capsys.readouterr().err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_a_mistyped_flag_is_one_line_naming_the_command_and_the_flag_meant(tmp_path, capsys):
+    # README: errors meant for people, "a bad flag" among them, print one line "pvtv2 COMMAND: error: ...". A flag
+    # the command lacks printed the top-level usage and "pvtv2: error: unrecognized arguments: --topk".
+    image = _image(tmp_path)
+    code = main(["predict", "--model", str(tmp_path / "m"), "--topk", "3", str(image)])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "pvtv2 predict: error: unrecognized arguments: --topk (did you mean --top-k?); see pvtv2 predict --help"]
+    code = main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "run"), "--lr-min", "1e-5",
+                 "--warmup_epochs=2"])
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert capsys.readouterr().err.splitlines() == [
+        "pvtv2 train: error: unrecognized arguments: --lr-min (did you mean --min-lr?) 1e-5 --warmup_epochs=2 (did "
+        "you mean --warmup-epochs?); see pvtv2 train --help"]

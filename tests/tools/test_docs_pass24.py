@@ -197,3 +197,17 @@ def test_a_mistyped_flag_is_one_line_naming_the_command_and_the_flag_meant(tmp_p
     assert capsys.readouterr().err.splitlines() == [
         "pvtv2 train: error: unrecognized arguments: --lr-min (did you mean --min-lr?) 1e-5 --warmup_epochs=2 (did "
         "you mean --warmup-epochs?); see pvtv2 train --help"]
+
+
+def test_a_near_miss_of_a_preset_name_lists_the_presets(capsys):
+    import pvtv2
+
+    presets = pvtv2.list_presets()
+    assert presets == ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b2_li", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"]
+    for typo, meant in (("pvtv2_b2", "pvt_v2_b2"), ("pvt_v2_b2li", "pvt_v2_b2_li"), ("PVT-V2-B0x", "pvt_v2_b0")):
+        assert main(["info", typo]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"(did you mean {meant!r}? the presets are {', '.join(presets)})"), err
+    # a mistyped path is no near preset: the message stays as it was
+    assert main(["info", "runs/b0/bset"]) == 2
+    assert capsys.readouterr().err.strip().endswith("nor a hub id 'owner/name'")

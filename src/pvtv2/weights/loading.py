@@ -14,6 +14,7 @@ was initialised at random says so in ``model.newly_initialized_keys``.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -166,7 +167,11 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
             f"or a hub id such as 'OpenGVLab/{text.replace('-', '_').lower()}'"
         )
     if not looks_like_hub_id(text):
-        raise FileNotFoundError(f"{text!r} is not an existing file or folder, a preset name, nor a hub id 'owner/name'")
+        # A near miss of a preset (pvt_v2_b9, pvtv2_b2) is most likely one: name the presets there are.
+        near = difflib.get_close_matches(text.replace("-", "_").lower(), list(PRESETS), n=1, cutoff=0.75)
+        hint = f" (did you mean {near[0]!r}? the presets are {', '.join(PRESETS)})" if near else ""
+        raise FileNotFoundError(
+            f"{text!r} is not an existing file or folder, a preset name, nor a hub id 'owner/name'{hint}")
     config = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, required=False)
     for name in WEIGHT_FILES:
         weights = resolve_file(text, name, revision=revision, cache_dir=cache_dir, required=False)

@@ -478,13 +478,22 @@ def class_mapping(folder_names: Sequence[str], id2label: dict[int, str]) -> dict
     """Class folder name -> model class index.
 
     Folder names must be names of the model's labels. A model whose labels are the generic ``LABEL_0`` ... (as
-    written when none were given) takes the folders in sorted order as classes 0, 1, ...
+    written when none were given) takes folders named ``LABEL_i`` as class i, and otherwise one folder per class, in
+    sorted order as classes 0, 1, ...: with fewer folders than classes, which folder is which class cannot be told
+    (the folders 3 and 5 of a digits set would be scored as classes 0 and 1), so that is refused.
     """
     if has_generic_labels(id2label):
         names = sorted(folder_names)
-        if len(names) > len(id2label):
+        by_name = {name: index for index, name in id2label.items()}
+        if all(name in by_name for name in names):  # LABEL_10 sorts before LABEL_2: by name, not by order
+            return {name: by_name[name] for name in names}
+        if len(names) != len(id2label):
+            last = f"LABEL_{len(id2label) - 1}"
             raise ValueError(
-                f"the dataset has {len(names)} class folders but the model classifies only {len(id2label)} classes"
+                f"the model's {len(id2label)} classes have no names (LABEL_0 ... {last}) and the dataset has "
+                f"{len(names)} class folder(s), {names[:10]}: sorted folders are taken as classes 0, 1, ... only "
+                f"when there is one per class; give the model its class names (id2label in its config.json), name "
+                f"the folders LABEL_i, or evaluate on all {len(id2label)} classes"
             )
         return {name: i for i, name in enumerate(names)}
     label2id: dict[str, int] = {}

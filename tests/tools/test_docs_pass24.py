@@ -211,3 +211,51 @@ def test_a_near_miss_of_a_preset_name_lists_the_presets(capsys):
     # a mistyped path is no near preset: the message stays as it was
     assert main(["info", "runs/b0/bset"]) == 2
     assert capsys.readouterr().err.strip().endswith("nor a hub id 'owner/name'")
+
+
+def test_eval_with_unnamed_classes_refuses_a_subset_of_class_folders(tmp_path, capsys):
+    # docs/commands.md: a model with generic LABEL_i labels takes the sorted folder names as classes 0, 1, ... A
+    # digits model converted from a weights file (labels lost) evaluated on the folders 3 and 5 scored them as classes
+    # 0 and 1: top-1 0.00% where the named model scores 100%, with no warning. Fewer folders than classes are now
+    # refused; folders named LABEL_i map by name (LABEL_10 sorts before LABEL_2).
+    import json
+
+    import numpy as np
+    import PIL.Image
+    import torch
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+    from pvtv2.inference import class_mapping
+
+    from conftest import TINY, random_weights_
+
+    generic = {i: f"LABEL_{i}" for i in range(12)}
+    assert class_mapping([f"LABEL_{i}" for i in (2, 10, 11)], generic) == {"LABEL_2": 2, "LABEL_10": 10, "LABEL_11": 11}
+    assert class_mapping([f"c{i:02d}" for i in range(12)], generic) == {f"c{i:02d}": i for i in range(12)}
+    model = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=4, image_size=32)), seed=2)
+    model.save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(1)
+    for name in ("3", "5"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for n in range(2):
+            PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{n}.png")
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pvtv2 eval: error: the model's 4 classes have no names (LABEL_0 ... LABEL_3) and the "
+                          "dataset has 2 class folder(s), ['3', '5']")
+    # Named LABEL_1 and LABEL_3, the same images are scored as those classes: checked against the model directly.
+    (tmp_path / "data" / "3").rename(tmp_path / "data" / "LABEL_1")
+    (tmp_path / "data" / "5").rename(tmp_path / "data" / "LABEL_3")
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--json",
+                 "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    processor = PvtV2ImageProcessor(size=32)
+    logits, labels = [], []
+    for folder, label in (("LABEL_1", 1), ("LABEL_3", 3)):
+        for n in range(2):
+            pixels = processor(PIL.Image.open(tmp_path / "data" / folder / f"{n}.png").convert("RGB"),
+                               return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                logits.append(model.eval()(pixels).logits[0])
+            labels.append(label)
+    loss = torch.nn.functional.cross_entropy(torch.stack(logits), torch.tensor(labels)).item()
+    assert abs(got["loss"] - loss) < 1e-5 * max(1.0, loss)

@@ -542,8 +542,10 @@ def _describe_check(check: ExportCheck) -> str:
     return f"{size}: max abs diff {check.max_abs_diff:.3g} > tolerance {check.tolerance:.3g}"
 
 
-def _single_file_losses(config, preprocessor: Path | None) -> list[str]:
-    """What of a checkpoint a single weights file in the timm or original layout cannot hold."""
+def _single_file_losses(config, preprocessor: Path | None, layout: str) -> list[str]:
+    """What of a checkpoint a single weights file in ``layout`` cannot hold: what reading the file back (224 px,
+    generic labels, the layout's own evaluation protocol) would get otherwise."""
+    from .data.processing import PvtV2ImageProcessor
     from .models.labels import has_generic_labels, imagenet_id2label
 
     lost = []
@@ -554,7 +556,13 @@ def _single_file_losses(config, preprocessor: Path | None) -> list[str]:
     if tuple(config.image_size) != (224, 224):
         lost.append(f"the image size ({config.image_size[0]}x{config.image_size[1]})")
     if preprocessor is not None:
-        lost.append(f"the preprocessing ({preprocessor})")
+        # What predict uses for the file: transformers' resize for a transformers file, else the layout's protocol.
+        if layout == "transformers":
+            read_back = PvtV2ImageProcessor(size={"height": 224, "width": 224})
+        else:
+            read_back = PvtV2ImageProcessor.from_protocol(layout, 224)
+        if PvtV2ImageProcessor.from_pretrained(preprocessor) != read_back:
+            lost.append(f"the preprocessing ({preprocessor})")
     return lost
 
 
@@ -733,10 +741,10 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
         return info
     for note in layout_differences(model.config, layout):
         logger.warning("%s", note)
-    lost = _single_file_losses(model.config, pre)
+    lost = _single_file_losses(model.config, pre, layout)
     if lost:
-        # A timm or original file is weights only: predictions from it use 224 px, that layout's protocol and
-        # generic labels, which for a model trained otherwise look like answers but are not its answers.
+        # A single file is weights only: predictions from it use 224 px, that layout's protocol and generic
+        # labels, which for a model trained otherwise look like answers but are not its answers.
         logger.warning(
             "a %s file holds weights only: %s of %s are not in it; predict and evaluate with the source (or a "
             "save_pretrained folder converted from it) to keep them", layout, ", ".join(lost), os.fspath(source),

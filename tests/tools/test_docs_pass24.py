@@ -259,3 +259,27 @@ def test_eval_with_unnamed_classes_refuses_a_subset_of_class_folders(tmp_path, c
             labels.append(label)
     loss = torch.nn.functional.cross_entropy(torch.stack(logits), torch.tensor(labels)).item()
     assert abs(got["loss"] - loss) < 1e-5 * max(1.0, loss)
+
+
+def test_convert_warns_of_preprocessing_only_where_reading_the_file_back_differs(tmp_path, caplog):
+    # A 224 px folder with transformers' resize: a transformers file is read back with that same resize (no loss);
+    # a timm file is evaluated with timm's protocol (bicubic, shorter side 248, centre crop): that is a loss.
+    import logging
+
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+    from pvtv2.export import convert_checkpoint
+
+    from conftest import TINY, random_weights_
+
+    folder = tmp_path / "plain"
+    random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=3))).save_pretrained(folder)
+    PvtV2ImageProcessor(size=224).save_pretrained(folder)
+    assert PvtV2ImageProcessor.from_protocol("timm", 224).size == {"shortest_edge": 248}
+    for layout, lost in (("transformers", False), ("timm", True), ("original", True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pvtv2.export"):
+            convert_checkpoint(folder, tmp_path / f"{layout}.safetensors", layout=layout)
+        messages = [r.getMessage() for r in caplog.records if "holds weights only" in r.getMessage()]
+        assert len(messages) == int(lost), (layout, messages)
+        if lost:
+            assert "the preprocessing" in messages[0] and "class names" not in messages[0]

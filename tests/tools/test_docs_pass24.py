@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import pvtv2
+from pvtv2 import PvtV2Config, PvtV2ForDepthEstimation, PvtV2ForImageClassification, PvtV2ImageProcessor
 from pvtv2.cli import main
+from pvtv2.export import convert_checkpoint
+from pvtv2.inference import class_mapping, load_processor, predict_depth
+from pvtv2.visualize import _input_captions, attention_figure, attention_maps
+
+from conftest import TINY, random_weights_
 
 
 def test_info_states_the_papers_figure_relative_to_the_count(capsys):
@@ -26,9 +40,6 @@ def test_load_processor_takes_one_side_as_the_readme_call_does(tmp_path):
     # README: load_processor(source, image_size, ...). One number (as PvtV2ImageProcessor(size=224) takes) used to
     # fail with "'int' object is not iterable"; it is the square side. A folder without preprocessor_config.json
     # gets the transformers resize to that side.
-    import pytest
-    from pvtv2.inference import load_processor
-
     (tmp_path / "config.json").write_text("{}")
     processor = load_processor(tmp_path, 48)
     assert processor.size == {"height": 48, "width": 48}
@@ -43,15 +54,6 @@ def test_depth_size_not_a_multiple_of_32_is_refused_by_the_flag(tmp_path, capsys
     # docs/dense.md: depth's --size is "multiples of 32 from 32 to 2048". --size 50 used to be read as valid, the
     # model loaded, and the decoder then failed with "got a (7, 7) stage under a (8, 8) upsampled one". It is now
     # refused first, in the flag's words (the model path here does not even exist), with the size rounded down.
-    import numpy as np
-    import PIL.Image
-    import pytest
-    import torch
-    from pvtv2 import PvtV2Config, PvtV2ForDepthEstimation
-    from pvtv2.inference import predict_depth
-
-    from conftest import TINY
-
     image = tmp_path / "room.png"
     PIL.Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
     out = tmp_path / "depth.png"
@@ -69,10 +71,6 @@ def test_depth_size_not_a_multiple_of_32_is_refused_by_the_flag(tmp_path, capsys
 
 def _trained_folder(tmp_path):
     """A save_pretrained folder as a run's best/ is: real class names, 32 px, its preprocessing beside it."""
-    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
-
-    from conftest import TINY, random_weights_
-
     names = {i: name for i, name in enumerate(["cat", "dog", "owl"])}
     config = PvtV2Config(**TINY, image_size=32, id2label=names, label2id={v: k for k, v in names.items()})
     model = random_weights_(PvtV2ForImageClassification(config), seed=3)
@@ -83,9 +81,6 @@ def _trained_folder(tmp_path):
 
 
 def _image(tmp_path):
-    import numpy as np
-    import PIL.Image
-
     path = tmp_path / "photo.png"
     rng = np.random.default_rng(0)
     PIL.Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(path)
@@ -96,8 +91,6 @@ def test_convert_of_a_runs_weights_file_keeps_its_preprocessing(tmp_path, capsys
     # A user converts a run's best/model.safetensors to a folder (docs/commands.md: "any checkpoint layout ->
     # save_pretrained folder"). predict on the file uses the folder's 32 px preprocessing; the converted folder got
     # none, so predict on it resized to 224 px: other probabilities, silently. Both now predict the same.
-    import json
-
     folder = _trained_folder(tmp_path)
     image = _image(tmp_path)
     converted = tmp_path / "converted"
@@ -108,18 +101,17 @@ def test_convert_of_a_runs_weights_file_keeps_its_preprocessing(tmp_path, capsys
     for model in (folder / "model.safetensors", folder, converted):
         assert main(["predict", "--model", str(model), str(image), "--json", "--top-k", "3", "--no-progress"]) == 0
         results.append({p["index"]: p["score"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]})
-    reference = results[1]  # the run's own folder, with its config and preprocessing
-    assert abs(sum(reference.values()) - 1) < 1e-5
-    for other in (results[0], results[2]):
+    # The reference: the model's own softmax on the image resized to its 32 px, computed here.
+    model = PvtV2ForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        probs = model(PvtV2ImageProcessor(size=32)(PIL.Image.open(image), return_tensors="pt")["pixel_values"]).logits
+    reference = dict(enumerate(probs[0].softmax(-1).tolist()))
+    for other in results:
         assert other.keys() == reference.keys()
         assert max(abs(other[k] - reference[k]) for k in reference) < 1e-6
 
 
 def test_convert_to_a_single_file_names_what_the_file_cannot_hold(tmp_path, caplog):
-    import logging
-
-    from pvtv2.export import convert_checkpoint
-
     folder = _trained_folder(tmp_path)
     with caplog.at_level(logging.WARNING, logger="pvtv2.export"):
         convert_checkpoint(folder, tmp_path / "w.safetensors", layout="timm")
@@ -138,15 +130,6 @@ def test_attention_figure_names_the_size_the_model_ran_at_and_warns_of_single_ke
     # The demo draws its 32 px digit at 128 px: the picture said "input 32x32" above "tokens 32x32" for stage 1,
     # whose stride is 4 (a 32 px input has 8x8 tokens). The first panel now says both sizes. At 32 px every stage of
     # B0's reductions (8, 4, 2, 1) leaves one key: the maps are uniform, and a warning says so.
-    import logging
-
-    import numpy as np
-    import PIL.Image
-    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
-    from pvtv2.visualize import _input_captions, attention_figure, attention_maps
-
-    from conftest import TINY, random_weights_
-
     config = PvtV2Config(**TINY)
     model = random_weights_(PvtV2ForImageClassification(config), seed=1).eval()
     digit = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).convert("RGB")
@@ -166,8 +149,6 @@ def test_attention_figure_names_the_size_the_model_ran_at_and_warns_of_single_ke
 
 
 def test_visualize_size_flag_sets_the_model_input(tmp_path, capsys, caplog):
-    import logging
-
     folder = _trained_folder(tmp_path)  # 32 px, with its preprocessing
     image = _image(tmp_path)
     with caplog.at_level(logging.WARNING, logger="pvtv2.visualize"):
@@ -200,8 +181,6 @@ def test_a_mistyped_flag_is_one_line_naming_the_command_and_the_flag_meant(tmp_p
 
 
 def test_a_near_miss_of_a_preset_name_lists_the_presets(capsys):
-    import pvtv2
-
     presets = pvtv2.list_presets()
     assert presets == ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b2_li", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"]
     for typo, meant in (("pvtv2_b2", "pvt_v2_b2"), ("pvt_v2_b2li", "pvt_v2_b2_li"), ("PVT-V2-B0x", "pvt_v2_b0")):
@@ -218,16 +197,6 @@ def test_eval_with_unnamed_classes_refuses_a_subset_of_class_folders(tmp_path, c
     # digits model converted from a weights file (labels lost) evaluated on the folders 3 and 5 scored them as classes
     # 0 and 1: top-1 0.00% where the named model scores 100%, with no warning. Fewer folders than classes are now
     # refused; folders named LABEL_i map by name (LABEL_10 sorts before LABEL_2).
-    import json
-
-    import numpy as np
-    import PIL.Image
-    import torch
-    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
-    from pvtv2.inference import class_mapping
-
-    from conftest import TINY, random_weights_
-
     generic = {i: f"LABEL_{i}" for i in range(12)}
     assert class_mapping([f"LABEL_{i}" for i in (2, 10, 11)], generic) == {"LABEL_2": 2, "LABEL_10": 10, "LABEL_11": 11}
     assert class_mapping([f"c{i:02d}" for i in range(12)], generic) == {f"c{i:02d}": i for i in range(12)}
@@ -264,13 +233,6 @@ def test_eval_with_unnamed_classes_refuses_a_subset_of_class_folders(tmp_path, c
 def test_convert_warns_of_preprocessing_only_where_reading_the_file_back_differs(tmp_path, caplog):
     # A 224 px folder with transformers' resize: a transformers file is read back with that same resize (no loss);
     # a timm file is evaluated with timm's protocol (bicubic, shorter side 248, centre crop): that is a loss.
-    import logging
-
-    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
-    from pvtv2.export import convert_checkpoint
-
-    from conftest import TINY, random_weights_
-
     folder = tmp_path / "plain"
     random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=3))).save_pretrained(folder)
     PvtV2ImageProcessor(size=224).save_pretrained(folder)

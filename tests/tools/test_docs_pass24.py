@@ -245,3 +245,17 @@ def test_convert_warns_of_preprocessing_only_where_reading_the_file_back_differs
         assert len(messages) == int(lost), (layout, messages)
         if lost:
             assert "the preprocessing" in messages[0] and "class names" not in messages[0]
+
+
+def test_a_run_folder_given_as_model_names_the_checkpoint_to_pass(tmp_path, capsys):
+    # training.md: "run/best/: the best checkpoint: pvtv2 predict --model pvtv2-demo/run/best IMAGE". Passing the run
+    # folder (or the demo's folder) itself said only "no weights in folder"; it now names the checkpoint inside.
+    best = _trained_folder(tmp_path)  # tmp_path/run/best
+    image = _image(tmp_path)
+    for given, meant in ((best.parent, best), (tmp_path, best)):
+        assert main(["predict", "--model", str(given), str(image)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"pvtv2 predict: error: no weights in folder {str(given)!r}")
+        assert err.endswith(f"; it holds a training run: pass {str(meant)!r}")
+    assert main(["predict", "--model", str(meant), str(image), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["predictions"]) == 3

@@ -157,7 +157,11 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
         weights = next((folder / name for name in WEIGHT_FILES if _folder_entry(folder / name) == "file"), None)
         if weights is None:
             found = sorted(p.name for p in folder.iterdir())[:10]
-            raise FileNotFoundError(f"no weights in folder {text!r}: expected one of {list(WEIGHT_FILES)}, found {found}")
+            # A `pvtv2 train` run folder (or a demo's) holds its checkpoints one level down: name the one to pass.
+            runs = [folder / sub for sub in ("best", "last", "run/best") if (folder / sub / "config.json").is_file()]
+            hint = f"; it holds a training run: pass {os.fspath(runs[0])!r}" if runs else ""
+            raise FileNotFoundError(
+                f"no weights in folder {text!r}: expected one of {list(WEIGHT_FILES)}, found {found}{hint}")
         config = folder / "config.json"
         return (config if _folder_entry(config) == "file" else None), weights
     if text.replace("-", "_").lower() in PRESETS:

@@ -259,3 +259,28 @@ def test_a_run_folder_given_as_model_names_the_checkpoint_to_pass(tmp_path, caps
         assert err.endswith(f"; it holds a training run: pass {str(meant)!r}")
     assert main(["predict", "--model", str(meant), str(image), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["predictions"]) == 3
+
+
+def test_a_resumed_run_logs_its_recipe_as_its_own(tmp_path, caplog, capsys):
+    # training.md: "The run's first lines say which [recipe] and why". A resumed run said "recipe none (--recipe
+    # none)", a flag nobody gave (run.json's stored value); it now says the recipe is the run's own.
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for name in ("a", "b"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                PIL.Image.fromarray(pixels).save(tmp_path / "data" / split / name / f"{i}.png")
+    (tmp_path / "arch.json").write_text(json.dumps(dict(TINY, depths=[1, 1, 1, 1])))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="pvtv2.training.runner"):
+        assert main(["train", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "arch.json"), "--output",
+                     str(out), "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--no-progress"]) == 0
+    first = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe ")]
+    assert first[0].startswith("recipe none (a config.json architecture; --recipe deit turns it on)")
+    assert json.loads((out / "run.json").read_text())["recipe"] == "none"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pvtv2.training.runner"):
+        assert main(["train", "--output", str(out), "--resume", "--no-progress"]) == 0
+    again = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe ")]
+    assert len(again) == 1 and again[0].startswith("recipe none (the run's own, as it was started): RandAugment off")

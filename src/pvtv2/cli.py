@@ -502,7 +502,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                             ("--mode slide", args.mode != "whole"), ("--scales", args.scales != "1.0"),
                                             ("--flip", args.flip), ("--split", args.split != "val")) if used]
         if seg_only:
-            raise ValueError(f"{', '.join(seg_only)} apply to --task segmentation only")
+            raise ValueError(f"{', '.join(seg_only)} {'applies' if len(seg_only) == 1 else 'apply'} to --task segmentation only")
     if args.task == "detection":
         if args.preprocess is not None:
             raise ValueError("--preprocess applies to classification only (a detector resizes and normalises its images)")
@@ -538,7 +538,7 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
                                       ("--runtime onnxruntime", args.runtime != "torch"), ("--onnx", args.onnx))
               if used]
     if unused:
-        raise ValueError(f"{', '.join(unused)} apply to --task classification only")
+        raise ValueError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to --task classification only")
     size = _size_flag(args.size)
     options = _segmentation_inference_flags(args)
     model = load_segmenter(args.model, args.device)

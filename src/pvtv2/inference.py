@@ -124,6 +124,18 @@ def _refuse_non_finite_weights(model: torch.nn.Module, source: str | os.PathLike
         )
 
 
+# What a checkpoint of another task is for, by the class its config.json names (``architectures``).
+_SEGMENTATION_USE = "a segmentation model: pvtv2 eval --task segmentation scores it, pvtv2 segment draws it"
+_DEPTH_USE = "a depth model: pvtv2 depth draws it"
+_OTHER_TASKS = {
+    "PvtV2ForSemanticSegmentation": _SEGMENTATION_USE,
+    "SegformerForSemanticSegmentation": _SEGMENTATION_USE,
+    "PvtV2ForDepthEstimation": _DEPTH_USE,
+    "GLPNForDepthEstimation": _DEPTH_USE,
+    "PvtV2ForObjectDetection": "a detector: pvtv2 eval --task detection scores it, pvtv2 detect draws it",
+}
+
+
 def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForImageClassification:
     """A trained classifier from anything ``from_pretrained`` takes.
 
@@ -140,8 +152,12 @@ def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu
         )
     device = _inference_device(device)
     model = PvtV2ForImageClassification.from_pretrained(source)
+    # A dense or detection checkpoint given where a classifier is expected (eval without --task): say what it is.
+    other = next((_OTHER_TASKS[a] for a in getattr(model.config, "architectures", None) or () if a in _OTHER_TASKS),
+                 None)
     _refuse_random_weights(
         model, source, "classifier",
+        f"It is {other}" if other else
         f"Fine-tune one on your classes first: pvtv2 train --model {os.fspath(source)} --data DIR --output RUN "
         f"(DIR/train/<class>/*, DIR/val/<class>/*), then use RUN/best",
     )

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 import pvtv2
-from pvtv2 import PvtV2Config, PvtV2ForDepthEstimation, PvtV2ForImageClassification, PvtV2ImageProcessor
+from pvtv2 import (
+    PvtV2Config,
+    PvtV2ForDepthEstimation,
+    PvtV2ForImageClassification,
+    PvtV2ForSemanticSegmentation,
+    PvtV2ImageProcessor,
+)
 from pvtv2.cli import main
 from pvtv2.export import convert_checkpoint
 from pvtv2.inference import class_mapping, load_processor, predict_depth
@@ -284,3 +290,22 @@ def test_a_resumed_run_logs_its_recipe_as_its_own(tmp_path, caplog, capsys):
         assert main(["train", "--output", str(out), "--resume", "--no-progress"]) == 0
     again = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recipe ")]
     assert len(again) == 1 and again[0].startswith("recipe none (the run's own, as it was started): RandAugment off")
+
+
+def test_eval_of_another_tasks_checkpoint_says_which_command_takes_it(tmp_path, capsys):
+    # A plausible slip: `pvtv2 eval --model shapes/run/best --data DIR` without --task segmentation. The refusal
+    # (no trained classifier) used to advise fine-tuning a classifier; it now says what the checkpoint is for.
+    names = {0: "background", 1: "circle"}
+    seg = random_weights_(PvtV2ForSemanticSegmentation(PvtV2Config(**TINY, id2label=names)), seed=4)
+    seg.save_pretrained(tmp_path / "seg")
+    assert json.loads((tmp_path / "seg" / "config.json").read_text())["architectures"] == [
+        "PvtV2ForSemanticSegmentation"]
+    (tmp_path / "data" / "circle").mkdir(parents=True)
+    PIL.Image.open(_image(tmp_path)).save(tmp_path / "data" / "circle" / "0.png")
+    assert main(["eval", "--model", str(tmp_path / "seg"), "--data", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"pvtv2 eval: error: {str(tmp_path / 'seg')!r} has no trained classifier")
+    assert err.endswith("It is a segmentation model: pvtv2 eval --task segmentation scores it, pvtv2 segment draws it")
+    # and one flag of the other task is named in the singular
+    assert main(["eval", "--model", str(tmp_path / "seg"), "--data", str(tmp_path / "data"), "--flip"]) == 2
+    assert capsys.readouterr().err.strip() == "pvtv2 eval: error: --flip applies to --task segmentation only"

@@ -502,7 +502,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                             ("--mode slide", args.mode != "whole"), ("--scales", args.scales != "1.0"),
                                             ("--flip", args.flip), ("--split", args.split != "val")) if used]
         if seg_only:
-            raise ValueError(f"{', '.join(seg_only)} {'applies' if len(seg_only) == 1 else 'apply'} to --task segmentation only")
+            verb = "applies" if len(seg_only) == 1 else "apply"
+            raise ValueError(f"{', '.join(seg_only)} {verb} to --task segmentation only")
     if args.task == "detection":
         if args.preprocess is not None:
             raise ValueError("--preprocess applies to classification only (a detector resizes and normalises its images)")
@@ -538,7 +539,8 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
                                       ("--runtime onnxruntime", args.runtime != "torch"), ("--onnx", args.onnx))
               if used]
     if unused:
-        raise ValueError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to --task classification only")
+        verb = "applies" if len(unused) == 1 else "apply"
+        raise ValueError(f"{', '.join(unused)} {verb} to --task classification only")
     size = _size_flag(args.size)
     options = _segmentation_inference_flags(args)
     model = load_segmenter(args.model, args.device)
@@ -846,7 +848,8 @@ def _cmd_depth(args: argparse.Namespace) -> int:
     if size is not None and (size[0] % 32 or size[1] % 32):
         # Refused before the model is read, in the flag's words (GLPN's decoder would fail only after loading).
         nearest = "x".join(str(max(32, side // 32 * 32)) for side in size)
-        raise ValueError(f"--size must be multiples of 32 per side (GLPN's decoder), got {args.size!r}; e.g. {nearest}")
+        raise ValueError(
+            f"--size must be multiples of 32 per side (GLPN's decoder), got {args.size!r}; e.g. {nearest}")
     _check_output_file(args.output)
     image = load_image(args.image).convert("RGB")
     model = load_depth_estimator(args.model)

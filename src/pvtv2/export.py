@@ -703,9 +703,9 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     does not fit its config is refused (:func:`load_checkpoint_model`). The source's ``preprocessor_config.json``
     (its folder's, or that of the ``save_pretrained`` folder a single weights file lies in, as ``pvtv2 predict``
     reads it) is copied along. A single file holds weights only: its class names, image size and preprocessing are
-    lost, and a warning names them. An existing ``output`` is replaced only when it is a weights file (``layout``) or a folder holding
-    nothing but a checkpoint's files; anything else raises ``FileExistsError`` before any work. The output is written
-    atomically: a failed write (a full disk) raises :class:`pvtv2.fileio.WriteError` naming ``output`` and leaves no
+    lost, and a warning names them. An existing ``output`` is replaced only when it is a weights file (``layout``)
+    or a folder holding nothing but a checkpoint's files; anything else raises ``FileExistsError`` before any work.
+    The output is written atomically: a failed write (a full disk) raises :class:`pvtv2.fileio.WriteError` naming ``output`` and leaves no
     temporary file, and the previous output as it was.
     """
     from .data.processing import PREPROCESSOR_CONFIG_NAME

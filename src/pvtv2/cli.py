@@ -472,7 +472,7 @@ def _add_eval(subparsers) -> None:
         "eval", help="accuracy on an image-folder dataset",
         description="Top-1/top-5 accuracy, mean cross-entropy and images per second on DIR/<class>/*.jpg (or "
                     "DIR/val/<class>/...). Class folder names must be the model's label names; a model with generic "
-                    "LABEL_i labels takes the sorted folder names as classes 0, 1, ...",
+                    "LABEL_i labels takes the sorted folder names as classes 0, 1, ... (one folder per class)",
     )
     _add_model_flags(p)
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
@@ -502,7 +502,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                             ("--mode slide", args.mode != "whole"), ("--scales", args.scales != "1.0"),
                                             ("--flip", args.flip), ("--split", args.split != "val")) if used]
         if seg_only:
-            raise ValueError(f"{', '.join(seg_only)} apply to --task segmentation only")
+            verb = "applies" if len(seg_only) == 1 else "apply"
+            raise ValueError(f"{', '.join(seg_only)} {verb} to --task segmentation only")
     if args.task == "detection":
         if args.preprocess is not None:
             raise ValueError("--preprocess applies to classification only (a detector resizes and normalises its images)")
@@ -538,7 +539,8 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
                                       ("--runtime onnxruntime", args.runtime != "torch"), ("--onnx", args.onnx))
               if used]
     if unused:
-        raise ValueError(f"{', '.join(unused)} apply to --task classification only")
+        verb = "applies" if len(unused) == 1 else "apply"
+        raise ValueError(f"{', '.join(unused)} {verb} to --task classification only")
     size = _size_flag(args.size)
     options = _segmentation_inference_flags(args)
     model = load_segmenter(args.model, args.device)
@@ -707,20 +709,27 @@ def _add_visualize(subparsers) -> None:
     p.add_argument("--model", "-m", required=True, help="folder, checkpoint file, hub id, or a preset name (random weights)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     p.add_argument("--panel-size", type=int, default=224, help="pixels per panel, 32 to 1024 (default: 224)")
+    p.add_argument("--size", help="model input size, N or HxW, 32 to 2048: the image resized to it (bilinear, "
+                   "ImageNet statistics); small inputs leave a stage a single key and nothing to show (default: the "
+                   "checkpoint's preprocessing, else its image_size)")
     p.set_defaults(func=_cmd_visualize)
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from .data.processing import load_image
+    from .data.processing import PvtV2ImageProcessor, load_image
     from .inference import load_processor
     from .models.config import is_preset_name
     from .visualize import PANEL_SIZES, attention_figure
 
     _check_range("--panel-size", args.panel_size, *PANEL_SIZES)
+    size = _size_flag(args.size)
     _check_output_file(args.output)
     image = load_image(args.image)
     model = _load_any(args.model)  # the attention maps do not use the head: any weights will do
-    processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
+    if size is not None:
+        processor = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})
+    else:
+        processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
     figure = attention_figure(model, image, processor, panel_size=args.panel_size)
     _save_png(figure, args.output)
     small = image.width < args.panel_size and image.height < args.panel_size
@@ -836,6 +845,11 @@ def _cmd_depth(args: argparse.Namespace) -> int:
     from .visualize import depth_picture, display_scale
 
     size = _size_flag(args.size)
+    if size is not None and (size[0] % 32 or size[1] % 32):
+        # Refused before the model is read, in the flag's words (GLPN's decoder would fail only after loading).
+        nearest = "x".join(str(max(32, side // 32 * 32)) for side in size)
+        raise ValueError(
+            f"--size must be multiples of 32 per side (GLPN's decoder), got {args.size!r}; e.g. {nearest}")
     _check_output_file(args.output)
     image = load_image(args.image).convert("RGB")
     model = load_depth_estimator(args.model)
@@ -1141,9 +1155,31 @@ def _draw_demo_predictions(model_dir: str, images: list, folder) -> list[str]:
     return written
 
 
+def _unknown_flags_message(parser: argparse.ArgumentParser, command: str, extras: list[str]) -> str:
+    """One line for flags the command does not have, each with its nearest real flag (``--topk``: ``--top-k``)."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [option for action in sub._actions for option in action.option_strings if option.startswith("--")]
+    parts = []
+    for extra in extras:
+        name = extra.split("=", 1)[0]
+        words = sorted(name.strip("-").replace("_", "-").split("-"))
+        # The same words in another order first (--lr-min: --min-lr), then the nearest spelling (--topk: --top-k).
+        close = [option for option in known if sorted(option.strip("-").split("-")) == words][:1]
+        close = close or difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.6)
+        parts.append(f"{extra} (did you mean {close[0]}?)" if close and name.startswith("-") else extra)
+    return f"unrecognized arguments: {' '.join(parts)}; see pvtv2 {command} --help"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # argparse would name the top-level parser ("pvtv2: error: unrecognized arguments: --topk") under the
+        # top-level usage; the command's name and the flag it probably meant help more.
+        print(f"pvtv2 {args.command}: error: {_unknown_flags_message(parser, args.command, extras)}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -542,6 +542,30 @@ def _describe_check(check: ExportCheck) -> str:
     return f"{size}: max abs diff {check.max_abs_diff:.3g} > tolerance {check.tolerance:.3g}"
 
 
+def _single_file_losses(config, preprocessor: Path | None, layout: str) -> list[str]:
+    """What of a checkpoint a single weights file in ``layout`` cannot hold: what reading the file back (224 px,
+    generic labels, the layout's own evaluation protocol) would get otherwise."""
+    from .data.processing import PvtV2ImageProcessor
+    from .models.labels import has_generic_labels, imagenet_id2label
+
+    lost = []
+    # ImageNet's names come back by themselves: loading attaches them to any 1000-class file without labels.
+    imagenet = len(config.id2label) == 1000 and dict(config.id2label) == imagenet_id2label()
+    if not has_generic_labels(config.id2label) and not imagenet:
+        lost.append(f"the class names ({len(config.id2label)} labels)")
+    if tuple(config.image_size) != (224, 224):
+        lost.append(f"the image size ({config.image_size[0]}x{config.image_size[1]})")
+    if preprocessor is not None:
+        # What predict uses for the file: transformers' resize for a transformers file, else the layout's protocol.
+        if layout == "transformers":
+            read_back = PvtV2ImageProcessor(size={"height": 224, "width": 224})
+        else:
+            read_back = PvtV2ImageProcessor.from_protocol(layout, 224)
+        if PvtV2ImageProcessor.from_pretrained(preprocessor) != read_back:
+            lost.append(f"the preprocessing ({preprocessor})")
+    return lost
+
+
 def load_checkpoint_model(source: str | os.PathLike) -> nn.Module:
     """The model a checkpoint holds, with nothing invented: a ``PvtV2ForImageClassification`` when it has a
     classifier head, else the encoder alone (``PvtV2Model``).
@@ -676,15 +700,17 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     (``layout=None``), or to a single weights file in ``layout`` (``transformers``, ``timm`` or ``original``).
 
     A checkpoint without a classifier head becomes a ``PvtV2Model`` (no random head is invented); one whose head
-    does not fit its config is refused (:func:`load_checkpoint_model`). A folder's ``preprocessor_config.json`` is
-    copied along. An existing ``output`` is replaced only when it is a weights file (``layout``) or a folder holding
-    nothing but a checkpoint's files; anything else raises ``FileExistsError`` before any work. The output is written
-    atomically: a failed write (a full disk) raises :class:`pvtv2.fileio.WriteError` naming ``output`` and leaves no
+    does not fit its config is refused (:func:`load_checkpoint_model`). The source's ``preprocessor_config.json``
+    (its folder's, or that of the ``save_pretrained`` folder a single weights file lies in, as ``pvtv2 predict``
+    reads it) is copied along. A single file holds weights only: its class names, image size and preprocessing are
+    lost, and a warning names them. An existing ``output`` is replaced only when it is a weights file (``layout``)
+    or a folder holding nothing but a checkpoint's files; anything else raises ``FileExistsError`` before any work.
+    The output is written atomically: a failed write (a full disk) raises :class:`pvtv2.fileio.WriteError` naming ``output`` and leaves no
     temporary file, and the previous output as it was.
     """
     from .data.processing import PREPROCESSOR_CONFIG_NAME
     from .weights.files import save_state_dict
-    from .weights.hub import resolve_file
+    from .weights.hub import companion_file
     from .weights.layouts import LAYOUTS, convert_state_dict
     from .weights.loading import layout_differences
 
@@ -695,9 +721,10 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     model = load_checkpoint_model(source)
     info: dict[str, Any] = {"source": os.fspath(source), "model": type(model).__name__,
                             "parameters": model.num_parameters()}
+    # The preprocessing the source's predictions use (pvtv2 predict reads it the same way): its folder's, or its
+    # save_pretrained folder's for a single weights file such as a run's best/model.safetensors.
+    pre = companion_file(source, PREPROCESSOR_CONFIG_NAME)
     if layout is None:
-        text = os.fspath(source)
-        pre = resolve_file(text, PREPROCESSOR_CONFIG_NAME, required=False) if os.path.isdir(text) else None
         # Read before writing: the output may be the source folder itself.
         pre_text = Path(pre).read_text(encoding="utf-8") if pre is not None else None
 
@@ -714,6 +741,14 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
         return info
     for note in layout_differences(model.config, layout):
         logger.warning("%s", note)
+    lost = _single_file_losses(model.config, pre, layout)
+    if lost:
+        # A single file is weights only: predictions from it use 224 px, that layout's protocol and generic
+        # labels, which for a model trained otherwise look like answers but are not its answers.
+        logger.warning(
+            "a %s file holds weights only: %s of %s are not in it; predict and evaluate with the source (or a "
+            "save_pretrained folder converted from it) to keep them", layout, ", ".join(lost), os.fspath(source),
+        )
     state = convert_state_dict(model.state_dict(), layout)
     try:
         save_state_dict(state, out)

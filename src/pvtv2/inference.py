@@ -13,6 +13,7 @@ top-k and the metrics are the same code for both; the model object still supplie
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import tempfile
 import time
@@ -42,7 +43,7 @@ from .models.modeling import PvtV2ForImageClassification
 from .models.segmentation import PvtV2ForSemanticSegmentation
 from .progress import progress_bar
 from .runtime import parse_device
-from .weights.hub import looks_like_hub_id, resolve_file
+from .weights.hub import companion_file
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -123,6 +124,18 @@ def _refuse_non_finite_weights(model: torch.nn.Module, source: str | os.PathLike
         )
 
 
+# What a checkpoint of another task is for, by the class its config.json names (``architectures``).
+_SEGMENTATION_USE = "a segmentation model: pvtv2 eval --task segmentation scores it, pvtv2 segment draws it"
+_DEPTH_USE = "a depth model: pvtv2 depth draws it"
+_OTHER_TASKS = {
+    "PvtV2ForSemanticSegmentation": _SEGMENTATION_USE,
+    "SegformerForSemanticSegmentation": _SEGMENTATION_USE,
+    "PvtV2ForDepthEstimation": _DEPTH_USE,
+    "GLPNForDepthEstimation": _DEPTH_USE,
+    "PvtV2ForObjectDetection": "a detector: pvtv2 eval --task detection scores it, pvtv2 detect draws it",
+}
+
+
 def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForImageClassification:
     """A trained classifier from anything ``from_pretrained`` takes.
 
@@ -139,8 +152,12 @@ def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu
         )
     device = _inference_device(device)
     model = PvtV2ForImageClassification.from_pretrained(source)
+    # A dense or detection checkpoint given where a classifier is expected (eval without --task): say what it is.
+    other = next((_OTHER_TASKS[a] for a in getattr(model.config, "architectures", None) or () if a in _OTHER_TASKS),
+                 None)
     _refuse_random_weights(
         model, source, "classifier",
+        f"It is {other}" if other else
         f"Fine-tune one on your classes first: pvtv2 train --model {os.fspath(source)} --data DIR --output RUN "
         f"(DIR/train/<class>/*, DIR/val/<class>/*), then use RUN/best",
     )
@@ -179,11 +196,12 @@ def load_depth_estimator(source: str | os.PathLike, device: str | torch.device =
 
 def load_processor(
     source: str | os.PathLike,
-    image_size: Sequence[int],
+    image_size: int | Sequence[int],
     protocol: str | None = None,
     origin: str | None = None,
 ) -> PvtV2ImageProcessor:
-    """The preprocessing for the model read from ``source`` whose inputs are ``image_size`` (height, width).
+    """The preprocessing for the model read from ``source`` whose inputs are ``image_size`` (height, width), or
+    ``image_size`` x ``image_size`` for one number.
 
     In this order: ``protocol`` when given (``"transformers"``, ``"timm"`` or ``"original"``, see
     :data:`~pvtv2.data.processing.PREPROCESS_PROTOCOLS`); else the checkpoint's own ``preprocessor_config.json``
@@ -193,26 +211,28 @@ def load_processor(
     """
     if protocol is not None and protocol not in PREPROCESS_PROTOCOLS:
         raise ValueError(f"unknown preprocessing protocol {protocol!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
-    height, width = (int(side) for side in image_size)
+    # One number is a square side, as PvtV2ImageProcessor(size=224) takes it (the README's call passes either).
+    try:
+        if isinstance(image_size, Sequence):
+            sides = tuple(operator.index(side) for side in image_size)
+        else:
+            sides = (operator.index(image_size),) * 2
+    except TypeError:
+        sides = ()
+    if len(sides) != 2 or min(sides) < 1:
+        raise ValueError(f"image_size must be a positive side or a (height, width) pair, got {image_size!r}")
+    height, width = sides
     if protocol is not None:
         logger.info("preprocessing: the %s protocol", protocol)
         return _protocol_processor(protocol, height, width)
-    text = os.fspath(source)
-    path = None
-    if os.path.isdir(text):
-        path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, required=False)
-    elif os.path.isfile(text):
-        sibling = Path(text).parent / PREPROCESSOR_CONFIG_NAME
-        path = sibling if sibling.is_file() and (Path(text).parent / "config.json").is_file() else None
-    elif looks_like_hub_id(text):
-        path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, required=False)
+    path = companion_file(source, PREPROCESSOR_CONFIG_NAME)
     if path is not None:
         logger.info("preprocessing from %s", path)
         return PvtV2ImageProcessor.from_pretrained(path)
     if origin in ("timm", "original") and height == width:
         logger.info(
-            "preprocessing: the %s protocol, as the checkpoint is a %s file (--preprocess transformers for a plain "
-            "resize)", origin, origin,
+            "preprocessing: the %s protocol, as the checkpoint is %s %s file (--preprocess transformers for a plain "
+            "resize)", origin, "an" if origin == "original" else "a", origin,
         )
         return _protocol_processor(origin, height, width)
     return PvtV2ImageProcessor(size={"height": height, "width": width})
@@ -474,13 +494,22 @@ def class_mapping(folder_names: Sequence[str], id2label: dict[int, str]) -> dict
     """Class folder name -> model class index.
 
     Folder names must be names of the model's labels. A model whose labels are the generic ``LABEL_0`` ... (as
-    written when none were given) takes the folders in sorted order as classes 0, 1, ...
+    written when none were given) takes folders named ``LABEL_i`` as class i, and otherwise one folder per class, in
+    sorted order as classes 0, 1, ...: with fewer folders than classes, which folder is which class cannot be told
+    (the folders 3 and 5 of a digits set would be scored as classes 0 and 1), so that is refused.
     """
     if has_generic_labels(id2label):
         names = sorted(folder_names)
-        if len(names) > len(id2label):
+        by_name = {name: index for index, name in id2label.items()}
+        if all(name in by_name for name in names):  # LABEL_10 sorts before LABEL_2: by name, not by order
+            return {name: by_name[name] for name in names}
+        if len(names) != len(id2label):
+            last = f"LABEL_{len(id2label) - 1}"
             raise ValueError(
-                f"the dataset has {len(names)} class folders but the model classifies only {len(id2label)} classes"
+                f"the model's {len(id2label)} classes have no names (LABEL_0 ... {last}) and the dataset has "
+                f"{len(names)} class folder(s), {names[:10]}: sorted folders are taken as classes 0, 1, ... only "
+                f"when there is one per class; give the model its class names (id2label in its config.json), name "
+                f"the folders LABEL_i, or evaluate on all {len(id2label)} classes"
             )
         return {name: i for i, name in enumerate(names)}
     label2id: dict[str, int] = {}
@@ -703,6 +732,8 @@ def predict_depth(model: PvtV2ForDepthEstimation, image, size: tuple[int, int] |
     """
     if size is None:
         size = (max(32, image.height // 32 * 32), max(32, image.width // 32 * 32))
+    if size[0] % 32 or size[1] % 32 or min(size) < 32:
+        raise ValueError(f"size must be multiples of 32 per side (GLPN's decoder), got {size[0]}x{size[1]}")
     pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]}, do_normalize=False)(image)["pixel_values"]
     depth = model.eval()(pixels.to(model.device, model.dtype), return_dict=True).predicted_depth  # (1, h, w)
     depth = F.interpolate(depth[:, None].float(), size=(image.height, image.width), mode="bilinear", align_corners=False)

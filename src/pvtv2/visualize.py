@@ -10,6 +10,7 @@ maps are then just less meaningful).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any
@@ -23,6 +24,8 @@ from torch import nn
 
 from .data.processing import PvtV2ImageProcessor, load_image, to_8bit
 from .models.layers import PvtV2Stage
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "attention_maps",
@@ -136,6 +139,12 @@ def _font(size: int) -> PIL.ImageFont.ImageFont:
         return PIL.ImageFont.load_default()
 
 
+def _input_captions(image: PIL.Image.Image, pixel_values: torch.Tensor) -> tuple[str, str]:
+    """The first panel's two caption lines: the image's size, then the size the model ran at (width x height)."""
+    height, width = pixel_values.shape[-2:]
+    return f"image {image.width}x{image.height}", f"model input {width}x{height}"
+
+
 def attention_figure(
     model: nn.Module,
     image: PIL.Image.Image | str | os.PathLike,
@@ -163,6 +172,15 @@ def attention_figure(
     param = next(model.parameters())
     pixel_values = processor(image, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
     maps = attention_maps(model, pixel_values)
+    single = [entry["stage"] for entry in maps if entry["keys"] == (1, 1)]
+    if single:
+        # One key takes all the attention: the panel is uniform, which would read as "looks nowhere in particular".
+        height, width = pixel_values.shape[-2:]
+        logger.warning(
+            "at a %dx%d model input, stage(s) %s attend over a single key: their maps are uniform and show nothing; "
+            "draw at a larger input size (pvtv2 visualize --size, or a processor with a larger size: the demo draws "
+            "its 32 px digits at 128 px)", width, height, ", ".join(map(str, single)),
+        )
 
     small = image.width < panel_size and image.height < panel_size
     resample = PIL.Image.Resampling.NEAREST if small else PIL.Image.Resampling.BILINEAR
@@ -174,7 +192,10 @@ def attention_figure(
     figure = PIL.Image.new("RGB", ((1 + len(maps)) * panel_size, panel_size + caption), "white")
     draw = PIL.ImageDraw.Draw(figure)
     figure.paste(base, (0, caption))
-    draw.text((4, 2), f"input {image.width}x{image.height}", fill="black", font=font)
+    # The model sees the processed size, which the token grids follow (the demo draws its 32 px digits at 128 px):
+    # "input 32x32" above "tokens 32x32" at stride 4 would read as a contradiction.
+    for row, text in enumerate(_input_captions(image, pixel_values)):
+        draw.text((4, row * line + 2), text, fill="black", font=font)
     for n, entry in enumerate(maps, start=1):
         heat = entry["map"]
         lo, hi = float(heat.min()), float(heat.max())

@@ -217,8 +217,8 @@ def test_eval_segmentation_takes_the_inference_flags(shapes, shapes_model, capsy
 
 
 @pytest.mark.parametrize(("extra", "named"), [
-    (["--task", "segmentation", "--preprocess", "timm"], "--preprocess apply to --task classification only"),
-    (["--mode", "slide"], "--mode slide apply to --task segmentation only"),
+    (["--task", "segmentation", "--preprocess", "timm"], "--preprocess applies to --task classification only"),
+    (["--mode", "slide"], "--mode slide applies to --task segmentation only"),
     (["--task", "segmentation", "--scales", "-1"], "--scales"),
 ])
 def test_eval_refuses_flags_of_the_other_task(shapes, shapes_model, capsys, extra, named):

@@ -110,6 +110,8 @@ def _train(
     cfg, state, run_classes = on_main(look, info, share=True)
     # Decided once, before run.json is written: a resumed run's stored settings are already decided.
     cfg, reason = resolve_recipe(cfg, world_size=info.world_size)
+    if state is not None:  # resumed: the recipe is the stored run's, whoever decided it then
+        reason = "the run's own, as it was started"
     if cfg.task == "classification" and info.main:
         logger.info("recipe %s (%s): %s", cfg.recipe, reason, describe_recipe(cfg))
     _check_fp16(cfg, device)  # a resumed run's own setting

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["HubFileNotFound", "looks_like_hub_id", "resolve_file"]
+__all__ = ["HubFileNotFound", "companion_file", "looks_like_hub_id", "resolve_file"]
 
 # A hub id is "name" or "owner/name" with the characters the hub allows.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -53,6 +53,22 @@ def resolve_file(
             f"{text!r} is neither an existing file or folder nor a hub id of the form 'owner/name'"
         )
     return _hub_download(text, filename, revision=revision, cache_dir=cache_dir, required=required)
+
+
+def companion_file(source: str | os.PathLike, filename: str) -> Path | None:
+    """The ``filename`` (e.g. ``preprocessor_config.json``) that goes with the checkpoint ``source``, or None: in a
+    folder or hub repository, that file; beside a single weights file, the file in the same folder when that folder
+    is a ``save_pretrained`` one (it holds a ``config.json``), since a run's ``best/model.safetensors`` keeps the
+    preprocessing its folder records. ``pvtv2 predict`` and ``pvtv2 convert`` both read it this way, so a converted
+    folder predicts what its source did."""
+    text = os.fspath(source)
+    if os.path.isdir(text) or (not os.path.isfile(text) and looks_like_hub_id(text)):
+        return resolve_file(text, filename, required=False)
+    if os.path.isfile(text):
+        folder = Path(text).parent
+        if (folder / filename).is_file() and (folder / "config.json").is_file():
+            return folder / filename
+    return None
 
 
 def _hub_download(

@@ -14,6 +14,7 @@ was initialised at random says so in ``model.newly_initialized_keys``.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -156,7 +157,11 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
         weights = next((folder / name for name in WEIGHT_FILES if _folder_entry(folder / name) == "file"), None)
         if weights is None:
             found = sorted(p.name for p in folder.iterdir())[:10]
-            raise FileNotFoundError(f"no weights in folder {text!r}: expected one of {list(WEIGHT_FILES)}, found {found}")
+            # A `pvtv2 train` run folder (or a demo's) holds its checkpoints one level down: name the one to pass.
+            runs = [folder / sub for sub in ("best", "last", "run/best") if (folder / sub / "config.json").is_file()]
+            hint = f"; it holds a training run: pass {os.fspath(runs[0])!r}" if runs else ""
+            raise FileNotFoundError(
+                f"no weights in folder {text!r}: expected one of {list(WEIGHT_FILES)}, found {found}{hint}")
         config = folder / "config.json"
         return (config if _folder_entry(config) == "file" else None), weights
     if text.replace("-", "_").lower() in PRESETS:
@@ -166,7 +171,11 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
             f"or a hub id such as 'OpenGVLab/{text.replace('-', '_').lower()}'"
         )
     if not looks_like_hub_id(text):
-        raise FileNotFoundError(f"{text!r} is not an existing file or folder, a preset name, nor a hub id 'owner/name'")
+        # A near miss of a preset (pvt_v2_b9, pvtv2_b2) is most likely one: name the presets there are.
+        near = difflib.get_close_matches(text.replace("-", "_").lower(), list(PRESETS), n=1, cutoff=0.75)
+        hint = f" (did you mean {near[0]!r}? the presets are {', '.join(PRESETS)})" if near else ""
+        raise FileNotFoundError(
+            f"{text!r} is not an existing file or folder, a preset name, nor a hub id 'owner/name'{hint}")
     config = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, required=False)
     for name in WEIGHT_FILES:
         weights = resolve_file(text, name, revision=revision, cache_dir=cache_dir, required=False)

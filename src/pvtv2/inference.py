@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -490,21 +491,44 @@ def _dataset_root(data: str | os.PathLike) -> tuple[Path, str]:
     return root, "."
 
 
+# A folder name that reads as a generic label (LABEL_01, label_2, LABEL_-1, "LABEL 3"), exact or not.
+_LABEL_LIKE = re.compile(r"\s*label[\s_-]*[+-]?[0-9]+\s*", re.IGNORECASE)
+
+
 def class_mapping(folder_names: Sequence[str], id2label: dict[int, str]) -> dict[str, int]:
     """Class folder name -> model class index.
 
     Folder names must be names of the model's labels. A model whose labels are the generic ``LABEL_0`` ... (as
     written when none were given) takes folders named ``LABEL_i`` as class i, and otherwise one folder per class, in
     sorted order as classes 0, 1, ...: with fewer folders than classes, which folder is which class cannot be told
-    (the folders 3 and 5 of a digits set would be scored as classes 0 and 1), so that is refused.
+    (the folders 3 and 5 of a digits set would be scored as classes 0 and 1), so that is refused. So are folders
+    that mix ``LABEL_i`` names with others, and names that look like labels but are none of the model's
+    (``LABEL_01``, ``label_2``, ``LABEL_12`` of twelve classes): sorted order would score them as other classes.
     """
     if has_generic_labels(id2label):
         names = sorted(folder_names)
         by_name = {name: index for index, name in id2label.items()}
         if all(name in by_name for name in names):  # LABEL_10 sorts before LABEL_2: by name, not by order
             return {name: by_name[name] for name in names}
+        last = f"LABEL_{len(id2label) - 1}"
+        # Folders named after labels are meant by name; sorted order would score them as other classes, silently
+        # (LABEL_1 beside 'a' and 'b' as class 0; label_10 of twelve as class 2). Such a name must be exact and
+        # then every folder must be one.
+        unknown = [name for name in names if name not in by_name and _LABEL_LIKE.fullmatch(name)]
+        if unknown:
+            raise ValueError(
+                f"class folder(s) {unknown[:10]} look like label names but are none of the model's: its "
+                f"{len(id2label)} class(es) are named LABEL_0 ... {last}, in that spelling and case"
+            )
+        named = [name for name in names if name in by_name]
+        if named:
+            others = [name for name in names if name not in by_name]
+            raise ValueError(
+                f"class folders {named[:10]} are named after the model's labels and {others[:10]} are not: name "
+                f"every folder LABEL_i (i its class, 0 ... {len(id2label) - 1}), or none (sorted folders are then "
+                f"classes 0, 1, ..., one per class)"
+            )
         if len(names) != len(id2label):
-            last = f"LABEL_{len(id2label) - 1}"
             raise ValueError(
                 f"the model's {len(id2label)} classes have no names (LABEL_0 ... {last}) and the dataset has "
                 f"{len(names)} class folder(s), {names[:10]}: sorted folders are taken as classes 0, 1, ... only "

@@ -1,0 +1,86 @@
+"""A hostile user's pass over what docs pass 24 changed (eval's class folders, load_processor's size, --size, convert's
+preprocessing warning, visualize's captions, unknown flags)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+from pvtv2.cli import main
+from pvtv2.inference import class_mapping
+
+from conftest import TINY, random_weights_
+
+
+def _digits_folder(root, folders: dict[str, int], per_class: int = 2) -> None:
+    """root/<folder>/*.png: sklearn's 8x8 digits of the given digit, enlarged to 32 px (nearest), as RGB."""
+    digits = load_digits()
+    for folder, digit in folders.items():
+        (root / folder).mkdir(parents=True)
+        for index in np.flatnonzero(digits.target == digit)[:per_class]:
+            pixels = (digits.images[index] * 255 / 16).round().astype(np.uint8)
+            image = PIL.Image.fromarray(pixels).resize((32, 32), PIL.Image.Resampling.NEAREST).convert("RGB")
+            image.save(root / folder / f"{index}.png")
+
+
+def test_label_named_class_folders_mixed_or_misspelt_are_refused_not_scored_as_other_classes(tmp_path, capsys):
+    # With as many folders as classes, sorted order took over as soon as one folder was not an exact LABEL_i: LABEL_1
+    # beside 'a' and 'b' was scored as class 0, label_10 of twelve lowercase folders as class 2, LABEL_-1 shifted
+    # LABEL_0 to class 1; all silently. Such folders are now refused, naming them.
+    three = {i: f"LABEL_{i}" for i in range(3)}
+    twelve = {i: f"LABEL_{i}" for i in range(12)}
+    with pytest.raises(ValueError) as error:
+        class_mapping(["LABEL_1", "a", "b"], three)
+    assert str(error.value) == (
+        "class folders ['LABEL_1'] are named after the model's labels and ['a', 'b'] are not: name every folder "
+        "LABEL_i (i its class, 0 ... 2), or none (sorted folders are then classes 0, 1, ..., one per class)")
+    for folders, named in ((["LABEL_-1", "LABEL_0", "LABEL_1"], ["LABEL_-1"]),
+                           (["LABEL_01", "LABEL_1", "LABEL_2"], ["LABEL_01"]),
+                           (["label_2", "label_0", "label_1"], ["label_0", "label_1", "label_2"]),
+                           (["LABEL_0", "LABEL_1", "LABEL_2", "LABEL_3"], ["LABEL_3"]),
+                           (["LABEL_0 ", "b", "c"], ["LABEL_0 "])):
+        with pytest.raises(ValueError) as error:
+            class_mapping(folders, three)
+        assert str(error.value) == (
+            f"class folder(s) {named} look like label names but are none of the model's: its 3 class(es) are "
+            f"named LABEL_0 ... LABEL_2, in that spelling and case"), folders
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['label_0', 'label_1', 'label_10', "):
+        class_mapping([f"label_{i}" for i in range(12)], twelve)
+    # what held: exact names by name, other names in sorted order one per class, named models by name
+    assert class_mapping(["LABEL_2", "LABEL_0", "LABEL_1"], three) == {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}
+    assert class_mapping(["c", "a", "b"], three) == {"a": 0, "b": 1, "c": 2}
+    assert class_mapping(["LABEL_0", "cat"], {0: "LABEL_0", 1: "cat"}) == {"LABEL_0": 0, "cat": 1}
+
+    # The command on sklearn's digits: LABEL_2, LABEL_10 and LABEL_11 of a 12-class model are scored as classes
+    # 2, 10 and 11 (checked against the model's own logits); one folder renamed label_10 is refused, naming it.
+    model = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=12, image_size=32)), seed=5)
+    model.save_pretrained(tmp_path / "model")
+    data = tmp_path / "digits"
+    _digits_folder(data, {"LABEL_2": 2, "LABEL_10": 0, "LABEL_11": 1})
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--json", "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    processor = PvtV2ImageProcessor(size=32)
+    logits, labels = [], []
+    for folder, label in (("LABEL_2", 2), ("LABEL_10", 10), ("LABEL_11", 11)):
+        for path in sorted((data / folder).iterdir()):
+            pixels = processor(PIL.Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                logits.append(model.eval()(pixels).logits[0])
+            labels.append(label)
+    logits, labels = torch.stack(logits), torch.tensor(labels)
+    assert got["images"] == 6 and got["classes"] == 3
+    assert got["top1"] == pytest.approx((logits.argmax(-1) == labels).double().mean().item(), abs=1e-12)
+    assert got["top5"] == pytest.approx((logits.topk(5, -1).indices == labels[:, None]).any(1).double().mean().item(),
+                                        abs=1e-12)
+    assert got["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    (data / "LABEL_10").rename(data / "label_10")
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "pvtv2 eval: error: class folder(s) ['label_10'] look like label names but are none of the model's: its 12 "
+        "class(es) are named LABEL_0 ... LABEL_11, in that spelling and case")

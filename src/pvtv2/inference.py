@@ -213,11 +213,19 @@ def load_processor(
     if protocol is not None and protocol not in PREPROCESS_PROTOCOLS:
         raise ValueError(f"unknown preprocessing protocol {protocol!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
     # One number is a square side, as PvtV2ImageProcessor(size=224) takes it (the README's call passes either).
+    # Not a bool (True is an index: 1 px) nor bytes (a Sequence of ints: b"32" read as 51x50), both silently wrong.
+    def side(value: Any) -> int:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        return operator.index(value)
+
     try:
-        if isinstance(image_size, Sequence):
-            sides = tuple(operator.index(side) for side in image_size)
+        if isinstance(image_size, (str, bytes, bytearray)):
+            raise TypeError
+        if isinstance(image_size, (Sequence, np.ndarray)):
+            sides = tuple(side(value) for value in image_size)
         else:
-            sides = (operator.index(image_size),) * 2
+            sides = (side(image_size),) * 2
     except TypeError:
         sides = ()
     if len(sides) != 2 or min(sides) < 1:

@@ -84,3 +84,20 @@ def test_label_named_class_folders_mixed_or_misspelt_are_refused_not_scored_as_o
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "pvtv2 eval: error: class folder(s) ['label_10'] look like label names but are none of the model's: its 12 "
         "class(es) are named LABEL_0 ... LABEL_11, in that spelling and case")
+
+
+def test_load_processor_refuses_a_bool_or_bytes_size_and_takes_numpy_pairs(tmp_path):
+    # True is an index (1), so load_processor(source, True) built a 1x1 resize; b"32" is a Sequence of ints, so it
+    # was a 51x50 one (the bytes of '3' and '2'): both silently. A numpy pair (as (40, 56) was read before one number
+    # was accepted) is taken again.
+    from pvtv2.inference import load_processor
+
+    (tmp_path / "config.json").write_text("{}")
+    assert (ord("3"), ord("2")) == (51, 50)
+    for bad in (True, False, (True, 32), b"32", bytearray(b"32"), np.array([40.0, 56.0]), np.array([[40, 56]])):
+        with pytest.raises(ValueError) as error:
+            load_processor(tmp_path, bad)
+        assert str(error.value) == f"image_size must be a positive side or a (height, width) pair, got {bad!r}"
+    assert load_processor(tmp_path, np.array([40, 56])).size == {"height": 40, "width": 56}
+    assert load_processor(tmp_path, np.int64(48)).size == {"height": 48, "width": 48}
+    assert load_processor(tmp_path, (np.int32(40), 56)).size == {"height": 40, "width": 56}

@@ -747,12 +747,15 @@ _DENSE_SIZES = (32, 2048)
 def _size_flag(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
-    parts = value.lower().replace("x", ",").split(",")
-    try:
-        sizes = [int(v) for v in parts if v]
-    except ValueError:
-        raise ValueError(f"--size must be N or HxW, got {value!r}") from None
-    if len(sizes) not in (1, 2) or min(sizes) < 1:
+    # Each side in plain digits: empty sides were skipped ("32x" was 32x32, "32x64x" 32x64) and int() takes
+    # "32_0" as 320, so a slip of the keyboard ran at a size nobody typed.
+    parts = [part.strip() for part in value.lower().replace("x", ",").split(",")]
+    if any(part.startswith("-") for part in parts):
+        raise ValueError(f"--size must be N or HxW with positive numbers, got {value!r}")
+    if len(parts) not in (1, 2) or not all(part.isascii() and part.isdigit() for part in parts):
+        raise ValueError(f"--size must be N or HxW (digits, e.g. 512 or 480x640), got {value!r}")
+    sizes = [int(part) for part in parts]
+    if min(sizes) < 1:
         raise ValueError(f"--size must be N or HxW with positive numbers, got {value!r}")
     low, high = _DENSE_SIZES
     if min(sizes) < low or max(sizes) > high:

@@ -101,3 +101,27 @@ def test_load_processor_refuses_a_bool_or_bytes_size_and_takes_numpy_pairs(tmp_p
     assert load_processor(tmp_path, np.array([40, 56])).size == {"height": 40, "width": 56}
     assert load_processor(tmp_path, np.int64(48)).size == {"height": 48, "width": 48}
     assert load_processor(tmp_path, (np.int32(40), 56)).size == {"height": 40, "width": 56}
+
+
+def test_size_flag_refuses_an_empty_side_or_a_non_digit(tmp_path, capsys):
+    # "--size 32x" ran at 32x32 and "--size 32x64x" at 32x64 (empty sides were skipped), "--size 32_0" at 320 (int()
+    # takes underscores): sizes nobody typed. Each side must now be plain digits; refused before the model is read
+    # (the model path does not exist).
+    from pvtv2.cli import _size_flag
+
+    image = tmp_path / "room.png"
+    PIL.Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(image)
+    out = tmp_path / "out.png"
+    for value in ("32x", "x32", "32x64x", "32_0", "1e2", "+64", "\uff13\uff12", "", "x", "64x64x64"):
+        for command in ("depth", "visualize", "segment"):
+            code = main([command, "--model", str(tmp_path / "no-model"), str(image), "-o", str(out), f"--size={value}"])
+            assert code == 2 and not out.exists()
+            assert capsys.readouterr().err.strip().splitlines() == [
+                f"pvtv2 {command}: error: --size must be N or HxW (digits, e.g. 512 or 480x640), got {value!r}"]
+    for value in ("0x32", "-32", "32x-32"):
+        assert main(["depth", "--model", str(tmp_path / "no-model"), str(image), "-o", str(out), f"--size={value}"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"pvtv2 depth: error: --size must be N or HxW with positive numbers, got {value!r}")
+    # what held: the spellings docs/dense.md and the flags' help use, and spaces around a side
+    assert [_size_flag(v) for v in ("48", "480x640", "480X640", "480,640", " 64 x 96 ")] == [
+        (48, 48), (480, 640), (480, 640), (480, 640), (64, 96)]

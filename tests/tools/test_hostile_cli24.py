@@ -125,3 +125,32 @@ def test_size_flag_refuses_an_empty_side_or_a_non_digit(tmp_path, capsys):
     # what held: the spellings docs/dense.md and the flags' help use, and spaces around a side
     assert [_size_flag(v) for v in ("48", "480x640", "480X640", "480,640", " 64 x 96 ")] == [
         (48, 48), (480, 640), (480, 640), (480, 640), (64, 96)]
+
+
+def test_visualize_captions_name_the_grids_in_the_order_of_the_input_size(tmp_path, caplog):
+    # --size 33x47 (height x width): the first panel said "model input 47x33" (width x height) and stage 1 "tokens
+    # 9x12" (rows x columns): the grid read as transposed. The grids are now width x height too, and the single-key
+    # warning, which points at --size, names its order.
+    import logging
+
+    from pvtv2.visualize import _grid_caption, _input_captions, attention_figure, attention_maps
+
+    model = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY)), seed=1).eval()
+    assert model.config.sr_ratios == [8, 4, 2, 1]
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    processor = PvtV2ImageProcessor(size={"height": 33, "width": 47})
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape[-2:]) == (33, 47)
+    # token grids by the convolutions' arithmetic: a 7x7 stride-4 patch embedding, then 3x3 stride-2 ones (padded)
+    rows, cols, expected = 33, 47, []
+    for stage, (kernel, stride, reduction) in enumerate(((7, 4, 8), (3, 2, 4), (3, 2, 2), (3, 2, 1))):
+        rows, cols = (rows + 2 * (kernel // 2) - kernel) // stride + 1, (cols + 2 * (kernel // 2) - kernel) // stride + 1
+        expected.append(f"tokens {cols}x{rows}, keys {cols // reduction}x{rows // reduction}")
+    assert expected == ["tokens 12x9, keys 1x1", "tokens 6x5, keys 1x1", "tokens 3x3, keys 1x1", "tokens 2x2, keys 2x2"]
+    assert [_grid_caption(entry) for entry in attention_maps(model, pixels)] == expected
+    assert _input_captions(image, pixels) == ("image 50x40", "model input 47x33")
+    with caplog.at_level(logging.WARNING, logger="pvtv2.visualize"):
+        attention_figure(model, image, processor)
+    assert [r.getMessage().split(", stage(s)")[0] for r in caplog.records] == [
+        "at a 33x47 model input (height x width, as --size takes it)"]
+    assert "stage(s) 1, 2, 3 attend over a single key" in caplog.text

@@ -154,3 +154,32 @@ def test_visualize_captions_name_the_grids_in_the_order_of_the_input_size(tmp_pa
     assert [r.getMessage().split(", stage(s)")[0] for r in caplog.records] == [
         "at a 33x47 model input (height x width, as --size takes it)"]
     assert "stage(s) 1, 2, 3 attend over a single key" in caplog.text
+
+
+def test_convert_to_a_single_file_is_not_stopped_by_an_unreadable_preprocessor_config(tmp_path, caplog):
+    # Converting to a single weights file read the source's preprocessor_config.json only to say whether the file
+    # loses it; a corrupt one (not JSON, wrong types) stopped the conversion of the weights. It now converts, the
+    # warning names the unreadable file, and the weights are the source's.
+    import logging
+
+    from safetensors.torch import load_file
+
+    from pvtv2.export import convert_checkpoint
+
+    model = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=3, image_size=32)), seed=6)
+    for name, text, reason in (("bad", "not json {", "not valid JSON"),
+                               ("types", '{"do_resize": "yes"}', "do_resize must be True or False, got 'yes'")):
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        (folder / "preprocessor_config.json").write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pvtv2.export"):
+            convert_checkpoint(folder, tmp_path / f"{name}.safetensors", layout="transformers")
+        lost = [r.getMessage() for r in caplog.records if "holds weights only" in r.getMessage()]
+        assert len(lost) == 1 and "the image size (32x32)" in lost[0]
+        assert "the preprocessing (unreadable: " in lost[0] and reason in lost[0]
+        assert str(folder / "preprocessor_config.json") in lost[0]
+        # transformers' layout is the model's own: the file is its state dict, tensor for tensor
+        written, expected = load_file(tmp_path / f"{name}.safetensors"), model.state_dict()
+        assert sorted(written) == sorted(expected)
+        assert all(torch.equal(written[key], expected[key]) for key in expected)

@@ -1163,15 +1163,28 @@ def _unknown_flags_message(parser: argparse.ArgumentParser, command: str, extras
     import difflib
 
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    known = [option for action in sub._actions for option in action.option_strings if option.startswith("--")]
+    own = {option for action in sub._actions for option in action.option_strings}
+    # pvtv2's own options (--verbose) are read before the command only: after it they are unknown to the command,
+    # whose --help does not list them.
+    before = {option for action in parser._actions for option in action.option_strings} - own
+    known = sorted(option for option in own | before if option.startswith("--"))
     parts = []
     for extra in extras:
         name = extra.split("=", 1)[0]
+        if name in before:
+            parts.append(f"{extra} (an option of pvtv2 itself: give it before the command, pvtv2 {name} {command} ...)")
+            continue
         words = sorted(name.strip("-").replace("_", "-").split("-"))
-        # The same words in another order first (--lr-min: --min-lr), then the nearest spelling (--topk: --top-k).
+        # The same words in another order first (--lr-min: --min-lr), then the nearest spelling (--topk: --top-k);
+        # nothing for a name of dashes alone ("---" is no near miss of anything).
         close = [option for option in known if sorted(option.strip("-").split("-")) == words][:1]
         close = close or difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.6)
-        parts.append(f"{extra} (did you mean {close[0]}?)" if close and name.startswith("-") else extra)
+        if not (close and name.startswith("-") and name.strip("-")):
+            parts.append(extra)
+        elif close[0] in before:
+            parts.append(f"{extra} (did you mean {close[0]}? an option of pvtv2 itself, given before the command)")
+        else:
+            parts.append(f"{extra} (did you mean {close[0]}?)")
     return f"unrecognized arguments: {' '.join(parts)}; see pvtv2 {command} --help"
 
 

@@ -183,3 +183,25 @@ def test_convert_to_a_single_file_is_not_stopped_by_an_unreadable_preprocessor_c
         written, expected = load_file(tmp_path / f"{name}.safetensors"), model.state_dict()
         assert sorted(written) == sorted(expected)
         assert all(torch.equal(written[key], expected[key]) for key in expected)
+
+
+def test_an_option_of_pvtv2_itself_after_the_command_says_where_it_goes(tmp_path, capsys):
+    # "pvtv2 predict ... --verbose" said "unrecognized arguments: --verbose; see pvtv2 predict --help", whose help
+    # does not list it (it is pvtv2's own, read before the command); "---" was offered "--top-k".
+    image = tmp_path / "x.png"
+    model = str(tmp_path / "m")
+    cases = (
+        (["--verbose"], "--verbose (an option of pvtv2 itself: give it before the command, pvtv2 --verbose predict ...)"),
+        (["-v"], "-v (an option of pvtv2 itself: give it before the command, pvtv2 -v predict ...)"),
+        (["--verbse"], "--verbse (did you mean --verbose? an option of pvtv2 itself, given before the command)"),
+        (["---"], "---"),
+        (["--topk", "3"], "--topk (did you mean --top-k?) 3"),
+    )
+    for flags, text in cases:
+        assert main(["predict", "--model", model, str(image), *flags]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"pvtv2 predict: error: unrecognized arguments: {text}; see pvtv2 predict --help"], flags
+    # what held: before the command it is read (verbose: the command's own error, the missing image, propagates)
+    with pytest.raises(FileNotFoundError, match="image path"):
+        main(["--verbose", "predict", "--model", model, str(image)])
+    assert "unrecognized" not in capsys.readouterr().err

@@ -619,6 +619,8 @@ SEGMENTATION_MODES = ("whole", "slide")
 
 
 def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, (str, bytes, bytearray)):  # bytes would be read as its characters' codes
+        raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}")
     pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else tuple(value)
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
         raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}")
@@ -756,14 +758,17 @@ def predict_segmentation(
 
 
 @torch.no_grad()
-def predict_depth(model: PvtV2ForDepthEstimation, image, size: tuple[int, int] | None = None) -> np.ndarray:
+def predict_depth(model: PvtV2ForDepthEstimation, image, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """(H, W) depth for a PIL image, at the image's own resolution.
 
-    As GLPN's processor: the image is resized to ``size`` (default: its own size rounded down to multiples of 32)
-    and rescaled to [0, 1], not normalised; the prediction is resized back (bilinear).
+    As GLPN's processor: the image is resized to ``size`` (height, width, or one number for a square; default: its
+    own size rounded down to multiples of 32) and rescaled to [0, 1], not normalised; the prediction is resized
+    back (bilinear).
     """
     if size is None:
         size = (max(32, image.height // 32 * 32), max(32, image.width // 32 * 32))
+    # A pair of integers, or one: (32, 32, 32) used its first two, 64 failed "'int' object is not subscriptable".
+    size = _pair("size", size)
     if size[0] % 32 or size[1] % 32 or min(size) < 32:
         raise ValueError(f"size must be multiples of 32 per side (GLPN's decoder), got {size[0]}x{size[1]}")
     pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]}, do_normalize=False)(image)["pixel_values"]

@@ -205,3 +205,30 @@ def test_an_option_of_pvtv2_itself_after_the_command_says_where_it_goes(tmp_path
     with pytest.raises(FileNotFoundError, match="image path"):
         main(["--verbose", "predict", "--model", model, str(image)])
     assert "unrecognized" not in capsys.readouterr().err
+
+
+def test_predict_depth_takes_one_side_and_refuses_other_shapes_by_name():
+    # predict_depth(model, image, 64) failed "'int' object is not subscriptable" (load_processor takes one number),
+    # (32, 32, 32) ran at 32x32, (64,) raised IndexError and "64" "not all arguments converted during string
+    # formatting". One number is now the square side, anything but a pair of positive integers a ValueError naming it.
+    from pvtv2 import PvtV2ForDepthEstimation
+    from pvtv2.inference import predict_depth
+
+    torch.manual_seed(0)
+    model = PvtV2ForDepthEstimation(PvtV2Config(**TINY)).eval()
+    image = PIL.Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    # the reference: GLPN's preprocessing written out (resize to 64x64, rescale to [0, 1]), the model, bilinear back
+    resized = np.asarray(image.resize((64, 64), PIL.Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    with torch.no_grad():
+        depth = model(torch.from_numpy(resized).permute(2, 0, 1)[None], return_dict=True).predicted_depth
+    reference = torch.nn.functional.interpolate(depth[:, None], size=(40, 70), mode="bilinear", align_corners=False)
+    for size in (64, (64, 64), np.int64(64)):
+        got = predict_depth(model, image, size)
+        assert got.shape == (40, 70)
+        assert np.abs(got - reference[0, 0].numpy()).max() < 1e-4 * max(1.0, float(np.abs(got).max()))
+    for bad in ((32, 32, 32), (64,), "64", b"@@", (True, 32), (64.0, 64.0), (-32, 64), 0):
+        with pytest.raises(ValueError) as error:
+            predict_depth(model, image, bad)
+        assert str(error.value) == f"size must be a positive integer or a (height, width) pair of them, got {bad!r}"
+    with pytest.raises(ValueError, match=r"^size must be multiples of 32 per side \(GLPN's decoder\), got 48x64$"):
+        predict_depth(model, image, (48, 64))

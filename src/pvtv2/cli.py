@@ -709,9 +709,9 @@ def _add_visualize(subparsers) -> None:
     p.add_argument("--model", "-m", required=True, help="folder, checkpoint file, hub id, or a preset name (random weights)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     p.add_argument("--panel-size", type=int, default=224, help="pixels per panel, 32 to 1024 (default: 224)")
-    p.add_argument("--size", help="model input size, N or HxW, 32 to 2048: the image resized to it (bilinear, "
-                   "ImageNet statistics); small inputs leave a stage a single key and nothing to show (default: the "
-                   "checkpoint's preprocessing, else its image_size)")
+    p.add_argument("--size", help="model input size, N or HxW, 32 to 2048: the image resized to it (no crop; the "
+                   "checkpoint's resampling and normalisation, ImageNet's for a preset); small inputs leave a stage a "
+                   "single key and nothing to show (default: the checkpoint's preprocessing, else its image_size)")
     p.set_defaults(func=_cmd_visualize)
 
 
@@ -726,10 +726,16 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     _check_output_file(args.output)
     image = load_image(args.image)
     model = _load_any(args.model)  # the attention maps do not use the head: any weights will do
+    processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
     if size is not None:
-        processor = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})
-    else:
-        processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
+        # --size sets the geometry only: a model trained on other statistics (mean 0.5, say) attends otherwise
+        # under ImageNet's, so the checkpoint's resampling, rescaling and normalisation stay.
+        kept = {} if processor is None else {
+            "resample": processor.resample, "do_rescale": processor.do_rescale,
+            "rescale_factor": processor.rescale_factor, "do_normalize": processor.do_normalize,
+            "image_mean": processor.image_mean, "image_std": processor.image_std,
+        }
+        processor = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]}, **kept)
     figure = attention_figure(model, image, processor, panel_size=args.panel_size)
     _save_png(figure, args.output)
     small = image.width < args.panel_size and image.height < args.panel_size

@@ -232,3 +232,28 @@ def test_predict_depth_takes_one_side_and_refuses_other_shapes_by_name():
         assert str(error.value) == f"size must be a positive integer or a (height, width) pair of them, got {bad!r}"
     with pytest.raises(ValueError, match=r"^size must be multiples of 32 per side \(GLPN's decoder\), got 48x64$"):
         predict_depth(model, image, (48, 64))
+
+
+def test_visualize_size_keeps_the_checkpoints_normalisation(tmp_path, capsys):
+    # visualize --size built a fresh processor with ImageNet's statistics, dropping the checkpoint's own (here mean
+    # and std 0.5, bicubic): the maps were those of inputs the model never sees. --size now sets the geometry only.
+    from pvtv2.visualize import attention_figure
+
+    config = PvtV2Config(**TINY, num_labels=3, image_size=32)
+    model = random_weights_(PvtV2ForImageClassification(config), seed=7).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    own = dict(resample="bicubic", image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    PvtV2ImageProcessor(size=32, **own).save_pretrained(folder)
+    image_path = tmp_path / "photo.png"
+    PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(image_path)
+    out = tmp_path / "a.png"
+    assert main(["visualize", "--model", str(folder), str(image_path), "-o", str(out), "--size", "64x96",
+                 "--panel-size", "64"]) == 0
+    got = np.asarray(PIL.Image.open(out).convert("RGB"), dtype=np.int16)
+    image = PIL.Image.open(image_path).convert("RGB")
+    kept = attention_figure(model, image, PvtV2ImageProcessor(size={"height": 64, "width": 96}, **own), panel_size=64)
+    imagenet = attention_figure(model, image, PvtV2ImageProcessor(size={"height": 64, "width": 96}), panel_size=64)
+    assert np.array_equal(got, np.asarray(kept, dtype=np.int16))
+    # and the statistics matter: ImageNet's give another picture
+    assert np.abs(got - np.asarray(imagenet, dtype=np.int16)).max() > 10

@@ -49,7 +49,8 @@ def test_label_named_class_folders_mixed_or_misspelt_are_refused_not_scored_as_o
             class_mapping(folders, three)
         assert str(error.value) == (
             f"class folder(s) {named} look like label names but are none of the model's: its 3 class(es) are "
-            f"named LABEL_0 ... LABEL_2, in that spelling and case"), folders
+            f"named LABEL_0 ... LABEL_2, in that spelling and case (rename the folders, or give the model its class "
+            f"names: id2label in its config.json)"), folders
     with pytest.raises(ValueError, match=r"class folder\(s\) \['label_0', 'label_1', 'label_10', "):
         class_mapping([f"label_{i}" for i in range(12)], twelve)
     # what held: exact names by name, other names in sorted order one per class, named models by name
@@ -83,7 +84,8 @@ def test_label_named_class_folders_mixed_or_misspelt_are_refused_not_scored_as_o
     assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "pvtv2 eval: error: class folder(s) ['label_10'] look like label names but are none of the model's: its 12 "
-        "class(es) are named LABEL_0 ... LABEL_11, in that spelling and case")
+        "class(es) are named LABEL_0 ... LABEL_11, in that spelling and case (rename the folders, or give the model "
+        "its class names: id2label in its config.json)")
 
 
 def test_load_processor_refuses_a_bool_or_bytes_size_and_takes_numpy_pairs(tmp_path):

@@ -259,3 +259,23 @@ def test_visualize_size_keeps_the_checkpoints_normalisation(tmp_path, capsys):
     assert np.array_equal(got, np.asarray(kept, dtype=np.int16))
     # and the statistics matter: ImageNet's give another picture
     assert np.abs(got - np.asarray(imagenet, dtype=np.int16)).max() > 10
+
+
+def test_a_name_as_near_to_every_preset_names_none_of_them(capsys):
+    # "pvt_v2" and "pvt_v2_b6" are as near to each size (difflib's ratio ties); the hint named the last of the tie,
+    # pvt_v2_b5 (82M parameters), a guess. They now get the list of presets alone.
+    import difflib
+
+    import pvtv2
+
+    presets = pvtv2.list_presets()
+    for typo in ("pvt_v2", "pvt_v2_b6"):
+        ratios = sorted(difflib.SequenceMatcher(None, typo, name).ratio() for name in presets)
+        assert ratios[-1] == ratios[-2] >= 0.75  # a tie, above the hint's cutoff
+        assert main(["info", typo]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"pvtv2 info: error: {typo!r} is not an existing file or folder, a preset name, nor a hub id "
+            f"'owner/name' (the presets are {', '.join(presets)})")
+    # what held: a single nearest preset is named
+    assert main(["info", "pvt_v2_b2_l"]) == 2
+    assert "(did you mean 'pvt_v2_b2_li'? the presets are" in capsys.readouterr().err

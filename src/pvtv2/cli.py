@@ -472,7 +472,8 @@ def _add_eval(subparsers) -> None:
         "eval", help="accuracy on an image-folder dataset",
         description="Top-1/top-5 accuracy, mean cross-entropy and images per second on DIR/<class>/*.jpg (or "
                     "DIR/val/<class>/...). Class folder names must be the model's label names; a model with generic "
-                    "LABEL_i labels takes the sorted folder names as classes 0, 1, ... (one folder per class)",
+                    "LABEL_i labels takes folders named LABEL_i as class i, or else the sorted folder names as classes "
+                    "0, 1, ... (one folder per class)",
     )
     _add_model_flags(p)
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")

@@ -1185,7 +1185,11 @@ def _unknown_flags_message(parser: argparse.ArgumentParser, command: str, extras
         # The same words in another order first (--lr-min: --min-lr), then the nearest spelling (--topk: --top-k);
         # nothing for a name of dashes alone ("---" is no near miss of anything).
         close = [option for option in known if sorted(option.strip("-").split("-")) == words][:1]
-        close = close or difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.6)
+        # Spellings compared without the leading dashes, which every flag shares: with them, eval's --task passed
+        # for a near miss of --top-k (a flag of predict).
+        bare = {option.lstrip("-"): option for option in known}
+        near = difflib.get_close_matches(name.lstrip("-").replace("_", "-"), list(bare), n=1, cutoff=0.6)
+        close = close or [bare[option] for option in near]
         if not (close and name.startswith("-") and name.strip("-")):
             parts.append(extra)
         elif close[0] in before:

@@ -279,3 +279,22 @@ def test_a_name_as_near_to_every_preset_names_none_of_them(capsys):
     # what held: a single nearest preset is named
     assert main(["info", "pvt_v2_b2_l"]) == 2
     assert "(did you mean 'pvt_v2_b2_li'? the presets are" in capsys.readouterr().err
+
+
+def test_a_flag_of_another_command_is_not_offered_an_unrelated_flag(tmp_path, capsys):
+    # "pvtv2 eval ... --top-k 3" (predict's flag) was answered "did you mean --task?": the shared leading dashes
+    # made "--top-k" and "--task" look alike (difflib ratio 0.62 with them, 0.44 without). Spellings are compared
+    # without the dashes now.
+    import difflib
+
+    assert difflib.SequenceMatcher(None, "--top-k", "--task").ratio() >= 0.6
+    assert difflib.SequenceMatcher(None, "top-k", "task").ratio() < 0.6
+    data, model = str(tmp_path / "d"), str(tmp_path / "m")
+    for argv, text in ((["eval", "--model", model, "--data", data, "--top-k", "3"], "--top-k 3"),
+                       (["segment", "-m", model, "x.png", "-o", "o.png", "--panel-size", "64"], "--panel-size 64"),
+                       (["depth", "-m", model, "x.png", "-o", "o.png", "--sizes", "64"],
+                        "--sizes (did you mean --size?) 64"),
+                       (["predict", "-m", model, "x.png", "--jsn"], "--jsn (did you mean --json?)")):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"pvtv2 {argv[0]}: error: unrecognized arguments: {text}; see pvtv2 {argv[0]} --help"], argv

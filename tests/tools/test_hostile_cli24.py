@@ -245,7 +245,7 @@ def test_visualize_size_keeps_the_checkpoints_normalisation(tmp_path, capsys):
     model = random_weights_(PvtV2ForImageClassification(config), seed=7).eval()
     folder = tmp_path / "model"
     model.save_pretrained(folder)
-    own = dict(resample="bicubic", image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    own = {"resample": "bicubic", "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     PvtV2ImageProcessor(size=32, **own).save_pretrained(folder)
     image_path = tmp_path / "photo.png"
     PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(image_path)

@@ -154,8 +154,14 @@ def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu
     device = _inference_device(device)
     model = PvtV2ForImageClassification.from_pretrained(source)
     # A dense or detection checkpoint given where a classifier is expected (eval without --task): say what it is.
-    other = next((_OTHER_TASKS[a] for a in getattr(model.config, "architectures", None) or () if a in _OTHER_TASKS),
-                 None)
+    # architectures is bookkeeping, read as it comes: a hand-edited 5 or [["x"]] must not stop a trained classifier
+    # ("'int' object is not iterable"), and a bare string names one class.
+    architectures = getattr(model.config, "architectures", None)
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    if not isinstance(architectures, (list, tuple)):
+        architectures = []
+    other = next((_OTHER_TASKS[a] for a in architectures if isinstance(a, str) and a in _OTHER_TASKS), None)
     _refuse_random_weights(
         model, source, "classifier",
         f"It is {other}" if other else

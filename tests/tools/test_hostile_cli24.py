@@ -298,3 +298,33 @@ def test_a_flag_of_another_command_is_not_offered_an_unrelated_flag(tmp_path, ca
         assert main(argv) == 2
         assert capsys.readouterr().err.splitlines() == [
             f"pvtv2 {argv[0]}: error: unrecognized arguments: {text}; see pvtv2 {argv[0]} --help"], argv
+
+
+def test_a_malformed_architectures_field_does_not_stop_a_trained_classifier(tmp_path, capsys):
+    # The other-task hint iterated config.json's "architectures" (bookkeeping) as it came: a hand-edited 5 stopped
+    # predict on a trained classifier with "'int' object is not iterable", [["x"]] with "unhashable type: 'list'".
+    from pvtv2 import PvtV2Model
+
+    model = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=3, image_size=32)), seed=8)
+    image = tmp_path / "photo.png"
+    PIL.Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    with torch.no_grad():
+        pixels = PvtV2ImageProcessor(size=32)(PIL.Image.open(image).convert("RGB"), return_tensors="pt")["pixel_values"]
+        reference = model.eval()(pixels).logits[0].softmax(-1).tolist()
+    for n, value in enumerate((5, [["x"]], {"a": 1})):
+        folder = tmp_path / f"m{n}"
+        model.save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["architectures"] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        assert main(["predict", "--model", str(folder), str(image), "--json", "--top-k", "3", "--no-progress"]) == 0
+        got = {p["index"]: p["score"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]}
+        assert max(abs(got[i] - reference[i]) for i in range(3)) < 1e-6, value
+    # an encoder whose architectures is one string (not a list) is still named for its task
+    encoder = tmp_path / "encoder"
+    random_weights_(PvtV2Model(PvtV2Config(**TINY)), seed=8).save_pretrained(encoder)
+    config = json.loads((encoder / "config.json").read_text())
+    config["architectures"] = "PvtV2ForDepthEstimation"
+    (encoder / "config.json").write_text(json.dumps(config))
+    assert main(["predict", "--model", str(encoder), str(image)]) == 2
+    assert capsys.readouterr().err.strip().endswith("It is a depth model: pvtv2 depth draws it")

@@ -532,8 +532,8 @@ def class_mapping(folder_names: Sequence[str], id2label: dict[int, str]) -> dict
         if unknown:
             raise ValueError(
                 f"class folder(s) {unknown[:10]} look like label names but are none of the model's: its "
-                f"{len(id2label)} class(es) are named LABEL_0 ... {last}, in that spelling and case (rename the folders, "
-                f"or give the model its class names: id2label in its config.json)"
+                f"{len(id2label)} class(es) are named LABEL_0 ... {last}, in that spelling and case (rename the "
+                f"folders, or give the model its class names: id2label in its config.json)"
             )
         named = [name for name in names if name in by_name]
         if named:

@@ -121,7 +121,8 @@ def test_size_flag_refuses_an_empty_side_or_a_non_digit(tmp_path, capsys):
             assert capsys.readouterr().err.strip().splitlines() == [
                 f"pvtv2 {command}: error: --size must be N or HxW (digits, e.g. 512 or 480x640), got {value!r}"]
     for value in ("0x32", "-32", "32x-32"):
-        assert main(["depth", "--model", str(tmp_path / "no-model"), str(image), "-o", str(out), f"--size={value}"]) == 2
+        argv = ["depth", "--model", str(tmp_path / "no-model"), str(image), "-o", str(out), f"--size={value}"]
+        assert main(argv) == 2
         assert capsys.readouterr().err.strip() == (
             f"pvtv2 depth: error: --size must be N or HxW with positive numbers, got {value!r}")
     # what held: the spellings docs/dense.md and the flags' help use, and spaces around a side
@@ -146,7 +147,8 @@ def test_visualize_captions_name_the_grids_in_the_order_of_the_input_size(tmp_pa
     # token grids by the convolutions' arithmetic: a 7x7 stride-4 patch embedding, then 3x3 stride-2 ones (padded)
     rows, cols, expected = 33, 47, []
     for stage, (kernel, stride, reduction) in enumerate(((7, 4, 8), (3, 2, 4), (3, 2, 2), (3, 2, 1))):
-        rows, cols = (rows + 2 * (kernel // 2) - kernel) // stride + 1, (cols + 2 * (kernel // 2) - kernel) // stride + 1
+        pad = kernel // 2
+        rows, cols = (rows + 2 * pad - kernel) // stride + 1, (cols + 2 * pad - kernel) // stride + 1
         expected.append(f"tokens {cols}x{rows}, keys {cols // reduction}x{rows // reduction}")
     assert expected == ["tokens 12x9, keys 1x1", "tokens 6x5, keys 1x1", "tokens 3x3, keys 1x1", "tokens 2x2, keys 2x2"]
     assert [_grid_caption(entry) for entry in attention_maps(model, pixels)] == expected
@@ -193,7 +195,8 @@ def test_an_option_of_pvtv2_itself_after_the_command_says_where_it_goes(tmp_path
     image = tmp_path / "x.png"
     model = str(tmp_path / "m")
     cases = (
-        (["--verbose"], "--verbose (an option of pvtv2 itself: give it before the command, pvtv2 --verbose predict ...)"),
+        (["--verbose"],
+         "--verbose (an option of pvtv2 itself: give it before the command, pvtv2 --verbose predict ...)"),
         (["-v"], "-v (an option of pvtv2 itself: give it before the command, pvtv2 -v predict ...)"),
         (["--verbse"], "--verbse (did you mean --verbose? an option of pvtv2 itself, given before the command)"),
         (["---"], "---"),

@@ -472,7 +472,8 @@ def _add_eval(subparsers) -> None:
         "eval", help="accuracy on an image-folder dataset",
         description="Top-1/top-5 accuracy, mean cross-entropy and images per second on DIR/<class>/*.jpg (or "
                     "DIR/val/<class>/...). Class folder names must be the model's label names; a model with generic "
-                    "LABEL_i labels takes the sorted folder names as classes 0, 1, ... (one folder per class)",
+                    "LABEL_i labels takes folders named LABEL_i as class i, or else the sorted folder names as classes "
+                    "0, 1, ... (one folder per class)",
     )
     _add_model_flags(p)
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
@@ -709,9 +710,9 @@ def _add_visualize(subparsers) -> None:
     p.add_argument("--model", "-m", required=True, help="folder, checkpoint file, hub id, or a preset name (random weights)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     p.add_argument("--panel-size", type=int, default=224, help="pixels per panel, 32 to 1024 (default: 224)")
-    p.add_argument("--size", help="model input size, N or HxW, 32 to 2048: the image resized to it (bilinear, "
-                   "ImageNet statistics); small inputs leave a stage a single key and nothing to show (default: the "
-                   "checkpoint's preprocessing, else its image_size)")
+    p.add_argument("--size", help="model input size, N or HxW, 32 to 2048: the image resized to it (no crop; the "
+                   "checkpoint's resampling and normalisation, ImageNet's for a preset); small inputs leave a stage a "
+                   "single key and nothing to show (default: the checkpoint's preprocessing, else its image_size)")
     p.set_defaults(func=_cmd_visualize)
 
 
@@ -726,10 +727,16 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     _check_output_file(args.output)
     image = load_image(args.image)
     model = _load_any(args.model)  # the attention maps do not use the head: any weights will do
+    processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
     if size is not None:
-        processor = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})
-    else:
-        processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
+        # --size sets the geometry only: a model trained on other statistics (mean 0.5, say) attends otherwise
+        # under ImageNet's, so the checkpoint's resampling, rescaling and normalisation stay.
+        kept = {} if processor is None else {
+            "resample": processor.resample, "do_rescale": processor.do_rescale,
+            "rescale_factor": processor.rescale_factor, "do_normalize": processor.do_normalize,
+            "image_mean": processor.image_mean, "image_std": processor.image_std,
+        }
+        processor = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]}, **kept)
     figure = attention_figure(model, image, processor, panel_size=args.panel_size)
     _save_png(figure, args.output)
     small = image.width < args.panel_size and image.height < args.panel_size
@@ -747,12 +754,15 @@ _DENSE_SIZES = (32, 2048)
 def _size_flag(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
-    parts = value.lower().replace("x", ",").split(",")
-    try:
-        sizes = [int(v) for v in parts if v]
-    except ValueError:
-        raise ValueError(f"--size must be N or HxW, got {value!r}") from None
-    if len(sizes) not in (1, 2) or min(sizes) < 1:
+    # Each side in plain digits: empty sides were skipped ("32x" was 32x32, "32x64x" 32x64) and int() takes
+    # "32_0" as 320, so a slip of the keyboard ran at a size nobody typed.
+    parts = [part.strip() for part in value.lower().replace("x", ",").split(",")]
+    if any(part.startswith("-") for part in parts):
+        raise ValueError(f"--size must be N or HxW with positive numbers, got {value!r}")
+    if len(parts) not in (1, 2) or not all(part.isascii() and part.isdigit() for part in parts):
+        raise ValueError(f"--size must be N or HxW (digits, e.g. 512 or 480x640), got {value!r}")
+    sizes = [int(part) for part in parts]
+    if min(sizes) < 1:
         raise ValueError(f"--size must be N or HxW with positive numbers, got {value!r}")
     low, high = _DENSE_SIZES
     if min(sizes) < low or max(sizes) > high:
@@ -1160,15 +1170,32 @@ def _unknown_flags_message(parser: argparse.ArgumentParser, command: str, extras
     import difflib
 
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    known = [option for action in sub._actions for option in action.option_strings if option.startswith("--")]
+    own = {option for action in sub._actions for option in action.option_strings}
+    # pvtv2's own options (--verbose) are read before the command only: after it they are unknown to the command,
+    # whose --help does not list them.
+    before = {option for action in parser._actions for option in action.option_strings} - own
+    known = sorted(option for option in own | before if option.startswith("--"))
     parts = []
     for extra in extras:
         name = extra.split("=", 1)[0]
+        if name in before:
+            parts.append(f"{extra} (an option of pvtv2 itself: give it before the command, pvtv2 {name} {command} ...)")
+            continue
         words = sorted(name.strip("-").replace("_", "-").split("-"))
-        # The same words in another order first (--lr-min: --min-lr), then the nearest spelling (--topk: --top-k).
+        # The same words in another order first (--lr-min: --min-lr), then the nearest spelling (--topk: --top-k);
+        # nothing for a name of dashes alone ("---" is no near miss of anything).
         close = [option for option in known if sorted(option.strip("-").split("-")) == words][:1]
-        close = close or difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.6)
-        parts.append(f"{extra} (did you mean {close[0]}?)" if close and name.startswith("-") else extra)
+        # Spellings compared without the leading dashes, which every flag shares: with them, eval's --task passed
+        # for a near miss of --top-k (a flag of predict).
+        bare = {option.lstrip("-"): option for option in known}
+        near = difflib.get_close_matches(name.lstrip("-").replace("_", "-"), list(bare), n=1, cutoff=0.6)
+        close = close or [bare[option] for option in near]
+        if not (close and name.startswith("-") and name.strip("-")):
+            parts.append(extra)
+        elif close[0] in before:
+            parts.append(f"{extra} (did you mean {close[0]}? an option of pvtv2 itself, given before the command)")
+        else:
+            parts.append(f"{extra} (did you mean {close[0]}?)")
     return f"unrecognized arguments: {' '.join(parts)}; see pvtv2 {command} --help"
 
 

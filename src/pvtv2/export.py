@@ -561,8 +561,15 @@ def _single_file_losses(config, preprocessor: Path | None, layout: str) -> list[
             read_back = PvtV2ImageProcessor(size={"height": 224, "width": 224})
         else:
             read_back = PvtV2ImageProcessor.from_protocol(layout, 224)
-        if PvtV2ImageProcessor.from_pretrained(preprocessor) != read_back:
-            lost.append(f"the preprocessing ({preprocessor})")
+        # An unreadable file (not JSON, wrong types) is not written to the weights file either: it is named, and
+        # does not stop a conversion that never needed it.
+        try:
+            differs = PvtV2ImageProcessor.from_pretrained(preprocessor) != read_back
+        except (OSError, ValueError, TypeError) as error:
+            lost.append(f"the preprocessing (unreadable: {error})")
+        else:
+            if differs:
+                lost.append(f"the preprocessing ({preprocessor})")
     return lost
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -153,8 +154,14 @@ def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu
     device = _inference_device(device)
     model = PvtV2ForImageClassification.from_pretrained(source)
     # A dense or detection checkpoint given where a classifier is expected (eval without --task): say what it is.
-    other = next((_OTHER_TASKS[a] for a in getattr(model.config, "architectures", None) or () if a in _OTHER_TASKS),
-                 None)
+    # architectures is bookkeeping, read as it comes: a hand-edited 5 or [["x"]] must not stop a trained classifier
+    # ("'int' object is not iterable"), and a bare string names one class.
+    architectures = getattr(model.config, "architectures", None)
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    if not isinstance(architectures, (list, tuple)):
+        architectures = []
+    other = next((_OTHER_TASKS[a] for a in architectures if isinstance(a, str) and a in _OTHER_TASKS), None)
     _refuse_random_weights(
         model, source, "classifier",
         f"It is {other}" if other else
@@ -212,11 +219,19 @@ def load_processor(
     if protocol is not None and protocol not in PREPROCESS_PROTOCOLS:
         raise ValueError(f"unknown preprocessing protocol {protocol!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
     # One number is a square side, as PvtV2ImageProcessor(size=224) takes it (the README's call passes either).
+    # Not a bool (True is an index: 1 px) nor bytes (a Sequence of ints: b"32" read as 51x50), both silently wrong.
+    def side(value: Any) -> int:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        return operator.index(value)
+
     try:
-        if isinstance(image_size, Sequence):
-            sides = tuple(operator.index(side) for side in image_size)
+        if isinstance(image_size, (str, bytes, bytearray)):
+            raise TypeError
+        if isinstance(image_size, (Sequence, np.ndarray)):
+            sides = tuple(side(value) for value in image_size)
         else:
-            sides = (operator.index(image_size),) * 2
+            sides = (side(image_size),) * 2
     except TypeError:
         sides = ()
     if len(sides) != 2 or min(sides) < 1:
@@ -490,21 +505,45 @@ def _dataset_root(data: str | os.PathLike) -> tuple[Path, str]:
     return root, "."
 
 
+# A folder name that reads as a generic label (LABEL_01, label_2, LABEL_-1, "LABEL 3"), exact or not.
+_LABEL_LIKE = re.compile(r"\s*label[\s_-]*[+-]?[0-9]+\s*", re.IGNORECASE)
+
+
 def class_mapping(folder_names: Sequence[str], id2label: dict[int, str]) -> dict[str, int]:
     """Class folder name -> model class index.
 
     Folder names must be names of the model's labels. A model whose labels are the generic ``LABEL_0`` ... (as
     written when none were given) takes folders named ``LABEL_i`` as class i, and otherwise one folder per class, in
     sorted order as classes 0, 1, ...: with fewer folders than classes, which folder is which class cannot be told
-    (the folders 3 and 5 of a digits set would be scored as classes 0 and 1), so that is refused.
+    (the folders 3 and 5 of a digits set would be scored as classes 0 and 1), so that is refused. So are folders
+    that mix ``LABEL_i`` names with others, and names that look like labels but are none of the model's
+    (``LABEL_01``, ``label_2``, ``LABEL_12`` of twelve classes): sorted order would score them as other classes.
     """
     if has_generic_labels(id2label):
         names = sorted(folder_names)
         by_name = {name: index for index, name in id2label.items()}
         if all(name in by_name for name in names):  # LABEL_10 sorts before LABEL_2: by name, not by order
             return {name: by_name[name] for name in names}
+        last = f"LABEL_{len(id2label) - 1}"
+        # Folders named after labels are meant by name; sorted order would score them as other classes, silently
+        # (LABEL_1 beside 'a' and 'b' as class 0; label_10 of twelve as class 2). Such a name must be exact and
+        # then every folder must be one.
+        unknown = [name for name in names if name not in by_name and _LABEL_LIKE.fullmatch(name)]
+        if unknown:
+            raise ValueError(
+                f"class folder(s) {unknown[:10]} look like label names but are none of the model's: its "
+                f"{len(id2label)} class(es) are named LABEL_0 ... {last}, in that spelling and case (rename the "
+                f"folders, or give the model its class names: id2label in its config.json)"
+            )
+        named = [name for name in names if name in by_name]
+        if named:
+            others = [name for name in names if name not in by_name]
+            raise ValueError(
+                f"class folders {named[:10]} are named after the model's labels and {others[:10]} are not: name "
+                f"every folder LABEL_i (i its class, 0 ... {len(id2label) - 1}), or none (sorted folders are then "
+                f"classes 0, 1, ..., one per class)"
+            )
         if len(names) != len(id2label):
-            last = f"LABEL_{len(id2label) - 1}"
             raise ValueError(
                 f"the model's {len(id2label)} classes have no names (LABEL_0 ... {last}) and the dataset has "
                 f"{len(names)} class folder(s), {names[:10]}: sorted folders are taken as classes 0, 1, ... only "
@@ -587,6 +626,8 @@ SEGMENTATION_MODES = ("whole", "slide")
 
 
 def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, (str, bytes, bytearray)):  # bytes would be read as its characters' codes
+        raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}")
     pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else tuple(value)
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
         raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}")
@@ -724,14 +765,17 @@ def predict_segmentation(
 
 
 @torch.no_grad()
-def predict_depth(model: PvtV2ForDepthEstimation, image, size: tuple[int, int] | None = None) -> np.ndarray:
+def predict_depth(model: PvtV2ForDepthEstimation, image, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """(H, W) depth for a PIL image, at the image's own resolution.
 
-    As GLPN's processor: the image is resized to ``size`` (default: its own size rounded down to multiples of 32)
-    and rescaled to [0, 1], not normalised; the prediction is resized back (bilinear).
+    As GLPN's processor: the image is resized to ``size`` (height, width, or one number for a square; default: its
+    own size rounded down to multiples of 32) and rescaled to [0, 1], not normalised; the prediction is resized
+    back (bilinear).
     """
     if size is None:
         size = (max(32, image.height // 32 * 32), max(32, image.width // 32 * 32))
+    # A pair of integers, or one: (32, 32, 32) used its first two, 64 failed "'int' object is not subscriptable".
+    size = _pair("size", size)
     if size[0] % 32 or size[1] % 32 or min(size) < 32:
         raise ValueError(f"size must be multiples of 32 per side (GLPN's decoder), got {size[0]}x{size[1]}")
     pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]}, do_normalize=False)(image)["pixel_values"]

@@ -145,6 +145,13 @@ def _input_captions(image: PIL.Image.Image, pixel_values: torch.Tensor) -> tuple
     return f"image {image.width}x{image.height}", f"model input {width}x{height}"
 
 
+def _grid_caption(entry: dict[str, Any]) -> str:
+    """A stage panel's second caption line: its token and key grids, width x height as the first panel's sizes
+    (a 33x47 input, 47 wide, read "model input 47x33" above "tokens 9x12": the grids looked transposed)."""
+    (rows, cols), (token_rows, token_cols) = entry["keys"], entry["tokens"]
+    return f"tokens {token_cols}x{token_rows}, keys {cols}x{rows}"
+
+
 def attention_figure(
     model: nn.Module,
     image: PIL.Image.Image | str | os.PathLike,
@@ -177,9 +184,10 @@ def attention_figure(
         # One key takes all the attention: the panel is uniform, which would read as "looks nowhere in particular".
         height, width = pixel_values.shape[-2:]
         logger.warning(
-            "at a %dx%d model input, stage(s) %s attend over a single key: their maps are uniform and show nothing; "
-            "draw at a larger input size (pvtv2 visualize --size, or a processor with a larger size: the demo draws "
-            "its 32 px digits at 128 px)", width, height, ", ".join(map(str, single)),
+            "at a %dx%d model input (height x width, as --size takes it), stage(s) %s attend over a single key: "
+            "their maps are uniform and show nothing; draw at a larger input size (pvtv2 visualize --size, or a "
+            "processor with a larger size: the demo draws its 32 px digits at 128 px)", height, width,
+            ", ".join(map(str, single)),
         )
 
     small = image.width < panel_size and image.height < panel_size
@@ -205,9 +213,8 @@ def attention_figure(
         colors = heatmap_colors(np.asarray(up, dtype=np.float64)).astype(np.float64)
         blended = ((1 - alpha) * base_arr + alpha * colors).round().clip(0, 255).astype(np.uint8)
         figure.paste(PIL.Image.fromarray(blended), (n * panel_size, caption))
-        (rows, cols), (th, tw) = entry["keys"], entry["tokens"]
         draw.text((n * panel_size + 4, 2), f"stage {entry['stage']}", fill="black", font=font)
-        draw.text((n * panel_size + 4, line + 2), f"tokens {th}x{tw}, keys {rows}x{cols}", fill="black", font=font)
+        draw.text((n * panel_size + 4, line + 2), _grid_caption(entry), fill="black", font=font)
     return figure
 
 

@@ -172,8 +172,15 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
         )
     if not looks_like_hub_id(text):
         # A near miss of a preset (pvt_v2_b9, pvtv2_b2) is most likely one: name the presets there are.
-        near = difflib.get_close_matches(text.replace("-", "_").lower(), list(PRESETS), n=1, cutoff=0.75)
-        hint = f" (did you mean {near[0]!r}? the presets are {', '.join(PRESETS)})" if near else ""
+        # One preset is named only when it is nearer than any other: "pvt_v2" or "pvt_v2_b6" is as near to each
+        # size, and naming the last (B5, 82M parameters) would be a guess.
+        key = text.replace("-", "_").lower()
+        scores = sorted((difflib.SequenceMatcher(None, key, name).ratio(), name) for name in PRESETS)
+        (second, _), (best, nearest) = scores[-2], scores[-1]
+        hint = ""
+        if best >= 0.75:
+            named = f"did you mean {nearest!r}? " if best > second else ""
+            hint = f" ({named}the presets are {', '.join(PRESETS)})"
         raise FileNotFoundError(
             f"{text!r} is not an existing file or folder, a preset name, nor a hub id 'owner/name'{hint}")
     config = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, required=False)

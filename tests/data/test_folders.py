@@ -88,6 +88,22 @@ def test_scan_rejects_an_empty_class(tmp_path):
         scan_split(tmp_path, "train")
 
 
+def test_scan_follows_linked_class_folders_and_refuses_broken_links(tmp_path):
+    """A class folder may be a link to a folder elsewhere (its images count, in sorted place); a link whose target is
+    gone is refused by name, not left out (the classes after it would be renumbered)."""
+    _dataset(tmp_path, {"ant": 1, "cat": 2})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _photo(12, 12, seed=99).save(elsewhere / "x.png")
+    (tmp_path / "train" / "bee").symlink_to(elsewhere, target_is_directory=True)
+    classes, samples = scan_split(tmp_path, "train")
+    assert classes == ["ant", "bee", "cat"]
+    assert sorted(label for _, label in samples) == [0, 1, 2, 2]
+    (tmp_path / "train" / "bat").symlink_to(tmp_path / "gone", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"symbolic link\(s\) whose target is missing: \['bat'\]"):
+        scan_split(tmp_path, "train")
+
+
 def test_scan_rejects_a_missing_split(tmp_path):
     _dataset(tmp_path, {"cat": 1, "dog": 1})
     with pytest.raises(FileNotFoundError, match="split 'val' not found"):

@@ -66,8 +66,9 @@ def find_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
 def scan_split(root: str | os.PathLike, split: str, verify: bool = True) -> tuple[list[str], list[tuple[str, int]]]:
     """Classes and ``(path, label)`` samples of ``root/split``.
 
-    Raises ``FileNotFoundError`` for a missing split and ``ValueError`` for a split without class folders or with an
-    empty class folder (a class with no images cannot be learnt, and silently renumbering the others would be worse).
+    Raises ``FileNotFoundError`` for a missing split and ``ValueError`` for a split without class folders, with an
+    empty class folder (a class with no images cannot be learnt, and silently renumbering the others would be worse)
+    or with a symbolic link whose target is missing (for the same reason; links to folders are classes).
     With ``verify``, files that PIL cannot open (corrupt, truncated, not readable by this user) are skipped with one
     warning that lists their paths and reasons. Folders that cannot be listed (no read permission) are named in a
     warning whatever ``verify`` says: their images are not in the samples.
@@ -78,7 +79,15 @@ def scan_split(root: str | os.PathLike, split: str, verify: bool = True) -> tupl
             f"dataset split {split!r} not found: expected a folder {str(folder)!r} with one sub-folder per class "
             f"(layout DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg)"
         )
-    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    # A link whose target is gone would be left out as "not a folder": a class silently missing, the others renumbered.
+    broken = sorted(entry.name for entry in entries if entry.is_symlink() and not entry.exists())
+    if broken:
+        raise ValueError(
+            f"{str(folder)!r} has symbolic link(s) whose target is missing: {broken[:10]}; restore the targets or "
+            f"remove the links (each class folder is a class)"
+        )
+    classes = sorted(entry.name for entry in entries if entry.is_dir())
     if not classes:
         raise ValueError(f"{str(folder)!r} has no class folders: put each class's images in {str(folder)}/<class>/")
     samples: list[tuple[str, int]] = []

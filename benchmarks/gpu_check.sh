@@ -38,26 +38,43 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, timm, transformers; print(torch.__version__, timm.__version__, transformers.__version__)" \
     | tee -a "$out/gpu.txt"
+# Each step's exit status (its first command's, not the filter's after it) goes into gpu.txt; the script exits 1
+# if any step failed (124: its time limit).
+failed=""
+status() {
+    echo "step $1: exit $2" | tee -a "$out/gpu.txt"
+    [[ $2 == 0 ]] || failed+=" $1"
+}
 if want tests; then
     timeout 240 python3 -m pytest -q -p no:cacheprovider -rf tests/test_cuda.py > "$out/tests.txt" 2>&1
+    status tests $?
     tail -15 "$out/tests.txt"
 fi
 if want train; then
     timeout 100 python3 benchmarks/bench_gpu.py --output "$out/train" --match "b2 cls b64 224 bf16 train" \
         --skip-compile 2>&1 | tail -3
+    status train "${PIPESTATUS[0]}"
 fi
 if want eager; then
     timeout 100 python3 benchmarks/bench_gpu.py --output "$out/eager" --match "cls b1 224 bf16 infer" \
         --match "b2 cls b64 224 bf16 infer" --skip-compile 2>&1 | tail -6
+    status eager "${PIPESTATUS[0]}"
 fi
 if want profile; then
     timeout 60 python3 benchmarks/gpu_profile.py --output "$out/profile" --cases 64t --top 30 > /dev/null 2>&1
+    status profile $?
 fi
 if want compile; then
     timeout 150 python3 benchmarks/gpu_compile_check.py --output "$out/compile" 2>&1 | grep -E "^(pvtv2|timm)"
+    status compile "${PIPESTATUS[0]}"
 fi
 if want train_compile; then  # the compiled model's training step, default mode and CUDA graphs (six compilations)
     timeout 300 python3 benchmarks/bench_gpu.py --output "$out/train_compile" --match "b2 cls b64 224 bf16 train" \
         --only-compile --compile-reserve-s 0 --budget-s 280 2>&1 | tail -4
+    status train_compile "${PIPESTATUS[0]}"
 fi
 rm -f "$out"/*/results.png "$out"/*/profile.json "$out"/compile/compile_check.json
+if [[ -n $failed ]]; then
+    echo "gpu_check.sh: failed:$failed" >&2
+    exit 1
+fi

@@ -165,15 +165,17 @@ def test_float64_gradcheck_goes_to_f_linear():
     assert relative_error(F.linear(x, w, b), x @ w.T + b) < 1e-12
 
 
-def _fake_bin(tmp_path: Path, cuda: bool) -> Path:
+def _fake_bin(tmp_path: Path, cuda: bool, fail: str | None = None) -> Path:
     """A folder of stand-ins: ``nvidia-smi`` that prints a name, and ``python3`` that writes its arguments to a log
-    (and answers the CUDA probe with ``cuda``), so the script's choice of steps shows without a GPU."""
+    (and answers the CUDA probe with ``cuda``; exits 5 where its arguments contain ``fail``), so the script's choice
+    of steps shows without a GPU."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'name, driver_version, memory.total'\n")
+    failing = f"*{fail}*) exit 5;; " if fail else ""
     (fake / "python3").write_text(
         "#!/bin/sh\necho \"$*\" >> \"$FAKE_LOG\"\n"
-        f"case \"$*\" in *cuda.is_available*) exit {0 if cuda else 1};; esac\nexit 0\n")
+        f"case \"$*\" in *cuda.is_available*) exit {0 if cuda else 1};; {failing}esac\nexit 0\n")
     for tool in fake.iterdir():
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     return fake
@@ -222,6 +224,17 @@ def test_gpu_check_runs_the_steps_named_whatever_the_whitespace(tmp_path, steps,
     ran = [step for step, text in signature.items() if any(text in c for c in calls)]
     assert ran == want
     assert sum(any(text in c for text in signature.values()) for c in calls) == len(want)  # each step once
+
+
+def test_gpu_check_records_each_steps_status_and_fails_when_one_failed(tmp_path):
+    """A step that fails behind a pipe (``| tail``) counts: its own exit status goes into gpu.txt, the script exits 1
+    naming it, and the steps after it still run."""
+    fake = _fake_bin(tmp_path, cuda=True, fail="gpu_profile.py")
+    result = _gpu_check(tmp_path, f"{fake}:{os.environ['PATH']}", "train profile compile")
+    assert result.returncode == 1 and "failed: profile" in result.stderr
+    lines = (tmp_path / "out" / "gpu.txt").read_text().splitlines()
+    assert [line for line in lines if line.startswith("step ")] == [
+        "step train: exit 0", "step profile: exit 5", "step compile: exit 0"]
 
 
 @pytest.mark.parametrize("steps,message", [("*", "unknown step '*'"), ("tests,train", "unknown step 'tests,train'"),

@@ -626,11 +626,18 @@ SEGMENTATION_MODES = ("whole", "slide")
 
 
 def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
+    message = f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}"
     if isinstance(value, (str, bytes, bytearray)):  # bytes would be read as its characters' codes
-        raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}")
-    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else tuple(value)
+        raise ValueError(message)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        pair = (value, value)
+    else:
+        try:  # a bool or a float alone is no pair either (tuple() raised "'bool' object is not iterable")
+            pair = tuple(value)
+        except TypeError:
+            raise ValueError(message) from None
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
-        raise ValueError(f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}")
+        raise ValueError(message)
     return int(pair[0]), int(pair[1])
 
 

@@ -231,7 +231,7 @@ def test_predict_depth_takes_one_side_and_refuses_other_shapes_by_name():
         got = predict_depth(model, image, size)
         assert got.shape == (40, 70)
         assert np.abs(got - reference[0, 0].numpy()).max() < 1e-4 * max(1.0, float(np.abs(got).max()))
-    for bad in ((32, 32, 32), (64,), "64", b"@@", (True, 32), (64.0, 64.0), (-32, 64), 0):
+    for bad in ((32, 32, 32), (64,), "64", b"@@", (True, 32), (64.0, 64.0), (-32, 64), 0, True, 64.0):
         with pytest.raises(ValueError) as error:
             predict_depth(model, image, bad)
         assert str(error.value) == f"size must be a positive integer or a (height, width) pair of them, got {bad!r}"

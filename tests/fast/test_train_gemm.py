@@ -185,11 +185,15 @@ def test_weights_are_read_at_every_call():
     assert relative_error(want, got) < 1e-5
 
 
-@pytest.mark.parametrize("rows,cin,cout", [(53, 8, 40), (53, 40, 8), (53, 16, 16), (3, 5, 130), (130, 1, 2)])
+@pytest.mark.parametrize("rows,cin,cout", [(53, 8, 40), (53, 40, 8), (53, 16, 16), (3, 5, 130), (130, 1, 2), (600, 8, 40), (520, 1, 2)])
 @pytest.mark.parametrize("weight_layout", ["contiguous", "transposed"])
-def test_weight_gradient_both_orientations_closed_form(rows, cin, cout, weight_layout):
-    """The weight gradient is computed as grad.T @ x or, for an expanding layer, as (x.T @ grad).T: both equal the
-    float64 product, land in ``.grad`` in the weight's own layout (as F.linear's do), and accumulate."""
+@pytest.mark.parametrize("flip_min_rows", [0, 10**9, None])
+def test_weight_gradient_both_orientations_closed_form(rows, cin, cout, weight_layout, flip_min_rows, monkeypatch):
+    """The weight gradient is computed as grad.T @ x or, for an expanding layer with many rows, as (x.T @ grad).T:
+    both equal the float64 product, land in ``.grad`` in the weight's own layout (as F.linear's do), and accumulate.
+    Each orientation is forced for every shape (``FLIP_MIN_ROWS``), and the default threshold is run as it is."""
+    if flip_min_rows is not None:
+        monkeypatch.setattr(fast.train, "FLIP_MIN_ROWS", flip_min_rows)
     gen = torch.Generator().manual_seed(rows + cin * 7 + cout)
     x = torch.randn(2, rows, cin, generator=gen, requires_grad=True)
     if weight_layout == "transposed":

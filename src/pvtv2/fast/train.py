@@ -47,6 +47,8 @@ from .cpu import PLAIN_TENSOR_TYPES, fast_path_available, fast_path_enabled, pla
 __all__ = ["TRAIN_GEMM_ENV", "CHOICES", "OneDnnLinear", "linear", "module_linear", "train_gemm", "uses_onednn"]
 
 TRAIN_GEMM_ENV = "PVTV2_TRAIN_GEMM"
+# Rows (tokens in the batch) from which an expanding layer's weight gradient is computed transposed (_weight_grad).
+FLIP_MIN_ROWS = 1024
 CHOICES = ("auto", "onednn", "aten")
 
 
@@ -110,8 +112,11 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     oneDNN's inner product runs these long-K products well when its output has at least as many columns as rows
     and badly the other way round: for an expanding layer (out > in) it computes ``x.T @ grad`` and the result is
     transposed. Measured for B0's first Mix-FFN (rows 50,176, 32 -> 256, AMD EPYC Zen 5, one thread): 36 ms one way,
-    7.4 ms the other, and the same ratio mirrored for the contracting layer (docs/benchmarks.md)."""
-    if grad.shape[1] > x.shape[1]:
+    7.4 ms the other, and the same ratio mirrored for the contracting layer (docs/benchmarks.md). The transposed
+    result's copy into the weight's layout costs as much as the product saves near 1,024 rows, and up to four times
+    the product below 64 (512 -> 2048: 0.15 against 0.68 ms at one row), so few rows keep the direct product
+    (:data:`FLIP_MIN_ROWS`: small images, the last stages at batch 1-16)."""
+    if grad.shape[1] > x.shape[1] and grad.shape[0] >= FLIP_MIN_ROWS:
         # A contiguous_format copy, not .contiguous(): with one input feature the transposed (out, 1) result counts
         # as contiguous with strides (1, out), and the gradient would keep them, where the parameter's (and DDP's
         # bucket views', which compare every stride) are (1, 1).

@@ -224,6 +224,39 @@ def test_fast_path_reads_the_weights_of_each_call_on_the_gpu(monkeypatch):
     assert relative_error(before, after) > 1e-2
 
 
+@pytest.mark.parametrize("linear", [False, True], ids=["sra", "linear"])
+def test_a_frozen_model_at_small_batches_keeps_its_cast_weights_and_equals_the_reference(linear, monkeypatch):
+    """Below the fused kernels' size a frozen model runs pvtv2.fast.cuda.frozen_stage_forward (the reference's
+    operators with the concatenated and cast weights kept): the reference path's logits bit for bit, in fp32 and
+    under bf16 autocast, and after a write to a weight."""
+    from pvtv2 import fast
+    from pvtv2.fast import cuda
+
+    _, ours = _pair("pvt_v2_b0", linear, seed=9)
+    fast.freeze(ours)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(10)).to(CUDA)
+    calls = []
+    real = cuda.frozen_stage_forward
+    monkeypatch.setattr(cuda, "frozen_stage_forward", lambda stage, h: calls.append(1) or real(stage, h))
+    with torch.no_grad(), ieee_fp32():
+        assert cuda.applies(x, ours.pvt_v2.encoder.layers[0]) and not cuda._fuses(x)
+        for autocast in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                with fast.fast_path(False):
+                    want = ours(x).logits
+                calls.clear()
+                first, second = ours(x).logits, ours(x).logits
+            assert len(calls) == 8, autocast  # both calls, every stage
+            assert torch.equal(first, want) and torch.equal(second, want), autocast
+        ours.pvt_v2.encoder.layers[1].blocks[0].attention.value.weight.data.mul_(-1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with fast.fast_path(False):
+                want_after = ours(x).logits
+            after = ours(x).logits
+    assert not torch.equal(want_after, want)
+    assert torch.equal(after, want_after)
+
+
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_training_on_the_gpu_with_amp_learns_and_resumes(amp, tmp_path):

@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
                 want_bf16 = low.pvt_v2(x.bfloat16()).last_hidden_state
             got, got_bf16 = x, x.bfloat16()
             for stage, low_stage in zip(model.pvt_v2.encoder.layers, low.pvt_v2.encoder.layers):
-                got, got_bf16 = cuda.stage_forward(stage, got), cuda.stage_forward(low_stage, got_bf16)
+                got, got_bf16 = cuda.fused_stage_forward(stage, got), cuda.fused_stage_forward(low_stage, got_bf16)
         name = "linear" if linear else "sra"
         out[name] = relative_error(want, got)
         out[name + "_bf16"] = relative_error(want, got_bf16)
@@ -82,10 +82,22 @@ SCRIPT = textwrap.dedent(
             got = x
             try:
                 for stage in model.pvt_v2.encoder.layers:
-                    got = cuda.stage_forward(stage, got)
+                    got = cuda.fused_stage_forward(stage, got)
                 out[name] = [relative_error(want.float(), got.float()), str(want.dtype), str(got.dtype)]
             except Exception as exc:
                 out[name] = [repr(exc)[:300], str(want.dtype), ""]
+    # A frozen stage keeps the weights autocast casts (and the keys' and values' concatenated): the same numbers as
+    # an unfrozen one, bit for bit, on the call that keeps them and on the next.
+    frozen = fast.freeze(copy.deepcopy(base))
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        results = []
+        for model in (base, frozen, frozen):
+            got = x
+            for stage in model.pvt_v2.encoder.layers:
+                got = cuda.fused_stage_forward(stage, got)
+            results.append(got)
+    out["frozen_equal"] = [bool(torch.equal(results[0], r)) for r in results[1:]]
     print(json.dumps(out))
     """
 )
@@ -135,6 +147,11 @@ def test_fused_stage_on_unusual_modules(results, variant):
     assert got_dtype == want_dtype, results[variant]
     # fp32 models: fp32 rounding; the bf16 one: within bf16 rounding of the reference path's own bf16 result.
     assert error < (3e-2 if want_dtype == "torch.bfloat16" else 1e-5), results[variant]
+
+
+@pytest.mark.slow
+def test_fused_stage_of_a_frozen_model_equals_the_unfrozen_one(results):
+    assert results["frozen_equal"] == [True, True], results["frozen_equal"]
 
 
 def test_compute_dtype_keeps_float64_under_autocast():

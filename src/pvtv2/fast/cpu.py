@@ -394,6 +394,12 @@ class _PackedWeights:
                 self.entries[slot] = entry
         return entry
 
+    def cached(self, slot: tuple, modules: list[nn.Module], dtype, make) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``make()`` (a weight and a bias made from ``modules``' weights), kept under ``slot`` until those weights or
+        ``dtype`` change; made afresh at every call where a weight is an inference tensor."""
+        entry = self._entry(slot, modules, dtype, make)
+        return make() if entry is None else (entry[1], entry[2])
+
     def linear(self, layers: list[nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         def pack() -> tuple[torch.Tensor, torch.Tensor | None]:
             weight, bias = _PlainWeights().linear(layers, dtype)

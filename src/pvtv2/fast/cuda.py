@@ -20,6 +20,15 @@ the path runs only in eval mode, without autograd, outside ``torch.compile``, fo
 exactly of a known type with no hooks (:func:`pvtv2.fast.cpu.fusable`), with the switch on; it keeps no state, so
 every call reads the weights the modules hold. It needs Triton (PyTorch's CUDA builds ship it); without it the
 reference path runs.
+
+**Below that size, a frozen model** (:func:`pvtv2.fast.freeze`, which the ``pvtv2`` command applies to the models it
+serves) runs :func:`frozen_stage_forward`: the reference computation, operator for operator, with what the
+reference recomputes from the weights at every call kept instead: the keys' and values' weights concatenated, and
+under autocast every linear and convolution weight already cast to the autocast dtype. Small batches on a GPU are
+bound by the host's launches (docs/benchmarks.md), and per block the reference launches 16 kernels for this (two
+concatenations, a weight and a bias cast per layer) of about 37. Same numbers as the reference, bit for bit: the
+same operators on the same values. The kept tensors follow the frozen CPU path's rules (rebuilt when a weight
+changes in a way PyTorch sees, never in ``state_dict()``, weakly keyed by module).
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import cpu
 from .cpu import fast_path_enabled, fusable
 
-__all__ = ["applies", "stage_forward", "available", "MIN_ELEMENTS"]
+__all__ = ["applies", "stage_forward", "fused_stage_forward", "frozen_stage_forward", "available", "MIN_ELEMENTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +72,32 @@ def available() -> bool:
 
 
 def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
-    """Whether a stage called on ``x`` hands over to :func:`stage_forward`: a CUDA tensor large enough to be bound by
-    memory traffic, autograd off, outside ``torch.compile``, the switch on, Triton present, and (given ``stage``) every
-    module of the stage as the fused code assumes (:func:`pvtv2.fast.cpu.fusable`)."""
+    """Whether a stage called on ``x`` hands over to :func:`stage_forward`: a CUDA tensor, autograd off, outside
+    ``torch.compile`` and ``torch.jit.trace``, the switch on; either large enough to be bound by memory traffic with
+    Triton present, or (given ``stage``) a frozen stage; and (given ``stage``) every module of the stage as the fast
+    code assumes (:func:`pvtv2.fast.cpu.fusable`)."""
     return (
         not torch.compiler.is_compiling()  # first: PyTorch 2.11's torch.compile cannot trace the switch's ContextVar
         and x.device.type == "cuda"
         and fast_path_enabled()
         and not torch.is_grad_enabled()
-        and x.numel() >= MIN_ELEMENTS.get(_compute_dtype(x), float("inf"))
-        and available()
+        and not torch.jit.is_tracing()  # a trace would record the kept weights as constants
+        and (_fuses(x) or (stage is not None and stage in cpu._FROZEN))
         and (stage is None or fusable(stage))
     )
+
+
+def _fuses(x: torch.Tensor) -> bool:
+    """Whether a stage input ``x`` is large enough for the fused kernels to pay (and Triton is here)."""
+    return x.numel() >= MIN_ELEMENTS.get(_compute_dtype(x), float("inf")) and available()
+
+
+def stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ``PvtV2Stage`` on the CUDA tensor ``x`` in eval mode, where :func:`applies`: the fused kernels for large
+    inputs, the frozen reference computation below."""
+    if _fuses(x):
+        return fused_stage_forward(stage, x)
+    return frozen_stage_forward(stage, x)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -115,26 +140,30 @@ def _norm(ln: nn.LayerNorm, x: torch.Tensor, out_dtype: torch.dtype, residual: t
                                None if residual is None else residual.contiguous())
 
 
-def _mix_ffn_hidden(mlp: nn.Module, h: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+def _mix_ffn_hidden(weights, mlp: nn.Module, h: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """dense1, (ReLU), depthwise conv and activation: the last three fused where the activation is the exact GELU."""
-    hidden = mlp.relu(mlp.dense1(h))  # (B, N, hidden), in the autocast dtype under autocast
+    hidden = cpu._call(mlp.relu, _linear(weights, [mlp.dense1], h, _autocast_dtype(h)))  # (B, N, hidden)
     conv = mlp.dwconv.dwconv
     if not _exact_gelu(mlp.act) or not hidden.is_contiguous() or not _fusable_dwconv(conv):
         return mlp.act(mlp.dwconv(hidden, height, width))
     weight, bias = conv.weight, conv.bias
-    if hidden.dtype != weight.dtype:  # as autocast casts the convolution's weights
-        weight, bias = weight.to(hidden.dtype), bias.to(hidden.dtype)
+    if hidden.dtype != weight.dtype:  # as autocast casts the convolution's weights (kept where the stage is frozen)
+        def make():
+            return conv.weight.to(hidden.dtype), conv.bias.to(hidden.dtype)
+
+        weight, bias = make() if weights is None else weights.cached(("cuda fused", id(conv)), [conv], hidden.dtype, make)
     return _kernels.depthwise_conv_gelu(hidden, height, width, weight, bias)
 
 
-def stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A ``PvtV2Stage`` on the CUDA tensor ``x`` (B, C_in, H, W) in eval mode: its (B, C, H', W') output,
-    channels-last, as the reference stage computes it."""
+def fused_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ``PvtV2Stage`` on the CUDA tensor ``x`` (B, C_in, H, W) in eval mode, with the Triton kernels: its
+    (B, C, H', W') output, channels-last, as the reference stage computes it."""
     if not available():
         raise RuntimeError("the fast GPU path needs Triton, which does not import here")
     dtype = _compute_dtype(x)
+    weights = cpu._FROZEN.get(stage)  # a frozen stage's kept weights (the keys' and values' concatenated, cast)
     embed = stage.patch_embedding
-    image = embed.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W), channels-last
+    image = _conv(weights, embed.proj, x.contiguous(memory_format=torch.channels_last), _autocast_dtype(x))  # (B, C, H, W)
     batch, channels, height, width = image.shape
     tokens = image.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
     # The residual stream keeps the dtype the reference's LayerNorm gives it (fp32 under CUDA autocast). Not the
@@ -150,11 +179,108 @@ def stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
             h = _norm(block.layer_norm_1, x, attn_dtype)
         else:
             x, h = _norm(block.layer_norm_1, x, attn_dtype, residual=pending)
-        attn, _ = block.attention(h, height, width)
+        attn = _attention(weights, block.attention, h, height, width, _autocast_dtype(h))
         x, h = _norm(block.layer_norm_2, x, dtype, residual=attn)
-        pending = block.mlp.dense2(_mix_ffn_hidden(block.mlp, h, height, width, dtype))
+        hidden = _mix_ffn_hidden(weights, block.mlp, h, height, width, dtype)
+        pending = _linear(weights, [block.mlp.dense2], hidden, _autocast_dtype(h))
     if pending is None:
         x = _norm(stage.layer_norm, x, stream_dtype)
     else:
         _, x = _norm(stage.layer_norm, x, stream_dtype, residual=pending)
+    return x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), a channels-last view
+
+
+# ---------------------------------------------------------------------------------------------- frozen, small inputs
+# The reference's operators in the reference's order, on the reference's views (so SDPA and the GEMMs get the same
+# operands and pick the same kernels), with the weights each layer would have recomputed kept in the stage's
+# pvtv2.fast.cpu._PackedWeights. The modules the fast code calls (activations, pooling) are called as the reference
+# calls them; fusable() has checked every module's type, slot and hooks.
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts a linear or convolution weight to here, or None where it casts nothing."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _as_autocast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` as autocast hands it to a lower-precision operator: cast unless it is float64 (autocast leaves those)."""
+    if t is None or dtype is None or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
+
+
+def _linear_weights(weights, layers: list[nn.Linear], dtype: torch.dtype | None):
+    """The weight and bias of ``layers`` (concatenated along their outputs, as the reference concatenates the keys'
+    and values'), as autocast would cast them."""
+    if len(layers) == 1 and dtype is None:  # nothing recomputed: the module's own tensors
+        return layers[0].weight, layers[0].bias
+
+    def make():
+        weight = torch.cat([m.weight for m in layers]) if len(layers) > 1 else layers[0].weight
+        bias = layers[0].bias
+        if len(layers) > 1 and bias is not None:
+            bias = torch.cat([m.bias for m in layers])
+        return _as_autocast(weight, dtype), _as_autocast(bias, dtype)
+
+    if weights is None:
+        return make()
+    return weights.cached(("cuda",) + tuple(id(m) for m in layers), layers, dtype, make)
+
+
+def _linear(weights, layers: list[nn.Linear], x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    weight, bias = _linear_weights(weights, layers, dtype)
+    return F.linear(x, weight, bias)
+
+
+def _conv(weights, conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is None:
+        weight, bias = conv.weight, conv.bias
+    else:
+        def make():
+            return _as_autocast(conv.weight, dtype), _as_autocast(conv.bias, dtype)
+
+        weight, bias = make() if weights is None else weights.cached(("cuda", id(conv)), [conv], dtype, make)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: int, dtype: torch.dtype | None):
+    """What ``SpatialReductionAttention.forward`` returns (without maps) for the tokens ``x`` (B, N, C)."""
+    batch, tokens, channels = x.shape
+    kv_in = x
+    if attn.reduces:
+        kv_in = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
+        kv_in = _conv(weights, attn.spatial_reduction, cpu._call(attn.pool, kv_in), dtype)  # (B, C, H', W')
+        kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
+        kv_in = cpu._call(attn.act, cpu._norm(attn.layer_norm, kv_in))
+    q = attn.split_heads(_linear(weights, [attn.query], x, dtype))  # (B, heads, N, head_dim)
+    if (attn.key.bias is None) == (attn.value.bias is None):  # one product, as the reference computes them
+        k, v = attn.split_keys_values(_linear(weights, [attn.key, attn.value], kv_in, dtype))
+    else:  # where the reference calls the two layers
+        k, v = (attn.split_heads(_linear(weights, [m], kv_in, dtype)) for m in (attn.key, attn.value))
+    out, _ = attn.attend(q, k, v)  # (B, N, C)
+    return _linear(weights, [attn.proj], out, dtype)
+
+
+def _mix_ffn(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: int, dtype: torch.dtype | None):
+    """What ``MixFFN.forward`` returns in eval mode for the tokens ``x`` (B, N, C)."""
+    x = cpu._call(mlp.relu, _linear(weights, [mlp.dense1], x, dtype))  # (B, N, hidden)
+    batch, tokens, channels = x.shape
+    image = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, hidden, H, W), channels-last view
+    x = _conv(weights, mlp.dwconv.dwconv, image, dtype).permute(0, 2, 3, 1).reshape(batch, tokens, channels)
+    return _linear(weights, [mlp.dense2], cpu._call(mlp.act, x), dtype)
+
+
+def frozen_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ``PvtV2Stage`` in eval mode on ``x`` (B, C_in, H, W): the reference computation, with the weights the
+    reference would recompute at this call kept while the stage is frozen (computed here where it is not). Its
+    (B, C, H', W') output, channels-last, equal to the reference's."""
+    weights = cpu._FROZEN.get(stage)
+    dtype = _autocast_dtype(x)
+    embed = stage.patch_embedding
+    x = _conv(weights, embed.proj, x.contiguous(memory_format=torch.channels_last), dtype)  # (B, C, H, W)
+    batch, channels, height, width = x.shape
+    x = cpu._norm(embed.layer_norm, x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))  # (B, N, C)
+    for block in stage.blocks:
+        x = x + _attention(weights, block.attention, cpu._norm(block.layer_norm_1, x), height, width, dtype)
+        x = x + _mix_ffn(weights, block.mlp, cpu._norm(block.layer_norm_2, x), height, width, dtype)
+    x = cpu._norm(stage.layer_norm, x)
     return x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), a channels-last view

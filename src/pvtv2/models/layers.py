@@ -143,6 +143,33 @@ class SpatialReductionAttention(nn.Module):
         batch, tokens, _ = x.shape
         return x.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
 
+    def split_keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values from one (B, N', 2C) product of the two layers: each (B, heads, N', head_dim), views."""
+        # Split by a view of the whole, then unbind (as timm's fused kv): one gradient kernel backward (a stack),
+        # where two slices of the last dimension take a zero fill and a copy each and their sum.
+        kv = kv.view(kv.shape[0], -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, heads, N', d)
+        k, v = kv.unbind(0)
+        return k, v
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax(q k^T * scale) v, with attention dropout in training: (B, N, C), and the maps where asked.
+
+        q: (B, heads, N, head_dim); k, v: (B, heads, N', head_dim)."""
+        dropout = self.attn_drop if self.training else 0.0
+        probs = None
+        if output_attentions or _explicit_attention(q, k):
+            probs = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, heads, N, N')
+            # The maps returned are the weights the values get, after dropout in training, as transformers returns.
+            probs = F.dropout(probs, dropout, self.training)
+            out = probs @ v
+            probs = probs if output_attentions else None
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        batch, _, tokens, _ = out.shape
+        return out.transpose(1, 2).reshape(batch, tokens, -1), probs  # (B, N, C)
+
     def forward(
         self, x: torch.Tensor, height: int, width: int, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -165,25 +192,10 @@ class SpatialReductionAttention(nn.Module):
             # one larger matrix product forward and two backward instead of twice that, as timm's fused ``kv`` does.
             weight = torch.cat([self.key.weight, self.value.weight])
             bias = None if self.key.bias is None else torch.cat([self.key.bias, self.value.bias])
-            kv = fast.linear(kv_in, weight, bias)  # (B, N', 2C)
-            # Split by a view of the whole, then unbind (as timm's fused kv): one gradient kernel backward (a stack),
-            # where two slices of the last dimension take a zero fill and a copy each and their sum.
-            kv = kv.view(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, heads, N', d)
-            k, v = kv.unbind(0)
+            k, v = self.split_keys_values(fast.linear(kv_in, weight, bias))  # from (B, N', 2C)
         else:  # hooks, adapters, subclasses or quantized layers: the modules themselves
             k, v = self.split_heads(self.key(kv_in)), self.split_heads(self.value(kv_in))
-
-        dropout = self.attn_drop if self.training else 0.0
-        probs = None
-        if output_attentions or _explicit_attention(q, k):
-            probs = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, heads, N, N')
-            # The maps returned are the weights the values get, after dropout in training, as transformers returns.
-            probs = F.dropout(probs, dropout, self.training)
-            out = probs @ v
-            probs = probs if output_attentions else None
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, tokens, channels)  # (B, N, C)
+        out, probs = self.attend(q, k, v, output_attentions)  # (B, N, C)
         return self.proj_drop(fast.module_linear(self.proj, out)), probs
 
 

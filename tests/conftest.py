@@ -1,9 +1,17 @@
-"""Shared helpers: tiny configurations, weight perturbation, relative error."""
+"""Shared helpers: tiny configurations, the model classes by kind, weight perturbation, relative error."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from pvtv2 import (
+    PvtV2Backbone,
+    PvtV2ForDepthEstimation,
+    PvtV2ForImageClassification,
+    PvtV2ForSemanticSegmentation,
+    PvtV2Model,
+)
 
 
 def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
@@ -58,6 +66,10 @@ def random_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 TINY = dict(depths=[1, 2, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4], mlp_ratios=[2, 2, 2, 2])
 # One block per stage: for tests that run the command line, export or train.
 TINY_SHALLOW = dict(TINY, depths=[1, 1, 1, 1])
+# Every model class by the name the export tests give its kind (torch.export and ONNX): one list, so that a new model
+# class is exported by both.
+MODEL_KINDS = {"classifier": PvtV2ForImageClassification, "encoder": PvtV2Model, "backbone": PvtV2Backbone,
+               "segmentation": PvtV2ForSemanticSegmentation, "depth": PvtV2ForDepthEstimation}
 # For 16-64 px training images: spatial reductions no larger than each stage's token grid.
 TINY_SMALL_IMAGES = dict(TINY_SHALLOW, sr_ratios=[4, 2, 1, 1])
 

@@ -219,24 +219,9 @@ def load_processor(
     if protocol is not None and protocol not in PREPROCESS_PROTOCOLS:
         raise ValueError(f"unknown preprocessing protocol {protocol!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
     # One number is a square side, as PvtV2ImageProcessor(size=224) takes it (the README's call passes either).
-    # Not a bool (True is an index: 1 px) nor bytes (a Sequence of ints: b"32" read as 51x50), both silently wrong.
-    def side(value: Any) -> int:
-        if isinstance(value, (bool, np.bool_)):
-            raise TypeError
-        return operator.index(value)
-
-    try:
-        if isinstance(image_size, (str, bytes, bytearray)):
-            raise TypeError
-        if isinstance(image_size, (Sequence, np.ndarray)):
-            sides = tuple(side(value) for value in image_size)
-        else:
-            sides = (side(image_size),) * 2
-    except TypeError:
-        sides = ()
-    if len(sides) != 2 or min(sides) < 1:
-        raise ValueError(f"image_size must be a positive side or a (height, width) pair, got {image_size!r}")
-    height, width = sides
+    height, width = _pair(
+        "image_size", image_size, expected="a positive side or a (height, width) pair", index_sides=True
+    )
     if protocol is not None:
         logger.info("preprocessing: the %s protocol", protocol)
         return _protocol_processor(protocol, height, width)
@@ -625,20 +610,52 @@ def evaluate(
 SEGMENTATION_MODES = ("whole", "slide")
 
 
-def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
-    message = f"{name} must be a positive integer or a (height, width) pair of them, got {value!r}"
-    if isinstance(value, (str, bytes, bytearray)):  # bytes would be read as its characters' codes
-        raise ValueError(message)
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        pair = (value, value)
-    else:
-        try:  # a bool or a float alone is no pair either (tuple() raised "'bool' object is not iterable")
-            pair = tuple(value)
+def _pair(
+    name: str,
+    value: Any,
+    *,
+    expected: str = "a positive integer or a (height, width) pair of them",
+    index_sides: bool = False,
+) -> tuple[int, int]:
+    """``value`` as (height, width): one side for a square, or a pair of sides; anything else is a ValueError
+    "``name`` must be ``expected``, got ``value``".
+
+    Never a bool as a side (True is an index: 1 px) nor a str or bytes as a pair (b"32" is a sequence of ints,
+    read as 51x50): both silently wrong. With ``index_sides`` (load_processor's image_size) a side is anything with
+    ``__index__``, a torch or numpy 0-d integer tensor too, so only a sequence or array is read as a pair (a tensor
+    is a side, never iterated); without it (the sizes of predict_depth and the sliding window) a side is a Python or
+    numpy integer and any other iterable, a generator too, is read as a pair.
+    """
+    message = f"{name} must be {expected}, got {value!r}"
+
+    def side(item: Any) -> int | None:  # None: not one side
+        if isinstance(item, (bool, np.bool_)):
+            return None
+        if isinstance(item, (int, np.integer)):
+            return int(item)
+        if not index_sides:
+            return None
+        try:
+            return operator.index(item)
         except TypeError:
-            raise ValueError(message) from None
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in pair):
+            return None
+
+    if isinstance(value, (str, bytes, bytearray)):
         raise ValueError(message)
-    return int(pair[0]), int(pair[1])
+    if index_sides:
+        is_pair = isinstance(value, (Sequence, np.ndarray))
+    else:
+        is_pair = side(value) is None
+    if is_pair:
+        try:
+            sides = tuple(side(item) for item in value)
+        except TypeError:  # not iterable (a float, a bool) or a 0-d tensor or array
+            raise ValueError(message) from None
+    else:
+        sides = (side(value),) * 2
+    if len(sides) != 2 or None in sides or min(sides) < 1:
+        raise ValueError(message)
+    return sides[0], sides[1]
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:

@@ -6,19 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_SHALLOW, perturb_, relative_error
+from conftest import MODEL_KINDS, TINY_SHALLOW, perturb_, relative_error
 
-from pvtv2 import (
-    PvtV2Backbone,
-    PvtV2Config,
-    PvtV2ForDepthEstimation,
-    PvtV2ForImageClassification,
-    PvtV2ForSemanticSegmentation,
-    PvtV2Model,
-)
-
-KINDS = {"classifier": PvtV2ForImageClassification, "encoder": PvtV2Model, "backbone": PvtV2Backbone,
-         "segmentation": PvtV2ForSemanticSegmentation, "depth": PvtV2ForDepthEstimation}
+from pvtv2 import PvtV2Config
 
 
 def _tensors(out) -> dict[str, torch.Tensor]:
@@ -31,11 +21,11 @@ def _tensors(out) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", list(MODEL_KINDS))
 def test_exported_model_returns_its_output_class_with_eager_values(kind):
     config = PvtV2Config(**TINY_SHALLOW, num_labels=3, out_features=["stage2", "stage4"])
     torch.manual_seed(0)
-    model = perturb_(KINDS[kind](config), scale=0.1).eval()
+    model = perturb_(MODEL_KINDS[kind](config), scale=0.1).eval()
     example = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         program = torch.export.export(model, (example,), kwargs={"output_hidden_states": True})

@@ -14,14 +14,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_SHALLOW, perturb_, relative_error
+from conftest import MODEL_KINDS, TINY_SHALLOW, perturb_, relative_error
 
 from pvtv2 import (
     PvtV2Backbone,
     PvtV2Config,
     PvtV2ForDepthEstimation,
     PvtV2ForImageClassification,
-    PvtV2ForSemanticSegmentation,
     PvtV2Model,
 )
 from pvtv2.export import ExportError, export_onnx
@@ -35,10 +34,8 @@ ALL_STAGES = ["stage1", "stage2", "stage3", "stage4"]
 def build(kind: str, attention: str) -> torch.nn.Module:
     extra = {"sr": {}, "linear": {"linear_attention": True}, "sr1": {"sr_ratios": [1, 1, 1, 1]}}[attention]
     config = PvtV2Config(**TINY_SHALLOW, image_size=64, num_labels=3, out_features=ALL_STAGES, **extra)
-    cls = {"classifier": PvtV2ForImageClassification, "encoder": PvtV2Model, "backbone": PvtV2Backbone,
-           "segmentation": PvtV2ForSemanticSegmentation, "depth": PvtV2ForDepthEstimation}[kind]
     torch.manual_seed(0)
-    return perturb_(cls(config), scale=0.1).eval()  # away from init, so a wrong op shows
+    return perturb_(MODEL_KINDS[kind](config), scale=0.1).eval()  # away from init, so a wrong op shows
 
 
 def pytorch_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

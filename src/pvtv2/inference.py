@@ -18,7 +18,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -621,7 +622,8 @@ def _pair(
     "``name`` must be ``expected``, got ``value``".
 
     Never a bool as a side (True is an index: 1 px) nor a str or bytes as a pair (b"32" is a sequence of ints,
-    read as 51x50): both silently wrong. With ``index_sides`` (load_processor's image_size) a side is anything with
+    read as 51x50), nor a set or mapping as a pair (no order: height and width could come out swapped): all silently
+    wrong. With ``index_sides`` (load_processor's image_size) a side is anything with
     ``__index__``, a torch or numpy 0-d integer tensor too, so only a sequence or array is read as a pair (a tensor
     is a side, never iterated); without it (the sizes of predict_depth and the sliding window) a side is a Python or
     numpy integer and any other iterable, a generator too, is read as a pair.
@@ -640,7 +642,8 @@ def _pair(
         except TypeError:
             return None
 
-    if isinstance(value, (str, bytes, bytearray)):
+    # A set or a mapping has no order to read height and width from ({2, 9} iterates as 9, 2): not a pair.
+    if isinstance(value, (str, bytes, bytearray, AbstractSet, Mapping)):
         raise ValueError(message)
     if index_sides:
         is_pair = isinstance(value, (Sequence, np.ndarray))

@@ -40,8 +40,10 @@ ROWS = [
     # iterables that are no sequence: a pair for predict_depth / the sliding window only
     ("generator", lambda: (side for side in (32, 64)), None, (32, 64)),
     ("iterator", lambda: iter([32, 64]), None, (32, 64)),
-    ("dict (its keys)", lambda: {32: "a", 64: "b"}, None, (32, 64)),
     # refused by both
+    ("dict", lambda: {32: "a", 64: "b"}, None, None),  # its keys have an order, but a mapping is no pair of sides
+    ("set", lambda: {64, 32}, None, None),  # iterated as (32, 64) or (64, 32): height and width swapped silently
+    ("frozenset", lambda: frozenset({2, 9}), None, None),
     ("True", lambda: True, None, None),
     ("False", lambda: False, None, None),
     ("numpy bool", lambda: np.bool_(True), None, None),

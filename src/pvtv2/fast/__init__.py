@@ -8,7 +8,8 @@ says so: on the CPU to :mod:`pvtv2.fast.cpu` (oneDNN's fused operators), on CUDA
 - ``with pvtv2.fast.fast_path(False): ...`` runs the reference path in a block (this thread only);
   ``PVTV2_FAST_PATH=0`` does so for a whole program;
 - ``pvtv2.fast.freeze(model)`` packs the weights for oneDNN once (what the ``pvtv2`` command does for inference);
-  ``pvtv2.fast.unfreeze(model)`` drops them.
+  on a GPU it keeps the weights autocast casts and the keys' and values' concatenated, for small inputs
+  (:func:`pvtv2.fast.cuda.frozen_stage_forward`); ``pvtv2.fast.unfreeze(model)`` drops them.
 
 Training has one fast piece, :mod:`pvtv2.fast.train`: on AMD CPUs with AVX-512 the blocks' linear layers run their
 forward and backward GEMMs through oneDNN (``with pvtv2.fast.train_gemm("aten"): ...`` or ``PVTV2_TRAIN_GEMM=aten``

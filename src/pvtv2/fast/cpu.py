@@ -449,7 +449,10 @@ def freeze(model: nn.Module) -> nn.Module:
     """Pack ``model``'s stage weights for the fast path (see the module's contract); returns ``model``.
 
     For a model that serves inference and whose weights change only through PyTorch. Packing happens on the first
-    call of each stage (per input shape for the convolutions); calling ``freeze`` again repacks everything.
+    call of each stage (per input shape for the convolutions); calling ``freeze`` again repacks everything. On a
+    GPU the same table keeps, for inputs below the fused kernels' size, the weights as autocast casts them and the
+    keys' and values' concatenated (:func:`pvtv2.fast.cuda.frozen_stage_forward`): under autocast a frozen model
+    holds a copy of its stages' linear and convolution weights in the autocast dtype.
     """
     skipped = 0
     with _FROZEN_LOCK:

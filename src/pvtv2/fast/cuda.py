@@ -252,7 +252,9 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
         kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
         kv_in = cpu._call(attn.act, cpu._norm(attn.layer_norm, kv_in))
     q = attn.split_heads(_linear(weights, [attn.query], x, dtype))  # (B, heads, N, head_dim)
-    if (attn.key.bias is None) == (attn.value.bias is None):  # one product, as the reference computes them
+    # One product where the reference computes one (the same test as SpatialReductionAttention.forward: backward
+    # hooks, inert here, make it call the two layers; fusable() has checked the types and widths).
+    if cpu.plain_modules(nn.Linear, attn.key, attn.value) and (attn.key.bias is None) == (attn.value.bias is None):
         k, v = attn.split_keys_values(_linear(weights, [attn.key, attn.value], kv_in, dtype))
     else:  # where the reference calls the two layers
         k, v = (attn.split_heads(_linear(weights, [m], kv_in, dtype)) for m in (attn.key, attn.value))

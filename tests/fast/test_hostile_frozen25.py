@@ -190,3 +190,39 @@ def test_gpu_frozen_path_calls_keys_and_values_apart_where_the_reference_does(ho
     assert reference.counts["aten.addmm"] == 6 * blocks + 1
     assert frozen.counts["aten.addmm"] == reference.counts["aten.addmm"]
     assert torch.equal(got, want)
+
+
+class _ParamReads(TorchDispatchMode):
+    """Counts the concatenations and casts that read a parameter's memory."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.reads: collections.Counter = collections.Counter()
+        self.addresses = {p.data_ptr() for p in params}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in ("aten._to_copy", "aten.cat"):
+            inputs = args[0] if name == "aten.cat" else [args[0]]
+            if any(t.data_ptr() in self.addresses for t in inputs):
+                self.reads[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_gpu_frozen_path_under_cuda_graph_capture_reads_the_parameters_themselves():
+    """A CUDA graph replays the kernels its capture recorded, on the same memory: the reference's graph concatenates
+    and casts the parameters at every replay (so an in-place write to them, an EMA's ``copy_``, shows), where kept
+    copies would be read as they were at capture. While capturing, the frozen path must read the parameters as the
+    reference does (here on CPU tensors, with the capture check answering yes)."""
+    model = fast.freeze(_model())
+    params = list(model.parameters())
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        _gpu_frozen_path(model, X)  # the warm-up call before a capture keeps the weights
+        with mock.patch.object(cuda, "_capturing", lambda: True, create=True):
+            with _ParamReads(params) as captured:
+                got = _gpu_frozen_path(model, X)
+        with _ParamReads(params) as reference:
+            want = _reference(model, X)
+    assert reference.reads["aten.cat"] > 0 and reference.reads["aten._to_copy"] > 0
+    assert captured.reads == reference.reads
+    assert torch.equal(got, want)

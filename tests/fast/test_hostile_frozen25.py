@@ -218,9 +218,8 @@ def test_gpu_frozen_path_under_cuda_graph_capture_reads_the_parameters_themselve
     params = list(model.parameters())
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         _gpu_frozen_path(model, X)  # the warm-up call before a capture keeps the weights
-        with mock.patch.object(cuda, "_capturing", lambda: True, create=True):
-            with _ParamReads(params) as captured:
-                got = _gpu_frozen_path(model, X)
+        with mock.patch.object(cuda, "_capturing", lambda: True, create=True), _ParamReads(params) as captured:
+            got = _gpu_frozen_path(model, X)
         with _ParamReads(params) as reference:
             want = _reference(model, X)
     assert reference.reads["aten.cat"] > 0 and reference.reads["aten._to_copy"] > 0

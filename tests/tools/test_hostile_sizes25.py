@@ -6,6 +6,7 @@ Found and held here:
 - load_processor read a torch bool tensor as a side (``torch.tensor(True)`` has ``__index__``: 1), so
   ``image_size=torch.tensor(True)`` gave a 1x1 resize and ``(torch.tensor(True), 224)`` a 1x224 one, silently, where a
   Python or NumPy bool is refused;
+- a memoryview of bytes was read as the bytes' values (``memoryview(b"32")``: 51x50), where bytes are refused;
 - an endless iterable as a pair (``itertools.repeat(512)``) was read to the end: the call never returned, its memory
   growing. At most three items are read now (two sides, and one more to tell a longer iterable).
 """
@@ -78,3 +79,13 @@ def test_predict_depth_refuses_an_endless_size():
     image = PIL.Image.new("RGB", (64, 64))
     with pytest.raises(ValueError, match="size must be a positive integer or a"):
         predict_depth(torch.nn.Linear(1, 1), image, itertools.repeat(64))
+
+
+def test_a_memoryview_of_bytes_is_no_pair(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    value = memoryview(b"32")  # iterates as 51, 50
+    with pytest.raises(ValueError) as error:
+        load_processor(tmp_path, value)
+    assert str(error.value) == f"image_size must be a positive side or a (height, width) pair, got {value!r}"
+    with pytest.raises(ValueError, match="size must be a positive integer or a"):
+        predict_depth(torch.nn.Linear(1, 1), PIL.Image.new("RGB", (64, 64)), memoryview(b"@@"))  # 64x64 else

@@ -414,7 +414,7 @@ class _PackedWeights:
 
     def cached(self, slot: tuple, modules: list[nn.Module], dtype, make) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``make()`` (a weight and a bias made from ``modules``' weights), kept under ``slot`` until those weights or
-        ``dtype`` change; made afresh at every call where a weight is an inference tensor."""
+        ``dtype`` change; made afresh at every call where a weight's writes could go unseen (:func:`_watchable`)."""
         entry = self._entry(slot, modules, dtype, make)
         return make() if entry is None else (entry[1], entry[2])
 

@@ -625,9 +625,10 @@ def _pair(
     Never a bool as a side, a torch bool tensor included (True is an index: 1 px), nor a str or bytes as a pair
     (b"32" is a sequence of ints, read as 51x50; a memoryview of them too), nor a set or mapping as a pair (no
     order: height and width could come out swapped): all silently wrong. With ``index_sides`` (load_processor's
-    image_size) a side is anything with ``__index__``, a torch or numpy 0-d integer tensor too, so only a sequence or array is read as a pair (a tensor
-    is a side, never iterated); without it (the sizes of predict_depth and the sliding window) a side is a Python or
-    numpy integer and any other iterable, a generator too, is read as a pair (three items at most are read).
+    image_size) a side is anything with ``__index__``, a torch or numpy 0-d integer tensor too, so only a sequence
+    or array is read as a pair (a tensor is a side, never iterated); without it (the sizes of predict_depth and the
+    sliding window) a side is a Python or numpy integer and any other iterable, a generator too, is read as a pair
+    (three items at most are read).
     """
     message = f"{name} must be {expected}, got {value!r}"
 

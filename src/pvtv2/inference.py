@@ -12,6 +12,7 @@ top-k and the metrics are the same code for both; the model object still supplie
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import os
@@ -621,17 +622,19 @@ def _pair(
     """``value`` as (height, width): one side for a square, or a pair of sides; anything else is a ValueError
     "``name`` must be ``expected``, got ``value``".
 
-    Never a bool as a side (True is an index: 1 px) nor a str or bytes as a pair (b"32" is a sequence of ints,
-    read as 51x50), nor a set or mapping as a pair (no order: height and width could come out swapped): all silently
-    wrong. With ``index_sides`` (load_processor's image_size) a side is anything with
-    ``__index__``, a torch or numpy 0-d integer tensor too, so only a sequence or array is read as a pair (a tensor
-    is a side, never iterated); without it (the sizes of predict_depth and the sliding window) a side is a Python or
-    numpy integer and any other iterable, a generator too, is read as a pair.
+    Never a bool as a side, a torch bool tensor included (True is an index: 1 px), nor a str or bytes as a pair
+    (b"32" is a sequence of ints, read as 51x50; a memoryview of them too), nor a set or mapping as a pair (no
+    order: height and width could come out swapped): all silently wrong. With ``index_sides`` (load_processor's
+    image_size) a side is anything with ``__index__``, a torch or numpy 0-d integer tensor too, so only a sequence
+    or array is read as a pair (a tensor is a side, never iterated); without it (the sizes of predict_depth and the
+    sliding window) a side is a Python or numpy integer and any other iterable, a generator too, is read as a pair
+    (three items at most are read).
     """
     message = f"{name} must be {expected}, got {value!r}"
 
     def side(item: Any) -> int | None:  # None: not one side
-        if isinstance(item, (bool, np.bool_)):
+        # A torch bool tensor has __index__ too (torch.tensor(True) is 1): a bool however it comes.
+        if isinstance(item, (bool, np.bool_)) or (isinstance(item, torch.Tensor) and item.dtype == torch.bool):
             return None
         if isinstance(item, (int, np.integer)):
             return int(item)
@@ -643,15 +646,15 @@ def _pair(
             return None
 
     # A set or a mapping has no order to read height and width from ({2, 9} iterates as 9, 2): not a pair.
-    if isinstance(value, (str, bytes, bytearray, AbstractSet, Mapping)):
+    if isinstance(value, (str, bytes, bytearray, memoryview, AbstractSet, Mapping)):
         raise ValueError(message)
     if index_sides:
         is_pair = isinstance(value, (Sequence, np.ndarray))
     else:
         is_pair = side(value) is None
     if is_pair:
-        try:
-            sides = tuple(side(item) for item in value)
+        try:  # two sides and one more at most, to tell a longer iterable (an endless one would never end)
+            sides = tuple(side(item) for item in itertools.islice(value, 3))
         except TypeError:  # not iterable (a float, a bool) or a 0-d tensor or array
             raise ValueError(message) from None
     else:

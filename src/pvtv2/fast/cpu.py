@@ -33,7 +33,10 @@ public operators it replaces; where the probe fails (another CPU, another build)
    the frozen parameters report it). Writes that PyTorch cannot see, through a NumPy view or through a tensor taken
    from ``.data`` before freezing, are not: call :func:`freeze` again after those, or :func:`unfreeze`. Inference
    tensors (weights made or loaded inside ``torch.inference_mode()``) have no version counter, so they are never
-   packed: ``freeze`` leaves such stages unfrozen (with a warning) and a frozen stage reads such a weight as it is.
+   packed: ``freeze`` leaves such stages unfrozen (with a warning) and a frozen stage reads such a weight as it is;
+   so it does a weight that is not exactly an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer
+   put in its place), whose ``.data`` is not watched. A new Parameter viewing a packed weight's memory otherwise
+   (a transpose, a negative view) repacks too: the packing is keyed by the strides and dtype as well.
 4. Thread-safe: several threads may run one model, frozen or not.
 """
 
@@ -356,6 +359,9 @@ class _WatchedParameter(nn.Parameter):
 PLAIN_TENSOR_TYPES = frozenset({torch.Tensor, nn.Parameter, _WatchedParameter})
 
 
+_WATCHABLE = (nn.Parameter, _WatchedParameter)
+
+
 def _watch(params: list[torch.Tensor]) -> None:
     for p in params:
         if type(p) is nn.Parameter:
@@ -365,8 +371,20 @@ def _watch(params: list[torch.Tensor]) -> None:
 
 def _params_key(dtype: torch.dtype, params: list[torch.Tensor]) -> tuple:
     """What packed weights were built from: the dtype and each parameter's storage address, version counter and
-    ``.data`` uses. The entry keeps the storages alive, so no new tensor can take over an address while it lives."""
-    return (dtype,) + tuple((p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0)) for p in params)
+    ``.data`` uses, and how it reads that memory (dtype, shape, strides, negative bit). The entry keeps the storages
+    alive, so no new tensor can take over an address while it lives; but a new Parameter can be another view of the
+    same memory, with the same address and version (a square weight's transpose, a negative view)."""
+    return (dtype,) + tuple(
+        (p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0), p.dtype, p.shape, p.stride(), p.is_neg())
+        for p in params
+    )
+
+
+def _watchable(p: torch.Tensor) -> bool:
+    """Whether every write to ``p`` PyTorch makes is seen: a plain Parameter (watched for ``.data`` uses), not an
+    inference tensor (no version counter). Not a Parameter subclass, plain tensor or buffer in a weight's place,
+    whose ``.data`` writes bypass the version counter unseen."""
+    return type(p) in _WATCHABLE and not p.is_inference()
 
 
 class _PackedWeights:
@@ -378,10 +396,10 @@ class _PackedWeights:
         self.lock = threading.Lock()
 
     def _entry(self, slot: tuple, modules: list[nn.Module], dtype: torch.dtype, pack) -> tuple | None:
-        """The packed weights for ``slot``, repacked if they changed; None where a weight is an inference tensor,
-        which has no version counter to watch (then the caller reads the weights as they are)."""
+        """The packed weights for ``slot``, repacked if they changed; None where a weight's writes could go unseen
+        (:func:`_watchable`: then the caller reads the weights as they are)."""
         params = _params(modules)
-        if any(p.is_inference() for p in params):
+        if not all(_watchable(p) for p in params):
             return None
         key = _params_key(dtype, params)
         entry = self.entries.get(slot)
@@ -396,7 +414,7 @@ class _PackedWeights:
 
     def cached(self, slot: tuple, modules: list[nn.Module], dtype, make) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``make()`` (a weight and a bias made from ``modules``' weights), kept under ``slot`` until those weights or
-        ``dtype`` change; made afresh at every call where a weight is an inference tensor."""
+        ``dtype`` change; made afresh at every call where a weight's writes could go unseen (:func:`_watchable`)."""
         entry = self._entry(slot, modules, dtype, make)
         return make() if entry is None else (entry[1], entry[2])
 

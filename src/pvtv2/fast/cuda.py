@@ -28,7 +28,9 @@ under autocast every linear and convolution weight already cast to the autocast 
 bound by the host's launches (docs/benchmarks.md), and per block the reference launches 16 kernels for this (two
 concatenations, a weight and a bias cast per layer) of about 37. Same numbers as the reference, bit for bit: the
 same operators on the same values. The kept tensors follow the frozen CPU path's rules (rebuilt when a weight
-changes in a way PyTorch sees, never in ``state_dict()``, weakly keyed by module).
+changes in a way PyTorch sees, never in ``state_dict()``, weakly keyed by module). Not while a CUDA graph is
+captured: a graph's replays would read the kept copies as they were and miss later writes to the parameters, which
+the reference's graph reads (frozen stages then run the reference path, or the fused kernels on the weights).
 """
 
 from __future__ import annotations
@@ -74,17 +76,32 @@ def available() -> bool:
 def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
     """Whether a stage called on ``x`` hands over to :func:`stage_forward`: a CUDA tensor, autograd off, outside
     ``torch.compile`` and ``torch.jit.trace``, the switch on; either large enough to be bound by memory traffic with
-    Triton present, or (given ``stage``) a frozen stage; and (given ``stage``) every module of the stage as the fast
-    code assumes (:func:`pvtv2.fast.cpu.fusable`)."""
+    Triton present, or (given ``stage``) a frozen stage outside CUDA graph capture; and (given ``stage``) every
+    module of the stage as the fast code assumes (:func:`pvtv2.fast.cpu.fusable`)."""
     return (
         not torch.compiler.is_compiling()  # first: PyTorch 2.11's torch.compile cannot trace the switch's ContextVar
         and x.device.type == "cuda"
         and fast_path_enabled()
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()  # a trace would record the kept weights as constants
-        and (_fuses(x) or (stage is not None and stage in cpu._FROZEN))
+        and (_fuses(x) or (stage is not None and stage in cpu._FROZEN and not _capturing()))
         and (stage is None or fusable(stage))
     )
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (False where CUDA never started: the check
+    itself raises on a machine without a driver)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _kept_weights(stage: nn.Module):
+    """A frozen stage's kept weights (``pvtv2.fast.cpu._PackedWeights``), or None: where the stage is not frozen, and
+    while a CUDA graph is captured. A graph records the memory its kernels read, so it would read the kept copies at
+    every replay and miss later writes to the weights (``load_state_dict``, an EMA's ``copy_``), which the
+    reference's graph, concatenating and casting the parameters themselves at every replay, reads. A graph saves the
+    launches anyway."""
+    return None if _capturing() else cpu._FROZEN.get(stage)
 
 
 def _fuses(x: torch.Tensor) -> bool:
@@ -161,7 +178,7 @@ def fused_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not available():
         raise RuntimeError("the fast GPU path needs Triton, which does not import here")
     dtype = _compute_dtype(x)
-    weights = cpu._FROZEN.get(stage)  # a frozen stage's kept weights (the keys' and values' concatenated, cast)
+    weights = _kept_weights(stage)  # a frozen stage's kept weights (the keys' and values' concatenated, cast)
     embed = stage.patch_embedding
     image = _conv(weights, embed.proj, x.contiguous(memory_format=torch.channels_last), _autocast_dtype(x))  # (B, C, H, W)
     batch, channels, height, width = image.shape
@@ -252,7 +269,9 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
         kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
         kv_in = cpu._call(attn.act, cpu._norm(attn.layer_norm, kv_in))
     q = attn.split_heads(_linear(weights, [attn.query], x, dtype))  # (B, heads, N, head_dim)
-    if (attn.key.bias is None) == (attn.value.bias is None):  # one product, as the reference computes them
+    # One product where the reference computes one (the same test as SpatialReductionAttention.forward: backward
+    # hooks, inert here, make it call the two layers; fusable() has checked the types and widths).
+    if cpu.plain_modules(nn.Linear, attn.key, attn.value) and (attn.key.bias is None) == (attn.value.bias is None):
         k, v = attn.split_keys_values(_linear(weights, [attn.key, attn.value], kv_in, dtype))
     else:  # where the reference calls the two layers
         k, v = (attn.split_heads(_linear(weights, [m], kv_in, dtype)) for m in (attn.key, attn.value))
@@ -273,7 +292,7 @@ def frozen_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A ``PvtV2Stage`` in eval mode on ``x`` (B, C_in, H, W): the reference computation, with the weights the
     reference would recompute at this call kept while the stage is frozen (computed here where it is not). Its
     (B, C, H', W') output, channels-last, equal to the reference's."""
-    weights = cpu._FROZEN.get(stage)
+    weights = _kept_weights(stage)
     dtype = _autocast_dtype(x)
     embed = stage.patch_embedding
     x = _conv(weights, embed.proj, x.contiguous(memory_format=torch.channels_last), dtype)  # (B, C, H, W)

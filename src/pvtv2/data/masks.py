@@ -20,7 +20,7 @@ import PIL.Image
 import torch
 
 from .augment import SegmentationTrainTransform, derive_seed
-from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, to_8bit
+from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image
 
 __all__ = [
     "read_mask",
@@ -147,9 +147,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        # 16-bit greyscale scaled to 8 bits, as PvtV2ImageProcessor does: convert("RGB") alone clips it to white.
-        image = to_8bit(PIL.Image.open(image_path)).convert("RGB")
+        # Upright (EXIF orientation applied) and 16-bit greyscale scaled to 8 bits, as evaluate_segmenter and
+        # pvtv2 segment read images: a rotated photo read as stored was paired with a mask drawn on the upright one.
+        image = load_image(image_path)
         mask = read_mask(mask_path)
+        if mask.size != image.size:
+            # Both are resized to one size below: a mask of another shape would be stretched over the wrong pixels.
+            raise ValueError(
+                f"mask {os.fspath(mask_path)!r} is {mask.width}x{mask.height} but its image {os.fspath(image_path)!r} "
+                f"is {image.width}x{image.height} (after its EXIF orientation); a mask labels its image's pixels"
+            )
         if self.transform is not None:
             labels = np.asarray(mask)
             if self.reduce_labels:

@@ -1,0 +1,128 @@
+"""Hostile pass 25 over the dense-prediction features (segmentation, depth, detection): each test holds a defect that
+was found, against an independent computation (NumPy by hand, a closed form, pycocotools)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from pvtv2 import PvtV2Config, PvtV2ForSemanticSegmentation
+from pvtv2.data.depth import DepthFolder, write_depth_png
+from pvtv2.data.masks import SegmentationFolder
+from pvtv2.inference import evaluate_segmenter
+from pvtv2.models.segmentation import semantic_segmentation_loss
+from pvtv2.training.segmentation import evaluate_segmentation
+
+TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 8, 8], num_attention_heads=[1, 1, 1, 1], image_size=32)
+
+
+def _save_rotated(path: Path, stored: np.ndarray) -> None:
+    """``stored`` as a PNG whose EXIF orientation 6 says "rotate 90 degrees clockwise to show upright"."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.fromarray(stored).save(path, exif=exif.tobytes())
+
+
+def _folders(root: Path, split: str, second: str) -> tuple[Path, Path]:
+    images, other = root / split / "images", root / split / second
+    images.mkdir(parents=True)
+    other.mkdir(parents=True)
+    return images, other
+
+
+# ---------------------------------------------------------------------------------------------- EXIF orientation
+def test_segmentation_training_reads_images_upright_as_evaluation_does(tmp_path):
+    """A phone photo stored 40 wide x 60 tall with EXIF orientation 6 shows 60 x 40; its mask is drawn on what is
+    shown. SegmentationFolder read the stored pixels and stretched them over the mask (half the pixels wrong), while
+    evaluate_segmenter and pvtv2 segment read the upright image."""
+    images, masks = _folders(tmp_path, "train", "masks")
+    stored = np.zeros((60, 40, 3), dtype=np.uint8)
+    stored[:, :20] = 255  # the stored left half is white
+    _save_rotated(images / "a.png", stored)
+    upright = np.rot90(stored, k=-1)  # 90 degrees clockwise, by hand: (40, 60), the white half is now on top
+    mask = (upright[..., 0] > 0).astype(np.uint8)  # 1 on the white half
+    assert mask[:20].all() and not mask[20:].any()
+    PIL.Image.fromarray(mask).save(masks / "a.png")
+
+    pixels, labels = SegmentationFolder(tmp_path, "train", (40, 60), mean=(0, 0, 0), std=(1, 1, 1))[0]
+    assert torch.equal(labels, torch.from_numpy(mask.astype(np.int64)))
+    assert torch.equal(pixels[0] > 0.5, labels == 1)  # the image agrees with its mask at every pixel
+
+
+def test_a_mask_of_another_shape_than_its_image_is_refused_by_name(tmp_path):
+    images, masks = _folders(tmp_path, "train", "masks")
+    PIL.Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(images / "a.png")
+    PIL.Image.fromarray(np.zeros((60, 40), dtype=np.uint8)).save(masks / "a.png")
+    with pytest.raises(ValueError, match=r"mask .*a\.png' is 40x60 but its image .* is 60x40"):
+        SegmentationFolder(tmp_path, "train", 32)[0]
+
+
+def test_depth_training_reads_images_upright(tmp_path):
+    images, depth = _folders(tmp_path, "train", "depth")
+    stored = np.zeros((64, 32, 3), dtype=np.uint8)
+    stored[:, :16] = 255
+    _save_rotated(images / "a.png", stored)
+    upright = np.rot90(stored, k=-1)  # (32, 64)
+    metres = np.where(upright[..., 0] > 0, 2.0, 5.0)
+    write_depth_png(depth / "a.png", metres)
+    pixels, target = DepthFolder(tmp_path, "train", (32, 64))[0]
+    assert torch.equal(target, torch.from_numpy(metres.astype(np.float32)))
+    assert torch.equal(pixels[0] > 0.5, target == 2.0)
+
+
+# ---------------------------------------------------------------------------------------------- binary models
+def _binary_model(bias: float) -> PvtV2ForSemanticSegmentation:
+    """A one-class model whose logit is ``bias`` at every pixel."""
+    model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY, id2label={0: "crack"}))
+    with torch.no_grad():
+        model.decode_head.classifier.weight.zero_()
+        model.decode_head.classifier.bias.fill_(bias)
+    return model
+
+
+def test_training_evaluation_of_a_binary_model_scores_its_sigmoid():
+    """A one-class model (binary cross-entropy) predicting the class everywhere, on labels half 0, half 1: IoU 0 for
+    the background and 1/2 for the class, by hand. The argmax over its one channel said class 0 everywhere: mean IoU
+    1.0 on all-background labels, and a shape error as soon as a label was 1."""
+    x = torch.randn(2, 3, 32, 32)
+    half = torch.zeros(2, 32, 32, dtype=torch.int64)
+    half[..., 16:] = 1
+    metrics = evaluate_segmentation(_binary_model(5.0), [(x, half)])
+    assert metrics["per_class_iou"] == [0.0, 0.5]
+    assert metrics["mean_iou"] == pytest.approx(0.25) and metrics["pixel_accuracy"] == pytest.approx(0.5)
+    background = torch.zeros(2, 32, 32, dtype=torch.int64)
+    metrics = evaluate_segmentation(_binary_model(5.0), [(x, background)])
+    assert metrics["per_class_iou"] == [0.0, 0.0] and metrics["mean_iou"] == 0.0  # class 1 predicted, never true
+    metrics = evaluate_segmentation(_binary_model(-5.0), [(x, half)])  # never the class
+    assert metrics["per_class_iou"] == [0.5, 0.0] and metrics["mean_iou"] == pytest.approx(0.25)
+
+
+def test_binary_labels_other_than_0_and_1_are_refused():
+    logits = torch.zeros(1, 1, 8, 8)
+    labels = torch.zeros(1, 32, 32, dtype=torch.int64)
+    labels[0, 0, :3] = torch.tensor([1, 255, 0])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.zeros(32, 32), labels[0].float().clamp(max=1),
+                                                                    reduction="none")
+    expected[0, 1] = 0  # the ignored pixel
+    assert float(semantic_segmentation_loss(logits, labels)) == pytest.approx(float(expected.mean()))
+    labels[0, 5, 5] = 2
+    with pytest.raises(ValueError, match=r"label values \[2\] are out of range for a one-class"):
+        semantic_segmentation_loss(logits, labels)
+
+
+def test_per_class_names_of_a_binary_model_name_the_class_where_it_is_predicted(tmp_path):
+    """evaluate_segmenter reported the background's IoU under the class's own name (id2label[0])."""
+    images, masks = _folders(tmp_path, "val", "masks")
+    PIL.Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(images / "a.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, :8] = 1  # a quarter is the class
+    PIL.Image.fromarray(mask).save(masks / "a.png")
+    result = evaluate_segmenter(_binary_model(5.0), tmp_path)  # predicts the class everywhere
+    assert result["per_class_iou"] == {"not crack": 0.0, "crack": 0.25}
+    from pvtv2.inference import label_map_names
+
+    assert label_map_names(PvtV2Config(**TINY, id2label={0: "a", 1: "b"})) == {0: "a", 1: "b"}

@@ -815,7 +815,7 @@ def _segmentation_inference_flags(args: argparse.Namespace) -> dict:
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .data.processing import load_image
-    from .inference import load_segmenter, predict_segmentation
+    from .inference import label_map_names, load_segmenter, predict_segmentation
     from .visualize import display_scale, segmentation_picture
 
     _check_range("--alpha", args.alpha, 0.0, 1.0)
@@ -825,7 +825,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     image = load_image(args.image).convert("RGB")
     model = load_segmenter(args.model)
     label_map = predict_segmentation(model, image, size, **options)
-    _save_png(segmentation_picture(image, label_map, model.config.id2label, args.alpha), args.output)
+    _save_png(segmentation_picture(image, label_map, label_map_names(model.config), args.alpha), args.output)
     counts = {model.config.id2label.get(int(c), str(c)): int((label_map == c).sum()) for c in set(label_map.flat)}
     note = _enlarged_note(display_scale(image.height, image.width), image.height, image.width)
     print(f"wrote {args.output}{note}; pixels per class: {json.dumps(counts)}")

@@ -66,6 +66,7 @@ __all__ = [
     "predict_segmentation",
     "evaluate_segmenter",
     "predict_depth",
+    "label_map_names",
     "DetectionResult",
     "load_detector",
     "detect_objects",
@@ -771,6 +772,16 @@ def predict_segmentation(
     return probs.argmax(1)[0].cpu().numpy()
 
 
+def label_map_names(config: Any) -> dict[int, str]:
+    """The name of each value of a predicted label map: ``id2label``, except for a one-class (binary) model, whose
+    single channel names class 1 (where its sigmoid passes 0.5) and whose 0 is everything else (``not NAME``);
+    ``id2label[0]`` named the background pixels."""
+    if config.num_labels == 1:
+        name = config.id2label[0]
+        return {0: f"not {name}", 1: name}
+    return dict(config.id2label)
+
+
 @torch.no_grad()
 def predict_depth(model: PvtV2ForDepthEstimation, image, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """(H, W) depth for a PIL image, at the image's own resolution.
@@ -1035,7 +1046,7 @@ def evaluate_segmenter(
                              " (ADE20K-style masks, 0 = no label: pass --reduce-labels)"))
         confusion += np.bincount(labels[keep] * k + predicted[keep], minlength=k * k).reshape(k, k)
     metrics = segmentation_metrics(confusion)
-    names = model.config.id2label
+    names = label_map_names(model.config)
     return {
         "dataset": os.fspath(Path(data) / split),
         "images": len(pairs),

@@ -216,6 +216,15 @@ def semantic_segmentation_loss(
     labels = labels.to(logits.device)
     upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     if num_labels == 1:
+        # Binary targets are 0 and 1: a 2 would be taken as a probability of 2 by the BCE, without an error.
+        if host is not None:
+            kept = host[host != ignore_index]
+            if kept.numel() and ((kept != 0) & (kept != 1)).any():
+                bad = kept[(kept != 0) & (kept != 1)].unique()[:10].tolist()
+                raise ValueError(
+                    f"label values {bad} are out of range for a one-class (binary) model: 0 (background), 1 (the "
+                    f"class), or {ignore_index} to ignore"
+                )
         valid = ((labels >= 0) & (labels != ignore_index)).float()
         loss = F.binary_cross_entropy_with_logits(upsampled.squeeze(1), labels.float(), reduction="none")
         return (loss * valid).mean()

@@ -89,7 +89,10 @@ def _evaluate_sums(
 ) -> tuple[float, int, np.ndarray]:
     """(summed loss, images, confusion matrix) at the label maps' resolution (logits upsampled bilinearly)."""
     model.eval()
-    k = model.config.num_labels
+    # A one-class model (binary cross-entropy) predicts class 1 where its logit is positive, class 0 elsewhere, as
+    # predict_segmentation does: its confusion matrix is 2x2 (an argmax over its one channel was always class 0).
+    binary = model.config.num_labels == 1
+    k = max(2, model.config.num_labels)
     ignore = model.config.semantic_loss_ignore_index
     confusion = torch.zeros(k * k, dtype=torch.int64, device=device)
     loss_sum, count = 0.0, 0
@@ -103,7 +106,8 @@ def _evaluate_sums(
         count += pixels.shape[0]
         upsampled = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         valid = labels != ignore
-        confusion += torch.bincount(labels[valid] * k + upsampled.argmax(1)[valid], minlength=k * k)
+        predicted = (upsampled[:, 0] > 0).long() if binary else upsampled.argmax(1)
+        confusion += torch.bincount(labels[valid] * k + predicted[valid], minlength=k * k)
     return loss_sum, count, confusion.view(k, k).cpu().numpy()
 
 

@@ -229,6 +229,9 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     p.add_argument("--depth-scale", type=float, help="depth: PNG units per metre (default 1000: millimetres)")
     p.add_argument("--nyu-crop", action="store_true", default=None,
                    help="depth: evaluate inside Eigen's NYU Depth v2 crop only")
+    p.add_argument("--max-depth", type=float,
+                   help="depth: metres the model can predict (sigmoid x max depth) and the metrics count (default: "
+                        "the model's, 10 as GLPN's NYU models; KITTI: 80)")
     p.add_argument("--workers", type=int, help="data-loading processes (default 0 on CPU, up to 8 on GPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --output with its stored "

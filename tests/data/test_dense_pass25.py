@@ -126,3 +126,44 @@ def test_per_class_names_of_a_binary_model_name_the_class_where_it_is_predicted(
     from pvtv2.inference import label_map_names
 
     assert label_map_names(PvtV2Config(**TINY, id2label={0: "a", 1: "b"})) == {0: "a", 1: "b"}
+
+
+# ---------------------------------------------------------------------------------------------- depth range
+def test_depth_deeper_than_max_depth_is_counted_and_warned_and_max_depth_covers_it(tmp_path, caplog, capsys):
+    """The rooms' millimetre PNGs read with --depth-scale 100 are 15-88 m deep (KITTI's range). The model's
+    max_depth was fixed at 10: it could not predict them and the metrics left out every pixel at 10 m or more, so a
+    run scored the near pixels only, without a word. The share is now logged and warned, and --max-depth sets it."""
+    import json
+    import logging
+
+    from pvtv2.cli import main
+    from pvtv2.data.depth import read_depth_png
+    from pvtv2.data.scenes import make_depth_example
+    from pvtv2.models.depth import PvtV2ForDepthEstimation
+
+    data = make_depth_example(tmp_path / "rooms", n_train=4, n_val=3, size=32, seed=1)
+    depths = np.stack([read_depth_png(p, 100) for p in sorted((data / "val" / "depth").iterdir())])
+    expected = float(((depths >= 10) & (depths > 1e-3)).sum() / (depths > 1e-3).sum())  # by hand
+    assert expected > 0.9
+
+    def run(out: Path, *extra: str) -> dict:
+        args = ["train", "--task", "depth", "--data", str(data), "--model", "tiny", "--output", str(out), "--epochs",
+                "1", "--image-size", "32", "--batch-size", "4", "--depth-scale", "100", "--no-progress", *extra]
+        assert main(args) == 0
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        record = run(tmp_path / "capped")
+    assert record["beyond_max_depth"] == pytest.approx(expected, abs=1e-12)
+    assert f"{100 * expected:.1f}% of the validation pixels with depth are 10 m or deeper" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        record = run(tmp_path / "covered", "--max-depth", "100")
+    assert record["beyond_max_depth"] == 0.0 and "or deeper" not in caplog.text
+    assert PvtV2ForDepthEstimation.from_pretrained(tmp_path / "covered" / "last").config.max_depth == 100
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "x"), "--max-depth", "80"]) == 2
+    assert "--max-depth applies to --task depth only" in capsys.readouterr().err
+    assert main(["train", "--task", "depth", "--data", str(data), "--output", str(tmp_path / "y"), "--max-depth",
+                 "0"]) == 2
+    assert "--max-depth" in capsys.readouterr().err

@@ -40,6 +40,8 @@ def build_depth_model(cfg: TrainConfig) -> PvtV2ForDepthEstimation:
     overrides: dict[str, Any] = {"image_size": cfg.image_size}
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
+    if cfg.max_depth is not None:
+        overrides["max_depth"] = cfg.max_depth
     config = new_architecture(cfg.model, TINY_DEPTH, **overrides)
     if config is not None:
         return PvtV2ForDepthEstimation(config)
@@ -100,6 +102,7 @@ class DepthTask(Task):
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         max_depth = float(inner.config.max_depth)
         loss_sum = count = 0.0
+        measured = beyond = 0.0  # pixels with depth, and those at or beyond max_depth among them
         sums = [0.0] * (len(DEPTH_METRICS) + 2)
         with torch.no_grad():
             for pixels, depth in loader:
@@ -112,9 +115,22 @@ class DepthTask(Task):
                 batch = depth_metric_sums(predicted.cpu(), depth.cpu(), min_depth=MIN_DEPTH, max_depth=max_depth,
                                           nyu_crop=self.cfg.nyu_crop)
                 sums = [a + b for a, b in zip(sums, batch)]
-        totals = ctx.sum([loss_sum, count, *sums])
-        metrics = finish_depth_metrics(totals[2:])
-        return {"val_loss": totals[0] / max(totals[1], 1), **metrics}
+                measured += float((depth > MIN_DEPTH).sum())
+                beyond += float((depth >= max_depth).sum())
+        totals = ctx.sum([loss_sum, count, measured, beyond, *sums])
+        metrics = finish_depth_metrics(totals[4:])
+        share = totals[3] / totals[2] if totals[2] else 0.0
+        if share > 0 and not getattr(self, "_warned_max_depth", False):
+            # The model cannot predict them (sigmoid x max_depth) and the metrics leave them out, as BTS's and GLPN's
+            # evaluation cap: on data deeper than the cap (KITTI's 80 m against the default 10) the numbers would
+            # describe the near pixels only, without a word.
+            logger.warning(
+                "%.1f%% of the validation pixels with depth are %g m or deeper, the model's max_depth: it cannot "
+                "predict them and the metrics leave them out; pass --max-depth (e.g. 80 for KITTI) to cover them",
+                100 * share, max_depth,
+            )
+            self._warned_max_depth = True
+        return {"val_loss": totals[0] / max(totals[1], 1), **metrics, "beyond_max_depth": share}
 
     def epoch_summary(self, record: dict[str, Any]) -> str:
         return (f"val loss {record['val_loss']:.4f}, AbsRel {record['abs_rel']:.4f}, RMSE {record['rmse']:.4f}, "

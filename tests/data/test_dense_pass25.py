@@ -167,3 +167,33 @@ def test_depth_deeper_than_max_depth_is_counted_and_warned_and_max_depth_covers_
     assert main(["train", "--task", "depth", "--data", str(data), "--output", str(tmp_path / "y"), "--max-depth",
                  "0"]) == 2
     assert "--max-depth" in capsys.readouterr().err
+
+
+def test_an_image_without_any_depth_adds_nothing_to_the_loss_instead_of_stopping_training(tmp_path, capsys):
+    """A frame without a single measured pixel made GLPN's loss a mean over nothing, NaN, and the run stopped
+    claiming that the loss diverged (lower --lr). Its loss is now 0 with a zero gradient; a batch that also holds
+    measured images gets the loss of those alone (closed form)."""
+    import json
+
+    from pvtv2.cli import main
+    from pvtv2.data.scenes import make_depth_example
+    from pvtv2.models.depth import silog_loss
+
+    pred = torch.full((2, 4, 4), 2.0, requires_grad=True)
+    target = torch.zeros(2, 4, 4)
+    loss = silog_loss(pred, target)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(pred.grad, torch.zeros(2, 4, 4))
+    target[1] = torch.linspace(1.0, 4.0, 16).reshape(4, 4)
+    d = np.log(np.linspace(1.0, 4.0, 16)) - np.log(2.0)
+    assert float(silog_loss(pred.detach(), target)) == pytest.approx(np.sqrt(np.mean(d**2) - 0.5 * np.mean(d) ** 2))
+
+    data = make_depth_example(tmp_path / "rooms", n_train=3, n_val=2, size=32, seed=1)
+    for split in ("train", "val"):
+        write_depth_png(data / split / "depth" / "00001.png", np.zeros((32, 32)))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "depth", "--data", str(data), "--model", "tiny", "--output", str(out), "--epochs",
+                 "1", "--image-size", "32", "--batch-size", "1", "--no-progress"]) == 0, capsys.readouterr().err
+    record = json.loads((out / "metrics.jsonl").read_text())
+    assert record["images"] == 1 and record["images_without_depth"] == 1
+    assert np.isfinite(record["val_loss"]) and np.isfinite(record["train_loss"])

@@ -110,8 +110,9 @@ class DepthTask(Task):
                 with ctx.autocast():
                     predicted = model(pixels, return_dict=True).predicted_depth
                 predicted = predicted.float()
-                loss_sum += float(silog_loss(predicted, depth)) * len(depth)
-                count += len(depth)
+                if bool((depth > 0).any()):  # a batch without any measured pixel has no loss to average in
+                    loss_sum += float(silog_loss(predicted, depth)) * len(depth)
+                    count += len(depth)
                 batch = depth_metric_sums(predicted.cpu(), depth.cpu(), min_depth=MIN_DEPTH, max_depth=max_depth,
                                           nyu_crop=self.cfg.nyu_crop)
                 sums = [a + b for a, b in zip(sums, batch)]

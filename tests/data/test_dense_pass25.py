@@ -197,3 +197,20 @@ def test_an_image_without_any_depth_adds_nothing_to_the_loss_instead_of_stopping
     record = json.loads((out / "metrics.jsonl").read_text())
     assert record["images"] == 1 and record["images_without_depth"] == 1
     assert np.isfinite(record["val_loss"]) and np.isfinite(record["train_loss"])
+
+
+def test_a_batch_whose_every_pixel_is_ignored_has_segmentation_loss_zero():
+    """An unlabelled image (ADE20K's 0 everywhere, reduced to 255) or crop made cross-entropy a mean over nothing:
+    NaN, and the run stopped as if it diverged. Now 0 with a zero gradient; other batches keep the mean over their
+    labelled pixels (by hand with NumPy)."""
+    logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ignored = torch.full((2, 4, 4), 255, dtype=torch.int64)
+    loss = semantic_segmentation_loss(logits, ignored)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    labels = ignored.clone()
+    labels[0, 1, 2], labels[1, 3, 0], labels[1, 0, 0] = 2, 0, 1
+    z = logits.detach().double().numpy()
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    picks = [log_p[0, 2, 1, 2], log_p[1, 0, 3, 0], log_p[1, 1, 0, 0]]  # same size: no resampling
+    assert float(semantic_segmentation_loss(logits.detach(), labels)) == pytest.approx(-np.mean(picks), rel=1e-6)

@@ -12,6 +12,7 @@ top-k and the metrics are the same code for both; the model object still supplie
 
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import os
@@ -178,6 +179,12 @@ def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu"
     checkpoint, which has no trained decode head, is refused with ``ValueError`` saying how to train one."""
     device = _inference_device(device)
     model = PvtV2ForSemanticSegmentation.from_pretrained(source)
+    size = _processor_size(source)
+    if size is not None and tuple(model.config.image_size) != size:
+        # transformers' SegFormer config.json has no image size (it read as 224): the size its checkpoints are
+        # predicted at is their preprocessor_config.json's (512x512 for ADE20K, 1024x1024 for Cityscapes).
+        logger.info("input size %dx%d, from %s", size[0], size[1], PREPROCESSOR_CONFIG_NAME)
+        model.config.image_size = size
     _refuse_random_weights(
         model, source, "segmentation head (SegFormer decode head)",
         f"Fine-tune one first: pvtv2 train --task segmentation --model {os.fspath(source)} --data DIR --output RUN "
@@ -185,6 +192,23 @@ def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu"
     )
     _refuse_non_finite_weights(model, source)
     return model.to(device).eval()
+
+
+def _processor_size(source: str | os.PathLike) -> tuple[int, int] | None:
+    """The fixed (height, width) of the checkpoint's ``preprocessor_config.json`` (``"size": {"height": h, "width":
+    w}``, as SegFormer's and pvtv2's write it), or None: no such file, or a size of another form."""
+    path = companion_file(source, PREPROCESSOR_CONFIG_NAME)
+    if path is None:
+        return None
+    try:
+        size = json.loads(Path(path).read_text(encoding="utf-8")).get("size")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: left to the config's image_size, as before
+    if isinstance(size, dict) and set(size) >= {"height", "width"}:
+        sides = (size["height"], size["width"])
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+            return sides
+    return None
 
 
 def load_depth_estimator(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForDepthEstimation:

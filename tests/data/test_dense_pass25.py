@@ -243,3 +243,28 @@ def test_a_segformer_checkpoint_is_predicted_at_its_processors_size_as_transform
     assert tuple(model.config.image_size) == (96, 128)
     # transformers 5 resizes tensors, pvtv2 with PIL (one uint8 step apart on some pixels): near-ties may flip
     assert (predict_segmentation(model, image) == expected).mean() > 0.98
+
+
+def test_classes_counted_off_the_masks_include_those_only_validation_masks_hold(tmp_path, capsys):
+    """Without labels.json the classes were counted off the training masks only: a class that only validation masks
+    hold stopped the run after its first epoch ("label values [2] are out of range for 2 classes")."""
+    import json
+
+    from pvtv2.cli import main
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        images, masks = _folders(tmp_path / "data", split, "masks")
+        for i in range(2):
+            PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            mask[:, 16:] = 1
+            if split == "val":
+                mask[:8, :8] = 2
+            PIL.Image.fromarray(mask).save(masks / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["train-seg", str(tmp_path / "data"), "--output", str(out), "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "2", "--no-progress"]) == 0, capsys.readouterr().err
+    config = json.loads((out / "last" / "config.json").read_text())
+    assert config["id2label"] == {"0": "class_0", "1": "class_1", "2": "class_2"}
+    assert len(json.loads((out / "metrics.jsonl").read_text())["per_class_iou"]) == 3

@@ -160,7 +160,10 @@ class SegmentationTask(Task):
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/{train,val}/images and DIR/{train,val}/masks)")
         pairs = scan_segmentation_split(cfg.data, "train")
-        self.id2label = read_id2label(cfg.data, pairs)
+        # Without labels.json the classes are counted off the masks: the validation ones too, or a class that only
+        # they hold stopped the run after its first epoch ("label values [k] are out of range").
+        val_pairs = scan_segmentation_split(cfg.data, "val") if cfg.val_split is None else []
+        self.id2label = read_id2label(cfg.data, pairs + val_pairs)
         if cfg.reduce_labels and not (Path(cfg.data) / "labels.json").is_file():
             # Names read off the masks count raw values 0..top; reduced, 0 is no label and the classes are 0..top-1.
             self.id2label = {i: f"class_{i}" for i in range(max(1, len(self.id2label) - 1))}

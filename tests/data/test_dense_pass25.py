@@ -268,3 +268,19 @@ def test_classes_counted_off_the_masks_include_those_only_validation_masks_hold(
     config = json.loads((out / "last" / "config.json").read_text())
     assert config["id2label"] == {"0": "class_0", "1": "class_1", "2": "class_2"}
     assert len(json.loads((out / "metrics.jsonl").read_text())["per_class_iou"]) == 3
+
+
+def test_a_one_bit_mask_png_holds_classes_0_and_1(tmp_path):
+    """PIL writes a boolean array as a 1-bit PNG, a common binary mask; it was refused as "must be a single-channel
+    PNG ... got mode 1", though it is one (and PIL's convert("L") would make its 1 into 255, the ignore value)."""
+    from pvtv2.data.masks import read_mask
+
+    images, masks = _folders(tmp_path, "val", "masks")
+    truth = np.zeros((32, 32), dtype=bool)
+    truth[4:20, 8:30] = True
+    PIL.Image.fromarray(truth).save(masks / "a.png")
+    assert PIL.Image.open(masks / "a.png").mode == "1"
+    assert np.array_equal(np.asarray(read_mask(masks / "a.png")), truth.astype(np.uint8))
+    PIL.Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(images / "a.png")
+    result = evaluate_segmenter(_binary_model(5.0), tmp_path)  # the class everywhere: IoU = its share, by hand
+    assert result["per_class_iou"]["crack"] == pytest.approx(truth.mean())

@@ -56,8 +56,9 @@ _MASK_MODES = ("L", "P", "I", "I;16")
 
 
 def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
-    """A label-map PNG, decoded, as a PIL image of one channel (modes L, P, I, I;16: class indices). A file that cannot
-    be decoded (truncated, not an image) or has colour channels is a ``ValueError`` naming it."""
+    """A label-map PNG, decoded, as a PIL image of one channel (modes L, P, I, I;16: class indices; a 1-bit PNG comes
+    back as L with values 0 and 1). A file that cannot be decoded (truncated, not an image) or has colour channels
+    is a ``ValueError`` naming it."""
     text = os.fspath(path)
     try:
         with PIL.Image.open(text) as opened:
@@ -65,6 +66,10 @@ def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
             mask = opened.copy()
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read mask {text!r}: {str(error) or type(error).__name__}") from error
+    if mask.mode == "1":
+        # A 1-bit PNG (what PIL writes for a boolean array): classes 0 and 1. Not convert("L"), which makes 1 into 255,
+        # the ignore value.
+        return PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8))
     if mask.mode not in _MASK_MODES:
         raise ValueError(f"mask {text!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
     return mask

@@ -284,3 +284,26 @@ def test_a_one_bit_mask_png_holds_classes_0_and_1(tmp_path):
     PIL.Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(images / "a.png")
     result = evaluate_segmenter(_binary_model(5.0), tmp_path)  # the class everywhere: IoU = its share, by hand
     assert result["per_class_iou"]["crack"] == pytest.approx(truth.mean())
+
+
+# ---------------------------------------------------------------------------------------------- COCO data
+def test_a_coco_image_whose_exif_orientation_turns_it_says_so(tmp_path):
+    """Stored 40 wide x 60 tall with EXIF orientation 6, listed as 40 x 60 (the stored pixels, as a tool that ignores
+    EXIF writes it): read upright (60 x 40, as detectron2 and mmdetection read it), it fits no box. The error said
+    only "is 60x40 but says 40x60", while every image viewer that ignores EXIF shows 40 x 60."""
+    import json
+
+    from pvtv2.data.coco import CocoDetection
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    _save_rotated(tmp_path / "val" / "a.png", np.zeros((60, 40, 3), dtype=np.uint8))
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 60}], "annotations": [],
+            "categories": [{"id": 1, "name": "x"}]}
+    (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"is 60x40 but instances_val.json says 40x60: .* EXIF orientation 6 turns "
+                                         r"the stored 40x60 pixels upright"):
+        CocoDetection(tmp_path, "val")[0]
+    data["images"][0].update(width=60, height=40)  # the upright size: read as it is shown
+    (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(data))
+    assert CocoDetection(tmp_path, "val")[0][0].shape == (3, 40, 60)

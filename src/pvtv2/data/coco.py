@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 
 from ..fileio import existing_folder
@@ -397,6 +398,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(
                 f"image {os.fspath(path)!r} is {picture.width}x{picture.height} but "
                 f"{self.annotations.path.name} says {info['width']}x{info['height']}: its boxes would not fit"
+                + _orientation_hint(path, picture.size, (info["width"], info["height"]))
             )
         image = image_to_tensor(picture)  # (3, H, W)
         objects = self.annotations.objects[info["id"]]
@@ -419,6 +421,20 @@ class CocoDetection(torch.utils.data.Dataset):
             if self.masks:
                 target["masks"] = target["masks"].flip(-1)
         return image, target
+
+
+def _orientation_hint(path: Path, upright: tuple[int, int], listed: tuple[int, int]) -> str:
+    """Why an image may look like the listed size elsewhere: its EXIF orientation turns it, and images are read
+    upright (as detectron2 and mmdetection read them), while an annotation tool may have used the stored pixels."""
+    try:
+        with PIL.Image.open(path) as stored:
+            orientation = stored.getexif().get(0x0112)
+    except (OSError, ValueError):
+        return ""
+    if orientation not in (5, 6, 7, 8) or upright[::-1] != listed:
+        return ""
+    return (f" (its EXIF orientation {orientation} turns the stored {listed[0]}x{listed[1]} pixels upright; the "
+            f"annotations must be of the upright image, as it is shown)")
 
 
 def collate_detection(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

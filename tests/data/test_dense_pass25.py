@@ -307,3 +307,39 @@ def test_a_coco_image_whose_exif_orientation_turns_it_says_so(tmp_path):
     data["images"][0].update(width=60, height=40)  # the upright size: read as it is shown
     (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps(data))
     assert CocoDetection(tmp_path, "val")[0][0].shape == (3, 40, 60)
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+def test_a_depth_run_killed_after_an_epoch_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    """Every depth run killed after its first saved epoch refused --resume: the run's classes were read off its
+    weights' generic id2label (LABEL_0, LABEL_1) and compared with the task's ["depth"]."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pvtv2.cli import main
+    from pvtv2.data.scenes import make_depth_example
+    from pvtv2.training.engine import KILL_ENV
+    from pvtv2.weights.files import read_state_dict
+
+    data = make_depth_example(tmp_path / "rooms", n_train=8, n_val=2, size=32, seed=2)
+    args = ["train", "--task", "depth", "--data", str(data), "--model", "tiny", "--image-size", "32", "--epochs", "3",
+            "--batch-size", "4", "--lr", "1e-3", "--warmup-epochs", "1", "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "full")]) == 0
+    env = {**os.environ, KILL_ENV: "3"}  # step 3: the first batch of epoch 2
+    killed = subprocess.run([sys.executable, "-m", "pvtv2.cli", *args, "--output", str(tmp_path / "cut")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert main(["train", "--output", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+
+    def records(run: str) -> list:
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["epoch"] for r in records("cut")] == [1, 2, 3]
+    for a, b in zip(records("full"), records("cut")):
+        assert a["train_loss"] == b["train_loss"] and a["delta1"] == b["delta1"]
+    one = read_state_dict(tmp_path / "full" / "last" / "model.safetensors")
+    two = read_state_dict(tmp_path / "cut" / "last" / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

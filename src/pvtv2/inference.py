@@ -1046,11 +1046,12 @@ def evaluate_segmenter(
     """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``data/split/{images,masks}``, each image predicted
     by :func:`predict_segmentation` (``size`` and ``options``: mode, crop, stride, scales, flip) at its mask's
     resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label)."""
-    from .data.masks import read_mask, scan_segmentation_split
+    from .data.masks import check_not_binary_255, read_mask, scan_segmentation_split
     from .data.masks import reduce_labels as reduce
     from .training.segmentation import segmentation_metrics
 
     pairs = scan_segmentation_split(existing_folder(data), split)
+    check_not_binary_255(pairs)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
     k = max(2, model.config.num_labels)
     confusion = np.zeros((k, k), dtype=np.int64)
     began = time.perf_counter()

@@ -343,3 +343,50 @@ def test_a_depth_run_killed_after_an_epoch_resumes_to_the_weights_of_an_uninterr
     one = read_state_dict(tmp_path / "full" / "last" / "model.safetensors")
     two = read_state_dict(tmp_path / "cut" / "last" / "model.safetensors")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+# ---------------------------------------------------------------------------------------------- 0/255 masks
+def _black_and_white(root: Path, splits=("train", "val")) -> None:
+    rng = np.random.default_rng(0)
+    for split in splits:
+        images, masks = _folders(root, split, "masks")
+        for i in range(3):
+            pixels = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            mask[8:24, 8:24] = 255  # the object, drawn white
+            pixels[8:24, 8:24] = 220
+            PIL.Image.fromarray(pixels).save(images / f"{i}.png")
+            PIL.Image.fromarray(mask).save(masks / f"{i}.png")
+
+
+def test_black_and_white_binary_masks_are_refused_before_they_train_on_background_only(tmp_path, capsys):
+    """Masks saved as 0/255 pictures (the usual binary mask): 255 is the ignore value, so every object pixel was left
+    out, the classes counted off the masks were background alone, and the run reported mean IoU 1.0000 (background
+    IoU 1, the object's never scored)."""
+    from pvtv2.cli import main
+
+    _black_and_white(tmp_path / "data")
+    out = tmp_path / "run"
+    code = main(["train-seg", str(tmp_path / "data"), "--output", str(out), "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "hold only 0 and 255 (the first 3 looked at): 255 is the ignore value" in err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"hold only 0 and 255 .* save mask // 255"):
+        evaluate_segmenter(_binary_model(5.0), tmp_path / "data")
+
+
+def test_the_same_masks_as_0_and_1_train_and_masks_with_some_ignored_pixels_pass(tmp_path):
+    from pvtv2.data.masks import check_not_binary_255, scan_segmentation_split
+
+    _black_and_white(tmp_path, ("val",))
+    for path in (tmp_path / "val" / "masks").iterdir():
+        PIL.Image.fromarray(np.asarray(PIL.Image.open(path)) // 255).save(path)
+    check_not_binary_255(scan_segmentation_split(tmp_path, "val"))
+    result = evaluate_segmenter(_binary_model(5.0), tmp_path)  # the class everywhere: its IoU is its share
+    assert result["per_class_iou"]["crack"] == pytest.approx(16 * 16 / (32 * 32))
+    path = tmp_path / "val" / "masks" / "0.png"
+    mask = np.asarray(PIL.Image.open(path)).copy()
+    mask[0, :4] = 255  # a few ignored pixels among classes 0 and 1: a normal mask
+    PIL.Image.fromarray(mask).save(path)
+    check_not_binary_255(scan_segmentation_split(tmp_path, "val"))

@@ -23,6 +23,7 @@ from .augment import SegmentationTrainTransform, derive_seed
 from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image
 
 __all__ = [
+    "check_not_binary_255",
     "read_mask",
     "scan_segmentation_split",
     "read_id2label",
@@ -94,6 +95,33 @@ def reduce_labels(labels: np.ndarray | torch.Tensor, ignore_index: int = 255) ->
     reduced = wide - 1
     reduced[(wide == 0) | (wide == ignore_index)] = ignore_index
     return reduced.astype(array.dtype) if array.dtype == np.uint8 else reduced
+
+
+# Masks looked at for the 0/255 check: enough to tell a binary 0/255 data set, cheap on any.
+_BINARY_255_SAMPLE = 32
+
+
+def check_not_binary_255(pairs: Sequence[tuple[Path, Path]], ignore_index: int = 255) -> None:
+    """Refuse masks drawn as black and white pictures (0 and 255), the common way to save a binary mask: 255 is the
+    ignore value, so every object pixel would be left out of the loss and the metrics, and a model predicting
+    background everywhere would score a mean IoU of 1. Looks at the first masks (up to 32, in name order): all
+    holding 0 and ``ignore_index`` only, with some ``ignore_index``, is that case."""
+    sample = pairs[:_BINARY_255_SAMPLE]
+    if not sample:
+        return
+    seen: set[int] = set()
+    for _, mask_path in sample:
+        values = set(np.unique(np.asarray(read_mask(mask_path))).tolist())
+        if not values <= {0, ignore_index}:
+            return
+        seen |= values
+    if ignore_index in seen:
+        folder = os.fspath(Path(sample[0][1]).parent)
+        raise ValueError(
+            f"the masks in {folder!r} hold only 0 and {ignore_index} (the first {len(sample)} looked at): "
+            f"{ignore_index} is the ignore value, so every object pixel would be left out of training and of the "
+            f"metrics. A black-and-white binary mask needs its objects as class 1: save mask // 255 (0 and 1)"
+        )
 
 
 def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | None = None) -> dict[int, str]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..data.augment import SegmentationTrainTransform
 from ..data.folders import split_samples
-from ..data.masks import SegmentationFolder, read_id2label, scan_segmentation_split
+from ..data.masks import SegmentationFolder, check_not_binary_255, read_id2label, scan_segmentation_split
 from ..models.config import PvtV2Config
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
 from .config import TrainConfig
@@ -160,6 +160,7 @@ class SegmentationTask(Task):
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/{train,val}/images and DIR/{train,val}/masks)")
         pairs = scan_segmentation_split(cfg.data, "train")
+        check_not_binary_255(pairs)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
         # Without labels.json the classes are counted off the masks: the validation ones too, or a class that only
         # they hold stopped the run after its first epoch ("label values [k] are out of range").
         val_pairs = scan_segmentation_split(cfg.data, "val") if cfg.val_split is None else []

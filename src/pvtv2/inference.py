@@ -1033,6 +1033,59 @@ def evaluate_detector(
     }
 
 
+def _mask_classes_to_model(data: str | os.PathLike, config: Any) -> dict[int, int] | None:
+    """Mask value -> model class, by name, where ``DATA/labels.json`` names the mask values otherwise than the model
+    names its classes (a model trained on data that listed them in another order); None where the values are the
+    model's classes (no labels.json, the same names, or a model whose classes have no names)."""
+    from .data.masks import read_id2label
+
+    path = Path(data) / "labels.json"
+    if not path.is_file():
+        return None
+    names = read_id2label(data)
+    model_names = dict(config.id2label)
+    generic = has_generic_labels(model_names) or all(n == f"class_{i}" for i, n in model_names.items())
+    if names == model_names or generic:
+        return None
+    where = os.fspath(path)
+    if config.num_labels == 1:
+        raise ValueError(f"{where!r} names the classes {sorted(names.values())[:10]} but the one-class model's class is "
+                         f"{model_names[0]!r}: the masks are not of the model's classes")
+    index: dict[str, int] = {}
+    shared = set()
+    for i, name in sorted(model_names.items()):
+        if name in index:
+            shared.add(name)
+        index.setdefault(name, i)
+    unknown = [n for n in names.values() if n not in index]
+    if unknown:
+        raise ValueError(f"classes {unknown[:10]} of {where!r} are not classes of the model "
+                         f"({', '.join(list(model_names.values())[:10])} ...): its predictions cannot be scored on them")
+    ambiguous = [n for n in names.values() if n in shared]
+    if ambiguous:
+        raise ValueError(f"classes {ambiguous[:10]} of {where!r} name several classes of the model: which is meant "
+                         f"cannot be told")
+    mapping = {value: index[name] for value, name in names.items()}
+    moved = {names[v]: (v, m) for v, m in mapping.items() if v != m}
+    if moved:
+        shown = ", ".join(f"{name!r} {v}->{m}" for name, (v, m) in list(moved.items())[:5])
+        logger.info("mask values mapped to the model's classes by the names of labels.json: %s", shown)
+    return mapping
+
+
+def _map_mask_classes(labels: np.ndarray, mapping: dict[int, int], mask_path: Path) -> np.ndarray:
+    """``labels`` with each value replaced by its model class (255, ignored, stays); a value labels.json does not
+    name is a ``ValueError``."""
+    values = np.unique(labels[labels != 255])
+    unnamed = [int(v) for v in values if int(v) not in mapping]
+    if unnamed:
+        raise ValueError(f"mask {os.fspath(mask_path)!r} holds class(es) {unnamed[:10]} that labels.json does not name")
+    out = labels.copy()
+    for value in values.tolist():
+        out[labels == value] = mapping[value]
+    return out
+
+
 def evaluate_segmenter(
     model: PvtV2ForSemanticSegmentation,
     data: str | os.PathLike,
@@ -1045,13 +1098,15 @@ def evaluate_segmenter(
 ) -> dict[str, Any]:
     """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``data/split/{images,masks}``, each image predicted
     by :func:`predict_segmentation` (``size`` and ``options``: mode, crop, stride, scales, flip) at its mask's
-    resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label)."""
+    resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label). Where
+    ``data/labels.json`` names the mask values, they are matched to the model's classes by name."""
     from .data.masks import check_not_binary_255, read_mask, scan_segmentation_split
     from .data.masks import reduce_labels as reduce
     from .training.segmentation import segmentation_metrics
 
     pairs = scan_segmentation_split(existing_folder(data), split)
     check_not_binary_255(pairs)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
+    to_model = _mask_classes_to_model(data, model.config)
     k = max(2, model.config.num_labels)
     confusion = np.zeros((k, k), dtype=np.int64)
     began = time.perf_counter()
@@ -1060,6 +1115,8 @@ def evaluate_segmenter(
         labels = np.asarray(read_mask(mask_path), dtype=np.int64)
         if reduce_labels:
             labels = reduce(labels).astype(np.int64)
+        if to_model is not None:
+            labels = _map_mask_classes(labels, to_model, mask_path)
         if labels.shape != (image.height, image.width):
             raise ValueError(f"mask {os.fspath(mask_path)!r} is {labels.shape[1]}x{labels.shape[0]} but its image is "
                              f"{image.width}x{image.height}")

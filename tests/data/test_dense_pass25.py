@@ -390,3 +390,45 @@ def test_the_same_masks_as_0_and_1_train_and_masks_with_some_ignored_pixels_pass
     mask[0, :4] = 255  # a few ignored pixels among classes 0 and 1: a normal mask
     PIL.Image.fromarray(mask).save(path)
     check_not_binary_255(scan_segmentation_split(tmp_path, "val"))
+
+
+# ---------------------------------------------------------------------------------------------- class names
+def _constant_model(id2label: dict, label: int) -> PvtV2ForSemanticSegmentation:
+    """A model that predicts class ``label`` at every pixel."""
+    model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY, id2label=id2label))
+    bias = torch.zeros(len(id2label))
+    bias[label] = 5.0
+    with torch.no_grad():
+        model.decode_head.classifier.weight.zero_()
+        model.decode_head.classifier.bias.copy_(bias)
+    return model
+
+
+def test_eval_segmentation_matches_mask_values_to_the_models_classes_by_labels_json(tmp_path):
+    """A model trained on data that listed its classes as a, b, c, evaluated on data whose labels.json lists b, a, c:
+    mask value 0 (b) was scored against the model's class 0 (a), silently. Here the model predicts b everywhere and
+    b covers the left three quarters: IoU(b) = 3/4, IoU(a) = 0, c absent (by hand)."""
+    import json
+
+    images, masks = _folders(tmp_path, "val", "masks")
+    PIL.Image.fromarray(np.full((32, 32, 3), 100, dtype=np.uint8)).save(images / "a.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)  # 0 = b
+    mask[:, 24:] = 1  # 1 = a
+    PIL.Image.fromarray(mask).save(masks / "a.png")
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "b", "1": "a", "2": "c"}))
+    model = _constant_model({0: "a", 1: "b", 2: "c"}, 1)
+    result = evaluate_segmenter(model, tmp_path)
+    assert result["per_class_iou"] == {"a": 0.0, "b": 0.75, "c": None}
+    assert result["mean_iou"] == pytest.approx(0.375) and result["pixel_accuracy"] == pytest.approx(0.75)
+
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))  # the model's own order
+    assert evaluate_segmenter(model, tmp_path)["per_class_iou"] == {"a": 0.0, "b": 0.25, "c": None}  # 0 is a now
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "b", "1": "dog"}))
+    with pytest.raises(ValueError, match=r"classes \['dog'\] of .*labels.json' are not classes of the model"):
+        evaluate_segmenter(model, tmp_path)
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "b"}))
+    with pytest.raises(ValueError, match=r"holds class\(es\) \[1\] that labels.json does not name"):
+        evaluate_segmenter(model, tmp_path)
+    generic = _constant_model({0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, 1)  # no names: the values are its classes
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "b", "1": "a", "2": "c"}))
+    assert evaluate_segmenter(generic, tmp_path)["per_class_iou"] == {"LABEL_0": 0.0, "LABEL_1": 0.25, "LABEL_2": None}

@@ -432,3 +432,37 @@ def test_eval_segmentation_matches_mask_values_to_the_models_classes_by_labels_j
     generic = _constant_model({0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, 1)  # no names: the values are its classes
     (tmp_path / "labels.json").write_text(json.dumps({"0": "b", "1": "a", "2": "c"}))
     assert evaluate_segmenter(generic, tmp_path)["per_class_iou"] == {"LABEL_0": 0.0, "LABEL_1": 0.25, "LABEL_2": None}
+
+
+def test_fine_tuning_a_segmenter_on_its_classes_in_another_order_permutes_its_classifier(tmp_path, caplog):
+    """The checkpoint's classifier was kept under the data's class names whatever they were: the same classes listed
+    in another order started from a head whose rows meant other classes, and other classes of the same count kept a
+    head meaning something else, where classification permutes the rows, or refuses without --replace-head (which
+    segmentation ignored)."""
+    import logging
+
+    from pvtv2.training import TrainConfig
+    from pvtv2.training.segmentation import build_segmentation_model
+
+    source = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY, id2label={0: "a", 1: "b", 2: "c"}))
+    source.save_pretrained(tmp_path / "ckpt")
+    weight, bias = source.decode_head.classifier.weight.detach(), source.decode_head.classifier.bias.detach()
+
+    def build(id2label: dict, **changes) -> PvtV2ForSemanticSegmentation:
+        cfg = TrainConfig(task="segmentation", model=str(tmp_path / "ckpt"), image_size=32, **changes)
+        return build_segmentation_model(cfg, id2label)
+
+    model = build({0: "b", 1: "c", 2: "a"})
+    assert model.config.id2label == {0: "b", 1: "c", 2: "a"}
+    assert torch.equal(model.decode_head.classifier.weight, weight[[1, 2, 0]])
+    assert torch.equal(model.decode_head.classifier.bias, bias[[1, 2, 0]])
+    with pytest.raises(ValueError, match=r"pairs differ, e.g. \[\('a', 'x'\).*--replace-head"):
+        build({0: "x", 1: "y", 2: "z"})
+    replaced = build({0: "x", 1: "y", 2: "z"}, replace_head=True)
+    assert replaced.config.id2label == {0: "x", 1: "y", 2: "z"}
+    assert not torch.equal(replaced.decode_head.classifier.weight, weight)
+    assert torch.equal(build({0: "a", 1: "b", 2: "c"}).decode_head.classifier.weight, weight)  # its own classes
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        other = build({0: "a", 1: "b"})  # another count: a new classifier, announced once
+    assert other.config.id2label == {0: "a", 1: "b"} and other.decode_head.classifier.weight.shape[0] == 2
+    assert sum("replacing the classifier head" in r.getMessage() for r in caplog.records) == 1

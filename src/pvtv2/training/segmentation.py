@@ -28,10 +28,11 @@ from ..data.augment import SegmentationTrainTransform
 from ..data.folders import split_samples
 from ..data.masks import SegmentationFolder, check_not_binary_255, read_id2label, scan_segmentation_split
 from ..models.config import PvtV2Config
+from ..models.labels import has_generic_labels
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
 from .config import TrainConfig
 from .distributed import autocast
-from .engine import RunContext, Task, new_architecture
+from .engine import RunContext, Task, held_logs, new_architecture, release_logs
 
 __all__ = [
     "TINY_SEGMENTATION",
@@ -138,7 +139,42 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
         model = PvtV2ForSemanticSegmentation(config)
         _reset_head(model)
         return model
-    return PvtV2ForSemanticSegmentation.from_pretrained(cfg.model, **overrides)
+    # As classification's fine-tuning: the checkpoint's own classes first. With an id2label override and as many
+    # classes, its trained classifier was kept under the data's names whatever they were, so that the same classes
+    # listed in another order started from a permuted head and --replace-head did nothing.
+    base = {k: v for k, v in overrides.items() if k != "id2label"}
+    with held_logs() as held:  # said once: given out if this load is the one kept
+        model = PvtV2ForSemanticSegmentation.from_pretrained(cfg.model, **base)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    classes = [id2label[i] for i in range(len(id2label))]
+    trained = not any(k.startswith("decode_head.classifier.") for k in getattr(model, "newly_initialized_keys", ()))
+    if len(names) != len(classes) or (not trained and names != classes):
+        return PvtV2ForSemanticSegmentation.from_pretrained(cfg.model, **overrides)
+    release_logs(held)
+    if names == classes:
+        return model
+    classifier = model.decode_head.classifier
+    if set(names) == set(classes) and len(set(names)) == len(names):
+        order = torch.tensor([names.index(c) for c in classes])
+        with torch.no_grad():
+            classifier.weight.copy_(classifier.weight[order])
+            classifier.bias.copy_(classifier.bias[order])
+        logger.info("the dataset lists the checkpoint's classes in another order: classifier rows permuted to match")
+    elif cfg.replace_head:
+        model.init_new_module(classifier)
+        logger.info("--replace-head: a new classifier for the dataset's classes %s", classes[:10])
+    elif has_generic_labels(dict(enumerate(names))) or all(n == f"class_{i}" for i, n in enumerate(names)):
+        logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
+    else:
+        differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
+        raise ValueError(
+            f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
+            f"{differ}. Pass --replace-head to train a new classifier for the dataset's classes."
+        )
+    config = model.config.replace(id2label=dict(id2label), label2id={name: i for i, name in id2label.items()})
+    model.config = config
+    model.pvt_v2.config = config
+    return model
 
 
 class SegmentationTask(Task):

@@ -466,3 +466,52 @@ def test_fine_tuning_a_segmenter_on_its_classes_in_another_order_permutes_its_cl
         other = build({0: "a", 1: "b"})  # another count: a new classifier, announced once
     assert other.config.id2label == {0: "a", 1: "b"} and other.decode_head.classifier.weight.shape[0] == 2
     assert sum("replacing the classifier head" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet", "mask_rcnn"])
+def test_fine_tuning_a_detector_on_its_classes_in_another_order_detects_the_same_objects(tmp_path, detector):
+    """A saved detector fine-tuned on data listing its classes in another order kept its class-sized layers under
+    the new names: every detection changed class. Now the layers are permuted: the same boxes and scores come out
+    under the same class names as the checkpoint's own (torchvision's detector run on both)."""
+    pytest.importorskip("torchvision")
+    from pvtv2.models.detection import PvtV2ForObjectDetection
+    from pvtv2.training import TrainConfig
+    from pvtv2.training.detection import build_detector
+
+    torch.manual_seed(0)
+    config = PvtV2Config(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 32, 64], num_attention_heads=[1, 1, 1, 1],
+                         id2label={0: "a", 1: "b", 2: "c"}, detector=detector, fpn_channels=64, min_size=64,
+                         max_size=128, score_threshold=0.0)
+    source = PvtV2ForObjectDetection(config)
+    with torch.no_grad():  # class layers whose rows differ clearly
+        for prefix in source.classifier_prefix:
+            for p in source.get_submodule(prefix.rstrip(".")).parameters():
+                p.add_(torch.randn_like(p))
+    source.save_pretrained(tmp_path / "ckpt")
+    cfg = TrainConfig(task="detection", model=str(tmp_path / "ckpt"), detector=detector, image_size=64)
+    model = build_detector(cfg, {0: "c", 1: "a", 2: "b"})
+    assert model.config.id2label == {0: "c", 1: "a", 2: "b"}
+    image = torch.rand(3, 64, 80)
+
+    def found(m: PvtV2ForObjectDetection) -> list:
+        m.eval()
+        with torch.no_grad():
+            out = m([image])[0]
+        names = [m.config.id2label[int(i)] for i in out["labels"]]
+        return sorted((name, round(float(s), 4), [round(v, 2) for v in b.tolist()])
+                      for name, s, b in zip(names, out["scores"], out["boxes"]))
+
+    expected = found(source)
+    assert len(expected) > 10 and len({e[0] for e in expected}) >= 2  # classes told apart, not one everywhere
+    assert found(model) == expected
+    with pytest.raises(ValueError, match="--replace-head"):
+        build_detector(cfg, {0: "x", 1: "y", 2: "z"})
+    replaced = build_detector(dataclasses_replace(cfg, replace_head=True), {0: "x", 1: "y", 2: "z"})
+    first = replaced.classifier_prefix[0].rstrip(".")
+    assert not torch.equal(replaced.get_submodule(first).weight, source.get_submodule(first).weight)
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)

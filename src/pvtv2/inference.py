@@ -68,6 +68,7 @@ __all__ = [
     "evaluate_segmenter",
     "predict_depth",
     "label_map_names",
+    "checkpoint_input_size",
     "DetectionResult",
     "load_detector",
     "detect_objects",
@@ -179,7 +180,7 @@ def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu"
     checkpoint, which has no trained decode head, is refused with ``ValueError`` saying how to train one."""
     device = _inference_device(device)
     model = PvtV2ForSemanticSegmentation.from_pretrained(source)
-    size = _processor_size(source)
+    size = checkpoint_input_size(source)
     if size is not None and tuple(model.config.image_size) != size:
         # transformers' SegFormer config.json has no image size (it read as 224): the size its checkpoints are
         # predicted at is their preprocessor_config.json's (512x512 for ADE20K, 1024x1024 for Cityscapes).
@@ -194,9 +195,10 @@ def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu"
     return model.to(device).eval()
 
 
-def _processor_size(source: str | os.PathLike) -> tuple[int, int] | None:
+def checkpoint_input_size(source: str | os.PathLike) -> tuple[int, int] | None:
     """The fixed (height, width) of the checkpoint's ``preprocessor_config.json`` (``"size": {"height": h, "width":
-    w}``, as SegFormer's and pvtv2's write it), or None: no such file, or a size of another form."""
+    w}``, as SegFormer's and pvtv2's training runs write it: the size its validation images were resized to), or
+    None: no such file, or a size of another form (GLPN's ``size_divisor``: each image at its own size)."""
     path = companion_file(source, PREPROCESSOR_CONFIG_NAME)
     if path is None:
         return None

@@ -159,7 +159,9 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
         differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
         raise ValueError(
             f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
-            f"{differ}. Pass --replace-head to train new class-sized layers for the dataset's classes."
+            f"{differ}. Pass --replace-head to train new class-sized layers for the dataset's classes, or, where "
+            f"they are the same classes spelt otherwise, name them as the checkpoint does (the annotation files' "
+            f"categories)"
         )
     return model
 
@@ -169,7 +171,7 @@ def _detector_classes(source: str) -> list[str] | None:
     (its class-sized layers, if any, are not loaded into a detector)."""
     try:
         config = PvtV2Config.from_pretrained(source)
-    except Exception:  # noqa: BLE001 - no readable config.json (a weights file, a hub id offline): from_pretrained says why
+    except Exception:  # noqa: BLE001 - no config.json to read (a weights file, a hub id offline): from_pretrained says
         return None
     if getattr(config, "detector", None) is None:
         return None

@@ -169,7 +169,8 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
         differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
         raise ValueError(
             f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
-            f"{differ}. Pass --replace-head to train a new classifier for the dataset's classes."
+            f"{differ}. Pass --replace-head to train a new classifier for the dataset's classes, or, where they are "
+            f"the same classes spelt otherwise, name them as the checkpoint does (DIR/labels.json)"
         )
     config = model.config.replace(id2label=dict(id2label), label2id={name: i for i, name in id2label.items()})
     model.config = config

@@ -171,7 +171,7 @@ def _detector_classes(source: str) -> list[str] | None:
     (its class-sized layers, if any, are not loaded into a detector)."""
     try:
         config = PvtV2Config.from_pretrained(source)
-    except Exception:  # noqa: BLE001 - no config.json to read (a weights file, a hub id offline): from_pretrained says
+    except Exception:  # noqa: BLE001 - no config.json to read (a weights file, a hub id offline): left to from_pretrained
         return None
     if getattr(config, "detector", None) is None:
         return None

@@ -866,12 +866,18 @@ def load_detector(source: str | os.PathLike, device: str | torch.device = "cpu",
             f"random. Pass a trained detector: a save_pretrained folder (pvtv2 train --task detection writes OUT/best)"
         )
     device = parse_device(device)
-    model = PvtV2ForObjectDetection.from_pretrained(source, **overrides)
-    _refuse_random_weights(
-        model, source, "detector",
-        f"Train one on your data first: pvtv2 train --task detection --model {os.fspath(source)} --data DIR "
-        f"--output RUN (COCO format), then use RUN/best",
-    )
+    remedy = (f"Train one on your data first: pvtv2 train --task detection --model {os.fspath(source)} --data DIR "
+              f"--output RUN (COCO format), then use RUN/best")
+    try:
+        model = PvtV2ForObjectDetection.from_pretrained(source, **overrides)
+    except ValueError as err:
+        # An ImageNet classifier's labels stop the detector's config before its missing heads are seen; the config's
+        # own advice (pass id2label=) is for building a new detector in Python, not for a command that runs one.
+        if "ImageNet's 1000 classification labels" not in str(err):
+            raise
+        raise ValueError(f"{os.fspath(source)!r} has no trained detector: it is an ImageNet classifier (1000 classes, "
+                         f"no FPN or detection heads). {remedy}") from None
+    _refuse_random_weights(model, source, "detector", remedy)
     _refuse_non_finite_weights(model, source)
     model = model.to(device).eval()
     fast.freeze(model)

@@ -550,3 +550,20 @@ def test_pvtv2_depth_predicts_a_depth_run_at_the_size_it_was_evaluated_at(tmp_pa
     assert low == pytest.approx(expected.min(), abs=6e-4) and high == pytest.approx(expected.max(), abs=6e-4)
     own = by_hand(64)
     assert abs(own.max() - expected.max()) > 3e-3 or abs(own.min() - expected.min()) > 3e-3  # the test can tell
+
+
+def test_detect_and_eval_refuse_an_imagenet_classifier_as_one_without_a_detector(tmp_path, capsys):
+    """An ImageNet classifier given to pvtv2 detect / eval --task detection said "pass the object classes,
+    id2label={0: 'cat', ...} or num_labels=K", advice for building a detector in Python that no command takes."""
+    from pvtv2 import PvtV2ForImageClassification
+    from pvtv2.cli import main
+    from pvtv2.models.labels import imagenet_id2label
+
+    config = PvtV2Config(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 32, 64], num_attention_heads=[1, 1, 1, 1],
+                         id2label=imagenet_id2label())
+    PvtV2ForImageClassification(config).save_pretrained(tmp_path / "inet")
+    PIL.Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    assert main(["detect", str(tmp_path / "x.png"), "--model", str(tmp_path / "inet"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has no trained detector: it is an ImageNet classifier" in err and "pvtv2 train --task detection" in err
+    assert "id2label" not in err

@@ -277,6 +277,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if given.get("resume") and "task" not in given and given.get("output"):
+        # The run's task, for the checks of task-only flags (--max-depth given to resume a depth run was refused as
+        # "applies to --task depth only, not --task classification"); a missing or damaged run.json is reported later.
+        from .training.rundir import RUN_FILE, read_run_file
+
+        folder = os.path.expanduser(given["output"])
+        if os.path.isfile(os.path.join(folder, RUN_FILE)):
+            try:
+                task = read_run_file(folder).get("task")
+            except (OSError, ValueError):
+                task = None
+            if isinstance(task, str):
+                given["task"] = task
     if args.amp is not None:
         if args.amp not in ("bf16", "fp16"):
             raise ValueError(f"--amp must be bf16 or fp16, got {args.amp!r}")

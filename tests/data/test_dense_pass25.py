@@ -567,3 +567,22 @@ def test_detect_and_eval_refuse_an_imagenet_classifier_as_one_without_a_detector
     err = capsys.readouterr().err
     assert "has no trained detector: it is an ImageNet classifier" in err and "pvtv2 train --task detection" in err
     assert "id2label" not in err
+
+
+def test_resuming_a_depth_run_with_its_depth_flags_is_checked_against_the_run_not_refused_as_classification(
+        tmp_path, capsys):
+    """`pvtv2 train --output RUN --resume --depth-scale 500` (the run's own flags repeated) was refused with
+    "--depth-scale applies to --task depth only, not --task classification": the task of a resumed run was not yet
+    known when task-only flags were checked."""
+    from pvtv2.cli import main
+    from pvtv2.data.scenes import make_depth_example
+
+    data = make_depth_example(tmp_path / "rooms", n_train=2, n_val=1, size=32, seed=5)
+    out = str(tmp_path / "run")
+    assert main(["train", "--task", "depth", "--data", str(data), "--model", "tiny", "--output", out, "--epochs", "1",
+                 "--image-size", "32", "--batch-size", "2", "--depth-scale", "500", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--output", out, "--resume", "--depth-scale", "500", "--no-progress"]) == 0
+    assert "trained 1 epochs" in capsys.readouterr().out
+    assert main(["train", "--output", out, "--resume", "--depth-scale", "400", "--no-progress"]) == 2
+    assert "it was started with --depth-scale 500.0, not 400.0" in capsys.readouterr().err

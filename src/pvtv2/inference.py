@@ -1088,10 +1088,11 @@ def _map_mask_classes(labels: np.ndarray, mapping: dict[int, int], mask_path: Pa
     unnamed = [int(v) for v in values if int(v) not in mapping]
     if unnamed:
         raise ValueError(f"mask {os.fspath(mask_path)!r} holds class(es) {unnamed[:10]} that labels.json does not name")
-    out = labels.copy()
-    for value in values.tolist():
-        out[labels == value] = mapping[value]
-    return out
+    table = np.arange(max(int(labels.max()), 255) + 1, dtype=np.int64)  # a lookup table: 255 stays 255
+    for value, model_class in mapping.items():
+        if value < len(table):
+            table[value] = model_class
+    return table[labels]
 
 
 def evaluate_segmenter(

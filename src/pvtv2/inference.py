@@ -203,7 +203,8 @@ def checkpoint_input_size(source: str | os.PathLike) -> tuple[int, int] | None:
     if path is None:
         return None
     try:
-        size = json.loads(Path(path).read_text(encoding="utf-8")).get("size")
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        size = data.get("size") if data.get("do_resize", True) is not False else None  # no resize: no size fixed
     except (OSError, ValueError, AttributeError):
         return None  # unreadable: left to the config's image_size, as before
     if isinstance(size, dict) and set(size) >= {"height", "width"}:

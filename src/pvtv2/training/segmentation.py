@@ -143,8 +143,13 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
     # classes, its trained classifier was kept under the data's names whatever they were, so that the same classes
     # listed in another order started from a permuted head and --replace-head did nothing.
     base = {k: v for k, v in overrides.items() if k != "id2label"}
-    with held_logs() as held:  # said once: given out if this load is the one kept
-        model = PvtV2ForSemanticSegmentation.from_pretrained(cfg.model, **base)
+    held: list[logging.LogRecord] = []
+    try:
+        with held_logs() as held:  # said once: given out if this load is the one kept (or fails)
+            model = PvtV2ForSemanticSegmentation.from_pretrained(cfg.model, **base)
+    except Exception:
+        release_logs(held)
+        raise
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     classes = [id2label[i] for i in range(len(id2label))]
     trained = not any(k.startswith("decode_head.classifier.") for k in getattr(model, "newly_initialized_keys", ()))

@@ -586,3 +586,28 @@ def test_resuming_a_depth_run_with_its_depth_flags_is_checked_against_the_run_no
     assert "trained 1 epochs" in capsys.readouterr().out
     assert main(["train", "--output", out, "--resume", "--depth-scale", "400", "--no-progress"]) == 2
     assert "it was started with --depth-scale 500.0, not 400.0" in capsys.readouterr().err
+
+
+def test_detection_training_refuses_a_validation_split_without_objects(tmp_path, capsys):
+    """A val file without objects: COCOeval gave -1 every epoch, no epoch beat the start, best/ was never written,
+    and the run ended with "best box AP 0.0000 at epoch -1" and a best/ path that did not exist."""
+    import json
+
+    from pvtv2.cli import main
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir()
+        PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "data" / split / "a.png")
+        annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0}]
+        if split == "val":
+            annotations = [{**annotations[0], "iscrowd": 1}]  # a crowd region only: nothing COCOeval scores
+        data = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}], "annotations": annotations,
+                "categories": [{"id": 1, "name": "thing"}]}
+        (tmp_path / "data" / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "detection", "--detector", "fcos", "--data", str(tmp_path / "data"), "--model",
+                 "tiny", "--output", str(out), "--epochs", "1", "--image-size", "64", "--no-progress"]) == 2
+    assert "instances_val.json' lists no objects" in capsys.readouterr().err
+    assert not out.exists()

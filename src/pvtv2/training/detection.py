@@ -234,6 +234,13 @@ class DetectionTask(Task):
                 f"and names are needed): {dict(zip(val.category_ids, val.id2label.values()))} against "
                 f"{dict(zip(train.category_ids, train.id2label.values()))}"
             )
+        if not any(not a.get("iscrowd") for a in val.dataset["annotations"]):
+            # COCOeval scores -1 (no ground truth) every epoch: no epoch beat the start, best/ was never written, and
+            # the run ended saying "best box AP 0.0000 at epoch -1" and naming a best/ that did not exist.
+            raise ValueError(
+                f"{os.fspath(val.path)!r} lists no objects (no annotation, or crowd regions only): the validation "
+                f"split has nothing to score box AP on; annotate its images (or use some of the training ones)"
+            )
         self.id2label = dict(train.id2label)
         self.classes = [self.id2label[i] for i in sorted(self.id2label)]
         self.iou_types = ["bbox"]

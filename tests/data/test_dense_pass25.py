@@ -611,3 +611,17 @@ def test_detection_training_refuses_a_validation_split_without_objects(tmp_path,
                  "tiny", "--output", str(out), "--epochs", "1", "--image-size", "64", "--no-progress"]) == 2
     assert "instances_val.json' lists no objects" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_depth_training_refuses_validation_maps_without_any_measurement(tmp_path, capsys):
+    """Every metric NaN, no best/ written while the run named one: refused before training."""
+    from pvtv2.cli import main
+    from pvtv2.data.scenes import make_depth_example
+
+    data = make_depth_example(tmp_path / "rooms", n_train=2, n_val=2, size=32, seed=6)
+    for path in (data / "val" / "depth").iterdir():
+        write_depth_png(path, np.zeros((32, 32)))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "depth", "--data", str(data), "--model", "tiny", "--output", str(out), "--epochs",
+                 "1", "--image-size", "32", "--no-progress"]) == 2
+    assert "no validation depth map in" in capsys.readouterr().err and not out.exists()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.depth import DepthFolder
+from ..data.depth import DepthFolder, read_depth_png
 from ..data.processing import PvtV2ImageProcessor
 from ..models.config import PvtV2Config
 from ..models.depth import PvtV2ForDepthEstimation, silog_loss
@@ -73,11 +73,18 @@ class DepthTask(Task):
                                      seed=cfg.seed)
         if cfg.val_split is None:
             self.val_set = DepthFolder(cfg.data, "val", cfg.image_size, depth_scale=cfg.depth_scale)
-            return
-        # Evaluated as a val/ folder would be (resized, not flipped); the images come out of train/.
-        self.val_set = DepthFolder(cfg.data, "train", cfg.image_size, depth_scale=cfg.depth_scale)
-        self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, self.train_set.pairs, cfg.val_split,
-                                                                   cfg.seed)
+        else:
+            # Evaluated as a val/ folder would be (resized, not flipped); the images come out of train/.
+            self.val_set = DepthFolder(cfg.data, "train", cfg.image_size, depth_scale=cfg.depth_scale)
+            self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, self.train_set.pairs, cfg.val_split,
+                                                                       cfg.seed)
+        # Read until the first map with a measurement (the first, as a rule). Without any, every metric was NaN, no
+        # epoch beat the start and best/ was never written while the run named it.
+        if not any((read_depth_png(path, cfg.depth_scale) > MIN_DEPTH).any() for _, path in self.val_set.pairs):
+            raise ValueError(
+                f"no validation depth map in {cfg.data!r} holds a measurement (every pixel is 0): there is nothing to "
+                f"evaluate the depth metrics on"
+            )
 
     def processor(self) -> PvtV2ImageProcessor:
         # GLPN's preprocessing, as DepthFolder and pvtv2 depth do it: resized and rescaled to [0, 1], not normalised.

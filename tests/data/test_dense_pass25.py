@@ -625,3 +625,33 @@ def test_depth_training_refuses_validation_maps_without_any_measurement(tmp_path
     assert main(["train", "--task", "depth", "--data", str(data), "--model", "tiny", "--output", str(out), "--epochs",
                  "1", "--image-size", "32", "--no-progress"]) == 2
     assert "no validation depth map in" in capsys.readouterr().err and not out.exists()
+
+
+def test_boxes_reaching_outside_their_image_are_counted_in_a_warning(tmp_path, caplog):
+    """[x1, y1, x2, y2] boxes written where COCO wants [x, y, w, h] were clipped to their image without a word (each
+    box grown by its corner's offset). Two of the three here reach out, counted by hand; crowd regions are not."""
+    import json
+    import logging
+
+    from pvtv2.data.coco import read_coco_annotations
+
+    boxes = [[10, 10, 20, 20], [40, 30, 60, 50], [5, 50, 30, 60], [30, 30, 60, 60]]  # as x1 y1 x2 y2
+    annotations = [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": 100.0, "iscrowd": int(i == 3)}
+                   for i, b in enumerate(boxes)]
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}], "annotations": annotations,
+            "categories": [{"id": 1, "name": "x"}]}
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(data))
+    by_hand = [a["id"] for a in annotations[:3] if a["bbox"][0] + a["bbox"][2] > 65 or a["bbox"][1] + a["bbox"][3] > 65]
+    assert by_hand == [2, 3]
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        read_coco_annotations(path)
+    assert ("instances_val.json: 2 of 4 box(es) reach more than a pixel outside their image (ids 2, 3)"
+            in caplog.text)
+    caplog.clear()
+    for a in annotations:  # as COCO writes them
+        a["bbox"] = [a["bbox"][0], a["bbox"][1], a["bbox"][2] - a["bbox"][0], a["bbox"][3] - a["bbox"][1]]
+    path.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        read_coco_annotations(path)
+    assert "outside their image" not in caplog.text

@@ -176,6 +176,7 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
     skipped: Counter = Counter()
     examples: dict[str, list[int]] = {}
     seen: set[int] = set()
+    beyond: list[int] = []  # boxes reaching more than a pixel outside their image
     eval_annotations = []
     for n, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not _is_int(ann.get("id")):
@@ -217,6 +218,8 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area)})
 
         x, y, w, h = (float(v) for v in bbox)
+        if not crowd and (x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1):
+            beyond.append(ident)
         if w <= 0 or h <= 0:
             reason = "zero area"
         else:
@@ -230,6 +233,15 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         objects[image["id"]].append({
             "id": ident, "bbox": [x1, y1, x2, y2], "label": label_of[ann["category_id"]], "segmentation": segmentation,
         })
+    if beyond:
+        # Clipped for training, scored as written: said, since [x1, y1, x2, y2] boxes written where COCO wants
+        # [x, y, width, height] look just like this (each box grows by its corner's offset), and went without a word.
+        shown = ", ".join(map(str, beyond[:5])) + (" ..." if len(beyond) > 5 else "")
+        logger.warning(
+            "%s: %d of %d box(es) reach more than a pixel outside their image (ids %s); they are clipped for "
+            "training. COCO boxes are [x, y, width, height]: are these [x1, y1, x2, y2]?",
+            path.name, len(beyond), len(data["annotations"]), shown,
+        )
     for reason, count in skipped.items():
         shown = ", ".join(map(str, examples[reason][:5])) + (" ..." if count > 5 else "")
         level = logging.INFO if reason == "crowd region" else logging.WARNING

@@ -13,6 +13,7 @@ top-k and the metrics are the same code for both; the model object still supplie
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import operator
 import os
@@ -68,6 +69,8 @@ __all__ = [
     "predict_segmentation",
     "evaluate_segmenter",
     "predict_depth",
+    "label_map_names",
+    "checkpoint_input_size",
     "DetectionResult",
     "load_detector",
     "detect_objects",
@@ -179,6 +182,12 @@ def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu"
     checkpoint, which has no trained decode head, is refused with ``ValueError`` saying how to train one."""
     device = _inference_device(device)
     model = PvtV2ForSemanticSegmentation.from_pretrained(source)
+    size = checkpoint_input_size(source)
+    if size is not None and tuple(model.config.image_size) != size:
+        # transformers' SegFormer config.json has no image size (it read as 224): the size its checkpoints are
+        # predicted at is their preprocessor_config.json's (512x512 for ADE20K, 1024x1024 for Cityscapes).
+        logger.info("input size %dx%d, from %s", size[0], size[1], PREPROCESSOR_CONFIG_NAME)
+        model.config.image_size = size
     _refuse_random_weights(
         model, source, "segmentation head (SegFormer decode head)",
         f"Fine-tune one first: pvtv2 train --task segmentation --model {os.fspath(source)} --data DIR --output RUN "
@@ -186,6 +195,25 @@ def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu"
     )
     _refuse_non_finite_weights(model, source)
     return model.to(device).eval()
+
+
+def checkpoint_input_size(source: str | os.PathLike) -> tuple[int, int] | None:
+    """The fixed (height, width) of the checkpoint's ``preprocessor_config.json`` (``"size": {"height": h, "width":
+    w}``, as SegFormer's and pvtv2's training runs write it: the size its validation images were resized to), or
+    None: no such file, or a size of another form (GLPN's ``size_divisor``: each image at its own size)."""
+    path = companion_file(source, PREPROCESSOR_CONFIG_NAME)
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        size = data.get("size") if data.get("do_resize", True) is not False else None  # no resize: no size fixed
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: left to the config's image_size, as before
+    if isinstance(size, dict) and set(size) >= {"height", "width"}:
+        sides = (size["height"], size["width"])
+        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+            return sides
+    return None
 
 
 def load_depth_estimator(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForDepthEstimation:
@@ -794,6 +822,16 @@ def predict_segmentation(
     return probs.argmax(1)[0].cpu().numpy()
 
 
+def label_map_names(config: Any) -> dict[int, str]:
+    """The name of each value of a predicted label map: ``id2label``, except for a one-class (binary) model, whose
+    single channel names class 1 (where its sigmoid passes 0.5) and whose 0 is everything else (``not NAME``);
+    ``id2label[0]`` named the background pixels."""
+    if config.num_labels == 1:
+        name = config.id2label[0]
+        return {0: f"not {name}", 1: name}
+    return dict(config.id2label)
+
+
 @torch.no_grad()
 def predict_depth(model: PvtV2ForDepthEstimation, image, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """(H, W) depth for a PIL image, at the image's own resolution.
@@ -852,12 +890,18 @@ def load_detector(source: str | os.PathLike, device: str | torch.device = "cpu",
             f"random. Pass a trained detector: a save_pretrained folder (pvtv2 train --task detection writes OUT/best)"
         )
     device = parse_device(device)
-    model = PvtV2ForObjectDetection.from_pretrained(source, **overrides)
-    _refuse_random_weights(
-        model, source, "detector",
-        f"Train one on your data first: pvtv2 train --task detection --model {os.fspath(source)} --data DIR "
-        f"--output RUN (COCO format), then use RUN/best",
-    )
+    remedy = (f"Train one on your data first: pvtv2 train --task detection --model {os.fspath(source)} --data DIR "
+              f"--output RUN (COCO format), then use RUN/best")
+    try:
+        model = PvtV2ForObjectDetection.from_pretrained(source, **overrides)
+    except ValueError as err:
+        # An ImageNet classifier's labels stop the detector's config before its missing heads are seen; the config's
+        # own advice (pass id2label=) is for building a new detector in Python, not for a command that runs one.
+        if "ImageNet's 1000 classification labels" not in str(err):
+            raise
+        raise ValueError(f"{os.fspath(source)!r} has no trained detector: it is an ImageNet classifier (1000 classes, "
+                         f"no FPN or detection heads). {remedy}") from None
+    _refuse_random_weights(model, source, "detector", remedy)
     _refuse_non_finite_weights(model, source)
     model = model.to(device).eval()
     fast.freeze(model)
@@ -1021,6 +1065,60 @@ def evaluate_detector(
     }
 
 
+def _mask_classes_to_model(data: str | os.PathLike, config: Any) -> dict[int, int] | None:
+    """Mask value -> model class, by name, where ``DATA/labels.json`` names the mask values otherwise than the model
+    names its classes (a model trained on data that listed them in another order); None where the values are the
+    model's classes (no labels.json, the same names, or a model whose classes have no names)."""
+    from .data.masks import read_id2label
+
+    path = Path(data) / "labels.json"
+    if not path.is_file():
+        return None
+    names = read_id2label(data)
+    model_names = dict(config.id2label)
+    generic = has_generic_labels(model_names) or all(n == f"class_{i}" for i, n in model_names.items())
+    if names == model_names or generic:
+        return None
+    where = os.fspath(path)
+    if config.num_labels == 1:
+        raise ValueError(f"{where!r} names the classes {sorted(names.values())[:10]} but the one-class model's class is "
+                         f"{model_names[0]!r}: the masks are not of the model's classes")
+    index: dict[str, int] = {}
+    shared = set()
+    for i, name in sorted(model_names.items()):
+        if name in index:
+            shared.add(name)
+        index.setdefault(name, i)
+    unknown = [n for n in names.values() if n not in index]
+    if unknown:
+        raise ValueError(f"classes {unknown[:10]} of {where!r} are not classes of the model "
+                         f"({', '.join(list(model_names.values())[:10])} ...): its predictions cannot be scored on them")
+    ambiguous = [n for n in names.values() if n in shared]
+    if ambiguous:
+        raise ValueError(f"classes {ambiguous[:10]} of {where!r} name several classes of the model: which is meant "
+                         f"cannot be told")
+    mapping = {value: index[name] for value, name in names.items()}
+    moved = {names[v]: (v, m) for v, m in mapping.items() if v != m}
+    if moved:
+        shown = ", ".join(f"{name!r} {v}->{m}" for name, (v, m) in list(moved.items())[:5])
+        logger.info("mask values mapped to the model's classes by the names of labels.json: %s", shown)
+    return mapping
+
+
+def _map_mask_classes(labels: np.ndarray, mapping: dict[int, int], mask_path: Path) -> np.ndarray:
+    """``labels`` with each value replaced by its model class (255, ignored, stays); a value labels.json does not
+    name is a ``ValueError``."""
+    values = np.unique(labels[labels != 255])
+    unnamed = [int(v) for v in values if int(v) not in mapping]
+    if unnamed:
+        raise ValueError(f"mask {os.fspath(mask_path)!r} holds class(es) {unnamed[:10]} that labels.json does not name")
+    table = np.arange(max(int(labels.max()), 255) + 1, dtype=np.int64)  # a lookup table: 255 stays 255
+    for value, model_class in mapping.items():
+        if value < len(table):
+            table[value] = model_class
+    return table[labels]
+
+
 def evaluate_segmenter(
     model: PvtV2ForSemanticSegmentation,
     data: str | os.PathLike,
@@ -1033,12 +1131,15 @@ def evaluate_segmenter(
 ) -> dict[str, Any]:
     """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``data/split/{images,masks}``, each image predicted
     by :func:`predict_segmentation` (``size`` and ``options``: mode, crop, stride, scales, flip) at its mask's
-    resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label)."""
-    from .data.masks import read_mask, scan_segmentation_split
+    resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label). Where
+    ``data/labels.json`` names the mask values, they are matched to the model's classes by name."""
+    from .data.masks import check_not_binary_255, read_mask, scan_segmentation_split
     from .data.masks import reduce_labels as reduce
     from .training.segmentation import segmentation_metrics
 
     pairs = scan_segmentation_split(existing_folder(data), split)
+    check_not_binary_255(pairs)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
+    to_model = _mask_classes_to_model(data, model.config)
     k = max(2, model.config.num_labels)
     confusion = np.zeros((k, k), dtype=np.int64)
     began = time.perf_counter()
@@ -1047,6 +1148,8 @@ def evaluate_segmenter(
         labels = np.asarray(read_mask(mask_path), dtype=np.int64)
         if reduce_labels:
             labels = reduce(labels).astype(np.int64)
+        if to_model is not None:
+            labels = _map_mask_classes(labels, to_model, mask_path)
         if labels.shape != (image.height, image.width):
             raise ValueError(f"mask {os.fspath(mask_path)!r} is {labels.shape[1]}x{labels.shape[0]} but its image is "
                              f"{image.width}x{image.height}")
@@ -1058,7 +1161,7 @@ def evaluate_segmenter(
                              " (ADE20K-style masks, 0 = no label: pass --reduce-labels)"))
         confusion += np.bincount(labels[keep] * k + predicted[keep], minlength=k * k).reshape(k, k)
     metrics = segmentation_metrics(confusion)
-    names = model.config.id2label
+    names = label_map_names(model.config)
     return {
         "dataset": os.fspath(Path(data) / split),
         "images": len(pairs),

@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 
 from ..fileio import existing_folder
@@ -175,6 +176,7 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
     skipped: Counter = Counter()
     examples: dict[str, list[int]] = {}
     seen: set[int] = set()
+    beyond: list[int] = []  # boxes reaching more than a pixel outside their image
     eval_annotations = []
     for n, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or not _is_int(ann.get("id")):
@@ -216,6 +218,8 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area)})
 
         x, y, w, h = (float(v) for v in bbox)
+        if not crowd and (x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1):
+            beyond.append(ident)
         if w <= 0 or h <= 0:
             reason = "zero area"
         else:
@@ -229,6 +233,15 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         objects[image["id"]].append({
             "id": ident, "bbox": [x1, y1, x2, y2], "label": label_of[ann["category_id"]], "segmentation": segmentation,
         })
+    if beyond:
+        # Clipped for training, scored as written: said, since [x1, y1, x2, y2] boxes written where COCO wants
+        # [x, y, width, height] look just like this (each box grows by its corner's offset), and went without a word.
+        shown = ", ".join(map(str, beyond[:5])) + (" ..." if len(beyond) > 5 else "")
+        logger.warning(
+            "%s: %d of %d box(es) reach more than a pixel outside their image (ids %s); they are clipped for "
+            "training. COCO boxes are [x, y, width, height]: are these [x1, y1, x2, y2]?",
+            path.name, len(beyond), len(data["annotations"]), shown,
+        )
     for reason, count in skipped.items():
         shown = ", ".join(map(str, examples[reason][:5])) + (" ..." if count > 5 else "")
         level = logging.INFO if reason == "crowd region" else logging.WARNING
@@ -397,6 +410,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(
                 f"image {os.fspath(path)!r} is {picture.width}x{picture.height} but "
                 f"{self.annotations.path.name} says {info['width']}x{info['height']}: its boxes would not fit"
+                + _orientation_hint(path, picture.size, (info["width"], info["height"]))
             )
         image = image_to_tensor(picture)  # (3, H, W)
         objects = self.annotations.objects[info["id"]]
@@ -419,6 +433,20 @@ class CocoDetection(torch.utils.data.Dataset):
             if self.masks:
                 target["masks"] = target["masks"].flip(-1)
         return image, target
+
+
+def _orientation_hint(path: Path, upright: tuple[int, int], listed: tuple[int, int]) -> str:
+    """Why an image may look like the listed size elsewhere: its EXIF orientation turns it, and images are read
+    upright (as detectron2 and mmdetection read them), while an annotation tool may have used the stored pixels."""
+    try:
+        with PIL.Image.open(path) as stored:
+            orientation = stored.getexif().get(0x0112)
+    except (OSError, ValueError):
+        return ""
+    if orientation not in (5, 6, 7, 8) or upright[::-1] != listed:
+        return ""
+    return (f" (its EXIF orientation {orientation} turns the stored {listed[0]}x{listed[1]} pixels upright; the "
+            f"annotations must be of the upright image, as it is shown)")
 
 
 def collate_detection(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:

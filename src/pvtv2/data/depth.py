@@ -22,7 +22,7 @@ import PIL.Image
 import torch
 
 from .augment import derive_seed
-from .processing import IMAGE_EXTENSIONS, to_8bit
+from .processing import IMAGE_EXTENSIONS, load_image
 
 __all__ = ["DepthFolder", "read_depth_png", "scan_depth_split", "write_depth_png"]
 
@@ -146,12 +146,13 @@ class DepthFolder(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, depth_path = self.pairs[index]
         height, width = self.size
-        image = to_8bit(PIL.Image.open(image_path)).convert("RGB")  # 16-bit greyscale scaled, not clipped
+        # Upright (EXIF orientation applied, as pvtv2 depth reads it) and 16-bit greyscale scaled, not clipped.
+        image = load_image(image_path)
         depth = read_depth_png(depth_path, self.depth_scale)
         if depth.shape != (image.height, image.width):
             raise ValueError(
                 f"depth map {os.fspath(depth_path)!r} is {depth.shape[1]}x{depth.shape[0]} but its image is "
-                f"{image.width}x{image.height}"
+                f"{image.width}x{image.height} (after its EXIF orientation)"
             )
         if image.size != (width, height):
             image = image.resize((width, height), PIL.Image.Resampling.BILINEAR)

@@ -20,9 +20,10 @@ import PIL.Image
 import torch
 
 from .augment import SegmentationTrainTransform, derive_seed
-from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, to_8bit
+from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image
 
 __all__ = [
+    "check_not_binary_255",
     "read_mask",
     "scan_segmentation_split",
     "read_id2label",
@@ -56,8 +57,9 @@ _MASK_MODES = ("L", "P", "I", "I;16")
 
 
 def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
-    """A label-map PNG, decoded, as a PIL image of one channel (modes L, P, I, I;16: class indices). A file that cannot
-    be decoded (truncated, not an image) or has colour channels is a ``ValueError`` naming it."""
+    """A label-map PNG, decoded, as a PIL image of one channel (modes L, P, I, I;16: class indices; a 1-bit PNG comes
+    back as L with values 0 and 1). A file that cannot be decoded (truncated, not an image) or has colour channels
+    is a ``ValueError`` naming it."""
     text = os.fspath(path)
     try:
         with PIL.Image.open(text) as opened:
@@ -65,6 +67,10 @@ def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
             mask = opened.copy()
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read mask {text!r}: {str(error) or type(error).__name__}") from error
+    if mask.mode == "1":
+        # A 1-bit PNG (what PIL writes for a boolean array): classes 0 and 1. Not convert("L"), which makes 1 into 255,
+        # the ignore value.
+        return PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8))
     if mask.mode not in _MASK_MODES:
         raise ValueError(f"mask {text!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
     return mask
@@ -89,6 +95,33 @@ def reduce_labels(labels: np.ndarray | torch.Tensor, ignore_index: int = 255) ->
     reduced = wide - 1
     reduced[(wide == 0) | (wide == ignore_index)] = ignore_index
     return reduced.astype(array.dtype) if array.dtype == np.uint8 else reduced
+
+
+# Masks looked at for the 0/255 check: enough to tell a binary 0/255 data set, cheap on any.
+_BINARY_255_SAMPLE = 32
+
+
+def check_not_binary_255(pairs: Sequence[tuple[Path, Path]], ignore_index: int = 255) -> None:
+    """Refuse masks drawn as black and white pictures (0 and 255), the common way to save a binary mask: 255 is the
+    ignore value, so every object pixel would be left out of the loss and the metrics, and a model predicting
+    background everywhere would score a mean IoU of 1. Looks at the first masks (up to 32, in name order): all
+    holding 0 and ``ignore_index`` only, with some ``ignore_index``, is that case."""
+    sample = pairs[:_BINARY_255_SAMPLE]
+    if not sample:
+        return
+    seen: set[int] = set()
+    for _, mask_path in sample:
+        values = set(np.unique(np.asarray(read_mask(mask_path))).tolist())
+        if not values <= {0, ignore_index}:
+            return
+        seen |= values
+    if ignore_index in seen:
+        folder = os.fspath(Path(sample[0][1]).parent)
+        raise ValueError(
+            f"the masks in {folder!r} hold only 0 and {ignore_index} (the first {len(sample)} looked at): "
+            f"{ignore_index} is the ignore value, so every object pixel would be left out of training and of the "
+            f"metrics. A black-and-white binary mask needs its objects as class 1: save mask // 255 (0 and 1)"
+        )
 
 
 def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | None = None) -> dict[int, str]:
@@ -147,9 +180,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
-        # 16-bit greyscale scaled to 8 bits, as PvtV2ImageProcessor does: convert("RGB") alone clips it to white.
-        image = to_8bit(PIL.Image.open(image_path)).convert("RGB")
+        # Upright (EXIF orientation applied) and 16-bit greyscale scaled to 8 bits, as evaluate_segmenter and
+        # pvtv2 segment read images: a rotated photo read as stored was paired with a mask drawn on the upright one.
+        image = load_image(image_path)
         mask = read_mask(mask_path)
+        if mask.size != image.size:
+            # Both are resized to one size below: a mask of another shape would be stretched over the wrong pixels.
+            raise ValueError(
+                f"mask {os.fspath(mask_path)!r} is {mask.width}x{mask.height} but its image {os.fspath(image_path)!r} "
+                f"is {image.width}x{image.height} (after its EXIF orientation); a mask labels its image's pixels"
+            )
         if self.transform is not None:
             labels = np.asarray(mask)
             if self.reduce_labels:

@@ -133,13 +133,18 @@ class GLPNDepthHead(nn.Module):
 
 def silog_loss(pred: torch.Tensor, target: torch.Tensor, lambd: float = 0.5) -> torch.Tensor:
     """Scale-invariant log loss (Eigen et al. 2014) as GLPN computes it, over pixels with ``target > 0``:
-    ``sqrt(mean(d^2) - lambd * mean(d)^2)`` with ``d = log(target) - log(pred)``."""
+    ``sqrt(mean(d^2) - lambd * mean(d)^2)`` with ``d = log(target) - log(pred)``; 0 where no pixel has depth."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"depth labels must be a torch.Tensor, got {type(target).__name__}")
     if target.shape != pred.shape:
         raise ValueError(f"depth labels must have the prediction's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
     target = target.to(pred.device)
     valid = (target > 0).detach()
+    if not bool(valid.any()):
+        # No measured pixel (a frame the sensor got nothing back for): nothing to learn, a zero that keeps the graph
+        # (every parameter gets a zero gradient, as DDP needs). The mean over no pixel was NaN, and training stopped
+        # saying the loss diverged.
+        return pred.sum() * 0.0
     diff = torch.log(target[valid]) - torch.log(pred[valid])
     return torch.sqrt(torch.pow(diff, 2).mean() - lambd * torch.pow(diff.mean(), 2))
 

@@ -194,7 +194,8 @@ def init_fpn_weights(head: SemanticFPNHead, only: nn.Module | None = None) -> No
 def semantic_segmentation_loss(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
 ) -> torch.Tensor:
-    """SegFormer's loss: logits upsampled (bilinear) to the label size, then cross-entropy skipping ``ignore_index``;
+    """SegFormer's loss: logits upsampled (bilinear) to the label size, then cross-entropy skipping ``ignore_index``
+    (0 for a batch whose every pixel is ignored);
     with one label, binary cross-entropy with logits averaged over all pixels, ignored ones counted as zero loss.
 
     ``labels``: (B, H, W) class indices; ``logits``: (B, K, h, w).
@@ -216,6 +217,15 @@ def semantic_segmentation_loss(
     labels = labels.to(logits.device)
     upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     if num_labels == 1:
+        # Binary targets are 0 and 1: a 2 would be taken as a probability of 2 by the BCE, without an error.
+        if host is not None:
+            kept = host[host != ignore_index]
+            if kept.numel() and ((kept != 0) & (kept != 1)).any():
+                bad = kept[(kept != 0) & (kept != 1)].unique()[:10].tolist()
+                raise ValueError(
+                    f"label values {bad} are out of range for a one-class (binary) model: 0 (background), 1 (the "
+                    f"class), or {ignore_index} to ignore"
+                )
         valid = ((labels >= 0) & (labels != ignore_index)).float()
         loss = F.binary_cross_entropy_with_logits(upsampled.squeeze(1), labels.float(), reduction="none")
         return (loss * valid).mean()
@@ -229,7 +239,11 @@ def semantic_segmentation_loss(
             f"label values {bad} are out of range for {num_labels} classes (valid: 0..{num_labels - 1}, or "
             f"{ignore_index} to ignore)"
         )
-    return F.cross_entropy(upsampled, labels, ignore_index=ignore_index)
+    # The mean over the labelled pixels, as cross_entropy's "mean" takes it, but 0 (with a zero gradient) for a batch
+    # without any: its mean over nothing was NaN, and training stopped saying the loss diverged (an unlabelled image
+    # or crop, ADE20K's 0 reduced to the ignore value). No host sync: the count stays on the device.
+    total = F.cross_entropy(upsampled, labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)
 
 
 class PvtV2ForSemanticSegmentation(PvtV2PreTrainedModel):

@@ -105,6 +105,7 @@ class TrainConfig:
     schedule: str = "cosine"  # or "poly" (mmsegmentation's, power 0.9), after the warmup
     depth_scale: float = 1000.0  # depth: PNG units per metre (1000: millimetres, NYU's)
     nyu_crop: bool = False  # depth: evaluate inside Eigen's NYU crop only
+    max_depth: float | None = None  # depth: the model's range, sigmoid x max_depth, and the metrics' (None: the model's, 10)
     task: str = "classification"  # or "segmentation" (DIR/{train,val}/{images,masks}), "detection" (COCO), "depth"
     # execution only
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on GPU
@@ -213,8 +214,10 @@ class TrainConfig:
         _number("depth_scale", self.depth_scale, low=0.0, low_open=True, hint="PNG units per metre, e.g. 1000")
         if not isinstance(self.nyu_crop, bool):
             raise TypeError(f"--nyu-crop must be true or false, got {self.nyu_crop!r}")
-        if self.task != "depth" and (self.nyu_crop or self.depth_scale != 1000.0):
-            name = "nyu_crop" if self.nyu_crop else "depth_scale"
+        if self.max_depth is not None:
+            _number("max_depth", self.max_depth, low=0.0, low_open=True, hint="metres, e.g. 10 for NYU, 80 for KITTI")
+        if self.task != "depth" and (self.nyu_crop or self.depth_scale != 1000.0 or self.max_depth is not None):
+            name = "nyu_crop" if self.nyu_crop else "depth_scale" if self.depth_scale != 1000.0 else "max_depth"
             raise ValueError(f"{flag(name)} applies to --task depth only, not --task {self.task}")
         if self.task != "classification":
             for name in ("randaugment", "mixup", "cutmix", "reprob"):

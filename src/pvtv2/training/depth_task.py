@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.depth import DepthFolder
+from ..data.depth import DepthFolder, read_depth_png
 from ..data.processing import PvtV2ImageProcessor
 from ..models.config import PvtV2Config
 from ..models.depth import PvtV2ForDepthEstimation, silog_loss
@@ -40,6 +40,8 @@ def build_depth_model(cfg: TrainConfig) -> PvtV2ForDepthEstimation:
     overrides: dict[str, Any] = {"image_size": cfg.image_size}
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
+    if cfg.max_depth is not None:
+        overrides["max_depth"] = cfg.max_depth
     config = new_architecture(cfg.model, TINY_DEPTH, **overrides)
     if config is not None:
         return PvtV2ForDepthEstimation(config)
@@ -71,11 +73,18 @@ class DepthTask(Task):
                                      seed=cfg.seed)
         if cfg.val_split is None:
             self.val_set = DepthFolder(cfg.data, "val", cfg.image_size, depth_scale=cfg.depth_scale)
-            return
-        # Evaluated as a val/ folder would be (resized, not flipped); the images come out of train/.
-        self.val_set = DepthFolder(cfg.data, "train", cfg.image_size, depth_scale=cfg.depth_scale)
-        self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, self.train_set.pairs, cfg.val_split,
-                                                                   cfg.seed)
+        else:
+            # Evaluated as a val/ folder would be (resized, not flipped); the images come out of train/.
+            self.val_set = DepthFolder(cfg.data, "train", cfg.image_size, depth_scale=cfg.depth_scale)
+            self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, self.train_set.pairs, cfg.val_split,
+                                                                       cfg.seed)
+        # Read until the first map with a measurement (the first, as a rule). Without any, every metric was NaN, no
+        # epoch beat the start and best/ was never written while the run named it.
+        if not any((read_depth_png(path, cfg.depth_scale) > MIN_DEPTH).any() for _, path in self.val_set.pairs):
+            raise ValueError(
+                f"no validation depth map in {cfg.data!r} holds a measurement (every pixel is 0): there is nothing to "
+                f"evaluate the depth metrics on"
+            )
 
     def processor(self) -> PvtV2ImageProcessor:
         # GLPN's preprocessing, as DepthFolder and pvtv2 depth do it: resized and rescaled to [0, 1], not normalised.
@@ -100,6 +109,7 @@ class DepthTask(Task):
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         max_depth = float(inner.config.max_depth)
         loss_sum = count = 0.0
+        measured = beyond = 0.0  # pixels with depth, and those at or beyond max_depth among them
         sums = [0.0] * (len(DEPTH_METRICS) + 2)
         with torch.no_grad():
             for pixels, depth in loader:
@@ -107,14 +117,28 @@ class DepthTask(Task):
                 with ctx.autocast():
                     predicted = model(pixels, return_dict=True).predicted_depth
                 predicted = predicted.float()
-                loss_sum += float(silog_loss(predicted, depth)) * len(depth)
-                count += len(depth)
+                if bool((depth > 0).any()):  # a batch without any measured pixel has no loss to average in
+                    loss_sum += float(silog_loss(predicted, depth)) * len(depth)
+                    count += len(depth)
                 batch = depth_metric_sums(predicted.cpu(), depth.cpu(), min_depth=MIN_DEPTH, max_depth=max_depth,
                                           nyu_crop=self.cfg.nyu_crop)
                 sums = [a + b for a, b in zip(sums, batch)]
-        totals = ctx.sum([loss_sum, count, *sums])
-        metrics = finish_depth_metrics(totals[2:])
-        return {"val_loss": totals[0] / max(totals[1], 1), **metrics}
+                measured += float((depth > MIN_DEPTH).sum())
+                beyond += float((depth >= max_depth).sum())
+        totals = ctx.sum([loss_sum, count, measured, beyond, *sums])
+        metrics = finish_depth_metrics(totals[4:])
+        share = totals[3] / totals[2] if totals[2] else 0.0
+        if share > 0 and not getattr(self, "_warned_max_depth", False):
+            # The model cannot predict them (sigmoid x max_depth) and the metrics leave them out, as BTS's and GLPN's
+            # evaluation cap: on data deeper than the cap (KITTI's 80 m against the default 10) the numbers would
+            # describe the near pixels only, without a word.
+            logger.warning(
+                "%.1f%% of the validation pixels with depth are %g m or deeper, the model's max_depth: it cannot "
+                "predict them and the metrics leave them out; pass --max-depth (e.g. 80 for KITTI) to cover them",
+                100 * share, max_depth,
+            )
+            self._warned_max_depth = True
+        return {"val_loss": totals[0] / max(totals[1], 1), **metrics, "beyond_max_depth": share}
 
     def epoch_summary(self, record: dict[str, Any]) -> str:
         return (f"val loss {record['val_loss']:.4f}, AbsRel {record['abs_rel']:.4f}, RMSE {record['rmse']:.4f}, "

@@ -36,6 +36,7 @@ from ..data.coco import CocoDetection, coco_evaluate, collate_detection, detecti
 from ..data.processing import PvtV2ImageProcessor
 from ..models.config import PvtV2Config
 from ..models.detection import PvtV2ForObjectDetection
+from ..models.labels import has_generic_labels
 from .config import TrainConfig
 from .distributed import DistInfo
 from .engine import RunContext, Schedule, Task, new_architecture
@@ -135,7 +136,69 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
     config = new_architecture(cfg.model, TINY_DETECTION, **settings)
     if config is not None:
         return PvtV2ForObjectDetection(config)
-    return PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
+    names = _detector_classes(cfg.model)
+    model = PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
+    classes = [id2label[i] for i in range(len(id2label))]
+    new = set(getattr(model, "newly_initialized_keys", ()))
+    trained = not any(k.startswith(model.classifier_prefix) for k in new)
+    if names is None or not trained or len(names) != len(classes) or names == classes:
+        return model
+    # A saved detector with as many classes: from_pretrained kept its class-sized layers under the data's names,
+    # whatever they were (as segmentation did): the same classes in another order started from layers whose rows
+    # meant other classes, other classes from layers meaning something else, and --replace-head did nothing.
+    if set(names) == set(classes) and len(set(names)) == len(names):
+        _permute_class_layers(model, [names.index(c) for c in classes])
+        logger.info("the dataset lists the checkpoint's classes in another order: class-sized layers permuted")
+    elif cfg.replace_head:
+        for prefix in model.classifier_prefix:
+            model.init_new_module(model.get_submodule(prefix.rstrip(".")))
+        logger.info("--replace-head: new class-sized layers for the dataset's classes %s", classes[:10])
+    elif has_generic_labels(dict(enumerate(names))):
+        logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
+    else:
+        differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
+        raise ValueError(
+            f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
+            f"{differ}. Pass --replace-head to train new class-sized layers for the dataset's classes, or, where "
+            f"they are the same classes spelt otherwise, name them as the checkpoint does (the annotation files' "
+            f"categories)"
+        )
+    return model
+
+
+def _detector_classes(source: str) -> list[str] | None:
+    """The class names of a saved detector's config.json (a ``save_pretrained`` folder), or None: not a detector's
+    (its class-sized layers, if any, are not loaded into a detector)."""
+    try:
+        config = PvtV2Config.from_pretrained(source)
+    except Exception:  # noqa: BLE001 - no config.json to read (a weights file, a hub id offline): left to from_pretrained
+        return None
+    if getattr(config, "detector", None) is None:
+        return None
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def _permute_class_layers(model: PvtV2ForObjectDetection, order: list[int]) -> None:
+    """Reorder the class-sized layers so that the data's class ``j`` is the checkpoint's class ``order[j]``:
+    RetinaNet's and FCOS's ``cls_logits`` (anchor-major, ``a * K + k``), the R-CNNs' class scores, box deltas (4 per
+    class) and mask logits, whose background class 0 stays first."""
+    k = len(order)
+    if model.config.detector in ("retinanet", "fcos"):
+        layer = model.detector.head.classification_head.cls_logits
+        anchors = layer.out_channels // k
+        rows = [[a * k + order[j] for j in range(k)] for a in range(anchors)]
+        layers = [(layer, [r for block in rows for r in block])]
+    else:
+        classes = [0] + [1 + o for o in order]
+        predictor = model.detector.roi_heads.box_predictor
+        layers = [(predictor.cls_score, classes), (predictor.bbox_pred, [4 * c + i for c in classes for i in range(4)])]
+        if model.config.detector == "mask_rcnn":
+            layers.append((model.detector.roi_heads.mask_predictor.mask_fcn_logits, classes))
+    with torch.no_grad():
+        for layer, index in layers:
+            index = torch.tensor(index)
+            layer.weight.copy_(layer.weight[index])
+            layer.bias.copy_(layer.bias[index])
 
 
 class DetectionTask(Task):
@@ -170,6 +233,13 @@ class DetectionTask(Task):
                 f"the categories of {os.fspath(val.path)!r} are not those of {os.fspath(train.path)!r} (the same ids "
                 f"and names are needed): {dict(zip(val.category_ids, val.id2label.values()))} against "
                 f"{dict(zip(train.category_ids, train.id2label.values()))}"
+            )
+        if not any(not a.get("iscrowd") for a in val.dataset["annotations"]):
+            # COCOeval scores -1 (no ground truth) every epoch: no epoch beat the start, best/ was never written, and
+            # the run ended saying "best box AP 0.0000 at epoch -1" and naming a best/ that did not exist.
+            raise ValueError(
+                f"{os.fspath(val.path)!r} lists no objects (no annotation, or crowd regions only): the validation "
+                f"split has nothing to score box AP on; annotate its images (or use some of the training ones)"
             )
         self.id2label = dict(train.id2label)
         self.classes = [self.id2label[i] for i in sorted(self.id2label)]

@@ -35,7 +35,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +264,35 @@ def known_architecture(model: str, **overrides: Any) -> PvtV2Config | None:
         except ValueError:
             return None  # e.g. transformers' SegFormer layout: loading the checkpoint tells
     return None
+
+
+@contextlib.contextmanager
+def held_logs(names: Sequence[str] = ("pvtv2.weights.loading", "pvtv2.models.modeling", "pvtv2.models.segmentation",
+                                      "pvtv2.models.detection")) -> Iterator[list[logging.LogRecord]]:
+    """Hold back what these loggers log inside the block: the records are collected in the list it yields, to be
+    given out (:func:`release_logs`) or dropped, e.g. the load of a checkpoint that is then loaded again otherwise."""
+    records: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        records.append(record)
+        return False
+
+    loggers = [logging.getLogger(name) for name in names]
+    for one in loggers:
+        one.addFilter(hold)
+    try:
+        yield records
+    finally:
+        for one in loggers:
+            one.removeFilter(hold)
+
+
+def release_logs(records: Sequence[logging.LogRecord]) -> None:
+    """Log the records :func:`held_logs` held back, as they would have been."""
+    for record in records:
+        logger_ = logging.getLogger(record.name)
+        if logger_.isEnabledFor(record.levelno):
+            logger_.handle(record)
 
 
 def new_architecture(model: str, tiny: Mapping[str, Any] | None = None, **overrides: Any) -> PvtV2Config | None:

@@ -563,8 +563,10 @@ def _show(value: Any) -> str:
 
 
 def _run_classes(stored: dict[str, Any], state: dict[str, Any] | None) -> list[str] | None:
-    """The classes a run was trained on: its weights' id2label when an epoch was completed, else run.json's."""
-    if state is not None:
+    """The classes a run was trained on: its weights' id2label when an epoch was completed, else run.json's. A depth
+    run has no classes in its weights (its config's id2label is the generic LABEL_0, LABEL_1, which never matched the
+    task's ["depth"], so no depth run could be resumed once an epoch was saved): run.json's."""
+    if state is not None and stored.get("task") != "depth":
         id2label = state["model_config"].get("id2label") or {}
         return [str(id2label[k]) for k in sorted(id2label, key=int)]
     classes = stored.get("classes")

@@ -26,12 +26,13 @@ from torch import nn
 
 from ..data.augment import SegmentationTrainTransform
 from ..data.folders import split_samples
-from ..data.masks import SegmentationFolder, read_id2label, scan_segmentation_split
+from ..data.masks import SegmentationFolder, check_not_binary_255, read_id2label, scan_segmentation_split
 from ..models.config import PvtV2Config
+from ..models.labels import has_generic_labels
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
 from .config import TrainConfig
 from .distributed import autocast
-from .engine import RunContext, Task, new_architecture
+from .engine import RunContext, Task, held_logs, new_architecture, release_logs
 
 __all__ = [
     "TINY_SEGMENTATION",
@@ -89,7 +90,10 @@ def _evaluate_sums(
 ) -> tuple[float, int, np.ndarray]:
     """(summed loss, images, confusion matrix) at the label maps' resolution (logits upsampled bilinearly)."""
     model.eval()
-    k = model.config.num_labels
+    # A one-class model (binary cross-entropy) predicts class 1 where its logit is positive, class 0 elsewhere, as
+    # predict_segmentation does: its confusion matrix is 2x2 (an argmax over its one channel was always class 0).
+    binary = model.config.num_labels == 1
+    k = max(2, model.config.num_labels)
     ignore = model.config.semantic_loss_ignore_index
     confusion = torch.zeros(k * k, dtype=torch.int64, device=device)
     loss_sum, count = 0.0, 0
@@ -103,7 +107,8 @@ def _evaluate_sums(
         count += pixels.shape[0]
         upsampled = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         valid = labels != ignore
-        confusion += torch.bincount(labels[valid] * k + upsampled.argmax(1)[valid], minlength=k * k)
+        predicted = (upsampled[:, 0] > 0).long() if binary else upsampled.argmax(1)
+        confusion += torch.bincount(labels[valid] * k + predicted[valid], minlength=k * k)
     return loss_sum, count, confusion.view(k, k).cpu().numpy()
 
 
@@ -134,7 +139,48 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
         model = PvtV2ForSemanticSegmentation(config)
         _reset_head(model)
         return model
-    return PvtV2ForSemanticSegmentation.from_pretrained(cfg.model, **overrides)
+    # As classification's fine-tuning: the checkpoint's own classes first. With an id2label override and as many
+    # classes, its trained classifier was kept under the data's names whatever they were, so that the same classes
+    # listed in another order started from a permuted head and --replace-head did nothing.
+    base = {k: v for k, v in overrides.items() if k != "id2label"}
+    held: list[logging.LogRecord] = []
+    try:
+        with held_logs() as held:  # said once: given out if this load is the one kept (or fails)
+            model = PvtV2ForSemanticSegmentation.from_pretrained(cfg.model, **base)
+    except Exception:
+        release_logs(held)
+        raise
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    classes = [id2label[i] for i in range(len(id2label))]
+    trained = not any(k.startswith("decode_head.classifier.") for k in getattr(model, "newly_initialized_keys", ()))
+    if len(names) != len(classes) or (not trained and names != classes):
+        return PvtV2ForSemanticSegmentation.from_pretrained(cfg.model, **overrides)
+    release_logs(held)
+    if names == classes:
+        return model
+    classifier = model.decode_head.classifier
+    if set(names) == set(classes) and len(set(names)) == len(names):
+        order = torch.tensor([names.index(c) for c in classes])
+        with torch.no_grad():
+            classifier.weight.copy_(classifier.weight[order])
+            classifier.bias.copy_(classifier.bias[order])
+        logger.info("the dataset lists the checkpoint's classes in another order: classifier rows permuted to match")
+    elif cfg.replace_head:
+        model.init_new_module(classifier)
+        logger.info("--replace-head: a new classifier for the dataset's classes %s", classes[:10])
+    elif has_generic_labels(dict(enumerate(names))) or all(n == f"class_{i}" for i, n in enumerate(names)):
+        logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
+    else:
+        differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
+        raise ValueError(
+            f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
+            f"{differ}. Pass --replace-head to train a new classifier for the dataset's classes, or, where they are "
+            f"the same classes spelt otherwise, name them as the checkpoint does (DIR/labels.json)"
+        )
+    config = model.config.replace(id2label=dict(id2label), label2id={name: i for i, name in id2label.items()})
+    model.config = config
+    model.pvt_v2.config = config
+    return model
 
 
 class SegmentationTask(Task):
@@ -156,7 +202,11 @@ class SegmentationTask(Task):
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/{train,val}/images and DIR/{train,val}/masks)")
         pairs = scan_segmentation_split(cfg.data, "train")
-        self.id2label = read_id2label(cfg.data, pairs)
+        check_not_binary_255(pairs)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
+        # Without labels.json the classes are counted off the masks: the validation ones too, or a class that only
+        # they hold stopped the run after its first epoch ("label values [k] are out of range").
+        val_pairs = scan_segmentation_split(cfg.data, "val") if cfg.val_split is None else []
+        self.id2label = read_id2label(cfg.data, pairs + val_pairs)
         if cfg.reduce_labels and not (Path(cfg.data) / "labels.json").is_file():
             # Names read off the masks count raw values 0..top; reduced, 0 is no label and the classes are 0..top-1.
             self.id2label = {i: f"class_{i}" for i in range(max(1, len(self.id2label) - 1))}

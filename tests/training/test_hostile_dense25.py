@@ -1,0 +1,60 @@
+"""Hostile pass over the dense25 merge (class order on fine-tuning and evaluation, binary and 0/255 masks, depth's
+--max-depth, EXIF-upright training): each test holds a defect found, against an independent computation (the
+untouched model's own outputs, NumPy by hand)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pvtv2 import PvtV2Config
+
+
+def _tiny_detector(detector: str, id2label: dict[int, str]):
+    from pvtv2.models.detection import PvtV2ForObjectDetection
+
+    torch.manual_seed(0)
+    config = PvtV2Config(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 32, 64], num_attention_heads=[1, 1, 1, 1],
+                         id2label=id2label, detector=detector, fpn_channels=64, min_size=64, max_size=128,
+                         score_threshold=0.0)
+    model = PvtV2ForObjectDetection(config)
+    with torch.no_grad():  # class-sized layers whose rows differ clearly
+        for prefix in model.classifier_prefix:
+            for p in model.get_submodule(prefix.rstrip(".")).parameters():
+                p.add_(torch.randn_like(p))
+    return model
+
+
+def _found(model, image: torch.Tensor) -> list:
+    """Each detection as (class name, score, box), sorted: the model's own names, so two models compare by name."""
+    model.eval()
+    with torch.no_grad():
+        out = model([image])[0]
+    names = [model.config.id2label[int(i)] for i in out["labels"]]
+    return sorted((name, round(float(s), 4), [round(v, 2) for v in b.tolist()])
+                  for name, s, b in zip(names, out["scores"], out["boxes"]))
+
+
+def test_a_faster_rcnn_fine_tuned_as_mask_rcnn_on_its_classes_in_another_order_finds_the_same_objects(tmp_path):
+    """A saved Faster R-CNN fine-tuned as a Mask R-CNN (its box predictor loads, the mask predictor is new): one new
+    class-sized layer made the whole detector count as untrained, so its box predictor was neither permuted to the
+    data's order (every detection changed class) nor refused under other names."""
+    pytest.importorskip("torchvision")
+    from pvtv2.training import TrainConfig
+    from pvtv2.training.detection import build_detector
+
+    source = _tiny_detector("faster_rcnn", {0: "a", 1: "b", 2: "c"})
+    source.save_pretrained(tmp_path / "ckpt")
+    cfg = TrainConfig(task="detection", model=str(tmp_path / "ckpt"), detector="mask_rcnn", image_size=64)
+    model = build_detector(cfg, {0: "c", 1: "a", 2: "b"})
+    image = torch.rand(3, 64, 80)
+    expected = _found(source, image)
+    assert len(expected) > 10 and len({e[0] for e in expected}) >= 2
+    assert _found(model, image) == expected
+    with pytest.raises(ValueError, match="--replace-head"):
+        build_detector(cfg, {0: "x", 1: "y", 2: "z"})
+    replaced = build_detector(dataclasses.replace(cfg, replace_head=True), {0: "x", 1: "y", 2: "z"})
+    layer = "detector.roi_heads.box_predictor.cls_score"
+    assert not torch.equal(replaced.get_submodule(layer).weight, source.get_submodule(layer).weight)

@@ -12,13 +12,13 @@ import torch
 from pvtv2 import PvtV2Config
 
 
-def _tiny_detector(detector: str, id2label: dict[int, str]):
+def _tiny_detector(detector: str, id2label: dict[int, str], **extra):
     from pvtv2.models.detection import PvtV2ForObjectDetection
 
     torch.manual_seed(0)
     config = PvtV2Config(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 32, 64], num_attention_heads=[1, 1, 1, 1],
                          id2label=id2label, detector=detector, fpn_channels=64, min_size=64, max_size=128,
-                         score_threshold=0.0)
+                         score_threshold=0.0, **extra)
     model = PvtV2ForObjectDetection(config)
     with torch.no_grad():  # class-sized layers whose rows differ clearly
         for prefix in model.classifier_prefix:
@@ -58,3 +58,24 @@ def test_a_faster_rcnn_fine_tuned_as_mask_rcnn_on_its_classes_in_another_order_f
     replaced = build_detector(dataclasses.replace(cfg, replace_head=True), {0: "x", 1: "y", 2: "z"})
     layer = "detector.roi_heads.box_predictor.cls_score"
     assert not torch.equal(replaced.get_submodule(layer).weight, source.get_submodule(layer).weight)
+
+
+TINY_SEG = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 8, 8], num_attention_heads=[1, 1, 1, 1], image_size=32)
+
+
+def test_fine_tuning_a_segmenter_on_a_labels_json_with_a_gap_is_refused_by_name(tmp_path):
+    """labels.json {"0": "a", "2": "b", "3": "c"} (class 1 left out): fine-tuning a checkpoint stopped with a bare
+    ``KeyError: 1`` (the new class-order check read the classes as 0..N-1); a new model says which keys it needs."""
+    from pvtv2 import PvtV2ForSemanticSegmentation
+    from pvtv2.training import TrainConfig
+    from pvtv2.training.segmentation import build_segmentation_model
+
+    PvtV2ForSemanticSegmentation(PvtV2Config(**TINY_SEG, id2label={0: "a", 1: "b", 2: "c"})).save_pretrained(
+        tmp_path / "ckpt")
+    for model in (str(tmp_path / "ckpt"), "tiny"):
+        cfg = TrainConfig(task="segmentation", model=model, image_size=32)
+        with pytest.raises(ValueError, match=r"0\.\.2.*\[0, 2, 3\]"):
+            build_segmentation_model(cfg, {0: "a", 2: "b", 3: "c"})
+    cfg = TrainConfig(task="segmentation", model=str(tmp_path / "ckpt"), image_size=32)
+    with pytest.raises(ValueError, match=r"'a'.*twice|twice.*'a'"):  # one name for two classes: told apart by name
+        build_segmentation_model(cfg, {0: "a", 1: "a", 2: "b"})

@@ -79,3 +79,30 @@ def test_fine_tuning_a_segmenter_on_a_labels_json_with_a_gap_is_refused_by_name(
     cfg = TrainConfig(task="segmentation", model=str(tmp_path / "ckpt"), image_size=32)
     with pytest.raises(ValueError, match=r"'a'.*twice|twice.*'a'"):  # one name for two classes: told apart by name
         build_segmentation_model(cfg, {0: "a", 1: "a", 2: "b"})
+
+
+def test_masks_whose_first_32_hold_only_background_and_ignored_pixels_are_not_refused_as_black_and_white(tmp_path):
+    """A defect data set: 32 defect-free images first in name order (background 0 with an unlabelled border 255),
+    then one with a defect (class 1). The 0/255 check judged from the first 32 alone and refused it as black-and-white
+    masks; a real black-and-white set (all 0/255) is still refused."""
+    import numpy as np
+    import PIL.Image
+
+    from pvtv2.data.masks import check_not_binary_255
+
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    pairs = []
+    for i in range(33):
+        mask = np.zeros((8, 8), dtype=np.uint8)
+        mask[0] = 255  # unlabelled border
+        if i == 32:
+            mask[4:6, 4:6] = 1  # the defect
+        path = folder / f"{i:03d}.png"
+        PIL.Image.fromarray(mask).save(path)
+        pairs.append((path, path))
+    check_not_binary_255(pairs)  # held: class 1 is in the 33rd mask
+    (folder / "032.png").unlink()
+    PIL.Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(folder / "032.png")
+    with pytest.raises(ValueError, match="hold only 0 and 255"):
+        check_not_binary_255(pairs)

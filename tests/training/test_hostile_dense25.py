@@ -106,3 +106,27 @@ def test_masks_whose_first_32_hold_only_background_and_ignored_pixels_are_not_re
     PIL.Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(folder / "032.png")
     with pytest.raises(ValueError, match="hold only 0 and 255"):
         check_not_binary_255(pairs)
+
+
+def test_pvtv2_segment_counts_a_binary_models_pixels_under_the_names_of_its_legend(tmp_path, capsys):
+    """A one-class model ("crack") predicting its class on every pixel: the legend said "crack" (label_map_names),
+    but the printed "pixels per class" read the label map through id2label, where 1 has no name and 0 is "crack":
+    {"1": 3500} here, and {"crack": N} for the background pixels of any other image."""
+    import json
+
+    import numpy as np
+    import PIL.Image
+
+    from pvtv2 import PvtV2ForSemanticSegmentation
+    from pvtv2.cli import main
+
+    for bias, expected in ((5.0, {"crack": 50 * 70}), (-5.0, {"not crack": 50 * 70})):
+        model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY_SEG, id2label={0: "crack"}))
+        with torch.no_grad():  # a logit of `bias` at every pixel: sigmoid 0.993 (the class) or 0.007 (not)
+            model.decode_head.classifier.weight.zero_()
+            model.decode_head.classifier.bias.fill_(bias)
+        model.save_pretrained(tmp_path / "m")
+        PIL.Image.fromarray(np.full((50, 70, 3), 90, dtype=np.uint8)).save(tmp_path / "in.png")
+        assert main(["segment", str(tmp_path / "in.png"), "-m", str(tmp_path / "m"), "-o", str(tmp_path / "o.png"),
+                     "--size", "32"]) == 0
+        assert json.loads(capsys.readouterr().out.split("pixels per class: ")[1]) == expected

@@ -130,3 +130,39 @@ def test_pvtv2_segment_counts_a_binary_models_pixels_under_the_names_of_its_lege
         assert main(["segment", str(tmp_path / "in.png"), "-m", str(tmp_path / "m"), "-o", str(tmp_path / "o.png"),
                      "--size", "32"]) == 0
         assert json.loads(capsys.readouterr().out.split("pixels per class: ")[1]) == expected
+
+
+def test_a_segformer_checkpoint_whose_processor_writes_its_size_as_one_number_is_predicted_at_that_square(tmp_path):
+    """The published SegFormer checkpoints' preprocessor_config.json say ``"size": 512`` (the feature extractor's
+    form), which transformers reads as 512x512; only the ``{"height", "width"}`` form was read, so these were
+    predicted at the config's default 224x224 again. transformers' own processor is the reference."""
+    import json
+
+    import numpy as np
+    import PIL.Image
+
+    transformers = pytest.importorskip("transformers")
+    from pvtv2.inference import load_segmenter, predict_segmentation
+
+    torch.manual_seed(0)
+    config = transformers.SegformerConfig(depths=[1, 1, 1, 1], hidden_sizes=[16, 16, 32, 32], decoder_hidden_size=32,
+                                          num_attention_heads=[1, 1, 1, 1], num_labels=4)
+    reference = transformers.SegformerForSemanticSegmentation(config).eval()
+    with torch.no_grad():
+        for p in reference.decode_head.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    reference.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({  # as on the hub (nvidia/segformer-*)
+        "do_normalize": True, "do_resize": True, "feature_extractor_type": "SegformerFeatureExtractor",
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "reduce_labels": False,
+        "resample": 2, "size": 96,
+    }))
+    processor = transformers.SegformerImageProcessor.from_pretrained(tmp_path)
+    assert (processor.size["height"], processor.size["width"]) == (96, 96)
+    model = load_segmenter(tmp_path)
+    assert tuple(model.config.image_size) == (96, 96)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 150, 3), dtype=np.uint8))
+    with torch.no_grad():
+        logits = reference(**processor(image, return_tensors="pt")).logits
+    expected = torch.nn.functional.interpolate(logits, size=(70, 150), mode="bilinear").argmax(1)[0].numpy()
+    assert (predict_segmentation(model, image) == expected).mean() > 0.98

@@ -166,3 +166,17 @@ def test_a_segformer_checkpoint_whose_processor_writes_its_size_as_one_number_is
         logits = reference(**processor(image, return_tensors="pt")).logits
     expected = torch.nn.functional.interpolate(logits, size=(70, 150), mode="bilinear").argmax(1)[0].numpy()
     assert (predict_segmentation(model, image) == expected).mean() > 0.98
+
+
+def test_a_max_depth_at_or_under_the_metrics_floor_is_refused_before_training(tmp_path):
+    """--max-depth 0.001 (1 mm, the metrics' min_depth) passed the config check and failed every evaluation after a
+    whole epoch ("need 0 < min_depth < max_depth"): the metrics keep depths in (0.001, max_depth)."""
+    from pvtv2.training import TrainConfig
+    from pvtv2.training.depth import depth_metrics
+
+    with pytest.raises(ValueError, match="min_depth < max_depth"):  # what evaluation did with it
+        depth_metrics(torch.ones(2, 2), torch.ones(2, 2), min_depth=1e-3, max_depth=1e-3)
+    for bad in (1e-3, 5e-4):
+        with pytest.raises(ValueError, match=r"--max-depth must be a finite number > 0\.001"):
+            TrainConfig(task="depth", max_depth=bad, output=str(tmp_path)).validate()
+    TrainConfig(task="depth", max_depth=0.5, output=str(tmp_path)).validate()

@@ -180,3 +180,30 @@ def test_a_max_depth_at_or_under_the_metrics_floor_is_refused_before_training(tm
         with pytest.raises(ValueError, match=r"--max-depth must be a finite number > 0\.001"):
             TrainConfig(task="depth", max_depth=bad, output=str(tmp_path)).validate()
     TrainConfig(task="depth", max_depth=0.5, output=str(tmp_path)).validate()
+
+
+def test_validation_masks_drawn_black_and_white_are_refused_when_the_training_ones_are_0_and_1(tmp_path, capsys):
+    """Training masks converted to 0/1, validation masks left as 0/255 pictures: only the training masks were
+    checked, so validation ignored every object pixel and scored background alone (its IoU near 1, the class's
+    never counted) while best/ was chosen by that number."""
+    import numpy as np
+    import PIL.Image
+
+    from pvtv2.cli import main
+
+    rng = np.random.default_rng(0)
+    for split, value in (("train", 1), ("val", 255)):
+        for sub in ("images", "masks"):
+            (tmp_path / "data" / split / sub).mkdir(parents=True)
+        for i in range(3):
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            mask[8:24, 8:24] = value
+            PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / split / "images" / f"{i}.png")
+            PIL.Image.fromarray(mask).save(tmp_path / "data" / split / "masks" / f"{i}.png")
+    out = tmp_path / "run"
+    code = main(["train-seg", str(tmp_path / "data"), "--output", str(out), "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "hold only 0 and 255" in err and "val" in err
+    assert not out.exists()

@@ -222,6 +222,8 @@ class SegmentationTask(Task):
         # Without labels.json the classes are counted off the masks: the validation ones too, or a class that only
         # they hold stopped the run after its first epoch ("label values [k] are out of range").
         val_pairs = scan_segmentation_split(cfg.data, "val") if cfg.val_split is None else []
+        # The validation masks too: 0/255 ones among 0/1 training masks scored background alone, best/ chosen by it.
+        check_not_binary_255(val_pairs)
         self.id2label = read_id2label(cfg.data, pairs + val_pairs)
         if cfg.reduce_labels and not (Path(cfg.data) / "labels.json").is_file():
             # Names read off the masks count raw values 0..top; reduced, 0 is no label and the classes are 0..top-1.

@@ -841,8 +841,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     image = load_image(args.image).convert("RGB")
     model = load_segmenter(args.model)
     label_map = predict_segmentation(model, image, size, **options)
-    _save_png(segmentation_picture(image, label_map, label_map_names(model.config), args.alpha), args.output)
-    counts = {model.config.id2label.get(int(c), str(c)): int((label_map == c).sum()) for c in set(label_map.flat)}
+    names = label_map_names(model.config)  # a one-class model's map holds 0 ("not NAME") and 1 (NAME), not id2label's
+    _save_png(segmentation_picture(image, label_map, names, args.alpha), args.output)
+    counts = {names.get(int(c), str(c)): int((label_map == c).sum()) for c in set(label_map.flat)}
     note = _enlarged_note(display_scale(image.height, image.width), image.height, image.width)
     print(f"wrote {args.output}{note}; pixels per class: {json.dumps(counts)}")
     return 0

@@ -199,7 +199,8 @@ def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu"
 
 def checkpoint_input_size(source: str | os.PathLike) -> tuple[int, int] | None:
     """The fixed (height, width) of the checkpoint's ``preprocessor_config.json`` (``"size": {"height": h, "width":
-    w}``, as SegFormer's and pvtv2's training runs write it: the size its validation images were resized to), or
+    w}``, as SegFormer's and pvtv2's training runs write it: the size its validation images were resized to; ``"size":
+    s``, the published SegFormer checkpoints' square, or ``[h, w]``, as transformers reads them), or
     None: no such file, or a size of another form (GLPN's ``size_divisor``: each image at its own size)."""
     path = companion_file(source, PREPROCESSOR_CONFIG_NAME)
     if path is None:
@@ -209,10 +210,18 @@ def checkpoint_input_size(source: str | os.PathLike) -> tuple[int, int] | None:
         size = data.get("size") if data.get("do_resize", True) is not False else None  # no resize: no size fixed
     except (OSError, ValueError, AttributeError):
         return None  # unreadable: left to the config's image_size, as before
+    # transformers' forms (get_size_dict): {"height", "width"}; one number, a square (the published SegFormer
+    # checkpoints' "size": 512, which was read as no size: predicted at 224x224); two, (height, width).
     if isinstance(size, dict) and set(size) >= {"height", "width"}:
         sides = (size["height"], size["width"])
-        if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
-            return sides
+    elif isinstance(size, int):
+        sides = (size, size)
+    elif isinstance(size, list) and len(size) == 2:
+        sides = (size[0], size[1])
+    else:
+        return None
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+        return sides
     return None
 
 

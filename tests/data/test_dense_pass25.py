@@ -370,7 +370,7 @@ def test_black_and_white_binary_masks_are_refused_before_they_train_on_backgroun
     code = main(["train-seg", str(tmp_path / "data"), "--output", str(out), "--epochs", "1", "--image-size", "32",
                  "--batch-size", "3", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "hold only 0 and 255 (the first 3 looked at): 255 is the ignore value" in err
+    assert code == 2 and "hold only 0 and 255 (all 3 of them): 255 is the ignore value" in err
     assert not out.exists()
     with pytest.raises(ValueError, match=r"hold only 0 and 255 .* save mask // 255"):
         evaluate_segmenter(_binary_model(5.0), tmp_path / "data")

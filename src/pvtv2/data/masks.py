@@ -97,7 +97,8 @@ def reduce_labels(labels: np.ndarray | torch.Tensor, ignore_index: int = 255) ->
     return reduced.astype(array.dtype) if array.dtype == np.uint8 else reduced
 
 
-# Masks looked at for the 0/255 check: enough to tell a binary 0/255 data set, cheap on any.
+# Masks looked at first for the 0/255 check: enough to clear any other data set cheaply (the rest are read only when
+# these all hold 0 and 255).
 _BINARY_255_SAMPLE = 32
 
 
@@ -105,7 +106,8 @@ def check_not_binary_255(pairs: Sequence[tuple[Path, Path]], ignore_index: int =
     """Refuse masks drawn as black and white pictures (0 and 255), the common way to save a binary mask: 255 is the
     ignore value, so every object pixel would be left out of the loss and the metrics, and a model predicting
     background everywhere would score a mean IoU of 1. Looks at the first masks (up to 32, in name order): all
-    holding 0 and ``ignore_index`` only, with some ``ignore_index``, is that case."""
+    holding 0 and ``ignore_index`` only, with some ``ignore_index``, is that case, once the other masks are found to
+    hold nothing else either (32 images of background with unlabelled borders may come before the first object)."""
     sample = pairs[:_BINARY_255_SAMPLE]
     if not sample:
         return
@@ -115,13 +117,18 @@ def check_not_binary_255(pairs: Sequence[tuple[Path, Path]], ignore_index: int =
         if not values <= {0, ignore_index}:
             return
         seen |= values
-    if ignore_index in seen:
-        folder = os.fspath(Path(sample[0][1]).parent)
-        raise ValueError(
-            f"the masks in {folder!r} hold only 0 and {ignore_index} (the first {len(sample)} looked at): "
-            f"{ignore_index} is the ignore value, so every object pixel would be left out of training and of the "
-            f"metrics. A black-and-white binary mask needs its objects as class 1: save mask // 255 (0 and 1)"
-        )
+    if ignore_index not in seen:
+        return
+    for _, mask_path in pairs[_BINARY_255_SAMPLE:]:
+        # Read only where the first masks look black-and-white: a class value anywhere clears the data set.
+        if not set(np.unique(np.asarray(read_mask(mask_path))).tolist()) <= {0, ignore_index}:
+            return
+    folder = os.fspath(Path(sample[0][1]).parent)
+    raise ValueError(
+        f"the masks in {folder!r} hold only 0 and {ignore_index} (all {len(pairs)} of them): {ignore_index} is the "
+        f"ignore value, so every object pixel would be left out of training and of the metrics. A black-and-white "
+        f"binary mask needs its objects as class 1: save mask // 255 (0 and 1)"
+    )
 
 
 def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | None = None) -> dict[int, str]:

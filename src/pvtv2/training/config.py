@@ -215,7 +215,9 @@ class TrainConfig:
         if not isinstance(self.nyu_crop, bool):
             raise TypeError(f"--nyu-crop must be true or false, got {self.nyu_crop!r}")
         if self.max_depth is not None:
-            _number("max_depth", self.max_depth, low=0.0, low_open=True, hint="metres, e.g. 10 for NYU, 80 for KITTI")
+            # Above the metrics' 1 mm floor (depth_task.MIN_DEPTH): below it every evaluation failed, after an epoch.
+            _number("max_depth", self.max_depth, low=1e-3, low_open=True,
+                    hint="metres, above the metrics' 1 mm floor; e.g. 10 for NYU, 80 for KITTI")
         if self.task != "depth" and (self.nyu_crop or self.depth_scale != 1000.0 or self.max_depth is not None):
             name = "nyu_crop" if self.nyu_crop else "depth_scale" if self.depth_scale != 1000.0 else "max_depth"
             raise ValueError(f"{flag(name)} applies to --task depth only, not --task {self.task}")

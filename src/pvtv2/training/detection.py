@@ -140,8 +140,11 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
     model = PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
     classes = [id2label[i] for i in range(len(id2label))]
     new = set(getattr(model, "newly_initialized_keys", ()))
-    trained = not any(k.startswith(model.classifier_prefix) for k in new)
-    if names is None or not trained or len(names) != len(classes) or names == classes:
+    # Any class-sized layer the checkpoint provided means its classes: a Faster R-CNN fine-tuned as a Mask R-CNN
+    # loads its box predictor with a new mask predictor, and counting that as untrained kept the box predictor's rows
+    # under the data's names (neither permuted nor refused).
+    loaded = [p for p in model.classifier_prefix if not any(k.startswith(p) for k in new)]
+    if names is None or not loaded or len(names) != len(classes) or names == classes:
         return model
     # A saved detector with as many classes: from_pretrained kept its class-sized layers under the data's names,
     # whatever they were (as segmentation did): the same classes in another order started from layers whose rows

@@ -127,9 +127,25 @@ def _reset_head(model: PvtV2ForSemanticSegmentation) -> None:
             module.reset_parameters()
 
 
+def _check_classes(id2label: dict[int, str]) -> None:
+    """The data's classes as a model takes them: numbered 0..N-1, each name once. A gap stopped fine-tuning with a
+    bare KeyError; a name given twice cannot be matched by name (fine-tuning's class order, eval's labels.json), and
+    eval's per-class IoU, keyed by name, kept one of the two."""
+    keys = sorted(id2label)
+    if keys != list(range(len(keys))):
+        raise ValueError(f"the classes must be numbered 0..{len(keys) - 1}, one per mask value (DIR/labels.json's "
+                         f"keys), got {keys[:10]}")
+    seen: set[str] = set()
+    twice = [name for name in id2label.values() if name in seen or seen.add(name)]
+    if twice:
+        raise ValueError(f"the classes name {sorted(set(twice))[:10]} twice (DIR/labels.json): each class needs a "
+                         f"name of its own, by which it is matched to a checkpoint's and reported")
+
+
 def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForSemanticSegmentation:
     """``tiny`` or a preset name: a new model; a config.json: that architecture, new; anything else: a classification
     or segmentation checkpoint whose encoder (and, for the same classes, head) to fine-tune."""
+    _check_classes(id2label)
     size = cfg.image_size  # recorded: `pvtv2 segment` resizes to it by default
     overrides: dict[str, Any] = {"id2label": id2label, "image_size": size}
     if cfg.drop_path is not None:
@@ -206,6 +222,8 @@ class SegmentationTask(Task):
         # Without labels.json the classes are counted off the masks: the validation ones too, or a class that only
         # they hold stopped the run after its first epoch ("label values [k] are out of range").
         val_pairs = scan_segmentation_split(cfg.data, "val") if cfg.val_split is None else []
+        # The validation masks too: 0/255 ones among 0/1 training masks scored background alone, best/ chosen by it.
+        check_not_binary_255(val_pairs)
         self.id2label = read_id2label(cfg.data, pairs + val_pairs)
         if cfg.reduce_labels and not (Path(cfg.data) / "labels.json").is_file():
             # Names read off the masks count raw values 0..top; reduced, 0 is no label and the classes are 0..top-1.

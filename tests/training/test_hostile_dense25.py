@@ -207,3 +207,27 @@ def test_validation_masks_drawn_black_and_white_are_refused_when_the_training_on
     err = capsys.readouterr().err
     assert code == 2 and "hold only 0 and 255" in err and "val" in err
     assert not out.exists()
+
+
+def test_one_class_reconciliation_for_every_task():
+    """Classification, segmentation and detection fine-tuning decide the same way (pvtv2.training.engine): the same
+    names in another order give the permutation that maps each data class to its checkpoint row; names given twice
+    cannot be matched (ImageNet's id2label holds "crane" twice: the first row served both), so they are refused
+    like other names; --replace-head and generic checkpoint names as asked."""
+    from pvtv2.training.engine import reconcile_classes
+
+    names = ["cat", "dog", "owl", "eel"]
+    order = reconcile_classes(names, ["owl", "cat", "eel", "dog"], replace_head=False, generic=False, new_layers="x")
+    assert [names[i] for i in order] == ["owl", "cat", "eel", "dog"]
+    assert order == [2, 0, 3, 1]
+    with pytest.raises(ValueError, match=r"pairs differ, e\.g\. \[\('crane', 'dog'\)") as err:
+        reconcile_classes(["crane", "crane", "dog"], ["dog", "crane", "crane"], replace_head=False, generic=False,
+                          new_layers="a new head")
+    assert str(err.value).endswith("Pass --replace-head to train a new head for the dataset's classes.")
+    with pytest.raises(ValueError, match=r"name them as the checkpoint does \(DIR/labels\.json\)$"):
+        reconcile_classes(names, ["a", "b", "c", "d"], replace_head=False, generic=False, new_layers="x",
+                          names_from="DIR/labels.json")
+    assert reconcile_classes(names, ["a", "b", "c", "d"], replace_head=True, generic=False, new_layers="x") == "replace"
+    assert reconcile_classes(names, ["a", "b", "c", "d"], replace_head=False, generic=True, new_layers="x") == "take"
+    # The same names in another order are matched even with --replace-head (as the flag's help says).
+    assert reconcile_classes(names, names[::-1], replace_head=True, generic=False, new_layers="x") == [3, 2, 1, 0]

@@ -20,7 +20,7 @@ from ..models.layers import init_weights
 from ..models.modeling import PvtV2ForImageClassification
 from .config import NO_RECIPE, TrainConfig, resolve_recipe
 from .distributed import DistInfo, autocast
-from .engine import RunContext, Task, new_architecture
+from .engine import RunContext, Task, new_architecture, reconcile_classes
 
 __all__ = ["ClassificationTask", "build_classifier", "evaluate_classifier"]
 
@@ -65,24 +65,21 @@ def build_classifier(cfg: TrainConfig, classes: Sequence[str]) -> PvtV2ForImageC
         return PvtV2ForImageClassification.from_pretrained(
             name, num_labels=len(classes), id2label=id2label, label2id=label2id, **overrides
         )
-    generic = has_generic_labels(dict(enumerate(names)))
-    if set(names) == set(classes):
-        order = torch.tensor([names.index(c) for c in classes])
+    decision = reconcile_classes(
+        names, list(classes), replace_head=cfg.replace_head, generic=has_generic_labels(dict(enumerate(names))),
+        new_layers="a new head",
+    )
+    if decision == "replace":
+        init_weights(model.classifier, model.config.initializer_range)
+        logger.info("--replace-head: a new classifier head for the dataset's classes %s", list(classes)[:10])
+    elif decision == "take":
+        logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
+    else:
+        order = torch.tensor(decision)
         with torch.no_grad():
             model.classifier.weight.copy_(model.classifier.weight[order])
             model.classifier.bias.copy_(model.classifier.bias[order])
         logger.info("the dataset lists the checkpoint's classes in another order: head rows permuted to match")
-    elif cfg.replace_head:
-        init_weights(model.classifier, model.config.initializer_range)
-        logger.info("--replace-head: a new classifier head for the dataset's classes %s", list(classes)[:10])
-    elif generic:
-        logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
-    else:
-        differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
-        raise ValueError(
-            f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
-            f"{differ}. Pass --replace-head to train a new head for the dataset's classes."
-        )
     config = model.config.replace(id2label=id2label, label2id={label: i for i, label in id2label.items()})
     model.config = config
     model.pvt_v2.config = config

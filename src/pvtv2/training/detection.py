@@ -39,7 +39,7 @@ from ..models.detection import PvtV2ForObjectDetection
 from ..models.labels import has_generic_labels
 from .config import TrainConfig
 from .distributed import DistInfo
-from .engine import RunContext, Schedule, Task, new_architecture
+from .engine import RunContext, Schedule, Task, new_architecture, reconcile_classes
 
 __all__ = [
     "DETECTION_RECIPE",
@@ -149,23 +149,19 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
     # A saved detector with as many classes: from_pretrained kept its class-sized layers under the data's names,
     # whatever they were (as segmentation did): the same classes in another order started from layers whose rows
     # meant other classes, other classes from layers meaning something else, and --replace-head did nothing.
-    if set(names) == set(classes) and len(set(names)) == len(names):
-        _permute_class_layers(model, [names.index(c) for c in classes])
-        logger.info("the dataset lists the checkpoint's classes in another order: class-sized layers permuted")
-    elif cfg.replace_head:
+    decision = reconcile_classes(
+        names, classes, replace_head=cfg.replace_head, generic=has_generic_labels(dict(enumerate(names))),
+        new_layers="new class-sized layers", names_from="the annotation files' categories",
+    )
+    if decision == "replace":
         for prefix in model.classifier_prefix:
             model.init_new_module(model.get_submodule(prefix.rstrip(".")))
         logger.info("--replace-head: new class-sized layers for the dataset's classes %s", classes[:10])
-    elif has_generic_labels(dict(enumerate(names))):
+    elif decision == "take":
         logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
     else:
-        differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
-        raise ValueError(
-            f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
-            f"{differ}. Pass --replace-head to train new class-sized layers for the dataset's classes, or, where "
-            f"they are the same classes spelt otherwise, name them as the checkpoint does (the annotation files' "
-            f"categories)"
-        )
+        _permute_class_layers(model, decision)
+        logger.info("the dataset lists the checkpoint's classes in another order: class-sized layers permuted")
     return model
 
 

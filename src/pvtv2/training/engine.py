@@ -295,6 +295,34 @@ def release_logs(records: Sequence[logging.LogRecord]) -> None:
             logger_.handle(record)
 
 
+def reconcile_classes(
+    names: list[str], classes: list[str], *, replace_head: bool, generic: bool, new_layers: str,
+    names_from: str | None = None,
+) -> list[int] | str:
+    """How a checkpoint trained on ``names`` starts fine-tuning on data listing as many ``classes`` (in another order
+    or under other names): the order in which to take its class-sized rows where the names are the same ones
+    (each once), ``"replace"`` with ``--replace-head``, ``"take"`` where the checkpoint's names are generic (then the
+    data's names are taken); otherwise a ValueError naming the differing pairs and what to do (``new_layers``: what
+    --replace-head trains; ``names_from``: where the data's names come from, to rename them)."""
+    if set(names) == set(classes) and len(set(names)) == len(names) == len(classes):
+        return [names.index(c) for c in classes]
+    if replace_head:
+        return "replace"
+    if generic:
+        return "take"
+    differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
+    message = (
+        f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
+        f"{differ}. Pass --replace-head to train {new_layers} for the dataset's classes"
+    )
+    if names_from is None:
+        raise ValueError(message + ".")
+    raise ValueError(
+        f"{message}, or, where they are the same classes spelt otherwise, name them as the checkpoint does "
+        f"({names_from})"
+    )
+
+
 def new_architecture(model: str, tiny: Mapping[str, Any] | None = None, **overrides: Any) -> PvtV2Config | None:
     """The configuration of the model a run builds anew from ``--model``, with ``overrides``: ``tiny`` (the task's
     small model, given as the config arguments ``tiny``; a file or folder of that name wins), a preset name or a

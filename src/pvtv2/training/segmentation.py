@@ -32,7 +32,7 @@ from ..models.labels import has_generic_labels
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
 from .config import TrainConfig
 from .distributed import autocast
-from .engine import RunContext, Task, held_logs, new_architecture, release_logs
+from .engine import RunContext, Task, held_logs, new_architecture, reconcile_classes, release_logs
 
 __all__ = [
     "TINY_SEGMENTATION",
@@ -175,24 +175,22 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
     if names == classes:
         return model
     classifier = model.decode_head.classifier
-    if set(names) == set(classes) and len(set(names)) == len(names):
-        order = torch.tensor([names.index(c) for c in classes])
+    generic = has_generic_labels(dict(enumerate(names))) or all(n == f"class_{i}" for i, n in enumerate(names))
+    decision = reconcile_classes(
+        names, classes, replace_head=cfg.replace_head, generic=generic, new_layers="a new classifier",
+        names_from="DIR/labels.json",
+    )
+    if decision == "replace":
+        model.init_new_module(classifier)
+        logger.info("--replace-head: a new classifier for the dataset's classes %s", classes[:10])
+    elif decision == "take":
+        logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
+    else:
+        order = torch.tensor(decision)
         with torch.no_grad():
             classifier.weight.copy_(classifier.weight[order])
             classifier.bias.copy_(classifier.bias[order])
         logger.info("the dataset lists the checkpoint's classes in another order: classifier rows permuted to match")
-    elif cfg.replace_head:
-        model.init_new_module(classifier)
-        logger.info("--replace-head: a new classifier for the dataset's classes %s", classes[:10])
-    elif has_generic_labels(dict(enumerate(names))) or all(n == f"class_{i}" for i, n in enumerate(names)):
-        logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
-    else:
-        differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
-        raise ValueError(
-            f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
-            f"{differ}. Pass --replace-head to train a new classifier for the dataset's classes, or, where they are "
-            f"the same classes spelt otherwise, name them as the checkpoint does (DIR/labels.json)"
-        )
     config = model.config.replace(id2label=dict(id2label), label2id={name: i for i, name in id2label.items()})
     model.config = config
     model.pvt_v2.config = config

@@ -137,3 +137,29 @@ def test_exif_rotation_applies_to_files_not_to_open_images_as_in_transformers(tm
     ours_path = ours(str(path), return_tensors="np")["pixel_values"]
     assert np.abs(ours_open - theirs_open).max() < 1e-6 and np.abs(ours_path - theirs_path).max() < 1e-6
     assert np.abs(ours_path - ours_open).max() > 0.5  # the rotation is there, and only for the path
+
+
+def _transparent_files(folder):
+    rng = np.random.default_rng(3)
+    palette = PIL.Image.fromarray(rng.integers(0, 4, (40, 56)).astype(np.uint8), mode="P")
+    palette.putpalette([10, 20, 30, 200, 100, 50, 0, 255, 0, 90, 90, 90] + [0] * 756)
+    palette.save(folder / "palette_trns.png", transparency=1)  # palette index 1 transparent
+    palette.save(folder / "palette_trns.gif", transparency=2)
+    keyed = PIL.Image.fromarray(np.array(palette.convert("RGB")))
+    keyed.save(folder / "colour_key.png", transparency=(0, 255, 0))  # an RGB PNG's tRNS colour key
+    return sorted(folder.iterdir())
+
+
+def test_transparent_pixels_are_white_wherever_an_image_file_is_read(tmp_path):
+    """A palette or colour-key transparency is painted white by transformers' processor (convert_to_rgb): the
+    processor still equals transformers', and load_image, which the training loaders (classification, segmentation,
+    depth, COCO) read their images with, gives those same white pixels (training read the hidden colour)."""
+    from transformers.image_transforms import convert_to_rgb
+
+    for path in _transparent_files(tmp_path):
+        ours, theirs = _both(path, None)
+        assert np.abs(ours - theirs).max() < 1e-6, path.name
+        want = np.asarray(convert_to_rgb(transformers_load_image(str(path))))
+        got = np.asarray(load_image(path))
+        assert (want == 255).all(-1).sum() >= 100, path.name  # the transparent pixels, white
+        assert np.array_equal(got, want), path.name

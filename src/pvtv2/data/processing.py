@@ -7,8 +7,9 @@ tensor resize rounds some pixels one uint8 step away from PIL's (up to 0.0175 af
 PIL one. Per image:
 
 1. Inputs become RGB, channels first. A path is opened with PIL, EXIF-rotated and ``convert("RGB")``-ed, as
-   transformers' ``load_image`` does: an alpha band is dropped, but a palette or colour-key transparency survives
-   in ``info`` and its pixels are then made white. An image already opened by the caller (a PIL image) is not
+   transformers' ``load_image`` does: an alpha band is dropped, but a palette or colour-key transparency is made
+   white (transformers keeps it in ``info`` until its processor's ``convert_to_rgb`` does it; :func:`load_image`
+   does it at once, so the training loaders read the same pixels). An image already opened by the caller (a PIL image) is not
    EXIF-rotated, as transformers' processors do not rotate one either: only a path is. An in-memory PIL image or
    array with an alpha channel is composited onto white, one with one channel is repeated to three, as
    transformers' ``convert_to_rgb`` does.
@@ -113,8 +114,11 @@ _CHANNEL_COUNTS = (1, 3, 4)
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Read an image file as an upright RGB PIL image, as transformers' ``load_image`` does.
 
-    The EXIF orientation is applied and an alpha band dropped; a palette or colour-key transparency stays in
-    ``image.info["transparency"]``, which :class:`PvtV2ImageProcessor` then paints white.
+    The EXIF orientation is applied and an alpha band dropped; a palette or colour-key transparency is painted white,
+    as :class:`PvtV2ImageProcessor` paints it (transformers' ``load_image`` keeps it in ``image.info`` for its
+    processor's ``convert_to_rgb``): the same pixels, whether the image then goes to the processor or to a training
+    transform, which reads the pixels alone (a transparent pixel kept its hidden colour in training and was white in
+    evaluation).
 
     Raises ``FileNotFoundError`` when nothing is at ``path`` (a symlink loop or a dangling symlink is named as such)
     and ``ValueError`` naming the path and the reason when it is not a readable image: unknown format, corrupt or
@@ -135,7 +139,8 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
         with PIL.Image.open(text) as image:
             image.load()  # decode now, so a truncated file fails here and the file can be closed
             upright = PIL.ImageOps.exif_transpose(image)
-            return to_8bit(upright).convert("RGB")
+            rgb = to_8bit(upright).convert("RGB")
+            return rgb if rgb.info.get("transparency") is None else _pil_to_rgb(rgb)
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
         reason = str(error) or type(error).__name__
         raise ValueError(f"cannot read image {text!r}: {reason}") from error

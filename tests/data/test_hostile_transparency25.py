@@ -108,3 +108,35 @@ def test_a_16bit_grey_png_with_a_colour_key_has_its_key_painted_white(tmp_path):
     from_file = PvtV2ImageProcessor()(str(tmp_path / "key.png"), return_tensors="np")["pixel_values"]
     white = PvtV2ImageProcessor()(PIL.Image.fromarray(np.repeat(expected[..., None], 3, -1)), return_tensors="np")
     assert np.array_equal(from_file, white["pixel_values"]) and np.array_equal(in_memory, from_file)
+
+
+def _rgba_picture():
+    rng = np.random.default_rng(1)
+    rgba = (rng.random((40, 48, 4)) * 255).astype(np.uint8)
+    rgba[:20, :, 3] = 0  # the top half fully transparent over a random hidden colour
+    return PIL.Image.fromarray(rgba, "RGBA")
+
+
+def test_the_pictures_of_an_in_memory_transparent_image_show_what_the_model_was_given():
+    """An in-memory RGBA (or palette-transparent) image: the processor composites it onto white, but visualize's
+    pictures took ``convert("RGB")``, showing (and, for the attention figure, feeding the model) the hidden colours."""
+    from conftest import TINY_SMALL_IMAGES
+
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+    from pvtv2.visualize import attention_figure, depth_picture, detection_picture, segmentation_picture
+
+    image = _rgba_picture()
+    white = convert_to_rgb(image, return_numpy=True)  # transformers' compositing onto white
+    assert (white[:20] == 255).all() and not (np.asarray(image.convert("RGB"))[:20] == 255).all()
+    no_boxes = detection_picture(image, np.zeros((0, 4)), [], [], {0: "a"})
+    assert np.array_equal(np.asarray(no_boxes), white)
+    seg = np.asarray(segmentation_picture(image, np.zeros((40, 48), dtype=np.int64), {0: "bg"}, alpha=0.0,
+                                          min_side=1))
+    assert np.array_equal(seg[:40, :48], white)
+    depth = np.asarray(depth_picture(image, np.ones((40, 48), dtype=np.float32), min_side=1))
+    assert np.array_equal(depth[:, :48], white)
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES)).eval()
+    ours = np.asarray(attention_figure(model, image, panel_size=64))
+    assert np.array_equal(ours, np.asarray(attention_figure(model, PIL.Image.fromarray(white), panel_size=64)))

@@ -64,8 +64,10 @@ def test_a_classifier_whose_checkpoint_names_a_class_twice(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(build_classifier(TrainConfig(model=source), names).eval()(x).logits,
                                    original(x).logits, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"\('crane', 'dog'\).*--replace-head"):
+    with pytest.raises(ValueError, match=r"\('crane', 'dog'\).*--replace-head") as err:
         build_classifier(TrainConfig(model=source), ["dog", "crane", "crane"])
+    # The same names, so "not the checkpoint's classes" alone left the reader to find why: the name given twice.
+    assert "'crane' twice" in str(err.value)
 
 
 TINY_SEG = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 8, 8], num_attention_heads=[1, 1, 1, 1], image_size=32)

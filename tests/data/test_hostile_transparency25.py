@@ -13,8 +13,8 @@ import pytest
 from pvtv2.data.processing import PvtV2ImageProcessor, load_image
 
 transformers = pytest.importorskip("transformers")
-from transformers.image_transforms import convert_to_rgb  # noqa: E402
-from transformers.image_utils import load_image as transformers_load_image  # noqa: E402
+from transformers.image_transforms import convert_to_rgb
+from transformers.image_utils import load_image as transformers_load_image
 
 H, W = 24, 32
 
@@ -68,7 +68,7 @@ def _files(folder):
     }
     paths = []
     for name, write in writers.items():
-        writers[name](folder / name)
+        write(folder / name)
         paths.append(folder / name)
     return paths
 
@@ -123,7 +123,12 @@ def test_the_pictures_of_an_in_memory_transparent_image_show_what_the_model_was_
     from conftest import TINY_SMALL_IMAGES
 
     from pvtv2 import PvtV2Config, PvtV2ForImageClassification
-    from pvtv2.visualize import attention_figure, depth_picture, detection_picture, segmentation_picture
+    from pvtv2.visualize import (
+        attention_figure,
+        depth_picture,
+        detection_picture,
+        segmentation_picture,
+    )
 
     image = _rgba_picture()
     white = convert_to_rgb(image, return_numpy=True)  # transformers' compositing onto white

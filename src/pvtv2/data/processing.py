@@ -17,6 +17,7 @@ PIL one. Per image:
    ``I;16L``), file or in-memory, is first scaled to 8 bits, ``round(v / 257)``, where ``convert("RGB")`` would
    clip every value above 255 to white. A 32-bit ``I`` image whose values all lie in [0, 255] is taken as it is,
    one whose values fit 16 bits is scaled the same way, and anything else (negative or above 65535) is an error.
+   Its grey colour key (a 16-bit PNG's tRNS) is painted white, as an 8-bit one is.
 2. Resize with PIL (``Image.resize``, default bilinear, no ``reducing_gap``) on a uint8 image: to ``size``'s height
    and width, or, with ``size={"shortest_edge": s}``, the shorter side to ``s`` and the longer one to
    ``int(s * long / short)`` (torchvision's and transformers' rule). Non-uint8 arrays get there as transformers takes
@@ -526,10 +527,12 @@ def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
 
     PIL's ``convert("RGB")`` / ``convert("L")`` clip such values at 255 rather than scale them, so a 16-bit picture
     would come out almost all white. 65535 / 257 = 255 exactly: ``round(v / 257)`` maps the 16-bit range onto 8 bits.
+    A grey colour key (``info["transparency"]``, a 16-bit PNG's tRNS) is painted white (255), as an 8-bit key is.
     """
     if image.mode not in _SIXTEEN_BIT_MODES and image.mode != "I":
         return image
     values = np.asarray(image).astype(np.int64)
+    scaled = None
     if image.mode == "I" and values.size:
         low, high = int(values.min()), int(values.max())
         if low < 0 or high > 65535:
@@ -538,9 +541,16 @@ def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
                 f"in [0, 255] (8-bit) or [0, 65535] (16-bit)"
             )
         if high <= 255:  # 8-bit values stored in 32 bits: nothing to scale
-            return PIL.Image.fromarray(values.astype(np.uint8))
-    # Integer round half up of v / 257 (no float rounding questions): (2v + 257) // 514.
-    return PIL.Image.fromarray(((2 * values + 257) // 514).astype(np.uint8))
+            scaled = values.astype(np.uint8)
+    if scaled is None:
+        # Integer round half up of v / 257 (no float rounding questions): (2v + 257) // 514.
+        scaled = ((2 * values + 257) // 514).astype(np.uint8)
+    # A grey colour key (a 16-bit PNG's tRNS) is painted white here, as convert_to_rgb paints an 8-bit one: the key
+    # is a 16-bit value, and several 16-bit values share its 8-bit one, so it cannot be carried over as a key.
+    key = image.info.get("transparency")
+    if isinstance(key, int) and not isinstance(key, bool):
+        scaled[values == key] = 255
+    return PIL.Image.fromarray(scaled)
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:

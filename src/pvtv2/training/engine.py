@@ -311,9 +311,14 @@ def reconcile_classes(
     if generic:
         return "take"
     differ = [(a, b) for a, b in zip(names, classes) if a != b][:5]
+    twice = ""
+    if set(names) == set(classes):  # the same names, one given twice: say so, "not the checkpoint's" alone misleads
+        counts = {n: max(names.count(n), classes.count(n)) for n in names}
+        repeated = [f"{n!r} {'twice' if k == 2 else f'{k} times'}" for n, k in counts.items() if k > 1][:5]
+        twice = f" The names hold {', '.join(repeated)}: classes named alike cannot be matched by name."
     message = (
         f"the dataset's {len(classes)} classes are not the checkpoint's: (checkpoint, dataset) pairs differ, e.g. "
-        f"{differ}. Pass --replace-head to train {new_layers} for the dataset's classes"
+        f"{differ}.{twice} Pass --replace-head to train {new_layers} for the dataset's classes"
     )
     if names_from is None:
         raise ValueError(message + ".")

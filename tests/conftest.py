@@ -74,6 +74,17 @@ MODEL_KINDS = {"classifier": PvtV2ForImageClassification, "encoder": PvtV2Model,
 TINY_SMALL_IMAGES = dict(TINY_SHALLOW, sr_ratios=[4, 2, 1, 1])
 
 
+def detections_by_name(model: torch.nn.Module, image: torch.Tensor) -> list:
+    """A detector's detections on ``image`` as sorted (class name, score, box) triples, rounded: named by the model's
+    own id2label, so two models whose class-sized layers are ordered differently compare by name."""
+    model.eval()
+    with torch.no_grad():
+        out = model([image])[0]
+    names = [model.config.id2label[int(i)] for i in out["labels"]]
+    return sorted((name, round(float(s), 4), [round(v, 2) for v in b.tolist()])
+                  for name, s, b in zip(names, out["scores"], out["boxes"]))
+
+
 def hf_config(config):
     """transformers' ``PvtV2Config`` of the same architecture as our ``config`` (``stage_names`` it derives itself)."""
     import transformers

@@ -16,6 +16,7 @@ from pvtv2.data.masks import SegmentationFolder
 from pvtv2.inference import evaluate_segmenter
 from pvtv2.models.segmentation import semantic_segmentation_loss
 from pvtv2.training.segmentation import evaluate_segmentation
+from conftest import detections_by_name
 
 TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 8, 8, 8], num_attention_heads=[1, 1, 1, 1], image_size=32)
 
@@ -493,17 +494,9 @@ def test_fine_tuning_a_detector_on_its_classes_in_another_order_detects_the_same
     assert model.config.id2label == {0: "c", 1: "a", 2: "b"}
     image = torch.rand(3, 64, 80)
 
-    def found(m: PvtV2ForObjectDetection) -> list:
-        m.eval()
-        with torch.no_grad():
-            out = m([image])[0]
-        names = [m.config.id2label[int(i)] for i in out["labels"]]
-        return sorted((name, round(float(s), 4), [round(v, 2) for v in b.tolist()])
-                      for name, s, b in zip(names, out["scores"], out["boxes"]))
-
-    expected = found(source)
+    expected = detections_by_name(source, image)
     assert len(expected) > 10 and len({e[0] for e in expected}) >= 2  # classes told apart, not one everywhere
-    assert found(model) == expected
+    assert detections_by_name(model, image) == expected
     with pytest.raises(ValueError, match="--replace-head"):
         build_detector(cfg, {0: "x", 1: "y", 2: "z"})
     replaced = build_detector(dataclasses_replace(cfg, replace_head=True), {0: "x", 1: "y", 2: "z"})

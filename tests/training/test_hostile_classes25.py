@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_SMALL_IMAGES
+from conftest import TINY_SMALL_IMAGES, detections_by_name
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ForSemanticSegmentation
 from pvtv2.training import TrainConfig
@@ -105,15 +105,6 @@ def _tiny_detector(detector, id2label):
     return model
 
 
-def _found(model, image):
-    model.eval()
-    with torch.no_grad():
-        out = model([image])[0]
-    names = [model.config.id2label[int(i)] for i in out["labels"]]
-    return sorted((name, round(float(s), 4), [round(v, 2) for v in b.tolist()])
-                  for name, s, b in zip(names, out["scores"], out["boxes"]))
-
-
 @pytest.mark.parametrize("detector", ["retinanet", "fcos", "mask_rcnn"])
 def test_a_detector_fine_tuned_on_odd_names_in_another_order_finds_the_same_named_objects(tmp_path, detector):
     pytest.importorskip("torchvision")
@@ -124,9 +115,9 @@ def test_a_detector_fine_tuned_on_odd_names_in_another_order_finds_the_same_name
     cfg = TrainConfig(task="detection", model=str(tmp_path / "ckpt"), detector=detector, image_size=64)
     model = build_detector(cfg, dict(enumerate(SHUFFLED)))
     image = torch.rand(3, 64, 80)
-    expected = _found(source, image)
+    expected = detections_by_name(source, image)
     assert len({e[0] for e in expected}) >= 3
-    assert _found(model, image) == expected
+    assert detections_by_name(model, image) == expected
     if detector == "mask_rcnn":
         source.eval(), model.eval()
         with torch.no_grad():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pvtv2 import PvtV2Config
+from conftest import detections_by_name
 
 
 def _tiny_detector(detector: str, id2label: dict[int, str], **extra):
@@ -27,16 +28,6 @@ def _tiny_detector(detector: str, id2label: dict[int, str], **extra):
     return model
 
 
-def _found(model, image: torch.Tensor) -> list:
-    """Each detection as (class name, score, box), sorted: the model's own names, so two models compare by name."""
-    model.eval()
-    with torch.no_grad():
-        out = model([image])[0]
-    names = [model.config.id2label[int(i)] for i in out["labels"]]
-    return sorted((name, round(float(s), 4), [round(v, 2) for v in b.tolist()])
-                  for name, s, b in zip(names, out["scores"], out["boxes"]))
-
-
 def test_a_faster_rcnn_fine_tuned_as_mask_rcnn_on_its_classes_in_another_order_finds_the_same_objects(tmp_path):
     """A saved Faster R-CNN fine-tuned as a Mask R-CNN (its box predictor loads, the mask predictor is new): one new
     class-sized layer made the whole detector count as untrained, so its box predictor was neither permuted to the
@@ -50,9 +41,9 @@ def test_a_faster_rcnn_fine_tuned_as_mask_rcnn_on_its_classes_in_another_order_f
     cfg = TrainConfig(task="detection", model=str(tmp_path / "ckpt"), detector="mask_rcnn", image_size=64)
     model = build_detector(cfg, {0: "c", 1: "a", 2: "b"})
     image = torch.rand(3, 64, 80)
-    expected = _found(source, image)
+    expected = detections_by_name(source, image)
     assert len(expected) > 10 and len({e[0] for e in expected}) >= 2
-    assert _found(model, image) == expected
+    assert detections_by_name(model, image) == expected
     with pytest.raises(ValueError, match="--replace-head"):
         build_detector(cfg, {0: "x", 1: "y", 2: "z"})
     replaced = build_detector(dataclasses.replace(cfg, replace_head=True), {0: "x", 1: "y", 2: "z"})

@@ -22,7 +22,7 @@ import PIL.ImageFont
 import torch
 from torch import nn
 
-from .data.processing import PvtV2ImageProcessor, _pil_to_rgb, load_image
+from .data.processing import PvtV2ImageProcessor, load_image, to_rgb
 from .models.layers import PvtV2Stage
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def attention_figure(
         image = load_image(image)
     # As the processor makes it RGB (a 16-bit picture scaled, alpha and colour keys onto white): the figure shows,
     # and the model is given, what predict gives the model for this image, not its hidden transparent colours.
-    image = _pil_to_rgb(image)
+    image = to_rgb(image)
     config = getattr(model, "config", None)
     if processor is None:
         height, width = getattr(config, "image_size", (224, 224))
@@ -281,7 +281,7 @@ def segmentation_picture(image, label_map, id2label: dict[int, str], alpha: floa
     label_map = np.asarray(label_map)
     if label_map.shape != (image.height, image.width):
         raise ValueError(f"label map of shape {label_map.shape} does not match the image's {(image.height, image.width)}")
-    image, label_map = _enlarge(_pil_to_rgb(image), label_map, display_scale(image.height, image.width, min_side))
+    image, label_map = _enlarge(to_rgb(image), label_map, display_scale(image.height, image.width, min_side))
     colours = palette(max(len(id2label), int(label_map.max()) + 1))
     rgb = np.asarray(image, dtype=np.float32)
     blended = (1 - alpha) * rgb + alpha * colours[label_map].astype(np.float32)
@@ -309,7 +309,7 @@ def depth_picture(image, depth, min_side: int = MIN_PICTURE_SIDE):
     depth = np.asarray(depth)
     if depth.shape != (image.height, image.width):
         raise ValueError(f"depth map of shape {depth.shape} does not match the image's {(image.height, image.width)}")
-    image, depth = _enlarge(_pil_to_rgb(image), depth, display_scale(image.height, image.width, min_side))
+    image, depth = _enlarge(to_rgb(image), depth, display_scale(image.height, image.width, min_side))
     canvas = PIL.Image.new("RGB", (image.width * 2, image.height))
     canvas.paste(image, (0, 0))
     canvas.paste(PIL.Image.fromarray(colorize_depth(depth)), (image.width, 0))
@@ -334,7 +334,7 @@ def detection_picture(
     if not len(labels) == len(scores) == len(boxes):
         raise ValueError(f"got {len(boxes)} boxes, {len(labels)} labels and {len(scores)} scores: one each per detection")
     colours = palette(max([len(id2label), *[label + 1 for label in labels]]) + 1)[1:]  # entry 0 is the background's black
-    rgb = np.asarray(_pil_to_rgb(image), dtype=np.float32)
+    rgb = np.asarray(to_rgb(image), dtype=np.float32)
     if masks is not None:
         masks = np.asarray(masks, dtype=bool)
         if masks.shape != (len(boxes), image.height, image.width):

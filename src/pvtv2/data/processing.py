@@ -79,6 +79,7 @@ __all__ = [
     "PvtV2ImageProcessor",
     "load_image",
     "to_8bit",
+    "to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
             image.load()  # decode now, so a truncated file fails here and the file can be closed
             upright = PIL.ImageOps.exif_transpose(image)
             rgb = to_8bit(upright).convert("RGB")
-            return rgb if rgb.info.get("transparency") is None else _pil_to_rgb(rgb)
+            return rgb if rgb.info.get("transparency") is None else to_rgb(rgb)
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
         reason = str(error) or type(error).__name__
         raise ValueError(f"cannot read image {text!r}: {reason}") from error
@@ -506,9 +507,9 @@ def _to_rgb_chw(item: Any, index: int) -> np.ndarray:
     if isinstance(item, (str, os.PathLike)):
         # As in transformers, the loaded RGB image still goes through convert_to_rgb: a palette or colour-key
         # transparency survives convert("RGB") in `info` and then sends those pixels to white.
-        return np.moveaxis(np.asarray(_pil_to_rgb(load_image(item))), -1, 0)
+        return np.moveaxis(np.asarray(to_rgb(load_image(item))), -1, 0)
     if isinstance(item, PIL.Image.Image):
-        return np.moveaxis(np.asarray(_pil_to_rgb(item)), -1, 0)
+        return np.moveaxis(np.asarray(to_rgb(item)), -1, 0)
     if isinstance(item, torch.Tensor):
         item = _tensor_to_numpy(item, index)
     if not isinstance(item, np.ndarray):
@@ -553,8 +554,10 @@ def to_8bit(image: PIL.Image.Image) -> PIL.Image.Image:
     return PIL.Image.fromarray(scaled)
 
 
-def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    # transformers' convert_to_rgb: any transparency (alpha band or a palette/tRNS transparency) goes onto white.
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A PIL image as the processor makes it RGB: 16-bit values scaled to 8 bits (:func:`to_8bit`), then, as
+    transformers' ``convert_to_rgb``, any transparency (an alpha band, a palette or colour-key transparency)
+    composited onto white."""
     image = to_8bit(image)  # not in transformers: 16-bit values would be clipped to white (see the module docstring)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")

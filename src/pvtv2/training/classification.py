@@ -20,7 +20,7 @@ from ..models.layers import init_weights
 from ..models.modeling import PvtV2ForImageClassification
 from .config import NO_RECIPE, TrainConfig, resolve_recipe
 from .distributed import DistInfo, autocast
-from .engine import RunContext, Task, new_architecture, reconcile_classes
+from .engine import RunContext, Task, new_architecture, permute_rows_, reconcile_classes
 
 __all__ = ["ClassificationTask", "build_classifier", "evaluate_classifier"]
 
@@ -75,10 +75,7 @@ def build_classifier(cfg: TrainConfig, classes: Sequence[str]) -> PvtV2ForImageC
     elif decision == "take":
         logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
     else:
-        order = torch.tensor(decision)
-        with torch.no_grad():
-            model.classifier.weight.copy_(model.classifier.weight[order])
-            model.classifier.bias.copy_(model.classifier.bias[order])
+        permute_rows_(model.classifier, decision)
         logger.info("the dataset lists the checkpoint's classes in another order: head rows permuted to match")
     config = model.config.replace(id2label=id2label, label2id={label: i for i, label in id2label.items()})
     model.config = config

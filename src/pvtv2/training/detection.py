@@ -39,7 +39,7 @@ from ..models.detection import PvtV2ForObjectDetection
 from ..models.labels import has_generic_labels
 from .config import TrainConfig
 from .distributed import DistInfo
-from .engine import RunContext, Schedule, Task, new_architecture, reconcile_classes
+from .engine import RunContext, Schedule, Task, new_architecture, permute_rows_, reconcile_classes
 
 __all__ = [
     "DETECTION_RECIPE",
@@ -193,11 +193,8 @@ def _permute_class_layers(model: PvtV2ForObjectDetection, order: list[int]) -> N
         layers = [(predictor.cls_score, classes), (predictor.bbox_pred, [4 * c + i for c in classes for i in range(4)])]
         if model.config.detector == "mask_rcnn":
             layers.append((model.detector.roi_heads.mask_predictor.mask_fcn_logits, classes))
-    with torch.no_grad():
-        for layer, index in layers:
-            index = torch.tensor(index)
-            layer.weight.copy_(layer.weight[index])
-            layer.bias.copy_(layer.bias[index])
+    for layer, index in layers:
+        permute_rows_(layer, index)
 
 
 class DetectionTask(Task):

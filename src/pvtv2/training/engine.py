@@ -328,6 +328,14 @@ def reconcile_classes(
     )
 
 
+def permute_rows_(layer: nn.Module, rows: Sequence[int]) -> None:
+    """Reorder a class-sized layer's output rows in place (weight and bias): row ``j`` becomes row ``rows[j]``."""
+    index = torch.tensor(list(rows))
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight[index])
+        layer.bias.copy_(layer.bias[index])
+
+
 def new_architecture(model: str, tiny: Mapping[str, Any] | None = None, **overrides: Any) -> PvtV2Config | None:
     """The configuration of the model a run builds anew from ``--model``, with ``overrides``: ``tiny`` (the task's
     small model, given as the config arguments ``tiny``; a file or folder of that name wins), a preset name or a

@@ -32,7 +32,7 @@ from ..models.labels import has_generic_labels
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
 from .config import TrainConfig
 from .distributed import autocast
-from .engine import RunContext, Task, held_logs, new_architecture, reconcile_classes, release_logs
+from .engine import RunContext, Task, held_logs, new_architecture, permute_rows_, reconcile_classes, release_logs
 
 __all__ = [
     "TINY_SEGMENTATION",
@@ -186,10 +186,7 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
     elif decision == "take":
         logger.warning("the checkpoint's classes have no names (%s...); taking the dataset's", names[:3])
     else:
-        order = torch.tensor(decision)
-        with torch.no_grad():
-            classifier.weight.copy_(classifier.weight[order])
-            classifier.bias.copy_(classifier.bias[order])
+        permute_rows_(classifier, decision)
         logger.info("the dataset lists the checkpoint's classes in another order: classifier rows permuted to match")
     config = model.config.replace(id2label=dict(id2label), label2id={name: i for i, name in id2label.items()})
     model.config = config

@@ -244,7 +244,7 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
 @_register
 def _add_train(subparsers) -> None:
     p = subparsers.add_parser(
-        "train",
+        "train", aliases=["finetune", "fine-tune"],
         help="train or fine-tune a classifier on an image folder (single process or under torchrun)",
         description="Train from scratch (--model a preset name such as pvt_v2_b0, or a config.json) or fine-tune "
         "(--model a folder, checkpoint file or hub id) on DIR/train/<class>/* and DIR/val/<class>/*. Defaults are the "
@@ -485,7 +485,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 @_register
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="accuracy on an image-folder dataset",
+        "eval", aliases=["evaluate"], help="accuracy on an image-folder dataset",
         description="Top-1/top-5 accuracy, mean cross-entropy and images per second on DIR/<class>/*.jpg (or "
                     "DIR/val/<class>/...). Class folder names must be the model's label names; a model with generic "
                     "LABEL_i labels takes folders named LABEL_i as class i, or else the sorted folder names as classes "
@@ -654,7 +654,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 @_register
 def _add_info(subparsers) -> None:
     p = subparsers.add_parser(
-        "info", help="architecture, parameters and multiply-adds",
+        "info", aliases=["inspect"], help="architecture, parameters and multiply-adds",
         description="Per-stage architecture, output sizes, parameter count and compute. Compute is counted in "
                     "multiply-adds (GMACs), the unit the PVTv2 paper reports as GFLOPs.",
     )
@@ -1239,8 +1239,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Offline, huggingface_hub logs each of its retries twice (its own handler and ours): 22 lines before the
         # one-line error that says the hub could not be reached. -v shows them. huggingface_hub sets its logger's
         # level from HF_HUB_VERBOSITY when it is first imported (a user's own value is kept), so both are set.
-        import os
-
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     from .runtime import tune_from_environment
@@ -1248,6 +1246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_from_environment()  # this process only; PVTV2_TUNE_MALLOC=0 leaves malloc as it is
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader of our output went away (`pvtv2 info MODEL | head -3`): stop quietly, as shell tools do. Python
+        # would report the pipe again when it flushes stdout at exit, so stdout is pointed at the null device.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status a shell reports for a tool its pipe stopped
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError) as err:
         # Errors meant for people: print them without a traceback (use -v for one).
         if args.verbose:

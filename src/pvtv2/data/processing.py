@@ -66,7 +66,7 @@ import PIL.ImageOps
 import torch
 
 from ..fileio import atomic_write_text, path_kind
-from ..weights.hub import resolve_file
+from ..weights.hub import check_subfolder, resolve_file
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -386,18 +386,23 @@ class PvtV2ImageProcessor:
         *,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        subfolder: str | None = None,
     ) -> PvtV2ImageProcessor:
-        """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``.
+        """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``
+        (``subfolder``: from that folder inside the folder or hub repository).
 
-        A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics).
+        A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics); one
+        holding something else under that name (a folder, a dangling symlink) is an error.
         """
         text = os.fspath(source)
+        subfolder = check_subfolder(text, subfolder)
         if os.path.isfile(text):
             path: Path | None = Path(text)
         elif text.endswith(".json"):
             raise FileNotFoundError(f"preprocessor config file not found: {text!r}")
         else:
-            path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir, required=False)
+            path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
+                                subfolder=subfolder, required=False)
         if path is None:
             logger.info("no %s in %r; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text)
             return cls()

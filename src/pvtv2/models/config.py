@@ -825,16 +825,28 @@ class PvtV2Config:
         return config_from_file(path, data, cls.from_dict, **overrides)
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, **overrides: Any) -> PvtV2Config:
-        """Read ``config.json`` from a folder, a JSON file, a hub id, or a preset name."""
-        from ..weights.hub import resolve_file
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        subfolder: str | None = None,
+        **overrides: Any,
+    ) -> PvtV2Config:
+        """Read ``config.json`` from a folder, a JSON file, a hub id (its ``revision``, read through the cache in
+        ``cache_dir``), or a preset name; ``subfolder``: from that folder inside the folder or hub repository. Other
+        keyword arguments override fields."""
+        from ..weights.hub import check_subfolder, resolve_file
 
         text = os.fspath(source)
+        subfolder = check_subfolder(text, subfolder)
         if os.path.isfile(text):
             return cls.from_json_file(text, **overrides)
-        if is_preset_name(text):
+        if is_preset_name(text) and subfolder is None:
             return cls.from_preset(text, **overrides)
-        return cls.from_json_file(resolve_file(text, "config.json"), **overrides)
+        path = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, subfolder=subfolder)
+        return cls.from_json_file(path, **overrides)
 
     def __eq__(self, other: object) -> bool:
         """Equal when every field is; bookkeeping that travels in config.json (``architectures``...) aside."""

@@ -117,15 +117,19 @@ class PvtV2PreTrainedModel(nn.Module):
         *,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        subfolder: str | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         **config_overrides: Any,
     ):
         """Load weights from a ``save_pretrained`` folder, a checkpoint file (transformers, timm or the original
-        authors' layout) or a hub id; keyword arguments override config fields (``num_labels`` replaces the head)."""
+        authors' layout) or a hub id (its ``revision``, its ``subfolder``, as transformers takes them); other keyword
+        arguments override config fields (``num_labels`` replaces the head)."""
         from ..weights.loading import load_pretrained
 
-        model = load_pretrained(cls, source, revision=revision, cache_dir=cache_dir, **config_overrides)
+        model = load_pretrained(
+            cls, source, revision=revision, cache_dir=cache_dir, subfolder=subfolder, **config_overrides
+        )
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         return model.eval()

@@ -10,7 +10,9 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["HubFileNotFound", "companion_file", "looks_like_hub_id", "resolve_file"]
+from ..fileio import path_kind
+
+__all__ = ["HubFileNotFound", "companion_file", "folder_entry", "looks_like_hub_id", "resolve_file"]
 
 # A hub id is "name" or "owner/name" with the characters the hub allows.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -26,33 +28,63 @@ def looks_like_hub_id(source: str | os.PathLike) -> bool:
     return not os.path.exists(text) and "/" in text and bool(_HUB_ID.match(text))
 
 
+def folder_entry(path: Path) -> str:
+    """``"file"`` or ``"nothing"`` for a file a model folder may hold; anything else under that name (a folder, a
+    dangling symlink, a FIFO) is refused by name: skipping it would load other weights, infer a configuration from
+    the tensor shapes, or preprocess with the defaults, without a word."""
+    kind = path_kind(path)
+    if kind in ("file", "nothing"):
+        return kind
+    if kind == "dangling symlink":
+        raise FileNotFoundError(f"{os.fspath(path)!r} is a symlink to {os.readlink(path)!r}, which does not exist")
+    if kind == "symlink loop":
+        raise FileNotFoundError(f"{os.fspath(path)!r} is a symlink loop (it points, through links, back at itself)")
+    raise ValueError(f"{os.fspath(path)!r} is a {kind}, not a file: a model folder's {path.name} must be a file")
+
+
+def check_subfolder(source: str | os.PathLike, subfolder: str | os.PathLike | None) -> str | None:
+    """``subfolder`` as transformers' ``from_pretrained`` takes it (a folder inside a local folder or hub repository;
+    ``None`` or ``""``: the top one), refused for a single file, which has no folders inside."""
+    if subfolder is None or os.fspath(subfolder) == "":
+        return None
+    if os.path.isfile(os.fspath(source)):
+        raise ValueError(
+            f"subfolder={os.fspath(subfolder)!r} names a folder inside a folder or hub repository, but "
+            f"{os.fspath(source)!r} is a file"
+        )
+    return os.fspath(subfolder)
+
+
 def resolve_file(
     source: str | os.PathLike,
     filename: str,
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    subfolder: str | None = None,
     required: bool = True,
 ) -> Path | None:
-    """Return the local path of ``filename`` inside ``source``.
+    """Return the local path of ``filename`` inside ``source`` (inside its ``subfolder``, when given).
 
     ``source`` is a local folder or a hub id. For a hub id the file comes from the Hugging Face cache, or is
     downloaded into it. When it is absent and ``required`` is False, ``None`` is returned; when it is absent and
-    required, :class:`HubFileNotFound` explains where it was looked for and how to get it.
+    required, :class:`HubFileNotFound` explains where it was looked for and how to get it. In a local folder, a
+    folder or a broken symlink under that name is an error (see :func:`folder_entry`), never "absent".
     """
     text = os.fspath(source)
+    subfolder = check_subfolder(text, subfolder)
     if os.path.isdir(text):
-        path = Path(text) / filename
-        if path.is_file():
-            return path
+        folder = Path(text) / subfolder if subfolder else Path(text)
+        if folder_entry(folder / filename) == "file":
+            return folder / filename
         if required:
-            raise FileNotFoundError(f"{filename!r} not found in folder {text!r}")
+            raise FileNotFoundError(f"{filename!r} not found in folder {os.fspath(folder)!r}")
         return None
     if not looks_like_hub_id(text):
         raise FileNotFoundError(
             f"{text!r} is neither an existing file or folder nor a hub id of the form 'owner/name'"
         )
-    return _hub_download(text, filename, revision=revision, cache_dir=cache_dir, required=required)
+    return _hub_download(text, filename, revision=revision, cache_dir=cache_dir, subfolder=subfolder, required=required)
 
 
 def companion_file(source: str | os.PathLike, filename: str) -> Path | None:
@@ -66,7 +98,8 @@ def companion_file(source: str | os.PathLike, filename: str) -> Path | None:
         return resolve_file(text, filename, required=False)
     if os.path.isfile(text):
         folder = Path(text).parent
-        if (folder / filename).is_file() and (folder / "config.json").is_file():
+        # config.json first: only a save_pretrained folder's entry counts, and there one that is no file is an error
+        if (folder / "config.json").is_file() and folder_entry(folder / filename) == "file":
             return folder / filename
     return None
 
@@ -77,6 +110,7 @@ def _hub_download(
     *,
     revision: str | None,
     cache_dir: str | os.PathLike | None,
+    subfolder: str | None,
     required: bool,
 ) -> Path | None:
     from huggingface_hub import constants, hf_hub_download
@@ -84,7 +118,9 @@ def _hub_download(
 
     # The cache first: a file already there needs no network (and no retries on a machine without one).
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=True))
+        return Path(hf_hub_download(
+            repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir, local_files_only=True
+        ))
     except LocalEntryNotFoundError:
         pass
     except EntryNotFoundError:
@@ -93,11 +129,11 @@ def _hub_download(
             raise HubFileNotFound(f"the hub repository {repo_id!r} has no file {filename!r}") from None
         return None
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         # No connection (or offline mode) and nothing in the cache. (A subclass of EntryNotFoundError: first.)
         cache = cache_dir or constants.HF_HUB_CACHE
-        broken = _broken_cache_entry(Path(cache), repo_id, filename, revision)
+        broken = _broken_cache_entry(Path(cache), repo_id, f"{subfolder}/{filename}" if subfolder else filename, revision)
         if broken:
             # Not "absent": an optional config.json skipped here would have its configuration guessed from shapes.
             raise HubFileNotFound(

@@ -1,0 +1,113 @@
+"""from_pretrained's keyword arguments as transformers takes them, against a hub cache laid out as huggingface_hub
+lays it out (refs, snapshots linking into blobs): ``revision`` and ``cache_dir`` for the config too, ``subfolder`` for
+the model, the config and the processor. Each used to be taken as an unknown config field (a warning, and the file of
+the main revision or of the repository's top folder read instead, without a word)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+
+import pytest
+import torch
+import transformers
+from huggingface_hub import constants
+
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+
+from conftest import TINY, random_weights_, relative_error
+
+MAIN = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def _snapshot(repo, commit: str, files: dict[str, bytes]) -> None:
+    """``files`` (names may hold a subfolder) in the snapshot ``commit``, each a symlink into ``blobs/``."""
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        entry = repo / "snapshots" / commit / name
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.symlink_to(os.path.relpath(blob, entry.parent))
+
+
+def _folder_files(folder, prefix: str = "") -> dict[str, bytes]:
+    return {prefix + p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A cache of 'owner/tiny': main holds a 5-class model (and in 'sub/' a 3-class one with its own preprocessing),
+    the tag v1 (another commit) a 7-class model. Offline, as HF_HUB_OFFLINE=1 makes it."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    models = {}
+    for name, labels, seed in (("main", 5, 0), ("sub", 3, 1), ("v1", 7, 2)):
+        models[name] = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=labels)), seed).eval()
+        models[name].save_pretrained(tmp_path / name)
+    PvtV2ImageProcessor(size={"height": 96, "width": 80}, resample=0).save_pretrained(tmp_path / "sub")
+    repo = tmp_path / "cache" / "models--owner--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(MAIN)
+    (repo / "refs" / "v1").write_text(OTHER)
+    _snapshot(repo, MAIN, {**_folder_files(tmp_path / "main"), **_folder_files(tmp_path / "sub", "sub/")})
+    _snapshot(repo, OTHER, _folder_files(tmp_path / "v1"))
+    return tmp_path / "cache", models
+
+
+def _logits(model, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("revision", ["v1", OTHER])
+def test_the_config_of_another_revision_is_read(hub, revision):
+    cache, _ = hub
+    main = PvtV2Config.from_pretrained("owner/tiny", cache_dir=cache)
+    assert main.num_labels == 5
+    # It used to read the main revision's config.json and keep `revision` as an unknown field.
+    config = PvtV2Config.from_pretrained("owner/tiny", revision=revision, cache_dir=cache)
+    reference = transformers.PvtV2Config.from_pretrained("owner/tiny", revision=revision, cache_dir=cache)
+    assert config.num_labels == reference.num_labels == 7
+    assert not hasattr(config, "revision") and not hasattr(config, "cache_dir")
+
+
+def test_the_model_of_another_revision_is_loaded(hub):
+    cache, models = hub
+    model = PvtV2ForImageClassification.from_pretrained("owner/tiny", revision="v1", cache_dir=cache)
+    assert relative_error(_logits(models["v1"]), _logits(model)) < 1e-6
+
+
+def test_a_hub_subfolder_is_read_by_the_model_the_config_and_the_processor(hub):
+    cache, models = hub
+    model = PvtV2ForImageClassification.from_pretrained("owner/tiny", subfolder="sub", cache_dir=cache)
+    # The top folder's weights (5 classes) used to be loaded, with 'subfolder' kept as an unknown config field.
+    assert model.config.num_labels == 3 and not hasattr(model.config, "subfolder")
+    assert relative_error(_logits(models["sub"]), _logits(model)) < 1e-6
+    config = PvtV2Config.from_pretrained("owner/tiny", subfolder="sub", cache_dir=cache)
+    reference = transformers.PvtV2Config.from_pretrained("owner/tiny", subfolder="sub", cache_dir=cache)
+    assert config.num_labels == reference.num_labels == 3
+    processor = PvtV2ImageProcessor.from_pretrained("owner/tiny", subfolder="sub", cache_dir=cache)
+    assert processor.size == {"height": 96, "width": 80} and processor.resample == 0
+
+
+def test_a_local_subfolder_is_read(hub, tmp_path):
+    _, models = hub
+    top = tmp_path / "repo"
+    shutil.copytree(tmp_path / "main", top)
+    shutil.copytree(tmp_path / "sub", top / "sub")
+    model = PvtV2ForImageClassification.from_pretrained(top, subfolder="sub")
+    assert relative_error(_logits(models["sub"]), _logits(model)) < 1e-6
+    assert PvtV2Config.from_pretrained(top, subfolder="sub").num_labels == 3
+    assert PvtV2ImageProcessor.from_pretrained(top, subfolder="sub").size == {"height": 96, "width": 80}
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no weights in folder {str(top / 'nothing')!r}")):
+        PvtV2ForImageClassification.from_pretrained(top, subfolder="nothing")
+
+
+def test_a_subfolder_of_a_single_file_is_refused(hub, tmp_path):
+    with pytest.raises(ValueError, match=r"subfolder='sub' names a folder inside a folder or hub repository, but .* is "
+                                         r"a file"):
+        PvtV2ForImageClassification.from_pretrained(tmp_path / "main" / "model.safetensors", subfolder="sub")

@@ -6,6 +6,7 @@ the main revision or of the repository's top folder read instead, without a word
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import torch
 import transformers
 from huggingface_hub import constants
 
-from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+from pvtv2 import CheckpointError, PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
 
 from conftest import TINY, random_weights_, relative_error
 
@@ -111,3 +112,67 @@ def test_a_subfolder_of_a_single_file_is_refused(hub, tmp_path):
     with pytest.raises(ValueError, match=r"subfolder='sub' names a folder inside a folder or hub repository, but .* is "
                                          r"a file"):
         PvtV2ForImageClassification.from_pretrained(tmp_path / "main" / "model.safetensors", subfolder="sub")
+
+
+# ---------------------------------------------------------------------------------------------- tensors with no data
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "saved"
+    model = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=5))).eval()
+    model.save_pretrained(folder)
+    return folder, model
+
+
+ODD_TENSORS = {
+    # They used to fail inside the NaN check, "Tensor.item() cannot be called on meta tensors", and inside it again,
+    # "Could not run 'aten::ne.Scalar' with arguments from the 'SparseCPU' backend" (torch's load_state_dict refuses
+    # both as well).
+    "a meta tensor": (lambda t: torch.empty_like(t, device="meta"),
+                      "the tensor 'classifier.weight' holds no data (a meta tensor"),
+    "a sparse tensor": (lambda t: t.to_sparse(), "the tensor 'classifier.weight' is a sparse tensor (torch.sparse_coo)"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@pytest.mark.parametrize("case", list(ODD_TENSORS))
+def test_tensors_without_dense_data_are_named(tiny, tmp_path, case):
+    make, says = ODD_TENSORS[case]
+    folder = tmp_path / "odd"
+    shutil.copytree(tiny[0], folder)
+    (folder / "model.safetensors").unlink()
+    state = dict(tiny[1].state_dict())
+    state["classifier.weight"] = make(state["classifier.weight"])
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=re.escape(says)):
+        PvtV2ForImageClassification.from_pretrained(folder)
+
+
+def test_a_view_into_a_larger_storage_loads_its_own_values(tiny, tmp_path):
+    """torch.save keeps a view's whole storage and its offset and strides: the view's values are what loads."""
+    state = dict(tiny[1].state_dict())
+    weight = state["classifier.weight"]
+    storage = torch.cat([torch.full((3, weight.shape[0]), 7.0), weight.t().contiguous()], 0)  # padded, transposed
+    state["classifier.weight"] = storage[3:].t()
+    assert not state["classifier.weight"].is_contiguous() and torch.equal(state["classifier.weight"], weight)
+    torch.save(state, tmp_path / "view.pth")
+    model = PvtV2ForImageClassification.from_pretrained(tmp_path / "view.pth", num_attention_heads=TINY["num_attention_heads"])
+    assert relative_error(_logits(tiny[1]), _logits(model)) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- sharded .bin files
+def test_a_sharded_pytorch_checkpoint_loads_as_in_transformers(tiny, tmp_path):
+    """transformers writes (and reads) pytorch_model.bin.index.json beside pytorch_model-0000i-of-0000n.bin; it used to
+    be 'no weights in folder'."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shutil.copy(tiny[0] / "config.json", folder)
+    state = tiny[1].state_dict()
+    keys = sorted(state)
+    shard_of = {k: f"pytorch_model-0000{1 + (i >= len(keys) // 2)}-of-00002.bin" for i, k in enumerate(keys)}
+    for shard in set(shard_of.values()):
+        torch.save({k: state[k] for k in keys if shard_of[k] == shard}, folder / shard)
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shard_of}))
+    reference = transformers.PvtV2ForImageClassification.from_pretrained(folder).eval()
+    model = PvtV2ForImageClassification.from_pretrained(folder)
+    assert relative_error(_logits(reference), _logits(model)) < 1e-6
+    assert relative_error(_logits(tiny[1]), _logits(model)) < 1e-6

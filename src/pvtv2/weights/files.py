@@ -154,6 +154,18 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{os.fspath(path)!r} has a non-string key {key!r}: not a state dict")
         if not isinstance(value, torch.Tensor):
             continue  # e.g. a stray counter next to the weights
+        # Neither has values a parameter can take (torch's load_state_dict refuses both too); left here, they failed
+        # deep inside the loader with a backend error.
+        if value.is_meta:
+            raise CheckpointError(
+                f"{os.fspath(path)!r}: the tensor {key!r} holds no data (a meta tensor, saved from a model that was "
+                f"never given memory)"
+            )
+        if value.layout != torch.strided:
+            raise CheckpointError(
+                f"{os.fspath(path)!r}: the tensor {key!r} is a sparse tensor ({value.layout}), not a dense one; "
+                f"save it with .to_dense()"
+            )
         for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
                 key = key[len(prefix) :]

@@ -50,7 +50,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# transformers' names, in the order its from_pretrained prefers them: safetensors, whole or sharded, then PyTorch's.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # The original code and timm use PyTorch's default LayerNorm epsilon in the patch embeddings and the reduction.
 _TORCH_DEFAULT_EPS = 1e-5
 # ---------------------------------------------------------------------------------------------- config from shapes

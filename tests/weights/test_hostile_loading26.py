@@ -17,6 +17,7 @@ import transformers
 from huggingface_hub import constants
 
 from pvtv2 import CheckpointError, PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+from pvtv2.weights.hub import HubFileNotFound
 
 from conftest import TINY, random_weights_, relative_error
 
@@ -176,3 +177,38 @@ def test_a_sharded_pytorch_checkpoint_loads_as_in_transformers(tiny, tmp_path):
     model = PvtV2ForImageClassification.from_pretrained(folder)
     assert relative_error(_logits(reference), _logits(model)) < 1e-6
     assert relative_error(_logits(tiny[1]), _logits(model)) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- what the cache lacks
+def test_a_revision_the_cache_lacks_is_named_not_taken_for_an_absent_file(hub):
+    """Offline, an optional file (preprocessor_config.json) counts as absent where the cache holds the revision's
+    snapshot without it; a revision the cache does not hold at all says nothing of its files. The processor used to
+    give the default preprocessing for it, without a word, and every error named the file alone (as though the main
+    revision, which is cached, lacked it)."""
+    cache, _ = hub
+    says = r"revision 'v2' of 'owner/tiny' is not in the Hugging Face cache"
+    with pytest.raises(HubFileNotFound, match=says):
+        PvtV2ImageProcessor.from_pretrained("owner/tiny", revision="v2", cache_dir=cache)
+    with pytest.raises(HubFileNotFound, match=says):
+        PvtV2ForImageClassification.from_pretrained("owner/tiny", revision="v2", cache_dir=cache)
+    with pytest.raises(HubFileNotFound, match=says):
+        PvtV2Config.from_pretrained("owner/tiny", revision="v2", cache_dir=cache)
+    # A cached revision without the file: the defaults, as before (main has no preprocessor_config.json at its top).
+    assert PvtV2ImageProcessor.from_pretrained("owner/tiny", cache_dir=cache) == PvtV2ImageProcessor()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "preprocessor_config.json"])
+def test_a_folder_in_a_snapshot_where_a_file_belongs_is_named(hub, name):
+    """A cache copied by hand can hold a folder under a file's name: it used to be "[Errno 21] Is a directory" for
+    config.json and preprocessor_config.json, and "checkpoint file not found" for the weights."""
+    cache, _ = hub
+    entry = cache / "models--owner--tiny" / "snapshots" / MAIN / name
+    if entry.is_symlink():
+        entry.unlink()
+    entry.mkdir()
+    (entry / "x").write_text("{}")
+    with pytest.raises(ValueError, match=re.escape(f"{str(entry)!r} is a folder, not a file")):
+        if name == "preprocessor_config.json":
+            PvtV2ImageProcessor.from_pretrained("owner/tiny", cache_dir=cache)
+        else:
+            PvtV2ForImageClassification.from_pretrained("owner/tiny", cache_dir=cache)

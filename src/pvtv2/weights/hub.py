@@ -118,7 +118,7 @@ def _hub_download(
 
     # The cache first: a file already there needs no network (and no retries on a machine without one).
     try:
-        return Path(hf_hub_download(
+        return _a_file(hf_hub_download(
             repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir, local_files_only=True
         ))
     except LocalEntryNotFoundError:
@@ -129,7 +129,7 @@ def _hub_download(
             raise HubFileNotFound(f"the hub repository {repo_id!r} has no file {filename!r}") from None
         return None
     try:
-        return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
+        return _a_file(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         # No connection (or offline mode) and nothing in the cache. (A subclass of EntryNotFoundError: first.)
         cache = cache_dir or constants.HF_HUB_CACHE
@@ -140,6 +140,17 @@ def _hub_download(
                 f"the Hugging Face cache of {repo_id!r} is damaged: {broken} (an interrupted download, or a cache "
                 f"cleaned or copied in part). Delete {os.fspath(_repo_folder(Path(cache), repo_id))!r} and download "
                 f"it again (`hf download {repo_id}`), or pass a local folder or checkpoint file instead"
+            ) from None
+        if _uncached_revision(Path(cache), repo_id, revision):
+            # The repository is cached, but not at this revision: nothing is known of its files, so an optional one
+            # is not "absent" either (a processor would fall back to the defaults), and "not in the cache" alone
+            # reads as though the cached revision lacked the file.
+            rev = revision or "main"
+            raise HubFileNotFound(
+                f"revision {rev!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and the hub could not "
+                f"be reached{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}. On a machine with "
+                f"network access run `hf download {repo_id} --revision {rev}` and copy the cache folder here, or "
+                f"pass a local folder or checkpoint file instead."
             ) from None
         # An optional file counts as absent only in offline mode; a failed connection says nothing about it.
         if not required and constants.HF_HUB_OFFLINE:
@@ -162,6 +173,22 @@ def _hub_download(
 
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _a_file(found: str) -> Path:
+    """The path huggingface_hub gives for a cached file, refused where a folder stands under the file's name (a
+    cache copied or edited by hand): read as a file it was "Is a directory", or "checkpoint file not found"."""
+    path = Path(found)
+    folder_entry(path)
+    return path
+
+
+def _uncached_revision(cache: Path, repo_id: str, revision: str | None) -> bool:
+    """Whether the cache holds ``repo_id`` but has no ref for ``revision`` (a branch or tag name; a commit hash is
+    :func:`_broken_cache_entry`'s to judge)."""
+    repo = _repo_folder(cache, repo_id)
+    revision = revision or "main"
+    return repo.is_dir() and not _COMMIT.match(revision) and not (repo / "refs" / revision).is_file()
 
 
 def _repo_folder(cache: Path, repo_id: str) -> Path:

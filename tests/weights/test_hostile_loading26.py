@@ -212,3 +212,29 @@ def test_a_folder_in_a_snapshot_where_a_file_belongs_is_named(hub, name):
             PvtV2ImageProcessor.from_pretrained("owner/tiny", cache_dir=cache)
         else:
             PvtV2ForImageClassification.from_pretrained("owner/tiny", cache_dir=cache)
+
+
+# ---------------------------------------------------------------------------------------------- misnamed files
+def test_a_pytorch_checkpoint_named_safetensors_is_named_as_such(tiny, tmp_path):
+    """A .pth renamed to model.safetensors (transformers refuses it too: 'header too large'): it used to be 'not a
+    readable safetensors file (corrupt or truncated?)', which sends the user looking for damage."""
+    folder = tmp_path / "renamed"
+    shutil.copytree(tiny[0], folder)
+    torch.save(tiny[1].state_dict(), folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{str(folder / 'model.safetensors')!r} is named .safetensors but is a PyTorch checkpoint (torch.save)")):
+        PvtV2ForImageClassification.from_pretrained(folder)
+    with pytest.raises(Exception, match="header too large"):  # transformers' own refusal, for the record
+        transformers.PvtV2ForImageClassification.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------- contradicting labels
+def test_label2id_without_id2label_is_named_as_such():
+    """transformers ignores a label2id given alone (its names stay LABEL_0...); pvtv2 refuses it, and used to say
+    'label2id does not invert id2label (id2label has 3 classes)' of an id2label the file does not have."""
+    data = {"num_labels": 3, "label2id": {"a": 0, "b": 1, "c": 2}}
+    assert transformers.PvtV2Config.from_dict(data).id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    with pytest.raises(ValueError, match=re.escape("label2id is given without id2label")):
+        PvtV2Config.from_dict(data)
+    # Given with the generic names it inverts, it is what the config derives anyway.
+    assert PvtV2Config.from_dict({"num_labels": 2, "label2id": {"LABEL_0": 0, "LABEL_1": 1}}).num_labels == 2

@@ -517,6 +517,7 @@ _MAX_LABELS = 10**6
 
 def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dict | None) -> tuple[dict, dict]:
     """(id2label, label2id) from the label fields as given (each already checked on its own)."""
+    given = id2label is not None
     if id2label is None:
         if num_labels is not None and num_labels > _MAX_LABELS:  # a name each: 10**12 of them never finish
             raise ValueError(f"num_labels={short_repr(num_labels)} is more classes than a classifier head can have "
@@ -527,6 +528,12 @@ def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dic
     inverse = {name: index for index, name in id2label.items()}
     # Names may repeat (ImageNet has two "crane"s); then no label2id inverts id2label and the given one goes unchecked.
     if label2id is not None and label2id != inverse and len(inverse) == len(id2label):
+        if not given:  # the generic names were made here: the file's own names are in label2id alone
+            raise ValueError(
+                f"label2id is given without id2label, and the class names come from id2label (index -> name); give "
+                f"id2label (here {len(id2label)} generic names were made, which label2id {short_repr(label2id)} does "
+                f"not invert)"
+            )
         raise ValueError(f"label2id does not invert id2label (id2label has {len(id2label)} classes)")
     return id2label, inverse
 

@@ -238,3 +238,30 @@ def test_label2id_without_id2label_is_named_as_such():
         PvtV2Config.from_dict(data)
     # Given with the generic names it inverts, it is what the config derives anyway.
     assert PvtV2Config.from_dict({"num_labels": 2, "label2id": {"LABEL_0": 0, "LABEL_1": 1}}).num_labels == 2
+
+
+# ---------------------------------------------------------------------------------------------- dtype arguments
+@pytest.mark.parametrize("kwargs", [{"torch_dtype": torch.float16}, {"torch_dtype": "float16"}, {"dtype": "float16"},
+                                    {"dtype": torch.float16}])
+def test_the_dtype_is_taken_in_transformers_spellings(tiny, kwargs):
+    """transformers takes dtype= (and torch_dtype=, its former name) as a torch dtype or its name. torch_dtype used to
+    be kept as a config field: the model stayed float32 without a word, and its config.json then said "float16" (or
+    could not be written at all, for a torch.float16)."""
+    reference = transformers.PvtV2ForImageClassification.from_pretrained(tiny[0], **kwargs)
+    model = PvtV2ForImageClassification.from_pretrained(tiny[0], **kwargs)
+    assert model.dtype == reference.dtype == torch.float16
+    theirs = reference.state_dict()
+    assert all(torch.equal(value, theirs[key]) for key, value in model.state_dict().items())
+    assert not hasattr(model.config, "torch_dtype")
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"dtype": "auto"}, "dtype='auto' is not supported"),
+    ({"dtype": "float17"}, "dtype='float17' is not a floating-point torch dtype"),
+    ({"dtype": torch.int8}, "dtype=torch.int8 is not a floating-point torch dtype"),
+    ({"dtype": torch.float16, "torch_dtype": torch.bfloat16}, "dtype=torch.float16 and torch_dtype=torch.bfloat16 "
+                                                              "disagree"),
+])
+def test_dtypes_that_cannot_be_are_named(tiny, kwargs, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        PvtV2ForImageClassification.from_pretrained(tiny[0], **kwargs)

@@ -265,3 +265,37 @@ def test_the_dtype_is_taken_in_transformers_spellings(tiny, kwargs):
 def test_dtypes_that_cannot_be_are_named(tiny, kwargs, says):
     with pytest.raises(ValueError, match=re.escape(says)):
         PvtV2ForImageClassification.from_pretrained(tiny[0], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- loading arguments
+def test_a_config_given_to_from_pretrained_is_the_one_built(tiny):
+    """transformers builds from_pretrained(path, config=c) from c, not from the folder's config.json. It used to be
+    kept as a config field named 'config' (the folder's config built, and save_pretrained then failing on it)."""
+    config = PvtV2Config(**TINY, num_labels=5, layer_norm_eps=1e-3)
+    reference = transformers.PvtV2ForImageClassification.from_pretrained(
+        tiny[0], config=transformers.PvtV2Config(**TINY, num_labels=5, layer_norm_eps=1e-3)).eval()
+    model = PvtV2ForImageClassification.from_pretrained(tiny[0], config=config)
+    assert model.config.layer_norm_eps == 1e-3 and not hasattr(model.config, "config")
+    assert relative_error(_logits(reference), _logits(model)) < 1e-5
+    assert relative_error(_logits(tiny[1]), _logits(model)) > 1e-4  # the epsilon changes the numbers
+    # Overrides apply to it as to a config.json; one that does not fit the weights is named as such.
+    assert PvtV2ForImageClassification.from_pretrained(tiny[0], config=config, num_labels=2).config.num_labels == 2
+    with pytest.raises(CheckpointError, match="do not fit"):
+        PvtV2ForImageClassification.from_pretrained(tiny[0], config=PvtV2Config(**dict(TINY, depths=[1, 1, 1, 1]),
+                                                                                  num_labels=5))
+    with pytest.raises(TypeError, match=r"config must be a PvtV2Config, got dict"):
+        PvtV2ForImageClassification.from_pretrained(tiny[0], config={"num_labels": 5})
+
+
+@pytest.mark.parametrize("name, value, hint", [
+    ("token", "hf_secret", "HF_TOKEN"),
+    ("local_files_only", True, "HF_HUB_OFFLINE=1"),
+    ("device_map", "cpu", "device="),
+    ("ignore_mismatched_sizes", True, "num_labels="),
+    ("use_safetensors", False, "the weights file itself"),
+])
+def test_transformers_loading_arguments_are_not_config_fields(tiny, tmp_path, name, value, hint):
+    """They used to be kept as config fields (a warning, 'unknown field') and written into the config.json of every
+    save_pretrained after: a token among them, in plain text. Each is now refused, saying what to do instead."""
+    with pytest.raises(TypeError, match=rf"{name} is one of transformers' loading arguments.*{re.escape(hint)}"):
+        PvtV2ForImageClassification.from_pretrained(tiny[0], **{name: value})

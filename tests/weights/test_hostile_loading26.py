@@ -299,3 +299,12 @@ def test_transformers_loading_arguments_are_not_config_fields(tiny, tmp_path, na
     save_pretrained after: a token among them, in plain text. Each is now refused, saying what to do instead."""
     with pytest.raises(TypeError, match=rf"{name} is one of transformers' loading arguments.*{re.escape(hint)}"):
         PvtV2ForImageClassification.from_pretrained(tiny[0], **{name: value})
+
+
+def test_the_config_refuses_loading_arguments_too(tiny, tmp_path):
+    """PvtV2Config.from_pretrained(path, token=...) kept the token as a field, written by its save_pretrained."""
+    with pytest.raises(TypeError, match=r"token is one of transformers' loading arguments.*HF_TOKEN"):
+        PvtV2Config.from_pretrained(tiny[0], token="hf_secret")
+    with pytest.raises(TypeError, match=r"return_unused_kwargs is one of transformers' loading arguments"):
+        PvtV2Config.from_pretrained(tiny[0], return_unused_kwargs=True)
+    assert PvtV2Config.from_pretrained(tiny[0], num_labels=3).num_labels == 3  # fields still override

@@ -844,8 +844,9 @@ class PvtV2Config:
         """Read ``config.json`` from a folder, a JSON file, a hub id (its ``revision``, read through the cache in
         ``cache_dir``), or a preset name; ``subfolder``: from that folder inside the folder or hub repository. Other
         keyword arguments override fields."""
-        from ..weights.hub import check_subfolder, resolve_file
+        from ..weights.hub import check_loading_arguments, check_subfolder, resolve_file
 
+        check_loading_arguments(overrides)
         text = os.fspath(source)
         subfolder = check_subfolder(text, subfolder)
         if os.path.isfile(text):

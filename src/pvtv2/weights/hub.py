@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..fileio import path_kind
 
-__all__ = ["HubFileNotFound", "companion_file", "folder_entry", "looks_like_hub_id", "resolve_file"]
+__all__ = [
+    "HubFileNotFound", "check_loading_arguments", "check_subfolder", "companion_file", "folder_entry",
+    "looks_like_hub_id", "resolve_file",
+]
 
 # A hub id is "name" or "owner/name" with the characters the hub allows.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -26,6 +30,36 @@ def looks_like_hub_id(source: str | os.PathLike) -> bool:
     """True when ``source`` names no local path and has the shape of a hub id (``owner/name``)."""
     text = os.fspath(source)
     return not os.path.exists(text) and "/" in text and bool(_HUB_ID.match(text))
+
+
+# transformers' from_pretrained arguments about fetching and placing the weights, with what to do here instead. Taken
+# as config fields they did nothing, and were written into the config.json of every save_pretrained after (a token
+# among them, in plain text).
+_LOADING_ARGUMENTS = {
+    "token": "set HF_TOKEN or log in with `hf auth login`; huggingface_hub reads either",
+    "use_auth_token": "set HF_TOKEN or log in with `hf auth login`; huggingface_hub reads either",
+    "local_files_only": "set HF_HUB_OFFLINE=1 (files already in the cache are used without the network anyway)",
+    "force_download": "download again with `hf download <id> --force-download`",
+    "resume_download": "download with `hf download <id>`",
+    "proxies": "set HTTPS_PROXY",
+    "device_map": "pass device= (one device)",
+    "ignore_mismatched_sizes": "pass num_labels= to replace the classifier; other mismatches are errors",
+    "use_safetensors": "pass the weights file itself",
+    "variant": "pass the weights file itself",
+    "from_tf": "only PyTorch and safetensors files are read",
+    "from_flax": "only PyTorch and safetensors files are read",
+    "state_dict": "load it with model.load_state_dict",
+    "output_loading_info": "model.newly_initialized_keys lists what was initialised at random",
+    "return_unused_kwargs": "unknown keys are kept as config attributes (and logged)",
+}
+
+
+def check_loading_arguments(arguments: Iterable[str]) -> None:
+    """Refuse, with what to do instead, any of transformers' loading arguments among the keyword ``arguments``."""
+    for name in arguments:
+        if name in _LOADING_ARGUMENTS:
+            raise TypeError(f"{name} is one of transformers' loading arguments, which pvtv2's from_pretrained does not "
+                            f"take (not a config field either): {_LOADING_ARGUMENTS[name]}")
 
 
 def folder_entry(path: Path) -> str:

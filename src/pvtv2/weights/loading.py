@@ -32,7 +32,7 @@ from ..models.config import (
 )
 from ..models.labels import has_generic_labels, imagenet_id2label
 from .files import CheckpointError, read_state_dict, save_state_dict, shard_names
-from .hub import check_subfolder, folder_entry, looks_like_hub_id, resolve_file
+from .hub import check_loading_arguments, check_subfolder, folder_entry, looks_like_hub_id, resolve_file
 from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, MMDET_LAYOUT, detect_layout, to_canonical
 
 __all__ = [
@@ -217,41 +217,13 @@ def _check_local_path(text: str) -> None:
         )
 
 
-# transformers' from_pretrained arguments about fetching and placing the weights, with what to do here instead. Taken
-# as config fields they did nothing, and were written into the config.json of every save_pretrained after (a token
-# among them, in plain text).
-_LOADING_ARGUMENTS = {
-    "token": "set HF_TOKEN or log in with `hf auth login`; huggingface_hub reads either",
-    "use_auth_token": "set HF_TOKEN or log in with `hf auth login`; huggingface_hub reads either",
-    "local_files_only": "set HF_HUB_OFFLINE=1 (files already in the cache are used without the network anyway)",
-    "force_download": "download again with `hf download <id> --force-download`",
-    "resume_download": "download with `hf download <id>`",
-    "proxies": "set HTTPS_PROXY",
-    "device_map": "pass device= (one device)",
-    "ignore_mismatched_sizes": "pass num_labels= to replace the classifier; other mismatches are errors",
-    "use_safetensors": "pass the weights file itself",
-    "variant": "pass the weights file itself",
-    "from_tf": "only PyTorch and safetensors files are read",
-    "from_flax": "only PyTorch and safetensors files are read",
-    "state_dict": "load it with model.load_state_dict",
-    "output_loading_info": "model.newly_initialized_keys lists what was initialised at random",
-}
-
-
-def _check_loading_arguments(overrides: Mapping[str, Any]) -> None:
-    for name in overrides:
-        if name in _LOADING_ARGUMENTS:
-            raise TypeError(f"{name} is one of transformers' loading arguments, which pvtv2's from_pretrained does not "
-                            f"take (not a config field either): {_LOADING_ARGUMENTS[name]}")
-
-
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, subfolder: str | None = None,
                     config: PvtV2Config | None = None, **overrides: Any):
     """Build ``model_cls`` and load the weights named by ``source`` (its ``subfolder``) into it, strictly; with
     ``config``, the model is built from it (and ``overrides``) instead of the checkpoint's config.json, as in
     transformers."""
-    _check_loading_arguments(overrides)
+    check_loading_arguments(overrides)
     if config is not None and not isinstance(config, PvtV2Config):
         raise TypeError(f"config must be a PvtV2Config, got {type(config).__name__}")
     given = config

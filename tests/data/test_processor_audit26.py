@@ -5,6 +5,7 @@ of transformers' processor built from the same file."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -82,3 +83,37 @@ def test_a_config_json_that_is_a_folder_is_named_by_the_config_too(saved, tmp_pa
     # It used to say "'config.json' not found in folder", with the name right there.
     with pytest.raises(ValueError, match=re.escape(f"{str(folder / 'config.json')!r} is a folder, not a file")):
         PvtV2Config.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------- hostile config files
+def test_a_preprocessor_config_nested_too_deeply_is_named(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    # It used to be Python's own RecursionError, "maximum recursion depth exceeded while decoding a JSON array".
+    with pytest.raises(ValueError, match=r"cannot read preprocessor config .*nested too deeply"):
+        PvtV2ImageProcessor.from_pretrained(tmp_path)
+
+
+# Each just over the bound (should the check go, a failing run takes a few GB, not the machine).
+@pytest.mark.parametrize("size", [{"height": 10**400, "width": 5}, {"height": 10_000, "width": 9_000},
+                                  {"shortest_edge": 9_500}])
+def test_a_size_no_image_can_have_is_refused_before_memory_is_taken(tmp_path, size):
+    """A hostile file asked for 100,000 x 100,000 images (a 120 GB float array for each: the machine out of memory
+    at the first image), or 10**400 (PIL's "Python int too large to convert to C int"); transformers reads both too.
+    The bound is PIL's own decompression-bomb limit, Image.MAX_IMAGE_PIXELS, far above any model input."""
+    config = {"size": size, "resample": 2}
+    if "shortest_edge" in size:
+        config.update(do_center_crop=True, crop_size={"height": 224, "width": 224})
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    processor = PvtV2ImageProcessor.from_pretrained(tmp_path)
+    image = np.zeros((40, 30, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"cannot resize to .* more pixels than PIL\.Image\.MAX_IMAGE_PIXELS"):
+        processor(image)
+
+
+def test_large_sizes_below_the_bound_are_transformers_numbers(tmp_path):
+    config = {"size": {"height": 4000, "width": 3000}, "resample": 2}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    image = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    reference = transformers.PvtImageProcessorPil.from_pretrained(tmp_path, do_convert_rgb=True)
+    np.testing.assert_array_equal(PvtV2ImageProcessor.from_pretrained(tmp_path)(image, return_tensors="np")["pixel_values"],
+                                  reference(image, return_tensors="np")["pixel_values"])

@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -408,8 +409,10 @@ class PvtV2ImageProcessor:
             return cls()
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except ValueError as error:  # not UTF-8, not JSON, or an integer of more than 4300 digits
             raise ValueError(f"cannot read preprocessor config {str(path)!r}: not valid JSON ({error})") from error
+        except RecursionError:  # arrays nested thousands deep: json's own error is a RecursionError
+            raise ValueError(f"cannot read preprocessor config {str(path)!r}: its JSON is nested too deeply") from None
         try:
             return cls.from_dict(config)
         except (TypeError, ValueError) as error:
@@ -475,6 +478,7 @@ class PvtV2ImageProcessor:
         arithmetic (and torchvision's crop position)."""
         if self.do_resize:
             height, width = _resized_size(image.shape[1], image.shape[2], self.size)
+            _check_pixels(self.size, height, width)
             image = _pil_resize(image, height, width, self.resample)
         if self.do_center_crop:
             image = _center_crop(image, self.crop_size["height"], self.crop_size["width"])  # type: ignore[index]
@@ -656,6 +660,18 @@ def _resized_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int
     if width <= height:
         return int(shortest * height / width), shortest
     return shortest, int(shortest * width / height)
+
+
+def _check_pixels(size: Mapping[str, int], height: int, width: int) -> None:
+    """Refuse, before any memory is taken, a resize no image can have: PIL's decompression-bomb limit bounds it. A
+    hostile preprocessor_config.json's 100000 x 100000 took 120 GB per image as float32 (the machine out of memory),
+    and 10**400 failed inside PIL with "Python int too large to convert to C int"."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > limit:
+        raise ValueError(
+            f"cannot resize to {reprlib.repr(height)} x {reprlib.repr(width)} (size={reprlib.repr(dict(size))}): "
+            f"more pixels than PIL.Image.MAX_IMAGE_PIXELS ({limit:,}, the decompression-bomb limit)"
+        )
 
 
 def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -156,8 +156,9 @@ def test_hub_id_is_resolved_through_the_hub_module(tmp_path, monkeypatch):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(dict(PUBLISHED_CONFIG, resample=3)))
     calls = []
 
-    def fake_resolve(source, filename, *, revision=None, cache_dir=None, required=True):
+    def fake_resolve(source, filename, *, revision=None, cache_dir=None, subfolder=None, required=True):
         calls.append((source, filename, revision, required))
+        assert subfolder is None
         return tmp_path / filename
 
     monkeypatch.setattr(processing, "resolve_file", fake_resolve)

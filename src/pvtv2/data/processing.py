@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -66,7 +67,7 @@ import PIL.ImageOps
 import torch
 
 from ..fileio import atomic_write_text, path_kind
-from ..weights.hub import resolve_file
+from ..weights.hub import check_subfolder, resolve_file
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -386,25 +387,32 @@ class PvtV2ImageProcessor:
         *,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        subfolder: str | None = None,
     ) -> PvtV2ImageProcessor:
-        """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``.
+        """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``
+        (``subfolder``: from that folder inside the folder or hub repository).
 
-        A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics).
+        A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics); one
+        holding something else under that name (a folder, a dangling symlink) is an error.
         """
         text = os.fspath(source)
+        subfolder = check_subfolder(text, subfolder)
         if os.path.isfile(text):
             path: Path | None = Path(text)
         elif text.endswith(".json"):
             raise FileNotFoundError(f"preprocessor config file not found: {text!r}")
         else:
-            path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir, required=False)
+            path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
+                                subfolder=subfolder, required=False)
         if path is None:
             logger.info("no %s in %r; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text)
             return cls()
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except ValueError as error:  # not UTF-8, not JSON, or an integer of more than 4300 digits
             raise ValueError(f"cannot read preprocessor config {str(path)!r}: not valid JSON ({error})") from error
+        except RecursionError:  # arrays nested thousands deep: json's own error is a RecursionError
+            raise ValueError(f"cannot read preprocessor config {str(path)!r}: its JSON is nested too deeply") from None
         try:
             return cls.from_dict(config)
         except (TypeError, ValueError) as error:
@@ -470,6 +478,7 @@ class PvtV2ImageProcessor:
         arithmetic (and torchvision's crop position)."""
         if self.do_resize:
             height, width = _resized_size(image.shape[1], image.shape[2], self.size)
+            _check_pixels(self.size, height, width)
             image = _pil_resize(image, height, width, self.resample)
         if self.do_center_crop:
             image = _center_crop(image, self.crop_size["height"], self.crop_size["width"])  # type: ignore[index]
@@ -651,6 +660,18 @@ def _resized_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int
     if width <= height:
         return int(shortest * height / width), shortest
     return shortest, int(shortest * width / height)
+
+
+def _check_pixels(size: Mapping[str, int], height: int, width: int) -> None:
+    """Refuse, before any memory is taken, a resize no image can have: PIL's decompression-bomb limit bounds it. A
+    hostile preprocessor_config.json's 100000 x 100000 took 120 GB per image as float32 (the machine out of memory),
+    and 10**400 failed inside PIL with "Python int too large to convert to C int"."""
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > limit:
+        raise ValueError(
+            f"cannot resize to {reprlib.repr(height)} x {reprlib.repr(width)} (size={reprlib.repr(dict(size))}): "
+            f"more pixels than PIL.Image.MAX_IMAGE_PIXELS ({limit:,}, the decompression-bomb limit)"
+        )
 
 
 def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:

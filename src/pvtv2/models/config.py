@@ -517,6 +517,7 @@ _MAX_LABELS = 10**6
 
 def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dict | None) -> tuple[dict, dict]:
     """(id2label, label2id) from the label fields as given (each already checked on its own)."""
+    given = id2label is not None
     if id2label is None:
         if num_labels is not None and num_labels > _MAX_LABELS:  # a name each: 10**12 of them never finish
             raise ValueError(f"num_labels={short_repr(num_labels)} is more classes than a classifier head can have "
@@ -527,6 +528,12 @@ def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dic
     inverse = {name: index for index, name in id2label.items()}
     # Names may repeat (ImageNet has two "crane"s); then no label2id inverts id2label and the given one goes unchecked.
     if label2id is not None and label2id != inverse and len(inverse) == len(id2label):
+        if not given:  # the generic names were made here: the file's own names are in label2id alone
+            raise ValueError(
+                f"label2id is given without id2label, and the class names come from id2label (index -> name); give "
+                f"id2label (here {len(id2label)} generic names were made, which label2id {short_repr(label2id)} does "
+                f"not invert)"
+            )
         raise ValueError(f"label2id does not invert id2label (id2label has {len(id2label)} classes)")
     return id2label, inverse
 
@@ -825,16 +832,29 @@ class PvtV2Config:
         return config_from_file(path, data, cls.from_dict, **overrides)
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, **overrides: Any) -> PvtV2Config:
-        """Read ``config.json`` from a folder, a JSON file, a hub id, or a preset name."""
-        from ..weights.hub import resolve_file
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        subfolder: str | None = None,
+        **overrides: Any,
+    ) -> PvtV2Config:
+        """Read ``config.json`` from a folder, a JSON file, a hub id (its ``revision``, read through the cache in
+        ``cache_dir``), or a preset name; ``subfolder``: from that folder inside the folder or hub repository. Other
+        keyword arguments override fields."""
+        from ..weights.hub import check_loading_arguments, check_subfolder, resolve_file
 
+        check_loading_arguments(overrides)
         text = os.fspath(source)
+        subfolder = check_subfolder(text, subfolder)
         if os.path.isfile(text):
             return cls.from_json_file(text, **overrides)
-        if is_preset_name(text):
+        if is_preset_name(text) and subfolder is None:
             return cls.from_preset(text, **overrides)
-        return cls.from_json_file(resolve_file(text, "config.json"), **overrides)
+        path = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, subfolder=subfolder)
+        return cls.from_json_file(path, **overrides)
 
     def __eq__(self, other: object) -> bool:
         """Equal when every field is; bookkeeping that travels in config.json (``architectures``...) aside."""

@@ -32,6 +32,27 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _as_dtype(name: str, value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if value == "auto":  # transformers: the checkpoint's own dtype; the tensors here are read as float32
+        raise ValueError(f"{name}='auto' is not supported: the weights load as float32 unless a dtype is given "
+                         f"(torch.bfloat16, 'float16'...)")
+    found = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(f"{name}={value!r} is not a floating-point torch dtype (torch.float16, 'bfloat16'...)")
+    return found
+
+
+def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The dtype ``from_pretrained`` casts to, from transformers' spellings. ``torch_dtype`` used to be kept as a
+    config field: the model stayed float32 without a word, and its config.json said otherwise."""
+    wanted, former = _as_dtype("dtype", dtype), _as_dtype("torch_dtype", torch_dtype)
+    if wanted is not None and former is not None and wanted != former:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass dtype alone")
+    return wanted or former
+
+
 def check_pixel_values(pixel_values: Any, num_channels: int, dtype: torch.dtype | None = None) -> None:
     """Raise a clear error unless ``pixel_values`` is a float tensor of shape (B, num_channels, H, W) and, when
     ``dtype`` (the weights' dtype) is given, of that dtype.
@@ -117,15 +138,23 @@ class PvtV2PreTrainedModel(nn.Module):
         *,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        subfolder: str | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         **config_overrides: Any,
     ):
         """Load weights from a ``save_pretrained`` folder, a checkpoint file (transformers, timm or the original
-        authors' layout) or a hub id; keyword arguments override config fields (``num_labels`` replaces the head)."""
+        authors' layout) or a hub id (its ``revision``, its ``subfolder``, as transformers takes them); other keyword
+        arguments override config fields (``num_labels`` replaces the head). ``dtype`` (or ``torch_dtype``, its
+        former name in transformers) is a floating-point torch dtype or its name (``"bfloat16"``)."""
         from ..weights.loading import load_pretrained
 
-        model = load_pretrained(cls, source, revision=revision, cache_dir=cache_dir, **config_overrides)
+        dtype = _load_dtype(dtype, torch_dtype)
+
+        model = load_pretrained(
+            cls, source, revision=revision, cache_dir=cache_dir, subfolder=subfolder, **config_overrides
+        )
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         return model.eval()

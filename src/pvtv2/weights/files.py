@@ -38,6 +38,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is empty (0 bytes)")
     with path.open("rb") as f:
         head = f.read(16)
+    if path.suffix == ".safetensors" and not _looks_like_safetensors(head) and (
+        head.startswith(b"PK\x03\x04") or _is_plain_pickle(head) or head[:3] == b"\x80\x02\x8a"
+    ):
+        # A zip archive or a pickle: a .pth renamed. safetensors' own "header too large" reads as damage.
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is named .safetensors but is a PyTorch checkpoint (torch.save), not a safetensors "
+            f"file: name it .pth (it is then read with torch.load(weights_only=True))"
+        )
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
         state = _read_safetensors(path)
     else:
@@ -154,6 +162,18 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{os.fspath(path)!r} has a non-string key {key!r}: not a state dict")
         if not isinstance(value, torch.Tensor):
             continue  # e.g. a stray counter next to the weights
+        # Neither has values a parameter can take (torch's load_state_dict refuses both too); left here, they failed
+        # deep inside the loader with a backend error.
+        if value.is_meta:
+            raise CheckpointError(
+                f"{os.fspath(path)!r}: the tensor {key!r} holds no data (a meta tensor, saved from a model that was "
+                f"never given memory)"
+            )
+        if value.layout != torch.strided:
+            raise CheckpointError(
+                f"{os.fspath(path)!r}: the tensor {key!r} is a sparse tensor ({value.layout}), not a dense one; "
+                f"save it with .to_dense()"
+            )
         for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
                 key = key[len(prefix) :]

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["HubFileNotFound", "companion_file", "looks_like_hub_id", "resolve_file"]
+from ..fileio import path_kind
+
+__all__ = [
+    "HubFileNotFound", "check_loading_arguments", "check_subfolder", "companion_file", "folder_entry",
+    "looks_like_hub_id", "resolve_file",
+]
 
 # A hub id is "name" or "owner/name" with the characters the hub allows.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -26,33 +32,93 @@ def looks_like_hub_id(source: str | os.PathLike) -> bool:
     return not os.path.exists(text) and "/" in text and bool(_HUB_ID.match(text))
 
 
+# transformers' from_pretrained arguments about fetching and placing the weights, with what to do here instead. Taken
+# as config fields they did nothing, and were written into the config.json of every save_pretrained after (a token
+# among them, in plain text).
+_LOADING_ARGUMENTS = {
+    "token": "set HF_TOKEN or log in with `hf auth login`; huggingface_hub reads either",
+    "use_auth_token": "set HF_TOKEN or log in with `hf auth login`; huggingface_hub reads either",
+    "local_files_only": "set HF_HUB_OFFLINE=1 (files already in the cache are used without the network anyway)",
+    "force_download": "download again with `hf download <id> --force-download`",
+    "resume_download": "download with `hf download <id>`",
+    "proxies": "set HTTPS_PROXY",
+    "device_map": "pass device= (one device)",
+    "ignore_mismatched_sizes": "pass num_labels= to replace the classifier; other mismatches are errors",
+    "use_safetensors": "pass the weights file itself",
+    "variant": "pass the weights file itself",
+    "from_tf": "only PyTorch and safetensors files are read",
+    "from_flax": "only PyTorch and safetensors files are read",
+    "state_dict": "load it with model.load_state_dict",
+    "output_loading_info": "model.newly_initialized_keys lists what was initialised at random",
+    "return_unused_kwargs": "unknown keys are kept as config attributes (and logged)",
+}
+
+
+def check_loading_arguments(arguments: Iterable[str]) -> None:
+    """Refuse, with what to do instead, any of transformers' loading arguments among the keyword ``arguments``."""
+    for name in arguments:
+        if name in _LOADING_ARGUMENTS:
+            raise TypeError(f"{name} is one of transformers' loading arguments, which pvtv2's from_pretrained does not "
+                            f"take (not a config field either): {_LOADING_ARGUMENTS[name]}")
+
+
+def folder_entry(path: Path) -> str:
+    """``"file"`` or ``"nothing"`` for a file a model folder may hold; anything else under that name (a folder, a
+    dangling symlink, a FIFO) is refused by name: skipping it would load other weights, infer a configuration from
+    the tensor shapes, or preprocess with the defaults, without a word."""
+    kind = path_kind(path)
+    if kind in ("file", "nothing"):
+        return kind
+    if kind == "dangling symlink":
+        raise FileNotFoundError(f"{os.fspath(path)!r} is a symlink to {os.readlink(path)!r}, which does not exist")
+    if kind == "symlink loop":
+        raise FileNotFoundError(f"{os.fspath(path)!r} is a symlink loop (it points, through links, back at itself)")
+    raise ValueError(f"{os.fspath(path)!r} is a {kind}, not a file: a model folder's {path.name} must be a file")
+
+
+def check_subfolder(source: str | os.PathLike, subfolder: str | os.PathLike | None) -> str | None:
+    """``subfolder`` as transformers' ``from_pretrained`` takes it (a folder inside a local folder or hub repository;
+    ``None`` or ``""``: the top one), refused for a single file, which has no folders inside."""
+    if subfolder is None or os.fspath(subfolder) == "":
+        return None
+    if os.path.isfile(os.fspath(source)):
+        raise ValueError(
+            f"subfolder={os.fspath(subfolder)!r} names a folder inside a folder or hub repository, but "
+            f"{os.fspath(source)!r} is a file"
+        )
+    return os.fspath(subfolder)
+
+
 def resolve_file(
     source: str | os.PathLike,
     filename: str,
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    subfolder: str | None = None,
     required: bool = True,
 ) -> Path | None:
-    """Return the local path of ``filename`` inside ``source``.
+    """Return the local path of ``filename`` inside ``source`` (inside its ``subfolder``, when given).
 
     ``source`` is a local folder or a hub id. For a hub id the file comes from the Hugging Face cache, or is
     downloaded into it. When it is absent and ``required`` is False, ``None`` is returned; when it is absent and
-    required, :class:`HubFileNotFound` explains where it was looked for and how to get it.
+    required, :class:`HubFileNotFound` explains where it was looked for and how to get it. In a local folder, a
+    folder or a broken symlink under that name is an error (see :func:`folder_entry`), never "absent".
     """
     text = os.fspath(source)
+    subfolder = check_subfolder(text, subfolder)
     if os.path.isdir(text):
-        path = Path(text) / filename
-        if path.is_file():
-            return path
+        folder = Path(text) / subfolder if subfolder else Path(text)
+        if folder_entry(folder / filename) == "file":
+            return folder / filename
         if required:
-            raise FileNotFoundError(f"{filename!r} not found in folder {text!r}")
+            raise FileNotFoundError(f"{filename!r} not found in folder {os.fspath(folder)!r}")
         return None
     if not looks_like_hub_id(text):
         raise FileNotFoundError(
             f"{text!r} is neither an existing file or folder nor a hub id of the form 'owner/name'"
         )
-    return _hub_download(text, filename, revision=revision, cache_dir=cache_dir, required=required)
+    return _hub_download(text, filename, revision=revision, cache_dir=cache_dir, subfolder=subfolder, required=required)
 
 
 def companion_file(source: str | os.PathLike, filename: str) -> Path | None:
@@ -66,7 +132,8 @@ def companion_file(source: str | os.PathLike, filename: str) -> Path | None:
         return resolve_file(text, filename, required=False)
     if os.path.isfile(text):
         folder = Path(text).parent
-        if (folder / filename).is_file() and (folder / "config.json").is_file():
+        # config.json first: only a save_pretrained folder's entry counts, and there one that is no file is an error
+        if (folder / "config.json").is_file() and folder_entry(folder / filename) == "file":
             return folder / filename
     return None
 
@@ -77,6 +144,7 @@ def _hub_download(
     *,
     revision: str | None,
     cache_dir: str | os.PathLike | None,
+    subfolder: str | None,
     required: bool,
 ) -> Path | None:
     from huggingface_hub import constants, hf_hub_download
@@ -84,7 +152,9 @@ def _hub_download(
 
     # The cache first: a file already there needs no network (and no retries on a machine without one).
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=True))
+        return _a_file(hf_hub_download(
+            repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir, local_files_only=True
+        ))
     except LocalEntryNotFoundError:
         pass
     except EntryNotFoundError:
@@ -93,17 +163,28 @@ def _hub_download(
             raise HubFileNotFound(f"the hub repository {repo_id!r} has no file {filename!r}") from None
         return None
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+        return _a_file(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
     except LocalEntryNotFoundError:
         # No connection (or offline mode) and nothing in the cache. (A subclass of EntryNotFoundError: first.)
         cache = cache_dir or constants.HF_HUB_CACHE
-        broken = _broken_cache_entry(Path(cache), repo_id, filename, revision)
+        broken = _broken_cache_entry(Path(cache), repo_id, f"{subfolder}/{filename}" if subfolder else filename, revision)
         if broken:
             # Not "absent": an optional config.json skipped here would have its configuration guessed from shapes.
             raise HubFileNotFound(
                 f"the Hugging Face cache of {repo_id!r} is damaged: {broken} (an interrupted download, or a cache "
                 f"cleaned or copied in part). Delete {os.fspath(_repo_folder(Path(cache), repo_id))!r} and download "
                 f"it again (`hf download {repo_id}`), or pass a local folder or checkpoint file instead"
+            ) from None
+        if _uncached_revision(Path(cache), repo_id, revision):
+            # The repository is cached, but not at this revision: nothing is known of its files, so an optional one
+            # is not "absent" either (a processor would fall back to the defaults), and "not in the cache" alone
+            # reads as though the cached revision lacked the file.
+            rev = revision or "main"
+            raise HubFileNotFound(
+                f"revision {rev!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and the hub could not "
+                f"be reached{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}. On a machine with "
+                f"network access run `hf download {repo_id} --revision {rev}` and copy the cache folder here, or "
+                f"pass a local folder or checkpoint file instead."
             ) from None
         # An optional file counts as absent only in offline mode; a failed connection says nothing about it.
         if not required and constants.HF_HUB_OFFLINE:
@@ -126,6 +207,22 @@ def _hub_download(
 
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _a_file(found: str) -> Path:
+    """The path huggingface_hub gives for a cached file, refused where a folder stands under the file's name (a
+    cache copied or edited by hand): read as a file it was "Is a directory", or "checkpoint file not found"."""
+    path = Path(found)
+    folder_entry(path)
+    return path
+
+
+def _uncached_revision(cache: Path, repo_id: str, revision: str | None) -> bool:
+    """Whether the cache holds ``repo_id`` but has no ref for ``revision`` (a branch or tag name; a commit hash is
+    :func:`_broken_cache_entry`'s to judge)."""
+    repo = _repo_folder(cache, repo_id)
+    revision = revision or "main"
+    return repo.is_dir() and not _COMMIT.match(revision) and not (repo / "refs" / revision).is_file()
 
 
 def _repo_folder(cache: Path, repo_id: str) -> Path:

@@ -32,7 +32,7 @@ from ..models.config import (
 )
 from ..models.labels import has_generic_labels, imagenet_id2label
 from .files import CheckpointError, read_state_dict, save_state_dict, shard_names
-from .hub import looks_like_hub_id, resolve_file
+from .hub import check_loading_arguments, check_subfolder, folder_entry, looks_like_hub_id, resolve_file
 from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, MMDET_LAYOUT, detect_layout, to_canonical
 
 __all__ = [
@@ -50,7 +50,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# transformers' names, in the order its from_pretrained prefers them: safetensors, whole or sharded, then PyTorch's.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # The original code and timm use PyTorch's default LayerNorm epsilon in the patch embeddings and the reduction.
 _TORCH_DEFAULT_EPS = 1e-5
 # ---------------------------------------------------------------------------------------------- config from shapes
@@ -141,8 +142,11 @@ def _matching_preset(args: Mapping[str, Any]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- loading a model
-def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None) -> tuple[Path | None, Path]:
-    """(config.json or None, weights file) for a folder, a checkpoint file or a hub id (cache first).
+def locate_checkpoint(
+    source: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None, subfolder: str | None = None
+) -> tuple[Path | None, Path]:
+    """(config.json or None, weights file) for a folder, a checkpoint file or a hub id (cache first); with
+    ``subfolder``, those of that folder inside the folder or hub repository.
 
     A local path that exists but is neither a regular file nor a folder (a FIFO, a device, a socket), a symlink loop
     and a dangling symlink are refused by name: reading a FIFO would block forever, and calling the others a missing
@@ -150,20 +154,23 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
     """
     text = os.fspath(source)
     _check_local_path(text)
+    subfolder = check_subfolder(text, subfolder)
     if os.path.isfile(text):
         return None, Path(text)
     if os.path.isdir(text):
-        folder = Path(text)
-        weights = next((folder / name for name in WEIGHT_FILES if _folder_entry(folder / name) == "file"), None)
+        folder = Path(text) / subfolder if subfolder else Path(text)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no weights in folder {os.fspath(folder)!r}: {text!r} has no subfolder {subfolder!r}")
+        weights = next((folder / name for name in WEIGHT_FILES if folder_entry(folder / name) == "file"), None)
         if weights is None:
             found = sorted(p.name for p in folder.iterdir())[:10]
             # A `pvtv2 train` run folder (or a demo's) holds its checkpoints one level down: name the one to pass.
             runs = [folder / sub for sub in ("best", "last", "run/best") if (folder / sub / "config.json").is_file()]
             hint = f"; it holds a training run: pass {os.fspath(runs[0])!r}" if runs else ""
             raise FileNotFoundError(
-                f"no weights in folder {text!r}: expected one of {list(WEIGHT_FILES)}, found {found}{hint}")
+                f"no weights in folder {os.fspath(folder)!r}: expected one of {list(WEIGHT_FILES)}, found {found}{hint}")
         config = folder / "config.json"
-        return (config if _folder_entry(config) == "file" else None), weights
+        return (config if folder_entry(config) == "file" else None), weights
     if text.replace("-", "_").lower() in PRESETS:
         raise FileNotFoundError(
             f"{text!r} is a preset (an architecture), not weights: build it untrained with "
@@ -183,30 +190,17 @@ def locate_checkpoint(source: str | os.PathLike, revision: str | None, cache_dir
             hint = f" ({named}the presets are {', '.join(PRESETS)})"
         raise FileNotFoundError(
             f"{text!r} is not an existing file or folder, a preset name, nor a hub id 'owner/name'{hint}")
-    config = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, required=False)
+    where = {"revision": revision, "cache_dir": cache_dir, "subfolder": subfolder}
+    config = resolve_file(text, "config.json", **where, required=False)
     for name in WEIGHT_FILES:
-        weights = resolve_file(text, name, revision=revision, cache_dir=cache_dir, required=False)
+        weights = resolve_file(text, name, **where, required=False)
         if weights is not None:
             if weights.name.endswith(".index.json"):
                 # The shards are files of the repository too: from the cache, or downloaded beside the index.
                 for shard in shard_names(weights):
-                    resolve_file(text, shard, revision=revision, cache_dir=cache_dir)
+                    resolve_file(text, shard, **where)
             return config, weights
-    return config, resolve_file(text, WEIGHT_FILES[0], revision=revision, cache_dir=cache_dir)  # raises, explaining
-
-
-def _folder_entry(path: Path) -> str:
-    """``"file"`` or ``"nothing"`` for a file a checkpoint folder may hold; anything else under that name (a folder,
-    a dangling symlink, a FIFO) is refused by name: skipping it would load other weights, or infer a configuration
-    from the tensor shapes, without a word."""
-    kind = path_kind(path)
-    if kind in ("file", "nothing"):
-        return kind
-    if kind == "dangling symlink":
-        raise FileNotFoundError(f"{os.fspath(path)!r} is a symlink to {os.readlink(path)!r}, which does not exist")
-    if kind == "symlink loop":
-        raise FileNotFoundError(f"{os.fspath(path)!r} is a symlink loop (it points, through links, back at itself)")
-    raise ValueError(f"{os.fspath(path)!r} is a {kind}, not a file: a checkpoint folder's {path.name} must be a file")
+    return config, resolve_file(text, WEIGHT_FILES[0], **where)  # raises, explaining
 
 
 def _check_local_path(text: str) -> None:
@@ -224,9 +218,18 @@ def _check_local_path(text: str) -> None:
 
 
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
-                    cache_dir: str | os.PathLike | None = None, **overrides: Any):
-    """Build ``model_cls`` and load the weights named by ``source`` into it, strictly."""
-    config_path, weights_path = locate_checkpoint(source, revision, cache_dir)
+                    cache_dir: str | os.PathLike | None = None, subfolder: str | None = None,
+                    config: PvtV2Config | None = None, **overrides: Any):
+    """Build ``model_cls`` and load the weights named by ``source`` (its ``subfolder``) into it, strictly; with
+    ``config``, the model is built from it (and ``overrides``) instead of the checkpoint's config.json, as in
+    transformers."""
+    check_loading_arguments(overrides)
+    if config is not None and not isinstance(config, PvtV2Config):
+        raise TypeError(f"config must be a PvtV2Config, got {type(config).__name__}")
+    given = config
+    config_path, weights_path = locate_checkpoint(source, revision, cache_dir, subfolder)
+    if given is not None:
+        config_path = None  # not read, so never named as the cause of a misfit
     state = read_state_dict(weights_path)
     layout = detect_layout(state)
     canonical = to_canonical(state, layout)
@@ -234,7 +237,9 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         others = sorted({k.split(".", 1)[0] for k in state if not k.startswith("backbone.")})
         logger.info("an mmdetection / mmsegmentation checkpoint: its backbone is used%s",
                     f"; its {', '.join(others)} are not (another library's modules)" if others else "")
-    if config_path is not None:
+    if given is not None:
+        config = given.replace(**overrides) if overrides else given
+    elif config_path is not None:
         config = read_config(config_path, **overrides)
     else:
         config = infer_config(canonical, layout, **overrides)

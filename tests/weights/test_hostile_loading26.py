@@ -288,8 +288,7 @@ def test_a_config_given_to_from_pretrained_is_the_one_built(tiny):
 
 
 @pytest.mark.parametrize("name, value, hint", [
-    ("token", "hf_secret", "HF_TOKEN"),
-    ("local_files_only", True, "HF_HUB_OFFLINE=1"),
+    ("use_auth_token", "hf_secret", "token="),
     ("device_map", "cpu", "device="),
     ("ignore_mismatched_sizes", True, "num_labels="),
     ("use_safetensors", False, "the weights file itself"),
@@ -302,9 +301,60 @@ def test_transformers_loading_arguments_are_not_config_fields(tiny, tmp_path, na
 
 
 def test_the_config_refuses_loading_arguments_too(tiny, tmp_path):
-    """PvtV2Config.from_pretrained(path, token=...) kept the token as a field, written by its save_pretrained."""
-    with pytest.raises(TypeError, match=r"token is one of transformers' loading arguments.*HF_TOKEN"):
-        PvtV2Config.from_pretrained(tiny[0], token="hf_secret")
+    """PvtV2Config.from_pretrained(path, use_auth_token=...) kept the token as a field, written by save_pretrained."""
+    with pytest.raises(TypeError, match=r"use_auth_token is one of transformers' loading arguments.*token="):
+        PvtV2Config.from_pretrained(tiny[0], use_auth_token="hf_secret")
     with pytest.raises(TypeError, match=r"return_unused_kwargs is one of transformers' loading arguments"):
         PvtV2Config.from_pretrained(tiny[0], return_unused_kwargs=True)
     assert PvtV2Config.from_pretrained(tiny[0], num_labels=3).num_labels == 3  # fields still override
+
+
+@pytest.fixture
+def hub_calls(hub, monkeypatch):
+    """The hub cache online (HF_HUB_OFFLINE unset), each hf_hub_download call recorded with its arguments."""
+    import huggingface_hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+    real = huggingface_hub.hf_hub_download
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        if not kwargs.get("local_files_only"):
+            raise AssertionError("the network was asked for a file")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recorded)
+    return hub, calls
+
+
+def test_local_files_only_and_token_are_honoured_as_transformers_does(hub_calls, tmp_path):
+    """local_files_only=True reads the cache and never the network; token= goes to huggingface_hub (a private
+    repository's). Both were refused; before that, kept as config fields (the token written into config.json)."""
+    (cache, models), calls = hub_calls
+    model = PvtV2ForImageClassification.from_pretrained("owner/tiny", cache_dir=cache, local_files_only=True,
+                                                        token="hf_secret")
+    reference = transformers.PvtV2ForImageClassification.from_pretrained("owner/tiny", cache_dir=cache,
+                                                                         local_files_only=True).eval()
+    assert relative_error(_logits(model), _logits(reference)) < 1e-6
+    saved = models["main"].state_dict()
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    assert calls and all(c["local_files_only"] and c["token"] == "hf_secret" for c in calls)
+    model.save_pretrained(tmp_path / "saved")
+    assert "hf_secret" not in (tmp_path / "saved" / "config.json").read_text()
+    config = PvtV2Config.from_pretrained("owner/tiny", cache_dir=cache, revision="v1", local_files_only=True)
+    assert config.num_labels == 7 and not hasattr(config, "local_files_only")
+    processor = PvtV2ImageProcessor.from_pretrained("owner/tiny", cache_dir=cache, subfolder="sub",
+                                                    local_files_only=True)
+    assert processor.size == {"height": 96, "width": 80}
+
+
+def test_local_files_only_names_itself_when_the_cache_lacks_the_file(hub_calls):
+    (cache, _), calls = hub_calls
+    with pytest.raises(HubFileNotFound, match=r"not in the Hugging Face cache .* the hub was not asked "
+                                              r"\(local_files_only=True\)"):
+        PvtV2ForImageClassification.from_pretrained("owner/absent", cache_dir=cache, local_files_only=True)
+    # An optional file is absent there, as in offline mode: the processor's defaults, without the network.
+    assert PvtV2ImageProcessor.from_pretrained("owner/tiny", cache_dir=cache, local_files_only=True).size == {
+        "height": 224, "width": 224}
+    assert all(c["local_files_only"] for c in calls)

@@ -388,6 +388,8 @@ class PvtV2ImageProcessor:
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         subfolder: str | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
     ) -> PvtV2ImageProcessor:
         """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``
         (``subfolder``: from that folder inside the folder or hub repository).
@@ -403,7 +405,7 @@ class PvtV2ImageProcessor:
             raise FileNotFoundError(f"preprocessor config file not found: {text!r}")
         else:
             path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
-                                subfolder=subfolder, required=False)
+                                subfolder=subfolder, local_files_only=local_files_only, token=token, required=False)
         if path is None:
             logger.info("no %s in %r; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text)
             return cls()

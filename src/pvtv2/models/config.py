@@ -839,6 +839,8 @@ class PvtV2Config:
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         subfolder: str | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         **overrides: Any,
     ) -> PvtV2Config:
         """Read ``config.json`` from a folder, a JSON file, a hub id (its ``revision``, read through the cache in
@@ -853,7 +855,8 @@ class PvtV2Config:
             return cls.from_json_file(text, **overrides)
         if is_preset_name(text) and subfolder is None:
             return cls.from_preset(text, **overrides)
-        path = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, subfolder=subfolder)
+        path = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, subfolder=subfolder,
+                            local_files_only=local_files_only, token=token)
         return cls.from_json_file(path, **overrides)
 
     def __eq__(self, other: object) -> bool:

@@ -139,13 +139,16 @@ class PvtV2PreTrainedModel(nn.Module):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         subfolder: str | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
         **config_overrides: Any,
     ):
         """Load weights from a ``save_pretrained`` folder, a checkpoint file (transformers, timm or the original
-        authors' layout) or a hub id (its ``revision``, its ``subfolder``, as transformers takes them); other keyword
+        authors' layout) or a hub id (its ``revision``, its ``subfolder``, ``local_files_only``: from the cache only,
+        ``token``: for a private repository, as transformers takes them); other keyword
         arguments override config fields (``num_labels`` replaces the head). ``dtype`` (or ``torch_dtype``, its
         former name in transformers) is a floating-point torch dtype or its name (``"bfloat16"``)."""
         from ..weights.loading import load_pretrained
@@ -153,7 +156,8 @@ class PvtV2PreTrainedModel(nn.Module):
         dtype = _load_dtype(dtype, torch_dtype)
 
         model = load_pretrained(
-            cls, source, revision=revision, cache_dir=cache_dir, subfolder=subfolder, **config_overrides
+            cls, source, revision=revision, cache_dir=cache_dir, subfolder=subfolder, local_files_only=local_files_only,
+            token=token, **config_overrides
         )
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)

@@ -36,9 +36,7 @@ def looks_like_hub_id(source: str | os.PathLike) -> bool:
 # as config fields they did nothing, and were written into the config.json of every save_pretrained after (a token
 # among them, in plain text).
 _LOADING_ARGUMENTS = {
-    "token": "set HF_TOKEN or log in with `hf auth login`; huggingface_hub reads either",
-    "use_auth_token": "set HF_TOKEN or log in with `hf auth login`; huggingface_hub reads either",
-    "local_files_only": "set HF_HUB_OFFLINE=1 (files already in the cache are used without the network anyway)",
+    "use_auth_token": "pass token= (its newer name), set HF_TOKEN or log in with `hf auth login`",
     "force_download": "download again with `hf download <id> --force-download`",
     "resume_download": "download with `hf download <id>`",
     "proxies": "set HTTPS_PROXY",
@@ -96,12 +94,14 @@ def resolve_file(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     subfolder: str | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
     required: bool = True,
 ) -> Path | None:
     """Return the local path of ``filename`` inside ``source`` (inside its ``subfolder``, when given).
 
     ``source`` is a local folder or a hub id. For a hub id the file comes from the Hugging Face cache, or is
-    downloaded into it. When it is absent and ``required`` is False, ``None`` is returned; when it is absent and
+    downloaded into it (never with ``local_files_only``; ``token``: huggingface_hub's, for a private repository). When it is absent and ``required`` is False, ``None`` is returned; when it is absent and
     required, :class:`HubFileNotFound` explains where it was looked for and how to get it. In a local folder, a
     folder or a broken symlink under that name is an error (see :func:`folder_entry`), never "absent".
     """
@@ -118,7 +118,8 @@ def resolve_file(
         raise FileNotFoundError(
             f"{text!r} is neither an existing file or folder nor a hub id of the form 'owner/name'"
         )
-    return _hub_download(text, filename, revision=revision, cache_dir=cache_dir, subfolder=subfolder, required=required)
+    return _hub_download(text, filename, revision=revision, cache_dir=cache_dir, subfolder=subfolder,
+                         local_files_only=local_files_only, token=token, required=required)
 
 
 def companion_file(source: str | os.PathLike, filename: str) -> Path | None:
@@ -145,6 +146,8 @@ def _hub_download(
     revision: str | None,
     cache_dir: str | os.PathLike | None,
     subfolder: str | None,
+    local_files_only: bool,
+    token: str | bool | None,
     required: bool,
 ) -> Path | None:
     from huggingface_hub import constants, hf_hub_download
@@ -153,7 +156,8 @@ def _hub_download(
     # The cache first: a file already there needs no network (and no retries on a machine without one).
     try:
         return _a_file(hf_hub_download(
-            repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir, local_files_only=True
+            repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir, local_files_only=True,
+            token=token,
         ))
     except LocalEntryNotFoundError:
         pass
@@ -163,10 +167,14 @@ def _hub_download(
             raise HubFileNotFound(f"the hub repository {repo_id!r} has no file {filename!r}") from None
         return None
     try:
-        return _a_file(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir))
+        return _a_file(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, token=token))
     except LocalEntryNotFoundError:
         # No connection (or offline mode) and nothing in the cache. (A subclass of EntryNotFoundError: first.)
         cache = cache_dir or constants.HF_HUB_CACHE
+        offline = constants.HF_HUB_OFFLINE or local_files_only
+        unreached = ("the hub was not asked (local_files_only=True)" if local_files_only else
+                     "the hub could not be reached (HF_HUB_OFFLINE is set)" if offline else "the hub could not be reached")
         broken = _broken_cache_entry(Path(cache), repo_id, f"{subfolder}/{filename}" if subfolder else filename, revision)
         if broken:
             # Not "absent": an optional config.json skipped here would have its configuration guessed from shapes.
@@ -181,18 +189,16 @@ def _hub_download(
             # reads as though the cached revision lacked the file.
             rev = revision or "main"
             raise HubFileNotFound(
-                f"revision {rev!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and the hub could not "
-                f"be reached{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}. On a machine with "
-                f"network access run `hf download {repo_id} --revision {rev}` and copy the cache folder here, or "
+                f"revision {rev!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and {unreached}. On a "
+                f"machine with network access run `hf download {repo_id} --revision {rev}` and copy the cache folder here, or "
                 f"pass a local folder or checkpoint file instead."
             ) from None
         # An optional file counts as absent only in offline mode; a failed connection says nothing about it.
-        if not required and constants.HF_HUB_OFFLINE:
+        if not required and offline:
             return None
         raise HubFileNotFound(
-            f"{filename!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and the hub could not be "
-            f"reached{' (HF_HUB_OFFLINE is set)' if constants.HF_HUB_OFFLINE else ''}. On a machine with network "
-            f"access run `hf download {repo_id}` (or `huggingface-cli download {repo_id}`) and copy the cache "
+            f"{filename!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and {unreached}. On a machine "
+            f"with network access run `hf download {repo_id}` (or `huggingface-cli download {repo_id}`) and copy the cache "
             f"folder here (or point HF_HUB_CACHE at it), or pass a local folder or checkpoint file instead."
         ) from None
     except EntryNotFoundError:

@@ -143,7 +143,8 @@ def _matching_preset(args: Mapping[str, Any]) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- loading a model
 def locate_checkpoint(
-    source: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None, subfolder: str | None = None
+    source: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None, subfolder: str | None = None,
+    local_files_only: bool = False, token: str | bool | None = None,
 ) -> tuple[Path | None, Path]:
     """(config.json or None, weights file) for a folder, a checkpoint file or a hub id (cache first); with
     ``subfolder``, those of that folder inside the folder or hub repository.
@@ -190,7 +191,8 @@ def locate_checkpoint(
             hint = f" ({named}the presets are {', '.join(PRESETS)})"
         raise FileNotFoundError(
             f"{text!r} is not an existing file or folder, a preset name, nor a hub id 'owner/name'{hint}")
-    where = {"revision": revision, "cache_dir": cache_dir, "subfolder": subfolder}
+    where = {"revision": revision, "cache_dir": cache_dir, "subfolder": subfolder, "local_files_only": local_files_only,
+             "token": token}
     config = resolve_file(text, "config.json", **where, required=False)
     for name in WEIGHT_FILES:
         weights = resolve_file(text, name, **where, required=False)
@@ -219,6 +221,7 @@ def _check_local_path(text: str) -> None:
 
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, subfolder: str | None = None,
+                    local_files_only: bool = False, token: str | bool | None = None,
                     config: PvtV2Config | None = None, **overrides: Any):
     """Build ``model_cls`` and load the weights named by ``source`` (its ``subfolder``) into it, strictly; with
     ``config``, the model is built from it (and ``overrides``) instead of the checkpoint's config.json, as in
@@ -227,7 +230,7 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     if config is not None and not isinstance(config, PvtV2Config):
         raise TypeError(f"config must be a PvtV2Config, got {type(config).__name__}")
     given = config
-    config_path, weights_path = locate_checkpoint(source, revision, cache_dir, subfolder)
+    config_path, weights_path = locate_checkpoint(source, revision, cache_dir, subfolder, local_files_only, token)
     if given is not None:
         config_path = None  # not read, so never named as the cause of a misfit
     state = read_state_dict(weights_path)

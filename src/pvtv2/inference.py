@@ -357,6 +357,20 @@ def onnx_runtime(
             f"{where} outputs 'logits' of {rank} dimensions {outputs[0].shape}, not a classifier's (batch, classes): "
             f"a segmentation or other dense model's export, which {against} (a classifier) cannot run"
         )
+    # What the images are fed as: float32 (B, C, H, W) with the model's channels. A file taking another dtype or
+    # channel count (a half-precision or one-channel model's export) failed at the first batch with onnxruntime's
+    # InvalidArgument traceback.
+    if inputs[0].type != "tensor(float)":
+        raise ValueError(f"{where} takes {inputs[0].type} pixel values, but images are fed as float32 "
+                         f"(tensor(float)): export the model in float32 (pvtv2 export does)")
+    input_shape = inputs[0].shape
+    channels = getattr(model.config, "num_channels", 3)
+    if input_shape is not None and len(input_shape) != 4:
+        raise ValueError(f"{where} takes pixel values of {len(input_shape)} dimensions {input_shape}, not "
+                         f"(batch, channels, height, width)")
+    if input_shape is not None and isinstance(input_shape[1], int) and input_shape[1] != channels:
+        raise ValueError(f"{where} takes images of {input_shape[1]} channel(s), but {against} has {channels}: "
+                         f"the file is another model's export")
     declared = outputs[0].shape[-1] if outputs[0].shape else None
 
     def wrong_classes(count: Any) -> ValueError:
@@ -372,7 +386,15 @@ def onnx_runtime(
         if isinstance(pixel_values, torch.Tensor):
             pixel_values = pixel_values.detach().cpu().numpy()
         feed = np.ascontiguousarray(pixel_values, dtype=np.float32)  # (B, C, H, W)
-        (logits,) = session.run(["logits"], {"pixel_values": feed})
+        try:
+            (logits,) = session.run(["logits"], {"pixel_values": feed})
+        except Exception as err:  # onnxruntime's own exception types: a file of fixed sizes fed another batch or size
+            fixed = "x".join(str(d) if isinstance(d, int) else "?" for d in input_shape or ())
+            raise ValueError(
+                f"{where} cannot run on pixel values of shape {'x'.join(map(str, feed.shape))} (it takes {fixed}; ? is "
+                f"free): {str(err).splitlines()[0][:200]}. Export the model with pvtv2 export (dynamic batch, height "
+                f"and width)"
+            ) from None
         if logits.ndim != 2 or logits.shape[1] != num_labels:  # a symbolic class dimension is only known now
             raise wrong_classes(logits.shape[-1] if logits.ndim else "no")
         return torch.from_numpy(logits).float()  # (B, num_labels)

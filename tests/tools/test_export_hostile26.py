@@ -1,0 +1,152 @@
+"""ONNX export and the ONNX Runtime serving path, hostile pass 26: graphs compared with transformers' model of the same
+weights at sizes unlike the export's (odd sides, linear attention's last stage below 7x7, batches 1 and 5), ONNX
+files that do not fit the model they are served under (another input size, channel count or dtype), and a third
+party's export of transformers' classifier served by ``pvtv2 predict --onnx``.
+
+References: transformers' ``PvtV2ForImageClassification`` with our weights, and our PyTorch model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import TINY_SHALLOW, hf_twin, perturb_, relative_error
+
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+from pvtv2.export import export_onnx
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("transformers")
+
+LABELS = {0: "ant", 1: "bee", 2: "cow"}
+
+
+def classifier(linear: bool = False, seed: int = 0, **changes) -> PvtV2ForImageClassification:
+    torch.manual_seed(seed)
+    config = PvtV2Config(**{**TINY_SHALLOW, "image_size": 64, "id2label": LABELS, "linear_attention": linear, **changes})
+    return perturb_(PvtV2ForImageClassification(config), scale=0.1, seed=seed).eval()
+
+
+class Logits(torch.nn.Module):
+    """A model as a function from pixel values to its logits: what a third party exports."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values).logits
+
+
+def export_plain(model: torch.nn.Module, path: Path, example: torch.Tensor, dynamic: bool) -> Path:
+    """torch.onnx.export of ``model``'s logits, as anyone would write it (no pvtv2 code)."""
+    axes = {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}} if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(model), (example,), str(path), dynamo=False, opset_version=18,
+                          input_names=["pixel_values"], output_names=["logits"], dynamic_axes=axes)
+    return path
+
+
+# (batch, height, width): odd sides; sides whose last stage is below 7x7 (linear attention's pooling then averages
+# overlapping windows: 6 px -> 1x1, 100 px -> 4x4) and barely above it (250 px -> 8); batches 1 and 5
+SIZES = [(1, 33, 61), (5, 33, 61), (5, 100, 100), (1, 6, 250), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_linear_attention_graph_equals_transformers_at_sizes_unlike_the_export(tmp_path, exporter):
+    ours = classifier(linear=True)
+    theirs = hf_twin(ours).eval()
+    result = export_onnx(ours, tmp_path / "m.onnx", exporter=exporter, check_sizes=None)  # this test is the check
+    assert result.exporter == exporter and result.pools_replaced == 4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(3)
+    for batch, height, width in SIZES:
+        x = torch.randn(batch, 3, height, width, generator=gen)
+        with torch.no_grad():
+            want = theirs(x).logits
+        (got,) = session.run(None, {"pixel_values": x.numpy()})
+        assert got.shape == (batch, 3)
+        assert relative_error(want, torch.from_numpy(got)) < 1e-5, (batch, height, width)
+
+
+# ---------------------------------------------------------------------------------------------- serving
+def run_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    from pvtv2.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    model = classifier(seed=4)
+    model.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    for i in range(3):  # three images at batch size 2: a full batch and a batch of one
+        PIL.Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 52, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    return root, model
+
+
+def predict(capsys, root: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_here(capsys, "predict", "--no-progress", "--model", str(root / "model"), str(root / "images"), "--json",
+                    "--top-k", "3", "--batch-size", "2", *extra)
+
+
+def test_an_export_of_transformers_classifier_serves_the_same_predictions(served, tmp_path, capsys):
+    """A plain torch.onnx export of transformers' model with our weights (no pvtv2 code in it) served with --onnx
+    gives the probabilities of our PyTorch model."""
+    root, model = served
+    path = export_plain(hf_twin(model).eval(), tmp_path / "hf.onnx", torch.randn(2, 3, 64, 64), dynamic=True)
+    expected = predict(capsys, root)
+    got = predict(capsys, root, "--runtime", "onnxruntime", "--onnx", str(path))
+    assert expected.returncode == 0 and got.returncode == 0, (expected.stderr, got.stderr)
+    for e, g in zip(json.loads(expected.stdout), json.loads(got.stdout), strict=True):
+        assert [p["label"] for p in g["predictions"]] == [p["label"] for p in e["predictions"]]
+        np.testing.assert_allclose([p["score"] for p in g["predictions"]], [p["score"] for p in e["predictions"]],
+                                   rtol=0, atol=1e-5)
+
+
+def test_an_onnx_file_for_another_channel_count_is_refused_when_loaded(served, tmp_path, capsys):
+    """A one-channel model's export with the same three classes: the images are RGB. Used to end in onnxruntime's
+    InvalidArgument traceback at the first batch."""
+    root, _ = served
+    gray = classifier(seed=5, num_channels=1)
+    export_onnx(gray, tmp_path / "gray.onnx", check_sizes=None)
+    result = predict(capsys, root, "--runtime", "onnxruntime", "--onnx", str(tmp_path / "gray.onnx"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert "gray.onnx" in result.stderr and "1 channel" in result.stderr and "3" in result.stderr
+
+
+def test_an_onnx_file_taking_float16_is_refused_when_loaded(served, tmp_path, capsys):
+    root, model = served
+    half = classifier(seed=4).half()
+    export_plain(half, tmp_path / "half.onnx", torch.randn(1, 3, 64, 64).half(), dynamic=True)
+    result = predict(capsys, root, "--runtime", "onnxruntime", "--onnx", str(tmp_path / "half.onnx"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert "half.onnx" in result.stderr and "float16" in result.stderr
+
+
+def test_an_onnx_file_of_fixed_input_size_runs_where_it_fits_and_says_why_not_elsewhere(served, tmp_path, capsys):
+    """An export without dynamic axes (1x3x64x64, the model's size): batch size 1 runs and equals PyTorch; batch 2
+    is one line naming the file, the shape fed and the shape the file takes (was onnxruntime's traceback)."""
+    root, model = served
+    path = export_plain(model, tmp_path / "static.onnx", torch.randn(1, 3, 64, 64), dynamic=False)
+    expected = json.loads(predict(capsys, root).stdout)
+    ok = predict(capsys, root, "--runtime", "onnxruntime", "--onnx", str(path), "--batch-size", "1")
+    assert ok.returncode == 0, ok.stderr
+    for e, g in zip(expected, json.loads(ok.stdout), strict=True):
+        np.testing.assert_allclose([p["score"] for p in g["predictions"]], [p["score"] for p in e["predictions"]],
+                                   rtol=0, atol=1e-5)
+    result = predict(capsys, root, "--runtime", "onnxruntime", "--onnx", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "static.onnx" in result.stderr and "2x3x64x64" in result.stderr and "1x3x64x64" in result.stderr

@@ -399,7 +399,40 @@ def onnx_runtime(
             raise wrong_classes(logits.shape[-1] if logits.ndim else "no")
         return torch.from_numpy(logits).float()  # (B, num_labels)
 
+    _check_same_model(run, model, input_shape, where, against)
     return run
+
+
+def _check_same_model(run: Runtime, model: PvtV2ForImageClassification, input_shape: Any, where: str,
+                      against: str) -> None:
+    """Refuse an ONNX file whose logits are not ``model``'s: one image of random pixels at the model's size (the
+    file's, where it fixes one) through both. The same input, output and class count do not make a file this model's
+    export: another checkpoint of the architecture (an older epoch, another run) gave its logits under this model's
+    labels without a word. The tolerance, 2% of the largest logit, lets a float16 conversion of the graph pass."""
+    config = model.config
+    fixed = [d if isinstance(d, int) else None for d in (input_shape or [None] * 4)]
+    height, width = fixed[2] or config.image_size[0], fixed[3] or config.image_size[1]
+    pixels = torch.randn(fixed[0] or 1, config.num_channels, height, width, generator=torch.Generator().manual_seed(0))
+    parameter = next(model.parameters())
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            expected = model(pixels.to(parameter.device, parameter.dtype), return_dict=True).logits.float().cpu()
+    except (ValueError, RuntimeError) as err:  # the model cannot run at its own size: nothing to compare with
+        logger.debug("ONNX file not compared with the model: %s", err)
+        return
+    finally:
+        model.train(training)
+    got = run(pixels)
+    difference = float((got - expected).abs().max())
+    tolerance = 0.02 * float(expected.abs().max()) + 1e-4
+    if not difference <= tolerance:  # NaN fails too
+        raise ValueError(
+            f"{where} is not an export of {against}: on the same image their logits differ by up to {difference:.3g} "
+            f"(largest logit {float(expected.abs().max()):.3g}); its answers would go out under the model's labels. "
+            f"Export the model: pvtv2 export --model MODEL --output FILE.onnx"
+        )
 
 
 def load_runtime(

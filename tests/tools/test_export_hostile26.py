@@ -150,3 +150,45 @@ def test_an_onnx_file_of_fixed_input_size_runs_where_it_fits_and_says_why_not_el
     result = predict(capsys, root, "--runtime", "onnxruntime", "--onnx", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "static.onnx" in result.stderr and "2x3x64x64" in result.stderr and "1x3x64x64" in result.stderr
+
+
+def test_an_onnx_file_of_another_model_with_the_same_classes_is_refused_when_loaded(served, tmp_path, capsys):
+    """Another checkpoint of the same architecture and classes (another seed: an older epoch, another run): same
+    input, same output, same class count. Served under --model, its logits went out under the model's labels without
+    a word. Loading compares it with the model on one input."""
+    root, model = served
+    other = classifier(seed=9)
+    export_onnx(other, tmp_path / "other.onnx", check_sizes=None)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the two models do differ: a check that passes them both would be no check
+        assert relative_error(model(x).logits, other(x).logits) > 0.1
+    result = predict(capsys, root, "--runtime", "onnxruntime", "--onnx", str(tmp_path / "other.onnx"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert "other.onnx" in result.stderr and str(root / "model") in result.stderr
+    assert "not an export of" in result.stderr
+
+    # the model's own export, and transformers' export of its weights, pass the same check (see the test above)
+    export_onnx(model, tmp_path / "own.onnx", check_sizes=None)
+    assert predict(capsys, root, "--runtime", "onnxruntime", "--onnx", str(tmp_path / "own.onnx")).returncode == 0
+
+
+def test_the_first_torchscript_export_in_a_process_without_a_check_writes_a_graph(tmp_path, monkeypatch):
+    """In a fresh process (no forward pass before the export: --no-check), the first linear-attention export traced
+    the oneDNN capability probe of the training GEMM's switch into its graph, and the TorchScript exporter failed
+    with an internal assert ("outputs_[i]->uses().empty()"; auto then fell back to the slow dynamo exporter). A fresh
+    process is what an empty capability cache is; the switch set to oneDNN makes the probe run on any CPU (AMD CPUs
+    with AVX-512 take it by default)."""
+    import pvtv2.fast.cpu as fast_cpu
+    from pvtv2.fast.train import train_gemm
+
+    monkeypatch.setattr(fast_cpu, "_CAPABILITY", {})
+    ours = classifier(linear=True, seed=2)
+    with train_gemm("onednn"):
+        result = export_onnx(ours, tmp_path / "m.onnx", exporter="torchscript", check_sizes=None)
+    assert result.exporter == "torchscript" and result.attempts == ["torchscript: ok"]
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 33, 61, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf_twin(ours).eval()(x).logits
+    (got,) = session.run(None, {"pixel_values": x.numpy()})
+    assert relative_error(want, torch.from_numpy(got)) < 1e-5

@@ -390,10 +390,12 @@ def onnx_runtime(
             (logits,) = session.run(["logits"], {"pixel_values": feed})
         except Exception as err:  # onnxruntime's own exception types: a file of fixed sizes fed another batch or size
             fixed = "x".join(str(d) if isinstance(d, int) else "?" for d in input_shape or ())
+            # the advice only where the file fixes a batch or side (a channel count is the model's own)
+            sides = any(isinstance(d, int) for axis, d in enumerate(input_shape or ()) if axis != 1)
             raise ValueError(
                 f"{where} cannot run on pixel values of shape {'x'.join(map(str, feed.shape))} (it takes {fixed}; ? is "
-                f"free): {str(err).splitlines()[0][:200]}. Export the model with pvtv2 export (dynamic batch, height "
-                f"and width)"
+                f"free): {str(err).splitlines()[0][:200]}"
+                + (". Export the model with pvtv2 export (dynamic batch, height and width)" if sides else "")
             ) from None
         if logits.ndim != 2 or logits.shape[1] != num_labels:  # a symbolic class dimension is only known now
             raise wrong_classes(logits.shape[-1] if logits.ndim else "no")

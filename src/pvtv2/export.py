@@ -19,6 +19,8 @@ place; a file that does not match is never written.
 from __future__ import annotations
 
 import copy
+import errno
+import hashlib
 import logging
 import os
 import time
@@ -402,6 +404,16 @@ def _file_opset(path: Path) -> int | None:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
+def _temporary_sibling(output: Path) -> Path:
+    """The hidden file an export is written to before it is checked: ``.NAME.tmp``, or, where that would be longer
+    than the 255 bytes a folder entry takes (an output name of 251 to 255), the name cut short with a hash of it."""
+    name = f".{output.name}.tmp"
+    if len(name.encode()) <= 255:
+        return output.with_name(name)
+    digest = hashlib.sha1(output.name.encode()).hexdigest()[:12]
+    return output.with_name(f".{output.name.encode()[:200].decode(errors='ignore')}.{digest}.tmp")
+
+
 def _missing_folders(folder: Path) -> list[Path]:
     """The folders ``mkdir(parents=True)`` would create for ``folder``, outermost first."""
     missing = []
@@ -481,12 +493,19 @@ def export_onnx(
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
-    tmp = output.with_name(f".{output.name}.tmp")
+    tmp = _temporary_sibling(output)
     created = _missing_folders(output.parent)
     attempts: list[str] = []
     written = False
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a folder that takes no file is found now, not after each exporter has traced the model
+            with open(tmp, "wb"):
+                pass
+            if len(output.name.encode()) > 255:  # the temporary name is short enough; the rename would fail
+                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        except OSError as err:
+            raise WriteError(output, err) from None
         for name in order:
             start = time.perf_counter()
             try:

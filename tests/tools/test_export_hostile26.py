@@ -192,3 +192,31 @@ def test_the_first_torchscript_export_in_a_process_without_a_check_writes_a_grap
         want = hf_twin(ours).eval()(x).logits
     (got,) = session.run(None, {"pixel_values": x.numpy()})
     assert relative_error(want, torch.from_numpy(got)) < 1e-5
+
+
+def test_an_output_name_of_255_characters_is_written(tmp_path):
+    """The longest name a folder takes: the temporary file beside it (".NAME.tmp") was 5 characters longer, and both
+    exporters failed with "File name too long" naming the temporary file."""
+    model = classifier(seed=6)
+    output = tmp_path / ("m" * 250 + ".onnx")
+    result = export_onnx(model, output, exporter="torchscript", check_sizes=[(1, 64, 64)])
+    assert result.path == output and output.is_file() and sorted(tmp_path.iterdir()) == [output]
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 45, 70, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x).logits
+    assert relative_error(want, torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])) < 1e-5
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_exporter_runs(tmp_path, monkeypatch):
+    """A name no folder takes: each exporter traced the model (dynamo for tens of seconds) before the write failed,
+    and the error named the temporary file. Now a WriteError naming the output, and no exporter runs."""
+    import pvtv2.export as export
+    from pvtv2.fileio import WriteError
+
+    calls = []
+    monkeypatch.setattr(export, "_export_once", lambda *args: calls.append(args[3]))
+    output = tmp_path / "new" / ("m" * 300 + ".onnx")
+    with pytest.raises(WriteError, match="m" * 300 + r"\.onnx'.*File name too long"):
+        export_onnx(classifier(seed=6), output, check_sizes=None)
+    assert calls == [] and list(tmp_path.iterdir()) == []  # nor the folder made for it

@@ -220,3 +220,21 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_exporter_runs(tm
     with pytest.raises(WriteError, match="m" * 300 + r"\.onnx'.*File name too long"):
         export_onnx(classifier(seed=6), output, check_sizes=None)
     assert calls == [] and list(tmp_path.iterdir()) == []  # nor the folder made for it
+
+
+def check_sizes(*values: str):
+    from pvtv2.cli import build_parser
+
+    return build_parser().parse_args(["export", "-m", "pvt_v2_b0", "-o", "m.onnx", "--check-sizes", *values]).check_sizes
+
+
+def test_check_sizes_parse_as_written():
+    assert check_sizes("64", "160x192", "2X48X80", "5x33x61") == [(1, 64, 64), (1, 160, 192), (2, 48, 80), (5, 33, 61)]
+
+
+@pytest.mark.parametrize("text", ["1_28", "2x6_4x64", "+64", "\u0663\u0662", "64x", "x64", "2x3x4x5", "0x64", "1e2", ""])
+def test_check_sizes_that_are_not_sizes_are_refused(text, capsys):
+    """Python's int() reads "1_28" as 128 and Arabic-Indic digits as numbers: not what BxHxW means."""
+    with pytest.raises(SystemExit) as exit_info:
+        check_sizes(text)
+    assert exit_info.value.code == 2 and "expected a size like 224, 160x192 or 2x160x192" in capsys.readouterr().err

@@ -331,6 +331,8 @@ def onnx_runtime(
     """
     ort = _import_onnxruntime()
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"the ONNX file {path!r} is a folder, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ONNX file not found: {path!r}")
     options = ort.SessionOptions()

@@ -238,3 +238,27 @@ def test_check_sizes_that_are_not_sizes_are_refused(text, capsys):
     with pytest.raises(SystemExit) as exit_info:
         check_sizes(text)
     assert exit_info.value.code == 2 and "expected a size like 224, 160x192 or 2x160x192" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "Protobuf parsing failed"),
+    ("empty", "No graph was found"),
+    ("text", "Protobuf parsing failed"),
+    ("folder", "is a folder, not a file"),
+    ("missing", "ONNX file not found"),
+])
+def test_a_damaged_onnx_file_is_one_line_naming_it(served, tmp_path, capsys, damage, message):
+    root, model = served
+    path = tmp_path / "damaged.onnx"
+    if damage in ("truncated", "empty"):
+        export_onnx(model, tmp_path / "whole.onnx", check_sizes=None)
+        data = (tmp_path / "whole.onnx").read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    elif damage == "text":
+        path.write_text("not an ONNX graph")
+    elif damage == "folder":
+        path.mkdir()
+    result = predict(capsys, root, "--runtime", "onnxruntime", "--onnx", str(path))
+    lines = [line for line in result.stderr.splitlines() if not line.startswith(("INFO", "WARNING"))]
+    assert result.returncode == 2 and result.stdout == "" and len(lines) == 1
+    assert lines[0].startswith("pvtv2 predict: error: ") and str(path) in lines[0] and message in lines[0]

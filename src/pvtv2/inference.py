@@ -412,7 +412,9 @@ def _check_same_model(run: Runtime, model: PvtV2ForImageClassification, input_sh
     """Refuse an ONNX file whose logits are not ``model``'s: one image of random pixels at the model's size (the
     file's, where it fixes one) through both. The same input, output and class count do not make a file this model's
     export: another checkpoint of the architecture (an older epoch, another run) gave its logits under this model's
-    labels without a word. The tolerance, 2% of the largest logit, lets a float16 conversion of the graph pass."""
+    labels without a word. The tolerance, a quarter of the largest logit, lets a float16, bfloat16 or int8-quantized
+    version of the graph pass (tiny models: float16 0.1-0.4% off, bfloat16 about 2%, onnxruntime's dynamic int8
+    quantization 5-12%); models of other weights were 68-430% apart."""
     config = model.config
     fixed = [d if isinstance(d, int) else None for d in (input_shape or [None] * 4)]
     height, width = fixed[2] or config.image_size[0], fixed[3] or config.image_size[1]
@@ -430,7 +432,7 @@ def _check_same_model(run: Runtime, model: PvtV2ForImageClassification, input_sh
         model.train(training)
     got = run(pixels)
     difference = float((got - expected).abs().max())
-    tolerance = 0.02 * float(expected.abs().max()) + 1e-4
+    tolerance = 0.25 * float(expected.abs().max()) + 1e-4
     if not difference <= tolerance:  # NaN fails too
         raise ValueError(
             f"{where} is not an export of {against}: on the same image their logits differ by up to {difference:.3g} "

@@ -386,7 +386,7 @@ def check_onnx(
     """
     names = graph_outputs(model)
     channels = getattr(getattr(model, "config", None), "num_channels", 3)
-    reference = copy.deepcopy(model).float().eval()
+    reference = copy.deepcopy(model).cpu().float().eval()
     references = _reference_outputs(reference, names, _check_sizes(sizes), channels, seed)
     return _compare(path, names, references, rtol, atol)
 
@@ -475,9 +475,10 @@ def export_onnx(
                          f"The checkpoint is damaged, or was saved after training diverged")
     config = getattr(model, "config", None)
     channels = getattr(config, "num_channels", 3)
-    # The exported graph is float32 whatever the model's dtype; the checks compare with the model as it is (its
+    # The exported graph is float32 on the CPU whatever the model's dtype and device (the example and the check inputs
+    # are made there); the checks compare with the model as it is (its
     # AdaptiveAvgPool2d included), in float32, computed before the pools are replaced.
-    exportable = copy.deepcopy(model).float().eval()
+    exportable = copy.deepcopy(model).cpu().float().eval()
     references = _reference_outputs(exportable, names, sizes, channels, seed=0) if sizes else []
     replaced = _replace_adaptive_pools(exportable)
     wrapper = _Outputs(exportable, names).eval()

@@ -280,3 +280,17 @@ def test_an_int8_quantized_export_of_the_model_is_served(served, tmp_path, capsy
         scores = {p["label"]: p["score"] for p in g["predictions"]}
         np.testing.assert_allclose([scores[p["label"]] for p in e["predictions"]],
                                    [p["score"] for p in e["predictions"]], atol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_the_gpu_exports_and_is_checked_on_the_cpu(tmp_path):
+    """The references and the example were made on the CPU for a model left on the GPU: every export of a CUDA
+    model failed, saying the model "does not run" at the check sizes. The graph is float32 on the CPU either way."""
+    model = classifier(linear=True, seed=8)
+    x = torch.randn(5, 3, 33, 61, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(x).logits
+    result = export_onnx(model.cuda(), tmp_path / "m.onnx", exporter="torchscript", check_sizes=[(1, 64, 64)])
+    assert result.ok and next(model.parameters()).is_cuda  # the caller's model stays where it was
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert relative_error(want, torch.from_numpy(session.run(None, {"pixel_values": x.numpy()})[0])) < 1e-5

@@ -392,10 +392,10 @@ def _size_pair(text: str) -> tuple[int, int]:
 def _check_size(text: str) -> tuple[int, int, int]:
     """BxHxW, HxW or S (batch 1)."""
     parts = text.lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size like 224, 160x192 or 2x160x192, got {text!r}") from None
+    # ASCII digits only: int() also reads "1_28" as 128, "+64", and digits of other scripts
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected a size like 224, 160x192 or 2x160x192, got {text!r}")
+    values = [int(p) for p in parts]
     if len(values) == 1:
         values = [1, values[0], values[0]]
     elif len(values) == 2:

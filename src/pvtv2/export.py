@@ -19,6 +19,8 @@ place; a file that does not match is never written.
 from __future__ import annotations
 
 import copy
+import errno
+import hashlib
 import logging
 import os
 import time
@@ -384,7 +386,7 @@ def check_onnx(
     """
     names = graph_outputs(model)
     channels = getattr(getattr(model, "config", None), "num_channels", 3)
-    reference = copy.deepcopy(model).float().eval()
+    reference = copy.deepcopy(model).cpu().float().eval()
     references = _reference_outputs(reference, names, _check_sizes(sizes), channels, seed)
     return _compare(path, names, references, rtol, atol)
 
@@ -400,6 +402,16 @@ def _file_opset(path: Path) -> int | None:
     except Exception:  # noqa: BLE001 - not a readable graph: onnxruntime's load, next, says why
         return None
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _temporary_sibling(output: Path) -> Path:
+    """The hidden file an export is written to before it is checked: ``.NAME.tmp``, or, where that would be longer
+    than the 255 bytes a folder entry takes (an output name of 251 to 255), the name cut short with a hash of it."""
+    name = f".{output.name}.tmp"
+    if len(name.encode()) <= 255:
+        return output.with_name(name)
+    digest = hashlib.sha1(output.name.encode()).hexdigest()[:12]
+    return output.with_name(f".{output.name.encode()[:200].decode(errors='ignore')}.{digest}.tmp")
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -463,9 +475,10 @@ def export_onnx(
                          f"The checkpoint is damaged, or was saved after training diverged")
     config = getattr(model, "config", None)
     channels = getattr(config, "num_channels", 3)
-    # The exported graph is float32 whatever the model's dtype; the checks compare with the model as it is (its
+    # The exported graph is float32 on the CPU whatever the model's dtype and device (the example and the check inputs
+    # are made there); the checks compare with the model as it is (its
     # AdaptiveAvgPool2d included), in float32, computed before the pools are replaced.
-    exportable = copy.deepcopy(model).float().eval()
+    exportable = copy.deepcopy(model).cpu().float().eval()
     references = _reference_outputs(exportable, names, sizes, channels, seed=0) if sizes else []
     replaced = _replace_adaptive_pools(exportable)
     wrapper = _Outputs(exportable, names).eval()
@@ -481,12 +494,19 @@ def export_onnx(
             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from None
     order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
-    tmp = output.with_name(f".{output.name}.tmp")
+    tmp = _temporary_sibling(output)
     created = _missing_folders(output.parent)
     attempts: list[str] = []
     written = False
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+        try:  # a folder that takes no file is found now, not after each exporter has traced the model
+            with open(tmp, "wb"):
+                pass
+            if len(output.name.encode()) > 255:  # the temporary name is short enough; the rename would fail
+                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        except OSError as err:
+            raise WriteError(output, err) from None
         for name in order:
             start = time.perf_counter()
             try:

@@ -331,6 +331,8 @@ def onnx_runtime(
     """
     ort = _import_onnxruntime()
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"the ONNX file {path!r} is a folder, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ONNX file not found: {path!r}")
     options = ort.SessionOptions()
@@ -357,6 +359,20 @@ def onnx_runtime(
             f"{where} outputs 'logits' of {rank} dimensions {outputs[0].shape}, not a classifier's (batch, classes): "
             f"a segmentation or other dense model's export, which {against} (a classifier) cannot run"
         )
+    # What the images are fed as: float32 (B, C, H, W) with the model's channels. A file taking another dtype or
+    # channel count (a half-precision or one-channel model's export) failed at the first batch with onnxruntime's
+    # InvalidArgument traceback.
+    if inputs[0].type != "tensor(float)":
+        raise ValueError(f"{where} takes {inputs[0].type} pixel values, but images are fed as float32 "
+                         f"(tensor(float)): export the model in float32 (pvtv2 export does)")
+    input_shape = inputs[0].shape
+    channels = getattr(model.config, "num_channels", 3)
+    if input_shape is not None and len(input_shape) != 4:
+        raise ValueError(f"{where} takes pixel values of {len(input_shape)} dimensions {input_shape}, not "
+                         f"(batch, channels, height, width)")
+    if input_shape is not None and isinstance(input_shape[1], int) and input_shape[1] != channels:
+        raise ValueError(f"{where} takes images of {input_shape[1]} channel(s), but {against} has {channels}: "
+                         f"the file is another model's export")
     declared = outputs[0].shape[-1] if outputs[0].shape else None
 
     def wrong_classes(count: Any) -> ValueError:
@@ -372,12 +388,57 @@ def onnx_runtime(
         if isinstance(pixel_values, torch.Tensor):
             pixel_values = pixel_values.detach().cpu().numpy()
         feed = np.ascontiguousarray(pixel_values, dtype=np.float32)  # (B, C, H, W)
-        (logits,) = session.run(["logits"], {"pixel_values": feed})
+        try:
+            (logits,) = session.run(["logits"], {"pixel_values": feed})
+        except Exception as err:  # onnxruntime's own exception types: a file of fixed sizes fed another batch or size
+            fixed = "x".join(str(d) if isinstance(d, int) else "?" for d in input_shape or ())
+            # the advice only where the file fixes a batch or side (a channel count is the model's own)
+            sides = any(isinstance(d, int) for axis, d in enumerate(input_shape or ()) if axis != 1)
+            raise ValueError(
+                f"{where} cannot run on pixel values of shape {'x'.join(map(str, feed.shape))} (it takes {fixed}; ? is "
+                f"free): {str(err).splitlines()[0][:200]}"
+                + (". Export the model with pvtv2 export (dynamic batch, height and width)" if sides else "")
+            ) from None
         if logits.ndim != 2 or logits.shape[1] != num_labels:  # a symbolic class dimension is only known now
             raise wrong_classes(logits.shape[-1] if logits.ndim else "no")
         return torch.from_numpy(logits).float()  # (B, num_labels)
 
+    _check_same_model(run, model, input_shape, where, against)
     return run
+
+
+def _check_same_model(run: Runtime, model: PvtV2ForImageClassification, input_shape: Any, where: str,
+                      against: str) -> None:
+    """Refuse an ONNX file whose logits are not ``model``'s: one image of random pixels at the model's size (the
+    file's, where it fixes one) through both. The same input, output and class count do not make a file this model's
+    export: another checkpoint of the architecture (an older epoch, another run) gave its logits under this model's
+    labels without a word. The tolerance, a quarter of the largest logit, lets a float16, bfloat16 or int8-quantized
+    version of the graph pass (tiny models: float16 0.1-0.4% off, bfloat16 about 2%, onnxruntime's dynamic int8
+    quantization 5-12%); models of other weights were 68-430% apart."""
+    config = model.config
+    fixed = [d if isinstance(d, int) else None for d in (input_shape or [None] * 4)]
+    height, width = fixed[2] or config.image_size[0], fixed[3] or config.image_size[1]
+    pixels = torch.randn(fixed[0] or 1, config.num_channels, height, width, generator=torch.Generator().manual_seed(0))
+    parameter = next(model.parameters())
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            expected = model(pixels.to(parameter.device, parameter.dtype), return_dict=True).logits.float().cpu()
+    except (ValueError, RuntimeError) as err:  # the model cannot run at its own size: nothing to compare with
+        logger.debug("ONNX file not compared with the model: %s", err)
+        return
+    finally:
+        model.train(training)
+    got = run(pixels)
+    difference = float((got - expected).abs().max())
+    tolerance = 0.25 * float(expected.abs().max()) + 1e-4
+    if not difference <= tolerance:  # NaN fails too
+        raise ValueError(
+            f"{where} is not an export of {against}: on the same image their logits differ by up to {difference:.3g} "
+            f"(largest logit {float(expected.abs().max()):.3g}); its answers would go out under the model's labels. "
+            f"Export the model: pvtv2 export --model MODEL --output FILE.onnx"
+        )
 
 
 def load_runtime(

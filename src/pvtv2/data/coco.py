@@ -506,6 +506,20 @@ def detections_to_coco(
         scores = output["scores"].detach().float().cpu().tolist()
         labels = output["labels"].detach().cpu().tolist()
         masks = output.get("masks")
+        # zip would drop what one field has more of, and a negative label would index a category list from its end
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"image {image_id}: 'boxes' must be (N, 4) x1 y1 x2 y2, got shape {tuple(boxes.shape)}")
+        count = len(boxes)
+        if len(scores) != count or len(labels) != count:
+            raise ValueError(f"image {image_id}: {count} boxes but {len(scores)} scores and {len(labels)} labels")
+        if masks is not None and (masks.ndim != 4 or masks.shape[1] != 1 or len(masks) != count):
+            raise ValueError(f"image {image_id}: 'masks' must be (N, 1, H, W) with one per box ({count} boxes), got "
+                             f"{len(masks)} masks of shape {tuple(masks.shape)}")
+        if not isinstance(label_to_category, Mapping):
+            wrong = [label for label in labels if not 0 <= label < len(label_to_category)]
+            if wrong:
+                raise ValueError(f"image {image_id}: label {wrong[0]} is not one of the {len(label_to_category)} "
+                                 f"labels 0 .. {len(label_to_category) - 1} that label_to_category maps")
         if masks is not None:
             mask_utils = mask_utils or import_pycocotools()
             binary = (masks.detach()[:, 0] >= mask_threshold).cpu().numpy().astype(np.uint8)  # (N, H, W)

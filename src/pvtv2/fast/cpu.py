@@ -156,6 +156,10 @@ def _probe(dtype: torch.dtype) -> bool:
 def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this PyTorch build and CPU run the fast path's oneDNN operators correctly for ``dtype``."""
     if dtype not in _CAPABILITY:
+        if torch.jit.is_tracing():
+            # The probe's operations would be recorded into the trace (the first export of a process, before any
+            # forward pass, failed in the TorchScript exporter): not known yet, not probed now.
+            return False
         ok = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
         _CAPABILITY[dtype] = ok
         logger.debug("oneDNN fast path for %s: %s", dtype, ok)

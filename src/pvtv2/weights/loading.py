@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 import weakref
@@ -80,7 +81,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
             srs.append(int(sr.shape[-1]) if sr is not None else 1)
             if sr is not None and sr.shape[-1] == 1:
                 linear = True
-            mlps.append(canonical[f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"].shape[0] / hidden[-1])
+            mlps.append(_mlp_ratio(int(canonical[f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"].shape[0]), hidden[-1]))
         qkv_bias = "encoder.layers.0.blocks.0.attention.query.bias" in canonical
     except KeyError as err:
         raise CheckpointError(f"the checkpoint lacks {err.args[0]!r}, needed to infer its configuration") from None
@@ -93,7 +94,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         strides=[4] + [2] * (len(stages) - 1),
         sr_ratios=([8, 4, 2, 1] if len(stages) == 4 else [1] * len(stages)) if linear else srs,
         num_attention_heads=[h // hidden[0] if h % hidden[0] == 0 else 1 for h in hidden],
-        mlp_ratios=[int(r) if float(r).is_integer() else r for r in mlps],
+        mlp_ratios=mlps,
         qkv_bias=qkv_bias,
         linear_attention=linear,
     )
@@ -125,6 +126,16 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         args["drop_path_rate"] = PRESETS[preset]["drop_path_rate"]
     logger.info("configuration inferred from the %s checkpoint's shapes%s", layout, f" (matches {preset})" if preset else "")
     return PvtV2Config(**merge_changes(args, overrides))
+
+
+def _mlp_ratio(hidden_features: int, dim: int) -> float:
+    """The MLP ratio from which the model rebuilds ``hidden_features``: ``int(dim * ratio) == hidden_features``, as
+    every implementation computes the width. ``hidden_features / dim`` can fall a rounding short of that
+    (230 / 112 * 112 is 229.99999999999997), which would build the layer one feature narrower than its weights."""
+    ratio = hidden_features / dim
+    while int(dim * ratio) < hidden_features:
+        ratio = math.nextafter(ratio, math.inf)
+    return int(ratio) if ratio.is_integer() else ratio
 
 
 def _matching_preset(args: Mapping[str, Any]) -> str | None:

@@ -460,8 +460,10 @@ def _config_file_note(
     found["patch_sizes"] = [int(p.shape[-1]) for p in projections]
     dense1 = [canonical.get(stage(i) + "blocks.0.mlp.dense1.weight") for i in range(len(hidden))]
     if all(t is not None and t.ndim >= 1 for t in dense1):
-        ratios = [t.shape[0] / h for t, h in zip(dense1, hidden)]
-        found["mlp_ratios"] = [int(r) if r.is_integer() else r for r in ratios]  # as the config stores them
+        widths = [int(t.shape[0]) for t in dense1]
+        # Any ratios that rebuild the widths are right (timm's 2.06 for 230 of 112); else the ones read off the shapes
+        if [int(h * r) for h, r in zip(hidden, config.mlp_ratios)] != widths:
+            found["mlp_ratios"] = [_mlp_ratio(w, h) for w, h in zip(widths, hidden)]
     reductions = [canonical.get(stage(i) + "blocks.0.attention.spatial_reduction.weight") for i in range(len(hidden))]
     linear = _linear_attention(canonical)
     if not linear:  # linear attention pools to 7x7: its 1x1 reduction says nothing of sr_ratios

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 import transformers
-from conftest import TINY, hf_config, relative_error
+from conftest import TINY, relative_error
 from test_adversarial_parity import TOL32, TOL64, hf_pair
 from transformers.activations import ACT2CLS
 

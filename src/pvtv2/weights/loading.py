@@ -559,6 +559,11 @@ def transformers_differences(config: PvtV2Config) -> list[str]:
             f"{differing} (the original code's and timm's epsilon), so loaded there these weights give slightly "
             f"different outputs; pvtv2 reads the epsilons back"
         )
+    if config.hidden_act == "selu":  # the one name of ours transformers' activation table lacks
+        notes.append(
+            "transformers' PvtV2 has no activation named 'selu' (hidden_act) and builds no model from this "
+            "config.json; it loads in pvtv2"
+        )
     if any(not float(r).is_integer() for r in config.mlp_ratios):
         notes.append(
             f"transformers' PvtV2Config takes whole-number mlp_ratios only and refuses {list(config.mlp_ratios)}, "

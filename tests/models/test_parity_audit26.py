@@ -32,7 +32,7 @@ PARAMETER_FREE = sorted(set(ACT2CLS) - WITH_WEIGHTS)
 def test_every_transformers_activation_name_computes_transformers_numbers(act):
     config = PvtV2Config(**TINY, hidden_act=act, num_labels=3)
     ours, theirs = hf_pair(config, seed=11)
-    x = torch.randn(2, 3, 37, 45, dtype=torch.float64) * 3
+    x = torch.randn(2, 3, 33, 35, dtype=torch.float64) * 3
     with torch.no_grad():
         assert relative_error(theirs(x).logits, ours(x).logits) < TOL64
     ours, theirs = ours.float(), theirs.float()

@@ -279,7 +279,12 @@ def _image_size(name: str, value: Any) -> tuple[int, int]:
 def _activation(name: str, value: Any) -> str | Callable:
     if isinstance(value, str):
         if value not in ACTIVATIONS:
-            raise ValueError(f"{name}={short_repr(value)} is not supported; use one of {list(ACTIVATIONS)}")
+            # transformers' names, too many to list in one line: the closest ones, and where all are
+            close = difflib.get_close_matches(value, list(ACTIVATIONS), n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"{name}={short_repr(value)} is not supported{hint} (every name: pvtv2.models.activations.ACTIVATIONS)"
+            )
     elif not callable(value):
         raise ValueError(f"{name} must be an activation name or a callable, got {short_repr(value)}")
     return value

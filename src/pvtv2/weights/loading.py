@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 import weakref
@@ -81,7 +82,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
             srs.append(int(sr.shape[-1]) if sr is not None else 1)
             if sr is not None and sr.shape[-1] == 1:
                 linear = True
-            mlps.append(canonical[f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"].shape[0] / hidden[-1])
+            mlps.append(_mlp_ratio(int(canonical[f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"].shape[0]), hidden[-1]))
         qkv_bias = "encoder.layers.0.blocks.0.attention.query.bias" in canonical
     except KeyError as err:
         raise CheckpointError(f"the checkpoint lacks {err.args[0]!r}, needed to infer its configuration") from None
@@ -94,7 +95,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         strides=[4] + [2] * (len(stages) - 1),
         sr_ratios=([8, 4, 2, 1] if len(stages) == 4 else [1] * len(stages)) if linear else srs,
         num_attention_heads=[h // hidden[0] if h % hidden[0] == 0 else 1 for h in hidden],
-        mlp_ratios=[int(r) if float(r).is_integer() else r for r in mlps],
+        mlp_ratios=mlps,
         qkv_bias=qkv_bias,
         linear_attention=linear,
     )
@@ -126,6 +127,16 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         args["drop_path_rate"] = PRESETS[preset]["drop_path_rate"]
     logger.info("configuration inferred from the %s checkpoint's shapes%s", layout, f" (matches {preset})" if preset else "")
     return PvtV2Config(**merge_changes(args, overrides))
+
+
+def _mlp_ratio(hidden_features: int, dim: int) -> float:
+    """The MLP ratio from which the model rebuilds ``hidden_features``: ``int(dim * ratio) == hidden_features``, as
+    every implementation computes the width. ``hidden_features / dim`` can fall a rounding short of that
+    (230 / 112 * 112 is 229.99999999999997), which would build the layer one feature narrower than its weights."""
+    ratio = hidden_features / dim
+    while int(dim * ratio) < hidden_features:
+        ratio = math.nextafter(ratio, math.inf)
+    return int(ratio) if ratio.is_integer() else ratio
 
 
 def _matching_preset(args: Mapping[str, Any]) -> str | None:
@@ -457,8 +468,10 @@ def _config_file_note(
     found["patch_sizes"] = [int(p.shape[-1]) for p in projections]
     dense1 = [canonical.get(stage(i) + "blocks.0.mlp.dense1.weight") for i in range(len(hidden))]
     if all(t is not None and t.ndim >= 1 for t in dense1):
-        ratios = [t.shape[0] / h for t, h in zip(dense1, hidden)]
-        found["mlp_ratios"] = [int(r) if r.is_integer() else r for r in ratios]  # as the config stores them
+        widths = [int(t.shape[0]) for t in dense1]
+        # Any ratios that rebuild the widths are right (timm's 2.06 for 230 of 112); else the ones read off the shapes
+        if [int(h * r) for h, r in zip(hidden, config.mlp_ratios)] != widths:
+            found["mlp_ratios"] = [_mlp_ratio(w, h) for w, h in zip(widths, hidden)]
     reductions = [canonical.get(stage(i) + "blocks.0.attention.spatial_reduction.weight") for i in range(len(hidden))]
     linear = _linear_attention(canonical)
     if not linear:  # linear attention pools to 7x7: its 1x1 reduction says nothing of sr_ratios
@@ -553,6 +566,11 @@ def transformers_differences(config: PvtV2Config) -> list[str]:
             f"transformers' PvtV2 uses layer_norm_eps={config.layer_norm_eps:g} in every LayerNorm and ignores "
             f"{differing} (the original code's and timm's epsilon), so loaded there these weights give slightly "
             f"different outputs; pvtv2 reads the epsilons back"
+        )
+    if config.hidden_act == "selu":  # the one name of ours transformers' activation table lacks
+        notes.append(
+            "transformers' PvtV2 has no activation named 'selu' (hidden_act) and builds no model from this "
+            "config.json; it loads in pvtv2"
         )
     if any(not float(r).is_integer() for r in config.mlp_ratios):
         notes.append(

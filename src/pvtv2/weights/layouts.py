@@ -5,7 +5,7 @@ Three layouts of the same weights are read and written:
 - ``transformers``: the hub's (``OpenGVLab/pvt_v2_b0``), and this library's own ``state_dict()``:
   ``pvt_v2.encoder.layers.{i}.blocks.{j}.attention.query.weight`` ... ``classifier.weight``;
 - ``timm``: ``patch_embed.proj.weight``, ``stages.{i}.downsample``, ``stages.{i}.blocks.{j}.attn.kv.weight`` ...
-  ``head.weight``;
+  ``head.weight`` (read too as ``stages_{i}...``, the keys of a timm ``features_only=True`` model, which has no head);
 - ``original``: the authors' release files (``pvt_v2_b0.pth``): ``patch_embed{n}``, ``block{n}.{j}``, ``norm{n}``.
 
 The original repository's detection and segmentation checkpoints (mmdetection / mmsegmentation files, ``mmdet``) are
@@ -78,9 +78,9 @@ _PARSERS: dict[str, list[tuple[re.Pattern[str], str]]] = {
     ],
     "timm": [
         (re.compile(r"^patch_embed\.(?P<local>proj|norm)\.(?P<p>\w+)$"), "patch0"),
-        (re.compile(r"^stages\.(?P<i>\d+)\.downsample\.(?P<local>proj|norm)\.(?P<p>\w+)$"), "patch"),
-        (re.compile(r"^stages\.(?P<i>\d+)\.blocks\.(?P<j>\d+)\.(?P<local>.+)\.(?P<p>\w+)$"), "block"),
-        (re.compile(r"^stages\.(?P<i>\d+)\.norm\.(?P<p>\w+)$"), "norm"),
+        (re.compile(r"^stages[._](?P<i>\d+)\.downsample\.(?P<local>proj|norm)\.(?P<p>\w+)$"), "patch"),
+        (re.compile(r"^stages[._](?P<i>\d+)\.blocks\.(?P<j>\d+)\.(?P<local>.+)\.(?P<p>\w+)$"), "block"),
+        (re.compile(r"^stages[._](?P<i>\d+)\.norm\.(?P<p>\w+)$"), "norm"),
         (re.compile(r"^head\.(?P<p>\w+)$"), "head"),
     ],
     "original": [
@@ -133,7 +133,8 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
     keys = list(state)
     if any(k.startswith(("encoder.layers.", "pvt_v2.encoder.layers.")) for k in keys):
         return "transformers"
-    if any(k.startswith("stages.") for k in keys) and "patch_embed.proj.weight" in state:
+    # "stages_{i}": the same keys in a timm features_only model (its FeatureListNet flattens the stages' Sequential)
+    if any(k.startswith(("stages.", "stages_")) for k in keys) and "patch_embed.proj.weight" in state:
         return "timm"
     if "patch_embed1.proj.weight" in state and any(k.startswith("block1.") for k in keys):
         return "original"

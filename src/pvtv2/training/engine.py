@@ -582,8 +582,27 @@ def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, 
             "the run was trained by %d process(es), this one by %d: the samples are dealt differently, and the result "
             "will differ from an uninterrupted run", len(rng), ctx.dist.world_size,
         )
+    _realign_schedule(training)
     if ctx.dist.main:
         training.records = [r for r in read_metrics(cfg.output) if r["epoch"] <= training.start_epoch]  # epochs from 1
+
+
+def _realign_schedule(training: Training) -> None:
+    """Put the restored scheduler at the first step of the epoch the run continues with, as this invocation counts
+    steps. Another number of processes (or a task whose batches per epoch changed) makes another number of steps per
+    epoch: the saved step count, kept as it was, put a 2-process run resumed by 1 process at 3/4 of its cosine
+    after 2 epochs of 4 (its learning rate never came down to --min-lr), and a 1-process run resumed by 2 at its end
+    with half of it left to train. Where the counts agree (a resume by as many processes) nothing changes."""
+    scheduler, step = training.scheduler, training.start_epoch * training.schedule.steps_per_epoch
+    if scheduler.last_epoch == step:
+        return
+    logger.info("the run's step %d is step %d of this run's %d: its learning rate schedule continues from there",
+                scheduler.last_epoch, step, training.schedule.total_steps)
+    scheduler.last_epoch = step
+    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(training.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports, as LambdaLR.step() would set it
 
 
 def _log_start(task: Task, cfg: TrainConfig, training: Training, state: dict[str, Any] | None, ctx: RunContext) -> None:

@@ -1,0 +1,76 @@
+"""`pvtv2 train` interrupted and resumed as a hostile user would: by another number of processes than started the
+run, after --overwrite of a run that kept a weight average, and more. Each resumed or replaced run is compared with
+numbers that do not depend on the code under test: the closed form of the learning rate schedule, an uninterrupted
+run's weights and metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pvtv2.cli import main
+from pvtv2.training.engine import KILL_ENV
+from training_fixtures import ENV, common_args, run_train
+
+# The fixtures tiny_config and few_digits.
+pytest_plugins = ["training_fixtures"]
+
+PEAK, MIN_LR = 3e-3, 1e-5  # common_args' --lr, and the default --min-lr
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(out: Path) -> dict:
+    return torch.load(out / "last" / "training_state.pt", weights_only=True)
+
+
+def _torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pvtv2", "train", *args]
+    return subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=300, check=False)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    """The learning rate after ``step`` optimizer steps: linear warmup, then a half cosine to MIN_LR (closed form)."""
+    if step < warmup:
+        return PEAK * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return MIN_LR + (PEAK - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------ 1. world size
+# few_digits: 120 training images, batches of 16: 8 steps an epoch in one process, 4 in each of two; 2 epochs, the
+# warmup (1 epoch) capped at a quarter of the run.
+@pytest.mark.slow
+@pytest.mark.parametrize("started, resumed", [(2, 1), (1, 2)])
+def test_a_run_resumed_by_another_number_of_processes_finishes_its_schedule(few_digits, tiny_config, tmp_path,
+                                                                           started, resumed):
+    out = tmp_path / "run"
+    args = common_args(few_digits, tiny_config, out, epochs=2)
+    steps = {1: 8, 2: 4}
+    kill = {KILL_ENV: str(steps[started] + 2)}  # the 2nd batch of epoch 2: epoch 1's checkpoint is whole
+    killed = _torchrun(args, {**ENV, **kill}) if started == 2 else run_train(args, env={**ENV, **kill})
+    assert killed.returncode != 0
+    assert _state(out)["epoch"] == 1 and _state(out)["scheduler"]["last_epoch"] == steps[started]
+    again = ["--output", str(out), "--resume", "--no-progress"]
+    done = _torchrun(again) if resumed == 2 else run_train(again)
+    assert done.returncode == 0, done.stderr[-3000:]
+    total = 2 * steps[resumed]
+    records = _records(out)
+    assert [r["epoch"] for r in records] == [1, 2]
+    # Epoch 1 as the starting processes trained it, epoch 2 ending where the cosine ends: --min-lr, after all of
+    # this invocation's steps (the saved step count kept as it was left 2->1 at 3/4 of the cosine, 7.6e-4, and
+    # ran 1->2 past its end).
+    assert records[0]["lr"] == pytest.approx(_cosine(steps[started], 2 * steps[started], max(1, steps[started] // 2)))
+    assert records[1]["lr"] == pytest.approx(MIN_LR, rel=1e-9)
+    assert _state(out)["scheduler"]["last_epoch"] == total

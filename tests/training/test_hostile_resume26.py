@@ -74,3 +74,16 @@ def test_a_run_resumed_by_another_number_of_processes_finishes_its_schedule(few_
     assert records[0]["lr"] == pytest.approx(_cosine(steps[started], 2 * steps[started], max(1, steps[started] // 2)))
     assert records[1]["lr"] == pytest.approx(MIN_LR, rel=1e-9)
     assert _state(out)["scheduler"]["last_epoch"] == total
+
+
+# ------------------------------------------------------------------------------------------------ 2. --overwrite
+def test_overwrite_removes_the_weight_average_of_the_run_it_replaces(few_digits, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--ema", "0.9"]) == 0
+    assert (out / "ema" / "model.safetensors").is_file()
+    (out / ".ema.old").mkdir()  # what a kill between the two renames of its swap leaves
+    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--overwrite"]) == 0
+    capsys.readouterr()
+    # The new run keeps no average: an ema/ left there was the replaced run's weights under this run's name.
+    assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
+    assert [r["epoch"] for r in _records(out)] == [1] and "ema_val_top1" not in _records(out)[0]

@@ -69,7 +69,9 @@ RUN_FILE = "run.json"
 CURVES_FILE = "curves.png"
 LOCK_FILE = "run.lock"
 # What --overwrite removes from the output folder: only what a run writes there (not the lock: this run holds it).
-_RUN_ENTRIES = ("last", "best", ".last.tmp", ".last.old", ".best.tmp", ".best.old", RUN_FILE, METRICS_FILE, CURVES_FILE)
+# ``ema`` too (--ema): left behind, it was the replaced run's weight average under the new run's name.
+_RUN_ENTRIES = ("last", "best", "ema", ".last.tmp", ".last.old", ".best.tmp", ".best.old", ".ema.tmp", ".ema.old",
+                RUN_FILE, METRICS_FILE, CURVES_FILE)
 # The settings a run.json must hold to be resumed; the others, added to TrainConfig later, take their defaults.
 _REQUIRED_RUN_FIELDS = ("data", "model", "image_size", "epochs", "batch_size")
 # What every training_state.pt holds (the task adds its best score under its own key).
@@ -310,6 +312,7 @@ def prepare_output(
     out = Path(cfg.output)
     recover_folder(out / "last")  # a checkpoint swap interrupted between its two renames
     recover_folder(out / "best")
+    recover_folder(out / "ema")
     has_run = (out / RUN_FILE).is_file()
     state_dir = out / "last"
     has_state = (state_dir / TRAINING_STATE_NAME).is_file()

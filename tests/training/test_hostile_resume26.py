@@ -87,3 +87,28 @@ def test_overwrite_removes_the_weight_average_of_the_run_it_replaces(few_digits,
     # The new run keeps no average: an ema/ left there was the replaced run's weights under this run's name.
     assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
     assert [r["epoch"] for r in _records(out)] == [1] and "ema_val_top1" not in _records(out)[0]
+
+
+def test_overwrite_of_a_folder_that_holds_no_run_removes_nothing_of_it(few_digits, tiny_config, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "thesis.txt").write_text("precious")  # a folder of the user's, named as a run's checkpoint
+    (out / "notes.txt").write_text("mine too")
+    code = main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    # It used to train, after removing best/ with the thesis in it: --overwrite removes a run, and none was there.
+    assert code == 2 and len(err) == 1 and "holds no training run" in err[0] and "'notes.txt'" in err[0], err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["best", "best/thesis.txt", "notes.txt"]
+    assert (out / "best" / "thesis.txt").read_text() == "precious"
+
+
+def test_overwrite_finishes_what_an_interrupted_overwrite_left(few_digits, tiny_config, tmp_path, capsys):
+    """A run's own files without its run.json (an --overwrite killed between its removals) are still replaced."""
+    out = tmp_path / "run"
+    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--ema", "0.9"]) == 0
+    (out / "run.json").unlink()
+    (out / "last").rename(out / ".last.tmp")
+    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
+    assert [r["epoch"] for r in _records(out)] == [1]

@@ -317,6 +317,8 @@ def prepare_output(
     state_dir = out / "last"
     has_state = (state_dir / TRAINING_STATE_NAME).is_file()
     if cfg.overwrite:
+        if not has_run:
+            _refuse_foreign(out)
         return cfg, None, None
     if cfg.resume:
         if not has_run:
@@ -370,6 +372,8 @@ def check_output(cfg: TrainConfig, *, continue_with: str | None = None) -> None:
     check_output_path(out)
     if not (cfg.resume or cfg.overwrite) and out.is_dir():
         _refuse_taken(out, continue_with)
+    if cfg.overwrite and not (out / RUN_FILE).is_file():
+        _refuse_foreign(out)
 
 
 def check_output_path(output: str | os.PathLike) -> None:
@@ -412,6 +416,21 @@ def _refuse_taken(out: Path, continue_with: str | None = None) -> None:
     if any(entry.name != LOCK_FILE for entry in out.iterdir()):
         raise FileExistsError(
             f"--output {str(out)!r} is not empty and holds no training run; choose an empty or new folder"
+        )
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Refuse --overwrite of a folder that holds no run (no run.json) but something a run does not write: it removed
+    the entries named as a run's (a user's own ``best/`` folder, whatever was in it) and left the rest. A folder of
+    a run's entries alone (an --overwrite killed between its removals) is still replaced."""
+    if not out.is_dir():
+        return
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in (*_RUN_ENTRIES, LOCK_FILE))
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"--overwrite replaces a training run, and {str(out)!r} holds no training run (no {RUN_FILE}) but {shown}; "
+            f"choose an empty or new folder"
         )
 
 

@@ -112,3 +112,28 @@ def test_overwrite_finishes_what_an_interrupted_overwrite_left(few_digits, tiny_
     capsys.readouterr()
     assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
     assert [r["epoch"] for r in _records(out)] == [1]
+
+
+# ------------------------------------------------------------------------------------------------ 3. run folders
+def test_a_last_checkpoint_of_another_architecture_is_refused_by_name(few_digits, tiny_config, tmp_path, capsys):
+    """last/'s weights swapped for those of a narrower model with the same classes (a copy from another run)."""
+    narrow = tmp_path / "narrow.json"
+    narrow.write_text(json.dumps({**json.loads(Path(tiny_config).read_text()), "hidden_sizes": [8, 16, 24, 32],
+                                  "num_attention_heads": [1, 1, 1, 1]}))
+    other, out = tmp_path / "other", tmp_path / "run"
+    assert main(["train", *common_args(few_digits, str(narrow), other, epochs=1)]) == 0
+    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "epochs": 2}))  # a run stopped after its first epoch
+    for name in ("config.json", "model.safetensors"):
+        (out / "last" / name).write_bytes((other / "last" / name).read_bytes())
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    code = main(["train", "--output", str(out), "--resume", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    # It used to load them, restore the optimizer state of the wider model over them and stop at its first step
+    # with a traceback: "The size of tensor a (16) must match the size of tensor b (8)".
+    assert code == 2 and len(err) == 1, err
+    assert "does not fit the model" in err[0] and str(out / "last") in err[0] and "--overwrite" in err[0]
+    assert (out / "metrics.jsonl").read_text() == before and len(before.splitlines()) == 1
+    assert not (out / "run.lock").exists()

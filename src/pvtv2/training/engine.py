@@ -558,6 +558,7 @@ def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, 
         raise ValueError(f"{str(source)!r} is not the training state of a {cfg.task} run (no {task.best_state_key!r})")
     try:
         training.optimizer.load_state_dict(state["optimizer"])
+        _check_optimizer_shapes(training)
         training.scheduler.load_state_dict(state["scheduler"])
         if training.ema is not None:
             if "ema" not in state:
@@ -585,6 +586,19 @@ def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, 
     _realign_schedule(training)
     if ctx.dist.main:
         training.records = [r for r in read_metrics(cfg.output) if r["epoch"] <= training.start_epoch]  # epochs from 1
+
+
+def _check_optimizer_shapes(training: Training) -> None:
+    """Refuse a restored optimizer state whose moments are not the shapes of the weights they step. The optimizer
+    checks only the number of parameters, so last/'s weights of another architecture with as many tensors (copied
+    from another run) loaded, and the first step stopped with a traceback about tensor sizes."""
+    names = {id(param): name for name, param in training.model.named_parameters()}
+    for group in training.optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in training.optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"its optimizer state {key!r} of {names.get(id(param), 'a weight')} has the shape "
+                                     f"{tuple(value.shape)}, the weight {tuple(param.shape)}")
 
 
 def _realign_schedule(training: Training) -> None:

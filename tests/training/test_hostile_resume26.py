@@ -6,7 +6,9 @@ run's weights and metrics."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,3 +139,26 @@ def test_a_last_checkpoint_of_another_architecture_is_refused_by_name(few_digits
     assert "does not fit the model" in err[0] and str(out / "last") in err[0] and "--overwrite" in err[0]
     assert (out / "metrics.jsonl").read_text() == before and len(before.splitlines()) == 1
     assert not (out / "run.lock").exists()
+
+
+def test_images_added_under_resume_are_said_and_the_schedule_still_ends_at_min_lr(few_digits, tiny_config, tmp_path,
+                                                                                  capsys, caplog):
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(few_digits, data)
+    assert main(["train", *common_args(data, tiny_config, out, epochs=1)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "epochs": 2}))  # a run stopped after its first epoch
+    for folder in sorted((data / "train").iterdir()):  # 40 more training images: 160, 10 batches of 16
+        for i, image in enumerate(sorted(folder.iterdir())[:4]):
+            shutil.copy(image, folder / f"more_{i}.png")
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        assert main(["train", "--output", str(out), "--resume", "--no-progress"]) == 0
+    capsys.readouterr()
+    said = [r.getMessage() for r in caplog.records if "step(s) per epoch" in r.getMessage()]
+    assert len(said) == 1 and "made 8 optimizer step(s) per epoch, this invocation makes 10" in said[0], said
+    assert "step 10 of 20" in said[0]
+    # The cosine of this invocation's 20 steps, continued from step 10: it ends at --min-lr (the saved step 8, kept,
+    # ended it at step 18 of 20, above it).
+    assert _state(out)["scheduler"]["last_epoch"] == 20
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+    assert _records(out)[1]["lr"] == pytest.approx(MIN_LR, rel=1e-9)

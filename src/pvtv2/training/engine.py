@@ -603,15 +603,19 @@ def _check_optimizer_shapes(training: Training) -> None:
 
 def _realign_schedule(training: Training) -> None:
     """Put the restored scheduler at the first step of the epoch the run continues with, as this invocation counts
-    steps. Another number of processes (or a task whose batches per epoch changed) makes another number of steps per
+    steps. Another number of processes (or training images added or removed since) makes another number of steps per
     epoch: the saved step count, kept as it was, put a 2-process run resumed by 1 process at 3/4 of its cosine
     after 2 epochs of 4 (its learning rate never came down to --min-lr), and a 1-process run resumed by 2 at its end
     with half of it left to train. Where the counts agree (a resume by as many processes) nothing changes."""
     scheduler, step = training.scheduler, training.start_epoch * training.schedule.steps_per_epoch
     if scheduler.last_epoch == step:
         return
-    logger.info("the run's step %d is step %d of this run's %d: its learning rate schedule continues from there",
-                scheduler.last_epoch, step, training.schedule.total_steps)
+    logger.warning(
+        "the run made %d optimizer step(s) per epoch, this invocation makes %d (another number of processes, or of "
+        "training images): its learning rate schedule continues from step %d of %d, the first of epoch %d, and the "
+        "result will differ from an uninterrupted run", scheduler.last_epoch // max(1, training.start_epoch),
+        training.schedule.steps_per_epoch, step, training.schedule.total_steps, training.start_epoch + 1,
+    )
     scheduler.last_epoch = step
     rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, rate in zip(training.optimizer.param_groups, rates):

@@ -162,3 +162,18 @@ def test_images_added_under_resume_are_said_and_the_schedule_still_ends_at_min_l
     assert _state(out)["scheduler"]["last_epoch"] == 20
     assert [r["epoch"] for r in _records(out)] == [1, 2]
     assert _records(out)[1]["lr"] == pytest.approx(MIN_LR, rel=1e-9)
+
+
+@pytest.mark.parametrize("inside", ["best", "last", "last/model.safetensors"])
+def test_overwrite_refuses_to_remove_the_checkpoint_it_starts_from(few_digits, tiny_config, tmp_path, capsys, inside):
+    out = tmp_path / "run"
+    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1)]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    code = main(["train", *common_args(few_digits, str(out / inside), out, epochs=1), "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    # It used to remove them before the first epoch ended: a run killed then could not be resumed ("not in the
+    # Hugging Face cache"), or, killed between its best/ and last/ writes, started again from its own best/.
+    assert code == 2 and len(err) == 1 and "--model" in err[0] and "--overwrite" in err[0], err
+    assert str(out / inside) in err[0]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

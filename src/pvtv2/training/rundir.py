@@ -319,6 +319,7 @@ def prepare_output(
     if cfg.overwrite:
         if not has_run:
             _refuse_foreign(out)
+        _refuse_removed_model(cfg.model, out)
         return cfg, None, None
     if cfg.resume:
         if not has_run:
@@ -432,6 +433,22 @@ def _refuse_foreign(out: Path) -> None:
             f"--overwrite replaces a training run, and {str(out)!r} holds no training run (no {RUN_FILE}) but {shown}; "
             f"choose an empty or new folder"
         )
+
+
+def _refuse_removed_model(model: str, out: Path) -> None:
+    """Refuse --overwrite of the run that holds the checkpoint --model names (``--model OUT/best --output OUT``): it
+    is removed before the new run's first epoch ends, so a run stopped then cannot start again from it, and one
+    killed between its best/ and last/ writes started again from its own best/."""
+    if not model or not os.path.exists(model):
+        return
+    source = Path(os.path.realpath(model))
+    for name in _RUN_ENTRIES:
+        entry = Path(os.path.realpath(out / name))
+        if source == entry or entry in source.parents:
+            raise ValueError(
+                f"--model {model!r} is part of the run in {str(out)!r}, which --overwrite removes before the new run "
+                f"ends; copy it out of that folder first, or choose another --output"
+            )
 
 
 def resolve_recorded_data(data: str, run: str | os.PathLike) -> str:

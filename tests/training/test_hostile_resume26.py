@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from pvtv2.cli import main
+from pvtv2.training import engine
 from pvtv2.training.engine import KILL_ENV
 from training_fixtures import ENV, common_args, run_train
 
@@ -177,3 +178,44 @@ def test_overwrite_refuses_to_remove_the_checkpoint_it_starts_from(few_digits, t
     assert code == 2 and len(err) == 1 and "--model" in err[0] and "--overwrite" in err[0], err
     assert str(out / inside) in err[0]
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# ------------------------------------------------------------------------------------------------ 4. NaN weights
+# The tiny model at 16 px sees a 1x1 grid in its last stage: the corner taps of that stage's 3x3 patch embedding
+# only ever meet padding, so NaN there leaves every output (and the loss) finite. PyTorch's bfloat16 convolution on
+# CPUs returns NaN gradients in such taps now and then; this puts one there at step 11 (epoch 2), as it did.
+_HIDDEN = "pvt_v2.encoder.layers.3.patch_embedding.proj.weight"
+
+
+def test_weights_that_became_nan_with_a_finite_loss_stop_the_run_before_they_are_saved(
+        few_digits, tiny_config, tmp_path, capsys, monkeypatch):
+    reference = tmp_path / "reference"
+    assert main(["train", *common_args(few_digits, tiny_config, reference, epochs=2)]) == 0
+    out = tmp_path / "run"
+    steps, original = [], engine._optimizer_step
+
+    def poisoned(cfg, training):
+        steps.append(1)
+        if len(steps) == 11:
+            dict(training.model.named_parameters())[_HIDDEN].grad[0, 0, 0, 0] = float("nan")
+        original(cfg, training)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "_optimizer_step", poisoned)
+        code = main(["train", *common_args(few_digits, tiny_config, out, epochs=2)])
+    err = capsys.readouterr().err.strip().splitlines()
+    # It used to finish ("trained 2 epochs", top-1 as if nothing happened) and save the NaN weights as last/ and
+    # best/, which --resume then refused and inference on larger images turned into NaN.
+    assert code == 2 and len(err) == 1, err
+    assert "NaN or infinite" in err[0] and _HIDDEN in err[0] and "epoch 2" in err[0], err
+    assert _state(out)["epoch"] == 1 and [r["epoch"] for r in _records(out)] == [1]
+    weights = load_file(out / "last" / "model.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+    # The intact epoch-1 checkpoint resumes to the uninterrupted run's weights.
+    assert main(["train", "--output", str(out), "--resume", "--no-progress"]) == 0
+    capsys.readouterr()
+    for folder in ("last", "best"):
+        expected, got = load_file(reference / folder / "model.safetensors"), load_file(out / folder / "model.safetensors")
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), folder
+    assert [(r["epoch"], r["train_loss"], r["val_top1"]) for r in _records(out)] == [
+        (r["epoch"], r["train_loss"], r["val_top1"]) for r in _records(reference)]

@@ -463,6 +463,7 @@ def run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunCont
         began = time.perf_counter()
         loss_sum, seen = _train_epoch(task, cfg, training, epoch, ctx)
         train_seconds = time.perf_counter() - began
+        _stop_if_weights_diverged(epoch, cfg, training, ctx)
         fields = _validate(task, cfg, training, epoch, ctx)
         loss_sum, seen = ctx.sum([loss_sum, seen])
         record = {
@@ -735,6 +736,24 @@ def _stop_if_diverged(value: float, epoch: int, index: int, cfg: TrainConfig, tr
         f"the training loss {what} at epoch {epoch + 1}, step {index + 1} of {training.schedule.batches_per_epoch}; "
         f"training stopped ({saved}). Start again (--overwrite) with a lower --lr, with --clip-grad (e.g. 1.0)"
         + (", or without --bf16" if ctx.bf16 else "")
+    )
+
+
+def _stop_if_weights_diverged(epoch: int, cfg: TrainConfig, training: Training, ctx: RunContext) -> None:
+    """Stop before weights holding NaN or infinity are evaluated and saved. The loss check does not see a NaN in
+    weights that touch no output (a kernel tap that only meets padding, such as those of a stage whose grid is one
+    pixel): PyTorch's bfloat16 convolutions on CPUs put NaN gradients there now and then, and the run finished as
+    if nothing happened, saving last/ and best/ that --resume refused and larger images turned into NaN. Every
+    process holds the same weights (DistributedDataParallel), so all stop here together."""
+    bad = non_finite(training.model.state_dict())
+    if bad is None:
+        return
+    saved = (f"the checkpoint of epoch {epoch} in {str(Path(cfg.output) / 'last')!r} is intact" if epoch
+             else "no epoch was completed, so nothing was saved")
+    raise TrainingDiverged(
+        f"the weights became NaN or infinite in epoch {epoch + 1} ({bad}) while the training loss stayed finite; "
+        f"training stopped ({saved}). Resume it (--resume), or start again (--overwrite) with a lower --lr or "
+        f"--clip-grad" + (", or without --bf16 (or with a larger --image-size)" if ctx.bf16 else "")
     )
 
 

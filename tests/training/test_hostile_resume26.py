@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +107,7 @@ def test_overwrite_of_a_folder_that_holds_no_run_removes_nothing_of_it(few_digit
 def test_overwrite_finishes_what_an_interrupted_overwrite_left(few_digits, tiny_config, tmp_path, capsys):
     """A run's own files without its run.json (an --overwrite killed between its removals) are still replaced."""
     out = tmp_path / "run"
-    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--ema", "0.9"]) == 0
+    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1)]) == 0
     (out / "run.json").unlink()
     (out / "last").rename(out / ".last.tmp")
     assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--overwrite"]) == 0

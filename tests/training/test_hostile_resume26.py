@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from safetensors.torch import load_file
 
 from pvtv2.cli import main
 from pvtv2.training import engine
+from pvtv2.training.classification import ClassificationTask
 from pvtv2.training.engine import KILL_ENV
 from training_fixtures import ENV, common_args, run_train
 
@@ -211,6 +214,39 @@ def test_weights_that_became_nan_with_a_finite_loss_stop_the_run_before_they_are
     weights = load_file(out / "last" / "model.safetensors")
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
     # The intact epoch-1 checkpoint resumes to the uninterrupted run's weights.
+    assert main(["train", "--output", str(out), "--resume", "--no-progress"]) == 0
+    capsys.readouterr()
+    for folder in ("last", "best"):
+        expected, got = load_file(reference / folder / "model.safetensors"), load_file(out / folder / "model.safetensors")
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), folder
+    assert [(r["epoch"], r["train_loss"], r["val_top1"]) for r in _records(out)] == [
+        (r["epoch"], r["train_loss"], r["val_top1"]) for r in _records(reference)]
+
+
+# ------------------------------------------------------------------------------------------------ 5. SIGTERM
+def test_sigterm_stops_the_run_as_ctrl_c_does_leaving_no_lock(few_digits, tiny_config, tmp_path, capsys, monkeypatch):
+    """SIGTERM is how kill, schedulers (SLURM's preemption) and torchrun stop a run. It used to end the process at
+    once, leaving run.lock: the same host takes it over, but a job requeued on another host was refused."""
+    reference = tmp_path / "reference"
+    assert main(["train", *common_args(few_digits, tiny_config, reference, epochs=2)]) == 0
+    out = tmp_path / "run"
+    calls, original = [], ClassificationTask.training_loss
+
+    def terminated(self, model, batch, ctx):
+        calls.append(1)
+        if len(calls) == 11:  # the 3rd batch of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, model, batch, ctx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassificationTask, "training_loss", terminated)
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", *common_args(few_digits, tiny_config, out, epochs=2)])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own handling, given back
+    assert not (out / "run.lock").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
+    assert _state(out)["epoch"] == 1 and [r["epoch"] for r in _records(out)] == [1]
     assert main(["train", "--output", str(out), "--resume", "--no-progress"]) == 0
     capsys.readouterr()
     for folder in ("last", "best"):

@@ -471,6 +471,7 @@ def run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunCont
         began = time.perf_counter()
         loss_sum, seen = _train_epoch(task, cfg, training, epoch, ctx)
         train_seconds = time.perf_counter() - began
+        _stop_if_weights_diverged(epoch, cfg, training, ctx)
         fields = _validate(task, cfg, training, epoch, ctx)
         loss_sum, seen = ctx.sum([loss_sum, seen])
         record = {
@@ -566,6 +567,7 @@ def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, 
         raise ValueError(f"{str(source)!r} is not the training state of a {cfg.task} run (no {task.best_state_key!r})")
     try:
         training.optimizer.load_state_dict(state["optimizer"])
+        _check_optimizer_shapes(training)
         training.scheduler.load_state_dict(state["scheduler"])
         if training.ema is not None:
             if "ema" not in state:
@@ -590,8 +592,44 @@ def _restore(task: Task, cfg: TrainConfig, training: Training, state: dict[str, 
             "the run was trained by %d process(es), this one by %d: the samples are dealt differently, and the result "
             "will differ from an uninterrupted run", len(rng), ctx.dist.world_size,
         )
+    _realign_schedule(training)
     if ctx.dist.main:
         training.records = [r for r in read_metrics(cfg.output) if r["epoch"] <= training.start_epoch]  # epochs from 1
+
+
+def _check_optimizer_shapes(training: Training) -> None:
+    """Refuse a restored optimizer state whose moments are not the shapes of the weights they step. The optimizer
+    checks only the number of parameters, so last/'s weights of another architecture with as many tensors (copied
+    from another run) loaded, and the first step stopped with a traceback about tensor sizes."""
+    names = {id(param): name for name, param in training.model.named_parameters()}
+    for group in training.optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in training.optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(f"its optimizer state {key!r} of {names.get(id(param), 'a weight')} has the shape "
+                                     f"{tuple(value.shape)}, the weight {tuple(param.shape)}")
+
+
+def _realign_schedule(training: Training) -> None:
+    """Put the restored scheduler at the first step of the epoch the run continues with, as this invocation counts
+    steps. Another number of processes (or training images added or removed since) makes another number of steps per
+    epoch: the saved step count, kept as it was, put a 2-process run resumed by 1 process at 3/4 of its cosine
+    after 2 epochs of 4 (its learning rate never came down to --min-lr), and a 1-process run resumed by 2 at its end
+    with half of it left to train. Where the counts agree (a resume by as many processes) nothing changes."""
+    scheduler, step = training.scheduler, training.start_epoch * training.schedule.steps_per_epoch
+    if scheduler.last_epoch == step:
+        return
+    logger.warning(
+        "the run made %d optimizer step(s) per epoch, this invocation makes %d (another number of processes, or of "
+        "training images): its learning rate schedule continues from step %d of %d, the first of epoch %d, and the "
+        "result will differ from an uninterrupted run", scheduler.last_epoch // max(1, training.start_epoch),
+        training.schedule.steps_per_epoch, step, training.schedule.total_steps, training.start_epoch + 1,
+    )
+    scheduler.last_epoch = step
+    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(training.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports, as LambdaLR.step() would set it
 
 
 def _log_start(task: Task, cfg: TrainConfig, training: Training, state: dict[str, Any] | None, ctx: RunContext) -> None:
@@ -706,6 +744,24 @@ def _stop_if_diverged(value: float, epoch: int, index: int, cfg: TrainConfig, tr
         f"the training loss {what} at epoch {epoch + 1}, step {index + 1} of {training.schedule.batches_per_epoch}; "
         f"training stopped ({saved}). Start again (--overwrite) with a lower --lr, with --clip-grad (e.g. 1.0)"
         + (", or without --bf16" if ctx.bf16 else "")
+    )
+
+
+def _stop_if_weights_diverged(epoch: int, cfg: TrainConfig, training: Training, ctx: RunContext) -> None:
+    """Stop before weights holding NaN or infinity are evaluated and saved. The loss check does not see a NaN in
+    weights that touch no output (a kernel tap that only meets padding, such as those of a stage whose grid is one
+    pixel): PyTorch's bfloat16 convolutions on CPUs put NaN gradients there now and then, and the run finished as
+    if nothing happened, saving last/ and best/ that --resume refused and larger images turned into NaN. Every
+    process holds the same weights (DistributedDataParallel), so all stop here together."""
+    bad = non_finite(training.model.state_dict())
+    if bad is None:
+        return
+    saved = (f"the checkpoint of epoch {epoch} in {str(Path(cfg.output) / 'last')!r} is intact" if epoch
+             else "no epoch was completed, so nothing was saved")
+    raise TrainingDiverged(
+        f"the weights became NaN or infinite in epoch {epoch + 1} ({bad}) while the training loss stayed finite; "
+        f"training stopped ({saved}). Resume it (--resume), or start again (--overwrite) with a lower --lr or "
+        f"--clip-grad" + (", or without --bf16 (or with a larger --image-size)" if ctx.bf16 else "")
     )
 
 

@@ -69,7 +69,9 @@ RUN_FILE = "run.json"
 CURVES_FILE = "curves.png"
 LOCK_FILE = "run.lock"
 # What --overwrite removes from the output folder: only what a run writes there (not the lock: this run holds it).
-_RUN_ENTRIES = ("last", "best", ".last.tmp", ".last.old", ".best.tmp", ".best.old", RUN_FILE, METRICS_FILE, CURVES_FILE)
+# ``ema`` too (--ema): left behind, it was the replaced run's weight average under the new run's name.
+_RUN_ENTRIES = ("last", "best", "ema", ".last.tmp", ".last.old", ".best.tmp", ".best.old", ".ema.tmp", ".ema.old",
+                RUN_FILE, METRICS_FILE, CURVES_FILE)
 # The settings a run.json must hold to be resumed; the others, added to TrainConfig later, take their defaults.
 _REQUIRED_RUN_FIELDS = ("data", "model", "image_size", "epochs", "batch_size")
 # What every training_state.pt holds (the task adds its best score under its own key).
@@ -310,10 +312,14 @@ def prepare_output(
     out = Path(cfg.output)
     recover_folder(out / "last")  # a checkpoint swap interrupted between its two renames
     recover_folder(out / "best")
+    recover_folder(out / "ema")
     has_run = (out / RUN_FILE).is_file()
     state_dir = out / "last"
     has_state = (state_dir / TRAINING_STATE_NAME).is_file()
     if cfg.overwrite:
+        if not has_run:
+            _refuse_foreign(out)
+        _refuse_removed_model(cfg.model, out)
         return cfg, None, None
     if cfg.resume:
         if not has_run:
@@ -367,6 +373,8 @@ def check_output(cfg: TrainConfig, *, continue_with: str | None = None) -> None:
     check_output_path(out)
     if not (cfg.resume or cfg.overwrite) and out.is_dir():
         _refuse_taken(out, continue_with)
+    if cfg.overwrite and not (out / RUN_FILE).is_file():
+        _refuse_foreign(out)
 
 
 def check_output_path(output: str | os.PathLike) -> None:
@@ -410,6 +418,37 @@ def _refuse_taken(out: Path, continue_with: str | None = None) -> None:
         raise FileExistsError(
             f"--output {str(out)!r} is not empty and holds no training run; choose an empty or new folder"
         )
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Refuse --overwrite of a folder that holds no run (no run.json) but something a run does not write: it removed
+    the entries named as a run's (a user's own ``best/`` folder, whatever was in it) and left the rest. A folder of
+    a run's entries alone (an --overwrite killed between its removals) is still replaced."""
+    if not out.is_dir():
+        return
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in (*_RUN_ENTRIES, LOCK_FILE))
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"--overwrite replaces a training run, and {str(out)!r} holds no training run (no {RUN_FILE}) but {shown}; "
+            f"choose an empty or new folder"
+        )
+
+
+def _refuse_removed_model(model: str, out: Path) -> None:
+    """Refuse --overwrite of the run that holds the checkpoint --model names (``--model OUT/best --output OUT``): it
+    is removed before the new run's first epoch ends, so a run stopped then cannot start again from it, and one
+    killed between its best/ and last/ writes started again from its own best/."""
+    if not model or not os.path.exists(model):
+        return
+    source = Path(os.path.realpath(model))
+    for name in _RUN_ENTRIES:
+        entry = Path(os.path.realpath(out / name))
+        if source == entry or entry in source.parents:
+            raise ValueError(
+                f"--model {model!r} is part of the run in {str(out)!r}, which --overwrite removes before the new run "
+                f"ends; copy it out of that folder first, or choose another --output"
+            )
 
 
 def resolve_recorded_data(data: str, run: str | os.PathLike) -> str:

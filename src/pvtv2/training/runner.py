@@ -9,6 +9,8 @@ run's first write (:func:`pvtv2.training.rundir.start_run`).
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Collection
 from typing import Any
 
@@ -59,16 +61,34 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[
         torch.backends.cudnn.deterministic,
     )
     lock = RunLock(cfg.output) if info.main else None  # rank 0 holds it for all the processes
+    sigterm = _exit_on_sigterm()
     try:
         set_deterministic()
         return _train(cfg, info, device, lock, explicit)
     finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         if lock is not None:
             lock.release()
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM (kill, a scheduler's preemption, torchrun stopping its workers) end the run as Ctrl-C does, through
+    every ``finally``: the lock is released and a checkpoint being written is removed or left whole. Its default
+    action ended the process at once, leaving run.lock, which a run requeued on another host could not take over.
+    Returns the handler to put back (None: left alone, as a caller's own handler or a thread other than the main
+    one must be); the process exits with status 143, as the signal's would."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _raise_exit)
 
 
 def check_config(cfg: TrainConfig) -> None:

@@ -93,6 +93,10 @@ def _user_path(text: str) -> str:
 _REGISTRY: list = []
 
 
+def _epochs(count: int) -> str:
+    return f"{count} epoch" if count == 1 else f"{count} epochs"
+
+
 def _register(fn):
     _REGISTRY.append(fn)
     return fn
@@ -315,14 +319,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _print_detection_result(result)
     elif result["rank"] == 0 and result.get("task") == "depth":
         final, best = result["final"] or {}, result["best_record"] or {}
-        print(f"trained {final.get('epoch', 0)} epochs: val AbsRel {final.get('abs_rel', float('nan')):.4f}, RMSE "
+        print(f"trained {_epochs(final.get('epoch', 0))}: val AbsRel {final.get('abs_rel', float('nan')):.4f}, RMSE "
               f"{final.get('rmse', float('nan')):.4f}, delta1 {final.get('delta1', float('nan')):.4f} (best delta1 "
               f"{best.get('delta1', 0):.4f} at epoch {result['best_epoch']})")
         print(f"checkpoints: {result['last']} and {result['best']}")
         print(f"metrics: {result['metrics']}; curves: {result['curves']}")
     elif result["rank"] == 0:
         final = result["final"] or {}
-        print(f"trained {final.get('epoch', 0)} epochs: val top-1 {final.get('val_top1', float('nan')):.2f}% "
+        print(f"trained {_epochs(final.get('epoch', 0))}: val top-1 {final.get('val_top1', float('nan')):.2f}% "
               f"(best {result['best_top1'] or 0:.2f}% at epoch {result['best_epoch']})")
         print(f"checkpoints: {result['last']} and {result['best']}")
         print(f"metrics: {result['metrics']}; curves: {result['curves']}")
@@ -896,7 +900,7 @@ def _cmd_depth(args: argparse.Namespace) -> int:
 
 def _print_segmentation_result(result: dict) -> None:
     final, best = result["final"] or {}, result["best_record"] or {}
-    print(f"trained {final.get('epoch', 0)} epochs: val mean IoU {final.get('mean_iou', float('nan')):.4f}, pixel "
+    print(f"trained {_epochs(final.get('epoch', 0))}: val mean IoU {final.get('mean_iou', float('nan')):.4f}, pixel "
           f"accuracy {final.get('pixel_accuracy', float('nan')):.4f} (best mean IoU {best.get('mean_iou', 0):.4f} at "
           f"epoch {result['best_epoch']})")
     print(f"checkpoints: {result['last']} and {result['best']}")
@@ -1087,7 +1091,7 @@ def _cmd_eval_detection(args: argparse.Namespace) -> int:
 def _print_detection_result(result: dict) -> None:
     final, best = result["final"] or {}, result["best_record"] or {}
     mask = f", mask AP {final['mask_ap']:.4f}" if "mask_ap" in final else ""
-    print(f"trained {final.get('epoch', 0)} epochs: val box AP {final.get('box_ap', float('nan')):.4f}, AP50 "
+    print(f"trained {_epochs(final.get('epoch', 0))}: val box AP {final.get('box_ap', float('nan')):.4f}, AP50 "
           f"{final.get('box_ap50', float('nan')):.4f}{mask} (best box AP {best.get('box_ap', 0):.4f} at epoch "
           f"{result['best_epoch']})")
     print(f"checkpoints: {result['last']} and {result['best']}")

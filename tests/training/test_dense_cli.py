@@ -170,7 +170,7 @@ def test_torchrun_two_processes_segmentation(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("trained 1 epochs") == 1
+    assert result.stdout.count("trained 1 epoch:") == 1
     records = _records(out)
     assert [r["epoch"] for r in records] == [1]
     model = PvtV2ForSemanticSegmentation.from_pretrained(out / "last")

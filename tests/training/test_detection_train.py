@@ -284,7 +284,7 @@ def test_torchrun_two_processes(tmp_path, capsys):
     assert result.returncode == 0, result.stderr[-3000:]
     records = _records(out)
     assert [r["epoch"] for r in records] == [1]
-    assert result.stdout.count("trained 1 epochs") == 1  # one writer
+    assert result.stdout.count("trained 1 epoch:") == 1  # one writer
     state = torch.load(out / "last" / "training_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     # rank 0 made its 3 steps; a process with another count would have left the other waiting in DDP's gradient

@@ -576,7 +576,7 @@ def test_resuming_a_depth_run_with_its_depth_flags_is_checked_against_the_run_no
                  "--image-size", "32", "--batch-size", "2", "--depth-scale", "500", "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["train", "--output", out, "--resume", "--depth-scale", "500", "--no-progress"]) == 0
-    assert "trained 1 epochs" in capsys.readouterr().out
+    assert "trained 1 epoch:" in capsys.readouterr().out
     assert main(["train", "--output", out, "--resume", "--depth-scale", "400", "--no-progress"]) == 2
     assert "it was started with --depth-scale 500.0, not 400.0" in capsys.readouterr().err
 

@@ -633,6 +633,11 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
         _WARNED.add(model)
     data = config.to_dict()
     data["architectures"] = [type(model).__name__]
+    # The weights' dtype, as transformers writes it ("dtype"; "torch_dtype" before 4.56), which its from_pretrained
+    # loads in. A value read from another file was kept: float32 weights saved under "bfloat16" came back in bfloat16.
+    data.pop("torch_dtype", None)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    data["dtype"] = str(dtype).removeprefix("torch.")
     # Before the weights are written: raises, naming the value, where config.json cannot hold one (a callable
     # hidden_act, a setting kept without a check that JSON cannot write)
     config.to_json_string()

@@ -1,0 +1,47 @@
+"""A hostile pass over from_pretrained's transformers arguments (dtype=, subfolder=, config=): what a folder written
+by pvtv2 says to transformers, and what a subfolder that leaves the repository is told."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+
+from conftest import TINY, random_weights_
+
+
+def _tiny(seed: int = 0) -> PvtV2ForImageClassification:
+    return random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=5)), seed).eval()
+
+
+@pytest.mark.parametrize("field", ["dtype", "torch_dtype"])
+def test_a_float32_model_read_from_a_half_precision_folder_is_saved_as_float32(tmp_path, field):
+    # transformers writes the weights' dtype into config.json ("dtype", "torch_dtype" before 4.56), and its
+    # from_pretrained loads in that dtype. pvtv2 loads float32 and kept the field: the float32 weights it saved
+    # came back from transformers in bfloat16.
+    _tiny().save_pretrained(tmp_path / "half")
+    data = json.loads((tmp_path / "half" / "config.json").read_text())
+    data[field] = "bfloat16"
+    (tmp_path / "half" / "config.json").write_text(json.dumps(data))
+    model = PvtV2ForImageClassification.from_pretrained(tmp_path / "half")
+    assert model.dtype == torch.float32
+    model.save_pretrained(tmp_path / "resaved")
+    reference = transformers.PvtV2ForImageClassification.from_pretrained(tmp_path / "resaved")
+    assert reference.dtype == torch.float32
+    saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert saved["dtype"] == "float32" and "torch_dtype" not in saved
+
+
+def test_a_float16_model_writes_the_dtype_field_transformers_writes(tmp_path):
+    _tiny().save_pretrained(tmp_path / "full")
+    PvtV2ForImageClassification.from_pretrained(tmp_path / "full", dtype=torch.float16).save_pretrained(tmp_path / "ours")
+    transformers.PvtV2ForImageClassification.from_pretrained(
+        tmp_path / "full", dtype=torch.float16).save_pretrained(tmp_path / "theirs")
+    ours = json.loads((tmp_path / "ours" / "config.json").read_text())
+    theirs = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    assert ours["dtype"] == theirs["dtype"] == "float16"
+    assert transformers.PvtV2ForImageClassification.from_pretrained(tmp_path / "ours").dtype == torch.float16

@@ -4,6 +4,7 @@ by pvtv2 says to transformers, and what a subfolder that leaves the repository i
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -45,3 +46,24 @@ def test_a_float16_model_writes_the_dtype_field_transformers_writes(tmp_path):
     theirs = json.loads((tmp_path / "theirs" / "config.json").read_text())
     assert ours["dtype"] == theirs["dtype"] == "float16"
     assert transformers.PvtV2ForImageClassification.from_pretrained(tmp_path / "ours").dtype == torch.float16
+
+
+# transformers' from_pretrained arguments (4.x and 5.x) beyond the thirteen refused before: each was taken as an
+# unknown config field (quantization_config without a word: it is a key transformers' configs carry), the model loaded
+# in float32 all the same, and save_pretrained wrote it into config.json, where transformers obeys it (a
+# quantization_config there makes transformers quantize the model, or fail without bitsandbytes and accelerate).
+@pytest.mark.parametrize("name, value", [
+    ("quantization_config", {"quant_method": "bitsandbytes", "load_in_8bit": True}), ("load_in_8bit", True),
+    ("load_in_4bit", True), ("low_cpu_mem_usage", True), ("trust_remote_code", True), ("max_memory", {0: "1GB"}),
+    ("offload_folder", "offload"), ("offload_state_dict", True), ("offload_buffers", True), ("weights_only", False),
+    ("gguf_file", "model.gguf"), ("key_mapping", {"^head": "classifier"}), ("tp_plan", "auto"), ("tp_size", 2),
+    ("device_mesh", None), ("distributed_config", None), ("adapter_kwargs", {}), ("adapter_name", "default"),
+    ("use_kernels", True), ("kernel_config", None), ("disable_mmap", True), ("mirror", "tuna"),
+])
+def test_transformers_loading_arguments_are_refused_by_name(tmp_path, name, value):
+    _tiny().save_pretrained(tmp_path / "m")
+    expected = f"{name} is one of transformers' loading arguments, which pvtv2's from_pretrained does not take"
+    with pytest.raises(TypeError, match=re.escape(expected)):
+        PvtV2ForImageClassification.from_pretrained(tmp_path / "m", **{name: value})
+    with pytest.raises(TypeError, match=re.escape(expected)):
+        PvtV2Config.from_pretrained(tmp_path / "m", **{name: value})

@@ -49,6 +49,30 @@ _LOADING_ARGUMENTS = {
     "state_dict": "load it with model.load_state_dict",
     "output_loading_info": "model.newly_initialized_keys lists what was initialised at random",
     "return_unused_kwargs": "unknown keys are kept as config attributes (and logged)",
+    # quantization_config is a key of transformers' configs too, so it was kept without a word; written into
+    # config.json, it made transformers quantize the model saved from the float32 one loaded here
+    "quantization_config": "the weights load in float32 (or dtype=); for int8, export to ONNX and quantize that file (onnxruntime.quantization)",
+    "load_in_8bit": "the weights load in float32 (or dtype=); for int8, export to ONNX and quantize that file (onnxruntime.quantization)",
+    "load_in_4bit": "the weights load in float32 (or dtype=); for int8, export to ONNX and quantize that file (onnxruntime.quantization)",
+    "gguf_file": "only PyTorch and safetensors files are read",
+    "trust_remote_code": "pvtv2 runs no code from a repository; drop it",
+    "low_cpu_mem_usage": "drop it (the weights are read once, into a model built on the meta device)",
+    "max_memory": "pass device= (one device)",
+    "offload_folder": "pass device= (one device); nothing is offloaded",
+    "offload_state_dict": "pass device= (one device); nothing is offloaded",
+    "offload_buffers": "pass device= (one device); nothing is offloaded",
+    "tp_plan": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
+    "tp_size": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
+    "device_mesh": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
+    "distributed_config": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
+    "weights_only": "checkpoints are always read with torch.load(weights_only=True) or safetensors",
+    "key_mapping": "checkpoint layouts (transformers, timm, the original authors') are recognised by their keys",
+    "adapter_kwargs": "load the adapter with peft after loading the model",
+    "adapter_name": "load the adapter with peft after loading the model",
+    "use_kernels": "the fast path is on by default (pvtv2.fast)",
+    "kernel_config": "the fast path is on by default (pvtv2.fast)",
+    "disable_mmap": "drop it",
+    "mirror": "set HF_ENDPOINT",
 }
 
 

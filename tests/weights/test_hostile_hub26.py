@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
 
 from conftest import TINY, random_weights_
 
@@ -67,3 +67,24 @@ def test_transformers_loading_arguments_are_refused_by_name(tmp_path, name, valu
         PvtV2ForImageClassification.from_pretrained(tmp_path / "m", **{name: value})
     with pytest.raises(TypeError, match=re.escape(expected)):
         PvtV2Config.from_pretrained(tmp_path / "m", **{name: value})
+
+
+@pytest.mark.parametrize("subfolder", ["../other", "sub/../../other", "/etc"])
+def test_a_subfolder_leaving_a_hub_repository_is_named_as_the_argument(tmp_path, subfolder):
+    # huggingface_hub refuses such paths with "Invalid filename '../other/config.json' ... Please ask the repository
+    # owner to rename this file": the caller's subfolder= was taken for a file of the repository
+    expected = f"subfolder={subfolder!r} is not a folder inside the hub repository 'owner/tiny'"
+    for load in (PvtV2ForImageClassification.from_pretrained, PvtV2Config.from_pretrained,
+                 PvtV2ImageProcessor.from_pretrained):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            load("owner/tiny", subfolder=subfolder, cache_dir=tmp_path, local_files_only=True)
+
+
+def test_a_subfolder_with_dots_inside_a_local_folder_is_still_followed_as_transformers_follows_it(tmp_path):
+    _tiny(3).save_pretrained(tmp_path / "a" / "model")
+    (tmp_path / "b").mkdir()
+    ours = PvtV2ForImageClassification.from_pretrained(tmp_path / "b", subfolder="../a/model")
+    theirs = transformers.PvtV2ForImageClassification.from_pretrained(tmp_path / "b", subfolder="../a/model")
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours(x).logits, theirs(x).logits, atol=1e-5)

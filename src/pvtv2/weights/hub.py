@@ -108,7 +108,15 @@ def check_subfolder(source: str | os.PathLike, subfolder: str | os.PathLike | No
             f"subfolder={os.fspath(subfolder)!r} names a folder inside a folder or hub repository, but "
             f"{os.fspath(source)!r} is a file"
         )
-    return os.fspath(subfolder)
+    text = os.fspath(subfolder)
+    if not os.path.isdir(os.fspath(source)) and (os.path.isabs(text) or ".." in Path(text).parts):
+        # huggingface_hub refuses the file path made of it, but as a file of the repository ("ask the repository
+        # owner to rename this file"); in a local folder it is followed, as transformers follows it
+        raise ValueError(
+            f"subfolder={text!r} is not a folder inside the hub repository {os.fspath(source)!r}: give a path "
+            f"relative to the repository's top folder, without '..'"
+        )
+    return text
 
 
 def resolve_file(

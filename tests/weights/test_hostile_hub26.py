@@ -88,3 +88,40 @@ def test_a_subfolder_with_dots_inside_a_local_folder_is_still_followed_as_transf
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(ours(x).logits, theirs(x).logits, atol=1e-5)
+
+
+def _three_classes_as_seven(tmp_path):
+    """A 5-class checkpoint and a config of 7 classes (another head) in its own folder, as pvtv2 and transformers
+    read it."""
+    _tiny(4).save_pretrained(tmp_path / "m")
+    PvtV2Config(**TINY, num_labels=7).save_pretrained(tmp_path / "c")
+    return tmp_path / "m", tmp_path / "c"
+
+
+@pytest.mark.parametrize("form", ["transformers", "folder", "file"])
+def test_config_may_be_transformers_config_or_a_path_as_transformers_takes_it(tmp_path, form):
+    # "config must be a PvtV2Config, got PvtV2Config" (transformers' class of the same name), and a path, which
+    # transformers reads, was refused
+    weights, folder = _three_classes_as_seven(tmp_path)
+    given = {"transformers": transformers.PvtV2Config.from_pretrained(folder), "folder": folder,
+             "file": folder / "config.json"}[form]
+    model = PvtV2ForImageClassification.from_pretrained(weights, config=given)
+    reference = transformers.PvtV2Config.from_pretrained(folder)
+    assert model.config.num_labels == reference.num_labels == 7
+    assert list(model.config.hidden_sizes) == list(reference.hidden_sizes)
+    # the encoder is the checkpoint's: same features as transformers' model of the checkpoint
+    theirs = transformers.PvtV2ForImageClassification.from_pretrained(weights)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours_features = model.pvt_v2(x).last_hidden_state
+        their_features = theirs.pvt_v2(x).last_hidden_state
+    assert torch.allclose(ours_features, their_features, atol=1e-5)
+
+
+def test_config_of_another_kind_is_named_with_its_module():
+    with pytest.raises(TypeError, match=re.escape(
+            "config must be a PvtV2Config (pvtv2's or transformers'), or a path or hub id of a config.json, "
+            "got builtins.dict")):
+        PvtV2ForImageClassification.from_pretrained("nowhere", config={"num_labels": 3})
+    with pytest.raises(TypeError, match=re.escape("got transformers.models.vit.configuration_vit.ViTConfig")):
+        PvtV2ForImageClassification.from_pretrained("nowhere", config=transformers.ViTConfig())

@@ -33,3 +33,17 @@ def test_equal_counts_give_one_entry_per_box_in_coco_form():
     results = detections_to_coco([_output(2), _output(1)], [10, 11], [7])
     assert [(r["image_id"], r["category_id"], r["bbox"]) for r in results] == [
         (10, 7, [1.0, 2.0, 10.0, 20.0]), (10, 7, [1.0, 2.0, 10.0, 20.0]), (11, 7, [1.0, 2.0, 10.0, 20.0])]
+
+
+@pytest.mark.parametrize("shortest", [10**400, 10**309], ids=["1e400", "1e309"])
+def test_a_shortest_edge_beyond_floats_is_refused_as_too_many_pixels(shortest):
+    # The pixel limit came after the new size was computed in floats (transformers' arithmetic): a shortest_edge of
+    # 10**309 or more stopped it with OverflowError ("integer division result too large for a float"), a traceback
+    # in the command line, where the limit's ValueError is one line.
+    import numpy as np
+
+    from pvtv2 import PvtV2ImageProcessor
+
+    processor = PvtV2ImageProcessor(size={"shortest_edge": shortest}, do_center_crop=True, crop_size=224)
+    with pytest.raises(ValueError, match=re.escape("more pixels than PIL.Image.MAX_IMAGE_PIXELS (89,478,485")):
+        processor(np.zeros((20, 30, 3), np.uint8))

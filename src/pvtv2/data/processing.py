@@ -659,9 +659,12 @@ def _resized_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int
     shortest = size.get("shortest_edge")
     if shortest is None:
         return size["height"], size["width"]
-    if width <= height:
-        return int(shortest * height / width), shortest
-    return shortest, int(shortest * width / height)
+    short, long = (width, height) if width <= height else (height, width)
+    try:
+        longer = int(shortest * long / short)
+    except OverflowError:  # past floats (a hostile 10**400): exact, and then refused by the pixel limit
+        longer = shortest * long // short
+    return (longer, shortest) if width <= height else (shortest, longer)
 
 
 def _check_pixels(size: Mapping[str, int], height: int, width: int) -> None:

@@ -4,6 +4,7 @@ by pvtv2 says to transformers, and what a subfolder that leaves the repository i
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -125,3 +126,18 @@ def test_config_of_another_kind_is_named_with_its_module():
         PvtV2ForImageClassification.from_pretrained("nowhere", config={"num_labels": 3})
     with pytest.raises(TypeError, match=re.escape("got transformers.models.vit.configuration_vit.ViTConfig")):
         PvtV2ForImageClassification.from_pretrained("nowhere", config=transformers.ViTConfig())
+
+
+def test_a_missing_subfolder_of_a_local_folder_is_named_not_taken_for_default_preprocessing(tmp_path):
+    # A misspelt subfolder gave the default preprocessing (224 x 224 bilinear) without a word where the subfolder's
+    # preprocessor_config.json says 96 x 80 nearest; the model's loading already names a missing subfolder.
+    PvtV2ImageProcessor(size={"height": 96, "width": 80}, resample=0).save_pretrained(tmp_path / "sub")
+    assert PvtV2ImageProcessor.from_pretrained(tmp_path, subfolder="sub").size == {"height": 96, "width": 80}
+    expected = f"{os.fspath(tmp_path)!r} has no subfolder 'sbu'"
+    with pytest.raises(FileNotFoundError, match=re.escape(expected)):
+        PvtV2ImageProcessor.from_pretrained(tmp_path, subfolder="sbu")
+    with pytest.raises(FileNotFoundError, match=re.escape(expected)):
+        PvtV2Config.from_pretrained(tmp_path, subfolder="sbu")
+    # transformers refuses it too
+    with pytest.raises(OSError):
+        transformers.PvtImageProcessor.from_pretrained(tmp_path, subfolder="sbu")

@@ -407,7 +407,8 @@ class PvtV2ImageProcessor:
             path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
                                 subfolder=subfolder, local_files_only=local_files_only, token=token, required=False)
         if path is None:
-            logger.info("no %s in %r; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text)
+            logger.info("no %s in %r%s; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text,
+                        f" (subfolder {subfolder!r})" if subfolder else "")
             return cls()
         try:
             config = json.loads(path.read_text(encoding="utf-8"))

@@ -141,6 +141,8 @@ def resolve_file(
     subfolder = check_subfolder(text, subfolder)
     if os.path.isdir(text):
         folder = Path(text) / subfolder if subfolder else Path(text)
+        if not folder.is_dir():  # a misspelt subfolder: an optional file there is not "absent" (defaults without a word)
+            raise FileNotFoundError(f"no {filename} in {os.fspath(folder)!r}: {text!r} has no subfolder {subfolder!r}")
         if folder_entry(folder / filename) == "file":
             return folder / filename
         if required:

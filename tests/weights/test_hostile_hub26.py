@@ -141,3 +141,19 @@ def test_a_missing_subfolder_of_a_local_folder_is_named_not_taken_for_default_pr
     # transformers refuses it too
     with pytest.raises(OSError):
         transformers.PvtImageProcessor.from_pretrained(tmp_path, subfolder="sbu")
+
+
+@pytest.mark.parametrize("name, dtype", [("dtype", torch.float16), ("torch_dtype", torch.bfloat16)])
+def test_a_config_given_a_torch_dtype_is_saved_with_its_name_as_transformers_saves_it(tmp_path, name, dtype):
+    # transformers' configs take dtype=torch.float16 and write "float16"; it was kept as the torch object, and
+    # save_pretrained (of the config, or of a model built from it) failed: "'dtype' cannot be written to JSON"
+    _tiny().save_pretrained(tmp_path / "m")
+    config = PvtV2Config.from_pretrained(tmp_path / "m", **{name: dtype})
+    config.save_pretrained(tmp_path / "c")
+    transformers.PvtV2Config.from_pretrained(tmp_path / "m", **{name: dtype}).save_pretrained(tmp_path / "t")
+    ours = json.loads((tmp_path / "c" / "config.json").read_text())
+    theirs = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert ours[name] == theirs["dtype"] == str(dtype).removeprefix("torch.")
+    model = PvtV2ForImageClassification.from_pretrained(tmp_path / "m", config=config)
+    model.save_pretrained(tmp_path / "saved")  # the weights are float32: so says its config.json
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["dtype"] == "float32"

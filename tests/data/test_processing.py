@@ -156,9 +156,10 @@ def test_hub_id_is_resolved_through_the_hub_module(tmp_path, monkeypatch):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(dict(PUBLISHED_CONFIG, resample=3)))
     calls = []
 
-    def fake_resolve(source, filename, *, revision=None, cache_dir=None, subfolder=None, required=True):
+    def fake_resolve(source, filename, *, revision=None, cache_dir=None, subfolder=None, local_files_only=False,
+                     token=None, required=True):
         calls.append((source, filename, revision, required))
-        assert subfolder is None
+        assert subfolder is None and local_files_only is False and token is None
         return tmp_path / filename
 
     monkeypatch.setattr(processing, "resolve_file", fake_resolve)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -501,7 +502,14 @@ def detections_to_coco(
     ``mask >= mask_threshold``)."""
     results: list[dict[str, Any]] = []
     mask_utils = None
-    for output, image_id in zip(outputs, image_ids):
+    # zip stopped at the shorter of the two: the last images' detections went without a word, and COCOeval scored
+    # those images as ones where nothing was found
+    counts = [0, 0]
+    for output, image_id in itertools.zip_longest(outputs, image_ids, fillvalue=_NONE):
+        counts[0] += output is not _NONE
+        counts[1] += image_id is not _NONE
+        if output is _NONE or image_id is _NONE:
+            continue
         boxes = output["boxes"].detach().float().cpu()
         scores = output["scores"].detach().float().cpu().tolist()
         labels = output["labels"].detach().cpu().tolist()
@@ -535,7 +543,12 @@ def detections_to_coco(
                 rle = mask_utils.encode(np.asfortranarray(binary[n]))
                 entry["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
             results.append(entry)
+    if counts[0] != counts[1]:
+        raise ValueError(f"detections_to_coco: {counts[0]} outputs but {counts[1]} image ids (one of each per image)")
     return results
+
+
+_NONE = object()  # what zip_longest fills the shorter of outputs and image ids with
 
 
 def coco_evaluate(

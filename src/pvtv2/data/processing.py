@@ -407,7 +407,8 @@ class PvtV2ImageProcessor:
             path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
                                 subfolder=subfolder, local_files_only=local_files_only, token=token, required=False)
         if path is None:
-            logger.info("no %s in %r; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text)
+            logger.info("no %s in %r%s; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text,
+                        f" (subfolder {subfolder!r})" if subfolder else "")
             return cls()
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
@@ -659,9 +660,12 @@ def _resized_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int
     shortest = size.get("shortest_edge")
     if shortest is None:
         return size["height"], size["width"]
-    if width <= height:
-        return int(shortest * height / width), shortest
-    return shortest, int(shortest * width / height)
+    short, long = (width, height) if width <= height else (height, width)
+    try:
+        longer = int(shortest * long / short)
+    except OverflowError:  # past floats (a hostile 10**400): exact, and then refused by the pixel limit
+        longer = shortest * long // short
+    return (longer, shortest) if width <= height else (shortest, longer)
 
 
 def _check_pixels(size: Mapping[str, int], height: int, width: int) -> None:

@@ -705,6 +705,11 @@ class PvtV2Config:
         problem = unknown_fields(k for k in extra if k not in _REPORTED.get())
         if problem:
             logger.warning("PvtV2Config: %s; kept as an attribute, but no part of the model reads it", problem)
+        for key in ("dtype", "torch_dtype"):
+            # transformers' configs take a torch dtype here and write its name; kept as the object, config.json could
+            # not be written
+            if type(extra.get(key)).__name__ == "dtype" and type(extra[key]).__module__ == "torch":
+                extra[key] = str(extra[key]).removeprefix("torch.")
         for key, value in extra.items():
             setattr(self, key, _plain_tree(value))
         self._extra = tuple(extra)  # written back by to_dict, with their current values

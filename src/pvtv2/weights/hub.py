@@ -49,6 +49,30 @@ _LOADING_ARGUMENTS = {
     "state_dict": "load it with model.load_state_dict",
     "output_loading_info": "model.newly_initialized_keys lists what was initialised at random",
     "return_unused_kwargs": "unknown keys are kept as config attributes (and logged)",
+    # quantization_config is a key of transformers' configs too, so it was kept without a word; written into
+    # config.json, it made transformers quantize the model saved from the float32 one loaded here
+    "quantization_config": "the weights load in float32 (or dtype=); for int8, export to ONNX and quantize that file (onnxruntime.quantization)",
+    "load_in_8bit": "the weights load in float32 (or dtype=); for int8, export to ONNX and quantize that file (onnxruntime.quantization)",
+    "load_in_4bit": "the weights load in float32 (or dtype=); for int8, export to ONNX and quantize that file (onnxruntime.quantization)",
+    "gguf_file": "only PyTorch and safetensors files are read",
+    "trust_remote_code": "pvtv2 runs no code from a repository; drop it",
+    "low_cpu_mem_usage": "drop it (the weights are read once, into a model built on the meta device)",
+    "max_memory": "pass device= (one device)",
+    "offload_folder": "pass device= (one device); nothing is offloaded",
+    "offload_state_dict": "pass device= (one device); nothing is offloaded",
+    "offload_buffers": "pass device= (one device); nothing is offloaded",
+    "tp_plan": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
+    "tp_size": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
+    "device_mesh": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
+    "distributed_config": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
+    "weights_only": "checkpoints are always read with torch.load(weights_only=True) or safetensors",
+    "key_mapping": "checkpoint layouts (transformers, timm, the original authors') are recognised by their keys",
+    "adapter_kwargs": "load the adapter with peft after loading the model",
+    "adapter_name": "load the adapter with peft after loading the model",
+    "use_kernels": "the fast path is on by default (pvtv2.fast)",
+    "kernel_config": "the fast path is on by default (pvtv2.fast)",
+    "disable_mmap": "drop it",
+    "mirror": "set HF_ENDPOINT",
 }
 
 
@@ -84,7 +108,15 @@ def check_subfolder(source: str | os.PathLike, subfolder: str | os.PathLike | No
             f"subfolder={os.fspath(subfolder)!r} names a folder inside a folder or hub repository, but "
             f"{os.fspath(source)!r} is a file"
         )
-    return os.fspath(subfolder)
+    text = os.fspath(subfolder)
+    if not os.path.isdir(os.fspath(source)) and (os.path.isabs(text) or ".." in Path(text).parts):
+        # huggingface_hub refuses the file path made of it, but as a file of the repository ("ask the repository
+        # owner to rename this file"); in a local folder it is followed, as transformers follows it
+        raise ValueError(
+            f"subfolder={text!r} is not a folder inside the hub repository {os.fspath(source)!r}: give a path "
+            f"relative to the repository's top folder, without '..'"
+        )
+    return text
 
 
 def resolve_file(
@@ -109,6 +141,8 @@ def resolve_file(
     subfolder = check_subfolder(text, subfolder)
     if os.path.isdir(text):
         folder = Path(text) / subfolder if subfolder else Path(text)
+        if not folder.is_dir():  # a misspelt subfolder: an optional file there is not "absent" (defaults without a word)
+            raise FileNotFoundError(f"no {filename} in {os.fspath(folder)!r}: {text!r} has no subfolder {subfolder!r}")
         if folder_entry(folder / filename) == "file":
             return folder / filename
         if required:

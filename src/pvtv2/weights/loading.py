@@ -230,6 +230,23 @@ def _check_local_path(text: str) -> None:
         )
 
 
+def _given_config(config: Any, **where: Any) -> PvtV2Config | None:
+    """``config=`` as transformers' ``from_pretrained`` takes it: a config object (pvtv2's, or transformers'
+    ``PvtV2Config``, read through its ``to_dict``), or a config.json file, folder or hub id, read with the hub
+    arguments (``subfolder`` aside for a file)."""
+    if config is None or isinstance(config, PvtV2Config):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        if os.path.isfile(os.fspath(config)):
+            where["subfolder"] = None
+        return PvtV2Config.from_pretrained(config, **where)
+    if getattr(config, "model_type", None) == "pvt_v2" and callable(getattr(config, "to_dict", None)):
+        return PvtV2Config.from_dict(config.to_dict())
+    kind = type(config)
+    raise TypeError(f"config must be a PvtV2Config (pvtv2's or transformers'), or a path or hub id of a config.json, "
+                    f"got {kind.__module__}.{kind.__qualname__}")
+
+
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, subfolder: str | None = None,
                     local_files_only: bool = False, token: str | bool | None = None,
@@ -238,8 +255,8 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     ``config``, the model is built from it (and ``overrides``) instead of the checkpoint's config.json, as in
     transformers."""
     check_loading_arguments(overrides)
-    if config is not None and not isinstance(config, PvtV2Config):
-        raise TypeError(f"config must be a PvtV2Config, got {type(config).__name__}")
+    config = _given_config(config, revision=revision, cache_dir=cache_dir, subfolder=subfolder,
+                           local_files_only=local_files_only, token=token)
     given = config
     config_path, weights_path = locate_checkpoint(source, revision, cache_dir, subfolder, local_files_only, token)
     if given is not None:
@@ -651,6 +668,11 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
         _WARNED.add(model)
     data = config.to_dict()
     data["architectures"] = [type(model).__name__]
+    # The weights' dtype, as transformers writes it ("dtype"; "torch_dtype" before 4.56), which its from_pretrained
+    # loads in. A value read from another file was kept: float32 weights saved under "bfloat16" came back in bfloat16.
+    data.pop("torch_dtype", None)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    data["dtype"] = str(dtype).removeprefix("torch.")
     # Before the weights are written: raises, naming the value, where config.json cannot hold one (a callable
     # hidden_act, a setting kept without a check that JSON cannot write)
     config.to_json_string()

@@ -18,6 +18,7 @@ from huggingface_hub import constants
 
 from pvtv2 import CheckpointError, PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
 from pvtv2.weights.hub import HubFileNotFound
+from pvtv2.weights.layouts import convert_state_dict
 
 from conftest import TINY, random_weights_, relative_error
 
@@ -256,7 +257,6 @@ def test_the_dtype_is_taken_in_transformers_spellings(tiny, kwargs):
 
 
 @pytest.mark.parametrize("kwargs, says", [
-    ({"dtype": "auto"}, "dtype='auto' is not supported"),
     ({"dtype": "float17"}, "dtype='float17' is not a floating-point torch dtype"),
     ({"dtype": torch.int8}, "dtype=torch.int8 is not a floating-point torch dtype"),
     ({"dtype": torch.float16, "torch_dtype": torch.bfloat16}, "dtype=torch.float16 and torch_dtype=torch.bfloat16 "
@@ -265,6 +265,27 @@ def test_the_dtype_is_taken_in_transformers_spellings(tiny, kwargs):
 def test_dtypes_that_cannot_be_are_named(tiny, kwargs, says):
     with pytest.raises(ValueError, match=re.escape(says)):
         PvtV2ForImageClassification.from_pretrained(tiny[0], **kwargs)
+
+
+def test_dtype_auto_is_the_checkpoints_own_as_transformers_reads_it(tiny, tmp_path):
+    """dtype="auto" (transformers 5's default): the dtype config.json names, else the weights' as stored. It was
+    refused."""
+    folder = tmp_path / "bf16"
+    transformers.PvtV2ForImageClassification.from_pretrained(tiny[0]).to(torch.bfloat16).save_pretrained(folder)
+    reference = transformers.PvtV2ForImageClassification.from_pretrained(folder, dtype="auto")
+    model = PvtV2ForImageClassification.from_pretrained(folder, dtype="auto")
+    assert model.dtype == reference.dtype == torch.bfloat16
+    theirs = reference.state_dict()
+    assert all(torch.equal(value, theirs[key]) for key, value in model.state_dict().items())
+    assert PvtV2ForImageClassification.from_pretrained(tiny[0], dtype="auto").dtype == torch.float32
+    # A bare file has no config.json: its tensors' dtype.
+    timm_file = tmp_path / "half.pth"
+    state = convert_state_dict(PvtV2ForImageClassification.from_pretrained(tiny[0]).state_dict(), "timm")
+    state = {k: v.half() for k, v in state.items()}
+    torch.save(state, timm_file)
+    model = PvtV2ForImageClassification.from_pretrained(timm_file, dtype="auto")
+    assert model.dtype == torch.float16
+    assert torch.equal(model.state_dict()["classifier.weight"], state["head.weight"])
 
 
 # ---------------------------------------------------------------------------------------------- loading arguments

@@ -32,19 +32,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _as_dtype(name: str, value: torch.dtype | str | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype) and value.is_floating_point:
-        return value
-    if value == "auto":  # transformers: the checkpoint's own dtype; the tensors here are read as float32
-        raise ValueError(f"{name}='auto' is not supported: the weights load as float32 unless a dtype is given "
-                         f"(torch.bfloat16, 'float16'...)")
+def _as_dtype(name: str, value: torch.dtype | str | None) -> torch.dtype | str | None:
+    if value is None or value == "auto" or isinstance(value, torch.dtype) and value.is_floating_point:
+        return value  # "auto": the checkpoint's own dtype, resolved when it is read
     found = getattr(torch, value, None) if isinstance(value, str) else value
     if not isinstance(found, torch.dtype) or not found.is_floating_point:
         raise ValueError(f"{name}={value!r} is not a floating-point torch dtype (torch.float16, 'bfloat16'...)")
     return found
 
 
-def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | str | None:
     """The dtype ``from_pretrained`` casts to, from transformers' spellings. ``torch_dtype`` used to be kept as a
     config field: the model stayed float32 without a word, and its config.json said otherwise."""
     wanted, former = _as_dtype("dtype", dtype), _as_dtype("torch_dtype", torch_dtype)
@@ -150,17 +147,18 @@ class PvtV2PreTrainedModel(nn.Module):
         authors' layout) or a hub id (its ``revision``, its ``subfolder``, ``local_files_only``: from the cache only,
         ``token``: for a private repository, as transformers takes them); other keyword
         arguments override config fields (``num_labels`` replaces the head). ``dtype`` (or ``torch_dtype``, its
-        former name in transformers) is a floating-point torch dtype or its name (``"bfloat16"``)."""
+        former name in transformers) is a floating-point torch dtype or its name (``"bfloat16"``), or ``"auto"``:
+        the dtype its config.json names, else that of its weights as stored (without a dtype: float32)."""
         from ..weights.loading import load_pretrained
 
         dtype = _load_dtype(dtype, torch_dtype)
 
         model = load_pretrained(
             cls, source, revision=revision, cache_dir=cache_dir, subfolder=subfolder, local_files_only=local_files_only,
-            token=token, **config_overrides
+            token=token, dtype=dtype, **config_overrides
         )
-        if device is not None or dtype is not None:
-            model = model.to(device=device, dtype=dtype)
+        if device is not None:
+            model = model.to(device=device)
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:

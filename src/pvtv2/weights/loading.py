@@ -250,7 +250,7 @@ def _given_config(config: Any, **where: Any) -> PvtV2Config | None:
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, subfolder: str | None = None,
                     local_files_only: bool = False, token: str | bool | None = None,
-                    config: PvtV2Config | None = None, **overrides: Any):
+                    dtype: torch.dtype | str | None = None, config: PvtV2Config | None = None, **overrides: Any):
     """Build ``model_cls`` and load the weights named by ``source`` (its ``subfolder``) into it, strictly; with
     ``config``, the model is built from it (and ``overrides``) instead of the checkpoint's config.json, as in
     transformers."""
@@ -295,10 +295,24 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         first, _, rest = str(err).partition("\n")
         note = _config_file_note(config_path, config, canonical, overrides)
         raise CheckpointError(f"{first}\n  {note}" + (f"\n{rest}" if rest else "")) from None
+    if dtype == "auto":
+        dtype = _stored_dtype(config, state)
+    if dtype is not None:
+        model = model.to(dtype)
     # Which ecosystem wrote the file: its evaluation preprocessing follows it (inference.load_processor).
     model.checkpoint_layout = layout
     logger.info("loaded %s weights (%s layout) from %s", model_cls.__name__, layout, os.fspath(weights_path))
     return model
+
+
+def _stored_dtype(config: PvtV2Config, state: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """``dtype="auto"`` as transformers resolves it: the dtype the config.json names ("dtype", or "torch_dtype"
+    before transformers 4.56), else that of the first floating-point tensor as stored, else float32."""
+    for key in ("dtype", "torch_dtype"):
+        found = getattr(torch, str(getattr(config, key, "")), None)
+        if isinstance(found, torch.dtype) and found.is_floating_point:
+            return found
+    return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> PvtV2Config:

@@ -1,0 +1,65 @@
+"""`pvtv2 train` resumed as a hostile user would, second pass over the resume changes of round 26: a run without --lr
+(its peak rate scaled with the global batch) resumed by another number of processes, and more. Each resumed run is
+compared with numbers that do not depend on the code under test: the closed form of the learning rate schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training_fixtures import ENV, run_train
+
+# The fixtures tiny_config and few_digits.
+pytest_plugins = ["training_fixtures"]
+
+MIN_LR = 1e-5  # the default --min-lr
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(out: Path) -> dict:
+    return torch.load(out / "last" / "training_state.pt", weights_only=True)
+
+
+def _torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pvtv2", "train", *args]
+    return subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=300, check=False)
+
+
+# ------------------------------------------------------------------------------------------------ 1. default --lr
+# few_digits: 120 training images, batches of 16: 4 steps an epoch in each of two processes, 8 in one. Without --lr
+# the peak rate is classification's 5e-4 * global batch / 512: 3.125e-5 for two processes' 32 images.
+@pytest.mark.slow
+def test_a_run_without_lr_resumed_by_fewer_processes_still_ends_at_min_lr(few_digits, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(few_digits), "--model", tiny_config, "--output", str(out), "--epochs", "3",
+            "--image-size", "16", "--batch-size", "16", "--warmup-epochs", "1", "--hflip", "0", "--no-progress"]
+    killed = _torchrun(args, {**ENV, "PVTV2_TEST_KILL_AT_STEP": "6"})  # the 2nd batch of epoch 2
+    assert killed.returncode != 0
+    peak = 5e-4 * 32 / 512
+    assert _state(out)["epoch"] == 1 and _state(out)["scheduler"]["base_lrs"] == [pytest.approx(peak)] * 2
+    again = ["--output", str(out), "--resume", "--no-progress"]
+    # One process trains epoch 2 and is killed in epoch 3 (its 2nd batch: 8 + 8 + 2); one process finishes the run.
+    killed = run_train(again, env={**ENV, "PVTV2_TEST_KILL_AT_STEP": "18"})
+    assert killed.returncode != 0 and _state(out)["epoch"] == 2, killed.stderr[-3000:]
+    done = run_train(again)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The run goes on at its own peak rate (the optimizer's state), and the cosine of the last invocation's 24 steps
+    # ends at --min-lr. It ended at 2e-5: --min-lr / peak was taken of one process's default peak, half the run's.
+    records = _records(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert _state(out)["scheduler"]["last_epoch"] == 24
+    assert _state(out)["scheduler"]["base_lrs"] == [pytest.approx(peak)] * 2
+    # Epoch 2 ends at step 16 of 24 (a warmup of 1 epoch, capped at a quarter: 6 steps), on the cosine from the run's peak to --min-lr (closed form).
+    progress = (16 - 6) / (24 - 6)
+    assert records[1]["lr"] == pytest.approx(MIN_LR + (peak - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert records[2]["lr"] == pytest.approx(MIN_LR, rel=1e-9)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from training_fixtures import ENV, run_train
+from pvtv2.cli import main
+from training_fixtures import ENV, common_args, run_train
 
 # The fixtures tiny_config and few_digits.
 pytest_plugins = ["training_fixtures"]
@@ -63,3 +65,26 @@ def test_a_run_without_lr_resumed_by_fewer_processes_still_ends_at_min_lr(few_di
     progress = (16 - 6) / (24 - 6)
     assert records[1]["lr"] == pytest.approx(MIN_LR + (peak - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress)))
     assert records[2]["lr"] == pytest.approx(MIN_LR, rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ 2. NaN in --model
+# The tiny model at 16 px sees a 1x1 grid in its last stage: the corner taps of that stage's 3x3 patch embedding only
+# ever meet padding, so NaN there leaves the loss finite. Runs before the NaN weight check was added saved such
+# weights as best/ and last/ (tests/training/test_hostile_resume26.py); this fine-tunes from one.
+_HIDDEN = "pvt_v2.encoder.layers.3.patch_embedding.proj.weight"
+
+
+def test_fine_tuning_from_nan_weights_is_refused_before_the_first_epoch(few_digits, tiny_config, tmp_path, capsys):
+    source, out = tmp_path / "source", tmp_path / "run"
+    assert main(["train", *common_args(few_digits, tiny_config, source, epochs=1)]) == 0
+    weights = load_file(source / "best" / "model.safetensors")
+    weights[_HIDDEN][0, 0, 0, 0] = float("nan")
+    save_file(weights, source / "best" / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    code = main(["train", *common_args(few_digits, str(source / "best"), out, epochs=1)])
+    err = capsys.readouterr().err.strip().splitlines()
+    # It trained an epoch, then said the weights "became NaN or infinite in epoch 1" and advised a lower --lr, which
+    # cannot help: they were NaN before the run began.
+    assert code == 2 and len(err) == 1, err
+    assert "--model" in err[0] and str(source / "best") in err[0] and _HIDDEN in err[0] and "NaN" in err[0], err
+    assert "became" not in err[0] and not (out / "metrics.jsonl").exists() and not (out / "run.json").exists()

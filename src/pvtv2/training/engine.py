@@ -510,6 +510,12 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
         model = _load_last(task, last)
     else:
         model = task.new_model()
+        # Weights of --model that are NaN where no output sees them (saved by a run before the weight check below
+        # existed) keep the loss finite: the run trained an epoch, then said they became NaN, advising a lower --lr.
+        bad = non_finite(model.state_dict())
+        if bad:
+            raise ValueError(f"--model {cfg.model!r} holds NaN or infinite weights in {bad}: a run cannot start from "
+                             f"them (the checkpoint is damaged, or was saved after training diverged)")
     check_image_size(model.config, cfg.image_size, cfg.model)
     check_freeze_stages(model.config, cfg.freeze_stages, cfg.model)
     if cfg.freeze_stages:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,42 @@ def test_fine_tuning_from_nan_weights_is_refused_before_the_first_epoch(few_digi
     assert code == 2 and len(err) == 1, err
     assert "--model" in err[0] and str(source / "best") in err[0] and _HIDDEN in err[0] and "NaN" in err[0], err
     assert "became" not in err[0] and not (out / "metrics.jsonl").exists() and not (out / "run.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 3. SIGTERM twice
+# torchrun forwards the SIGTERM it gets to its workers, so a signal sent to the whole process group (a scheduler's
+# preemption, kill -TERM -PGID) reaches each worker twice; people press the kill twice too. This script sends the
+# second while the run is releasing its lock (deterministic stand-ins for "a little later").
+_TWICE = """
+import os, signal, sys
+from pvtv2.cli import main
+from pvtv2.training import rundir
+from pvtv2.training.classification import ClassificationTask
+
+calls, loss, release = [], ClassificationTask.training_loss, rundir.RunLock.release
+
+def terminated(self, model, batch, ctx):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss(self, model, batch, ctx)
+
+def released(self):
+    os.kill(os.getpid(), signal.SIGTERM)  # the second signal
+    release(self)
+
+ClassificationTask.training_loss = terminated
+rundir.RunLock.release = released
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_second_sigterm_while_the_run_cleans_up_still_releases_the_lock(few_digits, tiny_config, tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", _TWICE, *common_args(few_digits, tiny_config, out, epochs=1)],
+                          env=ENV, capture_output=True, text=True, timeout=120, check=False)
+    # It died of the second signal (the default action, put back before the lock was released), leaving run.lock,
+    # which a run requeued on another host cannot take over.
+    assert done.returncode == 128 + signal.SIGTERM, (done.returncode, done.stderr[-2000:])
+    assert not (out / "run.lock").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "run.json"]

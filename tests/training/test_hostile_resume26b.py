@@ -128,3 +128,20 @@ def test_a_second_sigterm_while_the_run_cleans_up_still_releases_the_lock(few_di
     assert done.returncode == 128 + signal.SIGTERM, (done.returncode, done.stderr[-2000:])
     assert not (out / "run.lock").exists()
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "run.json"]
+
+
+# ------------------------------------------------------------------------------------------------ 4. --overwrite
+def test_overwrite_replaces_what_a_run_killed_while_writing_a_file_left(few_digits, tiny_config, tmp_path, capsys):
+    """A kill (SIGKILL, the OOM killer) during a run's atomic writes leaves their temporary files: a new run killed
+    while writing run.json leaves ``.run.json.tmp`` alone, any run killed while writing its metrics
+    ``.metrics.jsonl.tmp``. --overwrite refused the first as a folder of the user's own ('holds no training run but
+    '.run.json.tmp''), and a plain run and --resume refuse it too: no flag started the run again. The second it left
+    in the new run's folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".run.json.tmp").write_text('{"data": "/some/whe')
+    (out / ".metrics.jsonl.tmp").write_text('{"epoch": 1, "train_lo')
+    assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
+    assert [r["epoch"] for r in _records(out)] == [1]

@@ -539,7 +539,7 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     else:
         groups = parameter_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr)
-    if state is not None and cfg.lr is None:
+    if state is not None:
         schedule = _trained_peak(schedule, cfg, optimizer, state)
     # A lambda, not a bound method: LambdaLR saves no state for plain functions, so training_state.pt stays tensors.
     factor = task.lr_factor(schedule)
@@ -553,10 +553,10 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
 
 def _trained_peak(schedule: Schedule, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
                   state: dict[str, Any]) -> Schedule:
-    """The schedule of a resumed run without --lr at the peak rate it was started with, which its restored optimizer
-    and scheduler keep: the default peak of this invocation's processes (the global batch's) is another where their
+    """The schedule of a resumed run at the peak rate it was started with, which its restored optimizer and scheduler
+    keep: without --lr, the default peak of this invocation's processes (the global batch's) is another where their
     number changed, and --min-lr, a fraction of the peak, was taken of that one (a run of 2 processes resumed by 1
-    ended at twice --min-lr)."""
+    ended at twice --min-lr). A run started with --lr keeps it: nothing changes."""
     try:
         saved = float(state["scheduler"]["base_lrs"][0])
     except (KeyError, IndexError, TypeError, ValueError):

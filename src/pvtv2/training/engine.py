@@ -510,6 +510,12 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
         model = _load_last(task, last)
     else:
         model = task.new_model()
+        # Weights of --model that are NaN where no output sees them (saved by a run before the weight check below
+        # existed) keep the loss finite: the run trained an epoch, then said they became NaN, advising a lower --lr.
+        bad = non_finite(model.state_dict())
+        if bad:
+            raise ValueError(f"--model {cfg.model!r} holds NaN or infinite weights in {bad}: a run cannot start from "
+                             f"them (the checkpoint is damaged, or was saved after training diverged)")
     check_image_size(model.config, cfg.image_size, cfg.model)
     check_freeze_stages(model.config, cfg.freeze_stages, cfg.model)
     if cfg.freeze_stages:
@@ -533,6 +539,8 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     else:
         groups = parameter_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr)
+    if state is not None:
+        schedule = _trained_peak(schedule, cfg, optimizer, state)
     # A lambda, not a bound method: LambdaLR saves no state for plain functions, so training_state.pt stays tensors.
     factor = task.lr_factor(schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))
@@ -541,6 +549,23 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     if state is not None:
         _restore(task, cfg, training, state, ctx)
     return training
+
+
+def _trained_peak(schedule: Schedule, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                  state: dict[str, Any]) -> Schedule:
+    """The schedule of a resumed run at the peak rate it was started with, which its restored optimizer and scheduler
+    keep: without --lr, the default peak of this invocation's processes (the global batch's) is another where their
+    number changed, and --min-lr, a fraction of the peak, was taken of that one (a run of 2 processes resumed by 1
+    ended at twice --min-lr). A run started with --lr keeps it: nothing changes."""
+    try:
+        saved = float(state["scheduler"]["base_lrs"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return schedule  # a damaged state, which _restore names
+    planned = optimizer.param_groups[0]["lr"]  # the first group's share of the peak, as the saved one was planned
+    if not (saved > 0 and planned > 0) or math.isclose(saved, planned, rel_tol=1e-12):
+        return schedule
+    peak = schedule.peak_lr * saved / planned
+    return dataclasses.replace(schedule, peak_lr=peak, min_ratio=min(1.0, cfg.min_lr / peak))
 
 
 def _load_last(task: Task, last: Path) -> nn.Module:

@@ -69,9 +69,10 @@ RUN_FILE = "run.json"
 CURVES_FILE = "curves.png"
 LOCK_FILE = "run.lock"
 # What --overwrite removes from the output folder: only what a run writes there (not the lock: this run holds it).
-# ``ema`` too (--ema): left behind, it was the replaced run's weight average under the new run's name.
+# ``ema`` too (--ema): left behind, it was the replaced run's weight average under the new run's name. The files'
+# temporary copies too (fileio.temporary_path), which a kill during their write leaves.
 _RUN_ENTRIES = ("last", "best", "ema", ".last.tmp", ".last.old", ".best.tmp", ".best.old", ".ema.tmp", ".ema.old",
-                RUN_FILE, METRICS_FILE, CURVES_FILE)
+                RUN_FILE, METRICS_FILE, CURVES_FILE, f".{RUN_FILE}.tmp", f".{METRICS_FILE}.tmp", f".{CURVES_FILE}.tmp")
 # The settings a run.json must hold to be resumed; the others, added to TrainConfig later, take their defaults.
 _REQUIRED_RUN_FIELDS = ("data", "model", "image_size", "epochs", "batch_size")
 # What every training_state.pt holds (the task adds its best score under its own key).

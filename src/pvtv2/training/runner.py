@@ -66,10 +66,12 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[
         set_deterministic()
         return _train(cfg, info, device, lock, explicit)
     finally:
-        if sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
+        # The lock first: the default action put back, a second SIGTERM (torchrun forwards the one sent to its process
+        # group) ended the process before it was released.
         if lock is not None:
             lock.release()
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
         if info.enabled and dist.is_initialized():
@@ -77,6 +79,9 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[
 
 
 def _raise_exit(signum: int, frame: Any) -> None:
+    # Further SIGTERMs are ignored while the run cleans up (train() puts the caller's handling back at its end): one
+    # raised again inside a finally block skipped the rest of it, the lock's release included.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

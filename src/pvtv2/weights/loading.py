@@ -70,10 +70,12 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
     hidden, patches, depths, srs, mlps = [], [], [], [], []
     linear = False
     try:
-        first = canonical["encoder.layers.0.patch_embedding.proj.weight"]
-        channels = int(first.shape[1])
         for i in stages:
-            proj = canonical[f"encoder.layers.{i}.patch_embedding.proj.weight"]
+            key = f"encoder.layers.{i}.patch_embedding.proj.weight"
+            proj = canonical[key]
+            if proj.ndim != 4 or 0 in proj.shape:  # its width divides the MLP's: 0 stopped with a ZeroDivisionError
+                raise CheckpointError(f"{key} has the shape {tuple(proj.shape)}, which no PVTv2 patch embedding has "
+                                      f"(out channels, in channels, kernel height, kernel width)")
             hidden.append(int(proj.shape[0]))
             patches.append(int(proj.shape[-1]))
             blocks = {int(m.group(1)) for k in canonical if (m := re.match(rf"encoder\.layers\.{i}\.blocks\.(\d+)\.", k))}
@@ -83,6 +85,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
             if sr is not None and sr.shape[-1] == 1:
                 linear = True
             mlps.append(_mlp_ratio(int(canonical[f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"].shape[0]), hidden[-1]))
+        channels = int(canonical["encoder.layers.0.patch_embedding.proj.weight"].shape[1])
         qkv_bias = "encoder.layers.0.blocks.0.attention.query.bias" in canonical
     except KeyError as err:
         raise CheckpointError(f"the checkpoint lacks {err.args[0]!r}, needed to infer its configuration") from None

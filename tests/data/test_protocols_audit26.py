@@ -48,6 +48,9 @@ def test_original_protocol_at_32_pixels_or_fewer_does_not_resize_as_the_authors(
     theirs = _authors_eval_transform(size)(image)
     assert ours.shape == theirs.shape == (3, size, size)
     assert (ours - theirs).abs().max().item() < 1e-6
+    # and it is still named: `pvtv2 eval --json` reports `"preprocess": processor.protocol or "custom"`
+    assert PvtV2ImageProcessor.from_protocol("original", size).protocol == "original"
+    assert PvtV2ImageProcessor(size=size, do_resize=False).protocol is None  # bilinear: not the authors' settings
 
 
 @pytest.fixture(scope="module")

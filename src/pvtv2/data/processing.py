@@ -298,7 +298,8 @@ class PvtV2ImageProcessor:
         if name == "original" and image_size <= 32:
             # The authors' build_transform resizes and crops only when input_size > 32: CIFAR-sized inputs go to the
             # model as they are (ToTensor and Normalize alone).
-            settings = {"resample": PREPROCESS_PROTOCOLS[name]["resample"], "do_resize": False}
+            # The size is kept only as a record (the saved config says 32; `protocol` finds the name by it).
+            settings = {"resample": PREPROCESS_PROTOCOLS[name]["resample"], "do_resize": False, "size": int(image_size)}
         settings.update(overrides)
         return cls(**settings)
 
@@ -306,6 +307,9 @@ class PvtV2ImageProcessor:
     def protocol(self) -> str | None:
         """The name of the protocol these settings are (at their output size), or None for other settings."""
         output = self.output_size
+        if output is None and not self.do_resize and "height" in self.size:
+            # The authors' protocol at 32 pixels or fewer neither resizes nor crops: its size is only recorded.
+            output = (self.size["height"], self.size["width"])
         if output is None or output[0] != output[1]:
             return None
         for name in PREPROCESS_PROTOCOLS:

@@ -43,7 +43,8 @@ checkpoints were scored with different preprocessing, and top-1 moves with it.
 - ``timm``: shorter side to ``floor(224 / 0.9) = 248``, bicubic, centre 224 crop (timm's ``pvt_v2_*`` pretrained
   configs: ``crop_pct=0.9``, ``interpolation="bicubic"``, the eval transform of ``timm.data.create_transform``).
 - ``original``: shorter side to ``int(256 / 224 * 224) = 256``, bicubic, centre 224 crop: the authors'
-  ``build_transform(is_train=False)`` (DeiT's), with which the paper's ImageNet table was measured.
+  ``build_transform(is_train=False)`` (DeiT's), with which the paper's ImageNet table was measured. As there, an
+  ``image_size`` of 32 or less neither resizes nor crops (images go in at their own size).
 
 A centre-crop processor is written as transformers writes one (``"size": {"shortest_edge": 248}``,
 ``"do_center_crop": true``, ``"crop_size": {...}``) plus ``"crop_pct"``, which transformers keeps and ignores, so
@@ -294,6 +295,11 @@ class PvtV2ImageProcessor:
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
         settings: dict[str, Any] = dict(PREPROCESS_PROTOCOLS[name], size=int(image_size))
+        if name == "original" and image_size <= 32:
+            # The authors' build_transform resizes and crops only when input_size > 32: CIFAR-sized inputs go to the
+            # model as they are (ToTensor and Normalize alone).
+            # The size is kept only as a record (the saved config says 32; `protocol` finds the name by it).
+            settings = {"resample": PREPROCESS_PROTOCOLS[name]["resample"], "do_resize": False, "size": int(image_size)}
         settings.update(overrides)
         return cls(**settings)
 
@@ -301,6 +307,9 @@ class PvtV2ImageProcessor:
     def protocol(self) -> str | None:
         """The name of the protocol these settings are (at their output size), or None for other settings."""
         output = self.output_size
+        if output is None and not self.do_resize and "height" in self.size:
+            # The authors' protocol at 32 pixels or fewer neither resizes nor crops: its size is only recorded.
+            output = (self.size["height"], self.size["width"])
         if output is None or output[0] != output[1]:
             return None
         for name in PREPROCESS_PROTOCOLS:

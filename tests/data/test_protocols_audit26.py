@@ -140,3 +140,14 @@ def test_training_reads_the_pixels_evaluation_reads(files):
         assert (train[0][0] - expected).abs().max().item() < 1e-5, path.name
     # And the rotation is applied: the 640x427 photograph saved with orientation 6 is read 427 wide, 640 high.
     assert load_image(next(p for p in files if p.name == "exif6.jpg")).size == (427, 640)
+
+
+def test_a_one_pixel_strip_at_384_is_the_authors_pixels(photo):
+    # Shorter side 1 -> 438 makes 438 x 280,320 pixels on the way to the crop: over PIL.Image.MAX_IMAGE_PIXELS, under
+    # the twice of it where PIL refuses to open an image. The processor's pixel bound was once, and refused the strip
+    # that the authors' (and timm's) transforms take.
+    strip = photo.crop((0, 200, 640, 201))  # 640 x 1
+    ours = PvtV2ImageProcessor.from_protocol("original", 384)(strip)["pixel_values"][0]
+    theirs = _authors_eval_transform(384)(strip)
+    assert ours.shape == theirs.shape == (3, 384, 384)
+    assert (ours - theirs).abs().max().item() < 1e-6

@@ -288,6 +288,12 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         if config_path is not None and not overrides:
             raise type(err)(f"{os.fspath(config_path)}: {err}") from None
         raise
+    if dtype == "auto":
+        dtype = _stored_dtype(config, state)
+    if dtype is not None:
+        # Cast while still on meta (free): the tensors are copied into the model's dtype, so a float64 file built
+        # at the default float32 and cast afterwards came out rounded to float32.
+        model = model.to(dtype)
     try:
         load_canonical(model, canonical, origin=os.fspath(weights_path))
     except CheckpointError as err:
@@ -298,10 +304,6 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         first, _, rest = str(err).partition("\n")
         note = _config_file_note(config_path, config, canonical, overrides)
         raise CheckpointError(f"{first}\n  {note}" + (f"\n{rest}" if rest else "")) from None
-    if dtype == "auto":
-        dtype = _stored_dtype(config, state)
-    if dtype is not None:
-        model = model.to(dtype)
     # Which ecosystem wrote the file: its evaluation preprocessing follows it (inference.load_processor).
     model.checkpoint_layout = layout
     logger.info("loaded %s weights (%s layout) from %s", model_cls.__name__, layout, os.fspath(weights_path))
@@ -343,6 +345,14 @@ def dense_config_from_dict(data: Mapping[str, Any], **overrides: Any) -> PvtV2Co
     read by no layer, so it is not carried over.
     """
     args = {k: data[k] for k in _DENSE_CONFIG_FIELDS if k in data}
+    # transformers writes its four-entry defaults of these lists into every config.json and reads only the first
+    # num_encoder_blocks entries of each (depths and hidden_sizes are read whole: the drop-path schedule, GLPN's
+    # decoder), so a model of two or three stages carries four: cut to what it reads, as it does.
+    blocks = args.get("num_encoder_blocks")
+    if type(blocks) is int and blocks >= 1:
+        for key in ("sr_ratios", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios"):
+            if isinstance(args.get(key), list) and len(args[key]) > blocks:
+                args[key] = args[key][:blocks]
     # One ratio per stage that depths lists, not per num_encoder_blocks: a count that is no count (NaN, 1e400, a
     # list) or a huge one ([4] * 10**9) is then refused by name by PvtV2Config, not by int() or by memory.
     depths = args.get("depths")

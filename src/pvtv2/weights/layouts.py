@@ -11,7 +11,8 @@ Three layouts of the same weights are read and written:
 The original repository's detection and segmentation checkpoints (mmdetection / mmsegmentation files, ``mmdet``) are
 read for their backbone: ``backbone.`` + the original layout; their necks and heads (``neck.``, ``bbox_head.``,
 ``rpn_head.``, ``roi_head.``, ``decode_head.``, ``auxiliary_head.``) are mmdetection's and mmsegmentation's modules,
-which no pvtv2 model has, and are left out of the conversion.
+and are left out of the conversion. (The ADE20K checkpoints' Semantic FPN, ``neck.`` + ``decode_head.scale_heads.``,
+is the module that ``decode_head_type="fpn"`` builds, layer for layer, but its keys are not read yet.)
 
 Two more are read (not written): the Mix Transformer encoders of transformers' SegFormer and GLPN, with their heads
 (``segformer``: ``segformer.encoder.block.{i}.{j}.attention.self.query`` ... ``decode_head.linear_c.{i}`` ...;

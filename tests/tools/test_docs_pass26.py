@@ -1,0 +1,56 @@
+"""Defects found by reading README.md and docs/*.md as a new user and running what they say (docs pass 26)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SMALL_IMAGES
+
+from pvtv2.data.digits import write_digits_folder
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _train(args: list[str], env: dict[str, str] | None = None, processes: int = 1) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "pvtv2"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", "pvtv2"]
+    return subprocess.run([*launcher, "train", *args], env=env or ENV, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+# docs/training.md: a run resumed by another number of processes "keeps its peak learning rate and its schedule ...
+# down to --min-lr at its last step". The resumed invocation warned "--min-lr 2e-05 is above the default peak lr
+# 1.56e-05: the lr stays at the peak" (this invocation's default, one process's global batch) while the run went on
+# from its own peak, 3.125e-05, down to --min-lr: the warning contradicted the schedule it ran.
+@pytest.mark.slow
+def test_a_resumed_run_warns_about_min_lr_only_against_its_own_peak(tmp_path):
+    data = tmp_path / "digits"
+    write_digits_folder(data, size=16, limit_per_class=16, val_fraction=0.25, seed=2)  # 120 training images
+    arch = tmp_path / "tiny.json"
+    arch.write_text(json.dumps(TINY_SMALL_IMAGES))
+    out, min_lr = tmp_path / "run", 2e-5
+    args = ["--data", str(data), "--model", str(arch), "--output", str(out), "--epochs", "3", "--image-size", "16",
+            "--batch-size", "16", "--warmup-epochs", "0", "--hflip", "0", "--min-lr", f"{min_lr:g}", "--no-progress"]
+    # Two processes: 4 steps an epoch, a peak of 5e-4 * 32 / 512; killed in the 2nd batch of epoch 2.
+    killed = _train(args, {**ENV, "PVTV2_TEST_KILL_AT_STEP": "6"}, processes=2)
+    assert killed.returncode != 0 and "stays at the peak" not in killed.stderr
+    done = _train(["--output", str(out), "--resume", "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "stays at the peak" not in done.stderr, done.stderr[-3000:]
+    # One process: 8 steps an epoch, 24 in all, from step 8; the cosine from the run's peak to --min-lr (closed form).
+    peak = 5e-4 * 32 / 512
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[1]["lr"] == pytest.approx(min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * 16 / 24)))
+    assert records[2]["lr"] == pytest.approx(min_lr, rel=1e-9)
+    # A new run whose default peak is below --min-lr is still warned, with that peak: 5e-4 * 16 / 512.
+    fresh = _train([*args[:5], str(tmp_path / "fresh"), "--epochs", "1", *args[8:]])
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "--min-lr 2e-05 is above the default peak lr 1.56e-05: the lr stays at the peak" in fresh.stderr
+    assert json.loads((tmp_path / "fresh" / "metrics.jsonl").read_text())["lr"] == pytest.approx(5e-4 * 16 / 512)

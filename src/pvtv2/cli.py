@@ -362,7 +362,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(f"held-out accuracy: top-1 {result['val_top1']:.2f}%, top-5 {result['val_top5']:.2f}% "
-          f"on {result['num_val']} digits after {result['epochs']} epochs ({result['seconds']:.0f} s)")
+          f"on {result['num_val']} digits after {_epochs(result['epochs'])} ({result['seconds']:.0f} s)")
     print("predictions on held-out digits:")
     for item in result["predictions"]:
         print(f"  {item['image']}: true {item['true']}, predicted {item['label']} (p={item['probability']:.3f})")

@@ -54,3 +54,19 @@ def test_a_resumed_run_warns_about_min_lr_only_against_its_own_peak(tmp_path):
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "--min-lr 2e-05 is above the default peak lr 1.56e-05: the lr stays at the peak" in fresh.stderr
     assert json.loads((tmp_path / "fresh" / "metrics.jsonl").read_text())["lr"] == pytest.approx(5e-4 * 16 / 512)
+
+
+# The training summaries say "trained 1 epoch" since this round; the demo's still said "after 1 epochs".
+@pytest.mark.parametrize("epochs, words", [(1, "after 1 epoch (57 s)"), (8, "after 8 epochs (57 s)")])
+def test_the_demo_summary_counts_its_epochs_in_words(monkeypatch, capsys, tmp_path, epochs, words):
+    import pvtv2.demo
+    from pvtv2.cli import main
+
+    def fake_demo(output, *, epochs, image_size, overwrite, progress):
+        return {"val_top1": 84.12256, "val_top5": 98.88579, "num_val": 359, "epochs": epochs, "seconds": 57.2,
+                "predictions": [], "data": "d", "best": "c", "metrics": "m", "curves": "k", "attention": "a"}
+
+    monkeypatch.setattr(pvtv2.demo, "run_demo", fake_demo)
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--epochs", str(epochs), "--no-progress"]) in (0, None)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"held-out accuracy: top-1 84.12%, top-5 98.89% on 359 digits {words}"

@@ -700,10 +700,11 @@ def _add_convert(subparsers) -> None:
                     "folder (loads in transformers), or with --layout a single file in that layout.",
     )
     p.add_argument("source", metavar="SRC", help="checkpoint file, folder or hub id")
-    p.add_argument("output", metavar="OUT", help="output folder (or *.safetensors / *.pth file with --layout); an "
+    p.add_argument("output", metavar="OUT", help="output folder (or *.safetensors / *.pth / *.pt / *.bin file with --layout); an "
                    "existing one is replaced only if it is a checkpoint")
     p.add_argument("--layout", choices=("transformers", "timm", "original"),
-                   help="write one weights file in this layout instead of a folder (.safetensors or .pth by suffix)")
+                   help="write one weights file in this layout instead of a folder (safetensors for .safetensors, a "
+                        "PyTorch checkpoint for .pth, .pt, .bin)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_convert)
 

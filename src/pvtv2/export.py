@@ -703,7 +703,7 @@ def _check_convert_output(out: Path, layout: str | None) -> None:
         return
     if out.suffix.lower() not in _WEIGHT_SUFFIXES:
         raise ValueError(
-            f"--layout {layout} writes one weights file, named *.safetensors (safetensors) or *.pth (PyTorch), got "
+            f"--layout {layout} writes one weights file, named *.safetensors (safetensors) or *.pth, *.pt, *.bin (PyTorch), got "
             f"{text!r}"
         )
     if out.is_dir():

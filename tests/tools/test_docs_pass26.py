@@ -70,3 +70,29 @@ def test_the_demo_summary_counts_its_epochs_in_words(monkeypatch, capsys, tmp_pa
     assert main(["demo", "--output", str(tmp_path / "demo"), "--epochs", str(epochs), "--no-progress"]) in (0, None)
     first = capsys.readouterr().out.splitlines()[0]
     assert first == f"held-out accuracy: top-1 84.12%, top-5 98.89% on 359 digits {words}"
+
+
+# docs/commands.md said "With --layout the output must be named *.safetensors or *.pth", and so did the error; the
+# code writes .pt and .bin (pytorch_model.bin's suffix) as PyTorch checkpoints too. The doc and message now list them.
+def test_convert_layout_writes_the_pytorch_suffixes_it_takes(tmp_path, capsys):
+    import torch
+
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+    from pvtv2.cli import main
+    from pvtv2.weights.layouts import convert_state_dict
+
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, num_labels=3)).eval()
+    model.save_pretrained(tmp_path / "src")
+    expected = convert_state_dict(model.state_dict(), "timm")
+    for suffix in (".pth", ".pt", ".bin"):
+        out = tmp_path / f"timm{suffix}"
+        assert main(["convert", str(tmp_path / "src"), str(out), "--layout", "timm"]) in (0, None)
+        assert out.read_bytes()[:4] == b"PK\x03\x04"  # torch.save's zip format, not safetensors
+        written = torch.load(out, weights_only=True)
+        assert written.keys() == expected.keys()
+        assert all(torch.equal(written[k], expected[k]) for k in expected)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "timm.txt"), "--layout", "timm"]) == 2
+    assert "named *.safetensors (safetensors) or *.pth, *.pt, *.bin (PyTorch), got" in capsys.readouterr().err
+    assert not (tmp_path / "timm.txt").exists()

@@ -96,3 +96,25 @@ def test_convert_layout_writes_the_pytorch_suffixes_it_takes(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "timm.txt"), "--layout", "timm"]) == 2
     assert "named *.safetensors (safetensors) or *.pth, *.pt, *.bin (PyTorch), got" in capsys.readouterr().err
     assert not (tmp_path / "timm.txt").exists()
+
+
+# README: `pvtv2 info MODEL_OR_PRESET`, where docs/training.md's --model MODEL_OR_PRESET takes a config.json for a
+# custom architecture. `pvtv2 info arch.json` said "'arch.json' is not a readable PyTorch checkpoint (corrupt,
+# truncated or another format)"; it now counts the architecture as it does a preset's, checked against transformers.
+def test_info_counts_a_config_json_architecture(tmp_path, capsys):
+    import transformers
+
+    from pvtv2.cli import main
+
+    fields = {**TINY_SMALL_IMAGES, "num_labels": 7}
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(fields))
+    reference = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**fields))
+    assert main(["info", str(arch), "--image-size", "32", "--json"]) in (0, None)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["parameters"] == sum(p.numel() for p in reference.parameters())
+    assert summary["num_labels"] == 7
+    # A misspelt field is named, as `pvtv2 train --model arch.json` names it.
+    arch.write_text(json.dumps({**fields, "depth": [1, 1, 1, 1]}))
+    assert main(["info", str(arch)]) == 2
+    assert "unknown field 'depth' (did you mean 'depths'?)" in capsys.readouterr().err

@@ -118,3 +118,36 @@ def test_info_counts_a_config_json_architecture(tmp_path, capsys):
     arch.write_text(json.dumps({**fields, "depth": [1, 1, 1, 1]}))
     assert main(["info", str(arch)]) == 2
     assert "unknown field 'depth' (did you mean 'depths'?)" in capsys.readouterr().err
+
+
+# docs/training.md: a non-empty folder that holds no run is refused, "with --overwrite too (unless it holds only what
+# a run writes)". A folder left by a run killed while writing its run.json was refused without --overwrite with
+# "choose an empty or new folder" alone, though --overwrite replaces it: the refusal now names that way out.
+@pytest.mark.slow
+def test_a_folder_of_a_runs_leftovers_is_refused_with_overwrite_as_the_way_out(tmp_path):
+    data = tmp_path / "digits"
+    write_digits_folder(data, size=16, limit_per_class=4, val_fraction=0.5, seed=3)  # 20 training images
+    arch = tmp_path / "tiny.json"
+    arch.write_text(json.dumps(TINY_SMALL_IMAGES))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".run.json.tmp").write_text("{")
+    args = ["--data", str(data), "--model", str(arch), "--output", str(out), "--epochs", "1", "--image-size", "16",
+            "--batch-size", "8", "--no-progress"]
+    refused = _train(args)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"pvtv2 train: error: --output {str(out)!r} holds no training run (no run.json), only what a run writes "
+        f"(.run.json.tmp); pass --overwrite to replace it, or choose an empty or new folder")
+    assert sorted(p.name for p in out.iterdir()) == [".run.json.tmp"]
+    done = _train([*args, "--overwrite"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (out / ".run.json.tmp").exists()
+    # A user's own file is still refused without naming --overwrite, which refuses it too.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    refused = _train([*args[:5], str(own), *args[6:]])
+    assert refused.returncode == 2 and "choose an empty or new folder" in refused.stderr
+    assert "--overwrite" not in refused.stderr.strip().splitlines()[-1]

@@ -415,7 +415,14 @@ def _refuse_taken(out: Path, continue_with: str | None = None) -> None:
             f"{str(out)!r} holds an unfinished training run ({done} of {stored['epochs']} epochs done); {advice} to "
             "start again"
         )
-    if any(entry.name != LOCK_FILE for entry in out.iterdir()):
+    entries = sorted(entry.name for entry in out.iterdir() if entry.name != LOCK_FILE)
+    if entries and all(name in _RUN_ENTRIES for name in entries):
+        # What a run killed before its run.json was in place leaves: --overwrite replaces it (_refuse_foreign).
+        raise FileExistsError(
+            f"--output {str(out)!r} holds no training run (no run.json), only what a run writes ({', '.join(entries)}); "
+            f"pass --overwrite to replace it, or choose an empty or new folder"
+        )
+    if entries:
         raise FileExistsError(
             f"--output {str(out)!r} is not empty and holds no training run; choose an empty or new folder"
         )

@@ -151,3 +151,37 @@ def test_a_folder_of_a_runs_leftovers_is_refused_with_overwrite_as_the_way_out(t
     refused = _train([*args[:5], str(own), *args[6:]])
     assert refused.returncode == 2 and "choose an empty or new folder" in refused.stderr
     assert "--overwrite" not in refused.stderr.strip().splitlines()[-1]
+
+
+# README: "on a machine without network access an uncached hub id is a clear error that says how to fetch it", and
+# local_files_only= is taken "as transformers takes it" by PvtV2ImageProcessor.from_pretrained too. For a hub id the
+# cache had never seen, the processor returned the default preprocessing (224x224 bilinear) without a word, where
+# transformers raises; a repository with another size or a crop would then have been fed wrong pixels.
+def test_the_processor_of_an_uncached_hub_id_is_an_error_offline(tmp_path):
+    import numpy as np
+    import transformers
+
+    from pvtv2 import PvtV2ImageProcessor
+    from pvtv2.weights.hub import HubFileNotFound
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with pytest.raises(HubFileNotFound) as info:
+        PvtV2ImageProcessor.from_pretrained("someone/pvt_v2_crop", cache_dir=cache, local_files_only=True)
+    assert "not in the Hugging Face cache" in str(info.value) and "hf download someone/pvt_v2_crop" in str(info.value)
+    with pytest.raises(OSError):  # transformers refuses the same call
+        transformers.PvtImageProcessor.from_pretrained("someone/pvt_v2_crop", cache_dir=cache, local_files_only=True)
+    # A cached repository without the file still means the defaults, as transformers' PIL-based processor computes them
+    # with the published resample (bilinear).
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--pvt_v2_plain"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text(json.dumps({"model_type": "pvt_v2"}))
+    processor = PvtV2ImageProcessor.from_pretrained("someone/pvt_v2_plain", cache_dir=cache, local_files_only=True)
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    ours = processor(image, return_tensors="pt")["pixel_values"]
+    theirs = transformers.PvtImageProcessorPil(resample=2)(image, return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape == (1, 3, 224, 224)
+    assert float((ours - theirs).abs().max()) < 1e-5

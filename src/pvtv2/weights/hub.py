@@ -227,8 +227,10 @@ def _hub_download(
                 f"machine with network access run `hf download {repo_id} --revision {rev}` and copy the cache folder here, or "
                 f"pass a local folder or checkpoint file instead."
             ) from None
-        # An optional file counts as absent only in offline mode; a failed connection says nothing about it.
-        if not required and offline:
+        # An optional file counts as absent only in offline mode, and only in a repository the cache holds: a failed
+        # connection says nothing about it, nor does a repository never downloaded (a processor fell back to the
+        # defaults for any uncached hub id under local_files_only, where transformers names the missing repository).
+        if not required and offline and _repo_folder(Path(cache), repo_id).is_dir():
             return None
         raise HubFileNotFound(
             f"{filename!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and {unreached}. On a machine "

@@ -184,3 +184,30 @@ def test_the_processor_of_an_uncached_hub_id_is_an_error_offline(tmp_path):
     theirs = transformers.PvtImageProcessorPil(resample=2)(image, return_tensors="pt")["pixel_values"]
     assert ours.shape == theirs.shape == (1, 3, 224, 224)
     assert float((ours - theirs).abs().max()) < 1e-5
+
+
+# docs/training.md: "A run started without --lr takes an --lr equal to the rate it trained with". Resumed with that
+# --lr, a run started with its own --min-lr (below the default 1e-5) was refused: "--min-lr (1e-05) must not exceed
+# --lr (3.90625e-06)", the command line's default --min-lr compared before the run's own was read.
+@pytest.mark.slow
+def test_a_resume_with_the_runs_own_rate_is_taken_whatever_its_min_lr(tmp_path):
+    data = tmp_path / "digits"
+    write_digits_folder(data, size=16, limit_per_class=4, val_fraction=0.5, seed=3)  # 20 training images
+    arch = tmp_path / "tiny.json"
+    arch.write_text(json.dumps(TINY_SMALL_IMAGES))
+    out, min_lr = tmp_path / "run", 1e-7
+    args = ["--data", str(data), "--model", str(arch), "--output", str(out), "--epochs", "2", "--image-size", "16",
+            "--batch-size", "4", "--warmup-epochs", "0", "--min-lr", f"{min_lr:g}", "--no-progress"]
+    killed = _train(args, {**ENV, "PVTV2_TEST_KILL_AT_STEP": "7"})  # 5 steps an epoch: the 2nd of epoch 2
+    assert killed.returncode != 0
+    peak = 5e-4 * 4 / 512  # 3.90625e-06: the default for one process's batch of 4
+    done = _train(["--output", str(out), "--resume", "--lr", repr(peak), "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0]["lr"] == pytest.approx(min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert records[1]["lr"] == pytest.approx(min_lr, rel=1e-9)
+    # A new run is still refused a --min-lr above its --lr.
+    refused = _train([*args[:5], str(tmp_path / "new"), *args[6:], "--lr", "1e-6", "--min-lr", "1e-5"])
+    assert refused.returncode == 2
+    assert "--min-lr (1e-05) must not exceed --lr (1e-06)" in refused.stderr

@@ -350,6 +350,8 @@ def prepare_output(
         merged = _merge_resumed(cfg, stored, explicit, run_lr)
         try:
             merged.validate()
+            if stored.get("lr") is not None and merged.lr is not None and merged.min_lr > merged.lr:
+                raise ValueError(f"--min-lr ({merged.min_lr:g}) must not exceed --lr ({merged.lr:g})")
         except (ValueError, TypeError) as err:
             raise ValueError(f"{str(out / RUN_FILE)!r}: {err}") from None
         state = read_state()

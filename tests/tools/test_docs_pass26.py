@@ -211,3 +211,39 @@ def test_a_resume_with_the_runs_own_rate_is_taken_whatever_its_min_lr(tmp_path):
     refused = _train([*args[:5], str(tmp_path / "new"), *args[6:], "--lr", "1e-6", "--min-lr", "1e-5"])
     assert refused.returncode == 2
     assert "--min-lr (1e-05) must not exceed --lr (1e-06)" in refused.stderr
+
+
+# docs/commands.md: a folder output of convert "gets the source's preprocessor_config.json too ..., so it predicts
+# what its source did". An authors' .pth is predicted with the authors' protocol (shorter side 256 = 224 / 0.875,
+# bicubic, centre 224 crop); the folder converted from it had no preprocessor_config.json and predicted with a plain
+# 224x224 resize: other probabilities from the same weights. A single file in another layout now warns of it.
+def test_a_folder_converted_from_an_authors_file_predicts_what_its_source_did(tmp_path, capsys, caplog):
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+    from pvtv2.cli import main
+    from pvtv2.weights.layouts import convert_state_dict
+
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**{**TINY_SMALL_IMAGES, "image_size": 224}, num_labels=4))
+    torch.save(convert_state_dict(model.state_dict(), "original"), tmp_path / "authors.pth")
+    PIL.Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert main(["convert", str(tmp_path / "authors.pth"), str(tmp_path / "folder")]) in (0, None)
+    written = json.loads((tmp_path / "folder" / "preprocessor_config.json").read_text())
+    assert written["size"] == {"shortest_edge": 256} and written["crop_size"] == {"height": 224, "width": 224}
+    assert written["resample"] == 3 and written["do_center_crop"] is True and written["crop_pct"] == 0.875
+    capsys.readouterr()
+    scores = []
+    for source in ("authors.pth", "folder"):
+        assert main(["predict", "--model", str(tmp_path / source), str(tmp_path / "a.png"), "--top-k", "4", "--json",
+                     "--no-progress"]) in (0, None)
+        scores.append({p["index"]: p["score"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]})
+    assert scores[0].keys() == scores[1].keys()
+    assert all(abs(scores[0][k] - scores[1][k]) < 1e-6 for k in scores[0])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pvtv2.export"):
+        assert main(["convert", str(tmp_path / "authors.pth"), str(tmp_path / "t.safetensors"),
+                     "--layout", "transformers"]) in (0, None)
+    assert "the preprocessing (the original protocol its file is predicted with)" in caplog.text

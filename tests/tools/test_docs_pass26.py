@@ -247,3 +247,21 @@ def test_a_folder_converted_from_an_authors_file_predicts_what_its_source_did(tm
         assert main(["convert", str(tmp_path / "authors.pth"), str(tmp_path / "t.safetensors"),
                      "--layout", "transformers"]) in (0, None)
     assert "the preprocessing (the original protocol its file is predicted with)" in caplog.text
+
+
+# README: revision= is taken as transformers takes it, and an uncached hub id "is a clear error that says how to
+# fetch it". For revision='v2' of a repository never downloaded, the error said `hf download owner/name`, which
+# fetches main's files: the cache would still lack v2's.
+def test_an_uncached_revision_is_named_in_the_download_command(tmp_path):
+    from pvtv2 import PvtV2ForImageClassification
+    from pvtv2.weights.hub import HubFileNotFound
+
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(HubFileNotFound) as info:
+        PvtV2ForImageClassification.from_pretrained("someone/pvt_v2_x", revision="v2", cache_dir=tmp_path / "cache",
+                                                    local_files_only=True)
+    assert "`hf download someone/pvt_v2_x --revision v2`" in str(info.value)
+    with pytest.raises(HubFileNotFound) as info:
+        PvtV2ForImageClassification.from_pretrained("someone/pvt_v2_x", cache_dir=tmp_path / "cache",
+                                                    local_files_only=True)
+    assert "`hf download someone/pvt_v2_x`" in str(info.value)

@@ -362,7 +362,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(f"held-out accuracy: top-1 {result['val_top1']:.2f}%, top-5 {result['val_top5']:.2f}% "
-          f"on {result['num_val']} digits after {result['epochs']} epochs ({result['seconds']:.0f} s)")
+          f"on {result['num_val']} digits after {_epochs(result['epochs'])} ({result['seconds']:.0f} s)")
     print("predictions on held-out digits:")
     for item in result["predictions"]:
         print(f"  {item['image']}: true {item['true']}, predicted {item['label']} (p={item['probability']:.3f})")
@@ -662,7 +662,8 @@ def _add_info(subparsers) -> None:
         description="Per-stage architecture, output sizes, parameter count and compute. Compute is counted in "
                     "multiply-adds (GMACs), the unit the PVTv2 paper reports as GFLOPs.",
     )
-    p.add_argument("model", metavar="MODEL", help="preset name (e.g. pvt_v2_b0), folder, checkpoint file or hub id")
+    p.add_argument("model", metavar="MODEL",
+                   help="preset name (e.g. pvt_v2_b0), config.json, folder, checkpoint file or hub id")
     p.add_argument("--image-size", type=_size_pair, default=(224, 224), metavar="S|HxW",
                    help="input size for output shapes and compute, sides up to 4096 (default: 224)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -673,14 +674,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from .flops import format_summary, model_summary
-    from .models.config import PvtV2Config, is_preset_name
     from .models.modeling import PvtV2ForImageClassification
     from .training.config import MAX_IMAGE_SIDE
+    from .training.engine import new_architecture
 
     _check_range("--image-size height and width", max(args.image_size), 1, MAX_IMAGE_SIDE)
-    if is_preset_name(args.model):
+    # A preset, or a config.json as `pvtv2 train --model` takes one (it was read as a PyTorch checkpoint, "corrupt").
+    config = new_architecture(args.model)
+    if config is not None:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
-            model = PvtV2ForImageClassification(PvtV2Config.from_preset(args.model))
+            model = PvtV2ForImageClassification(config)
     else:
         # Counted on the meta device too: the count needs shapes, not values, so any --image-size costs no memory.
         model = PvtV2ForImageClassification.from_pretrained(args.model).to("meta")
@@ -700,10 +703,11 @@ def _add_convert(subparsers) -> None:
                     "folder (loads in transformers), or with --layout a single file in that layout.",
     )
     p.add_argument("source", metavar="SRC", help="checkpoint file, folder or hub id")
-    p.add_argument("output", metavar="OUT", help="output folder (or *.safetensors / *.pth file with --layout); an "
+    p.add_argument("output", metavar="OUT", help="output folder (or *.safetensors / *.pth / *.pt / *.bin file with --layout); an "
                    "existing one is replaced only if it is a checkpoint")
     p.add_argument("--layout", choices=("transformers", "timm", "original"),
-                   help="write one weights file in this layout instead of a folder (.safetensors or .pth by suffix)")
+                   help="write one weights file in this layout instead of a folder (safetensors for .safetensors, a "
+                        "PyTorch checkpoint for .pth, .pt, .bin)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_convert)
 

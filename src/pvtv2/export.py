@@ -562,9 +562,22 @@ def _describe_check(check: ExportCheck) -> str:
     return f"{size}: max abs diff {check.max_abs_diff:.3g} > tolerance {check.tolerance:.3g}"
 
 
-def _single_file_losses(config, preprocessor: Path | None, layout: str) -> list[str]:
+def _origin_processor(model: nn.Module):
+    """The protocol a timm or authors' file without a ``preprocessor_config.json`` is predicted with (as
+    :func:`pvtv2.inference.load_processor` picks it), or None."""
+    from .data.processing import PvtV2ImageProcessor
+
+    origin = getattr(model, "checkpoint_layout", None)
+    height, width = model.config.image_size
+    if origin in ("timm", "original") and height == width:
+        return PvtV2ImageProcessor.from_protocol(origin, height)
+    return None
+
+
+def _single_file_losses(config, preprocessor: Path | None, layout: str, origin=None) -> list[str]:
     """What of a checkpoint a single weights file in ``layout`` cannot hold: what reading the file back (224 px,
-    generic labels, the layout's own evaluation protocol) would get otherwise."""
+    generic labels, the layout's own evaluation protocol) would get otherwise. ``origin``: the processor of the
+    source's origin protocol, where it has no ``preprocessor_config.json``."""
     from .data.processing import PvtV2ImageProcessor
     from .models.labels import has_generic_labels, imagenet_id2label
 
@@ -590,6 +603,11 @@ def _single_file_losses(config, preprocessor: Path | None, layout: str) -> list[
         else:
             if differs:
                 lost.append(f"the preprocessing ({preprocessor})")
+    elif origin is not None:
+        read_back = (PvtV2ImageProcessor(size={"height": 224, "width": 224}) if layout == "transformers"
+                     else PvtV2ImageProcessor.from_protocol(layout, 224))
+        if origin != read_back:
+            lost.append(f"the preprocessing (the {origin.protocol} protocol its file is predicted with)")
     return lost
 
 
@@ -703,7 +721,7 @@ def _check_convert_output(out: Path, layout: str | None) -> None:
         return
     if out.suffix.lower() not in _WEIGHT_SUFFIXES:
         raise ValueError(
-            f"--layout {layout} writes one weights file, named *.safetensors (safetensors) or *.pth (PyTorch), got "
+            f"--layout {layout} writes one weights file, named *.safetensors (safetensors) or *.pth, *.pt, *.bin (PyTorch), got "
             f"{text!r}"
         )
     if out.is_dir():
@@ -751,9 +769,14 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     # The preprocessing the source's predictions use (pvtv2 predict reads it the same way): its folder's, or its
     # save_pretrained folder's for a single weights file such as a run's best/model.safetensors.
     pre = companion_file(source, PREPROCESSOR_CONFIG_NAME)
+    # Without one, a timm or authors' file is predicted with its origin's protocol (pvtv2.inference.load_processor).
+    origin = _origin_processor(model) if pre is None else None
     if layout is None:
-        # Read before writing: the output may be the source folder itself.
+        # Read before writing: the output may be the source folder itself. A folder converted from a timm or
+        # authors' file predicted with a plain resize, unlike its source, for want of this file.
         pre_text = Path(pre).read_text(encoding="utf-8") if pre is not None else None
+        if origin is not None:
+            pre_text = origin.to_json_string()
 
         def write(folder: Path) -> None:
             model.save_pretrained(folder)
@@ -768,7 +791,7 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
         return info
     for note in layout_differences(model.config, layout):
         logger.warning("%s", note)
-    lost = _single_file_losses(model.config, pre, layout)
+    lost = _single_file_losses(model.config, pre, layout, origin)
     if lost:
         # A single file is weights only: predictions from it use 224 px, that layout's protocol and generic
         # labels, which for a model trained otherwise look like answers but are not its answers.

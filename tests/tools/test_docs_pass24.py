@@ -125,10 +125,11 @@ def test_convert_to_a_single_file_names_what_the_file_cannot_hold(tmp_path, capl
     assert len(lost) == 1
     assert "the class names (3 labels)" in lost[0] and "the image size (32x32)" in lost[0]
     assert "preprocessor_config.json" in lost[0]
-    # A file with nothing of that (generic labels, 224 px, no preprocessing) converts without the warning.
+    # A file with nothing of that (generic labels, 224 px, the timm protocol it is read with) converts into another
+    # timm file without the warning; into an authors' file, read with their protocol, it warns (docs pass 26).
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pvtv2.export"):
-        convert_checkpoint(tmp_path / "w.safetensors", tmp_path / "w.pth", layout="original")
+        convert_checkpoint(tmp_path / "w.safetensors", tmp_path / "w.pth", layout="timm")
     assert not [r for r in caplog.records if "holds weights only" in r.getMessage()]
 
 

@@ -134,7 +134,9 @@ class TrainConfig:
         if self.lr is not None:
             _number("lr", self.lr, low=0.0, low_open=True)
         _number("min_lr", self.min_lr, low=0.0)
-        if self.lr is not None and self.min_lr > self.lr:
+        # On --resume the command line's --min-lr is its default unless given: the run's own, stored, is compared
+        # once read (an --lr equal to the rate of a run started without one was refused against the default 1e-5).
+        if self.lr is not None and self.min_lr > self.lr and not self.resume:
             raise ValueError(f"--min-lr ({self.min_lr:g}) must not exceed --lr ({self.lr:g}): the cosine decays to it")
         _number("warmup_epochs", self.warmup_epochs, low=0.0)
         if self.warmup_steps is not None:

@@ -412,8 +412,6 @@ class Schedule:
     @classmethod
     def plan(cls, cfg: TrainConfig, task: Task, info: DistInfo) -> Schedule:
         peak_lr = cfg.lr if cfg.lr is not None else default_peak_lr(cfg, task, info.world_size)
-        if cfg.min_lr > peak_lr and info.main:
-            logger.warning("--min-lr %.3g is above the default peak lr %.3g: the lr stays at the peak", cfg.min_lr, peak_lr)
         explicit = task.train_batches(0, info, cfg.batch_size)
         if explicit is not None:
             batches_per_epoch = len(explicit)
@@ -541,6 +539,11 @@ def _build(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunC
     optimizer = torch.optim.AdamW(groups, lr=schedule.peak_lr)
     if state is not None:
         schedule = _trained_peak(schedule, cfg, optimizer, state)
+    # Only now: a resumed run's peak is the one it was started with, not this invocation's default (another number
+    # of processes gives another), so that the warning names the rate the schedule really starts from.
+    if cfg.min_lr > schedule.peak_lr and ctx.dist.main:
+        logger.warning("--min-lr %.3g is above the %s peak lr %.3g: the lr stays at the peak", cfg.min_lr,
+                       "default" if state is None else "run's", schedule.peak_lr)
     # A lambda, not a bound method: LambdaLR saves no state for plain functions, so training_state.pt stays tensors.
     factor = task.lr_factor(schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))

@@ -350,6 +350,8 @@ def prepare_output(
         merged = _merge_resumed(cfg, stored, explicit, run_lr)
         try:
             merged.validate()
+            if stored.get("lr") is not None and merged.lr is not None and merged.min_lr > merged.lr:
+                raise ValueError(f"--min-lr ({merged.min_lr:g}) must not exceed --lr ({merged.lr:g})")
         except (ValueError, TypeError) as err:
             raise ValueError(f"{str(out / RUN_FILE)!r}: {err}") from None
         state = read_state()
@@ -415,7 +417,14 @@ def _refuse_taken(out: Path, continue_with: str | None = None) -> None:
             f"{str(out)!r} holds an unfinished training run ({done} of {stored['epochs']} epochs done); {advice} to "
             "start again"
         )
-    if any(entry.name != LOCK_FILE for entry in out.iterdir()):
+    entries = sorted(entry.name for entry in out.iterdir() if entry.name != LOCK_FILE)
+    if entries and all(name in _RUN_ENTRIES for name in entries):
+        # What a run killed before its run.json was in place leaves: --overwrite replaces it (_refuse_foreign).
+        raise FileExistsError(
+            f"--output {str(out)!r} holds no training run (no run.json), only what a run writes ({', '.join(entries)}); "
+            f"pass --overwrite to replace it, or choose an empty or new folder"
+        )
+    if entries:
         raise FileExistsError(
             f"--output {str(out)!r} is not empty and holds no training run; choose an empty or new folder"
         )

@@ -227,12 +227,16 @@ def _hub_download(
                 f"machine with network access run `hf download {repo_id} --revision {rev}` and copy the cache folder here, or "
                 f"pass a local folder or checkpoint file instead."
             ) from None
-        # An optional file counts as absent only in offline mode; a failed connection says nothing about it.
-        if not required and offline:
+        # An optional file counts as absent only in offline mode, and only in a repository the cache holds: a failed
+        # connection says nothing about it, nor does a repository never downloaded (a processor fell back to the
+        # defaults for any uncached hub id under local_files_only, where transformers names the missing repository).
+        if not required and offline and _repo_folder(Path(cache), repo_id).is_dir():
             return None
+        # The revision asked for, in the command too: a plain `hf download` fetches main's files only.
+        fetch = f"{repo_id} --revision {revision}" if revision and revision != "main" else repo_id
         raise HubFileNotFound(
             f"{filename!r} of {repo_id!r} is not in the Hugging Face cache ({cache}) and {unreached}. On a machine "
-            f"with network access run `hf download {repo_id}` (or `huggingface-cli download {repo_id}`) and copy the cache "
+            f"with network access run `hf download {fetch}` (or `huggingface-cli download {fetch}`) and copy the cache "
             f"folder here (or point HF_HUB_CACHE at it), or pass a local folder or checkpoint file instead."
         ) from None
     except EntryNotFoundError:

@@ -721,8 +721,8 @@ def _check_convert_output(out: Path, layout: str | None) -> None:
         return
     if out.suffix.lower() not in _WEIGHT_SUFFIXES:
         raise ValueError(
-            f"--layout {layout} writes one weights file, named *.safetensors (safetensors) or *.pth, *.pt, *.bin (PyTorch), got "
-            f"{text!r}"
+            f"--layout {layout} writes one weights file, named *.safetensors (safetensors) or *.pth, *.pt, *.bin "
+            f"(PyTorch), got {text!r}"
         )
     if out.is_dir():
         raise IsADirectoryError(f"--layout {layout} writes one file, but {text!r} is a folder")

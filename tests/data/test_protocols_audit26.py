@@ -11,7 +11,6 @@ float32 where pvtv2 multiplies by 1/255 in float64, which may differ in the last
 
 from __future__ import annotations
 
-import numpy as np
 import PIL.Image
 import pytest
 import torch

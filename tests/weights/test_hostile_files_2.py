@@ -335,6 +335,13 @@ def test_a_sharded_hub_checkpoint_fetches_its_shards_from_the_hub(saved, tmp_pat
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the stand-in is the only "network"
+    # The repository is known to the cache (huggingface_hub's folder for it exists): offline, a file it lacks is then
+    # absent, not unknown (a repository never downloaded makes every file an error).
+    known = tmp_path / "hf" / "models--owner--sharded"
+    (known / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (known / "refs").mkdir()
+    (known / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     model = PvtV2ForImageClassification.from_pretrained("owner/sharded").eval()
     shards = sorted({v for v in json.loads((remote / "model.safetensors.index.json").read_text())["weight_map"].values()})
     assert [name for name, local in asked if not local and name in shards] == shards  # each downloaded once

@@ -11,8 +11,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from pvtv2.cli import main
 from pvtv2.training import engine
 from pvtv2.training.classification import ClassificationTask
 from pvtv2.training.engine import KILL_ENV
-from training_fixtures import ENV, common_args, run_train
+from training_fixtures import ENV, common_args, run_records, run_train, run_train_torchrun, training_state
 
 # The fixtures tiny_config and few_digits.
 pytest_plugins = ["training_fixtures"]
@@ -43,22 +41,11 @@ def _same_as(out: Path, reference: Path) -> None:
     for folder in ("last", "best"):
         expected, got = load_file(reference / folder / "model.safetensors"), load_file(out / folder / "model.safetensors")
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), folder
-    assert [(r["epoch"], r["train_loss"], r["val_top1"], r["lr"]) for r in _records(out)] == [
-        (r["epoch"], r["train_loss"], r["val_top1"], r["lr"]) for r in _records(reference)]
+    assert [(r["epoch"], r["train_loss"], r["val_top1"], r["lr"]) for r in run_records(out)] == [
+        (r["epoch"], r["train_loss"], r["val_top1"], r["lr"]) for r in run_records(reference)]
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-
-def _state(out: Path) -> dict:
-    return torch.load(out / "last" / "training_state.pt", weights_only=True)
-
-
-def _torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pvtv2", "train", *args]
-    return subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=300, check=False)
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -80,21 +67,21 @@ def test_a_run_resumed_by_another_number_of_processes_finishes_its_schedule(few_
     args = common_args(few_digits, tiny_config, out, epochs=2)
     steps = {1: 8, 2: 4}
     kill = {KILL_ENV: str(steps[started] + 2)}  # the 2nd batch of epoch 2: epoch 1's checkpoint is whole
-    killed = _torchrun(args, {**ENV, **kill}) if started == 2 else run_train(args, env={**ENV, **kill})
+    killed = run_train_torchrun(args, {**ENV, **kill}) if started == 2 else run_train(args, env={**ENV, **kill})
     assert killed.returncode != 0
-    assert _state(out)["epoch"] == 1 and _state(out)["scheduler"]["last_epoch"] == steps[started]
+    assert training_state(out)["epoch"] == 1 and training_state(out)["scheduler"]["last_epoch"] == steps[started]
     again = ["--output", str(out), "--resume", "--no-progress"]
-    done = _torchrun(again) if resumed == 2 else run_train(again)
+    done = run_train_torchrun(again) if resumed == 2 else run_train(again)
     assert done.returncode == 0, done.stderr[-3000:]
     total = 2 * steps[resumed]
-    records = _records(out)
+    records = run_records(out)
     assert [r["epoch"] for r in records] == [1, 2]
     # Epoch 1 as the starting processes trained it, epoch 2 ending where the cosine ends: --min-lr, after all of
     # this invocation's steps (the saved step count kept as it was left 2->1 at 3/4 of the cosine, 7.6e-4, and
     # ran 1->2 past its end).
     assert records[0]["lr"] == pytest.approx(_cosine(steps[started], 2 * steps[started], max(1, steps[started] // 2)))
     assert records[1]["lr"] == pytest.approx(MIN_LR, rel=1e-9)
-    assert _state(out)["scheduler"]["last_epoch"] == total
+    assert training_state(out)["scheduler"]["last_epoch"] == total
 
 
 # ------------------------------------------------------------------------------------------------ 2. --overwrite
@@ -107,7 +94,7 @@ def test_overwrite_removes_the_weight_average_of_the_run_it_replaces(few_digits,
     capsys.readouterr()
     # The new run keeps no average: an ema/ left there was the replaced run's weights under this run's name.
     assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
-    assert [r["epoch"] for r in _records(out)] == [1] and "ema_val_top1" not in _records(out)[0]
+    assert [r["epoch"] for r in run_records(out)] == [1] and "ema_val_top1" not in run_records(out)[0]
 
 
 def test_overwrite_of_a_folder_that_holds_no_run_removes_nothing_of_it(few_digits, tiny_config, tmp_path, capsys):
@@ -132,7 +119,7 @@ def test_overwrite_finishes_what_an_interrupted_overwrite_left(few_digits, tiny_
     assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--overwrite"]) == 0
     capsys.readouterr()
     assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
-    assert [r["epoch"] for r in _records(out)] == [1]
+    assert [r["epoch"] for r in run_records(out)] == [1]
 
 
 # ------------------------------------------------------------------------------------------------ 3. run folders
@@ -178,9 +165,9 @@ def test_images_added_under_resume_are_said_and_the_schedule_still_ends_at_min_l
     assert "step 10 of 20" in said[0]
     # The cosine of this invocation's 20 steps, continued from step 10: it ends at --min-lr (the saved step 8, kept,
     # ended it at step 18 of 20, above it).
-    assert _state(out)["scheduler"]["last_epoch"] == 20
-    assert [r["epoch"] for r in _records(out)] == [1, 2]
-    assert _records(out)[1]["lr"] == pytest.approx(MIN_LR, rel=1e-9)
+    assert training_state(out)["scheduler"]["last_epoch"] == 20
+    assert [r["epoch"] for r in run_records(out)] == [1, 2]
+    assert run_records(out)[1]["lr"] == pytest.approx(MIN_LR, rel=1e-9)
 
 
 @pytest.mark.parametrize("inside", ["best", "last", "last/model.safetensors"])
@@ -224,7 +211,7 @@ def test_weights_that_became_nan_with_a_finite_loss_stop_the_run_before_they_are
     # best/, which --resume then refused and inference on larger images turned into NaN.
     assert code == 2 and len(err) == 1, err
     assert "NaN or infinite" in err[0] and _HIDDEN in err[0] and "epoch 2" in err[0], err
-    assert _state(out)["epoch"] == 1 and [r["epoch"] for r in _records(out)] == [1]
+    assert training_state(out)["epoch"] == 1 and [r["epoch"] for r in run_records(out)] == [1]
     weights = load_file(out / "last" / "model.safetensors")
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
     # The intact epoch-1 checkpoint resumes to the uninterrupted run's weights.
@@ -257,7 +244,7 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_leaving_no_lock(few_digits, tiny_c
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the process's own handling, given back
     assert not (out / "run.lock").exists()
     assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
-    assert _state(out)["epoch"] == 1 and [r["epoch"] for r in _records(out)] == [1]
+    assert training_state(out)["epoch"] == 1 and [r["epoch"] for r in run_records(out)] == [1]
     assert main(["train", "--output", str(out), "--resume", "--no-progress"]) == 0
     capsys.readouterr()
     _same_as(out, reference)

@@ -4,19 +4,16 @@ compared with numbers that do not depend on the code under test: the closed form
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from pvtv2.cli import main
-from training_fixtures import ENV, common_args, run_train
+from training_fixtures import ENV, common_args, run_records, run_train, run_train_torchrun, training_state
 
 # The fixtures tiny_config and few_digits.
 pytest_plugins = ["training_fixtures"]
@@ -24,18 +21,7 @@ pytest_plugins = ["training_fixtures"]
 MIN_LR = 1e-5  # the default --min-lr
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-
-def _state(out: Path) -> dict:
-    return torch.load(out / "last" / "training_state.pt", weights_only=True)
-
-
-def _torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pvtv2", "train", *args]
-    return subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=300, check=False)
 
 
 # ------------------------------------------------------------------------------------------------ 1. default --lr
@@ -46,22 +32,22 @@ def test_a_run_without_lr_resumed_by_fewer_processes_still_ends_at_min_lr(few_di
     out = tmp_path / "run"
     args = ["--data", str(few_digits), "--model", tiny_config, "--output", str(out), "--epochs", "3",
             "--image-size", "16", "--batch-size", "16", "--warmup-epochs", "1", "--hflip", "0", "--no-progress"]
-    killed = _torchrun(args, {**ENV, "PVTV2_TEST_KILL_AT_STEP": "6"})  # the 2nd batch of epoch 2
+    killed = run_train_torchrun(args, {**ENV, "PVTV2_TEST_KILL_AT_STEP": "6"})  # the 2nd batch of epoch 2
     assert killed.returncode != 0
     peak = 5e-4 * 32 / 512
-    assert _state(out)["epoch"] == 1 and _state(out)["scheduler"]["base_lrs"] == [pytest.approx(peak)] * 2
+    assert training_state(out)["epoch"] == 1 and training_state(out)["scheduler"]["base_lrs"] == [pytest.approx(peak)] * 2
     again = ["--output", str(out), "--resume", "--no-progress"]
     # One process trains epoch 2 and is killed in epoch 3 (its 2nd batch: 8 + 8 + 2); one process finishes the run.
     killed = run_train(again, env={**ENV, "PVTV2_TEST_KILL_AT_STEP": "18"})
-    assert killed.returncode != 0 and _state(out)["epoch"] == 2, killed.stderr[-3000:]
+    assert killed.returncode != 0 and training_state(out)["epoch"] == 2, killed.stderr[-3000:]
     done = run_train(again)
     assert done.returncode == 0, done.stderr[-3000:]
     # The run goes on at its own peak rate (the optimizer's state), and the cosine of the last invocation's 24 steps
     # ends at --min-lr. It ended at 2e-5: --min-lr / peak was taken of one process's default peak, half the run's.
-    records = _records(out)
+    records = run_records(out)
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert _state(out)["scheduler"]["last_epoch"] == 24
-    assert _state(out)["scheduler"]["base_lrs"] == [pytest.approx(peak)] * 2
+    assert training_state(out)["scheduler"]["last_epoch"] == 24
+    assert training_state(out)["scheduler"]["base_lrs"] == [pytest.approx(peak)] * 2
     # Epoch 2 ends at step 16 of 24 (a warmup of 1 epoch, capped at a quarter: 6 steps), on the cosine from the run's peak to --min-lr (closed form).
     progress = (16 - 6) / (24 - 6)
     assert records[1]["lr"] == pytest.approx(MIN_LR + (peak - MIN_LR) * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -144,4 +130,4 @@ def test_overwrite_replaces_what_a_run_killed_while_writing_a_file_left(few_digi
     assert main(["train", *common_args(few_digits, tiny_config, out, epochs=1), "--overwrite"]) == 0
     capsys.readouterr()
     assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
-    assert [r["epoch"] for r in _records(out)] == [1]
+    assert [r["epoch"] for r in run_records(out)] == [1]

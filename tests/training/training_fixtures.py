@@ -21,7 +21,10 @@ from conftest import TINY_SMALL_IMAGES
 
 from pvtv2.data.digits import write_digits_folder
 
-__all__ = ["ENV", "SIZE", "common_args", "digits", "few_digits", "run_train", "tiny_config"]
+__all__ = [
+    "ENV", "SIZE", "common_args", "digits", "few_digits", "run_records", "run_train", "run_train_torchrun",
+    "tiny_config", "training_state",
+]
 
 # A tiny PVTv2 that can see 16x16 images (spatial reduction no larger than each stage's grid).
 SIZE = 16
@@ -66,6 +69,25 @@ def run_train(args: list[str], env: dict[str, str] | None = None, timeout: int =
     """`python -m pvtv2 train ARGS` in a subprocess, its output captured."""
     return subprocess.run([sys.executable, "-m", "pvtv2", "train", *args], env=env or ENV, capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+def run_train_torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`pvtv2 train ARGS` under torchrun with two CPU processes, its output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pvtv2", "train", *args]
+    return subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=300, check=False)
+
+
+def run_records(out: Path) -> list[dict]:
+    """The epochs' records of the run in ``out`` (its metrics.jsonl)."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def training_state(out: Path) -> dict:
+    """What the run in ``out`` saved to resume from (last/training_state.pt)."""
+    import torch
+
+    return torch.load(out / "last" / "training_state.pt", weights_only=True)
 
 
 def same_weights(a: Path, b: Path) -> bool:

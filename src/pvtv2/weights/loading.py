@@ -258,10 +258,11 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     ``config``, the model is built from it (and ``overrides``) instead of the checkpoint's config.json, as in
     transformers."""
     check_loading_arguments(overrides)
-    config = _given_config(config, revision=revision, cache_dir=cache_dir, subfolder=subfolder,
-                           local_files_only=local_files_only, token=token)
+    where = {"revision": revision, "cache_dir": cache_dir, "subfolder": subfolder, "local_files_only": local_files_only,
+             "token": token}
+    config = _given_config(config, **where)
     given = config
-    config_path, weights_path = locate_checkpoint(source, revision, cache_dir, subfolder, local_files_only, token)
+    config_path, weights_path = locate_checkpoint(source, **where)
     if given is not None:
         config_path = None  # not read, so never named as the cause of a misfit
     state = read_state_dict(weights_path)

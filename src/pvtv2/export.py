@@ -562,18 +562,6 @@ def _describe_check(check: ExportCheck) -> str:
     return f"{size}: max abs diff {check.max_abs_diff:.3g} > tolerance {check.tolerance:.3g}"
 
 
-def _origin_processor(model: nn.Module):
-    """The protocol a timm or authors' file without a ``preprocessor_config.json`` is predicted with (as
-    :func:`pvtv2.inference.load_processor` picks it), or None."""
-    from .data.processing import PvtV2ImageProcessor
-
-    origin = getattr(model, "checkpoint_layout", None)
-    height, width = model.config.image_size
-    if origin in ("timm", "original") and height == width:
-        return PvtV2ImageProcessor.from_protocol(origin, height)
-    return None
-
-
 def _single_file_losses(config, preprocessor: Path | None, layout: str, origin=None) -> list[str]:
     """What of a checkpoint a single weights file in ``layout`` cannot hold: what reading the file back (224 px,
     generic labels, the layout's own evaluation protocol) would get otherwise. ``origin``: the processor of the
@@ -753,7 +741,7 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     The output is written atomically: a failed write (a full disk) raises :class:`pvtv2.fileio.WriteError` naming ``output`` and leaves no
     temporary file, and the previous output as it was.
     """
-    from .data.processing import PREPROCESSOR_CONFIG_NAME
+    from .data.processing import PREPROCESSOR_CONFIG_NAME, origin_processor
     from .weights.files import save_state_dict
     from .weights.hub import companion_file
     from .weights.layouts import LAYOUTS, convert_state_dict
@@ -770,7 +758,8 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     # save_pretrained folder's for a single weights file such as a run's best/model.safetensors.
     pre = companion_file(source, PREPROCESSOR_CONFIG_NAME)
     # Without one, a timm or authors' file is predicted with its origin's protocol (pvtv2.inference.load_processor).
-    origin = _origin_processor(model) if pre is None else None
+    layout_read = getattr(model, "checkpoint_layout", None)
+    origin = origin_processor(layout_read, *model.config.image_size) if pre is None else None
     if layout is None:
         # Read before writing: the output may be the source folder itself. A folder converted from a timm or
         # authors' file predicted with a plain resize, unlike its source, for want of this file.

@@ -37,6 +37,7 @@ from .data.processing import (
     PREPROCESSOR_CONFIG_NAME,
     PvtV2ImageProcessor,
     load_image,
+    origin_processor,
 )
 from . import fast
 from .fileio import existing_folder, path_kind
@@ -268,12 +269,13 @@ def load_processor(
     if path is not None:
         logger.info("preprocessing from %s", path)
         return PvtV2ImageProcessor.from_pretrained(path)
-    if origin in ("timm", "original") and height == width:
+    processor = origin_processor(origin, height, width)
+    if processor is not None:
         logger.info(
             "preprocessing: the %s protocol, as the checkpoint is %s %s file (--preprocess transformers for a plain "
             "resize)", origin, "an" if origin == "original" else "a", origin,
         )
-        return _protocol_processor(origin, height, width)
+        return processor
     return PvtV2ImageProcessor(size={"height": height, "width": width})
 
 

@@ -80,6 +80,7 @@ __all__ = [
     "ProcessorOutput",
     "PvtV2ImageProcessor",
     "load_image",
+    "origin_processor",
     "to_8bit",
     "to_rgb",
 ]
@@ -689,6 +690,15 @@ def _check_pixels(size: Mapping[str, int], height: int, width: int) -> None:
             f"cannot resize to {reprlib.repr(height)} x {reprlib.repr(width)} (size={reprlib.repr(dict(size))}): "
             f"more pixels than twice PIL.Image.MAX_IMAGE_PIXELS ({2 * limit:,}, PIL's decompression-bomb error)"
         )
+
+
+def origin_processor(origin: str | None, height: int, width: int) -> PvtV2ImageProcessor | None:
+    """The protocol of a checkpoint's ``origin`` (``model.checkpoint_layout``, the layout its weights were read
+    from) for inputs of ``height`` x ``width``: a timm file's is timm's, an original file's the authors'; None for
+    another layout or non-square inputs (which those protocols' square crop cannot make)."""
+    if origin in ("timm", "original") and height == width:
+        return PvtV2ImageProcessor.from_protocol(origin, height)
+    return None
 
 
 def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -52,6 +52,7 @@ __all__ = [
     "graph_outputs",
     "load_checkpoint_model",
     "load_export_model",
+    "load_task_model",
     "make_exportable",
 ]
 
@@ -642,25 +643,48 @@ def load_export_model(source: str | os.PathLike) -> nn.Module:
     checkpoint is refused with ``TypeError`` (see :func:`graph_outputs`), a head that would be random with
     ``ValueError``: exporting the encoder of a dense-prediction checkpoint under its name would drop the head the
     user trained without a word."""
-    from .models.depth import PvtV2ForDepthEstimation
-    from .models.segmentation import PvtV2ForSemanticSegmentation
-
     keys = _canonical_keys(source)  # read once: the choice of model and, for a classifier or encoder, its head
-    if any(k.startswith("detector.") for k in keys):
+    if _dense_task(keys) == "detection":
         raise TypeError(
             f"{os.fspath(source)!r} is a detection checkpoint, which is not exported to ONNX: its output is a list of "
             f"boxes per image after non-maximum suppression. Run it with pvtv2 detect"
         )
-    heads = {"segmentation": any(k.startswith("decode_head.") for k in keys),
-             "depth": any(k.startswith(("decoder.", "head.")) for k in keys)}
-    if not any(heads.values()):
+    return _task_model(source, keys)
+
+
+def load_task_model(source: str | os.PathLike) -> nn.Module:
+    """The whole model a checkpoint holds, as ``pvtv2 convert`` writes it to a folder: a detector, a segmentation
+    or depth model with its trained head, else what :func:`load_checkpoint_model` reads (a classifier, or the encoder
+    alone). A head that would be partly random is refused with ``ValueError``."""
+    return _task_model(source, _canonical_keys(source))
+
+
+def _dense_task(keys: set[str]) -> str | None:
+    """``detection``, ``segmentation`` or ``depth`` for a checkpoint whose canonical keys hold such a head."""
+    if any(k.startswith("detector.") for k in keys):
+        return "detection"
+    if any(k.startswith("decode_head.") for k in keys):
+        return "segmentation"
+    if any(k.startswith(("decoder.", "head.")) for k in keys):
+        return "depth"
+    return None
+
+
+def _task_model(source: str | os.PathLike, keys: set[str]) -> nn.Module:
+    task = _dense_task(keys)
+    if task is None:
         return _classifier_or_encoder(source, keys)
-    cls = PvtV2ForSemanticSegmentation if heads["segmentation"] else PvtV2ForDepthEstimation
+    if task == "detection":
+        from .models.detection import PvtV2ForObjectDetection as cls
+    elif task == "segmentation":
+        from .models.segmentation import PvtV2ForSemanticSegmentation as cls
+    else:
+        from .models.depth import PvtV2ForDepthEstimation as cls
     model = cls.from_pretrained(source)
     new = getattr(model, "newly_initialized_keys", ())
     if new:
         raise ValueError(
-            f"the {'segmentation' if heads['segmentation'] else 'depth'} head in {os.fspath(source)!r} is incomplete: "
+            f"the {task} head in {os.fspath(source)!r} is incomplete: "
             f"{', '.join(list(new)[:5])}{' ...' if len(new) > 5 else ''} would be initialised at random"
         )
     return model.eval()
@@ -732,8 +756,10 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     """Convert any supported checkpoint (file in any layout, folder, hub id) to a ``save_pretrained`` folder
     (``layout=None``), or to a single weights file in ``layout`` (``transformers``, ``timm`` or ``original``).
 
-    A checkpoint without a classifier head becomes a ``PvtV2Model`` (no random head is invented); one whose head
-    does not fit its config is refused (:func:`load_checkpoint_model`). The source's ``preprocessor_config.json``
+    A folder gets the whole model (:func:`load_task_model`: a detector, a segmentation or depth model with its head);
+    a single file the encoder and classifier (a dense-prediction head is named among what the file cannot hold). A
+    checkpoint without a classifier head becomes a ``PvtV2Model`` (no random head is invented); one whose head does
+    not fit its config is refused (:func:`load_checkpoint_model`). The source's ``preprocessor_config.json``
     (its folder's, or that of the ``save_pretrained`` folder a single weights file lies in, as ``pvtv2 predict``
     reads it) is copied along. A single file holds weights only: its class names, image size and preprocessing are
     lost, and a warning names them. An existing ``output`` is replaced only when it is a weights file (``layout``)
@@ -751,7 +777,9 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     out = Path(output)
     _check_convert_output(out, layout)
-    model = load_checkpoint_model(source)
+    keys = _canonical_keys(source)
+    # A folder holds the whole model; a single file of one of the classification layouts the encoder and classifier.
+    model = _task_model(source, keys) if layout is None else _classifier_or_encoder(source, keys)
     info: dict[str, Any] = {"source": os.fspath(source), "model": type(model).__name__,
                             "parameters": model.num_parameters()}
     # The preprocessing the source's predictions use (pvtv2 predict reads it the same way): its folder's, or its
@@ -781,6 +809,9 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     for note in layout_differences(model.config, layout):
         logger.warning("%s", note)
     lost = _single_file_losses(model.config, pre, layout, origin)
+    task = _dense_task(keys)
+    if task is not None:
+        lost.insert(0, f"the {task} head (a {layout} file holds the encoder and a classifier)")
     if lost:
         # A single file is weights only: predictions from it use 224 px, that layout's protocol and generic
         # labels, which for a model trained otherwise look like answers but are not its answers.

@@ -66,9 +66,14 @@ def test_mmdet_checkpoints_give_the_original_backbone(tmp_path, heads, caplog):
             assert relative_error(e, got) < TOL
         encoder = PvtV2Model.from_pretrained(path)
         assert relative_error(expected[-1], encoder(x).last_hidden_state) < TOL
-        # mmsegmentation's Semantic FPN head is not SegFormer's: a segmentation model gets a new decode head.
+        # A segmentation model takes the encoder; mmsegmentation's Semantic FPN (these few keys of it) is read into
+        # decode_head_type="fpn" (tests/weights/test_mmseg_semantic_fpn.py), its 150-class classifier replaced here.
         seg = PvtV2ForSemanticSegmentation.from_pretrained(path, id2label={0: "a", 1: "b"})
         assert relative_error(expected[-1], seg.pvt_v2(x).last_hidden_state) < TOL
+        assert seg.head_type == ("fpn" if heads is MMSEG_HEADS else "segformer")
+        if heads is MMSEG_HEADS:
+            assert "decode_head.scale_heads.0.0.conv.weight" not in seg.newly_initialized_keys
+            assert "decode_head.classifier.weight" in seg.newly_initialized_keys
 
 
 def test_an_mmdet_checkpoint_initialises_a_detectors_backbone(tmp_path):

@@ -11,8 +11,10 @@ Three layouts of the same weights are read and written:
 The original repository's detection and segmentation checkpoints (mmdetection / mmsegmentation files, ``mmdet``) are
 read for their backbone: ``backbone.`` + the original layout; their necks and heads (``neck.``, ``bbox_head.``,
 ``rpn_head.``, ``roi_head.``, ``decode_head.``, ``auxiliary_head.``) are mmdetection's and mmsegmentation's modules,
-and are left out of the conversion. (The ADE20K checkpoints' Semantic FPN, ``neck.`` + ``decode_head.scale_heads.``,
-is the module that ``decode_head_type="fpn"`` builds, layer for layer, but its keys are not read yet.)
+are left out of the conversion, with one exception: mmsegmentation's Semantic FPN (the authors' ADE20K configs:
+``neck.lateral_convs`` / ``neck.fpn_convs`` + ``decode_head.scale_heads`` + ``decode_head.conv_seg``) is the module
+that ``decode_head_type="fpn"`` builds, layer for layer (mmcv's ``ConvModule`` names ``conv``, ``bn``), and is read
+into it: ``neck.`` becomes ``decode_head.neck.``, ``conv_seg`` ``classifier``.
 
 Two more are read (not written): the Mix Transformer encoders of transformers' SegFormer and GLPN, with their heads
 (``segformer``: ``segformer.encoder.block.{i}.{j}.attention.self.query`` ... ``decode_head.linear_c.{i}`` ...;
@@ -53,6 +55,11 @@ MMDET_LAYOUT = "mmdet"
 # Where mmdetection / mmsegmentation keep the backbone, and the top-level names of their other modules.
 _MMDET_BACKBONE = "backbone."
 _MMDET_OTHERS = ("neck.", "bbox_head.", "rpn_head.", "roi_head.", "mask_head.", "decode_head.", "auxiliary_head.")
+# mmsegmentation's FPNHead (Semantic FPN) is recognised by its scale heads; its FPN neck and classifier are renamed
+# into pvtv2.models.segmentation.SemanticFPNHead, which keeps the rest of the names.
+_MMSEG_FPN_MARK = "decode_head.scale_heads."
+_MMSEG_FPN_RULES = ((re.compile(r"^neck\.(lateral_convs|fpn_convs)\."), r"decode_head.neck.\1."),
+                    (re.compile(r"^decode_head\.conv_seg\."), "decode_head.classifier."))
 # ---------------------------------------------------------------------------------------------- layouts
 # Names inside a block: timm / original spelling -> transformers spelling. "attn.kv" is one fused matrix,
 # split into key and value (its first half is the keys, as the reference code's reshape to (2, heads, dim) reads it).
@@ -208,16 +215,26 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
 
 
 def mmdet_backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The backbone of an mmdetection / mmsegmentation state dict, ``backbone.`` removed; its neck and heads left out.
+    """The backbone of an mmdetection / mmsegmentation state dict, ``backbone.`` removed; its neck and heads left
+    out, except a Semantic FPN (neck and ``FPNHead``), renamed into ``decode_head.`` (see the module docstring).
 
     Keys outside the backbone that are not one of mmdetection's / mmsegmentation's modules are kept, so that the
     strict load names them.
     """
+    semantic_fpn = any(key.startswith(_MMSEG_FPN_MARK) for key in state)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith(_MMDET_BACKBONE):
             out[key[len(_MMDET_BACKBONE) :]] = value
-        elif not key.startswith(_MMDET_OTHERS):
+            continue
+        if semantic_fpn:
+            renamed = key
+            for pattern, replacement in _MMSEG_FPN_RULES:
+                renamed = pattern.sub(replacement, renamed)
+            if renamed.startswith("decode_head."):  # the scale heads keep their names
+                out[renamed] = value
+                continue
+        if not key.startswith(_MMDET_OTHERS):
             out[key] = value
     return out
 

@@ -112,6 +112,12 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
     if "decode_head.classifier.weight" in canonical:
         args["num_labels"] = int(canonical["decode_head.classifier.weight"].shape[0])
         args["decoder_hidden_size"] = int(canonical["decode_head.classifier.weight"].shape[1])
+    fpn = canonical.get("decode_head.scale_heads.0.0.conv.weight")
+    if fpn is not None and fpn.ndim == 4:
+        # Semantic FPN (an mmsegmentation file): the neck's width is its first scale head's input; the head is half
+        # as wide (SemanticFPNHead), which the load checks against the checkpoint's head.
+        args["decode_head_type"] = "fpn"
+        args["decoder_hidden_size"] = int(fpn.shape[1])
     if "head.head.0.weight" in canonical:
         args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
     published_heads = _PUBLISHED_SETTINGS["num_attention_heads"]
@@ -269,8 +275,11 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     layout = detect_layout(state)
     canonical = to_canonical(state, layout)
     if layout == MMDET_LAYOUT:
-        others = sorted({k.split(".", 1)[0] for k in state if not k.startswith("backbone.")})
-        logger.info("an mmdetection / mmsegmentation checkpoint: its backbone is used%s",
+        fpn = any(k.startswith("decode_head.") for k in canonical)  # a Semantic FPN, read into decode_head
+        used = {"backbone", "neck", "decode_head"} if fpn else {"backbone"}
+        others = sorted({k.split(".", 1)[0] for k in state} - used)
+        logger.info("an mmdetection / mmsegmentation checkpoint: its %s used%s",
+                    "backbone and Semantic FPN (neck, decode_head) are" if fpn else "backbone is",
                     f"; its {', '.join(others)} are not (another library's modules)" if others else "")
     if given is not None:
         config = given.replace(**overrides) if overrides else given

@@ -58,15 +58,16 @@ def peak_rss_mb() -> float:
 
 
 def build_model(source: str, *, backbone: bool = False, num_labels: int | None = None) -> nn.Module:
-    """A preset name (random weights, fine for timing) or anything ``from_pretrained`` accepts."""
-    from .models.config import PvtV2Config, list_presets
+    """A preset name or a config.json (random weights, fine for timing), or anything ``from_pretrained`` accepts."""
     from .models.modeling import PvtV2Backbone, PvtV2ForImageClassification
+    from .training.engine import new_architecture
 
     cls = PvtV2Backbone if backbone else PvtV2ForImageClassification
-    if source in list_presets():
-        overrides = {} if num_labels is None else {"num_labels": num_labels}
-        return cls(PvtV2Config.from_preset(source, **overrides)).eval()
     overrides = {} if num_labels is None else {"num_labels": num_labels}
+    # A config.json as `pvtv2 train` and `info` take one (it was read as a checkpoint: "not a readable checkpoint").
+    config = new_architecture(source, **overrides)
+    if config is not None:
+        return cls(config).eval()
     return cls.from_pretrained(source, **overrides).eval()
 
 

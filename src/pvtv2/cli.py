@@ -110,7 +110,7 @@ def _add_benchmark(subparsers) -> None:
         description="Time a model on random images: inference (or a training step with --train) after warm-up. "
                     "A preset name gives random weights, which time the same as trained ones.",
     )
-    p.add_argument("--model", "-m", required=True, help="preset name (e.g. pvt_v2_b2), folder, checkpoint file or hub id")
+    p.add_argument("--model", "-m", required=True, help="preset name (e.g. pvt_v2_b2), config.json, folder, checkpoint file or hub id")
     p.add_argument("--batch-size", type=int, default=1, help="images per call, 1 to 1024 (default: 1)")
     p.add_argument("--image-size", type=int, default=224, help="square input side in pixels, 32 to 4096 (default: 224)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast (default: fp32)")
@@ -1230,8 +1230,18 @@ def _unknown_flags_message(parser: argparse.ArgumentParser, command: str, extras
     return f"unrecognized arguments: {' '.join(parts)}; see pvtv2 {command} --help"
 
 
+def _answer_to_alias(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """The command typed by another of its names (``finetune``, ``evaluate``, ``inspect``) answers to that name in
+    argparse's own usage lines and errors, which otherwise named the main one ("pvtv2 train: error: ...")."""
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    typed = next((a for a in argv if not a.startswith("-")), None)
+    if typed in commands:
+        commands[typed].prog = f"{parser.prog} {typed}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    _answer_to_alias(parser, sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
     if extras:
         # argparse would name the top-level parser ("pvtv2: error: unrecognized arguments: --topk") under the

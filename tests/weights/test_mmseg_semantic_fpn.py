@@ -56,13 +56,16 @@ def _mmseg_head(width: int, channels: int, labels: int, seed: int = 1) -> dict[s
     return state
 
 
-def _mmseg_file(tmp_path, backbone: torch.nn.Module, head: dict[str, torch.Tensor], name="fpn_pvt_v2_b0_ade20k.pth"):
+def _mmseg_file(tmp_path, backbone: torch.nn.Module, head: dict[str, torch.Tensor], name="fpn_pvt_v2_b0_ade20k.pth",
+                meta=None):
     """mmcv's checkpoint: ``{"meta", "state_dict", "optimizer"}``, the backbone in the original layout."""
     timm_state = {k.replace("stages_", "stages.", 1): v for k, v in backbone.state_dict().items()}
     state = {f"backbone.{k}": v for k, v in convert_state_dict(timm_state, "original").items()} | head
     path = tmp_path / name
-    torch.save({"meta": {"mmseg_version": "0.13.0", "CLASSES": ("wall", "building"), "iter": 40000},
-                "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    if meta is None:
+        meta = {"mmseg_version": "0.13.0", "CLASSES": ("wall", "building"), "PALETTE": [[120, 120, 120], [180, 120, 120]],
+                "iter": 40000, "config": "model = dict(type='EncoderDecoder')"}
+    torch.save({"meta": meta, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}, path)
     return path
 
 
@@ -176,3 +179,20 @@ def test_convert_to_a_folder_keeps_depth_and_detection_heads(tmp_path):
             else:
                 ours, theirs = model([x[0]])[0], again([x[0]])[0]
                 assert torch.equal(ours["boxes"], theirs["boxes"]) and torch.equal(ours["scores"], theirs["scores"])
+
+
+@pytest.mark.parametrize("style", ["mmcv", "mmengine"])
+def test_the_class_names_the_file_records_become_the_labels(tmp_path, style):
+    names = ("wall", "building", "sky")
+    meta = ({"CLASSES": names, "PALETTE": [[1, 2, 3]] * 3} if style == "mmcv"
+            else {"dataset_meta": {"classes": names, "palette": [[1, 2, 3]] * 3}})
+    backbone = _reference_backbone()
+    path = _mmseg_file(tmp_path, backbone, _mmseg_head(width=16, channels=8, labels=3), meta=meta)
+    model = PvtV2ForSemanticSegmentation.from_pretrained(path)
+    assert model.config.id2label == {0: "wall", 1: "building", 2: "sky"}
+    assert model.config.label2id == {"wall": 0, "building": 1, "sky": 2}
+    # Given labels win; a list of another length is not the classifier's and is not used.
+    given = PvtV2ForSemanticSegmentation.from_pretrained(path, id2label={0: "a", 1: "b", 2: "c"})
+    assert given.config.id2label == {0: "a", 1: "b", 2: "c"}
+    other = _mmseg_file(tmp_path, backbone, _mmseg_head(width=16, channels=8, labels=4), name="four.pth", meta=meta)
+    assert PvtV2ForSemanticSegmentation.from_pretrained(other).config.id2label[0] == "LABEL_0"

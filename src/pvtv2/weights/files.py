@@ -19,7 +19,7 @@ import torch
 
 from ..fileio import atomic_write
 
-__all__ = ["CheckpointError", "read_state_dict", "save_state_dict", "shard_names"]
+__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "save_state_dict", "shard_names"]
 
 
 class CheckpointError(ValueError):
@@ -29,11 +29,18 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------- reading files
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors``, sharded-safetensors index, or PyTorch (``.pth``/``.bin``/``.pt``) file."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], tuple[str, ...] | None]:
+    """:func:`read_state_dict`'s tensors, and the class names a training framework recorded beside them:
+    mmcv's ``meta["CLASSES"]`` (the authors' mmdetection / mmsegmentation files), mmengine's
+    ``meta["dataset_meta"]["classes"]``; None where the file records none."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)!r}")
     if path.name.endswith(".index.json"):
-        return _read_sharded(path)
+        return _read_sharded(path), None
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is empty (0 bytes)")
     with path.open("rb") as f:
@@ -47,10 +54,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"file: name it .pth (it is then read with torch.load(weights_only=True))"
         )
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
-        state = _read_safetensors(path)
-    else:
-        state = _read_torch(path, head)
-    return _unwrap(state, path)
+        return _unwrap(_read_safetensors(path), path), None
+    obj = _read_torch(path, head)
+    return _unwrap(obj, path), _class_names(obj)
+
+
+def _class_names(obj: Any) -> tuple[str, ...] | None:
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return None
+    names = meta.get("CLASSES")
+    if names is None and isinstance(meta.get("dataset_meta"), Mapping):
+        names = meta["dataset_meta"].get("classes")
+    if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    return None
 
 
 def _looks_like_safetensors(head: bytes) -> bool:

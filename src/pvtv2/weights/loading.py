@@ -20,7 +20,7 @@ import math
 import os
 import re
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ..models.config import (
     short_repr,
 )
 from ..models.labels import has_generic_labels, imagenet_id2label
-from .files import CheckpointError, read_state_dict, save_state_dict, shard_names
+from .files import CheckpointError, read_checkpoint, save_state_dict, shard_names
 from .hub import check_loading_arguments, check_subfolder, folder_entry, looks_like_hub_id, resolve_file
 from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, MMDET_LAYOUT, detect_layout, to_canonical
 
@@ -271,7 +271,7 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     config_path, weights_path = locate_checkpoint(source, **where)
     if given is not None:
         config_path = None  # not read, so never named as the cause of a misfit
-    state = read_state_dict(weights_path)
+    state, class_names = read_checkpoint(weights_path)
     layout = detect_layout(state)
     canonical = to_canonical(state, layout)
     if layout == MMDET_LAYOUT:
@@ -288,6 +288,7 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     else:
         config = infer_config(canonical, layout, **overrides)
     config = _attach_imagenet_labels(config, canonical)
+    config = _attach_recorded_labels(config, canonical, class_names)
     # Built without memory or random initialisation: the checkpoint's tensors become the parameters.
     try:
         with torch.device("meta"):
@@ -382,6 +383,17 @@ def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.T
     head = canonical.get("classifier.weight")
     if head is not None and head.shape[0] == 1000 and config.num_labels == 1000 and has_generic_labels(config.id2label):
         return config.replace(id2label=imagenet_id2label())
+    return config
+
+
+def _attach_recorded_labels(config: PvtV2Config, canonical: Mapping[str, torch.Tensor],
+                            names: Sequence[str] | None) -> PvtV2Config:
+    """``config`` with the class names the file recorded beside its weights (an mmsegmentation file's dataset
+    classes), where its labels are generic and the names match the checkpoint's segmentation classifier."""
+    head = canonical.get("decode_head.classifier.weight")
+    if (names and head is not None and head.ndim >= 1 and head.shape[0] == len(names) == config.num_labels
+            and has_generic_labels(config.id2label)):
+        return config.replace(id2label=dict(enumerate(names)))
     return config
 
 

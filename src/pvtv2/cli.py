@@ -521,7 +521,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.task != "segmentation":
         seg_only = [name for name, used in (("--size", args.size is not None), ("--reduce-labels", args.reduce_labels),
                                             ("--mode slide", args.mode != "whole"), ("--scales", args.scales != "1.0"),
-                                            ("--flip", args.flip), ("--split", args.split != "val")) if used]
+                                            ("--flip", args.flip), ("--split", args.split != "val"),
+                                            ("--fit", args.fit is not None)) if used]
         if seg_only:
             verb = "applies" if len(seg_only) == 1 else "apply"
             raise ValueError(f"{', '.join(seg_only)} {verb} to --task segmentation only")
@@ -573,7 +574,8 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
     else:
         print(f"{result['dataset']}: {result['images']} images, {args.mode} inference"
               + (f", scales {','.join(map(str, options['scales']))}" if options["scales"] != (1.0,) else "")
-              + (", flip" if args.flip else ""))
+              + (", flip" if args.flip else "")
+              + (f", each image fitted to {options['fit'][0]}x{options['fit'][1]}" if options["fit"] else ""))
         print(f"  mean IoU        {result['mean_iou']:.4f}")
         print(f"  pixel accuracy  {result['pixel_accuracy']:.4f}")
     return 0
@@ -822,10 +824,29 @@ def _add_segmentation_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", default="1.0", help="multi-scale testing: comma-separated factors of the input, each "
                    "in (0, 4], e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)")
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
+    p.add_argument("--fit", metavar="LONGxSHORT",
+                   help="instead of --size: each image rescaled keeping its aspect ratio to fit LONGxSHORT (longer "
+                        "side at most LONG, shorter at most SHORT), then each side up to a multiple of 32; the "
+                        "authors' ADE20K test protocol is --fit 2048x512")
+
+
+def _fit_flag(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = [part.strip() for part in value.lower().split("x")]
+    if len(parts) != 2 or not all(part.isascii() and part.isdigit() for part in parts):
+        raise ValueError(f"--fit must be LONGxSHORT (digits, e.g. 2048x512), got {value!r}")
+    sides = (int(parts[0]), int(parts[1]))
+    if min(sides) < 32 or max(sides) > 4096:
+        raise ValueError(f"--fit sides must be between 32 and 4096 pixels, got {value!r}")
+    return sides
 
 
 def _segmentation_inference_flags(args: argparse.Namespace) -> dict:
     """The keyword arguments of predict_segmentation, checked before any work."""
+    fit = _fit_flag(args.fit)
+    if fit is not None and args.size is not None:
+        raise ValueError("--fit and --size exclude each other: --fit sizes each image by its own aspect ratio")
     _check_range("--crop", args.crop, *_DENSE_SIZES)
     _check_range("--stride", args.stride, 1, args.crop)
     try:
@@ -834,7 +855,8 @@ def _segmentation_inference_flags(args: argparse.Namespace) -> dict:
         raise ValueError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
     if not scales or not all(0 < v <= 4 for v in scales):  # also refuses NaN
         raise ValueError(f"--scales must be numbers in (0, 4], got {args.scales!r}")
-    return {"mode": args.mode, "crop": args.crop, "stride": args.stride, "scales": scales, "flip": args.flip}
+    return {"mode": args.mode, "crop": args.crop, "stride": args.stride, "scales": scales, "flip": args.flip,
+            "fit": fit}
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import operator
 import os
 import re
@@ -67,6 +68,7 @@ __all__ = [
     "torch_runtime",
     "onnx_runtime",
     "load_runtime",
+    "fit_size",
     "predict_segmentation",
     "evaluate_segmenter",
     "predict_depth",
@@ -861,12 +863,26 @@ def segmentation_probabilities(
     return total / views  # type: ignore[operator]
 
 
+def fit_size(height: int, width: int, fit: Sequence[int], divisor: int = 32) -> tuple[int, int]:
+    """The input size of the authors' ADE20K test protocol for an image of ``height`` x ``width``: rescaled keeping
+    its aspect ratio so that its longer side is at most ``max(fit)`` and its shorter at most ``min(fit)`` (mmcv's
+    ``imrescale`` with ``img_scale=(2048, 512)``: the factor is the smaller of the two ratios, sides rounded half up),
+    then each side up to a multiple of ``divisor`` (the ``AlignResize`` of the PVT repository's segmentation code,
+    which the model's 32 px stride needs)."""
+    if len(fit) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in fit):
+        raise ValueError(f"fit must be two positive whole numbers (the longest and shortest sides), got {fit!r}")
+    factor = min(max(fit) / max(height, width), min(fit) / min(height, width))
+    new_height, new_width = int(height * factor + 0.5), int(width * factor + 0.5)
+    return (max(1, math.ceil(new_height / divisor)) * divisor, max(1, math.ceil(new_width / divisor)) * divisor)
+
+
 @torch.no_grad()
 def predict_segmentation(
     model: PvtV2ForSemanticSegmentation,
     image,
     size: tuple[int, int] | None = None,
     *,
+    fit: Sequence[int] | None = None,
     mode: str = "whole",
     crop: int | Sequence[int] = 512,
     stride: int | Sequence[int] = 341,
@@ -878,9 +894,14 @@ def predict_segmentation(
     The image is resized to ``size`` and normalised with ImageNet's statistics, as SegFormer's processor does; the
     prediction is upsampled (bilinear) back to the image before the argmax. ``size`` defaults to
     ``config.image_size`` for ``mode="whole"`` and to the image's own size for ``mode="slide"`` (windows of ``crop``
-    every ``stride`` pixels). ``scales`` and ``flip``: multi-scale and flip testing
+    every ``stride`` pixels). ``fit`` instead of ``size``: each image at its own :func:`fit_size` (the authors' ADE20K
+    protocol is ``fit=(2048, 512)``). ``scales`` and ``flip``: multi-scale and flip testing
     (:func:`segmentation_probabilities`).
     """
+    if fit is not None:
+        if size is not None:
+            raise ValueError(f"give size or fit, not both (got size={size!r}, fit={fit!r})")
+        size = fit_size(image.height, image.width, fit)
     if size is None:
         size = tuple(model.config.image_size) if mode == "whole" else (image.height, image.width)
     pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})(image)["pixel_values"]

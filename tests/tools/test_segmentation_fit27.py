@@ -32,7 +32,7 @@ def test_fit_size_is_the_authors_rule(height, width, expected):
     assert fit_size(height, width, (512, 2048)) == expected  # mmcv takes the longer and the shorter of the pair
 
 
-def test_predict_segmentation_with_fit_is_predict_at_that_size(tmp_path):
+def test_predict_segmentation_with_fit_is_predict_at_that_size(tmp_path, capsys):
     torch.manual_seed(0)
     names = {0: "background", 1: "circle", 2: "square", 3: "triangle"}  # the example data's classes
     model = perturb_(PvtV2ForSemanticSegmentation(PvtV2Config(**TINY, id2label=names))).eval()
@@ -52,6 +52,8 @@ def test_predict_segmentation_with_fit_is_predict_at_that_size(tmp_path):
     model.save_pretrained(tmp_path / "model")
     assert main(["eval", "--task", "segmentation", "-m", str(tmp_path / "model"), "--data", str(data),
                  "--fit", "96x96", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["fit"] == [96, 96] and printed["mean_iou"] == pytest.approx(by_fit["mean_iou"], abs=1e-6)
 
 
 def test_fit_flag_is_checked(tmp_path, capsys):

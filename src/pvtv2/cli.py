@@ -229,6 +229,10 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
                    help="segmentation: SegFormer's pipeline: random rescale 0.5-2x, random --image-size crop (at most "
                    "75%% one class), flip, photometric distortion")
     p.add_argument("--head-lr-mult", type=float, help="learning-rate factor of the head (SegFormer: 10; default 1)")
+    p.add_argument("--decode-head", choices=("segformer", "fpn"),
+                   help="segmentation: the head of a new model or of a classification checkpoint: segformer (SegFormer's "
+                        "all-MLP head) or fpn (Semantic FPN, the PVTv2 paper's ADE20K head); default: a segmentation "
+                        "checkpoint's own, else segformer")
     p.add_argument("--schedule", help="cosine (default) or poly (mmsegmentation's, power 0.9) after the warmup")
     p.add_argument("--depth-scale", type=float, help="depth: PNG units per metre (default 1000: millimetres)")
     p.add_argument("--nyu-crop", action="store_true", default=None,

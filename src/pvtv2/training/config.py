@@ -26,6 +26,8 @@ __all__ = ["DEIT_RECIPE", "MAX_IMAGE_SIDE", "MAX_SEED", "NO_RECIPE", "RECIPES", 
 TASKS = ("classification", "segmentation", "detection", "depth")
 # pvtv2.models.detection.DETECTORS (not imported: reading a config needs no model code)
 DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn", "fcos")
+# pvtv2.models.segmentation.DECODE_HEAD_TYPES, likewise
+DECODE_HEADS = ("segformer", "fpn")
 # The learning-rate schedules after the warmup.
 SCHEDULES = ("cosine", "poly")
 # The resampling filters of the training crop.
@@ -102,6 +104,7 @@ class TrainConfig:
     reduce_labels: bool = False  # 0 = no label, class k + 1 -> k
     seg_augment: bool = False  # random rescale (0.5-2x), crop --image-size (at most 75% one class), flip, photometric
     head_lr_mult: float = 1.0  # the learning rate of everything outside the encoder (SegFormer: 10)
+    decode_head: str | None = None  # segmentation: "segformer" or "fpn" (Semantic FPN); None: the checkpoint's, else SegFormer's
     schedule: str = "cosine"  # or "poly" (mmsegmentation's, power 0.9), after the warmup
     depth_scale: float = 1000.0  # depth: PNG units per metre (1000: millimetres, NYU's)
     nyu_crop: bool = False  # depth: evaluate inside Eigen's NYU crop only
@@ -211,6 +214,11 @@ class TrainConfig:
             if getattr(self, name) and self.task != "segmentation":
                 raise ValueError(f"{flag(name)} applies to --task segmentation only, not --task {self.task}")
         _number("head_lr_mult", self.head_lr_mult, low=0.0, low_open=True, hint="e.g. 10 for SegFormer's head")
+        if self.decode_head is not None:
+            if self.decode_head not in DECODE_HEADS:
+                raise ValueError(f"--decode-head must be one of {', '.join(DECODE_HEADS)}, got {self.decode_head!r}")
+            if self.task != "segmentation":
+                raise ValueError(f"--decode-head applies to --task segmentation only, not --task {self.task}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _number("depth_scale", self.depth_scale, low=0.0, low_open=True, hint="PNG units per metre, e.g. 1000")

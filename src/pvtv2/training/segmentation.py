@@ -150,6 +150,8 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
     overrides: dict[str, Any] = {"id2label": id2label, "image_size": size}
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
+    if cfg.decode_head is not None:
+        overrides["decode_head_type"] = cfg.decode_head
     config = new_architecture(cfg.model, TINY_SEGMENTATION, **overrides)
     if config is not None:
         model = PvtV2ForSemanticSegmentation(config)

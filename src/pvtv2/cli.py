@@ -679,6 +679,7 @@ def _add_info(subparsers) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
+    from .export import load_task_model
     from .flops import format_summary, model_summary
     from .models.modeling import PvtV2ForImageClassification
     from .training.config import MAX_IMAGE_SIDE
@@ -691,9 +692,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = PvtV2ForImageClassification(config)
     else:
-        # Counted on the meta device too: the count needs shapes, not values, so any --image-size costs no memory.
-        model = PvtV2ForImageClassification.from_pretrained(args.model).to("meta")
+        # The model the checkpoint holds (a segmentation or depth model with its head: it was shown as a classifier
+        # with a new head, and the head's parameters and compute left out), counted on the meta device too: the
+        # count needs shapes, not values, so any --image-size costs no memory. A detector's forward pass (NMS) cannot
+        # run on shapes alone: its encoder is shown.
+        model = load_task_model(args.model).to("meta")
+        detector = hasattr(model, "detector")
+        if detector:
+            model = model.pvt_v2
     summary = model_summary(model, args.image_size, name=args.model)
+    if config is None and detector:
+        summary["class"] = "PvtV2ForObjectDetection (its encoder; the FPN and heads are not counted)"
     if args.json:
         _print_json(summary)
     else:

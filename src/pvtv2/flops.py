@@ -157,7 +157,7 @@ def model_summary(model: nn.Module, image_size: int | Sequence[int] = 224, name:
         "class": type(model).__name__,
         "image_size": [height, width],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "num_labels": config.num_labels if hasattr(model, "classifier") else None,
+        "num_labels": config.num_labels if hasattr(model, "classifier") or hasattr(model, "decode_head") else None,
         "linear_attention": config.linear_attention,
         "gmacs": counted["macs"] / 1e9,
         "gflops": 2 * counted["macs"] / 1e9,

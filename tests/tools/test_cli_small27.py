@@ -39,3 +39,22 @@ def test_benchmark_builds_a_config_json(tmp_path, capsys):
     path.write_text(json.dumps({"depth": [1, 1, 1, 1]}))  # misspelt: refused, not the default architecture timed
     with pytest.raises(ValueError, match="depth"):
         build_model(str(path))
+
+
+def test_info_shows_the_task_model_a_checkpoint_holds(tmp_path, capsys):
+    from pvtv2 import PvtV2ForDepthEstimation, PvtV2ForSemanticSegmentation
+    from pvtv2.flops import count_macs
+
+    tiny = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4])
+    seg = PvtV2ForSemanticSegmentation(PvtV2Config(**tiny, num_labels=150), head="fpn")
+    depth = PvtV2ForDepthEstimation(PvtV2Config(**tiny))
+    for name, model in (("seg", seg), ("depth", depth)):
+        model.save_pretrained(tmp_path / name)
+        assert main(["info", str(tmp_path / name), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        # It was a PvtV2ForImageClassification with a new 150-class classifier: the head's parameters and compute
+        # left out, a random classifier counted.
+        assert summary["class"] == type(model).__name__
+        assert summary["parameters"] == sum(p.numel() for p in model.parameters())
+        assert summary["gmacs"] == pytest.approx(count_macs(model, 224)["macs"] / 1e9)
+        assert summary["num_labels"] == (150 if name == "seg" else None)

@@ -77,3 +77,243 @@ def test_k_micro_batches_of_b_are_one_batch_of_k_times_b(tmp_path, arch, per_cla
     two = short_run(data, arch, tmp_path / "two", epochs=2, batch_size=2, grad_accum=2)
     assert one["final"]["lr"] == two["final"]["lr"]
     assert_same_weights(weights(Path(one["last"])), weights(Path(two["last"])), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer, schedule
+@pytest.fixture
+def steps(monkeypatch) -> list[list[dict]]:
+    """Every AdamW step of a run, as its groups' settings at the moment of the step (the rate it applies)."""
+    recorded: list[list[dict]] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        recorded.append([{key: value for key, value in group.items() if key != "params"}
+                         | {"shapes": sorted(tuple(p.shape) for p in group["params"])} for group in self.param_groups])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return recorded
+
+
+def test_the_learning_rate_of_every_step_against_timm_and_the_authors_scaling_rule(tmp_path, arch, steps):
+    """12 images, 2 micro-batches of 2 per step, 4 epochs: 12 optimizer steps, 1 warmup epoch (3 steps), no --lr.
+
+    The peak is the authors' rule (classification/main.py: ``args.lr * batch_size * world_size / 512`` with lr 5e-4),
+    for the global batch of 4 images. After the warmup every step's rate is timm's ``CosineLRScheduler`` stepped per
+    update (``t_in_epochs=False``, ``warmup_prefix=True``: the cosine starts at the peak when the warmup ends) down to
+    --min-lr; the warmup is linear, (step + 1) / 3 of the peak."""
+    from timm.scheduler import CosineLRScheduler
+
+    data = write_folder(tmp_path / "data", {"c0": 4, "c1": 4, "c2": 4})
+    result = short_run(data, arch, tmp_path / "run", epochs=4, batch_size=2, grad_accum=2, lr=None, min_lr=1e-7,
+                       warmup_epochs=1.0)
+    peak = 5e-4 * (2 * 2 * 1) / 512
+    rates = [groups[0]["lr"] for groups in steps]
+    assert len(rates) == 12
+    assert all(len({g["lr"] for g in groups}) == 1 for groups in steps)  # one rate for every group
+    assert rates[:3] == pytest.approx([peak / 3, 2 * peak / 3, peak], rel=1e-12)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    timm_schedule = CosineLRScheduler(probe, t_initial=12 - 3, lr_min=1e-7, warmup_t=3, warmup_lr_init=peak / 3,
+                                      warmup_prefix=True, t_in_epochs=False)
+    expected = []
+    for update in range(12):
+        timm_schedule.step_update(update)
+        expected.append(probe.param_groups[0]["lr"])
+    assert rates[3:] == pytest.approx(expected[3:], rel=1e-12)
+    # The record's rate is the one after the last step: the end of the cosine, --min-lr.
+    assert result["final"]["lr"] == pytest.approx(1e-7, rel=1e-9)
+
+
+def test_adamw_groups_are_timms_no_decay_on_norms_and_biases(tmp_path, arch, steps):
+    """The run's AdamW: timm's defaults as the authors' create_optimizer makes them (betas 0.9 / 0.999, eps 1e-8) and
+    the weight decay of timm's ``param_groups_weight_decay`` (0.05 on matrices and kernels; 0 on every 1-d tensor and
+    bias: PVTv2 has no position embedding or class token, its no_weight_decay names none of its parameters)."""
+    from timm.optim import param_groups_weight_decay
+
+    from pvtv2.models.config import PvtV2Config
+    from pvtv2.models.modeling import PvtV2ForImageClassification
+
+    data = write_folder(tmp_path / "data", {"c0": 2, "c1": 2})
+    short_run(data, arch, tmp_path / "run", weight_decay=0.05)
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, num_labels=2))
+    reference = {group["weight_decay"]: sorted(tuple(p.shape) for p in group["params"])
+                 for group in param_groups_weight_decay(model, weight_decay=0.05)}
+    groups = steps[0]
+    assert {g["weight_decay"]: g["shapes"] for g in groups} == reference
+    assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 and not g["amsgrad"] for g in groups)
+
+
+# ---------------------------------------------------------------------------------------------- mixing and the loss
+def mixed_pair(seed: int, num_classes: int = 5, side: int = 32):
+    """A batch of two noise images, mixed by the recipe's MixUpCutMix; with two images, the partner of image i is
+    the other one both in torchvision (image i - 1) and in timm (the mirror, image B - 1 - i)."""
+    from pvtv2.data.augment import MixUpCutMix
+
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, side, side, generator=generator)
+    labels = torch.tensor([1, 3])
+    mixer = MixUpCutMix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    mixed, targets = mixer(images.clone(), labels, seed)
+    return images, labels, mixed, targets
+
+
+def read_mix(images: torch.Tensor, mixed: torch.Tensor) -> tuple[str, float, tuple | None]:
+    """What was done to the batch, read off the pixels: ("cutmix", pasted-area lam, box) or ("mixup", lam, None)."""
+    changed = (mixed != images).any(dim=1)  # (2, H, W)
+    partner = images.flip(0)
+    pasted = torch.where(changed[:, None], partner, images)
+    if torch.equal(pasted, mixed):  # every changed pixel is the partner's own: a box pasted
+        rows, cols = torch.nonzero(changed[0], as_tuple=True)
+        if rows.numel() == 0:
+            return "cutmix", 1.0, None
+        box = (int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1)
+        area = (box[1] - box[0]) * (box[3] - box[2])
+        assert int(changed[0].sum()) == area and torch.equal(changed[0], changed[1])  # a rectangle, both images
+        return "cutmix", 1.0 - area / changed[0].numel(), box
+    lam = float(((mixed - partner) / (images - partner)).median())
+    return "mixup", lam, None
+
+
+def test_mixed_images_and_targets_are_timms_mixup(monkeypatch):
+    """For MixUp, timm's ``Mixup`` (label smoothing 0.1) given the same weight makes the same images and targets; for
+    CutMix the targets are timm's ``mixup_target`` at the pasted area's weight (its ``correct_lam``)."""
+    from timm.data import Mixup
+    from timm.data.mixup import mixup_target
+
+    kinds = set()
+    for seed in range(12):
+        images, labels, mixed, targets = mixed_pair(seed)
+        kind, lam, box = read_mix(images, mixed)
+        kinds.add(kind)
+        torch.testing.assert_close(targets, mixup_target(labels, 5, lam, smoothing=0.1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(targets.sum(1), torch.ones(2), rtol=0, atol=1e-6)
+        if kind == "mixup":
+            reference = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=5)
+            monkeypatch.setattr(reference, "_params_per_batch", lambda lam=lam: (lam, False))
+            timm_images, timm_targets = reference(images.clone(), labels)
+            torch.testing.assert_close(mixed, timm_images, rtol=0, atol=1e-5)
+            torch.testing.assert_close(targets, timm_targets, rtol=0, atol=1e-6)
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_mixing_draws_as_timm_switch_prob_and_beta_weights():
+    """Over 400 batches: CutMix about half of the time (switch_prob 0.5); MixUp's weight Beta(0.8, 0.8)
+    (Kolmogorov-Smirnov); CutMix's pasted-area weight distributed as timm's ``cutmix_bbox_and_lam`` with
+    ``correct_lam`` on Beta(1, 1) draws (two-sample KS)."""
+    from scipy import stats
+    from timm.data.mixup import cutmix_bbox_and_lam
+
+    drawn = {"mixup": [], "cutmix": []}
+    for seed in range(400):
+        images, _, mixed, _ = mixed_pair(1000 + seed, side=32)
+        kind, lam, _ = read_mix(images, mixed)
+        drawn[kind].append(lam)
+    share = len(drawn["cutmix"]) / 400
+    assert 0.4 < share < 0.6, share
+    assert stats.kstest(drawn["mixup"], stats.beta(0.8, 0.8).cdf).pvalue > 1e-3
+    rng = np.random.default_rng(0)
+    np.random.seed(0)
+    timm_lams = [cutmix_bbox_and_lam((2, 3, 32, 32), rng.beta(1.0, 1.0), correct_lam=True)[1] for _ in range(2000)]
+    assert stats.ks_2samp(drawn["cutmix"], timm_lams).pvalue > 1e-3
+
+
+def classification_task(smoothing: float, mixer):
+    from pvtv2.training.classification import ClassificationTask
+
+    task = ClassificationTask(TrainConfig(label_smoothing=smoothing, output="unused"))
+    task.mixer = mixer
+    return task
+
+
+def test_the_losses_are_timms_label_smoothing_and_soft_target_cross_entropy():
+    """The task's loss of a batch: timm's ``LabelSmoothingCrossEntropy(0.1)`` (the authors' criterion without
+    mixing), and timm's ``SoftTargetCrossEntropy`` on the mixed batch's logits and targets (with mixing)."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from pvtv2.data.augment import MixUpCutMix
+    from pvtv2.models.config import PvtV2Config
+    from pvtv2.models.modeling import PvtV2ForImageClassification
+    from pvtv2.training.distributed import DistInfo
+    from pvtv2.training.engine import RunContext
+
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, num_labels=5)).eval()
+    ctx = RunContext(device=torch.device("cpu"), bf16=False, dist=DistInfo())
+    images, labels = torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 4, 2, 2])
+    with torch.no_grad():
+        loss = classification_task(0.1, None).training_loss(model, (images, labels), ctx)
+        reference = LabelSmoothingCrossEntropy(0.1)(model(images).logits, labels)
+    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+
+    mixer = MixUpCutMix(5, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    for generator_seed in range(4):
+        torch.manual_seed(generator_seed)
+        with torch.no_grad():
+            loss = classification_task(0.1, mixer).training_loss(model, (images.clone(), labels), ctx)
+        torch.manual_seed(generator_seed)
+        mixed, targets = mixer(images.clone(), labels, int(torch.randint(0, 2**62, ())))
+        with torch.no_grad():
+            reference = SoftTargetCrossEntropy()(model(mixed).logits, targets)
+        assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+def test_weight_ema_is_timms_model_ema_v3_as_timms_train_script_steps_it():
+    """WeightEma after n updates: timm's ``ModelEmaV3(decay)`` updated with ``step=1, 2, ...`` (train.py's count;
+    its first update copies the weights), to rounding. DeiT's ``ModelEma`` (as ``ModelEmaV2``) starts from the
+    weights it was made from instead: the two differ by exactly ``decay ** n * (w1 - w0)``."""
+    from timm.utils import ModelEmaV2, ModelEmaV3
+
+    from pvtv2.models.config import PvtV2Config
+    from pvtv2.models.modeling import PvtV2ForImageClassification
+    from pvtv2.training.recipes import WeightEma
+
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, num_labels=3))
+    decay = 0.8
+    ours, v3, v2 = WeightEma(model, decay), ModelEmaV3(model, decay=decay), ModelEmaV2(model, decay=decay)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    n = 5
+    for step in range(1, n + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        if step == 1:
+            w1 = {k: v.clone() for k, v in model.state_dict().items()}
+        ours.update(model)
+        v3.update(model, step=step)
+        v2.update(model)
+    got = ours.module.state_dict()
+    for key, value in v3.module.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[key] - v2.module.state_dict()[key], decay**n * (w1[key] - w0[key]),
+                                   rtol=0, atol=1e-5)
+
+
+def test_ema_with_accumulation_updates_once_per_optimizer_step(tmp_path, arch, monkeypatch):
+    """11 images, --ema 0.6: 2 micro-batches of 2 and one batch of 4 end with the same average (once per optimizer
+    step, 3 a epoch), which is timm's ModelEmaV3 stepped alongside the run's optimizer steps."""
+    from timm.utils import ModelEmaV3
+
+    from pvtv2.training import engine
+
+    data = write_folder(tmp_path / "data", {"c0": 4, "c1": 4, "c2": 3})
+    reference: dict = {}
+    original = engine._optimizer_step
+
+    def step(cfg, training):
+        original(cfg, training)
+        if "ema" not in reference:
+            reference["ema"], reference["steps"] = ModelEmaV3(training.model, decay=0.6), 0
+        reference["steps"] += 1
+        reference["ema"].update(training.model, step=reference["steps"])
+
+    monkeypatch.setattr(engine, "_optimizer_step", step)
+    one = short_run(data, arch, tmp_path / "one", epochs=2, batch_size=4, grad_accum=1, ema=0.6)
+    timm_ema = {k: v.clone() for k, v in reference.pop("ema").module.state_dict().items()}
+    assert reference.pop("steps") == 6
+    two = short_run(data, arch, tmp_path / "two", epochs=2, batch_size=2, grad_accum=2, ema=0.6)
+    assert reference["steps"] == 6
+    ema_one, ema_two = weights(Path(one["output"]) / "ema"), weights(Path(two["output"]) / "ema")
+    assert_same_weights(ema_one, {k: timm_ema[k] for k in ema_one}, atol=1e-6)
+    assert_same_weights(ema_one, ema_two, atol=1e-4)

@@ -24,11 +24,12 @@ from pvtv2.training import TrainConfig, train
 SIZE = 16
 
 
-def write_folder(root: Path, per_class: dict[str, int], *, val_per_class: int = 2, offset: int = 0) -> Path:
-    """``root/{train,val}/<name>/`` with ``per_class[name]`` training digits of the class ``int(name[-1])``."""
+def write_folder(root: Path, per_class: dict[str, int], *, val_per_class: int = 2, digit_of: dict | None = None) -> Path:
+    """``root/{train,val}/<name>/`` with ``per_class[name]`` training digits of the class ``digit_of[name]`` (by
+    default ``int(name[-1])``)."""
     images, targets = load_digits()
     for name, count in per_class.items():
-        members = np.flatnonzero(targets == int(name[-1]))[offset:]
+        members = np.flatnonzero(targets == (digit_of[name] if digit_of else int(name[-1])))
         for split, chosen in (("train", members[:count]), ("val", members[count:count + val_per_class])):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -317,3 +318,167 @@ def test_ema_with_accumulation_updates_once_per_optimizer_step(tmp_path, arch, m
     ema_one, ema_two = weights(Path(one["output"]) / "ema"), weights(Path(two["output"]) / "ema")
     assert_same_weights(ema_one, {k: timm_ema[k] for k in ema_one}, atol=1e-6)
     assert_same_weights(ema_one, ema_two, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_a_run_killed_inside_an_accumulation_group_resumes_to_the_same_bits(tmp_path, arch):
+    """11 images in micro-batches of 2, 2 per step (6 batches, 3 steps an epoch, the last group 2 + 1 images), MixUp
+    and CutMix, --ema: SIGKILLed before the 2nd micro-batch of epoch 2's 2nd group (global batch 10, one micro-batch
+    of the group already backpropagated) and resumed, the run ends with the weights and the average of an
+    uninterrupted one, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from pvtv2.training.engine import KILL_ENV
+
+    data = write_folder(tmp_path / "data", {"c0": 4, "c1": 4, "c2": 3})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path, *extra: str, kill: int | None = None) -> subprocess.CompletedProcess:
+        args = ["--data", str(data), "--model", arch, "--output", str(out), "--epochs", "2", "--image-size",
+                str(SIZE), "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3", "--warmup-epochs", "0",
+                "--drop-path", "0.1", "--recipe", "none", "--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.6",
+                "--no-progress", *extra]
+        return subprocess.run([sys.executable, "-m", "pvtv2", "train", *args], capture_output=True, text=True,
+                              timeout=300, env={**env, KILL_ENV: str(kill)} if kill else env)
+
+    whole = command(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = command(tmp_path / "cut", kill=10)
+    assert killed.returncode != 0
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()] == [1]
+    resumed = command(tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for folder in ("last", "ema"):
+        a, b = weights(tmp_path / "whole" / folder), weights(tmp_path / "cut" / folder)
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # sorted: eight, five, ...
+
+
+def sklearn_scores(model, samples: list[tuple[str, int]], folder_names: list[str]) -> dict[str, float]:
+    """Top-1, top-5 and mean cross-entropy of ``model`` on ``samples`` (path, folder index), by scikit-learn, the
+    true class of a sample being the model's index of its folder's name."""
+    from sklearn.metrics import accuracy_score, log_loss, top_k_accuracy_score
+
+    from pvtv2.data.folders import EvalTransform
+    from pvtv2.data.processing import load_image
+
+    transform = EvalTransform(SIZE)
+    pixels = torch.stack([transform(load_image(path)) for path, _ in samples])
+    with torch.no_grad():
+        logits = model.eval()(pixels).logits.double()
+    probabilities = logits.softmax(-1).numpy()
+    truth = np.array([model.config.label2id[folder_names[label]] for _, label in samples])
+    classes = list(range(model.config.num_labels))
+    return {
+        "top1": accuracy_score(truth, probabilities.argmax(1)),
+        "top5": top_k_accuracy_score(truth, probabilities, k=5, labels=classes),
+        "loss": log_loss(truth, probabilities, labels=classes),
+    }
+
+
+def test_top1_top5_and_loss_against_sklearn_with_class_orders_that_differ(tmp_path, arch):
+    """Digits in folders named zero ... nine (sorted: eight, five, four, ...): a model trained on them, then the same
+    model with its classes in another order (rows and id2label reversed). ``pvtv2.inference.evaluate`` scores both
+    as scikit-learn scores their predictions (classes by name); a run fine-tuning the reversed one (its head permuted
+    to the folders' order) records the val top-1, top-5 and loss that scikit-learn gives its last/ weights."""
+    from pvtv2.data.folders import scan_split
+    from pvtv2.data.processing import PvtV2ImageProcessor
+    from pvtv2.inference import evaluate
+    from pvtv2.models.modeling import PvtV2ForImageClassification
+
+    digit_of = {name: i for i, name in enumerate(NAMES)}
+    data = write_folder(tmp_path / "data", {name: 12 for name in NAMES}, val_per_class=6, digit_of=digit_of)
+    first = short_run(data, arch, tmp_path / "first", epochs=3, batch_size=24, lr=5e-3)
+    trained = PvtV2ForImageClassification.from_pretrained(first["last"])
+    assert [trained.config.id2label[i] for i in range(10)] == sorted(NAMES)
+
+    reversed_model = PvtV2ForImageClassification.from_pretrained(first["last"])
+    order = list(range(10))[::-1]
+    with torch.no_grad():
+        reversed_model.classifier.weight.copy_(trained.classifier.weight[order])
+        reversed_model.classifier.bias.copy_(trained.classifier.bias[order])
+    id2label = {i: trained.config.id2label[j] for i, j in enumerate(order)}
+    reversed_model.config = reversed_model.config.replace(id2label=id2label,
+                                                          label2id={v: k for k, v in id2label.items()})
+    reversed_model.save_pretrained(tmp_path / "reversed")
+
+    folders, samples = scan_split(data, "val")
+    processor = PvtV2ImageProcessor(size={"height": SIZE, "width": SIZE})
+    for model in (trained, reversed_model):
+        reference = sklearn_scores(model, samples, folders)
+        assert 0.2 < reference["top1"] < 1.0 and reference["top5"] > reference["top1"]  # real, imperfect predictions
+        got = evaluate(model, processor, data / "val", batch_size=7)
+        assert got["top1"] == pytest.approx(reference["top1"], abs=1e-12)
+        assert got["top5"] == pytest.approx(reference["top5"], abs=1e-12)
+        assert got["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+
+    tuned = short_run(data, str(tmp_path / "reversed"), tmp_path / "tuned", epochs=1, batch_size=24, lr=1e-3)
+    last = PvtV2ForImageClassification.from_pretrained(tuned["last"])
+    assert [last.config.id2label[i] for i in range(10)] == sorted(NAMES)
+    reference = sklearn_scores(last, samples, folders)
+    record = tuned["final"]
+    assert record["val_top1"] == pytest.approx(100 * reference["top1"], abs=1e-9)
+    assert record["val_top5"] == pytest.approx(100 * reference["top5"], abs=1e-9)
+    assert record["val_loss"] == pytest.approx(reference["loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- bf16 autocast
+def test_bf16_autocast_gradients_are_fp32_finite_and_close_to_fp32s():
+    """Batches under CPU bf16 autocast against fp32, the same weights, at 32 px and at 16 px (where the last stage's
+    patch embedding convolves a one-pixel grid): the loss a float32 scalar within 1% of fp32's, every gradient
+    float32 (the weights stay fp32: nothing to scale or unscale), finite, and each tensor's within 10% of fp32's
+    (relative norm, or a thousandth of the whole gradient's where the true gradient is 0: the key's bias, the query
+    of a one-token grid; measured at most 3%).
+
+    PyTorch's bf16 CPU convolution gave the taps of a one-pixel input that meet only padding garbage weight
+    gradients (1e38, inf, NaN) in most batches, in timm's PVTv2 as in this one. At 16 px the first stage's attention
+    has one key per image (a 4x4 grid reduced 4x), and its value and output projections' weight gradients are sums
+    that nearly cancel, which bf16 rounding leaves 100-200% off, in timm's model as in this one: held to 3x there."""
+    from pvtv2.models.config import PvtV2Config
+    from pvtv2.models.modeling import PvtV2ForImageClassification
+    from pvtv2.training.distributed import DistInfo
+    from pvtv2.training.engine import RunContext
+
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, num_labels=5, drop_path_rate=0.0)).train()
+    task = classification_task(0.1, None)
+    for side in (32, 16, 16, 16, 16, 16, 16, 16, 16):
+        images, labels = torch.randn(8, 3, side, side), torch.randint(0, 5, (8,))
+        found = {}
+        for bf16 in (False, True):
+            model.zero_grad()
+            loss = task.training_loss(model, (images, labels), RunContext(torch.device("cpu"), bf16, DistInfo()))
+            loss.backward()
+            assert loss.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in model.parameters())
+            found[bf16] = float(loss.detach()), {name: p.grad.clone() for name, p in model.named_parameters()}
+        (loss32, grads32), (loss16, grads16) = found[False], found[True]
+        assert loss16 == pytest.approx(loss32, rel=1e-2)
+        total = float(torch.cat([g.flatten() for g in grads32.values()]).norm())
+        for name, grad in grads16.items():
+            assert torch.isfinite(grad).all(), (side, name)
+            scale = max(float(grads32[name].norm()), 1e-3 * total)
+            error = float((grad - grads32[name]).norm()) / scale
+            cancelling = side == 16 and "layers.0.blocks.0.attention." in name
+            assert error < (3.0 if cancelling else 0.1), (side, name, error)
+
+
+def test_a_bf16_run_uses_no_loss_scaling_and_tracks_the_fp32_run(tmp_path, arch):
+    """The same 3-epoch run at 16 px with --clip-grad 1.0, in fp32 and under bf16 autocast: no gradient scaler in the
+    bf16 run's training state, the training and validation losses within 5% and the top-1 within 15 points of
+    fp32's (measured: 1.137 against 1.138, 85% both). The one-pixel convolution's garbage gradients made the
+    clipped bf16 run's loss NaN in its first epoch ("try --clip-grad", which was on)."""
+    digit_of = {name: i for i, name in enumerate(NAMES)}
+    data = write_folder(tmp_path / "data", {name: 12 for name in NAMES}, val_per_class=6, digit_of=digit_of)
+    runs = {bf16: short_run(data, arch, tmp_path / f"bf16-{bf16}", epochs=3, batch_size=24, lr=5e-3, bf16=bf16,
+                            drop_path=0.1, clip_grad=1.0) for bf16 in (False, True)}
+    state = torch.load(tmp_path / "bf16-True" / "last" / "training_state.pt", weights_only=True)
+    assert "scaler" not in state
+    a, b = runs[False]["final"], runs[True]["final"]
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=0.05)
+    assert abs(b["val_top1"] - a["val_top1"]) <= 15

@@ -482,3 +482,57 @@ def test_a_bf16_run_uses_no_loss_scaling_and_tracks_the_fp32_run(tmp_path, arch)
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=0.05)
     assert abs(b["val_top1"] - a["val_top1"]) <= 15
+
+
+# ---------------------------------------------------------------------------------------------- the authors' recipe
+# classification/configs/pvt_v2/*.py of whai362/PVT: drop_path per variant (clip_grad 1.0 for b3-b5, None otherwise).
+AUTHORS_DROP_PATH = {"pvt_v2_b0": 0.1, "pvt_v2_b1": 0.1, "pvt_v2_b2": 0.1, "pvt_v2_b2_li": 0.1, "pvt_v2_b3": 0.3,
+                     "pvt_v2_b4": 0.3, "pvt_v2_b5": 0.3}
+
+
+def test_defaults_are_the_authors_main_py():
+    """TrainConfig's defaults and DEIT_RECIPE against the argparse defaults of the authors' classification/main.py
+    (DeiT's): epochs 300, batch 128, lr 5e-4 scaled by batch / 512, min lr 1e-5, 5 warmup epochs, weight decay 0.05,
+    smoothing 0.1, mixup 0.8, cutmix 1.0, switch prob 0.5, reprob 0.25, bicubic, repeated augmentation; and each
+    preset's stochastic depth the variant's config (from scratch, no --drop-path)."""
+    import inspect
+
+    from pvtv2.data.augment import MixUpCutMix
+    from pvtv2.models.config import PvtV2Config
+    from pvtv2.training.config import DEIT_RECIPE
+
+    cfg = TrainConfig()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.min_lr, cfg.warmup_epochs, cfg.weight_decay,
+            cfg.label_smoothing, cfg.crop_scale, cfg.hflip, cfg.clip_grad) == (300, 128, None, 1e-5, 5.0, 0.05, 0.1,
+                                                                                0.08, 0.5, None)
+    assert {k: DEIT_RECIPE[k] for k in ("mixup", "cutmix", "reprob", "train_interpolation", "randaugment")} == {
+        "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25, "train_interpolation": "bicubic", "randaugment": True}
+    assert DEIT_RECIPE["repeated_aug"] > 1
+    assert inspect.signature(MixUpCutMix).parameters["switch_prob"].default == 0.5
+    for name, rate in AUTHORS_DROP_PATH.items():
+        assert PvtV2Config.from_preset(name).drop_path_rate == rate, name
+
+
+@pytest.mark.parametrize("preset", ["pvt_v2_b0", "pvt_v2_b3"])
+def test_stochastic_depth_per_block_is_the_authors_and_timms(preset):
+    """A preset trained from scratch: block j of the whole encoder drops its branches with probability
+    ``linspace(0, rate, sum(depths))[j]`` (the authors' pvt_v2.py; timm's model built with the same rate)."""
+    import timm
+
+    from pvtv2.models.layers import DropPath
+    from pvtv2.training.classification import build_classifier
+
+    with torch.device("meta"):
+        model = build_classifier(TrainConfig(model=preset, output="unused", image_size=224), ["a", "b"])
+        reference = timm.create_model(preset, pretrained=False, num_classes=2,
+                                      drop_path_rate=AUTHORS_DROP_PATH[preset])
+    depths = list(model.config.depths)
+    ours = [[getattr(block.drop_path, "drop_prob", 0.0) for block in layer.blocks]
+            for layer in model.pvt_v2.encoder.layers]
+    theirs = [[getattr(block.drop_path1, "drop_prob", 0.0) for block in stage.blocks] for stage in reference.stages]
+    closed_form = torch.linspace(0, AUTHORS_DROP_PATH[preset], sum(depths)).split(depths)
+    assert all(isinstance(block.drop_path, DropPath) for layer in model.pvt_v2.encoder.layers
+               for block in layer.blocks[1 if layer is model.pvt_v2.encoder.layers[0] else 0:])
+    for mine, timms, exact in zip(ours, theirs, closed_form):
+        assert mine == pytest.approx(exact.tolist(), abs=1e-7)
+        assert mine == pytest.approx(timms, abs=1e-7)

@@ -536,3 +536,22 @@ def test_stochastic_depth_per_block_is_the_authors_and_timms(preset):
     for mine, timms, exact in zip(ours, theirs, closed_form):
         assert mine == pytest.approx(exact.tolist(), abs=1e-7)
         assert mine == pytest.approx(timms, abs=1e-7)
+
+
+def test_clipping_bounds_the_accumulated_gradient_of_each_step(tmp_path, arch, monkeypatch):
+    """--clip-grad 1e-3 with 2 micro-batches per step: the gradient every AdamW step receives has the global norm
+    1e-3 exactly (timm's ``dispatch_clip_grad``, the authors' clip for B3-B5: the 2-norm over every parameter), once
+    per step, after the micro-batches are summed."""
+    norms: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad.flatten() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.cat(grads).double().norm()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    data = write_folder(tmp_path / "data", {"c0": 4, "c1": 4, "c2": 3})
+    short_run(data, arch, tmp_path / "run", epochs=2, batch_size=2, grad_accum=2, clip_grad=1e-3)
+    assert len(norms) == 6
+    assert norms == pytest.approx([1e-3] * 6, rel=1e-5)

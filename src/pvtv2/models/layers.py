@@ -73,7 +73,15 @@ class OverlapPatchEmbed(nn.Module):
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W), channels-last
+        x = x.contiguous(memory_format=torch.channels_last)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and min(x.shape[-2:]) == 1:
+            # PyTorch's bf16 CPU convolution writes garbage (1e38, inf, NaN) into the weight gradient of the taps that
+            # meet only padding when the input is one pixel (a 16 px image's last stage): in fp32 it is right, and a
+            # one-pixel grid costs nothing. timm's and transformers' PVTv2 get the same garbage there.
+            with torch.autocast("cpu", enabled=False):
+                x = self.proj(x.float())
+        else:
+            x = self.proj(x)  # (B, C, H, W), channels-last
         batch, channels, height, width = x.shape
         x = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
         return self.layer_norm(x), height, width

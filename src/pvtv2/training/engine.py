@@ -688,6 +688,11 @@ def _train_epoch(task: Task, cfg: TrainConfig, training: Training, epoch: int, c
     if hasattr(task.train_set, "set_epoch"):
         task.train_set.set_epoch(epoch)
     loader = _train_loader(task, cfg, epoch, batches, ctx)
+    # Each micro-batch weighs by its share of its accumulation group's samples, so that k micro-batches make the
+    # gradient of one batch of their samples also where the last micro-batch is shorter (11 images in batches of
+    # 2 + 2 + 2 + 2 + 2 + 1): a weight of 1/k each counted its one image as much as the two of the one before.
+    sizes = [len(indices) for indices in loader.batch_sampler]
+    group_samples = [sum(sizes[start:start + cfg.grad_accum]) for start in range(0, len(sizes), cfg.grad_accum)]
     training.net.train()
     loss_sum = seen = 0.0
     bar = progress_bar(loader, enabled=cfg.progress and info.main, desc=f"epoch {epoch + 1}/{cfg.epochs}")
@@ -698,9 +703,7 @@ def _train_epoch(task: Task, cfg: TrainConfig, training: Training, epoch: int, c
         # Between boundaries the processes accumulate their own gradients; DDP averages them at the boundary.
         with contextlib.nullcontext() if boundary or not info.enabled else training.net.no_sync():
             loss = task.training_loss(training.net, batch, ctx)
-            # Each micro-batch weighs by its share of its accumulation group (the last group may be shorter).
-            group = min(cfg.grad_accum, batches - (i // cfg.grad_accum) * cfg.grad_accum)
-            scaled = loss / group
+            scaled = loss * (sizes[i] / group_samples[i // cfg.grad_accum])
             (training.scaler.scale(scaled) if training.scaler is not None else scaled).backward()
         value = loss.item()
         _stop_if_diverged(value, epoch, i, cfg, training, ctx)

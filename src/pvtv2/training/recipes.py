@@ -2,7 +2,9 @@
 
 - :class:`WeightEma`: an exponential moving average of the weights (and buffers) with
   ``torch.optim.swa_utils.AveragedModel`` and ``get_ema_multi_avg_fn``: after every optimizer step
-  ``ema = decay * ema + (1 - decay) * weights`` (the first update copies), as timm's ``ModelEmaV2``.
+  ``ema = decay * ema + (1 - decay) * weights``, the first update copying the weights: timm's ``ModelEmaV3`` as
+  timm's ``train.py`` steps it (``step=1`` copies). DeiT's ``ModelEma`` (and ``ModelEmaV2``) start from the weights
+  they are made from, so after n updates they differ from this one by ``decay ** n * (w1 - w0)``.
 - :func:`parameter_groups`: AdamW groups with no weight decay on 1-d tensors (biases, norm scales), optional
   layer-wise learning-rate decay over the encoder's blocks (BEiT / ConvNeXt fine-tuning) and a learning-rate
   multiplier for everything outside the encoder (SegFormer's decode head trains at 10x).

@@ -79,7 +79,7 @@ class OverlapPatchEmbed(nn.Module):
             # meet only padding when the input is one pixel (a 16 px image's last stage): in fp32 it is right, and a
             # one-pixel grid costs nothing. timm's and transformers' PVTv2 get the same garbage there.
             with torch.autocast("cpu", enabled=False):
-                x = self.proj(x.float())
+                x = self.proj(x.to(self.proj.weight.dtype))  # a model cast to bf16 keeps its own dtype
         else:
             x = self.proj(x)  # (B, C, H, W), channels-last
         batch, channels, height, width = x.shape

@@ -555,3 +555,23 @@ def test_clipping_bounds_the_accumulated_gradient_of_each_step(tmp_path, arch, m
     short_run(data, arch, tmp_path / "run", epochs=2, batch_size=2, grad_accum=2, clip_grad=1e-3)
     assert len(norms) == 6
     assert norms == pytest.approx([1e-3] * 6, rel=1e-5)
+
+
+def test_a_model_cast_to_bf16_runs_a_one_pixel_stage_under_autocast():
+    # The one-pixel patch embedding runs outside autocast in the weights' own dtype: a bf16 model failed with a dtype
+    # mismatch (an fp32 input against bf16 weights). Its gradients are finite; its logits equal the same model's
+    # without autocast (already bf16 throughout) to bf16 rounding.
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+
+    torch.manual_seed(0)
+    config = PvtV2Config(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4],
+                         sr_ratios=[1, 1, 1, 1], num_labels=3)
+    model = PvtV2ForImageClassification(config).to(torch.bfloat16)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x).logits
+    logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        plain = model(x).logits
+    assert torch.allclose(logits.float(), plain.float(), rtol=0.05, atol=0.05)

@@ -195,3 +195,32 @@ def test_models_of_the_wrong_task_are_refused_in_one_line(tmp_path, checkpoints,
     corrupt.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 40)
     assert main(["depth", str(corrupt), "--model", str(checkpoints["depth"]), "--output", str(tmp_path / "b.png")]) == 2
     assert "cannot read image" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+
+
+def test_an_image_beyond_the_size_bound_is_predicted_within_it_and_says_so(tmp_path, checkpoints, capsys):
+    """--size is refused above 2048 px per side (the first stage's attention alone needs gigabytes), but without
+    --size the image's own size was taken whatever it was: a 12-megapixel photograph ran at 4032x3008. A 40x2200
+    strip stands in for it (cheap at any size): it is predicted at most 2048 wide, its aspect kept, and the depth
+    drawn at the image's own size."""
+    strip = np.tile(_photo(), (1, 23, 1))[:40, :2200]
+    path = tmp_path / "strip.png"
+    PIL.Image.fromarray(strip).save(path)
+    seen = []
+    forward = PvtV2ForDepthEstimation.forward
+
+    def recording(self, pixel_values, *args, **kwargs):
+        seen.append(tuple(pixel_values.shape[-2:]))
+        return forward(self, pixel_values, *args, **kwargs)
+
+    out = tmp_path / "out.png"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PvtV2ForDepthEstimation, "forward", recording)
+        assert main(["depth", str(path), "--model", str(checkpoints["depth"]), "--output", str(out)]) == 0
+    assert seen == [(32, 2048)]
+    printed = capsys.readouterr().out
+    assert "predicted at 32x2048" in printed and "2048" in printed
+    model = PvtV2ForDepthEstimation.from_pretrained(checkpoints["depth"])
+    expected = predict_depth(model, PIL.Image.fromarray(strip), (32, 2048))
+    assert expected.shape == (40, 2200)
+    low, high = _printed_range(printed)
+    assert low == pytest.approx(float(expected.min()), abs=6e-4) and high == pytest.approx(float(expected.max()), abs=6e-4)

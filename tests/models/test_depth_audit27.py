@@ -298,3 +298,23 @@ def test_non_finite_ground_truth_is_refused_by_name(bad):
     gt[1, 1] = bad
     with pytest.raises(ValueError, match="NaN or infinite"):
         depth_metrics(np.full((4, 4), 2.0), gt)
+
+
+def test_the_folder_pvtv2_writes_holds_glpns_encoder_for_transformers_and_its_head_for_pvtv2(kitti_like, tmp_path):
+    """The reverse direction: pvtv2 writes its own layout (model_type pvt_v2, not GLPN's). transformers'
+    PvtV2Model reads the encoder from it (the depth head left unused) with GLPN's hidden states; pvtv2 reads it back
+    whole, with GLPN's depth and range."""
+    reference, folder = kitti_like
+    PvtV2ForDepthEstimation.from_pretrained(folder, dtype="auto").save_pretrained(tmp_path / "written")
+    encoder = transformers.PvtV2Model.from_pretrained(tmp_path / "written", dtype=torch.float64).eval()
+    back = PvtV2ForDepthEstimation.from_pretrained(tmp_path / "written", dtype="auto").eval()
+    assert back.config.max_depth == 80.0
+    x = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    with torch.no_grad():
+        expected = reference(x, output_hidden_states=True)
+        hidden = encoder(x, output_hidden_states=True).hidden_states
+        got = back(x).predicted_depth
+    assert len(hidden) == len(expected.hidden_states) == 4
+    for e, g in zip(expected.hidden_states, hidden):
+        assert _rel(e, g) < TIGHT
+    assert _rel(expected.predicted_depth, got) < TIGHT

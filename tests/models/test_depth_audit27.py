@@ -318,3 +318,20 @@ def test_the_folder_pvtv2_writes_holds_glpns_encoder_for_transformers_and_its_he
     for e, g in zip(expected.hidden_states, hidden):
         assert _rel(e, g) < TIGHT
     assert _rel(expected.predicted_depth, got) < TIGHT
+
+
+def test_a_fractional_max_depth_and_labels_of_another_size(kitti_like):
+    """max_depth 7.25 m (transformers 5's GLPNConfig takes whole metres only): the reference's sigmoid, read off
+    its 80 m depth, times 7.25. Labels at a 29x30 input's own size, whose depth comes out 32x32 (as
+    transformers'), are refused by name, not indexed with a mask of another shape."""
+    reference, folder = kitti_like
+    model = PvtV2ForDepthEstimation.from_pretrained(folder, dtype="auto", max_depth=7.25).eval()
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        expected, got = reference(x).predicted_depth / 80 * 7.25, model(x).predicted_depth
+    assert float(got.max()) < 7.25
+    assert _rel(expected, got) < TIGHT
+    small = torch.randn(1, 3, 29, 30, generator=gen, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"depth labels must have the prediction's shape \(1, 32, 32\), got \(1, 29, 30\)"):
+        model(small, labels=torch.ones(1, 29, 30, dtype=torch.float64))

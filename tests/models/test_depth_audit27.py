@@ -151,11 +151,11 @@ def test_silog_loss_and_every_gradient_match_transformers(kitti_like):
     labels[1, 3, 3] = float("nan")
     labels[2] = 0
     expected, got = reference(x, labels=labels), model(x, labels=labels)
-    assert abs(float(expected.loss) - float(got.loss)) < TIGHT * float(expected.loss)
+    assert abs(expected.loss.item() - got.loss.item()) < TIGHT * expected.loss.item()
     # The closed form, too: sqrt(mean(d^2) - 0.5 mean(d)^2), d = ln t - ln p over t > 0.
     valid = (labels > 0).numpy()
     d = np.log(labels.numpy()[valid]) - np.log(got.predicted_depth.detach().numpy()[valid])
-    assert float(got.loss) == pytest.approx(np.sqrt(np.mean(d**2) - 0.5 * np.mean(d) ** 2), rel=1e-12)
+    assert got.loss.item() == pytest.approx(np.sqrt(np.mean(d**2) - 0.5 * np.mean(d) ** 2), rel=1e-12)
     expected.loss.backward()
     got.loss.backward()
     theirs = dict(reference.named_parameters())

@@ -224,3 +224,17 @@ def test_an_image_beyond_the_size_bound_is_predicted_within_it_and_says_so(tmp_p
     assert expected.shape == (40, 2200)
     low, high = _printed_range(printed)
     assert low == pytest.approx(float(expected.min()), abs=6e-4) and high == pytest.approx(float(expected.max()), abs=6e-4)
+
+
+def test_a_depth_map_aligned_with_an_exif_rotated_images_stored_pixels_is_refused(tmp_path):
+    """The image is read upright (as pvtv2 depth reads it); a depth map drawn over its pixels as stored (on their
+    side) does not fit it, and the error says the orientation is why."""
+    root = _depth_data(tmp_path / "data")
+    sideways = PIL.Image.fromarray(_photo()).transpose(PIL.Image.Transpose.ROTATE_90)  # stored 64 wide, 96 tall
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    (root / "train" / "images" / "0.png").unlink()
+    sideways.save(root / "train" / "images" / "0.jpg", exif=exif)
+    write_depth_png(root / "train" / "depth" / "0.png", np.ones((96, 64)))  # the stored pixels' shape
+    with pytest.raises(ValueError, match=r"0\.png' is 64x96 but its image is 96x64 \(after its EXIF orientation\)"):
+        DepthFolder(root, "train", 64)[0]

@@ -126,8 +126,8 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
             logger.warning(
                 "the %s depth checkpoint came without a config.json and no weights record its depth range: assuming "
                 "max_depth=%g m (GLPN's NYU Depth v2 models; its KITTI ones predict up to 80). If the model was "
-                "trained with another, every depth is scaled wrong: pass max_depth=... to from_pretrained, or set it "
-                "in the config.json of a folder holding the weights",
+                "trained with another, every depth is scaled wrong: pass max_depth=... to from_pretrained (--max-depth to "
+                "pvtv2 train), or set it in the config.json of a folder holding the weights",
                 layout, DEPTH_DEFAULTS["max_depth"],
             )
     published_heads = _PUBLISHED_SETTINGS["num_attention_heads"]

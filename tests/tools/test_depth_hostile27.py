@@ -238,3 +238,14 @@ def test_a_depth_map_aligned_with_an_exif_rotated_images_stored_pixels_is_refuse
     write_depth_png(root / "train" / "depth" / "0.png", np.ones((96, 64)))  # the stored pixels' shape
     with pytest.raises(ValueError, match=r"0\.png' is 64x96 but its image is 96x64 \(after its EXIF orientation\)"):
         DepthFolder(root, "train", 64)[0]
+
+
+def test_two_images_with_one_stem_are_refused_not_both_paired_with_its_depth_map(tmp_path):
+    """images/0.png and images/0.jpg both took depth/0.png: a picture left beside its photograph (a copy in
+    another format, a depth visualisation) was trained on as a second image with the same depth, without a word."""
+    from pvtv2.data.depth import scan_depth_split
+
+    root = _depth_data(tmp_path / "data")
+    PIL.Image.fromarray(_photo(1)).save(root / "train" / "images" / "0.jpg")
+    with pytest.raises(ValueError, match=r"'0\.jpg' and '0\.png' .*depth.*0\.png"):
+        scan_depth_split(root, "train")

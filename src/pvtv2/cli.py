@@ -905,7 +905,7 @@ def _add_depth(subparsers) -> None:
                    "(pvtv2 or transformers' GLPN layout)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     p.add_argument("--size", help="model input size, N or HxW, multiples of 32 from 32 to 2048 (default: the image's, "
-                   "rounded down)")
+                   "rounded down; a larger image scaled down to fit 2048)")
     p.set_defaults(func=_cmd_depth)
 
 
@@ -929,9 +929,17 @@ def _cmd_depth(args: argparse.Namespace) -> int:
         # 96 px rooms trained at 64). GLPN's checkpoints fix no size: their images keep their own, as GLPN does.
         fixed = checkpoint_input_size(args.model)
         size = fixed if fixed is not None and fixed[0] % 32 == 0 and fixed[1] % 32 == 0 else None
+    scaled = ""
+    high = _DENSE_SIZES[1]
+    if size is None and max(image.height, image.width) // 32 * 32 > high:
+        # Above --size's bound the first stage's attention alone needs gigabytes: a 12-megapixel photograph ran at
+        # its own 4032x3008. It is predicted scaled down to fit the bound, its aspect kept, and the run says so.
+        factor = high / max(image.height, image.width)
+        size = (max(32, round(image.height * factor) // 32 * 32), max(32, round(image.width * factor) // 32 * 32))
+        scaled = f" (predicted at {size[0]}x{size[1]}: at most {high} px per side, as --size)"
     depth = predict_depth(model, image, size)
     _save_png(depth_picture(image, depth), args.output)
-    note = _enlarged_note(display_scale(image.height, image.width), image.height, image.width)
+    note = _enlarged_note(display_scale(image.height, image.width), image.height, image.width) + scaled
     print(f"wrote {args.output}{note}; depth from {depth.min():.3f} to {depth.max():.3f} "
           f"(max_depth {model.config.max_depth})")
     return 0

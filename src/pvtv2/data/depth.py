@@ -45,7 +45,16 @@ def scan_depth_split(root: str | os.PathLike, split: str) -> list[tuple[Path, Pa
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {os.fspath(images_dir)!r}")
     pairs = []
+    seen: dict[str, Path] = {}
     for image in images:
+        # Two images of one stem (a copy in another format, a depth visualisation left beside the photograph) both
+        # took the same depth map: one of them is not what the map measures.
+        if image.stem in seen:
+            raise ValueError(
+                f"{seen[image.stem].name!r} and {image.name!r} in {os.fspath(images_dir)!r} share the stem of depth "
+                f"map {image.stem + '.png'!r}: keep one image per depth map"
+            )
+        seen[image.stem] = image
         depth = depth_dir / f"{image.stem}.png"
         if not depth.is_file():
             raise FileNotFoundError(
@@ -76,7 +85,8 @@ def read_depth_png(path: str | os.PathLike, depth_scale: float = DEFAULT_DEPTH_S
             image.load()
             mode = image.mode
             values = np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
+        # As load_image reads images: a size Pillow refuses (a decompression bomb) is named with its file too
         raise ValueError(f"cannot read depth map {text!r}: {error}") from error
     if mode not in ("I;16", "I;16B", "I;16L", "I"):
         raise ValueError(

@@ -120,6 +120,16 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         args["decoder_hidden_size"] = int(fpn.shape[1])
     if "head.head.0.weight" in canonical:
         args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
+        if "max_depth" not in overrides:
+            # GLPN's NYU and KITTI models have the same tensors and predict up to 10 and 80 m: the depths of a
+            # KITTI state dict came out 8x too small without a word.
+            logger.warning(
+                "the %s depth checkpoint came without a config.json and no weights record its depth range: assuming "
+                "max_depth=%g m (GLPN's NYU Depth v2 models; its KITTI ones predict up to 80). If the model was "
+                "trained with another, every depth is scaled wrong: pass max_depth=... to from_pretrained (--max-depth to "
+                "pvtv2 train), or set it in the config.json of a folder holding the weights",
+                layout, DEPTH_DEFAULTS["max_depth"],
+            )
     published_heads = _PUBLISHED_SETTINGS["num_attention_heads"]
     if "num_attention_heads" not in overrides and [h / hidden[0] for h in hidden] != published_heads:
         # Every published variant's widths go 1:2:5:8 with heads 1, 2, 5, 8; other widths say nothing of the heads.

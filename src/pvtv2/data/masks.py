@@ -45,7 +45,16 @@ def scan_segmentation_split(root: str | os.PathLike, split: str) -> list[tuple[P
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {os.fspath(images_dir)!r}")
     pairs = []
+    seen: dict[str, Path] = {}
     for image in images:
+        # Two images of one stem (a copy in another format, a prediction picture left beside the photograph) both
+        # took the same mask: one of them is not what the mask labels.
+        if image.stem in seen:
+            raise ValueError(
+                f"{seen[image.stem].name!r} and {image.name!r} in {os.fspath(images_dir)!r} share the stem of mask "
+                f"{image.stem + '.png'!r}: keep one image per mask"
+            )
+        seen[image.stem] = image
         mask = masks_dir / f"{image.stem}.png"
         if not mask.is_file():
             raise FileNotFoundError(f"image {image.name!r} has no mask {os.fspath(mask)!r} (masks are PNGs with the same stem)")

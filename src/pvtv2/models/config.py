@@ -691,8 +691,9 @@ class PvtV2Config:
             values.pop("num_labels"), values["id2label"], values["label2id"]
         )
         _check_stages(values)
-        values["out_features"], values["out_indices"] = _resolve_outputs(
-            _stage_names_of(values["num_encoder_blocks"]), values["out_features"], values["out_indices"]
+        self._outputs = _resolve_outputs(
+            _stage_names_of(values["num_encoder_blocks"]),
+            values.pop("out_features"), values.pop("out_indices"),
         )
         for name, value in values.items():
             setattr(self, name, value)
@@ -700,7 +701,7 @@ class PvtV2Config:
         for key in _IGNORED_KEYS:
             extra.pop(key, None)
         for key in extra:
-            if key == "_extra" or hasattr(type(self), key):
+            if key in ("_extra", "_outputs") or hasattr(type(self), key):
                 raise ValueError(f"{key!r} is not a config field, and cannot be one: it names PvtV2Config.{key}")
         problem = unknown_fields(k for k in extra if k not in _REPORTED.get())
         if problem:
@@ -722,6 +723,27 @@ class PvtV2Config:
     @property
     def stage_names(self) -> list[str]:
         return _stage_names_of(self.num_encoder_blocks)
+
+    @property
+    def out_features(self) -> list[str]:
+        return self._outputs[0]
+
+    @out_features.setter
+    def out_features(self, value: Sequence[str] | None) -> None:
+        """Checked, and ``out_indices`` re-derived from it, as transformers' backbone configs do: a backbone built on
+        the config would otherwise return the stages of the old ``out_indices`` under the new names."""
+        features = _optional(_stage_names)("out_features", value)
+        self._outputs = _resolve_outputs(self.stage_names, features, None)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self._outputs[1]
+
+    @out_indices.setter
+    def out_indices(self, value: Sequence[int] | None) -> None:
+        """Checked, and ``out_features`` re-derived from it (see ``out_features``)."""
+        indices = _optional(_stage_indices)("out_indices", value)
+        self._outputs = _resolve_outputs(self.stage_names, None, indices)
 
     @property
     def num_labels(self) -> int:

@@ -380,9 +380,17 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
     def out_features(self) -> list[str]:
         return list(self.config.out_features)
 
+    @out_features.setter
+    def out_features(self, value: list[str]) -> None:
+        self.config.out_features = value  # the config re-derives out_indices, as transformers' backbones do
+
     @property
     def out_indices(self) -> list[int]:
         return [i % self.config.num_encoder_blocks for i in self.config.out_indices]
+
+    @out_indices.setter
+    def out_indices(self, value: list[int]) -> None:
+        self.config.out_indices = value  # the config re-derives out_features
 
     @property
     def stage_names(self) -> list[str]:
@@ -391,6 +399,11 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
     @property
     def num_features(self) -> list[int]:
         return list(self.config.hidden_sizes)
+
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        """Every stage's channel count by name, whether it is an output or not (transformers' attribute)."""
+        return dict(zip(self.stage_names, self.config.hidden_sizes))
 
     @property
     def channels(self) -> list[int]:

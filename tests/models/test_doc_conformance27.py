@@ -1,0 +1,73 @@
+"""Conformance with the PVTv2 model documentation, checked against transformers' own behaviour with the same weights:
+what the documented API does beyond the numbers (the backbone's out_features / out_indices set after construction,
+the outputs read as transformers' ModelOutput is read)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification
+
+from conftest import TINY, hf_config, random_weights_, relative_error
+
+TOL = 1e-5
+
+
+def backbone_pair(**fields):
+    """transformers' backbone with random weights and ours with the same weights and config."""
+    config = PvtV2Config(**TINY, **fields)
+    theirs = random_weights_(transformers.PvtV2Backbone(hf_config(config)), seed=3).eval()
+    ours = PvtV2Backbone(config).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    "attribute, value, features, indices",
+    [
+        ("out_features", ["stage2"], ["stage2"], [1]),
+        ("out_features", ["stage1", "stage3"], ["stage1", "stage3"], [0, 2]),
+        ("out_indices", [0, 2], ["stage1", "stage3"], [0, 2]),
+        ("out_indices", [-2], ["stage3"], [-2]),
+    ],
+)
+@pytest.mark.parametrize("on", ["config", "backbone"])
+def test_outputs_set_after_construction_follow_transformers(attribute, value, features, indices, on):
+    """transformers keeps out_features and out_indices in step when either is set on the config (or on the backbone,
+    which sets its config's). Ours kept the other one as it was: the backbone named the new stages but returned the
+    old ones' maps (stage4's 64 channels for out_features=["stage2"])."""
+    ours, theirs = backbone_pair()
+    for model in (ours, theirs):
+        setattr(model.config if on == "config" else model, attribute, value)
+    assert theirs.config.out_features == features and theirs.config.out_indices == indices  # the reference
+    assert ours.config.out_features == features and ours.config.out_indices == indices
+    assert ours.out_features == theirs.out_features == features
+    assert ours.channels == theirs.channels
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        expected, got = theirs(x).feature_maps, ours(x).feature_maps
+    assert len(got) == len(expected) == len(features)
+    for a, b in zip(expected, got):
+        assert relative_error(a, b) < TOL
+
+
+@pytest.mark.parametrize("attribute, value", [("out_features", ["stage9"]), ("out_features", ["stage3", "stage1"]),
+                                              ("out_indices", [4]), ("out_indices", [2, 2]), ("out_features", "stage1")])
+def test_bad_outputs_set_after_construction_are_refused(attribute, value):
+    """transformers refuses these when set on the config; ours took them and failed later, or not at all."""
+    theirs = transformers.PvtV2Config(**TINY)
+    with pytest.raises(Exception):  # noqa: B017  # a ValueError, or huggingface_hub's strict-dataclass error
+        setattr(theirs, attribute, value)
+    config = PvtV2Config(**TINY)
+    with pytest.raises(ValueError, match=attribute):
+        setattr(config, attribute, value)
+    assert config.out_features == ["stage4"] and config.out_indices == [3]  # unchanged
+
+
+def test_out_feature_channels_as_transformers():
+    ours, theirs = backbone_pair(out_features=["stage2", "stage4"])
+    assert ours.out_feature_channels == theirs.out_feature_channels == {
+        "stage1": 16, "stage2": 32, "stage3": 48, "stage4": 64
+    }

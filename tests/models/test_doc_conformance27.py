@@ -71,3 +71,34 @@ def test_out_feature_channels_as_transformers():
     assert ours.out_feature_channels == theirs.out_feature_channels == {
         "stage1": 16, "stage2": 32, "stage3": 48, "stage4": 64
     }
+
+
+def classifier_pair(**fields):
+    config = PvtV2Config(**TINY, **fields)
+    theirs = random_weights_(transformers.PvtV2ForImageClassification(hf_config(config)), seed=4).eval()
+    ours = PvtV2ForImageClassification(config).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(labels=torch.tensor([1, 0])), dict(output_hidden_states=True)])
+def test_outputs_read_as_a_mapping_as_transformers(kwargs):
+    """The documented outputs are transformers' ModelOutput, which is also a mapping: ``"loss" in out`` (as training
+    loops test it), ``out.items()``, ``out.values()``, ``out.get("loss")``. Ours answered ``"logits" in out`` with
+    False (the test compared the name with each tensor) and had no items, values or get."""
+    ours, theirs = classifier_pair(num_labels=3)
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        expected, got = theirs(x, **kwargs), ours(x, **kwargs)
+    for name in ("loss", "logits", "hidden_states", "attentions", "pixel_values"):
+        assert (name in got) == (name in expected), name
+    assert list(got.keys()) == list(expected.keys())
+    assert [k for k, _ in got.items()] == list(expected.keys())
+    for (_, a), b in zip(expected.items(), got.values()):
+        if isinstance(a, torch.Tensor):
+            assert relative_error(a, b) < TOL
+        else:
+            assert len(a) == len(b) and all(relative_error(u, v) < TOL for u, v in zip(a, b))
+    assert (got.get("loss") is None) == (expected.get("loss") is None)
+    assert got.get("attentions", "absent") == expected.get("attentions", "absent") == "absent"
+    assert relative_error(expected.get("logits"), got.get("logits")) < TOL

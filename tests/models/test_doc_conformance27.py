@@ -102,3 +102,17 @@ def test_outputs_read_as_a_mapping_as_transformers(kwargs):
     assert (got.get("loss") is None) == (expected.get("loss") is None)
     assert got.get("attentions", "absent") == expected.get("attentions", "absent") == "absent"
     assert relative_error(expected.get("logits"), got.get("logits")) < TOL
+
+
+@pytest.mark.parametrize("fields", [dict(out_features=[]), dict(out_indices=[])])
+def test_backbone_without_outputs_is_a_clear_error(fields):
+    """transformers' config takes an empty out_features, and its backbone then returns feature_maps=None (no maps,
+    not even an empty tuple: code that iterates them fails later, far from the cause). Ours failed with "max() arg is
+    an empty sequence"; now a ValueError that names out_features, at the call."""
+    ours, theirs = backbone_pair(**fields)
+    assert ours.out_features == theirs.out_features == []
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert theirs(x).feature_maps is None
+    with pytest.raises(ValueError, match="out_features"):
+        ours(x)

@@ -433,6 +433,9 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
         # The dtype the input meets first: the first patch embedding's convolution.
         check_pixel_values(pixel_values, self.config.num_channels, self.encoder.layers[0].patch_embedding.proj.weight.dtype)
         check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
+        if not self.out_indices:
+            raise ValueError("this backbone has no output stage: config.out_features (and out_indices) is empty; "
+                             f"name at least one of {self.stage_names}")
         output_attentions = output_attentions and return_dict  # the tuple form has no place for them
         # Stages after the last requested one are skipped unless every stage's output or attention map is asked for.
         needed = None if output_hidden_states or output_attentions else max(self.out_indices) + 1

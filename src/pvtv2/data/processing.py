@@ -110,6 +110,10 @@ PREPROCESS_PROTOCOLS: dict[str, dict[str, Any]] = {
     "original": {"resample": int(PIL.Image.Resampling.BICUBIC), "crop_pct": 0.875},
 }
 
+# The constructor's arguments, which a call may also take (for that call only).
+_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "crop_pct", "do_rescale", "rescale_factor",
+             "do_normalize", "image_mean", "image_std")
+
 # What one image may be; `__call__` also takes a list of these or a (B, C, H, W) / (B, H, W, C) array.
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
@@ -453,13 +457,19 @@ class PvtV2ImageProcessor:
         self,
         images: ImageInput | Sequence[ImageInput],
         return_tensors: Literal["pt", "np"] = "pt",
+        **settings: Any,
     ) -> ProcessorOutput:
         """Preprocess one image or a batch into ``pixel_values`` of shape (B, 3, H, W), float32.
 
         ``images`` is a PIL image, a NumPy array or torch tensor ((H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4;
         or a 4-d batch of those), a file path, or a list of any of these. The channel axis of a 3-d array is the
         first one when its size is 1, 3 or 4, else the last, as in transformers.
+
+        ``settings``: arguments of the constructor (``do_resize=False``, ``size=...``) for this call only, as
+        transformers' processors take them. ``do_convert_rgb=True`` is accepted: every image is made RGB.
         """
+        if settings:
+            return self._for_call(settings)(images, return_tensors)
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         items = _as_image_list(images)
@@ -485,6 +495,22 @@ class PvtV2ImageProcessor:
         batch = np.stack(processed).astype(np.float32, copy=False)  # (B, 3, H, W)
         pixel_values = torch.from_numpy(batch) if return_tensors == "pt" else batch
         return ProcessorOutput(pixel_values=pixel_values)
+
+    def _for_call(self, settings: dict[str, Any]) -> PvtV2ImageProcessor:
+        """A processor with ``settings`` (constructor arguments given to one call) over this one's."""
+        settings = dict(settings)
+        if settings.pop("do_convert_rgb", True) is not True:
+            raise ValueError("do_convert_rgb must be True: PvtV2ImageProcessor makes every image RGB")
+        unknown = sorted(set(settings) - set(_SETTINGS))
+        if unknown:
+            raise TypeError(f"PvtV2ImageProcessor takes no setting {', '.join(map(repr, unknown))}; it takes {_SETTINGS}")
+        current = {name: getattr(self, name) for name in _SETTINGS}
+        if current["crop_pct"] is not None and {"size", "crop_size", "do_center_crop"} & set(settings):
+            # crop_pct only recorded how size was derived from the crop; the size or crop given now replace that.
+            current["crop_pct"] = None
+        if not settings.get("do_center_crop", current["do_center_crop"]):
+            current["crop_size"] = None
+        return type(self)(**{**current, **settings})
 
     def _preprocess(self, image: np.ndarray) -> np.ndarray:
         """One RGB (3, H, W) array through resize, centre crop, rescale and normalise, with transformers'

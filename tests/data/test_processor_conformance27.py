@@ -1,0 +1,87 @@
+"""PvtV2ImageProcessor's call against transformers' PIL processor (the one the model documentation names): the
+settings transformers' processors take per call, for that call only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from pvtv2 import PvtV2ImageProcessor
+
+IMAGE = np.random.default_rng(27).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+
+PER_CALL = [
+    dict(do_resize=False),
+    dict(size={"height": 30, "width": 44}),
+    dict(size=36),
+    dict(size=(30, 40)),
+    dict(resample=3),
+    dict(resample=0, size=50),
+    dict(do_rescale=False),
+    dict(rescale_factor=1 / 127.5),
+    dict(do_normalize=False),
+    dict(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4]),
+    dict(image_mean=0.5, image_std=0.25),
+    dict(do_center_crop=True, crop_size={"height": 20, "width": 30}, size={"height": 40, "width": 60}),
+    dict(size={"shortest_edge": 48}, do_center_crop=True, crop_size=32),
+    dict(do_resize=False, do_rescale=False, do_normalize=False),
+]
+
+
+@pytest.mark.parametrize("settings", PER_CALL, ids=lambda s: ",".join(s))
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_settings_given_to_the_call_apply_to_that_call(settings, return_tensors):
+    """transformers' processors take their settings per call (``processor(image, do_resize=False)``); ours refused
+    every such keyword with a TypeError. Now the same pixels as transformers, and the processor itself unchanged."""
+    theirs = transformers.PvtImageProcessorPil(resample=2, do_convert_rgb=True)
+    ours = PvtV2ImageProcessor()
+    before = ours.to_dict()
+    expected = theirs(IMAGE, return_tensors=return_tensors, **settings)["pixel_values"]
+    got = ours(IMAGE, return_tensors=return_tensors, **settings)["pixel_values"]
+    assert type(got) is type(expected)
+    got, expected = np.asarray(got), np.asarray(expected)
+    # Ours is float32 always (documented); transformers keeps a uint8 image's dtype when every step is off.
+    assert got.shape == expected.shape and got.dtype == np.float32
+    assert expected.dtype == (np.uint8 if settings.get("do_rescale") is settings.get("do_normalize") is False else np.float32)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert ours.to_dict() == before
+    # and the call without them is the default one again
+    np.testing.assert_array_equal(np.asarray(ours(IMAGE, return_tensors="np")["pixel_values"]),
+                                  np.asarray(theirs(IMAGE, return_tensors="np")["pixel_values"]))
+
+
+def test_per_call_settings_on_a_crop_processor_replace_its_crop_pct():
+    """A timm-protocol processor (crop_pct 0.9: shorter side 248, crop 224) given another size for one call resizes to
+    it and crops as transformers does with the same size and crop, instead of refusing the crop_pct it was built
+    with as a contradiction."""
+    ours = PvtV2ImageProcessor.from_protocol("timm", 32)  # shorter side 35, crop 32
+    theirs = transformers.PvtImageProcessorPil(
+        resample=3, do_convert_rgb=True, do_center_crop=True, crop_size={"height": 32, "width": 32}
+    )
+    got = ours(IMAGE, return_tensors="np", size={"height": 40, "width": 50})["pixel_values"]
+    expected = theirs(IMAGE, return_tensors="np", size={"height": 40, "width": 50})["pixel_values"]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert ours.protocol == "timm"
+
+
+@pytest.mark.parametrize("settings, says", [
+    (dict(foo=1), "foo"),
+    (dict(size=0), "size"),
+    (dict(do_resize="yes"), "do_resize"),
+    (dict(image_std=[1, 0, 1]), "image_std"),
+    (dict(do_convert_rgb=False), "do_convert_rgb"),
+])
+def test_bad_per_call_settings_are_named(settings, says):
+    with pytest.raises((TypeError, ValueError), match=says):
+        PvtV2ImageProcessor()(IMAGE, **settings)
+
+
+def test_do_convert_rgb_true_is_what_it_always_does():
+    """transformers' ``do_convert_rgb=True`` (an RGBA or grey image made RGB) is what ours does for every image."""
+    rgba = np.concatenate([IMAGE, IMAGE[..., :1]], axis=-1)
+    theirs = transformers.PvtImageProcessorPil(resample=2)
+    got = PvtV2ImageProcessor()(rgba, return_tensors="pt", do_convert_rgb=True)["pixel_values"]
+    expected = theirs(rgba, return_tensors="pt", do_convert_rgb=True)["pixel_values"]
+    assert torch.equal(got, expected) or (got - expected).abs().max() < 1e-6

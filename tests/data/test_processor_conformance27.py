@@ -85,3 +85,35 @@ def test_do_convert_rgb_true_is_what_it_always_does():
     got = PvtV2ImageProcessor()(rgba, return_tensors="pt", do_convert_rgb=True)["pixel_values"]
     expected = theirs(rgba, return_tensors="pt", do_convert_rgb=True)["pixel_values"]
     assert torch.equal(got, expected) or (got - expected).abs().max() < 1e-6
+
+
+AMBIGUOUS = np.random.default_rng(28).integers(0, 256, (3, 20, 3), dtype=np.uint8)  # (C, H, W) or (H, W, C)?
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("images", [
+    AMBIGUOUS,
+    np.random.default_rng(29).integers(0, 256, (4, 25, 3), dtype=np.uint8),
+    torch.from_numpy(np.random.default_rng(30).integers(0, 256, (2, 3, 20, 3), dtype=np.uint8)),
+    [AMBIGUOUS, AMBIGUOUS[::-1].copy()],
+], ids=["3x20x3", "4x25x3", "batch-2x3x20x3", "list"])
+@pytest.mark.parametrize("settings", [{}, dict(do_resize=False)])
+def test_input_data_format_settles_the_channel_axis_as_transformers(layout, images, settings):
+    """An image whose first and last axes could both hold the channels is read channels first, with a warning, by
+    both; transformers' ``input_data_format`` says which it is. Ours had no way to say it short of transposing the
+    array, and refused the keyword."""
+    theirs = transformers.PvtImageProcessorPil(resample=2, do_convert_rgb=True)
+    expected = theirs(images, return_tensors="np", input_data_format=layout, **settings)["pixel_values"]
+    got = PvtV2ImageProcessor()(images, return_tensors="np", input_data_format=layout, **settings)["pixel_values"]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout, image, says", [
+    ("channels_last", np.zeros((3, 20, 5), np.uint8), "channels_last"),
+    ("channels_first", np.zeros((5, 20, 3), np.uint8), "channels_first"),
+    ("last", AMBIGUOUS, "input_data_format"),
+])
+def test_an_input_data_format_that_does_not_fit_is_named(layout, image, says):
+    with pytest.raises(ValueError, match=says):
+        PvtV2ImageProcessor()(image, input_data_format=layout)

@@ -457,26 +457,32 @@ class PvtV2ImageProcessor:
         self,
         images: ImageInput | Sequence[ImageInput],
         return_tensors: Literal["pt", "np"] = "pt",
+        input_data_format: str | None = None,
         **settings: Any,
     ) -> ProcessorOutput:
         """Preprocess one image or a batch into ``pixel_values`` of shape (B, 3, H, W), float32.
 
         ``images`` is a PIL image, a NumPy array or torch tensor ((H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4;
         or a 4-d batch of those), a file path, or a list of any of these. The channel axis of a 3-d array is the
-        first one when its size is 1, 3 or 4, else the last, as in transformers.
+        first one when its size is 1, 3 or 4, else the last, as in transformers; ``input_data_format``
+        (``"channels_first"`` or ``"channels_last"``, transformers' argument) says which for arrays and tensors.
 
         ``settings``: arguments of the constructor (``do_resize=False``, ``size=...``) for this call only, as
         transformers' processors take them. ``do_convert_rgb=True`` is accepted: every image is made RGB.
         """
         if settings:
-            return self._for_call(settings)(images, return_tensors)
+            return self._for_call(settings)(images, return_tensors, input_data_format)
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        if input_data_format not in (None, "channels_first", "channels_last"):
+            raise ValueError(
+                f"input_data_format must be 'channels_first', 'channels_last' or None, got {input_data_format!r}"
+            )
         items = _as_image_list(images)
         warned = False
         processed = []
         for index, item in enumerate(items):
-            image = _to_rgb_chw(item, index)
+            image = _to_rgb_chw(item, index, input_data_format)
             if self.do_rescale and not warned and _looks_scaled(image):
                 logger.warning(
                     "image %d is a float array already in [0, 1] and will be multiplied by rescale_factor=%g again; "
@@ -550,8 +556,9 @@ def _as_image_list(images: Any) -> list[Any]:
     return [images]
 
 
-def _to_rgb_chw(item: Any, index: int) -> np.ndarray:
-    """Any one input as an RGB array (3, H, W), following transformers' process_image with do_convert_rgb=True."""
+def _to_rgb_chw(item: Any, index: int, layout: str | None = None) -> np.ndarray:
+    """Any one input as an RGB array (3, H, W), following transformers' process_image with do_convert_rgb=True;
+    ``layout`` (``"channels_first"``, ``"channels_last"`` or None: inferred) is that of an array or tensor."""
     if isinstance(item, (str, os.PathLike)):
         # As in transformers, the loaded RGB image still goes through convert_to_rgb: a palette or colour-key
         # transparency survives convert("RGB") in `info` and then sends those pixels to white.
@@ -565,7 +572,7 @@ def _to_rgb_chw(item: Any, index: int) -> np.ndarray:
             f"image {index} is a {type(item).__name__}; expected a PIL image, a NumPy array, a torch tensor "
             f"or a file path"
         )
-    return _array_to_rgb_chw(item, index)
+    return _array_to_rgb_chw(item, index, layout)
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -623,13 +630,21 @@ def _tensor_to_numpy(tensor: torch.Tensor, index: int) -> np.ndarray:
     return tensor.numpy()
 
 
-def _array_to_rgb_chw(array: np.ndarray, index: int) -> np.ndarray:
+def _array_to_rgb_chw(array: np.ndarray, index: int, layout: str | None = None) -> np.ndarray:
     if array.dtype.kind not in "uif":
         raise TypeError(
             f"image {index} has dtype {array.dtype}; expected an unsigned/signed integer or floating point array"
         )
     if array.ndim == 2:
         array = array[None]  # (1, H, W): one grey channel
+    elif array.ndim == 3 and layout is not None:
+        axis = 0 if layout == "channels_first" else -1
+        if array.shape[axis] not in _CHANNEL_COUNTS:
+            raise ValueError(
+                f"image {index} has shape {tuple(array.shape)}: with input_data_format={layout!r} its channel axis "
+                f"has {array.shape[axis]} entries, not 1, 3 or 4"
+            )
+        array = np.moveaxis(array, axis, 0)
     elif array.ndim == 3:
         first, last = array.shape[0], array.shape[-1]
         if first in _CHANNEL_COUNTS:

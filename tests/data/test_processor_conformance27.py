@@ -117,3 +117,20 @@ def test_input_data_format_settles_the_channel_axis_as_transformers(layout, imag
 def test_an_input_data_format_that_does_not_fit_is_named(layout, image, says):
     with pytest.raises(ValueError, match=says):
         PvtV2ImageProcessor()(image, input_data_format=layout)
+
+
+@pytest.mark.parametrize("images, settings", [
+    (IMAGE, {}),
+    ([IMAGE, IMAGE[:20, :33]], {}),
+    ([IMAGE, IMAGE[:20, :33]], dict(do_resize=False)),  # different sizes: a list, not a batch
+])
+def test_return_tensors_none_gives_a_list_of_arrays_as_transformers(images, settings):
+    """transformers' default, ``return_tensors=None``: one (3, H, W) float32 array per image in a list, so images of
+    different sizes come back without resizing. Ours refused None."""
+    theirs = transformers.PvtImageProcessorPil(resample=2, do_convert_rgb=True)
+    expected = theirs(images, return_tensors=None, **settings)["pixel_values"]
+    got = PvtV2ImageProcessor()(images, return_tensors=None, **settings)["pixel_values"]
+    assert type(got) is type(expected) is list and len(got) == len(expected)
+    for a, b in zip(expected, got):
+        assert type(b) is np.ndarray and b.dtype == a.dtype == np.float32 and b.shape == a.shape
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)

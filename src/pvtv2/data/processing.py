@@ -166,7 +166,7 @@ class ProcessorOutput(dict[str, Any]):
 
     @property
     def pixel_values(self) -> torch.Tensor | np.ndarray:
-        """The preprocessed batch, (B, 3, H, W) float32."""
+        """The preprocessed batch, (B, 3, H, W) float32 (with ``return_tensors=None``, a list of (3, H, W) arrays)."""
         return self["pixel_values"]
 
     def to(self, *args: Any, **kwargs: Any) -> ProcessorOutput:
@@ -456,11 +456,13 @@ class PvtV2ImageProcessor:
     def __call__(
         self,
         images: ImageInput | Sequence[ImageInput],
-        return_tensors: Literal["pt", "np"] = "pt",
+        return_tensors: Literal["pt", "np"] | None = "pt",
         input_data_format: str | None = None,
         **settings: Any,
     ) -> ProcessorOutput:
-        """Preprocess one image or a batch into ``pixel_values`` of shape (B, 3, H, W), float32.
+        """Preprocess one image or a batch into ``pixel_values`` of shape (B, 3, H, W), float32: a tensor
+        (``return_tensors="pt"``), an array (``"np"``), or, with ``None`` (transformers' default), a list of one
+        (3, H, W) array per image, which may differ in size.
 
         ``images`` is a PIL image, a NumPy array or torch tensor ((H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4;
         or a 4-d batch of those), a file path, or a list of any of these. The channel axis of a 3-d array is the
@@ -472,8 +474,8 @@ class PvtV2ImageProcessor:
         """
         if settings:
             return self._for_call(settings)(images, return_tensors, input_data_format)
-        if return_tensors not in ("pt", "np"):
-            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         if input_data_format not in (None, "channels_first", "channels_last"):
             raise ValueError(
                 f"input_data_format must be 'channels_first', 'channels_last' or None, got {input_data_format!r}"
@@ -492,11 +494,13 @@ class PvtV2ImageProcessor:
                 )
                 warned = True
             processed.append(self._preprocess(image))
+        if return_tensors is None:
+            return ProcessorOutput(pixel_values=[array.astype(np.float32, copy=False) for array in processed])
         shapes = {array.shape for array in processed}
         if len(shapes) > 1:
             raise ValueError(
                 f"images of different sizes cannot be batched without resizing, got shapes {sorted(shapes)}; "
-                f"use do_resize=True or pass them one at a time"
+                f"use do_resize=True, return_tensors=None (a list) or pass them one at a time"
             )
         batch = np.stack(processed).astype(np.float32, copy=False)  # (B, 3, H, W)
         pixel_values = torch.from_numpy(batch) if return_tensors == "pt" else batch

@@ -134,3 +134,27 @@ def test_return_tensors_none_gives_a_list_of_arrays_as_transformers(images, sett
     for a, b in zip(expected, got):
         assert type(b) is np.ndarray and b.dtype == a.dtype == np.float32 and b.shape == a.shape
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(do_resize=False), dict(size={"height": 40, "width": 52}, resample=3),
+                                      dict(do_normalize=False, rescale_factor=0.5), dict(image_mean=0.5, image_std=0.5)])
+def test_from_pretrained_takes_settings_as_transformers(settings, tmp_path):
+    """``PvtImageProcessor.from_pretrained(folder, do_resize=False)`` overrides the file's settings; ours refused
+    every such keyword with a TypeError."""
+    PvtV2ImageProcessor(size={"height": 64, "width": 48}, image_mean=[0.4, 0.5, 0.6]).save_pretrained(tmp_path)
+    theirs = transformers.PvtImageProcessorPil.from_pretrained(tmp_path, do_convert_rgb=True, **settings)
+    ours = PvtV2ImageProcessor.from_pretrained(tmp_path, **settings)
+    expected = theirs(IMAGE, return_tensors="np")["pixel_values"]
+    got = ours(IMAGE, return_tensors="np")["pixel_values"]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # what it saves is what transformers' would hold
+    ours.save_pretrained(tmp_path / "again")
+    reread = transformers.PvtImageProcessorPil.from_pretrained(tmp_path / "again", do_convert_rgb=True)
+    np.testing.assert_allclose(reread(IMAGE, return_tensors="np")["pixel_values"], expected, rtol=0, atol=1e-6)
+
+
+def test_from_pretrained_names_an_unknown_setting(tmp_path):
+    PvtV2ImageProcessor().save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="do_resise"):
+        PvtV2ImageProcessor.from_pretrained(tmp_path, do_resise=False)

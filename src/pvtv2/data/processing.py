@@ -404,9 +404,11 @@ class PvtV2ImageProcessor:
         subfolder: str | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        **settings: Any,
     ) -> PvtV2ImageProcessor:
         """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``
-        (``subfolder``: from that folder inside the folder or hub repository).
+        (``subfolder``: from that folder inside the folder or hub repository). ``settings``: constructor arguments
+        that replace the file's (``do_resize=False``), as transformers' ``from_pretrained`` takes them.
 
         A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics); one
         holding something else under that name (a folder, a dangling symlink) is an error.
@@ -423,7 +425,7 @@ class PvtV2ImageProcessor:
         if path is None:
             logger.info("no %s in %r%s; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text,
                         f" (subfolder {subfolder!r})" if subfolder else "")
-            return cls()
+            return cls()._for_call(settings) if settings else cls()
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as error:  # not UTF-8, not JSON, or an integer of more than 4300 digits
@@ -431,9 +433,12 @@ class PvtV2ImageProcessor:
         except RecursionError:  # arrays nested thousands deep: json's own error is a RecursionError
             raise ValueError(f"cannot read preprocessor config {str(path)!r}: its JSON is nested too deeply") from None
         try:
-            return cls.from_dict(config)
+            processor = cls.from_dict(config)
         except (TypeError, ValueError) as error:
             raise type(error)(f"in preprocessor config {str(path)!r}: {error}") from error
+        if settings:
+            processor = processor._for_call(settings)
+        return processor
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``preprocessor_config.json`` into ``folder`` (created if needed) and return its path."""
@@ -520,7 +525,9 @@ class PvtV2ImageProcessor:
             current["crop_pct"] = None
         if not settings.get("do_center_crop", current["do_center_crop"]):
             current["crop_size"] = None
-        return type(self)(**{**current, **settings})
+        processor = type(self)(**{**current, **settings})
+        processor.extra = dict(self.extra)  # a loaded file's other keys, written back by save_pretrained
+        return processor
 
     def _preprocess(self, image: np.ndarray) -> np.ndarray:
         """One RGB (3, H, W) array through resize, centre crop, rescale and normalise, with transformers'

@@ -2,9 +2,9 @@
 
 As in transformers, the tuple view holds only the fields that are set, in declaration order, and ``in``, ``keys``,
 ``items``, ``values`` and ``get`` read the set fields as a mapping. One difference, kept on purpose: iterating an
-output gives its values (the tuple view, so ``loss, logits = out`` unpacks tensors), where transformers' gives the keys. Each output class is
-registered with ``torch.export`` (as transformers registers its outputs), so that ``torch.export.export`` of a model
-that returns one works.
+output gives its values (the tuple view, so ``loss, logits = out`` unpacks tensors), where transformers' gives the
+keys. Each output class is registered with ``torch.export`` (as transformers registers its outputs), so that
+``torch.export.export`` of a model that returns one works.
 """
 
 from __future__ import annotations

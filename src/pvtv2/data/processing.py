@@ -518,7 +518,9 @@ class PvtV2ImageProcessor:
             raise ValueError("do_convert_rgb must be True: PvtV2ImageProcessor makes every image RGB")
         unknown = sorted(set(settings) - set(_SETTINGS))
         if unknown:
-            raise TypeError(f"PvtV2ImageProcessor takes no setting {', '.join(map(repr, unknown))}; it takes {_SETTINGS}")
+            raise TypeError(
+                f"PvtV2ImageProcessor takes no setting {', '.join(map(repr, unknown))}; it takes {_SETTINGS}"
+            )
         current = {name: getattr(self, name) for name in _SETTINGS}
         if current["crop_pct"] is not None and {"size", "crop_size", "do_center_crop"} & set(settings):
             # crop_pct only recorded how size was derived from the crop; the size or crop given now replace that.

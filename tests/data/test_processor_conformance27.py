@@ -4,6 +4,7 @@ settings transformers' processors take per call, for that call only."""
 from __future__ import annotations
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import transformers
@@ -158,3 +159,16 @@ def test_from_pretrained_names_an_unknown_setting(tmp_path):
     PvtV2ImageProcessor().save_pretrained(tmp_path)
     with pytest.raises(TypeError, match="do_resise"):
         PvtV2ImageProcessor.from_pretrained(tmp_path, do_resise=False)
+
+
+def test_the_constructor_takes_do_convert_rgb_as_transformers():
+    """``PvtImageProcessor(do_convert_rgb=True)`` is how transformers is told to make grey and RGBA images RGB, which
+    ours always does; the keyword was a TypeError. False, which ours cannot do, is refused by name."""
+    grey = PIL.Image.fromarray(IMAGE[..., 0])  # mode L
+    theirs = transformers.PvtImageProcessorPil(resample=2, do_convert_rgb=True)
+    ours = PvtV2ImageProcessor(do_convert_rgb=True)
+    np.testing.assert_allclose(ours(grey, return_tensors="np")["pixel_values"],
+                               theirs(grey, return_tensors="np")["pixel_values"], rtol=0, atol=1e-6)
+    assert ours == PvtV2ImageProcessor()
+    with pytest.raises(ValueError, match="do_convert_rgb"):
+        PvtV2ImageProcessor(do_convert_rgb=False)

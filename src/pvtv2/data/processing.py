@@ -204,6 +204,8 @@ class PvtV2ImageProcessor:
         do_normalize: subtract ``image_mean`` and divide by ``image_std`` per channel.
         image_mean: a float or one per RGB channel; ImageNet's by default.
         image_std: a float or one per RGB channel; ImageNet's by default.
+        do_convert_rgb: transformers' switch for making grey, palette and RGBA images RGB; always done here, so only
+            True is accepted.
 
     16-bit greyscale images (PIL modes ``I;16``, ``I;16B``, ``I;16L``, files or PIL images) are scaled to 8 bits,
     ``round(v / 257)``, before anything else; transformers clips them to white instead. A 32-bit ``I`` image is
@@ -226,7 +228,10 @@ class PvtV2ImageProcessor:
         do_normalize: bool = True,
         image_mean: float | Sequence[float] | None = None,
         image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool | None = None,
     ) -> None:
+        if do_convert_rgb is not None and do_convert_rgb is not True:
+            raise ValueError(f"do_convert_rgb must be True (or left out): every image is made RGB, got {do_convert_rgb!r}")
         self.do_resize = _check_bool("do_resize", do_resize)
         self.resample = _check_resample(resample)
         self.crop_pct = None if crop_pct is None else _check_crop_pct(crop_pct)
@@ -514,9 +519,7 @@ class PvtV2ImageProcessor:
     def _for_call(self, settings: dict[str, Any]) -> PvtV2ImageProcessor:
         """A processor with ``settings`` (constructor arguments given to one call) over this one's."""
         settings = dict(settings)
-        if settings.pop("do_convert_rgb", True) is not True:
-            raise ValueError("do_convert_rgb must be True: PvtV2ImageProcessor makes every image RGB")
-        unknown = sorted(set(settings) - set(_SETTINGS))
+        unknown = sorted(set(settings) - set(_SETTINGS) - {"do_convert_rgb"})
         if unknown:
             raise TypeError(
                 f"PvtV2ImageProcessor takes no setting {', '.join(map(repr, unknown))}; it takes {_SETTINGS}"

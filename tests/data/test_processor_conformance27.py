@@ -172,3 +172,12 @@ def test_the_constructor_takes_do_convert_rgb_as_transformers():
     assert ours == PvtV2ImageProcessor()
     with pytest.raises(ValueError, match="do_convert_rgb"):
         PvtV2ImageProcessor(do_convert_rgb=False)
+
+
+def test_preprocess_is_the_call_as_in_transformers():
+    """transformers' processors are also called as ``processor.preprocess(images, ...)``; ours had no such method."""
+    theirs = transformers.PvtImageProcessorPil(resample=2, do_convert_rgb=True)
+    expected = theirs.preprocess(IMAGE, return_tensors="pt", size=48)["pixel_values"]
+    got = PvtV2ImageProcessor().preprocess(IMAGE, return_tensors="pt", size=48)["pixel_values"]
+    assert got.shape == expected.shape == (1, 3, 48, 48)
+    assert (got - expected).abs().max() < 1e-6

@@ -516,6 +516,10 @@ class PvtV2ImageProcessor:
         pixel_values = torch.from_numpy(batch) if return_tensors == "pt" else batch
         return ProcessorOutput(pixel_values=pixel_values)
 
+    def preprocess(self, images: ImageInput | Sequence[ImageInput], **kwargs: Any) -> ProcessorOutput:
+        """The same as calling the processor (transformers' processors have both)."""
+        return self(images, **kwargs)
+
     def _for_call(self, settings: dict[str, Any]) -> PvtV2ImageProcessor:
         """A processor with ``settings`` (constructor arguments given to one call) over this one's."""
         settings = dict(settings)

@@ -116,3 +116,25 @@ def test_backbone_without_outputs_is_a_clear_error(fields):
         assert theirs(x).feature_maps is None
     with pytest.raises(ValueError, match="out_features"):
         ours(x)
+
+
+def test_single_label_classification_with_one_label_is_refused_as_transformers():
+    """Cross-entropy over one class is 0 whatever the logits: a model trained on it learns nothing, without a word.
+    transformers' config refuses the pair; ours took it, and the loss was 0.0."""
+    with pytest.raises(ValueError, match="num_labels"):
+        transformers.PvtV2Config(**TINY, num_labels=1, problem_type="single_label_classification")
+    with pytest.raises(ValueError, match="single_label_classification"):
+        PvtV2Config(**TINY, num_labels=1, problem_type="single_label_classification")
+    with pytest.raises(ValueError, match="single_label_classification"):
+        PvtV2Config.from_dict(dict(TINY, id2label={"0": "only"}, problem_type="single_label_classification"))
+    # set after construction (transformers does not check then): the loss refuses rather than return 0
+    ours, _ = classifier_pair(num_labels=1)
+    ours.config.problem_type = "single_label_classification"
+    with pytest.raises(ValueError, match="single_label_classification"):
+        ours(torch.randn(2, 3, 48, 48), labels=torch.tensor([0, 0]))
+    # the other problem types with one label are transformers' and ours alike
+    for problem, labels in (("regression", torch.randn(2)), ("multi_label_classification", torch.rand(2, 1))):
+        ours, theirs = classifier_pair(num_labels=1, problem_type=problem)
+        x = torch.randn(2, 3, 48, 48)
+        with torch.no_grad():
+            assert relative_error(theirs(x, labels=labels).loss, ours(x, labels=labels).loss) < TOL

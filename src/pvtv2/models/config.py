@@ -34,6 +34,7 @@ from .labels import generic_id2label, imagenet_id2label
 __all__ = [
     "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
     "list_presets", "preset_key", "is_preset_name", "unknown_fields", "read_json_config", "short_repr",
+    "check_problem_type",
 ]
 
 logger = logging.getLogger(__name__)
@@ -520,6 +521,17 @@ def config_from_file(path: str | os.PathLike, data: Any, build: Callable[..., An
 _MAX_LABELS = 10**6
 
 
+def check_problem_type(problem_type: str | None, num_labels: int) -> None:
+    """Refuse single-label classification of one class: cross-entropy over one class is 0 whatever the logits, so
+    a model trained on it learns nothing, without a word (transformers' config refuses the pair too)."""
+    if problem_type == "single_label_classification" and num_labels == 1:
+        raise ValueError(
+            "problem_type='single_label_classification' needs num_labels > 1: cross-entropy over one class is always "
+            "0; use num_labels=2 for two classes, or problem_type='regression' (or 'multi_label_classification') for "
+            "one output"
+        )
+
+
 def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dict | None) -> tuple[dict, dict]:
     """(id2label, label2id) from the label fields as given (each already checked on its own)."""
     given = id2label is not None
@@ -690,6 +702,7 @@ class PvtV2Config:
         values["id2label"], values["label2id"] = _resolve_labels(
             values.pop("num_labels"), values["id2label"], values["label2id"]
         )
+        check_problem_type(values["problem_type"], len(values["id2label"]))
         _check_stages(values)
         self._outputs = _resolve_outputs(
             _stage_names_of(values["num_encoder_blocks"]),

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PvtV2Config
+from .config import PvtV2Config, check_problem_type
 from .layers import PvtV2Stage, init_weights
 from .outputs import BackboneOutput, BaseModelOutput, ImageClassifierOutput
 
@@ -344,6 +344,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV
             return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
         return F.mse_loss(logits, labels.reshape(logits.shape).to(logits.dtype))
     if problem == "single_label_classification":
+        check_problem_type(problem, num_labels)  # set after the config was built, which refuses the pair
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"single-label classification needs integer class indices, got labels of dtype {labels.dtype}")
         labels = labels.reshape(-1)

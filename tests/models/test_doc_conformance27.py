@@ -138,3 +138,18 @@ def test_single_label_classification_with_one_label_is_refused_as_transformers()
         x = torch.randn(2, 3, 48, 48)
         with torch.no_grad():
             assert relative_error(theirs(x, labels=labels).loss, ours(x, labels=labels).loss) < TOL
+
+
+@pytest.mark.parametrize("problem", ["regresion", "multi_label", "single_label"])
+def test_an_unknown_problem_type_set_later_is_refused_by_the_loss(problem):
+    """The config checks problem_type when built; one set afterwards (a typo) went unchecked, and the loss took any
+    name it did not know for multi-label BCE: regression targets of the logits' shape were scored with BCE, without
+    a word. transformers raises "Invalid problem type"."""
+    ours, theirs = classifier_pair(num_labels=3)
+    x, labels = torch.randn(2, 3, 48, 48), torch.rand(2, 3)
+    theirs.config.problem_type = problem
+    with pytest.raises(Exception, match="(?i)problem type"):  # noqa: B017  # transformers' RuntimeError
+        theirs(x, labels=labels)
+    ours.config.problem_type = problem
+    with pytest.raises(ValueError, match=problem):
+        ours(x, labels=labels)

@@ -523,7 +523,10 @@ _MAX_LABELS = 10**6
 
 def check_problem_type(problem_type: str | None, num_labels: int) -> None:
     """Refuse single-label classification of one class: cross-entropy over one class is 0 whatever the logits, so
-    a model trained on it learns nothing, without a word (transformers' config refuses the pair too)."""
+    a model trained on it learns nothing, without a word (transformers' config refuses the pair too). And refuse a name
+    of no problem type (None is none: the loss infers it)."""
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type={short_repr(problem_type)} is not one of {PROBLEM_TYPES}")
     if problem_type == "single_label_classification" and num_labels == 1:
         raise ValueError(
             "problem_type='single_label_classification' needs num_labels > 1: cross-entropy over one class is always "

@@ -332,6 +332,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
+    check_problem_type(problem, num_labels)  # a problem_type set after the config was built went unchecked
     # The class range is checked on labels that arrive on the CPU, before they move: on a GPU the check would stall
     # every step (three host syncs), and cross_entropy's own device-side check stops bad labels there.
     # Not under torch.compile either: a data-dependent check splits the graph (cross_entropy checks the range too).
@@ -344,7 +345,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV
             return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
         return F.mse_loss(logits, labels.reshape(logits.shape).to(logits.dtype))
     if problem == "single_label_classification":
-        check_problem_type(problem, num_labels)  # set after the config was built, which refuses the pair
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"single-label classification needs integer class indices, got labels of dtype {labels.dtype}")
         labels = labels.reshape(-1)

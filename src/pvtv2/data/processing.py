@@ -110,6 +110,10 @@ PREPROCESS_PROTOCOLS: dict[str, dict[str, Any]] = {
     "original": {"resample": int(PIL.Image.Resampling.BICUBIC), "crop_pct": 0.875},
 }
 
+# The constructor's arguments, which a call may also take (for that call only).
+_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "crop_pct", "do_rescale", "rescale_factor",
+             "do_normalize", "image_mean", "image_std")
+
 # What one image may be; `__call__` also takes a list of these or a (B, C, H, W) / (B, H, W, C) array.
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
@@ -162,7 +166,7 @@ class ProcessorOutput(dict[str, Any]):
 
     @property
     def pixel_values(self) -> torch.Tensor | np.ndarray:
-        """The preprocessed batch, (B, 3, H, W) float32."""
+        """The preprocessed batch, (B, 3, H, W) float32 (with ``return_tensors=None``, a list of (3, H, W) arrays)."""
         return self["pixel_values"]
 
     def to(self, *args: Any, **kwargs: Any) -> ProcessorOutput:
@@ -200,6 +204,8 @@ class PvtV2ImageProcessor:
         do_normalize: subtract ``image_mean`` and divide by ``image_std`` per channel.
         image_mean: a float or one per RGB channel; ImageNet's by default.
         image_std: a float or one per RGB channel; ImageNet's by default.
+        do_convert_rgb: transformers' switch for making grey, palette and RGBA images RGB; always done here, so only
+            True is accepted.
 
     16-bit greyscale images (PIL modes ``I;16``, ``I;16B``, ``I;16L``, files or PIL images) are scaled to 8 bits,
     ``round(v / 257)``, before anything else; transformers clips them to white instead. A 32-bit ``I`` image is
@@ -222,7 +228,10 @@ class PvtV2ImageProcessor:
         do_normalize: bool = True,
         image_mean: float | Sequence[float] | None = None,
         image_std: float | Sequence[float] | None = None,
+        do_convert_rgb: bool | None = None,
     ) -> None:
+        if do_convert_rgb is not None and do_convert_rgb is not True:
+            raise ValueError(f"do_convert_rgb must be True (or left out): every image is made RGB, got {do_convert_rgb!r}")
         self.do_resize = _check_bool("do_resize", do_resize)
         self.resample = _check_resample(resample)
         self.crop_pct = None if crop_pct is None else _check_crop_pct(crop_pct)
@@ -400,9 +409,11 @@ class PvtV2ImageProcessor:
         subfolder: str | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        **settings: Any,
     ) -> PvtV2ImageProcessor:
         """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``
-        (``subfolder``: from that folder inside the folder or hub repository).
+        (``subfolder``: from that folder inside the folder or hub repository). ``settings``: constructor arguments
+        that replace the file's (``do_resize=False``), as transformers' ``from_pretrained`` takes them.
 
         A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics); one
         holding something else under that name (a folder, a dangling symlink) is an error.
@@ -419,7 +430,7 @@ class PvtV2ImageProcessor:
         if path is None:
             logger.info("no %s in %r%s; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text,
                         f" (subfolder {subfolder!r})" if subfolder else "")
-            return cls()
+            return cls()._for_call(settings) if settings else cls()
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as error:  # not UTF-8, not JSON, or an integer of more than 4300 digits
@@ -427,9 +438,12 @@ class PvtV2ImageProcessor:
         except RecursionError:  # arrays nested thousands deep: json's own error is a RecursionError
             raise ValueError(f"cannot read preprocessor config {str(path)!r}: its JSON is nested too deeply") from None
         try:
-            return cls.from_dict(config)
+            processor = cls.from_dict(config)
         except (TypeError, ValueError) as error:
             raise type(error)(f"in preprocessor config {str(path)!r}: {error}") from error
+        if settings:
+            processor = processor._for_call(settings)
+        return processor
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``preprocessor_config.json`` into ``folder`` (created if needed) and return its path."""
@@ -452,21 +466,35 @@ class PvtV2ImageProcessor:
     def __call__(
         self,
         images: ImageInput | Sequence[ImageInput],
-        return_tensors: Literal["pt", "np"] = "pt",
+        return_tensors: Literal["pt", "np"] | None = "pt",
+        input_data_format: str | None = None,
+        **settings: Any,
     ) -> ProcessorOutput:
-        """Preprocess one image or a batch into ``pixel_values`` of shape (B, 3, H, W), float32.
+        """Preprocess one image or a batch into ``pixel_values`` of shape (B, 3, H, W), float32: a tensor
+        (``return_tensors="pt"``), an array (``"np"``), or, with ``None`` (transformers' default), a list of one
+        (3, H, W) array per image, which may differ in size.
 
         ``images`` is a PIL image, a NumPy array or torch tensor ((H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4;
         or a 4-d batch of those), a file path, or a list of any of these. The channel axis of a 3-d array is the
-        first one when its size is 1, 3 or 4, else the last, as in transformers.
+        first one when its size is 1, 3 or 4, else the last, as in transformers; ``input_data_format``
+        (``"channels_first"`` or ``"channels_last"``, transformers' argument) says which for arrays and tensors.
+
+        ``settings``: arguments of the constructor (``do_resize=False``, ``size=...``) for this call only, as
+        transformers' processors take them. ``do_convert_rgb=True`` is accepted: every image is made RGB.
         """
-        if return_tensors not in ("pt", "np"):
-            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        if settings:
+            return self._for_call(settings)(images, return_tensors, input_data_format)
+        if return_tensors not in ("pt", "np", None):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        if input_data_format not in (None, "channels_first", "channels_last"):
+            raise ValueError(
+                f"input_data_format must be 'channels_first', 'channels_last' or None, got {input_data_format!r}"
+            )
         items = _as_image_list(images)
         warned = False
         processed = []
         for index, item in enumerate(items):
-            image = _to_rgb_chw(item, index)
+            image = _to_rgb_chw(item, index, input_data_format)
             if self.do_rescale and not warned and _looks_scaled(image):
                 logger.warning(
                     "image %d is a float array already in [0, 1] and will be multiplied by rescale_factor=%g again; "
@@ -476,15 +504,39 @@ class PvtV2ImageProcessor:
                 )
                 warned = True
             processed.append(self._preprocess(image))
+        if return_tensors is None:
+            return ProcessorOutput(pixel_values=[array.astype(np.float32, copy=False) for array in processed])
         shapes = {array.shape for array in processed}
         if len(shapes) > 1:
             raise ValueError(
                 f"images of different sizes cannot be batched without resizing, got shapes {sorted(shapes)}; "
-                f"use do_resize=True or pass them one at a time"
+                f"use do_resize=True, return_tensors=None (a list) or pass them one at a time"
             )
         batch = np.stack(processed).astype(np.float32, copy=False)  # (B, 3, H, W)
         pixel_values = torch.from_numpy(batch) if return_tensors == "pt" else batch
         return ProcessorOutput(pixel_values=pixel_values)
+
+    def preprocess(self, images: ImageInput | Sequence[ImageInput], **kwargs: Any) -> ProcessorOutput:
+        """The same as calling the processor (transformers' processors have both)."""
+        return self(images, **kwargs)
+
+    def _for_call(self, settings: dict[str, Any]) -> PvtV2ImageProcessor:
+        """A processor with ``settings`` (constructor arguments given to one call) over this one's."""
+        settings = dict(settings)
+        unknown = sorted(set(settings) - set(_SETTINGS) - {"do_convert_rgb"})
+        if unknown:
+            raise TypeError(
+                f"PvtV2ImageProcessor takes no setting {', '.join(map(repr, unknown))}; it takes {_SETTINGS}"
+            )
+        current = {name: getattr(self, name) for name in _SETTINGS}
+        if current["crop_pct"] is not None and {"size", "crop_size", "do_center_crop"} & set(settings):
+            # crop_pct only recorded how size was derived from the crop; the size or crop given now replace that.
+            current["crop_pct"] = None
+        if not settings.get("do_center_crop", current["do_center_crop"]):
+            current["crop_size"] = None
+        processor = type(self)(**{**current, **settings})
+        processor.extra = dict(self.extra)  # a loaded file's other keys, written back by save_pretrained
+        return processor
 
     def _preprocess(self, image: np.ndarray) -> np.ndarray:
         """One RGB (3, H, W) array through resize, centre crop, rescale and normalise, with transformers'
@@ -524,8 +576,9 @@ def _as_image_list(images: Any) -> list[Any]:
     return [images]
 
 
-def _to_rgb_chw(item: Any, index: int) -> np.ndarray:
-    """Any one input as an RGB array (3, H, W), following transformers' process_image with do_convert_rgb=True."""
+def _to_rgb_chw(item: Any, index: int, layout: str | None = None) -> np.ndarray:
+    """Any one input as an RGB array (3, H, W), following transformers' process_image with do_convert_rgb=True;
+    ``layout`` (``"channels_first"``, ``"channels_last"`` or None: inferred) is that of an array or tensor."""
     if isinstance(item, (str, os.PathLike)):
         # As in transformers, the loaded RGB image still goes through convert_to_rgb: a palette or colour-key
         # transparency survives convert("RGB") in `info` and then sends those pixels to white.
@@ -539,7 +592,7 @@ def _to_rgb_chw(item: Any, index: int) -> np.ndarray:
             f"image {index} is a {type(item).__name__}; expected a PIL image, a NumPy array, a torch tensor "
             f"or a file path"
         )
-    return _array_to_rgb_chw(item, index)
+    return _array_to_rgb_chw(item, index, layout)
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -597,13 +650,21 @@ def _tensor_to_numpy(tensor: torch.Tensor, index: int) -> np.ndarray:
     return tensor.numpy()
 
 
-def _array_to_rgb_chw(array: np.ndarray, index: int) -> np.ndarray:
+def _array_to_rgb_chw(array: np.ndarray, index: int, layout: str | None = None) -> np.ndarray:
     if array.dtype.kind not in "uif":
         raise TypeError(
             f"image {index} has dtype {array.dtype}; expected an unsigned/signed integer or floating point array"
         )
     if array.ndim == 2:
         array = array[None]  # (1, H, W): one grey channel
+    elif array.ndim == 3 and layout is not None:
+        axis = 0 if layout == "channels_first" else -1
+        if array.shape[axis] not in _CHANNEL_COUNTS:
+            raise ValueError(
+                f"image {index} has shape {tuple(array.shape)}: with input_data_format={layout!r} its channel axis "
+                f"has {array.shape[axis]} entries, not 1, 3 or 4"
+            )
+        array = np.moveaxis(array, axis, 0)
     elif array.ndim == 3:
         first, last = array.shape[0], array.shape[-1]
         if first in _CHANNEL_COUNTS:

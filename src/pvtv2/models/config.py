@@ -34,6 +34,7 @@ from .labels import generic_id2label, imagenet_id2label
 __all__ = [
     "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
     "list_presets", "preset_key", "is_preset_name", "unknown_fields", "read_json_config", "short_repr",
+    "check_problem_type",
 ]
 
 logger = logging.getLogger(__name__)
@@ -520,6 +521,20 @@ def config_from_file(path: str | os.PathLike, data: Any, build: Callable[..., An
 _MAX_LABELS = 10**6
 
 
+def check_problem_type(problem_type: str | None, num_labels: int) -> None:
+    """Refuse single-label classification of one class: cross-entropy over one class is 0 whatever the logits, so
+    a model trained on it learns nothing, without a word (transformers' config refuses the pair too). And refuse a name
+    of no problem type (None is none: the loss infers it)."""
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type={short_repr(problem_type)} is not one of {PROBLEM_TYPES}")
+    if problem_type == "single_label_classification" and num_labels == 1:
+        raise ValueError(
+            "problem_type='single_label_classification' needs num_labels > 1: cross-entropy over one class is always "
+            "0; use num_labels=2 for two classes, or problem_type='regression' (or 'multi_label_classification') for "
+            "one output"
+        )
+
+
 def _resolve_labels(num_labels: int | None, id2label: dict | None, label2id: dict | None) -> tuple[dict, dict]:
     """(id2label, label2id) from the label fields as given (each already checked on its own)."""
     given = id2label is not None
@@ -690,9 +705,11 @@ class PvtV2Config:
         values["id2label"], values["label2id"] = _resolve_labels(
             values.pop("num_labels"), values["id2label"], values["label2id"]
         )
+        check_problem_type(values["problem_type"], len(values["id2label"]))
         _check_stages(values)
-        values["out_features"], values["out_indices"] = _resolve_outputs(
-            _stage_names_of(values["num_encoder_blocks"]), values["out_features"], values["out_indices"]
+        self._outputs = _resolve_outputs(
+            _stage_names_of(values["num_encoder_blocks"]),
+            values.pop("out_features"), values.pop("out_indices"),
         )
         for name, value in values.items():
             setattr(self, name, value)
@@ -700,7 +717,7 @@ class PvtV2Config:
         for key in _IGNORED_KEYS:
             extra.pop(key, None)
         for key in extra:
-            if key == "_extra" or hasattr(type(self), key):
+            if key in ("_extra", "_outputs") or hasattr(type(self), key):
                 raise ValueError(f"{key!r} is not a config field, and cannot be one: it names PvtV2Config.{key}")
         problem = unknown_fields(k for k in extra if k not in _REPORTED.get())
         if problem:
@@ -722,6 +739,27 @@ class PvtV2Config:
     @property
     def stage_names(self) -> list[str]:
         return _stage_names_of(self.num_encoder_blocks)
+
+    @property
+    def out_features(self) -> list[str]:
+        return self._outputs[0]
+
+    @out_features.setter
+    def out_features(self, value: Sequence[str] | None) -> None:
+        """Checked, and ``out_indices`` re-derived from it, as transformers' backbone configs do: a backbone built on
+        the config would otherwise return the stages of the old ``out_indices`` under the new names."""
+        features = _optional(_stage_names)("out_features", value)
+        self._outputs = _resolve_outputs(self.stage_names, features, None)
+
+    @property
+    def out_indices(self) -> list[int]:
+        return self._outputs[1]
+
+    @out_indices.setter
+    def out_indices(self, value: Sequence[int] | None) -> None:
+        """Checked, and ``out_features`` re-derived from it (see ``out_features``)."""
+        indices = _optional(_stage_indices)("out_indices", value)
+        self._outputs = _resolve_outputs(self.stage_names, None, indices)
 
     @property
     def num_labels(self) -> int:

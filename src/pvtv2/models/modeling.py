@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PvtV2Config
+from .config import PvtV2Config, check_problem_type
 from .layers import PvtV2Stage, init_weights
 from .outputs import BackboneOutput, BaseModelOutput, ImageClassifierOutput
 
@@ -332,6 +332,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
+    check_problem_type(problem, num_labels)  # a problem_type set after the config was built went unchecked
     # The class range is checked on labels that arrive on the CPU, before they move: on a GPU the check would stall
     # every step (three host syncs), and cross_entropy's own device-side check stops bad labels there.
     # Not under torch.compile either: a data-dependent check splits the graph (cross_entropy checks the range too).
@@ -380,9 +381,17 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
     def out_features(self) -> list[str]:
         return list(self.config.out_features)
 
+    @out_features.setter
+    def out_features(self, value: list[str]) -> None:
+        self.config.out_features = value  # the config re-derives out_indices, as transformers' backbones do
+
     @property
     def out_indices(self) -> list[int]:
         return [i % self.config.num_encoder_blocks for i in self.config.out_indices]
+
+    @out_indices.setter
+    def out_indices(self, value: list[int]) -> None:
+        self.config.out_indices = value  # the config re-derives out_features
 
     @property
     def stage_names(self) -> list[str]:
@@ -391,6 +400,11 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
     @property
     def num_features(self) -> list[int]:
         return list(self.config.hidden_sizes)
+
+    @property
+    def out_feature_channels(self) -> dict[str, int]:
+        """Every stage's channel count by name, whether it is an output or not (transformers' attribute)."""
+        return dict(zip(self.stage_names, self.config.hidden_sizes))
 
     @property
     def channels(self) -> list[int]:
@@ -420,6 +434,9 @@ class PvtV2Backbone(PvtV2PreTrainedModel):
         # The dtype the input meets first: the first patch embedding's convolution.
         check_pixel_values(pixel_values, self.config.num_channels, self.encoder.layers[0].patch_embedding.proj.weight.dtype)
         check_input_size(pixel_values.shape[-2], pixel_values.shape[-1], self.config)
+        if not self.out_indices:
+            raise ValueError("this backbone has no output stage: config.out_features (and out_indices) is empty; "
+                             f"name at least one of {self.stage_names}")
         output_attentions = output_attentions and return_dict  # the tuple form has no place for them
         # Stages after the last requested one are skipped unless every stage's output or attention map is asked for.
         needed = None if output_hidden_states or output_attentions else max(self.out_indices) + 1

@@ -1,8 +1,10 @@
 """Model outputs: readable by attribute (``out.logits``), by key (``out["logits"]``) and as a tuple (``out[0]``).
 
-As in transformers, the tuple view holds only the fields that are set, in declaration order. Each output class is
-registered with ``torch.export`` (as transformers registers its outputs), so that ``torch.export.export`` of a model
-that returns one works.
+As in transformers, the tuple view holds only the fields that are set, in declaration order, and ``in``, ``keys``,
+``items``, ``values`` and ``get`` read the set fields as a mapping. One difference, kept on purpose: iterating an
+output gives its values (the tuple view, so ``loss, logits = out`` unpacks tensors), where transformers' gives the
+keys. Each output class is registered with ``torch.export`` (as transformers registers its outputs), so that
+``torch.export.export`` of a model that returns one works.
 """
 
 from __future__ import annotations
@@ -35,6 +37,20 @@ class ModelOutput:
                 raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
+
+    def __contains__(self, key: object) -> bool:
+        # A field name, as transformers' ModelOutput (a dict) answers it; without this, ``in`` fell back to __iter__
+        # and compared the name with each tensor: ``"loss" in out`` was always False.
+        return key in self.keys()
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(key, getattr(self, key)) for key in self.keys()]
+
+    def values(self) -> list[Any]:
+        return list(self.to_tuple())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
 
     def __iter__(self):
         return iter(self.to_tuple())

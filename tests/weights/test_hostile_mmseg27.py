@@ -4,11 +4,15 @@ Semantic FPN head is incomplete, say what the file is and what it lacks."""
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
 
+from pvtv2 import CheckpointError, PvtV2ForSemanticSegmentation
 from pvtv2.inference import load_classifier, load_segmenter
 
 from test_mmseg_semantic_fpn import _mmseg_file, _mmseg_head, _reference_backbone
@@ -54,3 +58,31 @@ def test_an_incomplete_semantic_fpn_head_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match=r"decode_head\.scale_heads\.3\.4") as err:
         load_segmenter(path)
     assert "SegFormer" not in str(err.value) and "Semantic FPN" in str(err.value)
+
+
+class _HistoryBuffer:
+    """Stands for mmengine's ``HistoryBuffer``: an object of mmengine's own class, as every ``message_hub`` holds."""
+
+    def __init__(self) -> None:
+        self.max_length = 1000000
+
+
+def test_an_mmengine_checkpoint_is_refused_saying_how_to_keep_its_weights(tmp_path, monkeypatch):
+    # mmsegmentation 1.x trains with mmengine, whose Runner.save_checkpoint writes {"meta", "state_dict",
+    # "message_hub", "optimizer", "param_schedulers"}; message_hub's log_scalars are HistoryBuffer objects. The
+    # file is refused (no pickled object is built), and the refusal now says which part holds the weights.
+    module = types.ModuleType("mmengine.logging.history_buffer")
+    _HistoryBuffer.__module__ = module.__name__
+    _HistoryBuffer.__qualname__ = _HistoryBuffer.__name__ = "HistoryBuffer"
+    module.HistoryBuffer = _HistoryBuffer
+    for name in ("mmengine", "mmengine.logging"):  # pickle imports the parents to find the class
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    path = _mmseg_file(tmp_path, _reference_backbone(), _mmseg_head(width=16, channels=8, labels=5))
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["message_hub"] = {"log_scalars": {"train/loss": _HistoryBuffer()}, "runtime_info": {"iter": 40000},
+                                 "resumed_keys": {"train/loss": True}}
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="refusing to load") as err:
+        PvtV2ForSemanticSegmentation.from_pretrained(path)
+    assert "mmengine" in str(err.value) and "['state_dict']" in str(err.value)

@@ -15,9 +15,9 @@ from pvtv2.cli import main
 from pvtv2.export import convert_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "weights"))
-from test_mmseg_semantic_fpn import _mmseg_file, _mmseg_forward, _mmseg_head, _reference_backbone  # noqa: E402
+from test_mmseg_semantic_fpn import _mmseg_file, _mmseg_forward, _mmseg_head, _reference_backbone
 
-from conftest import TINY_SHALLOW, perturb_, relative_error  # noqa: E402
+from conftest import TINY_SHALLOW, perturb_, relative_error
 
 
 @pytest.mark.parametrize("layout", ["timm", "original", "transformers"])

@@ -4,6 +4,7 @@ Semantic FPN head is incomplete, say what the file is and what it lacks."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 
@@ -15,9 +16,10 @@ from safetensors.torch import save_file
 from pvtv2 import CheckpointError, PvtV2ForSemanticSegmentation
 from pvtv2.inference import load_classifier, load_segmenter
 
-from test_mmseg_semantic_fpn import _mmseg_file, _mmseg_head, _reference_backbone
+from conftest import relative_error
+from test_mmseg_semantic_fpn import _mmseg_file, _mmseg_forward, _mmseg_head, _reference_backbone
 
-TINY_MIT = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4])
+TINY_MIT = {"depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 48, 64], "num_attention_heads": [1, 2, 3, 4]}
 
 
 def test_a_semantic_fpn_file_given_to_predict_is_named_a_segmentation_model(tmp_path):
@@ -86,3 +88,19 @@ def test_an_mmengine_checkpoint_is_refused_saying_how_to_keep_its_weights(tmp_pa
     with pytest.raises(CheckpointError, match="refusing to load") as err:
         PvtV2ForSemanticSegmentation.from_pretrained(path)
     assert "mmengine" in str(err.value) and "['state_dict']" in str(err.value)
+
+
+def test_a_one_channel_mmseg_head_warns_of_mmsegmentations_threshold(tmp_path, caplog):
+    # mmsegmentation's binary heads (out_channels=1) predict sigmoid > threshold, 0.3 unless the config (not in the
+    # file) sets one (BaseDecodeHead); pvtv2's one-label models use 0.5. Read silently, a pixel with a probability of
+    # 0.4 was foreground in mmsegmentation and background here.
+    backbone = _reference_backbone()
+    head = _mmseg_head(width=16, channels=8, labels=1)
+    path = _mmseg_file(tmp_path, backbone, head)
+    with caplog.at_level(logging.WARNING):
+        model = PvtV2ForSemanticSegmentation.from_pretrained(path).eval()
+    assert model.config.num_labels == 1
+    assert "threshold" in caplog.text and "0.3" in caplog.text and "0.5" in caplog.text
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # the logits themselves are mmsegmentation's
+        assert relative_error(_mmseg_forward(backbone(x), head), model(x).logits) < 1e-5

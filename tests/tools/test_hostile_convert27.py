@@ -50,3 +50,30 @@ def test_a_single_file_over_a_folders_own_weights_is_refused(tmp_path):
     # Another path is written, with the warning, as before.
     info = convert_checkpoint(tmp_path / "seg", tmp_path / "encoder.safetensors", layout="timm")
     assert info["model"] == "PvtV2Model"
+
+
+def test_a_bare_glpn_file_says_its_max_depth_is_assumed(tmp_path, caplog):
+    # GLPN's depth is sigmoid * max_depth (10 for NYU, 80 for KITTI), a config value no weight records. A weights
+    # file without its config.json was read with 10 under an info line, and convert, which now keeps the depth head,
+    # wrote that guess into the folder's config.json, where it reads as the model's own.
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    from pvtv2 import PvtV2ForDepthEstimation
+
+    torch.manual_seed(0)
+    config = transformers.GLPNConfig(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4],
+                                     decoder_hidden_size=16, max_depth=80)
+    reference = transformers.GLPNForDepthEstimation(config).eval()
+    path = tmp_path / "glpn_kitti.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
+    with caplog.at_level("WARNING"):
+        convert_checkpoint(path, tmp_path / "folder")
+    assert "max_depth" in caplog.text and "10" in caplog.text
+    caplog.clear()
+    x = torch.rand(1, 3, 64, 64)
+    with caplog.at_level("WARNING"):
+        model = PvtV2ForDepthEstimation.from_pretrained(path, max_depth=80.0).eval()
+    assert "max_depth" not in caplog.text  # given: nothing assumed
+    with torch.no_grad():
+        assert relative_error(reference(x).predicted_depth, model(x).predicted_depth) < 1e-5

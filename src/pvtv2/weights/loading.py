@@ -120,6 +120,14 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         args["decoder_hidden_size"] = int(fpn.shape[1])
     if "head.head.0.weight" in canonical:
         args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
+        if "max_depth" not in overrides:
+            # Depth is sigmoid * max_depth, a config value no weight records: a wrong one scales every depth.
+            logger.warning(
+                "the %s checkpoint's depth head records no max_depth (depth = sigmoid x max_depth): assuming %s "
+                "(GLPN's NYU setting; its KITTI models use 80). If the model was trained with another, every depth "
+                "is scaled wrong: pass max_depth=... to from_pretrained, or set it in the config.json of a folder "
+                "holding the weights", layout, DEPTH_DEFAULTS["max_depth"],
+            )
     published_heads = _PUBLISHED_SETTINGS["num_attention_heads"]
     if "num_attention_heads" not in overrides and [h / hidden[0] for h in hidden] != published_heads:
         # Every published variant's widths go 1:2:5:8 with heads 1, 2, 5, 8; other widths say nothing of the heads.

@@ -77,3 +77,13 @@ def test_a_bare_glpn_file_says_its_max_depth_is_assumed(tmp_path, caplog):
     assert "max_depth" not in caplog.text  # given: nothing assumed
     with torch.no_grad():
         assert relative_error(reference(x).predicted_depth, model(x).predicted_depth) < 1e-5
+
+
+def test_the_head_warning_of_an_original_file_reads_right(tmp_path, caplog):
+    # "a original file holds weights only: the segmentation head (a original file holds ...)".
+    path = _mmseg_file(tmp_path, _reference_backbone(), _mmseg_head(width=16, channels=8, labels=3))
+    with caplog.at_level("WARNING"):
+        info = convert_checkpoint(path, tmp_path / "encoder.pth", layout="original")
+    assert info["model"] == "PvtV2Model"
+    assert "an original file holds weights only" in caplog.text and "(an original file holds the encoder" in caplog.text
+    assert "a original" not in caplog.text

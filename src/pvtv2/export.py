@@ -771,7 +771,7 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     from .weights.files import save_state_dict
     from .weights.hub import companion_file
     from .weights.layouts import LAYOUTS, convert_state_dict
-    from .weights.loading import layout_differences
+    from .weights.loading import layout_differences, locate_checkpoint
 
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
@@ -810,14 +810,23 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
         logger.warning("%s", note)
     lost = _single_file_losses(model.config, pre, layout, origin)
     task = _dense_task(keys)
+    article = "an" if layout == "original" else "a"
     if task is not None:
-        lost.insert(0, f"the {task} head (a {layout} file holds the encoder and a classifier)")
+        lost.insert(0, f"the {task} head ({article} {layout} file holds the encoder and a classifier)")
+    _, weights = locate_checkpoint(source, None, None)
+    if lost and out.exists() and os.path.samefile(out, weights):
+        # The warning below sends predictions back to the source: written over it, what it names would be gone.
+        raise FileExistsError(
+            f"refusing to replace {os.fspath(out)!r}, the source's own weights, with {article} {layout} file that "
+            f"cannot hold {', '.join(lost)}; choose another output path"
+        )
     if lost:
         # A single file is weights only: predictions from it use 224 px, that layout's protocol and generic
         # labels, which for a model trained otherwise look like answers but are not its answers.
         logger.warning(
-            "a %s file holds weights only: %s of %s are not in it; predict and evaluate with the source (or a "
-            "save_pretrained folder converted from it) to keep them", layout, ", ".join(lost), os.fspath(source),
+            "%s %s file holds weights only: %s of %s are not in it; predict and evaluate with the source (or a "
+            "save_pretrained folder converted from it) to keep them", article, layout, ", ".join(lost),
+            os.fspath(source),
         )
     state = convert_state_dict(model.state_dict(), layout)
     try:

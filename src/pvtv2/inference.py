@@ -145,6 +145,17 @@ _OTHER_TASKS = {
 }
 
 
+def _task_use(source: str | os.PathLike) -> str | None:
+    """What a checkpoint without a config.json naming its class is for, read off its weights' names: a segmentation,
+    depth or detection head (an mmsegmentation Semantic FPN file, transformers' SegFormer or GLPN weights alone).
+    Read only when a classifier is refused, so the file is read twice then and once otherwise."""
+    from .export import _canonical_keys, _dense_task
+
+    task = _dense_task(_canonical_keys(source))
+    return {"segmentation": _SEGMENTATION_USE, "depth": _DEPTH_USE,
+            "detection": _OTHER_TASKS["PvtV2ForObjectDetection"]}.get(task)
+
+
 def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu") -> PvtV2ForImageClassification:
     """A trained classifier from anything ``from_pretrained`` takes.
 
@@ -170,6 +181,8 @@ def load_classifier(source: str | os.PathLike, device: str | torch.device = "cpu
     if not isinstance(architectures, (list, tuple)):
         architectures = []
     other = next((_OTHER_TASKS[a] for a in architectures if isinstance(a, str) and a in _OTHER_TASKS), None)
+    if other is None and getattr(model, "newly_initialized_keys", ()):
+        other = _task_use(source)
     _refuse_random_weights(
         model, source, "classifier",
         f"It is {other}" if other else
@@ -191,8 +204,9 @@ def load_segmenter(source: str | os.PathLike, device: str | torch.device = "cpu"
         # predicted at is their preprocessor_config.json's (512x512 for ADE20K, 1024x1024 for Cityscapes).
         logger.info("input size %dx%d, from %s", size[0], size[1], PREPROCESSOR_CONFIG_NAME)
         model.config.image_size = size
+    head = "Semantic FPN" if model.head_type == "fpn" else "SegFormer decode head"
     _refuse_random_weights(
-        model, source, "segmentation head (SegFormer decode head)",
+        model, source, f"segmentation head ({head})",
         f"Fine-tune one first: pvtv2 train --task segmentation --model {os.fspath(source)} --data DIR --output RUN "
         f"(DIR/train/images/*, DIR/train/masks/*.png, the same under DIR/val), then use RUN/best",
     )

@@ -111,10 +111,18 @@ def _read_torch(path: Path, head: bytes = b"") -> Any:
                 f"{os.fspath(path)!r} is not a readable PyTorch checkpoint (corrupt, truncated or another format)"
             ) from None
         blocked = next((line.strip() for line in detail.splitlines() if "GLOBAL" in line or "global" in line), "")
+        # mmengine (mmsegmentation / mmdetection 1.x and later) saves its message_hub's HistoryBuffer objects beside
+        # the weights in every training checkpoint; the weights themselves are its "state_dict".
+        mmengine = (
+            " It is an mmengine training checkpoint: its weights are its 'state_dict', saved alone (where you trust "
+            f"the file) by torch.save(torch.load({os.fspath(path)!r}, weights_only=False)['state_dict'], "
+            "'weights.pth')."
+            if "mmengine." in blocked else ""
+        )
         raise CheckpointError(
             f"refusing to load {os.fspath(path)!r}: it holds pickled Python objects other than tensors and plain "
             f"containers, and loading them could run code. Only weights are read (torch.load(weights_only=True)); "
-            f"convert it to safetensors where you trust its origin. Detail: {blocked}"
+            f"convert it to safetensors where you trust its origin.{mmengine} Detail: {blocked}"
         ) from None
     except (EOFError, RuntimeError, OSError, ValueError, TypeError, AttributeError, KeyError, IndexError) as err:
         raise CheckpointError(

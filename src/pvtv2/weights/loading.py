@@ -291,6 +291,15 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         logger.info("an mmdetection / mmsegmentation checkpoint: its %s used%s",
                     "backbone and Semantic FPN (neck, decode_head) are" if fpn else "backbone is",
                     f"; its {', '.join(others)} are not (another library's modules)" if others else "")
+        seg = canonical.get("decode_head.classifier.weight")
+        if fpn and seg is not None and seg.shape[0] == 1:
+            # The threshold is in mmsegmentation's config, not in the file: a probability between the two was one
+            # class there and the other here.
+            logger.warning(
+                "%s has a one-channel (binary) head: mmsegmentation predicts sigmoid > its config's threshold (0.3 "
+                "unless set), pvtv2 sigmoid > 0.5, so pixels between the two are labelled otherwise",
+                os.fspath(weights_path),
+            )
     if given is not None:
         config = given.replace(**overrides) if overrides else given
     elif config_path is not None:

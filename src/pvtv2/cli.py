@@ -839,7 +839,7 @@ def _add_segmentation_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
     p.add_argument("--fit", metavar="LONGxSHORT",
                    help="instead of --size: each image rescaled keeping its aspect ratio to fit LONGxSHORT (longer "
-                        "side at most LONG, shorter at most SHORT), then each side up to a multiple of 32; the "
+                        "side at most LONG, shorter at most SHORT, each 32 to 2048), then each side up to a multiple of 32; the "
                         "authors' ADE20K test protocol is --fit 2048x512")
 
 
@@ -850,8 +850,9 @@ def _fit_flag(value: str | None) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(part.isascii() and part.isdigit() for part in parts):
         raise ValueError(f"--fit must be LONGxSHORT (digits, e.g. 2048x512), got {value!r}")
     sides = (int(parts[0]), int(parts[1]))
-    if min(sides) < 32 or max(sides) > 4096:
-        raise ValueError(f"--fit sides must be between 32 and 4096 pixels, got {value!r}")
+    low, high = _DENSE_SIZES  # as --size: a fitted input is at most 2048 a side (4096 let --scales 4 reach 16384)
+    if min(sides) < low or max(sides) > high:
+        raise ValueError(f"--fit sides must be between {low} and {high} pixels, got {value!r}")
     return sides
 
 

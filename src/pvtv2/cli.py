@@ -839,8 +839,8 @@ def _add_segmentation_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
     p.add_argument("--fit", metavar="LONGxSHORT",
                    help="instead of --size: each image rescaled keeping its aspect ratio to fit LONGxSHORT (longer "
-                        "side at most LONG, shorter at most SHORT, each 32 to 2048), then each side up to a multiple of 32; the "
-                        "authors' ADE20K test protocol is --fit 2048x512")
+                        "side at most LONG, shorter at most SHORT, each 32 to 2048), then each side up to a multiple "
+                        "of 32; the authors' ADE20K test protocol is --fit 2048x512")
 
 
 def _fit_flag(value: str | None) -> tuple[int, int] | None:

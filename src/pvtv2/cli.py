@@ -1277,6 +1277,8 @@ def _answer_to_alias(parser: argparse.ArgumentParser, argv: Sequence[str]) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    # Read twice (the alias, then argparse): a generator was consumed up to the command, argparse got the rest.
+    argv = None if argv is None else list(argv)
     _answer_to_alias(parser, sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
     if extras:

@@ -82,3 +82,12 @@ def test_benchmark_refuses_an_absurd_config_json_before_building_it(tmp_path):
     path.write_text(json.dumps(dict(TINY_SHALLOW, hidden_sizes=[16, 32, 48, 200_000], num_attention_heads=[1, 2, 3, 1])))
     with pytest.raises(ValueError, match="parameters"):
         build_model(str(path))
+
+
+def test_main_takes_argv_as_any_iterable(capsys):
+    # argparse reads any iterable of strings; the alias lookup read a generator first, leaving argparse nothing
+    # ("the following arguments are required: COMMAND").
+    with pytest.raises(SystemExit) as exit_:
+        main(word for word in ["finetune", "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: pvtv2 finetune ")

@@ -703,6 +703,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     summary = model_summary(model, args.image_size, name=args.model)
     if config is None and detector:
         summary["class"] = "PvtV2ForObjectDetection (its encoder; the FPN and heads are not counted)"
+    if hasattr(model, "head_type"):  # SegFormer's or Semantic FPN: the class alone did not tell them apart
+        summary["decode_head"] = model.head_type
     if args.json:
         _print_json(summary)
     else:

@@ -91,3 +91,17 @@ def test_main_takes_argv_as_any_iterable(capsys):
         main(word for word in ["finetune", "--help"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith("usage: pvtv2 finetune ")
+
+
+def test_info_names_the_decode_head(tmp_path, capsys):
+    # Both heads printed the same line: "PvtV2ForSemanticSegmentation, spatial-reduction attention, 4 classes"; a
+    # one-class model read "1 classes".
+    for head, labels in (("fpn", CLASSES), ("segformer", {0: "road"})):
+        model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY_SHALLOW, id2label=labels), head=head)
+        model.save_pretrained(tmp_path / head)
+        assert main(["info", str(tmp_path / head), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["decode_head"] == head
+        assert main(["info", str(tmp_path / head)]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.endswith(f"{head} decode head, 4 classes" if head == "fpn" else
+                              f"{head} decode head, 1 class (binary)")

@@ -823,7 +823,6 @@ def segmentation_logits(
     return total / count  # type: ignore[operator]
 
 
-@torch.no_grad()
 def _check_scales(scales: Sequence[float]) -> None:
     if isinstance(scales, (int, float)) or len(scales) == 0 or any(
         isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 16 for s in scales
@@ -831,6 +830,7 @@ def _check_scales(scales: Sequence[float]) -> None:
         raise ValueError(f"scales must be a non-empty list of positive factors (at most 16), got {scales!r}")
 
 
+@torch.no_grad()
 def segmentation_probabilities(
     model: torch.nn.Module,
     pixel_values: torch.Tensor,

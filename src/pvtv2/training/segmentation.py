@@ -150,8 +150,8 @@ def _check_head_type(cfg: TrainConfig) -> None:
     try:
         with held_logs():  # a second look, silent: the first load's own messages are the ones given out
             held = PvtV2ForSemanticSegmentation.from_pretrained(cfg.model).head_type
-    except Exception:
-        return  # not a segmentation checkpoint that loads as it is: the first load's error stands
+    except Exception:  # noqa: BLE001 - not a segmentation checkpoint that loads as it is: the first error stands
+        return
     if held != cfg.decode_head:
         raise ValueError(
             f"{cfg.model!r} holds a decode head of type {held}, not {cfg.decode_head} as --decode-head asks: leave "

@@ -875,6 +875,9 @@ def fit_size(height: int, width: int, fit: Sequence[int], divisor: int = 32) -> 
     which the model's 32 px stride needs)."""
     if len(fit) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in fit):
         raise ValueError(f"fit must be two positive whole numbers (the longest and shortest sides), got {fit!r}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (height, width)):
+        # 0 divided by zero; a negative side came back as a size (-10 x 5: 512 x 32)
+        raise ValueError(f"height and width must be positive whole numbers, got {height!r} x {width!r}")
     factor = min(max(fit) / max(height, width), min(fit) / min(height, width))
     new_height, new_width = int(height * factor + 0.5), int(width * factor + 0.5)
     return (max(1, math.ceil(new_height / divisor)) * divisor, max(1, math.ceil(new_width / divisor)) * divisor)

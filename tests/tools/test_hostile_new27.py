@@ -14,7 +14,7 @@ from pvtv2 import PvtV2Config
 from pvtv2.benchmark import build_model
 from pvtv2.cli import main
 from pvtv2.data.processing import PvtV2ImageProcessor
-from pvtv2.inference import predict_segmentation, segmentation_probabilities
+from pvtv2.inference import fit_size, predict_segmentation, segmentation_probabilities
 from pvtv2.models.segmentation import PvtV2ForSemanticSegmentation
 from pvtv2.training import TrainConfig
 from pvtv2.training.segmentation import build_segmentation_model
@@ -105,3 +105,10 @@ def test_info_names_the_decode_head(tmp_path, capsys):
         first = capsys.readouterr().out.splitlines()[0]
         assert first.endswith(f"{head} decode head, 4 classes" if head == "fpn" else
                               f"{head} decode head, 1 class (binary)")
+
+
+@pytest.mark.parametrize("height, width", [(0, 5), (-10, 5), (5, 2.5), (True, 5)])
+def test_fit_size_refuses_a_size_that_is_no_image(height, width):
+    # (0, 5) stopped on a ZeroDivisionError; (-10, 5) came back as (512, 32).
+    with pytest.raises(ValueError, match="height and width"):
+        fit_size(height, width, (2048, 512))

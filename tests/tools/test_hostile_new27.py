@@ -1,5 +1,6 @@
-"""A hostile pass over the day's features: ``--fit`` with ``--scales``, the ``--fit`` bound, ``--decode-head`` on a
-segmentation checkpoint of the other head, and ``benchmark --model config.json`` of an absurd architecture."""
+"""A hostile pass over the day's features: ``--fit`` with ``--scales``, the ``--fit`` bound, ``fit_size`` of no image,
+``--decode-head`` on a segmentation checkpoint of the other head, ``benchmark --model config.json`` of an absurd
+architecture, ``main`` given a generator, and ``info`` naming a segmentation model's decode head."""
 
 from __future__ import annotations
 

@@ -61,12 +61,15 @@ def build_model(source: str, *, backbone: bool = False, num_labels: int | None =
     """A preset name or a config.json (random weights, fine for timing), or anything ``from_pretrained`` accepts."""
     from .models.modeling import PvtV2Backbone, PvtV2ForImageClassification
     from .training.engine import new_architecture
+    from .training.runner import _check_model_size
 
     cls = PvtV2Backbone if backbone else PvtV2ForImageClassification
     overrides = {} if num_labels is None else {"num_labels": num_labels}
     # A config.json as `pvtv2 train` and `info` take one (it was read as a checkpoint: "not a readable checkpoint").
     config = new_architecture(source, **overrides)
     if config is not None:
+        # As `pvtv2 train`: an absurd hand-written architecture is refused on the meta device, before it is allocated.
+        _check_model_size(config, source)
         return cls(config).eval()
     return cls.from_pretrained(source, **overrides).eval()
 

@@ -703,6 +703,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     summary = model_summary(model, args.image_size, name=args.model)
     if config is None and detector:
         summary["class"] = "PvtV2ForObjectDetection (its encoder; the FPN and heads are not counted)"
+    if hasattr(model, "head_type"):  # SegFormer's or Semantic FPN: the class alone did not tell them apart
+        summary["decode_head"] = model.head_type
     if args.json:
         _print_json(summary)
     else:
@@ -839,8 +841,8 @@ def _add_segmentation_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
     p.add_argument("--fit", metavar="LONGxSHORT",
                    help="instead of --size: each image rescaled keeping its aspect ratio to fit LONGxSHORT (longer "
-                        "side at most LONG, shorter at most SHORT), then each side up to a multiple of 32; the "
-                        "authors' ADE20K test protocol is --fit 2048x512")
+                        "side at most LONG, shorter at most SHORT, each 32 to 2048), then each side up to a multiple "
+                        "of 32; the authors' ADE20K test protocol is --fit 2048x512")
 
 
 def _fit_flag(value: str | None) -> tuple[int, int] | None:
@@ -850,8 +852,9 @@ def _fit_flag(value: str | None) -> tuple[int, int] | None:
     if len(parts) != 2 or not all(part.isascii() and part.isdigit() for part in parts):
         raise ValueError(f"--fit must be LONGxSHORT (digits, e.g. 2048x512), got {value!r}")
     sides = (int(parts[0]), int(parts[1]))
-    if min(sides) < 32 or max(sides) > 4096:
-        raise ValueError(f"--fit sides must be between 32 and 4096 pixels, got {value!r}")
+    low, high = _DENSE_SIZES  # as --size: a fitted input is at most 2048 a side (4096 let --scales 4 reach 16384)
+    if min(sides) < low or max(sides) > high:
+        raise ValueError(f"--fit sides must be between {low} and {high} pixels, got {value!r}")
     return sides
 
 
@@ -1284,6 +1287,8 @@ def _answer_to_alias(parser: argparse.ArgumentParser, argv: Sequence[str]) -> No
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    # Read twice (the alias, then argparse): a generator was consumed up to the command, argparse got the rest.
+    argv = None if argv is None else list(argv)
     _answer_to_alias(parser, sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
     if extras:

@@ -181,10 +181,16 @@ def _params(n: int) -> str:
 def format_summary(summary: dict[str, Any]) -> str:
     """A plain-text table of :func:`model_summary`."""
     h, w = summary["image_size"]
+    classes = summary["num_labels"]
+    if classes == 1:  # a one-class segmentation model tells its class from the rest
+        classes = "1 class (binary)"
+    elif classes is not None:
+        classes = f"{classes} classes"
     lines = [
         f"{summary['model'] or summary['class']}: {summary['class']}, "
         f"{'linear' if summary['linear_attention'] else 'spatial-reduction'} attention"
-        + (f", {summary['num_labels']} classes" if summary["num_labels"] is not None else ""),
+        + (f", {summary['decode_head']} decode head" if summary.get("decode_head") else "")
+        + (f", {classes}" if classes is not None else ""),
         "",
         f"{'stage':>5} {'channels':>8} {'depth':>5} {'heads':>5} {'attention':>17} {'mlp':>4} {'patch':>5} "
         f"{'stride':>6} {'output':>9} {'params':>8} {'GMACs':>7}",

@@ -837,6 +837,13 @@ def segmentation_logits(
     return total / count  # type: ignore[operator]
 
 
+def _check_scales(scales: Sequence[float]) -> None:
+    if isinstance(scales, (int, float)) or len(scales) == 0 or any(
+        isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 16 for s in scales
+    ):
+        raise ValueError(f"scales must be a non-empty list of positive factors (at most 16), got {scales!r}")
+
+
 @torch.no_grad()
 def segmentation_probabilities(
     model: torch.nn.Module,
@@ -853,10 +860,7 @@ def segmentation_probabilities(
     augmentations as mmsegmentation's ``aug_test`` does: the input resized by each of ``scales`` (bilinear), and with
     ``flip`` also mirrored; for each, :func:`segmentation_logits` (``mode``, ``crop``, ``stride``), resized to
     ``output_size``, softmax (sigmoid for a one-class model), mirrored back; then the mean."""
-    if isinstance(scales, (int, float)) or len(scales) == 0 or any(
-        isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 16 for s in scales
-    ):
-        raise ValueError(f"scales must be a non-empty list of positive factors (at most 16), got {scales!r}")
+    _check_scales(scales)
     height, width = pixel_values.shape[-2:]
     output_size = (height, width) if output_size is None else tuple(output_size)
     total: torch.Tensor | None = None
@@ -885,6 +889,9 @@ def fit_size(height: int, width: int, fit: Sequence[int], divisor: int = 32) -> 
     which the model's 32 px stride needs)."""
     if len(fit) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in fit):
         raise ValueError(f"fit must be two positive whole numbers (the longest and shortest sides), got {fit!r}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (height, width)):
+        # 0 divided by zero; a negative side came back as a size (-10 x 5: 512 x 32)
+        raise ValueError(f"height and width must be positive whole numbers, got {height!r} x {width!r}")
     factor = min(max(fit) / max(height, width), min(fit) / min(height, width))
     new_height, new_width = int(height * factor + 0.5), int(width * factor + 0.5)
     return (max(1, math.ceil(new_height / divisor)) * divisor, max(1, math.ceil(new_width / divisor)) * divisor)
@@ -910,20 +917,36 @@ def predict_segmentation(
     ``config.image_size`` for ``mode="whole"`` and to the image's own size for ``mode="slide"`` (windows of ``crop``
     every ``stride`` pixels). ``fit`` instead of ``size``: each image at its own :func:`fit_size` (the authors' ADE20K
     protocol is ``fit=(2048, 512)``). ``scales`` and ``flip``: multi-scale and flip testing
-    (:func:`segmentation_probabilities`).
+    (:func:`segmentation_probabilities`); with ``fit``, each scale r is the image at its :func:`fit_size` for the fit
+    times r, as the authors' multi-scale test (mmsegmentation's ``img_ratios``) sizes it.
     """
+    model = model.eval()
+    output_size = (image.height, image.width)
     if fit is not None:
         if size is not None:
             raise ValueError(f"give size or fit, not both (got size={size!r}, fit={fit!r})")
-        size = fit_size(image.height, image.width, fit)
-    if size is None:
-        size = tuple(model.config.image_size) if mode == "whole" else (image.height, image.width)
-    pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})(image)["pixel_values"]
-    model = model.eval()
-    probs = segmentation_probabilities(
-        model, pixels.to(model.device, model.dtype), scales=scales, flip=flip, mode=mode, crop=crop, stride=stride,
-        output_size=(image.height, image.width),
-    )
+        fit_size(image.height, image.width, fit)  # checks fit
+        _check_scales(scales)
+        # As mmsegmentation's MultiScaleFlipAug with the PVT repository's AlignResize: each scale r fits the image
+        # into (int(LONG r), int(SHORT r)) and aligns that to 32, from the image itself. Scaling the fitted size by r
+        # instead gave unaligned sizes (48 x 72 for the authors' 64 x 64) and, for a thin image, too small an input.
+        total = 0
+        for scale in scales:
+            height, width = fit_size(image.height, image.width, [max(1, int(side * scale)) for side in fit])
+            pixels = PvtV2ImageProcessor(size={"height": height, "width": width})(image)["pixel_values"]
+            total = total + segmentation_probabilities(
+                model, pixels.to(model.device, model.dtype), flip=flip, mode=mode, crop=crop, stride=stride,
+                output_size=output_size,
+            )
+        probs = total / len(scales)  # each scale holds as many views (1, or 2 with flip): the mean of them all
+    else:
+        if size is None:
+            size = tuple(model.config.image_size) if mode == "whole" else output_size
+        pixels = PvtV2ImageProcessor(size={"height": size[0], "width": size[1]})(image)["pixel_values"]
+        probs = segmentation_probabilities(
+            model, pixels.to(model.device, model.dtype), scales=scales, flip=flip, mode=mode, crop=crop,
+            stride=stride, output_size=output_size,
+        )
     if probs.shape[1] == 1:
         return (probs[0, 0] > 0.5).long().cpu().numpy()
     return probs.argmax(1)[0].cpu().numpy()

@@ -57,7 +57,7 @@ def test_predict_segmentation_with_fit_is_predict_at_that_size(tmp_path, capsys)
 
 
 def test_fit_flag_is_checked(tmp_path, capsys):
-    for flags, message in ((["--fit", "2048"], "LONGxSHORT"), (["--fit", "2048x16"], "between 32 and 4096"),
+    for flags, message in ((["--fit", "2048"], "LONGxSHORT"), (["--fit", "2048x16"], "between 32 and 2048"),
                            (["--fit", "2048x512", "--size", "512"], "exclude each other")):
         assert main(["segment", "image.png", "-m", "nowhere", "-o", str(tmp_path / "o.png"), *flags]) == 2
         assert message in capsys.readouterr().err

@@ -142,6 +142,24 @@ def _check_classes(id2label: dict[int, str]) -> None:
                          f"name of its own, by which it is matched to a checkpoint's and reported")
 
 
+def _check_head_type(cfg: TrainConfig) -> None:
+    """After a failed load with ``--decode-head``: a segmentation checkpoint of the other head is refused in those
+    words (the loader listed the two heads' keys as "missing" and "unexpected", never naming either head)."""
+    if cfg.decode_head is None:
+        return
+    try:
+        with held_logs():  # a second look, silent: the first load's own messages are the ones given out
+            held = PvtV2ForSemanticSegmentation.from_pretrained(cfg.model).head_type
+    except Exception:  # noqa: BLE001 - not a segmentation checkpoint that loads as it is: the first error stands
+        return
+    if held != cfg.decode_head:
+        raise ValueError(
+            f"{cfg.model!r} holds a decode head of type {held}, not {cfg.decode_head} as --decode-head asks: leave "
+            f"--decode-head out to fine-tune its own (--decode-head picks the head of a new model or of a "
+            f"classification checkpoint)"
+        )
+
+
 def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForSemanticSegmentation:
     """``tiny`` or a preset name: a new model; a config.json: that architecture, new; anything else: a classification
     or segmentation checkpoint whose encoder (and, for the same classes, head) to fine-tune."""
@@ -166,6 +184,7 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
         with held_logs() as held:  # said once: given out if this load is the one kept (or fails)
             model = PvtV2ForSemanticSegmentation.from_pretrained(cfg.model, **base)
     except Exception:
+        _check_head_type(cfg)
         release_logs(held)
         raise
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -141,7 +141,7 @@ def test_a_config_json_in_capitals_is_read_as_one(tmp_path, capsys, task):
     code = main(["train", "--task", task, "--data", str(tmp_path / "data"), "--model", str(missing), "--output",
                  str(out), "--epochs", "1", "--image-size", str(SIZE), "--no-progress"])
     assert code == 2 and capsys.readouterr().err.strip().splitlines() == [
-        f"pvtv2 train: error: config file not found: {str(missing)!r} (--model X.json names the architecture to train)"]
+        f"pvtv2 train: error: config file not found: {str(missing)!r} (--model X.json names an architecture: a config.json file)"]
     assert not out.exists()
 
 
@@ -180,5 +180,5 @@ def test_train_refuses_a_missing_config_json_before_reading_the_images(tmp_path)
         capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"pvtv2 train: error: config file not found: {str(missing)!r} (--model X.json names the architecture to train)"]
+        f"pvtv2 train: error: config file not found: {str(missing)!r} (--model X.json names an architecture: a config.json file)"]
     assert not out.exists()

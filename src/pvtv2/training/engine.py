@@ -357,7 +357,7 @@ def new_architecture(model: str, tiny: Mapping[str, Any] | None = None, **overri
             raise FileNotFoundError(f"config file {model!r} is a symbolic link to {os.readlink(model)!r}, which does "
                                     "not resolve to a file")
         if kind == "nothing":
-            raise FileNotFoundError(f"config file not found: {model!r} (--model X.json names the architecture to train)")
+            raise FileNotFoundError(f"config file not found: {model!r} (--model X.json names an architecture: a config.json file)")
         if kind != "folder":  # a folder named x.json is a checkpoint folder
             raise ValueError(f"config file {model!r} is a {kind}, not a file")
     return None

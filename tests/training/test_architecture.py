@@ -119,8 +119,8 @@ def test_a_missing_config_json_is_refused_in_one_line_naming_it(tmp_path, capsys
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines
     # Refused before the (absent) data is looked at, with the same words in every task.
-    assert lines[0] == f"pvtv2 train: error: config file not found: {str(missing)!r} (--model X.json names the " \
-                       "architecture to train)", lines
+    assert lines[0] == f"pvtv2 train: error: config file not found: {str(missing)!r} (--model X.json names an " \
+                       "architecture: a config.json file)", lines
     assert not out.exists()
     with pytest.raises(FileNotFoundError, match="missing.json"):
         _build(task, TrainConfig(task=task, model=str(missing), image_size=SIZE, output="unused"))

@@ -61,7 +61,7 @@ def build_model(source: str, *, backbone: bool = False, num_labels: int | None =
     """A preset name or a config.json (random weights, fine for timing), or anything ``from_pretrained`` accepts."""
     from .models.modeling import PvtV2Backbone, PvtV2ForImageClassification
     from .training.engine import new_architecture
-    from .training.runner import _check_model_size
+    from .training.runner import check_model_size
 
     cls = PvtV2Backbone if backbone else PvtV2ForImageClassification
     overrides = {} if num_labels is None else {"num_labels": num_labels}
@@ -69,8 +69,18 @@ def build_model(source: str, *, backbone: bool = False, num_labels: int | None =
     config = new_architecture(source, **overrides)
     if config is not None:
         # As `pvtv2 train`: an absurd hand-written architecture is refused on the meta device, before it is allocated.
-        _check_model_size(config, source)
+        check_model_size(config, source)
         return cls(config).eval()
+    if not backbone:
+        from .export import checkpoint_task, load_task_model
+
+        # A segmentation or depth checkpoint is timed with its head (it was timed as a classifier with a new head).
+        task = checkpoint_task(source)
+        if task == "detection":
+            raise ValueError(f"{source!r} is a detection checkpoint: time detectors with benchmarks/bench_detection.py, "
+                             f"or their encoder with --backbone")
+        if task is not None:
+            return load_task_model(source).eval()
     return cls.from_pretrained(source, **overrides).eval()
 
 
@@ -174,7 +184,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
     """The logits (or last feature map) of whatever a model returned."""
     if isinstance(out, torch.Tensor):
         return out
-    for attr in ("logits", "last_hidden_state", "feature_maps"):
+    for attr in ("logits", "predicted_depth", "last_hidden_state", "feature_maps"):
         value = getattr(out, attr, None)
         if value is not None:
             return value[-1] if isinstance(value, (tuple, list)) else value

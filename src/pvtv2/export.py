@@ -47,6 +47,7 @@ __all__ = [
     "ExportResult",
     "ExportableAdaptiveAvgPool2d",
     "check_onnx",
+    "checkpoint_task",
     "convert_checkpoint",
     "export_onnx",
     "graph_outputs",
@@ -657,6 +658,12 @@ def load_task_model(source: str | os.PathLike) -> nn.Module:
     or depth model with its trained head, else what :func:`load_checkpoint_model` reads (a classifier, or the encoder
     alone). A head that would be partly random is refused with ``ValueError``."""
     return _task_model(source, _canonical_keys(source))
+
+
+def checkpoint_task(source: str | os.PathLike) -> str | None:
+    """``detection``, ``segmentation`` or ``depth`` for a checkpoint holding such a head, None for a classifier or an
+    encoder (read from its key names, without building a model)."""
+    return _dense_task(_canonical_keys(source))
 
 
 def _dense_task(keys: set[str]) -> str | None:

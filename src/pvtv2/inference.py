@@ -149,9 +149,9 @@ def _task_use(source: str | os.PathLike) -> str | None:
     """What a checkpoint without a config.json naming its class is for, read off its weights' names: a segmentation,
     depth or detection head (an mmsegmentation Semantic FPN file, transformers' SegFormer or GLPN weights alone).
     Read only when a classifier is refused, so the file is read twice then and once otherwise."""
-    from .export import _canonical_keys, _dense_task
+    from .export import checkpoint_task
 
-    task = _dense_task(_canonical_keys(source))
+    task = checkpoint_task(source)
     return {"segmentation": _SEGMENTATION_USE, "depth": _DEPTH_USE,
             "detection": _OTHER_TASKS["PvtV2ForObjectDetection"]}.get(task)
 

@@ -58,3 +58,19 @@ def test_info_shows_the_task_model_a_checkpoint_holds(tmp_path, capsys):
         assert summary["parameters"] == sum(p.numel() for p in model.parameters())
         assert summary["gmacs"] == pytest.approx(count_macs(model, 224)["macs"] / 1e9)
         assert summary["num_labels"] == (150 if name == "seg" else None)
+
+
+def test_benchmark_times_a_dense_checkpoint_with_its_head(tmp_path, capsys):
+    from pvtv2 import PvtV2ForDepthEstimation, PvtV2ForSemanticSegmentation
+
+    tiny = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4])
+    for name, model in (("seg", PvtV2ForSemanticSegmentation(PvtV2Config(**tiny, num_labels=3), head="fpn")),
+                        ("depth", PvtV2ForDepthEstimation(PvtV2Config(**tiny)))):
+        model.save_pretrained(tmp_path / name)
+        built = build_model(str(tmp_path / name))
+        assert type(built) is type(model)  # was a PvtV2ForImageClassification with a new head
+        assert sum(p.numel() for p in built.parameters()) == sum(p.numel() for p in model.parameters())
+        for extra in ([], ["--train"]):
+            assert main(["benchmark", "--model", str(tmp_path / name), "--image-size", "64", "--repeats", "1",
+                         "--warmup", "0", "--json", *extra]) == 0
+            assert json.loads(capsys.readouterr().out)["images_per_s"] > 0

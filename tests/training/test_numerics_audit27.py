@@ -8,7 +8,6 @@ Every run is tiny (a 16 px config.json model, a handful of digits), so each test
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

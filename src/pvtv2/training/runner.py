@@ -28,7 +28,7 @@ from .rundir import RunLock, check_resumed_classes, prepare_output
 from .depth_task import DepthTask
 from .segmentation import SegmentationTask
 
-__all__ = ["MAX_PARAMETERS", "TASK_CLASSES", "check_config", "train"]
+__all__ = ["MAX_PARAMETERS", "TASK_CLASSES", "check_config", "check_model_size", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +106,10 @@ def check_config(cfg: TrainConfig) -> None:
         if architecture is not None:
             check_image_size(architecture, cfg.image_size, cfg.model)
             check_freeze_stages(architecture, cfg.freeze_stages, cfg.model)
-            _check_model_size(architecture, cfg.model)
+            check_model_size(architecture, cfg.model)
 
 
-def _check_model_size(config: PvtV2Config, model: str) -> None:
+def check_model_size(config: PvtV2Config, model: str) -> None:
     """Refuse an encoder of more than :data:`MAX_PARAMETERS` parameters, counted on the meta device (shapes only:
     no memory, no initialisation), before the real one is allocated."""
     try:

@@ -29,7 +29,8 @@ public operators it replaces; where the probe fails (another CPU, another build)
    docs/benchmarks.md). The packed copies live in a side table keyed weakly by module, invisible to ``deepcopy``,
    ``pickle`` and ``state_dict`` (a copy of a frozen model is an unfrozen model). Every weight change PyTorch can
    see repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
-   ``load_state_dict``, swa_utils), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned:
+   ``load_state_dict``, swa_utils; the steps of any ``torch.optim`` optimizer are counted too, as fused optimizers
+   bump no version counter), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned:
    the frozen parameters report it). Writes that PyTorch cannot see, through a NumPy view or through a tensor taken
    from ``.data`` before freezing, are not: call :func:`freeze` again after those, or :func:`unfreeze`. Inference
    tensors (weights made or loaded inside ``torch.inference_mode()``) have no version counter, so they are never
@@ -54,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_mod
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = [
     "FAST_PATH_ENV",
@@ -373,6 +375,22 @@ def _watch(params: list[torch.Tensor]) -> None:
             p._pvtv2_data_uses = 0
 
 
+def _optimizer_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any ``torch.optim`` optimizer's step (a global step hook, registered by :func:`freeze`): the step counts
+    as a use of each watched parameter it holds. PyTorch's fused optimizers (``fused=True``: AdamW, Adam, SGD,
+    Adagrad, PyTorch 2.14 on the CPU) write the parameters without bumping their version counters, so their steps
+    went unseen and a frozen model kept computing with the weights from before."""
+    if not _FROZEN:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if type(p) is _WatchedParameter:
+                p._pvtv2_data_uses = getattr(p, "_pvtv2_data_uses", 0) + 1
+
+
+_STEP_HOOK: list = []  # the handle of the optimizer step hook, once registered
+
+
 def _params_key(dtype: torch.dtype, params: list[torch.Tensor]) -> tuple:
     """What packed weights were built from: the dtype and each parameter's storage address, version counter and
     ``.data`` uses, and how it reads that memory (dtype, shape, strides, negative bit). The entry keeps the storages
@@ -478,6 +496,8 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     skipped = 0
     with _FROZEN_LOCK:
+        if not _STEP_HOOK:
+            _STEP_HOOK.append(register_optimizer_step_post_hook(_optimizer_stepped))
         for stage in _stages(model):
             params = list(stage.parameters())
             if any(p.is_inference() for p in params):

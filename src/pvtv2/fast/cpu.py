@@ -395,9 +395,11 @@ def _params_key(dtype: torch.dtype, params: list[torch.Tensor]) -> tuple:
     """What packed weights were built from: the dtype and each parameter's storage address, version counter and
     ``.data`` uses, and how it reads that memory (dtype, shape, strides, negative bit). The entry keeps the storages
     alive, so no new tensor can take over an address while it lives; but a new Parameter can be another view of the
-    same memory, with the same address and version (a square weight's transpose, a negative view)."""
+    same memory, with the same address and version (a square weight's transpose, a negative view). And its type: a
+    plain Parameter swapped into a watched one (``torch.utils.swap_tensors``, torch.__future__'s swap mode) has the
+    same memory and version, and its ``.data`` is no longer watched until it is repacked."""
     return (dtype,) + tuple(
-        (p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0), p.dtype, p.shape, p.stride(), p.is_neg())
+        (p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0), type(p), p.dtype, p.shape, p.stride(), p.is_neg())
         for p in params
     )
 

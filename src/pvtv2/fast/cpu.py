@@ -31,8 +31,10 @@ public operators it replaces; where the probe fails (another CPU, another build)
    see repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
    ``load_state_dict``, swa_utils; the steps of any ``torch.optim`` optimizer are counted too, as fused optimizers
    bump no version counter), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned:
-   the frozen parameters report it). Writes that PyTorch cannot see, through a NumPy view or through a tensor taken
-   from ``.data`` before freezing, are not: call :func:`freeze` again after those, or :func:`unfreeze`. Inference
+   the frozen parameters report it). Writes that PyTorch cannot see are not: through a NumPy view, a storage
+   (``untyped_storage().copy_``), a tensor taken from ``.data`` before freezing, or another tensor's ``.data``
+   that shares a weight's memory (after ``load_state_dict(other.state_dict(), assign=True)``, ``other``'s
+   parameters'). Call :func:`freeze` again after those, or :func:`unfreeze`. Inference
    tensors (weights made or loaded inside ``torch.inference_mode()``) have no version counter, so they are never
    packed: ``freeze`` leaves such stages unfrozen (with a warning) and a frozen stage reads such a weight as it is;
    so it does a weight that is not exactly an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer

@@ -27,19 +27,19 @@ public operators it replaces; where the probe fails (another CPU, another build)
 3. :func:`freeze` (an explicit step, like ``torch.jit.freeze``; the ``pvtv2`` command takes it) packs the weights
    once into oneDNN's blocked layout, which saves the per-call reordering of every weight (measured in
    docs/benchmarks.md). The packed copies live in a side table keyed weakly by module, invisible to ``deepcopy``,
-   ``pickle`` and ``state_dict`` (a copy of a frozen model is an unfrozen model). Every weight change PyTorch can
-   see repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
+   ``pickle`` and ``state_dict`` (a copy of a frozen model is an unfrozen model). Every weight change PyTorch can see
+   repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
    ``load_state_dict``, swa_utils; the steps of any ``torch.optim`` optimizer are counted too, as fused optimizers
-   bump no version counter), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned:
-   the frozen parameters report it). Writes that PyTorch cannot see are not: through a NumPy view, a storage
-   (``untyped_storage().copy_``), a tensor taken from ``.data`` before freezing, or another tensor's ``.data``
-   that shares a weight's memory (after ``load_state_dict(other.state_dict(), assign=True)``, ``other``'s
-   parameters'). Call :func:`freeze` again after those, or :func:`unfreeze`. Inference
-   tensors (weights made or loaded inside ``torch.inference_mode()``) have no version counter, so they are never
-   packed: ``freeze`` leaves such stages unfrozen (with a warning) and a frozen stage reads such a weight as it is;
-   so it does a weight that is not exactly an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer
-   put in its place), whose ``.data`` is not watched. A new Parameter viewing a packed weight's memory otherwise
-   (a transpose, a negative view) repacks too: the packing is keyed by the strides and dtype as well.
+   bump no version counter), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned: the
+   frozen parameters report it). Writes that PyTorch cannot see are not: through a NumPy view, a storage
+   (``untyped_storage().copy_``), a tensor taken from ``.data`` before freezing, or another tensor's ``.data`` that
+   shares a weight's memory (after ``load_state_dict(other.state_dict(), assign=True)``, ``other``'s parameters').
+   Call :func:`freeze` again after those, or :func:`unfreeze`. Inference tensors (weights made or loaded inside
+   ``torch.inference_mode()``) have no version counter, so they are never packed: ``freeze`` leaves such stages
+   unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight that is not exactly
+   an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer put in its place), whose ``.data`` is not
+   watched. A new Parameter viewing a packed weight's memory otherwise (a transpose, a negative view) repacks too:
+   the packing is keyed by the strides and dtype as well.
 4. Thread-safe: several threads may run one model, frozen or not.
 """
 
@@ -401,7 +401,8 @@ def _params_key(dtype: torch.dtype, params: list[torch.Tensor]) -> tuple:
     plain Parameter swapped into a watched one (``torch.utils.swap_tensors``, torch.__future__'s swap mode) has the
     same memory and version, and its ``.data`` is no longer watched until it is repacked."""
     return (dtype,) + tuple(
-        (p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0), type(p), p.dtype, p.shape, p.stride(), p.is_neg())
+        (p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0), type(p), p.dtype, p.shape, p.stride(),
+         p.is_neg())
         for p in params
     )
 

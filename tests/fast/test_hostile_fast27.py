@@ -200,3 +200,49 @@ def test_one_pixel_stage_in_bf16_against_the_reference(frozen):
         assert got.dtype == torch.bfloat16
         assert relative_error(expected.float(), got.float()) < BF16_TOL
         assert relative_error(fp32, got.float()) < 2 * relative_error(fp32, expected.float()) + 1e-2
+
+
+@pytest.mark.parametrize("size", [(2, 3), (3, 3), (2, 2), (1, 5)])
+def test_bf16_patch_embedding_gradient_of_an_input_no_larger_than_its_padding(size):
+    """PyTorch's bf16 CPU convolution writes garbage (1e32, NaN) into the weight gradient when its output is one
+    pixel and the input is no larger than the padding in a dimension: not only a one-pixel input (the 16 px image's
+    last stage) but a 2 or 3 px side under the first stage's 7x7 kernel (padding 3). The patch embedding's gradient
+    under bf16 autocast is fp32's, to bf16 rounding, for every such input."""
+    config = PvtV2Config(**TINY_SHALLOW, sr_ratios=[1, 1, 1, 1], num_labels=5)
+    labels = torch.tensor([1, 2])
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = PvtV2ForImageClassification(config).train()
+        x = torch.randn(2, 3, *size)
+        grads = []
+        for autocast in (False, True):
+            model.zero_grad()
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                model(x, labels=labels).loss.backward()
+            grads.append(model.pvt_v2.encoder.layers[0].patch_embedding.proj.weight.grad.clone())
+        assert torch.isfinite(grads[1]).all(), (size, seed)
+        assert relative_error(grads[0], grads[1]) < 5e-2, (size, seed)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "bf16-autocast"])
+@pytest.mark.parametrize("size", [(16, 16), (3, 3)])
+def test_bf16_model_patch_embedding_gradient_at_a_one_pixel_stage(size, autocast):
+    """A model cast to bf16 (``model.to(torch.bfloat16)``), with or without autocast: the small-input convolution ran in
+    the weights' dtype, bf16, which is where PyTorch writes the garbage; every gradient is now finite and the patch
+    embeddings' are fp32's to bf16 rounding."""
+    config = PvtV2Config(**TINY_SHALLOW, sr_ratios=[1, 1, 1, 1], num_labels=5)
+    labels = torch.tensor([1, 2])
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model = PvtV2ForImageClassification(config).train()
+        x = torch.randn(2, 3, *size)
+        model(x, labels=labels).loss.backward()
+        expected = {name: p.grad.clone() for name, p in model.named_parameters() if "patch_embedding.proj" in name}
+        model.zero_grad()
+        model.to(torch.bfloat16)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            model(x.bfloat16(), labels=labels).loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), (name, seed)
+            if name in expected:
+                assert relative_error(expected[name], p.grad.float()) < 0.1, (name, seed)

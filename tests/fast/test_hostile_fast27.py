@@ -10,7 +10,10 @@ Found and held here:
   plain ``nn.Parameter`` with the old one's memory and version: a later write through its ``.data`` was not counted
   and the old packed weights were used;
 - ``config.out_features`` / ``out_indices`` returned the config's own list: appending to it renamed the backbone's
-  outputs without changing the stages it returned (three names, two maps).
+  outputs without changing the stages it returned (three names, two maps);
+- the patch embedding's small-input convolution (PyTorch's bf16 CPU convolution writes garbage weight gradients
+  there) ran in bf16 for a model cast to bf16, and only for one-pixel inputs: a 2 or 3 px side under the first
+  stage's 7x7 kernel gave the same garbage (1e32, NaN) under autocast.
 
 And held as they are: a frozen backbone whose outputs are changed after inference, its deep copy, pickle and saved
 copy return the reference's maps for the new stages; a frozen model with a one-pixel stage under bf16 autocast, as

@@ -27,16 +27,19 @@ public operators it replaces; where the probe fails (another CPU, another build)
 3. :func:`freeze` (an explicit step, like ``torch.jit.freeze``; the ``pvtv2`` command takes it) packs the weights
    once into oneDNN's blocked layout, which saves the per-call reordering of every weight (measured in
    docs/benchmarks.md). The packed copies live in a side table keyed weakly by module, invisible to ``deepcopy``,
-   ``pickle`` and ``state_dict`` (a copy of a frozen model is an unfrozen model). Every weight change PyTorch can
-   see repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
-   ``load_state_dict``, swa_utils), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned:
-   the frozen parameters report it). Writes that PyTorch cannot see, through a NumPy view or through a tensor taken
-   from ``.data`` before freezing, are not: call :func:`freeze` again after those, or :func:`unfreeze`. Inference
-   tensors (weights made or loaded inside ``torch.inference_mode()``) have no version counter, so they are never
-   packed: ``freeze`` leaves such stages unfrozen (with a warning) and a frozen stage reads such a weight as it is;
-   so it does a weight that is not exactly an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer
-   put in its place), whose ``.data`` is not watched. A new Parameter viewing a packed weight's memory otherwise
-   (a transpose, a negative view) repacks too: the packing is keyed by the strides and dtype as well.
+   ``pickle`` and ``state_dict`` (a copy of a frozen model is an unfrozen model). Every weight change PyTorch can see
+   repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
+   ``load_state_dict``, swa_utils; the steps of any ``torch.optim`` optimizer are counted too, as fused optimizers
+   bump no version counter), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned: the
+   frozen parameters report it). Writes that PyTorch cannot see are not: through a NumPy view, a storage
+   (``untyped_storage().copy_``), a tensor taken from ``.data`` before freezing, or another tensor's ``.data`` that
+   shares a weight's memory (after ``load_state_dict(other.state_dict(), assign=True)``, ``other``'s parameters').
+   Call :func:`freeze` again after those, or :func:`unfreeze`. Inference tensors (weights made or loaded inside
+   ``torch.inference_mode()``) have no version counter, so they are never packed: ``freeze`` leaves such stages
+   unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight that is not exactly
+   an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer put in its place), whose ``.data`` is not
+   watched. A new Parameter viewing a packed weight's memory otherwise (a transpose, a negative view) repacks too:
+   the packing is keyed by the strides and dtype as well.
 4. Thread-safe: several threads may run one model, frozen or not.
 """
 
@@ -54,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_mod
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = [
     "FAST_PATH_ENV",
@@ -373,13 +377,32 @@ def _watch(params: list[torch.Tensor]) -> None:
             p._pvtv2_data_uses = 0
 
 
+def _optimizer_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any ``torch.optim`` optimizer's step (a global step hook, registered by :func:`freeze`): the step counts
+    as a use of each watched parameter it holds. PyTorch's fused optimizers (``fused=True``: AdamW, Adam, SGD,
+    Adagrad, PyTorch 2.14 on the CPU) write the parameters without bumping their version counters, so their steps
+    went unseen and a frozen model kept computing with the weights from before."""
+    if not _FROZEN:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if type(p) is _WatchedParameter:
+                p._pvtv2_data_uses = getattr(p, "_pvtv2_data_uses", 0) + 1
+
+
+_STEP_HOOK: list = []  # the handle of the optimizer step hook, once registered
+
+
 def _params_key(dtype: torch.dtype, params: list[torch.Tensor]) -> tuple:
     """What packed weights were built from: the dtype and each parameter's storage address, version counter and
     ``.data`` uses, and how it reads that memory (dtype, shape, strides, negative bit). The entry keeps the storages
     alive, so no new tensor can take over an address while it lives; but a new Parameter can be another view of the
-    same memory, with the same address and version (a square weight's transpose, a negative view)."""
+    same memory, with the same address and version (a square weight's transpose, a negative view). And its type: a
+    plain Parameter swapped into a watched one (``torch.utils.swap_tensors``, torch.__future__'s swap mode) has the
+    same memory and version, and its ``.data`` is no longer watched until it is repacked."""
     return (dtype,) + tuple(
-        (p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0), p.dtype, p.shape, p.stride(), p.is_neg())
+        (p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0), type(p), p.dtype, p.shape, p.stride(),
+         p.is_neg())
         for p in params
     )
 
@@ -478,6 +501,8 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     skipped = 0
     with _FROZEN_LOCK:
+        if not _STEP_HOOK:
+            _STEP_HOOK.append(register_optimizer_step_post_hook(_optimizer_stepped))
         for stage in _stages(model):
             params = list(stage.parameters())
             if any(p.is_inference() for p in params):

@@ -742,7 +742,9 @@ class PvtV2Config:
 
     @property
     def out_features(self) -> list[str]:
-        return self._outputs[0]
+        # A copy: appending to the config's own list renamed the outputs without changing out_indices (the backbone
+        # named three stages and returned two maps); set the attribute to change them.
+        return list(self._outputs[0])
 
     @out_features.setter
     def out_features(self, value: Sequence[str] | None) -> None:
@@ -753,7 +755,7 @@ class PvtV2Config:
 
     @property
     def out_indices(self) -> list[int]:
-        return self._outputs[1]
+        return list(self._outputs[1])  # a copy, as out_features
 
     @out_indices.setter
     def out_indices(self, value: Sequence[int] | None) -> None:

@@ -74,18 +74,35 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = x.contiguous(memory_format=torch.channels_last)
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and min(x.shape[-2:]) == 1:
-            # PyTorch's bf16 CPU convolution writes garbage (1e38, inf, NaN) into the weight gradient of the taps that
-            # meet only padding when the input is one pixel (a 16 px image's last stage): in fp32 it is right, and a
-            # one-pixel grid costs nothing. timm's and transformers' PVTv2 get the same garbage there.
-            with torch.autocast("cpu", enabled=False):
-                x = self.proj(x.to(self.proj.weight.dtype))  # a model cast to bf16 keeps its own dtype
+        if (
+            x.device.type == "cpu"
+            and min(x.shape[-2:]) <= self.proj.padding[0]
+            and (torch.is_autocast_enabled("cpu") or self.proj.weight.dtype in _REDUCED)
+        ):
+            x = self._small_input_proj(x)
         else:
             x = self.proj(x)  # (B, C, H, W), channels-last
         batch, channels, height, width = x.shape
         x = x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
         return self.layer_norm(x), height, width
 
+    def _small_input_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """``proj`` in fp32 on an input no larger than its padding, returned in the weights' dtype.
+
+        PyTorch's bf16 CPU convolution writes garbage (1e38, inf, NaN) into the weight gradient of the taps that meet
+        only padding when the input is no larger than the padding (a one-pixel input: a 16 px image's last stage; a 2
+        or 3 px side under the first stage's 7x7 kernel), whether autocast or a model cast to bf16 runs it in bf16. In
+        fp32 it is right, and a grid this small costs nothing. timm's and transformers' PVTv2 get the same garbage."""
+        weight, bias = self.proj.weight, self.proj.bias
+        with torch.autocast("cpu", enabled=False):
+            if weight.dtype not in _REDUCED or not fast.plain_modules(nn.Conv2d, self.proj):
+                return self.proj(x.to(weight.dtype))  # an fp32 model, or a convolution that is not exactly Conv2d's
+            out = self.proj._conv_forward(x.float(), weight.float(), None if bias is None else bias.float())
+            return out.to(weight.dtype)
+
+
+# The dtypes PyTorch's CPU convolution gives garbage weight gradients in for the smallest inputs.
+_REDUCED = (torch.bfloat16, torch.float16)
 
 # Attention probabilities up to this size (bytes, all heads and images) are computed explicitly under CPU autocast.
 EXPLICIT_ATTENTION_BYTES = 256 << 20

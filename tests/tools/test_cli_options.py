@@ -62,8 +62,8 @@ def _names_a_path(action: argparse.Action) -> bool:
 
 
 # Free-text arguments whose help speaks of images or folders without naming one: a sub-folder's name inside --data,
-# a model input size, multi-scale factors.
-NOT_PATHS = {"split", "size", "scales"}
+# a model input size, multi-scale factors, the size an image is fitted into.
+NOT_PATHS = {"split", "size", "scales", "fit"}
 
 
 def test_every_path_argument_expands_a_tilde_the_shell_left(monkeypatch):

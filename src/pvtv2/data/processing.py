@@ -413,7 +413,8 @@ class PvtV2ImageProcessor:
     ) -> PvtV2ImageProcessor:
         """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``
         (``subfolder``: from that folder inside the folder or hub repository). ``settings``: constructor arguments
-        that replace the file's (``do_resize=False``), as transformers' ``from_pretrained`` takes them.
+        that replace the file's (``do_resize=False``; None keeps the file's), as transformers' ``from_pretrained``
+        takes them.
 
         A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics); one
         holding something else under that name (a folder, a dangling symlink) is an error.
@@ -480,7 +481,8 @@ class PvtV2ImageProcessor:
         (``"channels_first"`` or ``"channels_last"``, transformers' argument) says which for arrays and tensors.
 
         ``settings``: arguments of the constructor (``do_resize=False``, ``size=...``) for this call only, as
-        transformers' processors take them. ``do_convert_rgb=True`` is accepted: every image is made RGB.
+        transformers' processors take them; one given as None keeps the instance's. ``do_convert_rgb=True`` is
+        accepted: every image is made RGB.
         """
         if settings:
             return self._for_call(settings)(images, return_tensors, input_data_format)
@@ -522,12 +524,14 @@ class PvtV2ImageProcessor:
 
     def _for_call(self, settings: dict[str, Any]) -> PvtV2ImageProcessor:
         """A processor with ``settings`` (constructor arguments given to one call) over this one's."""
-        settings = dict(settings)
         unknown = sorted(set(settings) - set(_SETTINGS) - {"do_convert_rgb"})
         if unknown:
             raise TypeError(
                 f"PvtV2ImageProcessor takes no setting {', '.join(map(repr, unknown))}; it takes {_SETTINGS}"
             )
+        # None is "not given": the instance's setting stays, as transformers 4.x reads it (`x if x is not None else
+        # self.x`); passed on, it meant the class default (ImageNet statistics, 224x224) for this call.
+        settings = {name: value for name, value in settings.items() if value is not None}
         current = {name: getattr(self, name) for name in _SETTINGS}
         if current["crop_pct"] is not None and {"size", "crop_size", "do_center_crop"} & set(settings):
             # crop_pct only recorded how size was derived from the crop; the size or crop given now replace that.

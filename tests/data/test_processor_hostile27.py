@@ -4,6 +4,8 @@ Holds:
 - a setting given to a call as None keeps the instance's (transformers 4.x's rule, ``x if x is not None else
   self.x``): image_mean/image_std/size=None silently went back to the class defaults (ImageNet, 224x224), the
   others were a TypeError; the same through from_pretrained(source, image_mean=None).
+- crop_pct given to a call on a centre-crop processor is timm's form, as the constructor reads it (the current
+  crop is the size): processor(image, crop_pct=0.95) on the timm protocol was refused with a size of 248 nobody gave.
 """
 
 from __future__ import annotations
@@ -50,3 +52,28 @@ def test_from_pretrained_with_none_keeps_the_files_setting(tmp_path):
     assert loaded.image_mean == (0.1, 0.2, 0.3)
     assert loaded.size == {"height": 96, "width": 80}
 
+
+@pytest.mark.parametrize("crop_pct, resized", [(0.95, 235), (0.875, 256), (1.0, 224)])
+def test_crop_pct_per_call_on_a_crop_processor_is_timms_form(crop_pct, resized):
+    timm_processor = PvtV2ImageProcessor.from_protocol("timm", 224)
+    got = timm_processor(PHOTO, return_tensors="np", crop_pct=crop_pct)["pixel_values"]
+    # Independent: resize the shorter side to floor(224 / crop_pct) with PIL bicubic and take the centre 224, as
+    # timm's eval transform (torchvision's CenterCrop offsets: round((H - h) / 2)).
+    width = int(resized * 640 / 427)
+    image = np.asarray(PHOTO.resize((width, resized), resample=PIL.Image.Resampling.BICUBIC))
+    top, left = round((resized - 224) / 2), round((width - 224) / 2)
+    crop = image[top : top + 224, left : left + 224].astype(np.float64) * (1 / 255)
+    crop = crop.astype(np.float32)
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    expected = np.moveaxis((crop - mean) / std, -1, 0)[None]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert timm_processor == PvtV2ImageProcessor.from_protocol("timm", 224)  # nothing leaked into the instance
+
+
+def test_crop_pct_with_a_size_per_call_is_timms_form():
+    timm_processor = PvtV2ImageProcessor.from_protocol("timm", 224)
+    got = timm_processor(PHOTO, return_tensors="np", size=384, crop_pct=0.9)["pixel_values"]
+    expected = PvtV2ImageProcessor.from_protocol("timm", 384)(PHOTO, return_tensors="np")["pixel_values"]
+    assert got.shape == (1, 3, 384, 384)
+    np.testing.assert_array_equal(got, expected)

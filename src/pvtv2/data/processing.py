@@ -536,6 +536,13 @@ class PvtV2ImageProcessor:
         if current["crop_pct"] is not None and {"size", "crop_size", "do_center_crop"} & set(settings):
             # crop_pct only recorded how size was derived from the crop; the size or crop given now replace that.
             current["crop_pct"] = None
+        if "crop_pct" in settings and "crop_size" not in settings:
+            # timm's form, as the constructor reads it: the size is the crop and the resize follows from crop_pct.
+            # The instance's crop stands for the size unless one is given (its resize, derived from the old
+            # crop_pct, was refused as not matching the new one).
+            current["crop_size"] = None
+            if "size" not in settings and self.crop_size is not None:
+                current["size"] = self.crop_size
         if not settings.get("do_center_crop", current["do_center_crop"]):
             current["crop_size"] = None
         processor = type(self)(**{**current, **settings})

@@ -6,6 +6,8 @@ Holds:
   others were a TypeError; the same through from_pretrained(source, image_mean=None).
 - crop_pct given to a call on a centre-crop processor is timm's form, as the constructor reads it (the current
   crop is the size): processor(image, crop_pct=0.95) on the timm protocol was refused with a size of 248 nobody gave.
+- return_tensors=None never hands back the caller's memory: with nothing to do, the list held the input array (or
+  the tensor's memory), and editing the output edited the input.
 """
 
 from __future__ import annotations
@@ -77,3 +79,19 @@ def test_crop_pct_with_a_size_per_call_is_timms_form():
     expected = PvtV2ImageProcessor.from_protocol("timm", 384)(PHOTO, return_tensors="np")["pixel_values"]
     assert got.shape == (1, 3, 384, 384)
     np.testing.assert_array_equal(got, expected)
+
+
+OFF = dict(do_resize=False, do_rescale=False, do_normalize=False)
+
+
+@pytest.mark.parametrize("kind", ["array", "tensor", "batch"])
+def test_return_tensors_none_does_not_hand_back_the_callers_memory(kind):
+    import torch
+
+    original = np.random.default_rng(5).random((3, 8, 9)).astype(np.float32)
+    source = original.copy()
+    images = {"array": source, "tensor": torch.from_numpy(source), "batch": source[None]}[kind]
+    out = PvtV2ImageProcessor()(images, return_tensors=None, **OFF)["pixel_values"][0]
+    np.testing.assert_array_equal(out, original)  # nothing to do: the input's values come back
+    out += 1.0  # a caller's in-place edit of the output must leave its own image alone
+    np.testing.assert_array_equal(source, original)

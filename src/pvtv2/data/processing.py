@@ -507,7 +507,9 @@ class PvtV2ImageProcessor:
                 warned = True
             processed.append(self._preprocess(image))
         if return_tensors is None:
-            return ProcessorOutput(pixel_values=[array.astype(np.float32, copy=False) for array in processed])
+            # Always copies: with nothing to do (no resize, rescale or normalise), an image would come back as the
+            # caller's own array or tensor memory, and editing the output would edit the input.
+            return ProcessorOutput(pixel_values=[array.astype(np.float32) for array in processed])
         shapes = {array.shape for array in processed}
         if len(shapes) > 1:
             raise ValueError(

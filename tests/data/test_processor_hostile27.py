@@ -8,6 +8,7 @@ Holds:
   crop is the size): processor(image, crop_pct=0.95) on the timm protocol was refused with a size of 248 nobody gave.
 - return_tensors=None never hands back the caller's memory: with nothing to do, the list held the input array (or
   the tensor's memory), and editing the output edited the input.
+- (kept as checks, they passed) two threads calling one processor with different settings each get their own.
 """
 
 from __future__ import annotations
@@ -95,3 +96,26 @@ def test_return_tensors_none_does_not_hand_back_the_callers_memory(kind):
     np.testing.assert_array_equal(out, original)  # nothing to do: the input's values come back
     out += 1.0  # a caller's in-place edit of the output must leave its own image alone
     np.testing.assert_array_equal(source, original)
+
+
+def test_two_threads_with_different_settings_on_one_processor_each_get_their_own():
+    import threading
+
+    processor = PvtV2ImageProcessor(**CUSTOM)
+    calls = [dict(size=32, do_normalize=False), dict(image_mean=0.5, image_std=0.25, resample=2), {}]
+    expected = [_transformers(CUSTOM, **call) for call in calls]
+    failures: list[str] = []
+
+    def work(index: int) -> None:
+        for _ in range(15):
+            got = processor(PHOTO, return_tensors="np", **calls[index])["pixel_values"]
+            if got.shape != expected[index].shape or np.abs(got - expected[index]).max() > 1e-6:
+                failures.append(f"call {calls[index]} gave {got.shape}")
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert processor.to_dict() == PvtV2ImageProcessor(**CUSTOM).to_dict()

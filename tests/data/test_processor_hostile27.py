@@ -8,6 +8,8 @@ Holds:
   crop is the size): processor(image, crop_pct=0.95) on the timm protocol was refused with a size of 248 nobody gave.
 - return_tensors=None never hands back the caller's memory: with nothing to do, the list held the input array (or
   the tensor's memory), and editing the output edited the input.
+- from_protocol(name, image_size, **overrides): an override of None keeps the protocol's (from_protocol("timm", 384,
+  size=None) was a 224 crop, crop_pct=None a plain resize, resample=None a TypeError).
 - (kept as checks, they passed) two threads calling one processor with different settings each get their own.
 """
 
@@ -56,21 +58,25 @@ def test_from_pretrained_with_none_keeps_the_files_setting(tmp_path):
     assert loaded.size == {"height": 96, "width": 80}
 
 
+def _timm_eval(resized: int, crop: int) -> np.ndarray:
+    """PHOTO through timm's eval transform, written out: the shorter side to ``resized`` (PIL bicubic), the centre
+    ``crop`` (torchvision's CenterCrop offsets, round((H - h) / 2)), /255, ImageNet statistics; (1, 3, crop, crop)."""
+    width = int(resized * 640 / 427)
+    image = np.asarray(PHOTO.resize((width, resized), resample=PIL.Image.Resampling.BICUBIC))
+    top, left = round((resized - crop) / 2), round((width - crop) / 2)
+    window = (image[top : top + crop, left : left + crop].astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    return np.moveaxis((window - mean) / std, -1, 0)[None]
+
+
 @pytest.mark.parametrize("crop_pct, resized", [(0.95, 235), (0.875, 256), (1.0, 224)])
 def test_crop_pct_per_call_on_a_crop_processor_is_timms_form(crop_pct, resized):
     timm_processor = PvtV2ImageProcessor.from_protocol("timm", 224)
     got = timm_processor(PHOTO, return_tensors="np", crop_pct=crop_pct)["pixel_values"]
     # Independent: resize the shorter side to floor(224 / crop_pct) with PIL bicubic and take the centre 224, as
     # timm's eval transform (torchvision's CenterCrop offsets: round((H - h) / 2)).
-    width = int(resized * 640 / 427)
-    image = np.asarray(PHOTO.resize((width, resized), resample=PIL.Image.Resampling.BICUBIC))
-    top, left = round((resized - 224) / 2), round((width - 224) / 2)
-    crop = image[top : top + 224, left : left + 224].astype(np.float64) * (1 / 255)
-    crop = crop.astype(np.float32)
-    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-    expected = np.moveaxis((crop - mean) / std, -1, 0)[None]
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, _timm_eval(resized, 224), rtol=0, atol=1e-6)
     assert timm_processor == PvtV2ImageProcessor.from_protocol("timm", 224)  # nothing leaked into the instance
 
 
@@ -119,3 +125,11 @@ def test_two_threads_with_different_settings_on_one_processor_each_get_their_own
         thread.join()
     assert failures == []
     assert processor.to_dict() == PvtV2ImageProcessor(**CUSTOM).to_dict()
+
+
+@pytest.mark.parametrize("name", ["size", "crop_pct", "resample", "do_resize", "image_mean"])
+def test_from_protocol_with_an_override_of_none_keeps_the_protocols(name):
+    processor = PvtV2ImageProcessor.from_protocol("timm", 384, **{name: None})
+    got = processor(PHOTO, return_tensors="np")["pixel_values"]
+    assert got.shape == (1, 3, 384, 384)  # size=None made it the class default's 224 crop
+    np.testing.assert_allclose(got, _timm_eval(426, 384), rtol=0, atol=1e-6)  # floor(384 / 0.9) = 426

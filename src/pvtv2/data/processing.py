@@ -299,7 +299,8 @@ class PvtV2ImageProcessor:
     def from_protocol(cls, name: str, image_size: int = 224, **overrides: Any) -> PvtV2ImageProcessor:
         """The processor of a named evaluation protocol (:data:`PREPROCESS_PROTOCOLS`) for ``image_size``-pixel
         model inputs: ``"transformers"`` (resize to the square, bilinear), ``"timm"`` (crop_pct 0.9, bicubic) or
-        ``"original"`` (crop_pct 0.875, bicubic). Keyword arguments override the protocol's settings."""
+        ``"original"`` (crop_pct 0.875, bicubic). Keyword arguments override the protocol's settings (None keeps
+        the protocol's, as in a call)."""
         if not isinstance(name, str) or name not in PREPROCESS_PROTOCOLS:
             raise ValueError(f"unknown preprocessing protocol {name!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
@@ -310,7 +311,8 @@ class PvtV2ImageProcessor:
             # model as they are (ToTensor and Normalize alone).
             # The size is kept only as a record (the saved config says 32; `protocol` finds the name by it).
             settings = {"resample": PREPROCESS_PROTOCOLS[name]["resample"], "do_resize": False, "size": int(image_size)}
-        settings.update(overrides)
+        # None is "not given", as in a call: passed on, size=None was the class default's 224 whatever image_size.
+        settings.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**settings)
 
     @property

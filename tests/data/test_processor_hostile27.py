@@ -10,6 +10,7 @@ Holds:
   the tensor's memory), and editing the output edited the input.
 - from_protocol(name, image_size, **overrides): an override of None keeps the protocol's (from_protocol("timm", 384,
   size=None) was a 224 crop, crop_pct=None a plain resize, resample=None a TypeError).
+- do_convert_rgb takes numpy.True_ as every other switch does (it was refused as "must be True ... got np.True_").
 - (kept as checks, they passed) two threads calling one processor with different settings each get their own.
 """
 
@@ -133,3 +134,15 @@ def test_from_protocol_with_an_override_of_none_keeps_the_protocols(name):
     got = processor(PHOTO, return_tensors="np")["pixel_values"]
     assert got.shape == (1, 3, 384, 384)  # size=None made it the class default's 224 crop
     np.testing.assert_allclose(got, _timm_eval(426, 384), rtol=0, atol=1e-6)  # floor(384 / 0.9) = 426
+
+
+def test_do_convert_rgb_takes_a_numpy_true_as_every_other_switch():
+    import numpy
+
+    expected = _transformers(CUSTOM)
+    got = PvtV2ImageProcessor(**CUSTOM, do_convert_rgb=numpy.True_)(PHOTO, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    got = PvtV2ImageProcessor(**CUSTOM)(PHOTO, return_tensors="np", do_convert_rgb=numpy.True_)["pixel_values"]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="do_convert_rgb must be True"):
+        PvtV2ImageProcessor(do_convert_rgb=numpy.False_)

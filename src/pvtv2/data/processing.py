@@ -230,7 +230,7 @@ class PvtV2ImageProcessor:
         image_std: float | Sequence[float] | None = None,
         do_convert_rgb: bool | None = None,
     ) -> None:
-        if do_convert_rgb is not None and do_convert_rgb is not True:
+        if do_convert_rgb is not None and not _check_bool("do_convert_rgb", do_convert_rgb):
             raise ValueError(f"do_convert_rgb must be True (or left out): every image is made RGB, got {do_convert_rgb!r}")
         self.do_resize = _check_bool("do_resize", do_resize)
         self.resample = _check_resample(resample)

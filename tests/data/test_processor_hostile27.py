@@ -11,6 +11,8 @@ Holds:
 - from_protocol(name, image_size, **overrides): an override of None keeps the protocol's (from_protocol("timm", 384,
   size=None) was a 224 crop, crop_pct=None a plain resize, resample=None a TypeError).
 - do_convert_rgb takes numpy.True_ as every other switch does (it was refused as "must be True ... got np.True_").
+- a crop turned on (from_pretrained(source, do_center_crop=True, crop_size=...)) over a file whose crop was off kept
+  the file's stale crop_pct in to_dict, so save_pretrained wrote a file it then refused to read.
 - (kept as checks, they passed) two threads calling one processor with different settings each get their own.
 """
 
@@ -146,3 +148,27 @@ def test_do_convert_rgb_takes_a_numpy_true_as_every_other_switch():
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="do_convert_rgb must be True"):
         PvtV2ImageProcessor(do_convert_rgb=numpy.False_)
+
+
+def test_a_crop_turned_on_over_a_files_inactive_crop_pct_is_saved_as_it_runs(tmp_path):
+    import json
+
+    import transformers
+
+    # A file whose crop is off but whose crop keys are there (kept as unknown keys for the round trip).
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "do_center_crop": False, "crop_pct": 0.9, "crop_size": {"height": 200, "width": 200}, "do_normalize": True,
+        "do_rescale": True, "do_resize": True, "image_processor_type": "PvtImageProcessor", "resample": 2,
+        "size": {"height": 224, "width": 224},
+    }))
+    ours = PvtV2ImageProcessor.from_pretrained(tmp_path, do_center_crop=True, crop_size=200)
+    assert "crop_pct" not in ours.to_dict()  # the stale 0.9 is not this crop's (224 resize, 200 crop)
+    ours.save_pretrained(tmp_path / "saved")
+    again = PvtV2ImageProcessor.from_pretrained(tmp_path / "saved")  # a crop_pct that does not match was refused
+    assert again == ours
+    theirs = transformers.PvtImageProcessorPil.from_pretrained(tmp_path / "saved", do_convert_rgb=True)
+    # 427 x 640 resized to 224 x 224 and cropped to 200: (224 - 200) / 2 = 12 either way, so floor and round agree.
+    expected = np.asarray(theirs(PHOTO, return_tensors="np")["pixel_values"])
+    got = again(PHOTO, return_tensors="np")["pixel_values"]
+    assert got.shape == expected.shape == (1, 3, 200, 200)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)

@@ -361,6 +361,9 @@ class PvtV2ImageProcessor:
         # transformers writes no crop keys for PvtImageProcessor; they appear only when a crop is on, so a plain
         # resize still writes the published file byte for byte.
         if self.do_center_crop:
+            # A loaded file's crop_pct kept while its crop was off is not this crop's (a crop turned on per call or
+            # in from_pretrained): written back, the file was refused on reading as not matching size.
+            config.pop("crop_pct", None)
             config["do_center_crop"] = True
             config["crop_size"] = dict(self.crop_size)  # type: ignore[arg-type]
             if self.crop_pct is not None:

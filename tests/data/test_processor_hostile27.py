@@ -5,7 +5,8 @@ Holds:
   self.x``): image_mean/image_std/size=None silently went back to the class defaults (ImageNet, 224x224), the
   others were a TypeError; the same through from_pretrained(source, image_mean=None).
 - crop_pct given to a call on a centre-crop processor is timm's form, as the constructor reads it (the current
-  crop is the size): processor(image, crop_pct=0.95) on the timm protocol was refused with a size of 248 nobody gave.
+  crop is the size): processor(image, crop_pct=0.95) on the timm protocol was refused with a size of 248 nobody gave,
+  and on a processor without a crop as "do_center_crop is False" (the instance's, not given).
 - return_tensors=None never hands back the caller's memory: with nothing to do, the list held the input array (or
   the tensor's memory), and editing the output edited the input.
 - from_protocol(name, image_size, **overrides): an override of None keeps the protocol's (from_protocol("timm", 384,
@@ -81,6 +82,13 @@ def test_crop_pct_per_call_on_a_crop_processor_is_timms_form(crop_pct, resized):
     # timm's eval transform (torchvision's CenterCrop offsets: round((H - h) / 2)).
     np.testing.assert_allclose(got, _timm_eval(resized, 224), rtol=0, atol=1e-6)
     assert timm_processor == PvtV2ImageProcessor.from_protocol("timm", 224)  # nothing leaked into the instance
+
+
+@pytest.mark.parametrize("settings", [{}, {"crop_size": 200}, {"size": {"height": 224, "width": 300}}])
+def test_crop_pct_per_call_on_a_plain_processor_is_timms_form(settings):
+    plain = PvtV2ImageProcessor(resample=3, **settings)  # a 224 resize (its crop_size, without a crop, is unused)
+    got = plain(PHOTO, return_tensors="np", crop_pct=0.9, size=224 if "size" in settings else None)["pixel_values"]
+    np.testing.assert_allclose(got, _timm_eval(248, 224), rtol=0, atol=1e-6)
 
 
 def test_crop_pct_with_a_size_per_call_is_timms_form():

@@ -546,10 +546,12 @@ class PvtV2ImageProcessor:
         if "crop_pct" in settings and "crop_size" not in settings:
             # timm's form, as the constructor reads it: the size is the crop and the resize follows from crop_pct.
             # The instance's crop stands for the size unless one is given (its resize, derived from the old
-            # crop_pct, was refused as not matching the new one).
+            # crop_pct, was refused as not matching the new one); without a crop, its size is the crop.
             current["crop_size"] = None
-            if "size" not in settings and self.crop_size is not None:
+            if "size" not in settings and self.do_center_crop:
                 current["size"] = self.crop_size
+            if "do_center_crop" not in settings:
+                current["do_center_crop"] = None  # crop_pct turns the crop on (the instance's False was refused)
         if not settings.get("do_center_crop", current["do_center_crop"]):
             current["crop_size"] = None
         processor = type(self)(**{**current, **settings})

@@ -29,8 +29,8 @@ from pvtv2 import PvtV2ImageProcessor
 
 PHOTO = PIL.Image.fromarray(load_sample_images().images[0])  # 427 x 640 (china.jpg)
 
-CUSTOM = dict(size={"height": 96, "width": 80}, image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.2, 0.1], resample=3,
-              rescale_factor=1 / 127.5)
+CUSTOM = {"size": {"height": 96, "width": 80}, "image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1],
+          "resample": 3, "rescale_factor": 1 / 127.5}
 
 
 def _transformers(settings, **call):
@@ -99,7 +99,7 @@ def test_crop_pct_with_a_size_per_call_is_timms_form():
     np.testing.assert_array_equal(got, expected)
 
 
-OFF = dict(do_resize=False, do_rescale=False, do_normalize=False)
+OFF = {"do_resize": False, "do_rescale": False, "do_normalize": False}
 
 
 @pytest.mark.parametrize("kind", ["array", "tensor", "batch"])
@@ -119,7 +119,7 @@ def test_two_threads_with_different_settings_on_one_processor_each_get_their_own
     import threading
 
     processor = PvtV2ImageProcessor(**CUSTOM)
-    calls = [dict(size=32, do_normalize=False), dict(image_mean=0.5, image_std=0.25, resample=2), {}]
+    calls = [{"size": 32, "do_normalize": False}, {"image_mean": 0.5, "image_std": 0.25, "resample": 2}, {}]
     expected = [_transformers(CUSTOM, **call) for call in calls]
     failures: list[str] = []
 

@@ -230,7 +230,7 @@ class PvtV2ImageProcessor:
         image_std: float | Sequence[float] | None = None,
         do_convert_rgb: bool | None = None,
     ) -> None:
-        if do_convert_rgb is not None and do_convert_rgb is not True:
+        if do_convert_rgb is not None and not _check_bool("do_convert_rgb", do_convert_rgb):
             raise ValueError(f"do_convert_rgb must be True (or left out): every image is made RGB, got {do_convert_rgb!r}")
         self.do_resize = _check_bool("do_resize", do_resize)
         self.resample = _check_resample(resample)
@@ -299,7 +299,8 @@ class PvtV2ImageProcessor:
     def from_protocol(cls, name: str, image_size: int = 224, **overrides: Any) -> PvtV2ImageProcessor:
         """The processor of a named evaluation protocol (:data:`PREPROCESS_PROTOCOLS`) for ``image_size``-pixel
         model inputs: ``"transformers"`` (resize to the square, bilinear), ``"timm"`` (crop_pct 0.9, bicubic) or
-        ``"original"`` (crop_pct 0.875, bicubic). Keyword arguments override the protocol's settings."""
+        ``"original"`` (crop_pct 0.875, bicubic). Keyword arguments override the protocol's settings (None keeps
+        the protocol's, as in a call)."""
         if not isinstance(name, str) or name not in PREPROCESS_PROTOCOLS:
             raise ValueError(f"unknown preprocessing protocol {name!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
@@ -310,7 +311,8 @@ class PvtV2ImageProcessor:
             # model as they are (ToTensor and Normalize alone).
             # The size is kept only as a record (the saved config says 32; `protocol` finds the name by it).
             settings = {"resample": PREPROCESS_PROTOCOLS[name]["resample"], "do_resize": False, "size": int(image_size)}
-        settings.update(overrides)
+        # None is "not given", as in a call: passed on, size=None was the class default's 224 whatever image_size.
+        settings.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**settings)
 
     @property
@@ -359,6 +361,9 @@ class PvtV2ImageProcessor:
         # transformers writes no crop keys for PvtImageProcessor; they appear only when a crop is on, so a plain
         # resize still writes the published file byte for byte.
         if self.do_center_crop:
+            # A loaded file's crop_pct kept while its crop was off is not this crop's (a crop turned on per call or
+            # in from_pretrained): written back, the file was refused on reading as not matching size.
+            config.pop("crop_pct", None)
             config["do_center_crop"] = True
             config["crop_size"] = dict(self.crop_size)  # type: ignore[arg-type]
             if self.crop_pct is not None:
@@ -413,7 +418,8 @@ class PvtV2ImageProcessor:
     ) -> PvtV2ImageProcessor:
         """Read a ``preprocessor_config.json`` from a JSON file, a folder, or a hub id such as ``OpenGVLab/pvt_v2_b0``
         (``subfolder``: from that folder inside the folder or hub repository). ``settings``: constructor arguments
-        that replace the file's (``do_resize=False``), as transformers' ``from_pretrained`` takes them.
+        that replace the file's (``do_resize=False``; None keeps the file's), as transformers' ``from_pretrained``
+        takes them.
 
         A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics); one
         holding something else under that name (a folder, a dangling symlink) is an error.
@@ -480,7 +486,8 @@ class PvtV2ImageProcessor:
         (``"channels_first"`` or ``"channels_last"``, transformers' argument) says which for arrays and tensors.
 
         ``settings``: arguments of the constructor (``do_resize=False``, ``size=...``) for this call only, as
-        transformers' processors take them. ``do_convert_rgb=True`` is accepted: every image is made RGB.
+        transformers' processors take them; one given as None keeps the instance's. ``do_convert_rgb=True`` is
+        accepted: every image is made RGB.
         """
         if settings:
             return self._for_call(settings)(images, return_tensors, input_data_format)
@@ -505,7 +512,9 @@ class PvtV2ImageProcessor:
                 warned = True
             processed.append(self._preprocess(image))
         if return_tensors is None:
-            return ProcessorOutput(pixel_values=[array.astype(np.float32, copy=False) for array in processed])
+            # Always copies: with nothing to do (no resize, rescale or normalise), an image would come back as the
+            # caller's own array or tensor memory, and editing the output would edit the input.
+            return ProcessorOutput(pixel_values=[array.astype(np.float32) for array in processed])
         shapes = {array.shape for array in processed}
         if len(shapes) > 1:
             raise ValueError(
@@ -522,16 +531,27 @@ class PvtV2ImageProcessor:
 
     def _for_call(self, settings: dict[str, Any]) -> PvtV2ImageProcessor:
         """A processor with ``settings`` (constructor arguments given to one call) over this one's."""
-        settings = dict(settings)
         unknown = sorted(set(settings) - set(_SETTINGS) - {"do_convert_rgb"})
         if unknown:
             raise TypeError(
                 f"PvtV2ImageProcessor takes no setting {', '.join(map(repr, unknown))}; it takes {_SETTINGS}"
             )
+        # None is "not given": the instance's setting stays, as transformers 4.x reads it (`x if x is not None else
+        # self.x`); passed on, it meant the class default (ImageNet statistics, 224x224) for this call.
+        settings = {name: value for name, value in settings.items() if value is not None}
         current = {name: getattr(self, name) for name in _SETTINGS}
         if current["crop_pct"] is not None and {"size", "crop_size", "do_center_crop"} & set(settings):
             # crop_pct only recorded how size was derived from the crop; the size or crop given now replace that.
             current["crop_pct"] = None
+        if "crop_pct" in settings and "crop_size" not in settings:
+            # timm's form, as the constructor reads it: the size is the crop and the resize follows from crop_pct.
+            # The instance's crop stands for the size unless one is given (its resize, derived from the old
+            # crop_pct, was refused as not matching the new one); without a crop, its size is the crop.
+            current["crop_size"] = None
+            if "size" not in settings and self.do_center_crop:
+                current["size"] = self.crop_size
+            if "do_center_crop" not in settings:
+                current["do_center_crop"] = None  # crop_pct turns the crop on (the instance's False was refused)
         if not settings.get("do_center_crop", current["do_center_crop"]):
             current["crop_size"] = None
         processor = type(self)(**{**current, **settings})

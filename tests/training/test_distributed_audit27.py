@@ -294,3 +294,35 @@ def test_depth_metrics_under_torchrun_are_those_of_the_saved_weights(tmp_path):
         assert record[name] == pytest.approx(whole[name], rel=1e-6, abs=1e-9), name
     # the loss is a batch's SILog, so it is that of the same batches: the shards' batches of 2
     assert record["val_loss"] == pytest.approx((3 * shard0["val_loss"] + 2 * shard1["val_loss"]) / 5, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ 7. one rank fails
+# Process 1 cannot read an image in epoch 2 (a file damaged on its machine after the scan): the run stops, process 0
+# with it (torchrun ends the others), the lock is released, epoch 1's checkpoint stays whole and --resume finishes.
+_BROKEN = '''
+import os, sys
+if os.environ["RANK"] == "1":
+    from pvtv2.data import folders
+    read = folders.ImageFolder.__getitem__
+    def broken(self, index):
+        if getattr(self, "epoch", 0) == 1 and isinstance(self.transform, folders.TrainTransform):
+            raise OSError(f"cannot read {self.samples[index][0]!r}: damaged on this machine")
+        return read(self, index)
+    folders.ImageFolder.__getitem__ = broken
+from pvtv2.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+'''
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_stops_the_run_and_it_resumes(twenty, tiny, tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text(_BROKEN)
+    out = tmp_path / "run"
+    stopped = _torchrun_script(script, _args(twenty, tiny, out, 2))
+    assert stopped.returncode != 0 and "damaged on this machine" in stopped.stderr, stopped.stderr[-3000:]
+    assert [r["epoch"] for r in run_records(out)] == [1] and not (out / "run.lock").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "metrics.jsonl", "run.json"]
+    done = run_train_torchrun(["--output", str(out), "--resume", "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["epoch"] for r in run_records(out)] == [1, 2]

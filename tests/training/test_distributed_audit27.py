@@ -326,3 +326,24 @@ def test_a_rank_that_fails_stops_the_run_and_it_resumes(twenty, tiny, tmp_path):
     done = run_train_torchrun(["--output", str(out), "--resume", "--no-progress"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["epoch"] for r in run_records(out)] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------ 8. other count
+@pytest.mark.slow
+def test_a_two_process_run_resumed_by_one_says_so_and_keeps_its_first_epoch(twenty, tiny, wrapper, uninterrupted,
+                                                                            tmp_path):
+    out = tmp_path / "run"
+    env = {**ENV, KILL_ENV: "7", "KILL_RANKS": "0,1", "WRITES_LOG": str(out) + ".writes"}
+    stopped = _torchrun_script(wrapper, _args(twenty, tiny, out, 2, "--drop-path", "0.1", "--hflip", "0.5", "--ema",
+                                              "0.9"), env)
+    assert stopped.returncode != 0
+    done = run_train(["--output", str(out), "--resume", "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained by 2 process(es), this one by 1" in done.stderr, done.stderr[-3000:]
+    # epoch 1 as the two processes trained it (the uninterrupted run's), epoch 2 by one process: 10 batches of 2
+    # where the two made 5 steps of 2 x 2, ending at --min-lr all the same
+    records, reference = run_records(out), run_records(uninterrupted)
+    assert records[0] == {**reference[0], "seconds": records[0]["seconds"],
+                          "images_per_second": records[0]["images_per_second"]}
+    assert [r["epoch"] for r in records] == [1, 2] and records[1]["lr"] == pytest.approx(1e-5, rel=1e-9)
+    assert not all(torch.equal(a, b) for a, b in zip(_weights(out).values(), _weights(uninterrupted).values()))

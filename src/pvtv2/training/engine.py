@@ -803,6 +803,13 @@ def _validate(task: Task, cfg: TrainConfig, training: Training, epoch: int, ctx:
                           world_size=info.world_size, pad=False)
     loader = torch.utils.data.DataLoader(task.val_set, batch_size=cfg.batch_size, sampler=order,
                                          num_workers=_workers(cfg, ctx.device), collate_fn=task.collate)
+    if info.enabled:
+        # BatchNorm's running statistics (segmentation's decode head, depth's decoder; no SyncBatchNorm): each process
+        # updated its own copy in its last forward pass. Every shard is scored with rank 0's, the ones that are saved;
+        # process 1 scored its shard of the depth metrics with statistics that no checkpoint holds.
+        for module in (training.model, training.ema.module if training.ema is not None else None):
+            for buffer in module.buffers() if module is not None else ():
+                dist.broadcast(buffer, src=0)
     fields = task.evaluate(training.model, loader, ctx)
     if training.ema is not None:
         fields.update({f"ema_{key}": value for key, value in task.evaluate(training.ema.module, loader, ctx).items()})

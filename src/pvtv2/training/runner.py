@@ -145,12 +145,33 @@ def _train(
         logging.getLogger("pvtv2").setLevel(logging.ERROR)
     task = TASK_CLASSES[cfg.task](cfg)
     task.load_data()
+    _check_same_data(task, info)
     check_resumed_classes(run_classes, task.classes, cfg)
     bf16 = cfg.bf16
     if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         logger.warning("--bf16: %s does not support bfloat16; training in float32", torch.cuda.get_device_name(device))
         bf16 = False
     return run(task, cfg, state, RunContext(device, bf16, info, fp16=cfg.fp16))
+
+
+def _check_same_data(task: Task, info: DistInfo) -> None:
+    """Refuse processes that read different datasets (each machine reads its own copy of --data): each shuffles its
+    own list and takes its share of it, so a file missing on one machine had some images trained twice and others
+    never, and the validation shards scored a mixture, without a word."""
+    if not info.enabled:
+        return
+    mine = (len(task.train_set), len(task.val_set), list(task.classes))
+    every: list[Any] = [None] * info.world_size
+    dist.all_gather_object(every, mine)
+    if all(other == every[0] for other in every):
+        return
+    described = ", ".join(
+        f"process {rank} has {train} training images, {val} validation images and {len(classes)} classes"
+        + ("" if classes == every[0][2] else " (named otherwise than process 0's)")
+        for rank, (train, val, classes) in enumerate(every)
+    )
+    raise ValueError(f"the processes read different datasets: {described}; every machine needs the same dataset "
+                     f"at --data")
 
 
 def _default_lr(cfg: TrainConfig, world_size: int) -> float:

@@ -276,12 +276,8 @@ class SegmentationTask(Task):
         return semantic_segmentation_loss(logits.float(), labels, ignore_index=ignore)
 
     def evaluate(self, model: nn.Module, loader: Any, ctx: RunContext) -> dict[str, Any]:
-        # The decode head's BatchNorm keeps per-process batch statistics (no SyncBatchNorm), as a 1-process run does.
-        if ctx.dist.enabled:
-            # BatchNorm's running statistics: each process updated its own copy in its last forward pass. Evaluate
-            # every shard with rank 0's, the ones that are saved, so the metrics are those of the saved model.
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+        # The decode head's BatchNorm keeps per-process batch statistics (no SyncBatchNorm), as a 1-process run does;
+        # the engine gives every process rank 0's running statistics before the evaluation (engine._validate).
         v_loss, v_count, confusion = _evaluate_sums(model, loader, ctx.device, ctx.bf16)
         sums = ctx.sum([v_loss, v_count, *confusion.reshape(-1).tolist()])
         k = confusion.shape[0]

@@ -52,3 +52,110 @@ def test_mask_training_on_boxes_without_any_mask_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no mask" in err and "faster_rcnn" in err, err
     assert not (out / "last").exists()
+
+
+# ---------------------------------------------------------------------------------------------- torchvision by hand
+import torch  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+
+timm = pytest.importorskip("timm")
+
+from torchvision.models import detection as tvd  # noqa: E402
+from torchvision.ops import FeaturePyramidNetwork  # noqa: E402
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7  # noqa: E402
+
+from pvtv2 import PvtV2Config, fast  # noqa: E402
+from pvtv2.models.detection import DETECTORS, PvtV2ForObjectDetection  # noqa: E402
+from pvtv2.weights.layouts import convert_state_dict  # noqa: E402
+
+from conftest import TINY_SHALLOW, perturb_  # noqa: E402
+
+
+class _TimmBackbone(torch.nn.Module):
+    """timm's ``pvt_v2_b0`` (``features_only``) and torchvision's FPN, built from torchvision's own classes as a user
+    would wire them (not copied from the model under test)."""
+
+    def __init__(self, body, stages, extra, width):
+        super().__init__()
+        self.body, self.stages, self.out_channels = body, stages, width
+        self.fpn = FeaturePyramidNetwork([body.feature_info.channels()[s - 1] for s in stages], width, extra_blocks=extra)
+
+    def forward(self, x):
+        maps = self.body(x)
+        return self.fpn(OrderedDict((str(n), maps[s - 1]) for n, s in enumerate(self.stages)))
+
+
+def _by_hand(model: PvtV2ForObjectDetection) -> torch.nn.Module:
+    """torchvision's detector assembled from its defaults (anchors, RoI pools, heads), the mmdetection settings the
+    docs promise passed explicitly; every weight loaded from ``model``'s state dict by name."""
+    c = model.config
+    body = timm.create_model("pvt_v2_b0", features_only=True, pretrained=False, depths=c.depths,
+                             embed_dims=c.hidden_sizes, num_heads=c.num_attention_heads, mlp_ratios=c.mlp_ratios,
+                             sr_ratios=c.sr_ratios)
+    state = convert_state_dict(model.pvt_v2.state_dict(), "timm")
+    body.load_state_dict({k.replace("stages.", "stages_", 1): v for k, v in state.items()})
+    size = dict(min_size=c.min_size, max_size=c.max_size)
+    if c.detector == "retinanet":
+        backbone = _TimmBackbone(body, [2, 3, 4], LastLevelP6P7(c.hidden_sizes[3], c.fpn_channels), c.fpn_channels)
+        backbone.fpn.extra_blocks.use_P5 = False  # mmdetection's add_extra_convs="on_input": P6 from C5
+        det = tvd.RetinaNet(backbone, c.num_labels, **size)  # torchvision's _default_anchorgen, thresholds 0.05 / 0.5
+    elif c.detector == "fcos":
+        backbone = _TimmBackbone(body, [2, 3, 4], LastLevelP6P7(c.fpn_channels, c.fpn_channels), c.fpn_channels)
+        backbone.fpn.extra_blocks.use_P5 = True
+        det = tvd.FCOS(backbone, c.num_labels, score_thresh=0.05, **size)  # mmdetection's test score_thr
+    else:
+        backbone = _TimmBackbone(body, [1, 2, 3, 4], LastLevelMaxPool(), c.fpn_channels)
+        cls = tvd.FasterRCNN if c.detector == "faster_rcnn" else tvd.MaskRCNN
+        det = cls(backbone, c.num_labels + 1, **size)  # _default_anchorgen ((32,) ... (512,)), RoIAlign on "0".."3"
+    ours = {k[len("detector."):]: v for k, v in model.state_dict().items() if k.startswith("detector.")}
+    missing, unexpected = det.load_state_dict(ours, strict=False)
+    assert not unexpected and all(k.startswith("backbone.body.") for k in missing), (missing, unexpected)
+    return det.eval()
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_detector_equals_torchvisions_own_assembled_by_hand_at_odd_sizes_batch_3(detector):
+    torch.manual_seed(0)
+    config = PvtV2Config(**TINY_SHALLOW, patch_embed_layer_norm_eps=1e-5, reduction_layer_norm_eps=1e-5,
+                         id2label={0: "a", 1: "b", 2: "c"}, detector=detector, min_size=97, max_size=131)
+    model = perturb_(PvtV2ForObjectDetection(config).eval(), scale=0.02)
+    twin = _by_hand(model)
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 77, 101, generator=gen), torch.rand(3, 93, 61, generator=gen), torch.rand(3, 50, 50, generator=gen)]
+    shift = 1 if detector in ("faster_rcnn", "mask_rcnn") else 0
+    with torch.no_grad(), fast.fast_path(False):
+        ours, theirs = model(images), twin(images)
+    for a, b, image in zip(ours, theirs, images):
+        if "masks" in a:
+            assert a["masks"].shape[1:] == (1, *image.shape[1:])  # pasted into the input image's pixels
+        assert len(a["scores"]) == len(b["scores"]) > 0
+        for i in range(min(20, len(a["scores"]))):
+            same = ((b["labels"] == a["labels"][i] + shift) & ((b["scores"] - a["scores"][i]).abs() < 1e-4)
+                    & ((b["boxes"] - a["boxes"][i]).abs().max(dim=1).values < 1e-2))
+            assert same.any(), (i, a["boxes"][i], a["scores"][i])
+            if "masks" in a:
+                j = int(same.nonzero()[0])
+                assert (a["masks"][i] - b["masks"][j]).abs().mean() < 1e-3
+    # the losses, the R-CNNs' proposal sampling drawn the same
+    boxes = [torch.tensor([[3.0, 4.0, 40.0, 50.0], [60.0, 10.0, 99.0, 70.0]]), torch.tensor([[5.0, 5.0, 55.0, 80.0]]),
+             torch.zeros(0, 4)]
+    labels = [torch.tensor([0, 2]), torch.tensor([1]), torch.zeros(0, dtype=torch.int64)]
+    targets = []
+    for image, b, l in zip(images, boxes, labels):
+        t = {"boxes": b, "labels": l}
+        if detector == "mask_rcnn":
+            m = torch.zeros(len(b), *image.shape[1:], dtype=torch.uint8)
+            for n, (x1, y1, x2, y2) in enumerate(b.int().tolist()):
+                m[n, y1:y2, x1:x2] = 1
+            t["masks"] = m
+        targets.append(t)
+    model.train(), twin.train()
+    torch.manual_seed(5)
+    with fast.fast_path(False):
+        ours = model(images, targets)
+    torch.manual_seed(5)
+    theirs = twin(images, [dict(t, labels=t["labels"] + shift) for t in targets])
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        second = key in ("loss_classifier", "loss_box_reg", "loss_mask")
+        assert torch.allclose(ours[key], theirs[key], rtol=1e-2 if second else 1e-4, atol=1e-5), (key, ours[key], theirs[key])

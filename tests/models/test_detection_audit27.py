@@ -159,3 +159,31 @@ def test_detector_equals_torchvisions_own_assembled_by_hand_at_odd_sizes_batch_3
     for key in ours:
         second = key in ("loss_classifier", "loss_box_reg", "loss_mask")
         assert torch.allclose(ours[key], theirs[key], rtol=1e-2 if second else 1e-4, atol=1e-5), (key, ours[key], theirs[key])
+
+
+# ---------------------------------------------------------------------------------------------- the schedule, as run
+@pytest.mark.slow
+def test_the_learning_rate_of_every_optimizer_step_of_a_run_is_mmdetections_closed_form(tmp_path, monkeypatch):
+    """Not the schedule function: the rate the optimizer held at each of a real run's 48 steps (8 images, batch 2,
+    12 epochs, warmup 3), against lr * 0.1^(#milestones passed) * (1 - (1 - k/3)(1 - 0.001)) for k < 3, milestones
+    after epochs 8 and 11 (steps 32 and 44)."""
+    import pvtv2.training.engine as engine
+
+    rates = []
+    step = engine._optimizer_step
+
+    def spy(cfg, training):
+        rates.append(training.optimizer.param_groups[0]["lr"])
+        step(cfg, training)
+
+    monkeypatch.setattr(engine, "_optimizer_step", spy)
+    _write(tmp_path / "d", "train", [[4 + i, 6 + i, 20 + i, 22] for i in range(8)], masks=False)
+    _write(tmp_path / "d", "val", [[8, 8, 20, 20], [20, 12, 30, 25]], masks=False)
+    assert main(["train", "--task", "detection", "--detector", "fcos", "--model", "tiny", "--image-size", "64",
+                 "--data", str(tmp_path / "d"), "--output", str(tmp_path / "run"), "--epochs", "12", "--batch-size",
+                 "2", "--lr", "1e-3", "--warmup-steps", "3", "--no-progress"]) == 0
+    expected = []
+    for k in range(48):
+        decay = 0.1 ** ((k >= 32) + (k >= 44))
+        expected.append(1e-3 * decay * ((1 - (1 - k / 3) * 0.999) if k < 3 else 1.0))
+    assert rates == pytest.approx(expected, rel=1e-9)

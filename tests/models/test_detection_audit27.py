@@ -187,3 +187,21 @@ def test_the_learning_rate_of_every_optimizer_step_of_a_run_is_mmdetections_clos
         decay = 0.1 ** ((k >= 32) + (k >= 44))
         expected.append(1e-3 * decay * ((1 - (1 - k / 3) * 0.999) if k < 3 else 1.0))
     assert rates == pytest.approx(expected, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- hostile tensors
+@pytest.mark.parametrize("detector", ["retinanet", "faster_rcnn"])
+def test_a_nan_pixel_is_a_clear_error_not_an_image_without_objects(detector):
+    """min() and max() of a tensor holding NaN are NaN, and NaN compares false: the [0, 1] check let a NaN pixel
+    through, and the detector answered "no objects" (eval) or NaN losses (training), without a word."""
+    torch.manual_seed(0)
+    model = PvtV2ForObjectDetection(PvtV2Config(**TINY_SHALLOW, id2label={0: "a"}, detector=detector, min_size=64,
+                                                max_size=107)).eval()
+    image = torch.rand(3, 70, 90)
+    image[1, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="image 1 .*NaN"):
+        model([torch.rand(3, 70, 90), image])
+    model.train()
+    target = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([0])}
+    with pytest.raises(ValueError, match="image 0 .*NaN"):
+        model([image], [target])

@@ -399,6 +399,8 @@ class PvtV2ForObjectDetection(PvtV2PreTrainedModel):
             # The detector normalises with ImageNet's statistics itself: 0-255 or normalised inputs would give
             # confident nonsense, so they are refused.
             low, high = float(image.min()), float(image.max())
+            if math.isnan(low) or math.isnan(high):  # NaN compares false below: "no objects", or NaN losses
+                raise ValueError(f"image {i} has NaN values; the detector takes images with values in [0, 1]")
             if low < -1e-3 or high > 1 + 1e-3:
                 raise ValueError(
                     f"image {i} has values in [{low:.3g}, {high:.3g}]; the detector takes unnormalised images in "

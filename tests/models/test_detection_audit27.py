@@ -36,7 +36,7 @@ def _write(root: Path, split: str, boxes: list[list[int]], masks: bool, size: in
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
 
 
-def test_mask_training_on_boxes_without_any_mask_is_refused(tmp_path, capsys):
+def test_mask_training_on_boxes_without_any_mask_is_refused(tmp_path, capsys, caplog):
     """Box-only COCO data given to Mask R-CNN: every object was left out of training (objects without a mask are),
     so the detector trained on images it was told were empty, and the run ended with exit 0, a box AP and a log
     warning. The annotation file holds 3 objects and no mask: refused, naming the problem and the way out."""
@@ -46,6 +46,17 @@ def test_mask_training_on_boxes_without_any_mask_is_refused(tmp_path, capsys):
         CocoDetection(tmp_path / "d", "train", masks=True)
     # the same file without masks=True is fine: 3 objects for box training
     assert sum(len(CocoDetection(tmp_path / "d", "train")[i][1]["boxes"]) for i in range(3)) == 3
+    # one mask among the 3: the two others leave the targets entirely (boxes too), and the warning says so
+    path = tmp_path / "d" / "annotations" / "instances_train.json"
+    data = json.loads(path.read_text())
+    data["annotations"][1]["segmentation"] = [[30, 10, 55, 10, 55, 35, 30, 35]]
+    path.write_text(json.dumps(data))
+    with caplog.at_level("WARNING", logger="pvtv2.data.coco"):
+        partial = CocoDetection(tmp_path / "d", "train", masks=True)
+    assert [len(partial[i][1]["boxes"]) for i in range(3)] == [0, 1, 0]
+    assert "2 of 3 object(s) have no mask and are left out of training (their boxes too" in caplog.text
+    data["annotations"][1].pop("segmentation")
+    path.write_text(json.dumps(data))
     out = tmp_path / "run"
     code = main(["train", "--task", "detection", "--detector", "mask_rcnn", "--model", "tiny", "--image-size", "64",
                  "--data", str(tmp_path / "d"), "--output", str(out), "--epochs", "1", "--no-progress"])

@@ -395,8 +395,10 @@ class CocoDetection(torch.utils.data.Dataset):
                     f" or fcos) or add polygon / RLE masks"
                 )
             if unmasked:
-                logger.warning("%s: %d annotation(s) have no mask and are left out of mask training",
-                               self.annotations.path.name, unmasked)
+                # Left out of the targets altogether, boxes too: their regions train as background.
+                logger.warning("%s: %d of %d object(s) have no mask and are left out of training (their boxes too: "
+                               "the detector learns their regions as background)",
+                               self.annotations.path.name, unmasked, total)
 
     @property
     def id2label(self) -> dict[int, str]:

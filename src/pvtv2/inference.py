@@ -1156,6 +1156,12 @@ def evaluate_detector(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     dataset = CocoDetection(data, split)
+    if not any(not a.get("iscrowd") for a in dataset.annotations.dataset["annotations"]):
+        # COCOeval scores -1 (no ground truth) for every number: printed as "box AP -1.0000", exit 0
+        raise ValueError(
+            f"{os.fspath(dataset.annotations.path)!r} lists no objects (no annotation, or crowd regions only): there "
+            f"is nothing to score box AP on"
+        )
     mapping = detection_label_map(model.config.id2label, dataset.annotations)
     device = next(model.parameters()).device
     iou_types = ["bbox"]

@@ -58,3 +58,65 @@ def test_eval_on_a_file_without_objects_is_a_clear_error_not_ap_minus_one(tmp_pa
     assert code == 2, captured.out
     assert "no objects" in captured.err and "instances_val.json" in captured.err, captured.err
     assert "-1.0000" not in captured.out
+
+
+def _detect(capsys, detector: Path, *images: Path) -> list[dict]:
+    assert main(["detect", "--model", str(detector), *map(str, images), "--json", "--no-progress",
+                 "--score-threshold", "0"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_detect_reads_grey_rgba_16_bit_and_exif_rotated_images_as_their_upright_8_bit_rgb(tmp_path, capsys, detector):
+    """Each file holds the same picture as a plain RGB PNG (a photograph, sklearn's, cropped): detections must be
+    those of that PNG, boxes in the upright image's pixels (EXIF orientation 6: stored turned a quarter)."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    photo = datasets.load_sample_images().images[0][100:172:, 200:296]  # (72, 96, 3) uint8
+    grey = photo.mean(axis=2).round().astype(np.uint8)
+    files = {
+        "rgb": (photo, PIL.Image.fromarray(photo)),
+        "rgba": (photo, PIL.Image.fromarray(np.dstack([photo, np.full(grey.shape, 255, np.uint8)]))),
+        "grey": (np.dstack([grey] * 3), PIL.Image.fromarray(grey)),
+        "grey16": (np.dstack([grey] * 3), PIL.Image.fromarray(grey.astype(np.uint16) * 257)),
+    }
+    stored = PIL.Image.fromarray(np.ascontiguousarray(np.rot90(photo, 1)))  # orientation 6 turns it back upright
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "exif.png", exif=exif)
+    paths = {}
+    for name, (reference, picture) in files.items():
+        picture.save(tmp_path / f"{name}.png")
+        PIL.Image.fromarray(reference).save(tmp_path / f"{name}-reference.png")
+        paths[name] = tmp_path / f"{name}.png"
+    assert PIL.Image.open(paths["grey16"]).mode.startswith("I")
+    for name, path in [*paths.items(), ("exif", tmp_path / "exif.png")]:
+        reference = tmp_path / ("rgb-reference.png" if name == "exif" else f"{name}-reference.png")
+        ours, theirs = _detect(capsys, detector, path, reference)
+        assert ours["detections"] and ours["detections"] == theirs["detections"], name
+        assert (ours["width"], ours["height"]) == (96, 72), name
+
+
+def test_eval_data_reads_exif_rotated_and_16_bit_images_upright_under_their_boxes(tmp_path):
+    """The boxes of an annotation file are of the upright image (as shown, as detectron2 and mmdetection read it):
+    the white square they name must be white in what the evaluation feeds the detector."""
+    from pvtv2.data.coco import CocoDetection
+
+    up = np.zeros((80, 60, 3), np.uint8)
+    up[10:30, 5:25] = 255  # upright: 60 wide, 80 high; the square at x 5..25, y 10..30
+    (tmp_path / "val").mkdir()
+    (tmp_path / "annotations").mkdir()
+    stored = PIL.Image.fromarray(np.ascontiguousarray(np.rot90(up, 1)))  # 80 wide, 60 high as stored
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "val" / "a.png", exif=exif)
+    PIL.Image.fromarray(up[..., 0].astype(np.uint16) * 257).save(tmp_path / "val" / "b.png")
+    images = [{"id": n + 1, "file_name": f, "width": 60, "height": 80} for n, f in enumerate(["a.png", "b.png"])]
+    annotations = [{"id": n + 1, "image_id": n + 1, "category_id": 1, "bbox": [5, 10, 20, 20], "iscrowd": 0}
+                   for n in range(2)]
+    (tmp_path / "annotations" / "instances_val.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "square"}]}))
+    data = CocoDetection(tmp_path, "val")
+    for i in range(2):
+        image, target = data[i]
+        assert image.shape == (3, 80, 60)
+        assert target["boxes"].tolist() == [[5.0, 10.0, 25.0, 30.0]]
+        assert torch.equal(image, torch.from_numpy(up).permute(2, 0, 1).float() / 255)

@@ -216,3 +216,27 @@ def test_a_nan_pixel_is_a_clear_error_not_an_image_without_objects(detector):
     target = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([0])}
     with pytest.raises(ValueError, match="image 0 .*NaN"):
         model([image], [target])
+
+
+@pytest.mark.slow
+def test_frozen_stages_keep_the_checkpoints_weights_through_a_run(tmp_path):
+    """A saved detector with ``frozen_stages=2`` fine-tuned for an epoch at a large rate: stages 1-2 (patch
+    embedding, blocks, norm; weights and buffers) come out equal to the checkpoint's bit for bit, stages 3-4 and
+    the FPN changed (so the run did train)."""
+    from pvtv2.weights.files import read_state_dict
+
+    torch.manual_seed(0)
+    config = PvtV2Config(**TINY_SHALLOW, id2label={0: "square"}, detector="fcos", min_size=64, max_size=107,
+                         frozen_stages=2, fpn_channels=64)
+    perturb_(PvtV2ForObjectDetection(config), 0.02).save_pretrained(tmp_path / "ckpt")
+    _write(tmp_path / "d", "train", [[4 + 3 * i, 6 + i, 20, 22] for i in range(4)], masks=False)
+    _write(tmp_path / "d", "val", [[8, 8, 20, 20]], masks=False)
+    assert main(["train", "--task", "detection", "--detector", "fcos", "--model", str(tmp_path / "ckpt"),
+                 "--image-size", "64", "--data", str(tmp_path / "d"), "--output", str(tmp_path / "run"), "--epochs",
+                 "1", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "0", "--no-progress"]) == 0
+    before = read_state_dict(tmp_path / "ckpt" / "model.safetensors")
+    after = read_state_dict(tmp_path / "run" / "last" / "model.safetensors")
+    for stage, frozen in enumerate([True, True, False, False]):
+        keys = [k for k in before if k.startswith(f"pvt_v2.encoder.layers.{stage}.")]
+        assert keys and all(torch.equal(before[k], after[k]) for k in keys) == frozen, stage
+    assert not all(torch.equal(before[k], after[k]) for k in before if ".fpn." in k)

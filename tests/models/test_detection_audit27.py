@@ -240,3 +240,19 @@ def test_frozen_stages_keep_the_checkpoints_weights_through_a_run(tmp_path):
         keys = [k for k in before if k.startswith(f"pvt_v2.encoder.layers.{stage}.")]
         assert keys and all(torch.equal(before[k], after[k]) for k in keys) == frozen, stage
     assert not all(torch.equal(before[k], after[k]) for k in before if ".fpn." in k)
+
+
+def test_mask_targets_of_0_and_255_are_a_clear_error():
+    """Masks read from 8-bit PNGs hold 0 and 255: torchvision's mask loss (binary cross-entropy against the RoIAligned
+    target) took 255 as the target probability, a loss without a minimum (negative, falling as the logits grow),
+    and trained without a word. Masks must be 0/1."""
+    torch.manual_seed(0)
+    model = PvtV2ForObjectDetection(PvtV2Config(**TINY_SHALLOW, id2label={0: "a"}, detector="mask_rcnn", min_size=64,
+                                                max_size=107)).train()
+    masks = torch.zeros(1, 70, 90, dtype=torch.uint8)
+    masks[0, 2:40, 1:30] = 255
+    target = {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([0]), "masks": masks}
+    with pytest.raises(ValueError, match="masks must hold 0 and 1"):
+        model([torch.rand(3, 70, 90)], [target])
+    ok = model([torch.rand(3, 70, 90)], [dict(target, masks=masks // 255)])  # 0/1: trains, loss_mask positive
+    assert float(ok["loss_mask"]) > 0

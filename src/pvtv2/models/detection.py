@@ -440,6 +440,11 @@ class PvtV2ForObjectDetection(PvtV2PreTrainedModel):
                     got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else None
                     raise ValueError(f"target {i}: mask_rcnn needs masks of shape ({boxes.shape[0]}, "
                                      f"{image.shape[1]}, {image.shape[2]}) (one per box, the image's size), got {got}")
+                if masks.numel() and ((masks != 0) & (masks != 1)).any():
+                    # torchvision's mask loss takes the value as a target probability: 255 (an 8-bit PNG's) gave a
+                    # loss without a minimum, trained without a word
+                    raise ValueError(f"target {i}: masks must hold 0 and 1 only (divide 0/255 masks by 255), got "
+                                     f"values up to {float(masks.max()):g}")
             checked.append(new)
         return checked
 

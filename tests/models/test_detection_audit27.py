@@ -256,3 +256,17 @@ def test_mask_targets_of_0_and_255_are_a_clear_error():
         model([torch.rand(3, 70, 90)], [target])
     ok = model([torch.rand(3, 70, 90)], [dict(target, masks=masks // 255)])  # 0/1: trains, loss_mask positive
     assert float(ok["loss_mask"]) > 0
+
+
+@pytest.mark.parametrize("detector", ["fcos", "retinanet"])
+def test_float64_boxes_train_as_their_float32_values(detector):
+    """FCOS stopped on float64 boxes (numpy's default) with PyTorch's "Index put requires the source and destination
+    dtypes match"; the boxes are taken as float32, the losses those of the float32 boxes."""
+    torch.manual_seed(0)
+    model = PvtV2ForObjectDetection(PvtV2Config(**TINY_SHALLOW, id2label={0: "a"}, detector=detector, min_size=64,
+                                                max_size=107)).train()
+    image = torch.rand(3, 70, 90)
+    boxes = torch.tensor([[1.0, 2.0, 30.0, 40.0], [20.5, 10.25, 80.0, 66.0]])
+    ours = model([image], [{"boxes": boxes.double(), "labels": torch.tensor([0, 0])}])
+    reference = model([image], [{"boxes": boxes, "labels": torch.tensor([0, 0])}])
+    assert {k: float(v) for k, v in ours.items()} == {k: float(v) for k, v in reference.items()}

@@ -433,7 +433,8 @@ class PvtV2ForObjectDetection(PvtV2PreTrainedModel):
                 if int(labels.min()) < 0 or int(labels.max()) >= k:
                     raise ValueError(f"target {i}: labels must be in 0..{k - 1} (the config's classes), got "
                                      f"{sorted(set(labels.tolist()))[:10]}")
-            new = dict(target, labels=labels.to(torch.int64) + shift)
+            # float32 boxes: FCOS stopped on float64 ones (numpy's default) with an index_put dtype error
+            new = dict(target, boxes=boxes.to(torch.float32), labels=labels.to(torch.int64) + shift)
             if self.config.detector == "mask_rcnn":
                 masks = target.get("masks")
                 if not isinstance(masks, torch.Tensor) or masks.shape != (boxes.shape[0], *image.shape[1:]):

@@ -1062,10 +1062,21 @@ def detect_objects(
     bar = progress_bar(total=len(images), unit="img", enabled=progress, desc="detect")
     for chunk in _batches(list(images), batch_size):
         loaded, names, failed = _open_images(chunk)
+        kept: list[tuple[str, Any, torch.Tensor]] = []
+        for name, picture in zip(names, loaded):
+            tensor = image_to_tensor(picture)
+            try:
+                # one image too thin for the encoder stopped the command, naming no file, and lost the others
+                model._check_sizes([tensor])
+            except ValueError as err:
+                failed.append((name, f"{name}: {err}"))
+                continue
+            kept.append((name, picture, tensor.to(device)))
+        names, loaded, tensors = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
         results.extend(DetectionResult(name, [], [], [], [], error=why) for name, why in failed)
         if loaded:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                outputs = model([image_to_tensor(p).to(device) for p in loaded])
+                outputs = model(tensors)
             for name, picture, out in zip(names, loaded, outputs):
                 keep = out["scores"] >= score_threshold
                 labels = out["labels"][keep].tolist()

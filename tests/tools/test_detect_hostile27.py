@@ -120,3 +120,21 @@ def test_eval_data_reads_exif_rotated_and_16_bit_images_upright_under_their_boxe
         assert image.shape == (3, 80, 60)
         assert target["boxes"].tolist() == [[5.0, 10.0, 25.0, 30.0]]
         assert torch.equal(image, torch.from_numpy(up).permute(2, 0, 1).float() / 255)
+
+
+def test_detect_reports_an_image_too_thin_for_the_encoder_by_name_and_goes_on(tmp_path, capsys, detector):
+    """A 3 x 600 strip (shorter side 3 px; resized to the longer side's cap it is 1 px tall) stopped the whole command
+    with "the input is too small for this model" naming no file, and the other images' detections were lost.
+    Reported as unreadable images are: by name, the rest detected (as alone), exit status 2."""
+    PIL.Image.fromarray(np.zeros((3, 600, 3), np.uint8)).save(tmp_path / "thin.png")
+    photo = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    PIL.Image.fromarray(photo).save(tmp_path / "photo.png")
+    alone = _detect(capsys, detector, tmp_path / "photo.png")[0]
+    code = main(["detect", "--model", str(detector), str(tmp_path / "thin.png"), str(tmp_path / "photo.png"), "--json",
+                 "--no-progress", "--score-threshold", "0", "--batch-size", "2"])
+    captured = capsys.readouterr()
+    assert code == 2
+    thin, rest = json.loads(captured.out)
+    assert "thin.png" in thin["image"] and "too small" in thin["error"]
+    assert rest["detections"] == alone["detections"]
+    assert "thin.png" in captured.err

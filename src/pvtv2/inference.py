@@ -1188,6 +1188,12 @@ def evaluate_detector(
     bar = progress_bar(total=len(dataset), unit="img", enabled=progress, desc="eval")
     for chunk in _batches(range(len(dataset)), batch_size):
         items = [dataset[i] for i in chunk]  # an unreadable image stops the evaluation, naming it
+        for i, (image, _) in zip(chunk, items):
+            try:
+                model._check_sizes([image])
+            except ValueError as err:  # ... as does one too small for the encoder (it named no file)
+                name = os.fspath(dataset.image_dir / dataset.images[i]["file_name"])
+                raise ValueError(f"{name!r}: {err}") from None
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model([image.to(device) for image, _ in items])

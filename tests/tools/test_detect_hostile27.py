@@ -138,3 +138,16 @@ def test_detect_reports_an_image_too_thin_for_the_encoder_by_name_and_goes_on(tm
     assert "thin.png" in thin["image"] and "too small" in thin["error"]
     assert rest["detections"] == alone["detections"]
     assert "thin.png" in captured.err
+
+
+def test_eval_names_the_file_of_an_image_too_small_for_the_encoder(tmp_path, capsys, detector):
+    """The evaluation stops on such an image (a COCO score needs every image), but it said only "the input is too
+    small for this model", not which of the split's images."""
+    data = _data(tmp_path / "d", [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [2, 2, 30, 30], "iscrowd": 0}])
+    PIL.Image.fromarray(np.zeros((3, 600, 3), np.uint8)).save(data / "val" / "1.png")
+    listing = json.loads((data / "annotations" / "instances_val.json").read_text())
+    listing["images"][1].update(width=600, height=3)
+    (data / "annotations" / "instances_val.json").write_text(json.dumps(listing))
+    code = main(["eval", "--task", "detection", "--model", str(detector), "--data", str(data), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "too small" in err and "1.png" in err, err

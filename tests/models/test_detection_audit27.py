@@ -270,3 +270,24 @@ def test_float64_boxes_train_as_their_float32_values(detector):
     ours = model([image], [{"boxes": boxes.double(), "labels": torch.tensor([0, 0])}])
     reference = model([image], [{"boxes": boxes, "labels": torch.tensor([0, 0])}])
     assert {k: float(v) for k, v in ours.items()} == {k: float(v) for k, v in reference.items()}
+
+
+def test_training_names_an_image_too_small_for_the_encoder_before_the_first_step(tmp_path, capsys):
+    """A 600 x 3 strip among the training images (listed at that size): the run stopped at whichever step drew it,
+    with "the input is too small for this model" and no file name. Now refused before training, naming it, from
+    the sizes the annotation file lists."""
+    _write(tmp_path / "d", "train", [[5, 5, 20, 20], [30, 10, 25, 25], [10, 30, 20, 30]], masks=False)
+    _write(tmp_path / "d", "val", [[8, 8, 20, 20]], masks=False)
+    path = tmp_path / "d" / "annotations" / "instances_train.json"
+    data = json.loads(path.read_text())
+    data["images"][2].update(width=600, height=3)
+    data["annotations"][2]["bbox"] = [10, 0, 30, 3]
+    path.write_text(json.dumps(data))
+    PIL.Image.fromarray(np.zeros((3, 600, 3), np.uint8)).save(tmp_path / "d" / "train" / "2.png")
+    out = tmp_path / "run"
+    code = main(["train", "--task", "detection", "--detector", "fcos", "--model", "tiny", "--image-size", "64",
+                 "--data", str(tmp_path / "d"), "--output", str(out), "--epochs", "1", "--batch-size", "1",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "too small" in err and "2.png" in err, err
+    assert not (out / "metrics.jsonl").exists()

@@ -247,7 +247,23 @@ class DetectionTask(Task):
                 logger.warning("some annotations of %s have no mask: mask AP is not computed", val.path.name)
 
     def new_model(self) -> nn.Module:
-        return build_detector(self.cfg, self.id2label)
+        model = build_detector(self.cfg, self.id2label)
+        # An image too small for the encoder stopped the run at whichever step drew it, naming no file: checked
+        # here on the sizes the annotation files list (shapes only; each split at the sizes it is resized to).
+        training = model.training
+        for data, mode in ((self.train_set, True), (self.val_set, False)):
+            model.train(mode)
+            checked = set()
+            for info in data.images:
+                if (info["height"], info["width"]) in checked:
+                    continue
+                checked.add((info["height"], info["width"]))
+                try:
+                    model._check_sizes([torch.empty(3, info["height"], info["width"], device="meta")])
+                except ValueError as err:
+                    raise ValueError(f"{os.fspath(data.image_dir / info['file_name'])!r}: {err}") from None
+        model.train(training)
+        return model
 
     def default_lr(self, global_batch: int) -> float:
         return 1e-4 * global_batch / 16  # the 1x recipe: 1e-4 at 8 GPUs x 2 images

@@ -1044,8 +1044,8 @@ def _add_detect(subparsers) -> None:
         "detect", help="objects in images: boxes, labels, scores (and masks) drawn or as JSON",
         description="Run a detector (a pvtv2 train --task detection run's best/ or last/, or any save_pretrained "
                     "detector folder) on image files (folders are searched recursively). Boxes are in the pixels of "
-                    "the original image. Unreadable images are reported one by one and skipped; the exit status is "
-                    "then 2.",
+                    "the original image. Unreadable images, and ones too small for the encoder, are reported one by "
+                    "one and skipped; the exit status is then 2.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--model", "-m", required=True, help="a trained detector: save_pretrained folder or hub id")

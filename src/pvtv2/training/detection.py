@@ -137,7 +137,16 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
     if config is not None:
         return PvtV2ForObjectDetection(config)
     names = _detector_classes(cfg.model)
-    model = PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
+    try:
+        model = PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
+    except ValueError as err:
+        # A saved detector of another kind (--detector defaults to retinanet) failed with a list of key names
+        # that never said so.
+        saved = getattr(PvtV2Config.from_pretrained(cfg.model), "detector", None) if names is not None else None
+        if saved is None or saved == cfg.detector:
+            raise
+        raise ValueError(f"{cfg.model!r} is a saved {saved} detector, --detector is {cfg.detector}: pass --detector "
+                         f"{saved} to fine-tune it ({err})") from None
     classes = [id2label[i] for i in range(len(id2label))]
     new = set(getattr(model, "newly_initialized_keys", ()))
     # Any class-sized layer the checkpoint provided means its classes: a Faster R-CNN fine-tuned as a Mask R-CNN

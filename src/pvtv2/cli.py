@@ -1073,7 +1073,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     if args.output and len(paths) > 1:
         raise ValueError(f"--output draws one image, but {len(paths)} were given: use --output-dir DIR")
-    model = load_detector(args.model, args.device, **_detection_size(args.image_size))
+    # The detector's own threshold (the config's, 0.05) dropped lower scores before --score-threshold saw them:
+    # it is set to the flag's (the same detections at or above any threshold, NMS being greedy by score).
+    threshold = {"score_threshold": args.score_threshold} if 0.0 <= args.score_threshold <= 1.0 else {}
+    model = load_detector(args.model, args.device, **threshold, **_detection_size(args.image_size))
     results = detect_objects(model, paths, args.score_threshold, args.batch_size, progress=_progress(args), bf16=args.bf16)
     failed = [r for r in results if r.error is not None]
     targets: dict[str, str] = {}

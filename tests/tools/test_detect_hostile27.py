@@ -151,3 +151,29 @@ def test_eval_names_the_file_of_an_image_too_small_for_the_encoder(tmp_path, cap
     code = main(["eval", "--task", "detection", "--model", str(detector), "--data", str(data), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "too small" in err and "1.png" in err, err
+
+
+def test_detect_score_threshold_below_the_saved_one_shows_those_scores(tmp_path, capsys, detector):
+    """`--score-threshold 0` showed only scores of at least 0.05: the detector's own threshold (the config's
+    score_threshold, mmdetection's test setting) dropped the rest first, without a word. The reference: the model
+    run here with its threshold at 0, filtered at 0.02."""
+    from pvtv2.data.coco import image_to_tensor
+    from pvtv2.data.processing import load_image
+
+    photo = np.random.default_rng(3).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    PIL.Image.fromarray(photo).save(tmp_path / "p.png")
+    # no cap on the count; FCOS's scores sqrt(sigmoid(class) x sigmoid(centre-ness)) around 0.035
+    model = PvtV2ForObjectDetection.from_pretrained(detector, detections_per_image=1000)
+    assert model.config.score_threshold == 0.05
+    with torch.no_grad():
+        model.detector.head.classification_head.cls_logits.bias.fill_(-6.0)
+    model.save_pretrained(tmp_path / "low")
+    model = PvtV2ForObjectDetection.from_pretrained(tmp_path / "low", score_threshold=0.0).eval()
+    with torch.no_grad():
+        out = model([image_to_tensor(load_image(tmp_path / "p.png"))])[0]
+    expected = sorted(round(float(s), 4) for s in out["scores"] if s >= 0.02)
+    assert min(expected) < 0.05 and len(expected) < 1000  # the case at hand: scores below 0.05, under the cap
+    assert main(["detect", "--model", str(tmp_path / "low"), str(tmp_path / "p.png"), "--json", "--no-progress",
+                 "--score-threshold", "0.02"]) == 0
+    shown = sorted(d["score"] for d in json.loads(capsys.readouterr().out)[0]["detections"])
+    assert shown == pytest.approx(expected, abs=2e-4)

@@ -1060,6 +1060,7 @@ def detect_objects(
     model.eval()
     results: list[DetectionResult] = []
     bar = progress_bar(total=len(images), unit="img", enabled=progress, desc="detect")
+    check_sizes = getattr(model, "_check_sizes", None)
     for chunk in _batches(list(images), batch_size):
         loaded, names, failed = _open_images(chunk)
         kept: list[tuple[str, Any, torch.Tensor]] = []
@@ -1067,7 +1068,8 @@ def detect_objects(
             tensor = image_to_tensor(picture)
             try:
                 # one image too thin for the encoder stopped the command, naming no file, and lost the others
-                model._check_sizes([tensor])
+                if check_sizes is not None:
+                    check_sizes([tensor])
             except ValueError as err:
                 failed.append((name, f"{name}: {err}"))
                 continue
@@ -1186,11 +1188,13 @@ def evaluate_detector(
     start = time.perf_counter()
     model_seconds = 0.0
     bar = progress_bar(total=len(dataset), unit="img", enabled=progress, desc="eval")
+    check_sizes = getattr(model, "_check_sizes", None)
     for chunk in _batches(range(len(dataset)), batch_size):
         items = [dataset[i] for i in chunk]  # an unreadable image stops the evaluation, naming it
         for i, (image, _) in zip(chunk, items):
             try:
-                model._check_sizes([image])
+                if check_sizes is not None:  # any callable with the detectors' outputs may be scored
+                    check_sizes([image])
             except ValueError as err:  # ... as does one too small for the encoder (it named no file)
                 name = os.fspath(dataset.image_dir / dataset.images[i]["file_name"])
                 raise ValueError(f"{name!r}: {err}") from None

@@ -1056,6 +1056,10 @@ def detect_objects(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     id2label = model.config.id2label
+    own = getattr(model.config, "score_threshold", None)
+    if own is not None and score_threshold < own:  # lower scores are dropped inside the model, before this filter
+        logger.warning("the detector drops scores below its own threshold %g: load it with score_threshold=%g to "
+                       "see scores down to that", own, score_threshold)
     device = next(model.parameters()).device
     model.eval()
     results: list[DetectionResult] = []

@@ -177,3 +177,19 @@ def test_detect_score_threshold_below_the_saved_one_shows_those_scores(tmp_path,
                  "--score-threshold", "0.02"]) == 0
     shown = sorted(d["score"] for d in json.loads(capsys.readouterr().out)[0]["detections"])
     assert shown == pytest.approx(expected, abs=2e-4)
+
+
+def test_detect_objects_says_when_its_threshold_is_below_the_detectors_own(tmp_path, caplog, detector):
+    """The Python function has no say over the loaded model's threshold: asked for 0.01 of a model that drops
+    scores below 0.05, it is told so (the command sets the model's threshold itself, above)."""
+    from pvtv2.inference import detect_objects, load_detector
+
+    PIL.Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "p.png")
+    model = load_detector(detector)
+    with caplog.at_level("WARNING", logger="pvtv2.inference"):
+        detect_objects(model, [tmp_path / "p.png"], score_threshold=0.01)
+    assert "score_threshold=0.01" in caplog.text and "0.05" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pvtv2.inference"):
+        detect_objects(model, [tmp_path / "p.png"], score_threshold=0.3)
+    assert "score_threshold" not in caplog.text

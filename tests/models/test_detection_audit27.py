@@ -1,20 +1,34 @@
-"""Audit of detection (round 27): data, training and evaluation defects, each checked against something independent
-(the annotation file's own content, pycocotools' COCOeval run here)."""
+"""Audit of detection (round 27), each against something independent: every detector against torchvision's own
+assembled by hand on timm's ``features_only`` encoder (odd sizes, batch 3, outputs and losses); the learning rate of
+each optimizer step of a real run against mmdetection's closed form; frozen stages through a run; and the defects
+found: box-only data trained as Mask R-CNN, NaN pixels, 0/255 masks, float64 boxes, an image too small for the
+encoder found mid-run, a saved detector of another kind than --detector."""
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
+timm = pytest.importorskip("timm")
 
-from pvtv2.cli import main  # noqa: E402
-from pvtv2.data.coco import CocoDetection  # noqa: E402
+from conftest import TINY_SHALLOW, perturb_
+from torchvision.models import detection as tvd
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from pvtv2 import PvtV2Config, fast
+from pvtv2.cli import main
+from pvtv2.data.coco import CocoDetection
+from pvtv2.models.detection import DETECTORS, PvtV2ForObjectDetection
+from pvtv2.weights.layouts import convert_state_dict
 
 
 def _write(root: Path, split: str, boxes: list[list[int]], masks: bool, size: int = 64) -> None:
@@ -66,21 +80,6 @@ def test_mask_training_on_boxes_without_any_mask_is_refused(tmp_path, capsys, ca
 
 
 # ---------------------------------------------------------------------------------------------- torchvision by hand
-import torch  # noqa: E402
-from collections import OrderedDict  # noqa: E402
-
-timm = pytest.importorskip("timm")
-
-from torchvision.models import detection as tvd  # noqa: E402
-from torchvision.ops import FeaturePyramidNetwork  # noqa: E402
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7  # noqa: E402
-
-from pvtv2 import PvtV2Config, fast  # noqa: E402
-from pvtv2.models.detection import DETECTORS, PvtV2ForObjectDetection  # noqa: E402
-from pvtv2.weights.layouts import convert_state_dict  # noqa: E402
-
-from conftest import TINY_SHALLOW, perturb_  # noqa: E402
-
 
 class _TimmBackbone(torch.nn.Module):
     """timm's ``pvt_v2_b0`` (``features_only``) and torchvision's FPN, built from torchvision's own classes as a user
@@ -105,7 +104,7 @@ def _by_hand(model: PvtV2ForObjectDetection) -> torch.nn.Module:
                              sr_ratios=c.sr_ratios)
     state = convert_state_dict(model.pvt_v2.state_dict(), "timm")
     body.load_state_dict({k.replace("stages.", "stages_", 1): v for k, v in state.items()})
-    size = dict(min_size=c.min_size, max_size=c.max_size)
+    size = {"min_size": c.min_size, "max_size": c.max_size}
     if c.detector == "retinanet":
         backbone = _TimmBackbone(body, [2, 3, 4], LastLevelP6P7(c.hidden_sizes[3], c.fpn_channels), c.fpn_channels)
         backbone.fpn.extra_blocks.use_P5 = False  # mmdetection's add_extra_convs="on_input": P6 from C5
@@ -178,7 +177,7 @@ def test_the_learning_rate_of_every_optimizer_step_of_a_run_is_mmdetections_clos
     """Not the schedule function: the rate the optimizer held at each of a real run's 48 steps (8 images, batch 2,
     12 epochs, warmup 3), against lr * 0.1^(#milestones passed) * (1 - (1 - k/3)(1 - 0.001)) for k < 3, milestones
     after epochs 8 and 11 (steps 32 and 44)."""
-    import pvtv2.training.engine as engine
+    from pvtv2.training import engine
 
     rates = []
     step = engine._optimizer_step

@@ -13,11 +13,11 @@ import torch
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
 
-from pvtv2 import PvtV2Config  # noqa: E402
-from pvtv2.cli import main  # noqa: E402
-from pvtv2.models.detection import PvtV2ForObjectDetection  # noqa: E402
+from conftest import TINY_SHALLOW, perturb_
 
-from conftest import TINY_SHALLOW, perturb_  # noqa: E402
+from pvtv2 import PvtV2Config
+from pvtv2.cli import main
+from pvtv2.models.detection import PvtV2ForObjectDetection
 
 
 @pytest.fixture(scope="module")

@@ -1044,8 +1044,8 @@ def _add_detect(subparsers) -> None:
         "detect", help="objects in images: boxes, labels, scores (and masks) drawn or as JSON",
         description="Run a detector (a pvtv2 train --task detection run's best/ or last/, or any save_pretrained "
                     "detector folder) on image files (folders are searched recursively). Boxes are in the pixels of "
-                    "the original image. Unreadable images are reported one by one and skipped; the exit status is "
-                    "then 2.",
+                    "the original image. Unreadable images, and ones too small for the encoder, are reported one by "
+                    "one and skipped; the exit status is then 2.",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--model", "-m", required=True, help="a trained detector: save_pretrained folder or hub id")
@@ -1073,7 +1073,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     if args.output and len(paths) > 1:
         raise ValueError(f"--output draws one image, but {len(paths)} were given: use --output-dir DIR")
-    model = load_detector(args.model, args.device, **_detection_size(args.image_size))
+    # The detector's own threshold (the config's, 0.05) dropped lower scores before --score-threshold saw them:
+    # it is set to the flag's (the same detections at or above any threshold, NMS being greedy by score).
+    threshold = {"score_threshold": args.score_threshold} if 0.0 <= args.score_threshold <= 1.0 else {}
+    model = load_detector(args.model, args.device, **threshold, **_detection_size(args.image_size))
     results = detect_objects(model, paths, args.score_threshold, args.batch_size, progress=_progress(args), bf16=args.bf16)
     failed = [r for r in results if r.error is not None]
     targets: dict[str, str] = {}

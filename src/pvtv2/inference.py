@@ -1056,16 +1056,33 @@ def detect_objects(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     id2label = model.config.id2label
+    own = getattr(model.config, "score_threshold", None)
+    if own is not None and score_threshold < own:  # lower scores are dropped inside the model, before this filter
+        logger.warning("the detector drops scores below its own threshold %g: load it with score_threshold=%g to "
+                       "see scores down to that", own, score_threshold)
     device = next(model.parameters()).device
     model.eval()
     results: list[DetectionResult] = []
     bar = progress_bar(total=len(images), unit="img", enabled=progress, desc="detect")
+    check_sizes = getattr(model, "_check_sizes", None)
     for chunk in _batches(list(images), batch_size):
         loaded, names, failed = _open_images(chunk)
+        kept: list[tuple[str, Any, torch.Tensor]] = []
+        for name, picture in zip(names, loaded):
+            tensor = image_to_tensor(picture)
+            try:
+                # one image too thin for the encoder stopped the command, naming no file, and lost the others
+                if check_sizes is not None:
+                    check_sizes([tensor])
+            except ValueError as err:
+                failed.append((name, f"{name}: {err}"))
+                continue
+            kept.append((name, picture, tensor.to(device)))
+        names, loaded, tensors = [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept]
         results.extend(DetectionResult(name, [], [], [], [], error=why) for name, why in failed)
         if loaded:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                outputs = model([image_to_tensor(p).to(device) for p in loaded])
+                outputs = model(tensors)
             for name, picture, out in zip(names, loaded, outputs):
                 keep = out["scores"] >= score_threshold
                 labels = out["labels"][keep].tolist()
@@ -1156,6 +1173,12 @@ def evaluate_detector(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     dataset = CocoDetection(data, split)
+    if not any(not a.get("iscrowd") for a in dataset.annotations.dataset["annotations"]):
+        # COCOeval scores -1 (no ground truth) for every number: printed as "box AP -1.0000", exit 0
+        raise ValueError(
+            f"{os.fspath(dataset.annotations.path)!r} lists no objects (no annotation, or crowd regions only): there "
+            f"is nothing to score box AP on"
+        )
     mapping = detection_label_map(model.config.id2label, dataset.annotations)
     device = next(model.parameters()).device
     iou_types = ["bbox"]
@@ -1169,8 +1192,16 @@ def evaluate_detector(
     start = time.perf_counter()
     model_seconds = 0.0
     bar = progress_bar(total=len(dataset), unit="img", enabled=progress, desc="eval")
+    check_sizes = getattr(model, "_check_sizes", None)
     for chunk in _batches(range(len(dataset)), batch_size):
         items = [dataset[i] for i in chunk]  # an unreadable image stops the evaluation, naming it
+        for i, (image, _) in zip(chunk, items):
+            try:
+                if check_sizes is not None:  # any callable with the detectors' outputs may be scored
+                    check_sizes([image])
+            except ValueError as err:  # ... as does one too small for the encoder (it named no file)
+                name = os.fspath(dataset.image_dir / dataset.images[i]["file_name"])
+                raise ValueError(f"{name!r}: {err}") from None
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model([image.to(device) for image, _ in items])

@@ -385,9 +385,20 @@ class CocoDetection(torch.utils.data.Dataset):
                 )
         if masks:
             unmasked = sum(1 for objs in self.annotations.objects.values() for o in objs if not o["segmentation"])
+            total = sum(len(objs) for objs in self.annotations.objects.values())
+            if total and unmasked == total:
+                # Every object would be left out: Mask R-CNN trained on images it was told were empty, and the run
+                # ended with exit 0, a box AP and a log warning.
+                raise ValueError(
+                    f"{os.fspath(self.annotations.path)!r}: its {total} object(s) have no mask (no 'segmentation'),"
+                    f" so mask training would see no object; train a box detector (--detector faster_rcnn, retinanet"
+                    f" or fcos) or add polygon / RLE masks"
+                )
             if unmasked:
-                logger.warning("%s: %d annotation(s) have no mask and are left out of mask training",
-                               self.annotations.path.name, unmasked)
+                # Left out of the targets altogether, boxes too: their regions train as background.
+                logger.warning("%s: %d of %d object(s) have no mask and are left out of training (their boxes too: "
+                               "the detector learns their regions as background)",
+                               self.annotations.path.name, unmasked, total)
 
     @property
     def id2label(self) -> dict[int, str]:

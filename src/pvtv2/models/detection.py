@@ -399,6 +399,8 @@ class PvtV2ForObjectDetection(PvtV2PreTrainedModel):
             # The detector normalises with ImageNet's statistics itself: 0-255 or normalised inputs would give
             # confident nonsense, so they are refused.
             low, high = float(image.min()), float(image.max())
+            if math.isnan(low) or math.isnan(high):  # NaN compares false below: "no objects", or NaN losses
+                raise ValueError(f"image {i} has NaN values; the detector takes images with values in [0, 1]")
             if low < -1e-3 or high > 1 + 1e-3:
                 raise ValueError(
                     f"image {i} has values in [{low:.3g}, {high:.3g}]; the detector takes unnormalised images in "
@@ -431,13 +433,19 @@ class PvtV2ForObjectDetection(PvtV2PreTrainedModel):
                 if int(labels.min()) < 0 or int(labels.max()) >= k:
                     raise ValueError(f"target {i}: labels must be in 0..{k - 1} (the config's classes), got "
                                      f"{sorted(set(labels.tolist()))[:10]}")
-            new = dict(target, labels=labels.to(torch.int64) + shift)
+            # float32 boxes: FCOS stopped on float64 ones (numpy's default) with an index_put dtype error
+            new = dict(target, boxes=boxes.to(torch.float32), labels=labels.to(torch.int64) + shift)
             if self.config.detector == "mask_rcnn":
                 masks = target.get("masks")
                 if not isinstance(masks, torch.Tensor) or masks.shape != (boxes.shape[0], *image.shape[1:]):
                     got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else None
                     raise ValueError(f"target {i}: mask_rcnn needs masks of shape ({boxes.shape[0]}, "
                                      f"{image.shape[1]}, {image.shape[2]}) (one per box, the image's size), got {got}")
+                if masks.numel() and ((masks != 0) & (masks != 1)).any():
+                    # torchvision's mask loss takes the value as a target probability: 255 (an 8-bit PNG's) gave a
+                    # loss without a minimum, trained without a word
+                    raise ValueError(f"target {i}: masks must hold 0 and 1 only (divide 0/255 masks by 255), got "
+                                     f"values up to {float(masks.max()):g}")
             checked.append(new)
         return checked
 

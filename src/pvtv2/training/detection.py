@@ -137,7 +137,16 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
     if config is not None:
         return PvtV2ForObjectDetection(config)
     names = _detector_classes(cfg.model)
-    model = PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
+    try:
+        model = PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
+    except ValueError as err:
+        # A saved detector of another kind (--detector defaults to retinanet) failed with a list of key names
+        # that never said so.
+        saved = getattr(PvtV2Config.from_pretrained(cfg.model), "detector", None) if names is not None else None
+        if saved is None or saved == cfg.detector:
+            raise
+        raise ValueError(f"{cfg.model!r} is a saved {saved} detector, --detector is {cfg.detector}: pass --detector "
+                         f"{saved} to fine-tune it ({err})") from None
     classes = [id2label[i] for i in range(len(id2label))]
     new = set(getattr(model, "newly_initialized_keys", ()))
     # Any class-sized layer the checkpoint provided means its classes: a Faster R-CNN fine-tuned as a Mask R-CNN
@@ -247,7 +256,23 @@ class DetectionTask(Task):
                 logger.warning("some annotations of %s have no mask: mask AP is not computed", val.path.name)
 
     def new_model(self) -> nn.Module:
-        return build_detector(self.cfg, self.id2label)
+        model = build_detector(self.cfg, self.id2label)
+        # An image too small for the encoder stopped the run at whichever step drew it, naming no file: checked
+        # here on the sizes the annotation files list (shapes only; each split at the sizes it is resized to).
+        training = model.training
+        for data, mode in ((self.train_set, True), (self.val_set, False)):
+            model.train(mode)
+            checked = set()
+            for info in data.images:
+                if (info["height"], info["width"]) in checked:
+                    continue
+                checked.add((info["height"], info["width"]))
+                try:
+                    model._check_sizes([torch.empty(3, info["height"], info["width"], device="meta")])
+                except ValueError as err:
+                    raise ValueError(f"{os.fspath(data.image_dir / info['file_name'])!r}: {err}") from None
+        model.train(training)
+        return model
 
     def default_lr(self, global_batch: int) -> float:
         return 1e-4 * global_batch / 16  # the 1x recipe: 1e-4 at 8 GPUs x 2 images

@@ -1064,7 +1064,7 @@ def detect_objects(
     model.eval()
     results: list[DetectionResult] = []
     bar = progress_bar(total=len(images), unit="img", enabled=progress, desc="detect")
-    check_sizes = getattr(model, "_check_sizes", None)
+    check_sizes = getattr(model, "check_image_sizes", None)
     for chunk in _batches(list(images), batch_size):
         loaded, names, failed = _open_images(chunk)
         kept: list[tuple[str, Any, torch.Tensor]] = []
@@ -1192,7 +1192,7 @@ def evaluate_detector(
     start = time.perf_counter()
     model_seconds = 0.0
     bar = progress_bar(total=len(dataset), unit="img", enabled=progress, desc="eval")
-    check_sizes = getattr(model, "_check_sizes", None)
+    check_sizes = getattr(model, "check_image_sizes", None)
     for chunk in _batches(range(len(dataset)), batch_size):
         items = [dataset[i] for i in chunk]  # an unreadable image stops the evaluation, naming it
         for i, (image, _) in zip(chunk, items):

@@ -372,7 +372,7 @@ class PvtV2ForObjectDetection(PvtV2PreTrainedModel):
             raise ValueError("in training mode the detector needs targets (one dict with boxes and labels per image)")
         if targets is not None:
             targets = self._check_targets(targets, images)
-        self._check_sizes(images)
+        self.check_image_sizes(images)
         out = self.detector(images, targets)
         if self.training:
             return out
@@ -449,7 +449,7 @@ class PvtV2ForObjectDetection(PvtV2PreTrainedModel):
             checked.append(new)
         return checked
 
-    def _check_sizes(self, images: list[torch.Tensor]) -> None:
+    def check_image_sizes(self, images: list[torch.Tensor]) -> None:
         """A clear error when an image, once resized, is too small for the encoder's spatial reductions."""
         transform = self.detector.transform
         size = transform.min_size[-1] if not self.training else min(transform.min_size)

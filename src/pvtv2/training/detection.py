@@ -268,7 +268,7 @@ class DetectionTask(Task):
                     continue
                 checked.add((info["height"], info["width"]))
                 try:
-                    model._check_sizes([torch.empty(3, info["height"], info["width"], device="meta")])
+                    model.check_image_sizes([torch.empty(3, info["height"], info["width"], device="meta")])
                 except ValueError as err:
                     raise ValueError(f"{os.fspath(data.image_dir / info['file_name'])!r}: {err}") from None
         model.train(training)

@@ -44,6 +44,18 @@ def shrink_patch_embeddings_(model: torch.nn.Module, factor: float = 1e-3) -> to
 
 
 @torch.no_grad()
+def scramble_batch_norm_statistics_(model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """BatchNorm running means far from 0 (N(0, 2^2)) and variances far from 1 (U(0.1, 5.1)), drawn from ``gen`` in
+    buffer-name order: a model that ignores its statistics, or uses batch statistics in eval, shows."""
+    for name, b in sorted(model.named_buffers()):
+        if name.endswith("running_mean"):
+            b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64) * 2)
+        elif name.endswith("running_var"):
+            b.copy_(torch.rand(b.shape, generator=gen, dtype=torch.float64) * 5 + 0.1)
+    return model
+
+
+@torch.no_grad()
 def random_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fill every parameter with fresh random values (no reliance on any library's initialisation): matrices with
     std 1/sqrt(fan_in), norm scales around one, biases and shifts around zero. Works on models built on meta."""

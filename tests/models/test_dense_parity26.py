@@ -16,6 +16,8 @@ import pvtv2.fast
 from pvtv2.models.depth import PvtV2ForDepthEstimation
 from pvtv2.models.segmentation import PvtV2ForSemanticSegmentation, SemanticFPNHead
 
+from conftest import relative_error, scramble_batch_norm_statistics_
+
 transformers = pytest.importorskip("transformers")
 
 SMALL = dict(depths=[1, 2, 1, 1], hidden_sizes=[16, 32, 40, 48], num_attention_heads=[1, 2, 5, 8],
@@ -29,17 +31,7 @@ def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     for _, p in sorted(model.named_parameters()):
         p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.1)
-    for name, b in sorted(model.named_buffers()):
-        if name.endswith("running_mean"):
-            b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64) * 2)
-        elif name.endswith("running_var"):
-            b.copy_(torch.rand(b.shape, generator=gen, dtype=torch.float64) * 5 + 0.1)
-    return model
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return float((a - b).abs().max().detach() / a.abs().max().detach())
+    return scramble_batch_norm_statistics_(model, gen)
 
 
 def _pair(reference_cls, config, ours_cls, folder, dtype=torch.float64):
@@ -67,7 +59,7 @@ def test_fewer_stages_with_transformers_default_per_stage_lists(tmp_path, task, 
     assert model.config.sr_ratios == [8, 4, 2, 1][:stages] and model.config.num_attention_heads == [1, 2, 5][:stages]
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
-        assert _rel(reference(x)[0], model(x)[0]) < TIGHT
+        assert relative_error(reference(x)[0], model(x)[0]) < TIGHT
 
 
 @pytest.mark.parametrize("dtype", ["auto", torch.float64])
@@ -86,7 +78,7 @@ def test_float64_checkpoints_load_without_a_float32_round_trip(tmp_path, dtype):
                        stored["segformer.encoder.block.1.1.mlp.dense1.weight"])
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
-        assert _rel(reference(x).logits, model(x).logits) < TIGHT
+        assert relative_error(reference(x).logits, model(x).logits) < TIGHT
 
 
 # ---------------------------------------------------------------------------------------------- float64 parity
@@ -106,23 +98,24 @@ def test_segformer_float64_eval_and_train_match_transformers(tmp_path):
         expected = reference(x, labels=labels, output_hidden_states=True)
         got = model(x, labels=labels, output_hidden_states=True)
     assert got.logits.shape == (3, 4, 25, 33)
-    assert _rel(expected.logits, got.logits) < TIGHT
+    assert relative_error(expected.logits, got.logits) < TIGHT
     assert abs(float(expected.loss) - float(got.loss)) < TIGHT * float(expected.loss)
     assert len(expected.hidden_states) == len(got.hidden_states) == 4
     for e, g in zip(expected.hidden_states, got.hidden_states):
-        assert _rel(e, g) < TIGHT
+        assert relative_error(e, g) < TIGHT
 
     reference.train(), model.train()
     expected, got = reference(x[:2], labels=labels[:2]), model(x[:2], labels=labels[:2])
-    assert _rel(expected.logits, got.logits) < TIGHT
+    assert relative_error(expected.logits, got.logits) < TIGHT
     assert abs(float(expected.loss) - float(got.loss)) < TIGHT * float(expected.loss)
     expected.loss.backward(), got.loss.backward()
-    assert _rel(reference.decode_head.batch_norm.running_var, model.decode_head.batch_norm.running_var) < TIGHT
-    assert _rel(reference.decode_head.batch_norm.running_mean, model.decode_head.batch_norm.running_mean) < TIGHT
+    theirs, ours = reference.decode_head.batch_norm, model.decode_head.batch_norm
+    assert relative_error(theirs.running_var, ours.running_var) < TIGHT
+    assert relative_error(theirs.running_mean, ours.running_mean) < TIGHT
     for theirs, ours in ((reference.decode_head.linear_fuse, model.decode_head.linear_fuse),
                          (reference.segformer.stages[0].patch_embeddings.proj,
                           model.pvt_v2.encoder.layers[0].patch_embedding.proj)):
-        assert _rel(theirs.weight.grad, ours.weight.grad) < 1e-9
+        assert relative_error(theirs.weight.grad, ours.weight.grad) < 1e-9
 
 
 @pytest.mark.parametrize("head_in_index", [-1, 1])
@@ -144,19 +137,20 @@ def test_glpn_float64_eval_and_train_match_transformers(tmp_path, head_in_index)
             got = model(x, labels=labelled, output_hidden_states=True)
         assert got.predicted_depth.shape == expected.predicted_depth.shape
         assert 0 < float(got.predicted_depth.min()) and float(got.predicted_depth.max()) < 7
-        assert _rel(expected.predicted_depth, got.predicted_depth) < TIGHT
+        assert relative_error(expected.predicted_depth, got.predicted_depth) < TIGHT
         if labelled is not None:
             assert abs(float(expected.loss) - float(got.loss)) < TIGHT * float(expected.loss)
         for e, g in zip(expected.hidden_states, got.hidden_states):
-            assert _rel(e, g) < TIGHT
+            assert relative_error(e, g) < TIGHT
     reference.train(), model.train()
     expected, got = reference(x, labels=labelled), model(x, labels=labelled)
-    assert _rel(expected.predicted_depth, got.predicted_depth) < TIGHT
+    assert relative_error(expected.predicted_depth, got.predicted_depth) < TIGHT
     if labelled is not None:
         assert abs(float(expected.loss) - float(got.loss)) < TIGHT * float(expected.loss)
     theirs = reference.decoder.stages[2].fusion.convolutional_layer2[1]
     ours = model.decoder.stages[2].fusion.convolutional_layer2[1]
-    assert _rel(theirs.running_var, ours.running_var) < TIGHT and _rel(theirs.running_mean, ours.running_mean) < TIGHT
+    assert relative_error(theirs.running_var, ours.running_var) < TIGHT
+    assert relative_error(theirs.running_mean, ours.running_mean) < TIGHT
 
 
 # ---------------------------------------------------------------------------------------------- Semantic FPN
@@ -187,11 +181,12 @@ def test_semantic_fpn_head_in_training_mode_is_mmsegmentations_computation():
             if level > 0:
                 x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             trained = head.get_submodule(next(k for k, m in before.named_modules() if m is norm))
-            assert _rel(expected_mean, trained.running_mean) < TIGHT and _rel(expected_var, trained.running_var) < TIGHT
+            assert relative_error(expected_mean, trained.running_mean) < TIGHT
+            assert relative_error(expected_var, trained.running_var) < TIGHT
         total = x if total is None else total + F.interpolate(x, size=total.shape[2:], mode="bilinear", align_corners=False)
     expected = F.conv2d(total, before.classifier.weight, before.classifier.bias)
     assert logits.shape == (3, 5, 18, 25)
-    assert _rel(expected, logits) < TIGHT
+    assert relative_error(expected, logits) < TIGHT
 
 
 # ---------------------------------------------------------------------------------------------- frozen fast path
@@ -208,12 +203,12 @@ def test_frozen_model_equals_transformers_after_weights_are_written_in_place(tmp
     x = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(5))
     pvtv2.fast.freeze(model)
     with torch.no_grad():
-        assert _rel(reference(x)[0], model(x)[0]) < 1e-5
+        assert relative_error(reference(x)[0], model(x)[0]) < 1e-5
         for net in (reference, model):
             for name, p in sorted(net.named_parameters()):
                 p.mul_(1.1).add_(0.01)
         changed = reference(x)[0]
         with mock.patch.object(pvtv2.fast, "stage_forward", wraps=pvtv2.fast.stage_forward) as stage_forward:
-            assert _rel(changed, model(x)[0]) < 1e-5
+            assert relative_error(changed, model(x)[0]) < 1e-5
     if pvtv2.fast.fast_path_available(torch.float32):  # ... and the fast path ran: the reference path would pass too
         assert stage_forward.call_count == 4

@@ -16,6 +16,8 @@ from pvtv2.inference import predict_depth
 from pvtv2.models.depth import PvtV2ForDepthEstimation
 from pvtv2.training.depth import DEPTH_METRICS, depth_metric_sums, depth_metrics, finish_depth_metrics
 
+from conftest import relative_error, scramble_batch_norm_statistics_
+
 transformers = pytest.importorskip("transformers")
 
 # Widths 1:2:5:8 with heads 1, 2, 5, 8 (as every published variant): the heads of a bare state dict are inferred
@@ -36,17 +38,7 @@ def _adversarial(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.5)
         if "patch_embeddings" in name and ".proj." in name:
             p.mul_(1e-3)
-    for name, b in sorted(model.named_buffers()):
-        if name.endswith("running_mean"):
-            b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64) * 2)
-        elif name.endswith("running_var"):
-            b.copy_(torch.rand(b.shape, generator=gen, dtype=torch.float64) * 5 + 0.1)
-    return model
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return float((a - b).abs().max().detach() / a.abs().max().detach())
+    return scramble_batch_norm_statistics_(model, gen)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +67,7 @@ def test_a_bare_glpn_state_dict_says_its_depth_range_is_assumed(kitti_like, capl
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("max_depth" in m and "10" in m for m in warned), warned
     with torch.no_grad():  # the depths are the reference's scaled by 10 / 80: what the warning is about
-        assert _rel(expected * 10 / 80, assumed(x).predicted_depth) < TIGHT
+        assert relative_error(expected * 10 / 80, assumed(x).predicted_depth) < TIGHT
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pvtv2"):
@@ -83,7 +75,7 @@ def test_a_bare_glpn_state_dict_says_its_depth_range_is_assumed(kitti_like, capl
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert model.dtype == torch.float64 and model.config.layer_norm_eps == 1e-5
     with torch.no_grad():
-        assert _rel(expected, model(x).predicted_depth) < TIGHT
+        assert relative_error(expected, model(x).predicted_depth) < TIGHT
 
 
 def test_a_glpn_folder_needs_no_word_on_its_depth_range(kitti_like, caplog):
@@ -105,7 +97,7 @@ def test_odd_tiny_and_wide_inputs_match_transformers(kitti_like, shape):
     with torch.no_grad():
         expected, got = reference(x).predicted_depth, model(x).predicted_depth
     assert got.shape == expected.shape == (shape[0], -(-shape[2] // 32) * 32, -(-shape[3] // 32) * 32)
-    assert _rel(expected, got) < TIGHT
+    assert relative_error(expected, got) < TIGHT
     assert 0 < float(got.min()) and float(got.max()) < 80
 
 
@@ -124,14 +116,14 @@ def test_attentions_and_tuples_hold_transformers_values(kitti_like):
         got = model(x, labels=labels, output_attentions=True, output_hidden_states=True, return_dict=False)
     assert len(expected) == len(got) == 4
     assert abs(float(expected[0]) - float(got[0])) < TIGHT * float(expected[0])
-    assert _rel(expected[1], got[1]) < TIGHT
+    assert relative_error(expected[1], got[1]) < TIGHT
     for e, g in zip(expected[2], got[2], strict=True):
-        assert _rel(e, g) < TIGHT
+        assert relative_error(e, g) < TIGHT
     flat = [a for stage in got[3] for a in stage]
     assert [len(stage) for stage in got[3]] == ARCH["depths"]
     assert len(flat) == len(expected[3]) == sum(ARCH["depths"])
     for e, g in zip(expected[3], flat):
-        assert _rel(e, g) < TIGHT
+        assert relative_error(e, g) < TIGHT
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -169,7 +161,7 @@ def test_silog_loss_and_every_gradient_match_transformers(kitti_like):
             # A conv bias ahead of a BatchNorm in training: its gradient is 0, up to rounding (1e-20)
             assert float(p.grad.abs().max()) < 1e-15, name
             continue
-        assert _rel(expected_grad, p.grad) < 1e-9, name
+        assert relative_error(expected_grad, p.grad) < 1e-9, name
         compared += 1
     assert compared >= 30  # the decoder's, the head's and the patch embeddings' at least
 
@@ -316,8 +308,8 @@ def test_the_folder_pvtv2_writes_holds_glpns_encoder_for_transformers_and_its_he
         got = back(x).predicted_depth
     assert len(hidden) == len(expected.hidden_states) == 4
     for e, g in zip(expected.hidden_states, hidden):
-        assert _rel(e, g) < TIGHT
-    assert _rel(expected.predicted_depth, got) < TIGHT
+        assert relative_error(e, g) < TIGHT
+    assert relative_error(expected.predicted_depth, got) < TIGHT
 
 
 def test_a_fractional_max_depth_and_labels_of_another_size(kitti_like):
@@ -331,7 +323,7 @@ def test_a_fractional_max_depth_and_labels_of_another_size(kitti_like):
     with torch.no_grad():
         expected, got = reference(x).predicted_depth / 80 * 7.25, model(x).predicted_depth
     assert float(got.max()) < 7.25
-    assert _rel(expected, got) < TIGHT
+    assert relative_error(expected, got) < TIGHT
     small = torch.randn(1, 3, 29, 30, generator=gen, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"depth labels must have the prediction's shape \(1, 32, 32\), got \(1, 29, 30\)"):
         model(small, labels=torch.ones(1, 29, 30, dtype=torch.float64))

@@ -75,7 +75,12 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
     detections_per_image=100,  # COCOeval's maxDets
     image_mean=None,
     image_std=None,
+    # Whose arithmetic the RetinaNet levels and anchors follow: "torchvision" (its modules as they are) or
+    # "mmdetection" (P7 from P6 without a ReLU, anchors unrounded at nominal strides: pvtv2.models.mmdet_convention),
+    # which a RetinaNet read whole from an mmdetection file sets.
+    detection_convention="torchvision",
 )
+DETECTION_CONVENTIONS = ("torchvision", "mmdetection")
 # Settings whose defaults depend on the detector: which stages feed the FPN (1-based), where the extra levels come
 # from, and the NMS IoU threshold (torchvision's per detector).
 DETECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -162,6 +167,17 @@ def _check_settings(values: dict[str, Any], config: PvtV2Config) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1 if low_open else 0 <= value <= 1):
             raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
     _positive_int("detections_per_image", values["detections_per_image"])
+    convention = values["detection_convention"]
+    if convention not in DETECTION_CONVENTIONS:
+        raise ValueError(f"detection_convention must be one of {', '.join(DETECTION_CONVENTIONS)}, got {convention!r}")
+    if convention == "mmdetection" and (values["detector"] != "retinanet" or values["extra_levels"] != "p6p7_on_input"):
+        # Only mmdetection's RetinaNet (the authors' configs: P6 and P7 on C5) is written out; another detector
+        # would silently keep torchvision's arithmetic under mmdetection's name.
+        raise ValueError(
+            "detection_convention='mmdetection' is implemented for detector='retinanet' with "
+            f"extra_levels='p6p7_on_input' only, got detector={values['detector']!r}, "
+            f"extra_levels={values['extra_levels']!r}"
+        )
     for name in ("image_mean", "image_std"):
         value = values[name]
         if value is None:
@@ -200,7 +216,12 @@ class PvtV2FeaturePyramid(nn.Module):
             num_extra = 1
         else:
             on_input = config.extra_levels == "p6p7_on_input"
-            extra = LastLevelP6P7(in_channels[-1] if on_input else width, width)
+            if config.detection_convention == "mmdetection":
+                from .mmdet_convention import P6P7WithoutReLU
+
+                extra = P6P7WithoutReLU(in_channels[-1] if on_input else width, width)
+            else:
+                extra = LastLevelP6P7(in_channels[-1] if on_input else width, width)
             # torchvision decides "from P5" by equal widths; the setting decides here (B0's C5 is 256 wide too).
             extra.use_P5 = not on_input
             num_extra = 2
@@ -219,6 +240,12 @@ def _anchor_generator(config: PvtV2Config, strides: list[int]) -> nn.Module:
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     scale = _ANCHOR_SCALE[config.detector]
+    if config.detector == "retinanet" and config.detection_convention == "mmdetection":
+        from .mmdet_convention import MMDetectionAnchorGenerator
+
+        # octave_base_scale=4, scales_per_octave=3, base size the stride: not truncated to integers
+        sizes_f = [[scale * s * 2 ** (k / 3) for k in range(3)] for s in strides]
+        return MMDetectionAnchorGenerator(sizes_f, [[0.5, 1.0, 2.0]] * len(strides), strides)
     if config.detector == "retinanet":
         # mmdetection's octave_base_scale=4, scales_per_octave=3 (torchvision's _default_anchorgen at strides 8..128)
         sizes = tuple(tuple(int(scale * s * 2 ** (k / 3)) for k in range(3)) for s in strides)

@@ -238,9 +238,13 @@ def test_torchvisions_arithmetic_differs_where_the_convention_says(tmp_path):
 
 
 def test_save_and_reload_keeps_the_convention(tmp_path):
+    from pvtv2.inference import load_detector
+
     backbone, head = _backbone(seed=4), _retina_state(seed=5)
-    model = PvtV2ForObjectDetection.from_pretrained(_mmdet_file(tmp_path, backbone, head), min_size=96,
-                                                    max_size=160).eval()
+    path = _mmdet_file(tmp_path, backbone, head)
+    model = PvtV2ForObjectDetection.from_pretrained(path, min_size=96, max_size=160).eval()
+    served = load_detector(path, min_size=96, max_size=160)  # what `pvtv2 detect FILE` runs
+    assert served.config.detection_convention == "mmdetection" and served.newly_initialized_keys == ()
     model.save_pretrained(tmp_path / "saved")
     again = PvtV2ForObjectDetection.from_pretrained(tmp_path / "saved").eval()
     assert again.config.detection_convention == "mmdetection" and again.newly_initialized_keys == ()
@@ -248,7 +252,9 @@ def test_save_and_reload_keeps_the_convention(tmp_path):
     image = torch.rand(3, 96, 160)
     with torch.no_grad():
         ours, theirs = model([image])[0], again([image])[0]
+        served_out = served([image])[0]
     assert len(ours["boxes"]) and torch.equal(ours["boxes"], theirs["boxes"]) and torch.equal(ours["scores"], theirs["scores"])
+    assert torch.equal(ours["labels"], served_out["labels"]) and relative_error(ours["boxes"], served_out["boxes"]) < TOL
 
 
 def test_a_file_without_the_retinanet_head_is_read_for_its_backbone(tmp_path, caplog):

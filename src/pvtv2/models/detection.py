@@ -20,8 +20,31 @@ FCOS (not in the paper)   stages 2-4              P6 from P5 (``on_output``), P7
 ========================  ======================  ===========================================  =============
 
 torchvision's ``LastLevelP6P7`` takes P5 when its input and output widths are equal, C5 otherwise; B0's last stage is
-256 wide, the FPN's width, so the RetinaNet levels force C5 explicitly (``_P6P7``). mmdetection's RetinaNet computes
-P7 from P6 without the ReLU that torchvision (and the RetinaNet paper) put between them; we keep torchvision's.
+256 wide, the FPN's width, so the RetinaNet levels force C5 explicitly (``use_P5 = False``).
+
+Two conventions (``config.detection_convention``). ``"torchvision"`` (the default): torchvision's modules as they
+are. ``"mmdetection"`` (RetinaNet only; set when an mmdetection RetinaNet file is read whole, which
+``pvtv2.weights.layouts`` renames into this model): where mmdetection computes otherwise, its arithmetic
+(``pvtv2.models.mmdet_convention``): P7 from P6 itself, without the ReLU that torchvision (and the RetinaNet paper) put
+between them; anchors of ``stride * 4 * 2^(k/3)``, not truncated to integers, base anchors not rounded, laid at each
+level's nominal stride (torchvision takes ``padded size // grid size``: 61 for P6 of an 800-pixel side). The head's
+tensors and channel orders (anchor-major; ratio-major, scale-minor anchors; deltas dx, dy, dw, dh with means 0 and
+stds 1, dw / dh clamped at log(1000 / 16)), the test settings (sigmoid scores above 0.05, the 1000 best
+(anchor, class) pairs per level, class-wise NMS at IoU 0.5, 100 per image) and the boxes clipped to the resized image
+are the same in both. What is left of torchvision's in that mode, and differs from mmdetection 2.x:
+
+- resizing: torchvision interpolates the float image bilinearly to ``floor(side * scale)``; mmdetection (mmcv's
+  ``imrescale``, cv2) to ``round(side * scale)`` on the 8-bit image, rounded back to 8 bits before normalising. The
+  detections move by a fraction of a pixel; on an image already at the test scale (and a multiple of 32 as padded)
+  there is no difference;
+- the candidates before NMS: the mmdetection 2.x releases before ``filter_scores_and_topk`` (the dense heads'
+  ``get_bboxes`` rewrite of 2.18 / 2.19) kept per level the 1000 anchors with the highest best-class score and then
+  every class of them above 0.05; later releases, torchvision and pvtv2 the 1000 best (anchor, class) pairs above
+  0.05. With many confident classes per anchor the lists differ at the bottom;
+- mmdetection scales the boxes back to the input image before NMS, torchvision after; the IoUs differ only as far as
+  the horizontal and vertical scales differ (by the rounding of the resized size).
+
+Faster / Mask R-CNN and FCOS files of mmdetection are read for their backbone only.
 
 Labels: a detector's classes are the config's ``id2label`` (``0 .. num_labels - 1``); there is no background class in
 targets or outputs. RetinaNet and FCOS classify with one sigmoid per class (``num_labels`` outputs); the R-CNNs'

@@ -23,17 +23,16 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import random_weights_, relative_error, shrink_patch_embeddings_
 
 from pvtv2 import CheckpointError, PvtV2Model
 from pvtv2.weights.layouts import convert_state_dict
 
-from conftest import random_weights_, relative_error, shrink_patch_embeddings_
-
 pytest.importorskip("torchvision")
 
-from torchvision.ops import batched_nms  # noqa: E402
+from torchvision.ops import batched_nms
 
-from pvtv2.models.detection import PvtV2ForObjectDetection  # noqa: E402
+from pvtv2.models.detection import PvtV2ForObjectDetection
 
 TOL = 1e-5
 STAGES = (32, 64, 160, 256)  # B0's widths
@@ -306,7 +305,8 @@ def test_a_partial_retinanet_is_refused_for_the_backbone_too(tmp_path):
 def test_the_convention_is_checked_and_limited_to_retinanet():
     from pvtv2 import PvtV2Config
 
-    tiny = dict(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4], id2label={0: "a"})
+    tiny = {"depths": [1, 1, 1, 1], "hidden_sizes": [16, 32, 48, 64], "num_attention_heads": [1, 2, 3, 4],
+            "id2label": {0: "a"}}
     with pytest.raises(ValueError, match=r"detection_convention must be one of torchvision, mmdetection, got 'mmdet'"):
         PvtV2ForObjectDetection(PvtV2Config(**tiny, detection_convention="mmdet"))
     with pytest.raises(ValueError, match=r"retinanet.*got detector='fcos'"):

@@ -53,7 +53,10 @@ class MMDetectionAnchorGenerator(AnchorGenerator):
         self.level_strides = [int(s) for s in strides]
 
     def generate_anchors(self, scales: list[float], aspect_ratios: list[float], dtype: torch.dtype = torch.float32,
-                         device: torch.device = torch.device("cpu")) -> Tensor:
+                         device: torch.device | None = None) -> Tensor:
+        # on the CPU unless told, as torchvision's: the model is built under torch.device("meta") when loaded, and
+        # these are plain attributes that no checkpoint fills
+        device = torch.device("cpu") if device is None else device
         scales_t = torch.as_tensor(scales, dtype=dtype, device=device)
         ratios = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
         h_ratios = torch.sqrt(ratios)

@@ -275,8 +275,8 @@ def _mmdet_retinanet(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     present = {k for k in state if k.startswith(("neck.", "bbox_head."))}
     missing, unexpected = sorted(wanted - present), sorted(present - wanted)
     if not n or missing or unexpected:
-        parts = ["this mmdetection RetinaNet checkpoint is not one that pvtv2's RetinaNet can read whole (mmdetection's "
-                 f"FPN with P6 and P7, RetinaHead with {_MMDET_RETINA_STACKED} convolutions per branch, no normalisation)"]
+        parts = [("this mmdetection RetinaNet checkpoint is not one that pvtv2's RetinaNet can read whole (mmdetection's "
+                  f"FPN with P6 and P7, RetinaHead with {_MMDET_RETINA_STACKED} convolutions per branch, no normalisation)")]
         if not n:
             parts.append("it has no neck.lateral_convs (the FPN)")
         for title, keys in (("missing", missing), ("unexpected", unexpected)):

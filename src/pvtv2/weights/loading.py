@@ -178,11 +178,12 @@ def _retinanet_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int]
     if not inputs or hidden[first:] != inputs:
         raise CheckpointError(f"the RetinaNet's FPN takes inputs {inputs} wide (neck.lateral_convs), which are not the "
                               f"last stages of the encoder (widths {hidden})")
-    settings: dict[str, Any] = dict(
-        detector="retinanet", num_labels=int(cls.shape[0]) // _RETINANET_ANCHORS,
-        fpn_channels=int(canonical["detector.backbone.fpn.inner_blocks.0.0.weight"].shape[0]),
-        fpn_stages=list(range(first + 1, len(hidden) + 1)),
-    )
+    settings: dict[str, Any] = {
+        "detector": "retinanet",
+        "num_labels": int(cls.shape[0]) // _RETINANET_ANCHORS,
+        "fpn_channels": int(canonical["detector.backbone.fpn.inner_blocks.0.0.weight"].shape[0]),
+        "fpn_stages": list(range(first + 1, len(hidden) + 1)),
+    }
     if layout == MMDET_LAYOUT:
         p6 = canonical.get("detector.backbone.fpn.extra_blocks.p6.weight")
         if p6 is not None and p6.ndim == 4 and p6.shape[1] != hidden[-1]:

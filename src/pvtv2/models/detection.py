@@ -240,9 +240,9 @@ class PvtV2FeaturePyramid(nn.Module):
         else:
             on_input = config.extra_levels == "p6p7_on_input"
             if config.detection_convention == "mmdetection":
-                from .mmdet_convention import P6P7WithoutReLU
+                from .mmdet_convention import p6p7_without_relu
 
-                extra = P6P7WithoutReLU(in_channels[-1] if on_input else width, width)
+                extra = p6p7_without_relu(in_channels[-1] if on_input else width, width)
             else:
                 extra = LastLevelP6P7(in_channels[-1] if on_input else width, width)
             # torchvision decides "from P5" by equal widths; the setting decides here (B0's C5 is 256 wide too).
@@ -264,11 +264,11 @@ def _anchor_generator(config: PvtV2Config, strides: list[int]) -> nn.Module:
 
     scale = _ANCHOR_SCALE[config.detector]
     if config.detector == "retinanet" and config.detection_convention == "mmdetection":
-        from .mmdet_convention import MMDetectionAnchorGenerator
+        from .mmdet_convention import mmdetection_anchor_generator
 
         # octave_base_scale=4, scales_per_octave=3, base size the stride: not truncated to integers
         sizes_f = [[scale * s * 2 ** (k / 3) for k in range(3)] for s in strides]
-        return MMDetectionAnchorGenerator(sizes_f, [[0.5, 1.0, 2.0]] * len(strides), strides)
+        return mmdetection_anchor_generator(sizes_f, [[0.5, 1.0, 2.0]] * len(strides), strides)
     if config.detector == "retinanet":
         # mmdetection's octave_base_scale=4, scales_per_octave=3 (torchvision's _default_anchorgen at strides 8..128)
         sizes = tuple(tuple(int(scale * s * 2 ** (k / 3)) for k in range(3)) for s in strides)

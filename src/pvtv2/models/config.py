@@ -437,6 +437,7 @@ _TRANSFORMERS_KEYS = frozenset((
 _HEAD_KEYS = frozenset((
     "decode_head_type", "detector", "min_size", "max_size", "fpn_channels", "frozen_stages", "freeze_layer_norms",
     "score_threshold", "detections_per_image", "image_mean", "image_std", "fpn_stages", "extra_levels", "nms_threshold",
+    "detection_convention",
 ))
 # The keys no field reads that are reported (a warning; an error for the command's --model X.json): not ours, not
 # transformers', not a head's, not bookkeeping. A misspelt field ({"depth": ...} for depths) would otherwise build the

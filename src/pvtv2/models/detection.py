@@ -20,8 +20,31 @@ FCOS (not in the paper)   stages 2-4              P6 from P5 (``on_output``), P7
 ========================  ======================  ===========================================  =============
 
 torchvision's ``LastLevelP6P7`` takes P5 when its input and output widths are equal, C5 otherwise; B0's last stage is
-256 wide, the FPN's width, so the RetinaNet levels force C5 explicitly (``_P6P7``). mmdetection's RetinaNet computes
-P7 from P6 without the ReLU that torchvision (and the RetinaNet paper) put between them; we keep torchvision's.
+256 wide, the FPN's width, so the RetinaNet levels force C5 explicitly (``use_P5 = False``).
+
+Two conventions (``config.detection_convention``). ``"torchvision"`` (the default): torchvision's modules as they
+are. ``"mmdetection"`` (RetinaNet only; set when an mmdetection RetinaNet file is read whole, which
+``pvtv2.weights.layouts`` renames into this model): where mmdetection computes otherwise, its arithmetic
+(``pvtv2.models.mmdet_convention``): P7 from P6 itself, without the ReLU that torchvision (and the RetinaNet paper) put
+between them; anchors of ``stride * 4 * 2^(k/3)``, not truncated to integers, base anchors not rounded, laid at each
+level's nominal stride (torchvision takes ``padded size // grid size``: 61 for P6 of an 800-pixel side). The head's
+tensors and channel orders (anchor-major; ratio-major, scale-minor anchors; deltas dx, dy, dw, dh with means 0 and
+stds 1, dw / dh clamped at log(1000 / 16)), the test settings (sigmoid scores above 0.05, the 1000 best
+(anchor, class) pairs per level, class-wise NMS at IoU 0.5, 100 per image) and the boxes clipped to the resized image
+are the same in both. What is left of torchvision's in that mode, and differs from mmdetection 2.x:
+
+- resizing: torchvision interpolates the float image bilinearly to ``floor(side * scale)``; mmdetection (mmcv's
+  ``imrescale``, cv2) to ``round(side * scale)`` on the 8-bit image, rounded back to 8 bits before normalising. The
+  detections move by a fraction of a pixel; on an image already at the test scale (and a multiple of 32 as padded)
+  there is no difference;
+- the candidates before NMS: the mmdetection 2.x releases before ``filter_scores_and_topk`` (the dense heads'
+  ``get_bboxes`` rewrite of 2.18 / 2.19) kept per level the 1000 anchors with the highest best-class score and then
+  every class of them above 0.05; later releases, torchvision and pvtv2 the 1000 best (anchor, class) pairs above
+  0.05. With many confident classes per anchor the lists differ at the bottom;
+- mmdetection scales the boxes back to the input image before NMS, torchvision after; the IoUs differ only as far as
+  the horizontal and vertical scales differ (by the rounding of the resized size).
+
+Faster / Mask R-CNN and FCOS files of mmdetection are read for their backbone only.
 
 Labels: a detector's classes are the config's ``id2label`` (``0 .. num_labels - 1``); there is no background class in
 targets or outputs. RetinaNet and FCOS classify with one sigmoid per class (``num_labels`` outputs); the R-CNNs'
@@ -75,7 +98,12 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
     detections_per_image=100,  # COCOeval's maxDets
     image_mean=None,
     image_std=None,
+    # Whose arithmetic the RetinaNet levels and anchors follow: "torchvision" (its modules as they are) or
+    # "mmdetection" (P7 from P6 without a ReLU, anchors unrounded at nominal strides: pvtv2.models.mmdet_convention),
+    # which a RetinaNet read whole from an mmdetection file sets.
+    detection_convention="torchvision",
 )
+DETECTION_CONVENTIONS = ("torchvision", "mmdetection")
 # Settings whose defaults depend on the detector: which stages feed the FPN (1-based), where the extra levels come
 # from, and the NMS IoU threshold (torchvision's per detector).
 DETECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -162,6 +190,17 @@ def _check_settings(values: dict[str, Any], config: PvtV2Config) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1 if low_open else 0 <= value <= 1):
             raise ValueError(f"{name} must be a number in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
     _positive_int("detections_per_image", values["detections_per_image"])
+    convention = values["detection_convention"]
+    if convention not in DETECTION_CONVENTIONS:
+        raise ValueError(f"detection_convention must be one of {', '.join(DETECTION_CONVENTIONS)}, got {convention!r}")
+    if convention == "mmdetection" and (values["detector"] != "retinanet" or values["extra_levels"] != "p6p7_on_input"):
+        # Only mmdetection's RetinaNet (the authors' configs: P6 and P7 on C5) is written out; another detector
+        # would silently keep torchvision's arithmetic under mmdetection's name.
+        raise ValueError(
+            "detection_convention='mmdetection' is implemented for detector='retinanet' with "
+            f"extra_levels='p6p7_on_input' only, got detector={values['detector']!r}, "
+            f"extra_levels={values['extra_levels']!r}"
+        )
     for name in ("image_mean", "image_std"):
         value = values[name]
         if value is None:
@@ -200,7 +239,12 @@ class PvtV2FeaturePyramid(nn.Module):
             num_extra = 1
         else:
             on_input = config.extra_levels == "p6p7_on_input"
-            extra = LastLevelP6P7(in_channels[-1] if on_input else width, width)
+            if config.detection_convention == "mmdetection":
+                from .mmdet_convention import p6p7_without_relu
+
+                extra = p6p7_without_relu(in_channels[-1] if on_input else width, width)
+            else:
+                extra = LastLevelP6P7(in_channels[-1] if on_input else width, width)
             # torchvision decides "from P5" by equal widths; the setting decides here (B0's C5 is 256 wide too).
             extra.use_P5 = not on_input
             num_extra = 2
@@ -219,6 +263,12 @@ def _anchor_generator(config: PvtV2Config, strides: list[int]) -> nn.Module:
     from torchvision.models.detection.anchor_utils import AnchorGenerator
 
     scale = _ANCHOR_SCALE[config.detector]
+    if config.detector == "retinanet" and config.detection_convention == "mmdetection":
+        from .mmdet_convention import mmdetection_anchor_generator
+
+        # octave_base_scale=4, scales_per_octave=3, base size the stride: not truncated to integers
+        sizes_f = [[scale * s * 2 ** (k / 3) for k in range(3)] for s in strides]
+        return mmdetection_anchor_generator(sizes_f, [[0.5, 1.0, 2.0]] * len(strides), strides)
     if config.detector == "retinanet":
         # mmdetection's octave_base_scale=4, scales_per_octave=3 (torchvision's _default_anchorgen at strides 8..128)
         sizes = tuple(tuple(int(scale * s * 2 ** (k / 3)) for k in range(3)) for s in strides)

@@ -14,7 +14,12 @@ read for their backbone: ``backbone.`` + the original layout; their necks and he
 are left out of the conversion, with one exception: mmsegmentation's Semantic FPN (the authors' ADE20K configs:
 ``neck.lateral_convs`` / ``neck.fpn_convs`` + ``decode_head.scale_heads`` + ``decode_head.conv_seg``) is the module
 that ``decode_head_type="fpn"`` builds, layer for layer (mmcv's ``ConvModule`` names ``conv``, ``bn``), and is read
-into it: ``neck.`` becomes ``decode_head.neck.``, ``conv_seg`` ``classifier``.
+into it: ``neck.`` becomes ``decode_head.neck.``, ``conv_seg`` ``classifier``; and a second: mmdetection's
+RetinaNet (the authors' ``retinanet_pvt_v2_*`` configs: ``neck.lateral_convs`` / ``neck.fpn_convs`` + ``bbox_head.
+cls_convs`` / ``reg_convs`` / ``retina_cls`` / ``retina_reg``) is read into the torchvision RetinaNet that
+``PvtV2ForObjectDetection`` builds (``detector.``), whose arithmetic then follows mmdetection's
+(``detection_convention="mmdetection"``). Faster / Mask R-CNN files (``rpn_head.``, ``roi_head.``) are read for their
+backbone only.
 
 Two more are read (not written): the Mix Transformer encoders of transformers' SegFormer and GLPN, with their heads
 (``segformer``: ``segformer.encoder.block.{i}.{j}.attention.self.query`` ... ``decode_head.linear_c.{i}`` ...;
@@ -50,7 +55,7 @@ __all__ = [
 LAYOUTS = ("transformers", "timm", "original")
 # Layouts that are read only: transformers' SegFormer and GLPN (see the module docstring).
 DENSE_LAYOUTS = ("segformer", "glpn")
-# The original repository's mmdetection / mmsegmentation checkpoints: read only, for their backbone.
+# The original repository's mmdetection / mmsegmentation checkpoints: read only (backbone; Semantic FPN, RetinaNet whole).
 MMDET_LAYOUT = "mmdet"
 # Where mmdetection / mmsegmentation keep the backbone, and the top-level names of their other modules.
 _MMDET_BACKBONE = "backbone."
@@ -60,6 +65,21 @@ _MMDET_OTHERS = ("neck.", "bbox_head.", "rpn_head.", "roi_head.", "mask_head.", 
 _MMSEG_FPN_MARK = "decode_head.scale_heads."
 _MMSEG_FPN_RULES = ((re.compile(r"^neck\.(lateral_convs|fpn_convs)\."), r"decode_head.neck.\1."),
                     (re.compile(r"^decode_head\.conv_seg\."), "decode_head.classifier."))
+# mmdetection's RetinaNet (FPN neck + RetinaHead) is recognised by its head's last layers; it is read into the
+# torchvision RetinaNet of pvtv2.models.detection (with detection_convention="mmdetection"). mmcv's ConvModule keeps
+# its convolution under "conv", torchvision's Conv2dNormActivation under "0". The FPN's output convolutions are
+# numbered on past the stage levels in mmdetection (P6, P7: fpn_convs.{n}, .{n + 1} for n laterals), so they are
+# renamed by _mmdet_retinanet, not by a pattern.
+_MMDET_RETINA_MARKS = ("bbox_head.retina_cls.", "bbox_head.retina_reg.")
+_MMDET_RETINA_STACKED = 4  # mmdetection's stacked_convs default, and the only depth torchvision's RetinaNetHead has
+_MMDET_RETINA_RULES = (
+    (re.compile(r"^neck\.lateral_convs\.(\d+)\.conv\."), r"detector.backbone.fpn.inner_blocks.\1.0."),
+    (re.compile(r"^bbox_head\.cls_convs\.(\d+)\.conv\."), r"detector.head.classification_head.conv.\1.0."),
+    (re.compile(r"^bbox_head\.reg_convs\.(\d+)\.conv\."), r"detector.head.regression_head.conv.\1.0."),
+    (re.compile(r"^bbox_head\.retina_cls\."), "detector.head.classification_head.cls_logits."),
+    (re.compile(r"^bbox_head\.retina_reg\."), "detector.head.regression_head.bbox_reg."),
+)
+_MMDET_FPN_CONV = re.compile(r"^neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)$")
 # ---------------------------------------------------------------------------------------------- layouts
 # Names inside a block: timm / original spelling -> transformers spelling. "attn.kv" is one fused matrix,
 # split into key and value (its first half is the keys, as the reference code's reshape to (2, heads, dim) reads it).
@@ -222,7 +242,8 @@ def mmdet_backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     strict load names them.
     """
     semantic_fpn = any(key.startswith(_MMSEG_FPN_MARK) for key in state)
-    out: dict[str, torch.Tensor] = {}
+    retinanet = any(key.startswith(_MMDET_RETINA_MARKS) for key in state)
+    out: dict[str, torch.Tensor] = _mmdet_retinanet(state) if retinanet else {}
     for key, value in state.items():
         if key.startswith(_MMDET_BACKBONE):
             out[key[len(_MMDET_BACKBONE) :]] = value
@@ -236,6 +257,45 @@ def mmdet_backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
                 continue
         if not key.startswith(_MMDET_OTHERS):
             out[key] = value
+    return out
+
+
+def _mmdet_retinanet(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mmdetection's RetinaNet neck and head renamed into pvtv2's detector (``detector.``); :class:`CheckpointError`
+    naming the keys where they are not the whole of one (a part missing, a layer more than torchvision's RetinaNet
+    has, a normalisation layer): read in part, the rest would be initialised at random without a word."""
+    laterals = sorted({int(m.group(1)) for k in state if (m := re.match(r"neck\.lateral_convs\.(\d+)\.", k))})
+    n = len(laterals)
+    expected = [f"neck.lateral_convs.{i}.conv" for i in range(n)]
+    expected += [f"neck.fpn_convs.{i}.conv" for i in range(n + 2)]  # the stage levels, then P6 and P7
+    for branch in ("cls_convs", "reg_convs"):
+        expected += [f"bbox_head.{branch}.{i}.conv" for i in range(_MMDET_RETINA_STACKED)]
+    expected += ["bbox_head.retina_cls", "bbox_head.retina_reg"]
+    wanted = {f"{name}.{p}" for name in expected for p in ("weight", "bias")}
+    present = {k for k in state if k.startswith(("neck.", "bbox_head."))}
+    missing, unexpected = sorted(wanted - present), sorted(present - wanted)
+    if not n or missing or unexpected:
+        parts = [("this mmdetection RetinaNet checkpoint is not one that pvtv2's RetinaNet can read whole (mmdetection's "
+                  f"FPN with P6 and P7, RetinaHead with {_MMDET_RETINA_STACKED} convolutions per branch, no normalisation)")]
+        if not n:
+            parts.append("it has no neck.lateral_convs (the FPN)")
+        for title, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                shown = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
+                parts.append(f"{len(keys)} {title} keys:\n    {shown}")
+        raise CheckpointError("\n  ".join(parts))
+    extra = {n: "extra_blocks.p6.", n + 1: "extra_blocks.p7."}
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(present):
+        m = _MMDET_FPN_CONV.match(key)
+        if m:
+            level = int(m.group(1))
+            out[f"detector.backbone.fpn.{extra.get(level, f'layer_blocks.{level}.0.')}{m.group(2)}"] = state[key]
+            continue
+        renamed = key
+        for pattern, replacement in _MMDET_RETINA_RULES:
+            renamed = pattern.sub(replacement, renamed)
+        out[renamed] = state[key]
     return out
 
 

@@ -118,6 +118,8 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         # as wide (SemanticFPNHead), which the load checks against the checkpoint's head.
         args["decode_head_type"] = "fpn"
         args["decoder_hidden_size"] = int(fpn.shape[1])
+    if "detector.head.classification_head.cls_logits.weight" in canonical:
+        args.update(_retinanet_settings(canonical, hidden, layout))
     if "head.head.0.weight" in canonical:
         args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
         if "max_depth" not in overrides:
@@ -146,6 +148,51 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         args["drop_path_rate"] = PRESETS[preset]["drop_path_rate"]
     logger.info("configuration inferred from the %s checkpoint's shapes%s", layout, f" (matches {preset})" if preset else "")
     return PvtV2Config(**merge_changes(args, overrides))
+
+
+# A RetinaNet's anchors per position: 3 ratios times 3 scales (mmdetection's and torchvision's).
+_RETINANET_ANCHORS = 9
+
+
+def _retinanet_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int], layout: str) -> dict[str, Any]:
+    """The detector settings a RetinaNet's tensors say: the classes (class scores over 9 anchors), the FPN's width
+    and the stages feeding it (the lateral convolutions' inputs against the encoder's widths); an mmdetection file's
+    is computed as mmdetection computes it."""
+    cls = canonical["detector.head.classification_head.cls_logits.weight"]
+    reg = canonical.get("detector.head.regression_head.bbox_reg.weight")
+    if cls.ndim != 4 or cls.shape[0] % _RETINANET_ANCHORS or not cls.shape[0]:
+        raise CheckpointError(f"the RetinaNet class scores (bbox_head.retina_cls / cls_logits) have the shape "
+                              f"{tuple(cls.shape)}: not {_RETINANET_ANCHORS} anchors x classes output channels")
+    if reg is not None and (reg.ndim != 4 or reg.shape[0] != 4 * _RETINANET_ANCHORS):
+        raise CheckpointError(f"the RetinaNet box regression (bbox_head.retina_reg / bbox_reg) has the shape "
+                              f"{tuple(reg.shape)}: not {4 * _RETINANET_ANCHORS} (4 deltas x {_RETINANET_ANCHORS} "
+                              f"anchors) output channels")
+    inputs = []
+    for i in range(len(hidden)):
+        lateral = canonical.get(f"detector.backbone.fpn.inner_blocks.{i}.0.weight")
+        if lateral is None:
+            break
+        inputs.append(int(lateral.shape[1]))
+    # The FPN reads consecutive stages up to the last (mmdetection's start_level, end_level=-1).
+    first = len(hidden) - len(inputs)
+    if not inputs or hidden[first:] != inputs:
+        raise CheckpointError(f"the RetinaNet's FPN takes inputs {inputs} wide (neck.lateral_convs), which are not the "
+                              f"last stages of the encoder (widths {hidden})")
+    settings: dict[str, Any] = {
+        "detector": "retinanet",
+        "num_labels": int(cls.shape[0]) // _RETINANET_ANCHORS,
+        "fpn_channels": int(canonical["detector.backbone.fpn.inner_blocks.0.0.weight"].shape[0]),
+        "fpn_stages": list(range(first + 1, len(hidden) + 1)),
+    }
+    if layout == MMDET_LAYOUT:
+        p6 = canonical.get("detector.backbone.fpn.extra_blocks.p6.weight")
+        if p6 is not None and p6.ndim == 4 and p6.shape[1] != hidden[-1]:
+            # The authors' configs compute P6 from C5 (add_extra_convs="on_input"); from P5 is another network.
+            raise CheckpointError(f"the RetinaNet's P6 convolution (neck.fpn_convs.{len(inputs)}) takes {p6.shape[1]} "
+                                  f"channels, not the last stage's {hidden[-1]}: pvtv2 reads mmdetection's "
+                                  f"add_extra_convs='on_input' only")
+        settings["detection_convention"] = "mmdetection"
+    return settings
 
 
 def _mlp_ratio(hidden_features: int, dim: int) -> float:
@@ -286,10 +333,12 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     canonical = to_canonical(state, layout)
     if layout == MMDET_LAYOUT:
         fpn = any(k.startswith("decode_head.") for k in canonical)  # a Semantic FPN, read into decode_head
-        used = {"backbone", "neck", "decode_head"} if fpn else {"backbone"}
+        retinanet = any(k.startswith("detector.") for k in canonical)  # a RetinaNet, read into detector
+        used = {"backbone", "neck", "decode_head"} if fpn else {"backbone", "neck", "bbox_head"} if retinanet else {"backbone"}
         others = sorted({k.split(".", 1)[0] for k in state} - used)
-        logger.info("an mmdetection / mmsegmentation checkpoint: its %s used%s",
-                    "backbone and Semantic FPN (neck, decode_head) are" if fpn else "backbone is",
+        what = ("backbone and Semantic FPN (neck, decode_head) are" if fpn else
+                "backbone and RetinaNet (neck, bbox_head; mmdetection's arithmetic) are" if retinanet else "backbone is")
+        logger.info("an mmdetection / mmsegmentation checkpoint: its %s used%s", what,
                     f"; its {', '.join(others)} are not (another library's modules)" if others else "")
         seg = canonical.get("decode_head.classifier.weight")
         if fpn and seg is not None and seg.shape[0] == 1:
@@ -408,10 +457,16 @@ def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.T
 def _attach_recorded_labels(config: PvtV2Config, canonical: Mapping[str, torch.Tensor],
                             names: Sequence[str] | None) -> PvtV2Config:
     """``config`` with the class names the file recorded beside its weights (an mmsegmentation file's dataset
-    classes), where its labels are generic and the names match the checkpoint's segmentation classifier."""
+    classes), where its labels are generic and the names match the checkpoint's segmentation classifier or RetinaNet
+    class scores."""
     head = canonical.get("decode_head.classifier.weight")
-    if (names and head is not None and head.ndim >= 1 and head.shape[0] == len(names) == config.num_labels
-            and has_generic_labels(config.id2label)):
+    scores = canonical.get("detector.head.classification_head.cls_logits.weight")
+    classes = None
+    if head is not None and head.ndim >= 1:
+        classes = head.shape[0]
+    elif scores is not None and scores.ndim >= 1 and scores.shape[0] % _RETINANET_ANCHORS == 0:
+        classes = scores.shape[0] // _RETINANET_ANCHORS  # a RetinaNet's: each class once per anchor
+    if names and classes is not None and classes == len(names) == config.num_labels and has_generic_labels(config.id2label):
         return config.replace(id2label=dict(enumerate(names)))
     return config
 

@@ -1,0 +1,191 @@
+"""Audit 28: valid but unusual configurations and inputs, against transformers' PvtV2, where the earlier parity files
+(test_adversarial_parity.py, test_parity_audit26.py, test_modeling.py) do not reach.
+
+A stage of no blocks (transformers and timm build its patch embedding and LayerNorm alone); every activation name
+through save_pretrained into both libraries; activations given as callables and modules (the fast path fuses only
+nn.GELU's exact and tanh forms); heads whose width is no power of two under LayerNorm epsilons of 1e-12 and 1e-2;
+an input that requires grad in an eval model, under each grad mode; 1x1 and thin inputs to linear attention with the
+attention maps. Float64 to 1e-10 on the reference path, float32 to 1e-5 on the fast path (frozen or not), with the
+hostile weights of test_adversarial_parity.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import TINY, hf_config, relative_error
+from test_adversarial_parity import TOL32, TOL64, hf_pair
+from test_parity_audit26 import PARAMETER_FREE
+
+from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, fast
+
+
+def _compare_all(ours, theirs, x, tol):
+    """Logits, every stage's output and every attention map of ``ours`` and ``theirs`` on ``x``."""
+    with torch.no_grad():
+        expected = theirs(x, output_hidden_states=True, output_attentions=True)
+        got = ours(x, output_hidden_states=True, output_attentions=True)
+    assert relative_error(expected.logits, got.logits) < tol
+    for a, b in zip(expected.hidden_states, got.hidden_states, strict=True):
+        assert relative_error(a, b) < tol
+    assert len(got.attentions) == len(expected.attentions)
+    for stage_a, stage_b in zip(expected.attentions, got.attentions, strict=True):
+        assert len(stage_a) == len(stage_b)
+        for a, b in zip(stage_a, stage_b, strict=True):
+            assert relative_error(a, b) < tol
+
+
+def _fast_matches(ours, theirs, x):
+    """Float32: the fast path, frozen or not, and the reference path give transformers' logits."""
+    ours, theirs = ours.float(), theirs.float()
+    x = x.float()
+    with torch.no_grad():
+        expected = theirs(x).logits
+        with fast.fast_path(False):
+            assert relative_error(expected, ours(x).logits) < TOL32
+        assert relative_error(expected, ours(x).logits) < TOL32
+        fast.freeze(ours)
+        assert relative_error(expected, ours(x).logits) < TOL32
+
+
+# ---------------------------------------------------------------------------------------------- stages of no blocks
+# transformers and timm take a depth of 0: the stage is its patch embedding and final LayerNorm. pvtv2 refused it.
+ZERO_DEPTHS = {
+    "middle stage empty": (dict(TINY, depths=[1, 0, 2, 1], num_labels=3), (45, 38)),
+    "first and last empty, linear": (dict(TINY, depths=[0, 2, 1, 0], linear_attention=True, num_labels=2), (33, 29)),
+    "every stage empty, drop path": (dict(TINY, depths=[0, 0, 0, 0], drop_path_rate=0.3, num_labels=4), (40, 52)),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_DEPTHS))
+def test_a_stage_of_no_blocks_is_transformers_stage(name, tmp_path):
+    kwargs, size = ZERO_DEPTHS[name]
+    config = PvtV2Config(**kwargs)
+    ours, theirs = hf_pair(config, seed=len(name))
+    x = torch.randn(2, 3, *size, dtype=torch.float64) * 3 + 1
+    _compare_all(ours, theirs, x, TOL64)
+    # config.json and weights go both ways
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["depths"] == kwargs["depths"]
+    again = PvtV2ForImageClassification.from_pretrained(tmp_path).double()
+    loaded = transformers.PvtV2ForImageClassification.from_pretrained(tmp_path).double().eval()
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert relative_error(expected, again(x).logits) < TOL64
+        assert relative_error(expected, loaded(x).logits) < TOL64
+    _fast_matches(ours, theirs, x)
+
+
+def test_backbone_output_of_a_stage_of_no_blocks():
+    config = PvtV2Config(**dict(TINY, depths=[1, 0, 1, 0]), out_indices=[1, 3])
+    ours, theirs = hf_pair(config, PvtV2Backbone, transformers.PvtV2Backbone, seed=2)
+    x = torch.randn(2, 3, 50, 47, dtype=torch.float64)
+    with torch.no_grad():
+        expected, got = theirs(x).feature_maps, ours(x).feature_maps
+    assert len(expected) == len(got) == 2
+    for a, b in zip(expected, got):
+        assert relative_error(a, b) < TOL64
+
+
+def test_negative_depths_are_still_refused():
+    with pytest.raises(ValueError, match=r"depths must hold non-negative numbers, got \[1, -1, 1, 1\]"):
+        PvtV2Config(**dict(TINY, depths=[1, -1, 1, 1]))
+
+
+# ---------------------------------------------------------------------------------------------- activations
+@pytest.mark.parametrize("act", PARAMETER_FREE)
+def test_every_activation_name_survives_save_pretrained_into_both_libraries(act, tmp_path):
+    config = PvtV2Config(**dict(TINY, depths=[1, 1, 1, 1]), hidden_act=act, num_labels=3)
+    ours, theirs = hf_pair(config, seed=7)
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_act"] == act
+    again = PvtV2ForImageClassification.from_pretrained(tmp_path).double()
+    assert again.config.hidden_act == act
+    loaded = transformers.PvtV2ForImageClassification.from_pretrained(tmp_path).double().eval()
+    x = torch.randn(2, 3, 37, 41, dtype=torch.float64) * 3
+    with torch.no_grad():
+        expected = theirs(x).logits
+        assert relative_error(expected, again(x).logits) < TOL64
+        assert relative_error(expected, loaded(x).logits) < TOL64
+
+
+# A callable or module for hidden_act (the model documentation's ``Union[str, Callable]``; transformers' strict config
+# of this version refuses it), against transformers built with the name of the same function.
+CALLABLES = {
+    "function F.silu": (F.silu, "silu"),
+    "nn.GELU(approximate='tanh')": (torch.nn.GELU(approximate="tanh"), "gelu_pytorch_tanh"),
+    "nn.GELU()": (torch.nn.GELU(), "gelu"),
+    "nn.Tanh()": (torch.nn.Tanh(), "tanh"),
+    "lambda: exact GELU by erf": (lambda t: t * 0.5 * (1.0 + torch.erf(t / 2.0**0.5)), "gelu_python"),
+    "nn.Hardswish()": (torch.nn.Hardswish(), "hardswish"),
+}
+
+
+@pytest.mark.parametrize("name", list(CALLABLES))
+def test_a_callable_activation_computes_what_its_name_does_on_every_path(name):
+    act, named = CALLABLES[name]
+    config = PvtV2Config(**TINY, hidden_act=act, num_labels=3)
+    theirs_config = PvtV2Config(**TINY, hidden_act=named, num_labels=3)
+    _, theirs = hf_pair(theirs_config, seed=5)
+    ours = PvtV2ForImageClassification(config).double().eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, 35, 43, dtype=torch.float64) * 3
+    _compare_all(ours, theirs, x, TOL64)
+    _fast_matches(ours, theirs, x)
+
+
+def test_a_callable_activation_cannot_be_saved_and_says_so(tmp_path):
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY, hidden_act=F.silu, num_labels=3))
+    with pytest.raises((ValueError, TypeError), match="hidden_act"):
+        model.save_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- widths and epsilons
+# Head widths of 3, 7, 4 and 5 (no power of two), reductions that do not divide the grids, under tiny and large
+# epsilons: the hostile weights put the patch-embedding LayerNorms' variances near them.
+ODD = dict(depths=[1, 2, 1, 1], hidden_sizes=[15, 21, 20, 25], num_attention_heads=[5, 3, 5, 5], mlp_ratios=[3, 2, 3, 2],
+           sr_ratios=[3, 2, 2, 1], num_labels=3)
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-2])
+@pytest.mark.parametrize("linear", [False, True])
+def test_odd_head_widths_and_extreme_epsilons(eps, linear):
+    config = PvtV2Config(**ODD, layer_norm_eps=eps, linear_attention=linear)
+    ours, theirs = hf_pair(config, seed=int(linear) + 3)
+    x = torch.randn(2, 3, 51, 37, dtype=torch.float64) * 2 + 0.5
+    _compare_all(ours, theirs, x, TOL64)
+    _fast_matches(ours, theirs, x)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def test_an_input_requiring_grad_in_an_eval_model_under_every_grad_mode():
+    """Eval mode with an input that requires grad: the fast path must step aside under enable_grad (the gradient
+    reaches the input as transformers' does) and may run under no_grad and inference_mode, with the same values."""
+    config = PvtV2Config(**TINY, num_labels=3)
+    ours, theirs = hf_pair(config, seed=9, dtype=torch.float32)
+    x = torch.randn(2, 3, 41, 45) + 0.5
+    x_ours, x_theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    expected = theirs(x_theirs).logits
+    (expected * torch.arange(1.0, 4.0)).sum().backward()
+    got = ours(x_ours).logits
+    assert got.requires_grad
+    (got * torch.arange(1.0, 4.0)).sum().backward()
+    assert relative_error(expected, got) < TOL32
+    assert relative_error(x_theirs.grad, x_ours.grad) < 1e-4
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = ours(x.clone().requires_grad_(True)).logits
+        assert not out.requires_grad and relative_error(expected, out) < TOL32
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 9), (2, 2), (13, 3)])
+def test_linear_attention_on_inputs_smaller_than_its_pooled_grid(size):
+    config = PvtV2Config(**TINY, linear_attention=True, num_labels=3)
+    ours, theirs = hf_pair(config, seed=sum(size))
+    x = torch.randn(3, 3, *size, dtype=torch.float64) * 3 - 1
+    _compare_all(ours, theirs, x, TOL64)
+    _fast_matches(ours, theirs, x)

@@ -17,11 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import TINY, hf_config, relative_error
-from test_adversarial_parity import TOL32, TOL64, hf_pair
+from conftest import TINY, relative_error
+from test_adversarial_parity import TOL32, TOL64, hf_pair, hostile_weights_
 from test_parity_audit26 import PARAMETER_FREE
+from timm.models.pvt_v2 import PyramidVisionTransformerV2
 
 from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, fast
+from pvtv2.weights.files import save_state_dict
+from pvtv2.weights.layouts import convert_state_dict
 
 
 def _compare_all(ours, theirs, x, tol):
@@ -106,7 +109,7 @@ def test_every_activation_name_survives_save_pretrained_into_both_libraries(act,
     again = PvtV2ForImageClassification.from_pretrained(tmp_path).double()
     assert again.config.hidden_act == act
     loaded = transformers.PvtV2ForImageClassification.from_pretrained(tmp_path).double().eval()
-    x = torch.randn(2, 3, 37, 41, dtype=torch.float64) * 3
+    x = torch.randn(1, 3, 29, 31, dtype=torch.float64) * 3
     with torch.no_grad():
         expected = theirs(x).logits
         assert relative_error(expected, again(x).logits) < TOL64
@@ -189,3 +192,30 @@ def test_linear_attention_on_inputs_smaller_than_its_pooled_grid(size):
     x = torch.randn(3, 3, *size, dtype=torch.float64) * 3 - 1
     _compare_all(ours, theirs, x, TOL64)
     _fast_matches(ours, theirs, x)
+
+
+def test_a_small_input_to_a_stage_of_no_blocks_is_not_refused_for_its_unbuilt_reduction():
+    """A stage of no blocks builds no reduction convolution, so its sr_ratio limits no input: transformers runs a
+    16x16 image through depths [0, 1, 1, 1] with sr_ratios [8, 4, 2, 1] (stage 1 sees 4x4), pvtv2 refused it."""
+    config = PvtV2Config(**dict(TINY, depths=[0, 1, 1, 1], sr_ratios=[8, 2, 1, 1]), num_labels=3)
+    ours, theirs = hf_pair(config, seed=1)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    _compare_all(ours, theirs, x, TOL64)
+    with pytest.raises(ValueError, match="stage 2 would see a 1x1 token grid, smaller than its spatial-reduction ratio"):
+        ours(torch.randn(1, 3, 8, 8, dtype=torch.float64))  # stage 2 has blocks: its reduction still limits
+
+
+@pytest.mark.parametrize("layout", ["timm", "original"])
+def test_a_timm_checkpoint_with_a_stage_of_no_blocks_loads_without_a_config(layout, tmp_path):
+    """Inferring the config from shapes read the MLP ratio and reduction of every stage's first block, and failed with
+    "the checkpoint lacks 'encoder.layers.1.blocks.0.mlp.dense1.weight'" on a timm model of depths (1, 0, 1, 0)."""
+    reference = PyramidVisionTransformerV2(num_classes=3, depths=(0, 1, 0, 1), embed_dims=(16, 32, 48, 64),
+                                           num_heads=(1, 2, 3, 4), mlp_ratios=(2, 3, 2, 2), qkv_bias=False)
+    reference = hostile_weights_(reference, seed=4).double().eval()
+    path = save_state_dict(convert_state_dict(reference.state_dict(), layout), tmp_path / "m.safetensors")
+    ours = PvtV2ForImageClassification.from_pretrained(path).double()
+    assert ours.config.depths == [0, 1, 0, 1] and ours.config.qkv_bias is False
+    assert ours.config.mlp_ratios[1] == 3 and ours.config.mlp_ratios[3] == 2
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(reference(x), ours(x).logits) < TOL64

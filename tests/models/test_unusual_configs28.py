@@ -219,3 +219,25 @@ def test_a_timm_checkpoint_with_a_stage_of_no_blocks_loads_without_a_config(layo
     x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(reference(x), ours(x).logits) < TOL64
+
+
+@pytest.mark.parametrize("task", ["segformer", "glpn"])
+def test_segformer_and_glpn_checkpoints_with_a_stage_of_no_blocks(task, tmp_path):
+    """transformers' SegFormer and GLPN take a depth of 0 too: their checkpoints load and compute their numbers."""
+    from pvtv2 import PvtV2ForDepthEstimation, PvtV2ForSemanticSegmentation
+
+    kw = dict(depths=[1, 0, 1, 0], hidden_sizes=[16, 32, 40, 48], num_attention_heads=[1, 2, 5, 8],
+              mlp_ratios=[4, 3, 2, 4], decoder_hidden_size=16)
+    if task == "segformer":
+        reference_cls, ours_cls = transformers.SegformerForSemanticSegmentation, PvtV2ForSemanticSegmentation
+        reference = reference_cls(transformers.SegformerConfig(**kw, num_labels=3))
+    else:
+        reference_cls, ours_cls = transformers.GLPNForDepthEstimation, PvtV2ForDepthEstimation
+        reference = reference_cls(transformers.GLPNConfig(**kw))
+    reference = hostile_weights_(reference, seed=6).double().eval()
+    reference.save_pretrained(tmp_path)
+    ours = ours_cls.from_pretrained(tmp_path, dtype="auto").eval()
+    assert ours.config.depths == [1, 0, 1, 0]
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(reference(x)[0], ours(x)[0]) < TOL64

@@ -241,3 +241,57 @@ def test_segformer_and_glpn_checkpoints_with_a_stage_of_no_blocks(task, tmp_path
     x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(reference(x)[0], ours(x)[0]) < TOL64
+
+
+# The GPU path's fused and frozen stages (pvtv2.fast.cuda), run on this CPU through Triton's interpreter as
+# tests/fast/test_cuda_path.py does: a stage of no blocks (the stage's norm straight after the patch embedding) and
+# Mix-FFN activations other than the exact GELU its kernel fuses (the tanh GELU, a module, a plain function).
+_CUDA_SCRIPT = """
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from conftest import TINY, perturb_, relative_error
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
+from pvtv2.fast import cuda
+
+torch.manual_seed(0)
+out = {}
+cases = {"no blocks": dict(depths=[1, 0, 1, 0]), "gelu tanh": dict(hidden_act="gelu_pytorch_tanh"),
+         "module": dict(hidden_act=torch.nn.Tanh()), "function": dict(hidden_act=torch.sigmoid),
+         "linear, no blocks": dict(depths=[0, 1, 0, 1], linear_attention=True)}
+for name, kw in cases.items():
+    model = perturb_(PvtV2ForImageClassification(PvtV2Config(**{**TINY, **kw}, num_labels=3)), scale=0.2).eval()
+    x = torch.randn(2, 3, 64, 48) + 0.3
+    with torch.no_grad():
+        with fast.fast_path(False):
+            want = model.pvt_v2(x).last_hidden_state
+        errors = []
+        for forward in (cuda.fused_stage_forward, cuda.frozen_stage_forward):
+            got = x
+            for stage in model.pvt_v2.encoder.layers:
+                got = forward(stage, got)
+            errors.append(relative_error(want, got))
+    out[name] = errors
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_path_stages_of_no_blocks_and_other_activations_through_the_triton_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(_CUDA_SCRIPT)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    tests = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(script), str(tests)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == {"no blocks", "gelu tanh", "module", "function", "linear, no blocks"}
+    for name, errors in results.items():
+        assert all(e < TOL32 for e in errors), (name, errors)

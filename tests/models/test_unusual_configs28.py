@@ -295,3 +295,41 @@ def test_gpu_path_stages_of_no_blocks_and_other_activations_through_the_triton_i
     assert set(results) == {"no blocks", "gelu tanh", "module", "function", "linear, no blocks"}
     for name, errors in results.items():
         assert all(e < TOL32 for e in errors), (name, errors)
+
+
+@pytest.mark.parametrize("initializer_range", [0.05, 1.0])
+def test_initialisation_draws_from_transformers_distributions(initializer_range):
+    """transformers draws in another order, so the values differ; the scheme must not: the same tensors all zero and
+    all one, and per kind of tensor the same spread. At 1.0 the truncation at +-2 (absolute, as transformers' and
+    timm's trunc_normal_) narrows the linear weights to std 0.88."""
+    from conftest import hf_config
+
+    config = PvtV2Config(**dict(TINY, depths=[2, 0, 3, 1]), num_labels=7, initializer_range=initializer_range)
+    torch.manual_seed(0)
+    ours = PvtV2ForImageClassification(config).state_dict()
+    theirs = transformers.PvtV2ForImageClassification(hf_config(config)).state_dict()
+    assert list(ours) == list(theirs)
+    for name in ours:
+        for value in (0.0, 1.0):
+            assert bool((ours[name] == value).all()) == bool((theirs[name] == value).all()), name
+
+    def pooled(state, kind):
+        # the weights of one kind (same shapes in both models), as one sample
+        return torch.cat([state[k].flatten() for k in state if kind(k, state[k])])
+
+    def linear(k, t):
+        return t.ndim == 2
+
+    def conv(k, t):
+        return t.ndim == 4
+
+    for kind in (linear, conv):
+        a, b = pooled(ours, kind), pooled(theirs, kind)
+        assert a.numel() == b.numel() > 5000
+        assert abs(a.std() / b.std() - 1) < 0.05 and abs(a.abs().max() - b.abs().max()) < 0.5 * b.abs().max()
+    if initializer_range == 1.0:
+        a = pooled(ours, linear)
+        assert a.abs().max() <= 2.0 and abs(a.std().item() - 0.8796) < 0.03  # N(0, 1) truncated to [-2, 2]
+    for name in ours:
+        if name.endswith("dwconv.dwconv.weight"):
+            assert abs(ours[name].std().item() - (2 / 9) ** 0.5) < 0.15, name  # fan_out 9 per group, as transformers

@@ -164,6 +164,27 @@ def test_odd_head_widths_and_extreme_epsilons(eps, linear):
     _fast_matches(ours, theirs, x)
 
 
+# Patch embeddings far from the published 7/4, 3/2: a 3x3 at stride 1, a 5x5 at stride 3, an even 4x4 at stride 4
+# (padding 2, so the grid is not the input over 4) and a 2x2 at stride 1 (padding 1: the grid grows by one).
+PATCHES = {
+    "3/1, 5/3, 4/4, 2/1": (dict(TINY, patch_sizes=[3, 5, 4, 2], strides=[1, 3, 4, 1], sr_ratios=[4, 2, 1, 1],
+                                num_channels=4), (19, 26)),
+    "one stage, 4/4, one channel": (dict(num_encoder_blocks=1, depths=[2], hidden_sizes=[12], num_attention_heads=[3],
+                                         mlp_ratios=[2], patch_sizes=[4], strides=[4], sr_ratios=[2], num_channels=1),
+                                    (23, 30)),
+}
+
+
+@pytest.mark.parametrize("name", list(PATCHES))
+def test_unusual_patch_embeddings(name):
+    kwargs, size = PATCHES[name]
+    config = PvtV2Config(**kwargs, num_labels=3)
+    ours, theirs = hf_pair(config, seed=len(name))
+    x = torch.randn(2, config.num_channels, *size, dtype=torch.float64) * 2 - 1
+    _compare_all(ours, theirs, x, TOL64)
+    _fast_matches(ours, theirs, x)
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 def test_an_input_requiring_grad_in_an_eval_model_under_every_grad_mode():
     """Eval mode with an input that requires grad: the fast path must step aside under enable_grad (the gradient
@@ -333,3 +354,39 @@ def test_initialisation_draws_from_transformers_distributions(initializer_range)
     for name in ours:
         if name.endswith("dwconv.dwconv.weight"):
             assert abs(ours[name].std().item() - (2 / 9) ** 0.5) < 0.15, name  # fan_out 9 per group, as transformers
+
+
+# ---------------------------------------------------------------------------------------------- losses
+# Label shapes and dtypes away from the usual ones, each against transformers' loss on the same labels (or, where
+# transformers' loss refuses the dtype, on the labels cast as it needs them: pvtv2 computes the same loss).
+LABELS = {
+    "regression, (B,) float64": (1, None, lambda: torch.randn(3, dtype=torch.float64), None),
+    "regression, (B, 1)": (1, None, lambda: torch.randn(3, 1, dtype=torch.float64), None),
+    "regression from integer labels": (1, None, lambda: torch.tensor([1, 0, 2]), None),
+    "regression, float32 labels to a float64 model": (1, "regression", lambda: torch.randn(3), None),
+    "regression of 3": (3, "regression", lambda: torch.randn(3, 3, dtype=torch.float64), None),
+    "single label, -100 ignored": (3, None, lambda: torch.tensor([1, -100, 2]), None),
+    "single label, (B, 1)": (3, None, lambda: torch.tensor([[1], [0], [2]]), None),
+    "single label, uint8": (3, "single_label_classification", lambda: torch.tensor([1, 0, 2], dtype=torch.uint8), None),
+    "single label, int32": (3, None, lambda: torch.tensor([1, 0, 2], dtype=torch.int32), torch.long),
+    "multi label, inferred from floats": (
+        3, None, lambda: torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.float64), None),
+    # transformers' BCE of float64 logits and float32 targets comes out float32; pvtv2 keeps the logits' float64
+    "multi label, float32 targets": (3, None, lambda: torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 1, 1]]), torch.float64),
+    "multi label, integer targets": (
+        3, "multi_label_classification", lambda: torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1]]), torch.float64),
+}
+
+
+@pytest.mark.parametrize("name", list(LABELS))
+def test_losses_of_unusual_labels_are_transformers(name):
+    num_labels, problem_type, make, cast = LABELS[name]
+    extra = {"problem_type": problem_type} if problem_type else {}
+    config = PvtV2Config(**dict(TINY, depths=[1, 1, 1, 1]), num_labels=num_labels, **extra)
+    ours, theirs = hf_pair(config, seed=3)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    labels = make()
+    with torch.no_grad():
+        expected = theirs(x, labels=labels if cast is None else labels.to(cast)).loss
+        got = ours(x, labels=labels).loss
+    assert got.dtype == torch.float64 and abs(got.item() - expected.item()) <= 1e-12 * abs(expected.item())

@@ -412,3 +412,19 @@ def test_losses_of_unusual_labels_are_transformers(name):
         expected = theirs(x, labels=labels if cast is None else labels.to(cast)).loss
         got = ours(x, labels=labels).loss
     assert got.dtype == torch.float64 and abs(got.item() - expected.item()) <= 1e-12 * abs(expected.item())
+
+
+def test_layer_decay_ids_never_fall_along_a_stage_of_no_blocks():
+    """Layer-wise decay gives each parameter an id that grows from input to head. A stage of no blocks put its closing
+    LayerNorm at starts + 0, one below its own patch embedding (starts + 1): a later layer decayed more."""
+    from pvtv2.training.recipes import encoder_layer_ids
+
+    model = PvtV2ForImageClassification(PvtV2Config(**dict(TINY, depths=[0, 2, 0, 1]), num_labels=3))
+    ids, top = encoder_layer_ids(model)
+    assert top == 4
+    order = [ids[name] for name, _ in model.named_parameters()]  # parameters in forward order
+    assert order == sorted(order)
+    stage = "pvt_v2.encoder.layers.{}.{}.weight".format
+    assert [ids[stage(0, "patch_embedding.proj")], ids[stage(0, "layer_norm")]] == [0, 0]
+    assert [ids[stage(2, "patch_embedding.proj")], ids[stage(2, "layer_norm")]] == [3, 3]
+    assert ids[stage(3, "blocks.0.mlp.dense1")] == 3 and ids["classifier.weight"] == 4

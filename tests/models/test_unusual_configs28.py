@@ -428,3 +428,36 @@ def test_layer_decay_ids_never_fall_along_a_stage_of_no_blocks():
     assert [ids[stage(0, "patch_embedding.proj")], ids[stage(0, "layer_norm")]] == [0, 0]
     assert [ids[stage(2, "patch_embedding.proj")], ids[stage(2, "layer_norm")]] == [3, 3]
     assert ids[stage(3, "blocks.0.mlp.dense1")] == 3 and ids["classifier.weight"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- reduced precision
+REDUCED = {
+    "odd heads, a stage of no blocks, tanh GELU": dict(
+        depths=[1, 0, 2, 1], hidden_sizes=[15, 21, 20, 25], num_attention_heads=[5, 3, 5, 5], mlp_ratios=[3, 2, 3, 2],
+        sr_ratios=[3, 2, 2, 1], hidden_act="gelu_pytorch_tanh"),
+    "linear, quick GELU": dict(TINY, linear_attention=True, hidden_act="quick_gelu"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(REDUCED))
+def test_reduced_precision_is_as_accurate_as_transformers(name, dtype):
+    """A bf16 / fp16 model (frozen or not) and an fp32 model under CPU autocast, each measured against the float64
+    result: within a small factor of transformers' own error in the same precision (rounding differs, the size of
+    the error must not)."""
+    import copy
+
+    config = PvtV2Config(**REDUCED[name], num_labels=3)
+    ours, theirs = hf_pair(config, seed=2)
+    x = torch.randn(2, 3, 29, 35, dtype=torch.float64)
+    with torch.no_grad():
+        reference = theirs(x).logits
+        low, theirs_low = copy.deepcopy(ours).to(dtype), copy.deepcopy(theirs).to(dtype)
+        bound = 2.5 * relative_error(reference, theirs_low(x.to(dtype)).logits) + 2e-3
+        assert relative_error(reference, low(x.to(dtype)).logits) < bound
+        fast.freeze(low)
+        assert relative_error(reference, low(x.to(dtype)).logits) < bound
+        ours, theirs = ours.float(), theirs.float()
+        with torch.autocast("cpu", dtype=dtype):
+            bound = 2.5 * relative_error(reference, theirs(x.float()).logits) + 2e-3
+            assert relative_error(reference, ours(x.float()).logits) < bound

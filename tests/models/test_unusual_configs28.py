@@ -263,6 +263,13 @@ def test_a_timm_checkpoint_with_a_stage_of_no_blocks_loads_without_a_config(layo
     x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(reference(x), ours(x).logits) < TOL64
+    # and back into timm, strictly
+    state = convert_state_dict(ours.state_dict(), "timm")
+    exported = PyramidVisionTransformerV2(num_classes=3, depths=(0, 1, 0, 1), embed_dims=(16, 32, 48, 64),
+                                          num_heads=(1, 2, 3, 4), mlp_ratios=(2, 3, 2, 2), qkv_bias=False)
+    exported.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert relative_error(reference(x), exported.double().eval()(x)) < TOL64
 
 
 @pytest.mark.parametrize("task", ["segformer", "glpn"])

@@ -310,7 +310,7 @@ BAD_VALUES: dict[str, list] = {
     "image_size": ["large", 0, [224, -1], [1, 2, 3], 224.5, True],
     "num_channels": [0, "3", True, 2.0],
     "num_encoder_blocks": [0, 3, True, 4.0],
-    "depths": [2, "2222", [2, 2, 2], [2, 0, 2, 2], [2, 2.5, 2, 2], [2, True, 2, 2], {1, 2, 3, 4}, [2**31, 2, 2, 2],
+    "depths": [2, "2222", [2, 2, 2], [2, -1, 2, 2], [2, 2.5, 2, 2], [2, True, 2, 2], {1, 2, 3, 4}, [2**31, 2, 2, 2],
                [2, 10**5, 2, 2]],
     "sr_ratios": [[8, 4, 2, 0], [8, 4, 2]],
     "hidden_sizes": [[32, 64, 160], [32, 64, 160, "256"], "32,64", [2**40, 64, 160, 256]],
@@ -784,12 +784,12 @@ def test_numpy_numbers_are_taken_and_stored_as_python_numbers(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(depths=[True, True, True, True]), "depths must hold positive numbers, got [True, True, True, True]"),
+    (dict(depths=[True, True, True, True]), "depths must hold non-negative numbers, got [True, True, True, True]"),
     (dict(num_channels=True), "num_channels must be a positive integer, got True"),
     (dict(num_labels=np.bool_(True)), "num_labels must be a non-negative integer, got True"),
-    (dict(depths=[torch.tensor(2)] * 4), ("depths must hold positive numbers, got [tensor(2), tensor(2), tensor(2), "
+    (dict(depths=[torch.tensor(2)] * 4), ("depths must hold non-negative numbers, got [tensor(2), tensor(2), tensor(2), "
                                           "tensor(2)] (a tensor or array: pass plain numbers, e.g. its .tolist()")),
-    (dict(depths=torch.tensor([2, 2, 2, 2])), "depths must hold positive numbers, got [tensor(2), "),
+    (dict(depths=torch.tensor([2, 2, 2, 2])), "depths must hold non-negative numbers, got [tensor(2), "),
     (dict(num_channels=torch.tensor(3)), "num_channels must be a positive integer, got tensor(3) (a tensor or array"),
     (dict(image_size=torch.tensor(64)), ("image_size must be an int or a (height, width) pair of positive integers, "
                                          "got tensor(64) (a tensor or array")),  # was "iteration over a 0-d tensor"

@@ -234,8 +234,9 @@ def _list(name: str, value: Any, what: str) -> list:
     return list(value)
 
 
-def _per_stage(kind: type) -> Check:
-    """A list with one positive number per stage, whole numbers stored as int (2.0 as 2); ``int``: only those."""
+def _per_stage(kind: type, zero: bool = False) -> Check:
+    """A list with one positive number per stage, whole numbers stored as int (2.0 as 2); ``int``: only those.
+    ``zero``: 0 is taken too (a stage of no blocks: its patch embedding and LayerNorm, as transformers and timm build)."""
 
     def per_stage(name: str, value: Any) -> list:
         values = [_plain(v) for v in _list(name, value, "with one number per stage")]
@@ -243,8 +244,9 @@ def _per_stage(kind: type) -> Check:
             if _too_large(v) and v > 0:  # positive and whole: too large is what is wrong with it
                 limit = f"{_MAX_DEPTH} (blocks in a stage)" if name == "depths" else _MAX_STAGE_VALUE
                 raise ValueError(f"{name} must hold numbers up to {limit}, got {short_repr(values)}")
-            if not _is_number(v) or v <= 0:
-                raise ValueError(f"{name} must hold positive numbers, got {short_repr(values)}{_not_plain_hint(values)}")
+            if not _is_number(v) or v < 0 or v == 0 and not zero:
+                what = "non-negative" if zero else "positive"
+                raise ValueError(f"{name} must hold {what} numbers, got {short_repr(values)}{_not_plain_hint(values)}")
             if kind is int and not float(v).is_integer():
                 raise ValueError(f"{name} must hold integers, got {short_repr(values)}")
         # Whole numbers as int for float lists too: transformers 5 types mlp_ratios int and refuses a config.json
@@ -356,7 +358,7 @@ class PvtV2Fields:
     image_size: int | Sequence[int] = _field(224, _image_size)  # the training resolution; any input size works
     num_channels: int = _field(3, _positive_int)  # channels of the input image
     num_encoder_blocks: int = _field(4, _positive_int)  # number of stages
-    depths: Sequence[int] = _field((2, 2, 2, 2), _per_stage(int))  # transformer blocks per stage
+    depths: Sequence[int] = _field((2, 2, 2, 2), _per_stage(int, zero=True))  # transformer blocks per stage (0: none)
     sr_ratios: Sequence[int] = _field((8, 4, 2, 1), _per_stage(int))  # spatial-reduction ratio of the keys/values
     hidden_sizes: Sequence[int] = _field((32, 64, 160, 256), _per_stage(int))  # channels per stage
     patch_sizes: Sequence[int] = _field((7, 3, 3, 3), _per_stage(int))  # kernel of the overlapping patch embedding

@@ -90,10 +90,12 @@ def check_pixel_values(pixel_values: Any, num_channels: int, dtype: torch.dtype 
 
 def check_input_size(height: int, width: int, config: PvtV2Config) -> None:
     """Raise a clear error when a spatial-reduction convolution would be larger than its stage's token grid."""
-    for i, (patch, stride, sr) in enumerate(zip(config.patch_sizes, config.strides, config.sr_ratios)):
+    for i, (patch, stride, sr, depth) in enumerate(zip(config.patch_sizes, config.strides, config.sr_ratios, config.depths)):
         height = (height + 2 * (patch // 2) - patch) // stride + 1
         width = (width + 2 * (patch // 2) - patch) // stride + 1
-        if height < 1 or width < 1 or (not config.linear_attention and sr > 1 and min(height, width) < sr):
+        # a stage of no blocks has no reduction convolution: its ratio limits nothing
+        reduces = not config.linear_attention and sr > 1 and depth > 0
+        if height < 1 or width < 1 or (reduces and min(height, width) < sr):
             raise ValueError(
                 f"the input is too small for this model: stage {i + 1} would see a {max(height, 0)}x{max(width, 0)} "
                 f"token grid, smaller than its spatial-reduction ratio {sr}; use larger images"

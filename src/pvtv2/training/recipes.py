@@ -92,8 +92,9 @@ def encoder_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     """Each parameter's depth for layer-wise decay, and the number of depths below the head.
 
     The first patch embedding is depth 0; block b of the encoder (counted over all stages) is b + 1; a later stage's
-    patch embedding belongs with the block after it, a stage's closing LayerNorm with its last block. Everything
-    outside the encoder (classifier, decode head) is ``num_blocks + 1``.
+    patch embedding belongs with the block after it, a stage's closing LayerNorm with its last block (with its patch
+    embedding in a stage of no blocks). Everything outside the encoder (classifier, decode head) is
+    ``num_blocks + 1``.
     """
     config = _unwrap(model).config
     depths = list(config.depths)
@@ -106,10 +107,12 @@ def encoder_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
             ids[name] = top
             continue
         stage, part, block = int(match.group(1)), match.group(2), match.group(3)
+        embedding = 0 if stage == 0 else starts[stage] + 1
         if part == "patch_embedding":
-            ids[name] = 0 if stage == 0 else starts[stage] + 1
+            ids[name] = embedding
         elif part == "layer_norm":
-            ids[name] = starts[stage] + depths[stage]
+            # a stage of no blocks: its norm goes with its patch embedding (starts + 0 would put it below that)
+            ids[name] = starts[stage] + depths[stage] if depths[stage] else embedding
         else:
             ids[name] = starts[stage] + int(block) + 1
     return ids, top

@@ -164,9 +164,10 @@ def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
     # "stages_{i}": the same keys in a timm features_only model (its FeatureListNet flattens the stages' Sequential)
     if any(k.startswith(("stages.", "stages_")) for k in keys) and "patch_embed.proj.weight" in state:
         return "timm"
-    if "patch_embed1.proj.weight" in state and any(k.startswith("block1.") for k in keys):
+    # blocks of any stage, or the first stage's closing norm: a first stage of no blocks has no "block1." keys
+    if "patch_embed1.proj.weight" in state and any(re.match(r"(block\d+\.|norm1\.)", k) for k in keys):
         return "original"
-    if "backbone.patch_embed1.proj.weight" in state and any(k.startswith("backbone.block1.") for k in keys):
+    if "backbone.patch_embed1.proj.weight" in state and any(re.match(r"backbone\.(block\d+\.|norm1\.)", k) for k in keys):
         return MMDET_LAYOUT
     if any(k.startswith("glpn.") for k in keys) or (
         any(k.startswith("decoder.stages.") for k in keys) and any(k.startswith("head.head.") for k in keys)

@@ -80,15 +80,22 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
             patches.append(int(proj.shape[-1]))
             blocks = {int(m.group(1)) for k in canonical if (m := re.match(rf"encoder\.layers\.{i}\.blocks\.(\d+)\.", k))}
             depths.append(len(blocks))
+            if not blocks:  # a stage of no blocks: its reduction and MLP build nothing, so any ratio loads it
+                srs.append(1)
+                mlps.append(None)
+                continue
             sr = canonical.get(f"encoder.layers.{i}.blocks.0.attention.spatial_reduction.weight")
             srs.append(int(sr.shape[-1]) if sr is not None else 1)
             if sr is not None and sr.shape[-1] == 1:
                 linear = True
             mlps.append(_mlp_ratio(int(canonical[f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"].shape[0]), hidden[-1]))
         channels = int(canonical["encoder.layers.0.patch_embedding.proj.weight"].shape[1])
-        qkv_bias = "encoder.layers.0.blocks.0.attention.query.bias" in canonical
+        first = next((i for i, depth in zip(stages, depths) if depth), None)  # the first stage with blocks
+        qkv_bias = first is None or f"encoder.layers.{first}.blocks.0.attention.query.bias" in canonical
     except KeyError as err:
         raise CheckpointError(f"the checkpoint lacks {err.args[0]!r}, needed to infer its configuration") from None
+    known = [m for m in mlps if m is not None]
+    mlps = [known[0] if m is None and known else 4 if m is None else m for m in mlps]  # empty stages: a neighbour's
     args: dict[str, Any] = dict(
         num_channels=channels,
         num_encoder_blocks=len(stages),
@@ -615,7 +622,9 @@ def _config_file_note(
     reductions = [canonical.get(stage(i) + "blocks.0.attention.spatial_reduction.weight") for i in range(len(hidden))]
     linear = _linear_attention(canonical)
     if not linear:  # linear attention pools to 7x7: its 1x1 reduction says nothing of sr_ratios
-        found["sr_ratios"] = [int(t.shape[-1]) if t is not None and t.ndim == 4 else 1 for t in reductions]
+        # a stage of no blocks has no reduction to read: whatever the config says there is right
+        found["sr_ratios"] = [int(t.shape[-1]) if t is not None and t.ndim == 4 else 1 if depth else used
+                              for t, depth, used in zip(reductions, depths, config.sr_ratios)]
     problems = []
     if config.linear_attention != linear and "linear_attention" not in overrides:
         # Before sr_ratios: linear weights read as standard ones look like sr_ratios of 1, which is not the fix.

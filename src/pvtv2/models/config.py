@@ -570,6 +570,21 @@ _MAX_STAGE_VALUE = 2**31 - 1
 _MAX_DEPTH = 1000
 
 
+# The per-stage lists of which transformers' modules read only the first num_encoder_blocks entries (depths and
+# hidden_sizes are read whole: the drop-path schedule, the classifier's width).
+_CUT_LISTS = ("sr_ratios", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios")
+
+
+def _cut_default_lists(v: dict[str, Any], explicit: set[str]) -> None:
+    """With fewer stages than the four-stage defaults, a list left at its default is cut to its first entries, as
+    transformers reads it (``PvtV2Config(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[32, 64])`` builds there);
+    a list given explicitly is never cut: a length that contradicts the count stays an error."""
+    n = v["num_encoder_blocks"]
+    for name in _CUT_LISTS:
+        if name not in explicit and len(v[name]) > n:
+            v[name] = v[name][:n]
+
+
 def _check_stages(v: Mapping[str, Any]) -> None:
     """Every per-stage list has one entry per stage; the heads divide the channels; no value is absurdly large; no
     Mix-FFN is empty; GLPN's head reads a decoder output that exists."""
@@ -701,10 +716,12 @@ class PvtV2Config:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         bound = _SIGNATURE.bind(*args, **kwargs)  # a TypeError for extra positional arguments, as any signature
+        explicit = set(bound.arguments)
         bound.apply_defaults()
         given = dict(bound.arguments)
         extra: dict[str, Any] = given.pop("kwargs")
         values = {f.name: f.metadata["check"](f.name, given[f.name]) for f in FIELDS}
+        _cut_default_lists(values, explicit)
         values["id2label"], values["label2id"] = _resolve_labels(
             values.pop("num_labels"), values["id2label"], values["label2id"]
         )

@@ -269,7 +269,9 @@ def _add_train(subparsers) -> None:
                    "GLPN head, AbsRel, RMSE, delta metrics)")
     p.add_argument("--data", help="dataset folder with train/<class>/ and val/<class>/ sub-folders")
     p.add_argument("--detector", choices=("retinanet", "faster_rcnn", "mask_rcnn", "fcos"),
-                   help="detection: the torchvision detector on the PVTv2 encoder (default retinanet)")
+                   help="detection: the torchvision detector on the PVTv2 encoder (default: a saved detector's own "
+                   "kind when --model is one, else retinanet; another kind than a saved detector's is refused unless "
+                   "its weights fit, e.g. a faster_rcnn fine-tuned as a mask_rcnn)")
     p.add_argument("--multiscale", action="store_true", default=None,
                    help="detection: draw each training image's shorter side from 480 ... 800 (step 32) scaled to "
                    "--image-size (the 3x recipe, with --epochs 36)")

@@ -85,7 +85,8 @@ class TrainConfig:
     fp16: bool = False  # float16 autocast with a gradient scaler, CUDA only (--amp fp16)
     seed: int = 0
     replace_head: bool = False
-    detector: str = "retinanet"  # detection: retinanet, faster_rcnn, mask_rcnn or fcos
+    # detection: retinanet, faster_rcnn, mask_rcnn or fcos; None: a saved detector's own kind, else retinanet
+    detector: str | None = None
     multiscale: bool = False  # detection: the 3x recipe's random shorter side in training (480 ... 800, scaled)
     # The paper's (DeiT's) augmentation (docs/training.md). None: the recipe's value (DEIT_RECIPE when --recipe is
     # deit, NO_RECIPE when none; resolve_recipe fills them in when the run starts).
@@ -165,7 +166,7 @@ class TrainConfig:
             raise ValueError("--model must name a preset, a config.json or a checkpoint")
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.detector not in DETECTORS:
+        if self.detector is not None and self.detector not in DETECTORS:
             raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
         self._validate_recipe()
         if self.resume and self.overwrite:

@@ -190,7 +190,8 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     p.add_argument("--crop-scale", type=float,
                    help=f"classification: smallest area fraction of random resized crops (default {d['crop_scale']:g})")
     p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d['hflip']:g})")
-    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
+    p.add_argument("--clip-grad", type=float, help="clip the gradient's global 2-norm to this value, e.g. 1.0 (the "
+                   "authors' for B3-B5); 0: no clipping (default: no clipping); negative values are refused")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
     p.add_argument("--amp", help="mixed precision: bf16 (the same as --bf16) or fp16 (float16 autocast with a "
                    "gradient scaler, for CUDA GPUs without bfloat16; refused on CPUs)")

@@ -80,7 +80,7 @@ class TrainConfig:
     grad_accum: int = 1
     crop_scale: float = 0.08  # smallest area fraction of a random resized crop
     hflip: float = 0.5
-    clip_grad: float | None = None  # None: no clipping
+    clip_grad: float | None = None  # the gradient's largest global 2-norm; None or 0: no clipping
     bf16: bool = False  # bfloat16 autocast (--amp bf16, or --bf16)
     fp16: bool = False  # float16 autocast with a gradient scaler, CUDA only (--amp fp16)
     seed: int = 0
@@ -152,8 +152,9 @@ class TrainConfig:
         _number("crop_scale", self.crop_scale, low=0.0, low_open=True, high=1.0)
         _number("hflip", self.hflip, low=0.0, high=1.0)
         if self.clip_grad is not None:
-            # 0 or a negative norm would zero or reverse every step (gradient ascent): leave the flag out instead.
-            _number("clip_grad", self.clip_grad, low=0.0, low_open=True, hint="leave it out for no clipping")
+            # 0 means no clipping (a norm of 0 would zero every step); a negative norm would reverse every step
+            # (gradient ascent).
+            _number("clip_grad", self.clip_grad, low=0.0, hint="0 or left out: no clipping")
         if self.bf16 and self.fp16:
             raise ValueError("--amp fp16 and --bf16 (--amp bf16) contradict each other: pass one of them")
         for name in ("bf16", "fp16", "replace_head", "multiscale", "progress", "resume", "overwrite"):

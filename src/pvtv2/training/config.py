@@ -50,6 +50,9 @@ NO_RECIPE: dict[str, Any] = {
 # The largest input side the commands accept (train, info, benchmark, demo-det...): a larger one is far more likely a
 # typo than a plan, and would otherwise start a run that only fails, or swaps, once the first batch is allocated.
 MAX_IMAGE_SIDE = 4096
+# Segmentation's ignored mask value: SegFormer's and mmsegmentation's 255 by default; at most a 16-bit PNG's largest.
+DEFAULT_IGNORE_INDEX = 255
+MAX_IGNORE_INDEX = 65535
 # Seeds go to torch.manual_seed and NumPy as 64-bit integers: a larger one overflows there, after the run has begun.
 MAX_SEED = 2**63 - 1
 
@@ -105,6 +108,8 @@ class TrainConfig:
     reduce_labels: bool = False  # 0 = no label, class k + 1 -> k
     seg_augment: bool = False  # random rescale (0.5-2x), crop --image-size (at most 75% one class), flip, photometric
     head_lr_mult: float = 1.0  # the learning rate of everything outside the encoder (SegFormer: 10)
+    # segmentation: the mask value left out of the loss and the metrics (1 ... 65535, above every class index)
+    ignore_index: int = 255
     decode_head: str | None = None  # segmentation: "segformer" or "fpn" (Semantic FPN); None: the checkpoint's, else SegFormer's
     schedule: str = "cosine"  # or "poly" (mmsegmentation's, power 0.9), after the warmup
     depth_scale: float = 1000.0  # depth: PNG units per metre (1000: millimetres, NYU's)
@@ -215,6 +220,10 @@ class TrainConfig:
                 raise TypeError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
             if getattr(self, name) and self.task != "segmentation":
                 raise ValueError(f"{flag(name)} applies to --task segmentation only, not --task {self.task}")
+        # A PNG mask holds 0 ... 65535; 0 is always a class (the data's classes are checked once read).
+        _integer("ignore_index", self.ignore_index, minimum=1, maximum=MAX_IGNORE_INDEX)
+        if self.ignore_index != DEFAULT_IGNORE_INDEX and self.task != "segmentation":
+            raise ValueError(f"--ignore-index applies to --task segmentation only, not --task {self.task}")
         _number("head_lr_mult", self.head_lr_mult, low=0.0, low_open=True, hint="e.g. 10 for SegFormer's head")
         if self.decode_head is not None:
             if self.decode_head not in DECODE_HEADS:

@@ -162,3 +162,20 @@ def test_cli_train_passes_the_value(monkeypatch):
     assert main(["train", "--task", "segmentation", "--data", "D", "-o", "O", "--ignore-index", "7"]) == 0
     assert main(["train", "--task", "segmentation", "--data", "D", "-o", "O"]) == 0
     assert [c.ignore_index for c in calls] == [7, 255]
+
+
+def test_resume_keeps_the_run_value():
+    """A run stored before the setting existed ignored 255: --ignore-index 7 on --resume is refused as any changed
+    run setting is (the resumed model's loss would still skip 255 while the data skipped 7); left out, it is 255."""
+    from pvtv2.training.rundir import _merge_resumed
+
+    stored = TrainConfig(task="segmentation", data="/d", output="/o").run_fields()
+    del stored["ignore_index"]
+    given = TrainConfig(task="segmentation", data="/d", output="/o", resume=True, ignore_index=7)
+    with pytest.raises(ValueError, match="--ignore-index 255, not 7"):
+        _merge_resumed(given, stored, {"ignore_index", "resume"})
+    kept = _merge_resumed(TrainConfig(task="segmentation", data="/d", output="/o", resume=True), stored, {"resume"})
+    assert kept.ignore_index == 255
+    stored["ignore_index"] = 7
+    assert _merge_resumed(TrainConfig(task="segmentation", data="/d", output="/o", resume=True), stored,
+                          {"resume"}).ignore_index == 7

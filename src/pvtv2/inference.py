@@ -1301,10 +1301,14 @@ def evaluate_segmenter(
     from .data.masks import reduce_labels as reduce
     from .training.segmentation import segmentation_metrics
 
-    if ignore_index is None:
+    if ignore_index is not None:
+        check_ignore_index(ignore_index, label_map_names(model.config))  # a binary model's classes: 0 and 1
+    else:
         ignore_index = getattr(model.config, "semantic_loss_ignore_index", None)
         ignore_index = 255 if ignore_index is None else ignore_index
-    check_ignore_index(ignore_index, label_map_names(model.config))  # a binary model's classes: 0 and 1
+        # A negative one (transformers' -100 or -1) is a value no mask holds: every pixel counts, as in its loss.
+        if ignore_index >= 0:
+            check_ignore_index(ignore_index, label_map_names(model.config), "the model's semantic_loss_ignore_index")
     pairs = scan_segmentation_split(existing_folder(data), split)
     check_not_binary_255(pairs, ignore_index)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
     to_model = _mask_classes_to_model(data, model.config)

@@ -116,6 +116,13 @@ def test_eval_segmenter_takes_the_model_value_and_an_explicit_one(data, tmp_path
         evaluate_segmenter(model, data, ignore_index=255)
     with pytest.raises(ValueError, match="--ignore-index 2 is class 2"):
         evaluate_segmenter(model, data, ignore_index=2)
+    # a model whose config says -1 (no mask value): nothing is left out, the 7s are out of range
+    model.config.semantic_loss_ignore_index = -1
+    with pytest.raises(ValueError, match="has class 7 but the model has 3 classes"):
+        evaluate_segmenter(model, data)
+    model.config.semantic_loss_ignore_index = 1
+    with pytest.raises(ValueError, match="the model's semantic_loss_ignore_index 1 is class 1"):
+        evaluate_segmenter(model, data)
     # the command
     assert main(["eval", "--task", "segmentation", "--model", str(tmp_path / "model"), "--data", str(data),
                  "--ignore-index", "7", "--json"]) == 0

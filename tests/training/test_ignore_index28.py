@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from pvtv2.cli import main
-from pvtv2.data.masks import SegmentationFolder, check_ignore_index, read_id2label, reduce_labels, scan_segmentation_split
+from pvtv2.data.masks import (
+    SegmentationFolder,
+    check_ignore_index,
+    read_id2label,
+    reduce_labels,
+    scan_segmentation_split,
+)
 from pvtv2.inference import evaluate_segmenter, predict_segmentation
 from pvtv2.training import TrainConfig
 from pvtv2.training.distributed import DistInfo

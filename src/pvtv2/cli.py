@@ -190,7 +190,8 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     p.add_argument("--crop-scale", type=float,
                    help=f"classification: smallest area fraction of random resized crops (default {d['crop_scale']:g})")
     p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d['hflip']:g})")
-    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value (default: no clipping)")
+    p.add_argument("--clip-grad", type=float, help="clip the gradient's global 2-norm to this value, e.g. 1.0 (the "
+                   "authors' for B3-B5); 0: no clipping (default: no clipping); negative values are refused")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
     p.add_argument("--amp", help="mixed precision: bf16 (the same as --bf16) or fp16 (float16 autocast with a "
                    "gradient scaler, for CUDA GPUs without bfloat16; refused on CPUs)")
@@ -228,6 +229,9 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     p.add_argument("--seg-augment", action="store_true", default=None,
                    help="segmentation: SegFormer's pipeline: random rescale 0.5-2x, random --image-size crop (at most "
                    "75%% one class), flip, photometric distortion")
+    p.add_argument("--ignore-index", type=int, metavar="N",
+                   help="segmentation: the mask value left out of the loss, mean IoU and pixel accuracy (default 255); "
+                   "1 to 65535 and above every class index (one that is a class is refused)")
     p.add_argument("--head-lr-mult", type=float, help="learning-rate factor of the head (SegFormer: 10; default 1)")
     p.add_argument("--decode-head", choices=("segformer", "fpn"),
                    help="segmentation: the head of a new model or of a classification checkpoint: segformer (SegFormer's "
@@ -269,7 +273,9 @@ def _add_train(subparsers) -> None:
                    "GLPN head, AbsRel, RMSE, delta metrics)")
     p.add_argument("--data", help="dataset folder with train/<class>/ and val/<class>/ sub-folders")
     p.add_argument("--detector", choices=("retinanet", "faster_rcnn", "mask_rcnn", "fcos"),
-                   help="detection: the torchvision detector on the PVTv2 encoder (default retinanet)")
+                   help="detection: the torchvision detector on the PVTv2 encoder (default: a saved detector's own "
+                   "kind when --model is one, else retinanet; another kind than a saved detector's is refused unless "
+                   "its weights fit, e.g. a faster_rcnn fine-tuned as a mask_rcnn)")
     p.add_argument("--multiscale", action="store_true", default=None,
                    help="detection: draw each training image's shorter side from 480 ... 800 (step 32) scaled to "
                    "--image-size (the 3x recipe, with --epochs 36)")
@@ -515,6 +521,9 @@ def _add_eval(subparsers) -> None:
                      "image_size for --mode whole, each image's own size for --mode slide)")
     seg.add_argument("--reduce-labels", action="store_true",
                      help="segmentation: ADE20K-style masks, 0 = no label and class k + 1 -> k")
+    seg.add_argument("--ignore-index", type=int, metavar="N",
+                     help="segmentation: the mask value left out of the metrics, 1 to 65535 and above every class index "
+                     "(default: the model's semantic_loss_ignore_index, the one it was trained with; 255 unless set)")
     _add_segmentation_inference_flags(seg)
     p.set_defaults(func=_cmd_eval, batch_size=None)
 
@@ -524,6 +533,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.task != "segmentation":
         seg_only = [name for name, used in (("--size", args.size is not None), ("--reduce-labels", args.reduce_labels),
+                                            ("--ignore-index", args.ignore_index is not None),
                                             ("--mode slide", args.mode != "whole"), ("--scales", args.scales != "1.0"),
                                             ("--flip", args.flip), ("--split", args.split != "val"),
                                             ("--fit", args.fit is not None)) if used]
@@ -571,7 +581,7 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
     options = _segmentation_inference_flags(args)
     model = load_segmenter(args.model, args.device)
     result = evaluate_segmenter(model, args.data, args.split, size, reduce_labels=args.reduce_labels,
-                                progress=_progress(args), **options)
+                                ignore_index=args.ignore_index, progress=_progress(args), **options)
     result = {**result, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
     if args.json:
         _print_json(result)

@@ -1266,16 +1266,16 @@ def _mask_classes_to_model(data: str | os.PathLike, config: Any) -> dict[int, in
     return mapping
 
 
-def _map_mask_classes(labels: np.ndarray, mapping: dict[int, int], mask_path: Path) -> np.ndarray:
-    """``labels`` with each value replaced by its model class (255, ignored, stays); a value labels.json does not
+def _map_mask_classes(labels: np.ndarray, mapping: dict[int, int], mask_path: Path, ignore_index: int = 255) -> np.ndarray:
+    """``labels`` with each value replaced by its model class (``ignore_index`` stays); a value labels.json does not
     name is a ``ValueError``."""
-    values = np.unique(labels[labels != 255])
+    values = np.unique(labels[labels != ignore_index])
     unnamed = [int(v) for v in values if int(v) not in mapping]
     if unnamed:
         raise ValueError(f"mask {os.fspath(mask_path)!r} holds class(es) {unnamed[:10]} that labels.json does not name")
-    table = np.arange(max(int(labels.max()), 255) + 1, dtype=np.int64)  # a lookup table: 255 stays 255
+    table = np.arange(max(int(labels.max()), ignore_index) + 1, dtype=np.int64)  # a lookup table: ignore stays
     for value, model_class in mapping.items():
-        if value < len(table):
+        if value < len(table) and value != ignore_index:
             table[value] = model_class
     return table[labels]
 
@@ -1287,19 +1287,30 @@ def evaluate_segmenter(
     size: tuple[int, int] | None = None,
     *,
     reduce_labels: bool = False,
+    ignore_index: int | None = None,
     progress: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Mean IoU, pixel accuracy and per-class IoU of ``model`` on ``data/split/{images,masks}``, each image predicted
     by :func:`predict_segmentation` (``size`` and ``options``: mode, crop, stride, scales, flip) at its mask's
-    resolution; mask value 255 is ignored, and ``reduce_labels`` reads ADE20K-style masks (0 = no label). Where
-    ``data/labels.json`` names the mask values, they are matched to the model's classes by name."""
-    from .data.masks import check_not_binary_255, read_mask, scan_segmentation_split
+    resolution; mask value ``ignore_index`` (None: the model's ``semantic_loss_ignore_index``, 255 unless it was
+    trained with another) is left out, and ``reduce_labels`` reads ADE20K-style masks (0 = no label, which becomes
+    ``ignore_index``). Where ``data/labels.json`` names the mask values, they are matched to the model's classes by
+    name."""
+    from .data.masks import check_ignore_index, check_not_binary_255, read_mask, scan_segmentation_split
     from .data.masks import reduce_labels as reduce
     from .training.segmentation import segmentation_metrics
 
+    if ignore_index is not None:
+        check_ignore_index(ignore_index, label_map_names(model.config))  # a binary model's classes: 0 and 1
+    else:
+        ignore_index = getattr(model.config, "semantic_loss_ignore_index", None)
+        ignore_index = 255 if ignore_index is None else ignore_index
+        # A negative one (transformers' -100 or -1) is a value no mask holds: every pixel counts, as in its loss.
+        if ignore_index >= 0:
+            check_ignore_index(ignore_index, label_map_names(model.config), "the model's semantic_loss_ignore_index")
     pairs = scan_segmentation_split(existing_folder(data), split)
-    check_not_binary_255(pairs)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
+    check_not_binary_255(pairs, ignore_index)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
     to_model = _mask_classes_to_model(data, model.config)
     k = max(2, model.config.num_labels)
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -1308,14 +1319,14 @@ def evaluate_segmenter(
         image = load_image(image_path).convert("RGB")
         labels = np.asarray(read_mask(mask_path), dtype=np.int64)
         if reduce_labels:
-            labels = reduce(labels).astype(np.int64)
+            labels = reduce(labels, ignore_index).astype(np.int64)
         if to_model is not None:
-            labels = _map_mask_classes(labels, to_model, mask_path)
+            labels = _map_mask_classes(labels, to_model, mask_path, ignore_index)
         if labels.shape != (image.height, image.width):
             raise ValueError(f"mask {os.fspath(mask_path)!r} is {labels.shape[1]}x{labels.shape[0]} but its image is "
                              f"{image.width}x{image.height}")
         predicted = predict_segmentation(model, image, size, **options)
-        keep = labels != 255
+        keep = labels != ignore_index
         if (labels[keep] >= k).any():
             raise ValueError(f"mask {os.fspath(mask_path)!r} has class {int(labels[keep].max())} but the model has "
                              f"{model.config.num_labels} classes" + ("" if reduce_labels else

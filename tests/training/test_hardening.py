@@ -95,7 +95,6 @@ BAD_FLAGS = [
     (["--weight-decay", "-0.1"], "--weight-decay"),
     (["--clip-grad", "nan"], "--clip-grad"),
     (["--clip-grad", "-1"], "--clip-grad"),
-    (["--clip-grad", "0"], "--clip-grad"),
     (["--warmup-epochs", "nan"], "--warmup-epochs"),
     (["--warmup-epochs", "-1"], "--warmup-epochs"),
     (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr"),

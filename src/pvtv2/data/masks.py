@@ -2,7 +2,8 @@
 
 Folder layout (the one ``pvtv2 train --task segmentation`` reads)::
 
-    DIR/train/images/NAME.jpg|png|... DIR/train/masks/NAME.png   (same stem; one class index per pixel, 255 = ignore)
+    DIR/train/images/NAME.jpg|png|... DIR/train/masks/NAME.png   (same stem; one class index per pixel, 255 = ignore,
+                                                                  or the value of ``ignore_index``)
     DIR/val/images/...               DIR/val/masks/...
     DIR/labels.json                  optional: {"0": "background", "1": "circle", ...}
 """
@@ -23,6 +24,7 @@ from .augment import SegmentationTrainTransform, derive_seed
 from .processing import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image
 
 __all__ = [
+    "check_ignore_index",
     "check_not_binary_255",
     "read_mask",
     "scan_segmentation_split",
@@ -103,7 +105,24 @@ def reduce_labels(labels: np.ndarray | torch.Tensor, ignore_index: int = 255) ->
     wide = array.astype(np.int64)
     reduced = wide - 1
     reduced[(wide == 0) | (wide == ignore_index)] = ignore_index
-    return reduced.astype(array.dtype) if array.dtype == np.uint8 else reduced
+    # uint8 kept only where the ignore value fits in it (a larger one would wrap around to a class index)
+    return reduced.astype(array.dtype) if array.dtype == np.uint8 and 0 <= ignore_index <= 255 else reduced
+
+
+def check_ignore_index(ignore_index: int, id2label: dict[int, str], flag: str = "--ignore-index") -> None:
+    """Refuse an ignore value that is one of the classes (``0 .. len(id2label) - 1``): that class would be left out
+    of the loss and the metrics without a word (its pixels never trained, its IoU never counted)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{flag} must be an integer, got {ignore_index!r}")
+    if not 0 <= ignore_index <= 65535:
+        raise ValueError(f"{flag} must be a mask value in [0, 65535] (8- or 16-bit PNG masks), got {ignore_index}")
+    if ignore_index < len(id2label):
+        example = 255 if len(id2label) <= 255 else 65535
+        raise ValueError(
+            f"{flag} {ignore_index} is class {ignore_index} ({id2label.get(ignore_index)!r}) of the {len(id2label)} "
+            f"classes: its pixels would be left out of the loss and the metrics; pass an {flag} above the largest "
+            f"class index, e.g. {example}"
+        )
 
 
 # Masks looked at first for the 0/255 check: enough to clear any other data set cheaply (the rest are read only when
@@ -140,8 +159,11 @@ def check_not_binary_255(pairs: Sequence[tuple[Path, Path]], ignore_index: int =
     )
 
 
-def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | None = None) -> dict[int, str]:
-    """Class names from ``root/labels.json``; without it, ``class_0`` ... up to the largest index in the masks."""
+def read_id2label(
+    root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | None = None, ignore_index: int = 255
+) -> dict[int, str]:
+    """Class names from ``root/labels.json``; without it, ``class_0`` ... up to the largest index in the masks
+    (``ignore_index`` aside)."""
     path = Path(root) / "labels.json"
     if path.is_file():
         try:
@@ -154,7 +176,7 @@ def read_id2label(root: str | os.PathLike, pairs: Sequence[tuple[Path, Path]] | 
     top = 0
     for _, mask in pairs:
         values = np.unique(np.asarray(read_mask(mask)))
-        values = values[values != 255]
+        values = values[values != ignore_index]
         if values.size:
             top = max(top, int(values.max()))
     return {i: f"class_{i}" for i in range(top + 1)}
@@ -167,7 +189,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
     ``mean`` and ``std``; with ``hflip`` > 0, image and mask are flipped together with that probability. With a
     ``transform`` (:class:`~pvtv2.data.augment.SegmentationTrainTransform`: the rescale / crop / flip / photometric
     recipe), it does all of that instead and ``size`` is unused. ``reduce_labels`` reads ADE20K-style maps
-    (:func:`reduce_labels`: 0 is "no label", classes from 1).
+    (:func:`reduce_labels`: 0 is "no label", classes from 1), whose 0 becomes ``ignore_index``.
 
     The random draws for sample ``i`` in epoch ``e`` come from ``(seed, e, i)`` (:meth:`set_epoch`), not from global
     state, so a resumed run and any number of loader workers see the same augmentations.
@@ -176,7 +198,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def __init__(
         self, root: str | os.PathLike, split: str, size: int | tuple[int, int], hflip: float = 0.0, seed: int = 0,
         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
-        reduce_labels: bool = False, transform: SegmentationTrainTransform | None = None,
+        reduce_labels: bool = False, transform: SegmentationTrainTransform | None = None, ignore_index: int = 255,
     ) -> None:
         self.pairs = scan_segmentation_split(root, split)
         self.size = (size, size) if isinstance(size, int) else tuple(size)
@@ -187,6 +209,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self.std = torch.tensor(std).view(3, 1, 1)
         self.reduce_labels = reduce_labels
         self.transform = transform
+        self.ignore_index = ignore_index
+        if transform is not None and transform.ignore_index != ignore_index:
+            # The crop's padding and its class cap would use another ignore value than the labels and the loss.
+            raise ValueError(f"the transform's ignore_index {transform.ignore_index} is not the dataset's {ignore_index}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -209,7 +235,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         if self.transform is not None:
             labels = np.asarray(mask)
             if self.reduce_labels:
-                labels = reduce_labels(labels)
+                labels = reduce_labels(labels, self.ignore_index)
             return self.transform(image, labels, derive_seed(self.seed, self.epoch, index))
         height, width = self.size
         image = image.resize((width, height), PIL.Image.BILINEAR)
@@ -217,7 +243,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
         labels = torch.from_numpy(np.asarray(mask).astype(np.int64))  # (H, W)
         if self.reduce_labels:  # a pointwise map: the same before or after a nearest-neighbour resize
-            labels = reduce_labels(labels)
+            labels = reduce_labels(labels, self.ignore_index)
         if self.hflip > 0 and np.random.default_rng([self.seed, self.epoch, index]).random() < self.hflip:
             pixels, labels = pixels.flip(-1), labels.flip(-1)
         return (pixels - self.mean) / self.std, labels

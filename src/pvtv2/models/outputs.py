@@ -1,9 +1,11 @@
 """Model outputs: readable by attribute (``out.logits``), by key (``out["logits"]``) and as a tuple (``out[0]``).
 
 As in transformers, the tuple view holds only the fields that are set, in declaration order, and ``in``, ``keys``,
-``items``, ``values`` and ``get`` read the set fields as a mapping. One difference, kept on purpose: iterating an
-output gives its values (the tuple view, so ``loss, logits = out`` unpacks tensors), where transformers' gives the
-keys. Each output class is registered with ``torch.export`` (as transformers registers its outputs), so that
+``items``, ``values`` and ``get`` read the set fields as a mapping. As transformers' ModelOutput (an OrderedDict),
+iterating an output gives its keys: ``list(out)``, ``tuple(out)``, ``for k in out``, ``reversed(out)`` and unpacking
+(``a, b = out``) see the names of the set fields, while ``out[0]`` and ``out.to_tuple()`` hold the values (unpack
+those with ``loss, logits = out.to_tuple()``); ``dict(out)`` and ``**out`` map the names to the values. (Until round
+28, iterating gave the values.) Unlike transformers', an output is not a ``dict`` instance. Each output class is registered with ``torch.export`` (as transformers registers its outputs), so that
 ``torch.export.export`` of a model that returns one works.
 """
 
@@ -53,7 +55,13 @@ class ModelOutput:
         return getattr(self, key) if key in self.keys() else default
 
     def __iter__(self):
-        return iter(self.to_tuple())
+        # The keys, as transformers' ModelOutput (an OrderedDict) iterates: list(out), tuple(out) and a, b = out
+        # are names there, and code written against transformers unpacked tensors here.
+        return iter(self.keys())
+
+    def __reversed__(self):
+        # Without it, reversed() fell back to __len__ and __getitem__ and gave the values in reverse.
+        return reversed(self.keys())
 
     def __len__(self) -> int:
         return len(self.to_tuple())

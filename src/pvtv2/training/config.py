@@ -50,6 +50,9 @@ NO_RECIPE: dict[str, Any] = {
 # The largest input side the commands accept (train, info, benchmark, demo-det...): a larger one is far more likely a
 # typo than a plan, and would otherwise start a run that only fails, or swaps, once the first batch is allocated.
 MAX_IMAGE_SIDE = 4096
+# Segmentation's ignored mask value: SegFormer's and mmsegmentation's 255 by default; at most a 16-bit PNG's largest.
+DEFAULT_IGNORE_INDEX = 255
+MAX_IGNORE_INDEX = 65535
 # Seeds go to torch.manual_seed and NumPy as 64-bit integers: a larger one overflows there, after the run has begun.
 MAX_SEED = 2**63 - 1
 
@@ -80,12 +83,13 @@ class TrainConfig:
     grad_accum: int = 1
     crop_scale: float = 0.08  # smallest area fraction of a random resized crop
     hflip: float = 0.5
-    clip_grad: float | None = None  # None: no clipping
+    clip_grad: float | None = None  # the gradient's largest global 2-norm; None or 0: no clipping
     bf16: bool = False  # bfloat16 autocast (--amp bf16, or --bf16)
     fp16: bool = False  # float16 autocast with a gradient scaler, CUDA only (--amp fp16)
     seed: int = 0
     replace_head: bool = False
-    detector: str = "retinanet"  # detection: retinanet, faster_rcnn, mask_rcnn or fcos
+    # detection: retinanet, faster_rcnn, mask_rcnn or fcos; None: a saved detector's own kind, else retinanet
+    detector: str | None = None
     multiscale: bool = False  # detection: the 3x recipe's random shorter side in training (480 ... 800, scaled)
     # The paper's (DeiT's) augmentation (docs/training.md). None: the recipe's value (DEIT_RECIPE when --recipe is
     # deit, NO_RECIPE when none; resolve_recipe fills them in when the run starts).
@@ -104,6 +108,8 @@ class TrainConfig:
     reduce_labels: bool = False  # 0 = no label, class k + 1 -> k
     seg_augment: bool = False  # random rescale (0.5-2x), crop --image-size (at most 75% one class), flip, photometric
     head_lr_mult: float = 1.0  # the learning rate of everything outside the encoder (SegFormer: 10)
+    # segmentation: the mask value left out of the loss and the metrics (1 ... 65535, above every class index)
+    ignore_index: int = 255
     decode_head: str | None = None  # segmentation: "segformer" or "fpn" (Semantic FPN); None: the checkpoint's, else SegFormer's
     schedule: str = "cosine"  # or "poly" (mmsegmentation's, power 0.9), after the warmup
     depth_scale: float = 1000.0  # depth: PNG units per metre (1000: millimetres, NYU's)
@@ -151,8 +157,9 @@ class TrainConfig:
         _number("crop_scale", self.crop_scale, low=0.0, low_open=True, high=1.0)
         _number("hflip", self.hflip, low=0.0, high=1.0)
         if self.clip_grad is not None:
-            # 0 or a negative norm would zero or reverse every step (gradient ascent): leave the flag out instead.
-            _number("clip_grad", self.clip_grad, low=0.0, low_open=True, hint="leave it out for no clipping")
+            # 0 means no clipping (a norm of 0 would zero every step); a negative norm would reverse every step
+            # (gradient ascent).
+            _number("clip_grad", self.clip_grad, low=0.0, hint="0 or left out: no clipping")
         if self.bf16 and self.fp16:
             raise ValueError("--amp fp16 and --bf16 (--amp bf16) contradict each other: pass one of them")
         for name in ("bf16", "fp16", "replace_head", "multiscale", "progress", "resume", "overwrite"):
@@ -165,7 +172,7 @@ class TrainConfig:
             raise ValueError("--model must name a preset, a config.json or a checkpoint")
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.detector not in DETECTORS:
+        if self.detector is not None and self.detector not in DETECTORS:
             raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
         self._validate_recipe()
         if self.resume and self.overwrite:
@@ -213,6 +220,10 @@ class TrainConfig:
                 raise TypeError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
             if getattr(self, name) and self.task != "segmentation":
                 raise ValueError(f"{flag(name)} applies to --task segmentation only, not --task {self.task}")
+        # A PNG mask holds 0 ... 65535; 0 is always a class (the data's classes are checked once read).
+        _integer("ignore_index", self.ignore_index, minimum=1, maximum=MAX_IGNORE_INDEX)
+        if self.ignore_index != DEFAULT_IGNORE_INDEX and self.task != "segmentation":
+            raise ValueError(f"--ignore-index applies to --task segmentation only, not --task {self.task}")
         _number("head_lr_mult", self.head_lr_mult, low=0.0, low_open=True, hint="e.g. 10 for SegFormer's head")
         if self.decode_head is not None:
             if self.decode_head not in DECODE_HEADS:

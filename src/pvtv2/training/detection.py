@@ -24,6 +24,7 @@ every pvtv2 task's does).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from torch import nn
 
 from ..data.coco import CocoDetection, coco_evaluate, collate_detection, detections_to_coco, grouped_batches
 from ..data.processing import PvtV2ImageProcessor
-from ..models.config import PvtV2Config
+from ..models.config import PvtV2Config, is_preset_name
 from ..models.detection import PvtV2ForObjectDetection
 from ..models.labels import has_generic_labels
 from .config import TrainConfig
@@ -51,6 +52,7 @@ __all__ = [
     "build_detector",
     "detection_sizes",
     "detection_warmup",
+    "resolve_detector",
     "step_schedule",
 ]
 
@@ -125,9 +127,35 @@ def example_config(**changes: Any) -> TrainConfig:
     return TrainConfig(**{**EXAMPLE_RECIPE, **changes, "task": "detection"})
 
 
+def resolve_detector(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``detector`` decided: the one given, else the kind of the saved detector ``--model`` names (its
+    config.json's, so that fine-tuning a saved FCOS needs no ``--detector fcos``), else retinanet (a new detector: a
+    preset, ``tiny``, a classification checkpoint or an encoder file)."""
+    if cfg.detector is not None:
+        return cfg
+    saved = saved_detector_kind(cfg.model)
+    if saved is not None:
+        logger.info("--detector %s: the kind of the saved detector %s", saved, cfg.model)
+    return dataclasses.replace(cfg, detector=saved or "retinanet")
+
+
+def saved_detector_kind(model: str) -> str | None:
+    """The ``detector`` field of the config.json ``model`` names (a folder, a JSON file, a hub id in the cache), or
+    None: a preset, ``tiny``, no config to read (a weights file), or a configuration without a detector."""
+    if (model.lower() == "tiny" and not os.path.exists(model)) or is_preset_name(model):
+        return None
+    try:
+        config = PvtV2Config.from_pretrained(model)
+    except Exception:  # noqa: BLE001 - no config.json to read: whatever --model is, from_pretrained reports it later
+        return None
+    return getattr(config, "detector", None)
+
+
 def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObjectDetection:
     """``tiny``, a preset name or a config.json: a new detector (random encoder); anything else: a checkpoint whose
-    encoder (any classification layout, an mmdetection backbone) or whole detector (same classes) to fine-tune."""
+    encoder (any classification layout, an mmdetection backbone) or whole detector (same classes) to fine-tune.
+    ``cfg.detector`` None: :func:`resolve_detector`'s choice."""
+    cfg = resolve_detector(cfg)
     settings: dict[str, Any] = {
         "detector": cfg.detector, "id2label": id2label, **detection_sizes(cfg.image_size, cfg.multiscale),
     }
@@ -140,13 +168,13 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
     try:
         model = PvtV2ForObjectDetection.from_pretrained(cfg.model, **settings)
     except ValueError as err:
-        # A saved detector of another kind (--detector defaults to retinanet) failed with a list of key names
-        # that never said so.
+        # A saved detector of another kind than --detector asked for failed with a list of key names that never
+        # said so.
         saved = getattr(PvtV2Config.from_pretrained(cfg.model), "detector", None) if names is not None else None
         if saved is None or saved == cfg.detector:
             raise
-        raise ValueError(f"{cfg.model!r} is a saved {saved} detector, --detector is {cfg.detector}: pass --detector "
-                         f"{saved} to fine-tune it ({err})") from None
+        raise ValueError(f"{cfg.model!r} is a saved {saved} detector, --detector is {cfg.detector}: leave --detector "
+                         f"out (or pass --detector {saved}) to fine-tune it ({err})") from None
     classes = [id2label[i] for i in range(len(id2label))]
     new = set(getattr(model, "newly_initialized_keys", ()))
     # Any class-sized layer the checkpoint provided means its classes: a Faster R-CNN fine-tuned as a Mask R-CNN
@@ -216,6 +244,11 @@ class DetectionTask(Task):
     intro = "detection: %d training images"
     score_panel = _SCORE_PANEL
     collate = staticmethod(collate_detection)
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        # --detector left out: the saved detector's kind, else retinanet (the runner decides it before run.json is
+        # written; a task built directly decides it here).
+        super().__init__(resolve_detector(cfg))
 
     def architecture(self) -> PvtV2Config | None:
         config = new_architecture(self.cfg.model, TINY_DETECTION, image_size=self.cfg.image_size)

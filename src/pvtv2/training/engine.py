@@ -745,9 +745,10 @@ def _crash_for_test(step: int) -> None:
 
 def _optimizer_step(cfg: TrainConfig, training: Training) -> None:
     scaler = training.scaler
-    if scaler is not None and cfg.clip_grad is not None:
+    clip = bool(cfg.clip_grad)  # None or 0: no clipping (a norm of 0 would zero every step)
+    if scaler is not None and clip:
         scaler.unscale_(training.optimizer)  # clip the true gradients, not the scaled ones
-    if cfg.clip_grad is not None:
+    if clip:
         nn.utils.clip_grad_norm_(training.model.parameters(), cfg.clip_grad)
     if scaler is not None:
         scaler.step(training.optimizer)  # skipped when a gradient overflowed; the scale then shrinks

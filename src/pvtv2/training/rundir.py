@@ -40,7 +40,7 @@ from torch import nn
 from ..data.processing import PvtV2ImageProcessor
 from ..fileio import WriteError, atomic_write_json, path_kind, recover_folder, write_folder_atomically
 from ..models.config import is_preset_name, preset_key, short_repr
-from .config import NO_RECIPE, TrainConfig, flag
+from .config import DEFAULT_IGNORE_INDEX, NO_RECIPE, TrainConfig, flag
 from .curves import METRICS_FILE, read_metrics, write_metrics
 
 __all__ = [
@@ -542,6 +542,10 @@ def _merge_resumed(
         # are its settings, which a --recipe deit or --mixup 0.8 given now must not change (it was silently ignored,
         # or the augmentation changed mid-run).
         stored = {**NO_RECIPE, **stored, "recipe": "none"}
+    if "ignore_index" not in stored:
+        # A run stored before --ignore-index existed ignored 255 (its model's loss still does): an --ignore-index 7
+        # given now would have changed the data's ignore value under it.
+        stored = {**stored, "ignore_index": DEFAULT_IGNORE_INDEX}
     merged = {k: v for k, v in stored.items() if k in run_fields}
     default_lr: float | None = None
     if stored.get("lr", 0) is None and run_fields["lr"] is not None:

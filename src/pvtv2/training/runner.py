@@ -21,7 +21,7 @@ from ..models.config import PvtV2Config
 from ..models.modeling import PvtV2Model
 from .classification import ClassificationTask
 from .config import TrainConfig, describe_recipe, resolve_recipe
-from .detection import DetectionTask
+from .detection import DetectionTask, resolve_detector
 from .distributed import DistInfo, init_distributed, on_main, set_deterministic
 from .engine import RunContext, Task, check_freeze_stages, check_image_size, default_peak_lr, run
 from .rundir import RunLock, check_resumed_classes, prepare_output
@@ -137,6 +137,9 @@ def _train(
     cfg, reason = resolve_recipe(cfg, world_size=info.world_size)
     if state is not None:  # resumed: the recipe is the stored run's, whoever decided it then
         reason = "the run's own, as it was started"
+    if cfg.task == "detection":
+        # --detector left out: the saved detector's own kind (else retinanet), recorded as such in run.json.
+        cfg = resolve_detector(cfg)
     if cfg.task == "classification" and info.main:
         logger.info("recipe %s (%s): %s", cfg.recipe, reason, describe_recipe(cfg))
     _check_fp16(cfg, device)  # a resumed run's own setting

@@ -26,7 +26,13 @@ from torch import nn
 
 from ..data.augment import SegmentationTrainTransform
 from ..data.folders import split_samples
-from ..data.masks import SegmentationFolder, check_not_binary_255, read_id2label, scan_segmentation_split
+from ..data.masks import (
+    SegmentationFolder,
+    check_ignore_index,
+    check_not_binary_255,
+    read_id2label,
+    scan_segmentation_split,
+)
 from ..models.config import PvtV2Config
 from ..models.labels import has_generic_labels
 from ..models.segmentation import PvtV2ForSemanticSegmentation, semantic_segmentation_loss
@@ -165,7 +171,8 @@ def build_segmentation_model(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV
     or segmentation checkpoint whose encoder (and, for the same classes, head) to fine-tune."""
     _check_classes(id2label)
     size = cfg.image_size  # recorded: `pvtv2 segment` resizes to it by default
-    overrides: dict[str, Any] = {"id2label": id2label, "image_size": size}
+    # The loss and the metrics read the model's ignore value (saved with it: pvtv2 eval takes it as its default).
+    overrides: dict[str, Any] = {"id2label": id2label, "image_size": size, "semantic_loss_ignore_index": cfg.ignore_index}
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
     if cfg.decode_head is not None:
@@ -234,29 +241,35 @@ class SegmentationTask(Task):
         if not cfg.data:
             raise ValueError("a dataset folder is needed (--data DIR with DIR/{train,val}/images and DIR/{train,val}/masks)")
         pairs = scan_segmentation_split(cfg.data, "train")
-        check_not_binary_255(pairs)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
+        ignore = cfg.ignore_index
+        check_not_binary_255(pairs, ignore)  # 0/255 pictures: every object pixel ignored, mean IoU 1 for all-background
         # Without labels.json the classes are counted off the masks: the validation ones too, or a class that only
         # they hold stopped the run after its first epoch ("label values [k] are out of range").
         val_pairs = scan_segmentation_split(cfg.data, "val") if cfg.val_split is None else []
         # The validation masks too: 0/255 ones among 0/1 training masks scored background alone, best/ chosen by it.
-        check_not_binary_255(val_pairs)
-        self.id2label = read_id2label(cfg.data, pairs + val_pairs)
+        check_not_binary_255(val_pairs, ignore)
+        self.id2label = read_id2label(cfg.data, pairs + val_pairs, ignore)
         if cfg.reduce_labels and not (Path(cfg.data) / "labels.json").is_file():
             # Names read off the masks count raw values 0..top; reduced, 0 is no label and the classes are 0..top-1.
             self.id2label = {i: f"class_{i}" for i in range(max(1, len(self.id2label) - 1))}
+        # An ignore value among the classes (255 with 256 classes or more, or --ignore-index 3 with 5) left that
+        # class out of the loss and the metrics without a word.
+        check_ignore_index(ignore, self.id2label)
         self.classes = [self.id2label[i] for i in sorted(self.id2label)]
         transform = None
         if cfg.seg_augment:
             # mmsegmentation's ADE20K pipeline at this crop: img_scale (4 x crop, crop), ratio 0.5-2, class cap 0.75.
             transform = SegmentationTrainTransform(crop_size=cfg.image_size, scale=(4 * cfg.image_size, cfg.image_size),
-                                                   hflip=cfg.hflip)
+                                                   hflip=cfg.hflip, ignore_index=ignore)
         self.train_set = SegmentationFolder(cfg.data, "train", cfg.image_size, hflip=cfg.hflip, seed=cfg.seed,
-                                            reduce_labels=cfg.reduce_labels, transform=transform)
+                                            reduce_labels=cfg.reduce_labels, transform=transform, ignore_index=ignore)
         if cfg.val_split is None:
-            self.val_set = SegmentationFolder(cfg.data, "val", cfg.image_size, reduce_labels=cfg.reduce_labels)
+            self.val_set = SegmentationFolder(cfg.data, "val", cfg.image_size, reduce_labels=cfg.reduce_labels,
+                                              ignore_index=ignore)
             return
         # Evaluated as a val/ folder would be (resized, no augmentation); the images come out of train/.
-        self.val_set = SegmentationFolder(cfg.data, "train", cfg.image_size, reduce_labels=cfg.reduce_labels)
+        self.val_set = SegmentationFolder(cfg.data, "train", cfg.image_size, reduce_labels=cfg.reduce_labels,
+                                          ignore_index=ignore)
         self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, pairs, cfg.val_split, cfg.seed)
 
     def new_model(self) -> nn.Module:

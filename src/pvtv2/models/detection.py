@@ -113,6 +113,8 @@ DETECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
     "mask_rcnn": dict(fpn_stages=[1, 2, 3, 4], extra_levels="max_pool", nms_threshold=0.5),
 }
 EXTRA_LEVELS = ("p6p7_on_input", "p6p7_on_output", "max_pool")
+# The detectors (and their extra levels) whose mmdetection arithmetic pvtv2.models.mmdet_convention writes out.
+_MMDETECTION_LEVELS = {"retinanet": "p6p7_on_input", "faster_rcnn": "max_pool", "mask_rcnn": "max_pool"}
 # Anchor size per FPN level as a multiple of the level's stride: RetinaNet's octave base scale 4 (times 2^0, 2^1/3,
 # 2^2/3), the RPN's scale 8, FCOS's points (one "anchor" of the stride's size, torchvision's convention).
 _ANCHOR_SCALE = {"retinanet": 4, "faster_rcnn": 8, "mask_rcnn": 8, "fcos": 1}
@@ -193,13 +195,14 @@ def _check_settings(values: dict[str, Any], config: PvtV2Config) -> None:
     convention = values["detection_convention"]
     if convention not in DETECTION_CONVENTIONS:
         raise ValueError(f"detection_convention must be one of {', '.join(DETECTION_CONVENTIONS)}, got {convention!r}")
-    if convention == "mmdetection" and (values["detector"] != "retinanet" or values["extra_levels"] != "p6p7_on_input"):
-        # Only mmdetection's RetinaNet (the authors' configs: P6 and P7 on C5) is written out; another detector
-        # would silently keep torchvision's arithmetic under mmdetection's name.
+    if convention == "mmdetection" and _MMDETECTION_LEVELS.get(values["detector"]) != values["extra_levels"]:
+        # Only mmdetection's RetinaNet (the authors' configs: P6 and P7 on C5) and Faster / Mask R-CNN (P6 by
+        # max-pooling P5) are written out; another detector would silently keep torchvision's arithmetic under
+        # mmdetection's name.
         raise ValueError(
             "detection_convention='mmdetection' is implemented for detector='retinanet' with "
-            f"extra_levels='p6p7_on_input' only, got detector={values['detector']!r}, "
-            f"extra_levels={values['extra_levels']!r}"
+            "extra_levels='p6p7_on_input' and for detector='faster_rcnn' / 'mask_rcnn' with extra_levels='max_pool' "
+            f"only, got detector={values['detector']!r}, extra_levels={values['extra_levels']!r}"
         )
     for name in ("image_mean", "image_std"):
         value = values[name]
@@ -269,6 +272,10 @@ def _anchor_generator(config: PvtV2Config, strides: list[int]) -> nn.Module:
         # octave_base_scale=4, scales_per_octave=3, base size the stride: not truncated to integers
         sizes_f = [[scale * s * 2 ** (k / 3) for k in range(3)] for s in strides]
         return mmdetection_anchor_generator(sizes_f, [[0.5, 1.0, 2.0]] * len(strides), strides)
+    if config.detection_convention == "mmdetection":  # an R-CNN's RPN: scales=[8], as mmdetection's anchors
+        from .mmdet_convention import mmdetection_anchor_generator
+
+        return mmdetection_anchor_generator([[float(scale * s)] for s in strides], [[0.5, 1.0, 2.0]] * len(strides), strides)
     if config.detector == "retinanet":
         # mmdetection's octave_base_scale=4, scales_per_octave=3 (torchvision's _default_anchorgen at strides 8..128)
         sizes = tuple(tuple(int(scale * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
@@ -310,9 +317,19 @@ def _build_detector(config: PvtV2Config, encoder: PvtV2Model | None) -> nn.Modul
         )
     # The R-CNNs' softmax has a background class at index 0: num_labels + 1 classes.
     names = [str(n) for n in range(len(backbone.stages))]  # RoIAlign reads the FPN's stage levels, not the pooled one
+    if config.detection_convention == "mmdetection":
+        from .mmdet_convention import mmdetection_roi_pool
+
+        # aligned RoIAlign, adaptive sampling, mmdetection's level mapping, at the stage levels' nominal strides
+        strides = backbone.strides[: len(names)]
+        box_pool: nn.Module = mmdetection_roi_pool(names, 7, strides)
+        mask_pool: nn.Module = mmdetection_roi_pool(names, 14, strides)
+    else:
+        box_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)
+        mask_pool = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2)
     kwargs: dict[str, Any] = dict(
         rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+        box_roi_pool=box_pool,
         box_score_thresh=config.score_threshold,
         box_nms_thresh=config.nms_threshold,
         box_detections_per_img=config.detections_per_image,
@@ -321,8 +338,7 @@ def _build_detector(config: PvtV2Config, encoder: PvtV2Model | None) -> nn.Modul
     if config.detector == "faster_rcnn":
         return D.FasterRCNN(backbone, config.num_labels + 1, **kwargs)
     return D.MaskRCNN(
-        backbone, config.num_labels + 1, mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
-        **kwargs,
+        backbone, config.num_labels + 1, mask_roi_pool=mask_pool, **kwargs,
     )
 
 

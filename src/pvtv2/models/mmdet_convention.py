@@ -1,6 +1,6 @@
-"""The two places where mmdetection's RetinaNet computes otherwise than torchvision's, as modules that replace
-torchvision's when ``config.detection_convention == "mmdetection"`` (a RetinaNet file read from mmdetection's layout;
-see ``pvtv2.models.detection``).
+"""The places where mmdetection's RetinaNet, Faster R-CNN and Mask R-CNN compute otherwise than torchvision's, as
+modules that replace torchvision's when ``config.detection_convention == "mmdetection"`` (a file read whole from
+mmdetection's layout; see ``pvtv2.models.detection``).
 
 - The FPN's last level: mmdetection's FPN (``add_extra_convs="on_input"``, ``relu_before_extra_convs=False``, its
   default) computes P7 by a stride-2 convolution of P6 itself; torchvision's ``LastLevelP6P7`` (and the RetinaNet
@@ -9,7 +9,14 @@ see ``pvtv2.models.detection``).
   ``1/sqrt(ratio)`` and ``sqrt(ratio)``, unrounded, at ``0, stride, 2 * stride ...`` with each level's nominal
   stride. torchvision truncates the sizes to integers (we pass them so), rounds the base anchors to integers, and
   takes each level's stride as ``padded image size // feature size``: 61 rather than 64 for P6 of an 800-pixel side
-  (13 cells), since the padding stops at multiples of 32.
+  (13 cells), since the padding stops at multiples of 32. The R-CNNs' RPN anchors (``scales=[8]``, ratios 0.5, 1, 2,
+  strides 4 ... 64) are made by the same generator.
+- The RoI features (R-CNN): mmdetection's ``SingleRoIExtractor`` with mmcv's ``RoIAlign(aligned=True,
+  sampling_ratio=0)`` (the half-pixel shift; samples per bin ``ceil(bin size)``) on the level
+  ``floor(log2(sqrt(area) / 56 + 1e-6))`` clamped to the levels there are, at each level's nominal stride.
+  torchvision's ``MultiScaleRoIAlign`` hard-codes ``aligned=False`` (we pass it ``sampling_ratio=2``), puts the
+  ``1e-6`` outside the logarithm (``floor(4 + log2(sqrt(area) / 224) + 1e-6)``) and takes each level's scale from the
+  feature and image sizes (rounded to a power of 2, so the same as the nominal stride).
 
 The order of the anchors (position-major; at each position ratio-major, scale-minor) and of the head's output
 channels (anchor-major, then class or delta) is the same in both, so the head's tensors are read unchanged.
@@ -27,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["mmdetection_anchor_generator", "p6p7_without_relu"]
+__all__ = ["mmdetection_anchor_generator", "mmdetection_roi_pool", "p6p7_without_relu"]
 
 
 def p6p7_without_relu(in_channels: int, out_channels: int) -> nn.Module:
@@ -44,10 +51,24 @@ def mmdetection_anchor_generator(sizes: Sequence[Sequence[float]], aspect_ratios
     return _classes()[1](sizes, aspect_ratios, strides)
 
 
+def mmdetection_roi_pool(featmap_names: Sequence[str], output_size: int, strides: Sequence[int],
+                         finest_scale: float = 56.0) -> nn.Module:
+    """mmdetection's ``SingleRoIExtractor`` (mmcv ``RoIAlign(aligned=True, sampling_ratio=0)``, ``finest_scale=56``)
+    as a torchvision ``MultiScaleRoIAlign`` (which torchvision's R-CNNs require), with its call:
+    ``forward(features, boxes, image_shapes)``, the features a dict of maps (those named ``featmap_names`` are read,
+    at ``strides``), ``boxes`` one (N_i, 4) tensor per image in the (resized) image's pixels; returns
+    (sum N_i, C, size, size), the images' boxes in turn. ``levels(boxes)`` is the level each box is read from.
+    Differentiable (torchvision's ``roi_align`` has a backward), so it trains."""
+    if len(featmap_names) != len(strides) or not featmap_names:
+        raise ValueError(f"one stride per feature map: {list(featmap_names)} and {list(strides)}")
+    return _classes()[2](featmap_names, output_size, strides, finest_scale)
+
+
 @functools.cache
-def _classes() -> tuple[Any, Any]:
+def _classes() -> tuple[Any, Any, Any]:
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import MultiScaleRoIAlign, roi_align
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
     class P6P7WithoutReLU(LastLevelP6P7):
@@ -87,4 +108,31 @@ def _classes() -> tuple[Any, Any]:
             per_level = self.grid_anchors(grid_sizes, strides)
             return [torch.cat(per_level) for _ in image_list.image_sizes]
 
-    return P6P7WithoutReLU, MMDetectionAnchorGenerator
+    class MMDetectionRoIPool(MultiScaleRoIAlign):
+        def __init__(self, featmap_names: Sequence[str], output_size: int, strides: Sequence[int],
+                     finest_scale: float) -> None:
+            super().__init__([str(n) for n in featmap_names], output_size, sampling_ratio=0)
+            self.strides = [int(s) for s in strides]
+            self.finest_scale = float(finest_scale)
+
+        def levels(self, boxes: Tensor) -> Tensor:
+            """The level (0-based, into ``featmap_names``) of each (N, 4) box: mmdetection's ``map_roi_levels``."""
+            scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+            level = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
+            return level.clamp(min=0, max=len(self.strides) - 1).long()
+
+        def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+            maps = [x[name] for name in self.featmap_names]
+            rois = torch.cat([torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)])
+            levels = self.levels(rois[:, 1:])
+            size = self.output_size
+            out = maps[0].new_zeros((rois.shape[0], maps[0].shape[1], *size))
+            for level, (feature, stride) in enumerate(zip(maps, self.strides)):
+                index = torch.nonzero(levels == level).squeeze(1)
+                if index.numel():
+                    pooled = roi_align(feature, rois[index].to(feature.dtype), size, spatial_scale=1.0 / stride,
+                                       sampling_ratio=0, aligned=True)
+                    out = out.index_copy(0, index, pooled.to(out.dtype))  # out of place: autograd through each level
+            return out
+
+    return P6P7WithoutReLU, MMDetectionAnchorGenerator, MMDetectionRoIPool

@@ -23,9 +23,9 @@ torchvision's ``LastLevelP6P7`` takes P5 when its input and output widths are eq
 256 wide, the FPN's width, so the RetinaNet levels force C5 explicitly (``use_P5 = False``).
 
 Two conventions (``config.detection_convention``). ``"torchvision"`` (the default): torchvision's modules as they
-are. ``"mmdetection"`` (RetinaNet only; set when an mmdetection RetinaNet file is read whole, which
-``pvtv2.weights.layouts`` renames into this model): where mmdetection computes otherwise, its arithmetic
-(``pvtv2.models.mmdet_convention``): P7 from P6 itself, without the ReLU that torchvision (and the RetinaNet paper) put
+are. ``"mmdetection"`` (RetinaNet, Faster and Mask R-CNN; set when an mmdetection file of one is read whole,
+which ``pvtv2.weights.layouts`` renames into this model): where mmdetection computes otherwise, its arithmetic
+(``pvtv2.models.mmdet_convention``). RetinaNet: P7 from P6 itself, without the ReLU that torchvision (and the RetinaNet paper) put
 between them; anchors of ``stride * 4 * 2^(k/3)``, not truncated to integers, base anchors not rounded, laid at each
 level's nominal stride (torchvision takes ``padded size // grid size``: 61 for P6 of an 800-pixel side). The head's
 tensors and channel orders (anchor-major; ratio-major, scale-minor anchors; deltas dx, dy, dw, dh with means 0 and
@@ -44,7 +44,32 @@ are the same in both. What is left of torchvision's in that mode, and differs fr
 - mmdetection scales the boxes back to the input image before NMS, torchvision after; the IoUs differ only as far as
   the horizontal and vertical scales differ (by the rounding of the resized size).
 
-Faster / Mask R-CNN and FCOS files of mmdetection are read for their backbone only.
+Faster / Mask R-CNN under ``"mmdetection"``: the RPN's anchors (``8 * stride``, ratios 0.5, 1, 2) unrounded at
+the nominal strides, as RetinaNet's; the RoI features by mmdetection's ``SingleRoIExtractor``: mmcv's RoIAlign with
+``aligned=True`` (the half-pixel shift) and ``sampling_ratio=0`` (``ceil(bin size)`` samples per bin) on the level
+``floor(log2(sqrt(area) / 56 + 1e-6))`` clamped to P2-P5 (torchvision's ``MultiScaleRoIAlign``: ``aligned=False``,
+and we pass it 2 samples). The file's box classifier is reordered on reading (mmdetection's background is its last
+class, torchvision's its first; the background's box deltas and mask logits, which mmdetection does not have and
+torchvision does not read at inference, are zeros). The same in both: the FPN with P6 = max_pool(P5, 1, stride 2),
+the RPN head and its box coder (means 0, stds 1), its test settings (the 1000 best per level, NMS at IoU 0.7 per
+level, 1000 proposals), the box head (two 1024-wide layers with ReLU), its coder (stds 0.1, 0.1, 0.2, 0.2, torchvision's
+weights 10, 10, 5, 5), softmax scores above 0.05, class-wise NMS at 0.5, 100 per image, and the mask head (four
+3x3 convolutions, a stride-2 transposed one, 28 x 28 logits of the label's class). What differs, besides the
+resizing and the scaling before NMS above:
+
+- proposals without area: mmdetection 2.13 (the authors' release; ``min_bbox_size=0`` filters nothing) keeps
+  them, and they take places among the 1000 and can come out as detections without area; 2.18 and later drop them
+  (``w, h > 0``), torchvision too (``w, h >= 1e-3``; detections under 1e-2 as well);
+- box deltas: torchvision clamps ``dw``, ``dh`` at ``log(1000 / 16)`` from above only, mmdetection from both sides:
+  boxes shrunk more than 62-fold from their anchor or proposal differ;
+- masks: torchvision pastes the label's 28 x 28 probabilities into the image by bilinear interpolation over the box
+  widened by one cell (rounded to whole pixels) and returns probabilities; mmdetection 2.x samples them with
+  ``grid_sample`` at the pixels inside the exact box and thresholds at 0.5 (``mask_thr_binary``). Thresholded at
+  0.5, the masks differ along their borders, by about a pixel;
+- training keeps torchvision's losses and samplers (smooth L1 with beta 1/9 for both box regressions, where
+  mmdetection 2.x's configs have L1; 2000 proposals per image, where they have 1000).
+
+FCOS files of mmdetection, and the cascades' (``roi_head.bbox_head.{stage}.``), are read for their backbone only.
 
 Labels: a detector's classes are the config's ``id2label`` (``0 .. num_labels - 1``); there is no background class in
 targets or outputs. RetinaNet and FCOS classify with one sigmoid per class (``num_labels`` outputs); the R-CNNs'
@@ -98,9 +123,10 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
     detections_per_image=100,  # COCOeval's maxDets
     image_mean=None,
     image_std=None,
-    # Whose arithmetic the RetinaNet levels and anchors follow: "torchvision" (its modules as they are) or
-    # "mmdetection" (P7 from P6 without a ReLU, anchors unrounded at nominal strides: pvtv2.models.mmdet_convention),
-    # which a RetinaNet read whole from an mmdetection file sets.
+    # Whose arithmetic the levels, anchors and RoI features follow: "torchvision" (its modules as they are) or
+    # "mmdetection" (RetinaNet: P7 from P6 without a ReLU; anchors unrounded at nominal strides; the R-CNNs: aligned
+    # RoIAlign with adaptive sampling and mmdetection's level mapping: pvtv2.models.mmdet_convention), which a
+    # RetinaNet, Faster or Mask R-CNN read whole from an mmdetection file sets.
     detection_convention="torchvision",
 )
 DETECTION_CONVENTIONS = ("torchvision", "mmdetection")

@@ -18,8 +18,11 @@ into it: ``neck.`` becomes ``decode_head.neck.``, ``conv_seg`` ``classifier``; a
 RetinaNet (the authors' ``retinanet_pvt_v2_*`` configs: ``neck.lateral_convs`` / ``neck.fpn_convs`` + ``bbox_head.
 cls_convs`` / ``reg_convs`` / ``retina_cls`` / ``retina_reg``) is read into the torchvision RetinaNet that
 ``PvtV2ForObjectDetection`` builds (``detector.``), whose arithmetic then follows mmdetection's
-(``detection_convention="mmdetection"``). Faster / Mask R-CNN files (``rpn_head.``, ``roi_head.``) are read for their
-backbone only.
+(``detection_convention="mmdetection"``); and a third: mmdetection's Faster / Mask R-CNN (the authors'
+``mask_rcnn_pvt_v2_*`` configs: ``neck.`` + ``rpn_head.rpn_conv`` / ``rpn_cls`` / ``rpn_reg`` + ``roi_head.bbox_head.
+shared_fcs`` / ``fc_cls`` / ``fc_reg`` [+ ``roi_head.mask_head.convs`` / ``upsample`` / ``conv_logits``]) is read into
+torchvision's FasterRCNN / MaskRCNN, the class layers reordered (background last there, first here). Cascades
+(``roi_head.bbox_head.{stage}.``) and other detectors are read for their backbone only.
 
 Two more are read (not written): the Mix Transformer encoders of transformers' SegFormer and GLPN, with their heads
 (``segformer``: ``segformer.encoder.block.{i}.{j}.attention.self.query`` ... ``decode_head.linear_c.{i}`` ...;
@@ -55,7 +58,8 @@ __all__ = [
 LAYOUTS = ("transformers", "timm", "original")
 # Layouts that are read only: transformers' SegFormer and GLPN (see the module docstring).
 DENSE_LAYOUTS = ("segformer", "glpn")
-# The original repository's mmdetection / mmsegmentation checkpoints: read only (backbone; Semantic FPN, RetinaNet whole).
+# The original repository's mmdetection / mmsegmentation checkpoints: read only (backbone; Semantic FPN, RetinaNet,
+# Faster / Mask R-CNN whole).
 MMDET_LAYOUT = "mmdet"
 # Where mmdetection / mmsegmentation keep the backbone, and the top-level names of their other modules.
 _MMDET_BACKBONE = "backbone."
@@ -259,7 +263,8 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
 
 def mmdet_backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The backbone of an mmdetection / mmsegmentation state dict, ``backbone.`` removed; its neck and heads left
-    out, except a Semantic FPN (neck and ``FPNHead``), renamed into ``decode_head.`` (see the module docstring).
+    out, except a Semantic FPN (neck and ``FPNHead``), renamed into ``decode_head.``, and a RetinaNet or Faster /
+    Mask R-CNN, renamed into ``detector.`` (see the module docstring).
 
     Keys outside the backbone that are not one of mmdetection's / mmsegmentation's modules are kept, so that the
     strict load names them.
@@ -324,7 +329,7 @@ def _mmdet_retinanet(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def _refuse(what: str, missing: list[str], unexpected: list[str], problems: list[str]) -> None:
-    parts = [f"this mmdetection {what} checkpoint is not one that pvtv2's can read whole", *problems]
+    parts = [f"this mmdetection {what} checkpoint is not one that pvtv2's {what} can read whole", *problems]
     for title, keys in (("missing", missing), ("unexpected", unexpected)):
         if keys:
             shown = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
@@ -359,21 +364,23 @@ def _mmdet_rcnn(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     missing, unexpected = sorted(wanted - present), sorted(present - wanted)
     what = "Mask R-CNN" if mask else "Faster R-CNN"
     if not n or missing or unexpected:
-        problems = [f"(mmdetection's FPN with P6 max-pooled, RPNHead, Shared2FCBBoxHead{', FCNMaskHead with 4 convolutions' if mask else ''}; "
-                    "no normalisation, no extra convolutions)"]
+        mask_head = ", FCNMaskHead with 4 convolutions" if mask else ""
+        problems = [(f"(mmdetection's FPN with P6 max-pooled, RPNHead, Shared2FCBBoxHead{mask_head}; no "
+                     f"normalisation, no extra convolutions)")]
         if not n:
             problems.append("it has no neck.lateral_convs (the FPN)")
         _refuse(what, missing, unexpected, problems)
     classes = _rows(state, "roi_head.bbox_head.fc_cls.weight") - 1  # K object classes and the background
     shapes = [("roi_head.bbox_head.fc_cls", classes + 1, "K + 1 (classes and background)"),
-              ("roi_head.bbox_head.fc_reg", 4 * classes, f"4 x {classes} (class-specific deltas; class-agnostic "
-               "regression, reg_class_agnostic=True, is not torchvision's)"),
-              ("rpn_head.rpn_cls", _MMDET_RPN_ANCHORS, f"{_MMDET_RPN_ANCHORS} (one sigmoid per anchor: a softmax RPN, "
-               "use_sigmoid=False, is not torchvision's)"),
+              ("roi_head.bbox_head.fc_reg", 4 * classes,
+               (f"4 x {classes} (class-specific deltas; class-agnostic regression, reg_class_agnostic=True, is "
+                f"not torchvision's)")),
+              ("rpn_head.rpn_cls", _MMDET_RPN_ANCHORS,
+               f"{_MMDET_RPN_ANCHORS} (one sigmoid per anchor: a softmax RPN, use_sigmoid=False, is not torchvision's)"),
               ("rpn_head.rpn_reg", 4 * _MMDET_RPN_ANCHORS, f"4 x {_MMDET_RPN_ANCHORS} anchors")]
     if mask:
-        shapes.append(("roi_head.mask_head.conv_logits", classes, f"{classes} (one mask per class; a class-agnostic "
-                       "mask head is not torchvision's)"))
+        shapes.append(("roi_head.mask_head.conv_logits", classes,
+                       f"{classes} (one mask per class; a class-agnostic mask head is not torchvision's)"))
     if classes < 1:
         raise CheckpointError(f"roi_head.bbox_head.fc_cls.weight has the shape "
                               f"{tuple(state['roi_head.bbox_head.fc_cls.weight'].shape)}: fewer than 2 rows (at least "

@@ -490,8 +490,8 @@ def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.T
 def _attach_recorded_labels(config: PvtV2Config, canonical: Mapping[str, torch.Tensor],
                             names: Sequence[str] | None) -> PvtV2Config:
     """``config`` with the class names the file recorded beside its weights (an mmsegmentation file's dataset
-    classes), where its labels are generic and the names match the checkpoint's segmentation classifier or RetinaNet
-    class scores."""
+    classes), where its labels are generic and the names match the checkpoint's segmentation classifier, RetinaNet
+    class scores or R-CNN box classifier (its rows but the background's)."""
     head = canonical.get("decode_head.classifier.weight")
     scores = canonical.get("detector.head.classification_head.cls_logits.weight")
     softmax = canonical.get("detector.roi_heads.box_predictor.cls_score.weight")

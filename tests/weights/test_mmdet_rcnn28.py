@@ -284,6 +284,14 @@ def test_the_roi_level_mapping_is_mmdetections():
     # by the square root of the area, not a side: 141 x 141, 400 x 50 and 50 x 400 boxes alike
     wide = torch.tensor([[0.0, 0, 400, 50], [0, 0, 50, 400], [5, 5, 146, 146], [0, 0, 400, 30]])
     assert pool.levels(wide).tolist() == _mmdet_roi_levels(wide).tolist() == [1, 1, 1, 0]
+    # where the 1e-6 sits: inside the logarithm (mmdetection) or outside (torchvision's LevelMapper, whose level 0 is
+    # P2 here); a side of 112 * (1 - 6e-7), in float64, is level 0 for the one and 1 for the other
+    from torchvision.ops.poolers import LevelMapper
+
+    side = 112 * (1 - 6e-7)
+    edge = torch.tensor([[0.0, 0.0, side, side]], dtype=torch.float64)
+    assert pool.levels(edge).tolist() == _mmdet_roi_levels(edge).tolist() == [0]
+    assert LevelMapper(2, 5)([edge]).tolist() == [1]
 
 
 @pytest.mark.parametrize("mask", [False, True], ids=["faster_rcnn", "mask_rcnn"])

@@ -350,9 +350,22 @@ def test_roi_features_box_and_mask_heads_are_mmdetections_for_given_boxes(tmp_pa
             assert relative_error(their_masks, mask_logits[:, 1:]) < TOL
 
 
-def test_an_mmdet_faster_rcnn_gives_mmdetections_detections(tmp_path):
-    """The whole test: proposals (per-level top 1000, NMS 0.7 per level), box head, multiclass_nms."""
-    backbone, head = _backbone(seed=4), _rcnn_state(mask=False, seed=5)
+def _mmdet_paste(probabilities: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """_do_paste_mask on the GPU (skip_empty=False: the whole image): (N, 1, 28, 28) -> (N, 1, H, W) probabilities,
+    sampled at the pixel centres mapped into each box, grid_sample(align_corners=False), zeros beyond the mask."""
+    x0, y0, x1, y1 = boxes.split(1, dim=1)  # (N, 1) each
+    img_x = (torch.arange(width, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1  # (N, W)
+    img_y = (torch.arange(height, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1  # (N, H)
+    n = len(boxes)
+    grid = torch.stack([img_x[:, None, :].expand(n, height, width), img_y[:, :, None].expand(n, height, width)], dim=3)
+    return F.grid_sample(probabilities, grid, align_corners=False)
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["faster_rcnn", "mask_rcnn"])
+def test_an_mmdet_rcnn_gives_mmdetections_detections(tmp_path, mask):
+    """The whole test: proposals (per-level top 1000, NMS 0.7 per level), box head, multiclass_nms; the masks of the
+    detections (the label's sigmoid, pasted)."""
+    backbone, head = _backbone(seed=4), _rcnn_state(mask=mask, seed=5)
     path = _mmdet_file(tmp_path, backbone, head, name="faster_rcnn_pvt_v2_b0_fpn_1x_coco.pth")
     height, width = size = (128, 192)
     model = _load(path, size)
@@ -378,6 +391,25 @@ def test_an_mmdet_faster_rcnn_gives_mmdetections_detections(tmp_path):
     # amplify (a float64 run of both agrees to 4e-7, the anchors' float32 cell templates left)
     assert relative_error(scores, got["scores"]) < 10 * TOL
     assert relative_error(boxes, got["boxes"]) < 10 * TOL
+    if not mask:
+        return
+    # the masks of the model's own detections (which equal mmdetection's to 1e-4 above; the pasting's samples would
+    # carry that difference of the boxes on): the label's sigmoid on the detection's RoI features, pasted
+    boxes, labels = got["boxes"], got["labels"]
+    with torch.no_grad():
+        logits = _mmdet_mask_head(_mmdet_roi_features(levels, boxes, 14), head)  # (N, K, 28, 28)
+        probabilities = logits[torch.arange(len(labels)), labels][:, None].sigmoid()
+        masks = _mmdet_paste(probabilities, boxes, height, width)
+        from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+        torchvision_masks = paste_masks_in_image(probabilities, boxes, (height, width))
+    assert got["masks"].shape == masks.shape == (len(boxes), 1, height, width)
+    assert relative_error(masks, got["masks"]) < TOL
+    # thresholded at 0.5 (mask_thr_binary): the same pixels, but where a probability is within the tolerance of 0.5
+    differ = (masks >= 0.5) != (got["masks"] >= 0.5)
+    assert ((masks[differ] - 0.5).abs() < TOL).all()
+    # torchvision's pasting (the box widened by a cell, rounded to pixels) gives other masks
+    assert ((torchvision_masks >= 0.5) != (masks >= 0.5)).sum() > 100
 
 
 def test_torchvisions_arithmetic_differs_where_the_convention_says(tmp_path):
@@ -389,6 +421,8 @@ def test_torchvisions_arithmetic_differs_where_the_convention_says(tmp_path):
     tv = _load(path, (96, 160), detection_convention="torchvision")
     assert tv.config.detection_convention == "torchvision" and tv.newly_initialized_keys == ()
     assert type(tv.detector.roi_heads.box_roi_pool).__name__ == "MultiScaleRoIAlign"
+    assert type(tv.detector.transform).__name__ == "GeneralizedRCNNTransform"
+    assert type(mm.detector.transform).__name__ == "MMDetectionMaskTransform"
     image = torch.rand(3, 96, 160)
     first, second = _Capture(mm), _Capture(tv)
     with torch.no_grad():

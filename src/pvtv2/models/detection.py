@@ -54,18 +54,19 @@ torchvision does not read at inference, are zeros). The same in both: the FPN wi
 the RPN head and its box coder (means 0, stds 1), its test settings (the 1000 best per level, NMS at IoU 0.7 per
 level, 1000 proposals), the box head (two 1024-wide layers with ReLU), its coder (stds 0.1, 0.1, 0.2, 0.2, torchvision's
 weights 10, 10, 5, 5), softmax scores above 0.05, class-wise NMS at 0.5, 100 per image, and the mask head (four
-3x3 convolutions, a stride-2 transposed one, 28 x 28 logits of the label's class). What differs, besides the
-resizing and the scaling before NMS above:
+3x3 convolutions, a stride-2 transposed one, 28 x 28 logits of the label's class), pasted as mmdetection pastes them
+(``grid_sample`` at the pixel centres mapped into the box). What differs, besides the resizing and the scaling
+before NMS above:
 
 - proposals without area: mmdetection 2.13 (the authors' release; ``min_bbox_size=0`` filters nothing) keeps
   them, and they take places among the 1000 and can come out as detections without area; 2.18 and later drop them
   (``w, h > 0``), torchvision too (``w, h >= 1e-3``; detections under 1e-2 as well);
 - box deltas: torchvision clamps ``dw``, ``dh`` at ``log(1000 / 16)`` from above only, mmdetection from both sides:
   boxes shrunk more than 62-fold from their anchor or proposal differ;
-- masks: torchvision pastes the label's 28 x 28 probabilities into the image by bilinear interpolation over the box
-  widened by one cell (rounded to whole pixels) and returns probabilities; mmdetection 2.x samples them with
-  ``grid_sample`` at the pixels inside the exact box and thresholds at 0.5 (``mask_thr_binary``). Thresholded at
-  0.5, the masks differ along their borders, by about a pixel;
+- masks: pasted into the image as mmdetection 2.x pastes them (``grid_sample`` at the pixel centres mapped into the
+  exact box, not torchvision's bilinear resize into the box widened by a cell and rounded to pixels), but returned
+  as probabilities, as torchvision's; mmdetection returns them thresholded at 0.5 (``mask_thr_binary``), which
+  pvtv2's COCO evaluation applies too;
 - training keeps torchvision's losses and samplers (smooth L1 with beta 1/9 for both box regressions, where
   mmdetection 2.x's configs have L1; 2000 proposals per image, where they have 1000).
 
@@ -363,9 +364,12 @@ def _build_detector(config: PvtV2Config, encoder: PvtV2Model | None) -> nn.Modul
     )
     if config.detector == "faster_rcnn":
         return D.FasterRCNN(backbone, config.num_labels + 1, **kwargs)
-    return D.MaskRCNN(
-        backbone, config.num_labels + 1, mask_roi_pool=mask_pool, **kwargs,
-    )
+    model = D.MaskRCNN(backbone, config.num_labels + 1, mask_roi_pool=mask_pool, **kwargs)
+    if config.detection_convention == "mmdetection":
+        from .mmdet_convention import mmdetection_mask_transform
+
+        model.transform = mmdetection_mask_transform(model.transform)  # masks pasted as mmdetection pastes them
+    return model
 
 
 # Fresh detectors, one per model being loaded, from which init_new_module copies torchvision's initialisation.

@@ -17,6 +17,13 @@ mmdetection's layout; see ``pvtv2.models.detection``).
   torchvision's ``MultiScaleRoIAlign`` hard-codes ``aligned=False`` (we pass it ``sampling_ratio=2``), puts the
   ``1e-6`` outside the logarithm (``floor(4 + log2(sqrt(area) / 224) + 1e-6)``) and takes each level's scale from the
   feature and image sizes (rounded to a power of 2, so the same as the nominal stride).
+- The masks pasted into the image (Mask R-CNN): mmdetection 2.x's ``_do_paste_mask`` samples the label's 28 x 28
+  probabilities with ``grid_sample`` (``align_corners=False``, zeros beyond) at the centres of the image's pixels
+  mapped into the exact box; torchvision's ``paste_masks_in_image`` pads the mask by one cell, widens the box to
+  match, rounds it to whole pixels and resizes the mask into it bilinearly. Both give probabilities here;
+  mmdetection then thresholds at 0.5 (``mask_thr_binary``), as pvtv2's COCO evaluation does. (mmdetection's CPU
+  path samples only within a pixel of the box; the values it leaves out are below half the edge's probability, so
+  the thresholded masks are the same.)
 
 The order of the anchors (position-major; at each position ratio-major, scale-minor) and of the head's output
 channels (anchor-major, then class or delta) is the same in both, so the head's tensors are read unchanged.
@@ -28,13 +35,21 @@ pvtv2 imports torchvision at module level.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["mmdetection_anchor_generator", "mmdetection_roi_pool", "p6p7_without_relu"]
+__all__ = [
+    "mmdetection_anchor_generator",
+    "mmdetection_mask_transform",
+    "mmdetection_roi_pool",
+    "p6p7_without_relu",
+    "paste_masks_mmdetection",
+]
 
 
 def p6p7_without_relu(in_channels: int, out_channels: int) -> nn.Module:
@@ -64,10 +79,50 @@ def mmdetection_roi_pool(featmap_names: Sequence[str], output_size: int, strides
     return _classes()[2](featmap_names, output_size, strides, finest_scale)
 
 
+def paste_masks_mmdetection(masks: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
+    """(N, 1, M, M) mask probabilities pasted into a (height, width) image at (N, 4) boxes (x1, y1, x2, y2 in its
+    pixels) as mmdetection 2.x's ``_do_paste_mask`` does on the GPU (over the whole image): each pixel centre
+    ``(x + 0.5, y + 0.5)`` mapped to ``2 * (x + 0.5 - x1) / (x2 - x1) - 1`` (and so for y), sampled with
+    ``grid_sample(align_corners=False)`` and zeros beyond the mask, which reach half a cell past the box; further
+    out every value is 0, so each box is sampled over its own region only (memory: torchvision's pasting keeps the
+    same (N, 1, H, W) result). Returns (N, 1, height, width) probabilities in ``masks``' dtype."""
+    out = masks.new_zeros((masks.shape[0], 1, height, width))
+    cells = masks.shape[-1]
+    for i in range(masks.shape[0]):
+        box = boxes[i].to(torch.float32)
+        x1, y1, x2, y2 = (float(v) for v in box)
+        # a whole cell of margin (the samples reach half of one), and a pixel for the rounding
+        margin_x, margin_y = (x2 - x1) / cells, (y2 - y1) / cells
+        left, right = max(math.floor(x1 - margin_x) - 1, 0), min(math.ceil(x2 + margin_x) + 1, width)
+        top, bottom = max(math.floor(y1 - margin_y) - 1, 0), min(math.ceil(y2 + margin_y) + 1, height)
+        if right <= left or bottom <= top:
+            continue
+        xs = (torch.arange(left, right, device=masks.device, dtype=torch.float32) + 0.5 - box[0]) / (box[2] - box[0]) * 2 - 1
+        ys = (torch.arange(top, bottom, device=masks.device, dtype=torch.float32) + 0.5 - box[1]) / (box[3] - box[1]) * 2 - 1
+        # a box without width or height: mmdetection sets the infinite coordinates to 0 (pvtv2's detections have
+        # none: torchvision drops boxes under 1e-2)
+        xs, ys = torch.nan_to_num(xs, nan=0.0, posinf=0.0, neginf=0.0), torch.nan_to_num(ys, nan=0.0, posinf=0.0, neginf=0.0)
+        grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], dim=-1)
+        pasted = F.grid_sample(masks[i : i + 1].to(torch.float32), grid[None], align_corners=False)
+        out[i, 0, top:bottom, left:right] = pasted[0, 0].to(out.dtype)
+    return out
+
+
+def mmdetection_mask_transform(transform: nn.Module) -> nn.Module:
+    """torchvision's ``GeneralizedRCNNTransform`` ``transform`` (same settings) whose ``postprocess`` pastes the masks
+    as mmdetection does (:func:`paste_masks_mmdetection`); boxes and everything else as torchvision's."""
+    return _classes()[3](
+        transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
+        size_divisible=transform.size_divisible, fixed_size=transform.fixed_size,
+        _skip_resize=getattr(transform, "_skip_resize", False),
+    )
+
+
 @functools.cache
-def _classes() -> tuple[Any, Any, Any]:
+def _classes() -> tuple[Any, Any, Any, Any]:
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.image_list import ImageList
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
     from torchvision.ops import MultiScaleRoIAlign, roi_align
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -135,4 +190,16 @@ def _classes() -> tuple[Any, Any, Any]:
                     out = out.index_copy(0, index, pooled.to(out.dtype))  # out of place: autograd through each level
             return out
 
-    return P6P7WithoutReLU, MMDetectionAnchorGenerator, MMDetectionRoIPool
+    class MMDetectionMaskTransform(GeneralizedRCNNTransform):
+        def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
+                        original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+            if self.training:
+                return result
+            masks = [r.pop("masks", None) for r in result]
+            result = super().postprocess(result, image_shapes, original_image_sizes)  # the boxes to the input's size
+            for r, m, (height, width) in zip(result, masks, original_image_sizes):
+                if m is not None:
+                    r["masks"] = paste_masks_mmdetection(m, r["boxes"], height, width)
+            return result
+
+    return P6P7WithoutReLU, MMDetectionAnchorGenerator, MMDetectionRoIPool, MMDetectionMaskTransform

@@ -25,8 +25,10 @@ mmdetection's layout; see ``pvtv2.models.detection``).
   path samples only within a pixel of the box; the values it leaves out are below half the edge's probability, so
   the thresholded masks are the same.)
 
-The order of the anchors (position-major; at each position ratio-major, scale-minor) and of the head's output
-channels (anchor-major, then class or delta) is the same in both, so the head's tensors are read unchanged.
+The order of the anchors (position-major; at each position ratio-major, scale-minor) and of the RetinaNet head's and
+the RPN's output channels (anchor-major, then class or delta) is the same in both, so their tensors are read
+unchanged; the R-CNN box classifier's rows are reordered on reading (``pvtv2.weights.layouts``: the background is
+mmdetection's last class and torchvision's first).
 
 torchvision is an optional dependency: the classes are made (once) by the first call that builds one, as nothing in
 pvtv2 imports torchvision at module level.

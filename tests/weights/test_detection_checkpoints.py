@@ -40,13 +40,14 @@ def mmdet_file(tmp_path, reference, heads: dict[str, torch.Tensor]) -> str:
     return path
 
 
-# A Faster R-CNN's neck and heads (a few keys of them): read for the backbone only. (A RetinaNet's is read whole, and a
-# part of one refused: tests/weights/test_mmdet_retinanet28.py.)
+# A Cascade R-CNN's neck and heads (a few keys of them; the box heads numbered by stage): read for the backbone only.
+# (A RetinaNet's and a Faster / Mask R-CNN's are read whole, and a part of one refused:
+# tests/weights/test_mmdet_retinanet28.py, tests/weights/test_mmdet_rcnn28.py.)
 MMDET_HEADS = {
     "neck.lateral_convs.0.conv.weight": torch.randn(256, 64, 1, 1),
     "neck.fpn_convs.3.conv.weight": torch.randn(256, 256, 3, 3),
     "rpn_head.rpn_conv.weight": torch.randn(256, 256, 3, 3),
-    "roi_head.bbox_head.fc_cls.weight": torch.randn(81, 1024),
+    "roi_head.bbox_head.0.fc_cls.weight": torch.randn(81, 1024),
 }
 MMSEG_HEADS = {"decode_head.scale_heads.0.0.conv.weight": torch.randn(128, 256, 3, 3),
                "decode_head.conv_seg.weight": torch.randn(150, 128, 1, 1)}

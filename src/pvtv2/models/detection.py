@@ -23,9 +23,9 @@ torchvision's ``LastLevelP6P7`` takes P5 when its input and output widths are eq
 256 wide, the FPN's width, so the RetinaNet levels force C5 explicitly (``use_P5 = False``).
 
 Two conventions (``config.detection_convention``). ``"torchvision"`` (the default): torchvision's modules as they
-are. ``"mmdetection"`` (RetinaNet only; set when an mmdetection RetinaNet file is read whole, which
-``pvtv2.weights.layouts`` renames into this model): where mmdetection computes otherwise, its arithmetic
-(``pvtv2.models.mmdet_convention``): P7 from P6 itself, without the ReLU that torchvision (and the RetinaNet paper) put
+are. ``"mmdetection"`` (RetinaNet, Faster and Mask R-CNN; set when an mmdetection file of one is read whole,
+which ``pvtv2.weights.layouts`` renames into this model): where mmdetection computes otherwise, its arithmetic
+(``pvtv2.models.mmdet_convention``). RetinaNet: P7 from P6 itself, without the ReLU that torchvision (and the RetinaNet paper) put
 between them; anchors of ``stride * 4 * 2^(k/3)``, not truncated to integers, base anchors not rounded, laid at each
 level's nominal stride (torchvision takes ``padded size // grid size``: 61 for P6 of an 800-pixel side). The head's
 tensors and channel orders (anchor-major; ratio-major, scale-minor anchors; deltas dx, dy, dw, dh with means 0 and
@@ -44,7 +44,33 @@ are the same in both. What is left of torchvision's in that mode, and differs fr
 - mmdetection scales the boxes back to the input image before NMS, torchvision after; the IoUs differ only as far as
   the horizontal and vertical scales differ (by the rounding of the resized size).
 
-Faster / Mask R-CNN and FCOS files of mmdetection are read for their backbone only.
+Faster / Mask R-CNN under ``"mmdetection"``: the RPN's anchors (``8 * stride``, ratios 0.5, 1, 2) unrounded at
+the nominal strides, as RetinaNet's; the RoI features by mmdetection's ``SingleRoIExtractor``: mmcv's RoIAlign with
+``aligned=True`` (the half-pixel shift) and ``sampling_ratio=0`` (``ceil(bin size)`` samples per bin) on the level
+``floor(log2(sqrt(area) / 56 + 1e-6))`` clamped to P2-P5 (torchvision's ``MultiScaleRoIAlign``: ``aligned=False``,
+and we pass it 2 samples). The file's box classifier is reordered on reading (mmdetection's background is its last
+class, torchvision's its first; the background's box deltas and mask logits, which mmdetection does not have and
+torchvision does not read at inference, are zeros). The same in both: the FPN with P6 = max_pool(P5, 1, stride 2),
+the RPN head and its box coder (means 0, stds 1), its test settings (the 1000 best per level, NMS at IoU 0.7 per
+level, 1000 proposals), the box head (two 1024-wide layers with ReLU), its coder (stds 0.1, 0.1, 0.2, 0.2, torchvision's
+weights 10, 10, 5, 5), softmax scores above 0.05, class-wise NMS at 0.5, 100 per image, and the mask head (four
+3x3 convolutions, a stride-2 transposed one, 28 x 28 logits of the label's class), pasted as mmdetection pastes them
+(``grid_sample`` at the pixel centres mapped into the box). What differs, besides the resizing and the scaling
+before NMS above:
+
+- proposals without area: mmdetection 2.13 (the authors' release; ``min_bbox_size=0`` filters nothing) keeps
+  them, and they take places among the 1000 and can come out as detections without area; 2.18 and later drop them
+  (``w, h > 0``), torchvision too (``w, h >= 1e-3``; detections under 1e-2 as well);
+- box deltas: torchvision clamps ``dw``, ``dh`` at ``log(1000 / 16)`` from above only, mmdetection from both sides:
+  boxes shrunk more than 62-fold from their anchor or proposal differ;
+- masks: pasted into the image as mmdetection 2.x pastes them (``grid_sample`` at the pixel centres mapped into the
+  exact box, not torchvision's bilinear resize into the box widened by a cell and rounded to pixels), but returned
+  as probabilities, as torchvision's; mmdetection returns them thresholded at 0.5 (``mask_thr_binary``), which
+  pvtv2's COCO evaluation applies too;
+- training keeps torchvision's losses and samplers (smooth L1 with beta 1/9 for both box regressions, where
+  mmdetection 2.x's configs have L1; 2000 proposals per image, where they have 1000).
+
+FCOS files of mmdetection, and the cascades' (``roi_head.bbox_head.{stage}.``), are read for their backbone only.
 
 Labels: a detector's classes are the config's ``id2label`` (``0 .. num_labels - 1``); there is no background class in
 targets or outputs. RetinaNet and FCOS classify with one sigmoid per class (``num_labels`` outputs); the R-CNNs'
@@ -98,9 +124,10 @@ DETECTION_DEFAULTS: dict[str, Any] = dict(
     detections_per_image=100,  # COCOeval's maxDets
     image_mean=None,
     image_std=None,
-    # Whose arithmetic the RetinaNet levels and anchors follow: "torchvision" (its modules as they are) or
-    # "mmdetection" (P7 from P6 without a ReLU, anchors unrounded at nominal strides: pvtv2.models.mmdet_convention),
-    # which a RetinaNet read whole from an mmdetection file sets.
+    # Whose arithmetic the levels, anchors and RoI features follow: "torchvision" (its modules as they are) or
+    # "mmdetection" (RetinaNet: P7 from P6 without a ReLU; anchors unrounded at nominal strides; the R-CNNs: aligned
+    # RoIAlign with adaptive sampling and mmdetection's level mapping: pvtv2.models.mmdet_convention), which a
+    # RetinaNet, Faster or Mask R-CNN read whole from an mmdetection file sets.
     detection_convention="torchvision",
 )
 DETECTION_CONVENTIONS = ("torchvision", "mmdetection")
@@ -113,6 +140,8 @@ DETECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
     "mask_rcnn": dict(fpn_stages=[1, 2, 3, 4], extra_levels="max_pool", nms_threshold=0.5),
 }
 EXTRA_LEVELS = ("p6p7_on_input", "p6p7_on_output", "max_pool")
+# The detectors (and their extra levels) whose mmdetection arithmetic pvtv2.models.mmdet_convention writes out.
+_MMDETECTION_LEVELS = {"retinanet": "p6p7_on_input", "faster_rcnn": "max_pool", "mask_rcnn": "max_pool"}
 # Anchor size per FPN level as a multiple of the level's stride: RetinaNet's octave base scale 4 (times 2^0, 2^1/3,
 # 2^2/3), the RPN's scale 8, FCOS's points (one "anchor" of the stride's size, torchvision's convention).
 _ANCHOR_SCALE = {"retinanet": 4, "faster_rcnn": 8, "mask_rcnn": 8, "fcos": 1}
@@ -193,13 +222,14 @@ def _check_settings(values: dict[str, Any], config: PvtV2Config) -> None:
     convention = values["detection_convention"]
     if convention not in DETECTION_CONVENTIONS:
         raise ValueError(f"detection_convention must be one of {', '.join(DETECTION_CONVENTIONS)}, got {convention!r}")
-    if convention == "mmdetection" and (values["detector"] != "retinanet" or values["extra_levels"] != "p6p7_on_input"):
-        # Only mmdetection's RetinaNet (the authors' configs: P6 and P7 on C5) is written out; another detector
-        # would silently keep torchvision's arithmetic under mmdetection's name.
+    if convention == "mmdetection" and _MMDETECTION_LEVELS.get(values["detector"]) != values["extra_levels"]:
+        # Only mmdetection's RetinaNet (the authors' configs: P6 and P7 on C5) and Faster / Mask R-CNN (P6 by
+        # max-pooling P5) are written out; another detector would silently keep torchvision's arithmetic under
+        # mmdetection's name.
         raise ValueError(
             "detection_convention='mmdetection' is implemented for detector='retinanet' with "
-            f"extra_levels='p6p7_on_input' only, got detector={values['detector']!r}, "
-            f"extra_levels={values['extra_levels']!r}"
+            "extra_levels='p6p7_on_input' and for detector='faster_rcnn' / 'mask_rcnn' with extra_levels='max_pool' "
+            f"only, got detector={values['detector']!r}, extra_levels={values['extra_levels']!r}"
         )
     for name in ("image_mean", "image_std"):
         value = values[name]
@@ -269,6 +299,10 @@ def _anchor_generator(config: PvtV2Config, strides: list[int]) -> nn.Module:
         # octave_base_scale=4, scales_per_octave=3, base size the stride: not truncated to integers
         sizes_f = [[scale * s * 2 ** (k / 3) for k in range(3)] for s in strides]
         return mmdetection_anchor_generator(sizes_f, [[0.5, 1.0, 2.0]] * len(strides), strides)
+    if config.detection_convention == "mmdetection":  # an R-CNN's RPN: scales=[8], as mmdetection's anchors
+        from .mmdet_convention import mmdetection_anchor_generator
+
+        return mmdetection_anchor_generator([[float(scale * s)] for s in strides], [[0.5, 1.0, 2.0]] * len(strides), strides)
     if config.detector == "retinanet":
         # mmdetection's octave_base_scale=4, scales_per_octave=3 (torchvision's _default_anchorgen at strides 8..128)
         sizes = tuple(tuple(int(scale * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
@@ -310,9 +344,19 @@ def _build_detector(config: PvtV2Config, encoder: PvtV2Model | None) -> nn.Modul
         )
     # The R-CNNs' softmax has a background class at index 0: num_labels + 1 classes.
     names = [str(n) for n in range(len(backbone.stages))]  # RoIAlign reads the FPN's stage levels, not the pooled one
+    if config.detection_convention == "mmdetection":
+        from .mmdet_convention import mmdetection_roi_pool
+
+        # aligned RoIAlign, adaptive sampling, mmdetection's level mapping, at the stage levels' nominal strides
+        strides = backbone.strides[: len(names)]
+        box_pool: nn.Module = mmdetection_roi_pool(names, 7, strides)
+        mask_pool: nn.Module = mmdetection_roi_pool(names, 14, strides)
+    else:
+        box_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)
+        mask_pool = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2)
     kwargs: dict[str, Any] = dict(
         rpn_anchor_generator=anchors,
-        box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+        box_roi_pool=box_pool,
         box_score_thresh=config.score_threshold,
         box_nms_thresh=config.nms_threshold,
         box_detections_per_img=config.detections_per_image,
@@ -320,10 +364,12 @@ def _build_detector(config: PvtV2Config, encoder: PvtV2Model | None) -> nn.Modul
     )
     if config.detector == "faster_rcnn":
         return D.FasterRCNN(backbone, config.num_labels + 1, **kwargs)
-    return D.MaskRCNN(
-        backbone, config.num_labels + 1, mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2),
-        **kwargs,
-    )
+    model = D.MaskRCNN(backbone, config.num_labels + 1, mask_roi_pool=mask_pool, **kwargs)
+    if config.detection_convention == "mmdetection":
+        from .mmdet_convention import mmdetection_mask_transform
+
+        model.transform = mmdetection_mask_transform(model.transform)  # masks pasted as mmdetection pastes them
+    return model
 
 
 # Fresh detectors, one per model being loaded, from which init_new_module copies torchvision's initialisation.

@@ -18,8 +18,11 @@ into it: ``neck.`` becomes ``decode_head.neck.``, ``conv_seg`` ``classifier``; a
 RetinaNet (the authors' ``retinanet_pvt_v2_*`` configs: ``neck.lateral_convs`` / ``neck.fpn_convs`` + ``bbox_head.
 cls_convs`` / ``reg_convs`` / ``retina_cls`` / ``retina_reg``) is read into the torchvision RetinaNet that
 ``PvtV2ForObjectDetection`` builds (``detector.``), whose arithmetic then follows mmdetection's
-(``detection_convention="mmdetection"``). Faster / Mask R-CNN files (``rpn_head.``, ``roi_head.``) are read for their
-backbone only.
+(``detection_convention="mmdetection"``); and a third: mmdetection's Faster / Mask R-CNN (the authors'
+``mask_rcnn_pvt_v2_*`` configs: ``neck.`` + ``rpn_head.rpn_conv`` / ``rpn_cls`` / ``rpn_reg`` + ``roi_head.bbox_head.
+shared_fcs`` / ``fc_cls`` / ``fc_reg`` [+ ``roi_head.mask_head.convs`` / ``upsample`` / ``conv_logits``]) is read into
+torchvision's FasterRCNN / MaskRCNN, the class layers reordered (background last there, first here). Cascades
+(``roi_head.bbox_head.{stage}.``) and other detectors are read for their backbone only.
 
 Two more are read (not written): the Mix Transformer encoders of transformers' SegFormer and GLPN, with their heads
 (``segformer``: ``segformer.encoder.block.{i}.{j}.attention.self.query`` ... ``decode_head.linear_c.{i}`` ...;
@@ -55,7 +58,8 @@ __all__ = [
 LAYOUTS = ("transformers", "timm", "original")
 # Layouts that are read only: transformers' SegFormer and GLPN (see the module docstring).
 DENSE_LAYOUTS = ("segformer", "glpn")
-# The original repository's mmdetection / mmsegmentation checkpoints: read only (backbone; Semantic FPN, RetinaNet whole).
+# The original repository's mmdetection / mmsegmentation checkpoints: read only (backbone; Semantic FPN, RetinaNet,
+# Faster / Mask R-CNN whole).
 MMDET_LAYOUT = "mmdet"
 # Where mmdetection / mmsegmentation keep the backbone, and the top-level names of their other modules.
 _MMDET_BACKBONE = "backbone."
@@ -80,6 +84,29 @@ _MMDET_RETINA_RULES = (
     (re.compile(r"^bbox_head\.retina_reg\."), "detector.head.regression_head.bbox_reg."),
 )
 _MMDET_FPN_CONV = re.compile(r"^neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)$")
+# mmdetection's Faster / Mask R-CNN (FPN neck with P6 by max-pooling, RPNHead, StandardRoIHead with Shared2FCBBoxHead
+# and FCNMaskHead) is recognised by its box head's classifier (a cascade's is numbered, bbox_head.{i}.fc_cls, and
+# is left out as before); it is read into the torchvision FasterRCNN / MaskRCNN of pvtv2.models.detection. The class
+# layers are reordered by _mmdet_rcnn: mmdetection's softmax has the background last and regresses the K object
+# classes only, torchvision's has it first (index 0) and regresses K + 1 classes.
+_MMDET_RCNN_MARK = "roi_head.bbox_head.fc_cls."
+_MMDET_RCNN_FCS = 2  # Shared2FCBBoxHead, torchvision's TwoMLPHead (fc6, fc7)
+_MMDET_RCNN_MASK_CONVS = 4  # FCNMaskHead's num_convs, torchvision's MaskRCNNHeads
+_MMDET_RPN_ANCHORS = 3  # scales=[8] x ratios 0.5, 1, 2: one sigmoid (rpn_cls) and 4 deltas (rpn_reg) each
+_MMDET_RCNN_RULES = (
+    (re.compile(r"^neck\.lateral_convs\.(\d+)\.conv\."), r"detector.backbone.fpn.inner_blocks.\1.0."),
+    (re.compile(r"^neck\.fpn_convs\.(\d+)\.conv\."), r"detector.backbone.fpn.layer_blocks.\1.0."),
+    (re.compile(r"^rpn_head\.rpn_conv\."), "detector.rpn.head.conv.0.0."),
+    (re.compile(r"^rpn_head\.rpn_cls\."), "detector.rpn.head.cls_logits."),
+    (re.compile(r"^rpn_head\.rpn_reg\."), "detector.rpn.head.bbox_pred."),
+    (re.compile(r"^roi_head\.bbox_head\.shared_fcs\.0\."), "detector.roi_heads.box_head.fc6."),
+    (re.compile(r"^roi_head\.bbox_head\.shared_fcs\.1\."), "detector.roi_heads.box_head.fc7."),
+    (re.compile(r"^roi_head\.bbox_head\.fc_cls\."), "detector.roi_heads.box_predictor.cls_score."),
+    (re.compile(r"^roi_head\.bbox_head\.fc_reg\."), "detector.roi_heads.box_predictor.bbox_pred."),
+    (re.compile(r"^roi_head\.mask_head\.convs\.(\d+)\.conv\."), r"detector.roi_heads.mask_head.\1.0."),
+    (re.compile(r"^roi_head\.mask_head\.upsample\."), "detector.roi_heads.mask_predictor.conv5_mask."),
+    (re.compile(r"^roi_head\.mask_head\.conv_logits\."), "detector.roi_heads.mask_predictor.mask_fcn_logits."),
+)
 # ---------------------------------------------------------------------------------------------- layouts
 # Names inside a block: timm / original spelling -> transformers spelling. "attn.kv" is one fused matrix,
 # split into key and value (its first half is the keys, as the reference code's reshape to (2, heads, dim) reads it).
@@ -237,14 +264,16 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
 
 def mmdet_backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The backbone of an mmdetection / mmsegmentation state dict, ``backbone.`` removed; its neck and heads left
-    out, except a Semantic FPN (neck and ``FPNHead``), renamed into ``decode_head.`` (see the module docstring).
+    out, except a Semantic FPN (neck and ``FPNHead``), renamed into ``decode_head.``, and a RetinaNet or Faster /
+    Mask R-CNN, renamed into ``detector.`` (see the module docstring).
 
     Keys outside the backbone that are not one of mmdetection's / mmsegmentation's modules are kept, so that the
     strict load names them.
     """
     semantic_fpn = any(key.startswith(_MMSEG_FPN_MARK) for key in state)
     retinanet = any(key.startswith(_MMDET_RETINA_MARKS) for key in state)
-    out: dict[str, torch.Tensor] = _mmdet_retinanet(state) if retinanet else {}
+    rcnn = any(key.startswith(_MMDET_RCNN_MARK) for key in state)
+    out: dict[str, torch.Tensor] = _mmdet_retinanet(state) if retinanet else _mmdet_rcnn(state) if rcnn else {}
     for key, value in state.items():
         if key.startswith(_MMDET_BACKBONE):
             out[key[len(_MMDET_BACKBONE) :]] = value
@@ -297,6 +326,84 @@ def _mmdet_retinanet(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         for pattern, replacement in _MMDET_RETINA_RULES:
             renamed = pattern.sub(replacement, renamed)
         out[renamed] = state[key]
+    return out
+
+
+def _refuse(what: str, missing: list[str], unexpected: list[str], problems: list[str]) -> None:
+    parts = [f"this mmdetection {what} checkpoint is not one that pvtv2's {what} can read whole", *problems]
+    for title, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            shown = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
+            parts.append(f"{len(keys)} {title} keys:\n    {shown}")
+    raise CheckpointError("\n  ".join(parts))
+
+
+def _rows(state: Mapping[str, torch.Tensor], key: str) -> int:
+    value = state[key]
+    return int(value.shape[0]) if value.ndim else -1
+
+
+def _mmdet_rcnn(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mmdetection's Faster / Mask R-CNN neck and heads renamed into pvtv2's detector (``detector.``), the class
+    layers reordered (background first; zero box deltas and mask logits for it, which torchvision never reads at
+    inference); :class:`CheckpointError` naming the keys where they are not the whole of one (a part missing, a layer
+    more than torchvision's heads have, a normalisation layer, extra FPN convolutions, class-agnostic regression, a
+    softmax RPN): read in part, the rest would be initialised at random without a word."""
+    laterals = sorted({int(m.group(1)) for k in state if (m := re.match(r"neck\.lateral_convs\.(\d+)\.", k))})
+    n = len(laterals)
+    expected = [f"neck.lateral_convs.{i}.conv" for i in range(n)]
+    expected += [f"neck.fpn_convs.{i}.conv" for i in range(n)]  # P6 is max-pooled: no convolution
+    expected += ["rpn_head.rpn_conv", "rpn_head.rpn_cls", "rpn_head.rpn_reg"]
+    expected += [f"roi_head.bbox_head.shared_fcs.{i}" for i in range(_MMDET_RCNN_FCS)]
+    expected += ["roi_head.bbox_head.fc_cls", "roi_head.bbox_head.fc_reg"]
+    mask = any(k.startswith("roi_head.mask_head.") for k in state)
+    if mask:
+        expected += [f"roi_head.mask_head.convs.{i}.conv" for i in range(_MMDET_RCNN_MASK_CONVS)]
+        expected += ["roi_head.mask_head.upsample", "roi_head.mask_head.conv_logits"]
+    wanted = {f"{name}.{p}" for name in expected for p in ("weight", "bias")}
+    present = {k for k in state if k.startswith(("neck.", "rpn_head.", "roi_head."))}
+    missing, unexpected = sorted(wanted - present), sorted(present - wanted)
+    what = "Mask R-CNN" if mask else "Faster R-CNN"
+    if not n or missing or unexpected:
+        mask_head = ", FCNMaskHead with 4 convolutions" if mask else ""
+        problems = [(f"(mmdetection's FPN with P6 max-pooled, RPNHead, Shared2FCBBoxHead{mask_head}; no "
+                     f"normalisation, no extra convolutions)")]
+        if not n:
+            problems.append("it has no neck.lateral_convs (the FPN)")
+        _refuse(what, missing, unexpected, problems)
+    classes = _rows(state, "roi_head.bbox_head.fc_cls.weight") - 1  # K object classes and the background
+    shapes = [("roi_head.bbox_head.fc_cls", classes + 1, "K + 1 (classes and background)"),
+              ("roi_head.bbox_head.fc_reg", 4 * classes,
+               (f"4 x {classes} (class-specific deltas; class-agnostic regression, reg_class_agnostic=True, is "
+                f"not torchvision's)")),
+              ("rpn_head.rpn_cls", _MMDET_RPN_ANCHORS,
+               f"{_MMDET_RPN_ANCHORS} (one sigmoid per anchor: a softmax RPN, use_sigmoid=False, is not torchvision's)"),
+              ("rpn_head.rpn_reg", 4 * _MMDET_RPN_ANCHORS, f"4 x {_MMDET_RPN_ANCHORS} anchors")]
+    if mask:
+        shapes.append(("roi_head.mask_head.conv_logits", classes,
+                       f"{classes} (one mask per class; a class-agnostic mask head is not torchvision's)"))
+    if classes < 1:
+        raise CheckpointError(f"roi_head.bbox_head.fc_cls.weight has the shape "
+                              f"{tuple(state['roi_head.bbox_head.fc_cls.weight'].shape)}: fewer than 2 rows (at least "
+                              f"one class and the background)")
+    for name, rows, meaning in shapes:
+        for p in ("weight", "bias"):
+            if _rows(state, f"{name}.{p}") != rows:
+                raise CheckpointError(f"{name}.{p} has the shape {tuple(state[f'{name}.{p}'].shape)}, not {meaning} "
+                                      f"rows")
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(present):
+        value = state[key]
+        if key.startswith("roi_head.bbox_head.fc_cls."):  # background: mmdetection's last row, torchvision's first
+            value = torch.cat([value[classes:], value[:classes]])
+        elif key.startswith("roi_head.bbox_head.fc_reg."):  # no deltas for the background: zeros in front
+            value = torch.cat([value.new_zeros((4, *value.shape[1:])), value])
+        elif key.startswith("roi_head.mask_head.conv_logits."):  # no mask for the background: zeros at index 0
+            value = torch.cat([value.new_zeros((1, *value.shape[1:])), value])
+        renamed = key
+        for pattern, replacement in _MMDET_RCNN_RULES:
+            renamed = pattern.sub(replacement, renamed)
+        out[renamed] = value
     return out
 
 

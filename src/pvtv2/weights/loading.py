@@ -127,6 +127,8 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         args["decoder_hidden_size"] = int(fpn.shape[1])
     if "detector.head.classification_head.cls_logits.weight" in canonical:
         args.update(_retinanet_settings(canonical, hidden, layout))
+    if "detector.roi_heads.box_predictor.cls_score.weight" in canonical:
+        args.update(_rcnn_settings(canonical, hidden, layout))
     if "head.head.0.weight" in canonical:
         args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
         if "max_depth" not in overrides:
@@ -174,23 +176,13 @@ def _retinanet_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int]
         raise CheckpointError(f"the RetinaNet box regression (bbox_head.retina_reg / bbox_reg) has the shape "
                               f"{tuple(reg.shape)}: not {4 * _RETINANET_ANCHORS} (4 deltas x {_RETINANET_ANCHORS} "
                               f"anchors) output channels")
-    inputs = []
-    for i in range(len(hidden)):
-        lateral = canonical.get(f"detector.backbone.fpn.inner_blocks.{i}.0.weight")
-        if lateral is None:
-            break
-        inputs.append(int(lateral.shape[1]))
-    # The FPN reads consecutive stages up to the last (mmdetection's start_level, end_level=-1).
-    first = len(hidden) - len(inputs)
-    if not inputs or hidden[first:] != inputs:
-        raise CheckpointError(f"the RetinaNet's FPN takes inputs {inputs} wide (neck.lateral_convs), which are not the "
-                              f"last stages of the encoder (widths {hidden})")
     settings: dict[str, Any] = {
         "detector": "retinanet",
         "num_labels": int(cls.shape[0]) // _RETINANET_ANCHORS,
-        "fpn_channels": int(canonical["detector.backbone.fpn.inner_blocks.0.0.weight"].shape[0]),
-        "fpn_stages": list(range(first + 1, len(hidden) + 1)),
+        **_fpn_settings(canonical, hidden, "RetinaNet"),
     }
+    first = settings["fpn_stages"][0] - 1
+    inputs = hidden[first:]
     if layout == MMDET_LAYOUT:
         p6 = canonical.get("detector.backbone.fpn.extra_blocks.p6.weight")
         if p6 is not None and p6.ndim == 4 and p6.shape[1] != hidden[-1]:
@@ -198,6 +190,42 @@ def _retinanet_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int]
             raise CheckpointError(f"the RetinaNet's P6 convolution (neck.fpn_convs.{len(inputs)}) takes {p6.shape[1]} "
                                   f"channels, not the last stage's {hidden[-1]}: pvtv2 reads mmdetection's "
                                   f"add_extra_convs='on_input' only")
+        settings["detection_convention"] = "mmdetection"
+    return settings
+
+
+def _fpn_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int], what: str) -> dict[str, Any]:
+    """The FPN's width and the stages feeding it: the lateral convolutions' inputs against the encoder's widths."""
+    inputs = []
+    for i in range(len(hidden)):
+        lateral = canonical.get(f"detector.backbone.fpn.inner_blocks.{i}.0.weight")
+        if lateral is None or lateral.ndim != 4:
+            break
+        inputs.append(int(lateral.shape[1]))
+    # The FPN reads consecutive stages up to the last (mmdetection's start_level, end_level=-1).
+    first = len(hidden) - len(inputs)
+    if not inputs or hidden[first:] != inputs:
+        raise CheckpointError(f"the {what}'s FPN takes inputs {inputs} wide (neck.lateral_convs), which are not the "
+                              f"last stages of the encoder (widths {hidden})")
+    return {"fpn_channels": int(canonical["detector.backbone.fpn.inner_blocks.0.0.weight"].shape[0]),
+            "fpn_stages": list(range(first + 1, len(hidden) + 1))}
+
+
+def _rcnn_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int], layout: str) -> dict[str, Any]:
+    """The detector settings a Faster / Mask R-CNN's tensors say: Mask R-CNN where there is a mask head, the classes
+    (the box classifier's rows but the background's), the FPN's width and stages; an mmdetection file's is computed
+    as mmdetection computes it."""
+    cls = canonical["detector.roi_heads.box_predictor.cls_score.weight"]
+    if cls.ndim != 2 or cls.shape[0] < 2:
+        raise CheckpointError(f"the R-CNN box classifier (roi_head.bbox_head.fc_cls / cls_score) has the shape "
+                              f"{tuple(cls.shape)}: not (classes + background, features)")
+    mask = "detector.roi_heads.mask_predictor.mask_fcn_logits.weight" in canonical
+    settings: dict[str, Any] = {
+        "detector": "mask_rcnn" if mask else "faster_rcnn",
+        "num_labels": int(cls.shape[0]) - 1,
+        **_fpn_settings(canonical, hidden, "Mask R-CNN" if mask else "Faster R-CNN"),
+    }
+    if layout == MMDET_LAYOUT:
         settings["detection_convention"] = "mmdetection"
     return settings
 
@@ -340,11 +368,16 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     canonical = to_canonical(state, layout)
     if layout == MMDET_LAYOUT:
         fpn = any(k.startswith("decode_head.") for k in canonical)  # a Semantic FPN, read into decode_head
-        retinanet = any(k.startswith("detector.") for k in canonical)  # a RetinaNet, read into detector
-        used = {"backbone", "neck", "decode_head"} if fpn else {"backbone", "neck", "bbox_head"} if retinanet else {"backbone"}
+        retinanet = any(k.startswith("detector.head.") for k in canonical)  # a RetinaNet, read into detector
+        rcnn = any(k.startswith("detector.roi_heads.") for k in canonical)  # a Faster / Mask R-CNN, read into detector
+        used = ({"backbone", "neck", "decode_head"} if fpn else {"backbone", "neck", "bbox_head"} if retinanet else
+                {"backbone", "neck", "rpn_head", "roi_head"} if rcnn else {"backbone"})
         others = sorted({k.split(".", 1)[0] for k in state} - used)
+        rcnn_name = "Mask R-CNN" if any(k.startswith("detector.roi_heads.mask_") for k in canonical) else "Faster R-CNN"
         what = ("backbone and Semantic FPN (neck, decode_head) are" if fpn else
-                "backbone and RetinaNet (neck, bbox_head; mmdetection's arithmetic) are" if retinanet else "backbone is")
+                "backbone and RetinaNet (neck, bbox_head; mmdetection's arithmetic) are" if retinanet else
+                f"backbone and {rcnn_name} (neck, rpn_head, roi_head; mmdetection's arithmetic) are" if rcnn else
+                "backbone is")
         logger.info("an mmdetection / mmsegmentation checkpoint: its %s used%s", what,
                     f"; its {', '.join(others)} are not (another library's modules)" if others else "")
         seg = canonical.get("decode_head.classifier.weight")
@@ -464,15 +497,18 @@ def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.T
 def _attach_recorded_labels(config: PvtV2Config, canonical: Mapping[str, torch.Tensor],
                             names: Sequence[str] | None) -> PvtV2Config:
     """``config`` with the class names the file recorded beside its weights (an mmsegmentation file's dataset
-    classes), where its labels are generic and the names match the checkpoint's segmentation classifier or RetinaNet
-    class scores."""
+    classes), where its labels are generic and the names match the checkpoint's segmentation classifier, RetinaNet
+    class scores or R-CNN box classifier (its rows but the background's)."""
     head = canonical.get("decode_head.classifier.weight")
     scores = canonical.get("detector.head.classification_head.cls_logits.weight")
+    softmax = canonical.get("detector.roi_heads.box_predictor.cls_score.weight")
     classes = None
     if head is not None and head.ndim >= 1:
         classes = head.shape[0]
     elif scores is not None and scores.ndim >= 1 and scores.shape[0] % _RETINANET_ANCHORS == 0:
         classes = scores.shape[0] // _RETINANET_ANCHORS  # a RetinaNet's: each class once per anchor
+    elif softmax is not None and softmax.ndim >= 1:
+        classes = softmax.shape[0] - 1  # an R-CNN's: the classes and the background
     if names and classes is not None and classes == len(names) == config.num_labels and has_generic_labels(config.id2label):
         return config.replace(id2label=dict(enumerate(names)))
     return config

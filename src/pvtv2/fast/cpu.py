@@ -7,7 +7,9 @@ What it does differently from the reference stage (``pvtv2.models.layers.PvtV2St
 - the depthwise 3x3 convolution of the Mix-FFN runs with its GELU fused;
 - the Mix-FFN runs in cache-sized pieces (groups of images, or bands of rows with one halo row above and below),
   so its wide hidden activation stays in the CPU cache between its three steps instead of streaming through memory;
-- activations stay in one channels-last layout, so the token and image views never copy.
+- activations stay in one channels-last layout, so the token and image views never copy;
+- in fp32 at batch 1, a one-head attention (stage 1) runs as two GEMMs around the softmax, with the query and output
+  projections folded into its few keys and values (the same products, summed in another order).
 
 These are private oneDNN operators, so a capability probe runs each of them once on small tensors against the
 public operators it replaces; where the probe fails (another CPU, another build), the reference path runs.
@@ -96,6 +98,9 @@ CONV_SHAPES = 4
 # on one thread, 1,228 against 318 on two, and 640 MB more peak memory (the fp32 scores: 256 MiB per image and head
 # in stage 1); at 512 px (256 keys) 99 against 82 ms.
 BF16_MATMUL_KEYS = 64
+# In fp32, attention with one head on one image runs as two oneDNN GEMMs around ATen's softmax where its score matrix
+# (queries x keys) has at most this many elements (1 MiB); larger, SDPA's tiled kernel.
+GEMM_ATTENTION_SCORES = 1 << 18
 
 _CAPABILITY: dict[torch.dtype, bool] = {}
 
@@ -592,8 +597,27 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
         kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C), a view
         kv_in = _call(attn.act, _norm(attn.layer_norm, kv_in))
     heads, head_dim = attn.num_heads, attn.head_dim
-    q = _linear(weights, [attn.query], x, dtype).view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, h, N, d)
     kv = _linear(weights, [attn.key, attn.value], kv_in, dtype)  # (B, N', 2C): one GEMM
+    keys = kv.shape[1]
+    if dtype == torch.float32 and batch == 1 and heads == 1 and tokens * keys <= GEMM_ATTENTION_SCORES:
+        # One image, one head (stage 1, whose 3,136 queries meet 49 keys at 224 px): two oneDNN GEMMs around
+        # ATen's softmax, with the query and output projections folded into the few keys and values:
+        # scores = x (s K Wq)^T + s K bq, out = P (V Wp^T) + bp + residual. The same products summed in another
+        # order (fp32 rounding); measured in docs/benchmarks.md (with several heads, per-head folding was slower).
+        query, proj = attn.query, attn.proj
+        k, v = kv[0, :, :head_dim] * attn.scale, kv[0, :, head_dim:]  # (N', d): keys and values side by side
+        score_weight = torch.mm(k, _cast(query.weight, dtype))  # (N', C): s K Wq
+        score_bias = None if query.bias is None else torch.mv(k, _cast(query.bias, dtype))
+        scores = torch.ops.mkldnn._linear_pointwise(
+            _cast(x.reshape(tokens, channels), dtype), score_weight, score_bias, "none", [], ""
+        )  # (N, N')
+        out_weight = torch.mm(_cast(proj.weight, dtype), v.t())  # (C, N'): Wp V^T
+        out_bias = None if proj.bias is None else _dense(proj.bias, dtype)
+        out = torch.ops.mkldnn._linear_pointwise.binary(
+            scores.softmax(-1), residual.reshape(tokens, channels), out_weight, out_bias, "add"
+        )
+        return out.view(residual.shape)
+    q = _linear(weights, [attn.query], x, dtype).view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, h, N, d)
     kv = kv.view(batch, -1, 2, heads, head_dim)  # keys and values side by side in each row
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, heads, N', head_dim)
     if dtype == torch.bfloat16 and k.shape[-2] <= BF16_MATMUL_KEYS:

@@ -8,8 +8,9 @@ What it does differently from the reference stage (``pvtv2.models.layers.PvtV2St
 - the Mix-FFN runs in cache-sized pieces (groups of images, or bands of rows with one halo row above and below),
   so its wide hidden activation stays in the CPU cache between its three steps instead of streaming through memory;
 - activations stay in one channels-last layout, so the token and image views never copy;
-- in fp32 at batch 1, a one-head attention (stage 1) runs as two GEMMs around the softmax, with the query and output
-  projections folded into its few keys and values (the same products, summed in another order).
+- in fp32 at batch 1, where the queries far outnumber the keys (stages 1 and 2), the attention runs as two GEMMs
+  around the softmax, with the query and output projections folded into its few keys and values (the same products,
+  summed in another order).
 
 These are private oneDNN operators, so a capability probe runs each of them once on small tensors against the
 public operators it replaces; where the probe fails (another CPU, another build), the reference path runs.
@@ -98,8 +99,11 @@ CONV_SHAPES = 4
 # on one thread, 1,228 against 318 on two, and 640 MB more peak memory (the fp32 scores: 256 MiB per image and head
 # in stage 1); at 512 px (256 keys) 99 against 82 ms.
 BF16_MATMUL_KEYS = 64
-# In fp32, attention with one head on one image runs as two oneDNN GEMMs around ATen's softmax where its score matrix
-# (queries x keys) has at most this many elements (1 MiB); larger, SDPA's tiled kernel.
+# In fp32, the attention of one image runs as two oneDNN GEMMs around ATen's softmax (projections folded in) where its
+# queries are at least GEMM_ATTENTION_RATIO times its keys over all heads and its score matrix has at most
+# GEMM_ATTENTION_SCORES elements (1 MiB); otherwise SDPA. With fewer queries per key the folded GEMMs cost more than
+# the products they replace (B0 at 224 px, 5 and 8 heads: 1.16x and 1.8x slower than SDPA and the projections).
+GEMM_ATTENTION_RATIO = 4
 GEMM_ATTENTION_SCORES = 1 << 18
 
 _CAPABILITY: dict[torch.dtype, bool] = {}
@@ -599,22 +603,34 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
     heads, head_dim = attn.num_heads, attn.head_dim
     kv = _linear(weights, [attn.key, attn.value], kv_in, dtype)  # (B, N', 2C): one GEMM
     keys = kv.shape[1]
-    if dtype == torch.float32 and batch == 1 and heads == 1 and tokens * keys <= GEMM_ATTENTION_SCORES:
-        # One image, one head (stage 1, whose 3,136 queries meet 49 keys at 224 px): two oneDNN GEMMs around
-        # ATen's softmax, with the query and output projections folded into the few keys and values:
-        # scores = x (s K Wq)^T + s K bq, out = P (V Wp^T) + bp + residual. The same products summed in another
-        # order (fp32 rounding); measured in docs/benchmarks.md (with several heads, per-head folding was slower).
+    if (
+        dtype == torch.float32 and batch == 1 and tokens >= GEMM_ATTENTION_RATIO * heads * keys
+        and tokens * heads * keys <= GEMM_ATTENTION_SCORES
+    ):
+        # One image whose queries far outnumber its keys (stages 1 and 2 at 224 px: 3,136 and 784 queries against 49
+        # keys per head): two oneDNN GEMMs around ATen's softmax, all heads at once, with the query and output
+        # projections folded into the few keys and values. Per head h, with s the scale:
+        #   scores_h = x (s K_h Wq_h)^T + s K_h bq_h,   out = sum_h softmax(scores_h) (V_h Wp_h^T) + bp + residual,
+        # the sum over heads being one GEMM over their concatenated keys. The same products summed in another order
+        # (fp32 rounding); measured in docs/benchmarks.md.
         query, proj = attn.query, attn.proj
-        k, v = kv[0, :, :head_dim] * attn.scale, kv[0, :, head_dim:]  # (N', d): keys and values side by side
-        score_weight = torch.mm(k, _cast(query.weight, dtype))  # (N', C): s K Wq
-        score_bias = None if query.bias is None else torch.mv(k, _cast(query.bias, dtype))
+        inner = heads * head_dim  # keys and values side by side in each row of kv
+        k = kv[0, :, :inner].view(keys, heads, head_dim).transpose(0, 1) * attn.scale  # (h, N', d)
+        v = kv[0, :, inner:].view(keys, heads, head_dim).transpose(0, 1)  # (h, N', d)
+        score_weight = torch.bmm(k, _cast(query.weight, dtype).view(heads, head_dim, channels))  # (h, N', C)
+        score_bias = None
+        if query.bias is not None:
+            score_bias = torch.bmm(k, _cast(query.bias, dtype).view(heads, head_dim, 1)).view(heads * keys)
         scores = torch.ops.mkldnn._linear_pointwise(
-            _cast(x.reshape(tokens, channels), dtype), score_weight, score_bias, "none", [], ""
-        )  # (N, N')
-        out_weight = torch.mm(_cast(proj.weight, dtype), v.t())  # (C, N'): Wp V^T
+            _cast(x.reshape(tokens, channels), dtype), score_weight.view(heads * keys, channels), score_bias,
+            "none", [], "",
+        )  # (N, h * N')
+        probs = scores.view(tokens, heads, keys).softmax(-1).view(tokens, heads * keys)
+        proj_weight = _cast(proj.weight, dtype).view(channels, heads, head_dim).transpose(0, 1)  # (h, C, d)
+        out_weight = torch.bmm(proj_weight, v.transpose(1, 2)).transpose(0, 1).reshape(channels, heads * keys)
         out_bias = None if proj.bias is None else _dense(proj.bias, dtype)
         out = torch.ops.mkldnn._linear_pointwise.binary(
-            scores.softmax(-1), residual.reshape(tokens, channels), out_weight, out_bias, "add"
+            probs, residual.reshape(tokens, channels), out_weight, out_bias, "add"
         )
         return out.view(residual.shape)
     q = _linear(weights, [attn.query], x, dtype).view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, h, N, d)

@@ -7,7 +7,10 @@ What it does differently from the reference stage (``pvtv2.models.layers.PvtV2St
 - the depthwise 3x3 convolution of the Mix-FFN runs with its GELU fused;
 - the Mix-FFN runs in cache-sized pieces (groups of images, or bands of rows with one halo row above and below),
   so its wide hidden activation stays in the CPU cache between its three steps instead of streaming through memory;
-- activations stay in one channels-last layout, so the token and image views never copy.
+- activations stay in one channels-last layout, so the token and image views never copy;
+- in fp32 at batch 1, where the queries far outnumber the keys (stages 1 and 2), the attention runs as two GEMMs
+  around the softmax, with the query and output projections folded into its few keys and values (the same products,
+  summed in another order).
 
 These are private oneDNN operators, so a capability probe runs each of them once on small tensors against the
 public operators it replaces; where the probe fails (another CPU, another build), the reference path runs.
@@ -96,6 +99,12 @@ CONV_SHAPES = 4
 # on one thread, 1,228 against 318 on two, and 640 MB more peak memory (the fp32 scores: 256 MiB per image and head
 # in stage 1); at 512 px (256 keys) 99 against 82 ms.
 BF16_MATMUL_KEYS = 64
+# In fp32, the attention of one image runs as two oneDNN GEMMs around ATen's softmax (projections folded in) where its
+# queries are at least GEMM_ATTENTION_RATIO times its keys over all heads and its score matrix has at most
+# GEMM_ATTENTION_SCORES elements (1 MiB); otherwise SDPA. With fewer queries per key the folded GEMMs cost more than
+# the products they replace (B0 at 224 px, 5 and 8 heads: 1.16x and 1.8x slower than SDPA and the projections).
+GEMM_ATTENTION_RATIO = 4
+GEMM_ATTENTION_SCORES = 1 << 18
 
 _CAPABILITY: dict[torch.dtype, bool] = {}
 
@@ -592,8 +601,39 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
         kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C), a view
         kv_in = _call(attn.act, _norm(attn.layer_norm, kv_in))
     heads, head_dim = attn.num_heads, attn.head_dim
-    q = _linear(weights, [attn.query], x, dtype).view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, h, N, d)
     kv = _linear(weights, [attn.key, attn.value], kv_in, dtype)  # (B, N', 2C): one GEMM
+    keys = kv.shape[1]
+    if (
+        dtype == torch.float32 and batch == 1 and tokens >= GEMM_ATTENTION_RATIO * heads * keys
+        and tokens * heads * keys <= GEMM_ATTENTION_SCORES
+    ):
+        # One image whose queries far outnumber its keys (stages 1 and 2 at 224 px: 3,136 and 784 queries against 49
+        # keys per head): two oneDNN GEMMs around ATen's softmax, all heads at once, with the query and output
+        # projections folded into the few keys and values. Per head h, with s the scale:
+        #   scores_h = x (s K_h Wq_h)^T + s K_h bq_h,   out = sum_h softmax(scores_h) (V_h Wp_h^T) + bp + residual,
+        # the sum over heads being one GEMM over their concatenated keys. The same products summed in another order
+        # (fp32 rounding); measured in docs/benchmarks.md.
+        query, proj = attn.query, attn.proj
+        inner = heads * head_dim  # keys and values side by side in each row of kv
+        k = kv[0, :, :inner].view(keys, heads, head_dim).transpose(0, 1) * attn.scale  # (h, N', d)
+        v = kv[0, :, inner:].view(keys, heads, head_dim).transpose(0, 1)  # (h, N', d)
+        score_weight = torch.bmm(k, _cast(query.weight, dtype).view(heads, head_dim, channels))  # (h, N', C)
+        score_bias = None
+        if query.bias is not None:
+            score_bias = torch.bmm(k, _cast(query.bias, dtype).view(heads, head_dim, 1)).view(heads * keys)
+        scores = torch.ops.mkldnn._linear_pointwise(
+            _cast(x.reshape(tokens, channels), dtype), score_weight.view(heads * keys, channels), score_bias,
+            "none", [], "",
+        )  # (N, h * N')
+        probs = scores.view(tokens, heads, keys).softmax(-1).view(tokens, heads * keys)
+        proj_weight = _cast(proj.weight, dtype).view(channels, heads, head_dim).transpose(0, 1)  # (h, C, d)
+        out_weight = torch.bmm(proj_weight, v.transpose(1, 2)).transpose(0, 1).reshape(channels, heads * keys)
+        out_bias = None if proj.bias is None else _dense(proj.bias, dtype)
+        out = torch.ops.mkldnn._linear_pointwise.binary(
+            probs, residual.reshape(tokens, channels), out_weight, out_bias, "add"
+        )
+        return out.view(residual.shape)
+    q = _linear(weights, [attn.query], x, dtype).view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, h, N, d)
     kv = kv.view(batch, -1, 2, heads, head_dim)  # keys and values side by side in each row
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, heads, N', head_dim)
     if dtype == torch.bfloat16 and k.shape[-2] <= BF16_MATMUL_KEYS:

@@ -45,3 +45,42 @@ def test_eval_reduce_labels_with_a_negative_model_ignore_value_and_renamed_class
     assert confusion.sum() == 24 * 32
     got = evaluate_segmenter(model, tmp_path, reduce_labels=True)
     assert got["pixel_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+
+
+def test_resume_takes_clip_grad_zero_for_a_run_without_clipping():
+    """--clip-grad 0 is documented as "off, as leaving it out": --resume --clip-grad 0 of a run started without the
+    flag was refused ("started with --clip-grad (not set), not 0.0"), and of one started with 0 given -0 too. A run
+    that clipped is still refused an unclipped resume, naming its norm."""
+    from pvtv2.training import TrainConfig
+    from pvtv2.training.rundir import _merge_resumed
+
+    for stored_clip, given in ((None, 0.0), (None, -0.0), (0.0, -0.0), (0.0, None), (-0.0, 0.0)):
+        stored = TrainConfig(data="/d", output="/o", clip_grad=stored_clip).run_fields()
+        asked = TrainConfig(data="/d", output="/o", resume=True, clip_grad=given)
+        merged = _merge_resumed(asked, stored, {"resume", "clip_grad"} if given is not None else {"resume"})
+        assert not merged.clip_grad, (stored_clip, given)
+    stored = TrainConfig(data="/d", output="/o", clip_grad=1.0).run_fields()
+    with pytest.raises(ValueError, match=r"--clip-grad 1(\.0)?, not 0"):
+        _merge_resumed(TrainConfig(data="/d", output="/o", resume=True, clip_grad=0.0), stored, {"resume", "clip_grad"})
+    stored = TrainConfig(data="/d", output="/o").run_fields()
+    with pytest.raises(ValueError, match=r"--clip-grad \(not set\), not 0\.5"):
+        _merge_resumed(TrainConfig(data="/d", output="/o", resume=True, clip_grad=0.5), stored, {"resume", "clip_grad"})
+
+
+@pytest.mark.parametrize("text", ["1e-400", "2e-324", "-1e-400"])
+def test_clip_grad_that_underflows_to_zero_is_refused(text, capsys, monkeypatch):
+    """A norm written non-zero that a float cannot hold (1e-400 parses as 0.0) meant the tightest clipping and was
+    taken as 0: no clipping at all, the opposite, without a word."""
+    import pvtv2.training
+    from pvtv2.cli import main
+
+    calls: list = []
+    monkeypatch.setattr(pvtv2.training, "train", lambda cfg, *, explicit=None: calls.append(cfg) or {"rank": 1})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "D", "-o", "O", f"--clip-grad={text}"])
+    assert exit_info.value.code == 2 and not calls
+    err = capsys.readouterr().err
+    assert "--clip-grad" in err and text in err, err
+    for fine in ("0", "-0", "0.0", "0e5", "1e-300"):
+        assert main(["train", "--data", "D", "-o", "O", "--clip-grad", fine]) == 0
+    assert [c.clip_grad for c in calls] == [0.0, -0.0, 0.0, 0.0, 1e-300]

@@ -125,8 +125,11 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         # as wide (SemanticFPNHead), which the load checks against the checkpoint's head.
         args["decode_head_type"] = "fpn"
         args["decoder_hidden_size"] = int(fpn.shape[1])
-    if "detector.head.classification_head.cls_logits.weight" in canonical:
+    kind = detector_kind(canonical)
+    if kind == "retinanet":
         args.update(_retinanet_settings(canonical, hidden, layout))
+    elif kind is not None:
+        args.update(_detector_settings(canonical, hidden, kind))
     if "head.head.0.weight" in canonical:
         args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
         if "max_depth" not in overrides:
@@ -159,6 +162,53 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
 
 # A RetinaNet's anchors per position: 3 ratios times 3 scales (mmdetection's and torchvision's).
 _RETINANET_ANCHORS = 9
+
+
+def detector_kind(canonical: Mapping[str, torch.Tensor]) -> str | None:
+    """The torchvision detector whose heads ``canonical`` (a checkpoint's tensors, canonical names) holds, or None.
+    FCOS's class scores bear a RetinaNet's name, so its centerness branch is looked for first: a lone FCOS file was
+    read as a RetinaNet and refused for its class scores ("not 9 anchors x classes")."""
+    if "detector.roi_heads.mask_predictor.mask_fcn_logits.weight" in canonical:
+        return "mask_rcnn"
+    if "detector.roi_heads.box_predictor.cls_score.weight" in canonical:
+        return "faster_rcnn"
+    if "detector.head.regression_head.bbox_ctrness.weight" in canonical:
+        return "fcos"
+    if "detector.head.classification_head.cls_logits.weight" in canonical:
+        return "retinanet"
+    return None
+
+
+def _detector_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int], kind: str) -> dict[str, Any]:
+    """The settings an FCOS's or an R-CNN's tensors say (a RetinaNet's: :func:`_retinanet_settings`): the classes
+    (FCOS: one score per class; the R-CNNs' box classifier has torchvision's background class first), the FPN's
+    width and the stages feeding it. Without them a lone weights file was built with a 256-wide FPN and refused."""
+    if kind == "fcos":
+        scores = canonical["detector.head.classification_head.cls_logits.weight"]
+        classes = int(scores.shape[0]) if scores.ndim == 4 else 0
+    else:
+        scores = canonical["detector.roi_heads.box_predictor.cls_score.weight"]
+        classes = int(scores.shape[0]) - 1 if scores.ndim == 2 else 0
+    if classes < 1:
+        raise CheckpointError(f"the {kind} class scores have the shape {tuple(scores.shape)}, which holds no class")
+    inputs = []
+    for i in range(len(hidden)):
+        lateral = canonical.get(f"detector.backbone.fpn.inner_blocks.{i}.0.weight")
+        if lateral is None or lateral.ndim != 4:
+            break
+        inputs.append(int(lateral.shape[1]))
+    first = len(hidden) - len(inputs)
+    if not inputs or hidden[first:] != inputs:
+        raise CheckpointError(f"the {kind} detector's FPN takes inputs {inputs} wide (its lateral convolutions), which "
+                              f"are not the last stages of the encoder (widths {hidden})")
+    channels = int(canonical["detector.backbone.fpn.inner_blocks.0.0.weight"].shape[0])
+    settings: dict[str, Any] = {"detector": kind, "num_labels": classes, "fpn_channels": channels,
+                                "fpn_stages": list(range(first + 1, len(hidden) + 1))}
+    p6 = canonical.get("detector.backbone.fpn.extra_blocks.p6.weight")
+    if kind == "fcos" and p6 is not None and p6.ndim == 4 and hidden[-1] != channels:
+        # P6 from the last stage (C5) or from P5: told apart by its input width where the two differ.
+        settings["extra_levels"] = "p6p7_on_input" if p6.shape[1] == hidden[-1] else "p6p7_on_output"
+    return settings
 
 
 def _retinanet_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int], layout: str) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from ..data.processing import PvtV2ImageProcessor
 from ..models.config import PvtV2Config, is_preset_name
 from ..models.detection import PvtV2ForObjectDetection
 from ..models.labels import has_generic_labels
-from .config import TrainConfig
+from .config import DETECTORS, TrainConfig
 from .distributed import DistInfo
 from .engine import RunContext, Schedule, Task, new_architecture, permute_rows_, reconcile_classes
 
@@ -144,11 +144,34 @@ def saved_detector_kind(model: str) -> str | None:
     None: a preset, ``tiny``, no config to read (a weights file), or a configuration without a detector."""
     if (model.lower() == "tiny" and not os.path.exists(model)) or is_preset_name(model):
         return None
+    if os.path.isfile(model) and not model.lower().endswith(".json"):
+        return _weights_detector_kind(model)
     try:
         config = PvtV2Config.from_pretrained(model)
     except Exception:  # noqa: BLE001 - no config.json to read: whatever --model is, from_pretrained reports it later
         return None
-    return getattr(config, "detector", None)
+    kind = getattr(config, "detector", None)
+    if kind is None or kind == "":  # no kind recorded: a new detector's default, as the model reads it
+        return None
+    if kind not in DETECTORS:
+        # Named here: "unknown detector 'bogus'" spoke of a --detector the user never typed.
+        raise ValueError(f"the config.json of {model!r} names the detector {kind!r}, which is none of "
+                         f"{', '.join(DETECTORS)}; correct its \"detector\" field, or pass --detector")
+    return kind
+
+
+def _weights_detector_kind(path: str) -> str | None:
+    """The kind of detector a weights file without a config.json holds, read off its tensors' names (None: none, or
+    a file that cannot be read, which the load reports)."""
+    from ..weights.files import read_checkpoint
+    from ..weights.layouts import detect_layout, to_canonical
+    from ..weights.loading import detector_kind
+
+    try:
+        state, _ = read_checkpoint(path)
+        return detector_kind(to_canonical(state, detect_layout(state)))
+    except Exception:  # noqa: BLE001 - the load that follows reports an unreadable file with its own words
+        return None
 
 
 def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObjectDetection:

@@ -140,3 +140,52 @@ def test_a_saved_config_naming_no_known_detector_is_named(tmp_path):
         path.write_text(json.dumps({**json.loads(path.read_text()), "detector": value}))
         with pytest.raises(ValueError, match=r"config\.json.*detector .*(bogus|FCOS|5).*--detector"):
             resolve_detector(TrainConfig(task="detection", model=str(tmp_path / "d"), image_size=64))
+
+
+@pytest.mark.slow
+def test_segmentation_run_with_the_new_flags_killed_and_resumed_ends_as_an_uninterrupted_one(tmp_path):
+    """--ignore-index 7, --clip-grad (tight enough to clip), --grad-accum 2, --seg-augment and --bf16 (CPU autocast):
+    a run SIGKILLed in its second epoch and resumed with --resume alone (the flags come from run.json) ends with the
+    very weights of an uninterrupted run, and run.json records the flags."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 2)):
+        (tmp_path / "d" / split / "images").mkdir(parents=True)
+        (tmp_path / "d" / split / "masks").mkdir(parents=True)
+        for i in range(count):
+            PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "d" / split / "images" / f"{i}.png")
+            mask = rng.integers(0, 3, (32, 32)).astype(np.uint8)
+            mask[rng.random((32, 32)) < 0.3] = 7
+            PIL.Image.fromarray(mask).save(tmp_path / "d" / split / "masks" / f"{i}.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--task", "segmentation", "--model", "tiny", "--data", str(tmp_path / "d"), "--image-size", "32",
+            "--epochs", "2", "--batch-size", "2", "--grad-accum", "2", "--ignore-index", "7", "--clip-grad", "0.05",
+            "--seg-augment", "--bf16", "--no-progress"]
+
+    def train(extra, kill=None):
+        run_env = {**env, "PVTV2_TEST_KILL_AT_STEP": str(kill)} if kill else env
+        return subprocess.run([sys.executable, "-m", "pvtv2", "train", *extra], env=run_env, capture_output=True,
+                              text=True, timeout=600, check=False)
+
+    full = train([*args, "--output", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = train([*args, "--output", str(tmp_path / "k")], kill=5)  # the 2nd batch of epoch 2
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = train(["--output", str(tmp_path / "k"), "--resume", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = json.loads((tmp_path / "k" / "run.json").read_text())
+    assert (run["ignore_index"], run["clip_grad"], run["grad_accum"], run["bf16"]) == (7, 0.05, 2, True)
+    expected = load_file(tmp_path / "full" / "last" / "model.safetensors")
+    got = load_file(tmp_path / "k" / "last" / "model.safetensors")
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    config = json.loads((tmp_path / "k" / "last" / "config.json").read_text())
+    assert config["semantic_loss_ignore_index"] == 7

@@ -189,3 +189,21 @@ def test_segmentation_run_with_the_new_flags_killed_and_resumed_ends_as_an_unint
         assert torch.equal(got[key], value), key
     config = json.loads((tmp_path / "k" / "last" / "config.json").read_text())
     assert config["semantic_loss_ignore_index"] == 7
+
+
+def test_a_lone_detector_file_of_another_kind_than_detector_is_named(tmp_path):
+    """An explicit --detector that a lone weights file's heads do not fit: refused naming the file's kind (as for a
+    saved folder), not with a bare list of missing keys."""
+    import shutil
+
+    pytest.importorskip("torchvision")
+    from pvtv2.training import TrainConfig
+    from pvtv2.training.detection import build_detector
+
+    _saved_detector(tmp_path / "folder", "fcos")
+    lone = tmp_path / "lone.safetensors"
+    shutil.copy(tmp_path / "folder" / "model.safetensors", lone)
+    for asked in ("retinanet", "mask_rcnn"):
+        cfg = TrainConfig(task="detection", model=str(lone), image_size=64, detector=asked)
+        with pytest.raises(ValueError, match=rf"is a saved fcos detector, --detector is {asked}.*--detector fcos"):
+            build_detector(cfg, {0: "k0", 1: "k1"})

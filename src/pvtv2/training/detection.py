@@ -193,7 +193,8 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
     except ValueError as err:
         # A saved detector of another kind than --detector asked for failed with a list of key names that never
         # said so.
-        saved = getattr(PvtV2Config.from_pretrained(cfg.model), "detector", None) if names is not None else None
+        # The kind of a saved folder's config.json, or of a lone weights file's tensors (which have no names).
+        saved = saved_detector_kind(cfg.model)
         if saved is None or saved == cfg.detector:
             raise
         raise ValueError(f"{cfg.model!r} is a saved {saved} detector, --detector is {cfg.detector}: leave --detector "

@@ -207,3 +207,23 @@ def test_a_lone_detector_file_of_another_kind_than_detector_is_named(tmp_path):
         cfg = TrainConfig(task="detection", model=str(lone), image_size=64, detector=asked)
         with pytest.raises(ValueError, match=rf"is a saved fcos detector, --detector is {asked}.*--detector fcos"):
             build_detector(cfg, {0: "k0", 1: "k1"})
+
+
+def test_binary_masks_with_the_object_class_as_ignore_index_get_advice_that_fits(tmp_path):
+    """0/1 masks trained with --ignore-index 1: refused (every object pixel would be ignored), but the advice was the
+    one for 0/255 pictures, "save mask // 255 (0 and 1)", which these masks already are."""
+    from pvtv2.data.masks import check_not_binary_255, scan_segmentation_split
+
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    (tmp_path / "train" / "masks").mkdir(parents=True)
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:5, 2:5] = 1
+    PIL.Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "train" / "images" / "0.png")
+    PIL.Image.fromarray(mask).save(tmp_path / "train" / "masks" / "0.png")
+    pairs = scan_segmentation_split(tmp_path, "train")
+    with pytest.raises(ValueError, match="hold only 0 and 1") as info:
+        check_not_binary_255(pairs, 1)
+    assert "mask // 255" not in str(info.value) and "--ignore-index" in str(info.value), str(info.value)
+    PIL.Image.fromarray(mask * 255).save(tmp_path / "train" / "masks" / "0.png")
+    with pytest.raises(ValueError, match=r"hold only 0 and 255.*save mask // 255"):
+        check_not_binary_255(pairs)

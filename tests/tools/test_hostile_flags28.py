@@ -227,3 +227,21 @@ def test_binary_masks_with_the_object_class_as_ignore_index_get_advice_that_fits
     PIL.Image.fromarray(mask * 255).save(tmp_path / "train" / "masks" / "0.png")
     with pytest.raises(ValueError, match=r"hold only 0 and 255.*save mask // 255"):
         check_not_binary_255(pairs)
+
+
+def test_a_folder_of_detector_weights_without_config_fine_tunes_as_its_own_kind(tmp_path):
+    """The same for a folder that holds a detector's model.safetensors and no config.json (copied without it): the
+    folder is read as a weights file, so its kind comes from the tensors too (retinanet was assumed)."""
+    pytest.importorskip("torchvision")
+    from pvtv2.training import TrainConfig
+    from pvtv2.training.detection import build_detector, resolve_detector
+
+    saved = _saved_detector(tmp_path / "folder", "fcos")
+    (tmp_path / "folder" / "config.json").unlink()
+    cfg = TrainConfig(task="detection", model=str(tmp_path / "folder"), image_size=64)
+    assert resolve_detector(cfg).detector == "fcos"
+    model = build_detector(cfg, {0: "k0", 1: "k1"})
+    expected, got = saved.state_dict(), model.state_dict()
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key

@@ -129,8 +129,9 @@ def example_config(**changes: Any) -> TrainConfig:
 
 def resolve_detector(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with ``detector`` decided: the one given, else the kind of the saved detector ``--model`` names (its
-    config.json's, so that fine-tuning a saved FCOS needs no ``--detector fcos``), else retinanet (a new detector: a
-    preset, ``tiny``, a classification checkpoint or an encoder file)."""
+    config.json's, or the heads a weights file without one holds, so that fine-tuning a saved FCOS needs no
+    ``--detector fcos``), else retinanet (a new detector: a preset, ``tiny``, a classification checkpoint or an
+    encoder file)."""
     if cfg.detector is not None:
         return cfg
     saved = saved_detector_kind(cfg.model)
@@ -141,11 +142,22 @@ def resolve_detector(cfg: TrainConfig) -> TrainConfig:
 
 def saved_detector_kind(model: str) -> str | None:
     """The ``detector`` field of the config.json ``model`` names (a folder, a JSON file, a hub id in the cache), or
-    None: a preset, ``tiny``, no config to read (a weights file), or a configuration without a detector."""
+    for a weights file or folder without a config.json the kind its tensors hold; None: a preset, ``tiny``, a
+    configuration without a detector, or weights without a detector's heads. A config.json naming an unknown kind
+    is a ``ValueError`` naming it."""
     if (model.lower() == "tiny" and not os.path.exists(model)) or is_preset_name(model):
         return None
-    if os.path.isfile(model) and not model.lower().endswith(".json"):
-        return _weights_detector_kind(model)
+    if os.path.isdir(model) or (os.path.isfile(model) and not model.lower().endswith(".json")):
+        # A weights file, or a folder without a config.json: the loader reads its settings off the tensors, and so
+        # is the kind read here (retinanet was assumed, and refused for an FCOS's or an R-CNN's heads).
+        from ..weights.loading import locate_checkpoint
+
+        try:
+            config_path, weights = locate_checkpoint(model, None, None)
+        except Exception:  # noqa: BLE001 - no weights there: the load that follows says so in its own words
+            return None
+        if config_path is None:
+            return _weights_detector_kind(os.fspath(weights))
     try:
         config = PvtV2Config.from_pretrained(model)
     except Exception:  # noqa: BLE001 - no config.json to read: whatever --model is, from_pretrained reports it later

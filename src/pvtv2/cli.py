@@ -164,6 +164,26 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- train
+def _clip_norm(text: str) -> float:
+    """``--clip-grad``'s number. One written non-zero that a float cannot hold (``1e-400`` parses as 0.0) is refused:
+    0 means no clipping, the opposite of the tightest clip it asked for."""
+    import decimal
+
+    value = float(text)  # ValueError: argparse's "invalid _clip_norm value"
+    try:
+        written_zero = decimal.Decimal(text.strip()) == 0
+    except decimal.InvalidOperation:
+        written_zero = True  # a spelling float reads and Decimal does not: its value is what it says
+    if value == 0 and not written_zero:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is too small for a floating-point number and would be read as 0, which means no clipping; "
+            "pass a norm of at least 1e-300, or 0 for no clipping")
+    return value
+
+
+_clip_norm.__name__ = "float"  # argparse names the type in its message: "invalid float value: 'x'"
+
+
 def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     """The flags of a training run, shared by `train` and `train-seg`. Every default is None, so that the command
     knows which flags were given (``--resume`` warns about each one the stored run overrides); ``recipe`` (over
@@ -190,7 +210,7 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
     p.add_argument("--crop-scale", type=float,
                    help=f"classification: smallest area fraction of random resized crops (default {d['crop_scale']:g})")
     p.add_argument("--hflip", type=float, help=f"probability of a horizontal flip (default {d['hflip']:g})")
-    p.add_argument("--clip-grad", type=float, help="clip the gradient's global 2-norm to this value, e.g. 1.0 (the "
+    p.add_argument("--clip-grad", type=_clip_norm, help="clip the gradient's global 2-norm to this value, e.g. 1.0 (the "
                    "authors' for B3-B5); 0: no clipping (default: no clipping); negative values are refused")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast where the device supports it")
     p.add_argument("--amp", help="mixed precision: bf16 (the same as --bf16) or fp16 (float16 autocast with a "

@@ -1273,11 +1273,16 @@ def _map_mask_classes(labels: np.ndarray, mapping: dict[int, int], mask_path: Pa
     unnamed = [int(v) for v in values if int(v) not in mapping]
     if unnamed:
         raise ValueError(f"mask {os.fspath(mask_path)!r} holds class(es) {unnamed[:10]} that labels.json does not name")
-    table = np.arange(max(int(labels.max()), ignore_index) + 1, dtype=np.int64)  # a lookup table: ignore stays
+    # A lookup table over the kept values only: the ignore value stays as it is. It was looked up too, and a
+    # negative one (a model's -100, which --reduce-labels turns the 0s into) indexed the table from its end.
+    kept = labels != ignore_index
+    table = np.arange(int(labels[kept].max(initial=0)) + 1, dtype=np.int64)
     for value, model_class in mapping.items():
-        if value < len(table) and value != ignore_index:
+        if value < len(table):
             table[value] = model_class
-    return table[labels]
+    mapped = labels.astype(np.int64, copy=True)
+    mapped[kept] = table[labels[kept]]
+    return mapped
 
 
 def evaluate_segmenter(

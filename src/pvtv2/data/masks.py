@@ -152,10 +152,14 @@ def check_not_binary_255(pairs: Sequence[tuple[Path, Path]], ignore_index: int =
         if not set(np.unique(np.asarray(read_mask(mask_path))).tolist()) <= {0, ignore_index}:
             return
     folder = os.fspath(Path(sample[0][1]).parent)
+    # 0/255 pictures need their objects as class 1; masks whose object class was chosen as the ignore value (0/1
+    # with --ignore-index 1) need another ignore value, not that advice.
+    advice = ("A black-and-white binary mask needs its objects as class 1: save mask // 255 (0 and 1)"
+              if ignore_index == 255 else
+              f"Its objects are class {ignore_index}: pass an --ignore-index above every class (the default 255)")
     raise ValueError(
         f"the masks in {folder!r} hold only 0 and {ignore_index} (all {len(pairs)} of them): {ignore_index} is the "
-        f"ignore value, so every object pixel would be left out of training and of the metrics. A black-and-white "
-        f"binary mask needs its objects as class 1: save mask // 255 (0 and 1)"
+        f"ignore value, so every object pixel would be left out of training and of the metrics. {advice}"
     )
 
 

@@ -38,7 +38,7 @@ from ..data.processing import PvtV2ImageProcessor
 from ..models.config import PvtV2Config, is_preset_name
 from ..models.detection import PvtV2ForObjectDetection
 from ..models.labels import has_generic_labels
-from .config import TrainConfig
+from .config import DETECTORS, TrainConfig
 from .distributed import DistInfo
 from .engine import RunContext, Schedule, Task, new_architecture, permute_rows_, reconcile_classes
 
@@ -129,8 +129,9 @@ def example_config(**changes: Any) -> TrainConfig:
 
 def resolve_detector(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with ``detector`` decided: the one given, else the kind of the saved detector ``--model`` names (its
-    config.json's, so that fine-tuning a saved FCOS needs no ``--detector fcos``), else retinanet (a new detector: a
-    preset, ``tiny``, a classification checkpoint or an encoder file)."""
+    config.json's, or the heads a weights file without one holds, so that fine-tuning a saved FCOS needs no
+    ``--detector fcos``), else retinanet (a new detector: a preset, ``tiny``, a classification checkpoint or an
+    encoder file)."""
     if cfg.detector is not None:
         return cfg
     saved = saved_detector_kind(cfg.model)
@@ -141,14 +142,48 @@ def resolve_detector(cfg: TrainConfig) -> TrainConfig:
 
 def saved_detector_kind(model: str) -> str | None:
     """The ``detector`` field of the config.json ``model`` names (a folder, a JSON file, a hub id in the cache), or
-    None: a preset, ``tiny``, no config to read (a weights file), or a configuration without a detector."""
+    for a weights file or folder without a config.json the kind its tensors hold; None: a preset, ``tiny``, a
+    configuration without a detector, or weights without a detector's heads. A config.json naming an unknown kind
+    is a ``ValueError`` naming it."""
     if (model.lower() == "tiny" and not os.path.exists(model)) or is_preset_name(model):
         return None
+    if os.path.isdir(model) or (os.path.isfile(model) and not model.lower().endswith(".json")):
+        # A weights file, or a folder without a config.json: the loader reads its settings off the tensors, and so
+        # is the kind read here (retinanet was assumed, and refused for an FCOS's or an R-CNN's heads).
+        from ..weights.loading import locate_checkpoint
+
+        try:
+            config_path, weights = locate_checkpoint(model, None, None)
+        except Exception:  # noqa: BLE001 - no weights there: the load that follows says so in its own words
+            return None
+        if config_path is None:
+            return _weights_detector_kind(os.fspath(weights))
     try:
         config = PvtV2Config.from_pretrained(model)
     except Exception:  # noqa: BLE001 - no config.json to read: whatever --model is, from_pretrained reports it later
         return None
-    return getattr(config, "detector", None)
+    kind = getattr(config, "detector", None)
+    if kind is None or kind == "":  # no kind recorded: a new detector's default, as the model reads it
+        return None
+    if kind not in DETECTORS:
+        # Named here: "unknown detector 'bogus'" spoke of a --detector the user never typed.
+        raise ValueError(f"the config.json of {model!r} names the detector {kind!r}, which is none of "
+                         f"{', '.join(DETECTORS)}; correct its \"detector\" field, or pass --detector")
+    return kind
+
+
+def _weights_detector_kind(path: str) -> str | None:
+    """The kind of detector a weights file without a config.json holds, read off its tensors' names (None: none, or
+    a file that cannot be read, which the load reports)."""
+    from ..weights.files import read_checkpoint
+    from ..weights.layouts import detect_layout, to_canonical
+    from ..weights.loading import detector_kind
+
+    try:
+        state, _ = read_checkpoint(path)
+        return detector_kind(to_canonical(state, detect_layout(state)))
+    except Exception:  # noqa: BLE001 - the load that follows reports an unreadable file with its own words
+        return None
 
 
 def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObjectDetection:
@@ -170,7 +205,8 @@ def build_detector(cfg: TrainConfig, id2label: dict[int, str]) -> PvtV2ForObject
     except ValueError as err:
         # A saved detector of another kind than --detector asked for failed with a list of key names that never
         # said so.
-        saved = getattr(PvtV2Config.from_pretrained(cfg.model), "detector", None) if names is not None else None
+        # The kind of a saved folder's config.json, or of a lone weights file's tensors (which have no names).
+        saved = saved_detector_kind(cfg.model)
         if saved is None or saved == cfg.detector:
             raise
         raise ValueError(f"{cfg.model!r} is a saved {saved} detector, --detector is {cfg.detector}: leave --detector "

@@ -546,6 +546,9 @@ def _merge_resumed(
         # A run stored before --ignore-index existed ignored 255 (its model's loss still does): an --ignore-index 7
         # given now would have changed the data's ignore value under it.
         stored = {**stored, "ignore_index": DEFAULT_IGNORE_INDEX}
+    if not stored.get("clip_grad", 1) and not run_fields["clip_grad"]:
+        # --clip-grad 0 (or -0) is no clipping, as leaving it out: the same setting, not a changed one.
+        run_fields = {**run_fields, "clip_grad": stored["clip_grad"]}
     merged = {k: v for k, v in stored.items() if k in run_fields}
     default_lr: float | None = None
     if stored.get("lr", 0) is None and run_fields["lr"] is not None:

@@ -125,10 +125,13 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         # as wide (SemanticFPNHead), which the load checks against the checkpoint's head.
         args["decode_head_type"] = "fpn"
         args["decoder_hidden_size"] = int(fpn.shape[1])
-    if "detector.head.classification_head.cls_logits.weight" in canonical:
+    kind = detector_kind(canonical)
+    if kind == "retinanet":
         args.update(_retinanet_settings(canonical, hidden, layout))
-    if "detector.roi_heads.box_predictor.cls_score.weight" in canonical:
+    elif kind in ("faster_rcnn", "mask_rcnn"):
         args.update(_rcnn_settings(canonical, hidden, layout))
+    elif kind == "fcos":
+        args.update(_fcos_settings(canonical, hidden))
     if "head.head.0.weight" in canonical:
         args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])
         if "max_depth" not in overrides:
@@ -161,6 +164,36 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
 
 # A RetinaNet's anchors per position: 3 ratios times 3 scales (mmdetection's and torchvision's).
 _RETINANET_ANCHORS = 9
+
+
+def detector_kind(canonical: Mapping[str, torch.Tensor]) -> str | None:
+    """The torchvision detector whose heads ``canonical`` (a checkpoint's tensors, canonical names) holds, or None.
+    FCOS's class scores bear a RetinaNet's name, so its centerness branch is looked for first: a lone FCOS file was
+    read as a RetinaNet and refused for its class scores ("not 9 anchors x classes")."""
+    if "detector.roi_heads.mask_predictor.mask_fcn_logits.weight" in canonical:
+        return "mask_rcnn"
+    if "detector.roi_heads.box_predictor.cls_score.weight" in canonical:
+        return "faster_rcnn"
+    if "detector.head.regression_head.bbox_ctrness.weight" in canonical:
+        return "fcos"
+    if "detector.head.classification_head.cls_logits.weight" in canonical:
+        return "retinanet"
+    return None
+
+
+def _fcos_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int]) -> dict[str, Any]:
+    """The settings an FCOS's tensors say (one score per class, the FPN's width and stages, where P6 comes from).
+    Without them a lone weights file was built with a 256-wide FPN and refused."""
+    scores = canonical["detector.head.classification_head.cls_logits.weight"]
+    classes = int(scores.shape[0]) if scores.ndim == 4 else 0
+    if classes < 1:
+        raise CheckpointError(f"the fcos class scores have the shape {tuple(scores.shape)}, which holds no class")
+    settings: dict[str, Any] = {"detector": "fcos", "num_labels": classes, **_fpn_settings(canonical, hidden, "FCOS")}
+    p6 = canonical.get("detector.backbone.fpn.extra_blocks.p6.weight")
+    if p6 is not None and p6.ndim == 4 and hidden[-1] != settings["fpn_channels"]:
+        # P6 from the last stage (C5) or from P5: told apart by its input width where the two differ.
+        settings["extra_levels"] = "p6p7_on_input" if p6.shape[1] == hidden[-1] else "p6p7_on_output"
+    return settings
 
 
 def _retinanet_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int], layout: str) -> dict[str, Any]:

@@ -556,6 +556,11 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is dense and 64-byte aligned (as PyTorch allocates), else a copy that is."""
+    return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if type(module) is nn.Identity else module(x)
 
@@ -613,22 +618,26 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
         #   scores_h = x (s K_h Wq_h)^T + s K_h bq_h,   out = sum_h softmax(scores_h) (V_h Wp_h^T) + bp + residual,
         # the sum over heads being one GEMM over their concatenated keys. The same products summed in another order
         # (fp32 rounding); measured in docs/benchmarks.md.
-        query, proj = attn.query, attn.proj
+        # The modules' weights copied where they are not dense and 64-byte aligned: the GEMMs' rounding depends on
+        # the alignment of their operands, and a model read from a file (safetensors' offsets) gave other last bits
+        # than the same weights in fresh memory.
+        query_weight, proj_weight = _aligned(_cast(attn.query.weight, dtype)), _aligned(_cast(attn.proj.weight, dtype))
+        query_bias = None if attn.query.bias is None else _aligned(_cast(attn.query.bias, dtype))
         inner = heads * head_dim  # keys and values side by side in each row of kv
         k = kv[0, :, :inner].view(keys, heads, head_dim).transpose(0, 1) * attn.scale  # (h, N', d)
         v = kv[0, :, inner:].view(keys, heads, head_dim).transpose(0, 1)  # (h, N', d)
-        score_weight = torch.bmm(k, _cast(query.weight, dtype).view(heads, head_dim, channels))  # (h, N', C)
+        score_weight = torch.bmm(k, query_weight.view(heads, head_dim, channels))  # (h, N', C)
         score_bias = None
-        if query.bias is not None:
-            score_bias = torch.bmm(k, _cast(query.bias, dtype).view(heads, head_dim, 1)).view(heads * keys)
+        if query_bias is not None:
+            score_bias = torch.bmm(k, query_bias.view(heads, head_dim, 1)).view(heads * keys)
         scores = torch.ops.mkldnn._linear_pointwise(
             _cast(x.reshape(tokens, channels), dtype), score_weight.view(heads * keys, channels), score_bias,
             "none", [], "",
         )  # (N, h * N')
         probs = scores.view(tokens, heads, keys).softmax(-1).view(tokens, heads * keys)
-        proj_weight = _cast(proj.weight, dtype).view(channels, heads, head_dim).transpose(0, 1)  # (h, C, d)
+        proj_weight = proj_weight.view(channels, heads, head_dim).transpose(0, 1)  # (h, C, d)
         out_weight = torch.bmm(proj_weight, v.transpose(1, 2)).transpose(0, 1).reshape(channels, heads * keys)
-        out_bias = None if proj.bias is None else _dense(proj.bias, dtype)
+        out_bias = None if attn.proj.bias is None else _aligned(_cast(attn.proj.bias, dtype))
         out = torch.ops.mkldnn._linear_pointwise.binary(
             probs, residual.reshape(tokens, channels), out_weight, out_bias, "add"
         )

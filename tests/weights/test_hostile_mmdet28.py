@@ -1,0 +1,74 @@
+"""Hostile mmdetection RetinaNet files (round 28): settings that change the computation but not a tensor's shape.
+mmdetection writes its whole config as text beside the weights (mmcv: ``meta["config"]``; mmengine: ``meta["cfg"]``).
+An FPN 256 wide on B0 (whose last stage is 256 wide too) computes P6 from C5 (``add_extra_convs="on_input"``, the
+authors' configs) or from P5 (``"on_output"``) with tensors of the same shapes, and the anchors' scales are not in
+the file's tensors at all: where the recorded config says otherwise than what pvtv2 computes, the file is refused by
+name, not read into a network that computes something else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_mmdet_retinanet28 import _backbone, _mmdet_file, _retina_state
+
+from pvtv2 import CheckpointError
+
+pytest.importorskip("torchvision")
+
+from pvtv2.models.detection import PvtV2ForObjectDetection
+
+AUTHORS = """model = dict(
+    type='RetinaNet',
+    backbone=dict(type='pvt_v2_b0', style='pytorch'),
+    neck=dict(
+        type='FPN',
+        in_channels=[32, 64, 160, 256],
+        out_channels=256,
+        start_level=1,
+        add_extra_convs='on_input',
+        num_outs=5),
+    bbox_head=dict(
+        type='RetinaHead',
+        num_classes=3,
+        in_channels=256,
+        stacked_convs=4,
+        feat_channels=256,
+        anchor_generator=dict(
+            type='AnchorGenerator',
+            octave_base_scale=4,
+            scales_per_octave=3,
+            ratios=[0.5, 1.0, 2.0],
+            strides=[8, 16, 32, 64, 128])))
+"""
+
+
+def _file_with_config(tmp_path, text, key="config"):
+    path = _mmdet_file(tmp_path, _backbone(), _retina_state(width=256))
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["meta"].pop("config")
+    checkpoint["meta"][key] = text
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("key", ["config", "cfg"])
+def test_the_authors_recorded_config_loads(tmp_path, key):
+    model = PvtV2ForObjectDetection.from_pretrained(_file_with_config(tmp_path, AUTHORS, key))
+    assert model.config.detection_convention == "mmdetection" and model.newly_initialized_keys == ()
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("add_extra_convs='on_input'", "add_extra_convs='on_output'", r"add_extra_convs='on_output'"),
+    ("add_extra_convs='on_input'", 'add_extra_convs="on_lateral"', r"add_extra_convs='on_lateral'"),
+    ("num_outs=5)", "num_outs=5, relu_before_extra_convs=True)", r"relu_before_extra_convs=True"),
+    ("add_extra_convs='on_input'", "add_extra_convs=True, extra_convs_on_inputs=False", r"extra_convs_on_inputs=False"),
+    ("octave_base_scale=4", "octave_base_scale=8", r"octave_base_scale=8"),
+    ("scales_per_octave=3", "scales_per_octave=2", r"scales_per_octave=2"),
+    ("strides=[8, 16, 32, 64, 128]", "strides=[4, 8, 16, 32, 64]", r"strides=\[4, 8, 16, 32, 64\]"),
+    ("ratios=[0.5, 1.0, 2.0]", "ratios=[1.0, 0.5, 2.0]", r"ratios=\[1.0, 0.5, 2.0\]"),
+])
+def test_a_recorded_setting_that_the_shapes_cannot_tell_is_refused(tmp_path, old, new, message):
+    assert old in AUTHORS
+    path = _file_with_config(tmp_path, AUTHORS.replace(old, new))
+    with pytest.raises(CheckpointError, match=message):
+        PvtV2ForObjectDetection.from_pretrained(path)

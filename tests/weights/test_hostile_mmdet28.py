@@ -72,3 +72,19 @@ def test_a_recorded_setting_that_the_shapes_cannot_tell_is_refused(tmp_path, old
     path = _file_with_config(tmp_path, AUTHORS.replace(old, new))
     with pytest.raises(CheckpointError, match=message):
         PvtV2ForObjectDetection.from_pretrained(path)
+
+
+def test_info_says_what_a_detection_file_holds(tmp_path, capsys):
+    """`pvtv2 info` of an mmdetection RetinaNet file showed its encoder with ``num_labels`` null: the classes, the
+    detector and its arithmetic (which decide the detections) are the file's, and are said."""
+    import json
+
+    from pvtv2.cli import main
+
+    path = _mmdet_file(tmp_path, _backbone(), _retina_state())
+    assert main(["info", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["num_labels"], summary["detector"], summary["detection_convention"]) == (3, "retinanet", "mmdetection")
+    assert main(["info", str(path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "retinanet detector (mmdetection's arithmetic)" in first and "3 classes" in first

@@ -88,3 +88,30 @@ def test_info_says_what_a_detection_file_holds(tmp_path, capsys):
     assert main(["info", str(path)]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "retinanet detector (mmdetection's arithmetic)" in first and "3 classes" in first
+
+
+def test_tensors_that_share_storage_in_the_file_become_separate_parameters(tmp_path):
+    """torch.save keeps tensors that share storage shared, and the loader assigned the file's tensors as the
+    parameters: two layers stored as one tensor (or as views of one buffer) were then one parameter in two places,
+    so a step on one moved the other, and save_pretrained failed (safetensors refuses shared tensors)."""
+    head = _retina_state()
+    head["bbox_head.reg_convs.0.conv.weight"] = head["bbox_head.cls_convs.0.conv.weight"]  # the same tensor twice
+    buffer = torch.randn(2 * 24 * 24 * 9)
+    head["bbox_head.cls_convs.1.conv.weight"] = buffer[: 24 * 24 * 9].view(24, 24, 3, 3)  # views of one buffer
+    head["bbox_head.cls_convs.2.conv.weight"] = buffer[24 * 24 * 9 :].view(24, 24, 3, 3)
+    head["bbox_head.cls_convs.3.conv.weight"] = head["bbox_head.cls_convs.3.conv.weight"].transpose(2, 3).contiguous().transpose(2, 3)
+    path = _mmdet_file(tmp_path, _backbone(), head)
+    model = PvtV2ForObjectDetection.from_pretrained(path, min_size=96, max_size=160).eval()
+    params = dict(model.named_parameters())
+    cls0 = params["detector.head.classification_head.conv.0.0.weight"]
+    reg0 = params["detector.head.regression_head.conv.0.0.weight"]
+    assert torch.equal(cls0, head["bbox_head.cls_convs.0.conv.weight"]) and torch.equal(cls0, reg0)
+    storages = [p.untyped_storage().data_ptr() for p in params.values()]
+    assert len(set(storages)) == len(storages)  # every parameter its own memory
+    with torch.no_grad():
+        cls0.add_(1.0)
+    assert torch.equal(reg0, head["bbox_head.reg_convs.0.conv.weight"])  # untouched by the step on the other
+    model.save_pretrained(tmp_path / "saved")
+    again = PvtV2ForObjectDetection.from_pretrained(tmp_path / "saved")
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key

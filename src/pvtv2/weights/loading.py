@@ -255,6 +255,24 @@ def _check_recorded_retinanet(text: str, config: PvtV2Config, path: str | os.Pat
         )
 
 
+def _own_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` each in memory of its own, whole and contiguous: they become the parameters (``assign=True``).
+    torch.save keeps tensors that share storage shared (a tensor stored under two names, views of one buffer), so
+    two parameters would otherwise be one in two places: a step on one moves the other, and safetensors refuses to
+    save them. Copied only where needed."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        storage = value.untyped_storage()
+        if (storage.data_ptr() in seen or storage.nbytes() != value.numel() * value.element_size()
+                or not value.is_contiguous()):
+            value = value.clone(memory_format=torch.contiguous_format)
+        else:
+            seen.add(storage.data_ptr())
+        out[key] = value
+    return out
+
+
 def _mlp_ratio(hidden_features: int, dim: int) -> float:
     """The MLP ratio from which the model rebuilds ``hidden_features``: ``int(dim * ratio) == hidden_features``, as
     every implementation computes the width. ``hidden_features / dim`` can fall a rounding short of that
@@ -595,6 +613,7 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
     elif head_missing:
         logger.warning("the checkpoint has no weights for %s: newly initialised", _summarise_keys(missing))
     target = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in kept.items()}
+    target = _own_memory(target)
     _warn_non_finite(target, origin)
     model.load_state_dict(target, strict=not head_missing, assign=True)
     _materialize_and_init(model)

@@ -115,3 +115,13 @@ def test_tensors_that_share_storage_in_the_file_become_separate_parameters(tmp_p
     again = PvtV2ForObjectDetection.from_pretrained(tmp_path / "saved")
     for key, value in again.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("detector", ["faster_rcnn", "fcos"])
+def test_another_detector_on_a_retinanet_file_says_what_the_file_is(tmp_path, detector, capsys):
+    """from_pretrained(FILE, detector=...) and `pvtv2 train --task detection --model FILE --detector ...` on an
+    mmdetection RetinaNet file answered "detection_convention='mmdetection' is implemented for detector='retinanet'"
+    (or FCOS's group count), a setting the user never gave; the file's kind and the ways out are named instead."""
+    path = _mmdet_file(tmp_path, _backbone(), _retina_state())
+    with pytest.raises(CheckpointError, match=rf"mmdetection RetinaNet.*detector='{detector}'.*detector='retinanet'"):
+        PvtV2ForObjectDetection.from_pretrained(path, detector=detector)

@@ -127,6 +127,17 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         args["decode_head_type"] = "fpn"
         args["decoder_hidden_size"] = int(fpn.shape[1])
     if "detector.head.classification_head.cls_logits.weight" in canonical:
+        asked = overrides.get("detector", "retinanet")
+        if asked != "retinanet":
+            # Built as asked, the file's settings (its convention, its FPN width) met the other detector's checks
+            # first, with a message about a setting the user never gave.
+            what = "an mmdetection RetinaNet (neck, bbox_head)" if layout == MMDET_LAYOUT else "a RetinaNet"
+            raise CheckpointError(
+                f"the checkpoint holds {what}, whose head detector={asked!r} has no place for: load it as "
+                f"detector='retinanet' (or leave detector out), or its encoder alone with PvtV2Model / "
+                f"PvtV2ForImageClassification (`pvtv2 convert CHECKPOINT encoder.safetensors --layout timm` writes "
+                f"the encoder as a file of its own, for a new detector)"
+            )
         args.update(_retinanet_settings(canonical, hidden, layout))
     if "head.head.0.weight" in canonical:
         args["decoder_hidden_size"] = int(canonical["head.head.0.weight"].shape[0])

@@ -125,3 +125,15 @@ def test_another_detector_on_a_retinanet_file_says_what_the_file_is(tmp_path, de
     path = _mmdet_file(tmp_path, _backbone(), _retina_state())
     with pytest.raises(CheckpointError, match=rf"mmdetection RetinaNet.*detector='{detector}'.*detector='retinanet'"):
         PvtV2ForObjectDetection.from_pretrained(path, detector=detector)
+
+
+def test_recorded_class_names_that_do_not_fit_are_said_to_be_left_out(tmp_path, caplog):
+    """meta CLASSES of another count than the head's classes were dropped without a word (the labels came out
+    LABEL_0 ...); the file's own record is wrong, and the log says which names were not used and why."""
+    import logging
+
+    path = _mmdet_file(tmp_path, _backbone(), _retina_state(), classes=("person", "bicycle"))
+    with caplog.at_level(logging.WARNING):
+        model = PvtV2ForObjectDetection.from_pretrained(path)
+    assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert "records 2 class names" in caplog.text and "3 classes" in caplog.text

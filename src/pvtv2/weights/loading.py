@@ -559,6 +559,10 @@ def _attach_recorded_labels(config: PvtV2Config, canonical: Mapping[str, torch.T
         classes = scores.shape[0] // _RETINANET_ANCHORS  # a RetinaNet's: each class once per anchor
     if names and classes is not None and classes == len(names) == config.num_labels and has_generic_labels(config.id2label):
         return config.replace(id2label=dict(enumerate(names)))
+    if names and classes not in (None, 1) and classes == config.num_labels and has_generic_labels(config.id2label):
+        # (a binary head, one channel, is recorded with its two names: nothing wrong there)
+        logger.warning("the checkpoint records %d class names (its meta CLASSES: %s), its head has %d classes: the "
+                       "names are not used", len(names), short_repr(list(names)), classes)
     return config
 
 

@@ -53,3 +53,14 @@ def test_a_list_not_at_its_default_is_still_refused_from_a_file():
     data = transformers.PvtV2Config(**TWO, sr_ratios=[4, 2, 1, 1]).to_dict()
     with pytest.raises(ValueError, match=r"sr_ratios has 4 entries but num_encoder_blocks is 2"):
         PvtV2Config.from_dict(data)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_a_stage_count_set_after_the_config_was_built_is_refused_by_the_model(stages, tmp_path):
+    """``config.num_encoder_blocks = 2`` on a four-stage config (no check runs on setattr, as in transformers) built a
+    four-stage model that disagreed with its own config: transformers builds two stages from that config.json, and
+    pvtv2 refused the folder it had saved. The model names the contradiction when it is built."""
+    config = PvtV2Config(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4])
+    config.num_encoder_blocks = stages
+    with pytest.raises(ValueError, match=rf"num_encoder_blocks is {stages}.*depths has 4 entries.*replace"):
+        PvtV2ForImageClassification(config)

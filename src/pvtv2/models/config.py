@@ -34,7 +34,7 @@ from .labels import generic_id2label, imagenet_id2label
 __all__ = [
     "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
     "list_presets", "preset_key", "is_preset_name", "unknown_fields", "read_json_config", "short_repr",
-    "check_problem_type",
+    "check_problem_type", "STAGE_LISTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -404,6 +404,7 @@ _SIGNATURE = _SIGNATURE.replace(
 )
 # The per-stage lists: the fields whose default is a tuple, one entry per stage.
 _STAGE_LISTS = tuple(f.name for f in FIELDS if isinstance(f.default, tuple))
+STAGE_LISTS = _STAGE_LISTS  # the per-stage fields, one entry per stage (read by the models)
 _FIELD_NAMES = frozenset(f.name for f in FIELDS)
 
 # Keys of a config.json that describe the file rather than the model; kept, but not part of equality. Besides our

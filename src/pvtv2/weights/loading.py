@@ -240,10 +240,9 @@ def _check_recorded_retinanet(text: str, config: PvtV2Config, path: str | os.Pat
     "on_input"``), no ReLU before the extra convolutions, and the anchors (``octave_base_scale=4``,
     ``scales_per_octave=3``, ratios 0.5, 1, 2 in that order, the levels' strides). Read anyway, the file would give
     other detections than mmdetection's without a word; a file without a recorded config is taken as the authors'."""
-    from ..models.detection import DETECTOR_DEFAULTS
-
     neck, anchors = _recorded_part(text, "neck"), _recorded_part(text, "anchor_generator")
-    stages = config.fpn_stages or DETECTOR_DEFAULTS["retinanet"]["fpn_stages"]
+    count = config.num_encoder_blocks
+    stages = config.fpn_stages or [count - 2, count - 1, count]  # RetinaNet's default: the last three stages
     strides = [config.stage_strides[s - 1] for s in stages]
     strides += [strides[-1] * 2, strides[-1] * 4]
     problems = []

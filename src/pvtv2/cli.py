@@ -733,6 +733,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     summary = model_summary(model, args.image_size, name=args.model)
     if config is None and detector:
         summary["class"] = "PvtV2ForObjectDetection (its encoder; the FPN and heads are not counted)"
+        # what decides the detections: the classes, the detector and whose arithmetic it follows
+        summary["num_labels"] = model.config.num_labels
+        summary["detector"] = model.config.detector
+        summary["detection_convention"] = model.config.detection_convention
     if hasattr(model, "head_type"):  # SegFormer's or Semantic FPN: the class alone did not tell them apart
         summary["decode_head"] = model.head_type
     if args.json:

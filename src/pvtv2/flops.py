@@ -190,6 +190,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['model'] or summary['class']}: {summary['class']}, "
         f"{'linear' if summary['linear_attention'] else 'spatial-reduction'} attention"
         + (f", {summary['decode_head']} decode head" if summary.get("decode_head") else "")
+        + (f", {summary['detector']} detector ({summary['detection_convention']}'s arithmetic)"
+           if summary.get("detector") else "")
         + (f", {classes}" if classes is not None else ""),
         "",
         f"{'stage':>5} {'channels':>8} {'depth':>5} {'heads':>5} {'attention':>17} {'mlp':>4} {'patch':>5} "

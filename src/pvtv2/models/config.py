@@ -34,7 +34,7 @@ from .labels import generic_id2label, imagenet_id2label
 __all__ = [
     "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
     "list_presets", "preset_key", "is_preset_name", "unknown_fields", "read_json_config", "short_repr",
-    "check_problem_type",
+    "check_problem_type", "STAGE_LISTS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -404,6 +404,7 @@ _SIGNATURE = _SIGNATURE.replace(
 )
 # The per-stage lists: the fields whose default is a tuple, one entry per stage.
 _STAGE_LISTS = tuple(f.name for f in FIELDS if isinstance(f.default, tuple))
+STAGE_LISTS = _STAGE_LISTS  # the per-stage fields, one entry per stage (read by the models)
 _FIELD_NAMES = frozenset(f.name for f in FIELDS)
 
 # Keys of a config.json that describe the file rather than the model; kept, but not part of equality. Besides our
@@ -583,6 +584,26 @@ def _cut_default_lists(v: dict[str, Any], explicit: set[str]) -> None:
     for name in _CUT_LISTS:
         if name not in explicit and len(v[name]) > n:
             v[name] = v[name][:n]
+
+
+def _drop_default_valued_lists(args: dict[str, Any]) -> None:
+    """A stored config's lists that hold the four-stage defaults, with fewer stages, left out of ``args``: taken as
+    left at their defaults, and so cut by :func:`_cut_default_lists`. transformers writes every field, so its
+    two-stage ``config.json`` holds ``sr_ratios=[8, 4, 2, 1]`` beside ``num_encoder_blocks=2`` (it reads the first
+    two); so does ``to_dict`` of a four-stage config, which :meth:`PvtV2Config.replace` reads back."""
+    stages = args.get("num_encoder_blocks", 4)
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 0 < stages < 4:
+        return  # four stages or more cut nothing; a bad count is the constructor's to report
+    defaults = {f.name: f for f in FIELDS if f.name in _CUT_LISTS}
+    for name, field in defaults.items():
+        if name not in args:
+            continue
+        try:
+            value = field.metadata["check"](name, args[name])
+        except (TypeError, ValueError):
+            continue  # reported by the constructor
+        if value == list(field.default):
+            del args[name]
 
 
 def _check_stages(v: Mapping[str, Any]) -> None:
@@ -835,8 +856,15 @@ class PvtV2Config:
         """A copy with some fields changed (validated anew; see :func:`merge_changes` for the labels)."""
         # The unknown keys this config carries were reported when it was built: not again for each copy.
         token = _REPORTED.set(_REPORTED.get() | frozenset(self._extra))
+        base = self.to_dict()
+        stages = changes.get("num_encoder_blocks", self.num_encoder_blocks)
+        if (stages != self.num_encoder_blocks and "out_features" not in changes and "out_indices" not in changes
+                and self.out_features == self.stage_names[-1:]):
+            # the backbone's default output (the last stage), written out by to_dict: the new last stage's now
+            base.pop("out_features", None)
+            base.pop("out_indices", None)
         try:
-            return type(self).from_dict(self.to_dict(), **changes)
+            return type(self).from_dict(base, **changes)
         finally:
             _REPORTED.reset(token)
 
@@ -881,7 +909,9 @@ class PvtV2Config:
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(f"config has model_type={short_repr(model_type)}, expected {cls.model_type!r}")
-        return cls(**merge_changes(_public_spellings(data), _public_spellings(overrides)))
+        args = merge_changes(_public_spellings(data), _public_spellings(overrides))
+        _drop_default_valued_lists(args)
+        return cls(**args)
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``config.json`` into ``folder`` (created if needed); returns its path."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PvtV2Config, check_problem_type
+from .config import STAGE_LISTS, PvtV2Config, check_problem_type
 from .layers import PvtV2Stage, init_weights
 from .outputs import BackboneOutput, BaseModelOutput, ImageClassifierOutput
 
@@ -117,6 +117,17 @@ class PvtV2PreTrainedModel(nn.Module):
         super().__init__()
         if not isinstance(config, PvtV2Config):
             raise TypeError(f"config must be a PvtV2Config, got {type(config).__name__}")
+        # The config checks its lists when built; a field set afterwards (config.num_encoder_blocks = 2) is not
+        # checked, and a model built from the lists would contradict its own count (transformers builds from it).
+        stages = config.num_encoder_blocks
+        for name in STAGE_LISTS:
+            value = getattr(config, name)
+            if len(value) != stages:
+                raise ValueError(
+                    f"the config's num_encoder_blocks is {stages!r} but {name} has {len(value)} entries (changed after "
+                    f"the config was built?): make the config with every per-stage list at once, "
+                    f"config.replace(num_encoder_blocks=..., depths=..., ...)"
+                )
         self.config = config
 
     def post_init(self) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from ..fileio import atomic_write
 
-__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "save_state_dict", "shard_names"]
+__all__ = ["CheckpointError", "read_checkpoint", "read_checkpoint_and_config", "read_state_dict", "save_state_dict", "shard_names"]
 
 
 class CheckpointError(ValueError):
@@ -36,11 +36,18 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], t
     """:func:`read_state_dict`'s tensors, and the class names a training framework recorded beside them:
     mmcv's ``meta["CLASSES"]`` (the authors' mmdetection / mmsegmentation files), mmengine's
     ``meta["dataset_meta"]["classes"]``; None where the file records none."""
+    state, names, _ = read_checkpoint_and_config(path)
+    return state, names
+
+
+def read_checkpoint_and_config(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], tuple[str, ...] | None, str | None]:
+    """:func:`read_checkpoint`'s tensors and class names, and the training config recorded as text beside them
+    (mmcv's ``meta["config"]``, mmengine's ``meta["cfg"]``; None where the file records none)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)!r}")
     if path.name.endswith(".index.json"):
-        return _read_sharded(path), None
+        return _read_sharded(path), None, None
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is empty (0 bytes)")
     with path.open("rb") as f:
@@ -54,9 +61,17 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], t
             f"file: name it .pth (it is then read with torch.load(weights_only=True))"
         )
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
-        return _unwrap(_read_safetensors(path), path), None
+        return _unwrap(_read_safetensors(path), path), None, None
     obj = _read_torch(path, head)
-    return _unwrap(obj, path), _class_names(obj)
+    return _unwrap(obj, path), _class_names(obj), _config_text(obj)
+
+
+def _config_text(obj: Any) -> str | None:
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return None
+    text = meta.get("config", meta.get("cfg"))
+    return text if isinstance(text, str) else None
 
 
 def _class_names(obj: Any) -> tuple[str, ...] | None:

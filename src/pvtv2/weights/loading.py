@@ -14,6 +14,7 @@ was initialised at random says so in ``model.newly_initialized_keys``.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import logging
 import math
@@ -32,7 +33,7 @@ from ..models.config import (
     short_repr,
 )
 from ..models.labels import has_generic_labels, imagenet_id2label
-from .files import CheckpointError, read_checkpoint, save_state_dict, shard_names
+from .files import CheckpointError, read_checkpoint_and_config, save_state_dict, shard_names
 from .hub import check_loading_arguments, check_subfolder, folder_entry, looks_like_hub_id, resolve_file
 from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, MMDET_LAYOUT, detect_layout, to_canonical
 
@@ -127,6 +128,17 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         args["decoder_hidden_size"] = int(fpn.shape[1])
     kind = detector_kind(canonical)
     if kind == "retinanet":
+        asked = overrides.get("detector", "retinanet")
+        if asked != "retinanet":
+            # Built as asked, the file's settings (its convention, its FPN width) met the other detector's checks
+            # first, with a message about a setting the user never gave.
+            what = "an mmdetection RetinaNet (neck, bbox_head)" if layout == MMDET_LAYOUT else "a RetinaNet"
+            raise CheckpointError(
+                f"the checkpoint holds {what}, whose head detector={asked!r} has no place for: load it as "
+                f"detector='retinanet' (or leave detector out), or its encoder alone with PvtV2Model / "
+                f"PvtV2ForImageClassification (`pvtv2 convert CHECKPOINT encoder.safetensors --layout timm` writes "
+                f"the encoder as a file of its own, for a new detector)"
+            )
         args.update(_retinanet_settings(canonical, hidden, layout))
     elif kind in ("faster_rcnn", "mask_rcnn"):
         args.update(_rcnn_settings(canonical, hidden, layout))
@@ -263,6 +275,75 @@ def _rcnn_settings(canonical: Mapping[str, torch.Tensor], hidden: list[int], lay
     return settings
 
 
+def _recorded_value(text: str, key: str) -> Any:
+    """The value of ``key`` in an mmdetection config's text (``key=value`` or ``'key': value``): a Python literal,
+    a list or tuple of them; None where the key is absent or its value is not a literal."""
+    m = re.search(rf"\b{key}['\"]?\s*[=:]\s*('[^']*'|\"[^\"]*\"|[\[(][^\])]*[\])]|[\w.]+)", text)
+    if m is None:
+        return None
+    try:
+        value = ast.literal_eval(m.group(1))
+    except (ValueError, SyntaxError):
+        return None
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _recorded_part(text: str, name: str) -> str:
+    """The text of the ``name=dict(...)`` (or ``'name': {...}``) part of a config, up to its first closing bracket;
+    empty where there is none."""
+    m = re.search(rf"\b{name}['\"]?\s*[=:]\s*(?:dict\(|\{{)([^)}}]*)", text)
+    return m.group(1) if m else ""
+
+
+def _check_recorded_retinanet(text: str, config: PvtV2Config, path: str | os.PathLike) -> None:
+    """:class:`CheckpointError` where the training config an mmdetection RetinaNet file records sets what its
+    tensors' shapes cannot tell and pvtv2 computes otherwise: where P6 comes from (C5 here, ``add_extra_convs=
+    "on_input"``), no ReLU before the extra convolutions, and the anchors (``octave_base_scale=4``,
+    ``scales_per_octave=3``, ratios 0.5, 1, 2 in that order, the levels' strides). Read anyway, the file would give
+    other detections than mmdetection's without a word; a file without a recorded config is taken as the authors'."""
+    neck, anchors = _recorded_part(text, "neck"), _recorded_part(text, "anchor_generator")
+    count = config.num_encoder_blocks
+    stages = config.fpn_stages or [count - 2, count - 1, count]  # RetinaNet's default: the last three stages
+    strides = [config.stage_strides[s - 1] for s in stages]
+    strides += [strides[-1] * 2, strides[-1] * 4]
+    problems = []
+    extra = _recorded_value(neck, "add_extra_convs")
+    if extra is not None and extra not in ("on_input", True):
+        problems.append(f"add_extra_convs={extra!r} (pvtv2 computes P6 from the last stage: 'on_input')")
+    if extra is True and _recorded_value(neck, "extra_convs_on_inputs") is False:
+        problems.append("extra_convs_on_inputs=False (P6 from P5; pvtv2 computes it from the last stage)")
+    if _recorded_value(neck, "relu_before_extra_convs") is True:
+        problems.append("relu_before_extra_convs=True (pvtv2, as mmdetection's default, has no ReLU before P6)")
+    for key, expected in (("octave_base_scale", 4), ("scales_per_octave", 3), ("ratios", [0.5, 1.0, 2.0]),
+                          ("strides", strides)):
+        value = _recorded_value(anchors, key)
+        if value is not None and value != expected:
+            problems.append(f"anchor_generator {key}={value!r} (pvtv2: {expected!r})")
+    if problems:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is an mmdetection RetinaNet whose recorded config (meta) sets what pvtv2's RetinaNet "
+            f"does not compute, with tensors of the same shapes: " + "; ".join(problems)
+        )
+
+
+def _own_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` each in memory of its own, whole and contiguous: they become the parameters (``assign=True``).
+    torch.save keeps tensors that share storage shared (a tensor stored under two names, views of one buffer), so
+    two parameters would otherwise be one in two places: a step on one moves the other, and safetensors refuses to
+    save them. Copied only where needed."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        storage = value.untyped_storage()
+        if (storage.data_ptr() in seen or storage.nbytes() != value.numel() * value.element_size()
+                or not value.is_contiguous()):
+            value = value.clone(memory_format=torch.contiguous_format)
+        else:
+            seen.add(storage.data_ptr())
+        out[key] = value
+    return out
+
+
 def _mlp_ratio(hidden_features: int, dim: int) -> float:
     """The MLP ratio from which the model rebuilds ``hidden_features``: ``int(dim * ratio) == hidden_features``, as
     every implementation computes the width. ``hidden_features / dim`` can fall a rounding short of that
@@ -396,7 +477,7 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     config_path, weights_path = locate_checkpoint(source, **where)
     if given is not None:
         config_path = None  # not read, so never named as the cause of a misfit
-    state, class_names = read_checkpoint(weights_path)
+    state, class_names, recorded = read_checkpoint_and_config(weights_path)
     layout = detect_layout(state)
     canonical = to_canonical(state, layout)
     if layout == MMDET_LAYOUT:
@@ -430,6 +511,8 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         config = infer_config(canonical, layout, **overrides)
     config = _attach_imagenet_labels(config, canonical)
     config = _attach_recorded_labels(config, canonical, class_names)
+    if layout == MMDET_LAYOUT and recorded and "detector.head.classification_head.cls_logits.weight" in canonical:
+        _check_recorded_retinanet(recorded, config, weights_path)
     # Built without memory or random initialisation: the checkpoint's tensors become the parameters.
     try:
         with torch.device("meta"):
@@ -544,6 +627,10 @@ def _attach_recorded_labels(config: PvtV2Config, canonical: Mapping[str, torch.T
         classes = softmax.shape[0] - 1  # an R-CNN's: the classes and the background
     if names and classes is not None and classes == len(names) == config.num_labels and has_generic_labels(config.id2label):
         return config.replace(id2label=dict(enumerate(names)))
+    if names and classes not in (None, 1) and classes == config.num_labels and has_generic_labels(config.id2label):
+        # (a binary head, one channel, is recorded with its two names: nothing wrong there)
+        logger.warning("the checkpoint records %d class names (its meta CLASSES: %s), its head has %d classes: the "
+                       "names are not used", len(names), short_repr(list(names)), classes)
     return config
 
 
@@ -609,6 +696,7 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
     elif head_missing:
         logger.warning("the checkpoint has no weights for %s: newly initialised", _summarise_keys(missing))
     target = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in kept.items()}
+    target = _own_memory(target)
     _warn_non_finite(target, origin)
     model.load_state_dict(target, strict=not head_missing, assign=True)
     _materialize_and_init(model)

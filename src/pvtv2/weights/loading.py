@@ -330,13 +330,15 @@ def _own_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` each in memory of its own, whole and contiguous: they become the parameters (``assign=True``).
     torch.save keeps tensors that share storage shared (a tensor stored under two names, views of one buffer), so
     two parameters would otherwise be one in two places: a step on one moves the other, and safetensors refuses to
-    save them. Copied only where needed."""
+    save them. A tensor off PyTorch's 64-byte alignment (safetensors' offsets in the file) is copied too: GEMMs round
+    by their operands' alignment, so a model read from a file gave other last bits than the same weights in fresh
+    memory. Copied only where needed."""
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         storage = value.untyped_storage()
         if (storage.data_ptr() in seen or storage.nbytes() != value.numel() * value.element_size()
-                or not value.is_contiguous()):
+                or not value.is_contiguous() or value.data_ptr() % 64):
             value = value.clone(memory_format=torch.contiguous_format)
         else:
             seen.add(storage.data_ptr())

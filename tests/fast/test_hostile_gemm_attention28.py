@@ -1,0 +1,80 @@
+"""Hostile pass on the fast CPU path's batch-1 GEMM attention (pvtv2.fast.cpu._attention, the query and output
+projections folded into the keys and values) and the path around it.
+
+A weight or bias of another dtype than the input (a float64 bias, a bf16 query weight put in a float32 model) is
+refused by the modules themselves and by transformers' model ("self and mat2 must have the same dtype"); the fast
+path cast it to the compute dtype and gave numbers, in the GEMM attention's folded projections as in every other
+GEMM and convolution: the model answered or raised depending on the switch, the batch size and autograd. Under
+autocast the reference casts every weight but a float64 one (autocast leaves those), so there only float64 is
+refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, hf_twin, random_weights_, relative_error
+
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
+
+pytestmark = pytest.mark.skipif(
+    not fast.fast_path_available(torch.float32), reason="the oneDNN operators of the fast path are not available here"
+)
+X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def _model() -> PvtV2ForImageClassification:
+    return random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=5)), seed=7).eval()
+
+
+def _blocks(model: torch.nn.Module, stage: int):
+    return model.pvt_v2.encoder.layers[stage].blocks
+
+
+# (stage 1's first block takes the GEMM attention at 64 px, stage 4's runs SDPA)
+CASES = {
+    "query weight bf16 (GEMM attention)": lambda m: (_blocks(m, 0)[0].attention.query, "weight", torch.bfloat16),
+    "output bias float64 (GEMM attention)": lambda m: (_blocks(m, 1)[1].attention.proj, "bias", torch.float64),
+    "output bias float64 (SDPA)": lambda m: (_blocks(m, 3)[0].attention.proj, "bias", torch.float64),
+    "Mix-FFN weight float64": lambda m: (_blocks(m, 0)[0].mlp.dense1, "weight", torch.float64),
+    "spatial reduction bias float64": lambda m: (_blocks(m, 0)[0].attention.spatial_reduction, "bias", torch.float64),
+}
+
+
+def _retype(model: torch.nn.Module, case: str) -> None:
+    module, name, dtype = CASES[case](model)
+    setattr(module, name, torch.nn.Parameter(getattr(module, name).detach().to(dtype)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_weight_of_another_dtype_is_refused_as_by_the_modules(case):
+    ours = _model()
+    theirs = hf_twin(ours).eval()
+    _retype(ours, case)
+    _retype(theirs, case)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="dtype|type"):
+            theirs(X)
+        with pytest.raises(RuntimeError, match="dtype|type"):
+            ours(X)
+
+
+def test_under_autocast_a_float64_bias_is_refused_and_a_bf16_weight_cast():
+    ours = _model()
+    theirs = hf_twin(ours).eval()
+    for model in (ours, theirs):
+        _retype(model, "query weight bf16 (GEMM attention)")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = theirs(X).logits.float()
+        got = ours(X).logits.float()
+        with fast.fast_path(False):
+            reference = ours(X).logits.float()
+    # autocast casts the bf16 weight as it casts the others: the fast path runs and gives bf16-rounding close numbers
+    assert relative_error(want, got) < 5e-2
+    assert relative_error(reference, got) < 5e-2
+    for model in (ours, theirs):
+        _retype(model, "output bias float64 (SDPA)")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            theirs(X)
+        with pytest.raises(RuntimeError):
+            ours(X)

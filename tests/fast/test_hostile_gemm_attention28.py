@@ -78,3 +78,32 @@ def test_under_autocast_a_float64_bias_is_refused_and_a_bf16_weight_cast():
             theirs(X)
         with pytest.raises(RuntimeError):
             ours(X)
+
+
+# A bias F.linear broadcasts (one element, or a (1, out) row) computes in the modules and in transformers' model;
+# oneDNN's operators read a bias as a dense vector of the outputs and failed ("could not create a primitive
+# descriptor for the inner product") in the GEMM attention's folded projections as in every other linear layer.
+BROADCAST_BIASES = {
+    "query bias (1,) (GEMM attention)": ("pvt_v2.encoder.layers.1.blocks.0.attention.query", (1,)),
+    "output bias (1,) (GEMM attention)": ("pvt_v2.encoder.layers.0.blocks.0.attention.proj", (1,)),
+    "output bias (1, 16) (GEMM attention)": ("pvt_v2.encoder.layers.0.blocks.0.attention.proj", (1, 16)),
+    "output bias (1,) (SDPA)": ("pvt_v2.encoder.layers.3.blocks.0.attention.proj", (1,)),
+    "Mix-FFN bias (1,)": ("pvt_v2.encoder.layers.0.blocks.0.mlp.dense1", (1,)),
+}
+
+
+@pytest.mark.parametrize("case", list(BROADCAST_BIASES))
+def test_a_bias_the_modules_broadcast_gives_transformers_numbers(case):
+    path, shape = BROADCAST_BIASES[case]
+    ours = _model()
+    theirs = hf_twin(ours).eval()
+    for model in (ours, theirs):
+        model.get_submodule(path).bias = torch.nn.Parameter(torch.full(shape, 0.5))
+    with torch.no_grad():
+        want = theirs(X).logits
+        got = ours(X).logits
+        with fast.fast_path(False):
+            reference = ours(X).logits
+    assert relative_error(want, reference) < 1e-5
+    assert relative_error(want, got) < 1e-5
+    assert relative_error(hf_twin(_model()).eval()(X).logits, want) > 1e-3  # the bias shows in the logits

@@ -24,7 +24,8 @@ public operators it replaces; where the probe fails (another CPU, another build)
    quantized stand-in, no ReLU where a dropout is skipped, convolutions padding with zeros), without forward hooks
    or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the instance, that no global module
    hooks exist, and that every linear layer's and convolution's weight and bias is of a dtype the module takes with
-   the input (the input's; under autocast any but float64). Otherwise the stage runs the reference path, which
+   the input (the input's; under autocast any but float64) and every bias one element per output (not one that
+   F.linear broadcasts). Otherwise the stage runs the reference path, which
    calls them (and raises where they do).
 2. Without :func:`freeze` there is no state at all: every call reads the modules' current weights, however they were
    written. Nothing is ever added to ``state_dict()`` or to anything a module references, so a model deep-copies,
@@ -298,11 +299,17 @@ def _slots_fit(m: nn.Module) -> bool:
     return True
 
 
-def _dtypes_fit(m: nn.Module, dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
-    """Whether F.linear or F.conv2d would take the weight and bias of ``m`` (a Linear or Conv2d) with an input of
-    ``dtype``: of that dtype, or under autocast (``compute_dtype`` another) any dtype but float64, which autocast
-    leaves alone. The fused code casts them to the compute dtype, which would give numbers where the modules raise
-    (a float64 bias or a bf16 weight put in a float32 model)."""
+def _params_fit(m: nn.Module, dtype: torch.dtype | None, compute_dtype: torch.dtype | None) -> bool:
+    """Whether the weight and bias of ``m`` (a Linear or Conv2d) are what the fused operators read: a bias of one
+    element per output (F.linear broadcasts a bias of one element or a (1, out) row, oneDNN's operators fail on it),
+    and, given the input's ``dtype``, whether F.linear or F.conv2d would take them with it: of that dtype, or under
+    autocast (``compute_dtype`` another) any dtype but float64, which autocast leaves alone. The fused code casts
+    them to the compute dtype, which would give numbers where the modules raise (a float64 bias or a bf16 weight put
+    in a float32 model)."""
+    if m.bias is not None and m.bias.shape != m.weight.shape[:1]:
+        return False
+    if dtype is None:
+        return True
     for p in (m.weight, m.bias):
         if p is None:
             continue
@@ -315,7 +322,7 @@ def fusable(stage: nn.Module, dtype: torch.dtype | None = None, compute_dtype: t
     """Whether every module of ``stage`` (itself included) is in eval mode, of a type the fused code knows exactly,
     in a slot where the fused code computes what calling it does, and runs only its class's forward; given the
     input's ``dtype`` and the ``compute_dtype`` (:func:`_compute_dtype`), also whether every linear layer and
-    convolution would take its weights with that input. Runs at every call: one walk over the modules, a few
+    convolution would take its weights with that input; and whether their biases have one element per output. Runs at every call: one walk over the modules, a few
     attribute reads each."""
     if _global_hooks():
         return False
@@ -326,7 +333,7 @@ def fusable(stage: nn.Module, dtype: torch.dtype | None = None, compute_dtype: t
             continue
         if m.training or not _known(type(m)) or not _plain(m) or not _slots_fit(m):
             return False
-        if dtype is not None and type(m) in (nn.Linear, nn.Conv2d) and not _dtypes_fit(m, dtype, compute_dtype):
+        if type(m) in (nn.Linear, nn.Conv2d) and not _params_fit(m, dtype, compute_dtype):
             return False
         todo.extend(m._modules.values())
     return True

@@ -107,3 +107,34 @@ def test_a_bias_the_modules_broadcast_gives_transformers_numbers(case):
     assert relative_error(want, reference) < 1e-5
     assert relative_error(want, got) < 1e-5
     assert relative_error(hf_twin(_model()).eval()(X).logits, want) > 1e-3  # the bias shows in the logits
+
+
+def _every_other_column(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in every other element of each row of a buffer twice as wide (a strided view, as
+    ``load_state_dict(assign=True)`` of a slice gives)."""
+    buffer = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    buffer[..., ::2] = t
+    return buffer[..., ::2]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layer", ["attention.query", "attention.proj", "mlp.dense1", "mlp.dense2"])
+def test_strided_linear_weights_give_the_bits_of_dense_ones(layer, batch):
+    """The fast path's numbers do not depend on where the weights lie (docs/architecture.md, contract 5): a linear
+    weight with every other column of a wider buffer went to oneDNN's GEMM as it was and gave other last bits than
+    the same weights dense (the GEMM attention copies its projections dense; stages 3 and 4, and the Mix-FFN, did
+    not). The reference path gives the same bits either way."""
+    model = _model()
+    twin = PvtV2ForImageClassification(model.config).eval()
+    state = model.state_dict()
+    strided = {k: _every_other_column(v) if k.endswith(layer + ".weight") else v for k, v in state.items()}
+    assert sum(not v.is_contiguous() for v in strided.values()) == sum(TINY["depths"])
+    twin.load_state_dict(strided, strict=True, assign=True)
+    x = torch.randn(batch, 3, 72, 88, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.pvt_v2(x, output_hidden_states=True).hidden_states
+        got = twin.pvt_v2(x, output_hidden_states=True).hidden_states
+        with fast.fast_path(False):
+            reference = model.pvt_v2(x, output_hidden_states=True).hidden_states[-1]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert relative_error(reference, got[-1]) < 1e-5  # and both hold the model's weights

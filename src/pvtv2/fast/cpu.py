@@ -378,7 +378,9 @@ class _PlainWeights:
             # One bias for the concatenated layers: a layer without one (a key without bias, a value with) adds zeros.
             parts = [m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in layers]
             bias = _dense(torch.cat(parts) if len(parts) > 1 else parts[0], dtype)
-        return _cast(weight, dtype), bias
+        # Copied where not dense and aligned: oneDNN's GEMM rounds a strided weight (every other column of a buffer,
+        # as load_state_dict(assign=True) of a slice gives) otherwise than the same weight dense.
+        return _aligned(_cast(weight, dtype)), bias
 
     def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return _cast(conv.weight, dtype), None if conv.bias is None else _dense(conv.bias, dtype)

@@ -22,8 +22,11 @@ public operators it replaces; where the probe fails (another CPU, another build)
    :func:`applies` checks, at every call, that every module of the stage is in eval mode, of exactly the type the
    fused code assumes in its slot (no subclass such as a LoRA-style Linear, no ``torch.nn.utils.parametrize``, no
    quantized stand-in, no ReLU where a dropout is skipped, convolutions padding with zeros), without forward hooks
-   or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the instance, and that no global module
-   hooks exist. Otherwise the stage runs the reference path, which calls them.
+   or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the instance, that no global module
+   hooks exist, and that every linear layer's and convolution's weight and bias is of a dtype the module takes with
+   the input (the input's; under autocast any but float64) and every bias one element per output (not one that
+   F.linear broadcasts). Otherwise the stage runs the reference path, which
+   calls them (and raises where they do).
 2. Without :func:`freeze` there is no state at all: every call reads the modules' current weights, however they were
    written. Nothing is ever added to ``state_dict()`` or to anything a module references, so a model deep-copies,
    pickles and saves at any time.
@@ -296,10 +299,31 @@ def _slots_fit(m: nn.Module) -> bool:
     return True
 
 
-def fusable(stage: nn.Module) -> bool:
+def _params_fit(m: nn.Module, dtype: torch.dtype | None, compute_dtype: torch.dtype | None) -> bool:
+    """Whether the weight and bias of ``m`` (a Linear or Conv2d) are what the fused operators read: a bias of one
+    element per output (F.linear broadcasts a bias of one element or a (1, out) row, oneDNN's operators fail on it),
+    and, given the input's ``dtype``, whether F.linear or F.conv2d would take them with it: of that dtype, or under
+    autocast (``compute_dtype`` another) any dtype but float64, which autocast leaves alone. The fused code casts
+    them to the compute dtype, which would give numbers where the modules raise (a float64 bias or a bf16 weight put
+    in a float32 model)."""
+    if m.bias is not None and m.bias.shape != m.weight.shape[:1]:
+        return False
+    if dtype is None:
+        return True
+    for p in (m.weight, m.bias):
+        if p is None:
+            continue
+        if p.dtype != dtype if compute_dtype == dtype else p.dtype == torch.float64:
+            return False
+    return True
+
+
+def fusable(stage: nn.Module, dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None) -> bool:
     """Whether every module of ``stage`` (itself included) is in eval mode, of a type the fused code knows exactly,
-    in a slot where the fused code computes what calling it does, and runs only its class's forward. Runs at every
-    call: one walk over the modules, a few attribute reads each."""
+    in a slot where the fused code computes what calling it does, and runs only its class's forward; given the
+    input's ``dtype`` and the ``compute_dtype`` (:func:`_compute_dtype`), also whether every linear layer and
+    convolution would take its weights with that input; and whether their biases have one element per output. Runs at every call: one walk over the modules, a few
+    attribute reads each."""
     if _global_hooks():
         return False
     todo = [stage]
@@ -309,6 +333,8 @@ def fusable(stage: nn.Module) -> bool:
             continue
         if m.training or not _known(type(m)) or not _plain(m) or not _slots_fit(m):
             return False
+        if type(m) in (nn.Linear, nn.Conv2d) and not _params_fit(m, dtype, compute_dtype):
+            return False
         todo.extend(m._modules.values())
     return True
 
@@ -317,15 +343,15 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
     """Whether a stage, called on ``x`` without attention maps, hands over to :func:`stage_forward`: on CPU, with
     autograd off, outside ``torch.compile`` and ``torch.jit.trace``, where the probe passed for the compute dtype,
     and, given ``stage``, where its computation is what the fused code assumes: every module in eval mode, of exactly
-    a known type, without hooks (its own or global ones) or an instance forward. Anything else runs the reference
-    path, which calls the modules."""
+    a known type, without hooks (its own or global ones) or an instance forward, with weights of a dtype the modules
+    take with ``x``. Anything else runs the reference path, which calls the modules."""
     return (
         not torch.compiler.is_compiling()  # first: PyTorch 2.11's torch.compile cannot trace the switch's ContextVar
         and _ENABLED.get()
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's calls: the reference stage traces
-        and (stage is None or fusable(stage))
+        and (stage is None or fusable(stage, x.dtype, _compute_dtype(x)))
         and fast_path_available(_compute_dtype(x))
     )
 
@@ -352,7 +378,9 @@ class _PlainWeights:
             # One bias for the concatenated layers: a layer without one (a key without bias, a value with) adds zeros.
             parts = [m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in layers]
             bias = _dense(torch.cat(parts) if len(parts) > 1 else parts[0], dtype)
-        return _cast(weight, dtype), bias
+        # Copied where not dense and aligned: oneDNN's GEMM rounds a strided weight (every other column of a buffer,
+        # as load_state_dict(assign=True) of a slice gives) otherwise than the same weight dense.
+        return _aligned(_cast(weight, dtype)), bias
 
     def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return _cast(conv.weight, dtype), None if conv.bias is None else _dense(conv.bias, dtype)

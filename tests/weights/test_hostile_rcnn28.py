@@ -1,0 +1,224 @@
+"""Hostile mmdetection Faster / Mask R-CNN files (round 28). The recorded training config (``meta["config"]``) was
+checked for RetinaNet files only: an R-CNN file whose config sets what its tensors' shapes cannot tell (the RPN's
+anchors, RoIAlign's ``aligned`` / ``sampling_ratio`` / output size, the extractor's strides and ``finest_scale``,
+the box coders' stds, the FPN's extra levels, the test-time settings) loaded silently into a network that computes
+something else. The test-time settings that pvtv2's config holds (the box head's ``score_thr``, NMS IoU and
+``max_per_img``) are applied from the file; the others, where they differ from what pvtv2 computes, refuse the file
+by name."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_mmdet_rcnn28 import _backbone, _mmdet_file, _rcnn_state
+
+from pvtv2 import CheckpointError
+
+pytest.importorskip("torchvision")
+
+from pvtv2.models.detection import PvtV2ForObjectDetection
+
+# The authors' mask_rcnn_pvt_v2_b0_fpn_1x_coco as mmdetection 2.13 dumps it (Config.pretty_text), cut to the model.
+AUTHORS = """model = dict(
+    type='MaskRCNN',
+    backbone=dict(type='pvt_v2_b0', style='pytorch'),
+    neck=dict(
+        type='FPN',
+        in_channels=[32, 64, 160, 256],
+        out_channels=24,
+        num_outs=5),
+    rpn_head=dict(
+        type='RPNHead',
+        in_channels=24,
+        feat_channels=24,
+        anchor_generator=dict(
+            type='AnchorGenerator',
+            scales=[8],
+            ratios=[0.5, 1.0, 2.0],
+            strides=[4, 8, 16, 32, 64]),
+        bbox_coder=dict(
+            type='DeltaXYWHBBoxCoder',
+            target_means=[0.0, 0.0, 0.0, 0.0],
+            target_stds=[1.0, 1.0, 1.0, 1.0]),
+        loss_cls=dict(
+            type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
+        loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+    roi_head=dict(
+        type='StandardRoIHead',
+        bbox_roi_extractor=dict(
+            type='SingleRoIExtractor',
+            roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0),
+            out_channels=24,
+            featmap_strides=[4, 8, 16, 32]),
+        bbox_head=dict(
+            type='Shared2FCBBoxHead',
+            in_channels=24,
+            fc_out_channels=1024,
+            roi_feat_size=7,
+            num_classes=3,
+            bbox_coder=dict(
+                type='DeltaXYWHBBoxCoder',
+                target_means=[0.0, 0.0, 0.0, 0.0],
+                target_stds=[0.1, 0.1, 0.2, 0.2]),
+            reg_class_agnostic=False,
+            loss_cls=dict(
+                type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
+            loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+        mask_roi_extractor=dict(
+            type='SingleRoIExtractor',
+            roi_layer=dict(type='RoIAlign', output_size=14, sampling_ratio=0),
+            out_channels=24,
+            featmap_strides=[4, 8, 16, 32]),
+        mask_head=dict(
+            type='FCNMaskHead',
+            num_convs=4,
+            in_channels=24,
+            conv_out_channels=256,
+            num_classes=3,
+            loss_mask=dict(
+                type='CrossEntropyLoss', use_mask=True, loss_weight=1.0))),
+    train_cfg=dict(
+        rpn=dict(
+            assigner=dict(
+                type='MaxIoUAssigner',
+                pos_iou_thr=0.7,
+                neg_iou_thr=0.3,
+                min_pos_iou=0.3,
+                match_low_quality=True,
+                ignore_iof_thr=-1),
+            sampler=dict(
+                type='RandomSampler',
+                num=256,
+                pos_fraction=0.5,
+                neg_pos_ub=-1,
+                add_gt_as_proposals=False),
+            allowed_border=-1,
+            pos_weight=-1,
+            debug=False),
+        rpn_proposal=dict(
+            nms_pre=2000,
+            max_per_img=1000,
+            nms=dict(type='nms', iou_threshold=0.7),
+            min_bbox_size=0),
+        rcnn=dict(
+            assigner=dict(
+                type='MaxIoUAssigner',
+                pos_iou_thr=0.5,
+                neg_iou_thr=0.5,
+                min_pos_iou=0.5,
+                match_low_quality=True,
+                ignore_iof_thr=-1),
+            sampler=dict(
+                type='RandomSampler',
+                num=512,
+                pos_fraction=0.25,
+                neg_pos_ub=-1,
+                add_gt_as_proposals=True),
+            mask_size=28,
+            pos_weight=-1,
+            debug=False)),
+    test_cfg=dict(
+        rpn=dict(
+            nms_pre=1000,
+            max_per_img=1000,
+            nms=dict(type='nms', iou_threshold=0.7),
+            min_bbox_size=0),
+        rcnn=dict(
+            score_thr=0.05,
+            nms=dict(type='nms', iou_threshold=0.5),
+            max_per_img=100,
+            mask_thr_binary=0.5)))
+"""
+
+
+def _file_with_config(tmp_path, text, key="config", mask=True):
+    path = _mmdet_file(tmp_path, _backbone(), _rcnn_state(mask=mask))
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["meta"].pop("config")
+    checkpoint["meta"][key] = text
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("key", ["config", "cfg"])
+def test_the_authors_recorded_rcnn_config_loads_with_pvtv2s_settings(tmp_path, key):
+    model = PvtV2ForObjectDetection.from_pretrained(_file_with_config(tmp_path, AUTHORS, key))
+    c = model.config
+    assert (c.detector, c.detection_convention, model.newly_initialized_keys) == ("mask_rcnn", "mmdetection", ())
+    assert (c.score_threshold, c.nms_threshold, c.detections_per_image) == (0.05, 0.5, 100)
+
+
+def _part(text: str, name: str, nth: int = 0) -> int:
+    """Where the nth ``name=dict(`` of ``text`` starts (to change one of several parts of the same name)."""
+    at = -1
+    for _ in range(nth + 1):
+        at = text.index(f"{name}=dict(", at + 1)
+    return at
+
+
+def _change(old: str, new: str, after: str | None = None, nth: int = 0):
+    def edit(text: str) -> str:
+        start = _part(text, after, nth) if after else 0
+        at = text.index(old, start)
+        return text[:at] + new + text[at + len(old):]
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_change("scales=[8]", "scales=[4]"), r"rpn_head anchor_generator scales=\[4\]"),
+    (_change("ratios=[0.5, 1.0, 2.0]", "ratios=[1.0, 0.5, 2.0]"), r"anchor_generator ratios=\[1.0, 0.5, 2.0\]"),
+    (_change("strides=[4, 8, 16, 32, 64]", "strides=[8, 16, 32, 64, 128]"), r"anchor_generator strides=\[8, 16"),
+    (_change("scales=[8],", "scales=[8], center_offset=0.5,"), r"center_offset=0.5"),
+    (_change("target_stds=[1.0, 1.0, 1.0, 1.0]", "target_stds=[0.5, 0.5, 1.0, 1.0]"),
+     r"rpn_head bbox_coder target_stds=\[0.5, 0.5, 1.0, 1.0\]"),
+    (_change("target_stds=[0.1, 0.1, 0.2, 0.2]", "target_stds=[0.05, 0.05, 0.1, 0.1]"),
+     r"bbox_head bbox_coder target_stds=\[0.05, 0.05, 0.1, 0.1\]"),
+    (_change("target_means=[0.0, 0.0, 0.0, 0.0]", "target_means=[0.0, 0.0, 0.1, 0.1]", "bbox_head"),
+     r"bbox_head bbox_coder target_means"),
+    (_change("sampling_ratio=0)", "sampling_ratio=2)"), r"bbox_roi_extractor roi_layer sampling_ratio=2"),
+    (_change("sampling_ratio=0)", "sampling_ratio=0, aligned=False)", "mask_roi_extractor"),
+     r"mask_roi_extractor roi_layer aligned=False"),
+    (_change("output_size=7", "output_size=14"), r"bbox_roi_extractor roi_layer output_size=14"),
+    (_change("type='RoIAlign'", "type='RoIPool'"), r"roi_layer type='RoIPool'"),
+    (_change("featmap_strides=[4, 8, 16, 32]", "featmap_strides=[8, 16, 32, 64]", "mask_roi_extractor"),
+     r"mask_roi_extractor featmap_strides=\[8, 16, 32, 64\]"),
+    (_change("out_channels=24,\n            featmap_strides", "out_channels=24, finest_scale=112,\n            featmap_strides"),
+     r"bbox_roi_extractor finest_scale=112"),
+    (_change("num_outs=5)", "num_outs=5, add_extra_convs='on_input')"), r"neck add_extra_convs='on_input'"),
+    (_change("max_per_img=1000,", "max_per_img=300,", "test_cfg"), r"test_cfg rpn max_per_img=300"),
+    (_change("nms_pre=1000", "nms_pre=2000", "test_cfg"), r"test_cfg rpn nms_pre=2000"),
+    (_change("iou_threshold=0.7", "iou_threshold=0.8", "test_cfg"), r"test_cfg rpn nms iou_threshold=0.8"),
+])
+def test_a_recorded_rcnn_setting_that_the_shapes_cannot_tell_is_refused(tmp_path, edit, message):
+    path = _file_with_config(tmp_path, edit(AUTHORS))
+    with pytest.raises(CheckpointError, match=message):
+        PvtV2ForObjectDetection.from_pretrained(path)
+
+
+def test_the_recorded_test_settings_of_the_box_head_are_applied(tmp_path, caplog):
+    """score_thr, the NMS IoU and max_per_img of test_cfg.rcnn are pvtv2's score_threshold, nms_threshold and
+    detections_per_image: the file's are taken (mmdetection's detections are those), and said; one given by the
+    caller stays the caller's."""
+    text = AUTHORS.replace("score_thr=0.05", "score_thr=0.3").replace("max_per_img=100", "max_per_img=20")
+    text = _change("iou_threshold=0.5", "iou_threshold=0.6", "test_cfg")(text)
+    path = _file_with_config(tmp_path, text)
+    with caplog.at_level(logging.INFO):
+        model = PvtV2ForObjectDetection.from_pretrained(path)
+    c = model.config
+    assert (c.score_threshold, c.nms_threshold, c.detections_per_image) == (0.3, 0.6, 20)
+    roi = model.detector.roi_heads
+    assert (roi.score_thresh, roi.nms_thresh, roi.detections_per_img) == (0.3, 0.6, 20)
+    assert "score_threshold=0.3" in caplog.text and "detections_per_image=20" in caplog.text
+    given = PvtV2ForObjectDetection.from_pretrained(path, score_threshold=0.1)
+    assert (given.config.score_threshold, given.config.nms_threshold, given.config.detections_per_image) == (0.1, 0.6, 20)
+
+
+def test_another_mask_threshold_is_said(tmp_path, caplog):
+    """pvtv2 returns mask probabilities and its COCO evaluation thresholds them at 0.5: a file recording another
+    mask_thr_binary is read (the network is the same) with a warning naming it."""
+    path = _file_with_config(tmp_path, AUTHORS.replace("mask_thr_binary=0.5", "mask_thr_binary=0.4"))
+    with caplog.at_level(logging.WARNING):
+        PvtV2ForObjectDetection.from_pretrained(path)
+    assert "mask_thr_binary=0.4" in caplog.text

@@ -201,7 +201,7 @@ def test_the_recorded_test_settings_of_the_box_head_are_applied(tmp_path, caplog
     """score_thr, the NMS IoU and max_per_img of test_cfg.rcnn are pvtv2's score_threshold, nms_threshold and
     detections_per_image: the file's are taken (mmdetection's detections are those), and said; one given by the
     caller stays the caller's."""
-    text = AUTHORS.replace("score_thr=0.05", "score_thr=0.3").replace("max_per_img=100", "max_per_img=20")
+    text = AUTHORS.replace("score_thr=0.05", "score_thr=0.3").replace("max_per_img=100,", "max_per_img=20,")
     text = _change("iou_threshold=0.5", "iou_threshold=0.6", "test_cfg")(text)
     path = _file_with_config(tmp_path, text)
     with caplog.at_level(logging.INFO):

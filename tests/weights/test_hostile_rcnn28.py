@@ -248,3 +248,43 @@ def test_masks_of_a_float64_model_are_pasted_in_float64():
     # float32 masks stay float32 and as close as float32 allows
     got32 = paste_masks_mmdetection(masks.float(), boxes.float(), height, width)
     assert got32.dtype == torch.float32 and (got32 - expected).abs().max() < 1e-4  # the thin box: 28 cells over 1.9 px
+
+
+def test_a_batch_of_sizes_not_multiples_of_32_gives_mmdetections_detections(tmp_path):
+    """Two images of other sizes than multiples of 32 in one batch: mmdetection pads the normalized images with
+    zeros to the batch's size rounded up to 32 (here 128 x 160), and each image's proposals and boxes are clipped to
+    its own size; written out with test_mmdet_rcnn28's reference on the padded canvas."""
+    import torch.nn.functional as F
+    from test_mmdet_rcnn28 import (
+        MEAN,
+        STD,
+        STRIDES,
+        _mmdet_anchors,
+        _mmdet_bbox_head,
+        _mmdet_detections,
+        _mmdet_levels,
+        _mmdet_proposals,
+        _mmdet_roi_features,
+        _mmdet_rpn,
+    )
+
+    backbone, head = _backbone(seed=4), _rcnn_state(mask=False, seed=5)
+    path = _mmdet_file(tmp_path, backbone, head, name="faster_rcnn_pvt_v2_b0_fpn_1x_coco.pth")
+    # short side 96 and long side at most 160: neither image is resized
+    model = PvtV2ForObjectDetection.from_pretrained(path, min_size=96, max_size=160).eval()
+    torch.manual_seed(3)
+    images = [torch.rand(3, 96, 150), torch.rand(3, 100, 96)]
+    with torch.no_grad():
+        got = model(images)
+        for image, out in zip(images, got):
+            height, width = image.shape[1:]
+            canvas = F.pad((image[None] - MEAN) / STD, (0, 160 - width, 0, 128 - height))
+            levels = _mmdet_levels(backbone(canvas), head)
+            rpn = [_mmdet_rpn(level, head) for level in levels]
+            anchors = [_mmdet_anchors(s, *level.shape[2:]).float() for s, level in zip(STRIDES, levels)]
+            proposals = _mmdet_proposals(rpn, anchors, height, width)
+            logits, deltas = _mmdet_bbox_head(_mmdet_roi_features(levels, proposals, 7), head)
+            boxes, scores, labels = _mmdet_detections(logits, deltas, proposals, height, width)
+            assert len(boxes) >= 10
+            assert torch.equal(out["labels"], labels)
+            assert (out["boxes"] - boxes).abs().max() < 1e-3 and (out["scores"] - scores).abs().max() < 1e-4

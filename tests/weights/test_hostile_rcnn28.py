@@ -288,3 +288,27 @@ def test_a_batch_of_sizes_not_multiples_of_32_gives_mmdetections_detections(tmp_
             assert len(boxes) >= 10
             assert torch.equal(out["labels"], labels)
             assert (out["boxes"] - boxes).abs().max() < 1e-3 and (out["scores"] - scores).abs().max() < 1e-4
+
+
+def test_the_aligned_pooler_keeps_float32_boxes_under_bfloat16_autocast():
+    """The mmdetection convention's RoI pooler cast the boxes to the features' dtype: under bfloat16 autocast
+    (``--bf16`` in training, where the ground-truth boxes join the proposals in float32) a box at x = 790.3 was
+    pooled at 792, 0.46 off features of size 1.2. torchvision's roi_align under autocast samples bfloat16 features
+    at float32 boxes; held against it."""
+    from torchvision.ops import roi_align
+
+    from pvtv2.models.mmdet_convention import mmdetection_roi_pool
+
+    pool = mmdetection_roi_pool(["0", "1"], 7, [4, 8])
+    g = torch.Generator().manual_seed(0)
+    feats = {"0": torch.randn(1, 8, 200, 200, generator=g).bfloat16(), "1": torch.randn(1, 8, 100, 100, generator=g).bfloat16()}
+    boxes = torch.tensor([[301.3, 407.7, 333.9, 450.1], [650.6, 10.2, 790.3, 160.9]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pool(feats, [boxes], [(800, 800)])
+    assert pool.levels(boxes).tolist() == [0, 1]  # sqrt(area) 33 and 145 against finest_scale 56
+    expected = torch.cat([
+        roi_align(feats[str(level)].float(), torch.cat([torch.zeros(1), box])[None], 7, spatial_scale=1 / stride,
+                  sampling_ratio=0, aligned=True)
+        for level, (box, stride) in enumerate(zip(boxes, (4, 8)))
+    ])
+    assert (got.float() - expected).abs().max() < 1e-2  # bfloat16's rounding of the result, not of the boxes

@@ -190,7 +190,10 @@ def _classes() -> tuple[Any, Any, Any, Any]:
             for level, (feature, stride) in enumerate(zip(maps, self.strides)):
                 index = torch.nonzero(levels == level).squeeze(1)
                 if index.numel():
-                    pooled = roi_align(feature, rois[index].to(feature.dtype), size, spatial_scale=1.0 / stride,
+                    # the wider of the two dtypes: boxes are not rounded to bfloat16 features (under autocast the
+                    # ground-truth boxes join the proposals in float32; roi_align's autocast runs in float32)
+                    dtype = torch.promote_types(feature.dtype, rois.dtype)
+                    pooled = roi_align(feature.to(dtype), rois[index].to(dtype), size, spatial_scale=1.0 / stride,
                                        sampling_ratio=0, aligned=True)
                     out = out.index_copy(0, index, pooled.to(out.dtype))  # out of place: autograd through each level
             return out

@@ -312,3 +312,22 @@ def test_the_aligned_pooler_keeps_float32_boxes_under_bfloat16_autocast():
         for level, (box, stride) in enumerate(zip(boxes, (4, 8)))
     ])
     assert (got.float() - expected).abs().max() < 1e-2  # bfloat16's rounding of the result, not of the boxes
+
+
+def test_a_retinanet_files_recorded_test_settings_are_applied_too(tmp_path):
+    """The RetinaNet reading checked the recorded neck and anchors but left its test_cfg (score_thr, NMS IoU,
+    max_per_img) aside: a file recording score_thr=0.3 gave pvtv2's 0.05 detections without a word. Applied as the
+    R-CNNs' are; an nms_pre other than torchvision's 1000 candidates per level refused by name."""
+    from test_hostile_mmdet28 import AUTHORS as RETINA
+    from test_hostile_mmdet28 import _file_with_config as _retina_file
+
+    test_cfg = ("    test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.3, nms=dict(type='nms', iou_threshold=0.4), "
+                "max_per_img=50))\n")
+    text = RETINA.rstrip().removesuffix(")") + ",\n" + test_cfg
+    model = PvtV2ForObjectDetection.from_pretrained(_retina_file(tmp_path, text))
+    c = model.config
+    assert (c.detector, c.score_threshold, c.nms_threshold, c.detections_per_image) == ("retinanet", 0.3, 0.4, 50)
+    head = model.detector
+    assert (head.score_thresh, head.nms_thresh, head.detections_per_img) == (0.3, 0.4, 50)
+    with pytest.raises(CheckpointError, match=r"test_cfg nms_pre=2000"):
+        PvtV2ForObjectDetection.from_pretrained(_retina_file(tmp_path, text.replace("nms_pre=1000", "nms_pre=2000")))

@@ -295,12 +295,14 @@ def _recorded_part(text: str, name: str) -> str:
     return m.group(1) if m else ""
 
 
-def _check_recorded_retinanet(text: str, config: PvtV2Config, path: str | os.PathLike) -> None:
+def _check_recorded_retinanet(text: str, config: PvtV2Config, path: str | os.PathLike) -> dict[str, Any]:
     """:class:`CheckpointError` where the training config an mmdetection RetinaNet file records sets what its
     tensors' shapes cannot tell and pvtv2 computes otherwise: where P6 comes from (C5 here, ``add_extra_convs=
     "on_input"``), no ReLU before the extra convolutions, and the anchors (``octave_base_scale=4``,
     ``scales_per_octave=3``, ratios 0.5, 1, 2 in that order, the levels' strides). Read anyway, the file would give
-    other detections than mmdetection's without a word; a file without a recorded config is taken as the authors'."""
+    other detections than mmdetection's without a word; a file without a recorded config is taken as the authors'.
+    Returns the recorded test settings (``test_cfg``: ``score_thr``, the NMS IoU, ``max_per_img``) as pvtv2's config
+    fields, for the caller to apply; another ``nms_pre`` or ``min_bbox_size`` is refused."""
     neck, anchors = _recorded_part(text, "neck"), _recorded_part(text, "anchor_generator")
     count = config.num_encoder_blocks
     stages = config.fpn_stages or [count - 2, count - 1, count]  # RetinaNet's default: the last three stages
@@ -319,11 +321,21 @@ def _check_recorded_retinanet(text: str, config: PvtV2Config, path: str | os.Pat
         value = _recorded_value(anchors, key)
         if value is not None and value != expected:
             problems.append(f"anchor_generator {key}={value!r} (pvtv2: {expected!r})")
+    test = _recorded_block(text, "test_cfg")
+    # torchvision's RetinaNet keeps the 1000 best candidates per level (topk_candidates) and no box is too small
+    for key, expected in (("nms_pre", 1000), ("min_bbox_size", 0)):
+        value = _recorded_value(test, key)
+        if value is not None and value != expected:
+            problems.append(f"test_cfg {key}={value!r} (pvtv2: {expected!r})")
+    nms_type = _recorded_value(_recorded_block(test, "nms"), "type")
+    if nms_type not in (None, "nms"):
+        problems.append(f"test_cfg nms type={nms_type!r} (pvtv2: 'nms')")
     if problems:
         raise CheckpointError(
             f"{os.fspath(path)!r} is an mmdetection RetinaNet whose recorded config (meta) sets what pvtv2's RetinaNet "
             f"does not compute, with tensors of the same shapes: " + "; ".join(problems)
         )
+    return _recorded_test_settings(test)
 
 
 def _recorded_block(text: str, name: str) -> str:
@@ -396,7 +408,8 @@ def _check_recorded_rcnn(text: str, config: PvtV2Config, path: str | os.PathLike
     test_rpn, test_rcnn = _recorded_block(test, "rpn"), _recorded_block(test, "rcnn")
     for key, expected in _RCNN_RPN.items():
         check("test_cfg rpn", test_rpn, key, expected)
-    check("test_cfg rpn nms", _recorded_block(test_rpn, "nms"), "iou_threshold", 0.7)
+    for key in ("iou_threshold", "iou_thr"):  # mmdetection 2.x, and its first releases
+        check("test_cfg rpn nms", _recorded_block(test_rpn, "nms"), key, 0.7)
     nms = _recorded_block(test_rcnn, "nms")
     check("test_cfg rcnn nms", nms, "type", "nms")
     if problems:
@@ -410,12 +423,18 @@ def _check_recorded_rcnn(text: str, config: PvtV2Config, path: str | os.PathLike
             "%s records mask_thr_binary=%r: pvtv2 returns mask probabilities and its COCO evaluation thresholds them "
             "at 0.5, so pixels between the two are in one mask and not the other", os.fspath(path), mask_threshold,
         )
+    return _recorded_test_settings(test_rcnn)
+
+
+def _recorded_test_settings(part: str) -> dict[str, Any]:
+    """pvtv2's ``score_threshold``, ``nms_threshold`` and ``detections_per_image`` from the ``score_thr``, NMS IoU
+    and ``max_per_img`` of a recorded test config (a RetinaNet's ``test_cfg``, an R-CNN's ``test_cfg.rcnn``)."""
     settings = {}
-    for field, part, keys in (("score_threshold", test_rcnn, ("score_thr",)),
-                              ("nms_threshold", nms, ("iou_threshold", "iou_thr")),
-                              ("detections_per_image", test_rcnn, ("max_per_img",))):
+    for field, where, keys in (("score_threshold", part, ("score_thr",)),
+                               ("nms_threshold", _recorded_block(part, "nms"), ("iou_threshold", "iou_thr")),
+                               ("detections_per_image", part, ("max_per_img",))):
         for key in keys:
-            value = _recorded_value(part, key)
+            value = _recorded_value(where, key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 settings[field] = value
                 break
@@ -609,15 +628,17 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         config = infer_config(canonical, layout, **overrides)
     config = _attach_imagenet_labels(config, canonical)
     config = _attach_recorded_labels(config, canonical, class_names)
+    recorded_settings = {}
     if layout == MMDET_LAYOUT and recorded and "detector.head.classification_head.cls_logits.weight" in canonical:
-        _check_recorded_retinanet(recorded, config, weights_path)
+        recorded_settings = _check_recorded_retinanet(recorded, config, weights_path)
     if layout == MMDET_LAYOUT and recorded and "detector.roi_heads.box_predictor.cls_score.weight" in canonical:
         recorded_settings = _check_recorded_rcnn(recorded, config, weights_path)
+    if recorded_settings:
         # the file's test settings are mmdetection's detections; a config or setting the caller gave stays theirs
         applied = {k: v for k, v in recorded_settings.items() if k not in overrides and getattr(config, k, None) != v}
         if applied and given is None:
             config = config.replace(**applied)
-            logger.info("%s records the box head's test settings %s: applied", os.fspath(weights_path),
+            logger.info("%s records the test settings %s: applied", os.fspath(weights_path),
                         ", ".join(f"{k}={v!r}" for k, v in applied.items()))
     # Built without memory or random initialisation: the checkpoint's tensors become the parameters.
     try:

@@ -331,3 +331,27 @@ def test_a_retinanet_files_recorded_test_settings_are_applied_too(tmp_path):
     assert (head.score_thresh, head.nms_thresh, head.detections_per_img) == (0.3, 0.4, 50)
     with pytest.raises(CheckpointError, match=r"test_cfg nms_pre=2000"):
         PvtV2ForObjectDetection.from_pretrained(_retina_file(tmp_path, text.replace("nms_pre=1000", "nms_pre=2000")))
+
+
+@pytest.mark.parametrize("kind", ["rcnn", "retinanet"])
+def test_the_encoder_of_a_file_with_another_recorded_head_setting_still_reads(tmp_path, kind, capsys):
+    """The recorded-config check is about the detector's arithmetic: it refused the encoder alone too
+    (PvtV2Model.from_pretrained, `pvtv2 convert FILE encoder.safetensors --layout timm`, the way out its own message
+    gives), whose numbers the setting does not touch. The encoder reads, and equals timm's on the file's backbone."""
+    from test_hostile_mmdet28 import AUTHORS as RETINA
+    from test_hostile_mmdet28 import _file_with_config as _retina_file
+
+    from pvtv2 import PvtV2Model
+    from pvtv2.cli import main
+
+    if kind == "rcnn":
+        path = _file_with_config(tmp_path, AUTHORS.replace("sampling_ratio=0)", "sampling_ratio=2)"))
+    else:
+        path = _retina_file(tmp_path, RETINA.replace("octave_base_scale=4", "octave_base_scale=8"))
+    with pytest.raises(CheckpointError, match="sampling_ratio=2" if kind == "rcnn" else "octave_base_scale=8"):
+        PvtV2ForObjectDetection.from_pretrained(path)  # the detector is still refused
+    encoder = PvtV2Model.from_pretrained(path).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (_backbone()(x)[-1] - encoder(x).last_hidden_state).abs().max() < 1e-5
+    assert main(["convert", str(path), str(tmp_path / "encoder.safetensors"), "--layout", "timm"]) == 0, capsys.readouterr().err

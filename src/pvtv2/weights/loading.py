@@ -629,9 +629,11 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     config = _attach_imagenet_labels(config, canonical)
     config = _attach_recorded_labels(config, canonical, class_names)
     recorded_settings = {}
-    if layout == MMDET_LAYOUT and recorded and "detector.head.classification_head.cls_logits.weight" in canonical:
+    # the recorded settings are the detector's arithmetic: a model without one (the encoder alone) is not refused
+    detector = layout == MMDET_LAYOUT and bool(recorded) and "detector." in getattr(model_cls, "head_prefixes", ())
+    if detector and "detector.head.classification_head.cls_logits.weight" in canonical:
         recorded_settings = _check_recorded_retinanet(recorded, config, weights_path)
-    if layout == MMDET_LAYOUT and recorded and "detector.roi_heads.box_predictor.cls_score.weight" in canonical:
+    if detector and "detector.roi_heads.box_predictor.cls_score.weight" in canonical:
         recorded_settings = _check_recorded_rcnn(recorded, config, weights_path)
     if recorded_settings:
         # the file's test settings are mmdetection's detections; a config or setting the caller gave stays theirs

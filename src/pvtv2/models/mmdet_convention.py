@@ -87,11 +87,14 @@ def paste_masks_mmdetection(masks: Tensor, boxes: Tensor, height: int, width: in
     ``(x + 0.5, y + 0.5)`` mapped to ``2 * (x + 0.5 - x1) / (x2 - x1) - 1`` (and so for y), sampled with
     ``grid_sample(align_corners=False)`` and zeros beyond the mask, which reach half a cell past the box; further
     out every value is 0, so each box is sampled over its own region only (memory: torchvision's pasting keeps the
-    same (N, 1, H, W) result). Returns (N, 1, height, width) probabilities in ``masks``' dtype."""
+    same (N, 1, H, W) result). Returns (N, 1, height, width) probabilities in ``masks``' dtype, computed in
+    float64 for float64 masks, else in float32."""
     out = masks.new_zeros((masks.shape[0], 1, height, width))
     cells = masks.shape[-1]
+    # float64 masks (a model in float64) sampled in float64; float32 and lower in float32, as mmdetection
+    work = torch.float64 if masks.dtype == torch.float64 else torch.float32
     for i in range(masks.shape[0]):
-        box = boxes[i].to(torch.float32)
+        box = boxes[i].to(work)
         x1, y1, x2, y2 = (float(v) for v in box)
         # a whole cell of margin (the samples reach half of one), and a pixel for the rounding
         margin_x, margin_y = (x2 - x1) / cells, (y2 - y1) / cells
@@ -99,13 +102,13 @@ def paste_masks_mmdetection(masks: Tensor, boxes: Tensor, height: int, width: in
         top, bottom = max(math.floor(y1 - margin_y) - 1, 0), min(math.ceil(y2 + margin_y) + 1, height)
         if right <= left or bottom <= top:
             continue
-        xs = (torch.arange(left, right, device=masks.device, dtype=torch.float32) + 0.5 - box[0]) / (box[2] - box[0]) * 2 - 1
-        ys = (torch.arange(top, bottom, device=masks.device, dtype=torch.float32) + 0.5 - box[1]) / (box[3] - box[1]) * 2 - 1
+        xs = (torch.arange(left, right, device=masks.device, dtype=work) + 0.5 - box[0]) / (box[2] - box[0]) * 2 - 1
+        ys = (torch.arange(top, bottom, device=masks.device, dtype=work) + 0.5 - box[1]) / (box[3] - box[1]) * 2 - 1
         # a box without width or height: mmdetection sets the infinite coordinates to 0 (pvtv2's detections have
         # none: torchvision drops boxes under 1e-2)
         xs, ys = torch.nan_to_num(xs, nan=0.0, posinf=0.0, neginf=0.0), torch.nan_to_num(ys, nan=0.0, posinf=0.0, neginf=0.0)
         grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], dim=-1)
-        pasted = F.grid_sample(masks[i : i + 1].to(torch.float32), grid[None], align_corners=False)
+        pasted = F.grid_sample(masks[i : i + 1].to(work), grid[None], align_corners=False)
         out[i, 0, top:bottom, left:right] = pasted[0, 0].to(out.dtype)
     return out
 
@@ -187,7 +190,10 @@ def _classes() -> tuple[Any, Any, Any, Any]:
             for level, (feature, stride) in enumerate(zip(maps, self.strides)):
                 index = torch.nonzero(levels == level).squeeze(1)
                 if index.numel():
-                    pooled = roi_align(feature, rois[index].to(feature.dtype), size, spatial_scale=1.0 / stride,
+                    # the wider of the two dtypes: boxes are not rounded to bfloat16 features (under autocast the
+                    # ground-truth boxes join the proposals in float32; roi_align's autocast runs in float32)
+                    dtype = torch.promote_types(feature.dtype, rois.dtype)
+                    pooled = roi_align(feature.to(dtype), rois[index].to(dtype), size, spatial_scale=1.0 / stride,
                                        sampling_ratio=0, aligned=True)
                     out = out.index_copy(0, index, pooled.to(out.dtype))  # out of place: autograd through each level
             return out

@@ -295,12 +295,14 @@ def _recorded_part(text: str, name: str) -> str:
     return m.group(1) if m else ""
 
 
-def _check_recorded_retinanet(text: str, config: PvtV2Config, path: str | os.PathLike) -> None:
+def _check_recorded_retinanet(text: str, config: PvtV2Config, path: str | os.PathLike) -> dict[str, Any]:
     """:class:`CheckpointError` where the training config an mmdetection RetinaNet file records sets what its
     tensors' shapes cannot tell and pvtv2 computes otherwise: where P6 comes from (C5 here, ``add_extra_convs=
     "on_input"``), no ReLU before the extra convolutions, and the anchors (``octave_base_scale=4``,
     ``scales_per_octave=3``, ratios 0.5, 1, 2 in that order, the levels' strides). Read anyway, the file would give
-    other detections than mmdetection's without a word; a file without a recorded config is taken as the authors'."""
+    other detections than mmdetection's without a word; a file without a recorded config is taken as the authors'.
+    Returns the recorded test settings (``test_cfg``: ``score_thr``, the NMS IoU, ``max_per_img``) as pvtv2's config
+    fields, for the caller to apply; another ``nms_pre`` or ``min_bbox_size`` is refused."""
     neck, anchors = _recorded_part(text, "neck"), _recorded_part(text, "anchor_generator")
     count = config.num_encoder_blocks
     stages = config.fpn_stages or [count - 2, count - 1, count]  # RetinaNet's default: the last three stages
@@ -319,11 +321,124 @@ def _check_recorded_retinanet(text: str, config: PvtV2Config, path: str | os.Pat
         value = _recorded_value(anchors, key)
         if value is not None and value != expected:
             problems.append(f"anchor_generator {key}={value!r} (pvtv2: {expected!r})")
+    test = _recorded_block(text, "test_cfg")
+    # torchvision's RetinaNet keeps the 1000 best candidates per level (topk_candidates) and no box is too small
+    for key, expected in (("nms_pre", 1000), ("min_bbox_size", 0)):
+        value = _recorded_value(test, key)
+        if value is not None and value != expected:
+            problems.append(f"test_cfg {key}={value!r} (pvtv2: {expected!r})")
+    nms_type = _recorded_value(_recorded_block(test, "nms"), "type")
+    if nms_type not in (None, "nms"):
+        problems.append(f"test_cfg nms type={nms_type!r} (pvtv2: 'nms')")
     if problems:
         raise CheckpointError(
             f"{os.fspath(path)!r} is an mmdetection RetinaNet whose recorded config (meta) sets what pvtv2's RetinaNet "
             f"does not compute, with tensors of the same shapes: " + "; ".join(problems)
         )
+    return _recorded_test_settings(test)
+
+
+def _recorded_block(text: str, name: str) -> str:
+    """The text inside the first ``name=dict(...)`` (or ``'name': {...}``) of a config, nested parts included (the
+    brackets balanced); empty where there is none."""
+    m = re.search(rf"\b{name}['\"]?\s*[=:]\s*(?:dict\(|\{{)", text)
+    if m is None:
+        return ""
+    depth, i = 1, m.end()
+    while i < len(text) and depth:
+        depth += (text[i] in "([{") - (text[i] in ")]}")
+        i += 1
+    return text[m.end() : i - 1]
+
+
+# What pvtv2's Faster / Mask R-CNN computes under the mmdetection convention, as the authors' configs set it.
+_RCNN_BOX_STDS = [0.1, 0.1, 0.2, 0.2]
+_RCNN_RPN = {"nms_pre": 1000, "max_per_img": 1000, "max_num": 1000, "iou_threshold": 0.7, "nms_thr": 0.7,
+             "min_bbox_size": 0}
+
+
+def _check_recorded_rcnn(text: str, config: PvtV2Config, path: str | os.PathLike) -> dict[str, Any]:
+    """:class:`CheckpointError` where the training config an mmdetection Faster / Mask R-CNN file records sets what
+    its tensors' shapes cannot tell and pvtv2 computes otherwise (the RPN's anchors and box coder, the RoI
+    extractors' RoIAlign, output sizes, strides and ``finest_scale``, the box coder, extra FPN convolutions, the
+    RPN's test settings); read anyway, the file gave other detections than mmdetection's without a word. Returns
+    the box head's test settings (``test_cfg.rcnn``: ``score_thr``, the NMS IoU, ``max_per_img``) as pvtv2's
+    config fields, for the caller to apply; warns of another ``mask_thr_binary`` (pvtv2 returns probabilities and
+    its COCO evaluation thresholds them at 0.5)."""
+    count = config.num_encoder_blocks
+    stages = config.fpn_stages or list(range(1, count + 1))
+    strides = [config.stage_strides[s - 1] for s in stages]
+    problems = []
+
+    def check(where: str, part: str, key: str, expected: Any, absent: Any = None) -> None:
+        value = _recorded_value(part, key)
+        value = absent if value is None else value
+        if value is not None and value != expected:
+            problems.append(f"{where} {key}={value!r} (pvtv2: {expected!r})")
+
+    neck, rpn, roi = _recorded_block(text, "neck"), _recorded_block(text, "rpn_head"), _recorded_block(text, "roi_head")
+    extra = _recorded_value(neck, "add_extra_convs")
+    if extra not in (None, False):
+        problems.append(f"neck add_extra_convs={extra!r} (pvtv2's R-CNNs max-pool P5 for P6: False)")
+    check("neck", neck, "num_outs", len(strides) + 1)
+    anchors = _recorded_block(rpn, "anchor_generator")
+    check("rpn_head anchor_generator", anchors, "type", "AnchorGenerator")
+    check("rpn_head anchor_generator", anchors, "scales", [8])
+    check("rpn_head anchor_generator", anchors, "ratios", [0.5, 1.0, 2.0])
+    check("rpn_head anchor_generator", anchors, "strides", strides + [strides[-1] * 2])
+    check("rpn_head anchor_generator", anchors, "center_offset", 0.0)
+    for where, part, stds in (("rpn_head", rpn, [1.0] * 4), ("bbox_head", _recorded_block(roi, "bbox_head"), _RCNN_BOX_STDS)):
+        coder = _recorded_block(part, "bbox_coder")
+        check(f"{where} bbox_coder", coder, "type", "DeltaXYWHBBoxCoder")
+        check(f"{where} bbox_coder", coder, "target_means", [0.0] * 4)
+        check(f"{where} bbox_coder", coder, "target_stds", stds)
+    for name, size in (("bbox_roi_extractor", 7), ("mask_roi_extractor", 14)):
+        extractor = _recorded_block(roi, name)
+        if not extractor:
+            continue
+        layer = _recorded_block(extractor, "roi_layer")
+        check(f"{name} roi_layer", layer, "type", "RoIAlign")
+        check(f"{name} roi_layer", layer, "output_size", size)
+        check(f"{name} roi_layer", layer, "sampling_ratio", 0)
+        check(f"{name} roi_layer", layer, "aligned", True)
+        check(name, re.sub(r"roi_layer\s*=\s*dict\([^)]*\)", "", extractor), "type", "SingleRoIExtractor")
+        check(name, extractor, "featmap_strides", strides)
+        check(name, extractor, "finest_scale", 56)
+    test = _recorded_block(text, "test_cfg")
+    test_rpn, test_rcnn = _recorded_block(test, "rpn"), _recorded_block(test, "rcnn")
+    for key, expected in _RCNN_RPN.items():
+        check("test_cfg rpn", test_rpn, key, expected)
+    for key in ("iou_threshold", "iou_thr"):  # mmdetection 2.x, and its first releases
+        check("test_cfg rpn nms", _recorded_block(test_rpn, "nms"), key, 0.7)
+    nms = _recorded_block(test_rcnn, "nms")
+    check("test_cfg rcnn nms", nms, "type", "nms")
+    if problems:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is an mmdetection R-CNN whose recorded config (meta) sets what pvtv2's R-CNN does "
+            f"not compute, with tensors of the same shapes: " + "; ".join(problems)
+        )
+    mask_threshold = _recorded_value(test_rcnn, "mask_thr_binary")
+    if mask_threshold is not None and mask_threshold != 0.5:
+        logger.warning(
+            "%s records mask_thr_binary=%r: pvtv2 returns mask probabilities and its COCO evaluation thresholds them "
+            "at 0.5, so pixels between the two are in one mask and not the other", os.fspath(path), mask_threshold,
+        )
+    return _recorded_test_settings(test_rcnn)
+
+
+def _recorded_test_settings(part: str) -> dict[str, Any]:
+    """pvtv2's ``score_threshold``, ``nms_threshold`` and ``detections_per_image`` from the ``score_thr``, NMS IoU
+    and ``max_per_img`` of a recorded test config (a RetinaNet's ``test_cfg``, an R-CNN's ``test_cfg.rcnn``)."""
+    settings = {}
+    for field, where, keys in (("score_threshold", part, ("score_thr",)),
+                               ("nms_threshold", _recorded_block(part, "nms"), ("iou_threshold", "iou_thr")),
+                               ("detections_per_image", part, ("max_per_img",))):
+        for key in keys:
+            value = _recorded_value(where, key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                settings[field] = value
+                break
+    return settings
 
 
 def _own_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -513,8 +628,20 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         config = infer_config(canonical, layout, **overrides)
     config = _attach_imagenet_labels(config, canonical)
     config = _attach_recorded_labels(config, canonical, class_names)
-    if layout == MMDET_LAYOUT and recorded and "detector.head.classification_head.cls_logits.weight" in canonical:
-        _check_recorded_retinanet(recorded, config, weights_path)
+    recorded_settings = {}
+    # the recorded settings are the detector's arithmetic: a model without one (the encoder alone) is not refused
+    detector = layout == MMDET_LAYOUT and bool(recorded) and "detector." in getattr(model_cls, "head_prefixes", ())
+    if detector and "detector.head.classification_head.cls_logits.weight" in canonical:
+        recorded_settings = _check_recorded_retinanet(recorded, config, weights_path)
+    if detector and "detector.roi_heads.box_predictor.cls_score.weight" in canonical:
+        recorded_settings = _check_recorded_rcnn(recorded, config, weights_path)
+    if recorded_settings:
+        # the file's test settings are mmdetection's detections; a config or setting the caller gave stays theirs
+        applied = {k: v for k, v in recorded_settings.items() if k not in overrides and getattr(config, k, None) != v}
+        if applied and given is None:
+            config = config.replace(**applied)
+            logger.info("%s records the test settings %s: applied", os.fspath(weights_path),
+                        ", ".join(f"{k}={v!r}" for k, v in applied.items()))
     # Built without memory or random initialisation: the checkpoint's tensors become the parameters.
     try:
         with torch.device("meta"):

@@ -25,13 +25,12 @@ import logging
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import random_weights_, relative_error, shrink_patch_embeddings_
+from conftest import relative_error
+from mmdet_files import timm_backbone, write_mmdet_file
 
 from pvtv2 import CheckpointError, PvtV2Model
-from pvtv2.weights.layouts import convert_state_dict
 
 pytest.importorskip("torchvision")
 
@@ -50,10 +49,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # mmdetection's 123
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def _backbone(seed: int = 0) -> torch.nn.Module:
-    model = timm.create_model("pvt_v2_b0", pretrained=False, depths=(1, 2, 1, 1), features_only=True)
-    random_weights_(model, seed=seed)
-    return shrink_patch_embeddings_(model, 1e-3).eval()
+_backbone = timm_backbone
 
 
 def _rcnn_state(mask: bool = True, classes: int = len(CLASSES), seed: int = 1) -> dict[str, torch.Tensor]:
@@ -92,15 +88,7 @@ def _rcnn_state(mask: bool = True, classes: int = len(CLASSES), seed: int = 1) -
 
 
 def _mmdet_file(tmp_path, backbone, head, name="mask_rcnn_pvt_v2_b0_fpn_1x_coco.pth", classes=CLASSES):
-    timm_state = {k.replace("stages_", "stages.", 1): v for k, v in backbone.state_dict().items()}
-    state = {f"backbone.{k}": v for k, v in convert_state_dict(timm_state, "original").items()} | head
-    meta = {"mmdet_version": "2.13.0", "epoch": 12, "config": "model = dict(type='MaskRCNN')"}
-    if classes is not None:
-        meta["CLASSES"] = classes
-    path = tmp_path / name
-    torch.save({"meta": meta, "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}, path)
-    torch.load(path, weights_only=True)  # a plain file: nothing pickled is run to read it
-    return path
+    return write_mmdet_file(tmp_path, backbone, head, name, "MaskRCNN", classes)
 
 
 # ---------------------------------------------------------------------------------------------- mmdetection, written out

@@ -182,10 +182,15 @@ def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
     return _CAPABILITY[dtype]
 
 
+def _autocasts(x: torch.Tensor) -> bool:
+    """Whether CPU autocast casts the GEMMs and convolutions on ``x`` (on, and ``x`` not float64, which it leaves)."""
+    return torch.is_autocast_enabled("cpu") and x.dtype != torch.float64
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the reference's GEMMs and convolutions compute ``x`` in: autocast's, except for float64, which
     autocast leaves alone (a float64 model under autocast computes in float64; the fast path then does not apply)."""
-    if torch.is_autocast_enabled("cpu") and x.dtype != torch.float64:
+    if _autocasts(x):
         return torch.get_autocast_dtype("cpu")
     return x.dtype
 
@@ -299,13 +304,13 @@ def _slots_fit(m: nn.Module) -> bool:
     return True
 
 
-def _params_fit(m: nn.Module, dtype: torch.dtype | None, compute_dtype: torch.dtype | None) -> bool:
+def _params_fit(m: nn.Module, dtype: torch.dtype | None, autocast: bool) -> bool:
     """Whether the weight and bias of ``m`` (a Linear or Conv2d) are what the fused operators read: a bias of one
     element per output (F.linear broadcasts a bias of one element or a (1, out) row, oneDNN's operators fail on it),
     and, given the input's ``dtype``, whether F.linear or F.conv2d would take them with it: of that dtype, or under
-    autocast (``compute_dtype`` another) any dtype but float64, which autocast leaves alone. The fused code casts
-    them to the compute dtype, which would give numbers where the modules raise (a float64 bias or a bf16 weight put
-    in a float32 model)."""
+    ``autocast`` any dtype but float64, which autocast leaves alone (the input itself may already be in autocast's
+    dtype: the stages after the first). The fused code casts them to the compute dtype, which would give numbers
+    where the modules raise (a float64 bias or a bf16 weight put in a float32 model)."""
     if m.bias is not None and m.bias.shape != m.weight.shape[:1]:
         return False
     if dtype is None:
@@ -313,15 +318,15 @@ def _params_fit(m: nn.Module, dtype: torch.dtype | None, compute_dtype: torch.dt
     for p in (m.weight, m.bias):
         if p is None:
             continue
-        if p.dtype != dtype if compute_dtype == dtype else p.dtype == torch.float64:
+        if p.dtype == torch.float64 if autocast else p.dtype != dtype:
             return False
     return True
 
 
-def fusable(stage: nn.Module, dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None) -> bool:
+def fusable(stage: nn.Module, dtype: torch.dtype | None = None, autocast: bool = False) -> bool:
     """Whether every module of ``stage`` (itself included) is in eval mode, of a type the fused code knows exactly,
     in a slot where the fused code computes what calling it does, and runs only its class's forward; given the
-    input's ``dtype`` and the ``compute_dtype`` (:func:`_compute_dtype`), also whether every linear layer and
+    input's ``dtype`` and whether ``autocast`` casts it (:func:`_autocasts`), also whether every linear layer and
     convolution would take its weights with that input; and whether their biases have one element per output. Runs at every call: one walk over the modules, a few
     attribute reads each."""
     if _global_hooks():
@@ -333,7 +338,7 @@ def fusable(stage: nn.Module, dtype: torch.dtype | None = None, compute_dtype: t
             continue
         if m.training or not _known(type(m)) or not _plain(m) or not _slots_fit(m):
             return False
-        if type(m) in (nn.Linear, nn.Conv2d) and not _params_fit(m, dtype, compute_dtype):
+        if type(m) in (nn.Linear, nn.Conv2d) and not _params_fit(m, dtype, autocast):
             return False
         todo.extend(m._modules.values())
     return True
@@ -351,7 +356,7 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's calls: the reference stage traces
-        and (stage is None or fusable(stage, x.dtype, _compute_dtype(x)))
+        and (stage is None or fusable(stage, x.dtype, _autocasts(x)))
         and fast_path_available(_compute_dtype(x))
     )
 

@@ -129,3 +129,30 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def write_square_coco(root, split: str, boxes: list[list[int]], masks: bool = False, category_id: int = 1,
+                      size: int = 64) -> None:
+    """A COCO-format split under ``root``: one white square per image (``boxes`` x, y, w, h) on dark noise, one
+    category "square" of id ``category_id``, with (``masks``) or without the square's polygon."""
+    import json
+
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(len(split))
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    images, annotations = [], []
+    for i, (x, y, w, h) in enumerate(boxes):
+        pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+        pixels[y : y + h, x : x + w] = 255
+        ann = {"id": i + 1, "image_id": i + 1, "category_id": category_id, "bbox": [x, y, w, h], "area": w * h,
+               "iscrowd": 0}
+        if masks:
+            ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        annotations.append(ann)
+        PIL.Image.fromarray(pixels).save(root / split / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size})
+    data = {"images": images, "annotations": annotations, "categories": [{"id": category_id, "name": "square"}]}
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))

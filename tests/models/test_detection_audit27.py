@@ -19,7 +19,7 @@ pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
 timm = pytest.importorskip("timm")
 
-from conftest import TINY_SHALLOW, perturb_
+from conftest import TINY_SHALLOW, perturb_, write_square_coco
 from torchvision.models import detection as tvd
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -31,23 +31,8 @@ from pvtv2.models.detection import DETECTORS, PvtV2ForObjectDetection
 from pvtv2.weights.layouts import convert_state_dict
 
 
-def _write(root: Path, split: str, boxes: list[list[int]], masks: bool, size: int = 64) -> None:
-    """One white square per image on dark noise, category id 7, with (``masks``) or without its polygon."""
-    rng = np.random.default_rng(len(split))
-    (root / split).mkdir(parents=True, exist_ok=True)
-    (root / "annotations").mkdir(exist_ok=True)
-    images, annotations = [], []
-    for i, (x, y, w, h) in enumerate(boxes):
-        pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-        pixels[y : y + h, x : x + w] = 255
-        ann = {"id": i + 1, "image_id": i + 1, "category_id": 7, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
-        if masks:
-            ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
-        annotations.append(ann)
-        PIL.Image.fromarray(pixels).save(root / split / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size})
-    data = {"images": images, "annotations": annotations, "categories": [{"id": 7, "name": "square"}]}
-    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+def _write(root: Path, split: str, boxes: list[list[int]], masks: bool) -> None:
+    write_square_coco(root, split, boxes, masks=masks, category_id=7)
 
 
 def test_mask_training_on_boxes_without_any_mask_is_refused(tmp_path, capsys, caplog):

@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
 
-from conftest import TINY_SHALLOW, perturb_
+from conftest import TINY_SHALLOW, perturb_, write_square_coco
 
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification
 from pvtv2.cli import main
@@ -25,21 +23,7 @@ from pvtv2.training import TrainConfig
 from pvtv2.training.detection import DetectionTask, build_detector, resolve_detector
 
 
-def _write(root: Path, split: str, boxes: list[list[int]], size: int = 64) -> None:
-    """One white square per image on dark noise, category "square"."""
-    rng = np.random.default_rng(len(split))
-    (root / split).mkdir(parents=True, exist_ok=True)
-    (root / "annotations").mkdir(exist_ok=True)
-    images, annotations = [], []
-    for i, (x, y, w, h) in enumerate(boxes):
-        pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-        pixels[y : y + h, x : x + w] = 255
-        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [x, y, w, h], "area": w * h,
-                            "iscrowd": 0})
-        PIL.Image.fromarray(pixels).save(root / split / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": size, "height": size})
-    data = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "square"}]}
-    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+_write = write_square_coco  # category id 1
 
 
 def _saved(path: Path, detector: str) -> PvtV2ForObjectDetection:

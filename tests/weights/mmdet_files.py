@@ -20,12 +20,15 @@ def timm_backbone(seed: int = 0) -> torch.nn.Module:
 
 
 def write_mmdet_file(tmp_path: Path, backbone: torch.nn.Module, head: dict[str, torch.Tensor], name: str,
-                     detector: str, classes: tuple[str, ...] | None) -> Path:
-    """An mmcv checkpoint: ``backbone.`` in the authors' layout + ``head``, mmcv's meta (class names, a config
-    naming ``detector``) and an optimizer entry; readable with ``torch.load(weights_only=True)``."""
+                     detector: str, classes: tuple[str, ...] | None, config: str | None = None,
+                     config_key: str = "config") -> Path:
+    """An mmcv checkpoint: ``backbone.`` in the authors' layout + ``head``, mmcv's meta (class names, the config's
+    text under ``config_key``: ``config``, or one naming ``detector`` alone) and an optimizer entry; readable with
+    ``torch.load(weights_only=True)``."""
     timm_state = {k.replace("stages_", "stages.", 1): v for k, v in backbone.state_dict().items()}
     state = {f"backbone.{k}": v for k, v in convert_state_dict(timm_state, "original").items()} | head
-    meta = {"mmdet_version": "2.13.0", "epoch": 12, "config": f"model = dict(type='{detector}')"}
+    text = f"model = dict(type='{detector}')" if config is None else config
+    meta = {"mmdet_version": "2.13.0", "epoch": 12, config_key: text}
     if classes is not None:
         meta["CLASSES"] = classes
     path = tmp_path / name

@@ -134,12 +134,7 @@ AUTHORS = """model = dict(
 
 
 def _file_with_config(tmp_path, text, key="config", mask=True):
-    path = _mmdet_file(tmp_path, _backbone(), _rcnn_state(mask=mask))
-    checkpoint = torch.load(path, weights_only=True)
-    checkpoint["meta"].pop("config")
-    checkpoint["meta"][key] = text
-    torch.save(checkpoint, path)
-    return path
+    return _mmdet_file(tmp_path, _backbone(), _rcnn_state(mask=mask), config=text, config_key=key)
 
 
 @pytest.mark.parametrize("key", ["config", "cfg"])

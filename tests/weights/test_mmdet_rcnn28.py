@@ -87,8 +87,8 @@ def _rcnn_state(mask: bool = True, classes: int = len(CLASSES), seed: int = 1) -
     return s
 
 
-def _mmdet_file(tmp_path, backbone, head, name="mask_rcnn_pvt_v2_b0_fpn_1x_coco.pth", classes=CLASSES):
-    return write_mmdet_file(tmp_path, backbone, head, name, "MaskRCNN", classes)
+def _mmdet_file(tmp_path, backbone, head, name="mask_rcnn_pvt_v2_b0_fpn_1x_coco.pth", classes=CLASSES, **config):
+    return write_mmdet_file(tmp_path, backbone, head, name, "MaskRCNN", classes, **config)
 
 
 # ---------------------------------------------------------------------------------------------- mmdetection, written out

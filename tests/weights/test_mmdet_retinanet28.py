@@ -69,8 +69,8 @@ def _retina_state(width: int = 24, classes: int = len(CLASSES), seed: int = 1) -
     return s
 
 
-def _mmdet_file(tmp_path, backbone, head, name="retinanet_pvt_v2_b0_fpn_1x_coco.pth", classes=CLASSES):
-    return write_mmdet_file(tmp_path, backbone, head, name, "RetinaNet", classes)
+def _mmdet_file(tmp_path, backbone, head, name="retinanet_pvt_v2_b0_fpn_1x_coco.pth", classes=CLASSES, **config):
+    return write_mmdet_file(tmp_path, backbone, head, name, "RetinaNet", classes, **config)
 
 
 def _mmdet_levels(features: list[torch.Tensor], s: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -356,6 +356,8 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's calls: the reference stage traces
+        # Inside torch.func's transforms (vmap over inputs or over stacked weights, grad): no oneDNN call is batched.
+        and torch._C._functorch.peek_interpreter_stack() is None
         and (stage is None or fusable(stage, x.dtype, _autocasts(x)))
         and fast_path_available(_compute_dtype(x))
     )

@@ -73,7 +73,9 @@ class OverlapPatchEmbed(nn.Module):
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = x.contiguous(memory_format=torch.channels_last)
+        if torch._C._functorch.peek_interpreter_stack() is None:
+            # Channels-last for the convolution (oneDNN's layout on CPU); torch.func.vmap cannot ask for it.
+            x = x.contiguous(memory_format=torch.channels_last)
         if (
             x.device.type == "cpu"
             and min(x.shape[-2:]) <= self.proj.padding[0]
@@ -112,7 +114,11 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether to compute attention as softmax(QK^T)V rather than SDPA: under bf16/fp16 autocast on the CPU, where
     SDPA's kernels run the few keys of spatial-reduction attention two to four times slower than the matrix products
     (forward and backward, measured in docs/benchmarks.md); what transformers' eager attention computes there. Not
-    where the probabilities would be large (no reduction at high resolution), which SDPA never stores."""
+    where the probabilities would be large (no reduction at high resolution), which SDPA never stores. And inside
+    torch.func's transforms (vmap, per-sample gradients, ensembles over stacked weights): SDPA's CPU kernels have no
+    batching rule there, and vmap would run them one sample at a time."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
     if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False
     batch, heads, tokens, _ = q.shape

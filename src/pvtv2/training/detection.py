@@ -127,15 +127,16 @@ def example_config(**changes: Any) -> TrainConfig:
     return TrainConfig(**{**EXAMPLE_RECIPE, **changes, "task": "detection"})
 
 
-def resolve_detector(cfg: TrainConfig) -> TrainConfig:
+def resolve_detector(cfg: TrainConfig, announce: bool = True) -> TrainConfig:
     """``cfg`` with ``detector`` decided: the one given, else the kind of the saved detector ``--model`` names (its
     config.json's, or the heads a weights file without one holds, so that fine-tuning a saved FCOS needs no
     ``--detector fcos``), else retinanet (a new detector: a preset, ``tiny``, a classification checkpoint or an
-    encoder file)."""
+    encoder file). ``announce``: log the choice of a saved kind (the runner's call does; the settings' check, which
+    builds a task before, does not, so the run's log says it once)."""
     if cfg.detector is not None:
         return cfg
     saved = saved_detector_kind(cfg.model)
-    if saved is not None:
+    if saved is not None and announce:
         logger.info("--detector %s: the kind of the saved detector %s", saved, cfg.model)
     return dataclasses.replace(cfg, detector=saved or "retinanet")
 
@@ -284,7 +285,7 @@ class DetectionTask(Task):
     def __init__(self, cfg: TrainConfig) -> None:
         # --detector left out: the saved detector's kind, else retinanet (the runner decides it before run.json is
         # written; a task built directly decides it here).
-        super().__init__(resolve_detector(cfg))
+        super().__init__(resolve_detector(cfg, announce=False))
 
     def architecture(self) -> PvtV2Config | None:
         config = new_architecture(self.cfg.model, TINY_DETECTION, image_size=self.cfg.image_size)

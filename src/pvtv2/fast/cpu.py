@@ -311,11 +311,17 @@ def _params_fit(m: nn.Module, dtype: torch.dtype | None, autocast: bool) -> bool
     ``autocast`` any dtype but float64, which autocast leaves alone (the input itself may already be in autocast's
     dtype: the stages after the first). The fused code casts them to the compute dtype, which would give numbers
     where the modules raise (a float64 bias or a bf16 weight put in a float32 model)."""
-    if m.bias is not None and m.bias.shape != m.weight.shape[:1]:
+    params = m._parameters  # not m.weight: nn.Module.__getattr__ costs a microsecond a call, at every call
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is None:
+        weight = m.weight  # a weight that is not a parameter (a plain tensor put in its place)
+    if "bias" not in params:
+        bias = m.bias
+    if bias is not None and bias.shape != weight.shape[:1]:
         return False
     if dtype is None:
         return True
-    for p in (m.weight, m.bias):
+    for p in (weight, bias):
         if p is None:
             continue
         if p.dtype == torch.float64 if autocast else p.dtype != dtype:
@@ -336,9 +342,10 @@ def fusable(stage: nn.Module, dtype: torch.dtype | None = None, autocast: bool =
         m = todo.pop()
         if m is None:  # a submodule slot set to None
             continue
-        if m.training or not _known(type(m)) or not _plain(m) or not _slots_fit(m):
+        cls = type(m)
+        if m.training or not _known(cls) or not _plain(m) or not _slots_fit(m):
             return False
-        if type(m) in (nn.Linear, nn.Conv2d) and not _params_fit(m, dtype, autocast):
+        if (cls is nn.Linear or cls is nn.Conv2d) and not _params_fit(m, dtype, autocast):
             return False
         todo.extend(m._modules.values())
     return True
@@ -365,7 +372,16 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
 
 # ---------------------------------------------------------------------------------------------- weights
 def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
-    return [p for m in modules for p in (m.weight, m.bias) if p is not None]
+    out = []
+    for m in modules:
+        params = m._parameters  # as in _params_fit: not through nn.Module.__getattr__
+        weight = params["weight"] if "weight" in params else m.weight
+        bias = params["bias"] if "bias" in params else m.bias
+        if weight is not None:
+            out.append(weight)
+        if bias is not None:
+            out.append(bias)
+    return out
 
 
 def _dense(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -364,6 +364,25 @@ def test_compiled_model_returns_the_output_class():
     assert got.hidden_states is got["hidden_states"] and len(got.hidden_states) == len(want.hidden_states)
 
 
+def test_compiled_backbone_returns_its_maps_as_the_first_field():
+    """The backbone's first field is a tuple of maps, the one case where the constructor looks for pairs."""
+    from pvtv2 import PvtV2Backbone
+
+    torch.manual_seed(0)
+    backbone = PvtV2Backbone(PvtV2Config(**TINY, out_features=["stage2", "stage4"])).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            got = torch.compile(backbone, fullgraph=True, dynamic=False, backend="eager")(x)
+            want = backbone(x)
+    finally:
+        torch._dynamo.reset()
+    assert type(got) is BackboneOutput and list(got) == list(want) == ["feature_maps"]
+    assert got.feature_maps is got[0] and len(got.feature_maps) == len(want.feature_maps) == 2
+    assert all(relative_error(a, b) < 1e-5 for a, b in zip(want.feature_maps, got["feature_maps"], strict=True))
+
+
 def test_dataclass_helpers_keep_the_two_views_equal():
     ours, theirs = _both(ImageClassifierOutput, hf.ImageClassifierOutput, skip=("loss",))
     loss = torch.tensor(2.0)

@@ -170,6 +170,26 @@ def test_training_step_through_the_onednn_gemms_equals_transformers(name):
     _assert_same_gradients(want_grads, got_grads)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_step_on_cuda_equals_transformers_under_the_same_seed():
+    """On a GPU the attention dropout is F.dropout on the probabilities (CUDA's fused dropout kernel, as
+    transformers' nn.Dropout), not SDPA's dropout_p, whose fused kernels draw other masks. TF32 off: fp32 products."""
+    ours, theirs = _pair(PvtV2Config(**CONFIGS["b0_like"], num_labels=5))
+    ours, theirs = ours.cuda(), theirs.cuda()
+    x, labels = _images().cuda(), torch.tensor([0, 4, 2, 1]).cuda()
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            got, got_grads = _step(ours, x, seed=13, labels=labels)
+            want, want_grads = _step(theirs, x, seed=13, labels=labels)
+            _assert_draws_matter(ours, x, seed=13)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert relative_error(want.logits, got.logits) < TOL
+    _assert_same_gradients(want_grads, got_grads)
+
+
 def test_gradient_checkpointing_recomputes_the_same_draws():
     """Checkpointed blocks are run again in backward with the generator state of their forward: the gradients are
     transformers' (without checkpointing), not those of other masks."""
@@ -290,3 +310,24 @@ def test_segformer_training_step_with_every_dropout_equals_transformers(tmp_path
     # channel, which the head's BatchNorm (training: batch statistics) subtracts: their gradients are exactly zero.
     constants = ("encoder.layers.3.layer_norm.bias", *(f"decode_head.linear_c.{i}.proj.bias" for i in range(4)))
     _assert_same_gradients(want_grads, got_grads, zero=constants)
+
+
+def test_glpn_training_step_with_every_dropout_equals_transformers(tmp_path):
+    """GLPN (depth) with stochastic depth and both encoder dropouts: the depth map, the loss and every gradient."""
+    from pvtv2.models.depth import PvtV2ForDepthEstimation
+
+    config = transformers.GLPNConfig(**SMALL, max_depth=7, **DROPS)
+    reference, model = _dense_pair(transformers.GLPNForDepthEstimation, config, PvtV2ForDepthEstimation, tmp_path)
+    assert model.config.drop_path_rate == 0.4 and model.config.hidden_dropout_prob == 0.2
+    x = _images(size=64)
+    labels = torch.rand(4, 64, 64, generator=torch.Generator().manual_seed(2)) * 7 + 0.1
+    want, want_grads = _step(reference, x, seed=8, labels=labels)
+    got, got_grads = _step(model, x, seed=8, labels=labels)
+    assert relative_error(want.predicted_depth, got.predicted_depth) < TOL
+    assert abs(want.loss.item() - got.loss.item()) < TOL * want.loss.item()
+    torch.manual_seed(9)
+    assert relative_error(want.predicted_depth, model(x).predicted_depth) > 1e-3  # another seed, other draws
+    want_grads = to_canonical(want_grads, "glpn")
+    got_grads = {name.removeprefix("pvt_v2."): g for name, g in got_grads.items()}
+    # The fusions' convolution biases feed BatchNorms in training (batch statistics): exactly zero gradients.
+    _assert_same_gradients(want_grads, got_grads, zero=("convolutional_layer1.0.bias", "convolutional_layer2.0.bias"))

@@ -47,7 +47,12 @@ __all__ = [
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch of a sample with probability ``drop_prob`` in training."""
+    """Stochastic depth: drops the whole residual branch of a sample with probability ``drop_prob`` in training.
+
+    The draw is transformers' (``PvtV2DropPath``): one ``torch.rand`` of shape (B, 1, ...) in ``x``'s dtype and
+    device, ``floor(rand + keep_prob)``, then ``x / keep_prob * mask``. Under the same seed it keeps the same samples
+    and gives the same numbers as transformers' PVTv2 (and SegFormer, GLPN), where timm's ``bernoulli_`` would draw
+    other masks (tests/models/test_dropout_draws29.py)."""
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
@@ -57,8 +62,9 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        mask = torch.floor(mask + keep)  # 1 with probability keep, else 0
+        return x.div(keep) * mask
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
@@ -190,14 +196,17 @@ class SpatialReductionAttention(nn.Module):
         q: (B, heads, N, head_dim); k, v: (B, heads, N', head_dim)."""
         dropout = self.attn_drop if self.training else 0.0
         probs = None
-        if output_attentions or _explicit_attention(q, k):
+        # With attention dropout in training, the explicit softmax and F.dropout on the (B, heads, N, N')
+        # probabilities: the draws transformers makes (nn.Dropout on the same tensor), which SDPA's dropout_p does
+        # not promise (its fused CUDA kernels draw otherwise). Dropout 0 (the default) keeps SDPA.
+        if output_attentions or dropout > 0.0 or _explicit_attention(q, k):
             probs = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, heads, N, N')
             # The maps returned are the weights the values get, after dropout in training, as transformers returns.
             probs = F.dropout(probs, dropout, self.training)
             out = probs @ v
             probs = probs if output_attentions else None
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # no dropout here (above)
         batch, _, tokens, _ = out.shape
         return out.transpose(1, 2).reshape(batch, tokens, -1), probs  # (B, N, C)
 

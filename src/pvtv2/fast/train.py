@@ -213,7 +213,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def module_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; for exactly an ``nn.Linear`` without hooks, :func:`linear` with its weights."""
-    if torch.is_grad_enabled() and plain_modules(nn.Linear, module):
+    """``module(x)``; for exactly an ``nn.Linear`` without hooks, :func:`linear` with its weights. Under
+    ``torch.jit.trace`` the module itself, with autograd on or off: the trace's check reruns the model under
+    ``no_grad``, and the weights read here (in the caller's scope) made another graph than the module's own forward
+    (the trace was refused as differing across invocations)."""
+    if torch.is_grad_enabled() and not torch.jit.is_tracing() and plain_modules(nn.Linear, module):
         return linear(x, module.weight, module.bias)
     return module(x)

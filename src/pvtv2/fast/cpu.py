@@ -43,8 +43,8 @@ public operators it replaces; where the probe fails (another CPU, another build)
    Call :func:`freeze` again after those, or :func:`unfreeze`. Inference tensors (weights made or loaded inside
    ``torch.inference_mode()``) have no version counter, so they are never packed: ``freeze`` leaves such stages
    unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight that is not exactly
-   an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer put in its place), whose ``.data`` is not
-   watched. A new Parameter viewing a packed weight's memory otherwise (a transpose, a negative view) repacks too:
+   an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer put in its place, an instance attribute
+   set over it), whose ``.data`` is not watched. A new Parameter viewing a packed weight's memory otherwise (a transpose, a negative view) repacks too:
    the packing is keyed by the strides and dtype as well.
 4. Thread-safe: several threads may run one model, frozen or not.
 """
@@ -311,12 +311,9 @@ def _params_fit(m: nn.Module, dtype: torch.dtype | None, autocast: bool) -> bool
     ``autocast`` any dtype but float64, which autocast leaves alone (the input itself may already be in autocast's
     dtype: the stages after the first). The fused code casts them to the compute dtype, which would give numbers
     where the modules raise (a float64 bias or a bf16 weight put in a float32 model)."""
-    params = m._parameters  # not m.weight: nn.Module.__getattr__ costs a microsecond a call, at every call
-    weight, bias = params.get("weight"), params.get("bias")
-    if weight is None:
-        weight = m.weight  # a weight that is not a parameter (a plain tensor put in its place)
-    if "bias" not in params:
-        bias = m.bias
+    weight, bias = _weight_and_bias(m)
+    if weight is None:  # the module raises (F.linear takes no None weight): the reference path says so
+        return False
     if bias is not None and bias.shape != weight.shape[:1]:
         return False
     if dtype is None:
@@ -371,12 +368,32 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- weights
+def _weight_and_bias(m: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(m.weight, m.bias)`` as attribute lookup finds them, mostly without nn.Module.__getattr__ (a microsecond a
+    call, at every call): an instance attribute first (``object.__setattr__`` or ``m.__dict__[...]`` put over a
+    parameter: what ``m.weight``, and so the module, reads), then the parameter, then ``__getattr__`` (a buffer).
+    Reading the parameter dict alone kept a frozen stage's packed weights over such an attribute."""
+    d = m.__dict__
+    params = d["_parameters"]
+    if "weight" in d:
+        weight = d["weight"]
+    elif "weight" in params:
+        weight = params["weight"]
+    else:
+        weight = m.weight
+    if "bias" in d:
+        bias = d["bias"]
+    elif "bias" in params:
+        bias = params["bias"]
+    else:
+        bias = m.bias
+    return weight, bias
+
+
 def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
     out = []
     for m in modules:
-        params = m._parameters  # as in _params_fit: not through nn.Module.__getattr__
-        weight = params["weight"] if "weight" in params else m.weight
-        bias = params["bias"] if "bias" in params else m.bias
+        weight, bias = _weight_and_bias(m)
         if weight is not None:
             out.append(weight)
         if bias is not None:

@@ -176,6 +176,11 @@ def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
             # The probe's operations would be recorded into the trace (the first export of a process, before any
             # forward pass, failed in the TorchScript exporter): not known yet, not probed now.
             return False
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # Nor inside torch.func's transforms, where nothing fused runs anyway: under vmap the probe's random
+            # tensors fail (randomness "error", vmap's default), and that failure, kept, turned the fast path off for
+            # the whole process (a training call under vmap asks first, through the training GEMMs).
+            return False
         ok = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
         _CAPABILITY[dtype] = ok
         logger.debug("oneDNN fast path for %s: %s", dtype, ok)

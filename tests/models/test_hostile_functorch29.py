@@ -7,6 +7,12 @@ Found and held here:
   (``vmap(grad(...))`` with the labels batched) failed in the label range check of the classification and
   segmentation losses (a boolean mask over the labels, which vmap cannot batch); transformers' classifier runs them.
   Labels batched by vmap now skip the host check, and cross_entropy's own check still stops a class out of range.
+- the oneDNN probe ran inside vmap where a training call under vmap came first in a process (the training GEMMs ask
+  for it): it failed there (vmap's randomness error mode) and the failure was kept, turning the fast path off for
+  the rest of the process;
+- forward-mode AD through ``torch.autograd.forward_ad`` (dual tensors, no torch.func transform): under no_grad the
+  fused stages ran and dropped the tangent (None, silently); with autograd on, SDPA raised (no tangent rule). The
+  fast paths step aside and the attention takes its explicit form there, as under torch.func's transforms.
 
 Held (no change): every output under vmap (attention maps, hidden states), float64, channels-last inputs, nested
 vmap, ``in_dims=1``, ``chunk_size``, bf16 autocast, jacrev / jacfwd / hessian, dropout and drop path under each of
@@ -261,3 +267,25 @@ def test_a_first_call_under_vmap_leaves_the_fast_path_on(monkeypatch):
     with torch.no_grad():
         assert cpu.fast_path_available(torch.float32)
         assert cpu.applies(x[0], ours.pvt_v2.encoder.layers[0])
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+def test_forward_mode_ad_of_torch_autograd_matches_transformers(grad_mode):
+    """``torch.autograd.forward_ad`` (dual tensors, no torch.func transform): under no_grad the fast path ran and
+    dropped the tangent (None, without a word); with autograd on, SDPA raised (no forward-AD formula)."""
+    import torch.autograd.forward_ad as fwAD
+
+    ours, theirs = pair()
+    x = images(n=1)[0]
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+
+    def tangent(model):
+        with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+            return fwAD.unpack_dual(model(fwAD.make_dual(x, v)).logits).tangent
+
+    got, want = tangent(ours), tangent(theirs)
+    assert want is not None and got is not None
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        _, func = jvp(lambda z: theirs(z).logits, (x,), (v,))
+    torch.testing.assert_close(got, func, rtol=1e-4, atol=1e-5)

@@ -73,6 +73,7 @@ __all__ = [
     "fast_path",
     "fast_path_enabled",
     "fast_path_available",
+    "forward_ad_active",
     "applies",
     "plain_modules",
     "fusable",
@@ -185,6 +186,12 @@ def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
         _CAPABILITY[dtype] = ok
         logger.debug("oneDNN fast path for %s: %s", dtype, ok)
     return _CAPABILITY[dtype]
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on: oneDNN's and SDPA's CPU operators
+    have no tangent rule (the fused stage dropped the tangent without a word, SDPA raises)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _autocasts(x: torch.Tensor) -> bool:
@@ -367,6 +374,7 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
         and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's calls: the reference stage traces
         # Inside torch.func's transforms (vmap over inputs or over stacked weights, grad): no oneDNN call is batched.
         and torch._C._functorch.peek_interpreter_stack() is None
+        and not forward_ad_active()  # dual tensors: the fused operators would drop their tangents
         and (stage is None or fusable(stage, x.dtype, _autocasts(x)))
         and fast_path_available(_compute_dtype(x))
     )

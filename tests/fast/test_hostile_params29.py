@@ -54,12 +54,17 @@ class _Subclass(nn.Parameter):
     """A Parameter subclass, as libraries define them."""
 
 
+def _moved(bias: torch.Tensor) -> torch.Tensor:
+    """``bias`` moved by different amounts per output (a LayerNorm after a convolution cancels a uniform shift)."""
+    return bias.detach() + torch.linspace(-1, 1, bias.shape[0])
+
+
 def _weight_attribute(layer):
     object.__setattr__(layer, "weight", layer.weight.detach() * 2)  # over the parameter, which stays registered
 
 
 def _bias_in_dict(layer):
-    layer.__dict__["bias"] = layer.bias.detach() + 1
+    layer.__dict__["bias"] = _moved(layer.bias)
 
 
 def _bias_none_in_dict(layer):
@@ -67,13 +72,13 @@ def _bias_none_in_dict(layer):
 
 
 def _bias_plain_tensor(layer):
-    bias = layer.bias.detach() + 1
+    bias = _moved(layer.bias)
     del layer.bias
     layer.bias = bias
 
 
 def _bias_buffer(layer):
-    bias = layer.bias.detach() + 1
+    bias = _moved(layer.bias)
     del layer.bias
     layer.register_buffer("bias", bias)
 
@@ -225,6 +230,26 @@ def test_weight_norm_parametrization(frozen):
     torch.nn.utils.parametrizations.weight_norm(layer)
     with torch.no_grad():
         layer.parametrizations.weight.original0.mul_(1.5)  # the norm g
+        want = _reference(model)
+        got = model(X).logits
+    assert relative_error(want, before) > 1e-4
+    assert relative_error(want, got) < 1e-5
+
+
+CONV_ATTACKS = {"weight attribute over the parameter": _weight_attribute, "bias in the instance dict": _bias_in_dict,
+                "bias as a buffer": _bias_buffer, "Parameter subclass": _subclass}
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["plain", "frozen"])
+@pytest.mark.parametrize("attack", list(CONV_ATTACKS))
+def test_a_convolution_replaced_likewise(attack, frozen):
+    """The same for a convolution's weight and bias (the spatial reduction's, packed per input shape)."""
+    model = _model()
+    if frozen:
+        fast.freeze(model)
+    with torch.no_grad():
+        before = model(X).logits
+        CONV_ATTACKS[attack](_stage(model).blocks[0].attention.spatial_reduction)
         want = _reference(model)
         got = model(X).logits
     assert relative_error(want, before) > 1e-4

@@ -17,7 +17,7 @@ Found and held here:
 Held (no change): every output under vmap (attention maps, hidden states), float64, channels-last inputs, nested
 vmap, ``in_dims=1``, ``chunk_size``, bf16 autocast, jacrev / jacfwd / hessian, dropout and drop path under each of
 vmap's randomness modes (as transformers: "same" draws one mask for every sample, "different" one each, "error"
-raises), gradient checkpointing under vmap, ``torch.compile`` of a vmapped model, and a frozen model: the same packed
+raises; per-sample gradients too), gradient checkpointing under vmap, ``torch.compile`` of a vmapped model, and a frozen model: the same packed
 weights after the transforms (bit-identical logits), the given weights under ``functional_call``.
 
 What happens elsewhere, as in transformers: gradient checkpointing under ``torch.func.grad`` raises PyTorch's "don't
@@ -289,3 +289,24 @@ def test_forward_mode_ad_of_torch_autograd_matches_transformers(grad_mode):
     with torch.no_grad():
         _, func = jvp(lambda z: theirs(z).logits, (x,), (v,))
     torch.testing.assert_close(got, func, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("randomness", ["same", "different"])
+def test_per_sample_gradients_with_dropout_and_drop_path_as_transformers(randomness):
+    """vmap(grad(...)) in train mode with every kind of dropout: one mask for all samples ("same": three copies of one
+    image get one gradient) or one each ("different"), as transformers' model under the same call."""
+    ours, theirs = pair({"drop_path_rate": 0.3, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})
+    x = images(n=1, batch=1)[0].expand(3, 3, 32, 32)
+    labels = torch.tensor([1, 1, 1])
+
+    def equal_across_samples(model):
+        model.train()
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, xi, yi):
+            return F.cross_entropy(functional_call(model, p, (xi[None],)).logits, yi[None])
+
+        got = vmap(grad(loss), in_dims=(None, 0, 0), randomness=randomness)(params, x, labels)
+        return all(torch.equal(g[0], g[i]) for g in got.values() for i in (1, 2))
+
+    assert equal_across_samples(ours) == equal_across_samples(theirs) == (randomness == "same")

@@ -43,8 +43,8 @@ public operators it replaces; where the probe fails (another CPU, another build)
    Call :func:`freeze` again after those, or :func:`unfreeze`. Inference tensors (weights made or loaded inside
    ``torch.inference_mode()``) have no version counter, so they are never packed: ``freeze`` leaves such stages
    unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight that is not exactly
-   an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer put in its place), whose ``.data`` is not
-   watched. A new Parameter viewing a packed weight's memory otherwise (a transpose, a negative view) repacks too:
+   an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer put in its place, an instance attribute
+   set over it), whose ``.data`` is not watched. A new Parameter viewing a packed weight's memory otherwise (a transpose, a negative view) repacks too:
    the packing is keyed by the strides and dtype as well.
 4. Thread-safe: several threads may run one model, frozen or not.
 """
@@ -73,6 +73,7 @@ __all__ = [
     "fast_path",
     "fast_path_enabled",
     "fast_path_available",
+    "forward_ad_active",
     "applies",
     "plain_modules",
     "fusable",
@@ -176,10 +177,21 @@ def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
             # The probe's operations would be recorded into the trace (the first export of a process, before any
             # forward pass, failed in the TorchScript exporter): not known yet, not probed now.
             return False
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            # Nor inside torch.func's transforms, where nothing fused runs anyway: under vmap the probe's random
+            # tensors fail (randomness "error", vmap's default), and that failure, kept, turned the fast path off for
+            # the whole process (a training call under vmap asks first, through the training GEMMs).
+            return False
         ok = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
         _CAPABILITY[dtype] = ok
         logger.debug("oneDNN fast path for %s: %s", dtype, ok)
     return _CAPABILITY[dtype]
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on: oneDNN's and SDPA's CPU operators
+    have no tangent rule (the fused stage dropped the tangent without a word, SDPA raises)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _autocasts(x: torch.Tensor) -> bool:
@@ -311,12 +323,9 @@ def _params_fit(m: nn.Module, dtype: torch.dtype | None, autocast: bool) -> bool
     ``autocast`` any dtype but float64, which autocast leaves alone (the input itself may already be in autocast's
     dtype: the stages after the first). The fused code casts them to the compute dtype, which would give numbers
     where the modules raise (a float64 bias or a bf16 weight put in a float32 model)."""
-    params = m._parameters  # not m.weight: nn.Module.__getattr__ costs a microsecond a call, at every call
-    weight, bias = params.get("weight"), params.get("bias")
-    if weight is None:
-        weight = m.weight  # a weight that is not a parameter (a plain tensor put in its place)
-    if "bias" not in params:
-        bias = m.bias
+    weight, bias = _weight_and_bias(m)
+    if weight is None:  # the module raises (F.linear takes no None weight): the reference path says so
+        return False
     if bias is not None and bias.shape != weight.shape[:1]:
         return False
     if dtype is None:
@@ -365,18 +374,39 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
         and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's calls: the reference stage traces
         # Inside torch.func's transforms (vmap over inputs or over stacked weights, grad): no oneDNN call is batched.
         and torch._C._functorch.peek_interpreter_stack() is None
+        and not forward_ad_active()  # dual tensors: the fused operators would drop their tangents
         and (stage is None or fusable(stage, x.dtype, _autocasts(x)))
         and fast_path_available(_compute_dtype(x))
     )
 
 
 # ---------------------------------------------------------------------------------------------- weights
+def _weight_and_bias(m: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(m.weight, m.bias)`` as attribute lookup finds them, mostly without nn.Module.__getattr__ (a microsecond a
+    call, at every call): an instance attribute first (``object.__setattr__`` or ``m.__dict__[...]`` put over a
+    parameter: what ``m.weight``, and so the module, reads), then the parameter, then ``__getattr__`` (a buffer).
+    Reading the parameter dict alone kept a frozen stage's packed weights over such an attribute."""
+    d = m.__dict__
+    params = d["_parameters"]
+    if "weight" in d:
+        weight = d["weight"]
+    elif "weight" in params:
+        weight = params["weight"]
+    else:
+        weight = m.weight
+    if "bias" in d:
+        bias = d["bias"]
+    elif "bias" in params:
+        bias = params["bias"]
+    else:
+        bias = m.bias
+    return weight, bias
+
+
 def _params(modules: list[nn.Module]) -> list[torch.Tensor]:
     out = []
     for m in modules:
-        params = m._parameters  # as in _params_fit: not through nn.Module.__getattr__
-        weight = params["weight"] if "weight" in params else m.weight
-        bias = params["bias"] if "bias" in params else m.bias
+        weight, bias = _weight_and_bias(m)
         if weight is not None:
             out.append(weight)
         if bias is not None:

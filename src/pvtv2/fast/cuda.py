@@ -85,6 +85,7 @@ def applies(x: torch.Tensor, stage: nn.Module | None = None) -> bool:
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()  # a trace would record the kept weights as constants
         and torch._C._functorch.peek_interpreter_stack() is None  # inside torch.func's vmap: no Triton kernel is batched
+        and not cpu.forward_ad_active()  # dual tensors: no Triton kernel has a tangent rule
         and (_fuses(x) or (stage is not None and stage in cpu._FROZEN and not _capturing()))
         and (stage is None or fusable(stage))
     )

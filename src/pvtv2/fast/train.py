@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import PLAIN_TENSOR_TYPES, fast_path_available, fast_path_enabled, plain_modules
+from .cpu import PLAIN_TENSOR_TYPES, fast_path_available, fast_path_enabled, forward_ad_active, plain_modules
 
 __all__ = ["TRAIN_GEMM_ENV", "CHOICES", "OneDnnLinear", "linear", "module_linear", "train_gemm", "uses_onednn"]
 
@@ -171,11 +171,6 @@ def _plain_tensor(t: torch.Tensor) -> bool:
     return type(t) in PLAIN_TENSOR_TYPES and t.layout == torch.strided and t.device.type == "cpu"
 
 
-def _dual_level() -> bool:
-    """Whether forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on: OneDnnLinear has no tangent rule."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
 def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         torch.is_grad_enabled()
@@ -201,7 +196,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()  # the tracer cannot record oneDNN's call (and traces with autograd on)
         and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, weight))
-        and not _dual_level()
+        and not forward_ad_active()  # OneDnnLinear has no tangent rule
     )
 
 

@@ -122,8 +122,9 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     (forward and backward, measured in docs/benchmarks.md); what transformers' eager attention computes there. Not
     where the probabilities would be large (no reduction at high resolution), which SDPA never stores. And inside
     torch.func's transforms (vmap, per-sample gradients, ensembles over stacked weights): SDPA's CPU kernels have no
-    batching rule there, and vmap would run them one sample at a time."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    batching rule there, and vmap would run them one sample at a time. And under forward-mode AD
+    (``torch.autograd.forward_ad``), where SDPA's CPU kernels have no tangent rule and raise."""
+    if torch._C._functorch.peek_interpreter_stack() is not None or fast.forward_ad_active():
         return True
     if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return False

@@ -26,6 +26,7 @@ __all__ = [
     "check_pixel_values",
     "check_input_size",
     "classification_loss",
+    "host_checkable_labels",
     "resolve_output_flags",
 ]
 
@@ -332,6 +333,16 @@ class PvtV2ForImageClassification(PvtV2PreTrainedModel):
         return result if return_dict else result.to_tuple()
 
 
+def host_checkable_labels(labels: torch.Tensor) -> bool:
+    """Whether a loss may check the values of ``labels`` on the host: CPU labels, outside torch.compile, not batched
+    by torch.func's vmap (a data-dependent check fails there)."""
+    return (
+        labels.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(labels)
+    )
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV2Config) -> torch.Tensor:
     """Cross-entropy, BCE-with-logits or MSE, by ``config.problem_type`` (inferred as transformers does when unset)."""
     if not isinstance(labels, torch.Tensor):
@@ -349,7 +360,9 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: PvtV
     # The class range is checked on labels that arrive on the CPU, before they move: on a GPU the check would stall
     # every step (three host syncs), and cross_entropy's own device-side check stops bad labels there.
     # Not under torch.compile either: a data-dependent check splits the graph (cross_entropy checks the range too).
-    host = labels if labels.device.type == "cpu" and not torch.compiler.is_compiling() else None
+    # Nor for labels batched by torch.func's vmap (per-sample losses and gradients), which cannot be indexed by a mask:
+    # cross_entropy's own check still raises there.
+    host = labels if host_checkable_labels(labels) else None
     labels = labels.to(logits.device)
     if problem == "regression":
         if labels.numel() != logits.numel():

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import SEGMENTATION_DEFAULTS, PvtV2Config
 from .layers import init_head_weights, init_norm
-from .modeling import PvtV2Model, PvtV2PreTrainedModel, resolve_output_flags
+from .modeling import PvtV2Model, PvtV2PreTrainedModel, host_checkable_labels, resolve_output_flags
 from .outputs import ModelOutput, exportable
 
 __all__ = [
@@ -212,8 +212,9 @@ def semantic_segmentation_loss(
         raise ValueError(f"the segmentation loss needs at least one label, the model has {num_labels}")
     # The class range is checked on labels that arrive on the CPU, before they move (as the classifier's loss does):
     # on a GPU the check would stall every step on the host, and cross_entropy's device-side check stops bad labels
-    # there. Not under torch.compile either: a data-dependent check splits the graph.
-    host = labels if labels.device.type == "cpu" and not torch.compiler.is_compiling() else None
+    # there. Not under torch.compile either: a data-dependent check splits the graph. Nor for labels batched by
+    # torch.func's vmap, which no mask indexes (cross_entropy's own check raises; the one-class BCE takes any value).
+    host = labels if host_checkable_labels(labels) else None
     labels = labels.to(logits.device)
     upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     if num_labels == 1:

@@ -138,8 +138,9 @@ def _train(
     if state is not None:  # resumed: the recipe is the stored run's, whoever decided it then
         reason = "the run's own, as it was started"
     if cfg.task == "detection":
-        # --detector left out: the saved detector's own kind (else retinanet), recorded as such in run.json.
-        cfg = resolve_detector(cfg)
+        # --detector left out: the saved detector's own kind (else retinanet), recorded as such in run.json. Said by
+        # rank 0 only: every process decides it, before the others' logs are turned down to errors.
+        cfg = resolve_detector(cfg, announce=info.main)
     if cfg.task == "classification" and info.main:
         logger.info("recipe %s (%s): %s", cfg.recipe, reason, describe_recipe(cfg))
     _check_fp16(cfg, device)  # a resumed run's own setting

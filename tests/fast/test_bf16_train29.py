@@ -241,3 +241,21 @@ def test_double_backward_equals_the_reference_path():
     assert ref_counts == dict.fromkeys(NODES, 0)
     assert set(got) == set(want)
     assert _worst(want, got) < 5e-2
+
+
+def test_capability_probe_outside_autocast():
+    """The first use of the fast paths may come under bf16 autocast (a bf16 training step): the fp32 probe then
+    compared oneDNN's fp32 products with bf16 references, failed, and the failure was cached for the process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\nfrom pvtv2 import fast\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n    inside = fast.fast_path_available(torch.float32)\n"
+        "print(inside, fast.fast_path_available(torch.float32))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    with torch.autocast("cpu", enabled=False):
+        expected = str(fast.fast_path_available(torch.float32))
+    assert out.stdout.split() == [expected, expected]

@@ -176,7 +176,10 @@ def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
             # The probe's operations would be recorded into the trace (the first export of a process, before any
             # forward pass, failed in the TorchScript exporter): not known yet, not probed now.
             return False
-        ok = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
+        # Outside autocast: under it the probe's fp32 references came out in bf16 and the fp32 check failed, which
+        # was cached for the whole process (the first training step under bf16 autocast turned the fp32 paths off).
+        with torch.autocast("cpu", enabled=False):
+            ok = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
         _CAPABILITY[dtype] = ok
         logger.debug("oneDNN fast path for %s: %s", dtype, ok)
     return _CAPABILITY[dtype]

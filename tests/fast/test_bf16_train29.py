@@ -259,3 +259,18 @@ def test_capability_probe_outside_autocast():
     with torch.autocast("cpu", enabled=False):
         expected = str(fast.fast_path_available(torch.float32))
     assert out.stdout.split() == [expected, expected]
+
+
+def test_gradient_checkpointing_recomputes_the_same_pieces():
+    """Blocks recomputed in the backward pass (gradient checkpointing) take the same pieces as their first forward:
+    the gradients of the model without checkpointing, bit for bit (the same kernels on the same operands)."""
+    ours, _ = _pair(seed=9)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    labels = torch.tensor([0, 1, 2, 3])
+    _, plain, counts = _step(ours, x, labels)
+    ours.gradient_checkpointing_enable()
+    _, checkpointed, _ = _step(ours, x, labels)
+    assert counts["Bf16DepthwiseConvBackward"] > 0
+    assert set(plain) == set(checkpointed)
+    for name, g in plain.items():
+        assert torch.equal(g, checkpointed[name]), name

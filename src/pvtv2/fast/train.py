@@ -17,7 +17,8 @@ call and keeps nothing, so nothing about a model's state, copying or saving chan
 - the choice (:func:`train_gemm`, or ``PVTV2_TRAIN_GEMM=auto|onednn|aten`` for a whole program) is ``onednn``, or
   ``auto`` (the default) on an AMD CPU with AVX-512, the case measured;
 - autograd records (``torch.is_grad_enabled()`` and a tensor that needs a gradient: inference has its own path);
-- fp32 tensors on the CPU, without autocast (under bf16 autocast ``F.linear`` already calls oneDNN), outside
+- fp32 tensors on the CPU, without autocast (under bf16 autocast ``F.linear`` already calls oneDNN; there
+  :class:`Bf16Linear` and the pieces in the comment above it run, on the same conditions otherwise), outside
   ``torch.compile``, ``torch.jit.trace``, torch.func transforms and forward-mode AD, with the fast path switched on
   (:func:`pvtv2.fast.fast_path`) and oneDNN's operators passing the capability probe
   (:func:`pvtv2.fast.fast_path_available`);

@@ -203,7 +203,9 @@ class SpatialReductionAttention(nn.Module):
         if self.reduces:
             grid = x.view(batch, height, width, channels)
             # Under bf16 autocast in training, the strided reduction as a GEMM over its patches (pvtv2.fast.train).
-            reduced = fast.patch_conv(self.spatial_reduction, grid) if fast.plain_modules(nn.Identity, self.pool) else None
+            reduced = None
+            if fast.plain_modules(nn.Identity, self.pool):
+                reduced = fast.patch_conv(self.spatial_reduction, grid)
             if reduced is None:
                 kv_in = grid.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
                 kv_in = self.spatial_reduction(self.pool(kv_in))  # (B, C, H', W')

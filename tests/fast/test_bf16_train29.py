@@ -214,6 +214,9 @@ def test_pieces_apply_only_where_measured_and_exact():
         hooked.register_forward_hook(lambda m, i, o: o * 2)
         assert relative_error(2 * F.conv2d(x, hooked.weight, hooked.bias, 1, 1, 1, 8).float(),
                               fast.depthwise_conv(hooked, x).float()) < 1e-2  # the hook ran
+        # No output features: F.linear's empty result (oneDNN's inner product is not asked).
+        empty = fast.linear(tokens, torch.randn(0, 8, requires_grad=True))
+        assert empty.shape == (2, 6, 6, 0) and type(empty.grad_fn).__name__ != "Bf16LinearBackward"
         hooked_sr = nn.Conv2d(8, 8, 2, 2)
         hooked_sr.register_forward_hook(lambda m, i, o: o)
         assert fast.patch_conv(hooked_sr, tokens) is None

@@ -214,7 +214,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (fp32) or :class:`Bf16Linear` (under bf16 autocast)."""
     if _applies(x, weight, bias):
         return OneDnnLinear.apply(x, weight, bias)
-    if _bf16_applies(x, weight, bias) and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]:
+    if (
+        _bf16_applies(x, weight, bias)
+        and weight.dim() == 2
+        and weight.shape[0] > 0
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]
+    ):
         if bias is not None and bias.shape != weight.shape[:1]:
             return F.linear(x, weight, bias)  # F.linear's own error message
         return Bf16Linear.apply(*_bf16(x, weight, bias))
@@ -223,17 +229,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 # ------------------------------------------------------------------------------------- training under bf16 autocast
 # Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` every implementation's linear layers and convolutions run
-# oneDNN's bf16 kernels already. Three of their backward passes were measured slower than the same products written
-# another way (AMD EPYC Zen 5, AVX512-BF16, one thread, batch 16; docs/benchmarks.md):
+# oneDNN's bf16 kernels already. These passes were measured slower than the same products written another way (AMD
+# EPYC Zen 5, AVX512-BF16, one thread, batch 16; docs/benchmarks.md):
 #
 # - the weight gradient of an expanding linear layer over many rows, ``grad.T @ x`` with a long K: computed as
 #   ``[x, 1].T @ grad``, which also yields the bias gradient (the ones column) in the same GEMM instead of a separate
 #   pass over the gradient (B2's first dense1, 50,176 rows, 64 -> 512: 21.7 ms against 12.0 with the bias);
 # - the input gradient of the Mix-FFN's 3x3 depthwise convolution: the forward convolution with the kernel flipped,
 #   which oneDNN runs twice as fast as its backward-data kernel (B2 stage 1: 15.4 against 6.3 ms);
+# - the forward product over many rows: oneDNN's inner product rather than F.linear's addmm (see Bf16Linear);
 # - the spatial-reduction convolution (kernel = stride, no padding): a linear layer over the non-overlapping patches,
-#   the patches gathered by the copy that casts the input to bf16 anyway (forward and backward 11.5 -> 7.3 ms for B2's
-#   stage 1, 8x8 patches of 64 channels).
+#   gathered by one copy (which also casts an fp32 input; forward and backward 11.5 -> 7.3 ms for B2's stage 1, 8x8
+#   patches of 64 channels).
 #
 # Same numbers: the same bf16 operands (cast from the same fp32 tensors by the same differentiable casts as autocast's,
 # so the fp32 parameters receive their gradients through the same casts), fp32 accumulation, one bf16 rounding of
@@ -283,14 +290,23 @@ def _bf16(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
 
 
 class Bf16Linear(torch.autograd.Function):
-    """``F.linear`` of bf16 operands (as under bf16 autocast), the weight and bias gradients of an expanding layer
-    over many rows as one GEMM ``[x, 1].T @ grad``."""
+    """``F.linear`` of bf16 operands (as under bf16 autocast); over many rows (:data:`FLIP_MIN_ROWS`) its product
+    through oneDNN's inner product, and an expanding layer's weight and bias gradients as one GEMM
+    ``[x, 1].T @ grad``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)  # the reference's own kernel: the same output, bit for bit
+        if x.numel() < FLIP_MIN_ROWS * x.shape[-1]:
+            return F.linear(x, weight, bias)  # the reference's own kernel: the same output, bit for bit
+        # Many rows: oneDNN's inner product, as the fp32 path. F.linear's addmm writes the broadcast bias into the
+        # whole output before its matrix product adds to it (one more pass over the output): B2's stage-1 dense1
+        # ran at 335 GFLOP/s that way, 446 this way (AMD EPYC Zen 5, one thread; 2-3% of a whole step).
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        bias = None if bias is None else bias.contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(x2d, weight.contiguous(), bias, "none", [], "")
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -395,7 +411,7 @@ def patch_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         and width > 0
     ):
         return None
-    # One copy gathers the patches and casts them (the copy autocast makes to cast the input anyway).
+    # One copy gathers the patches (and casts them, where autocast would have cast the input).
     patches = x.view(batch, height // r, r, width // r, r, channels).permute(0, 1, 3, 2, 4, 5)
     # (Tensor.to with the dtype it has already returns the permuted view itself, whatever memory_format asks.)
     patches = patches.to(torch.bfloat16, memory_format=torch.contiguous_format).contiguous()

@@ -13,7 +13,8 @@ says so: on the CPU to :mod:`pvtv2.fast.cpu` (oneDNN's fused operators), on CUDA
 
 Training has one fast piece, :mod:`pvtv2.fast.train`: on AMD CPUs with AVX-512 the blocks' linear layers run their
 forward and backward GEMMs through oneDNN (``with pvtv2.fast.train_gemm("aten"): ...`` or ``PVTV2_TRAIN_GEMM=aten``
-keeps ``F.linear``).
+keeps ``F.linear``); under bf16 autocast, three backward passes are computed another way (the same numbers): see
+:mod:`pvtv2.fast.train`.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from .cpu import (
     plain_modules,
     unfreeze,
 )
-from .train import linear, module_linear, train_gemm
+from .train import depthwise_conv, linear, module_linear, patch_conv, train_gemm
 
 __all__ = [
     "FAST_PATH_ENV",
     "applies",
+    "depthwise_conv",
     "fast_path",
     "fast_path_available",
     "fast_path_enabled",
@@ -48,6 +50,7 @@ __all__ = [
     "is_frozen",
     "linear",
     "module_linear",
+    "patch_conv",
     "plain_modules",
     "stage_forward",
     "train_gemm",

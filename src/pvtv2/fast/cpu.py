@@ -182,7 +182,11 @@ def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
             # tensors fail (randomness "error", vmap's default), and that failure, kept, turned the fast path off for
             # the whole process (a training call under vmap asks first, through the training GEMMs).
             return False
-        ok = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
+        # Outside autocast: under it the probe's fp32 references came out in bf16 and the fp32 check failed, which
+        # was cached for the whole process (the first training step under bf16 autocast turned the fp32 paths off).
+        # On the CPU whatever the default device (torch.set_default_device("cuda") put the probe's tensors there).
+        with torch.autocast("cpu", enabled=False), torch.device("cpu"):
+            ok = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16) and _probe(dtype)
         _CAPABILITY[dtype] = ok
         logger.debug("oneDNN fast path for %s: %s", dtype, ok)
     return _CAPABILITY[dtype]

@@ -17,7 +17,8 @@ call and keeps nothing, so nothing about a model's state, copying or saving chan
 - the choice (:func:`train_gemm`, or ``PVTV2_TRAIN_GEMM=auto|onednn|aten`` for a whole program) is ``onednn``, or
   ``auto`` (the default) on an AMD CPU with AVX-512, the case measured;
 - autograd records (``torch.is_grad_enabled()`` and a tensor that needs a gradient: inference has its own path);
-- fp32 tensors on the CPU, without autocast (under bf16 autocast ``F.linear`` already calls oneDNN), outside
+- fp32 tensors on the CPU, without autocast (under bf16 autocast ``F.linear`` already calls oneDNN; there
+  :class:`Bf16Linear` and the pieces in the comment above it run, on the same conditions otherwise), outside
   ``torch.compile``, ``torch.jit.trace``, torch.func transforms and forward-mode AD, with the fast path switched on
   (:func:`pvtv2.fast.fast_path`) and oneDNN's operators passing the capability probe
   (:func:`pvtv2.fast.fast_path_available`);
@@ -44,7 +45,10 @@ from torch import nn
 
 from .cpu import PLAIN_TENSOR_TYPES, fast_path_available, fast_path_enabled, forward_ad_active, plain_modules
 
-__all__ = ["TRAIN_GEMM_ENV", "CHOICES", "OneDnnLinear", "linear", "module_linear", "train_gemm", "uses_onednn"]
+__all__ = [
+    "TRAIN_GEMM_ENV", "CHOICES", "Bf16DepthwiseConv", "Bf16Linear", "OneDnnLinear", "bf16_autocast_training",
+    "depthwise_conv", "linear", "module_linear", "patch_conv", "train_gemm", "uses_onednn",
+]
 
 TRAIN_GEMM_ENV = "PVTV2_TRAIN_GEMM"
 # Rows (tokens in the batch) from which an expanding layer's weight gradient is computed transposed (_weight_grad).
@@ -201,10 +205,217 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; while training on a CPU where oneDNN is chosen, through :class:`OneDnnLinear`."""
+    """``F.linear(x, weight, bias)``; while training on a CPU where oneDNN is chosen, through :class:`OneDnnLinear`
+    (fp32) or :class:`Bf16Linear` (under bf16 autocast)."""
     if _applies(x, weight, bias):
         return OneDnnLinear.apply(x, weight, bias)
+    if (
+        _bf16_applies(x, weight, bias)
+        and weight.dim() == 2
+        and weight.shape[0] > 0
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]
+    ):
+        if bias is not None and bias.shape != weight.shape[:1]:
+            return F.linear(x, weight, bias)  # F.linear's own error message
+        return Bf16Linear.apply(*_bf16(x, weight, bias))
     return F.linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------- training under bf16 autocast
+# Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` every implementation's linear layers and convolutions run
+# oneDNN's bf16 kernels already. These passes were measured slower than the same products written another way (AMD
+# EPYC Zen 5, AVX512-BF16, one thread, batch 16; docs/benchmarks.md):
+#
+# - the weight gradient of an expanding linear layer over many rows, ``grad.T @ x`` with a long K: computed as
+#   ``[x, 1].T @ grad``, which also yields the bias gradient (the ones column) in the same GEMM instead of a separate
+#   pass over the gradient (B2's first dense1, 50,176 rows, 64 -> 512: 21.7 ms against 12.0 with the bias);
+# - the input gradient of the Mix-FFN's 3x3 depthwise convolution: the forward convolution with the kernel flipped,
+#   which oneDNN runs twice as fast as its backward-data kernel (B2 stage 1: 15.4 against 6.3 ms);
+# - the forward product over many rows: oneDNN's inner product rather than F.linear's addmm (see Bf16Linear);
+# - the spatial-reduction convolution (kernel = stride, no padding): a linear layer over the non-overlapping patches,
+#   gathered by one copy (which also casts an fp32 input; forward and backward 11.5 -> 7.3 ms for B2's stage 1, 8x8
+#   patches of 64 channels).
+#
+# Same numbers: the same bf16 operands (cast from the same fp32 tensors by the same differentiable casts as autocast's,
+# so the fp32 parameters receive their gradients through the same casts), fp32 accumulation, one bf16 rounding of
+# each result; only the summation order differs. Where the conditions below fail, the reference operators run.
+
+
+def bf16_autocast_training() -> bool:
+    """Whether the bf16-autocast training pieces run here: autograd recording under CPU autocast to bf16, eager (not
+    compiled, traced, or under forward-mode AD), the fast path on, the choice ``onednn`` or ``auto`` on an AMD CPU with
+    AVX-512 (the case measured), and oneDNN's bf16 operators passing the capability probe."""
+    if not (
+        torch.is_grad_enabled()
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not forward_ad_active()
+    ):
+        return False
+    choice = _CHOICE.get()
+    if choice == "aten" or not fast_path_enabled() or (choice == "auto" and not _amd_avx512()):
+        return False
+    return fast_path_available(torch.bfloat16)
+
+
+def _bf16_operand(t: torch.Tensor | None) -> bool:
+    # fp32 (what autocast casts) or bf16 (what it leaves); float64 autocast leaves alone, so the reference runs.
+    return t is None or (
+        _plain_tensor(t)
+        and t.dtype in (torch.float32, torch.bfloat16)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def _bf16_applies(*tensors: torch.Tensor | None) -> bool:
+    return (
+        bf16_autocast_training()
+        and all(_bf16_operand(t) for t in tensors)
+        and any(t is not None and t.requires_grad for t in tensors)
+        and tensors[0].numel() > 0
+    )
+
+
+def _bf16(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The operands as autocast casts them: differentiable casts, so the gradients reach fp32 tensors in fp32."""
+    return [None if t is None else t.to(torch.bfloat16) for t in tensors]
+
+
+class Bf16Linear(torch.autograd.Function):
+    """``F.linear`` of bf16 operands (as under bf16 autocast); over many rows (:data:`FLIP_MIN_ROWS`) its product
+    through oneDNN's inner product, and an expanding layer's weight and bias gradients as one GEMM
+    ``[x, 1].T @ grad``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if x.numel() < FLIP_MIN_ROWS * x.shape[-1]:
+            return F.linear(x, weight, bias)  # the reference's own kernel: the same output, bit for bit
+        # Many rows: oneDNN's inner product, as the fp32 path. F.linear's addmm writes the broadcast bias into the
+        # whole output before its matrix product adds to it (one more pass over the output): B2's stage-1 dense1
+        # ran at 335 GFLOP/s that way, 446 this way (AMD EPYC Zen 5, one thread; 2-3% of a whole step).
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        bias = None if bias is None else bias.contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(x2d, weight.contiguous(), bias, "none", [], "")
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g2d = grad.reshape(-1, grad.shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        need_x, need_w, need_b = ctx.needs_input_grad
+        need_b = need_b and ctx.has_bias
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = (g2d @ weight).view(x.shape)
+        if need_w and g2d.shape[1] > x2d.shape[1] and g2d.shape[0] >= FLIP_MIN_ROWS:
+            if need_b:
+                x2d = torch.cat([x2d, x2d.new_ones(x2d.shape[0], 1)], 1)
+            flipped = x2d.t() @ g2d  # (in [+ 1], out)
+            # contiguous_format, as in _weight_grad: the parameter's strides (DDP's bucket views compare them).
+            grad_w = flipped[: x.shape[-1]].t().clone(memory_format=torch.contiguous_format)
+            if need_b:
+                grad_b = flipped[-1]
+        else:
+            if need_w:
+                grad_w = g2d.t() @ x2d
+            if need_b:
+                grad_b = g2d.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Bf16DepthwiseConv(torch.autograd.Function):
+    """A 3x3 depthwise convolution (stride 1, padding 1) of bf16 operands, its input gradient as the forward
+    convolution of the gradient with the flipped kernel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, 1, 1, 1, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        channels = weight.shape[0]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        need_b = need_b and ctx.has_bias
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, 1, 1, channels)
+        if need_w or need_b:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, weight, [channels] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                channels, [False, need_w, need_b],
+            )
+        return grad_x, grad_w, grad_b
+
+
+def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for the Mix-FFN's depthwise convolution; under bf16 autocast in training, with the input gradient of
+    :class:`Bf16DepthwiseConv`, where ``conv`` is exactly a 3x3 depthwise ``nn.Conv2d`` without hooks (stride 1,
+    padding 1, zero padding) and ``x`` a channels-last (B, C, H, W) image."""
+    if (
+        x.dim() == 4
+        and _bf16_applies(x, conv.weight, conv.bias)
+        and plain_modules(nn.Conv2d, conv)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and conv.groups == conv.in_channels == conv.out_channels == x.shape[1]
+        and conv.weight.shape == (x.shape[1], 1, 3, 3)
+    ):
+        xb, wb, bb = _bf16(x, conv.weight, conv.bias)
+        return Bf16DepthwiseConv.apply(xb.contiguous(memory_format=torch.channels_last), wb, bb)
+    return conv(x)
+
+
+def patch_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The spatial reduction of (B, H, W, C) tokens ``x`` by ``conv`` as a linear layer over its non-overlapping
+    patches, (B, H/r * W/r, C_out), under bf16 autocast in training; None where it does not apply (then call the
+    convolution): ``conv`` exactly an ``nn.Conv2d`` without hooks, square kernel = stride r, no padding, no groups or
+    dilation, and H and W multiples of r (otherwise the convolution drops the last rows and columns)."""
+    if not (
+        isinstance(conv, nn.Conv2d)
+        and x.dim() == 4
+        and _bf16_applies(x, conv.weight, conv.bias)
+        and plain_modules(nn.Conv2d, conv)
+    ):
+        return None
+    r = conv.stride[0]
+    batch, height, width, channels = x.shape
+    if not (
+        conv.kernel_size == (r, r)
+        and conv.stride == (r, r)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.in_channels == channels
+        and conv.weight.shape[1:] == (channels, r, r)
+        and height % r == 0
+        and width % r == 0
+        and height > 0
+        and width > 0
+    ):
+        return None
+    # One copy gathers the patches (and casts them, where autocast would have cast the input).
+    patches = x.view(batch, height // r, r, width // r, r, channels).permute(0, 1, 3, 2, 4, 5)
+    # (Tensor.to with the dtype it has already returns the permuted view itself, whatever memory_format asks.)
+    patches = patches.to(torch.bfloat16, memory_format=torch.contiguous_format).contiguous()
+    patches = patches.view(-1, r * r * channels)
+    # The kernel in the patches' (row, column, channel) order: a small differentiable copy of the weight.
+    weight, bias = _bf16(conv.weight, conv.bias)
+    weight = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    out = Bf16Linear.apply(patches, weight, bias)
+    return out.view(batch, (height // r) * (width // r), -1)
 
 
 def module_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

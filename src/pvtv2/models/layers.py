@@ -217,10 +217,16 @@ class SpatialReductionAttention(nn.Module):
         batch, tokens, channels = x.shape
         kv_in = x
         if self.reduces:
-            kv_in = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
-            kv_in = self.spatial_reduction(self.pool(kv_in))  # (B, C, H', W')
-            kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
-            kv_in = self.act(self.layer_norm(kv_in))
+            grid = x.view(batch, height, width, channels)
+            # Under bf16 autocast in training, the strided reduction as a GEMM over its patches (pvtv2.fast.train).
+            reduced = None
+            if fast.plain_modules(nn.Identity, self.pool):
+                reduced = fast.patch_conv(self.spatial_reduction, grid)
+            if reduced is None:
+                kv_in = grid.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
+                kv_in = self.spatial_reduction(self.pool(kv_in))  # (B, C, H', W')
+                reduced = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
+            kv_in = self.act(self.layer_norm(reduced))
         q = self.split_heads(fast.module_linear(self.query, x))  # (B, heads, N, head_dim)
         if (
             fast.plain_modules(nn.Linear, self.key, self.value)
@@ -250,7 +256,7 @@ class DepthwiseConv(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, _, channels = x.shape
         x = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
-        x = self.dwconv(x)  # (B, C, H, W), channels-last
+        x = fast.depthwise_conv(self.dwconv, x)  # (B, C, H, W), channels-last
         return x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
 
 

@@ -253,6 +253,7 @@ def bf16_autocast_training() -> bool:
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and not forward_ad_active()
+        and torch._C._functorch.peek_interpreter_stack() is None  # torch.func's vmap batches no oneDNN call
     ):
         return False
     choice = _CHOICE.get()

@@ -78,6 +78,21 @@ def test_a_drop_path_rate_outside_zero_one_is_refused_by_name(rate):
         PvtV2Config(**TINY, drop_path_rate=1.0)
 
 
+def test_a_numpy_or_integer_rate_is_a_rate():
+    """np.float32(0.3) (a rate read from an array) and 0 are rates: the same draws as the Python float."""
+    import numpy as np
+
+    x = torch.randn(50, 4)
+    torch.manual_seed(2)
+    want = PvtV2DropPath(0.3).train()(x)
+    torch.manual_seed(2)
+    got = DropPath(np.float32(0.3)).train()(x)
+    torch.manual_seed(2)
+    assert torch.equal(got, PvtV2DropPath(float(np.float32(0.3))).train()(x))
+    assert not torch.equal(want, x)
+    assert torch.equal(DropPath(0).train()(x), x)
+
+
 # ---------------------------------------------------------------------------------------------- dtypes, shapes
 @pytest.mark.parametrize("case", ["float64", "batch_of_one", "channels_last"])
 def test_training_step_equals_transformers_under_the_same_seed(case):

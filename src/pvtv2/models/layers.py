@@ -23,6 +23,7 @@ Sub-module names follow the published transformers checkpoints (``query``, ``key
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -47,7 +48,7 @@ __all__ = [
 
 
 def _check_drop_prob(drop_prob: float) -> None:
-    if isinstance(drop_prob, bool) or not isinstance(drop_prob, (int, float)) or not 0.0 <= drop_prob <= 1.0:
+    if isinstance(drop_prob, bool) or not isinstance(drop_prob, numbers.Real) or not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"DropPath drop_prob must be a probability in [0, 1], got {drop_prob!r}")
 
 

@@ -199,3 +199,39 @@ def test_a_killed_drop_path_run_resumed_ends_bit_equal_to_an_uninterrupted_one(f
     want_records = [tuple(r[k] for k in keys) for r in run_records(reference)]
     assert [tuple(r[k] for k in keys) for r in run_records(out)] == want_records
     assert all(math.isfinite(r[1]) for r in want_records)
+
+
+@pytest.mark.parametrize("kind", ["segformer", "glpn"])
+def test_dense_models_at_batch_one_draw_their_mix_ffn_dropout_as_transformers(kind, tmp_path):
+    """SegFormer and GLPN share the Mix-FFN: at batch 1 their hidden dropout masks are transformers' too."""
+    from pvtv2.models.depth import PvtV2ForDepthEstimation
+    from pvtv2.models.segmentation import PvtV2ForSemanticSegmentation
+
+    small = dict(depths=[1, 2, 1, 1], hidden_sizes=[16, 32, 40, 48], num_attention_heads=[1, 2, 5, 8],
+                 mlp_ratios=[4, 3, 2, 4], decoder_hidden_size=16, hidden_dropout_prob=0.3)
+    if kind == "segformer":
+        config = transformers.SegformerConfig(**small, num_labels=4)
+        config._attn_implementation = "eager"
+        reference_cls, ours_cls, field = transformers.SegformerForSemanticSegmentation, PvtV2ForSemanticSegmentation, "logits"
+    else:
+        config = transformers.GLPNConfig(**small, max_depth=7)
+        reference_cls, ours_cls, field = transformers.GLPNForDepthEstimation, PvtV2ForDepthEstimation, "predicted_depth"
+    torch.manual_seed(0)
+    reference = reference_cls(config)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for _, p in sorted(reference.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    reference.save_pretrained(tmp_path)
+    ours = ours_cls.from_pretrained(tmp_path).train()
+    reference.train()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(8)
+    want = getattr(reference(x), field)
+    with fast.train_gemm("aten"):
+        torch.manual_seed(8)
+        got = getattr(ours(x), field)
+        torch.manual_seed(9)
+        other = getattr(ours(x), field)
+    assert relative_error(want, got) < 1e-4
+    assert relative_error(want, other) > 1e-3  # another seed: other draws

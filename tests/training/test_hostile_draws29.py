@@ -158,17 +158,22 @@ def test_attention_maps_in_eval_are_undropped_and_equal_transformers():
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
-def test_gradient_checkpointing_gives_the_gradients_of_the_same_model_without_it():
-    """The recomputed blocks draw the first pass's masks: bit-equal gradients to the model run without
-    checkpointing under the same seed, and the generator left in the same place."""
+@pytest.mark.parametrize("batch", [4, 1])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gradient_checkpointing_gives_the_gradients_of_the_same_model_without_it(batch, autocast):
+    """The recomputed blocks draw the first pass's masks (bf16 ones under autocast, the batch-1 layout of the Mix-FFN
+    dropout): bit-equal gradients to the model run without checkpointing under the same seed, and the generator
+    left in the same place."""
     config = PvtV2Config(**TINY, **DROPS, num_labels=5)
     plain, _ = _pair(config)
     checkpointed, _ = _pair(config)
     checkpointed.gradient_checkpointing_enable()
-    x, labels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 4, 2, 1])
-    want, want_grads = _step(plain, x, labels, seed=21)
-    after_plain = torch.rand(3)
-    got, got_grads = _step(checkpointed, x, labels, seed=21)
+    x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 4, 2, 1][:batch])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        want, want_grads = _step(plain, x, labels, seed=21)
+        after_plain = torch.rand(3)
+        got, got_grads = _step(checkpointed, x, labels, seed=21)
     assert torch.equal(torch.rand(3), after_plain)
     assert torch.equal(want.logits, got.logits)
     for name, g in want_grads.items():
@@ -235,3 +240,30 @@ def test_dense_models_at_batch_one_draw_their_mix_ffn_dropout_as_transformers(ki
         other = getattr(ours(x), field)
     assert relative_error(want, got) < 1e-4
     assert relative_error(want, other) > 1e-3  # another seed: other draws
+
+
+def test_without_dropout_training_keeps_sdpa_and_the_channels_last_mix_ffn():
+    """Drop path alone (dropouts 0, the usual fine-tuning settings): every block's attention is one SDPA call and
+    the Mix-FFN keeps its channels-last views; transformers' layout is taken only where a dropout draws over it."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    from pvtv2.models import layers
+
+    calls = []
+    original = layers.DepthwiseConv.forward
+
+    def spy(self, x, height, width, keep_layout=False):
+        calls.append(keep_layout)
+        return original(self, x, height, width, keep_layout)
+
+    x = torch.randn(1, 3, 64, 64)
+    for hidden, expected in ((0.0, False), (0.1, True)):
+        calls.clear()
+        model = PvtV2ForImageClassification(PvtV2Config(**TINY, drop_path_rate=0.3, hidden_dropout_prob=hidden)).train()
+        with mock.patch.object(layers.F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa, \
+                mock.patch.object(layers.DepthwiseConv, "forward", spy):
+            model(x).logits.sum().backward()
+        assert sdpa.call_count == sum(TINY["depths"])
+        assert calls == [expected] * sum(TINY["depths"]), hidden

@@ -121,9 +121,10 @@ def test_compile_fullgraph_of_every_kind_with_labels_returns_the_eager_output(ki
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-def test_ddp_with_unused_parameter_search_returns_the_output_with_its_loss(tmp_path):
-    """find_unused_parameters makes DDP flatten the output with pytree and rebuild it: the class, its keys and a
-    loss whose backward reaches the weights (one CPU process, gloo)."""
+@pytest.mark.parametrize("options", [{"find_unused_parameters": True}, {"static_graph": True}], ids=["unused", "static"])
+def test_ddp_that_rebuilds_the_output_returns_it_with_its_loss(tmp_path, options):
+    """find_unused_parameters and static_graph make DDP flatten the output with pytree and rebuild it: the class,
+    its keys and a loss whose backward reaches the weights, two steps (one CPU process, gloo)."""
     import torch.distributed as dist
 
     from pvtv2 import PvtV2ForImageClassification
@@ -133,16 +134,19 @@ def test_ddp_with_unused_parameter_search_returns_the_output_with_its_loss(tmp_p
         torch.manual_seed(0)
         model = PvtV2ForImageClassification(PvtV2Config(**TINY_SHALLOW, num_labels=3))
         plain = copy.deepcopy(model)
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        x, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
-        out = net(x, labels=labels)
-        want = plain(x, labels=labels)
-        assert type(out) is ImageClassifierOutput and list(out.keys()) == ["loss", "logits"]
-        out.loss.backward()
-        want.loss.backward()
-        assert torch.allclose(out.loss, want.loss, rtol=1e-6)
-        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
-            assert relative_error(q.grad, p.grad) < 1e-5, name
+        net = torch.nn.parallel.DistributedDataParallel(model, **options)
+        for step in range(2):
+            x, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+            model.zero_grad(set_to_none=True)
+            plain.zero_grad(set_to_none=True)
+            out = net(x, labels=labels)
+            want = plain(x, labels=labels)
+            assert type(out) is ImageClassifierOutput and list(out.keys()) == ["loss", "logits"], step
+            out.loss.backward()
+            want.loss.backward()
+            assert torch.allclose(out.loss, want.loss, rtol=1e-6)
+            for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+                assert relative_error(q.grad, p.grad) < 1e-5, name
     finally:
         dist.destroy_process_group()
 

@@ -140,6 +140,16 @@ def silog_loss(pred: torch.Tensor, target: torch.Tensor, lambd: float = 0.5) -> 
         raise ValueError(f"depth labels must have the prediction's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
     target = target.to(pred.device)
     valid = (target > 0).detach()
+    if torch.compiler.is_compiling():
+        # One graph under torch.compile(fullgraph=True): the branch below and the selection by a mask are data
+        # dependent. Masked sums over all pixels instead (other rounding than eager's means of the selected ones).
+        count = valid.sum()
+        has = count > 0
+        diff = torch.log(torch.where(valid, target, 1.0)) - torch.log(torch.where(valid, pred, 1.0))  # 0 off the mask
+        n = count.clamp_min(1)
+        inner = torch.pow(diff, 2).sum() / n - lambd * torch.pow(diff.sum() / n, 2)
+        # sqrt of 1 where no pixel is measured: its gradient there is finite, and where() sends it none.
+        return torch.where(has, torch.sqrt(torch.where(has, inner, 1.0)), pred.sum() * 0.0)
     if not bool(valid.any()):
         # No measured pixel (a frame the sensor got nothing back for): nothing to learn, a zero that keeps the graph
         # (every parameter gets a zero gradient, as DDP needs). The mean over no pixel was NaN, and training stopped

@@ -23,6 +23,7 @@ Sub-module names follow the published transformers checkpoints (``query``, ``key
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -46,6 +47,11 @@ __all__ = [
 ]
 
 
+def _check_drop_prob(drop_prob: float) -> None:
+    if isinstance(drop_prob, bool) or not isinstance(drop_prob, numbers.Real) or not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"DropPath drop_prob must be a probability in [0, 1], got {drop_prob!r}")
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch of a sample with probability ``drop_prob`` in training.
 
@@ -56,14 +62,22 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
+        _check_drop_prob(drop_prob)
         self.drop_prob = drop_prob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.drop_prob == 0.0 or not self.training:
             return x
+        # Checked again here: the attribute may have been changed since. Outside [0, 1] the formula below gives masks
+        # of -1 or keeps every sample scaled, without an error.
+        _check_drop_prob(self.drop_prob)
         keep = 1.0 - self.drop_prob
         mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
         mask = torch.floor(mask + keep)  # 1 with probability keep, else 0
+        if keep == 0.0:
+            # Every sample dropped: zeros, as timm gives (transformers' x / 0 * 0 is NaN). The draw is still made,
+            # so that the generator moves as transformers' does.
+            return x * mask
         return x.div(keep) * mask
 
     def extra_repr(self) -> str:
@@ -253,8 +267,16 @@ class DepthwiseConv(nn.Module):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int, keep_layout: bool = False) -> torch.Tensor:
         batch, _, channels = x.shape
+        if keep_layout:
+            # transformers' views in and out (transpose(1, 2).view, flatten(2).transpose(1, 2)), so that the
+            # convolution picks the memory layout it picks there: a dropout after this draws its mask in memory
+            # order, so the layout decides which element gets which draw. At batch 1 the two views in differ in the
+            # size-1 batch dimension's stride, and the CPU convolution then returns (B, C, H, W) contiguous there
+            # and channels-last here.
+            x = self.dwconv(x.transpose(1, 2).view(batch, channels, height, width))
+            return x.flatten(2).transpose(1, 2)  # (B, N, C)
         x = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
         x = fast.depthwise_conv(self.dwconv, x)  # (B, C, H, W), channels-last
         return x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, N, C), a view
@@ -274,7 +296,12 @@ class MixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.relu(fast.module_linear(self.dense1, x))  # (B, N, hidden)
-        x = self.dropout(self.act(self.dwconv(x, height, width)))
+        if self.training and self.dropout.p > 0.0:
+            # The dropout draws over the layout transformers' draws over (see DepthwiseConv): at batch 1 a mask
+            # drawn over our (B, N, C) layout gave each element another draw than transformers' under the same seed.
+            x = self.dropout(self.act(self.dwconv(x, height, width, keep_layout=True))).contiguous()
+        else:
+            x = self.dropout(self.act(self.dwconv(x, height, width)))
         return self.dropout(fast.module_linear(self.dense2, x))  # (B, N, C)
 
 

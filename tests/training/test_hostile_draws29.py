@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from conftest import TINY, hf_config, random_weights_, relative_error
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
-from pvtv2.cli import main
 from pvtv2.models.layers import DropPath
 from pvtv2.training.engine import KILL_ENV
 from training_fixtures import ENV, common_args, run_records, run_train

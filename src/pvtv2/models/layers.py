@@ -375,6 +375,8 @@ class PvtV2Stage(nn.Module):
         )
         self.layer_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.gradient_checkpointing = False
+        # torch.utils.checkpoint's arguments (PvtV2PreTrainedModel.gradient_checkpointing_enable sets them).
+        self.checkpoint_kwargs: dict = {"use_reentrant": False}
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # The one hand-over point to the fast CPU inference path (pvtv2.fast): same numbers, computed faster.
@@ -384,7 +386,8 @@ class PvtV2Stage(nn.Module):
         attentions = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, probs = checkpoint(block, x, height, width, output_attentions, use_reentrant=False)
+                kwargs = getattr(self, "checkpoint_kwargs", None) or {"use_reentrant": False}
+                x, probs = checkpoint(block, x, height, width, output_attentions, **kwargs)
             else:
                 x, probs = block(x, height, width, output_attentions)
             if probs is not None:

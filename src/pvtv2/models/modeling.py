@@ -186,10 +186,26 @@ class PvtV2PreTrainedModel(nn.Module):
         init_weights(module, self.config.initializer_range)
 
     # ------------------------------------------------------------------ conveniences
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (training only).
+
+        ``gradient_checkpointing_kwargs``: passed to ``torch.utils.checkpoint.checkpoint``, as transformers' method
+        (and its Trainer's ``gradient_checkpointing_kwargs``) takes them; ``use_reentrant`` defaults to False here
+        (transformers' to True): the same gradients, without the reentrant variant's need for an input that requires
+        grad."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        allowed = {"use_reentrant", "preserve_rng_state", "determinism_check", "debug", "context_fn"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise TypeError(
+                f"gradient_checkpointing_kwargs: {', '.join(map(repr, unknown))} not taken by "
+                f"torch.utils.checkpoint.checkpoint (it takes {', '.join(sorted(allowed))})"
+            )
+        kwargs.setdefault("use_reentrant", False)
         for module in self.modules():
             if isinstance(module, PvtV2Stage):
                 module.gradient_checkpointing = True
+                module.checkpoint_kwargs = kwargs
 
     def gradient_checkpointing_disable(self) -> None:
         for module in self.modules():

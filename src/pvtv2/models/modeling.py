@@ -108,6 +108,10 @@ class PvtV2PreTrainedModel(nn.Module):
 
     config_class = PvtV2Config
     main_input_name = "pixel_values"
+    # As transformers' PreTrainedModel: the attribute holding the encoder in task models (``base_model``), and
+    # gradient checkpointing supported (:meth:`gradient_checkpointing_enable`).
+    base_model_prefix = "pvt_v2"
+    supports_gradient_checkpointing = True
     # What loading a checkpoint needs to know about the class (pvtv2.weights.loading reads these):
     encoder_prefix: str = ""  # where the encoder's ``encoder.`` keys sit in state_dict() ("pvt_v2." inside task models)
     head_prefixes: tuple[str, ...] = ()  # the top-level names of the task head(s), which a checkpoint may lack
@@ -211,6 +215,21 @@ class PvtV2PreTrainedModel(nn.Module):
         for module in self.modules():
             if isinstance(module, PvtV2Stage):
                 module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether any stage recomputes its blocks in training (transformers' property of the same name)."""
+        return any(isinstance(m, PvtV2Stage) and m.gradient_checkpointing for m in self.modules())
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The encoder of a task model (its ``pvt_v2``), the model itself otherwise, as transformers answers."""
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (and buffers, with ``return_buffers``), as transformers counts them."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(t.nelement() * t.element_size() for t in tensors)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -267,3 +267,20 @@ def test_failed_write_leaves_the_previous_save(tmp_path, monkeypatch, kwargs):
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before  # no temporaries left either
     torch.testing.assert_close(_logits(PvtV2ForImageClassification.from_pretrained(tmp_path)), _logits(old),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["PvtV2Backbone", "PvtV2ForSemanticSegmentation", "PvtV2ForDepthEstimation",
+                                  "PvtV2ForObjectDetection"])
+def test_task_models_round_trip_sharded_bin(tmp_path, name):
+    import pvtv2
+
+    if name == "PvtV2ForObjectDetection":
+        pytest.importorskip("torchvision")
+    cls = getattr(pvtv2, name)
+    model = random_weights_(cls(PvtV2Config(**TINY)), seed=2).eval()
+    model.save_pretrained(tmp_path, safe_serialization=False, max_shard_size="30KB")
+    assert (tmp_path / "pytorch_model.bin.index.json").is_file()
+    saved, loaded = model.state_dict(), cls.from_pretrained(tmp_path).state_dict()
+    assert sorted(saved) == sorted(loaded)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key

@@ -179,11 +179,43 @@ class PvtV2PreTrainedModel(nn.Module):
             model = model.to(device=device)
         return model.eval()
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (transformers' layout) into ``folder``."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        save_function: Any = None,
+        push_to_hub: bool = False,
+        max_shard_size: int | str = "50GB",
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        token: str | bool | None = None,
+    ) -> None:
+        """Write ``config.json`` and the weights (transformers' layout) into ``save_directory``, taking
+        transformers' arguments by the same names:
+
+        - ``safe_serialization``: True, ``model.safetensors``; False, ``pytorch_model.bin`` (a plain dict of tensors,
+          ``torch.save``; read back with ``weights_only=True``).
+        - ``is_main_process``: False writes nothing (distributed training: the main process saves).
+        - ``state_dict``: written instead of the model's, as given (names to tensors; anything else is refused; a
+          warning names the keys and shapes that do not fit the model).
+        - ``max_shard_size`` (bytes, or "5GB", "500MB", "10KB"; default "50GB" as transformers 5): larger weights
+          are split into ``model-00001-of-0000N.safetensors`` (``pytorch_model-...bin``) and an ``.index.json``; a
+          tensor over the limit gets a shard of its own.
+
+        Weight files of an earlier save in another form (``model.safetensors`` beside a new ``pytorch_model.bin``,
+        shards of another count, their index) are removed once the new ones are written; no other file is touched.
+        Each file is replaced atomically, the weights before ``config.json``. ``push_to_hub=True`` and ``variant``
+        are refused (no upload here; ``from_pretrained`` reads no variants); ``token`` is accepted and unused (it
+        is for the upload); ``save_function`` (``accelerator.save``, ``torch.save``) is accepted and not called:
+        the files are written by pvtv2's atomic writer. Any other keyword is a TypeError naming it."""
         from ..weights.loading import save_pretrained
 
-        save_pretrained(self, folder)
+        save_pretrained(
+            self, save_directory, is_main_process=is_main_process, state_dict=state_dict, save_function=save_function,
+            push_to_hub=push_to_hub, max_shard_size=max_shard_size, safe_serialization=safe_serialization,
+            variant=variant, token=token,
+        )
 
     def init_new_module(self, module: nn.Module) -> None:
         """Initialise a module that a checkpoint did not provide (a new head); called by ``from_pretrained``."""

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import WriteError, atomic_write, temporary_path
 
-__all__ = ["CheckpointError", "read_checkpoint", "read_checkpoint_and_config", "read_state_dict", "save_state_dict", "shard_names"]
+__all__ = ["CheckpointError", "read_checkpoint", "read_checkpoint_and_config", "read_state_dict", "save_state_dict", "save_state_dicts", "shard_names"]
 
 
 class CheckpointError(ValueError):
@@ -229,20 +229,55 @@ def _contiguous_copies(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: v.detach().contiguous().clone() if not v.is_contiguous() else v.detach() for k, v in state.items()}
 
 
+def _serialize(state: Mapping[str, torch.Tensor], safetensors: bool, metadata: dict[str, str] | None) -> bytes:
+    """The bytes of a safetensors file, or of a ``torch.save`` plain dict of tensors, holding ``state``."""
+    from safetensors.torch import save
+
+    tensors = {k: v.cpu() for k, v in _contiguous_copies(state).items()}
+    if safetensors:
+        return save(tensors, metadata={"format": "pt", **(metadata or {})})
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return buffer.getvalue()
+
+
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write tensors to ``path`` atomically: safetensors for ``.safetensors``, a plain tensor dict otherwise.
 
     The file is serialised in memory and written with Python's own I/O, because both serialisers report a full
     disk as their own error (``SafetensorError``, a ``RuntimeError`` "unexpected pos") instead of an ``OSError``:
     this way a failed write is a :class:`pvtv2.fileio.WriteError` naming ``path`` and the errno."""
-    from safetensors.torch import save
-
     path = Path(path)
-    tensors = {k: v.cpu() for k, v in _contiguous_copies(state).items()}
-    if path.suffix == ".safetensors":
-        data = save(tensors, metadata={"format": "pt", **(metadata or {})})
-    else:
-        buffer = io.BytesIO()
-        torch.save(tensors, buffer)
-        data = buffer.getvalue()
+    data = _serialize(state, path.suffix == ".safetensors", metadata)
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def save_state_dicts(files: Mapping[str, Mapping[str, torch.Tensor]], folder: str | os.PathLike) -> list[Path]:
+    """Write several weight files (file name in ``folder`` -> tensors; format by suffix, as :func:`save_state_dict`).
+
+    Each is written to its hidden temporary sibling first, and all are renamed into place only once every one is
+    complete: a write that fails (a full disk) or is interrupted before that leaves the previous files as they were,
+    rather than new shards beside old ones under one index. Errors are :class:`pvtv2.fileio.WriteError`."""
+    folder = Path(folder)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for name, state in files.items():
+            target = folder / name
+            tmp = temporary_path(target)
+            staged.append((tmp, target))
+            data = _serialize(state, name.endswith(".safetensors"), None)
+            try:
+                tmp.write_bytes(data)
+            except OSError as err:
+                raise WriteError(target, err) from err
+            del data  # one shard's bytes in memory at a time
+        for tmp, target in staged:
+            try:
+                os.replace(tmp, target)
+            except OSError as err:
+                raise WriteError(target, err) from err
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [target for _, target in staged]

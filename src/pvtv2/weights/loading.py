@@ -33,7 +33,7 @@ from ..models.config import (
     short_repr,
 )
 from ..models.labels import has_generic_labels, imagenet_id2label
-from .files import CheckpointError, read_checkpoint_and_config, save_state_dict, shard_names
+from .files import CheckpointError, read_checkpoint_and_config, save_state_dicts, shard_names
 from .hub import check_loading_arguments, check_subfolder, folder_entry, looks_like_hub_id, resolve_file
 from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, MMDET_LAYOUT, detect_layout, to_canonical
 
@@ -1070,16 +1070,128 @@ def layout_differences(config: PvtV2Config, layout: str) -> list[str]:
 _WARNED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
-def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
-    """``config.json`` (with the class in ``architectures``) and ``model.safetensors`` in transformers' layout.
+# The weight files save_pretrained writes, as transformers names them: one file, or shards beside their index.
+_SHARD_NAME = re.compile(r"(model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}-of-\d{5}\.bin)")
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def shard_size_bytes(size: int | str) -> int:
+    """``max_shard_size`` in bytes: an int, or digits and a unit as huggingface_hub parses them for transformers
+    ("5GB" = 5 * 10**9, "500MB", "10KB", "1.5GB"; case does not matter), or a binary unit ("1GiB" = 2**30)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    if isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]I?B)\s*", size, flags=re.IGNORECASE)
+        if match:
+            value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+            if value > 0:
+                return value
+    raise ValueError(
+        f"max_shard_size must be a positive number of bytes or a size such as '5GB', '500MB', '10KB', got {size!r}"
+    )
+
+
+def _checked_state_dict(state_dict: Any, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict=`` as given, refused where it is not names to tensors with data; where its names or shapes
+    differ from the model's a warning says which (it is written as given, as transformers does: a filtered or
+    merged state dict is a reason to pass one)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping from names to tensors, got {type(state_dict).__name__}")
+    if not state_dict:
+        raise ValueError("state_dict is empty: there are no tensors to save")
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict has the key {key!r} ({type(key).__name__}); its keys must be strings")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor: only tensors are saved")
+        if value.is_meta:
+            raise ValueError(f"state_dict[{key!r}] is a meta tensor: it holds no data to save")
+        if value.layout != torch.strided:
+            raise ValueError(f"state_dict[{key!r}] is a sparse tensor ({value.layout}); pass it .to_dense()")
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(own.keys() - state_dict.keys())
+    extra = sorted(state_dict.keys() - own.keys())
+    shapes = sorted(k for k in own.keys() & state_dict.keys() if tuple(state_dict[k].shape) != own[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of the model's tensors are not in it ({_summarise_keys(missing)})")
+    if extra:
+        problems.append(f"{len(extra)} are not the model's ({_summarise_keys(extra)})")
+    if shapes:
+        problems.append("shapes differ for " + ", ".join(
+            f"{k} {tuple(state_dict[k].shape)} (model {own[k]})" for k in shapes[:5]))
+    if problems:
+        logger.warning("save_pretrained: the state_dict given does not fit %s: %s; it is written as given, and "
+                       "from_pretrained of this folder will refuse it", type(model).__name__, "; ".join(problems))
+    return dict(state_dict)
+
+
+def _split_into_shards(state: Mapping[str, torch.Tensor], limit: int, stem: str, suffix: str) -> dict[str, dict]:
+    """File name -> tensors, filled in key order up to ``limit`` bytes each as transformers (huggingface_hub) does:
+    a tensor larger than the limit gets a shard of its own. One shard is the plain ``stem + suffix``."""
+    shards: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > limit:
+            shards.append({key: tensor})
+            continue
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    if current:
+        shards.append(current)
+    if len(shards) == 1:
+        return {f"{stem}{suffix}": shards[0]}
+    return {f"{stem}-{i + 1:05d}-of-{len(shards):05d}{suffix}": shard for i, shard in enumerate(shards)}
+
+
+def save_pretrained(
+    model: torch.nn.Module,
+    save_directory: str | os.PathLike,
+    is_main_process: bool = True,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    save_function: Any = None,
+    push_to_hub: bool = False,
+    max_shard_size: int | str = "50GB",
+    safe_serialization: bool = True,
+    variant: str | None = None,
+    token: str | bool | None = None,
+) -> None:
+    """``config.json`` (with the class in ``architectures``) and the weights in transformers' layout: see
+    :meth:`pvtv2.models.modeling.PvtV2PreTrainedModel.save_pretrained` for the arguments.
 
     Where transformers would compute otherwise from the folder (see :func:`transformers_differences`) and has the
     model's class (``in_transformers``: ``PvtV2Model``, ``PvtV2ForImageClassification``, ``PvtV2Backbone``), a
     warning says so, once per model.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in (("is_main_process", is_main_process), ("safe_serialization", safe_serialization),
+                        ("push_to_hub", push_to_hub)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if push_to_hub:
+        raise ValueError("push_to_hub=True is not supported: pvtv2 does not upload to the hub. Save the folder, then "
+                         "upload it with huggingface_hub (HfApi().upload_folder)")
+    if variant is not None:
+        raise ValueError(f"variant={variant!r} is not supported: pvtv2's from_pretrained reads no variant files "
+                         f"(model.{variant}.safetensors); save the variant into a folder of its own instead")
+    limit = shard_size_bytes(max_shard_size)
+    folder = Path(save_directory)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"save_pretrained needs a folder, and {os.fspath(folder)!r} is a {path_kind(folder)}")
     config: PvtV2Config = model.config
+    # Before anything is written: raises, naming the value, where config.json cannot hold one (a callable
+    # hidden_act, a setting kept without a check that JSON cannot write)
+    config.to_json_string()
+    if not is_main_process:
+        return  # as transformers under distributed training: the main process alone writes
+    state = model.state_dict() if state_dict is None else _checked_state_dict(state_dict, model)
     if getattr(model, "in_transformers", False) and model not in _WARNED:
         for note in transformers_differences(config):
             logger.warning("save_pretrained: %s", note)
@@ -1091,8 +1203,21 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> None:
     data.pop("torch_dtype", None)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     data["dtype"] = str(dtype).removeprefix("torch.")
-    # Before the weights are written: raises, naming the value, where config.json cannot hold one (a callable
-    # hidden_act, a setting kept without a check that JSON cannot write)
-    config.to_json_string()
-    save_state_dict(model.state_dict(), folder / "model.safetensors")
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, suffix = ("model", ".safetensors") if safe_serialization else ("pytorch_model", ".bin")
+    files = _split_into_shards(state, limit, stem, suffix)
+    written = {path.name for path in save_state_dicts(files, folder)}
+    if len(files) > 1:
+        index_name = f"{stem}{suffix}.index.json"
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        weight_map = {key: name for name, shard in files.items() for key in shard}
+        atomic_write_json(folder / index_name, {"metadata": {"total_size": total}, "weight_map": weight_map},
+                          sort_keys=True)
+        written.add(index_name)
+    # Weight files of an earlier save in another form (model.safetensors beside a new pytorch_model.bin, shards of
+    # another count) would be read first or mixed in: removed once the new ones are complete. No other file is touched.
+    for entry in folder.iterdir():
+        stale = entry.name in WEIGHT_FILES or _SHARD_NAME.fullmatch(entry.name)
+        if stale and entry.name not in written and (entry.is_symlink() or entry.is_file()):
+            entry.unlink()
     atomic_write_json(folder / "config.json", data, sort_keys=True)

@@ -28,9 +28,9 @@ CONFIGS = {
 }
 
 
-def pair(extra: dict, seed: int = 0):
+def pair(extra: dict | None = None, seed: int = 0):
     torch.manual_seed(seed)
-    config = PvtV2Config(**{**TINY, **extra})
+    config = PvtV2Config(**{**TINY, **(extra or {})})
     ours = PvtV2ForImageClassification(config).eval()
     theirs = transformers.PvtV2ForImageClassification(hf_config(config)).eval()
     theirs.load_state_dict(ours.state_dict())

@@ -33,25 +33,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
-from conftest import TINY, hf_config
+from conftest import TINY
+from test_functorch29 import images, pair
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, stack_module_state, vmap
 
-from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ForSemanticSegmentation, fast
+from pvtv2 import PvtV2Config, PvtV2ForSemanticSegmentation, fast
 import pvtv2.fast.cpu as cpu
-
-
-def pair(extra: dict | None = None, seed: int = 0):
-    torch.manual_seed(seed)
-    config = PvtV2Config(**{**TINY, **(extra or {})})
-    ours = PvtV2ForImageClassification(config).eval()
-    theirs = transformers.PvtV2ForImageClassification(hf_config(config)).eval()
-    theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
-
-
-def images(n: int = 3, batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def leaves(tree) -> list[torch.Tensor]:

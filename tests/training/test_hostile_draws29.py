@@ -16,6 +16,7 @@ from conftest import TINY, hf_config, random_weights_, relative_error
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
 from pvtv2.models.layers import DropPath
 from pvtv2.training.engine import KILL_ENV
+from test_dropout_draws29 import _dense_pair
 from training_fixtures import ENV, common_args, run_records, run_train
 
 transformers = pytest.importorskip("transformers")
@@ -220,15 +221,7 @@ def test_dense_models_at_batch_one_draw_their_mix_ffn_dropout_as_transformers(ki
     else:
         config = transformers.GLPNConfig(**small, max_depth=7)
         reference_cls, ours_cls, field = transformers.GLPNForDepthEstimation, PvtV2ForDepthEstimation, "predicted_depth"
-    torch.manual_seed(0)
-    reference = reference_cls(config)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for _, p in sorted(reference.named_parameters()):
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    reference.save_pretrained(tmp_path)
-    ours = ours_cls.from_pretrained(tmp_path).train()
-    reference.train()
+    reference, ours = _dense_pair(reference_cls, config, ours_cls, tmp_path)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(8)
     want = getattr(reference(x), field)

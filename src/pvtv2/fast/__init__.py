@@ -35,7 +35,7 @@ from .cpu import (
     plain_modules,
     unfreeze,
 )
-from .train import depthwise_conv, linear, module_linear, patch_conv, train_gemm
+from .train import depthwise_conv, forward_choices, linear, module_linear, patch_conv, train_gemm
 
 __all__ = [
     "FAST_PATH_ENV",
@@ -45,6 +45,7 @@ __all__ = [
     "fast_path_available",
     "fast_path_enabled",
     "forward_ad_active",
+    "forward_choices",
     "freeze",
     "fusable",
     "is_frozen",

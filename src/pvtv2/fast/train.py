@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import PLAIN_TENSOR_TYPES, fast_path_available, fast_path_enabled, forward_ad_active, plain_modules
+from .cpu import PLAIN_TENSOR_TYPES, fast_path, fast_path_available, fast_path_enabled, forward_ad_active, plain_modules
 
 __all__ = [
     "TRAIN_GEMM_ENV", "CHOICES", "Bf16DepthwiseConv", "Bf16Linear", "OneDnnLinear", "bf16_autocast_training",
-    "depthwise_conv", "linear", "module_linear", "patch_conv", "train_gemm", "uses_onednn",
+    "depthwise_conv", "forward_choices", "linear", "module_linear", "patch_conv", "train_gemm", "uses_onednn",
 ]
 
 TRAIN_GEMM_ENV = "PVTV2_TRAIN_GEMM"
@@ -77,6 +77,20 @@ def train_gemm(choice: str) -> Iterator[None]:
         yield
     finally:
         _CHOICE.reset(token)
+
+
+def forward_choices() -> contextlib.AbstractContextManager:
+    """A context that re-enters this thread's fast-path switch and training-GEMM choice as they are now. Gradient
+    checkpointing recomputes a block during the backward pass, which may run outside the ``fast.fast_path(False)`` or
+    :func:`train_gemm` block its forward ran in: the recomputation must take the same path (under bf16 autocast the
+    pieces save other tensors than the reference operators, and torch.utils.checkpoint refused the difference)."""
+    return _reenter(fast_path_enabled(), _CHOICE.get())
+
+
+@contextlib.contextmanager
+def _reenter(enabled: bool, choice: str) -> Iterator[None]:
+    with fast_path(enabled), train_gemm(choice):
+        yield
 
 
 @functools.lru_cache(maxsize=1)

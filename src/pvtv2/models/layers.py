@@ -22,6 +22,7 @@ Sub-module names follow the published transformers checkpoints (``query``, ``key
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -357,7 +358,10 @@ class PvtV2Stage(nn.Module):
         attentions = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, probs = checkpoint(block, x, height, width, output_attentions, use_reentrant=False)
+                # Recomputed in the backward pass under the forward's fast-path choices (fast.forward_choices).
+                # Not under torch.compile: dynamo takes no context_fn of its own making, and no fast piece runs there.
+                choices = {} if torch.compiler.is_compiling() else {"context_fn": _forward_choices}
+                x, probs = checkpoint(block, x, height, width, output_attentions, use_reentrant=False, **choices)
             else:
                 x, probs = block(x, height, width, output_attentions)
             if probs is not None:
@@ -366,6 +370,12 @@ class PvtV2Stage(nn.Module):
         batch, _, channels = x.shape
         x = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), a channels-last view
         return x, attentions
+
+
+def _forward_choices() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """torch.utils.checkpoint's context_fn: nothing around the forward, its fast-path choices around the
+    recomputation."""
+    return contextlib.nullcontext(), fast.forward_choices()
 
 
 @torch.no_grad()

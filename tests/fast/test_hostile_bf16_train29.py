@@ -74,3 +74,64 @@ def test_checkpointed_blocks_still_compile():
         model(x).logits.square().sum().backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert _worst(eager, compiled) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "size",
+    # 32 px: grids of 8, 4 and 2 tokens under reductions 8, 4 and 2, one patch each (divisible). 36 x 32 px: stage 1
+    # is 9 x 8 tokens under 8, stage 2 5 x 4 under 4, stage 3 3 x 2 under 2: exactly one patch wide, one and a bit
+    # high (not divisible).
+    [(32, 32), (36, 32)],
+    ids=["one-patch", "one-patch-wide-not-divisible"],
+)
+def test_reductions_to_one_patch_column_against_float32(size):
+    """PyTorch 2.14's oneDNN bf16 convolution of a channels-last input whose width equals the kernel's (one output
+    column) gives wrong numbers, relative errors near 1, for some channel counts and strides (16 channels at stride 4
+    or 8, as the tiny model's first stages): the reference path's spatial reduction computed garbage under bf16
+    autocast, and so did the training path where the reduction does not divide the grid's height (the convolution
+    ran), and the fused inference stages' convolution. A step under bf16 autocast stays within bf16 rounding of the
+    float32 step, in training and inference, on the fast path and the reference path."""
+    model = _model(seed=4)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    xi = x.clone().requires_grad_(True)
+    exact_logits = model(xi).logits.detach()
+    model(xi).logits.square().mean().backward()
+    exact = _grads(model, xi)
+    for fast_on in (True, False):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with fast.fast_path(fast_on), fast.train_gemm("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(xi).logits.float()
+        logits.square().mean().backward()
+        assert relative_error(exact_logits, logits.detach()) < 2e-2, fast_on
+        assert _worst(exact, _grads(model, xi)) < 3e-2, fast_on
+        # Inference under bf16 autocast too: the fused stages (fast path) and the modules' own convolutions.
+        with fast.fast_path(fast_on), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model.eval()(x).logits.float()
+        model.train()
+        assert relative_error(exact_logits, logits) < 2e-2, fast_on
+
+
+def test_patch_conv_crops_a_grid_the_reduction_does_not_divide():
+    """A 7 x 5 grid under a stride-2 reduction: the convolution's 3 x 2 outputs from the first 6 x 4 tokens, and zero
+    gradient for the last row and column, against float64 on the same bf16 operands; also from a non-contiguous
+    (transposed) grid."""
+    gen = torch.Generator().manual_seed(6)
+    sr = nn.Conv2d(8, 12, 2, 2)
+    base = torch.randn(2, 5, 7, 8, generator=gen)
+    for tokens in (base.transpose(1, 2).contiguous(), base.transpose(1, 2)):
+        tokens = tokens.detach().requires_grad_(True)  # (2, 7, 5, 8)
+        with fast.train_gemm("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced = fast.patch_conv(sr, tokens)
+        assert reduced is not None and reduced.shape == (2, 6, 12)
+        grad = torch.randn(2, 6, 12, generator=gen)
+        reduced.backward(grad)
+        t64 = tokens.detach().bfloat16().double().requires_grad_(True)
+        w64 = sr.weight.detach().bfloat16().double()
+        want = F.conv2d(t64.permute(0, 3, 1, 2), w64, sr.bias.detach().bfloat16().double(), stride=2)
+        want = want.permute(0, 2, 3, 1).reshape(2, 6, 12)
+        want.backward(grad.bfloat16().double())
+        assert ((want.detach() - reduced.double()).abs().max() / want.abs().max()).item() < 1e-2
+        assert ((t64.grad - tokens.grad.double()).abs().max() / t64.grad.abs().max()).item() < 1e-2
+        assert tokens.grad[:, 6:].abs().max() == 0 and tokens.grad[:, :, 4:].abs().max() == 0
+        sr.zero_grad()

@@ -32,6 +32,7 @@ from .cpu import (
     freeze,
     fusable,
     is_frozen,
+    one_kernel_wide_bf16,
     plain_modules,
     unfreeze,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "is_frozen",
     "linear",
     "module_linear",
+    "one_kernel_wide_bf16",
     "patch_conv",
     "plain_modules",
     "stage_forward",

@@ -225,7 +225,9 @@ class SpatialReductionAttention(nn.Module):
                 reduced = fast.patch_conv(self.spatial_reduction, grid)
             if reduced is None:
                 kv_in = grid.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
-                kv_in = self.spatial_reduction(self.pool(kv_in))  # (B, C, H', W')
+                # (One kernel wide in bf16: the (B, C, H, W) layout, where PyTorch's oneDNN kernel is right.)
+                kv_in = self.pool(kv_in)
+                kv_in = self.spatial_reduction(fast.one_kernel_wide_bf16(self.spatial_reduction, kv_in))
                 reduced = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
             kv_in = self.act(self.layer_norm(reduced))
         q = self.split_heads(fast.module_linear(self.query, x))  # (B, heads, N, head_dim)

@@ -135,3 +135,137 @@ def test_patch_conv_crops_a_grid_the_reduction_does_not_divide():
         assert ((t64.grad - tokens.grad.double()).abs().max() / t64.grad.abs().max()).item() < 1e-2
         assert tokens.grad[:, 6:].abs().max() == 0 and tokens.grad[:, :, 4:].abs().max() == 0
         sr.zero_grad()
+
+
+def _nodes(out: torch.Tensor) -> int:
+    """The bf16 pieces' backward nodes in ``out``'s graph."""
+    seen, todo, count = set(), [out.grad_fn], 0
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ in ("Bf16LinearBackward", "Bf16DepthwiseConvBackward")
+        todo.extend(n for n, _ in node.next_functions)
+    return count
+
+
+def _mixffns(model):
+    return [m for m in model.modules() if type(m).__name__ == "MixFFN"]
+
+
+def _attentions(model):
+    return [m for m in model.modules() if type(m).__name__ == "SpatialReductionAttention"]
+
+
+class _Scale(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 1.5
+
+
+def _tied_and_odd(model):
+    """Weights shared between two layers, layers without biases, a transposed weight view, a bf16 bias, a frozen
+    stage and a channels-last reduction kernel: the pieces apply, with the reference's gradients."""
+    ffn, attn = _mixffns(model), _attentions(model)
+    ffn[2].dense1.weight = ffn[1].dense1.weight
+    ffn[1].dense2.bias = None
+    ffn[0].dense1.weight = nn.Parameter(ffn[0].dense1.weight.detach().t().contiguous().t())
+    ffn[0].dwconv.dwconv.bias = None
+    attn[0].spatial_reduction.bias = None
+    sr = attn[1].spatial_reduction
+    sr.weight = nn.Parameter(sr.weight.detach().contiguous(memory_format=torch.channels_last))
+    ffn[3].dense2.bias = nn.Parameter(ffn[3].dense2.bias.detach().bfloat16())
+    for p in model.pvt_v2.encoder.layers[3].parameters():
+        p.requires_grad_(False)
+    return True
+
+
+def _hooked_and_parametrized(model):
+    """Hooks and parametrizations on the layers the pieces replace: they step aside there (the hooks run)."""
+    ffn, attn = _mixffns(model), _attentions(model)
+    ffn[0].dense1.register_forward_hook(lambda m, i, o: o * 2)
+    ffn[1].dwconv.dwconv.register_full_backward_hook(lambda m, gi, go: (gi[0] * 3,))
+    attn[0].spatial_reduction.register_forward_pre_hook(lambda m, i: (i[0] * 0.5,))
+    torch.nn.utils.parametrize.register_parametrization(ffn[2].dense1, "weight", _Scale())
+    torch.nn.utils.parametrize.register_parametrization(ffn[2].dwconv.dwconv, "weight", _Scale())
+    torch.nn.utils.parametrize.register_parametrization(attn[1].spatial_reduction, "weight", _Scale())
+    return False
+
+
+@pytest.mark.parametrize("prepare", [_tied_and_odd, _hooked_and_parametrized], ids=["odd-weights", "hooks"])
+def test_odd_weights_hooks_and_parametrizations_give_the_reference_gradients(prepare):
+    """Against the reference path on the same modified model, and transformers' where it has the same modules."""
+    model = _model(seed=6)
+    everywhere = prepare(model)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    results = {}
+    for fast_on in (True, False):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with fast.fast_path(fast_on), fast.train_gemm("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(xi).logits.float().square().mean()
+            nodes = _nodes(loss)
+        loss.backward()
+        results[fast_on] = (loss.item(), nodes, _grads(model, xi))
+    (loss, nodes, got), (ref_loss, ref_nodes, want) = results[True], results[False]
+    blocks = sum(model.config.depths)
+    # 5 linear layers and 1 depthwise convolution per block, plus the patch GEMMs of the 4 reductions; the 6 hooked or
+    # parametrized layers (2 dense layers, 2 depthwise convolutions, 2 reductions) step aside.
+    assert nodes == (6 * blocks + 4 if everywhere else 6 * blocks + 4 - 6) and ref_nodes == 0
+    assert loss == pytest.approx(ref_loss, rel=1e-2)
+    assert _worst(want, got) < 2e-2
+
+
+def test_a_bf16_model_and_double_backward_give_the_reference_gradients():
+    """model.to(torch.bfloat16) under autocast (the weights in bf16 already, bf16 gradients), with a gradient
+    penalty (create_graph=True) on the pixels: the reference path's second-order gradients to bf16 rounding."""
+    model = _model(seed=8).to(torch.bfloat16)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(9)).bfloat16()
+    results = {}
+    for fast_on in (True, False):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with fast.fast_path(fast_on), fast.train_gemm("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(xi).logits.float().square().mean()
+            nodes = _nodes(out)
+            (gx,) = torch.autograd.grad(out, xi, create_graph=True)
+        (out + gx.float().square().sum()).backward()
+        results[fast_on] = nodes, {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert results[True][0] > 0 and results[False][0] == 0
+    assert all(g.dtype == torch.bfloat16 for g in results[True][1].values())
+    assert _worst(results[False][1], results[True][1]) < 5e-2
+
+
+@pytest.mark.parametrize("rows", [1023, 1024, 1025])
+def test_linear_around_the_row_threshold_against_float64(rows):
+    """Just below and above FLIP_MIN_ROWS (forward F.linear or oneDNN's inner product; weight gradient direct or
+    flipped), a non-contiguous input (a transposed view), against float64 products of the same bf16 operands."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(24, rows, generator=gen).t().requires_grad_(True)  # (rows, 24), non-contiguous
+    w = (torch.randn(56, 24, generator=gen) * 0.2).requires_grad_(True)
+    b = torch.randn(56, generator=gen).requires_grad_(True)
+    g = torch.randn(rows, 56, generator=gen)
+    with fast.train_gemm("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast.linear(x, w, b)
+    assert type(out.grad_fn).__name__ == "Bf16LinearBackward"
+    out.backward(g)
+    x64, w64, g64 = x.detach().bfloat16().double(), w.detach().bfloat16().double(), g.bfloat16().double()
+    for want, got in ((x64 @ w64.T + b.detach().bfloat16().double(), out), (g64 @ w64, x.grad),
+                      (g64.T @ x64, w.grad), (g64.sum(0), b.grad)):
+        assert ((want - got.double()).abs().max() / want.abs().max()).item() < 1e-2
+
+
+def test_two_identical_steps_give_identical_gradients():
+    model = _model(seed=10)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    steps = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with fast.train_gemm("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(xi).logits.float().square().mean()
+            assert _nodes(loss) > 0
+        loss.backward()
+        steps.append(_grads(model, xi))
+    for name, grad in steps[0].items():
+        assert torch.equal(grad, steps[1][name]), name

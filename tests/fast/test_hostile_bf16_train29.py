@@ -269,3 +269,41 @@ def test_two_identical_steps_give_identical_gradients():
         steps.append(_grads(model, xi))
     for name, grad in steps[0].items():
         assert torch.equal(grad, steps[1][name]), name
+
+
+@pytest.mark.parametrize(
+    "size, batch, kwargs",
+    [
+        ((33, 47), 2, {}),  # grids 9 x 12, 5 x 6, 3 x 3, 2 x 2: no reduction divides its grid's height
+        ((64, 128), 1, {}),  # non-square, batch 1: 2,048 rows in stage 1
+        ((32, 32), 3, {"sr_ratios": [1, 1, 1, 1]}),  # no reduction at all
+        ((64, 64), 4, {"linear_attention": True}),  # pooling and a 1x1 convolution: the convolution runs
+        ((36, 20), 2, {"sr_ratios": [4, 2, 1, 1]}),  # stage 4 is one token (1 x 1)
+    ],
+    ids=["33x47", "non-square-batch-1", "sr-1", "linear-attention", "one-token-stage"],
+)
+def test_odd_grids_give_the_reference_path_and_transformers(size, batch, kwargs):
+    """Channels-last pixels whose gradient is asked for: the reference path's outputs and gradients to bf16
+    rounding, and the reference path is transformers' under the same autocast (to bf16 rounding as well)."""
+    model = _model(seed=12, **kwargs)
+    theirs = transformers.PvtV2ForImageClassification(hf_config(model.config)).train()
+    theirs.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(13))
+    x = x.contiguous(memory_format=torch.channels_last)
+    results = {}
+    for name, module, fast_on in (("ours", model, True), ("reference", model, False), ("theirs", theirs, True)):
+        module.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with fast.fast_path(fast_on), fast.train_gemm("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = module(xi).logits.float()
+            nodes = _nodes(logits)
+        logits.square().mean().backward()
+        results[name] = logits.detach(), _grads(module, xi), nodes
+    assert results["ours"][2] > 0 and results["reference"][2] == 0
+    # The reference path is transformers' computation to bf16 rounding, not bit for bit here: at batch 1 and with
+    # channels-last pixels PyTorch picks other kernels for the two layouts (measured 1.7e-2 on the logits at 64 x 128,
+    # both within 1.5e-2 of the float32 logits).
+    assert relative_error(results["theirs"][0], results["reference"][0]) < 3e-2
+    assert _worst(results["theirs"][1], results["reference"][1]) < 3e-2
+    assert relative_error(results["reference"][0], results["ours"][0]) < 1e-2
+    assert _worst(results["reference"][1], results["ours"][1]) < 2e-2

@@ -307,3 +307,29 @@ def test_odd_grids_give_the_reference_path_and_transformers(size, batch, kwargs)
     assert _worst(results["theirs"][1], results["reference"][1]) < 3e-2
     assert relative_error(results["reference"][0], results["ours"][0]) < 1e-2
     assert _worst(results["reference"][1], results["ours"][1]) < 2e-2
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_model_checkpointed_by_hand_recomputes_the_same_pieces(reentrant):
+    """torch.utils.checkpoint around the whole model, reentrant or not (the recomputation restores autocast): the
+    gradients of the unchecked step, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _model(seed=14)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(15))
+    steps = []
+    for wrapped in (False, True):
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with fast.train_gemm("onednn"), torch.autocast("cpu", dtype=torch.bfloat16):
+            if wrapped:
+                logits = checkpoint(lambda t: model(t).logits, xi, use_reentrant=reentrant)
+            else:
+                logits = model(xi).logits
+            loss = logits.float().square().mean()
+            assert wrapped or _nodes(loss) > 0
+            loss.backward()
+        steps.append(_grads(model, xi))
+    assert set(steps[0]) == set(steps[1])
+    for name, grad in steps[0].items():
+        assert torch.equal(grad, steps[1][name]), name

@@ -693,10 +693,12 @@ def one_kernel_wide_bf16(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype | 
 def _conv(weights, conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``conv`` on the channels-last ``x``; returns channels-last (or, exactly one kernel wide in bf16, (N, C, H, W):
     one_kernel_wide_bf16)."""
-    weight, bias = weights.conv(conv, dtype, tuple(x.shape))
+    x = _cast(x, dtype)
+    narrow = one_kernel_wide_bf16(conv, x, dtype)
+    # One kernel wide in bf16: the plain weight too (a weight packed for the shape gave the same wrong numbers).
+    weight, bias = (weights if narrow is x else _PLAIN).conv(conv, dtype, tuple(x.shape))
     return torch.ops.mkldnn._convolution_pointwise(
-        one_kernel_wide_bf16(conv, _cast(x, dtype), dtype), weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-        "none", [], "",
+        narrow, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "none", [], "",
     )
 
 

@@ -43,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import PLAIN_TENSOR_TYPES, fast_path, fast_path_available, fast_path_enabled, forward_ad_active, plain_modules
+from .cpu import (
+    PLAIN_TENSOR_TYPES, fast_path, fast_path_available, fast_path_enabled, forward_ad_active, plain_modules,
+)
 
 __all__ = [
     "TRAIN_GEMM_ENV", "CHOICES", "Bf16DepthwiseConv", "Bf16Linear", "OneDnnLinear", "bf16_autocast_training",

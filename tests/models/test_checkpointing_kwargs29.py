@@ -37,7 +37,12 @@ def test_checkpointing_kwargs_reach_checkpoint_and_keep_the_gradients(kwargs):
         got = _grads(ours, x, labels)
     assert spy.call_count == sum(TINY["depths"])  # every block recomputed
     expected = {"use_reentrant": False, **(kwargs or {})}
-    assert all(call.kwargs == expected for call in spy.call_args_list)
+    for call in spy.call_args_list:
+        given = dict(call.kwargs)
+        # The non-reentrant variant also recomputes under the forward's fast-path choices (a context_fn of ours).
+        assert ("context_fn" in given) == (not expected["use_reentrant"])
+        given.pop("context_fn", None)
+        assert given == expected
     want = _grads(theirs, x, labels)
     assert set(got) == set(plain)  # every parameter gets its gradient
     for key in plain:
@@ -62,4 +67,28 @@ def test_disable_then_enable_without_kwargs_returns_to_the_default():
     model.gradient_checkpointing_enable()
     with mock.patch.object(layers, "checkpoint", wraps=layers.checkpoint) as spy:
         model(torch.randn(1, 3, 32, 32)).logits.sum().backward()
-    assert spy.call_args_list[0].kwargs == {"use_reentrant": False}
+    assert spy.call_args_list[0].kwargs["use_reentrant"] is False
+    assert set(spy.call_args_list[0].kwargs) == {"use_reentrant", "context_fn"}
+
+
+def test_a_users_context_fn_runs_with_the_forward_choices():
+    """A context_fn given in gradient_checkpointing_kwargs is called, its contexts entered around the forward and
+    the recomputation, and the gradients stay those of the model without checkpointing."""
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def note(name):
+        entered.append(name)
+        yield
+
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY)).train()
+    x, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    plain = _grads(model, x, labels)
+    model.gradient_checkpointing_enable({"context_fn": lambda: (note("forward"), note("recompute"))})
+    got = _grads(model, x, labels)
+    blocks = sum(TINY["depths"])
+    assert entered.count("forward") == blocks and entered.count("recompute") == blocks
+    for key in plain:
+        torch.testing.assert_close(got[key], plain[key], rtol=1e-5, atol=1e-7, msg=key)

@@ -32,10 +32,11 @@ from .cpu import (
     freeze,
     fusable,
     is_frozen,
+    one_kernel_wide_bf16,
     plain_modules,
     unfreeze,
 )
-from .train import depthwise_conv, linear, module_linear, patch_conv, train_gemm
+from .train import depthwise_conv, forward_choices, linear, module_linear, patch_conv, train_gemm
 
 __all__ = [
     "FAST_PATH_ENV",
@@ -45,11 +46,13 @@ __all__ = [
     "fast_path_available",
     "fast_path_enabled",
     "forward_ad_active",
+    "forward_choices",
     "freeze",
     "fusable",
     "is_frozen",
     "linear",
     "module_linear",
+    "one_kernel_wide_bf16",
     "patch_conv",
     "plain_modules",
     "stage_forward",

@@ -43,11 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import PLAIN_TENSOR_TYPES, fast_path_available, fast_path_enabled, forward_ad_active, plain_modules
+from .cpu import (
+    PLAIN_TENSOR_TYPES, fast_path, fast_path_available, fast_path_enabled, forward_ad_active, plain_modules,
+)
 
 __all__ = [
     "TRAIN_GEMM_ENV", "CHOICES", "Bf16DepthwiseConv", "Bf16Linear", "OneDnnLinear", "bf16_autocast_training",
-    "depthwise_conv", "linear", "module_linear", "patch_conv", "train_gemm", "uses_onednn",
+    "depthwise_conv", "forward_choices", "linear", "module_linear", "patch_conv", "train_gemm", "uses_onednn",
 ]
 
 TRAIN_GEMM_ENV = "PVTV2_TRAIN_GEMM"
@@ -77,6 +79,20 @@ def train_gemm(choice: str) -> Iterator[None]:
         yield
     finally:
         _CHOICE.reset(token)
+
+
+def forward_choices() -> contextlib.AbstractContextManager:
+    """A context that re-enters this thread's fast-path switch and training-GEMM choice as they are now. Gradient
+    checkpointing recomputes a block during the backward pass, which may run outside the ``fast.fast_path(False)`` or
+    :func:`train_gemm` block its forward ran in: the recomputation must take the same path (under bf16 autocast the
+    pieces save other tensors than the reference operators, and torch.utils.checkpoint refused the difference)."""
+    return _reenter(fast_path_enabled(), _CHOICE.get())
+
+
+@contextlib.contextmanager
+def _reenter(enabled: bool, choice: str) -> Iterator[None]:
+    with fast_path(enabled), train_gemm(choice):
+        yield
 
 
 @functools.lru_cache(maxsize=1)
@@ -383,7 +399,10 @@ def patch_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The spatial reduction of (B, H, W, C) tokens ``x`` by ``conv`` as a linear layer over its non-overlapping
     patches, (B, H/r * W/r, C_out), under bf16 autocast in training; None where it does not apply (then call the
     convolution): ``conv`` exactly an ``nn.Conv2d`` without hooks, square kernel = stride r, no padding, no groups or
-    dilation, and H and W multiples of r (otherwise the convolution drops the last rows and columns)."""
+    dilation, and H and W at least r. Where r does not divide H or W, the last rows and columns are left out, as the
+    convolution leaves them (their gradient is zero). Also where r does not divide the grid, this is the path: PyTorch
+    2.14's oneDNN bf16 convolution of a channels-last input exactly one kernel wide (9 x 8 tokens, 16 channels, stride
+    8) returns wrong numbers (tests/fast/test_hostile_bf16_train29.py)."""
     if not (
         isinstance(conv, nn.Conv2d)
         and x.dim() == 4
@@ -401,14 +420,15 @@ def patch_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         and conv.groups == 1
         and conv.in_channels == channels
         and conv.weight.shape[1:] == (channels, r, r)
-        and height % r == 0
-        and width % r == 0
-        and height > 0
-        and width > 0
+        and r > 0
+        and height >= r
+        and width >= r
     ):
         return None
-    # One copy gathers the patches (and casts them, where autocast would have cast the input).
-    patches = x.view(batch, height // r, r, width // r, r, channels).permute(0, 1, 3, 2, 4, 5)
+    rows, columns = height // r, width // r
+    # One copy gathers the patches (and casts them, where autocast would have cast the input); the crop, where r does
+    # not divide the grid, and any strides are a view until then.
+    patches = x[:, : rows * r, : columns * r].reshape(batch, rows, r, columns, r, channels).permute(0, 1, 3, 2, 4, 5)
     # (Tensor.to with the dtype it has already returns the permuted view itself, whatever memory_format asks.)
     patches = patches.to(torch.bfloat16, memory_format=torch.contiguous_format).contiguous()
     patches = patches.view(-1, r * r * channels)
@@ -416,7 +436,7 @@ def patch_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     weight, bias = _bf16(conv.weight, conv.bias)
     weight = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
     out = Bf16Linear.apply(patches, weight, bias)
-    return out.view(batch, (height // r) * (width // r), -1)
+    return out.view(batch, rows * columns, -1)
 
 
 def module_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

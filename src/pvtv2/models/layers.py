@@ -22,9 +22,11 @@ Sub-module names follow the published transformers checkpoints (``query``, ``key
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -238,7 +240,9 @@ class SpatialReductionAttention(nn.Module):
                 reduced = fast.patch_conv(self.spatial_reduction, grid)
             if reduced is None:
                 kv_in = grid.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
-                kv_in = self.spatial_reduction(self.pool(kv_in))  # (B, C, H', W')
+                # (One kernel wide in bf16: the (B, C, H, W) layout, where PyTorch's oneDNN kernel is right.)
+                kv_in = self.pool(kv_in)
+                kv_in = self.spatial_reduction(fast.one_kernel_wide_bf16(self.spatial_reduction, kv_in))
                 reduced = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
             kv_in = self.act(self.layer_norm(reduced))
         q = self.split_heads(fast.module_linear(self.query, x))  # (B, heads, N, head_dim)
@@ -378,6 +382,17 @@ class PvtV2Stage(nn.Module):
         # torch.utils.checkpoint's arguments (PvtV2PreTrainedModel.gradient_checkpointing_enable sets them).
         self.checkpoint_kwargs: dict = {"use_reentrant": False}
 
+    def _checkpoint_kwargs(self) -> dict:
+        """torch.utils.checkpoint's arguments for a block: those of gradient_checkpointing_enable (non-reentrant by
+        default), and the recomputation in the backward pass under the forward's fast-path choices
+        (fast.forward_choices). Not with the reentrant variant, which takes no context_fn (nor checks the
+        recomputation: it computes the same numbers either way), nor under torch.compile: dynamo takes no context_fn
+        of its own making, and no fast piece runs there."""
+        kwargs = dict(getattr(self, "checkpoint_kwargs", None) or {"use_reentrant": False})
+        if not kwargs.get("use_reentrant") and not torch.compiler.is_compiling():
+            kwargs["context_fn"] = functools.partial(_forward_choices, kwargs.get("context_fn"))
+        return kwargs
+
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # The one hand-over point to the fast CPU inference path (pvtv2.fast): same numbers, computed faster.
         if not self.training and not output_attentions and fast.applies(x, self):
@@ -386,8 +401,7 @@ class PvtV2Stage(nn.Module):
         attentions = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                kwargs = getattr(self, "checkpoint_kwargs", None) or {"use_reentrant": False}
-                x, probs = checkpoint(block, x, height, width, output_attentions, **kwargs)
+                x, probs = checkpoint(block, x, height, width, output_attentions, **self._checkpoint_kwargs())
             else:
                 x, probs = block(x, height, width, output_attentions)
             if probs is not None:
@@ -396,6 +410,21 @@ class PvtV2Stage(nn.Module):
         batch, _, channels = x.shape
         x = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), a channels-last view
         return x, attentions
+
+
+def _forward_choices(
+    user_fn: Callable[[], tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]] | None = None,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """torch.utils.checkpoint's context_fn: the user's contexts (``gradient_checkpointing_kwargs``' context_fn), if
+    any, with the forward's fast-path choices added around the recomputation."""
+    forward, recompute = user_fn() if user_fn is not None else (contextlib.nullcontext(), contextlib.nullcontext())
+    return forward, _both(recompute, fast.forward_choices())
+
+
+@contextlib.contextmanager
+def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractContextManager) -> Iterator[None]:
+    with first, second:
+        yield
 
 
 @torch.no_grad()

@@ -258,6 +258,9 @@ def _conv(weights, conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype | None) 
             return _as_autocast(conv.weight, dtype), _as_autocast(conv.bias, dtype)
 
         weight, bias = make() if weights is None else weights.cached(("cuda", id(conv)), [conv], dtype, make)
+    # As the reference: the layout PyTorch's bf16 CPU convolution computes right in (a no-op on a GPU; this path runs
+    # CPU tensors in the tests).
+    x = cpu.one_kernel_wide_bf16(conv, x)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 

@@ -108,3 +108,24 @@ def test_a_folder_reached_through_a_symlink_is_written_into(tmp_path):
 def test_shard_sizes_in_hostile_spellings(text, expected):
     from pvtv2.weights.loading import shard_size_bytes
     assert shard_size_bytes(text) == expected
+
+
+def test_only_files_of_the_forms_it_writes_are_removed(tmp_path):
+    # Another save's shards (either form) and indexes go; files that only look like them stay, and so does every
+    # file of the new save.
+    stale = ["model-00001-of-00002.safetensors", "pytorch_model-00003-of-00007.bin", "pytorch_model.bin",
+             "pytorch_model.bin.index.json"]
+    kept = ["model-00001-of-00002.safetensors.bak", "my-model-00001-of-00002.safetensors", "model-1-of-2.safetensors",
+            "model-00001-of-00002.safetensors.index.json", "tf_model.h5", "notes.txt"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"theirs")
+    model = _classifier()
+    model.save_pretrained(tmp_path, max_shard_size="50KB")
+    names = sorted(os.listdir(tmp_path))
+    new = sorted(n for n in names if n not in kept)
+    assert all((tmp_path / n).read_bytes() == b"theirs" for n in kept)
+    count = len(new) - 2  # config.json and the index
+    assert new == sorted(["config.json", "model.safetensors.index.json"]
+                         + [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
+    back = PvtV2ForImageClassification.from_pretrained(tmp_path)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -225,8 +225,22 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _contiguous_copies(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or strided storage; clone what needs it.
-    return {k: v.detach().contiguous().clone() if not v.is_contiguous() else v.detach() for k, v in state.items()}
+    # safetensors refuses strided tensors and two keys on one storage ("Some tensors share memory"), and torch.save
+    # writes a view's whole storage (a row of a large matrix wrote all of it): each such tensor is written as a copy
+    # of its own values. The first key on a storage that it fills exactly is kept as it is.
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[torch.device, int]] = set()
+    for key, value in state.items():
+        value = value.detach()
+        storage = value.untyped_storage()
+        where = (value.device, storage.data_ptr())
+        whole = value.is_contiguous() and storage.nbytes() == value.numel() * value.element_size()
+        if not whole or (value.numel() and where in seen):
+            value = value.contiguous().clone()
+        elif value.numel():
+            seen.add(where)
+        out[key] = value
+    return out
 
 
 def _serialize(state: Mapping[str, torch.Tensor], safetensors: bool, metadata: dict[str, str] | None) -> bytes:

@@ -1083,7 +1083,7 @@ def shard_size_bytes(size: int | str) -> int:
             raise ValueError(f"max_shard_size must be positive, got {size}")
         return size
     if isinstance(size, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]I?B)\s*", size, flags=re.IGNORECASE)
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]I?B)\s*", size, flags=re.IGNORECASE)
         if match:
             value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
             if value > 0:
@@ -1183,15 +1183,26 @@ def save_pretrained(
                          f"(model.{variant}.safetensors); save the variant into a folder of its own instead")
     limit = shard_size_bytes(max_shard_size)
     folder = Path(save_directory)
+    if folder.is_symlink() and not folder.exists():
+        raise FileExistsError(f"save_pretrained cannot make the folder {os.fspath(folder)!r}: it is a symlink to "
+                              f"{os.readlink(folder)!r}, which does not exist")
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"save_pretrained needs a folder, and {os.fspath(folder)!r} is a {path_kind(folder)}")
     config: PvtV2Config = model.config
     # Before anything is written: raises, naming the value, where config.json cannot hold one (a callable
     # hidden_act, a setting kept without a check that JSON cannot write)
     config.to_json_string()
+    # Checked on every process, so that a bad state_dict or a model without data is refused everywhere alike
+    if state_dict is None:
+        state = model.state_dict()
+        for key, value in state.items():
+            if value.is_meta:
+                raise ValueError(f"the model's tensor {key!r} is a meta tensor: it holds no data to save (load or "
+                                 f"initialise the model's weights first, e.g. with to_empty() and a load)")
+    else:
+        state = _checked_state_dict(state_dict, model)
     if not is_main_process:
         return  # as transformers under distributed training: the main process alone writes
-    state = model.state_dict() if state_dict is None else _checked_state_dict(state_dict, model)
     if getattr(model, "in_transformers", False) and model not in _WARNED:
         for note in transformers_differences(config):
             logger.warning("save_pretrained: %s", note)

@@ -391,21 +391,15 @@ def _weight_and_bias(m: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | 
     call, at every call): an instance attribute first (``object.__setattr__`` or ``m.__dict__[...]`` put over a
     parameter: what ``m.weight``, and so the module, reads), then the parameter, then ``__getattr__`` (a buffer).
     Reading the parameter dict alone kept a frozen stage's packed weights over such an attribute."""
+    return _looked_up(m, "weight"), _looked_up(m, "bias")
+
+
+def _looked_up(m: nn.Module, name: str) -> torch.Tensor | None:
     d = m.__dict__
+    if name in d:
+        return d[name]
     params = d["_parameters"]
-    if "weight" in d:
-        weight = d["weight"]
-    elif "weight" in params:
-        weight = params["weight"]
-    else:
-        weight = m.weight
-    if "bias" in d:
-        bias = d["bias"]
-    elif "bias" in params:
-        bias = params["bias"]
-    else:
-        bias = m.bias
-    return weight, bias
+    return params[name] if name in params else getattr(m, name)
 
 
 def _params(modules: list[nn.Module]) -> list[torch.Tensor]:

@@ -78,6 +78,7 @@ __all__ = [
     "applies",
     "plain_modules",
     "fusable",
+    "fusable_dwconv",
     "stage_forward",
     "freeze",
     "unfreeze",
@@ -763,7 +764,7 @@ def _fusable_gelu(act: nn.Module) -> str | None:
     return {"none": "none", "tanh": "tanh"}.get(act.approximate) if type(act) is nn.GELU else None
 
 
-def _fusable_dwconv(conv: nn.Conv2d, channels: int) -> bool:
+def fusable_dwconv(conv: nn.Conv2d, channels: int) -> bool:
     """Whether ``conv`` is the 3x3 depthwise convolution (stride, padding and dilation 1) the fused call assumes."""
     return (
         conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
@@ -778,7 +779,7 @@ def _ffn_hidden(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: in
     image = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, hidden, H, W), channels-last view
     conv = mlp.dwconv.dwconv
     gelu = _fusable_gelu(mlp.act)
-    if gelu is not None and _fusable_dwconv(conv, channels):
+    if gelu is not None and fusable_dwconv(conv, channels):
         bias = None if conv.bias is None else _dense(conv.bias, dtype)
         image = torch.ops.mkldnn._convolution_pointwise(
             _cast(image, dtype), _cast(conv.weight, dtype), bias, [1, 1], [1, 1], [1, 1], channels, "gelu", [], gelu,

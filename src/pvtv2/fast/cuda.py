@@ -142,11 +142,7 @@ def _exact_gelu(act: nn.Module) -> bool:
 def _fusable_dwconv(conv: nn.Conv2d) -> bool:
     """Whether ``conv`` is what the kernel computes: a 3x3 depthwise convolution, stride 1, zero padding 1, with
     bias (a module of the right type may still have been built or changed otherwise)."""
-    return (
-        conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
-        and conv.groups == conv.in_channels == conv.out_channels and conv.padding_mode == "zeros"
-        and conv.bias is not None
-    )
+    return cpu.fusable_dwconv(conv, conv.in_channels) and conv.padding_mode == "zeros" and conv.bias is not None
 
 
 def _norm(ln: nn.LayerNorm, x: torch.Tensor, out_dtype: torch.dtype, residual: torch.Tensor | None = None):

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu import (
-    PLAIN_TENSOR_TYPES, fast_path, fast_path_available, fast_path_enabled, forward_ad_active, plain_modules,
+    PLAIN_TENSOR_TYPES, fusable_dwconv, fast_path, fast_path_available, fast_path_enabled, forward_ad_active,
+    plain_modules,
 )
 
 __all__ = [
@@ -382,12 +383,8 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         x.dim() == 4
         and _bf16_applies(x, conv.weight, conv.bias)
         and plain_modules(nn.Conv2d, conv)
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
+        and fusable_dwconv(conv, x.shape[1])  # the fused inference path's test of the same convolution
         and conv.padding_mode == "zeros"
-        and conv.groups == conv.in_channels == conv.out_channels == x.shape[1]
         and conv.weight.shape == (x.shape[1], 1, 3, 3)
     ):
         xb, wb, bb = _bf16(x, conv.weight, conv.bias)

@@ -12,9 +12,9 @@ Found and held here:
 - a weight set to None (``layer.weight = None``) raised an AttributeError about ``NoneType.shape`` in the fast path's
   checks instead of the module's own error.
 
-Not fixed, held as a strict xfail: ``torch.nn.utils.parametrizations.weight_norm`` on a layer of a frozen model fails
-(``nn.Parameter(p)`` of a frozen parameter, which its ``right_inverse`` returns, refuses the ``_WatchedParameter``
-type that :func:`pvtv2.fast.freeze` gives the parameters); on an unfrozen model it works.
+- ``torch.nn.utils.parametrizations.weight_norm`` on a layer of a frozen model raised a RuntimeError
+  (``nn.Parameter(p)`` of a frozen parameter, which parametrizations and weight tying call, refused the
+  ``_WatchedParameter`` type that :func:`pvtv2.fast.freeze` gives the parameters); on an unfrozen model it worked.
 """
 
 from __future__ import annotations
@@ -214,12 +214,7 @@ def test_a_none_weight_raises_the_reference_error(frozen, bias_too):
     assert str(got.value) == str(want.value)
 
 
-_FROZEN_WEIGHT_NORM = pytest.mark.xfail(
-    strict=True, raises=RuntimeError, reason="freeze's _WatchedParameter: nn.Parameter(p) of a frozen parameter raises"
-)
-
-
-@pytest.mark.parametrize("frozen", [False, pytest.param(True, marks=_FROZEN_WEIGHT_NORM)], ids=["plain", "frozen"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["plain", "frozen"])
 def test_weight_norm_parametrization(frozen):
     model = _model()
     if frozen:
@@ -254,3 +249,34 @@ def test_a_convolution_replaced_likewise(attack, frozen):
         got = model(X).logits
     assert relative_error(want, before) > 1e-4
     assert relative_error(want, got) < 1e-5
+
+
+def test_a_frozen_weight_tied_into_another_module_shares_its_memory_and_both_follow_writes():
+    model, other = _model(), _model(seed=9)
+    fast.freeze(model)
+    fast.freeze(other)
+    tied = nn.Parameter(_value(model).weight)  # raised before: the frozen parameter's type was refused
+    assert tied.data_ptr() == _value(model).weight.data_ptr() and tied.requires_grad
+    _value(other).weight = tied
+    with torch.no_grad():
+        tied.mul_(0.5)  # one write, seen through both models
+        for m in (model, other):
+            assert relative_error(_reference(m), m(X).logits) < 1e-5
+    assert torch.equal(_value(model).weight, _value(other).weight)
+
+
+@pytest.mark.parametrize("norm", ["spectral_norm", "orthogonal"])
+def test_other_parametrizations_on_a_frozen_model_give_the_reference_numbers(norm):
+    model = _model()
+    fast.freeze(model)
+    with torch.no_grad():
+        before = model(X).logits
+    layer = _value(model)
+    getattr(torch.nn.utils.parametrizations, norm)(layer)
+    with torch.no_grad():
+        want = _reference(model)
+        got = model(X).logits
+    assert relative_error(want, before) > 1e-4
+    assert relative_error(want, got) < 1e-5
+    state = model.state_dict()  # still saveable, with the parametrization's own keys
+    assert any(k.endswith("value.parametrizations.weight.original") for k in state)

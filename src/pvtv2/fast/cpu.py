@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -451,6 +452,17 @@ class _WatchedParameter(nn.Parameter):
     def data(self, value: torch.Tensor) -> None:
         self._pvtv2_data_uses = getattr(self, "_pvtv2_data_uses", 0) + 1
         torch._C.TensorBase.data.__set__(self, value)
+
+    def detach(self) -> torch.Tensor:
+        out = torch._C.TensorBase.detach(self)
+        if sys._getframe(1).f_code is _PARAMETER_NEW:
+            # ``nn.Parameter(p)`` of a frozen parameter (``parametrize.register_parametrization``, weight_norm, tying a
+            # weight into another module) takes a subclass's detach() and refuses anything but the subclass's type.
+            return torch.Tensor._make_subclass(_WatchedParameter, out, False)
+        return out
+
+
+_PARAMETER_NEW = nn.Parameter.__new__.__code__
 
 
 # Tensor types whose operators are PyTorch's own: plain tensors and parameters, a frozen model's included.

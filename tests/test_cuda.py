@@ -331,3 +331,25 @@ def test_losses_with_labels_on_the_gpu_never_wait_for_the_device(head):
     assert relative_error(want, got) < 1e-6
     with pytest.raises(ValueError, match="out of range"):  # CPU labels: checked, named
         model(x, labels=torch.full(shape, 9))
+
+
+def test_activation_checkpointing_with_offload_on_the_gpu_keeps_the_gradients():
+    """offload=True holds what the recomputation starts from in pinned host memory (save_on_cpu), as transformers 5
+    does: the gradients of the model without checkpointing."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = random_weights_(PvtV2ForImageClassification(PvtV2Config(**TINY_SHALLOW, num_labels=3))).to(CUDA).train()
+    x, labels = torch.randn(2, 3, 32, 32, device=CUDA), torch.tensor([0, 2], device=CUDA)
+
+    def grads():
+        model.zero_grad()
+        F.cross_entropy(model(x).logits, labels).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    with ieee_fp32():
+        plain = grads()
+        model.activation_checkpointing_enable(offload=True)
+        got = grads()
+    for key in plain:
+        torch.testing.assert_close(got[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -381,6 +381,7 @@ class PvtV2Stage(nn.Module):
         self.gradient_checkpointing = False
         # torch.utils.checkpoint's arguments (PvtV2PreTrainedModel.gradient_checkpointing_enable sets them).
         self.checkpoint_kwargs: dict = {"use_reentrant": False}
+        self.checkpoint_offload = False  # keep what the recomputation starts from in host memory
 
     def _checkpoint_kwargs(self) -> dict:
         """torch.utils.checkpoint's arguments for a block: those of gradient_checkpointing_enable (non-reentrant by
@@ -393,6 +394,13 @@ class PvtV2Stage(nn.Module):
             kwargs["context_fn"] = functools.partial(_forward_choices, kwargs.get("context_fn"))
         return kwargs
 
+    def _offload(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """activation_checkpointing_enable(offload=True): the tensors a block's checkpoint keeps (its input) held in
+        pinned host memory, as transformers does; a model on the CPU has them there already."""
+        if not getattr(self, "checkpoint_offload", False) or x.device.type == "cpu":
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=True, device_type=x.device.type)
+
     def forward(self, x: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # The one hand-over point to the fast CPU inference path (pvtv2.fast): same numbers, computed faster.
         if not self.training and not output_attentions and fast.applies(x, self):
@@ -401,7 +409,8 @@ class PvtV2Stage(nn.Module):
         attentions = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, probs = checkpoint(block, x, height, width, output_attentions, **self._checkpoint_kwargs())
+                with self._offload(x):
+                    x, probs = checkpoint(block, x, height, width, output_attentions, **self._checkpoint_kwargs())
             else:
                 x, probs = block(x, height, width, output_attentions)
             if probs is not None:

@@ -222,13 +222,19 @@ class PvtV2PreTrainedModel(nn.Module):
         init_weights(module, self.config.initializer_range)
 
     # ------------------------------------------------------------------ conveniences
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them (training only).
 
         ``gradient_checkpointing_kwargs``: passed to ``torch.utils.checkpoint.checkpoint``, as transformers' method
-        (and its Trainer's ``gradient_checkpointing_kwargs``) takes them; ``use_reentrant`` defaults to False here
-        (transformers' to True): the same gradients, without the reentrant variant's need for an input that requires
-        grad."""
+        (and its Trainer's ``gradient_checkpointing_kwargs``) takes them; ``use_reentrant`` defaults to False (as
+        transformers 5; transformers 4 took True): the same gradients, without the reentrant variant's need for an
+        input that requires grad. ``every_n_layers``: only every n-th stage recomputes (stages 0, n, 2n, ...: the
+        layers transformers counts for PVTv2), the others keep their activations. ``offload``: the activations kept
+        for the recomputation are held in host memory (``torch.autograd.graph.save_on_cpu``; nothing to do for a
+        model on the CPU). transformers 5 names this method ``activation_checkpointing_enable``: both are here."""
         kwargs = dict(gradient_checkpointing_kwargs or {})
         allowed = {"use_reentrant", "preserve_rng_state", "determinism_check", "debug", "context_fn"}
         unknown = sorted(set(kwargs) - allowed)
@@ -237,21 +243,40 @@ class PvtV2PreTrainedModel(nn.Module):
                 f"gradient_checkpointing_kwargs: {', '.join(map(repr, unknown))} not taken by "
                 f"torch.utils.checkpoint.checkpoint (it takes {', '.join(sorted(allowed))})"
             )
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a whole number >= 1 (1: every stage), got {every_n_layers!r}")
         kwargs.setdefault("use_reentrant", False)
-        for module in self.modules():
-            if isinstance(module, PvtV2Stage):
-                module.gradient_checkpointing = True
-                module.checkpoint_kwargs = kwargs
+        stages = [m for m in self.modules() if isinstance(m, PvtV2Stage)]
+        for index, module in enumerate(stages):
+            module.gradient_checkpointing = index % every_n_layers == 0
+            module.checkpoint_kwargs = kwargs
+            module.checkpoint_offload = bool(offload)
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """transformers 5's name for :meth:`gradient_checkpointing_enable` (the same arguments)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def gradient_checkpointing_disable(self) -> None:
         for module in self.modules():
             if isinstance(module, PvtV2Stage):
                 module.gradient_checkpointing = False
 
+    def activation_checkpointing_disable(self) -> None:
+        """transformers 5's name for :meth:`gradient_checkpointing_disable`."""
+        self.gradient_checkpointing_disable()
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         """Whether any stage recomputes its blocks in training (transformers' property of the same name)."""
         return any(isinstance(m, PvtV2Stage) and m.gradient_checkpointing for m in self.modules())
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """transformers 5's name for :attr:`is_gradient_checkpointing`."""
+        return self.is_gradient_checkpointing
 
     @property
     def base_model(self) -> nn.Module:

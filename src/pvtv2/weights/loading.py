@@ -1141,7 +1141,8 @@ def _materialize_and_init(model: torch.nn.Module) -> None:
         if any(t.is_meta for _, t in own):
             # Tensors of the module that did load (a convolution's bias beside a weight of another shape, under
             # ignore_mismatched_sizes) are put back after the initialisation, as transformers keeps them.
-            loaded = {name: t for name, t in own if not t.is_meta}
+            # (detached: to_empty swaps the data of the parameter objects themselves)
+            loaded = {name: t.detach() for name, t in own if not t.is_meta}
             module.to_empty(device=device, recurse=False)
             # A model may initialise its own heads differently (segmentation, depth: as transformers' SegFormer / GLPN).
             model.init_new_module(module)

@@ -63,6 +63,7 @@ def _make_cache(root, repo_id: str, files: dict[str, bytes]) -> None:
     snapshot = repo / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
     for name, data in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
         (snapshot / name).write_bytes(data)
 
 
@@ -228,27 +229,28 @@ def _moved(folder):
     return other
 
 
+@pytest.mark.parametrize("variant", ["fp16", "fp16.ema"])
 @pytest.mark.parametrize("shard", [None, "100KB"])
-def test_our_variant_has_transformers_names_and_loads_there(tmp_path, shard):
+def test_our_variant_has_transformers_names_and_loads_there(tmp_path, shard, variant):
     model = _ours()
     extra = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(tmp_path / "ours", variant="fp16", **extra)
+    model.save_pretrained(tmp_path / "ours", variant=variant, **extra)
     # the names transformers gives the same weights (its own save of the same state dict)
     theirs = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**TINY, num_labels=5))
     theirs.load_state_dict(model.state_dict())
-    theirs.save_pretrained(tmp_path / "theirs", variant="fp16", **extra)
+    theirs.save_pretrained(tmp_path / "theirs", variant=variant, **extra)
     assert _weights(tmp_path / "ours") == _weights(tmp_path / "theirs")
     if shard:
-        assert "model.safetensors.index.fp16.json" in _weights(tmp_path / "ours")
+        assert f"model.safetensors.index.{variant}.json" in _weights(tmp_path / "ours")
     loaded, info = transformers.PvtV2ForImageClassification.from_pretrained(
-        tmp_path / "ours", variant="fp16", output_loading_info=True)
+        tmp_path / "ours", variant=variant, output_loading_info=True)
     assert not any(info.values())
     _same_tensors(loaded, model)
     with pytest.raises(OSError, match="model.safetensors"):  # transformers too finds nothing without the variant
         transformers.PvtV2ForImageClassification.from_pretrained(tmp_path / "ours")
     with pytest.raises(FileNotFoundError, match=r"expected one of \['model\.safetensors'"):
         PvtV2ForImageClassification.from_pretrained(tmp_path / "ours")
-    _same_tensors(PvtV2ForImageClassification.from_pretrained(tmp_path / "ours", variant="fp16"), model)
+    _same_tensors(PvtV2ForImageClassification.from_pretrained(tmp_path / "ours", variant=variant), model)
 
 
 def test_a_pytorch_variant_loads_in_transformers(tmp_path):
@@ -312,6 +314,18 @@ def test_a_variant_from_the_hub_cache(tmp_path, shard):
         PvtV2ForImageClassification.from_pretrained("owner/tiny", variant="bf16", **where)
     with pytest.raises(HubFileNotFound, match=r"looked for model\.safetensors, model\.safetensors\.index\.json\."):
         PvtV2ForImageClassification.from_pretrained("owner/tiny", use_safetensors=True, **where)
+
+
+def test_a_variant_in_a_subfolder_of_the_hub_cache(tmp_path):
+    theirs = _theirs()
+    theirs.save_pretrained(tmp_path / "saved" / "sub", variant="fp16")
+    _make_cache(tmp_path / "cache", "owner/tiny", {f"sub/{name}": (tmp_path / "saved" / "sub" / name).read_bytes()
+                                                   for name in os.listdir(tmp_path / "saved" / "sub")})
+    where = {"cache_dir": tmp_path / "cache", "local_files_only": True, "subfolder": "sub", "variant": "fp16"}
+    reference = transformers.PvtV2ForImageClassification.from_pretrained("owner/tiny", **where)
+    _same_tensors(PvtV2ForImageClassification.from_pretrained("owner/tiny", **where), reference)
+    _same_tensors(PvtV2ForImageClassification.from_pretrained(tmp_path / "saved", **where | {"cache_dir": None}),
+                  theirs)
 
 
 # ---------------------------------------------------------------------------------------------- use_safetensors

@@ -14,8 +14,8 @@ from pathlib import Path
 from ..fileio import path_kind
 
 __all__ = [
-    "HubFileNotFound", "MODEL_LOADING_ARGUMENTS", "check_loading_arguments", "check_subfolder", "companion_file", "folder_entry",
-    "looks_like_hub_id", "resolve_file",
+    "HubFileNotFound", "MODEL_LOADING_ARGUMENTS", "check_loading_arguments", "check_subfolder", "companion_file",
+    "folder_entry", "looks_like_hub_id", "resolve_file",
 ]
 
 # A hub id is "name" or "owner/name" with the characters the hub allows.

@@ -604,7 +604,7 @@ def locate_checkpoint(
         if weights is not None:
             if is_shard_index(weights):
                 # The shards are files of the repository too: from the cache, or downloaded beside the index.
-                for shard in _checked_shards(weights, use_safetensors, named=True):
+                for shard in shard_names(_checked_shards(weights, use_safetensors)):
                     resolve_file(text, shard, **where)
             return config, weights
     if names == WEIGHT_FILES:
@@ -616,15 +616,15 @@ def locate_checkpoint(
                               f"{', '.join(names)}. {err}") from None
 
 
-def _checked_shards(weights: Path, use_safetensors: bool | None, named: bool = False) -> Any:
-    """``weights`` (or, ``named``, the shard names of its index), with the shards of a safetensors index refused
-    where they are not safetensors files under ``use_safetensors=True`` (they would be unpickled)."""
-    shards = shard_names(weights) if is_shard_index(weights) else []
-    pickled = [shard for shard in shards if not shard.endswith(".safetensors")]
-    if use_safetensors and pickled:
-        raise ValueError(f"use_safetensors=True reads safetensors files only, and the index {os.fspath(weights)!r} "
-                         f"names the shard {pickled[0]!r}")
-    return shards if named else weights
+def _checked_shards(weights: Path, use_safetensors: bool | None) -> Path:
+    """``weights``, refused under ``use_safetensors=True`` where it is an index naming shards that are not
+    safetensors files (they would be unpickled)."""
+    if use_safetensors and is_shard_index(weights):
+        pickled = [shard for shard in shard_names(weights) if not shard.endswith(".safetensors")]
+        if pickled:
+            raise ValueError(f"use_safetensors=True reads safetensors files only, and the index "
+                             f"{os.fspath(weights)!r} names the shard {pickled[0]!r}")
+    return weights
 
 
 def _check_local_path(text: str) -> None:

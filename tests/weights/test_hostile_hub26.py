@@ -53,10 +53,11 @@ def test_a_float16_model_writes_the_dtype_field_transformers_writes(tmp_path):
 # unknown config field (quantization_config without a word: it is a key transformers' configs carry), the model loaded
 # in float32 all the same, and save_pretrained wrote it into config.json, where transformers obeys it (a
 # quantization_config there makes transformers quantize the model, or fail without bitsandbytes and accelerate).
+# (low_cpu_mem_usage, trust_remote_code and weights_only are taken now: tests/weights/test_loading_args30.py.)
 @pytest.mark.parametrize("name, value", [
     ("quantization_config", {"quant_method": "bitsandbytes", "load_in_8bit": True}), ("load_in_8bit", True),
-    ("load_in_4bit", True), ("low_cpu_mem_usage", True), ("trust_remote_code", True), ("max_memory", {0: "1GB"}),
-    ("offload_folder", "offload"), ("offload_state_dict", True), ("offload_buffers", True), ("weights_only", False),
+    ("load_in_4bit", True), ("max_memory", {0: "1GB"}),
+    ("offload_folder", "offload"), ("offload_state_dict", True), ("offload_buffers", True),
     ("gguf_file", "model.gguf"), ("key_mapping", {"^head": "classifier"}), ("tp_plan", "auto"), ("tp_size", 2),
     ("device_mesh", None), ("distributed_config", None), ("adapter_kwargs", {}), ("adapter_name", "default"),
     ("use_kernels", True), ("kernel_config", None), ("disable_mmap", True), ("mirror", "tuna"),

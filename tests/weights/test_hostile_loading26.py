@@ -310,13 +310,13 @@ def test_a_config_given_to_from_pretrained_is_the_one_built(tiny):
 
 @pytest.mark.parametrize("name, value, hint", [
     ("use_auth_token", "hf_secret", "token="),
-    ("device_map", "cpu", "device="),
-    ("ignore_mismatched_sizes", True, "num_labels="),
-    ("use_safetensors", False, "the weights file itself"),
+    ("proxies", {"https": "proxy:3128"}, "HTTPS_PROXY"),
 ])
 def test_transformers_loading_arguments_are_not_config_fields(tiny, tmp_path, name, value, hint):
     """They used to be kept as config fields (a warning, 'unknown field') and written into the config.json of every
-    save_pretrained after: a token among them, in plain text. Each is now refused, saying what to do instead."""
+    save_pretrained after: a token among them, in plain text. Each is now refused, saying what to do instead.
+    (device_map, ignore_mismatched_sizes and use_safetensors, refused here before, are taken now:
+    tests/weights/test_loading_args30.py.)"""
     with pytest.raises(TypeError, match=rf"{name} is one of transformers' loading arguments.*{re.escape(hint)}"):
         PvtV2ForImageClassification.from_pretrained(tiny[0], **{name: value})
 

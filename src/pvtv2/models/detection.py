@@ -416,9 +416,9 @@ class PvtV2ForObjectDetection(PvtV2PreTrainedModel):
         """Load a saved detector, or initialise the encoder of a new one from any checkpoint ``PvtV2Model`` reads
         (transformers, timm, the original authors' and mmdetection / mmsegmentation files, hub ids, folders);
         keyword arguments override config fields (``detector=``, ``id2label=``, ``min_size=`` ...)."""
-        model = super().from_pretrained(source, **kwargs)
-        _FRESH.pop(model, None)
-        return model
+        loaded = super().from_pretrained(source, **kwargs)
+        _FRESH.pop(loaded[0] if isinstance(loaded, tuple) else loaded, None)  # (model, info): output_loading_info
+        return loaded
 
     def init_new_module(self, module: nn.Module) -> None:
         """A module the checkpoint did not provide: torchvision's own initialisation for the detector's modules

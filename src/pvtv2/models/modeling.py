@@ -159,6 +159,14 @@ class PvtV2PreTrainedModel(nn.Module):
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         torch_dtype: torch.dtype | str | None = None,
+        ignore_mismatched_sizes: bool | None = None,
+        output_loading_info: bool = False,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
+        weights_only: bool = True,
+        device_map: Any = None,
+        low_cpu_mem_usage: bool | None = None,
+        trust_remote_code: bool | None = None,
         **config_overrides: Any,
     ):
         """Load weights from a ``save_pretrained`` folder, a checkpoint file (transformers, timm or the original
@@ -166,18 +174,43 @@ class PvtV2PreTrainedModel(nn.Module):
         ``token``: for a private repository, as transformers takes them); other keyword
         arguments override config fields (``num_labels`` replaces the head). ``dtype`` (or ``torch_dtype``, its
         former name in transformers) is a floating-point torch dtype or its name (``"bfloat16"``), or ``"auto"``:
-        the dtype its config.json names, else that of its weights as stored (without a dtype: float32)."""
-        from ..weights.loading import load_pretrained
+        the dtype its config.json names, else that of its weights as stored (without a dtype: float32).
+
+        transformers' loading arguments, with its meaning:
+
+        - ``ignore_mismatched_sizes``: True leaves every tensor whose shape differs from the model's newly
+          initialised (a warning names them); False refuses any, the classifier's too. Left out, only the class-sized
+          layers are replaced (when ``num_labels`` differs), with a warning.
+        - ``output_loading_info``: returns ``(model, info)``, info with transformers' keys: ``missing_keys``,
+          ``unexpected_keys`` (sets of names), ``mismatched_keys`` (a set of ``(name, checkpoint shape, model
+          shape)``), ``error_msgs`` (a list).
+        - ``variant``: reads ``model.<variant>.safetensors`` (sharded: ``model.safetensors.index.<variant>.json``;
+          or ``pytorch_model.<variant>.bin``) in a folder or hub repository.
+        - ``use_safetensors``: True reads safetensors files only, False the PyTorch ``.bin`` only (read with
+          ``torch.load(weights_only=True)``, as every pickled file here).
+        - ``weights_only``: True only (the default); False, which would unpickle code, is refused.
+        - ``device_map``: one device (a name, ``torch.device``, an index, a dict placing everything on one device, or
+          "auto" where there is at most one GPU), as ``device``; a map over several devices is refused.
+        - ``low_cpu_mem_usage`` and ``trust_remote_code`` are accepted and change nothing: the model is always built
+          without memory before the weights are read, and no code from a repository is ever run."""
+        from ..weights.loading import load_device, load_pretrained
 
         dtype = _load_dtype(dtype, torch_dtype)
+        device = load_device(device, device_map)
+        for name, value in (("low_cpu_mem_usage", low_cpu_mem_usage), ("trust_remote_code", trust_remote_code)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name} must be True, False or None, got {value!r}")
 
-        model = load_pretrained(
+        loaded = load_pretrained(
             cls, source, revision=revision, cache_dir=cache_dir, subfolder=subfolder, local_files_only=local_files_only,
-            token=token, dtype=dtype, **config_overrides
+            token=token, dtype=dtype, ignore_mismatched_sizes=ignore_mismatched_sizes,
+            output_loading_info=output_loading_info, variant=variant, use_safetensors=use_safetensors,
+            weights_only=weights_only, **config_overrides
         )
+        model, info = loaded if output_loading_info else (loaded, None)
         if device is not None:
             model = model.to(device=device)
-        return model.eval()
+        return (model.eval(), info) if output_loading_info else model.eval()
 
     def save_pretrained(
         self,
@@ -202,13 +235,19 @@ class PvtV2PreTrainedModel(nn.Module):
         - ``max_shard_size`` (bytes, or "5GB", "500MB", "10KB"; default "50GB" as transformers 5): larger weights
           are split into ``model-00001-of-0000N.safetensors`` (``pytorch_model-...bin``) and an ``.index.json``; a
           tensor over the limit gets a shard of its own.
+        - ``variant``: the weights are written under transformers' names for it, ``model.<variant>.safetensors``
+          (shards ``model.<variant>-00001-of-0000N.safetensors`` and ``model.safetensors.index.<variant>.json``;
+          ``pytorch_model.<variant>.bin`` unsafe), beside the other variants' files; ``from_pretrained(...,
+          variant=...)`` reads them.
 
-        Weight files of an earlier save in another form (``model.safetensors`` beside a new ``pytorch_model.bin``,
-        shards of another count, their index) are removed once the new ones are written; no other file is touched.
-        Each file is replaced atomically, the weights before ``config.json``. ``push_to_hub=True`` and ``variant``
-        are refused (no upload here; ``from_pretrained`` reads no variants); ``token`` is accepted and unused (it
-        is for the upload); ``save_function`` (``accelerator.save``, ``torch.save``) is accepted and not called:
-        the files are written by pvtv2's atomic writer. Any other keyword is a TypeError naming it."""
+        Weight files of an earlier save of the same variant in another form (``model.safetensors`` beside a new
+        ``pytorch_model.bin``, shards of another count, their index) are removed once the new ones are written; no
+        other file is touched.
+
+        Each file is replaced atomically, the weights before ``config.json``. ``push_to_hub=True`` is refused (no
+        upload here); ``token`` is accepted and unused (it is for the upload); ``save_function``
+        (``accelerator.save``, ``torch.save``) is accepted and not called: the files are written by pvtv2's atomic
+        writer. Any other keyword is a TypeError naming it."""
         from ..weights.loading import save_pretrained
 
         save_pretrained(

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,11 +20,24 @@ import torch
 
 from ..fileio import WriteError, atomic_write, temporary_path
 
-__all__ = ["CheckpointError", "read_checkpoint", "read_checkpoint_and_config", "read_state_dict", "save_state_dict", "save_state_dicts", "shard_names"]
+__all__ = [
+    "CheckpointError", "is_shard_index", "read_checkpoint", "read_checkpoint_and_config", "read_state_dict",
+    "save_state_dict", "save_state_dicts", "shard_names",
+]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or that does not fit the model."""
+
+
+# An index of shards: transformers' ``model.safetensors.index.json``, or a variant's ``model.safetensors.index.fp16.json``
+# (its name for a variant puts the variant before ``.json``).
+_SHARD_INDEX = re.compile(r".*\.index\.json|.+\.(safetensors|bin)\.index\.[A-Za-z0-9_.-]+\.json")
+
+
+def is_shard_index(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named as the index of a sharded checkpoint (a variant's index too)."""
+    return bool(_SHARD_INDEX.fullmatch(Path(path).name))
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -46,7 +60,7 @@ def read_checkpoint_and_config(path: str | os.PathLike) -> tuple[dict[str, torch
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {os.fspath(path)!r}")
-    if path.name.endswith(".index.json"):
+    if is_shard_index(path):
         return _read_sharded(path), None, None
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} is empty (0 bytes)")

@@ -14,8 +14,8 @@ from pathlib import Path
 from ..fileio import path_kind
 
 __all__ = [
-    "HubFileNotFound", "check_loading_arguments", "check_subfolder", "companion_file", "folder_entry",
-    "looks_like_hub_id", "resolve_file",
+    "HubFileNotFound", "MODEL_LOADING_ARGUMENTS", "check_loading_arguments", "check_subfolder", "companion_file",
+    "folder_entry", "looks_like_hub_id", "resolve_file",
 ]
 
 # A hub id is "name" or "owner/name" with the characters the hub allows.
@@ -40,14 +40,9 @@ _LOADING_ARGUMENTS = {
     "force_download": "download again with `hf download <id> --force-download`",
     "resume_download": "download with `hf download <id>`",
     "proxies": "set HTTPS_PROXY",
-    "device_map": "pass device= (one device)",
-    "ignore_mismatched_sizes": "pass num_labels= to replace the classifier; other mismatches are errors",
-    "use_safetensors": "pass the weights file itself",
-    "variant": "pass the weights file itself",
     "from_tf": "only PyTorch and safetensors files are read",
     "from_flax": "only PyTorch and safetensors files are read",
     "state_dict": "load it with model.load_state_dict",
-    "output_loading_info": "model.newly_initialized_keys lists what was initialised at random",
     "return_unused_kwargs": "unknown keys are kept as config attributes (and logged)",
     # quantization_config is a key of transformers' configs too, so it was kept without a word; written into
     # config.json, it made transformers quantize the model saved from the float32 one loaded here
@@ -55,8 +50,6 @@ _LOADING_ARGUMENTS = {
     "load_in_8bit": "the weights load in float32 (or dtype=); for int8, export to ONNX and quantize that file (onnxruntime.quantization)",
     "load_in_4bit": "the weights load in float32 (or dtype=); for int8, export to ONNX and quantize that file (onnxruntime.quantization)",
     "gguf_file": "only PyTorch and safetensors files are read",
-    "trust_remote_code": "pvtv2 runs no code from a repository; drop it",
-    "low_cpu_mem_usage": "drop it (the weights are read once, into a model built on the meta device)",
     "max_memory": "pass device= (one device)",
     "offload_folder": "pass device= (one device); nothing is offloaded",
     "offload_state_dict": "pass device= (one device); nothing is offloaded",
@@ -65,7 +58,6 @@ _LOADING_ARGUMENTS = {
     "tp_size": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
     "device_mesh": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
     "distributed_config": "pass device= (one device); wrap the model in DistributedDataParallel to train on several",
-    "weights_only": "checkpoints are always read with torch.load(weights_only=True) or safetensors",
     "key_mapping": "checkpoint layouts (transformers, timm, the original authors') are recognised by their keys",
     "adapter_kwargs": "load the adapter with peft after loading the model",
     "adapter_name": "load the adapter with peft after loading the model",
@@ -76,9 +68,21 @@ _LOADING_ARGUMENTS = {
 }
 
 
+# transformers' loading arguments that the model classes' from_pretrained takes (pvtv2.weights.loading.load_pretrained):
+# a config reads no weights, so PvtV2Config.from_pretrained refuses them rather than keep them as fields.
+MODEL_LOADING_ARGUMENTS = frozenset({
+    "ignore_mismatched_sizes", "output_loading_info", "variant", "use_safetensors", "weights_only", "low_cpu_mem_usage",
+    "device_map", "trust_remote_code",
+})
+
+
 def check_loading_arguments(arguments: Iterable[str]) -> None:
     """Refuse, with what to do instead, any of transformers' loading arguments among the keyword ``arguments``."""
     for name in arguments:
+        if name in MODEL_LOADING_ARGUMENTS:
+            raise TypeError(f"{name} is one of transformers' loading arguments for the weights, which the model classes' "
+                            f"from_pretrained takes (PvtV2ForImageClassification.from_pretrained(..., {name}=...)); a "
+                            f"config reads no weights, and it is not a config field either")
         if name in _LOADING_ARGUMENTS:
             raise TypeError(f"{name} is one of transformers' loading arguments, which pvtv2's from_pretrained does not "
                             f"take (not a config field either): {_LOADING_ARGUMENTS[name]}")

@@ -33,12 +33,17 @@ from ..models.config import (
     short_repr,
 )
 from ..models.labels import has_generic_labels, imagenet_id2label
-from .files import CheckpointError, read_checkpoint_and_config, save_state_dicts, shard_names
-from .hub import check_loading_arguments, check_subfolder, folder_entry, looks_like_hub_id, resolve_file
+from .files import CheckpointError, is_shard_index, read_checkpoint_and_config, save_state_dicts, shard_names
+from .hub import (
+    HubFileNotFound, check_loading_arguments, check_subfolder, folder_entry, looks_like_hub_id, resolve_file,
+)
 from .layouts import DENSE_LAYOUTS, HEAD_PREFIXES, MMDET_LAYOUT, detect_layout, to_canonical
 
 __all__ = [
     "WEIGHT_FILES",
+    "weight_file_names",
+    "check_variant",
+    "load_device",
     "infer_config",
     "read_config",
     "locate_checkpoint",
@@ -54,6 +59,47 @@ logger = logging.getLogger(__name__)
 
 # transformers' names, in the order its from_pretrained prefers them: safetensors, whole or sharded, then PyTorch's.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_variant(variant: Any) -> str | None:
+    """``variant`` (``"fp16"``: ``model.fp16.safetensors``) as transformers takes it, refused where it is no plain
+    name: a path separator or ``..`` would name a file in another folder, and an empty one ``model..safetensors``."""
+    if variant is None:
+        return None
+    if not isinstance(variant, str):
+        raise TypeError(f"variant must be a string such as 'fp16', got {type(variant).__name__} {variant!r}")
+    if not _VARIANT.fullmatch(variant) or ".." in variant:
+        raise ValueError(f"variant={variant!r} is not a plain variant name (letters, digits, '_', '-', '.', starting "
+                         f"with a letter or digit, such as 'fp16'): it becomes part of the weights file's name")
+    return variant
+
+
+def _add_variant(name: str, variant: str | None) -> str:
+    """transformers' name of a variant's file: the variant before the last extension (``model.fp16.safetensors``,
+    ``model.safetensors.index.fp16.json``)."""
+    if variant is None:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
+
+
+def weight_file_names(variant: str | None = None, use_safetensors: bool | None = None) -> tuple[str, ...]:
+    """The weights files from_pretrained looks for in a folder or hub repository, in transformers' order and with
+    its names for a ``variant``: safetensors (whole, then sharded) and PyTorch's; ``use_safetensors`` True the
+    safetensors ones only, False PyTorch's only."""
+    safe = tuple(_add_variant(name, variant) for name in WEIGHT_FILES[:2])
+    pickled = tuple(_add_variant(name, variant) for name in WEIGHT_FILES[2:])
+    return safe if use_safetensors else pickled if use_safetensors is False else safe + pickled
+
+
+def _asked(variant: str | None, use_safetensors: bool | None) -> str:
+    """The arguments that chose the file names, in words for an error ("" when none did)."""
+    parts = ([f"variant={variant!r}"] if variant is not None else []) + (
+        [f"use_safetensors={use_safetensors}"] if use_safetensors is not None else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 # The original code and timm use PyTorch's default LayerNorm epsilon in the patch embeddings and the reduction.
 _TORCH_DEFAULT_EPS = 1e-5
 # ---------------------------------------------------------------------------------------------- config from shapes
@@ -487,10 +533,14 @@ def _matching_preset(args: Mapping[str, Any]) -> str | None:
 # ---------------------------------------------------------------------------------------------- loading a model
 def locate_checkpoint(
     source: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None, subfolder: str | None = None,
-    local_files_only: bool = False, token: str | bool | None = None,
+    local_files_only: bool = False, token: str | bool | None = None, variant: str | None = None,
+    use_safetensors: bool | None = None,
 ) -> tuple[Path | None, Path]:
     """(config.json or None, weights file) for a folder, a checkpoint file or a hub id (cache first); with
-    ``subfolder``, those of that folder inside the folder or hub repository.
+    ``subfolder``, those of that folder inside the folder or hub repository; ``variant`` and ``use_safetensors``
+    choose the file names as transformers does (see :func:`weight_file_names`). A single file is read as what it
+    is: a ``variant`` is refused there (it names files inside a folder), ``use_safetensors=True`` unless it is a
+    safetensors file.
 
     A local path that exists but is neither a regular file nor a folder (a FIFO, a device, a socket), a symlink loop
     and a dangling symlink are refused by name: reading a FIFO would block forever, and calling the others a missing
@@ -499,22 +549,34 @@ def locate_checkpoint(
     text = os.fspath(source)
     _check_local_path(text)
     subfolder = check_subfolder(text, subfolder)
+    variant = check_variant(variant)
+    if use_safetensors is not None and not isinstance(use_safetensors, bool):
+        raise TypeError(f"use_safetensors must be True, False or None, got {use_safetensors!r}")
+    names = weight_file_names(variant, use_safetensors)
     if os.path.isfile(text):
-        return None, Path(text)
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} names a variant's weights file inside a folder or hub repository, "
+                             f"but {text!r} is a file: pass the folder, or leave variant out")
+        if use_safetensors and not (text.endswith(".safetensors") or (is_shard_index(text) and ".safetensors." in
+                                                                      Path(text).name)):
+            raise ValueError(f"use_safetensors=True reads safetensors files only, and {text!r} is not a .safetensors "
+                             f"file (nor the index of safetensors shards)")
+        return None, _checked_shards(Path(text), use_safetensors)
     if os.path.isdir(text):
         folder = Path(text) / subfolder if subfolder else Path(text)
         if not folder.is_dir():
             raise FileNotFoundError(f"no weights in folder {os.fspath(folder)!r}: {text!r} has no subfolder {subfolder!r}")
-        weights = next((folder / name for name in WEIGHT_FILES if folder_entry(folder / name) == "file"), None)
+        weights = next((folder / name for name in names if folder_entry(folder / name) == "file"), None)
         if weights is None:
             found = sorted(p.name for p in folder.iterdir())[:10]
             # A `pvtv2 train` run folder (or a demo's) holds its checkpoints one level down: name the one to pass.
             runs = [folder / sub for sub in ("best", "last", "run/best") if (folder / sub / "config.json").is_file()]
             hint = f"; it holds a training run: pass {os.fspath(runs[0])!r}" if runs else ""
             raise FileNotFoundError(
-                f"no weights in folder {os.fspath(folder)!r}: expected one of {list(WEIGHT_FILES)}, found {found}{hint}")
+                f"no weights in folder {os.fspath(folder)!r}{_asked(variant, use_safetensors)}: expected one of "
+                f"{list(names)}, found {found}{hint}")
         config = folder / "config.json"
-        return (config if folder_entry(config) == "file" else None), weights
+        return (config if folder_entry(config) == "file" else None), _checked_shards(weights, use_safetensors)
     if text.replace("-", "_").lower() in PRESETS:
         raise FileNotFoundError(
             f"{text!r} is a preset (an architecture), not weights: build it untrained with "
@@ -537,15 +599,32 @@ def locate_checkpoint(
     where = {"revision": revision, "cache_dir": cache_dir, "subfolder": subfolder, "local_files_only": local_files_only,
              "token": token}
     config = resolve_file(text, "config.json", **where, required=False)
-    for name in WEIGHT_FILES:
+    for name in names:
         weights = resolve_file(text, name, **where, required=False)
         if weights is not None:
-            if weights.name.endswith(".index.json"):
+            if is_shard_index(weights):
                 # The shards are files of the repository too: from the cache, or downloaded beside the index.
-                for shard in shard_names(weights):
+                for shard in shard_names(_checked_shards(weights, use_safetensors)):
                     resolve_file(text, shard, **where)
             return config, weights
-    return config, resolve_file(text, WEIGHT_FILES[0], **where)  # raises, explaining
+    if names == WEIGHT_FILES:
+        return config, resolve_file(text, WEIGHT_FILES[0], **where)  # raises, explaining
+    try:
+        return config, resolve_file(text, names[0], **where)  # raises, explaining
+    except HubFileNotFound as err:
+        raise HubFileNotFound(f"no weights of {text!r}{_asked(variant, use_safetensors)}: looked for "
+                              f"{', '.join(names)}. {err}") from None
+
+
+def _checked_shards(weights: Path, use_safetensors: bool | None) -> Path:
+    """``weights``, refused under ``use_safetensors=True`` where it is an index naming shards that are not
+    safetensors files (they would be unpickled)."""
+    if use_safetensors and is_shard_index(weights):
+        pickled = [shard for shard in shard_names(weights) if not shard.endswith(".safetensors")]
+        if pickled:
+            raise ValueError(f"use_safetensors=True reads safetensors files only, and the index "
+                             f"{os.fspath(weights)!r} names the shard {pickled[0]!r}")
+    return weights
 
 
 def _check_local_path(text: str) -> None:
@@ -579,19 +658,78 @@ def _given_config(config: Any, **where: Any) -> PvtV2Config | None:
                     f"got {kind.__module__}.{kind.__qualname__}")
 
 
+def _check_flag(name: str, value: Any, none: bool = False) -> None:
+    if not (isinstance(value, bool) or (none and value is None)):
+        raise TypeError(f"{name} must be True or False{' (or None)' if none else ''}, got {value!r}")
+
+
+def load_device(device: str | torch.device | int | None, device_map: Any = None) -> torch.device | None:
+    """The one device ``from_pretrained`` puts the model on, from ``device=`` or transformers' ``device_map=`` (a
+    device name, ``torch.device`` or accelerator index; a dict placing every module on one device; "auto",
+    "balanced", "balanced_low_0", "sequential" where there is at most one GPU). A map over several devices is
+    refused: pvtv2 places the whole model on one."""
+    if device_map is None:
+        return None if device is None else torch.device(device)
+    strategies = ("auto", "balanced", "balanced_low_0", "sequential")
+    if isinstance(device_map, Mapping):
+        devices = {("disk" if v == "disk" else torch.device(v)) if isinstance(v, (str, int, torch.device))
+                   and not isinstance(v, bool) else repr(v) for v in device_map.values()}
+        if len(devices) != 1 or "disk" in devices or not isinstance(next(iter(devices)), torch.device):
+            shown = sorted(str(d) for d in devices) or "nothing"
+            raise ValueError(f"device_map={short_repr(device_map)} places the model on {shown}: pvtv2 loads the "
+                             f"whole model onto one device (device_map='cuda:0', {{'': 'cuda:0'}} or device=...)")
+        found = next(iter(devices))
+    elif isinstance(device_map, str) and device_map in strategies:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count > 1:
+            raise ValueError(f"device_map={device_map!r} spreads the model over this machine's {count} GPUs: pvtv2 "
+                             f"loads the whole model onto one device; pass device_map='cuda:0' (or device=...)")
+        found = torch.device("cuda:0" if count else "cpu")
+    elif isinstance(device_map, int) and not isinstance(device_map, bool):
+        if device_map < 0:
+            raise ValueError(f"device_map={device_map} is no accelerator index: pass device_map='cpu' for the CPU")
+        found = torch.device(device_map)
+    elif isinstance(device_map, (str, torch.device)):
+        if device_map == "cuda":  # as transformers: the process's own GPU under torchrun
+            device_map = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        try:
+            found = torch.device(device_map)
+        except RuntimeError:
+            raise ValueError(f"device_map={device_map!r} is not a device name (cpu, cuda:0) nor one of "
+                             f"{', '.join(strategies)}") from None
+    else:
+        raise TypeError(f"device_map must be a device (name, torch.device or index) or a dict of them, got "
+                        f"{type(device_map).__name__}")
+    if device is not None and torch.device(device) != found:
+        raise ValueError(f"device={device!r} and device_map={short_repr(device_map)} name different devices; pass one")
+    return found
+
+
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, subfolder: str | None = None,
                     local_files_only: bool = False, token: str | bool | None = None,
-                    dtype: torch.dtype | str | None = None, config: PvtV2Config | None = None, **overrides: Any):
+                    dtype: torch.dtype | str | None = None, config: PvtV2Config | None = None,
+                    ignore_mismatched_sizes: bool | None = None, output_loading_info: bool = False,
+                    variant: str | None = None, use_safetensors: bool | None = None, weights_only: bool = True,
+                    **overrides: Any):
     """Build ``model_cls`` and load the weights named by ``source`` (its ``subfolder``) into it, strictly; with
     ``config``, the model is built from it (and ``overrides``) instead of the checkpoint's config.json, as in
-    transformers."""
+    transformers. ``ignore_mismatched_sizes``, ``variant``, ``use_safetensors`` and ``weights_only`` as
+    transformers takes them (see :func:`load_canonical`, :func:`locate_checkpoint`); ``output_loading_info``:
+    returns ``(model, info)`` with transformers' dict (:func:`load_canonical`)."""
     check_loading_arguments(overrides)
+    _check_flag("output_loading_info", output_loading_info)
+    _check_flag("ignore_mismatched_sizes", ignore_mismatched_sizes, none=True)
+    _check_flag("weights_only", weights_only)
+    if not weights_only:
+        raise ValueError("weights_only=False is not supported: it would unpickle any Python object in the file, which "
+                         "can run code. pvtv2 reads .bin/.pth files with torch.load(weights_only=True) only (tensors "
+                         "and plain containers); convert a file you trust to safetensors instead")
     where = {"revision": revision, "cache_dir": cache_dir, "subfolder": subfolder, "local_files_only": local_files_only,
              "token": token}
     config = _given_config(config, **where)
     given = config
-    config_path, weights_path = locate_checkpoint(source, **where)
+    config_path, weights_path = locate_checkpoint(source, **where, variant=variant, use_safetensors=use_safetensors)
     if given is not None:
         config_path = None  # not read, so never named as the cause of a misfit
     state, class_names, recorded = read_checkpoint_and_config(weights_path)
@@ -659,7 +797,8 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         # at the default float32 and cast afterwards came out rounded to float32.
         model = model.to(dtype)
     try:
-        load_canonical(model, canonical, origin=os.fspath(weights_path))
+        info = load_canonical(model, canonical, origin=os.fspath(weights_path),
+                              ignore_mismatched_sizes=ignore_mismatched_sizes)
     except CheckpointError as err:
         if config_path is None:
             raise
@@ -671,7 +810,7 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     # Which ecosystem wrote the file: its evaluation preprocessing follows it (inference.load_processor).
     model.checkpoint_layout = layout
     logger.info("loaded %s weights (%s layout) from %s", model_cls.__name__, layout, os.fspath(weights_path))
-    return model
+    return (model, info) if output_loading_info else model
 
 
 def _stored_dtype(config: PvtV2Config, state: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -763,9 +902,19 @@ def _attach_recorded_labels(config: PvtV2Config, canonical: Mapping[str, torch.T
     return config
 
 
-def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor], origin: str = "checkpoint") -> None:
+def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor], origin: str = "checkpoint",
+                   ignore_mismatched_sizes: bool | None = None) -> dict[str, Any]:
     """Load canonical-layout weights into ``model``: every key and shape must fit, except a head that is absent from
     the checkpoint or a classifier sized for another number of classes (then newly initialised, and logged).
+
+    ``ignore_mismatched_sizes`` as transformers takes it: True, every tensor whose shape differs from the model's is
+    left newly initialised (a warning names each, with both shapes); False, any shape that differs is an error, the
+    classifier's too. Left out (None), pvtv2's rule: only the class-sized layers are replaced.
+
+    Returns transformers' loading info: ``missing_keys`` (set: the model's tensors the checkpoint lacks, newly
+    initialised), ``unexpected_keys`` (set: the checkpoint's tensors the model has no place for, a head it lacks),
+    ``mismatched_keys`` (set of ``(key, checkpoint shape, model shape)``, shapes as ``torch.Size``; newly
+    initialised) and ``error_msgs`` (an empty list: any error is raised).
 
     The model class says where its encoder sits (``encoder_prefix``), names its head(s) in ``head_prefixes`` and its
     last, class-sized layer in ``classifier_prefix`` (classification: ``classifier.``; segmentation:
@@ -783,11 +932,13 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
     classifier = model.classifier_prefix
     target: dict[str, torch.Tensor] = {}
     dropped: set[str] = set()
+    unused: set[str] = set()
     for key, value in canonical.items():
         head = next((h for h in HEAD_PREFIXES if key.startswith(h)), None)
         if head is not None:
             if not any(k.startswith(head) for k in expected):
                 dropped.add(head.rstrip("."))  # e.g. an encoder-only model takes the encoder of a classifier
+                unused.add(key)
                 continue
             target[key] = value
         else:
@@ -801,12 +952,17 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
     resized = [
         p for p in classifiers
         if f"{p}weight" in expected and f"{p}weight" in target and target[f"{p}weight"].shape[0] != expected[f"{p}weight"].shape[0]
-    ]
+    ] if ignore_mismatched_sizes is None else []
     replaced = bool(resized)
     kept = {k: v for k, v in target.items() if not k.startswith(tuple(resized))} if replaced else target
+    if ignore_mismatched_sizes:
+        kept = {k: v for k, v in target.items() if k not in expected or v.shape == expected[k].shape}
+    # transformers' mismatched keys: the checkpoint's tensors of another shape, left newly initialised
+    mismatched = {(k, v.shape, expected[k].shape) for k, v in target.items() if k in expected and k not in kept}
     missing, unexpected, misshaped, bad_dtype = _mismatches(kept, expected)
-    head_missing = missing and set(missing) <= head_keys
-    if (missing and not head_missing) or unexpected or misshaped or bad_dtype:
+    absent = sorted(set(missing) - {k for k, _, _ in mismatched})  # not in the checkpoint at all
+    head_missing = not absent or set(absent) <= head_keys
+    if not head_missing or unexpected or misshaped or bad_dtype:
         # Listed with the classifier kept: when nothing else fits either, its shapes are part of the story.
         parts = [f"the weights in {origin} do not fit {type(model).__name__} ({_describe(model)}){_shape_of(canonical)}"]
         for title, items in zip(("missing", "unexpected", "mis-shaped", "non-float tensors for float parameters"),
@@ -814,6 +970,9 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
             if items:
                 shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
                 parts.append(f"{len(items)} {title} keys:\n    {shown}")
+        if misshaped and not ignore_mismatched_sizes:
+            parts.append("(ignore_mismatched_sizes=True leaves the tensors of other shapes newly initialised, as "
+                         "transformers does)")
         raise CheckpointError("\n  ".join(parts))
     if replaced:  # announced once the rest is known to fit
         weight = f"{resized[0]}weight"
@@ -822,14 +981,23 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
             "randomly initialised and need fine-tuning",
             resized[0].rstrip("."), target[weight].shape[0], expected[weight].shape[0],
         )
-    elif head_missing:
-        logger.warning("the checkpoint has no weights for %s: newly initialised", _summarise_keys(missing))
+    elif mismatched:
+        shown = sorted(mismatched)
+        logger.warning(
+            "%s: %d tensor(s) of the checkpoint have other shapes than the model's and are newly initialised "
+            "(ignore_mismatched_sizes=True); they need training: %s%s", type(model).__name__, len(shown),
+            "; ".join(f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in shown[:10]),
+            f" and {len(shown) - 10} more" if len(shown) > 10 else "",
+        )
+    if absent:
+        logger.warning("the checkpoint has no weights for %s: newly initialised", _summarise_keys(absent))
     target = {k: v.to(expected[k].dtype) if expected[k].is_floating_point() else v for k, v in kept.items()}
     target = _own_memory(target)
     _warn_non_finite(target, origin)
-    model.load_state_dict(target, strict=not head_missing, assign=True)
+    model.load_state_dict(target, strict=not missing, assign=True)
     _materialize_and_init(model)
     model.newly_initialized_keys = tuple(missing)
+    return {"missing_keys": set(absent), "unexpected_keys": unused, "mismatched_keys": mismatched, "error_msgs": []}
 
 
 def _mismatches(
@@ -969,12 +1137,20 @@ def _materialize_and_init(model: torch.nn.Module) -> None:
     """Give the modules left on the meta device (a new head) real memory and the library's initialisation."""
     device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     for module in model.modules():
-        if any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if any(t.is_meta for _, t in own):
+            # Tensors of the module that did load (a convolution's bias beside a weight of another shape, under
+            # ignore_mismatched_sizes) are put back after the initialisation, as transformers keeps them.
+            # (detached: to_empty swaps the data of the parameter objects themselves)
+            loaded = {name: t.detach() for name, t in own if not t.is_meta}
             module.to_empty(device=device, recurse=False)
             # A model may initialise its own heads differently (segmentation, depth: as transformers' SegFormer / GLPN).
             model.init_new_module(module)
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.reset_running_stats()
+            with torch.no_grad():
+                for name, tensor in loaded.items():
+                    getattr(module, name).copy_(tensor)
 
 
 def _summarise_keys(keys: list[str]) -> str:
@@ -1071,7 +1247,12 @@ _WARNED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 # The weight files save_pretrained writes, as transformers names them: one file, or shards beside their index.
-_SHARD_NAME = re.compile(r"(model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}-of-\d{5}\.bin)")
+def _shard_name(variant: str | None) -> re.Pattern[str]:
+    """The names of the shards save_pretrained writes (a variant's: ``model.fp16-00001-of-00002.safetensors``)."""
+    v = re.escape(f".{variant}") if variant else ""
+    return re.compile(rf"(model{v}-\d{{5}}-of-\d{{5}}\.safetensors|pytorch_model{v}-\d{{5}}-of-\d{{5}}\.bin)")
+
+
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -1178,9 +1359,7 @@ def save_pretrained(
     if push_to_hub:
         raise ValueError("push_to_hub=True is not supported: pvtv2 does not upload to the hub. Save the folder, then "
                          "upload it with huggingface_hub (HfApi().upload_folder)")
-    if variant is not None:
-        raise ValueError(f"variant={variant!r} is not supported: pvtv2's from_pretrained reads no variant files "
-                         f"(model.{variant}.safetensors); save the variant into a folder of its own instead")
+    variant = check_variant(variant)
     limit = shard_size_bytes(max_shard_size)
     folder = Path(save_directory)
     if folder.is_symlink() and not folder.exists():
@@ -1216,19 +1395,23 @@ def save_pretrained(
     data["dtype"] = str(dtype).removeprefix("torch.")
     folder.mkdir(parents=True, exist_ok=True)
     stem, suffix = ("model", ".safetensors") if safe_serialization else ("pytorch_model", ".bin")
-    files = _split_into_shards(state, limit, stem, suffix)
+    # transformers' names for a variant: model.fp16.safetensors, shards model.fp16-00001-of-00002.safetensors
+    files = _split_into_shards(state, limit, f"{stem}.{variant}" if variant else stem, suffix)
     written = {path.name for path in save_state_dicts(files, folder)}
     if len(files) > 1:
-        index_name = f"{stem}{suffix}.index.json"
+        index_name = _add_variant(f"{stem}{suffix}.index.json", variant)
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {key: name for name, shard in files.items() for key in shard}
         atomic_write_json(folder / index_name, {"metadata": {"total_size": total}, "weight_map": weight_map},
                           sort_keys=True)
         written.add(index_name)
     # Weight files of an earlier save in another form (model.safetensors beside a new pytorch_model.bin, shards of
-    # another count) would be read first or mixed in: removed once the new ones are complete. No other file is touched.
+    # another count) would be read first or mixed in: removed once the new ones are complete. Only the files of the
+    # same variant: a folder holds the float32 weights beside their fp16 variant. No other file is touched.
+    own_names = weight_file_names(variant)
+    shard_name = _shard_name(variant)
     for entry in folder.iterdir():
-        stale = entry.name in WEIGHT_FILES or _SHARD_NAME.fullmatch(entry.name)
+        stale = entry.name in own_names or shard_name.fullmatch(entry.name)
         if stale and entry.name not in written and (entry.is_symlink() or entry.is_file()):
             entry.unlink()
     atomic_write_json(folder / "config.json", data, sort_keys=True)

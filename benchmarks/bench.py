@@ -24,6 +24,9 @@ On a shared, busy machine, ``--threads 1 --clock thread`` times each call by thi
 disturb far less than the wall time (and with two threads, an OpenMP region waits whenever the other thread is
 descheduled: a 256^3 matmul was measured 25x slower with two threads than with one on a loaded 2-core VM).
 
+fp16: ``--dtype fp16`` casts the models' weights and the input to float16 (``model.half()``, no autocast; inference
+only): on a CPU without AVX512-FP16 all three run ATen's own float16 kernels, for those who serve half weights.
+
 bf16: ``--dtype bf16`` times all three under the same ``torch.autocast("cpu", dtype=torch.bfloat16)``, reports
 pvtv2 against the faster of the other two, and checks every implementation against its own fp32 output (relative
 error, top-1 agreement). ``meta.cpu_features`` says whether the CPU has native bf16 (AVX512-BF16 or AMX); without
@@ -121,7 +124,14 @@ def _output(out):
     return _first_tensor(out)
 
 
+# Cases run with the weights and the input in this dtype (no autocast).
+WEIGHT_DTYPES = {"fp16": torch.float16}
+
+
 def _step_fn(model: nn.Module, x: torch.Tensor, dtype: str, train: bool, compile: bool):
+    if dtype in WEIGHT_DTYPES:
+        model.to(WEIGHT_DTYPES[dtype])
+        x = x.to(WEIGHT_DTYPES[dtype])
     run = torch.compile(model) if compile else model
     cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bf16" else contextlib.nullcontext
     if not train:
@@ -192,6 +202,13 @@ def _agreement(case: dict, impls=IMPLS) -> dict:
         full = {name: _output(m(x)).float() for name, m in models.items()}
         theirs = full["transformers"]
         out["rel_error_vs_transformers"] = ((full["pvtv2"] - theirs).abs().max() / theirs.abs().max()).item()
+        if case["dtype"] in WEIGHT_DTYPES:
+            low_dtype = WEIGHT_DTYPES[case["dtype"]]
+            for name, model in models.items():
+                low = _output(model.to(low_dtype)(x.to(low_dtype))).float()
+                ref = full[name]
+                suffix = "" if name == "pvtv2" else f"_{name}"
+                out[f"{case['dtype']}_rel_error{suffix}"] = ((low - ref).abs().max() / ref.abs().max()).item()
         if case["dtype"] == "bf16":
             for name, model in models.items():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -223,7 +240,7 @@ def gemm_peak(clock=time.perf_counter, dtypes=("fp32",), repeats: int = 5, detai
     ``detail``, if given, receives each library's figure (``{"fp32": {"aten": ..., "onednn": ...}}``)."""
     out = {}
     for name in dtypes:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
         size = 256
         while True:
             a = torch.randn(size, size, dtype=dtype)
@@ -267,6 +284,9 @@ def _memory_worker(args: argparse.Namespace) -> None:
     models = build_models(preset, (impl,), backbone=backbone == "1")
     model = models[impl]
     x = torch.randn(int(batch), 3, int(size), int(size))
+    if dtype in WEIGHT_DTYPES:
+        model.to(WEIGHT_DTYPES[dtype])
+        x = x.to(WEIGHT_DTYPES[dtype])
     import resource
 
     def forward():
@@ -277,7 +297,7 @@ def _memory_worker(args: argparse.Namespace) -> None:
 
     # Libraries' one-time buffers, JIT kernels, our packed weights: loaded by a small forward pass first. (A first pass
     # at full size would leave its freed memory in the heap for the second to reuse, hiding what it needs.)
-    full, x = x, torch.randn(1, 3, 64, 64)
+    full, x = x, torch.randn(1, 3, 64, 64, dtype=x.dtype)
     forward()
     x = full
     with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark (VmHWM) to the current RSS
@@ -369,7 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["pvt_v2_b0", "pvt_v2_b2"], help="presets (default: b0 b2)")
     p.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 16], help="classifier batch sizes (none: skip)")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"],
+                   help="fp32; bf16: under bf16 autocast; fp16: float16 weights and input (inference only)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (all three implementations)")
     p.add_argument("--train", action="store_true", help="also time a training step at --train-batch")
     p.add_argument("--train-batch", type=int, default=16)
@@ -411,7 +432,7 @@ def main(argv=None) -> int:
                 for model in args.models:
                     cases.append(dict(model=model, batch=1, size=size, dtype=dtype, train=False, compile=compile_,
                                       backbone=True))
-            if args.train:
+            if args.train and dtype not in WEIGHT_DTYPES:
                 for model in args.train_models:
                     cases.append(dict(model=model, batch=args.train_batch, size=args.image_size, dtype=dtype,
                                       train=True, compile=compile_, backbone=False))
@@ -419,7 +440,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     peak_detail: dict = {}
-    peak = gemm_peak(clock, tuple(args.dtype), detail=peak_detail)
+    # No peak for float16 weights: ATen's fallback square product (about 1 GFLOP/s) is slower than the models' own.
+    peak = gemm_peak(clock, tuple(d for d in args.dtype if d not in WEIGHT_DTYPES), detail=peak_detail)
     macs: dict[tuple, int] = {}
     for case in tqdm(cases, desc="cases", file=sys.stderr, disable=not sys.stderr.isatty()):
         row = {"case": case, "speed": measure_speed(case, args.impls, args.repeats, args.warmup, clock)}
@@ -428,7 +450,8 @@ def main(argv=None) -> int:
         # Share of the machine's GEMM peak: the model's multiply-adds (a training step: about three forward passes).
         flops = 2 * macs[key] * (3 if case["train"] else 1)
         for speed in row["speed"].values():
-            speed["share_of_peak"] = flops * speed["images_per_s"] / (peak[case["dtype"]] * 1e9)
+            if case["dtype"] in peak:
+                speed["share_of_peak"] = flops * speed["images_per_s"] / (peak[case["dtype"]] * 1e9)
         if case["dtype"] == "bf16" and "pvtv2" in row["speed"]:  # the bf16 goal is against the faster of the others
             others = [row["speed"][i]["images_per_s"] for i in row["speed"] if i != "pvtv2"]
             if others:

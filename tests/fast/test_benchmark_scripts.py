@@ -153,6 +153,32 @@ def test_cpu_script_thread_clock_peak_share_and_bf16_checks(tmp_path):
 
 
 @pytest.mark.slow
+def test_cpu_script_fp16_runs_half_weights_and_checks_each_against_its_fp32_output(tmp_path):
+    """``--dtype fp16``: the models' weights and the input in float16 (no autocast), inference only: no GEMM peak
+    (ATen's float16 fallback), each implementation's output within float16 rounding of its own fp32 output."""
+    import torch
+
+    script = load_script("bench")
+    out = tmp_path / "fp16.json"
+    threads = torch.get_num_threads()
+    try:
+        assert script.main(["--models", "pvt_v2_b0", "--batch-sizes", "1", "--image-size", "64", "--dtype", "fp16",
+                            "--train", "--train-models", "pvt_v2_b0", "--repeats", "1", "--warmup", "0",
+                            "--threads", "1", "--no-memory", "--output", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    assert result["meta"]["gemm_peak_gflops"] == {}
+    (row,) = result["rows"]  # the training step is not run in float16
+    assert row["case"]["dtype"] == "fp16" and not row["case"]["train"]
+    for name, speed in row["speed"].items():
+        assert "share_of_peak" not in speed
+        assert speed["images_per_s"] == pytest.approx(1 / min(speed["times_s"]))
+    for suffix in ("", "_timm", "_transformers"):
+        assert 1e-5 < row["check"][f"fp16_rel_error{suffix}"] < 1e-2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_op_profile_accounts_for_the_step_and_counts_gemm_flops_from_shapes(threads):
     """benchmarks/op_profile.py: the categories (operators and what lies outside them) add up to the step's time, and

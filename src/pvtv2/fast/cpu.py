@@ -37,9 +37,11 @@ public operators it replaces; where the probe fails (another CPU, another build)
    repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
    ``load_state_dict``, swa_utils; the steps of any ``torch.optim`` optimizer are counted too, as fused optimizers
    bump no version counter), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned: the
-   frozen parameters report it). Writes that PyTorch cannot see are not: through a NumPy view, a storage
+   frozen parameters report it; ``nn.Parameter(p)`` of a frozen ``p``, as tying or a parametrization makes it,
+   reports to the same count). Writes that PyTorch cannot see are not: through a NumPy view, a storage
    (``untyped_storage().copy_``), a tensor taken from ``.data`` before freezing, or another tensor's ``.data`` that
-   shares a weight's memory (after ``load_state_dict(other.state_dict(), assign=True)``, ``other``'s parameters').
+   shares a weight's memory (after ``load_state_dict(other.state_dict(), assign=True)``, ``other``'s parameters';
+   after ``weight = nn.Parameter(other_weight)``, ``other_weight``'s, where ``other_weight`` is not frozen).
    Call :func:`freeze` again after those, or :func:`unfreeze`. Inference tensors (weights made or loaded inside
    ``torch.inference_mode()``) have no version counter, so they are never packed: ``freeze`` leaves such stages
    unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight that is not exactly

@@ -37,9 +37,11 @@ public operators it replaces; where the probe fails (another CPU, another build)
    repacks before the next call: in-place writes on a parameter or its ``.detach()`` (optimizer steps,
    ``load_state_dict``, swa_utils; the steps of any ``torch.optim`` optimizer are counted too, as fused optimizers
    bump no version counter), new Parameter objects, and any use of a parameter's ``.data`` (read or assigned: the
-   frozen parameters report it). Writes that PyTorch cannot see are not: through a NumPy view, a storage
+   frozen parameters report it; ``nn.Parameter(p)`` of a frozen ``p``, as tying or a parametrization makes it,
+   reports to the same count). Writes that PyTorch cannot see are not: through a NumPy view, a storage
    (``untyped_storage().copy_``), a tensor taken from ``.data`` before freezing, or another tensor's ``.data`` that
-   shares a weight's memory (after ``load_state_dict(other.state_dict(), assign=True)``, ``other``'s parameters').
+   shares a weight's memory (after ``load_state_dict(other.state_dict(), assign=True)``, ``other``'s parameters';
+   after ``weight = nn.Parameter(other_weight)``, ``other_weight``'s, where ``other_weight`` is not frozen).
    Call :func:`freeze` again after those, or :func:`unfreeze`. Inference tensors (weights made or loaded inside
    ``torch.inference_mode()``) have no version counter, so they are never packed: ``freeze`` leaves such stages
    unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight that is not exactly
@@ -440,17 +442,36 @@ class _PlainWeights:
         return _cast(conv.weight, dtype), None if conv.bias is None else _dense(conv.bias, dtype)
 
 
+def _uses_counter(p: torch.Tensor) -> list[int]:
+    """The one-item list counting ``p``'s ``.data`` uses and optimizer steps, made on first use. Parameters made from
+    one another (``nn.Parameter(p)``: the same memory and version counter) hold the same list, so a write through
+    either's ``.data`` or a fused optimizer's step on either is seen by the frozen stages holding the other."""
+    counter = p.__dict__.get("_pvtv2_uses")
+    if counter is None:
+        counter = p._pvtv2_uses = [0]
+    return counter
+
+
+def _uses(p: torch.Tensor) -> int:
+    counter = p.__dict__.get("_pvtv2_uses")
+    return 0 if counter is None else counter[0]
+
+
+def _count_use(p: torch.Tensor) -> None:
+    _uses_counter(p)[0] += 1
+
+
 class _WatchedParameter(nn.Parameter):
     """A parameter of a frozen model: counts uses of ``.data``, through which writes bypass the version counter."""
 
     @property
     def data(self) -> torch.Tensor:
-        self._pvtv2_data_uses = getattr(self, "_pvtv2_data_uses", 0) + 1
+        _count_use(self)
         return torch._C.TensorBase.data.__get__(self)
 
     @data.setter
     def data(self, value: torch.Tensor) -> None:
-        self._pvtv2_data_uses = getattr(self, "_pvtv2_data_uses", 0) + 1
+        _count_use(self)
         torch._C.TensorBase.data.__set__(self, value)
 
     def detach(self) -> torch.Tensor:
@@ -458,7 +479,12 @@ class _WatchedParameter(nn.Parameter):
         if sys._getframe(1).f_code is _PARAMETER_NEW:
             # ``nn.Parameter(p)`` of a frozen parameter (``parametrize.register_parametrization``, weight_norm, tying a
             # weight into another module) takes a subclass's detach() and refuses anything but the subclass's type.
-            return torch.Tensor._make_subclass(_WatchedParameter, out, False)
+            # The new parameter shares p's memory and version counter, and its counter of .data uses too: with one
+            # of its own, a write through the new one's .data (or a fused optimizer's step on it) left the frozen
+            # stages holding p computing with the old weights, and the other way round.
+            tied = torch.Tensor._make_subclass(_WatchedParameter, out, False)
+            tied._pvtv2_uses = _uses_counter(self)
+            return tied
         return out
 
 
@@ -476,7 +502,7 @@ def _watch(params: list[torch.Tensor]) -> None:
     for p in params:
         if type(p) is nn.Parameter:
             p.__class__ = _WatchedParameter
-            p._pvtv2_data_uses = 0
+            _uses_counter(p)
 
 
 def _optimizer_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -489,7 +515,7 @@ def _optimizer_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if type(p) is _WatchedParameter:
-                p._pvtv2_data_uses = getattr(p, "_pvtv2_data_uses", 0) + 1
+                _count_use(p)
 
 
 _STEP_HOOK: list = []  # the handle of the optimizer step hook, once registered
@@ -503,7 +529,7 @@ def _params_key(dtype: torch.dtype, params: list[torch.Tensor]) -> tuple:
     plain Parameter swapped into a watched one (``torch.utils.swap_tensors``, torch.__future__'s swap mode) has the
     same memory and version, and its ``.data`` is no longer watched until it is repacked."""
     return (dtype,) + tuple(
-        (p.data_ptr(), p._version, getattr(p, "_pvtv2_data_uses", 0), type(p), p.dtype, p.shape, p.stride(),
+        (p.data_ptr(), p._version, _uses(p), type(p), p.dtype, p.shape, p.stride(),
          p.is_neg())
         for p in params
     )

@@ -233,6 +233,12 @@ def _check_settings(values: dict[str, Any], config: PvtV2Config) -> None:
         )
     for name in ("image_mean", "image_std"):
         value = values[name]
+        if value is None and config.num_channels != 3:
+            # The default is ImageNet's three channels: one channel broadcast into three and was then refused by the
+            # encoder ("has 3 channels ... expects 1"), four failed in torchvision's normalisation, both at the
+            # first call, after a load (num_channels=..., ignore_mismatched_sizes=True) had built the model.
+            raise ValueError(f"num_channels={config.num_channels}: the detector's default {name} is ImageNet's, for "
+                             f"3 channels; pass {name} with {config.num_channels} values (one per channel)")
         if value is None:
             continue
         if (

@@ -388,9 +388,11 @@ class PvtV2Stage(nn.Module):
         default), and the recomputation in the backward pass under the forward's fast-path choices
         (fast.forward_choices). Not with the reentrant variant, which takes no context_fn (nor checks the
         recomputation: it computes the same numbers either way), nor under torch.compile: dynamo takes no context_fn
-        of its own making, and no fast piece runs there."""
+        of its own making, and no fast piece runs there. Nor with ``debug=True``, which torch.utils.checkpoint takes
+        with its default context_fn only: transformers' ``{"debug": True}`` raised at the first training step. The
+        recomputation then runs under the backward's choices, and torch's determinism check refuses a difference."""
         kwargs = dict(getattr(self, "checkpoint_kwargs", None) or {"use_reentrant": False})
-        if not kwargs.get("use_reentrant") and not torch.compiler.is_compiling():
+        if not kwargs.get("use_reentrant") and not kwargs.get("debug") and not torch.compiler.is_compiling():
             kwargs["context_fn"] = functools.partial(_forward_choices, kwargs.get("context_fn"))
         return kwargs
 

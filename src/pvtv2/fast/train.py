@@ -389,32 +389,34 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     ):
         xb, wb, bb = _bf16(x, conv.weight, conv.bias)
         return Bf16DepthwiseConv.apply(xb.contiguous(memory_format=torch.channels_last), wb, bb)
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and not onednn_convolves(_conv_dtype(x, conv)):
-        # ATen's own CPU convolution (no oneDNN kernel for this dtype) runs a grouped convolution group by group and
-        # gathers each channel of a channels-last image element by element: from a contiguous image it ran 3-6x
-        # faster (fp16 and fp64, B0 batch 1: 36 -> 6 ms for a 56x56x256 convolution, AMD EPYC Zen 5, one thread).
+    if x.device.type == "cpu" and x.dtype in SLOW_CONV_DTYPES and not torch.is_autocast_enabled("cpu") and not (
+        torch.compiler.is_compiling()
+    ):
+        # ATen's own CPU convolution (no oneDNN kernel for float16 without AVX512-FP16, nor for float64) runs a grouped
+        # convolution group by group and gathers each channel of a channels-last image element by element: from a
+        # contiguous image it ran 3-6x faster (B0 batch 1: 36 -> 6 ms for a 56x56x256 convolution in float16, AMD
+        # EPYC Zen 5, one thread). Not for bf16 on CPUs without oneDNN bf16 (nor under autocast): there the other
+        # layout rounds some outputs one bf16 step away from transformers' (same layout as ours), and bf16 draws
+        # and outputs equal transformers' bit for bit; float16 outputs differ from theirs by float16 rounding in
+        # either layout (7.7e-4 relative before, 1.2e-3 after, B0-like model).
         return conv(x.contiguous())
     return conv(x)
 
 
-def _conv_dtype(x: torch.Tensor, conv: nn.Conv2d) -> torch.dtype:
-    """The dtype the convolution runs in: the autocast dtype under CPU autocast (which casts convolutions), else the
-    input's."""
-    if torch.is_autocast_enabled("cpu") and x.is_floating_point():
-        return torch.get_autocast_dtype("cpu")
-    return x.dtype
+def _slow_conv_dtypes() -> frozenset:
+    """Weight dtypes whose CPU convolution ATen runs without oneDNN: float64, and float16 where the CPU has no
+    AVX512-FP16 / AMX-FP16 (oneDNN's float16 kernels, which ATen then picks, want the channels-last image)."""
+    slow = {torch.float64}
+    try:
+        fp16_kernels = torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        fp16_kernels = False
+    if not fp16_kernels:
+        slow.add(torch.float16)
+    return frozenset(slow)
 
 
-def onednn_convolves(dtype: torch.dtype) -> bool:
-    """Whether ATen hands a CPU convolution of this dtype to oneDNN (as its ``use_mkldnn`` decides: fp32 always, bf16
-    and fp16 where the CPU runs oneDNN's kernels for them)."""
-    if dtype == torch.float32:
-        return True
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return False
+SLOW_CONV_DTYPES = _slow_conv_dtypes()
 
 
 def patch_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

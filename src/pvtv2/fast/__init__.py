@@ -24,6 +24,7 @@ from torch import nn
 
 from . import cpu, cuda
 from .cpu import (
+    aten_convolves,
     FAST_PATH_ENV,
     fast_path,
     fast_path_available,
@@ -34,6 +35,7 @@ from .cpu import (
     is_frozen,
     one_kernel_wide_bf16,
     plain_modules,
+    reference_conv_input,
     unfreeze,
 )
 from .train import depthwise_conv, forward_choices, linear, module_linear, patch_conv, train_gemm
@@ -41,6 +43,7 @@ from .train import depthwise_conv, forward_choices, linear, module_linear, patch
 __all__ = [
     "FAST_PATH_ENV",
     "applies",
+    "aten_convolves",
     "depthwise_conv",
     "fast_path",
     "fast_path_available",
@@ -55,6 +58,7 @@ __all__ = [
     "one_kernel_wide_bf16",
     "patch_conv",
     "plain_modules",
+    "reference_conv_input",
     "stage_forward",
     "train_gemm",
     "unfreeze",

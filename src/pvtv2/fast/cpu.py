@@ -705,6 +705,41 @@ def _linear(
     return out if residual is None else residual + out
 
 
+def aten_convolves(x: torch.Tensor) -> bool:
+    """Whether a CPU convolution of ``x`` (in the dtype the reference computes it in: autocast's, or its own) runs
+    ATen's own kernel rather than oneDNN's, as ATen's ``use_mkldnn`` decides: float64; bf16 and float16 where the
+    CPU has no oneDNN kernels for them (bf16 before AVX-512, float16 before AVX512-FP16 / AMX-FP16)."""
+    if x.device.type != "cpu":
+        return False
+    dtype = _compute_dtype(x)
+    if dtype == torch.float32:
+        return False
+    if dtype == torch.bfloat16:
+        return not _onednn_dtype_kernels("bf16")
+    if dtype == torch.float16:
+        return not _onednn_dtype_kernels("fp16")
+    return True
+
+
+def _onednn_dtype_kernels(name: str) -> bool:
+    try:
+        return bool(getattr(torch.ops.mkldnn, f"_is_mkldnn_{name}_supported")())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def reference_conv_input(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``x`` (N, C, H, W) for a dense convolution of the reference path (a patch embedding, the spatial reduction).
+    Under CPU autocast where ATen's own kernel runs it (:func:`aten_convolves`: bf16 on a CPU without oneDNN's bf16
+    kernels), the contiguous layout transformers gives it: that kernel's rounding follows the layout, and from a
+    channels-last image some bf16 outputs came one step away from transformers' (a bf16 autocast model with
+    attention dropout lost bit parity on an AVX2 CPU). Elsewhere channels-last where asked: oneDNN's layout, and
+    the faster one for ATen's float16 / float64 kernels too (2-5x in float16)."""
+    if torch.is_autocast_enabled("cpu") and aten_convolves(x):
+        return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def one_kernel_wide_bf16(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x``, or ``x`` copied to the contiguous (N, C, H, W) layout where PyTorch's oneDNN convolution computes the
     wrong numbers: in bf16 (``dtype``, by default the one the reference's convolution computes ``x`` in, autocast's),

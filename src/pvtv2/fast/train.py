@@ -45,7 +45,7 @@ from torch import nn
 
 from .cpu import (
     PLAIN_TENSOR_TYPES, fusable_dwconv, fast_path, fast_path_available, fast_path_enabled, forward_ad_active,
-    plain_modules,
+    aten_convolves, plain_modules,
 )
 
 __all__ = [
@@ -389,34 +389,11 @@ def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     ):
         xb, wb, bb = _bf16(x, conv.weight, conv.bias)
         return Bf16DepthwiseConv.apply(xb.contiguous(memory_format=torch.channels_last), wb, bb)
-    if x.device.type == "cpu" and x.dtype in SLOW_CONV_DTYPES and not torch.is_autocast_enabled("cpu") and not (
-        torch.compiler.is_compiling()
-    ):
-        # ATen's own CPU convolution (no oneDNN kernel for float16 without AVX512-FP16, nor for float64) runs a grouped
-        # convolution group by group and gathers each channel of a channels-last image element by element: from a
-        # contiguous image it ran 3-6x faster (B0 batch 1: 36 -> 6 ms for a 56x56x256 convolution in float16, AMD
-        # EPYC Zen 5, one thread). Not for bf16 on CPUs without oneDNN bf16 (nor under autocast): there the other
-        # layout rounds some outputs one bf16 step away from transformers' (same layout as ours), and bf16 draws
-        # and outputs equal transformers' bit for bit; float16 outputs differ from theirs by float16 rounding in
-        # either layout (7.7e-4 relative before, 1.2e-3 after, B0-like model).
-        return conv(x.contiguous())
-    return conv(x)
-
-
-def _slow_conv_dtypes() -> frozenset:
-    """Weight dtypes whose CPU convolution ATen runs without oneDNN: float64, and float16 where the CPU has no
-    AVX512-FP16 / AMX-FP16 (oneDNN's float16 kernels, which ATen then picks, want the channels-last image)."""
-    slow = {torch.float64}
-    try:
-        fp16_kernels = torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        fp16_kernels = False
-    if not fp16_kernels:
-        slow.add(torch.float16)
-    return frozenset(slow)
-
-
-SLOW_CONV_DTYPES = _slow_conv_dtypes()
+    # Where ATen's own kernel convolves (weights in float16 / float64 / bf16 without oneDNN's kernels for them; under
+    # autocast the Mix-FFN takes transformers' view instead), contiguous: it runs a grouped convolution group by
+    # group and gathered each channel of a channels-last image element by element, 3-6x slower (float16 B0 batch 1:
+    # a 56x56x256 convolution 36 -> 6 ms, AMD EPYC Zen 5, one thread).
+    return conv(x.contiguous() if aten_convolves(x) else x)
 
 
 def patch_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

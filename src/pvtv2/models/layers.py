@@ -95,9 +95,9 @@ class OverlapPatchEmbed(nn.Module):
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        if torch._C._functorch.peek_interpreter_stack() is None:
-            # Channels-last for the convolution (oneDNN's layout on CPU); torch.func.vmap cannot ask for it.
-            x = x.contiguous(memory_format=torch.channels_last)
+        # Channels-last for the convolution (oneDNN's layout on CPU; torch.func.vmap cannot ask for it), or
+        # transformers' layout under autocast where ATen's own kernel convolves (fast.reference_conv_input).
+        x = fast.reference_conv_input(x, channels_last=torch._C._functorch.peek_interpreter_stack() is None)
         if (
             x.device.type == "cpu"
             and min(x.shape[-2:]) <= self.proj.padding[0]
@@ -239,7 +239,7 @@ class SpatialReductionAttention(nn.Module):
             if fast.plain_modules(nn.Identity, self.pool):
                 reduced = fast.patch_conv(self.spatial_reduction, grid)
             if reduced is None:
-                kv_in = grid.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
+                kv_in = fast.reference_conv_input(grid.permute(0, 3, 1, 2))  # (B, C, H, W), channels-last view
                 # (One kernel wide in bf16: the (B, C, H, W) layout, where PyTorch's oneDNN kernel is right.)
                 kv_in = self.pool(kv_in)
                 kv_in = self.spatial_reduction(fast.one_kernel_wide_bf16(self.spatial_reduction, kv_in))
@@ -273,12 +273,15 @@ class DepthwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int, keep_layout: bool = False) -> torch.Tensor:
         batch, _, channels = x.shape
-        if keep_layout:
+        if keep_layout or (torch.is_autocast_enabled("cpu") and fast.aten_convolves(x)):
             # transformers' views in and out (transpose(1, 2).view, flatten(2).transpose(1, 2)), so that the
             # convolution picks the memory layout it picks there: a dropout after this draws its mask in memory
             # order, so the layout decides which element gets which draw. At batch 1 the two views in differ in the
             # size-1 batch dimension's stride, and the CPU convolution then returns (B, C, H, W) contiguous there
-            # and channels-last here.
+            # and channels-last here. So under autocast where ATen's own kernel convolves (bf16 without oneDNN's
+            # kernels): its rounding follows the layout, and these views keep transformers' numbers bit for bit.
+            # (Weights in float16 / float64 / bf16 differ from transformers' by rounding elsewhere anyway: there
+            # fast.depthwise_conv gives that kernel the contiguous image it runs 3-6x faster on.)
             x = self.dwconv(x.transpose(1, 2).view(batch, channels, height, width))
             return x.flatten(2).transpose(1, 2)  # (B, N, C)
         x = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view

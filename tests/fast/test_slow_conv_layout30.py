@@ -25,6 +25,7 @@ import torch
 import transformers
 from conftest import TINY, hf_config, perturb_, relative_error
 
+import pvtv2.fast.cpu as cpu
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_bf16_autocast_without_onednn_bf16_takes_transformers_layouts(monkeypatc
     """The layouts chosen where oneDNN has no bf16 kernels (told so here; the numbers are those of this CPU's
     kernels): the patch embeddings and the reduction contiguous, the depthwise convolution transformers' view."""
     ours, theirs = _pair(torch.float32)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setitem(cpu.ONEDNN_CONV_DTYPES, torch.bfloat16, False)
     seen = _conv_inputs(ours)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), fast.fast_path(False):
@@ -101,13 +102,15 @@ def test_bf16_autocast_without_onednn_bf16_takes_transformers_layouts(monkeypatc
 
 
 def test_aten_convolves_follows_the_dtype_and_autocast(monkeypatch):
+    assert cpu.ONEDNN_CONV_DTYPES[torch.bfloat16] == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert cpu.ONEDNN_CONV_DTYPES[torch.float16] == torch.ops.mkldnn._is_mkldnn_fp16_supported()
     x = torch.zeros(1, 3, 4, 4)
     assert not fast.aten_convolves(x) and fast.aten_convolves(x.double())
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: True)
+    monkeypatch.setitem(cpu.ONEDNN_CONV_DTYPES, torch.float16, True)
     assert not fast.aten_convolves(x.half())
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
+    monkeypatch.setitem(cpu.ONEDNN_CONV_DTYPES, torch.float16, False)
     assert fast.aten_convolves(x.half())
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setitem(cpu.ONEDNN_CONV_DTYPES, torch.bfloat16, False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast.aten_convolves(x)  # autocast runs the convolution in bf16
     assert not fast.aten_convolves(x)

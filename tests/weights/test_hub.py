@@ -24,6 +24,7 @@ def make_cache(root, repo_id: str, files: dict[str, bytes]) -> None:
     snapshot = repo / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
     for name, data in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)  # a file in a subfolder
         (snapshot / name).write_bytes(data)
 
 

@@ -21,9 +21,10 @@ from pvtv2.weights.files import CheckpointError
 from pvtv2.weights.hub import HubFileNotFound
 
 from conftest import TINY, random_weights_
+from test_hub import COMMIT
+from test_hub import make_cache as _make_cache
 
 IMAGE = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LABELS = {i: f"class{i}" for i in range(10)}
 _FINE_TUNE = dict(num_labels=10, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
 
@@ -53,18 +54,6 @@ def _same_tensors(model, reference, skip=()) -> None:
 def _logits(model):
     with torch.no_grad():
         return model(IMAGE).logits
-
-
-def _make_cache(root, repo_id: str, files: dict[str, bytes]) -> None:
-    """A Hugging Face cache holding ``repo_id`` at main, laid out as huggingface_hub lays it out."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(COMMIT)
-    snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    for name, data in files.items():
-        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-        (snapshot / name).write_bytes(data)
 
 
 def _cache_of(folder, root, repo_id="owner/tiny") -> dict:

@@ -708,17 +708,14 @@ def _linear(
 def aten_convolves(x: torch.Tensor) -> bool:
     """Whether a CPU convolution of ``x`` (in the dtype the reference computes it in: autocast's, or its own) runs
     ATen's own kernel rather than oneDNN's, as ATen's ``use_mkldnn`` decides: float64; bf16 and float16 where the
-    CPU has no oneDNN kernels for them (bf16 before AVX-512, float16 before AVX512-FP16 / AMX-FP16)."""
-    if x.device.type != "cpu":
+    CPU has no oneDNN kernels for them (bf16 before AVX-512, float16 before AVX512-FP16 / AMX-FP16). Never under
+    torch.compile (the layouts are the compiler's there)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     dtype = _compute_dtype(x)
     if dtype == torch.float32:
         return False
-    if dtype == torch.bfloat16:
-        return not _onednn_dtype_kernels("bf16")
-    if dtype == torch.float16:
-        return not _onednn_dtype_kernels("fp16")
-    return True
+    return not ONEDNN_CONV_DTYPES.get(dtype, False)
 
 
 def _onednn_dtype_kernels(name: str) -> bool:
@@ -726,6 +723,11 @@ def _onednn_dtype_kernels(name: str) -> bool:
         return bool(getattr(torch.ops.mkldnn, f"_is_mkldnn_{name}_supported")())
     except (AttributeError, RuntimeError):  # a build without oneDNN
         return False
+
+
+# The reduced dtypes oneDNN has CPU convolution kernels for on this machine (what ATen's use_mkldnn asks), read once:
+# the check is an operator call, which torch.compile cannot trace.
+ONEDNN_CONV_DTYPES = {torch.bfloat16: _onednn_dtype_kernels("bf16"), torch.float16: _onednn_dtype_kernels("fp16")}
 
 
 def reference_conv_input(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

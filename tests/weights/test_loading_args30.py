@@ -21,7 +21,6 @@ from pvtv2.weights.files import CheckpointError
 from pvtv2.weights.hub import HubFileNotFound
 
 from conftest import TINY, random_weights_
-from test_hub import COMMIT
 from test_hub import make_cache as _make_cache
 
 IMAGE = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

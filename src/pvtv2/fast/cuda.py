@@ -265,7 +265,8 @@ def _attention(weights, attn: nn.Module, x: torch.Tensor, height: int, width: in
     batch, tokens, channels = x.shape
     kv_in = x
     if attn.reduces:
-        kv_in = cpu.reference_conv_input(x.view(batch, height, width, channels).permute(0, 3, 1, 2))  # (B, C, H, W)
+        kv_in = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last view
+        kv_in = cpu.reference_conv_input(kv_in)  # the reference's layout (CPU tensors: ATen's own kernel)
         kv_in = _conv(weights, attn.spatial_reduction, cpu._call(attn.pool, kv_in), dtype)  # (B, C, H', W')
         kv_in = kv_in.permute(0, 2, 3, 1).reshape(batch, -1, channels)  # (B, N', C)
         kv_in = cpu._call(attn.act, cpu._norm(attn.layer_norm, kv_in))
@@ -284,12 +285,15 @@ def _mix_ffn(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: int, 
     """What ``MixFFN.forward`` returns in eval mode for the tokens ``x`` (B, N, C)."""
     x = cpu._call(mlp.relu, _linear(weights, [mlp.dense1], x, dtype))  # (B, N, hidden)
     batch, tokens, channels = x.shape
-    if torch.is_autocast_enabled("cpu") and cpu.aten_convolves(x):  # the reference's layouts (DepthwiseConv.forward)
+    if torch.is_autocast_enabled("cpu") and cpu.aten_convolves(x):
+        # As DepthwiseConv.forward on CPU tensors where ATen's own kernel convolves under autocast: transformers' views
+        # (its rounding follows the layout; never on a GPU).
         image = x.transpose(1, 2).view(batch, channels, height, width)
         x = _conv(weights, mlp.dwconv.dwconv, image, dtype).flatten(2).transpose(1, 2)
     else:
         image = x.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, hidden, H, W), channels-last view
-        image = image.contiguous() if cpu.aten_convolves(image) else image  # as fast.depthwise_conv
+        # As fast.depthwise_conv: a contiguous image where ATen's own kernel convolves (float64, float16 weights).
+        image = image.contiguous() if cpu.aten_convolves(image) else image
         x = _conv(weights, mlp.dwconv.dwconv, image, dtype).permute(0, 2, 3, 1).reshape(batch, tokens, channels)
     return _linear(weights, [mlp.dense2], cpu._call(mlp.act, x), dtype)
 
@@ -301,7 +305,9 @@ def frozen_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weights = _kept_weights(stage)
     dtype = _autocast_dtype(x)
     embed = stage.patch_embedding
-    x = _conv(weights, embed.proj, cpu.reference_conv_input(x, channels_last=True), dtype)  # (B, C, H, W)
+    if not (torch.is_autocast_enabled("cpu") and cpu.aten_convolves(x)):  # as OverlapPatchEmbed.forward
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = _conv(weights, embed.proj, x, dtype)  # (B, C, H, W)
     batch, channels, height, width = x.shape
     x = cpu._norm(embed.layer_norm, x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))  # (B, N, C)
     for block in stage.blocks:

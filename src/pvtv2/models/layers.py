@@ -95,9 +95,13 @@ class OverlapPatchEmbed(nn.Module):
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        # Channels-last for the convolution (oneDNN's layout on CPU; torch.func.vmap cannot ask for it), or
-        # transformers' layout under autocast where ATen's own kernel convolves (fast.reference_conv_input).
-        x = fast.reference_conv_input(x, channels_last=torch._C._functorch.peek_interpreter_stack() is None)
+        # Channels-last for the convolution (oneDNN's layout on CPU; torch.func.vmap cannot ask for it). Under
+        # autocast where ATen's own kernel convolves (fast.aten_convolves), whose rounding follows the layout,
+        # transformers' layout instead: the pixels as given (a channels-last image made contiguous here came out
+        # one bf16 step away from transformers'), a later stage's map contiguous (PvtV2Encoder makes it so, as
+        # transformers' encoder does).
+        if not (torch.is_autocast_enabled("cpu") and fast.aten_convolves(x)):
+            x = fast.reference_conv_input(x, channels_last=torch._C._functorch.peek_interpreter_stack() is None)
         if (
             x.device.type == "cpu"
             and min(x.shape[-2:]) <= self.proj.padding[0]
@@ -306,7 +310,12 @@ class MixFFN(nn.Module):
         if self.training and self.dropout.p > 0.0:
             # The dropout draws over the layout transformers' draws over (see DepthwiseConv): at batch 1 a mask
             # drawn over our (B, N, C) layout gave each element another draw than transformers' under the same seed.
-            x = self.dropout(self.act(self.dwconv(x, height, width, keep_layout=True))).contiguous()
+            x = self.dropout(self.act(self.dwconv(x, height, width, keep_layout=True)))
+            if not (torch.is_autocast_enabled("cpu") and fast.aten_convolves(x)):
+                # (B, N, C) rows for dense2. Not under autocast without oneDNN's kernels for its dtype (bf16 on an
+                # AVX2 CPU): ATen's own GEMM rounds by the layout, and at batch 1 transformers' dense2 reads the
+                # depthwise convolution's transposed view (contiguous rows here came out one bf16 step away).
+                x = x.contiguous()
         else:
             x = self.dropout(self.act(self.dwconv(x, height, width)))
         return self.dropout(fast.module_linear(self.dense2, x))  # (B, N, C)

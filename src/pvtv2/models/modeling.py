@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import fast
 from .config import STAGE_LISTS, PvtV2Config, check_problem_type
 from .layers import PvtV2Stage, init_weights
 from .outputs import BackboneOutput, BaseModelOutput, ImageClassifierOutput
@@ -383,8 +384,10 @@ class PvtV2Encoder(nn.Module):
         hidden_states = []
         attentions = []
         x = pixel_values
-        for stage in self.layers[:num_stages]:
-            x, probs = stage(x, output_attentions)  # (B, C_i, H_i, W_i)
+        for i, stage in enumerate(self.layers[:num_stages]):
+            # A later stage's input: contiguous under autocast where ATen's own kernel convolves (transformers'
+            # layout, fast.reference_conv_input), else the previous stage's channels-last view.
+            x, probs = stage(fast.reference_conv_input(x) if i else x, output_attentions)  # (B, C_i, H_i, W_i)
             if output_hidden_states:
                 hidden_states.append(x)
             attentions.append(tuple(probs))

@@ -10,13 +10,9 @@ behave as on an AVX2 CPU (``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2``):
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
+from test_slow_conv_layout30 import run_as_on_avx2
 
 
 def test_on_an_avx2_cpu_bf16_autocast_equals_transformers_bit_for_bit_channels_last_and_batch1_dropout():
@@ -50,8 +46,4 @@ def test_on_an_avx2_cpu_bf16_autocast_equals_transformers_bit_for_bit_channels_l
                 assert torch.equal(a, b), case
         print("bit-equal")
     """)
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-    out = subprocess.run([sys.executable, "-c", script, str(TESTS)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "bit-equal" in out.stdout
+    run_as_on_avx2(script)

@@ -142,6 +142,12 @@ def test_on_an_avx2_cpu_bf16_autocast_training_with_dropout_equals_transformers_
                 assert all(torch.equal(a, b) for a, b in zip(stage_a, stage_b, strict=True)), linear
         print("bit-equal")
     """)
+    run_as_on_avx2(script)
+
+
+def run_as_on_avx2(script: str) -> None:
+    """Runs ``script`` (given this tests folder as argv[1]) in a Python whose PyTorch and oneDNN behave as on an AVX2
+    CPU; it must print "bit-equal"."""
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
     out = subprocess.run([sys.executable, "-c", script, str(TESTS)], env=env, capture_output=True, text=True,
                          timeout=600)

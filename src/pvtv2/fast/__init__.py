@@ -36,6 +36,7 @@ from .cpu import (
     one_kernel_wide_bf16,
     plain_modules,
     reference_conv_input,
+    transformers_layouts,
     unfreeze,
 )
 from .train import depthwise_conv, forward_choices, linear, module_linear, patch_conv, train_gemm
@@ -61,6 +62,7 @@ __all__ = [
     "reference_conv_input",
     "stage_forward",
     "train_gemm",
+    "transformers_layouts",
     "unfreeze",
 ]
 

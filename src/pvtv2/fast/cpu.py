@@ -730,16 +730,20 @@ def _onednn_dtype_kernels(name: str) -> bool:
 ONEDNN_CONV_DTYPES = {torch.bfloat16: _onednn_dtype_kernels("bf16"), torch.float16: _onednn_dtype_kernels("fp16")}
 
 
-def reference_conv_input(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """``x`` (N, C, H, W) for a dense convolution of the reference path (a patch embedding, the spatial reduction).
-    Under CPU autocast where ATen's own kernel runs it (:func:`aten_convolves`: bf16 on a CPU without oneDNN's bf16
-    kernels), the contiguous layout transformers gives it: that kernel's rounding follows the layout, and from a
-    channels-last image some bf16 outputs came one step away from transformers' (a bf16 autocast model with
-    attention dropout lost bit parity on an AVX2 CPU). Elsewhere channels-last where asked: oneDNN's layout, and
-    the faster one for ATen's float16 / float64 kernels too (2-5x in float16)."""
-    if torch.is_autocast_enabled("cpu") and aten_convolves(x):
-        return x.contiguous()
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def transformers_layouts(x: torch.Tensor) -> bool:
+    """Whether the reference path gives ``x``'s convolutions and products transformers' memory layouts: under CPU
+    autocast where ATen's own kernels run them (:func:`aten_convolves`: bf16 on a CPU without oneDNN's bf16
+    kernels), whose rounding follows the layout; transformers' outputs and dropout draws are then ours bit for bit."""
+    return torch.is_autocast_enabled("cpu") and aten_convolves(x)
+
+
+def reference_conv_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, H, W) for a convolution of the reference path after the first (a later stage's patch embedding,
+    the spatial reduction): contiguous, as transformers gives it, where :func:`transformers_layouts` (from a
+    channels-last image ATen's own bf16 kernel rounded some outputs one step away from transformers', and a bf16
+    autocast model with attention dropout lost bit parity on an AVX2 CPU); elsewhere as it is (oneDNN's channels-last
+    layout, also the faster one for ATen's float16 / float64 kernels: 2-5x in float16)."""
+    return x.contiguous() if transformers_layouts(x) else x
 
 
 def one_kernel_wide_bf16(conv: nn.Module, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

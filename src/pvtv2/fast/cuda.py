@@ -285,7 +285,7 @@ def _mix_ffn(weights, mlp: nn.Module, x: torch.Tensor, height: int, width: int, 
     """What ``MixFFN.forward`` returns in eval mode for the tokens ``x`` (B, N, C)."""
     x = cpu._call(mlp.relu, _linear(weights, [mlp.dense1], x, dtype))  # (B, N, hidden)
     batch, tokens, channels = x.shape
-    if torch.is_autocast_enabled("cpu") and cpu.aten_convolves(x):
+    if cpu.transformers_layouts(x):
         # As DepthwiseConv.forward on CPU tensors where ATen's own kernel convolves under autocast: transformers' views
         # (its rounding follows the layout; never on a GPU).
         image = x.transpose(1, 2).view(batch, channels, height, width)
@@ -305,7 +305,7 @@ def frozen_stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weights = _kept_weights(stage)
     dtype = _autocast_dtype(x)
     embed = stage.patch_embedding
-    if not (torch.is_autocast_enabled("cpu") and cpu.aten_convolves(x)):  # as OverlapPatchEmbed.forward
+    if not cpu.transformers_layouts(x):  # as OverlapPatchEmbed.forward
         x = x.contiguous(memory_format=torch.channels_last)
     x = _conv(weights, embed.proj, x, dtype)  # (B, C, H, W)
     batch, channels, height, width = x.shape

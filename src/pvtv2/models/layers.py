@@ -100,8 +100,8 @@ class OverlapPatchEmbed(nn.Module):
         # transformers' layout instead: the pixels as given (a channels-last image made contiguous here came out
         # one bf16 step away from transformers'), a later stage's map contiguous (PvtV2Encoder makes it so, as
         # transformers' encoder does).
-        if not (torch.is_autocast_enabled("cpu") and fast.aten_convolves(x)):
-            x = fast.reference_conv_input(x, channels_last=torch._C._functorch.peek_interpreter_stack() is None)
+        if not fast.transformers_layouts(x) and torch._C._functorch.peek_interpreter_stack() is None:
+            x = x.contiguous(memory_format=torch.channels_last)
         if (
             x.device.type == "cpu"
             and min(x.shape[-2:]) <= self.proj.padding[0]
@@ -277,7 +277,7 @@ class DepthwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int, keep_layout: bool = False) -> torch.Tensor:
         batch, _, channels = x.shape
-        if keep_layout or (torch.is_autocast_enabled("cpu") and fast.aten_convolves(x)):
+        if keep_layout or fast.transformers_layouts(x):
             # transformers' views in and out (transpose(1, 2).view, flatten(2).transpose(1, 2)), so that the
             # convolution picks the memory layout it picks there: a dropout after this draws its mask in memory
             # order, so the layout decides which element gets which draw. At batch 1 the two views in differ in the
@@ -311,7 +311,7 @@ class MixFFN(nn.Module):
             # The dropout draws over the layout transformers' draws over (see DepthwiseConv): at batch 1 a mask
             # drawn over our (B, N, C) layout gave each element another draw than transformers' under the same seed.
             x = self.dropout(self.act(self.dwconv(x, height, width, keep_layout=True)))
-            if not (torch.is_autocast_enabled("cpu") and fast.aten_convolves(x)):
+            if not fast.transformers_layouts(x):
                 # (B, N, C) rows for dense2. Not under autocast without oneDNN's kernels for its dtype (bf16 on an
                 # AVX2 CPU): ATen's own GEMM rounds by the layout, and at batch 1 transformers' dense2 reads the
                 # depthwise convolution's transposed view (contiguous rows here came out one bf16 step away).

@@ -7,11 +7,16 @@ make differences show (LayerNorm scales large and negative, large biases, satura
 where the epsilons dominate), and an input (odd sizes, batch 1-3, channels-last and strided pixels, float32 and
 float64). The model is then held to transformers' twin with the same weights: every output of every path (the fast
 CPU path, the reference path, a frozen model), in eval and in training (float64 gradients of every parameter and of
-the pixels), and the loss of every problem type. A campaign of this search (a harness kept out of the repository: some 550 cases
-run against transformers, 150 more where both refused a too small input, 30 against timm) found no wrong number; its
-only differences were float32 gradients that lie further from the float64 truth than transformers' own by rounding
-(SDPA's fused attention backward, GEMM order) amplified by hostile weights and LayerNorms over one to three channels.
-This keeps a small seeded slice of it running.
+the pixels), and the loss of every problem type.
+
+A campaign of this search (a harness kept out of the repository) ran some 1,060 such cases against transformers
+(240 more drew an input too small for the model, which both refused), 160 larger eval cases through the fast path's
+banded Mix-FFN and folded one-image attention, 300 training cases with dropout and drop path under one seed, 200
+frozen models whose weights then changed, and 30 timm checkpoints. It found no wrong number: every float64 result
+agreed to 1e-10 of its scale (a gradient: of the largest gradient), and the float32 differences were rounding, amplified by the hostile weights (a saturated softmax,
+LayerNorms over one to three channels): pvtv2's float32 gradients lie 1.1-1.5 times as far from the float64 truth as
+transformers' own on plain weights, up to some 50 times on a saturated softmax (SDPA's fused backward recomputes
+the softmax from its log-sum-exp). This file keeps a small seeded slice of it running.
 
 transformers has no field for the two extra epsilons (``patch_embed_layer_norm_eps``, ``reduction_layer_norm_eps``);
 its twin gets them by setting its LayerNorms' ``eps``. transformers' config refuses non-integer ``mlp_ratios``
@@ -237,7 +242,7 @@ def assert_same(ours_out, theirs_out, truth_out, what: str, skip_attentions: boo
         assert ours_error <= 5 * theirs_error + 2e-6, (what, key, ours_error, theirs_error)
 
 
-FUZZ_CASES = 16
+FUZZ_CASES = 12
 
 
 @pytest.mark.parametrize("seed", range(FUZZ_CASES))

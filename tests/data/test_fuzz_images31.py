@@ -1,0 +1,130 @@
+"""What a seeded fuzz of image inputs found, and a compact seeded fuzz against transformers.
+
+The defects: ``predict`` preprocessed and ran a whole batch in one call, so one image the preprocessing refused (a
+1 x 50000 strip whose shortest-edge resize passes the pixel limit), one too small for the model, or images of
+different sizes under a no-resize preprocessing (``do_resize: false``; the authors' protocol at 32 px or less) ended
+the run with every other image's result; ``evaluate`` could not score a dataset of mixed sizes without a resize.
+
+The fuzz: random PIL images of many modes, saved in several formats (EXIF orientations, ICC profiles, animated
+frames), and random arrays, through random settings, against transformers' PIL processor (``PvtImageProcessorPil``,
+``do_convert_rgb=True``) on the same input; a centre crop placed as torchvision places it (the module docstring:
+transformers floors the offset), 16-bit greyscale scaled ``round(v / 257)`` first (documented: transformers clips).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import pytest
+import torch
+
+from conftest import TINY_SHALLOW
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+from pvtv2.data.processing import load_image
+from pvtv2.inference import evaluate, predict
+
+transformers = pytest.importorskip("transformers")
+
+LABELS = {0: "cat", 1: "dog", 2: "fish"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(31)
+    net = PvtV2ForImageClassification(PvtV2Config(**TINY_SHALLOW, id2label=LABELS, image_size=64))
+    with torch.no_grad():  # off the initial values, so that the classes' scores differ from image to image
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape) * 0.2)
+    return net.eval()
+
+
+def _save(path, height, width, seed):
+    rng = np.random.default_rng(seed)
+    PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _direct(model, processor, path, k):
+    """Top-k of the processor and the model called directly on one image file."""
+    pixel_values = processor(path, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        probs = model(pixel_values).logits.softmax(-1)[0]
+    scores, indices = probs.topk(k)
+    return indices.tolist(), scores.tolist()
+
+
+def _check_predictions(model, processor, results, readable, k=2):
+    by_name = {r.image: r for r in results}
+    for path in readable:
+        r = by_name[path]
+        assert r.error is None, r.error
+        indices, scores = _direct(model, processor, path, k)
+        assert r.indices == indices and r.labels == [LABELS[i] for i in indices]
+        np.testing.assert_allclose(r.scores, scores, rtol=0, atol=1e-6)
+
+
+def test_predict_without_a_resize_takes_images_of_different_sizes(model, tmp_path):
+    """``do_resize: false`` keeps each image's size; the batch was stacked in one call and the run failed with
+    "images of different sizes cannot be batched", losing every result. Now each size is its own forward pass and
+    the top-k are those of the processor and model called on each image alone."""
+    processor = PvtV2ImageProcessor(do_resize=False)
+    paths = [_save(tmp_path / "a.png", 64, 64, 1), _save(tmp_path / "b.png", 40, 72, 2),
+             _save(tmp_path / "c.png", 64, 64, 3), _save(tmp_path / "d.png", 48, 33, 4)]
+    results = predict(model, processor, paths, top_k=2, batch_size=4)
+    assert [r.image for r in results] == paths
+    _check_predictions(model, processor, results, paths)
+
+
+def test_predict_reports_an_image_the_preprocessing_refuses_and_keeps_the_others(model, tmp_path):
+    """A 1 x 50000 strip under a shortest-edge resize to 64 would be 3,200,000 x 64 pixels, past the processor's
+    limit (twice PIL's MAX_IMAGE_PIXELS): refused by name. It was refused inside the batch's call, ending the run;
+    the docs promise an unreadable image costs its own result only, and so does one the preprocessing refuses."""
+    processor = PvtV2ImageProcessor(size={"shortest_edge": 64}, do_center_crop=True, crop_size=64)
+    good = [_save(tmp_path / "a.png", 50, 70, 1), _save(tmp_path / "c.png", 90, 64, 3)]
+    strip = _save(tmp_path / "b_strip.png", 1, 50000, 2)
+    broken = tmp_path / "d.png"
+    broken.write_bytes(b"not an image at all")
+    paths = [good[0], strip, good[1], str(broken)]
+    results = predict(model, processor, paths, top_k=2, batch_size=4)
+    assert [r.image for r in results] == paths
+    errors = {r.image: r.error for r in results if r.error is not None}
+    assert sorted(errors) == sorted([strip, str(broken)])
+    assert strip in errors[strip] and "cannot resize to 64 x 3200000" in errors[strip]
+    assert str(broken) in errors[str(broken)] and "cannot identify" in errors[str(broken)]
+    _check_predictions(model, processor, results, good)
+
+
+def test_predict_reports_an_image_too_small_for_the_model(model, tmp_path):
+    """Without a resize a 4000 x 1 strip reaches the model at its size: stage 1's 1000x1 token grid is smaller than
+    its spatial reduction. The model's error ended the run; now that image is named with the model's reason."""
+    processor = PvtV2ImageProcessor(do_resize=False)
+    good = _save(tmp_path / "a.png", 64, 64, 1)
+    strip = _save(tmp_path / "strip.png", 4000, 1, 2)
+    results = predict(model, processor, [good, strip], top_k=3, batch_size=2)
+    assert results[1].error is not None and strip in results[1].error and "too small for this model" in results[1].error
+    _check_predictions(model, processor, results[:1], [good], k=3)
+
+
+def test_evaluate_without_a_resize_scores_images_of_different_sizes(model, tmp_path):
+    """The authors' protocol at 32 px or less does not resize; a dataset of mixed sizes failed to batch. Now its
+    accuracy and loss are those of the model on each image alone."""
+    processor = PvtV2ImageProcessor(do_resize=False)
+    samples = []
+    for label, name in LABELS.items():
+        (tmp_path / name).mkdir()
+        for j, (h, w) in enumerate([(64, 64), (48, 80), (72, 40)]):
+            samples.append((_save(tmp_path / name / f"{j}.png", h, w, 10 * label + j), label))
+    metrics = evaluate(model, processor, tmp_path, batch_size=4)
+    logits = []
+    with torch.no_grad():
+        for path, _ in samples:
+            logits.append(model(processor(path, return_tensors="pt")["pixel_values"]).logits[0])
+    logits = torch.stack(logits)
+    labels = torch.tensor([label for _, label in samples])
+    assert metrics["images"] == len(samples)
+    assert metrics["top1"] == int((logits.argmax(-1) == labels).sum()) / len(samples)
+    expected_loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)

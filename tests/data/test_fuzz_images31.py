@@ -4,6 +4,9 @@ The defects: ``predict`` preprocessed and ran a whole batch in one call, so one 
 1 x 50000 strip whose shortest-edge resize passes the pixel limit), one too small for the model, or images of
 different sizes under a no-resize preprocessing (``do_resize: false``; the authors' protocol at 32 px or less) ended
 the run with every other image's result; ``evaluate`` could not score a dataset of mixed sizes without a resize.
+A PNG or WebP whose EXIF block is cut short (fewer than 8 bytes) made ``load_image`` raise PIL's ``struct.error``
+(transformers' ``load_image`` raises it too) instead of a ValueError naming the file: ``predict`` stopped with a
+traceback, and the training scan let the file through to fail mid-epoch.
 
 The fuzz: random PIL images of many modes, saved in several formats (EXIF orientations, ICC profiles, animated
 frames), and random arrays, through random settings, against transformers' PIL processor (``PvtImageProcessorPil``,
@@ -13,7 +16,11 @@ transformers floors the offset), 16-bit greyscale scaled ``round(v / 257)`` firs
 
 from __future__ import annotations
 
+import io
+import logging
 import math
+import struct
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -23,6 +30,7 @@ import torch
 
 from conftest import TINY_SHALLOW
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor
+from pvtv2.data.folders import scan_split
 from pvtv2.data.processing import load_image
 from pvtv2.inference import evaluate, predict
 
@@ -128,3 +136,67 @@ def test_evaluate_without_a_resize_scores_images_of_different_sizes(model, tmp_p
     assert metrics["top1"] == int((logits.argmax(-1) == labels).sum()) / len(samples)
     expected_loss = float(torch.nn.functional.cross_entropy(logits, labels))
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def _png_with_exif(path, exif: bytes, seed: int = 0):
+    """A valid 4x5 RGB PNG with an eXIf chunk holding ``exif`` (its CRC right, so PIL reads it)."""
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    PIL.Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    path.write_bytes(data[:33] + chunk + data[33:])  # after the signature (8) and IHDR (25)
+    return str(path)
+
+
+def _webp_with_exif(path, exif: bytes):
+    PIL.Image.fromarray(np.full((4, 5, 3), 90, np.uint8)).save(path, "WEBP", exif=exif)
+    return str(path)
+
+
+@pytest.mark.parametrize("make", [_png_with_exif, _webp_with_exif], ids=["png", "webp"])
+def test_a_cut_short_exif_block_is_a_value_error_naming_the_file(tmp_path, make):
+    """Six bytes of a TIFF header: PIL's TIFF reader unpacks past their end (struct.error), in transformers'
+    load_image as in ours. Now a ValueError naming the file and its EXIF."""
+    from transformers.image_utils import load_image as transformers_load_image
+
+    path = make(tmp_path / f"cut.{make.__name__[1:5]}", b"MM\x00*\x00\x00")
+    with pytest.raises(struct.error):
+        transformers_load_image(path)
+    with pytest.raises(ValueError, match="EXIF data is corrupt") as caught:
+        load_image(path)
+    assert repr(path) in str(caught.value)
+
+
+def test_an_exif_block_that_is_no_tiff_is_named_as_the_exif(tmp_path):
+    """PIL's own words for it, "not a TIFF file", in a PNG's error read as if the PNG were not one; the message now
+    says that it is the EXIF block."""
+    path = _png_with_exif(tmp_path / "bad_exif.png", b"XX\x00*\x00\x00\x00\x08")
+    with pytest.raises(ValueError, match=r"its EXIF data is corrupt \(not a TIFF file") as caught:
+        load_image(path)
+    assert repr(path) in str(caught.value)
+    with PIL.Image.open(path) as image:  # the pixels themselves decode: only the EXIF is broken
+        image.load()
+        assert image.size == (5, 4)
+
+
+def test_predict_reports_a_cut_short_exif_block_and_keeps_the_others(model, tmp_path):
+    processor = PvtV2ImageProcessor(size=64)
+    good = _save(tmp_path / "a.png", 50, 70, 1)
+    cut = _png_with_exif(tmp_path / "b.png", b"II*\x00")
+    results = predict(model, processor, [good, cut], top_k=2, batch_size=2)
+    assert results[1].image == cut and "EXIF data is corrupt" in results[1].error and repr(cut) in results[1].error
+    _check_predictions(model, processor, results[:1], [good])
+
+
+def test_the_training_scan_skips_an_image_whose_exif_cannot_be_read(tmp_path, caplog):
+    """The scan (verify and a full decode) passed such a file, and training then stopped at it in load_image."""
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        _save(tmp_path / "train" / name / "0.png", 8, 8, ord(name))
+    cut = _png_with_exif(tmp_path / "train" / "b" / "1.png", b"MM\x00*\x00\x00")
+    with caplog.at_level(logging.WARNING):
+        classes, samples = scan_split(tmp_path, "train", verify=True)
+    assert classes == ["a", "b"]
+    assert sorted(samples) == [(str(tmp_path / "train" / "a" / "0.png"), 0), (str(tmp_path / "train" / "b" / "0.png"), 1)]
+    assert cut in caplog.text

@@ -200,3 +200,163 @@ def test_the_training_scan_skips_an_image_whose_exif_cannot_be_read(tmp_path, ca
     assert classes == ["a", "b"]
     assert sorted(samples) == [(str(tmp_path / "train" / "a" / "0.png"), 0), (str(tmp_path / "train" / "b" / "0.png"), 1)]
     assert cut in caplog.text
+
+
+# ----------------------------------------------------------------------------------------- compact seeded fuzz
+
+# What each format can hold: PIL's writers, the modes the fuzz draws for them ("PT": a palette with a transparent
+# index).
+_SAVABLE = {
+    "PNG": ["1", "L", "LA", "P", "PT", "RGB", "RGBA", "I;16"],
+    "JPEG": ["L", "RGB", "CMYK"],
+    "WEBP": ["RGB", "RGBA"],
+    "GIF": ["P", "PT", "L"],
+    "BMP": ["1", "L", "P", "RGB"],
+    "TIFF": ["L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "F"],
+}
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L")
+_REFERENCE = transformers.PvtImageProcessorPil(resample=2, do_convert_rgb=True)
+
+
+def _picture(rng, height, width):
+    """Photograph-like content: smooth colour fields (bicubic upsampled noise) with a little grain."""
+    coarse = PIL.Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), PIL.Image.Resampling.BICUBIC)).astype(np.int16)
+    return np.clip(smooth + rng.integers(-12, 13, smooth.shape), 0, 255).astype(np.uint8)
+
+
+def _fuzz_image(rng, mode, height, width):
+    rgb = PIL.Image.fromarray(_picture(rng, height, width))
+    if mode in ("P", "PT"):
+        image = rgb.quantize(colors=int(rng.integers(2, 257)))
+        if mode == "PT":
+            image.info["transparency"] = int(rng.integers(0, 4))
+        return image
+    if mode == "I;16":
+        grey = np.asarray(rgb.convert("L")).astype(np.uint32) * 257 + rng.integers(0, 257, (height, width))
+        return PIL.Image.frombytes("I;16", (width, height), np.minimum(grey, 65535).astype("<u2").tobytes())
+    if mode == "F":
+        return PIL.Image.fromarray((np.asarray(rgb.convert("L")) / 255).astype(np.float32))
+    if mode in ("LA", "RGBA"):
+        image = rgb.convert(mode)
+        image.putalpha(PIL.Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)))
+        return image
+    return rgb.convert(mode)
+
+
+def _fuzz_settings(rng):
+    settings = {}
+    draw = rng.integers(5)
+    if draw == 0:
+        settings["size"] = {"height": int(rng.integers(1, 130)), "width": int(rng.integers(1, 130))}
+    elif draw == 1:
+        settings["size"] = int(rng.integers(1, 130))
+    elif draw == 2:
+        shortest = int(rng.integers(8, 130))
+        settings.update(size={"shortest_edge": shortest}, do_center_crop=True,
+                        crop_size={"height": int(rng.integers(1, shortest + 1)), "width": int(rng.integers(1, shortest + 1))})
+    elif draw == 3:
+        settings.update(size=int(rng.integers(8, 120)), crop_pct=float(rng.choice([0.875, 0.9, 0.95, 1.0])))
+    if rng.random() < 0.5:
+        settings["resample"] = int(rng.integers(0, 6))
+    if rng.random() < 0.2:
+        settings["rescale_factor"] = float(rng.uniform(0.001, 0.01))
+    if rng.random() < 0.2:
+        settings["do_normalize"] = False
+    elif rng.random() < 0.2:
+        settings.update(image_mean=[float(v) for v in rng.uniform(-1, 1, 3)],
+                        image_std=[float(v) for v in rng.uniform(0.1, 2, 3)])
+    return settings
+
+
+def _transformers_pixels(image, settings):
+    """transformers' pixels for ``settings``: a crop_pct as its shortest_edge and square crop; a centre crop taken
+    where torchvision's CenterCrop takes it (the documented difference: transformers floors the offset)."""
+    settings = dict(settings)
+    crop = None
+    if "crop_pct" in settings:
+        side = settings.pop("size")
+        settings["size"] = {"shortest_edge": math.floor(side / settings.pop("crop_pct"))}
+        crop = (side, side)
+    elif settings.pop("do_center_crop", False):
+        box = settings.pop("crop_size")
+        crop = (box["height"], box["width"])
+    if isinstance(settings.get("size"), int):
+        settings["size"] = {"height": settings["size"], "width": settings["size"]}
+    if crop is None:
+        return _REFERENCE(image, return_tensors="np", **settings)["pixel_values"][0]
+    resize = {key: settings.pop(key) for key in ("size", "resample") if key in settings}
+    resized = _REFERENCE(image, return_tensors="np", do_rescale=False, do_normalize=False, **resize)["pixel_values"][0]
+    _, height, width = resized.shape
+    top, left = round((height - crop[0]) / 2), round((width - crop[1]) / 2)
+    window = np.ascontiguousarray(resized[:, top : top + crop[0], left : left + crop[1]])
+    return _REFERENCE(window, return_tensors="np", do_resize=False, input_data_format="channels_first",
+                      **settings)["pixel_values"][0]
+
+
+def test_seeded_fuzz_of_image_files_against_transformers(tmp_path):
+    """Forty image files (every mode each format is drawn with, then random ones; EXIF orientations; sizes from 1x1
+    to 1x900 strips) through forty random settings: our processor given the path equals transformers' given the
+    same path (its own load_image), to float32 rounding. 16-bit greyscale goes to transformers scaled to 8 bits as documented, ``round(v / 257)``,
+    computed here independently."""
+    rng = np.random.default_rng(3131)
+    pairs = [(fmt, mode) for fmt in sorted(_SAVABLE) for mode in _SAVABLE[fmt]]  # each one once, then drawn
+    pairs += [pairs[int(i)] for i in rng.integers(len(pairs), size=40 - len(pairs))]
+    compared = set()
+    for case, (fmt, mode) in enumerate(pairs):
+        height, width = [(1, 1), (1, 900), (700, 1), (int(rng.integers(2, 90)), int(rng.integers(2, 90)))][case % 4]
+        image = _fuzz_image(rng, mode, height, width)
+        path = str(tmp_path / f"{case}.{fmt.lower()}")
+        options = {}
+        if fmt in ("PNG", "JPEG", "WEBP", "TIFF") and rng.random() < 0.5:
+            exif = PIL.Image.Exif()
+            exif[0x0112] = int(rng.integers(1, 9))
+            options["exif"] = exif.tobytes()
+        image.save(path, format=fmt, **options)
+        settings = _fuzz_settings(rng)
+        ours = PvtV2ImageProcessor(**settings)(path, return_tensors="np")["pixel_values"][0]
+        with PIL.Image.open(path) as stored:
+            stored_mode = stored.mode
+            if stored_mode in _SIXTEEN_BIT:
+                values = np.asarray(PIL.ImageOps.exif_transpose(stored)).astype(np.int64)
+                reference_input = PIL.Image.fromarray(((2 * values + 257) // 514).astype(np.uint8))
+            else:
+                reference_input = path
+            expected = _transformers_pixels(reference_input, settings)
+        assert ours.shape == expected.shape, (case, path, stored_mode, settings)
+        scale = max(1.0, float(np.abs(expected).max()))
+        assert np.abs(ours - expected).max() <= 1e-6 * scale, (case, path, stored_mode, settings)
+        compared.add((fmt, stored_mode))
+    assert {"I;16", "F", "CMYK", "YCbCr", "LA", "RGBA", "P", "1"} <= {mode for _, mode in compared}
+
+
+def test_seeded_fuzz_of_arrays_and_mixed_batches_against_transformers():
+    """Thirty random in-memory inputs (NumPy HWC/CHW in uint8, float32 in [0, 1], float64 whole numbers; torch
+    tensors; PIL images with alpha) alone and as one mixed batch per call, against transformers one by one."""
+    rng = np.random.default_rng(3132)
+    for case in range(10):
+        settings = _fuzz_settings(rng)
+        inputs, references = [], []
+        for _ in range(3):
+            height, width = int(rng.integers(1, 70)), int(rng.integers(1, 70))
+            picture = _picture(rng, height, width)
+            kind = int(rng.integers(5))
+            if kind == 0:
+                item = picture
+            elif kind == 1:
+                item = np.ascontiguousarray(np.moveaxis(picture, -1, 0))
+            elif kind == 2:
+                item = (picture / 255).astype(np.float32)
+            elif kind == 3:
+                item = torch.from_numpy(picture.astype(np.float64))
+            else:
+                item = _fuzz_image(rng, "RGBA", height, width)
+            inputs.append(item)
+            references.append(_transformers_pixels(item, settings))
+        rescale = settings.get("rescale_factor", 1 / 255)
+        for item, expected in zip(inputs, references):
+            got = PvtV2ImageProcessor(**settings)(item, return_tensors="np")["pixel_values"][0]
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * max(1.0, float(np.abs(expected).max())),
+                                       err_msg=f"{case} {settings} {rescale}")
+        batch = PvtV2ImageProcessor(**settings)(inputs, return_tensors="pt")["pixel_values"]
+        np.testing.assert_allclose(batch.numpy(), np.stack(references), rtol=0, atol=1e-5)

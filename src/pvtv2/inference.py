@@ -727,7 +727,14 @@ def evaluate(
     bar = progress_bar(total=len(samples), unit="img", enabled=progress, desc="eval")
     for chunk in _batches(samples, batch_size):
         images = [load_image(path) for path, _ in chunk]  # an unreadable file stops the evaluation, naming it
-        arrays = processor(images, return_tensors=None)["pixel_values"]  # sizes differ without a resize
+        arrays = []  # one image at a time, so that a refusal names its file (sizes differ without a resize)
+        for (path, _), image in zip(chunk, images):
+            try:
+                array = processor(image, return_tensors="np")["pixel_values"][0]
+                check_input_size(array.shape[1], array.shape[2], model.config)
+            except ValueError as err:  # the preprocessing's or the model's refusal said which image only by index
+                raise ValueError(f"cannot evaluate image {os.fspath(path)!r}: {err}") from err
+            arrays.append(array)
         t0 = time.perf_counter()
         logits = _forward_by_shape(forward, arrays)  # (B, num_labels)
         model_seconds += time.perf_counter() - t0

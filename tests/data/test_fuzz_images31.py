@@ -138,6 +138,22 @@ def test_evaluate_without_a_resize_scores_images_of_different_sizes(model, tmp_p
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
+@pytest.mark.parametrize("processor, size, says", [
+    (PvtV2ImageProcessor(size={"shortest_edge": 64}, do_center_crop=True, crop_size=64), (1, 50000), "cannot resize to"),
+    (PvtV2ImageProcessor(do_resize=False), (4000, 1), "too small for this model"),
+], ids=["resize-limit", "too-small"])
+def test_evaluate_names_the_image_it_cannot_take(model, tmp_path, processor, size, says):
+    """Evaluation stops at such an image (an accuracy over fewer images would mislead), but its error said neither
+    which image nor where: the processor's limit or the model's size check, for a whole batch."""
+    for label, name in LABELS.items():
+        (tmp_path / name).mkdir()
+        _save(tmp_path / name / "0.png", 64, 64, label)
+    strip = _save(tmp_path / "dog" / "1.png", *size, 9)
+    with pytest.raises(ValueError, match=says) as caught:
+        evaluate(model, processor, tmp_path, batch_size=4)
+    assert f"cannot evaluate image {strip!r}" in str(caught.value)
+
+
 def _png_with_exif(path, exif: bytes, seed: int = 0):
     """A valid 4x5 RGB PNG with an eXIf chunk holding ``exif`` (its CRC right, so PIL reads it)."""
     buffer = io.BytesIO()

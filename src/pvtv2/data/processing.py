@@ -154,7 +154,7 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
             in_exif = False
             rgb = to_8bit(upright).convert("RGB")
             return rgb if rgb.info.get("transparency") is None else to_rgb(rgb)
-    # struct.error: PIL's TIFF reader unpacking a cut-short EXIF block (a PNG eXIf or WebP EXIF chunk of 7 bytes)
+    # struct.error: PIL's TIFF reader unpacking a cut-short EXIF block (a PNG eXIf or WebP EXIF chunk under 8 bytes)
     # let through, where every other kind of corrupt file is a ValueError naming it; predict stopped there.
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, PIL.Image.DecompressionBombError) as error:
         reason = str(error) or type(error).__name__

@@ -511,7 +511,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"pvtv2 predict: error: {r.error}", file=sys.stderr)
     if failed:
-        print(f"pvtv2 predict: {len(failed)} of {len(results)} image(s) could not be read", file=sys.stderr)
+        print(f"pvtv2 predict: {len(failed)} of {len(results)} image(s) could not be read or predicted", file=sys.stderr)
         return 2
     return 0
 

@@ -2,7 +2,8 @@
 files, accuracy on an image-folder dataset.
 
 Unreadable images: ``predict`` reports each one (an entry with an ``error``) and goes on with the others, so one bad
-file in a folder of thousands costs one result, not the run; the command then exits with status 2. ``evaluate``
+file in a folder of thousands costs one result, not the run; the command then exits with status 2. An image the
+preprocessing refuses, or one too small for the model, is reported the same way. ``evaluate``
 stops at the first unreadable image instead, because an accuracy over a silently shrunken dataset would mislead.
 
 Runtimes: both take a *runtime*, a callable ``pixel_values -> logits`` chosen once by :func:`load_runtime`: the PyTorch
@@ -45,7 +46,7 @@ from .fileio import existing_folder, path_kind
 from .models.config import is_preset_name, preset_key
 from .models.depth import PvtV2ForDepthEstimation
 from .models.labels import has_generic_labels
-from .models.modeling import PvtV2ForImageClassification
+from .models.modeling import PvtV2ForImageClassification, check_input_size
 from .models.segmentation import PvtV2ForSemanticSegmentation
 from .progress import progress_bar
 from .runtime import parse_device
@@ -589,16 +590,45 @@ def predict(
     for chunk in _batches(list(images), batch_size):
         loaded, names, failed = _open_images(chunk)
         results.extend(Prediction(name, [], [], [], error=why) for name, why in failed)
-        if loaded:
-            pixel_values = processor(loaded, return_tensors="pt")["pixel_values"]
-            probs = forward(pixel_values).float().softmax(dim=-1)  # (B, num_labels)
+        # One image at a time: an image the preprocessing refuses (a 1 x 4000 strip whose shortest-edge resize
+        # passes the pixel limit, one smaller than the crop of a no-resize config) or that comes out too small for
+        # the model (a strip kept at its size without a resize) is reported as an unreadable one is; refused in the
+        # batch's call, it ended the run and every other image's result with it.
+        arrays, kept = [], []
+        for name, image in zip(names, loaded):
+            try:
+                array = processor(image, return_tensors="np")["pixel_values"][0]
+                check_input_size(array.shape[1], array.shape[2], model.config)
+            except ValueError as err:
+                logger.debug("skipping: %s", err)
+                results.append(Prediction(name, [], [], [], error=f"cannot predict image {name!r}: {err}"))
+                continue
+            arrays.append(array)
+            kept.append(name)
+        if arrays:
+            probs = _forward_by_shape(forward, arrays).softmax(dim=-1)  # (B, num_labels)
             scores, indices = probs.topk(k, dim=-1)
-            for name, s, i in zip(names, scores.tolist(), indices.tolist()):
+            for name, s, i in zip(kept, scores.tolist(), indices.tolist()):
                 results.append(Prediction(name, [id2label[j] for j in i], i, s))
         bar.update(len(chunk))
     bar.close()
     order = {os.fspath(p): n for n, p in enumerate(images)}
     return sorted(results, key=lambda r: order[r.image])
+
+
+def _forward_by_shape(forward: Runtime, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """float32 logits (B, num_labels) of preprocessed (3, H, W) arrays, in their order. Arrays of one shape go
+    through one forward pass; without a resize (``do_resize: false``, the authors' protocol at 32 px or less) images
+    keep their sizes, and stacking them failed ("images of different sizes cannot be batched") for the whole run."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, array in enumerate(arrays):
+        groups.setdefault(array.shape, []).append(index)
+    rows: list[torch.Tensor | None] = [None] * len(arrays)
+    for members in groups.values():
+        logits = forward(torch.from_numpy(np.stack([arrays[i] for i in members]))).float()
+        for i, row in zip(members, logits):
+            rows[i] = row
+    return torch.stack(rows)  # type: ignore[arg-type]
 
 
 def _dataset_root(data: str | os.PathLike) -> tuple[Path, str]:
@@ -697,9 +727,16 @@ def evaluate(
     bar = progress_bar(total=len(samples), unit="img", enabled=progress, desc="eval")
     for chunk in _batches(samples, batch_size):
         images = [load_image(path) for path, _ in chunk]  # an unreadable file stops the evaluation, naming it
-        pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+        arrays = []  # one image at a time, so that a refusal names its file (sizes differ without a resize)
+        for (path, _), image in zip(chunk, images):
+            try:
+                array = processor(image, return_tensors="np")["pixel_values"][0]
+                check_input_size(array.shape[1], array.shape[2], model.config)
+            except ValueError as err:  # the preprocessing's or the model's refusal said which image only by index
+                raise ValueError(f"cannot evaluate image {os.fspath(path)!r}: {err}") from err
+            arrays.append(array)
         t0 = time.perf_counter()
-        logits = forward(pixel_values).float()  # (B, num_labels)
+        logits = _forward_by_shape(forward, arrays)  # (B, num_labels)
         model_seconds += time.perf_counter() - t0
         labels = torch.tensor([targets[label] for _, label in chunk], device=logits.device)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))

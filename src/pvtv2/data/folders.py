@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 from .augment import PaperRandAugment, random_erasing, seeded
@@ -129,6 +130,8 @@ def _unreadable_reason(path: Path) -> str | None:
             image.verify()
         with PIL.Image.open(path) as image:
             image.load()
+            # load_image turns the image upright: an EXIF block it cannot parse would stop training at that image
+            PIL.ImageOps.exif_transpose(image)
         return None
     except OSError as err:  # a permission or I/O error, or PIL's "cannot identify image file"
         return err.strerror or str(err) or type(err).__name__

@@ -58,6 +58,7 @@ import logging
 import math
 import os
 import reprlib
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -144,14 +145,21 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
         raise ValueError(f"cannot read image {text!r}: it is a {kind}, not an image file")
     if os.path.getsize(text) == 0:  # Pillow would say only that it "cannot identify" it
         raise ValueError(f"cannot read image {text!r}: the file is empty (0 bytes)")
+    in_exif = False
     try:
         with PIL.Image.open(text) as image:
             image.load()  # decode now, so a truncated file fails here and the file can be closed
+            in_exif = True
             upright = PIL.ImageOps.exif_transpose(image)
+            in_exif = False
             rgb = to_8bit(upright).convert("RGB")
             return rgb if rgb.info.get("transparency") is None else to_rgb(rgb)
-    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
+    # struct.error: PIL's TIFF reader unpacking a cut-short EXIF block (a PNG eXIf or WebP EXIF chunk under 8 bytes)
+    # let through, where every other kind of corrupt file is a ValueError naming it; predict stopped there.
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, PIL.Image.DecompressionBombError) as error:
         reason = str(error) or type(error).__name__
+        if in_exif:  # PIL's own words ("not a TIFF file") do not say that the pixels are fine and the EXIF is not
+            reason = f"its EXIF data is corrupt ({reason})"
         raise ValueError(f"cannot read image {text!r}: {reason}") from error
 
 

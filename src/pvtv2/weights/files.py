@@ -174,6 +174,11 @@ def shard_names(index_path: str | os.PathLike) -> list[str]:
             raise CheckpointError(
                 f"{os.fspath(index_path)!r} names the shard {shard!r}, which is not a file name in its folder"
             )
+        # read as an index in turn: itself (or two naming each other) recursed until a RecursionError
+        if is_shard_index(shard):
+            raise CheckpointError(
+                f"{os.fspath(index_path)!r} names the shard {shard!r}, which is an index of shards, not a weights file"
+            )
     if not shards:  # else reported as a checkpoint of no known layout, "its first keys are: ."
         raise CheckpointError(f"{os.fspath(index_path)!r} names no shards: its weight_map is empty")
     return sorted(shards)
@@ -216,6 +221,13 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(key, str):
             raise CheckpointError(f"{os.fspath(path)!r} has a non-string key {key!r}: not a state dict")
         if not isinstance(value, torch.Tensor):
+            if key.endswith((".weight", ".bias")):
+                # A parameter's name holding a list or a number: skipped, the layer was loaded as missing (a random
+                # head "newly initialised", or a head-less model from `pvtv2 convert`) for a file that holds it.
+                raise CheckpointError(
+                    f"{os.fspath(path)!r}: {key!r} holds a {type(value).__name__}, not a tensor: the file is damaged "
+                    f"or was not saved from a state dict"
+                )
             continue  # e.g. a stray counter next to the weights
         # Neither has values a parameter can take (torch's load_state_dict refuses both too); left here, they failed
         # deep inside the loader with a backend error.

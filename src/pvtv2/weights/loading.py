@@ -1068,7 +1068,8 @@ def _config_file_note(
     projections = [canonical[stage(i) + "patch_embedding.proj.weight"] for i in range(len(hidden))]
     found["patch_sizes"] = [int(p.shape[-1]) for p in projections]
     dense1 = [canonical.get(stage(i) + "blocks.0.mlp.dense1.weight") for i in range(len(hidden))]
-    if all(t is not None and t.ndim >= 1 for t in dense1):
+    # a stage of width 0 (a damaged file) has no ratio: it stopped with a ZeroDivisionError instead of the misfit
+    if all(t is not None and t.ndim >= 1 for t in dense1) and all(hidden):
         widths = [int(t.shape[0]) for t in dense1]
         # Any ratios that rebuild the widths are right (timm's 2.06 for 230 of 112); else the ones read off the shapes
         if [int(h * r) for h, r in zip(hidden, config.mlp_ratios)] != widths:

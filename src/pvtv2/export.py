@@ -642,7 +642,8 @@ def _classifier_or_encoder(source: str | os.PathLike, keys: set[str], dtype: tor
     float32 unless given)."""
     from .models.modeling import PvtV2ForImageClassification, PvtV2Model
 
-    cls = PvtV2ForImageClassification if "classifier.weight" in keys else PvtV2Model
+    # Half a classifier (its bias without its weight) is a damaged head, refused below, not an encoder to keep alone
+    cls = PvtV2ForImageClassification if keys & {"classifier.weight", "classifier.bias"} else PvtV2Model
     model = cls.from_pretrained(source, dtype=dtype)
     new = getattr(model, "newly_initialized_keys", ())
     if new:

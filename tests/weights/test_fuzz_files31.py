@@ -282,3 +282,20 @@ def test_seeded_mutations_of_a_pytorch_checkpoint_are_named_and_run_no_code(tiny
             stored = read_state_dict(path)
             assert all(torch.equal(_bits(loaded[k]), _bits(stored[k])) for k in loaded), case
         assert not marker.exists(), case  # no pickled code ran
+
+
+@pytest.mark.parametrize("key", ["block1.0.attn.sr.weight", "block2.0.mlp.fc1.weight"])
+def test_a_scalar_where_a_layer_has_a_matrix_is_named_when_the_config_is_read_off_the_shapes(tiny, tmp_path, key):
+    # reading the reduction ratio or the MLP width off a scalar stopped with "IndexError: tuple index out of range"
+    state = convert_state_dict(tiny[1].state_dict(), "original")
+    state[key] = torch.tensor(1.0)
+    torch.save(state, tmp_path / "original.pth")
+    with pytest.raises(CheckpointError, match=r"\.weight has the shape \(\), where PVTv2 has a [24]-D weight"):
+        PvtV2ForImageClassification.from_pretrained(tmp_path / "original.pth")
+
+
+def test_convert_refuses_half_a_classifier_rather_than_dropping_it(tiny, tmp_path, capsys):
+    # a classifier's bias without its weight: convert wrote the encoder alone (PvtV2Model), the bias dropped unnamed
+    path = _timm_file(tiny[1], tmp_path / "half.safetensors", lambda s: s.pop("head.weight"))
+    code, err = _cli(capsys, "convert", str(path), str(tmp_path / "out"))
+    assert code == 2 and "classifier" in err and not (tmp_path / "out").exists()

@@ -131,11 +131,17 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
                 srs.append(1)
                 mlps.append(None)
                 continue
-            sr = canonical.get(f"encoder.layers.{i}.blocks.0.attention.spatial_reduction.weight")
+            sr_key = f"encoder.layers.{i}.blocks.0.attention.spatial_reduction.weight"
+            dense1_key = f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"
+            sr, dense1 = canonical.get(sr_key), canonical[dense1_key]
+            # a convolution's and a linear layer's weights: a scalar stopped with an IndexError on reading its sizes
+            for key, tensor, ndim in ((sr_key, sr, 4), (dense1_key, dense1, 2)):
+                if tensor is not None and tensor.ndim != ndim:
+                    raise CheckpointError(f"{key} has the shape {tuple(tensor.shape)}, where PVTv2 has a {ndim}-D weight")
             srs.append(int(sr.shape[-1]) if sr is not None else 1)
             if sr is not None and sr.shape[-1] == 1:
                 linear = True
-            mlps.append(_mlp_ratio(int(canonical[f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"].shape[0]), hidden[-1]))
+            mlps.append(_mlp_ratio(int(dense1.shape[0]), hidden[-1]))
         channels = int(canonical["encoder.layers.0.patch_embedding.proj.weight"].shape[1])
         first = next((i for i, depth in zip(stages, depths) if depth), None)  # the first stage with blocks
         qkv_bias = first is None or f"encoder.layers.{first}.blocks.0.attention.query.bias" in canonical

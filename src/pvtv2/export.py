@@ -629,12 +629,12 @@ def _canonical_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _lossless_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     """The floating-point dtype that holds every float tensor of ``state`` exactly: the stored one where they
-    share one (float16, bfloat16, float64), else their promotion (float16 with bfloat16 is float32)."""
+    share one of float16, bfloat16, float64; else float64 where one is, else float32 (which holds float16, bfloat16
+    and the float8 types exactly; torch cannot promote float8, and a model cannot run in it)."""
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    dtype = dtypes.pop() if dtypes else torch.float32
-    for other in dtypes:
-        dtype = torch.promote_types(dtype, other)
-    return dtype
+    if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16, torch.float64}:
+        return dtypes.pop()
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _classifier_or_encoder(source: str | os.PathLike, keys: set[str], dtype: torch.dtype | None = None) -> nn.Module:

@@ -314,3 +314,20 @@ def test_convert_of_float8_or_mixed_weights_writes_every_value_exactly(tiny, tmp
     out = read_state_dict(tmp_path / "out.safetensors")
     wide = torch.float64 if torch.float64 in dtypes else torch.float32
     assert all(out[k].dtype == wide and torch.equal(out[k], v.to(wide)) for k, v in state.items())
+
+
+def test_a_pytorch_archive_holding_a_member_twice_is_named(tiny, tmp_path):
+    # torch read one of the two copies of a tensor's bytes without a word (the fuzzer's loads had other numbers)
+    import zipfile
+
+    torch.save(tiny[1].state_dict(), tmp_path / "whole.bin")
+    with zipfile.ZipFile(tmp_path / "whole.bin") as src, zipfile.ZipFile(tmp_path / "pytorch_model.bin", "w") as out:
+        for info in src.infolist():
+            out.writestr(info.filename, src.read(info.filename))
+            if info.filename.endswith("/data/3"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # zipfile's "Duplicate name": the point of the file
+                    out.writestr(info.filename, src.read(info.filename)[::-1])
+    (tmp_path / "config.json").write_bytes((tiny[0] / "config.json").read_bytes())
+    with pytest.raises(CheckpointError, match=r"holds the member '.*/data/3' twice .* ambiguous"):
+        PvtV2ForImageClassification.from_pretrained(tmp_path)

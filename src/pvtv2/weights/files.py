@@ -12,6 +12,8 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,8 @@ def _is_plain_pickle(head: bytes) -> bool:
 
 
 def _read_torch(path: Path, head: bytes = b"") -> Any:
+    if head.startswith(b"PK\x03\x04"):
+        _check_zip_members(path)
     try:
         with warnings.catch_warnings():
             # torch warns that a plain pickle's protocol is not its own before refusing it: the error says enough.
@@ -158,6 +162,23 @@ def _read_torch(path: Path, head: bytes = b"") -> Any:
             f"{os.fspath(path)!r} is not a readable PyTorch checkpoint (corrupt, truncated or another format): "
             f"{type(err).__name__}: {err}"
         ) from None
+
+
+def _check_zip_members(path: Path) -> None:
+    """Refuse a ``torch.save`` archive naming one member twice: torch.save never writes one, and which copy torch
+    reads (a tensor's bytes, or the pickle itself) is then not what another zip reader sees. Damage beyond that is
+    left to torch.load to report."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
+    if twice:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is a zip archive that holds the member {twice[0]!r} twice ({len(twice)} member(s) "
+            f"in all), so which copy is meant is ambiguous: it was not written by torch.save as it is"
+        )
 
 
 def shard_names(index_path: str | os.PathLike) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import struct
 import warnings
 
@@ -284,13 +285,19 @@ def test_seeded_mutations_of_a_pytorch_checkpoint_are_named_and_run_no_code(tiny
         assert not marker.exists(), case  # no pickled code ran
 
 
-@pytest.mark.parametrize("key", ["block1.0.attn.sr.weight", "block2.0.mlp.fc1.weight"])
-def test_a_scalar_where_a_layer_has_a_matrix_is_named_when_the_config_is_read_off_the_shapes(tiny, tmp_path, key):
-    # reading the reduction ratio or the MLP width off a scalar stopped with "IndexError: tuple index out of range"
+@pytest.mark.parametrize("key, value, shown", [
+    ("block1.0.attn.sr.weight", torch.tensor(1.0), "()"),
+    ("block2.0.mlp.fc1.weight", torch.tensor(1.0), "()"),
+    ("block4.0.mlp.fc1.weight", torch.zeros(0, 64), "(0, 64)"),
+])
+def test_a_weight_of_no_layers_shape_is_named_when_the_config_is_read_off_the_shapes(tiny, tmp_path, key, value, shown):
+    # reading the reduction ratio or the MLP width off a scalar stopped with "IndexError: tuple index out of range";
+    # an MLP 0 wide with "mlp_ratios must hold positive numbers", naming neither the file's tensor nor its shape
     state = convert_state_dict(tiny[1].state_dict(), "original")
-    state[key] = torch.tensor(1.0)
+    state[key] = value
     torch.save(state, tmp_path / "original.pth")
-    with pytest.raises(CheckpointError, match=r"\.weight has the shape \(\), where PVTv2 has a [24]-D weight"):
+    with pytest.raises(CheckpointError, match=rf"\.weight has the shape {re.escape(shown)}, where PVTv2 has a [24]-D "
+                                              rf"weight with no side of 0"):
         PvtV2ForImageClassification.from_pretrained(tmp_path / "original.pth")
 
 

@@ -134,10 +134,12 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
             sr_key = f"encoder.layers.{i}.blocks.0.attention.spatial_reduction.weight"
             dense1_key = f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"
             sr, dense1 = canonical.get(sr_key), canonical[dense1_key]
-            # a convolution's and a linear layer's weights: a scalar stopped with an IndexError on reading its sizes
+            # a convolution's and a linear layer's weights: a scalar stopped with an IndexError on reading its sizes,
+            # a side of 0 with "mlp_ratios must hold positive numbers", a setting the user never gave
             for key, tensor, ndim in ((sr_key, sr, 4), (dense1_key, dense1, 2)):
-                if tensor is not None and tensor.ndim != ndim:
-                    raise CheckpointError(f"{key} has the shape {tuple(tensor.shape)}, where PVTv2 has a {ndim}-D weight")
+                if tensor is not None and (tensor.ndim != ndim or 0 in tensor.shape):
+                    raise CheckpointError(f"{key} has the shape {tuple(tensor.shape)}, where PVTv2 has a {ndim}-D weight "
+                                          f"with no side of 0")
             srs.append(int(sr.shape[-1]) if sr is not None else 1)
             if sr is not None and sr.shape[-1] == 1:
                 linear = True

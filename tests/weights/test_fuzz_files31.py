@@ -338,3 +338,57 @@ def test_a_pytorch_archive_holding_a_member_twice_is_named(tiny, tmp_path):
     (tmp_path / "config.json").write_bytes((tiny[0] / "config.json").read_bytes())
     with pytest.raises(CheckpointError, match=r"holds the member '.*/data/3' twice .* ambiguous"):
         PvtV2ForImageClassification.from_pretrained(tmp_path)
+
+
+_ODD_VALUES = [None, True, 0, -1, 1.5, 10**12, "x", "", [], [1, 2, 3], [0, 0, 0, 0], ["a", "b", "c", "d"],
+               [1.5, 2, 2, 2], {"a": 1}, float("nan"), float("inf"), "1e-6", [[1]], {"0": 1}, [10**6, 32, 48, 64]]
+_FIELDS = ["depths", "hidden_sizes", "num_attention_heads", "mlp_ratios", "sr_ratios", "patch_sizes", "strides",
+           "num_channels", "num_encoder_blocks", "num_labels", "layer_norm_eps", "hidden_act", "qkv_bias",
+           "linear_attention", "model_type", "id2label", "label2id", "image_size", "drop_path_rate"]
+
+
+def test_seeded_mutations_of_a_config_json_and_a_shard_index_are_named_or_load_the_weights_exactly(tiny, tmp_path):
+    """config.json fields of wrong types and values, and a two-shard index whose weight map lies: each load is a
+    documented error or the saved weights bit for bit (a field that changes no weight, such as the labels, may load)."""
+    saved = tiny[1].state_dict()
+    sharded = tmp_path / "sharded"
+    tiny[1].save_pretrained(sharded, max_shard_size="100KB")
+    index_name = "model.safetensors.index.json"
+    index = json.loads((sharded / index_name).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    rng = random.Random(1031)
+    outcomes = {"error": 0, "loaded": 0}
+    for case in range(40):
+        folder = tmp_path / str(case)
+        folder.mkdir()
+        for name in [index_name, *shards]:
+            (folder / name).symlink_to(sharded / name)
+        config = json.loads((sharded / "config.json").read_text())
+        if case % 4 == 3:  # what no weight depends on: loads
+            config[rng.choice(["architectures", "_name_or_path", "transformers_version"])] = rng.choice(_ODD_VALUES)
+        elif case % 2:
+            config[rng.choice(_FIELDS)] = rng.choice(_ODD_VALUES)
+        else:
+            weight_map = dict(index["weight_map"])
+            key = rng.choice(sorted(weight_map))
+            weight_map[key] = rng.choice([
+                "../sharded/" + weight_map[key], "/etc/passwd", "model-99999.safetensors", index_name, 7, None, "",
+                shards[0] if weight_map[key] != shards[0] else shards[1], "config.json", ".",
+            ])
+            if rng.random() < 0.3:
+                del weight_map[rng.choice(sorted(weight_map))]
+            (folder / index_name).unlink()
+            (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (folder / "config.json").write_text(json.dumps(config))
+        try:
+            model = PvtV2ForImageClassification.from_pretrained(folder)
+        except DOCUMENTED as err:
+            outcomes["error"] += 1
+            assert str(folder) in str(err) or "config" in str(err), (case, err)
+            continue
+        outcomes["loaded"] += 1
+        state = model.state_dict()
+        assert state.keys() == saved.keys(), case
+        assert all(torch.equal(_bits(state[k]), _bits(v)) for k, v in saved.items()), case
+    assert outcomes["error"] >= 10 and outcomes["loaded"] >= 3, outcomes

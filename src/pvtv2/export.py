@@ -614,19 +614,37 @@ def load_checkpoint_model(source: str | os.PathLike) -> nn.Module:
 
 def _canonical_keys(source: str | os.PathLike) -> set[str]:
     """The keys of the checkpoint ``source`` names, in the canonical (transformers) layout."""
+    return set(_canonical_state(source))
+
+
+def _canonical_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint ``source`` names, in the canonical (transformers) layout."""
     from .weights.files import read_state_dict
     from .weights.layouts import to_canonical
     from .weights.loading import locate_checkpoint
 
     _, weights = locate_checkpoint(source, None, None)
-    return set(to_canonical(read_state_dict(weights)))
+    return to_canonical(read_state_dict(weights))
 
 
-def _classifier_or_encoder(source: str | os.PathLike, keys: set[str]) -> nn.Module:
-    """:func:`load_checkpoint_model` for a checkpoint whose canonical ``keys`` are already read."""
+def _lossless_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating-point dtype that holds every float tensor of ``state`` exactly: the stored one where they
+    share one of float16, bfloat16, float64; else float64 where one is, else float32 (which holds float16, bfloat16
+    and the float8 types exactly; torch cannot promote float8, and a model cannot run in it)."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16, torch.float64}:
+        return dtypes.pop()
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _classifier_or_encoder(source: str | os.PathLike, keys: set[str], dtype: torch.dtype | None = None) -> nn.Module:
+    """:func:`load_checkpoint_model` for a checkpoint whose canonical ``keys`` are already read (in ``dtype``:
+    float32 unless given)."""
     from .models.modeling import PvtV2ForImageClassification, PvtV2Model
 
-    model = (PvtV2ForImageClassification if "classifier.weight" in keys else PvtV2Model).from_pretrained(source)
+    # Half a classifier (its bias without its weight) is a damaged head, refused below, not an encoder to keep alone
+    cls = PvtV2ForImageClassification if keys & {"classifier.weight", "classifier.bias"} else PvtV2Model
+    model = cls.from_pretrained(source, dtype=dtype)
     new = getattr(model, "newly_initialized_keys", ())
     if new:
         raise ValueError(
@@ -677,17 +695,17 @@ def _dense_task(keys: set[str]) -> str | None:
     return None
 
 
-def _task_model(source: str | os.PathLike, keys: set[str]) -> nn.Module:
+def _task_model(source: str | os.PathLike, keys: set[str], dtype: torch.dtype | None = None) -> nn.Module:
     task = _dense_task(keys)
     if task is None:
-        return _classifier_or_encoder(source, keys)
+        return _classifier_or_encoder(source, keys, dtype)
     if task == "detection":
         from .models.detection import PvtV2ForObjectDetection as cls
     elif task == "segmentation":
         from .models.segmentation import PvtV2ForSemanticSegmentation as cls
     else:
         from .models.depth import PvtV2ForDepthEstimation as cls
-    model = cls.from_pretrained(source)
+    model = cls.from_pretrained(source, dtype=dtype)
     new = getattr(model, "newly_initialized_keys", ())
     if new:
         raise ValueError(
@@ -769,7 +787,8 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     not fit its config is refused (:func:`load_checkpoint_model`). The source's ``preprocessor_config.json``
     (its folder's, or that of the ``save_pretrained`` folder a single weights file lies in, as ``pvtv2 predict``
     reads it) is copied along. A single file holds weights only: its class names, image size and preprocessing are
-    lost, and a warning names them. An existing ``output`` is replaced only when it is a weights file (``layout``)
+    lost, and a warning names them. The weights keep the precision they are stored in (float16, bfloat16, float64; a
+    file mixing float dtypes the one that holds them all). An existing ``output`` is replaced only when it is a weights file (``layout``)
     or a folder holding nothing but a checkpoint's files; anything else raises ``FileExistsError`` before any work.
     The output is written atomically: a failed write (a full disk) raises :class:`pvtv2.fileio.WriteError` naming ``output`` and leaves no
     temporary file, and the previous output as it was.
@@ -784,9 +803,14 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     out = Path(output)
     _check_convert_output(out, layout)
-    keys = _canonical_keys(source)
+    canonical = _canonical_state(source)
+    keys = set(canonical)
+    # Converted in the stored precision: read as float32, a float64 checkpoint came out rounded and a float16 one
+    # twice its size (and loaded as float32 by from_pretrained(dtype="auto")).
+    dtype = _lossless_dtype(canonical)
+    del canonical
     # A folder holds the whole model; a single file of one of the classification layouts the encoder and classifier.
-    model = _task_model(source, keys) if layout is None else _classifier_or_encoder(source, keys)
+    model = _task_model(source, keys, dtype) if layout is None else _classifier_or_encoder(source, keys, dtype)
     info: dict[str, Any] = {"source": os.fspath(source), "model": type(model).__name__,
                             "parameters": model.num_parameters()}
     # The preprocessing the source's predictions use (pvtv2 predict reads it the same way): its folder's, or its

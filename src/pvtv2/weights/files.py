@@ -12,6 +12,8 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -121,6 +123,8 @@ def _is_plain_pickle(head: bytes) -> bool:
 
 
 def _read_torch(path: Path, head: bytes = b"") -> Any:
+    if head.startswith(b"PK\x03\x04"):
+        _check_zip_members(path)
     try:
         with warnings.catch_warnings():
             # torch warns that a plain pickle's protocol is not its own before refusing it: the error says enough.
@@ -160,6 +164,23 @@ def _read_torch(path: Path, head: bytes = b"") -> Any:
         ) from None
 
 
+def _check_zip_members(path: Path) -> None:
+    """Refuse a ``torch.save`` archive naming one member twice: torch.save never writes one, and which copy torch
+    reads (a tensor's bytes, or the pickle itself) is then not what another zip reader sees. Damage beyond that is
+    left to torch.load to report."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
+    if twice:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is a zip archive that holds the member {twice[0]!r} twice ({len(twice)} member(s) "
+            f"in all), so which copy is meant is ambiguous: it was not written by torch.save as it is"
+        )
+
+
 def shard_names(index_path: str | os.PathLike) -> list[str]:
     """The shard files a sharded checkpoint's index (``model.safetensors.index.json``) names, each a plain file name
     beside the index, as transformers writes them ("../x" or "/x" would read another folder's files)."""
@@ -173,6 +194,11 @@ def shard_names(index_path: str | os.PathLike) -> list[str]:
         if not isinstance(shard, str) or shard in ("", ".", "..") or Path(shard).name != shard:
             raise CheckpointError(
                 f"{os.fspath(index_path)!r} names the shard {shard!r}, which is not a file name in its folder"
+            )
+        # read as an index in turn: itself (or two naming each other) recursed until a RecursionError
+        if is_shard_index(shard):
+            raise CheckpointError(
+                f"{os.fspath(index_path)!r} names the shard {shard!r}, which is an index of shards, not a weights file"
             )
     if not shards:  # else reported as a checkpoint of no known layout, "its first keys are: ."
         raise CheckpointError(f"{os.fspath(index_path)!r} names no shards: its weight_map is empty")
@@ -216,6 +242,13 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(key, str):
             raise CheckpointError(f"{os.fspath(path)!r} has a non-string key {key!r}: not a state dict")
         if not isinstance(value, torch.Tensor):
+            if key.endswith((".weight", ".bias")):
+                # A parameter's name holding a list or a number: skipped, the layer was loaded as missing (a random
+                # head "newly initialised", or a head-less model from `pvtv2 convert`) for a file that holds it.
+                raise CheckpointError(
+                    f"{os.fspath(path)!r}: {key!r} holds a {type(value).__name__}, not a tensor: the file is damaged "
+                    f"or was not saved from a state dict"
+                )
             continue  # e.g. a stray counter next to the weights
         # Neither has values a parameter can take (torch's load_state_dict refuses both too); left here, they failed
         # deep inside the loader with a backend error.

@@ -252,6 +252,11 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
         elif scope == "head":
             out[f"classifier.{param}"] = value
         elif local == "attn.kv":
+            # the key's and the value's rows one above the other: a scalar (it stopped with an IndexError) or an odd
+            # count is no such pair
+            if value.ndim == 0 or value.shape[0] % 2:
+                raise CheckpointError(f"{key} has the shape {tuple(value.shape)}, which is not the key's and the "
+                                      f"value's {param} stacked (an even number of rows)")
             half = value.shape[0] // 2
             out[f"encoder.layers.{i}.blocks.{j}.attention.key.{param}"] = value[:half].clone()
             out[f"encoder.layers.{i}.blocks.{j}.attention.value.{param}"] = value[half:].clone()

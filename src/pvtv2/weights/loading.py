@@ -131,11 +131,19 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
                 srs.append(1)
                 mlps.append(None)
                 continue
-            sr = canonical.get(f"encoder.layers.{i}.blocks.0.attention.spatial_reduction.weight")
+            sr_key = f"encoder.layers.{i}.blocks.0.attention.spatial_reduction.weight"
+            dense1_key = f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"
+            sr, dense1 = canonical.get(sr_key), canonical[dense1_key]
+            # a convolution's and a linear layer's weights: a scalar stopped with an IndexError on reading its sizes,
+            # a side of 0 with "mlp_ratios must hold positive numbers", a setting the user never gave
+            for key, tensor, ndim in ((sr_key, sr, 4), (dense1_key, dense1, 2)):
+                if tensor is not None and (tensor.ndim != ndim or 0 in tensor.shape):
+                    raise CheckpointError(f"{key} has the shape {tuple(tensor.shape)}, where PVTv2 has a {ndim}-D weight "
+                                          f"with no side of 0")
             srs.append(int(sr.shape[-1]) if sr is not None else 1)
             if sr is not None and sr.shape[-1] == 1:
                 linear = True
-            mlps.append(_mlp_ratio(int(canonical[f"encoder.layers.{i}.blocks.0.mlp.dense1.weight"].shape[0]), hidden[-1]))
+            mlps.append(_mlp_ratio(int(dense1.shape[0]), hidden[-1]))
         channels = int(canonical["encoder.layers.0.patch_embedding.proj.weight"].shape[1])
         first = next((i for i, depth in zip(stages, depths) if depth), None)  # the first stage with blocks
         qkv_bias = first is None or f"encoder.layers.{first}.blocks.0.attention.query.bias" in canonical
@@ -1068,7 +1076,8 @@ def _config_file_note(
     projections = [canonical[stage(i) + "patch_embedding.proj.weight"] for i in range(len(hidden))]
     found["patch_sizes"] = [int(p.shape[-1]) for p in projections]
     dense1 = [canonical.get(stage(i) + "blocks.0.mlp.dense1.weight") for i in range(len(hidden))]
-    if all(t is not None and t.ndim >= 1 for t in dense1):
+    # a stage of width 0 (a damaged file) has no ratio: it stopped with a ZeroDivisionError instead of the misfit
+    if all(t is not None and t.ndim >= 1 for t in dense1) and all(hidden):
         widths = [int(t.shape[0]) for t in dense1]
         # Any ratios that rebuild the widths are right (timm's 2.06 for 230 of 112); else the ones read off the shapes
         if [int(h * r) for h, r in zip(hidden, config.mlp_ratios)] != widths:

@@ -1328,6 +1328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = None if argv is None else list(argv)
     _answer_to_alias(parser, sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
+    if extras and isinstance(getattr(args, "images", None), list) and not any(e.startswith("-") for e in extras):
+        # argparse takes one run of IMAGE words: in `predict a.jpg --model M b/` it left b/ over and called it an
+        # unrecognized argument. The run is the first one typed, so the words left over follow it in order.
+        args.images.extend(extras)
+        extras = []
     if extras:
         # argparse would name the top-level parser ("pvtv2: error: unrecognized arguments: --topk") under the
         # top-level usage; the command's name and the flag it probably meant help more.

@@ -1,0 +1,62 @@
+"""Defects found by a seeded random search over the command line's flags and values (round 31), each held here
+against a value computed independently of the code under test."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import TINY_SMALL_IMAGES
+
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+from pvtv2.cli import main
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A tiny 3-class classifier at 32 px and two images in two places."""
+    root = tmp_path_factory.mktemp("fuzz31")
+    torch.manual_seed(0)
+    config = PvtV2Config(**TINY_SMALL_IMAGES, id2label={0: "a", 1: "b", 2: "c"}, image_size=32)
+    model = PvtV2ForImageClassification(config).eval()
+    model.save_pretrained(root / "model")
+    rng = np.random.default_rng(0)
+    (root / "more").mkdir()
+    images = [root / "one.png", root / "more" / "two.png"]
+    for path in images:
+        PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    return root, model, images
+
+
+def _probabilities(model, path) -> list[float]:
+    """By hand: resize to 32 (already), ImageNet statistics, softmax of the logits."""
+    pixels = np.asarray(PIL.Image.open(path).convert("RGB"), dtype=np.float32) / 255
+    pixels = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]).logits
+    return sorted(torch.softmax(logits, -1)[0].tolist(), reverse=True)
+
+
+@pytest.mark.parametrize("command", ["predict", "detect"])
+def test_images_on_both_sides_of_the_flags(classifier, capsys, command):
+    """`pvtv2 predict a.png --model M more/` (images before and after the flags) was refused with "unrecognized
+    arguments: more/": argparse takes one run of IMAGE words and the error called a valid image folder unknown.
+    detect has the same positional list (its model here is no detector: the words must reach the model check)."""
+    root, model, images = classifier
+    argv = [command, str(images[0]), "--model", str(root / "model"), str(root / "more"), "--no-progress", "--json"]
+    if command == "detect":
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "unrecognized" not in err and "has no trained detector" in err
+        return
+    assert main([*argv, "--top-k", "3"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in got] == [str(images[0]), str(images[1])]
+    for record, path in zip(got, images):
+        assert [p["score"] for p in record["predictions"]] == pytest.approx(_probabilities(model, path), abs=1e-5)
+    # A real unknown flag among them is still named, with its nearest spelling.
+    assert main([command, str(images[0]), "--model", str(root / "model"), str(images[1]), "--topk", "2"]) == 2
+    assert "unrecognized arguments: " in capsys.readouterr().err

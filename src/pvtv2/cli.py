@@ -554,7 +554,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.task != "segmentation":
         seg_only = [name for name, used in (("--size", args.size is not None), ("--reduce-labels", args.reduce_labels),
                                             ("--ignore-index", args.ignore_index is not None),
-                                            ("--mode slide", args.mode != "whole"), ("--scales", args.scales != "1.0"),
+                                            ("--mode slide", args.mode != "whole"), ("--crop", args.crop is not None),
+                                            ("--stride", args.stride is not None), ("--scales", args.scales != "1.0"),
                                             ("--flip", args.flip), ("--split", args.split != "val"),
                                             ("--fit", args.fit is not None)) if used]
         if seg_only:
@@ -868,8 +869,9 @@ def _add_segmentation_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("whole", "slide"), default="whole",
                    help="whole (default): the image resized to --size in one pass; slide: --crop windows every "
                         "--stride pixels over the image at --size (default: its own size), logits averaged")
-    p.add_argument("--crop", type=int, default=512, help="slide: window side, 32 to 2048 (default 512)")
-    p.add_argument("--stride", type=int, default=341, help="slide: step between windows, 1 to --crop (default 341)")
+    p.add_argument("--crop", type=int, help="slide: window side, 32 to 2048 (default 512)")
+    p.add_argument("--stride", type=int, help="slide: step between windows, 1 to --crop (default: two thirds of "
+                   "--crop, 341 for 512, as mmsegmentation's configs)")
     p.add_argument("--scales", default="1.0", help="multi-scale testing: comma-separated factors of the input, each "
                    "in (0, 4], e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)")
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
@@ -897,15 +899,23 @@ def _segmentation_inference_flags(args: argparse.Namespace) -> dict:
     fit = _fit_flag(args.fit)
     if fit is not None and args.size is not None:
         raise ValueError("--fit and --size exclude each other: --fit sizes each image by its own aspect ratio")
-    _check_range("--crop", args.crop, *_DENSE_SIZES)
-    _check_range("--stride", args.stride, 1, args.crop)
+    # The windows' flags mean nothing to whole-image inference: given there, they were dropped without a word.
+    given = [flag for flag, value in (("--crop", args.crop), ("--stride", args.stride)) if value is not None]
+    if given and args.mode != "slide":
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{', '.join(given)} {verb} to --mode slide only (--mode whole predicts the image at once)")
+    crop = 512 if args.crop is None else args.crop
+    _check_range("--crop", crop, *_DENSE_SIZES)
+    # The default follows --crop (the 341 of a 512 window): a fixed 341 refused `--crop 64` for a stride not given.
+    stride = max(1, crop * 2 // 3) if args.stride is None else args.stride
+    _check_range("--stride", stride, 1, crop)
     try:
         scales = tuple(float(v) for v in args.scales.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
     if not scales or not all(0 < v <= 4 for v in scales):  # also refuses NaN
         raise ValueError(f"--scales must be numbers in (0, 4], got {args.scales!r}")
-    return {"mode": args.mode, "crop": args.crop, "stride": args.stride, "scales": scales, "flip": args.flip,
+    return {"mode": args.mode, "crop": crop, "stride": stride, "scales": scales, "flip": args.flip,
             "fit": fit}
 
 

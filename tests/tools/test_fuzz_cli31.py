@@ -60,3 +60,53 @@ def test_images_on_both_sides_of_the_flags(classifier, capsys, command):
     # A real unknown flag among them is still named, with its nearest spelling.
     assert main([command, str(images[0]), "--model", str(root / "model"), str(images[1]), "--topk", "2"]) == 2
     assert "unrecognized arguments: " in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    from pvtv2 import PvtV2ForSemanticSegmentation
+
+    root = tmp_path_factory.mktemp("fuzz31seg")
+    torch.manual_seed(0)
+    model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY_SMALL_IMAGES, id2label={0: "a", 1: "b"}, image_size=64))
+    model.eval().save_pretrained(root / "model")
+    image = PIL.Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    image.save(root / "in.png")
+    return root, model, image
+
+
+def test_slide_crop_alone_takes_a_stride_that_fits_it(segmenter, tmp_path, capsys):
+    """`segment --mode slide --crop 64` was refused: "--stride must be between 1 and 64, got 341", a stride the user
+    never gave (the default of 512 windows). The default is now two thirds of the crop (341 for 512, unchanged):
+    here 42, the windows of mmsegmentation's slide_inference at 0, 32 (the last moved back inside 96)."""
+    from pvtv2.inference import predict_segmentation, window_starts
+
+    root, model, image = segmenter
+    assert window_starts(96, 64, 42) == [0, 32]
+    out = tmp_path / "s.png"
+    assert main(["segment", str(root / "in.png"), "-m", str(root / "model"), "-o", str(out), "--size", "96",
+                 "--mode", "slide", "--crop", "64"]) == 0
+    counts = json.loads(capsys.readouterr().out.split("pixels per class: ", 1)[1])
+    expected = predict_segmentation(model, image, (96, 96), mode="slide", crop=64, stride=42)
+    assert counts == {model.config.id2label[int(c)]: int((expected == c).sum()) for c in np.unique(expected)}
+    assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv_tail, named", [
+    (["--crop", "100"], "--crop"), (["--stride", "7"], "--stride"), (["--crop", "64", "--stride", "8"], "--crop, --stride"),
+])
+def test_window_flags_without_slide_mode_are_refused(segmenter, classifier, tmp_path, capsys, argv_tail, named):
+    """--crop / --stride with whole-image inference (segment's default mode, eval --task segmentation without
+    --mode slide, eval of a classifier) were dropped without a word: the output was the whole-image one, under flags
+    that asked for windows."""
+    root, _, _ = segmenter
+    out = tmp_path / "s.png"
+    assert main(["segment", str(root / "in.png"), "-m", str(root / "model"), "-o", str(out), *argv_tail]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"pvtv2 segment: error: {named} appl{'ies' if ',' not in named else 'y'} to " \
+                                        "--mode slide only (--mode whole predicts the image at once)"
+    assert not out.exists()
+    croot, _, _ = classifier
+    assert main(["eval", "--model", str(croot / "model"), "--data", str(croot), *argv_tail]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pvtv2 eval: error: {named} appl{'ies' if ',' not in named else 'y'} to --task segmentation only"]

@@ -36,9 +36,15 @@ def _check_output_file(path: str) -> None:
     import os
     from pathlib import Path
 
+    from .fileio import path_kind
+
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"--output {path!r} is a folder; give a file name such as {os.path.join(path, 'out.png')!r}")
+    kind = path_kind(target)
+    if kind not in ("file", "nothing", "dangling symlink"):
+        # The picture is renamed into place: a device or FIFO there (`-o /dev/null`, run as root) was replaced by it.
+        raise ValueError(f"--output {path!r} is a {kind}, not a regular file: it would be replaced; give a file name")
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -1114,6 +1120,15 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     if args.output and args.output_dir:
         raise ValueError("--output (one image) and --output-dir (every image) exclude each other: pass one")
+    # Checked before any work, as segment's and depth's outputs: they were found unwritable only after detecting.
+    if args.output:
+        _check_output_file(args.output)
+    if args.output_dir:
+        from .fileio import path_kind
+
+        kind = path_kind(args.output_dir)
+        if kind not in ("folder", "nothing"):
+            raise ValueError(f"--output-dir {args.output_dir!r} is a {kind}, not a folder")
     paths = find_images(args.images)
     if args.output and len(paths) > 1:
         raise ValueError(f"--output draws one image, but {len(paths)} were given: use --output-dir DIR")
@@ -1138,6 +1153,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                     name = f"{stem}-{n}.png"
                 used.add(name)
                 targets[r.image] = str(Path(args.output_dir) / name)
+                _check_output_file(targets[r.image])
     for r in results:
         if r.image in targets:
             picture = detection_picture(load_image(r.image), r.boxes, r.labels, r.scores, model.config.id2label, r.masks)

@@ -110,3 +110,41 @@ def test_window_flags_without_slide_mode_are_refused(segmenter, classifier, tmp_
     assert main(["eval", "--model", str(croot / "model"), "--data", str(croot), *argv_tail]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"pvtv2 eval: error: {named} appl{'ies' if ',' not in named else 'y'} to --task segmentation only"]
+
+
+def test_a_picture_is_not_renamed_over_a_fifo(segmenter, classifier, tmp_path, capsys):
+    """`segment ... -o PATH` where PATH is a FIFO (or a device: `-o /dev/null`, which root may replace) wrote the
+    picture to a temporary sibling and renamed it over PATH: the pipe, or the system's /dev/null, became a PNG file.
+    It is refused before any work, and the writer itself (atomic_write) refuses too."""
+    import os
+    import stat
+
+    from pvtv2.fileio import WriteError, atomic_write
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    root, _, _ = segmenter
+    croot, _, images = classifier
+    for argv in (["segment", str(root / "in.png"), "-m", str(root / "model")],
+                 ["visualize", str(images[0]), "-m", str(croot / "model"), "--size", "32", "--panel-size", "32"],
+                 ["detect", str(images[0]), "-m", str(croot / "model")]):
+        assert main([*argv, "-o", str(fifo)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"pvtv2 {argv[0]}: error: --output {str(fifo)!r} is a FIFO (named pipe), not a regular file: "
+                       "it would be replaced; give a file name"], argv
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    with pytest.raises(WriteError, match="it is a FIFO"):
+        atomic_write(fifo, lambda tmp: tmp.write_bytes(b"x"))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(os.listdir(tmp_path)) == ["pipe.png"]
+
+
+def test_detect_output_dir_that_is_a_file_is_refused_before_any_work(classifier, tmp_path, capsys):
+    """`detect --output-dir FILE` ran the detector, then failed with a bare "[Errno 17] File exists: 'FILE'". The
+    model here is no detector: the refusal must come first, before the model is read."""
+    _, _, images = classifier
+    afile = tmp_path / "taken"
+    afile.write_text("keep")
+    assert main(["detect", str(images[0]), "-m", str(tmp_path / "no-such-model"), "--output-dir", str(afile)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"pvtv2 detect: error: --output-dir {str(afile)!r} is a file, not a folder"]
+    assert afile.read_text() == "keep"

@@ -93,6 +93,11 @@ _PATH_ARGUMENTS = frozenset(("data", "model", "output", "output_dir", "images", 
 
 
 def _user_path(text: str) -> str:
+    if not text:
+        # An empty word (`-o "$OUT"` with OUT unset) read as the current folder: demo, demo-seg and demo-det wrote
+        # there and convert tried to replace it, while detect took an empty --output or --output-dir as none given
+        # and drew nothing. No command means "here" by it.
+        raise argparse.ArgumentTypeError("an empty path names no file or folder")
     return os.path.expanduser(text)
 
 

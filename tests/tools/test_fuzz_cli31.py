@@ -148,3 +148,27 @@ def test_detect_output_dir_that_is_a_file_is_refused_before_any_work(classifier,
     assert capsys.readouterr().err.strip().splitlines() == [
         f"pvtv2 detect: error: --output-dir {str(afile)!r} is a file, not a folder"]
     assert afile.read_text() == "keep"
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo-seg", "--output", "", "--train", "1", "--val", "1", "--size", "32", "--no-progress"],
+    ["detect", "IMG", "--model", "MODEL", "--output-dir", ""],
+    ["detect", "IMG", "--model", "MODEL", "--output", ""],
+    ["convert", "MODEL", ""],
+    ["predict", "", "--model", "MODEL"],
+])
+def test_an_empty_path_is_refused_by_name(classifier, tmp_path, monkeypatch, capsys, argv):
+    """An empty path (`-o "$OUT"` with OUT unset) meant the current folder: demo-seg wrote its example there (exit 0),
+    convert tried to replace it, and detect took an empty --output / --output-dir as none given and drew nothing, all
+    without a word. It is refused as argparse refuses a bad value, naming the argument, and nothing is written."""
+    root, _, images = classifier
+    argv = [{"IMG": str(images[0]), "MODEL": str(root / "model")}.get(a, a) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    flag = argv[argv.index("") - 1] if argv.index("") > 1 and argv[argv.index("") - 1].startswith("-") else None
+    name = {"--output": "--output/-o", None: "OUT" if argv[0] == "convert" else "IMAGE"}.get(flag, flag)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"pvtv2 {argv[0]}: error: argument {name}: an empty path names no file or folder")
+    assert list(tmp_path.iterdir()) == []

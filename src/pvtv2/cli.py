@@ -615,6 +615,8 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
     result = evaluate_segmenter(model, args.data, args.split, size, reduce_labels=args.reduce_labels,
                                 ignore_index=args.ignore_index, progress=_progress(args), **options)
     result = {**result, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    if args.mode != "slide":  # no windows were used: a crop and stride reported here would be read as the ones used
+        result["crop"] = result["stride"] = None
     if args.json:
         _print_json(result)
     else:

@@ -172,3 +172,35 @@ def test_an_empty_path_is_refused_by_name(classifier, tmp_path, monkeypatch, cap
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"pvtv2 {argv[0]}: error: argument {name}: an empty path names no file or folder")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_json_reports_windows_only_when_it_slid(tmp_path, capsys):
+    """`eval --task segmentation --json` in whole mode reported "crop": 512, "stride": 341, windows it never used.
+    In slide mode the crop given and the stride it implies (two thirds: 21 for 32) are reported, and the scores are
+    the slide predictions' (pixel accuracy computed here from predict_segmentation)."""
+    from pvtv2 import PvtV2ForSemanticSegmentation
+    from pvtv2.data.shapes import make_segmentation_example
+    from pvtv2.inference import predict_segmentation
+
+    data = make_segmentation_example(tmp_path / "shapes", n_train=1, n_val=2, size=48, seed=3)
+    names = {int(k): v for k, v in json.loads((data / "labels.json").read_text()).items()}
+    torch.manual_seed(0)
+    model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY_SMALL_IMAGES, id2label=names, image_size=48)).eval()
+    model.save_pretrained(tmp_path / "model")
+    base = ["eval", "--task", "segmentation", "-m", str(tmp_path / "model"), "--data", str(data), "--json",
+            "--no-progress"]
+    assert main(base) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert (whole["mode"], whole["crop"], whole["stride"]) == ("whole", None, None)
+    assert main([*base, "--mode", "slide", "--crop", "32"]) == 0
+    slide = json.loads(capsys.readouterr().out)
+    assert (slide["mode"], slide["crop"], slide["stride"]) == ("slide", 32, 21)
+    right = total = 0
+    for image_path in sorted((data / "val" / "images").iterdir()):
+        mask = np.asarray(PIL.Image.open(data / "val" / "masks" / image_path.name))
+        predicted = predict_segmentation(model, PIL.Image.open(image_path).convert("RGB"), (48, 48), mode="slide",
+                                         crop=32, stride=21)
+        labelled = mask != 255
+        right += int((predicted[labelled] == mask[labelled]).sum())
+        total += int(labelled.sum())
+    assert slide["pixel_accuracy"] == pytest.approx(right / total, abs=1e-9)

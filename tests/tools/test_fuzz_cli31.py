@@ -130,8 +130,9 @@ def test_a_picture_is_not_renamed_over_a_fifo(segmenter, classifier, tmp_path, c
                  ["detect", str(images[0]), "-m", str(croot / "model")]):
         assert main([*argv, "-o", str(fifo)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"pvtv2 {argv[0]}: error: --output {str(fifo)!r} is a FIFO (named pipe), not a regular file: "
-                       "it would be replaced; give a file name"], argv
+        expected = (f"pvtv2 {argv[0]}: error: --output {str(fifo)!r} is a FIFO (named pipe), not a regular file: "
+                    "it would be replaced; give a file name")
+        assert err == [expected], argv
         assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     with pytest.raises(WriteError, match="it is a FIFO"):
         atomic_write(fifo, lambda tmp: tmp.write_bytes(b"x"))

@@ -1067,8 +1067,14 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     from .training.rundir import check_output, check_output_path
     from .training.segmentation import example_config
 
+    from .training.config import MAX_IMAGE_SIDE
+
     if args.epochs < 0:
         raise ValueError(f"--epochs must be 0 (the data only) or more, got {args.epochs}")
+    # Bounded as demo-det's: --val 2147483648 set about writing two billion images before anything else was checked.
+    _check_range("--train", args.train, 1, 1_000_000)
+    _check_range("--val", args.val, 1, 1_000_000)
+    _check_range("--size", args.size, 32, MAX_IMAGE_SIDE)
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)

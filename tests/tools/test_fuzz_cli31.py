@@ -205,3 +205,17 @@ def test_eval_json_reports_windows_only_when_it_slid(tmp_path, capsys):
         right += int((predicted[labelled] == mask[labelled]).sum())
         total += int(labelled.sum())
     assert slide["pixel_accuracy"] == pytest.approx(right / total, abs=1e-9)
+
+
+@pytest.mark.parametrize("flag, value, low, high", [("--val", "2147483648", 1, 1_000_000),
+                                                    ("--train", "1000001", 1, 1_000_000),
+                                                    ("--size", "4097", 32, 4096)])
+def test_demo_seg_bounds_its_example_as_demo_det_does(tmp_path, capsys, flag, value, low, high):
+    """`demo-seg --val 2147483648` set about writing two billion image pairs (the search's 120 s limit stopped it
+    with its folder half full); demo-det bounds the same flags. Refused before anything is written."""
+    out = tmp_path / "demo"
+    argv = ["demo-seg", "--output", str(out), "--train", "2", "--val", "1", "--size", "32", "--no-progress"]
+    assert main([*argv, flag, value]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"pvtv2 demo-seg: error: {flag} must be between {low} and {high}, got {value}"]
+    assert not out.exists()

@@ -219,3 +219,16 @@ def test_demo_seg_bounds_its_example_as_demo_det_does(tmp_path, capsys, flag, va
     assert capsys.readouterr().err.strip().splitlines() == [
         f"pvtv2 demo-seg: error: {flag} must be between {low} and {high}, got {value}"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["detect", "IMG"], ["eval", "--task", "detection", "--data", "DATA"]])
+def test_detector_on_the_meta_device_is_one_line(classifier, tmp_path, capsys, argv):
+    """`detect --device meta` printed torch.autocast's traceback ("unsupported autocast device_type 'meta'") with
+    status 1, where predict, eval, segment and depth refuse the meta device in one line, as documented. Refused
+    before the model is read (the folder here holds no detector)."""
+    root, _, images = classifier
+    argv = [{"IMG": str(images[0]), "DATA": str(tmp_path)}.get(a, a) for a in argv]
+    assert main([*argv, "--model", str(root / "model"), "--device", "meta", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"pvtv2 {argv[0]}: error: device 'meta' holds shapes without data: a model there cannot compute anything; "
+        "use cpu, cuda or cuda:N")

@@ -36,9 +36,15 @@ def _check_output_file(path: str) -> None:
     import os
     from pathlib import Path
 
+    from .fileio import path_kind
+
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"--output {path!r} is a folder; give a file name such as {os.path.join(path, 'out.png')!r}")
+    kind = path_kind(target)
+    if kind not in ("file", "nothing", "dangling symlink"):
+        # The picture is renamed into place: a device or FIFO there (`-o /dev/null`, run as root) was replaced by it.
+        raise ValueError(f"--output {path!r} is a {kind}, not a regular file: it would be replaced; give a file name")
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -87,6 +93,11 @@ _PATH_ARGUMENTS = frozenset(("data", "model", "output", "output_dir", "images", 
 
 
 def _user_path(text: str) -> str:
+    if not text:
+        # An empty word (`-o "$OUT"` with OUT unset) read as the current folder: demo, demo-seg and demo-det wrote
+        # there and convert tried to replace it, while detect took an empty --output or --output-dir as none given
+        # and drew nothing. No command means "here" by it.
+        raise argparse.ArgumentTypeError("an empty path names no file or folder")
     return os.path.expanduser(text)
 
 
@@ -554,7 +565,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.task != "segmentation":
         seg_only = [name for name, used in (("--size", args.size is not None), ("--reduce-labels", args.reduce_labels),
                                             ("--ignore-index", args.ignore_index is not None),
-                                            ("--mode slide", args.mode != "whole"), ("--scales", args.scales != "1.0"),
+                                            ("--mode slide", args.mode != "whole"), ("--crop", args.crop is not None),
+                                            ("--stride", args.stride is not None), ("--scales", args.scales != "1.0"),
                                             ("--flip", args.flip), ("--split", args.split != "val"),
                                             ("--fit", args.fit is not None)) if used]
         if seg_only:
@@ -603,6 +615,8 @@ def _eval_segmentation(args: argparse.Namespace) -> int:
     result = evaluate_segmenter(model, args.data, args.split, size, reduce_labels=args.reduce_labels,
                                 ignore_index=args.ignore_index, progress=_progress(args), **options)
     result = {**result, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    if args.mode != "slide":  # no windows were used: a crop and stride reported here would be read as the ones used
+        result["crop"] = result["stride"] = None
     if args.json:
         _print_json(result)
     else:
@@ -868,8 +882,9 @@ def _add_segmentation_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("whole", "slide"), default="whole",
                    help="whole (default): the image resized to --size in one pass; slide: --crop windows every "
                         "--stride pixels over the image at --size (default: its own size), logits averaged")
-    p.add_argument("--crop", type=int, default=512, help="slide: window side, 32 to 2048 (default 512)")
-    p.add_argument("--stride", type=int, default=341, help="slide: step between windows, 1 to --crop (default 341)")
+    p.add_argument("--crop", type=int, help="slide: window side, 32 to 2048 (default 512)")
+    p.add_argument("--stride", type=int, help="slide: step between windows, 1 to --crop (default: two thirds of "
+                   "--crop, 341 for 512, as mmsegmentation's configs)")
     p.add_argument("--scales", default="1.0", help="multi-scale testing: comma-separated factors of the input, each "
                    "in (0, 4], e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)")
     p.add_argument("--flip", action="store_true", help="also predict the mirrored image and average")
@@ -897,15 +912,23 @@ def _segmentation_inference_flags(args: argparse.Namespace) -> dict:
     fit = _fit_flag(args.fit)
     if fit is not None and args.size is not None:
         raise ValueError("--fit and --size exclude each other: --fit sizes each image by its own aspect ratio")
-    _check_range("--crop", args.crop, *_DENSE_SIZES)
-    _check_range("--stride", args.stride, 1, args.crop)
+    # The windows' flags mean nothing to whole-image inference: given there, they were dropped without a word.
+    given = [flag for flag, value in (("--crop", args.crop), ("--stride", args.stride)) if value is not None]
+    if given and args.mode != "slide":
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{', '.join(given)} {verb} to --mode slide only (--mode whole predicts the image at once)")
+    crop = 512 if args.crop is None else args.crop
+    _check_range("--crop", crop, *_DENSE_SIZES)
+    # The default follows --crop (the 341 of a 512 window): a fixed 341 refused `--crop 64` for a stride not given.
+    stride = max(1, crop * 2 // 3) if args.stride is None else args.stride
+    _check_range("--stride", stride, 1, crop)
     try:
         scales = tuple(float(v) for v in args.scales.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
     if not scales or not all(0 < v <= 4 for v in scales):  # also refuses NaN
         raise ValueError(f"--scales must be numbers in (0, 4], got {args.scales!r}")
-    return {"mode": args.mode, "crop": args.crop, "stride": args.stride, "scales": scales, "flip": args.flip,
+    return {"mode": args.mode, "crop": crop, "stride": stride, "scales": scales, "flip": args.flip,
             "fit": fit}
 
 
@@ -1044,8 +1067,14 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     from .training.rundir import check_output, check_output_path
     from .training.segmentation import example_config
 
+    from .training.config import MAX_IMAGE_SIDE
+
     if args.epochs < 0:
         raise ValueError(f"--epochs must be 0 (the data only) or more, got {args.epochs}")
+    # Bounded as demo-det's: --val 2147483648 set about writing two billion images before anything else was checked.
+    _check_range("--train", args.train, 1, 1_000_000)
+    _check_range("--val", args.val, 1, 1_000_000)
+    _check_range("--size", args.size, 32, MAX_IMAGE_SIDE)
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
@@ -1104,6 +1133,15 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     if args.output and args.output_dir:
         raise ValueError("--output (one image) and --output-dir (every image) exclude each other: pass one")
+    # Checked before any work, as segment's and depth's outputs: they were found unwritable only after detecting.
+    if args.output:
+        _check_output_file(args.output)
+    if args.output_dir:
+        from .fileio import path_kind
+
+        kind = path_kind(args.output_dir)
+        if kind not in ("folder", "nothing"):
+            raise ValueError(f"--output-dir {args.output_dir!r} is a {kind}, not a folder")
     paths = find_images(args.images)
     if args.output and len(paths) > 1:
         raise ValueError(f"--output draws one image, but {len(paths)} were given: use --output-dir DIR")
@@ -1128,6 +1166,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                     name = f"{stem}-{n}.png"
                 used.add(name)
                 targets[r.image] = str(Path(args.output_dir) / name)
+                _check_output_file(targets[r.image])
     for r in results:
         if r.image in targets:
             picture = detection_picture(load_image(r.image), r.boxes, r.labels, r.scores, model.config.id2label, r.masks)
@@ -1328,6 +1367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = None if argv is None else list(argv)
     _answer_to_alias(parser, sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
+    if extras and isinstance(getattr(args, "images", None), list) and not any(e.startswith("-") for e in extras):
+        # argparse takes one run of IMAGE words: in `predict a.jpg --model M b/` it left b/ over and called it an
+        # unrecognized argument. The run is the first one typed, so the words left over follow it in order.
+        args.images.extend(extras)
+        extras = []
     if extras:
         # argparse would name the top-level parser ("pvtv2: error: unrecognized arguments: --topk") under the
         # top-level usage; the command's name and the flag it probably meant help more.

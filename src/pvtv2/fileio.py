@@ -80,6 +80,10 @@ def _cleaned_up(target: Path, tmp: Path, undo: Callable[[], None] = lambda: None
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` to fill a temporary file, then rename it to ``path`` (parents are created)."""
     target = Path(path)
+    kind = path_kind(target)
+    if kind not in ("file", "nothing", "dangling symlink", "folder"):
+        # The rename would replace a device or a FIFO with the new file (`/dev/null` itself, for root): left alone.
+        raise WriteError(target, OSError(errno_codes.EEXIST, f"it is a {kind}, not a regular file"))
     tmp = temporary_path(target)
     with _cleaned_up(target, tmp):
         target.parent.mkdir(parents=True, exist_ok=True)

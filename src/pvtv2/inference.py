@@ -1056,7 +1056,7 @@ def load_detector(source: str | os.PathLike, device: str | torch.device = "cpu",
             f"{os.fspath(source)!r} is a preset (an architecture without trained weights): its detections would be "
             f"random. Pass a trained detector: a save_pretrained folder (pvtv2 train --task detection writes OUT/best)"
         )
-    device = parse_device(device)
+    device = _inference_device(device)  # meta refused, as every other loader does: autocast raised on it
     remedy = (f"Train one on your data first: pvtv2 train --task detection --model {os.fspath(source)} --data DIR "
               f"--output RUN (COCO format), then use RUN/best")
     try:

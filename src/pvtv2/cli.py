@@ -30,6 +30,16 @@ def _check_range(flag: str, value: float | None, low: float, high: float | None 
         raise ValueError(f"{flag} must be {bounds}, got {value}")
 
 
+def _check_demo_seed(seed: int) -> None:
+    """demo-seg's and demo-det's --seed, checked as training checks it (its words): with --epochs 0 training's check
+    never ran, so -1 stopped in numpy ("expected non-negative integer", no flag named) and 2**70 wrote data that
+    the same command with --epochs 1 refuses to train on."""
+    from .training.config import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, 2**63-1], got {seed}")
+
+
 def _check_output_file(path: str, output_dir: str | None = None) -> None:
     """Refuse, before any work, an --output that cannot become a file: an existing folder, or a path under a
     file or under a folder this user may not write. (Missing parent folders are created.) With ``output_dir``,
@@ -1081,6 +1091,7 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     _check_range("--train", args.train, 1, 1_000_000)
     _check_range("--val", args.val, 1, 1_000_000)
     _check_range("--size", args.size, 32, MAX_IMAGE_SIDE)
+    _check_demo_seed(args.seed)
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
@@ -1276,6 +1287,7 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
     _check_range("--val", args.val, 1, 1_000_000)
     _check_range("--size", args.size, 48, MAX_IMAGE_SIDE)
     _check_range("--epochs", args.epochs, 0, 10_000)
+    _check_demo_seed(args.seed)
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, detector=args.detector, overwrite=args.overwrite, progress=not args.no_progress)

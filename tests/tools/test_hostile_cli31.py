@@ -117,3 +117,19 @@ def test_detect_names_output_dir_for_a_picture_it_cannot_write(tmp_path, capsys)
         f"pvtv2 detect: error: {folder!r} (a picture of --output-dir {str(out)!r}) is a folder; move it or give "
         f"another --output-dir")
     assert (out / "a.png").is_fifo() and (out / "b.png").is_dir() and sorted(os.listdir(out)) == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("command", ["demo-seg", "demo-det"])
+@pytest.mark.parametrize("seed", [-1, 2**63])
+def test_demo_data_alone_checks_the_seed_as_training_does(tmp_path, capsys, command, seed):
+    """demo-seg / demo-det --epochs 0 (the data alone) skipped training's check of --seed: -1 stopped in numpy with
+    "expected non-negative integer" (no flag named), and 2**63 wrote data that --epochs 1, the same command
+    training on it, refuses. Both are now refused with training's own message, nothing written."""
+    argv = [command, "--output", str(tmp_path / "out"), "--seed", str(seed), "--train", "1", "--val", "1",
+            "--no-progress"]
+    assert main([*argv, "--epochs", "1"]) == 2
+    training = capsys.readouterr().err.strip()
+    assert training == f"pvtv2 {command}: error: --seed must be an integer in [0, 2**63-1], got {seed}"
+    assert main([*argv, "--epochs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == training
+    assert not (tmp_path / "out").exists()

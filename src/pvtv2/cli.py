@@ -30,21 +30,37 @@ def _check_range(flag: str, value: float | None, low: float, high: float | None 
         raise ValueError(f"{flag} must be {bounds}, got {value}")
 
 
-def _check_output_file(path: str) -> None:
+def _check_demo_seed(seed: int) -> None:
+    """demo-seg's and demo-det's --seed, checked as training checks it (its words): with --epochs 0 training's check
+    never ran, so -1 stopped in numpy ("expected non-negative integer", no flag named) and 2**70 wrote data that
+    the same command with --epochs 1 refuses to train on."""
+    from .training.config import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, 2**63-1], got {seed}")
+
+
+def _check_output_file(path: str, output_dir: str | None = None) -> None:
     """Refuse, before any work, an --output that cannot become a file: an existing folder, or a path under a
-    file or under a folder this user may not write. (Missing parent folders are created.)"""
+    file or under a folder this user may not write. (Missing parent folders are created.) With ``output_dir``,
+    ``path`` is a picture detect names in that --output-dir: the error names the flag given, not --output."""
     import os
     from pathlib import Path
 
     from .fileio import path_kind
 
     target = Path(path)
+    # detect --output-dir names its pictures after the images: the user chose the folder, not the file name.
+    named = f"--output {path!r}" if output_dir is None else f"{path!r} (a picture of --output-dir {output_dir!r})"
+    remedy = "give a file name" if output_dir is None else "move it or give another --output-dir"
     if target.is_dir():
-        raise ValueError(f"--output {path!r} is a folder; give a file name such as {os.path.join(path, 'out.png')!r}")
+        if output_dir is None:
+            remedy = f"give a file name such as {os.path.join(path, 'out.png')!r}"
+        raise ValueError(f"{named} is a folder; {remedy}")
     kind = path_kind(target)
     if kind not in ("file", "nothing", "dangling symlink"):
         # The picture is renamed into place: a device or FIFO there (`-o /dev/null`, run as root) was replaced by it.
-        raise ValueError(f"--output {path!r} is a {kind}, not a regular file: it would be replaced; give a file name")
+        raise ValueError(f"{named} is a {kind}, not a regular file: it would be replaced; {remedy}")
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -1075,6 +1091,7 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     _check_range("--train", args.train, 1, 1_000_000)
     _check_range("--val", args.val, 1, 1_000_000)
     _check_range("--size", args.size, 32, MAX_IMAGE_SIDE)
+    _check_demo_seed(args.seed)
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
@@ -1166,7 +1183,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                     name = f"{stem}-{n}.png"
                 used.add(name)
                 targets[r.image] = str(Path(args.output_dir) / name)
-                _check_output_file(targets[r.image])
+                _check_output_file(targets[r.image], args.output_dir)
     for r in results:
         if r.image in targets:
             picture = detection_picture(load_image(r.image), r.boxes, r.labels, r.scores, model.config.id2label, r.masks)
@@ -1270,6 +1287,7 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
     _check_range("--val", args.val, 1, 1_000_000)
     _check_range("--size", args.size, 48, MAX_IMAGE_SIDE)
     _check_range("--epochs", args.epochs, 0, 10_000)
+    _check_demo_seed(args.seed)
     out = Path(args.output)
     cfg = example_config(data=str(out / "data"), output=str(out / "run"), image_size=args.size, epochs=args.epochs,
                          seed=args.seed, detector=args.detector, overwrite=args.overwrite, progress=not args.no_progress)
@@ -1361,17 +1379,33 @@ def _answer_to_alias(parser: argparse.ArgumentParser, argv: Sequence[str]) -> No
         commands[typed].prog = f"{parser.prog} {typed}"
 
 
+def _later_images(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> list[str]:
+    """Add to ``args.images`` the IMAGE words argparse left over (it takes one run of them: in `predict a.jpg
+    --model M b/` it left b/ and called it an unrecognized argument); the words it leaves are returned, to be
+    reported as unrecognized, when an unknown flag is among them. The run taken is the first one typed, so the words
+    left over follow it in order. Every word after `--` is an IMAGE (`predict a.png -m M -- -b.png`), as it is where
+    argparse takes the run after it; each is read as the IMAGE argument reads its words (`~` expanded, an empty one
+    refused by name), which argparse did not do for them."""
+    cut = extras.index("--") if "--" in extras else len(extras)
+    if any(word.startswith("-") for word in extras[:cut]):
+        return extras
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    for word in extras[:cut] + extras[cut + 1:]:
+        try:
+            args.images.append(_user_path(word))
+        except argparse.ArgumentTypeError as err:
+            command.error(f"argument IMAGE: {err}")  # as argparse reports one in the first run: usage, status 2
+    return []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Read twice (the alias, then argparse): a generator was consumed up to the command, argparse got the rest.
     argv = None if argv is None else list(argv)
     _answer_to_alias(parser, sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
-    if extras and isinstance(getattr(args, "images", None), list) and not any(e.startswith("-") for e in extras):
-        # argparse takes one run of IMAGE words: in `predict a.jpg --model M b/` it left b/ over and called it an
-        # unrecognized argument. The run is the first one typed, so the words left over follow it in order.
-        args.images.extend(extras)
-        extras = []
+    if extras and isinstance(getattr(args, "images", None), list):
+        extras = _later_images(parser, args, extras)
     if extras:
         # argparse would name the top-level parser ("pvtv2: error: unrecognized arguments: --topk") under the
         # top-level usage; the command's name and the flag it probably meant help more.

@@ -831,13 +831,13 @@ def segmentation_logits(
     *,
     mode: str = "whole",
     crop: int | Sequence[int] = 512,
-    stride: int | Sequence[int] = 341,
+    stride: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """(B, K, H, W) logits at the input's resolution (the head's 1/4-resolution logits upsampled, bilinear).
 
     ``mode="whole"``: one forward pass over the whole input. ``mode="slide"``: mmsegmentation's sliding window:
-    ``crop``-sized windows every ``stride`` pixels (the last ones moved back inside the image), each upsampled to its
-    window, the overlaps averaged. A window never exceeds the image, so an input no larger than ``crop`` is one
+    ``crop``-sized windows every ``stride`` pixels (default: two thirds of ``crop``, 341 for 512; the last ones moved
+    back inside the image), each upsampled to its window, the overlaps averaged. A window never exceeds the image, so an input no larger than ``crop`` is one
     window, the same as ``"whole"``.
     """
     if mode not in SEGMENTATION_MODES:
@@ -855,7 +855,9 @@ def segmentation_logits(
     if mode == "whole":
         return forward(pixel_values)
     crop_h, crop_w = _pair("crop", crop)
-    stride_h, stride_w = _pair("stride", stride)
+    # By default two thirds of the window (mmsegmentation's 341 for 512), as the command's --stride: a fixed 341
+    # refused a smaller crop for a stride the caller never gave.
+    stride_h, stride_w = (max(1, crop_h * 2 // 3), max(1, crop_w * 2 // 3)) if stride is None else _pair("stride", stride)
     if (stride_h > crop_h and height > crop_h) or (stride_w > crop_w and width > crop_w):
         raise ValueError(
             f"stride {(stride_h, stride_w)} must not exceed crop {(crop_h, crop_w)} on a {height}x{width} input: "
@@ -890,7 +892,7 @@ def segmentation_probabilities(
     flip: bool = False,
     mode: str = "whole",
     crop: int | Sequence[int] = 512,
-    stride: int | Sequence[int] = 341,
+    stride: int | Sequence[int] | None = None,
     output_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """(B, K, H, W) class probabilities at ``output_size`` (default: the input's), averaged over test-time
@@ -943,7 +945,7 @@ def predict_segmentation(
     fit: Sequence[int] | None = None,
     mode: str = "whole",
     crop: int | Sequence[int] = 512,
-    stride: int | Sequence[int] = 341,
+    stride: int | Sequence[int] | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
 ) -> np.ndarray:

@@ -164,3 +164,18 @@ def test_bad_scales_raise(model):
     for scales in ((), (0.0,), (-1.0,), 1.0):
         with pytest.raises(ValueError, match="scales must be"):
             segmentation_probabilities(model, _pixels(32, 32), scales=scales)
+
+
+def test_slide_stride_defaults_to_two_thirds_of_the_crop(model):
+    # The library's default follows the window as the command's --stride does (341 for 512): a fixed 341 refused
+    # crop=32 on a larger image for a stride the caller never gave.
+    pixels = _pixels(64, 96, seed=5)
+    default = segmentation_logits(model, pixels, mode="slide", crop=(32, 48))
+    torch.testing.assert_close(default, segmentation_logits(model, pixels, mode="slide", crop=(32, 48), stride=(21, 32)),
+                               rtol=0, atol=0)
+    assert (default - segmentation_logits(model, pixels, mode="slide", crop=(32, 48), stride=(16, 16))).abs().max() > 1e-4
+    image = PIL.Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(
+        predict_segmentation(model, image, mode="slide", crop=32),
+        predict_segmentation(model, image, mode="slide", crop=32, stride=21),
+    )

@@ -40,7 +40,7 @@ from pvtv2.models.activations import ACTIVATIONS
 from pvtv2.models.modeling import check_input_size
 from pvtv2.weights.files import save_state_dict
 
-from conftest import relative_error
+from conftest import random_weights_, relative_error
 
 # transformers' activations that pvtv2 names too (selu is pvtv2's only extra name; prelu and xielu carry weights)
 ACTS = sorted(set(ACTIVATIONS) & set(transformers.activations.ACT2FN))
@@ -82,15 +82,9 @@ def draw_config(rng: random.Random) -> dict:
 @torch.no_grad()
 def adversarial_weights_(model: torch.nn.Module, rng: random.Random, kind: str) -> None:
     """Fresh random weights (as conftest.random_weights_), then made hostile by ``kind``."""
-    gen = torch.Generator().manual_seed(rng.randint(0, 2**31))
-    for name, p in sorted(model.named_parameters()):
-        noise = torch.randn(p.shape, generator=gen)
-        if p.ndim > 1:
-            p.copy_(noise * (p[0].numel() ** -0.5))
-        elif "norm" in name and name.endswith("weight"):
-            p.copy_(1.0 + 0.1 * noise)
-        else:
-            p.copy_(0.1 * noise)
+    seed = rng.randint(0, 2**31)
+    random_weights_(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
     for name, m in sorted(model.named_modules()):
         if kind == "large_norms" and isinstance(m, torch.nn.LayerNorm):
             m.weight.mul_(torch.randn(m.weight.shape, generator=gen) * 8)  # large, of both signs

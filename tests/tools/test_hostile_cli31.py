@@ -15,6 +15,8 @@ from conftest import TINY_SHALLOW, TINY_SMALL_IMAGES
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification
 from pvtv2.cli import main
 
+from test_fuzz_cli31 import _probabilities
+
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
@@ -28,15 +30,6 @@ def classifier(tmp_path_factory):
     for name in ("one.png", "two.png", "-dash.png", "--top-k"):
         PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name, format="PNG")
     return root, model
-
-
-def _probabilities(model, path) -> list[float]:
-    """By hand: 32 px already, ImageNet statistics, softmax of the logits, highest first."""
-    pixels = np.asarray(PIL.Image.open(path).convert("RGB"), dtype=np.float32) / 255
-    pixels = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
-    with torch.no_grad():
-        logits = model(torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]).logits
-    return sorted(torch.softmax(logits, -1)[0].tolist(), reverse=True)
 
 
 def _check_predictions(capsys, model, root, expected: list[tuple[str, str]]) -> None:

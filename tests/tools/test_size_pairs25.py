@@ -142,6 +142,14 @@ def test_sliding_window_crop_and_stride(name, make, _, expected):
             segmentation_logits(model, pixels, mode="slide", crop=crop, stride=64)
         assert str(error.value) == f"crop must be a positive integer or a (height, width) pair of them, got {crop!r}"
         stride = make()
+        if stride is None:  # the stride's default: two thirds of the crop (42 of 64), windows at 0, 42 and 64
+            corners = []
+            ramp = torch.arange(128.0)[:, None] * 1000 + torch.arange(128.0)  # each pixel says where it is
+            segmentation_logits(lambda p: (corners.append(divmod(int(p[0, 0, 0, 0]), 1000)), model(p))[1],
+                                ramp.expand(1, 3, 128, 128), mode="slide", crop=64, stride=stride)
+            assert windows == [(64, 64)] * 9
+            assert corners == [(top, left) for top in (0, 42, 64) for left in (0, 42, 64)]
+            return
         with pytest.raises(ValueError) as error:
             segmentation_logits(model, pixels, mode="slide", crop=64, stride=stride)
         assert str(error.value) == (

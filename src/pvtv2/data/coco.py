@@ -120,12 +120,20 @@ class CocoAnnotations:
         return gt
 
 
+_MAX_SIDE = 2**31 - 1  # the largest image width or height an annotation file may state
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range (JSON has no limit): an OverflowError came out of reading
+        return False
 
 
 def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
@@ -138,6 +146,10 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         raise ValueError(f"{where!r} is not valid JSON: {err}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{where!r} is not a UTF-8 text file") from None
+    except (ValueError, RecursionError) as err:
+        # Valid JSON that Python's reader refuses: an integer of more than 4300 digits (a ValueError that named no
+        # file) or arrays nested thousands deep (a RecursionError and its traceback)
+        raise ValueError(f"{where!r} cannot be read as JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where!r} must hold a JSON object with 'images', 'annotations' and 'categories', got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -155,8 +167,10 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if not isinstance(name, str) or not name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
             raise ValueError(f"{where!r}: image {image['id']} needs a 'file_name' relative to the image folder, got {name!r}")
         width, height = image.get("width"), image.get("height")
-        if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
-            raise ValueError(f"{where!r}: image {image['id']} needs positive integer 'width' and 'height', got {width!r} x {height!r}")
+        # bounded: a side of 10**400 passed and then stopped the aspect-ratio grouping with an OverflowError
+        if not (_is_int(width) and _is_int(height) and 0 < width <= _MAX_SIDE and 0 < height <= _MAX_SIDE):
+            raise ValueError(f"{where!r}: image {image['id']} needs positive integer 'width' and 'height' (at most "
+                             f"{_MAX_SIDE}), got {repr(width)[:40]} x {repr(height)[:40]}")
         if image["id"] in by_id:
             raise ValueError(f"{where!r}: image id {image['id']} appears twice")
         entry = {"id": image["id"], "file_name": name, "width": width, "height": height}
@@ -312,6 +326,10 @@ def _compressed_rle_counts(text: str) -> list[int] | None:
                 return None  # a continuation bit on the last character
             c = ord(text[position]) - 48
             if not 0 <= c < 64:
+                return None
+            if c & 0x1F and shift > 60:
+                # a count of 2**60 or more, which no mask has: refused here, as a run of such characters made the
+                # value an ever longer integer (a few megabytes of them took hours to read)
                 return None
             value |= (c & 0x1F) << shift
             more = bool(c & 0x20)

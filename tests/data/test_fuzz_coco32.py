@@ -439,3 +439,26 @@ def test_the_commands_say_a_hostile_annotation_file_in_one_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
     assert "instances_train.json" in err and "annotation 3 needs 'bbox'" in err, err
+
+
+def test_masks_of_another_size_than_their_image_are_refused_not_scored(tmp_path):
+    """pycocotools compares two masks' runs as they are: the object's exact mask on a canvas padded by 10 pixels (a
+    padded batch's), or cropped, scored mask AP 0 without a word. The same mask at the image's size scores 1."""
+    path = _small_split(tmp_path)
+    data = json.loads(path.read_text())
+    data["annotations"] = data["annotations"][1:2]  # image 1's compressed RLE object alone (category 2: label 0)
+    path.write_text(json.dumps(data))
+    annotations = read_coco_annotations(path)
+    mask = torch.zeros(1, 1, 20, 30)
+    mask[0, 0, 2:10, 3:12] = 1
+
+    def results(masks):
+        found = {"boxes": torch.tensor([[3.0, 2.0, 12.0, 10.0]]), "labels": torch.tensor([0]),
+                 "scores": torch.tensor([0.9]), "masks": masks}
+        return detections_to_coco([found], [1], annotations.category_ids)
+
+    assert coco_evaluate(annotations, results(mask), ("bbox", "segm"))["segm"]["AP"] == pytest.approx(1.0)
+    for wrong, size in ((torch.nn.functional.pad(mask, (0, 10, 0, 10)), "30 x 40"), (mask[..., :16, :24], "16 x 24")):
+        with pytest.raises(ValueError, match=f"image 1 has a mask of {size} pixels, but the image is 20 x 30"):
+            coco_evaluate(annotations, results(wrong), ("bbox", "segm"))
+        assert coco_evaluate(annotations, results(wrong), ("bbox",))["bbox"]["AP"] == pytest.approx(1.0)  # boxes only

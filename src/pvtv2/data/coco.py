@@ -604,6 +604,17 @@ def coco_evaluate(
             raise ValueError("mask metrics need a 'segmentation' in every detection (a mask_rcnn model's)")
         if iou_type == "segm" and any(not a.get("segmentation") for a in gt.dataset["annotations"]):
             raise ValueError("mask metrics need a 'segmentation' in every ground-truth annotation")
+        if iou_type == "segm":
+            # pycocotools compares the runs of two masks as they are: a mask of another size than its image (one
+            # of a resized or padded batch) scored IoU 0, or some other number, without a word
+            for r in results:
+                size = r["segmentation"].get("size") if isinstance(r["segmentation"], Mapping) else None
+                image = gt.imgs[r["image_id"]]
+                if size is not None and [int(v) for v in size] != [image.get("height"), image.get("width")]:
+                    raise ValueError(
+                        f"a detection in image {r['image_id']} has a mask of {size[0]} x {size[1]} pixels, but the "
+                        f"image is {image.get('height')} x {image.get('width')}: masks must be of the image's pixels"
+                    )
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
             if results:

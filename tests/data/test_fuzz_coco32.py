@@ -412,6 +412,16 @@ HOSTILE32 = {
     # Python's ValueError naming no file: more than 4300 digits
     "an integer of 5000 digits": (_text_edit('"bbox": [3, 2, 9, 8]', '"bbox": [3, 2, 9' + "0" * 5000 + ", 8]"),
                                   "cannot be read as JSON: Exceeds the limit"),
+    # a TypeError "unhashable type: 'list'" naming no file
+    "an image_id that is a list": (_edited(lambda d: d["annotations"][0].update(image_id=[1])),
+                                   r"annotation 1 needs an integer 'image_id', got \[1\]"),
+    "a category_id that is an object": (_edited(lambda d: d["annotations"][2].update(category_id={"id": 2})),
+                                        "annotation 3 needs an integer 'category_id', got {'id': 2}"),
+    # taken as image 1 and category 5 (True == 1, 5.0 == 5), where the images' and categories' own ids must be integers
+    "an image_id of true": (_edited(lambda d: d["annotations"][0].update(image_id=True)),
+                            "annotation 1 needs an integer 'image_id', got True"),
+    "a category_id of 5.0": (_edited(lambda d: d["annotations"][0].update(category_id=5.0)),
+                             "annotation 1 needs an integer 'category_id', got 5.0"),
     # hours: every continuation character made the count a longer integer (quadratic time)
     "2 million RLE continuation characters": (
         _edited(lambda d: d["annotations"][1]["segmentation"].update(counts="o" * 2_000_000 + "0")),

@@ -200,6 +200,11 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if ident in seen:
             raise ValueError(f"{where!r}: annotation id {ident} appears twice")
         seen.add(ident)
+        for key in ("image_id", "category_id"):
+            # as the images' and categories' own ids: a list or an object stopped the reading with "unhashable type",
+            # naming no file, and true or 1.0 took image (or category) 1
+            if not _is_int(ann.get(key)):
+                raise ValueError(f"{where!r}: annotation {ident} needs an integer {key!r}, got {ann.get(key)!r}"[:300])
         if ann.get("image_id") not in by_id:
             raise ValueError(f"{where!r}: annotation {ident} refers to image {ann.get('image_id')!r}, which 'images' does not list")
         if ann.get("category_id") not in names:

@@ -26,6 +26,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
+from pvtv2 import PvtV2Config  # noqa: E402
 from pvtv2.cli import main  # noqa: E402
 from pvtv2.data.coco import (  # noqa: E402
     BOX_METRICS,
@@ -34,6 +35,7 @@ from pvtv2.data.coco import (  # noqa: E402
     detections_to_coco,
     read_coco_annotations,
 )
+from pvtv2.inference import evaluate_detector  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- random files
@@ -472,3 +474,69 @@ def test_masks_of_another_size_than_their_image_are_refused_not_scored(tmp_path)
         with pytest.raises(ValueError, match=f"image 1 has a mask of {size} pixels, but the image is 20 x 30"):
             coco_evaluate(annotations, results(wrong), ("bbox", "segm"))
         assert coco_evaluate(annotations, results(wrong), ("bbox",))["bbox"]["AP"] == pytest.approx(1.0)  # boxes only
+
+
+class _Answers(torch.nn.Module):
+    """A stand-in detector: given outputs per image, found by the image's bytes; classes ``id2label``."""
+
+    def __init__(self, id2label: dict[int, str], detector: str, answers: dict[bytes, dict]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = PvtV2Config(id2label=id2label, detector=detector)
+        self.answers = answers
+
+    def forward(self, images):
+        return [copy.deepcopy(self.answers[image.numpy().tobytes()]) for image in images]
+
+
+def test_eval_of_a_model_whose_classes_are_some_of_the_files_in_another_order_is_cocoevals(tmp_path):
+    """``evaluate_detector`` (``pvtv2 eval --task detection``) with a model whose classes are a random subset of the
+    file's category names, shuffled, plus names the file lacks: labels map to categories by name (written out here),
+    detections of the other classes are left out, and the numbers are COCOeval's on the file."""
+    logging.disable(logging.WARNING)
+    try:
+        scored = 0
+        for seed in range(25):
+            rng = np.random.default_rng([323, seed])
+            masks = bool(rng.random() < 0.5)
+            kinds = ("polygons", "rle", "compressed") if masks else ALL_MASKS
+            root = tmp_path / str(seed)
+            path, data = write_random_coco(rng, root, kinds)
+            if not any(not a.get("iscrowd") for a in data["annotations"]):
+                continue
+            annotations = read_coco_annotations(path)
+            names = [annotations.id2label[i] for i in range(len(annotations.category_ids))]
+            chosen = [n for n in names if rng.random() < 0.8] or names[:1]
+            chosen = [str(n) for n in rng.permutation(chosen)] + ["stranger"] * int(rng.random() < 0.5)
+            id2label = dict(enumerate(chosen))
+            outputs = _random_outputs(rng, dict(data, categories=chosen), masks)
+            dataset = CocoDetection(root, "val")
+            answers = {dataset[n][0].numpy().tobytes(): outputs[data["images"].index(next(
+                im for im in data["images"] if im["id"] == info["id"]))] for n, info in enumerate(dataset.images)}
+            if len(answers) < len(outputs):
+                continue  # two identical pictures
+            model = _Answers(id2label, "mask_rcnn" if masks else "retinanet", answers)
+            got = evaluate_detector(model, root, batch_size=int(rng.integers(1, 4)))
+            category = dict(zip(names, annotations.category_ids))
+            expected = []
+            for out, image in zip(outputs, data["images"]):
+                keep = [j for j, label in enumerate(out["labels"].tolist()) if id2label[label] in category]
+                kept = {k: v[keep] for k, v in out.items()}
+                ids = [category[id2label[label]] for label in kept["labels"].tolist()]
+                expected += _results_by_hand([dict(kept, labels=torch.arange(len(keep)))], [image["id"]], ids)
+            coco = _reference_coco(path)
+            assert got["detections"] == len(expected)
+            for iou_type, key in (("bbox", "box"), ("segm", "mask")):
+                if key not in got:
+                    assert iou_type == "segm" and not masks
+                    continue
+                reference = _cocoeval(coco, expected, iou_type)
+                numbers = [got[key][k] for k in BOX_METRICS]
+                if reference is None:
+                    assert set(numbers) <= {0.0, -1.0}, numbers
+                else:
+                    assert numbers == pytest.approx(reference, abs=1e-12), (seed, iou_type)
+                    scored += 1
+    finally:
+        logging.disable(logging.NOTSET)
+    assert scored > 25, scored

@@ -408,6 +408,13 @@ HOSTILE32 = {
     # read, then an OverflowError from the aspect-ratio grouping of training batches
     "huge image width": (_edited(lambda d: [a.pop("segmentation") for a in d["annotations"]] and d["images"][0].update(width=HUGE)),
                          r"image 1 needs positive integer 'width' and 'height' \(at most 2147483647\), got 1000"),
+    # inside an image the file says is 2**31 - 1 pixels wide, so past the check for polygon points far outside their
+    # image: 4 * 10**6 pixels across took 600 MB and seconds to read, 2 * 10**9 crashed the process (pycocotools)
+    "a polygon 4 million pixels across": (
+        _edited(lambda d: d["images"][0].update(width=2**31 - 1, height=2**31 - 1) or d["annotations"].__setitem__(
+            slice(0, 2), [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [0, 0, 5, 5],
+                           "segmentation": [[0, 0, 4e6, 0, 4e6, 4e6]]}])),
+        "annotation 1: a polygon whose edges run 1.2e\+07 pixels"),
     # a RecursionError traceback from the JSON reader
     "arrays nested 100000 deep": (_text_edit('"area": 72', '"area": 72, "extra": ' + "[" * 100000 + "]" * 100000),
                                   "cannot be read as JSON: maximum recursion depth"),

@@ -121,6 +121,7 @@ class CocoAnnotations:
 
 
 _MAX_SIDE = 2**31 - 1  # the largest image width or height an annotation file may state
+_MAX_POLYGON_LENGTH = 10**7  # pixels along a polygon's edges: some 500 MB of pycocotools' rasterisation
 
 
 def _is_int(value: Any) -> bool:
@@ -298,6 +299,14 @@ def _check_segmentation(segmentation: Any, image: dict[str, Any], what: str) -> 
             if far is not None:
                 raise ValueError(f"{what}: polygon point ({far[0]:g}, {far[1]:g}) lies more than the image's size beyond "
                                  f"its {width} x {height} area; polygon coordinates are pixels of the image")
+            # The same cost within an image that the file says is huge (any side up to 2**31 - 1 passes): a polygon
+            # 2 * 10**9 pixels across crashed the process, 4 * 10**6 took 600 MB. The rasterisation takes the
+            # longer of each edge's width and height (closed polygon), 5 points a pixel.
+            xs, ys = polygon[::2], polygon[1::2]
+            length = sum(max(abs(x - px), abs(y - py)) for x, y, px, py in zip(xs, ys, xs[-1:] + xs[:-1], ys[-1:] + ys[:-1]))
+            if length > _MAX_POLYGON_LENGTH:
+                raise ValueError(f"{what}: a polygon whose edges run {length:.3g} pixels (more than "
+                                 f"{_MAX_POLYGON_LENGTH:.0e}), which pycocotools would rasterise with gigabytes of memory")
         return
     if isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")

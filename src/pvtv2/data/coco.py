@@ -624,7 +624,8 @@ def coco_evaluate(
             for r in results:
                 size = r["segmentation"].get("size") if isinstance(r["segmentation"], Mapping) else None
                 image = gt.imgs[r["image_id"]]
-                if size is not None and [int(v) for v in size] != [image.get("height"), image.get("width")]:
+                known_size = [image.get("height"), image.get("width")]
+                if size is not None and None not in known_size and [int(v) for v in size] != known_size:
                     raise ValueError(
                         f"a detection in image {r['image_id']} has a mask of {size[0]} x {size[1]} pixels, but the "
                         f"image is {image.get('height')} x {image.get('width')}: masks must be of the image's pixels"

@@ -37,26 +37,28 @@ def _save(path, state, meta):
     return str(path)
 
 
-def _mutate(rng: np.random.Generator, state: dict, detector: str):
-    """(state, meta, expected): expected None where the file must load as the unmutated one, else the words one of
-    which the CheckpointError must hold ("FILE": the file's path)."""
+def _mutate(rng: np.random.Generator, state: dict, detector: str, kind: int):
+    """(state, meta, expected) for mutation ``kind`` (0-4: refused, 5: one that changes nothing read) on a random
+    key: expected None where the file must load as the unmutated one, else the words one of which the
+    CheckpointError must hold ("FILE": the file's path)."""
     meta = {"mmdet_version": "2.13.0", "CLASSES": CLASSES, "config": f"model = dict(type='{detector}')"}
     keys = sorted(state)
-    key = keys[int(rng.integers(0, len(keys)))]
     head = [k for k in keys if k.startswith(HEADS)]
-    kind = int(rng.integers(0, 9))
+    cuttable = [k for k in keys if state[k].shape[0] > 1]
+    key = cuttable[int(rng.integers(0, len(cuttable)))]
     if kind == 0:  # a head tensor missing
         key = head[int(rng.integers(0, len(head)))]
         return {k: v for k, v in state.items() if k != key}, meta, (key,)
     if kind == 1:  # an encoder tensor missing
         key = [k for k in keys if k.startswith("backbone.")][int(rng.integers(0, len(keys) - len(head)))]
-        return {k: v for k, v in state.items() if k != key}, meta, ("FILE",)
+        # "do not fit" naming the file and the key, or one of the tensors the configuration is read from, named
+        return {k: v for k, v in state.items() if k != key}, meta, ("FILE", "the checkpoint lacks 'encoder.")
     if kind == 2:  # a tensor that no detector has
         extra = head[int(rng.integers(0, len(head)))].rsplit(".", 1)[0] + ".extra_scale"
         return dict(state, **{extra: torch.ones(3)}), meta, ("extra_scale",)
-    if kind == 3 and state[key].shape[0] > 1:  # one output channel short
+    if kind == 3:  # one output channel short
         return dict(state, **{key: state[key][:-1].clone()}), meta, (key.rsplit(".", 1)[0], "FILE")  # its layer
-    if kind == 4 and state[key].ndim:  # integers for a float parameter
+    if kind == 4:  # integers for a float parameter
         return dict(state, **{key: state[key].to(torch.int64)}), meta, ("non-float",)
     # what a detector does not read: class names of another kind or count (said, not used), no config, no meta,
     # float64 tensors (float32 values widened), a DataParallel prefix on every key
@@ -79,9 +81,9 @@ def test_mutated_mmdetection_files_load_as_the_original_or_are_clear_errors(tmp_
     original = PvtV2ForObjectDetection.from_pretrained(_save(tmp_path / "original.pth", files[detector], {
         "CLASSES": CLASSES, "config": f"model = dict(type='{detector}')"})).state_dict()
     outcomes = {"loaded": 0, "refused": 0}
-    for seed in range(12):
+    for seed in range(9):
         rng = np.random.default_rng([32, seed, len(detector)])
-        state, meta, expected = _mutate(rng, files[detector], detector)
+        state, meta, expected = _mutate(rng, files[detector], detector, kind=min(seed, 5))
         path = _save(tmp_path / f"{detector.lower()}_{seed}.pth", state, meta)
         if expected is None:
             model = PvtV2ForObjectDetection.from_pretrained(path)
@@ -96,4 +98,4 @@ def test_mutated_mmdetection_files_load_as_the_original_or_are_clear_errors(tmp_
                 PvtV2ForObjectDetection.from_pretrained(path)
             assert any((path if word == "FILE" else word) in str(caught.value) for word in expected), (seed, caught.value)
             outcomes["refused"] += 1
-    assert outcomes["loaded"] >= 2 and outcomes["refused"] >= 4, outcomes
+    assert outcomes == {"loaded": 4, "refused": 5}, outcomes

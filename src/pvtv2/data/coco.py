@@ -120,12 +120,21 @@ class CocoAnnotations:
         return gt
 
 
+_MAX_SIDE = 2**31 - 1  # the largest image width or height an annotation file may state
+_MAX_POLYGON_LENGTH = 10**7  # pixels along a polygon's edges: some 500 MB of pycocotools' rasterisation
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range (JSON has no limit): an OverflowError came out of reading
+        return False
 
 
 def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
@@ -138,6 +147,10 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         raise ValueError(f"{where!r} is not valid JSON: {err}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{where!r} is not a UTF-8 text file") from None
+    except (ValueError, RecursionError) as err:
+        # Valid JSON that Python's reader refuses: an integer of more than 4300 digits (a ValueError that named no
+        # file) or arrays nested thousands deep (a RecursionError and its traceback)
+        raise ValueError(f"{where!r} cannot be read as JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where!r} must hold a JSON object with 'images', 'annotations' and 'categories', got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -155,8 +168,10 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if not isinstance(name, str) or not name or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
             raise ValueError(f"{where!r}: image {image['id']} needs a 'file_name' relative to the image folder, got {name!r}")
         width, height = image.get("width"), image.get("height")
-        if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
-            raise ValueError(f"{where!r}: image {image['id']} needs positive integer 'width' and 'height', got {width!r} x {height!r}")
+        # bounded: a side of 10**400 passed and then stopped the aspect-ratio grouping with an OverflowError
+        if not (_is_int(width) and _is_int(height) and 0 < width <= _MAX_SIDE and 0 < height <= _MAX_SIDE):
+            raise ValueError(f"{where!r}: image {image['id']} needs positive integer 'width' and 'height' (at most "
+                             f"{_MAX_SIDE}), got {repr(width)[:40]} x {repr(height)[:40]}")
         if image["id"] in by_id:
             raise ValueError(f"{where!r}: image id {image['id']} appears twice")
         entry = {"id": image["id"], "file_name": name, "width": width, "height": height}
@@ -186,6 +201,11 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if ident in seen:
             raise ValueError(f"{where!r}: annotation id {ident} appears twice")
         seen.add(ident)
+        for key in ("image_id", "category_id"):
+            # as the images' and categories' own ids: a list or an object stopped the reading with "unhashable type",
+            # naming no file, and true or 1.0 took image (or category) 1
+            if not _is_int(ann.get(key)):
+                raise ValueError(f"{where!r}: annotation {ident} needs an integer {key!r}, got {ann.get(key)!r}"[:300])
         if ann.get("image_id") not in by_id:
             raise ValueError(f"{where!r}: annotation {ident} refers to image {ann.get('image_id')!r}, which 'images' does not list")
         if ann.get("category_id") not in names:
@@ -279,6 +299,14 @@ def _check_segmentation(segmentation: Any, image: dict[str, Any], what: str) -> 
             if far is not None:
                 raise ValueError(f"{what}: polygon point ({far[0]:g}, {far[1]:g}) lies more than the image's size beyond "
                                  f"its {width} x {height} area; polygon coordinates are pixels of the image")
+            # The same cost within an image that the file says is huge (any side up to 2**31 - 1 passes): a polygon
+            # 2 * 10**9 pixels across crashed the process, 4 * 10**6 took 600 MB. The rasterisation takes the
+            # longer of each edge's width and height (closed polygon), 5 points a pixel.
+            xs, ys = polygon[::2], polygon[1::2]
+            length = sum(max(abs(x - px), abs(y - py)) for x, y, px, py in zip(xs, ys, xs[-1:] + xs[:-1], ys[-1:] + ys[:-1]))
+            if length > _MAX_POLYGON_LENGTH:
+                raise ValueError(f"{what}: a polygon whose edges run {length:.3g} pixels (more than "
+                                 f"{_MAX_POLYGON_LENGTH:.0e}), which pycocotools would rasterise with gigabytes of memory")
         return
     if isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")
@@ -312,6 +340,10 @@ def _compressed_rle_counts(text: str) -> list[int] | None:
                 return None  # a continuation bit on the last character
             c = ord(text[position]) - 48
             if not 0 <= c < 64:
+                return None
+            if c & 0x1F and shift > 60:
+                # a count of 2**60 or more, which no mask has: refused here, as a run of such characters made the
+                # value an ever longer integer (a few megabytes of them took hours to read)
                 return None
             value |= (c & 0x1F) << shift
             more = bool(c & 0x20)
@@ -586,6 +618,18 @@ def coco_evaluate(
             raise ValueError("mask metrics need a 'segmentation' in every detection (a mask_rcnn model's)")
         if iou_type == "segm" and any(not a.get("segmentation") for a in gt.dataset["annotations"]):
             raise ValueError("mask metrics need a 'segmentation' in every ground-truth annotation")
+        if iou_type == "segm":
+            # pycocotools compares the runs of two masks as they are: a mask of another size than its image (one
+            # of a resized or padded batch) scored IoU 0, or some other number, without a word
+            for r in results:
+                size = r["segmentation"].get("size") if isinstance(r["segmentation"], Mapping) else None
+                image = gt.imgs[r["image_id"]]
+                known_size = [image.get("height"), image.get("width")]
+                if size is not None and None not in known_size and [int(v) for v in size] != known_size:
+                    raise ValueError(
+                        f"a detection in image {r['image_id']} has a mask of {size[0]} x {size[1]} pixels, but the "
+                        f"image is {image.get('height')} x {image.get('width')}: masks must be of the image's pixels"
+                    )
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
             if results:

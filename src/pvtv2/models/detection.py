@@ -102,6 +102,7 @@ __all__ = [
     "DETECTORS",
     "DETECTION_DEFAULTS",
     "DETECTOR_DEFAULTS",
+    "GroupNormAnyBatch",
     "PvtV2FeaturePyramid",
     "PvtV2ForObjectDetection",
     "detection_config",
@@ -322,6 +323,16 @@ def _anchor_generator(config: PvtV2Config, strides: list[int]) -> nn.Module:
     return AnchorGenerator(sizes, ratios)
 
 
+class GroupNormAnyBatch(nn.GroupNorm):
+    """``nn.GroupNorm`` (the same parameters and arithmetic) without ``F.group_norm``'s check for more than one value
+    per group, which counts the batch: FCOS's head normalises in 32 groups, one channel each at ``fpn_channels=32``,
+    so a level of one cell (P7 of an image padded to 128 pixels or less) was refused for a single image ("Expected
+    more than 1 value per channel when training", in eval too) and computed for the same image in a batch of two."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
 def _build_detector(config: PvtV2Config, encoder: PvtV2Model | None) -> nn.Module:
     """The torchvision detector for ``config`` (already completed by :func:`detection_config`)."""
     import_torchvision()
@@ -344,10 +355,14 @@ def _build_detector(config: PvtV2Config, encoder: PvtV2Model | None) -> nn.Modul
             nms_thresh=config.nms_threshold, detections_per_img=config.detections_per_image, **common,
         )
     if config.detector == "fcos":
-        return D.FCOS(
+        fcos = D.FCOS(
             backbone, config.num_labels, anchor_generator=anchors, score_thresh=config.score_threshold,
             nms_thresh=config.nms_threshold, detections_per_img=config.detections_per_image, **common,
         )
+        for module in fcos.head.modules():
+            if type(module) is nn.GroupNorm:
+                module.__class__ = GroupNormAnyBatch
+        return fcos
     # The R-CNNs' softmax has a background class at index 0: num_labels + 1 classes.
     names = [str(n) for n in range(len(backbone.stages))]  # RoIAlign reads the FPN's stage levels, not the pooled one
     if config.detection_convention == "mmdetection":

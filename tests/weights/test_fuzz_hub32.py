@@ -157,9 +157,11 @@ def _random_cache(rng: random.Random, seed: int, root) -> tuple[list[dict], str 
     return revisions, sub, damaged
 
 
-def _resolved(root, revision: str | None, subfolder: str | None) -> tuple[str, str] | None:
-    """(file, commit) huggingface_hub's cache lookup resolves, trying transformers' weight file names in order."""
-    for name in WEIGHT_FILES:
+def _resolved(root, revision: str | None, subfolder: str | None, use_safetensors: bool | None
+              ) -> tuple[str, str] | None:
+    """(file, commit) huggingface_hub's cache lookup resolves, trying transformers' weight file names in order
+    (``use_safetensors``: True the safetensors ones only, False the PyTorch ones only)."""
+    for name in {None: WEIGHT_FILES, True: WEIGHT_FILES[:2], False: WEIGHT_FILES[2:]}[use_safetensors]:
         filename = f"{subfolder}/{name}" if subfolder else name
         found = try_to_load_from_cache(REPO, filename, cache_dir=root, revision=revision)
         if found is None or found is _CACHED_NO_EXIST:
@@ -173,7 +175,7 @@ def _resolved(root, revision: str | None, subfolder: str | None) -> tuple[str, s
     return None
 
 
-@pytest.mark.parametrize("seed", range(36))
+@pytest.mark.parametrize("seed", range(60))
 def test_a_random_cache_loads_the_revision_huggingface_hub_resolves(tmp_path, seed):
     rng = random.Random(seed)
     revisions, sub, damaged = _random_cache(rng, seed, tmp_path)
@@ -181,7 +183,9 @@ def test_a_random_cache_loads_the_revision_huggingface_hub_resolves(tmp_path, se
     asked += [r["commit"] for r in revisions] + [ref for r in revisions for ref in r["refs"]]
     revision = rng.choice(asked)
     subfolder = sub if rng.random() < 0.9 else rng.choice([None, "sub", "zzz"])
-    resolved = _resolved(tmp_path, revision, subfolder)
+    where = dict(revision=revision, cache_dir=tmp_path, subfolder=subfolder,
+                 use_safetensors=rng.choice([None, None, True, False]))
+    resolved = _resolved(tmp_path, revision, subfolder, where["use_safetensors"])
     if resolved is not None:
         filename, commit = resolved
         rev = next(r for r in revisions if r["commit"] == commit)
@@ -189,19 +193,18 @@ def test_a_random_cache_loads_the_revision_huggingface_hub_resolves(tmp_path, se
         broken = [entry for c, entry in damaged if c == commit and (entry in read or filename.endswith("index.json")
                                                                    and entry.startswith(rev["prefix"]))]
         if not broken:
-            model = PvtV2ForImageClassification.from_pretrained(REPO, revision=revision, cache_dir=tmp_path,
-                                                                 subfolder=subfolder)
+            model = PvtV2ForImageClassification.from_pretrained(REPO, **where)
             loaded, expected = model.state_dict(), rev["holds"][filename]
-            assert set(loaded) == set(expected), (revision, filename)
+            assert set(loaded) == set(expected), (where, filename)
             for key, tensor in expected.items():
-                assert torch.equal(loaded[key], tensor), (revision, filename, key)
+                assert torch.equal(loaded[key], tensor), (where, filename, key)
             return
         with pytest.raises((FileNotFoundError, ValueError)) as raised:  # a damaged entry it reads: named
-            PvtV2ForImageClassification.from_pretrained(REPO, revision=revision, cache_dir=tmp_path, subfolder=subfolder)
+            PvtV2ForImageClassification.from_pretrained(REPO, **where)
         assert any(entry in str(raised.value) for entry in broken), str(raised.value)
         return
     with pytest.raises((FileNotFoundError, ValueError)) as raised:  # nothing loads where huggingface_hub finds nothing
-        PvtV2ForImageClassification.from_pretrained(REPO, revision=revision, cache_dir=tmp_path, subfolder=subfolder)
+        PvtV2ForImageClassification.from_pretrained(REPO, **where)
     assert REPO in str(raised.value) or "models--org--name" in str(raised.value), str(raised.value)
 
 

@@ -670,7 +670,7 @@ def _add_export(subparsers) -> None:
     p.add_argument("--check-sizes", nargs="+", type=_check_size, metavar="BxHxW", default=DEFAULT_CHECK_SIZES,
                    help=f"input sizes to check, batch up to 64, sides up to 4096 (default: {default_sizes}; for a "
                         f"depth model, whose sides must be multiples of 32, 1x96x128 in place of the last)")
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison (excludes --check-sizes)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_export)
 
@@ -687,10 +687,13 @@ def _load_any(source: str):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import MAX_OPSET, MIN_OPSET, export_onnx, load_export_model
+    from .export import DEFAULT_CHECK_SIZES, MAX_OPSET, MIN_OPSET, export_onnx, load_export_model
     from .models.config import is_preset_name
     from .training.config import MAX_IMAGE_SIDE
 
+    if args.no_check and args.check_sizes is not DEFAULT_CHECK_SIZES:  # the sizes asked for were dropped unchecked
+        raise ValueError("--no-check and --check-sizes exclude each other: --no-check skips the comparison the sizes "
+                         "are for; pass one")
     for size in args.check_sizes:
         _check_range("--check-sizes batch", size[0], 1, 64)
         _check_range("--check-sizes height and width", max(size[1:]), 1, MAX_IMAGE_SIDE)

@@ -145,3 +145,14 @@ def test_an_output_under_a_file_is_a_write_error_naming_the_output(tmp_path, und
         export_onnx(model, tmp_path / under, exporter="torchscript", check_sizes=None)
     assert raised.value.errno == errno.ENOTDIR and raised.value.filename == str(tmp_path / under)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text().startswith("a ")
+
+
+def test_no_check_with_check_sizes_is_refused_not_the_sizes_dropped(tmp_path, capsys):
+    """`--no-check --check-sizes 16` wrote an unchecked graph without a word about the sizes asked for (16 pixels,
+    which B0 does not even run at)."""
+    from pvtv2.cli import main
+
+    status = main(["export", "-m", "pvt_v2_b0", "-o", str(tmp_path / "m.onnx"), "--no-check", "--check-sizes", "16"])
+    err = capsys.readouterr().err
+    assert status == 2 and list(tmp_path.iterdir()) == []
+    assert "pvtv2 export: error: --no-check and --check-sizes exclude each other" in err

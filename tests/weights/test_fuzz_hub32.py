@@ -272,3 +272,21 @@ def test_a_symlink_loop_in_a_snapshot_is_called_a_loop(tmp_path):
     with pytest.raises(HubFileNotFound, match=r"is damaged: .*config\.json' is a symlink loop") as raised:
         PvtV2ForImageClassification.from_pretrained(REPO, cache_dir=tmp_path)
     assert "missing" not in str(raised.value)
+
+
+def test_a_ref_written_with_a_newline_is_named_not_the_file_called_absent(tmp_path):
+    """`echo HASH > refs/main` (a cache written by hand) names no snapshot for huggingface_hub, which reads the
+    newline as part of the hash; the error said model.safetensors was not in the cache, though it is."""
+    files, _ = _revision_files(random.Random(0), 0, "safetensors", tmp_path)
+    repo = tmp_path / "models--org--name"
+    (repo / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    for name, data in files.items():
+        (repo / "snapshots" / ("a" * 40) / name).write_bytes(data)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40 + "\n")
+    assert try_to_load_from_cache(REPO, "model.safetensors", cache_dir=tmp_path) is None  # huggingface_hub: nothing
+    with pytest.raises(HubFileNotFound, match=r"is damaged: its ref .*refs/main' holds 'a{40}\\n': the commit hash "
+                                              r"with white space around it"):
+        PvtV2ForImageClassification.from_pretrained(REPO, cache_dir=tmp_path)
+    (repo / "refs" / "main").write_text("a" * 40)
+    PvtV2ForImageClassification.from_pretrained(REPO, cache_dir=tmp_path)

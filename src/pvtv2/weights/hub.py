@@ -295,11 +295,15 @@ def _broken_cache_entry(cache: Path, repo_id: str, filename: str, revision: str 
         if not ref.is_file():
             return None
         try:
-            commit = ref.read_text(encoding="utf-8").strip()
+            text = ref.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             return f"its ref {os.fspath(ref)!r} cannot be read ({err})"
+        commit = text.strip()
         if not _COMMIT.match(commit):
             return f"its ref {os.fspath(ref)!r} holds {commit[:60]!r}, not a commit hash"
+        if text != commit:  # huggingface_hub reads the file as it is: `echo HASH > refs/main` names no snapshot
+            return (f"its ref {os.fspath(ref)!r} holds {text!r}: the commit hash with white space around it, which "
+                    f"huggingface_hub does not strip (write the 40 characters alone)")
         named_by = f"its ref {os.fspath(ref)!r}"
     snapshot = repo / "snapshots" / commit
     if not snapshot.is_dir():

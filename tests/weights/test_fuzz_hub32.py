@@ -230,10 +230,14 @@ def test_a_timm_hub_repository_loads_as_timm_computes_it(tmp_path):
     _timm_repo(tmp_path, reference, _timm_config(7))
     model = PvtV2ForImageClassification.from_pretrained("timm/pvt_v2_tiny.in1k", cache_dir=tmp_path).eval()
     assert model.config.num_labels == 7 and not model.newly_initialized_keys
+    # the same files downloaded into a folder (`hf download timm/... --local-dir DIR`)
+    folder = next((tmp_path / "models--timm--pvt_v2_tiny.in1k" / "snapshots").iterdir())
+    local = PvtV2ForImageClassification.from_pretrained(folder).eval()
     x = torch.randn(2, 3, 48, 40)
     with torch.no_grad():
-        want, got = reference(x), model(x).logits
+        want, got, got_local = reference(x), model(x).logits, local(x).logits
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(got, got_local)
     # The file is no PVTv2 config: read as one, it is refused by name rather than taken for the defaults.
     with pytest.raises(ValueError, match=r"timm's config\.json \(architecture 'pvt_v2_b0'\), not a PVTv2 config"):
         PvtV2Config.from_pretrained("timm/pvt_v2_tiny.in1k", cache_dir=tmp_path)

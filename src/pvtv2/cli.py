@@ -40,10 +40,11 @@ def _check_demo_seed(seed: int) -> None:
         raise ValueError(f"--seed must be an integer in [0, 2**63-1], got {seed}")
 
 
-def _check_output_file(path: str, output_dir: str | None = None) -> None:
+def _check_output_file(path: str, output_dir: str | None = None, example: str = "out.png") -> None:
     """Refuse, before any work, an --output that cannot become a file: an existing folder, or a path under a
     file or under a folder this user may not write. (Missing parent folders are created.) With ``output_dir``,
-    ``path`` is a picture detect names in that --output-dir: the error names the flag given, not --output."""
+    ``path`` is a picture detect names in that --output-dir: the error names the flag given, not --output.
+    ``example``: the file name an existing folder is suggested to take (a picture's, unless given)."""
     import os
     from pathlib import Path
 
@@ -55,7 +56,7 @@ def _check_output_file(path: str, output_dir: str | None = None) -> None:
     remedy = "give a file name" if output_dir is None else "move it or give another --output-dir"
     if target.is_dir():
         if output_dir is None:
-            remedy = f"give a file name such as {os.path.join(path, 'out.png')!r}"
+            remedy = f"give a file name such as {os.path.join(path, example)!r}"
         raise ValueError(f"{named} is a folder; {remedy}")
     kind = path_kind(target)
     if kind not in ("file", "nothing", "dangling symlink"):
@@ -700,7 +701,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _check_range("--opset", args.opset, MIN_OPSET, MAX_OPSET)
     if not args.output.lower().endswith(".onnx"):  # a .txt or .png name would hide an ONNX model behind it
         raise ValueError(f"--output must be an ONNX file named *.onnx, got {args.output!r}")
-    _check_output_file(args.output)  # before minutes of loading and exporting
+    _check_output_file(args.output, example="model.onnx")  # before minutes of loading and exporting
     # From weights: what the checkpoint holds (a classifier, a segmentation or depth model; a head-less one exports
     # its encoder), never a random head.
     preset = is_preset_name(args.model)

@@ -156,3 +156,15 @@ def test_no_check_with_check_sizes_is_refused_not_the_sizes_dropped(tmp_path, ca
     err = capsys.readouterr().err
     assert status == 2 and list(tmp_path.iterdir()) == []
     assert "pvtv2 export: error: --no-check and --check-sizes exclude each other" in err
+
+
+def test_an_output_folder_is_suggested_an_onnx_file_name(tmp_path, capsys):
+    """For a folder named as --output, export suggested '<folder>/out.png', a name its own check refuses."""
+    from pvtv2.cli import main
+
+    (tmp_path / "dir.onnx").mkdir()
+    assert main(["export", "-m", "pvt_v2_b0", "-o", str(tmp_path / "dir.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pvtv2 export: error: --output {str(tmp_path / 'dir.onnx')!r} is a folder; give a file name such "
+                   f"as {str(tmp_path / 'dir.onnx' / 'model.onnx')!r}"]
+    assert list((tmp_path / "dir.onnx").iterdir()) == []

@@ -524,6 +524,9 @@ def export_onnx(
             declared = _file_opset(tmp)
             if declared is not None and declared != opset:
                 failure = f"{name} exporter wrote opset {declared}, not the {opset} asked for"
+                if name == "dynamo" and declared > opset:  # torch's dynamo exporter converts down from 18, or not
+                    failure += (f" (it writes opset {declared} where torch cannot convert the graph down to {opset}: "
+                                f"use the torchscript exporter or opset {declared} or later)")
                 attempts.append(failure)
                 logger.warning("%s", failure)
                 continue

@@ -168,3 +168,22 @@ def test_an_output_folder_is_suggested_an_onnx_file_name(tmp_path, capsys):
     assert err == [f"pvtv2 export: error: --output {str(tmp_path / 'dir.onnx')!r} is a folder; give a file name such "
                    f"as {str(tmp_path / 'dir.onnx' / 'model.onnx')!r}"]
     assert list((tmp_path / "dir.onnx").iterdir()) == []
+
+
+def test_a_dynamo_export_below_its_opset_says_what_to_do(tmp_path, monkeypatch):
+    """torch's dynamo exporter writes opset 18 wherever it cannot convert the graph down (every PVTv2 graph here,
+    for 14 to 17): the refusal names the two ways out, not the mismatch alone."""
+    from pvtv2 import export
+
+    def writes_opset_18(wrapper, example, path, exporter, opset, names, shapes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=18,
+                              input_names=["pixel_values"], output_names=list(names))
+
+    monkeypatch.setattr(export, "_export_once", writes_opset_18)
+    _, model = random_model(random.Random(1), 1)
+    with pytest.raises(export.ExportError, match=r"dynamo exporter wrote opset 18, not the 15 asked for \(it writes "
+                                                 r"opset 18 .* use the torchscript exporter or opset 18 or later\)"):
+        export_onnx(model, tmp_path / "m.onnx", exporter="dynamo", opset=15, check_sizes=None)
+    assert list(tmp_path.iterdir()) == []

@@ -40,10 +40,11 @@ def _check_demo_seed(seed: int) -> None:
         raise ValueError(f"--seed must be an integer in [0, 2**63-1], got {seed}")
 
 
-def _check_output_file(path: str, output_dir: str | None = None) -> None:
+def _check_output_file(path: str, output_dir: str | None = None, example: str = "out.png") -> None:
     """Refuse, before any work, an --output that cannot become a file: an existing folder, or a path under a
     file or under a folder this user may not write. (Missing parent folders are created.) With ``output_dir``,
-    ``path`` is a picture detect names in that --output-dir: the error names the flag given, not --output."""
+    ``path`` is a picture detect names in that --output-dir: the error names the flag given, not --output.
+    ``example``: the file name an existing folder is suggested to take (a picture's, unless given)."""
     import os
     from pathlib import Path
 
@@ -55,7 +56,7 @@ def _check_output_file(path: str, output_dir: str | None = None) -> None:
     remedy = "give a file name" if output_dir is None else "move it or give another --output-dir"
     if target.is_dir():
         if output_dir is None:
-            remedy = f"give a file name such as {os.path.join(path, 'out.png')!r}"
+            remedy = f"give a file name such as {os.path.join(path, example)!r}"
         raise ValueError(f"{named} is a folder; {remedy}")
     kind = path_kind(target)
     if kind not in ("file", "nothing", "dangling symlink"):
@@ -670,7 +671,7 @@ def _add_export(subparsers) -> None:
     p.add_argument("--check-sizes", nargs="+", type=_check_size, metavar="BxHxW", default=DEFAULT_CHECK_SIZES,
                    help=f"input sizes to check, batch up to 64, sides up to 4096 (default: {default_sizes}; for a "
                         f"depth model, whose sides must be multiples of 32, 1x96x128 in place of the last)")
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison (excludes --check-sizes)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=_cmd_export)
 
@@ -687,17 +688,20 @@ def _load_any(source: str):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import MAX_OPSET, MIN_OPSET, export_onnx, load_export_model
+    from .export import DEFAULT_CHECK_SIZES, MAX_OPSET, MIN_OPSET, export_onnx, load_export_model
     from .models.config import is_preset_name
     from .training.config import MAX_IMAGE_SIDE
 
+    if args.no_check and args.check_sizes is not DEFAULT_CHECK_SIZES:  # the sizes asked for were dropped unchecked
+        raise ValueError("--no-check and --check-sizes exclude each other: --no-check skips the comparison the sizes "
+                         "are for; pass one")
     for size in args.check_sizes:
         _check_range("--check-sizes batch", size[0], 1, 64)
         _check_range("--check-sizes height and width", max(size[1:]), 1, MAX_IMAGE_SIDE)
     _check_range("--opset", args.opset, MIN_OPSET, MAX_OPSET)
     if not args.output.lower().endswith(".onnx"):  # a .txt or .png name would hide an ONNX model behind it
         raise ValueError(f"--output must be an ONNX file named *.onnx, got {args.output!r}")
-    _check_output_file(args.output)  # before minutes of loading and exporting
+    _check_output_file(args.output, example="model.onnx")  # before minutes of loading and exporting
     # From weights: what the checkpoint holds (a classifier, a segmentation or depth model; a head-less one exports
     # its encoder), never a random head.
     preset = is_preset_name(args.model)

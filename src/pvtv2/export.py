@@ -501,13 +501,15 @@ def export_onnx(
     attempts: list[str] = []
     written = False
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
         try:  # a folder that takes no file is found now, not after each exporter has traced the model
+            output.parent.mkdir(parents=True, exist_ok=True)  # under a file: FileExistsError, NotADirectoryError
             with open(tmp, "wb"):
                 pass
             if len(output.name.encode()) > 255:  # the temporary name is short enough; the rename would fail
                 raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         except OSError as err:
+            if err.errno == errno.EEXIST:  # mkdir's word for a file where a folder of the path should be
+                err = OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             raise WriteError(output, err) from None
         for name in order:
             start = time.perf_counter()
@@ -522,6 +524,9 @@ def export_onnx(
             declared = _file_opset(tmp)
             if declared is not None and declared != opset:
                 failure = f"{name} exporter wrote opset {declared}, not the {opset} asked for"
+                if name == "dynamo" and declared > opset:  # torch's dynamo exporter converts down from 18, or not
+                    failure += (f" (it writes opset {declared} where torch cannot convert the graph down to {opset}: "
+                                f"use the torchscript exporter or opset {declared} or later)")
                 attempts.append(failure)
                 logger.warning("%s", failure)
                 continue
@@ -542,8 +547,8 @@ def export_onnx(
         kept = f" ({os.fspath(output)!r} was left as it was)" if output.exists() else ""
         raise ExportError(f"ONNX export failed, nothing was written{kept}: " + " | ".join(attempts))
     finally:
-        tmp.unlink(missing_ok=True)
-        if output.parent.is_dir():
+        if output.parent.is_dir():  # else nothing was written (unlinking under a file raised NotADirectoryError)
+            tmp.unlink(missing_ok=True)
             for extra in output.parent.glob(f".{output.name}.tmp*"):
                 extra.unlink(missing_ok=True)
         if not written:  # folders made for this output only; rmdir keeps any that something else filled meanwhile

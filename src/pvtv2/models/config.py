@@ -34,7 +34,7 @@ from .labels import generic_id2label, imagenet_id2label
 __all__ = [
     "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
     "list_presets", "preset_key", "is_preset_name", "unknown_fields", "read_json_config", "short_repr",
-    "check_problem_type", "STAGE_LISTS",
+    "check_problem_type", "STAGE_LISTS", "timm_architecture",
 ]
 
 logger = logging.getLogger(__name__)
@@ -497,6 +497,16 @@ def read_json_config(path: str | os.PathLike) -> Any:
         raise ValueError(f"{os.fspath(path)!r} is not a PVTv2 config: its JSON is nested too deeply") from None
 
 
+def timm_architecture(data: Any) -> str | None:
+    """The ``architecture`` of a timm ``config.json`` (what timm's hub repositories hold: ``architecture``,
+    ``num_classes``, ``num_features``, ``pretrained_cfg``), None for any other config. Such a file sets no PVTv2
+    field: read as one, every field took its default (B0's widths, two classes) whatever the model."""
+    if (isinstance(data, Mapping) and "model_type" not in data and isinstance(data.get("architecture"), str)
+            and ("pretrained_cfg" in data or "num_classes" in data)):
+        return data["architecture"]
+    return None
+
+
 def config_from_file(path: str | os.PathLike, data: Any, build: Callable[..., Any], **overrides: Any) -> Any:
     """``build(data, **overrides)``, the config of the file ``path`` holding ``data``. An error in the file's own
     values names the file (a model folder's config.json is otherwise not mentioned); an error that the overrides
@@ -906,6 +916,13 @@ class PvtV2Config:
         """A config from a ``config.json``'s contents; ``overrides`` change fields (see :func:`merge_changes`)."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a PVTv2 config must be a JSON object, got {type(data).__name__}")
+        architecture = timm_architecture(data)
+        if architecture is not None:
+            raise ValueError(
+                f"this is timm's config.json (architecture {short_repr(architecture)}), not a PVTv2 config: it sets "
+                f"none of PVTv2's fields. Load the weights beside it with from_pretrained, which reads the "
+                f"architecture off their shapes, or build a config with PvtV2Config.from_preset"
+            )
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             raise ValueError(f"config has model_type={short_repr(model_type)}, expected {cls.model_type!r}")

@@ -266,11 +266,13 @@ def _a_file(found: str) -> Path:
 
 
 def _uncached_revision(cache: Path, repo_id: str, revision: str | None) -> bool:
-    """Whether the cache holds ``repo_id`` but has no ref for ``revision`` (a branch or tag name; a commit hash is
-    :func:`_broken_cache_entry`'s to judge)."""
+    """Whether the cache holds ``repo_id`` but not ``revision``: no ref for a branch or tag name, no snapshot folder
+    for a commit hash (one never downloaded: nothing is damaged, and deleting the cache would not bring it)."""
     repo = _repo_folder(cache, repo_id)
     revision = revision or "main"
-    return repo.is_dir() and not _COMMIT.match(revision) and not (repo / "refs" / revision).is_file()
+    if _COMMIT.match(revision):
+        return repo.is_dir() and not (repo / "snapshots" / revision).is_dir()
+    return repo.is_dir() and not (repo / "refs" / revision).is_file()
 
 
 def _repo_folder(cache: Path, repo_id: str) -> Path:
@@ -284,22 +286,31 @@ def _broken_cache_entry(cache: Path, repo_id: str, filename: str, revision: str 
     repo = _repo_folder(cache, repo_id)
     revision = revision or "main"
     if _COMMIT.match(revision):
+        # a commit without a snapshot folder was never downloaded (see _uncached_revision), which is no damage
         commit, named_by = revision, f"revision {revision}"
+        if not (repo / "snapshots" / commit).is_dir():
+            return None
     else:
         ref = repo / "refs" / revision
         if not ref.is_file():
             return None
         try:
-            commit = ref.read_text(encoding="utf-8").strip()
+            text = ref.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             return f"its ref {os.fspath(ref)!r} cannot be read ({err})"
+        commit = text.strip()
         if not _COMMIT.match(commit):
             return f"its ref {os.fspath(ref)!r} holds {commit[:60]!r}, not a commit hash"
+        if text != commit:  # huggingface_hub reads the file as it is: `echo HASH > refs/main` names no snapshot
+            return (f"its ref {os.fspath(ref)!r} holds {text!r}: the commit hash with white space around it, which "
+                    f"huggingface_hub does not strip (write the 40 characters alone)")
         named_by = f"its ref {os.fspath(ref)!r}"
     snapshot = repo / "snapshots" / commit
     if not snapshot.is_dir():
         return f"{named_by} names commit {commit}, whose snapshot folder {os.fspath(snapshot)!r} is missing"
     entry = snapshot / filename
+    if path_kind(entry) == "symlink loop":
+        return f"{os.fspath(entry)!r} is a symlink loop (it points, through links, back at itself)"
     if entry.is_symlink() and not entry.exists():
         return f"{os.fspath(entry)!r} links to {os.readlink(entry)!r}, which is missing"
     return None

@@ -30,7 +30,7 @@ import torch
 from ..fileio import atomic_write_json, path_kind
 from ..models.config import (
     DEPTH_DEFAULTS, PRESETS, SEGMENTATION_DEFAULTS, PvtV2Config, config_from_file, merge_changes, read_json_config,
-    short_repr,
+    short_repr, timm_architecture,
 )
 from ..models.labels import has_generic_labels, imagenet_id2label
 from .files import CheckpointError, is_shard_index, read_checkpoint_and_config, save_state_dicts, shard_names
@@ -740,6 +740,10 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     config_path, weights_path = locate_checkpoint(source, **where, variant=variant, use_safetensors=use_safetensors)
     if given is not None:
         config_path = None  # not read, so never named as the cause of a misfit
+    elif config_path is not None and timm_architecture(read_json_config(config_path)) is not None:
+        # A timm hub repository's config.json (architecture, num_classes, pretrained_cfg) sets no PVTv2 field: the
+        # configuration comes from the weights' shapes, as for a timm file alone
+        config_path = None
     state, class_names, recorded = read_checkpoint_and_config(weights_path)
     layout = detect_layout(state)
     canonical = to_canonical(state, layout)

@@ -849,7 +849,10 @@ def segmentation_logits(
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         out = model(pixels)
         # A tuple where the config says "return_dict": false (any module with .logits is taken, so not asked for)
-        logits = (out[0] if isinstance(out, tuple) else out.logits).float()  # (B, K, h/4, w/4)
+        logits = out[0] if isinstance(out, tuple) else out.logits  # (B, K, h/4, w/4)
+        # At least float32 (a half-precision model's logits are summed and averaged): a float64 model's were rounded
+        # to float32, its slide and whole logits only as exact as float32's 1e-7 relative.
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         return F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
 
     if mode == "whole":
@@ -864,7 +867,7 @@ def segmentation_logits(
             f"the windows would leave gaps"
         )
     total: torch.Tensor | None = None
-    count = torch.zeros(1, 1, height, width, device=pixel_values.device)
+    count = torch.zeros(1, 1, height, width, dtype=torch.float32, device=pixel_values.device)  # whole numbers: exact
     for top in window_starts(height, crop_h, stride_h):
         for left in window_starts(width, crop_w, stride_w):
             bottom, right = min(top + crop_h, height), min(left + crop_w, width)
@@ -873,7 +876,7 @@ def segmentation_logits(
                 total = logits.new_zeros(logits.shape[0], logits.shape[1], height, width)
             total[:, :, top:bottom, left:right] += logits
             count[:, :, top:bottom, left:right] += 1
-    return total / count  # type: ignore[operator]
+    return total / count.to(total.dtype)  # type: ignore[union-attr]
 
 
 def _check_scales(scales: Sequence[float]) -> None:

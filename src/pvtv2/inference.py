@@ -896,15 +896,16 @@ def segmentation_probabilities(
     mode: str = "whole",
     crop: int | Sequence[int] = 512,
     stride: int | Sequence[int] | None = None,
-    output_size: tuple[int, int] | None = None,
+    output_size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """(B, K, H, W) class probabilities at ``output_size`` (default: the input's), averaged over test-time
-    augmentations as mmsegmentation's ``aug_test`` does: the input resized by each of ``scales`` (bilinear), and with
-    ``flip`` also mirrored; for each, :func:`segmentation_logits` (``mode``, ``crop``, ``stride``), resized to
+    """(B, K, H, W) class probabilities at ``output_size`` ((height, width), or one side for a square; default: the
+    input's), averaged over test-time augmentations as mmsegmentation's ``aug_test`` does: the input resized by each
+    of ``scales`` (bilinear), and with ``flip`` also mirrored; for each, :func:`segmentation_logits` (``mode``, ``crop``, ``stride``), resized to
     ``output_size``, softmax (sigmoid for a one-class model), mirrored back; then the mean."""
     _check_scales(scales)
     height, width = pixel_values.shape[-2:]
-    output_size = (height, width) if output_size is None else tuple(output_size)
+    # Checked as the window sizes are: (0, 5), (5,), 7.5 or (True, 3) reached F.interpolate's own errors.
+    output_size = (height, width) if output_size is None else _pair("output_size", output_size)
     total: torch.Tensor | None = None
     views = 0
     for scale in scales:

@@ -297,6 +297,21 @@ def test_multiscale_flip_is_mmsegmentations_aug_test():
         torch.testing.assert_close(got, sum(views) / len(views), rtol=1e-12, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("size", [(0, 5), (-1, 3), (5,), (5, 6, 7), (5.5, 3), (True, 3), "ab", 0])
+def test_a_bad_output_size_is_refused_by_name(size):
+    """They reached F.interpolate ("Input and output sizes should be greater than 0", "'int' object is not
+    iterable", an argument-signature dump for a bool)."""
+    with pytest.raises(ValueError, match="output_size must be a positive integer or a \\(height, width\\) pair"):
+        segmentation_probabilities(Context(3, 0), torch.randn(1, 3, 8, 8, dtype=torch.float64), output_size=size)
+
+
+def test_one_output_side_is_a_square():
+    model, image = Context(2, 1), torch.randn(1, 3, 9, 13, dtype=torch.float64)
+    torch.testing.assert_close(segmentation_probabilities(model, image, output_size=7),
+                               segmentation_probabilities(model, image, output_size=(7, 7)), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------- depth
 def bts_metrics(pred: np.ndarray, gt: np.ndarray, lo: float, hi: float, crop: bool) -> dict | None:
     """BTS's ``compute_errors`` after its masking and clamping; Eigen's crop at the same fractions of the frame."""

@@ -481,3 +481,18 @@ def test_random_segformer_and_glpn_configs_load_and_match_transformers_in_float6
     name = "predicted_depth" if depth else "logits"
     assert relative_error(getattr(expected, name), getattr(got, name)) < 1e-10
     assert float(got.loss) == pytest.approx(float(expected.loss), rel=1e-10)
+
+
+def test_a_data_loading_worker_error_is_one_line_naming_the_file(tmp_path, capsys):
+    """With --workers (the default on a GPU) torch re-raises a worker's error as "Caught ValueError in DataLoader
+    worker process 0." and the worker's whole traceback, which the command printed as its error."""
+    _segmentation_data(tmp_path / "data", "train")
+    argv = ["train", "--task", "segmentation", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
+            "--model", "tiny", "--epochs", "1", "--image-size", "32", "--batch-size", "2", "--workers", "1",
+            "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    line = next(line for line in err.splitlines() if line.startswith("pvtv2 train: error: "))
+    assert line.endswith("train/masks/1.png' holds class(es) [5] but the classes are 0..1 (DIR/labels.json names "
+                         "them) and 255 is the ignore value")

@@ -6,7 +6,11 @@
 - sliding-window logits against mmsegmentation's ``slide_inference`` (grid count, windows clamped to the image end,
   each window's logits resized to it, padded into place and averaged by a count map), whole and multi-scale + flip
   against ``aug_test`` (each view resized back bilinearly, softmax, mirrored back, mean), in float64;
-- depth metrics against BTS's closed forms, per image and as means over images from batch sums cut anywhere.
+- depth metrics against BTS's closed forms, per image and as means over images from batch sums cut anywhere;
+- random SegFormer / GLPN configurations against transformers in float64;
+- the faults the search found: float64 logits rounded to float32, flipped or big-endian depth maps refused, a bad
+  output_size reaching F.interpolate, a mask value beyond the classes stopping training without its file named (and,
+  with --workers, under torch's worker traceback).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -1440,7 +1441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Errors meant for people: print them without a traceback (use -v for one).
         if args.verbose:
             raise
-        print(f"pvtv2 {args.command}: error: {err}", file=sys.stderr)
+        print(f"pvtv2 {args.command}: error: {_worker_error_message(err)}", file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as err:
         # Out of memory while building or running a model (an absurd config, a batch too large for the device):
@@ -1453,6 +1454,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pvtv2 {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _worker_error_message(err: BaseException) -> str:
+    """The message of ``err``; for an error a DataLoader worker process raised (a mask or image it could not take),
+    the worker's own message: torch re-raises it as "Caught ValueError in DataLoader worker process 0." followed by
+    the worker's whole traceback, which the command printed as its one-line error (with --workers, the default on a
+    GPU)."""
+    text = str(err)
+    if not (text.startswith("Caught ") and " in DataLoader worker process " in text and "\nOriginal Traceback" in text):
+        return text
+    # The traceback ends with "[module.]Name: message" (the message may run over several lines).
+    lines = text.splitlines()
+    head = re.compile(rf"^(?:[\w.]+\.)?{re.escape(type(err).__name__)}: ")
+    for i in range(len(lines) - 1, -1, -1):
+        if head.match(lines[i]):
+            return "\n".join([head.sub("", lines[i], count=1), *lines[i + 1:]]).strip()
+    return text
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

@@ -849,7 +849,10 @@ def segmentation_logits(
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         out = model(pixels)
         # A tuple where the config says "return_dict": false (any module with .logits is taken, so not asked for)
-        logits = (out[0] if isinstance(out, tuple) else out.logits).float()  # (B, K, h/4, w/4)
+        logits = out[0] if isinstance(out, tuple) else out.logits  # (B, K, h/4, w/4)
+        # At least float32 (a half-precision model's logits are summed and averaged): a float64 model's were rounded
+        # to float32, its slide and whole logits only as exact as float32's 1e-7 relative.
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         return F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
 
     if mode == "whole":
@@ -864,7 +867,7 @@ def segmentation_logits(
             f"the windows would leave gaps"
         )
     total: torch.Tensor | None = None
-    count = torch.zeros(1, 1, height, width, device=pixel_values.device)
+    count = torch.zeros(1, 1, height, width, dtype=torch.float32, device=pixel_values.device)  # whole numbers: exact
     for top in window_starts(height, crop_h, stride_h):
         for left in window_starts(width, crop_w, stride_w):
             bottom, right = min(top + crop_h, height), min(left + crop_w, width)
@@ -873,7 +876,7 @@ def segmentation_logits(
                 total = logits.new_zeros(logits.shape[0], logits.shape[1], height, width)
             total[:, :, top:bottom, left:right] += logits
             count[:, :, top:bottom, left:right] += 1
-    return total / count  # type: ignore[operator]
+    return total / count.to(total.dtype)  # type: ignore[union-attr]
 
 
 def _check_scales(scales: Sequence[float]) -> None:
@@ -893,15 +896,16 @@ def segmentation_probabilities(
     mode: str = "whole",
     crop: int | Sequence[int] = 512,
     stride: int | Sequence[int] | None = None,
-    output_size: tuple[int, int] | None = None,
+    output_size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """(B, K, H, W) class probabilities at ``output_size`` (default: the input's), averaged over test-time
-    augmentations as mmsegmentation's ``aug_test`` does: the input resized by each of ``scales`` (bilinear), and with
-    ``flip`` also mirrored; for each, :func:`segmentation_logits` (``mode``, ``crop``, ``stride``), resized to
+    """(B, K, H, W) class probabilities at ``output_size`` ((height, width), or one side for a square; default: the
+    input's), averaged over test-time augmentations as mmsegmentation's ``aug_test`` does: the input resized by each
+    of ``scales`` (bilinear), and with ``flip`` also mirrored; for each, :func:`segmentation_logits` (``mode``, ``crop``, ``stride``), resized to
     ``output_size``, softmax (sigmoid for a one-class model), mirrored back; then the mean."""
     _check_scales(scales)
     height, width = pixel_values.shape[-2:]
-    output_size = (height, width) if output_size is None else tuple(output_size)
+    # Checked as the window sizes are: (0, 5), (5,), 7.5 or (True, 3) reached F.interpolate's own errors.
+    output_size = (height, width) if output_size is None else _pair("output_size", output_size)
     total: torch.Tensor | None = None
     views = 0
     for scale in scales:

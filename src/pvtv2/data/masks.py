@@ -193,7 +193,9 @@ class SegmentationFolder(torch.utils.data.Dataset):
     ``mean`` and ``std``; with ``hflip`` > 0, image and mask are flipped together with that probability. With a
     ``transform`` (:class:`~pvtv2.data.augment.SegmentationTrainTransform`: the rescale / crop / flip / photometric
     recipe), it does all of that instead and ``size`` is unused. ``reduce_labels`` reads ADE20K-style maps
-    (:func:`reduce_labels`: 0 is "no label", classes from 1), whose 0 becomes ``ignore_index``.
+    (:func:`reduce_labels`: 0 is "no label", classes from 1), whose 0 becomes ``ignore_index``. With
+    ``num_classes``, a mask value outside ``0 .. num_classes - 1`` (``ignore_index`` aside) is a ``ValueError``
+    naming the mask.
 
     The random draws for sample ``i`` in epoch ``e`` come from ``(seed, e, i)`` (:meth:`set_epoch`), not from global
     state, so a resumed run and any number of loader workers see the same augmentations.
@@ -203,6 +205,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self, root: str | os.PathLike, split: str, size: int | tuple[int, int], hflip: float = 0.0, seed: int = 0,
         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
         reduce_labels: bool = False, transform: SegmentationTrainTransform | None = None, ignore_index: int = 255,
+        num_classes: int | None = None,
     ) -> None:
         self.pairs = scan_segmentation_split(root, split)
         self.size = (size, size) if isinstance(size, int) else tuple(size)
@@ -214,6 +217,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self.reduce_labels = reduce_labels
         self.transform = transform
         self.ignore_index = ignore_index
+        self.num_classes = num_classes
         if transform is not None and transform.ignore_index != ignore_index:
             # The crop's padding and its class cap would use another ignore value than the labels and the loss.
             raise ValueError(f"the transform's ignore_index {transform.ignore_index} is not the dataset's {ignore_index}")
@@ -223,6 +227,18 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def _check_classes(self, labels: np.ndarray, mask_path: Path) -> None:
+        # A value beyond the classes (a mask of another labelling than labels.json's) stopped training at the batch
+        # that held it, after any number of steps, with the loss's "label values [5] are out of range" naming no file.
+        kept = labels[labels != self.ignore_index]
+        if kept.size and (int(kept.min()) < 0 or int(kept.max()) >= self.num_classes):
+            bad = np.unique(kept[(kept < 0) | (kept >= self.num_classes)])[:10].tolist()
+            raise ValueError(
+                f"mask {os.fspath(mask_path)!r} holds class(es) {bad}{' (after --reduce-labels)' if self.reduce_labels else ''}"
+                f" but the classes are 0..{self.num_classes - 1} (DIR/labels.json names them) and {self.ignore_index} is "
+                f"the ignore value"
+            )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = self.pairs[index]
@@ -236,10 +252,12 @@ class SegmentationFolder(torch.utils.data.Dataset):
                 f"mask {os.fspath(mask_path)!r} is {mask.width}x{mask.height} but its image {os.fspath(image_path)!r} "
                 f"is {image.width}x{image.height} (after its EXIF orientation); a mask labels its image's pixels"
             )
+        labels = np.asarray(mask)
+        if self.reduce_labels:
+            labels = reduce_labels(labels, self.ignore_index)
+        if self.num_classes is not None:
+            self._check_classes(labels, mask_path)
         if self.transform is not None:
-            labels = np.asarray(mask)
-            if self.reduce_labels:
-                labels = reduce_labels(labels, self.ignore_index)
             return self.transform(image, labels, derive_seed(self.seed, self.epoch, index))
         height, width = self.size
         image = image.resize((width, height), PIL.Image.BILINEAR)

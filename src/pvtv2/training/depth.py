@@ -47,7 +47,11 @@ def eigen_crop_mask(height: int, width: int) -> torch.Tensor:
 
 def _as_tensor(name: str, value: torch.Tensor | np.ndarray) -> torch.Tensor:
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold real numbers, got a NumPy array of dtype {value.dtype}")
+        # A fresh float64 copy in native byte order: torch.from_numpy refused a flipped view (np.fliplr, [:, ::-1],
+        # negative strides) and a big-endian array, both ordinary depth maps.
+        value = torch.from_numpy(np.array(value, dtype=np.float64, order="C"))
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or a NumPy array, got {type(value).__name__}")
     if not value.is_floating_point():

@@ -256,20 +256,23 @@ class SegmentationTask(Task):
         # class out of the loss and the metrics without a word.
         check_ignore_index(ignore, self.id2label)
         self.classes = [self.id2label[i] for i in sorted(self.id2label)]
+        # Mask values beyond the classes are named with their file when read (a one-class model takes 0 and 1).
+        classes = max(2, len(self.id2label))
         transform = None
         if cfg.seg_augment:
             # mmsegmentation's ADE20K pipeline at this crop: img_scale (4 x crop, crop), ratio 0.5-2, class cap 0.75.
             transform = SegmentationTrainTransform(crop_size=cfg.image_size, scale=(4 * cfg.image_size, cfg.image_size),
                                                    hflip=cfg.hflip, ignore_index=ignore)
         self.train_set = SegmentationFolder(cfg.data, "train", cfg.image_size, hflip=cfg.hflip, seed=cfg.seed,
-                                            reduce_labels=cfg.reduce_labels, transform=transform, ignore_index=ignore)
+                                            reduce_labels=cfg.reduce_labels, transform=transform, ignore_index=ignore,
+                                            num_classes=classes)
         if cfg.val_split is None:
             self.val_set = SegmentationFolder(cfg.data, "val", cfg.image_size, reduce_labels=cfg.reduce_labels,
-                                              ignore_index=ignore)
+                                              ignore_index=ignore, num_classes=classes)
             return
         # Evaluated as a val/ folder would be (resized, no augmentation); the images come out of train/.
         self.val_set = SegmentationFolder(cfg.data, "train", cfg.image_size, reduce_labels=cfg.reduce_labels,
-                                          ignore_index=ignore)
+                                          ignore_index=ignore, num_classes=classes)
         self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, pairs, cfg.val_split, cfg.seed)
 
     def new_model(self) -> nn.Module:

@@ -345,7 +345,8 @@ def test_segmentation_validation_loss_is_that_of_every_labelled_pixel_whatever_t
 # `pvtv2 train` with kill points of its own: SIGKILL right after the first os.replace whose source ends with
 # KILL32_AFTER_REPLACE_OF (".../last": between the two renames that swap a checkpoint folder in, the moment
 # fileio.recover_folder repairs), before the n-th os.replace (KILL32_BEFORE_REPLACE: e.g. metrics.jsonl written, the
-# checkpoints not yet), or at the start of the n-th evaluation (KILL32_VALIDATE); KILL32_RANK: only that process.
+# checkpoints not yet) or the first onto a name ending with KILL32_BEFORE_REPLACE_TO, or at the start of the n-th
+# evaluation (KILL32_VALIDATE); KILL32_RANK: only that process.
 _KILLER = '''
 import os, signal, sys
 
@@ -355,10 +356,11 @@ if os.environ.get("KILL32_RANK", os.environ.get("RANK", "0")) == os.environ.get(
 
     replace, count = os.replace, [0]
     after, before = os.environ.get("KILL32_AFTER_REPLACE_OF"), int(os.environ.get("KILL32_BEFORE_REPLACE", "0"))
+    before_to = os.environ.get("KILL32_BEFORE_REPLACE_TO")
 
     def killing_replace(src, dst, *args, **kwargs):
         count[0] += 1
-        if count[0] == before:
+        if count[0] == before or (before_to and os.fspath(dst).endswith(before_to)):
             die()
         replace(src, dst, *args, **kwargs)
         if after and os.fspath(src).endswith(after):
@@ -487,3 +489,23 @@ def test_dense_runs_killed_at_a_seeded_moment_resume_to_the_same_bits(tmp_path, 
 @pytest.mark.slow
 def test_a_two_process_segmentation_run_with_a_rank_killed_while_evaluating_resumes_to_the_same_bits(tmp_path):
     _kill_and_resume(tmp_path, "segmentation", 5, {"KILL32_VALIDATE": "2", "KILL32_RANK": "1"}, processes=2)
+
+
+def test_a_run_killed_after_its_last_checkpoint_draws_its_curves_when_resumed(tmp_path):
+    """Killed after the last epoch's checkpoint, before its curves.png was written: the resumed run has nothing left
+    to train, and said so, leaving curves.png one epoch short (here: missing, a 1-epoch run) for good. It draws them
+    from the records: the bytes of the uninterrupted run's picture."""
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    data = _dense_data(tmp_path / "data", "segmentation")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = ["--task", "segmentation", "--data", str(data), "--model", "tiny", "--epochs", "1", "--image-size", "32",
+            "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0", "--no-progress"]
+    assert _train(script, [*args, "--output", str(whole)]).returncode == 0
+    killed = _train(script, [*args, "--output", str(cut)], {"KILL32_BEFORE_REPLACE_TO": "curves.png"})
+    assert killed.returncode != 0 and (cut / "last" / "training_state.pt").is_file()
+    assert not (cut / "curves.png").exists()
+    resumed = _train(script, ["--output", str(cut), "--resume", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "already finished" in resumed.stderr
+    assert (cut / "curves.png").read_bytes() == (whole / "curves.png").read_bytes()

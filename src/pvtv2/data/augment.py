@@ -260,7 +260,9 @@ def repeated_epoch_indices(
     order = torch.randperm(num_samples, generator=generator).tolist()
     draws = [copy * num_samples + sample for sample in order for copy in range(repeats)]
     total = math.ceil(len(draws) / world_size) * world_size
-    draws += draws[: total - len(draws)]
+    # Wrapped around as often as needed: fewer draws than processes (1 image x 2 copies for 5 processes) left the
+    # last processes without a sample, and DistributedDataParallel's steps unmatched.
+    draws = (draws * math.ceil(total / len(draws)))[:total]
     per_process = math.ceil(num_samples / world_size)
     return draws[rank:total:world_size][:per_process]
 

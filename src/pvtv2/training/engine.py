@@ -465,6 +465,11 @@ def run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunCont
     if state is None:
         on_main(lambda: start_run(cfg, task.classes), info)  # the run's first writes: every check has passed
     _log_start(task, cfg, training, state, ctx)
+    if state is not None and training.start_epoch >= cfg.epochs:
+        # Killed after the last epoch's checkpoint, before its curves were drawn: curves.png stayed an epoch short
+        # (missing after one epoch), as nothing is left to train. Drawn from the records, as that epoch draws them.
+        on_main(lambda: training.records and draw_curves(training.records, out / CURVES_FILE,
+                                                         score_panel=task.score_panel), info)
     for epoch in range(training.start_epoch, cfg.epochs):
         began = time.perf_counter()
         loss_sum, seen = _train_epoch(task, cfg, training, epoch, ctx)

@@ -94,7 +94,10 @@ def segmentation_metrics(confusion: np.ndarray) -> dict[str, Any]:
 def _evaluate_sums(
     model: PvtV2ForSemanticSegmentation, loader: Any, device: torch.device, bf16: bool = False
 ) -> tuple[float, int, np.ndarray]:
-    """(summed loss, images, confusion matrix) at the label maps' resolution (logits upsampled bilinearly)."""
+    """(summed loss, pixels it is the sum over, confusion matrix) at the label maps' resolution (logits upsampled
+    bilinearly). Each batch's mean loss is weighted by the pixels it averages (those not ignored; every pixel for a
+    one-class model), so the mean is that of every pixel of the split, whatever the batches: weighted by images, masks
+    with ignored pixels gave another loss at another --batch-size or number of processes."""
     model.eval()
     # A one-class model (binary cross-entropy) predicts class 1 where its logit is positive, class 0 elsewhere, as
     # predict_segmentation does: its confusion matrix is 2x2 (an argmax over its one channel was always class 0).
@@ -109,10 +112,12 @@ def _evaluate_sums(
             # return_dict: a --model folder's config.json may say false (a tuple has no .logits)
             logits = model(pixels, return_dict=True).logits
         logits = logits.float()
-        loss_sum += float(semantic_segmentation_loss(logits, labels, ignore)) * pixels.shape[0]
-        count += pixels.shape[0]
-        upsampled = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         valid = labels != ignore
+        averaged = labels.numel() if binary else int(valid.sum())  # what semantic_segmentation_loss averages over
+        if averaged:
+            loss_sum += float(semantic_segmentation_loss(logits, labels, ignore)) * averaged
+            count += averaged
+        upsampled = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         predicted = (upsampled[:, 0] > 0).long() if binary else upsampled.argmax(1)
         confusion += torch.bincount(labels[valid] * k + predicted[valid], minlength=k * k)
     return loss_sum, count, confusion.view(k, k).cpu().numpy()

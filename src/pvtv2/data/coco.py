@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -137,6 +138,16 @@ def _is_number(value: Any) -> bool:
         return False
 
 
+def _is_size(value: Any) -> bool:
+    """An image side as a caller's pycocotools ``COCO`` or a detection mask may hold it: a finite number, numpy's too."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
     """Read and check a COCO annotation file (see the module docstring for what is an error and what is skipped)."""
     path = Path(path)
@@ -235,7 +246,8 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if area is None:
             # COCO's area is the mask's where there is one (its size ranges, APs / APm / APl, are of masks), else the box's
             has_mask = segmentation is not None and segmentation != []
-            area = _mask_area(segmentation, image["height"], image["width"]) if has_mask else bbox[2] * bbox[3]
+            # in floats: two integer sides of 10**200 (each a float) made an integer area beyond float's range
+            area = _mask_area(segmentation, image["height"], image["width"]) if has_mask else float(bbox[2]) * float(bbox[3])
         eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area)})
 
         x, y, w, h = (float(v) for v in bbox)
@@ -620,15 +632,27 @@ def coco_evaluate(
             raise ValueError("mask metrics need a 'segmentation' in every ground-truth annotation")
         if iou_type == "segm":
             # pycocotools compares the runs of two masks as they are: a mask of another size than its image (one
-            # of a resized or padded batch) scored IoU 0, or some other number, without a word
+            # of a resized or padded batch) scored IoU 0, or some other number, without a word. It rasterises every
+            # mask at its image's 'height' and 'width': an image without them was a KeyError from inside COCOeval.
+            used = {a["image_id"] for a in gt.dataset["annotations"]} | {r["image_id"] for r in results}
+            for image_id in sorted(used, key=str):
+                image = gt.imgs.get(image_id, {"height": 0, "width": 0})  # an image it lacks: pycocotools' own error
+                if not all(_is_size(image.get(key)) for key in ("height", "width")):
+                    raise ValueError(
+                        f"mask metrics need the ground truth's image sizes: image {image_id} has 'height' "
+                        f"{image.get('height')!r} and 'width' {image.get('width')!r}; expected integers"
+                    )
             for r in results:
+                # pycocotools' loadRes reads an RLE's 'size' (a polygon, or a dict without it, stopped it inside)
                 size = r["segmentation"].get("size") if isinstance(r["segmentation"], Mapping) else None
                 image = gt.imgs[r["image_id"]]
-                known_size = [image.get("height"), image.get("width")]
-                if size is not None and None not in known_size and [int(v) for v in size] != known_size:
+                if not isinstance(size, (Sequence, np.ndarray)) or len(size) != 2 or not all(_is_size(v) for v in size):
+                    raise ValueError(f"a detection in image {r['image_id']} has a mask 'size' {size!r}; expected an RLE "
+                                     f"{{'size': [height, width], 'counts': ...}} (as detections_to_coco writes it)"[:400])
+                if [int(v) for v in size] != [image["height"], image["width"]]:
                     raise ValueError(
                         f"a detection in image {r['image_id']} has a mask of {size[0]} x {size[1]} pixels, but the "
-                        f"image is {image.get('height')} x {image.get('width')}: masks must be of the image's pixels"
+                        f"image is {image['height']} x {image['width']}: masks must be of the image's pixels"
                     )
         text = io.StringIO()
         with contextlib.redirect_stdout(text):

@@ -242,3 +242,16 @@ def test_group_norm_any_batch_one_value_per_group_gives_the_bias_as_group_norm_d
     torch.testing.assert_close(out, pair[:1], rtol=0, atol=1e-12)
     torch.testing.assert_close(out.flatten(), ref.bias.detach(), rtol=0, atol=1e-6)
     assert torch.equal(single.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("points", [333, 334])
+def test_the_polygon_length_limit_at_its_edge_where_every_edge_runs_three_image_sides(tmp_path, points):
+    """Points alternating between x = -10000 and x = 20000 (the farthest the file may place them in a 10000-pixel
+    image): each edge runs 30000 pixels, so 333 edges are 9.99e6 pixels (read) and 334 are 1.002e7 (refused)."""
+    polygon = [v for i in range(points) for v in ((-10000, i) if i % 2 == 0 else (20000, i))]
+    data = _one(image={"width": 10000, "height": 10000}, ann={"segmentation": [polygon]})  # 'area' given: no raster
+    if points * 30000 <= 10**7:
+        assert read_coco_annotations(_file(tmp_path, data)).dataset["annotations"][0]["area"] == 600.0
+    else:
+        with pytest.raises(ValueError, match=r"edges run 1\.002e\+07 pixels \(more than 1e\+07\)"):
+            read_coco_annotations(_file(tmp_path, data))

@@ -186,7 +186,7 @@ def test_polygons_of_a_10000_pixel_aerial_image_read_with_pycocotools_areas(tmp_
     assert [a["area"] for a in ann.dataset["annotations"]] == expected
     zigzag = [v for i in range(1100) for v in (i * 9, 0, i * 9 + 4, 9999)]
     data["annotations"] = [{**data["annotations"][0], "segmentation": [zigzag]}]
-    with pytest.raises(ValueError, match=r"annotation 1: a polygon whose edges run 2.2e\+07 pixels \(more than 1e\+07\)"):
+    with pytest.raises(ValueError, match=r"annotation 1: a polygon whose edges run 2\.2e\+07 pixels \(more than 1e\+07"):
         read_coco_annotations(_file(tmp_path, data))
 
 
@@ -198,7 +198,8 @@ def _pair(groups: int, channels: int, eps: float, affine: bool, gen: torch.Gener
             ref.weight.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
             ref.bias.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
     ours = GroupNormAnyBatch(groups, channels, eps=eps, affine=affine).double()
-    assert ours.load_state_dict(ref.state_dict(), strict=True) is not None and list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(ref.state_dict()) == (["weight", "bias"] if affine else [])
     return ref, ours
 
 

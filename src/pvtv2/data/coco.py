@@ -139,7 +139,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_size(value: Any) -> bool:
-    """An image side as a caller's pycocotools ``COCO`` or a detection mask may hold it: a finite number, numpy's too."""
+    """An image side as a caller's pycocotools ``COCO`` or a detection mask may hold it: a finite number (numpy's
+    too)."""
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         return False
     try:
@@ -247,7 +248,10 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
             # COCO's area is the mask's where there is one (its size ranges, APs / APm / APl, are of masks), else the box's
             has_mask = segmentation is not None and segmentation != []
             # in floats: two integer sides of 10**200 (each a float) made an integer area beyond float's range
-            area = _mask_area(segmentation, image["height"], image["width"]) if has_mask else float(bbox[2]) * float(bbox[3])
+            if has_mask:
+                area = _mask_area(segmentation, image["height"], image["width"])
+            else:
+                area = float(bbox[2]) * float(bbox[3])
         eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area)})
 
         x, y, w, h = (float(v) for v in bbox)
@@ -651,8 +655,10 @@ def coco_evaluate(
                 size = r["segmentation"].get("size") if isinstance(r["segmentation"], Mapping) else None
                 image = gt.imgs[r["image_id"]]
                 if not isinstance(size, (Sequence, np.ndarray)) or len(size) != 2 or not all(_is_size(v) for v in size):
-                    raise ValueError(f"a detection in image {r['image_id']} has a mask 'size' {size!r}; expected an RLE "
-                                     f"{{'size': [height, width], 'counts': ...}} (as detections_to_coco writes it)"[:400])
+                    raise ValueError(
+                        f"a detection in image {r['image_id']} has a mask 'size' {size!r}; expected an RLE "
+                        f"{{'size': [height, width], 'counts': ...}} (as detections_to_coco writes it)"[:400]
+                    )
                 if [int(v) for v in size] != [image["height"], image["width"]]:
                     raise ValueError(
                         f"a detection in image {r['image_id']} has a mask of {size[0]} x {size[1]} pixels, but the "

@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -137,6 +138,17 @@ def _is_number(value: Any) -> bool:
         return False
 
 
+def _is_size(value: Any) -> bool:
+    """An image side as a caller's pycocotools ``COCO`` or a detection mask may hold it: a finite number (numpy's
+    too)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
     """Read and check a COCO annotation file (see the module docstring for what is an error and what is skipped)."""
     path = Path(path)
@@ -235,7 +247,11 @@ def read_coco_annotations(path: str | os.PathLike) -> CocoAnnotations:
         if area is None:
             # COCO's area is the mask's where there is one (its size ranges, APs / APm / APl, are of masks), else the box's
             has_mask = segmentation is not None and segmentation != []
-            area = _mask_area(segmentation, image["height"], image["width"]) if has_mask else bbox[2] * bbox[3]
+            # in floats: two integer sides of 10**200 (each a float) made an integer area beyond float's range
+            if has_mask:
+                area = _mask_area(segmentation, image["height"], image["width"])
+            else:
+                area = float(bbox[2]) * float(bbox[3])
         eval_annotations.append({**ann, "iscrowd": int(crowd), "area": float(area)})
 
         x, y, w, h = (float(v) for v in bbox)
@@ -302,10 +318,14 @@ def _check_segmentation(segmentation: Any, image: dict[str, Any], what: str) -> 
             # The same cost within an image that the file says is huge (any side up to 2**31 - 1 passes): a polygon
             # 2 * 10**9 pixels across crashed the process, 4 * 10**6 took 600 MB. The rasterisation takes the
             # longer of each edge's width and height (closed polygon), 5 points a pixel.
+            # Summed only where it could exceed the limit: each edge runs at most 3 image sides (the check above),
+            # so COCO's polygons (a few dozen points in 640 pixels) cost nothing more to read.
+            if len(polygon) // 2 * 3 * max(width, height) <= _MAX_POLYGON_LENGTH:
+                continue
             xs, ys = polygon[::2], polygon[1::2]
             length = sum(max(abs(x - px), abs(y - py)) for x, y, px, py in zip(xs, ys, xs[-1:] + xs[:-1], ys[-1:] + ys[:-1]))
             if length > _MAX_POLYGON_LENGTH:
-                raise ValueError(f"{what}: a polygon whose edges run {length:.3g} pixels (more than "
+                raise ValueError(f"{what}: a polygon whose edges run {length:.4g} pixels (more than "
                                  f"{_MAX_POLYGON_LENGTH:.0e}), which pycocotools would rasterise with gigabytes of memory")
         return
     if isinstance(segmentation, dict):
@@ -620,15 +640,29 @@ def coco_evaluate(
             raise ValueError("mask metrics need a 'segmentation' in every ground-truth annotation")
         if iou_type == "segm":
             # pycocotools compares the runs of two masks as they are: a mask of another size than its image (one
-            # of a resized or padded batch) scored IoU 0, or some other number, without a word
+            # of a resized or padded batch) scored IoU 0, or some other number, without a word. It rasterises every
+            # mask at its image's 'height' and 'width': an image without them was a KeyError from inside COCOeval.
+            used = {a["image_id"] for a in gt.dataset["annotations"]} | {r["image_id"] for r in results}
+            for image_id in sorted(used, key=str):
+                image = gt.imgs.get(image_id, {"height": 0, "width": 0})  # an image it lacks: pycocotools' own error
+                if not all(_is_size(image.get(key)) for key in ("height", "width")):
+                    raise ValueError(
+                        f"mask metrics need the ground truth's image sizes: image {image_id} has 'height' "
+                        f"{image.get('height')!r} and 'width' {image.get('width')!r}; expected integers"
+                    )
             for r in results:
+                # pycocotools' loadRes reads an RLE's 'size' (a polygon, or a dict without it, stopped it inside)
                 size = r["segmentation"].get("size") if isinstance(r["segmentation"], Mapping) else None
                 image = gt.imgs[r["image_id"]]
-                known_size = [image.get("height"), image.get("width")]
-                if size is not None and None not in known_size and [int(v) for v in size] != known_size:
+                if not isinstance(size, (Sequence, np.ndarray)) or len(size) != 2 or not all(_is_size(v) for v in size):
+                    raise ValueError(
+                        f"a detection in image {r['image_id']} has a mask 'size' {size!r}; expected an RLE "
+                        f"{{'size': [height, width], 'counts': ...}} (as detections_to_coco writes it)"[:400]
+                    )
+                if [int(v) for v in size] != [image["height"], image["width"]]:
                     raise ValueError(
                         f"a detection in image {r['image_id']} has a mask of {size[0]} x {size[1]} pixels, but the "
-                        f"image is {image.get('height')} x {image.get('width')}: masks must be of the image's pixels"
+                        f"image is {image['height']} x {image['width']}: masks must be of the image's pixels"
                     )
         text = io.StringIO()
         with contextlib.redirect_stdout(text):

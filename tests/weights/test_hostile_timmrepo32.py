@@ -128,3 +128,49 @@ def test_a_headless_timm_repository_loads_as_a_headless_file(tmp_path):
         want = reference.forward_features(x)
         got = encoder(x).last_hidden_state
     assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+def _tiny_classifier(seed: int) -> PvtV2ForImageClassification:
+    torch.manual_seed(seed)
+    config = PvtV2Config(num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
+                         mlp_ratios=[2, 2], sr_ratios=[2, 1], patch_sizes=[7, 3], strides=[4, 2], image_size=32,
+                         num_labels=3)
+    return PvtV2ForImageClassification(config).eval()
+
+
+def test_an_export_keeps_to_its_own_temporary_file(tmp_path):
+    """Two exports to one output at once shared the temporary file ".m.onnx.tmp": one truncated and wrote over the
+    other's between its check and its rename (a check passed on one graph, another renamed into place), and each
+    deleted the other's on finishing. An export now leaves another's temporary file as it found it."""
+    ort = pytest.importorskip("onnxruntime")
+    from pvtv2.export import export_onnx
+
+    output = tmp_path / "m.onnx"
+    other = tmp_path / ".m.onnx.tmp"  # where another export of m.onnx, under way, writes
+    other.write_bytes(b"another export's graph")
+    model = _tiny_classifier(0)
+    export_onnx(model, output, exporter="torchscript", check_sizes=[(1, 32, 32)])
+    assert other.read_bytes() == b"another export's graph"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.onnx.tmp", "m.onnx"]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    (got,) = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        want = model(x).logits
+    assert (torch.from_numpy(got) - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_export_refuses_to_write_over_its_own_checkpoint(tmp_path, capsys):
+    """`pvtv2 export -m ck.onnx -o ck.onnx` (a checkpoint under an .onnx name): the export replaced the weights it was
+    made from. Refused before loading, the checkpoint left as it was; another output name still exports."""
+    from pvtv2.cli import main
+
+    checkpoint = tmp_path / "weights.onnx"
+    _tiny_classifier(0).save_pretrained(tmp_path / "folder")
+    checkpoint.write_bytes((tmp_path / "folder" / "model.safetensors").read_bytes())
+    before = checkpoint.read_bytes()
+    link = tmp_path / "link.onnx"
+    link.symlink_to(checkpoint.name)
+    for output in (checkpoint, link):
+        assert main(["export", "-m", str(checkpoint), "-o", str(output), "--no-check"]) == 2
+        assert "is the --model checkpoint itself" in capsys.readouterr().err
+        assert checkpoint.read_bytes() == before

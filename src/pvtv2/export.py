@@ -631,10 +631,11 @@ def _canonical_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of the checkpoint ``source`` names, in the canonical (transformers) layout."""
     from .weights.files import read_state_dict
     from .weights.layouts import to_canonical
-    from .weights.loading import locate_checkpoint
+    from .weights.loading import checkpoint_layout, locate_checkpoint
 
-    _, weights = locate_checkpoint(source, None, None)
-    return to_canonical(read_state_dict(weights))
+    config, weights = locate_checkpoint(source, None, None)
+    state = read_state_dict(weights)
+    return to_canonical(state, checkpoint_layout(state, weights, config))
 
 
 def _lossless_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:

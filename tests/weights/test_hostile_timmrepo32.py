@@ -174,3 +174,17 @@ def test_export_refuses_to_write_over_its_own_checkpoint(tmp_path, capsys):
         assert main(["export", "-m", str(checkpoint), "-o", str(output), "--no-check"]) == 2
         assert "is the --model checkpoint itself" in capsys.readouterr().err
         assert checkpoint.read_bytes() == before
+
+
+def test_the_cli_names_a_timm_repository_of_another_architecture(tmp_path, capsys):
+    """`pvtv2 info` and `pvtv2 export` read the keys before loading: their refusal named neither the file nor the
+    architecture."""
+    from pvtv2.cli import main
+
+    save_file({"conv1.weight": torch.zeros(4, 3, 7, 7), "fc.weight": torch.zeros(5, 4)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 5}))
+    for command in (["info", str(tmp_path)], ["export", "-m", str(tmp_path), "-o", str(tmp_path / "m.onnx")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "model.safetensors (" in err and "names the timm architecture 'resnet18', not PVTv2" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

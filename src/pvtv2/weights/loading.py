@@ -46,6 +46,7 @@ __all__ = [
     "load_device",
     "infer_config",
     "read_config",
+    "checkpoint_layout",
     "locate_checkpoint",
     "load_canonical",
     "load_pretrained",
@@ -713,6 +714,22 @@ def load_device(device: str | torch.device | int | None, device_map: Any = None)
     return found
 
 
+def checkpoint_layout(state: Mapping[str, torch.Tensor], weights_path: str | os.PathLike,
+                      config_path: str | os.PathLike | None = None) -> str:
+    """:func:`detect_layout` of the tensors of ``weights_path``, whose refusal names the file and, where the
+    ``config.json`` beside it is timm's for another architecture (timm/resnet50.a1_in1k), that architecture."""
+    try:
+        return detect_layout(state)
+    except CheckpointError as err:
+        try:
+            architecture = None if config_path is None else timm_architecture(read_json_config(config_path))
+        except (OSError, ValueError):  # a config.json of no JSON is not what is wrong here
+            architecture = None
+        named = (f" ({os.fspath(config_path)} names the timm architecture {short_repr(architecture)}, not PVTv2)"
+                 if architecture is not None and not architecture.startswith("pvt_v2") else "")
+        raise CheckpointError(f"{os.fspath(weights_path)}{named}: {err}") from None
+
+
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, subfolder: str | None = None,
                     local_files_only: bool = False, token: str | bool | None = None,
@@ -746,14 +763,7 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         # configuration comes from the weights' shapes, as for a timm file alone (its class names are kept)
         timm_file, config_path = (config_path, data), None
     state, class_names, recorded = read_checkpoint_and_config(weights_path)
-    try:
-        layout = detect_layout(state)
-    except CheckpointError as err:
-        architecture = None if timm_file is None else timm_architecture(timm_file[1])
-        if architecture is None or architecture.startswith("pvt_v2"):
-            raise
-        raise CheckpointError(f"{os.fspath(timm_file[0])} names the timm architecture {short_repr(architecture)}, "
-                              f"not PVTv2: {err}") from None
+    layout = checkpoint_layout(state, weights_path, None if timm_file is None else timm_file[0])
     canonical = to_canonical(state, layout)
     if layout == MMDET_LAYOUT:
         fpn = any(k.startswith("decode_head.") for k in canonical)  # a Semantic FPN, read into decode_head

@@ -63,6 +63,16 @@ def test_a_timm_repository_computes_timms_logits_and_keeps_its_class_names(tmp_p
     assert given.config.id2label == {0: "x", 1: "y", 2: "z"}
 
 
+def test_a_new_head_asked_for_takes_no_names_and_no_warning_about_them(tmp_path, caplog):
+    """num_labels=5 (a new head to fine-tune): the five classes are the caller's, as transformers' TimmWrapperConfig
+    leaves label_names alone for a custom num_labels; the warning said the file's names did not fit "the checkpoint's
+    5 classes" (the checkpoint has 3)."""
+    _timm_repo(tmp_path, model_config={"label_names": NAMES})
+    with caplog.at_level(logging.WARNING, logger="pvtv2"):
+        model = PvtV2ForImageClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    assert model.config.id2label == {i: f"LABEL_{i}" for i in range(5)} and "label_names" not in caplog.text
+
+
 @pytest.mark.parametrize("where, names, expected", [
     ("pretrained_cfg", NAMES, dict(enumerate(NAMES))),  # timm's own place for them once loaded
     ("labels", NAMES, dict(enumerate(NAMES))),  # timm's older files: renamed to label_names by timm

@@ -794,7 +794,7 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         config = read_config(config_path, **overrides)
     else:
         config = infer_config(canonical, layout, **overrides)
-    if timm_file is not None and "classifier.weight" in canonical and not {"id2label", "label2id"} & overrides.keys():
+    if timm_file is not None and "classifier.weight" in canonical and not {"id2label", "label2id", "num_labels"} & overrides.keys():
         config = _attach_timm_labels(config, *timm_file)
     config = _attach_imagenet_labels(config, canonical)
     config = _attach_recorded_labels(config, canonical, class_names)

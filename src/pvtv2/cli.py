@@ -703,6 +703,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not args.output.lower().endswith(".onnx"):  # a .txt or .png name would hide an ONNX model behind it
         raise ValueError(f"--output must be an ONNX file named *.onnx, got {args.output!r}")
     _check_output_file(args.output, example="model.onnx")  # before minutes of loading and exporting
+    if os.path.isfile(args.model) and os.path.exists(args.output) and os.path.samefile(args.model, args.output):
+        raise ValueError(f"--output {args.output!r} is the --model checkpoint itself: the export would replace the "
+                         f"weights it is made from; give another file name")
     # From weights: what the checkpoint holds (a classifier, a segmentation or depth model; a head-less one exports
     # its encoder), never a random head.
     preset = is_preset_name(args.model)

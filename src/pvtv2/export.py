@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import copy
 import errno
+import glob
 import hashlib
 import logging
 import os
+import secrets
 import time
 import warnings
 from collections.abc import Sequence
@@ -407,13 +409,16 @@ def _file_opset(path: Path) -> int | None:
 
 
 def _temporary_sibling(output: Path) -> Path:
-    """The hidden file an export is written to before it is checked: ``.NAME.tmp``, or, where that would be longer
-    than the 255 bytes a folder entry takes (an output name of 251 to 255), the name cut short with a hash of it."""
-    name = f".{output.name}.tmp"
+    """The hidden file an export is written to before it is checked: ``.NAME.<unique>.tmp``, this export's own (two
+    exports to one output at once shared ``.NAME.tmp``: each wrote over the other's between its check and its
+    rename), or, where that would be longer than the 255 bytes a folder entry takes, the name cut short with a hash
+    of it."""
+    unique = f"{os.getpid()}-{secrets.token_hex(4)}"
+    name = f".{output.name}.{unique}.tmp"
     if len(name.encode()) <= 255:
         return output.with_name(name)
     digest = hashlib.sha1(output.name.encode()).hexdigest()[:12]
-    return output.with_name(f".{output.name.encode()[:200].decode(errors='ignore')}.{digest}.tmp")
+    return output.with_name(f".{output.name.encode()[:200].decode(errors='ignore')}.{digest}.{unique}.tmp")
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -549,7 +554,7 @@ def export_onnx(
     finally:
         if output.parent.is_dir():  # else nothing was written (unlinking under a file raised NotADirectoryError)
             tmp.unlink(missing_ok=True)
-            for extra in output.parent.glob(f".{output.name}.tmp*"):
+            for extra in output.parent.glob(f"{glob.escape(tmp.name)}*"):  # its own only: another export's is in use
                 extra.unlink(missing_ok=True)
         if not written:  # folders made for this output only; rmdir keeps any that something else filled meanwhile
             for folder in reversed(created):
@@ -626,10 +631,11 @@ def _canonical_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of the checkpoint ``source`` names, in the canonical (transformers) layout."""
     from .weights.files import read_state_dict
     from .weights.layouts import to_canonical
-    from .weights.loading import locate_checkpoint
+    from .weights.loading import checkpoint_layout, locate_checkpoint
 
-    _, weights = locate_checkpoint(source, None, None)
-    return to_canonical(read_state_dict(weights))
+    config, weights = locate_checkpoint(source, None, None)
+    state = read_state_dict(weights)
+    return to_canonical(state, checkpoint_layout(state, weights, config))
 
 
 def _lossless_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:

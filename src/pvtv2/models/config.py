@@ -499,9 +499,11 @@ def read_json_config(path: str | os.PathLike) -> Any:
 
 def timm_architecture(data: Any) -> str | None:
     """The ``architecture`` of a timm ``config.json`` (what timm's hub repositories hold: ``architecture``,
-    ``num_classes``, ``num_features``, ``pretrained_cfg``), None for any other config. Such a file sets no PVTv2
-    field: read as one, every field took its default (B0's widths, two classes) whatever the model."""
-    if (isinstance(data, Mapping) and "model_type" not in data and isinstance(data.get("architecture"), str)
+    ``num_classes``, ``num_features``, ``pretrained_cfg``; transformers' TimmWrapper saves it with ``model_type``
+    ``timm_wrapper``), None for any other config. Such a file sets no PVTv2 field: read as one, every field took its
+    default (B0's widths, two classes) whatever the model."""
+    if (isinstance(data, Mapping) and data.get("model_type", "timm_wrapper") == "timm_wrapper"
+            and isinstance(data.get("architecture"), str)
             and ("pretrained_cfg" in data or "num_classes" in data)):
         return data["architecture"]
     return None

@@ -46,6 +46,7 @@ __all__ = [
     "load_device",
     "infer_config",
     "read_config",
+    "checkpoint_layout",
     "locate_checkpoint",
     "load_canonical",
     "load_pretrained",
@@ -713,6 +714,22 @@ def load_device(device: str | torch.device | int | None, device_map: Any = None)
     return found
 
 
+def checkpoint_layout(state: Mapping[str, torch.Tensor], weights_path: str | os.PathLike,
+                      config_path: str | os.PathLike | None = None) -> str:
+    """:func:`detect_layout` of the tensors of ``weights_path``, whose refusal names the file and, where the
+    ``config.json`` beside it is timm's for another architecture (timm/resnet50.a1_in1k), that architecture."""
+    try:
+        return detect_layout(state)
+    except CheckpointError as err:
+        try:
+            architecture = None if config_path is None else timm_architecture(read_json_config(config_path))
+        except (OSError, ValueError):  # a config.json of no JSON is not what is wrong here
+            architecture = None
+        named = (f" ({os.fspath(config_path)} names the timm architecture {short_repr(architecture)}, not PVTv2)"
+                 if architecture is not None and not architecture.startswith("pvt_v2") else "")
+        raise CheckpointError(f"{os.fspath(weights_path)}{named}: {err}") from None
+
+
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, subfolder: str | None = None,
                     local_files_only: bool = False, token: str | bool | None = None,
@@ -738,14 +755,15 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
     config = _given_config(config, **where)
     given = config
     config_path, weights_path = locate_checkpoint(source, **where, variant=variant, use_safetensors=use_safetensors)
+    timm_file = None  # (path, contents) of a timm config.json
     if given is not None:
         config_path = None  # not read, so never named as the cause of a misfit
-    elif config_path is not None and timm_architecture(read_json_config(config_path)) is not None:
+    elif config_path is not None and timm_architecture(data := read_json_config(config_path)) is not None:
         # A timm hub repository's config.json (architecture, num_classes, pretrained_cfg) sets no PVTv2 field: the
-        # configuration comes from the weights' shapes, as for a timm file alone
-        config_path = None
+        # configuration comes from the weights' shapes, as for a timm file alone (its class names are kept)
+        timm_file, config_path = (config_path, data), None
     state, class_names, recorded = read_checkpoint_and_config(weights_path)
-    layout = detect_layout(state)
+    layout = checkpoint_layout(state, weights_path, None if timm_file is None else timm_file[0])
     canonical = to_canonical(state, layout)
     if layout == MMDET_LAYOUT:
         fpn = any(k.startswith("decode_head.") for k in canonical)  # a Semantic FPN, read into decode_head
@@ -776,6 +794,8 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         config = read_config(config_path, **overrides)
     else:
         config = infer_config(canonical, layout, **overrides)
+    if timm_file is not None and "classifier.weight" in canonical and not {"id2label", "label2id", "num_labels"} & overrides.keys():
+        config = _attach_timm_labels(config, *timm_file)
     config = _attach_imagenet_labels(config, canonical)
     config = _attach_recorded_labels(config, canonical, class_names)
     recorded_settings = {}
@@ -880,6 +900,28 @@ def dense_config_from_dict(data: Mapping[str, Any], **overrides: Any) -> PvtV2Co
     if type(args.get("max_depth")) is int and abs(args["max_depth"]) < 2**1000:
         args["max_depth"] = float(args["max_depth"])
     return PvtV2Config(**merge_changes(args, overrides))
+
+
+def _attach_timm_labels(config: PvtV2Config, path: str | os.PathLike, data: Mapping[str, Any]) -> PvtV2Config:
+    """``config`` with the class names of a timm ``config.json`` (``label_names``: a list, or a dict of class index to
+    name where indices have gaps; ``pretrained_cfg``'s, or ``labels`` in timm's older files), as transformers'
+    TimmWrapperConfig takes them; names that do not fit the checkpoint's classes are left out with a warning."""
+    cfg = data.get("pretrained_cfg")
+    names = next((n for n in (data.get("label_names"), cfg.get("label_names") if isinstance(cfg, Mapping) else None,
+                              data.get("labels")) if n is not None), None)
+    if names is None:
+        return config
+    count = config.num_labels
+    id2label = None
+    if isinstance(names, list) and len(names) == count:
+        id2label = dict(enumerate(names))
+    elif isinstance(names, Mapping) and all(isinstance(k, str) and k.isdigit() and int(k) < count for k in names):
+        id2label = {i: names.get(str(i), f"LABEL_{i}") for i in range(count)}
+    if id2label is None or not all(isinstance(n, str) for n in id2label.values()):
+        logger.warning("%s: its label_names %s do not name the checkpoint's %d classes (a list of %d names, or a dict "
+                       "of class index to name): not used", os.fspath(path), short_repr(names), count, count)
+        return config
+    return config.replace(id2label=id2label)
 
 
 def _attach_imagenet_labels(config: PvtV2Config, canonical: Mapping[str, torch.Tensor]) -> PvtV2Config:

@@ -483,7 +483,8 @@ def _add_preprocess_flag(p: argparse.ArgumentParser) -> None:
         "--preprocess", choices=("transformers", "timm", "original"),
         help="evaluation preprocessing: transformers (resize to the square, bilinear), timm (shorter side to "
              "size/0.9, bicubic, centre crop) or original (size/0.875, bicubic, centre crop: the paper's ImageNet "
-             "table). Default: the checkpoint's preprocessor_config.json, else its origin's protocol (a timm or "
+             "table). Default: the checkpoint's preprocessor_config.json, else a timm repository's pretrained_cfg, "
+             "else its origin's protocol (a timm or "
              "original file), else transformers",
     )
 

@@ -804,7 +804,7 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     The output is written atomically: a failed write (a full disk) raises :class:`pvtv2.fileio.WriteError` naming ``output`` and leaves no
     temporary file, and the previous output as it was.
     """
-    from .data.processing import PREPROCESSOR_CONFIG_NAME, origin_processor
+    from .data.processing import PREPROCESSOR_CONFIG_NAME, origin_processor, timm_repository_processor
     from .weights.files import save_state_dict
     from .weights.hub import companion_file
     from .weights.layouts import LAYOUTS, convert_state_dict
@@ -829,7 +829,11 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, lay
     pre = companion_file(source, PREPROCESSOR_CONFIG_NAME)
     # Without one, a timm or authors' file is predicted with its origin's protocol (pvtv2.inference.load_processor).
     layout_read = getattr(model, "checkpoint_layout", None)
-    origin = origin_processor(layout_read, *model.config.image_size) if pre is None else None
+    origin = None
+    if pre is None:  # a timm repository's pretrained_cfg, else the origin's protocol
+        origin = timm_repository_processor(source)
+        if origin is None:
+            origin = origin_processor(layout_read, *model.config.image_size)
     if layout is None:
         # Read before writing: the output may be the source folder itself. A folder converted from a timm or
         # authors' file predicted with a plain resize, unlike its source, for want of this file.

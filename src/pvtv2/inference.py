@@ -40,6 +40,7 @@ from .data.processing import (
     PvtV2ImageProcessor,
     load_image,
     origin_processor,
+    timm_repository_processor,
 )
 from . import fast
 from .fileio import existing_folder, path_kind
@@ -269,9 +270,11 @@ def load_processor(
 
     In this order: ``protocol`` when given (``"transformers"``, ``"timm"`` or ``"original"``, see
     :data:`~pvtv2.data.processing.PREPROCESS_PROTOCOLS`); else the checkpoint's own ``preprocessor_config.json``
-    (its folder or hub repository); else the protocol of the checkpoint's ``origin`` (the layout its weights were
-    read from, ``model.checkpoint_layout``: a timm file is evaluated as timm does, an original file as the authors
-    did), which is logged; else transformers' (bilinear resize to ``image_size``, ImageNet statistics).
+    (its folder or hub repository); else, for a timm repository, the preprocessing its config.json's
+    ``pretrained_cfg`` records (:func:`~pvtv2.data.processing.timm_processor`); else the protocol of the
+    checkpoint's ``origin`` (the layout its weights were read from, ``model.checkpoint_layout``: a timm file is
+    evaluated as timm does, an original file as the authors did), which is logged; else transformers' (bilinear
+    resize to ``image_size``, ImageNet statistics).
     """
     if protocol is not None and protocol not in PREPROCESS_PROTOCOLS:
         raise ValueError(f"unknown preprocessing protocol {protocol!r}; choose one of {sorted(PREPROCESS_PROTOCOLS)}")
@@ -286,6 +289,9 @@ def load_processor(
     if path is not None:
         logger.info("preprocessing from %s", path)
         return PvtV2ImageProcessor.from_pretrained(path)
+    processor = timm_repository_processor(source)  # a timm repository's pretrained_cfg
+    if processor is not None:
+        return processor
     processor = origin_processor(origin, height, width)
     if processor is not None:
         logger.info(

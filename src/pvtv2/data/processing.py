@@ -46,6 +46,11 @@ checkpoints were scored with different preprocessing, and top-1 moves with it.
   ``build_transform(is_train=False)`` (DeiT's), with which the paper's ImageNet table was measured. As there, an
   ``image_size`` of 32 or less neither resizes nor crops (images go in at their own size).
 
+A timm hub repository (timm's own ``config.json``) records its eval preprocessing in ``pretrained_cfg``; without a
+``preprocessor_config.json``, ``from_pretrained``, ``pvtv2 predict`` / ``eval`` and ``convert`` use that
+(:func:`timm_processor`: ``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``, centre or squash crop),
+which for the published ``pvt_v2_*`` configs is the ``timm`` protocol at 224.
+
 A centre-crop processor is written as transformers writes one (``"size": {"shortest_edge": 248}``,
 ``"do_center_crop": true``, ``"crop_size": {...}``) plus ``"crop_pct"``, which transformers keeps and ignores, so
 transformers' ``PvtImageProcessor`` reads the file and crops (to the pixel offset noted above).
@@ -69,7 +74,7 @@ import PIL.ImageOps
 import torch
 
 from ..fileio import atomic_write_text, path_kind
-from ..weights.hub import check_subfolder, resolve_file
+from ..weights.hub import check_subfolder, companion_file, resolve_file, timm_architecture
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -80,8 +85,11 @@ __all__ = [
     "ImageInput",
     "ProcessorOutput",
     "PvtV2ImageProcessor",
+    "TIMM_INTERPOLATIONS",
     "load_image",
     "origin_processor",
+    "timm_processor",
+    "timm_repository_processor",
     "to_8bit",
     "to_rgb",
 ]
@@ -429,8 +437,10 @@ class PvtV2ImageProcessor:
         that replace the file's (``do_resize=False``; None keeps the file's), as transformers' ``from_pretrained``
         takes them.
 
-        A folder or hub repository without the file gives the defaults (224x224 bilinear, ImageNet statistics); one
-        holding something else under that name (a folder, a dangling symlink) is an error.
+        A folder or hub repository without the file gives, for a timm repository (timm's config.json), the
+        preprocessing its ``pretrained_cfg`` records (:func:`timm_processor`, as transformers' AutoImageProcessor
+        reads it), else the defaults (224x224 bilinear, ImageNet statistics); one holding something else under that
+        name (a folder, a dangling symlink) is an error.
         """
         text = os.fspath(source)
         subfolder = check_subfolder(text, subfolder)
@@ -442,6 +452,10 @@ class PvtV2ImageProcessor:
             path = resolve_file(text, PREPROCESSOR_CONFIG_NAME, revision=revision, cache_dir=cache_dir,
                                 subfolder=subfolder, local_files_only=local_files_only, token=token, required=False)
         if path is None:
+            processor = timm_repository_processor(text, revision=revision, cache_dir=cache_dir, subfolder=subfolder,
+                                                   local_files_only=local_files_only, token=token)
+            if processor is not None:
+                return processor._for_call(settings) if settings else processor
             logger.info("no %s in %r%s; using the default preprocessing", PREPROCESSOR_CONFIG_NAME, text,
                         f" (subfolder {subfolder!r})" if subfolder else "")
             return cls()._for_call(settings) if settings else cls()
@@ -788,6 +802,96 @@ def origin_processor(origin: str | None, height: int, width: int) -> PvtV2ImageP
     if origin in ("timm", "original") and height == width:
         return PvtV2ImageProcessor.from_protocol(origin, height)
     return None
+
+
+# timm's interpolation names (timm.data.transforms.str_to_interp_mode): each is PIL's filter of that name.
+TIMM_INTERPOLATIONS = {
+    name: int(getattr(PIL.Image.Resampling, name.upper()))
+    for name in ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+}
+
+
+def timm_processor(config: Any, path: str | os.PathLike = "config.json") -> PvtV2ImageProcessor | None:
+    """The eval preprocessing a timm hub repository's ``config.json`` (``config``, read from ``path``) records in its
+    ``pretrained_cfg``: the pixels of ``timm.data.create_transform(**resolve_data_config({}, pretrained_cfg=...))``
+    and of transformers' ``TimmWrapperImageProcessor``. ``input_size`` (3, H, W) is the crop, resized first by
+    ``crop_pct`` with ``interpolation``, then normalised by ``mean`` and ``std``; a missing field takes timm's
+    default (224, 0.875, bicubic, ImageNet statistics, centre crop), as ``resolve_data_config`` does.
+    ``crop_mode`` "center" (the shorter side to ``floor(H / crop_pct)``, square inputs) and "squash" (both sides to
+    ``floor(side / crop_pct)``) are supported; "border", a non-square "center" crop, ``crop_pct`` outside (0, 1] and
+    ``test_input_size`` (timm reads it only when asked to) are not: the first ones are refused naming ``path``.
+    None when the file holds no ``pretrained_cfg``."""
+    where = f"timm config {os.fspath(path)!r}"
+    cfg = config.get("pretrained_cfg") if isinstance(config, Mapping) else None
+    if cfg is None:
+        return None
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where}: pretrained_cfg must be an object, got {reprlib.repr(cfg)}")
+
+    def field(name: str, default: Any) -> Any:
+        value = cfg.get(name)
+        return default if value is None else value
+
+    input_size = field("input_size", (3, 224, 224))
+    if (isinstance(input_size, (str, bytes)) or not isinstance(input_size, Sequence) or len(input_size) != 3
+            or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in input_size)):
+        raise ValueError(f"{where}: pretrained_cfg input_size must be [channels, height, width] of positive "
+                         f"integers, got {reprlib.repr(input_size)}")
+    if input_size[0] != 3:
+        raise ValueError(f"{where}: pretrained_cfg input_size {list(input_size)} has {input_size[0]} channels; "
+                         f"PVTv2 takes 3 (RGB)")
+    height, width = input_size[1], input_size[2]
+    crop_pct = cfg.get("crop_pct", 0.875)  # an explicit null is timm's default too (`crop_pct or 0.875`)
+    crop_pct = 0.875 if crop_pct is None else crop_pct
+    interpolation = field("interpolation", "bicubic")
+    if interpolation not in TIMM_INTERPOLATIONS:
+        raise ValueError(f"{where}: pretrained_cfg interpolation must be one of {sorted(TIMM_INTERPOLATIONS)}, got "
+                         f"{reprlib.repr(interpolation)}")
+    crop_mode = field("crop_mode", "center")
+    if crop_mode not in ("center", "squash"):
+        raise ValueError(f"{where}: pretrained_cfg crop_mode {reprlib.repr(crop_mode)} is not supported (timm's "
+                         f"'border' pads the image); 'center' and 'squash' are")
+    try:
+        pct = _check_crop_pct(crop_pct)
+        common = dict(resample=TIMM_INTERPOLATIONS[interpolation], image_mean=field("mean", IMAGENET_MEAN),
+                      image_std=field("std", IMAGENET_STD))
+        if crop_mode == "squash":
+            resized = {"height": math.floor(height / pct), "width": math.floor(width / pct)}
+            processor = PvtV2ImageProcessor(size=resized, crop_size={"height": height, "width": width},
+                                            do_center_crop=True, **common)
+        elif height != width:
+            raise ValueError(f"input_size {list(input_size)} is not square: timm's centre crop of another shape "
+                             f"(ResizeKeepRatio) is not supported")
+        else:
+            processor = PvtV2ImageProcessor(size=height, crop_pct=pct, **common)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}: pretrained_cfg: {error}") from None
+    if "test_input_size" in cfg:
+        logger.info("%s: pretrained_cfg test_input_size is not used (timm uses it only when asked)", where)
+    return processor
+
+
+def timm_repository_processor(source: str | os.PathLike, **where: Any) -> PvtV2ImageProcessor | None:
+    """A timm hub repository's preprocessing (its config.json's pretrained_cfg, as transformers'
+    AutoImageProcessor reads it into a TimmWrapperImageProcessor; :func:`timm_processor`), or None where ``source``
+    has no timm config.json or it holds no pretrained_cfg. ``source``: a folder, hub id (``where``: revision,
+    subfolder... as for ``resolve_file``) or a weights file in a folder with the config.json beside it."""
+    text = os.fspath(source)
+    path = resolve_file(text, "config.json", required=False, **where) if where else companion_file(text, "config.json")
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:  # not UTF-8 or not JSON
+        raise ValueError(f"cannot read config {str(path)!r}: not valid JSON ({error})") from error
+    except RecursionError:
+        raise ValueError(f"cannot read config {str(path)!r}: its JSON is nested too deeply") from None
+    if timm_architecture(data) is None:
+        return None
+    processor = timm_processor(data, path)
+    if processor is not None:
+        logger.info("preprocessing from the pretrained_cfg of the timm config %s", path)
+    return processor
 
 
 def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write_text
+from ..weights.hub import timm_architecture  # re-exported: a timm config.json's architecture
 from .activations import ACTIVATIONS
 from .labels import generic_id2label, imagenet_id2label
 
@@ -495,18 +496,6 @@ def read_json_config(path: str | os.PathLike) -> Any:
         raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 text file") from None
     except RecursionError:  # objects nested thousands deep: no config, and json's own error is a traceback
         raise ValueError(f"{os.fspath(path)!r} is not a PVTv2 config: its JSON is nested too deeply") from None
-
-
-def timm_architecture(data: Any) -> str | None:
-    """The ``architecture`` of a timm ``config.json`` (what timm's hub repositories hold: ``architecture``,
-    ``num_classes``, ``num_features``, ``pretrained_cfg``; transformers' TimmWrapper saves it with ``model_type``
-    ``timm_wrapper``), None for any other config. Such a file sets no PVTv2 field: read as one, every field took its
-    default (B0's widths, two classes) whatever the model."""
-    if (isinstance(data, Mapping) and data.get("model_type", "timm_wrapper") == "timm_wrapper"
-            and isinstance(data.get("architecture"), str)
-            and ("pretrained_cfg" in data or "num_classes" in data)):
-        return data["architecture"]
-    return None
 
 
 def config_from_file(path: str | os.PathLike, data: Any, build: Callable[..., Any], **overrides: Any) -> Any:

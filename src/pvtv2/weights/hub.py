@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..fileio import path_kind
 
 __all__ = [
     "HubFileNotFound", "MODEL_LOADING_ARGUMENTS", "check_loading_arguments", "check_subfolder", "companion_file",
-    "folder_entry", "looks_like_hub_id", "resolve_file",
+    "folder_entry", "looks_like_hub_id", "resolve_file", "timm_architecture",
 ]
 
 # A hub id is "name" or "owner/name" with the characters the hub allows.
@@ -313,4 +314,16 @@ def _broken_cache_entry(cache: Path, repo_id: str, filename: str, revision: str 
         return f"{os.fspath(entry)!r} is a symlink loop (it points, through links, back at itself)"
     if entry.is_symlink() and not entry.exists():
         return f"{os.fspath(entry)!r} links to {os.readlink(entry)!r}, which is missing"
+    return None
+
+
+def timm_architecture(data: Any) -> str | None:
+    """The ``architecture`` of a timm ``config.json`` (what timm's hub repositories hold: ``architecture``,
+    ``num_classes``, ``num_features``, ``pretrained_cfg``; transformers' TimmWrapper saves it with ``model_type``
+    ``timm_wrapper``), None for any other config. Such a file sets no PVTv2 field: read as one, every field took its
+    default (B0's widths, two classes) whatever the model."""
+    if (isinstance(data, Mapping) and data.get("model_type", "timm_wrapper") == "timm_wrapper"
+            and isinstance(data.get("architecture"), str)
+            and ("pretrained_cfg" in data or "num_classes" in data)):
+        return data["architecture"]
     return None

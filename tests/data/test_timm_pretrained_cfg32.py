@@ -91,7 +91,7 @@ def test_a_weights_file_beside_a_timm_config_and_missing_fields_take_timms_defau
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    ({"crop_pct": 0}, "crop_pct must be in (0, 1]"),
+    ({"crop_pct": -0.5}, "crop_pct must be in (0, 1]"),  # 0, as null, is timm's default (tested elsewhere)
     ({"crop_pct": 1.2}, "crop_pct must be in (0, 1]"),
     ({"std": [0.2, 0.0, 0.2]}, "image_std must not contain 0"),
     ({"mean": [0.5, 0.5]}, "image_mean must have 3 values"),

@@ -816,7 +816,9 @@ def timm_processor(config: Any, path: str | os.PathLike = "config.json") -> PvtV
     ``pretrained_cfg``: the pixels of ``timm.data.create_transform(**resolve_data_config({}, pretrained_cfg=...))``
     and of transformers' ``TimmWrapperImageProcessor``. ``input_size`` (3, H, W) is the crop, resized first by
     ``crop_pct`` with ``interpolation``, then normalised by ``mean`` and ``std``; a missing field takes timm's
-    default (224, 0.875, bicubic, ImageNet statistics, centre crop), as ``resolve_data_config`` does.
+    default (224, 0.875, bicubic, ImageNet statistics, centre crop), as ``resolve_data_config`` does, which also
+    takes an empty one (null, "", 0, []) for missing, except ``input_size``; a one-value ``mean`` or ``std`` is every
+    channel's.
     ``crop_mode`` "center" (the shorter side to ``floor(H / crop_pct)``, square inputs) and "squash" (both sides to
     ``floor(side / crop_pct)``) are supported; "border", a non-square "center" crop, ``crop_pct`` outside (0, 1] and
     ``test_input_size`` (timm reads it only when asked to) are not: the first ones are refused naming ``path``.
@@ -829,10 +831,13 @@ def timm_processor(config: Any, path: str | os.PathLike = "config.json") -> PvtV
         raise ValueError(f"{where}: pretrained_cfg must be an object, got {reprlib.repr(cfg)}")
 
     def field(name: str, default: Any) -> Any:
-        value = cfg.get(name)
-        return default if value is None else value
+        value = cfg.get(name)  # resolve_data_config: `elif pretrained_cfg.get(name)`, so "", 0, [] are missing too
+        if name in ("mean", "std") and isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 1:
+            value = value[0]  # one mean / std for every channel, as timm's Normalize broadcasts it
+        return value if value else default
 
-    input_size = field("input_size", (3, 224, 224))
+    input_size = cfg.get("input_size")
+    input_size = (3, 224, 224) if input_size is None else input_size
     if (isinstance(input_size, (str, bytes)) or not isinstance(input_size, Sequence) or len(input_size) != 3
             or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in input_size)):
         raise ValueError(f"{where}: pretrained_cfg input_size must be [channels, height, width] of positive "
@@ -841,10 +846,9 @@ def timm_processor(config: Any, path: str | os.PathLike = "config.json") -> PvtV
         raise ValueError(f"{where}: pretrained_cfg input_size {list(input_size)} has {input_size[0]} channels; "
                          f"PVTv2 takes 3 (RGB)")
     height, width = input_size[1], input_size[2]
-    crop_pct = cfg.get("crop_pct", 0.875)  # an explicit null is timm's default too (`crop_pct or 0.875`)
-    crop_pct = 0.875 if crop_pct is None else crop_pct
+    crop_pct = field("crop_pct", 0.875)
     interpolation = field("interpolation", "bicubic")
-    if interpolation not in TIMM_INTERPOLATIONS:
+    if not isinstance(interpolation, str) or interpolation not in TIMM_INTERPOLATIONS:
         raise ValueError(f"{where}: pretrained_cfg interpolation must be one of {sorted(TIMM_INTERPOLATIONS)}, got "
                          f"{reprlib.repr(interpolation)}")
     crop_mode = field("crop_mode", "center")

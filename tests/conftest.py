@@ -131,6 +131,54 @@ def _restore_torch_threads():
         torch.set_num_threads(threads)
 
 
+class TimmFeaturePyramid(torch.nn.Module):
+    """timm's ``features_only`` encoder ``body`` under torchvision's ``FeaturePyramidNetwork`` on the 1-based
+    ``stages``, wired from torchvision's own classes as a user would (not copied from the model under test)."""
+
+    def __init__(self, body, stages, extra, width):
+        from torchvision.ops import FeaturePyramidNetwork
+
+        super().__init__()
+        self.body, self.stages, self.out_channels = body, stages, width
+        self.fpn = FeaturePyramidNetwork([body.feature_info.channels()[s - 1] for s in stages], width, extra_blocks=extra)
+
+    def forward(self, x):
+        from collections import OrderedDict
+
+        maps = self.body(x)
+        return self.fpn(OrderedDict((str(n), maps[s - 1]) for n, s in enumerate(self.stages)))
+
+
+def timm_features_twin(model) -> torch.nn.Module:
+    """timm's ``pvt_v2`` encoder (``features_only``) for a detector ``model``'s config, holding the weights of its
+    encoder ``model.pvt_v2`` converted to timm's layout."""
+    import timm
+
+    from pvtv2.weights.layouts import convert_state_dict
+
+    c = model.config
+    body = timm.create_model("pvt_v2_b0", features_only=True, pretrained=False, depths=c.depths,
+                             embed_dims=c.hidden_sizes, num_heads=c.num_attention_heads, mlp_ratios=c.mlp_ratios,
+                             sr_ratios=c.sr_ratios)
+    state = convert_state_dict(model.pvt_v2.state_dict(), "timm")
+    body.load_state_dict({k.replace("stages.", "stages_", 1): v for k, v in state.items()})
+    return body
+
+
+def onnx_export_writing_opset(opset: int):
+    """A stand-in for ``pvtv2.export._export_once`` that writes ``opset`` whatever was asked (as torch's dynamo
+    exporter does where it cannot convert a graph down)."""
+    import warnings
+
+    def export_once(wrapper, example, path, exporter, asked, names, shapes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=["pixel_values"], output_names=list(names))
+
+    return export_once
+
+
 def write_square_coco(root, split: str, boxes: list[list[int]], masks: bool = False, category_id: int = 1,
                       size: int = 64) -> None:
     """A COCO-format split under ``root``: one white square per image (``boxes`` x, y, w, h) on dark noise, one

@@ -7,7 +7,6 @@ encoder found mid-run, a saved detector of another kind than --detector."""
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +18,14 @@ pytest.importorskip("torchvision")
 pytest.importorskip("pycocotools")
 timm = pytest.importorskip("timm")
 
-from conftest import TINY_SHALLOW, perturb_, write_square_coco
+from conftest import TINY_SHALLOW, TimmFeaturePyramid, perturb_, timm_features_twin, write_square_coco
 from torchvision.models import detection as tvd
-from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from pvtv2 import PvtV2Config, fast
 from pvtv2.cli import main
 from pvtv2.data.coco import CocoDetection
 from pvtv2.models.detection import DETECTORS, PvtV2ForObjectDetection
-from pvtv2.weights.layouts import convert_state_dict
 
 
 def _write(root: Path, split: str, boxes: list[list[int]], masks: bool) -> None:
@@ -66,40 +63,24 @@ def test_mask_training_on_boxes_without_any_mask_is_refused(tmp_path, capsys, ca
 
 # ---------------------------------------------------------------------------------------------- torchvision by hand
 
-class _TimmBackbone(torch.nn.Module):
-    """timm's ``pvt_v2_b0`` (``features_only``) and torchvision's FPN, built from torchvision's own classes as a user
-    would wire them (not copied from the model under test)."""
-
-    def __init__(self, body, stages, extra, width):
-        super().__init__()
-        self.body, self.stages, self.out_channels = body, stages, width
-        self.fpn = FeaturePyramidNetwork([body.feature_info.channels()[s - 1] for s in stages], width, extra_blocks=extra)
-
-    def forward(self, x):
-        maps = self.body(x)
-        return self.fpn(OrderedDict((str(n), maps[s - 1]) for n, s in enumerate(self.stages)))
 
 
 def _by_hand(model: PvtV2ForObjectDetection) -> torch.nn.Module:
     """torchvision's detector assembled from its defaults (anchors, RoI pools, heads), the mmdetection settings the
     docs promise passed explicitly; every weight loaded from ``model``'s state dict by name."""
     c = model.config
-    body = timm.create_model("pvt_v2_b0", features_only=True, pretrained=False, depths=c.depths,
-                             embed_dims=c.hidden_sizes, num_heads=c.num_attention_heads, mlp_ratios=c.mlp_ratios,
-                             sr_ratios=c.sr_ratios)
-    state = convert_state_dict(model.pvt_v2.state_dict(), "timm")
-    body.load_state_dict({k.replace("stages.", "stages_", 1): v for k, v in state.items()})
+    body = timm_features_twin(model)
     size = {"min_size": c.min_size, "max_size": c.max_size}
     if c.detector == "retinanet":
-        backbone = _TimmBackbone(body, [2, 3, 4], LastLevelP6P7(c.hidden_sizes[3], c.fpn_channels), c.fpn_channels)
+        backbone = TimmFeaturePyramid(body, [2, 3, 4], LastLevelP6P7(c.hidden_sizes[3], c.fpn_channels), c.fpn_channels)
         backbone.fpn.extra_blocks.use_P5 = False  # mmdetection's add_extra_convs="on_input": P6 from C5
         det = tvd.RetinaNet(backbone, c.num_labels, **size)  # torchvision's _default_anchorgen, thresholds 0.05 / 0.5
     elif c.detector == "fcos":
-        backbone = _TimmBackbone(body, [2, 3, 4], LastLevelP6P7(c.fpn_channels, c.fpn_channels), c.fpn_channels)
+        backbone = TimmFeaturePyramid(body, [2, 3, 4], LastLevelP6P7(c.fpn_channels, c.fpn_channels), c.fpn_channels)
         backbone.fpn.extra_blocks.use_P5 = True
         det = tvd.FCOS(backbone, c.num_labels, score_thresh=0.05, **size)  # mmdetection's test score_thr
     else:
-        backbone = _TimmBackbone(body, [1, 2, 3, 4], LastLevelMaxPool(), c.fpn_channels)
+        backbone = TimmFeaturePyramid(body, [1, 2, 3, 4], LastLevelMaxPool(), c.fpn_channels)
         cls = tvd.FasterRCNN if c.detector == "faster_rcnn" else tvd.MaskRCNN
         det = cls(backbone, c.num_labels + 1, **size)  # _default_anchorgen ((32,) ... (512,)), RoIAlign on "0".."3"
     ours = {k[len("detector."):]: v for k, v in model.state_dict().items() if k.startswith("detector.")}

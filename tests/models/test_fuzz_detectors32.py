@@ -6,7 +6,6 @@ single small image that it detected in a batch of two."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -15,26 +14,16 @@ import torch
 pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
-from conftest import TINY_SHALLOW, perturb_  # noqa: E402
+from conftest import TINY_SHALLOW, TimmFeaturePyramid, perturb_, timm_features_twin  # noqa: E402
 from torchvision.models import detection as tvd  # noqa: E402
 from torchvision.models.detection.anchor_utils import AnchorGenerator  # noqa: E402
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign  # noqa: E402
+from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7  # noqa: E402
 
 from pvtv2 import PvtV2Config, fast  # noqa: E402
 from pvtv2.models.detection import DETECTORS, PvtV2ForObjectDetection  # noqa: E402
-from pvtv2.weights.layouts import convert_state_dict  # noqa: E402
 
 
-class _TimmPyramid(torch.nn.Module):
-    def __init__(self, body, stages, extra, width):
-        super().__init__()
-        self.body, self.stages, self.out_channels = body, stages, width
-        self.fpn = FeaturePyramidNetwork([body.feature_info.channels()[s - 1] for s in stages], width, extra_blocks=extra)
-
-    def forward(self, x):
-        maps = self.body(x)
-        return self.fpn(OrderedDict((str(n), maps[s - 1]) for n, s in enumerate(self.stages)))
 
 
 def _torchvisions(model: PvtV2ForObjectDetection, s: dict) -> torch.nn.Module:
@@ -42,11 +31,7 @@ def _torchvisions(model: PvtV2ForObjectDetection, s: dict) -> torch.nn.Module:
     twice the last; anchors 4 x stride x 2^(k/3) (RetinaNet, truncated as torchvision's defaults), 8 x stride (RPN),
     stride (FCOS); RoIAlign 7 / 14 with 2 samples on the stage levels; weights by name from ``model``."""
     c = model.config
-    body = timm.create_model("pvt_v2_b0", features_only=True, pretrained=False, depths=c.depths,
-                             embed_dims=c.hidden_sizes, num_heads=c.num_attention_heads, mlp_ratios=c.mlp_ratios,
-                             sr_ratios=c.sr_ratios)
-    state = convert_state_dict(model.pvt_v2.state_dict(), "timm")
-    body.load_state_dict({k.replace("stages.", "stages_", 1): v for k, v in state.items()})
+    body = timm_features_twin(model)
     stages, width = s["fpn_stages"], s["fpn_channels"]
     if s["extra_levels"] == "max_pool":
         extra, levels = LastLevelMaxPool(), 1
@@ -64,7 +49,7 @@ def _torchvisions(model: PvtV2ForObjectDetection, s: dict) -> torch.nn.Module:
         anchors = AnchorGenerator(tuple((t,) for t in strides), ((1.0,),) * len(strides))
     else:
         anchors = AnchorGenerator(tuple((8 * t,) for t in strides), ((0.5, 1.0, 2.0),) * len(strides))
-    backbone = _TimmPyramid(body, stages, extra, width)
+    backbone = TimmFeaturePyramid(body, stages, extra, width)
     common = dict(min_size=s["min_size"], max_size=s["max_size"])
     if kind in ("retinanet", "fcos"):
         cls = tvd.RetinaNet if kind == "retinanet" else tvd.FCOS

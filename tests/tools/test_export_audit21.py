@@ -10,11 +10,10 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
-from conftest import MODEL_KINDS, TINY_SHALLOW, perturb_, relative_error
+from conftest import MODEL_KINDS, TINY_SHALLOW, onnx_export_writing_opset, perturb_, relative_error
 
 from pvtv2 import (
     PvtV2Backbone,
@@ -160,13 +159,8 @@ def test_an_exporter_that_writes_another_opset_is_not_reported_as_the_one_asked(
     asked for."""
     from pvtv2 import export
 
-    def writes_opset_18(wrapper, example, path, exporter, opset, names, shapes):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=18,
-                              input_names=["pixel_values"], output_names=list(names))
 
-    monkeypatch.setattr(export, "_export_once", writes_opset_18)
+    monkeypatch.setattr(export, "_export_once", onnx_export_writing_opset(18))
     with pytest.raises(ExportError, match="wrote opset 18, not the 16 asked for"):
         export_onnx(build("classifier", "sr"), tmp_path / "m.onnx", exporter="torchscript", opset=16)
     assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import MODEL_KINDS, random_weights_
+from conftest import MODEL_KINDS, onnx_export_writing_opset, random_weights_
 
 from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForDepthEstimation, PvtV2Model
 from pvtv2.export import export_onnx
@@ -175,13 +175,8 @@ def test_a_dynamo_export_below_its_opset_says_what_to_do(tmp_path, monkeypatch):
     for 14 to 17): the refusal names the two ways out, not the mismatch alone."""
     from pvtv2 import export
 
-    def writes_opset_18(wrapper, example, path, exporter, opset, names, shapes):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, opset_version=18,
-                              input_names=["pixel_values"], output_names=list(names))
 
-    monkeypatch.setattr(export, "_export_once", writes_opset_18)
+    monkeypatch.setattr(export, "_export_once", onnx_export_writing_opset(18))
     _, model = random_model(random.Random(1), 1)
     with pytest.raises(export.ExportError, match=r"dynamo exporter wrote opset 18, not the 15 asked for \(it writes "
                                                  r"opset 18 .* use the torchscript exporter or opset 18 or later\)"):

@@ -130,22 +130,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer beyond float's range (JSON has no limit): an OverflowError came out of reading
-        return False
-
-
-def _is_size(value: Any) -> bool:
-    """An image side as a caller's pycocotools ``COCO`` or a detection mask may hold it: a finite number (numpy's
-    too)."""
+    """A finite number, as a JSON file, a caller's pycocotools ``COCO`` or a detection mask holds one (numpy's
+    too); not a bool."""
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
         return False
     try:
         return math.isfinite(value)
-    except OverflowError:
+    except OverflowError:  # an integer beyond float's range (JSON has no limit): an OverflowError came out of reading
         return False
 
 
@@ -645,7 +636,7 @@ def coco_evaluate(
             used = {a["image_id"] for a in gt.dataset["annotations"]} | {r["image_id"] for r in results}
             for image_id in sorted(used, key=str):
                 image = gt.imgs.get(image_id, {"height": 0, "width": 0})  # an image it lacks: pycocotools' own error
-                if not all(_is_size(image.get(key)) for key in ("height", "width")):
+                if not all(_is_number(image.get(key)) for key in ("height", "width")):
                     raise ValueError(
                         f"mask metrics need the ground truth's image sizes: image {image_id} has 'height' "
                         f"{image.get('height')!r} and 'width' {image.get('width')!r}; expected integers"
@@ -654,7 +645,7 @@ def coco_evaluate(
                 # pycocotools' loadRes reads an RLE's 'size' (a polygon, or a dict without it, stopped it inside)
                 size = r["segmentation"].get("size") if isinstance(r["segmentation"], Mapping) else None
                 image = gt.imgs[r["image_id"]]
-                if not isinstance(size, (Sequence, np.ndarray)) or len(size) != 2 or not all(_is_size(v) for v in size):
+                if not isinstance(size, (Sequence, np.ndarray)) or len(size) != 2 or not all(_is_number(v) for v in size):
                     raise ValueError(
                         f"a detection in image {r['image_id']} has a mask 'size' {size!r}; expected an RLE "
                         f"{{'size': [height, width], 'counts': ...}} (as detections_to_coco writes it)"[:400]

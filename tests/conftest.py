@@ -7,6 +7,7 @@ import torch
 
 from pvtv2 import (
     PvtV2Backbone,
+    PvtV2Config,
     PvtV2ForDepthEstimation,
     PvtV2ForImageClassification,
     PvtV2ForSemanticSegmentation,
@@ -129,6 +130,15 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def save_tiny_classifier(folder) -> PvtV2ForImageClassification:
+    """A tiny 3-class classifier at 32 px (seed 0), saved to ``folder``; the model, in eval mode."""
+    torch.manual_seed(0)
+    config = PvtV2Config(**TINY_SMALL_IMAGES, id2label={0: "a", 1: "b", 2: "c"}, image_size=32)
+    model = PvtV2ForImageClassification(config).eval()
+    model.save_pretrained(folder)
+    return model
 
 
 class TimmFeaturePyramid(torch.nn.Module):

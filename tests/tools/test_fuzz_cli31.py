@@ -9,9 +9,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_SMALL_IMAGES
+from conftest import TINY_SMALL_IMAGES, save_tiny_classifier
 
-from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+from pvtv2 import PvtV2Config
 from pvtv2.cli import main
 
 
@@ -19,10 +19,7 @@ from pvtv2.cli import main
 def classifier(tmp_path_factory):
     """A tiny 3-class classifier at 32 px and two images in two places."""
     root = tmp_path_factory.mktemp("fuzz31")
-    torch.manual_seed(0)
-    config = PvtV2Config(**TINY_SMALL_IMAGES, id2label={0: "a", 1: "b", 2: "c"}, image_size=32)
-    model = PvtV2ForImageClassification(config).eval()
-    model.save_pretrained(root / "model")
+    model = save_tiny_classifier(root / "model")
     rng = np.random.default_rng(0)
     (root / "more").mkdir()
     images = [root / "one.png", root / "more" / "two.png"]

@@ -10,9 +10,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_SHALLOW, TINY_SMALL_IMAGES
+from conftest import TINY_SHALLOW, save_tiny_classifier
 
-from pvtv2 import PvtV2Config, PvtV2ForImageClassification
+from pvtv2 import PvtV2Config
 from pvtv2.cli import main
 
 from test_fuzz_cli31 import _probabilities
@@ -22,10 +22,7 @@ from test_fuzz_cli31 import _probabilities
 def classifier(tmp_path_factory):
     """A tiny 3-class classifier at 32 px and images whose names look like flags."""
     root = tmp_path_factory.mktemp("hostile31b")
-    torch.manual_seed(0)
-    config = PvtV2Config(**TINY_SMALL_IMAGES, id2label={0: "a", 1: "b", 2: "c"}, image_size=32)
-    model = PvtV2ForImageClassification(config).eval()
-    model.save_pretrained(root / "model")
+    model = save_tiny_classifier(root / "model")
     rng = np.random.default_rng(31)
     for name in ("one.png", "two.png", "-dash.png", "--top-k"):
         PIL.Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / name, format="PNG")

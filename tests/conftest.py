@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,14 @@ from pvtv2 import (
     PvtV2ForSemanticSegmentation,
     PvtV2Model,
 )
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n auto` (.ci/run): one intra-op thread per worker process, so that the workers share the cores without
+    # oversubscribing them; the command-line runs the tests start as subprocesses get one too, so that a test comparing
+    # an in-process run with a subprocess one compares the same GEMM reductions.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:

@@ -221,7 +221,8 @@ def _add_training_flags(p: argparse.ArgumentParser, recipe: dict) -> None:
 
     d = {**TrainConfig().run_fields(), **recipe}
     lr_default = (f"default {d['lr']:g}" if d["lr"] is not None else
-                  "default: 5e-4 x global batch / 512 for classification, 6e-5 x global batch / 16 for segmentation")
+                  "default: 5e-4 x global batch / 512 for classification, 6e-5 x global batch / 16 for segmentation, "
+                  "1e-4 x global batch / 16 for depth and detection")
     p.add_argument("--model", "-m", help=f"preset name, config.json, folder, checkpoint file or hub id (default {d['model']})")
     p.add_argument("--output", "-o", required=True, help="run folder for checkpoints, metrics and curves")
     p.add_argument("--image-size", type=int, help=f"training and evaluation resolution (default {d['image_size']})")
@@ -468,12 +469,12 @@ def _check_size(text: str) -> tuple[int, int, int]:
     return values[0], values[1], values[2]
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser, batch_help: str = "default: 16") -> None:
     p.add_argument("--model", "-m", required=True,
                    help="trained weights: a save_pretrained folder, a checkpoint file (transformers, timm or original "
                         "layout) or a hub id such as OpenGVLab/pvt_v2_b0")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass, 1 to 1024 (default: 16)")
+    p.add_argument("--batch-size", type=int, default=16, help=f"images per forward pass, 1 to 1024 ({batch_help})")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -555,7 +556,7 @@ def _add_eval(subparsers) -> None:
                     "LABEL_i labels takes folders named LABEL_i as class i, or else the sorted folder names as classes "
                     "0, 1, ... (one folder per class)",
     )
-    _add_model_flags(p)
+    _add_model_flags(p, batch_help="default: 32; detection: 2")
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
     p.add_argument("--task", choices=("classification", "segmentation", "detection"), default="classification",
                    help="classification (default); segmentation: mean IoU, pixel accuracy and per-class IoU on "
@@ -897,7 +898,8 @@ def _add_segment(subparsers) -> None:
     p.add_argument("--model", "-m", required=True, help="segmentation model: folder, checkpoint file or hub id "
                    "(pvtv2 or transformers' SegFormer layout)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
-    p.add_argument("--size", help="model input size, N or HxW, 32 to 2048 (default: the config's image_size)")
+    p.add_argument("--size", help="model input size, N or HxW, 32 to 2048 (default: the size the checkpoint's "
+                   "preprocessor_config.json fixes, else the config's image_size)")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the label colours, 0 to 1 (default: 0.5)")
     _add_segmentation_inference_flags(p)
     p.set_defaults(func=_cmd_segment)
@@ -989,7 +991,8 @@ def _add_depth(subparsers) -> None:
     p.add_argument("--model", "-m", required=True, help="depth model: folder, checkpoint file or hub id "
                    "(pvtv2 or transformers' GLPN layout)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
-    p.add_argument("--size", help="model input size, N or HxW, multiples of 32 from 32 to 2048 (default: the image's, "
+    p.add_argument("--size", help="model input size, N or HxW, multiples of 32 from 32 to 2048 (default: the size the "
+                   "checkpoint's preprocessor_config.json fixes, as a pvtv2 depth run's --image-size; else the image's, "
                    "rounded down; a larger image scaled down to fit 2048)")
     p.set_defaults(func=_cmd_depth)
 
@@ -1120,10 +1123,14 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- object detection
 def _detection_size(image_size: int | None) -> dict:
     """``--image-size S``: the shorter side S, the longer capped in the original's proportion (800 / 1333)."""
+    from .training.config import MAX_IMAGE_SIDE
+
     if image_size is None:
         return {}
     if image_size < 32:
         raise ValueError(f"--image-size must be at least 32 pixels, got {image_size}")
+    if image_size > MAX_IMAGE_SIDE:  # as train --task detection bounds it: 100000 tried to allocate 154 GB
+        raise ValueError(f"--image-size must be at most {MAX_IMAGE_SIDE} pixels (the shorter side), got {image_size}")
     return {"min_size": image_size, "max_size": round(image_size * 1333 / 800)}
 
 
@@ -1141,7 +1148,7 @@ def _add_detect(subparsers) -> None:
     p.add_argument("--score-threshold", type=float, default=0.3, help="smallest score shown (default: 0.3)")
     p.add_argument("--output", "-o", help="PNG file to draw the detections of one image into")
     p.add_argument("--output-dir", help="folder to draw every image's detections into (NAME.png each)")
-    p.add_argument("--image-size", type=int, help="shorter side the detector resizes to (default: the model's)")
+    p.add_argument("--image-size", type=int, help="shorter side the detector resizes to, 32 to 4096 (default: the model's)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: 2)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -1159,6 +1166,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     if args.output and args.output_dir:
         raise ValueError("--output (one image) and --output-dir (every image) exclude each other: pass one")
+    _check_range("--batch-size", args.batch_size, 1, 1024)
     # Checked before any work, as segment's and depth's outputs: they were found unwritable only after detecting.
     if args.output:
         _check_output_file(args.output)
@@ -1220,8 +1228,9 @@ def _cmd_eval_detection(args: argparse.Namespace) -> int:
 
     if args.runtime != "torch" or args.onnx:
         raise ValueError("--runtime onnxruntime and --onnx serve classifiers; a detector runs in PyTorch")
-    model = load_detector(args.model, args.device)
     batch_size = 2 if args.batch_size is None else args.batch_size
+    _check_range("--batch-size", batch_size, 1, 1024)
+    model = load_detector(args.model, args.device)
     result = evaluate_detector(model, args.data, batch_size=batch_size, progress=_progress(args), bf16=args.bf16)
     if args.json:
         _print_json({k: v for k, v in result.items() if k != "summary"})

@@ -184,7 +184,8 @@ _MIT_RULES: list[tuple[re.Pattern[str], str]] = [
 
 
 def detect_layout(state: Mapping[str, torch.Tensor]) -> str:
-    """``transformers``, ``timm`` or ``original``, from the key names; :class:`CheckpointError` otherwise."""
+    """``transformers``, ``timm``, ``original``, ``mmdet`` (an mmdetection / mmsegmentation file: ``backbone.`` + the
+    original layout), ``glpn`` or ``segformer``, from the key names; :class:`CheckpointError` otherwise."""
     keys = list(state)
     if any(k.startswith(("encoder.layers.", "pvt_v2.encoder.layers.")) for k in keys):
         return "transformers"

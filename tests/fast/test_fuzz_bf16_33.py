@@ -9,11 +9,16 @@ strided. The fast path is held to the reference path of the same model under the
 against the float64 model with the same weights (the truth), no further off than the reference is, to a factor. The
 reference is held to transformers' twin under the same autocast the same way.
 
-A campaign of this search (a harness kept out of the repository, seeds 0-2,199) found one fault: under bf16
-autocast a stage whose input is no larger than its patch embedding's padding (a 1-pixel-wide grid under a 3x3
-patch) ran its patch embedding as a bf16 convolution, where the reference computes it in fp32 and keeps the fp32
-stream; the stage's output came out bf16 instead of fp32 and 10-40 times further from the truth. The fast path now
-calls the patch embedding module there (tested below).
+A campaign of this search (a harness kept out of the repository: 3,000 cases, seeds 0-2,999, with hostile weights
+and 1-3-channel stages too, and 30 B0-sized models at 63-224 px) found one fault: under bf16 autocast a stage whose
+input is no larger than its patch embedding's padding (a 1-pixel-wide grid under a 3x3 patch) ran its patch
+embedding as a bf16 convolution, where the reference computes it in fp32 and keeps the fp32 stream; the stage's
+output came out bf16 instead of fp32 and 10-40 times further from the truth. The fast path now calls the patch
+embedding module there (tested below). Otherwise the fast path's distance to the truth over the reference's, per
+stage on the same input: median 1.0, 90th percentile 1.13, 99th 1.7; above 2 only for stages of 2-4 channels
+(a LayerNorm over them turns one bf16 step into a sign) and for a bf16 model (no autocast) with a saturated
+softmax, whose scores the fast path's bf16 GEMM rounds to bf16 where the reference's SDPA keeps them in fp32
+(1.2 times the reference's error in the median, up to 3.3).
 """
 
 from __future__ import annotations

@@ -913,9 +913,17 @@ def stage_forward(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weights = _FROZEN.get(stage, _PLAIN)
     dtype = _compute_dtype(x)
     embed = stage.patch_embedding
-    x = _conv(weights, embed.proj, x.contiguous(memory_format=torch.channels_last), dtype)  # (B, C, H, W)
-    batch, channels, height, width = x.shape
-    x = _norm(embed.layer_norm, x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))  # (B, N, C)
+    if min(x.shape[-2:]) <= embed.proj.padding[0]:
+        # An input no larger than the padding: the patch embedding computes its convolution in fp32 there under
+        # autocast or with bf16 / float16 weights, and returns the weights' dtype (OverlapPatchEmbed); so the module
+        # itself (a grid this small costs nothing). The fused bf16 convolution gave a bf16 stream where the reference
+        # has an fp32 one (a stage's output in another dtype) and 10-40 times its error.
+        x, height, width = embed(x)  # (B, N, C)
+        batch, _, channels = x.shape
+    else:
+        x = _conv(weights, embed.proj, x.contiguous(memory_format=torch.channels_last), dtype)  # (B, C, H, W)
+        batch, channels, height, width = x.shape
+        x = _norm(embed.layer_norm, x.permute(0, 2, 3, 1).reshape(batch, height * width, channels))  # (B, N, C)
     for block in stage.blocks:
         x = _attention(weights, block.attention, _norm(block.layer_norm_1, x), height, width, dtype, residual=x)
         x = _mix_ffn(weights, block.mlp, _norm(block.layer_norm_2, x), height, width, dtype, residual=x)

@@ -15,6 +15,7 @@ Normalisation, activations, softmax, pooling and additions are not counted, as i
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,11 +54,29 @@ def _kv_tokens(module: SpatialReductionAttention, tokens: int, height: int, widt
     return ((height - kh) // sh + 1) * ((width - kw) // sw + 1)
 
 
+def _input_size(image_size: Any) -> tuple[int, int]:
+    """``image_size`` (N or (H, W), positive whole numbers) as (height, width); anything else a ValueError naming it
+    (a negative side raised torch's "Dimension size must be non-negative", (H, W, C) a bare unpacking error)."""
+    try:
+        sides = [image_size] if hasattr(image_size, "__index__") else list(image_size)
+        if len(sides) not in (1, 2) or any(isinstance(s, bool) for s in sides):
+            raise TypeError
+        sides = [operator.index(s) for s in sides]  # NumPy's integers too; not 64.5
+    except TypeError:
+        sides = [0]
+    if min(sides) < 1:
+        raise ValueError(f"image_size must be N or (height, width), positive whole numbers, got {image_size!r}")
+    return sides[0], sides[-1]
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, image_size: int | Sequence[int] = 224, batch_size: int = 1) -> dict[str, Any]:
     """Multiply-adds of one forward pass on a ``(batch_size, C, H, W)`` input, in total and per stage, and each stage's
     output shape (from a real forward pass, so the numbers follow the model as built, not the config)."""
-    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    height, width = _input_size(image_size)
+    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
+    batch_size = operator.index(batch_size)
     channels = getattr(getattr(model, "config", None), "num_channels", 3)
     stages = [m for m in model.modules() if isinstance(m, PvtV2Stage)]
     stage_of: dict[nn.Module, int] = {}

@@ -1,0 +1,135 @@
+"""A seeded slice of a differential search of the introspection tools: ``pvtv2.flops`` (``pvtv2 info`` / ``inspect``),
+``pvtv2.visualize``'s attention maps and ``pvtv2.benchmark``.
+
+Each case is drawn from a seeded generator and compared with an independent answer: torch's ``FlopCounterMode`` and a
+closed form of the architecture written here (MACs, one per multiply-add: FlopCounterMode's FLOPs are twice them),
+transformers' and timm's twins built from the same checkpoint, transformers' ``output_attentions`` reshaped by hand,
+matplotlib's colour map, and the calls a benchmark really makes (shape, channels, autocast, grad mode).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import TINY_SMALL_IMAGES
+from pvtv2 import (
+    PvtV2Backbone,
+    PvtV2Config,
+    PvtV2ForDepthEstimation,
+    PvtV2ForImageClassification,
+    PvtV2ForSemanticSegmentation,
+    PvtV2Model,
+)
+from pvtv2.fast import fast_path
+from pvtv2.flops import count_macs
+
+SEED = 33
+
+
+def side(n: int, kernel: int, stride: int) -> int:
+    """An overlapping patch embedding's output side: padding kernel // 2."""
+    return (n + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+def random_config(rng: random.Random, *, free_geometry: bool = True, float_mlp: bool = False) -> dict:
+    """A random architecture of 1-4 stages; ``free_geometry``: random patch sizes, strides and input channels (what
+    timm's model cannot take); ``float_mlp``: MLP ratios such as 1.5 (what transformers' config cannot take)."""
+    n = rng.randint(1, 4)
+    heads = [rng.choice([1, 2, 4]) for _ in range(n)]
+    config = dict(
+        num_encoder_blocks=n, num_attention_heads=heads, hidden_sizes=[h * rng.choice([4, 8]) for h in heads],
+        depths=[rng.randint(1, 2) for _ in range(n)], linear_attention=rng.random() < 0.3,
+        sr_ratios=[rng.choice([1, 2, 4]) for _ in range(n)], mlp_ratios=[rng.choice([1, 1.5, 2, 4] if float_mlp else [1, 2, 4]) for _ in range(n)],
+        num_labels=rng.randint(1, 6),
+    )
+    if free_geometry:
+        config.update(patch_sizes=[rng.choice([2, 3, 5, 7]) for _ in range(n)],
+                      strides=[rng.choice([2, 4])] + [rng.choice([1, 2]) for _ in range(n - 1)],
+                      num_channels=rng.randint(1, 4))
+    return config
+
+
+def closed_form_macs(config: PvtV2Config, height: int, width: int, batch: int) -> list[int]:
+    """Per stage: the patch embedding, then per block the spatial reduction (strided conv, or 1x1 conv on the 7x7
+    pooled grid), query / key / value / projection, Q K^T and A V, and the Mix-FFN (two linears, 3x3 depthwise)."""
+    per_stage, in_channels = [], config.num_channels
+    for i in range(config.num_encoder_blocks):
+        c, k = config.hidden_sizes[i], config.patch_sizes[i]
+        height, width = side(height, k, config.strides[i]), side(width, k, config.strides[i])
+        n = height * width
+        macs = n * c * in_channels * k * k
+        hidden = int(c * config.mlp_ratios[i])
+        for _ in range(config.depths[i]):
+            r = config.sr_ratios[i]
+            if config.linear_attention:
+                keys, macs = 49, macs + 49 * c * c
+            elif r > 1:
+                keys = (height // r) * (width // r)
+                macs += keys * c * c * r * r
+            else:
+                keys = n
+            macs += 2 * n * c * c + 2 * keys * c * c + 2 * n * keys * c
+            macs += 2 * n * c * hidden + 9 * n * hidden
+        per_stage.append(batch * macs)
+        in_channels = c
+    return per_stage
+
+
+KINDS = {
+    "classifier": PvtV2ForImageClassification, "encoder": PvtV2Model, "backbone": PvtV2Backbone,
+    "segformer": lambda c: PvtV2ForSemanticSegmentation(c, head="segformer"),
+    "fpn": lambda c: PvtV2ForSemanticSegmentation(c, head="fpn"), "depth": PvtV2ForDepthEstimation,
+}
+
+
+def test_macs_are_half_the_flop_counter_and_the_closed_form_over_random_architectures():
+    rng = random.Random(SEED)
+    compared = refused = 0
+    for case in range(9):
+        kind = sorted(KINDS)[case % len(KINDS)]
+        config = random_config(rng, float_mlp=True)
+        height, width, batch = rng.randint(17, 64), rng.randint(17, 64), rng.randint(1, 2)
+        torch.manual_seed(case)
+        model = KINDS[kind](PvtV2Config(**config)).eval()
+        x = torch.zeros(batch, config["num_channels"], height, width)
+        try:
+            with torch.no_grad(), fast_path(False):
+                model(x)
+        except ValueError as error:  # the model refuses the size: the count refuses it the same way
+            with pytest.raises(ValueError, match=re.escape(str(error))):
+                count_macs(model, (height, width), batch)
+            refused += 1
+            continue
+        got = count_macs(model, (height, width), batch)
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), fast_path(False):
+            model(x, output_attentions=True)  # the attention as counted matmuls
+        where = (case, kind, config, height, width, batch)
+        assert 2 * got["macs"] == counter.get_total_flops(), where
+        assert got["per_stage_macs"] == closed_form_macs(model.config, height, width, batch), where
+        head = batch * config["hidden_sizes"][-1] * config["num_labels"] if kind == "classifier" else 0
+        if kind in ("classifier", "encoder", "backbone"):
+            assert got["head_macs"] == head, where
+        assert got["macs"] == sum(got["per_stage_macs"]) + got["head_macs"]
+        assert got["input_shape"] == [batch, config["num_channels"], height, width]
+        compared += 1
+    assert compared >= 5 and refused >= 1
+
+
+@pytest.mark.parametrize("size", [(64, 64, 3), 64.5, -64, (0, 64), True, "64", None])
+def test_count_macs_names_a_bad_image_size(size):
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES))
+    # torch's "Dimension size must be non-negative", a bare unpacking error, "'float' object is not iterable"
+    with pytest.raises(ValueError, match="image_size must be N or"):
+        count_macs(model, size)
+
+
+@pytest.mark.parametrize("batch", [0, -1, 1.5, True])
+def test_count_macs_names_a_bad_batch_size(batch):
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES))
+    with pytest.raises(ValueError, match="batch_size must be a positive whole number"):
+        count_macs(model, 32, batch)

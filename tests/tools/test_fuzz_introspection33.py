@@ -9,8 +9,11 @@ matplotlib's colour map, and the calls a benchmark really makes (shape, channels
 
 from __future__ import annotations
 
+import io
+import json
 import random
 import re
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
@@ -25,6 +28,9 @@ from pvtv2 import (
     PvtV2ForSemanticSegmentation,
     PvtV2Model,
 )
+from pvtv2 import fast
+from pvtv2.benchmark import benchmark_model
+from pvtv2.cli import main
 from pvtv2.fast import fast_path
 from pvtv2.flops import count_macs
 
@@ -133,3 +139,70 @@ def test_count_macs_names_a_bad_batch_size(batch):
     model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES))
     with pytest.raises(ValueError, match="batch_size must be a positive whole number"):
         count_macs(model, 32, batch)
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+BENCH_KINDS = {"classifier": PvtV2ForImageClassification, "backbone": PvtV2Backbone,
+               "segformer": PvtV2ForSemanticSegmentation, "depth": PvtV2ForDepthEstimation}
+
+
+def test_benchmark_times_the_model_it_reports_with_its_own_channels():
+    rng = random.Random(SEED + 3)
+    for case in range(6):
+        kind = sorted(BENCH_KINDS)[case % 4]
+        channels = (1, 3, 4, 2)[case % 4]  # a 1-channel model was refused ("pixel_values has 3 channels")
+        batch, size = rng.randint(1, 2), 32
+        dtype, train = rng.choice(["fp32", "bf16"]), case % 3 == 1
+        frozen = not train and rng.random() < 0.5
+        warmup, repeats = rng.randint(0, 1), rng.randint(1, 2)
+        model = BENCH_KINDS[kind](PvtV2Config(**TINY_SMALL_IMAGES, num_channels=channels, num_labels=3))
+        if frozen:
+            fast.freeze(model)
+        calls = []
+
+        def record(module, args, kwargs):
+            x = args[0] if args else kwargs["pixel_values"]
+            calls.append((tuple(x.shape), torch.is_autocast_enabled("cpu"), torch.is_grad_enabled(),
+                          torch.is_inference_mode_enabled(), module.training))
+
+        handle = model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            result = benchmark_model(model, batch_size=batch, image_size=size, dtype=dtype, train=train,
+                                     warmup=warmup, repeats=repeats, num_labels=3)
+        finally:
+            handle.remove()
+        where = (case, kind, channels, dtype, train, frozen)
+        assert calls == [((batch, channels, size, size), dtype == "bf16", train, not train, train)] * (
+            warmup + repeats), where
+        assert result.images_per_s == pytest.approx(batch / (result.latency_ms / 1e3), rel=1e-12)
+        assert result.best_latency_ms <= result.latency_ms
+        assert (result.mode, result.batch_size, result.image_size, result.dtype, result.repeats) == (
+            "train" if train else "inference", batch, size, dtype, repeats)
+        assert not model.training
+        if repeats == 1:
+            assert result.latency_ms == result.best_latency_ms
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", True), ("batch_size", 1.5), ("image_size", 32.0),
+                                       ("repeats", 2.5), ("warmup", None)])
+def test_benchmark_model_names_a_count_that_is_not_whole(key, value):
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES))
+    kwargs = dict(batch_size=1, image_size=32, repeats=1, warmup=0)
+    with pytest.raises(ValueError, match=f"{key} must be a whole number"):
+        benchmark_model(model, **{**kwargs, key: value})
+
+
+def test_benchmark_command_times_a_one_channel_checkpoint(tmp_path):
+    PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES, num_channels=1)).save_pretrained(tmp_path / "grey")
+    code, out, err = cli("benchmark", "--model", str(tmp_path / "grey"), "--image-size", "32", "--repeats", "2",
+                         "--warmup", "0", "--batch-size", "3", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["images_per_s"] == pytest.approx(3 / (result["latency_ms"] / 1e3), rel=1e-9)
+    assert (result["batch_size"], result["image_size"], result["mode"]) == (3, 32, "inference")

@@ -15,6 +15,7 @@ import random
 import re
 from contextlib import redirect_stderr, redirect_stdout
 
+import PIL.Image
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -31,8 +32,10 @@ from pvtv2 import (
 from pvtv2 import fast
 from pvtv2.benchmark import benchmark_model
 from pvtv2.cli import main
+from pvtv2.data.processing import PvtV2ImageProcessor
 from pvtv2.fast import fast_path
 from pvtv2.flops import count_macs
+from pvtv2.visualize import attention_figure
 
 SEED = 33
 
@@ -146,6 +149,15 @@ def cli(*args: str) -> tuple[int, str, str]:
     with redirect_stdout(out), redirect_stderr(err):
         code = main(list(args))
     return code, out.getvalue(), err.getvalue()
+
+
+def test_attention_figure_and_processor_refuse_an_empty_image():
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES)).eval()
+    # A 0x40 PIL image became a uniform 224x224 input: a figure (or a prediction) of nothing.
+    with pytest.raises(ValueError, match=r"image 0 is empty: a 0x40"):
+        attention_figure(model, PIL.Image.new("RGB", (0, 40)), panel_size=32)
+    with pytest.raises(ValueError, match=r"image 0 is empty: a 40x0"):
+        PvtV2ImageProcessor()(PIL.Image.new("L", (40, 0)), return_tensors="pt")
 
 
 BENCH_KINDS = {"classifier": PvtV2ForImageClassification, "backbone": PvtV2Backbone,

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import re
 from contextlib import redirect_stderr, redirect_stdout
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import TINY_SMALL_IMAGES
+from conftest import TINY_SMALL_IMAGES, hf_twin
 from pvtv2 import (
     PvtV2Backbone,
     PvtV2Config,
@@ -35,7 +37,7 @@ from pvtv2.cli import main
 from pvtv2.data.processing import PvtV2ImageProcessor
 from pvtv2.fast import fast_path
 from pvtv2.flops import count_macs
-from pvtv2.visualize import attention_figure
+from pvtv2.visualize import attention_figure, attention_maps, heatmap_colors
 
 SEED = 33
 
@@ -149,6 +151,149 @@ def cli(*args: str) -> tuple[int, str, str]:
     with redirect_stdout(out), redirect_stderr(err):
         code = main(list(args))
     return code, out.getvalue(), err.getvalue()
+
+
+def test_inspect_against_transformers_timm_and_the_file_itself(tmp_path):
+    import timm
+    import transformers
+    from safetensors.torch import load_file
+
+    from pvtv2.export import convert_checkpoint
+
+    rng = random.Random(SEED + 1)
+    for case, form in enumerate(["folder", "timm", "original", "segmentation"]):
+        config = random_config(rng, free_geometry=form in ("folder", "segmentation"))
+        torch.manual_seed(case)
+        cfg = PvtV2Config(**config)
+        model = PvtV2ForSemanticSegmentation(cfg, head="fpn") if form == "segmentation" else PvtV2ForImageClassification(cfg)
+        folder = tmp_path / f"m{case}"
+        model.save_pretrained(folder)
+        own = sum(p.numel() for p in model.parameters())
+        path = str(folder)
+        if form == "folder":
+            twin = transformers.PvtV2ForImageClassification.from_pretrained(folder)
+            assert sum(p.numel() for p in twin.parameters()) == own
+        elif form in ("timm", "original"):
+            path = str(tmp_path / (f"m{case}.safetensors" if form == "timm" else f"m{case}.pth"))
+            convert_checkpoint(folder, path, form)
+            state = load_file(path) if form == "timm" else torch.load(path, weights_only=True)
+            if form == "timm":
+                twin = timm.create_model(
+                    "pvt_v2_b0", pretrained=False, depths=config["depths"], embed_dims=config["hidden_sizes"],
+                    num_heads=config["num_attention_heads"], mlp_ratios=config["mlp_ratios"],
+                    sr_ratios=config["sr_ratios"], num_classes=config["num_labels"], linear=config["linear_attention"])
+                twin.load_state_dict(state, strict=True)
+                assert sum(p.numel() for p in twin.parameters()) == own
+            assert sum(v.numel() for v in state.values()) == own
+        height, width = rng.randint(60, 140), rng.randint(60, 140)
+        code, out, err = cli("inspect", path, "--json", "--image-size", f"{height}x{width}")
+        assert code == 0, err
+        info = json.loads(out)
+        assert info["parameters"] == own and info["class"] == type(model).__name__
+        assert info["num_labels"] == config["num_labels"] and info["linear_attention"] == config["linear_attention"]
+        assert info["gflops"] == pytest.approx(2 * info["gmacs"])
+        c = model.config
+        for i, stage in enumerate(info["stages"]):
+            height, width = side(height, c.patch_sizes[i], c.strides[i]), side(width, c.patch_sizes[i], c.strides[i])
+            assert stage["output"] == [height, width]
+            assert stage["stride"] == math.prod(c.strides[: i + 1])  # the stage's stride with respect to the input
+            assert (stage["channels"], stage["depth"], stage["mlp_ratio"]) == (
+                c.hidden_sizes[i], c.depths[i], c.mlp_ratios[i])
+            if form not in ("timm", "original"):  # a single file does not record heads (guessed, with a warning)
+                assert stage["heads"] == c.num_attention_heads[i]
+            assert stage["parameters"] == sum(
+                p.numel() for name, p in model.named_parameters() if f"encoder.layers.{i}." in name)
+            assert stage["attention"] == ("linear (pool 7x7)" if c.linear_attention else
+                                          f"sr {c.sr_ratios[i]}" if c.sr_ratios[i] > 1 else "full")
+        code, text, _ = cli("inspect", path)
+        assert text.splitlines()[0].startswith(f"{path}: {type(model).__name__}, ")
+        assert f"parameters: {own:,}" in text
+
+
+def test_heat_map_ramp_is_matplotlibs_inferno():
+    cm = pytest.importorskip("matplotlib").colormaps["inferno"]
+    anchors = np.linspace(0, 1, 8)
+    expected = np.round(cm(anchors)[:, :3] * 255)
+    assert np.abs(heatmap_colors(anchors).astype(float) - expected).max() <= 1
+    # brighter (a larger sum of channels) as the value grows: the brightest pixel of a panel is the hottest
+    sums = heatmap_colors(np.linspace(0, 1, 256)).astype(int).sum(-1)
+    assert (np.diff(sums) >= 0).all()
+
+
+def test_attention_maps_are_transformers_maps_and_the_figure_is_hottest_at_their_argmax():
+    rng = random.Random(SEED + 2)
+    checked_panels = 0
+    for case in range(5):
+        config = random_config(rng, free_geometry=False)
+        height, width = rng.randint(40, 110), rng.randint(40, 110)
+        torch.manual_seed(case)
+        model = PvtV2ForImageClassification(PvtV2Config(**config)).eval()
+        x = torch.randn(1, 3, height, width)
+        try:
+            maps = attention_maps(model, x)
+        except ValueError:
+            continue
+        with torch.no_grad():
+            theirs = hf_twin(model).eval()(x, output_attentions=True)
+        assert len(maps) == config["num_encoder_blocks"]
+        for i, entry in enumerate(maps):  # transformers nests the maps per stage, one per block
+            height, width = side(height, 7 if i == 0 else 3, 4 if i == 0 else 2), side(width, 7 if i == 0 else 3,
+                                                                                     4 if i == 0 else 2)
+            r = config["sr_ratios"][i]
+            keys = (7, 7) if config["linear_attention"] else (height // r, width // r) if r > 1 else (height, width)
+            probs = theirs.attentions[i][-1][0]  # the stage's last block, the image's (heads, N, N')
+            assert entry["tokens"] == (height, width) and entry["keys"] == keys
+            np.testing.assert_allclose(entry["map"], probs.mean(dim=(0, 1)).reshape(keys).numpy(), atol=1e-5)
+        # A uniform grey image: each panel is (1 - alpha) grey + alpha ramp(value), brightest where the map is.
+        panel = rng.choice([32, 48, 64])
+        image = PIL.Image.new("RGB", (rng.randint(20, 150), rng.randint(20, 150)), (128, 128, 128))
+        processor = PvtV2ImageProcessor(size={"height": 64, "width": 64})
+        figure = attention_figure(model, image, processor, panel_size=panel, alpha=0.6)
+        line = max(18, panel // 10)
+        assert figure.mode == "RGB" and figure.size == ((1 + len(maps)) * panel, panel + 2 * line)
+        pixels = np.asarray(figure).astype(int)
+        for n, entry in enumerate(attention_maps(model, processor(image, return_tensors="pt")["pixel_values"]), 1):
+            heat = entry["map"]
+            if heat.max() - heat.min() < 1e-6:
+                continue
+            brightness = pixels[2 * line:, n * panel:(n + 1) * panel].sum(-1)
+            rows, cols = heat.shape
+            hot = {(int((y + 0.5) * rows / panel), int((x + 0.5) * cols / panel))
+                   for y, x in zip(*np.nonzero(brightness == brightness.max()))}
+            # Near the top, not at it: a one-cell peak that no pixel centre hits exactly comes out of the bilinear
+            # upsampling lower than a broad plateau just below it.
+            top = np.argwhere(heat >= heat.max() - 0.05 * (heat.max() - heat.min()))
+            near = {(a + da, b + db) for a, b in top for da in (-1, 0, 1) for db in (-1, 0, 1)}
+            assert hot & near, (case, entry["stage"], sorted(hot)[:3], top[:3].tolist())
+            checked_panels += 1
+    assert checked_panels >= 6
+
+
+def test_attention_figure_puts_a_known_hot_key_where_it_lies(monkeypatch):
+    """A map of one hot key on a non-square grid (a transposed or flipped panel would put it elsewhere): the panel's
+    brightest pixels lie in that key's cell, and nowhere else."""
+    import pvtv2.visualize as visualize
+
+    rng = random.Random(SEED + 4)
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES)).eval()
+    for _ in range(6):
+        grids = [(rng.randint(2, 9), rng.randint(2, 9)) for _ in range(rng.randint(1, 4))]
+        hot = [(rng.randrange(r), rng.randrange(c)) for r, c in grids]
+        maps = []
+        for n, ((rows, cols), (r, c)) in enumerate(zip(grids, hot), start=1):
+            heat = np.zeros((rows, cols), dtype=np.float32)
+            heat[r, c] = 1.0
+            maps.append({"stage": n, "tokens": (rows * 2, cols * 2), "keys": (rows, cols), "map": heat})
+        monkeypatch.setattr(visualize, "attention_maps", lambda model, pixels, maps=maps: maps)
+        panel = rng.choice([32, 64, 100])
+        grey = PIL.Image.new("RGB", (rng.randint(10, 300), rng.randint(10, 300)), (90, 90, 90))
+        figure = np.asarray(attention_figure(model, grey, panel_size=panel, alpha=rng.choice([0.4, 1.0]))).astype(int)
+        line = max(18, panel // 10)
+        for n, ((rows, cols), cell) in enumerate(zip(grids, hot), start=1):
+            brightness = figure[2 * line:, n * panel:(n + 1) * panel].sum(-1)
+            ys, xs = np.nonzero(brightness == brightness.max())
+            cells = {(int((y + 0.5) * rows / panel), int((x + 0.5) * cols / panel)) for y, x in zip(ys, xs)}
+            assert cells == {cell}, (grids, hot, n, panel)
 
 
 def test_attention_figure_and_processor_refuse_an_empty_image():

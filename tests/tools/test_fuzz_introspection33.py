@@ -363,3 +363,29 @@ def test_benchmark_command_times_a_one_channel_checkpoint(tmp_path):
     result = json.loads(out)
     assert result["images_per_s"] == pytest.approx(3 / (result["latency_ms"] / 1e3), rel=1e-9)
     assert (result["batch_size"], result["image_size"], result["mode"]) == (3, 32, "inference")
+
+
+def test_the_papers_figure_is_shown_only_beside_the_papers_model(tmp_path, monkeypatch):
+    """A folder named after a preset (``pvtv2 inspect pvt_v2_b1`` in the folder holding it) is read as that folder:
+    its count was set beside the paper's figure for that variant, whatever it held."""
+    monkeypatch.chdir(tmp_path)
+    tiny = PvtV2ForImageClassification(PvtV2Config(**TINY_SMALL_IMAGES))
+    tiny.save_pretrained(tmp_path / "pvt_v2_b0")
+    with torch.device("meta"):
+        segmenter = PvtV2ForSemanticSegmentation(PvtV2Config.from_preset("pvt_v2_b0", num_labels=150))
+    segmenter.to_empty(device="cpu").save_pretrained(tmp_path / "pvt_v2_b1")  # B0's encoder under B1's name
+    for name, model in (("pvt_v2_b0", tiny), ("pvt_v2_b1", segmenter)):
+        code, out, err = cli("inspect", name, "--json")
+        assert code == 0, err
+        info = json.loads(out)
+        assert info["parameters"] == sum(p.numel() for p in model.parameters())
+        assert "paper_gmacs" not in info  # was 0.6 beside 0.068 (+785%), 2.1 beside B0's segmenter (+35%)
+        assert "paper (Table 1)" not in cli("inspect", name)[1]
+    with torch.device("meta"):  # the preset itself, and its classifier however named, keep the paper's figure
+        b0 = PvtV2ForImageClassification(PvtV2Config.from_preset("pvt_v2_b0"))
+    code, out, _ = cli("inspect", "PVT-v2-B0", "--json")
+    assert code == 0 and json.loads(out)["paper_gmacs"] == 0.6
+    from pvtv2.flops import model_summary
+
+    assert model_summary(b0, 224, name="pvt_v2_b0")["paper_gmacs"] == 0.6
+    assert "paper_gmacs" not in model_summary(b0, 224, name="pvt_v2_b1")

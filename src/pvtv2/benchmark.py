@@ -108,7 +108,8 @@ def benchmark_model(
     name: str = "model",
     num_labels: int | None = None,
 ) -> BenchmarkResult:
-    """Time ``model`` on random ``(batch_size, 3, image_size, image_size)`` inputs.
+    """Time ``model`` on random ``(batch_size, C, image_size, image_size)`` inputs, ``C`` the model's
+    ``config.num_channels`` (3 for a model without one).
 
     Inference runs in eval mode under ``torch.inference_mode()``; ``train=True`` times a training step instead
     (forward, cross-entropy on random labels, backward, AdamW step). ``dtype="bf16"`` runs under autocast with the
@@ -117,6 +118,11 @@ def benchmark_model(
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    counts = {"batch_size": batch_size, "image_size": image_size, "repeats": repeats, "warmup": warmup}
+    for key, value in counts.items():
+        # 1.5 or True reached torch.randn ("received an invalid combination of arguments") or range()
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise ValueError(f"{key} must be a whole number, got {value!r}")
     if batch_size < 1 or image_size < 1 or repeats < 1 or warmup < 0:
         raise ValueError(
             f"batch_size, image_size and repeats must be positive and warmup >= 0, got "
@@ -124,7 +130,9 @@ def benchmark_model(
         )
     torch_dtype = _DTYPES[dtype]
     device = next(model.parameters()).device
-    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    # The model's own channel count (a 1-channel checkpoint was refused: "pixel_values has 3 channels").
+    channels = getattr(getattr(model, "config", None), "num_channels", 3)
+    x = torch.randn(batch_size, channels, image_size, image_size, device=device)
     run = torch.compile(model) if compile else model
 
     if train:

@@ -15,6 +15,7 @@ Normalisation, activations, softmax, pooling and additions are not counted, as i
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,11 +54,29 @@ def _kv_tokens(module: SpatialReductionAttention, tokens: int, height: int, widt
     return ((height - kh) // sh + 1) * ((width - kw) // sw + 1)
 
 
+def _input_size(image_size: Any) -> tuple[int, int]:
+    """``image_size`` (N or (H, W), positive whole numbers) as (height, width); anything else a ValueError naming it
+    (a negative side raised torch's "Dimension size must be non-negative", (H, W, C) a bare unpacking error)."""
+    try:
+        sides = [image_size] if hasattr(image_size, "__index__") else list(image_size)
+        if len(sides) not in (1, 2) or any(isinstance(s, bool) for s in sides):
+            raise TypeError
+        sides = [operator.index(s) for s in sides]  # NumPy's integers too; not 64.5
+    except TypeError:
+        sides = [0]
+    if min(sides) < 1:
+        raise ValueError(f"image_size must be N or (height, width), positive whole numbers, got {image_size!r}")
+    return sides[0], sides[-1]
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, image_size: int | Sequence[int] = 224, batch_size: int = 1) -> dict[str, Any]:
     """Multiply-adds of one forward pass on a ``(batch_size, C, H, W)`` input, in total and per stage, and each stage's
     output shape (from a real forward pass, so the numbers follow the model as built, not the config)."""
-    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    height, width = _input_size(image_size)
+    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive whole number, got {batch_size!r}")
+    batch_size = operator.index(batch_size)
     channels = getattr(getattr(model, "config", None), "num_channels", 3)
     stages = [m for m in model.modules() if isinstance(m, PvtV2Stage)]
     stage_of: dict[nn.Module, int] = {}
@@ -165,9 +184,24 @@ def model_summary(model: nn.Module, image_size: int | Sequence[int] = 224, name:
         "unit_note": "gmacs counts multiply-adds (what the PVTv2 paper reports as GFLOPs); gflops = 2 x gmacs",
         "stages": stages,
     }
-    if key in PAPER_GMACS and (height, width) == (224, 224):
+    if key in PAPER_GMACS and (height, width) == (224, 224) and _is_paper_model(model, key):
         summary["paper_gmacs"] = PAPER_GMACS[key]
     return summary
+
+
+# What decides the paper's compute figure: a model that differs in one of these is not the variant of the paper.
+_PAPER_FIELDS = ("num_channels", "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides",
+                 "num_attention_heads", "mlp_ratios", "linear_attention")
+
+
+def _is_paper_model(model: nn.Module, key: str) -> bool:
+    """Whether ``model`` is the classifier of preset ``key`` (the paper's figure is the classifier's): a folder that
+    is merely named after a preset (a tiny model, a segmentation model with its decode head) was set beside the
+    paper's figure as if it were that variant ("paper 0.6 GMACs, +785% from the count above")."""
+    if type(model).__name__ != "PvtV2ForImageClassification":
+        return False
+    preset = PvtV2Config.from_preset(key)
+    return all(getattr(model.config, f) == getattr(preset, f) for f in _PAPER_FIELDS)
 
 
 def _stage_module(model: nn.Module, index: int) -> nn.Module:

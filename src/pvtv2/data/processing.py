@@ -626,6 +626,8 @@ def _to_rgb_chw(item: Any, index: int, layout: str | None = None) -> np.ndarray:
         # transparency survives convert("RGB") in `info` and then sends those pixels to white.
         return np.moveaxis(np.asarray(to_rgb(load_image(item))), -1, 0)
     if isinstance(item, PIL.Image.Image):
+        if item.width == 0 or item.height == 0:  # resized, it became a uniform picture the model classified
+            raise ValueError(f"image {index} is empty: a {item.width}x{item.height} (width x height) PIL image")
         return np.moveaxis(np.asarray(to_rgb(item)), -1, 0)
     if isinstance(item, torch.Tensor):
         item = _tensor_to_numpy(item, index)

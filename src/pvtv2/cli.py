@@ -41,6 +41,11 @@ def _check_demo_seed(seed: int) -> None:
         raise ValueError(f"--seed must be an integer in [0, 2**63-1], got {seed}")
 
 
+# Picture names whose extension promises another format than the PNG the commands write.
+_OTHER_PICTURE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
+                                     ".jp2", ".ico", ".avif", ".heic"})
+
+
 def _check_output_file(path: str, output_dir: str | None = None, example: str = "out.png") -> None:
     """Refuse, before any work, an --output that cannot become a file: an existing folder, or a path under a
     file or under a folder this user may not write. (Missing parent folders are created.) With ``output_dir``,
@@ -55,6 +60,10 @@ def _check_output_file(path: str, output_dir: str | None = None, example: str = 
     # detect --output-dir names its pictures after the images: the user chose the folder, not the file name.
     named = f"--output {path!r}" if output_dir is None else f"{path!r} (a picture of --output-dir {output_dir!r})"
     remedy = "give a file name" if output_dir is None else "move it or give another --output-dir"
+    if example.endswith(".png") and target.suffix.lower() in _OTHER_PICTURE_SUFFIXES:
+        # The pictures are PNG data whatever the name: `-o out.jpg` wrote PNG bytes under a JPEG name.
+        raise ValueError(f"{named} names a {target.suffix[1:].upper()} file, but the picture is written as PNG: "
+                         f"give a name ending in .png")
     if target.is_dir():
         if output_dir is None:
             remedy = f"give a file name such as {os.path.join(path, example)!r}"

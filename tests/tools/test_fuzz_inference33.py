@@ -468,3 +468,47 @@ def test_seeded_onnxruntime_predict_and_eval_agree_with_torch(tmp_path, capsys, 
     assert onnx_eval["runtime"] == "onnxruntime" and torch_eval["runtime"] == "torch"
     assert (onnx_eval["top1"], onnx_eval["top5"]) == (torch_eval["top1"], torch_eval["top5"])
     assert onnx_eval["loss"] == pytest.approx(torch_eval["loss"], abs=1e-4)
+
+
+def test_a_file_named_twice_keeps_both_places_in_the_output(tmp_path, capsys):
+    """`predict a.png photos/ a.png` (or a.png among the photos): results were sorted by name with one place per
+    name, so both results of a.png went to its last place and the others moved up: the output was no longer in the
+    order typed. A bad file between them keeps its place too."""
+    from conftest import save_tiny_classifier
+
+    model = save_tiny_classifier(tmp_path / "model")
+    rng = np.random.default_rng(3)
+    (tmp_path / "photos").mkdir()
+    paths = [tmp_path / "a.png", tmp_path / "photos" / "b.png", tmp_path / "photos" / "c.png"]
+    for path in paths:
+        PIL.Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "photos" / "bad.png").write_bytes(b"not a png")
+    code, out, err = run_cli(capsys, "predict", str(paths[0]), str(tmp_path / "photos"), str(paths[0]),
+                             "--model", str(tmp_path / "model"), "--json", "--batch-size", "2", "--no-progress")
+    assert code == 2 and "bad.png" in err
+    got = json.loads(out)
+    assert [Path(r["image"]).name for r in got] == ["a.png", "b.png", "bad.png", "c.png", "a.png"]
+    assert "error" in got[2]
+    with torch.no_grad():  # each result is its own file's: resize to 32 and normalise, through the model
+        for r in got[:2] + got[3:]:
+            rgb = np.asarray(PIL.Image.open(r["image"]).convert("RGB").resize((32, 32), PIL.Image.Resampling.BILINEAR))
+            p = model(torch.from_numpy(_normalise(rgb)).float()[None]).logits.softmax(-1)[0]
+            assert r["predictions"][0]["score"] == pytest.approx(float(p.max()), abs=1e-5)
+
+
+def test_detect_keeps_a_file_named_twice_in_both_places(tmp_path):
+    """detect_objects ordered its results as predict did, by name with one place per name."""
+    from conftest import TINY_SHALLOW
+    from pvtv2 import PvtV2ForObjectDetection
+    from pvtv2.inference import detect_objects
+
+    torch.manual_seed(0)
+    model = PvtV2ForObjectDetection(PvtV2Config(**TINY_SHALLOW, id2label={0: "a", 1: "b"}, detector="retinanet",
+                                                min_size=64, max_size=96, score_threshold=0.0, fpn_channels=32)).eval()
+    rng = np.random.default_rng(4)
+    paths = [tmp_path / "x.png", tmp_path / "y.png"]
+    for path in paths:
+        PIL.Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+    results = detect_objects(model, [paths[0], paths[1], paths[0]], batch_size=2)
+    assert [Path(r.image).name for r in results] == ["x.png", "y.png", "x.png"]
+    assert results[0].scores == results[2].scores and results[0].size == results[2].size

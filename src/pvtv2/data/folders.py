@@ -66,7 +66,8 @@ def find_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
         linked.extend(os.path.join(dirpath, name) for name in dirnames if os.path.islink(os.path.join(dirpath, name)))
         for name in filenames:
             path = Path(dirpath) / name
-            if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or (path.is_symlink() and not path.exists())):
+            dangling = path.is_symlink() and not path.exists()
+            if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or dangling):
                 files.append(path)
     if linked:
         logger.warning(

@@ -545,7 +545,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for r in results:
             if r.error is not None:
                 continue
-            print(r.image)
+            _print_file_name(r.image)
             for label, score in zip(r.labels, r.scores):
                 print(f"  {score:7.2%}  {label}")
     for r in failed:
@@ -554,6 +554,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"pvtv2 predict: {len(failed)} of {len(results)} image(s) could not be read or predicted", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_file_name(name: str) -> None:
+    """A file name on a line of stdout as the file system spells it. A name whose bytes are not UTF-8 (Python keeps
+    them as surrogates) cannot be encoded for a strict UTF-8 stdout (a UTF-8 locale other than C's, or
+    PYTHONIOENCODING=utf-8): printed as text, it stopped the command after the images before it, and every result
+    after it was lost. It goes out as its own bytes, as ``ls`` prints it."""
+    try:
+        print(name)
+    except UnicodeEncodeError:
+        buffer = getattr(sys.stdout, "buffer", None)
+        if buffer is None:  # a text-only stream (a StringIO): the name with the undecodable bytes escaped
+            print(name.encode("utf-8", "backslashreplace").decode("utf-8"))
+            return
+        sys.stdout.flush()
+        buffer.write(os.fsencode(name) + b"\n")
+        buffer.flush()
 
 
 @_register

@@ -618,8 +618,17 @@ def predict(
                 results.append(Prediction(name, [id2label[j] for j in i], i, s))
         bar.update(len(chunk))
     bar.close()
-    order = {os.fspath(p): n for n, p in enumerate(images)}
-    return sorted(results, key=lambda r: order[r.image])
+    return _in_input_order(results, images)
+
+
+def _in_input_order(results: Sequence[Any], images: Sequence[str | os.PathLike]) -> list[Any]:
+    """One result per entry of ``images`` (each with its ``.image`` name), in the order of ``images``. A file named
+    twice (``predict a.jpg photos/`` with ``a.jpg`` among the photos, or typed twice) keeps both of its places: sorted
+    by name, both of its results went to its last place, and every result between moved up one."""
+    by_name: dict[str, list[Any]] = {}
+    for result in results:
+        by_name.setdefault(result.image, []).append(result)
+    return [by_name[os.fspath(path)].pop(0) for path in images]
 
 
 def _forward_by_shape(forward: Runtime, arrays: Sequence[np.ndarray]) -> torch.Tensor:
@@ -1147,8 +1156,7 @@ def detect_objects(
                 ))
         bar.update(len(chunk))
     bar.close()
-    order = {os.fspath(p): n for n, p in enumerate(images)}
-    return sorted(results, key=lambda r: order[r.image])
+    return _in_input_order(results, images)
 
 
 def detection_label_map(id2label: dict[int, str], annotations: Any) -> dict[int, int]:

@@ -1,7 +1,9 @@
 """Image-folder datasets for classification, deterministic augmentation and sharding.
 
 A dataset is a folder ``root/<split>/<class>/<image>``; classes are the sub-folder names in sorted order, as
-torchvision's ``ImageFolder`` orders them. Unreadable files are found when the folder is scanned (PIL ``verify``),
+torchvision's ``ImageFolder`` orders them, except that a hidden folder (a name starting with ``.``, such as
+``.ipynb_checkpoints``) is no class: torchvision's would count it, so the classes after it would have other indices
+there; each scan names the hidden folders it leaves out in a warning. Unreadable files are found when the folder is scanned (PIL ``verify``),
 named in a warning and skipped, so a bad file fails no run half-way through an epoch.
 
 Randomness never comes from global state here: the crop and flip of sample ``i`` in epoch ``e`` come from a generator
@@ -46,27 +48,41 @@ def find_image_files(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
     """Image files (by extension) under ``folder``, recursively and sorted, and the sub-folders that could not be
     listed, each with the system's reason (e.g. ``"DIR/sub (Permission denied)"``).
 
-    Symlinked folders are not followed (as ``Path.rglob`` does not), so a link loop cannot recurse forever. Only
-    regular files count (a FIFO named ``x.png`` would block the first read). ``Path.rglob`` skips a folder it may
-    not list without a word; here the caller gets it, to warn or refuse.
+    Symlinked folders are not followed (as ``Path.rglob`` does not), so a link loop cannot recurse forever; those
+    below ``folder`` are named in a warning, as their images are left out (torchvision's ``ImageFolder`` follows
+    them). Only regular files count (a FIFO named ``x.png`` would block the first read), and links to them; a link
+    with an image extension whose target is missing (or a link loop) is listed too, so that reading it fails by name
+    rather than the image being left out without a word. ``Path.rglob`` skips a folder it may not list without a
+    word; here the caller gets it, to warn or refuse.
     """
     files: list[Path] = []
     unlisted: list[str] = []
+    linked: list[str] = []
 
     def note(err: OSError) -> None:
         unlisted.append(f"{err.filename} ({err.strerror or err})")
 
-    for dirpath, _, filenames in os.walk(folder, onerror=note):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=note):
+        linked.extend(os.path.join(dirpath, name) for name in dirnames if os.path.islink(os.path.join(dirpath, name)))
         for name in filenames:
             path = Path(dirpath) / name
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            dangling = path.is_symlink() and not path.exists()
+            if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or dangling):
                 files.append(path)
+    if linked:
+        logger.warning(
+            "not following %d symbolic link(s) to folders (their images are left out; link the files or copy the "
+            "folders instead): %s", len(linked), ", ".join(sorted(linked)),
+        )
     return sorted(files), sorted(unlisted)
 
 
 def scan_split(root: str | os.PathLike, split: str, verify: bool = True) -> tuple[list[str], list[tuple[str, int]]]:
     """Classes and ``(path, label)`` samples of ``root/split``.
 
+    Classes are the sorted names of the sub-folders of ``root/split`` (links to folders included) that are not
+    hidden: a name starting with ``.`` is no class, and a warning names the ones left out (torchvision's
+    ``ImageFolder`` counts them, numbering the classes after them differently).
     Raises ``FileNotFoundError`` for a missing split and ``ValueError`` for a split without class folders, with an
     empty class folder (a class with no images cannot be learnt, and silently renumbering the others would be worse)
     or with a symbolic link whose target is missing (for the same reason; links to folders are classes).
@@ -81,6 +97,12 @@ def scan_split(root: str | os.PathLike, split: str, verify: bool = True) -> tupl
             f"(layout DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg)"
         )
     entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    hidden = sorted(entry.name for entry in folder.iterdir() if entry.name.startswith(".") and entry.is_dir())
+    if hidden:
+        logger.warning(
+            "leaving out hidden folder(s) %s of %s: a name starting with '.' is not a class (torchvision's ImageFolder "
+            "would count it, and number the classes after it differently)", hidden, folder,
+        )
     # A link whose target is gone would be left out as "not a folder": a class silently missing, the others renumbered.
     broken = sorted(entry.name for entry in entries if entry.is_symlink() and not entry.exists())
     if broken:

@@ -427,7 +427,7 @@ def assert_same_predictions(got: list[dict], expected: list[dict]) -> None:
         np.testing.assert_allclose(scores_g, scores_e, rtol=0, atol=1e-4)
 
 
-def test_predict_onnxruntime_exported_on_the_fly_matches_torch(workspace, tmp_path, capsys):
+def test_predict_onnxruntime_exported_on_the_fly_matches_torch(workspace, tmp_path, capsys, monkeypatch):
     """Linear attention here (its pooling is the hard part of exporting); the spatial-reduction model of the
     workspace goes through onnxruntime from an exported file in the next test."""
     import tempfile
@@ -436,10 +436,24 @@ def test_predict_onnxruntime_exported_on_the_fly_matches_torch(workspace, tmp_pa
     root, _, _ = workspace
     tiny_model(tmp_path / "linear", linear=True, seed=5)
     expected = predict_json(capsys, tmp_path / "linear", root / "images")
-    temporary = set(Path(tempfile.gettempdir()).glob("pvtv2-onnx-*"))
+    # The temporary export goes to a folder of this test's own: the system's is shared with other tests running at
+    # the same time (pytest -n), whose exports come and go there.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    seen = []
+
+    def watch(path, *args, **kwargs):  # the files onnxruntime's session is made from
+        seen.append(Path(path))
+        return session(path, *args, **kwargs)
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession", watch)
     got = predict_json(capsys, tmp_path / "linear", root / "images", "--runtime", "onnxruntime")
     assert_same_predictions(got, expected)
-    assert set(Path(tempfile.gettempdir()).glob("pvtv2-onnx-*")) == temporary  # the temporary export is gone
+    assert seen and all(p.is_relative_to(tmp_path / "tmp") for p in seen), seen  # exported there ...
+    assert list((tmp_path / "tmp").iterdir()) == []  # ... and gone
 
 
 def test_predict_and_eval_with_onnx_file(workspace, tmp_path, capsys):

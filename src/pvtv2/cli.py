@@ -1150,7 +1150,7 @@ def _add_detect(subparsers) -> None:
     p.add_argument("--output-dir", help="folder to draw every image's detections into (NAME.png each)")
     p.add_argument("--image-size", type=int, help="shorter side the detector resizes to, 32 to 4096 (default: the model's)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: 2)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass, 1 to 1024 (default: 2)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

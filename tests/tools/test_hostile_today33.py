@@ -205,6 +205,29 @@ def test_a_bad_detect_image_size_is_one_error_line_before_any_model(detector, ca
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.parametrize("value", ["1.5", "nan", "-0.1", "inf", "-inf", "1.0000001"])
+def test_a_bad_detect_score_threshold_is_refused_before_the_detector_is_loaded(detector, capsys, value):
+    """detect_objects refused these, but only after the detector was loaded (from the hub, a download first)."""
+    code, err, calls = run(capsys, ["detect", "-m", str(detector / "det"), str(detector / "a.png"),
+                                    f"--score-threshold={value}"])  # "-inf" alone reads as an option
+    assert code == 2 and calls == []
+    assert err == [f"pvtv2 detect: error: --score-threshold must be between 0 and 1, got {float(value)}"]
+
+
+def test_a_bad_detect_image_size_is_named_before_the_images_are_looked_for(capsys, tmp_path):
+    code, err, calls = run(capsys, ["detect", "-m", "x", str(tmp_path / "missing.png"), "--image-size", "5000"])
+    assert code == 2 and calls == []
+    assert err == ["pvtv2 detect: error: --image-size must be at most 4096 pixels (the shorter side), got 5000"]
+
+
+@pytest.mark.parametrize("value", ["0", "1", "0.5"])
+def test_the_score_threshold_bounds_reach_the_detector(detector, capsys, value):
+    code, err, calls = run(capsys, ["detect", "-m", str(detector / "det"), str(detector / "a.png"),
+                                    "--score-threshold", value])
+    assert code == "loaded", err
+    assert calls[0]["score_threshold"] == float(value)
+
+
 @pytest.mark.parametrize("args, size", [
     (["--batch-size", "1"], None), (["--batch-size", "1024"], None), (["--image-size", "32"], 32),
     (["--image-size", "4096"], 4096), (["--image-size", "5000", "--image-size", "64"], 64),  # the last one counts

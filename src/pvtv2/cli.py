@@ -1176,7 +1176,7 @@ def _add_detect(subparsers) -> None:
     p.add_argument("--output-dir", help="folder to draw every image's detections into (NAME.png each)")
     p.add_argument("--image-size", type=int, help="shorter side the detector resizes to, 32 to 4096 (default: the model's)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: 2)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass, 1 to 1024 (default: 2)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1193,6 +1193,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     if args.output and args.output_dir:
         raise ValueError("--output (one image) and --output-dir (every image) exclude each other: pass one")
     _check_range("--batch-size", args.batch_size, 1, 1024)
+    # detect_objects refused these only after the detector was loaded (a hub id downloaded first); the size after
+    # the images were listed.
+    _check_range("--score-threshold", args.score_threshold, 0, 1)
+    size = _detection_size(args.image_size)
     # Checked before any work, as segment's and depth's outputs: they were found unwritable only after detecting.
     if args.output:
         _check_output_file(args.output)
@@ -1207,8 +1211,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         raise ValueError(f"--output draws one image, but {len(paths)} were given: use --output-dir DIR")
     # The detector's own threshold (the config's, 0.05) dropped lower scores before --score-threshold saw them:
     # it is set to the flag's (the same detections at or above any threshold, NMS being greedy by score).
-    threshold = {"score_threshold": args.score_threshold} if 0.0 <= args.score_threshold <= 1.0 else {}
-    model = load_detector(args.model, args.device, **threshold, **_detection_size(args.image_size))
+    model = load_detector(args.model, args.device, score_threshold=args.score_threshold, **size)
     results = detect_objects(model, paths, args.score_threshold, args.batch_size, progress=_progress(args), bf16=args.bf16)
     failed = [r for r in results if r.error is not None]
     targets: dict[str, str] = {}

@@ -216,3 +216,30 @@ def test_seeded_conversions_give_the_sources_outputs_where_their_layout_is_read(
     # a bare transformers file is read with transformers' one epsilon, a timm or authors' file with theirs
     want = expected_hf if second == "transformers" else expected
     assert (got - want).abs().max().item() <= 1e-10 * max(1.0, want.abs().max().item()), what
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_shard_size="20KB"), dict(max_shard_size="20KB", safe_serialization=False)])
+def test_a_sharded_save_pretrained_folder_is_a_checkpoints_folder_to_convert_over(tmp_path, kwargs):
+    model = _tiny(num_labels=3)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x).logits
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, **kwargs)
+    assert len(list(sharded.glob("*-00002-of-*"))) == 1  # the case: shards beside their index
+    # was: "already holds files that are not a checkpoint's (model-00001-of-00024.safetensors, ...)", over itself and
+    # over an earlier sharded output alike
+    convert_checkpoint(sharded, sharded)
+    assert sorted(p.name for p in sharded.iterdir()) == ["config.json", "model.safetensors"]
+    with torch.no_grad():
+        assert torch.equal(PvtV2ForImageClassification.from_pretrained(sharded).eval()(x).logits, expected)
+    earlier = tmp_path / "earlier"
+    model.save_pretrained(earlier, **kwargs)
+    convert_checkpoint(sharded, earlier)
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.json", "model.safetensors"]
+    # anything else beside the shards is still someone's data
+    model.save_pretrained(earlier, **kwargs)
+    (earlier / "model-00001-of-00002.safetensors.notes").write_text("mine")
+    with pytest.raises(FileExistsError, match="model-00001-of-00002.safetensors.notes"):
+        convert_checkpoint(sharded, earlier)
+    assert (earlier / "model-00001-of-00002.safetensors.notes").read_text() == "mine"

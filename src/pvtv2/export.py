@@ -24,6 +24,7 @@ import glob
 import hashlib
 import logging
 import os
+import re
 import secrets
 import time
 import warnings
@@ -729,7 +730,9 @@ def _task_model(source: str | os.PathLike, keys: set[str], dtype: torch.dtype | 
 # What `convert` writes into a folder (and what a save_pretrained folder it may replace holds): anything else in an
 # existing output folder is someone's data, which swapping in the new folder would delete.
 _FOLDER_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                           "preprocessor_config.json"})
+                           "pytorch_model.bin.index.json", "preprocessor_config.json"})
+# The shards of a sharded save_pretrained folder (pvtv2's and transformers' names for them).
+_SHARD_NAME = re.compile(r"(model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}-of-\d{5}\.bin)")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -759,7 +762,8 @@ def _check_convert_output(out: Path, layout: str | None) -> None:
             return
         if not out.is_dir():
             raise FileExistsError(f"{text!r} is a file; a save_pretrained folder needs a folder path")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in _FOLDER_FILES)
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in _FOLDER_FILES and not _SHARD_NAME.fullmatch(p.name))
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise FileExistsError(

@@ -230,28 +230,28 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
         return _mit_to_canonical(state)
     if layout == MMDET_LAYOUT:
         return to_canonical(mmdet_backbone(state), "original")
+    out = _OneSourceEach()
     if layout == "transformers":
-        out = {}
         for key, value in state.items():
+            name = key
             for prefix in _TASK_PREFIXES:
-                if key.startswith(prefix):
-                    key = key[len(prefix) :]
-            out[key] = value
-        return out
+                if name.startswith(prefix):
+                    name = name[len(prefix) :]
+            out.put(name, value, key)
+        return dict(out)
     block_names = dict(_BLOCK_NAMES, **{_DWCONV[layout]: "mlp.dwconv.dwconv"})
-    out = {}
     for key, value in state.items():
         parsed = _parse(key, layout)
         if parsed is None:
-            out[key] = value
+            out.put(key, value, key)
             continue
         scope, i, j, local, param = parsed
         if scope == "patch":
-            out[f"encoder.layers.{i}.patch_embedding.{_PATCH_NAMES[local]}.{param}"] = value
+            out.put(f"encoder.layers.{i}.patch_embedding.{_PATCH_NAMES[local]}.{param}", value, key)
         elif scope == "norm":
-            out[f"encoder.layers.{i}.layer_norm.{param}"] = value
+            out.put(f"encoder.layers.{i}.layer_norm.{param}", value, key)
         elif scope == "head":
-            out[f"classifier.{param}"] = value
+            out.put(f"classifier.{param}", value, key)
         elif local == "attn.kv":
             # the key's and the value's rows one above the other: a scalar (it stopped with an IndexError) or an odd
             # count is no such pair
@@ -259,13 +259,35 @@ def to_canonical(state: Mapping[str, torch.Tensor], layout: str | None = None) -
                 raise CheckpointError(f"{key} has the shape {tuple(value.shape)}, which is not the key's and the "
                                       f"value's {param} stacked (an even number of rows)")
             half = value.shape[0] // 2
-            out[f"encoder.layers.{i}.blocks.{j}.attention.key.{param}"] = value[:half].clone()
-            out[f"encoder.layers.{i}.blocks.{j}.attention.value.{param}"] = value[half:].clone()
+            out.put(f"encoder.layers.{i}.blocks.{j}.attention.key.{param}", value[:half].clone(), key)
+            out.put(f"encoder.layers.{i}.blocks.{j}.attention.value.{param}", value[half:].clone(), key)
         elif local in block_names:
-            out[f"encoder.layers.{i}.blocks.{j}.{block_names[local]}.{param}"] = value
+            out.put(f"encoder.layers.{i}.blocks.{j}.{block_names[local]}.{param}", value, key)
         else:
-            out[key] = value
-    return out
+            out.put(key, value, key)
+    return dict(out)
+
+
+class _OneSourceEach(dict):
+    """The canonical tensors, each from one key of the file: two keys that name the same weight (``stages.0.`` and
+    ``stages_0.`` of timm, ``pvt_v2.encoder.`` and ``encoder.`` of transformers) with different numbers are refused
+    rather than one silently kept, since the file does not say which of them the model is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: dict[str, str] = {}
+
+    def put(self, name: str, value: torch.Tensor, key: str) -> None:
+        if name in self.sources:
+            kept = self[name]
+            if kept.dtype == value.dtype and kept.shape == value.shape and torch.equal(kept, value):
+                return  # the same numbers twice: nothing to choose
+            raise CheckpointError(
+                f"the keys {self.sources[name]!r} and {key!r} are both the weight {name!r}: the checkpoint holds it "
+                f"twice (two layouts or two models in one file); keep one of them"
+            )
+        self.sources[name] = key
+        self[name] = value
 
 
 def mmdet_backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -261,23 +261,31 @@ def test_distributed_divergence_stops_every_process(few_digits, tiny_config, tmp
     """One process's loss turns NaN: both processes of the group stop at that batch, each by itself. They are started
     without torchrun, which would kill a straggler once the other exits: a process left waiting for the other in a
     collective would hang here (or fail with a broken connection)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = tmp_path / "run"
     command = [sys.executable, "-c", POISON_RANK_1, "train", *common_args(few_digits, tiny_config, out)]
-    ranks = [
-        subprocess.Popen(command, env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for r in range(2)
-    ]
-    try:
-        errors = [rank.communicate(timeout=300)[1] for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
-            rank.wait()
+    for _ in range(3):
+        # A free port, closed again before rank 0 binds it: another test's process (pytest -n) may take it in
+        # between, and then the group is started again on another one.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        ranks = [
+            subprocess.Popen(command, env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r in range(2)
+        ]
+        try:
+            errors = [ranks[0].communicate(timeout=300)[1]]
+            taken = ranks[0].returncode != 0 and ("EADDRINUSE" in errors[0] or "address already in use" in errors[0].lower())
+            if taken:  # process 1 waits for a rank 0 that is gone: ended here, and the pair started again
+                continue
+            errors.append(ranks[1].communicate(timeout=300)[1])
+            break
+        finally:
+            for rank in ranks:
+                rank.kill()
+                rank.wait()
     assert [rank.returncode for rank in ranks] == [2, 2], [err[-2000:] for err in errors]
     lines = [err.strip().splitlines()[-1] for err in errors]
     # 60 samples per process, batches of 16: 4 batches each.

@@ -277,7 +277,8 @@ def test_distributed_divergence_stops_every_process(few_digits, tiny_config, tmp
         ]
         try:
             errors = [ranks[0].communicate(timeout=300)[1]]
-            taken = ranks[0].returncode != 0 and ("EADDRINUSE" in errors[0] or "address already in use" in errors[0].lower())
+            taken = ranks[0].returncode != 0 and ("EADDRINUSE" in errors[0]
+                                                  or "address already in use" in errors[0].lower())
             if taken:  # process 1 waits for a rank 0 that is gone: ended here, and the pair started again
                 continue
             errors.append(ranks[1].communicate(timeout=300)[1])

@@ -56,10 +56,11 @@ def _deny_reading(file: Path, monkeypatch) -> None:
 @pytest.fixture
 def alarm():
     """Turn a hang (a FIFO opened for reading) into a failure."""
-    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked on a FIFO"))
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked on a FIFO"))
     signal.alarm(30)
     yield
     signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)  # the worker process's own handling, for the tests after this one
 
 
 @pytest.fixture

@@ -187,10 +187,11 @@ def test_bad_flags_are_one_line_errors(ws, tmp_path, capsys, line, flag):
 @pytest.fixture
 def alarm():
     """Turn a hang (a FIFO opened for reading) into a failure."""
-    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the command blocked"))
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the command blocked"))
     signal.alarm(60)
     yield
     signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)  # the worker process's own handling, for the tests after this one
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")

@@ -242,18 +242,20 @@ def test_the_legal_boundaries_reach_the_detector(detector, capsys, args, size):
 
 
 @pytest.mark.parametrize("value", ["1", "1024"])
-def test_eval_detection_runs_at_its_batch_size_bounds(detector, capsys, value):
+def test_eval_detection_runs_at_its_batch_size_bounds(detector, capsys, value, tmp_path):
     """The real detector at both bounds on a one-image COCO set: the same detections either way."""
     from pvtv2.cli import main
 
-    (detector / "val").mkdir(exist_ok=True)
-    (detector / "annotations").mkdir(exist_ok=True)
-    PIL.Image.open(detector / "a.png").save(detector / "val" / "a.png")
-    (detector / "annotations" / "instances_val.json").write_text(
+    # The set in this test's own folder: the module's detector folder is shared by the tests of this worker.
+    data = tmp_path / "coco"
+    (data / "val").mkdir(parents=True)
+    (data / "annotations").mkdir()
+    PIL.Image.open(detector / "a.png").save(data / "val" / "a.png")
+    (data / "annotations" / "instances_val.json").write_text(
         '{"images": [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}], "annotations": [{"id": 1, '
         '"image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0}], '
         '"categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}')
-    code = main(["eval", "-m", str(detector / "det"), "--data", str(detector), "--task", "detection", "--json",
+    code = main(["eval", "-m", str(detector / "det"), "--data", str(data), "--task", "detection", "--json",
                  "--no-progress", "--batch-size", value])
     out = capsys.readouterr()
     assert code == 0, out.err

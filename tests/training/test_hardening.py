@@ -261,23 +261,32 @@ def test_distributed_divergence_stops_every_process(few_digits, tiny_config, tmp
     """One process's loss turns NaN: both processes of the group stop at that batch, each by itself. They are started
     without torchrun, which would kill a straggler once the other exits: a process left waiting for the other in a
     collective would hang here (or fail with a broken connection)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = tmp_path / "run"
     command = [sys.executable, "-c", POISON_RANK_1, "train", *common_args(few_digits, tiny_config, out)]
-    ranks = [
-        subprocess.Popen(command, env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for r in range(2)
-    ]
-    try:
-        errors = [rank.communicate(timeout=300)[1] for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
-            rank.wait()
+    for _ in range(3):
+        # A free port, closed again before rank 0 binds it: another test's process (pytest -n) may take it in
+        # between, and then the group is started again on another one.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        ranks = [
+            subprocess.Popen(command, env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for r in range(2)
+        ]
+        try:
+            errors = [ranks[0].communicate(timeout=300)[1]]
+            taken = ranks[0].returncode != 0 and ("EADDRINUSE" in errors[0]
+                                                  or "address already in use" in errors[0].lower())
+            if taken:  # process 1 waits for a rank 0 that is gone: ended here, and the pair started again
+                continue
+            errors.append(ranks[1].communicate(timeout=300)[1])
+            break
+        finally:
+            for rank in ranks:
+                rank.kill()
+                rank.wait()
     assert [rank.returncode for rank in ranks] == [2, 2], [err[-2000:] for err in errors]
     lines = [err.strip().splitlines()[-1] for err in errors]
     # 60 samples per process, batches of 16: 4 batches each.
@@ -429,16 +438,36 @@ def test_a_stale_lock_is_taken_over(interrupted, reference, capsys, caplog):
     assert same_weights(out / "last", reference / "last")
 
 
+# `pvtv2 train` whose first training batch waits until the file GO exists: the run holds its folder's lock meanwhile.
+WAIT_FOR_GO = """
+import os, sys, time
+from pvtv2.cli import main
+from pvtv2.training.classification import ClassificationTask
+original = ClassificationTask.training_loss
+def waiting(self, model, batch, ctx):
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.environ["GO"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return original(self, model, batch, ctx)
+ClassificationTask.training_loss = waiting
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_two_processes_on_one_run_folder(few_digits, tiny_config, tmp_path, capsys, monkeypatch):
     """While one `--resume` runs, a second is refused, naming it (both used to finish, interleaving their
-    checkpoints into weights that no single run gives); the first ends normally, as the only writer."""
+    checkpoints into weights that no single run gives); the first ends normally, as the only writer. The first
+    waits at its first batch until the second has been refused: on a busy machine (pytest -n) it could otherwise
+    finish, and release the folder, before the second asks for it."""
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
         _interrupt(ClassificationTask, patch, at_call=9)
         assert _main(common_args(few_digits, tiny_config, out, epochs=6), capsys)[0] == 130
-    first = subprocess.Popen([sys.executable, "-m", "pvtv2", "train", "--output", str(out), "--resume", "--no-progress"],
-                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    go = tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", WAIT_FOR_GO, "train", "--output", str(out), "--resume",
+                              "--no-progress"], env={**ENV, "GO": str(go)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (out / LOCK_FILE).exists() and first.poll() is None and time.monotonic() < deadline:
@@ -446,6 +475,7 @@ def test_two_processes_on_one_run_folder(few_digits, tiny_config, tmp_path, caps
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == first.pid
         code, err = _main(["--output", str(out), "--resume", "--no-progress"], capsys)
         assert code == 2 and f"in use by process {first.pid} on this host" in _one_line(err)
+        go.touch()
         _, first_err = first.communicate(timeout=300)
     finally:
         first.kill()

@@ -7,6 +7,8 @@ model without checkpointing, an uninterrupted run."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,10 @@ from conftest import TINY, hf_config, random_weights_, relative_error
 from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
 from pvtv2.models.layers import DropPath
 from pvtv2.training.engine import KILL_ENV
+
+# The helper lives in tests/models: on the path only once pytest has collected a module there (a whole-suite run),
+# not when this file runs by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from test_dropout_draws29 import _dense_pair
 from training_fixtures import ENV, common_args, run_records, run_train
 

@@ -96,8 +96,9 @@ def scan_split(root: str | os.PathLike, split: str, verify: bool = True) -> tupl
             f"dataset split {split!r} not found: expected a folder {str(folder)!r} with one sub-folder per class "
             f"(layout DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg)"
         )
-    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
-    hidden = sorted(entry.name for entry in folder.iterdir() if entry.name.startswith(".") and entry.is_dir())
+    listed = list(folder.iterdir())
+    entries = [entry for entry in listed if not entry.name.startswith(".")]
+    hidden = sorted(entry.name for entry in listed if entry.name.startswith(".") and entry.is_dir())
     if hidden:
         logger.warning(
             "leaving out hidden folder(s) %s of %s: a name starting with '.' is not a class (torchvision's ImageFolder "

@@ -104,6 +104,21 @@ def test_to_diff_dict_and_to_json_string_use_diff_as_transformers(kwargs, tmp_pa
         ours.to_json_string(use_diff="no")
 
 
+def test_architectures_and_dtype_read_none_until_set_as_transformers(tmp_path):
+    """Every transformers config answers config.architectures and config.dtype (None until set); ours raised an
+    AttributeError on a config that was not given them."""
+    ours, theirs = PvtV2Config(**TINY_SHALLOW), transformers.PvtV2Config(**TINY_SHALLOW)
+    assert ours.architectures is theirs.architectures is None and ours.dtype is theirs.dtype is None
+    assert "architectures" not in ours.to_dict() and "dtype" not in ours.to_dict()
+    given = PvtV2Config(**TINY_SHALLOW, architectures=["PvtV2Model"], dtype="bfloat16")
+    assert given.architectures == transformers.PvtV2Config(architectures=["PvtV2Model"]).architectures
+    assert given.dtype == "bfloat16" and given.to_dict()["dtype"] == "bfloat16"
+    PvtV2Model(ours).save_pretrained(tmp_path)
+    assert PvtV2Config.from_pretrained(tmp_path).architectures == ["PvtV2Model"]
+    with pytest.raises(AttributeError, match="no attribute 'architecture'"):
+        ours.architecture  # noqa: B018
+
+
 # ------------------------------------------------------------------------------------------- the loss
 def _classifier_pair(**kwargs):
     theirs = transformers.PvtV2ForImageClassification(transformers.PvtV2Config(**TINY_SHALLOW, **kwargs)).eval()

@@ -414,6 +414,8 @@ _METADATA_KEYS = (
     "architectures", "torch_dtype", "dtype", "transformers_version", "pvtv2_version", "_name_or_path",
     "chunk_size_feed_forward", "is_encoder_decoder",
 )
+# transformers' PretrainedConfig attributes that read None on a config that was not given them.
+_UNSET_ATTRIBUTES = frozenset(("architectures", "dtype"))
 # Keys transformers writes for information only; derived here, so ignored on input.
 _IGNORED_KEYS = ("stage_names", "transformers_version", "model_type")
 # Keys that transformers' PretrainedConfig itself knows (its arguments and what its to_dict writes, in 4.x and 5.x,
@@ -1002,6 +1004,13 @@ class PvtV2Config:
         path = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, subfolder=subfolder,
                             local_files_only=local_files_only, token=token)
         return cls.from_json_file(path, **overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        """transformers' ``PretrainedConfig`` attributes that every config has, None until set (a config.json's
+        ``architectures``, a ``dtype`` given): ``config.architectures`` read on a new config was an AttributeError."""
+        if name in _UNSET_ATTRIBUTES:
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __eq__(self, other: object) -> bool:
         """Equal when every field is; bookkeeping that travels in config.json (``architectures``...) aside."""

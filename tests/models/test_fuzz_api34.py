@@ -174,6 +174,26 @@ def test_loss_as_transformers_for_every_problem_type_and_label_dtype(seed):
     assert compared >= 6
 
 
+@pytest.mark.parametrize("cls_name", ["PvtV2Model", "PvtV2ForImageClassification", "PvtV2Backbone"])
+def test_num_parameters_takes_transformers_arguments(cls_name):
+    """transformers' num_parameters(only_trainable=..., exclude_embeddings=...): ours named the first
+    trainable_only and had no second, so the call written for transformers was a TypeError."""
+    ours_cls = {"PvtV2Model": PvtV2Model, "PvtV2ForImageClassification": PvtV2ForImageClassification,
+                "PvtV2Backbone": PvtV2Backbone}[cls_name]
+    theirs = getattr(transformers, cls_name)(transformers.PvtV2Config(**TINY_SHALLOW))
+    ours = ours_cls(PvtV2Config(**TINY_SHALLOW))
+    for model in (ours, theirs):
+        model.base_model.encoder.layers[0].requires_grad_(False)  # a frozen first stage: fewer trainable
+    for only_trainable in (False, True):
+        for exclude_embeddings in (False, True):
+            expected = theirs.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+            assert ours.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings) == expected
+            assert ours.num_parameters(only_trainable, exclude_embeddings) == expected
+        assert ours.num_parameters(trainable_only=only_trainable) == theirs.num_parameters(only_trainable)
+    frozen = sum(p.numel() for p in ours.base_model.encoder.layers[0].parameters())
+    assert ours.num_parameters(only_trainable=True) == ours.num_parameters() - frozen > 0
+
+
 # ------------------------------------------------------------------------------------------- outputs
 @pytest.mark.parametrize("cls_name", ["PvtV2Model", "PvtV2ForImageClassification", "PvtV2Backbone"])
 def test_tuple_and_flags_from_config_or_call_as_transformers(cls_name):

@@ -325,8 +325,10 @@ def test_the_config_refuses_loading_arguments_too(tiny, tmp_path):
     """PvtV2Config.from_pretrained(path, use_auth_token=...) kept the token as a field, written by save_pretrained."""
     with pytest.raises(TypeError, match=r"use_auth_token is one of transformers' loading arguments.*token="):
         PvtV2Config.from_pretrained(tiny[0], use_auth_token="hf_secret")
-    with pytest.raises(TypeError, match=r"return_unused_kwargs is one of transformers' loading arguments"):
-        PvtV2Config.from_pretrained(tiny[0], return_unused_kwargs=True)
+    # return_unused_kwargs is taken now, as transformers' configs take it (tests/models/test_fuzz_api34.py): the
+    # config and the keyword arguments it does not take, never kept as a field
+    config, unused = PvtV2Config.from_pretrained(tiny[0], return_unused_kwargs=True, use_cache=True)
+    assert unused == {"use_cache": True} and "return_unused_kwargs" not in config.to_dict()
     assert PvtV2Config.from_pretrained(tiny[0], num_labels=3).num_labels == 3  # fields still override
 
 

@@ -496,6 +496,7 @@ class PvtV2ImageProcessor:
         images: ImageInput | Sequence[ImageInput],
         return_tensors: Literal["pt", "np"] | None = "pt",
         input_data_format: str | None = None,
+        data_format: str | None = None,
         **settings: Any,
     ) -> ProcessorOutput:
         """Preprocess one image or a batch into ``pixel_values`` of shape (B, 3, H, W), float32: a tensor
@@ -509,8 +510,15 @@ class PvtV2ImageProcessor:
 
         ``settings``: arguments of the constructor (``do_resize=False``, ``size=...``) for this call only, as
         transformers' processors take them; one given as None keeps the instance's. ``do_convert_rgb=True`` is
-        accepted: every image is made RGB.
+        accepted: every image is made RGB. ``data_format`` (transformers' argument, the output's channel axis) may be
+        ``"channels_first"`` (or ``ChannelDimension.FIRST``), which is what pixel values always are, or None; as in
+        transformers 5, no other is supported (``"channels_last"`` is refused rather than ignored).
         """
+        if data_format is not None and data_format != "channels_first":
+            raise ValueError(
+                f"data_format={data_format!r} is not supported: pixel values are always channels first (B, 3, H, W), "
+                f"as the model takes them; pass data_format='channels_first' or leave it out"
+            )
         if settings:
             return self._for_call(settings)(images, return_tensors, input_data_format)
         if return_tensors not in ("pt", "np", None):

@@ -35,7 +35,7 @@ from .labels import generic_id2label, imagenet_id2label
 __all__ = [
     "PvtV2Config", "PvtV2Fields", "FIELDS", "merge_changes", "PRESETS", "SEGMENTATION_DEFAULTS", "DEPTH_DEFAULTS",
     "list_presets", "preset_key", "is_preset_name", "unknown_fields", "read_json_config", "short_repr",
-    "check_problem_type", "STAGE_LISTS", "timm_architecture",
+    "check_problem_type", "STAGE_LISTS", "timm_architecture", "split_unused",
 ]
 
 logger = logging.getLogger(__name__)
@@ -414,6 +414,8 @@ _METADATA_KEYS = (
     "architectures", "torch_dtype", "dtype", "transformers_version", "pvtv2_version", "_name_or_path",
     "chunk_size_feed_forward", "is_encoder_decoder",
 )
+# transformers' PretrainedConfig attributes that read None on a config that was not given them.
+_UNSET_ATTRIBUTES = frozenset(("architectures", "dtype"))
 # Keys transformers writes for information only; derived here, so ignored on input.
 _IGNORED_KEYS = ("stage_names", "transformers_version", "model_type")
 # Keys that transformers' PretrainedConfig itself knows (its arguments and what its to_dict writes, in 4.x and 5.x,
@@ -888,8 +890,26 @@ class PvtV2Config:
             data[key] = getattr(self, key)
         return data
 
-    def to_json_string(self) -> str:
+    def to_diff_dict(self) -> dict[str, Any]:
+        """transformers' name for the keys its ``config.json`` holds, the flags at their defaults left out: that is
+        what :meth:`to_dict` gives here already."""
+        return self.to_dict()
+
+    def to_full_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with every field of the table besides, each at its value (``None`` where unset), as
+        transformers' ``to_dict`` (and ``to_json_string(use_diff=False)``) writes them all."""
         data = self.to_dict()
+        for f in FIELDS:
+            if f.metadata["write"] != DERIVED and f.name not in data:
+                data[f.name] = _json_value(getattr(self, f.name))
+        return data
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """``config.json``'s text. ``use_diff`` (transformers' argument): True, the keys of :meth:`to_diff_dict`;
+        False, every field (:meth:`to_full_dict`)."""
+        if not isinstance(use_diff, (bool, np.bool_)):
+            raise TypeError(f"use_diff must be True or False, got {short_repr(use_diff)}")
+        data = self.to_dict() if use_diff else self.to_full_dict()
         if callable(data["hidden_act"]):
             raise ValueError(
                 f"hidden_act={self.hidden_act!r} is a callable and cannot be written to JSON; use one of "
@@ -903,8 +923,16 @@ class PvtV2Config:
                              f"numbers, strings, lists or dicts") from None
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> PvtV2Config:
-        """A config from a ``config.json``'s contents; ``overrides`` change fields (see :func:`merge_changes`)."""
+    def from_dict(
+        cls, data: Mapping[str, Any], *, return_unused_kwargs: bool = False, **overrides: Any
+    ) -> PvtV2Config | tuple[PvtV2Config, dict[str, Any]]:
+        """A config from a ``config.json``'s contents; ``overrides`` change fields (see :func:`merge_changes`).
+
+        ``return_unused_kwargs`` (transformers' argument): returns ``(config, unused)``, ``unused`` the overrides
+        that are no key a config takes (see :func:`split_unused`), which are then left out of the config."""
+        if _wants_unused(return_unused_kwargs):
+            keep, unused = split_unused(overrides, data if isinstance(data, Mapping) else {})
+            return cls.from_dict(data, **keep), unused
         if not isinstance(data, Mapping):
             raise ValueError(f"a PVTv2 config must be a JSON object, got {type(data).__name__}")
         architecture = timm_architecture(data)
@@ -949,14 +977,24 @@ class PvtV2Config:
         subfolder: str | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        return_unused_kwargs: bool = False,
         **overrides: Any,
-    ) -> PvtV2Config:
+    ) -> PvtV2Config | tuple[PvtV2Config, dict[str, Any]]:
         """Read ``config.json`` from a folder, a JSON file, a hub id (its ``revision``, read through the cache in
         ``cache_dir``), or a preset name; ``subfolder``: from that folder inside the folder or hub repository. Other
-        keyword arguments override fields."""
+        keyword arguments override fields. ``return_unused_kwargs`` (transformers' argument): returns
+        ``(config, unused)``, ``unused`` the keyword arguments that are no key a config takes (see
+        :func:`split_unused`), which are then left out of the config rather than kept as attributes."""
         from ..weights.hub import check_loading_arguments, check_subfolder, resolve_file
 
         check_loading_arguments(overrides)
+        if _wants_unused(return_unused_kwargs):
+            keep, unused = split_unused(overrides, {})
+            config = cls.from_pretrained(source, revision=revision, cache_dir=cache_dir, subfolder=subfolder,
+                                         local_files_only=local_files_only, token=token, **keep)
+            for key in [k for k in unused if k in config._extra]:  # a key the file holds: the override sets it
+                setattr(config, key, _plain_tree(unused.pop(key)))
+            return config, unused
         text = os.fspath(source)
         subfolder = check_subfolder(text, subfolder)
         if os.path.isfile(text):
@@ -966,6 +1004,13 @@ class PvtV2Config:
         path = resolve_file(text, "config.json", revision=revision, cache_dir=cache_dir, subfolder=subfolder,
                             local_files_only=local_files_only, token=token)
         return cls.from_json_file(path, **overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        """transformers' ``PretrainedConfig`` attributes that every config has, None until set (a config.json's
+        ``architectures``, a ``dtype`` given): ``config.architectures`` read on a new config was an AttributeError."""
+        if name in _UNSET_ATTRIBUTES:
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __eq__(self, other: object) -> bool:
         """Equal when every field is; bookkeeping that travels in config.json (``architectures``...) aside."""
@@ -983,6 +1028,21 @@ class PvtV2Config:
             if len(data[key]) > 4:
                 data[key] = f"<{len(data[key])} labels>"
         return f"PvtV2Config({json.dumps(data, sort_keys=True, default=repr)})"
+
+
+def _wants_unused(flag: Any) -> bool:
+    if not isinstance(flag, (bool, np.bool_)):
+        raise TypeError(f"return_unused_kwargs must be True or False, got {short_repr(flag)}")
+    return bool(flag)
+
+
+def split_unused(overrides: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """transformers' ``return_unused_kwargs``: the ``overrides`` a config takes (its fields, the keys transformers'
+    configs and the task heads carry, and those the stored ``data`` holds) and the others, which transformers leaves
+    out of the config and returns."""
+    known = _FIELD_NAMES | _KNOWN_KEYS
+    keep = {k: v for k, v in overrides.items() if k in known or k in data}
+    return keep, {k: v for k, v in overrides.items() if k not in keep}
 
 
 def _writable(value: Any) -> bool:

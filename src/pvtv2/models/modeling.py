@@ -328,8 +328,15 @@ class PvtV2PreTrainedModel(nn.Module):
         tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
         return sum(t.nelement() * t.element_size() for t in tensors)
 
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+    def num_parameters(
+        self, only_trainable: bool = False, exclude_embeddings: bool = False, *, trainable_only: bool | None = None
+    ) -> int:
+        """Parameters of the model, as transformers counts them: ``only_trainable``, those that require gradients;
+        ``exclude_embeddings``, without those of ``nn.Embedding`` layers (a PVTv2 encoder has none).
+        ``trainable_only`` is this method's former name for ``only_trainable``."""
+        only = only_trainable if trainable_only is None else trainable_only
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only) and id(p) not in skip)
 
     @property
     def device(self) -> torch.device:

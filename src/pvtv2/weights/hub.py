@@ -44,7 +44,11 @@ _LOADING_ARGUMENTS = {
     "from_tf": "only PyTorch and safetensors files are read",
     "from_flax": "only PyTorch and safetensors files are read",
     "state_dict": "load it with model.load_state_dict",
-    "return_unused_kwargs": "unknown keys are kept as config attributes (and logged)",
+    # PvtV2Config.from_pretrained and from_dict take it (as transformers' configs do); a model's from_pretrained
+    # returns the model alone, as transformers' does
+    "return_unused_kwargs": "a model's from_pretrained returns the model alone (with output_loading_info=True, "
+                            "(model, info)); PvtV2Config.from_pretrained(..., return_unused_kwargs=True) returns the "
+                            "unused keyword arguments",
     # quantization_config is a key of transformers' configs too, so it was kept without a word; written into
     # config.json, it made transformers quantize the model saved from the float32 one loaded here
     "quantization_config": "the weights load in float32 (or dtype=); for int8, export to ONNX and quantize that file (onnxruntime.quantization)",

@@ -46,8 +46,8 @@ public operators it replaces; where the probe fails (another CPU, another build)
    ``torch.inference_mode()``) have no version counter, so they are never packed: ``freeze`` leaves such stages
    unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight that is not exactly
    an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer put in its place, an instance attribute
-   set over it), whose ``.data`` is not watched. A new Parameter viewing a packed weight's memory otherwise (a transpose, a negative view) repacks too:
-   the packing is keyed by the strides and dtype as well.
+   set over it), whose ``.data`` is not watched. A new Parameter viewing a packed weight's memory otherwise (a
+   transpose, a negative view) repacks too: the packing is keyed by the parameter objects as well.
 4. Thread-safe: several threads may run one model, frozen or not.
 """
 
@@ -303,21 +303,39 @@ _SLOTS: dict[str, dict[str, frozenset[str]]] = {
 }
 
 
-def _slots_fit(m: nn.Module) -> bool:
+# Per class, what the walk checks (read once per class): None for a type the fused code does not know (_known), else
+# (its slots, or None where it has none: _SLOTS; and which extra check it takes: _CONV, _LINEAR, _BLOCKS, _ATTENTION).
+_CONV, _LINEAR, _BLOCKS, _ATTENTION = "conv", "linear", "blocks", "attention"
+_RULES: dict[type, tuple | None] = {}
+
+
+def _rule(cls: type) -> tuple | None:
+    rule = _RULES.get(cls, False)
+    if rule is False:
+        rule = None
+        if _known(cls):
+            kind = {nn.Conv2d: _CONV, nn.Linear: _LINEAR, nn.ModuleList: _BLOCKS}.get(cls)
+            if cls.__qualname__ == "SpatialReductionAttention":
+                kind = _ATTENTION
+            rule = (_SLOTS.get(cls.__qualname__), kind)
+        _RULES[cls] = rule
+    return rule
+
+
+def _fits(m: nn.Module, rule: tuple) -> bool:
     """Whether ``m``'s submodules are of the types the fused code assumes in their slots, and a convolution pads
-    as the fused convolutions do (zeros, given as numbers)."""
-    if type(m) is nn.Conv2d:
+    as the fused convolutions do (zeros, given as numbers); ``rule`` is its class's (:func:`_rule`)."""
+    slots, kind = rule
+    if kind is _CONV:
         return m.padding_mode == "zeros" and not isinstance(m.padding, str)
-    slots = _SLOTS.get(type(m).__qualname__)
-    if slots is None:
-        return type(m) is not nn.ModuleList or all(
-            child is None or type(child).__qualname__ == "PvtV2Block" for child in m._modules.values()
-        )
-    for name, child in m._modules.items():
-        allowed = slots.get(name)
-        if child is not None and allowed is not None and type(child).__qualname__ not in allowed:
-            return False
-    if type(m).__qualname__ == "SpatialReductionAttention":
+    if kind is _BLOCKS:
+        return all(child is None or type(child).__qualname__ == "PvtV2Block" for child in m._modules.values())
+    if slots is not None:
+        for name, child in m._modules.items():
+            allowed = slots.get(name)
+            if child is not None and allowed is not None and type(child).__qualname__ not in allowed:
+                return False
+    if kind is _ATTENTION:
         # The fused code splits one key-value product into heads: a key or value layer of another width (replaced by
         # hand) would be split silently at the wrong place, where the modules themselves fail.
         width = m.num_heads * m.head_dim
@@ -360,10 +378,13 @@ def fusable(stage: nn.Module, dtype: torch.dtype | None = None, autocast: bool =
         m = todo.pop()
         if m is None:  # a submodule slot set to None
             continue
-        cls = type(m)
-        if m.training or not _known(cls) or not _plain(m) or not _slots_fit(m):
+        rule = _rule(type(m))
+        if (
+            rule is None or m.training or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+            or not _fits(m, rule)
+        ):
             return False
-        if (cls is nn.Linear or cls is nn.Conv2d) and not _params_fit(m, dtype, autocast):
+        if (rule[1] is _LINEAR or rule[1] is _CONV) and not _params_fit(m, dtype, autocast):
             return False
         todo.extend(m._modules.values())
     return True
@@ -452,11 +473,6 @@ def _uses_counter(p: torch.Tensor) -> list[int]:
     return counter
 
 
-def _uses(p: torch.Tensor) -> int:
-    counter = p.__dict__.get("_pvtv2_uses")
-    return 0 if counter is None else counter[0]
-
-
 def _count_use(p: torch.Tensor) -> None:
     _uses_counter(p)[0] += 1
 
@@ -521,18 +537,33 @@ def _optimizer_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 _STEP_HOOK: list = []  # the handle of the optimizer step hook, once registered
 
 
-def _params_key(dtype: torch.dtype, params: list[torch.Tensor]) -> tuple:
-    """What packed weights were built from: the dtype and each parameter's storage address, version counter and
-    ``.data`` uses, and how it reads that memory (dtype, shape, strides, negative bit). The entry keeps the storages
-    alive, so no new tensor can take over an address while it lives; but a new Parameter can be another view of the
-    same memory, with the same address and version (a square weight's transpose, a negative view). And its type: a
-    plain Parameter swapped into a watched one (``torch.utils.swap_tensors``, torch.__future__'s swap mode) has the
-    same memory and version, and its ``.data`` is no longer watched until it is repacked."""
-    return (dtype,) + tuple(
-        (p.data_ptr(), p._version, _uses(p), type(p), p.dtype, p.shape, p.stride(),
-         p.is_neg())
-        for p in params
-    )
+def _param_state(p: torch.Tensor) -> tuple:
+    """What a packed weight was made from, for one (watched) parameter: the object itself, its type, its counter of
+    ``.data`` uses and optimizer steps (the list, and its count), its version counter and its memory's address.
+
+    A new Parameter object repacks, even one that views the same memory with the same version (a square weight's
+    transpose, a negative view). The same object changes its dtype, shape, strides or negative bit only with one of
+    the others: in place (``t_``, ``as_strided_``, ``set_``, ``resize_`` bump the version counter), through ``.data``
+    (counted), or by a swap (``torch.utils.swap_tensors``, torch.__future__'s swap mode), which exchanges the
+    ``__dict__`` holding the counter list and the class (a plain Parameter swapped in is no longer watched until it is
+    repacked). The entry keeps the parameters and their storages alive, so no new object or tensor can take over an
+    id or an address while it lives. All of it is read without building anything: the check runs at every GEMM."""
+    counter = p.__dict__.get("_pvtv2_uses")
+    return (p, type(p), counter, None if counter is None else counter[0], p._version, p.data_ptr())
+
+
+def _unchanged(states: tuple, params: list[torch.Tensor]) -> bool:
+    """Whether ``params`` are what ``states`` (:func:`_param_state`) were read from, unchanged. In the order that
+    reads no version counter of another object (an inference tensor has none, and raises)."""
+    if len(states) != len(params):
+        return False
+    for p, (q, cls, counter, uses, version, address) in zip(params, states):
+        if (
+            p is not q or type(p) is not cls or p.__dict__.get("_pvtv2_uses") is not counter
+            or counter[0] != uses or p._version != version or p.data_ptr() != address
+        ):
+            return False
+    return True
 
 
 def _watchable(p: torch.Tensor) -> bool:
@@ -546,7 +577,8 @@ class _PackedWeights:
     """The weights of one frozen stage, packed for oneDNN, repacked when their key changes."""
 
     def __init__(self) -> None:
-        # (module ids) or (module id, input shape) -> (key, packed weight, bias, the storages kept alive)
+        # (module ids) or (module id, input shape) -> (dtype, the parameters' states, packed weight, bias, the
+        # storages kept alive)
         self.entries: dict[tuple, tuple] = {}
         self.lock = threading.Lock()
 
@@ -554,15 +586,15 @@ class _PackedWeights:
         """The packed weights for ``slot``, repacked if they changed; None where a weight's writes could go unseen
         (:func:`_watchable`: then the caller reads the weights as they are)."""
         params = _params(modules)
-        if not all(_watchable(p) for p in params):
-            return None
-        key = _params_key(dtype, params)
         entry = self.entries.get(slot)
-        if entry is None or entry[0] != key:
+        if entry is None or entry[0] != dtype or not _unchanged(entry[1], params):
+            # Packed parameters were watchable and are the same objects: only new ones need the check.
+            if not all(_watchable(p) for p in params):
+                return None
             _watch(params)  # new Parameter objects are watched from now on
-            key = _params_key(dtype, params)
+            states = tuple(_param_state(p) for p in params)
             weight, bias = pack()
-            entry = (key, weight, bias, tuple(p.detach() for p in params))
+            entry = (dtype, states, weight, bias, tuple(p.detach() for p in params))
             with self.lock:
                 self.entries[slot] = entry
         return entry
@@ -571,15 +603,15 @@ class _PackedWeights:
         """``make()`` (a weight and a bias made from ``modules``' weights), kept under ``slot`` until those weights or
         ``dtype`` change; made afresh at every call where a weight's writes could go unseen (:func:`_watchable`)."""
         entry = self._entry(slot, modules, dtype, make)
-        return make() if entry is None else (entry[1], entry[2])
+        return make() if entry is None else (entry[2], entry[3])
 
     def linear(self, layers: list[nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         def pack() -> tuple[torch.Tensor, torch.Tensor | None]:
             weight, bias = _PlainWeights().linear(layers, dtype)
             return torch.ops.mkldnn._reorder_linear_weight(weight), bias
 
-        entry = self._entry(tuple(id(m) for m in layers), layers, dtype, pack)
-        return _PLAIN.linear(layers, dtype) if entry is None else (entry[1], entry[2])
+        entry = self._entry(tuple(map(id, layers)), layers, dtype, pack)
+        return _PLAIN.linear(layers, dtype) if entry is None else (entry[2], entry[3])
 
     def conv(self, conv: nn.Conv2d, dtype: torch.dtype, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight in the oneDNN layout chosen for inputs of ``input_shape``: the layout depends on the input's
@@ -604,7 +636,7 @@ class _PackedWeights:
                 shapes = [k for k in self.entries if len(k) == 2 and k[0] == id(conv) and isinstance(k[1], tuple)]
                 for old in shapes[: max(0, len(shapes) - CONV_SHAPES)]:
                     self.entries.pop(old, None)
-        return entry[1], entry[2]
+        return entry[2], entry[3]
 
 
 _PLAIN = _PlainWeights()

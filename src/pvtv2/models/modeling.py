@@ -72,15 +72,21 @@ def check_pixel_values(pixel_values: Any, num_channels: int, dtype: torch.dtype 
             f"pixel_values must be a floating-point tensor{weights}, got {pixel_values.dtype}; preprocess images with "
             f"PvtV2ImageProcessor (rescale and normalise)"
         )
-    if (
-        dtype is not None
-        and pixel_values.dtype != dtype
-        and not torch.is_autocast_enabled(pixel_values.device.type)
-    ):
-        raise TypeError(
-            f"pixel_values is {pixel_values.dtype} but the model's weights are {dtype}: cast the input with "
-            f"pixel_values.to({dtype}) (or the model with model.to({pixel_values.dtype}), or run under torch.autocast)"
-        )
+    if dtype is not None and pixel_values.dtype != dtype:
+        if not torch.is_autocast_enabled(pixel_values.device.type):
+            raise TypeError(
+                f"pixel_values is {pixel_values.dtype} but the model's weights are {dtype}: cast the input with "
+                f"pixel_values.to({dtype}) (or the model with model.to({pixel_values.dtype}), or run under "
+                f"torch.autocast)"
+            )
+        if torch.float64 in (pixel_values.dtype, dtype):
+            # Autocast casts no float64 tensor: a float64 input (or model) met the other's autocast-cast weights (or
+            # input) in the first convolution, which failed there ("Input type (double) and bias type (c10::BFloat16)
+            # should be the same"), as in transformers and timm.
+            raise TypeError(
+                f"pixel_values is {pixel_values.dtype} but the model's weights are {dtype}, and autocast leaves "
+                f"float64 tensors as they are: cast the input with pixel_values.to({dtype})"
+            )
     if pixel_values.shape[1] != num_channels:
         raise ValueError(
             f"pixel_values has {pixel_values.shape[1]} channels (shape {tuple(pixel_values.shape)}) but the model "

@@ -56,6 +56,10 @@ def test_attributes_set_after_construction_are_written_as_transformers_writes_th
     # a key deleted since is not written (it raised an AttributeError from to_dict)
     del ours.foo
     assert "foo" not in ours.to_dict() and ours.to_dict()["architectures"] == ["PvtV2Model"]
+    # numpy's numbers set later are written as the constructor keeps them (json cannot write them; transformers fails)
+    ours.ratio, ours.steps = np.float32(1.5), [np.int64(3), np.bool_(True)]
+    reread = PvtV2Config.from_dict(json.loads(ours.to_json_string()))
+    assert (reread.ratio, reread.steps) == (1.5, [3, True]) and type(reread.steps[0]) is int
     # set later or given to the constructor, the key makes the same config (it was equal set later, unequal given)
     later = PvtV2Config(**TINY_SHALLOW)
     later.foo = 1

@@ -888,7 +888,8 @@ class PvtV2Config:
                     data["stage_names"] = self.stage_names  # transformers writes the derived names, before the labels
                 data[f.name] = _json_value(value)
         for key in self._extra_keys():
-            data[key] = _dtype_name(key, getattr(self, key))
+            # a value set after construction (numpy's number, a torch dtype) as the constructor would have kept it
+            data[key] = _dtype_name(key, _plain_tree(getattr(self, key)))
         return data
 
     def _extra_keys(self) -> list[str]:

@@ -66,6 +66,19 @@ def test_attributes_set_after_construction_are_written_as_transformers_writes_th
     assert later == PvtV2Config(**TINY_SHALLOW, foo=1) != PvtV2Config(**TINY_SHALLOW)
 
 
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_configs_holding_an_array_compare_by_its_values(kind):
+    """``config.mask = torch.ones(3)`` (or given to the constructor): ``==`` of two such configs raised torch's (or
+    numpy's) "ambiguous truth value" from inside the dict comparison; pickle and deepcopy then could not be checked."""
+    make = torch.tensor if kind == "torch" else np.array
+    config = PvtV2Config(**TINY_SHALLOW)
+    config.mask = make([1.0, 2.0, 3.0])
+    assert config == copy.deepcopy(config) == pickle.loads(pickle.dumps(config))
+    other = PvtV2Config(**TINY_SHALLOW, mask=make([1.0, 2.0, 4.0]))
+    assert config != other and config != PvtV2Config(**TINY_SHALLOW)
+    assert PvtV2Config(**TINY_SHALLOW, mask=make([1.0, 2.0, 3.0])) == config
+
+
 def test_decode_head_type_set_as_an_attribute_builds_and_saves_the_fpn_head(tmp_path):
     """segmentation.py's docs: ``config.decode_head_type = "fpn"`` puts the FPN head. Set on a built config, the
     model filled in the head defaults with a copy that lost the attribute: SegFormer's head was built (and saved)."""

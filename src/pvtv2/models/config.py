@@ -1032,7 +1032,7 @@ class PvtV2Config:
         for key in _METADATA_KEYS:
             mine.pop(key, None)
             theirs.pop(key, None)
-        return mine == theirs
+        return mine.keys() == theirs.keys() and all(_same_value(mine[k], theirs[k]) for k in mine)
 
     def __repr__(self) -> str:
         data = self.to_dict()
@@ -1055,6 +1055,18 @@ def split_unused(overrides: Mapping[str, Any], data: Mapping[str, Any]) -> tuple
     known = _FIELD_NAMES | _KNOWN_KEYS
     keep = {k: v for k, v in overrides.items() if k in known or k in data}
     return keep, {k: v for k, v in overrides.items() if k not in keep}
+
+
+def _same_value(mine: Any, theirs: Any) -> bool:
+    """``mine == theirs`` for a config's values, also where one is an array or tensor kept as an unknown key
+    (``config.mask = torch.ones(3)``): ``==`` is then elementwise, and its truth a raw numpy / torch error."""
+    try:
+        return bool(mine == theirs)
+    except (ValueError, RuntimeError, TypeError):
+        try:
+            return bool(np.array_equal(np.asarray(mine), np.asarray(theirs)))
+        except Exception:  # noqa: BLE001  # no array either (a CUDA tensor...): equal only to itself
+            return mine is theirs
 
 
 def _check_dtype_name(key: str, value: Any) -> None:

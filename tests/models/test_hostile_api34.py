@@ -60,6 +60,10 @@ def test_attributes_set_after_construction_are_written_as_transformers_writes_th
     ours.ratio, ours.steps = np.float32(1.5), [np.int64(3), np.bool_(True)]
     reread = PvtV2Config.from_dict(json.loads(ours.to_json_string()))
     assert (reread.ratio, reread.steps) == (1.5, [3, True]) and type(reread.steps[0]) is int
+    # a class attribute shadowed is no key: the class's model_type is written, as transformers writes it
+    ours.model_type = theirs.model_type = "bert"
+    assert ours.to_dict()["model_type"] == theirs.to_dict()["model_type"] == "pvt_v2"
+    assert "bert" not in ours.to_json_string()
     # set later or given to the constructor, the key makes the same config (it was equal set later, unequal given)
     later = PvtV2Config(**TINY_SHALLOW)
     later.foo = 1

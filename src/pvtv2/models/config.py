@@ -876,7 +876,7 @@ class PvtV2Config:
     def to_dict(self) -> dict[str, Any]:
         """All fields, in the layout of a published ``config.json``: the fields written always, in table order,
         then those set, then those changed from their default, then the unknown keys."""
-        data: dict[str, Any] = {"model_type": self.model_type}
+        data: dict[str, Any] = {"model_type": type(self).model_type}
         for write in (ALWAYS, WHEN_SET, WHEN_CHANGED):
             for f in FIELDS:
                 value = getattr(self, f.name)
@@ -897,7 +897,9 @@ class PvtV2Config:
         afterwards (``config.decode_head_type = "fpn"``, ``config.architectures = [...]``), which transformers' configs
         write to config.json too; one deleted since is left out."""
         given = [k for k in self._extra if k in vars(self)]
-        later = [k for k in vars(self) if not k.startswith("_") and k not in _FIELD_NAMES and k not in self._extra]
+        # a class attribute shadowed (config.model_type = "bert") is no key: transformers writes the class's model_type
+        later = [k for k in vars(self) if not k.startswith("_") and k not in _FIELD_NAMES and k not in self._extra
+                 and not hasattr(type(self), k)]
         return given + later
 
     def to_diff_dict(self) -> dict[str, Any]:

@@ -514,7 +514,8 @@ class PvtV2ImageProcessor:
         ``"channels_first"`` (or ``ChannelDimension.FIRST``), which is what pixel values always are, or None; as in
         transformers 5, no other is supported (``"channels_last"`` is refused rather than ignored).
         """
-        if data_format is not None and data_format != "channels_first":
+        # isinstance first: an array compared with a string is an array, whose truth is numpy's raw ValueError
+        if data_format is not None and not (isinstance(data_format, str) and data_format == "channels_first"):
             raise ValueError(
                 f"data_format={data_format!r} is not supported: pixel values are always channels first (B, 3, H, W), "
                 f"as the model takes them; pass data_format='channels_first' or leave it out"
@@ -523,7 +524,9 @@ class PvtV2ImageProcessor:
             return self._for_call(settings)(images, return_tensors, input_data_format)
         if return_tensors not in ("pt", "np", None):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
-        if input_data_format not in (None, "channels_first", "channels_last"):
+        if input_data_format is not None and not (
+            isinstance(input_data_format, str) and input_data_format in ("channels_first", "channels_last")
+        ):
             raise ValueError(
                 f"input_data_format must be 'channels_first', 'channels_last' or None, got {input_data_format!r}"
             )

@@ -771,6 +771,7 @@ class PvtV2Config:
             # not be written
             if type(extra.get(key)).__name__ == "dtype" and type(extra[key]).__module__ == "torch":
                 extra[key] = str(extra[key]).removeprefix("torch.")
+            _check_dtype_name(key, extra.get(key))
         for key, value in extra.items():
             setattr(self, key, _plain_tree(value))
         self._extra = tuple(extra)  # written back by to_dict, with their current values
@@ -858,7 +859,7 @@ class PvtV2Config:
     def replace(self, **changes: Any) -> PvtV2Config:
         """A copy with some fields changed (validated anew; see :func:`merge_changes` for the labels)."""
         # The unknown keys this config carries were reported when it was built: not again for each copy.
-        token = _REPORTED.set(_REPORTED.get() | frozenset(self._extra))
+        token = _REPORTED.set(_REPORTED.get() | frozenset(self._extra_keys()))
         base = self.to_dict()
         stages = changes.get("num_encoder_blocks", self.num_encoder_blocks)
         if (stages != self.num_encoder_blocks and "out_features" not in changes and "out_indices" not in changes
@@ -875,7 +876,7 @@ class PvtV2Config:
     def to_dict(self) -> dict[str, Any]:
         """All fields, in the layout of a published ``config.json``: the fields written always, in table order,
         then those set, then those changed from their default, then the unknown keys."""
-        data: dict[str, Any] = {"model_type": self.model_type}
+        data: dict[str, Any] = {"model_type": type(self).model_type}
         for write in (ALWAYS, WHEN_SET, WHEN_CHANGED):
             for f in FIELDS:
                 value = getattr(self, f.name)
@@ -886,9 +887,20 @@ class PvtV2Config:
                 if f.name == "id2label":
                     data["stage_names"] = self.stage_names  # transformers writes the derived names, before the labels
                 data[f.name] = _json_value(value)
-        for key in self._extra:
-            data[key] = getattr(self, key)
+        for key in self._extra_keys():
+            # a value set after construction (numpy's number, a torch dtype) as the constructor would have kept it
+            data[key] = _dtype_name(key, _plain_tree(getattr(self, key)))
         return data
+
+    def _extra_keys(self) -> list[str]:
+        """The keys no field reads that this config carries: those it was given, then the public attributes set on it
+        afterwards (``config.decode_head_type = "fpn"``, ``config.architectures = [...]``), which transformers' configs
+        write to config.json too; one deleted since is left out."""
+        given = [k for k in self._extra if k in vars(self)]
+        # a class attribute shadowed (config.model_type = "bert") is no key: transformers writes the class's model_type
+        later = [k for k in vars(self) if not k.startswith("_") and k not in _FIELD_NAMES and k not in self._extra
+                 and not hasattr(type(self), k)]
+        return given + later
 
     def to_diff_dict(self) -> dict[str, Any]:
         """transformers' name for the keys its ``config.json`` holds, the flags at their defaults left out: that is
@@ -918,7 +930,7 @@ class PvtV2Config:
         try:
             return json.dumps(data, indent=2, sort_keys=True) + "\n"
         except TypeError as err:  # a setting kept without a check (a head's, an unknown key) that JSON cannot hold
-            bad = [k for k in self._extra if not _writable(data[k])]
+            bad = [k for k in self._extra_keys() if not _writable(data[k])]
             raise ValueError(f"{', '.join(map(repr, bad)) or 'a value'} cannot be written to JSON ({err}): give "
                              f"numbers, strings, lists or dicts") from None
 
@@ -1009,7 +1021,9 @@ class PvtV2Config:
         """transformers' ``PretrainedConfig`` attributes that every config has, None until set (a config.json's
         ``architectures``, a ``dtype`` given): ``config.architectures`` read on a new config was an AttributeError."""
         if name in _UNSET_ATTRIBUTES:
-            return None
+            # dtype's former name where that is set: transformers 5 reads a 4.x config.json's {"torch_dtype":
+            # "float16"} as dtype float16, which read None here
+            return vars(self).get("torch_dtype") if name == "dtype" else None
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __eq__(self, other: object) -> bool:
@@ -1020,7 +1034,7 @@ class PvtV2Config:
         for key in _METADATA_KEYS:
             mine.pop(key, None)
             theirs.pop(key, None)
-        return mine == theirs
+        return mine.keys() == theirs.keys() and all(_same_value(mine[k], theirs[k]) for k in mine)
 
     def __repr__(self) -> str:
         data = self.to_dict()
@@ -1043,6 +1057,39 @@ def split_unused(overrides: Mapping[str, Any], data: Mapping[str, Any]) -> tuple
     known = _FIELD_NAMES | _KNOWN_KEYS
     keep = {k: v for k, v in overrides.items() if k in known or k in data}
     return keep, {k: v for k, v in overrides.items() if k not in keep}
+
+
+def _same_value(mine: Any, theirs: Any) -> bool:
+    """``mine == theirs`` for a config's values, also where one is an array or tensor kept as an unknown key
+    (``config.mask = torch.ones(3)``): ``==`` is then elementwise, and its truth a raw numpy / torch error."""
+    try:
+        return bool(mine == theirs)
+    except (ValueError, RuntimeError, TypeError):
+        try:
+            return bool(np.array_equal(np.asarray(mine), np.asarray(theirs)))
+        except Exception:  # noqa: BLE001  # no array either (a CUDA tensor...): equal only to itself
+            return mine is theirs
+
+
+def _check_dtype_name(key: str, value: Any) -> None:
+    """A config's ``dtype`` (or ``torch_dtype``) names a torch dtype, or is None: transformers reads it with
+    ``getattr(torch, value)`` and fails on any other (an AttributeError for ``"garbage"``), and the loader's
+    ``dtype="auto"`` passed over it without a word."""
+    if value is None:
+        return
+    import torch
+
+    if not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+        raise ValueError(f"{key}={short_repr(value)} is not a torch dtype: give one (torch.float16) or its name "
+                         f"('float16', 'bfloat16', 'float32'), or leave it out")
+
+
+def _dtype_name(key: str, value: Any) -> Any:
+    """A torch dtype set as ``config.dtype`` (or ``torch_dtype``) after the config was built, by its name, as
+    transformers writes it (the constructor stores the name already)."""
+    if key in ("dtype", "torch_dtype") and type(value).__name__ == "dtype" and type(value).__module__ == "torch":
+        return str(value).removeprefix("torch.")
+    return value
 
 
 def _writable(value: Any) -> bool:

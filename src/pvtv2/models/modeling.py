@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -340,7 +341,17 @@ class PvtV2PreTrainedModel(nn.Module):
         """Parameters of the model, as transformers counts them: ``only_trainable``, those that require gradients;
         ``exclude_embeddings``, without those of ``nn.Embedding`` layers (a PVTv2 encoder has none).
         ``trainable_only`` is this method's former name for ``only_trainable``."""
-        only = only_trainable if trainable_only is None else trainable_only
+        flags = {"only_trainable": only_trainable, "exclude_embeddings": exclude_embeddings}
+        if trainable_only is not None:
+            flags["trainable_only"] = trainable_only
+        for name, value in flags.items():
+            # a string "False" is true to Python: counted only the trainable ones without a word
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"num_parameters: {name} must be True or False, got {value!r}")
+        if trainable_only is not None and only_trainable and not trainable_only:
+            raise ValueError(f"num_parameters: only_trainable={only_trainable!r} and trainable_only={trainable_only!r} "
+                             f"disagree (trainable_only is the former name of only_trainable); pass only_trainable")
+        only = only_trainable or bool(trainable_only)
         skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
         return sum(p.numel() for p in self.parameters() if (p.requires_grad or not only) and id(p) not in skip)
 

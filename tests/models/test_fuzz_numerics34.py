@@ -15,7 +15,7 @@ Each output is held to the float64 truth (transformers' model in float64, same w
 of its scale; a float32 one no further from the truth than twice transformers' own float32 result, plus 1e-5 of the
 scale (the weights make some outputs ill-conditioned, where both libraries lie 1e-5 to 1e-4 from the truth, each by
 its own rounding). Non-finite values: NaN and infinities where transformers' float32 result has them, signs
-included. Gradients: float64 to 1e-9 of the largest; float32 within 10 times transformers' distance plus 1e-4 of
+included. Gradients: float64 to 1e-9 of the largest; float32 within 4 times transformers' distance plus 1e-6 of
 the largest (see below).
 
 The campaign (a harness kept out of the repository): 560 inference cases (seeds 0-559, 4 paths each against
@@ -35,7 +35,10 @@ method. Float32 training: SDPA's fused backward (it recomputes the softmax from 
 10-30 times further from the truth than transformers' explicit softmax on saturated, constant or 1e4-scaled inputs
 (3e-4 of the largest gradient against 2e-5; at worst 1.8e-3 against 6.7e-5, a patch-embedding LayerNorm's shift);
 with the explicit softmax in its place, the two cases examined (harness seeds 54 and 182) came within 1.5 times
-transformers' distance, or nearer.
+transformers' distance, or nearer. The CPU now trains with the explicit softmax (``pvtv2.models.layers``,
+``_explicit_attention``): over this file's training draws 1-54, the worst parameter's distance went from up to 101
+times transformers' (seed 22; 93 for seed 54, 13 for seed 6) to at most 3.2 times, with transformers' own distance
+1e-7 to 2e-4 of the largest gradient.
 """
 
 from __future__ import annotations
@@ -276,10 +279,11 @@ def training_results(model: torch.nn.Module, x: torch.Tensor, seed: int):
     return {k: v.detach() for k, v in found.items()}, grads
 
 
-@pytest.mark.parametrize("seed", [1, 2, 4, 5, 6])
+@pytest.mark.parametrize("seed", [1, 2, 4, 5, 6, 22, 25, 54])
 def test_hostile_inputs_and_weights_in_training(seed):
-    """Training mode, forward and backward: float64 (seeds 2 and 5) to the truth's formulas; float32 within the
-    bounds of the module docstring (SDPA's backward)."""
+    """Training mode, forward and backward: float64 (seeds 2 and 5) to the truth's formulas; float32 gradients within
+    4 times transformers' distance to the truth plus 1e-6 of the largest gradient. Seeds 6, 22, 25 and 54 are cases
+    where SDPA's backward (before the CPU trained with the explicit softmax) came 10-100 times further."""
     ours, theirs, truth, x = draw_case(seed, training=True)
     (ours_out, ours_grads), (theirs_out, theirs_grads), (truth_out, truth_grads) = (
         training_results(model, x.to(next(model.parameters()).dtype), seed) for model in (ours, theirs, truth))
@@ -293,7 +297,7 @@ def test_hostile_inputs_and_weights_in_training(seed):
         assert ours_grads[name].isfinite().all(), name
         ours_error = (ours_grads[name].double() - want).abs().max().item() / scale
         theirs_error = (theirs_grads[name].double() - want).abs().max().item() / scale
-        assert ours_error <= (1e-9 if float64 else 10 * theirs_error + 1e-4), (name, ours_error, theirs_error)
+        assert ours_error <= (1e-9 if float64 else 4 * theirs_error + 1e-6), (name, ours_error, theirs_error)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -132,21 +132,28 @@ class OverlapPatchEmbed(nn.Module):
 # The dtypes PyTorch's CPU convolution gives garbage weight gradients in for the smallest inputs.
 _REDUCED = (torch.bfloat16, torch.float16)
 
-# Attention probabilities up to this size (bytes, all heads and images) are computed explicitly under CPU autocast.
+# Attention probabilities up to this size (bytes, all heads and images) are computed explicitly on the CPU under
+# autocast and where autograd records them (`_explicit_attention`).
 EXPLICIT_ATTENTION_BYTES = 256 << 20
 
 
 def _explicit_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether to compute attention as softmax(QK^T)V rather than SDPA: under bf16/fp16 autocast on the CPU, where
-    SDPA's kernels run the few keys of spatial-reduction attention two to four times slower than the matrix products
-    (forward and backward, measured in docs/benchmarks.md); what transformers' eager attention computes there. Not
-    where the probabilities would be large (no reduction at high resolution), which SDPA never stores. And inside
+    """Whether to compute attention as softmax(QK^T)V rather than SDPA, as transformers' eager attention computes it:
+    - under bf16/fp16 autocast on the CPU, where SDPA's kernels run the few keys of spatial-reduction attention two
+      to four times slower than the matrix products (forward and backward, measured in docs/benchmarks.md);
+    - on the CPU whenever autograd records the attention (training, or gradients of an input): SDPA's CPU backward
+      rebuilds the probabilities from their log-sum-exp, and where the scores are large (saturated softmax) its
+      gradients came 10-30x further from the float64 truth than transformers' (the explicit product keeps the
+      probabilities it used; about the same step time, docs/training.md), and it has no second derivative.
+    Not where the probabilities would be large (no reduction at high resolution), which SDPA never stores. And inside
     torch.func's transforms (vmap, per-sample gradients, ensembles over stacked weights): SDPA's CPU kernels have no
     batching rule there, and vmap would run them one sample at a time. And under forward-mode AD
     (``torch.autograd.forward_ad``), where SDPA's CPU kernels have no tangent rule and raise."""
     if torch._C._functorch.peek_interpreter_stack() is not None or fast.forward_ad_active():
         return True
-    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+    if q.device.type != "cpu":
+        return False
+    if not (torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
         return False
     batch, heads, tokens, _ = q.shape
     return batch * heads * tokens * k.shape[-2] * 4 <= EXPLICIT_ATTENTION_BYTES

@@ -13,8 +13,11 @@ delay or while a file was written, SIGTERM, SIGINT, up to three in a row).
 Compared exactly but for one field: a resumed run's ``training_state.pt`` holds its model's config with the
 ``architectures`` and ``dtype`` that ``last/config.json`` holds in both runs (the resumed model was read from it).
 
-A kill between the lock's creation and the write of its pid left an empty ``run.lock`` that refused every later run
-of the folder ("not a lock file that pvtv2 can read"): an empty lock older than ``ABANDONED_LOCK_S`` is taken over.
+Faults found: a kill between the lock's creation and the write of its pid left an empty ``run.lock`` that refused
+every later run of the folder ("not a lock file that pvtv2 can read"): an empty lock older than ``ABANDONED_LOCK_S``
+is taken over. A SIGTERM or Ctrl-C that landed while a DataLoader forked its workers (``--workers``) was printed by
+CPython as "Exception ignored" and lost: the run trained to its end with status 0, deaf to any later SIGTERM; it
+stops at the next batch now.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ with one uninterrupted run of the same seed (one thread, OMP_NUM_THREADS=1): eve
 and ``ema/``, the optimizer's moments and step counts, the scheduler, the EMA's state, the epoch and best-epoch
 counters and best score, ``metrics.jsonl`` without its timings (no epoch missing or twice), ``curves.png`` byte for
 byte, ``run.json``; and nothing left behind (no temporary or ``.old`` copy, no lock). The slow cases are seeds of a
-search over the four tasks with the same draws, all of whose cases ended as the uninterrupted run (SIGKILL after a
-delay or while a file was written, SIGTERM, SIGINT, up to three in a row).
+search over the four tasks with the same draws, all 44 of whose cases ended as the uninterrupted run (SIGKILL after
+a delay or while a file was written, SIGTERM, up to three in a row; its SIGINTs went to processes started in the
+background, which inherit SIGINT ignored: the runs here get Ctrl-C's handling back, see _WITH_CTRL_C).
 
 Compared exactly but for one field: a resumed run's ``training_state.pt`` holds its model's config with the
 ``architectures`` and ``dtype`` that ``last/config.json`` holds in both runs (the resumed model was read from it).
@@ -65,10 +66,16 @@ def _classification_args(data: Path, model: str, out: Path) -> list[str]:
             "--crop-scale", "0.7", "--ema", "0.9", "--clip-grad", "0.5", "--seed", "34", "--no-progress"]
 
 
+# `python -m pvtv2` with Ctrl-C's handling of a terminal: a process started in the background by a shell (a test
+# run among them) inherits SIGINT ignored, and Python then leaves it ignored.
+_WITH_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv[0] = 'pvtv2'; runpy.run_module('pvtv2', run_name='__main__', alter_sys=True)")
+
+
 def _launch(args: list[str], env: dict[str, str] | None = None, processes: int = 1) -> subprocess.Popen:
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return subprocess.Popen([*launcher, "-m", "pvtv2", "train", *args], env={**ENV, **(env or {})},
+    launcher = [sys.executable, "-c", _WITH_CTRL_C] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", "pvtv2"]
+    return subprocess.Popen([*launcher, "train", *args], env={**ENV, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -230,6 +237,8 @@ def at_fork():
         os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL34"]))
 
 
+# Ctrl-C's handling of a terminal: a process started in the background by a shell inherits SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 os.register_at_fork(after_in_parent=at_fork)
 from pvtv2.cli import main
 sys.exit(main(["train", *sys.argv[1:]]))

@@ -72,6 +72,9 @@ __all__ = [
     "cosine_warmup_factor",
     "parameter_groups",
     "KILL_ENV",
+    "request_stop",
+    "clear_stop",
+    "honour_stop",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +86,31 @@ KILL_ENV = "PVTV2_TEST_KILL_AT_STEP"
 
 class TrainingDiverged(ValueError):
     """The training loss stopped being a finite number."""
+
+
+# ---------------------------------------------------------------------------------------------- stop requests
+# The exception a stop signal's handler raised (SIGTERM's SystemExit, Ctrl-C's KeyboardInterrupt), made again by
+# honour_stop: a signal that arrives while a DataLoader forks its workers has its handler run inside an
+# os.register_at_fork callback (logging's lock release), where CPython prints the exception and ignores it (as it does
+# in a finalizer that the garbage collector runs). The run went on to its last epoch, and SIGTERM, which its handler
+# had set to be ignored, could no longer stop it.
+_stop_requests: list[Callable[[], BaseException]] = []
+
+
+def request_stop(make: Callable[[], BaseException]) -> None:
+    """Record that a signal handler raised ``make()``, so that :func:`honour_stop` raises it again if it was lost."""
+    _stop_requests.append(make)
+
+
+def clear_stop() -> None:
+    """Forget the stop requests (a run's end: the next run in this process starts without them)."""
+    _stop_requests.clear()
+
+
+def honour_stop() -> None:
+    """Raise the exception of the first stop request, if any: called at every batch and before an epoch's writes."""
+    if _stop_requests:
+        raise _stop_requests[0]()
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -476,6 +504,7 @@ def run(task: Task, cfg: TrainConfig, state: dict[str, Any] | None, ctx: RunCont
         train_seconds = time.perf_counter() - began
         _stop_if_weights_diverged(epoch, cfg, training, ctx)
         fields = _validate(task, cfg, training, epoch, ctx)
+        honour_stop()  # one lost while the validation loader forked its workers
         loss_sum, seen = ctx.sum([loss_sum, seen])
         record = {
             "epoch": epoch + 1,
@@ -702,6 +731,7 @@ def _train_epoch(task: Task, cfg: TrainConfig, training: Training, epoch: int, c
     loss_sum = seen = 0.0
     bar = progress_bar(loader, enabled=cfg.progress and info.main, desc=f"epoch {epoch + 1}/{cfg.epochs}")
     for i, batch in enumerate(bar):
+        honour_stop()  # one lost while the loader forked its workers
         _crash_for_test(epoch * batches + i + 1)
         batch = to_device(batch, ctx.device)
         boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == batches

@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = [
     "METRICS_FILE",
     "CURVES_FILE",
     "LOCK_FILE",
+    "ABANDONED_LOCK_S",
     "RunLock",
     "RunFolderBusy",
     "prepare_output",
@@ -68,6 +70,9 @@ TRAINING_STATE_NAME = "training_state.pt"
 RUN_FILE = "run.json"
 CURVES_FILE = "curves.png"
 LOCK_FILE = "run.lock"
+# Seconds after which an empty run.lock is taken to be abandoned: its process was killed (SIGKILL) between creating the
+# file and writing its pid into it, which a live process does in the same instant.
+ABANDONED_LOCK_S = 10.0
 # What --overwrite removes from the output folder: only what a run writes there (not the lock: this run holds it).
 # ``ema`` too (--ema): left behind, it was the replaced run's weight average under the new run's name. The files'
 # temporary copies too (fileio.temporary_path), which a kill during their write leaves.
@@ -120,12 +125,16 @@ class RunLock:
         try:
             if not self._create():
                 holder = self._holder()
-                if _alive(holder) is not False:
+                if holder.get("abandoned"):
+                    logger.warning("taking over %s: it is empty, left by a process killed as it created the lock",
+                                   self.path)
+                elif _alive(holder) is not False:
                     raise RunFolderBusy(self._busy_message(holder))
-                logger.warning(
-                    "taking over %s: process %s on this host that held it is gone (a run that was killed?)",
-                    self.path, holder.get("pid"),
-                )
+                else:
+                    logger.warning(
+                        "taking over %s: process %s on this host that held it is gone (a run that was killed?)",
+                        self.path, holder.get("pid"),
+                    )
                 self.path.unlink(missing_ok=True)
                 if not self._create():
                     raise RunFolderBusy(self._busy_message(self._holder()))
@@ -157,14 +166,24 @@ class RunLock:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as file:
                 file.write(json.dumps(me) + "\n")
-        except OSError as err:
+        except BaseException as err:
+            # SIGTERM (SystemExit) or Ctrl-C between the creation and the write too: an empty lock left behind
+            # refused every later run of the folder.
             self.path.unlink(missing_ok=True)
-            raise WriteError(self.path, err) from err
+            if isinstance(err, OSError):
+                raise WriteError(self.path, err) from err
+            raise
         return True
 
     def _holder(self) -> dict[str, Any]:
+        """The lock's holder; ``{}`` when the lock is gone, ``{"abandoned": True}`` for an empty lock older than
+        :data:`ABANDONED_LOCK_S` (its holder was killed between creating it and writing it: a live one writes it at
+        once, so a young empty lock is one being written)."""
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
+            text = self.path.read_text(encoding="utf-8")
+            if not text and time.time() - self.path.stat().st_mtime > ABANDONED_LOCK_S:
+                return {"abandoned": True}
+            holder = json.loads(text)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):

@@ -23,7 +23,8 @@ from .classification import ClassificationTask
 from .config import TrainConfig, describe_recipe, resolve_recipe
 from .detection import DetectionTask, resolve_detector
 from .distributed import DistInfo, init_distributed, on_main, set_deterministic
-from .engine import RunContext, Task, check_freeze_stages, check_image_size, default_peak_lr, run
+from .engine import (RunContext, Task, check_freeze_stages, check_image_size, clear_stop, default_peak_lr,
+                     request_stop, run)
 from .rundir import RunLock, check_resumed_classes, prepare_output
 from .depth_task import DepthTask
 from .segmentation import SegmentationTask
@@ -61,7 +62,9 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[
         torch.backends.cudnn.deterministic,
     )
     lock = RunLock(cfg.output) if info.main else None  # rank 0 holds it for all the processes
+    clear_stop()
     sigterm = _exit_on_sigterm()
+    sigint = _interrupt_on_sigint()
     try:
         set_deterministic()
         return _train(cfg, info, device, lock, explicit)
@@ -72,6 +75,9 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[
             lock.release()
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+        clear_stop()
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
         if info.enabled and dist.is_initialized():
@@ -82,7 +88,23 @@ def _raise_exit(signum: int, frame: Any) -> None:
     # Further SIGTERMs are ignored while the run cleans up (train() puts the caller's handling back at its end): one
     # raised again inside a finally block skipped the rest of it, the lock's release included.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    request_stop(lambda: SystemExit(128 + signum))  # raised again if lost (engine.honour_stop)
     raise SystemExit(128 + signum)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    # Python's own Ctrl-C handler, remembered so that a KeyboardInterrupt lost while a DataLoader forks is raised again.
+    request_stop(KeyboardInterrupt)
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_sigint() -> Any:
+    """Raise Ctrl-C's KeyboardInterrupt as Python does, through :func:`_raise_interrupt`; returns the handler to put
+    back (None: a caller's own handler, or a thread other than the main one, is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not \
+            signal.default_int_handler:
+        return None
+    return signal.signal(signal.SIGINT, _raise_interrupt)
 
 
 def _exit_on_sigterm() -> Any:

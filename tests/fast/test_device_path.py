@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import TINY
 
 from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, fast
+from pvtv2.models import layers
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -37,9 +38,11 @@ def test_forward_and_loss_make_no_host_sync(training, linear):
         PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=5))(torch.randn(1, 3, 64, 64), labels=torch.tensor([7]))
 
 
-def test_attention_inputs_suit_the_fused_kernels():
+def test_attention_inputs_suit_the_fused_kernels(monkeypatch):
     """Queries, keys and values reach SDPA as views with a contiguous last dimension and 16-byte aligned strides and
-    offsets, which the flash and memory-efficient kernels take as they are; the output's token view is free."""
+    offsets, which the flash and memory-efficient kernels take as they are; the output's token view is free. (CPU
+    training computes the attention explicitly: SDPA is chosen here as on a GPU.)"""
+    monkeypatch.setattr(layers, "_explicit_attention", lambda q, k: False)
     model = PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=3)).train()
     calls = []
     sdpa = F.scaled_dot_product_attention

@@ -202,11 +202,15 @@ def test_gradient_checkpointing_recomputes_the_same_draws():
     _assert_same_gradients(want_grads, got_grads)
 
 
-def test_sdpa_is_kept_in_training_without_attention_dropout():
-    """Attention dropout 0 (the default): training keeps SDPA (the fast kernels); above 0, the explicit softmax and
-    F.dropout that transformers' draws need, and no SDPA call."""
+@pytest.mark.parametrize("cap", [None, 0], ids=["default", "probabilities over the cap"])
+def test_sdpa_only_without_attention_dropout_and_over_the_cap(cap, monkeypatch):
+    """CPU training computes the attention as transformers' eager attention does (the explicit softmax, with
+    F.dropout where attention dropout is set), and no SDPA call; where the probabilities would pass
+    EXPLICIT_ATTENTION_BYTES, SDPA with attention dropout 0 (it never stores them), the explicit softmax above 0."""
+    if cap is not None:
+        monkeypatch.setattr(layers, "EXPLICIT_ATTENTION_BYTES", cap)
     x = _images(batch=2)
-    for attn_drop, expected in ((0.0, sum(TINY["depths"])), (0.2, 0)):
+    for attn_drop, expected in ((0.0, 0 if cap is None else sum(TINY["depths"])), (0.2, 0)):
         config = PvtV2Config(**TINY, drop_path_rate=0.3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=attn_drop)
         model = PvtV2ForImageClassification(config).train()
         with mock.patch.object(layers.F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as sdpa:

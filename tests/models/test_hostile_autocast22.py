@@ -130,6 +130,9 @@ def test_probabilities_over_the_threshold_go_to_sdpa(monkeypatch):
 
 
 def test_disabled_region_inside_autocast_runs_fp32_sdpa(monkeypatch):
+    """Autocast switched off inside an autocast region: fp32 attention (SDPA, where the probabilities would pass
+    EXPLICIT_ATTENTION_BYTES; below it CPU training computes them explicitly, and no SDPA call is made)."""
+    monkeypatch.setattr(layers, "EXPLICIT_ATTENTION_BYTES", 0)
     ours = _model(seed=5).train()
     theirs = _hf(ours)
     x = _input()

@@ -8,7 +8,8 @@ Two faults found this way: a frozen model's parameter deep-copied (``copy.deepco
 attention put back into it) is a watched parameter without a counter of ``.data`` uses, and its second call raised a
 TypeError; and a parameter made from a frozen one (``nn.Parameter(p)``, sharing its memory, version counter and
 counter), transposed in place and swapped with ``p`` (``torch.utils.swap_tensors``), left the packed weight
-untransposed (1e-3 off the reference).
+untransposed (1e-3 off the reference). And a Linear subclass set over a key layer as an instance attribute
+(``object.__setattr__``: what attribute lookup reads, not what the module walk checked) was fused as a plain Linear.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
 from pvtv2.fast import cuda
 
 from conftest import TINY, perturb_, relative_error
+
+pytestmark = pytest.mark.skipif(
+    not fast.fast_path_available(torch.float32), reason="the oneDNN operators of the fast path are not available here"
+)
 
 X = {1: torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8)),
      2: torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))}
@@ -216,6 +221,8 @@ WRITES = {
         lambda mod, args: (args[0] * 2,)),
     "a LayerNorm's eps": lambda m: setattr(_stage(m, 1).blocks[0].layer_norm_1, "eps", 10.0),
     "a Linear subclass in the key's place": lambda m: setattr(_key(m), "__class__", _Doubled),
+    "a Linear subclass set over the key as an instance attribute": lambda m: object.__setattr__(
+        _stage(m).blocks[0].attention, "key", _doubled_copy(_key(m))),
     "a packed reduction's stride": lambda m: setattr(_stage(m).blocks[0].attention.spatial_reduction, "stride",
                                                      (4, 4)),
 }
@@ -226,8 +233,15 @@ class _Doubled(nn.Linear):
         return super().forward(x) * 2
 
 
+def _doubled_copy(layer: nn.Linear) -> _Doubled:
+    doubled = _Doubled(layer.in_features, layer.out_features)
+    doubled.load_state_dict(layer.state_dict())
+    return doubled.eval()
+
+
 UNFUSED = {"weight_norm", "orthogonal", "spectral_norm", "prune", "forward hook after the first call",
-           "forward pre-hook after the first call", "a Linear subclass in the key's place"}
+           "forward pre-hook after the first call", "a Linear subclass in the key's place",
+           "a Linear subclass set over the key as an instance attribute"}
 
 
 @pytest.mark.parametrize("write", list(WRITES))
@@ -292,6 +306,7 @@ def test_threads_calling_a_frozen_model_while_another_writes_see_one_state(how):
     assert relative_error(_reference(model, x), _cpu_path(model, x)) < 1e-5
 
 
+@pytest.mark.skipif(not fast.fast_path_available(torch.bfloat16), reason="no oneDNN bf16 operators on this CPU")
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("write", ["in place", "fused AdamW", "attention copied in"])
 def test_bf16_autocast_frozen_output_after_a_write_is_a_fresh_freezes(write, batch):

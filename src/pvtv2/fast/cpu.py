@@ -22,8 +22,8 @@ public operators it replaces; where the probe fails (another CPU, another build)
    :func:`applies` checks, at every call, that every module of the stage is in eval mode, of exactly the type the
    fused code assumes in its slot (no subclass such as a LoRA-style Linear, no ``torch.nn.utils.parametrize``, no
    quantized stand-in, no ReLU where a dropout is skipped, convolutions padding with zeros), without forward hooks
-   or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the instance, that no global module
-   hooks exist, and that every linear layer's and convolution's weight and bias is of a dtype the module takes with
+   or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the instance (nor a submodule set over
+   its slot as an instance attribute), that no global module hooks exist, and that every linear layer's and convolution's weight and bias is of a dtype the module takes with
    the input (the input's; under autocast any but float64) and every bias one element per output (not one that
    F.linear broadcasts). Otherwise the stage runs the reference path, which
    calls them (and raises where they do).
@@ -334,6 +334,13 @@ def _fits(m: nn.Module, rule: tuple) -> bool:
         for name, child in m._modules.items():
             allowed = slots.get(name)
             if child is not None and allowed is not None and type(child).__qualname__ not in allowed:
+                return False
+        # A module set as an instance attribute over a slot (``object.__setattr__``, ``m.__dict__[...]``) is what
+        # attribute lookup, and so the module and the fused code, read, but not what this walk checks (a Linear
+        # subclass put over a key layer so was fused as a plain Linear).
+        instance = m.__dict__
+        for name in slots:
+            if name in instance:
                 return False
     if kind is _ATTENTION:
         # The fused code splits one key-value product into heads: a key or value layer of another width (replaced by

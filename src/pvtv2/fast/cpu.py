@@ -22,8 +22,8 @@ public operators it replaces; where the probe fails (another CPU, another build)
    :func:`applies` checks, at every call, that every module of the stage is in eval mode, of exactly the type the
    fused code assumes in its slot (no subclass such as a LoRA-style Linear, no ``torch.nn.utils.parametrize``, no
    quantized stand-in, no ReLU where a dropout is skipped, convolutions padding with zeros), without forward hooks
-   or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the instance, that no global module
-   hooks exist, and that every linear layer's and convolution's weight and bias is of a dtype the module takes with
+   or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the instance (nor a submodule set over
+   its slot as an instance attribute), that no global module hooks exist, and that every linear layer's and convolution's weight and bias is of a dtype the module takes with
    the input (the input's; under autocast any but float64) and every bias one element per output (not one that
    F.linear broadcasts). Otherwise the stage runs the reference path, which
    calls them (and raises where they do).
@@ -335,6 +335,13 @@ def _fits(m: nn.Module, rule: tuple) -> bool:
             allowed = slots.get(name)
             if child is not None and allowed is not None and type(child).__qualname__ not in allowed:
                 return False
+        # A module set as an instance attribute over a slot (``object.__setattr__``, ``m.__dict__[...]``) is what
+        # attribute lookup, and so the module and the fused code, read, but not what this walk checks (a Linear
+        # subclass put over a key layer so was fused as a plain Linear).
+        instance = m.__dict__
+        for name in slots:
+            if name in instance:
+                return False
     if kind is _ATTENTION:
         # The fused code splits one key-value product into heads: a key or value layer of another width (replaced by
         # hand) would be split silently at the wrong place, where the modules themselves fail.
@@ -515,9 +522,13 @@ _WATCHABLE = (nn.Parameter, _WatchedParameter)
 
 
 def _watch(params: list[torch.Tensor]) -> None:
+    """Watch the plain Parameters among ``params``, each with its counter of ``.data`` uses: also a watched one
+    without (made by ``type(p)(...)``: ``copy.deepcopy`` of a frozen model's parameter), whose packing recorded no
+    counter and whose next check read it (a TypeError at the second call)."""
     for p in params:
         if type(p) is nn.Parameter:
             p.__class__ = _WatchedParameter
+        if type(p) is _WatchedParameter:
             _uses_counter(p)
 
 
@@ -539,17 +550,22 @@ _STEP_HOOK: list = []  # the handle of the optimizer step hook, once registered
 
 def _param_state(p: torch.Tensor) -> tuple:
     """What a packed weight was made from, for one (watched) parameter: the object itself, its type, its counter of
-    ``.data`` uses and optimizer steps (the list, and its count), its version counter and its memory's address.
+    ``.data`` uses and optimizer steps (the list, and its count), its version counter, its memory's address and its
+    C++ tensor.
 
     A new Parameter object repacks, even one that views the same memory with the same version (a square weight's
     transpose, a negative view). The same object changes its dtype, shape, strides or negative bit only with one of
-    the others: in place (``t_``, ``as_strided_``, ``set_``, ``resize_`` bump the version counter), through ``.data``
-    (counted), or by a swap (``torch.utils.swap_tensors``, torch.__future__'s swap mode), which exchanges the
-    ``__dict__`` holding the counter list and the class (a plain Parameter swapped in is no longer watched until it is
-    repacked). The entry keeps the parameters and their storages alive, so no new object or tensor can take over an
-    id or an address while it lives. All of it is read without building anything: the check runs at every GEMM."""
+    the others: in place (``t_``, ``as_strided_``, ``set_``, ``resize_`` bump the version counter), through
+    ``.data`` (counted), or by a swap (``torch.utils.swap_tensors``, torch.__future__'s swap mode), which exchanges
+    the ``__dict__`` holding the counter list and the class (a plain Parameter swapped in is no longer watched until
+    it is repacked) and the tensor itself (``_cdata``, the address of its C++ tensor): a parameter made from a
+    frozen one (``nn.Parameter(p)``) shares its memory, its version counter and its counter list, and once
+    transposed in place (a version that ``p``'s repacking reads too) and swapped with ``p``, it changed none of the
+    others (the packed weight stayed untransposed: 1e-3 off the reference). The entry keeps the parameters and their
+    storages alive, so no new object or tensor can take over an id or an address while it lives. All of it is read
+    without building anything: the check runs at every GEMM."""
     counter = p.__dict__.get("_pvtv2_uses")
-    return (p, type(p), counter, None if counter is None else counter[0], p._version, p.data_ptr())
+    return (p, type(p), counter, None if counter is None else counter[0], p._version, p.data_ptr(), p._cdata)
 
 
 def _unchanged(states: tuple, params: list[torch.Tensor]) -> bool:
@@ -557,10 +573,10 @@ def _unchanged(states: tuple, params: list[torch.Tensor]) -> bool:
     reads no version counter of another object (an inference tensor has none, and raises)."""
     if len(states) != len(params):
         return False
-    for p, (q, cls, counter, uses, version, address) in zip(params, states):
+    for p, (q, cls, counter, uses, version, address, impl) in zip(params, states):
         if (
             p is not q or type(p) is not cls or p.__dict__.get("_pvtv2_uses") is not counter
-            or counter[0] != uses or p._version != version or p.data_ptr() != address
+            or counter[0] != uses or p._version != version or p.data_ptr() != address or p._cdata != impl
         ):
             return False
     return True

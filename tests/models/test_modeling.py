@@ -12,6 +12,7 @@ import transformers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, PvtV2Model
+from pvtv2.models import layers
 from pvtv2.models.layers import DropPath
 
 from conftest import TINY, hf_config, hf_twin, perturb_, random_weights_, relative_error, shrink_patch_embeddings_
@@ -308,15 +309,20 @@ def test_torch_compile_of_a_training_step_is_one_graph_with_eager_gradients():
     torch._dynamo.reset()
 
 
-def test_second_derivatives_through_the_math_attention_kernel_equal_transformers():
-    """A gradient penalty (create_graph=True), as docs/training.md says to run it: the forward pass under the math
-    SDPA kernel (the fused kernels have no double backward); the weights' gradients equal transformers', whose
-    attention is explicit products."""
+@pytest.mark.parametrize("cap", [None, 0], ids=["explicit attention (CPU)", "SDPA under the math kernel"])
+def test_second_derivatives_through_the_math_attention_kernel_equal_transformers(cap, monkeypatch):
+    """A gradient penalty (create_graph=True), as docs/training.md says to run it: on the CPU as it is (the attention
+    is explicit products there when autograd records it), and, where SDPA runs (probabilities over
+    EXPLICIT_ATTENTION_BYTES, GPUs), under the math SDPA kernel (the fused kernels have no double backward); the
+    weights' gradients equal transformers', whose attention is explicit products."""
+    if cap is not None:
+        monkeypatch.setattr(layers, "EXPLICIT_ATTENTION_BYTES", cap)
     ours = perturb_(PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=4))).eval()
     theirs = hf_twin(ours)
     x = torch.randn(2, 3, 64, 48)
     grads = []
-    for model, context in ((ours, sdpa_kernel(SDPBackend.MATH)), (theirs, contextlib.nullcontext())):
+    context = contextlib.nullcontext() if cap is None else sdpa_kernel(SDPBackend.MATH)
+    for model, context in ((ours, context), (theirs, contextlib.nullcontext())):
         pixels = x.clone().requires_grad_(True)
         with context:
             out = model(pixels).logits

@@ -153,7 +153,9 @@ def _explicit_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
         return True
     if q.device.type != "cpu":
         return False
-    if not (torch.is_autocast_enabled("cpu") or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))):
+    # Not by grad mode under torch.jit.trace: its check traces again under no_grad, and one graph serves both.
+    recorded = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not torch.jit.is_tracing()
+    if not (torch.is_autocast_enabled("cpu") or recorded):
         return False
     batch, heads, tokens, _ = q.shape
     return batch * heads * tokens * k.shape[-2] * 4 <= EXPLICIT_ATTENTION_BYTES

@@ -104,6 +104,7 @@ class RunLock:
         self.path = self.folder / LOCK_FILE
         self.held = False
         self._created: list[Path] = []  # the folders acquire() made, deepest first
+        self._seen: os.stat_result | None = None  # the lock file _holder last read
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -135,7 +136,7 @@ class RunLock:
                         "taking over %s: process %s on this host that held it is gone (a run that was killed?)",
                         self.path, holder.get("pid"),
                     )
-                self.path.unlink(missing_ok=True)
+                self._remove_stale()
                 if not self._create():
                     raise RunFolderBusy(self._busy_message(self._holder()))
         except BaseException:
@@ -179,9 +180,12 @@ class RunLock:
         """The lock's holder; ``{}`` when the lock is gone, ``{"abandoned": True}`` for an empty lock older than
         :data:`ABANDONED_LOCK_S` (its holder was killed between creating it and writing it: a live one writes it at
         once, so a young empty lock is one being written)."""
+        self._seen = None
         try:
-            text = self.path.read_text(encoding="utf-8")
-            if not text and time.time() - self.path.stat().st_mtime > ABANDONED_LOCK_S:
+            with open(self.path, "rb") as file:
+                self._seen = os.fstat(file.fileno())  # the file judged, for _remove_stale
+                text = file.read().decode("utf-8")
+            if not text and time.time() - self._seen.st_mtime > ABANDONED_LOCK_S:
                 return {"abandoned": True}
             holder = json.loads(text)
         except FileNotFoundError:
@@ -195,6 +199,40 @@ class RunLock:
                 f"{str(self.folder)!r}, remove it"
             )
         return holder  # type: ignore[return-value]
+
+    def _remove_stale(self) -> None:
+        """Remove the lock that :meth:`_holder` judged abandoned, only if it is still that file. Of two processes that
+        judged it at once, the second removed the lock the first had just made in its place, made its own, and both
+        ran in the folder: the lock is moved aside (atomic: one process moves a given file), compared with the one
+        judged, and a newer one is put back and the run refused."""
+        seen = self._seen
+        if seen is None:
+            return  # gone when it was read: creating the new lock decides
+        aside = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another process took it over first: creating the new lock decides between us
+        except OSError as err:
+            raise WriteError(self.path, err) from err
+        try:
+            now = os.stat(aside)
+            if (now.st_dev, now.st_ino, now.st_mtime_ns, now.st_size) != (
+                    seen.st_dev, seen.st_ino, seen.st_mtime_ns, seen.st_size):
+                try:
+                    os.link(aside, self.path)  # another process's new lock, back in its place
+                except OSError:
+                    pass
+                try:
+                    holder = json.loads(aside.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    holder = None  # one being written
+                if not isinstance(holder, dict) or not holder.get("pid"):
+                    raise RunFolderBusy(f"{str(self.folder)!r} is in use: another run took over its lock file "
+                                        f"{str(self.path)!r} at the same moment")
+                raise RunFolderBusy(self._busy_message(holder))
+        finally:
+            aside.unlink(missing_ok=True)
 
     def _busy_message(self, holder: dict[str, Any]) -> str:
         where = "this host" if holder.get("host") == socket.gethostname() else f"host {holder.get('host')!r}"

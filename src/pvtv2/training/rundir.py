@@ -104,7 +104,6 @@ class RunLock:
         self.path = self.folder / LOCK_FILE
         self.held = False
         self._created: list[Path] = []  # the folders acquire() made, deepest first
-        self._seen: os.stat_result | None = None  # the lock file _holder last read
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -126,19 +125,9 @@ class RunLock:
         try:
             if not self._create():
                 holder = self._holder()
-                if holder.get("abandoned"):
-                    logger.warning("taking over %s: it is empty, left by a process killed as it created the lock",
-                                   self.path)
-                elif _alive(holder) is not False:
+                if not holder.get("abandoned") and _alive(holder) is not False:
                     raise RunFolderBusy(self._busy_message(holder))
-                else:
-                    logger.warning(
-                        "taking over %s: process %s on this host that held it is gone (a run that was killed?)",
-                        self.path, holder.get("pid"),
-                    )
-                self._remove_stale()
-                if not self._create():
-                    raise RunFolderBusy(self._busy_message(self._holder()))
+                self._take_over()
         except BaseException:
             self._remove_created()
             raise
@@ -180,12 +169,9 @@ class RunLock:
         """The lock's holder; ``{}`` when the lock is gone, ``{"abandoned": True}`` for an empty lock older than
         :data:`ABANDONED_LOCK_S` (its holder was killed between creating it and writing it: a live one writes it at
         once, so a young empty lock is one being written)."""
-        self._seen = None
         try:
-            with open(self.path, "rb") as file:
-                self._seen = os.fstat(file.fileno())  # the file judged, for _remove_stale
-                text = file.read().decode("utf-8")
-            if not text and time.time() - self._seen.st_mtime > ABANDONED_LOCK_S:
+            text = self.path.read_text(encoding="utf-8")
+            if not text and time.time() - self.path.stat().st_mtime > ABANDONED_LOCK_S:
                 return {"abandoned": True}
             holder = json.loads(text)
         except FileNotFoundError:
@@ -200,39 +186,40 @@ class RunLock:
             )
         return holder  # type: ignore[return-value]
 
-    def _remove_stale(self) -> None:
-        """Remove the lock that :meth:`_holder` judged abandoned, only if it is still that file. Of two processes that
-        judged it at once, the second removed the lock the first had just made in its place, made its own, and both
-        ran in the folder: the lock is moved aside (atomic: one process moves a given file), compared with the one
-        judged, and a newer one is put back and the run refused."""
-        seen = self._seen
-        if seen is None:
-            return  # gone when it was read: creating the new lock decides
-        aside = self.path.with_name(f"{LOCK_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
+    def _take_over(self) -> None:
+        """Replace a lock whose holder is gone (or an abandoned empty one), as one process at a time.
+
+        Of several processes that found the same stale lock at once, each removed the lock and made its own, and a
+        later one removed the lock an earlier one had just made: two or three of them ran in the folder. The takeover
+        is done holding ``run.lock.takeover`` (``O_EXCL``), judging the lock again there: of the others, one that
+        finds the file refuses, and one that comes after finds the new lock's live holder."""
+        claim = self.path.with_name(LOCK_FILE + ".takeover")
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return  # another process took it over first: creating the new lock decides between us
+            os.close(os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            raise RunFolderBusy(
+                f"{str(self.folder)!r} is being taken over by another run starting now (file {str(claim)!r}); if no "
+                f"run is starting in the folder, remove that file"
+            ) from None
         except OSError as err:
-            raise WriteError(self.path, err) from err
+            raise WriteError(claim, err) from err
         try:
-            now = os.stat(aside)
-            if (now.st_dev, now.st_ino, now.st_mtime_ns, now.st_size) != (
-                    seen.st_dev, seen.st_ino, seen.st_mtime_ns, seen.st_size):
-                try:
-                    os.link(aside, self.path)  # another process's new lock, back in its place
-                except OSError:
-                    pass
-                try:
-                    holder = json.loads(aside.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    holder = None  # one being written
-                if not isinstance(holder, dict) or not holder.get("pid"):
-                    raise RunFolderBusy(f"{str(self.folder)!r} is in use: another run took over its lock file "
-                                        f"{str(self.path)!r} at the same moment")
+            holder = self._holder()  # again: the lock found stale may have been replaced since
+            if holder.get("abandoned"):
+                logger.warning("taking over %s: it is empty, left by a process killed as it created the lock",
+                               self.path)
+            elif _alive(holder) is not False:
                 raise RunFolderBusy(self._busy_message(holder))
+            elif holder:
+                logger.warning(
+                    "taking over %s: process %s on this host that held it is gone (a run that was killed?)",
+                    self.path, holder.get("pid"),
+                )
+            self.path.unlink(missing_ok=True)
+            if not self._create():
+                raise RunFolderBusy(self._busy_message(self._holder()))
         finally:
-            aside.unlink(missing_ok=True)
+            claim.unlink(missing_ok=True)
 
     def _busy_message(self, holder: dict[str, Any]) -> str:
         where = "this host" if holder.get("host") == socket.gethostname() else f"host {holder.get('host')!r}"

@@ -264,11 +264,12 @@ def _at_step(monkeypatch, n: int, action) -> None:
 def test_ctrl_c_mid_run_raises_keyboard_interrupt_to_the_caller_and_the_folder_resumes(run_files, tmp_path,
                                                                                     monkeypatch, ctrl_c):
     out = tmp_path / "run"
+    sigterm = signal.getsignal(signal.SIGTERM)
     _at_step(monkeypatch, 7, lambda: signal.raise_signal(signal.SIGINT))  # epoch 2's third batch (5 per epoch)
     with pytest.raises(KeyboardInterrupt):
         train(_config(run_files, out))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == sigterm
     assert not (out / LOCK_FILE).exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1 written, then stopped
     monkeypatch.setattr(engine, "_crash_for_test", lambda step: None)
@@ -299,8 +300,12 @@ def test_a_stop_for_the_main_threads_run_neither_stops_nor_is_forgotten_by_a_run
     batch); a run training in a worker thread at that moment raised KeyboardInterrupt in that thread."""
     asked, recorded = threading.Event(), threading.Event()
 
+    handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    during = []
+
     def in_worker(step):
         if step == 2:
+            during.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
             asked.set()
             assert recorded.wait(60)
 
@@ -322,7 +327,8 @@ def test_a_stop_for_the_main_threads_run_neither_stops_nor_is_forgotten_by_a_run
         recorded.set()
         worker.join(120)
         assert "error" not in outcome, outcome.get("error")
-        assert outcome["summary"]
+        assert Path(outcome["summary"]["last"]).is_dir()  # trained to its end
+        assert during == [handlers]  # a run from another thread sets no signal handlers (it cannot)
         with pytest.raises(KeyboardInterrupt):
             engine.honour_stop()  # still there for the main thread's run
     finally:

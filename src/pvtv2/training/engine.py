@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -103,13 +104,17 @@ def request_stop(make: Callable[[], BaseException]) -> None:
 
 
 def clear_stop() -> None:
-    """Forget the stop requests (a run's end: the next run in this process starts without them)."""
-    _stop_requests.clear()
+    """Forget the stop requests (a run's end: the next run in this process starts without them). Only in the main
+    thread, whose run's signal handlers made them (:func:`honour_stop`)."""
+    if threading.current_thread() is threading.main_thread():
+        _stop_requests.clear()
 
 
 def honour_stop() -> None:
-    """Raise the exception of the first stop request, if any: called at every batch and before an epoch's writes."""
-    if _stop_requests:
+    """Raise the exception of the first stop request, if any: called at every batch and before an epoch's writes.
+    Only in the main thread: signal handlers run there, and a run started from another thread sets none; a Ctrl-C
+    meant for the main thread's run stopped a run training in another thread at the same time."""
+    if _stop_requests and threading.current_thread() is threading.main_thread():
         raise _stop_requests[0]()
 
 

@@ -125,19 +125,9 @@ class RunLock:
         try:
             if not self._create():
                 holder = self._holder()
-                if holder.get("abandoned"):
-                    logger.warning("taking over %s: it is empty, left by a process killed as it created the lock",
-                                   self.path)
-                elif _alive(holder) is not False:
+                if not holder.get("abandoned") and _alive(holder) is not False:
                     raise RunFolderBusy(self._busy_message(holder))
-                else:
-                    logger.warning(
-                        "taking over %s: process %s on this host that held it is gone (a run that was killed?)",
-                        self.path, holder.get("pid"),
-                    )
-                self.path.unlink(missing_ok=True)
-                if not self._create():
-                    raise RunFolderBusy(self._busy_message(self._holder()))
+                self._take_over()
         except BaseException:
             self._remove_created()
             raise
@@ -195,6 +185,41 @@ class RunLock:
                 f"{str(self.folder)!r}, remove it"
             )
         return holder  # type: ignore[return-value]
+
+    def _take_over(self) -> None:
+        """Replace a lock whose holder is gone (or an abandoned empty one), as one process at a time.
+
+        Of several processes that found the same stale lock at once, each removed the lock and made its own, and a
+        later one removed the lock an earlier one had just made: two or three of them ran in the folder. The takeover
+        is done holding ``run.lock.takeover`` (``O_EXCL``), judging the lock again there: of the others, one that
+        finds the file refuses, and one that comes after finds the new lock's live holder."""
+        claim = self.path.with_name(LOCK_FILE + ".takeover")
+        try:
+            os.close(os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            raise RunFolderBusy(
+                f"{str(self.folder)!r} is being taken over by another run starting now (file {str(claim)!r}); if no "
+                f"run is starting in the folder, remove that file"
+            ) from None
+        except OSError as err:
+            raise WriteError(claim, err) from err
+        try:
+            holder = self._holder()  # again: the lock found stale may have been replaced since
+            if holder.get("abandoned"):
+                logger.warning("taking over %s: it is empty, left by a process killed as it created the lock",
+                               self.path)
+            elif _alive(holder) is not False:
+                raise RunFolderBusy(self._busy_message(holder))
+            elif holder:
+                logger.warning(
+                    "taking over %s: process %s on this host that held it is gone (a run that was killed?)",
+                    self.path, holder.get("pid"),
+                )
+            self.path.unlink(missing_ok=True)
+            if not self._create():
+                raise RunFolderBusy(self._busy_message(self._holder()))
+        finally:
+            claim.unlink(missing_ok=True)
 
     def _busy_message(self, holder: dict[str, Any]) -> str:
         where = "this host" if holder.get("host") == socket.gethostname() else f"host {holder.get('host')!r}"

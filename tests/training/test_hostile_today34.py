@@ -336,3 +336,30 @@ def test_a_stop_for_the_main_threads_run_neither_stops_nor_is_forgotten_by_a_run
         worker.join(120)
         engine.clear_stop()
     engine.honour_stop()  # cleared by the main thread
+
+
+def test_an_interrupt_at_the_start_is_not_hidden_by_restoring_the_callers_settings(run_files, tmp_path, monkeypatch,
+                                                                                    ctrl_c):
+    """A Ctrl-C landing while set_deterministic imports torch._inductor (PyTorch does, for the deterministic setting)
+    left that module half-imported; putting the caller's setting back then failed on it ("module 'torch._dynamo' has
+    no attribute 'utils'"), and that error reached the caller in place of the interrupt (the command: a traceback and
+    exit status 1, not 130). The interrupt goes on now, the lock released; after a finished run such an error is not
+    hidden."""
+    from pvtv2.training import runner
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def half_imported(*args, **kwargs):
+        raise AttributeError("module 'torch._dynamo' has no attribute 'utils'")
+
+    monkeypatch.setattr(runner, "set_deterministic", interrupted)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", half_imported)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(run_files, out))
+    assert not (out / LOCK_FILE).exists()
+    monkeypatch.setattr(runner, "set_deterministic", lambda: None)
+    with pytest.raises(AttributeError, match="torch._dynamo"):
+        train(_config(run_files, tmp_path / "finished", epochs=1))
+    assert (tmp_path / "finished" / "metrics.jsonl").is_file() and not (tmp_path / "finished" / LOCK_FILE).exists()

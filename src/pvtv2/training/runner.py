@@ -65,9 +65,12 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[
     clear_stop()
     sigterm = _exit_on_sigterm()
     sigint = _interrupt_on_sigint()
+    finished = False
     try:
         set_deterministic()
-        return _train(cfg, info, device, lock, explicit)
+        summary = _train(cfg, info, device, lock, explicit)
+        finished = True
+        return summary
     finally:
         # The lock first: the default action put back, a second SIGTERM (torchrun forwards the one sent to its process
         # group) ended the process before it was released.
@@ -78,7 +81,14 @@ def train(cfg: TrainConfig, *, explicit: Collection[str] | None = None) -> dict[
         if sigint is not None:
             signal.signal(signal.SIGINT, sigint)
         clear_stop()
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        try:
+            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        except Exception:
+            # PyTorch imports torch._inductor for this setting; a Ctrl-C or SIGTERM that landed during that import
+            # (in set_deterministic, at the run's start) left it half-imported, and the import error here hid the
+            # interrupt (a traceback and exit status 1): the interrupt goes on, the import error is dropped.
+            if finished:
+                raise
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
         if info.enabled and dist.is_initialized():
             dist.destroy_process_group()

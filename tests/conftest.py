@@ -34,6 +34,37 @@ def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def output_tensors(out) -> dict[str, torch.Tensor]:
+    """Every tensor of a model output (an output object, a dict or a tuple), by its path."""
+    found = {}
+
+    def walk(path, value):
+        if isinstance(value, torch.Tensor):
+            found[path] = value
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                walk(f"{path}[{i}]", v)
+        elif hasattr(value, "keys"):
+            for k in value.keys():
+                walk(f"{path}.{k}", value[k])
+
+    walk("", out)
+    return found
+
+
+def training_results(model: torch.nn.Module, x: torch.Tensor, flags: dict, seed: int):
+    """Every output of ``model`` in training mode on ``x``, and the gradients of every parameter and of the pixels
+    of one random weighting (drawn from ``seed``) of all of them."""
+    pixels = x.detach().clone().requires_grad_(True)
+    found = output_tensors(model.train()(pixels, **flags))
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum()
+               for _, t in sorted(found.items()) if t.requires_grad)
+    loss.backward()
+    grads = {"pixels": pixels.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+    return {k: v.detach() for k, v in found.items()}, grads
+
+
 def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Move every parameter (LayerNorm weights and biases included) away from its initial value, so that a model
     that ignores a parameter, or treats it differently, gives different numbers."""

@@ -50,7 +50,7 @@ import pytest
 import timm
 import torch
 import transformers
-from conftest import hf_config, relative_error
+from conftest import hf_config, output_tensors, relative_error, training_results
 
 import pvtv2
 from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, PvtV2Model
@@ -203,28 +203,10 @@ def draw_case(seed: int, kind: str | None = None, training: bool = False):
     return ours, theirs, copy.deepcopy(theirs).double(), x
 
 
-def tensors(out) -> dict[str, torch.Tensor]:
-    """Every tensor of a model output (an output object, a dict or a tuple), by its path."""
-    found = {}
-
-    def walk(path, value):
-        if isinstance(value, torch.Tensor):
-            found[path] = value
-        elif isinstance(value, (tuple, list)):
-            for i, v in enumerate(value):
-                walk(f"{path}[{i}]", v)
-        elif hasattr(value, "keys"):
-            for k in value.keys():
-                walk(f"{path}.{k}", value[k])
-
-    walk("", out)
-    return found
-
-
 def assert_near_truth(ours_out, theirs_out, truth_out, what: str) -> None:
     """Every output of ``ours_out`` as ``theirs_out``'s (shape, dtype, NaN and infinities) and, where finite, near the
     float64 truth: see the module docstring."""
-    ours_t, theirs_t, truth_t = tensors(ours_out), tensors(theirs_out), tensors(truth_out)
+    ours_t, theirs_t, truth_t = output_tensors(ours_out), output_tensors(theirs_out), output_tensors(truth_out)
     assert sorted(ours_t) == sorted(theirs_t) == sorted(truth_t), what
     for key, theirs in theirs_t.items():
         ours, truth = ours_t[key], truth_t[key]
@@ -266,19 +248,6 @@ def test_hostile_inputs_and_weights_on_every_inference_path(seed):
         assert_near_truth(ours(x, **plain), expected, want, "inference_mode")
 
 
-def training_results(model: torch.nn.Module, x: torch.Tensor, seed: int):
-    """Every output of ``model`` in training mode, and the gradients (parameters and pixels) of one random weighting
-    of them all."""
-    pixels = x.detach().clone().requires_grad_(True)
-    found = tensors(model.train()(pixels, output_hidden_states=True))
-    gen = torch.Generator().manual_seed(seed)
-    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum()
-               for _, t in sorted(found.items()) if t.requires_grad)
-    loss.backward()
-    grads = {"pixels": pixels.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
-    return {k: v.detach() for k, v in found.items()}, grads
-
-
 @pytest.mark.parametrize("seed", [1, 2, 4, 5, 6, 22, 25, 54])
 def test_hostile_inputs_and_weights_in_training(seed):
     """Training mode, forward and backward: float64 (seeds 2 and 5) to the truth's formulas; float32 gradients within
@@ -286,7 +255,8 @@ def test_hostile_inputs_and_weights_in_training(seed):
     where SDPA's backward (before the CPU trained with the explicit softmax) came 10-100 times further."""
     ours, theirs, truth, x = draw_case(seed, training=True)
     (ours_out, ours_grads), (theirs_out, theirs_grads), (truth_out, truth_grads) = (
-        training_results(model, x.to(next(model.parameters()).dtype), seed) for model in (ours, theirs, truth))
+        training_results(model, x.to(next(model.parameters()).dtype), dict(output_hidden_states=True), seed)
+        for model in (ours, theirs, truth))
     float64 = x.dtype == torch.float64
     assert sorted(ours_out) == sorted(truth_out) and sorted(ours_grads) == sorted(truth_grads)
     for key, want in truth_out.items():

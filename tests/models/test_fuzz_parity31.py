@@ -40,7 +40,7 @@ from pvtv2.models.activations import ACTIVATIONS
 from pvtv2.models.modeling import check_input_size
 from pvtv2.weights.files import save_state_dict
 
-from conftest import random_weights_, relative_error
+from conftest import output_tensors, random_weights_, relative_error, training_results
 
 # transformers' activations that pvtv2 names too (selu is pvtv2's only extra name; prelu and xielu carry weights)
 ACTS = sorted(set(ACTIVATIONS) & set(transformers.activations.ACT2FN))
@@ -160,24 +160,6 @@ def draw_pixels(rng: random.Random, config: PvtV2Config, dtype: torch.dtype) -> 
     return 0.3 + 1e-4 * x if layout == "near_constant" else x
 
 
-def tensors(out) -> dict[str, torch.Tensor]:
-    """Every tensor of a model output (an output object or a tuple), by its path."""
-    found = {}
-
-    def walk(path, value):
-        if isinstance(value, torch.Tensor):
-            found[path] = value
-        elif isinstance(value, (tuple, list)):
-            for i, v in enumerate(value):
-                walk(f"{path}[{i}]", v)
-        elif hasattr(value, "keys"):
-            for k in value.keys():
-                walk(f"{path}.{k}", value[k])
-
-    walk("", out)
-    return found
-
-
 def labels_for(rng: random.Random, config: PvtV2Config, batch: int, dtype: torch.dtype) -> torch.Tensor:
     problem = config.problem_type or ("regression" if config.num_labels == 1 else rng.choice(
         ["single_label_classification", "multi_label_classification"]))
@@ -224,7 +206,7 @@ def assert_same(ours_out, theirs_out, truth_out, what: str, skip_attentions: boo
     ``truth_out`` (transformers in float64) as transformers' own float32 result, but for 2e-6 of the scale: the
     hostile weights make some cases ill-conditioned (a LayerNorm over three channels whose variance is near its
     epsilon), where both libraries' float32 results lie 1e-5 from the truth, each by its own rounding."""
-    ours_t, theirs_t, truth_t = tensors(ours_out), tensors(theirs_out), tensors(truth_out)
+    ours_t, theirs_t, truth_t = output_tensors(ours_out), output_tensors(theirs_out), output_tensors(truth_out)
     if skip_attentions:  # transformers' backbone returns no attention maps
         ours_t = {k: v for k, v in ours_t.items() if "attentions" not in k}
     assert sorted(ours_t) == sorted(theirs_t) == sorted(truth_t), what
@@ -260,19 +242,6 @@ def test_a_random_model_equals_transformers_on_every_path(seed):
             assert_same(ours(x, **plain), expected, truth, "frozen")
         finally:
             pvtv2.fast.unfreeze(ours)
-
-
-def training_results(model: torch.nn.Module, x: torch.Tensor, flags: dict, seed: int):
-    """Every output of ``model`` in training mode on ``x``, and the gradients of every parameter and of the pixels
-    of one random weighting (drawn from ``seed``) of all of them."""
-    pixels = x.detach().clone().requires_grad_(True)
-    found = tensors(model.train()(pixels, **flags))
-    gen = torch.Generator().manual_seed(seed)
-    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)).sum()
-               for _, t in sorted(found.items()) if t.requires_grad)
-    loss.backward()
-    grads = {"pixels": pixels.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
-    return {k: v.detach() for k, v in found.items()}, grads
 
 
 def training_case(seed: int, dtype: torch.dtype):

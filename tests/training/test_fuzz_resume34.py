@@ -36,7 +36,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_square_coco
 from safetensors.torch import load_file
 
 from pvtv2.data.digits import write_digits_folder
@@ -44,7 +43,7 @@ from pvtv2.training import rundir
 from pvtv2.training.engine import KILL_ENV
 from pvtv2.training.rundir import ABANDONED_LOCK_S, LOCK_FILE, RunFolderBusy, RunLock
 
-from training_fixtures import ENV, SIZE
+from training_fixtures import ENV, SIZE, dense_task_data
 
 pytest_plugins = ["training_fixtures"]
 
@@ -310,17 +309,7 @@ def _task_data(root: Path, task: str) -> Path:
     if task == "classification":
         write_digits_folder(root, size=SIZE, limit_per_class=6, val_fraction=0.25, seed=2)
         return root
-    if task == "segmentation":
-        from pvtv2.data.shapes import make_segmentation_example
-
-        return make_segmentation_example(root, n_train=7, n_val=3, size=32, seed=1)
-    if task == "depth":
-        from pvtv2.data.scenes import make_depth_example
-
-        return make_depth_example(root, n_train=7, n_val=3, size=32, seed=1)
-    write_square_coco(root, "train", [[4 + i, 6, 20 + i, 18] for i in range(7)])
-    write_square_coco(root, "val", [[10, 12, 22, 20], [30, 5, 20, 24], [2, 30, 25, 25]])
-    return root
+    return dense_task_data(root, task)
 
 
 def _task_args(task: str, data: Path, out: Path, model: str, rng: random.Random) -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_square_coco
+from training_fixtures import dense_task_data
 from safetensors.torch import load_file
 from torch import nn
 
@@ -385,20 +385,6 @@ sys.exit(main(["train", *sys.argv[1:]]))
 '''
 
 
-def _dense_data(root: Path, task: str) -> Path:
-    if task == "segmentation":
-        from pvtv2.data.shapes import make_segmentation_example
-
-        return make_segmentation_example(root, n_train=7, n_val=3, size=32, seed=1)
-    if task == "depth":
-        from pvtv2.data.scenes import make_depth_example
-
-        return make_depth_example(root, n_train=7, n_val=3, size=32, seed=1)
-    write_square_coco(root, "train", [[4 + i, 6, 20 + i, 18] for i in range(7)])
-    write_square_coco(root, "val", [[10, 12, 22, 20], [30, 5, 20, 24], [2, 30, 25, 25]])
-    return root
-
-
 def _dense_args(task: str, data: Path, out: Path, rng: random.Random) -> list[str]:
     args = ["--task", task, "--data", str(data), "--model", "tiny", "--output", str(out), "--epochs", "2",
             "--image-size", "64" if task == "detection" else "32", "--batch-size", str(rng.choice([2, 3])),
@@ -443,7 +429,7 @@ def _kill_and_resume(tmp_path: Path, task: str, seed: int, kill: dict[str, str],
     rng = random.Random(seed)
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
-    data = _dense_data(tmp_path / "data", task)
+    data = dense_task_data(tmp_path / "data", task)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     args = _dense_args(task, data, whole, rng)
     done = _train(script, args, processes=processes)
@@ -498,7 +484,7 @@ def test_a_run_killed_after_its_last_checkpoint_draws_its_curves_when_resumed(tm
     from the records: the bytes of the uninterrupted run's picture."""
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
-    data = _dense_data(tmp_path / "data", "segmentation")
+    data = dense_task_data(tmp_path / "data", "segmentation")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     args = ["--task", "segmentation", "--data", str(data), "--model", "tiny", "--epochs", "1", "--image-size", "32",
             "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0", "--no-progress"]

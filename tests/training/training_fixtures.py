@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_SMALL_IMAGES
+from conftest import TINY_SMALL_IMAGES, write_square_coco
 
 from pvtv2.data.digits import write_digits_folder
 
@@ -97,3 +97,18 @@ def same_weights(a: Path, b: Path) -> bool:
 
     one, two = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     return one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def dense_task_data(root: Path, task: str) -> Path:
+    """Tiny data for a dense task ("segmentation", "depth" or "detection": a COCO folder of squares) under ``root``."""
+    if task == "segmentation":
+        from pvtv2.data.shapes import make_segmentation_example
+
+        return make_segmentation_example(root, n_train=7, n_val=3, size=32, seed=1)
+    if task == "depth":
+        from pvtv2.data.scenes import make_depth_example
+
+        return make_depth_example(root, n_train=7, n_val=3, size=32, seed=1)
+    write_square_coco(root, "train", [[4 + i, 6, 20 + i, 18] for i in range(7)])
+    write_square_coco(root, "val", [[10, 12, 22, 20], [30, 5, 20, 24], [2, 30, 25, 25]])
+    return root

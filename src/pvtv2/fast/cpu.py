@@ -23,10 +23,10 @@ public operators it replaces; where the probe fails (another CPU, another build)
    fused code assumes in its slot (no subclass such as a LoRA-style Linear, no ``torch.nn.utils.parametrize``, no
    quantized stand-in, no ReLU where a dropout is skipped, convolutions padding with zeros), without forward hooks
    or pre-hooks (``torch.nn.utils.prune`` adds one) or a forward set on the instance (nor a submodule set over
-   its slot as an instance attribute), that no global module hooks exist, and that every linear layer's and convolution's weight and bias is of a dtype the module takes with
-   the input (the input's; under autocast any but float64) and every bias one element per output (not one that
-   F.linear broadcasts). Otherwise the stage runs the reference path, which
-   calls them (and raises where they do).
+   its slot as an instance attribute), that no global module hooks exist, and that every linear layer's and
+   convolution's weight and bias is of a dtype the module takes with the input (the input's; under autocast any
+   but float64) and every bias one element per output (not one that F.linear broadcasts). Otherwise the stage runs
+   the reference path, which calls them (and raises where they do).
 2. Without :func:`freeze` there is no state at all: every call reads the modules' current weights, however they were
    written. Nothing is ever added to ``state_dict()`` or to anything a module references, so a model deep-copies,
    pickles and saves at any time.

@@ -769,8 +769,8 @@ class PvtV2Config:
         for key in ("dtype", "torch_dtype"):
             # transformers' configs take a torch dtype here and write its name; kept as the object, config.json could
             # not be written
-            if type(extra.get(key)).__name__ == "dtype" and type(extra[key]).__module__ == "torch":
-                extra[key] = str(extra[key]).removeprefix("torch.")
+            if key in extra:
+                extra[key] = _dtype_name(key, extra[key])
             _check_dtype_name(key, extra.get(key))
         for key, value in extra.items():
             setattr(self, key, _plain_tree(value))
@@ -1085,8 +1085,8 @@ def _check_dtype_name(key: str, value: Any) -> None:
 
 
 def _dtype_name(key: str, value: Any) -> Any:
-    """A torch dtype set as ``config.dtype`` (or ``torch_dtype``) after the config was built, by its name, as
-    transformers writes it (the constructor stores the name already)."""
+    """A torch dtype given as ``dtype`` (or ``torch_dtype``), to the constructor or set on the config afterwards, by
+    its name, as transformers writes it."""
     if key in ("dtype", "torch_dtype") and type(value).__name__ == "dtype" and type(value).__module__ == "torch":
         return str(value).removeprefix("torch.")
     return value

@@ -33,7 +33,6 @@ def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
     return ((expected - actual).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-@torch.no_grad()
 def output_tensors(out) -> dict[str, torch.Tensor]:
     """Every tensor of a model output (an output object, a dict or a tuple), by its path."""
     found = {}
@@ -65,6 +64,7 @@ def training_results(model: torch.nn.Module, x: torch.Tensor, flags: dict, seed:
     return {k: v.detach() for k, v in found.items()}, grads
 
 
+@torch.no_grad()
 def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
     """Move every parameter (LayerNorm weights and biases included) away from its initial value, so that a model
     that ignores a parameter, or treats it differently, gives different numbers."""

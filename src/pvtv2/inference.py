@@ -1394,6 +1394,13 @@ def evaluate_segmenter(
                              f"{model.config.num_labels} classes" + ("" if reduce_labels else
                              " (ADE20K-style masks, 0 = no label: pass --reduce-labels)"))
         confusion += np.bincount(labels[keep] * k + predicted[keep], minlength=k * k).reshape(k, k)
+    if not confusion.any():
+        # Nothing to score: it was reported as mean IoU 0 and pixel accuracy 0, a model wrong at every pixel.
+        raise ValueError(
+            f"no mask in {os.fspath(Path(data) / split / 'masks')!r} holds a labelled pixel: every pixel is the "
+            f"ignore value {ignore_index}" + (" or 0 (no label, with --reduce-labels)" if reduce_labels else "")
+            + "; there is nothing to score mean IoU and pixel accuracy on"
+        )
     metrics = segmentation_metrics(confusion)
     names = label_map_names(model.config)
     return {

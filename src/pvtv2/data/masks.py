@@ -84,6 +84,11 @@ def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
         return PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8))
     if mask.mode not in _MASK_MODES:
         raise ValueError(f"mask {text!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
+    if mask.mode == "I" and mask.getextrema()[0] < 0:
+        # 32-bit signed (a TIFF under a .png name): a negative value is no class, and stopped evaluation inside
+        # NumPy's bincount ("'list' argument must have no negative elements"), naming no file.
+        raise ValueError(f"mask {text!r} holds negative values (down to {mask.getextrema()[0]}); class indices are 0 "
+                         f"or more")
     return mask
 
 
@@ -152,6 +157,12 @@ def check_not_binary_255(pairs: Sequence[tuple[Path, Path]], ignore_index: int =
         if not set(np.unique(np.asarray(read_mask(mask_path))).tolist()) <= {0, ignore_index}:
             return
     folder = os.fspath(Path(sample[0][1]).parent)
+    if 0 not in seen:
+        # Not a black-and-white picture: nothing at all is labelled (that advice, mask // 255, made every pixel 1).
+        raise ValueError(
+            f"the masks in {folder!r} hold only the ignore value {ignore_index} (all {len(pairs)} of them): no pixel "
+            f"is labelled, so there is nothing to train on or to score"
+        )
     # 0/255 pictures need their objects as class 1; masks whose object class was chosen as the ignore value (0/1
     # with --ignore-index 1) need another ignore value, not that advice.
     advice = ("A black-and-white binary mask needs its objects as class 1: save mask // 255 (0 and 1)"

@@ -293,3 +293,23 @@ def test_depth_training_with_nyu_crop_refuses_depth_only_outside_the_crop(tmp_pa
     _depth_folder(data, border_only)
     assert main(_train_depth(tmp_path, data, "--nyu-crop")) == 2
     assert "inside Eigen's crop (--nyu-crop)" in capsys.readouterr().err
+
+
+def test_black_and_white_masks_after_32_of_the_ignore_value_alone_are_still_called_black_and_white(tmp_path):
+    """The first 32 masks all 255, the 33rd 0 and 255: a black-and-white data set (its advice stands), not one
+    without a labelled pixel (0 is background)."""
+    from pvtv2.data.masks import check_not_binary_255
+
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    pairs = []
+    for i in range(33):
+        mask = np.full((4, 4), 255, dtype=np.uint8)
+        mask[0, 0] = 0 if i == 32 else 255
+        PIL.Image.fromarray(mask).save(folder / f"{i:03d}.png")
+        pairs.append((folder / f"{i:03d}.png", folder / f"{i:03d}.png"))
+    with pytest.raises(ValueError, match=r"hold only 0 and 255 .*save mask // 255"):
+        check_not_binary_255(pairs)
+    pairs.pop()
+    with pytest.raises(ValueError, match=r"hold only the ignore value 255 \(all 32 of them\)"):
+        check_not_binary_255(pairs)

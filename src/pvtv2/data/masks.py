@@ -154,8 +154,10 @@ def check_not_binary_255(pairs: Sequence[tuple[Path, Path]], ignore_index: int =
         return
     for _, mask_path in pairs[_BINARY_255_SAMPLE:]:
         # Read only where the first masks look black-and-white: a class value anywhere clears the data set.
-        if not set(np.unique(np.asarray(read_mask(mask_path))).tolist()) <= {0, ignore_index}:
+        values = set(np.unique(np.asarray(read_mask(mask_path))).tolist())
+        if not values <= {0, ignore_index}:
             return
+        seen |= values
     folder = os.fspath(Path(sample[0][1]).parent)
     if 0 not in seen:
         # Not a black-and-white picture: nothing at all is labelled (that advice, mask // 255, made every pixel 1).

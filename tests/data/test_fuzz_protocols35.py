@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pvtv2.inference as inference
 from pvtv2 import PvtV2Config
 from pvtv2.cli import main
 from pvtv2.data.depth import write_depth_png
@@ -313,3 +314,20 @@ def test_black_and_white_masks_after_32_of_the_ignore_value_alone_are_still_call
     pairs.pop()
     with pytest.raises(ValueError, match=r"hold only the ignore value 255 \(all 32 of them\)"):
         check_not_binary_255(pairs)
+
+
+def test_per_class_iou_of_classes_sharing_a_name_keeps_each_class(tmp_path, monkeypatch):
+    """A checkpoint's id2label naming two classes alike: the per-class IoU, keyed by name, kept the last one's under
+    the shared name and lost the other. By hand: labels [0 0 1 2], predicted [0 1 1 2]."""
+    torch.manual_seed(0)
+    config = PvtV2Config(**TINY_SMALL_IMAGES, num_labels=3, id2label={0: "wall", 1: "wall", 2: "sky"})
+    model = PvtV2ForSemanticSegmentation(config).eval()
+    _segmentation_folder(tmp_path, "val", [np.array([[0, 0, 1, 2]] * 16)])
+
+    def predicted(model, image, size=None, **options):
+        return np.array([[0, 1, 1, 2]] * 16)
+
+    monkeypatch.setattr(inference, "predict_segmentation", predicted)  # a prediction known here
+    got = evaluate_segmenter(model, tmp_path)
+    assert got["per_class_iou"] == {"wall (0)": 0.5, "wall (1)": 0.5, "sky": 1.0}
+    assert got["mean_iou"] == pytest.approx(2 / 3) and got["pixel_accuracy"] == 0.75

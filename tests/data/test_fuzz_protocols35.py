@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -246,6 +247,96 @@ def test_training_refuses_validation_masks_without_a_labelled_pixel(tmp_path, ca
     err = capsys.readouterr().err
     assert "no pixel of the validation masks in" in err and "is labelled at --image-size 32" in err
     assert "or 0 (no label, with --reduce-labels)" in err and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------- depth, end to end
+class DepthOfPixels(torch.nn.Module):
+    """A depth model whose prediction is a known function of its input: up to 1.2 x max_depth (beyond the range)."""
+
+    def __init__(self, max_depth: float, seed: int) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(max_depth=max_depth)
+        self.weights = torch.randn(3, generator=torch.Generator().manual_seed(seed))
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, pixels: torch.Tensor, return_dict: bool = True) -> SimpleNamespace:
+        depth = torch.sigmoid(3 * (pixels * self.weights[:, None, None]).sum(1)) * 1.2 * self.config.max_depth
+        return SimpleNamespace(predicted_depth=depth + 0 * self.anchor)
+
+
+def bts_errors(pred: np.ndarray, gt: np.ndarray, lo: float, hi: float, crop: bool) -> dict | None:
+    """BTS's ``compute_errors`` after its range mask and clamping; Eigen's crop at the same fractions of the frame."""
+    pred, gt = pred.astype(np.float64), gt.astype(np.float64)
+    valid = (gt > lo) & (gt < hi)
+    if crop:
+        height, width = gt.shape
+        inside = np.zeros_like(valid)
+        inside[round(45 * height / 480):round(471 * height / 480), round(41 * width / 640):round(601 * width / 640)] = True
+        valid &= inside
+    if not valid.any():
+        return None
+    p, t = np.clip(pred, lo, hi)[valid], gt[valid]
+    ratio = np.maximum(t / p, p / t)
+    return {"abs_rel": np.mean(np.abs(t - p) / t), "sq_rel": np.mean((t - p) ** 2 / t),
+            "rmse": np.sqrt(np.mean((t - p) ** 2)), "rmse_log": np.sqrt(np.mean((np.log(t) - np.log(p)) ** 2)),
+            "log10": np.mean(np.abs(np.log10(t) - np.log10(p))), "delta1": np.mean(ratio < 1.25),
+            "delta2": np.mean(ratio < 1.25**2), "delta3": np.mean(ratio < 1.25**3)}
+
+
+def test_depth_validation_metrics_are_bts_means_over_images_read_from_files(tmp_path):
+    """12 random validation folders (16-bit PNGs at depth scales 1000, 256, 100 or 5000, 20% missing, images of any
+    size resized to --image-size, depth beyond max_depth, Eigen's crop or not, any batch size) scored by the depth
+    task's evaluation against: the PNG's integers / scale, PIL's nearest-neighbour sampling by hand (source pixel
+    floor((i + 0.5) * side / size)), the image resized bilinearly to [0, 1], BTS's errors per image, their mean over
+    the images with a valid pixel."""
+    from pvtv2.training.config import TrainConfig
+    from pvtv2.training.depth_task import DepthTask
+    from pvtv2.training.distributed import DistInfo
+    from pvtv2.training.engine import RunContext
+
+    rng = np.random.default_rng(3504)
+    for case in range(12):
+        root = tmp_path / str(case)
+        scale, max_depth = float(rng.choice([1000, 256, 100, 5000])), float(rng.choice([10, 80, 3.5]))
+        size, crop, n = int(rng.choice([32, 64])), bool(rng.random() < 0.4), int(rng.integers(1, 5))
+        for split in ("train", "val"):
+            (root / split / "images").mkdir(parents=True)
+            (root / split / "depth").mkdir(parents=True)
+        truths, images = [], []
+        for i in range(n):
+            height, width = int(rng.integers(20, 100)), int(rng.integers(20, 100))
+            rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            stored = rng.integers(1, min(65536, int(max_depth * 1.3 * scale)), (height, width))
+            stored[rng.random((height, width)) < 0.2] = 0
+            if i == 1 and rng.random() < 0.5:
+                stored[:] = 0  # an image without depth: left out of the means, counted
+            PIL.Image.fromarray(rgb).save(root / "val/images" / f"{i}.png")
+            PIL.Image.fromarray(stored.astype(np.uint16)).save(root / "val/depth" / f"{i}.png")
+            truths.append(stored)
+            images.append(rgb)
+        PIL.Image.fromarray(images[0]).save(root / "train/images/0.png")
+        PIL.Image.fromarray(truths[0].astype(np.uint16)).save(root / "train/depth/0.png")
+        cfg = TrainConfig(task="depth", data=str(root), model="tiny", image_size=size, output=str(root / "run"),
+                          batch_size=int(rng.integers(1, 4)), depth_scale=scale, nyu_crop=crop, max_depth=max_depth)
+        task = DepthTask(cfg)
+        task.load_data()
+        model = DepthOfPixels(max_depth, case)
+        loader = torch.utils.data.DataLoader(task.val_set, batch_size=cfg.batch_size, collate_fn=task.collate)
+        got = task.evaluate(model, loader, RunContext(torch.device("cpu"), False, DistInfo()))
+        expected = []
+        for stored, rgb in zip(truths, images):
+            height, width = stored.shape
+            rows = np.floor((np.arange(size) + 0.5) * height / size).astype(int)
+            cols = np.floor((np.arange(size) + 0.5) * width / size).astype(int)
+            truth = (stored / scale).astype(np.float32)[rows][:, cols]
+            pixels = np.asarray(PIL.Image.fromarray(rgb).resize((size, size), PIL.Image.BILINEAR), np.float32) / 255
+            with torch.no_grad():
+                pred = model(torch.from_numpy(pixels).permute(2, 0, 1)[None]).predicted_depth[0].numpy()
+            expected.append(bts_errors(pred, truth, 1e-3, max_depth, crop))
+        scored = [e for e in expected if e is not None]
+        assert (got["images"], got["images_without_depth"]) == (len(scored), n - len(scored)), case
+        for name in scored[0]:
+            assert got[name] == pytest.approx(np.mean([e[name] for e in scored]), rel=1e-5, abs=1e-7), (case, name)
 
 
 # ------------------------------------------------------------------------------------------------- depth range

@@ -30,7 +30,7 @@ from pvtv2.data.depth import write_depth_png
 from pvtv2.data.masks import read_mask
 from pvtv2.inference import evaluate_segmenter
 from pvtv2.models.segmentation import PvtV2ForSemanticSegmentation
-from pvtv2.training.segmentation import segmentation_metrics
+from pvtv2.training.segmentation import evaluate_segmentation, segmentation_metrics
 
 from conftest import TINY_SMALL_IMAGES, random_weights_
 
@@ -164,6 +164,11 @@ def test_segmentation_metrics_without_a_labelled_pixel_are_nan_as_mmsegmentation
         assert math.isnan(ref["mIoU"]) and math.isnan(ref["aAcc"])
         assert math.isnan(got["mean_iou"]) and math.isnan(got["pixel_accuracy"])
         assert got["per_class_iou"] == [None] * k
+    # The training evaluation of a model on labels that are all ignored: no loss either (it said 0.0).
+    torch.manual_seed(0)
+    model = PvtV2ForSemanticSegmentation(PvtV2Config(**TINY_SMALL_IMAGES, num_labels=3)).eval()
+    got = evaluate_segmentation(model, [(torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), 255))])
+    assert math.isnan(got["loss"]) and math.isnan(got["mean_iou"]) and math.isnan(got["pixel_accuracy"])
     one = segmentation_metrics(np.array([[0, 0], [0, 3]]))  # one labelled class: its IoU is the mean
     assert one["mean_iou"] == 1.0 and one["pixel_accuracy"] == 1.0 and one["per_class_iou"] == [None, 1.0]
 

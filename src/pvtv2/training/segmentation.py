@@ -131,7 +131,7 @@ def evaluate_segmentation(model: PvtV2ForSemanticSegmentation, loader: Any, devi
     """Loss, mean IoU, pixel accuracy and per-class IoU of ``model`` on ``loader`` (batches of images, label maps)."""
     loss_sum, count, confusion = _evaluate_sums(model, loader, torch.device(device))
     metrics = segmentation_metrics(confusion)
-    metrics["loss"] = loss_sum / max(count, 1)
+    metrics["loss"] = loss_sum / count if count else math.nan  # no labelled pixel: no loss, as no score (was 0)
     return metrics
 
 

@@ -427,3 +427,18 @@ def test_per_class_iou_of_classes_sharing_a_name_keeps_each_class(tmp_path, monk
     got = evaluate_segmenter(model, tmp_path)
     assert got["per_class_iou"] == {"wall (0)": 0.5, "wall (1)": 0.5, "sky": 1.0}
     assert got["mean_iou"] == pytest.approx(2 / 3) and got["pixel_accuracy"] == 0.75
+
+
+def test_a_jpeg_mask_under_a_png_name_is_refused_not_scored_with_its_compression_errors(tmp_path, segmenter):
+    """Classes 0, 1 and 2 saved as JPEG (quality 90): dozens of the 1024 decoded values are other classes than the
+    ones written (all still 0, 1 or 2), and they were read and scored without a word."""
+    labels = np.zeros((32, 32), dtype=np.uint8)
+    labels[:, 13:] = 2  # an edge inside a JPEG block
+    labels[5:9, 3:6] = 1
+    _segmentation_folder(tmp_path, "val", [labels])
+    PIL.Image.fromarray(labels).save(tmp_path / "val/masks/0.png", format="JPEG", quality=90)
+    with PIL.Image.open(tmp_path / "val/masks/0.png") as decoded:
+        values = np.asarray(decoded)
+        assert decoded.format == "JPEG" and values.max() <= 2 and (values != labels).sum() > 0
+    with pytest.raises(ValueError, match=r"mask '.*0\.png' is a JPEG .*save label maps as PNG"):
+        evaluate_segmenter(segmenter, tmp_path, ignore_index=255)

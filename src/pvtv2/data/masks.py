@@ -76,8 +76,14 @@ def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
         with PIL.Image.open(text) as opened:
             opened.load()  # decode now: a truncated file fails here, not later without its name
             mask = opened.copy()
+            encoding = opened.format
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read mask {text!r}: {str(error) or type(error).__name__}") from error
+    if encoding in ("JPEG", "MPO"):
+        # Lossy: the compression moves class values at every edge (1 next to 3 read as 2), and they were scored as
+        # those classes without a word. A JPEG renamed to .png opens as one.
+        raise ValueError(f"mask {text!r} is a JPEG (lossy compression changes the class values along every edge); "
+                         f"save label maps as PNG")
     if mask.mode == "1":
         # A 1-bit PNG (what PIL writes for a boolean array): classes 0 and 1. Not convert("L"), which makes 1 into 255,
         # the ignore value.

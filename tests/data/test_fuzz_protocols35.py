@@ -4,11 +4,13 @@
   whole-image and sliding-window inference of a float64 tiny SegFormer, ADE20K-style masks, any ignore value) against
   transformers' rescale / normalise arithmetic, mmsegmentation's ``slide_inference`` and its ``intersect_and_union`` /
   ``total_area_to_metrics`` (aAcc, per-class IoU NaN for a class absent from labels and predictions, nanmean) in numpy;
+- the depth task's validation metrics read from 16-bit PNG files against BTS's errors by hand, means over images;
 - what the search found: nothing labelled scored mean IoU 0 and pixel accuracy 0 (mmsegmentation: NaN; a model wrong
   at every pixel), in ``segmentation_metrics``, ``pvtv2 eval`` and training; masks holding nothing but the ignore
   value refused with the advice for black-and-white pictures; a negative mask value stopping evaluation inside
-  NumPy; depth training whose validation pixels all lie outside the metrics' range (beyond ``max_depth``, or outside
-  Eigen's crop) ending with exit 0, every metric NaN and no ``best/``.
+  NumPy; a JPEG mask under a .png name scored with its compression errors; classes sharing a name losing their
+  per-class IoU; depth training whose validation pixels all lie outside the metrics' range (beyond ``max_depth``,
+  or outside Eigen's crop) ending with exit 0, every metric NaN and no ``best/``.
 """
 
 from __future__ import annotations

@@ -1394,14 +1394,25 @@ def evaluate_segmenter(
                              f"{model.config.num_labels} classes" + ("" if reduce_labels else
                              " (ADE20K-style masks, 0 = no label: pass --reduce-labels)"))
         confusion += np.bincount(labels[keep] * k + predicted[keep], minlength=k * k).reshape(k, k)
+    if not confusion.any():
+        # Nothing to score: it was reported as mean IoU 0 and pixel accuracy 0, a model wrong at every pixel.
+        raise ValueError(
+            f"no mask in {os.fspath(Path(data) / split / 'masks')!r} holds a labelled pixel: every pixel is the "
+            f"ignore value {ignore_index}" + (" or 0 (no label, with --reduce-labels)" if reduce_labels else "")
+            + "; there is nothing to score mean IoU and pixel accuracy on"
+        )
     metrics = segmentation_metrics(confusion)
-    names = label_map_names(model.config)
+    names = [label_map_names(model.config).get(i, str(i)) for i in range(k)]
+    # Keyed by name: a name that several classes share (a checkpoint's id2label may repeat one) kept the IoU of the
+    # last of them only, under a name that then meant another class. Those get their index too.
+    shared = {name for name in names if names.count(name) > 1}
+    names = [f"{name} ({i})" if name in shared else name for i, name in enumerate(names)]
     return {
         "dataset": os.fspath(Path(data) / split),
         "images": len(pairs),
         "mean_iou": metrics["mean_iou"],
         "pixel_accuracy": metrics["pixel_accuracy"],
-        "per_class_iou": {names.get(i, str(i)): v for i, v in enumerate(metrics["per_class_iou"])},
+        "per_class_iou": dict(zip(names, metrics["per_class_iou"])),
         "seconds": time.perf_counter() - began,
     }
 

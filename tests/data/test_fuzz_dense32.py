@@ -69,8 +69,8 @@ def mmseg_scores(preds, labels, num_classes: int, ignore_index: int, reduce_zero
 
 
 def assert_scores(got: dict, ref: dict, per_class) -> None:
-    if ref["labelled"] == 0:  # nothing labelled: pvtv2 reports 0 for both
-        assert got["pixel_accuracy"] == 0.0 and got["mean_iou"] == 0.0
+    if ref["labelled"] == 0:  # nothing labelled: NaN for both, as mmsegmentation (0.0 read as every pixel wrong)
+        assert math.isnan(got["pixel_accuracy"]) and math.isnan(got["mean_iou"])
         return
     per = np.array([np.nan if v is None else v for v in per_class], dtype=np.float64)
     np.testing.assert_allclose(per, ref["IoU"], rtol=0, atol=1e-12)  # NaN where NaN
@@ -188,8 +188,13 @@ def test_evaluate_segmenter_reads_every_mask_mode_and_scores_as_mmsegmentation(t
                 label[keep] = order[label[keep]]
             preds.append(predicted(model, PIL.Image.fromarray(pixels)))
             labels.append(label)
+        ref = mmseg_scores(preds, labels, classes, ignore)
+        if ref["labelled"] == 0:  # nothing to score: an error, not the NaNs (or, before, 0.0) of the metrics
+            with pytest.raises(ValueError, match="no mask in .* holds a labelled pixel"):
+                inference.evaluate_segmenter(model, root, reduce_labels=reduce, ignore_index=given)
+            continue
         got = inference.evaluate_segmenter(model, root, reduce_labels=reduce, ignore_index=given)
-        assert_scores(got, mmseg_scores(preds, labels, classes, ignore), list(got["per_class_iou"].values()))
+        assert_scores(got, ref, list(got["per_class_iou"].values()))
 
 
 # ------------------------------------------------------------------------------------------- sliding windows

@@ -76,14 +76,25 @@ def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
         with PIL.Image.open(text) as opened:
             opened.load()  # decode now: a truncated file fails here, not later without its name
             mask = opened.copy()
+            encoding = opened.format
     except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read mask {text!r}: {str(error) or type(error).__name__}") from error
+    if encoding in ("JPEG", "MPO"):
+        # Lossy: the compression moves class values at every edge (1 next to 3 read as 2), and they were scored as
+        # those classes without a word. A JPEG renamed to .png opens as one.
+        raise ValueError(f"mask {text!r} is a JPEG (lossy compression changes the class values along every edge); "
+                         f"save label maps as PNG")
     if mask.mode == "1":
         # A 1-bit PNG (what PIL writes for a boolean array): classes 0 and 1. Not convert("L"), which makes 1 into 255,
         # the ignore value.
         return PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8))
     if mask.mode not in _MASK_MODES:
         raise ValueError(f"mask {text!r} must be a single-channel PNG of class indices, got mode {mask.mode}")
+    if mask.mode == "I" and mask.getextrema()[0] < 0:
+        # 32-bit signed (a TIFF under a .png name): a negative value is no class, and stopped evaluation inside
+        # NumPy's bincount ("'list' argument must have no negative elements"), naming no file.
+        raise ValueError(f"mask {text!r} holds negative values (down to {mask.getextrema()[0]}); class indices are 0 "
+                         f"or more")
     return mask
 
 
@@ -149,9 +160,17 @@ def check_not_binary_255(pairs: Sequence[tuple[Path, Path]], ignore_index: int =
         return
     for _, mask_path in pairs[_BINARY_255_SAMPLE:]:
         # Read only where the first masks look black-and-white: a class value anywhere clears the data set.
-        if not set(np.unique(np.asarray(read_mask(mask_path))).tolist()) <= {0, ignore_index}:
+        values = set(np.unique(np.asarray(read_mask(mask_path))).tolist())
+        if not values <= {0, ignore_index}:
             return
+        seen |= values
     folder = os.fspath(Path(sample[0][1]).parent)
+    if 0 not in seen:
+        # Not a black-and-white picture: nothing at all is labelled (that advice, mask // 255, made every pixel 1).
+        raise ValueError(
+            f"the masks in {folder!r} hold only the ignore value {ignore_index} (all {len(pairs)} of them): no pixel "
+            f"is labelled, so there is nothing to train on or to score"
+        )
     # 0/255 pictures need their objects as class 1; masks whose object class was chosen as the ignore value (0/1
     # with --ignore-index 1) need another ignore value, not that advice.
     advice = ("A black-and-white binary mask needs its objects as class 1: save mask // 255 (0 and 1)"

@@ -15,7 +15,7 @@ from ..data.processing import PvtV2ImageProcessor
 from ..models.config import PvtV2Config
 from ..models.depth import PvtV2ForDepthEstimation, silog_loss
 from .config import TrainConfig
-from .depth import DEPTH_METRICS, depth_metric_sums, finish_depth_metrics
+from .depth import DEPTH_METRICS, depth_metric_sums, eigen_crop_mask, finish_depth_metrics
 from .engine import RunContext, Task, new_architecture
 from .segmentation import carve_val_split
 
@@ -92,7 +92,27 @@ class DepthTask(Task):
         return PvtV2ImageProcessor(size={"height": size, "width": size}, do_normalize=False)
 
     def new_model(self) -> nn.Module:
-        return build_depth_model(self.cfg)
+        model = build_depth_model(self.cfg)
+        self._check_depth_in_range(float(model.config.max_depth))
+        return model
+
+    def _check_depth_in_range(self, max_depth: float) -> None:
+        """Some validation pixel, as evaluated (resized, inside Eigen's crop with --nyu-crop), must lie in the metrics'
+        range (MIN_DEPTH, max_depth): without one every metric was NaN, no epoch beat the start, and the run ended
+        with exit 0 naming a best/ it never wrote (data deeper than the model's range: KITTI's at the default 10 m)."""
+        cfg = self.cfg
+        for _, depth in self.val_set:  # read until the first such pixel (in the first map, as a rule)
+            valid = (depth > MIN_DEPTH) & (depth < max_depth)
+            if cfg.nyu_crop:
+                valid &= eigen_crop_mask(*depth.shape)
+            if bool(valid.any()):
+                return
+        raise ValueError(
+            f"no validation pixel in {cfg.data!r} has a depth the metrics count, between {MIN_DEPTH:g} m and the "
+            f"model's max_depth {max_depth:g} m" + (" inside Eigen's crop (--nyu-crop)" if cfg.nyu_crop else "")
+            + f" at --image-size {cfg.image_size}: every metric would be NaN; pass a --max-depth above the data's "
+            f"depths (e.g. 80 for KITTI)"
+        )
 
     def default_lr(self, global_batch: int) -> float:
         return 1e-4 * global_batch / 16  # GLPN's peak learning rate, scaled linearly from batch 16

@@ -16,6 +16,7 @@ at the all-background 0.20 for 8 epochs, against 0.3 and rising with the default
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,10 @@ def example_config(**changes: Any) -> TrainConfig:
 
 def segmentation_metrics(confusion: np.ndarray) -> dict[str, Any]:
     """Mean IoU over the classes that occur (in labels or predictions), pixel accuracy and per-class IoU (None for
-    a class that never occurs), from a confusion matrix (rows: true class, columns: predicted class)."""
+    a class that never occurs), from a confusion matrix (rows: true class, columns: predicted class).
+
+    Without a labelled pixel (an empty matrix) mean IoU and pixel accuracy are NaN, as mmsegmentation's
+    ``total_area_to_metrics`` gives them: 0.0 read as a model that got every pixel wrong."""
     confusion = np.asarray(confusion, dtype=np.float64)
     intersection = np.diag(confusion)
     union = confusion.sum(0) + confusion.sum(1) - intersection
@@ -84,8 +88,8 @@ def segmentation_metrics(confusion: np.ndarray) -> dict[str, Any]:
     iou = np.where(present, intersection / np.maximum(union, 1), np.nan)
     total = confusion.sum()
     return {
-        "mean_iou": float(np.nanmean(iou)) if present.any() else 0.0,
-        "pixel_accuracy": float(intersection.sum() / total) if total else 0.0,
+        "mean_iou": float(np.nanmean(iou)) if present.any() else math.nan,
+        "pixel_accuracy": float(intersection.sum() / total) if total else math.nan,
         "per_class_iou": [None if np.isnan(v) else float(v) for v in iou],
     }
 
@@ -127,7 +131,7 @@ def evaluate_segmentation(model: PvtV2ForSemanticSegmentation, loader: Any, devi
     """Loss, mean IoU, pixel accuracy and per-class IoU of ``model`` on ``loader`` (batches of images, label maps)."""
     loss_sum, count, confusion = _evaluate_sums(model, loader, torch.device(device))
     metrics = segmentation_metrics(confusion)
-    metrics["loss"] = loss_sum / max(count, 1)
+    metrics["loss"] = loss_sum / count if count else math.nan  # no labelled pixel: no loss, as no score (was 0)
     return metrics
 
 
@@ -274,11 +278,20 @@ class SegmentationTask(Task):
         if cfg.val_split is None:
             self.val_set = SegmentationFolder(cfg.data, "val", cfg.image_size, reduce_labels=cfg.reduce_labels,
                                               ignore_index=ignore, num_classes=classes)
-            return
-        # Evaluated as a val/ folder would be (resized, no augmentation); the images come out of train/.
-        self.val_set = SegmentationFolder(cfg.data, "train", cfg.image_size, reduce_labels=cfg.reduce_labels,
-                                          ignore_index=ignore, num_classes=classes)
-        self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, pairs, cfg.val_split, cfg.seed)
+        else:
+            # Evaluated as a val/ folder would be (resized, no augmentation); the images come out of train/.
+            self.val_set = SegmentationFolder(cfg.data, "train", cfg.image_size, reduce_labels=cfg.reduce_labels,
+                                              ignore_index=ignore, num_classes=classes)
+            self.train_set.pairs, self.val_set.pairs = carve_val_split(cfg.data, pairs, cfg.val_split, cfg.seed)
+        # Read as evaluated (resized, labels reduced) until the first labelled pixel (the first mask, as a rule).
+        # Without any, every epoch scored mean IoU 0 (now NaN, mmsegmentation's value) and best/ meant nothing.
+        if not any(bool((labels != ignore).any()) for _, labels in self.val_set):
+            where = "the validation masks" + (" (--val-split)" if cfg.val_split is not None else "")
+            raise ValueError(
+                f"no pixel of {where} in {cfg.data!r} is labelled at --image-size {cfg.image_size}: every one is the "
+                f"ignore value {ignore}" + (" or 0 (no label, with --reduce-labels)" if cfg.reduce_labels else "")
+                + "; there is nothing to evaluate mean IoU and pixel accuracy on"
+            )
 
     def new_model(self) -> nn.Module:
         model = build_segmentation_model(self.cfg, self.id2label)

@@ -7,7 +7,8 @@ saves ``best_acc1`` so) was refused as "not a PVTv2 checkpoint ... its first key
 (``_orig_mod.module.x``) was not unwrapped; a shard index placing a tensor in a shard that does not hold it was
 reported as a config.json to correct (the missing spatial reduction read as ``sr_ratios`` 1); a hub cache whose ref
 leads out of its snapshots folder (``../../x``) surfaced huggingface_hub's "Invalid pointer path" instead of naming
-the damaged ref.
+the damaged ref; a preprocessor_config.json whose finite settings overflow float32 (``rescale_factor`` 1e300)
+gave NaN scores for every class, which ``pvtv2 predict`` printed with exit status 0.
 """
 
 from __future__ import annotations
@@ -20,18 +21,21 @@ import random
 import re
 import struct
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
-from pvtv2 import CheckpointError, PvtV2Config, PvtV2ForImageClassification
+from pvtv2 import CheckpointError, PvtV2Config, PvtV2ForImageClassification, PvtV2ImageProcessor, cli
 from pvtv2.weights.files import read_state_dict
 from pvtv2.weights.hub import HubFileNotFound
 
-from conftest import TINY, random_weights_, relative_error
+from conftest import TINY, random_weights_, relative_error, save_tiny_classifier
 
 timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 WRAPPERS = ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."]
@@ -264,3 +268,23 @@ def test_a_payload_in_a_plain_pickle_of_any_protocol_never_runs(tmp_path, protoc
         PvtV2ForImageClassification.from_pretrained(path)
     assert repr(str(path)) in str(error.value)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- a hostile processor file
+@pytest.mark.parametrize("setting", [{"rescale_factor": 1e300}, {"image_std": [1e-300, 0.224, 0.225]}])
+def test_preprocessing_settings_that_overflow_float32_are_named_not_nan_scores(tmp_path, capsys, setting):
+    # finite settings whose pixels are not (transformers' processor computes them: inf and NaN); predict printed
+    # NaN scores for every class and exited 0
+    save_tiny_classifier(tmp_path / "model")
+    config = {"image_processor_type": "PvtImageProcessor", "size": {"height": 32, "width": 32}, **setting}
+    (tmp_path / "model" / "preprocessor_config.json").write_text(json.dumps(config))
+    pixels = np.random.default_rng(35).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    theirs = transformers.PvtImageProcessor(**setting)(pixels, return_tensors="np")["pixel_values"]
+    assert not np.isfinite(theirs).all()
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"image 0: its pixel values overflow float32 .*{name}="):
+        PvtV2ImageProcessor.from_pretrained(tmp_path / "model")(pixels)
+    PIL.Image.fromarray(pixels).save(tmp_path / "a.png")
+    assert cli.main(["predict", "-m", str(tmp_path / "model"), str(tmp_path / "a.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot predict image {str(tmp_path / 'a.png')!r}: image 0: its pixel values overflow float32" in err

@@ -543,7 +543,17 @@ class PvtV2ImageProcessor:
                     self.rescale_factor,
                 )
                 warned = True
-            processed.append(self._preprocess(image))
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # refused below, by name
+                pixels = self._preprocess(image)
+            if not np.isfinite(pixels).all():
+                # Finite pixels and finite settings, past float32's range (a preprocessor_config.json's rescale_factor
+                # of 1e300, an image_std of 1e-300): the model's scores were NaN, and predict printed them, exit 0.
+                raise ValueError(
+                    f"image {index}: its pixel values overflow float32 once rescaled and normalised "
+                    f"(rescale_factor={self.rescale_factor!r}, image_mean={self.image_mean!r}, "
+                    f"image_std={self.image_std!r}); these settings give no finite pixel values"
+                )
+            processed.append(pixels)
         if return_tensors is None:
             # Always copies: with nothing to do (no resize, rescale or normalise), an image would come back as the
             # caller's own array or tensor memory, and editing the output would edit the input.

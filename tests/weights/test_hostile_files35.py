@@ -14,6 +14,7 @@ gave NaN scores for every class, which ``pvtv2 predict`` printed with exit statu
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -288,3 +289,101 @@ def test_preprocessing_settings_that_overflow_float32_are_named_not_nan_scores(t
     assert cli.main(["predict", "-m", str(tmp_path / "model"), str(tmp_path / "a.png"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"cannot predict image {str(tmp_path / 'a.png')!r}: image 0: its pixel values overflow float32" in err
+
+
+# ---------------------------------------------------------------------------------------------- hostile image files
+def _wide_bmp(width: int) -> bytes:
+    """A BMP header declaring ``width`` x 1 pixels of 32 bits (under PIL's decompression-bomb limit), 16 bytes of
+    data: PIL's decoder refuses a row that wide with a bare MemoryError."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, 1, 1, 32, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + 16, 0, 0, 54) + info + b"\0" * 16
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_whose_header_pil_cannot_decode_for_memory_is_named_and_the_others_predicted(tmp_path, capsys):
+    from transformers.image_utils import load_image as transformers_load_image
+
+    from pvtv2.data.depth import read_depth_png
+    from pvtv2.data.masks import read_mask
+    from pvtv2.data.processing import load_image
+
+    save_tiny_classifier(tmp_path / "model")
+    wide = tmp_path / "wide.bmp"
+    wide.write_bytes(_wide_bmp(100_000_000))
+    with pytest.raises(MemoryError):  # the reference reader raises it bare
+        transformers_load_image(str(wide))
+    with pytest.raises(ValueError, match=re.escape(f"cannot read image {str(wide)!r}: PIL could not allocate the "
+                                                   f"memory to decode its 100000000 x 1 pixels (MemoryError)")):
+        load_image(wide)
+    for read, what in ((read_mask, "mask"), (read_depth_png, "depth map")):
+        with pytest.raises(ValueError, match=re.escape(f"cannot read {what} {str(wide)!r}: MemoryError")):
+            read(wide)
+    good = tmp_path / "good.png"
+    PIL.Image.fromarray(np.random.default_rng(35).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(good)
+    # it ended the run as "not enough memory to build or run the model", the good image's result lost with it
+    assert cli.main(["predict", "-m", str(tmp_path / "model"), str(wide), str(good), "--no-progress", "--json"]) == 2
+    out = capsys.readouterr()
+    results = {r["image"]: r for r in json.loads(out.out)}
+    assert "PIL could not allocate the memory" in results[str(wide)]["error"]
+    # the good image's result is the one it gets alone
+    assert cli.main(["predict", "-m", str(tmp_path / "model"), str(good), "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [results[str(good)]] and "predictions" in results[str(good)]
+
+
+_FORMATS = [("PNG", "png"), ("JPEG", "jpg"), ("GIF", "gif"), ("WEBP", "webp"), ("TIFF", "tif"), ("BMP", "bmp"),
+            ("PPM", "ppm")]
+_MODES = ["RGB", "L", "RGBA", "P", "LA", "CMYK", "I;16", "F", "1"]
+SEED, CASES = 35, 300
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's "Corrupt EXIF data", "Truncated File Read"...
+def test_seeded_damaged_image_files_read_as_transformers_reads_them_or_are_named(tmp_path):
+    """300 image files (seed 35) of random formats, modes, sizes and EXIF orientations, cut short, with bytes
+    flipped or zeroed, or intact: each reads as the RGB pixels transformers' load_image and convert_to_rgb give (16-bit
+    greyscale scaled, not clipped: documented), or is a ValueError naming the file; nothing else escapes."""
+    from transformers.image_transforms import convert_to_rgb
+    from transformers.image_utils import load_image as transformers_load_image
+
+    from pvtv2.data.processing import load_image
+
+    rng = random.Random(SEED)
+    outcomes = {"read": 0, "refused": 0}
+    while sum(outcomes.values()) < CASES:
+        (fmt, ext), mode = rng.choice(_FORMATS), rng.choice(_MODES)
+        pixels = np.random.default_rng(rng.randrange(2**32)).integers(0, 256, (rng.randint(1, 40), rng.randint(1, 40), 3),
+                                                                       dtype=np.uint8)
+        image = PIL.Image.fromarray(pixels).convert(mode) if mode != "I;16" else PIL.Image.fromarray(
+            pixels[..., 0].astype(np.uint16) * 257)
+        exif = image.getexif()
+        if rng.random() < 0.3:
+            exif[0x0112] = rng.randint(0, 10)
+        buffer = io.BytesIO()
+        try:
+            image.save(buffer, format=fmt, exif=exif)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a mode this format cannot store
+        data = bytearray(buffer.getvalue())
+        damage = rng.choice(["cut", "flip", "zero", "none"])
+        if damage == "cut":
+            data = data[: rng.randrange(len(data))]
+        elif damage == "flip":
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif damage == "zero":
+            start = rng.randrange(len(data))
+            end = min(len(data), start + rng.randint(1, 64))
+            data[start:end] = bytes(end - start)
+        path = tmp_path / f"{sum(outcomes.values())}.{ext}"
+        path.write_bytes(bytes(data))
+        try:
+            ours = load_image(path)
+        except ValueError as error:
+            assert repr(str(path)) in str(error), (fmt, mode, damage, error)
+            outcomes["refused"] += 1
+            continue
+        assert ours.mode == "RGB"
+        outcomes["read"] += 1
+        if mode != "I;16":
+            theirs = convert_to_rgb(transformers_load_image(str(path)))
+            np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs), err_msg=f"{fmt} {mode} {damage}")
+    assert min(outcomes.values()) >= 50, outcomes  # both kinds drawn

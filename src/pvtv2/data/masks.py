@@ -76,7 +76,7 @@ def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
         with PIL.Image.open(text) as opened:
             opened.load()  # decode now: a truncated file fails here, not later without its name
             mask = opened.copy()
-    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read mask {text!r}: {str(error) or type(error).__name__}") from error
     if mask.mode == "1":
         # A 1-bit PNG (what PIL writes for a boolean array): classes 0 and 1. Not convert("L"), which makes 1 into 255,

@@ -8,7 +8,10 @@ saves ``best_acc1`` so) was refused as "not a PVTv2 checkpoint ... its first key
 reported as a config.json to correct (the missing spatial reduction read as ``sr_ratios`` 1); a hub cache whose ref
 leads out of its snapshots folder (``../../x``) surfaced huggingface_hub's "Invalid pointer path" instead of naming
 the damaged ref; a preprocessor_config.json whose finite settings overflow float32 (``rescale_factor`` 1e300)
-gave NaN scores for every class, which ``pvtv2 predict`` printed with exit status 0.
+gave NaN scores for every class, which ``pvtv2 predict`` printed with exit status 0; a folder whose config.json
+has other classes than its own classifier loaded a random head under the config's class names (a warning its only
+sign; transformers refuses it); a BMP header PIL cannot decode for memory stopped ``pvtv2 predict`` as "not enough
+memory to build or run the model".
 """
 
 from __future__ import annotations
@@ -117,6 +120,25 @@ def test_a_shard_index_placing_a_tensor_in_a_shard_without_it_is_named(tiny, tmp
                                                         f"does not hold it, nor does any other shard")):
         PvtV2ForImageClassification.from_pretrained(folder)
 
+
+
+@pytest.mark.parametrize("rows", [0, 3])
+def test_a_folder_whose_classifier_has_other_classes_than_its_config_is_refused_as_transformers_refuses_it(
+        tiny, tmp_path, rows):
+    # nothing asked for another head (no num_labels=): a random head labelled with config.json's five classes was
+    # loaded, a warning its only sign
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((tiny[2] / "config.json").read_bytes())
+    weights = dict(tiny[1])
+    weights["classifier.weight"], weights["classifier.bias"] = torch.randn(rows, 64), torch.randn(rows)
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises((RuntimeError, ValueError), match="size mismatch|ignore_mismatched_sizes"):
+        transformers.PvtV2ForImageClassification.from_pretrained(folder)
+    with pytest.raises(CheckpointError, match=re.escape(f"classifier.weight: checkpoint ({rows}, 64) vs model (5, 64)")):
+        PvtV2ForImageClassification.from_pretrained(folder)
+    # asking for a head of the file's classes (or another), as fine-tuning does, still gives one
+    assert PvtV2ForImageClassification.from_pretrained(folder, num_labels=7).config.num_labels == 7
 
 def _hub_cache(root, folder, ref: str):
     """``folder``'s files as the snapshot COMMIT of 'owner/tiny' (symlinks into blobs/), refs/main holding ``ref``."""

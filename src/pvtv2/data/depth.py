@@ -85,9 +85,9 @@ def read_depth_png(path: str | os.PathLike, depth_scale: float = DEFAULT_DEPTH_S
             image.load()
             mode = image.mode
             values = np.asarray(image)
-    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, PIL.Image.DecompressionBombError) as error:
         # As load_image reads images: a size Pillow refuses (a decompression bomb) is named with its file too
-        raise ValueError(f"cannot read depth map {text!r}: {error}") from error
+        raise ValueError(f"cannot read depth map {text!r}: {str(error) or type(error).__name__}") from error
     if mode not in ("I;16", "I;16B", "I;16L", "I"):
         raise ValueError(
             f"depth map {text!r} has mode {mode}; expected a 16-bit single-channel PNG of depth x depth_scale "

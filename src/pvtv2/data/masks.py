@@ -77,7 +77,7 @@ def read_mask(path: str | os.PathLike) -> PIL.Image.Image:
             opened.load()  # decode now: a truncated file fails here, not later without its name
             mask = opened.copy()
             encoding = opened.format
-    except (OSError, SyntaxError, ValueError, EOFError, PIL.Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read mask {text!r}: {str(error) or type(error).__name__}") from error
     if encoding in ("JPEG", "MPO"):
         # Lossy: the compression moves class values at every edge (1 next to 3 read as 2), and they were scored as

@@ -154,8 +154,10 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     if os.path.getsize(text) == 0:  # Pillow would say only that it "cannot identify" it
         raise ValueError(f"cannot read image {text!r}: the file is empty (0 bytes)")
     in_exif = False
+    width = height = "?"
     try:
         with PIL.Image.open(text) as image:
+            width, height = image.size
             image.load()  # decode now, so a truncated file fails here and the file can be closed
             in_exif = True
             upright = PIL.ImageOps.exif_transpose(image)
@@ -164,8 +166,13 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
             return rgb if rgb.info.get("transparency") is None else to_rgb(rgb)
     # struct.error: PIL's TIFF reader unpacking a cut-short EXIF block (a PNG eXIf or WebP EXIF chunk under 8 bytes)
     # let through, where every other kind of corrupt file is a ValueError naming it; predict stopped there.
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, PIL.Image.DecompressionBombError) as error:
+    # MemoryError: PIL's decoders' word for a row too wide for them (a corrupt BMP header's 100,000,000 x 1 pixels,
+    # under the decompression-bomb limit); it ended `pvtv2 predict` as "not enough memory to build or run the model".
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError,
+            PIL.Image.DecompressionBombError) as error:
         reason = str(error) or type(error).__name__
+        if isinstance(error, MemoryError):
+            reason = f"PIL could not allocate the memory to decode its {width} x {height} pixels (MemoryError)"
         if in_exif:  # PIL's own words ("not a TIFF file") do not say that the pixels are fine and the EXIF is not
             reason = f"its EXIF data is corrupt ({reason})"
         raise ValueError(f"cannot read image {text!r}: {reason}") from error
@@ -543,7 +550,17 @@ class PvtV2ImageProcessor:
                     self.rescale_factor,
                 )
                 warned = True
-            processed.append(self._preprocess(image))
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # refused below, by name
+                pixels = self._preprocess(image)
+            if not np.isfinite(pixels).all():
+                # Finite pixels and finite settings, past float32's range (a preprocessor_config.json's rescale_factor
+                # of 1e300, an image_std of 1e-300): the model's scores were NaN, and predict printed them, exit 0.
+                raise ValueError(
+                    f"image {index}: its pixel values overflow float32 once rescaled and normalised "
+                    f"(rescale_factor={self.rescale_factor!r}, image_mean={self.image_mean!r}, "
+                    f"image_std={self.image_std!r}); these settings give no finite pixel values"
+                )
+            processed.append(pixels)
         if return_tensors is None:
             # Always copies: with nothing to do (no resize, rescale or normalise), an image would come back as the
             # caller's own array or tensor memory, and editing the output would edit the input.

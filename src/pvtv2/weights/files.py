@@ -222,13 +222,43 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
             )
         state.update(part)
         holder.update(dict.fromkeys(part, shard))
+    # A tensor the index places in a shard that holds none of that name (a shard re-saved without it, or another
+    # checkpoint's shard put in its place): it was reported as missing from the model's point of view only, and when
+    # its absence fits another architecture (a spatial reduction) as a config.json to correct.
+    weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]  # valid: shard_names read it
+    lost = sorted(key for key in weight_map if _bare_name(key) not in state)
+    if lost:
+        raise CheckpointError(
+            f"{os.fspath(index_path)!r} places the tensor {lost[0]!r} in the shard {weight_map[lost[0]]!r}, which does "
+            f"not hold it, nor does any other shard ({len(lost)} tensor(s) in all): a shard is missing tensors or is "
+            f"another checkpoint's"
+        )
     return state
+
+
+# What torch.nn.DataParallel / DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") put before the
+# names of the model they wrap.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _bare_name(key: str) -> str:
+    """A state-dict key without the prefixes of the wrappers around the model (``module._orig_mod.x`` is ``x``)."""
+    while key.startswith(_WRAPPER_PREFIXES):
+        key = key.partition(".")[2]
+    return key
+
+
+def _holds_weights(obj: Mapping) -> bool:
+    """Whether a mapping's own entries are weights: a tensor of one or more dimensions under a layer's dotted name. A
+    training checkpoint keeps scalar tensors beside its state dict too (pytorch/examples' ImageNet script saves its
+    ``best_acc1`` so): a mapping holding only those is unwrapped, as timm's ``load_state_dict`` unwraps it."""
+    return any(isinstance(v, torch.Tensor) and v.ndim and isinstance(k, str) and "." in k for k, v in obj.items())
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state dict inside a training checkpoint (``{"model": ...}``, ``{"state_dict": ...}``), prefixes removed."""
     for _ in range(3):
-        if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        if isinstance(obj, Mapping) and not _holds_weights(obj):
             for key in ("model", "state_dict", "model_state_dict", "module", "model_ema"):
                 if isinstance(obj.get(key), Mapping):
                     obj = obj[key]
@@ -238,6 +268,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{os.fspath(path)!r} does not hold a state dict (a mapping from names to tensors)")
     state: dict[str, torch.Tensor] = {}
+    named: dict[str, str] = {}  # each key as the file spells it
     for key, value in obj.items():
         if not isinstance(key, str):
             raise CheckpointError(f"{os.fspath(path)!r} has a non-string key {key!r}: not a state dict")
@@ -262,10 +293,16 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                 f"{os.fspath(path)!r}: the tensor {key!r} is a sparse tensor ({value.layout}), not a dense one; "
                 f"save it with .to_dense()"
             )
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        state[key] = value
+        # Wrappers nest in either order: DataParallel around a compiled model, or torch.compile around DataParallel.
+        name = _bare_name(key)
+        if name in state:
+            # "x" and "module.x" both: one copy was taken, whichever came last, without a word.
+            raise CheckpointError(
+                f"{os.fspath(path)!r} holds {named[name]!r} and {key!r}, which both name the weight {name!r} (a "
+                f"wrapper's prefix removed), so which one is meant is ambiguous"
+            )
+        state[name] = value
+        named[name] = key
     if not state:
         raise CheckpointError(f"{os.fspath(path)!r} holds no tensors")
     return state

@@ -204,6 +204,14 @@ def _hub_download(
         ))
     except LocalEntryNotFoundError:
         pass
+    except ValueError:
+        # huggingface_hub refuses a ref whose text would lead out of the snapshots folder ("../../x": "Invalid
+        # pointer path"), in its own words, which do not say that the cache is damaged nor where.
+        cache = Path(cache_dir or constants.HF_HUB_CACHE)
+        broken = _broken_cache_entry(cache, repo_id, f"{subfolder}/{filename}" if subfolder else filename, revision)
+        if not broken:
+            raise
+        raise HubFileNotFound(_damaged(cache, repo_id, broken)) from None
     except EntryNotFoundError:
         # The cache records that the repository has no such file.
         if required:
@@ -221,11 +229,7 @@ def _hub_download(
         broken = _broken_cache_entry(Path(cache), repo_id, f"{subfolder}/{filename}" if subfolder else filename, revision)
         if broken:
             # Not "absent": an optional config.json skipped here would have its configuration guessed from shapes.
-            raise HubFileNotFound(
-                f"the Hugging Face cache of {repo_id!r} is damaged: {broken} (an interrupted download, or a cache "
-                f"cleaned or copied in part). Delete {os.fspath(_repo_folder(Path(cache), repo_id))!r} and download "
-                f"it again (`hf download {repo_id}`), or pass a local folder or checkpoint file instead"
-            ) from None
+            raise HubFileNotFound(_damaged(Path(cache), repo_id, broken)) from None
         if _uncached_revision(Path(cache), repo_id, revision):
             # The repository is cached, but not at this revision: nothing is known of its files, so an optional one
             # is not "absent" either (a processor would fall back to the defaults), and "not in the cache" alone
@@ -260,6 +264,13 @@ def _hub_download(
 
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def _damaged(cache: Path, repo_id: str, broken: str) -> str:
+    """The message for a cache entry of ``repo_id`` that :func:`_broken_cache_entry` found ``broken``."""
+    return (f"the Hugging Face cache of {repo_id!r} is damaged: {broken} (an interrupted download, or a cache "
+            f"cleaned or copied in part). Delete {os.fspath(_repo_folder(cache, repo_id))!r} and download it again "
+            f"(`hf download {repo_id}`), or pass a local folder or checkpoint file instead")
 
 
 def _a_file(found: str) -> Path:

@@ -730,6 +730,10 @@ def checkpoint_layout(state: Mapping[str, torch.Tensor], weights_path: str | os.
         raise CheckpointError(f"{os.fspath(weights_path)}{named}: {err}") from None
 
 
+# The arguments that ask for a classifier of other classes than the checkpoint's (the fine-tuning idiom).
+_HEAD_ARGUMENTS = frozenset({"num_labels", "id2label", "label2id"})
+
+
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None, subfolder: str | None = None,
                     local_files_only: bool = False, token: str | bool | None = None,
@@ -828,6 +832,11 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         # Cast while still on meta (free): the tensors are copied into the model's dtype, so a float64 file built
         # at the default float32 and cast afterwards came out rounded to float32.
         model = model.to(dtype)
+    if ignore_mismatched_sizes is None and config_path is not None and not _HEAD_ARGUMENTS & overrides.keys():
+        # No other head asked for: a class count of the folder's config.json that its own classifier does not have is
+        # a damaged or hand-edited folder, refused as transformers refuses it. It loaded a random head labelled with
+        # the config's class names, a warning its only sign.
+        ignore_mismatched_sizes = False
     try:
         info = load_canonical(model, canonical, origin=os.fspath(weights_path),
                               ignore_mismatched_sizes=ignore_mismatched_sizes)

@@ -10,8 +10,10 @@ import sys
 
 import PIL.Image
 import pytest
-from conftest import save_tiny_classifier
+import torch
+from conftest import perturb_, save_tiny_classifier
 
+from pvtv2 import PvtV2ForImageClassification
 from pvtv2.cli import main
 from pvtv2.runtime import MissingDependencyError, import_optional
 
@@ -79,3 +81,20 @@ def test_a_sigterm_while_an_optional_package_initialises_stays_a_sigterm(interru
     with pytest.raises(MissingDependencyError, match=r"pip install 'pvtv2\[onnx\]'"):
         import_optional("pvtv2_no_such_package_35", "onnx", "the check")
 
+
+def test_convert_to_a_link_to_a_checkpoint_folder_replaces_the_link_and_leaves_its_folder(tmp_path, capsys):
+    source = save_tiny_classifier(tmp_path / "src")
+    other = perturb_(save_tiny_classifier(tmp_path / "other"), seed=3)
+    other.save_pretrained(tmp_path / "other")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()}
+    (tmp_path / "link").symlink_to(tmp_path / "other", target_is_directory=True)
+    # The swap put the new folder in place, then called rmtree on the link it had moved aside: "cannot write 'link':
+    # Cannot call rmtree on a symbolic link", status 2, for an output that was in fact written.
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "link")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "link").is_dir() and not (tmp_path / "link").is_symlink()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()} == before  # the link's folder untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "other", "src"]  # no .link.old, no .link.tmp
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    converted = PvtV2ForImageClassification.from_pretrained(tmp_path / "link").eval()
+    with torch.no_grad():
+        assert torch.equal(converted(x).logits, source(x).logits)

@@ -6,12 +6,14 @@ Every subcommand is registered by an ``_add_<name>(subparsers)`` function next t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -1472,6 +1474,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runtime import tune_from_environment
 
     tune_from_environment()  # this process only; PVTV2_TUNE_MALLOC=0 leaves malloc as it is
+    with _exit_on_sigterm(args.func):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:
@@ -1496,6 +1503,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pvtv2 {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm(func) -> Iterator[None]:
+    """SIGTERM (kill, a scheduler's time limit) ends a command as Ctrl-C does, through every ``finally``: its default
+    action ended the process at once, leaving an export's hidden temporary file (named by its pid, so no later export
+    removes it), a temporary folder of convert, or the temporary export of --runtime onnxruntime. The process exits
+    with status 143, as the signal's would. Training sets its own handler (the run stops at a safe point)."""
+    import signal
+    import threading
+
+    if func in (_cmd_train, _cmd_demo, _cmd_demo_seg, _cmd_demo_det) or \
+            threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _worker_error_message(err: BaseException) -> str:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import PIL.Image
 import pytest
@@ -98,3 +102,29 @@ def test_convert_to_a_link_to_a_checkpoint_folder_replaces_the_link_and_leaves_i
     converted = PvtV2ForImageClassification.from_pretrained(tmp_path / "link").eval()
     with torch.no_grad():
         assert torch.equal(converted(x).logits, source(x).logits)
+
+
+def test_sigterm_during_an_export_stops_it_as_ctrl_c_does_leaving_no_temporary_file(tmp_path):
+    pytest.importorskip("onnxruntime")
+    save_tiny_classifier(tmp_path / "m")
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"the previous export")
+    command = [sys.executable, "-m", "pvtv2", "export", "--model", str(tmp_path / "m"), "--output", str(out),
+               "--exporter", "torchscript", "--check-sizes", *["2x64x96"] * 8]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if any(p.name.startswith(".out.onnx.") for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.002)
+        assert process.poll() is None, process.stderr.read()  # the export was still under way
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    # The default action ended the process at once: status -15 and the hidden `.out.onnx.<pid>-<hex>.tmp` left.
+    assert process.returncode == 143, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out.onnx"]
+    assert out.read_bytes() == b"the previous export"

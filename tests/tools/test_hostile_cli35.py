@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
-from conftest import perturb_, save_tiny_classifier
+from conftest import TINY_SMALL_IMAGES, perturb_, save_tiny_classifier
 
-from pvtv2 import PvtV2ForImageClassification
+from pvtv2 import PvtV2Config, PvtV2ForImageClassification
 from pvtv2.cli import main
 from pvtv2.runtime import MissingDependencyError, import_optional
 
@@ -128,3 +131,81 @@ def test_sigterm_during_an_export_stops_it_as_ctrl_c_does_leaving_no_temporary_f
     assert process.returncode == 143, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out.onnx"]
     assert out.read_bytes() == b"the previous export"
+
+
+def _by_hand(image: PIL.Image.Image, size: int) -> torch.Tensor:
+    """PIL's bilinear resize to a square, then ImageNet's normalisation: the pixels of a transformers-style
+    preprocessor_config.json (resample 2) as transformers 4 computed them."""
+    pixels = np.asarray(image.resize((size, size), PIL.Image.Resampling.BILINEAR), dtype=np.float64) / 255.0
+    x = (pixels - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    return torch.tensor(x.transpose(2, 0, 1)[None], dtype=torch.float32)
+
+
+def test_predict_on_photographs_in_every_format_is_the_model_on_pils_pixels_of_the_upright_image(tmp_path, capsys):
+    """scikit-learn's two sample photographs (427x640) as JPEG, PNG, WebP, palette PNG, CMYK JPEG and a JPEG whose EXIF
+    says rotate by 90 degrees, under a name with a space and a non-ASCII letter: each one's top-3 classes and
+    probabilities are those of the model called on the upright image resized by PIL (bilinear) and normalised by
+    hand, as the folder's preprocessor_config.json says. (transformers 5's processor resizes with torchvision, whose
+    rounding differs from PIL's by one level in some pixels: 1e-3 in these probabilities.)"""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    model = perturb_(save_tiny_classifier(tmp_path / "m"), scale=0.1, seed=35)
+    model.config.id2label = {i: f"class {i}" for i in range(3)}
+    model.config.label2id = {f"class {i}": i for i in range(3)}
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "PvtImageProcessor", "do_resize": True, "size": {"height": 32, "width": 32},
+        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    folder = tmp_path / "photos ü"
+    folder.mkdir()
+    for name, pixels in zip(["china", "flower"], sklearn_datasets.load_sample_images().images):
+        photo = PIL.Image.fromarray(pixels)
+        photo.save(folder / f"{name}.jpg", quality=90)
+        photo.save(folder / f"{name} é.png")
+        photo.save(folder / f"{name}.webp", quality=80)
+        photo.convert("P").save(folder / f"{name}_palette.png")
+        photo.convert("CMYK").save(folder / f"{name}_cmyk.jpg")
+        exif = photo.getexif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+        photo.transpose(PIL.Image.Transpose.ROTATE_90).save(folder / f"{name}_exif.jpg", exif=exif, quality=90)
+    assert main(["predict", "--model", str(tmp_path / "m"), str(folder), "--json", "-k", "3", "--no-progress"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 12
+    scenes = {}
+    for record in records:
+        upright = PIL.ImageOps.exif_transpose(PIL.Image.open(record["image"])).convert("RGB")
+        with torch.no_grad():
+            p = model(_by_hand(upright, 32)).logits.softmax(-1)[0]
+        assert [d["index"] for d in record["predictions"]] == p.argsort(descending=True).tolist()
+        assert [d["label"] for d in record["predictions"]] == [f"class {i}" for i in p.argsort(descending=True)]
+        assert [d["score"] for d in record["predictions"]] == pytest.approx(p.sort(descending=True).values.tolist(),
+                                                                            abs=1e-5)
+        scenes.setdefault(os.path.basename(record["image"]).split(".")[0].split("_")[0].split(" ")[0], set()).add(int(p.argmax()))
+    assert scenes == {"china": {1}, "flower": {0}}  # each photograph one answer in every format, the two apart
+
+
+def test_eval_accuracy_and_loss_are_a_hand_count_over_the_digits(tmp_path, capsys):
+    from pvtv2.data.digits import write_digits_folder
+
+    torch.manual_seed(35)
+    config = PvtV2Config(**TINY_SMALL_IMAGES, id2label={i: str(i) for i in range(10)}, image_size=16)
+    model = perturb_(PvtV2ForImageClassification(config).eval(), scale=0.5, seed=35)
+    model.save_pretrained(tmp_path / "m")
+    write_digits_folder(tmp_path / "digits", size=16, limit_per_class=12, val_fraction=0.5, seed=35)
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "digits"), "--json",
+                 "--batch-size", "7", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    top1 = top5 = 0
+    losses = []
+    files = sorted((tmp_path / "digits" / "val").glob("*/*.png"))
+    for path in files:
+        with torch.no_grad():
+            logits = model(_by_hand(PIL.Image.open(path).convert("RGB"), 16)).logits[0]
+        label = int(path.parent.name)
+        top1 += int(logits.argmax()) == label
+        top5 += label in logits.topk(5).indices.tolist()
+        losses.append(float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([label]))))
+    assert result["images"] == len(files) == 60
+    assert result["top1"] == top1 / 60 and result["top5"] == top5 / 60
+    assert 0 < top1 < 60  # neither all right nor all wrong: a count that can tell a mistake
+    assert result["loss"] == pytest.approx(np.mean(losses), rel=1e-5)

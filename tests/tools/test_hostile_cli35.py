@@ -180,7 +180,8 @@ def test_predict_on_photographs_in_every_format_is_the_model_on_pils_pixels_of_t
         assert [d["label"] for d in record["predictions"]] == [f"class {i}" for i in p.argsort(descending=True)]
         assert [d["score"] for d in record["predictions"]] == pytest.approx(p.sort(descending=True).values.tolist(),
                                                                             abs=1e-5)
-        scenes.setdefault(os.path.basename(record["image"]).split(".")[0].split("_")[0].split(" ")[0], set()).add(int(p.argmax()))
+        scene = os.path.basename(record["image"]).split(".")[0].split("_")[0].split(" ")[0]
+        scenes.setdefault(scene, set()).add(int(p.argmax()))
     assert scenes == {"china": {1}, "flower": {0}}  # each photograph one answer in every format, the two apart
 
 

@@ -210,3 +210,15 @@ def test_eval_accuracy_and_loss_are_a_hand_count_over_the_digits(tmp_path, capsy
     assert result["top1"] == top1 / 60 and result["top5"] == top5 / 60
     assert 0 < top1 < 60  # neither all right nor all wrong: a count that can tell a mistake
     assert result["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+@pytest.mark.parametrize("own", ["digits/train/3/my scan.jpg", "digits/notes.txt", "digits/val/7/0001.png/x"])
+def test_demo_into_a_folder_with_its_own_digits_folder_leaves_it_alone(tmp_path, capsys, own):
+    """`pvtv2 demo -o DIR` removed DIR/digits to write its copy of the digits there, whatever it held."""
+    mine = tmp_path / "out" / own
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"someone's data")
+    assert main(["demo", "-o", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]) == 2
+    assert f"holds '{tmp_path / 'out' / 'digits' / own.split('/')[1]}" in capsys.readouterr().err
+    assert mine.read_bytes() == b"someone's data"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["digits"]  # no run started, nothing written

@@ -1141,11 +1141,58 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     # Before the data is written: a run that would be refused must leave OUTPUT as it was. With --epochs 0 too: the
     # data of a run in OUTPUT/run, rewritten (another --seed or --size), would no longer be the data it was trained on.
     check_output(cfg, continue_with=_demo_resume(cfg.output))
+    _check_example_data(out / "data", "segmentation", overwrite=args.overwrite)
     data = make_segmentation_example(out / "data", args.train, args.val, args.size, args.seed)
     print(f"wrote the example to {data}")
     if args.epochs > 0:
         _print_segmentation_result(train(cfg))
     return 0
+
+
+def _check_example_data(data: os.PathLike, kind: str, *, overwrite: bool) -> None:
+    """Refuse an OUTPUT/data that is not an earlier example of ``kind``: the example writes its files over files of the
+    same names (``train/images/00000.png``, ``annotations/instances_train.json``) and removes the numbered images past
+    its count, so a dataset of one's own kept there was overwritten. With --overwrite, files the example does not
+    write are left beside it; a dataset whose labels.json or instances_train.json is not the example's is refused."""
+    from pathlib import Path
+
+    data = Path(data)
+    if kind == "segmentation":
+        from .data.shapes import EXAMPLE_CLASSES
+
+        folders = {"": {"train", "val", "labels.json"}, "train": {"images", "masks"}, "val": {"images", "masks"}}
+        marker = data / "labels.json"
+        expected = {str(i): name for i, name in enumerate(EXAMPLE_CLASSES)}
+    else:
+        folders = {"": {"annotations", "train", "val"}, "annotations": {"instances_train.json", "instances_val.json"}}
+        marker = data / "annotations" / "instances_train.json"
+        expected = None
+    image = re.compile(r"[0-9]{5}\.png")
+    if not data.is_dir():
+        return  # nothing there yet (a file there is named by the write)
+    for path in [] if overwrite else sorted(data.rglob("*")):
+        parent = path.parent.relative_to(data).as_posix()
+        parent = "" if parent == "." else parent
+        if path.is_dir() and not path.is_symlink() and path.name in folders.get(parent, ()):
+            continue
+        if path.is_file() and not path.is_symlink() and (path.name in folders.get(parent, ()) or (
+                image.fullmatch(path.name) and parent in ("train", "val", "train/images", "train/masks",
+                                                          "val/images", "val/masks"))):
+            continue
+        raise FileExistsError(f"{str(data)!r} holds {str(path)!r}, which the {kind} example does not write: refusing "
+                              f"to write the example over it; choose another --output, or pass --overwrite to write "
+                              f"it beside")
+    if not marker.is_file():
+        return  # an example interrupted before its last file: nothing of anyone else's
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+        ours = content == expected if expected is not None else \
+            content.get("info", {}).get("description", "").startswith("pvtv2's detection example")
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{str(data)!r} holds a dataset that is not the {kind} example ({str(marker)!r}): "
+                              f"refusing to write the example over it; choose another --output")
 
 
 # ---------------------------------------------------------------------------------------------- object detection
@@ -1345,6 +1392,7 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
         check_config(cfg)
     # As demo-seg: a run in OUTPUT/run is refused before anything is written, for --epochs 0 (the data alone) too.
     check_output(cfg, continue_with=_demo_resume(cfg.output))
+    _check_example_data(out / "data", "detection", overwrite=args.overwrite)
     began = time.perf_counter()
     data = make_detection_example(out / "data", args.train, args.val, args.size, args.seed,
                                   backgrounds=args.backgrounds)

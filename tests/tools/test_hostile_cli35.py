@@ -222,3 +222,31 @@ def test_demo_into_a_folder_with_its_own_digits_folder_leaves_it_alone(tmp_path,
     assert f"holds '{tmp_path / 'out' / 'digits' / own.split('/')[1]}" in capsys.readouterr().err
     assert mine.read_bytes() == b"someone's data"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["digits"]  # no run started, nothing written
+
+
+@pytest.mark.parametrize(("command", "own"), [
+    ("demo-seg", {"data/train/images/00000.png": b"my image", "data/labels.json": b'{"0": "sky", "1": "cat"}'}),
+    ("demo-seg", {"data/train/images/00007.png": b"my image", "data/train/images/cat.jpg": b"my photo"}),
+    ("demo-det", {"data/annotations/instances_train.json": b'{"images": [], "annotations": [], "categories": []}',
+                  "data/train/00000.png": b"my image"}),
+])
+def test_a_dense_example_is_not_written_over_a_dataset_of_ones_own(tmp_path, capsys, command, own):
+    """demo-seg and demo-det write OUTPUT/data/train/images/00000.png, .../annotations/instances_train.json over files
+    of those names, and demo-seg removed the numbered images past its count (00007.png of a 3-image example)."""
+    pytest.importorskip("pycocotools")
+    for name, content in own.items():
+        (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / name).write_bytes(content)
+    assert main([command, "-o", str(tmp_path / "out"), "--epochs", "0", "--train", "3", "--val", "2"]) == 2
+    assert "refusing to write the example over it" in capsys.readouterr().err
+    assert {str(p.relative_to(tmp_path / "out")): p.read_bytes() for p in (tmp_path / "out").rglob("*")
+            if p.is_file()} == own
+    if any(name.endswith(".json") for name in own):  # a dataset's own labels: not the example's, --overwrite or not
+        assert main([command, "-o", str(tmp_path / "out"), "--epochs", "0", "--train", "3", "--overwrite"]) == 2
+        assert "is not the" in capsys.readouterr().err
+        assert {str(p.relative_to(tmp_path / "out")): p.read_bytes() for p in (tmp_path / "out").rglob("*")
+                if p.is_file()} == own
+    # An earlier example in the same folder is still written over, as the command always did.
+    fresh = tmp_path / "fresh"
+    assert main([command, "-o", str(fresh), "--epochs", "0", "--train", "3", "--val", "2"]) == 0
+    assert main([command, "-o", str(fresh), "--epochs", "0", "--train", "2", "--val", "2"]) == 0

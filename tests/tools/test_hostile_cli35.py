@@ -52,7 +52,8 @@ def interrupted_import(monkeypatch):
         for name in list(sys.modules):
             if name.split(".")[0] in names:
                 monkeypatch.delitem(sys.modules, name)
-        monkeypatch.setattr(sys, "meta_path", [_InterruptedInit(names, interrupt or KeyboardInterrupt()), *sys.meta_path])
+        finder = _InterruptedInit(names, interrupt or KeyboardInterrupt())
+        monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
 
     return install
 

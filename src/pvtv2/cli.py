@@ -48,9 +48,11 @@ _OTHER_PICTURE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".webp", ".bmp", "
                                      ".jp2", ".ico", ".avif", ".heic"})
 
 
-def _check_output_file(path: str, output_dir: str | None = None, example: str = "out.png") -> None:
+def _check_output_file(path: str, output_dir: str | None = None, example: str = "out.png",
+                       inputs: Sequence[str] = ()) -> None:
     """Refuse, before any work, an --output that cannot become a file: an existing folder, or a path under a
-    file or under a folder this user may not write. (Missing parent folders are created.) With ``output_dir``,
+    file or under a folder this user may not write, or one of the ``inputs`` (the image a picture is drawn from,
+    which the picture would replace). (Missing parent folders are created.) With ``output_dir``,
     ``path`` is a picture detect names in that --output-dir: the error names the flag given, not --output.
     ``example``: the file name an existing folder is suggested to take (a picture's, unless given)."""
     import os
@@ -74,6 +76,12 @@ def _check_output_file(path: str, output_dir: str | None = None, example: str = 
     if kind not in ("file", "nothing", "dangling symlink"):
         # The picture is renamed into place: a device or FIFO there (`-o /dev/null`, run as root) was replaced by it.
         raise ValueError(f"{named} is a {kind}, not a regular file: it would be replaced; {remedy}")
+    if kind == "file":
+        for image in inputs:
+            if path_kind(image) == "file" and os.path.samefile(target, image):
+                other = "give another file name" if output_dir is None else "give another --output-dir"
+                raise ValueError(f"{named} is the input image {os.fspath(image)!r}: the picture would replace it; "
+                                 f"{other}")
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -867,7 +875,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
     _check_range("--panel-size", args.panel_size, *PANEL_SIZES)
     size = _size_flag(args.size)
-    _check_output_file(args.output)
+    _check_output_file(args.output, inputs=[args.image])
     image = load_image(args.image)
     model = _load_any(args.model)  # the attention maps do not use the head: any weights will do
     processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
@@ -995,7 +1003,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     _check_range("--alpha", args.alpha, 0.0, 1.0)
     size = _size_flag(args.size)
     options = _segmentation_inference_flags(args)
-    _check_output_file(args.output)
+    _check_output_file(args.output, inputs=[args.image])
     image = load_image(args.image).convert("RGB")
     model = load_segmenter(args.model)
     label_map = predict_segmentation(model, image, size, **options)
@@ -1036,7 +1044,7 @@ def _cmd_depth(args: argparse.Namespace) -> int:
         nearest = "x".join(str(max(32, side // 32 * 32)) for side in size)
         raise ValueError(
             f"--size must be multiples of 32 per side (GLPN's decoder), got {args.size!r}; e.g. {nearest}")
-    _check_output_file(args.output)
+    _check_output_file(args.output, inputs=[args.image])
     image = load_image(args.image).convert("RGB")
     model = load_depth_estimator(args.model)
     if size is None:
@@ -1258,6 +1266,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     if args.output and len(paths) > 1:
         raise ValueError(f"--output draws one image, but {len(paths)} were given: use --output-dir DIR")
+    if args.output:
+        _check_output_file(args.output, inputs=paths)
     # The detector's own threshold (the config's, 0.05) dropped lower scores before --score-threshold saw them:
     # it is set to the flag's (the same detections at or above any threshold, NMS being greedy by score).
     model = load_detector(args.model, args.device, score_threshold=args.score_threshold, **size)
@@ -1278,7 +1288,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                     name = f"{stem}-{n}.png"
                 used.add(name)
                 targets[r.image] = str(Path(args.output_dir) / name)
-                _check_output_file(targets[r.image], args.output_dir)
+                _check_output_file(targets[r.image], args.output_dir, inputs=paths)
     for r in results:
         if r.image in targets:
             picture = detection_picture(load_image(r.image), r.boxes, r.labels, r.scores, model.config.id2label, r.masks)

@@ -251,3 +251,37 @@ def test_a_dense_example_is_not_written_over_a_dataset_of_ones_own(tmp_path, cap
     fresh = tmp_path / "fresh"
     assert main([command, "-o", str(fresh), "--epochs", "0", "--train", "3", "--val", "2"]) == 0
     assert main([command, "-o", str(fresh), "--epochs", "0", "--train", "2", "--val", "2"]) == 0
+
+
+@pytest.mark.parametrize("command", ["visualize", "segment", "depth", "detect"])
+def test_a_picture_is_not_written_over_the_image_it_is_drawn_from(tmp_path, capsys, command):
+    """`pvtv2 visualize photo.png --output photo.png` replaced the photograph with its attention picture (segment,
+    depth and detect the same); refused before the model is read (here a path that holds none)."""
+    image = tmp_path / "photo.png"
+    PIL.Image.new("RGB", (40, 30), (10, 200, 30)).save(image)
+    before = image.read_bytes()
+    (tmp_path / "link.png").symlink_to(image)
+    for output in (image, tmp_path / "." / "photo.png", tmp_path / "link.png"):
+        assert main([command, "--model", str(tmp_path / "no model"), str(image), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"is the input image {str(image)!r}: the picture would replace it" in err, err
+        assert image.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png", "photo.png"]
+
+
+def test_detect_output_dir_that_holds_the_images_does_not_draw_over_them(tmp_path, capsys):
+    """detect --output-dir names each picture after its image (`photo.png` -> DIR/photo.png): the images' own folder
+    as --output-dir replaced each PNG photograph with its drawing."""
+    pytest.importorskip("torchvision")
+    from test_detect_cli import tiny_detector
+
+    tiny_detector(tmp_path / "detector")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    PIL.Image.new("RGB", (64, 48), (10, 200, 30)).save(photos / "a.png")
+    PIL.Image.new("RGB", (64, 48), (200, 20, 30)).save(photos / "b.jpg")
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    assert main(["detect", "--model", str(tmp_path / "detector"), str(photos), "--output-dir", str(photos),
+                 "--no-progress"]) == 2
+    assert f"is the input image {str(photos / 'a.png')!r}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # b.png was not drawn either

@@ -6,12 +6,14 @@ Every subcommand is registered by an ``_add_<name>(subparsers)`` function next t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -46,9 +48,11 @@ _OTHER_PICTURE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".webp", ".bmp", "
                                      ".jp2", ".ico", ".avif", ".heic"})
 
 
-def _check_output_file(path: str, output_dir: str | None = None, example: str = "out.png") -> None:
+def _check_output_file(path: str, output_dir: str | None = None, example: str = "out.png",
+                       inputs: Sequence[str] = ()) -> None:
     """Refuse, before any work, an --output that cannot become a file: an existing folder, or a path under a
-    file or under a folder this user may not write. (Missing parent folders are created.) With ``output_dir``,
+    file or under a folder this user may not write, or one of the ``inputs`` (the image a picture is drawn from,
+    which the picture would replace). (Missing parent folders are created.) With ``output_dir``,
     ``path`` is a picture detect names in that --output-dir: the error names the flag given, not --output.
     ``example``: the file name an existing folder is suggested to take (a picture's, unless given)."""
     import os
@@ -72,6 +76,12 @@ def _check_output_file(path: str, output_dir: str | None = None, example: str = 
     if kind not in ("file", "nothing", "dangling symlink"):
         # The picture is renamed into place: a device or FIFO there (`-o /dev/null`, run as root) was replaced by it.
         raise ValueError(f"{named} is a {kind}, not a regular file: it would be replaced; {remedy}")
+    if kind == "file":
+        for image in inputs:
+            if path_kind(image) == "file" and os.path.samefile(target, image):
+                other = "give another file name" if output_dir is None else "give another --output-dir"
+                raise ValueError(f"{named} is the input image {os.fspath(image)!r}: the picture would replace it; "
+                                 f"{other}")
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -865,7 +875,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
     _check_range("--panel-size", args.panel_size, *PANEL_SIZES)
     size = _size_flag(args.size)
-    _check_output_file(args.output)
+    _check_output_file(args.output, inputs=[args.image])
     image = load_image(args.image)
     model = _load_any(args.model)  # the attention maps do not use the head: any weights will do
     processor = None if is_preset_name(args.model) else load_processor(args.model, model.config.image_size)
@@ -993,7 +1003,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     _check_range("--alpha", args.alpha, 0.0, 1.0)
     size = _size_flag(args.size)
     options = _segmentation_inference_flags(args)
-    _check_output_file(args.output)
+    _check_output_file(args.output, inputs=[args.image])
     image = load_image(args.image).convert("RGB")
     model = load_segmenter(args.model)
     label_map = predict_segmentation(model, image, size, **options)
@@ -1034,7 +1044,7 @@ def _cmd_depth(args: argparse.Namespace) -> int:
         nearest = "x".join(str(max(32, side // 32 * 32)) for side in size)
         raise ValueError(
             f"--size must be multiples of 32 per side (GLPN's decoder), got {args.size!r}; e.g. {nearest}")
-    _check_output_file(args.output)
+    _check_output_file(args.output, inputs=[args.image])
     image = load_image(args.image).convert("RGB")
     model = load_depth_estimator(args.model)
     if size is None:
@@ -1139,11 +1149,58 @@ def _cmd_demo_seg(args: argparse.Namespace) -> int:
     # Before the data is written: a run that would be refused must leave OUTPUT as it was. With --epochs 0 too: the
     # data of a run in OUTPUT/run, rewritten (another --seed or --size), would no longer be the data it was trained on.
     check_output(cfg, continue_with=_demo_resume(cfg.output))
+    _check_example_data(out / "data", "segmentation", overwrite=args.overwrite)
     data = make_segmentation_example(out / "data", args.train, args.val, args.size, args.seed)
     print(f"wrote the example to {data}")
     if args.epochs > 0:
         _print_segmentation_result(train(cfg))
     return 0
+
+
+def _check_example_data(data: os.PathLike, kind: str, *, overwrite: bool) -> None:
+    """Refuse an OUTPUT/data that is not an earlier example of ``kind``: the example writes its files over files of the
+    same names (``train/images/00000.png``, ``annotations/instances_train.json``) and removes the numbered images past
+    its count, so a dataset of one's own kept there was overwritten. With --overwrite, files the example does not
+    write are left beside it; a dataset whose labels.json or instances_train.json is not the example's is refused."""
+    from pathlib import Path
+
+    data = Path(data)
+    if kind == "segmentation":
+        from .data.shapes import EXAMPLE_CLASSES
+
+        folders = {"": {"train", "val", "labels.json"}, "train": {"images", "masks"}, "val": {"images", "masks"}}
+        marker = data / "labels.json"
+        expected = {str(i): name for i, name in enumerate(EXAMPLE_CLASSES)}
+    else:
+        folders = {"": {"annotations", "train", "val"}, "annotations": {"instances_train.json", "instances_val.json"}}
+        marker = data / "annotations" / "instances_train.json"
+        expected = None
+    image = re.compile(r"[0-9]{5}\.png")
+    if not data.is_dir():
+        return  # nothing there yet (a file there is named by the write)
+    for path in [] if overwrite else sorted(data.rglob("*")):
+        parent = path.parent.relative_to(data).as_posix()
+        parent = "" if parent == "." else parent
+        if path.is_dir() and not path.is_symlink() and path.name in folders.get(parent, ()):
+            continue
+        if path.is_file() and not path.is_symlink() and (path.name in folders.get(parent, ()) or (
+                image.fullmatch(path.name) and parent in ("train", "val", "train/images", "train/masks",
+                                                          "val/images", "val/masks"))):
+            continue
+        raise FileExistsError(f"{str(data)!r} holds {str(path)!r}, which the {kind} example does not write: refusing "
+                              f"to write the example over it; choose another --output, or pass --overwrite to write "
+                              f"it beside")
+    if not marker.is_file():
+        return  # an example interrupted before its last file: nothing of anyone else's
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+        ours = content == expected if expected is not None else \
+            content.get("info", {}).get("description", "").startswith("pvtv2's detection example")
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{str(data)!r} holds a dataset that is not the {kind} example ({str(marker)!r}): "
+                              f"refusing to write the example over it; choose another --output")
 
 
 # ---------------------------------------------------------------------------------------------- object detection
@@ -1209,6 +1266,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     if args.output and len(paths) > 1:
         raise ValueError(f"--output draws one image, but {len(paths)} were given: use --output-dir DIR")
+    if args.output:
+        _check_output_file(args.output, inputs=paths)
     # The detector's own threshold (the config's, 0.05) dropped lower scores before --score-threshold saw them:
     # it is set to the flag's (the same detections at or above any threshold, NMS being greedy by score).
     model = load_detector(args.model, args.device, score_threshold=args.score_threshold, **size)
@@ -1229,7 +1288,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                     name = f"{stem}-{n}.png"
                 used.add(name)
                 targets[r.image] = str(Path(args.output_dir) / name)
-                _check_output_file(targets[r.image], args.output_dir)
+                _check_output_file(targets[r.image], args.output_dir, inputs=paths)
     for r in results:
         if r.image in targets:
             picture = detection_picture(load_image(r.image), r.boxes, r.labels, r.scores, model.config.id2label, r.masks)
@@ -1343,6 +1402,7 @@ def _cmd_demo_det(args: argparse.Namespace) -> int:
         check_config(cfg)
     # As demo-seg: a run in OUTPUT/run is refused before anything is written, for --epochs 0 (the data alone) too.
     check_output(cfg, continue_with=_demo_resume(cfg.output))
+    _check_example_data(out / "data", "detection", overwrite=args.overwrite)
     began = time.perf_counter()
     data = make_detection_example(out / "data", args.train, args.val, args.size, args.seed,
                                   backgrounds=args.backgrounds)
@@ -1472,6 +1532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runtime import tune_from_environment
 
     tune_from_environment()  # this process only; PVTV2_TUNE_MALLOC=0 leaves malloc as it is
+    with _exit_on_sigterm(args.func):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:
@@ -1496,6 +1561,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pvtv2 {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm(func) -> Iterator[None]:
+    """SIGTERM (kill, a scheduler's time limit) ends a command as Ctrl-C does, through every ``finally``: its default
+    action ended the process at once, leaving an export's hidden temporary file (named by its pid, so no later export
+    removes it), a temporary folder of convert, or the temporary export of --runtime onnxruntime. The process exits
+    with status 143, as the signal's would. Training sets its own handler (the run stops at a safe point)."""
+    import signal
+    import threading
+
+    if func in (_cmd_train, _cmd_demo, _cmd_demo_seg, _cmd_demo_det) or \
+            threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _worker_error_message(err: BaseException) -> str:

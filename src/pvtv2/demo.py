@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -73,6 +74,12 @@ def run_demo(
         check_output_path(folder)
     if run.exists() and not overwrite:
         raise FileExistsError(f"{str(out)!r} already holds a demo run; pass --overwrite to replace it")
+    foreign = _not_demo_digits(data)
+    if foreign is not None:  # it is removed and rewritten below: someone's own digits folder would be lost
+        raise FileExistsError(
+            f"{str(data)!r} holds {foreign!r}, which is not the demo's copy of the digits: refusing to replace it; "
+            f"choose another --output"
+        )
     try:  # the usual one-line "cannot write 'OUT': ... [ENOENT]" for an --output that cannot be made
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -117,6 +124,26 @@ def run_demo(
         "predictions": predictions,
         "seconds": time.perf_counter() - began,
     }
+
+
+def _not_demo_digits(data: Path) -> str | None:
+    """The first thing in ``data`` that :func:`write_digits_folder` does not write (``train/`` and ``val/``, class
+    folders ``0`` to ``9``, ``NNNN.png`` images), ``data`` itself when it is no folder; None when it holds nothing else
+    or does not exist."""
+    if not data.exists() and not data.is_symlink():
+        return None
+    if data.is_symlink() or not data.is_dir():
+        return str(data)
+    for split in data.iterdir():
+        if split.name not in ("train", "val") or split.is_symlink() or not split.is_dir():
+            return str(split)
+        for digit in split.iterdir():
+            if digit.name not in tuple("0123456789") or digit.is_symlink() or not digit.is_dir():
+                return str(digit)
+            for image in digit.iterdir():
+                if not re.fullmatch(r"[0-9]{4}\.png", image.name) or image.is_symlink() or not image.is_file():
+                    return str(image)
+    return None
 
 
 def _attention_picture(model: PvtV2ForImageClassification, processor: PvtV2ImageProcessor, image: str,

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .fileio import WriteError, atomic_write_text, write_folder_atomically
+from .runtime import raise_interrupt_behind
 
 __all__ = [
     "DEFAULT_CHECK_SIZES",
@@ -241,7 +242,8 @@ def _declare_fixed_sizes(path: Path, names: Sequence[str], shapes: Sequence[tupl
     size for what is always, say, 512). Needs the onnx package; without it the declarations stay as written."""
     try:
         import onnx
-    except ImportError:
+    except ImportError as err:
+        raise_interrupt_behind(err)
         return
     if path.stat().st_size > 1_800_000_000:  # near protobuf's 2 GB limit, which onnx.save cannot write past
         return
@@ -320,7 +322,8 @@ def _reference_outputs(
 def _open_session(path: str | os.PathLike):
     try:
         import onnxruntime as ort
-    except ImportError:
+    except ImportError as err:
+        raise_interrupt_behind(err)
         raise ExportError(
             "checking the export needs onnxruntime: pip install 'pvtv2[onnx]' (or skip the check with --no-check)"
         ) from None
@@ -400,7 +403,8 @@ def _file_opset(path: Path) -> int | None:
     """The default-domain opset the file declares (None when the onnx package is not installed)."""
     try:
         import onnx
-    except ImportError:
+    except ImportError as err:
+        raise_interrupt_behind(err)
         return None
     try:
         proto = onnx.load(os.fspath(path), load_external_data=False)
@@ -522,6 +526,7 @@ def export_onnx(
             try:
                 _export_once(wrapper, example, tmp, name, opset, names, shapes)
             except Exception as err:  # exporters raise many kinds of errors
+                raise_interrupt_behind(err)  # torch's exporters import onnx: a Ctrl-C there is no exporter's failure
                 failure = f"{name} exporter failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 attempts.append(failure)
                 logger.warning("%s", failure)

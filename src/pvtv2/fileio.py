@@ -118,13 +118,18 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
         tmp.mkdir(parents=True)
         write(tmp)
         if old.exists():
-            shutil.rmtree(old)
+            _delete(old)
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
         if old.exists():
-            shutil.rmtree(old)
+            _delete(old)
     return target
+
+
+def _delete(path: Path) -> None:
+    """Remove a folder, or a symbolic link (to a folder: ``target`` was one, and rmtree refuses a link) or file."""
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def recover_folder(target: str | os.PathLike) -> None:
@@ -138,7 +143,7 @@ def recover_folder(target: str | os.PathLike) -> None:
     if not target.exists():
         os.replace(old, target)
     else:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        _delete(old)
 
 
 def path_kind(path: str | os.PathLike) -> str:

@@ -50,7 +50,7 @@ from .models.labels import has_generic_labels
 from .models.modeling import PvtV2ForImageClassification, check_input_size
 from .models.segmentation import PvtV2ForSemanticSegmentation
 from .progress import progress_bar
-from .runtime import parse_device
+from .runtime import parse_device, raise_interrupt_behind
 from .weights.hub import companion_file
 
 __all__ = [
@@ -337,7 +337,8 @@ def torch_runtime(model: PvtV2ForImageClassification, bf16: bool = False) -> Run
 def _import_onnxruntime() -> Any:
     try:
         import onnxruntime
-    except ImportError:
+    except ImportError as err:
+        raise_interrupt_behind(err)
         raise OnnxRuntimeMissingError(
             "--runtime onnxruntime needs the onnxruntime package: pip install 'pvtv2[onnx]'"
         ) from None

@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "tune_malloc", "tune_from_environment", "TUNE_MALLOC_ENV", "parse_device", "MissingDependencyError", "import_optional",
+    "raise_interrupt_behind",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,22 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def raise_interrupt_behind(err: BaseException) -> None:
+    """Raise again the Ctrl-C (KeyboardInterrupt) or SIGTERM (SystemExit) that ``err`` stands for, if any; else return.
+
+    A compiled extension that is interrupted while it initialises (onnxruntime's and onnx's pybind11 modules) raises
+    ``ImportError("initialization failed")`` from the interrupt, which callers may wrap again (torch's ONNX exporter:
+    "Module onnx is not installed!"): read as a missing package or a failed export, a Ctrl-C at that moment printed
+    "pip install ..." and exited with status 2, or went unnoticed where the package is optional."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (KeyboardInterrupt, SystemExit)):
+            raise type(cause)(*cause.args) from None
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+
+
 class MissingDependencyError(ImportError, ValueError):
     """An optional dependency is not installed. Also a ``ValueError``, so that the command prints it as one line."""
 
@@ -135,5 +152,6 @@ def import_optional(module: str, extra: str, purpose: str) -> ModuleType:
     :class:`MissingDependencyError` saying what needs it and which extra installs it."""
     try:
         return importlib.import_module(module)
-    except ImportError:
+    except ImportError as err:
+        raise_interrupt_behind(err)
         raise MissingDependencyError(f"{purpose} needs {module.split('.')[0]}: pip install 'pvtv2[{extra}]'") from None

@@ -44,7 +44,9 @@ public operators it replaces; where the probe fails (another CPU, another build)
    after ``weight = nn.Parameter(other_weight)``, ``other_weight``'s, where ``other_weight`` is not frozen).
    Call :func:`freeze` again after those, or :func:`unfreeze`. Inference tensors (weights made or loaded inside
    ``torch.inference_mode()``) have no version counter, so they are never packed: ``freeze`` leaves such stages
-   unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight that is not exactly
+   unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight in shared memory
+   (``share_memory()``, before or after freezing: another process may write it, as Hogwild training's workers do,
+   unseen by this one's version counters), and a weight that is not exactly
    an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer put in its place, an instance attribute
    set over it), whose ``.data`` is not watched. A new Parameter viewing a packed weight's memory otherwise (a
    transpose, a negative view) repacks too: the packing is keyed by the parameter objects as well.
@@ -584,9 +586,13 @@ def _unchanged(states: tuple, params: list[torch.Tensor]) -> bool:
 
 def _watchable(p: torch.Tensor) -> bool:
     """Whether every write to ``p`` PyTorch makes is seen: a plain Parameter (watched for ``.data`` uses), not an
-    inference tensor (no version counter). Not a Parameter subclass, plain tensor or buffer in a weight's place,
-    whose ``.data`` writes bypass the version counter unseen."""
-    return type(p) in _WATCHABLE and not p.is_inference()
+    inference tensor (no version counter), not in shared CPU memory (``share_memory()``: Hogwild training's worker
+    processes write it, which bumps no version counter in this process). Not a Parameter subclass, plain tensor or
+    buffer in a weight's place, whose ``.data`` writes bypass the version counter unseen."""
+    return (
+        type(p) in _WATCHABLE and not p.is_inference()
+        and not (p.device.type == "cpu" and p.untyped_storage().is_shared())
+    )
 
 
 class _PackedWeights:

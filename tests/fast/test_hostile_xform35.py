@@ -13,9 +13,11 @@ AdamW with ``zero_grad(set_to_none=False)``, gradient checkpointing, accumulatio
 transformers', and global state (default dtype float64, deterministic algorithms, thread counts changed between calls,
 readers and a writer sharing one frozen model under a lock). This file keeps a seeded slice of that search.
 
-One fault found this way: a frozen model in shared memory (``share_memory()``, as Hogwild training uses it) whose
-weights another process wrote kept computing with the weights it had packed before (17% off the reference): such a
-write bumps no version counter in this process. Weights in shared memory are now read as they are at every call.
+Two faults found this way, both writes that bump no version counter in this process, after which a frozen model kept
+computing with the weights it had packed before: another process writing a model in shared memory (``share_memory()``,
+as Hogwild training uses it; 17% off the reference), and ``torch.distributed``'s collectives (a broadcast from rank 0,
+an all_reduce; 89% off). Weights in shared memory, and all weights while a process group is up, are now read as they
+are at every call.
 """
 
 from __future__ import annotations
@@ -542,3 +544,64 @@ def test_a_shared_frozen_model_sees_another_process_writing_its_weights(order):
     assert relative_error(before, after) > 1e-2
     assert relative_error(after, fast_logits(model)) <= 1e-5
     assert fused_stages(model) == 4  # still the fused path, reading the weights as they are
+
+
+_COLLECTIVES_SCRIPT = r'''
+import json, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def run(rank, store, out):
+    torch.set_num_threads(1)
+    from pvtv2 import PvtV2Config, PvtV2ForImageClassification, fast
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+    torch.manual_seed(rank)  # different weights per rank
+    config = PvtV2Config(depths=[1, 2, 1, 1], hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 2, 3, 4],
+                         mlp_ratios=[2, 2, 2, 2], num_labels=5)
+    model = fast.freeze(PvtV2ForImageClassification(config).eval())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def logits(reference):
+        with torch.no_grad(), fast.fast_path(not reference):
+            return model(x).logits
+
+    logits(False)  # packs the weights
+    rows = []
+    for name, collective in (("broadcast", lambda p: dist.broadcast(p, 0)), ("all_reduce", dist.all_reduce)):
+        before = logits(True)
+        with torch.no_grad():
+            for p in model.parameters():
+                collective(p)
+        want, got = logits(True), logits(False)
+        scale = want.abs().max().item()
+        rows.append([name, (want - before).abs().max().item() / scale, (got - want).abs().max().item() / scale])
+    dist.destroy_process_group()
+    with open(out + str(rank), "w") as f:
+        json.dump(rows, f)
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+'''
+
+
+def test_a_frozen_model_sees_torch_distributed_collectives_writing_its_weights(tmp_path):
+    """``torch.distributed``'s collectives (broadcast from rank 0, all_reduce) write the parameters without bumping
+    their version counters: a frozen model on the receiving rank kept the weights it had packed before (120% off the
+    reference). While a process group is up, a frozen model reads its weights as they are at every call."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "collectives.py"
+    script.write_text(_COLLECTIVES_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "store"), str(tmp_path / "rows")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows1").read_text())  # rank 1 receives rank 0's weights
+    assert [name for name, _, _ in rows] == ["broadcast", "all_reduce"]
+    for name, moved, error in rows:
+        assert moved > 1e-1, name  # the collective did change the weights
+        assert error <= 1e-5, name

@@ -521,6 +521,7 @@ def _write_in_another_process(model: nn.Module) -> None:
     write_(model)
 
 
+@pytest.mark.skipif("fork" not in torch.multiprocessing.get_all_start_methods(), reason="needs fork")
 @pytest.mark.parametrize("order", ["share, then freeze", "freeze and call, then share"])
 def test_a_shared_frozen_model_sees_another_process_writing_its_weights(order):
     """Hogwild training, what ``share_memory()`` is for: worker processes write the weights in shared memory, which
@@ -583,6 +584,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_a_frozen_model_sees_torch_distributed_collectives_writing_its_weights(tmp_path):
     """``torch.distributed``'s collectives (broadcast from rank 0, all_reduce) write the parameters without bumping
     their version counters: a frozen model on the receiving rank kept the weights it had packed before (120% off the

@@ -44,7 +44,12 @@ public operators it replaces; where the probe fails (another CPU, another build)
    after ``weight = nn.Parameter(other_weight)``, ``other_weight``'s, where ``other_weight`` is not frozen).
    Call :func:`freeze` again after those, or :func:`unfreeze`. Inference tensors (weights made or loaded inside
    ``torch.inference_mode()``) have no version counter, so they are never packed: ``freeze`` leaves such stages
-   unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight that is not exactly
+   unfrozen (with a warning) and a frozen stage reads such a weight as it is; so it does a weight in shared memory
+   (``share_memory()``, before or after freezing: another process may write it, as Hogwild training's workers do,
+   unseen by this one's version counters), every weight while a ``torch.distributed`` process group is up (its
+   collectives write parameters without bumping their version counters; weights packed before the group came up are
+   dropped at its first call, and packed again after ``destroy_process_group``: where no call comes between a
+   collective and ``destroy_process_group``, call :func:`freeze` again), and a weight that is not exactly
    an ``nn.Parameter`` (a Parameter subclass, a plain tensor or a buffer put in its place, an instance attribute
    set over it), whose ``.data`` is not watched. A new Parameter viewing a packed weight's memory otherwise (a
    transpose, a negative view) repacks too: the packing is keyed by the parameter objects as well.
@@ -584,9 +589,20 @@ def _unchanged(states: tuple, params: list[torch.Tensor]) -> bool:
 
 def _watchable(p: torch.Tensor) -> bool:
     """Whether every write to ``p`` PyTorch makes is seen: a plain Parameter (watched for ``.data`` uses), not an
-    inference tensor (no version counter). Not a Parameter subclass, plain tensor or buffer in a weight's place,
-    whose ``.data`` writes bypass the version counter unseen."""
-    return type(p) in _WATCHABLE and not p.is_inference()
+    inference tensor (no version counter), not in shared CPU memory (``share_memory()``: Hogwild training's worker
+    processes write it, which bumps no version counter in this process). Not a Parameter subclass, plain tensor or
+    buffer in a weight's place, whose ``.data`` writes bypass the version counter unseen."""
+    return (
+        type(p) in _WATCHABLE and not p.is_inference()
+        and not (p.device.type == "cpu" and p.untyped_storage().is_shared())
+    )
+
+
+def _collectives() -> bool:
+    """Whether a ``torch.distributed`` process group is up: its collectives (``broadcast``, ``all_reduce``, ...) write
+    tensors in place without bumping their version counters, so a weight one wrote looked unchanged (a frozen model on
+    the receiving rank of a broadcast kept the weights it had packed before)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class _PackedWeights:
@@ -600,7 +616,12 @@ class _PackedWeights:
 
     def _entry(self, slot: tuple, modules: list[nn.Module], dtype: torch.dtype, pack) -> tuple | None:
         """The packed weights for ``slot``, repacked if they changed; None where a weight's writes could go unseen
-        (:func:`_watchable`: then the caller reads the weights as they are)."""
+        (:func:`_watchable`, :func:`_collectives`: then the caller reads the weights as they are)."""
+        if _collectives():
+            if slot in self.entries:  # packed before the group came up: repacked once it is gone
+                with self.lock:
+                    self.entries.pop(slot, None)
+            return None
         params = _params(modules)
         entry = self.entries.get(slot)
         if entry is None or entry[0] != dtype or not _unchanged(entry[1], params):

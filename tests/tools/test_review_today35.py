@@ -208,3 +208,21 @@ def test_depth_outside_eigens_crop_only_is_told_to_leave_the_crop_out_not_to_rai
     assert main([*argv[:4], str(tmp_path / "far"), *argv[5:], "--nyu-crop"]) == 2
     err = capsys.readouterr().err
     assert "pass a --max-depth above the data's depths" in err and "leave out --nyu-crop" not in err
+
+
+def test_the_class_note_counts_a_detectors_class_layer_and_is_not_given_for_a_head_of_another_kind(tmp_path):
+    from pvtv2.models.detection import PvtV2ForObjectDetection
+
+    torch.manual_seed(0)
+    config = PvtV2Config(**TINY_SMALL_IMAGES, detector="retinanet", num_labels=3)
+    PvtV2ForObjectDetection(config).save_pretrained(tmp_path / "det")
+    # a RetinaNet read as an FCOS: its class layer differs (9 anchors x 3 classes against 3) with every other layer of
+    # the head; the classes are not the cause
+    with pytest.raises(CheckpointError) as info:
+        PvtV2ForObjectDetection.from_pretrained(tmp_path / "det", detector="fcos")
+    assert "classes, for which" not in str(info.value)
+    _with_classes(tmp_path / "det", ["a", "b", "c", "d", "e"])
+    with pytest.raises(CheckpointError, match=re.escape(
+            "its id2label gives 5 classes, for which detector.head.classification_head.cls_logits has 45 outputs "
+            "where the checkpoint's has 27")):
+        PvtV2ForObjectDetection.from_pretrained(tmp_path / "det")

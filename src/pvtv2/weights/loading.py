@@ -1112,10 +1112,17 @@ def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
 
 def _classifier_misfit(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]) -> tuple[str, int, int] | None:
     """The first class-sized layer of ``model`` whose rows the checkpoint's differ from: (its name, the checkpoint's
-    rows, the model's); None when every one fits or is absent."""
+    rows, the model's); None when every one fits or is absent, or when another layer of the head misfits too (a
+    head of another kind, whose class-sized layers differ for that reason: a RetinaNet's read as an FCOS)."""
     classifier = getattr(model, "classifier_prefix", None)
+    prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
     expected = model.state_dict()  # shapes only (a model on the meta device)
-    for prefix in (classifier,) if isinstance(classifier, str) else tuple(classifier or ()):
+    heads = tuple(getattr(model, "head_prefixes", ()))
+    for key, tensor in canonical.items():
+        if (heads and key.startswith(heads) and not key.startswith(prefixes) and key in expected
+                and tensor.shape != expected[key].shape):
+            return None
+    for prefix in prefixes:
         held, built = canonical.get(f"{prefix}weight"), expected.get(f"{prefix}weight")
         if held is not None and built is not None and held.ndim and built.ndim and held.shape[0] != built.shape[0]:
             return prefix.rstrip("."), int(held.shape[0]), int(built.shape[0])

@@ -226,3 +226,25 @@ def test_the_class_note_counts_a_detectors_class_layer_and_is_not_given_for_a_he
             "its id2label gives 5 classes, for which detector.head.classification_head.cls_logits has 45 outputs "
             "where the checkpoint's has 27")):
         PvtV2ForObjectDetection.from_pretrained(tmp_path / "det")
+
+
+def test_pixel_values_past_float32_from_the_image_itself_are_refused_naming_the_image_not_the_settings():
+    from pvtv2 import PvtV2ImageProcessor
+
+    huge = np.full((3, 8, 8), 1e300)  # float64, finite; float32 holds at most 3.4e38
+    with np.errstate(over="ignore"):
+        assert np.isfinite(huge).all() and not np.isfinite(huge.astype(np.float32)).all()
+    processor = PvtV2ImageProcessor()
+    for settings in ({"do_resize": False, "do_rescale": False},
+                     {"do_resize": False, "do_rescale": False, "do_normalize": False}):
+        # came back as infinity (float64 normalised, then cast), past the check
+        with pytest.raises(ValueError, match=r"image 0: its pixel values overflow float32 .*the image's own values "
+                                             r"reach 1e\+300, past float32's range"):
+            processor(huge, **settings)
+    # the settings' own overflow is still named as theirs, and ordinary float64 input gives float32's numbers
+    with pytest.raises(ValueError, match="these settings give no finite pixel values"):
+        processor(np.full((3, 8, 8), 100.0), do_resize=False, rescale_factor=1e300)
+    ordinary = np.random.default_rng(35).uniform(0, 255, (3, 8, 8))
+    got = processor(ordinary, do_resize=False, do_rescale=False, return_tensors="np").pixel_values[0]
+    mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
+    assert got.dtype == np.float32 and np.array_equal(got, ((ordinary - mean) / std).astype(np.float32))

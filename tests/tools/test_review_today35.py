@@ -248,3 +248,15 @@ def test_pixel_values_past_float32_from_the_image_itself_are_refused_naming_the_
     got = processor(ordinary, do_resize=False, do_rescale=False, return_tensors="np").pixel_values[0]
     mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
     assert got.dtype == np.float32 and np.array_equal(got, ((ordinary - mean) / std).astype(np.float32))
+
+
+def test_label2id_alone_names_the_files_own_classes_and_does_not_ask_for_a_new_head(tmp_path):
+    save_tiny_classifier(tmp_path / "model")  # three rows
+    _with_classes(tmp_path / "model", ["a", "b", "c", "d", "e"])
+    label2id = {n: i for i, n in enumerate("abcde")}
+    # label2id must invert the config's id2label, so it names those five classes: a random five-row head was loaded
+    # under them, a warning its only sign
+    with pytest.raises(CheckpointError, match=re.escape("classifier.weight: checkpoint (3, 64) vs model (5, 64)")):
+        PvtV2ForImageClassification.from_pretrained(tmp_path / "model", label2id=label2id)
+    with pytest.raises(ValueError, match="label2id does not invert id2label"):
+        PvtV2ForImageClassification.from_pretrained(tmp_path / "model", label2id={"x": 0, "y": 1})

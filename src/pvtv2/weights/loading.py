@@ -730,8 +730,9 @@ def checkpoint_layout(state: Mapping[str, torch.Tensor], weights_path: str | os.
         raise CheckpointError(f"{os.fspath(weights_path)}{named}: {err}") from None
 
 
-# The arguments that ask for a classifier of other classes than the checkpoint's (the fine-tuning idiom).
-_HEAD_ARGUMENTS = frozenset({"num_labels", "id2label", "label2id"})
+# The arguments that ask for a classifier of other classes than the checkpoint's (the fine-tuning idiom). Not
+# label2id alone: it must invert the config.json's id2label, so it names that file's classes, not new ones.
+_HEAD_ARGUMENTS = frozenset({"num_labels", "id2label"})
 
 
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
@@ -1195,7 +1196,7 @@ def _config_file_note(
             problems.append(f"it has no {name!r}, so the default {used} was used where the checkpoint has {values}")
         else:
             problems.append(f"its {name} {short_repr(data[name])} is not the checkpoint's {values}")
-    if classifier is not None and not {"num_labels", "id2label", "label2id"} & overrides.keys():
+    if classifier is not None and not _HEAD_ARGUMENTS & overrides.keys():
         # The classes: refused since a folder's own classifier must fit them, which said only "mis-shaped keys" and
         # ignore_mismatched_sizes=True (a random head), where the fix is the file's classes.
         layer, held, built = classifier

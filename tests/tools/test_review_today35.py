@@ -260,3 +260,19 @@ def test_label2id_alone_names_the_files_own_classes_and_does_not_ask_for_a_new_h
         PvtV2ForImageClassification.from_pretrained(tmp_path / "model", label2id=label2id)
     with pytest.raises(ValueError, match="label2id does not invert id2label"):
         PvtV2ForImageClassification.from_pretrained(tmp_path / "model", label2id={"x": 0, "y": 1})
+
+
+def test_memory_running_out_while_turning_an_image_upright_is_not_called_corrupt_exif(tmp_path, monkeypatch):
+    import PIL.ImageOps
+
+    from pvtv2.data.processing import load_image
+
+    PIL.Image.fromarray(np.zeros((6, 10, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+
+    def out_of_memory(image):  # what a copy of a large image raises where the memory is short
+        raise MemoryError()
+
+    monkeypatch.setattr(PIL.ImageOps, "exif_transpose", out_of_memory)
+    with pytest.raises(ValueError, match=r"cannot read image '.*a\.png': PIL could not allocate the memory to decode "
+                                         r"its 10 x 6 pixels \(MemoryError\)$"):
+        load_image(tmp_path / "a.png")

@@ -173,7 +173,9 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
         reason = str(error) or type(error).__name__
         if isinstance(error, MemoryError):
             reason = f"PIL could not allocate the memory to decode its {width} x {height} pixels (MemoryError)"
-        if in_exif:  # PIL's own words ("not a TIFF file") do not say that the pixels are fine and the EXIF is not
+        # PIL's own words ("not a TIFF file") do not say that the pixels are fine and the EXIF is not. Memory running
+        # out while turning the image upright (a copy of it) is no corrupt EXIF.
+        if in_exif and not isinstance(error, MemoryError):
             reason = f"its EXIF data is corrupt ({reason})"
         raise ValueError(f"cannot read image {text!r}: {reason}") from error
 

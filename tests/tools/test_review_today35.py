@@ -4,7 +4,10 @@ Found: a folder whose config.json has other classes than its own classifier, now
 was refused with "mis-shaped keys" and the advice ``ignore_mismatched_sizes=True`` (a random head: what the refusal
 is there to prevent, and no flag of ``pvtv2 export`` / ``convert`` / ``inspect``), where those commands used to say
 "Fix num_labels / id2label in its config.json"; depth training with ``--nyu-crop`` whose depth lies only outside
-Eigen's crop was told to pass a larger ``--max-depth``, which changes nothing.
+Eigen's crop was told to pass a larger ``--max-depth``, which changes nothing; ``label2id=`` alone (which must invert
+the file's own id2label) let such a folder load a random head; the float32 overflow check ran before the cast to
+float32, so a float64 image beyond float32's range came back as infinity, and its message blamed the settings; memory
+running out while turning an image upright was called corrupt EXIF.
 
 Checked and kept: training checkpoints as pytorch/examples, DeiT (EMA and optimizer beside the weights) and
 torch.compile around DataParallel save them load the model's own weights; fine-tuning for another number of classes

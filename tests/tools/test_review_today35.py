@@ -7,7 +7,8 @@ is there to prevent, and no flag of ``pvtv2 export`` / ``convert`` / ``inspect``
 Eigen's crop was told to pass a larger ``--max-depth``, which changes nothing; ``label2id=`` alone (which must invert
 the file's own id2label) let such a folder load a random head; the float32 overflow check ran before the cast to
 float32, so a float64 image beyond float32's range came back as infinity, and its message blamed the settings; memory
-running out while turning an image upright was called corrupt EXIF.
+running out while turning an image upright was called corrupt EXIF; sparse depth maps that the resize to
+``--image-size`` leaves without a measurement were told to raise ``--max-depth`` too.
 
 Checked and kept: training checkpoints as pytorch/examples, DeiT (EMA and optimizer beside the weights) and
 torch.compile around DataParallel save them load the model's own weights; fine-tuning for another number of classes
@@ -193,7 +194,8 @@ def _depth_data(root, depth: np.ndarray) -> None:
         for part in ("images", "depth"):
             (root / split / part).mkdir(parents=True)
         for i in range(2):
-            PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / "images" / f"{i}.png")
+            image = rng.integers(0, 256, (*depth.shape, 3), dtype=np.uint8)
+            PIL.Image.fromarray(image).save(root / split / "images" / f"{i}.png")
             write_depth_png(root / split / "depth" / f"{i}.png", depth)
 
 
@@ -279,3 +281,16 @@ def test_memory_running_out_while_turning_an_image_upright_is_not_called_corrupt
     with pytest.raises(ValueError, match=r"cannot read image '.*a\.png': PIL could not allocate the memory to decode "
                                          r"its 10 x 6 pixels \(MemoryError\)$"):
         load_image(tmp_path / "a.png")
+
+
+def test_sparse_depth_that_the_resize_drops_is_told_to_take_a_larger_image_size_not_max_depth(tmp_path, capsys):
+    depth = np.zeros((64, 64))
+    depth[0, 0] = 3.0  # one measurement, inside max_depth; halved by nearest neighbour, PIL keeps the odd rows only
+    resized = np.asarray(PIL.Image.fromarray(depth.astype(np.float32)).resize((32, 32), PIL.Image.Resampling.NEAREST))
+    assert not resized.any()
+    _depth_data(tmp_path / "data", depth)
+    argv = ["train", "--task", "depth", "--data", str(tmp_path / "data"), "--model", "tiny", "--output",
+            str(tmp_path / "run"), "--epochs", "1", "--image-size", "32", "--batch-size", "2", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "keep no measured pixel: pass a larger --image-size" in err and "--max-depth above" not in err

@@ -173,7 +173,9 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
         reason = str(error) or type(error).__name__
         if isinstance(error, MemoryError):
             reason = f"PIL could not allocate the memory to decode its {width} x {height} pixels (MemoryError)"
-        if in_exif:  # PIL's own words ("not a TIFF file") do not say that the pixels are fine and the EXIF is not
+        # PIL's own words ("not a TIFF file") do not say that the pixels are fine and the EXIF is not. Memory running
+        # out while turning the image upright (a copy of it) is no corrupt EXIF.
+        if in_exif and not isinstance(error, MemoryError):
             reason = f"its EXIF data is corrupt ({reason})"
         raise ValueError(f"cannot read image {text!r}: {reason}") from error
 
@@ -551,14 +553,19 @@ class PvtV2ImageProcessor:
                 )
                 warned = True
             with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # refused below, by name
-                pixels = self._preprocess(image)
+                # As float32, what the pixel values become: a float64 input left unscaled overflowed in that cast,
+                # after this check, and came out as infinity.
+                pixels = self._preprocess(image).astype(np.float32, copy=False)
             if not np.isfinite(pixels).all():
                 # Finite pixels and finite settings, past float32's range (a preprocessor_config.json's rescale_factor
                 # of 1e300, an image_std of 1e-300): the model's scores were NaN, and predict printed them, exit 0.
+                peak = float(np.abs(image).max())
+                cause = ("these settings give no finite pixel values" if peak <= float(np.finfo(np.float32).max) else
+                         f"the image's own values reach {peak:g}, past float32's range")
                 raise ValueError(
                     f"image {index}: its pixel values overflow float32 once rescaled and normalised "
                     f"(rescale_factor={self.rescale_factor!r}, image_mean={self.image_mean!r}, "
-                    f"image_std={self.image_std!r}); these settings give no finite pixel values"
+                    f"image_std={self.image_std!r}); {cause}"
                 )
             processed.append(pixels)
         if return_tensors is None:

@@ -101,17 +101,25 @@ class DepthTask(Task):
         range (MIN_DEPTH, max_depth): without one every metric was NaN, no epoch beat the start, and the run ended
         with exit 0 naming a best/ it never wrote (data deeper than the model's range: KITTI's at the default 10 m)."""
         cfg = self.cfg
+        in_range = False  # a pixel in the range outside Eigen's crop: then the crop is the cause, not max_depth
+        measured = False  # a measured pixel once resized: sparse maps (LiDAR's) may keep none at a small size
         for _, depth in self.val_set:  # read until the first such pixel (in the first map, as a rule)
+            measured = measured or bool((depth > MIN_DEPTH).any())
             valid = (depth > MIN_DEPTH) & (depth < max_depth)
+            in_range = in_range or bool(valid.any())
             if cfg.nyu_crop:
                 valid &= eigen_crop_mask(*depth.shape)
             if bool(valid.any()):
                 return
+        advice = ("every pixel in that range lies outside the crop: leave out --nyu-crop (Eigen's crop of NYU's "
+                  "frames)" if in_range else
+                  "pass a --max-depth above the data's depths (e.g. 80 for KITTI)" if measured else
+                  "resized to that size (nearest neighbour) the sparse maps keep no measured pixel: pass a larger "
+                  "--image-size")
         raise ValueError(
             f"no validation pixel in {cfg.data!r} has a depth the metrics count, between {MIN_DEPTH:g} m and the "
             f"model's max_depth {max_depth:g} m" + (" inside Eigen's crop (--nyu-crop)" if cfg.nyu_crop else "")
-            + f" at --image-size {cfg.image_size}: every metric would be NaN; pass a --max-depth above the data's "
-            f"depths (e.g. 80 for KITTI)"
+            + f" at --image-size {cfg.image_size}: every metric would be NaN; {advice}"
         )
 
     def default_lr(self, global_batch: int) -> float:

@@ -730,8 +730,9 @@ def checkpoint_layout(state: Mapping[str, torch.Tensor], weights_path: str | os.
         raise CheckpointError(f"{os.fspath(weights_path)}{named}: {err}") from None
 
 
-# The arguments that ask for a classifier of other classes than the checkpoint's (the fine-tuning idiom).
-_HEAD_ARGUMENTS = frozenset({"num_labels", "id2label", "label2id"})
+# The arguments that ask for a classifier of other classes than the checkpoint's (the fine-tuning idiom). Not
+# label2id alone: it must invert the config.json's id2label, so it names that file's classes, not new ones.
+_HEAD_ARGUMENTS = frozenset({"num_labels", "id2label"})
 
 
 def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str | None = None,
@@ -846,7 +847,7 @@ def load_pretrained(model_cls: type, source: str | os.PathLike, *, revision: str
         # The model was built from the config.json: say so, and which of its fields the tensors contradict (one it
         # lacks took its default: a hand-edited file without "depths" builds the default [2, 2, 2, 2]).
         first, _, rest = str(err).partition("\n")
-        note = _config_file_note(config_path, config, canonical, overrides)
+        note = _config_file_note(config_path, config, canonical, overrides, _classifier_misfit(model, canonical))
         raise CheckpointError(f"{first}\n  {note}" + (f"\n{rest}" if rest else "")) from None
     # Which ecosystem wrote the file: its evaluation preprocessing follows it (inference.load_processor).
     model.checkpoint_layout = layout
@@ -1110,12 +1111,33 @@ def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
     return f"; the checkpoint has hidden_sizes={hidden}, depths={depths}" + (f" ({preset})" if preset else "")
 
 
+def _classifier_misfit(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """The first class-sized layer of ``model`` whose rows the checkpoint's differ from: (its name, the checkpoint's
+    rows, the model's); None when every one fits or is absent, or when another layer of the head misfits too (a
+    head of another kind, whose class-sized layers differ for that reason: a RetinaNet's read as an FCOS)."""
+    classifier = getattr(model, "classifier_prefix", None)
+    prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    expected = model.state_dict()  # shapes only (a model on the meta device)
+    heads = tuple(getattr(model, "head_prefixes", ()))
+    for key, tensor in canonical.items():
+        if (heads and key.startswith(heads) and not key.startswith(prefixes) and key in expected
+                and tensor.shape != expected[key].shape):
+            return None
+    for prefix in prefixes:
+        held, built = canonical.get(f"{prefix}weight"), expected.get(f"{prefix}weight")
+        if held is not None and built is not None and held.ndim and built.ndim and held.shape[0] != built.shape[0]:
+            return prefix.rstrip("."), int(held.shape[0]), int(built.shape[0])
+    return None
+
+
 def _config_file_note(
-    path: str | os.PathLike, config: PvtV2Config, canonical: Mapping[str, torch.Tensor], overrides: Mapping[str, Any]
+    path: str | os.PathLike, config: PvtV2Config, canonical: Mapping[str, torch.Tensor], overrides: Mapping[str, Any],
+    classifier: tuple[str, int, int] | None = None,
 ) -> str:
     """The line of a load failure that names the config.json the model was built from, and each of its fields that
     the checkpoint's shapes contradict: absent from the file (so its default was used) or written with another
-    value. Fields given as overrides are the caller's, not the file's."""
+    value. Fields given as overrides are the caller's, not the file's. ``classifier``: a class-sized layer whose rows
+    the file's classes do not give (:func:`_classifier_misfit`)."""
     where = os.fspath(path)
     if overrides:  # the caller's arguments changed what the file says
         where += f" with the arguments {', '.join(sorted(overrides))}"
@@ -1174,6 +1196,16 @@ def _config_file_note(
             problems.append(f"it has no {name!r}, so the default {used} was used where the checkpoint has {values}")
         else:
             problems.append(f"its {name} {short_repr(data[name])} is not the checkpoint's {values}")
+    if classifier is not None and not _HEAD_ARGUMENTS & overrides.keys():
+        # The classes: refused since a folder's own classifier must fit them, which said only "mis-shaped keys" and
+        # ignore_mismatched_sizes=True (a random head), where the fix is the file's classes.
+        layer, held, built = classifier
+        field = ("id2label" if "id2label" in data else "num_labels" if "num_labels" in data else None)
+        told = (f"its {field} gives {config.num_labels} classes" if field else
+                f"it has no 'id2label', so the default {config.num_labels} classes were used")
+        problems.append(f"{told}, for which {layer} has {built} outputs where the checkpoint's has {held} (set "
+                        f"id2label to the checkpoint's classes; to train a new head for other classes, pass "
+                        f"num_labels= or id2label=, as `pvtv2 train --model` does)")
     if not problems:
         return f"the model was built from {where}"
     return f"the model was built from {where}: {'; '.join(problems)}; correct {os.fspath(path)} to fit the weights"

@@ -35,6 +35,7 @@ from pvtv2.models.segmentation import PvtV2ForSemanticSegmentation
 from pvtv2.training.segmentation import evaluate_segmentation, segmentation_metrics
 
 from conftest import TINY_SMALL_IMAGES, random_weights_
+from dense_references import bts_metrics, mmseg_scores, mmseg_slide, write_mask
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # ImageNet's, as SegFormer's processor normalises
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -51,59 +52,6 @@ def segformer_pixels(rgb: np.ndarray) -> torch.Tensor:
     float32), normalise in float32; (1, 3, H, W)."""
     scaled = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)
     return torch.from_numpy(((scaled - MEAN) / STD).transpose(2, 0, 1).copy())[None]
-
-
-def mmseg_slide(model, image: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    """mmsegmentation's ``slide_inference``: a grid of windows, the last ones moved back inside the image, each
-    window's logits resized to it, padded into place, summed and divided by the count of windows over each pixel."""
-    _, _, h_img, w_img = image.shape
-    (h_crop, w_crop), (h_stride, w_stride) = crop, stride
-    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
-    preds, count = 0, torch.zeros(1, 1, h_img, w_img, dtype=torch.float64)
-    for h_idx in range(h_grids):
-        for w_idx in range(w_grids):
-            y1, x1 = h_idx * h_stride, w_idx * w_stride
-            y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
-            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-            window = image[:, :, y1:y2, x1:x2]
-            logits = F.interpolate(model(window).logits, size=window.shape[2:], mode="bilinear", align_corners=False)
-            preds = preds + F.pad(logits, (x1, w_img - x2, y1, h_img - y2))
-            count[:, :, y1:y2, x1:x2] += 1
-    return preds / count
-
-
-def mmseg_scores(preds, labels, num_classes: int, ignore_index: int, reduce_zero_label: bool) -> dict:
-    """``intersect_and_union`` per image (mmsegmentation's ``reduce_zero_label`` on the 255 convention), summed, then
-    ``total_area_to_metrics``: aAcc, per-class IoU and Acc (NaN where 0 / 0), mIoU the nanmean."""
-    inter = np.zeros(num_classes)
-    union = np.zeros(num_classes)
-    area_label = np.zeros(num_classes)
-    for pred, label in zip(preds, labels):
-        label = np.array(label, dtype=np.int64)
-        if reduce_zero_label:
-            label[label == 0] = 255
-            label = label - 1
-            label[label == 254] = 255
-        keep = label != ignore_index
-        pred, label = np.asarray(pred)[keep], label[keep]
-        bins = dict(bins=num_classes, range=(0, num_classes))
-        i = np.histogram(pred[pred == label], **bins)[0]
-        p, t = np.histogram(pred, **bins)[0], np.histogram(label, **bins)[0]
-        inter, union, area_label = inter + i, union + p + t - i, area_label + t
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = inter / union
-        a_acc = inter.sum() / area_label.sum()
-    return {"aAcc": a_acc, "IoU": iou, "mIoU": np.nanmean(iou) if not np.isnan(iou).all() else math.nan}
-
-
-def _write_mask(path, values: np.ndarray, mode: str, rng: np.random.Generator) -> None:
-    if mode == "P":
-        picture = PIL.Image.fromarray(values.astype(np.uint8), "P")
-        picture.putpalette(rng.integers(0, 256, 768).astype(np.uint8).tolist())  # colours are not the classes
-    else:
-        picture = PIL.Image.fromarray(values.astype(np.uint8 if mode == "L" else np.uint16))
-    picture.save(path)
 
 
 # ---------------------------------------------------------------------------------------- segmentation, end to end
@@ -135,7 +83,7 @@ def test_evaluate_segmenter_is_mmsegmentations_protocol_end_to_end(tmp_path):
             raw = rng.integers(0, k + 1 if reduce else k, (height, width))
             raw[rng.random((height, width)) < 0.15] = ignore
             mode = str(rng.choice(["L", "P", "I;16"])) if ignore < 256 else "I;16"
-            _write_mask(root / f"val/masks/{n}.png", raw, mode, rng)
+            write_mask(root / f"val/masks/{n}.png", raw, mode, rng)
             pixels = segformer_pixels(rgb).double()
             with torch.no_grad():
                 if slide:
@@ -271,25 +219,6 @@ class DepthOfPixels(torch.nn.Module):
         return SimpleNamespace(predicted_depth=depth + 0 * self.anchor)
 
 
-def bts_errors(pred: np.ndarray, gt: np.ndarray, lo: float, hi: float, crop: bool) -> dict | None:
-    """BTS's ``compute_errors`` after its range mask and clamping; Eigen's crop at the same fractions of the frame."""
-    pred, gt = pred.astype(np.float64), gt.astype(np.float64)
-    valid = (gt > lo) & (gt < hi)
-    if crop:
-        height, width = gt.shape
-        inside = np.zeros_like(valid)
-        inside[round(45 * height / 480):round(471 * height / 480), round(41 * width / 640):round(601 * width / 640)] = True
-        valid &= inside
-    if not valid.any():
-        return None
-    p, t = np.clip(pred, lo, hi)[valid], gt[valid]
-    ratio = np.maximum(t / p, p / t)
-    return {"abs_rel": np.mean(np.abs(t - p) / t), "sq_rel": np.mean((t - p) ** 2 / t),
-            "rmse": np.sqrt(np.mean((t - p) ** 2)), "rmse_log": np.sqrt(np.mean((np.log(t) - np.log(p)) ** 2)),
-            "log10": np.mean(np.abs(np.log10(t) - np.log10(p))), "delta1": np.mean(ratio < 1.25),
-            "delta2": np.mean(ratio < 1.25**2), "delta3": np.mean(ratio < 1.25**3)}
-
-
 def test_depth_validation_metrics_are_bts_means_over_images_read_from_files(tmp_path):
     """12 random validation folders (16-bit PNGs at depth scales 1000, 256, 100 or 5000, 20% missing, images of any
     size resized to --image-size, depth beyond max_depth, Eigen's crop or not, any batch size) scored by the depth
@@ -339,7 +268,7 @@ def test_depth_validation_metrics_are_bts_means_over_images_read_from_files(tmp_
             pixels = np.asarray(PIL.Image.fromarray(rgb).resize((size, size), PIL.Image.BILINEAR), np.float32) / 255
             with torch.no_grad():
                 pred = model(torch.from_numpy(pixels).permute(2, 0, 1)[None]).predicted_depth[0].numpy()
-            expected.append(bts_errors(pred, truth, 1e-3, max_depth, crop))
+            expected.append(bts_metrics(pred, truth, 1e-3, max_depth, crop))
         scored = [e for e in expected if e is not None]
         assert (got["images"], got["images_without_depth"]) == (len(scored), n - len(scored)), case
         for name in scored[0]:

@@ -184,10 +184,15 @@ def _check_zip_members(path: Path) -> None:
 def shard_names(index_path: str | os.PathLike) -> list[str]:
     """The shard files a sharded checkpoint's index (``model.safetensors.index.json``) names, each a plain file name
     beside the index, as transformers writes them ("../x" or "/x" would read another folder's files)."""
-    index_path = Path(index_path)
+    return _read_index(Path(index_path))[1]
+
+
+def _read_index(index_path: Path) -> tuple[dict, list[str]]:
+    """A sharded checkpoint's index, read once: its weight map and the shard names (:func:`shard_names`)."""
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-        shards = set(index["weight_map"].values())
+        weight_map = index["weight_map"]
+        shards = set(weight_map.values())
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"{os.fspath(index_path)!r} is not a valid sharded-checkpoint index: {err}") from None
     for shard in shards:
@@ -202,13 +207,14 @@ def shard_names(index_path: str | os.PathLike) -> list[str]:
             )
     if not shards:  # else reported as a checkpoint of no known layout, "its first keys are: ."
         raise CheckpointError(f"{os.fspath(index_path)!r} names no shards: its weight_map is empty")
-    return sorted(shards)
+    return weight_map, sorted(shards)
 
 
 def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     holder: dict[str, str] = {}  # which shard each tensor came from
-    for shard in shard_names(index_path):
+    weight_map, shards = _read_index(index_path)
+    for shard in shards:
         if not (index_path.parent / shard).is_file():  # named as the index's, not as a missing checkpoint
             raise FileNotFoundError(f"{os.fspath(index_path)!r} names the shard {shard!r}, which is not in its folder")
         part = read_state_dict(index_path.parent / shard)
@@ -225,7 +231,6 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     # A tensor the index places in a shard that holds none of that name (a shard re-saved without it, or another
     # checkpoint's shard put in its place): it was reported as missing from the model's point of view only, and when
     # its absence fits another architecture (a spatial reduction) as a config.json to correct.
-    weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]  # valid: shard_names read it
     lost = sorted(key for key in weight_map if _bare_name(key) not in state)
     if lost:
         raise CheckpointError(

@@ -77,7 +77,7 @@ def _paste(rng: np.random.Generator, pixels: np.ndarray) -> np.ndarray:
     border; its mask."""
     h, w = pixels.shape[:2]
     yy, xx = np.mgrid[:h, :w]
-    oh, ow = int(rng.integers(6, h // 2)), int(rng.integers(6, w // 2))
+    oh, ow = int(rng.integers(6, h * 3 // 4)), int(rng.integers(6, w * 3 // 4))
     y0 = 0 if rng.random() < 0.2 else (h - oh if rng.random() < 0.25 else int(rng.integers(0, h - oh + 1)))
     x0 = 0 if rng.random() < 0.2 else (w - ow if rng.random() < 0.25 else int(rng.integers(0, w - ow + 1)))
     if rng.random() < 0.5:
@@ -115,7 +115,7 @@ def write_real_coco(rng: np.random.Generator, root) -> dict:
     ids = [2**40 + int(v) for v in rng.permutation(1000)[:5]]  # not from 1, not sorted
     ann_id = 7 * 2**40
     for n, image_id in enumerate(ids):
-        height, width = int(rng.integers(60, 140)), int(rng.integers(60, 140))
+        height, width = int(rng.integers(60, 260)), int(rng.integers(60, 260))  # objects of all three COCO sizes
         pixels = _photo(rng, height, width).copy()
         name = f"set{n % 2}/part {n}/{image_id}.png" if n else f"turned/{image_id}.jpg"
         count = 0 if n == 3 else int(rng.integers(1, 5))  # image 3: no annotation

@@ -313,7 +313,7 @@ def _segmentation_scene(rng: np.random.Generator, height: int, width: int, k: in
 @pytest.mark.parametrize("seed", range(2))
 def test_segmentation_eval_on_real_photographs_is_mmsegmentations(tmp_path, capsys, monkeypatch, seed):
     """``pvtv2 eval --task segmentation`` of a float64 tiny SegFormer on photographs of sizes that no crop or stride
-    divides, whole (at the config's size) and sliding window, plain and ADE20K-style (``--reduce-labels``) masks in
+    divides, whole (at the config's size) and sliding window (over the image, and over it resized by --size), plain and ADE20K-style (``--reduce-labels``) masks in
     8-bit grey, palette and 16-bit PNG, one image EXIF-turned: mmsegmentation's ``slide_inference`` /
     resize-and-upsample and its ``intersect_and_union`` written out; the same labels in grey and palette PNG score
     the same."""
@@ -334,6 +334,7 @@ def test_segmentation_eval_on_real_photographs_is_mmsegmentations(tmp_path, caps
     stride = (int(rng.integers(7, crop[0])),) * 2
     sizes = [(int(rng.integers(33, 90)), int(rng.integers(33, 90))) for _ in range(3)]
     scenes = [_segmentation_scene(rng, h, w, k) for h, w in sizes]
+    resize_to = (int(rng.integers(40, 100)), int(rng.integers(40, 100)))  # slide over a resized image
     scores = {}
     for reduce in (False, True):
         for modes in (("L", "P", "I;16"), ("P", "L", "L")):
@@ -350,32 +351,35 @@ def test_segmentation_eval_on_real_photographs_is_mmsegmentations(tmp_path, caps
                     stored.save(root / f"val/images/{n}.png", exif=exif.tobytes())
                 else:
                     PIL.Image.fromarray(rgb).save(root / f"val/images/{n}.png")
-            for mode in ("whole", "slide"):
+            for mode in ("whole", "slide", "slide-resized"):
                 preds = []
                 for rgb, _ in scenes:
-                    scaled = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)
+                    size = tuple(config.image_size) if mode == "whole" else resize_to
+                    if mode != "slide":  # resized as transformers' processor: PIL bilinear on the 8-bit image
+                        resized = np.asarray(PIL.Image.fromarray(rgb).resize(size[::-1], PIL.Image.Resampling.BILINEAR))
+                    else:
+                        resized = rgb
+                    scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
                     pixels = torch.from_numpy(((scaled - mean) / std).transpose(2, 0, 1).copy())[None].double()
                     with torch.no_grad():
-                        if mode == "slide":
+                        if mode.startswith("slide"):
                             logits = mmseg_slide(model, pixels, crop, stride)
                         else:
-                            size = tuple(config.image_size)
-                            resized = PIL.Image.fromarray(rgb).resize(size[::-1], PIL.Image.Resampling.BILINEAR)
-                            scaled = (np.asarray(resized).astype(np.float64) * (1 / 255)).astype(np.float32)
-                            small = torch.from_numpy(((scaled - mean) / std).transpose(2, 0, 1).copy())[None]
                             # mmsegmentation's whole_inference: upsampled to the input (encode_decode), then
                             # to the original size (rescale): two bilinear steps
-                            logits = torch.nn.functional.interpolate(model(small.double()).logits, size=size,
+                            logits = torch.nn.functional.interpolate(model(pixels).logits, size=size,
                                                                      mode="bilinear", align_corners=False)
-                            logits = torch.nn.functional.interpolate(logits, size=rgb.shape[:2], mode="bilinear",
-                                                                     align_corners=False)
+                        logits = torch.nn.functional.interpolate(logits, size=rgb.shape[:2], mode="bilinear",
+                                                                 align_corners=False)
                     preds.append(logits[0].argmax(0).numpy())
                 raws = [np.where(lab == 255, 0, lab + 1) if reduce else lab for _, lab in scenes]
                 ref = mmseg_scores(preds, raws, k, 255, reduce)
                 argv = ["eval", "--task", "segmentation", "--data", str(root), "--model", "stand-in", "--json",
-                        "--no-progress", "--mode", mode] + (["--reduce-labels"] if reduce else [])
-                if mode == "slide":
+                        "--no-progress", "--mode", mode.split("-")[0]] + (["--reduce-labels"] if reduce else [])
+                if mode.startswith("slide"):
                     argv += ["--crop", str(crop[0]), "--stride", str(stride[0])]
+                if mode == "slide-resized":
+                    argv += ["--size", f"{resize_to[0]}x{resize_to[1]}"]
                 got = _json_out(capsys, *argv)
                 per_class = np.array([np.nan if v is None else v for v in got["per_class_iou"].values()])
                 np.testing.assert_allclose(per_class, ref["IoU"], rtol=0, atol=1e-12)

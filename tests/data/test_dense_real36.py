@@ -2,10 +2,10 @@
 computations: COCO detection files with every irregularity real files have (category ids 1, 5, 90 and one without
 objects, images without objects, crowd RLE as a list and as a compressed string, polygons of several parts, boxes at
 the border or disagreeing with their mask, sub-folders, unsorted ids from 2**40, an EXIF-rotated photograph) scored
-by ``pvtv2 eval --task detection`` and written by ``pvtv2 detect --json`` (boxes, labels, masks as COCO RLE), both against pycocotools' ``COCOeval`` run
-here on the file itself; segmentation masks scored by ``pvtv2 eval --task segmentation`` against mmsegmentation's
-reference (``tests/data/dense_references.py``); depth PNGs read at KITTI's and NYU's scales and scored against BTS's
-errors."""
+by ``pvtv2 eval --task detection`` and written by ``pvtv2 detect --json`` (boxes, labels, masks as COCO RLE), both
+against pycocotools' ``COCOeval`` run here on the file itself; segmentation masks scored by ``pvtv2 eval --task
+segmentation`` against mmsegmentation's reference (``tests/data/dense_references.py``); depth PNGs read at KITTI's and
+NYU's scales and scored against BTS's errors."""
 
 from __future__ import annotations
 

@@ -49,7 +49,9 @@ def _photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     h, w = min(height, photo.shape[0]), min(width, photo.shape[1])
     y, x = int(rng.integers(0, photo.shape[0] - h + 1)), int(rng.integers(0, photo.shape[1] - w + 1))
     crop = PIL.Image.fromarray(photo[y:y + h, x:x + w])
-    return np.asarray(crop.resize((width, height), PIL.Image.Resampling.BILINEAR) if (h, w) != (height, width) else crop)
+    if (h, w) != (height, width):
+        crop = crop.resize((width, height), PIL.Image.Resampling.BILINEAR)
+    return np.asarray(crop)
 
 
 def _json_out(capsys, *argv) -> object:
@@ -210,8 +212,9 @@ BOX_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "
 @pytest.mark.parametrize("seed", range(4))
 def test_eval_and_detect_on_real_photographs_are_cocoeval_on_the_file(tmp_path, capsys, monkeypatch, seed):
     """``pvtv2 eval --task detection`` prints COCOeval's twelve numbers (box and mask) run here on the annotation
-    file with the detections written by hand; ``pvtv2 detect --json`` writes, for every image of the folder (sub-folders,
-    the EXIF-turned one upright), boxes x1 y1 x2 y2 and model labels that, turned into COCO results here, score the same."""
+    file with the detections written by hand; ``pvtv2 detect --json`` writes, for every image of the folder
+    (sub-folders, the EXIF-turned one upright), boxes x1 y1 x2 y2, model labels and masks as COCO RLE that, turned
+    into COCO results here, score the same."""
     logging.disable(logging.WARNING)
     try:
         rng = np.random.default_rng([36, seed])
@@ -313,10 +316,10 @@ def _segmentation_scene(rng: np.random.Generator, height: int, width: int, k: in
 @pytest.mark.parametrize("seed", range(2))
 def test_segmentation_eval_on_real_photographs_is_mmsegmentations(tmp_path, capsys, monkeypatch, seed):
     """``pvtv2 eval --task segmentation`` of a float64 tiny SegFormer on photographs of sizes that no crop or stride
-    divides, whole (at the config's size) and sliding window (over the image, and over it resized by --size), plain and ADE20K-style (``--reduce-labels``) masks in
-    8-bit grey, palette and 16-bit PNG, one image EXIF-turned: mmsegmentation's ``slide_inference`` /
-    resize-and-upsample and its ``intersect_and_union`` written out; the same labels in grey and palette PNG score
-    the same."""
+    divides, whole (at the config's size) and sliding window (over the image, and over it resized by --size), plain
+    and ADE20K-style (``--reduce-labels``) masks in 8-bit grey, palette and 16-bit PNG, one image EXIF-turned:
+    mmsegmentation's ``slide_inference`` / resize-and-upsample and its ``intersect_and_union`` written out; the same
+    labels in grey and palette PNG score the same."""
     from conftest import TINY_SMALL_IMAGES, random_weights_
     from dense_references import mmseg_scores, mmseg_slide, write_mask
 

@@ -77,6 +77,7 @@ __all__ = [
     "label_map_names",
     "checkpoint_input_size",
     "DetectionResult",
+    "coco_rle",
     "load_detector",
     "detect_objects",
     "detection_label_map",
@@ -1065,7 +1066,31 @@ class DetectionResult:
         if self.masks is not None:
             for entry, mask in zip(objects, self.masks):
                 entry["mask_pixels"] = int(mask.sum())
+                # The mask itself: its pixel count alone left a JSON reader without the masks the picture shows
+                entry["mask"] = coco_rle(mask)
         return {"image": self.image, "width": self.size[0], "height": self.size[1], "detections": objects}
+
+
+def coco_rle(mask: np.ndarray) -> dict[str, Any]:
+    """An (H, W) binary mask as COCO's compressed RLE, ``{"size": [H, W], "counts": str}``: what pycocotools'
+    ``mask.encode`` writes (its ``counts`` decoded to text, as COCO results files hold it) and ``mask.decode`` and
+    ``COCO.loadRes`` read; written here so that a detector's JSON needs no pycocotools."""
+    flat = np.asarray(mask, dtype=bool).flatten(order="F")  # column-major, as COCO's runs
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    # Runs alternate 0s and 1s, starting with 0s (an empty first run where the mask starts with a 1)
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)
+    text = []
+    for i, count in enumerate(counts):  # pycocotools' rleToString: from the third on, the difference to two before
+        value = count - counts[i - 2] if i > 2 else count
+        more = True
+        while more:
+            c = value & 0x1F
+            value >>= 5
+            more = value != -1 if c & 0x10 else value != 0
+            text.append(chr(c + (0x20 if more else 0) + 48))
+    return {"size": [int(s) for s in np.shape(mask)], "counts": "".join(text)}
 
 
 def load_detector(source: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any):

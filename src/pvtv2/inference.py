@@ -1072,25 +1072,12 @@ class DetectionResult:
 
 
 def coco_rle(mask: np.ndarray) -> dict[str, Any]:
-    """An (H, W) binary mask as COCO's compressed RLE, ``{"size": [H, W], "counts": str}``: what pycocotools'
-    ``mask.encode`` writes (its ``counts`` decoded to text, as COCO results files hold it) and ``mask.decode`` and
-    ``COCO.loadRes`` read; written here so that a detector's JSON needs no pycocotools."""
-    flat = np.asarray(mask, dtype=bool).flatten(order="F")  # column-major, as COCO's runs
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    # Runs alternate 0s and 1s, starting with 0s (an empty first run where the mask starts with a 1)
-    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    if flat.size and flat[0]:
-        counts.insert(0, 0)
-    text = []
-    for i, count in enumerate(counts):  # pycocotools' rleToString: from the third on, the difference to two before
-        value = count - counts[i - 2] if i > 2 else count
-        more = True
-        while more:
-            c = value & 0x1F
-            value >>= 5
-            more = value != -1 if c & 0x10 else value != 0
-            text.append(chr(c + (0x20 if more else 0) + 48))
-    return {"size": [int(s) for s in np.shape(mask)], "counts": "".join(text)}
+    """An (H, W) binary mask as COCO's compressed RLE, ``{"size": [H, W], "counts": str}``: pycocotools'
+    ``mask.encode``, its ``counts`` decoded to text as COCO results files hold it (what ``COCO.loadRes`` reads)."""
+    from .data.coco import import_pycocotools
+
+    rle = import_pycocotools().encode(np.asfortranarray(np.asarray(mask, dtype=bool), dtype=np.uint8))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def load_detector(source: str | os.PathLike, device: str | torch.device = "cpu", **overrides: Any):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -263,3 +264,33 @@ def test_a_frozen_model_with_a_transposed_and_a_tied_weight_is_written_stably_fo
         tied = back.pvt_v2.encoder.layers[3].blocks
         assert tied[0].attention.proj.weight.data_ptr() != tied[1].attention.proj.weight.data_ptr()
         assert relative_error(expected, back(x).logits) < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["timm", "original"])
+def test_a_classifier_checkpoint_that_lost_its_last_stage_is_refused_not_read_as_a_shallower_encoder(tmp_path, layout):
+    """B2-Linear's weights without stage 4 (a truncated or filtered file): its classifier still reads stage 4's 64
+    features. It loaded as a three-stage encoder without a word, and as a three-stage classifier with a new head
+    under ignore_mismatched_sizes=True."""
+    reference = timm_tiny("pvt_v2_b2_li", 3, seed=8)
+    state = {k: t for k, t in reference.state_dict().items() if not k.startswith(("stages.3.", "stages_3."))}
+    assert state["head.weight"].shape == (3, 64)
+    save_file(convert_state_dict(state, layout, "timm"), tmp_path / "w.safetensors")
+    message = re.escape("the checkpoint's classifier reads 64 features (classifier.weight has the shape (3, 64)), but "
+                        "its last stage, encoder.layers.2, is 40 wide")
+    for load in (lambda: PvtV2Model.from_pretrained(tmp_path / "w.safetensors"),
+                 lambda: PvtV2ForImageClassification.from_pretrained(tmp_path / "w.safetensors",
+                                                                     ignore_mismatched_sizes=True)):
+        with pytest.raises(CheckpointError, match=message):
+            load()
+    # without its head the same encoder is a three-stage one, which loads with timm's first three stages' features
+    encoder = PvtV2Model.from_pretrained(
+        _saved({k: t for k, t in state.items() if not k.startswith("head.")}, tmp_path / "headless.safetensors"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        features = reference.stages[2](reference.stages[1](reference.stages[0](reference.patch_embed(x))))
+        assert relative_error(features, encoder(x).last_hidden_state) < 1e-5
+
+
+def _saved(state, path):
+    save_file(state, path)
+    return path

@@ -166,6 +166,15 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         linear_attention=linear,
     )
     if "classifier.weight" in canonical:
+        head = canonical["classifier.weight"]
+        if head.ndim == 2 and head.shape[1] != hidden[-1]:
+            # The classifier reads the last stage's features: a file whose last stages were lost (a truncated or
+            # filtered state dict) loaded as a shallower encoder without a word (PvtV2Model drops the head).
+            raise CheckpointError(
+                f"the checkpoint's classifier reads {int(head.shape[1])} features (classifier.weight has the shape "
+                f"{tuple(head.shape)}), but its last stage, encoder.layers.{len(stages) - 1}, is {hidden[-1]} wide "
+                f"(hidden_sizes {hidden}): the checkpoint lacks the stage(s) the classifier was trained on"
+            )
         args["num_labels"] = int(canonical["classifier.weight"].shape[0])
     if layout in ("timm", "original", MMDET_LAYOUT):  # mmdetection's files hold the original code's backbone
         args["patch_embed_layer_norm_eps"] = _TORCH_DEFAULT_EPS

@@ -294,3 +294,58 @@ def test_a_classifier_checkpoint_that_lost_its_last_stage_is_refused_not_read_as
 def _saved(state, path):
     save_file(state, path)
     return path
+
+
+# Each wrapper a training or detection run saves a layout's weights under (the authors' DeiT code, timm's train
+# script, DataParallel, torch.compile, mmdetection), and safetensors, which holds none.
+WRAPPERS = {
+    "plain": lambda s: s,
+    "model": lambda s: {"model": s, "epoch": 1},
+    "state_dict": lambda s: {"state_dict": s, "optimizer": {}},
+    "module": lambda s: {f"module.{k}": t for k, t in s.items()},
+    "orig_mod": lambda s: {"model": {f"_orig_mod.{k}": t for k, t in s.items()}},
+    "model_ema": lambda s: {"model_ema": s},
+    "state_dict_ema": lambda s: {"state_dict_ema": s, "epoch": 2},
+    "mmdet": lambda s: {"meta": {"epoch": 1}, "state_dict": {f"backbone.{k}": t for k, t in s.items()}},
+    "safetensors": lambda s: s,
+}
+# Each precision's bound on the outputs against timm's model in float64 holding the same stored values: the half
+# precisions' rounding through up to 52 blocks reached 1.1e-2 (float16) and 6.1e-2 (bfloat16) in the search (timm's
+# own float16 model 3.8e-3 on the same case); a model of other weights or another architecture is off by O(1).
+PRECISION = {torch.float32: 1e-5, torch.float16: 2.5e-2, torch.bfloat16: 1.25e-1, torch.float64: 1e-10}
+
+
+# Seeds whose draws cover every variant but B0 and B3, every precision, both EMA keys, safetensors and mmdetection
+# (200 seeds searched, 0-199: all within these bounds).
+@pytest.mark.parametrize("seed", [0, 3, 4, 6, 9, 11, 13, 24, 63])
+def test_seeded_variants_layouts_wrappers_and_precisions_load_as_timm_computes_them(tmp_path, seed):
+    """A variant, a layout, a wrapper, a stored precision and a head (none, or 3 or 7 classes) drawn from ``seed``
+    (a slice of the seeds searched): loaded with dtype="auto", the file's precision and variant, and timm's
+    outputs in float64 within that precision."""
+    import random
+
+    rng = random.Random(seed)
+    name = rng.choice(list(VARIANTS))
+    wrapper = rng.choice(list(WRAPPERS))
+    layout = "original" if wrapper == "mmdet" else rng.choice(["timm", "original", "transformers"])
+    dtype = rng.choice(list(PRECISION))
+    classes = 0 if wrapper == "mmdet" else rng.choice([0, 3, 7])
+    stored = {k: t.to(dtype) for k, t in timm_tiny(name, classes, seed=seed).state_dict().items()}
+    exact = timm_tiny(name, classes).double()
+    exact.load_state_dict(stored)
+    payload = WRAPPERS[wrapper](convert_state_dict(stored, layout))
+    path = tmp_path / ("w.safetensors" if wrapper == "safetensors" else "w.pth")
+    save_file(payload, path) if wrapper == "safetensors" else torch.save(payload, path)
+    model = (PvtV2ForImageClassification if classes else PvtV2Model).from_pretrained(path, dtype="auto")
+    assert model.dtype == dtype
+    c, v = model.config, VARIANTS[name]
+    assert (c.depths, c.mlp_ratios, c.linear_attention, c.num_attention_heads) == (v["depths"], v["mlp_ratios"],
+                                                                                     v["linear"], HEADS)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        expected = exact(x) if classes else exact.forward_features(x)
+        out = model(x.to(dtype))
+        found = out.logits if classes else out.last_hidden_state
+    # a transformers-layout file is computed as transformers does: 1e-6 where timm's patch embeddings use 1e-5
+    bound = max(PRECISION[dtype], 1e-3 if layout == "transformers" else 0)
+    assert relative_error(expected, found) < bound, (name, layout, wrapper, dtype, classes)

@@ -291,6 +291,30 @@ def test_a_classifier_checkpoint_that_lost_its_last_stage_is_refused_not_read_as
         assert relative_error(features, encoder(x).last_hidden_state) < 1e-5
 
 
+def test_an_mmsegmentation_file_whose_backbone_lost_its_last_stage_is_refused_by_its_necks_widths(tmp_path):
+    """The same loss in a Semantic FPN file of B5: its neck's fourth lateral reads stage 4's 64 channels. Read for
+    its encoder alone, it loaded as a three-stage encoder without a word."""
+    reference = timm_tiny("pvt_v2_b5", 0, seed=9)
+    original = convert_state_dict(reference.state_dict(), "original")
+    gen = torch.Generator().manual_seed(9)
+    state = {f"backbone.{k}": t for k, t in original.items() if not k.startswith(("patch_embed4", "block4", "norm4"))}
+    for i, width in enumerate(WIDTHS):
+        state[f"neck.lateral_convs.{i}.conv.weight"] = torch.randn(16, width, 1, 1, generator=gen)
+        state[f"neck.lateral_convs.{i}.conv.bias"] = torch.randn(16, generator=gen)
+        state[f"neck.fpn_convs.{i}.conv.weight"] = torch.randn(16, 16, 3, 3, generator=gen)
+        state[f"neck.fpn_convs.{i}.conv.bias"] = torch.randn(16, generator=gen)
+    state["decode_head.scale_heads.0.0.conv.weight"] = torch.randn(8, 16, 3, 3, generator=gen)
+    state["decode_head.conv_seg.weight"] = torch.randn(5, 8, 1, 1, generator=gen)
+    torch.save({"meta": {"epoch": 1}, "state_dict": state}, tmp_path / "fpn.pth")
+    message = re.escape("decode_head.neck.lateral_convs.3.conv.weight reads 64 channels (its shape is (16, 64, 1, 1)), "
+                        "which no stage of its encoder has (hidden_sizes [8, 16, 40])")
+    with pytest.raises(CheckpointError, match=message):
+        PvtV2Model.from_pretrained(tmp_path / "fpn.pth")
+    with pytest.raises(CheckpointError, match=message):
+        convert_checkpoint(tmp_path / "fpn.pth", tmp_path / "encoder.safetensors", "timm")
+    assert not (tmp_path / "encoder.safetensors").exists()
+
+
 def _saved(state, path):
     save_file(state, path)
     return path

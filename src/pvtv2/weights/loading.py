@@ -103,6 +103,10 @@ def _asked(variant: str | None, use_safetensors: bool | None) -> str:
 
 # The original code and timm use PyTorch's default LayerNorm epsilon in the patch embeddings and the reduction.
 _TORCH_DEFAULT_EPS = 1e-5
+# The first layers of the dense heads, each reading one stage's features (canonical names): a detector's FPN laterals,
+# a Semantic FPN's, SegFormer's per-stage projections.
+_STAGE_READERS = re.compile(r"^(detector\.backbone\.fpn\.inner_blocks\.\d+\.0|decode_head\.neck\.lateral_convs\.\d+\.conv|"
+                            r"decode_head\.linear_c\.\d+\.proj)\.weight$")
 # ---------------------------------------------------------------------------------------------- config from shapes
 def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides: Any) -> PvtV2Config:
     """A config that fits a checkpoint that came without one, read off its tensor shapes.
@@ -176,6 +180,15 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
                 f"(hidden_sizes {hidden}): the checkpoint lacks the stage(s) the classifier was trained on"
             )
         args["num_labels"] = int(canonical["classifier.weight"].shape[0])
+    for key, tensor in canonical.items():
+        # A dense head's first layers read stage widths too (an FPN's laterals, SegFormer's projections): one reading
+        # a width no stage has is the same loss (PvtV2Model and PvtV2Backbone drop the head).
+        if _STAGE_READERS.match(key) and tensor.ndim >= 2 and int(tensor.shape[1]) not in hidden:
+            raise CheckpointError(
+                f"the checkpoint's {key} reads {int(tensor.shape[1])} channels (its shape is {tuple(tensor.shape)}), "
+                f"which no stage of its encoder has (hidden_sizes {hidden}): the checkpoint lacks the stage(s) its "
+                f"head was trained on"
+            )
     if layout in ("timm", "original", MMDET_LAYOUT):  # mmdetection's files hold the original code's backbone
         args["patch_embed_layer_norm_eps"] = _TORCH_DEFAULT_EPS
         args["reduction_layer_norm_eps"] = _TORCH_DEFAULT_EPS

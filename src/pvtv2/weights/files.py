@@ -264,7 +264,9 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state dict inside a training checkpoint (``{"model": ...}``, ``{"state_dict": ...}``), prefixes removed."""
     for _ in range(3):
         if isinstance(obj, Mapping) and not _holds_weights(obj):
-            for key in ("model", "state_dict", "model_state_dict", "module", "model_ema"):
+            # the EMA copies last: a checkpoint holding both is loaded with its model's own weights; one holding only
+            # timm's EMA copy ("state_dict_ema", as timm's `--model-ema` runs save it) was "holds no tensors"
+            for key in ("model", "state_dict", "model_state_dict", "module", "model_ema", "state_dict_ema"):
                 if isinstance(obj.get(key), Mapping):
                     obj = obj[key]
                     break

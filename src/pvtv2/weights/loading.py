@@ -103,6 +103,10 @@ def _asked(variant: str | None, use_safetensors: bool | None) -> str:
 
 # The original code and timm use PyTorch's default LayerNorm epsilon in the patch embeddings and the reduction.
 _TORCH_DEFAULT_EPS = 1e-5
+# The first layers of the dense heads, each reading one stage's features (canonical names): a detector's FPN laterals,
+# a Semantic FPN's, SegFormer's per-stage projections.
+_STAGE_READERS = re.compile(r"^(detector\.backbone\.fpn\.inner_blocks\.\d+\.0|decode_head\.neck\.lateral_convs\.\d+\.conv|"
+                            r"decode_head\.linear_c\.\d+\.proj)\.weight$")
 # ---------------------------------------------------------------------------------------------- config from shapes
 def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides: Any) -> PvtV2Config:
     """A config that fits a checkpoint that came without one, read off its tensor shapes.
@@ -166,7 +170,25 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
         linear_attention=linear,
     )
     if "classifier.weight" in canonical:
+        head = canonical["classifier.weight"]
+        if head.ndim == 2 and head.shape[1] != hidden[-1]:
+            # The classifier reads the last stage's features: a file whose last stages were lost (a truncated or
+            # filtered state dict) loaded as a shallower encoder without a word (PvtV2Model drops the head).
+            raise CheckpointError(
+                f"the checkpoint's classifier reads {int(head.shape[1])} features (classifier.weight has the shape "
+                f"{tuple(head.shape)}), but its last stage, encoder.layers.{len(stages) - 1}, is {hidden[-1]} wide "
+                f"(hidden_sizes {hidden}): the checkpoint lacks the stage(s) the classifier was trained on"
+            )
         args["num_labels"] = int(canonical["classifier.weight"].shape[0])
+    for key, tensor in canonical.items():
+        # A dense head's first layers read stage widths too (an FPN's laterals, SegFormer's projections): one reading
+        # a width no stage has is the same loss (PvtV2Model and PvtV2Backbone drop the head).
+        if _STAGE_READERS.match(key) and tensor.ndim >= 2 and int(tensor.shape[1]) not in hidden:
+            raise CheckpointError(
+                f"the checkpoint's {key} reads {int(tensor.shape[1])} channels (its shape is {tuple(tensor.shape)}), "
+                f"which no stage of its encoder has (hidden_sizes {hidden}): the checkpoint lacks the stage(s) its "
+                f"head was trained on"
+            )
     if layout in ("timm", "original", MMDET_LAYOUT):  # mmdetection's files hold the original code's backbone
         args["patch_embed_layer_norm_eps"] = _TORCH_DEFAULT_EPS
         args["reduction_layer_norm_eps"] = _TORCH_DEFAULT_EPS
@@ -1028,7 +1050,8 @@ def load_canonical(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]
     head_missing = not absent or set(absent) <= head_keys
     if not head_missing or unexpected or misshaped or bad_dtype:
         # Listed with the classifier kept: when nothing else fits either, its shapes are part of the story.
-        parts = [f"the weights in {origin} do not fit {type(model).__name__} ({_describe(model)}){_shape_of(canonical)}"]
+        parts = [f"the weights in {origin} do not fit {type(model).__name__} ({_describe(model)})"
+                 f"{_shape_of(canonical, getattr(model.config, 'linear_attention', None))}"]
         for title, items in zip(("missing", "unexpected", "mis-shaped", "non-float tensors for float parameters"),
                                 _mismatches(target, expected)):
             if items:
@@ -1070,13 +1093,19 @@ def _mismatches(
     """(missing, unexpected, mis-shaped with both shapes, non-float for float) keys of ``target`` against the model."""
     common = set(target) & set(expected)
     return (
-        sorted(set(expected) - set(target)),
-        sorted(set(target) - set(expected)),
-        sorted(f"{k}: checkpoint {tuple(target[k].shape)} vs model {tuple(expected[k].shape)}"
-               for k in common if target[k].shape != expected[k].shape),
-        sorted(f"{k}: {target[k].dtype}" for k in common
-               if expected[k].is_floating_point() and not target[k].is_floating_point()),
+        sorted(set(expected) - set(target), key=_in_model_order),
+        sorted(set(target) - set(expected), key=_in_model_order),
+        sorted((f"{k}: checkpoint {tuple(target[k].shape)} vs model {tuple(expected[k].shape)}"
+                for k in common if target[k].shape != expected[k].shape), key=_in_model_order),
+        sorted((f"{k}: {target[k].dtype}" for k in common
+                if expected[k].is_floating_point() and not target[k].is_floating_point()), key=_in_model_order),
     )
+
+
+def _in_model_order(key: str) -> list:
+    """A sort key that orders numbered layers by number: the first keys listed are the first blocks that misfit
+    (``blocks.6`` before ``blocks.10``; sorted as text, a B2 checkpoint in a B3 model was said to lack block 10 first)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
 
 
 def _encoder_shape(canonical: Mapping[str, torch.Tensor]) -> tuple[list[int], list[int]]:
@@ -1098,9 +1127,10 @@ def _linear_attention(canonical: Mapping[str, torch.Tensor]) -> bool:
                for k, v in canonical.items())
 
 
-def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
+def _shape_of(canonical: Mapping[str, torch.Tensor], model_linear: bool | None = None) -> str:
     """``"; the checkpoint has hidden_sizes=[...], depths=[...] (pvt_v2_b2)"`` when its encoder's shapes can be read,
-    so that weights of another variant (B2 weights into a B0 config) are named as such; else ``""``."""
+    so that weights of another variant (B2 weights into a B0 config) are named as such; else ``""``. Its attention
+    is named where it is not the model's (``model_linear``): B2 weights in a B2-Li model read as the same shapes."""
     hidden, depths = _encoder_shape(canonical)
     if not hidden:
         return ""
@@ -1108,7 +1138,8 @@ def _shape_of(canonical: Mapping[str, torch.Tensor]) -> str:
     preset = next((name for name, args in PRESETS.items()
                    if (c := PvtV2Config(**args)).hidden_sizes == hidden and c.depths == depths
                    and c.linear_attention == linear), None)
-    return f"; the checkpoint has hidden_sizes={hidden}, depths={depths}" + (f" ({preset})" if preset else "")
+    attention = f", linear_attention={linear}" if model_linear is not None and linear != model_linear else ""
+    return f"; the checkpoint has hidden_sizes={hidden}, depths={depths}{attention}" + (f" ({preset})" if preset else "")
 
 
 def _classifier_misfit(model: torch.nn.Module, canonical: Mapping[str, torch.Tensor]) -> tuple[str, int, int] | None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 
 import numpy as np
 import PIL.Image
@@ -433,3 +432,74 @@ def test_training_crops_of_a_photograph_are_torchvisions_resized_crop(photos, in
         want = (F.to_tensor(F.resized_crop(image, top, left, h, w, [48, 48], mode)) - mean) / std
         assert (transform(image, sample_rng(0, 0, index)) - want).abs().max() < 1e-5, (index, (left, top, w, h))
     assert checked == 12  # every box is a proper crop of the photograph
+
+
+def test_training_on_photographs_of_every_kind_is_torchvisions_crop_in_a_hand_written_loop(tmp_path, capsys, photos):
+    """``pvtv2 train`` on photograph crops (wide, tall and square; PNG, grey BMP, EXIF-rotated JPEG, CMYK JPEG,
+    palette GIF) with ``--crop-scale 1 --hflip 0``: a wide or tall image is then centre-cropped to the largest allowed
+    aspect ratio, as torchvision's RandomResizedCrop(scale=(1, 1)) does deterministically; the losses are a
+    hand-written loop's over torchvision's crops and transformers' model."""
+    import timm.optim
+    import torchvision.transforms as T
+
+    rng = np.random.default_rng(3600)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees counter-clockwise to display
+    samples = {"train": [], "val": []}
+    for label, name in enumerate(["a", "b", "c"]):
+        for split, count in (("train", 5), ("val", 2)):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            for kind in range(count):
+                if kind == 0:
+                    w = int(rng.integers(200, 640))
+                    h = int(w / rng.uniform(1.4, 3))
+                elif kind == 1:
+                    h = int(rng.integers(100, 427))
+                    w = int(h / rng.uniform(1.4, 3))
+                else:
+                    h = w = int(rng.integers(40, 427))
+                top, left = int(rng.integers(0, 427 - h + 1)), int(rng.integers(0, 640 - w + 1))
+                crop = PIL.Image.fromarray(photos[int(rng.integers(2))][top:top + h, left:left + w])
+                stem = tmp_path / "data" / split / name / str(kind)
+                path = {0: ".png", 1: ".bmp", 2: ".jpg", 3: ".JPEG", 4: ".gif"}[kind]
+                path = f"{stem}{path}"
+                {0: lambda: crop.save(path), 1: lambda: crop.convert("L").save(path),
+                 2: lambda: crop.transpose(PIL.Image.Transpose.ROTATE_270).save(path, exif=exif, quality=95),
+                 3: lambda: crop.convert("CMYK").save(path),
+                 4: lambda: crop.convert("P", palette=PIL.Image.Palette.ADAPTIVE).save(path)}[kind]()
+                samples[split].append((path, label))
+    samples = {split: sorted(items, key=lambda s: (s[1], s[0])) for split, items in samples.items()}
+    cfg = transformers.PvtV2Config(**TINY_HF, sr_ratios=[4, 2, 1, 1], num_labels=3, image_size=32,
+                                   id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    torch.manual_seed(0)
+    transformers.PvtV2ForImageClassification(cfg).save_pretrained(tmp_path / "start")
+    lr, batch = 2e-3, 8
+    code, _ = run_cli(capsys, "train", "--model", tmp_path / "start", "--data", tmp_path / "data", "--output",
+                      tmp_path / "run", "--image-size", 32, "--epochs", 1, "--batch-size", batch, "--lr", lr,
+                      "--min-lr", lr, "--warmup-epochs", 0, "--weight-decay", 0.05, "--label-smoothing", 0,
+                      "--hflip", 0, "--crop-scale", 1, "--device", "cpu", "--no-progress")
+    assert code == 0
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+
+    crop = T.Compose([T.RandomResizedCrop(32, scale=(1.0, 1.0), interpolation=T.InterpolationMode.BILINEAR),
+                      T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    x_train = torch.stack([crop(transformers_load_image(p)) for p, _ in samples["train"]])
+    y_train = torch.tensor([label for _, label in samples["train"]])
+    processor = transformers.PvtImageProcessorPil(size={"height": 32, "width": 32}, resample=2)
+    x_val = processor([transformers_load_image(p) for p, _ in samples["val"]], return_tensors="pt")["pixel_values"]
+    y_val = torch.tensor([label for _, label in samples["val"]])
+    model = transformers.PvtV2ForImageClassification.from_pretrained(tmp_path / "start").train()
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=0.05)
+    order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(0)).tolist()
+    loss_sum = 0.0
+    for start in range(0, len(order), batch):
+        members = order[start:start + batch]
+        loss = torch.nn.functional.cross_entropy(model(x_train[members]).logits, y_train[members])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss_sum += loss.item() * len(members)
+    with torch.no_grad():
+        val_loss = torch.nn.functional.cross_entropy(model.eval()(x_val).logits, y_val).item()
+    assert record["train_loss"] == pytest.approx(loss_sum / len(y_train), rel=1e-5)
+    assert record["val_loss"] == pytest.approx(val_loss, rel=1e-5)

@@ -64,8 +64,8 @@ def photos():
 
 def run_cli(capsys, *argv: str):
     code = main([str(a) for a in argv])
-    out = capsys.readouterr().out
-    return code, out
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def _exposing_hf_classifier(folder, num_labels: int, image_size: int, seed: int, head_scale: float, **config):
@@ -147,7 +147,7 @@ def test_predict_on_a_folder_of_photographs_is_transformers(tmp_path, capsys, ph
 
     # The command line: one folder with a nested one, every file, at batch sizes that do and do not divide the count.
     for top_k, batch in ((4, 5), (7, 16)):
-        code, out = run_cli(capsys, "predict", "--model", tmp_path / "model", "--json", "--no-progress",
+        code, out, _ = run_cli(capsys, "predict", "--model", tmp_path / "model", "--json", "--no-progress",
                             "--top-k", top_k, "--batch-size", batch, tmp_path / "photos")
         assert code == 0
         results = json.loads(out)
@@ -173,7 +173,7 @@ def test_several_images_of_different_sizes_in_one_call_and_one_batch(tmp_path, c
         path = tmp_path / f"{7 - i}_{h}x{w}.png"
         PIL.Image.fromarray(photo[top:top + h, left:left + w]).save(path)
         files.append(str(path))
-    code, out = run_cli(capsys, "predict", "--model", tmp_path / "model", "--json", "--no-progress", "-k", "5",
+    code, out, _ = run_cli(capsys, "predict", "--model", tmp_path / "model", "--json", "--no-progress", "-k", "5",
                         "--batch-size", "8", *files)
     assert code == 0
     results = json.loads(out)
@@ -226,7 +226,7 @@ def test_a_timm_checkpoint_predicts_photographs_as_timm(tmp_path, capsys, photos
             with torch.no_grad():
                 ours = model(pixels).logits[0]
             assert (ours - timm_logits[path]).abs().max() / timm_logits[path].abs().max() < 1e-4
-        code, out = run_cli(capsys, "predict", "--model", tmp_path / weights, "--json", "--no-progress", "-k", "3",
+        code, out, _ = run_cli(capsys, "predict", "--model", tmp_path / weights, "--json", "--no-progress", "-k", "3",
                             "--batch-size", "3", *paths)
         assert code == 0
         for result in json.loads(out):
@@ -274,7 +274,7 @@ def test_eval_on_an_image_folder_of_photograph_crops_is_a_hand_computation(tmp_p
     top5 = (logits.topk(5).indices == y[:, None]).any(1).double().mean().item()
     assert 0 < top5 < 1  # the hand computation can tell a wrong class order
     for batch in ("1", "7"):
-        code, out = run_cli(capsys, "eval", "--model", tmp_path / "model", "--data", tmp_path / "data", "--json",
+        code, out, _ = run_cli(capsys, "eval", "--model", tmp_path / "model", "--data", tmp_path / "data", "--json",
                             "--no-progress", "--batch-size", batch)
         assert code == 0
         result = json.loads(out)
@@ -317,7 +317,7 @@ def test_fine_tuning_on_digits_is_a_hand_written_loop_over_transformers(tmp_path
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     start.save_pretrained(tmp_path / "start")
     lr, min_lr, wd, smoothing, epochs = 2e-3, 1e-4, 0.05, 0.1, 2
-    code, _ = run_cli(capsys, "train", "--model", tmp_path / "start", "--data", tmp_path / "data", "--output",
+    code, _, _ = run_cli(capsys, "train", "--model", tmp_path / "start", "--data", tmp_path / "data", "--output",
                       tmp_path / "run", "--image-size", 32, "--epochs", epochs, "--batch-size", batch, "--lr", lr,
                       "--min-lr", min_lr, "--warmup-epochs", 0, "--weight-decay", wd, "--label-smoothing", smoothing,
                       "--hflip", 0, "--crop-scale", 1, "--device", "cpu", "--no-progress", "--seed", 0)
@@ -474,7 +474,7 @@ def test_training_on_photographs_of_every_kind_is_torchvisions_crop_in_a_hand_wr
     torch.manual_seed(0)
     transformers.PvtV2ForImageClassification(cfg).save_pretrained(tmp_path / "start")
     lr, batch = 2e-3, 8
-    code, _ = run_cli(capsys, "train", "--model", tmp_path / "start", "--data", tmp_path / "data", "--output",
+    code, _, _ = run_cli(capsys, "train", "--model", tmp_path / "start", "--data", tmp_path / "data", "--output",
                       tmp_path / "run", "--image-size", 32, "--epochs", 1, "--batch-size", batch, "--lr", lr,
                       "--min-lr", lr, "--warmup-epochs", 0, "--weight-decay", 0.05, "--label-smoothing", 0,
                       "--hflip", 0, "--crop-scale", 1, "--device", "cpu", "--no-progress")
@@ -503,3 +503,34 @@ def test_training_on_photographs_of_every_kind_is_torchvisions_crop_in_a_hand_wr
         val_loss = torch.nn.functional.cross_entropy(model.eval()(x_val).logits, y_val).item()
     assert record["train_loss"] == pytest.approx(loss_sum / len(y_train), rel=1e-5)
     assert record["val_loss"] == pytest.approx(val_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("splits", [("train", "test"), ("train", "validation")])
+def test_eval_of_a_dataset_with_train_and_test_splits_and_no_val_names_the_split_to_pass(tmp_path, capsys, photos,
+                                                                                         splits):
+    """DIR/train/<class>/ and DIR/test/<class>/ (no DIR/val/), as many datasets come: read as DIR/<class>/, the two
+    splits were scored as two classes; with a two-class model of generic labels silently (torchvision's ImageFolder
+    takes the same two "classes", so this is the layout, not a class order). A class folder that happens to be named
+    "train" (CIFAR-100 has one) holds its images itself and stays a class."""
+    for split in splits:
+        for index, name in enumerate(["cat", "dog"]):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            PIL.Image.fromarray(photos[index][:64, :64]).save(tmp_path / "data" / split / name / "0.png")
+    cfg = transformers.PvtV2Config(**TINY_HF, num_labels=2, image_size=32)
+    transformers.PvtV2ForImageClassification(cfg).save_pretrained(tmp_path / "model")
+    code, out, err = run_cli(capsys, "eval", "--model", tmp_path / "model", "--data", tmp_path / "data", "--json",
+                             "--no-progress")
+    assert code != 0 and out == ""
+    assert "no val/" in err and f"--data {tmp_path / 'data' / splits[1]}" in err
+    # Each split given as --data is a dataset of two classes.
+    code, out, _ = run_cli(capsys, "eval", "--model", tmp_path / "model", "--data", tmp_path / "data" / splits[1],
+                        "--json", "--no-progress")
+    assert code == 0 and json.loads(out)["classes"] == 2
+    # CIFAR-100's "train" class: images of its own, next to other classes, is a class.
+    (tmp_path / "cifar" / "train").mkdir(parents=True)
+    (tmp_path / "cifar" / "tractor").mkdir(parents=True)
+    for index, name in enumerate(["train", "tractor"]):
+        PIL.Image.fromarray(photos[index][:64, :64]).save(tmp_path / "cifar" / name / "0.png")
+    code, out, _ = run_cli(capsys, "eval", "--model", tmp_path / "model", "--data", tmp_path / "cifar", "--json",
+                        "--no-progress")
+    assert code == 0 and json.loads(out)["classes"] == 2

@@ -755,6 +755,8 @@ def evaluate(
     runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Top-1 and top-5 accuracy, mean cross-entropy and throughput on ``DIR/<class>/*`` (or ``DIR/val/<class>/*``).
+    Without ``DIR/val/``, split folders (``DIR/train/<class>/``, ``DIR/test/<class>/``) are a ValueError naming the
+    split to pass as ``data``.
 
     ``images_per_second`` is end to end (reading, preprocessing and the model); ``model_images_per_second`` counts
     the forward passes only (the ``runtime``'s calls; default: the PyTorch model, see :func:`load_runtime`).

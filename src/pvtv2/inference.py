@@ -652,7 +652,38 @@ def _dataset_root(data: str | os.PathLike) -> tuple[Path, str]:
     root = existing_folder(data)
     if (root / "val").is_dir():
         return root, "val"
+    _refuse_split_folders(root)
     return root, "."
+
+
+# Folder names that say a dataset split rather than a class.
+_SPLIT_NAMES = ("train", "test", "valid", "validation")
+
+
+def _refuse_split_folders(root: Path) -> None:
+    """``DIR/train/<class>/`` and ``DIR/test/<class>/`` without ``DIR/val/``, read as ``DIR/<class>/``, scored the
+    splits as classes (silently for a model with generic labels). A folder named as a split that holds sub-folders
+    and no image file of its own is refused, naming the ``--data`` to pass; a class that happens to be named so
+    (CIFAR-100's "train") holds its images itself."""
+    splits = []
+    for name in sorted(os.listdir(root)):
+        folder = root / name
+        if name.lower() not in _SPLIT_NAMES or not folder.is_dir():
+            continue
+        try:
+            entries = list(folder.iterdir())
+        except OSError:  # not listable: scan_split names it
+            continue
+        if any(e.is_dir() for e in entries) and not any(
+            e.suffix.lower() in IMAGE_EXTENSIONS and e.is_file() for e in entries
+        ):
+            splits.append(name)
+    if splits:
+        shown = " or ".join(f"--data {os.fspath(root / name)}" for name in splits)
+        raise ValueError(
+            f"{os.fspath(root)!r} has no val/ folder, and its folder(s) {splits} hold class folders, not images: "
+            f"dataset splits, which would be scored as classes. Evaluate one split: {shown}"
+        )
 
 
 # A folder name that reads as a generic label (LABEL_01, label_2, LABEL_-1, "LABEL 3"), exact or not.
@@ -725,6 +756,8 @@ def evaluate(
     runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Top-1 and top-5 accuracy, mean cross-entropy and throughput on ``DIR/<class>/*`` (or ``DIR/val/<class>/*``).
+    Without ``DIR/val/``, split folders (``DIR/train/<class>/``, ``DIR/test/<class>/``) are a ValueError naming the
+    split to pass as ``data``.
 
     ``images_per_second`` is end to end (reading, preprocessing and the model); ``model_images_per_second`` counts
     the forward passes only (the ``runtime``'s calls; default: the PyTorch model, see :func:`load_runtime`).

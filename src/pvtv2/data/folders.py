@@ -238,7 +238,7 @@ class TrainTransform:
     :class:`~pvtv2.data.augment.MixUpCutMix`), in timm's order.
 
     The crop follows torchvision's ``RandomResizedCrop``: up to ten tries at an area fraction in ``scale`` and a
-    log-uniform aspect ratio in ``ratio``, else a centre crop clamped to ``ratio``; then a resize with
+    log-uniform aspect ratio in ``ratio``, else a centre crop clamped to ``ratio``; the crop cut out, then resized with
     ``interpolation`` (the recipe: bicubic). The crop and flip come from the sample's NumPy generator; RandAugment
     and erasing from torch's generator seeded by the next draw of it, so they too are a function of
     ``(seed, epoch, index)``, and with both off the generator is used exactly as before they existed.
@@ -284,7 +284,9 @@ class TrainTransform:
     def __call__(self, image: PIL.Image.Image, rng: np.random.Generator) -> torch.Tensor:
         left, top, w, h = self.crop_box(image.width, image.height, rng)
         resample = _RESAMPLE[self.interpolation]
-        image = image.resize((self.size, self.size), resample, box=(left, top, left + w, top + h))
+        # Cut out, then resize, as torchvision's resized_crop: a resize restricted to the box (PIL's box=) reads pixels
+        # outside it for the border rows and columns.
+        image = image.crop((left, top, left + w, top + h)).resize((self.size, self.size), resample)
         if rng.uniform() < self.hflip:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment is None and self._eraser is None:

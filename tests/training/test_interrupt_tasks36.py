@@ -19,6 +19,11 @@ training state records the settings of the run that wrote it: one of another tas
 run.json's is refused first, naming both. The real copy is checked here (FPN run, SegFormer copy); the other kinds
 through a training state that records them, as the other runs' states do.
 
+Fault found: a segmentation run with ``--decode-head fpn`` at 32 px whose epoch leaves a batch of one image (7 images
+in batches of 3; under torchrun each process's shard, so more often) stopped with PyTorch's "Expected more than 1 value
+per channel when training" and nothing else, after its run.json was written: the message names the batch, the flags
+and what to change now.
+
 The kill-and-resume case kept here is one the earlier searches did not draw (a Semantic FPN head with SegFormer's
 augmentation pipeline, killed while evaluating); the torchrun one (slow) a detection run whose rank 1 is killed.
 """
@@ -150,6 +155,21 @@ def test_a_run_state_of_the_same_kind_is_its_own(finished, tmp_path):
     _state_of_another_run(detection, task="detection", detector="retinanet")
     merged, state, _ = rundir.prepare_output(TrainConfig(output=str(detection), resume=True))
     assert state["run"]["detector"] == "retinanet" and merged.detector is None and merged.task == "detection"
+
+
+def test_a_batch_of_one_image_that_the_fpn_head_cannot_normalise_names_the_flags(tmp_path, capsys):
+    """7 images in batches of 3 (3 + 3 + 1) at 32 px: the last batch's map at stride 32 is one pixel of one image,
+    which the FPN head's BatchNorm cannot normalise in training. The run stopped with PyTorch's words only ("Expected
+    more than 1 value per channel when training"); under torchrun, whose shards leave such batches more often, too.
+    The same run in batches of 4 (4 + 3) trains: the fixture's."""
+    data = dense_task_data(tmp_path / "data", "segmentation")
+    capsys.readouterr()
+    code = main(["train", *_args("segmentation", data, tmp_path / "run", "--decode-head", "fpn", "--batch-size", "3")])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("INFO")]
+    assert code == 2 and len(err) == 1, err
+    for named in ("--image-size 32", "--batch-size 3", "7 image(s)", "last batch holds 1", "fpn decode head"):
+        assert named in err[0], (named, err[0])
+    assert not (tmp_path / "run" / "run.lock").exists()
 
 
 # ---------------------------------------------------------------------------------------------- killed and resumed

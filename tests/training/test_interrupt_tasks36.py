@@ -157,6 +157,26 @@ def test_a_run_state_of_the_same_kind_is_its_own(finished, tmp_path):
     assert state["run"]["detector"] == "retinanet" and merged.detector is None and merged.task == "detection"
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--decode-head", "segformer"], "--decode-head 'fpn', not 'segformer'"),
+    (["--task", "depth"], "--task 'segmentation', not 'depth'"),
+    (["--batch-size", "2"], "--batch-size 4, not 2"),
+    (["--epochs", "3"], "--epochs 2, not 3"),
+    (["--lr", "2e-3"], "--lr 0.001, not 0.002"),
+    (["--seg-augment", "--head-lr-mult", "10"], "--seg-augment off, not on; --head-lr-mult 1.0, not 10.0"),
+])
+def test_a_dense_run_resumed_with_other_settings_is_refused_naming_each_flag(finished, tmp_path, capsys, flags, named):
+    """docs/training.md: a run setting given on --resume with another value than the stored run's is refused, every
+    one named, before the data is read or anything written."""
+    out = _unfinished_copy(finished["seg_fpn"], tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    code = main(["train", "--output", str(out), "--resume", "--no-progress", *flags])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("INFO")]
+    assert code == 2 and len(err) == 1 and named in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_a_batch_of_one_image_that_the_fpn_head_cannot_normalise_names_the_flags(tmp_path, capsys):
     """7 images in batches of 3 (3 + 3 + 1) at 32 px: the last batch's map at stride 32 is one pixel of one image,
     which the FPN head's BatchNorm cannot normalise in training. The run stopped with PyTorch's words only ("Expected

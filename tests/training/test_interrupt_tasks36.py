@@ -16,8 +16,9 @@ from it without a word: a segmentation run started with ``--decode-head fpn`` we
 head, a RetinaNet run an FCOS copy, under its own run.json. A copy from another task was refused, but as data whose
 classes differ ("Restore the data"), or after loading the copy half (a depth run: "newly initialised" decoder). The
 training state records the settings of the run that wrote it: one of another task, decode head or detector than
-run.json's is refused first, naming both. The real copy is checked here (FPN run, SegFormer copy); the other kinds
-through a training state that records them, as the other runs' states do.
+run.json's is refused first, naming both; so is one of another ``--model`` (an architecture copied whole, training state
+included, resumed as the copy's) or ``--max-depth``. The real copy is checked here (FPN run, SegFormer copy); the other
+kinds through a training state that records them, as the other runs' states do.
 
 Fault found: a segmentation run with ``--decode-head fpn`` at 32 px whose epoch leaves a batch of one image (7 images
 in batches of 3; under torchrun each process's shard, so more often) stopped with PyTorch's "Expected more than 1 value
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -131,6 +133,8 @@ def test_a_last_checkpoint_copied_from_a_run_of_another_decode_head_is_refused(f
     ({}, {"task": "depth"}, "--task 'depth'"),  # was refused as data whose classes differ: "Restore the data"
     ({}, {"decode_head": "fpn"}, "--decode-head 'fpn'"),
     ({"task": "detection", "detector": "retinanet"}, {"task": "detection", "detector": "fcos"}, "--detector 'fcos'"),
+    ({}, {"model": "pvt_v2_b0"}, "--model 'pvt_v2_b0'"),  # resumed the copy's architecture under run.json's
+    ({"task": "depth", "max_depth": 5.0}, {"task": "depth", "max_depth": None}, "--max-depth (not set)"),
 ])
 def test_a_last_checkpoint_whose_state_records_another_task_or_variant_is_refused_before_loading(
         finished, tmp_path, capsys, started, written, named):
@@ -155,6 +159,13 @@ def test_a_run_state_of_the_same_kind_is_its_own(finished, tmp_path):
     _state_of_another_run(detection, task="detection", detector="retinanet")
     merged, state, _ = rundir.prepare_output(TrainConfig(output=str(detection), resume=True))
     assert state["run"]["detector"] == "retinanet" and merged.detector is None and merged.task == "detection"
+    # --model as typed when the run started: a relative path (run.json records it absolute) or a preset spelt
+    # otherwise is the same model
+    arch = tmp_path / "arch.json"
+    for typed, recorded in ((os.path.join("some", "arch.json"), str(arch)), ("PVT-v2-B0", "pvt_v2_b0")):
+        folder = _unfinished_copy(finished["seg"], tmp_path / f"model{len(typed)}", model=recorded)
+        _state_of_another_run(folder, model=typed)
+        assert rundir.prepare_output(TrainConfig(output=str(folder), resume=True))[1]["run"]["model"] == typed
 
 
 @pytest.mark.parametrize("flags, named", [

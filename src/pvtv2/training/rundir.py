@@ -399,6 +399,8 @@ def prepare_output(
         except (ValueError, TypeError) as err:
             raise ValueError(f"{str(out / RUN_FILE)!r}: {err}") from None
         state = read_state()
+        if state is not None:
+            _refuse_another_runs_state(state, stored, state_dir)
         if state is None and path_kind(state_dir) != "nothing":
             # Only damage leaves last/ without its state (it is written whole): say that the weights are not used.
             logger.warning("%r holds no %s: the run cannot continue from it and starts again from its first epoch",
@@ -407,6 +409,48 @@ def prepare_output(
         return merged, state, _run_classes(stored, state)
     _refuse_taken(out)
     return cfg, None, None
+
+
+# The run settings that decide what model last/ holds: a training state that records others was written by another
+# run (its last/ copied into this folder).
+_MODEL_KIND_FIELDS = ("task", "model", "decode_head", "detector", "max_depth")
+
+
+def _refuse_another_runs_state(state: dict[str, Any], stored: dict[str, Any], state_dir: Path) -> None:
+    """Refuse a ``last/`` whose training state records another task, model, decode head, detector or depth range than
+    ``run.json``: a checkpoint copied from another run. A segmentation run started with ``--decode-head fpn`` went on
+    training the SegFormer head of the copy (a RetinaNet run an FCOS copy, a run of one architecture another's) under
+    its own settings, without a word; another task's copy was refused as data whose classes differ (advising to
+    restore the data) or after loading it half."""
+    written = state.get("run")
+    if not isinstance(written, dict):
+        return  # a state written before it recorded the run's settings
+    differ = [key for key in _MODEL_KIND_FIELDS
+              if key in written and key in stored and not _same_setting(key, written[key], stored[key])]
+    if differ:
+        settings = ", ".join(f"{flag(k)} {_show(written[k])}" for k in differ)
+        started = ", ".join(f"{flag(k)} {_show(stored[k])}" for k in differ)
+        raise ValueError(
+            f"{str(state_dir)!r} is another run's checkpoint: its {TRAINING_STATE_NAME} was written by a run of "
+            f"{settings}, and the run in {str(state_dir.parent)!r} was started with {started} ({RUN_FILE}); put the "
+            f"run's own last/ back, or pass --overwrite to start again"
+        )
+
+
+def _same_setting(key: str, written: Any, stored: Any) -> bool:
+    """Whether a training state's setting (as the run was started: ``--model`` as typed) is run.json's."""
+    if written == stored:
+        return True
+    if key == "detector":
+        # A detector left out is decided when the run starts; a run.json written before that was recorded keeps None.
+        return stored is None
+    if key == "model":
+        if _same_preset(written, stored) or _same_path(written, stored):
+            return True
+        # run.json records a local path absolute; typed relative to the folder the run was started from (not
+        # recorded), it cannot be compared from here.
+        return isinstance(written, str) and isinstance(stored, str) and os.path.isabs(stored) and not os.path.isabs(written)
+    return False
 
 
 def check_output(cfg: TrainConfig, *, continue_with: str | None = None) -> None:

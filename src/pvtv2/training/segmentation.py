@@ -304,8 +304,25 @@ class SegmentationTask(Task):
 
     def training_loss(self, model: nn.Module, batch: Any, ctx: RunContext) -> torch.Tensor:
         pixels, labels = batch
-        with ctx.autocast():
-            logits = model(pixels, return_dict=True).logits
+        try:
+            with ctx.autocast():
+                logits = model(pixels, return_dict=True).logits
+        except ValueError as err:
+            if "Expected more than 1 value per channel" not in str(err):
+                raise
+            # A batch of one image (the last of an epoch: what is left over of this process's shard) whose feature
+            # map is one pixel where a BatchNorm of the head normalises it (Semantic FPN's stride-32 level at 32 px):
+            # the run stopped with PyTorch's words only, naming no flag, after its run.json was written.
+            info = ctx.dist
+            shard = -(-len(self.train_set) // info.world_size)
+            head = getattr(_unwrap(model).config, "decode_head_type", None) or "segformer"
+            raise ValueError(
+                f"a training batch of {len(pixels)} image at --image-size {self.cfg.image_size} leaves a BatchNorm of "
+                f"the {head} decode head one value per channel to normalise ({err}); each process trains {shard} "
+                f"image(s) an epoch in batches of --batch-size {self.cfg.batch_size}, so its last batch holds "
+                f"{shard % self.cfg.batch_size or self.cfg.batch_size}: start again (--overwrite) with a larger "
+                f"--image-size (64 or more for the fpn head), or a --batch-size that leaves no batch of one image"
+            ) from None
         ignore = _unwrap(model).config.semantic_loss_ignore_index
         return semantic_segmentation_loss(logits.float(), labels, ignore_index=ignore)
 

@@ -13,7 +13,8 @@ Mix-FFN whole, in groups of images and in bands of rows (``FFN_PIECE_BYTES`` shr
 
 The campaign (a harness kept out of the repository: 3,000 float32 draws, seeds 0-2,999, stages of 1 channel and up,
 300 of them configurations the config refuses, a Mix-FFN ratio leaving no hidden channel; 600 more at batch 1,
-where the float32 attention runs as folded GEMMs; 1,500 under autocast, seeds 0-1,499; 400 bf16 models) found no wrong number and no fault:
+where the float32 attention runs as folded GEMMs; 1,500 under autocast, seeds 0-1,499; 400 bf16 models) found no
+wrong number and no fault:
 
 - float32: fast, frozen and reference within 1e-5 (relative) of each other, NaN and infinity positions equal, and the
   reference within 1e-5 of transformers, in all cases but eight, all with a stage of 1-4 channels (whose LayerNorm

@@ -14,7 +14,9 @@ Mix-FFN whole, in groups of images and in bands of rows (``FFN_PIECE_BYTES`` shr
 The campaign (a harness kept out of the repository: 3,000 float32 draws, seeds 0-2,999, stages of 1 channel and up,
 300 of them configurations the config refuses, a Mix-FFN ratio leaving no hidden channel; 600 more at batch 1,
 where the float32 attention runs as folded GEMMs; 1,500 under autocast, seeds 0-1,499; 400 bf16 models) found no
-wrong number and no fault:
+wrong number. One fault, found beside it: the oneDNN capability probe drew its tensors in the default dtype, so a
+first call under ``torch.set_default_dtype(torch.float16)`` (or bfloat16) failed its float32 check, and the failure,
+cached, turned the float32 fast path off for the rest of the process (tested last). Otherwise:
 
 - float32: fast, frozen and reference within 1e-5 (relative) of each other, NaN and infinity positions equal, and the
   reference within 1e-5 of transformers, in all cases but eight, all with a stage of 1-4 channels (whose LayerNorm
@@ -387,3 +389,26 @@ def test_a_float32_model_refuses_another_input_dtype_by_name(dtype):
                     ref = model(x.half()).logits
             assert fast.dtype == ref.dtype == torch.bfloat16
             assert relative_error(truth, fast) <= 2.5 * relative_error(truth, ref) + 4e-3
+
+
+@pytest.mark.parametrize("default", [torch.float16, torch.bfloat16, torch.float64])
+def test_the_capability_probe_ignores_the_default_dtype(default, monkeypatch):
+    """The probe's own tensors are float32 whatever ``torch.set_default_dtype`` says: under a float16 or bfloat16
+    default, its float32 references came out in that dtype, 1e-3 off the oneDNN results, and the failure, cached for
+    the process, turned the float32 fast path off for good (a float32 model ran the reference path ever after)."""
+    with torch.autocast("cpu", enabled=False):
+        expected = {dtype: cpu._probe(dtype) for dtype in (torch.float32, torch.bfloat16)}  # under float32's default
+    model = random_weights_(PvtV2Model(PvtV2Config(num_encoder_blocks=1, depths=[1], hidden_sizes=[8],
+                                                   num_attention_heads=[1], sr_ratios=[1], mlp_ratios=[2]))).eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(cpu, "_CAPABILITY", {})  # not probed yet in this process
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        found = {dtype: pvtv2.fast.fast_path_available(dtype) for dtype in expected}
+        with torch.no_grad(), mock.patch.object(cpu, "stage_forward", wraps=cpu.stage_forward) as fused:
+            model(x)
+    finally:
+        torch.set_default_dtype(previous)
+    assert found == expected
+    assert fused.call_count == int(expected[torch.float32])

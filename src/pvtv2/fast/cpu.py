@@ -140,13 +140,15 @@ def fast_path_enabled() -> bool:
 
 
 def _probe(dtype: torch.dtype) -> bool:
-    """Run each private oneDNN operator once, with plain and with packed weights, against the public ops."""
+    """Run each private oneDNN operator once, with plain and with packed weights, against the public ops. The
+    tensors are float32 whatever ``torch.set_default_dtype`` says: under a float16 default the float32 references
+    came out in float16 and the float32 check failed, cached for the whole process."""
     try:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(37, 24, generator=gen)
-        w = torch.randn(40, 24, generator=gen) * 0.2
-        b = torch.randn(40, generator=gen)
-        r = torch.randn(37, 40, generator=gen)
+        x = torch.randn(37, 24, generator=gen, dtype=torch.float32)
+        w = torch.randn(40, 24, generator=gen, dtype=torch.float32) * 0.2
+        b = torch.randn(40, generator=gen, dtype=torch.float32)
+        r = torch.randn(37, 40, generator=gen, dtype=torch.float32)
         tol = 1e-5 if dtype == torch.float32 else 5e-2
         xd, bd, rd = x.to(dtype), b.to(dtype), r.to(dtype)
         ref = F.linear(x, w, b)
@@ -157,14 +159,14 @@ def _probe(dtype: torch.dtype) -> bool:
                 (torch.ops.mkldnn._linear_pointwise(xd, weight, bd, "relu", [], ""), ref.relu()),
                 (torch.ops.mkldnn._linear_pointwise.binary(xd, rd, weight, bd, "add"), ref + r),
             ]
-        img = torch.randn(2, 5, 6, 8, generator=gen).permute(0, 3, 1, 2)  # channels-last (2, 8, 5, 6)
-        cw = torch.randn(8, 1, 3, 3, generator=gen)
-        cb = torch.randn(8, generator=gen)
+        img = torch.randn(2, 5, 6, 8, generator=gen, dtype=torch.float32).permute(0, 3, 1, 2)  # (2, 8, 5, 6), NHWC
+        cw = torch.randn(8, 1, 3, 3, generator=gen, dtype=torch.float32)
+        cb = torch.randn(8, generator=gen, dtype=torch.float32)
         conv = torch.ops.mkldnn._convolution_pointwise(
             img.to(dtype), cw.to(dtype), cb.to(dtype), [1, 1], [1, 1], [1, 1], 8, "gelu", [], "none"
         )
         checks.append((conv, F.gelu(F.conv2d(img, cw, cb, 1, 1, 1, 8))))
-        sw = torch.randn(6, 8, 2, 2, generator=gen)
+        sw = torch.randn(6, 8, 2, 2, generator=gen, dtype=torch.float32)
         packed = torch.ops.mkldnn._reorder_convolution_weight(sw.to(dtype), [0, 0], [2, 2], [1, 1], 1, [2, 8, 5, 6])
         for weight in (sw.to(dtype), packed):
             strided = torch.ops.mkldnn._convolution_pointwise(

@@ -183,7 +183,11 @@ def _probe(dtype: torch.dtype) -> bool:
 
 
 def fast_path_available(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether this PyTorch build and CPU run the fast path's oneDNN operators correctly for ``dtype``."""
+    """Whether this PyTorch build and CPU run the fast path's oneDNN operators correctly for ``dtype``; never while
+    oneDNN is switched off (``torch.backends.mkldnn.flags(enabled=False)``, which sends ATen to its own kernels: the
+    fast path, all oneDNN, ran on regardless)."""
+    if not torch.backends.mkldnn.enabled:
+        return False
     if dtype not in _CAPABILITY:
         if torch.jit.is_tracing():
             # The probe's operations would be recorded into the trace (the first export of a process, before any

@@ -20,8 +20,8 @@ call and keeps nothing, so nothing about a model's state, copying or saving chan
 - fp32 tensors on the CPU, without autocast (under bf16 autocast ``F.linear`` already calls oneDNN; there
   :class:`Bf16Linear` and the pieces in the comment above it run, on the same conditions otherwise), outside
   ``torch.compile``, ``torch.jit.trace``, torch.func transforms and forward-mode AD, with the fast path switched on
-  (:func:`pvtv2.fast.fast_path`) and oneDNN's operators passing the capability probe
-  (:func:`pvtv2.fast.fast_path_available`);
+  (:func:`pvtv2.fast.fast_path`), oneDNN switched on (``torch.backends.mkldnn.enabled``) and its operators passing
+  the capability probe (:func:`pvtv2.fast.fast_path_available`);
 - dense (strided) tensors of PyTorch's own types (a tensor subclass, such as a quantized weight, defines its own
   ``F.linear``), of shapes ``F.linear`` accepts with a 2-D weight of at least one output feature.
 

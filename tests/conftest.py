@@ -158,6 +158,21 @@ def hf_twin(ours: torch.nn.Module) -> torch.nn.Module:
     return theirs.train(ours.training)
 
 
+def transformers_twin(ours: torch.nn.Module, theirs_class: type) -> torch.nn.Module:
+    """transformers' ``theirs_class`` (a ``PvtV2*`` class) with ``ours``' config, weights and dtype, in eval mode, its
+    LayerNorms given pvtv2's two extra epsilons (fields transformers' config does not have)."""
+    config = ours.config
+    theirs = theirs_class(hf_config(config))
+    theirs.load_state_dict({k: v.contiguous() for k, v in ours.state_dict().items()}, strict=True)
+    encoder = theirs.pvt_v2.encoder if hasattr(theirs, "pvt_v2") else theirs.encoder
+    for layer in encoder.layers:
+        layer.patch_embedding.layer_norm.eps = config.patch_norm_eps
+        for block in layer.blocks:
+            if hasattr(block.attention, "layer_norm"):
+                block.attention.layer_norm.eps = config.reduction_norm_eps
+    return theirs.to(next(ours.parameters()).dtype).eval()
+
+
 @pytest.fixture
 def tiny_kwargs() -> dict:
     return dict(TINY)

@@ -51,7 +51,7 @@ from unittest import mock
 import pytest
 import torch
 import transformers
-from conftest import hf_config, output_tensors, perturb_, random_weights_, relative_error
+from conftest import output_tensors, perturb_, random_weights_, relative_error, transformers_twin
 
 import pvtv2
 import pvtv2.fast.cpu as cpu
@@ -69,20 +69,6 @@ MODELS = {"classifier": (PvtV2ForImageClassification, transformers.PvtV2ForImage
 # (patch size, stride): the published 7/4 and 3/2, and others
 PATCHES = [(7, 4), (3, 2), (1, 1), (2, 2), (5, 3), (3, 1), (4, 4), (7, 2), (5, 5), (6, 3)]
 LAYOUTS = ["contiguous", "channels_last", "strided", "expanded", "flip", "flip_width", "transposed"]
-
-
-def twin(ours: torch.nn.Module, theirs_class: type) -> torch.nn.Module:
-    """transformers' model with ``ours``' config and weights, its LayerNorms given pvtv2's two extra epsilons."""
-    config = ours.config
-    theirs = theirs_class(hf_config(config))
-    theirs.load_state_dict({k: v.contiguous() for k, v in ours.state_dict().items()}, strict=True)
-    encoder = theirs.pvt_v2.encoder if hasattr(theirs, "pvt_v2") else theirs.encoder
-    for layer in encoder.layers:
-        layer.patch_embedding.layer_norm.eps = config.patch_norm_eps
-        for block in layer.blocks:
-            if hasattr(block.attention, "layer_norm"):
-                block.attention.layer_norm.eps = config.reduction_norm_eps
-    return theirs.eval()
 
 
 def grids(config: PvtV2Config, height: int, width: int) -> list[tuple[int, int]]:
@@ -155,7 +141,7 @@ def draw_case(seed: int):
     if rng.random() < 0.4:
         perturb_(model, 0.2, seed)
     model.eval()
-    theirs = twin(model, theirs_class) if all(float(r).is_integer() for r in config.mlp_ratios) else None
+    theirs = transformers_twin(model, theirs_class) if all(float(r).is_integer() for r in config.mlp_ratios) else None
     gen = torch.Generator().manual_seed(seed)
     scale = rng.choice([1.0, 1.0, 1.0, 1e4])
     shape = (batch, config.num_channels, height, width)
@@ -309,7 +295,7 @@ def test_a_non_finite_pixel_reaches_the_patch_kernels_window(special, frozen):
     config = PvtV2Config(num_encoder_blocks=2, depths=[0, 1], hidden_sizes=[16, 8], num_attention_heads=[1, 2],
                          sr_ratios=[1, 2], patch_sizes=[3, 3], strides=[1, 2], mlp_ratios=[2, 2], num_labels=3)
     model = random_weights_(PvtV2ForImageClassification(config), seed=5).eval()
-    theirs = twin(model, transformers.PvtV2ForImageClassification)
+    theirs = transformers_twin(model, transformers.PvtV2ForImageClassification)
     x = torch.randn(3, 3, 11, 14, generator=torch.Generator().manual_seed(1))
     x[1, 2, 6, 0] = float(special)  # on the left edge: its window is 3 rows by 2 columns
     if frozen:
@@ -342,7 +328,7 @@ def test_ffn_bands_and_groups_are_the_documented_pieces(height, batch, monkeypat
     config = PvtV2Config(num_encoder_blocks=1, depths=[2], hidden_sizes=[8], num_attention_heads=[2], sr_ratios=[1],
                          patch_sizes=[3], strides=[1], mlp_ratios=[3], hidden_act="gelu", num_labels=4)
     model = random_weights_(PvtV2ForImageClassification(config), seed=11).eval()
-    theirs = twin(model, transformers.PvtV2ForImageClassification)
+    theirs = transformers_twin(model, transformers.PvtV2ForImageClassification)
     width = 7
     x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))
     row_bytes = width * 24 * 4

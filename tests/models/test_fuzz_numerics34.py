@@ -50,7 +50,7 @@ import pytest
 import timm
 import torch
 import transformers
-from conftest import hf_config, output_tensors, relative_error, training_results
+from conftest import output_tensors, relative_error, training_results, transformers_twin
 
 import pvtv2
 from pvtv2 import PvtV2Backbone, PvtV2Config, PvtV2ForImageClassification, PvtV2Model
@@ -167,21 +167,6 @@ def draw_pixels(rng: random.Random, config: PvtV2Config, dtype: torch.dtype, kin
         wide[..., ::2] = x
         return wide[..., ::2]
     return x[:1].expand(shape) if layout == "expanded" else x
-
-
-def transformers_twin(ours: torch.nn.Module, theirs_class: type) -> torch.nn.Module:
-    """transformers' model with ``ours``' config, weights and dtype, its LayerNorms given pvtv2's two extra
-    epsilons (fields transformers' config does not have)."""
-    config = ours.config
-    theirs = theirs_class(hf_config(config))
-    theirs.load_state_dict({k: v.contiguous() for k, v in ours.state_dict().items()}, strict=True)
-    encoder = theirs.pvt_v2.encoder if hasattr(theirs, "pvt_v2") else theirs.encoder
-    for layer in encoder.layers:
-        layer.patch_embedding.layer_norm.eps = config.patch_norm_eps
-        for block in layer.blocks:
-            if hasattr(block.attention, "layer_norm"):
-                block.attention.layer_norm.eps = config.reduction_norm_eps
-    return theirs.to(next(ours.parameters()).dtype).eval()
 
 
 def draw_case(seed: int, kind: str | None = None, training: bool = False):

@@ -16,18 +16,14 @@
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 import math
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import dense_task_data
+from training_fixtures import dense_task_data, launch, run_fingerprint
 from safetensors.torch import load_file
 from torch import nn
 
@@ -39,8 +35,6 @@ from pvtv2.models.modeling import PvtV2ForImageClassification
 from pvtv2.training import engine
 from pvtv2.training.config import TrainConfig
 from pvtv2.training.distributed import DistInfo
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 # ---------------------------------------------------------------------------------------------- 1. sharding
@@ -397,31 +391,6 @@ def _dense_args(task: str, data: Path, out: Path, rng: random.Random) -> list[st
     return args
 
 
-def _train(script: Path, args: list[str], env: dict[str, str] | None = None, processes: int = 1):
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return subprocess.run([*launcher, str(script), *args], env={**ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=600, check=False)
-
-
-def _fingerprint(out: Path) -> dict:
-    """Everything a run leaves that must not depend on its interruptions: the checkpoints' tensors, the optimizer
-    state, the records without their timings; and what must not be left (temporary and old copies, the lock)."""
-    found: dict = {}
-    for folder in ("last", "best", "ema"):
-        if (out / folder / "model.safetensors").is_file():
-            tensors = load_file(str(out / folder / "model.safetensors"))
-            found[folder] = hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors))).hexdigest()
-    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
-    moments = [v for s in state["optimizer"]["state"].values() for _, v in sorted(s.items()) if torch.is_tensor(v)]
-    found["optimizer"] = hashlib.sha256(b"".join(v.numpy().tobytes() for v in moments)).hexdigest()
-    found["steps"], found["best_epoch"] = state["scheduler"]["last_epoch"], state["best_epoch"]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    found["records"] = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
-    found["left"] = sorted(p.name for p in out.iterdir() if p.name.endswith((".tmp", ".old")) or p.name == "run.lock")
-    return found
-
-
 def _kill_and_resume(tmp_path: Path, task: str, seed: int, kill: dict[str, str], processes: int = 1,
                      killed_state=None) -> None:
     """An uninterrupted run and one killed at ``kill`` then resumed end the same (``killed_state``: a check of the
@@ -432,16 +401,16 @@ def _kill_and_resume(tmp_path: Path, task: str, seed: int, kill: dict[str, str],
     data = dense_task_data(tmp_path / "data", task)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     args = _dense_args(task, data, whole, rng)
-    done = _train(script, args, processes=processes)
+    done = launch(script, args, processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
     cut_args = [cut.as_posix() if a == whole.as_posix() else a for a in args]
-    killed = _train(script, cut_args, kill, processes=processes)
+    killed = launch(script, cut_args, kill, processes=processes)
     assert killed.returncode != 0, (kill, killed.stderr[-2000:])  # it was killed where asked
     if killed_state is not None:
         killed_state(cut)
-    resumed = _train(script, ["--output", str(cut), "--resume", "--no-progress"], processes=processes)
+    resumed = launch(script, ["--output", str(cut), "--resume", "--no-progress"], processes=processes)
     assert resumed.returncode == 0, (kill, resumed.stderr[-3000:])
-    expected, got = _fingerprint(whole), _fingerprint(cut)
+    expected, got = run_fingerprint(whole), run_fingerprint(cut)
     assert got == expected, (task, seed, kill, args)
     assert expected["left"] == [] and len(expected["records"]) == 2 and expected["steps"] > 0
 
@@ -488,11 +457,11 @@ def test_a_run_killed_after_its_last_checkpoint_draws_its_curves_when_resumed(tm
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     args = ["--task", "segmentation", "--data", str(data), "--model", "tiny", "--epochs", "1", "--image-size", "32",
             "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0", "--no-progress"]
-    assert _train(script, [*args, "--output", str(whole)]).returncode == 0
-    killed = _train(script, [*args, "--output", str(cut)], {"KILL32_BEFORE_REPLACE_TO": "curves.png"})
+    assert launch(script, [*args, "--output", str(whole)]).returncode == 0
+    killed = launch(script, [*args, "--output", str(cut)], {"KILL32_BEFORE_REPLACE_TO": "curves.png"})
     assert killed.returncode != 0 and (cut / "last" / "training_state.pt").is_file()
     assert not (cut / "curves.png").exists()
-    resumed = _train(script, ["--output", str(cut), "--resume", "--no-progress"])
+    resumed = launch(script, ["--output", str(cut), "--resume", "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "already finished" in resumed.stderr
     assert (cut / "curves.png").read_bytes() == (whole / "curves.png").read_bytes()

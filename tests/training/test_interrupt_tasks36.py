@@ -34,12 +34,9 @@ Faster R-CNN do not (4e-3: losses over each process's batch, sampled proposals),
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -49,7 +46,7 @@ from safetensors.torch import load_file
 from pvtv2.cli import main
 from pvtv2.training import rundir
 from pvtv2.training.config import TrainConfig
-from training_fixtures import ENV, dense_task_data, run_records
+from training_fixtures import dense_task_data, launch, run_fingerprint, run_records
 
 # SIGKILL at the start of the n-th evaluation (KILL36_VALIDATE), or at a batch (PVTV2_TEST_KILL_AT_STEP), in the
 # process of rank KILL36_RANK only (default: every process).
@@ -207,44 +204,19 @@ def test_a_batch_of_one_image_that_the_fpn_head_cannot_normalise_names_the_flags
 
 
 # ---------------------------------------------------------------------------------------------- killed and resumed
-def _train(script: Path, args: list[str], env: dict[str, str] | None = None, processes: int = 1):
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return subprocess.run([*launcher, str(script), *args], env={**ENV, **(env or {})}, capture_output=True, text=True,
-                          timeout=600, check=False)
-
-
-def _fingerprint(out: Path) -> dict:
-    """What must not depend on the interruptions: the checkpoints' tensors, the optimizer's moments and step count,
-    the records without their timings; and what must not be left (temporary and old copies, the lock)."""
-    found: dict = {}
-    for folder in ("last", "best", "ema"):
-        if (out / folder / "model.safetensors").is_file():
-            tensors = load_file(str(out / folder / "model.safetensors"))
-            found[folder] = hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors))).hexdigest()
-    state = torch.load(out / "last" / "training_state.pt", weights_only=True)
-    moments = [v for s in state["optimizer"]["state"].values() for _, v in sorted(s.items()) if torch.is_tensor(v)]
-    found["optimizer"] = hashlib.sha256(b"".join(v.numpy().tobytes() for v in moments)).hexdigest()
-    found["steps"], found["best_epoch"] = state["scheduler"]["last_epoch"], state["best_epoch"]
-    found["records"] = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}
-                        for r in run_records(out)]
-    found["left"] = sorted(p.name for p in out.iterdir() if p.name.endswith((".tmp", ".old")) or p.name == "run.lock")
-    return found
-
-
 def _kill_and_resume(tmp_path: Path, task: str, extra: list[str], kill: dict[str, str], processes: int = 1) -> None:
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
     data = dense_task_data(tmp_path / "data", task)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    done = _train(script, _args(task, data, whole, *extra, epochs=2), processes=processes)
+    done = launch(script, _args(task, data, whole, *extra, epochs=2), processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = _train(script, _args(task, data, cut, *extra, epochs=2), kill, processes=processes)
+    killed = launch(script, _args(task, data, cut, *extra, epochs=2), kill, processes=processes)
     assert killed.returncode != 0, killed.stderr[-2000:]  # it was killed where asked
     assert (cut / "last" / "training_state.pt").is_file()  # after its first epoch
-    resumed = _train(script, ["--output", str(cut), "--resume", "--no-progress"], processes=processes)
+    resumed = launch(script, ["--output", str(cut), "--resume", "--no-progress"], processes=processes)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = _fingerprint(whole), _fingerprint(cut)
+    expected, got = run_fingerprint(whole), run_fingerprint(cut)
     assert got == expected
     assert expected["left"] == [] and [r["epoch"] for r in expected["records"]] == [1, 2] and expected["steps"] > 0
 
@@ -278,9 +250,9 @@ def test_two_processes_of_retinanet_batch_2_train_as_one_of_batch_4(tmp_path):
     script = tmp_path / "killer.py"
     script.write_text(_KILLER)
     flags = ["--detector", "retinanet", "--epochs", "2", "--hflip", "0.5", "--seed", "3"]
-    one = _train(script, [*_args("detection", data, tmp_path / "one", *flags), "--batch-size", "4"])
+    one = launch(script, [*_args("detection", data, tmp_path / "one", *flags), "--batch-size", "4"])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = _train(script, [*_args("detection", data, tmp_path / "two", *flags), "--batch-size", "2"], processes=2)
+    two = launch(script, [*_args("detection", data, tmp_path / "two", *flags), "--batch-size", "2"], processes=2)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = (load_file(str(tmp_path / run / "last" / "model.safetensors")) for run in ("one", "two"))
     assert a.keys() == b.keys()

@@ -112,3 +112,35 @@ def dense_task_data(root: Path, task: str) -> Path:
     write_square_coco(root, "train", [[4 + i, 6, 20 + i, 18] for i in range(7)])
     write_square_coco(root, "val", [[10, 12, 22, 20], [30, 5, 20, 24], [2, 30, 25, 25]])
     return root
+
+
+def launch(script: Path, args: list[str], env: dict[str, str] | None = None, processes: int = 1):
+    """``script ARGS`` in a Python of its own, or under torchrun with ``processes`` CPU processes, output captured."""
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    return subprocess.run([*launcher, str(script), *args], env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def run_fingerprint(out: Path) -> dict:
+    """Everything a run leaves that must not depend on its interruptions: the checkpoints' tensors, the optimizer's
+    moments and step count, the records without their timings; and what must not be left (temporary and old copies,
+    the lock)."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    found: dict = {}
+    for folder in ("last", "best", "ema"):
+        if (out / folder / "model.safetensors").is_file():
+            tensors = load_file(str(out / folder / "model.safetensors"))
+            found[folder] = hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors))).hexdigest()
+    state = training_state(out)
+    moments = [v for s in state["optimizer"]["state"].values() for _, v in sorted(s.items()) if torch.is_tensor(v)]
+    found["optimizer"] = hashlib.sha256(b"".join(v.numpy().tobytes() for v in moments)).hexdigest()
+    found["steps"], found["best_epoch"] = state["scheduler"]["last_epoch"], state["best_epoch"]
+    found["records"] = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")}
+                        for r in run_records(out)]
+    found["left"] = sorted(p.name for p in out.iterdir() if p.name.endswith((".tmp", ".old")) or p.name == "run.lock")
+    return found

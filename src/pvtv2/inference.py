@@ -668,7 +668,9 @@ def _refuse_split_folders(root: Path) -> None:
     images are in sub-folders of its own)."""
     splits = []
     names = sorted(os.listdir(root))
-    if any(not n.startswith(".") and n.lower() not in _SPLIT_NAMES and (root / n).is_dir() for n in names):
+    if not any(n.lower() in _SPLIT_NAMES for n in names) or any(
+        not n.startswith(".") and n.lower() not in _SPLIT_NAMES and (root / n).is_dir() for n in names
+    ):
         return
     for name in names:
         folder = root / name

@@ -656,8 +656,9 @@ def _dataset_root(data: str | os.PathLike) -> tuple[Path, str]:
     return root, "."
 
 
-# Folder names that say a dataset split rather than a class ("val": Val/, which DIR/val/ does not find).
-_SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
+# Folder names that say a dataset split rather than a class ("val": Val/, which DIR/val/ does not find; "training" and
+# "testing": MNIST's folders of PNGs).
+_SPLIT_NAMES = ("train", "test", "val", "valid", "validation", "training", "testing")
 
 
 def _refuse_split_folders(root: Path) -> None:

@@ -13,7 +13,8 @@ Faults found:
   eval reads a class's images recursively, and scored it before. A split-named folder beside other class folders is a
   class; the refusal stays for a folder of splits only.
 - Beside ``DIR/Val/`` (capitalised: ``DIR/val/`` does not find it), the same refusal advised ``--data DIR/train``
-  alone, the training split: ``Val`` is named with the others.
+  alone, the training split: ``Val`` is named with the others. MNIST's ``training/`` and ``testing/`` folders of PNGs
+  were scored as two classes: they are splits too.
 - ``pvtv2 detect --json`` of a mask_rcnn detector without pycocotools detected every image (and drew
   ``--output-dir``'s pictures) before failing with "COCO data and metrics needs pycocotools": it is refused before
   the first image, naming ``--json`` and the extra. The other detectors' JSON, and mask_rcnn's without --json, need
@@ -142,6 +143,12 @@ def test_split_folders_beside_a_capitalised_val_name_it_and_splits_alone_are_sti
     code, out, err = _run(capsys, "eval", "--model", vehicles, "--data", tmp_path / "data" / "Val", "--json",
                           "--no-progress")
     assert code == 0 and json.loads(out)["images"] == 2, err
+    # MNIST's PNG folders: training/ and testing/ (scored as two classes before).
+    for split in ("training", "testing"):
+        for i, name in enumerate(("car", "plane")):
+            _image(tmp_path / "mnist" / split / name / "0.png", seed=i)
+    code, out, err = _run(capsys, "eval", "--model", vehicles, "--data", tmp_path / "mnist", "--no-progress")
+    assert code == 2 and f"--data {tmp_path / 'mnist' / 'testing'} or --data {tmp_path / 'mnist' / 'training'}" in err
     # A hidden folder beside the splits is no class: still splits alone.
     (tmp_path / "data" / ".cache" / "x").mkdir(parents=True)
     code, _, err = _run(capsys, "eval", "--model", vehicles, "--data", tmp_path / "data", "--no-progress")

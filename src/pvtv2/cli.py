@@ -1271,6 +1271,12 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     # The detector's own threshold (the config's, 0.05) dropped lower scores before --score-threshold saw them:
     # it is set to the flag's (the same detections at or above any threshold, NMS being greedy by score).
     model = load_detector(args.model, args.device, score_threshold=args.score_threshold, **size)
+    if args.json and model.config.detector == "mask_rcnn":
+        # --json writes the masks as COCO RLE: without pycocotools that failed after every image was detected (and
+        # --output-dir's pictures drawn), naming "COCO data and metrics"
+        from .runtime import import_optional
+
+        import_optional("pycocotools.mask", "detection", "detect --json (mask_rcnn's masks as COCO RLE)")
     results = detect_objects(model, paths, args.score_threshold, args.batch_size, progress=_progress(args), bf16=args.bf16)
     failed = [r for r in results if r.error is not None]
     targets: dict[str, str] = {}

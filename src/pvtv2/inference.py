@@ -656,17 +656,24 @@ def _dataset_root(data: str | os.PathLike) -> tuple[Path, str]:
     return root, "."
 
 
-# Folder names that say a dataset split rather than a class.
-_SPLIT_NAMES = ("train", "test", "valid", "validation")
+# Folder names that say a dataset split rather than a class ("val": Val/, which DIR/val/ does not find; "training" and
+# "testing": MNIST's folders of PNGs).
+_SPLIT_NAMES = ("train", "test", "val", "valid", "validation", "training", "testing")
 
 
 def _refuse_split_folders(root: Path) -> None:
     """``DIR/train/<class>/`` and ``DIR/test/<class>/`` without ``DIR/val/``, read as ``DIR/<class>/``, scored the
     splits as classes (silently for a model with generic labels). A folder named as a split that holds sub-folders
     and no image file of its own is refused, naming the ``--data`` to pass; a class that happens to be named so
-    (CIFAR-100's "train") holds its images itself."""
+    (CIFAR-100's "train") holds its images itself, or has other class folders beside it (a "train" class whose
+    images are in sub-folders of its own)."""
     splits = []
-    for name in sorted(os.listdir(root)):
+    names = sorted(os.listdir(root))
+    if not any(n.lower() in _SPLIT_NAMES for n in names) or any(
+        not n.startswith(".") and n.lower() not in _SPLIT_NAMES and (root / n).is_dir() for n in names
+    ):
+        return
+    for name in names:
         folder = root / name
         if name.lower() not in _SPLIT_NAMES or not folder.is_dir():
             continue

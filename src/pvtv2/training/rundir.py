@@ -447,6 +447,10 @@ def _same_setting(key: str, written: Any, stored: Any) -> bool:
     if key == "model":
         if _same_preset(written, stored) or _same_path(written, stored):
             return True
+        if isinstance(written, str) and os.path.isabs(written) and os.path.abspath(written) == stored:
+            # typed absolute but not as run.json spells it (a trailing slash, "/./"): the same path even once the
+            # model it names is gone (only the run's start reads it)
+            return True
         # run.json records a local path absolute; typed relative to the folder the run was started from (not
         # recorded), it cannot be compared from here.
         return isinstance(written, str) and isinstance(stored, str) and os.path.isabs(stored) and not os.path.isabs(written)

@@ -346,6 +346,38 @@ def _import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def _check_external_data(path: str) -> None:
+    """Refuse an ONNX file whose weights kept in external data files (``onnx.save(save_as_external_data=True)``) are
+    missing or lie outside the file's folder, naming the file, the tensor and the data file. onnxruntime's own error
+    was cut to 300 characters in the middle of the data file's path, and versions before 1.19 read paths outside the
+    folder. Needs the onnx package (installed with onnxruntime by ``pvtv2[onnx]``); without it onnxruntime decides."""
+    try:
+        import onnx
+    except ImportError as err:
+        raise_interrupt_behind(err)
+        return
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable graph: onnxruntime's load, next, says why
+        return
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        target = os.path.realpath(os.path.join(folder, location))
+        if not location or os.path.isabs(location):
+            problem = "is not a path relative to the ONNX file's folder"
+        elif os.path.commonpath([folder, target]) != folder:
+            problem = f"lies outside the ONNX file's folder {folder!r}"
+        elif not os.path.isfile(target):
+            problem = f"does not exist in {folder!r}"
+        else:
+            continue
+        raise ValueError(f"the ONNX file {path!r} keeps the weights of {tensor.name!r} in the external data file "
+                         f"{location!r}, which {problem}: keep an exported model's data files next to it")
+
+
 def onnx_runtime(
     path: str | os.PathLike, model: PvtV2ForImageClassification, *, model_source: str | os.PathLike | None = None
 ) -> Runtime:
@@ -362,6 +394,7 @@ def onnx_runtime(
         raise ValueError(f"the ONNX file {path!r} is a folder, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ONNX file not found: {path!r}")
+    _check_external_data(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3

@@ -412,7 +412,8 @@ def onnx_runtime(
             f"{where} has inputs {input_names} and outputs {output_names}, but {against} is a classifier, whose export "
             f"(pvtv2 export) has the input 'pixel_values' and the output 'logits'"
         )
-    rank = len(outputs[0].shape) if outputs[0].shape is not None else None
+    # onnxruntime reports a shape the file does not declare (not even its rank) as []: unknown, checked at run time
+    rank = len(outputs[0].shape) if outputs[0].shape else None
     if rank is not None and rank != 2:
         # a segmentation export also names its output 'logits', but (B, K, H/4, W/4): no class scores per image
         raise ValueError(
@@ -425,7 +426,7 @@ def onnx_runtime(
     if inputs[0].type != "tensor(float)":
         raise ValueError(f"{where} takes {inputs[0].type} pixel values, but images are fed as float32 "
                          f"(tensor(float)): export the model in float32 (pvtv2 export does)")
-    input_shape = inputs[0].shape
+    input_shape = inputs[0].shape or None  # [] is undeclared, as above
     channels = getattr(model.config, "num_channels", 3)
     if input_shape is not None and len(input_shape) != 4:
         raise ValueError(f"{where} takes pixel values of {len(input_shape)} dimensions {input_shape}, not "
@@ -459,8 +460,11 @@ def onnx_runtime(
                 f"free): {str(err).splitlines()[0][:200]}"
                 + (". Export the model with pvtv2 export (dynamic batch, height and width)" if sides else "")
             ) from None
-        if logits.ndim != 2 or logits.shape[1] != num_labels:  # a symbolic class dimension is only known now
-            raise wrong_classes(logits.shape[-1] if logits.ndim else "no")
+        if logits.ndim != 2:  # a file that declares no output shape
+            raise ValueError(f"{where} outputs 'logits' of {logits.ndim} dimensions {list(logits.shape)}, not a "
+                             f"classifier's (batch, classes): {against} (a classifier) cannot run it")
+        if logits.shape[1] != num_labels:  # a symbolic class dimension is only known now
+            raise wrong_classes(logits.shape[1])
         return torch.from_numpy(logits).float()  # (B, num_labels)
 
     _check_same_model(run, model, input_shape, where, against)

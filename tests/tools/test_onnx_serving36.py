@@ -253,6 +253,24 @@ def test_an_export_with_its_weights_in_a_data_file_of_its_folder_is_served(serve
         same_predictions(expected.stdout, got.stdout)
 
 
+def test_an_export_that_declares_no_shapes_is_served(served, tmp_path, capsys):
+    """An export whose input and output declare no shape, not even a rank (onnxruntime reports both as []): the sizes
+    are free, so the file runs, and gives PyTorch's predictions. It was refused as taking pixel values of 0
+    dimensions."""
+    root, _ = served
+    proto = onnx.load(root / "good.onnx")
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.ClearField("shape")
+    del proto.graph.value_info[:]
+    onnx.save(proto, tmp_path / "bare.onnx")
+    bare = session(tmp_path / "bare.onnx")
+    assert bare.get_inputs()[0].shape == []
+    expected = predict(capsys, root)
+    got = predict(capsys, root, None, "--runtime", "onnxruntime", "--onnx", str(tmp_path / "bare.onnx"))
+    assert got.returncode == 0, got.stderr
+    same_predictions(expected.stdout, got.stdout)
+
+
 def graph_file(path: Path, inputs, outputs, nodes, initializers=()) -> Path:
     from onnx import helper
 
@@ -294,6 +312,10 @@ def hostile_file(kind: str, root: Path, tmp_path: Path) -> tuple[Path, str]:
     if kind == "dense output":
         return graph_file(tmp_path / "dense.onnx", [info("pixel_values", TensorProto.FLOAT, ["b", 3, "h", "w"])],
                           [info("logits", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+                          [helper.make_node("Identity", ["pixel_values"], ["logits"])]), "4 dimensions"
+    if kind == "undeclared dense output":  # no shapes declared: the rank is only known when it runs
+        return graph_file(tmp_path / "bare.onnx", [info("pixel_values", TensorProto.FLOAT, None)],
+                          [info("logits", TensorProto.FLOAT, None)],
                           [helper.make_node("Identity", ["pixel_values"], ["logits"])]), "4 dimensions"
     proto = onnx.load(good)
     if kind == "external data missing":
@@ -345,7 +367,7 @@ def hostile_file(kind: str, root: Path, tmp_path: Path) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not onnx", "other input name", "other channels", "other classes",
-                                  "dense output", "external data missing", "external data outside",
+                                  "dense output", "undeclared dense output", "external data missing", "external data outside",
                                   "external data absolute", "fixed size"])
 def test_a_hostile_onnx_file_is_one_line_naming_it_and_the_problem(served, tmp_path, capsys, kind):
     root, _ = served

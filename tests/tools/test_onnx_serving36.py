@@ -376,3 +376,15 @@ def test_a_hostile_onnx_file_is_one_line_naming_it_and_the_problem(served, tmp_p
     assert result.returncode == 2 and result.stdout == "", result.stdout
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert path.name in result.stderr and phrase in result.stderr, result.stderr
+
+
+@pytest.mark.slow  # the first dynamo export in a process: about 35 s on 2 cores
+def test_cli_export_json_with_the_dynamo_exporter_is_json_alone(tmp_path, capsys):
+    """torch's dynamo exporter prints its progress ("[torch.onnx] Obtain model graph ...") to stdout unless told not
+    to: ``pvtv2 export --json`` printed eight such lines before the JSON, which no JSON reader then parsed."""
+    tiny_classifier().save_pretrained(tmp_path / "model")
+    result = run_here(capsys, "export", "--model", str(tmp_path / "model"), "--output", str(tmp_path / "m.onnx"),
+                      "--exporter", "dynamo", "--check-sizes", "2x33x47", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["exporter"] == "dynamo" and info["checks"][0]["ok"] and info["checks"][0]["max_abs_diff"] < 1e-4

@@ -364,18 +364,26 @@ def _check_external_data(path: str) -> None:
     for tensor in proto.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
         target = os.path.realpath(os.path.join(folder, location))
+        try:
+            end = int(entries.get("offset") or 0) + int(entries.get("length") or 0)
+        except ValueError:
+            end = 0  # not numbers: onnxruntime's load says why
         if not location or os.path.isabs(location):
             problem = "is not a path relative to the ONNX file's folder"
         elif os.path.commonpath([folder, target]) != folder:
             problem = f"lies outside the ONNX file's folder {folder!r}"
         elif not os.path.isfile(target):
             problem = f"does not exist in {folder!r}"
+        elif os.path.getsize(target) < end:
+            problem = (f"holds {os.path.getsize(target)} bytes, fewer than the {end} the tensor reaches to (a truncated "
+                       f"copy)")
         else:
             continue
         raise ValueError(f"the ONNX file {path!r} keeps the weights of {tensor.name!r} in the external data file "
-                         f"{location!r}, which {problem}: keep an exported model's data files next to it")
+                         f"{location!r}, which {problem}: keep an exported model's data files whole, next to it")
 
 
 def onnx_runtime(
@@ -397,11 +405,14 @@ def onnx_runtime(
     _check_external_data(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: an error is raised, and said in one line below, as well as logged
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid files
-        raise ValueError(f"onnxruntime cannot load {path!r}: {str(err).splitlines()[0][:300]}") from None
+        # Its messages nest (an initializer's failure inside the session's): the last words name the tensor and the fault
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"onnxruntime cannot load {path!r}: "
+                         f"{reason if len(reason) <= 400 else '...' + reason[-400:]}") from None
     num_labels = model.config.num_labels
     where = f"the ONNX file {path!r}"
     against = f"the model {os.fspath(model_source)!r}" if model_source is not None else "the model"

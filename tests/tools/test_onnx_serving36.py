@@ -336,6 +336,17 @@ def hostile_file(kind: str, root: Path, tmp_path: Path) -> tuple[Path, str]:
                     entry.value = "'../m.data', which lies outside"
         onnx.save(pointer, inner / "m.onnx")
         return inner / "m.onnx", "'../m.data', which lies outside"
+    if kind == "damaged weights":  # an embedded tensor shorter than its shape: onnxruntime logged it to fd 2 too
+        proto = onnx.load(good)
+        bias = next(t for t in proto.graph.initializer if t.name.endswith("classifier.bias"))
+        bias.raw_data = bias.raw_data[:8]
+        onnx.save(proto, tmp_path / "short.onnx")
+        return tmp_path / "short.onnx", "classifier.bias"
+    if kind == "external data truncated":
+        onnx.save(proto, tmp_path / "cut.onnx", save_as_external_data=True, location="cut.data", size_threshold=0)
+        data = tmp_path / "cut.data"
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        return tmp_path / "cut.onnx", "'cut.data', which holds"
     if kind == "external data absolute":
         onnx.save(proto, tmp_path / "abs.onnx", save_as_external_data=True, location="abs.data", size_threshold=0)
         pointer = onnx.load(tmp_path / "abs.onnx", load_external_data=False)
@@ -368,11 +379,13 @@ def hostile_file(kind: str, root: Path, tmp_path: Path) -> tuple[Path, str]:
 
 @pytest.mark.parametrize("kind", ["truncated", "not onnx", "other input name", "other channels", "other classes",
                                   "dense output", "undeclared dense output", "external data missing", "external data outside",
-                                  "external data absolute", "fixed size"])
-def test_a_hostile_onnx_file_is_one_line_naming_it_and_the_problem(served, tmp_path, capsys, kind):
+                                  "external data absolute", "external data truncated", "damaged weights",
+                                  "fixed size"])
+def test_a_hostile_onnx_file_is_one_line_naming_it_and_the_problem(served, tmp_path, capfd, kind):
+    """capfd: onnxruntime's own log lines go to file descriptor 2, past sys.stderr."""
     root, _ = served
     path, phrase = hostile_file(kind, root, tmp_path)
-    result = predict(capsys, root, None, "--runtime", "onnxruntime", "--onnx", str(path))
+    result = predict(capfd, root, None, "--runtime", "onnxruntime", "--onnx", str(path))
     assert result.returncode == 2 and result.stdout == "", result.stdout
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert path.name in result.stderr and phrase in result.stderr, result.stderr

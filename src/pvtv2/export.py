@@ -281,6 +281,7 @@ def _export_once(wrapper: nn.Module, example: torch.Tensor, path: Path, exporter
                 wrapper, (example,), os.fspath(path), dynamo=True, opset_version=opset,
                 input_names=["pixel_values"], output_names=list(output_names),
                 dynamic_shapes={"pixel_values": {0: batch, 2: height, 3: width}}, external_data=False,
+                verbose=False,  # else it prints its progress to stdout, before the JSON of pvtv2 export --json
             )
 
 

@@ -346,6 +346,46 @@ def _import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def _check_external_data(path: str) -> None:
+    """Refuse an ONNX file whose weights kept in external data files (``onnx.save(save_as_external_data=True)``) are
+    missing or lie outside the file's folder, naming the file, the tensor and the data file. onnxruntime's own error
+    was cut to 300 characters in the middle of the data file's path, and versions before 1.19 read paths outside the
+    folder. Needs the onnx package (installed with onnxruntime by ``pvtv2[onnx]``); without it onnxruntime decides."""
+    try:
+        import onnx
+    except ImportError as err:
+        raise_interrupt_behind(err)
+        return
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable graph: onnxruntime's load, next, says why
+        return
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location", "")
+        target = os.path.realpath(os.path.join(folder, location))
+        try:
+            end = int(entries.get("offset") or 0) + int(entries.get("length") or 0)
+        except ValueError:
+            end = 0  # not numbers: onnxruntime's load says why
+        if not location or os.path.isabs(location):
+            problem = "is not a path relative to the ONNX file's folder"
+        elif os.path.commonpath([folder, target]) != folder:
+            problem = f"lies outside the ONNX file's folder {folder!r}"
+        elif not os.path.isfile(target):
+            problem = f"does not exist in {folder!r}"
+        elif os.path.getsize(target) < end:
+            problem = (f"holds {os.path.getsize(target)} bytes, fewer than the {end} the tensor reaches to (a truncated "
+                       f"copy)")
+        else:
+            continue
+        raise ValueError(f"the ONNX file {path!r} keeps the weights of {tensor.name!r} in the external data file "
+                         f"{location!r}, which {problem}: keep an exported model's data files whole, next to it")
+
+
 def onnx_runtime(
     path: str | os.PathLike, model: PvtV2ForImageClassification, *, model_source: str | os.PathLike | None = None
 ) -> Runtime:
@@ -362,13 +402,17 @@ def onnx_runtime(
         raise ValueError(f"the ONNX file {path!r} is a folder, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ONNX file not found: {path!r}")
+    _check_external_data(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: an error is raised, and said in one line below, as well as logged
     try:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for unreadable or invalid files
-        raise ValueError(f"onnxruntime cannot load {path!r}: {str(err).splitlines()[0][:300]}") from None
+        # Its messages nest (an initializer's failure inside the session's): the last words name the tensor and the fault
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"onnxruntime cannot load {path!r}: "
+                         f"{reason if len(reason) <= 400 else '...' + reason[-400:]}") from None
     num_labels = model.config.num_labels
     where = f"the ONNX file {path!r}"
     against = f"the model {os.fspath(model_source)!r}" if model_source is not None else "the model"
@@ -379,7 +423,8 @@ def onnx_runtime(
             f"{where} has inputs {input_names} and outputs {output_names}, but {against} is a classifier, whose export "
             f"(pvtv2 export) has the input 'pixel_values' and the output 'logits'"
         )
-    rank = len(outputs[0].shape) if outputs[0].shape is not None else None
+    # onnxruntime reports a shape the file does not declare (not even its rank) as []: unknown, checked at run time
+    rank = len(outputs[0].shape) if outputs[0].shape else None
     if rank is not None and rank != 2:
         # a segmentation export also names its output 'logits', but (B, K, H/4, W/4): no class scores per image
         raise ValueError(
@@ -392,7 +437,7 @@ def onnx_runtime(
     if inputs[0].type != "tensor(float)":
         raise ValueError(f"{where} takes {inputs[0].type} pixel values, but images are fed as float32 "
                          f"(tensor(float)): export the model in float32 (pvtv2 export does)")
-    input_shape = inputs[0].shape
+    input_shape = inputs[0].shape or None  # [] is undeclared, as above
     channels = getattr(model.config, "num_channels", 3)
     if input_shape is not None and len(input_shape) != 4:
         raise ValueError(f"{where} takes pixel values of {len(input_shape)} dimensions {input_shape}, not "
@@ -426,8 +471,11 @@ def onnx_runtime(
                 f"free): {str(err).splitlines()[0][:200]}"
                 + (". Export the model with pvtv2 export (dynamic batch, height and width)" if sides else "")
             ) from None
-        if logits.ndim != 2 or logits.shape[1] != num_labels:  # a symbolic class dimension is only known now
-            raise wrong_classes(logits.shape[-1] if logits.ndim else "no")
+        if logits.ndim != 2:  # a file that declares no output shape
+            raise ValueError(f"{where} outputs 'logits' of {logits.ndim} dimensions {list(logits.shape)}, not a "
+                             f"classifier's (batch, classes): {against} (a classifier) cannot run it")
+        if logits.shape[1] != num_labels:  # a symbolic class dimension is only known now
+            raise wrong_classes(logits.shape[1])
         return torch.from_numpy(logits).float()  # (B, num_labels)
 
     _check_same_model(run, model, input_shape, where, against)

@@ -360,13 +360,14 @@ def _check_external_data(path: str) -> None:
         proto = onnx.load(path, load_external_data=False)
     except Exception:  # noqa: BLE001 - not a readable graph: onnxruntime's load, next, says why
         return
-    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    # Where the graph says, lexically: a link there may lead elsewhere (huggingface_hub's snapshots link to its blobs)
+    folder = os.path.dirname(os.path.abspath(path))
     for tensor in proto.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         entries = {entry.key: entry.value for entry in tensor.external_data}
         location = entries.get("location", "")
-        target = os.path.realpath(os.path.join(folder, location))
+        target = os.path.normpath(os.path.join(folder, location))
         try:
             end = int(entries.get("offset") or 0) + int(entries.get("length") or 0)
         except ValueError:

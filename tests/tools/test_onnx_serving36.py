@@ -253,6 +253,25 @@ def test_an_export_with_its_weights_in_a_data_file_of_its_folder_is_served(serve
         same_predictions(expected.stdout, got.stdout)
 
 
+def test_an_export_whose_files_are_links_into_a_blob_store_is_served(served, tmp_path, capsys):
+    """As huggingface_hub lays a download out: snapshots/<rev>/m.onnx and its data file are links to blobs/ outside
+    the snapshot's folder. The data file is where the graph says (beside it); where the link leads is the cache's."""
+    root, _ = served
+    expected = predict(capsys, root)
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "0123abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    onnx.save(onnx.load(root / "good.onnx"), blobs / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    (blobs / "m.onnx").rename(blobs / "f00d")
+    (blobs / "m.data").rename(blobs / "beef")
+    (snapshot / "m.onnx").symlink_to("../../blobs/f00d")
+    (snapshot / "m.data").symlink_to("../../blobs/beef")
+    got = predict(capsys, root, None, "--runtime", "onnxruntime", "--onnx", str(snapshot / "m.onnx"))
+    assert got.returncode == 0, got.stderr
+    same_predictions(expected.stdout, got.stdout)
+
+
 def test_an_export_that_declares_no_shapes_is_served(served, tmp_path, capsys):
     """An export whose input and output declare no shape, not even a rank (onnxruntime reports both as []): the sizes
     are free, so the file runs, and gives PyTorch's predictions. It was refused as taking pixel values of 0

@@ -153,3 +153,69 @@ def test_depth_picture_colours_follow_depth_order():
     order = np.argsort(depth.reshape(-1), kind="stable")
     assert (np.diff(index[order]) >= 0).all()
     assert index[order[0]] == 0 and index[order[-1]] == 255
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_a_frozen_model_follows_the_onednn_switch_in_another_thread(linear):
+    """The switch entered and left between calls of a frozen model, in a worker thread: under it the reference path's
+    computation bit for bit, after it the fast path's again."""
+    import threading
+
+    import pvtv2.fast as fast
+
+    if not fast.fast_path_available():
+        pytest.skip("no oneDNN fast path on this build")
+    torch.manual_seed(3)
+    model = PvtV2ForImageClassification(PvtV2Config(**TINY, num_labels=5, linear_attention=linear)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(3, 3, 61, 47)
+    with torch.no_grad():
+        with torch.backends.mkldnn.flags(enabled=False), fast.fast_path(False):
+            reference = model(x).logits
+        fast.freeze(model)
+        on = model(x).logits
+    assert not torch.equal(on, reference)  # the two summations differ: the comparison below can tell them apart
+    got = {}
+
+    def work():
+        with torch.no_grad():
+            with torch.backends.mkldnn.flags(enabled=False):
+                got["off"] = model(x).logits
+            got["on"] = model(x).logits
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert torch.equal(got["off"], reference)
+    assert torch.equal(got["on"], on)
+
+
+def test_onnx_served_through_a_linked_folder_and_refused_through_a_linked_file(tmp_path):
+    """A folder link (data beside the file, through the link) is served, as onnxruntime serves it; a link to the file
+    alone, whose data stays beside the link's target, is refused naming the data file, as onnxruntime refuses it."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from pvtv2.export import export_onnx
+    from pvtv2.inference import onnx_runtime
+
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**dict(TINY, depths=[1, 1, 1, 1]), num_labels=3)).eval()
+    export_onnx(model, tmp_path / "g.onnx", exporter="torchscript", check_sizes=[(1, 64, 64)])
+    (tmp_path / "real").mkdir()
+    onnx.save(onnx.load(tmp_path / "g.onnx"), tmp_path / "real" / "m.onnx", save_as_external_data=True,
+              location="./m.data", size_threshold=0)
+    (tmp_path / "folder_link").symlink_to(tmp_path / "real")
+    (tmp_path / "file_link").mkdir()
+    (tmp_path / "file_link" / "m.onnx").symlink_to(tmp_path / "real" / "m.onnx")
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(x).logits
+    session = ort.InferenceSession(str(tmp_path / "folder_link" / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert abs(session.run(None, {"pixel_values": x.numpy()})[0] - expected.numpy()).max() < 1e-4
+    onnx_runtime(tmp_path / "folder_link" / "m.onnx", model)  # served
+    with pytest.raises(Exception):
+        ort.InferenceSession(str(tmp_path / "file_link" / "m.onnx"), providers=["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match=r"'\./m\.data', which does not exist in .*file_link"):
+        onnx_runtime(tmp_path / "file_link" / "m.onnx", model)

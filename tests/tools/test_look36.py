@@ -219,3 +219,33 @@ def test_onnx_served_through_a_linked_folder_and_refused_through_a_linked_file(t
         ort.InferenceSession(str(tmp_path / "file_link" / "m.onnx"), providers=["CPUExecutionProvider"])
     with pytest.raises(ValueError, match=r"'\./m\.data', which does not exist in .*file_link"):
         onnx_runtime(tmp_path / "file_link" / "m.onnx", model)
+
+
+def test_fixed_size_declarations_leave_external_data_where_the_exporter_put_it(tmp_path):
+    """The TorchScript exporter keeps a model past 2 GB in data files beside the graph; the export's rewrite of the
+    output declarations loaded them back into the graph and saved it whole, past protobuf's limit ("EncodeError:
+    Failed to serialize proto", every export of such a model failed). The rewrite now touches the graph alone: here, a
+    small graph whose weights are in a data file stays small, still points at its data, and computes the same."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from pvtv2.export import _declare_fixed_sizes, export_onnx
+
+    torch.manual_seed(0)
+    model = PvtV2ForImageClassification(PvtV2Config(**dict(TINY, depths=[1, 1, 1, 1]), num_labels=3)).eval()
+    export_onnx(model, tmp_path / "g.onnx", exporter="torchscript", check_sizes=[(1, 64, 64)])
+    proto = onnx.load(tmp_path / "g.onnx")
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"  # as the exporter declares it
+    onnx.save(proto, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    graph_bytes = (tmp_path / "m.onnx").stat().st_size
+    _declare_fixed_sizes(tmp_path / "m.onnx", ["logits"], [(2, 3)])
+    assert (tmp_path / "m.onnx").stat().st_size < graph_bytes + 100  # the weights were not written into the graph
+    saved = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    assert saved.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 3
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in saved.graph.initializer if t.dims and
+               math.prod(t.dims) > 16)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        expected = model(x).logits.numpy()
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"pixel_values": x.numpy()})[0]
+    assert abs(got - expected).max() < 1e-4

@@ -247,7 +247,9 @@ def _declare_fixed_sizes(path: Path, names: Sequence[str], shapes: Sequence[tupl
         return
     if path.stat().st_size > 1_800_000_000:  # near protobuf's 2 GB limit, which onnx.save cannot write past
         return
-    proto = onnx.load(os.fspath(path))
+    # The graph alone: the weights the exporter kept in data files beside it (a model past 2 GB) stay there (loaded,
+    # they were written back into the graph, past protobuf's limit: "EncodeError: Failed to serialize proto")
+    proto = onnx.load(os.fspath(path), load_external_data=False)
     dynamic = _dynamic_axes(names, [len(shape) for shape in shapes])
     for out, shape in zip(proto.graph.output, shapes):
         dims = out.type.tensor_type.shape.dim

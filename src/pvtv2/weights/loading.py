@@ -179,7 +179,7 @@ def infer_config(canonical: Mapping[str, torch.Tensor], layout: str, **overrides
                 f"{tuple(head.shape)}), but its last stage, encoder.layers.{len(stages) - 1}, is {hidden[-1]} wide "
                 f"(hidden_sizes {hidden}): the checkpoint lacks the stage(s) the classifier was trained on"
             )
-        args["num_labels"] = int(canonical["classifier.weight"].shape[0])
+        args["num_labels"] = int(head.shape[0])
     for key, tensor in canonical.items():
         # A dense head's first layers read stage widths too (an FPN's laterals, SegFormer's projections): one reading
         # a width no stage has is the same loss (PvtV2Model and PvtV2Backbone drop the head).
